@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:
+#   make quickstart   set up .venv, then run the quickstart (ML-100K, SmolLM2-135M, frozen vs finetune)
+#   make test         set up .venv, then run the test suite
+# `make bench` runs the benchmarks. TORCH picks the PyTorch build: the default is the CPU wheel this project
+# is developed with; on a GPU machine use e.g. `make quickstart TORCH='torch>=2.4'` (or preinstall torch).
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+
+.PHONY: quickstart test bench lint clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+quickstart: $(BIN)/.installed
+	$(BIN)/evolora run
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_ctr.py
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,224 @@
+"""The `evolora` command line.
+
+evolora run [CONFIG] [--set key=value ...]    run an experiment (no CONFIG: the quickstart)
+evolora report RUN_DIR [RUN_DIR ...]          compare finished runs: markdown tables and a plot
+evolora data fetch NAME                       download and cache a dataset
+evolora data info SOURCE                      what a dataset holds and how it stages
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markdown import Markdown
+from rich.table import Table
+
+from evolora.errors import EvoloraError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Continual LoRA adaptation of LLM recommenders."
+)
+data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect datasets.")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+QUICKSTART = "quickstart.yaml"
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root = logging.getLogger("evolora")
+    root.handlers = [h for h in root.handlers if not isinstance(h, RichHandler)]
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print user mistakes as one message (exit 2), never as a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EvoloraError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: rerun the same command to continue where it stopped")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def stage_table(results: list[dict[str, Any]], metric_names: tuple[str, ...]) -> Table:
+    """Methods x evaluated stages: the table `evolora run` prints at the end."""
+    stages = sorted({s["eval_stage"] for r in results for s in r["stages"]})
+    table = Table(title="per-stage results (trained on stage t-1 or t, evaluated on the stage shown)")
+    table.add_column("method")
+    table.add_column("seed", justify="right")
+    table.add_column("metric")
+    for s in stages:
+        table.add_column(f"D{s}", justify="right")
+    table.add_column("mean", justify="right")
+    table.add_column("train s", justify="right")
+    for r in results:
+        by_stage = {s["eval_stage"]: s for s in r["stages"]}
+        for i, m in enumerate(metric_names):
+            cells = [f"{by_stage[s]['metrics'][m]:.4f}" if s in by_stage else "–" for s in stages]
+            mean = r["summary"]["mean"].get(m)
+            secs = f"{r['summary'].get('train_seconds', 0):.0f}" if i == 0 else ""
+            table.add_row(
+                r["method"] if i == 0 else "",
+                str(r["seed"]) if i == 0 else "",
+                m,
+                *cells,
+                f"{mean:.4f}" if mean is not None else "–",
+                secs,
+            )
+    return table
+
+
+@app.command()
+@_user_errors
+def run(
+    config: Annotated[Path | None, typer.Argument(help="YAML config; default: the quickstart")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="override a key, e.g. --set train.epochs=3")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="delete an existing run of the same name first")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run an experiment: every strategy and seed of CONFIG, stage by stage; rerun to resume."""
+    from evolora import progress
+    from evolora.config import load_config
+    from evolora.eval.report import build_report, plot_metric
+    from evolora.experiment import run_experiment
+    from evolora.io import atomic_write_text
+
+    _setup_logging(verbose)
+    _quiet_libraries()
+    if config is None:
+        config = CONFIG_DIR / QUICKSTART
+        console.print(f"no config given: running the quickstart ({config})")
+    cfg = load_config(config, set_ or [])
+    with progress.display(err_console):
+        results = run_experiment(cfg, overwrite=overwrite)
+    metric_names = ("auc", "logloss") if cfg.task.name == "ctr" else ("hit@10", "ndcg@10")
+    console.print(stage_table(results, metric_names))
+    root = Path(cfg.output_dir) / cfg.name
+    report, groups = build_report([root])
+    atomic_write_text(root / "report.md", report)
+    plot_metric(groups, metric_names[0], root / f"{metric_names[0]}.png")
+    console.print(f"results: {root}/*/seed*/results.json; report: {root / 'report.md'}")
+
+
+@app.command()
+@_user_errors
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders (searched for results.json)")],
+    metric: Annotated[list[str] | None, typer.Option(help="metrics to tabulate; default per task")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder for report.md and the plot; default: the first run")
+    ] = None,
+) -> None:
+    """Compare runs: a markdown table of methods x stages and a PNG plot of the metric per stage."""
+    from evolora.eval.report import build_report, plot_metric
+    from evolora.io import atomic_write_text
+
+    text, groups = build_report(run_dirs, metric)
+    target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
+    atomic_write_text(target / "report.md", text)
+    first = (metric or (["auc"] if groups[0].task == "ctr" else ["ndcg@10"]))[0]
+    plot_metric(groups, first, target / f"{first}.png")
+    console.print(Markdown(text))
+    console.print(f"written: {target / 'report.md'}, {target / f'{first}.png'}")
+
+
+@data_app.command("fetch")
+@_user_errors
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="dataset name, e.g. ml-100k")],
+    force: Annotated[bool, typer.Option(help="download again even if cached")] = False,
+) -> None:
+    """Download a dataset (checksum-verified) into the cache."""
+    from evolora.data import fetch
+
+    _setup_logging(False)
+    path = fetch(name, force=force)
+    console.print(f"{name}: {path}")
+
+
+@data_app.command("info")
+@_user_errors
+def data_info(
+    source: Annotated[str, typer.Argument(help="a dataset name or a path")] = "ml-100k",
+    fmt: Annotated[str, typer.Option("--format", help="file format when SOURCE is a path")] = "auto",
+    meta: Annotated[str | None, typer.Option(help="Amazon metadata file")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="take data and staging settings from this config")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="override, e.g. staging.n_stages=5")
+    ] = None,
+) -> None:
+    """Summarise a dataset and the stages its staging settings make."""
+    from evolora.config import load_config
+    from evolora.data import assign_stages, load_dataset, stage_table
+
+    _setup_logging(False)
+    overrides = [f"data.source={source}", f"data.format={fmt}", *(set_ or [])]
+    if meta:
+        overrides.append(f"data.meta={meta}")
+    cfg = load_config(config, overrides)
+    data = load_dataset(cfg.data)
+    summary = Table(title=f"{data.name}", show_header=False)
+    for k, v in data.summary().items():
+        summary.add_row(k, str(v))
+    console.print(summary)
+    stages = stage_table(assign_stages(data.interactions, cfg.staging))
+    t = Table(title=f"stages ({cfg.staging.scheme}, {cfg.staging.num_stages})")
+    for col in stages.columns:
+        t.add_column(col.replace("_timestamp", "").replace("_", " "), justify="right")
+    for row in stages.iter_rows(named=True):
+        cells = [_date(v) if k.endswith("timestamp") else str(v) for k, v in row.items()]
+        t.add_row(*cells)
+    console.print(t)
+
+
+def _date(ts: int | None) -> str:
+    import datetime as dt
+
+    return "–" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

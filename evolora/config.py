@@ -1,0 +1,341 @@
+"""Run configuration: one YAML file per experiment, validated on load.
+
+A config has these sections (every key has a default, so `{}` is a valid config):
+
+* `data`: which dataset and how to filter it;
+* `staging`: how interactions are cut into stages D1..DT;
+* `task`: how a sample becomes tokens and a score (`ctr` now);
+* `model`: the LLM backbone and the LoRA shape;
+* `train`: per-stage sample budgets and the optimiser;
+* `eval`: evaluation sample size and batch size;
+* `protocol`: which stage is evaluated after training on stage t;
+* `strategies`: the continual strategies to run side by side (each with its own options);
+* `seeds`: one run per (strategy, seed).
+
+Unknown keys are errors (a typo should not silently fall back to a default). `--set a.b=value` overrides any
+key from the command line; the value is parsed as YAML.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evolora.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KCore(Section):
+    """Iteratively drop users with fewer than `user` and items with fewer than `item` interactions."""
+
+    user: int = Field(0, ge=0)
+    item: int = Field(0, ge=0)
+
+
+class DataConfig(Section):
+    """Where the interactions come from.
+
+    `source`: a registered dataset name (`ml-100k`, `ml-1m`; fetched and cached on first use) or a path to a
+    file or folder. `format`: how to read `source` when it is a path (`auto` guesses from the file names).
+    """
+
+    source: str = "ml-100k"
+    format: Literal["auto", "ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023"] = "auto"
+    meta: str | None = Field(None, description="Amazon metadata file when `source` is the reviews file")
+    kcore: KCore = KCore()
+    like_threshold: float | None = Field(
+        None, description="rating > threshold is a like; default: the dataset's own (3 for 5-star data)"
+    )
+    max_interactions: int | None = Field(
+        None, gt=0, description="keep only the most recent N interactions (before staging)"
+    )
+
+
+class StagingConfig(Section):
+    """How interactions are cut into stages by time.
+
+    * `lsat`: the last `last_n` interactions (all when null) cut into `n_stages` periods of equal count
+      (`by: count`) or equal length in time (`by: time`); earlier interactions stay as history only.
+    * `peso`: the first `base_fraction` of interactions is D1, the rest `n_stages - 1` equal-count blocks.
+    * `global`: one chronological split by `ratios` (RecLoRA's 8:1:1); `n_stages` is `len(ratios)`.
+
+    Interactions with the same timestamp always fall in the same stage, so training data never shares a
+    timestamp with the data it is evaluated on.
+    """
+
+    scheme: Literal["lsat", "peso", "global"] = "lsat"
+    n_stages: int | None = Field(None, ge=2, description="default: 4 (lsat), 5 (peso), len(ratios) (global)")
+    last_n: int | None = Field(None, gt=0)
+    by: Literal["count", "time"] = "count"
+    base_fraction: float = Field(0.6, gt=0.0, lt=1.0)
+    ratios: tuple[float, ...] = (0.8, 0.1, 0.1)
+
+    @model_validator(mode="after")
+    def _check(self) -> StagingConfig:
+        if self.scheme == "global":
+            if len(self.ratios) < 2 or any(r <= 0 for r in self.ratios):
+                raise ValueError("staging.ratios needs at least two positive numbers")
+            if self.n_stages is not None and self.n_stages != len(self.ratios):
+                raise ValueError(
+                    f"staging.n_stages={self.n_stages} but the global scheme has len(ratios)="
+                    f"{len(self.ratios)} stages; drop n_stages or change ratios"
+                )
+        return self
+
+    @property
+    def num_stages(self) -> int:
+        if self.scheme == "global":
+            return len(self.ratios)
+        if self.n_stages is not None:
+            return self.n_stages
+        return 5 if self.scheme == "peso" else 4
+
+
+class CtrTaskConfig(Section):
+    """TALLRec-style yes/no preference prediction.
+
+    `history_len`: how many of the user's latest rated items go in the prompt (liked and disliked lists).
+    `min_history`: targets with a shorter history are skipped (and counted). `template`: `tallrec` (the
+    Alpaca prompt of TALLRec/LSAT), `compact` (the same fields without the Alpaca preamble: ~30% fewer
+    tokens) or a path to a text file with `{preference}`, `{unpreference}`, `{target}` and `{item_kind}`
+    fields. `loss`: `answer` (cross-entropy on the answer tokens only) or `prompt` (the whole sequence, as
+    LSAT's and TALLRec's code train with `train_on_inputs=True`).
+    """
+
+    name: Literal["ctr"] = "ctr"
+    history_len: int = Field(10, ge=1)
+    min_history: int | None = Field(None, ge=0, description="default: history_len")
+    template: str = "tallrec"
+    item_kind: str | None = Field(None, description="word used in the prompt; default from the dataset")
+    loss: Literal["answer", "prompt"] = "answer"
+    max_length: int = Field(512, ge=16, description="longer prompts lose their oldest history items")
+    share_prefix: bool = Field(
+        True,
+        description="run the template's fixed instruction once per batch and reuse its keys/values "
+        "(same numbers, ~25% less compute with the tallrec template)",
+    )
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class ModelConfig(Section):
+    """The LLM backbone: a hub id, a local folder, or `tiny` (a random model built in code, for tests).
+
+    `precision`: `auto` is fp32 on CPU and bf16 on GPU; `bf16-mixed` keeps fp32 weights and runs matrix
+    products in bf16 (faster on CPUs with AVX512-BF16; LoRA weights and the regularisers stay fp32).
+    """
+
+    name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    revision: str | None = None
+    precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    lora: LoraConfig = LoraConfig()
+
+
+class TrainConfig(Section):
+    """Per-stage training.
+
+    `samples_per_stage`: training samples drawn (reproducibly, without replacement) from each stage's pool;
+    a list gives one value per stage and its last value repeats; null uses the whole pool.
+    `valid_samples`: the same for the validation pool. The best epoch by `select_by` on validation is kept;
+    training stops after `patience` epochs without improvement. `grad_accum` micro-batches of `batch_size`
+    make one optimiser step.
+    """
+
+    samples_per_stage: int | list[int] | None = 256
+    valid_samples: int | list[int] | None = 64
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    lr_later: float | None = Field(
+        None, gt=0, description="learning rate from stage 2 on (PESO uses 0.1 x lr); default: lr"
+    )
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    max_grad_norm: float | None = 1.0
+    group_by_length: bool = Field(
+        True, description="batch training samples of similar length together (less padding), as TALLRec does"
+    )
+    select_by: Literal["metric", "loss", "last"] = Field(
+        "metric", description="metric: the task's validation metric (AUC for ctr); loss: validation loss"
+    )
+    patience: int | None = Field(None, ge=1)
+    keep_start_if_better: bool = Field(
+        False,
+        description="score the starting adapter as epoch 0 and keep it when no epoch beats it "
+        "(LSAT's code does this when fine-tuning)",
+    )
+    valid_fraction: float = Field(
+        0.1, gt=0, lt=1, description="chronological tail of a stage used for validation"
+    )
+
+    @field_validator("samples_per_stage", "valid_samples")
+    @classmethod
+    def _positive(cls, v: int | list[int] | None) -> int | list[int] | None:
+        values = v if isinstance(v, list) else [v] if v is not None else []
+        if any(x <= 0 for x in values):
+            raise ValueError("sample budgets must be positive (use null for the whole pool)")
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list is not a sample budget")
+        return v
+
+    def for_stage(self, stage: int) -> TrainConfig:
+        """This config with the learning rate of a 1-based stage."""
+        if stage > 1 and self.lr_later is not None:
+            return self.model_copy(update={"lr": self.lr_later})
+        return self
+
+    def budget(self, stage: int, valid: bool = False) -> int | None:
+        """The sample budget of a 1-based stage."""
+        v = self.valid_samples if valid else self.samples_per_stage
+        if isinstance(v, list):
+            return v[min(stage, len(v)) - 1]
+        return v
+
+
+class EvalConfig(Section):
+    """Evaluation. `max_samples`: evaluate a fixed-seed random subset of each evaluated stage (null: all);
+    the run record says when it did."""
+
+    max_samples: int | None = Field(None, gt=0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class StrategySpec(Section):
+    """One continual strategy: `name` plus that strategy's own options (checked by the strategy)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+    label: str | None = Field(None, description="name in reports; default: the strategy name")
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+class RunConfig(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    staging: StagingConfig = StagingConfig()
+    task: CtrTaskConfig = CtrTaskConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    protocol: Literal["next_stage", "leave_last_out"] = Field(
+        "next_stage",
+        description="next_stage: train on stage t, evaluate on t+1 (LSAT); "
+        "leave_last_out: each active user's last interaction of stage t is its test (PESO)",
+    )
+    strategies: list[StrategySpec] = Field(default_factory=lambda: [StrategySpec(name="finetune")])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _names_to_specs(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            return [{"name": s} if isinstance(s, str) else s for s in v]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if not self.strategies:
+            raise ValueError("strategies: give at least one")
+        labels = [s.display for s in self.strategies]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise ValueError(f"strategies: labels must be unique, repeated: {sorted(dup)} (set `label`)")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one")
+        return self
+
+
+def _format_validation_error(err: ValidationError, where: str) -> str:
+    lines = [f"{where}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `evolora run --help` lists the sections)"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], parsed value); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read and validate a YAML config; `None` gives the defaults. Raises `ConfigError` with every problem."""
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw = loaded
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, where)) from None
+
+
+def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,46 @@
+"""Continual strategies, one file each, all behind `continual.base.Strategy`."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from evolora.config import StrategySpec
+from evolora.continual.base import Env, Strategy
+from evolora.continual.finetune import Finetune
+from evolora.continual.frozen import Frozen
+from evolora.continual.retrain import Retrain
+from evolora.errors import ConfigError
+
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Frozen, Finetune, Retrain)}
+
+
+def build_strategy(spec: StrategySpec, env: Env, seed: int) -> Strategy:
+    cls = STRATEGIES.get(spec.name)
+    if cls is None:
+        raise ConfigError(
+            f"strategies: unknown strategy {spec.name!r}; available: {', '.join(sorted(STRATEGIES))}"
+        )
+    try:
+        options = cls.Options.model_validate(spec.options)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"strategy {spec.display!r}: {problems}") from None
+    return cls(options, env, seed)
+
+
+def check_strategy_specs(specs: list[StrategySpec]) -> None:
+    """Validate every strategy's options before any work starts."""
+    for spec in specs:
+        cls = STRATEGIES.get(spec.name)
+        if cls is None:
+            raise ConfigError(
+                f"strategies: unknown strategy {spec.name!r}; available: {', '.join(sorted(STRATEGIES))}"
+            )
+        try:
+            cls.Options.model_validate(spec.options)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            raise ConfigError(f"strategy {spec.display!r}: {problems}") from None
+
+
+__all__ = ["STRATEGIES", "Env", "Strategy", "build_strategy", "check_strategy_specs"]

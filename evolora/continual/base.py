@@ -1,0 +1,161 @@
+"""The interface every continual strategy implements, and what it is given.
+
+The stage loop (`continual/loop.py`) is the same for every strategy. At each training stage t it
+
+1. asks the strategy for its training jobs (`plan`): which adapter to train, on which samples, starting from
+   fresh weights or from what the adapter holds now;
+2. for each job calls `before_job` (e.g. PESO freezes its anchor), trains with the strategy's `parameters`
+   and `extra_loss` (e.g. PESO's proximal term), then `after_job`;
+3. calls `after_stage` (e.g. LSAT picks its ensemble weight on validation), saves the strategy's adapters and
+   state, and evaluates with `predict`.
+
+A strategy is a small class overriding only what differs from "one adapter, trained on the current stage".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from evolora.config import RunConfig
+from evolora.data.samples import StagePools, draw
+from evolora.models.llm import LoraLM
+from evolora.tasks.base import Task
+
+MAIN = "default"  # the adapter every strategy evaluates unless it says otherwise
+
+
+class StrategyOptions(BaseModel):
+    """Options shared by all strategies; each strategy subclasses this with its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class TrainJob:
+    """One adapter trained on one set of samples.
+
+    `init`: `fresh` resets the adapter from the seed first; `inherit` continues from its current weights.
+    `shareable`: the result depends only on the samples, the seed and the configuration (fresh start, no
+    regulariser), so runs of other strategies may reuse it instead of training it again.
+    """
+
+    adapter: str
+    train_rows: np.ndarray
+    valid_rows: np.ndarray
+    init: str = "inherit"
+    shareable: bool = False
+    tag: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.tag or self.adapter
+
+
+@dataclass
+class StageContext:
+    stage: int  # the training stage t (1-based)
+    eval_stage: int
+    pools: dict[int, StagePools]
+    seed: int
+    stage_dir: Path
+    eval_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+
+@dataclass
+class Env:
+    """What a strategy works with: the model, the task and the run configuration."""
+
+    lm: LoraLM
+    task: Task
+    cfg: RunConfig
+
+
+class Strategy:
+    name: ClassVar[str]
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    #: True when `predict` is the plain one (score with the main adapter), so predictions can be shared
+    plain_predict: ClassVar[bool] = True
+
+    def __init__(self, options: StrategyOptions, env: Env, seed: int) -> None:
+        self.options = options
+        self.env = env
+        self.lm = env.lm
+        self.task = env.task
+        self.cfg = env.cfg
+        self.seed = seed
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def budgeted(self, ctx: StageContext, stages: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Training samples drawn from the train pools of `stages`, validation from the current stage.
+
+        Draws depend only on (seed, current stage), so strategies with the same seed see the same samples.
+        """
+        train = np.concatenate([ctx.pools[s].train for s in stages])
+        valid = ctx.pools[ctx.stage].valid
+        t = ctx.stage
+        return (
+            draw(train, self.cfg.train.budget(t), self.seed, t, salt=0),
+            draw(valid, self.cfg.train.budget(t, valid=True), self.seed, t, salt=1),
+        )
+
+    def current_stage_job(self, ctx: StageContext, adapter: str = MAIN, init: str = "inherit") -> TrainJob:
+        train, valid = self.budgeted(ctx, [ctx.stage])
+        fresh = init == "fresh"
+        return TrainJob(adapter, train, valid, init, shareable=fresh and not self.regularized(ctx.stage))
+
+    # ------------------------------------------------------------------ the interface
+    def setup(self) -> None:
+        """Called once after the model is built (add adapters, layers, parameters)."""
+
+    def plan(self, ctx: StageContext) -> list[TrainJob]:
+        """Training jobs of stage t. Default: the main adapter, fresh at stage 1, then inherited."""
+        return [self.current_stage_job(ctx, init="fresh" if ctx.stage == 1 else "inherit")]
+
+    def regularized(self, stage: int) -> bool:
+        """Whether `extra_loss` is active at this stage (a regularised job is never shared)."""
+        return False
+
+    def before_job(self, ctx: StageContext, job: TrainJob) -> None:
+        """Called after the job's adapter is initialised and activated, before training."""
+
+    def parameters(self, job: TrainJob) -> list[torch.nn.Parameter]:
+        """What the optimiser updates. Default: the LoRA weights of the job's adapter."""
+        return self.lm.trainable_parameters()
+
+    def extra_loss(self, job: TrainJob) -> torch.Tensor | None:
+        """A term added to the task loss at every optimiser step (PESO, O-LoRA, ...)."""
+        return None
+
+    def after_job(self, ctx: StageContext, job: TrainJob) -> None:
+        """Called after training with the best epoch's weights in place."""
+
+    def after_stage(self, ctx: StageContext) -> None:
+        """Called after all jobs of the stage, before saving and evaluation."""
+
+    def predict(self, ctx: StageContext, rows: np.ndarray) -> Any:
+        """Predictions for evaluation rows. Default: the task's scores under the main adapter."""
+        self.lm.activate(MAIN, trainable=False)
+        return self.task.predict(
+            self.lm, rows, self.cfg.eval.batch_size, desc=f"evaluating stage {ctx.eval_stage}"
+        )
+
+    def adapters_to_save(self) -> list[str]:
+        """Adapters that make up this strategy's state after a stage (saved in PEFT format)."""
+        return [MAIN]
+
+    def state(self) -> dict[str, Any]:
+        """Anything else needed to resume the chain from a saved stage (tensors, numbers)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def stage_info(self) -> dict[str, Any]:
+        """Extra numbers for the stage record (chosen ensemble weights, ...)."""
+        return {}

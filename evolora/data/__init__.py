@@ -1,0 +1,33 @@
+"""The data layer: load a source into `InteractionData`, filter it, and cut it into stages."""
+
+from evolora.data.fetch import fetch, registered_datasets
+from evolora.data.filters import kcore, keep_recent
+from evolora.data.loaders import (
+    load_amazon_2018,
+    load_amazon_2023,
+    load_dataset,
+    load_movielens_1m,
+    load_movielens_100k,
+    load_movielens_100k_atomic,
+)
+from evolora.data.schema import InteractionData
+from evolora.data.staging import assign_stages, stage_global, stage_lsat, stage_peso, stage_table
+
+__all__ = [
+    "InteractionData",
+    "assign_stages",
+    "fetch",
+    "kcore",
+    "keep_recent",
+    "load_amazon_2018",
+    "load_amazon_2023",
+    "load_dataset",
+    "load_movielens_1m",
+    "load_movielens_100k",
+    "load_movielens_100k_atomic",
+    "registered_datasets",
+    "stage_global",
+    "stage_lsat",
+    "stage_peso",
+    "stage_table",
+]

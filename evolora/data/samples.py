@@ -1,0 +1,181 @@
+"""From staged interactions to samples, and from samples to per-stage train/valid/test pools.
+
+A *sample* is one target interaction together with the user's history before it: the latest `history_len`
+interactions of that user, whatever their stage (histories reach back into earlier stages and into the
+history-only stage 0, as in LSAT and PESO). Only the target's stage decides which stage the sample belongs
+to. Both tasks read the same samples: the CTR task renders liked/disliked titles and a yes/no label, the
+next-item task renders item IDs.
+
+Two protocols turn samples into pools:
+
+* `next_stage` (LSAT, Shi et al. CIKM'24): stage t's samples in time order, the first 90% train and the last
+  10% validation; the test pool of stage t is all of stage t, and a model trained on t is tested on t+1.
+* `leave_last_out` (PESO, Yoo et al. ICLR'26): within stage t, each user's last sample is the test, the one
+  before it validation, the rest train; a model trained on t is tested on t.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from evolora.errors import DataError
+
+log = logging.getLogger("evolora.data")
+
+USER_KINDS = ("active", "dormant", "new")
+
+
+@dataclass(frozen=True)
+class SampleTable:
+    """One row per sample, in time order (`sample_id` = row number).
+
+    Columns: `user_id`, `item_id`, `rating`, `label` (1 = liked), `timestamp`, `stage`, `hist_items`
+    (list[str], oldest first), `hist_ratings` (list[f64]), `user_kind` (relative to the sample's stage:
+    `active` = the user also had interactions in the previous stage, `dormant` = earlier interactions but
+    none in the previous stage, `new` = none before this stage).
+    """
+
+    df: pl.DataFrame
+    n_stages: int
+    history_len: int
+    like_threshold: float
+
+    def __len__(self) -> int:
+        return self.df.height
+
+    def stage_rows(self, stage: int) -> np.ndarray:
+        return np.flatnonzero(self.df["stage"].to_numpy() == stage)
+
+    def labels(self, rows: np.ndarray) -> np.ndarray:
+        return self.df["label"].to_numpy()[rows]
+
+
+def build_samples(
+    staged: pl.DataFrame,
+    n_stages: int,
+    like_threshold: float,
+    history_len: int,
+    min_history: int,
+) -> SampleTable:
+    """Samples for every staged interaction (stage >= 1) whose user has >= `min_history` earlier ones."""
+    df = (
+        staged.with_row_index("_row")
+        .sort(["user_id", "timestamp", "_row"])
+        .with_columns(_pos=pl.int_range(pl.len()).over("user_id"))
+    )
+    shifted_items = [pl.col("item_id").shift(k).over("user_id") for k in range(history_len, 0, -1)]
+    shifted_ratings = [pl.col("rating").shift(k).over("user_id") for k in range(history_len, 0, -1)]
+    df = df.with_columns(
+        hist_items=pl.concat_list(shifted_items).list.drop_nulls(),
+        hist_ratings=pl.concat_list(shifted_ratings).list.drop_nulls(),
+        label=(pl.col("rating") > like_threshold).cast(pl.Int8),
+    )
+    # Stages each user is seen in, to tell active / dormant / new users apart.
+    first_stage = pl.col("stage").min().over("user_id")
+    df = df.with_columns(_first=first_stage)
+    seen = df.select("user_id", "stage").unique()
+    prev = seen.with_columns((pl.col("stage") + 1).alias("stage"), _prev_active=pl.lit(True))
+    df = df.join(prev, on=["user_id", "stage"], how="left")
+    # "new": nothing before this stage, i.e. the user's first stage is this one.
+    df = df.with_columns(
+        user_kind=pl.when(pl.col("_first") >= pl.col("stage"))
+        .then(pl.lit("new"))
+        .when(pl.col("_prev_active").fill_null(False))
+        .then(pl.lit("active"))
+        .otherwise(pl.lit("dormant"))
+    )
+    targets = df.filter(pl.col("stage") >= 1)
+    short = targets.filter(pl.col("_pos") < min_history).height
+    out = targets.filter(pl.col("_pos") >= min_history)
+    if short:
+        log.info(
+            "%d of %d staged interactions have fewer than %d earlier interactions and are history only",
+            short,
+            targets.height,
+            min_history,
+        )
+    out = out.sort(["timestamp", "_row"]).select(
+        "user_id",
+        "item_id",
+        "rating",
+        "label",
+        "timestamp",
+        "stage",
+        "hist_items",
+        "hist_ratings",
+        "user_kind",
+    )
+    present = set(out["stage"].unique().to_list())
+    missing = [s for s in range(1, n_stages + 1) if s not in present]
+    if missing:
+        raise DataError(
+            f"stages {missing} have no samples with at least {min_history} history items; "
+            "use fewer stages, a longer window (staging.last_n) or a smaller task.min_history"
+        )
+    return SampleTable(out, n_stages, history_len, like_threshold)
+
+
+@dataclass(frozen=True)
+class StagePools:
+    """Row indices into a `SampleTable` for one stage."""
+
+    stage: int
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+
+def split_next_stage(table: SampleTable, valid_fraction: float = 0.1) -> dict[int, StagePools]:
+    pools: dict[int, StagePools] = {}
+    for s in range(1, table.n_stages + 1):
+        rows = table.stage_rows(s)  # already in time order
+        n_valid = max(1, round(len(rows) * valid_fraction)) if len(rows) > 1 else 0
+        pools[s] = StagePools(s, rows[: len(rows) - n_valid], rows[len(rows) - n_valid :], rows)
+    return pools
+
+
+def split_leave_last_out(table: SampleTable) -> dict[int, StagePools]:
+    df = table.df.with_row_index("_i").select("_i", "user_id", "stage")
+    # Position from the end within (user, stage); rows are in time order.
+    df = df.with_columns(_back=pl.int_range(pl.len(), 0, -1).over(["user_id", "stage"]))
+    pools: dict[int, StagePools] = {}
+    for s in range(1, table.n_stages + 1):
+        part = df.filter(pl.col("stage") == s)
+        back = part["_back"].to_numpy()
+        idx = part["_i"].to_numpy().astype(np.int64)
+        pools[s] = StagePools(s, idx[back > 2], idx[back == 2], idx[back == 1])
+    return pools
+
+
+def split_pools(table: SampleTable, protocol: str, valid_fraction: float = 0.1) -> dict[int, StagePools]:
+    if protocol == "next_stage":
+        return split_next_stage(table, valid_fraction)
+    if protocol == "leave_last_out":
+        return split_leave_last_out(table)
+    raise ValueError(f"unknown protocol {protocol!r}")
+
+
+def eval_stage_of(train_stage: int, protocol: str) -> int:
+    """The stage whose test pool judges a model trained on `train_stage`."""
+    return train_stage + 1 if protocol == "next_stage" else train_stage
+
+
+def train_stages(protocol: str, n_stages: int) -> list[int]:
+    """Stages a model is trained on: the last stage of `next_stage` only serves as a test."""
+    return list(range(1, n_stages)) if protocol == "next_stage" else list(range(1, n_stages + 1))
+
+
+def draw(rows: np.ndarray, budget: int | None, seed: int, stage: int, salt: int) -> np.ndarray:
+    """A reproducible subset without replacement, kept in time order.
+
+    The generator is keyed by (seed, stage, salt) only, so every strategy with the same seed sees the same
+    samples: comparisons between strategies are paired.
+    """
+    if budget is None or budget >= len(rows):
+        return rows
+    rng = np.random.default_rng([seed, stage, salt])
+    return np.sort(rng.choice(rows, size=budget, replace=False))

@@ -1,0 +1,192 @@
+"""Cut a time-sorted interaction table into stages D1..DT.
+
+Every scheme returns the interactions (in time order) with an extra `stage` column (Int32): 1..T for the
+interactions of a stage, 0 for history-only interactions before the staged window.
+
+Interactions that share a timestamp always land in the same stage: a cut that would split a group of equal
+timestamps moves forward to the end of that group. So the last timestamp of stage t is strictly smaller than
+the first timestamp of stage t+1, and a model never trains on data from the same instant it is tested on.
+A stage left empty by that rule (or by too little data) is an error, not a silently shorter run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+from evolora.config import StagingConfig
+from evolora.errors import DataError
+
+log = logging.getLogger("evolora.data")
+
+
+def stage_lsat(
+    df: pl.DataFrame,
+    n_stages: int,
+    last_n: int | None = None,
+    by: Literal["count", "time"] = "count",
+) -> pl.DataFrame:
+    """LSAT's periods (Shi et al., CIKM'24, arXiv 2312.15599): the last `last_n` interactions (all when None)
+    form the window.
+
+    `by="count"` cuts the window into `n_stages` periods of equal count (their MovieLens-1M setup: 20 x
+    10,000); `by="time"` into `n_stages` bins of equal length in time (their Amazon-Book setup: 20 bins of
+    ~76 days). Interactions before the window are stage 0 (history only).
+    """
+    df = _sorted(df)
+    ts = df["timestamp"].to_numpy()
+    n = len(ts)
+    if last_n is not None and last_n > n:
+        log.warning("staging.last_n=%d but there are only %d interactions: staging all of them", last_n, n)
+    start = _tie_end(ts, n - min(last_n, n)) if last_n is not None else 0
+    if start >= n:
+        raise DataError(
+            f"staging lsat: the last {last_n} interactions all share their timestamp with earlier ones, and "
+            "interactions with one timestamp stay in one stage, so the window is empty; raise staging.last_n"
+        )
+    label = f"lsat ({by}, {n_stages} stages)"
+    if by == "count":
+        return _from_bounds(df, ts, _equal_count(ts, start, n, n_stages), label)
+    if by != "time":
+        raise ValueError(f"unknown staging mode {by!r}")
+    stage = np.zeros(n, dtype=np.int32)
+    t0, span = int(ts[start]), int(ts[-1]) - int(ts[start]) + 1
+    # Bin k covers [t0 + k*span/T, t0 + (k+1)*span/T); integer arithmetic keeps the bins exact.
+    stage[start:] = (ts[start:] - t0) * n_stages // span + 1
+    counts = np.bincount(stage, minlength=n_stages + 1)
+    for t in range(1, n_stages + 1):
+        if counts[t] == 0:
+            lo, hi = t0 + -(-(t - 1) * span // n_stages), t0 + -(-t * span // n_stages)
+            why = f"no interaction falls in its time span [{lo}, {hi})"
+            raise DataError(
+                f"staging {label}: stage {t} is empty: {why}. Use fewer stages (staging.n_stages) or "
+                "staging.by=count"
+            )
+    return _finish(df, stage, n_stages, label)
+
+
+def stage_peso(df: pl.DataFrame, n_stages: int = 5, base_fraction: float = 0.6) -> pl.DataFrame:
+    """PESO's split (Yoo et al., ICLR'26, arXiv 2510.25093): the first `base_fraction` of interactions by time
+    is D1, the rest is cut into `n_stages - 1` equal-count blocks (their T = 5, 60% base)."""
+    if n_stages < 2:
+        raise DataError(f"staging peso: n_stages must be at least 2, got {n_stages}")
+    df = _sorted(df)
+    ts = df["timestamp"].to_numpy()
+    n = len(ts)
+    base = _tie_end(ts, round(base_fraction * n))
+    bounds = [0, *_equal_count(ts, base, n, n_stages - 1)]
+    return _from_bounds(df, ts, bounds, f"peso ({base_fraction:g} base, {n_stages} stages)")
+
+
+def stage_global(df: pl.DataFrame, ratios: Sequence[float] = (0.8, 0.1, 0.1)) -> pl.DataFrame:
+    """RecLoRA's split (Zhu et al., "Lifelong Personalized Low-Rank Adaptation of Large Language Models for
+    Recommendation", KDD'24, arXiv 2408.03533): one split by global timestamp in `ratios` (8:1:1), giving
+    stages 1..len(ratios)."""
+    if len(ratios) < 2 or any(r <= 0 for r in ratios):
+        raise DataError(f"staging global: ratios must be at least two positive numbers, got {list(ratios)}")
+    df = _sorted(df)
+    ts = df["timestamp"].to_numpy()
+    n = len(ts)
+    total, acc, bounds = float(sum(ratios)), 0.0, [0]
+    for r in ratios[:-1]:
+        acc += r
+        bounds.append(max(_tie_end(ts, round(n * acc / total)), bounds[-1]))
+    bounds.append(n)
+    return _from_bounds(df, ts, bounds, f"global ({':'.join(f'{r:g}' for r in ratios)})")
+
+
+def assign_stages(df: pl.DataFrame, cfg: StagingConfig) -> pl.DataFrame:
+    """Stage the interactions with the scheme named in `cfg` (see `StagingConfig`)."""
+    if cfg.scheme == "lsat":
+        return stage_lsat(df, cfg.num_stages, cfg.last_n, cfg.by)
+    if cfg.last_n is not None:
+        log.warning("staging.last_n only applies to the lsat scheme; ignored for %s", cfg.scheme)
+    if cfg.scheme == "peso":
+        return stage_peso(df, cfg.num_stages, cfg.base_fraction)
+    return stage_global(df, cfg.ratios)
+
+
+def stage_table(df: pl.DataFrame) -> pl.DataFrame:
+    """Per stage: interactions, users, new users, items, new items (new = first seen in that stage), and the
+    first and last timestamp. Stage 0 (history) is included when present."""
+    first = [
+        pl.col("stage").min().over("user_id").alias("_user_first"),
+        pl.col("stage").min().over("item_id").alias("_item_first"),
+    ]
+    new = pl.col("stage") == pl.col("_user_first")
+    new_item = pl.col("stage") == pl.col("_item_first")
+    return (
+        df.with_columns(first)
+        .group_by("stage")
+        .agg(
+            interactions=pl.len(),
+            users=pl.col("user_id").n_unique(),
+            new_users=pl.col("user_id").filter(new).n_unique(),
+            items=pl.col("item_id").n_unique(),
+            new_items=pl.col("item_id").filter(new_item).n_unique(),
+            first_timestamp=pl.col("timestamp").min(),
+            last_timestamp=pl.col("timestamp").max(),
+        )
+        .sort("stage")
+    )
+
+
+def _sorted(df: pl.DataFrame) -> pl.DataFrame:
+    # Loaders already sort; a stable sort here only guards library users who pass their own table.
+    if df.height == 0:
+        raise DataError("staging: there are no interactions to stage")
+    return df if df["timestamp"].is_sorted() else df.sort("timestamp", maintain_order=True)
+
+
+def _tie_end(ts: np.ndarray, cut: int) -> int:
+    """Move a cut (rows [0, cut) before it) forward so it does not split a group of equal timestamps."""
+    if 0 < cut < len(ts) and ts[cut - 1] == ts[cut]:
+        return int(np.searchsorted(ts, ts[cut - 1], side="right"))
+    return cut
+
+
+def _equal_count(ts: np.ndarray, start: int, end: int, parts: int) -> list[int]:
+    """Bounds [start, c1, .., end] cutting rows [start, end) into `parts` equal-count runs, ties unsplit."""
+    bounds = [start]
+    for k in range(1, parts):
+        bounds.append(max(_tie_end(ts, start + k * (end - start) // parts), bounds[-1]))
+    return [*bounds, end]
+
+
+def _from_bounds(df: pl.DataFrame, ts: np.ndarray, bounds: list[int], label: str) -> pl.DataFrame:
+    """Stage t = rows [bounds[t-1], bounds[t]); rows before bounds[0] are stage 0."""
+    n_stages = len(bounds) - 1
+    for t in range(1, n_stages + 1):
+        if bounds[t] > bounds[t - 1]:
+            continue
+        window = bounds[-1] - bounds[0]
+        if window < n_stages:
+            why = f"only {window} interactions to cut into {n_stages} stages"
+        else:
+            # The group of equal timestamps that swallowed this stage's rows ends just before bounds[t].
+            tie = ts[bounds[t] - 1] if bounds[t] > 0 else ts[0]
+            size = int(np.count_nonzero(ts == tie))
+            why = (
+                f"{size} interactions share timestamp {int(tie)}, and interactions with one timestamp always "
+                "stay in one stage"
+            )
+        raise DataError(f"staging {label}: stage {t} is empty: {why}. Use fewer stages")
+    stage = np.zeros(len(ts), dtype=np.int32)
+    for t in range(1, n_stages + 1):
+        stage[bounds[t - 1] : bounds[t]] = t
+    return _finish(df, stage, n_stages, label)
+
+
+def _finish(df: pl.DataFrame, stage: np.ndarray, n_stages: int, label: str) -> pl.DataFrame:
+    counts = np.bincount(stage, minlength=n_stages + 1)
+    log.info(
+        "staging %s: %s interactions per stage%s",
+        label,
+        ", ".join(f"D{t}={counts[t]}" for t in range(1, n_stages + 1)),
+        f" ({counts[0]} earlier interactions kept as history)" if counts[0] else "",
+    )
+    return df.with_columns(stage=pl.Series(stage, dtype=pl.Int32))

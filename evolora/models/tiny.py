@@ -1,0 +1,76 @@
+"""A tiny random Llama and a tokenizer built in code: the whole pipeline in seconds, with no download.
+
+Used by the tests and by `model.name: tiny` for smoke runs. The tokenizer is a byte-level BPE trained in a few
+milliseconds on the prompt templates plus some English, so prompts tokenize into realistic multi-character
+tokens and any text (any title, any script) still encodes through the byte alphabet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CORPUS = [
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.",
+    "### Instruction:\nGiven the user's preference and unpreference, identify whether the user will like "
+    'the target movie by answering "Yes." or "No.".',
+    "### Input:\nUser Preference: \nUser Unpreference: \nWhether the user will like the target movie ?",
+    "### Response:\nYes.",
+    "### Response:\nNo.",
+    "The user has interacted with items in chronological order. Can you predict the next possible item "
+    "that the user may expect?",
+    "the a of and to in is was for on that with as by at from his her they this which one all two three",
+    "Toy Story GoldenEye Four Rooms Get Shorty Copycat Star Wars Fargo Contact Scream Titanic Liar English",
+    "book movie song album item product game user likes dislikes",
+    "0 1 2 3 4 5 6 7 8 9 (1995) (1996) (1997) (1998) 19 20",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="right"
+    )
+
+
+def build_tiny_llama(
+    dtype: torch.dtype = torch.float32,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+):
+    """(model, tokenizer): a randomly initialised `LlamaForCausalLM` with a few thousand parameters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(dtype)
+    model.eval()
+    return model, tok

@@ -1,0 +1,51 @@
+"""What the stage loop and the strategies need from a task.
+
+A task turns sample rows (indices into a `SampleTable`) into a training loss and into predictions, and
+predictions into metrics. The loop never looks inside: the same loop trains and evaluates the yes/no CTR
+task and the generative next-item task.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+
+from evolora.data.samples import SampleTable
+from evolora.models.llm import LoraLM
+
+
+class Task(ABC):
+    name: str
+    #: metric used to pick the best epoch and to tune ensemble weights; higher is better
+    primary_metric: str
+    metric_names: tuple[str, ...]
+
+    def __init__(self, table: SampleTable) -> None:
+        self.table = table
+
+    @abstractmethod
+    def loss(self, lm: LoraLM, rows: np.ndarray) -> torch.Tensor:
+        """Mean training loss of a batch of sample rows, on the active adapter."""
+
+    @abstractmethod
+    def predict(self, lm: LoraLM, rows: np.ndarray, batch_size: int, desc: str = "scoring") -> Any:
+        """Predictions for the rows, in row order, on the active adapter (no gradients)."""
+
+    @abstractmethod
+    def metrics(self, predictions: Any, rows: np.ndarray) -> dict[str, float]:
+        """Metrics of predictions made for `rows`."""
+
+    @abstractmethod
+    def mix(self, predictions: list[Any], weights: list[float]) -> Any:
+        """The weighted ensemble of several models' predictions for the same rows."""
+
+    def sample_length(self, row: int) -> int:
+        """Tokens of a training sample, to batch samples of similar length together."""
+        return 1
+
+    def save_predictions(self, predictions: Any) -> dict[str, np.ndarray]:
+        """Arrays to store with a run so reports can recompute metrics on subsets."""
+        return {"scores": np.asarray(predictions)}

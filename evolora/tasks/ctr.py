@@ -1,0 +1,253 @@
+"""TALLRec-style yes/no preference prediction (Bao et al., RecSys'23; the setting LSAT builds on).
+
+A sample's prompt lists the titles the user liked and disliked among their latest rated items (both lists in
+time order) and asks whether they will like the target item. The answer is "Yes." or "No.".
+
+* Training: cross-entropy on the answer tokens ("Yes"/"No", ".", end of sequence) by default; `loss: prompt`
+  trains on the whole sequence as TALLRec's and LSAT's code do (`train_on_inputs=True`).
+* Scoring: one forward pass over the prompt; only the hidden state at the answer position goes through the
+  output layer, and only for the two answer tokens. P(like) = softmax([logit_Yes, logit_No])[0]. (LSAT's code
+  applies a second softmax to vocabulary probabilities instead; that is monotone in the same difference but
+  not a calibrated probability, so LogLoss would be meaningless.)
+* Prompt and answer are tokenized separately and concatenated, so the answer token at training time is
+  exactly the token scored at evaluation time, whatever the tokenizer does at the boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evolora.config import CtrTaskConfig
+from evolora.data.samples import SampleTable
+from evolora.errors import ConfigError, EvoloraError
+from evolora.eval.metrics import auc, logloss
+from evolora.models.llm import LoraLM
+from evolora.progress import task as progress_task
+from evolora.tasks.base import Task
+
+log = logging.getLogger("evolora.tasks")
+
+TEMPLATES = {
+    # LSAT's version of the TALLRec prompt (TALLRec's own first line ends in a stray lint comment).
+    "tallrec": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request. \n\n"
+        "### Instruction:\n"
+        "Given the user's preference and unpreference, identify whether the user will like the target "
+        '{item_kind} by answering "Yes." or "No.".\n\n'
+        "### Input:\n"
+        "User Preference: {preference}\n"
+        "User Unpreference: {unpreference}\n"
+        'Whether the user will like the target {item_kind} "{target}"?\n\n'
+        "### Response:\n"
+    ),
+    # The same fields without the Alpaca preamble: about a third fewer tokens per sample.
+    "compact": (
+        "User Preference: {preference}\n"
+        "User Unpreference: {unpreference}\n"
+        'Will the user like the {item_kind} "{target}"? Answer "Yes." or "No.".\n'
+        "Answer:\n"
+    ),
+}
+ANSWERS = ("Yes.", "No.")
+_FIELDS = ("{preference}", "{unpreference}", "{target}")
+
+
+def load_template(spec: str) -> str:
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"task.template: {spec!r} is neither a built-in template {sorted(TEMPLATES)} nor a file"
+        )
+    text = path.read_text(encoding="utf-8")
+    missing = [f for f in _FIELDS if f not in text]
+    if missing:
+        raise ConfigError(f"task.template: {path} lacks the fields {missing}")
+    return text
+
+
+@dataclass(frozen=True)
+class Encoded:
+    body: list[int]  # the prompt after the shared prefix (the whole prompt when nothing is shared)
+    answer: list[int]  # answer tokens + EOS
+    label: int
+
+
+class CtrTask(Task):
+    name = "ctr"
+    primary_metric = "auc"
+    metric_names = ("auc", "logloss")
+
+    def __init__(
+        self,
+        cfg: CtrTaskConfig,
+        table: SampleTable,
+        titles: dict[str, str],
+        tokenizer: object,
+        item_kind: str = "item",
+    ) -> None:
+        super().__init__(table)
+        self.cfg = cfg
+        self.titles = titles
+        self.tok = tokenizer
+        self.item_kind = cfg.item_kind or item_kind
+        self.template = load_template(cfg.template).replace("{item_kind}", self.item_kind)
+        self.prefix_text = self._shared_prefix(self.template) if cfg.share_prefix else ""
+        self.prefix = self._ids(self.prefix_text, special=True) if self.prefix_text else []
+        self.answer_ids = [self._ids(a, special=False) for a in ANSWERS]
+        self.yes_id, self.no_id = self.answer_ids[0][0], self.answer_ids[1][0]
+        if self.yes_id == self.no_id:
+            raise EvoloraError('this tokenizer starts "Yes." and "No." with the same token; cannot score')
+        self.eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        self._cache: dict[int, Encoded] = {}
+        self._truncated = 0
+        self._df = table.df
+        self._labels = table.df["label"].to_numpy()
+
+    # ------------------------------------------------------------------ encoding
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return list(self.tok(text, add_special_tokens=special)["input_ids"])
+
+    @staticmethod
+    def _shared_prefix(template: str) -> str:
+        """The template text before the line holding the first per-sample field.
+
+        Cutting at a line break keeps the token boundary where the tokenizer would put one anyway.
+        """
+        first = min(template.index(f) for f in _FIELDS)
+        return template[: template.rfind("\n", 0, first) + 1]
+
+    def render(self, hist_items: list[str], hist_ratings: list[float], target: str) -> str:
+        """The prompt text of one sample (history oldest first)."""
+        like = self.table.like_threshold
+        liked = [self.titles[i] for i, r in zip(hist_items, hist_ratings, strict=True) if r > like]
+        disliked = [self.titles[i] for i, r in zip(hist_items, hist_ratings, strict=True) if r <= like]
+        return (
+            self.template.replace("{preference}", ", ".join(f'"{t}"' for t in liked))
+            .replace("{unpreference}", ", ".join(f'"{t}"' for t in disliked))
+            .replace("{target}", self.titles[target])
+        )
+
+    def encode(self, row: int) -> Encoded:
+        enc = self._cache.get(row)
+        if enc is not None:
+            return enc
+        r = self._df.row(row, named=True)
+        items, ratings = list(r["hist_items"]), list(r["hist_ratings"])
+        label = int(r["label"])
+        answer = self.answer_ids[0 if label else 1] + self.eos
+        while True:
+            text = self.render(items, ratings, r["item_id"])
+            if self.prefix_text:
+                body = self._ids(text[len(self.prefix_text) :], special=False)
+            else:
+                body = self._ids(text, special=True)
+            if len(self.prefix) + len(body) + len(answer) <= self.cfg.max_length or not items:
+                break
+            # Too long: drop the oldest history item rather than cutting the instruction.
+            items, ratings = items[1:], ratings[1:]
+            if len(items) + 1 == len(r["hist_items"]):
+                self._truncated += 1
+        needed = len(self.prefix) + len(body) + len(answer)
+        if needed > self.cfg.max_length:
+            raise EvoloraError(
+                f"task.max_length={self.cfg.max_length} is too small: the prompt of sample {row} needs "
+                f"{needed} tokens even without history"
+            )
+        enc = Encoded(body, answer, label)
+        self._cache[row] = enc
+        return enc
+
+    def sample_length(self, row: int) -> int:
+        enc = self.encode(row)
+        return len(enc.body) + len(enc.answer)
+
+    def _batch(
+        self, rows: np.ndarray, with_answer: bool, shared: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, list[Encoded], list[list[int]]]:
+        """Right-padded ids and mask; `shared=False` puts the prefix back in front of every sequence."""
+        encs = [self.encode(int(r)) for r in rows]
+        head = [] if shared else self.prefix
+        seqs = [head + e.body + (e.answer if with_answer else []) for e in encs]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            # Right padding: real tokens never attend to padding and keep their natural positions.
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        return ids, mask, encs, seqs
+
+    def _hidden(self, lm: LoraLM, ids: torch.Tensor, mask: torch.Tensor, shared: bool) -> torch.Tensor:
+        prefix = torch.tensor(self.prefix) if shared and self.prefix else None
+        with lm.autocast():
+            return lm.hidden_states(ids.to(lm.device), mask.to(lm.device), prefix=prefix)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, lm: LoraLM, rows: np.ndarray) -> torch.Tensor:
+        # The whole-sequence loss needs the prefix's own states, so it never shares the prefix.
+        shared = self.cfg.loss == "answer" and bool(self.prefix)
+        ids, mask, encs, seqs = self._batch(rows, with_answer=True, shared=shared)
+        hidden = self._hidden(lm, ids, mask, shared)
+        b_idx, t_idx, targets = [], [], []
+        for b, (e, seq) in enumerate(zip(encs, seqs, strict=True)):
+            if self.cfg.loss == "prompt":
+                b_idx += [b] * (len(seq) - 1)
+                t_idx += list(range(len(seq) - 1))
+                targets += seq[1:]
+            else:
+                start = len(seq) - len(e.answer) - 1  # the state at position p predicts token p + 1
+                b_idx += [b] * len(e.answer)
+                t_idx += list(range(start, start + len(e.answer)))
+                targets += e.answer
+        picked = hidden[torch.tensor(b_idx, device=lm.device), torch.tensor(t_idx, device=lm.device)]
+        with lm.autocast():
+            logits = lm.logits_from_hidden(picked)
+        return F.cross_entropy(logits.float(), torch.tensor(targets, device=lm.device))
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def answer_logits(self, lm: LoraLM, rows: np.ndarray) -> torch.Tensor:
+        """[n, 2] logits of ("Yes", "No") at the answer position."""
+        shared = bool(self.prefix)
+        ids, mask, _, seqs = self._batch(rows, with_answer=False, shared=shared)
+        hidden = self._hidden(lm, ids, mask, shared)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=lm.device)
+        h = hidden[torch.arange(len(seqs), device=lm.device), last]
+        with lm.autocast():
+            logits = lm.logits_from_hidden(h, token_ids=[self.yes_id, self.no_id])
+        return logits.float()
+
+    @torch.no_grad()
+    def predict(self, lm: LoraLM, rows: np.ndarray, batch_size: int, desc: str = "scoring") -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        # Similar lengths in a batch waste less compute on padding; results go back in row order.
+        lengths = np.array([len(self.encode(int(r)).body) for r in rows])
+        order = np.argsort(lengths, kind="stable")
+        scores = np.empty(len(rows), dtype=np.float64)
+        was_training = lm.model.training
+        lm.model.eval()
+        with progress_task(desc, total=len(rows)) as bar:
+            for start in range(0, len(rows), batch_size):
+                sel = order[start : start + batch_size]
+                logits = self.answer_logits(lm, rows[sel])
+                scores[sel] = torch.softmax(logits, dim=-1)[:, 0].cpu().numpy()
+                bar.advance(len(sel))
+        lm.model.train(was_training)
+        return scores
+
+    def metrics(self, predictions: np.ndarray, rows: np.ndarray) -> dict[str, float]:
+        labels = self._labels[np.asarray(rows, dtype=np.int64)]
+        return {"auc": auc(labels, predictions), "logloss": logloss(labels, predictions)}
+
+    def mix(self, predictions: list[np.ndarray], weights: list[float]) -> np.ndarray:
+        return sum(w * p for w, p in zip(weights, predictions, strict=True))  # type: ignore[return-value]

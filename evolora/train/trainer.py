@@ -1,0 +1,237 @@
+"""Train one adapter on one stage's samples, keeping the best epoch on validation.
+
+The loop is deliberately plain (AdamW, optional warmup and decay, gradient clipping, micro-batch
+accumulation); a strategy changes training only through the parameters it hands in and the extra loss term
+it adds (PESO's proximal term, O-LoRA's orthogonality loss, ...).
+
+Resumable: after every epoch the parameters, optimiser, schedule, best state and history are written to
+`checkpoint` atomically; a rerun with the same arguments continues after the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evolora.config import TrainConfig
+from evolora.io import atomic_write_bytes
+from evolora.models.llm import LoraLM
+from evolora.progress import task as progress_task
+from evolora.tasks.base import Task
+
+log = logging.getLogger("evolora.train")
+
+ExtraLoss = Callable[[], torch.Tensor | None]
+
+
+@dataclass
+class TrainResult:
+    epochs_run: int
+    best_epoch: int  # 0 = the starting weights were kept
+    best_value: float | None
+    train_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _validate(
+    lm: LoraLM, task: Task, rows: np.ndarray, cfg: TrainConfig, batch_size: int
+) -> dict[str, float]:
+    """Validation numbers for epoch selection; larger `score` is better whatever `select_by` is."""
+    if cfg.select_by == "loss":
+        lm.model.eval()
+        losses = []
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                losses.append(float(task.loss(lm, batch)) * len(batch))
+        value = sum(losses) / len(rows)
+        return {"valid_loss": value, "score": -value}
+    metrics = task.metrics(task.predict(lm, rows, batch_size, desc="validating"), rows)
+    value = metrics[task.primary_metric]
+    out = {f"valid_{k}": v for k, v in metrics.items()}
+    out["score"] = value if not math.isnan(value) else -math.inf
+    return out
+
+
+def train_adapter(
+    lm: LoraLM,
+    task: Task,
+    params: list[torch.nn.Parameter],
+    train_rows: np.ndarray,
+    valid_rows: np.ndarray,
+    cfg: TrainConfig,
+    seed: int,
+    extra_loss: ExtraLoss | None = None,
+    checkpoint: Path | None = None,
+    eval_batch_size: int = 16,
+    desc: str = "training",
+) -> TrainResult:
+    """Train `params` (the active adapter's weights, plus any strategy parameters) on `train_rows`."""
+    if len(train_rows) == 0:
+        raise ValueError("no training samples")
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch = cfg.batch_size
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / batch) / cfg.grad_accum)
+    factor = _schedule(cfg, steps_per_epoch * cfg.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    use_valid = cfg.select_by != "last" and len(valid_rows) > 0
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().to("cpu", copy=True) for p in params]
+
+    def restore(state: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, s in zip(params, state, strict=True):
+                p.copy_(s.to(p.device, p.dtype))
+
+    history: list[dict[str, float]] = []
+    best_state, best_value, best_epoch = snapshot(), -math.inf, 0
+    start_epoch, elapsed = 1, 0.0
+    if checkpoint is not None and checkpoint.is_file():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        restore(ck["params"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        best_state, best_value, best_epoch = ck["best_state"], ck["best_value"], ck["best_epoch"]
+        history, start_epoch, elapsed = ck["history"], ck["epoch"] + 1, ck["elapsed"]
+        torch.set_rng_state(ck["torch_rng"])  # dropout continues exactly as without the interruption
+        log.info("%s: resuming after epoch %d", desc, ck["epoch"])
+    elif use_valid and cfg.keep_start_if_better:
+        t0 = time.perf_counter()
+        v = _validate(lm, task, valid_rows, cfg, eval_batch_size)
+        elapsed += time.perf_counter() - t0
+        best_value = v["score"]
+        history.append({"epoch": 0, **v})
+
+    stale = int(history[-1]["epoch"]) - best_epoch if history else 0
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if cfg.patience is not None and stale >= cfg.patience:
+            epoch -= 1
+            break
+        t0 = time.perf_counter()
+        lm.model.train()
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(train_rows)
+        task_sum, extra_sum, n_steps, seen = 0.0, 0.0, 0, 0
+        micro = _batches(order, batch, rng, task if cfg.group_by_length else None)
+        with progress_task(f"{desc} epoch {epoch}/{cfg.epochs}", total=len(order)) as bar:
+            for i in range(0, len(micro), cfg.grad_accum):
+                group = micro[i : i + cfg.grad_accum]
+                optimizer.zero_grad(set_to_none=True)
+                n_group = sum(len(b) for b in group)
+                for b in group:
+                    loss = task.loss(lm, b) * (len(b) / n_group)
+                    loss.backward()
+                    task_sum += loss.item() * n_group  # batch mean x batch size
+                # The regulariser depends on the parameters only: once per optimiser step.
+                extra = extra_loss() if extra_loss is not None else None
+                if extra is not None:
+                    extra.backward()
+                    extra_sum += float(extra)
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                n_steps += 1
+                seen += n_group
+                bar.advance(n_group)
+                bar.info(f"loss {task_sum / seen:.4f}")
+        record: dict[str, float] = {
+            "epoch": epoch,
+            "train_loss": task_sum / len(order),
+            "extra_loss": extra_sum / max(1, n_steps),
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if use_valid:
+            record.update(_validate(lm, task, valid_rows, cfg, eval_batch_size))
+            if record["score"] > best_value:
+                best_value, best_epoch, best_state, stale = record["score"], epoch, snapshot(), 0
+            else:
+                stale += 1
+        else:
+            best_epoch, best_state = epoch, snapshot()
+        elapsed += time.perf_counter() - t0
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        log.info("%s epoch %d: %s", desc, epoch, _fmt(record))
+        if checkpoint is not None:
+            _save_checkpoint(
+                checkpoint,
+                {
+                    "params": snapshot(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "best_state": best_state,
+                    "best_value": best_value,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                    "epoch": epoch,
+                    "elapsed": elapsed,
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
+    restore(best_state)
+    lm.model.eval()
+    value = None if not use_valid or best_value == -math.inf else float(best_value)
+    if value is not None and cfg.select_by == "loss":
+        value = -value
+    return TrainResult(epoch, best_epoch, value, elapsed, history)
+
+
+def _batches(order: np.ndarray, batch: int, rng: np.random.Generator, task: Task | None) -> list[np.ndarray]:
+    """Micro-batches of a shuffled epoch; with a task, samples of similar length share a batch.
+
+    Lengths are sorted only within windows of 16 batches and the batches are shuffled again, so the
+    epoch stays random while padding shrinks.
+    """
+    if task is None:
+        return [order[i : i + batch] for i in range(0, len(order), batch)]
+    window = batch * 16
+    out = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        lengths = np.array([task.sample_length(int(r)) for r in chunk])
+        chunk = chunk[np.argsort(-lengths, kind="stable")]
+        out += [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
+    perm = rng.permutation(len(out))
+    return [out[i] for i in perm]
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _fmt(record: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch", "score"))

