@@ -159,8 +159,11 @@ class TrainConfig(Section):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
-    lr_later: float | None = Field(
-        None, gt=0, description="learning rate from stage 2 on (PESO uses 0.1 x lr); default: lr"
+    lr_inherit: float | None = Field(
+        None,
+        gt=0,
+        description="learning rate of jobs that continue an adapter from the previous stage "
+        "(PESO uses 0.1 x lr); fresh adapters always use lr. Default: lr",
     )
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
@@ -192,10 +195,10 @@ class TrainConfig(Section):
             raise ValueError("an empty list is not a sample budget")
         return v
 
-    def for_stage(self, stage: int) -> TrainConfig:
-        """This config with the learning rate of a 1-based stage."""
-        if stage > 1 and self.lr_later is not None:
-            return self.model_copy(update={"lr": self.lr_later})
+    def for_job(self, init: str) -> TrainConfig:
+        """This config with the learning rate of a job that starts `fresh` or `inherit`s an adapter."""
+        if init == "inherit" and self.lr_inherit is not None:
+            return self.model_copy(update={"lr": self.lr_inherit})
         return self
 
     def budget(self, stage: int, valid: bool = False) -> int | None:

@@ -180,7 +180,10 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
                 loop = StageLoop(
                     strategy, prepared.pools, run_dir_of(cfg, spec.display, seed), shared, header
                 )
-                all_results.append(loop.run(on_stage))
+                try:
+                    all_results.append(loop.run(on_stage))
+                finally:
+                    strategy.teardown()  # hooks a strategy put on the shared model go with it
         return all_results
     finally:
         logging.getLogger("evolora").removeHandler(handler)

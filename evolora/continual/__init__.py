@@ -5,42 +5,44 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from evolora.config import StrategySpec
-from evolora.continual.base import Env, Strategy
+from evolora.continual.base import Env, Strategy, StrategyOptions
 from evolora.continual.finetune import Finetune
 from evolora.continual.frozen import Frozen
+from evolora.continual.inflora import InfLora
+from evolora.continual.lsat import Lsat
+from evolora.continual.olora import OLora
+from evolora.continual.peso import Peso
 from evolora.continual.retrain import Retrain
+from evolora.continual.sdlora import SdLora
+from evolora.continual.sumlora import SumLora
 from evolora.errors import ConfigError
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (Frozen, Finetune, Retrain)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (Frozen, Finetune, Retrain, Peso, Lsat, SumLora, SdLora, InfLora, OLora)
+}
 
 
-def build_strategy(spec: StrategySpec, env: Env, seed: int) -> Strategy:
+def _resolve(spec: StrategySpec) -> tuple[type[Strategy], StrategyOptions]:
     cls = STRATEGIES.get(spec.name)
     if cls is None:
-        raise ConfigError(
-            f"strategies: unknown strategy {spec.name!r}; available: {', '.join(sorted(STRATEGIES))}"
-        )
+        known = ", ".join(sorted(STRATEGIES))
+        raise ConfigError(f"strategies: unknown strategy {spec.name!r}; available: {known}")
     try:
-        options = cls.Options.model_validate(spec.options)
+        return cls, cls.Options.model_validate(spec.options)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"strategy {spec.display!r}: {problems}") from None
+
+
+def build_strategy(spec: StrategySpec, env: Env, seed: int) -> Strategy:
+    cls, options = _resolve(spec)
     return cls(options, env, seed)
 
 
 def check_strategy_specs(specs: list[StrategySpec]) -> None:
     """Validate every strategy's options before any work starts."""
     for spec in specs:
-        cls = STRATEGIES.get(spec.name)
-        if cls is None:
-            raise ConfigError(
-                f"strategies: unknown strategy {spec.name!r}; available: {', '.join(sorted(STRATEGIES))}"
-            )
-        try:
-            cls.Options.model_validate(spec.options)
-        except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-            raise ConfigError(f"strategy {spec.display!r}: {problems}") from None
+        _resolve(spec)
 
 
 __all__ = ["STRATEGIES", "Env", "Strategy", "build_strategy", "check_strategy_specs"]

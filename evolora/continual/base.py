@@ -159,3 +159,6 @@ class Strategy:
     def stage_info(self) -> dict[str, Any]:
         """Extra numbers for the stage record (chosen ensemble weights, ...)."""
         return {}
+
+    def teardown(self) -> None:
+        """Undo what `setup` attached to the shared model (hooks), so the next run starts clean."""

@@ -48,15 +48,15 @@ class SharedStore:
 
     A job's key covers everything its result depends on: data, staging, task and model settings
     (`context_key`), the training settings of its stage, the seed, the stage and the exact sample rows. So
-    experiments that differ only in later stages (another `lr_later`, another strategy) reuse stage 1.
+    experiments that differ only in later stages (another `lr_inherit`, another strategy) reuse stage 1.
     """
 
     root: Path
     context_key: str  # hash of the settings that fix the samples and the model (everything but `train`)
 
     def job_key(self, job: TrainJob, seed: int, stage: int, train: TrainConfig) -> str:
-        settings = train.for_stage(stage).model_dump(mode="json")
-        settings.pop("lr_later", None)
+        settings = train.for_job(job.init).model_dump(mode="json")
+        settings.pop("lr_inherit", None)
         return stable_hash(
             {
                 "ctx": self.context_key,
@@ -176,7 +176,7 @@ class StageLoop:
             self.s.parameters(job),
             job.train_rows,
             job.valid_rows,
-            self.cfg.train.for_stage(ctx.stage),
+            self.cfg.train.for_job(job.init),
             seed=self.seed * 1000 + ctx.stage,
             extra_loss=(lambda: self.s.extra_loss(job)) if self.s.regularized(ctx.stage) else None,
             checkpoint=d / "checkpoints" / f"{job.name}.pt",
@@ -262,6 +262,15 @@ class StageLoop:
         eval_seconds = time.perf_counter() - t0
         record = self._record(ctx, preds, jobs_info, n_eval_total, eval_seconds, reused_preds)
         atomic_write_json(d / "record.json", record)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())
+        log.info(
+            "%s: trained on stage %d, evaluated on stage %d: %s (%d samples)",
+            self.header.get("method", "?"),
+            t,
+            ctx.eval_stage,
+            shown,
+            len(eval_rows),
+        )
         return record
 
     def _record(

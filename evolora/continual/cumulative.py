@@ -1,0 +1,65 @@
+"""Cumulative LoRA: earlier stages' adapters frozen into the model, a new adapter trained on top.
+
+The common core of SumLoRA, SD-LoRA, InfLoRA and O-LoRA as PESO's analysis frames them (spec §5):
+
+    W_t = W_0 + sum_{i<t} m_i * s * B_i A_i + s * B_t A_t
+
+At the start of each stage from 2 on, the adapter as the previous stage left it is frozen into an
+`AdapterBank`, and a new adapter is trained on the new stage. Two options span PESO's four variants of each
+family:
+
+* `past`: `all` keeps every earlier stage in the bank; `latest` only the most recent one.
+* `init`: `inherit` starts the new adapter from the previous one's weights; `fresh` re-initialises it.
+
+Stage 1 is plain LoRA (nothing to accumulate yet), so it is shared with every other strategy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions, TrainJob
+from evolora.models.bank import AdapterBank
+
+
+class CumulativeOptions(StrategyOptions):
+    past: Literal["all", "latest"] = "all"
+    init: Literal["inherit", "fresh"] = "inherit"
+
+
+class CumulativeLora(Strategy):
+    Options = CumulativeOptions
+    #: store past updates as Frobenius-normalised directions (SumLoRA, SD-LoRA) or as they are (O-LoRA)
+    normalize_past: ClassVar[bool] = True
+    #: learn one magnitude per module and past stage (SD-LoRA)
+    learn_magnitudes: ClassVar[bool] = False
+
+    def setup(self) -> None:
+        self.bank = AdapterBank(self.lm, MAIN, normalize=self.normalize_past, learnable=self.learn_magnitudes)
+
+    def plan(self, ctx: StageContext) -> list[TrainJob]:
+        if ctx.stage == 1:
+            return [self.current_stage_job(ctx, init="fresh")]
+        self.bank.push()
+        if self.options.past == "latest":  # type: ignore[attr-defined]
+            self.bank.keep_latest()
+        train, valid = self.budgeted(ctx, [ctx.stage])
+        # Never shared: the bank changes what the same adapter weights compute.
+        return [TrainJob(MAIN, train, valid, init=self.options.init)]  # type: ignore[attr-defined]
+
+    def parameters(self, job: TrainJob) -> list[torch.nn.Parameter]:
+        return self.lm.trainable_parameters() + self.bank.magnitude_parameters()
+
+    def state(self) -> dict[str, Any]:
+        return {"bank": self.bank.state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.bank.load_state(state["bank"])
+
+    def stage_info(self) -> dict[str, Any]:
+        return {"past_adapters": self.bank.size}
+
+    def teardown(self) -> None:
+        self.bank.remove()

@@ -1,0 +1,134 @@
+"""InfLoRA: interference-free low-rank adaptation (Liang & Li, CVPR'24), in the cumulative-LoRA frame.
+
+Earlier stages' adapters are frozen and summed as they are. For a new stage, the new adapter's A is not
+learned: its rows are the top-r principal directions of the new stage's layer inputs *after projecting out*
+the input subspace of the earlier stages, and only B is trained. An update B A then leaves every input that
+lies in the old subspace unchanged, so it does not interfere with what earlier stages learned.
+
+The old subspace of each adapted layer is kept as an orthonormal basis U, grown after every stage with
+the directions needed to explain `energy` of that stage's input energy (the gradient-projection-memory
+rule InfLoRA builds on). Input statistics come from forward passes over the stage's training samples
+(padding positions included).
+
+Stage 1 is plain LoRA (shared with the other strategies); the interference-free design starts at stage 2.
+PESO's release has no InfLoRA; `init: inherit` here means B starts from the previous stage's B (A is always
+designed anew), `fresh` means B starts at zero as in InfLoRA.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from evolora.continual.base import MAIN, StageContext, TrainJob
+from evolora.continual.cumulative import CumulativeLora, CumulativeOptions
+
+
+class InfLoraOptions(CumulativeOptions):
+    init: Literal["inherit", "fresh"] = "fresh"
+    energy: float = Field(0.95, gt=0.0, lt=1.0, description="share of input energy the old subspace keeps")
+    stats_samples: int | None = Field(
+        64, gt=0, description="samples for input statistics; null: training set"
+    )
+
+
+def update_basis(basis: torch.Tensor | None, cov: torch.Tensor, energy: float, max_dim: int) -> torch.Tensor:
+    """Grow an orthonormal basis [d, k] so it explains `energy` of the input energy described by `cov`."""
+    d = cov.shape[0]
+    total = torch.trace(cov).clamp_min(1e-12)
+    if basis is None:
+        basis = cov.new_zeros(d, 0)
+    proj = torch.eye(d, dtype=cov.dtype, device=cov.device) - basis @ basis.T
+    residual = proj @ cov @ proj
+    explained = total - torch.trace(residual)
+    vals, vecs = torch.linalg.eigh(residual)
+    vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
+    k = 0
+    while explained / total < energy and k < len(vals) and basis.shape[1] + k < max_dim:
+        explained = explained + vals[k]
+        k += 1
+    return torch.cat([basis, vecs[:, :k]], dim=1)
+
+
+def designed_a(basis: torch.Tensor | None, cov: torch.Tensor, rank: int) -> torch.Tensor:
+    """[r, d]: the top-r principal directions of the inputs outside span(basis)."""
+    d = cov.shape[0]
+    proj = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    if basis is not None and basis.shape[1]:
+        proj = proj - basis @ basis.T
+    _, vecs = torch.linalg.eigh(proj @ cov @ proj)
+    return vecs.flip(1)[:, :rank].T.contiguous()
+
+
+class InfLora(CumulativeLora):
+    name = "inflora"
+    Options = InfLoraOptions
+    normalize_past = False
+
+    def setup(self) -> None:
+        super().setup()
+        self.basis: dict[str, torch.Tensor | None] = {name: None for name, _, _ in self.lm.lora_pairs(MAIN)}
+
+    def input_covariances(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """Second moments E[x x^T] of every adapted layer's inputs over the rows' prompts."""
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        handles = []
+        for name, module in self.lm.lora_layers():
+            if MAIN not in module.lora_A:
+                continue
+
+            def hook(mod: Any, args: tuple[Any, ...], out: Any, name: str = name) -> None:
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                sums[name] = sums.get(name, 0) + x.T @ x  # type: ignore[operator]
+                counts[name] = counts.get(name, 0) + x.shape[0]
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            self.task.predict(self.lm, rows, self.cfg.eval.batch_size, desc="input statistics")
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: sums[n] / counts[n] for n in sums}
+
+    def _stats_rows(self, ctx: StageContext) -> np.ndarray:
+        rows = self.budgeted(ctx, [ctx.stage])[0]
+        n = self.options.stats_samples  # type: ignore[attr-defined]
+        return rows if n is None else rows[:n]
+
+    def before_job(self, ctx: StageContext, job: TrainJob) -> None:
+        if ctx.stage == 1:
+            return
+        covs = self.input_covariances(self._stats_rows(ctx))
+        with torch.no_grad():
+            for name, a, b in self.lm.lora_pairs(MAIN):
+                a.copy_(designed_a(self.basis[name], covs[name].to(a.device), a.shape[0]))
+                if self.options.init == "fresh":  # type: ignore[attr-defined]
+                    b.zero_()
+                a.requires_grad_(False)  # only B learns
+
+    def after_stage(self, ctx: StageContext) -> None:
+        covs = self.input_covariances(self._stats_rows(ctx))
+        opts: InfLoraOptions = self.options  # type: ignore[assignment]
+        for name, a, _ in self.lm.lora_pairs(MAIN):
+            d = a.shape[1]
+            self.basis[name] = update_basis(
+                self.basis[name], covs[name].to(a.device), opts.energy, d - a.shape[0]
+            )
+
+    def state(self) -> dict[str, Any]:
+        return {
+            **super().state(),
+            "basis": {n: None if u is None else u.cpu() for n, u in self.basis.items()},
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self.basis = {n: None if u is None else u.to(self.lm.device) for n, u in state["basis"].items()}
+
+    def stage_info(self) -> dict[str, Any]:
+        dims = [u.shape[1] for u in self.basis.values() if u is not None]
+        return {**super().stage_info(), "old_subspace_dims_mean": float(np.mean(dims)) if dims else 0.0}

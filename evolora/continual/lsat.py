@@ -1,0 +1,155 @@
+"""LSAT: a long-term and a short-term LoRA, combined at inference (Shi et al., CIKM'24, arXiv 2312.15599).
+
+* The short-term LoRA is trained from scratch on the newest stage only, every stage (Eq. 1).
+* The long-term LoRA is trained on stages 1..m and then kept fixed ("LSAT(m)", Eq. 2); with
+  `long_mode: full` it is retrained on all stages so far at every stage ("LSAT-EN (full)").
+* Inference, chosen on the newest stage's validation samples over `grid`:
+  - `ensemble` (LSAT-EN, Eq. 3): alpha * P_long + (1 - alpha) * P_short, two forward passes per sample;
+  - `fusion` (LSAT-TA, Eq. 4): one adapter, lambda * long + (1 - lambda) * short, one forward pass. `fusion:
+    delta` interpolates the weight updates B·A, as the paper writes it (the fused adapter has rank 2r and
+    is exact); `fusion: factors` interpolates A and B separately, as the released code does (rank r; the
+    update then carries cross terms B_long·A_short).
+
+The paper's grid is {0, 0.1, ..., 1}; the code's TA grid is {0.1, ..., 0.9}. Both adapters start from fresh
+weights, so their training is shared with `retrain` and other runs through the loop's shared store.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from evolora.config import LoraConfig
+from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions, TrainJob
+from evolora.data.samples import draw
+
+LONG = "long"
+FUSED = "fused"
+
+
+class LsatOptions(StrategyOptions):
+    long_stages: int = Field(
+        2, ge=1, description="m: the long-term LoRA learns stages 1..m, then stays fixed"
+    )
+    long_mode: Literal["fixed", "full"] = "fixed"
+    long_samples: int | None = Field(
+        None, gt=0, description="training samples of the long-term LoRA; default: the stage-1 budget"
+    )
+    inference: Literal["ensemble", "fusion"] = "ensemble"
+    fusion: Literal["delta", "factors"] = "delta"
+    grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+
+
+def choose_weight(long: Any, short: Any, grid: list[float], score: Any) -> tuple[float, dict[float, float]]:
+    """The grid weight w maximising score(w * long + (1 - w) * short); ties go to the first in the grid."""
+    curve = {w: float(score(w, long, short)) for w in grid}
+    best = max(grid, key=lambda w: (np.nan_to_num(curve[w], nan=-np.inf), -grid.index(w)))
+    return best, curve
+
+
+class Lsat(Strategy):
+    name = "lsat"
+    Options = LsatOptions
+    plain_predict = False
+
+    def setup(self) -> None:
+        self.o: LsatOptions = self.options  # type: ignore[assignment]
+        self.weight: float | None = None
+        self.curve: dict[float, float] = {}
+        if LONG not in self.lm.adapters:
+            self.lm.add_adapter(LONG)
+
+    # ------------------------------------------------------------------ training
+    def plan(self, ctx: StageContext) -> list[TrainJob]:
+        t = ctx.stage
+        jobs = [self.current_stage_job(ctx, MAIN, init="fresh")]
+        if self.o.long_mode == "full" or t <= self.o.long_stages:
+            pool = np.concatenate([ctx.pools[s].train for s in range(1, t + 1)])
+            budget = self.o.long_samples or self.cfg.train.budget(1)
+            _, valid = self.budgeted(ctx, [t])
+            # Same draw as `retrain` at equal budgets (and as the short-term job at stage 1): trained once.
+            jobs.append(
+                TrainJob(LONG, draw(pool, budget, self.seed, t, salt=0), valid, "fresh", shareable=True)
+            )
+        return jobs
+
+    # ------------------------------------------------------------------ combining
+    def _valid_rows(self, ctx: StageContext) -> np.ndarray:
+        return self.budgeted(ctx, [ctx.stage])[1]
+
+    def _scores(self, adapter: str, rows: np.ndarray, desc: str) -> Any:
+        self.lm.activate(adapter, trainable=False)
+        return self.task.predict(self.lm, rows, self.cfg.eval.batch_size, desc=desc)
+
+    def build_fused(self, weight: float) -> None:
+        """Write weight * long + (1 - weight) * short into the `fused` adapter."""
+        lora = self.lm.lora
+        if self.o.fusion == "delta":
+            # [w A_l; (1-w) A_s] and [B_l, B_s] multiply to w B_l A_l + (1-w) B_s A_s; doubling alpha with
+            # the rank keeps PEFT's alpha / r scaling equal to the originals'.
+            shape = LoraConfig(
+                r=2 * lora.r, alpha=2 * lora.alpha, dropout=0.0, target_modules=lora.target_modules
+            )
+        else:
+            shape = LoraConfig(r=lora.r, alpha=lora.alpha, dropout=0.0, target_modules=lora.target_modules)
+        if FUSED not in self.lm.adapters:
+            self.lm.add_adapter(FUSED, shape)
+        long = {n: (a, b) for n, a, b in self.lm.lora_pairs(LONG)}
+        short = {n: (a, b) for n, a, b in self.lm.lora_pairs(MAIN)}
+        with torch.no_grad():
+            for name, a_f, b_f in self.lm.lora_pairs(FUSED):
+                (a_l, b_l), (a_s, b_s) = long[name], short[name]
+                if self.o.fusion == "delta":
+                    a_f.copy_(torch.cat([weight * a_l, (1 - weight) * a_s], dim=0))
+                    b_f.copy_(torch.cat([b_l, b_s], dim=1))
+                else:
+                    a_f.copy_(weight * a_l + (1 - weight) * a_s)
+                    b_f.copy_(weight * b_l + (1 - weight) * b_s)
+
+    def after_stage(self, ctx: StageContext) -> None:
+        rows = self._valid_rows(ctx)
+        metric = self.task.primary_metric
+        if self.o.inference == "ensemble":
+            long = self._scores(LONG, rows, "validating long-term")
+            short = self._scores(MAIN, rows, "validating short-term")
+
+            def score(w: float, lo: Any, sh: Any) -> float:
+                return self.task.metrics(self.task.mix([lo, sh], [w, 1 - w]), rows)[metric]
+
+            self.weight, self.curve = choose_weight(long, short, self.o.grid, score)
+        else:
+
+            def score(w: float, lo: Any, sh: Any) -> float:
+                self.build_fused(w)
+                return self.task.metrics(self._scores(FUSED, rows, f"validating fusion {w}"), rows)[metric]
+
+            self.weight, self.curve = choose_weight(None, None, self.o.grid, score)
+            self.build_fused(self.weight)
+
+    def predict(self, ctx: StageContext, rows: np.ndarray) -> Any:
+        assert self.weight is not None, "after_stage chooses the weight first"
+        desc = f"evaluating stage {ctx.eval_stage}"
+        if self.o.inference == "fusion":
+            self.build_fused(self.weight)
+            return self._scores(FUSED, rows, desc)
+        long = self._scores(LONG, rows, desc + " (long-term)")
+        short = self._scores(MAIN, rows, desc + " (short-term)")
+        return self.task.mix([long, short], [self.weight, 1 - self.weight])
+
+    # ------------------------------------------------------------------ state
+    def adapters_to_save(self) -> list[str]:
+        return [MAIN, LONG]
+
+    def state(self) -> dict[str, Any]:
+        return {"weight": self.weight, "curve": self.curve}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.weight = state.get("weight")
+        self.curve = state.get("curve", {})
+
+    def stage_info(self) -> dict[str, Any]:
+        key = "alpha" if self.o.inference == "ensemble" else "lambda"
+        return {key: self.weight, f"valid_{self.task.primary_metric}_by_{key}": self.curve}

@@ -1,0 +1,69 @@
+"""SD-LoRA: decoupled magnitude and direction (Wu et al., ICLR'25), as PESO compares it (spec §5).
+
+Like SumLoRA, past stages are frozen as Frobenius-normalised directions B^_i A^_i, but each gets a learnable
+magnitude (one scalar per adapted module and past stage, initialised at 1), and the current adapter has a
+learnable magnitude too. Only the directions of past stages are frozen.
+
+PESO's released code rescales earlier adapters repeatedly in its `all` variant (spec §8.7); this
+implementation applies each stored direction once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from evolora.continual.base import MAIN, TrainJob
+from evolora.continual.cumulative import CumulativeLora
+
+
+class SdLora(CumulativeLora):
+    name = "sdlora"
+    learn_magnitudes = True
+
+    def setup(self) -> None:
+        super().setup()
+        # The current adapter's magnitude: a hook scales each B output, so dropout etc. stay PEFT's own.
+        self.current: dict[str, nn.Parameter] = {}
+        self._handles = []
+        for name, module in self.lm.lora_layers():
+            if MAIN in module.lora_B:
+                p = nn.Parameter(torch.ones((), device=self.lm.device))
+                self.current[name] = p
+                self._handles.append(module.lora_B[MAIN].register_forward_hook(self._scale(p)))
+
+    @staticmethod
+    def _scale(p: nn.Parameter):
+        return lambda module, args, output: output * p.to(output.dtype)
+
+    def plan(self, ctx):  # type: ignore[override]
+        jobs = super().plan(ctx)
+        if ctx.stage > 1:
+            # Fold the learned current magnitude into the weights being frozen, then start it again at 1.
+            with torch.no_grad():
+                for name, _, b in self.lm.lora_pairs(MAIN):
+                    b.mul_(self.current[name])
+                    self.current[name].fill_(1.0)
+        return jobs
+
+    def parameters(self, job: TrainJob) -> list[nn.Parameter]:
+        # Stage 1 is plain LoRA (its result is shared with other strategies): no magnitudes before a bank.
+        if self.bank.size == 0:
+            return super().parameters(job)
+        return super().parameters(job) + list(self.current.values())
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "current": {n: p.detach().cpu() for n, p in self.current.items()}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        with torch.no_grad():
+            for n, v in state["current"].items():
+                self.current[n].copy_(v)
+
+    def teardown(self) -> None:
+        super().teardown()
+        for h in self._handles:
+            h.remove()

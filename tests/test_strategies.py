@@ -1,0 +1,298 @@
+"""The mathematics of each continual strategy, on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evolora.config import ModelConfig
+from evolora.continual.base import MAIN
+from evolora.continual.inflora import designed_a, update_basis
+from evolora.continual.lsat import LONG, choose_weight
+from evolora.continual.olora import orthogonality_loss
+from evolora.continual.peso import ProximalRegularizer
+from evolora.experiment import run_experiment
+from evolora.models.bank import AdapterBank
+from evolora.models.llm import LoraLM
+from tests.helpers import tiny_config
+
+
+@pytest.fixture
+def lm() -> LoraLM:
+    lm = LoraLM.from_config(ModelConfig(name="tiny"))
+    with torch.no_grad():
+        for _, a, b in lm.lora_pairs():
+            a.normal_(0, 0.1)
+            b.normal_(0, 0.1)
+    return lm
+
+
+def perturb(lm: LoraLM, scale: float = 0.05, adapter: str = MAIN) -> None:
+    with torch.no_grad():
+        for _, a, b in lm.lora_pairs(adapter):
+            a.add_(scale * torch.randn_like(a))
+            b.add_(scale * torch.randn_like(b))
+
+
+def distance(lm: LoraLM, anchor: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return sum(
+        ((a - a0).norm() ** 2 + (b - b0).norm() ** 2).item()
+        for (_, a, b), (a0, b0) in zip(lm.lora_pairs(), anchor, strict=True)
+    )
+
+
+# ---------------------------------------------------------------------------------------------- PESO
+@pytest.mark.parametrize("penalty", ["kl", "l2", "l2_norm"])
+def test_proximal_term_is_zero_at_anchor_and_pulls_toward_it(lm: LoraLM, penalty: str) -> None:
+    torch.manual_seed(0)
+    reg = ProximalRegularizer(penalty)
+    reg.set_anchor(lm.lora_pairs())
+    assert reg(lm.lora_pairs()).item() == pytest.approx(0.0, abs=1e-7)
+    perturb(lm)
+    lm.activate(MAIN, trainable=True)
+    params = lm.trainable_parameters()
+    before = distance(lm, reg.anchor)
+    term = reg(lm.lora_pairs()).item()
+    assert term > 0
+    opt = torch.optim.SGD(params, lr=0.5 if penalty != "kl" else 50.0)
+    for _ in range(20):
+        opt.zero_grad()
+        reg(lm.lora_pairs()).backward()
+        opt.step()
+    assert distance(lm, reg.anchor) < before
+    assert reg(lm.lora_pairs()).item() < term
+
+
+def test_kl_matches_formula_and_mean_reduction(lm: LoraLM) -> None:
+    torch.manual_seed(0)
+    reg = ProximalRegularizer("kl", "sum")
+    reg.set_anchor(lm.lora_pairs())
+    perturb(lm, scale=0.5)  # large enough for the KL to stand far above fp32 rounding
+    pairs = lm.lora_pairs()
+    expected = 0.0
+    for (_, a, b), (a0, b0) in zip(pairs, reg.anchor, strict=True):
+        for v, v0 in ((a, a0), (b, b0)):
+            p = torch.softmax(v.detach().flatten().double(), 0)
+            q = torch.softmax(v0.flatten().double(), 0)
+            expected += float((p * (p / q).log()).sum())
+    assert reg(pairs).item() == pytest.approx(expected, rel=1e-3)
+    mean = ProximalRegularizer("kl", "mean")
+    mean.anchor = reg.anchor
+    assert mean(pairs).item() == pytest.approx(expected / len(pairs), rel=1e-3)
+
+
+def test_kl_term_is_fp32_for_bf16_weights() -> None:
+    reg = ProximalRegularizer("kl")
+    a = torch.randn(8, 64).bfloat16()
+    reg.anchor = [(a.float(), a.float())]
+    moved = (a.float() * 1.001).bfloat16()
+    term = reg([("m", moved, moved)])
+    assert term.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- LSAT
+@pytest.mark.parametrize("mode", ["delta", "factors"])
+def test_fused_adapter_equals_manual_merge(lm: LoraLM, mode: str) -> None:
+    from evolora.config import StrategySpec
+    from evolora.continual import Env, build_strategy
+
+    cfg = tiny_config(Path("."), Path("."))
+    strategy = build_strategy(StrategySpec(name="lsat", fusion=mode), Env(lm, None, cfg), seed=0)  # type: ignore[arg-type]
+    strategy.setup()
+    with torch.no_grad():
+        for _, a, b in lm.lora_pairs(LONG):
+            a.normal_(0, 0.1)
+            b.normal_(0, 0.1)
+    w = 0.3
+    strategy.build_fused(w)
+    long = {n: (a, b) for n, a, b in lm.lora_pairs(LONG)}
+    short = {n: (a, b) for n, a, b in lm.lora_pairs(MAIN)}
+    s = lm.lora.alpha / lm.lora.r
+    layers = dict(lm.lora_layers())
+    for name, a_f, b_f in lm.lora_pairs("fused"):
+        fused = layers[name].scaling["fused"] * b_f @ a_f
+        (a_l, b_l), (a_s, b_s) = long[name], short[name]
+        if mode == "delta":
+            expected = w * s * b_l @ a_l + (1 - w) * s * b_s @ a_s
+        else:
+            expected = s * (w * b_l + (1 - w) * b_s) @ (w * a_l + (1 - w) * a_s)
+        torch.testing.assert_close(fused, expected, atol=1e-6, rtol=1e-5)
+
+    if mode == "delta":  # the whole model: fused adapter == base weights with both updates merged by hand
+        ids = torch.tensor([[3, 50, 7, 90, 12]])
+        lm.activate("fused", trainable=False)
+        with torch.no_grad():
+            out = lm.model(input_ids=ids).logits
+            base = lm.base
+            for name, module in layers.items():
+                (a_l, b_l), (a_s, b_s) = long[name], short[name]
+                module.base_layer.weight += w * s * b_l @ a_l + (1 - w) * s * b_s @ a_s
+            with lm.model.disable_adapter():
+                merged = base(input_ids=ids).logits
+        torch.testing.assert_close(out, merged, atol=1e-5, rtol=1e-4)
+
+
+def test_ensemble_weight_picks_the_best_validation_alpha() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    signal = labels + rng.normal(0, 1.0, 400)
+    # Two noisy views of the same signal: their best mix is in the interior, near their noise ratio.
+    long = signal + rng.normal(0, 1.0, 400)
+    short = signal + rng.normal(0, 2.0, 400)
+    from evolora.eval.metrics import auc
+
+    grid = [round(0.1 * i, 1) for i in range(11)]
+    best, curve = choose_weight(long, short, grid, lambda w, lo, sh: auc(labels, w * lo + (1 - w) * sh))
+    assert curve[best] == max(curve.values())
+    assert 0 < best < 1
+    tie, _ = choose_weight(None, None, [0.0, 0.5, 1.0], lambda w, lo, sh: 1.0)
+    assert tie == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- cumulative
+def test_bank_adds_frozen_normalised_updates_and_never_trains_them(lm: LoraLM) -> None:
+    ids = torch.tensor([[3, 50, 7, 90, 12]])
+    bank = AdapterBank(lm, MAIN, normalize=True, learnable=False)
+    frozen = {n: (a.detach().clone(), b.detach().clone()) for n, a, b in lm.lora_pairs()}
+    bank.push()
+    layers = dict(lm.lora_layers())
+    name = next(iter(frozen))
+    module = layers[name]
+    x = torch.randn(2, 4, module.in_features)
+    a0, b0 = frozen[name]
+    s = module.scaling[MAIN]
+    with torch.no_grad():
+        expected = (
+            module.base_layer(x) + s * x @ a0.T @ b0.T + s * x @ (a0 / a0.norm()).T @ (b0 / b0.norm()).T
+        )
+        torch.testing.assert_close(module(x), expected, atol=1e-6, rtol=1e-5)
+
+    lm.activate(MAIN, trainable=True)
+    lm.model.train()
+    lm.model(input_ids=ids, labels=ids).loss.backward()
+    for bank_part in bank.banks.values():
+        assert not bank_part.a.requires_grad and not bank_part.b.requires_grad
+        assert bank_part.a.grad is None and bank_part.b.grad is None
+        assert not bank_part.magnitudes.requires_grad
+    assert bank.magnitude_parameters() == []
+    bank.push()
+    bank.keep_latest()
+    assert bank.size == 1 and all(len(bank.past_factors(n)) == 1 for n in bank.banks)
+    bank.remove()
+    lm.model.eval()  # no LoRA dropout
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module(x), module.base_layer(x) + s * x @ a0.T @ b0.T, atol=1e-6, rtol=1e-5
+        )
+
+
+def test_learnable_magnitudes_get_gradients(lm: LoraLM) -> None:
+    bank = AdapterBank(lm, MAIN, normalize=True, learnable=True)
+    bank.push()
+    ids = torch.tensor([[3, 50, 7, 90, 12]])
+    lm.model(input_ids=ids, labels=ids).loss.backward()
+    mags = bank.magnitude_parameters()
+    assert mags and all(m.grad is not None and m.grad.abs().sum() > 0 for m in mags)
+    bank.remove()
+
+
+def test_orthogonality_loss_vanishes_for_orthogonal_subspaces() -> None:
+    q, _ = torch.linalg.qr(torch.randn(32, 32))
+    a_old, a_new = q[:4].contiguous(), q[4:8].contiguous()
+    b = torch.randn(16, 4)
+    assert float(orthogonality_loss([(a_old, b)], a_new, b, include_b=False)) == pytest.approx(0.0, abs=1e-10)
+    assert float(orthogonality_loss([(a_old, b)], a_old, b, include_b=False)) == pytest.approx(4.0, rel=1e-5)
+    assert float(orthogonality_loss([(a_old, b)], a_new, b, include_b=True)) > 0
+
+
+def test_inflora_design_avoids_the_old_subspace() -> None:
+    torch.manual_seed(0)
+    d = 24
+    old_inputs = torch.randn(500, 6) @ torch.randn(6, d)  # old stage lives in a 6-dim subspace
+    basis = update_basis(None, old_inputs.T @ old_inputs / 500, energy=0.99, max_dim=d - 4)
+    assert 1 <= basis.shape[1] <= 6
+    torch.testing.assert_close(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5, rtol=1e-5)
+    new_inputs = torch.randn(500, d)
+    a = designed_a(basis, new_inputs.T @ new_inputs / 500, rank=4)
+    assert a.shape == (4, d)
+    assert float((a @ basis).abs().max()) < 1e-4  # B A x == 0 for every x in the old subspace
+    grown = update_basis(basis, new_inputs.T @ new_inputs / 500, energy=0.9, max_dim=d - 4)
+    assert grown.shape[1] > basis.shape[1]
+    torch.testing.assert_close(grown[:, : basis.shape[1]], basis)
+
+
+# ---------------------------------------------------------------------------------------------- in the loop
+ALL = [
+    ("peso", {}),
+    ("peso", {"penalty": "l2"}),
+    ("lsat", {"long_stages": 1}),
+    ("lsat", {"inference": "fusion", "fusion": "factors", "grid": [0.0, 0.5, 1.0]}),
+    ("sumlora", {"past": "latest", "init": "fresh"}),
+    ("sdlora", {}),
+    ("inflora", {}),
+    ("olora", {"lam": 0.5}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), ALL)
+def test_every_strategy_runs_the_loop(sunny_dir: Path, tmp_path: Path, name: str, options: dict) -> None:
+    spec = {"name": name, **options}
+    import yaml
+
+    cfg = tiny_config(
+        sunny_dir,
+        tmp_path,
+        **{"strategies": yaml.safe_dump([spec], default_flow_style=True).strip(), "train.epochs": 1},
+    )
+    (res,) = run_experiment(cfg)
+    assert res["complete"] and len(res["stages"]) == 2
+    stage2 = res["stages"][1]
+    assert 0.0 <= stage2["metrics"]["auc"] <= 1.0
+    if name in ("peso", "olora"):
+        assert stage2["jobs"][0]["history"][-1]["extra_loss"] > 0
+    if name == "lsat":
+        key = "alpha" if options.get("inference", "ensemble") == "ensemble" else "lambda"
+        assert stage2["strategy_info"][key] in (options.get("grid") or [round(0.1 * i, 1) for i in range(11)])
+
+
+def test_peso_with_zero_lambda_is_finetune(sunny_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(
+        sunny_dir, tmp_path, strategies="[finetune, {name: peso, lam: 0.0}]", **{"train.epochs": 1}
+    )
+    finetune, peso = run_experiment(cfg)
+    assert [s["metrics"] for s in peso["stages"]] == [s["metrics"] for s in finetune["stages"]]
+
+
+def test_strategy_state_survives_an_interruption(sunny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """Kill SD-LoRA (bank + magnitudes) and LSAT (two adapters + weight) inside stage 3, then resume."""
+    from evolora.tasks.ctr import CtrTask
+
+    over = {"strategies": "[sdlora, lsat]", "staging.n_stages": 4, "train.epochs": 2}
+    reference = run_experiment(tiny_config(sunny_dir, tmp_path / "ref", **over))
+    cfg = tiny_config(sunny_dir, tmp_path / "run", **over)
+    real = CtrTask.loss
+    state = {"n": 0}
+
+    def dying(self, lm, rows):
+        state["n"] += 1
+        if state["n"] in (12 * 5, 12 * 11):
+            raise KeyboardInterrupt
+        return real(self, lm, rows)
+
+    monkeypatch.setattr(CtrTask, "loss", dying)
+    for _ in range(3):
+        try:
+            run_experiment(cfg)
+            break
+        except KeyboardInterrupt:
+            continue
+    monkeypatch.setattr(CtrTask, "loss", real)
+    resumed = run_experiment(cfg)
+    for a, b in zip(resumed, reference, strict=True):
+        assert a["complete"]
+        for sa, sb in zip(a["stages"], b["stages"], strict=True):
+            assert sa["metrics"] == pytest.approx(sb["metrics"], abs=1e-9)
+            assert sa["strategy_info"] == sb["strategy_info"]
