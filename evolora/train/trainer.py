@@ -155,7 +155,7 @@ def train_adapter(
                 extra = extra_loss() if extra_loss is not None else None
                 if extra is not None:
                     extra.backward()
-                    extra_sum += float(extra)
+                    extra_sum += extra.item()
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
