@@ -188,7 +188,7 @@ def data_info(
 ) -> None:
     """Summarise a dataset and the stages its staging settings make."""
     from evolora.config import load_config
-    from evolora.data import assign_stages, load_dataset, stage_table
+    from evolora.data import assign_stages, load_dataset, num_stages_of, stage_table
 
     _setup_logging(False)
     overrides = [f"data.source={source}", f"data.format={fmt}", *(set_ or [])]
@@ -200,8 +200,9 @@ def data_info(
     for k, v in data.summary().items():
         summary.add_row(k, str(v))
     console.print(summary)
-    stages = stage_table(assign_stages(data.interactions, cfg.staging))
-    t = Table(title=f"stages ({cfg.staging.scheme}, {cfg.staging.num_stages})")
+    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
+    stages = stage_table(staged)
+    t = Table(title=f"stages ({cfg.staging.scheme}, {num_stages_of(staged)})")
     for col in stages.columns:
         t.add_column(col.replace("_timestamp", "").replace("_", " "), justify="right")
     for row in stages.iter_rows(named=True):

@@ -19,7 +19,7 @@ key from the command line; the value is parsed as YAML.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -46,7 +46,9 @@ class DataConfig(Section):
     """
 
     source: str = "ml-100k"
-    format: Literal["auto", "ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023"] = "auto"
+    format: Literal["auto", "ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023", "peso"] = (
+        "auto"
+    )
     meta: str | None = Field(None, description="Amazon metadata file when `source` is the reviews file")
     kcore: KCore = KCore()
     like_threshold: float | None = Field(
@@ -64,13 +66,17 @@ class StagingConfig(Section):
       (`by: count`) or equal length in time (`by: time`); earlier interactions stay as history only.
     * `peso`: the first `base_fraction` of interactions is D1, the rest `n_stages - 1` equal-count blocks.
     * `global`: one chronological split by `ratios` (RecLoRA's 8:1:1); `n_stages` is `len(ratios)`.
+    * `preset`: the stages a pre-blocked dataset comes with (`data.format: peso`); `n_stages`, if set, must
+      match them. The count comes from the data: use `evolora.data.num_stages_of` on the staged table.
 
     Interactions with the same timestamp always fall in the same stage, so training data never shares a
     timestamp with the data it is evaluated on.
     """
 
-    scheme: Literal["lsat", "peso", "global"] = "lsat"
-    n_stages: int | None = Field(None, ge=2, description="default: 4 (lsat), 5 (peso), len(ratios) (global)")
+    scheme: Literal["lsat", "peso", "global", "preset"] = "lsat"
+    n_stages: int | None = Field(
+        None, ge=2, description="default: 4 (lsat), 5 (peso), len(ratios) (global), the data's own (preset)"
+    )
     last_n: int | None = Field(None, gt=0)
     by: Literal["count", "time"] = "count"
     base_fraction: float = Field(0.6, gt=0.0, lt=1.0)
@@ -94,7 +100,18 @@ class StagingConfig(Section):
             return len(self.ratios)
         if self.n_stages is not None:
             return self.n_stages
+        if self.scheme == "preset":
+            raise ConfigError(
+                "staging.scheme=preset takes its number of stages from the data: set staging.n_stages, or "
+                "count them with evolora.data.num_stages_of(staged)"
+            )
         return 5 if self.scheme == "peso" else 4
+
+
+def _check_template(value: str, builtin: tuple[str, ...]) -> str:
+    if value in builtin or Path(value).expanduser().is_file():
+        return value
+    raise ValueError(f"{value!r} is neither a built-in template {list(builtin)} nor an existing file")
 
 
 class CtrTaskConfig(Section):
@@ -115,11 +132,64 @@ class CtrTaskConfig(Section):
     item_kind: str | None = Field(None, description="word used in the prompt; default from the dataset")
     loss: Literal["answer", "prompt"] = "answer"
     max_length: int = Field(512, ge=16, description="longer prompts lose their oldest history items")
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return _check_template(v, ("tallrec", "compact"))
+
     share_prefix: bool = Field(
         True,
         description="run the template's fixed instruction once per batch and reuse its keys/values "
         "(same numbers, ~25% less compute with the tallrec template)",
     )
+
+
+class SemanticIdConfig(Section):
+    """Where items' semantic IDs come from.
+
+    `source`: `dataset` uses the IDs shipped with the data (PESO's index); `rqvae` builds them: item text ->
+    embeddings (`embedder`: the backbone's mean-pooled hidden states, or another HF model by id or path) ->
+    residual quantisation with `levels` codebooks of `codebook_size` codes, trained on the items of stage 1
+    only and then fixed (later items are encoded with it). `auto`: `dataset` when the data has IDs.
+    Colliding codes always get one more level that tells the items apart.
+    """
+
+    source: Literal["auto", "dataset", "rqvae"] = "auto"
+    levels: int = Field(4, ge=1, le=8)
+    codebook_size: int = Field(256, ge=2)
+    epochs: int = Field(300, ge=1, description="RQ-VAE training epochs")
+    embedder: str = "backbone"
+    text_fields: tuple[str, ...] = ("title", "genre", "category", "description")
+    seed: int = 0
+
+
+class NextItemTaskConfig(Section):
+    """Generative next-item recommendation: the history as semantic IDs in, the next item's ID out.
+
+    `beams`: width of the constrained beam search (and the length of the ranked list). `constraint`: `trie`
+    (only real items) or `levelwise` (PESO's: any token seen at that position). `exclude_history`: never
+    recommend an item already in the prompt (off, as in PESO). `logit_temperature`: PESO's code trains with
+    logits / 0.8; 1.0 is plain cross-entropy.
+    """
+
+    name: Literal["next_item"] = "next_item"
+    history_len: int = Field(20, ge=1)
+    min_history: int | None = Field(0, ge=0)
+    template: str = "peso"
+    beams: int = Field(10, ge=1)
+    constraint: Literal["trie", "levelwise"] = "trie"
+    exclude_history: bool = False
+    logit_temperature: float = Field(1.0, gt=0)
+    semantic_ids: SemanticIdConfig = SemanticIdConfig()
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        return _check_template(v, ("peso",))
+
+
+TaskConfig = Annotated[CtrTaskConfig | NextItemTaskConfig, Field(discriminator="name")]
 
 
 class LoraConfig(Section):
@@ -172,8 +242,10 @@ class TrainConfig(Section):
     group_by_length: bool = Field(
         True, description="batch training samples of similar length together (less padding), as TALLRec does"
     )
-    select_by: Literal["metric", "loss", "last"] = Field(
-        "metric", description="metric: the task's validation metric (AUC for ctr); loss: validation loss"
+    select_by: Literal["auto", "metric", "loss", "last"] = Field(
+        "auto",
+        description="metric: the task's validation metric (AUC for ctr, NDCG@10 for next_item); "
+        "loss: validation loss; auto: metric for ctr, loss for next_item (beam search every epoch is costly)",
     )
     patience: int | None = Field(None, ge=1)
     keep_start_if_better: bool = Field(
@@ -239,7 +311,7 @@ class RunConfig(Section):
     output_dir: str = "runs"
     data: DataConfig = DataConfig()
     staging: StagingConfig = StagingConfig()
-    task: CtrTaskConfig = CtrTaskConfig()
+    task: TaskConfig = CtrTaskConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -251,6 +323,13 @@ class RunConfig(Section):
     strategies: list[StrategySpec] = Field(default_factory=lambda: [StrategySpec(name="finetune")])
     seeds: list[int] = Field(default_factory=lambda: [0])
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _default_task(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "name" not in v:
+            return {"name": "ctr", **v}
+        return v
 
     @field_validator("strategies", mode="before")
     @classmethod

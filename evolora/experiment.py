@@ -19,19 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import yaml
 
 import evolora
-from evolora.config import RunConfig, config_to_dict
+from evolora.config import CtrTaskConfig, RunConfig, config_to_dict
 from evolora.continual import Env, build_strategy, check_strategy_specs
 from evolora.continual.loop import SharedStore, StageLoop
-from evolora.data import InteractionData, assign_stages, load_dataset
+from evolora.data import InteractionData, assign_stages, load_dataset, num_stages_of
 from evolora.data.samples import SampleTable, StagePools, build_samples, split_pools
 from evolora.errors import ConfigError
 from evolora.io import atomic_write_json, atomic_write_text, read_json, stable_hash
-from evolora.models.llm import LoraLM, set_threads
+from evolora.models.llm import LoraLM, load_pretrained, resolve_device, resolve_precision, set_threads
 from evolora.tasks.base import Task
 from evolora.tasks.ctr import CtrTask
+from evolora.tasks.next_item import NextItemTask
+from evolora.tasks.semantic import semantic_ids_for
 
 log = logging.getLogger("evolora")
 
@@ -70,16 +73,17 @@ def item_kind_of(dataset: str) -> str:
 @dataclass
 class Prepared:
     data: InteractionData
+    staged: pl.DataFrame
     table: SampleTable
     pools: dict[int, StagePools]
 
 
 def prepare_data(cfg: RunConfig) -> Prepared:
     data = load_dataset(cfg.data)
-    staged = assign_stages(data.interactions, cfg.staging)
+    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
     min_history = cfg.task.min_history if cfg.task.min_history is not None else cfg.task.history_len
     table = build_samples(
-        staged, cfg.staging.num_stages, data.like_threshold, cfg.task.history_len, min_history
+        staged, num_stages_of(staged), data.like_threshold, cfg.task.history_len, min_history
     )
     pools = split_pools(table, cfg.protocol, cfg.train.valid_fraction)
     for s, p in pools.items():
@@ -91,10 +95,26 @@ def prepare_data(cfg: RunConfig) -> Prepared:
             len(p.valid),
             len(p.test),
         )
-    return Prepared(data, table, pools)
+    return Prepared(data, staged, table, pools)
+
+
+def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM, Task]:
+    """The backbone with its adapter and the task; for next-item, semantic IDs become new tokens first."""
+    if isinstance(cfg.task, CtrTaskConfig):
+        lm = LoraLM.from_config(cfg.model)
+        return lm, build_task(cfg, prepared, lm)
+    device = resolve_device(cfg.model.device)
+    dtype, _ = resolve_precision(cfg.model.precision, device)
+    pretrained = load_pretrained(cfg.model.name, dtype, cfg.model.revision)
+    sids = semantic_ids_for(cfg, prepared.data, prepared.staged, pretrained)
+    lm = LoraLM.from_config(cfg.model, new_tokens=sids.all_tokens(), pretrained=pretrained)
+    item_tokens = {item: sids.tokens(item) for item in sids.item_ids}
+    return lm, NextItemTask(cfg.task, prepared.table, item_tokens, lm.tokenizer)
 
 
 def build_task(cfg: RunConfig, prepared: Prepared, lm: LoraLM) -> Task:
+    """The CTR task on an already built backbone."""
+    assert isinstance(cfg.task, CtrTaskConfig)
     titles = dict(
         zip(prepared.data.items["item_id"].to_list(), prepared.data.items["title"].to_list(), strict=True)
     )
@@ -152,8 +172,7 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
     logging.getLogger("evolora").addHandler(handler)
     try:
         prepared = prepare_data(cfg)
-        lm = LoraLM.from_config(cfg.model)
-        task = build_task(cfg, prepared, lm)
+        lm, task = build_model_and_task(cfg, prepared)
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
         sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
         shared = SharedStore(Path(cfg.output_dir) / "_shared", stable_hash(sample_context, 16))
@@ -184,6 +203,9 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
                     all_results.append(loop.run(on_stage))
                 finally:
                     strategy.teardown()  # hooks a strategy put on the shared model go with it
+        shortened = getattr(task, "shortened", 0)
+        if shortened:
+            log.info("%d prompts were shortened to fit task.max_length", shortened)
         return all_results
     finally:
         logging.getLogger("evolora").removeHandler(handler)

@@ -64,3 +64,33 @@ def tiny_config(data_dir: Path, out: Path, **overrides: Any) -> RunConfig:
     }
     sets.update({k: str(v) for k, v in overrides.items()})
     return load_config(None, [f"{k}={v}" for k, v in sets.items()])
+
+
+def write_peso_cycle(
+    folder: Path, n_users: int = 24, n_items: int = 30, n_blocks: int = 3, seed: int = 0
+) -> Path:
+    """A PESO-format folder (blocks + index) where each user walks the items in a cycle: i -> i + 1.
+
+    Item i has the two-level semantic ID <a_{i // 6}><b_{i % 6}>; no two items collide.
+    """
+    import json
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    key = "Cycle_cl_0.6_0_5_3_0"
+    history: dict[str, list[str]] = {str(u): [] for u in range(n_users)}
+    position = {str(u): int(rng.integers(n_items)) for u in range(n_users)}
+    for b in range(n_blocks):
+        block = {}
+        for u in map(str, range(n_users)):
+            if b > 0 and rng.random() < 0.3:
+                continue  # not every user is active in every block
+            n = int(rng.integers(5, 9))
+            current = [str((position[u] + k) % n_items) for k in range(n)]
+            position[u] = (position[u] + n) % n_items
+            block[u] = {"previous_block": list(history[u]), "current_block": current}
+            history[u] += current
+        (folder / f"{key}.all.block_{b}.json").write_text(json.dumps(block))
+    index = {str(i): [f"<a_{i // 6}>", f"<b_{i % 6}>"] for i in range(n_items)}
+    (folder / f"{key}.index.epoch1_edim1_beta0.0.json").write_text(json.dumps(index))
+    return folder

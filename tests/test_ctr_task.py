@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import torch
 
-from evolora.config import CtrTaskConfig, ModelConfig
+from evolora.config import CtrTaskConfig, ModelConfig, load_config
 from evolora.data.samples import build_samples
 from evolora.errors import ConfigError
 from evolora.models.llm import LoraLM
@@ -129,11 +129,20 @@ def test_answer_loss_only_counts_answer_tokens(table, lm) -> None:
     assert loss == pytest.approx(total / n, rel=1e-4)
 
 
-def test_long_prompts_drop_oldest_history(table, lm) -> None:
+def test_long_prompts_drop_oldest_history(table, lm, caplog: pytest.LogCaptureFixture) -> None:
     task = make(table, lm, template="compact")
     full = task.encode(5)
-    short = make(table, lm, template="compact", max_length=len(full.body) + len(full.answer) - 1).encode(5)
-    assert len(short.body) < len(full.body)
+    limit = len(full.body) + len(full.answer) - 1
+    shortened = make(table, lm, template="compact", max_length=limit)
+    with caplog.at_level("WARNING", logger="evolora.tasks"):
+        short = shortened.encode(5)
+    assert len(short.body) + len(short.answer) <= limit < len(full.body) + len(full.answer)
+    assert shortened.shortened == 1 and "lose their oldest history items" in caplog.text
+    hist, target = list(table.df["hist_items"][5]), table.df["item_id"][5]
+    oldest = hist[0]
+    assert oldest not in hist[1:] and oldest != target  # so its title can only come from the oldest slot
+    assert TITLES[oldest] in lm.tokenizer.decode(full.body)
+    assert TITLES[oldest] not in lm.tokenizer.decode(short.body)
 
 
 def test_template_file_and_errors(tmp_path, table, lm) -> None:
@@ -146,5 +155,5 @@ def test_template_file_and_errors(tmp_path, table, lm) -> None:
     with pytest.raises(ConfigError, match="lacks the fields"):
         make(table, lm, template=str(bad))
     with pytest.raises(ConfigError, match="neither a built-in template"):
-        make(table, lm, template="nope")
+        load_config(None, ["task.template=nope"])  # caught when the config loads, before any work
     assert set(TEMPLATES) == {"tallrec", "compact"}

@@ -84,11 +84,6 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_predictions(path: Path) -> np.ndarray:
-    with np.load(path) as z:
-        return z["scores"]
-
-
 class StageLoop:
     """Runs one strategy with one seed through all stages, resumably."""
 
@@ -231,7 +226,8 @@ class StageLoop:
         if self.s.plain_predict and key is not None and self.shared is not None:
             cache = self.shared.predictions_file(key, ctx.eval_rows)
             if cache.is_file():
-                return _load_predictions(cache), True
+                with np.load(cache) as z:
+                    return self.task.load_predictions(z), True
         preds = self.s.predict(ctx, ctx.eval_rows)
         if cache is not None:
             _save_npz(cache, self.task.save_predictions(preds))
@@ -255,7 +251,8 @@ class StageLoop:
         pred_file = d / "predictions.npz"
         reused_preds = False
         if pred_file.is_file():
-            preds = _load_predictions(pred_file)
+            with np.load(pred_file) as z:
+                preds = self.task.load_predictions(z)
         else:
             preds, reused_preds = self._predict(ctx)
             _save_npz(pred_file, {**self.task.save_predictions(preds), "rows": eval_rows})

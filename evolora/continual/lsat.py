@@ -84,6 +84,20 @@ class Lsat(Strategy):
         self.lm.activate(adapter, trainable=False)
         return self.task.predict(self.lm, rows, self.cfg.eval.batch_size, desc=desc)
 
+    def _pair(self, rows: np.ndarray, desc: str) -> tuple[Any, Any]:
+        """Long- and short-term predictions on a common footing: for ranking tasks, both adapters score
+        the union of the items either one ranked (log-probabilities are what the ensemble mixes)."""
+        long = self._scores(LONG, rows, f"{desc} (long-term)")
+        short = self._scores(MAIN, rows, f"{desc} (short-term)")
+        candidates = self.task.candidates([long, short])
+        if candidates is None:
+            return long, short
+        rescored = []
+        for adapter in (LONG, MAIN):
+            self.lm.activate(adapter, trainable=False)
+            rescored.append(self.task.rescore(self.lm, rows, candidates, self.cfg.eval.batch_size))
+        return rescored[0], rescored[1]
+
     def build_fused(self, weight: float) -> None:
         """Write weight * long + (1 - weight) * short into the `fused` adapter."""
         lora = self.lm.lora
@@ -113,8 +127,7 @@ class Lsat(Strategy):
         rows = self._valid_rows(ctx)
         metric = self.task.primary_metric
         if self.o.inference == "ensemble":
-            long = self._scores(LONG, rows, "validating long-term")
-            short = self._scores(MAIN, rows, "validating short-term")
+            long, short = self._pair(rows, "validating")
 
             def score(w: float, lo: Any, sh: Any) -> float:
                 return self.task.metrics(self.task.mix([lo, sh], [w, 1 - w]), rows)[metric]
@@ -135,8 +148,7 @@ class Lsat(Strategy):
         if self.o.inference == "fusion":
             self.build_fused(self.weight)
             return self._scores(FUSED, rows, desc)
-        long = self._scores(LONG, rows, desc + " (long-term)")
-        short = self._scores(MAIN, rows, desc + " (short-term)")
+        long, short = self._pair(rows, desc)
         return self.task.mix([long, short], [self.weight, 1 - self.weight])
 
     # ------------------------------------------------------------------ state

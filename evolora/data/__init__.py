@@ -9,9 +9,18 @@ from evolora.data.loaders import (
     load_movielens_1m,
     load_movielens_100k,
     load_movielens_100k_atomic,
+    load_peso_blocks,
 )
 from evolora.data.schema import InteractionData
-from evolora.data.staging import assign_stages, stage_global, stage_lsat, stage_peso, stage_table
+from evolora.data.staging import (
+    assign_stages,
+    num_stages_of,
+    stage_global,
+    stage_lsat,
+    stage_peso,
+    stage_preset,
+    stage_table,
+)
 
 __all__ = [
     "InteractionData",
@@ -25,9 +34,12 @@ __all__ = [
     "load_movielens_1m",
     "load_movielens_100k",
     "load_movielens_100k_atomic",
+    "load_peso_blocks",
+    "num_stages_of",
     "registered_datasets",
     "stage_global",
     "stage_lsat",
     "stage_peso",
+    "stage_preset",
     "stage_table",
 ]

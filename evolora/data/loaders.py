@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
+import numpy as np
 import polars as pl
 
 from evolora import progress
@@ -34,6 +35,7 @@ from evolora.data.fetch import fetch, registered_datasets
 from evolora.data.filters import kcore, keep_recent
 from evolora.data.schema import ITEM_OPTIONAL, InteractionData, sort_interactions
 from evolora.errors import DataError
+from evolora.io import read_json
 
 log = logging.getLogger("evolora.data")
 
@@ -190,9 +192,162 @@ def load_amazon_2023(reviews_path: str | Path, meta_path: str | Path) -> Interac
     return _finish(_stem(reviews_path), reviews_path, inter, reviews_path, items, meta_path, strict=False)
 
 
+# ---------------------------------------------------------------------------------------------------- PESO
+
+_PESO_BLOCK = re.compile(r"^(?P<key>.+)\.all\.block_(?P<block>\d+)\.json$")
+# Synthetic time: block b, position p (counted over the whole block in file order) -> b * 10**9 + p.
+_PESO_BLOCK_SPAN = 10**9
+
+
+def load_peso_blocks(folder: str | Path, key: str | None = None) -> InteractionData:
+    """PESO's pre-blocked release (Yoo et al., ICLR'26; spec §1.2): `<key>.all.block_<b>.json` for b = 0..T-1,
+    each `{user: {"previous_block": [items], "current_block": [items]}}`, and optionally the semantic-ID index
+    `<key>.index.*.json` (`{item: ["<a_51>", "<b_218>", ...]}`).
+
+    `folder` may also be one of the block files (which names the key). `key` picks a dataset when the folder
+    holds several.
+
+    * Interactions come from the `current_block` lists only; each `previous_block` must equal the user's
+      earlier `current_block`s joined (the release satisfies this; anything else is another format).
+    * The release has neither ratings nor times. Every interaction is implicit feedback: rating 5.0 and
+      `like_threshold` 0.0, so every interaction is a like. Timestamps are synthetic,
+      `block * 10**9 + position in the block`, so they keep block order and each user's order.
+    * `preset_stages` = block + 1 (`staging.scheme: preset` uses them).
+    * Items: `title` "item <id>" (there are no titles), `sid` = the index tokens joined. Items in the index
+      that nobody interacted with stay in the table: they are valid decoding targets.
+    """
+    folder = Path(folder).expanduser()
+    if folder.is_file():
+        m = _PESO_BLOCK.match(folder.name)
+        if not m:
+            raise DataError(f"{folder}: not a PESO block file (<key>.all.block_<n>.json)")
+        folder, key = folder.parent, key or m["key"]
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    found: dict[str, dict[int, Path]] = {}
+    for p in folder.iterdir():
+        if m := _PESO_BLOCK.match(p.name):
+            found.setdefault(m["key"], {})[int(m["block"])] = p
+    if key is None:
+        if len(found) != 1:
+            what = "no PESO block files (<key>.all.block_<n>.json)" if not found else "several PESO datasets"
+            raise DataError(
+                f"{folder}: {what}; keys found: {sorted(found)}. Point data.source at one block file"
+            )
+        key = next(iter(found))
+    if key not in found:
+        raise DataError(f"{folder}: no block files for key {key!r}; keys found: {sorted(found)}")
+    blocks = found[key]
+    missing = sorted(set(range(max(blocks) + 1)) - set(blocks))
+    if missing:
+        raise DataError(f"{folder}: {key}.all.block_{missing[0]}.json is missing (blocks must run 0..T-1)")
+
+    users: list[str] = []
+    items: list[str] = []
+    stages: list[int] = []
+    timestamps: list[int] = []
+    history: dict[str, list[str]] = {}
+    for b in range(len(blocks)):
+        path = blocks[b]
+        position = 0
+        for user, prev, curr in _peso_block_records(path):
+            earlier = history.setdefault(user, [])
+            if prev != earlier:
+                common = min(len(prev), len(earlier))
+                i = next((i for i in range(common) if prev[i] != earlier[i]), common)
+                raise DataError(
+                    f"{path}: user {user!r}: previous_block ({len(prev)} items) is not the user's earlier "
+                    f"current_blocks joined ({len(earlier)} items); they differ at position {i}. Not PESO's "
+                    "pre-blocked format"
+                )
+            earlier.extend(curr)
+            n = len(curr)
+            users += [user] * n
+            items += curr
+            stages += [b + 1] * n
+            timestamps += range(b * _PESO_BLOCK_SPAN + position, b * _PESO_BLOCK_SPAN + position + n)
+            position += n
+        if position >= _PESO_BLOCK_SPAN:
+            raise DataError(f"{path}: more than {_PESO_BLOCK_SPAN} interactions in one block")
+    inter = pl.DataFrame(
+        {"user_id": users, "item_id": items, "rating": [5.0] * len(users), "timestamp": timestamps},
+        schema={"user_id": pl.Utf8, "item_id": pl.Utf8, "rating": pl.Float64, "timestamp": pl.Int64},
+    )
+
+    table = pl.DataFrame({"item_id": inter["item_id"].unique(maintain_order=True)})
+    indexes = sorted(
+        p for p in folder.iterdir() if p.name.startswith(f"{key}.index.") and p.suffix == ".json"
+    )
+    if len(indexes) > 1:
+        raise DataError(f"{folder}: several semantic-ID indexes for {key}: {[p.name for p in indexes]}")
+    if indexes:
+        sids = _peso_index(indexes[0])
+        # Index order first (it holds every item), then interacted items the index lacks.
+        table = pl.concat([sids.select("item_id"), table.join(sids, on="item_id", how="anti")])
+        table = table.join(sids, on="item_id", how="left", maintain_order="left")
+        unindexed = inter.join(sids, on="item_id", how="anti")["item_id"].n_unique()
+        if unindexed:
+            log.warning("%s: %d interacted items have no semantic ID", indexes[0], unindexed)
+    else:
+        log.info("%s: no semantic-ID index (%s.index.*.json); items get no sid", folder, key)
+    log.info("%s: PESO blocks carry no item titles; items are called 'item <id>'", folder)
+    table = table.with_columns(title=pl.lit("item ") + pl.col("item_id")).select(
+        "item_id", "title", *(["sid"] if indexes else [])
+    )
+    data = InteractionData(
+        name=key,
+        interactions=inter,
+        items=table,
+        like_threshold=0.0,
+        source=str(folder),
+        preset_stages=np.asarray(stages, dtype=np.int32),
+    )
+    return data.validate()
+
+
+def _peso_block_records(path: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """(user, previous_block, current_block) per user, in file order, with ids as strings."""
+    try:
+        with open(path, "rb") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the JSON file ({e})"[:400]) from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object of users, found {type(raw).__name__}")
+    for user, record in raw.items():
+        lists = []
+        for field in ("previous_block", "current_block"):
+            value = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(value, list) or not all(isinstance(x, str | int) for x in value):
+                raise DataError(
+                    f"{path}: user {user!r}: {field} should be a list of item ids, found {value!r}"[:300]
+                )
+            lists.append([str(x) for x in value])
+        yield user, lists[0], lists[1]
+
+
+def _peso_index(path: Path) -> pl.DataFrame:
+    """`item_id`, `sid` from a PESO index file (`{item: ["<a_51>", "<b_218>", ...]}`)."""
+    try:
+        raw = read_json(path)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the JSON file ({e})"[:400]) from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object of items, found {type(raw).__name__}")
+    for item, tokens in raw.items():
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise DataError(
+                f"{path}: item {item!r}: expected a list of token strings, found {tokens!r}"[:300]
+            )
+    return pl.DataFrame(
+        {"item_id": list(raw), "sid": ["".join(t) for t in raw.values()]},
+        schema={"item_id": pl.Utf8, "sid": pl.Utf8},
+    )
+
+
 # --------------------------------------------------------------------------------------------- load_dataset
 
-Format = Literal["ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023"]
+Format = Literal["ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023", "peso"]
 
 
 def load_dataset(cfg: DataConfig) -> InteractionData:
@@ -215,21 +370,24 @@ def load_dataset(cfg: DataConfig) -> InteractionData:
     if cfg.like_threshold is not None:
         data = replace(data, like_threshold=cfg.like_threshold)
     if cfg.max_interactions is not None and data.interactions.height > cfg.max_interactions:
-        data = data.with_interactions(
-            keep_recent(data.interactions, cfg.max_interactions),
-            f"kept the most recent {cfg.max_interactions} of {data.interactions.height} interactions",
+        n = cfg.max_interactions
+        data = _filtered(
+            data,
+            lambda df: keep_recent(df, n),
+            f"kept the most recent {n} of {data.interactions.height} interactions",
         )
     if cfg.kcore.user > 1 or cfg.kcore.item > 1:
         before = data.interactions.height
-        core = kcore(data.interactions, cfg.kcore.user, cfg.kcore.item)
-        if core.height == 0:
+        data = _filtered(
+            data,
+            lambda df: kcore(df, cfg.kcore.user, cfg.kcore.item),
+            f"k-core users>={cfg.kcore.user} items>={cfg.kcore.item}: kept {{kept}} of {before}",
+        )
+        if data.interactions.height == 0:
             raise DataError(
                 f"{data.source}: the k-core (users >= {cfg.kcore.user}, items >= {cfg.kcore.item}) removes "
                 "every interaction; lower data.kcore"
             )
-        data = data.with_interactions(
-            core, f"k-core users>={cfg.kcore.user} items>={cfg.kcore.item}: kept {core.height} of {before}"
-        )
     log.info(
         "%s: %d interactions, %d users, %d items",
         data.name,
@@ -238,6 +396,17 @@ def load_dataset(cfg: DataConfig) -> InteractionData:
         data.n_items,
     )
     return data.validate()
+
+
+def _filtered(data: InteractionData, keep: Any, note: str) -> InteractionData:
+    """Apply a row filter (`keep(df) -> df`, dropping rows but never reordering them) to the interactions,
+    carrying the preset stages along in a temporary column so they stay aligned."""
+    df = data.interactions
+    if data.preset_stages is not None:
+        df = df.with_columns(_preset=pl.Series(data.preset_stages, dtype=pl.Int32))
+    out = keep(df)
+    preset = out["_preset"].to_numpy() if "_preset" in out.columns else None
+    return data.with_interactions(out.drop("_preset", strict=False), note.format(kept=out.height), preset)
 
 
 def detect_format(path: str | Path) -> Format:
@@ -249,10 +418,14 @@ def _resolve(path: Path, fmt: str, meta: str | None) -> tuple[Format, Path, Path
     """(format, path for the loader, Amazon metadata file)."""
     if fmt in ("ml-100k", "ml-1m"):
         return fmt, (path.parent if path.is_file() else path), None  # type: ignore[return-value]
-    if fmt == "ml-100k-atomic":
-        return fmt, path, None
+    if fmt in ("ml-100k-atomic", "peso"):
+        return fmt, path, None  # type: ignore[return-value]
     if fmt == "auto":
         names = {p.name for p in path.iterdir()} if path.is_dir() else {path.name}
+        if any(_PESO_BLOCK.match(n) for n in names) and (
+            path.is_file() or any(n.endswith(".all.block_0.json") for n in names)
+        ):
+            return "peso", path, None
         if "u.data" in names:
             return "ml-100k", (path if path.is_dir() else path.parent), None
         if any(n.endswith(".inter") for n in names):
@@ -265,7 +438,8 @@ def _resolve(path: Path, fmt: str, meta: str | None) -> tuple[Format, Path, Path
         if not files and fmt == "auto":
             raise DataError(
                 f"{path}: no data files found; expected u.data (MovieLens-100K), *.inter (RecBole), "
-                "ratings.dat (MovieLens-1M) or Amazon .json/.jsonl(.gz) reviews and metadata"
+                "ratings.dat (MovieLens-1M), Amazon .json/.jsonl(.gz) reviews and metadata, or PESO blocks "
+                "(<key>.all.block_0.json)"
             )
         metas = [p for p in files if p.name.lower().startswith("meta")]
         reviews = [p for p in files if p not in metas]
@@ -321,6 +495,7 @@ _LOADERS: dict[str, Any] = {
     "ml-1m": load_movielens_1m,
     "amazon-2018": load_amazon_2018,
     "amazon-2023": load_amazon_2023,
+    "peso": load_peso_blocks,
 }
 
 

@@ -5,7 +5,11 @@
 * `interactions`: `user_id` (str), `item_id` (str), `rating` (f64), `timestamp` (i64, unix seconds), sorted
   by (`timestamp`, `user_id`) with ties kept in file order;
 * `items`: `item_id` (str, unique), `title` (str), and optional `category`, `genre`, `year`, `description`
-  (str, may be null).
+  and `sid` (str, may be null; `sid` is a semantic ID such as "<a_51><b_218><c_33><d_0>").
+
+Pre-blocked sources (PESO's release) also carry `preset_stages`: the 1-based stage of each interaction, row
+by row with `interactions`. Anything that drops or reorders interactions must carry it along
+(`with_interactions` refuses a new table without it).
 
 Every interaction's item is in `items`. Loaders build these tables and call `InteractionData.validate`, so
 everything downstream (staging, samples, models) can rely on the shape.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import polars as pl
 
 from evolora.errors import DataError
@@ -29,7 +34,7 @@ INTERACTION_SCHEMA: dict[str, pl.DataType] = {
     "timestamp": pl.Int64(),
 }
 ITEM_REQUIRED: dict[str, pl.DataType] = {"item_id": pl.Utf8(), "title": pl.Utf8()}
-ITEM_OPTIONAL = ("category", "genre", "year", "description")
+ITEM_OPTIONAL = ("category", "genre", "year", "description", "sid")
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ class InteractionData:
     """Interactions plus item metadata of one dataset.
 
     `like_threshold`: an interaction counts as "liked" when `rating > like_threshold` (TALLRec's rule; 3 for
-    5-star data). `source` says where the data came from, for the run record.
+    5-star data). `source` says where the data came from, for the run record. `preset_stages` (int32, one per
+    interaction, 1-based): the stages a pre-blocked source comes with; None for sources staged by time.
     """
 
     name: str
@@ -46,6 +52,7 @@ class InteractionData:
     like_threshold: float = 3.0
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    preset_stages: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def n_users(self) -> int:
@@ -55,9 +62,24 @@ class InteractionData:
     def n_items(self) -> int:
         return self.interactions["item_id"].n_unique()
 
-    def with_interactions(self, interactions: pl.DataFrame, note: str | None = None) -> InteractionData:
+    @property
+    def n_preset_stages(self) -> int | None:
+        return None if self.preset_stages is None else int(self.preset_stages.max())
+
+    def with_interactions(
+        self, interactions: pl.DataFrame, note: str | None = None, preset_stages: np.ndarray | None = None
+    ) -> InteractionData:
+        """A copy with new interactions. Data with preset stages needs the new rows' stages too: there is no
+        way to realign the old ones to a filtered or reordered table."""
+        if self.preset_stages is not None and preset_stages is None:
+            raise DataError(
+                f"{self.source or self.name}: this dataset has preset stages; pass the stages of the new "
+                "interactions (preset_stages=...) so they stay aligned row by row"
+            )
+        if preset_stages is not None:
+            preset_stages = np.asarray(preset_stages, dtype=np.int32)
         notes = (*self.notes, note) if note else self.notes
-        return replace(self, interactions=interactions, notes=notes)
+        return replace(self, interactions=interactions, notes=notes, preset_stages=preset_stages)
 
     def validate(self) -> InteractionData:
         """Check the schema and referential integrity; raise `DataError` naming the problem."""
@@ -96,7 +118,32 @@ class InteractionData:
         ts = self.interactions["timestamp"]
         if not ts.is_sorted():
             raise DataError(f"{where}: interactions are not sorted by timestamp (loader bug)")
+        if self.preset_stages is not None:
+            self._validate_preset(where)
         return self
+
+    def _validate_preset(self, where: str) -> None:
+        stages = self.preset_stages
+        assert stages is not None
+        if stages.ndim != 1 or len(stages) != self.interactions.height:
+            raise DataError(
+                f"{where}: {stages.size} preset stages for {self.interactions.height} interactions "
+                "(loader bug: they must align row by row)"
+            )
+        if not np.issubdtype(stages.dtype, np.integer) or stages.min() < 1:
+            raise DataError(f"{where}: preset stages must be whole numbers >= 1, found {stages.min()!r}")
+        # Time-sorted rows must have non-decreasing stages, or a stage would train on data after its test.
+        back = np.flatnonzero(np.diff(stages) < 0)
+        if back.size:
+            i = int(back[0]) + 1
+            raise DataError(
+                f"{where}: preset stages go back in time: interaction {i} (timestamp "
+                f"{self.interactions['timestamp'][i]}) is in stage {stages[i]}, after one in stage "
+                f"{stages[i - 1]}"
+            )
+        missing = sorted(set(range(1, int(stages.max()) + 1)) - set(np.unique(stages).tolist()))
+        if missing:
+            raise DataError(f"{where}: preset stages {missing} have no interactions")
 
     def summary(self) -> dict[str, object]:
         ts = self.interactions["timestamp"]

@@ -7,6 +7,8 @@ Interactions that share a timestamp always land in the same stage: a cut that wo
 timestamps moves forward to the end of that group. So the last timestamp of stage t is strictly smaller than
 the first timestamp of stage t+1, and a model never trains on data from the same instant it is tested on.
 A stage left empty by that rule (or by too little data) is an error, not a silently shorter run.
+
+Pre-blocked data (PESO's release) brings its own stages; `scheme: preset` uses them as they are.
 """
 
 from __future__ import annotations
@@ -99,8 +101,50 @@ def stage_global(df: pl.DataFrame, ratios: Sequence[float] = (0.8, 0.1, 0.1)) ->
     return _from_bounds(df, ts, bounds, f"global ({':'.join(f'{r:g}' for r in ratios)})")
 
 
-def assign_stages(df: pl.DataFrame, cfg: StagingConfig) -> pl.DataFrame:
-    """Stage the interactions with the scheme named in `cfg` (see `StagingConfig`)."""
+def stage_preset(df: pl.DataFrame, preset: np.ndarray, n_stages: int | None = None) -> pl.DataFrame:
+    """The stages the dataset came with (`InteractionData.preset_stages`, row by row with `df`).
+
+    `n_stages`, when given, must equal the number of preset stages: a config that expects another count is
+    an error rather than a silently different run.
+    """
+    stage = np.asarray(preset)
+    if stage.ndim != 1 or len(stage) != df.height:
+        raise DataError(f"staging preset: {stage.size} preset stages for {df.height} interactions")
+    if df.height == 0:
+        raise DataError("staging: there are no interactions to stage")
+    if not df["timestamp"].is_sorted():  # sort rows and stages together, so they stay aligned
+        df = df.with_columns(_preset=pl.Series(stage)).sort("timestamp", maintain_order=True)
+        stage, df = df["_preset"].to_numpy(), df.drop("_preset")
+    stage = stage.astype(np.int32)
+    if stage.min() < 1:
+        raise DataError(f"staging preset: stages must be >= 1, found {int(stage.min())}")
+    total = int(stage.max())
+    if n_stages is not None and n_stages != total:
+        raise DataError(
+            f"staging preset: staging.n_stages={n_stages} but the dataset comes with {total} stages; drop "
+            "staging.n_stages"
+        )
+    empty = [t for t, c in enumerate(np.bincount(stage, minlength=total + 1)) if t and not c]
+    if empty:
+        raise DataError(f"staging preset: stages {empty} have no interactions (filtered away?)")
+    return _finish(df, stage, total, f"preset ({total} stages)")
+
+
+def assign_stages(df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | None = None) -> pl.DataFrame:
+    """Stage the interactions with the scheme named in `cfg` (see `StagingConfig`).
+
+    `preset`: the dataset's own stages (`InteractionData.preset_stages`), which `scheme: preset` needs. The
+    other schemes ignore it and stage by timestamp as usual.
+    """
+    if cfg.scheme == "preset":
+        if preset is None:
+            raise DataError(
+                "staging.scheme=preset uses the stages a pre-blocked dataset comes with (data.format: peso), "
+                "but none were given: pass the data's preset_stages, or pick lsat, peso or global"
+            )
+        return stage_preset(df, preset, cfg.n_stages)
+    if preset is not None:
+        log.info("staging %s: the dataset's own stages are ignored; staging by timestamp", cfg.scheme)
     if cfg.scheme == "lsat":
         return stage_lsat(df, cfg.num_stages, cfg.last_n, cfg.by)
     if cfg.last_n is not None:
@@ -108,6 +152,13 @@ def assign_stages(df: pl.DataFrame, cfg: StagingConfig) -> pl.DataFrame:
     if cfg.scheme == "peso":
         return stage_peso(df, cfg.num_stages, cfg.base_fraction)
     return stage_global(df, cfg.ratios)
+
+
+def num_stages_of(df_staged: pl.DataFrame) -> int:
+    """The number of stages T of a staged table (stage 0, history only, does not count)."""
+    if "stage" not in df_staged.columns or df_staged.height == 0:
+        raise DataError("num_stages_of: the table has no staged interactions (run assign_stages first)")
+    return int(df_staged["stage"].max())  # type: ignore[arg-type]
 
 
 def stage_table(df: pl.DataFrame) -> pl.DataFrame:

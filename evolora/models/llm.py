@@ -197,7 +197,7 @@ def load_pretrained(name: str, dtype: torch.dtype, revision: str | None = None):
 # --------------------------------------------------------------------------------------------- LoRA
 
 
-def _peft_config(cfg: LoraConfig):
+def _peft_config(cfg: LoraConfig, token_ids: list[int] | None = None):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
@@ -207,7 +207,15 @@ def _peft_config(cfg: LoraConfig):
         target_modules=list(cfg.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
+        # Rows of added tokens (semantic IDs) train with each adapter; PEFT follows a tied output layer.
+        trainable_token_indices=token_ids or None,
     )
+
+
+def _is_adapter_param(param_name: str, adapter: str) -> bool:
+    """LoRA factors and trainable token rows of one adapter, by PEFT's parameter names."""
+    mine = f".{adapter}." in param_name or param_name.endswith(f".{adapter}")
+    return mine and ("lora_" in param_name or "trainable_tokens_delta" in param_name)
 
 
 @dataclass
@@ -224,18 +232,42 @@ class LoraLM:
     autocast_bf16: bool
     lora: LoraConfig
     name: str
+    new_token_ids: list[int] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_config(cls, cfg: ModelConfig, seed: int = 0) -> LoraLM:
+    def from_config(
+        cls,
+        cfg: ModelConfig,
+        seed: int = 0,
+        new_tokens: list[str] | None = None,
+        pretrained: tuple[nn.Module, object] | None = None,
+    ) -> LoraLM:
+        """Load the backbone and wrap it with one LoRA adapter, `default`.
+
+        `new_tokens` (semantic IDs, say) are added to the vocabulary with freshly initialised rows that train
+        with every adapter; everything else stays frozen. `pretrained` passes an already loaded
+        (model, tokenizer), e.g. one used to embed item texts before the vocabulary was known.
+        """
         from peft import get_peft_model
 
         device = resolve_device(cfg.device)
         dtype, mixed = resolve_precision(cfg.precision, device)
-        base, tok = load_pretrained(cfg.name, dtype, cfg.revision)
+        base, tok = pretrained or load_pretrained(cfg.name, dtype, cfg.revision)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         base.config.use_cache = False
+        new_ids = None
+        if new_tokens:
+            known = set(tok.get_vocab())
+            clash = [t for t in new_tokens if t in known]
+            if clash:
+                raise EvoloraError(f"new tokens already in the vocabulary of {cfg.name}: {clash[:5]}")
+            tok.add_tokens(list(new_tokens), special_tokens=True)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                base.resize_token_embeddings(len(tok), mean_resizing=False)
+            new_ids = tok.convert_tokens_to_ids(list(new_tokens))
         missing = [
             m for m in cfg.lora.target_modules if not any(n.endswith(m) for n, _ in base.named_modules())
         ]
@@ -246,9 +278,9 @@ class LoraLM:
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            peft_model = get_peft_model(base, _peft_config(cfg.lora), adapter_name="default")
+            peft_model = get_peft_model(base, _peft_config(cfg.lora, new_ids), adapter_name="default")
         peft_model.to(device)
-        lm = cls(peft_model, tok, device, mixed, cfg.lora, cfg.name)
+        lm = cls(peft_model, tok, device, mixed, cfg.lora, cfg.name, new_ids)
         lm._adapters_to_fp32()
         lm.model.eval()
         return lm
@@ -263,7 +295,7 @@ class LoraLM:
             raise ValueError(f"adapter {name!r} exists")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model.add_adapter(name, _peft_config(lora or self.lora))
+            self.model.add_adapter(name, _peft_config(lora or self.lora, self.new_token_ids))
         self.model.to(self.device)
         self._adapters_to_fp32()
 
@@ -293,13 +325,27 @@ class LoraLM:
         ]
 
     def reset_adapter(self, name: str = "default", seed: int = 0) -> None:
-        """Fresh LoRA weights (A random, B zero) from `seed`, so the same seed gives the same adapter."""
+        """Fresh LoRA weights (A random, B zero) from `seed`, so the same seed gives the same adapter.
+
+        Trainable token rows go back to their initial values.
+        """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for _, m in self.lora_layers():
                 if name in m.lora_A:
                     m.reset_lora_parameters(name, init_lora_weights=True)
+        with torch.no_grad():
+            for m in self._token_layers():
+                if name in m.trainable_tokens_delta:
+                    m.trainable_tokens_delta[name].copy_(m.trainable_tokens_original[name])
         self._adapters_to_fp32()
+
+    def _token_layers(self) -> Iterator[nn.Module]:
+        from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+        for m in self.model.modules():
+            if isinstance(m, TrainableTokensLayer):
+                yield m
 
     def adapter_state(self, name: str = "default") -> dict[str, torch.Tensor]:
         """A detached CPU copy of the adapter's weights (PEFT key names, adapter name removed)."""
@@ -341,7 +387,7 @@ class LoraLM:
         """Route forward passes through adapter `name`; only its LoRA weights get gradients."""
         self.model.set_adapter(name)
         for n, p in self.model.named_parameters():
-            p.requires_grad_(trainable and "lora_" in n and f".{name}." in n)
+            p.requires_grad_(trainable and _is_adapter_param(n, name))
 
     @property
     def active_adapter(self) -> str:

@@ -22,6 +22,8 @@ class Task(ABC):
     #: metric used to pick the best epoch and to tune ensemble weights; higher is better
     primary_metric: str
     metric_names: tuple[str, ...]
+    #: what `train.select_by: auto` means for this task
+    default_select_by: str = "metric"
 
     def __init__(self, table: SampleTable) -> None:
         self.table = table
@@ -46,6 +48,18 @@ class Task(ABC):
         """Tokens of a training sample, to batch samples of similar length together."""
         return 1
 
+    def candidates(self, predictions: list[Any]) -> Any:
+        """What several models' predictions must be rescored on before `mix` (None: they already align)."""
+        return None
+
+    def rescore(self, lm: LoraLM, rows: np.ndarray, candidates: Any, batch_size: int) -> Any:
+        """Predictions of the active adapter restricted to `candidates` (from `candidates`)."""
+        raise NotImplementedError
+
     def save_predictions(self, predictions: Any) -> dict[str, np.ndarray]:
         """Arrays to store with a run so reports can recompute metrics on subsets."""
         return {"scores": np.asarray(predictions)}
+
+    def load_predictions(self, arrays: Any) -> Any:
+        """The inverse of `save_predictions` (arrays: an open `.npz`)."""
+        return arrays["scores"]

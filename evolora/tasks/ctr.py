@@ -109,7 +109,7 @@ class CtrTask(Task):
         self.eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self._cache: dict[int, Encoded] = {}
-        self._truncated = 0
+        self.shortened = 0  # prompts that lost history items to fit max_length
         self._df = table.df
         self._labels = table.df["label"].to_numpy()
 
@@ -155,14 +155,21 @@ class CtrTask(Task):
                 break
             # Too long: drop the oldest history item rather than cutting the instruction.
             items, ratings = items[1:], ratings[1:]
-            if len(items) + 1 == len(r["hist_items"]):
-                self._truncated += 1
         needed = len(self.prefix) + len(body) + len(answer)
         if needed > self.cfg.max_length:
             raise EvoloraError(
                 f"task.max_length={self.cfg.max_length} is too small: the prompt of sample {row} needs "
                 f"{needed} tokens even without history"
             )
+        if len(items) < len(r["hist_items"]):
+            self.shortened += 1
+            if self.shortened == 1:
+                log.warning(
+                    "prompts longer than task.max_length=%d lose their oldest history items "
+                    "(first: sample %d); the run log counts them",
+                    self.cfg.max_length,
+                    row,
+                )
         enc = Encoded(body, answer, label)
         self._cache[row] = enc
         return enc

@@ -95,6 +95,8 @@ def train_adapter(
     """Train `params` (the active adapter's weights, plus any strategy parameters) on `train_rows`."""
     if len(train_rows) == 0:
         raise ValueError("no training samples")
+    if cfg.select_by == "auto":
+        cfg = cfg.model_copy(update={"select_by": task.default_select_by})
     params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch = cfg.batch_size

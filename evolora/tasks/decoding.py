@@ -1,0 +1,209 @@
+"""Constrained beam search over item IDs: the model can only ever produce items that exist.
+
+Every item is a fixed-length sequence of ID tokens (its semantic ID). A prefix trie over those sequences
+says, after any prefix, which tokens may come next; beam search keeps the `beams` best prefixes per user and
+expands each only along the trie, so every finished beam is a real item. The search is batched over users
+and beams, and the prompt is run once: its keys and values are repeated for the beams.
+
+`levelwise=True` gives PESO's looser constraint instead: at position i any token that is the i-th token of
+some item is allowed, so beams can end on combinations that are no item (they count as misses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from evolora.models.llm import LoraLM
+
+
+class ItemTrie:
+    """Prefix trie over the items' token-id sequences (all of one length)."""
+
+    def __init__(self, sequences: list[list[int]]) -> None:
+        lengths = {len(s) for s in sequences}
+        if len(lengths) != 1:
+            raise ValueError(f"item ID sequences must share one length, got {sorted(lengths)}")
+        self.depth = lengths.pop()
+        self.root: dict = {}
+        self.items: dict[tuple[int, ...], int] = {}
+        for index, seq in enumerate(sequences):
+            node = self.root
+            for tok in seq:
+                node = node.setdefault(tok, {})
+            key = tuple(seq)
+            if key in self.items:
+                raise ValueError(f"items {self.items[key]} and {index} share the ID sequence {key}")
+            self.items[key] = index
+        self.levels = [sorted({s[i] for s in sequences}) for i in range(self.depth)]
+        self.sequences = sequences
+
+    def children(self, prefix: tuple[int, ...]) -> list[int]:
+        node = self.root
+        for tok in prefix:
+            node = node.get(tok)
+            if node is None:
+                return []
+        return list(node)
+
+    def item(self, seq: tuple[int, ...]) -> int:
+        """Item index of a complete sequence, -1 for a sequence that is no item."""
+        return self.items.get(tuple(seq), -1)
+
+
+@dataclass
+class Ranked:
+    """Top-k items per query (item indices, -1 for a non-item) with their log-probabilities, best first."""
+
+    items: np.ndarray  # [n, k] int
+    scores: np.ndarray  # [n, k] float, -inf where fewer than k items were found
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, sel: np.ndarray | slice) -> Ranked:
+        return Ranked(self.items[sel], self.scores[sel])
+
+
+@torch.no_grad()
+def beam_search(
+    lm: LoraLM,
+    prompts: list[list[int]],
+    trie: ItemTrie,
+    beams: int = 10,
+    prefix: list[int] | None = None,
+    levelwise: bool = False,
+    exclude: list[set[int]] | None = None,
+) -> Ranked:
+    """The `beams` most probable items after each prompt (token ids), by summed token log-probabilities.
+
+    `prefix`: token ids shared by all prompts (run once). `exclude`: per prompt, item indices never to return
+    (e.g. items already in the history).
+    """
+    device = lm.device
+    n = len(prompts)
+    pad = lm.tokenizer.pad_token_id or 0
+    width = max(len(p) for p in prompts)
+    # Left padding: every prompt ends at the last column, so all beams extend in step.
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    decoder = lm.base.get_decoder()
+    p_len = len(prefix) if prefix else 0
+    cache = None
+    if prefix:
+        cache = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(n)
+        mask = torch.cat([mask.new_ones(n, p_len), mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, p_len:]
+    with lm.autocast():
+        out = decoder(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
+        logits = lm.logits_from_hidden(out.last_hidden_state[:, -1])
+    cache = out.past_key_values
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+
+    # Expand to beams: beam 0 carries the prompt, the others start dead so step 1 picks distinct tokens.
+    vocab = logp.shape[-1]
+    cache.batch_repeat_interleave(beams)
+    mask = mask.repeat_interleave(beams, dim=0)
+    next_pos = positions[:, -1:].repeat_interleave(beams, dim=0) + 1
+    logp = logp.repeat_interleave(beams, dim=0)
+    scores = torch.full((n, beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    seqs: list[list[tuple[int, ...]]] = [[()] * beams for _ in range(n)]
+    level_sets = [torch.tensor(level, device=device) for level in trie.levels]
+
+    for step in range(trie.depth):
+        allowed = torch.full((n * beams, vocab), float("-inf"), device=device)
+        for q in range(n):
+            for b in range(beams):
+                row = q * beams + b
+                if scores[q, b] == float("-inf"):
+                    continue
+                if levelwise:
+                    allowed[row, level_sets[step]] = 0.0
+                    continue
+                nxt = trie.children(seqs[q][b])
+                if step == trie.depth - 1 and exclude and exclude[q]:
+                    nxt = [t for t in nxt if trie.item((*seqs[q][b], t)) not in exclude[q]]
+                if nxt:
+                    allowed[row, nxt] = 0.0
+        total = (scores.reshape(-1, 1) + logp + allowed).reshape(n, beams * vocab)
+        top, flat = total.topk(beams, dim=-1)  # [n, beams]
+        origin, token = flat // vocab, flat % vocab
+        scores = top
+        seqs = [
+            [
+                (*seqs[q][int(origin[q, b])], int(token[q, b])) if top[q, b] > float("-inf") else ()
+                for b in range(beams)
+            ]
+            for q in range(n)
+        ]
+        if step == trie.depth - 1:
+            break
+        # Keep the caches of the surviving beams, feed each its new token.
+        select = (origin + torch.arange(n, device=device)[:, None] * beams).reshape(-1)
+        cache.reorder_cache(select)
+        mask = torch.cat([mask[select], mask.new_ones(n * beams, 1)], dim=1)
+        with lm.autocast():
+            out = decoder(
+                input_ids=token.reshape(-1, 1),
+                attention_mask=mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = lm.logits_from_hidden(out.last_hidden_state[:, -1])
+        cache = out.past_key_values
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        next_pos = next_pos + 1
+
+    items = np.full((n, beams), -1, dtype=np.int64)
+    final = scores.cpu().numpy().astype(np.float64)
+    for q in range(n):
+        for b in range(beams):
+            if final[q, b] > -np.inf:
+                items[q, b] = trie.item(seqs[q][b])
+    return Ranked(items, final)
+
+
+@torch.no_grad()
+def sequence_logprob(
+    lm: LoraLM, prompts: list[list[int]], targets: list[list[int]], prefix: list[int] | None = None
+) -> np.ndarray:
+    """log p(target | prompt) summed over the target's tokens, one value per (prompt, target) pair."""
+    device = lm.device
+    pad = lm.tokenizer.pad_token_id or 0
+    seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    with lm.autocast():
+        hidden = lm.hidden_states(
+            ids.to(device), mask.to(device), prefix=torch.tensor(prefix) if prefix else None
+        )
+    rows, cols, toks = [], [], []
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        for j, tok in enumerate(t):
+            rows.append(i)
+            cols.append(len(p) - 1 + j)
+            toks.append(tok)
+    with lm.autocast():
+        logits = lm.logits_from_hidden(
+            hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+        )
+    logp = torch.log_softmax(logits.float(), dim=-1)[
+        torch.arange(len(toks), device=device), torch.tensor(toks, device=device)
+    ]
+    out = torch.zeros(len(seqs), device=device).index_add_(0, torch.tensor(rows, device=device), logp)
+    return out.cpu().numpy().astype(np.float64)

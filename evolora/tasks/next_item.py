@@ -1,0 +1,249 @@
+"""Generative next-item recommendation with semantic IDs (PESO's task; TIGER / LC-Rec style).
+
+Each item is a short sequence of ID tokens (its semantic ID, e.g. `<a_51><b_218><c_33><d_0><e_0>`), added to
+the LLM's vocabulary. A prompt lists the user's latest items (at most `history_len`, oldest first) as IDs;
+the model is trained to write the next item's ID (cross-entropy on the ID tokens and the end of sequence)
+and, at evaluation, constrained beam search over a trie of real items returns the top-k items
+(`decoding.py`). Hit@K and NDCG@K (one relevant item, so IDCG = 1) compare them with the true next item.
+
+The template is PESO's (`Fine-tuning/prompt.py` of the release). Its logit temperature (PESO's code divides
+logits by 0.8 in the loss, a LETTER inheritance the paper does not mention) is `logit_temperature`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evolora.config import NextItemTaskConfig
+from evolora.data.samples import SampleTable
+from evolora.errors import ConfigError, DataError
+from evolora.models.llm import LoraLM
+from evolora.progress import task as progress_task
+from evolora.tasks.base import Task
+from evolora.tasks.decoding import ItemTrie, Ranked, beam_search, sequence_logprob
+
+TEMPLATES = {
+    "peso": (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nThe user has interacted with items {history} in chronological order. "
+        "Can you predict the next possible item that the user may expect?\n\n### Response:"
+    ),
+}
+KS = (5, 10)
+
+
+def load_template(spec: str) -> str:
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"task.template: {spec!r} is neither a built-in template {sorted(TEMPLATES)} nor a file"
+        )
+    text = path.read_text(encoding="utf-8")
+    if "{history}" not in text:
+        raise ConfigError(f"task.template: {path} lacks the field {{history}}")
+    return text
+
+
+def ranking_metrics(
+    ranked_items: np.ndarray, targets: np.ndarray, ks: tuple[int, ...] = KS
+) -> dict[str, float]:
+    """Hit@K and NDCG@K averaged over queries: the target's rank among the returned items, if present."""
+    hits = ranked_items == targets[:, None]
+    found = hits.any(axis=1)
+    rank = np.where(found, hits.argmax(axis=1) + 1, np.iinfo(np.int64).max)  # 1-based
+    out = {}
+    for k in ks:
+        within = rank <= k
+        out[f"hit@{k}"] = float(within.mean()) if len(targets) else float("nan")
+        gain = np.where(within, 1.0 / np.log2(np.minimum(rank, k) + 1.0), 0.0)
+        out[f"ndcg@{k}"] = float(gain.mean()) if len(targets) else float("nan")
+    return out
+
+
+@dataclass(frozen=True)
+class Encoded:
+    body: list[int]  # prompt after the shared prefix
+    answer: list[int]  # target ID tokens + EOS
+
+
+class NextItemTask(Task):
+    name = "next_item"
+    primary_metric = "ndcg@10"
+    metric_names = ("hit@5", "hit@10", "ndcg@5", "ndcg@10")
+    default_select_by = "loss"  # beam search on validation every epoch is costly; PESO selects by loss
+
+    def __init__(
+        self,
+        cfg: NextItemTaskConfig,
+        table: SampleTable,
+        item_tokens: dict[str, list[str]],
+        tokenizer: Any,
+    ) -> None:
+        super().__init__(table)
+        self.cfg = cfg
+        self.tok = tokenizer
+        if cfg.beams < max(KS):
+            raise ConfigError(f"task.beams={cfg.beams}: need at least {max(KS)} to report Hit@{max(KS)}")
+        self.item_ids = list(item_tokens)
+        self.index = {item: i for i, item in enumerate(self.item_ids)}
+        self.item_text = {item: "".join(toks) for item, toks in item_tokens.items()}
+        seqs = [self.tok.convert_tokens_to_ids(toks) for toks in item_tokens.values()]
+        unknown = [t for toks in item_tokens.values() for t in toks if t not in self.tok.get_vocab()]
+        if unknown:
+            raise ConfigError(f"semantic-ID tokens missing from the tokenizer: {unknown[:5]}")
+        self.trie = ItemTrie(seqs)
+        self.item_seqs = seqs
+        self.template = load_template(cfg.template)
+        cut = self.template.rfind("\n", 0, self.template.index("{history}")) + 1
+        self.prefix_text = self.template[:cut]
+        self.prefix = self._ids(self.prefix_text, special=True) if self.prefix_text else []
+        self.eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        df = table.df
+        missing = set(df["item_id"].unique().to_list()) - set(self.index)
+        if missing:
+            raise DataError(f"{len(missing)} target items have no semantic ID (e.g. {sorted(missing)[:3]})")
+        self.targets = np.array([self.index[i] for i in df["item_id"].to_list()], dtype=np.int64)
+        self._hist = df["hist_items"].to_list()
+        self._cache: dict[int, Encoded] = {}
+
+    # ------------------------------------------------------------------ encoding
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return list(self.tok(text, add_special_tokens=special)["input_ids"])
+
+    def render(self, history: list[str]) -> str:
+        return self.template.replace("{history}", ", ".join(self.item_text[h] for h in history))
+
+    def encode(self, row: int) -> Encoded:
+        enc = self._cache.get(row)
+        if enc is None:
+            history = list(self._hist[row])[-self.cfg.history_len :]
+            text = self.render(history)
+            body = self._ids(text[len(self.prefix_text) :], special=not self.prefix)
+            enc = Encoded(body, self.item_seqs[self.targets[row]] + self.eos)
+            self._cache[row] = enc
+        return enc
+
+    def sample_length(self, row: int) -> int:
+        e = self.encode(row)
+        return len(e.body) + len(e.answer)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, lm: LoraLM, rows: np.ndarray) -> torch.Tensor:
+        encs = [self.encode(int(r)) for r in rows]
+        seqs = [e.body + e.answer for e in encs]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        with lm.autocast():
+            hidden = lm.hidden_states(ids.to(lm.device), mask.to(lm.device), prefix=self._prefix_tensor())
+        b_idx, t_idx, targets = [], [], []
+        for b, e in enumerate(encs):
+            start = len(e.body) - 1
+            b_idx += [b] * len(e.answer)
+            t_idx += list(range(start, start + len(e.answer)))
+            targets += e.answer
+        picked = hidden[torch.tensor(b_idx, device=lm.device), torch.tensor(t_idx, device=lm.device)]
+        with lm.autocast():
+            logits = lm.logits_from_hidden(picked)
+        return F.cross_entropy(
+            logits.float() / self.cfg.logit_temperature, torch.tensor(targets, device=lm.device)
+        )
+
+    def _prefix_tensor(self) -> torch.Tensor | None:
+        return torch.tensor(self.prefix) if self.prefix else None
+
+    # ------------------------------------------------------------------ ranking
+    def _prompts(self, rows: np.ndarray) -> list[list[int]]:
+        return [self.encode(int(r)).body for r in rows]
+
+    @torch.no_grad()
+    def predict(self, lm: LoraLM, rows: np.ndarray, batch_size: int, desc: str = "ranking") -> Ranked:
+        rows = np.asarray(rows, dtype=np.int64)
+        items = np.full((len(rows), self.cfg.beams), -1, dtype=np.int64)
+        scores = np.full((len(rows), self.cfg.beams), -np.inf)
+        was_training = lm.model.training
+        lm.model.eval()
+        with progress_task(desc, total=len(rows)) as bar:
+            for start in range(0, len(rows), batch_size):
+                batch = rows[start : start + batch_size]
+                exclude = None
+                if self.cfg.exclude_history:
+                    exclude = [{self.index[h] for h in self._hist[int(r)]} for r in batch]
+                ranked = beam_search(
+                    lm,
+                    self._prompts(batch),
+                    self.trie,
+                    beams=self.cfg.beams,
+                    prefix=self.prefix or None,
+                    levelwise=self.cfg.constraint == "levelwise",
+                    exclude=exclude,
+                )
+                items[start : start + len(batch)] = ranked.items
+                scores[start : start + len(batch)] = ranked.scores
+                bar.advance(len(batch))
+        lm.model.train(was_training)
+        return Ranked(items, scores)
+
+    def metrics(self, predictions: Ranked, rows: np.ndarray) -> dict[str, float]:
+        return ranking_metrics(predictions.items, self.targets[np.asarray(rows, dtype=np.int64)])
+
+    # ------------------------------------------------------------------ ensembles
+    def candidates(self, predictions: list[Ranked]) -> list[list[int]]:
+        """Per row, every item any of the models ranked (order of first appearance)."""
+        out = []
+        for q in range(len(predictions[0])):
+            seen: dict[int, None] = {}
+            for p in predictions:
+                for item in p.items[q]:
+                    if item >= 0:
+                        seen.setdefault(int(item), None)
+            out.append(list(seen))
+        return out
+
+    @torch.no_grad()
+    def rescore(self, lm: LoraLM, rows: np.ndarray, candidates: list[list[int]], batch_size: int) -> Ranked:
+        """log p(item | prompt) under the active adapter for every candidate of every row."""
+        width = max((len(c) for c in candidates), default=0)
+        items = np.full((len(rows), width), -1, dtype=np.int64)
+        scores = np.full((len(rows), width), -np.inf)
+        pairs = [(q, j, item) for q, cand in enumerate(candidates) for j, item in enumerate(cand)]
+        for start in range(0, len(pairs), batch_size * 4):
+            chunk = pairs[start : start + batch_size * 4]
+            prompts = [self.encode(int(rows[q])).body for q, _, _ in chunk]
+            targets = [self.item_seqs[item] for _, _, item in chunk]
+            logp = sequence_logprob(lm, prompts, targets, prefix=self.prefix or None)
+            for (q, j, item), v in zip(chunk, logp, strict=True):
+                items[q, j], scores[q, j] = item, v
+        return Ranked(items, scores)
+
+    def mix(self, predictions: list[Ranked], weights: list[float]) -> Ranked:
+        """Weighted sum of log-probabilities over the same candidates, re-ranked; the top `beams` kept."""
+        first = predictions[0]
+        for p in predictions[1:]:
+            if not np.array_equal(p.items, first.items):
+                raise ValueError("mix needs predictions rescored on the same candidates (see `rescore`)")
+        total = sum(
+            w * np.where(np.isfinite(p.scores), p.scores, -1e30)
+            for w, p in zip(weights, predictions, strict=True)
+        )
+        total = np.where(first.items >= 0, total, -np.inf)
+        order = np.argsort(-total, axis=1, kind="stable")[:, : self.cfg.beams]
+        return Ranked(np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1))
+
+    def save_predictions(self, predictions: Ranked) -> dict[str, np.ndarray]:
+        return {"items": predictions.items, "scores": predictions.scores}
+
+    def load_predictions(self, arrays: Any) -> Ranked:
+        return Ranked(arrays["items"], arrays["scores"])

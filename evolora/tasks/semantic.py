@@ -1,0 +1,111 @@
+"""The semantic IDs of a run's items: taken from the dataset or built by evolora, then cached.
+
+Building them (`source: rqvae`): item text -> embedding (the backbone's mean-pooled hidden states, before any
+adapter, or another HF model) -> an RQ-VAE trained on the items that appear in stage 1 only -> codes for
+every item from that fixed quantizer -> one extra level where codes collide. Items of stage 1 come first, so
+their IDs do not depend on which items arrive later: the vocabulary is fixed from D1 on, as a deployed
+tokenizer would be.
+
+IDs are cached under `<output_dir>/_shared/semantic_ids/`, keyed by everything they depend on, so every
+strategy and every rerun of an experiment uses the same IDs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from evolora.config import RunConfig, SemanticIdConfig
+from evolora.data.schema import InteractionData
+from evolora.errors import ConfigError
+from evolora.io import stable_hash
+from evolora.models.rqvae import SemanticIds, assign_codes, embed_texts, make_unique, train_rqvae
+
+log = logging.getLogger("evolora.tasks")
+
+
+def item_order(data: InteractionData, staged: pl.DataFrame) -> list[str]:
+    """Items of stage 1 by first appearance, then later items by first appearance, then the rest."""
+    early = staged.filter(pl.col("stage") <= 1)["item_id"].to_list()  # staged is in time order
+    later = staged.filter(pl.col("stage") > 1)["item_id"].to_list()
+    return list(dict.fromkeys([*early, *later, *data.items["item_id"].to_list()]))
+
+
+def item_texts(data: InteractionData, items: list[str], fields: tuple[str, ...]) -> list[str]:
+    table = data.items.select(["item_id", *[f for f in fields if f in data.items.columns]])
+    rows = {r["item_id"]: r for r in table.iter_rows(named=True)}
+    texts = []
+    for item in items:
+        parts = [str(rows[item][f]) for f in fields if f in rows[item] and rows[item][f]]
+        texts.append(". ".join(parts) or f"item {item}")
+    return texts
+
+
+def _embedder(cfg: SemanticIdConfig, pretrained: tuple[Any, Any]) -> tuple[Any, Any]:
+    if cfg.embedder == "backbone":
+        return pretrained
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        return AutoModel.from_pretrained(cfg.embedder), AutoTokenizer.from_pretrained(cfg.embedder)
+    except OSError as e:
+        raise ConfigError(f"task.semantic_ids.embedder={cfg.embedder!r} could not be loaded: {e}") from None
+
+
+def semantic_ids_for(
+    cfg: RunConfig, data: InteractionData, staged: pl.DataFrame, pretrained: tuple[Any, Any]
+) -> SemanticIds:
+    """The run's semantic IDs (cached). `pretrained`: the backbone (model, tokenizer), without adapters."""
+    sid_cfg: SemanticIdConfig = cfg.task.semantic_ids  # type: ignore[union-attr]
+    has_own = "sid" in data.items.columns and data.items["sid"].null_count() < data.items.height
+    source = sid_cfg.source if sid_cfg.source != "auto" else ("dataset" if has_own else "rqvae")
+    key = stable_hash(
+        {"data": cfg.data.model_dump(mode="json"), "staging": cfg.staging.model_dump(mode="json"),
+         "ids": sid_cfg.model_dump(mode="json"), "source": source,
+         "model": cfg.model.name if sid_cfg.embedder == "backbone" else None},
+        16,
+    )  # fmt: skip
+    path = Path(cfg.output_dir) / "_shared" / "semantic_ids" / f"{key}.json"
+    if path.is_file():
+        sids = SemanticIds.load(path)
+        log.info("semantic IDs: %d items, %d levels (cached %s)", len(sids), sids.levels, path.name)
+        return sids
+    if source == "dataset":
+        if not has_own:
+            raise ConfigError("task.semantic_ids.source=dataset but this dataset ships no semantic IDs")
+        with_sid = data.items.filter(pl.col("sid").is_not_null())
+        raw = SemanticIds.from_strings(with_sid["item_id"].to_list(), with_sid["sid"].to_list())
+        row = {item: i for i, item in enumerate(raw.item_ids)}
+        order = [i for i in item_order(data, staged) if i in row]
+        codes = raw.codes[[row[i] for i in order]]
+        unique, stats = make_unique(codes)
+        sids = SemanticIds(order, unique)
+    else:
+        order = item_order(data, staged)
+        model, tok = _embedder(sid_cfg, pretrained)
+        log.info("semantic IDs: embedding %d item texts", len(order))
+        emb = embed_texts(model, tok, item_texts(data, order, sid_cfg.text_fields))
+        first = set(staged.filter(pl.col("stage") <= 1)["item_id"].to_list())
+        fit = np.array([i in first for i in order])
+        if fit.sum() < sid_cfg.codebook_size:
+            log.warning(
+                "only %d stage-1 items to fit %d codes per level; the RQ-VAE fits all %d items instead",
+                int(fit.sum()), sid_cfg.codebook_size, len(order),
+            )  # fmt: skip
+            fit[:] = True
+        quantizer = train_rqvae(
+            emb[fit], levels=sid_cfg.levels, codebook_size=sid_cfg.codebook_size, epochs=sid_cfg.epochs,
+            seed=sid_cfg.seed,
+        )  # fmt: skip
+        unique, stats = make_unique(assign_codes(quantizer, emb))
+        sids = SemanticIds(order, unique)
+    log.info(
+        "semantic IDs (%s): %d items, %d levels + 1 for %d collision groups (largest %d)",
+        source, len(sids), unique.shape[1] - 1, stats.collision_groups, stats.max_group,
+    )  # fmt: skip
+    sids.save(path)
+    return sids

@@ -1,0 +1,109 @@
+"""Constrained beam search and ranking metrics on the tiny model."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from evolora.config import ModelConfig
+from evolora.models.llm import LoraLM
+from evolora.tasks.decoding import ItemTrie, Ranked, beam_search, sequence_logprob
+from evolora.tasks.next_item import ranking_metrics
+
+LEVELS = [[f"<a_{i}>" for i in range(3)], [f"<b_{i}>" for i in range(3)], [f"<c_{i}>" for i in range(3)]]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokens = [t for level in LEVELS for t in level]
+    lm = LoraLM.from_config(ModelConfig(name="tiny"), new_tokens=tokens)
+    with torch.no_grad():  # a sharper random model so rankings are far from ties
+        for _, a, b in lm.lora_pairs():
+            a.normal_(0, 0.3)
+            b.normal_(0, 0.3)
+        for m in lm._token_layers():
+            m.trainable_tokens_delta["default"].normal_(0, 1.0)
+    items = [list(c) for c in itertools.product(*LEVELS)][:25]  # 25 of the 27 combinations exist
+    seqs = [lm.tokenizer.convert_tokens_to_ids(i) for i in items]
+    prompts = [
+        lm.tokenizer("user likes")["input_ids"],
+        lm.tokenizer("another much longer prompt here")["input_ids"],
+    ]
+    return lm, ItemTrie(seqs), seqs, prompts
+
+
+def exhaustive(lm, prompts, seqs):
+    out = []
+    for p in prompts:
+        scores = sequence_logprob(lm, [p] * len(seqs), seqs)
+        out.append(scores)
+    return np.array(out)
+
+
+def test_trie_knows_items_and_prefixes(setup) -> None:
+    _, trie, seqs, _ = setup
+    assert trie.depth == 3
+    assert sorted(trie.children(())) == sorted({s[0] for s in seqs})
+    assert trie.item(tuple(seqs[7])) == 7
+    assert trie.item((seqs[0][0], seqs[0][1], -5)) == -1
+    with pytest.raises(ValueError, match="share the ID"):
+        ItemTrie([[1, 2], [1, 2]])
+
+
+def test_beam_search_is_exact_when_beams_cover_every_prefix(setup) -> None:
+    lm, trie, seqs, prompts = setup
+    exact = exhaustive(lm, prompts, seqs)
+    # 3 first tokens, 9 two-token prefixes: 10 beams keep every prefix, so the top 10 must be exact.
+    ranked = beam_search(lm, prompts, trie, beams=10)
+    for q in range(len(prompts)):
+        order = np.argsort(-exact[q], kind="stable")[:10]
+        assert ranked.items[q].tolist() == order.tolist()
+        np.testing.assert_allclose(ranked.scores[q], exact[q][order], atol=1e-4)
+
+
+def test_beam_search_only_returns_items_and_batches_like_single_queries(setup) -> None:
+    lm, trie, seqs, prompts = setup
+    ranked = beam_search(lm, prompts, trie, beams=4)
+    assert (ranked.items >= 0).all() and (ranked.items < len(seqs)).all()
+    for q, p in enumerate(prompts):
+        alone = beam_search(lm, [p], trie, beams=4)
+        assert alone.items[0].tolist() == ranked.items[q].tolist()
+        np.testing.assert_allclose(alone.scores[0], ranked.scores[q], atol=1e-4)
+
+
+def test_shared_prefix_and_exclusion(setup) -> None:
+    lm, trie, _, prompts = setup
+    head = lm.tokenizer("Below is an instruction.\n")["input_ids"]
+    full = [head + lm.tokenizer(" x", add_special_tokens=False)["input_ids"] for _ in prompts]
+    body = [f[len(head) :] for f in full]
+    a = beam_search(lm, full, trie, beams=6)
+    b = beam_search(lm, body, trie, beams=6, prefix=head)
+    assert a.items.tolist() == b.items.tolist()
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+    banned = {int(a.items[0, 0]), int(a.items[0, 1])}
+    c = beam_search(lm, full[:1], trie, beams=6, exclude=[banned])
+    assert not banned & set(c.items[0].tolist())
+
+
+def test_levelwise_constraint_may_produce_non_items(setup) -> None:
+    lm, trie, _, prompts = setup
+    ranked = beam_search(lm, prompts, trie, beams=27, levelwise=True)
+    valid = ranked.scores > -np.inf
+    assert valid.sum(axis=1).min() == 27  # every combination of level tokens is reachable
+    assert ((ranked.items == -1) & valid).sum() == 2 * len(prompts)  # the 2 combinations that are no item
+
+
+def test_ranking_metrics_by_hand() -> None:
+    items = np.array([[3, 1, 2], [5, 6, 7], [9, 8, 4]])
+    targets = np.array([3, 7, 0])
+    m = ranking_metrics(items, targets, ks=(1, 3))
+    assert m["hit@1"] == pytest.approx(1 / 3)
+    assert m["hit@3"] == pytest.approx(2 / 3)
+    assert m["ndcg@1"] == pytest.approx(1 / 3)
+    assert m["ndcg@3"] == pytest.approx((1.0 + 1 / math.log2(4)) / 3)
+    r = Ranked(items, np.zeros_like(items, dtype=float))
+    assert len(r[np.array([True, False, True])]) == 2
