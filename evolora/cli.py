@@ -206,7 +206,11 @@ def data_info(
     for col in stages.columns:
         t.add_column(col.replace("_timestamp", "").replace("_", " "), justify="right")
     for row in stages.iter_rows(named=True):
-        cells = [_date(v) if k.endswith("timestamp") else str(v) for k, v in row.items()]
+        # Pre-blocked data (PESO's release) has only an order, no dates: its timestamps are synthetic.
+        synthetic = data.preset_stages is not None
+        cells = [
+            ("n/a" if synthetic else _date(v)) if k.endswith("timestamp") else str(v) for k, v in row.items()
+        ]
         t.add_row(*cells)
     console.print(t)
 

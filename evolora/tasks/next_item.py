@@ -96,7 +96,8 @@ class NextItemTask(Task):
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         self.item_text = {item: "".join(toks) for item, toks in item_tokens.items()}
         seqs = [self.tok.convert_tokens_to_ids(toks) for toks in item_tokens.values()]
-        unknown = [t for toks in item_tokens.values() for t in toks if t not in self.tok.get_vocab()]
+        vocab = self.tok.get_vocab()
+        unknown = [t for toks in item_tokens.values() for t in toks if t not in vocab]
         if unknown:
             raise ConfigError(f"semantic-ID tokens missing from the tokenizer: {unknown[:5]}")
         self.trie = ItemTrie(seqs)
