@@ -237,6 +237,7 @@ class StageLoop:
         d = self.stage_dir(t)
         eval_rows, n_eval_total = self._eval_rows(t)
         ctx = StageContext(t, eval_stage_of(t, self.cfg.protocol), self.pools, self.seed, d, eval_rows)
+        self.task.before_stage(self.lm, t)
         jobs_info: list[dict[str, Any]] = []
         if (d / "trained.json").is_file():
             self._restore_state(t)
@@ -314,6 +315,7 @@ class StageLoop:
         self.s.setup()
         if todo and todo[0] > 1:
             # The chain continues from the last finished stage's saved adapters and state.
+            self.task.before_stage(self.lm, todo[0] - 1)
             self._restore_state(todo[0] - 1)
             log.info("resuming: stages %s already finished", done)
         for t in todo:

@@ -44,6 +44,9 @@ class Task(ABC):
     def mix(self, predictions: list[Any], weights: list[float]) -> Any:
         """The weighted ensemble of several models' predictions for the same rows."""
 
+    def before_stage(self, lm: Any, stage: int) -> None:
+        """Called before stage `stage` trains or is restored (conventional models grow their ID tables)."""
+
     def sample_length(self, row: int) -> int:
         """Tokens of a training sample, to batch samples of similar length together."""
         return 1
