@@ -128,6 +128,16 @@ class CtrTaskConfig(Section):
     name: Literal["ctr"] = "ctr"
     history_len: int = Field(10, ge=1)
     min_history: int | None = Field(None, ge=0, description="default: history_len")
+    retrieve_from: int | None = Field(
+        None,
+        ge=1,
+        description="pick the history_len items most similar to the target (cosine of item embeddings) "
+        "among the latest retrieve_from, kept in time order (ReLLa / RecLoRA's short text history); "
+        "default: the latest history_len items",
+    )
+    sample_history: int | None = Field(
+        None, ge=1, description="history kept per sample (e.g. a longer one for a conventional model)"
+    )
     template: str = "tallrec"
     item_kind: str | None = Field(None, description="word used in the prompt; default from the dataset")
     loss: Literal["answer", "prompt"] = "answer"
@@ -176,6 +186,7 @@ class NextItemTaskConfig(Section):
     name: Literal["next_item"] = "next_item"
     history_len: int = Field(20, ge=1)
     min_history: int | None = Field(0, ge=0)
+    sample_history: int | None = Field(None, ge=1, description="history kept per sample; default history_len")
     template: str = "peso"
     beams: int = Field(10, ge=1)
     constraint: Literal["trie", "levelwise"] = "trie"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import yaml
 
@@ -34,7 +35,7 @@ from evolora.models.llm import LoraLM, load_pretrained, resolve_device, resolve_
 from evolora.tasks.base import Task
 from evolora.tasks.ctr import CtrTask
 from evolora.tasks.next_item import NextItemTask
-from evolora.tasks.semantic import semantic_ids_for
+from evolora.tasks.semantic import item_vectors_for, semantic_ids_for
 
 log = logging.getLogger("evolora")
 
@@ -82,9 +83,10 @@ def prepare_data(cfg: RunConfig) -> Prepared:
     data = load_dataset(cfg.data)
     staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
     min_history = cfg.task.min_history if cfg.task.min_history is not None else cfg.task.history_len
-    table = build_samples(
-        staged, num_stages_of(staged), data.like_threshold, cfg.task.history_len, min_history
+    keep = max(
+        cfg.task.history_len, getattr(cfg.task, "retrieve_from", None) or 0, cfg.task.sample_history or 0
     )
+    table = build_samples(staged, num_stages_of(staged), data.like_threshold, keep, min_history)
     pools = split_pools(table, cfg.protocol, cfg.train.valid_fraction)
     for s, p in pools.items():
         log.info(
@@ -100,25 +102,31 @@ def prepare_data(cfg: RunConfig) -> Prepared:
 
 def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM, Task]:
     """The backbone with its adapter and the task; for next-item, semantic IDs become new tokens first."""
-    if isinstance(cfg.task, CtrTaskConfig):
-        lm = LoraLM.from_config(cfg.model)
-        return lm, build_task(cfg, prepared, lm)
     device = resolve_device(cfg.model.device)
     dtype, _ = resolve_precision(cfg.model.precision, device)
     pretrained = load_pretrained(cfg.model.name, dtype, cfg.model.revision)
+    if isinstance(cfg.task, CtrTaskConfig):
+        vectors = None
+        if cfg.task.retrieve_from is not None:
+            vectors = item_vectors_for(cfg, prepared.data, pretrained, ("title", "genre", "category"))
+        lm = LoraLM.from_config(cfg.model, pretrained=pretrained)
+        return lm, build_task(cfg, prepared, lm, vectors)
     sids = semantic_ids_for(cfg, prepared.data, prepared.staged, pretrained)
     lm = LoraLM.from_config(cfg.model, new_tokens=sids.all_tokens(), pretrained=pretrained)
     item_tokens = {item: sids.tokens(item) for item in sids.item_ids}
     return lm, NextItemTask(cfg.task, prepared.table, item_tokens, lm.tokenizer)
 
 
-def build_task(cfg: RunConfig, prepared: Prepared, lm: LoraLM) -> Task:
+def build_task(
+    cfg: RunConfig, prepared: Prepared, lm: LoraLM, item_vectors: dict[str, np.ndarray] | None = None
+) -> Task:
     """The CTR task on an already built backbone."""
     assert isinstance(cfg.task, CtrTaskConfig)
     titles = dict(
         zip(prepared.data.items["item_id"].to_list(), prepared.data.items["title"].to_list(), strict=True)
     )
-    return CtrTask(cfg.task, prepared.table, titles, lm.tokenizer, item_kind_of(prepared.data.name))
+    kind = item_kind_of(prepared.data.name)
+    return CtrTask(cfg.task, prepared.table, titles, lm.tokenizer, kind, item_vectors=item_vectors)
 
 
 def _check_experiment(root: Path, cfg: RunConfig, overwrite: bool) -> str:

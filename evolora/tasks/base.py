@@ -44,7 +44,7 @@ class Task(ABC):
     def mix(self, predictions: list[Any], weights: list[float]) -> Any:
         """The weighted ensemble of several models' predictions for the same rows."""
 
-    def before_stage(self, lm: Any, stage: int) -> None:
+    def before_stage(self, lm: Any, stage: int) -> None:  # noqa: B027 - a hook; most tasks need nothing
         """Called before stage `stage` trains or is restored (conventional models grow their ID tables)."""
 
     def sample_length(self, row: int) -> int:

@@ -93,10 +93,14 @@ class CtrTask(Task):
         titles: dict[str, str],
         tokenizer: object,
         item_kind: str = "item",
+        item_vectors: dict[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__(table)
         self.cfg = cfg
         self.titles = titles
+        if cfg.retrieve_from is not None and item_vectors is None:
+            raise EvoloraError("task.retrieve_from needs item embeddings (built by the experiment)")
+        self.item_vectors = item_vectors
         self.tok = tokenizer
         self.item_kind = cfg.item_kind or item_kind
         self.template = load_template(cfg.template).replace("{item_kind}", self.item_kind)
@@ -126,6 +130,22 @@ class CtrTask(Task):
         first = min(template.index(f) for f in _FIELDS)
         return template[: template.rfind("\n", 0, first) + 1]
 
+    def history(self, items: list[str], ratings: list[float], target: str) -> tuple[list[str], list[float]]:
+        """The prompt's history: the latest `history_len` items, or with `retrieve_from` the `history_len`
+        most similar to the target among the latest `retrieve_from` (ties to the more recent), in time
+        order."""
+        k = self.cfg.history_len
+        if self.cfg.retrieve_from is None or len(items) <= k:
+            return items[-k:], ratings[-k:]
+        items, ratings = items[-self.cfg.retrieve_from :], ratings[-self.cfg.retrieve_from :]
+        vecs = self.item_vectors  # type: ignore[assignment]
+        t = vecs[target]
+        sims = np.array([float(vecs[i] @ t) for i in items])
+        # Stable sort on (-similarity, -position): equal similarity prefers the more recent item.
+        order = sorted(range(len(items)), key=lambda j: (-sims[j], -j))[:k]
+        keep = sorted(order)
+        return [items[j] for j in keep], [ratings[j] for j in keep]
+
     def render(self, hist_items: list[str], hist_ratings: list[float], target: str) -> str:
         """The prompt text of one sample (history oldest first)."""
         like = self.table.like_threshold
@@ -142,7 +162,8 @@ class CtrTask(Task):
         if enc is not None:
             return enc
         r = self._df.row(row, named=True)
-        items, ratings = list(r["hist_items"]), list(r["hist_ratings"])
+        items, ratings = self.history(list(r["hist_items"]), list(r["hist_ratings"]), r["item_id"])
+        full = len(items)
         label = int(r["label"])
         answer = self.answer_ids[0 if label else 1] + self.eos
         while True:
@@ -161,7 +182,7 @@ class CtrTask(Task):
                 f"task.max_length={self.cfg.max_length} is too small: the prompt of sample {row} needs "
                 f"{needed} tokens even without history"
             )
-        if len(items) < len(r["hist_items"]):
+        if len(items) < full:
             self.shortened += 1
             if self.shortened == 1:
                 log.warning(

@@ -181,7 +181,8 @@ class NextItemTask(Task):
                 batch = rows[start : start + batch_size]
                 exclude = None
                 if self.cfg.exclude_history:
-                    exclude = [{self.index[h] for h in self._hist[int(r)]} for r in batch]
+                    k = self.cfg.history_len
+                    exclude = [{self.index[h] for h in self._hist[int(r)][-k:]} for r in batch]
                 ranked = beam_search(
                     lm,
                     self._prompts(batch),

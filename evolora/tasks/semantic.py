@@ -56,6 +56,36 @@ def _embedder(cfg: SemanticIdConfig, pretrained: tuple[Any, Any]) -> tuple[Any, 
         raise ConfigError(f"task.semantic_ids.embedder={cfg.embedder!r} could not be loaded: {e}") from None
 
 
+def item_vectors_for(
+    cfg: RunConfig, data: InteractionData, pretrained: tuple[Any, Any], fields: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """Unit-length text embeddings of every item (the backbone's mean-pooled hidden states), cached.
+
+    Used by the CTR task's semantic history retrieval (ReLLa, RecLoRA), where cosine similarity to the
+    target decides which history items the prompt shows.
+    """
+    key = stable_hash(
+        {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.name, "fields": fields}, 16
+    )
+    path = Path(cfg.output_dir) / "_shared" / "item_vectors" / f"{key}.npz"
+    items = data.items["item_id"].to_list()
+    if path.is_file():
+        with np.load(path) as z:
+            vectors = z["vectors"]
+    else:
+        log.info("embedding %d item texts for history retrieval", len(items))
+        vectors = embed_texts(*pretrained, item_texts(data, items, fields))
+        vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+        import io
+
+        from evolora.io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, vectors=vectors)
+        atomic_write_bytes(path, buf.getvalue())
+    return dict(zip(items, vectors, strict=True))
+
+
 def semantic_ids_for(
     cfg: RunConfig, data: InteractionData, staged: pl.DataFrame, pretrained: tuple[Any, Any]
 ) -> SemanticIds:
