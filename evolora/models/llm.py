@@ -25,10 +25,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -233,6 +234,10 @@ class LoraLM:
     lora: LoraConfig
     name: str
     new_token_ids: list[int] | None = None
+    #: called with the sample rows of every batch before its forward pass (per-sample adapters route by them)
+    batch_hooks: list[Callable[[np.ndarray], None]] = field(default_factory=list)
+    #: False while per-sample adapters are attached: a prefix run once cannot serve different adapters
+    prefix_sharing: bool = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -402,6 +407,11 @@ class LoraLM:
                 p.data = p.data.float()
 
     # ------------------------------------------------------------------ forward helpers
+    def begin_batch(self, rows: np.ndarray) -> None:
+        """Announce the sample rows of the next forward pass to whoever needs them (see `batch_hooks`)."""
+        for hook in self.batch_hooks:
+            hook(rows)
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_bf16:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
