@@ -95,3 +95,14 @@ def test_data_info_shows_stages(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch
     assert result.exit_code == 0, result.output
     assert "interactions" in result.output and "new users" in result.output
     assert "1997-" in result.output or "1998-" in result.output
+
+
+def test_report_bootstrap_compares_on_the_same_rows(sunny_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    text = (tmp_path / "runs" / "cli" / "report.md").read_text()
+    assert "Paired bootstrap" in text
+    rows = [line for line in text.splitlines() if line.startswith("| frozen |") and "[" in line]
+    assert rows, text
+    lo, hi = (float(x) for x in rows[0].split("[")[1].split("]")[0].split(","))
+    assert lo <= hi

@@ -256,7 +256,12 @@ class StageLoop:
                 preds = self.task.load_predictions(z)
         else:
             preds, reused_preds = self._predict(ctx)
-            _save_npz(pred_file, {**self.task.save_predictions(preds), "rows": eval_rows})
+            arrays = {
+                **self.task.save_predictions(preds),
+                "rows": eval_rows,
+                "truth": self.task.truth(eval_rows),
+            }
+            _save_npz(pred_file, arrays)
         eval_seconds = time.perf_counter() - t0
         record = self._record(ctx, preds, jobs_info, n_eval_total, eval_seconds, reused_preds)
         atomic_write_json(d / "record.json", record)

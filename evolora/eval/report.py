@@ -147,6 +147,106 @@ def stage_sizes(groups: list[MethodRuns]) -> str:
     return ", ".join(parts)
 
 
+# ------------------------------------------------------------------------------------------ paired bootstrap
+
+
+def _metric_fn(task: str, metric: str):
+    if task == "ctr":
+        from evolora.eval.metrics import auc, logloss
+
+        fn = {"auc": auc, "logloss": logloss}[metric]
+        return lambda arrays, idx: fn(arrays["truth"][idx], arrays["scores"][idx])
+    from evolora.tasks.next_item import ranking_metrics
+
+    k = int(metric.split("@")[1])
+    return lambda arrays, idx: ranking_metrics(arrays["items"][idx], arrays["truth"][idx], ks=(k,))[metric]
+
+
+def _recover_truth(run_dir: Path, rows_by_stage: dict[int, np.ndarray]) -> dict[int, np.ndarray] | None:
+    """Labels of a CTR run saved before predictions carried them: rebuilt from the experiment's config."""
+    config = run_dir.parent.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    from evolora.config import load_config
+    from evolora.experiment import prepare_data
+
+    cfg = load_config(config)
+    if cfg.task.name != "ctr":
+        return None
+    table = prepare_data(cfg).table
+    return {s: table.labels(rows) for s, rows in rows_by_stage.items()}
+
+
+def _load_stage_arrays(run: dict[str, Any]) -> dict[int, dict[str, np.ndarray]] | None:
+    run_dir = Path(run["_path"]).parent
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for s in run["stages"]:
+        f = run_dir / f"stage-{s['train_stage']}" / "predictions.npz"
+        if not f.is_file():
+            return None
+        with np.load(f) as z:
+            out[s["eval_stage"]] = {k: z[k] for k in z.files}
+    if any("truth" not in a for a in out.values()):
+        truth = _recover_truth(run_dir, {s: a["rows"] for s, a in out.items()})
+        if truth is None:
+            return None
+        for s, t in truth.items():
+            out[s]["truth"] = t
+    return out
+
+
+def paired_bootstrap(
+    groups: list[MethodRuns], metric: str, baseline: str = BASELINE, draws: int = 1000, seed: int = 0
+) -> str | None:
+    """Mean-over-stages difference to the baseline with a 95% interval, resampling evaluation rows.
+
+    Every strategy is scored on the same rows, so rows are resampled jointly (paired) within each stage and
+    seed; seeds present in both runs are averaged. P(better) is the share of draws where the method wins.
+    """
+    base = next((g for g in groups if g.method == baseline), None)
+    if base is None:
+        return None
+    fn = _metric_fn(base.task, metric)
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    base_runs = {r["seed"]: _load_stage_arrays(r) for r in base.runs}
+    lines = [
+        f"| method | Δ{metric.upper()} vs {baseline} | 95% interval | P(better) |",
+        "|---|---|---|---|",
+    ]
+    rng = np.random.default_rng(seed)
+    for g in groups:
+        if g.method == baseline:
+            continue
+        pairs = []
+        for r in g.runs:
+            mine, theirs = _load_stage_arrays(r), base_runs.get(r["seed"])
+            if mine is None or theirs is None:
+                continue
+            stages = sorted(set(mine) & set(theirs))
+            if stages and all(np.array_equal(mine[s]["rows"], theirs[s]["rows"]) for s in stages):
+                pairs.append((mine, theirs, stages))
+        if not pairs:
+            lines.append(f"| {g.method} | – | (no paired predictions) | – |")
+            continue
+        diffs = np.empty(draws)
+        point = np.mean([
+            np.mean([fn(m[s], slice(None)) - fn(b[s], slice(None)) for s in st]) for m, b, st in pairs
+        ])  # fmt: skip
+        for d in range(draws):
+            per_seed = []
+            for m, b, st in pairs:
+                vals = []
+                for s in st:
+                    idx = rng.integers(0, len(m[s]["rows"]), len(m[s]["rows"]))
+                    vals.append(fn(m[s], idx) - fn(b[s], idx))
+                per_seed.append(np.nanmean(vals))
+            diffs[d] = np.mean(per_seed)
+        lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
+        better = float(np.mean(sign * diffs > 0))
+        lines.append(f"| {g.method} | {point:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {better:.2f} |")
+    return "\n".join(lines)
+
+
 def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[str, list[MethodRuns]]:
     groups = group_runs(find_results(paths))
     tasks = {g.task for g in groups}
@@ -163,6 +263,15 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
         arrow = "lower is better" if m in LOWER_IS_BETTER else "higher is better"
         out.append(f"\n### {m.upper()} per evaluated stage ({arrow})\n")
         out.append(metric_table(groups, m))
+    boot = paired_bootstrap(groups, metrics[0])
+    if boot:
+        out.append(f"\n### Paired bootstrap: {metrics[0].upper()} difference to {BASELINE} (1000 draws)\n")
+        out.append(
+            "All methods are scored on the same evaluation rows; rows are resampled jointly within each "
+            "stage, so the interval reflects which users happened to be evaluated, not training noise "
+            "(seeds do that).\n"
+        )
+        out.append(boot)
     kt = kind_table(groups, metrics[0])
     if kt:
         out.append(f"\n### {metrics[0].upper()} by user kind (mean over stages)\n")

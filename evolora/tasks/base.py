@@ -59,6 +59,10 @@ class Task(ABC):
         """Predictions of the active adapter restricted to `candidates` (from `candidates`)."""
         raise NotImplementedError
 
+    def truth(self, rows: np.ndarray) -> np.ndarray:
+        """What predictions are judged against (labels, target items), saved with them for reports."""
+        return self.table.labels(np.asarray(rows, dtype=np.int64))
+
     def save_predictions(self, predictions: Any) -> dict[str, np.ndarray]:
         """Arrays to store with a run so reports can recompute metrics on subsets."""
         return {"scores": np.asarray(predictions)}

@@ -244,6 +244,9 @@ class NextItemTask(Task):
         order = np.argsort(-total, axis=1, kind="stable")[:, : self.cfg.beams]
         return Ranked(np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1))
 
+    def truth(self, rows: np.ndarray) -> np.ndarray:
+        return self.targets[np.asarray(rows, dtype=np.int64)]
+
     def save_predictions(self, predictions: Ranked) -> dict[str, np.ndarray]:
         return {"items": predictions.items, "scores": predictions.scores}
 
