@@ -5,7 +5,7 @@ A config has these sections (every key has a default, so `{}` is a valid config)
 * `data`: which dataset and how to filter it;
 * `staging`: how interactions are cut into stages D1..DT;
 * `task`: how a sample becomes tokens and a score (`ctr` now);
-* `model`: the LLM backbone and the LoRA shape;
+* `model`: the LLM backbone and the LoRA shape, or a conventional recommender and its sizes;
 * `train`: per-stage sample budgets and the optimiser;
 * `eval`: evaluation sample size and batch size;
 * `protocol`: which stage is evaluated after training on stage t;
@@ -210,11 +210,52 @@ class LoraConfig(Section):
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
 
 
+#: `model.name` values that select a conventional ID-based recommender instead of an LLM
+CONVENTIONAL_MODELS = ("mf", "gru4rec", "sasrec", "two_tower", "din")
+
+
+class ConventionalConfig(Section):
+    """Settings of the conventional recommenders (`model.name`: mf, gru4rec, sasrec, two_tower, din).
+
+    LLM runs ignore this section (and it stays out of their experiment key). Sizes are CPU-friendly defaults.
+    """
+
+    dim: int = Field(64, ge=1, description="embedding and hidden size")
+    layers: int | None = Field(
+        None, ge=1, description="GRU layers (gru4rec) or self-attention blocks (sasrec); default 1 and 2"
+    )
+    heads: int = Field(2, ge=1, description="attention heads of sasrec (must divide dim)")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    max_len: int = Field(
+        50, ge=1, description="latest history items a model reads (at most the history a sample keeps)"
+    )
+    mlp: tuple[int, ...] = Field(
+        (128, 64), description="hidden sizes of DIN's MLP; the last is the size of its user_representation"
+    )
+    item_text: bool | None = Field(
+        None, description="add hashed bag-of-words text features to item embeddings; default: two_tower only"
+    )
+    text_fields: tuple[str, ...] = Field(
+        ("title", "genre", "category"), description="item table columns the text features read"
+    )
+    text_buckets: int = Field(16384, ge=16, description="hash buckets of the text features' word tokens")
+    negatives: int = Field(4, ge=1, description="sampled negatives per positive of MF's BPR loss (next_item)")
+
+    @field_validator("mlp")
+    @classmethod
+    def _mlp(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(h < 1 for h in v):
+            raise ValueError("give at least one positive hidden size")
+        return v
+
+
 class ModelConfig(Section):
-    """The LLM backbone: a hub id, a local folder, or `tiny` (a random model built in code, for tests).
+    """The backbone: an LLM (a hub id, a local folder, or `tiny`, a random model built in code for tests) or
+    a conventional recommender (one of `CONVENTIONAL_MODELS`, configured by `conventional`).
 
     `precision`: `auto` is fp32 on CPU and bf16 on GPU; `bf16-mixed` keeps fp32 weights and runs matrix
     products in bf16 (faster on CPUs with AVX512-BF16; LoRA weights and the regularisers stay fp32).
+    Conventional models always run in fp32.
     """
 
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -222,6 +263,7 @@ class ModelConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     lora: LoraConfig = LoraConfig()
+    conventional: ConventionalConfig = ConventionalConfig()
 
 
 class TrainConfig(Section):

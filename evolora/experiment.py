@@ -24,15 +24,19 @@ import polars as pl
 import yaml
 
 import evolora
-from evolora.config import CtrTaskConfig, RunConfig, config_to_dict
+from evolora.config import CtrTaskConfig, RunConfig, StrategySpec, config_to_dict
 from evolora.continual import Env, build_strategy, check_strategy_specs
 from evolora.continual.loop import SharedStore, StageLoop
 from evolora.data import InteractionData, assign_stages, load_dataset, num_stages_of
 from evolora.data.samples import SampleTable, StagePools, build_samples, split_pools
 from evolora.errors import ConfigError
 from evolora.io import atomic_write_json, atomic_write_text, read_json, stable_hash
+from evolora.models.conventional import check_conventional, is_conventional
+from evolora.models.conventional.backbone import ConventionalBackbone
+from evolora.models.conventional.common import IdSpace
 from evolora.models.llm import LoraLM, load_pretrained, resolve_device, resolve_precision, set_threads
 from evolora.tasks.base import Task
+from evolora.tasks.conventional import conventional_task
 from evolora.tasks.ctr import CtrTask
 from evolora.tasks.next_item import NextItemTask
 from evolora.tasks.semantic import item_vectors_for, semantic_ids_for
@@ -59,6 +63,10 @@ def context_of(cfg: RunConfig) -> dict[str, Any]:
             node = node[p]
         node.pop(path[-1], None)
     d["model"].pop("device", None)
+    # Only the settings the backbone reads: LLM keys for an LLM, `conventional` for a conventional model.
+    llm_only = ("revision", "precision", "lora")
+    for key in llm_only if is_conventional(cfg.model.name) else ("conventional",):
+        d["model"].pop(key, None)
     return d
 
 
@@ -100,8 +108,17 @@ def prepare_data(cfg: RunConfig) -> Prepared:
     return Prepared(data, staged, table, pools)
 
 
-def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM, Task]:
-    """The backbone with its adapter and the task; for next-item, semantic IDs become new tokens first."""
+def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM | ConventionalBackbone, Task]:
+    """The backbone with its adapter and the task; for next-item, semantic IDs become new tokens first.
+
+    A conventional `model.name` (mf, gru4rec, sasrec, two_tower, din) gives a `ConventionalBackbone` over the
+    users and items of the staged data and the conventional version of the task, on the same samples.
+    """
+    if is_conventional(cfg.model.name):
+        check_conventional(cfg)
+        space = IdSpace.from_staged(prepared.staged)
+        backbone = ConventionalBackbone.from_config(cfg.model, space, prepared.data.items)
+        return backbone, conventional_task(cfg.task, prepared.table, space, cfg.model.conventional.max_len)
     device = resolve_device(cfg.model.device)
     dtype, _ = resolve_precision(cfg.model.precision, device)
     pretrained = load_pretrained(cfg.model.name, dtype, cfg.model.revision)
@@ -165,13 +182,23 @@ def _diff(old: dict, new: dict, prefix: str = "") -> str:
     return "; ".join(out)
 
 
+def method_label(cfg: RunConfig, spec: StrategySpec) -> str:
+    """A strategy's name in results, reports and run folders: its `label`, else the strategy name, prefixed
+    with the model for conventional models (`sasrec-finetune`), so they share tables with LLM runs."""
+    if spec.label:
+        return spec.label
+    return f"{cfg.model.name}-{spec.name}" if is_conventional(cfg.model.name) else spec.name
+
+
 def run_dir_of(cfg: RunConfig, label: str, seed: int) -> Path:
+    """The folder of one run; `label` is its `method_label`."""
     return Path(cfg.output_dir) / cfg.name / label / f"seed{seed}"
 
 
 def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None) -> list[dict[str, Any]]:
     """Run every (strategy, seed) of the config; finished stages are never redone. Returns their results."""
     check_strategy_specs(cfg.strategies)
+    check_conventional(cfg)
     set_threads(cfg.threads)
     root = Path(cfg.output_dir) / cfg.name
     context_key = _check_experiment(root, cfg, overwrite)
@@ -189,8 +216,9 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
             for seed in cfg.seeds:
                 lm.reset_to(["default"])
                 strategy = build_strategy(spec, Env(lm, task, cfg), seed)
+                label = method_label(cfg, spec)
                 header = {
-                    "method": spec.display,
+                    "method": label,
                     "strategy": spec.name,
                     "options": spec.options,
                     "task": task.name,
@@ -203,10 +231,8 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
                     "context_key": context_key,
                     "evolora_version": evolora.__version__,
                 }
-                log.info("running %s (seed %d)", spec.display, seed)
-                loop = StageLoop(
-                    strategy, prepared.pools, run_dir_of(cfg, spec.display, seed), shared, header
-                )
+                log.info("running %s (seed %d)", label, seed)
+                loop = StageLoop(strategy, prepared.pools, run_dir_of(cfg, label, seed), shared, header)
                 try:
                     all_results.append(loop.run(on_stage))
                 finally:

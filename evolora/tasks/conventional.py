@@ -1,0 +1,288 @@
+"""CTR and next-item tasks for conventional recommenders, on the very samples the LLM tasks use.
+
+Both tasks read the `SampleTable` rows the LLM tasks read (same pools, same evaluation rows) and turn them
+into index tensors once: user, target, the latest `model.conventional.max_len` history items (of those a
+sample keeps), like/dislike flags of the history (CTR), and the sample's stage.
+
+* `ConventionalCtrTask`: BCE on the label; P(like) = sigmoid(logit); AUC and LogLoss exactly as `CtrTask`.
+* `ConventionalNextItemTask`: full ranking over every item that appeared in any stage <= the sample's
+  stage (what a deployed system knows then; no sampled negatives in evaluation). Training is a full softmax
+  over the items known at the training stage, except MF, which trains with BPR and sampled negatives. The
+  ranked list (`Ranked`, item indices of the model's `IdSpace`, scores = log-softmax over the candidates)
+  is scored by `ranking_metrics` against the target's index in the same space, so Hit@K and NDCG@K mean
+  exactly what they mean for `NextItemTask`. Ties go to the lower index.
+
+`before_stage` grows the model's ID tables to the ids of stages <= t.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from evolora.config import CtrTaskConfig, NextItemTaskConfig
+from evolora.data.samples import SampleTable
+from evolora.errors import ConfigError
+from evolora.eval.metrics import auc, logloss
+from evolora.models.conventional.backbone import ConventionalBackbone
+from evolora.models.conventional.common import Batch, IdSpace
+from evolora.progress import task as progress_task
+from evolora.tasks.base import Task
+from evolora.tasks.decoding import Ranked
+from evolora.tasks.next_item import KS, ranking_metrics
+
+
+def _index_column(df: pl.DataFrame, col: str, mapping: dict[str, int]) -> np.ndarray:
+    return df[col].replace_strict(mapping, return_dtype=pl.Int64).to_numpy().copy()
+
+
+def history_matrix(lists: pl.Series, width: int, mapping: dict[str, int] | None = None) -> np.ndarray:
+    """[n, width] int64 of the latest `width` elements of each list (mapped to indices by `mapping`),
+    left-padded with 0, the latest element in the last column."""
+    lengths = np.minimum(lists.list.len().to_numpy().astype(np.int64), width)
+    flat = lists.list.tail(width).explode().drop_nulls()
+    if mapping is not None:
+        flat = flat.replace_strict(mapping, return_dtype=pl.Int64)
+    values = flat.to_numpy()
+    out = np.zeros((len(lists), width), dtype=np.int64)
+    rows = np.repeat(np.arange(len(lists)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    cols = np.arange(len(values)) - np.repeat(starts, lengths) + np.repeat(width - lengths, lengths)
+    out[rows, cols] = values
+    return out
+
+
+class _ConventionalTask(Task):
+    """Shared by both tasks: sample tensors, batches, table growth."""
+
+    def __init__(self, table: SampleTable, space: IdSpace, max_len: int, feedback: bool) -> None:
+        super().__init__(table)
+        self.space = space
+        df = table.df
+        items = space.item_index()
+        self.targets = _index_column(df, "item_id", items)  # item index of each sample's target
+        self.stages = df["stage"].to_numpy().astype(np.int64)
+        width = max(1, min(max_len, int(df["hist_items"].list.len().max() or 0)))
+        self._users = torch.from_numpy(_index_column(df, "user_id", space.user_index()))
+        self._targets = torch.from_numpy(self.targets)
+        self._hist = torch.from_numpy(history_matrix(df["hist_items"], width, items))
+        self.lengths = (self._hist > 0).sum(1).numpy()  # history items a model reads, per sample
+        self._feedback: torch.Tensor | None = None
+        if feedback:
+            liked = df["hist_ratings"].list.eval(pl.element() > table.like_threshold)
+            flags = history_matrix(liked.list.eval(pl.element().cast(pl.Int64) + 1), width)
+            self._feedback = torch.from_numpy(flags)
+
+    def batch(self, rows: np.ndarray, device: torch.device | None = None) -> Batch:
+        """The model input of sample rows; history columns that are padding for every row are dropped."""
+        rows = np.asarray(rows, dtype=np.int64)
+        idx = torch.from_numpy(rows)
+        longest = max(1, int(self.lengths[rows].max(initial=0)))
+        fb = self._feedback[idx, -longest:] if self._feedback is not None else None
+        b = Batch(self._users[idx], self._hist[idx, -longest:], self._targets[idx], fb)
+        return b.to(device) if device is not None else b
+
+    def before_stage(self, lm: ConventionalBackbone, stage: int) -> None:
+        lm.resize(self.space.users_known(stage), self.space.items_known(stage))
+
+    def sample_length(self, row: int) -> int:
+        return int(self.lengths[row])
+
+
+class ConventionalCtrTask(_ConventionalTask):
+    name = "ctr"
+    primary_metric = "auc"
+    metric_names = ("auc", "logloss")
+    default_select_by = "metric"
+
+    def __init__(self, cfg: CtrTaskConfig, table: SampleTable, space: IdSpace, max_len: int) -> None:
+        super().__init__(table, space, max_len, feedback=True)
+        self.cfg = cfg
+        self._labels = table.df["label"].to_numpy()
+
+    def loss(self, lm: ConventionalBackbone, rows: np.ndarray) -> torch.Tensor:
+        model = lm.model
+        batch = self.batch(rows, lm.device)
+        if model.training:
+            model.observe(batch)
+        labels = torch.as_tensor(self._labels[np.asarray(rows, dtype=np.int64)], dtype=torch.float32)
+        return F.binary_cross_entropy_with_logits(model.logits(batch), labels.to(lm.device))
+
+    @torch.no_grad()
+    def predict(
+        self, lm: ConventionalBackbone, rows: np.ndarray, batch_size: int, desc: str = "scoring"
+    ) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        model = lm.model
+        was_training = model.training
+        model.eval()
+        out = np.empty(len(rows), dtype=np.float64)
+        with progress_task(desc, total=len(rows)) as bar:
+            for start in range(0, len(rows), batch_size):
+                sel = rows[start : start + batch_size]
+                logits = model.logits(self.batch(sel, lm.device))
+                out[start : start + len(sel)] = torch.sigmoid(logits.double()).cpu().numpy()
+                bar.advance(len(sel))
+        model.train(was_training)
+        return out
+
+    def metrics(self, predictions: np.ndarray, rows: np.ndarray) -> dict[str, float]:
+        labels = self._labels[np.asarray(rows, dtype=np.int64)]
+        return {"auc": auc(labels, predictions), "logloss": logloss(labels, predictions)}
+
+    def mix(self, predictions: list[np.ndarray], weights: list[float]) -> np.ndarray:
+        return sum(w * p for w, p in zip(weights, predictions, strict=True))  # type: ignore[return-value]
+
+
+class ConventionalNextItemTask(_ConventionalTask):
+    name = "next_item"
+    primary_metric = "ndcg@10"
+    metric_names = ("hit@5", "hit@10", "ndcg@5", "ndcg@10")
+    default_select_by = "metric"  # a full ranking of a validation pool takes well under a second
+
+    def __init__(self, cfg: NextItemTaskConfig, table: SampleTable, space: IdSpace, max_len: int) -> None:
+        super().__init__(table, space, max_len, feedback=False)
+        if cfg.beams < max(KS):
+            raise ConfigError(f"task.beams={cfg.beams}: need at least {max(KS)} to report Hit@{max(KS)}")
+        self.cfg = cfg
+        self.k = cfg.beams  # the length of the ranked list, as for the LLM task
+        self.known = np.array([space.items_known(int(s)) for s in range(table.n_stages + 1)])
+
+    # ------------------------------------------------------------------ training
+    def loss(self, lm: ConventionalBackbone, rows: np.ndarray) -> torch.Tensor:
+        model = lm.model
+        batch = self.batch(rows, lm.device)
+        if model.training:
+            model.observe(batch)
+        n = model.items.ids.size  # the items known at the training stage
+        if model.next_item_loss == "bpr":
+            neg = torch.randint(1, max(2, n), (len(rows), model.cfg.negatives), device=lm.device)
+            scores = model.score_items(batch, torch.cat([batch.target.unsqueeze(1), neg], dim=1))
+            return -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
+        logits = model.rank_logits(batch, n)
+        logits = logits.index_fill(1, logits.new_zeros(1, dtype=torch.long), -torch.inf)  # index 0: no item
+        return F.cross_entropy(logits, batch.target)
+
+    # ------------------------------------------------------------------ ranking
+    def candidate_scores(self, lm: ConventionalBackbone, rows: np.ndarray) -> torch.Tensor:
+        """[len(rows), n] log-softmax over each row's candidates (-inf elsewhere), n = the largest set.
+
+        A row's candidates are the items of stages <= its own stage (minus its history with
+        `exclude_history`); index 0 is never one.
+        """
+        model = lm.model
+        limits = torch.as_tensor(self.known[self.stages[np.asarray(rows, dtype=np.int64)]], device=lm.device)
+        n = int(limits.max())
+        batch = self.batch(rows, lm.device)
+        scores = model.rank_logits(batch, n).float()
+        cols = torch.arange(n, device=lm.device)
+        outside = (cols[None, :] >= limits[:, None]) | (cols[None, :] == 0)
+        if self.cfg.exclude_history:
+            outside = outside | torch.zeros_like(outside).scatter_(1, batch.hist.clamp(max=n - 1), True)
+            outside[:, 0] = True
+        scores = scores.masked_fill(outside, -torch.inf)
+        return torch.log_softmax(scores, dim=1)
+
+    def _top(self, scores: torch.Tensor) -> Ranked:
+        # A stable sort keeps equal scores in index order: ties go to the lower (older) item.
+        vals, idx = torch.sort(scores, dim=1, descending=True, stable=True)
+        vals, idx = vals[:, : self.k], idx[:, : self.k]
+        items = torch.where(torch.isfinite(vals), idx, torch.full_like(idx, -1))
+        out_items = np.full((len(scores), self.k), -1, dtype=np.int64)
+        out_scores = np.full((len(scores), self.k), -np.inf)
+        width = items.shape[1]
+        out_items[:, :width] = items.cpu().numpy()
+        out_scores[:, :width] = vals.double().cpu().numpy()
+        return Ranked(out_items, out_scores)
+
+    @torch.no_grad()
+    def predict(
+        self, lm: ConventionalBackbone, rows: np.ndarray, batch_size: int, desc: str = "ranking"
+    ) -> Ranked:
+        rows = np.asarray(rows, dtype=np.int64)
+        model = lm.model
+        was_training = model.training
+        model.eval()
+        parts = []
+        with progress_task(desc, total=len(rows)) as bar:
+            for start in range(0, len(rows), batch_size):
+                sel = rows[start : start + batch_size]
+                parts.append(self._top(self.candidate_scores(lm, sel)))
+                bar.advance(len(sel))
+        model.train(was_training)
+        if not parts:
+            return Ranked(np.empty((0, self.k), dtype=np.int64), np.empty((0, self.k)))
+        return Ranked(np.concatenate([p.items for p in parts]), np.concatenate([p.scores for p in parts]))
+
+    def metrics(self, predictions: Ranked, rows: np.ndarray) -> dict[str, float]:
+        return ranking_metrics(predictions.items, self.targets[np.asarray(rows, dtype=np.int64)])
+
+    def truth(self, rows: np.ndarray) -> np.ndarray:
+        return self.targets[np.asarray(rows, dtype=np.int64)]
+
+    # ------------------------------------------------------------------ ensembles
+    def candidates(self, predictions: list[Ranked]) -> list[list[int]]:
+        """Per row, every item any of the models ranked (order of first appearance)."""
+        out = []
+        for q in range(len(predictions[0])):
+            seen: dict[int, None] = {}
+            for p in predictions:
+                for item in p.items[q]:
+                    if item >= 0:
+                        seen.setdefault(int(item), None)
+            out.append(list(seen))
+        return out
+
+    @torch.no_grad()
+    def rescore(
+        self, lm: ConventionalBackbone, rows: np.ndarray, candidates: list[list[int]], batch_size: int
+    ) -> Ranked:
+        """The active model's log-softmax scores of the given candidates of each row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        width = max((len(c) for c in candidates), default=0)
+        items = np.full((len(rows), width), -1, dtype=np.int64)
+        for q, cand in enumerate(candidates):
+            items[q, : len(cand)] = cand
+        scores = np.full((len(rows), width), -np.inf)
+        model = lm.model
+        was_training = model.training
+        model.eval()
+        for start in range(0, len(rows), batch_size):
+            full = self.candidate_scores(lm, rows[start : start + batch_size]).double().cpu().numpy()
+            sel = items[start : start + batch_size]
+            picked = np.take_along_axis(full, np.clip(sel, 0, full.shape[1] - 1), axis=1)
+            scores[start : start + len(sel)] = np.where(sel >= 0, picked, -np.inf)
+        model.train(was_training)
+        return Ranked(items, scores)
+
+    def mix(self, predictions: list[Ranked], weights: list[float]) -> Ranked:
+        """Weighted sum of log-probabilities over the same candidates, re-ranked; the top `k` kept."""
+        first = predictions[0]
+        for p in predictions[1:]:
+            if not np.array_equal(p.items, first.items):
+                raise ValueError("mix needs predictions rescored on the same candidates (see `rescore`)")
+        total = sum(
+            w * np.where(np.isfinite(p.scores), p.scores, -1e30)
+            for w, p in zip(weights, predictions, strict=True)
+        )
+        total = np.where(first.items >= 0, total, -np.inf)
+        order = np.argsort(-total, axis=1, kind="stable")[:, : self.k]
+        return Ranked(np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1))
+
+    def save_predictions(self, predictions: Ranked) -> dict[str, np.ndarray]:
+        return {"items": predictions.items, "scores": predictions.scores}
+
+    def load_predictions(self, arrays: Any) -> Ranked:
+        return Ranked(arrays["items"], arrays["scores"])
+
+
+def conventional_task(
+    cfg: CtrTaskConfig | NextItemTaskConfig, table: SampleTable, space: IdSpace, max_len: int
+) -> ConventionalCtrTask | ConventionalNextItemTask:
+    if isinstance(cfg, CtrTaskConfig):
+        return ConventionalCtrTask(cfg, table, space, max_len)
+    return ConventionalNextItemTask(cfg, table, space, max_len)
