@@ -26,6 +26,7 @@ test: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_ctr.py
 	$(BIN)/python benchmarks/bench_next_item.py
+	$(BIN)/python benchmarks/bench_personalized.py
 	$(BIN)/python benchmarks/bench_conventional.py
 
 lint: $(BIN)/.installed

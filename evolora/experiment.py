@@ -215,7 +215,7 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
         for spec in cfg.strategies:
             for seed in cfg.seeds:
                 lm.reset_to(["default"])
-                strategy = build_strategy(spec, Env(lm, task, cfg), seed)
+                strategy = build_strategy(spec, Env(lm, task, cfg, prepared), seed)
                 label = method_label(cfg, spec)
                 header = {
                     "method": label,

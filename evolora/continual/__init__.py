@@ -12,13 +12,14 @@ from evolora.continual.inflora import InfLora
 from evolora.continual.lsat import Lsat
 from evolora.continual.olora import OLora
 from evolora.continual.peso import Peso
+from evolora.continual.reclora import RecLora
 from evolora.continual.retrain import Retrain
 from evolora.continual.sdlora import SdLora
 from evolora.continual.sumlora import SumLora
 from evolora.errors import ConfigError
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Frozen, Finetune, Retrain, Peso, Lsat, SumLora, SdLora, InfLora, OLora)
+    cls.name: cls for cls in (Frozen, Finetune, Retrain, Peso, Lsat, SumLora, SdLora, InfLora, OLora, RecLora)
 }
 
 

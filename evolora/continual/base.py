@@ -74,6 +74,7 @@ class Env:
     lm: LoraLM
     task: Task
     cfg: RunConfig
+    prepared: Any = None  # experiment.Prepared: data, staged table, pools (strategies that need the raw data)
 
 
 class Strategy:

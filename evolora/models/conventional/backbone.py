@@ -111,6 +111,19 @@ class ConventionalBackbone:
             t.resize(n_users if t.kind == "user" else n_items, self._generator(name, t.size))
 
     # ------------------------------------------------------------------ saving
+    def state(self) -> dict:
+        """Weights and table sizes in memory (a strategy that keeps a conventional model in its state)."""
+        return {
+            "tables": self.table_sizes(),
+            "weights": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+        }
+
+    def load_state(self, state: dict) -> None:
+        tables = dict(self.model.id_tables())
+        for table, size in state["tables"].items():
+            tables[table].resize(size, self._generator(table, tables[table].size))
+        self.model.load_state_dict(state["weights"], strict=True)
+
     def save_adapter(self, path: str | Path, name: str = "default") -> None:
         from safetensors.torch import save_file
 

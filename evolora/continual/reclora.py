@@ -1,0 +1,202 @@
+"""RecLoRA: personalized LoRA from a meta-LoRA bank, routed by a conventional model (Zhu et al., 2024).
+
+Few2Many: at every stage a DIN click model (the CRM) is first trained on the *whole* training pool of the
+stage with a long ID history (`crm.max_len`, 60), then frozen; its hidden representation of each sample
+(user, long history, target) feeds a soft gate per adapted projection, which mixes a bank of meta-LoRAs
+into a per-sample adapter (`models/personalized.py`). The LLM side trains only the banks and gates, on the
+small sample budget of the stage. The prompt's short history (10 items) can be retrieved from a longer one by
+similarity to the target (`task.retrieve_from`): the Long-Short Modality Retriever.
+
+As a continual strategy the banks, gates and CRM evolve across stages (each stage fine-tunes them),
+optionally with PESO's proximal term on the bank factors (`proximal`). RecLoRA itself is not continual:
+"lifelong" in its title means long behaviour sequences, not stage-wise updates (spec §6).
+
+Paper vs released code (spec §2): `combine: factors` (code) aggregates A and B separately, so each sample's
+adapter is a plain rank-r LoRA that can be exported (`export_user_adapter`); `combine: products` (the
+formula third-party summaries give) sums the meta-LoRAs' updates. The code keeps the CRM's dropout active
+while the LLM trains; here the frozen CRM runs in eval mode, so its representations are deterministic.
+`few2many: false` trains the CRM on the LLM's few samples only (the ablation).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from evolora.config import ConventionalConfig, CtrTaskConfig, ModelConfig, TrainConfig
+from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions, TrainJob
+from evolora.continual.peso import ProximalRegularizer
+from evolora.errors import ConfigError
+from evolora.models.personalized import PersonalizedLoRA
+from evolora.train.trainer import train_adapter
+
+
+class RecLoraOptions(StrategyOptions):
+    n_meta: int = Field(8, ge=1, description="meta-LoRAs per projection (the code runs 8-16)")
+    temperature: float = Field(5.0, gt=0, description="softmax temperature of the gate (ML-1M: 5)")
+    combine: Literal["factors", "products"] = "factors"
+    gate_hidden: int = Field(60, ge=1)
+    gate_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    crm: ConventionalConfig = ConventionalConfig(max_len=60, mlp=(256, 256), dropout=0.1)
+    crm_epochs: int = Field(3, ge=1)
+    crm_lr: float = Field(1e-3, gt=0)
+    crm_batch_size: int = Field(256, ge=1)
+    few2many: bool = Field(
+        True, description="train the CRM on the whole stage pool (False: the LLM's samples)"
+    )
+    proximal: float = Field(0.0, ge=0, description="PESO's KL term on the bank factors across stages")
+
+
+class RecLora(Strategy):
+    name = "reclora"
+    Options = RecLoraOptions
+    plain_predict = False
+
+    def setup(self) -> None:
+        from evolora.models.conventional.backbone import ConventionalBackbone
+        from evolora.models.conventional.common import IdSpace
+        from evolora.tasks.conventional import ConventionalCtrTask
+
+        o: RecLoraOptions = self.options  # type: ignore[assignment]
+        self.o = o
+        if not isinstance(self.cfg.task, CtrTaskConfig):
+            raise ConfigError("reclora works on the ctr task (its gate reads a click model)")
+        prepared = self.env.prepared
+        if prepared is None:
+            raise ConfigError("reclora needs the experiment's data (run it through `evolora run`)")
+        keep = self.task.table.history_len
+        if keep < o.crm.max_len:
+            raise ConfigError(
+                f"reclora's CRM reads {o.crm.max_len} history items but samples keep {keep}: set "
+                f"task.sample_history: {o.crm.max_len}"
+            )
+        space = IdSpace.from_staged(prepared.staged)
+        crm_model = ModelConfig(name="din", device=self.cfg.model.device, conventional=o.crm)
+        self.crm = ConventionalBackbone.from_config(crm_model, space, prepared.data.items, seed=self.seed)
+        self.crm_task = ConventionalCtrTask(self.cfg.task, self.task.table, space, o.crm.max_len)
+        lora = self.cfg.model.lora
+        self.personal = PersonalizedLoRA(
+            self.lm,
+            d_gate=o.crm.mlp[-1],
+            target_modules=lora.target_modules,
+            seed=self.seed,
+            n_meta=o.n_meta,
+            rank=lora.r,
+            alpha=lora.alpha,
+            dropout=o.lora_dropout,
+            temperature=o.temperature,
+            gate_hidden=o.gate_hidden,
+            gate_dropout=o.gate_dropout,
+            combine=o.combine,
+        )
+        # Registered under the PEFT model so train()/eval() reach its dropouts; PEFT never saves it.
+        self.lm.model.add_module("reclora", self.personal)
+        self.lm.batch_hooks.append(self._route)
+        self.lm.prefix_sharing = False
+        self.z: torch.Tensor | None = None
+        self.regularizer = ProximalRegularizer("kl")
+        self.info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ routing
+    def _route(self, rows: np.ndarray) -> None:
+        if self.z is None:
+            raise RuntimeError("the CRM has not produced gate inputs yet")
+        self.personal.set_route(self.z[torch.as_tensor(np.asarray(rows, dtype=np.int64))])
+
+    @torch.no_grad()
+    def _represent(self) -> None:
+        """The frozen CRM's representation of every sample row, the gate's input."""
+        model = self.crm.model
+        model.eval()
+        n = len(self.task.table)
+        out = []
+        for start in range(0, n, 2048):
+            rows = np.arange(start, min(n, start + 2048))
+            out.append(model.user_representation(self.crm_task.batch(rows, self.crm.device)).float().cpu())
+        self.z = torch.cat(out)
+
+    # ------------------------------------------------------------------ Few2Many
+    def _train_crm(self, ctx: StageContext, job: TrainJob) -> None:
+        o = self.o
+        t0 = time.perf_counter()
+        self.crm_task.before_stage(self.crm, ctx.stage)
+        if ctx.stage == 1:
+            self.crm.reset_adapter("default", seed=self.seed)
+        rows = ctx.pools[ctx.stage].train if o.few2many else job.train_rows
+        cfg = TrainConfig(
+            samples_per_stage=None, epochs=o.crm_epochs, batch_size=o.crm_batch_size, lr=o.crm_lr,
+            select_by="metric", schedule="constant", group_by_length=False,
+        )  # fmt: skip
+        self.crm.activate("default", trainable=True)
+        torch.manual_seed(self.seed * 1000 + ctx.stage)
+        result = train_adapter(
+            self.crm, self.crm_task, self.crm.trainable_parameters(), rows, ctx.pools[ctx.stage].valid, cfg,
+            seed=self.seed * 1000 + ctx.stage, eval_batch_size=1024, desc=f"stage {ctx.stage} CRM",
+        )  # fmt: skip
+        self.crm.activate("default", trainable=False)
+        self.info = {
+            "crm_train_rows": len(rows),
+            "crm_valid_auc": result.best_value,
+            "crm_seconds": time.perf_counter() - t0,
+        }
+        self._represent()
+
+    # ------------------------------------------------------------------ the interface
+    def plan(self, ctx: StageContext) -> list[TrainJob]:
+        train, valid = self.budgeted(ctx, [ctx.stage])
+        return [TrainJob(MAIN, train, valid, init="inherit")]
+
+    def regularized(self, stage: int) -> bool:
+        return stage > 1 and self.o.proximal > 0
+
+    def _bank_pairs(self) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
+        return [(k, bank.A, bank.B) for k, bank in self.personal.banks.items()]
+
+    def before_job(self, ctx: StageContext, job: TrainJob) -> None:
+        self._train_crm(ctx, job)
+        self.lm.activate(MAIN, trainable=False)  # the shared PEFT adapter stays at zero
+        for p in self.personal.parameters():
+            p.requires_grad_(True)
+        if self.regularized(ctx.stage):
+            self.regularizer.set_anchor(self._bank_pairs())
+
+    def parameters(self, job: TrainJob) -> list[torch.nn.Parameter]:
+        return list(self.personal.parameters())
+
+    def extra_loss(self, job: TrainJob) -> torch.Tensor | None:
+        return self.o.proximal * self.regularizer(self._bank_pairs())
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "personal": {k: v.cpu() for k, v in self.personal.state_dict().items()},
+            "crm": self.crm.state(),
+            "info": self.info,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.personal.load_state_dict(state["personal"])
+        self.crm.load_state(state["crm"])
+        self.info = state.get("info", {})
+        self._represent()
+
+    def stage_info(self) -> dict[str, Any]:
+        return dict(self.info)
+
+    def export_user_adapter(self, row: int, path: str | Path) -> None:
+        """One sample's personalized adapter (its user, history and target) as a plain PEFT LoRA."""
+        assert self.z is not None
+        self.personal.export(self.z[row], path)
+
+    def teardown(self) -> None:
+        if not hasattr(self, "personal"):  # setup stopped early
+            return
+        self.personal.remove()
+        self.lm.batch_hooks.remove(self._route)
+        self.lm.prefix_sharing = True
+        del self.lm.model._modules["reclora"]

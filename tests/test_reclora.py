@@ -1,0 +1,109 @@
+"""RecLoRA as a strategy: Few2Many CRM, per-sample routing, retrieval, resume and export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evolora.errors import ConfigError
+from evolora.experiment import run_dir_of, run_experiment
+from tests.helpers import tiny_config
+
+CRM = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
+OVER = {
+    "task.history_len": 4,
+    "task.retrieve_from": 8,
+    "task.sample_history": 10,
+    "train.epochs": 1,
+    "strategies": f"[{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 2}},"
+    f" {{name: reclora, label: reclora-few, few2many: false, n_meta: 3, crm: {CRM}, crm_epochs: 2}}]",
+}
+
+
+def test_reclora_runs_stage_by_stage_with_its_crm(sunny_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(sunny_dir, tmp_path, **OVER)
+    full, few = run_experiment(cfg)
+    for res in (full, few):
+        assert res["complete"] and len(res["stages"]) == 2
+        for s in res["stages"]:
+            info = s["strategy_info"]
+            assert 0.0 <= s["metrics"]["auc"] <= 1.0
+            assert info["crm_valid_auc"] is not None and info["crm_seconds"] > 0
+    # Few2Many trains the CRM on the whole stage pool; the ablation only on the LLM's samples.
+    assert (
+        full["stages"][0]["strategy_info"]["crm_train_rows"]
+        > few["stages"][0]["strategy_info"]["crm_train_rows"]
+    )
+    assert few["stages"][0]["strategy_info"]["crm_train_rows"] == few["stages"][0]["n_train"]
+    # The adapter state of the run's first stage holds the banks and the CRM.
+    state = torch.load(run_dir_of(cfg, "reclora", 0) / "stage-1" / "state.pt", weights_only=False)
+    assert "personal" in state["strategy"] and "crm" in state["strategy"]
+
+
+def test_reclora_resumes_identically(sunny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from evolora.tasks.ctr import CtrTask
+
+    over = {
+        **OVER,
+        "strategies": f"[{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 2}}]",
+        "train.epochs": 2,
+    }
+    reference = run_experiment(tiny_config(sunny_dir, tmp_path / "ref", **over))[0]
+    cfg = tiny_config(sunny_dir, tmp_path / "run", **over)
+    real = CtrTask.loss
+    calls = {"n": 0}
+
+    def dying(self, lm, rows):
+        calls["n"] += 1
+        if calls["n"] == 9:  # inside stage 1's second epoch (6 batches per epoch)
+            raise KeyboardInterrupt
+        return real(self, lm, rows)
+
+    monkeypatch.setattr(CtrTask, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    monkeypatch.setattr(CtrTask, "loss", real)
+    resumed = run_experiment(cfg)[0]
+    for a, b in zip(resumed["stages"], reference["stages"], strict=True):
+        assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-9)
+
+
+def test_reclora_needs_a_long_enough_history_and_ctr(sunny_dir: Path, tmp_path: Path) -> None:
+    bad = {**OVER, "task.sample_history": 4}
+    with pytest.raises(ConfigError, match="sample_history"):
+        run_experiment(tiny_config(sunny_dir, tmp_path, **bad))
+
+
+def test_export_gives_the_user_adapter(sunny_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from evolora.config import StrategySpec
+    from evolora.continual import Env, build_strategy
+    from evolora.experiment import build_model_and_task, prepare_data
+    from evolora.models.llm import load_pretrained
+
+    cfg = tiny_config(sunny_dir, tmp_path, **OVER)
+    prepared = prepare_data(cfg)
+    lm, task = build_model_and_task(cfg, prepared)
+    spec = StrategySpec(name="reclora", n_meta=3, crm={"dim": 8, "mlp": [16], "max_len": 10})
+    strategy = build_strategy(spec, Env(lm, task, cfg, prepared), seed=0)
+    strategy.setup()
+    strategy._represent()
+    with torch.no_grad():
+        for bank in strategy.personal.banks.values():
+            bank.B.normal_(0, 0.1)
+    row = int(prepared.pools[1].train[0])
+    rows = np.array([row])
+    lm.model.eval()
+    expected = task.predict(lm, rows, 1)
+    strategy.export_user_adapter(row, tmp_path / "user")
+    strategy.teardown()
+    base, _ = load_pretrained("tiny", torch.float32)
+    from evolora.models.llm import LoraLM
+
+    user = PeftModel.from_pretrained(base, str(tmp_path / "user"))
+    plain = LoraLM(user, lm.tokenizer, lm.device, False, lm.lora, "tiny")
+    assert task.predict(plain, rows, 1) == pytest.approx(expected, abs=1e-5)
