@@ -253,8 +253,9 @@ class ModelConfig(Section):
     """The backbone: an LLM (a hub id, a local folder, or `tiny`, a random model built in code for tests) or
     a conventional recommender (one of `CONVENTIONAL_MODELS`, configured by `conventional`).
 
-    `precision`: `auto` is fp32 on CPU and bf16 on GPU; `bf16-mixed` keeps fp32 weights and runs matrix
-    products in bf16 (faster on CPUs with AVX512-BF16; LoRA weights and the regularisers stay fp32).
+    `precision`: `auto` is bf16 on a GPU, bf16-mixed on a CPU with native bf16 (AVX512-BF16 or AMX) and
+    fp32 on other CPUs; `bf16-mixed` keeps fp32 weights and runs matrix products in bf16 (LoRA weights and
+    the regularisers stay fp32). On CPUs without native bf16, bf16 is emulated and many times slower.
     Conventional models always run in fp32.
     """
 

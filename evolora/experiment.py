@@ -224,6 +224,7 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
                     "task": task.name,
                     "dataset": prepared.data.name,
                     "model": cfg.model.name,
+                    "precision": getattr(lm, "precision", "fp32"),
                     "seed": seed,
                     "protocol": cfg.protocol,
                     "n_stages": prepared.table.n_stages,

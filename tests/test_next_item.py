@@ -67,3 +67,26 @@ def test_rqvae_ids_from_titles_and_lsat_ensemble(sunny_dir: Path, tmp_path: Path
     assert lsat["complete"] and lsat["stages"][-1]["strategy_info"]["alpha"] in (0.0, 0.5, 1.0)
     index = json.loads(next((Path(cfg.output_dir) / "_shared" / "semantic_ids").glob("*.json")).read_text())
     assert len(index) == 60 and len({"".join(v) for v in index.values()}) == 60  # every item, all unique
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "{name: peso, lam: 5.0}",
+        "{name: lsat, long_stages: 1, inference: fusion, grid: [0.0, 1.0]}",
+        "{name: sumlora, past: all, init: inherit}",
+        "{name: sdlora, past: latest, init: fresh}",
+        "{name: inflora}",
+        "{name: olora, lam: 0.5}",
+        "retrain",
+    ],
+)
+def test_every_strategy_runs_the_next_item_task(peso_dir: Path, tmp_path: Path, spec: str) -> None:
+    """Strategies built for LoRA factors also carry the trainable semantic-ID rows through the stages."""
+    over = {**NEXT_ITEM, "staging.scheme": "preset", "staging.n_stages": "null", "strategies": f"[{spec}]"}
+    (res,) = run_experiment(tiny_config(peso_dir, tmp_path, **over))
+    assert res["complete"] and [s["eval_stage"] for s in res["stages"]] == [1, 2, 3]
+    for s in res["stages"]:
+        assert 0 <= s["metrics"]["ndcg@10"] <= s["metrics"]["hit@10"] <= 1
+    if "peso" in spec or "olora" in spec:
+        assert res["stages"][1]["jobs"][0]["history"][-1]["extra_loss"] > 0

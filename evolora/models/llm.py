@@ -63,10 +63,42 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX).
+
+    Elsewhere oneDNN emulates bf16 products, and bf16 autocast runs many times slower than fp32 (an AVX2
+    EPYC took minutes where fp32 took seconds).
+    """
+    try:
+        words = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in words or "amx_bf16" in words
+
+
+_warned_emulated_bf16 = False
+
+
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype, bool]:
-    """-> (weight dtype, use bf16 autocast)."""
+    """-> (weight dtype, use bf16 autocast).
+
+    `auto`: bf16 weights on a GPU that supports them; on a CPU, bf16-mixed where the CPU has native bf16
+    and fp32 elsewhere.
+    """
+    global _warned_emulated_bf16
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        else:
+            precision = "bf16-mixed" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    emulated = precision in ("bf16", "bf16-mixed") and device.type == "cpu" and not cpu_has_native_bf16()
+    if emulated and not _warned_emulated_bf16:
+        _warned_emulated_bf16 = True
+        log.warning(
+            "model.precision=%s on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 products are "
+            "emulated and run many times slower than fp32; use precision: auto or fp32",
+            precision,
+        )
     if precision == "fp32":
         return torch.float32, False
     if precision == "bf16":
@@ -289,6 +321,14 @@ class LoraLM:
         lm._adapters_to_fp32()
         lm.model.eval()
         return lm
+
+    @property
+    def precision(self) -> str:
+        """The precision actually used (`auto` resolved): fp32, bf16 or bf16-mixed."""
+        if self.autocast_bf16:
+            return "bf16-mixed"
+        dtype = next(self.base.parameters()).dtype
+        return "bf16" if dtype == torch.bfloat16 else "fp32"
 
     # ------------------------------------------------------------------ adapters
     @property
