@@ -120,8 +120,16 @@ def main() -> None:
         print(json.dumps(measure(args.model, samples=args.samples, batch=args.batch, **spec)))
         return
 
+    from evolora.models.llm import cpu_has_native_bf16
+
     rows = {}
-    for name in VARIANTS:
+    skipped = {}
+    for name, spec in VARIANTS.items():
+        if spec["precision"] == "bf16-mixed" and not cpu_has_native_bf16():
+            # Emulated bf16 runs several times slower than fp32: not a configuration anyone should use.
+            skipped[name] = "this CPU has no native bf16 (AVX512-BF16/AMX); precision auto uses fp32"
+            print(f"skipped: {name} ({skipped[name]})", file=sys.stderr)
+            continue
         sizes = ["--samples", str(args.samples), "--batch", str(args.batch)]
         cmd = [sys.executable, __file__, "--child", name, "--model", args.model, *sizes]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -152,6 +160,7 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "variants": rows,
+        "skipped": skipped,
         "ratios_vs_baseline": {
             name: {
                 "score": r["score_samples_per_s"] / base["score_samples_per_s"],

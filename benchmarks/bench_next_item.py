@@ -88,7 +88,7 @@ def main() -> None:
     record = {
         "config": args.config,
         "model": cfg.model.name,
-        "precision": cfg.model.precision,
+        "precision": lm.precision,
         "users": len(rows),
         "beams": task.cfg.beams,
         "items": len(task.item_ids),

@@ -17,6 +17,7 @@ PEFT's format and switched, plus the autocast context that `precision: bf16-mixe
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -160,12 +161,30 @@ def _download_smollm2_gguf(dest: Path) -> Path:
     return out
 
 
+@contextlib.contextmanager
+def _quiet_gguf_progress() -> Iterator[None]:
+    """transformers draws its GGUF conversion bar with a bare tqdm that ignores its own progress settings;
+    evolora logs the step instead, so the bar would only clutter the run's output."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - older transformers
+        yield
+        return
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _convert_gguf_to_cache(target: Path) -> None:
     """Dequantize the GGUF to fp32 and save it as a normal HF folder, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_gguf_progress():
         gguf = _download_smollm2_gguf(Path(tmp))
+        log.info("dequantizing the GGUF to fp32 (once; cached in %s)", target)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The weights are plain fp32 tensors now; drop the GGUF marker so save_pretrained accepts them.
