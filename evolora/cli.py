@@ -2,6 +2,7 @@
 
 evolora run [CONFIG] [--set key=value ...]    run an experiment (no CONFIG: the quickstart)
 evolora report RUN_DIR [RUN_DIR ...]          compare finished runs: markdown tables and a plot
+evolora export-user-adapter RUN_DIR USER      RecLoRA: one user's adapter as a plain PEFT LoRA
 evolora data fetch NAME                       download and cache a dataset
 evolora data info SOURCE                      what a dataset holds and how it stages
 """
@@ -157,6 +158,43 @@ def report(
     plot_metric(groups, first, target / f"{first}.png")
     console.print(Markdown(text))
     console.print(f"written: {target / 'report.md'}, {target / f'{first}.png'}")
+
+
+@app.command("export-user-adapter")
+@_user_errors
+def export_user_adapter(
+    run_dir: Annotated[Path, typer.Argument(help="a reclora run: runs/<name>/<method>/seed<k>")],
+    user: Annotated[str, typer.Argument(help="user id as in the data")],
+    stage: Annotated[
+        int | None, typer.Option(help="training stage whose adapters to use; default: last")
+    ] = None,
+    item: Annotated[str | None, typer.Option(help="target item of the sample; default: the latest")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder; default: <run>/stage-<t>/user-adapters/<user>")
+    ] = None,
+) -> None:
+    """RecLoRA: one user's personalized adapter as a plain PEFT LoRA that any PEFT model loads."""
+    from evolora.data.samples import eval_stage_of
+    from evolora.errors import ConfigError
+    from evolora.experiment import restore_run
+
+    _setup_logging(False)
+    _quiet_libraries()
+    strategy, _, t = restore_run(run_dir, stage)
+    try:
+        if not hasattr(strategy, "export_for_user"):
+            raise ConfigError(f"{run_dir}: a {strategy.name} run has no per-user adapters (reclora has)")
+        target = out or run_dir / f"stage-{t}" / "user-adapters" / (
+            user if item is None else f"{user}-{item}"
+        )
+        row = strategy.export_for_user(user, target, eval_stage_of(t, strategy.cfg.protocol), item)
+    finally:
+        strategy.teardown()
+    sample = strategy.task.table.df.row(row, named=True)
+    console.print(
+        f"user {user}, sample {row} (stage {sample['stage']}, target item {sample['item_id']}): "
+        f"adapter of stage {t} written to {target}"
+    )
 
 
 @data_app.command("fetch")

@@ -245,3 +245,37 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
     finally:
         logging.getLogger("evolora").removeHandler(handler)
         handler.close()
+
+
+def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared, int]:
+    """A finished run's strategy as it stood after training stage `stage` (default: its last stage).
+
+    Rebuilds the experiment's data, backbone and task from `config.yaml` two folders up, the strategy from
+    the run's own record, then loads the adapters and state the loop saved. Returns (strategy, prepared
+    data, stage); the caller calls `strategy.teardown()` when done.
+    """
+    from evolora.config import load_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").is_file():
+        raise ConfigError(
+            f"{run_dir}: not a run folder (no results.json; expected runs/<name>/<method>/seed<k>)"
+        )
+    results = read_json(run_dir / "results.json")
+    config = run_dir.parent.parent / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(f"{config}: missing; the experiment's configuration is needed to rebuild the run")
+    cfg = load_config(config)
+    trained = [s["train_stage"] for s in results["stages"]]
+    t = stage if stage is not None else max(trained, default=0)
+    if t not in trained or not (run_dir / f"stage-{t}" / "state.pt").is_file():
+        raise ConfigError(f"{run_dir}: stage {t} has not finished (finished: {trained or 'none'})")
+    spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
+    prepared = prepare_data(cfg)
+    lm, task = build_model_and_task(cfg, prepared)
+    strategy = build_strategy(spec, Env(lm, task, cfg, prepared), results["seed"])
+    strategy.setup()
+    loop = StageLoop(strategy, prepared.pools, run_dir, None, {})
+    task.before_stage(lm, t)
+    loop.restore_state(t)
+    return strategy, prepared, t

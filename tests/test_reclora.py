@@ -107,3 +107,46 @@ def test_export_gives_the_user_adapter(sunny_dir: Path, tmp_path: Path) -> None:
     user = PeftModel.from_pretrained(base, str(tmp_path / "user"))
     plain = LoraLM(user, lm.tokenizer, lm.device, False, lm.lora, "tiny")
     assert task.predict(plain, rows, 1) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    import yaml
+    from peft import PeftModel
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+    from evolora.experiment import restore_run
+    from evolora.models.llm import LoraLM, load_pretrained
+
+    over = {**OVER, "strategies": f"[{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 2}}]"}
+    cfg = tiny_config(sunny_dir, tmp_path, **over)
+    run_experiment(cfg)
+    (tmp_path / "t" / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    run = run_dir_of(cfg, "reclora", 0)
+
+    # The restored strategy scores the last stage's evaluation rows exactly as the run did.
+    strategy, prepared, t = restore_run(run)
+    assert t == 2
+    with np.load(run / "stage-2" / "predictions.npz") as z:
+        rows, saved = z["rows"], z["scores"]
+    from evolora.continual.base import StageContext
+
+    ctx = StageContext(t, 3, prepared.pools, 0, run / "stage-2", rows)
+    assert strategy.predict(ctx, rows) == pytest.approx(saved, abs=1e-6)
+    user = str(prepared.table.df["user_id"][int(rows[0])])
+    row = strategy.export_for_user(user, tmp_path / "direct", until_stage=3)
+    expected = strategy.predict(ctx, np.array([row]))
+    strategy.teardown()
+
+    result = CliRunner().invoke(app, ["export-user-adapter", str(run), user, "--out", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    base, tok = load_pretrained("tiny", torch.float32)
+    plain = PeftModel.from_pretrained(base, str(tmp_path / "cli"))
+    lm = LoraLM(plain, tok, torch.device("cpu"), False, cfg.model.lora, "tiny")
+    lm.prefix_sharing = False  # as RecLoRA scores, so both run the same arithmetic
+    assert strategy.task.predict(lm, np.array([row]), 1) == pytest.approx(expected, abs=1e-5)
+
+    refused = CliRunner().invoke(app, ["export-user-adapter", str(run), "no-such-user"])
+    assert refused.exit_code == 2 and "no sample of user" in refused.output

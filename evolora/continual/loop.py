@@ -128,7 +128,7 @@ class StageLoop:
         torch.save(state, buf)
         atomic_write_bytes(d / "state.pt", buf.getvalue())
 
-    def _restore_state(self, t: int) -> None:
+    def restore_state(self, t: int) -> None:
         d = self.stage_dir(t)
         for name in self.s.adapters_to_save():
             self.lm.load_adapter(d / "adapters" / name, name)
@@ -240,7 +240,7 @@ class StageLoop:
         self.task.before_stage(self.lm, t)
         jobs_info: list[dict[str, Any]] = []
         if (d / "trained.json").is_file():
-            self._restore_state(t)
+            self.restore_state(t)
             jobs_info = read_json(d / "trained.json")["jobs"]
         else:
             for job in self.s.plan(ctx):
@@ -321,7 +321,7 @@ class StageLoop:
         if todo and todo[0] > 1:
             # The chain continues from the last finished stage's saved adapters and state.
             self.task.before_stage(self.lm, todo[0] - 1)
-            self._restore_state(todo[0] - 1)
+            self.restore_state(todo[0] - 1)
             log.info("resuming: stages %s already finished", done)
         for t in todo:
             self.run_stage(t)

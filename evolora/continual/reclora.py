@@ -193,6 +193,25 @@ class RecLora(Strategy):
         assert self.z is not None
         self.personal.export(self.z[row], path)
 
+    def export_for_user(self, user: str, path: str | Path, until_stage: int, item: str | None = None) -> int:
+        """Export `user`'s adapter for their latest sample up to `until_stage` (with `item`: the latest
+        sample whose target is `item`) and return that sample's row.
+
+        The router reads the target too (DIN's attention is target-aware), so an adapter belongs to a
+        (user, history, target) triple; the latest sample is the one the user was last scored on.
+        """
+        df = self.task.table.df
+        mask = (df["user_id"].cast(str) == str(user)) & (df["stage"] <= until_stage)
+        if item is not None:
+            mask = mask & (df["item_id"].cast(str) == str(item))
+        rows = np.flatnonzero(mask.to_numpy())
+        if not len(rows):
+            what = f"user {user!r}" + (f" with target item {item!r}" if item is not None else "")
+            raise ConfigError(f"no sample of {what} up to stage {until_stage}")
+        row = int(rows[-1])
+        self.export_user_adapter(row, path)
+        return row
+
     def teardown(self) -> None:
         if not hasattr(self, "personal"):  # setup stopped early
             return

@@ -164,6 +164,8 @@ class PersonalizedLoRA(nn.Module):
             raise ValueError("only `combine: factors` yields a rank-r LoRA per user")
         state = {}
         modules = set()
+        was_training = self.training
+        self.eval()  # the gate's dropout must not perturb an exported adapter
         with torch.no_grad():
             for key, bank in self.banks.items():
                 a_u, b_u = bank.per_sample(z.reshape(1, -1).to(self.lm.device))
@@ -171,6 +173,7 @@ class PersonalizedLoRA(nn.Module):
                 modules.add(name.rsplit(".", 1)[-1])
                 state[f"base_model.model.{name}.lora_A.weight"] = a_u[0].float().cpu().contiguous()
                 state[f"base_model.model.{name}.lora_B.weight"] = b_u[0].float().cpu().contiguous()
+        self.train(was_training)
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
