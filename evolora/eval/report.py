@@ -116,7 +116,7 @@ def metric_table(groups: list[MethodRuns], metric: str) -> str:
                 gain = (np.mean(means) - base_mean) / abs(base_mean) * 100
                 if metric in LOWER_IS_BETTER:
                     gain = -gain
-                row.append(f"{gain:+.2f}%")
+                row.append(f"{gain + 0.0:+.2f}%")  # + 0.0 turns -0.0 into 0.0
             else:
                 row.append("–")
         lines.append("| " + " | ".join(row) + " |")

@@ -32,7 +32,7 @@ from evolora.models.conventional.backbone import ConventionalBackbone
 from evolora.models.conventional.common import Batch, IdSpace
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task
-from evolora.tasks.decoding import Ranked
+from evolora.tasks.decoding import Ranked, mix_rankings, union_candidates
 from evolora.tasks.next_item import KS, ranking_metrics
 
 
@@ -226,16 +226,7 @@ class ConventionalNextItemTask(_ConventionalTask):
 
     # ------------------------------------------------------------------ ensembles
     def candidates(self, predictions: list[Ranked]) -> list[list[int]]:
-        """Per row, every item any of the models ranked (order of first appearance)."""
-        out = []
-        for q in range(len(predictions[0])):
-            seen: dict[int, None] = {}
-            for p in predictions:
-                for item in p.items[q]:
-                    if item >= 0:
-                        seen.setdefault(int(item), None)
-            out.append(list(seen))
-        return out
+        return union_candidates(predictions)
 
     @torch.no_grad()
     def rescore(
@@ -260,18 +251,7 @@ class ConventionalNextItemTask(_ConventionalTask):
         return Ranked(items, scores)
 
     def mix(self, predictions: list[Ranked], weights: list[float]) -> Ranked:
-        """Weighted sum of log-probabilities over the same candidates, re-ranked; the top `k` kept."""
-        first = predictions[0]
-        for p in predictions[1:]:
-            if not np.array_equal(p.items, first.items):
-                raise ValueError("mix needs predictions rescored on the same candidates (see `rescore`)")
-        total = sum(
-            w * np.where(np.isfinite(p.scores), p.scores, -1e30)
-            for w, p in zip(weights, predictions, strict=True)
-        )
-        total = np.where(first.items >= 0, total, -np.inf)
-        order = np.argsort(-total, axis=1, kind="stable")[:, : self.k]
-        return Ranked(np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1))
+        return mix_rankings(predictions, weights, self.k)
 
     def save_predictions(self, predictions: Ranked) -> dict[str, np.ndarray]:
         return {"items": predictions.items, "scores": predictions.scores}

@@ -67,6 +67,35 @@ class Ranked:
         return Ranked(self.items[sel], self.scores[sel])
 
 
+def union_candidates(predictions: list[Ranked]) -> list[list[int]]:
+    """Per query, every item any of the rankings holds (order of first appearance): what an ensemble of
+    ranking models rescores so that all its members score the same items."""
+    out = []
+    for q in range(len(predictions[0])):
+        seen: dict[int, None] = {}
+        for p in predictions:
+            for item in p.items[q]:
+                if item >= 0:
+                    seen.setdefault(int(item), None)
+        out.append(list(seen))
+    return out
+
+
+def mix_rankings(predictions: list[Ranked], weights: list[float], k: int) -> Ranked:
+    """Weighted sum of log-probabilities over the same candidates, re-ranked; the top `k` kept."""
+    first = predictions[0]
+    for p in predictions[1:]:
+        if not np.array_equal(p.items, first.items):
+            raise ValueError("mixing needs rankings rescored on the same candidates (see `rescore`)")
+    total = sum(
+        w * np.where(np.isfinite(p.scores), p.scores, -1e30)
+        for w, p in zip(weights, predictions, strict=True)
+    )
+    total = np.where(first.items >= 0, total, -np.inf)
+    order = np.argsort(-total, axis=1, kind="stable")[:, :k]
+    return Ranked(np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1))
+
+
 @torch.no_grad()
 def beam_search(
     lm: LoraLM,

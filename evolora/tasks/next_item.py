@@ -26,7 +26,14 @@ from evolora.errors import ConfigError, DataError
 from evolora.models.llm import LoraLM
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task
-from evolora.tasks.decoding import ItemTrie, Ranked, beam_search, sequence_logprob
+from evolora.tasks.decoding import (
+    ItemTrie,
+    Ranked,
+    beam_search,
+    mix_rankings,
+    sequence_logprob,
+    union_candidates,
+)
 
 TEMPLATES = {
     "peso": (
@@ -203,16 +210,7 @@ class NextItemTask(Task):
 
     # ------------------------------------------------------------------ ensembles
     def candidates(self, predictions: list[Ranked]) -> list[list[int]]:
-        """Per row, every item any of the models ranked (order of first appearance)."""
-        out = []
-        for q in range(len(predictions[0])):
-            seen: dict[int, None] = {}
-            for p in predictions:
-                for item in p.items[q]:
-                    if item >= 0:
-                        seen.setdefault(int(item), None)
-            out.append(list(seen))
-        return out
+        return union_candidates(predictions)
 
     @torch.no_grad()
     def rescore(self, lm: LoraLM, rows: np.ndarray, candidates: list[list[int]], batch_size: int) -> Ranked:
@@ -231,18 +229,7 @@ class NextItemTask(Task):
         return Ranked(items, scores)
 
     def mix(self, predictions: list[Ranked], weights: list[float]) -> Ranked:
-        """Weighted sum of log-probabilities over the same candidates, re-ranked; the top `beams` kept."""
-        first = predictions[0]
-        for p in predictions[1:]:
-            if not np.array_equal(p.items, first.items):
-                raise ValueError("mix needs predictions rescored on the same candidates (see `rescore`)")
-        total = sum(
-            w * np.where(np.isfinite(p.scores), p.scores, -1e30)
-            for w, p in zip(weights, predictions, strict=True)
-        )
-        total = np.where(first.items >= 0, total, -np.inf)
-        order = np.argsort(-total, axis=1, kind="stable")[:, : self.cfg.beams]
-        return Ranked(np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1))
+        return mix_rankings(predictions, weights, self.cfg.beams)
 
     def truth(self, rows: np.ndarray) -> np.ndarray:
         return self.targets[np.asarray(rows, dtype=np.int64)]
