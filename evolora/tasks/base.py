@@ -8,13 +8,31 @@ task and the generative next-item task.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from evolora.data.samples import SampleTable
+from evolora.errors import ConfigError
 from evolora.models.llm import LoraLM
+
+
+def load_template(spec: str, builtin: dict[str, str], fields: tuple[str, ...]) -> str:
+    """A built-in prompt template by name, or the text of a template file that has every field."""
+    if spec in builtin:
+        return builtin[spec]
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"task.template: {spec!r} is neither a built-in template {sorted(builtin)} nor a file"
+        )
+    text = path.read_text(encoding="utf-8")
+    missing = [f for f in fields if f not in text]
+    if missing:
+        raise ConfigError(f"task.template: {path} lacks the fields {missing}")
+    return text
 
 
 class Task(ABC):

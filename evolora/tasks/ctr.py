@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,11 +24,12 @@ import torch.nn.functional as F
 
 from evolora.config import CtrTaskConfig
 from evolora.data.samples import SampleTable
-from evolora.errors import ConfigError, EvoloraError
+from evolora.errors import EvoloraError
 from evolora.eval.metrics import auc, logloss
 from evolora.models.llm import LoraLM
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task
+from evolora.tasks.base import load_template as base_load_template
 
 log = logging.getLogger("evolora.tasks")
 
@@ -60,18 +60,7 @@ _FIELDS = ("{preference}", "{unpreference}", "{target}")
 
 
 def load_template(spec: str) -> str:
-    if spec in TEMPLATES:
-        return TEMPLATES[spec]
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"task.template: {spec!r} is neither a built-in template {sorted(TEMPLATES)} nor a file"
-        )
-    text = path.read_text(encoding="utf-8")
-    missing = [f for f in _FIELDS if f not in text]
-    if missing:
-        raise ConfigError(f"task.template: {path} lacks the fields {missing}")
-    return text
+    return base_load_template(spec, TEMPLATES, _FIELDS)
 
 
 @dataclass(frozen=True)

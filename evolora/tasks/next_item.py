@@ -13,7 +13,6 @@ logits by 0.8 in the loss, a LETTER inheritance the paper does not mention) is `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from evolora.errors import ConfigError, DataError
 from evolora.models.llm import LoraLM
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task
+from evolora.tasks.base import load_template as base_load_template
 from evolora.tasks.decoding import (
     ItemTrie,
     Ranked,
@@ -46,17 +46,7 @@ KS = (5, 10)
 
 
 def load_template(spec: str) -> str:
-    if spec in TEMPLATES:
-        return TEMPLATES[spec]
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"task.template: {spec!r} is neither a built-in template {sorted(TEMPLATES)} nor a file"
-        )
-    text = path.read_text(encoding="utf-8")
-    if "{history}" not in text:
-        raise ConfigError(f"task.template: {path} lacks the field {{history}}")
-    return text
+    return base_load_template(spec, TEMPLATES, ("{history}",))
 
 
 def ranking_metrics(
