@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evolora.continual.base import MAIN, TrainJob
+from evolora.continual.base import MAIN, StageContext, TrainJob
 from evolora.continual.cumulative import CumulativeLora
 
 
@@ -38,7 +38,7 @@ class SdLora(CumulativeLora):
     def _scale(p: nn.Parameter):
         return lambda module, args, output: output * p.to(output.dtype)
 
-    def plan(self, ctx):  # type: ignore[override]
+    def plan(self, ctx: StageContext) -> list[TrainJob]:
         jobs = super().plan(ctx)
         if ctx.stage > 1:
             # Fold the learned current magnitude into the weights being frozen, then start it again at 1.

@@ -29,6 +29,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -212,7 +213,7 @@ def _hub_reachable() -> bool:
         return False
 
 
-def load_pretrained(name: str, dtype: torch.dtype, revision: str | None = None):
+def load_pretrained(name: str, dtype: torch.dtype, revision: str | None = None) -> tuple[nn.Module, Any]:
     """(model, tokenizer) for a folder, a hub id, `tiny`, or the default model through its offline route."""
     if name == "tiny":
         from evolora.models.tiny import build_tiny_llama

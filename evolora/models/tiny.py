@@ -7,7 +7,12 @@ tokens and any text (any title, any script) still encodes through the byte alpha
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 _CORPUS = [
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -26,7 +31,7 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 600):
+def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,7 +56,7 @@ def build_tiny_llama(
     layers: int = 2,
     heads: int = 4,
     seed: int = 0,
-):
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """(model, tokenizer): a randomly initialised `LlamaForCausalLM` with a few thousand parameters."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
