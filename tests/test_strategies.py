@@ -296,3 +296,20 @@ def test_strategy_state_survives_an_interruption(sunny_dir: Path, tmp_path: Path
         for sa, sb in zip(a["stages"], b["stages"], strict=True):
             assert sa["metrics"] == pytest.approx(sb["metrics"], abs=1e-9)
             assert sa["strategy_info"] == sb["strategy_info"]
+
+
+def test_retrain_with_the_first_budget_shares_lsat_full_long_term_training(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    over = {
+        "strategies": "[{name: lsat, long_mode: full}, {name: retrain, label: r1, budget: first}, retrain]",
+        "train.samples_per_stage": "[48, 16]",
+        "train.epochs": 1,
+    }
+    lsat, first, stage = run_experiment(tiny_config(sunny_dir, tmp_path, **over))
+    assert [s["n_train"] for s in first["stages"]] == [48, 48]
+    assert [s["n_train"] for s in stage["stages"]] == [48, 16]
+    # Stage 2: the same draw as LSAT's long-term LoRA, so it was trained once and reused.
+    assert first["stages"][1]["jobs"][0]["reused_shared_result"]
+    long_job = next(j for j in lsat["stages"][1]["jobs"] if j["adapter"] == "long")
+    assert first["stages"][1]["jobs"][0]["shared_key"] == long_job["shared_key"]

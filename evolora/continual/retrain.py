@@ -1,19 +1,38 @@
 """`retrain`: a fresh LoRA at every stage, trained on samples from all stages so far (LSAT's "Full
 Retraining").
 
-The sample budget is the same as the other strategies' (drawn from the union of the train pools of stages
-1..t), so retraining is compared at equal training cost per stage, not with ever more data. Set
-`train.samples_per_stage: null` to retrain on everything, as LSAT does.
+`budget: stage` (default) draws the current stage's sample budget from the union of the train pools of
+stages 1..t, so retraining is compared at equal training cost per stage. A fresh adapter trained on a later
+stage's small budget starts from nothing, though, so `budget: first` draws stage 1's budget instead: what it
+takes to train an adapter from scratch (the same draw as LSAT-EN(full)'s long-term LoRA, so the two share
+their training). Set `train.samples_per_stage: null` to retrain on everything, as LSAT does.
 """
 
 from __future__ import annotations
 
-from evolora.continual.base import StageContext, Strategy, TrainJob
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from evolora.continual.base import StageContext, Strategy, StrategyOptions, TrainJob
+from evolora.data.samples import draw
+
+
+class RetrainOptions(StrategyOptions):
+    budget: Literal["stage", "first"] = Field(
+        "stage", description="training samples per stage: the stage's budget or stage 1's"
+    )
 
 
 class Retrain(Strategy):
     name = "retrain"
+    Options = RetrainOptions
 
     def plan(self, ctx: StageContext) -> list[TrainJob]:
-        train, valid = self.budgeted(ctx, list(range(1, ctx.stage + 1)))
+        stages = list(range(1, ctx.stage + 1))
+        train, valid = self.budgeted(ctx, stages)
+        if self.options.budget == "first":  # type: ignore[attr-defined]
+            pool = [ctx.pools[s].train for s in stages]
+            train = draw(np.concatenate(pool), self.cfg.train.budget(1), self.seed, ctx.stage, salt=0)
         return [TrainJob("default", train, valid, init="fresh", shareable=True)]
