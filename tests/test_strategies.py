@@ -93,6 +93,27 @@ def test_kl_term_is_fp32_for_bf16_weights() -> None:
     assert term.dtype == torch.float32
 
 
+def test_kl_term_resolves_changes_too_small_for_fp32() -> None:
+    """A 0.1% change of a 4608-entry group has KL ~1e-9, below fp32's rounding of log-probabilities."""
+    torch.manual_seed(0)
+    a = torch.nn.Parameter((torch.rand(8, 576) * 2 - 1) * 0.042)
+    b = torch.nn.Parameter(torch.zeros(576, 8))
+    reg = ProximalRegularizer("kl")
+    reg.set_anchor([("m", a, b)])
+    with torch.no_grad():
+        a.add_(torch.randn_like(a) * 0.042e-3)
+    term = reg([("m", a, b)])
+    p = np.exp(a.detach().double().numpy().ravel())
+    p /= p.sum()
+    q = np.exp(reg.anchor[0][0].numpy().ravel())
+    q /= q.sum()
+    expected = float(np.sum(p * np.log(p / q)))
+    assert 0 < expected < 1e-8
+    assert term.item() == pytest.approx(expected, rel=1e-3)
+    term.backward()
+    assert a.grad is not None and a.grad.dtype == torch.float32 and torch.isfinite(a.grad).all()
+
+
 # ---------------------------------------------------------------------------------------------- LSAT
 @pytest.mark.parametrize("mode", ["delta", "factors"])
 def test_fused_adapter_equals_manual_merge(lm: LoraLM, mode: str) -> None:

@@ -15,8 +15,10 @@ Options (paper vs released code, spec §4.2 and §8):
   (KL_A + KL_B) (the released code, whose lambda = 2 was tuned with that normalisation).
 * `penalty`: `kl` (PESO), `l2` ((lambda/2) * sum_g ||v_t^g - v_{t-1}^g||^2, the paper's L2 proximal
   ablation) or `l2_norm` (sum_g ||v_t^g - v_{t-1}^g||_F, not squared, as the released code computes "L2").
-* The term is always computed in fp32 from fp32 copies of the adapter: in bf16 the log-ratios it sums
-  (~1e-3) are below bf16's resolution and the term can vanish (spec §4.4).
+* The KL term is computed in fp64 from fp64 copies of the anchor: in bf16 the log-ratios it sums (~1e-3)
+  are below bf16's resolution and the term can vanish (spec §4.4), and even fp32 rounding (~1e-7 on
+  log-probabilities near -8) exceeds the term itself (~1e-9 per group for a 0.1% change), which leaves its
+  logged value noise. The L2 variants, free of that cancellation, run in fp32.
 
 PESO's recipe also lowers the learning rate after stage 1 (0.1 x); set `train.lr_inherit` for that.
 """
@@ -49,10 +51,13 @@ class ProximalRegularizer:
         self.anchor: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def set_anchor(self, pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]) -> None:
-        self.anchor = [(a.detach().float().clone(), b.detach().float().clone()) for _, a, b in pairs]
+        # The KL of two nearly equal softmaxes over thousands of entries is ~1e-9: fp32 rounding (~1e-7)
+        # swamps its value and skews its gradient, so the KL runs in fp64 (cheap: it is a few vectors).
+        dtype = torch.float64 if self.penalty == "kl" else torch.float32
+        self.anchor = [(a.detach().to(dtype).clone(), b.detach().to(dtype).clone()) for _, a, b in pairs]
 
     def group_term(self, current: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        v = current.float().flatten()
+        v = current.to(anchor.dtype).flatten()
         a = anchor.flatten()
         if self.penalty == "kl":
             log_p = F.log_softmax(v, dim=0)
@@ -71,7 +76,7 @@ class ProximalRegularizer:
         )
         if self.reduction == "mean":
             total = total / len(pairs)
-        return total  # type: ignore[return-value]
+        return total.float()  # type: ignore[union-attr]
 
 
 class Peso(Strategy):
