@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -92,16 +92,21 @@ class Strategy:
         self.seed = seed
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def budgeted(self, ctx: StageContext, stages: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def budgeted(
+        self, ctx: StageContext, stages: list[int], n_train: int | Literal["stage"] | None = "stage"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Training samples drawn from the train pools of `stages`, validation from the current stage.
 
-        Draws depend only on (seed, current stage), so strategies with the same seed see the same samples.
+        `n_train`: how many training samples: the current stage's budget (default), a count, or None for
+        the whole pool. Draws are keyed by (seed, current stage), so strategies with the same seed drawing as
+        many samples from the same stages get the same ones, and their fresh-adapter jobs train once.
         """
         train = np.concatenate([ctx.pools[s].train for s in stages])
         valid = ctx.pools[ctx.stage].valid
         t = ctx.stage
+        n = self.cfg.train.budget(t) if n_train == "stage" else n_train
         return (
-            draw(train, self.cfg.train.budget(t), self.seed, t, salt=0),
+            draw(train, n, self.seed, t, salt=0),
             draw(valid, self.cfg.train.budget(t, valid=True), self.seed, t, salt=1),
         )
 

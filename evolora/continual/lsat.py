@@ -24,7 +24,6 @@ from pydantic import Field
 
 from evolora.config import LoraConfig
 from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions, TrainJob
-from evolora.data.samples import draw
 
 LONG = "long"
 FUSED = "fused"
@@ -67,13 +66,10 @@ class Lsat(Strategy):
         t = ctx.stage
         jobs = [self.current_stage_job(ctx, MAIN, init="fresh")]
         if self.o.long_mode == "full" or t <= self.o.long_stages:
-            pool = np.concatenate([ctx.pools[s].train for s in range(1, t + 1)])
             budget = self.o.long_samples or self.cfg.train.budget(1)
-            _, valid = self.budgeted(ctx, [t])
+            train, valid = self.budgeted(ctx, list(range(1, t + 1)), budget)
             # Same draw as `retrain` at equal budgets (and as the short-term job at stage 1): trained once.
-            jobs.append(
-                TrainJob(LONG, draw(pool, budget, self.seed, t, salt=0), valid, "fresh", shareable=True)
-            )
+            jobs.append(TrainJob(LONG, train, valid, "fresh", shareable=True))
         return jobs
 
     # ------------------------------------------------------------------ combining

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 from pydantic import Field
 
 from evolora.continual.base import StageContext, Strategy, StrategyOptions, TrainJob
-from evolora.data.samples import draw
 
 
 class RetrainOptions(StrategyOptions):
@@ -30,9 +28,7 @@ class Retrain(Strategy):
     Options = RetrainOptions
 
     def plan(self, ctx: StageContext) -> list[TrainJob]:
-        stages = list(range(1, ctx.stage + 1))
-        train, valid = self.budgeted(ctx, stages)
-        if self.options.budget == "first":  # type: ignore[attr-defined]
-            pool = [ctx.pools[s].train for s in stages]
-            train = draw(np.concatenate(pool), self.cfg.train.budget(1), self.seed, ctx.stage, salt=0)
+        first = self.options.budget == "first"  # type: ignore[attr-defined]
+        n_train = self.cfg.train.budget(1) if first else "stage"
+        train, valid = self.budgeted(ctx, list(range(1, ctx.stage + 1)), n_train)
         return [TrainJob("default", train, valid, init="fresh", shareable=True)]
