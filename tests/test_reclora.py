@@ -43,6 +43,21 @@ def test_reclora_runs_stage_by_stage_with_its_crm(sunny_dir: Path, tmp_path: Pat
     assert "personal" in state["strategy"] and "crm" in state["strategy"]
 
 
+def test_reclora_trains_new_banks_at_lr_and_continues_them_at_lr_inherit(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    over = {
+        **OVER,
+        "strategies": f"[{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 1}}]",
+        "train.lr": 3e-3,
+        "train.lr_inherit": 2e-4,
+        "train.schedule": "constant",
+    }
+    (res,) = run_experiment(tiny_config(sunny_dir, tmp_path, **over))
+    lrs = [s["jobs"][0]["history"][-1]["lr"] for s in res["stages"]]
+    assert lrs == pytest.approx([3e-3, 2e-4])
+
+
 def test_reclora_resumes_identically(sunny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     from evolora.tasks.ctr import CtrTask
 

@@ -150,7 +150,9 @@ class RecLora(Strategy):
     # ------------------------------------------------------------------ the interface
     def plan(self, ctx: StageContext) -> list[TrainJob]:
         train, valid = self.budgeted(ctx, [ctx.stage])
-        return [TrainJob(MAIN, train, valid, init="inherit")]
+        # Stage 1 trains new banks (at `train.lr`); later stages continue them (at `train.lr_inherit`).
+        # The PEFT adapter a fresh job resets stays at zero: only the banks add to the projections.
+        return [TrainJob(MAIN, train, valid, init="fresh" if ctx.stage == 1 else "inherit")]
 
     def regularized(self, stage: int) -> bool:
         return stage > 1 and self.o.proximal > 0
