@@ -90,7 +90,10 @@ def stage_table(results: list[dict[str, Any]], metric_names: tuple[str, ...]) ->
     for r in results:
         by_stage = {s["eval_stage"]: s for s in r["stages"]}
         for i, m in enumerate(metric_names):
-            cells = [f"{by_stage[s]['metrics'][m]:.4f}" if s in by_stage else "–" for s in stages]
+            cells = [
+                f"{by_stage[s]['metrics'][m]:.4f}" if m in by_stage.get(s, {}).get("metrics", {}) else "–"
+                for s in stages
+            ]
             mean = r["summary"]["mean"].get(m)
             secs = f"{r['summary'].get('train_seconds', 0):.0f}" if i == 0 else ""
             table.add_row(
@@ -129,7 +132,7 @@ def run(
     cfg = load_config(config, set_ or [])
     with progress.display(err_console):
         results = run_experiment(cfg, overwrite=overwrite)
-    metric_names = ("auc", "logloss") if cfg.task.name == "ctr" else ("hit@10", "ndcg@10")
+    metric_names = ("auc", "logloss") if cfg.task.name == "ctr" else ("hit@10", "ndcg@10", "nll")
     console.print(stage_table(results, metric_names))
     root = Path(cfg.output_dir) / cfg.name
     report, groups = build_report([root])

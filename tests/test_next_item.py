@@ -40,7 +40,8 @@ def test_peso_blocks_with_shipped_ids(peso_dir: Path, tmp_path: Path) -> None:
         3,
     ]  # leave-last-out: each stage tests itself
     for s in finetune["stages"]:
-        assert set(s["metrics"]) == {"hit@5", "hit@10", "ndcg@5", "ndcg@10"}
+        assert set(s["metrics"]) == {"hit@5", "hit@10", "ndcg@5", "ndcg@10", "nll"}
+        assert s["metrics"]["nll"] > 0
         assert 0 <= s["metrics"]["ndcg@10"] <= s["metrics"]["hit@10"] <= 1
         assert s["metrics"]["hit@5"] <= s["metrics"]["hit@10"]
     ids = list((Path(cfg.output_dir) / "_shared" / "semantic_ids").glob("*.json"))
@@ -52,6 +53,21 @@ def test_peso_blocks_with_shipped_ids(peso_dir: Path, tmp_path: Path) -> None:
 
     with np.load(preds) as z:
         assert z["items"].shape == (z["rows"].shape[0], 10) and (z["items"] >= 0).all()
+        # The true item's likelihood (teacher forced, right-padded) is the score beam search gave it
+        # (cached, left-padded) whenever it was among the beams.
+        found = z["items"] == z["truth"][:, None]
+        assert found.any()
+        q, b = np.nonzero(found)
+        np.testing.assert_allclose(z["target_logp"][q], z["scores"][q, b], atol=1e-4)
+        record = json.loads((preds.parent / "record.json").read_text())
+        assert record["metrics"]["nll"] == pytest.approx(-z["target_logp"].mean())
+    from evolora.eval.report import build_report
+
+    text, _ = build_report([Path(cfg.output_dir)])
+    assert "### NLL per evaluated stage (lower is better)" in text
+    text, _ = build_report([Path(cfg.output_dir)], ["nll"])
+    frozen_row = next(line for line in text.splitlines() if line.startswith("| frozen | ") and "[" in line)
+    assert "no paired" not in frozen_row  # the bootstrap pairs the true-item likelihoods row by row
 
 
 def test_rqvae_ids_from_titles_and_lsat_ensemble(sunny_dir: Path, tmp_path: Path) -> None:
@@ -65,6 +81,7 @@ def test_rqvae_ids_from_titles_and_lsat_ensemble(sunny_dir: Path, tmp_path: Path
     cfg = tiny_config(sunny_dir, tmp_path, **over)
     (lsat,) = run_experiment(cfg)
     assert lsat["complete"] and lsat["stages"][-1]["strategy_info"]["alpha"] in (0.0, 0.5, 1.0)
+    assert all(s["metrics"]["nll"] > 0 for s in lsat["stages"])  # the ensemble mixes the true item's too
     index = json.loads(next((Path(cfg.output_dir) / "_shared" / "semantic_ids").glob("*.json")).read_text())
     assert len(index) == 60 and len({"".join(v) for v in index.values()}) == 60  # every item, all unique
 

@@ -343,7 +343,7 @@ class StageLoop:
         summary: dict[str, dict[str, float]] = {"mean": {}}
         if records:
             for m in self.task.metric_names:
-                vals = [r["metrics"][m] for r in records if not np.isnan(r["metrics"][m])]
+                vals = [r["metrics"][m] for r in records if not np.isnan(r["metrics"].get(m, np.nan))]
                 summary["mean"][m] = float(np.mean(vals)) if vals else float("nan")
             summary["train_seconds"] = float(sum(r["train_seconds"] for r in records))  # type: ignore[assignment]
         return {

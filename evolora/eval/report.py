@@ -18,7 +18,7 @@ import numpy as np
 from evolora.errors import EvoloraError
 from evolora.io import read_json
 
-LOWER_IS_BETTER = {"logloss"}
+LOWER_IS_BETTER = {"logloss", "nll"}
 BASELINE = "finetune"
 
 
@@ -158,6 +158,8 @@ def _metric_fn(task: str, metric: str):
         return lambda arrays, idx: fn(arrays["truth"][idx], arrays["scores"][idx])
     from evolora.tasks.next_item import ranking_metrics
 
+    if metric == "nll":
+        return lambda arrays, idx: float(-np.mean(arrays["target_logp"][idx]))
     k = int(metric.split("@")[1])
     return lambda arrays, idx: ranking_metrics(arrays["items"][idx], arrays["truth"][idx], ks=(k,))[metric]
 
@@ -223,7 +225,12 @@ def paired_bootstrap(
             if mine is None or theirs is None:
                 continue
             stages = sorted(set(mine) & set(theirs))
-            if stages and all(np.array_equal(mine[s]["rows"], theirs[s]["rows"]) for s in stages):
+            needed = {"target_logp"} if metric == "nll" else set()
+            if (
+                stages
+                and all(np.array_equal(mine[s]["rows"], theirs[s]["rows"]) for s in stages)
+                and all(needed <= set(a[s]) for a in (mine, theirs) for s in stages)
+            ):
                 pairs.append((mine, theirs, stages))
         if not pairs:
             lines.append(f"| {g.method} | – | (no paired predictions) | – |")
@@ -252,6 +259,8 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
     tasks = {g.task for g in groups}
     if metrics is None:
         metrics = ["auc", "logloss"] if tasks == {"ctr"} else ["hit@10", "ndcg@10", "hit@5", "ndcg@5"]
+        if any(g.stage_values("nll") for g in groups):
+            metrics.append("nll")
     out = []
     datasets = sorted({g.dataset for g in groups})
     out.append(f"Dataset: {', '.join(datasets)}; task: {', '.join(sorted(tasks))}.")

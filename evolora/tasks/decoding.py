@@ -59,12 +59,15 @@ class Ranked:
 
     items: np.ndarray  # [n, k] int
     scores: np.ndarray  # [n, k] float, -inf where fewer than k items were found
+    # log p(true next item | prompt) per query, when the ranker scored it (the `nll` metric)
+    target_logp: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, sel: np.ndarray | slice) -> Ranked:
-        return Ranked(self.items[sel], self.scores[sel])
+        t = None if self.target_logp is None else self.target_logp[sel]
+        return Ranked(self.items[sel], self.scores[sel], t)
 
 
 def union_candidates(predictions: list[Ranked]) -> list[list[int]]:
@@ -93,7 +96,10 @@ def mix_rankings(predictions: list[Ranked], weights: list[float], k: int) -> Ran
     )
     total = np.where(first.items >= 0, total, -np.inf)
     order = np.argsort(-total, axis=1, kind="stable")[:, :k]
-    return Ranked(np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1))
+    target = None
+    if all(p.target_logp is not None for p in predictions):
+        target = sum(w * p.target_logp for w, p in zip(weights, predictions, strict=True))
+    return Ranked(np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1), target)
 
 
 @torch.no_grad()

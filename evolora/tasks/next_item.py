@@ -74,7 +74,7 @@ class Encoded:
 class NextItemTask(Task):
     name = "next_item"
     primary_metric = "ndcg@10"
-    metric_names = ("hit@5", "hit@10", "ndcg@5", "ndcg@10")
+    metric_names = ("hit@5", "hit@10", "ndcg@5", "ndcg@10", "nll")
     default_select_by = "loss"  # beam search on validation every epoch is costly; PESO selects by loss
 
     def __init__(
@@ -171,6 +171,7 @@ class NextItemTask(Task):
         rows = np.asarray(rows, dtype=np.int64)
         items = np.full((len(rows), self.cfg.beams), -1, dtype=np.int64)
         scores = np.full((len(rows), self.cfg.beams), -np.inf)
+        target_logp = np.empty(len(rows))
         was_training = lm.model.training
         lm.model.eval()
         with progress_task(desc, total=len(rows)) as bar:
@@ -191,12 +192,26 @@ class NextItemTask(Task):
                 )
                 items[start : start + len(batch)] = ranked.items
                 scores[start : start + len(batch)] = ranked.scores
+                target_logp[start : start + len(batch)] = self._target_logp(lm, batch)
                 bar.advance(len(batch))
         lm.model.train(was_training)
-        return Ranked(items, scores)
+        return Ranked(items, scores, target_logp)
+
+    def _target_logp(self, lm: LoraLM, rows: np.ndarray) -> np.ndarray:
+        """log p(true next item's ID | prompt): the quantity beam search ranks by, for the true item.
+
+        Hit@K is zero whenever the true item falls outside the top K; its likelihood still tells how far
+        off a model is (small budgets over tens of thousands of items), at one teacher-forced pass.
+        """
+        targets = [self.item_seqs[self.targets[int(r)]] for r in rows]
+        return sequence_logprob(lm, self._prompts(rows), targets, prefix=self.prefix or None)
 
     def metrics(self, predictions: Ranked, rows: np.ndarray) -> dict[str, float]:
-        return ranking_metrics(predictions.items, self.targets[np.asarray(rows, dtype=np.int64)])
+        out = ranking_metrics(predictions.items, self.targets[np.asarray(rows, dtype=np.int64)])
+        if predictions.target_logp is not None:
+            # nats per item; lower is better
+            out["nll"] = float(-np.mean(predictions.target_logp)) if len(rows) else float("nan")
+        return out
 
     # ------------------------------------------------------------------ ensembles
     def candidates(self, predictions: list[Ranked]) -> list[list[int]]:
@@ -216,7 +231,14 @@ class NextItemTask(Task):
             logp = sequence_logprob(lm, prompts, targets, prefix=self.prefix or None)
             for (q, j, item), v in zip(chunk, logp, strict=True):
                 items[q, j], scores[q, j] = item, v
-        return Ranked(items, scores)
+        target_logp = (
+            np.concatenate(
+                [self._target_logp(lm, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
+            )
+            if len(rows)
+            else np.empty(0)
+        )
+        return Ranked(items, scores, target_logp)
 
     def mix(self, predictions: list[Ranked], weights: list[float]) -> Ranked:
         return mix_rankings(predictions, weights, self.cfg.beams)
@@ -225,7 +247,11 @@ class NextItemTask(Task):
         return self.targets[np.asarray(rows, dtype=np.int64)]
 
     def save_predictions(self, predictions: Ranked) -> dict[str, np.ndarray]:
-        return {"items": predictions.items, "scores": predictions.scores}
+        out = {"items": predictions.items, "scores": predictions.scores}
+        if predictions.target_logp is not None:
+            out["target_logp"] = predictions.target_logp
+        return out
 
     def load_predictions(self, arrays: Any) -> Ranked:
-        return Ranked(arrays["items"], arrays["scores"])
+        target = arrays.get("target_logp")
+        return Ranked(arrays["items"], arrays["scores"], target)
