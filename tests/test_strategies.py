@@ -14,7 +14,7 @@ from evolora.continual.inflora import designed_a, update_basis
 from evolora.continual.lsat import LONG, choose_weight
 from evolora.continual.olora import orthogonality_loss
 from evolora.continual.peso import ProximalRegularizer
-from evolora.experiment import run_experiment
+from evolora.experiment import run_dir_of, run_experiment
 from evolora.models.bank import AdapterBank
 from evolora.models.llm import LoraLM
 from tests.helpers import tiny_config
@@ -334,3 +334,41 @@ def test_retrain_with_the_first_budget_shares_lsat_full_long_term_training(
     assert first["stages"][1]["jobs"][0]["reused_shared_result"]
     long_job = next(j for j in lsat["stages"][1]["jobs"] if j["adapter"] == "long")
     assert first["stages"][1]["jobs"][0]["shared_key"] == long_job["shared_key"]
+
+
+@pytest.mark.parametrize("inference", ["ensemble", "fusion"])
+def test_lsat_scores_once_when_long_and_short_term_are_one_adapter(
+    sunny_dir: Path, tmp_path: Path, inference: str, monkeypatch
+) -> None:
+    """At stage 1 both LSAT adapters are the shared D1 result: the weight cannot matter, so LSAT scores one
+    adapter (not one pass per grid weight) and gives exactly finetune's stage-1 predictions."""
+    from evolora.tasks.ctr import CtrTask
+
+    real, passes = CtrTask.predict, []
+
+    def counting(self, lm, rows, batch_size, desc="scoring"):
+        passes.append(desc)
+        return real(self, lm, rows, batch_size, desc)
+
+    monkeypatch.setattr(CtrTask, "predict", counting)
+    spec = f"{{name: lsat, long_stages: 1, inference: {inference}, grid: [0.0, 0.5, 1.0]}}"
+    cfg = tiny_config(sunny_dir, tmp_path, strategies=f"[finetune, {spec}]", **{"train.epochs": 1})
+    finetune, lsat = run_experiment(cfg)
+    key = "alpha" if inference == "ensemble" else "lambda"
+    info = lsat["stages"][0]["strategy_info"]
+    assert info[key] == 0.0 and len(set(info[f"valid_auc_by_{key}"].values())) == 1
+    assert lsat["stages"][0]["metrics"] == finetune["stages"][0]["metrics"]
+    with (
+        np.load(run_dir_of(cfg, "finetune", 0) / "stage-1" / "predictions.npz") as a,
+        np.load(run_dir_of(cfg, "lsat", 0) / "stage-1" / "predictions.npz") as b,
+    ):
+        np.testing.assert_array_equal(a["scores"], b["scores"])
+    # LSAT's passes (the last in the run): stage 1 one validation and one evaluation; stage 2 trains a new
+    # short-term adapter (its epoch's validation) and searches the grid again with both adapters.
+    if inference == "ensemble":
+        stage2 = ["validating (long-term)", "validating (short-term)"]
+        stage2 += ["evaluating stage 3 (long-term)", "evaluating stage 3 (short-term)"]
+    else:
+        stage2 = [f"validating fusion {w}" for w in (0.0, 0.5, 1.0)] + ["evaluating stage 3"]
+    expected = ["validating", "evaluating stage 2", "validating", *stage2]
+    assert passes[-len(expected) :] == expected

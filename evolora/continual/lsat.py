@@ -58,6 +58,7 @@ class Lsat(Strategy):
         self.o: LsatOptions = self.options  # type: ignore[assignment]
         self.weight: float | None = None
         self.curve: dict[float, float] = {}
+        self.identical = False
         if LONG not in self.lm.adapters:
             self.lm.add_adapter(LONG)
 
@@ -119,9 +120,21 @@ class Lsat(Strategy):
                     a_f.copy_(weight * a_l + (1 - weight) * a_s)
                     b_f.copy_(weight * b_l + (1 - weight) * b_s)
 
+    def _same_adapters(self) -> bool:
+        """Whether the long- and short-term adapters hold the same weights: at stage 1 (and whenever both
+        train on one draw) they are one shared training result, so every weight gives the same model."""
+        long, short = self.lm.adapter_state(LONG), self.lm.adapter_state(MAIN)
+        return long.keys() == short.keys() and all(torch.equal(long[k], short[k]) for k in long)
+
     def after_stage(self, ctx: StageContext) -> None:
         rows = self._valid_rows(ctx)
         metric = self.task.primary_metric
+        self.identical = self._same_adapters()
+        if self.identical:
+            # Score once instead of once per grid weight; ties go to the first weight, as choose_weight does.
+            value = self.task.metrics(self._scores(MAIN, rows, "validating"), rows)[metric]
+            self.weight, self.curve = self.o.grid[0], {w: float(value) for w in self.o.grid}
+            return
         if self.o.inference == "ensemble":
             long, short = self._pair(rows, "validating")
 
@@ -141,6 +154,8 @@ class Lsat(Strategy):
     def predict(self, ctx: StageContext, rows: np.ndarray) -> Any:
         assert self.weight is not None, "after_stage chooses the weight first"
         desc = f"evaluating stage {ctx.eval_stage}"
+        if self.identical:
+            return self._scores(MAIN, rows, desc)
         if self.o.inference == "fusion":
             self.build_fused(self.weight)
             return self._scores(FUSED, rows, desc)
@@ -152,11 +167,12 @@ class Lsat(Strategy):
         return [MAIN, LONG]
 
     def state(self) -> dict[str, Any]:
-        return {"weight": self.weight, "curve": self.curve}
+        return {"weight": self.weight, "curve": self.curve, "identical": self.identical}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.weight = state.get("weight")
         self.curve = state.get("curve", {})
+        self.identical = state.get("identical", False)
 
     def stage_info(self) -> dict[str, Any]:
         key = "alpha" if self.o.inference == "ensemble" else "lambda"
