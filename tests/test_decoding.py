@@ -89,6 +89,22 @@ def test_shared_prefix_and_exclusion(setup) -> None:
     assert not banned & set(c.items[0].tolist())
 
 
+def test_beam_search_scores_given_targets_on_its_cache(setup) -> None:
+    """The true item's log-probability from the prompt cache equals a separate teacher-forced pass, for
+    targets of different lengths, with and without a shared prefix, and leaves the ranking untouched."""
+    lm, trie, seqs, prompts = setup
+    head = lm.tokenizer("Below is an instruction.\n")["input_ids"]
+    targets = [seqs[3], seqs[20][:2]]  # a whole item and a shorter token sequence
+    for prefix in (None, head):
+        plain = beam_search(lm, prompts, trie, beams=6, prefix=prefix)
+        ranked = beam_search(lm, prompts, trie, beams=6, prefix=prefix, targets=targets)
+        assert plain.target_logp is None
+        assert ranked.items.tolist() == plain.items.tolist()
+        np.testing.assert_allclose(ranked.scores, plain.scores, atol=1e-5)
+        expected = sequence_logprob(lm, prompts, targets, prefix=prefix)
+        np.testing.assert_allclose(ranked.target_logp, expected, atol=1e-4)
+
+
 def test_levelwise_constraint_may_produce_non_items(setup) -> None:
     lm, trie, _, prompts = setup
     ranked = beam_search(lm, prompts, trie, beams=27, levelwise=True)

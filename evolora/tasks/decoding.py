@@ -12,6 +12,7 @@ some item is allowed, so beams can end on combinations that are no item (they co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,11 +112,14 @@ def beam_search(
     prefix: list[int] | None = None,
     levelwise: bool = False,
     exclude: list[set[int]] | None = None,
+    targets: list[list[int]] | None = None,
 ) -> Ranked:
     """The `beams` most probable items after each prompt (token ids), by summed token log-probabilities.
 
     `prefix`: token ids shared by all prompts (run once). `exclude`: per prompt, item indices never to return
-    (e.g. items already in the history).
+    (e.g. items already in the history). `targets`: per prompt, the token ids of one item whose
+    log-probability to return as `target_logp` (teacher forced on the prompt's cache: a few tokens each,
+    where `sequence_logprob` would run every prompt again).
     """
     device = lm.device
     n = len(prompts)
@@ -143,6 +147,9 @@ def beam_search(
         logits = lm.logits_from_hidden(out.last_hidden_state[:, -1])
     cache = out.past_key_values
     logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+    target_logp = None
+    if targets is not None:
+        target_logp = _teacher_forced(lm, decoder, cache, mask, positions[:, -1:] + 1, logp, targets)
 
     # Expand to beams: beam 0 carries the prompt, the others start dead so step 1 picks distinct tokens.
     vocab = logp.shape[-1]
@@ -206,7 +213,42 @@ def beam_search(
         for b in range(beams):
             if final[q, b] > -np.inf:
                 items[q, b] = trie.item(seqs[q][b])
-    return Ranked(items, final)
+    return Ranked(items, final, target_logp)
+
+
+def _teacher_forced(
+    lm: LoraLM,
+    decoder: torch.nn.Module,
+    cache: Any,
+    mask: torch.Tensor,
+    next_pos: torch.Tensor,
+    first_logp: torch.Tensor,
+    targets: list[list[int]],
+) -> np.ndarray:
+    """log p(target | prompt) for each prompt, continuing its KV cache; the cache is cropped back after."""
+    device = first_logp.device
+    n, depth = len(targets), max(len(t) for t in targets)
+    tokens = torch.zeros((n, depth), dtype=torch.long, device=device)
+    valid = torch.zeros((n, depth), dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        tokens[i, : len(t)] = torch.tensor(t, device=device)
+        valid[i, : len(t)] = True
+    total = first_logp.gather(1, tokens[:, :1])[:, 0] * valid[:, 0]
+    if depth > 1:
+        # Padding after a shorter target sits behind its real tokens, so causal attention never reads it.
+        with lm.autocast():
+            out = decoder(
+                input_ids=tokens[:, :-1],
+                attention_mask=torch.cat([mask, valid[:, :-1].long()], dim=1),
+                position_ids=next_pos + torch.arange(depth - 1, device=device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = lm.logits_from_hidden(out.last_hidden_state)  # [n, depth - 1, V]
+        rest = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        total = total + (rest * valid[:, 1:]).sum(dim=1)
+        cache.crop(-(depth - 1))  # negative: tokens to drop (the meaning every transformers version shares)
+    return total.cpu().numpy().astype(np.float64)
 
 
 @torch.no_grad()

@@ -189,21 +189,26 @@ class NextItemTask(Task):
                     prefix=self.prefix or None,
                     levelwise=self.cfg.constraint == "levelwise",
                     exclude=exclude,
+                    targets=self._target_seqs(batch),
                 )
                 items[start : start + len(batch)] = ranked.items
                 scores[start : start + len(batch)] = ranked.scores
-                target_logp[start : start + len(batch)] = self._target_logp(lm, batch)
+                target_logp[start : start + len(batch)] = ranked.target_logp
                 bar.advance(len(batch))
         lm.model.train(was_training)
         return Ranked(items, scores, target_logp)
+
+    def _target_seqs(self, rows: np.ndarray) -> list[list[int]]:
+        return [self.item_seqs[self.targets[int(r)]] for r in rows]
 
     def _target_logp(self, lm: LoraLM, rows: np.ndarray) -> np.ndarray:
         """log p(true next item's ID | prompt): the quantity beam search ranks by, for the true item.
 
         Hit@K is zero whenever the true item falls outside the top K; its likelihood still tells how far
-        off a model is (small budgets over tens of thousands of items), at one teacher-forced pass.
+        off a model is (small budgets over tens of thousands of items). `predict` gets it from the beam
+        search's prompt cache; rescoring (ensembles) runs this teacher-forced pass.
         """
-        targets = [self.item_seqs[self.targets[int(r)]] for r in rows]
+        targets = self._target_seqs(rows)
         return sequence_logprob(lm, self._prompts(rows), targets, prefix=self.prefix or None)
 
     def metrics(self, predictions: Ranked, rows: np.ndarray) -> dict[str, float]:
