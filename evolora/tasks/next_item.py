@@ -199,17 +199,11 @@ class NextItemTask(Task):
         return Ranked(items, scores, target_logp)
 
     def _target_seqs(self, rows: np.ndarray) -> list[list[int]]:
+        """The true next items' ID tokens. Their log-probability under the model gives `nll`: Hit@K is zero
+        whenever the true item falls outside the top K, its likelihood still tells how far off a model is
+        (small budgets over tens of thousands of items). `predict` scores them on the beam search's prompt
+        cache, `rescore` (ensembles) with the candidates."""
         return [self.item_seqs[self.targets[int(r)]] for r in rows]
-
-    def _target_logp(self, lm: LoraLM, rows: np.ndarray) -> np.ndarray:
-        """log p(true next item's ID | prompt): the quantity beam search ranks by, for the true item.
-
-        Hit@K is zero whenever the true item falls outside the top K; its likelihood still tells how far
-        off a model is (small budgets over tens of thousands of items). `predict` gets it from the beam
-        search's prompt cache; rescoring (ensembles) runs this teacher-forced pass.
-        """
-        targets = self._target_seqs(rows)
-        return sequence_logprob(lm, self._prompts(rows), targets, prefix=self.prefix or None)
 
     def metrics(self, predictions: Ranked, rows: np.ndarray) -> dict[str, float]:
         out = ranking_metrics(predictions.items, self.targets[np.asarray(rows, dtype=np.int64)])
@@ -224,25 +218,24 @@ class NextItemTask(Task):
 
     @torch.no_grad()
     def rescore(self, lm: LoraLM, rows: np.ndarray, candidates: list[list[int]], batch_size: int) -> Ranked:
-        """log p(item | prompt) under the active adapter for every candidate of every row."""
+        """log p(item | prompt) under the active adapter for every candidate of every row, and for the row's
+        true item (the `nll` metric; j = -1 below marks it)."""
         width = max((len(c) for c in candidates), default=0)
         items = np.full((len(rows), width), -1, dtype=np.int64)
         scores = np.full((len(rows), width), -np.inf)
+        target_logp = np.empty(len(rows))
         pairs = [(q, j, item) for q, cand in enumerate(candidates) for j, item in enumerate(cand)]
+        pairs += [(q, -1, int(self.targets[int(r)])) for q, r in enumerate(rows)]
         for start in range(0, len(pairs), batch_size * 4):
             chunk = pairs[start : start + batch_size * 4]
             prompts = [self.encode(int(rows[q])).body for q, _, _ in chunk]
             targets = [self.item_seqs[item] for _, _, item in chunk]
             logp = sequence_logprob(lm, prompts, targets, prefix=self.prefix or None)
             for (q, j, item), v in zip(chunk, logp, strict=True):
-                items[q, j], scores[q, j] = item, v
-        target_logp = (
-            np.concatenate(
-                [self._target_logp(lm, rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
-            )
-            if len(rows)
-            else np.empty(0)
-        )
+                if j < 0:
+                    target_logp[q] = v
+                else:
+                    items[q, j], scores[q, j] = item, v
         return Ranked(items, scores, target_logp)
 
     def mix(self, predictions: list[Ranked], weights: list[float]) -> Ranked:
