@@ -1,8 +1,10 @@
 """The data layer: load a source into `InteractionData`, filter it, and cut it into stages."""
 
+from evolora.data.digest import data_digest
 from evolora.data.fetch import fetch, registered_datasets
 from evolora.data.filters import kcore, keep_recent
 from evolora.data.loaders import (
+    detect_format,
     load_amazon_2018,
     load_amazon_2023,
     load_dataset,
@@ -25,6 +27,8 @@ from evolora.data.staging import (
 __all__ = [
     "InteractionData",
     "assign_stages",
+    "data_digest",
+    "detect_format",
     "fetch",
     "kcore",
     "keep_recent",

@@ -2,7 +2,9 @@
 
 `fetch(name)` returns a folder the loaders read as it is. The folder appears only after every checksum
 matched (it is built in a temporary sibling and renamed), and its `SOURCE.json` records where the files came
-from and their sha256. A cached folder is reused without touching the network. Routes, in order:
+from and their sha256 and size. A cached folder is reused without touching the network, after checking each
+recorded file's size and sha256 (hashed once per process while the file is unchanged on disk, see
+`evolora.data.digest`); a damaged or missing file is logged and the folder fetched again. Routes, in order:
 
 * mirror: when `EVOLORA_DATA_MIRROR` is set, `$EVOLORA_DATA_MIRROR/<archive>` (e.g. `ml-100k.zip`, verified
   like a download) or `$EVOLORA_DATA_MIRROR/<name>/` (a folder of unpacked files, copied; files with a known
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from evolora import progress
+from evolora.data.digest import file_sha256
 from evolora.errors import DataError
 from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
 
@@ -97,15 +101,56 @@ def fetch(name: str, force: bool = False) -> Path:
         raise DataError(f"unknown dataset {name!r}; registered: {', '.join(registered_datasets())}")
     target = cache_dir() / "data" / name
     if (target / "SOURCE.json").is_file() and not force:
-        log.info("%s: using the cached copy in %s", name, target)
-        return target
+        damage = _cache_damage(target)
+        if damage is None:
+            log.info("%s: using the cached copy in %s", name, target)
+            return target
+        damaged_file, problem = damage
+        log.warning("%s: %s %s; fetching the dataset again", name, damaged_file, problem)
+        try:
+            return _fetch_into(name, spec, target)
+        except DataError as e:
+            raise DataError(
+                f"{damaged_file}: {problem} in the cached copy of {name}, and fetching it again failed: {e}"
+            ) from None
+    return _fetch_into(name, spec, target)
+
+
+def _fetch_into(name: str, spec: Dataset, target: Path) -> Path:
+    """Fetch into a temporary sibling of `target` that replaces it only once complete."""
     with atomic_directory(target) as tmp:
         record = _from_mirror(name, spec, tmp) or _from_network(name, spec, tmp)
-        record["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
+        record["files"] = {p.name: sha256_file(p) for p in files}
+        record["sizes"] = {p.name: p.stat().st_size for p in files}
         record["fetched"] = datetime.now(UTC).isoformat(timespec="seconds")
         atomic_write_json(tmp / "SOURCE.json", {"name": name, **record})
     log.info("%s: cached in %s (route: %s)", name, target, record["route"])
     return target
+
+
+def _cache_damage(folder: Path) -> tuple[Path, str] | None:
+    """(file, what is wrong) for the first cached file that differs from `SOURCE.json`; None if all match.
+    Caches written before sizes were recorded are checked by sha256 only."""
+    source = folder / "SOURCE.json"
+    try:
+        record = json.loads(source.read_bytes())
+        files, sizes = record["files"], record.get("sizes", {})
+        if not isinstance(files, dict) or not files or not isinstance(sizes, dict):
+            raise ValueError("no files recorded")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return source, f"is unreadable ({e})"
+    for file_name, expected in files.items():
+        path = folder / file_name
+        try:
+            size = path.stat().st_size
+            if file_name in sizes and size != sizes[file_name]:
+                return path, f"has {size} bytes instead of {sizes[file_name]}"
+            if file_sha256(path) != expected:
+                return path, f"does not match its recorded sha256 {expected}"
+        except OSError as e:
+            return path, f"is missing or unreadable ({e.strerror or e})"
+    return None
 
 
 def _from_mirror(name: str, spec: Dataset, dest: Path) -> dict[str, Any] | None:

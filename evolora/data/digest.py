@@ -1,0 +1,50 @@
+"""Content digests of data files: `data_digest` for the run record, `file_sha256` for it and the fetch cache.
+
+Hashes are cached in-process by (absolute path, size, mtime_ns): a file is hashed once per process unless it
+changes on disk, so checking the same files again (every `fetch`, every run record) costs a `stat` each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from evolora.data.schema import InteractionData
+from evolora.errors import DataError
+from evolora.io import sha256_file
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's content, cached by (path, size, mtime_ns). Raises `OSError` if unreadable."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        _SHA256_CACHE[key] = sha256_file(path)
+    return _SHA256_CACHE[key]
+
+
+def data_digest(data: InteractionData) -> dict[str, object]:
+    """`{"sha256": ..., "files": {name: sha256, ...}}` over `data.files`, in read order.
+
+    Files are named by their file name (by their full path when two share a name), so the same data read
+    from another folder has the same digest. The overall sha256 hashes each name and file sha256 in order; it
+    is None when the data records no files (built in memory).
+    """
+    names = [Path(p).name for p in data.files]
+    if len(set(names)) < len(names):
+        names = list(data.files)
+    files: dict[str, str] = {}
+    for name, path in zip(names, data.files, strict=True):
+        try:
+            files[name] = file_sha256(path)
+        except OSError as e:
+            raise DataError(f"{path}: cannot read the data file to record its checksum ({e})") from None
+    if not files:
+        return {"sha256": None, "files": {}}
+    overall = hashlib.sha256()
+    for name, sha in files.items():
+        overall.update(f"{name}\t{sha}\n".encode())
+    return {"sha256": overall.hexdigest(), "files": files}

@@ -1,0 +1,64 @@
+"""The registry of source formats: one module per family, one `FORMATS` entry per format.
+
+Adding a family means its module (loaders plus `detect`/`resolve` hooks, built on `evolora.data.readers`)
+and its entries here; `evolora.data.loaders` dispatches through `FORMATS` only. (`DataConfig.format` lists
+the names too, for config validation.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from evolora.data.formats import amazon, movielens, peso
+from evolora.data.schema import InteractionData
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """How to recognise one format, which files to load, and the loader.
+
+    `detect(path, meta)`: whether `path` (a file or folder, with `data.meta`) holds this format; it may raise
+    `DataError` when the files are clearly of its family but unusable. `resolve(path, meta)`: the loader's
+    positional arguments. `expects`: what its files look like, for "cannot detect" messages.
+    """
+
+    detect: Callable[[Path, str | None], bool]
+    resolve: Callable[[Path, str | None], tuple[Path, ...]]
+    load: Callable[..., InteractionData]
+    expects: str
+
+
+Format = Literal["ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023", "peso"]
+
+_AMAZON = "Amazon .json/.jsonl(.gz) reviews and metadata"
+
+# Detection tries the formats in this order: PESO's block names are the most specific, and Amazon comes
+# last because it reads the first record of a file.
+FORMATS: dict[str, SourceFormat] = {
+    "peso": SourceFormat(
+        peso.detect, peso.resolve, peso.load_peso_blocks, "PESO blocks (<key>.all.block_0.json)"
+    ),
+    "ml-100k": SourceFormat(
+        movielens.detect_100k,
+        movielens.resolve_folder,
+        movielens.load_movielens_100k,
+        "u.data (MovieLens-100K)",
+    ),
+    "ml-100k-atomic": SourceFormat(
+        movielens.detect_atomic,
+        movielens.resolve_atomic,
+        movielens.load_movielens_100k_atomic,
+        "*.inter (RecBole)",
+    ),
+    "ml-1m": SourceFormat(
+        movielens.detect_1m,
+        movielens.resolve_folder,
+        movielens.load_movielens_1m,
+        "ratings.dat (MovieLens-1M)",
+    ),
+    "amazon-2018": SourceFormat(amazon.detects(2018), amazon.resolve, amazon.load_amazon_2018, _AMAZON),
+    "amazon-2023": SourceFormat(amazon.detects(2023), amazon.resolve, amazon.load_amazon_2023, _AMAZON),
+}

@@ -1,0 +1,174 @@
+"""Amazon reviews: the 2018 release (Ni et al., EMNLP'19) and the 2023 release (Hou et al., 2024).
+
+Each dataset is a reviews file and a metadata file, JSON lines, plain or .gz. `data.source` is the reviews
+file (with `data.meta`) or a folder holding one reviews file and one metadata file named `meta*`. Which
+release it is comes from the field names of the first review.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+
+from evolora.data.build import finish, join_or_null
+from evolora.data.readers import open_binary, parse_record, read_jsonl
+from evolora.data.schema import InteractionData
+from evolora.errors import DataError
+
+JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+_YEAR_IN_DATE = r"\b(1[89]\d\d|20\d\d)\b"
+
+
+def load_amazon_2018(reviews_path: str | Path, meta_path: str | Path) -> InteractionData:
+    """Amazon Review Data 2018 (Ni et al., EMNLP'19): reviews JSON lines (`reviewerID`, `asin`, `overall`,
+    `unixReviewTime`) and metadata lines (`asin`, `title`, `category` list, `description`, `date`), as JSON or
+    as python literals; plain or .gz.
+
+    Metadata repeated for one asin keeps its first record; exact duplicate reviews are dropped; reviewed items
+    missing from the metadata keep their reviews under the title "item <asin>". Each is logged with a count.
+    """
+    reviews_path, meta_path = Path(reviews_path), Path(meta_path)
+    fields = {"reviewerID": "str", "asin": "str", "overall": "num", "unixReviewTime": "int"}
+    inter = read_jsonl(reviews_path, fields, required=tuple(fields)).rename(
+        {"reviewerID": "user_id", "asin": "item_id", "overall": "rating", "unixReviewTime": "timestamp"}
+    )
+    meta_fields = {"asin": "str", "title": "str", "category": "list", "description": "list", "date": "str"}
+    text = ("title", "category", "description", "date")
+    meta = read_jsonl(meta_path, meta_fields, required=("asin",), keep=_reviewed(inter), text=text)
+    items = meta.select(
+        pl.col("asin").alias("item_id"),
+        "title",
+        "_line",
+        category=join_or_null(pl.col("category"), " > "),
+        description=join_or_null(pl.col("description"), " "),
+        year=pl.col("date").str.extract(_YEAR_IN_DATE),
+    )
+    return finish(
+        _stem(reviews_path),
+        reviews_path,
+        inter,
+        reviews_path,
+        items,
+        meta_path,
+        strict=False,
+        rows_are="reviews",
+    )
+
+
+def load_amazon_2023(reviews_path: str | Path, meta_path: str | Path) -> InteractionData:
+    """Amazon Reviews 2023 (Hou et al., 2024): reviews JSONL (`user_id`, `parent_asin`, `rating`,
+    `timestamp` in milliseconds) and metadata JSONL (`parent_asin`, `title`, `main_category`, `categories`,
+    `description`).
+
+    Items are `parent_asin`s, as in the 2023 benchmark splits; timestamps become seconds. Duplicates and
+    items missing from the metadata are handled as in `load_amazon_2018`.
+    """
+    reviews_path, meta_path = Path(reviews_path), Path(meta_path)
+    fields = {"user_id": "str", "parent_asin": "str", "rating": "num", "timestamp": "int"}
+    inter = read_jsonl(reviews_path, fields, required=tuple(fields))
+    inter = inter.rename({"parent_asin": "item_id"}).with_columns(pl.col("timestamp") // 1000)
+    meta_fields = {
+        "parent_asin": "str",
+        "title": "str",
+        "main_category": "str",
+        "categories": "list",
+        "description": "list",
+    }
+    text = ("title", "main_category", "categories", "description")
+    meta = read_jsonl(meta_path, meta_fields, required=("parent_asin",), keep=_reviewed(inter), text=text)
+    category = join_or_null(pl.col("categories"), " > ")
+    items = meta.select(
+        pl.col("parent_asin").alias("item_id"),
+        "title",
+        "_line",
+        category=pl.coalesce(category, pl.col("main_category")),
+        description=join_or_null(pl.col("description"), " "),
+    )
+    return finish(
+        _stem(reviews_path),
+        reviews_path,
+        inter,
+        reviews_path,
+        items,
+        meta_path,
+        strict=False,
+        rows_are="reviews",
+    )
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".gz", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def _reviewed(inter: pl.DataFrame) -> pl.Series:
+    return inter["item_id"].cast(pl.Utf8).str.strip_chars().unique()
+
+
+# ------------------------------------------------------------------------------------------ registry hooks
+
+
+def resolve(path: Path, meta: str | None) -> tuple[Path, Path]:
+    """(reviews file, metadata file) from `data.source` and `data.meta`."""
+    if not path.is_dir():
+        if meta is None:
+            raise DataError(f"{path}: Amazon reviews need their metadata file: set data.meta (or --meta)")
+        return path, Path(meta).expanduser()
+    files = sorted(p for p in path.iterdir() if p.name.lower().endswith(JSON_SUFFIXES))
+    metas = [p for p in files if p.name.lower().startswith("meta")]
+    reviews = [p for p in files if p not in metas]
+    if meta is not None:
+        metas = [Path(meta)]
+    if len(reviews) != 1 or len(metas) != 1:
+        raise DataError(
+            f"{path}: cannot tell which files to load. Expected one reviews file and one metadata file "
+            f"(named meta*) among .json/.jsonl(.gz) files; found reviews {[p.name for p in reviews]}, "
+            f"metadata {[p.name for p in metas]}. Point data.source at the reviews file and data.meta at "
+            "the metadata file"
+        )
+    return reviews[0], metas[0]
+
+
+def detects(release: int) -> Callable[[Path, str | None], bool]:
+    """The registry's `detect` for one release: JSON files whose reviews are of that release."""
+
+    def detect(path: Path, meta: str | None) -> bool:
+        if not _json_files_present(path):
+            return False
+        return version(resolve(path, meta)[0] if path.is_dir() else path) == release
+
+    return detect
+
+
+def _json_files_present(path: Path) -> bool:
+    if path.is_dir():
+        return any(p.name.lower().endswith(JSON_SUFFIXES) for p in path.iterdir())
+    return path.name.lower().endswith(JSON_SUFFIXES)
+
+
+def version(path: Path) -> int:
+    """2018 or 2023, from the field names of the first record of a reviews file."""
+    try:
+        with open_binary(path) as f:
+            n, first = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), (0, b""))
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read the file ({e})") from None
+    if not first:
+        raise DataError(f"{path}: file is empty")
+    record = parse_record(first.decode("utf-8", errors="replace"), path, n)
+    if "reviewerID" in record or "unixReviewTime" in record:
+        return 2018
+    if "parent_asin" in record and "user_id" in record:
+        return 2023
+    if "title" in record:
+        raise DataError(f"{path}: this looks like a metadata file; set data.source to the reviews file")
+    raise DataError(
+        f"{path}: unknown JSON format (first record has fields {sorted(record)[:10]}); expected Amazon 2018 "
+        "reviews (reviewerID, asin, overall, unixReviewTime) or 2023 reviews (user_id, parent_asin, ...)"
+    )
