@@ -120,7 +120,7 @@ def main() -> None:
         print(json.dumps(measure(args.model, samples=args.samples, batch=args.batch, **spec)))
         return
 
-    from evolora.models.llm import cpu_has_native_bf16
+    from evolora.models.precision import cpu_has_native_bf16
 
     rows = {}
     skipped = {}

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from evolora.config import RunConfig, load_config
+from evolora.config import ModelConfig, RunConfig, load_config
 
 
 def write_sunny_rainy(
@@ -42,8 +42,13 @@ def write_sunny_rainy(
     return folder
 
 
+def tiny_model(**fields: Any) -> ModelConfig:
+    """The tiny model's config, in fp32 whatever the CPU (pass `precision=` to test another)."""
+    return ModelConfig(**{"name": "tiny", "precision": "fp32", **fields})
+
+
 def tiny_config(data_dir: Path, out: Path, **overrides: Any) -> RunConfig:
-    """A config that runs the whole loop with the tiny model in seconds."""
+    """A config that runs the whole loop with the tiny model in seconds, in fp32."""
     sets = {
         "name": "t",
         "output_dir": str(out),
@@ -53,6 +58,8 @@ def tiny_config(data_dir: Path, out: Path, **overrides: Any) -> RunConfig:
         "task.history_len": 5,
         "task.template": "compact",
         "model.name": "tiny",
+        # Numbers compared by tests must not depend on the CPU (auto = bf16-mixed where bf16 is native).
+        "model.precision": "fp32",
         "model.lora.target_modules": "[q_proj, k_proj, v_proj, o_proj]",
         "train.samples_per_stage": 48,
         "train.valid_samples": 24,

@@ -7,16 +7,17 @@ import polars as pl
 import pytest
 import torch
 
-from evolora.config import CtrTaskConfig, ModelConfig, load_config
+from evolora.config import CtrTaskConfig, load_config
 from evolora.data.samples import build_samples
 from evolora.errors import ConfigError
 from evolora.models.llm import LoraLM
 from evolora.tasks.ctr import TEMPLATES, CtrTask
+from tests.helpers import tiny_model
 
 
 @pytest.fixture(scope="module")
 def lm() -> LoraLM:
-    lm = LoraLM.from_config(ModelConfig(name="tiny", lora={"target_modules": ["q_proj", "v_proj"]}))
+    lm = LoraLM.from_config(tiny_model(lora={"target_modules": ["q_proj", "v_proj"]}))
     with torch.no_grad():  # a non-zero adapter, so LoRA actually enters every computation below
         for _, _, b in lm.lora_pairs():
             b.normal_(0, 0.05)

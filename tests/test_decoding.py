@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from evolora.config import ModelConfig
 from evolora.models.llm import LoraLM
 from evolora.tasks.decoding import ItemTrie, Ranked, beam_search, sequence_logprob
 from evolora.tasks.next_item import ranking_metrics
+from tests.helpers import tiny_model
 
 LEVELS = [[f"<a_{i}>" for i in range(3)], [f"<b_{i}>" for i in range(3)], [f"<c_{i}>" for i in range(3)]]
 
@@ -20,12 +20,12 @@ LEVELS = [[f"<a_{i}>" for i in range(3)], [f"<b_{i}>" for i in range(3)], [f"<c_
 @pytest.fixture(scope="module")
 def setup():
     tokens = [t for level in LEVELS for t in level]
-    lm = LoraLM.from_config(ModelConfig(name="tiny"), new_tokens=tokens)
+    lm = LoraLM.from_config(tiny_model(), new_tokens=tokens)
     with torch.no_grad():  # a sharper random model so rankings are far from ties
         for _, a, b in lm.lora_pairs():
             a.normal_(0, 0.3)
             b.normal_(0, 0.3)
-        for m in lm._token_layers():
+        for m in lm.token_layers():
             m.trainable_tokens_delta["default"].normal_(0, 1.0)
     items = [list(c) for c in itertools.product(*LEVELS)][:25]  # 25 of the 27 combinations exist
     seqs = [lm.tokenizer.convert_tokens_to_ids(i) for i in items]

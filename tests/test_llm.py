@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from evolora.config import ModelConfig
 from evolora.errors import EvoloraError
 from evolora.models import llm as llm_mod
+from evolora.models import precision as precision_mod
 from evolora.models.llm import LoraLM
+from tests.helpers import tiny_model
 
 
 @pytest.fixture
 def lm() -> LoraLM:
-    return LoraLM.from_config(ModelConfig(name="tiny"))
+    return LoraLM.from_config(tiny_model())
 
 
 def test_reset_is_seeded_and_starts_at_zero_update(lm: LoraLM) -> None:
@@ -70,7 +71,7 @@ def test_activate_makes_only_that_adapter_trainable(lm: LoraLM) -> None:
 
 
 def test_adapters_stay_fp32_on_a_bf16_base() -> None:
-    lm = LoraLM.from_config(ModelConfig(name="tiny", precision="bf16"))
+    lm = LoraLM.from_config(tiny_model(precision="bf16"))
     for _, a, b in lm.lora_pairs():
         assert a.dtype == torch.float32 and b.dtype == torch.float32
     assert lm.base.get_decoder().layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
@@ -78,7 +79,7 @@ def test_adapters_stay_fp32_on_a_bf16_base() -> None:
 
 def test_unknown_target_module_is_a_clear_error() -> None:
     with pytest.raises(EvoloraError, match="not found in tiny"):
-        LoraLM.from_config(ModelConfig(name="tiny", lora={"target_modules": ["query"]}))
+        LoraLM.from_config(tiny_model(lora={"target_modules": ["query"]}))
 
 
 def test_unreachable_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,13 +115,13 @@ def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch
 def test_auto_precision_on_cpu_uses_bf16_only_where_native(
     monkeypatch: pytest.MonkeyPatch, native: bool, expected: tuple
 ) -> None:
-    monkeypatch.setattr(llm_mod, "cpu_has_native_bf16", lambda: native)
-    assert llm_mod.resolve_precision("auto", torch.device("cpu")) == expected
-    assert llm_mod.resolve_precision("fp32", torch.device("cpu")) == (torch.float32, False)
-    assert llm_mod.resolve_precision("bf16", torch.device("cpu")) == (torch.bfloat16, False)
+    monkeypatch.setattr(precision_mod, "cpu_has_native_bf16", lambda: native)
+    assert precision_mod.resolve_precision("auto", torch.device("cpu")) == expected
+    assert precision_mod.resolve_precision("fp32", torch.device("cpu")) == (torch.float32, False)
+    assert precision_mod.resolve_precision("bf16", torch.device("cpu")) == (torch.bfloat16, False)
 
 
 def test_the_precision_in_use_is_reported() -> None:
-    lm = LoraLM.from_config(ModelConfig(name="tiny", precision="bf16-mixed"))
+    lm = LoraLM.from_config(tiny_model(precision="bf16-mixed"))
     assert lm.precision == "bf16-mixed"
-    assert LoraLM.from_config(ModelConfig(name="tiny", precision="fp32")).precision == "fp32"
+    assert LoraLM.from_config(tiny_model(precision="fp32")).precision == "fp32"

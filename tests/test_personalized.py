@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from evolora.config import ModelConfig
 from evolora.models.llm import LoraLM
 from evolora.models.personalized import MetaLoRABank, PersonalizedLoRA
+from tests.helpers import tiny_model
 
 
 @pytest.fixture
 def lm() -> LoraLM:
-    return LoraLM.from_config(ModelConfig(name="tiny", lora={"dropout": 0.0}))
+    return LoraLM.from_config(tiny_model(lora={"dropout": 0.0}))
 
 
 def randomize(p: PersonalizedLoRA, seed: int = 0) -> None:

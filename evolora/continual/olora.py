@@ -7,7 +7,8 @@ into a subspace orthogonal to theirs by
 
 (A has shape r x d_in, so A_i A_t^T holds the inner products between the old and new input directions; it
 is zero exactly when the row spaces are orthogonal). `include_b` adds the same term on the output side,
-|| B_i^T B_t ||_F^2, as PESO's orthogonality ablation computes it. The term is computed in fp32.
+|| B_i^T B_t ||_F^2, as PESO's orthogonality ablation computes it. The term is computed in fp32, outside
+autocast.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import Field
 
 from evolora.continual.base import MAIN, TrainJob
 from evolora.continual.cumulative import CumulativeLora, CumulativeOptions
+from evolora.models.precision import without_autocast
 
 
 class OLoraOptions(CumulativeOptions):
@@ -29,10 +31,11 @@ def orthogonality_loss(
 ) -> torch.Tensor:
     """sum_i ||A_i A^T||_F^2 (+ ||B_i^T B||_F^2) for one module."""
     total = a.new_zeros((), dtype=torch.float32)
-    for a_i, b_i in past:
-        total = total + (a_i.float() @ a.float().T).pow(2).sum()
-        if include_b:
-            total = total + (b_i.float().T @ b.float()).pow(2).sum()
+    with without_autocast():
+        for a_i, b_i in past:
+            total = total + (a_i.float() @ a.float().T).pow(2).sum()
+            if include_b:
+                total = total + (b_i.float().T @ b.float()).pow(2).sum()
     return total
 
 

@@ -15,10 +15,10 @@ Options (paper vs released code, spec §4.2 and §8):
   (KL_A + KL_B) (the released code, whose lambda = 2 was tuned with that normalisation).
 * `penalty`: `kl` (PESO), `l2` ((lambda/2) * sum_g ||v_t^g - v_{t-1}^g||^2, the paper's L2 proximal
   ablation) or `l2_norm` (sum_g ||v_t^g - v_{t-1}^g||_F, not squared, as the released code computes "L2").
-* The KL term is computed in fp64 from fp64 copies of the anchor: in bf16 the log-ratios it sums (~1e-3)
-  are below bf16's resolution and the term can vanish (spec §4.4), and even fp32 rounding (~1e-7 on
-  log-probabilities near -8) exceeds the term itself (~1e-9 per group for a 0.1% change), which leaves its
-  logged value noise. The L2 variants, free of that cancellation, run in fp32.
+* The KL term is computed in fp64 from fp64 copies of the anchor, outside autocast: in bf16 the
+  log-ratios it sums (~1e-3) are below bf16's resolution and the term can vanish (spec §4.4), and even
+  fp32 rounding (~1e-7 on log-probabilities near -8) exceeds the term itself (~1e-9 per group for a 0.1%
+  change), which leaves its logged value noise. The L2 variants, free of that cancellation, run in fp32.
 
 PESO's recipe also lowers the learning rate after stage 1 (0.1 x); set `train.lr_inherit` for that.
 """
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions, TrainJob
+from evolora.models.precision import without_autocast
 
 
 class PesoOptions(StrategyOptions):
@@ -70,10 +71,11 @@ class ProximalRegularizer:
     def __call__(self, pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]) -> torch.Tensor:
         if len(pairs) != len(self.anchor):
             raise RuntimeError("the anchor does not match the adapter (set_anchor first)")
-        total = sum(
-            self.group_term(a, a0) + self.group_term(b, b0)
-            for (_, a, b), (a0, b0) in zip(pairs, self.anchor, strict=True)
-        )
+        with without_autocast():
+            total = sum(
+                self.group_term(a, a0) + self.group_term(b, b0)
+                for (_, a, b), (a0, b0) in zip(pairs, self.anchor, strict=True)
+            )
         if self.reduction == "mean":
             total = total / len(pairs)
         return total.float()  # type: ignore[union-attr]

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from evolora.models.llm import LoraLM
+from evolora.models.precision import without_autocast
 
 
 class _ModuleBank:
@@ -88,12 +89,13 @@ class AdapterBank:
 
     def push(self) -> None:
         """Freeze the adapter's current weights into the bank as one more past update."""
-        for name, a, b in self.lm.lora_pairs(self.adapter):
-            a, b = a.detach().float().clone(), b.detach().float().clone()
-            if self.normalize:
-                a = a / a.norm().clamp_min(1e-12)
-                b = b / b.norm().clamp_min(1e-12)
-            self.banks[name].add(a, b, self.learnable)
+        with without_autocast():
+            for name, a, b in self.lm.lora_pairs(self.adapter):
+                a, b = a.detach().float().clone(), b.detach().float().clone()
+                if self.normalize:
+                    a = a / a.norm().clamp_min(1e-12)
+                    b = b / b.norm().clamp_min(1e-12)
+                self.banks[name].add(a, b, self.learnable)
         self.size += 1
 
     def keep_latest(self) -> None:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evolora.io import atomic_write_bytes, atomic_write_text, read_json
+from evolora.models.precision import without_autocast
 from evolora.progress import Bar
 from evolora.progress import task as progress_task
 
@@ -263,7 +264,8 @@ def train_rqvae(
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     n, total = len(x), 0.0
-    with torch.random.fork_rng(devices=[]):
+    # fp32 whatever precision the caller runs in: codes are nearest-neighbour decisions.
+    with torch.random.fork_rng(devices=[]), without_autocast():
         torch.manual_seed(seed)
         model = RQVAE(x.shape[1], code_dim, hidden, levels, codebook_size, beta, dead_after).to(device)
         model.set_normalisation(x.mean(0), x.std(0) if n > 1 else torch.ones(x.shape[1], device=device))
@@ -313,10 +315,11 @@ def assign_codes(model: RQVAE, embeddings: np.ndarray, batch_size: int = 4096) -
     model.eval()
     device = model.codebooks.device
     x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
-    out = [
-        model.quantise(model.encode(x[i : i + batch_size].to(device)))[1].cpu()
-        for i in range(0, len(x), batch_size)
-    ]
+    with without_autocast():
+        out = [
+            model.quantise(model.encode(x[i : i + batch_size].to(device)))[1].cpu()
+            for i in range(0, len(x), batch_size)
+        ]
     model.train(was_training)
     return torch.cat(out).numpy().astype(np.int64) if out else np.zeros((0, model.levels), dtype=np.int64)
 

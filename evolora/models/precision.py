@@ -1,0 +1,98 @@
+"""Where a model runs and in which precision, and the regions that must not run in reduced precision.
+
+`precision: auto` is bf16 on a GPU that supports it, bf16-mixed on a CPU with native bf16 (AVX512-BF16 or
+AMX) and fp32 elsewhere. Under bf16-mixed the model's matrix products run in bf16 inside `LoraLM.autocast()`;
+computations whose result must not carry bf16 rounding (input covariances and their eigenvectors, the
+proximal and orthogonality terms, normalisations, RQ-VAE) run inside `without_autocast()` in fp32 or fp64,
+whatever the run's precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from evolora.errors import EvoloraError
+
+log = logging.getLogger("evolora.models")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise EvoloraError(f"model.device={name!r} is not a device (try cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvoloraError(f"model.device={name!r} but no CUDA device is available here")
+    return dev
+
+
+#: Set to 1 or 0 to override the CPU detection below (what `precision: auto` picks on a CPU), e.g. to run
+#: the test suite as it runs on the other kind of CPU.
+CPU_BF16_ENV = "EVOLORA_CPU_BF16"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX); `$EVOLORA_CPU_BF16`
+    (1 or 0) overrides the detection.
+
+    Elsewhere oneDNN emulates bf16 products, and bf16 autocast runs many times slower than fp32 (an AVX2
+    EPYC took minutes where fp32 took seconds).
+    """
+    forced = os.environ.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise EvoloraError(f"${CPU_BF16_ENV}={forced!r}: use 1 (native bf16) or 0 (none), or unset it")
+    try:
+        words = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in words or "amx_bf16" in words
+
+
+_warned_emulated_bf16 = False
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype, bool]:
+    """-> (weight dtype, use bf16 autocast).
+
+    `auto`: bf16 weights on a GPU that supports them; on a CPU, bf16-mixed where the CPU has native bf16
+    and fp32 elsewhere.
+    """
+    global _warned_emulated_bf16
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        else:
+            precision = "bf16-mixed" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+    emulated = precision in ("bf16", "bf16-mixed") and device.type == "cpu" and not cpu_has_native_bf16()
+    if emulated and not _warned_emulated_bf16:
+        _warned_emulated_bf16 = True
+        log.warning(
+            "model.precision=%s on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 products are "
+            "emulated and run many times slower than fp32; use precision: auto or fp32",
+            precision,
+        )
+    if precision == "fp32":
+        return torch.float32, False
+    if precision == "bf16":
+        return torch.bfloat16, False
+    return torch.float32, True  # bf16-mixed
+
+
+@contextlib.contextmanager
+def without_autocast() -> Iterator[None]:
+    """Run the block in the tensors' own dtypes even inside a bf16 autocast region (CPU and CUDA)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
