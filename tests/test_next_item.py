@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from evolora.experiment import run_dir_of, run_experiment
 from tests.helpers import tiny_config, write_peso_cycle
@@ -107,3 +108,74 @@ def test_every_strategy_runs_the_next_item_task(peso_dir: Path, tmp_path: Path, 
         assert 0 <= s["metrics"]["ndcg@10"] <= s["metrics"]["hit@10"] <= 1
     if "peso" in spec or "olora" in spec:
         assert res["stages"][1]["jobs"][0]["history"][-1]["extra_loss"] > 0
+
+
+def _token_rows(lm) -> torch.Tensor:
+    return torch.cat(
+        [layer.trainable_tokens_delta["default"].detach().clone() for layer in lm.token_layers()]
+    )
+
+
+@pytest.mark.parametrize("spec", ["{name: sumlora, init: fresh}", "inflora"])
+def test_fresh_cumulative_stages_keep_the_trained_token_rows(
+    peso_dir: Path, tmp_path: Path, spec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh start of a cumulative strategy resets the LoRA factors only: the banked updates were learned
+    with the semantic-ID rows as trained, so those rows carry on."""
+    from evolora.continual import loop as loop_mod
+
+    real, starts, ends, b_norms = loop_mod.train_adapter, [], [], []
+
+    def spy(lm, *args, **kwargs):
+        starts.append(_token_rows(lm))
+        b_norms.append(sum(float(b.detach().norm()) for _, _, b in lm.lora_pairs("default")))
+        result = real(lm, *args, **kwargs)
+        ends.append(_token_rows(lm))
+        return result
+
+    monkeypatch.setattr(loop_mod, "train_adapter", spy)
+    over = {**NEXT_ITEM, "staging.scheme": "preset", "staging.n_stages": "null", "strategies": f"[{spec}]"}
+    run_experiment(tiny_config(peso_dir, tmp_path, **over))
+    assert len(starts) == 3
+    assert not torch.equal(ends[0], starts[0])  # stage 1 trained the rows
+    for t in (1, 2):
+        torch.testing.assert_close(starts[t], ends[t - 1], atol=0, rtol=0)  # ... and later stages keep them
+        assert b_norms[t] == 0.0  # while the LoRA factors start afresh (B = 0)
+
+
+def test_inflora_statistics_come_from_the_teacher_forced_training_sequences(
+    peso_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """InfLoRA's input covariance of a layer equals E[x x^T] over the training sequences (prompt + answer),
+    computed here with one plain forward pass per sequence; decoding is never involved."""
+    from evolora.config import StrategySpec
+    from evolora.continual import Env, build_strategy
+    from evolora.experiment import build_model_and_task, prepare_data, resolve_config
+    from evolora.tasks.next_item import NextItemTask
+
+    over = {**NEXT_ITEM, "eval.batch_size": 1, "strategies": "[inflora]"}
+    cfg = resolve_config(tiny_config(peso_dir, tmp_path, **over))
+    prepared = prepare_data(cfg)
+    lm, task = build_model_and_task(cfg, prepared)
+    strategy = build_strategy(StrategySpec(name="inflora"), Env(lm, task, cfg, prepared), seed=0)
+    strategy.setup()
+    rows = prepared.pools[1].train[:5]
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("input statistics must not run beam search")
+
+    monkeypatch.setattr(NextItemTask, "predict", no_decoding)
+    covs = strategy.input_covariances(rows)
+    name, module = next(iter(lm.lora_layers()))
+    seen: list[torch.Tensor] = []
+    handle = module.register_forward_hook(
+        lambda m, a, o: seen.append(a[0].detach().double().reshape(-1, a[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for r in rows:
+            enc = task.encode(int(r))
+            lm.model(input_ids=torch.tensor([task.prefix + enc.body + enc.answer]))
+    handle.remove()
+    x = torch.cat(seen)
+    torch.testing.assert_close(covs[name], x.T @ x / len(x), atol=1e-6, rtol=1e-4)
+    assert covs[name].dtype == torch.float64

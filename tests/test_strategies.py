@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from evolora.config import ModelConfig
 from evolora.continual.base import MAIN
 from evolora.continual.inflora import designed_a, update_basis
 from evolora.continual.lsat import LONG, choose_weight
@@ -17,12 +16,12 @@ from evolora.continual.peso import ProximalRegularizer
 from evolora.experiment import run_dir_of, run_experiment
 from evolora.models.bank import AdapterBank
 from evolora.models.llm import LoraLM
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_model
 
 
 @pytest.fixture
 def lm() -> LoraLM:
-    lm = LoraLM.from_config(ModelConfig(name="tiny"))
+    lm = LoraLM.from_config(tiny_model())
     with torch.no_grad():
         for _, a, b in lm.lora_pairs():
             a.normal_(0, 0.1)
@@ -372,3 +371,35 @@ def test_lsat_scores_once_when_long_and_short_term_are_one_adapter(
         stage2 = [f"validating fusion {w}" for w in (0.0, 0.5, 1.0)] + ["evaluating stage 3"]
     expected = ["validating", "evaluating stage 2", "validating", *stage2]
     assert passes[-len(expected) :] == expected
+
+
+@pytest.mark.parametrize("mode", ["delta", "factors"])
+def test_fusion_interpolates_the_token_rows_too(mode: str) -> None:
+    """LSAT-TA on next-item: at weight 1 the fused adapter is the long-term adapter, at 0 the short-term one,
+    added token rows (semantic IDs) included."""
+    from evolora.config import StrategySpec
+    from evolora.continual import Env, build_strategy
+
+    lm = LoraLM.from_config(tiny_model(), new_tokens=["<a_0>", "<a_1>", "<b_0>", "<b_1>"])
+    token_ids = lm.tokenizer.convert_tokens_to_ids(["<a_0>", "<b_1>", "<a_1>"])
+    cfg = tiny_config(Path("."), Path("."))
+    strategy = build_strategy(StrategySpec(name="lsat", fusion=mode), Env(lm, None, cfg), seed=0)  # type: ignore[arg-type]
+    strategy.setup()
+    with torch.no_grad():
+        for adapter in (MAIN, LONG):
+            for _, a, b in lm.lora_pairs(adapter):
+                a.normal_(0, 0.2)
+                b.normal_(0, 0.2)
+            for layer in lm.token_layers():
+                layer.trainable_tokens_delta[adapter].normal_(0, 1.0)
+    ids = torch.tensor([[3, *token_ids, 50, 7]])
+
+    def logits(adapter: str) -> torch.Tensor:
+        lm.activate(adapter, trainable=False)
+        with torch.no_grad():
+            return lm.model(input_ids=ids).logits
+
+    for weight, alone in ((1.0, LONG), (0.0, MAIN)):
+        strategy.build_fused(weight)
+        torch.testing.assert_close(logits("fused"), logits(alone), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(logits(LONG), logits(MAIN), atol=1e-3)

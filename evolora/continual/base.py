@@ -41,6 +41,9 @@ class TrainJob:
     """One adapter trained on one set of samples.
 
     `init`: `fresh` resets the adapter from the seed first; `inherit` continues from its current weights.
+    `reset_tokens` (with `fresh`): the adapter's rows of added tokens (semantic IDs) go back to their initial
+    values too; False starts new LoRA factors on the rows as trained so far (cumulative strategies, whose
+    frozen past updates were learned with those rows).
     `shareable`: the result depends only on the samples, the seed and the configuration (fresh start, no
     regulariser), so runs of other strategies may reuse it instead of training it again.
     """
@@ -51,6 +54,7 @@ class TrainJob:
     init: str = "inherit"
     shareable: bool = False
     tag: str = ""
+    reset_tokens: bool = True
 
     @property
     def name(self) -> str:

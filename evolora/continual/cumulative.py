@@ -46,8 +46,10 @@ class CumulativeLora(Strategy):
         if self.options.past == "latest":  # type: ignore[attr-defined]
             self.bank.keep_latest()
         train, valid = self.budgeted(ctx, [ctx.stage])
-        # Never shared: the bank changes what the same adapter weights compute.
-        return [TrainJob(MAIN, train, valid, init=self.options.init)]  # type: ignore[attr-defined]
+        # Never shared: the bank changes what the same adapter weights compute. A fresh start resets the
+        # LoRA factors only: the banked updates were learned with the token rows as they are now.
+        init = self.options.init  # type: ignore[attr-defined]
+        return [TrainJob(MAIN, train, valid, init=init, reset_tokens=False)]
 
     def parameters(self, job: TrainJob) -> list[torch.nn.Parameter]:
         return self.lm.trainable_parameters() + self.bank.magnitude_parameters()

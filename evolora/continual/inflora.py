@@ -7,8 +7,9 @@ lies in the old subspace unchanged, so it does not interfere with what earlier s
 
 The old subspace of each adapted layer is kept as an orthonormal basis U, grown after every stage with
 the directions needed to explain `energy` of that stage's input energy (the gradient-projection-memory
-rule InfLoRA builds on). Input statistics come from forward passes over the stage's training samples
-(padding positions included).
+rule InfLoRA builds on). Input statistics come from teacher-forced forward passes over the stage's training
+samples, prompt and answer, as the model sees them in training (padding positions included); they are
+accumulated and decomposed in fp64 outside autocast, whatever the run's precision.
 
 Stage 1 is plain LoRA (shared with the other strategies); the interference-free design starts at stage 2.
 PESO's release has no InfLoRA; `init: inherit` here means B starts from the previous stage's B (A is always
@@ -25,6 +26,8 @@ from pydantic import Field
 
 from evolora.continual.base import MAIN, StageContext, TrainJob
 from evolora.continual.cumulative import CumulativeLora, CumulativeOptions
+from evolora.models.precision import without_autocast
+from evolora.progress import task as progress_task
 
 
 class InfLoraOptions(CumulativeOptions):
@@ -36,31 +39,42 @@ class InfLoraOptions(CumulativeOptions):
 
 
 def update_basis(basis: torch.Tensor | None, cov: torch.Tensor, energy: float, max_dim: int) -> torch.Tensor:
-    """Grow an orthonormal basis [d, k] so it explains `energy` of the input energy described by `cov`."""
+    """Grow an orthonormal basis [d, k] so it explains `energy` of the input energy described by `cov`.
+
+    Computed in fp64; returned in `cov`'s dtype."""
+    out_dtype = cov.dtype
+    cov = cov.double()
     d = cov.shape[0]
     total = torch.trace(cov).clamp_min(1e-12)
     if basis is None:
         basis = cov.new_zeros(d, 0)
+    basis = basis.to(cov.dtype)
     proj = torch.eye(d, dtype=cov.dtype, device=cov.device) - basis @ basis.T
     residual = proj @ cov @ proj
     explained = total - torch.trace(residual)
-    vals, vecs = torch.linalg.eigh(residual)
+    with without_autocast():
+        vals, vecs = torch.linalg.eigh(residual)
     vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
     k = 0
     while explained / total < energy and k < len(vals) and basis.shape[1] + k < max_dim:
         explained = explained + vals[k]
         k += 1
-    return torch.cat([basis, vecs[:, :k]], dim=1)
+    return torch.cat([basis, vecs[:, :k]], dim=1).to(out_dtype)
 
 
 def designed_a(basis: torch.Tensor | None, cov: torch.Tensor, rank: int) -> torch.Tensor:
-    """[r, d]: the top-r principal directions of the inputs outside span(basis)."""
+    """[r, d]: the top-r principal directions of the inputs outside span(basis) (fp64 inside, `cov`'s dtype
+    out)."""
+    out_dtype = cov.dtype
+    cov = cov.double()
     d = cov.shape[0]
     proj = torch.eye(d, dtype=cov.dtype, device=cov.device)
     if basis is not None and basis.shape[1]:
+        basis = basis.to(cov.dtype)
         proj = proj - basis @ basis.T
-    _, vecs = torch.linalg.eigh(proj @ cov @ proj)
-    return vecs.flip(1)[:, :rank].T.contiguous()
+    with without_autocast():
+        _, vecs = torch.linalg.eigh(proj @ cov @ proj)
+    return vecs.flip(1)[:, :rank].T.contiguous().to(out_dtype)
 
 
 class InfLora(CumulativeLora):
@@ -73,7 +87,11 @@ class InfLora(CumulativeLora):
         self.basis: dict[str, torch.Tensor | None] = {name: None for name, _, _ in self.lm.lora_pairs(MAIN)}
 
     def input_covariances(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Second moments E[x x^T] of every adapted layer's inputs over the rows' prompts."""
+        """Second moments E[x x^T] (fp64) of every adapted layer's inputs over the rows' training sequences.
+
+        The sequences are the ones training sees (prompt and answer, teacher forced, `task.loss`), not the
+        inputs of decoding: for next-item, beam search would feed the layers its own partial IDs instead.
+        """
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         handles = []
@@ -82,14 +100,22 @@ class InfLora(CumulativeLora):
                 continue
 
             def hook(mod: Any, args: tuple[Any, ...], out: Any, name: str = name) -> None:
-                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                sums[name] = sums.get(name, 0) + x.T @ x  # type: ignore[operator]
+                with without_autocast():  # the hook runs inside the forward pass's autocast region
+                    x = args[0].detach().double().reshape(-1, args[0].shape[-1])
+                    sums[name] = sums.get(name, 0) + x.T @ x  # type: ignore[operator]
                 counts[name] = counts.get(name, 0) + x.shape[0]
 
             handles.append(module.register_forward_hook(hook))
+        was_training = self.lm.model.training
+        self.lm.model.eval()  # no dropout: the statistics of the layers' actual inputs
+        batch = self.cfg.eval.batch_size
         try:
-            self.task.predict(self.lm, rows, self.cfg.eval.batch_size, desc="input statistics")
+            with torch.no_grad(), progress_task("input statistics", total=len(rows)) as bar:
+                for start in range(0, len(rows), batch):
+                    self.task.loss(self.lm, rows[start : start + batch])
+                    bar.advance(len(rows[start : start + batch]))
         finally:
+            self.lm.model.train(was_training)
             for h in handles:
                 h.remove()
         return {n: sums[n] / counts[n] for n in sums}

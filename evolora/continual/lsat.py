@@ -8,7 +8,8 @@
   - `fusion` (LSAT-TA, Eq. 4): one adapter, lambda * long + (1 - lambda) * short, one forward pass. `fusion:
     delta` interpolates the weight updates B·A, as the paper writes it (the fused adapter has rank 2r and
     is exact); `fusion: factors` interpolates A and B separately, as the released code does (rank r; the
-    update then carries cross terms B_long·A_short).
+    update then carries cross terms B_long·A_short). Rows of added tokens (next-item's semantic IDs) are
+    interpolated with the same weight.
 
 The paper's grid is {0, 0.1, ..., 1}; the code's TA grid is {0.1, ..., 0.9}. Both adapters start from fresh
 weights, so their training is shared with `retrain` and other runs through the loop's shared store.
@@ -96,7 +97,8 @@ class Lsat(Strategy):
         return rescored[0], rescored[1]
 
     def build_fused(self, weight: float) -> None:
-        """Write weight * long + (1 - weight) * short into the `fused` adapter."""
+        """Write weight * long + (1 - weight) * short into the `fused` adapter: the LoRA update as `fusion`
+        says, and the rows of added tokens (semantic IDs, next-item) interpolated the same way."""
         lora = self.lm.lora
         if self.o.fusion == "delta":
             # [w A_l; (1-w) A_s] and [B_l, B_s] multiply to w B_l A_l + (1-w) B_s A_s; doubling alpha with
@@ -119,6 +121,10 @@ class Lsat(Strategy):
                 else:
                     a_f.copy_(weight * a_l + (1 - weight) * a_s)
                     b_f.copy_(weight * b_l + (1 - weight) * b_s)
+            for layer in self.lm.token_layers():
+                rows = layer.trainable_tokens_delta
+                if FUSED in rows:
+                    rows[FUSED].copy_(weight * rows[LONG] + (1 - weight) * rows[MAIN])
 
     def _same_adapters(self) -> bool:
         """Whether the long- and short-term adapters hold the same weights: at stage 1 (and whenever both
