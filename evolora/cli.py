@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.table import Table
 
 from evolora.errors import EvoloraError
@@ -37,11 +38,30 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 QUICKSTART = "quickstart.yaml"
 
 
+class _PlainHandler(logging.StreamHandler):
+    """One line per message, never wrapped: what logs and CI captures want (stderr is not a terminal).
+
+    Writes to whatever `sys.stderr` is at the time, as the rich console does."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
-    handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+    handler: logging.Handler
+    if err_console.is_terminal:
+        handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+    else:
+        handler = _PlainHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     handler.setLevel(logging.DEBUG if verbose else logging.INFO)
     root = logging.getLogger("evolora")
-    root.handlers = [h for h in root.handlers if not isinstance(h, RichHandler)]
+    root.handlers = [h for h in root.handlers if not isinstance(h, RichHandler | _PlainHandler)]
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub"):
@@ -56,7 +76,8 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except EvoloraError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            # soft_wrap: a message stays one line in logs and CI (rich wraps at 80 columns off a terminal)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: rerun the same command to continue where it stopped")
@@ -77,8 +98,13 @@ def _quiet_libraries() -> None:
 
 
 def stage_table(results: list[dict[str, Any]], metric_names: tuple[str, ...]) -> Table:
-    """Methods x evaluated stages: the table `evolora run` prints at the end."""
+    """Methods x evaluated stages: the table `evolora run` prints at the end (`stage_table_note` says what
+    its mean covers and the precision). When every method shares the first evaluated stage (one stage-1
+    adapter), `mean` leaves it out."""
+    from evolora.eval.report import shared_first_stage
+
     stages = sorted({s["eval_stage"] for r in results for s in r["stages"]})
+    skip = shared_first_stage(results)
     table = Table(title="per-stage results (trained on stage t-1 or t, evaluated on the stage shown)")
     table.add_column("method")
     table.add_column("seed", justify="right")
@@ -94,7 +120,9 @@ def stage_table(results: list[dict[str, Any]], metric_names: tuple[str, ...]) ->
                 f"{by_stage[s]['metrics'][m]:.4f}" if m in by_stage.get(s, {}).get("metrics", {}) else "–"
                 for s in stages
             ]
-            mean = r["summary"]["mean"].get(m)
+            kept = [by_stage[t]["metrics"].get(m) for t in stages if t != skip and t in by_stage]
+            kept = [v for v in kept if v is not None and v == v]  # v == v: not NaN
+            mean = sum(kept) / len(kept) if kept else None
             secs = f"{r['summary'].get('train_seconds', 0):.0f}" if i == 0 else ""
             table.add_row(
                 r["method"] if i == 0 else "",
@@ -105,6 +133,14 @@ def stage_table(results: list[dict[str, Any]], metric_names: tuple[str, ...]) ->
                 secs,
             )
     return table
+
+
+def stage_table_note(results: list[dict[str, Any]]) -> str:
+    from evolora.eval.report import precision_line, shared_first_stage
+
+    skip = shared_first_stage(results)
+    over = "every evaluated stage" if skip is None else f"D{skip} left out: every method shares it"
+    return f"precision: {precision_line(results)}; mean: {over}"
 
 
 @app.command()
@@ -134,6 +170,7 @@ def run(
         results = run_experiment(cfg, overwrite=overwrite)
     metric_names = ("auc", "logloss") if cfg.task.name == "ctr" else ("hit@10", "ndcg@10", "nll")
     console.print(stage_table(results, metric_names))
+    console.print(stage_table_note(results), soft_wrap=True, highlight=False)
     root = Path(cfg.output_dir) / cfg.name
     report, groups = build_report([root])
     atomic_write_text(root / "report.md", report)
@@ -230,12 +267,14 @@ def data_info(
     """Summarise a dataset and the stages its staging settings make."""
     from evolora.config import load_config
     from evolora.data import assign_stages, load_dataset, num_stages_of, stage_table
+    from evolora.experiment import resolve_config
 
     _setup_logging(False)
     overrides = [f"data.source={source}", f"data.format={fmt}", *(set_ or [])]
     if meta:
         overrides.append(f"data.meta={meta}")
-    cfg = load_config(config, overrides)
+    flags = {"data.source": "the SOURCE argument", "data.format": "--format", "data.meta": "--meta"}
+    cfg = resolve_config(load_config(config, overrides, flags))
     data = load_dataset(cfg.data)
     summary = Table(title=f"{data.name}", show_header=False)
     for k, v in data.summary().items():

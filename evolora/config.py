@@ -4,7 +4,7 @@ A config has these sections (every key has a default, so `{}` is a valid config)
 
 * `data`: which dataset and how to filter it;
 * `staging`: how interactions are cut into stages D1..DT;
-* `task`: how a sample becomes tokens and a score (`ctr` now);
+* `task`: how a sample becomes tokens and a score (`ctr` or `next_item`);
 * `model`: the LLM backbone and the LoRA shape, or a conventional recommender and its sizes;
 * `train`: per-stage sample budgets and the optimiser;
 * `eval`: evaluation sample size and batch size;
@@ -68,12 +68,13 @@ class StagingConfig(Section):
     * `global`: one chronological split by `ratios` (RecLoRA's 8:1:1); `n_stages` is `len(ratios)`.
     * `preset`: the stages a pre-blocked dataset comes with (`data.format: peso`); `n_stages`, if set, must
       match them. The count comes from the data: use `evolora.data.num_stages_of` on the staged table.
+    * `auto` (default): `preset` for a dataset that comes in stages, else `lsat` (a run records which).
 
     Interactions with the same timestamp always fall in the same stage, so training data never shares a
     timestamp with the data it is evaluated on.
     """
 
-    scheme: Literal["lsat", "peso", "global", "preset"] = "lsat"
+    scheme: Literal["auto", "lsat", "peso", "global", "preset"] = "auto"
     n_stages: int | None = Field(
         None, ge=2, description="default: 4 (lsat), 5 (peso), len(ratios) (global), the data's own (preset)"
     )
@@ -100,7 +101,7 @@ class StagingConfig(Section):
             return len(self.ratios)
         if self.n_stages is not None:
             return self.n_stages
-        if self.scheme == "preset":
+        if self.scheme in ("preset", "auto"):
             raise ConfigError(
                 "staging.scheme=preset takes its number of stages from the data: set staging.n_stages, or "
                 "count them with evolora.data.num_stages_of(staged)"
@@ -407,14 +408,16 @@ class RunConfig(Section):
         return self
 
 
-def _format_validation_error(err: ValidationError, where: str) -> str:
+def _format_validation_error(err: ValidationError, where: str, origins: dict[str, str]) -> str:
     lines = [f"{where}: invalid configuration"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `evolora run --help` lists the sections)"
-        lines.append(f"  {loc}: {msg}")
+        # A value given on the command line is reported as the flag that gave it.
+        given = next((o for k, o in origins.items() if loc == k or loc.startswith(f"{k}.")), None)
+        lines.append(f"  {loc}: {msg}" + (f" (given by {given})" if given else ""))
     return "\n".join(lines)
 
 
@@ -433,23 +436,60 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _strategy_entry(entries: list[Any], name: str, text: str) -> dict[str, Any]:
+    """The strategy called `name` (its label, else its name; or its position) in a `strategies` list, as a
+    mapping that an override can change (a bare name becomes `{name: ...}`)."""
+    labels = [e.get("label") or e.get("name") if isinstance(e, dict) else e for e in entries]
+    if name in labels:
+        i = labels.index(name)
+    elif name.isdigit() and int(name) < len(entries):
+        i = int(name)
+    else:
+        raise ConfigError(f"--set {text!r}: no strategy labelled {name!r} (the config has {labels})")
+    if isinstance(entries[i], str):
+        entries[i] = {"name": entries[i]}
+    if not isinstance(entries[i], dict):
+        raise ConfigError(f"--set {text!r}: strategy {name!r} is not a mapping")
+    return entries[i]
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides in order. `strategies.<label>.<option>=value` sets one strategy's option
+    (`<label>`: its label, else its name, or its position in the list)."""
     for text in overrides:
         path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
+        node: Any = raw
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list) and path[i - 1 : i] == ["strategies"] and i == 1:
+                node = _strategy_entry(node, part, text)
+                continue
             child = node.get(part)
-            if child is None:
+            if part == "strategies" and i == 0 and not isinstance(child, dict):
+                # A strategy's option: start from the list as the config (or the default) gives it.
+                default = [
+                    s.name
+                    for s in RunConfig.model_fields["strategies"].get_default(call_default_factory=True)
+                ]
+                child = node[part] = [child] if isinstance(child, str) else child if child else default
+            elif child is None:
                 child = node[part] = {}
-            if not isinstance(child, dict):
+            if not isinstance(child, dict | list) or (isinstance(child, list) and part != "strategies"):
                 raise ConfigError(f"--set {text!r}: {part!r} is not a section")
             node = child
+        if isinstance(node, list):
+            raise ConfigError(f"--set {text!r}: name a strategy and its option, e.g. strategies.peso.lam=50")
         node[path[-1]] = value
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read and validate a YAML config; `None` gives the defaults. Raises `ConfigError` with every problem."""
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, origins: dict[str, str] | None = None
+) -> RunConfig:
+    """Read and validate a YAML config; `None` gives the defaults. Raises `ConfigError` with every problem.
+
+    `origins` maps a dotted key to the command-line flag that set it (e.g. `{"data.format": "--format"}`),
+    so an invalid value is reported as that flag's; other overrides are reported as `--set key=value`.
+    """
     raw: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
@@ -467,10 +507,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         raw = loaded
     raw = apply_overrides(raw, overrides or [])
+    if path is None and overrides:
+        where = "command line"
+    given = {o.split("=", 1)[0].strip(): f"--set {o}" for o in overrides or [] if "=" in o}
+    given.update(origins or {})
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, where)) from None
+        raise ConfigError(_format_validation_error(e, where, given)) from None
 
 
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:

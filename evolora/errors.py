@@ -18,3 +18,14 @@ class DataError(EvoloraError):
 
 class ConfigError(EvoloraError):
     """A configuration value is invalid. The message names the key."""
+
+
+class DamagedFileError(EvoloraError):
+    """A file evolora wrote earlier cannot be read back (truncated, damaged, or an unsafe older format).
+
+    `path` names the file; the message says what to do about it.
+    """
+
+    def __init__(self, path: object, message: str) -> None:
+        super().__init__(message)
+        self.path = path

@@ -21,20 +21,25 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import torch
 import yaml
 
 import evolora
-from evolora.config import CtrTaskConfig, RunConfig, StrategySpec, config_to_dict
+from evolora.config import CtrTaskConfig, DataConfig, RunConfig, StrategySpec, config_to_dict
 from evolora.continual import Env, build_strategy, check_strategy_specs
 from evolora.continual.loop import SharedStore, StageLoop
 from evolora.data import InteractionData, assign_stages, load_dataset, num_stages_of
+from evolora.data.digest import data_digest
+from evolora.data.loaders import detect_format
 from evolora.data.samples import SampleTable, StagePools, build_samples, split_pools
-from evolora.errors import ConfigError
+from evolora.errors import ConfigError, EvoloraError
 from evolora.io import atomic_write_json, atomic_write_text, read_json, stable_hash
+from evolora.locks import exclusive
 from evolora.models.conventional import check_conventional, is_conventional
 from evolora.models.conventional.backbone import ConventionalBackbone
 from evolora.models.conventional.common import IdSpace
-from evolora.models.llm import LoraLM, load_pretrained, resolve_device, resolve_precision, set_threads
+from evolora.models.llm import LoraLM, load_pretrained, set_threads
+from evolora.models.precision import resolve_device, resolve_precision
 from evolora.tasks.base import Task
 from evolora.tasks.conventional import conventional_task
 from evolora.tasks.ctr import CtrTask
@@ -68,6 +73,48 @@ def context_of(cfg: RunConfig) -> dict[str, Any]:
     for key in llm_only if is_conventional(cfg.model.name) else ("conventional",):
         d["model"].pop(key, None)
     return d
+
+
+def resolve_config(cfg: RunConfig) -> RunConfig:
+    """The config with `auto` settings that depend on the data made definite, so the experiment's key
+    records what runs: `staging.scheme: auto` is `preset` for a dataset that comes in stages (PESO's
+    release), else `lsat`."""
+    if cfg.staging.scheme != "auto":
+        return cfg
+    scheme = "preset" if comes_in_stages(cfg.data) else "lsat"
+    return cfg.model_copy(update={"staging": cfg.staging.model_copy(update={"scheme": scheme})})
+
+
+def comes_in_stages(data: DataConfig) -> bool:
+    """Whether the data source is a pre-blocked release with stages of its own."""
+    if data.format != "auto":
+        return data.format == "peso"
+    path = Path(data.source).expanduser()
+    if not path.exists():
+        return False  # a registered dataset name: none of them comes in stages
+    try:
+        return detect_format(path) == "peso"
+    except EvoloraError:
+        return False  # the loader reports the problem with the data itself
+
+
+def run_environment(data: InteractionData) -> dict[str, Any]:
+    """What a run's numbers also depend on beyond its config: software versions and the data files read."""
+    import platform
+
+    import peft
+    import transformers
+
+    return {
+        "evolora_version": evolora.__version__,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+        "data_files": data_digest(data),
+    }
 
 
 def item_kind_of(dataset: str) -> str:
@@ -146,27 +193,37 @@ def build_task(
     return CtrTask(cfg.task, prepared.table, titles, lm.tokenizer, kind, item_vectors=item_vectors)
 
 
-def _check_experiment(root: Path, cfg: RunConfig, overwrite: bool) -> str:
+def _check_experiment(root: Path, cfg: RunConfig) -> str:
+    """The experiment's key; refuses a folder holding results of other settings.
+
+    A folder whose earlier attempt produced nothing (it failed before any stage work, e.g. on a misspelt
+    model name) takes the new settings: there is nothing they could be mixed with.
+    """
     context = context_of(cfg)
     key = stable_hash(context, 16)
     marker = root / "experiment.json"
-    if marker.is_file() and not overwrite:
-        old = read_json(marker)
+    if marker.is_file():
+        old = read_json(marker, "Delete it to accept the current settings (nothing is recomputed by that).")
         if old.get("context_key") != key:
             diff = _diff(old.get("context", {}), context)
-            raise ConfigError(
-                f"{root} holds an experiment run with a different configuration ({diff}). "
-                "Rerun with the original settings to resume it, choose another `name`, or pass --overwrite "
-                "to delete it and start again."
-            )
-    if overwrite and root.exists():
-        shutil.rmtree(root)
+            if _has_work(root):
+                raise ConfigError(
+                    f"{root} holds an experiment run with a different configuration ({diff}). "
+                    "Rerun with the original settings to resume it, choose another `name`, or pass "
+                    "--overwrite to delete it and start again."
+                )
+            log.info("%s: the earlier attempt produced nothing; its settings are replaced (%s)", root, diff)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
         marker, {"context_key": key, "context": context, "evolora_version": evolora.__version__}
     )
     atomic_write_text(root / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return key
+
+
+def _has_work(root: Path) -> bool:
+    """Whether any run under the experiment folder has started a stage (a checkpoint, a job, a record)."""
+    return any(p.is_dir() for p in root.glob("*/seed*/stage-*"))
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> str:
@@ -196,18 +253,31 @@ def run_dir_of(cfg: RunConfig, label: str, seed: int) -> Path:
 
 
 def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None) -> list[dict[str, Any]]:
-    """Run every (strategy, seed) of the config; finished stages are never redone. Returns their results."""
+    """Run every (strategy, seed) of the config; finished stages are never redone. Returns their results.
+
+    One process at a time per experiment folder: a second one is refused, naming the first.
+    """
     check_strategy_specs(cfg.strategies)
     check_conventional(cfg)
     set_threads(cfg.threads)
+    cfg = resolve_config(cfg)
     root = Path(cfg.output_dir) / cfg.name
-    context_key = _check_experiment(root, cfg, overwrite)
+    lock = Path(cfg.output_dir) / f".{cfg.name}.lock"  # beside the folder: --overwrite deletes the folder
+    with exclusive(lock, f"experiment {root}"):
+        if overwrite and root.exists():
+            shutil.rmtree(root)
+        context_key = _check_experiment(root, cfg)
+        return _run_locked(cfg, root, context_key, on_stage)
+
+
+def _run_locked(cfg: RunConfig, root: Path, context_key: str, on_stage: Any) -> list[dict[str, Any]]:
     handler = logging.FileHandler(root / "log.txt", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger("evolora").addHandler(handler)
     try:
         prepared = prepare_data(cfg)
         lm, task = build_model_and_task(cfg, prepared)
+        environment = run_environment(prepared.data)
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
         sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
         shared = SharedStore(Path(cfg.output_dir) / "_shared", stable_hash(sample_context, 16))
@@ -220,7 +290,7 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
                 header = {
                     "method": label,
                     "strategy": spec.name,
-                    "options": spec.options,
+                    "options": strategy.options.model_dump(mode="json"),
                     "task": task.name,
                     "dataset": prepared.data.name,
                     "model": cfg.model.name,
@@ -230,7 +300,7 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
                     "n_stages": prepared.table.n_stages,
                     "experiment": cfg.name,
                     "context_key": context_key,
-                    "evolora_version": evolora.__version__,
+                    **environment,
                 }
                 log.info("running %s (seed %d)", label, seed)
                 loop = StageLoop(strategy, prepared.pools, run_dir_of(cfg, label, seed), shared, header)
@@ -261,14 +331,15 @@ def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared,
         raise ConfigError(
             f"{run_dir}: not a run folder (no results.json; expected runs/<name>/<method>/seed<k>)"
         )
-    results = read_json(run_dir / "results.json")
+    results = read_json(run_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
     config = run_dir.parent.parent / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"{config}: missing; the experiment's configuration is needed to rebuild the run")
     cfg = load_config(config)
     trained = [s["train_stage"] for s in results["stages"]]
     t = stage if stage is not None else max(trained, default=0)
-    if t not in trained or not (run_dir / f"stage-{t}" / "state.pt").is_file():
+    state_files = ("state.safetensors", "state.pt")  # state.pt: an older evolora's, read safely
+    if t not in trained or not any((run_dir / f"stage-{t}" / f).is_file() for f in state_files):
         raise ConfigError(f"{run_dir}: stage {t} has not finished (finished: {trained or 'none'})")
     spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
     prepared = prepare_data(cfg)

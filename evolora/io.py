@@ -1,7 +1,11 @@
-"""Atomic file writes, checksums and the cache directory.
+"""Atomic file writes, safe reads, checksums and the cache directory.
 
 Every file a run writes goes through these helpers: a write lands in a temporary sibling and is renamed into
 place, so a run killed at any instant leaves either the old file or the new one, never half of one.
+
+Reading never executes code from a file: JSON, npz without pickles, and `save_state`/`load_state` for
+anything holding tensors (safetensors with a JSON skeleton, no pickle). A file that cannot be read back
+raises `DamagedFileError` naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from evolora.errors import DamagedFileError
 
 
 def cache_dir() -> Path:
@@ -48,9 +54,137 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: str | Path, advice: str = "") -> Any:
+    """A JSON file; a damaged one raises `DamagedFileError` naming it, followed by `advice`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedFileError(path, _damaged(path, f"not valid JSON: {e}", advice)) from None
+
+
+def _damaged(path: str | Path, reason: str, advice: str) -> str:
+    return f"{path} is damaged or truncated ({reason}). {advice}".strip()
+
+
+def load_tensors(path: str | Path, advice: str = "") -> dict[str, Any]:
+    """The tensors of a safetensors file (adapters, models); a damaged one raises `DamagedFileError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        reason = f"not a readable safetensors file: {e}"
+        raise DamagedFileError(path, _damaged(path, reason, advice)) from None
+
+
+def save_npz(path: str | Path, arrays: dict[str, Any]) -> None:
+    """Numeric arrays as one `.npz`, atomically (object arrays are refused: they would need pickles)."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_npz(path: str | Path, advice: str = "") -> dict[str, Any]:
+    """The arrays of an `.npz` written by `save_npz`, never unpickling anything."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise DamagedFileError(path, _damaged(path, f"not a readable .npz: {e}", advice)) from None
+
+
+# ------------------------------------------------------------------------------------------ tensor state
+# Strategy state and training checkpoints are nested dicts and lists of numbers, strings, tensors and
+# arrays. They are stored as one safetensors file: the tensors as its entries, the structure as JSON in its
+# metadata, with tensors replaced by references. Loading builds only plain values and tensors.
+
+_STATE_KEY = "evolora_state"
+_MARKERS = ("__tensor__", "__ndarray__", "__tuple__", "__items__")
+
+
+def _encode(obj: Any, tensors: dict[str, Any]) -> Any:
+    import numpy as np
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()  # clone: safetensors refuses shared memory
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            raise TypeError("object arrays cannot be stored without pickles")
+        key = str(len(tensors))
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj).copy())
+        return {"__ndarray__": key}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and k not in _MARKERS for k in obj):
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a state file")
+
+
+def _decode(obj: Any, tensors: dict[str, Any]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy()
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_hashable(_decode(k, tensors)): _decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
+
+
+def save_state(path: str | Path, state: Any) -> None:
+    """Write nested dicts/lists/tuples of plain values, tensors and numeric arrays as one safetensors file,
+    atomically."""
+    from safetensors.torch import save
+
+    tensors: dict[str, Any] = {}
+    skeleton = _encode(state, tensors)
+    blob = save(tensors, metadata={"format": "pt", _STATE_KEY: json.dumps(skeleton)})
+    atomic_write_bytes(path, blob)
+
+
+def load_state(path: str | Path, advice: str = "") -> Any:
+    """Read a file written by `save_state`; a damaged file raises `DamagedFileError` naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        skeleton = json.loads(meta[_STATE_KEY])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError, ValueError) as e:
+        reason = f"not a readable evolora state file: {type(e).__name__}: {e}"
+        raise DamagedFileError(path, _damaged(path, reason, advice)) from None
+    return _decode(skeleton, tensors)
 
 
 @contextmanager
@@ -72,6 +206,16 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a damaged file or folder to a hidden sibling (kept for inspection) and return the new path."""
+    import time
+
+    path = Path(path)
+    target = path.with_name(f".{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(path, target)
+    return target
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

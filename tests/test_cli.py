@@ -21,7 +21,7 @@ def write_config(path: Path, data_dir: Path, out: Path, **extra) -> Path:
         "data": {"source": str(data_dir)},
         "staging": {"scheme": "lsat", "n_stages": 3},
         "task": {"history_len": 5, "template": "compact"},
-        "model": {"name": "tiny"},
+        "model": {"name": "tiny", "precision": "fp32"},
         "train": {"samples_per_stage": 24, "valid_samples": 16, "epochs": 1, "lr": 0.01},
         "eval": {"max_samples": 24},
         "strategies": ["frozen", "finetune", "retrain"],
@@ -106,3 +106,38 @@ def test_report_bootstrap_compares_on_the_same_rows(sunny_dir: Path, tmp_path: P
     assert rows, text
     lo, hi = (float(x) for x in rows[0].split("[")[1].split("]")[0].split(","))
     assert lo <= hi
+
+
+def test_the_run_table_and_the_report_name_the_precision(sunny_dir: Path, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen", "finetune"]
+    )
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "precision: fp32 (every run); mean: D2 left out: every method shares it" in result.output
+    text = (tmp_path / "runs" / "cli" / "report.md").read_text()
+    assert "Precision: fp32 (every run)." in text and "leave D2 out" in text
+    res = json.loads((tmp_path / "runs" / "cli" / "finetune" / "seed0" / "results.json").read_text())
+    assert res["precision"] == "fp32"
+    assert set(res["versions"]) == {"python", "torch", "transformers", "peft"}
+    assert set(res["data_files"]["files"]) == {"u.data", "u.item"} and len(res["data_files"]["sha256"]) == 64
+    # The mean in the table and the report skips the shared D2: it is the mean of D3 alone here.
+    d3 = next(s for s in res["stages"] if s["eval_stage"] == 3)["metrics"]["auc"]
+    row = next(line for line in text.splitlines() if line.startswith("| finetune |"))
+    assert row.split("|")[-3].strip() == f"{d3:.4f}"
+
+
+def test_a_bad_flag_value_is_reported_as_that_flag(sunny_dir: Path) -> None:
+    result = runner.invoke(app, ["data", "info", str(sunny_dir), "--format", "csv"])
+    assert result.exit_code == 2
+    assert "data.format" in result.output and "(given by --format)" in result.output
+    assert "defaults" not in result.output
+
+
+def test_data_info_uses_the_stages_a_release_comes_with(tmp_path: Path) -> None:
+    from tests.helpers import write_peso_cycle
+
+    folder = write_peso_cycle(tmp_path / "cycle", n_blocks=3)
+    result = runner.invoke(app, ["data", "info", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "stages (preset, 3)" in result.output

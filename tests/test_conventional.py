@@ -393,7 +393,8 @@ def test_resume_after_training_finished_but_before_the_job_was_recorded(
     with pytest.raises(Interrupt):
         run_experiment(cfg)
     # Every epoch is in the checkpoint, including which ID rows were trained.
-    assert (run_dir_of(cfg, "gru4rec-finetune", 0) / "stage-2" / "checkpoints" / "default.pt").is_file()
+    checkpoints = run_dir_of(cfg, "gru4rec-finetune", 0) / "stage-2" / "checkpoints"
+    assert (checkpoints / "default.safetensors").is_file()
     monkeypatch.setattr(StageLoop, "_finish_job", real)
     resumed = run_experiment(cfg)[0]
     assert resumed["complete"]

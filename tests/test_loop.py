@@ -102,7 +102,7 @@ def test_killed_mid_stage_resumes_without_redoing_work(
         run_experiment(cfg)
     assert (run / "stage-2" / "record.json").is_file()
     assert not (run / "stage-3" / "record.json").exists()
-    assert (run / "stage-3" / "checkpoints" / "default.pt").is_file()
+    assert (run / "stage-3" / "checkpoints" / "default.safetensors").is_file()
     partial = json.loads((run / "results.json").read_text())
     assert not partial["complete"] and len(partial["stages"]) == 2
     stage1 = (run / "stage-1" / "record.json").read_text()

@@ -37,3 +37,17 @@ def test_logloss_matches_formula_and_clips() -> None:
     expected = -(np.log(0.9) + np.log(0.8) + np.log(0.6)) / 3
     assert logloss(y, p) == pytest.approx(expected)
     assert np.isfinite(logloss(np.array([1, 0]), np.array([0.0, 1.0])))
+
+
+def test_scores_with_nan_or_labels_that_are_not_binary_are_errors() -> None:
+    from evolora.eval.metrics import NonFiniteScores
+
+    labels = np.array([0, 1, 0, 1])
+    with pytest.raises(NonFiniteScores, match="NaN or infinite"):
+        auc(labels, np.array([0.1, np.nan, 0.3, 0.9]))
+    with pytest.raises(NonFiniteScores):
+        logloss(labels, np.array([0.1, np.inf, 0.3, 0.9]))
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        auc(np.array([0, 1, 2, 1]), np.array([0.1, 0.2, 0.3, 0.9]))
+    with pytest.raises(ValueError, match="labels must be 0 or 1"):
+        logloss(np.array([0.0, 0.5]), np.array([0.1, 0.2]))

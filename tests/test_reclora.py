@@ -10,6 +10,7 @@ import torch
 
 from evolora.errors import ConfigError
 from evolora.experiment import run_dir_of, run_experiment
+from evolora.io import load_state
 from tests.helpers import tiny_config
 
 CRM = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
@@ -39,7 +40,7 @@ def test_reclora_runs_stage_by_stage_with_its_crm(sunny_dir: Path, tmp_path: Pat
     )
     assert few["stages"][0]["strategy_info"]["crm_train_rows"] == few["stages"][0]["n_train"]
     # The adapter state of the run's first stage holds the banks and the CRM.
-    state = torch.load(run_dir_of(cfg, "reclora", 0) / "stage-1" / "state.pt", weights_only=False)
+    state = load_state(run_dir_of(cfg, "reclora", 0) / "stage-1" / "state.safetensors")
     assert "personal" in state["strategy"] and "crm" in state["strategy"]
 
 

@@ -5,23 +5,31 @@ evaluates on the protocol's evaluation stage and writes a stage record; `results
 stage. Everything is written atomically and in an order that makes a rerun continue where a killed run
 stopped:
 
-    stage-t/checkpoints/<job>.pt   after every epoch  (resume inside a job)
-    stage-t/jobs/<job>.json        a job finished     (its adapter is in stage-t/adapters/)
-    stage-t/trained.json           all jobs + after_stage done, adapters and strategy state saved
-    stage-t/predictions.npz        evaluation done
-    stage-t/record.json            the stage is finished
+    run.json                               the strategy and its options (a rerun must match them)
+    stage-t/checkpoints/<job>.safetensors  after every epoch  (resume inside a job)
+    stage-t/jobs/<job>.json                a job finished     (its adapter is in stage-t/job-adapters/)
+    stage-t/trained.json                   all jobs + after_stage done, adapters and strategy state saved
+                                           (stage-t/adapters/, stage-t/state.safetensors)
+    stage-t/predictions.npz                evaluation done
+    stage-t/record.json                    the stage is finished
+
+Nothing is pickled: adapters and strategy state are safetensors (the state's structure as JSON inside), the
+rest JSON and npz. A damaged file of a run folder stops the run with an error naming it and the stage to
+delete; a damaged shared result or checkpoint is set aside and recomputed, with a warning.
 
 Training jobs that depend only on data, seed and configuration (a fresh adapter without regulariser: every
-strategy's first stage, retraining, LSAT's adapters) are stored once
-and reused by other strategies and experiments in the same output folder (`<output_dir>/_shared/`), and so
-are predictions of a shared adapter.
+strategy's first stage, retraining, LSAT's adapters) are stored once and reused by other strategies and
+experiments in the same output folder (`<output_dir>/_shared/`), and so are predictions of a shared adapter.
+A shared job is trained under a lock: a second process that needs it waits and then reuses it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +40,19 @@ import torch
 from evolora.config import TrainConfig
 from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob
 from evolora.data.samples import StagePools, draw, eval_stage_of, train_stages
-from evolora.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json, stable_hash
+from evolora.errors import ConfigError, DamagedFileError
+from evolora.io import (
+    atomic_directory,
+    atomic_write_json,
+    load_npz,
+    load_state,
+    read_json,
+    save_npz,
+    save_state,
+    set_aside,
+    stable_hash,
+)
+from evolora.locks import exclusive
 from evolora.train.trainer import TrainResult, train_adapter
 
 log = logging.getLogger("evolora.continual")
@@ -75,13 +95,34 @@ class SharedStore:
     def predictions_file(self, adapter_key: str, rows: np.ndarray) -> Path:
         return self.root / "predictions" / f"{stable_hash([adapter_key, rows_digest(rows)], 20)}.npz"
 
+    def job_lock(self, key: str) -> Path:
+        return self.root / "jobs" / f".{key}.lock"
 
-def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    import io
+    def reuse_job(self, lm: Any, key: str, adapter: str) -> dict[str, Any] | None:
+        """Load a stored training result into `adapter` and return its record; None when there is none. A
+        damaged one is set aside (kept for inspection) and None returned, so the job is trained again."""
+        folder = self.job_dir(key)
+        if not (folder / "result.json").is_file():
+            return None
+        try:
+            lm.load_adapter(folder / "adapter", adapter)
+            return read_json(folder / "result.json")
+        except DamagedFileError as e:
+            aside = set_aside(folder)
+            log.warning(
+                "shared training result %s is damaged (%s): set aside as %s, trained again", key, e, aside
+            )
+            return None
 
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
+    def load_predictions(self, path: Path) -> dict[str, np.ndarray] | None:
+        if not path.is_file():
+            return None
+        try:
+            return load_npz(path)
+        except DamagedFileError as e:
+            aside = set_aside(path)
+            log.warning("shared predictions %s are damaged (%s): set aside as %s, recomputed", path, e, aside)
+            return None
 
 
 class StageLoop:
@@ -116,23 +157,70 @@ class StageLoop:
         rows = self.pools[e].test
         return draw(rows, self.cfg.eval.max_samples, self.cfg.eval.seed, e, salt=2), len(rows)
 
+    @contextlib.contextmanager
+    def _stage_files(self, t: int) -> Iterator[None]:
+        """Files of stage t that cannot be read back stop the run with what to do about them."""
+        try:
+            yield
+        except DamagedFileError as e:
+            raise DamagedFileError(
+                e.path,
+                f"{e} Delete {self.stage_dir(t)} and rerun the same command: stage {t} is redone, earlier "
+                "stages are kept.",
+            ) from None
+
+    # ------------------------------------------------------------------ the run's identity
+    def check_run(self) -> None:
+        """Refuse to continue a run folder made with other strategy options (the label is the same, so the
+        experiment's settings cannot tell); record the options of a new run."""
+        options = self.header.get("options", {})
+        marker = self.run_dir / "run.json"
+        old: dict[str, Any] | None = None
+        if marker.is_file():
+            old = read_json(marker, "Delete it to accept the current options for this run folder.")
+        elif (self.run_dir / "results.json").is_file():  # a run folder from before run.json existed
+            old = read_json(self.run_dir / "results.json", "Delete it: it is rebuilt from the stage records.")
+        if old is not None:
+            before = self._normalised_options(old.get("strategy"), old.get("options", {}))
+            now = self._normalised_options(self.header.get("strategy"), options)
+            if old.get("strategy") != self.header.get("strategy") or before != now:
+                changes = (
+                    "; ".join(
+                        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+                        for k in sorted(set(before) | set(now))
+                        if before.get(k) != now.get(k)
+                    )
+                    or f"strategy: {old.get('strategy')!r} -> {self.header.get('strategy')!r}"
+                )
+                raise ConfigError(
+                    f"{self.run_dir} was run as {old.get('strategy')!r} with other options ({changes}). Give "
+                    "this strategy another `label`, restore its options, or delete that folder to rerun it."
+                )
+        if not marker.is_file():
+            atomic_write_json(marker, {"strategy": self.header.get("strategy"), "options": options})
+
+    def _normalised_options(self, strategy: Any, options: dict[str, Any]) -> dict[str, Any]:
+        """Options with every default filled in, so `{lam: 2.0}` and `{}` compare equal for PESO."""
+        if strategy != getattr(self.s, "name", None):
+            return dict(options)
+        try:
+            return type(self.s).Options.model_validate(options).model_dump(mode="json")
+        except Exception:  # options of an older evolora that no longer validate: compare them as written
+            return dict(options)
+
     # ------------------------------------------------------------------ saving and restoring the chain
     def _save_state(self, t: int) -> None:
         d = self.stage_dir(t)
         for name in self.s.adapters_to_save():
             self.lm.save_adapter(d / "adapters" / name, name)
-        state = {"strategy": self.s.state(), "adapter_keys": self.adapter_keys}
-        import io
-
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(d / "state.pt", buf.getvalue())
+        save_state(d / "state.safetensors", {"strategy": self.s.state(), "adapter_keys": self.adapter_keys})
 
     def restore_state(self, t: int) -> None:
         d = self.stage_dir(t)
-        for name in self.s.adapters_to_save():
-            self.lm.load_adapter(d / "adapters" / name, name)
-        state = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+        with self._stage_files(t):
+            for name in self.s.adapters_to_save():
+                self.lm.load_adapter(d / "adapters" / name, name)
+            state = _read_stage_state(d)
         self.s.load_state(state["strategy"])
         self.adapter_keys = dict(state["adapter_keys"])
 
@@ -142,30 +230,47 @@ class StageLoop:
         done_file = d / "jobs" / f"{job.name}.json"
         adapter_dir = d / "job-adapters" / job.name
         if done_file.is_file():
-            self.lm.load_adapter(adapter_dir, job.adapter)
-            info = read_json(done_file)
+            with self._stage_files(ctx.stage):
+                self.lm.load_adapter(adapter_dir, job.adapter)
+                info = read_json(done_file)
             self.adapter_keys[job.adapter] = info.get("shared_key")
             self.s.after_job(ctx, job)
             return info
+        if not (job.shareable and self.shared is not None):
+            result = self._train(ctx, job)
+            info = self._job_info(job, result.to_dict(), shared_key=None, reused=False)
+            self._finish_job(ctx, job, info, adapter_dir, done_file, None)
+            return info
 
-        key = None
-        if job.shareable and self.shared is not None:
-            key = self.shared.job_key(job, self.seed, ctx.stage, self.cfg.train)
-            shared_dir = self.shared.job_dir(key)
-            if (shared_dir / "result.json").is_file():
-                self.lm.load_adapter(shared_dir / "adapter", job.adapter)
-                result = read_json(shared_dir / "result.json")
-                info = self._job_info(job, result, shared_key=key, reused=True)
-                self._finish_job(ctx, job, info, adapter_dir, done_file, key)
+        shared = self.shared
+        key = shared.job_key(job, self.seed, ctx.stage, self.cfg.train)
+        # Another process (another experiment, another strategy) may be training this very job: wait for it.
+        with exclusive(shared.job_lock(key), f"shared training job {key[:8]}", wait=True):
+            stored = shared.reuse_job(self.lm, key, job.adapter)
+            if stored is not None:
+                info = self._job_info(job, stored, shared_key=key, reused=True)
                 log.info("stage %d, %s: reused a shared training result (%s)", ctx.stage, job.name, key[:8])
-                return info
+            else:
+                result = self._train(ctx, job)
+                with atomic_directory(shared.job_dir(key)) as out:
+                    self.lm.save_adapter(out / "adapter", job.adapter)
+                    atomic_write_json(out / "result.json", result.to_dict())
+                info = self._job_info(job, result.to_dict(), shared_key=key, reused=False)
+        self._finish_job(ctx, job, info, adapter_dir, done_file, key)
+        return info
 
+    def _train(self, ctx: StageContext, job: TrainJob) -> TrainResult:
+        d = self.stage_dir(ctx.stage)
+        legacy = d / "checkpoints" / f"{job.name}.pt"
+        if legacy.is_file():  # a pickle from an older evolora: never unpickled
+            log.warning("%s: a checkpoint in an older format (pickle) is not read; the job restarts", legacy)
+            set_aside(legacy)
         if job.init == "fresh":
-            self.lm.reset_adapter(job.adapter, seed=self.seed * 1000 + ctx.stage)
+            self.lm.reset_adapter(job.adapter, seed=self.seed * 1000 + ctx.stage, tokens=job.reset_tokens)
         self.lm.activate(job.adapter, trainable=True)
         self.s.before_job(ctx, job)
         torch.manual_seed(self.seed * 1000 + ctx.stage)  # dropout masks
-        result: TrainResult = train_adapter(
+        result = train_adapter(
             self.lm,
             self.task,
             self.s.parameters(job),
@@ -174,18 +279,12 @@ class StageLoop:
             self.cfg.train.for_job(job.init),
             seed=self.seed * 1000 + ctx.stage,
             extra_loss=(lambda: self.s.extra_loss(job)) if self.s.regularized(ctx.stage) else None,
-            checkpoint=d / "checkpoints" / f"{job.name}.pt",
+            checkpoint=d / "checkpoints" / f"{job.name}.safetensors",
             eval_batch_size=self.cfg.eval.batch_size,
             desc=f"stage {ctx.stage} {job.name}",
         )
         self.lm.activate(job.adapter, trainable=False)
-        if key is not None and self.shared is not None:
-            with atomic_directory(self.shared.job_dir(key)) as out:
-                self.lm.save_adapter(out / "adapter", job.adapter)
-                atomic_write_json(out / "result.json", result.to_dict())
-        info = self._job_info(job, result.to_dict(), shared_key=key, reused=False)
-        self._finish_job(ctx, job, info, adapter_dir, done_file, key)
-        return info
+        return result
 
     def _finish_job(
         self,
@@ -200,7 +299,7 @@ class StageLoop:
         self.s.after_job(ctx, job)
         self.lm.save_adapter(adapter_dir, job.adapter)
         atomic_write_json(done_file, info)
-        (self.stage_dir(ctx.stage) / "checkpoints" / f"{job.name}.pt").unlink(missing_ok=True)
+        (self.stage_dir(ctx.stage) / "checkpoints" / f"{job.name}.safetensors").unlink(missing_ok=True)
 
     @staticmethod
     def _job_info(job: TrainJob, result: dict, shared_key: str | None, reused: bool) -> dict[str, Any]:
@@ -225,12 +324,12 @@ class StageLoop:
         cache = None
         if self.s.plain_predict and key is not None and self.shared is not None:
             cache = self.shared.predictions_file(key, ctx.eval_rows)
-            if cache.is_file():
-                with np.load(cache) as z:
-                    return self.task.load_predictions(z), True
+            stored = self.shared.load_predictions(cache)
+            if stored is not None:
+                return self.task.load_predictions(stored), True
         preds = self.s.predict(ctx, ctx.eval_rows)
         if cache is not None:
-            _save_npz(cache, self.task.save_predictions(preds))
+            save_npz(cache, self.task.save_predictions(preds))
         return preds, False
 
     def run_stage(self, t: int) -> dict[str, Any]:
@@ -241,7 +340,8 @@ class StageLoop:
         jobs_info: list[dict[str, Any]] = []
         if (d / "trained.json").is_file():
             self.restore_state(t)
-            jobs_info = read_json(d / "trained.json")["jobs"]
+            with self._stage_files(t):
+                jobs_info = read_json(d / "trained.json")["jobs"]
         else:
             for job in self.s.plan(ctx):
                 jobs_info.append(self._run_job(ctx, job))
@@ -252,8 +352,8 @@ class StageLoop:
         pred_file = d / "predictions.npz"
         reused_preds = False
         if pred_file.is_file():
-            with np.load(pred_file) as z:
-                preds = self.task.load_predictions(z)
+            with self._stage_files(t):
+                preds = self.task.load_predictions(load_npz(pred_file))
         else:
             preds, reused_preds = self._predict(ctx)
             arrays = {
@@ -261,7 +361,7 @@ class StageLoop:
                 "rows": eval_rows,
                 "truth": self.task.truth(eval_rows),
             }
-            _save_npz(pred_file, arrays)
+            save_npz(pred_file, arrays)
         eval_seconds = time.perf_counter() - t0
         record = self._record(ctx, preds, jobs_info, n_eval_total, eval_seconds, reused_preds)
         atomic_write_json(d / "record.json", record)
@@ -292,7 +392,8 @@ class StageLoop:
             sel = kinds == kind
             if sel.any():
                 by_kind[kind] = {"n": int(sel.sum()), **self.task.metrics(preds[sel], rows[sel])}
-        trained = read_json(ctx.stage_dir / "trained.json")
+        with self._stage_files(ctx.stage):
+            trained = read_json(ctx.stage_dir / "trained.json")
         main = next((j for j in jobs if j["adapter"] == MAIN), jobs[0] if jobs else None)
         return {
             "train_stage": ctx.stage,
@@ -317,6 +418,7 @@ class StageLoop:
         stages = train_stages(self.cfg.protocol, self.task.table.n_stages)
         done = [t for t in stages if (self.stage_dir(t) / "record.json").is_file()]
         todo = [t for t in stages if t not in done]
+        self.check_run()
         self.s.setup()
         if todo and todo[0] > 1:
             # The chain continues from the last finished stage's saved adapters and state.
@@ -335,11 +437,11 @@ class StageLoop:
 
     def results(self) -> dict[str, Any]:
         stages = train_stages(self.cfg.protocol, self.task.table.n_stages)
-        records = [
-            read_json(self.stage_dir(t) / "record.json")
-            for t in stages
-            if (self.stage_dir(t) / "record.json").is_file()
-        ]
+        records = []
+        for t in stages:
+            if (self.stage_dir(t) / "record.json").is_file():
+                with self._stage_files(t):
+                    records.append(read_json(self.stage_dir(t) / "record.json"))
         summary: dict[str, dict[str, float]] = {"mean": {}}
         if records:
             for m in self.task.metric_names:
@@ -352,3 +454,19 @@ class StageLoop:
             "stages": records,
             "summary": summary,
         }
+
+
+def _read_stage_state(stage_dir: Path) -> dict[str, Any]:
+    """A stage's strategy state: `state.safetensors`, or the `state.pt` of an older evolora read with
+    `weights_only=True` (tensors and plain values only: a pickle that would run code is refused)."""
+    current, legacy = stage_dir / "state.safetensors", stage_dir / "state.pt"
+    if current.is_file() or not legacy.is_file():
+        if not current.is_file():
+            raise DamagedFileError(current, f"{current} is missing (the stage's strategy state).")
+        return load_state(current)
+    try:
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as e:  # the safe unpickler refuses anything but tensors and plain values
+        raise DamagedFileError(
+            legacy, f"{legacy} cannot be read safely (an older pickle format; refused: {type(e).__name__})."
+        ) from None

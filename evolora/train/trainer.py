@@ -5,7 +5,8 @@ accumulation); a strategy changes training only through the parameters it hands 
 it adds (PESO's proximal term, O-LoRA's orthogonality loss, ...).
 
 Resumable: after every epoch the parameters, optimiser, schedule, best state and history are written to
-`checkpoint` atomically; a rerun with the same arguments continues after the last finished epoch.
+`checkpoint` atomically (safetensors + JSON, no pickle); a rerun with the same arguments continues after the
+last finished epoch. A damaged checkpoint is set aside with a warning and the job starts again.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import numpy as np
 import torch
 
 from evolora.config import TrainConfig
-from evolora.io import atomic_write_bytes
+from evolora.errors import DamagedFileError
+from evolora.eval.metrics import NonFiniteScores
+from evolora.io import load_state, save_state, set_aside
 from evolora.models.llm import LoraLM
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task
@@ -71,8 +74,13 @@ def _validate(
                 batch = rows[start : start + batch_size]
                 losses.append(float(task.loss(lm, batch)) * len(batch))
         value = sum(losses) / len(rows)
-        return {"valid_loss": value, "score": -value}
-    metrics = task.metrics(task.predict(lm, rows, batch_size, desc="validating"), rows)
+        return {"valid_loss": value, "score": -value if math.isfinite(value) else -math.inf}
+    try:
+        metrics = task.metrics(task.predict(lm, rows, batch_size, desc="validating"), rows)
+    except NonFiniteScores as e:
+        # A diverged epoch is never the best one; the run goes on and says so.
+        log.warning("validation: %s", e)
+        return {f"valid_{task.primary_metric}": math.nan, "score": -math.inf}
     value = metrics[task.primary_metric]
     out = {f"valid_{k}": v for k, v in metrics.items()}
     out["score"] = value if not math.isnan(value) else -math.inf
@@ -116,8 +124,8 @@ def train_adapter(
     history: list[dict[str, float]] = []
     best_state, best_value, best_epoch = snapshot(), -math.inf, 0
     start_epoch, elapsed = 1, 0.0
-    if checkpoint is not None and checkpoint.is_file():
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ck = _read_checkpoint(checkpoint, params, desc) if checkpoint is not None else None
+    if ck is not None:
         restore(ck["params"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -227,12 +235,25 @@ def _batches(order: np.ndarray, batch: int, rng: np.random.Generator, task: Task
     return [out[i] for i in perm]
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    import io
+def _read_checkpoint(path: Path, params: list[torch.nn.Parameter], desc: str) -> dict | None:
+    """The checkpoint at `path`, or None when there is none or it is unusable: a damaged checkpoint (or one
+    for other parameters) is set aside with a warning and the job starts again from its first epoch."""
+    if not path.is_file():
+        return None
+    try:
+        ck = load_state(path)
+        shapes = [tuple(t.shape) for t in ck["params"]]
+        if shapes != [tuple(p.shape) for p in params]:
+            raise DamagedFileError(path, f"{path} holds other parameters than this job trains")
+        return ck
+    except (DamagedFileError, KeyError, TypeError) as e:
+        aside = set_aside(path)
+        log.warning("%s: checkpoint unusable (%s); moved to %s, training restarts", desc, e, aside.name)
+        return None
 
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    save_state(path, state)
 
 
 def _fmt(record: dict[str, float]) -> str:

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from evolora.config import ModelConfig
-from evolora.errors import EvoloraError
-from evolora.io import atomic_directory, read_json, stable_hash
+from evolora.errors import DamagedFileError, EvoloraError
+from evolora.io import atomic_directory, load_tensors, read_json, stable_hash
 from evolora.models.conventional import build_model, uses_text
 from evolora.models.conventional.common import ConventionalModel, IdSpace, ItemText, item_text_tokens
-from evolora.models.llm import resolve_device
+from evolora.models.precision import resolve_device
 
 FORMAT = "evolora-conventional"
 
@@ -70,8 +70,9 @@ class ConventionalBackbone:
                 f"a conventional model has one adapter, 'default' (the whole model); asked for {name!r}"
             )
 
-    def reset_adapter(self, name: str = "default", seed: int = 0) -> None:
-        """Every weight afresh from `seed`; every row of every ID table becomes untrained (cold)."""
+    def reset_adapter(self, name: str = "default", seed: int = 0, tokens: bool = True) -> None:
+        """Every weight afresh from `seed`; every row of every ID table becomes untrained (cold). (`tokens`
+        is the LLM's option for its added token rows; an ID model has none.)"""
         self._check(name)
         self.model.to("cpu")
         with torch.random.fork_rng(devices=[]):
@@ -142,12 +143,10 @@ class ConventionalBackbone:
             (out / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def load_adapter(self, path: str | Path, name: str = "default") -> None:
-        from safetensors.torch import load_file
-
         self._check(name)
         path = Path(path)
         if not (path / "model.safetensors").is_file() or not (path / "model.json").is_file():
-            raise EvoloraError(f"no conventional model at {path} (model.safetensors + model.json)")
+            raise DamagedFileError(path, f"no conventional model at {path} (model.safetensors + model.json)")
         meta = read_json(path / "model.json")
         if meta.get("model") != self.name:
             raise EvoloraError(f"{path} holds a {meta.get('model')!r} model, not {self.name!r}")
@@ -159,7 +158,7 @@ class ConventionalBackbone:
         for table, size in meta["tables"].items():
             tables[table].resize(size, self._generator(table, tables[table].size))
         try:
-            self.model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+            self.model.load_state_dict(load_tensors(path / "model.safetensors"), strict=True)
         except RuntimeError as e:
             raise EvoloraError(f"{path}: the saved weights do not fit this {self.name} model: {e}") from None
         for table, size in current.items():

@@ -1,0 +1,251 @@
+"""What evolora reads back from a run folder: never code, never silently wrong.
+
+Covers reruns that would mix settings (strategy options under one label, a failed first attempt, two
+processes at once) and files a user receives from someone else or a disk damages (pickles that run code,
+truncated checkpoints, adapters, records and shared results).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from evolora.cli import app
+from evolora.errors import ConfigError, DamagedFileError
+from evolora.experiment import run_dir_of, run_experiment
+from evolora.locks import LockedError, exclusive
+from evolora.tasks.ctr import CtrTask
+from tests.helpers import tiny_config
+
+runner = CliRunner()
+SMALL = {"train.epochs": 1, "strategies": "[finetune]"}
+
+
+class _RunsCode:
+    """A pickle payload that creates a file when unpickled: if the file appears, code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant_pickle(path: Path, marker: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps({"strategy": _RunsCode(marker), "adapter_keys": {}}))
+
+
+def write_config(path: Path, data_dir: Path, out: Path, **extra) -> Path:
+    cfg = {
+        "name": "files",
+        "output_dir": str(out),
+        "data": {"source": str(data_dir)},
+        "staging": {"n_stages": 3},
+        "task": {"history_len": 5, "template": "compact"},
+        "model": {"name": "tiny", "precision": "fp32"},
+        "train": {"samples_per_stage": 24, "valid_samples": 16, "epochs": 1, "lr": 0.01},
+        "eval": {"max_samples": 24},
+        "strategies": ["finetune"],
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ reruns
+def test_changed_strategy_options_under_one_label_are_refused(sunny_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(sunny_dir, tmp_path, **{**SMALL, "strategies": "[{name: peso, lam: 2.0}]"})
+    run_experiment(cfg)
+    changed = tiny_config(sunny_dir, tmp_path, **{**SMALL, "strategies": "[{name: peso, lam: 50.0}]"})
+    with pytest.raises(ConfigError, match=r"lam: 2\.0 -> 50\.0"):
+        run_experiment(changed)
+    # Defaults written out or left implicit are the same options.
+    same = tiny_config(
+        sunny_dir, tmp_path, **{**SMALL, "strategies": "[{name: peso, lam: 2, reduction: sum}]"}
+    )
+    assert run_experiment(same)[0]["complete"]
+    # Another label is another run.
+    labelled = "[{name: peso, lam: 2.0}, {name: peso, label: peso50, lam: 50.0}]"
+    assert run_experiment(tiny_config(sunny_dir, tmp_path, **{**SMALL, "strategies": labelled}))[1][
+        "complete"
+    ]
+
+
+def test_set_addresses_one_strategy_option(sunny_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["finetune", "peso"])
+    args = ["run", str(config), "--set", "strategies.peso.lam=7.5"]
+    assert runner.invoke(app, args).exit_code == 0
+    results = json.loads((tmp_path / "runs" / "files" / "peso" / "seed0" / "results.json").read_text())
+    assert results["options"]["lam"] == 7.5
+    result = runner.invoke(app, ["run", str(config), "--set", "strategies.peso.lam=9"])
+    assert result.exit_code == 2 and "lam: 7.5 -> 9.0" in result.output
+    result = runner.invoke(app, ["run", str(config), "--set", "strategies.nope.lam=9"])
+    assert result.exit_code == 2 and "no strategy labelled 'nope'" in result.output
+
+
+def test_a_failed_first_attempt_does_not_block_the_corrected_rerun(sunny_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
+    failed = runner.invoke(app, ["run", str(config), "--set", "model.name=no-such-model-anywhere"])
+    assert failed.exit_code == 2 and "no-such-model-anywhere" in failed.output
+    fixed = runner.invoke(app, ["run", str(config)])
+    assert fixed.exit_code == 0, fixed.output
+
+
+def _hold_lock(path: Path, ready: Path, seconds: float) -> subprocess.Popen:
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from evolora.locks import exclusive
+        with exclusive(Path({str(path)!r}), "test"):
+            Path({str(ready)!r}).touch()
+            time.sleep({seconds})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the lock holder did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_process_on_the_same_experiment_is_refused(sunny_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(sunny_dir, tmp_path, **SMALL)
+    holder = _hold_lock(tmp_path / f".{cfg.name}.lock", tmp_path / "ready", 30)
+    try:
+        with pytest.raises(LockedError, match=rf"in use by process {holder.pid} on "):
+            run_experiment(cfg)
+        assert not (tmp_path / cfg.name).exists()  # refused before touching anything
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_experiment(cfg)[0]["complete"]  # a killed holder leaves no lock behind
+
+
+def test_a_shared_job_lock_is_waited_for(tmp_path: Path) -> None:
+    holder = _hold_lock(tmp_path / "job.lock", tmp_path / "ready", 1.5)
+    t0 = time.monotonic()
+    with exclusive(tmp_path / "job.lock", "shared job", wait=True):
+        waited = time.monotonic() - t0
+    holder.wait()
+    assert waited > 0.5
+
+
+# ------------------------------------------------------------------------------------------ files
+def test_a_planted_pickle_never_runs(sunny_dir: Path, tmp_path: Path) -> None:
+    """A state.pt whose pickle runs a command: resuming and exporting refuse it; the command never runs."""
+    cfg = tiny_config(sunny_dir, tmp_path, **SMALL)
+    run_experiment(cfg)
+    run = run_dir_of(cfg, "finetune", 0)
+    marker = tmp_path / "pwned"
+    (run / "stage-1" / "state.safetensors").unlink()
+    plant_pickle(run / "stage-1" / "state.pt", marker)
+    for f in (run / "stage-2").iterdir():  # stage 2 must resume from stage 1's state
+        if f.name == "record.json":
+            f.unlink()
+    (run / "stage-2" / "trained.json").unlink()
+    with pytest.raises(DamagedFileError, match=r"state\.pt cannot be read safely") as err:
+        run_experiment(cfg)
+    assert "Delete" in str(err.value) and "stage-1" in str(err.value)
+    result = runner.invoke(app, ["export-user-adapter", str(run), "1", "--stage", "1"])
+    assert result.exit_code == 2 and "state.pt" in result.output
+    # A checkpoint in the old pickle format is set aside unread; the job trains from its start.
+    for stage in ("stage-1", "stage-2"):
+        shutil.rmtree(run / stage)
+    plant_pickle(run / "stage-2" / "checkpoints" / "default.pt", marker)
+    assert run_experiment(cfg)[0]["complete"]
+    assert not (run / "stage-2" / "checkpoints" / "default.pt").exists()
+    assert not marker.exists()
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_job_redone(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    over = {"train.epochs": 2, "strategies": "[finetune]"}
+    reference = run_experiment(tiny_config(sunny_dir, tmp_path / "ref", **over))[0]
+    cfg = tiny_config(sunny_dir, tmp_path / "run", **over)
+    run = run_dir_of(cfg, "finetune", 0)
+    real, calls = CtrTask.loss, {"n": 0}
+
+    def dying(self, lm, rows):
+        if (run / "stage-1" / "record.json").is_file():
+            calls["n"] += 1
+            if calls["n"] == 8:  # stage 2, epoch 2
+                raise KeyboardInterrupt
+        return real(self, lm, rows)
+
+    monkeypatch.setattr(CtrTask, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg)
+    checkpoint = run / "stage-2" / "checkpoints" / "default.safetensors"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:200])  # truncated by a full disk
+    monkeypatch.setattr(CtrTask, "loss", real)
+    resumed = run_experiment(cfg)[0]
+    for got, want in zip(resumed["stages"], reference["stages"], strict=True):
+        assert got["metrics"] == pytest.approx(want["metrics"], abs=1e-9)
+    assert list(checkpoint.parent.glob(".default.safetensors.damaged-*"))
+
+
+def test_a_damaged_shared_result_is_set_aside_and_retrained(sunny_dir: Path, tmp_path: Path) -> None:
+    first = run_experiment(tiny_config(sunny_dir, tmp_path, **SMALL))[0]
+    key = first["stages"][0]["jobs"][0]["shared_key"]
+    shared = tmp_path / "_shared" / "jobs" / key
+    (shared / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    again = run_experiment(tiny_config(sunny_dir, tmp_path, **{**SMALL, "name": "other"}))[0]
+    assert again["stages"][0]["jobs"][0]["reused_shared_result"] is False
+    assert again["stages"][0]["metrics"] == first["stages"][0]["metrics"]
+    assert list(shared.parent.glob(f".{key}.damaged-*"))
+    assert run_experiment(tiny_config(sunny_dir, tmp_path, **{**SMALL, "name": "third"}))[0]["stages"][0][
+        "jobs"
+    ][0]["reused_shared_result"]
+
+
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        "stage-2/record.json",
+        "stage-1/state.safetensors",
+        "stage-1/adapters/default/adapter_model.safetensors",
+    ],
+)
+def test_a_damaged_run_file_is_an_error_naming_it(sunny_dir: Path, tmp_path: Path, damaged: str) -> None:
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    run = tmp_path / "runs" / "files" / "finetune" / "seed0"
+    if damaged.startswith("stage-1"):  # read when stage 2 resumes
+        (run / "stage-2" / "record.json").unlink()
+        (run / "stage-2" / "trained.json").unlink()
+    target = run / damaged
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    flat = " ".join(result.output.split())
+    stage = damaged.split("/")[0]
+    assert str(target) in flat and f"Delete {run / stage}" in flat
+
+
+def test_report_errors_are_one_line_messages(sunny_dir: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    root = tmp_path / "runs" / "files"
+    result = runner.invoke(app, ["report", str(root), "--metric", "nosuch"])
+    assert result.exit_code == 2 and "--metric nosuch: not recorded" in result.output
+    results = root / "finetune" / "seed0" / "results.json"
+    results.write_text(results.read_text()[:50])
+    result = runner.invoke(app, ["report", str(root)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    # One line, even off a terminal where rich would wrap at 80 columns.
+    line = next(x for x in result.output.splitlines() if "error:" in x)
+    assert str(results) in line and "damaged or truncated" in line
