@@ -36,13 +36,16 @@ def measure(model: str, mode: str, precision: str, share_prefix: bool, samples: 
     import torch
 
     from evolora.config import CtrTaskConfig, ModelConfig, load_config
-    from evolora.experiment import build_task, prepare_data
+    from evolora.experiment import prepare_data
     from evolora.models.llm import LoraLM
+    from evolora.tasks.ctr import ctr_task_for
 
     cfg = load_config(None, ["staging.n_stages=4", "eval.max_samples=64"])
     prepared = prepare_data(cfg)
     lm = LoraLM.from_config(ModelConfig(name=model, precision=precision))
-    task = build_task(cfg.model_copy(update={"task": CtrTaskConfig(share_prefix=share_prefix)}), prepared, lm)
+    task = ctr_task_for(
+        cfg.model_copy(update={"task": CtrTaskConfig(share_prefix=share_prefix)}), prepared, lm.tokenizer
+    )
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(prepared.pools[2].test, size=samples, replace=False))
 

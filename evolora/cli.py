@@ -31,8 +31,8 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect datasets.")
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+console = Console(stderr=False, soft_wrap=True)  # off a terminal rich wraps at 80 columns: not in logs
+err_console = Console(stderr=True, soft_wrap=True)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 QUICKSTART = "quickstart.yaml"
@@ -159,6 +159,7 @@ def run(
     from evolora.eval.report import build_report, plot_metric
     from evolora.experiment import run_experiment
     from evolora.io import atomic_write_text
+    from evolora.tasks import task_spec
 
     _setup_logging(verbose)
     _quiet_libraries()
@@ -168,7 +169,7 @@ def run(
     cfg = load_config(config, set_ or [])
     with progress.display(err_console):
         results = run_experiment(cfg, overwrite=overwrite)
-    metric_names = ("auc", "logloss") if cfg.task.name == "ctr" else ("hit@10", "ndcg@10", "nll")
+    metric_names = task_spec(cfg.task.name).metrics.shown
     console.print(stage_table(results, metric_names))
     console.print(stage_table_note(results), soft_wrap=True, highlight=False)
     root = Path(cfg.output_dir) / cfg.name
@@ -188,13 +189,14 @@ def report(
     ] = None,
 ) -> None:
     """Compare runs: a markdown table of methods x stages and a PNG plot of the metric per stage."""
+    from evolora.eval.metrics import metric_set
     from evolora.eval.report import build_report, plot_metric
     from evolora.io import atomic_write_text
 
     text, groups = build_report(run_dirs, metric)
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
     atomic_write_text(target / "report.md", text)
-    first = (metric or (["auc"] if groups[0].task == "ctr" else ["ndcg@10"]))[0]
+    first = (metric or [metric_set(groups[0].task).primary])[0]
     plot_metric(groups, first, target / f"{first}.png")
     console.print(Markdown(text))
     console.print(f"written: {target / 'report.md'}, {target / f'{first}.png'}")

@@ -4,7 +4,8 @@ A config has these sections (every key has a default, so `{}` is a valid config)
 
 * `data`: which dataset and how to filter it;
 * `staging`: how interactions are cut into stages D1..DT;
-* `task`: how a sample becomes tokens and a score (`ctr` or `next_item`);
+* `task`: how a sample becomes tokens and a score (`ctr`, `next_item`, or a registered task: its settings
+  class derives from `TaskSection`, see `evolora.tasks.registry`);
 * `model`: the LLM backbone and the LoRA shape, or a conventional recommender and its sizes;
 * `train`: per-stage sample budgets and the optimiser;
 * `eval`: evaluation sample size and batch size;
@@ -14,15 +15,26 @@ A config has these sections (every key has a default, so `{}` is a valid config)
 
 Unknown keys are errors (a typo should not silently fall back to a default). `--set a.b=value` overrides any
 key from the command line; the value is parsed as YAML.
+
+Past ~400 lines on purpose: every key a config may hold, with its default and its meaning, is in this one
+file, the reference the README's configuration table summarises.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evolora.errors import ConfigError
 
@@ -115,7 +127,37 @@ def _check_template(value: str, builtin: tuple[str, ...]) -> str:
     raise ValueError(f"{value!r} is neither a built-in template {list(builtin)} nor an existing file")
 
 
-class CtrTaskConfig(Section):
+class TaskSection(Section):
+    """What every task's settings share: its `name` and how much history a sample keeps.
+
+    Each task subclasses it with its own keys and registers the class (`register_task_config`, done by
+    `evolora.tasks.registry.register_task`), so `task: {name: ...}` validates against that task's class.
+    """
+
+    name: str
+    history_len: int = Field(10, ge=1)
+    min_history: int | None = Field(None, ge=0, description="default: history_len")
+    sample_history: int | None = Field(None, ge=1, description="history kept per sample")
+
+    def history_kept(self) -> int:
+        """How many earlier interactions a sample keeps (the prompt's and any longer reader's)."""
+        return max(self.history_len, self.sample_history or 0)
+
+    def min_history_or_default(self) -> int:
+        return self.min_history if self.min_history is not None else self.history_len
+
+
+#: task name -> its settings class (see `TaskSection`)
+TASK_CONFIGS: dict[str, type[TaskSection]] = {}
+
+
+def register_task_config(cls: type[TaskSection]) -> type[TaskSection]:
+    """Make `task.name: <cls's name default>` validate against `cls`."""
+    TASK_CONFIGS[cls.model_fields["name"].default] = cls
+    return cls
+
+
+class CtrTaskConfig(TaskSection):
     """TALLRec-style yes/no preference prediction.
 
     `history_len`: how many of the user's latest rated items go in the prompt (liked and disliked lists).
@@ -127,17 +169,12 @@ class CtrTaskConfig(Section):
     """
 
     name: Literal["ctr"] = "ctr"
-    history_len: int = Field(10, ge=1)
-    min_history: int | None = Field(None, ge=0, description="default: history_len")
     retrieve_from: int | None = Field(
         None,
         ge=1,
         description="pick the history_len items most similar to the target (cosine of item embeddings) "
         "among the latest retrieve_from, kept in time order (ReLLa / RecLoRA's short text history); "
         "default: the latest history_len items",
-    )
-    sample_history: int | None = Field(
-        None, ge=1, description="history kept per sample (e.g. a longer one for a conventional model)"
     )
     template: str = "tallrec"
     item_kind: str | None = Field(None, description="word used in the prompt; default from the dataset")
@@ -154,6 +191,9 @@ class CtrTaskConfig(Section):
         description="run the template's fixed instruction once per batch and reuse its keys/values "
         "(same numbers, ~25% less compute with the tallrec template)",
     )
+
+    def history_kept(self) -> int:
+        return max(super().history_kept(), self.retrieve_from or 0)
 
 
 class SemanticIdConfig(Section):
@@ -175,7 +215,7 @@ class SemanticIdConfig(Section):
     seed: int = 0
 
 
-class NextItemTaskConfig(Section):
+class NextItemTaskConfig(TaskSection):
     """Generative next-item recommendation: the history as semantic IDs in, the next item's ID out.
 
     `beams`: width of the constrained beam search (and the length of the ranked list). `constraint`: `trie`
@@ -201,7 +241,8 @@ class NextItemTaskConfig(Section):
         return _check_template(v, ("peso",))
 
 
-TaskConfig = Annotated[CtrTaskConfig | NextItemTaskConfig, Field(discriminator="name")]
+register_task_config(CtrTaskConfig)
+register_task_config(NextItemTaskConfig)
 
 
 class LoraConfig(Section):
@@ -366,7 +407,7 @@ class RunConfig(Section):
     output_dir: str = "runs"
     data: DataConfig = DataConfig()
     staging: StagingConfig = StagingConfig()
-    task: TaskConfig = CtrTaskConfig()
+    task: SerializeAsAny[TaskSection] = Field(default_factory=CtrTaskConfig)
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -379,12 +420,22 @@ class RunConfig(Section):
     seeds: list[int] = Field(default_factory=lambda: [0])
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
 
+    @property
+    def shared_root(self) -> Path:
+        """Where results shared between the experiments of `output_dir` live (jobs, predictions, item
+        IDs and embeddings)."""
+        return Path(self.output_dir) / "_shared"
+
     @field_validator("task", mode="before")
     @classmethod
-    def _default_task(cls, v: Any) -> Any:
-        if isinstance(v, dict) and "name" not in v:
-            return {"name": "ctr", **v}
-        return v
+    def _task_of_its_kind(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        v = {"name": "ctr", **v}
+        kind = TASK_CONFIGS.get(v["name"])
+        if kind is None:
+            raise ValueError(f"unknown task {v['name']!r}; available: {', '.join(sorted(TASK_CONFIGS))}")
+        return kind.model_validate(v)
 
     @field_validator("strategies", mode="before")
     @classmethod

@@ -15,36 +15,34 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import polars as pl
 import torch
 import yaml
 
 import evolora
-from evolora.config import CtrTaskConfig, DataConfig, RunConfig, StrategySpec, config_to_dict
+from evolora.config import DataConfig, RunConfig, StrategySpec, config_to_dict
 from evolora.continual import Env, build_strategy, check_strategy_specs
-from evolora.continual.loop import SharedStore, StageLoop
-from evolora.data import InteractionData, assign_stages, load_dataset, num_stages_of
+from evolora.continual.loop import StageLoop, is_trained
+from evolora.continual.shared import SharedStore
+from evolora.data import InteractionData
 from evolora.data.digest import data_digest
 from evolora.data.loaders import detect_format
-from evolora.data.samples import SampleTable, StagePools, build_samples, split_pools
+from evolora.data.prepare import Prepared, prepare_data
 from evolora.errors import ConfigError, EvoloraError
 from evolora.io import atomic_write_json, atomic_write_text, read_json, stable_hash
 from evolora.locks import exclusive
 from evolora.models.conventional import check_conventional, is_conventional
 from evolora.models.conventional.backbone import ConventionalBackbone
 from evolora.models.conventional.common import IdSpace
-from evolora.models.llm import LoraLM, load_pretrained, set_threads
-from evolora.models.precision import resolve_device, resolve_precision
+from evolora.models.llm import LoraLM, set_threads
+from evolora.models.precision import precision_name, resolve_device, resolve_precision
+from evolora.models.weights import load_pretrained
+from evolora.tasks import task_spec
 from evolora.tasks.base import Task
-from evolora.tasks.conventional import conventional_task
-from evolora.tasks.ctr import CtrTask
-from evolora.tasks.next_item import NextItemTask
-from evolora.tasks.semantic import item_vectors_for, semantic_ids_for
+
+__all__ = ["Prepared", "build_model_and_task", "prepare_data", "restore_run", "run_experiment"]
 
 log = logging.getLogger("evolora")
 
@@ -76,13 +74,17 @@ def context_of(cfg: RunConfig) -> dict[str, Any]:
 
 
 def resolve_config(cfg: RunConfig) -> RunConfig:
-    """The config with `auto` settings that depend on the data made definite, so the experiment's key
-    records what runs: `staging.scheme: auto` is `preset` for a dataset that comes in stages (PESO's
-    release), else `lsat`."""
-    if cfg.staging.scheme != "auto":
-        return cfg
-    scheme = "preset" if comes_in_stages(cfg.data) else "lsat"
-    return cfg.model_copy(update={"staging": cfg.staging.model_copy(update={"scheme": scheme})})
+    """The config with `auto` settings that depend on the data or the machine made definite, so the
+    experiment's key records what runs: `staging.scheme: auto` is `preset` for a dataset that comes in
+    stages (PESO's release), else `lsat`; `model.precision: auto` is what this machine runs (bf16-mixed on a
+    CPU with native bf16, fp32 on one without), so a folder is never resumed in another precision."""
+    if cfg.staging.scheme == "auto":
+        scheme = "preset" if comes_in_stages(cfg.data) else "lsat"
+        cfg = cfg.model_copy(update={"staging": cfg.staging.model_copy(update={"scheme": scheme})})
+    if cfg.model.precision == "auto" and not is_conventional(cfg.model.name):
+        resolved = precision_name("auto", resolve_device(cfg.model.device))
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"precision": resolved})})
+    return cfg
 
 
 def comes_in_stages(data: DataConfig) -> bool:
@@ -117,80 +119,23 @@ def run_environment(data: InteractionData) -> dict[str, Any]:
     }
 
 
-def item_kind_of(dataset: str) -> str:
-    name = dataset.lower()
-    if name.startswith("ml-") or "movie" in name:
-        return "movie"
-    if "book" in name:
-        return "book"
-    return "item"
-
-
-@dataclass
-class Prepared:
-    data: InteractionData
-    staged: pl.DataFrame
-    table: SampleTable
-    pools: dict[int, StagePools]
-
-
-def prepare_data(cfg: RunConfig) -> Prepared:
-    data = load_dataset(cfg.data)
-    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
-    min_history = cfg.task.min_history if cfg.task.min_history is not None else cfg.task.history_len
-    keep = max(
-        cfg.task.history_len, getattr(cfg.task, "retrieve_from", None) or 0, cfg.task.sample_history or 0
-    )
-    table = build_samples(staged, num_stages_of(staged), data.like_threshold, keep, min_history)
-    pools = split_pools(table, cfg.protocol, cfg.train.valid_fraction)
-    for s, p in pools.items():
-        log.info(
-            "stage %d: %d samples (train pool %d, valid %d, test %d)",
-            s,
-            len(table.stage_rows(s)),
-            len(p.train),
-            len(p.valid),
-            len(p.test),
-        )
-    return Prepared(data, staged, table, pools)
-
-
 def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM | ConventionalBackbone, Task]:
-    """The backbone with its adapter and the task; for next-item, semantic IDs become new tokens first.
+    """The backbone with its adapter and the task, as the task's registry entry builds them.
 
     A conventional `model.name` (mf, gru4rec, sasrec, two_tower, din) gives a `ConventionalBackbone` over the
     users and items of the staged data and the conventional version of the task, on the same samples.
     """
+    spec = task_spec(cfg.task.name)
     if is_conventional(cfg.model.name):
         check_conventional(cfg)
+        if spec.build_conventional is None:
+            raise ConfigError(f"task {spec.name!r} has no version for conventional models ({cfg.model.name})")
         space = IdSpace.from_staged(prepared.staged)
         backbone = ConventionalBackbone.from_config(cfg.model, space, prepared.data.items)
-        return backbone, conventional_task(cfg.task, prepared.table, space, cfg.model.conventional.max_len)
+        return backbone, spec.build_conventional(cfg, prepared, space)
     device = resolve_device(cfg.model.device)
     dtype, _ = resolve_precision(cfg.model.precision, device)
-    pretrained = load_pretrained(cfg.model.name, dtype, cfg.model.revision)
-    if isinstance(cfg.task, CtrTaskConfig):
-        vectors = None
-        if cfg.task.retrieve_from is not None:
-            vectors = item_vectors_for(cfg, prepared.data, pretrained, ("title", "genre", "category"))
-        lm = LoraLM.from_config(cfg.model, pretrained=pretrained)
-        return lm, build_task(cfg, prepared, lm, vectors)
-    sids = semantic_ids_for(cfg, prepared.data, prepared.staged, pretrained)
-    lm = LoraLM.from_config(cfg.model, new_tokens=sids.all_tokens(), pretrained=pretrained)
-    item_tokens = {item: sids.tokens(item) for item in sids.item_ids}
-    return lm, NextItemTask(cfg.task, prepared.table, item_tokens, lm.tokenizer)
-
-
-def build_task(
-    cfg: RunConfig, prepared: Prepared, lm: LoraLM, item_vectors: dict[str, np.ndarray] | None = None
-) -> Task:
-    """The CTR task on an already built backbone."""
-    assert isinstance(cfg.task, CtrTaskConfig)
-    titles = dict(
-        zip(prepared.data.items["item_id"].to_list(), prepared.data.items["title"].to_list(), strict=True)
-    )
-    kind = item_kind_of(prepared.data.name)
-    return CtrTask(cfg.task, prepared.table, titles, lm.tokenizer, kind, item_vectors=item_vectors)
+    return spec.build(cfg, prepared, load_pretrained(cfg.model.name, dtype, cfg.model.revision))
 
 
 def _check_experiment(root: Path, cfg: RunConfig) -> str:
@@ -204,7 +149,9 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
     marker = root / "experiment.json"
     if marker.is_file():
         old = read_json(marker, "Delete it to accept the current settings (nothing is recomputed by that).")
-        if old.get("context_key") != key:
+        if old.get("context_key") != key and _same_but_auto_precision(root, old.get("context", {}), context):
+            log.info("%s: precision auto recorded as %s", root, context["model"]["precision"])
+        elif old.get("context_key") != key:
             diff = _diff(old.get("context", {}), context)
             if _has_work(root):
                 raise ConfigError(
@@ -219,6 +166,17 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
     )
     atomic_write_text(root / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return key
+
+
+def _same_but_auto_precision(root: Path, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """An experiment recorded before `precision: auto` was resolved in its key, whose runs all ran in the
+    precision `auto` means here: the same experiment."""
+    precision = new.get("model", {}).get("precision")
+    if old.get("model", {}).get("precision") != "auto" or precision in (None, "auto"):
+        return False
+    recorded = {read_json(f).get("precision") for f in root.glob("*/seed*/results.json")}
+    patched = {**old, "model": {**old["model"], "precision": precision}}
+    return recorded <= {precision} and stable_hash(patched, 16) == stable_hash(new, 16)
 
 
 def _has_work(root: Path) -> bool:
@@ -280,7 +238,7 @@ def _run_locked(cfg: RunConfig, root: Path, context_key: str, on_stage: Any) -> 
         environment = run_environment(prepared.data)
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
         sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
-        shared = SharedStore(Path(cfg.output_dir) / "_shared", stable_hash(sample_context, 16))
+        shared = SharedStore(cfg.shared_root, stable_hash(sample_context, 16))
         all_results = []
         for spec in cfg.strategies:
             for seed in cfg.seeds:
@@ -338,8 +296,7 @@ def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared,
     cfg = load_config(config)
     trained = [s["train_stage"] for s in results["stages"]]
     t = stage if stage is not None else max(trained, default=0)
-    state_files = ("state.safetensors", "state.pt")  # state.pt: an older evolora's, read safely
-    if t not in trained or not any((run_dir / f"stage-{t}" / f).is_file() for f in state_files):
+    if t not in trained or not is_trained(run_dir / f"stage-{t}"):
         raise ConfigError(f"{run_dir}: stage {t} has not finished (finished: {trained or 'none'})")
     spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
     prepared = prepare_data(cfg)

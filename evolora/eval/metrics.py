@@ -1,6 +1,19 @@
-"""Metrics of the CTR task: AUC and LogLoss (next-item's Hit@K and NDCG@K live in `tasks/next_item.py`)."""
+"""Every metric evolora reports, and each task's set of them.
+
+* CTR: AUC and LogLoss of P(like) against 0/1 labels.
+* Next-item: Hit@K and NDCG@K of a ranked list against the one true item, and `nll` = -log p(true item).
+
+A `MetricSet` says which metrics a task records, which one selects epochs and ensemble weights, which are
+better lower, and how to compute each from the arrays a run stores with its predictions (`predictions.npz`:
+the task's arrays plus `truth`), so reports and bootstraps need nothing but those files. Tasks register
+theirs in `METRIC_SETS` under the task's name (`evolora.tasks.registry.register_task` does it).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -55,3 +68,81 @@ def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
     y = y.astype(np.float64)
     p = np.clip(p, _EPS, 1 - _EPS)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+# ------------------------------------------------------------------------------------------ ranking
+KS = (5, 10)
+
+
+def ranking_metrics(
+    ranked_items: np.ndarray, targets: np.ndarray, ks: tuple[int, ...] = KS
+) -> dict[str, float]:
+    """Hit@K and NDCG@K averaged over queries: the target's rank among the returned items, if present (one
+    relevant item, so IDCG = 1)."""
+    hits = ranked_items == targets[:, None]
+    found = hits.any(axis=1)
+    rank = np.where(found, hits.argmax(axis=1) + 1, np.iinfo(np.int64).max)  # 1-based
+    out = {}
+    for k in ks:
+        within = rank <= k
+        out[f"hit@{k}"] = float(within.mean()) if len(targets) else float("nan")
+        gain = np.where(within, 1.0 / np.log2(np.minimum(rank, k) + 1.0), 0.0)
+        out[f"ndcg@{k}"] = float(gain.mean()) if len(targets) else float("nan")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ per task
+#: a metric computed from a run's stored prediction arrays, restricted to the rows `index` selects
+ArrayMetric = Callable[[dict[str, np.ndarray], Any, str], float]
+
+
+@dataclass(frozen=True)
+class MetricSet:
+    """What a task measures. `names`: every metric it records; `primary`: the one that picks epochs and
+    ensemble weights (higher is better); `lower_is_better`; `shown`: the columns of `evolora run`'s table;
+    `on_arrays(arrays, index, name)`: one metric from stored predictions (reports, bootstraps)."""
+
+    names: tuple[str, ...]
+    primary: str
+    lower_is_better: frozenset[str]
+    shown: tuple[str, ...]
+    on_arrays: ArrayMetric
+
+
+def _ctr_on_arrays(arrays: dict[str, np.ndarray], index: Any, name: str) -> float:
+    fn = {"auc": auc, "logloss": logloss}[name]
+    return fn(arrays["truth"][index], arrays["scores"][index])
+
+
+def _ranking_on_arrays(arrays: dict[str, np.ndarray], index: Any, name: str) -> float:
+    if name == "nll":
+        return float(-np.mean(arrays["target_logp"][index]))
+    k = int(name.split("@")[1])
+    return ranking_metrics(arrays["items"][index], arrays["truth"][index], ks=(k,))[name]
+
+
+CTR_METRICS = MetricSet(("auc", "logloss"), "auc", frozenset({"logloss"}), ("auc", "logloss"), _ctr_on_arrays)
+RANKING_METRICS = MetricSet(
+    ("hit@5", "hit@10", "ndcg@5", "ndcg@10", "nll"),
+    "ndcg@10",
+    frozenset({"nll"}),
+    ("hit@10", "ndcg@10", "nll"),
+    _ranking_on_arrays,
+)
+
+#: task name -> its metrics (filled by `evolora.tasks.registry.register_task`; the built-ins are here so
+#: reading finished runs needs no task code)
+METRIC_SETS: dict[str, MetricSet] = {"ctr": CTR_METRICS, "next_item": RANKING_METRICS}
+
+
+def metric_set(task: str) -> MetricSet:
+    if task not in METRIC_SETS:
+        raise EvoloraError(
+            f"no metrics registered for task {task!r} (known: {', '.join(sorted(METRIC_SETS))})"
+        )
+    return METRIC_SETS[task]
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether smaller values of `metric` are better, for any registered task."""
+    return any(metric in m.lower_is_better for m in METRIC_SETS.values())

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from evolora.errors import DamagedFileError, EvoloraError
-from evolora.io import read_json
+from evolora.eval.metrics import lower_is_better, metric_set
+from evolora.io import load_npz, read_json
 
-LOWER_IS_BETTER = {"logloss", "nll"}
 BASELINE = "finetune"
 
 
@@ -160,7 +160,7 @@ def metric_table(groups: list[MethodRuns], metric: str, skip: int | None = None)
         if base_mean:
             if means:
                 gain = (np.mean(means) - base_mean) / abs(base_mean) * 100
-                if metric in LOWER_IS_BETTER:
+                if lower_is_better(metric):
                     gain = -gain
                 row.append(f"{gain + 0.0:+.2f}%")  # + 0.0 turns -0.0 into 0.0
             else:
@@ -196,35 +196,6 @@ def stage_sizes(groups: list[MethodRuns]) -> str:
 # ------------------------------------------------------------------------------------------ paired bootstrap
 
 
-def _metric_fn(task: str, metric: str):
-    if task == "ctr":
-        from evolora.eval.metrics import auc, logloss
-
-        fn = {"auc": auc, "logloss": logloss}[metric]
-        return lambda arrays, idx: fn(arrays["truth"][idx], arrays["scores"][idx])
-    from evolora.tasks.next_item import ranking_metrics
-
-    if metric == "nll":
-        return lambda arrays, idx: float(-np.mean(arrays["target_logp"][idx]))
-    k = int(metric.split("@")[1])
-    return lambda arrays, idx: ranking_metrics(arrays["items"][idx], arrays["truth"][idx], ks=(k,))[metric]
-
-
-def _recover_truth(run_dir: Path, rows_by_stage: dict[int, np.ndarray]) -> dict[int, np.ndarray] | None:
-    """Labels of a CTR run saved before predictions carried them: rebuilt from the experiment's config."""
-    config = run_dir.parent.parent / "config.yaml"
-    if not config.is_file():
-        return None
-    from evolora.config import load_config
-    from evolora.experiment import prepare_data
-
-    cfg = load_config(config)
-    if cfg.task.name != "ctr":
-        return None
-    table = prepare_data(cfg).table
-    return {s: table.labels(rows) for s, rows in rows_by_stage.items()}
-
-
 def _load_stage_arrays(run: dict[str, Any]) -> dict[int, dict[str, np.ndarray]] | None:
     run_dir = Path(run["_path"]).parent
     out: dict[int, dict[str, np.ndarray]] = {}
@@ -232,14 +203,9 @@ def _load_stage_arrays(run: dict[str, Any]) -> dict[int, dict[str, np.ndarray]] 
         f = run_dir / f"stage-{s['train_stage']}" / "predictions.npz"
         if not f.is_file():
             return None
-        with np.load(f) as z:
-            out[s["eval_stage"]] = {k: z[k] for k in z.files}
+        out[s["eval_stage"]] = load_npz(f, "Delete it and rerun the experiment to evaluate that stage again.")
     if any("truth" not in a for a in out.values()):
-        truth = _recover_truth(run_dir, {s: a["rows"] for s, a in out.items()})
-        if truth is None:
-            return None
-        for s, t in truth.items():
-            out[s]["truth"] = t
+        return None  # predictions of an evolora from before they carried the truth: nothing to pair
     return out
 
 
@@ -259,8 +225,12 @@ def paired_bootstrap(
     base = next((g for g in groups if g.method == baseline), None)
     if base is None:
         return None
-    fn = _metric_fn(base.task, metric)
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    on_arrays = metric_set(base.task).on_arrays
+
+    def fn(arrays: dict[str, np.ndarray], idx: Any) -> float:
+        return on_arrays(arrays, idx, metric)
+
+    sign = -1.0 if lower_is_better(metric) else 1.0
     base_runs = {r["seed"]: _load_stage_arrays(r) for r in base.runs}
     lines = [
         f"| method | Δ{metric.upper()} vs {baseline} | 95% interval | P(better) |",
@@ -309,11 +279,11 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
     results = find_results(paths)
     groups = group_runs(results)
     tasks = {g.task for g in groups}
-    if metrics is None:
-        metrics = ["auc", "logloss"] if tasks == {"ctr"} else ["hit@10", "ndcg@10", "hit@5", "ndcg@5"]
-        if any(g.stage_values("nll") for g in groups):
-            metrics.append("nll")
     recorded = {m for r in results for s in r["stages"] for m in s["metrics"]}
+    if metrics is None:  # what the tasks show first, then the rest they record
+        sets = [metric_set(t) for t in sorted(tasks)]
+        ordered = [m for ms in sets for m in ms.shown] + [m for ms in sets for m in ms.names]
+        metrics = [m for m in dict.fromkeys(ordered) if m in recorded]
     unknown = [m for m in metrics if m not in recorded]
     if unknown:
         raise EvoloraError(
@@ -337,7 +307,7 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
     if incomplete:
         out.append(f"Incomplete runs (not all stages finished): {', '.join(incomplete)}.")
     for m in metrics:
-        arrow = "lower is better" if m in LOWER_IS_BETTER else "higher is better"
+        arrow = "lower is better" if lower_is_better(m) else "higher is better"
         out.append(f"\n### {m.upper()} per evaluated stage ({arrow})\n")
         out.append(metric_table(groups, m, skip))
     boot = paired_bootstrap(groups, metrics[0], skip=skip)

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from evolora.data.samples import SampleTable
 from evolora.errors import ConfigError
+from evolora.eval.metrics import MetricSet
 from evolora.models.llm import LoraLM
 
 
@@ -37,14 +39,22 @@ def load_template(spec: str, builtin: dict[str, str], fields: tuple[str, ...]) -
 
 class Task(ABC):
     name: str
-    #: metric used to pick the best epoch and to tune ensemble weights; higher is better
-    primary_metric: str
-    metric_names: tuple[str, ...]
+    #: what the task measures (`eval/metrics.py`)
+    metric_set: ClassVar[MetricSet]
     #: what `train.select_by: auto` means for this task
     default_select_by: str = "metric"
 
     def __init__(self, table: SampleTable) -> None:
         self.table = table
+
+    @property
+    def primary_metric(self) -> str:
+        """The metric that picks the best epoch and tunes ensemble weights; higher is better."""
+        return self.metric_set.primary
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return self.metric_set.names
 
     @abstractmethod
     def loss(self, lm: LoraLM, rows: np.ndarray) -> torch.Tensor:
@@ -54,13 +64,18 @@ class Task(ABC):
     def predict(self, lm: LoraLM, rows: np.ndarray, batch_size: int, desc: str = "scoring") -> Any:
         """Predictions for the rows, in row order, on the active adapter (no gradients)."""
 
-    @abstractmethod
     def metrics(self, predictions: Any, rows: np.ndarray) -> dict[str, float]:
-        """Metrics of predictions made for `rows`."""
+        """Metrics of predictions made for `rows`: every metric of the task's set, computed as reports
+        compute them from the stored arrays."""
+        arrays = {**self.save_predictions(predictions), "truth": self.truth(rows)}
+        return {m: self.metric_set.on_arrays(arrays, slice(None), m) for m in self.metric_names}
 
-    @abstractmethod
     def mix(self, predictions: list[Any], weights: list[float]) -> Any:
-        """The weighted ensemble of several models' predictions for the same rows."""
+        """The weighted ensemble of several models' predictions for the same rows (default: of scores)."""
+        total = np.zeros_like(np.asarray(predictions[0], dtype=np.float64))
+        for w, p in zip(weights, predictions, strict=True):
+            total = total + w * np.asarray(p, dtype=np.float64)
+        return total
 
     def before_stage(self, lm: Any, stage: int) -> None:  # noqa: B027 - a hook; most tasks need nothing
         """Called before stage `stage` trains or is restored (conventional models grow their ID tables)."""
@@ -88,3 +103,18 @@ class Task(ABC):
     def load_predictions(self, arrays: Any) -> Any:
         """The inverse of `save_predictions` (arrays: an open `.npz`)."""
         return arrays["scores"]
+
+
+def token_loss(
+    lm: LoraLM,
+    hidden: torch.Tensor,
+    picks: list[tuple[int, int, int]],
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Mean cross-entropy of the tokens `picks` names: (sequence, position whose state predicts it, token).
+
+    Only the picked states go through the output layer (a prompt's other positions need no logits)."""
+    b_idx, t_idx, targets = (torch.tensor(col, device=lm.device) for col in zip(*picks, strict=True))
+    with lm.autocast():
+        logits = lm.logits_from_hidden(hidden[b_idx, t_idx])
+    return F.cross_entropy(logits.float() / temperature, targets)

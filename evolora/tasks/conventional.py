@@ -17,23 +17,24 @@ sample keeps), like/dislike flags of the history (CTR), and the sample's stage.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import replace
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
 
-from evolora.config import CtrTaskConfig, NextItemTaskConfig
+from evolora.config import CtrTaskConfig, NextItemTaskConfig, RunConfig
+from evolora.data.prepare import Prepared
 from evolora.data.samples import SampleTable
 from evolora.errors import ConfigError
-from evolora.eval.metrics import auc, logloss
+from evolora.eval.metrics import CTR_METRICS, KS, RANKING_METRICS, ranking_metrics
 from evolora.models.conventional.backbone import ConventionalBackbone
 from evolora.models.conventional.common import Batch, IdSpace
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task
 from evolora.tasks.decoding import Ranked, mix_rankings, union_candidates
-from evolora.tasks.next_item import KS, ranking_metrics
 
 
 def _index_column(df: pl.DataFrame, col: str, mapping: dict[str, int]) -> np.ndarray:
@@ -95,8 +96,7 @@ class _ConventionalTask(Task):
 
 class ConventionalCtrTask(_ConventionalTask):
     name = "ctr"
-    primary_metric = "auc"
-    metric_names = ("auc", "logloss")
+    metric_set = CTR_METRICS
     default_select_by = "metric"
 
     def __init__(self, cfg: CtrTaskConfig, table: SampleTable, space: IdSpace, max_len: int) -> None:
@@ -130,18 +130,11 @@ class ConventionalCtrTask(_ConventionalTask):
         model.train(was_training)
         return out
 
-    def metrics(self, predictions: np.ndarray, rows: np.ndarray) -> dict[str, float]:
-        labels = self._labels[np.asarray(rows, dtype=np.int64)]
-        return {"auc": auc(labels, predictions), "logloss": logloss(labels, predictions)}
-
-    def mix(self, predictions: list[np.ndarray], weights: list[float]) -> np.ndarray:
-        return sum(w * p for w, p in zip(weights, predictions, strict=True))  # type: ignore[return-value]
-
 
 class ConventionalNextItemTask(_ConventionalTask):
     name = "next_item"
-    primary_metric = "ndcg@10"
-    metric_names = ("hit@5", "hit@10", "ndcg@5", "ndcg@10")
+    # A full ranking of known items, without the true item's likelihood (no `nll`).
+    metric_set = replace(RANKING_METRICS, names=RANKING_METRICS.names[:-1], shown=("hit@10", "ndcg@10"))
     default_select_by = "metric"  # a full ranking of a validation pool takes well under a second
 
     def __init__(self, cfg: NextItemTaskConfig, table: SampleTable, space: IdSpace, max_len: int) -> None:
@@ -260,9 +253,13 @@ class ConventionalNextItemTask(_ConventionalTask):
         return Ranked(arrays["items"], arrays["scores"])
 
 
-def conventional_task(
-    cfg: CtrTaskConfig | NextItemTaskConfig, table: SampleTable, space: IdSpace, max_len: int
-) -> ConventionalCtrTask | ConventionalNextItemTask:
-    if isinstance(cfg, CtrTaskConfig):
-        return ConventionalCtrTask(cfg, table, space, max_len)
-    return ConventionalNextItemTask(cfg, table, space, max_len)
+def build_conventional_ctr(cfg: RunConfig, prepared: Prepared, space: IdSpace) -> ConventionalCtrTask:
+    task_cfg = cast(CtrTaskConfig, cfg.task)
+    return ConventionalCtrTask(task_cfg, prepared.table, space, cfg.model.conventional.max_len)
+
+
+def build_conventional_next_item(
+    cfg: RunConfig, prepared: Prepared, space: IdSpace
+) -> ConventionalNextItemTask:
+    task_cfg = cast(NextItemTaskConfig, cfg.task)
+    return ConventionalNextItemTask(task_cfg, prepared.table, space, cfg.model.conventional.max_len)

@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from evolora.config import CtrTaskConfig
+from evolora.config import CtrTaskConfig, RunConfig
+from evolora.data.prepare import Prepared
 from evolora.data.samples import SampleTable
 from evolora.errors import EvoloraError
-from evolora.eval.metrics import auc, logloss
+from evolora.eval.metrics import CTR_METRICS
 from evolora.models.llm import LoraLM
+from evolora.models.tokens import pad_token_lists
 from evolora.progress import task as progress_task
-from evolora.tasks.base import Task
+from evolora.tasks.base import Task, token_loss
 from evolora.tasks.base import load_template as base_load_template
 
 log = logging.getLogger("evolora.tasks")
@@ -72,8 +74,7 @@ class Encoded:
 
 class CtrTask(Task):
     name = "ctr"
-    primary_metric = "auc"
-    metric_names = ("auc", "logloss")
+    metric_set = CTR_METRICS
 
     def __init__(
         self,
@@ -104,7 +105,6 @@ class CtrTask(Task):
         self._cache: dict[int, Encoded] = {}
         self.shortened = 0  # prompts that lost history items to fit max_length
         self._df = table.df
-        self._labels = table.df["label"].to_numpy()
 
     # ------------------------------------------------------------------ encoding
     def _ids(self, text: str, special: bool) -> list[int]:
@@ -127,7 +127,7 @@ class CtrTask(Task):
         if self.cfg.retrieve_from is None or len(items) <= k:
             return items[-k:], ratings[-k:]
         items, ratings = items[-self.cfg.retrieve_from :], ratings[-self.cfg.retrieve_from :]
-        vecs = self.item_vectors  # type: ignore[assignment]
+        vecs = cast(dict[str, np.ndarray], self.item_vectors)  # set whenever retrieve_from is
         t = vecs[target]
         sims = np.array([float(vecs[i] @ t) for i in items])
         # Stable sort on (-similarity, -position): equal similarity prefers the more recent item.
@@ -195,13 +195,7 @@ class CtrTask(Task):
         encs = [self.encode(int(r)) for r in rows]
         head = [] if shared else self.prefix
         seqs = [head + e.body + (e.answer if with_answer else []) for e in encs]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            # Right padding: real tokens never attend to padding and keep their natural positions.
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask = pad_token_lists(seqs, self.pad_id)
         return ids, mask, encs, seqs
 
     def _hidden(self, lm: LoraLM, ids: torch.Tensor, mask: torch.Tensor, shared: bool) -> torch.Tensor:
@@ -216,21 +210,11 @@ class CtrTask(Task):
         lm.begin_batch(rows)
         ids, mask, encs, seqs = self._batch(rows, with_answer=True, shared=shared)
         hidden = self._hidden(lm, ids, mask, shared)
-        b_idx, t_idx, targets = [], [], []
+        picks = []  # the state at position p predicts token p + 1
         for b, (e, seq) in enumerate(zip(encs, seqs, strict=True)):
-            if self.cfg.loss == "prompt":
-                b_idx += [b] * (len(seq) - 1)
-                t_idx += list(range(len(seq) - 1))
-                targets += seq[1:]
-            else:
-                start = len(seq) - len(e.answer) - 1  # the state at position p predicts token p + 1
-                b_idx += [b] * len(e.answer)
-                t_idx += list(range(start, start + len(e.answer)))
-                targets += e.answer
-        picked = hidden[torch.tensor(b_idx, device=lm.device), torch.tensor(t_idx, device=lm.device)]
-        with lm.autocast():
-            logits = lm.logits_from_hidden(picked)
-        return F.cross_entropy(logits.float(), torch.tensor(targets, device=lm.device))
+            first = 1 if self.cfg.loss == "prompt" else len(seq) - len(e.answer)
+            picks += [(b, p - 1, seq[p]) for p in range(first, len(seq))]
+        return token_loss(lm, hidden, picks)
 
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
@@ -264,9 +248,35 @@ class CtrTask(Task):
         lm.model.train(was_training)
         return scores
 
-    def metrics(self, predictions: np.ndarray, rows: np.ndarray) -> dict[str, float]:
-        labels = self._labels[np.asarray(rows, dtype=np.int64)]
-        return {"auc": auc(labels, predictions), "logloss": logloss(labels, predictions)}
 
-    def mix(self, predictions: list[np.ndarray], weights: list[float]) -> np.ndarray:
-        return sum(w * p for w, p in zip(weights, predictions, strict=True))  # type: ignore[return-value]
+def item_kind_of(dataset: str) -> str:
+    """The word the prompt uses for an item, from the dataset's name."""
+    name = dataset.lower()
+    if name.startswith("ml-") or "movie" in name:
+        return "movie"
+    if "book" in name:
+        return "book"
+    return "item"
+
+
+def ctr_task_for(
+    cfg: RunConfig, prepared: Prepared, tokenizer: Any, item_vectors: dict[str, np.ndarray] | None = None
+) -> CtrTask:
+    """The CTR task of a run, on a backbone's tokenizer."""
+    items = prepared.data.items
+    titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
+    kind = item_kind_of(prepared.data.name)
+    task_cfg = cast(CtrTaskConfig, cfg.task)
+    return CtrTask(task_cfg, prepared.table, titles, tokenizer, kind, item_vectors=item_vectors)
+
+
+def build_ctr(cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, Any]) -> tuple[LoraLM, CtrTask]:
+    """The registry's builder: the LoRA backbone, item embeddings when the prompt retrieves history by
+    similarity (`retrieve_from`), and the task."""
+    from evolora.tasks.semantic import item_vectors_for
+
+    vectors = None
+    if cast(CtrTaskConfig, cfg.task).retrieve_from is not None:
+        vectors = item_vectors_for(cfg, prepared.data, pretrained, ("title", "genre", "category"))
+    lm = LoraLM.from_config(cfg.model, pretrained=pretrained)
+    return lm, ctr_task_for(cfg, prepared, lm.tokenizer, vectors)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from evolora.models.llm import LoraLM
+from evolora.models.tokens import pad_token_lists
 
 
 class ItemTrie:
@@ -123,15 +124,8 @@ def beam_search(
     """
     device = lm.device
     n = len(prompts)
-    pad = lm.tokenizer.pad_token_id or 0
-    width = max(len(p) for p in prompts)
     # Left padding: every prompt ends at the last column, so all beams extend in step.
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = pad_token_lists(prompts, lm.tokenizer.pad_token_id or 0, side="left", device=device)
     decoder = lm.base.get_decoder()
     p_len = len(prefix) if prefix else 0
     cache = None
@@ -227,12 +221,8 @@ def _teacher_forced(
 ) -> np.ndarray:
     """log p(target | prompt) for each prompt, continuing its KV cache; the cache is cropped back after."""
     device = first_logp.device
-    n, depth = len(targets), max(len(t) for t in targets)
-    tokens = torch.zeros((n, depth), dtype=torch.long, device=device)
-    valid = torch.zeros((n, depth), dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):
-        tokens[i, : len(t)] = torch.tensor(t, device=device)
-        valid[i, : len(t)] = True
+    tokens, valid_ids = pad_token_lists(targets, 0, device=device)
+    valid, depth = valid_ids.bool(), tokens.shape[1]
     total = first_logp.gather(1, tokens[:, :1])[:, 0] * valid[:, 0]
     if depth > 1:
         # Padding after a shorter target sits behind its real tokens, so causal attention never reads it.
@@ -257,18 +247,10 @@ def sequence_logprob(
 ) -> np.ndarray:
     """log p(target | prompt) summed over the target's tokens, one value per (prompt, target) pair."""
     device = lm.device
-    pad = lm.tokenizer.pad_token_id or 0
     seqs = [p + t for p, t in zip(prompts, targets, strict=True)]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
+    ids, mask = pad_token_lists(seqs, lm.tokenizer.pad_token_id or 0, device=device)
     with lm.autocast():
-        hidden = lm.hidden_states(
-            ids.to(device), mask.to(device), prefix=torch.tensor(prefix) if prefix else None
-        )
+        hidden = lm.hidden_states(ids, mask, prefix=torch.tensor(prefix) if prefix else None)
     rows, cols, toks = [], [], []
     for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
         for j, tok in enumerate(t):

@@ -13,18 +13,20 @@ logits by 0.8 in the loss, a LETTER inheritance the paper does not mention) is `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from evolora.config import NextItemTaskConfig
+from evolora.config import NextItemTaskConfig, RunConfig
+from evolora.data.prepare import Prepared
 from evolora.data.samples import SampleTable
 from evolora.errors import ConfigError, DataError
+from evolora.eval.metrics import KS, RANKING_METRICS, ranking_metrics
 from evolora.models.llm import LoraLM
+from evolora.models.tokens import pad_token_lists
 from evolora.progress import task as progress_task
-from evolora.tasks.base import Task
+from evolora.tasks.base import Task, token_loss
 from evolora.tasks.base import load_template as base_load_template
 from evolora.tasks.decoding import (
     ItemTrie,
@@ -42,27 +44,10 @@ TEMPLATES = {
         "Can you predict the next possible item that the user may expect?\n\n### Response:"
     ),
 }
-KS = (5, 10)
 
 
 def load_template(spec: str) -> str:
     return base_load_template(spec, TEMPLATES, ("{history}",))
-
-
-def ranking_metrics(
-    ranked_items: np.ndarray, targets: np.ndarray, ks: tuple[int, ...] = KS
-) -> dict[str, float]:
-    """Hit@K and NDCG@K averaged over queries: the target's rank among the returned items, if present."""
-    hits = ranked_items == targets[:, None]
-    found = hits.any(axis=1)
-    rank = np.where(found, hits.argmax(axis=1) + 1, np.iinfo(np.int64).max)  # 1-based
-    out = {}
-    for k in ks:
-        within = rank <= k
-        out[f"hit@{k}"] = float(within.mean()) if len(targets) else float("nan")
-        gain = np.where(within, 1.0 / np.log2(np.minimum(rank, k) + 1.0), 0.0)
-        out[f"ndcg@{k}"] = float(gain.mean()) if len(targets) else float("nan")
-    return out
 
 
 @dataclass(frozen=True)
@@ -73,8 +58,7 @@ class Encoded:
 
 class NextItemTask(Task):
     name = "next_item"
-    primary_metric = "ndcg@10"
-    metric_names = ("hit@5", "hit@10", "ndcg@5", "ndcg@10", "nll")
+    metric_set = RANKING_METRICS
     default_select_by = "loss"  # beam search on validation every epoch is costly; PESO selects by loss
 
     def __init__(
@@ -137,27 +121,12 @@ class NextItemTask(Task):
     # ------------------------------------------------------------------ training
     def loss(self, lm: LoraLM, rows: np.ndarray) -> torch.Tensor:
         encs = [self.encode(int(r)) for r in rows]
-        seqs = [e.body + e.answer for e in encs]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
+        ids, mask = pad_token_lists([e.body + e.answer for e in encs], self.pad_id)
         with lm.autocast():
             hidden = lm.hidden_states(ids.to(lm.device), mask.to(lm.device), prefix=self._prefix_tensor())
-        b_idx, t_idx, targets = [], [], []
-        for b, e in enumerate(encs):
-            start = len(e.body) - 1
-            b_idx += [b] * len(e.answer)
-            t_idx += list(range(start, start + len(e.answer)))
-            targets += e.answer
-        picked = hidden[torch.tensor(b_idx, device=lm.device), torch.tensor(t_idx, device=lm.device)]
-        with lm.autocast():
-            logits = lm.logits_from_hidden(picked)
-        return F.cross_entropy(
-            logits.float() / self.cfg.logit_temperature, torch.tensor(targets, device=lm.device)
-        )
+        # The ID tokens and EOS follow the body; the state before each token predicts it.
+        picks = [(b, len(e.body) - 1 + j, tok) for b, e in enumerate(encs) for j, tok in enumerate(e.answer)]
+        return token_loss(lm, hidden, picks, self.cfg.logit_temperature)
 
     def _prefix_tensor(self) -> torch.Tensor | None:
         return torch.tensor(self.prefix) if self.prefix else None
@@ -253,3 +222,16 @@ class NextItemTask(Task):
     def load_predictions(self, arrays: Any) -> Ranked:
         target = arrays.get("target_logp")
         return Ranked(arrays["items"], arrays["scores"], target)
+
+
+def build_next_item(
+    cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, Any]
+) -> tuple[LoraLM, NextItemTask]:
+    """The registry's builder: semantic IDs (the dataset's or built by RQ-VAE) become new tokens of the
+    backbone, then the task over them."""
+    from evolora.tasks.semantic import semantic_ids_for
+
+    sids = semantic_ids_for(cfg, prepared.data, prepared.staged, pretrained)
+    lm = LoraLM.from_config(cfg.model, new_tokens=sids.all_tokens(), pretrained=pretrained)
+    item_tokens = {item: sids.tokens(item) for item in sids.item_ids}
+    return lm, NextItemTask(cast(NextItemTaskConfig, cfg.task), prepared.table, item_tokens, lm.tokenizer)

@@ -13,17 +13,17 @@ strategy and every rerun of an experiment uses the same IDs.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import polars as pl
 
-from evolora.config import RunConfig, SemanticIdConfig
+from evolora.config import NextItemTaskConfig, RunConfig, SemanticIdConfig
 from evolora.data.schema import InteractionData
 from evolora.errors import ConfigError
-from evolora.io import stable_hash
-from evolora.models.rqvae import SemanticIds, assign_codes, embed_texts, make_unique, train_rqvae
+from evolora.io import load_npz, save_npz, stable_hash
+from evolora.models.rqvae import assign_codes, train_rqvae
+from evolora.models.semantic_ids import SemanticIds, embed_texts, make_unique
 
 log = logging.getLogger("evolora.tasks")
 
@@ -67,22 +67,16 @@ def item_vectors_for(
     key = stable_hash(
         {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.name, "fields": fields}, 16
     )
-    path = Path(cfg.output_dir) / "_shared" / "item_vectors" / f"{key}.npz"
+    path = cfg.shared_root / "item_vectors" / f"{key}.npz"
     items = data.items["item_id"].to_list()
-    if path.is_file():
-        with np.load(path) as z:
-            vectors = z["vectors"]
+    stored = load_npz(path, "Delete it: the embeddings are computed again.") if path.is_file() else None
+    if stored is not None and len(stored["vectors"]) == len(items):
+        vectors = stored["vectors"]
     else:
         log.info("embedding %d item texts for history retrieval", len(items))
         vectors = embed_texts(*pretrained, item_texts(data, items, fields))
         vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
-        import io
-
-        from evolora.io import atomic_write_bytes
-
-        buf = io.BytesIO()
-        np.savez(buf, vectors=vectors)
-        atomic_write_bytes(path, buf.getvalue())
+        save_npz(path, {"vectors": vectors})
     return dict(zip(items, vectors, strict=True))
 
 
@@ -90,7 +84,7 @@ def semantic_ids_for(
     cfg: RunConfig, data: InteractionData, staged: pl.DataFrame, pretrained: tuple[Any, Any]
 ) -> SemanticIds:
     """The run's semantic IDs (cached). `pretrained`: the backbone (model, tokenizer), without adapters."""
-    sid_cfg: SemanticIdConfig = cfg.task.semantic_ids  # type: ignore[union-attr]
+    sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
     has_own = "sid" in data.items.columns and data.items["sid"].null_count() < data.items.height
     source = sid_cfg.source if sid_cfg.source != "auto" else ("dataset" if has_own else "rqvae")
     key = stable_hash(
@@ -99,7 +93,7 @@ def semantic_ids_for(
          "model": cfg.model.name if sid_cfg.embedder == "backbone" else None},
         16,
     )  # fmt: skip
-    path = Path(cfg.output_dir) / "_shared" / "semantic_ids" / f"{key}.json"
+    path = cfg.shared_root / "semantic_ids" / f"{key}.json"
     if path.is_file():
         sids = SemanticIds.load(path)
         log.info("semantic IDs: %d items, %d levels (cached %s)", len(sids), sids.levels, path.name)

@@ -1,0 +1,47 @@
+"""A run's data, prepared once: loaded, staged, turned into samples and split into per-stage pools."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import polars as pl
+
+from evolora.config import RunConfig
+from evolora.data.loaders import load_dataset
+from evolora.data.samples import SampleTable, StagePools, build_samples, split_pools
+from evolora.data.schema import InteractionData
+from evolora.data.staging import assign_stages, num_stages_of
+
+log = logging.getLogger("evolora")
+
+
+@dataclass
+class Prepared:
+    """Everything a run reads from its data: the loaded dataset, the staged interactions, the samples and
+    each stage's train / validation / test pools."""
+
+    data: InteractionData
+    staged: pl.DataFrame
+    table: SampleTable
+    pools: dict[int, StagePools]
+
+
+def prepare_data(cfg: RunConfig) -> Prepared:
+    data = load_dataset(cfg.data)
+    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
+    task = cfg.task
+    table = build_samples(
+        staged, num_stages_of(staged), data.like_threshold, task.history_kept(), task.min_history_or_default()
+    )
+    pools = split_pools(table, cfg.protocol, cfg.train.valid_fraction)
+    for s, p in pools.items():
+        log.info(
+            "stage %d: %d samples (train pool %d, valid %d, test %d)",
+            s,
+            len(table.stage_rows(s)),
+            len(p.train),
+            len(p.valid),
+            len(p.test),
+        )
+    return Prepared(data, staged, table, pools)
