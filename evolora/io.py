@@ -192,13 +192,15 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left by a replacement killed between its two renames
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
         if path.exists():
-            # Two renames keep the window without any complete copy as short as possible.
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            # Two renames keep the window without any complete copy as short as possible (a folder cannot
+            # replace a non-empty one in one rename). Every caller marks the folder as done in a file written
+            # after it, so a kill inside the window only means the folder is written again.
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)

@@ -350,7 +350,7 @@ def test_run_experiment_end_to_end(sunny_dir: Path, tmp_path: Path) -> None:
     assert finetune["stages"][0]["jobs"][0]["reused_shared_result"] is True
     assert frozen["stages"][1]["trained"] is False and finetune["stages"][1]["trained"] is True
     stage = run_dir_of(cfg, "sasrec-finetune", 0) / "stage-2"
-    assert (stage / "adapters" / "default" / "model.safetensors").is_file()
+    assert (stage / "trained" / "adapters" / "default" / "model.safetensors").is_file()
     # Evaluated on exactly the rows an LLM run of the same settings is evaluated on.
     prepared = prepare_data(cfg)
     with np.load(stage / "predictions.npz") as z:

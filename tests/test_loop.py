@@ -50,7 +50,7 @@ def test_results_json_schema_and_learning(finished) -> None:
 def test_adapters_saved_per_stage_in_peft_format(finished) -> None:
     cfg, _ = finished
     for t in (1, 2):
-        d = run_dir_of(cfg, "finetune", 0) / f"stage-{t}" / "adapters" / "default"
+        d = run_dir_of(cfg, "finetune", 0) / f"stage-{t}" / "trained" / "adapters" / "default"
         assert (d / "adapter_model.safetensors").is_file() and (d / "adapter_config.json").is_file()
     assert (Path(cfg.output_dir) / cfg.name / "config.yaml").is_file()
 

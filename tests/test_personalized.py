@@ -103,7 +103,7 @@ def test_gate_and_bank_receive_gradients(lm: LoraLM) -> None:
 def test_missing_route_is_an_error_and_export_is_a_peft_lora(lm: LoraLM, tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from evolora.models.llm import load_pretrained
+    from evolora.models.weights import load_pretrained
 
     p = PersonalizedLoRA(lm, d_gate=6, n_meta=4)
     randomize(p)

@@ -40,7 +40,7 @@ def test_reclora_runs_stage_by_stage_with_its_crm(sunny_dir: Path, tmp_path: Pat
     )
     assert few["stages"][0]["strategy_info"]["crm_train_rows"] == few["stages"][0]["n_train"]
     # The adapter state of the run's first stage holds the banks and the CRM.
-    state = load_state(run_dir_of(cfg, "reclora", 0) / "stage-1" / "state.safetensors")
+    state = load_state(run_dir_of(cfg, "reclora", 0) / "stage-1" / "trained" / "state.safetensors")
     assert "personal" in state["strategy"] and "crm" in state["strategy"]
 
 
@@ -55,7 +55,9 @@ def test_reclora_trains_new_banks_at_lr_and_continues_them_at_lr_inherit(
         "train.schedule": "constant",
     }
     (res,) = run_experiment(tiny_config(sunny_dir, tmp_path, **over))
-    lrs = [s["jobs"][0]["history"][-1]["lr"] for s in res["stages"]]
+    # The click model trains as a job of its own (model "crm"); the banks are the LLM's job.
+    assert [[j["model"] for j in s["jobs"]] for s in res["stages"]] == [["crm", None]] * 2
+    lrs = [s["jobs"][1]["history"][-1]["lr"] for s in res["stages"]]
     assert lrs == pytest.approx([3e-3, 2e-4])
 
 
@@ -99,7 +101,7 @@ def test_export_gives_the_user_adapter(sunny_dir: Path, tmp_path: Path) -> None:
     from evolora.config import StrategySpec
     from evolora.continual import Env, build_strategy
     from evolora.experiment import build_model_and_task, prepare_data
-    from evolora.models.llm import load_pretrained
+    from evolora.models.weights import load_pretrained
 
     cfg = tiny_config(sunny_dir, tmp_path, **OVER)
     prepared = prepare_data(cfg)
@@ -134,7 +136,8 @@ def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
 
     from evolora.cli import app
     from evolora.experiment import restore_run
-    from evolora.models.llm import LoraLM, load_pretrained
+    from evolora.models.llm import LoraLM
+    from evolora.models.weights import load_pretrained
 
     over = {**OVER, "strategies": f"[{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 2}}]"}
     cfg = tiny_config(sunny_dir, tmp_path, **over)

@@ -149,12 +149,14 @@ def test_a_planted_pickle_never_runs(sunny_dir: Path, tmp_path: Path) -> None:
     run_experiment(cfg)
     run = run_dir_of(cfg, "finetune", 0)
     marker = tmp_path / "pwned"
+    # Stage 1 as an older evolora laid it out (state.pt beside trained.json), with a planted pickle.
+    unit = run / "stage-1" / "trained"
+    for item in list(unit.iterdir()):
+        shutil.move(str(item), str(run / "stage-1" / item.name))
+    unit.rmdir()
     (run / "stage-1" / "state.safetensors").unlink()
     plant_pickle(run / "stage-1" / "state.pt", marker)
-    for f in (run / "stage-2").iterdir():  # stage 2 must resume from stage 1's state
-        if f.name == "record.json":
-            f.unlink()
-    (run / "stage-2" / "trained.json").unlink()
+    shutil.rmtree(run / "stage-2")  # stage 2 must resume from stage 1's state
     with pytest.raises(DamagedFileError, match=r"state\.pt cannot be read safely") as err:
         run_experiment(cfg)
     assert "Delete" in str(err.value) and "stage-1" in str(err.value)
@@ -162,7 +164,7 @@ def test_a_planted_pickle_never_runs(sunny_dir: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "state.pt" in result.output
     # A checkpoint in the old pickle format is set aside unread; the job trains from its start.
     for stage in ("stage-1", "stage-2"):
-        shutil.rmtree(run / stage)
+        shutil.rmtree(run / stage, ignore_errors=True)
     plant_pickle(run / "stage-2" / "checkpoints" / "default.pt", marker)
     assert run_experiment(cfg)[0]["complete"]
     assert not (run / "stage-2" / "checkpoints" / "default.pt").exists()
@@ -215,17 +217,18 @@ def test_a_damaged_shared_result_is_set_aside_and_retrained(sunny_dir: Path, tmp
     "damaged",
     [
         "stage-2/record.json",
-        "stage-1/state.safetensors",
-        "stage-1/adapters/default/adapter_model.safetensors",
+        "stage-1/trained/state.safetensors",
+        "stage-1/trained/adapters/default/adapter_model.safetensors",
+        "stage-2/jobs/default/info.json",
     ],
 )
 def test_a_damaged_run_file_is_an_error_naming_it(sunny_dir: Path, tmp_path: Path, damaged: str) -> None:
     config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
     assert runner.invoke(app, ["run", str(config)]).exit_code == 0
     run = tmp_path / "runs" / "files" / "finetune" / "seed0"
-    if damaged.startswith("stage-1"):  # read when stage 2 resumes
+    if damaged.startswith("stage-1") or "jobs" in damaged:  # read when stage 2 trains again
         (run / "stage-2" / "record.json").unlink()
-        (run / "stage-2" / "trained.json").unlink()
+        shutil.rmtree(run / "stage-2" / "trained")
     target = run / damaged
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
     result = runner.invoke(app, ["run", str(config)])
@@ -249,3 +252,15 @@ def test_report_errors_are_one_line_messages(sunny_dir: Path, tmp_path: Path) ->
     # One line, even off a terminal where rich would wrap at 80 columns.
     line = next(x for x in result.output.splitlines() if "error:" in x)
     assert str(results) in line and "damaged or truncated" in line
+
+
+def test_auto_precision_is_recorded_as_what_it_ran_in(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder made where `auto` meant fp32 is never resumed where it means bf16-mixed."""
+    monkeypatch.setenv("EVOLORA_CPU_BF16", "0")
+    cfg = tiny_config(sunny_dir, tmp_path, **{**SMALL, "model.precision": "auto"})
+    assert run_experiment(cfg)[0]["precision"] == "fp32"
+    monkeypatch.setenv("EVOLORA_CPU_BF16", "1")
+    with pytest.raises(ConfigError, match=r"model\.precision: 'fp32' -> 'bf16-mixed'"):
+        run_experiment(cfg)

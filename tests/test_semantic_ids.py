@@ -9,16 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from evolora.models.rqvae import (
-    RQVAE,
-    SemanticIds,
-    assign_codes,
-    collision_stats,
-    embed_texts,
-    kmeans,
-    make_unique,
-    train_rqvae,
-)
+from evolora.models.rqvae import RQVAE, assign_codes, kmeans, train_rqvae
+from evolora.models.semantic_ids import SemanticIds, collision_stats, embed_texts, make_unique
 from evolora.models.tiny import build_tiny_llama
 
 PESO_INDEX = (

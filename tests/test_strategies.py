@@ -11,8 +11,7 @@ import torch
 from evolora.continual.base import MAIN
 from evolora.continual.inflora import designed_a, update_basis
 from evolora.continual.lsat import LONG, choose_weight
-from evolora.continual.olora import orthogonality_loss
-from evolora.continual.peso import ProximalRegularizer
+from evolora.continual.regularizers import ProximalRegularizer, orthogonality_loss
 from evolora.experiment import run_dir_of, run_experiment
 from evolora.models.bank import AdapterBank
 from evolora.models.llm import LoraLM

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from evolora.config import RunConfig
+from evolora.config import RunConfig, TrainConfig
+from evolora.data.prepare import Prepared
 from evolora.data.samples import StagePools, draw
 from evolora.models.llm import LoraLM
 from evolora.tasks.base import Task
@@ -55,6 +56,13 @@ class TrainJob:
     shareable: bool = False
     tag: str = ""
     reset_tokens: bool = True
+    #: a job that trains another model than the run's backbone (RecLoRA's click model): its name in the
+    #: record, the backbone and task it trains, its training settings and its validation batch size
+    model: str = ""
+    backbone: Any = None
+    task: Any = None
+    train: TrainConfig | None = None
+    eval_batch_size: int | None = None
 
     @property
     def name(self) -> str:
@@ -73,22 +81,28 @@ class StageContext:
 
 @dataclass
 class Env:
-    """What a strategy works with: the model, the task and the run configuration."""
+    """What a strategy works with: the model, the task and the run configuration, and the prepared data for
+    strategies that read more than the samples (RecLoRA's click model)."""
 
     lm: LoraLM
     task: Task
     cfg: RunConfig
-    prepared: Any = None  # experiment.Prepared: data, staged table, pools (strategies that need the raw data)
+    prepared: Prepared | None = None
 
 
-class Strategy:
+OptionsT = TypeVar("OptionsT", bound=StrategyOptions)
+
+
+class Strategy(Generic[OptionsT]):
+    """A continual strategy, typed by its options class (`Strategy[PesoOptions]`: `self.options.lam`)."""
+
     name: ClassVar[str]
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: True when `predict` is the plain one (score with the main adapter), so predictions can be shared
     plain_predict: ClassVar[bool] = True
 
-    def __init__(self, options: StrategyOptions, env: Env, seed: int) -> None:
-        self.options = options
+    def __init__(self, options: OptionsT, env: Env, seed: int) -> None:
+        self.options: OptionsT = options
         self.env = env
         self.lm = env.lm
         self.task = env.task
@@ -142,8 +156,18 @@ class Strategy:
         """A term added to the task loss at every optimiser step (PESO, O-LoRA, ...)."""
         return None
 
-    def after_job(self, ctx: StageContext, job: TrainJob) -> None:
-        """Called after training with the best epoch's weights in place."""
+    def after_job(self, ctx: StageContext, job: TrainJob, info: dict[str, Any]) -> None:
+        """Called after training with the best epoch's weights in place (also when a finished job is
+        restored); `info` is the job's record (`best_valid`, `train_seconds`, ...)."""
+
+    def job_state(self, job: TrainJob) -> dict[str, torch.Tensor]:
+        """What the job trained beyond its adapter (strategy parameters: SD-LoRA's magnitudes, RecLoRA's
+        banks and gates). The loop stores it with the job's adapter, in one atomic write, and hands it
+        back to `load_job_state` when a finished job is restored."""
+        return {}
+
+    def load_job_state(self, job: TrainJob, state: dict[str, torch.Tensor]) -> None:
+        pass
 
     def after_stage(self, ctx: StageContext) -> None:
         """Called after all jobs of the stage, before saving and evaluation."""

@@ -16,7 +16,7 @@ Stage 1 is plain LoRA (nothing to accumulate yet), so it is shared with every ot
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
@@ -29,7 +29,10 @@ class CumulativeOptions(StrategyOptions):
     init: Literal["inherit", "fresh"] = "inherit"
 
 
-class CumulativeLora(Strategy):
+CO = TypeVar("CO", bound=CumulativeOptions)
+
+
+class CumulativeLora(Strategy[CO], Generic[CO]):
     Options = CumulativeOptions
     #: store past updates as Frobenius-normalised directions (SumLoRA, SD-LoRA) or as they are (O-LoRA)
     normalize_past: ClassVar[bool] = True
@@ -43,13 +46,12 @@ class CumulativeLora(Strategy):
         if ctx.stage == 1:
             return [self.current_stage_job(ctx, init="fresh")]
         self.bank.push()
-        if self.options.past == "latest":  # type: ignore[attr-defined]
+        if self.options.past == "latest":
             self.bank.keep_latest()
         train, valid = self.budgeted(ctx, [ctx.stage])
         # Never shared: the bank changes what the same adapter weights compute. A fresh start resets the
         # LoRA factors only: the banked updates were learned with the token rows as they are now.
-        init = self.options.init  # type: ignore[attr-defined]
-        return [TrainJob(MAIN, train, valid, init=init, reset_tokens=False)]
+        return [TrainJob(MAIN, train, valid, init=self.options.init, reset_tokens=False)]
 
     def parameters(self, job: TrainJob) -> list[torch.nn.Parameter]:
         return self.lm.trainable_parameters() + self.bank.magnitude_parameters()

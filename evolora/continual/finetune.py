@@ -6,8 +6,8 @@ holds it to what it knew: the method the regularised strategies try to improve o
 
 from __future__ import annotations
 
-from evolora.continual.base import Strategy
+from evolora.continual.base import Strategy, StrategyOptions
 
 
-class Finetune(Strategy):
+class Finetune(Strategy[StrategyOptions]):
     name = "finetune"

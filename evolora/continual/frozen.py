@@ -5,10 +5,10 @@ The lower bound every continual method must beat: it measures how fast a model g
 
 from __future__ import annotations
 
-from evolora.continual.base import StageContext, Strategy, TrainJob
+from evolora.continual.base import StageContext, Strategy, StrategyOptions, TrainJob
 
 
-class Frozen(Strategy):
+class Frozen(Strategy[StrategyOptions]):
     name = "frozen"
 
     def plan(self, ctx: StageContext) -> list[TrainJob]:

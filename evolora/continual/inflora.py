@@ -77,7 +77,7 @@ def designed_a(basis: torch.Tensor | None, cov: torch.Tensor, rank: int) -> torc
     return vecs.flip(1)[:, :rank].T.contiguous().to(out_dtype)
 
 
-class InfLora(CumulativeLora):
+class InfLora(CumulativeLora[InfLoraOptions]):
     name = "inflora"
     Options = InfLoraOptions
     normalize_past = False
@@ -102,7 +102,8 @@ class InfLora(CumulativeLora):
             def hook(mod: Any, args: tuple[Any, ...], out: Any, name: str = name) -> None:
                 with without_autocast():  # the hook runs inside the forward pass's autocast region
                     x = args[0].detach().double().reshape(-1, args[0].shape[-1])
-                    sums[name] = sums.get(name, 0) + x.T @ x  # type: ignore[operator]
+                    xx = x.T @ x
+                sums[name] = sums[name] + xx if name in sums else xx
                 counts[name] = counts.get(name, 0) + x.shape[0]
 
             handles.append(module.register_forward_hook(hook))
@@ -122,7 +123,7 @@ class InfLora(CumulativeLora):
 
     def _stats_rows(self, ctx: StageContext) -> np.ndarray:
         rows = self.budgeted(ctx, [ctx.stage])[0]
-        n = self.options.stats_samples  # type: ignore[attr-defined]
+        n = self.options.stats_samples
         return rows if n is None else rows[:n]
 
     def before_job(self, ctx: StageContext, job: TrainJob) -> None:
@@ -132,13 +133,13 @@ class InfLora(CumulativeLora):
         with torch.no_grad():
             for name, a, b in self.lm.lora_pairs(MAIN):
                 a.copy_(designed_a(self.basis[name], covs[name].to(a.device), a.shape[0]))
-                if self.options.init == "fresh":  # type: ignore[attr-defined]
+                if self.options.init == "fresh":
                     b.zero_()
                 a.requires_grad_(False)  # only B learns
 
     def after_stage(self, ctx: StageContext) -> None:
         covs = self.input_covariances(self._stats_rows(ctx))
-        opts: InfLoraOptions = self.options  # type: ignore[assignment]
+        opts = self.options
         for name, a, _ in self.lm.lora_pairs(MAIN):
             d = a.shape[1]
             self.basis[name] = update_basis(

@@ -7,38 +7,41 @@ stopped:
 
     run.json                               the strategy and its options (a rerun must match them)
     stage-t/checkpoints/<job>.safetensors  after every epoch  (resume inside a job)
-    stage-t/jobs/<job>.json                a job finished     (its adapter is in stage-t/job-adapters/)
-    stage-t/trained.json                   all jobs + after_stage done, adapters and strategy state saved
-                                           (stage-t/adapters/, stage-t/state.safetensors)
+    stage-t/jobs/<job>/                    a job finished: info.json, adapter/, job_state.safetensors
+    stage-t/trained/                       all jobs + after_stage done: adapters/<name>/ (PEFT format),
+                                           state.safetensors (the strategy's state), trained.json
     stage-t/predictions.npz                evaluation done
     stage-t/record.json                    the stage is finished
+
+A finished job and a trained stage are each one folder that lands in one rename, so a kill leaves either
+all of it or none of it, and nothing is ever written twice.
 
 Nothing is pickled: adapters and strategy state are safetensors (the state's structure as JSON inside), the
 rest JSON and npz. A damaged file of a run folder stops the run with an error naming it and the stage to
 delete; a damaged shared result or checkpoint is set aside and recomputed, with a warning.
 
-Training jobs that depend only on data, seed and configuration (a fresh adapter without regulariser: every
-strategy's first stage, retraining, LSAT's adapters) are stored once and reused by other strategies and
-experiments in the same output folder (`<output_dir>/_shared/`), and so are predictions of a shared adapter.
-A shared job is trained under a lock: a second process that needs it waits and then reuses it.
+Shareable jobs and their predictions are stored once for every run of the output folder
+(`continual/shared.py`); a shared job is trained under a lock, so a second process that needs it waits and
+then reuses it.
+
+Past ~400 lines on purpose: the write order above is the loop's crash-safety argument, and it is checked
+most easily when every write is in this one file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from evolora.config import TrainConfig
 from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob
+from evolora.continual.shared import SharedStore
 from evolora.data.samples import StagePools, draw, eval_stage_of, train_stages
 from evolora.errors import ConfigError, DamagedFileError
 from evolora.io import (
@@ -50,79 +53,11 @@ from evolora.io import (
     save_npz,
     save_state,
     set_aside,
-    stable_hash,
 )
 from evolora.locks import exclusive
 from evolora.train.trainer import TrainResult, train_adapter
 
 log = logging.getLogger("evolora.continual")
-
-
-def rows_digest(rows: np.ndarray) -> str:
-    return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
-@dataclass
-class SharedStore:
-    """Content-addressed training results and predictions, shared by all experiments in an output folder.
-
-    A job's key covers everything its result depends on: data, staging, task and model settings
-    (`context_key`), the training settings of its stage, the seed, the stage and the exact sample rows. So
-    experiments that differ only in later stages (another `lr_inherit`, another strategy) reuse stage 1.
-    """
-
-    root: Path
-    context_key: str  # hash of the settings that fix the samples and the model (everything but `train`)
-
-    def job_key(self, job: TrainJob, seed: int, stage: int, train: TrainConfig) -> str:
-        settings = train.for_job(job.init).model_dump(mode="json")
-        settings.pop("lr_inherit", None)
-        return stable_hash(
-            {
-                "ctx": self.context_key,
-                "train": settings,
-                "seed": seed,
-                "stage": stage,
-                "train_rows": rows_digest(job.train_rows),
-                "valid_rows": rows_digest(job.valid_rows),
-            },
-            length=20,
-        )
-
-    def job_dir(self, key: str) -> Path:
-        return self.root / "jobs" / key
-
-    def predictions_file(self, adapter_key: str, rows: np.ndarray) -> Path:
-        return self.root / "predictions" / f"{stable_hash([adapter_key, rows_digest(rows)], 20)}.npz"
-
-    def job_lock(self, key: str) -> Path:
-        return self.root / "jobs" / f".{key}.lock"
-
-    def reuse_job(self, lm: Any, key: str, adapter: str) -> dict[str, Any] | None:
-        """Load a stored training result into `adapter` and return its record; None when there is none. A
-        damaged one is set aside (kept for inspection) and None returned, so the job is trained again."""
-        folder = self.job_dir(key)
-        if not (folder / "result.json").is_file():
-            return None
-        try:
-            lm.load_adapter(folder / "adapter", adapter)
-            return read_json(folder / "result.json")
-        except DamagedFileError as e:
-            aside = set_aside(folder)
-            log.warning(
-                "shared training result %s is damaged (%s): set aside as %s, trained again", key, e, aside
-            )
-            return None
-
-    def load_predictions(self, path: Path) -> dict[str, np.ndarray] | None:
-        if not path.is_file():
-            return None
-        try:
-            return load_npz(path)
-        except DamagedFileError as e:
-            aside = set_aside(path)
-            log.warning("shared predictions %s are damaged (%s): set aside as %s, recomputed", path, e, aside)
-            return None
 
 
 class StageLoop:
@@ -209,37 +144,43 @@ class StageLoop:
             return dict(options)
 
     # ------------------------------------------------------------------ saving and restoring the chain
-    def _save_state(self, t: int) -> None:
-        d = self.stage_dir(t)
-        for name in self.s.adapters_to_save():
-            self.lm.save_adapter(d / "adapters" / name, name)
-        save_state(d / "state.safetensors", {"strategy": self.s.state(), "adapter_keys": self.adapter_keys})
+    def _save_trained(self, t: int, jobs: list[dict[str, Any]]) -> None:
+        """The stage's adapters, strategy state and job records, as one folder."""
+        with atomic_directory(self.stage_dir(t) / "trained") as out:
+            for name in self.s.adapters_to_save():
+                self.lm.save_adapter(out / "adapters" / name, name)
+            save_state(
+                out / "state.safetensors", {"strategy": self.s.state(), "adapter_keys": self.adapter_keys}
+            )
+            atomic_write_json(out / "trained.json", {"jobs": jobs, "stage_info": self.s.stage_info()})
 
-    def restore_state(self, t: int) -> None:
-        d = self.stage_dir(t)
+    def restore_state(self, t: int) -> list[dict[str, Any]]:
+        """Load what stage t trained (adapters, strategy state); its jobs' records."""
+        unit = trained_folder(self.stage_dir(t))
         with self._stage_files(t):
             for name in self.s.adapters_to_save():
-                self.lm.load_adapter(d / "adapters" / name, name)
-            state = _read_stage_state(d)
+                self.lm.load_adapter(unit / "adapters" / name, name)
+            state = _read_stage_state(unit)
+            trained = read_json(unit / "trained.json")
         self.s.load_state(state["strategy"])
         self.adapter_keys = dict(state["adapter_keys"])
+        return trained["jobs"]
 
     # ------------------------------------------------------------------ one job
     def _run_job(self, ctx: StageContext, job: TrainJob) -> dict[str, Any]:
         d = self.stage_dir(ctx.stage)
-        done_file = d / "jobs" / f"{job.name}.json"
-        adapter_dir = d / "job-adapters" / job.name
-        if done_file.is_file():
+        if self._job_done(d, job):
             with self._stage_files(ctx.stage):
-                self.lm.load_adapter(adapter_dir, job.adapter)
-                info = read_json(done_file)
-            self.adapter_keys[job.adapter] = info.get("shared_key")
-            self.s.after_job(ctx, job)
+                info = self._load_job_result(d, job)
+            (d / "checkpoints" / f"{job.name}.safetensors").unlink(missing_ok=True)
+            if not job.model:
+                self.adapter_keys[job.adapter] = info.get("shared_key")
+            self.s.after_job(ctx, job, info)
             return info
         if not (job.shareable and self.shared is not None):
             result = self._train(ctx, job)
             info = self._job_info(job, result.to_dict(), shared_key=None, reused=False)
-            self._finish_job(ctx, job, info, adapter_dir, done_file, None)
+            self._finish_job(ctx, job, info, None)
             return info
 
         shared = self.shared
@@ -256,55 +197,69 @@ class StageLoop:
                     self.lm.save_adapter(out / "adapter", job.adapter)
                     atomic_write_json(out / "result.json", result.to_dict())
                 info = self._job_info(job, result.to_dict(), shared_key=key, reused=False)
-        self._finish_job(ctx, job, info, adapter_dir, done_file, key)
+        self._finish_job(ctx, job, info, key)
         return info
 
     def _train(self, ctx: StageContext, job: TrainJob) -> TrainResult:
         d = self.stage_dir(ctx.stage)
+        backbone = job.backbone or self.lm
         legacy = d / "checkpoints" / f"{job.name}.pt"
         if legacy.is_file():  # a pickle from an older evolora: never unpickled
             log.warning("%s: a checkpoint in an older format (pickle) is not read; the job restarts", legacy)
             set_aside(legacy)
         if job.init == "fresh":
-            self.lm.reset_adapter(job.adapter, seed=self.seed * 1000 + ctx.stage, tokens=job.reset_tokens)
-        self.lm.activate(job.adapter, trainable=True)
+            backbone.reset_adapter(job.adapter, seed=self.seed * 1000 + ctx.stage, tokens=job.reset_tokens)
+        backbone.activate(job.adapter, trainable=True)
         self.s.before_job(ctx, job)
         torch.manual_seed(self.seed * 1000 + ctx.stage)  # dropout masks
         result = train_adapter(
-            self.lm,
-            self.task,
+            backbone,
+            job.task or self.task,
             self.s.parameters(job),
             job.train_rows,
             job.valid_rows,
-            self.cfg.train.for_job(job.init),
+            job.train or self.cfg.train.for_job(job.init),
             seed=self.seed * 1000 + ctx.stage,
             extra_loss=(lambda: self.s.extra_loss(job)) if self.s.regularized(ctx.stage) else None,
             checkpoint=d / "checkpoints" / f"{job.name}.safetensors",
-            eval_batch_size=self.cfg.eval.batch_size,
+            eval_batch_size=job.eval_batch_size or self.cfg.eval.batch_size,
             desc=f"stage {ctx.stage} {job.name}",
         )
-        self.lm.activate(job.adapter, trainable=False)
+        backbone.activate(job.adapter, trainable=False)
         return result
 
-    def _finish_job(
-        self,
-        ctx: StageContext,
-        job: TrainJob,
-        info: dict,
-        adapter_dir: Path,
-        done_file: Path,
-        key: str | None,
-    ) -> None:
-        self.adapter_keys[job.adapter] = key
-        self.s.after_job(ctx, job)
-        self.lm.save_adapter(adapter_dir, job.adapter)
-        atomic_write_json(done_file, info)
-        (self.stage_dir(ctx.stage) / "checkpoints" / f"{job.name}.safetensors").unlink(missing_ok=True)
+    def _finish_job(self, ctx: StageContext, job: TrainJob, info: dict, key: str | None) -> None:
+        """Store the job's result (record, adapter and strategy state) as one folder: the job is done."""
+        d = self.stage_dir(ctx.stage)
+        if not job.model:
+            self.adapter_keys[job.adapter] = key
+        self.s.after_job(ctx, job, info)
+        with atomic_directory(d / "jobs" / job.name) as out:
+            (job.backbone or self.lm).save_adapter(out / "adapter", job.adapter)
+            save_state(out / "job_state.safetensors", self.s.job_state(job))
+            atomic_write_json(out / "info.json", info)
+        (d / "checkpoints" / f"{job.name}.safetensors").unlink(missing_ok=True)
+
+    @staticmethod
+    def _job_done(d: Path, job: TrainJob) -> bool:
+        # jobs/<job>.json: how an older evolora marked a finished job (its adapter in job-adapters/<job>)
+        return (d / "jobs" / job.name / "info.json").is_file() or (d / "jobs" / f"{job.name}.json").is_file()
+
+    def _load_job_result(self, d: Path, job: TrainJob) -> dict[str, Any]:
+        backbone = job.backbone or self.lm
+        folder = d / "jobs" / job.name
+        if not (folder / "info.json").is_file():
+            backbone.load_adapter(d / "job-adapters" / job.name, job.adapter)
+            return read_json(d / "jobs" / f"{job.name}.json")
+        backbone.load_adapter(folder / "adapter", job.adapter)
+        self.s.load_job_state(job, load_state(folder / "job_state.safetensors"))
+        return read_json(folder / "info.json")
 
     @staticmethod
     def _job_info(job: TrainJob, result: dict, shared_key: str | None, reused: bool) -> dict[str, Any]:
         return {
             "job": job.name,
+            "model": job.model or None,
             "adapter": job.adapter,
             "init": job.init,
             "n_train": len(job.train_rows),
@@ -337,17 +292,12 @@ class StageLoop:
         eval_rows, n_eval_total = self._eval_rows(t)
         ctx = StageContext(t, eval_stage_of(t, self.cfg.protocol), self.pools, self.seed, d, eval_rows)
         self.task.before_stage(self.lm, t)
-        jobs_info: list[dict[str, Any]] = []
-        if (d / "trained.json").is_file():
-            self.restore_state(t)
-            with self._stage_files(t):
-                jobs_info = read_json(d / "trained.json")["jobs"]
+        if is_trained(d):
+            jobs_info = self.restore_state(t)
         else:
-            for job in self.s.plan(ctx):
-                jobs_info.append(self._run_job(ctx, job))
+            jobs_info = [self._run_job(ctx, job) for job in self.s.plan(ctx)]
             self.s.after_stage(ctx)
-            self._save_state(t)
-            atomic_write_json(d / "trained.json", {"jobs": jobs_info, "stage_info": self.s.stage_info()})
+            self._save_trained(t, jobs_info)
         t0 = time.perf_counter()
         pred_file = d / "predictions.npz"
         reused_preds = False
@@ -393,8 +343,9 @@ class StageLoop:
             if sel.any():
                 by_kind[kind] = {"n": int(sel.sum()), **self.task.metrics(preds[sel], rows[sel])}
         with self._stage_files(ctx.stage):
-            trained = read_json(ctx.stage_dir / "trained.json")
-        main = next((j for j in jobs if j["adapter"] == MAIN), jobs[0] if jobs else None)
+            trained = read_json(trained_folder(ctx.stage_dir) / "trained.json")
+        own = [j for j in jobs if not j.get("model")]  # jobs of the run's backbone (not a click model's)
+        main = next((j for j in own if j["adapter"] == MAIN), own[0] if own else None)
         return {
             "train_stage": ctx.stage,
             "eval_stage": ctx.eval_stage,
@@ -442,12 +393,12 @@ class StageLoop:
             if (self.stage_dir(t) / "record.json").is_file():
                 with self._stage_files(t):
                     records.append(read_json(self.stage_dir(t) / "record.json"))
-        summary: dict[str, dict[str, float]] = {"mean": {}}
+        summary: dict[str, Any] = {"mean": {}}
         if records:
             for m in self.task.metric_names:
                 vals = [r["metrics"][m] for r in records if not np.isnan(r["metrics"].get(m, np.nan))]
                 summary["mean"][m] = float(np.mean(vals)) if vals else float("nan")
-            summary["train_seconds"] = float(sum(r["train_seconds"] for r in records))  # type: ignore[assignment]
+            summary["train_seconds"] = float(sum(r["train_seconds"] for r in records))
         return {
             **self.header,
             "complete": len(records) == len(stages),
@@ -456,10 +407,21 @@ class StageLoop:
         }
 
 
-def _read_stage_state(stage_dir: Path) -> dict[str, Any]:
+def trained_folder(stage_dir: Path) -> Path:
+    """Where a stage's trained adapters and state are: `trained/`, or the stage folder itself for a run of
+    an older evolora."""
+    unit = stage_dir / "trained"
+    return unit if unit.is_dir() or not (stage_dir / "trained.json").is_file() else stage_dir
+
+
+def is_trained(stage_dir: Path) -> bool:
+    return (trained_folder(stage_dir) / "trained.json").is_file()
+
+
+def _read_stage_state(unit: Path) -> dict[str, Any]:
     """A stage's strategy state: `state.safetensors`, or the `state.pt` of an older evolora read with
     `weights_only=True` (tensors and plain values only: a pickle that would run code is refused)."""
-    current, legacy = stage_dir / "state.safetensors", stage_dir / "state.pt"
+    current, legacy = unit / "state.safetensors", unit / "state.pt"
     if current.is_file() or not legacy.is_file():
         if not current.is_file():
             raise DamagedFileError(current, f"{current} is missing (the stage's strategy state).")

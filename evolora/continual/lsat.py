@@ -50,13 +50,13 @@ def choose_weight(long: Any, short: Any, grid: list[float], score: Any) -> tuple
     return best, curve
 
 
-class Lsat(Strategy):
+class Lsat(Strategy[LsatOptions]):
     name = "lsat"
     Options = LsatOptions
     plain_predict = False
 
     def setup(self) -> None:
-        self.o: LsatOptions = self.options  # type: ignore[assignment]
+        self.o = self.options
         self.weight: float | None = None
         self.curve: dict[float, float] = {}
         self.identical = False

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from evolora.continual.base import MAIN, TrainJob
 from evolora.continual.cumulative import CumulativeLora, CumulativeOptions
-from evolora.models.precision import without_autocast
+from evolora.continual.regularizers import orthogonality_loss
 
 
 class OLoraOptions(CumulativeOptions):
@@ -26,31 +26,16 @@ class OLoraOptions(CumulativeOptions):
     include_b: bool = False
 
 
-def orthogonality_loss(
-    past: list[tuple[torch.Tensor, torch.Tensor]], a: torch.Tensor, b: torch.Tensor, include_b: bool
-) -> torch.Tensor:
-    """sum_i ||A_i A^T||_F^2 (+ ||B_i^T B||_F^2) for one module."""
-    total = a.new_zeros((), dtype=torch.float32)
-    with without_autocast():
-        for a_i, b_i in past:
-            total = total + (a_i.float() @ a.float().T).pow(2).sum()
-            if include_b:
-                total = total + (b_i.float().T @ b.float()).pow(2).sum()
-    return total
-
-
-class OLora(CumulativeLora):
+class OLora(CumulativeLora[OLoraOptions]):
     name = "olora"
     Options = OLoraOptions
     normalize_past = False
 
     def regularized(self, stage: int) -> bool:
-        return stage > 1 and self.options.lam > 0  # type: ignore[attr-defined]
+        return stage > 1 and self.options.lam > 0
 
     def extra_loss(self, job: TrainJob) -> torch.Tensor | None:
-        opts: OLoraOptions = self.options  # type: ignore[assignment]
-        total = sum(
-            orthogonality_loss(self.bank.past_factors(name), a, b, opts.include_b)
-            for name, a, b in self.lm.lora_pairs(MAIN)
-        )
-        return opts.lam * total  # type: ignore[return-value]
+        total = torch.zeros((), device=self.lm.device)
+        for name, a, b in self.lm.lora_pairs(MAIN):
+            total = total + orthogonality_loss(self.bank.past_factors(name), a, b, self.options.include_b)
+        return self.options.lam * total

@@ -28,11 +28,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions, TrainJob
-from evolora.models.precision import without_autocast
+from evolora.continual.regularizers import ProximalRegularizer
 
 
 class PesoOptions(StrategyOptions):
@@ -43,52 +42,13 @@ class PesoOptions(StrategyOptions):
     )
 
 
-class ProximalRegularizer:
-    """The proximal term against a frozen anchor copy of an adapter's LoRA weights."""
-
-    def __init__(self, penalty: str = "kl", reduction: str = "sum") -> None:
-        self.penalty = penalty
-        self.reduction = reduction
-        self.anchor: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def set_anchor(self, pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]) -> None:
-        # The KL of two nearly equal softmaxes over thousands of entries is ~1e-9: fp32 rounding (~1e-7)
-        # swamps its value and skews its gradient, so the KL runs in fp64 (cheap: it is a few vectors).
-        dtype = torch.float64 if self.penalty == "kl" else torch.float32
-        self.anchor = [(a.detach().to(dtype).clone(), b.detach().to(dtype).clone()) for _, a, b in pairs]
-
-    def group_term(self, current: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-        v = current.to(anchor.dtype).flatten()
-        a = anchor.flatten()
-        if self.penalty == "kl":
-            log_p = F.log_softmax(v, dim=0)
-            log_q = F.log_softmax(a, dim=0)
-            return torch.sum(log_p.exp() * (log_p - log_q))
-        if self.penalty == "l2":
-            return 0.5 * torch.sum((v - a) ** 2)
-        return torch.linalg.vector_norm(v - a)
-
-    def __call__(self, pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]) -> torch.Tensor:
-        if len(pairs) != len(self.anchor):
-            raise RuntimeError("the anchor does not match the adapter (set_anchor first)")
-        with without_autocast():
-            total = sum(
-                self.group_term(a, a0) + self.group_term(b, b0)
-                for (_, a, b), (a0, b0) in zip(pairs, self.anchor, strict=True)
-            )
-        if self.reduction == "mean":
-            total = total / len(pairs)
-        return total.float()  # type: ignore[union-attr]
-
-
-class Peso(Strategy):
+class Peso(Strategy[PesoOptions]):
     name = "peso"
     Options = PesoOptions
 
     def setup(self) -> None:
-        opts: PesoOptions = self.options  # type: ignore[assignment]
-        self.lam = opts.lam
-        self.regularizer = ProximalRegularizer(opts.penalty, opts.reduction)
+        self.lam = self.options.lam
+        self.regularizer = ProximalRegularizer(self.options.penalty, self.options.reduction)
 
     def regularized(self, stage: int) -> bool:
         return stage > 1 and self.lam > 0

@@ -20,7 +20,6 @@ while the LLM trains; here the frozen CRM runs in eval mode, so its representati
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,12 +27,11 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from evolora.config import ConventionalConfig, CtrTaskConfig, ModelConfig, TrainConfig
+from evolora.config import ConventionalConfig, ModelConfig, TrainConfig
 from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions, TrainJob
-from evolora.continual.peso import ProximalRegularizer
+from evolora.continual.regularizers import ProximalRegularizer
 from evolora.errors import ConfigError
 from evolora.models.personalized import PersonalizedLoRA
-from evolora.train.trainer import train_adapter
 
 
 class RecLoraOptions(StrategyOptions):
@@ -53,7 +51,7 @@ class RecLoraOptions(StrategyOptions):
     proximal: float = Field(0.0, ge=0, description="PESO's KL term on the bank factors across stages")
 
 
-class RecLora(Strategy):
+class RecLora(Strategy[RecLoraOptions]):
     name = "reclora"
     Options = RecLoraOptions
     plain_predict = False
@@ -63,9 +61,8 @@ class RecLora(Strategy):
         from evolora.models.conventional.common import IdSpace
         from evolora.tasks.conventional import ConventionalCtrTask
 
-        o: RecLoraOptions = self.options  # type: ignore[assignment]
-        self.o = o
-        if not isinstance(self.cfg.task, CtrTaskConfig):
+        o = self.o = self.options
+        if self.cfg.task.name != "ctr":
             raise ConfigError("reclora works on the ctr task (its gate reads a click model)")
         prepared = self.env.prepared
         if prepared is None:
@@ -95,10 +92,7 @@ class RecLora(Strategy):
             gate_dropout=o.gate_dropout,
             combine=o.combine,
         )
-        # Registered under the PEFT model so train()/eval() reach its dropouts; PEFT never saves it.
-        self.lm.model.add_module("reclora", self.personal)
-        self.lm.batch_hooks.append(self._route)
-        self.lm.prefix_sharing = False
+        self.lm.attach_per_sample("reclora", self.personal, self._route)
         self.z: torch.Tensor | None = None
         self.regularizer = ProximalRegularizer("kl")
         self.info: dict[str, Any] = {}
@@ -121,38 +115,24 @@ class RecLora(Strategy):
             out.append(model.user_representation(self.crm_task.batch(rows, self.crm.device)).float().cpu())
         self.z = torch.cat(out)
 
-    # ------------------------------------------------------------------ Few2Many
-    def _train_crm(self, ctx: StageContext, job: TrainJob) -> None:
+    # ------------------------------------------------------------------ the interface
+    def plan(self, ctx: StageContext) -> list[TrainJob]:
+        """Two jobs: the click model (Few2Many: on the whole stage pool), then the banks and gates on the
+        stage's sample budget. Stage 1 trains new banks (at `train.lr`); later stages continue them (at
+        `train.lr_inherit`). The PEFT adapter a fresh job resets stays at zero: only the banks add to the
+        projections."""
         o = self.o
-        t0 = time.perf_counter()
-        self.crm_task.before_stage(self.crm, ctx.stage)
-        if ctx.stage == 1:
-            self.crm.reset_adapter("default", seed=self.seed)
-        rows = ctx.pools[ctx.stage].train if o.few2many else job.train_rows
-        cfg = TrainConfig(
+        train, valid = self.budgeted(ctx, [ctx.stage])
+        crm_settings = TrainConfig(
             samples_per_stage=None, epochs=o.crm_epochs, batch_size=o.crm_batch_size, lr=o.crm_lr,
             select_by="metric", schedule="constant", group_by_length=False,
         )  # fmt: skip
-        self.crm.activate("default", trainable=True)
-        torch.manual_seed(self.seed * 1000 + ctx.stage)
-        result = train_adapter(
-            self.crm, self.crm_task, self.crm.trainable_parameters(), rows, ctx.pools[ctx.stage].valid, cfg,
-            seed=self.seed * 1000 + ctx.stage, eval_batch_size=1024, desc=f"stage {ctx.stage} CRM",
+        crm = TrainJob(
+            "default", ctx.pools[ctx.stage].train if o.few2many else train, ctx.pools[ctx.stage].valid,
+            tag="crm", model="crm", backbone=self.crm, task=self.crm_task, train=crm_settings,
+            eval_batch_size=1024,
         )  # fmt: skip
-        self.crm.activate("default", trainable=False)
-        self.info = {
-            "crm_train_rows": len(rows),
-            "crm_valid_auc": result.best_value,
-            "crm_seconds": time.perf_counter() - t0,
-        }
-        self._represent()
-
-    # ------------------------------------------------------------------ the interface
-    def plan(self, ctx: StageContext) -> list[TrainJob]:
-        train, valid = self.budgeted(ctx, [ctx.stage])
-        # Stage 1 trains new banks (at `train.lr`); later stages continue them (at `train.lr_inherit`).
-        # The PEFT adapter a fresh job resets stays at zero: only the banks add to the projections.
-        return [TrainJob(MAIN, train, valid, init="fresh" if ctx.stage == 1 else "inherit")]
+        return [crm, TrainJob(MAIN, train, valid, init="fresh" if ctx.stage == 1 else "inherit")]
 
     def regularized(self, stage: int) -> bool:
         return stage > 1 and self.o.proximal > 0
@@ -161,7 +141,12 @@ class RecLora(Strategy):
         return [(k, bank.A, bank.B) for k, bank in self.personal.banks.items()]
 
     def before_job(self, ctx: StageContext, job: TrainJob) -> None:
-        self._train_crm(ctx, job)
+        if job.model == "crm":
+            self.crm_task.before_stage(self.crm, ctx.stage)  # the ID tables grow to this stage's ids
+            if ctx.stage == 1:
+                self.crm.reset_adapter("default", seed=self.seed)
+            self.crm.activate("default", trainable=True)
+            return
         self.lm.activate(MAIN, trainable=False)  # the shared PEFT adapter stays at zero
         for p in self.personal.parameters():
             p.requires_grad_(True)
@@ -169,10 +154,32 @@ class RecLora(Strategy):
             self.regularizer.set_anchor(self._bank_pairs())
 
     def parameters(self, job: TrainJob) -> list[torch.nn.Parameter]:
+        if job.model == "crm":
+            return self.crm.trainable_parameters()
         return list(self.personal.parameters())
 
     def extra_loss(self, job: TrainJob) -> torch.Tensor | None:
+        if job.model == "crm":
+            return None
         return self.o.proximal * self.regularizer(self._bank_pairs())
+
+    def after_job(self, ctx: StageContext, job: TrainJob, info: dict[str, Any]) -> None:
+        if job.model == "crm":
+            self.info = {
+                "crm_train_rows": info["n_train"],
+                "crm_valid_auc": info["best_valid"],
+                "crm_seconds": info["train_seconds"],
+            }
+            self._represent()  # the frozen router's inputs for the banks' job
+
+    def job_state(self, job: TrainJob) -> dict[str, torch.Tensor]:
+        if job.model == "crm":
+            return {}  # the click model's weights are the job's adapter
+        return {f"personal.{k}": v for k, v in self.personal.state_dict().items()}
+
+    def load_job_state(self, job: TrainJob, state: dict[str, torch.Tensor]) -> None:
+        if job.model != "crm":
+            self.personal.load_state_dict({k.removeprefix("personal."): v for k, v in state.items()})
 
     def state(self) -> dict[str, Any]:
         return {
@@ -218,6 +225,4 @@ class RecLora(Strategy):
         if not hasattr(self, "personal"):  # setup stopped early
             return
         self.personal.remove()
-        self.lm.batch_hooks.remove(self._route)
-        self.lm.prefix_sharing = True
-        del self.lm.model._modules["reclora"]
+        self.lm.detach_per_sample("reclora", self._route)

@@ -23,12 +23,12 @@ class RetrainOptions(StrategyOptions):
     )
 
 
-class Retrain(Strategy):
+class Retrain(Strategy[RetrainOptions]):
     name = "retrain"
     Options = RetrainOptions
 
     def plan(self, ctx: StageContext) -> list[TrainJob]:
-        first = self.options.budget == "first"  # type: ignore[attr-defined]
+        first = self.options.budget == "first"
         n_train = self.cfg.train.budget(1) if first else "stage"
         train, valid = self.budgeted(ctx, list(range(1, ctx.stage + 1)), n_train)
         return [TrainJob("default", train, valid, init="fresh", shareable=True)]

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from evolora.continual.base import MAIN, StageContext, TrainJob
-from evolora.continual.cumulative import CumulativeLora
+from evolora.continual.cumulative import CumulativeLora, CumulativeOptions
 
 
-class SdLora(CumulativeLora):
+class SdLora(CumulativeLora[CumulativeOptions]):
     name = "sdlora"
     learn_magnitudes = True
 
@@ -53,6 +53,22 @@ class SdLora(CumulativeLora):
         if self.bank.size == 0:
             return super().parameters(job)
         return super().parameters(job) + list(self.current.values())
+
+    def job_state(self, job: TrainJob) -> dict[str, torch.Tensor]:
+        """The magnitudes the job trained: the current adapter's and the past directions'."""
+        out = {f"current.{n}": p.detach() for n, p in self.current.items()}
+        for n, bank in self.bank.banks.items():
+            if bank.magnitudes is not None:
+                out[f"past.{n}"] = bank.magnitudes.detach()
+        return out
+
+    def load_job_state(self, job: TrainJob, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in self.current.items():
+                p.copy_(state[f"current.{n}"])
+            for n, bank in self.bank.banks.items():
+                if bank.magnitudes is not None:
+                    bank.magnitudes.copy_(state[f"past.{n}"])
 
     def state(self) -> dict[str, Any]:
         return {**super().state(), "current": {n: p.detach().cpu() for n, p in self.current.items()}}

@@ -7,8 +7,8 @@ B^ = B / ||B||_F and the magnitudes fixed at 1 (times the LoRA scaling s), as in
 
 from __future__ import annotations
 
-from evolora.continual.cumulative import CumulativeLora
+from evolora.continual.cumulative import CumulativeLora, CumulativeOptions
 
 
-class SumLora(CumulativeLora):
+class SumLora(CumulativeLora[CumulativeOptions]):
     name = "sumlora"

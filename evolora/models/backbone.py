@@ -1,4 +1,5 @@
-"""What the stage loop, the trainer and the basic strategies need from a model.
+"""What the stage loop, the trainer and the basic strategies need from a model (`train_adapter` and
+`TrainJob.backbone` are typed by it).
 
 `LoraLM` (an LLM with LoRA adapters) and `ConventionalBackbone` (an ID-based recommender) both provide it, so
 `frozen`, `finetune` and `retrain` run on either through the same loop. An "adapter" of a conventional model

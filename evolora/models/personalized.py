@@ -12,8 +12,9 @@ alpha = softmax(gate(z) / temperature). Each sample in a batch then gets its own
   (no cross terms; a rank N*r update per sample, N times the compute).
 
 Everything is batched with einsum: different users in one batch get different adapters in one pass, with no
-Python loop over samples. The layers hook into the model's forward; the gate input of the current batch is
-set by `route(z)` (the task announces each batch's rows, see `LoraLM.begin_batch`). Initialisation follows
+Python loop over samples. The layers hook into the model's forward; the gate inputs of the current batch
+are set by `set_route(z)` (RecLoRA does it from the rows the task announces, see `LoraLM.begin_batch`), or
+for a block of code by `with route(z):`. Initialisation follows
 the code: A_k Kaiming-uniform, B_k zero, so training starts from the base model.
 """
 
@@ -128,7 +129,7 @@ class PersonalizedLoRA(nn.Module):
     def _hook(self, bank: MetaLoRABank):
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             if self._z is None:
-                raise RuntimeError("personalized LoRA needs the batch's gate inputs: call route(z) first")
+                raise RuntimeError("personalized LoRA needs the batch's gate inputs: set_route(z) first")
             x = args[0]
             if x.shape[0] != self._z.shape[0]:
                 raise RuntimeError(f"gate inputs for {self._z.shape[0]} samples, batch of {x.shape[0]}")

@@ -88,6 +88,12 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     return torch.float32, True  # bf16-mixed
 
 
+def precision_name(precision: str, device: torch.device) -> str:
+    """What `precision` (possibly `auto`) means on `device`: fp32, bf16 or bf16-mixed."""
+    dtype, mixed = resolve_precision(precision, device)
+    return "bf16-mixed" if mixed else "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 @contextlib.contextmanager
 def without_autocast() -> Iterator[None]:
     """Run the block in the tensors' own dtypes even inside a bf16 autocast region (CPU and CUDA)."""

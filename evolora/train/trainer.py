@@ -25,7 +25,7 @@ from evolora.config import TrainConfig
 from evolora.errors import DamagedFileError
 from evolora.eval.metrics import NonFiniteScores
 from evolora.io import load_state, save_state, set_aside
-from evolora.models.llm import LoraLM
+from evolora.models.backbone import Backbone
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task
 
@@ -63,7 +63,7 @@ def _schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def _validate(
-    lm: LoraLM, task: Task, rows: np.ndarray, cfg: TrainConfig, batch_size: int
+    lm: Backbone, task: Task, rows: np.ndarray, cfg: TrainConfig, batch_size: int
 ) -> dict[str, float]:
     """Validation numbers for epoch selection; larger `score` is better whatever `select_by` is."""
     if cfg.select_by == "loss":
@@ -87,8 +87,25 @@ def _validate(
     return out
 
 
+@dataclass
+class _Progress:
+    """Where a job stands between epochs: what a checkpoint holds besides optimiser and schedule."""
+
+    best_state: list[torch.Tensor]
+    best_value: float = -math.inf
+    best_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch: int = 0  # the last finished epoch
+    elapsed: float = 0.0
+
+    @property
+    def stale(self) -> int:
+        """Epochs since the best one."""
+        return int(self.history[-1]["epoch"]) - self.best_epoch if self.history else 0
+
+
 def train_adapter(
-    lm: LoraLM,
+    lm: Backbone,
     task: Task,
     params: list[torch.nn.Parameter],
     train_rows: np.ndarray,
@@ -107,113 +124,106 @@ def train_adapter(
         cfg = cfg.model_copy(update={"select_by": task.default_select_by})
     params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batch = cfg.batch_size
-    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / batch) / cfg.grad_accum)
-    factor = _schedule(cfg, steps_per_epoch * cfg.epochs)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch * cfg.epochs))
     use_valid = cfg.select_by != "last" and len(valid_rows) > 0
 
-    def snapshot() -> list[torch.Tensor]:
-        return [p.detach().to("cpu", copy=True) for p in params]
+    progress = _resume(checkpoint, params, optimizer, scheduler, desc) if checkpoint is not None else None
+    if progress is None:
+        progress = _Progress(_snapshot(params))
+        if use_valid and cfg.keep_start_if_better:
+            t0 = time.perf_counter()
+            v = _validate(lm, task, valid_rows, cfg, eval_batch_size)
+            progress.elapsed += time.perf_counter() - t0
+            progress.best_value = v["score"]
+            progress.history.append({"epoch": 0, **v})
 
-    def restore(state: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, s in zip(params, state, strict=True):
-                p.copy_(s.to(p.device, p.dtype))
-
-    history: list[dict[str, float]] = []
-    best_state, best_value, best_epoch = snapshot(), -math.inf, 0
-    start_epoch, elapsed = 1, 0.0
-    ck = _read_checkpoint(checkpoint, params, desc) if checkpoint is not None else None
-    if ck is not None:
-        restore(ck["params"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        best_state, best_value, best_epoch = ck["best_state"], ck["best_value"], ck["best_epoch"]
-        history, start_epoch, elapsed = ck["history"], ck["epoch"] + 1, ck["elapsed"]
-        torch.set_rng_state(ck["torch_rng"])  # dropout continues exactly as without the interruption
-        log.info("%s: resuming after epoch %d", desc, ck["epoch"])
-    elif use_valid and cfg.keep_start_if_better:
-        t0 = time.perf_counter()
-        v = _validate(lm, task, valid_rows, cfg, eval_batch_size)
-        elapsed += time.perf_counter() - t0
-        best_value = v["score"]
-        history.append({"epoch": 0, **v})
-
-    stale = int(history[-1]["epoch"]) - best_epoch if history else 0
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if cfg.patience is not None and stale >= cfg.patience:
-            epoch -= 1
+    for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+        if cfg.patience is not None and progress.stale >= cfg.patience:
             break
         t0 = time.perf_counter()
-        lm.model.train()
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(train_rows)
-        task_sum, extra_sum, n_steps, seen = 0.0, 0.0, 0, 0
-        micro = _batches(order, batch, rng, task if cfg.group_by_length else None)
-        with progress_task(f"{desc} epoch {epoch}/{cfg.epochs}", total=len(order)) as bar:
-            for i in range(0, len(micro), cfg.grad_accum):
-                group = micro[i : i + cfg.grad_accum]
-                optimizer.zero_grad(set_to_none=True)
-                n_group = sum(len(b) for b in group)
-                for b in group:
-                    loss = task.loss(lm, b) * (len(b) / n_group)
-                    loss.backward()
-                    task_sum += loss.item() * n_group  # batch mean x batch size
-                # The regulariser depends on the parameters only: once per optimiser step.
-                extra = extra_loss() if extra_loss is not None else None
-                if extra is not None:
-                    extra.backward()
-                    extra_sum += extra.item()
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                n_steps += 1
-                seen += n_group
-                bar.advance(n_group)
-                bar.info(f"loss {task_sum / seen:.4f}")
-        record: dict[str, float] = {
-            "epoch": epoch,
-            "train_loss": task_sum / len(order),
-            "extra_loss": extra_sum / max(1, n_steps),
-            "lr": scheduler.get_last_lr()[0],
-        }
+        record = _train_epoch(
+            lm, task, params, train_rows, cfg, seed, epoch, optimizer, scheduler, extra_loss, desc
+        )
         if use_valid:
             record.update(_validate(lm, task, valid_rows, cfg, eval_batch_size))
-            if record["score"] > best_value:
-                best_value, best_epoch, best_state, stale = record["score"], epoch, snapshot(), 0
-            else:
-                stale += 1
+            if record["score"] > progress.best_value:
+                progress.best_value, progress.best_epoch = record["score"], epoch
+                progress.best_state = _snapshot(params)
         else:
-            best_epoch, best_state = epoch, snapshot()
-        elapsed += time.perf_counter() - t0
+            progress.best_epoch, progress.best_state = epoch, _snapshot(params)
         record["seconds"] = time.perf_counter() - t0
-        history.append(record)
+        progress.elapsed += record["seconds"]
+        progress.history.append(record)
+        progress.epoch = epoch
         log.info("%s epoch %d: %s", desc, epoch, _fmt(record))
         if checkpoint is not None:
-            _save_checkpoint(
-                checkpoint,
-                {
-                    "params": snapshot(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "best_state": best_state,
-                    "best_value": best_value,
-                    "best_epoch": best_epoch,
-                    "history": history,
-                    "epoch": epoch,
-                    "elapsed": elapsed,
-                    "torch_rng": torch.get_rng_state(),
-                },
-            )
-    restore(best_state)
+            _save_checkpoint(checkpoint, params, optimizer, scheduler, progress)
+    _restore(params, progress.best_state)
     lm.model.eval()
-    value = None if not use_valid or best_value == -math.inf else float(best_value)
+    value = None if not use_valid or progress.best_value == -math.inf else float(progress.best_value)
     if value is not None and cfg.select_by == "loss":
         value = -value
-    return TrainResult(epoch, best_epoch, value, elapsed, history)
+    return TrainResult(progress.epoch, progress.best_epoch, value, progress.elapsed, progress.history)
+
+
+def _train_epoch(
+    lm: Backbone,
+    task: Task,
+    params: list[torch.nn.Parameter],
+    train_rows: np.ndarray,
+    cfg: TrainConfig,
+    seed: int,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    extra_loss: ExtraLoss | None,
+    desc: str,
+) -> dict[str, float]:
+    """One pass over the shuffled training rows; the epoch's losses and learning rate."""
+    lm.model.train()
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(train_rows)
+    task_sum, extra_sum, n_steps, seen = 0.0, 0.0, 0, 0
+    micro = _batches(order, cfg.batch_size, rng, task if cfg.group_by_length else None)
+    with progress_task(f"{desc} epoch {epoch}/{cfg.epochs}", total=len(order)) as bar:
+        for i in range(0, len(micro), cfg.grad_accum):
+            group = micro[i : i + cfg.grad_accum]
+            optimizer.zero_grad(set_to_none=True)
+            n_group = sum(len(b) for b in group)
+            for b in group:
+                loss = task.loss(lm, b) * (len(b) / n_group)
+                loss.backward()
+                task_sum += loss.item() * n_group  # batch mean x batch size
+            # The regulariser depends on the parameters only: once per optimiser step.
+            extra = extra_loss() if extra_loss is not None else None
+            if extra is not None:
+                extra.backward()
+                extra_sum += extra.item()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            n_steps += 1
+            seen += n_group
+            bar.advance(n_group)
+            bar.info(f"loss {task_sum / seen:.4f}")
+    return {
+        "epoch": epoch,
+        "train_loss": task_sum / len(order),
+        "extra_loss": extra_sum / max(1, n_steps),
+        "lr": scheduler.get_last_lr()[0],
+    }
+
+
+def _snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    return [p.detach().to("cpu", copy=True) for p in params]
+
+
+def _restore(params: list[torch.nn.Parameter], state: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, s in zip(params, state, strict=True):
+            p.copy_(s.to(p.device, p.dtype))
 
 
 def _batches(order: np.ndarray, batch: int, rng: np.random.Generator, task: Task | None) -> list[np.ndarray]:
@@ -235,9 +245,15 @@ def _batches(order: np.ndarray, batch: int, rng: np.random.Generator, task: Task
     return [out[i] for i in perm]
 
 
-def _read_checkpoint(path: Path, params: list[torch.nn.Parameter], desc: str) -> dict | None:
-    """The checkpoint at `path`, or None when there is none or it is unusable: a damaged checkpoint (or one
-    for other parameters) is set aside with a warning and the job starts again from its first epoch."""
+def _resume(
+    path: Path,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    desc: str,
+) -> _Progress | None:
+    """Continue from the checkpoint at `path`, or None when there is none or it is unusable: a damaged
+    checkpoint (or one for other parameters) is set aside with a warning and the job starts again."""
     if not path.is_file():
         return None
     try:
@@ -245,15 +261,42 @@ def _read_checkpoint(path: Path, params: list[torch.nn.Parameter], desc: str) ->
         shapes = [tuple(t.shape) for t in ck["params"]]
         if shapes != [tuple(p.shape) for p in params]:
             raise DamagedFileError(path, f"{path} holds other parameters than this job trains")
-        return ck
-    except (DamagedFileError, KeyError, TypeError) as e:
+        _restore(params, ck["params"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        progress = _Progress(**{k: ck[k] for k in ("best_state", "best_value", "best_epoch", "history")})
+        progress.epoch, progress.elapsed = ck["epoch"], ck["elapsed"]
+        torch.set_rng_state(ck["torch_rng"])  # dropout continues exactly as without the interruption
+    except (DamagedFileError, KeyError, TypeError, ValueError) as e:
         aside = set_aside(path)
         log.warning("%s: checkpoint unusable (%s); moved to %s, training restarts", desc, e, aside.name)
         return None
+    log.info("%s: resuming after epoch %d", desc, progress.epoch)
+    return progress
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    save_state(path, state)
+def _save_checkpoint(
+    path: Path,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: _Progress,
+) -> None:
+    save_state(
+        path,
+        {
+            "params": _snapshot(params),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "best_state": progress.best_state,
+            "best_value": progress.best_value,
+            "best_epoch": progress.best_epoch,
+            "history": progress.history,
+            "epoch": progress.epoch,
+            "elapsed": progress.elapsed,
+            "torch_rng": torch.get_rng_state(),
+        },
+    )
 
 
 def _fmt(record: dict[str, float]) -> str:
