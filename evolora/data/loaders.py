@@ -2,7 +2,7 @@
 
 The formats live in `evolora.data.formats` (one module per family, registered in `FORMATS`); this module
 picks one (`data.format`, or `detect_format`) and applies the like threshold, `max_interactions` and the
-k-core. The `load_*` readers are re-exported here for callers that name a format directly.
+k-core. The `load_*` readers of each format are exported by `evolora.data`.
 """
 
 from __future__ import annotations
@@ -18,23 +18,8 @@ from evolora.config import DataConfig
 from evolora.data.fetch import fetch, registered_datasets
 from evolora.data.filters import kcore, keep_recent
 from evolora.data.formats import FORMATS, Format
-from evolora.data.formats.amazon import load_amazon_2018, load_amazon_2023
-from evolora.data.formats.movielens import load_movielens_1m, load_movielens_100k, load_movielens_100k_atomic
-from evolora.data.formats.peso import load_peso_blocks
 from evolora.data.schema import InteractionData
 from evolora.errors import DataError
-
-__all__ = [
-    "Format",
-    "detect_format",
-    "load_amazon_2018",
-    "load_amazon_2023",
-    "load_dataset",
-    "load_movielens_1m",
-    "load_movielens_100k",
-    "load_movielens_100k_atomic",
-    "load_peso_blocks",
-]
 
 log = logging.getLogger("evolora.data")
 

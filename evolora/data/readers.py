@@ -272,21 +272,24 @@ def _parse_chunk(
     schema: dict[str, pl.DataType],
     text: frozenset[str],
 ) -> tuple[pl.DataFrame, list[int]]:
-    """The chunk's records, and the lines whose text fields had bytes replaced."""
+    """The chunk's records, and the lines whose text fields had bytes replaced.
+
+    Fast path: polars reads the whole chunk. It refuses invalid UTF-8 or a malformed record; then the
+    chunk is read again one record at a time, which applies the text-encoding policy and names the bad
+    line in any error.
+    """
     try:
-        # polars also refuses invalid UTF-8, which sends such chunks down the careful path.
         df, replaced = pl.read_ndjson(io.BytesIO(b"".join(lines)), schema=schema), []
         if df.height != len(lines):  # never seen; would break the line numbers, so take the careful path
             raise ValueError("row count mismatch")
-    except Exception:  # polars rejects the chunk: redo it line by line, to name the bad line in the error
-        df, replaced = _parse_lines(path, numbers, lines, fields, schema, text)
+    except Exception:
+        df, replaced = _parse_lines(path, zip(numbers, lines, strict=True), fields, schema, text)
     return df.with_columns(_line=pl.Series(numbers, dtype=pl.Int64)), replaced
 
 
 def _parse_lines(
     path: Path,
-    numbers: list[int],
-    lines: list[bytes],
+    numbered: Iterable[tuple[int, bytes]],
     fields: dict[str, str],
     schema: dict[str, pl.DataType],
     text: frozenset[str],
@@ -294,7 +297,7 @@ def _parse_lines(
     """`_parse_chunk`'s careful path: one record at a time, applying the text-encoding policy."""
     cols: dict[str, list[Any]] = {k: [] for k in fields}
     replaced: list[int] = []
-    for n, line in zip(numbers, lines, strict=True):
+    for n, line in numbered:
         try:
             decoded, bad = line.decode("utf-8"), None
         except UnicodeDecodeError as e:

@@ -86,21 +86,17 @@ class InteractionData:
     def validate(self) -> InteractionData:
         """Check the schema and referential integrity; raise `DataError` naming the problem."""
         where = self.source or self.name
-        for col, dtype in INTERACTION_SCHEMA.items():
-            if col not in self.interactions.columns:
-                raise DataError(f"{where}: interactions have no column {col!r}")
-            if self.interactions[col].dtype != dtype:
-                raise DataError(
-                    f"{where}: interaction column {col!r} has type {self.interactions[col].dtype}, "
-                    f"expected {dtype}"
-                )
-        for col, dtype in ITEM_REQUIRED.items():
-            if col not in self.items.columns:
-                raise DataError(f"{where}: item table has no column {col!r}")
-            if self.items[col].dtype != dtype:
-                raise DataError(
-                    f"{where}: item column {col!r} has type {self.items[col].dtype}, expected {dtype}"
-                )
+        for table, schema, what in (
+            (self.interactions, INTERACTION_SCHEMA, "interaction"),
+            (self.items, ITEM_REQUIRED, "item"),
+        ):
+            for col, dtype in schema.items():
+                if col not in table.columns:
+                    raise DataError(f"{where}: the {what} table has no column {col!r}")
+                if table[col].dtype != dtype:
+                    raise DataError(
+                        f"{where}: {what} column {col!r} has type {table[col].dtype}, expected {dtype}"
+                    )
         if self.interactions.height == 0:
             raise DataError(f"{where}: no interactions")
         nulls = self.interactions.null_count().row(0, named=True)

@@ -47,16 +47,7 @@ def load_amazon_2018(reviews_path: str | Path, meta_path: str | Path) -> Interac
         description=join_or_null(pl.col("description"), " "),
         year=pl.col("date").str.extract(_YEAR_IN_DATE),
     )
-    return finish(
-        _stem(reviews_path),
-        reviews_path,
-        inter,
-        reviews_path,
-        items,
-        meta_path,
-        strict=False,
-        rows_are="reviews",
-    )
+    return _finish_reviews(reviews_path, inter, items, meta_path)
 
 
 def load_amazon_2023(reviews_path: str | Path, meta_path: str | Path) -> InteractionData:
@@ -88,6 +79,13 @@ def load_amazon_2023(reviews_path: str | Path, meta_path: str | Path) -> Interac
         category=pl.coalesce(category, pl.col("main_category")),
         description=join_or_null(pl.col("description"), " "),
     )
+    return _finish_reviews(reviews_path, inter, items, meta_path)
+
+
+def _finish_reviews(
+    reviews_path: Path, inter: pl.DataFrame, items: pl.DataFrame, meta_path: Path
+) -> InteractionData:
+    """Both versions end alike: duplicates removed and items without metadata counted (not strict)."""
     return finish(
         _stem(reviews_path),
         reviews_path,
