@@ -22,6 +22,7 @@ import torch
 import yaml
 
 import evolora
+from evolora.bundle import write_bundle
 from evolora.config import DataConfig, RunConfig, StrategySpec, config_to_dict
 from evolora.continual import Env, build_strategy, check_strategy_specs
 from evolora.continual.loop import StageLoop, is_trained
@@ -35,7 +36,6 @@ from evolora.io import atomic_write_json, atomic_write_text, read_json, stable_h
 from evolora.locks import exclusive
 from evolora.models.conventional import check_conventional, is_conventional
 from evolora.models.conventional.backbone import ConventionalBackbone
-from evolora.models.conventional.common import IdSpace
 from evolora.models.llm import LoraLM, set_threads
 from evolora.models.precision import precision_name, resolve_device, resolve_precision
 from evolora.models.weights import load_pretrained
@@ -130,7 +130,7 @@ def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM | C
         check_conventional(cfg)
         if spec.build_conventional is None:
             raise ConfigError(f"task {spec.name!r} has no version for conventional models ({cfg.model.name})")
-        space = IdSpace.from_staged(prepared.staged)
+        space = prepared.id_space()
         backbone = ConventionalBackbone.from_config(cfg.model, space, prepared.data.items)
         return backbone, spec.build_conventional(cfg, prepared, space)
     device = resolve_device(cfg.model.device)
@@ -235,6 +235,7 @@ def _run_locked(cfg: RunConfig, root: Path, context_key: str, on_stage: Any) -> 
     try:
         prepared = prepare_data(cfg)
         lm, task = build_model_and_task(cfg, prepared)
+        write_bundle(root, cfg, prepared)  # what `Recommender.load` needs, without the training data
         environment = run_environment(prepared.data)
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
         sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}

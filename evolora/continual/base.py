@@ -179,6 +179,10 @@ class Strategy(Generic[OptionsT]):
             self.lm, rows, self.cfg.eval.batch_size, desc=f"evaluating stage {ctx.eval_stage}"
         )
 
+    def use_task(self, task: Task) -> None:
+        """Predict for another table of samples from now on (the same task over new samples: inference)."""
+        self.task = task
+
     def adapters_to_save(self) -> list[str]:
         """Adapters that make up this strategy's state after a stage (saved in PEFT format)."""
         return [MAIN]

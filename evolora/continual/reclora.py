@@ -32,6 +32,7 @@ from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions
 from evolora.continual.regularizers import ProximalRegularizer
 from evolora.errors import ConfigError
 from evolora.models.personalized import PersonalizedLoRA
+from evolora.tasks.base import Task
 
 
 class RecLoraOptions(StrategyOptions):
@@ -58,7 +59,6 @@ class RecLora(Strategy[RecLoraOptions]):
 
     def setup(self) -> None:
         from evolora.models.conventional.backbone import ConventionalBackbone
-        from evolora.models.conventional.common import IdSpace
         from evolora.tasks.conventional import ConventionalCtrTask
 
         o = self.o = self.options
@@ -73,7 +73,7 @@ class RecLora(Strategy[RecLoraOptions]):
                 f"reclora's CRM reads {o.crm.max_len} history items but samples keep {keep}: set "
                 f"task.sample_history: {o.crm.max_len}"
             )
-        space = IdSpace.from_staged(prepared.staged)
+        space = prepared.id_space()
         crm_model = ModelConfig(name="din", device=self.cfg.model.device, conventional=o.crm)
         self.crm = ConventionalBackbone.from_config(crm_model, space, prepared.data.items, seed=self.seed)
         self.crm_task = ConventionalCtrTask(self.cfg.task, self.task.table, space, o.crm.max_len)
@@ -113,7 +113,7 @@ class RecLora(Strategy[RecLoraOptions]):
         for start in range(0, n, 2048):
             rows = np.arange(start, min(n, start + 2048))
             out.append(model.user_representation(self.crm_task.batch(rows, self.crm.device)).float().cpu())
-        self.z = torch.cat(out)
+        self.z = torch.cat(out) if out else torch.zeros(0, self.o.crm.mlp[-1])  # no samples (yet)
 
     # ------------------------------------------------------------------ the interface
     def plan(self, ctx: StageContext) -> list[TrainJob]:
@@ -180,6 +180,11 @@ class RecLora(Strategy[RecLoraOptions]):
     def load_job_state(self, job: TrainJob, state: dict[str, torch.Tensor]) -> None:
         if job.model != "crm":
             self.personal.load_state_dict({k.removeprefix("personal."): v for k, v in state.items()})
+
+    def use_task(self, task: Task) -> None:
+        super().use_task(task)
+        self.crm_task = self.crm_task.for_table(task.table)
+        self._represent()  # the router's inputs for the new samples
 
     def state(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from evolora.config import RunConfig
+from evolora.data.ids import IdSpace
 from evolora.data.loaders import load_dataset
 from evolora.data.samples import SampleTable, StagePools, build_samples, split_pools
 from evolora.data.schema import InteractionData
@@ -19,12 +20,22 @@ log = logging.getLogger("evolora")
 @dataclass
 class Prepared:
     """Everything a run reads from its data: the loaded dataset, the staged interactions, the samples and
-    each stage's train / validation / test pools."""
+    each stage's train / validation / test pools. A trained run used for inference has no staged table
+    (nor pools): its ID space comes saved with it."""
 
     data: InteractionData
-    staged: pl.DataFrame
+    staged: pl.DataFrame | None
     table: SampleTable
     pools: dict[int, StagePools]
+    space: IdSpace | None = None
+
+    def id_space(self) -> IdSpace:
+        """User and item indices of the staged data (what conventional models and RecLoRA's router read)."""
+        if self.space is None:
+            if self.staged is None:
+                raise ValueError("no staged interactions and no saved ID space")
+            self.space = IdSpace.from_staged(self.staged)
+        return self.space
 
 
 def prepare_data(cfg: RunConfig) -> Prepared:

@@ -77,6 +77,17 @@ class Task(ABC):
             total = total + w * np.asarray(p, dtype=np.float64)
         return total
 
+    @property
+    def items(self) -> frozenset[str]:
+        """The item ids this task can read (in histories and as targets)."""
+        raise NotImplementedError
+
+    def for_table(self, table: SampleTable, **settings: Any) -> Task:
+        """The same task (settings, tokenizer, item data) over other samples: what a trained model is asked
+        at inference. `settings` override task settings that only shape predictions (`beams`,
+        `exclude_history`)."""
+        raise NotImplementedError(f"the {self.name} task cannot score new samples")
+
     def before_stage(self, lm: Any, stage: int) -> None:  # noqa: B027 - a hook; most tasks need nothing
         """Called before stage `stage` trains or is restored (conventional models grow their ID tables)."""
 

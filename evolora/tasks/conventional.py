@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from evolora.config import CtrTaskConfig, NextItemTaskConfig, RunConfig
+from evolora.data.ids import IdSpace
 from evolora.data.prepare import Prepared
 from evolora.data.samples import SampleTable
 from evolora.errors import ConfigError
 from evolora.eval.metrics import CTR_METRICS, KS, RANKING_METRICS, ranking_metrics
 from evolora.models.conventional.backbone import ConventionalBackbone
-from evolora.models.conventional.common import Batch, IdSpace
+from evolora.models.conventional.common import Batch
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task
 from evolora.tasks.decoding import Ranked, mix_rankings, union_candidates
@@ -63,12 +64,14 @@ class _ConventionalTask(Task):
     def __init__(self, table: SampleTable, space: IdSpace, max_len: int, feedback: bool) -> None:
         super().__init__(table)
         self.space = space
+        self.max_len = max_len
         df = table.df
         items = space.item_index()
         self.targets = _index_column(df, "item_id", items)  # item index of each sample's target
         self.stages = df["stage"].to_numpy().astype(np.int64)
         width = max(1, min(max_len, int(df["hist_items"].list.len().max() or 0)))
-        self._users = torch.from_numpy(_index_column(df, "user_id", space.user_index()))
+        # "" is no user (a history given at inference): index 0, never trained, so scored as a cold user.
+        self._users = torch.from_numpy(_index_column(df, "user_id", {**space.user_index(), "": 0}))
         self._targets = torch.from_numpy(self.targets)
         self._hist = torch.from_numpy(history_matrix(df["hist_items"], width, items))
         self.lengths = (self._hist > 0).sum(1).numpy()  # history items a model reads, per sample
@@ -89,6 +92,19 @@ class _ConventionalTask(Task):
 
     def before_stage(self, lm: ConventionalBackbone, stage: int) -> None:
         lm.resize(self.space.users_known(stage), self.space.items_known(stage))
+
+    @property
+    def items(self) -> frozenset[str]:
+        return frozenset(self.space.item_ids[1:])
+
+    @property
+    def item_ids(self) -> list[str]:
+        """Item id of each index (what a ranking's item indices point to; index 0 is no item)."""
+        return self.space.item_ids
+
+    def for_table(self, table: SampleTable, **settings: Any) -> _ConventionalTask:
+        cfg = self.cfg.model_copy(update=settings)
+        return type(self)(cfg, table, self.space, self.max_len)  # type: ignore[call-arg]
 
     def sample_length(self, row: int) -> int:
         return int(self.lengths[row])

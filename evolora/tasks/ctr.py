@@ -106,6 +106,14 @@ class CtrTask(Task):
         self.shortened = 0  # prompts that lost history items to fit max_length
         self._df = table.df
 
+    @property
+    def items(self) -> frozenset[str]:
+        return frozenset(self.titles)
+
+    def for_table(self, table: SampleTable, **settings: Any) -> CtrTask:
+        cfg = self.cfg.model_copy(update=settings)
+        return CtrTask(cfg, table, self.titles, self.tok, self.item_kind, item_vectors=self.item_vectors)
+
     # ------------------------------------------------------------------ encoding
     def _ids(self, text: str, special: bool) -> list[int]:
         return list(self.tok(text, add_special_tokens=special)["input_ids"])
@@ -277,6 +285,6 @@ def build_ctr(cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, Any]) -
 
     vectors = None
     if cast(CtrTaskConfig, cfg.task).retrieve_from is not None:
-        vectors = item_vectors_for(cfg, prepared.data, pretrained, ("title", "genre", "category"))
+        vectors = item_vectors_for(cfg, prepared.data, pretrained)
     lm = LoraLM.from_config(cfg.model, pretrained=pretrained)
     return lm, ctr_task_for(cfg, prepared, lm.tokenizer, vectors)

@@ -73,6 +73,7 @@ class NextItemTask(Task):
         self.tok = tokenizer
         if cfg.beams < max(KS):
             raise ConfigError(f"task.beams={cfg.beams}: need at least {max(KS)} to report Hit@{max(KS)}")
+        self.item_tokens = item_tokens
         self.item_ids = list(item_tokens)
         self.index = {item: i for i, item in enumerate(self.item_ids)}
         self.item_text = {item: "".join(toks) for item, toks in item_tokens.items()}
@@ -96,6 +97,14 @@ class NextItemTask(Task):
         self.targets = np.array([self.index[i] for i in df["item_id"].to_list()], dtype=np.int64)
         self._hist = df["hist_items"].to_list()
         self._cache: dict[int, Encoded] = {}
+
+    @property
+    def items(self) -> frozenset[str]:
+        return frozenset(self.index)
+
+    def for_table(self, table: SampleTable, **settings: Any) -> NextItemTask:
+        cfg = self.cfg.model_copy(update=settings)
+        return NextItemTask(cfg, table, self.item_tokens, self.tok)
 
     # ------------------------------------------------------------------ encoding
     def _ids(self, text: str, special: bool) -> list[int]:

@@ -19,8 +19,8 @@ from evolora.eval.metrics import METRIC_SETS, MetricSet
 
 if TYPE_CHECKING:
     from evolora.config import RunConfig
+    from evolora.data.ids import IdSpace
     from evolora.data.prepare import Prepared
-    from evolora.models.conventional.common import IdSpace
     from evolora.models.llm import LoraLM
     from evolora.tasks.base import Task
 

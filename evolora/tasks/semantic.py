@@ -13,6 +13,7 @@ strategy and every rerun of an experiment uses the same IDs.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -56,18 +57,30 @@ def _embedder(cfg: SemanticIdConfig, pretrained: tuple[Any, Any]) -> tuple[Any, 
         raise ConfigError(f"task.semantic_ids.embedder={cfg.embedder!r} could not be loaded: {e}") from None
 
 
+#: the item fields whose text the CTR task's history retrieval embeds
+RETRIEVAL_FIELDS = ("title", "genre", "category")
+
+
+def item_vectors_path(cfg: RunConfig, fields: tuple[str, ...] = RETRIEVAL_FIELDS) -> Path:
+    """Where a run's item embeddings are cached (under `cfg.shared_root`), keyed by what they depend on."""
+    key = stable_hash(
+        {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.name, "fields": fields}, 16
+    )
+    return cfg.shared_root / "item_vectors" / f"{key}.npz"
+
+
 def item_vectors_for(
-    cfg: RunConfig, data: InteractionData, pretrained: tuple[Any, Any], fields: tuple[str, ...]
+    cfg: RunConfig,
+    data: InteractionData,
+    pretrained: tuple[Any, Any],
+    fields: tuple[str, ...] = RETRIEVAL_FIELDS,
 ) -> dict[str, np.ndarray]:
     """Unit-length text embeddings of every item (the backbone's mean-pooled hidden states), cached.
 
     Used by the CTR task's semantic history retrieval (ReLLa, RecLoRA), where cosine similarity to the
     target decides which history items the prompt shows.
     """
-    key = stable_hash(
-        {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.name, "fields": fields}, 16
-    )
-    path = cfg.shared_root / "item_vectors" / f"{key}.npz"
+    path = item_vectors_path(cfg, fields)
     items = data.items["item_id"].to_list()
     stored = load_npz(path, "Delete it: the embeddings are computed again.") if path.is_file() else None
     if stored is not None and len(stored["vectors"]) == len(items):
@@ -80,20 +93,31 @@ def item_vectors_for(
     return dict(zip(items, vectors, strict=True))
 
 
-def semantic_ids_for(
-    cfg: RunConfig, data: InteractionData, staged: pl.DataFrame, pretrained: tuple[Any, Any]
-) -> SemanticIds:
-    """The run's semantic IDs (cached). `pretrained`: the backbone (model, tokenizer), without adapters."""
+def _has_own_ids(data: InteractionData) -> bool:
+    return "sid" in data.items.columns and data.items["sid"].null_count() < data.items.height
+
+
+def semantic_ids_path(cfg: RunConfig, data: InteractionData) -> Path:
+    """Where a run's semantic IDs are cached (under `cfg.shared_root`), keyed by what they depend on."""
     sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
-    has_own = "sid" in data.items.columns and data.items["sid"].null_count() < data.items.height
-    source = sid_cfg.source if sid_cfg.source != "auto" else ("dataset" if has_own else "rqvae")
+    source = sid_cfg.source if sid_cfg.source != "auto" else ("dataset" if _has_own_ids(data) else "rqvae")
     key = stable_hash(
         {"data": cfg.data.model_dump(mode="json"), "staging": cfg.staging.model_dump(mode="json"),
          "ids": sid_cfg.model_dump(mode="json"), "source": source,
          "model": cfg.model.name if sid_cfg.embedder == "backbone" else None},
         16,
     )  # fmt: skip
-    path = cfg.shared_root / "semantic_ids" / f"{key}.json"
+    return cfg.shared_root / "semantic_ids" / f"{key}.json"
+
+
+def semantic_ids_for(
+    cfg: RunConfig, data: InteractionData, staged: pl.DataFrame, pretrained: tuple[Any, Any]
+) -> SemanticIds:
+    """The run's semantic IDs (cached). `pretrained`: the backbone (model, tokenizer), without adapters."""
+    sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
+    has_own = _has_own_ids(data)
+    source = sid_cfg.source if sid_cfg.source != "auto" else ("dataset" if has_own else "rqvae")
+    path = semantic_ids_path(cfg, data)
     if path.is_file():
         sids = SemanticIds.load(path)
         log.info("semantic IDs: %d items, %d levels (cached %s)", len(sids), sids.levels, path.name)

@@ -1,0 +1,297 @@
+"""The Python API: run an experiment, load a trained run, ask it for scores and recommendations.
+
+    import evolora
+    results = evolora.run("configs/quickstart.yaml", **{"train.epochs": 1})
+    rec = evolora.Recommender.load("runs/quickstart", method="finetune")
+    rec.score(user="196", items=["242", "302"])            # CTR runs: P(like) per item
+    rec.recommend(history=["242", "302"], k=10)            # next-item runs: top k items
+    rec.recommend(user="196", items=["1", "2", "3"], k=2)  # CTR runs: the best of given candidates
+
+`Recommender.load` rebuilds exactly the model that produced a stage's results, for every strategy, from the
+run folder and the inference bundle saved with the experiment (`bundle.py`): the training data is not read
+again. A history is a list of item ids (each counted as liked), of (item, rating) pairs, or a mapping item ->
+rating; or give `user=` and the user's history at the end of the stage is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from evolora.bundle import bundle_dir, load_bundle, query_frame, write_bundle
+from evolora.config import RunConfig, StrategySpec, apply_overrides, load_config
+from evolora.continual import Env, Strategy, build_strategy
+from evolora.continual.base import StageContext
+from evolora.continual.loop import StageLoop, is_trained
+from evolora.data.prepare import Prepared, prepare_data
+from evolora.data.samples import SampleTable, eval_stage_of
+from evolora.errors import ConfigError, EvoloraError
+from evolora.experiment import build_model_and_task, resolve_config, run_experiment
+from evolora.io import read_json
+
+log = logging.getLogger("evolora")
+
+History = Iterable[str] | Iterable[tuple[str, float]] | Mapping[str, float] | None
+
+
+def run(config: str | Path | RunConfig | None = None, **overrides: Any) -> list[dict[str, Any]]:
+    """Run an experiment (a YAML path, a `RunConfig`, or None for the quickstart) and return each (strategy,
+    seed)'s results. Overrides are keys as `--set` takes them: `run(path, **{"train.epochs": 3})`, or
+    sections as mappings: `run(path, train={"epochs": 3})`."""
+    sets = [f"{key}={_yaml(value)}" for key, value in _flat(overrides)]
+    if isinstance(config, RunConfig):
+        raw = apply_overrides(config.model_dump(mode="json"), sets)
+        cfg = RunConfig.model_validate(raw)
+    else:
+        path = config if config is not None else Path(__file__).parent / "configs" / "quickstart.yaml"
+        cfg = load_config(path, sets)
+    return run_experiment(cfg)
+
+
+def _yaml(value: Any) -> str:
+    """A value as `--set` reads it (YAML)."""
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _flat(overrides: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out += _flat(value, f"{name}.")
+        else:
+            out.append((name, value))
+    return out
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One item and its score: P(like) for CTR runs, log p(item | history) for next-item runs."""
+
+    item: str
+    score: float
+    title: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"item": self.item, "score": self.score, "title": self.title}
+
+
+class Recommender:
+    """A trained run's model after one stage, answering for any user or history."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        cfg: RunConfig,
+        prepared: Prepared,
+        histories: pl.DataFrame,
+        stage: int,
+        method: str,
+        seed_dir: Path,
+    ) -> None:
+        self.strategy = strategy
+        self.cfg = cfg
+        self.prepared = prepared
+        self.stage = stage
+        self.eval_stage = eval_stage_of(stage, cfg.protocol)
+        self.method = method
+        self.seed_dir = seed_dir
+        self.task_name = cfg.task.name
+        self._task = strategy.task  # the run's task; queries get copies of it over their own samples
+        at_stage = histories.filter(pl.col("stage") == stage)
+        self._histories = {
+            u: (list(items), list(ratings))
+            for u, items, ratings in zip(
+                at_stage["user_id"], at_stage["items"], at_stage["ratings"], strict=True
+            )
+        }
+        items = prepared.data.items
+        self._titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
+        self.like_threshold = prepared.data.like_threshold
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls, run_dir: str | Path, method: str | None = None, seed: int = 0, stage: int | None = None
+    ) -> Recommender:
+        """The model of `method` (seed `seed`) as it stood after training `stage` (default: its last).
+
+        `run_dir`: an experiment folder (`runs/<name>`) or one run's folder (`runs/<name>/<method>/seed<k>`).
+        """
+        seed_dir, root = _locate(Path(run_dir), method, seed)
+        results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+        cfg = resolve_config(load_config(root / "config.yaml"))
+        trained = [s["train_stage"] for s in results["stages"]]
+        t = stage if stage is not None else max(trained, default=0)
+        if t not in trained or not is_trained(seed_dir / f"stage-{t}"):
+            raise ConfigError(f"{seed_dir}: stage {t} has not finished (finished: {trained or 'none'})")
+        if not (bundle_dir(root) / "bundle.json").is_file():
+            # A run of an older evolora: read the data once to save what inference needs.
+            log.info("%s: saving what inference needs (the data is read once)", root)
+            full = cfg.model_copy(update={"output_dir": str(root.parent)})
+            prepared = prepare_data(full)
+            build_model_and_task(full, prepared)  # fills the caches the bundle copies
+            write_bundle(root, full, prepared)
+        inference_cfg, prepared, histories = load_bundle(root, cfg)
+        lm, task = build_model_and_task(inference_cfg, prepared)
+        spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
+        strategy = build_strategy(spec, Env(lm, task, inference_cfg, prepared), results["seed"])
+        strategy.setup()
+        task.before_stage(lm, t)
+        StageLoop(strategy, {}, seed_dir, None, {}).restore_state(t)
+        return cls(strategy, inference_cfg, prepared, histories, t, results["method"], seed_dir)
+
+    # ------------------------------------------------------------------ asking
+    @property
+    def known_users(self) -> list[str]:
+        return sorted(self._histories)
+
+    def history_of(self, user: str) -> tuple[list[str], list[float]]:
+        """A known user's latest interactions at the end of the stage (items, ratings), oldest first."""
+        if user not in self._histories:
+            raise EvoloraError(
+                f"unknown user {user!r}: the run knows {len(self._histories)} users up to stage "
+                f"{self.stage}; give their history instead"
+            )
+        return self._histories[user]
+
+    def predict_samples(self, samples: pl.DataFrame, **settings: Any) -> Any:
+        """The strategy's predictions for sample rows shaped like a run's sample table (`user_id`,
+        `item_id`, `hist_items`, `hist_ratings`, `stage`), exactly as evaluation computes them."""
+        table = SampleTable(
+            samples, self._task.table.n_stages, self._task.table.history_len, self.like_threshold
+        )
+        query = self._task.for_table(table, **settings)
+        self.strategy.use_task(query)
+        ctx = StageContext(
+            self.stage, self.eval_stage, {}, self.strategy.seed, self.seed_dir / f"stage-{self.stage}"
+        )
+        return self.strategy.predict(ctx, np.arange(len(table)))
+
+    def score(
+        self, history: History = None, items: Iterable[str] = (), user: str | None = None
+    ) -> list[Scored]:
+        """P(like) of each item for this user or history (CTR runs), in the order given."""
+        if self.task_name != "ctr":
+            raise EvoloraError(f"score() needs a CTR run; this is a {self.task_name} run: use recommend()")
+        items = list(items)
+        if not items:
+            raise EvoloraError("score(): give at least one item to score")
+        self._check_items(items, "items")
+        return self._score(user, *self._history(history, user), items)
+
+    def _score(
+        self, user: str | None, hist_items: list[str], hist_ratings: list[float], items: list[str]
+    ) -> list[Scored]:
+        rows = [self._row(user, item, hist_items, hist_ratings) for item in items]
+        scores = np.asarray(self.predict_samples(query_frame(rows)), dtype=np.float64)
+        return [Scored(i, float(p), self._titles.get(i)) for i, p in zip(items, scores, strict=True)]
+
+    def recommend(
+        self,
+        history: History = None,
+        k: int = 10,
+        user: str | None = None,
+        exclude_seen: bool = True,
+        items: Iterable[str] | None = None,
+    ) -> list[Scored]:
+        """The top `k` items for this user or history, best first.
+
+        Next-item runs generate them (trie-constrained beam search with at least `k` beams for LLMs, a full
+        ranking for conventional models); CTR runs rank the candidate `items` by P(like). `exclude_seen`
+        leaves out items of the history.
+        """
+        if k < 1:
+            raise EvoloraError(f"k={k}: ask for at least one item")
+        hist_items, hist_ratings = self._history(history, user)
+        if self.task_name == "ctr":
+            if items is None:
+                raise EvoloraError("a CTR run ranks given candidates: recommend(..., items=[...])")
+            candidates = [i for i in dict.fromkeys(items) if not (exclude_seen and i in set(hist_items))]
+            if not candidates:
+                return []
+            self._check_items(candidates, "items")
+            scored = self._score(user, hist_items, hist_ratings, candidates)
+            return sorted(scored, key=lambda s: -s.score)[:k]
+        if items is not None:
+            raise EvoloraError(
+                "recommend(items=...) ranks candidates of a CTR run; a next-item run generates"
+            )
+        target = next(iter(self._task.items))  # any known item: generation ignores the target
+        row = self._row(user, target, hist_items, hist_ratings)
+        # Excluded items can end beams: search wider than k by the history's length.
+        beams = max(k + (len(hist_items) if exclude_seen else 0), getattr(self._task.cfg, "beams", k))
+        ranked = self.predict_samples(query_frame([row]), beams=beams, exclude_history=exclude_seen)
+        ids = self._task.item_ids
+        out = [
+            Scored(ids[int(i)], float(s), self._titles.get(ids[int(i)]))
+            for i, s in zip(ranked.items[0], ranked.scores[0], strict=True)
+            if i >= 0 and np.isfinite(s)
+        ]
+        if exclude_seen:  # a conventional model sees only its latest `max_len` history items
+            seen = set(hist_items)
+            out = [s for s in out if s.item not in seen]
+        return out[:k]
+
+    # ------------------------------------------------------------------ helpers
+    def _row(self, user: str | None, item: str, hist_items: list[str], hist_ratings: list[float]) -> dict:
+        return {
+            "user_id": user or "",
+            "item_id": item,
+            "stage": self.eval_stage,
+            "hist_items": hist_items,
+            "hist_ratings": hist_ratings,
+        }
+
+    def _history(self, history: History, user: str | None) -> tuple[list[str], list[float]]:
+        if user is not None and history is not None:
+            raise EvoloraError("give a user or a history, not both")
+        if user is not None:
+            return self.history_of(str(user))
+        liked = self.like_threshold + 1.0  # an item given without a rating counts as liked
+        if history is None:
+            pairs: list[tuple[str, float]] = []
+        elif isinstance(history, Mapping):
+            pairs = [(str(i), float(r)) for i, r in history.items()]
+        else:
+            pairs = [
+                (str(h[0]), float(h[1])) if isinstance(h, tuple | list) else (str(h), liked) for h in history
+            ]
+        self._check_items([i for i, _ in pairs], "history")
+        keep = self._task.table.history_len
+        pairs = pairs[-keep:]
+        return [i for i, _ in pairs], [r for _, r in pairs]
+
+    def _check_items(self, items: list[str], what: str) -> None:
+        unknown = [i for i in items if i not in self._task.items]
+        if unknown:
+            raise EvoloraError(
+                f"{what}: {len(unknown)} unknown item(s) {unknown[:5]}: the run knows "
+                f"{len(self._task.items)} items (an item first seen after training cannot be read)"
+            )
+
+
+def _locate(path: Path, method: str | None, seed: int) -> tuple[Path, Path]:
+    """(the run's seed folder, the experiment folder) from either of them."""
+    if (path / "results.json").is_file():
+        return path, path.parent.parent
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(
+            f"{path}: neither an experiment folder (config.yaml) nor a run folder (results.json)"
+        )
+    methods = sorted(p.name for p in path.iterdir() if (p / f"seed{seed}" / "results.json").is_file())
+    if method is None:
+        if len(methods) != 1:
+            raise ConfigError(f"{path}: choose a method with method=... (runs of seed {seed}: {methods})")
+        method = methods[0]
+    if method not in methods:
+        raise ConfigError(f"{path}: no finished run of {method!r} with seed {seed} (there are: {methods})")
+    return path / method / f"seed{seed}", path

@@ -1,0 +1,131 @@
+"""What inference needs from a run, saved beside it, so a trained model is used without its training data.
+
+    runs/<name>/inference/
+        bundle.json          dataset name, like threshold, stages, the history a sample keeps
+        items.parquet        the item table (ids, titles, text fields, semantic IDs where the data has them)
+        histories.parquet    every user's latest interactions at the end of each stage (stage, user_id,
+                             items, ratings): what "recommend for user U" reads
+        id_space.json        user and item indices (conventional models, RecLoRA's router)
+        _shared/             the run's cached semantic IDs and item embeddings, as `RunConfig.shared_root`
+                             lays them out, so the task builders find them with `output_dir` set here
+
+`write_bundle` runs once per experiment, after the data is prepared and the model built (the caches exist
+then); `load_bundle` gives back the config and a `Prepared` that the task registry's builders accept.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from evolora.config import RunConfig
+from evolora.data.ids import IdSpace
+from evolora.data.prepare import Prepared
+from evolora.data.samples import SampleTable
+from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
+from evolora.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
+from evolora.tasks.semantic import item_vectors_path, semantic_ids_path
+
+BUNDLE = "inference"
+
+
+def bundle_dir(root: Path) -> Path:
+    return Path(root) / BUNDLE
+
+
+def user_histories(staged: pl.DataFrame, n_stages: int, keep: int) -> pl.DataFrame:
+    """Per stage t and user: the user's latest `keep` interactions of stages <= t, oldest first."""
+    ordered = staged.with_row_index("_row").sort(["user_id", "timestamp", "_row"])
+    parts = []
+    for t in range(1, n_stages + 1):
+        parts.append(
+            ordered.filter(pl.col("stage") <= t)
+            .group_by("user_id", maintain_order=True)
+            .agg(items=pl.col("item_id").tail(keep), ratings=pl.col("rating").tail(keep))
+            .with_columns(stage=pl.lit(t, dtype=pl.Int32))
+        )
+    return pl.concat(parts).select("stage", "user_id", "items", "ratings")
+
+
+def _write_parquet(path: Path, df: pl.DataFrame) -> None:
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_bundle(root: Path, cfg: RunConfig, prepared: Prepared) -> Path:
+    """Save what inference needs (once: an existing bundle of this experiment is kept)."""
+    folder = bundle_dir(root)
+    if (folder / "bundle.json").is_file():
+        return folder
+    if prepared.staged is None:
+        raise ValueError("a bundle is written from a run's prepared data")
+    table = prepared.table
+    with atomic_directory(folder) as out:
+        _write_parquet(out / "items.parquet", prepared.data.items)
+        _write_parquet(
+            out / "histories.parquet", user_histories(prepared.staged, table.n_stages, table.history_len)
+        )
+        atomic_write_json(out / "id_space.json", prepared.id_space().to_json())
+        cached = [item_vectors_path(cfg)]
+        if cfg.task.name == "next_item":
+            cached.append(semantic_ids_path(cfg, prepared.data))
+        for path in cached:
+            if path.is_file():
+                target = out / "_shared" / path.relative_to(cfg.shared_root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+        atomic_write_json(
+            out / "bundle.json",
+            {
+                "dataset": prepared.data.name,
+                "like_threshold": prepared.data.like_threshold,
+                "n_stages": table.n_stages,
+                "history_len": table.history_len,
+            },
+        )
+    return folder
+
+
+def load_bundle(root: Path, cfg: RunConfig) -> tuple[RunConfig, Prepared, pl.DataFrame]:
+    """(the config with its shared caches read from the bundle, a `Prepared` without training data, the
+    users' histories)."""
+    folder = bundle_dir(root)
+    advice = "Delete the inference folder and load the run again: it is rebuilt from the data."
+    meta = read_json(folder / "bundle.json", advice)
+    items = pl.read_parquet(folder / "items.parquet")
+    empty = pl.DataFrame(schema=INTERACTION_SCHEMA)
+    data = InteractionData(meta["dataset"], empty, items, like_threshold=float(meta["like_threshold"]))
+    table = SampleTable(query_frame([]), meta["n_stages"], meta["history_len"], data.like_threshold)
+    space = IdSpace.from_json(read_json(folder / "id_space.json", advice))
+    inference_cfg = cfg.model_copy(update={"output_dir": str(folder)})
+    return (
+        inference_cfg,
+        Prepared(data, None, table, {}, space),
+        pl.read_parquet(folder / "histories.parquet"),
+    )
+
+
+def query_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """Sample rows (user, target item, history, stage) shaped like a run's sample table, for inference."""
+    schema = {
+        "user_id": pl.Utf8,
+        "item_id": pl.Utf8,
+        "rating": pl.Float64,
+        "label": pl.Int8,
+        "timestamp": pl.Int64,
+        "stage": pl.Int32,
+        "hist_items": pl.List(pl.Utf8),
+        "hist_ratings": pl.List(pl.Float64),
+        "user_kind": pl.Utf8,
+        "sampled": pl.Boolean,
+    }
+    full = [
+        {"rating": 0.0, "label": 0, "timestamp": 0, "user_kind": "active", "sampled": False, **r}
+        for r in rows
+    ]
+    return pl.DataFrame(full, schema=schema)

@@ -1,0 +1,74 @@
+"""Integer indices for user and item ids, in order of first appearance in time (the ID space of a run).
+
+Conventional recommenders read users and items as indices into embedding tables; the indices seen by stage
+t are a prefix of the space, so the tables grow stage by stage. The space is saved with a run (JSON), so a
+trained model can be used without reading the training data again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+
+@dataclass(frozen=True)
+class IdSpace:
+    """User and item indices (1-based, in order of first appearance) and the stage each id first appears in.
+
+    `users_known(t)` / `items_known(t)`: table sizes (index 0 included) that cover every id of stages <= t.
+    """
+
+    user_ids: list[str]  # index -> id; index 0 is ""
+    item_ids: list[str]
+    user_first_stage: np.ndarray  # [n_users + 1] int; index 0: 0
+    item_first_stage: np.ndarray
+
+    @classmethod
+    def from_staged(cls, staged: pl.DataFrame) -> IdSpace:
+        """From a staged interaction table (`user_id`, `item_id`, `timestamp`, `stage`)."""
+        df = staged.with_row_index("_row").sort(["stage", "timestamp", "_row"])
+        out = {}
+        for col in ("user_id", "item_id"):
+            first = df.group_by(col, maintain_order=True).agg(pl.col("stage").first())
+            out[col] = (["", *first[col].to_list()], np.concatenate([[0], first["stage"].to_numpy()]))
+        return cls(out["user_id"][0], out["item_id"][0], out["user_id"][1], out["item_id"][1])
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids) - 1
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    def users_known(self, stage: int) -> int:
+        return 1 + int(np.searchsorted(self.user_first_stage[1:], stage, side="right"))
+
+    def items_known(self, stage: int) -> int:
+        return 1 + int(np.searchsorted(self.item_first_stage[1:], stage, side="right"))
+
+    def user_index(self) -> dict[str, int]:
+        return {u: i for i, u in enumerate(self.user_ids) if i}
+
+    def item_index(self) -> dict[str, int]:
+        return {v: i for i, v in enumerate(self.item_ids) if i}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "user_ids": self.user_ids,
+            "item_ids": self.item_ids,
+            "user_first_stage": self.user_first_stage.tolist(),
+            "item_first_stage": self.item_first_stage.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> IdSpace:
+        return cls(
+            list(obj["user_ids"]),
+            list(obj["item_ids"]),
+            np.asarray(obj["user_first_stage"], dtype=np.int64),
+            np.asarray(obj["item_first_stage"], dtype=np.int64),
+        )

@@ -1,0 +1,138 @@
+"""The Python API: a loaded run reproduces its own evaluation, and answers for users and histories."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import evolora
+from evolora.errors import EvoloraError
+from evolora.experiment import prepare_data, run_dir_of, run_experiment
+from evolora.io import load_npz
+from tests.helpers import tiny_config, write_peso_cycle
+
+CRM = {"dim": 8, "mlp": [16], "max_len": 10, "dropout": 0.0}
+CTR_STRATEGIES = [
+    {"name": "frozen"},
+    {"name": "finetune"},
+    {"name": "retrain"},
+    {"name": "peso", "lam": 5.0},
+    {"name": "lsat", "long_stages": 1, "grid": [0.0, 0.5, 1.0]},
+    {"name": "lsat", "label": "lsat-ta", "inference": "fusion", "grid": [0.0, 0.5, 1.0]},
+    {"name": "sumlora", "init": "fresh"},
+    {"name": "sdlora"},
+    {"name": "inflora"},
+    {"name": "olora", "lam": 0.5},
+    {"name": "reclora", "n_meta": 3, "crm": CRM, "crm_epochs": 1},
+]
+SMALL = {"train.epochs": 1, "train.samples_per_stage": 24, "train.valid_samples": 16, "eval.max_samples": 24}
+
+
+def flow(value: object) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().replace("\n", " ")
+
+
+def samples_of(cfg, stage: int, rows: np.ndarray):
+    """The evaluated sample rows of a stage, as the test's own copy of the data has them."""
+    table = prepare_data(cfg).table
+    return table.df[rows]
+
+
+@pytest.fixture(scope="module")
+def ctr_run(sunny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("api")
+    over = {
+        **SMALL,
+        "task.history_len": 4,
+        "task.retrieve_from": 8,
+        "task.sample_history": 10,
+        "strategies": flow(CTR_STRATEGIES),
+    }
+    cfg = tiny_config(sunny_dir, out, **over)
+    return cfg, run_experiment(cfg)
+
+
+@pytest.mark.parametrize("method", [s.get("label", s["name"]) for s in CTR_STRATEGIES])
+def test_a_loaded_run_reproduces_its_stored_predictions(ctr_run, method: str) -> None:
+    cfg, _ = ctr_run
+    root = Path(cfg.output_dir) / cfg.name
+    for stage in (1, 2):
+        rec = evolora.Recommender.load(root, method=method, stage=stage)
+        stored = load_npz(run_dir_of(cfg, method, 0) / f"stage-{stage}" / "predictions.npz")
+        got = rec.predict_samples(samples_of(cfg, stage, stored["rows"]))
+        # The same prompts in the same batches: the same numbers (RecLoRA's router runs its batch anew).
+        np.testing.assert_allclose(got, stored["scores"], rtol=0, atol=1e-6 if method == "reclora" else 0)
+        rec.strategy.teardown()
+
+
+def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
+    cfg, _ = ctr_run
+    rec = evolora.Recommender.load(Path(cfg.output_dir) / cfg.name, method="finetune")
+    user = rec.known_users[0]
+    items, ratings = rec.history_of(user)
+    assert len(items) <= 10
+    scored = rec.score(user=user, items=["2", "3"])
+    assert [s.item for s in scored] == ["2", "3"] and all(0 < s.score < 1 for s in scored)
+    assert scored[0].title == "Sunny Day 2 (1995)"
+    # A history given as items and ratings is the same as the user's own.
+    same = rec.score(list(zip(items, ratings, strict=True)), ["2", "3"])
+    assert [s.score for s in same] == [s.score for s in scored]
+    # An empty history works; plain ids count as liked.
+    assert len(rec.score([], ["2"])) == 1 and len(rec.score(["4", "6"], ["2"])) == 1
+    top = rec.recommend(user=user, items=["2", "3", "4", "5"], k=2)
+    assert len(top) == 2 and top[0].score >= top[1].score
+    with pytest.raises(EvoloraError, match=r"unknown item\(s\) \['nope'\]"):
+        rec.score(["nope"], ["2"])
+    with pytest.raises(EvoloraError, match="unknown user"):
+        rec.score(user="no-such-user", items=["2"])
+    with pytest.raises(EvoloraError, match="ranks given candidates"):
+        rec.recommend(user=user)
+
+
+def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
+    peso = write_peso_cycle(tmp_path / "cycle")
+    over = {
+        **SMALL,
+        "task.name": "next_item",
+        "task.history_len": 8,
+        "task.template": "peso",
+        "protocol": "leave_last_out",
+        "eval.batch_size": 8,
+        "strategies": "[finetune, {name: lsat, long_stages: 1, grid: [0.0, 1.0]}]",
+    }
+    cfg = tiny_config(peso, tmp_path / "llm", **over)
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    for method in ("finetune", "lsat"):
+        rec = evolora.Recommender.load(root, method=method, stage=2)
+        stored = load_npz(run_dir_of(cfg, method, 0) / "stage-2" / "predictions.npz")
+        got = rec.predict_samples(samples_of(cfg, 2, stored["rows"]))
+        np.testing.assert_array_equal(got.items, stored["items"])
+        np.testing.assert_allclose(got.scores, stored["scores"], atol=1e-6)
+        top = rec.recommend(["1", "2", "3"], k=12)
+        assert len(top) == 12 and len({s.item for s in top}) == 12
+        assert not {"1", "2", "3"} & {s.item for s in top}  # seen items left out
+        assert all(a.score >= b.score for a, b in itertools.pairwise(top))
+        with pytest.raises(EvoloraError, match="needs a CTR run"):
+            rec.score(["1"], ["2"])
+    conv = tiny_config(
+        peso, tmp_path / "conv", **{**over, "model.name": "sasrec", "strategies": "[finetune]"}
+    )
+    run_experiment(conv)
+    rec = evolora.Recommender.load(Path(conv.output_dir) / conv.name)
+    stored = load_npz(run_dir_of(conv, "sasrec-finetune", 0) / "stage-3" / "predictions.npz")
+    got = rec.predict_samples(samples_of(conv, 3, stored["rows"]))
+    np.testing.assert_array_equal(got.items, stored["items"])
+    top = rec.recommend(user=rec.known_users[0], k=5)
+    assert len(top) == 5
+
+
+def test_run_takes_overrides(sunny_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(sunny_dir, tmp_path, **SMALL)
+    results = evolora.run(cfg, train={"epochs": 1}, **{"strategies": ["frozen"], "name": "api-run"})
+    assert [r["method"] for r in results] == ["frozen"] and results[0]["complete"]
+    assert (tmp_path / "api-run" / "inference" / "bundle.json").is_file()
