@@ -2,6 +2,7 @@
 
 evolora run [CONFIG] [--set key=value ...]    run an experiment (no CONFIG: the quickstart)
 evolora report RUN_DIR [RUN_DIR ...]          compare finished runs: markdown tables and a plot
+evolora recommend RUN_DIR --user U | --history A,B [-k 10] [--json]   what a trained run recommends
 evolora export-user-adapter RUN_DIR USER      RecLoRA: one user's adapter as a plain PEFT LoRA
 evolora data fetch NAME                       download and cache a dataset
 evolora data info SOURCE                      what a dataset holds and how it stages
@@ -237,6 +238,84 @@ def export_user_adapter(
         f"user {user}, sample {row} (stage {sample['stage']}, target item {sample['item_id']}): "
         f"adapter of stage {t} written to {target}"
     )
+
+
+@app.command()
+@_user_errors
+def recommend(
+    run_dir: Annotated[
+        Path, typer.Argument(help="an experiment folder (runs/<name>) or a run's seed folder")
+    ],
+    user: Annotated[str | None, typer.Option(help="a user the run knows: their history is used")] = None,
+    history: Annotated[
+        str | None, typer.Option(help="item ids, comma-separated (item:rating for a rating)")
+    ] = None,
+    items: Annotated[
+        str | None, typer.Option(help="CTR runs: the items to score and rank, comma-separated")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="how many items to return")] = 10,
+    method: Annotated[
+        str | None, typer.Option(help="the strategy's label; needed when there are several")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="which seed's run")] = 0,
+    stage: Annotated[
+        int | None, typer.Option(help="the model after this training stage; default: last")
+    ] = None,
+    include_seen: Annotated[bool, typer.Option(help="allow items of the history in the answer")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """What a trained run recommends: the top k items for a user or a history (next-item runs generate
+    them; CTR runs rank the given --items by P(like))."""
+    import json
+
+    from evolora.api import Recommender
+
+    _setup_logging(False)
+    _quiet_libraries()
+    if (user is None) == (history is None):
+        raise EvoloraError("give --user or --history (one of them)")
+    if k < 1 or k > 1000:
+        raise EvoloraError(f"-k {k}: ask for 1 to 1000 items")
+    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage)
+    hist = None if history is None else _parse_history(history)
+    candidates = None if items is None else [i.strip() for i in items.split(",") if i.strip()]
+    top = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen, items=candidates)
+    if as_json:
+        answer = {
+            "run": str(rec.seed_dir),
+            "method": rec.method,
+            "stage": rec.stage,
+            "task": rec.task_name,
+            "user": user,
+            "history": None if hist is None else [i for i, _ in hist],
+            "score": "P(like)" if rec.task_name == "ctr" else "log p(item | history)",
+            "items": [s.to_dict() for s in top],
+        }
+        console.print_json(json.dumps(answer))
+        return
+    table = Table(title=f"{rec.method}, after stage {rec.stage}: top {len(top)} for {user or 'the history'}")
+    table.add_column("rank", justify="right")
+    table.add_column("item")
+    table.add_column("title")
+    table.add_column("P(like)" if rec.task_name == "ctr" else "log p", justify="right")
+    for rank, s in enumerate(top, 1):
+        table.add_row(str(rank), s.item, s.title or "", f"{s.score:.4f}")
+    console.print(table)
+
+
+def _parse_history(text: str) -> list[tuple[str, float]] | list[str]:
+    """`a,b,c` (each liked) or `a:5,b:1` (with ratings)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not any(":" in p for p in parts):
+        return parts
+    out = []
+    for p in parts:
+        item, _, rating = p.partition(":")
+        try:
+            out.append((item, float(rating)))
+        except ValueError:
+            raise EvoloraError(f"--history: {p!r} is not item:rating") from None
+    return out
 
 
 @data_app.command("fetch")

@@ -136,3 +136,50 @@ def test_run_takes_overrides(sunny_dir: Path, tmp_path: Path) -> None:
     results = evolora.run(cfg, train={"epochs": 1}, **{"strategies": ["frozen"], "name": "api-run"})
     assert [r["method"] for r in results] == ["frozen"] and results[0]["complete"]
     assert (tmp_path / "api-run" / "inference" / "bundle.json").is_file()
+
+
+def test_the_recommend_command(ctr_run) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    cfg, _ = ctr_run
+    root = str(Path(cfg.output_dir) / cfg.name)
+    runner = CliRunner()
+    args = [
+        "recommend",
+        root,
+        "--method",
+        "finetune",
+        "--user",
+        "1",
+        "--items",
+        "2,3,4,5",
+        "-k",
+        "2",
+        "--json",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.output)
+    assert answer["method"] == "finetune" and answer["stage"] == 2 and answer["task"] == "ctr"
+    assert answer["user"] == "1" and answer["score"] == "P(like)"
+    assert len(answer["items"]) == 2 and set(answer["items"][0]) == {"item", "score", "title"}
+    assert answer["items"][0]["score"] >= answer["items"][1]["score"]
+    table = runner.invoke(
+        app, ["recommend", root, "--method", "finetune", "--history", "2:5,3:1", "--items", "4,6"]
+    )
+    assert table.exit_code == 0 and "Sunny Day 4" in table.output
+    for bad, message in [
+        (["--method", "finetune", "--items", "2"], "give --user or --history"),
+        (["--method", "finetune", "--user", "nobody", "--items", "2"], "unknown user 'nobody'"),
+        (["--method", "finetune", "--user", "1", "--items", "2", "-k", "0"], "-k 0"),
+        (["--user", "1", "--items", "2"], "choose a method"),
+        (["--method", "finetune", "--history", "2:x", "--items", "3"], "not item:rating"),
+        (["--method", "finetune", "--user", "1"], "ranks given candidates"),
+    ]:
+        result = runner.invoke(app, ["recommend", root, *bad])
+        assert result.exit_code == 2 and message in result.output, (bad, result.output)
+        assert "Traceback" not in result.output
