@@ -3,6 +3,7 @@
 evolora run [CONFIG] [--set key=value ...]    run an experiment (no CONFIG: the quickstart)
 evolora report RUN_DIR [RUN_DIR ...]          compare finished runs: markdown tables and a plot
 evolora recommend RUN_DIR --user U | --history A,B [-k 10] [--json]   what a trained run recommends
+evolora export RUN_DIR --out DIR [--merge]   a trained run for transformers + PEFT (or vLLM) alone
 evolora export-user-adapter RUN_DIR USER      RecLoRA: one user's adapter as a plain PEFT LoRA
 evolora data fetch NAME                       download and cache a dataset
 evolora data info SOURCE                      what a dataset holds and how it stages
@@ -201,6 +202,26 @@ def report(
     plot_metric(groups, first, target / f"{first}.png")
     console.print(Markdown(text))
     console.print(f"written: {target / 'report.md'}, {target / f'{first}.png'}")
+
+
+@app.command("export")
+@_user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="an experiment folder (runs/<name>) or a run's folder")],
+    out: Annotated[Path, typer.Option(help="the folder to write (replaced if it exists)")],
+    method: Annotated[str | None, typer.Option(help="the strategy's label (when there are several)")] = None,
+    seed: Annotated[int, typer.Option(help="which seed's run")] = 0,
+    stage: Annotated[int | None, typer.Option(help="the model after this stage; default: the last")] = None,
+    merge: Annotated[bool, typer.Option(help="write the base model with the adapter merged in")] = False,
+) -> None:
+    """A trained run as a folder transformers + PEFT load without evolora (tokenizer, item map, one plain
+    LoRA adapter with the added tokens' rows), or with --merge a full merged model."""
+    from evolora.export import export_run
+
+    _setup_logging(False)
+    _quiet_libraries()
+    target = export_run(run_dir, out, method=method, seed=seed, stage=stage, merge=merge)
+    console.print(f"exported to {target} (see {target / 'README.md'})")
 
 
 @app.command("export-user-adapter")

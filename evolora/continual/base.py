@@ -80,6 +80,26 @@ class StageContext:
 
 
 @dataclass
+class PlainLora:
+    """An adapter as plain LoRA factors, what `evolora export` writes: ΔW = scaling · B @ A for every module
+    (PEFT's module names), with the added-token rows of the PEFT adapter `tokens_from`."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: float
+    tokens_from: str = MAIN
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.factors.values()))[0].shape[0]
+
+    @classmethod
+    def of(cls, lm: LoraLM, adapter: str) -> PlainLora:
+        """A PEFT adapter of `lm` as it is (all of an evolora run's adapters share alpha / r)."""
+        factors = {n: (a.detach().clone(), b.detach().clone()) for n, a, b in lm.lora_pairs(adapter)}
+        return cls(factors, lm.lora.alpha / lm.lora.r, adapter)
+
+
+@dataclass
 class Env:
     """What a strategy works with: the model, the task and the run configuration, and the prepared data for
     strategies that read more than the samples (RecLoRA's click model)."""
@@ -178,6 +198,14 @@ class Strategy(Generic[OptionsT]):
         return self.task.predict(
             self.lm, rows, self.cfg.eval.batch_size, desc=f"evaluating stage {ctx.eval_stage}"
         )
+
+    def plain_adapters(self) -> dict[str, PlainLora]:
+        """The strategy's model as plain LoRA adapters (export). Default: the main adapter as it is."""
+        return {"default": PlainLora.of(self.lm, MAIN)}
+
+    def export_info(self) -> dict[str, Any]:
+        """How the exported adapters combine, when there are several (LSAT's ensemble weight)."""
+        return {}
 
     def use_task(self, task: Task) -> None:
         """Predict for another table of samples from now on (the same task over new samples: inference)."""

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
-from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions, TrainJob
+from evolora.continual.base import MAIN, PlainLora, StageContext, Strategy, StrategyOptions, TrainJob
 from evolora.models.bank import AdapterBank
 
 
@@ -55,6 +55,25 @@ class CumulativeLora(Strategy[CO], Generic[CO]):
 
     def parameters(self, job: TrainJob) -> list[torch.nn.Parameter]:
         return self.lm.trainable_parameters() + self.bank.magnitude_parameters()
+
+    def current_magnitudes(self) -> dict[str, float]:
+        """The magnitude the current adapter's update is applied at, per module (1 but for SD-LoRA)."""
+        return {}
+
+    def plain_adapters(self) -> dict[str, PlainLora]:
+        """Past updates and the current adapter as one LoRA of rank (k + 1) r: the bank's A_i stacked over
+        A_t and its m_i B_i beside B_t, at the adapter's scaling: s B A = sum_i m_i s B_i A_i + s B_t A_t."""
+        current = self.current_magnitudes()
+        factors = {}
+        for name, a, b in self.lm.lora_pairs(MAIN):
+            a, b = a.detach().float(), b.detach().float() * current.get(name, 1.0)
+            bank = self.bank.banks[name]
+            if bank.a is not None:
+                mags = bank.magnitudes.detach().repeat_interleave(bank.rank)  # type: ignore[union-attr]
+                a = torch.cat([bank.a, a], dim=0)
+                b = torch.cat([bank.b * mags, b], dim=1)  # type: ignore[operator]
+            factors[name] = (a.clone(), b.clone())
+        return {"default": PlainLora(factors, self.lm.lora.alpha / self.lm.lora.r)}
 
     def state(self) -> dict[str, Any]:
         return {"bank": self.bank.state()}

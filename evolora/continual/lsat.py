@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from evolora.config import LoraConfig
-from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions, TrainJob
+from evolora.continual.base import MAIN, PlainLora, StageContext, Strategy, StrategyOptions, TrainJob
 
 LONG = "long"
 FUSED = "fused"
@@ -167,6 +167,25 @@ class Lsat(Strategy[LsatOptions]):
             return self._scores(FUSED, rows, desc)
         long, short = self._pair(rows, desc)
         return self.task.mix([long, short], [self.weight, 1 - self.weight])
+
+    # ------------------------------------------------------------------ export
+    def plain_adapters(self) -> dict[str, PlainLora]:
+        """Fusion: the fused adapter (exact: rank 2r for `delta`). Ensemble: both adapters, combined at
+        inference by `export_info`'s weight (no single LoRA equals an ensemble of outputs)."""
+        if self.identical:
+            return super().plain_adapters()
+        if self.o.inference == "fusion":
+            self.build_fused(self.weight)  # type: ignore[arg-type]
+            return {"default": PlainLora.of(self.lm, FUSED)}
+        return {"long": PlainLora.of(self.lm, LONG), "short": PlainLora.of(self.lm, MAIN)}
+
+    def export_info(self) -> dict[str, Any]:
+        if self.identical or self.o.inference == "fusion":
+            return {}
+        return {
+            "ensemble": {"long": self.weight, "short": 1 - self.weight},  # type: ignore[operator]
+            "mixes": "P(like)" if self.task.name == "ctr" else "log p(item | history)",
+        }
 
     # ------------------------------------------------------------------ state
     def adapters_to_save(self) -> list[str]:

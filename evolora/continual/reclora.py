@@ -28,9 +28,9 @@ import torch
 from pydantic import Field
 
 from evolora.config import ConventionalConfig, ModelConfig, TrainConfig
-from evolora.continual.base import MAIN, StageContext, Strategy, StrategyOptions, TrainJob
+from evolora.continual.base import MAIN, PlainLora, StageContext, Strategy, StrategyOptions, TrainJob
 from evolora.continual.regularizers import ProximalRegularizer
-from evolora.errors import ConfigError
+from evolora.errors import ConfigError, EvoloraError
 from evolora.models.personalized import PersonalizedLoRA
 from evolora.tasks.base import Task
 
@@ -180,6 +180,12 @@ class RecLora(Strategy[RecLoraOptions]):
     def load_job_state(self, job: TrainJob, state: dict[str, torch.Tensor]) -> None:
         if job.model != "crm":
             self.personal.load_state_dict({k.removeprefix("personal."): v for k, v in state.items()})
+
+    def plain_adapters(self) -> dict[str, PlainLora]:
+        raise EvoloraError(
+            "reclora's adapter differs per sample (its router reads the user and the target): export one "
+            "user's with `evolora export-user-adapter RUN_DIR USER`"
+        )
 
     def use_task(self, task: Task) -> None:
         super().use_task(task)

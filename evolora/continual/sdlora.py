@@ -54,6 +54,9 @@ class SdLora(CumulativeLora[CumulativeOptions]):
             return super().parameters(job)
         return super().parameters(job) + list(self.current.values())
 
+    def current_magnitudes(self) -> dict[str, float]:
+        return {n: float(p.detach()) for n, p in self.current.items()}
+
     def job_state(self, job: TrainJob) -> dict[str, torch.Tensor]:
         """The magnitudes the job trained: the current adapter's and the past directions'."""
         out = {f"current.{n}": p.detach() for n, p in self.current.items()}

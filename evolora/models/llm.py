@@ -200,7 +200,9 @@ class LoraLM:
         """A detached CPU copy of the adapter's weights (PEFT key names, adapter name removed)."""
         from peft import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.model, adapter_name=name)
+        # The base embeddings are not trained (only the added rows, kept as trainable tokens): PEFT would
+        # save the whole resized matrix with every adapter.
+        state = get_peft_model_state_dict(self.model, adapter_name=name, save_embedding_layers=False)
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor], name: str = "default") -> None:

@@ -1,0 +1,224 @@
+"""`evolora export`: a trained run as a folder that transformers and PEFT load without evolora.
+
+    <out>/
+        evolora_export.json        what the folder holds: method, stage, task, base model, how to prompt
+        tokenizer files            the run's tokenizer, with the semantic-ID tokens of next-item runs
+        items.json                 item id -> title (CTR prompts) or semantic ID (next-item)
+        adapter/                   one plain PEFT LoRA (adapter_config.json, adapter_model.safetensors);
+                                   or long/ and short/ for LSAT's ensemble, mixed by the weight in
+                                   evolora_export.json
+        adapter/new_embeddings.safetensors
+                                   rows of the added tokens: `input_embeddings` and `output_embeddings`
+                                   [n_new, hidden], for token ids n_base.. (vLLM's LoRA format for an extra
+                                   vocabulary; PEFT's own `trainable_tokens_delta` keys are not used)
+        README.md                  how to load it
+
+Every strategy says how it is one plain LoRA (`Strategy.plain_adapters`): a cumulative strategy's frozen
+past updates and its current adapter are concatenated into one adapter of rank (k + 1) r, LSAT-TA's fused
+adapter is written as it is; LSAT-EN stays two adapters and a weight; RecLoRA (an adapter per sample) has
+`export-user-adapter` instead. `merge=True` writes the base model with the adapter and the token rows
+merged in: a plain transformers model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evolora.api import Recommender
+from evolora.continual.base import PlainLora
+from evolora.errors import EvoloraError
+from evolora.io import atomic_directory
+from evolora.models.llm import LoraLM
+
+log = logging.getLogger("evolora")
+
+_README = """# {method}, after stage {stage} ({task})
+
+Exported by evolora from `{run}`. Load it with transformers and PEFT alone:
+
+```python
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tok = AutoTokenizer.from_pretrained("{out}")
+model = AutoModelForCausalLM.from_pretrained("{base}", torch_dtype=torch.float32)
+model.resize_token_embeddings(len(tok), mean_resizing=False)
+rows = "{out}/{adapter}/new_embeddings.safetensors"  # only when the run added tokens
+new = load_file(rows)
+with torch.no_grad():
+    n = new["input_embeddings"].shape[0]
+    model.get_input_embeddings().weight[-n:] = new["input_embeddings"]
+    model.get_output_embeddings().weight[-n:] = new["output_embeddings"]
+model = PeftModel.from_pretrained(model, "{out}/{adapter}")
+```
+
+{prompting}
+"""
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    method: str | None = None,
+    seed: int = 0,
+    stage: int | None = None,
+    merge: bool = False,
+) -> Path:
+    """Write the model of `method` after `stage` into `out` (replaced atomically); returns `out`."""
+    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage)
+    try:
+        strategy = rec.strategy
+        lm = strategy.lm
+        if not isinstance(lm, LoraLM):
+            raise EvoloraError(
+                f"{rec.method} is a conventional model ({rec.cfg.model.name}); export is for LLM runs: use "
+                f"its adapter folder {rec.seed_dir}/stage-{rec.stage}/trained/adapters/default"
+            )
+        adapters = strategy.plain_adapters()
+        info = strategy.export_info()
+        if merge and len(adapters) > 1:
+            raise EvoloraError(
+                f"{rec.method} is an ensemble of {len(adapters)} adapters: export it without --merge"
+            )
+        out = Path(out)
+        with atomic_directory(out) as folder:
+            lm.tokenizer.save_pretrained(folder)
+            (folder / "items.json").write_text(json.dumps(_item_map(rec), indent=1, ensure_ascii=False))
+            if merge:
+                _write_merged(lm, rec.cfg.model.name, adapters["default"], folder)
+            else:
+                for name, plain in adapters.items():
+                    sub = folder / ("adapter" if len(adapters) == 1 else name)
+                    _write_adapter(lm, rec.cfg.model.name, plain, sub)
+            manifest = _manifest(rec, adapters, info, merge)
+            (folder / "evolora_export.json").write_text(json.dumps(manifest, indent=2))
+            (folder / "README.md").write_text(_readme(rec, out, merge, adapters))
+        log.info("exported %s (stage %d) to %s", rec.method, rec.stage, out)
+        return out
+    finally:
+        rec.strategy.teardown()
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _token_rows(lm: LoraLM, adapter: str) -> dict[str, torch.Tensor] | None:
+    """The added tokens' rows of one adapter: input embeddings, and output ones (the same when tied)."""
+    if not lm.new_token_ids:
+        return None
+    rows: dict[str, torch.Tensor] = {}
+    for layer in lm.token_layers():
+        which = (
+            "input_embeddings" if isinstance(layer.base_layer, torch.nn.Embedding) else "output_embeddings"
+        )
+        rows.setdefault(which, layer.trainable_tokens_delta[adapter].detach().float().cpu().clone())
+    rows.setdefault("output_embeddings", rows["input_embeddings"])  # tied output layer: the same rows
+    return {k: v.contiguous().clone() for k, v in rows.items()}
+
+
+def _write_adapter(lm: LoraLM, base: str, plain: PlainLora, folder: Path) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rank = plain.rank
+    config = PeftLoraConfig(
+        r=rank,
+        lora_alpha=plain.scaling * rank,  # PEFT scales by alpha / r: the factors' own scaling
+        target_modules=sorted(lm.lora.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base,
+    ).to_dict()
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list))
+    state = {}
+    for name, (a, b) in plain.factors.items():
+        state[f"{name}.lora_A.weight"] = a.float().contiguous().clone()
+        state[f"{name}.lora_B.weight"] = b.float().contiguous().clone()
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    rows = _token_rows(lm, plain.tokens_from)
+    if rows is not None:
+        save_file(rows, str(folder / "new_embeddings.safetensors"), metadata={"format": "pt"})
+
+
+def _write_merged(lm: LoraLM, base_name: str, plain: PlainLora, folder: Path) -> None:
+    """A fresh copy of the base model with the adapter's update added to its weights and the added tokens'
+    rows in its embeddings."""
+    from evolora.models.weights import load_pretrained
+
+    base, _ = load_pretrained(base_name, torch.float32)
+    base.resize_token_embeddings(len(lm.tokenizer), mean_resizing=False)
+    modules = dict(base.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in plain.factors.items():
+            target = modules[name.removeprefix("base_model.model.")]
+            target.weight += (plain.scaling * b.float() @ a.float()).to(target.weight.dtype)
+        rows = _token_rows(lm, plain.tokens_from)
+        if rows is not None and lm.new_token_ids:
+            ids = torch.tensor(lm.new_token_ids)
+            base.get_input_embeddings().weight[ids] = rows["input_embeddings"]
+            out_layer = base.get_output_embeddings()
+            if out_layer is not None and out_layer.weight is not base.get_input_embeddings().weight:
+                out_layer.weight[ids] = rows["output_embeddings"]
+    base.save_pretrained(folder)
+
+
+def _item_map(rec: Recommender) -> dict[str, Any]:
+    task = rec.strategy.task
+    if rec.task_name == "next_item":
+        return {item: "".join(tokens) for item, tokens in task.item_tokens.items()}  # type: ignore[attr-defined]
+    return dict(rec._titles)
+
+
+def _manifest(rec: Recommender, adapters: dict[str, PlainLora], info: dict, merge: bool) -> dict[str, Any]:
+    task = rec.strategy.task
+    manifest: dict[str, Any] = {
+        "method": rec.method,
+        "strategy": rec.strategy.name,
+        "stage": rec.stage,
+        "task": rec.task_name,
+        "base_model": rec.cfg.model.name,
+        "merged": merge,
+        "adapters": {name: {"rank": p.rank, "scaling": p.scaling} for name, p in adapters.items()},
+        **info,
+    }
+    lm = rec.strategy.lm
+    if lm.new_token_ids:
+        manifest["new_tokens"] = {"count": len(lm.new_token_ids), "first_id": min(lm.new_token_ids)}
+    if rec.task_name == "ctr":
+        manifest["prompt"] = {
+            "template": task.template,  # type: ignore[attr-defined]
+            "answer": "P(like) = softmax(logits[yes_id], logits[no_id])[0] at the last prompt token",
+            "yes_id": task.yes_id,  # type: ignore[attr-defined]
+            "no_id": task.no_id,  # type: ignore[attr-defined]
+            "like_threshold": rec.like_threshold,
+        }
+    else:
+        manifest["prompt"] = {
+            "template": task.template,  # type: ignore[attr-defined]
+            "answer": "the next item's semantic ID (items.json), then end of sequence",
+        }
+    return manifest
+
+
+def _readme(rec: Recommender, out: Path, merge: bool, adapters: dict[str, PlainLora]) -> str:
+    if merge:
+        return (
+            f"# {rec.method}, after stage {rec.stage} ({rec.task_name})\n\nA merged model: "
+            f'`AutoModelForCausalLM.from_pretrained("{out}")` with `AutoTokenizer.from_pretrained("{out}")`.'
+            " How to prompt it: `evolora_export.json`.\n"
+        )
+    adapter = "adapter" if len(adapters) == 1 else next(iter(adapters))
+    prompting = "How to prompt it: `evolora_export.json` (template, answer tokens) and `items.json`."
+    if len(adapters) > 1:
+        prompting += " Two adapters: load each and mix their outputs with the weights in evolora_export.json."
+    return _README.format(
+        method=rec.method, stage=rec.stage, task=rec.task_name, run=rec.seed_dir, out=out,
+        base=rec.cfg.model.name, adapter=adapter, prompting=prompting,
+    )  # fmt: skip
