@@ -70,3 +70,19 @@ def test_every_strategy_runs_and_learns_in_bf16_mixed(sunny_dir: Path, tmp_path:
             for job in s["jobs"]:
                 losses = [h["train_loss"] for h in job["history"] if "train_loss" in h]
                 assert losses[-1] < losses[0], (r["method"], s["train_stage"], job["job"], losses)
+
+
+def test_the_output_layer_runs_in_full_precision_under_bf16_mixed() -> None:
+    """bf16 logits near 10 are ~0.06 apart: yes/no scores and item rankings would tie."""
+    from evolora.models.llm import LoraLM
+    from tests.helpers import tiny_model
+
+    lm = LoraLM.from_config(tiny_model(precision="bf16-mixed"))
+    hidden = torch.randn(4, lm.base.config.hidden_size) * 30
+    head = lm.base.get_output_embeddings().weight
+    with lm.autocast():
+        both = lm.logits_from_hidden(hidden, token_ids=[3, 4])
+        full = lm.logits_from_hidden(hidden)
+    assert both.dtype == full.dtype == torch.float32
+    torch.testing.assert_close(both, hidden @ head[[3, 4]].T, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(full[:, [3, 4]], both, rtol=1e-6, atol=1e-5)

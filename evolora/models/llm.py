@@ -21,7 +21,7 @@ from torch import nn
 from evolora.config import LoraConfig, ModelConfig
 from evolora.errors import DamagedFileError, EvoloraError
 from evolora.io import atomic_directory, load_tensors
-from evolora.models.precision import resolve_device, resolve_precision
+from evolora.models.precision import resolve_device, resolve_precision, without_autocast
 from evolora.models.weights import load_pretrained
 
 log = logging.getLogger("evolora.models")
@@ -310,19 +310,23 @@ class LoraLM:
         return out.last_hidden_state
 
     def logits_from_hidden(self, hidden: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
-        """Logits for selected hidden states, applying the model's own output scaling.
+        """Logits (fp32) for selected hidden states, applying the model's own output scaling.
 
-        With `token_ids`, only those vocabulary rows are computed (scoring needs two of ~50k).
+        With `token_ids`, only those vocabulary rows are computed (scoring needs two of ~50k). The output
+        layer runs outside autocast, in its weights' dtype: under bf16-mixed, bf16 logits (~0.1 apart near
+        10) would tie many yes/no scores and item rankings.
         """
         head = self.base.get_output_embeddings()
-        if token_ids is not None and isinstance(head, nn.Linear):
-            rows = torch.tensor(token_ids, device=hidden.device)
-            bias = head.bias[rows] if head.bias is not None else None
-            logits = F.linear(hidden, head.weight[rows], bias)
-        else:
-            logits = head(hidden)
-            if token_ids is not None:
-                logits = logits[..., token_ids]
+        with without_autocast():
+            hidden = hidden.to(next(head.parameters()).dtype)
+            if token_ids is not None and isinstance(head, nn.Linear):
+                rows = torch.tensor(token_ids, device=hidden.device)
+                bias = head.bias[rows] if head.bias is not None else None
+                logits = F.linear(hidden, head.weight[rows], bias).float()
+            else:
+                logits = head(hidden).float()
+                if token_ids is not None:
+                    logits = logits[..., token_ids]
         cfg = self.base.config
         scale = getattr(cfg, "logit_scale", None)
         if scale:
