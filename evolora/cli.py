@@ -356,9 +356,13 @@ def data_fetch(
 @data_app.command("info")
 @_user_errors
 def data_info(
-    source: Annotated[str, typer.Argument(help="a dataset name or a path")] = "ml-100k",
-    fmt: Annotated[str, typer.Option("--format", help="file format when SOURCE is a path")] = "auto",
-    meta: Annotated[str | None, typer.Option(help="Amazon metadata file")] = None,
+    source: Annotated[
+        str | None, typer.Argument(help="a dataset name or a path; default: the config's, else ml-100k")
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="file format when SOURCE is a path; default: the config's")
+    ] = None,
+    meta: Annotated[str | None, typer.Option(help="Amazon metadata file, or a table's items table")] = None,
     config: Annotated[
         Path | None, typer.Option(help="take data and staging settings from this config")
     ] = None,
@@ -372,9 +376,8 @@ def data_info(
     from evolora.experiment import resolve_config
 
     _setup_logging(False)
-    overrides = [f"data.source={source}", f"data.format={fmt}", *(set_ or [])]
-    if meta:
-        overrides.append(f"data.meta={meta}")
+    given = {"data.source": source, "data.format": fmt, "data.meta": meta}
+    overrides = [f"{k}={v}" for k, v in given.items() if v is not None] + list(set_ or [])
     flags = {"data.source": "the SOURCE argument", "data.format": "--format", "data.meta": "--meta"}
     cfg = resolve_config(load_config(config, overrides, flags))
     data = load_dataset(cfg.data)

@@ -23,7 +23,7 @@ file, the reference the README's configuration table summarises.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -31,8 +31,10 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializeAsAny,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -50,18 +52,68 @@ class KCore(Section):
     item: int = Field(0, ge=0)
 
 
+class TableColumns(Section):
+    """`data.format: table`: which column of the file holds what.
+
+    `user`, `item` and `time` are required. The label comes from `rating` (rating > `data.like_threshold` is
+    a like), or from `label` (0/1, or true/false), or, with neither, every row is a positive (implicit
+    feedback: CTR samples then get `data.negatives` sampled negatives). `title`, `genre`, `category`,
+    `description`, `year` and `sid` are item fields: read from `data.meta` (whose item id column is the
+    `item` name) when it is given, else from the interaction file itself.
+    """
+
+    user: str
+    item: str
+    time: str
+    rating: str | None = None
+    label: str | None = None
+    title: str | None = None
+    genre: str | None = None
+    category: str | None = None
+    description: str | None = None
+    year: str | None = None
+    sid: str | None = None
+
+    ITEM_FIELDS: ClassVar[tuple[str, ...]] = ("title", "genre", "category", "description", "year", "sid")
+
+    @model_validator(mode="after")
+    def _check(self) -> TableColumns:
+        if self.rating is not None and self.label is not None:
+            raise ValueError(
+                "map either rating (liked when rating > data.like_threshold) or label (0/1), not both"
+            )
+        names = [v for v in self.model_dump().values() if v is not None]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"each column may be mapped once; {repeated} is mapped more than once")
+        return self
+
+    def item_fields(self) -> dict[str, str]:
+        """Our item field name -> the file's column name, for the mapped item fields."""
+        return {f: c for f in self.ITEM_FIELDS if (c := getattr(self, f)) is not None}
+
+
+# DataConfig keys that only mean something for `format: table`: left out of a dumped config at their
+# defaults, so experiments recorded before these keys existed keep their key.
+_TABLE_KEY_DEFAULTS: dict[str, Any] = {"columns": None, "time_unit": "s", "negatives": 1, "negative_seed": 0}
+
+
 class DataConfig(Section):
     """Where the interactions come from.
 
     `source`: a registered dataset name (`ml-100k`, `ml-1m`; fetched and cached on first use) or a path to a
-    file or folder. `format`: how to read `source` when it is a path (`auto` guesses from the file names).
+    file or folder. `format`: how to read `source` when it is a path (`auto` guesses from the file names;
+    `table`, a team's own log as CSV/TSV/Parquet/JSONL, is never guessed and needs `columns`).
     """
 
     source: str = "ml-100k"
-    format: Literal["auto", "ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023", "peso"] = (
-        "auto"
+    format: Literal[
+        "auto", "ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023", "peso", "table"
+    ] = "auto"
+    meta: str | None = Field(
+        None,
+        description="Amazon metadata file when `source` is the reviews file; for `table`, the items table",
     )
-    meta: str | None = Field(None, description="Amazon metadata file when `source` is the reviews file")
     kcore: KCore = KCore()
     like_threshold: float | None = Field(
         None, description="rating > threshold is a like; default: the dataset's own (3 for 5-star data)"
@@ -69,6 +121,41 @@ class DataConfig(Section):
     max_interactions: int | None = Field(
         None, gt=0, description="keep only the most recent N interactions (before staging)"
     )
+    columns: TableColumns | None = Field(None, description="`format: table`: the file's column names")
+    time_unit: Literal["s", "ms"] = Field(
+        "s", description="`format: table`: unit of numeric (epoch) times; ISO dates need none"
+    )
+    negatives: int = Field(
+        1,
+        ge=0,
+        description="implicit feedback: sampled negatives per positive sample of a task reading labels",
+    )
+    negative_seed: int = Field(0, description="seed of the sampled negatives")
+
+    @model_validator(mode="after")
+    def _check_table(self) -> DataConfig:
+        if self.format == "table":
+            if self.columns is None:
+                raise ValueError(
+                    "data.format: table needs data.columns, at least {user: ..., item: ..., time: ...} "
+                    "naming the file's columns"
+                )
+            if self.like_threshold is not None and self.columns.rating is None:
+                raise ValueError(
+                    "data.like_threshold applies to a rating column (data.columns.rating); this table's "
+                    + ("labels are 0/1" if self.columns.label else "rows are all positives (implicit)")
+                )
+        elif self.columns is not None or self.time_unit != "s":
+            raise ValueError("data.columns and data.time_unit apply to data.format: table only")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_default_table_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped = handler(self)
+        for key, default in _TABLE_KEY_DEFAULTS.items():
+            if key in dumped and getattr(self, key) == default:
+                del dumped[key]
+        return dumped
 
 
 class StagingConfig(Section):
@@ -132,8 +219,11 @@ class TaskSection(Section):
 
     Each task subclasses it with its own keys and registers the class (`register_task_config`, done by
     `evolora.tasks.registry.register_task`), so `task: {name: ...}` validates against that task's class.
+    `reads_labels`: whether the task learns from sample labels (liked or not); only such tasks get sampled
+    negatives on implicit-feedback data.
     """
 
+    reads_labels: ClassVar[bool] = True
     name: str
     history_len: int = Field(10, ge=1)
     min_history: int | None = Field(None, ge=0, description="default: history_len")
@@ -224,6 +314,7 @@ class NextItemTaskConfig(TaskSection):
     logits / 0.8; 1.0 is plain cross-entropy.
     """
 
+    reads_labels: ClassVar[bool] = False  # it learns the next item itself: no sampled negatives
     name: Literal["next_item"] = "next_item"
     history_len: int = Field(20, ge=1)
     min_history: int | None = Field(0, ge=0)

@@ -8,7 +8,8 @@ import pytest
 
 from evolora.config import DataConfig, StagingConfig
 from evolora.data import assign_stages, load_dataset
-from evolora.data.samples import build_samples, draw, eval_stage_of, split_pools, train_stages
+from evolora.data.negatives import add_sampled_negatives
+from evolora.data.samples import SampleTable, build_samples, draw, eval_stage_of, split_pools, train_stages
 from evolora.errors import DataError
 
 
@@ -113,3 +114,34 @@ def test_draw_is_reproducible_sorted_and_keyed() -> None:
     assert not np.array_equal(a, draw(rows, 10, seed=0, stage=3, salt=0))
     assert np.array_equal(draw(rows, None, 0, 1, 0), rows)
     assert np.array_equal(draw(rows, 500, 0, 1, 0), rows)
+
+
+def test_every_built_sample_is_real() -> None:
+    rows = [("u", f"i{k}", 4.0, k, 1) for k in range(4)]
+    df = build_samples(staged_frame(rows), 1, 3.0, history_len=2, min_history=1).df
+    assert df["sampled"].dtype == pl.Boolean and not df["sampled"].any()
+
+
+def test_sampled_negatives_are_items_not_met_yet(caplog: pytest.LogCaptureFixture) -> None:
+    """Known items by time t are those anyone met at or before t; the user's own ones are left out."""
+    rows = [
+        ("v", "a", 1.0, 0, 0),
+        ("u", "b", 1.0, 1, 0),
+        ("u", "c", 1.0, 2, 1),  # known: a, b, c; u met b, c -> a only (one short of 2)
+        ("u", "a", 1.0, 3, 1),  # known: a, b, c; u met all -> none
+        ("v", "d", 1.0, 50, 1),  # known: a, b, c, d; v met a, d -> b and c
+    ]
+    staged = staged_frame(rows)
+    table = build_samples(staged, 1, 0.5, history_len=3, min_history=1)
+    with caplog.at_level("INFO", logger="evolora.data"):
+        df = add_sampled_negatives(table, staged, 2, seed=3).df
+    got = df.select("user_id", "item_id", "timestamp", "label", "sampled").rows()
+    assert got[:3] == [("u", "c", 2, 1, False), ("u", "a", 2, 0, True), ("u", "a", 3, 1, False)]
+    assert got[3] == ("v", "d", 50, 1, False) and sorted(r[1] for r in got[4:]) == ["b", "c"]
+    assert all(r[3:] == (0, True) for r in got[4:]) and len(got) == 6
+    assert df["hist_items"].to_list()[:2] == [["b"], ["b"]]  # a negative keeps its positive's history
+    assert "sampled negatives: 3 for 3 implicit-feedback samples (2 per sample, seed 3)" in caplog.text
+    assert "2 samples got fewer" in caplog.text
+    # leave_last_out: v's positive and its negatives are all the test of stage 1 for v.
+    pools = split_pools(SampleTable(df, 1, 3, 0.5), "leave_last_out")
+    assert sorted(pools[1].test.tolist()) == [2, 3, 4, 5]

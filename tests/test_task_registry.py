@@ -56,10 +56,10 @@ class ParityTask(Task):
     def __init__(self, table: Any, tokenizer: Any) -> None:
         super().__init__(table)
         self.tok = tokenizer
-        self.items = table.df["item_id"].to_list()
+        self.targets = table.df["item_id"].to_list()
 
     def _logits(self, lm: LoraLM, rows: np.ndarray) -> torch.Tensor:
-        ids = [self.tok(f"item {self.items[int(r)]}")["input_ids"] for r in rows]
+        ids = [self.tok(f"item {self.targets[int(r)]}")["input_ids"] for r in rows]
         width = max(len(x) for x in ids)
         batch = torch.tensor([x + [0] * (width - len(x)) for x in ids])
         last = torch.tensor([len(x) - 1 for x in ids])

@@ -77,13 +77,15 @@ def finish(
     item_file: Path,
     strict: bool,
     rows_are: str,
+    unit: str = "line",
 ) -> InteractionData:
     """Check ids, drop exact duplicate interactions, fill titles, sort, validate.
 
     `inter` has string or typed columns plus `_line`; `items` has `item_id`, `title`, optional columns and
     `_line`. `strict` (curated MovieLens files): duplicate items and unknown items are errors. Otherwise
     (scraped Amazon files) duplicates keep their first record and unknown items get a fallback title.
-    `rows_are` names the interactions in the log ("ratings", "reviews").
+    `rows_are` names the interactions in the log ("ratings", "reviews"); `unit` what `_line` counts ("line",
+    or "row" for a Parquet file).
     """
     inter = inter.with_columns(
         rating=numeric(inter, "rating", pl.Float64, inter_file),
@@ -135,8 +137,8 @@ def finish(
     if repeat.any():
         log.warning(
             "%s: %d exact duplicate %s removed (same user, item, rating and timestamp; first repeat on "
-            "line %d)",
-            *(inter_file, int(repeat.sum()), rows_are, inter["_line"][repeat.arg_max()]),
+            "%s %d)",
+            *(inter_file, int(repeat.sum()), rows_are, unit, inter["_line"][repeat.arg_max()]),
         )
         inter = inter.filter(~repeat)
 

@@ -39,7 +39,7 @@ def load_dataset(cfg: DataConfig) -> InteractionData:
     # A fetched folder holds whichever files its route brought (GroupLens or RecBole), so always detect.
     fmt = detect_format(path, cfg.meta) if name or cfg.format == "auto" else cfg.format
     spec = FORMATS[fmt]
-    data = spec.load(*spec.resolve(path, cfg.meta))
+    data = spec.load(*spec.resolve(path, cfg.meta), **(spec.options(cfg) if spec.options else {}))
     if name:
         data = replace(data, name=name)
     if cfg.like_threshold is not None:

@@ -10,9 +10,11 @@ import polars as pl
 from evolora.config import RunConfig
 from evolora.data.ids import IdSpace
 from evolora.data.loaders import load_dataset
+from evolora.data.negatives import add_sampled_negatives
 from evolora.data.samples import SampleTable, StagePools, build_samples, split_pools
 from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages, num_stages_of
+from evolora.errors import ConfigError
 
 log = logging.getLogger("evolora")
 
@@ -45,6 +47,15 @@ def prepare_data(cfg: RunConfig) -> Prepared:
     table = build_samples(
         staged, num_stages_of(staged), data.like_threshold, task.history_kept(), task.min_history_or_default()
     )
+    if data.implicit and task.reads_labels:
+        # Every real sample of implicit feedback is a positive: a task that learns labels needs negatives.
+        if cfg.data.negatives == 0:
+            raise ConfigError(
+                f"{data.source}: every interaction is a positive (no rating or label column) and "
+                f"data.negatives is 0, so the {task.name} task would have no negative samples; set "
+                "data.negatives >= 1"
+            )
+        table = add_sampled_negatives(table, staged, cfg.data.negatives, cfg.data.negative_seed)
     pools = split_pools(table, cfg.protocol, cfg.train.valid_fraction)
     for s, p in pools.items():
         log.info(

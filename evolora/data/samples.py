@@ -36,7 +36,8 @@ class SampleTable:
     Columns: `user_id`, `item_id`, `rating`, `label` (1 = liked), `timestamp`, `stage`, `hist_items`
     (list[str], oldest first), `hist_ratings` (list[f64]), `user_kind` (relative to the sample's stage:
     `active` = the user also had interactions in the previous stage, `dormant` = earlier interactions but
-    none in the previous stage, `new` = none before this stage).
+    none in the previous stage, `new` = none before this stage), `sampled` (True for a sampled negative of
+    implicit feedback, which follows its positive: `evolora.data.negatives`; False for every real sample).
     """
 
     df: pl.DataFrame
@@ -108,6 +109,7 @@ def build_samples(
         "hist_items",
         "hist_ratings",
         "user_kind",
+        sampled=pl.lit(False),
     )
     present = set(out["stage"].unique().to_list())
     missing = [s for s in range(1, n_stages + 1) if s not in present]
@@ -139,9 +141,13 @@ def split_next_stage(table: SampleTable, valid_fraction: float = 0.1) -> dict[in
 
 
 def split_leave_last_out(table: SampleTable) -> dict[int, StagePools]:
-    df = table.df.with_row_index("_i").select("_i", "user_id", "stage")
-    # Position from the end within (user, stage); rows are in time order.
-    df = df.with_columns(_back=pl.int_range(pl.len(), 0, -1).over(["user_id", "stage"]))
+    df = table.df.with_row_index("_i")
+    real = ~pl.col("sampled") if "sampled" in df.columns else pl.lit(True)
+    # Position from the end among the real samples of (user, stage); rows are in time order. A sampled
+    # negative follows its positive and takes its position, so the two land in the same pool.
+    group = ["user_id", "stage"]
+    back = real.cast(pl.Int64).cum_sum(reverse=True).over(group)
+    df = df.select("_i", "stage", _back=pl.when(real).then(back).forward_fill().over(group))
     pools: dict[int, StagePools] = {}
     for s in range(1, table.n_stages + 1):
         part = df.filter(pl.col("stage") == s)

@@ -45,6 +45,8 @@ class InteractionData:
     5-star data). `source` says where the data came from, for the run record. `preset_stages` (int32, one per
     interaction, 1-based): the stages a pre-blocked source comes with; None for sources staged by time.
     `files`: the absolute paths of every file the loader read, in read order (`data_digest` hashes them).
+    `implicit`: every interaction is a positive (a log of clicks or purchases, no rating or label): tasks that
+    learn from labels get sampled negatives (`evolora.data.negatives`).
     """
 
     name: str
@@ -55,6 +57,7 @@ class InteractionData:
     notes: tuple[str, ...] = field(default_factory=tuple)
     preset_stages: np.ndarray | None = field(default=None, compare=False, repr=False)
     files: tuple[str, ...] = field(default=(), compare=False)
+    implicit: bool = False
 
     @property
     def n_users(self) -> int:
@@ -157,6 +160,7 @@ class InteractionData:
             "last_timestamp": int(ts.max()),  # type: ignore[arg-type]
             "like_threshold": self.like_threshold,
             "liked_fraction": round(float(liked), 4),  # type: ignore[arg-type]
+            "implicit": self.implicit,
         }
 
 

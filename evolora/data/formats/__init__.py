@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from evolora.data.formats import amazon, movielens, peso
+from evolora.config import DataConfig
+from evolora.data.formats import amazon, movielens, peso, table
 from evolora.data.schema import InteractionData
 
 
@@ -22,21 +23,24 @@ class SourceFormat:
 
     `detect(path, meta)`: whether `path` (a file or folder, with `data.meta`) holds this format; it may raise
     `DataError` when the files are clearly of its family but unusable. `resolve(path, meta)`: the loader's
-    positional arguments. `expects`: what its files look like, for "cannot detect" messages.
+    positional arguments. `expects`: what its files look like, for "cannot detect" messages. `options(cfg)`:
+    the loader's keyword arguments from the data settings, for formats that have settings of their own.
     """
 
     detect: Callable[[Path, str | None], bool]
-    resolve: Callable[[Path, str | None], tuple[Path, ...]]
+    resolve: Callable[[Path, str | None], tuple[Path | None, ...]]
     load: Callable[..., InteractionData]
     expects: str
+    options: Callable[[DataConfig], dict[str, Any]] | None = None
 
 
-Format = Literal["ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023", "peso"]
+Format = Literal["ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023", "peso", "table"]
 
 _AMAZON = "Amazon .json/.jsonl(.gz) reviews and metadata"
 
 # Detection tries the formats in this order: PESO's block names are the most specific, and Amazon comes
-# last because it reads the first record of a file.
+# after the names because it reads the first record of a file. A table is never detected: its `detect` only
+# tells a table file under `auto` to set `data.format: table` (after Amazon has had its .jsonl files).
 FORMATS: dict[str, SourceFormat] = {
     "peso": SourceFormat(
         peso.detect, peso.resolve, peso.load_peso_blocks, "PESO blocks (<key>.all.block_0.json)"
@@ -61,4 +65,11 @@ FORMATS: dict[str, SourceFormat] = {
     ),
     "amazon-2018": SourceFormat(amazon.detects(2018), amazon.resolve, amazon.load_amazon_2018, _AMAZON),
     "amazon-2023": SourceFormat(amazon.detects(2023), amazon.resolve, amazon.load_amazon_2023, _AMAZON),
+    "table": SourceFormat(
+        table.detect,
+        table.resolve,
+        table.load_table,
+        "a table of your own (.csv, .tsv, .parquet, .jsonl) with data.format: table",
+        table.options,
+    ),
 }

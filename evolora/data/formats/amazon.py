@@ -168,5 +168,6 @@ def version(path: Path) -> int:
         raise DataError(f"{path}: this looks like a metadata file; set data.source to the reviews file")
     raise DataError(
         f"{path}: unknown JSON format (first record has fields {sorted(record)[:10]}); expected Amazon 2018 "
-        "reviews (reviewerID, asin, overall, unixReviewTime) or 2023 reviews (user_id, parent_asin, ...)"
+        "reviews (reviewerID, asin, overall, unixReviewTime) or 2023 reviews (user_id, parent_asin, ...); "
+        "for a log of your own, set data.format: table and data.columns"
     )

@@ -1,0 +1,306 @@
+"""A team's own interaction log (`data.format: table`): one row per interaction in a CSV, TSV, Parquet or
+JSON-lines file, with the columns named by `data.columns`, and optionally an items table (`data.meta`).
+
+* Ids: `user` and `item` values are read as text (an integer id 7 is "7"); a missing one is an error.
+* Times: epoch seconds (whole numbers; `data.time_unit: ms` for milliseconds), or ISO dates and datetimes
+  ("2024-03-01", "2024-03-01T09:30:00", with an offset or "Z"; naive ones are UTC). Stored as epoch seconds.
+* Labels: with `rating`, a like is rating > `data.like_threshold` (3 unless set, as for the other sources);
+  with `label`, a 0/1 (or true/false) column is the like itself; with neither, every row is a positive
+  (implicit feedback) and tasks that read labels get sampled negatives (`evolora.data.negatives`). Label and
+  implicit data store the label as the rating (1.0 or 0.0) with a like threshold of 0.5.
+* Items: the item fields of `data.columns` (title, genre, category, description, year, sid) come from the
+  items table, whose id column has the `item` name, or, without one, from the log (each item's first value).
+  An item without a title (no title column, no record in the items table, an empty title) is called by its
+  id, and the log says how many are.
+
+Every error names the file, the line (CSV/TSV/JSONL; the header is line 1) or row (Parquet), and the problem.
+Exact duplicate rows are removed with a counted warning, as for every source (`build.finish`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+
+from evolora.config import DataConfig, TableColumns
+from evolora.data.build import LIKE_THRESHOLD, absolute, finish
+from evolora.data.schema import InteractionData
+from evolora.data.table_files import TABLE_FILES, TableRows, read_table, table_kind
+from evolora.errors import DataError
+
+log = logging.getLogger("evolora.data")
+
+#: the like threshold of label and implicit data, whose ratings are 1.0 (liked) or 0.0
+BINARY_THRESHOLD = 0.5
+
+_ISO_FORMATS = (
+    "%Y-%m-%d",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+    "%Y-%m-%d %H:%M:%S%.f%#z",
+)
+_LABELS = {"1": 1.0, "1.0": 1.0, "true": 1.0, "0": 0.0, "0.0": 0.0, "false": 0.0}
+
+
+def load_table(
+    source: str | Path, meta: str | Path | None, columns: TableColumns, time_unit: str = "s"
+) -> InteractionData:
+    """The interactions of `source` and the items of `meta` (optional), read as the module docstring says."""
+    source = Path(source)
+    meta_path = Path(meta) if meta is not None else None
+    wanted = {"user_id": columns.user, "item_id": columns.item, "timestamp": columns.time}
+    if columns.rating is not None:
+        wanted["rating"] = columns.rating
+    if columns.label is not None:
+        wanted["label"] = columns.label
+    fields = columns.item_fields()
+    in_log = {} if meta_path is not None else fields
+    rows = read_table(source, [*wanted.values(), *in_log.values()], text=in_log.values())
+    inter = _interactions(rows, wanted, time_unit)
+    if meta_path is not None:
+        meta_rows = read_table(meta_path, [columns.item, *fields.values()], text=fields.values())
+        records = _item_records(meta_rows, columns.item, fields)
+    else:
+        records = _log_item_records(rows, inter, fields)
+    items = _items(inter, records, fields, source, meta_path)
+    data = finish(
+        _stem(source),
+        source,
+        inter,
+        source,
+        items,
+        meta_path or source,
+        strict=True,
+        rows_are="interactions",
+        unit=rows.unit,
+    )
+    implicit = columns.rating is None and columns.label is None
+    threshold = LIKE_THRESHOLD if columns.rating is not None else BINARY_THRESHOLD
+    if implicit:
+        log.info("%s: no rating or label column: every row is a positive (implicit feedback)", source)
+    files = absolute(source, meta_path) if meta_path is not None else absolute(source)
+    return replace(data, like_threshold=threshold, implicit=implicit, files=files)
+
+
+# ------------------------------------------------------------------------------------------- interactions
+
+
+def _interactions(rows: TableRows, wanted: dict[str, str], time_unit: str) -> pl.DataFrame:
+    """`user_id`, `item_id` (text), `timestamp` (epoch seconds), `rating` (f64) and `_line`."""
+    df = rows.frame.select(*(pl.col(c).alias(ours) for ours, c in wanted.items()), "_line")
+    out = {
+        "user_id": _ids(rows, df, "user_id", wanted["user_id"], "user id"),
+        "item_id": _ids(rows, df, "item_id", wanted["item_id"], "item id"),
+        "timestamp": _times(rows, df, wanted["timestamp"], time_unit),
+    }
+    if "rating" in wanted:
+        out["rating"] = _ratings(rows, df, wanted["rating"])
+    elif "label" in wanted:
+        out["rating"] = _labels(rows, df, wanted["label"])
+    else:
+        out["rating"] = pl.Series("rating", [1.0] * df.height, dtype=pl.Float64)
+    return pl.DataFrame({**out, "_line": df["_line"]})
+
+
+def _ids(rows: TableRows, df: pl.DataFrame, col: str, name: str, what: str) -> pl.Series:
+    ids = df[col].cast(pl.Utf8).str.strip_chars()
+    empty = (ids == "").fill_null(True)
+    if empty.any():
+        raise rows.error(int(df["_line"][empty.arg_max()]), f"no {what} (column {name!r} is empty)")
+    return ids
+
+
+def _times(rows: TableRows, df: pl.DataFrame, name: str, unit: str) -> pl.Series:
+    seconds = epoch_seconds(df["timestamp"], unit)
+    bad = seconds.is_null()
+    if bad.any():
+        i = int(bad.arg_max())  # type: ignore[arg-type]
+        value = df["timestamp"][i]
+        line = int(df["_line"][i])
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise rows.error(line, f"no time (column {name!r} is empty)")
+        epoch = "epoch milliseconds" if unit == "ms" else "epoch seconds"
+        raise rows.error(
+            line, f"time {value!r} (column {name!r}) is neither {epoch} nor an ISO date or datetime"
+        )
+    return seconds.alias("timestamp")
+
+
+def epoch_seconds(values: pl.Series, unit: str = "s") -> pl.Series:
+    """Times as whole epoch seconds (Int64); null where a value is missing or not a time.
+
+    Numbers (and numeric text) are epoch `unit`s (`s` or `ms`); text that is not a number is an ISO date or
+    datetime (naive ones are UTC); Parquet dates and datetimes are taken as they are.
+    """
+    per_second = 1000 if unit == "ms" else 1
+    dtype = values.dtype
+    if dtype == pl.Date or isinstance(dtype, pl.Datetime):
+        return values.cast(pl.Datetime("us")).dt.epoch("s") if dtype == pl.Date else values.dt.epoch("s")
+    if dtype.is_integer():
+        return values.cast(pl.Int64) // per_second
+    if dtype.is_float():
+        return _whole_seconds(values.cast(pl.Float64), per_second)
+    if dtype != pl.Utf8:
+        return pl.Series(values.name, [None] * values.len(), dtype=pl.Int64)
+    text = values.str.strip_chars()
+    numeric = pl.select(
+        pl.coalesce(
+            text.cast(pl.Int64, strict=False) // per_second,
+            _whole_seconds(text.cast(pl.Float64, strict=False), per_second),
+        )
+    ).to_series()
+    iso = [text.str.to_datetime(f, strict=False, time_unit="us").dt.epoch("s") for f in _ISO_FORMATS]
+    seconds = pl.select(pl.coalesce(numeric, *iso)).to_series()
+    rest = text.filter(seconds.is_null() & text.is_not_null()).unique().to_list()
+    if rest:  # the ISO forms the fixed formats miss ("2024-03-01T09:30", "+0200" offsets): Python's parser
+        parsed = {v: s for v in rest if (s := _python_iso(v)) is not None}
+        if parsed:
+            found = text.replace_strict(parsed, default=None, return_dtype=pl.Int64)
+            seconds = pl.select(pl.coalesce(seconds, found)).to_series()
+    return seconds.alias(values.name)
+
+
+def _whole_seconds(numbers: pl.Series, per_second: int) -> pl.Series:
+    finite = numbers.is_finite().fill_null(False) & (numbers.abs() < 2**62)
+    return pl.select(pl.when(finite).then((numbers / per_second).floor()).cast(pl.Int64)).to_series()
+
+
+def _python_iso(text: str) -> int | None:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return math.floor(moment.timestamp())
+
+
+def _ratings(rows: TableRows, df: pl.DataFrame, name: str) -> pl.Series:
+    raw = df["rating"]
+    numbers = raw.str.strip_chars().cast(pl.Float64, strict=False) if raw.dtype == pl.Utf8 else raw
+    if not numbers.dtype.is_numeric():
+        raise rows.error(int(df["_line"][0]), f"column {name!r} holds {raw.dtype} values, not ratings")
+    numbers = numbers.cast(pl.Float64)
+    bad = (numbers.is_null() | ~numbers.is_finite()).fill_null(True)
+    if bad.any():
+        i = int(bad.arg_max())  # type: ignore[arg-type]
+        value, line = raw[i], int(df["_line"][i])
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise rows.error(line, f"no rating (column {name!r} is empty)")
+        raise rows.error(line, f"rating {value!r} (column {name!r}) is not a number")
+    return numbers.alias("rating")
+
+
+def _labels(rows: TableRows, df: pl.DataFrame, name: str) -> pl.Series:
+    raw = df["label"]
+    text = raw.cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+    labels = text.replace_strict(_LABELS, default=None, return_dtype=pl.Float64)
+    bad = labels.is_null()
+    if bad.any():
+        i = int(bad.arg_max())  # type: ignore[arg-type]
+        value, line = raw[i], int(df["_line"][i])
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise rows.error(line, f"no label (column {name!r} is empty)")
+        raise rows.error(line, f"label {value!r} (column {name!r}) must be 0 or 1 (or true/false)")
+    return labels.alias("rating")
+
+
+# ------------------------------------------------------------------------------------------------- items
+
+
+def _item_records(rows: TableRows, id_column: str, fields: dict[str, str]) -> pl.DataFrame:
+    """The items table's records: `item_id`, the mapped fields (text) and `_line`; ids unique."""
+    df = rows.frame
+    records = df.select(
+        item_id=_ids(rows, df, id_column, id_column, "item id"),
+        **{f: pl.col(c).cast(pl.Utf8) for f, c in fields.items()},
+        _line=pl.col("_line"),
+    )
+    repeated = records["item_id"].is_duplicated()
+    if repeated.any():
+        item, lines = (
+            records.filter(repeated).group_by("item_id", maintain_order=True).agg(pl.col("_line")).row(0)
+        )
+        raise rows.error(lines[1], f"item id {item!r} appears again (first on {rows.unit} {lines[0]})")
+    return records
+
+
+def _log_item_records(rows: TableRows, inter: pl.DataFrame, fields: dict[str, str]) -> pl.DataFrame:
+    """Item fields read from the log itself: each item's first non-empty value, in file order."""
+    df = rows.frame.select(
+        item_id=inter["item_id"],
+        _line=pl.col("_line"),
+        **{f: pl.col(c).cast(pl.Utf8) for f, c in fields.items()},
+    )
+    given = {f: pl.col(f).filter(pl.col(f).str.strip_chars() != "") for f in fields}
+    titles = [given["title"].n_unique().alias("_titles")] if "title" in given else []
+    records = df.group_by("item_id", maintain_order=True).agg(
+        pl.col("_line").first(), *(value.first().alias(f) for f, value in given.items()), *titles
+    )
+    if titles:
+        differ = int((records["_titles"] > 1).sum())
+        if differ:
+            log.warning(
+                "%s: %d items have more than one title in the file; each keeps its first", rows.path, differ
+            )
+        records = records.drop("_titles")
+    return records
+
+
+def _items(
+    inter: pl.DataFrame, records: pl.DataFrame, fields: dict[str, str], source: Path, meta: Path | None
+) -> pl.DataFrame:
+    """Every record plus a bare one for each logged item without a record; untitled items get their id as
+    title, with a log line counting them."""
+    missing = inter.select("item_id").unique(maintain_order=True).join(records, on="item_id", how="anti")
+    if meta is not None and missing.height:
+        log.warning(
+            "%s: %d of %d items in %s have no record here; they are called by their id",
+            *(meta, missing.height, inter["item_id"].n_unique(), source),
+        )
+    items = pl.concat([records, missing], how="diagonal_relaxed")
+    title = pl.col("title").str.strip_chars() if "title" in fields else pl.lit(None, dtype=pl.Utf8)
+    untitled = items.select(title.is_null() | (title == "")).to_series()
+    if "title" not in fields:
+        log.warning(
+            "%s: no title column (data.columns.title): the %d items are called by their id",
+            *(meta or source, items.height),
+        )
+    elif (n := int(untitled.sum()) - (missing.height if meta is not None else 0)) > 0:
+        log.warning("%s: %d items have an empty title; they are called by their id", meta or source, n)
+    return items.with_columns(title=pl.when(untitled).then(pl.col("item_id")).otherwise(title))
+
+
+def _stem(path: Path) -> str:
+    name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
+    return Path(name).stem
+
+
+# ------------------------------------------------------------------------------------------ registry hooks
+
+
+def detect(path: Path, meta: str | None) -> bool:
+    """Never guessed: a table's columns have to be named. A table file under `auto` gets the way to say so."""
+    if path.is_file() and table_kind(path) is not None:
+        raise DataError(
+            f"{path}: a table of your own is not guessed; set data.format: table and data.columns "
+            "(at least {user: ..., item: ..., time: ...}; see the README's 'Your own data')"
+        )
+    return False
+
+
+def resolve(path: Path, meta: str | None) -> tuple[Path, Path | None]:
+    if path.is_dir():
+        raise DataError(f"{path}: data.format: table reads one file ({TABLE_FILES}), not a folder")
+    return path, Path(meta).expanduser() if meta else None
+
+
+def options(cfg: DataConfig) -> dict[str, object]:
+    """The loader's settings from the config: the column names and the unit of epoch times."""
+    return {"columns": cfg.columns, "time_unit": cfg.time_unit}

@@ -1,0 +1,212 @@
+"""Reading a team's own tables (`data.format: table`): CSV, TSV, Parquet or JSON lines, chosen by extension.
+
+`read_table` returns the asked-for columns as they are in the file (strings for the text formats) plus
+`_line`, where each row is: the 1-based line of the file where its record starts (the header is line 1) for
+CSV/TSV/JSONL, the 1-based row number for Parquet. Errors name the file, that line or row, and the problem.
+
+CSV and TSV are parsed by polars; a pass of Python's csv module over the same text gives every record's line
+(quoted fields may span lines) and checks each record has as many fields as the header, which polars would
+otherwise pad or refuse without naming the line. Blank lines are skipped. TSV has no quoting: a field ends at
+the next tab or newline. The text-encoding policy is the one of `evolora.data.readers`: mapped text fields
+(`text`) that are not valid UTF-8 get U+FFFD and one counted warning; any other mapped column must be valid.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from evolora.data.readers import read_jsonl, require_file, truncation_hint, warn_replaced_text
+from evolora.errors import DataError
+
+_REPLACEMENT = "\ufffd"
+
+#: file name ending -> kind; text kinds may also end in .gz
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+TABLE_FILES = ".csv, .tsv, .parquet or .jsonl/.ndjson (the text ones optionally .gz)"
+
+
+@dataclass(frozen=True)
+class TableRows:
+    """The rows of a table file: the asked-for columns plus `_line` (see the module docstring)."""
+
+    path: Path
+    frame: pl.DataFrame
+    unit: str  # "line" (text files) or "row" (Parquet)
+    # The last line's number when it has no newline: a file cut off in a copy or download ends that way.
+    unterminated: int | None = None
+
+    def error(self, line: int, problem: str) -> DataError:
+        hint = truncation_hint(line, self.unterminated) if self.unit == "line" else ""
+        return DataError(f"{self.path} {self.unit} {line}: {problem}{hint}")
+
+
+def table_kind(path: Path) -> str | None:
+    """`csv`, `tsv`, `parquet` or `jsonl` from the file name; None for any other name."""
+    name = path.name.lower()
+    gz = name.endswith(".gz")
+    stem = Path(name[:-3]) if gz else Path(name)
+    kind = TABLE_SUFFIXES.get(stem.suffix)
+    return None if kind is None or (gz and kind == "parquet") else kind
+
+
+def read_table(path: Path, columns: Iterable[str], text: Iterable[str] = ()) -> TableRows:
+    """The named `columns` of a table file, all required to exist (see the module docstring). Columns in
+    `text` follow the text-encoding policy (replaced and counted); the others must be valid UTF-8."""
+    kind = table_kind(path)
+    if kind is None:
+        raise DataError(f"{path}: unknown table file type; data.format: table reads {TABLE_FILES}")
+    require_file(path)
+    wanted = list(dict.fromkeys(columns))
+    text_columns = frozenset(text)
+    if kind == "parquet":
+        return _read_parquet(path, wanted)
+    if kind == "jsonl":
+        return _read_jsonl(path, wanted, text_columns)
+    return _read_delimited(path, "," if kind == "csv" else "\t", wanted, text_columns)
+
+
+def _missing_column(path: Path, where: str, column: str, present: list[str]) -> DataError:
+    shown = present[:20] + (["..."] if len(present) > 20 else [])
+    return DataError(f"{path}{where}: no column {column!r} (the file has {shown})")
+
+
+# ----------------------------------------------------------------------------------------------- CSV / TSV
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz, an unreadable file
+        raise DataError(f"{path}: cannot read the file ({e})") from None
+
+
+def _read_delimited(path: Path, sep: str, wanted: list[str], text: frozenset[str]) -> TableRows:
+    raw = _read_bytes(path)
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as spreadsheet programs write
+        raw = raw[3:]
+    try:
+        decoded, bad_bytes = raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        decoded, bad_bytes = raw.decode("utf-8", errors="replace"), True
+        raw = decoded.encode("utf-8")
+    if not decoded.strip():
+        raise DataError(f"{path}: file is empty")
+    # The number of the last line when it has no newline (see `TableRows.unterminated`).
+    unterminated = None if decoded.endswith(("\n", "\r")) else decoded.count("\n") + 1
+    header, lines, blank = _record_lines(path, decoded, sep, unterminated)
+    if not lines or all(blank):
+        raise DataError(f"{path}: no data rows after the header")
+    for column in wanted:
+        if column not in header:
+            raise _missing_column(path, " line 1 (the header)", column, header)
+    try:
+        frame = pl.read_csv(
+            raw,
+            separator=sep,
+            quote_char='"' if sep == "," else None,
+            infer_schema=False,
+            columns=wanted,
+            raise_if_empty=False,
+        )
+    except Exception as e:  # polars refuses what Python's csv module accepted: name the file at least
+        raise DataError(f"{path}: cannot read the file as {'CSV' if sep == ',' else 'TSV'} ({e})") from None
+    if frame.height != len(lines):
+        raise DataError(
+            f"{path}: polars read {frame.height} records where Python's csv module finds {len(lines)}; "
+            "check the file's quoting"
+        )
+    frame = frame.with_columns(_line=pl.Series(lines, dtype=pl.Int64)).filter(~pl.Series(blank))
+    rows = TableRows(path, frame, "line", unterminated)
+    if bad_bytes:
+        _encoding_policy(rows, wanted, text)
+    return rows
+
+
+def _record_lines(
+    path: Path, decoded: str, sep: str, unterminated: int | None
+) -> tuple[list[str], list[int], list[bool]]:
+    """The header's fields, and the start line and blankness of every record after it; a record whose field
+    count differs from the header's raises naming its line."""
+    if sep == ",":
+        reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=",", quotechar='"', strict=True)
+    else:
+        reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quoting=csv.QUOTE_NONE)
+    lines: list[int] = []
+    blank: list[bool] = []
+    header: list[str] | None = None
+    start = 1
+    try:
+        for fields in reader:
+            is_blank = not "".join(fields).strip()
+            if header is None:
+                if is_blank:
+                    raise DataError(f"{path} line 1: blank; the first line must be the header (column names)")
+                header = fields
+            else:
+                if not is_blank and len(fields) != len(header):
+                    raise DataError(
+                        f"{path} line {start}: expected {len(header)} fields separated by {sep!r} (as in the "
+                        f"header), found {len(fields)}" + truncation_hint(start, unterminated)
+                    )
+                lines.append(start)
+                blank.append(is_blank)
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"{path} line {start}: not valid CSV ({e})") from None
+    return header or [], lines, blank
+
+
+def _encoding_policy(rows: TableRows, wanted: list[str], text: frozenset[str]) -> None:
+    """After a lossy decode: replacement characters in a non-text column are an error naming the line;
+    in text columns they are counted in one warning."""
+    df = rows.frame
+    replaced: set[int] = set()
+    for column in wanted:
+        hit = df[column].str.contains(_REPLACEMENT, literal=True).fill_null(False)
+        if not hit.any():
+            continue
+        if column not in text:
+            raise rows.error(int(df["_line"][hit.arg_max()]), f"column {column!r} is not valid UTF-8")
+        replaced.update(df["_line"].filter(hit).to_list())
+    warn_replaced_text(rows.path, sorted(replaced))
+
+
+# -------------------------------------------------------------------------------------- Parquet and JSONL
+
+
+def _read_parquet(path: Path, wanted: list[str]) -> TableRows:
+    try:
+        present = list(pl.read_parquet_schema(path))
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the file as Parquet ({e})") from None
+    for column in wanted:
+        if column not in present:
+            raise _missing_column(path, "", column, present)
+    try:
+        frame = pl.read_parquet(path, columns=wanted)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the file as Parquet ({e})") from None
+    if frame.height == 0:
+        raise DataError(f"{path}: the file has no rows")
+    frame = frame.with_columns(_line=pl.int_range(1, frame.height + 1, dtype=pl.Int64))
+    return TableRows(path, frame, "row")
+
+
+def _read_jsonl(path: Path, wanted: list[str], text: frozenset[str]) -> TableRows:
+    # Every field as text (a number becomes its JSON text): types are settled per column afterwards.
+    frame = read_jsonl(path, {c: "str" for c in wanted}, required=(), text=text)
+    for column in wanted:
+        if frame[column].null_count() == frame.height:
+            raise DataError(f"{path}: no record has a field {column!r}")
+    return TableRows(path, frame, "line")

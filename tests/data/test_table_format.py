@@ -1,0 +1,257 @@
+"""`data.format: table`: a team's own log as CSV, TSV, Parquet or JSONL, and each documented error."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from evolora.config import DataConfig, TableColumns, load_config
+from evolora.data import load_dataset
+from evolora.data.formats.table import epoch_seconds, load_table
+from evolora.data.loaders import detect_format
+from evolora.errors import ConfigError, DataError
+
+COLUMNS = TableColumns(user="uid", item="iid", time="ts", rating="stars", title="name")
+RATED = TableColumns(user="uid", item="iid", time="ts", rating="stars")
+LABELLED = TableColumns(user="uid", item="iid", time="ts", label="clicked")
+LOG = "uid,iid,ts,stars\nu1,a,2024-01-01,5\nu2,b,2024-01-02T10:00:00,1\nu1,b,1704240000,4\n"
+ITEMS = "iid,name,genre\na,Apple Pie,dessert\nb,Bean Soup,soup\n"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load(path: Path, meta: Path | None = None, columns: TableColumns = RATED, unit: str = "s"):
+    return load_table(path, meta, columns, unit)
+
+
+def test_csv_with_items_table(tmp_path: Path) -> None:
+    data = load(write(tmp_path / "log.csv", LOG), write(tmp_path / "items.csv", ITEMS), COLUMNS)
+    inter = data.interactions
+    assert inter["user_id"].to_list() == ["u1", "u2", "u1"]  # time order
+    assert inter["timestamp"].to_list() == [1704067200, 1704189600, 1704240000]
+    assert inter["rating"].to_list() == [5.0, 1.0, 4.0]
+    assert dict(zip(data.items["item_id"], data.items["title"], strict=True)) == {
+        "a": "Apple Pie",
+        "b": "Bean Soup",
+    }
+    assert "genre" not in data.items.columns  # only mapped fields are read
+    assert data.like_threshold == 3.0 and not data.implicit
+    assert data.name == "log" and data.files == (str(tmp_path / "log.csv"), str(tmp_path / "items.csv"))
+
+
+def test_load_dataset_reads_the_config(tmp_path: Path) -> None:
+    write(tmp_path / "log.csv", LOG)
+    write(tmp_path / "items.csv", ITEMS)
+    cfg = DataConfig(
+        source=str(tmp_path / "log.csv"),
+        format="table",
+        meta=str(tmp_path / "items.csv"),
+        columns={"user": "uid", "item": "iid", "time": "ts", "rating": "stars", "genre": "genre"},
+        like_threshold=4.5,
+    )
+    data = load_dataset(cfg)
+    assert data.like_threshold == 4.5
+    assert data.items["title"].to_list() == ["a", "b"]  # no title mapped: the id
+    assert data.items["genre"].to_list() == ["dessert", "soup"]
+
+
+def test_time_forms() -> None:
+    values = pl.Series(
+        [
+            "881250949",
+            "881250949.0",
+            "2024-03-01",
+            "2024-03-01T09:30:00",
+            "2024-03-01 09:30:00.75",
+            "2024-03-01T09:30:00Z",
+            "2024-03-01T11:30:00+02:00",
+            "2024-03-01T09:30",  # Python's ISO parser takes what the fixed formats miss
+            "yesterday",
+            None,
+        ]
+    )
+    at_930 = 1709285400
+    assert epoch_seconds(values).to_list() == [
+        881250949, 881250949, 1709251200, at_930, at_930, at_930, at_930, at_930, None, None
+    ]  # fmt: skip
+    assert epoch_seconds(pl.Series(["1709285400123"]), "ms").to_list() == [at_930]
+    assert epoch_seconds(pl.Series([1709285400123]), "ms").to_list() == [at_930]
+
+
+def test_tsv_gz_jsonl_and_parquet_read_alike(tmp_path: Path) -> None:
+    expected = load(write(tmp_path / "log.csv", LOG)).interactions
+    tsv = LOG.replace(",", "\t")
+    with gzip.open(tmp_path / "log.tsv.gz", "wt", encoding="utf-8") as f:
+        f.write(tsv)
+    rows = [
+        dict(zip(["uid", "iid", "ts", "stars"], line.split(","), strict=True)) for line in LOG.split()[1:]
+    ]
+    rows[2]["ts"] = 1704240000  # JSON numbers are fine as well as strings
+    rows[2]["stars"] = 4
+    write(tmp_path / "log.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    parquet = pl.DataFrame(
+        {
+            "uid": ["u1", "u2", "u1"],
+            "iid": ["a", "b", "b"],
+            "ts": pl.Series(["2024-01-01", "2024-01-02T10:00:00", "2024-01-03"]).str.to_datetime(
+                strict=False
+            ),
+            "stars": [5, 1, 4],
+        }
+    )
+    parquet.write_parquet(tmp_path / "log.parquet")
+    for name in ("log.tsv.gz", "log.jsonl", "log.parquet"):
+        assert load(tmp_path / name).interactions.equals(expected), name
+
+
+def test_items_from_the_log_without_meta(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    text = "uid,iid,ts,stars,name\nu1,a,1,5,Apple Pie\nu2,a,2,4,Apple Tart\nu2,b,3,1,\n"
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        data = load(write(tmp_path / "log.csv", text), columns=COLUMNS)
+    assert data.items["title"].to_list() == ["Apple Pie", "b"]
+    assert "1 items have more than one title in the file; each keeps its first" in caplog.text
+    assert "1 items have an empty title; they are called by their id" in caplog.text
+
+
+def test_items_missing_from_meta_are_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    items = write(tmp_path / "items.csv", "iid,name\na,Apple Pie\nz,Never Bought\n")
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        data = load(write(tmp_path / "log.csv", LOG), items, COLUMNS)
+    assert dict(zip(data.items["item_id"], data.items["title"], strict=True)) == {
+        "a": "Apple Pie",
+        "z": "Never Bought",
+        "b": "b",
+    }
+    assert "items.csv: 1 of 2 items in" in caplog.text and "called by their id" in caplog.text
+
+
+def test_duplicates_are_removed_with_a_count(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        data = load(write(tmp_path / "log.csv", LOG + "u1,a,2024-01-01,5\n"))
+    assert data.interactions.height == 3
+    assert "1 exact duplicate interactions removed" in caplog.text and "line 5" in caplog.text
+
+
+def test_labels_and_implicit_feedback(tmp_path: Path) -> None:
+    text = "uid,iid,ts,clicked\nu1,a,1,1\nu1,b,2,0\nu2,a,3,true\nu2,b,4,False\n"
+    data = load(write(tmp_path / "log.csv", text), columns=LABELLED)
+    assert data.interactions["rating"].to_list() == [1.0, 0.0, 1.0, 0.0]
+    assert data.like_threshold == 0.5 and not data.implicit
+    implicit = load(tmp_path / "log.csv", columns=TableColumns(user="uid", item="iid", time="ts"))
+    assert implicit.implicit and implicit.interactions["rating"].to_list() == [1.0] * 4
+    assert implicit.summary()["implicit"] is True
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("uid,iid,stars\nu1,a,5\n", r"log\.csv line 1 \(the header\): no column 'ts'"),
+        (LOG + "u3,a,yesterday,4\n", r"log\.csv line 5: time 'yesterday' \(column 'ts'\) is neither epoch"),
+        (LOG + "u3,a,,4\n", r"log\.csv line 5: no time \(column 'ts' is empty\)"),
+        (LOG + ",a,5,4\n", r"log\.csv line 5: no user id \(column 'uid' is empty\)"),
+        (LOG + "u3,,5,4\n", r"log\.csv line 5: no item id"),
+        (LOG + "u3,a,5,good\n", r"log\.csv line 5: rating 'good' \(column 'stars'\) is not a number"),
+        (
+            LOG + "u3,a,5\n",
+            r"log\.csv line 5: expected 4 fields separated by ',' \(as in the header\), found 3",
+        ),
+        (
+            LOG + "u3,a,5,4,9",
+            r"line 5: expected 4 fields .*found 5; line 5 is the file's last and has no newline",
+        ),
+        ('uid,iid,ts,stars\nu1,"a,1,5\n', r"log\.csv line 2: not valid CSV"),
+        ("", r"log\.csv: file is empty"),
+        ("uid,iid,ts,stars\n", r"log\.csv: no data rows after the header"),
+    ],
+)
+def test_bad_csv(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        load(write(tmp_path / "log.csv", text))
+
+
+def test_bad_label_value(tmp_path: Path) -> None:
+    text = "uid,iid,ts,clicked\nu1,a,1,1\nu1,b,2,yes\n"
+    with pytest.raises(DataError, match=r"log\.csv line 3: label 'yes' \(column 'clicked'\) must be 0 or 1"):
+        load(write(tmp_path / "log.csv", text), columns=LABELLED)
+
+
+def test_bad_parquet_rows_and_jsonl_lines(tmp_path: Path) -> None:
+    pl.DataFrame({"uid": ["u1", None], "iid": ["a", "b"], "ts": [1, 2], "stars": [5, 4]}).write_parquet(
+        tmp_path / "log.parquet"
+    )
+    with pytest.raises(DataError, match=r"log\.parquet row 2: no user id \(column 'uid' is empty\)"):
+        load(tmp_path / "log.parquet")
+    lines = [
+        '{"uid": "u1", "iid": "a", "ts": 1, "stars": 5}',
+        "",
+        '{"uid": "u1", "iid": "a", "ts": "x", "stars": 5}',
+    ]
+    write(tmp_path / "log.jsonl", "\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"log\.jsonl line 3: time 'x'"):
+        load(tmp_path / "log.jsonl")
+    write(tmp_path / "log.jsonl", lines[0] + "\n")
+    with pytest.raises(DataError, match=r"log\.jsonl: no record has a field 'rating'"):
+        load(tmp_path / "log.jsonl", columns=TableColumns(user="uid", item="iid", time="ts", rating="rating"))
+
+
+def test_bad_items_table(tmp_path: Path) -> None:
+    log = write(tmp_path / "log.csv", LOG)
+    with pytest.raises(DataError, match=r"items\.csv line 3: item id 'a' appears again \(first on line 2\)"):
+        load(log, write(tmp_path / "items.csv", "iid,name\na,Apple\na,Apple 2\n"), COLUMNS)
+    with pytest.raises(DataError, match=r"items\.csv line 1 \(the header\): no column 'iid'"):
+        load(log, write(tmp_path / "items.csv", "id,name\na,Apple\n"), COLUMNS)
+
+
+def test_unknown_extension_and_auto_format(tmp_path: Path) -> None:
+    with pytest.raises(
+        DataError, match=r"log\.xlsx: unknown table file type; data\.format: table reads \.csv"
+    ):
+        load(write(tmp_path / "log.xlsx", LOG))
+    with pytest.raises(
+        DataError, match=r"log\.csv: a table of your own is not guessed; set data\.format: table "
+    ):
+        detect_format(write(tmp_path / "log.csv", LOG))
+    with pytest.raises(DataError, match=r"set data\.format: table and data\.columns"):
+        load_dataset(DataConfig(source=str(tmp_path / "log.csv")))
+    with pytest.raises(DataError, match="reads one file"):
+        load_dataset(DataConfig(source=str(tmp_path), format="table", columns=COLUMNS))
+
+
+@pytest.mark.parametrize(
+    ("sets", "match"),
+    [
+        (["data.format=table"], "data.format: table needs data.columns"),
+        (["data.columns={user: u, item: i, time: t}"], "apply to data.format: table only"),
+        (["data.format=table", "data.columns={user: u, item: i}"], r"data\.columns\.time: Field required"),
+        (["data.format=table", "data.columns={user: u, item: i, time: t, rating: r, label: l}"], "not both"),
+        (["data.format=table", "data.columns={user: u, item: u, time: t}"], "mapped more than once"),
+        (
+            ["data.format=table", "data.columns={user: u, item: i, time: t}", "data.like_threshold=2"],
+            "implicit",
+        ),
+        (["data.format=table", "data.columns={user: u, item: i, time: t}", "data.negatives=-1"], "negatives"),
+    ],
+)
+def test_config_errors(sets: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, sets)
+
+
+def test_table_keys_stay_out_of_other_configs() -> None:
+    """Experiments recorded before the table keys existed keep their key: defaults are not dumped."""
+    assert set(load_config(None).model_dump()["data"]) == {
+        "source", "format", "meta", "kcore", "like_threshold", "max_interactions"
+    }  # fmt: skip
+    dumped = load_config(None, ["data.negatives=3"]).model_dump()["data"]
+    assert dumped["negatives"] == 3 and "negative_seed" not in dumped

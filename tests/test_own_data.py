@@ -1,0 +1,184 @@
+"""A team's own log (`data.format: table`) end to end on the tiny model: the shipped example as CSV and as
+Parquet, explicit 0/1 labels, and implicit feedback with sampled negatives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from evolora.cli import app
+from evolora.config import RunConfig
+from evolora.data.prepare import prepare_data
+from evolora.data.samples import split_pools
+from evolora.errors import ConfigError
+from evolora.experiment import run_experiment
+from tests.data.make_example import write_example
+from tests.helpers import tiny_config
+
+HERE = Path(__file__).resolve().parent / "data"
+LOG, ITEMS = HERE / "example_log.csv", HERE / "example_items.csv"
+COLUMNS = "{user: uid, item: iid, time: ts, rating: stars, title: name}"
+# As tests/test_loop.py's, plus every target with at least one earlier item: 600 rows make small stages.
+LEARN = {
+    "train.lr": 0.03,
+    "train.schedule": "constant",
+    "train.epochs": 6,
+    "train.samples_per_stage": 96,
+    "task.min_history": 1,
+}
+
+
+def table_config(
+    source: Path, out: Path, columns: str = COLUMNS, meta: Path | None = ITEMS, **sets
+) -> RunConfig:
+    given = {"data.format": "table", "data.columns": columns, "data.source": str(source), **LEARN, **sets}
+    if meta is not None:
+        given["data.meta"] = str(meta)
+    return tiny_config(source, out, **given)
+
+
+def test_example_files_are_what_the_script_writes(tmp_path: Path) -> None:
+    log, items = write_example(tmp_path)
+    assert log.read_bytes() == LOG.read_bytes() and items.read_bytes() == ITEMS.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def csv_run(tmp_path_factory: pytest.TempPathFactory):
+    cfg = table_config(LOG, tmp_path_factory.mktemp("runs"))
+    return cfg, run_experiment(cfg)
+
+
+def test_csv_route_learns(csv_run) -> None:
+    _, results = csv_run
+    frozen, finetune = results
+    assert frozen["dataset"] == "example_log" and frozen["complete"] and finetune["complete"]
+    assert [s["eval_stage"] for s in frozen["stages"]] == [2, 3]
+    # The title decides the rating in the example: a trained model must find it.
+    assert frozen["stages"][0]["metrics"]["auc"] > 0.85
+    assert set(frozen["data_files"]["files"]) == {"example_log.csv", "example_items.csv"}
+
+
+def test_parquet_route(csv_run, tmp_path: Path) -> None:
+    """The example as Parquet, with real datetime and integer columns: the same samples as the CSV, and a
+    run through the whole loop."""
+    log = pl.read_csv(LOG).with_columns(pl.col("ts").str.to_datetime("%Y-%m-%dT%H:%M:%S"))
+    log.write_parquet(tmp_path / "log.parquet")
+    pl.read_csv(ITEMS).write_parquet(tmp_path / "items.parquet")
+    sets = {"strategies": "[frozen]", "train.epochs": 2}
+    cfg = table_config(tmp_path / "log.parquet", tmp_path / "runs", meta=tmp_path / "items.parquet", **sets)
+    csv_cfg, _ = csv_run
+    assert prepare_data(cfg).table.df.equals(prepare_data(csv_cfg).table.df)
+    (result,) = run_experiment(cfg)
+    assert result["complete"] and set(result["data_files"]["files"]) == {"log.parquet", "items.parquet"}
+    assert all(0.0 <= s["metrics"]["auc"] <= 1.0 for s in result["stages"])
+
+
+def test_explicit_labels(tmp_path: Path) -> None:
+    """A 0/1 column is the label itself: no threshold, no sampled negatives."""
+    log = pl.read_csv(LOG).with_columns(clicked=(pl.col("stars") > 3).cast(pl.Int8)).drop("stars")
+    log.write_csv(tmp_path / "log.csv")
+    columns = "{user: uid, item: iid, time: ts, label: clicked, title: name}"
+    prepared = prepare_data(table_config(tmp_path / "log.csv", tmp_path / "runs", columns))
+    assert prepared.data.like_threshold == 0.5 and not prepared.data.implicit
+    df = prepared.table.df
+    assert not df["sampled"].any()
+    # Each sample's label is the file's 0/1 (a user buys a product once in the example).
+    file_labels = log.select(user_id="uid", item_id="iid", clicked="clicked")
+    joined = df.join(file_labels, on=["user_id", "item_id"], how="left")
+    assert joined.height == df.height and (joined["label"] == joined["clicked"]).all()
+
+
+# ------------------------------------------------------------------------------------ implicit feedback
+
+
+def implicit_config(tmp_path: Path, **sets) -> RunConfig:
+    pl.read_csv(LOG).drop("stars").write_csv(tmp_path / "clicks.csv")
+    return table_config(
+        tmp_path / "clicks.csv", tmp_path / "runs", "{user: uid, item: iid, time: ts, title: name}", **sets
+    )
+
+
+def test_implicit_ctr_gets_sampled_negatives(tmp_path: Path) -> None:
+    prepared = prepare_data(implicit_config(tmp_path, **{"data.negatives": 2, "data.negative_seed": 5}))
+    assert prepared.data.implicit
+    df = prepared.table.df.with_row_index("row")
+    real, sampled = df.filter(~pl.col("sampled")), df.filter(pl.col("sampled"))
+    assert (real["label"] == 1).all() and (sampled["label"] == 0).all()
+    # Every user bought 20 of 40 products, so every sample has enough items left for its 2 negatives.
+    assert sampled.height == 2 * real.height
+    # Each negative follows its positive and copies its user, history, stage and time.
+    same = ["user_id", "timestamp", "stage", "hist_items", "hist_ratings", "user_kind"]
+    for k in (1, 2):
+        after = df.filter(pl.col("row").is_in((real["row"] + k).implode()))
+        assert after["sampled"].all() and after.select(same).equals(real.select(same))
+    # A negative is an item the user had not met by then, known in the data by then.
+    inter = prepared.data.interactions
+    first = inter.group_by("user_id", "item_id").agg(pl.col("timestamp").min().alias("met"))
+    met = sampled.join(first, on=["user_id", "item_id"], how="left")
+    assert (met["met"].is_null() | (met["met"] > met["timestamp"])).all()
+    seen = inter.group_by("item_id").agg(pl.col("timestamp").min().alias("seen"))
+    assert (sampled.join(seen, on="item_id")["seen"] <= sampled["timestamp"]).all()
+    # Histories hold real interactions only.
+    real_pairs = set(inter.select("user_id", "item_id").iter_rows())
+    hist_pairs = df.select("user_id", "hist_items").explode("hist_items").drop_nulls().iter_rows()
+    assert set(hist_pairs) <= real_pairs
+    # leave_last_out keeps a positive and its negatives in one pool.
+    pools = split_pools(prepared.table, "leave_last_out")
+    for p in pools.values():
+        assert len(p.test) == 3 * (~df["sampled"].to_numpy()[p.test]).sum()
+
+
+def test_sampled_negatives_are_reproducible(tmp_path: Path) -> None:
+    cfg = implicit_config(tmp_path)
+    first, again = prepare_data(cfg).table.df, prepare_data(cfg).table.df
+    assert first.equals(again)
+    other = prepare_data(implicit_config(tmp_path, **{"data.negative_seed": 1})).table.df
+    assert first.height == other.height and not first["item_id"].equals(other["item_id"])
+    assert first.filter(~pl.col("sampled")).equals(other.filter(~pl.col("sampled")))
+
+
+def test_next_item_gets_no_negatives(tmp_path: Path) -> None:
+    ctr = prepare_data(implicit_config(tmp_path)).table.df
+    cfg = implicit_config(
+        tmp_path, **{"task.name": "next_item", "task.template": "peso", "task.history_len": 5}
+    )
+    df = prepare_data(cfg).table.df
+    assert not df["sampled"].any() and df.height == (~ctr["sampled"]).sum()
+
+
+def test_implicit_without_negatives_is_refused_for_ctr(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data\.negatives is 0, so the ctr task would have no negative"):
+        prepare_data(implicit_config(tmp_path, **{"data.negatives": 0}))
+
+
+def test_implicit_run_end_to_end(tmp_path: Path) -> None:
+    cfg = implicit_config(tmp_path, **{"strategies": "[frozen]", "train.epochs": 2})
+    (result,) = run_experiment(cfg)
+    aucs = [s["metrics"]["auc"] for s in result["stages"]]
+    assert result["complete"] and all(np.isfinite(aucs))
+
+
+def test_data_info_on_a_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    monkeypatch.setattr("evolora.cli.console", Console(width=200))
+    args = [
+        "data",
+        "info",
+        str(LOG),
+        "--format",
+        "table",
+        "--meta",
+        str(ITEMS),
+        "--set",
+        f"data.columns={COLUMNS}",
+    ]
+    result = CliRunner().invoke(app, [*args, "--set", "staging.n_stages=3"])
+    assert result.exit_code == 0, result.output
+    assert "example_log" in result.output and "2024-01-01" in result.output
+    result = CliRunner().invoke(app, ["data", "info", str(LOG)])
+    assert result.exit_code == 2 and "set data.format: table and data.columns" in result.output
