@@ -154,9 +154,10 @@ class StageLoop:
             )
             atomic_write_json(out / "trained.json", {"jobs": jobs, "stage_info": self.s.stage_info()})
 
-    def restore_state(self, t: int) -> list[dict[str, Any]]:
-        """Load what stage t trained (adapters, strategy state); its jobs' records."""
-        unit = trained_folder(self.stage_dir(t))
+    def restore_state(self, t: int, stage_dir: Path | None = None) -> list[dict[str, Any]]:
+        """Load what stage t trained (adapters, strategy state) from this run's stage folder, or from
+        `stage_dir` (another run's: a deployed model's version); its jobs' records."""
+        unit = trained_folder(stage_dir or self.stage_dir(t))
         with self._stage_files(t):
             for name in self.s.adapters_to_save():
                 self.lm.load_adapter(unit / "adapters" / name, name)
@@ -287,17 +288,22 @@ class StageLoop:
             save_npz(cache, self.task.save_predictions(preds))
         return preds, False
 
+    def train_stage(self, ctx: StageContext) -> list[dict[str, Any]]:
+        """Train stage `ctx.stage` (or restore it, when it was trained before); its jobs' records."""
+        t = ctx.stage
+        self.task.before_stage(self.lm, t)
+        if is_trained(ctx.stage_dir):
+            return self.restore_state(t)
+        jobs_info = [self._run_job(ctx, job) for job in self.s.plan(ctx)]
+        self.s.after_stage(ctx)
+        self._save_trained(t, jobs_info)
+        return jobs_info
+
     def run_stage(self, t: int) -> dict[str, Any]:
         d = self.stage_dir(t)
         eval_rows, n_eval_total = self._eval_rows(t)
         ctx = StageContext(t, eval_stage_of(t, self.cfg.protocol), self.pools, self.seed, d, eval_rows)
-        self.task.before_stage(self.lm, t)
-        if is_trained(d):
-            jobs_info = self.restore_state(t)
-        else:
-            jobs_info = [self._run_job(ctx, job) for job in self.s.plan(ctx)]
-            self.s.after_stage(ctx)
-            self._save_trained(t, jobs_info)
+        jobs_info = self.train_stage(ctx)
         t0 = time.perf_counter()
         pred_file = d / "predictions.npz"
         reused_preds = False

@@ -1,0 +1,112 @@
+"""The versions of a deployed run: what each update produced, and which one is promoted (served).
+
+    runs/<name>/deploy/<method>-seed<k>/
+        versions.json      every version, and the promoted one; written atomically, last, by every change
+        .lock              held by an update (one at a time), naming its process
+        work/<key>/        an update's resumable work: its trained stage, the accepted rows, the gate's
+                           predictions, the inference bundle of the data up to it
+
+Version 0 is the run as `evolora run` left it (its last trained stage). Each update adds a version whose
+parent is the version promoted when it started; the gate decides whether it becomes the promoted one.
+`rollback` makes an earlier version the promoted one, and the next update builds on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from evolora.errors import ConfigError
+from evolora.io import atomic_write_json, read_json
+
+log = logging.getLogger("evolora")
+
+
+@dataclass
+class Version:
+    id: int
+    parent: int | None
+    stage: int  # the training stage whose model this version is
+    created: str
+    folder: str  # the stage folder holding the model, relative to the run's experiment folder
+    data: dict[str, Any] = field(default_factory=dict)  # file, sha256, row counts of the update
+    gate: dict[str, Any] = field(default_factory=dict)  # metric, both figures, the decision
+    promoted_at_creation: bool = True
+
+
+@dataclass
+class Versions:
+    """The registry of one deployed run (one method and seed of an experiment)."""
+
+    root: Path  # the experiment folder (runs/<name>)
+    method: str
+    seed: int
+    versions: list[Version] = field(default_factory=list)
+    promoted: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # promotions and rollbacks, in order
+
+    @property
+    def folder(self) -> Path:
+        return self.root / "deploy" / f"{self.method}-seed{self.seed}"
+
+    @property
+    def file(self) -> Path:
+        return self.folder / "versions.json"
+
+    @classmethod
+    def open(cls, root: Path, method: str, seed: int, last_stage: int) -> Versions:
+        """The registry of a run; a run never updated has version 0 only (its last trained stage)."""
+        reg = cls(Path(root), method, seed)
+        if reg.file.is_file():
+            raw = read_json(reg.file, "It is rewritten from nothing only by hand: restore it from a backup.")
+            reg.versions = [Version(**v) for v in raw["versions"]]
+            reg.promoted = int(raw["promoted"])
+            reg.history = list(raw.get("history", []))
+            return reg
+        folder = f"{method}/seed{seed}/stage-{last_stage}"
+        reg.versions = [Version(0, None, last_stage, _now(), folder, {"source": "evolora run"})]
+        return reg
+
+    def get(self, version: int) -> Version:
+        for v in self.versions:
+            if v.id == version:
+                return v
+        raise ConfigError(f"no version {version} (versions: {[v.id for v in self.versions]})")
+
+    @property
+    def current(self) -> Version:
+        return self.get(self.promoted)
+
+    def add(self, version: Version, promote: bool) -> None:
+        self.versions.append(version)
+        if promote:
+            self._promote(version.id, "update")
+        self.save()
+
+    def rollback(self, version: int) -> None:
+        self.get(version)
+        self._promote(version, "rollback")
+        self.save()
+
+    def _promote(self, version: int, why: str) -> None:
+        self.history.append({"promoted": version, "previous": self.promoted, "by": why, "at": _now()})
+        self.promoted = version
+
+    def save(self) -> None:
+        atomic_write_json(
+            self.file,
+            {
+                "method": self.method,
+                "seed": self.seed,
+                "promoted": self.promoted,
+                "versions": [asdict(v) for v in self.versions],
+                "history": self.history,
+            },
+        )
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
