@@ -28,6 +28,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_next_item.py
 	$(BIN)/python benchmarks/bench_personalized.py
 	$(BIN)/python benchmarks/bench_conventional.py
+	$(BIN)/python benchmarks/bench_recommend.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
