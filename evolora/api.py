@@ -31,6 +31,7 @@ from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop, is_trained
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.data.samples import SampleTable, eval_stage_of
+from evolora.deploy.versions import Version, Versions
 from evolora.errors import ConfigError, EvoloraError
 from evolora.experiment import build_model_and_task, resolve_config, run_experiment
 from evolora.io import read_json
@@ -101,7 +102,9 @@ class Recommender:
         self.cfg = cfg
         self.prepared = prepared
         self.stage = stage
-        self.eval_stage = eval_stage_of(stage, cfg.protocol)
+        # Past the data's last stage (a deployed version's newest), queries are asked as of that stage.
+        self.eval_stage = min(eval_stage_of(stage, cfg.protocol), prepared.table.n_stages)
+        self.version = 0  # of a deployed run (0: as `evolora run` left it)
         self.method = method
         self.seed_dir = seed_dir
         self.task_name = cfg.task.name
@@ -120,16 +123,28 @@ class Recommender:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(
-        cls, run_dir: str | Path, method: str | None = None, seed: int = 0, stage: int | None = None
+        cls,
+        run_dir: str | Path,
+        method: str | None = None,
+        seed: int = 0,
+        stage: int | None = None,
+        version: int | None = None,
     ) -> Recommender:
-        """The model of `method` (seed `seed`) as it stood after training `stage` (default: its last).
+        """The model of `method` (seed `seed`) as it stood after training `stage`, or a deployed run's
+        `version` (see `evolora update`). Default: the promoted version of a deployed run, else the run's
+        last stage.
 
         `run_dir`: an experiment folder (`runs/<name>`) or one run's folder (`runs/<name>/<method>/seed<k>`).
         """
-        seed_dir, root = _locate(Path(run_dir), method, seed)
+        seed_dir, root = locate_run(Path(run_dir), method, seed)
         results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
         cfg = resolve_config(load_config(root / "config.yaml"))
         trained = [s["train_stage"] for s in results["stages"]]
+        registry = Versions.open(root, results["method"], results["seed"], max(trained, default=0))
+        if version is not None or (stage is None and registry.file.is_file()):
+            chosen = registry.get(registry.promoted if version is None else version)
+            if chosen.id > 0:
+                return cls._load_version(cfg, root, results, chosen)
         t = stage if stage is not None else max(trained, default=0)
         if t not in trained or not is_trained(seed_dir / f"stage-{t}"):
             raise ConfigError(f"{seed_dir}: stage {t} has not finished (finished: {trained or 'none'})")
@@ -140,14 +155,29 @@ class Recommender:
             prepared = prepare_data(full)
             build_model_and_task(full, prepared)  # fills the caches the bundle copies
             write_bundle(root, full, prepared)
-        inference_cfg, prepared, histories = load_bundle(root, cfg)
+        return cls._restore(cfg, root, results, t, seed_dir / f"stage-{t}", version=0)
+
+    @classmethod
+    def _load_version(cls, cfg: RunConfig, root: Path, results: dict[str, Any], v: Version) -> Recommender:
+        """A version an update made: its stage folder and the bundle of the data up to it are in its work
+        folder."""
+        stage_dir = root / v.folder
+        return cls._restore(cfg, stage_dir.parent, results, v.stage, stage_dir, version=v.id)
+
+    @classmethod
+    def _restore(
+        cls, cfg: RunConfig, bundle_root: Path, results: dict[str, Any], t: int, stage_dir: Path, version: int
+    ) -> Recommender:
+        inference_cfg, prepared, histories = load_bundle(bundle_root, cfg)
         lm, task = build_model_and_task(inference_cfg, prepared)
         spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
         strategy = build_strategy(spec, Env(lm, task, inference_cfg, prepared), results["seed"])
         strategy.setup()
         task.before_stage(lm, t)
-        StageLoop(strategy, {}, seed_dir, None, {}).restore_state(t)
-        return cls(strategy, inference_cfg, prepared, histories, t, results["method"], seed_dir)
+        StageLoop(strategy, {}, stage_dir.parent, None, {}).restore_state(t, stage_dir=stage_dir)
+        rec = cls(strategy, inference_cfg, prepared, histories, t, results["method"], stage_dir.parent)
+        rec.version = version
+        return rec
 
     # ------------------------------------------------------------------ asking
     @property
@@ -180,20 +210,33 @@ class Recommender:
         self, history: History = None, items: Iterable[str] = (), user: str | None = None
     ) -> list[Scored]:
         """P(like) of each item for this user or history (CTR runs), in the order given."""
+        return self.score_many([(history, list(items), user)])[0]
+
+    def score_many(self, queries: list[tuple[History, list[str], str | None]]) -> list[list[Scored]]:
+        """`score` for several (history, items, user) queries at once: one pass over all their samples."""
         if self.task_name != "ctr":
             raise EvoloraError(f"score() needs a CTR run; this is a {self.task_name} run: use recommend()")
-        items = list(items)
-        if not items:
-            raise EvoloraError("score(): give at least one item to score")
-        self._check_items(items, "items")
-        return self._score(user, *self._history(history, user), items)
+        resolved = []
+        for history, items, user in queries:
+            if not items:
+                raise EvoloraError("score(): give at least one item to score")
+            self._check_items(items, "items")
+            resolved.append((user, *self._history(history, user), items))
+        return self._score_resolved(resolved)
 
-    def _score(
-        self, user: str | None, hist_items: list[str], hist_ratings: list[float], items: list[str]
-    ) -> list[Scored]:
-        rows = [self._row(user, item, hist_items, hist_ratings) for item in items]
+    def _score_resolved(
+        self, queries: list[tuple[str | None, list[str], list[float], list[str]]]
+    ) -> list[list[Scored]]:
+        rows: list[dict[str, Any]] = []
+        spans = []
+        for user, hist_items, hist_ratings, items in queries:
+            spans.append((len(rows), items))
+            rows += [self._row(user, item, hist_items, hist_ratings) for item in items]
         scores = np.asarray(self.predict_samples(query_frame(rows)), dtype=np.float64)
-        return [Scored(i, float(p), self._titles.get(i)) for i, p in zip(items, scores, strict=True)]
+        return [
+            [Scored(i, float(p), self._titles.get(i)) for i, p in zip(items, scores[start:], strict=False)]
+            for start, items in spans
+        ]
 
     def recommend(
         self,
@@ -211,35 +254,58 @@ class Recommender:
         """
         if k < 1:
             raise EvoloraError(f"k={k}: ask for at least one item")
+        if self.task_name != "ctr":
+            if items is not None:
+                raise EvoloraError(
+                    "recommend(items=...) ranks a CTR run's candidates; a next-item run generates"
+                )
+            return self.recommend_many([(history, k, user)], exclude_seen)[0]
+        if items is None:
+            raise EvoloraError("a CTR run ranks given candidates: recommend(..., items=[...])")
         hist_items, hist_ratings = self._history(history, user)
+        seen = set(hist_items) if exclude_seen else set()
+        candidates = [i for i in dict.fromkeys(items) if i not in seen]
+        if not candidates:
+            return []
+        self._check_items(candidates, "items")
+        scored = self._score_resolved([(user, hist_items, hist_ratings, candidates)])[0]
+        return sorted(scored, key=lambda s: -s.score)[:k]
+
+    def recommend_many(
+        self, queries: list[tuple[History, int, str | None]], exclude_seen: bool = True
+    ) -> list[list[Scored]]:
+        """`recommend` (next-item runs) for several (history, k, user) queries in one pass."""
         if self.task_name == "ctr":
-            if items is None:
-                raise EvoloraError("a CTR run ranks given candidates: recommend(..., items=[...])")
-            candidates = [i for i in dict.fromkeys(items) if not (exclude_seen and i in set(hist_items))]
-            if not candidates:
-                return []
-            self._check_items(candidates, "items")
-            scored = self._score(user, hist_items, hist_ratings, candidates)
-            return sorted(scored, key=lambda s: -s.score)[:k]
-        if items is not None:
-            raise EvoloraError(
-                "recommend(items=...) ranks candidates of a CTR run; a next-item run generates"
-            )
+            raise EvoloraError("a CTR run ranks given candidates: score them")
+        histories = [self._history(history, user) for history, _, user in queries]
         target = next(iter(self._task.items))  # any known item: generation ignores the target
-        row = self._row(user, target, hist_items, hist_ratings)
+        rows = [self._row(user, target, *h) for (_, _, user), h in zip(queries, histories, strict=True)]
         # Excluded items can end beams: search wider than k by the history's length.
-        beams = max(k + (len(hist_items) if exclude_seen else 0), getattr(self._task.cfg, "beams", k))
-        ranked = self.predict_samples(query_frame([row]), beams=beams, exclude_history=exclude_seen)
+        widest = max(
+            k + (len(h[0]) if exclude_seen else 0) for (_, k, _), h in zip(queries, histories, strict=True)
+        )
+        beams = max(widest, getattr(self._task.cfg, "beams", widest))
+        ranked = self.predict_samples(query_frame(rows), beams=beams, exclude_history=exclude_seen)
         ids = self._task.item_ids
-        out = [
-            Scored(ids[int(i)], float(s), self._titles.get(ids[int(i)]))
-            for i, s in zip(ranked.items[0], ranked.scores[0], strict=True)
-            if i >= 0 and np.isfinite(s)
-        ]
-        if exclude_seen:  # a conventional model sees only its latest `max_len` history items
-            seen = set(hist_items)
-            out = [s for s in out if s.item not in seen]
-        return out[:k]
+        out = []
+        for q, ((_, k, _), (hist_items, _)) in enumerate(zip(queries, histories, strict=True)):
+            top = [
+                Scored(ids[int(i)], float(s), self._titles.get(ids[int(i)]))
+                for i, s in zip(ranked.items[q], ranked.scores[q], strict=True)
+                if i >= 0 and np.isfinite(s)
+            ]
+            if exclude_seen:  # a conventional model sees only its latest `max_len` history items
+                top = [s for s in top if s.item not in set(hist_items)]
+            out.append(top[:k])
+        return out
+
+    @property
+    def known_items(self) -> frozenset[str]:
+        return self._task.items
+
+    @property
+    def known_users_set(self) -> Any:
+        return self._histories.keys()
 
     # ------------------------------------------------------------------ helpers
     def _row(self, user: str | None, item: str, hist_items: list[str], hist_ratings: list[float]) -> dict:
@@ -279,7 +345,7 @@ class Recommender:
             )
 
 
-def _locate(path: Path, method: str | None, seed: int) -> tuple[Path, Path]:
+def locate_run(path: Path, method: str | None, seed: int) -> tuple[Path, Path]:
     """(the run's seed folder, the experiment folder) from either of them."""
     if (path / "results.json").is_file():
         return path, path.parent.parent

@@ -477,6 +477,20 @@ class EvalConfig(Section):
     seed: int = 0
 
 
+class UpdateConfig(Section):
+    """`evolora update`: how a new batch of data becomes the next stage of a deployed run.
+
+    The batch's chronological tail (`holdout_fraction`) is held out; the candidate (the promoted version
+    trained on the rest) and the promoted version are both scored on it with `metric` (default: the task's
+    primary metric), and the candidate is promoted only when its gain is at least `min_gain` (negative: it
+    may be worse by up to that margin; gains count in the metric's better direction).
+    """
+
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    min_gain: float = Field(-0.01, description="promote when candidate - promoted >= min_gain")
+    metric: str | None = None
+
+
 class StrategySpec(Section):
     """One continual strategy: `name` plus that strategy's own options (checked by the strategy)."""
 
@@ -502,6 +516,7 @@ class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    update: UpdateConfig = UpdateConfig()
     protocol: Literal["next_stage", "leave_last_out"] = Field(
         "next_stage",
         description="next_stage: train on stage t, evaluate on t+1 (LSAT); "
@@ -510,6 +525,10 @@ class RunConfig(Section):
     strategies: list[StrategySpec] = Field(default_factory=lambda: [StrategySpec(name="finetune")])
     seeds: list[int] = Field(default_factory=lambda: [0])
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
+    tracking: Literal["none", "mlflow"] = Field(
+        "none", description="mlflow: log runs, stages, epochs, adapters and update gates (evolora[mlflow])"
+    )
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: <output_dir>/mlruns")
 
     @property
     def shared_root(self) -> Path:

@@ -41,6 +41,7 @@ from evolora.models.precision import precision_name, resolve_device, resolve_pre
 from evolora.models.weights import load_pretrained
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
+from evolora.tracking import Tracker, check_tracking, tracker_for
 
 __all__ = ["Prepared", "build_model_and_task", "prepare_data", "restore_run", "run_experiment"]
 
@@ -54,6 +55,9 @@ _NEUTRAL_KEYS = {
     ("seeds",),
     ("threads",),
     ("eval", "batch_size"),
+    ("update",),  # how later updates are gated: not this run's numbers
+    ("tracking",),
+    ("tracking_uri",),
 }
 
 
@@ -161,8 +165,11 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
                 )
             log.info("%s: the earlier attempt produced nothing; its settings are replaced (%s)", root, diff)
     root.mkdir(parents=True, exist_ok=True)
+    kept = {}
+    if marker.is_file() and _has_work(root):  # the data digest of a continued experiment stays (_check_data)
+        kept = {k: v for k, v in read_json(marker).items() if k == "data_files"}
     atomic_write_json(
-        marker, {"context_key": key, "context": context, "evolora_version": evolora.__version__}
+        marker, {"context_key": key, "context": context, "evolora_version": evolora.__version__, **kept}
     )
     atomic_write_text(root / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return key
@@ -177,6 +184,27 @@ def _same_but_auto_precision(root: Path, old: dict[str, Any], new: dict[str, Any
     recorded = {read_json(f).get("precision") for f in root.glob("*/seed*/results.json")}
     patched = {**old, "model": {**old["model"], "precision": precision}}
     return recorded <= {precision} and stable_hash(patched, 16) == stable_hash(new, 16)
+
+
+def _check_data(root: Path, files: dict[str, Any]) -> None:
+    """Refuse to continue an experiment whose data files changed content since it started (its settings
+    may be the same while its stages would not be); record the files' digest the first time."""
+    marker = root / "experiment.json"
+    recorded = read_json(marker, "Delete it to accept the current settings.")
+    before = recorded.get("data_files")
+    if before is not None and before.get("sha256") != files.get("sha256") and _has_work(root):
+        changed = sorted(
+            name
+            for name in set(before.get("files", {})) | set(files.get("files", {}))
+            if before.get("files", {}).get(name) != files.get("files", {}).get(name)
+        )
+        raise ConfigError(
+            f"{root}: the data changed since this experiment started ({', '.join(changed) or 'its files'}): "
+            "its finished stages were cut from the old content. Choose another `name`, pass --overwrite to "
+            "start again, or bring new data in with `evolora update`."
+        )
+    if before != files:
+        atomic_write_json(marker, {**recorded, "data_files": files})
 
 
 def _has_work(root: Path) -> bool:
@@ -217,6 +245,7 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
     """
     check_strategy_specs(cfg.strategies)
     check_conventional(cfg)
+    check_tracking(cfg)
     set_threads(cfg.threads)
     cfg = resolve_config(cfg)
     root = Path(cfg.output_dir) / cfg.name
@@ -234,46 +263,75 @@ def _run_locked(cfg: RunConfig, root: Path, context_key: str, on_stage: Any) -> 
     logging.getLogger("evolora").addHandler(handler)
     try:
         prepared = prepare_data(cfg)
+        environment = run_environment(prepared.data)
+        _check_data(root, environment["data_files"])
         lm, task = build_model_and_task(cfg, prepared)
         write_bundle(root, cfg, prepared)  # what `Recommender.load` needs, without the training data
-        environment = run_environment(prepared.data)
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
         sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
         shared = SharedStore(cfg.shared_root, stable_hash(sample_context, 16))
-        all_results = []
-        for spec in cfg.strategies:
-            for seed in cfg.seeds:
-                lm.reset_to(["default"])
-                strategy = build_strategy(spec, Env(lm, task, cfg, prepared), seed)
-                label = method_label(cfg, spec)
-                header = {
-                    "method": label,
-                    "strategy": spec.name,
-                    "options": strategy.options.model_dump(mode="json"),
-                    "task": task.name,
-                    "dataset": prepared.data.name,
-                    "model": cfg.model.name,
-                    "precision": getattr(lm, "precision", "fp32"),
-                    "seed": seed,
-                    "protocol": cfg.protocol,
-                    "n_stages": prepared.table.n_stages,
-                    "experiment": cfg.name,
-                    "context_key": context_key,
-                    **environment,
-                }
-                log.info("running %s (seed %d)", label, seed)
-                loop = StageLoop(strategy, prepared.pools, run_dir_of(cfg, label, seed), shared, header)
-                try:
-                    all_results.append(loop.run(on_stage))
-                finally:
-                    strategy.teardown()  # hooks a strategy put on the shared model go with it
-        shortened = getattr(task, "shortened", 0)
-        if shortened:
-            log.info("%d prompts were shortened to fit task.max_length", shortened)
-        return all_results
+        tracker = tracker_for(cfg)
+        with tracker.experiment(cfg):
+            return _run_strategies(
+                cfg, prepared, lm, task, shared, context_key, environment, tracker, on_stage
+            )
     finally:
         logging.getLogger("evolora").removeHandler(handler)
         handler.close()
+
+
+def _run_strategies(
+    cfg: RunConfig,
+    prepared: Prepared,
+    lm: LoraLM | ConventionalBackbone,
+    task: Task,
+    shared: SharedStore,
+    context_key: str,
+    environment: dict[str, Any],
+    tracker: Tracker,
+    on_stage: Any,
+) -> list[dict[str, Any]]:
+    """Every (strategy, seed) of the experiment in turn, each through the stage loop."""
+    all_results = []
+    for spec in cfg.strategies:
+        for seed in cfg.seeds:
+            lm.reset_to(["default"])
+            strategy = build_strategy(spec, Env(lm, task, cfg, prepared), seed)
+            label = method_label(cfg, spec)
+            header = {
+                "method": label,
+                "strategy": spec.name,
+                "options": strategy.options.model_dump(mode="json"),
+                "task": task.name,
+                "dataset": prepared.data.name,
+                "model": cfg.model.name,
+                "precision": getattr(lm, "precision", "fp32"),
+                "seed": seed,
+                "protocol": cfg.protocol,
+                "n_stages": prepared.table.n_stages,
+                "experiment": cfg.name,
+                "context_key": context_key,
+                **environment,
+            }
+            log.info("running %s (seed %d)", label, seed)
+            run_dir = run_dir_of(cfg, label, seed)
+            loop = StageLoop(strategy, prepared.pools, run_dir, shared, header)
+
+            def stage_done(results: dict[str, Any], run_dir: Path = run_dir) -> None:
+                record = results["stages"][-1]
+                tracker.stage(record, run_dir / f"stage-{record['train_stage']}")
+                if on_stage is not None:
+                    on_stage(results)
+
+            try:
+                with tracker.run(label, seed, header):
+                    all_results.append(loop.run(stage_done))
+            finally:
+                strategy.teardown()  # hooks a strategy put on the shared model go with it
+    shortened = getattr(task, "shortened", 0)
+    if shortened:
+        log.info("%d prompts were shortened to fit task.max_length", shortened)
+    return all_results
 
 
 def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared, int]:

@@ -42,7 +42,11 @@ class Prepared:
 
 def prepare_data(cfg: RunConfig) -> Prepared:
     data = load_dataset(cfg.data)
-    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
+    return prepare_staged(cfg, data, assign_stages(data.interactions, cfg.staging, data.preset_stages))
+
+
+def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) -> Prepared:
+    """Samples and pools of interactions already cut into stages (a run's, or a run's plus updates)."""
     task = cfg.task
     table = build_samples(
         staged, num_stages_of(staged), data.like_threshold, task.history_kept(), task.min_history_or_default()

@@ -1,0 +1,305 @@
+"""`evolora update`: a new batch of interactions becomes the next stage of a deployed run, behind a gate.
+
+1. The batch is read with the run's own loader and settings (any format it reads, the generic table too)
+   and checked against everything the run has seen: rows older than the last stage's end and exact
+   duplicates of seen rows are dropped and counted; bad values stop the update with the loader's error; a
+   batch with nothing left is refused. Nothing changes until the update has finished.
+2. The accepted rows become stage T+1 after the promoted version's stage T (the run's data, plus the rows
+   of the versions it was built from, staged as they were). Its samples' chronological tail
+   (`update.holdout_fraction`) is held out for the gate; the rest is the stage's train/valid pool.
+3. The promoted version is scored on the held-out samples, then the run's strategy trains stage T+1 from
+   the promoted version's state (PESO anchors on it, LSAT trains a new short-term adapter, cumulative
+   strategies bank it, RecLoRA continues its banks and router, conventional models grow their ID tables),
+   and the candidate is scored on the same samples.
+4. The gate promotes the candidate when its gain is at least `update.min_gain`; either way the candidate
+   is kept as a new version with both figures and the decision.
+
+Everything an update writes lives in its own work folder and is resumable (the stage machinery of
+`continual/loop.py`); the version is recorded last, in one atomic write of versions.json, so `kill -9`
+anywhere leaves the promoted version as it was, and rerunning the same command continues. One update of a
+run at a time: a second is refused, naming the first. New items of a next-item run have no semantic ID
+(the vocabulary is fixed at stage 1): their rows are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from evolora.api import locate_run
+from evolora.bundle import write_bundle
+from evolora.config import RunConfig, StrategySpec, load_config
+from evolora.continual import Env, build_strategy
+from evolora.continual.base import StageContext
+from evolora.continual.loop import StageLoop
+from evolora.data.digest import data_digest
+from evolora.data.loaders import load_dataset
+from evolora.data.prepare import Prepared, prepare_staged
+from evolora.data.samples import StagePools
+from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
+from evolora.data.staging import assign_stages
+from evolora.deploy.versions import Version, Versions, _now
+from evolora.errors import ConfigError, DataError
+from evolora.eval.metrics import lower_is_better
+from evolora.experiment import build_model_and_task, resolve_config
+from evolora.io import atomic_write_bytes, atomic_write_json, load_npz, read_json, save_npz
+from evolora.locks import exclusive
+from evolora.tracking import check_tracking, tracker_for
+
+log = logging.getLogger("evolora")
+
+_KEY = ["user_id", "item_id", "rating", "timestamp"]
+
+
+@dataclass
+class UpdateOutcome:
+    version: Version
+    promoted: bool
+    already_applied: bool = False
+
+
+def update_run(
+    run_dir: str | Path,
+    data_file: str | Path,
+    method: str | None = None,
+    seed: int = 0,
+    overrides: list[str] | None = None,
+) -> UpdateOutcome:
+    """Train the next stage of a run's promoted version on `data_file` and gate it (see the module doc).
+
+    `overrides`: `update.*` settings as `--set` takes them (`update.min_gain=0.0`).
+    """
+    seed_dir, root = locate_run(Path(run_dir), method, seed)
+    results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+    cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *(overrides or [])]))
+    check_tracking(cfg)
+    last = max(s["train_stage"] for s in results["stages"])
+    method = results["method"]
+    registry = Versions.open(root, method, results["seed"], last)
+    with exclusive(registry.folder / ".lock", f"updates of {method} (seed {results['seed']}) in {root}"):
+        registry = Versions.open(root, method, results["seed"], last)  # as the lock holder left it
+        return _update(cfg, root, results, registry, Path(data_file))
+
+
+def _update(
+    cfg: RunConfig, root: Path, results: dict[str, Any], registry: Versions, data_file: Path
+) -> UpdateOutcome:
+    parent = registry.current
+    batch = _read_batch(cfg, data_file)
+    digest = data_digest(batch)["sha256"]
+    # Rerunning a finished update: the batch is in the promoted version's line, or a child of it (kept).
+    line = []
+    v: Version | None = parent
+    while v is not None:
+        line.append(v)
+        v = None if v.parent is None else registry.get(v.parent)
+    line += [c for c in registry.versions if c.parent == parent.id]
+    for v in line:
+        if v.data.get("sha256") == digest:
+            log.info("%s was applied before: version %d", data_file, v.id)
+            return UpdateOutcome(v, registry.promoted == v.id, already_applied=True)
+    work = registry.folder / "work" / f"from-v{parent.id}-{digest[:12]}"
+    stage = parent.stage + 1
+
+    original, existing, items = _history(cfg, root, registry, parent)
+    accepted, report = _accept(batch, existing, data_file)
+    if cfg.task.name == "next_item":
+        accepted = _with_semantic_ids(cfg, items, accepted, report)
+    data, staged = _combined(original, existing, items, batch, accepted, stage)
+    prepared = prepare_staged(cfg, data, staged)
+    holdout = _hold_out(cfg, prepared, stage)
+    log.info(
+        "update of %s, version %d -> stage %d: %d rows accepted of %d (%s); %d samples, %d held out",
+        registry.method, parent.id, stage, accepted.height, report["rows_in_file"],
+        ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none dropped",
+        len(prepared.table.stage_rows(stage)), len(holdout),
+    )  # fmt: skip
+
+    lm, task = build_model_and_task(cfg, prepared)
+    spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
+    strategy = build_strategy(spec, Env(lm, task, cfg, prepared), results["seed"])
+    try:
+        strategy.setup()
+        loop = StageLoop(strategy, prepared.pools, work, None, {"method": registry.method})
+        task.before_stage(lm, parent.stage)
+        loop.restore_state(parent.stage, stage_dir=root / parent.folder)
+        ctx = StageContext(stage, stage, prepared.pools, strategy.seed, work / f"stage-{stage}", holdout)
+        before = _gate_predictions(loop, ctx, work / "gate" / "promoted.npz")
+        loop.train_stage(ctx)
+        after = _gate_predictions(loop, ctx, work / "gate" / "candidate.npz")
+    finally:
+        strategy.teardown()
+    gate = _decide(cfg, task, before, after, holdout)
+    write_bundle(work, cfg, prepared)
+    _write_parquet(work / "accepted.parquet", accepted.with_columns(stage=pl.lit(stage, dtype=pl.Int32)))
+    atomic_write_json(work / "gate.json", gate)
+    version = Version(
+        id=max(v.id for v in registry.versions) + 1,
+        parent=parent.id,
+        stage=stage,
+        created=_now(),
+        folder=str((work / f"stage-{stage}").relative_to(root)),
+        data={"file": str(data_file), "sha256": digest, **report},
+        gate=gate,
+        promoted_at_creation=gate["promote"],
+    )
+    registry.add(version, promote=gate["promote"])
+    tracker = tracker_for(cfg)
+    with tracker.experiment(cfg):
+        tracker.gate(version.id, gate, version.data)
+    return UpdateOutcome(version, gate["promote"])
+
+
+# ------------------------------------------------------------------------------------------ the data
+def _read_batch(cfg: RunConfig, data_file: Path) -> InteractionData:
+    if not data_file.exists():
+        raise DataError(f"{data_file}: no such file or folder")
+    # The run's loader and settings, on the new file alone: no k-core or recency cut of a batch.
+    settings = cfg.data.model_copy(
+        update={"source": str(data_file), "kcore": cfg.data.kcore.model_copy(update={"user": 0, "item": 0}),
+                "max_interactions": None}
+    )  # fmt: skip
+    return load_dataset(settings)
+
+
+def _history(
+    cfg: RunConfig, root: Path, registry: Versions, parent: Version
+) -> tuple[InteractionData, pl.DataFrame, pl.DataFrame]:
+    """(the run's data, the staged interactions the parent version was trained on, the items it knows)."""
+    data = load_dataset(cfg.data)
+    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
+    parts, items = [staged.select([*_KEY, "stage"])], data.items
+    chain = []
+    v: Version | None = parent
+    while v is not None and v.parent is not None:
+        chain.append(v)
+        v = registry.get(v.parent)
+    for version in reversed(chain):
+        work = (root / version.folder).parent
+        parts.append(pl.read_parquet(work / "accepted.parquet").select([*_KEY, "stage"]))
+        later = pl.read_parquet(work / "inference" / "items.parquet")
+        items = pl.concat([items, later], how="diagonal_relaxed")
+        items = items.unique("item_id", keep="first", maintain_order=True)
+    return data, pl.concat(parts, how="vertical_relaxed"), items
+
+
+def _accept(batch: InteractionData, existing: pl.DataFrame, data_file: Path) -> tuple[pl.DataFrame, dict]:
+    """The batch's rows that are new: not older than what was seen, not seen already."""
+    rows = batch.interactions.select(_KEY)
+    last = existing["timestamp"].max()
+    older = rows["timestamp"] < last
+    rows_new = rows.filter(~older)
+    seen = rows_new.join(existing.select(_KEY).unique(), on=_KEY, how="semi")
+    kept = rows_new.join(existing.select(_KEY).unique(), on=_KEY, how="anti")
+    dropped = {}
+    if older.sum():
+        dropped["older than the last stage's end"] = int(older.sum())
+    if seen.height:
+        dropped["already seen"] = seen.height
+    report = {"rows_in_file": rows.height, "accepted": kept.height, "dropped": dropped}
+    if kept.height == 0:
+        raise DataError(
+            f"{data_file}: nothing new to learn from: {rows.height} rows, "
+            + ", ".join(f"{n} {why}" for why, n in dropped.items())
+        )
+    return kept, report
+
+
+def _combined(
+    original: InteractionData,
+    existing: pl.DataFrame,
+    items: pl.DataFrame,
+    batch: InteractionData,
+    accepted: pl.DataFrame,
+    stage: int,
+) -> tuple[InteractionData, pl.DataFrame]:
+    new_items = batch.items.join(items.select("item_id"), on="item_id", how="anti")
+    all_items = pl.concat([items, new_items], how="diagonal_relaxed")
+    batch_rows = accepted.with_columns(stage=pl.lit(stage, dtype=existing["stage"].dtype))
+    staged = pl.concat([existing, batch_rows], how="vertical_relaxed").sort("timestamp", maintain_order=True)
+    interactions = staged.select(_KEY)
+    data = InteractionData(
+        original.name, interactions, all_items, original.like_threshold, implicit=original.implicit
+    )
+    return data, staged
+
+
+def _with_semantic_ids(
+    cfg: RunConfig, items: pl.DataFrame, accepted: pl.DataFrame, report: dict
+) -> pl.DataFrame:
+    """Next-item runs cannot grow their vocabulary: rows of items without a semantic ID are dropped."""
+    from evolora.tasks.semantic import semantic_ids_path
+
+    empty = pl.DataFrame(schema=INTERACTION_SCHEMA)
+    path = semantic_ids_path(cfg, InteractionData("ids", empty, items))
+    known = list(read_json(path)) if path.is_file() else []
+    unknown = ~accepted["item_id"].is_in(known)
+    if unknown.any():
+        report["dropped"]["items without a semantic ID"] = int(unknown.sum())
+        report["accepted"] = int((~unknown).sum())
+    if unknown.all():
+        raise DataError(
+            "nothing new to learn from: every item of the batch is new, and a next-item run's semantic IDs "
+            "are fixed at stage 1"
+        )
+    return accepted.filter(~unknown)
+
+
+def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int) -> np.ndarray:
+    """The stage's chronological tail, for the gate; the pool keeps the rest as train and valid."""
+    rows = prepared.table.stage_rows(stage)
+    n_hold = max(1, math.ceil(cfg.update.holdout_fraction * len(rows)))
+    if len(rows) - n_hold < 2:
+        raise DataError(
+            f"the batch gives {len(rows)} samples: too few to train on and hold {n_hold} out for the gate"
+        )
+    rest, hold = rows[:-n_hold], rows[-n_hold:]
+    n_valid = max(1, round(cfg.train.valid_fraction * len(rest)))
+    prepared.pools[stage] = StagePools(stage, rest[:-n_valid], rest[-n_valid:], hold)
+    return hold
+
+
+# ------------------------------------------------------------------------------------------ the gate
+def _gate_predictions(loop: StageLoop, ctx: StageContext, path: Path) -> Any:
+    if path.is_file():
+        return loop.task.load_predictions(load_npz(path))
+    preds = loop.s.predict(ctx, ctx.eval_rows)
+    save_npz(path, loop.task.save_predictions(preds))
+    return preds
+
+
+def _decide(cfg: RunConfig, task: Any, before: Any, after: Any, rows: np.ndarray) -> dict[str, Any]:
+    metric = cfg.update.metric or task.primary_metric
+    if metric not in task.metric_names:
+        raise ConfigError(f"update.metric={metric!r}: the {task.name} task records {list(task.metric_names)}")
+    promoted = float(task.metrics(before, rows)[metric])
+    candidate = float(task.metrics(after, rows)[metric])
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    gain = sign * (candidate - promoted)
+    if math.isnan(gain):
+        decision, promote = "kept: the held-out samples cannot judge (the metric is undefined on them)", False
+    else:
+        promote = gain >= cfg.update.min_gain
+        decision = ("promoted" if promote else "kept, not promoted") + (
+            f": gain {gain:+.4f} {'>=' if promote else '<'} min_gain {cfg.update.min_gain:+.4f}"
+        )
+    log.info("gate on %d held-out samples: %s %.4f (candidate) vs %.4f (promoted): %s",
+             len(rows), metric, candidate, promoted, decision)  # fmt: skip
+    return {
+        "metric": metric, "candidate": candidate, "promoted": promoted, "gain": gain,
+        "min_gain": cfg.update.min_gain, "holdout_samples": len(rows), "promote": promote,
+        "decision": decision,
+    }  # fmt: skip
+
+
+def _write_parquet(path: Path, df: pl.DataFrame) -> None:
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    atomic_write_bytes(path, buf.getvalue())

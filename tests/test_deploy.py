@@ -1,0 +1,202 @@
+"""Keeping a run current: updates behind a gate, versions, rollback, crash safety, locks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+import evolora
+from evolora.cli import app
+from evolora.deploy.update import update_run
+from evolora.deploy.versions import Versions
+from evolora.errors import ConfigError, DataError
+from evolora.experiment import run_experiment
+from evolora.locks import LockedError
+from evolora.tasks.ctr import CtrTask
+from tests.helpers import tiny_config
+
+HERE = Path(__file__).resolve().parent / "data"
+COLUMNS = "{user: uid, item: iid, time: ts, rating: stars, title: name}"
+SMALL = {
+    "data.format": "table",
+    "data.columns": COLUMNS,
+    "data.meta": str(HERE / "example_items.csv"),
+    "task.min_history": 1,
+    "train.epochs": 2,
+    "train.samples_per_stage": 48,
+    "train.lr": 0.02,
+    "strategies": "[finetune]",
+}
+
+
+@pytest.fixture
+def batches(tmp_path: Path) -> dict[str, Path]:
+    """The example log cut by time: the run's part (70%) and two later batches, as CSV files."""
+    log = pl.read_csv(HERE / "example_log.csv").sort("ts")
+    n = log.height
+    parts = {"base": log[: int(n * 0.7)], "b1": log[int(n * 0.7) : int(n * 0.85)], "b2": log[int(n * 0.85) :]}
+    out = {}
+    for name, part in parts.items():
+        out[name] = tmp_path / f"{name}.csv"
+        part.write_csv(out[name])
+    return out
+
+
+def run_base(batches: dict[str, Path], out: Path):
+    cfg = tiny_config(batches["base"], out, **SMALL)
+    run_experiment(cfg)
+    return cfg, Path(cfg.output_dir) / cfg.name
+
+
+def test_update_promote_rollback_and_update_again(batches: dict[str, Path], tmp_path: Path) -> None:
+    _, root = run_base(batches, tmp_path / "runs")
+    forced = ["update.min_gain=-1.0"]  # promote whatever the held-out samples say
+    first = update_run(root, batches["b1"], overrides=forced)
+    v1 = first.version
+    assert first.promoted and (v1.id, v1.parent, v1.stage) == (1, 0, 3)
+    assert v1.data["accepted"] == v1.data["rows_in_file"] > 0 and v1.gate["metric"] == "auc"
+    assert {"candidate", "promoted", "gain", "decision", "holdout_samples"} <= set(v1.gate)
+    # the promoted version serves, and knows the batch's newest interactions
+    rec = evolora.Recommender.load(root)
+    assert rec.version == 1 and rec.stage == 3
+    user = pl.read_csv(batches["b1"])["uid"][-1]
+    assert rec.history_of(user)[0][-1] == pl.read_csv(batches["b1"]).filter(pl.col("uid") == user)["iid"][-1]
+    assert evolora.Recommender.load(root, version=0).version == 0
+
+    result = CliRunner().invoke(app, ["rollback", str(root), "0"])
+    assert result.exit_code == 0, result.output
+    second = update_run(root, batches["b2"], overrides=forced)
+    v2 = second.version
+    assert (v2.id, v2.parent, v2.stage) == (2, 0, 3)  # built on the rolled-back version
+    registry = Versions.open(root, "finetune", 0, 2)
+    assert registry.promoted == 2 and [h["by"] for h in registry.history] == ["update", "rollback", "update"]
+    # applying the same file to the same version again changes nothing
+    again = update_run(root, batches["b2"], overrides=forced)
+    assert again.already_applied and again.version.id == 2
+    table = CliRunner().invoke(app, ["versions", str(root)])
+    assert table.exit_code == 0 and "b2.csv" in table.output and "promoted: 2" in table.output
+
+
+def test_a_candidate_below_the_margin_is_kept_not_promoted(batches: dict[str, Path], tmp_path: Path) -> None:
+    _, root = run_base(batches, tmp_path / "runs")
+    outcome = update_run(root, batches["b1"], overrides=["update.min_gain=1.0"])  # an impossible gain
+    assert not outcome.promoted and outcome.version.id == 1
+    assert "not promoted" in outcome.version.gate["decision"]
+    registry = Versions.open(root, "finetune", 0, 2)
+    assert registry.promoted == 0 and [v.id for v in registry.versions] == [0, 1]
+    assert evolora.Recommender.load(root).version == 0  # the promoted one still serves
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda b, d: b["base"], "nothing new to learn from"),  # every row older or seen
+        (lambda b, d: d / "missing.csv", "no such file"),
+        (
+            lambda b, d: _write(d / "bad_time.csv", "uid,iid,ts,stars\nuser-01,sku-001,yesterday,5\n"),
+            "line 2",
+        ),
+        (lambda b, d: _write(d / "bad_cols.csv", "user,item,when\nu,i,2024-07-01\n"), "uid"),
+    ],
+)
+def test_a_bad_update_file_changes_nothing(batches: dict[str, Path], tmp_path: Path, make, message) -> None:
+    _, root = run_base(batches, tmp_path / "runs")
+    before = sorted(p.name for p in root.rglob("*"))
+    result = CliRunner().invoke(app, ["update", str(root), "--data", str(make(batches, tmp_path))])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (root / "deploy" / "finetune-seed0" / "versions.json").exists()
+    assert sorted(p.name for p in root.rglob("*")) == [*before] or not list((root / "deploy").rglob("*.json"))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_old_rows_and_seen_rows_are_dropped_and_counted(batches: dict[str, Path], tmp_path: Path) -> None:
+    _, root = run_base(batches, tmp_path / "runs")
+    base, b1 = pl.read_csv(batches["base"]), pl.read_csv(batches["b1"])
+    mixed = tmp_path / "mixed.csv"
+    pl.concat([base.tail(5), b1]).write_csv(mixed)  # 5 rows the run has seen
+    v = update_run(root, mixed, overrides=["update.min_gain=-1.0"]).version
+    assert v.data["rows_in_file"] == b1.height + 5 and v.data["accepted"] == b1.height
+    assert sum(v.data["dropped"].values()) == 5
+
+
+def test_a_killed_update_resumes_to_the_same_version(
+    batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, ref_root = run_base(batches, tmp_path / "ref")
+    reference = update_run(ref_root, batches["b1"], overrides=["update.min_gain=-1.0"]).version
+    _, root = run_base(batches, tmp_path / "run")
+    real, calls = CtrTask.loss, {"n": 0}
+
+    def dying(self, lm, rows):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside the update's training
+            raise KeyboardInterrupt
+        return real(self, lm, rows)
+
+    monkeypatch.setattr(CtrTask, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"])
+    assert not (root / "deploy" / "finetune-seed0" / "versions.json").exists()  # v0 still the one served
+    monkeypatch.setattr(CtrTask, "loss", real)
+    resumed = update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).version
+    assert resumed.gate["candidate"] == reference.gate["candidate"]
+    assert resumed.gate["promoted"] == reference.gate["promoted"]
+
+
+def test_two_updates_at_once_are_refused(batches: dict[str, Path], tmp_path: Path) -> None:
+    _, root = run_base(batches, tmp_path / "runs")
+    lock = root / "deploy" / "finetune-seed0" / ".lock"
+    ready = tmp_path / "ready"
+    code = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from evolora.locks import exclusive
+        with exclusive(Path({str(lock)!r}), "test"):
+            Path({str(ready)!r}).touch()
+            time.sleep(30)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        with pytest.raises(LockedError, match=rf"process {holder.pid}"):
+            update_run(root, batches["b1"])
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_changed_data_under_an_existing_run_is_refused(batches: dict[str, Path], tmp_path: Path) -> None:
+    cfg, _ = run_base(batches, tmp_path / "runs")
+    with batches["base"].open("a") as f:
+        f.write("user-01,sku-001,2024-06-29T00:00:00,5\n")
+    with pytest.raises(ConfigError, match=r"the data changed since this experiment started \(base.csv\)"):
+        run_experiment(cfg)
+
+
+def test_update_settings_are_checked(batches: dict[str, Path], tmp_path: Path) -> None:
+    _, root = run_base(batches, tmp_path / "runs")
+    result = CliRunner().invoke(
+        app, ["update", str(root), "--data", str(batches["b1"]), "--set", "train.lr=1"]
+    )
+    assert result.exit_code == 2 and "update.* settings only" in result.output
+    with pytest.raises(ConfigError, match=r"update\.metric='nope'"):
+        update_run(root, batches["b1"], overrides=["update.metric=nope"])
+    assert json.loads((root / "experiment.json").read_text())["data_files"]["files"]
+    with pytest.raises(DataError):
+        update_run(root, tmp_path / "none.csv")
