@@ -3,6 +3,9 @@
 evolora run [CONFIG] [--set key=value ...]    run an experiment (no CONFIG: the quickstart)
 evolora report RUN_DIR [RUN_DIR ...]          compare finished runs: markdown tables and a plot
 evolora recommend RUN_DIR --user U | --history A,B [-k 10] [--json]   what a trained run recommends
+evolora update RUN_DIR --data FILE            new data becomes the next stage, behind a gate
+evolora versions RUN_DIR / rollback RUN_DIR V  a deployed run's versions; promote an earlier one
+evolora serve RUN_DIR [--host --port]         serve the promoted version over HTTP
 evolora export RUN_DIR --out DIR [--merge]   a trained run for transformers + PEFT (or vLLM) alone
 evolora export-user-adapter RUN_DIR USER      RecLoRA: one user's adapter as a plain PEFT LoRA
 evolora data fetch NAME                       download and cache a dataset
@@ -202,6 +205,116 @@ def report(
     plot_metric(groups, first, target / f"{first}.png")
     console.print(Markdown(text))
     console.print(f"written: {target / 'report.md'}, {target / f'{first}.png'}")
+
+
+@app.command()
+@_user_errors
+def update(
+    run_dir: Annotated[Path, typer.Argument(help="an experiment folder (runs/<name>) or a run's folder")],
+    data: Annotated[Path, typer.Option(help="the new interactions, in a format the run's loader reads")],
+    method: Annotated[str | None, typer.Option(help="the strategy's label (when there are several)")] = None,
+    seed: Annotated[int, typer.Option(help="which seed's run")] = 0,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="gate settings, e.g. update.min_gain=0.0")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train the next stage of the promoted version on new data; promote it if the gate says so."""
+    from evolora import progress
+    from evolora.deploy.update import update_run
+
+    _setup_logging(verbose)
+    _quiet_libraries()
+    bad = [s for s in set_ or [] if not s.startswith("update.")]
+    if bad:
+        raise EvoloraError(f"--set {bad[0]}: an update takes update.* settings only (the run's are fixed)")
+    with progress.display(err_console):
+        outcome = update_run(run_dir, data, method=method, seed=seed, overrides=set_ or [])
+    v = outcome.version
+    state = "promoted" if outcome.promoted else "not promoted"
+    if outcome.already_applied:
+        console.print(f"{data} was applied before: version {v.id} ({state})")
+        return
+    g = v.gate
+    console.print(
+        f"version {v.id} (stage {v.stage}, from version {v.parent}): {g['metric']} {g['candidate']:.4f} "
+        f"vs {g['promoted']:.4f} for the promoted version on {g['holdout_samples']} held-out samples: "
+        f"{g['decision']}"
+    )
+
+
+@app.command()
+@_user_errors
+def versions(
+    run_dir: Annotated[Path, typer.Argument(help="an experiment folder (runs/<name>) or a run's folder")],
+    method: Annotated[str | None, typer.Option(help="the strategy's label (when there are several)")] = None,
+    seed: Annotated[int, typer.Option(help="which seed's run")] = 0,
+) -> None:
+    """The versions of a deployed run: each update, its gate, and the promoted one."""
+    registry = _registry(run_dir, method, seed)
+    table = Table(
+        title=f"versions of {registry.method} (seed {registry.seed}); promoted: {registry.promoted}"
+    )
+    for col in ("version", "parent", "stage", "created", "data", "rows", "gate", "promoted"):
+        table.add_column(col, justify="right" if col in ("version", "parent", "stage", "rows") else "left")
+    for v in registry.versions:
+        rows = f"{v.data['accepted']}/{v.data['rows_in_file']}" if "accepted" in v.data else ""
+        gate = f"{v.gate['metric']} {v.gate['candidate']:.4f} vs {v.gate['promoted']:.4f}" if v.gate else ""
+        table.add_row(
+            str(v.id), "" if v.parent is None else str(v.parent), str(v.stage), v.created,
+            Path(v.data.get("file", v.data.get("source", ""))).name, rows, gate,
+            "yes" if v.id == registry.promoted else "",
+        )  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+@_user_errors
+def rollback(
+    run_dir: Annotated[Path, typer.Argument(help="an experiment folder (runs/<name>) or a run's folder")],
+    version: Annotated[int, typer.Argument(help="the version to promote again")],
+    method: Annotated[str | None, typer.Option(help="the strategy's label (when there are several)")] = None,
+    seed: Annotated[int, typer.Option(help="which seed's run")] = 0,
+) -> None:
+    """Make an earlier version the promoted one (served; the next update builds on it)."""
+    from evolora.locks import exclusive
+
+    registry = _registry(run_dir, method, seed)
+    with exclusive(registry.folder / ".lock", f"updates of {registry.method} (seed {registry.seed})"):
+        registry = _registry(run_dir, method, seed)
+        before = registry.promoted
+        registry.rollback(version)
+    console.print(f"promoted: version {version} (was {before})")
+
+
+def _registry(run_dir: Path, method: str | None, seed: int):
+    from evolora.api import locate_run
+    from evolora.deploy.versions import Versions
+    from evolora.io import read_json
+
+    seed_dir, root = locate_run(run_dir, method, seed)
+    results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+    last = max((s["train_stage"] for s in results["stages"]), default=0)
+    return Versions.open(root, results["method"], results["seed"], last)
+
+
+@app.command()
+@_user_errors
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="an experiment folder (runs/<name>) or a run's folder")],
+    host: Annotated[str, typer.Option(help="the address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the port to listen on")] = 8000,
+    method: Annotated[str | None, typer.Option(help="the strategy's label (when there are several)")] = None,
+    seed: Annotated[int, typer.Option(help="which seed's run")] = 0,
+) -> None:
+    """Serve the promoted version over HTTP (POST /score, /recommend; GET /health, /version, /docs),
+    switching to a newly promoted one without dropping requests."""
+    from evolora.deploy.server import serve as serve_run
+
+    _setup_logging(False)
+    _quiet_libraries()
+    console.print(f"serving {run_dir} on http://{host}:{port} (OpenAPI: /docs); Ctrl-C stops")
+    serve_run(run_dir, host=host, port=port, method=method, seed=seed)
 
 
 @app.command("export")

@@ -1,0 +1,271 @@
+"""`evolora serve`: the promoted version of a deployed run behind HTTP (FastAPI + uvicorn).
+
+    POST /score      {"user": ..., "items": [...]} or {"history": [...], "items": [...]} -> P(like) per item
+    POST /recommend  {"user": ..., "k": 10} or {"history": [...], "k": 10}       -> the top k items
+    GET  /health     liveness and the version served
+    GET  /version    the version served: id, stage, when, its gate
+    GET  /docs       the OpenAPI schema, browsable
+
+One model serves at a time, from one worker thread: requests wait in a queue, and the worker answers all
+the requests that arrived while it was busy (up to `max_batch` samples) with one forward pass over their
+samples, so concurrent clients share batches. A watcher polls the run's versions: when another version is
+promoted (`evolora update`, `evolora rollback`, in any process), it loads that version beside the served
+one and swaps them between two batches; requests in flight finish on the version they started with, and
+every answer names its version. Requests only name users and items: nothing a client sends becomes a path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from evolora.api import Recommender, locate_run
+from evolora.deploy.versions import Versions
+from evolora.errors import EvoloraError
+from evolora.io import read_json
+
+log = logging.getLogger("evolora")
+
+MAX_ITEMS = 1000  # per request
+MAX_HISTORY = 1000
+MAX_K = 100
+MAX_BODY_BYTES = 1 << 20
+
+
+@dataclass
+class Served:
+    rec: Recommender
+    version: int
+    info: dict[str, Any]
+
+
+@dataclass
+class _Request:
+    kind: str  # score | recommend
+    user: str | None
+    history: list[str] | list[tuple[str, float]] | None
+    items: list[str] | None
+    k: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class ModelHolder:
+    """The version being served, and the watcher that swaps in a newly promoted one."""
+
+    run_dir: Path
+    method: str | None = None
+    seed: int = 0
+    poll_seconds: float = 0.5
+    served: Served | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        seed_dir, self.root = locate_run(Path(self.run_dir), self.method, self.seed)
+        results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+        self.method = results["method"]
+        self.last_stage = max(s["train_stage"] for s in results["stages"])
+        self.served = self._load(self._promoted())
+
+    def _registry(self) -> Versions:
+        return Versions.open(self.root, self.method or "", self.seed, self.last_stage)
+
+    def _promoted(self) -> int:
+        return self._registry().promoted
+
+    def _load(self, version: int) -> Served:
+        t0 = time.perf_counter()
+        rec = Recommender.load(self.root, method=self.method, seed=self.seed, version=version)
+        v = self._registry().get(version)
+        info = {"version": v.id, "stage": v.stage, "created": v.created, "parent": v.parent, "gate": v.gate}
+        log.info("serving version %d (stage %d), loaded in %.1f s", v.id, v.stage, time.perf_counter() - t0)
+        return Served(rec, version, info)
+
+    def watch(self) -> None:
+        """Poll for another promoted version and swap it in (run in a thread)."""
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                promoted = self._promoted()
+                if self.served is not None and promoted != self.served.version:
+                    fresh = self._load(promoted)
+                    old, self.served = self.served, fresh  # one assignment: the next batch uses the new one
+                    old.rec.strategy.teardown()
+            except Exception as e:  # a half-written registry or a failed load: keep serving, retry later
+                log.warning("could not switch versions yet: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Batcher:
+    """One worker answering queued requests in batches, on one model at a time."""
+
+    def __init__(self, holder: ModelHolder, max_batch: int = 256) -> None:
+        self.holder = holder
+        self.max_batch = max_batch
+        self.queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evolora-model")
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            while not self.queue.empty() and self._rows(batch) < self.max_batch:
+                batch.append(self.queue.get_nowait())
+            served = self.holder.served
+            assert served is not None
+            try:
+                answers = await loop.run_in_executor(self.executor, self._answer, served, batch)
+                for req, answer in zip(batch, answers, strict=True):
+                    if not req.future.done():
+                        req.future.set_result(answer)
+            except Exception as e:
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(e)
+
+    @staticmethod
+    def _rows(batch: list[_Request]) -> int:
+        return sum(len(r.items or ()) or 1 for r in batch)
+
+    @staticmethod
+    def _answer(served: Served, batch: list[_Request]) -> list[dict[str, Any]]:
+        """Every request of the batch: score requests share one forward pass, recommend requests another."""
+        rec = served.rec
+        out: dict[int, dict[str, Any]] = {}
+        scoring = [(i, r) for i, r in enumerate(batch) if r.kind == "score"]
+        if scoring:
+            results = rec.score_many([(r.history, r.items or [], r.user) for _, r in scoring])
+            for (i, _), scored in zip(scoring, results, strict=True):
+                out[i] = {"version": served.version, "items": [s.to_dict() for s in scored]}
+        ranking = [(i, r) for i, r in enumerate(batch) if r.kind == "recommend"]
+        if ranking:
+            results = rec.recommend_many([(r.history, r.k, r.user) for _, r in ranking])
+            for (i, _), top in zip(ranking, results, strict=True):
+                out[i] = {"version": served.version, "items": [s.to_dict() for s in top]}
+        return [out[i] for i in range(len(batch))]
+
+
+class Query(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    user: str | None = Field(None, description="a user the run knows: their history is used")
+    history: list[str | tuple[str, float]] | None = Field(
+        None, max_length=MAX_HISTORY, description="item ids (liked), or [item, rating] pairs"
+    )
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Query:
+        if (self.user is None) == (self.history is None):
+            raise ValueError("give `user` or `history` (one of them; an empty history is [])")
+        return self
+
+
+class ScoreQuery(Query):
+    items: list[str] = Field(..., min_length=1, max_length=MAX_ITEMS)
+
+
+class RecommendQuery(Query):
+    k: int = Field(10, ge=1, le=MAX_K)
+
+
+def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
+    """The FastAPI application serving `holder`'s promoted version."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+
+    batcher = Batcher(holder, max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker = asyncio.create_task(batcher.run())
+        watcher = threading.Thread(target=holder.watch, name="evolora-watch", daemon=True)
+        watcher.start()
+        yield
+        holder.stop()
+        worker.cancel()
+
+    app = FastAPI(
+        title="evolora", description=f"{holder.method}, a deployed run of {holder.root}", lifespan=lifespan
+    )
+
+    @app.middleware("http")
+    async def limit_size(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and int(size) > MAX_BODY_BYTES:
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+        return await call_next(request)
+
+    def check(query: Query, items: list[str] | None) -> None:
+        served = holder.served
+        assert served is not None
+        rec = served.rec
+        if query.user is not None and query.user not in rec.known_users_set:
+            raise HTTPException(404, f"unknown user {query.user!r}")
+        known = rec.known_items
+        named = [h if isinstance(h, str) else h[0] for h in query.history or []] + (items or [])
+        unknown = sorted({i for i in named if i not in known})
+        if unknown:
+            raise HTTPException(404, f"unknown items: {unknown[:10]}")
+
+    async def ask(kind: str, query: Query, items: list[str] | None, k: int) -> dict[str, Any]:
+        check(query, items)
+        loop = asyncio.get_running_loop()
+        history = (
+            None if query.history is None else [h if isinstance(h, str) else tuple(h) for h in query.history]
+        )
+        req = _Request(kind, query.user, history, items, k, loop.create_future(), loop)
+        await batcher.queue.put(req)
+        try:
+            return await req.future
+        except EvoloraError as e:
+            raise HTTPException(422, str(e)) from None
+
+    @app.post("/score")
+    async def score(query: ScoreQuery) -> dict[str, Any]:
+        """P(like) of each item for a user or a history (CTR runs)."""
+        if holder.served is not None and holder.served.rec.task_name != "ctr":
+            raise HTTPException(422, "this run recommends (next-item): use /recommend")
+        return await ask("score", query, query.items, 0)
+
+    @app.post("/recommend")
+    async def recommend(query: RecommendQuery) -> dict[str, Any]:
+        """The top k items for a user or a history (next-item runs)."""
+        if holder.served is not None and holder.served.rec.task_name == "ctr":
+            raise HTTPException(422, "this run scores given items (CTR): use /score")
+        return await ask("recommend", query, None, query.k)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        served = holder.served
+        return {
+            "status": "ok",
+            "version": None if served is None else served.version,
+            "method": holder.method,
+        }
+
+    @app.get("/version")
+    def version() -> dict[str, Any]:
+        served = holder.served
+        return {"method": holder.method, "seed": holder.seed, **(served.info if served else {})}
+
+    return app
+
+
+def serve(
+    run_dir: Path, host: str = "127.0.0.1", port: int = 8000, method: str | None = None, seed: int = 0
+) -> None:
+    import uvicorn
+
+    holder = ModelHolder(run_dir, method, seed)
+    uvicorn.run(create_app(holder), host=host, port=port, log_level="warning")

@@ -1,0 +1,138 @@
+"""`evolora serve` on loopback: concurrent clients through a version switch, and every bad request's 4xx."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+import uvicorn
+
+from evolora.deploy.server import ModelHolder, create_app
+from evolora.deploy.update import update_run
+from evolora.deploy.versions import Versions
+from evolora.experiment import run_experiment
+from tests.helpers import tiny_config
+
+HERE = Path(__file__).resolve().parent / "data"
+SMALL = {
+    "data.format": "table",
+    "data.columns": "{user: uid, item: iid, time: ts, rating: stars, title: name}",
+    "data.meta": str(HERE / "example_items.csv"),
+    "task.min_history": 1,
+    "train.epochs": 1,
+    "train.samples_per_stage": 32,
+    "strategies": "[finetune]",
+}
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run with two versions: 0 (the run) and 1 (an update, promoted)."""
+    tmp = tmp_path_factory.mktemp("served")
+    log = pl.read_csv(HERE / "example_log.csv").sort("ts")
+    cut = int(log.height * 0.8)
+    log[:cut].write_csv(tmp / "base.csv")
+    log[cut:].write_csv(tmp / "new.csv")
+    cfg = tiny_config(tmp / "base.csv", tmp / "runs", **SMALL)
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    assert update_run(root, tmp / "new.csv", overrides=["update.min_gain=-1.0"]).promoted
+    return root
+
+
+@pytest.fixture
+def server(deployed: Path):
+    holder = ModelHolder(deployed, poll_seconds=0.1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(holder, max_batch=64), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", holder
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_concurrent_clients_through_a_version_switch(server, deployed: Path) -> None:
+    url, holder = server
+    assert httpx.get(f"{url}/version").json()["version"] == 1
+    users = sorted(holder.served.rec.known_users)[:20]
+    items = ["sku-001", "sku-002", "sku-003", "sku-004", "sku-005"]
+    answers: list[tuple[int, int | None, float]] = []
+    switched = threading.Event()
+
+    def client(i: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            for j in range(10):  # 20 clients x 10 requests
+                body = (
+                    {"user": users[i], "items": items}
+                    if j % 2
+                    else {"history": [items[j % 5]], "items": items}
+                )
+                r = c.post("/score", json=body)
+                answers.append((r.status_code, r.json().get("version"), time.monotonic()))
+                if i == 0 and j == 3:
+                    Versions.open(deployed, "finetune", 0, 2).rollback(0)  # another process's rollback
+                    switched.set()
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(client, range(20)))
+    assert time.monotonic() - t0 < 300
+    assert len(answers) == 200 and all(code == 200 for code, _, _ in answers), {c for c, _, _ in answers}
+    assert {v for _, v, _ in answers} <= {0, 1} and switched.is_set()
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/version").json()["version"] != 0:
+        assert time.monotonic() < deadline, "the server never switched to the promoted version"
+        time.sleep(0.1)
+    after = httpx.post(f"{url}/score", json={"user": users[0], "items": items}).json()
+    assert after["version"] == 0 and len(after["items"]) == 5
+    assert all(0 < s["score"] < 1 for s in after["items"])
+    Versions.open(deployed, "finetune", 0, 2).rollback(1)  # leave the fixture as it was
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/score", {"items": ["sku-001"]}, 422),  # neither user nor history
+        ("/score", {"user": "user-01", "history": [], "items": ["sku-001"]}, 422),  # both
+        ("/score", {"user": "user-01", "items": []}, 422),  # nothing to score
+        ("/score", {"user": "nobody", "items": ["sku-001"]}, 404),
+        ("/score", {"history": ["no-such-item"], "items": ["sku-001"]}, 404),
+        ("/score", {"user": "user-01", "items": ["no-such-item"]}, 404),
+        ("/score", {"user": "user-01", "items": ["sku-001"] * 1001}, 422),  # oversized
+        ("/score", {"user": "user-01", "items": "sku-001"}, 422),  # malformed
+        ("/score", {"user": "user-01", "items": ["sku-001"], "path": "/etc/passwd"}, 422),  # unknown field
+        ("/recommend", {"user": "user-01", "k": 5}, 422),  # a CTR run scores, it does not generate
+    ],
+)
+def test_bad_requests_get_their_4xx(server, path: str, body: dict, status: int) -> None:
+    url, _ = server
+    r = httpx.post(f"{url}{path}", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    assert "detail" in r.json()
+
+
+def test_health_docs_and_size_limit(server) -> None:
+    url, _ = server
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    assert httpx.get(f"{url}/docs").status_code == 200
+    assert "/score" in httpx.get(f"{url}/openapi.json").json()["paths"]
+    json_type = {"content-type": "application/json"}
+    big = httpx.post(f"{url}/score", content=b"{" + b" " * (2 << 20) + b"}", headers=json_type)
+    assert big.status_code == 413
+    r = httpx.post(f"{url}/score", content=b"not json", headers=json_type)
+    assert r.status_code == 422
