@@ -481,12 +481,16 @@ class UpdateConfig(Section):
     """`evolora update`: how a new batch of data becomes the next stage of a deployed run.
 
     The batch's chronological tail (`holdout_fraction`) is held out; the candidate (the promoted version
-    trained on the rest) and the promoted version are both scored on it with `metric` (default: the task's
+    trained on the rest) and the promoted version are both scored on it (on `max_holdout` of its samples,
+    drawn with a fixed seed, when it has more) with `metric` (default: the task's
     primary metric), and the candidate is promoted only when its gain is at least `min_gain` (negative: it
     may be worse by up to that margin; gains count in the metric's better direction).
     """
 
     holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    max_holdout: int | None = Field(
+        400, gt=0, description="score a fixed-seed subset of this many held-out samples (null: all of them)"
+    )
     min_gain: float = Field(-0.01, description="promote when candidate - promoted >= min_gain")
     metric: str | None = None
 
@@ -528,7 +532,9 @@ class RunConfig(Section):
     tracking: Literal["none", "mlflow"] = Field(
         "none", description="mlflow: log runs, stages, epochs, adapters and update gates (evolora[mlflow])"
     )
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: <output_dir>/mlruns")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: sqlite:///<output_dir>/mlflow.db"
+    )
 
     @property
     def shared_root(self) -> Path:

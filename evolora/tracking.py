@@ -1,10 +1,11 @@
 """Experiment tracking: optional MLflow logging of runs, stages, epochs, adapters and update gates.
 
-`tracking: mlflow` (with `pip install 'evolora[mlflow]'`) logs to `tracking_uri` (default: a local file
-store, `<output_dir>/mlruns`): one MLflow run per experiment, and nested under it one per (strategy, seed)
-with the settings as parameters, each stage's metrics (step = training stage), each epoch's training and
-validation numbers (step = epoch, prefixed by the stage and job), and each stage's adapters as artifacts.
-An update logs its gate (both figures, the gain, the decision) as a run nested under the experiment.
+`tracking: mlflow` (with `pip install 'evolora[mlflow]'`) logs to `tracking_uri` (default: a local SQLite
+store, `<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`): one MLflow run per experiment,
+and nested under it one per (strategy, seed) with the settings as parameters, each stage's metrics (step =
+training stage), each epoch's training and validation numbers (step = epoch, prefixed by the stage and
+job), and each stage's adapters as artifacts. An update logs its gate (both figures, the gain, the
+decision) as a run nested under the experiment.
 
 `tracking: none` (the default) logs nothing and needs nothing.
 """
@@ -66,14 +67,24 @@ class Tracker:
 
 
 class MlflowTracker(Tracker):
+    """Logs to MLflow. A failure to reach the store stops the run before any work; a failure while logging
+    a stage is a warning (the run's own record is the reference, MLflow a view of it)."""
+
     def __init__(self, cfg: RunConfig) -> None:
         self.mlflow = _mlflow()
-        self.uri = cfg.tracking_uri or (Path(cfg.output_dir).resolve() / "mlruns").as_uri()
+        out = Path(cfg.output_dir).resolve()
+        self.uri = cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
+        self.artifacts = (out / "mlartifacts").as_uri()
 
     @contextlib.contextmanager
     def experiment(self, cfg: RunConfig) -> Iterator[None]:
-        self.mlflow.set_tracking_uri(self.uri)
-        self.mlflow.set_experiment(cfg.name)
+        try:
+            self.mlflow.set_tracking_uri(self.uri)
+            if self.mlflow.get_experiment_by_name(cfg.name) is None:
+                self.mlflow.create_experiment(cfg.name, artifact_location=self.artifacts)
+            self.mlflow.set_experiment(cfg.name)
+        except Exception as e:
+            raise ConfigError(f"tracking: cannot use MLflow at {self.uri}: {type(e).__name__}: {e}") from None
         with self.mlflow.start_run(run_name=cfg.name):
             params = _flat(config_to_dict(cfg))
             self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
@@ -86,6 +97,14 @@ class MlflowTracker(Tracker):
             yield
 
     def stage(self, record: dict[str, Any], stage_dir: Path) -> None:
+        try:
+            self._stage(record, stage_dir)
+        except Exception as e:
+            log.warning(
+                "MLflow: stage %s not logged (%s: %s)", record.get("train_stage"), type(e).__name__, e
+            )
+
+    def _stage(self, record: dict[str, Any], stage_dir: Path) -> None:
         t = int(record["train_stage"])
         for name, value in record["metrics"].items():
             self.mlflow.log_metric(name, float(value), step=t)

@@ -42,7 +42,7 @@ from evolora.continual.loop import StageLoop
 from evolora.data.digest import data_digest
 from evolora.data.loaders import load_dataset
 from evolora.data.prepare import Prepared, prepare_staged
-from evolora.data.samples import StagePools
+from evolora.data.samples import StagePools, draw
 from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
 from evolora.data.staging import assign_stages
 from evolora.deploy.versions import Version, Versions, _now
@@ -263,7 +263,7 @@ def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int) -> np.ndarray:
     rest, hold = rows[:-n_hold], rows[-n_hold:]
     n_valid = max(1, round(cfg.train.valid_fraction * len(rest)))
     prepared.pools[stage] = StagePools(stage, rest[:-n_valid], rest[-n_valid:], hold)
-    return hold
+    return draw(hold, cfg.update.max_holdout, cfg.eval.seed, stage, salt=3)
 
 
 # ------------------------------------------------------------------------------------------ the gate

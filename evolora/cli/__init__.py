@@ -1,0 +1,292 @@
+"""The `evolora` command line.
+
+evolora run [CONFIG] [--set key=value ...]    run an experiment (no CONFIG: the quickstart)
+evolora report RUN_DIR [RUN_DIR ...]          compare finished runs: markdown tables and a plot
+evolora recommend RUN_DIR --user U | --history A,B [-k 10] [--json]   what a trained run recommends
+evolora update RUN_DIR --data FILE            new data becomes the next stage, behind a gate
+evolora versions RUN_DIR / rollback RUN_DIR V  a deployed run's versions; promote an earlier one
+evolora serve RUN_DIR [--host --port]         serve the promoted version over HTTP
+evolora export RUN_DIR --out DIR [--merge]   a trained run for transformers + PEFT (or vLLM) alone
+evolora export-user-adapter RUN_DIR USER      RecLoRA: one user's adapter as a plain PEFT LoRA
+evolora data fetch NAME                       download and cache a dataset
+evolora data info SOURCE                      what a dataset holds and how it stages
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markdown import Markdown
+from rich.markup import escape
+from rich.table import Table
+
+from evolora.errors import EvoloraError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Continual LoRA adaptation of LLM recommenders."
+)
+data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect datasets.")
+app.add_typer(data_app, name="data")
+
+console = Console(stderr=False, soft_wrap=True)  # off a terminal rich wraps at 80 columns: not in logs
+err_console = Console(stderr=True, soft_wrap=True)
+
+# Arguments several commands take about a trained run.
+RunDir = Annotated[Path, typer.Argument(help="an experiment folder (runs/<name>) or a run's folder")]
+Method = Annotated[str | None, typer.Option(help="the strategy's label (when there are several)")]
+Seed = Annotated[int, typer.Option(help="which seed's run")]
+Stage = Annotated[int | None, typer.Option(help="the model after this stage; default: the last")]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+QUICKSTART = "quickstart.yaml"
+
+
+class _PlainHandler(logging.StreamHandler):
+    """One line per message, never wrapped: what logs and CI captures want (stderr is not a terminal).
+
+    Writes to whatever `sys.stderr` is at the time, as the rich console does."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler: logging.Handler
+    if err_console.is_terminal:
+        handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
+    else:
+        handler = _PlainHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root = logging.getLogger("evolora")
+    root.handlers = [h for h in root.handlers if not isinstance(h, RichHandler | _PlainHandler)]
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print user mistakes as one message (exit 2), never as a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EvoloraError as e:
+            # soft_wrap: a message stays one line in logs and CI (rich wraps at 80 columns off a terminal)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: rerun the same command to continue where it stopped")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="peft")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def stage_table(results: list[dict[str, Any]], metric_names: tuple[str, ...]) -> Table:
+    """Methods x evaluated stages: the table `evolora run` prints at the end (`stage_table_note` says what
+    its mean covers and the precision). When every method shares the first evaluated stage (one stage-1
+    adapter), `mean` leaves it out."""
+    from evolora.eval.report import shared_first_stage
+
+    stages = sorted({s["eval_stage"] for r in results for s in r["stages"]})
+    skip = shared_first_stage(results)
+    table = Table(title="per-stage results (trained on stage t-1 or t, evaluated on the stage shown)")
+    table.add_column("method")
+    table.add_column("seed", justify="right")
+    table.add_column("metric")
+    for s in stages:
+        table.add_column(f"D{s}", justify="right")
+    table.add_column("mean", justify="right")
+    table.add_column("train s", justify="right")
+    for r in results:
+        by_stage = {s["eval_stage"]: s for s in r["stages"]}
+        for i, m in enumerate(metric_names):
+            cells = [
+                f"{by_stage[s]['metrics'][m]:.4f}" if m in by_stage.get(s, {}).get("metrics", {}) else "–"
+                for s in stages
+            ]
+            kept = [by_stage[t]["metrics"].get(m) for t in stages if t != skip and t in by_stage]
+            kept = [v for v in kept if v is not None and v == v]  # v == v: not NaN
+            mean = sum(kept) / len(kept) if kept else None
+            secs = f"{r['summary'].get('train_seconds', 0):.0f}" if i == 0 else ""
+            table.add_row(
+                r["method"] if i == 0 else "",
+                str(r["seed"]) if i == 0 else "",
+                m,
+                *cells,
+                f"{mean:.4f}" if mean is not None else "–",
+                secs,
+            )
+    return table
+
+
+def stage_table_note(results: list[dict[str, Any]]) -> str:
+    from evolora.eval.report import precision_line, shared_first_stage
+
+    skip = shared_first_stage(results)
+    over = "every evaluated stage" if skip is None else f"D{skip} left out: every method shares it"
+    return f"precision: {precision_line(results)}; mean: {over}"
+
+
+@app.command()
+@_user_errors
+def run(
+    config: Annotated[Path | None, typer.Argument(help="YAML config; default: the quickstart")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="override a key, e.g. --set train.epochs=3")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="delete an existing run of the same name first")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run an experiment: every strategy and seed of CONFIG, stage by stage; rerun to resume."""
+    from evolora import progress
+    from evolora.config import load_config
+    from evolora.eval.report import build_report, plot_metric
+    from evolora.experiment import run_experiment
+    from evolora.io import atomic_write_text
+    from evolora.tasks import task_spec
+
+    _setup_logging(verbose)
+    _quiet_libraries()
+    if config is None:
+        config = CONFIG_DIR / QUICKSTART
+        console.print(f"no config given: running the quickstart ({config})")
+    cfg = load_config(config, set_ or [])
+    with progress.display(err_console):
+        results = run_experiment(cfg, overwrite=overwrite)
+    metric_names = task_spec(cfg.task.name).metrics.shown
+    console.print(stage_table(results, metric_names))
+    console.print(stage_table_note(results), soft_wrap=True, highlight=False)
+    root = Path(cfg.output_dir) / cfg.name
+    report, groups = build_report([root])
+    atomic_write_text(root / "report.md", report)
+    plot_metric(groups, metric_names[0], root / f"{metric_names[0]}.png")
+    console.print(f"results: {root}/*/seed*/results.json; report: {root / 'report.md'}")
+
+
+@app.command()
+@_user_errors
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run folders (searched for results.json)")],
+    metric: Annotated[list[str] | None, typer.Option(help="metrics to tabulate; default per task")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder for report.md and the plot; default: the first run")
+    ] = None,
+) -> None:
+    """Compare runs: a markdown table of methods x stages and a PNG plot of the metric per stage."""
+    from evolora.eval.metrics import metric_set
+    from evolora.eval.report import build_report, plot_metric
+    from evolora.io import atomic_write_text
+
+    text, groups = build_report(run_dirs, metric)
+    target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
+    atomic_write_text(target / "report.md", text)
+    first = (metric or [metric_set(groups[0].task).primary])[0]
+    plot_metric(groups, first, target / f"{first}.png")
+    console.print(Markdown(text))
+    console.print(f"written: {target / 'report.md'}, {target / f'{first}.png'}")
+
+
+@data_app.command("fetch")
+@_user_errors
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="dataset name, e.g. ml-100k")],
+    force: Annotated[bool, typer.Option(help="download again even if cached")] = False,
+) -> None:
+    """Download a dataset (checksum-verified) into the cache."""
+    from evolora.data import fetch
+
+    _setup_logging(False)
+    path = fetch(name, force=force)
+    console.print(f"{name}: {path}")
+
+
+@data_app.command("info")
+@_user_errors
+def data_info(
+    source: Annotated[
+        str | None, typer.Argument(help="a dataset name or a path; default: the config's, else ml-100k")
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="file format when SOURCE is a path; default: the config's")
+    ] = None,
+    meta: Annotated[str | None, typer.Option(help="Amazon metadata file, or a table's items table")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="take data and staging settings from this config")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="override, e.g. staging.n_stages=5")
+    ] = None,
+) -> None:
+    """Summarise a dataset and the stages its staging settings make."""
+    from evolora.config import load_config
+    from evolora.data import assign_stages, load_dataset, num_stages_of, stage_table
+    from evolora.experiment import resolve_config
+
+    _setup_logging(False)
+    given = {"data.source": source, "data.format": fmt, "data.meta": meta}
+    overrides = [f"{k}={v}" for k, v in given.items() if v is not None] + list(set_ or [])
+    flags = {"data.source": "the SOURCE argument", "data.format": "--format", "data.meta": "--meta"}
+    cfg = resolve_config(load_config(config, overrides, flags))
+    data = load_dataset(cfg.data)
+    summary = Table(title=f"{data.name}", show_header=False)
+    for k, v in data.summary().items():
+        summary.add_row(k, str(v))
+    console.print(summary)
+    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
+    stages = stage_table(staged)
+    t = Table(title=f"stages ({cfg.staging.scheme}, {num_stages_of(staged)})")
+    for col in stages.columns:
+        t.add_column(col.replace("_timestamp", "").replace("_", " "), justify="right")
+    for row in stages.iter_rows(named=True):
+        # Pre-blocked data (PESO's release) has only an order, no dates: its timestamps are synthetic.
+        synthetic = data.preset_stages is not None
+        cells = [
+            ("n/a" if synthetic else _date(v)) if k.endswith("timestamp") else str(v) for k, v in row.items()
+        ]
+        t.add_row(*cells)
+    console.print(t)
+
+
+def _date(ts: int | None) -> str:
+    import datetime as dt
+
+    return "–" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
+
+
+# The commands about trained runs (recommend, export, update, versions, rollback, serve) register themselves.
+from evolora.cli import trained  # noqa: E402, F401
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,269 @@
+"""The commands about a trained run: ask it (recommend), take it elsewhere (export, export-user-adapter),
+keep it current (update, versions, rollback) and serve it (serve). Registered on `evolora.cli.app`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from evolora.cli import (
+    Method,
+    RunDir,
+    Seed,
+    Stage,
+    _quiet_libraries,
+    _setup_logging,
+    _user_errors,
+    app,
+    console,
+    err_console,
+)
+from evolora.errors import EvoloraError
+
+
+def _console():
+    from evolora import cli
+
+    return cli.console
+
+
+@app.command()
+@_user_errors
+def update(
+    run_dir: RunDir,
+    data: Annotated[Path, typer.Option(help="the new interactions, in a format the run's loader reads")],
+    method: Method = None,
+    seed: Seed = 0,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", "-s", help="gate settings, e.g. update.min_gain=0.0")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Train the next stage of the promoted version on new data; promote it if the gate says so."""
+    from evolora import progress
+    from evolora.deploy.update import update_run
+
+    _setup_logging(verbose)
+    _quiet_libraries()
+    bad = [s for s in set_ or [] if not s.startswith("update.")]
+    if bad:
+        raise EvoloraError(f"--set {bad[0]}: an update takes update.* settings only (the run's are fixed)")
+    with progress.display(err_console):
+        outcome = update_run(run_dir, data, method=method, seed=seed, overrides=set_ or [])
+    v = outcome.version
+    state = "promoted" if outcome.promoted else "not promoted"
+    if outcome.already_applied:
+        console.print(f"{data} was applied before: version {v.id} ({state})")
+        return
+    g = v.gate
+    console.print(
+        f"version {v.id} (stage {v.stage}, from version {v.parent}): {g['metric']} {g['candidate']:.4f} "
+        f"vs {g['promoted']:.4f} for the promoted version on {g['holdout_samples']} held-out samples: "
+        f"{g['decision']}"
+    )
+
+
+@app.command()
+@_user_errors
+def versions(
+    run_dir: RunDir,
+    method: Method = None,
+    seed: Seed = 0,
+) -> None:
+    """The versions of a deployed run: each update, its gate, and the promoted one."""
+    registry = _registry(run_dir, method, seed)
+    table = Table(
+        title=f"versions of {registry.method} (seed {registry.seed}); promoted: {registry.promoted}"
+    )
+    for col in ("version", "parent", "stage", "created", "data", "rows", "gate", "promoted"):
+        table.add_column(col, justify="right" if col in ("version", "parent", "stage", "rows") else "left")
+    for v in registry.versions:
+        rows = f"{v.data['accepted']}/{v.data['rows_in_file']}" if "accepted" in v.data else ""
+        gate = f"{v.gate['metric']} {v.gate['candidate']:.4f} vs {v.gate['promoted']:.4f}" if v.gate else ""
+        table.add_row(
+            str(v.id), "" if v.parent is None else str(v.parent), str(v.stage), v.created,
+            Path(v.data.get("file", v.data.get("source", ""))).name, rows, gate,
+            "yes" if v.id == registry.promoted else "",
+        )  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+@_user_errors
+def rollback(
+    run_dir: RunDir,
+    version: Annotated[int, typer.Argument(help="the version to promote again")],
+    method: Method = None,
+    seed: Seed = 0,
+) -> None:
+    """Make an earlier version the promoted one (served; the next update builds on it)."""
+    from evolora.locks import exclusive
+
+    registry = _registry(run_dir, method, seed)
+    with exclusive(registry.folder / ".lock", f"updates of {registry.method} (seed {registry.seed})"):
+        registry = _registry(run_dir, method, seed)
+        before = registry.promoted
+        registry.rollback(version)
+    console.print(f"promoted: version {version} (was {before})")
+
+
+def _registry(run_dir: Path, method: str | None, seed: int):
+    from evolora.api import locate_run
+    from evolora.deploy.versions import Versions
+    from evolora.io import read_json
+
+    seed_dir, root = locate_run(run_dir, method, seed)
+    results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+    last = max((s["train_stage"] for s in results["stages"]), default=0)
+    return Versions.open(root, results["method"], results["seed"], last)
+
+
+@app.command()
+@_user_errors
+def serve(
+    run_dir: RunDir,
+    host: Annotated[str, typer.Option(help="the address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the port to listen on")] = 8000,
+    method: Method = None,
+    seed: Seed = 0,
+) -> None:
+    """Serve the promoted version over HTTP (POST /score, /recommend; GET /health, /version, /docs),
+    switching to a newly promoted one without dropping requests."""
+    from evolora.deploy.server import serve as serve_run
+
+    _setup_logging(False)
+    _quiet_libraries()
+    console.print(f"serving {run_dir} on http://{host}:{port} (OpenAPI: /docs); Ctrl-C stops")
+    serve_run(run_dir, host=host, port=port, method=method, seed=seed)
+
+
+@app.command("export")
+@_user_errors
+def export(
+    run_dir: RunDir,
+    out: Annotated[Path, typer.Option(help="the folder to write (replaced if it exists)")],
+    method: Method = None,
+    seed: Seed = 0,
+    stage: Stage = None,
+    merge: Annotated[bool, typer.Option(help="write the base model with the adapter merged in")] = False,
+) -> None:
+    """A trained run as a folder transformers + PEFT load without evolora (tokenizer, item map, one plain
+    LoRA adapter with the added tokens' rows), or with --merge a full merged model."""
+    from evolora.export import export_run
+
+    _setup_logging(False)
+    _quiet_libraries()
+    target = export_run(run_dir, out, method=method, seed=seed, stage=stage, merge=merge)
+    console.print(f"exported to {target} (see {target / 'README.md'})")
+
+
+@app.command("export-user-adapter")
+@_user_errors
+def export_user_adapter(
+    run_dir: Annotated[Path, typer.Argument(help="a reclora run: runs/<name>/<method>/seed<k>")],
+    user: Annotated[str, typer.Argument(help="user id as in the data")],
+    stage: Annotated[
+        int | None, typer.Option(help="training stage whose adapters to use; default: last")
+    ] = None,
+    item: Annotated[str | None, typer.Option(help="target item of the sample; default: the latest")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="folder; default: <run>/stage-<t>/user-adapters/<user>")
+    ] = None,
+) -> None:
+    """RecLoRA: one user's personalized adapter as a plain PEFT LoRA that any PEFT model loads."""
+    from evolora.data.samples import eval_stage_of
+    from evolora.errors import ConfigError
+    from evolora.experiment import restore_run
+
+    _setup_logging(False)
+    _quiet_libraries()
+    strategy, _, t = restore_run(run_dir, stage)
+    try:
+        if not hasattr(strategy, "export_for_user"):
+            raise ConfigError(f"{run_dir}: a {strategy.name} run has no per-user adapters (reclora has)")
+        target = out or run_dir / f"stage-{t}" / "user-adapters" / (
+            user if item is None else f"{user}-{item}"
+        )
+        row = strategy.export_for_user(user, target, eval_stage_of(t, strategy.cfg.protocol), item)
+    finally:
+        strategy.teardown()
+    sample = strategy.task.table.df.row(row, named=True)
+    console.print(
+        f"user {user}, sample {row} (stage {sample['stage']}, target item {sample['item_id']}): "
+        f"adapter of stage {t} written to {target}"
+    )
+
+
+@app.command()
+@_user_errors
+def recommend(
+    run_dir: RunDir,
+    user: Annotated[str | None, typer.Option(help="a user the run knows: their history is used")] = None,
+    history: Annotated[
+        str | None, typer.Option(help="item ids, comma-separated (item:rating for a rating)")
+    ] = None,
+    items: Annotated[
+        str | None, typer.Option(help="CTR runs: the items to score and rank, comma-separated")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="how many items to return")] = 10,
+    method: Method = None,
+    seed: Seed = 0,
+    stage: Stage = None,
+    include_seen: Annotated[bool, typer.Option(help="allow items of the history in the answer")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """What a trained run recommends: the top k items for a user or a history (next-item runs generate
+    them; CTR runs rank the given --items by P(like))."""
+    import json
+
+    from evolora.api import Recommender
+
+    _setup_logging(False)
+    _quiet_libraries()
+    if (user is None) == (history is None):
+        raise EvoloraError("give --user or --history (one of them)")
+    if k < 1 or k > 1000:
+        raise EvoloraError(f"-k {k}: ask for 1 to 1000 items")
+    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage)
+    hist = None if history is None else _parse_history(history)
+    candidates = None if items is None else [i.strip() for i in items.split(",") if i.strip()]
+    top = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen, items=candidates)
+    if as_json:
+        answer = {
+            "run": str(rec.seed_dir),
+            "method": rec.method,
+            "stage": rec.stage,
+            "task": rec.task_name,
+            "user": user,
+            "history": None if hist is None else [i for i, _ in hist],
+            "score": "P(like)" if rec.task_name == "ctr" else "log p(item | history)",
+            "items": [s.to_dict() for s in top],
+        }
+        console.print_json(json.dumps(answer))
+        return
+    table = Table(title=f"{rec.method}, after stage {rec.stage}: top {len(top)} for {user or 'the history'}")
+    table.add_column("rank", justify="right")
+    table.add_column("item")
+    table.add_column("title")
+    table.add_column("P(like)" if rec.task_name == "ctr" else "log p", justify="right")
+    for rank, s in enumerate(top, 1):
+        table.add_row(str(rank), s.item, s.title or "", f"{s.score:.4f}")
+    console.print(table)
+
+
+def _parse_history(text: str) -> list[tuple[str, float]] | list[str]:
+    """`a,b,c` (each liked) or `a:5,b:1` (with ratings)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not any(":" in p for p in parts):
+        return parts
+    out = []
+    for p in parts:
+        item, _, rating = p.partition(":")
+        try:
+            out.append((item, float(rating)))
+        except ValueError:
+            raise EvoloraError(f"--history: {p!r} is not item:rating") from None
+    return out
