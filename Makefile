@@ -9,7 +9,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
-.PHONY: quickstart test bench lint clean
+.PHONY: quickstart test bench lint clean gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_personalized.py
 	$(BIN)/python benchmarks/bench_conventional.py
 	$(BIN)/python benchmarks/bench_recommend.py
+
+# On a CUDA machine (a few minutes): CUDA tests, a bf16 quickstart, short benchmarks ->
+# benchmarks/results/gpu_check.json. Without a GPU it says so and exits 0.
+gpu-check: $(BIN)/.installed
+	$(BIN)/python scripts/gpu_check.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

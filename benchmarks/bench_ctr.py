@@ -59,8 +59,8 @@ def measure(model: str, mode: str, precision: str, share_prefix: bool, samples: 
                 seqs.append(task.prefix + e.body + (e.answer if with_answer else []))
             width = max(map(len, seqs))
             pad = tok.pad_token_id or 0
-            ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])  # left padding
-            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+            ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=lm.device)  # left padding
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=lm.device)
             labels = ids.clone()
             for i in range(len(seqs)):
                 answer = len(task.encode(int(rs[i])).answer) if with_answer else 0
@@ -72,7 +72,7 @@ def measure(model: str, mode: str, precision: str, share_prefix: bool, samples: 
             with torch.no_grad():
                 logits = lm.model(input_ids=ids, attention_mask=mask).logits[:, -1]
             p = torch.softmax(logits, -1)
-            (p[:, task.yes_id] / (p[:, task.yes_id] + p[:, task.no_id])).numpy()
+            (p[:, task.yes_id] / (p[:, task.yes_id] + p[:, task.no_id])).cpu().numpy()
 
         def train_step(rs: np.ndarray) -> None:
             ids, mask, labels = batch_ids(rs, True)

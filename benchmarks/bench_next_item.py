@@ -57,7 +57,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for r in rows:
         e = task.encode(int(r))
-        prompt = torch.tensor([task.prefix + e.body])
+        prompt = torch.tensor([task.prefix + e.body], device=lm.device)
         with torch.no_grad(), lm.autocast():
             out = lm.model.generate(
                 input_ids=prompt,

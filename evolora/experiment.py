@@ -37,7 +37,7 @@ from evolora.locks import exclusive
 from evolora.models.conventional import check_conventional, is_conventional
 from evolora.models.conventional.backbone import ConventionalBackbone
 from evolora.models.llm import LoraLM, set_threads
-from evolora.models.precision import precision_name, resolve_device, resolve_precision
+from evolora.models.precision import check_machine, precision_name, resolve_device, resolve_precision
 from evolora.models.weights import load_pretrained
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
@@ -139,7 +139,9 @@ def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM | C
         return backbone, spec.build_conventional(cfg, prepared, space)
     device = resolve_device(cfg.model.device)
     dtype, _ = resolve_precision(cfg.model.precision, device)
-    return spec.build(cfg, prepared, load_pretrained(cfg.model.name, dtype, cfg.model.revision))
+    m = cfg.model
+    # A QLoRA base is loaded quantized once, here; item embeddings (semantic IDs) read it as it is.
+    return spec.build(cfg, prepared, load_pretrained(m.name, dtype, m.revision, m.quantization, device))
 
 
 def _check_experiment(root: Path, cfg: RunConfig) -> str:
@@ -246,6 +248,8 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
     check_strategy_specs(cfg.strategies)
     check_conventional(cfg)
     check_tracking(cfg)
+    if not is_conventional(cfg.model.name):
+        check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
     set_threads(cfg.threads)
     cfg = resolve_config(cfg)
     root = Path(cfg.output_dir) / cfg.name

@@ -123,7 +123,7 @@ def test_export_gives_the_user_adapter(sunny_dir: Path, tmp_path: Path) -> None:
     from evolora.models.llm import LoraLM
 
     user = PeftModel.from_pretrained(base, str(tmp_path / "user"))
-    plain = LoraLM(user, lm.tokenizer, lm.device, False, lm.lora, "tiny")
+    plain = LoraLM(user, lm.tokenizer, lm.device, None, lm.lora, "tiny")
     assert task.predict(plain, rows, 1) == pytest.approx(expected, abs=1e-5)
 
 
@@ -163,7 +163,7 @@ def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
     assert result.exit_code == 0, result.output
     base, tok = load_pretrained("tiny", torch.float32)
     plain = PeftModel.from_pretrained(base, str(tmp_path / "cli"))
-    lm = LoraLM(plain, tok, torch.device("cpu"), False, cfg.model.lora, "tiny")
+    lm = LoraLM(plain, tok, torch.device("cpu"), None, cfg.model.lora, "tiny")
     lm.prefix_sharing = False  # as RecLoRA scores, so both run the same arithmetic
     assert strategy.task.predict(lm, np.array([row]), 1) == pytest.approx(expected, abs=1e-5)
 

@@ -77,7 +77,7 @@ class RecLora(Strategy[RecLoraOptions]):
         crm_model = ModelConfig(name="din", device=self.cfg.model.device, conventional=o.crm)
         self.crm = ConventionalBackbone.from_config(crm_model, space, prepared.data.items, seed=self.seed)
         self.crm_task = ConventionalCtrTask(self.cfg.task, self.task.table, space, o.crm.max_len)
-        lora = self.cfg.model.lora
+        lora = self.lm.lora  # the modules actually adapted (a family's own where q/v_proj are absent)
         self.personal = PersonalizedLoRA(
             self.lm,
             d_gate=o.crm.mlp[-1],

@@ -51,6 +51,7 @@ from evolora.eval.metrics import lower_is_better
 from evolora.experiment import build_model_and_task, resolve_config
 from evolora.io import atomic_write_bytes, atomic_write_json, load_npz, read_json, save_npz
 from evolora.locks import exclusive
+from evolora.models.precision import check_machine
 from evolora.tracking import check_tracking, tracker_for
 
 log = logging.getLogger("evolora")
@@ -80,6 +81,7 @@ def update_run(
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
     cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *(overrides or [])]))
     check_tracking(cfg)
+    check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
     last = max(s["train_stage"] for s in results["stages"])
     method = results["method"]
     registry = Versions.open(root, method, results["seed"], last)

@@ -1,7 +1,10 @@
 """The LLM backbone with LoRA adapters (its weights come from `models/weights.py`).
 
 `LoraLM` wraps the PEFT model: named adapters that can be reset from a seed, snapshotted, restored, saved in
-PEFT's format and switched, plus the autocast context that `precision: bf16-mixed` asks for.
+PEFT's format and switched, plus the autocast context that `precision: bf16-mixed` (or `fp16`) asks for and
+gradient checkpointing for training (`train.gradient_checkpointing`). Any causal LM family works: the LoRA
+targets and the pad token follow the family where the config and the tokenizer leave them open
+(`models/weights.py`); with `model.quantization` the base is a QLoRA one (bitsandbytes, CUDA).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from torch import nn
 from evolora.config import LoraConfig, ModelConfig
 from evolora.errors import DamagedFileError, EvoloraError
 from evolora.io import atomic_directory, load_tensors
-from evolora.models.precision import resolve_device, resolve_precision, without_autocast
-from evolora.models.weights import load_pretrained
+from evolora.models.precision import autocast_dtype_of, resolve_device, resolve_precision, without_autocast
+from evolora.models.weights import is_quantized, load_base, target_modules_for
 
 log = logging.getLogger("evolora.models")
 
@@ -62,14 +65,16 @@ class LoraLM:
     model: nn.Module  # peft.PeftModel
     tokenizer: object
     device: torch.device
-    autocast_bf16: bool
-    lora: LoraConfig
+    autocast_dtype: torch.dtype | None  # bf16 (bf16-mixed), fp16 (fp16) or None
+    lora: LoraConfig  # with the target modules actually adapted (a family's own where the default is absent)
     name: str
     new_token_ids: list[int] | None = None
     #: called with the sample rows of every batch before its forward pass (per-sample adapters route by them)
     batch_hooks: list[Callable[[np.ndarray], None]] = field(default_factory=list)
     #: False while per-sample adapters are attached: a prefix run once cannot serve different adapters
     prefix_sharing: bool = True
+    #: True inside `gradient_checkpointing()`: training passes recompute layer activations in the backward
+    checkpointing: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -90,10 +95,9 @@ class LoraLM:
 
         device = resolve_device(cfg.device)
         dtype, mixed = resolve_precision(cfg.precision, device)
-        base, tok = pretrained or load_pretrained(cfg.name, dtype, cfg.revision)
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        base.config.use_cache = False
+        base, tok = load_base(cfg.name, dtype, cfg.revision, cfg.quantization, device, pretrained)
+        # A quantized base keeps norms and embeddings in fp32 and computes under autocast (QLoRA's recipe).
+        mixed = mixed or (is_quantized(base) and dtype != torch.float32)
         new_ids = None
         if new_tokens:
             known = set(tok.get_vocab())
@@ -105,30 +109,41 @@ class LoraLM:
                 torch.manual_seed(seed)
                 base.resize_token_embeddings(len(tok), mean_resizing=False)
             new_ids = tok.convert_tokens_to_ids(list(new_tokens))
-        missing = [
-            m for m in cfg.lora.target_modules if not any(n.endswith(m) for n, _ in base.named_modules())
-        ]
-        if missing:
-            raise EvoloraError(
-                f"model.lora.target_modules: {missing} not found in {cfg.name} "
-                f"(its linear layers include: {sorted(_linear_names(base))[:12]})"
-            )
+        default = LoraConfig.model_fields["target_modules"].default
+        targets, source = target_modules_for(base, cfg.lora.target_modules, default, cfg.name)
+        lora = cfg.lora.model_copy(update={"target_modules": targets})
+        log.info("LoRA adapts %s of %s (%s)", ", ".join(targets), cfg.name, source)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            peft_model = get_peft_model(base, _peft_config(cfg.lora, new_ids), adapter_name="default")
-        peft_model.to(device)
-        lm = cls(peft_model, tok, device, mixed, cfg.lora, cfg.name, new_ids)
+            peft_model = get_peft_model(base, _peft_config(lora, new_ids), adapter_name="default")
+        lm = cls(peft_model, tok, device, autocast_dtype_of(dtype, mixed), lora, cfg.name, new_ids)
+        lm._to_device()
         lm._adapters_to_fp32()
         lm.model.eval()
         return lm
 
     @property
     def precision(self) -> str:
-        """The precision actually used (`auto` resolved): fp32, bf16 or bf16-mixed."""
-        if self.autocast_bf16:
-            return "bf16-mixed"
+        """The precision actually used (`auto` resolved): fp32, bf16, bf16-mixed or fp16."""
+        if self.autocast_dtype is not None:
+            return "fp16" if self.autocast_dtype == torch.float16 else "bf16-mixed"
         dtype = next(self.base.parameters()).dtype
         return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+    @property
+    def loss_scaling(self) -> bool:
+        """Whether training must scale the loss (fp16 gradients underflow without it)."""
+        return self.autocast_dtype == torch.float16
+
+    @property
+    def quantized(self) -> bool:
+        return is_quantized(self.base)
+
+    def _to_device(self) -> None:
+        # bitsandbytes places quantized weights when loading and refuses `.to()`; PEFT creates LoRA weights
+        # beside the layer they adapt.
+        if not self.quantized:
+            self.model.to(self.device)
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -141,7 +156,7 @@ class LoraLM:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.model.add_adapter(name, _peft_config(lora or self.lora, self.new_token_ids))
-        self.model.to(self.device)
+        self._to_device()
         self.model.train(self.model.training)  # new dropout layers start in training mode; follow the model
         self._adapters_to_fp32()
 
@@ -246,8 +261,11 @@ class LoraLM:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def _adapters_to_fp32(self) -> None:
+        # Under fp16 the added tokens' rows train in fp32 too: loss scaling cannot unscale fp16 gradients
+        # (PEFT casts the rows to the embedding's dtype when it merges them).
         for n, p in self.model.named_parameters():
-            if "lora_" in n and p.dtype != torch.float32:
+            tokens = self.loss_scaling and "trainable_tokens_delta" in n
+            if ("lora_" in n or tokens) and p.dtype != torch.float32:
                 p.data = p.data.float()
 
     # ------------------------------------------------------------------ forward helpers
@@ -272,9 +290,36 @@ class LoraLM:
             hook(rows)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_bf16:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.autocast_dtype is not None:
+            return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self, enabled: bool = True) -> Iterator[None]:
+        """Inside the block, training forward passes keep only each layer's input and recompute the rest in
+        the backward pass (non-reentrant: the same gradients, LoRA weights inside a layer included)."""
+        if not enabled:
+            yield
+            return
+        base = self.base
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x names
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if not getattr(base, "_require_grads_hooks", None):
+            # Embedding outputs that require grad: what PEFT's own recipe sets up (and reentrant code needs).
+            base.enable_input_require_grads()
+        self.checkpointing = True
+        try:
+            yield
+        finally:
+            self.checkpointing = False
+            if hasattr(base, "activation_checkpointing_disable"):
+                base.activation_checkpointing_disable()
+            else:
+                base.gradient_checkpointing_disable()
+            base.disable_input_require_grads()
 
     @property
     def base(self) -> nn.Module:
@@ -296,6 +341,12 @@ class LoraLM:
             return out.last_hidden_state
         n, width = input_ids.shape
         p = len(prefix)
+        if self.checkpointing and self.model.training and torch.is_grad_enabled():
+            # Checkpointed layers keep no KV cache (a recomputed layer would write it twice): the prefix runs
+            # in front of every sequence instead, at the same positions, giving the same states.
+            full = torch.cat([prefix.to(input_ids.device)[None].expand(n, p), input_ids], dim=1)
+            mask = torch.cat([attention_mask.new_ones(n, p), attention_mask], dim=1)
+            return decoder(input_ids=full, attention_mask=mask, use_cache=False).last_hidden_state[:, p:]
         cache = decoder(input_ids=prefix[None].to(input_ids.device), use_cache=True).past_key_values
         cache.batch_repeat_interleave(n)
         mask = torch.cat([attention_mask.new_ones(n, p), attention_mask], dim=1)
@@ -335,10 +386,6 @@ class LoraLM:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-
-def _linear_names(model: nn.Module) -> set[str]:
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def set_threads(threads: int | None) -> None:

@@ -5,11 +5,17 @@ AMX) and fp32 elsewhere. Under bf16-mixed the model's matrix products run in bf1
 computations whose result must not carry bf16 rounding (input covariances and their eigenvectors, the
 proximal and orthogonality terms, normalisations, RQ-VAE) run inside `without_autocast()` in fp32 or fp64,
 whatever the run's precision.
+
+`fp16` is for CUDA GPUs without bf16 (V100, T4): fp16 weights, fp16 autocast, and loss scaling in the
+trainer. `model.quantization` (QLoRA through bitsandbytes) needs CUDA and bitsandbytes too; `check_machine`
+checks both when a run or an update starts, so it fails before any work (the config itself loads anywhere:
+a GPU run's folder can be read on a laptop).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from evolora.errors import EvoloraError
+from evolora.errors import ConfigError, EvoloraError
 
 log = logging.getLogger("evolora.models")
 
@@ -61,13 +67,66 @@ def cpu_has_native_bf16() -> bool:
 _warned_emulated_bf16 = False
 
 
+def _cuda_problem(device: str) -> str | None:
+    """Why `model.device` does not name a CUDA device on this machine (None: it does)."""
+    if device != "auto" and not device.startswith("cuda"):
+        return f"model.device is {device}"
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA GPU"
+    return None
+
+
+def fp16_unavailable(device: str) -> str | None:
+    """Why `precision: fp16` cannot run on `device` here, as a message for the user (None: it can)."""
+    problem = _cuda_problem(device)
+    if problem is None:
+        return None
+    return (
+        f"model.precision=fp16 (fp16 autocast with loss scaling) is for CUDA GPUs without bf16, and "
+        f"{problem}: fp16 autocast gains nothing on a CPU. Use fp32, or bf16-mixed on a CPU with native bf16"
+    )
+
+
+def bitsandbytes_installed() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def quantization_unavailable(quantization: str, device: str) -> str | None:
+    """Why `model.quantization` (QLoRA) cannot run on `device` here, as a message (None: it can)."""
+    if quantization == "none":
+        return None
+    problem = _cuda_problem(device)
+    if problem is None and not bitsandbytes_installed():
+        problem = "the bitsandbytes package is not installed (pip install bitsandbytes)"
+    if problem is None:
+        return None
+    return (
+        f"model.quantization={quantization} (QLoRA through bitsandbytes) needs a CUDA GPU and the "
+        f"bitsandbytes package, and {problem}. Use model.quantization: none here"
+    )
+
+
+def check_machine(precision: str, quantization: str, device: str) -> None:
+    """A ConfigError when this machine cannot run `model.precision` / `model.quantization` on `device`."""
+    problem = quantization_unavailable(quantization, device)
+    if problem is None and precision == "fp16":
+        problem = fp16_unavailable(device)
+    if problem:
+        raise ConfigError(problem)
+
+
 def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype, bool]:
-    """-> (weight dtype, use bf16 autocast).
+    """-> (weight dtype, use autocast): autocast in bf16, or in fp16 when the weights are fp16.
 
     `auto`: bf16 weights on a GPU that supports them; on a CPU, bf16-mixed where the CPU has native bf16
-    and fp32 elsewhere.
+    and fp32 elsewhere. `fp16` (CUDA only): fp16 weights under fp16 autocast.
     """
     global _warned_emulated_bf16
+    if precision == "fp16":
+        problem = fp16_unavailable(str(device))
+        if problem:
+            raise ConfigError(problem)
+        return torch.float16, True
     if precision == "auto":
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
@@ -88,9 +147,18 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     return torch.float32, True  # bf16-mixed
 
 
+def autocast_dtype_of(dtype: torch.dtype, mixed: bool) -> torch.dtype | None:
+    """The autocast dtype of a `resolve_precision` result (None: no autocast)."""
+    if not mixed:
+        return None
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
 def precision_name(precision: str, device: torch.device) -> str:
-    """What `precision` (possibly `auto`) means on `device`: fp32, bf16 or bf16-mixed."""
+    """What `precision` (possibly `auto`) means on `device`: fp32, bf16, bf16-mixed or fp16."""
     dtype, mixed = resolve_precision(precision, device)
+    if dtype == torch.float16:
+        return "fp16"
     return "bf16-mixed" if mixed else "bf16" if dtype == torch.bfloat16 else "fp32"
 
 

@@ -1,15 +1,20 @@
-"""A tiny random Llama and a tokenizer built in code: the whole pipeline in seconds, with no download.
+"""Tiny random models and a tokenizer built in code: the whole pipeline in seconds, with no download.
 
-Used by the tests and by `model.name: tiny` for smoke runs. The tokenizer is a byte-level BPE trained in a few
+Used by the tests and by `model.name: tiny` (a Llama) or `tiny-<family>` (`tiny-qwen2`, `tiny-phi3`, ... see
+`TINY_FAMILIES`) for smoke runs: each family's own modelling code (fused projections, soft-capping, sliding
+window caches) at a few thousand parameters. The tokenizer is a byte-level BPE trained in a few
 milliseconds on the prompt templates plus some English, so prompts tokenize into realistic multi-character
 tokens and any text (any title, any script) still encodes through the byte alphabet.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import inspect
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from evolora.errors import EvoloraError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -50,6 +55,77 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     )
 
 
+#: family -> (transformers config class, its extra settings); a family whose class the installed transformers
+#: lacks is left out of `available_families()`
+TINY_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "mistral": ("MistralConfig", {}),
+    "gemma": ("GemmaConfig", {}),
+    # Logit soft-capping (final and attention) and alternating sliding-window layers, as the real models.
+    "gemma2": ("Gemma2Config", {"final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0}),
+    "gemma3": ("Gemma3TextConfig", {}),
+    # Fused `qkv_proj` and `gate_up_proj`: no q_proj/v_proj for the default LoRA targets.
+    "phi3": ("Phi3Config", {}),
+}
+
+
+def available_families() -> list[str]:
+    """The tiny families the installed transformers can build."""
+    import transformers
+
+    return [f for f, (config, _) in TINY_FAMILIES.items() if hasattr(transformers, config)]
+
+
+def build_tiny(
+    family: str = "llama",
+    dtype: torch.dtype = torch.float32,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """(model, tokenizer): a randomly initialised causal LM of `family` with a few thousand parameters."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if family not in TINY_FAMILIES:
+        raise EvoloraError(f"no tiny model of family {family!r}; available: {', '.join(TINY_FAMILIES)}")
+    config_name, extra = TINY_FAMILIES[family]
+    config_class = getattr(transformers, config_name, None)
+    if config_class is None:
+        raise EvoloraError(
+            f"tiny-{family} needs transformers' {config_name}, which transformers "
+            f"{transformers.__version__} lacks; available: {', '.join(available_families())}"
+        )
+    tok = build_tiny_tokenizer()
+    sizes: dict[str, Any] = {
+        "vocab_size": len(tok),
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "max_position_embeddings": 2048,
+        "pad_token_id": tok.pad_token_id,
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "tie_word_embeddings": True,
+    }
+    # Families whose default head size is not hidden / heads (Gemma's is 256).
+    if "head_dim" in inspect.signature(config_class.__init__).parameters:
+        sizes["head_dim"] = hidden // heads
+    if family in ("gemma2", "gemma3"):
+        sizes["query_pre_attn_scalar"] = hidden // heads
+    config = config_class(**sizes, **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.eval()
+    return model, tok
+
+
 def build_tiny_llama(
     dtype: torch.dtype = torch.float32,
     hidden: int = 32,
@@ -58,24 +134,4 @@ def build_tiny_llama(
     seed: int = 0,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """(model, tokenizer): a randomly initialised `LlamaForCausalLM` with a few thousand parameters."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=2048,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(dtype)
-    model.eval()
-    return model, tok
+    return build_tiny("llama", dtype, hidden, layers, heads, seed)

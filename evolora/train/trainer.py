@@ -4,6 +4,11 @@ The loop is deliberately plain (AdamW, optional warmup and decay, gradient clipp
 accumulation); a strategy changes training only through the parameters it hands in and the extra loss term
 it adds (PESO's proximal term, O-LoRA's orthogonality loss, ...).
 
+Memory options: `train.gradient_checkpointing` recomputes the LLM's layer activations in the backward pass
+while the job trains, and an fp16 backbone (`precision: fp16`) trains with loss scaling (`GradScaler`): the
+loss is multiplied before `backward` so small fp16 gradients do not underflow, and the gradients are divided
+back before clipping and the optimiser step, which is skipped when they overflowed.
+
 Resumable: after every epoch the parameters, optimiser, schedule, best state and history are written to
 `checkpoint` atomically (safetensors + JSON, no pickle); a rerun with the same arguments continues after the
 last finished epoch. A damaged checkpoint is set aside with a warning and the job starts again.
@@ -11,10 +16,11 @@ last finished epoch. A damaged checkpoint is set aside with a warning and the jo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -127,8 +133,12 @@ def train_adapter(
     steps_per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch * cfg.epochs))
     use_valid = cfg.select_by != "last" and len(valid_rows) > 0
+    # Only an fp16 backbone says it needs loss scaling (`LoraLM.loss_scaling`).
+    scaler = torch.amp.GradScaler(lm.device.type) if getattr(lm, "loss_scaling", False) else None
 
-    progress = _resume(checkpoint, params, optimizer, scheduler, desc) if checkpoint is not None else None
+    progress = (
+        _resume(checkpoint, params, optimizer, scheduler, desc, scaler) if checkpoint is not None else None
+    )
     if progress is None:
         progress = _Progress(_snapshot(params))
         if use_valid and cfg.keep_start_if_better:
@@ -142,9 +152,10 @@ def train_adapter(
         if cfg.patience is not None and progress.stale >= cfg.patience:
             break
         t0 = time.perf_counter()
-        record = _train_epoch(
-            lm, task, params, train_rows, cfg, seed, epoch, optimizer, scheduler, extra_loss, desc
-        )
+        with _checkpointing(lm, cfg.gradient_checkpointing):
+            record = _train_epoch(
+                lm, task, params, train_rows, cfg, seed, epoch, optimizer, scheduler, extra_loss, desc, scaler
+            )
         if use_valid:
             record.update(_validate(lm, task, valid_rows, cfg, eval_batch_size))
             if record["score"] > progress.best_value:
@@ -158,13 +169,34 @@ def train_adapter(
         progress.epoch = epoch
         log.info("%s epoch %d: %s", desc, epoch, _fmt(record))
         if checkpoint is not None:
-            _save_checkpoint(checkpoint, params, optimizer, scheduler, progress)
+            _save_checkpoint(checkpoint, params, optimizer, scheduler, progress, scaler)
     _restore(params, progress.best_state)
     lm.model.eval()
     value = None if not use_valid or progress.best_value == -math.inf else float(progress.best_value)
     if value is not None and cfg.select_by == "loss":
         value = -value
     return TrainResult(progress.epoch, progress.best_epoch, value, progress.elapsed, progress.history)
+
+
+_warned_no_checkpointing = False
+
+
+@contextlib.contextmanager
+def _checkpointing(lm: Backbone, enabled: bool) -> Iterator[None]:
+    """`train.gradient_checkpointing` around an epoch's training passes (validation keeps its caches)."""
+    global _warned_no_checkpointing
+    switch = getattr(lm, "gradient_checkpointing", None)
+    if not enabled or switch is None:
+        if enabled and not _warned_no_checkpointing:
+            _warned_no_checkpointing = True
+            log.warning(
+                "train.gradient_checkpointing applies to LLM backbones; %s trains without it",
+                type(lm).__name__,
+            )
+        yield
+        return
+    with switch():
+        yield
 
 
 def _train_epoch(
@@ -179,6 +211,7 @@ def _train_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     extra_loss: ExtraLoss | None,
     desc: str,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, float]:
     """One pass over the shuffled training rows; the epoch's losses and learning rate."""
     lm.model.train()
@@ -193,16 +226,22 @@ def _train_epoch(
             n_group = sum(len(b) for b in group)
             for b in group:
                 loss = task.loss(lm, b) * (len(b) / n_group)
-                loss.backward()
+                _scaled(loss, scaler).backward()
                 task_sum += loss.item() * n_group  # batch mean x batch size
             # The regulariser depends on the parameters only: once per optimiser step.
             extra = extra_loss() if extra_loss is not None else None
             if extra is not None:
-                extra.backward()
+                _scaled(extra, scaler).backward()
                 extra_sum += extra.item()
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+                scaler.update()
+            else:
+                optimizer.step()
             scheduler.step()
             n_steps += 1
             seen += n_group
@@ -214,6 +253,10 @@ def _train_epoch(
         "extra_loss": extra_sum / max(1, n_steps),
         "lr": scheduler.get_last_lr()[0],
     }
+
+
+def _scaled(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+    return scaler.scale(loss) if scaler is not None else loss
 
 
 def _snapshot(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -251,6 +294,7 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     desc: str,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> _Progress | None:
     """Continue from the checkpoint at `path`, or None when there is none or it is unusable: a damaged
     checkpoint (or one for other parameters) is set aside with a warning and the job starts again."""
@@ -264,6 +308,8 @@ def _resume(
         _restore(params, ck["params"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
+        if scaler is not None and "scaler" in ck:
+            scaler.load_state_dict(ck["scaler"])
         progress = _Progress(**{k: ck[k] for k in ("best_state", "best_value", "best_epoch", "history")})
         progress.epoch, progress.elapsed = ck["epoch"], ck["elapsed"]
         torch.set_rng_state(ck["torch_rng"])  # dropout continues exactly as without the interruption
@@ -281,10 +327,13 @@ def _save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: _Progress,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
+    scaling = {"scaler": scaler.state_dict()} if scaler is not None else {}
     save_state(
         path,
         {
+            **scaling,
             "params": _snapshot(params),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
