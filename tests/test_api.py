@@ -172,6 +172,11 @@ def test_the_recommend_command(ctr_run) -> None:
         app, ["recommend", root, "--method", "finetune", "--history", "2:5,3:1", "--items", "4,6"]
     )
     assert table.exit_code == 0 and "Sunny Day 4" in table.output
+    plain = runner.invoke(
+        app, ["recommend", root, "--method", "finetune", "--history", "2,3", "--items", "4,6", "--json"]
+    )
+    assert plain.exit_code == 0, plain.output
+    assert json.loads(plain.output)["history"] == ["2", "3"]
     for bad, message in [
         (["--method", "finetune", "--items", "2"], "give --user or --history"),
         (["--method", "finetune", "--user", "nobody", "--items", "2"], "unknown user 'nobody'"),
@@ -179,6 +184,10 @@ def test_the_recommend_command(ctr_run) -> None:
         (["--user", "1", "--items", "2"], "choose a method"),
         (["--method", "finetune", "--history", "2:x", "--items", "3"], "not item:rating"),
         (["--method", "finetune", "--user", "1"], "ranks given candidates"),
+        (
+            ["--method", "finetune", "--user", "1", "--items", "2", "--stage", "1", "--version", "0"],
+            "not both",
+        ),
     ]:
         result = runner.invoke(app, ["recommend", root, *bad])
         assert result.exit_code == 2 and message in result.output, (bad, result.output)

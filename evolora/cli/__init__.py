@@ -63,18 +63,21 @@ class _PlainHandler(logging.StreamHandler):
         pass
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
+    """Log to stderr: INFO (DEBUG with `verbose`; WARNING with `quiet`, for commands whose output is an
+    answer to a query)."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler: logging.Handler
     if err_console.is_terminal:
         handler = RichHandler(console=err_console, show_path=False, show_time=False, markup=False)
     else:
         handler = _PlainHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    handler.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler.setLevel(level)
     root = logging.getLogger("evolora")
     root.handlers = [h for h in root.handlers if not isinstance(h, RichHandler | _PlainHandler)]
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(level)
     for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 

@@ -84,7 +84,8 @@ def versions(
         rows = f"{v.data['accepted']}/{v.data['rows_in_file']}" if "accepted" in v.data else ""
         gate = f"{v.gate['metric']} {v.gate['candidate']:.4f} vs {v.gate['promoted']:.4f}" if v.gate else ""
         table.add_row(
-            str(v.id), "" if v.parent is None else str(v.parent), str(v.stage), v.created,
+            str(v.id), "" if v.parent is None else str(v.parent), str(v.stage),
+            v.created.replace("T", " ")[:16],
             Path(v.data.get("file", v.data.get("source", ""))).name, rows, gate,
             "yes" if v.id == registry.promoted else "",
         )  # fmt: skip
@@ -212,6 +213,9 @@ def recommend(
     method: Method = None,
     seed: Seed = 0,
     stage: Stage = None,
+    version: Annotated[
+        int | None, typer.Option(help="a deployed run's version; default: the promoted one")
+    ] = None,
     include_seen: Annotated[bool, typer.Option(help="allow items of the history in the answer")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
@@ -221,30 +225,37 @@ def recommend(
 
     from evolora.api import Recommender
 
-    _setup_logging(False)
+    _setup_logging(False, quiet=True)
     _quiet_libraries()
     if (user is None) == (history is None):
         raise EvoloraError("give --user or --history (one of them)")
     if k < 1 or k > 1000:
         raise EvoloraError(f"-k {k}: ask for 1 to 1000 items")
-    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage)
+    if stage is not None and version is not None:
+        raise EvoloraError("give --stage or --version, not both")
+    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version)
     hist = None if history is None else _parse_history(history)
     candidates = None if items is None else [i.strip() for i in items.split(",") if i.strip()]
     top = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen, items=candidates)
     if as_json:
         answer = {
-            "run": str(rec.seed_dir),
+            "run": str(run_dir),
             "method": rec.method,
+            "seed": seed,
+            "version": rec.version,
             "stage": rec.stage,
             "task": rec.task_name,
             "user": user,
-            "history": None if hist is None else [i for i, _ in hist],
+            "history": None if hist is None else [h if isinstance(h, str) else h[0] for h in hist],
             "score": "P(like)" if rec.task_name == "ctr" else "log p(item | history)",
             "items": [s.to_dict() for s in top],
         }
         console.print_json(json.dumps(answer))
         return
-    table = Table(title=f"{rec.method}, after stage {rec.stage}: top {len(top)} for {user or 'the history'}")
+    version = f"version {rec.version}, " if rec.version else ""
+    table = Table(
+        title=f"{rec.method}, {version}after stage {rec.stage}: top {len(top)} for {user or 'the history'}"
+    )
     table.add_column("rank", justify="right")
     table.add_column("item")
     table.add_column("title")
