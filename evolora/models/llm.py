@@ -24,6 +24,7 @@ from torch import nn
 from evolora.config import LoraConfig, ModelConfig
 from evolora.errors import DamagedFileError, EvoloraError
 from evolora.io import atomic_directory, load_tensors
+from evolora.models.kv_cache import cache_of, run_decoder
 from evolora.models.precision import autocast_dtype_of, resolve_device, resolve_precision, without_autocast
 from evolora.models.weights import is_quantized, load_base, target_modules_for
 
@@ -347,15 +348,16 @@ class LoraLM:
             full = torch.cat([prefix.to(input_ids.device)[None].expand(n, p), input_ids], dim=1)
             mask = torch.cat([attention_mask.new_ones(n, p), attention_mask], dim=1)
             return decoder(input_ids=full, attention_mask=mask, use_cache=False).last_hidden_state[:, p:]
-        cache = decoder(input_ids=prefix[None].to(input_ids.device), use_cache=True).past_key_values
+        cache = cache_of(decoder(input_ids=prefix[None].to(input_ids.device), use_cache=True))
         cache.batch_repeat_interleave(n)
         mask = torch.cat([attention_mask.new_ones(n, p), attention_mask], dim=1)
         positions = torch.arange(p, p + width, device=input_ids.device).expand(n, width)
-        out = decoder(
+        out = run_decoder(
+            decoder,
+            cache,
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
         )
         return out.last_hidden_state

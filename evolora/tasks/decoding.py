@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evolora.models.kv_cache import cache_of, run_decoder
 from evolora.models.llm import LoraLM
 from evolora.models.tokens import pad_token_lists
 
@@ -130,16 +131,16 @@ def beam_search(
     p_len = len(prefix) if prefix else 0
     cache = None
     if prefix:
-        cache = decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+        cache = cache_of(decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True))
         cache.batch_repeat_interleave(n)
         mask = torch.cat([mask.new_ones(n, p_len), mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, p_len:]
     with lm.autocast():
-        out = decoder(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        out = run_decoder(
+            decoder, cache, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
         )
         logits = lm.logits_from_hidden(out.last_hidden_state[:, -1])
-    cache = out.past_key_values
+    cache = cache_of(out)
     logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
     target_logp = None
     if targets is not None:
@@ -189,15 +190,16 @@ def beam_search(
         cache.reorder_cache(select)
         mask = torch.cat([mask[select], mask.new_ones(n * beams, 1)], dim=1)
         with lm.autocast():
-            out = decoder(
+            out = run_decoder(
+                decoder,
+                cache,
                 input_ids=token.reshape(-1, 1),
                 attention_mask=mask,
                 position_ids=next_pos,
-                past_key_values=cache,
                 use_cache=True,
             )
             logits = lm.logits_from_hidden(out.last_hidden_state[:, -1])
-        cache = out.past_key_values
+        cache = cache_of(out)
         logp = torch.log_softmax(logits.float(), dim=-1)
         next_pos = next_pos + 1
 
@@ -227,11 +229,12 @@ def _teacher_forced(
     if depth > 1:
         # Padding after a shorter target sits behind its real tokens, so causal attention never reads it.
         with lm.autocast():
-            out = decoder(
+            out = run_decoder(
+                decoder,
+                cache,
                 input_ids=tokens[:, :-1],
                 attention_mask=torch.cat([mask, valid[:, :-1].long()], dim=1),
                 position_ids=next_pos + torch.arange(depth - 1, device=device),
-                past_key_values=cache,
                 use_cache=True,
             )
             logits = lm.logits_from_hidden(out.last_hidden_state)  # [n, depth - 1, V]
