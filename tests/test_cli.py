@@ -141,3 +141,20 @@ def test_data_info_uses_the_stages_a_release_comes_with(tmp_path: Path) -> None:
     result = runner.invoke(app, ["data", "info", str(folder)])
     assert result.exit_code == 0, result.output
     assert "stages (preset, 3)" in result.output
+
+
+def test_run_without_a_config_runs_the_quickstart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make quickstart` is `evolora run` with no argument: the packaged quickstart config must be found."""
+    from evolora import experiment
+    from evolora.errors import EvoloraError
+
+    seen = {}
+
+    def instead(cfg, **kwargs):
+        seen["cfg"] = cfg
+        raise EvoloraError("stopped before any work")
+
+    monkeypatch.setattr(experiment, "run_experiment", instead)
+    result = runner.invoke(app, ["run"])
+    assert "stopped before any work" in result.output, result.output
+    assert seen["cfg"].name == yaml.safe_load(Path("configs/quickstart.yaml").read_text())["name"]

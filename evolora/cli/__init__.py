@@ -45,7 +45,7 @@ Method = Annotated[str | None, typer.Option(help="the strategy's label (when the
 Seed = Annotated[int, typer.Option(help="which seed's run")]
 Stage = Annotated[int | None, typer.Option(help="the model after this stage; default: the last")]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # evolora/configs
 QUICKSTART = "quickstart.yaml"
 
 
