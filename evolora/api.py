@@ -41,10 +41,13 @@ log = logging.getLogger("evolora")
 History = Iterable[str] | Iterable[tuple[str, float]] | Mapping[str, float] | None
 
 
-def run(config: str | Path | RunConfig | None = None, **overrides: Any) -> list[dict[str, Any]]:
+def run(
+    config: str | Path | RunConfig | None = None, jobs: int = 1, **overrides: Any
+) -> list[dict[str, Any]]:
     """Run an experiment (a YAML path, a `RunConfig`, or None for the quickstart) and return each (strategy,
     seed)'s results. Overrides are keys as `--set` takes them: `run(path, **{"train.epochs": 3})`, or
-    sections as mappings: `run(path, train={"epochs": 3})`."""
+    sections as mappings: `run(path, train={"epochs": 3})`. `jobs`: worker processes for the (strategy,
+    seed) pairs (`evolora run --jobs`)."""
     sets = [f"{key}={_yaml(value)}" for key, value in _flat(overrides)]
     if isinstance(config, RunConfig):
         raw = apply_overrides(config.model_dump(mode="json"), sets)
@@ -52,7 +55,7 @@ def run(config: str | Path | RunConfig | None = None, **overrides: Any) -> list[
     else:
         path = config if config is not None else Path(__file__).parent / "configs" / "quickstart.yaml"
         cfg = load_config(path, sets)
-    return run_experiment(cfg)
+    return run_experiment(cfg, jobs=jobs)
 
 
 def _yaml(value: Any) -> str:

@@ -8,12 +8,19 @@
     runs/<name>/<label>/seed<k>/       one strategy and seed: stage-*/ and results.json
 
 Every strategy sees the same stages, the same samples (for a given seed) and the same evaluation rows, so
-the comparison is paired.
+the comparison is paired. With `jobs` > 1 the (strategy, seed) pairs run in worker processes
+(`workers.py`), each setting up the experiment as a single process would, one at a time. Under
+`accelerate launch` every process runs this same sequence on its share of each batch (`parallel.py`).
+
+Past ~400 lines: the settings checks, the set-up and the serial and parallel drivers of an experiment are
+one sequence that rerun safety depends on; split, each part would need the others' invariants restated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,7 @@ import torch
 import yaml
 
 import evolora
+from evolora import parallel
 from evolora.bundle import write_bundle
 from evolora.config import DataConfig, RunConfig, StrategySpec, config_to_dict
 from evolora.continual import Env, build_strategy, check_strategy_specs
@@ -42,6 +50,7 @@ from evolora.models.weights import load_pretrained
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
 from evolora.tracking import Tracker, check_tracking, tracker_for
+from evolora.workers import WORKER_ENV, deal, devices_for, run_workers, worker_label
 
 __all__ = ["Prepared", "build_model_and_task", "prepare_data", "restore_run", "run_experiment"]
 
@@ -166,7 +175,6 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
                     "--overwrite to delete it and start again."
                 )
             log.info("%s: the earlier attempt produced nothing; its settings are replaced (%s)", root, diff)
-    root.mkdir(parents=True, exist_ok=True)
     kept = {}
     if marker.is_file() and _has_work(root):  # the data digest of a continued experiment stays (_check_data)
         kept = {k: v for k, v in read_json(marker).items() if k == "data_files"}
@@ -240,11 +248,32 @@ def run_dir_of(cfg: RunConfig, label: str, seed: int) -> Path:
     return Path(cfg.output_dir) / cfg.name / label / f"seed{seed}"
 
 
-def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None) -> list[dict[str, Any]]:
+def run_experiment(
+    cfg: RunConfig, overwrite: bool = False, on_stage: Any = None, jobs: int = 1
+) -> list[dict[str, Any]]:
     """Run every (strategy, seed) of the config; finished stages are never redone. Returns their results.
 
-    One process at a time per experiment folder: a second one is refused, naming the first.
+    One process at a time per experiment folder: a second one is refused, naming the first. `jobs` > 1
+    runs the (strategy, seed) pairs in that many worker processes (`evolora/workers.py`), one device each
+    where several GPUs are, the CPU threads split between them; the numbers are those of `jobs=1`.
     """
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give 1 or more worker processes")
+    if jobs > 1 and cfg.tracking != "none":
+        raise ConfigError(
+            f"tracking={cfg.tracking} with --jobs {jobs}: one tracking run per experiment needs one process; "
+            "run with --jobs 1, or log the finished results afterwards"
+        )
+    if jobs > 1 and on_stage is not None:
+        raise ValueError("on_stage callbacks run in the calling process: use jobs=1")
+    parallel.start(cfg.model.device)
+    if parallel.active():
+        cfg = _for_this_process(cfg)
+        if jobs > 1:
+            raise ConfigError(
+                f"--jobs {jobs} inside a {parallel.world_size()}-process launch: the launch already splits "
+                "the work; use one or the other"
+            )
     check_strategy_specs(cfg.strategies)
     check_conventional(cfg)
     check_tracking(cfg)
@@ -255,33 +284,115 @@ def run_experiment(cfg: RunConfig, overwrite: bool = False, on_stage: Any = None
     root = Path(cfg.output_dir) / cfg.name
     lock = Path(cfg.output_dir) / f".{cfg.name}.lock"  # beside the folder: --overwrite deletes the folder
     with exclusive(lock, f"experiment {root}"):
-        if overwrite and root.exists():
+        if overwrite and root.exists() and parallel.writes():
             shutil.rmtree(root)
+        parallel.barrier()
         context_key = _check_experiment(root, cfg)
+        pairs = [(i, seed) for i in range(len(cfg.strategies)) for seed in cfg.seeds]
+        if jobs > 1 and len(pairs) > 1:
+            return _run_in_workers(cfg, root, context_key, pairs, min(jobs, len(pairs)))
         return _run_locked(cfg, root, context_key, on_stage)
 
 
-def _run_locked(cfg: RunConfig, root: Path, context_key: str, on_stage: Any) -> list[dict[str, Any]]:
-    handler = logging.FileHandler(root / "log.txt", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+def _for_this_process(cfg: RunConfig) -> RunConfig:
+    """In a multi-process launch: this process's GPU, or on CPUs its share of the cores (unless `threads`
+    says otherwise)."""
+    dev = parallel.device()
+    model = cfg.model
+    if dev is not None and dev.type == "cuda":
+        model = model.model_copy(update={"device": str(dev)})
+    elif model.device == "auto":
+        model = model.model_copy(update={"device": "cpu"})
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size()))
+    threads = cfg.threads or (max(1, (os.cpu_count() or 1) // local) if model.device == "cpu" else None)
+    if not parallel.is_main():  # one voice: the main process logs what every process does
+        logging.getLogger("evolora").setLevel(logging.WARNING)
+    return cfg.model_copy(update={"model": model, "threads": threads})
+
+
+def _run_locked(
+    cfg: RunConfig, root: Path, context_key: str, on_stage: Any, pairs: list[tuple[int, int]] | None = None
+) -> list[dict[str, Any]]:
+    # The run's log is the main process's (the others of a launch compute the same steps)
+    handler = (
+        logging.FileHandler(root / "log.txt", encoding="utf-8")
+        if parallel.writes()
+        else logging.NullHandler()
+    )
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {_who()}%(name)s: %(message)s"))
     logging.getLogger("evolora").addHandler(handler)
+    # Workers of --jobs N set up one at a time: the first fetches data and fills the caches (item vectors,
+    # semantic IDs) and the inference bundle, the others find them.
+    setup = exclusive(root / ".setup.lock", "setting up", wait=True) if os.environ.get(WORKER_ENV) else None
     try:
-        prepared = prepare_data(cfg)
-        environment = run_environment(prepared.data)
-        _check_data(root, environment["data_files"])
-        lm, task = build_model_and_task(cfg, prepared)
-        write_bundle(root, cfg, prepared)  # what `Recommender.load` needs, without the training data
+        with setup or contextlib.nullcontext(), parallel.main_first():
+            prepared = prepare_data(cfg)
+            environment = run_environment(prepared.data)
+            _check_data(root, environment["data_files"])
+            lm, task = build_model_and_task(cfg, prepared)
+            write_bundle(root, cfg, prepared)  # what `Recommender.load` needs, without the training data
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
         sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
         shared = SharedStore(cfg.shared_root, stable_hash(sample_context, 16))
-        tracker = tracker_for(cfg)
+        tracker = tracker_for(cfg) if parallel.is_main() else Tracker()
         with tracker.experiment(cfg):
             return _run_strategies(
-                cfg, prepared, lm, task, shared, context_key, environment, tracker, on_stage
+                cfg, prepared, lm, task, shared, context_key, environment, tracker, on_stage, pairs
             )
     finally:
         logging.getLogger("evolora").removeHandler(handler)
         handler.close()
+
+
+def _who() -> str:
+    label = os.environ.get(WORKER_ENV)
+    return f"[{label}] " if label else ""
+
+
+def _run_in_workers(
+    cfg: RunConfig, root: Path, context_key: str, pairs: list[tuple[int, int]], jobs: int
+) -> list[dict[str, Any]]:
+    """The pairs dealt to `jobs` worker processes (the caller holds the experiment's lock throughout; each
+    worker loads its own data and model)."""
+    devices = devices_for(cfg.model.device, jobs)
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
+    shares = deal(pairs, jobs)
+    for i, share in enumerate(shares):
+        names = ", ".join(f"{method_label(cfg, cfg.strategies[k])} (seed {seed})" for k, seed in share)
+        log.info("worker %d/%d (%s, %d threads): %s", i + 1, jobs, devices[i], threads, names)
+    data = cfg.model_dump(mode="json")
+    run_workers(
+        _worker_main,
+        [(data, str(root), context_key, share, devices[i], threads) for i, share in enumerate(shares)],
+    )
+    results = []
+    for index, seed in pairs:
+        run_dir = run_dir_of(cfg, method_label(cfg, cfg.strategies[index]), seed)
+        results.append(read_json(run_dir / "results.json", "Rerun the experiment: it is rebuilt."))
+    return results
+
+
+def _worker_main(
+    cfg_data: dict[str, Any],
+    root: str,
+    context_key: str,
+    pairs: list[tuple[int, int]],
+    device: str,
+    threads: int,
+) -> None:
+    """One worker of `--jobs N`: its own data, model and task, then its pairs (spawned: nothing inherited)."""
+    cfg = RunConfig.model_validate(cfg_data)
+    model = cfg.model.model_copy(update={"device": device})
+    cfg = cfg.model_copy(update={"model": model, "threads": threads})
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"{_who()}%(levelname)s %(message)s"))
+    logger = logging.getLogger("evolora")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    set_threads(threads)
+    _run_locked(cfg, Path(root), context_key, None, [tuple(p) for p in pairs])
 
 
 def _run_strategies(
@@ -294,44 +405,46 @@ def _run_strategies(
     environment: dict[str, Any],
     tracker: Tracker,
     on_stage: Any,
+    pairs: list[tuple[int, int]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Every (strategy, seed) of the experiment in turn, each through the stage loop."""
+    """The (strategy index, seed) `pairs` (default: every one) in turn, each through the stage loop."""
     all_results = []
-    for spec in cfg.strategies:
-        for seed in cfg.seeds:
-            lm.reset_to(["default"])
-            strategy = build_strategy(spec, Env(lm, task, cfg, prepared), seed)
-            label = method_label(cfg, spec)
-            header = {
-                "method": label,
-                "strategy": spec.name,
-                "options": strategy.options.model_dump(mode="json"),
-                "task": task.name,
-                "dataset": prepared.data.name,
-                "model": cfg.model.name,
-                "precision": getattr(lm, "precision", "fp32"),
-                "seed": seed,
-                "protocol": cfg.protocol,
-                "n_stages": prepared.table.n_stages,
-                "experiment": cfg.name,
-                "context_key": context_key,
-                **environment,
-            }
-            log.info("running %s (seed %d)", label, seed)
-            run_dir = run_dir_of(cfg, label, seed)
-            loop = StageLoop(strategy, prepared.pools, run_dir, shared, header)
+    for index, seed in pairs or [(i, s) for i in range(len(cfg.strategies)) for s in cfg.seeds]:
+        spec = cfg.strategies[index]
+        lm.reset_to(["default"])
+        strategy = build_strategy(spec, Env(lm, task, cfg, prepared), seed)
+        label = method_label(cfg, spec)
+        header = {
+            "method": label,
+            "strategy": spec.name,
+            "options": strategy.options.model_dump(mode="json"),
+            "task": task.name,
+            "dataset": prepared.data.name,
+            "model": cfg.model.name,
+            "precision": getattr(lm, "precision", "fp32"),
+            "seed": seed,
+            "protocol": cfg.protocol,
+            "n_stages": prepared.table.n_stages,
+            "experiment": cfg.name,
+            "context_key": context_key,
+            "worker": worker_label(),  # the process that ran it (`worker i/N` under --jobs N)
+            **environment,
+        }
+        log.info("running %s (seed %d)", label, seed)
+        run_dir = run_dir_of(cfg, label, seed)
+        loop = StageLoop(strategy, prepared.pools, run_dir, shared, header)
 
-            def stage_done(results: dict[str, Any], run_dir: Path = run_dir) -> None:
-                record = results["stages"][-1]
-                tracker.stage(record, run_dir / f"stage-{record['train_stage']}")
-                if on_stage is not None:
-                    on_stage(results)
+        def stage_done(results: dict[str, Any], run_dir: Path = run_dir) -> None:
+            record = results["stages"][-1]
+            tracker.stage(record, run_dir / f"stage-{record['train_stage']}")
+            if on_stage is not None:
+                on_stage(results)
 
-            try:
-                with tracker.run(label, seed, header):
-                    all_results.append(loop.run(stage_done))
-            finally:
-                strategy.teardown()  # hooks a strategy put on the shared model go with it
+        try:
+            with tracker.run(label, seed, header):
+                all_results.append(loop.run(stage_done))
+        finally:
+            strategy.teardown()  # hooks a strategy put on the shared model go with it
     shortened = getattr(task, "shortened", 0)
     if shortened:
         log.info("%d prompts were shortened to fit task.max_length", shortened)

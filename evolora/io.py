@@ -6,6 +6,9 @@ place, so a run killed at any instant leaves either the old file or the new one,
 Reading never executes code from a file: JSON, npz without pickles, and `save_state`/`load_state` for
 anything holding tensors (safetensors with a JSON skeleton, no pickle). A file that cannot be read back
 raises `DamagedFileError` naming it.
+
+In a multi-process launch only the main process writes, and every process waits until the write is done
+(`parallel.py`), so all of them read the same files afterwards.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from evolora import parallel
 from evolora.errors import DamagedFileError
 
 
@@ -32,7 +36,13 @@ def cache_dir() -> Path:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+    parallel.before_write()
+    if parallel.writes():
+        _write_bytes(Path(path), data)
+    parallel.after_write()
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -191,6 +201,15 @@ def load_state(path: str | Path, advice: str = "") -> Any:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block finishes without error."""
     path = Path(path)
+    parallel.before_write()
+    if not parallel.writes():  # another process writes the folder; this one's copy is thrown away
+        scratch = Path(tempfile.mkdtemp(prefix="evolora-scratch-"))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        parallel.after_write()
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)  # left by a replacement killed between its two renames
@@ -208,6 +227,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    parallel.after_write()
 
 
 def set_aside(path: str | Path) -> Path:
@@ -216,7 +236,10 @@ def set_aside(path: str | Path) -> Path:
 
     path = Path(path)
     target = path.with_name(f".{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    os.replace(path, target)
+    parallel.before_write()
+    if parallel.writes():
+        os.replace(path, target)
+    parallel.after_write()
     return target
 
 

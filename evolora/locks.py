@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+from evolora import parallel
 from evolora.errors import EvoloraError
 
 log = logging.getLogger("evolora")
@@ -52,8 +53,12 @@ def exclusive(path: str | Path, what: str, wait: bool = False) -> Iterator[None]
     """Hold an exclusive lock on `path` for the block.
 
     Held by another process: raise `LockedError` naming the holder, or with `wait` log who it is and block
-    until it is released.
+    until it is released. In a multi-process launch the main process takes it and the others wait for that.
     """
+    if not parallel.writes():
+        parallel.barrier()
+        yield
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     f: IO[str] = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
@@ -75,6 +80,7 @@ def exclusive(path: str | Path, what: str, wait: bool = False) -> Iterator[None]
         f.truncate()
         f.write(json.dumps(_holder()))
         f.flush()
+        parallel.barrier()
         yield
     finally:
         with contextlib.suppress(OSError):

@@ -61,6 +61,7 @@ def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: P
         (["--set", "staging.n_stages=900"], "stage"),
         (["--set", "data.source=/no/such/folder"], "/no/such/folder"),
         (["--set", "model.lora.target_modules=[query]"], "not found in tiny"),
+        (["--jobs", "0"], "--jobs 0"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(

@@ -14,6 +14,7 @@ evolora data info SOURCE                      what a dataset holds and how it st
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -88,6 +89,8 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if fn.__name__ != "run":
+                _one_process(fn.__name__)
             return fn(*args, **kwargs)
         except EvoloraError as e:
             # soft_wrap: a message stays one line in logs and CI (rich wraps at 80 columns off a terminal)
@@ -98,6 +101,15 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _one_process(command: str) -> None:
+    """Only `run` splits its work across the processes of `accelerate launch`; any other command started
+    so would run N times over the same files."""
+    from evolora import parallel
+
+    if parallel.launched():
+        raise EvoloraError(f"`evolora {command}` runs in one process: start it without accelerate launch")
 
 
 def _quiet_libraries() -> None:
@@ -165,10 +177,16 @@ def run(
         list[str] | None, typer.Option("--set", "-s", help="override a key, e.g. --set train.epochs=3")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="delete an existing run of the same name first")] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs", "-j", help="worker processes for the (strategy, seed) pairs (one GPU each, if several)"
+        ),
+    ] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run an experiment: every strategy and seed of CONFIG, stage by stage; rerun to resume."""
-    from evolora import progress
+    from evolora import parallel, progress
     from evolora.config import load_config
     from evolora.eval.report import build_report, plot_metric
     from evolora.experiment import run_experiment
@@ -181,8 +199,12 @@ def run(
         config = CONFIG_DIR / QUICKSTART
         console.print(f"no config given: running the quickstart ({config})")
     cfg = load_config(config, set_ or [])
-    with progress.display(err_console):
-        results = run_experiment(cfg, overwrite=overwrite)
+    parallel.start(cfg.model.device)  # under `accelerate launch`: the main process alone shows and writes
+    with progress.display(err_console) if parallel.is_main() else contextlib.nullcontext():
+        results = run_experiment(cfg, overwrite=overwrite, jobs=jobs)
+    parallel.end()
+    if not parallel.is_main():
+        return
     metric_names = task_spec(cfg.task.name).metrics.shown
     console.print(stage_table(results, metric_names))
     console.print(stage_table_note(results), soft_wrap=True, highlight=False)

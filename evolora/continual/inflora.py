@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from evolora import parallel
 from evolora.continual.base import MAIN, StageContext, TrainJob
 from evolora.continual.cumulative import CumulativeLora, CumulativeOptions
 from evolora.models.precision import without_autocast
@@ -74,7 +75,13 @@ def designed_a(basis: torch.Tensor | None, cov: torch.Tensor, rank: int) -> torc
         proj = proj - basis @ basis.T
     with without_autocast():
         _, vecs = torch.linalg.eigh(proj @ cov @ proj)
-    return vecs.flip(1)[:, :rank].T.contiguous().to(out_dtype)
+    top = vecs.flip(1)[:, :rank]
+    # An eigenvector's sign is arbitrary and flips under rounding-level changes of `cov` (a sum taken in
+    # another order, e.g. across processes): fix it, largest entry positive. B learns from zero, so the
+    # sign never changed the trained product B·A, only its rounding.
+    peak = top.abs().argmax(dim=0)
+    signs = torch.sign(top[peak, torch.arange(top.shape[1], device=top.device)])
+    return (top * torch.where(signs == 0, 1.0, signs)).T.contiguous().to(out_dtype)
 
 
 class InfLora(CumulativeLora[InfLoraOptions]):
@@ -110,15 +117,30 @@ class InfLora(CumulativeLora[InfLoraOptions]):
         was_training = self.lm.model.training
         self.lm.model.eval()  # no dropout: the statistics of the layers' actual inputs
         batch = self.cfg.eval.batch_size
+        # In a multi-process launch each process takes every N-th batch (summed below): the batches, and so
+        # the padded positions the statistics include, stay those of one process.
+        starts = list(range(0, len(rows), batch))[parallel.rank() :: parallel.world_size()]
         try:
             with torch.no_grad(), progress_task("input statistics", total=len(rows)) as bar:
-                for start in range(0, len(rows), batch):
+                for start in starts:
                     self.task.loss(self.lm, rows[start : start + batch])
                     bar.advance(len(rows[start : start + batch]))
         finally:
             self.lm.model.train(was_training)
             for h in handles:
                 h.remove()
+        if parallel.active():
+            for name, module in self.lm.lora_layers():
+                if MAIN in module.lora_A and name not in sums:  # this process had no rows
+                    d = module.lora_A[MAIN].in_features
+                    sums[name], counts[name] = (
+                        torch.zeros(d, d, dtype=torch.float64, device=self.lm.device),
+                        0,
+                    )
+            names = sorted(sums)
+            n = torch.tensor([float(counts[k]) for k in names], dtype=torch.float64)
+            parallel.all_reduce_sum([sums[k] for k in names] + [n])
+            counts = dict(zip(names, n.tolist(), strict=True))
         return {n: sums[n] / counts[n] for n in sums}
 
     def _stats_rows(self, ctx: StageContext) -> np.ndarray:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from evolora import parallel
 from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob
 from evolora.continual.shared import SharedStore
 from evolora.data.samples import StagePools, draw, eval_stage_of, train_stages
@@ -56,6 +57,7 @@ from evolora.io import (
 )
 from evolora.locks import exclusive
 from evolora.train.trainer import TrainResult, train_adapter
+from evolora.workers import worker_label
 
 log = logging.getLogger("evolora.continual")
 
@@ -173,7 +175,8 @@ class StageLoop:
         if self._job_done(d, job):
             with self._stage_files(ctx.stage):
                 info = self._load_job_result(d, job)
-            (d / "checkpoints" / f"{job.name}.safetensors").unlink(missing_ok=True)
+            if parallel.writes():
+                (d / "checkpoints" / f"{job.name}.safetensors").unlink(missing_ok=True)
             if not job.model:
                 self.adapter_keys[job.adapter] = info.get("shared_key")
             self.s.after_job(ctx, job, info)
@@ -193,11 +196,11 @@ class StageLoop:
                 info = self._job_info(job, stored, shared_key=key, reused=True)
                 log.info("stage %d, %s: reused a shared training result (%s)", ctx.stage, job.name, key[:8])
             else:
-                result = self._train(ctx, job)
+                record = {**self._train(ctx, job).to_dict(), "trained_by": worker_label()}
                 with atomic_directory(shared.job_dir(key)) as out:
                     self.lm.save_adapter(out / "adapter", job.adapter)
-                    atomic_write_json(out / "result.json", result.to_dict())
-                info = self._job_info(job, result.to_dict(), shared_key=key, reused=False)
+                    atomic_write_json(out / "result.json", record)
+                info = self._job_info(job, record, shared_key=key, reused=False)
         self._finish_job(ctx, job, info, key)
         return info
 
@@ -239,7 +242,8 @@ class StageLoop:
             (job.backbone or self.lm).save_adapter(out / "adapter", job.adapter)
             save_state(out / "job_state.safetensors", self.s.job_state(job))
             atomic_write_json(out / "info.json", info)
-        (d / "checkpoints" / f"{job.name}.safetensors").unlink(missing_ok=True)
+        if parallel.writes():
+            (d / "checkpoints" / f"{job.name}.safetensors").unlink(missing_ok=True)
 
     @staticmethod
     def _job_done(d: Path, job: TrainJob) -> bool:
@@ -272,6 +276,8 @@ class StageLoop:
             "history": result["history"],
             "shared_key": shared_key,
             "reused_shared_result": reused,
+            # the process that trained it (`worker i/N` under `evolora run --jobs N`); older records lack it
+            "trained_by": result.get("trained_by") if reused else result.get("trained_by", worker_label()),
         }
 
     # ------------------------------------------------------------------ one stage

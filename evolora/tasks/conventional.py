@@ -33,6 +33,7 @@ from evolora.errors import ConfigError
 from evolora.eval.metrics import CTR_METRICS, KS, RANKING_METRICS, ranking_metrics
 from evolora.models.conventional.backbone import ConventionalBackbone
 from evolora.models.conventional.common import Batch
+from evolora.parallel import split_rows
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task
 from evolora.tasks.decoding import Ranked, mix_rankings, union_candidates
@@ -128,6 +129,7 @@ class ConventionalCtrTask(_ConventionalTask):
         labels = torch.as_tensor(self._labels[np.asarray(rows, dtype=np.int64)], dtype=torch.float32)
         return F.binary_cross_entropy_with_logits(model.logits(batch), labels.to(lm.device))
 
+    @split_rows
     @torch.no_grad()
     def predict(
         self, lm: ConventionalBackbone, rows: np.ndarray, batch_size: int, desc: str = "scoring"
@@ -208,6 +210,7 @@ class ConventionalNextItemTask(_ConventionalTask):
         out_scores[:, :width] = vals.double().cpu().numpy()
         return Ranked(out_items, out_scores)
 
+    @split_rows
     @torch.no_grad()
     def predict(
         self, lm: ConventionalBackbone, rows: np.ndarray, batch_size: int, desc: str = "ranking"

@@ -29,6 +29,7 @@ from evolora.errors import EvoloraError
 from evolora.eval.metrics import CTR_METRICS
 from evolora.models.llm import LoraLM
 from evolora.models.tokens import pad_token_lists
+from evolora.parallel import split_rows
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task, token_loss
 from evolora.tasks.base import load_template as base_load_template
@@ -238,6 +239,7 @@ class CtrTask(Task):
             logits = lm.logits_from_hidden(h, token_ids=[self.yes_id, self.no_id])
         return logits.float()
 
+    @split_rows
     @torch.no_grad()
     def predict(self, lm: LoraLM, rows: np.ndarray, batch_size: int, desc: str = "scoring") -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)

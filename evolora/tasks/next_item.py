@@ -25,6 +25,7 @@ from evolora.errors import ConfigError, DataError
 from evolora.eval.metrics import KS, RANKING_METRICS, ranking_metrics
 from evolora.models.llm import LoraLM
 from evolora.models.tokens import pad_token_lists
+from evolora.parallel import split_rows
 from evolora.progress import task as progress_task
 from evolora.tasks.base import Task, token_loss
 from evolora.tasks.base import load_template as base_load_template
@@ -144,6 +145,7 @@ class NextItemTask(Task):
     def _prompts(self, rows: np.ndarray) -> list[list[int]]:
         return [self.encode(int(r)).body for r in rows]
 
+    @split_rows
     @torch.no_grad()
     def predict(self, lm: LoraLM, rows: np.ndarray, batch_size: int, desc: str = "ranking") -> Ranked:
         rows = np.asarray(rows, dtype=np.int64)

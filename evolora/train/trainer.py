@@ -9,6 +9,9 @@ while the job trains, and an fp16 backbone (`precision: fp16`) trains with loss 
 loss is multiplied before `backward` so small fp16 gradients do not underflow, and the gradients are divided
 back before clipping and the optimiser step, which is skipped when they overflowed.
 
+Data-parallel under `accelerate launch` (`parallel.py`): each micro-batch is the global batch, split across
+the processes, and the gradients are summed before the step, so the steps are those of one process.
+
 Resumable: after every epoch the parameters, optimiser, schedule, best state and history are written to
 `checkpoint` atomically (safetensors + JSON, no pickle); a rerun with the same arguments continues after the
 last finished epoch. A damaged checkpoint is set aside with a warning and the job starts again.
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from evolora import parallel
 from evolora.config import TrainConfig
 from evolora.errors import DamagedFileError
 from evolora.eval.metrics import NonFiniteScores
@@ -216,6 +220,8 @@ def _train_epoch(
     """One pass over the shuffled training rows; the epoch's losses and learning rate."""
     lm.model.train()
     rng = np.random.default_rng([seed, epoch])
+    if parallel.active():  # dropout masks of this process's rows: drawn apart from the other processes'
+        torch.manual_seed(int(np.random.default_rng([seed, epoch, parallel.rank()]).integers(2**31)))
     order = rng.permutation(train_rows)
     task_sum, extra_sum, n_steps, seen = 0.0, 0.0, 0, 0
     micro = _batches(order, cfg.batch_size, rng, task if cfg.group_by_length else None)
@@ -225,9 +231,13 @@ def _train_epoch(
             optimizer.zero_grad(set_to_none=True)
             n_group = sum(len(b) for b in group)
             for b in group:
-                loss = task.loss(lm, b) * (len(b) / n_group)
+                mine = b[parallel.share(len(b))]  # all of it in one process
+                if len(mine) == 0:
+                    continue
+                loss = task.loss(lm, mine) * (len(mine) / n_group)
                 _scaled(loss, scaler).backward()
                 task_sum += loss.item() * n_group  # batch mean x batch size
+            parallel.sum_gradients(params)  # every process now holds the whole group's gradient
             # The regulariser depends on the parameters only: once per optimiser step.
             extra = extra_loss() if extra_loss is not None else None
             if extra is not None:
@@ -249,7 +259,7 @@ def _train_epoch(
             bar.info(f"loss {task_sum / seen:.4f}")
     return {
         "epoch": epoch,
-        "train_loss": task_sum / len(order),
+        "train_loss": parallel.sum_number(task_sum) / len(order),
         "extra_loss": extra_sum / max(1, n_steps),
         "lr": scheduler.get_last_lr()[0],
     }

@@ -1,0 +1,258 @@
+"""Data parallelism under `accelerate launch`: one run's training and evaluation split over N processes.
+
+`accelerate launch --multi_gpu --num_processes N -m evolora run CONFIG` (or `--config_file` with one of
+`configs/accelerate/`) starts N copies of the same command, one per GPU (on a CPU-only machine the processes
+share the cores and talk through gloo). Every process runs the same experiment code on the same data and
+model; they differ only in which rows they compute:
+
+- training: each micro-batch of `train.batch_size` rows is the *global* batch of a one-process run, split
+  into N contiguous shares. Each process backpropagates its share's part of the batch mean
+  (loss(share) * |share| / |batch|), and the gradients are summed across processes once per optimiser step
+  (one all-reduce per dtype, the arithmetic of PyTorch's DDP) before clipping and the step. Every process
+  then takes the step a single process takes on the whole batch, up to float summation order. A strategy's
+  extra loss (PESO's KL, O-LoRA's orthogonality, RecLoRA's proximal term) depends on the parameters alone
+  and is added after the sum, once, as in one process.
+- prediction (evaluation, validation, LSAT's weight search): the rows are split into contiguous shares, each
+  process predicts its share and the predictions are gathered, in row order, on every process.
+- statistics over rows (InfLoRA's input covariances) are summed across processes (`all_reduce_sum`).
+
+State that is not computed from rows (PESO's anchor, SD-LoRA's magnitudes, RecLoRA's banks, gates and its
+router's inputs, the shared-result store) is replicated: every process holds the same copy because it takes
+the same steps.
+
+**One writer.** Only the main process writes: `io`'s writers return at once elsewhere, and every process
+waits before each write (`before_write`: nobody still reads the old state) and after it (`after_write`:
+everybody reads the new one). Locks,
+the log file, progress bars and tracking are the main process's; a lock is taken by the main process while
+the others wait for it (`barrier`). Every process thus takes the same decisions from the same files, which
+keeps the collective calls in step. Set-up (data, model downloads, semantic IDs, the bundle) runs in the
+main process first while the others wait, then in the others, which find the caches filled (`main_first`).
+
+**Not built**: FSDP and DeepSpeed (the shards would need the model wrapped by accelerate; a launch that asks
+for them is refused), `--jobs` together with a multi-process launch, and LoRA dropout identical to one
+process (each process draws its own masks, seeded by stage, epoch and process: the same in distribution,
+not in value; the tests use dropout 0). `evolora update`, `recommend` and `serve` run in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from evolora.errors import ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# How long a process waits for the others at a collective call: set-up in the main process (a download,
+# RQ-VAE) or another experiment holding a shared job's lock can take long; a crashed process ends the
+# launch sooner (torchrun stops the others).
+TIMEOUT = timedelta(hours=6)
+
+_state: dict[str, Any] = {"world": 1, "rank": 0}
+_local = threading.local()  # `solo` (inside main_first) and `inside` (a split prediction in progress)
+
+
+def launched() -> bool:
+    """Whether this process was started by a multi-process launcher (accelerate launch, torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def start(device: str = "auto") -> None:
+    """Join the launch's process group (once per process; nothing without a multi-process launch)."""
+    if not launched() or _state["world"] > 1:
+        return
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(flag, "false").lower() == "true":
+            raise ConfigError(
+                f"the accelerate launch asks for {name}, which evolora does not run yet: launch with DDP "
+                "(configs/accelerate/ddp.yaml, or --multi_gpu)"
+            )
+    from accelerate import PartialState
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, timeout=TIMEOUT)
+    _state.update(world=state.num_processes, rank=state.process_index, device=state.device)
+
+
+def end() -> None:
+    """Leave the launch's process group once every process has finished the run; what follows (the CLI's
+    report) is the main process's alone."""
+    if not active():
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    _state["world"] = 1
+
+
+def world_size() -> int:
+    return int(_state["world"])
+
+
+def rank() -> int:
+    return int(_state["rank"])
+
+
+def active() -> bool:
+    """Whether this run's work is split across processes."""
+    return world_size() > 1
+
+
+def is_main() -> bool:
+    """The process that writes files, logs and shows progress (the only one without a launch)."""
+    return rank() == 0
+
+
+def device() -> torch.device | None:
+    """This process's device in a launch (its GPU), else None."""
+    return _state.get("device") if active() else None
+
+
+def _solo() -> bool:
+    return bool(getattr(_local, "solo", False))
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing in one process, or inside `main_first`)."""
+    if active() and not _solo():
+        _trace("barrier")
+        torch.distributed.barrier()
+
+
+def _trace(what: str) -> None:
+    """`EVOLORA_TRACE=/tmp/trace`: each process lists its collective calls in /tmp/trace.<rank>, where
+    calls that fall out of step (a hang) can be compared."""
+    if os.environ.get("EVOLORA_TRACE"):
+        import traceback
+
+        where = " < ".join(f"{f.name}:{f.lineno}" for f in traceback.extract_stack()[-9:-2][::-1])
+        with open(f"{os.environ['EVOLORA_TRACE']}.{rank()}", "a") as f:
+            f.write(f"{what} {where}\n")
+
+
+def writes() -> bool:
+    """Whether this process writes files (the main one)."""
+    return is_main()
+
+
+def before_write() -> None:
+    """Called by every writer before the main process writes: no process may still be deciding from the
+    files as they were (a slower one would otherwise see the new file and skip the write, and the
+    processes' collective calls would fall out of step)."""
+    barrier()
+
+
+def after_write() -> None:
+    """Called by every writer after the main process wrote: the others wait for the file to be there."""
+    barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """The block runs in the main process first, then in the others (which find what it wrote); no
+    collective call happens inside it."""
+    if not active():
+        yield
+        return
+    if not is_main():
+        torch.distributed.barrier()
+    _local.solo = True
+    try:
+        yield
+    finally:
+        _local.solo = False
+    if is_main():
+        torch.distributed.barrier()
+    torch.distributed.barrier()  # everyone has finished the block
+
+
+def share(n: int) -> slice:
+    """This process's contiguous share of n rows (shares differ in size by at most one)."""
+    bounds = np.linspace(0, n, world_size() + 1).round().astype(int)
+    return slice(int(bounds[rank()]), int(bounds[rank() + 1]))
+
+
+def all_reduce_sum(tensors: list[torch.Tensor], op: str = "sum") -> None:
+    """Sum (or `op="max"`) each tensor over the processes, in place (one call per dtype and device)."""
+    if not active() or not tensors:
+        return
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    # NCCL reduces GPU tensors only: CPU ones (counts, flags) travel through this process's GPU
+    via = _state["device"] if torch.distributed.get_backend() == "nccl" else None
+    for group in groups.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        flat = flat.to(via) if via is not None else flat
+        _trace(f"all_reduce {op} {flat.numel()}")
+        reduce_op = torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM
+        torch.distributed.all_reduce(flat, op=reduce_op)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the parameters' gradients over the processes (a gradient no process computed stays None, as in
+    one process, so the optimiser skips it there too); merge the gradient-free ones (below)."""
+    if not active():
+        return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    all_reduce_sum([present])
+    grads = []
+    for p, n in zip(params, present.tolist(), strict=True):
+        if n and p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if n:
+            grads.append(p.grad)
+    all_reduce_sum(grads)
+    # Parameters no process has a gradient for but which training changes all the same (a conventional
+    # model's `seen` masks, set for the rows each process trains on) are merged by maximum: a row marked
+    # by any process is marked. Unchanged parameters are equal everywhere, and stay so.
+    with torch.no_grad():
+        all_reduce_sum([p.data for p, n in zip(params, present.tolist(), strict=True) if not n], op="max")
+
+
+def sum_number(value: float) -> float:
+    """A float summed over the processes."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    all_reduce_sum([t])
+    return float(t.item())
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every process's `obj`, in process order, on every process."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def split_rows(method: F) -> F:
+    """For a task's `predict(self, lm, rows, ...)`: in a launch, each process predicts its share of the rows
+    and every process gets all the predictions, in row order (through the task's save/load_predictions)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(task: Any, lm: Any, rows: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        if not active() or getattr(_local, "inside", False) or len(rows) < world_size():
+            return method(task, lm, rows, *args, **kwargs)
+        _local.inside = True
+        try:
+            mine = method(task, lm, rows[share(len(rows))], *args, **kwargs)
+        finally:
+            _local.inside = False
+        parts = gather(task.save_predictions(mine))
+        return task.load_predictions({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,143 @@
+"""Worker processes: one experiment's (strategy, seed) pairs spread over N processes (`evolora run --jobs N`).
+
+This module only runs functions in processes; what a worker does is the caller's (`experiment.py`). Pairs
+are dealt out round-robin before the start, so which worker runs which pair is fixed by the config and
+visible in the log. Workers coordinate through the files they already use: a training job shared by
+several pairs (every strategy's stage 1) is trained under the shared store's lock by the first worker to
+reach it, and the others wait and reuse it (`continual/loop.py`).
+
+Processes are started with `spawn` (no inherited threads or CUDA state). A worker that sees its parent
+gone stops at once, so killing `evolora run` (even with kill -9) leaves no orphan writing to the run; the
+rerun resumes as after any interruption. The first worker to fail stops the others; its error is raised in
+the parent (a user error as the same one-line message, anything else with the worker's traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from evolora.errors import EvoloraError
+
+log = logging.getLogger("evolora")
+
+WORKER_ENV = "EVOLORA_WORKER"  # a worker's label, e.g. "worker 2/4"
+T = TypeVar("T")
+
+
+class WorkerError(RuntimeError):
+    """A worker failed with a programming error; the message carries its traceback."""
+
+
+def worker_label() -> str:
+    """Who this process is in records: `worker i/N` inside `--jobs N`, else `main (pid P)`."""
+    return os.environ.get(WORKER_ENV) or f"main (pid {os.getpid()})"
+
+
+def deal(items: Sequence[T], n: int) -> list[list[T]]:
+    """`items` dealt round-robin to `n` workers (some lists are empty when there are fewer items)."""
+    return [list(items[i::n]) for i in range(n)]
+
+
+def devices_for(device: str, jobs: int) -> list[str]:
+    """One GPU per worker where several are (round-robin), else every worker on the configured device."""
+    import torch
+
+    if device == "auto" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(jobs)]
+    return [device] * jobs
+
+
+def run_workers(target: Callable[..., None], per_worker: Sequence[tuple[Any, ...]]) -> None:
+    """Run `target(*args)` in one spawned process per entry of `per_worker` and wait for all of them."""
+    ctx = mp.get_context("spawn")
+    messages = ctx.Queue()
+    n = len(per_worker)
+    procs = []
+    for i, args in enumerate(per_worker):
+        label = f"worker {i + 1}/{n}"
+        p = ctx.Process(target=_entry, args=(target, label, args, messages), name=label, daemon=False)
+        p.start()
+        procs.append((label, p))
+    try:
+        failure = _wait(procs, messages)
+    except BaseException:  # Ctrl-C in the parent: the workers go too (their work so far is kept)
+        _stop(procs)
+        raise
+    if failure is not None:
+        _stop(procs)
+        label, kind, text = failure
+        if kind == "user":
+            raise EvoloraError(f"{label}: {text}")
+        raise WorkerError(f"{label} failed:\n{text}")
+
+
+def _wait(procs: list[tuple[str, Any]], messages: Any) -> tuple[str, str, str] | None:
+    """Until every worker has reported (or died); the first failure, or None."""
+    reported: dict[str, tuple[str, str]] = {}
+    while len(reported) < len(procs):
+        try:
+            label, kind, text = messages.get(timeout=0.5)
+            reported[label] = (kind, text)
+            if kind != "ok":
+                return label, kind, text
+        except queue.Empty:
+            for label, p in procs:
+                if label not in reported and not p.is_alive() and p.exitcode is not None:
+                    # Gone without a word (killed, out of memory): give its last message a moment to arrive.
+                    time.sleep(0.5)
+                    try:
+                        while True:
+                            lab, kind, text = messages.get_nowait()
+                            reported[lab] = (kind, text)
+                            if kind != "ok":
+                                return lab, kind, text
+                    except queue.Empty:
+                        pass
+                    if label not in reported:
+                        return label, "crash", f"exited with code {p.exitcode} before finishing"
+    for _, p in procs:
+        p.join()
+    return None
+
+
+def _stop(procs: list[tuple[str, Any]]) -> None:
+    for _, p in procs:
+        if p.is_alive():
+            p.terminate()
+    for _, p in procs:
+        p.join(timeout=30)
+
+
+def _entry(target: Callable[..., None], label: str, args: tuple[Any, ...], messages: Any) -> None:
+    os.environ[WORKER_ENV] = label
+    _stop_with_parent()
+    try:
+        target(*args)
+    except EvoloraError as e:
+        messages.put((label, "user", str(e)))
+        raise SystemExit(2) from None
+    except BaseException:
+        messages.put((label, "crash", traceback.format_exc()))
+        raise SystemExit(1) from None
+    messages.put((label, "ok", ""))
+
+
+def _stop_with_parent() -> None:
+    """Exit as soon as the parent process is gone (its lock on the experiment went with it)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

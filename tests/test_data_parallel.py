@@ -1,0 +1,124 @@
+"""`accelerate launch -m evolora run`: two CPU processes (gloo) give one process's parameters and metrics.
+
+One launch covers a strategy of each family: plain LoRA (finetune), PESO (anchor + KL), a cumulative one
+(SumLoRA), InfLoRA (input statistics reduced across processes) and RecLoRA (CRM, banks, gates, router).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from evolora.config import config_to_dict
+from evolora.experiment import run_experiment
+from tests.helpers import tiny_config
+
+ACCELERATE = Path(__file__).parent.parent / "configs" / "accelerate"
+CRM = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
+RECLORA = f"{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 1, gate_dropout: 0.0}}"
+METHODS = ["finetune", "peso", "sumlora", "inflora", "reclora"]
+OVER = {
+    "threads": 1,
+    "model.lora.dropout": 0.0,  # dropout masks are drawn per process (parallel.py)
+    "task.history_len": 4,
+    "task.retrieve_from": 8,
+    "task.sample_history": 10,
+    "train.samples_per_stage": 30,  # batches of 8 that do not split evenly: shares of 4 + 3 and 2 + 1 rows
+    "train.grad_accum": 2,
+    "eval.batch_size": 8,  # InfLoRA's statistics: 64 rows in 8 batches, 4 per process
+    "strategies": f"[finetune, peso, sumlora, inflora, {RECLORA}]",
+}
+
+
+def _tensors(run: Path, stage: int) -> dict[str, torch.Tensor]:
+    """Every adapter and strategy state a stage's jobs saved."""
+    jobs = run / f"stage-{stage}" / "jobs"
+    out = {}
+    for f in sorted(jobs.rglob("*.safetensors")):
+        for k, v in load_file(f).items():
+            if v.is_floating_point():
+                out[f"{f.relative_to(jobs)}/{k}"] = v
+    return out
+
+
+def _launch(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml"),
+        "--num_processes", "2", "--main_process_port", "0", "-m", "evolora", "run", str(config),
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_two_processes_train_and_evaluate_as_one(sunny_dir: Path, tmp_path: Path) -> None:
+    one = run_experiment(tiny_config(sunny_dir, tmp_path / "one", **OVER))
+    cfg = tiny_config(sunny_dir, tmp_path / "two", **OVER)
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    env = {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "PYTHONFAULTHANDLER": "1",
+        "PYTHONPATH": str(Path(__file__).parent.parent),
+    }
+    done = _launch(config, env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+    for res in one:
+        method = res["method"]
+        two = json.loads((tmp_path / "two" / "t" / method / "seed0" / "results.json").read_text())
+        for t, (a, b) in enumerate(zip(res["stages"], two["stages"], strict=True), 1):
+            for name, value in a["metrics"].items():
+                assert b["metrics"][name] == pytest.approx(value, abs=2e-4), (method, t, name)
+        for stage in (1, 2, 3):
+            x = _tensors(tmp_path / "one" / "t" / method / "seed0", stage)
+            y = _tensors(tmp_path / "two" / "t" / method / "seed0", stage)
+            assert x.keys() == y.keys() and (x or stage == 3), (method, stage)
+            for k in x:
+                torch.testing.assert_close(
+                    y[k], x[k], rtol=1e-4, atol=1e-5, msg=f"{method} stage {stage} {k}"
+                )
+
+    # One writer: the same files as one process, each epoch logged once.
+    def files(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+    assert files(tmp_path / "two" / "t") - {"report.md", "auc.png"} == files(tmp_path / "one" / "t")
+    trained_epochs = sum(
+        sum(1 for h in job["history"] if h["epoch"] > 0)
+        for res in one
+        for stage in res["stages"]
+        for job in stage["jobs"]
+        if not job.get("reused_shared_result")
+    )
+    log = (tmp_path / "two" / "t" / "log.txt").read_text()
+    assert len(re.findall(r"epoch \d+: train_loss", log)) == trained_epochs > 0
+    assert "per-stage results" in done.stdout and done.stdout.count("per-stage results") == 1
+
+
+def test_fsdp_and_deepspeed_launches_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from evolora import parallel
+    from evolora.errors import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="FSDP"):
+        parallel.start("cpu")
+
+
+def test_other_commands_refuse_a_launch(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["data", "info", str(sunny_dir)])
+    assert result.exit_code == 2 and "runs in one process" in result.output

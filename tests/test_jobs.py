@@ -1,0 +1,128 @@
+"""`evolora run --jobs N`: the (strategy, seed) pairs in worker processes, a shared job trained once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evolora.errors import EvoloraError
+from evolora.experiment import run_experiment
+from evolora.workers import WorkerError, deal, run_workers
+from tests.helpers import tiny_config
+
+OVER = {"threads": 1, "seeds": "[0]", "strategies": "[frozen, finetune, peso]"}
+
+
+def _adapters(run_dir: Path, stage: int) -> dict[str, torch.Tensor]:
+    folder = run_dir / f"stage-{stage}" / "trained" / "adapters"
+    return {
+        f"{f.parent.name}/{k}": v
+        for f in sorted(folder.glob("*/adapter_model.safetensors"))
+        for k, v in load_file(f).items()
+    }
+
+
+def test_two_workers_train_the_shared_job_once_and_match_one_process(sunny_dir: Path, tmp_path: Path) -> None:
+    parallel = run_experiment(tiny_config(sunny_dir, tmp_path / "two", **OVER), jobs=2)
+    serial = run_experiment(tiny_config(sunny_dir, tmp_path / "one", **OVER), jobs=1)
+    assert [r["method"] for r in parallel] == [r["method"] for r in serial] == ["frozen", "finetune", "peso"]
+
+    # frozen and peso went to worker 1, finetune to worker 2 (dealt round-robin)
+    workers = {r["method"]: r["worker"] for r in parallel}
+    assert workers == {"frozen": "worker 1/2", "finetune": "worker 2/2", "peso": "worker 1/2"}
+    first = {r["method"]: r["stages"][0]["jobs"][0] for r in parallel}
+    assert len({j["shared_key"] for j in first.values()}) == 1  # one shared stage-1 job
+    trained = [m for m, j in first.items() if not j["reused_shared_result"]]
+    assert len(trained) == 1  # trained once, by one worker; the others waited and reused it
+    trainer = first[trained[0]]["trained_by"]
+    assert trainer in ("worker 1/2", "worker 2/2")
+    assert all(j["trained_by"] == trainer for j in first.values())
+
+    for p, s in zip(parallel, serial, strict=True):
+        assert [st["metrics"] for st in p["stages"]] == [st["metrics"] for st in s["stages"]]
+        for stage in (1, 2):
+            a = _adapters(tmp_path / "two" / "t" / p["method"] / "seed0", stage)
+            b = _adapters(tmp_path / "one" / "t" / s["method"] / "seed0", stage)
+            assert a.keys() == b.keys() and a
+            for k in a:
+                assert torch.equal(a[k], b[k]), (p["method"], stage, k)
+
+    # A rerun with workers redoes nothing.
+    again = run_experiment(tiny_config(sunny_dir, tmp_path / "two", **OVER), jobs=2)
+    assert [r["stages"] for r in again] == [r["stages"] for r in parallel]
+
+
+def test_jobs_settings_that_cannot_work_are_refused(sunny_dir: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(sunny_dir, tmp_path, **OVER)
+    with pytest.raises(EvoloraError, match="--jobs 0"):
+        run_experiment(cfg, jobs=0)
+    tracked = cfg.model_copy(update={"tracking": "mlflow"})
+    with pytest.raises(EvoloraError, match="tracking=mlflow with --jobs 2"):
+        run_experiment(tracked, jobs=2)
+
+
+def test_deal_is_round_robin() -> None:
+    assert deal([1, 2, 3, 4, 5], 2) == [[1, 3, 5], [2, 4]]
+    assert deal([1], 3) == [[1], [], []]
+
+
+# Worker targets: module level, so spawned processes can import them.
+def _user_mistake(_: int) -> None:
+    raise EvoloraError("no such item 'x'")
+
+
+def _bug(_: int) -> None:
+    raise ValueError("an unexpected state")
+
+
+def _sleep_forever(pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_a_failing_worker_is_reported_in_the_parent() -> None:
+    with pytest.raises(EvoloraError, match=r"worker \d/2: no such item 'x'"):
+        run_workers(_user_mistake, [(0,), (1,)])
+    with pytest.raises(WorkerError, match=r"(?s)ValueError: an unexpected state"):
+        run_workers(_bug, [(0,)])
+
+
+def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
+    pid_file = tmp_path / "worker.pid"
+    code = (
+        "from tests.test_jobs import _sleep_forever\n"
+        "from evolora.workers import run_workers\n"
+        f"run_workers(_sleep_forever, [({str(pid_file)!r},)])\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 120
+    while not pid_file.is_file() or not pid_file.read_text():
+        assert time.monotonic() < deadline and parent.poll() is None, "the worker never started"
+        time.sleep(0.2)
+    worker = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while _alive(worker):
+        assert time.monotonic() < deadline, "the worker outlived its parent"
+        time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by init) counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
