@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 import yaml
 
 import evolora
-from evolora import parallel
+from evolora import cost, parallel
 from evolora.bundle import write_bundle
 from evolora.config import DataConfig, RunConfig, StrategySpec, config_to_dict
 from evolora.continual import Env, build_strategy, check_strategy_specs
@@ -150,7 +151,9 @@ def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM | C
     dtype, _ = resolve_precision(cfg.model.precision, device)
     m = cfg.model
     # A QLoRA base is loaded quantized once, here; item embeddings (semantic IDs) read it as it is.
-    return spec.build(cfg, prepared, load_pretrained(m.name, dtype, m.revision, m.quantization, device))
+    with cost.part("model_loading"):
+        pretrained = load_pretrained(m.name, dtype, m.revision, m.quantization, device)
+    return spec.build(cfg, prepared, pretrained)
 
 
 def _check_experiment(root: Path, cfg: RunConfig) -> str:
@@ -329,7 +332,11 @@ def _run_locked(
             prepared = prepare_data(cfg)
             environment = run_environment(prepared.data)
             _check_data(root, environment["data_files"])
+            t0 = time.perf_counter()
+            cost.take()
             lm, task = build_model_and_task(cfg, prepared)
+            # Once per experiment (per process): loading the model, item embeddings, RQ-VAE
+            environment["setup_cost"] = cost.stage_cost(cost.take(), time.perf_counter() - t0)
             write_bundle(root, cfg, prepared)  # what `Recommender.load` needs, without the training data
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
         sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from evolora import parallel
+from evolora import cost, parallel
 from evolora.errors import DamagedFileError
 
 
@@ -36,10 +36,11 @@ def cache_dir() -> Path:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    parallel.before_write()
-    if parallel.writes():
-        _write_bytes(Path(path), data)
-    parallel.after_write()
+    with cost.part("writing"):
+        parallel.before_write()
+        if parallel.writes():
+            _write_bytes(Path(path), data)
+        parallel.after_write()
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -199,8 +200,13 @@ def load_state(path: str | Path, advice: str = "") -> Any:
 
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `path` only if the block finishes without error."""
-    path = Path(path)
+    """Yield a temporary directory that replaces `path` only if the block finishes without error (the
+    block counts as `writing` in the cost profile: it writes the folder's files)."""
+    with cost.part("writing"):
+        yield from _atomic_directory(Path(path))
+
+
+def _atomic_directory(path: Path) -> Iterator[Path]:
     parallel.before_write()
     if not parallel.writes():  # another process writes the folder; this one's copy is thrown away
         scratch = Path(tempfile.mkdtemp(prefix="evolora-scratch-"))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from evolora import parallel
+from evolora import cost, parallel
 from evolora.continual.base import MAIN, StageContext, TrainJob
 from evolora.continual.cumulative import CumulativeLora, CumulativeOptions
 from evolora.models.precision import without_autocast
@@ -121,7 +121,11 @@ class InfLora(CumulativeLora[InfLoraOptions]):
         # the padded positions the statistics include, stay those of one process.
         starts = list(range(0, len(rows), batch))[parallel.rank() :: parallel.world_size()]
         try:
-            with torch.no_grad(), progress_task("input statistics", total=len(rows)) as bar:
+            with (
+                torch.no_grad(),
+                progress_task("input statistics", total=len(rows)) as bar,
+                cost.part("inflora_statistics"),
+            ):
                 for start in starts:
                     self.task.loss(self.lm, rows[start : start + batch])
                     bar.advance(len(rows[start : start + batch]))

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evolora import parallel
+from evolora import cost, parallel
 from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob
 from evolora.continual.shared import SharedStore
 from evolora.data.samples import StagePools, draw, eval_stage_of, train_stages
@@ -193,6 +193,7 @@ class StageLoop:
         with exclusive(shared.job_lock(key), f"shared training job {key[:8]}", wait=True):
             stored = shared.reuse_job(self.lm, key, job.adapter)
             if stored is not None:
+                cost.saved(float(stored.get("train_seconds", 0.0)))
                 info = self._job_info(job, stored, shared_key=key, reused=True)
                 log.info("stage %d, %s: reused a shared training result (%s)", ctx.stage, job.name, key[:8])
             else:
@@ -288,10 +289,13 @@ class StageLoop:
             cache = self.shared.predictions_file(key, ctx.eval_rows)
             stored = self.shared.load_predictions(cache)
             if stored is not None:
+                cost.saved(float(stored["seconds"]) if "seconds" in stored else 0.0)
                 return self.task.load_predictions(stored), True
+        t0 = time.perf_counter()
         preds = self.s.predict(ctx, ctx.eval_rows)
         if cache is not None:
-            save_npz(cache, self.task.save_predictions(preds))
+            seconds = np.array(time.perf_counter() - t0)  # what a later reuse saves
+            save_npz(cache, {**self.task.save_predictions(preds), "seconds": seconds})
         return preds, False
 
     def train_stage(self, ctx: StageContext) -> list[dict[str, Any]]:
@@ -317,7 +321,8 @@ class StageLoop:
             with self._stage_files(t):
                 preds = self.task.load_predictions(load_npz(pred_file))
         else:
-            preds, reused_preds = self._predict(ctx)
+            with cost.part("evaluation"):
+                preds, reused_preds = self._predict(ctx)
             arrays = {
                 **self.task.save_predictions(preds),
                 "rows": eval_rows,
@@ -326,6 +331,9 @@ class StageLoop:
             save_npz(pred_file, arrays)
         eval_seconds = time.perf_counter() - t0
         record = self._record(ctx, preds, jobs_info, n_eval_total, eval_seconds, reused_preds)
+        now = time.perf_counter()
+        record["cost"] = cost.stage_cost(cost.take(), now - self._clock)
+        self._clock = now
         atomic_write_json(d / "record.json", record)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())
         log.info(
@@ -381,6 +389,8 @@ class StageLoop:
         stages = train_stages(self.cfg.protocol, self.task.table.n_stages)
         done = [t for t in stages if (self.stage_dir(t) / "record.json").is_file()]
         todo = [t for t in stages if t not in done]
+        cost.take()  # a stage's cost runs from here (its strategy's set-up included) to its record
+        self._clock = time.perf_counter()
         self.check_run()
         self.s.setup()
         if todo and todo[0] > 1:
@@ -411,6 +421,7 @@ class StageLoop:
                 vals = [r["metrics"][m] for r in records if not np.isnan(r["metrics"].get(m, np.nan))]
                 summary["mean"][m] = float(np.mean(vals)) if vals else float("nan")
             summary["train_seconds"] = float(sum(r["train_seconds"] for r in records))
+            summary["cost"] = cost.add([r["cost"] for r in records if "cost" in r])
         return {
             **self.header,
             "complete": len(records) == len(stages),

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from evolora import cost
 from evolora.config import LoraConfig
 from evolora.continual.base import MAIN, PlainLora, StageContext, Strategy, StrategyOptions, TrainJob
 
@@ -132,6 +133,7 @@ class Lsat(Strategy[LsatOptions]):
         long, short = self.lm.adapter_state(LONG), self.lm.adapter_state(MAIN)
         return long.keys() == short.keys() and all(torch.equal(long[k], short[k]) for k in long)
 
+    @cost.timed("lsat_search")
     def after_stage(self, ctx: StageContext) -> None:
         rows = self._valid_rows(ctx)
         metric = self.task.primary_metric

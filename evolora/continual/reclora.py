@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from evolora import cost
 from evolora.config import ConventionalConfig, ModelConfig, TrainConfig
 from evolora.continual.base import MAIN, PlainLora, StageContext, Strategy, StrategyOptions, TrainJob
 from evolora.continual.regularizers import ProximalRegularizer
@@ -104,6 +105,7 @@ class RecLora(Strategy[RecLoraOptions]):
         self.personal.set_route(self.z[torch.as_tensor(np.asarray(rows, dtype=np.int64))])
 
     @torch.no_grad()
+    @cost.timed("reclora_router")
     def _represent(self) -> None:
         """The frozen CRM's representation of every sample row, the gate's input."""
         model = self.crm.model

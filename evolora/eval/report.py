@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from evolora.errors import DamagedFileError, EvoloraError
+from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.io import load_npz, read_json
 
@@ -330,7 +331,25 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
         out.append(kt)
     times = ", ".join(f"{g.method} {g.train_seconds():.0f}s" for g in groups)
     out.append(f"\nTraining time per run (sum over stages, shared results counted in full): {times}.")
+    costs = cost_table(groups)
+    if costs:
+        stages, setup = cpu_time(groups)
+        out.append("\n### Where the time went (seconds per run, mean over seeds)\n")
+        out.append(
+            "Wall-clock seconds of each part of the stages (`other`: metrics, restoring adapters, strategy "
+            "set-up); tokens read by the LLM's forward passes and the share a backward pass followed; "
+            "`saved`: what reused results (a shared stage-1 job, stored predictions) took when computed.\n"
+        )
+        out.append(costs)
+        out.append(
+            f"\nTime these runs took: {_duration(stages + setup)} ({_duration(stages)} in stages, "
+            f"{_duration(setup)} loading models and embedding items)."
+        )
     return "\n".join(out) + "\n", groups
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def plot_metric(groups: list[MethodRuns], metric: str, path: Path) -> None:

@@ -15,12 +15,14 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evolora import cost
 from evolora.config import LoraConfig, ModelConfig
 from evolora.errors import DamagedFileError, EvoloraError
 from evolora.io import atomic_directory, load_tensors
@@ -121,6 +123,7 @@ class LoraLM:
         lm._to_device()
         lm._adapters_to_fp32()
         lm.model.eval()
+        lm.base.get_decoder().register_forward_pre_hook(_count_tokens, with_kwargs=True)
         return lm
 
     @property
@@ -388,6 +391,17 @@ class LoraLM:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _count_tokens(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """The run's cost profile (`cost.py`): tokens each decoder pass reads, padding excluded."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        return
+    mask = kwargs.get("attention_mask")
+    # With a KV cache the mask also covers the cached positions: the last columns are this pass's tokens
+    n = int(mask[:, -ids.shape[1] :].sum()) if mask is not None and mask.dim() == 2 else ids.numel()
+    cost.count_tokens(n, backward=module.training and torch.is_grad_enabled())
 
 
 def set_threads(threads: int | None) -> None:

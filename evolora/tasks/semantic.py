@@ -19,6 +19,7 @@ from typing import Any, cast
 import numpy as np
 import polars as pl
 
+from evolora import cost
 from evolora.config import NextItemTaskConfig, RunConfig, SemanticIdConfig
 from evolora.data.schema import InteractionData
 from evolora.errors import ConfigError
@@ -87,7 +88,8 @@ def item_vectors_for(
         vectors = stored["vectors"]
     else:
         log.info("embedding %d item texts for history retrieval", len(items))
-        vectors = embed_texts(*pretrained, item_texts(data, items, fields))
+        with cost.part("item_embeddings"):
+            vectors = embed_texts(*pretrained, item_texts(data, items, fields))
         vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
         save_npz(path, {"vectors": vectors})
     return dict(zip(items, vectors, strict=True))
@@ -136,7 +138,8 @@ def semantic_ids_for(
         order = item_order(data, staged)
         model, tok = _embedder(sid_cfg, pretrained)
         log.info("semantic IDs: embedding %d item texts", len(order))
-        emb = embed_texts(model, tok, item_texts(data, order, sid_cfg.text_fields))
+        with cost.part("item_embeddings"):
+            emb = embed_texts(model, tok, item_texts(data, order, sid_cfg.text_fields))
         first = set(staged.filter(pl.col("stage") <= 1)["item_id"].to_list())
         fit = np.array([i in first for i in order])
         if fit.sum() < sid_cfg.codebook_size:
@@ -145,10 +148,11 @@ def semantic_ids_for(
                 int(fit.sum()), sid_cfg.codebook_size, len(order),
             )  # fmt: skip
             fit[:] = True
-        quantizer = train_rqvae(
-            emb[fit], levels=sid_cfg.levels, codebook_size=sid_cfg.codebook_size, epochs=sid_cfg.epochs,
-            seed=sid_cfg.seed,
-        )  # fmt: skip
+        with cost.part("rqvae"):
+            quantizer = train_rqvae(
+                emb[fit], levels=sid_cfg.levels, codebook_size=sid_cfg.codebook_size, epochs=sid_cfg.epochs,
+                seed=sid_cfg.seed,
+            )  # fmt: skip
         unique, stats = make_unique(assign_codes(quantizer, emb))
         sids = SemanticIds(order, unique)
     log.info(

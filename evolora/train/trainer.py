@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evolora import parallel
+from evolora import cost, parallel
 from evolora.config import TrainConfig
 from evolora.errors import DamagedFileError
 from evolora.eval.metrics import NonFiniteScores
@@ -147,7 +147,8 @@ def train_adapter(
         progress = _Progress(_snapshot(params))
         if use_valid and cfg.keep_start_if_better:
             t0 = time.perf_counter()
-            v = _validate(lm, task, valid_rows, cfg, eval_batch_size)
+            with cost.part("validation"):
+                v = _validate(lm, task, valid_rows, cfg, eval_batch_size)
             progress.elapsed += time.perf_counter() - t0
             progress.best_value = v["score"]
             progress.history.append({"epoch": 0, **v})
@@ -156,12 +157,13 @@ def train_adapter(
         if cfg.patience is not None and progress.stale >= cfg.patience:
             break
         t0 = time.perf_counter()
-        with _checkpointing(lm, cfg.gradient_checkpointing):
+        with _checkpointing(lm, cfg.gradient_checkpointing), cost.part("training"):
             record = _train_epoch(
                 lm, task, params, train_rows, cfg, seed, epoch, optimizer, scheduler, extra_loss, desc, scaler
             )
         if use_valid:
-            record.update(_validate(lm, task, valid_rows, cfg, eval_batch_size))
+            with cost.part("validation"):
+                record.update(_validate(lm, task, valid_rows, cfg, eval_batch_size))
             if record["score"] > progress.best_value:
                 progress.best_value, progress.best_epoch = record["score"], epoch
                 progress.best_state = _snapshot(params)

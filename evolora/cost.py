@@ -1,0 +1,142 @@
+"""Where a run's time goes: seconds and tokens per part of the work, recorded with every stage.
+
+Work is wrapped in `part(name)`; a part's seconds are its own (a part started inside another is taken out of
+the outer one), so the parts of a stage add up to the time the stage took, less what no part covers (shown
+as `other`). The LLM backbone reports its forward passes through `count_tokens` (a hook on its decoder):
+the tokens read (padding excluded), and of those, the ones a backward pass follows (a forward pass run
+with gradients while the model trains). Conventional models count no tokens.
+
+Parts used by evolora (`PARTS`): training passes, validation between epochs, evaluation of a stage, LSAT's
+weight search, InfLoRA's input statistics, RecLoRA's router inputs, model loading, item embeddings, RQ-VAE,
+and writing files (checkpoints, adapters, records: `io.py`).
+Saved time is what reuse skipped: a shared training job or stored predictions, at the seconds they took
+when they were computed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+PARTS = (
+    "training",
+    "validation",
+    "evaluation",
+    "lsat_search",
+    "inflora_statistics",
+    "reclora_router",
+    "model_loading",
+    "item_embeddings",
+    "rqvae",
+    "writing",
+)
+
+_local = threading.local()
+
+
+def _ledger() -> dict[str, dict[str, float]]:
+    if not hasattr(_local, "ledger"):
+        _local.ledger, _local.stack, _local.saved = {}, [], 0.0
+    return _local.ledger
+
+
+def _entry(name: str) -> dict[str, float]:
+    return _ledger().setdefault(name, {"seconds": 0.0, "tokens": 0, "backward_tokens": 0})
+
+
+@contextmanager
+def part(name: str) -> Iterator[None]:
+    """Count the block's time (and the tokens its forward passes read) under `name`."""
+    _ledger()
+    frame = {"name": name, "inner": 0.0}
+    _local.stack.append(frame)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - t0
+        _local.stack.pop()
+        _entry(name)["seconds"] += elapsed - frame["inner"]
+        if _local.stack:
+            _local.stack[-1]["inner"] += elapsed
+
+
+def count_tokens(tokens: int, backward: bool) -> None:
+    """Tokens a forward pass read, in the innermost open part (`other` outside any)."""
+    _ledger()
+    name = _local.stack[-1]["name"] if _local.stack else "other"
+    entry = _entry(name)
+    entry["tokens"] += tokens
+    if backward:
+        entry["backward_tokens"] += tokens
+
+
+def saved(seconds: float) -> None:
+    """Seconds a reuse skipped (a shared job's training, stored predictions)."""
+    _ledger()
+    _local.saved += float(seconds)
+
+
+def take() -> dict[str, Any]:
+    """The parts counted since the last `take` (outside any open part), and start again."""
+    ledger = _ledger()
+    out = {
+        "parts": {k: _rounded(v) for k, v in sorted(ledger.items())},
+        "saved_seconds": round(_local.saved, 3),
+    }
+    _local.ledger, _local.saved = {}, 0.0
+    return out
+
+
+def _rounded(entry: dict[str, float]) -> dict[str, Any]:
+    return {
+        "seconds": round(entry["seconds"], 3),
+        "tokens": int(entry["tokens"]),
+        "backward_tokens": int(entry["backward_tokens"]),
+    }
+
+
+def stage_cost(taken: dict[str, Any], total_seconds: float) -> dict[str, Any]:
+    """A stage's cost record: its parts, `other` (the stage's time no part covers) and its total."""
+    parts = dict(taken["parts"])
+    covered = sum(p["seconds"] for k, p in parts.items() if k != "other")
+    other = parts.pop("other", {"seconds": 0.0, "tokens": 0, "backward_tokens": 0})
+    other = {**other, "seconds": round(max(0.0, total_seconds - covered), 3)}
+    return {
+        "total_seconds": round(total_seconds, 3),
+        "parts": {**parts, "other": other},
+        "saved_seconds": taken["saved_seconds"],
+    }
+
+
+def add(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several cost records summed (a run's summary from its stages)."""
+    parts: dict[str, dict[str, float]] = {}
+    for c in costs:
+        for k, p in c.get("parts", {}).items():
+            e = parts.setdefault(k, {"seconds": 0.0, "tokens": 0, "backward_tokens": 0})
+            for f in e:
+                e[f] += p.get(f, 0)
+    return {
+        "total_seconds": round(sum(c.get("total_seconds", 0.0) for c in costs), 3),
+        "parts": {k: _rounded(v) for k, v in parts.items()},
+        "saved_seconds": round(sum(c.get("saved_seconds", 0.0) for c in costs), 3),
+    }
+
+
+def timed(name: str) -> Any:
+    """`part(name)` around every call of the decorated function."""
+    import functools
+
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            with part(name):
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap

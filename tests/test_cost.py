@@ -1,0 +1,82 @@
+"""The cost profile: every stage says where its time and tokens went, and reports show it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evolora import cost
+from evolora.eval.report import build_report
+from evolora.experiment import run_experiment
+from tests.helpers import tiny_config
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_nested_parts_count_their_own_time_and_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(cost.time, "perf_counter", clock)
+    cost.take()
+    with cost.part("training"):
+        clock.now += 2.0
+        cost.count_tokens(100, backward=True)
+        with cost.part("validation"):
+            clock.now += 0.5
+            cost.count_tokens(30, backward=False)
+        clock.now += 1.0
+    cost.count_tokens(7, backward=False)  # outside any part
+    cost.saved(4.0)
+    record = cost.stage_cost(cost.take(), total_seconds=4.0)
+    parts = record["parts"]
+    assert parts["training"] == {"seconds": 3.0, "tokens": 100, "backward_tokens": 100}
+    assert parts["validation"] == {"seconds": 0.5, "tokens": 30, "backward_tokens": 0}
+    assert parts["other"] == {"seconds": 0.5, "tokens": 7, "backward_tokens": 0}
+    assert record["saved_seconds"] == 4.0 and record["total_seconds"] == 4.0
+    assert cost.take()["parts"] == {}  # taken: the next stage starts from nothing
+    both = cost.add([record, record])
+    assert both["parts"]["training"]["seconds"] == 6.0 and both["total_seconds"] == 8.0
+
+
+OVER = {"train.epochs": 4, "strategies": "[finetune, peso, inflora]"}
+
+
+def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path) -> None:
+    results = run_experiment(tiny_config(sunny_dir, tmp_path, **OVER))
+    by = {r["method"]: r for r in results}
+    for r in results:
+        for stage in r["stages"]:
+            c = stage["cost"]
+            assert sum(p["seconds"] for p in c["parts"].values()) == pytest.approx(
+                c["total_seconds"], abs=0.01
+            )
+            assert c["parts"]["evaluation"]["backward_tokens"] == 0
+            if stage["trained"] and not all(j["reused_shared_result"] for j in stage["jobs"]):
+                train = c["parts"]["training"]
+                assert train["tokens"] == train["backward_tokens"] > 0
+                assert (
+                    c["parts"]["validation"]["tokens"] > 0
+                    and c["parts"]["validation"]["backward_tokens"] == 0
+                )
+                # The named parts cover the stage: what is left (files, metrics) is small.
+                assert c["parts"]["other"]["seconds"] <= 0.05 * c["total_seconds"], c
+        summary = r["summary"]["cost"]
+        assert summary["total_seconds"] == pytest.approx(sum(s["cost"]["total_seconds"] for s in r["stages"]))
+    assert by["inflora"]["stages"][1]["cost"]["parts"]["inflora_statistics"]["tokens"] > 0
+    # PESO and InfLoRA reuse finetune's stage-1 job and its predictions: what they took is saved.
+    first = by["finetune"]["stages"][0]
+    trained, evaluated = first["jobs"][0]["train_seconds"], first["cost"]["parts"]["evaluation"]["seconds"]
+    for method in ("peso", "inflora"):
+        assert trained < by[method]["stages"][0]["cost"]["saved_seconds"] <= trained + evaluated + 0.01
+        assert "training" not in by[method]["stages"][0]["cost"]["parts"]
+    assert results[0]["setup_cost"]["parts"]["model_loading"]["seconds"] > 0
+
+    report, _ = build_report([tmp_path / "t"])
+    assert "### Where the time went" in report and "| inflora | 1 |" in report
+    assert "Time these runs took:" in report
