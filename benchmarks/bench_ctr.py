@@ -7,6 +7,10 @@ compare like with like on whatever machine runs this.
 
     python benchmarks/bench_ctr.py [--model NAME] [--samples 48] [--out benchmarks/results/ctr.json]
 
+It also runs, in one thread, evolora's scoring and fwd+bwd interleaved with a plain transformers + PEFT loop
+on the same model and rows (`interleaved`), and reports the FLOP/s evolora reaches as a fraction of a
+matrix-product peak measured in the same process.
+
 Every variant runs in its own subprocess so its peak memory (max RSS) is its own.
 """
 
@@ -110,14 +114,163 @@ def measure(model: str, mode: str, precision: str, share_prefix: bool, samples: 
     }
 
 
+def cpu_flags() -> list[str]:
+    """The CPU's vector-instruction flags that decide kernel speed (Linux; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
+    )
+    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+
+
+def matmul_peak(dtype_name: str, n: int = 1024, repeats: int = 7) -> float:
+    """FLOP/s of the best of `repeats` n x n matrix products in this thread (2·n³ FLOPs each)."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(model: str, precision: str, samples: int, batch: int, repeats: int) -> dict:
+    """Runs inside a subprocess, one thread: evolora's CTR scoring and fwd+bwd against a plain
+    transformers + PEFT loop on the same PEFT model and rows (right padding, full vocabulary logits, the
+    loss over the answer tokens), alternating A, B, A, B so load drifts hit both; medians and achieved
+    FLOP/s as a fraction of a matmul peak measured here.
+
+    FLOPs counted: 2·P·T for a forward pass and 2·P·T more for the backward pass through the frozen base
+    (activation gradients only; LoRA's weight gradients are negligible), where T is the real (non-padding)
+    tokens of the batch and P the parameters every token multiplies (the decoder's linear layers; the
+    output layer for the positions that get logits). Attention scores are left out (under 10% at ~200
+    tokens and this model's width), so the fraction is a lower bound.
+    """
+    import numpy as np
+    import torch
+
+    from evolora.config import CtrTaskConfig, ModelConfig, load_config
+    from evolora.experiment import prepare_data
+    from evolora.models.llm import LoraLM
+    from evolora.tasks.ctr import ctr_task_for
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, ["staging.n_stages=4", "eval.max_samples=64"])
+    prepared = prepare_data(cfg)
+    lm = LoraLM.from_config(ModelConfig(name=model, precision=precision))
+    task = ctr_task_for(cfg.model_copy(update={"task": CtrTaskConfig()}), prepared, lm.tokenizer)
+    rows = np.sort(np.random.default_rng(0).choice(prepared.pools[2].test, size=samples, replace=False))
+    tok = lm.tokenizer
+    pad = tok.pad_token_id or 0
+
+    def plain_batch(rs: np.ndarray, with_answer: bool):
+        seqs, answers = [], []
+        for r in rs:
+            e = task.encode(int(r))
+            seqs.append(task.prefix + e.body + (e.answer if with_answer else []))
+            answers.append(len(e.answer) if with_answer else 0)
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])  # right padding
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        labels = torch.full_like(ids, -100)
+        for i, (s, a) in enumerate(zip(seqs, answers, strict=True)):
+            labels[i, len(s) - a : len(s)] = ids[i, len(s) - a : len(s)]
+        return ids.to(lm.device), mask.to(lm.device), labels.to(lm.device), [len(s) for s in seqs]
+
+    def plain_score(rs: np.ndarray) -> np.ndarray:
+        ids, mask, _, lengths = plain_batch(rs, False)
+        with torch.no_grad(), lm.autocast():
+            logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
+        last = logits[torch.arange(len(rs)), torch.tensor(lengths) - 1]
+        pair = torch.softmax(last[:, [task.yes_id, task.no_id]], -1)
+        return pair[:, 0].cpu().numpy()
+
+    def plain_train(rs: np.ndarray) -> None:
+        ids, mask, labels, _ = plain_batch(rs, True)
+        with lm.autocast():
+            loss = lm.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+
+    def ours_score(rs: np.ndarray) -> np.ndarray:
+        return np.asarray(task.predict(lm, rs, batch))
+
+    def ours_train(rs: np.ndarray) -> None:
+        task.loss(lm, rs).backward()
+
+    def over_batches(fn) -> float:
+        t0 = time.perf_counter()
+        for i in range(0, len(rows), batch):
+            fn(rows[i : i + batch])
+        return time.perf_counter() - t0
+
+    lm.model.eval()
+    agree = float(np.abs(plain_score(rows[:batch]) - ours_score(rows[:batch])).max())
+    kinds = ("plain score", "evolora score", "plain fwd+bwd", "evolora fwd+bwd")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(repeats):
+        lm.model.eval()
+        times["plain score"].append(over_batches(plain_score))
+        times["evolora score"].append(over_batches(ours_score))
+        lm.activate("default", trainable=True)
+        lm.model.train()
+        times["plain fwd+bwd"].append(over_batches(plain_train))
+        times["evolora fwd+bwd"].append(over_batches(ours_train))
+        lm.model.zero_grad(set_to_none=True)
+
+    cfg_m = lm.base.config
+    decoder = lm.base.get_decoder()
+    linear = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
+    tokens = sum(len(task.prefix) + len(task.encode(int(r)).body) for r in rows)
+    answer_tokens = sum(len(task.encode(int(r)).answer) for r in rows)
+    vocab_rows = cfg_m.vocab_size * cfg_m.hidden_size
+    # evolora computes 2 output rows per scored prompt; fwd+bwd adds the answer tokens, full-vocab at them
+    score_flops = 2 * linear * tokens + 2 * 2 * cfg_m.hidden_size * len(rows)
+    train_flops = 4 * linear * (tokens + answer_tokens) + 4 * vocab_rows * answer_tokens
+    peak = matmul_peak("bf16" if precision == "bf16-mixed" else "fp32")
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "rows": len(rows),
+        "repeats": repeats,
+        "seconds_median": med,
+        "seconds_all": times,
+        "speedup_score": med["plain score"] / med["evolora score"],
+        "speedup_fwd_bwd": med["plain fwd+bwd"] / med["evolora fwd+bwd"],
+        "max_probability_difference": agree,
+        "tokens": tokens,
+        "matmul_peak_gflops": peak / 1e9,
+        "evolora_score_gflops": score_flops / med["evolora score"] / 1e9,
+        "evolora_fwd_bwd_gflops": train_flops / med["evolora fwd+bwd"] / 1e9,
+        "score_fraction_of_peak": score_flops / med["evolora score"] / peak,
+        "fwd_bwd_fraction_of_peak": train_flops / med["evolora fwd+bwd"] / peak,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     ap.add_argument("--samples", type=int, default=48)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results/ctr.json")
+    ap.add_argument("--interleaved-samples", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child and args.child.startswith("interleaved "):
+        precision = args.child.split(" ", 1)[1]
+        sizes = (args.interleaved_samples, args.batch, args.repeats)
+        print(json.dumps(interleaved(args.model, precision, *sizes)))
+        return
     if args.child:
         spec = VARIANTS[args.child]
         print(json.dumps(measure(args.model, samples=args.samples, batch=args.batch, **spec)))
@@ -140,6 +293,17 @@ def main() -> None:
             sys.exit(f"{name} failed:\n{out.stderr[-2000:]}")
         rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"measured: {name}", file=sys.stderr)
+    plain = {}
+    precisions = ["fp32"] + (["bf16-mixed"] if cpu_has_native_bf16() else [])
+    for precision in precisions:
+        cmd = [sys.executable, __file__, "--child", f"interleaved {precision}", "--model", args.model]
+        cmd += ["--interleaved-samples", str(args.interleaved_samples), "--repeats", str(args.repeats)]
+        cmd += ["--batch", str(args.batch)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            sys.exit(f"interleaved {precision} failed:\n{out.stderr[-2000:]}")
+        plain[precision] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"measured: interleaved against transformers + PEFT, {precision}", file=sys.stderr)
     base = rows[next(iter(VARIANTS))]
     machine = platform.processor() or platform.machine()
     print(f"\nCTR throughput, {args.model}, {args.samples} samples, batch {args.batch}, {machine}")
@@ -152,6 +316,14 @@ def main() -> None:
             f"{name:42s} {score:8.2f} {score / base['score_samples_per_s']:7.2f} "
             f"{train:8.2f} {train / base['train_samples_per_s']:7.2f} {r['peak_rss_mb']:12.0f}"
         )
+    print("\nInterleaved, one thread, same rows: evolora vs a plain transformers + PEFT loop")
+    for precision, r in plain.items():
+        print(
+            f"{precision:10s} scoring {r['speedup_score']:.2f}x, fwd+bwd {r['speedup_fwd_bwd']:.2f}x "
+            f"(max |dP| {r['max_probability_difference']:.1e}); achieved {r['evolora_score_gflops']:.1f} / "
+            f"{r['evolora_fwd_bwd_gflops']:.1f} GFLOP/s = {r['score_fraction_of_peak']:.0%} / "
+            f"{r['fwd_bwd_fraction_of_peak']:.0%} of the {r['matmul_peak_gflops']:.1f} GFLOP/s matmul peak"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     record = {
         "model": args.model,
@@ -161,7 +333,9 @@ def main() -> None:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "python": platform.python_version(),
+            "cpu_flags": cpu_flags(),
         },
+        "interleaved_vs_transformers_peft": plain,
         "variants": rows,
         "skipped": skipped,
         "ratios_vs_baseline": {
