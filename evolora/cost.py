@@ -7,8 +7,9 @@ the tokens read (padding excluded), and of those, the ones a backward pass follo
 with gradients while the model trains). Conventional models count no tokens.
 
 Parts used by evolora (`PARTS`): training passes, validation between epochs, evaluation of a stage, LSAT's
-weight search, InfLoRA's input statistics, RecLoRA's router inputs, model loading, item embeddings, RQ-VAE,
-and writing files (checkpoints, adapters, records: `io.py`).
+weight search, InfLoRA's input statistics, RecLoRA's router inputs; in the set-up, reading and staging the
+data (with the files' digests), model loading, item embeddings and RQ-VAE; anywhere, writing files
+(checkpoints, adapters, records: `io.py`).
 Saved time is what reuse skipped: a shared training job or stored predictions, at the seconds they took
 when they were computed.
 """
@@ -28,6 +29,7 @@ PARTS = (
     "lsat_search",
     "inflora_statistics",
     "reclora_router",
+    "data",
     "model_loading",
     "item_embeddings",
     "rqvae",

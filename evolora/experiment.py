@@ -329,15 +329,16 @@ def _run_locked(
     setup = exclusive(root / ".setup.lock", "setting up", wait=True) if os.environ.get(WORKER_ENV) else None
     try:
         with setup or contextlib.nullcontext(), parallel.main_first():
-            prepared = prepare_data(cfg)
-            environment = run_environment(prepared.data)
-            _check_data(root, environment["data_files"])
             t0 = time.perf_counter()
             cost.take()
+            with cost.part("data"):
+                prepared = prepare_data(cfg)
+                environment = run_environment(prepared.data)  # file digests included
+            _check_data(root, environment["data_files"])
             lm, task = build_model_and_task(cfg, prepared)
-            # Once per experiment (per process): loading the model, item embeddings, RQ-VAE
-            environment["setup_cost"] = cost.stage_cost(cost.take(), time.perf_counter() - t0)
             write_bundle(root, cfg, prepared)  # what `Recommender.load` needs, without the training data
+        # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle
+        environment["setup_cost"] = cost.stage_cost(cost.take(), time.perf_counter() - t0)
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
         sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
         shared = SharedStore(cfg.shared_root, stable_hash(sample_context, 16))

@@ -75,7 +75,8 @@ def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path
     for method in ("peso", "inflora"):
         assert trained < by[method]["stages"][0]["cost"]["saved_seconds"] <= trained + evaluated + 0.01
         assert "training" not in by[method]["stages"][0]["cost"]["parts"]
-    assert results[0]["setup_cost"]["parts"]["model_loading"]["seconds"] > 0
+    setup = results[0]["setup_cost"]["parts"]
+    assert setup["model_loading"]["seconds"] > 0 and setup["data"]["seconds"] > 0
 
     report, _ = build_report([tmp_path / "t"])
     assert "### Where the time went" in report and "| inflora | 1 |" in report

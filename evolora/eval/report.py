@@ -343,7 +343,7 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
         out.append(costs)
         out.append(
             f"\nTime these runs took: {_duration(stages + setup)} ({_duration(stages)} in stages, "
-            f"{_duration(setup)} loading models and embedding items)."
+            f"{_duration(setup)} setting up: data, models, item embeddings)."
         )
     return "\n".join(out) + "\n", groups
 
