@@ -294,7 +294,7 @@ def run_experiment(
         pairs = [(i, seed) for i in range(len(cfg.strategies)) for seed in cfg.seeds]
         if jobs > 1 and len(pairs) > 1:
             return _run_in_workers(cfg, root, context_key, pairs, min(jobs, len(pairs)))
-        return _run_locked(cfg, root, context_key, on_stage)
+        return _run_locked(cfg, root, context_key, on_stage, pairs)
 
 
 def _for_this_process(cfg: RunConfig) -> RunConfig:
@@ -307,14 +307,19 @@ def _for_this_process(cfg: RunConfig) -> RunConfig:
     elif model.device == "auto":
         model = model.model_copy(update={"device": "cpu"})
     local = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size()))
-    threads = cfg.threads or (max(1, (os.cpu_count() or 1) // local) if model.device == "cpu" else None)
+    threads = cfg.threads or (_cores_each(local) if model.device == "cpu" else None)
     if not parallel.is_main():  # one voice: the main process logs what every process does
         logging.getLogger("evolora").setLevel(logging.WARNING)
     return cfg.model_copy(update={"model": model, "threads": threads})
 
 
+def _cores_each(processes: int) -> int:
+    """The CPU threads each of `processes` processes on this machine gets."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def _run_locked(
-    cfg: RunConfig, root: Path, context_key: str, on_stage: Any, pairs: list[tuple[int, int]] | None = None
+    cfg: RunConfig, root: Path, context_key: str, on_stage: Any, pairs: list[tuple[int, int]]
 ) -> list[dict[str, Any]]:
     # The run's log is the main process's (the others of a launch compute the same steps)
     handler = (
@@ -363,7 +368,7 @@ def _run_in_workers(
     """The pairs dealt to `jobs` worker processes (the caller holds the experiment's lock throughout; each
     worker loads its own data and model)."""
     devices = devices_for(cfg.model.device, jobs)
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = cfg.threads or _cores_each(jobs)
     shares = deal(pairs, jobs)
     for i, share in enumerate(shares):
         names = ", ".join(f"{method_label(cfg, cfg.strategies[k])} (seed {seed})" for k, seed in share)
@@ -413,11 +418,11 @@ def _run_strategies(
     environment: dict[str, Any],
     tracker: Tracker,
     on_stage: Any,
-    pairs: list[tuple[int, int]] | None = None,
+    pairs: list[tuple[int, int]],
 ) -> list[dict[str, Any]]:
-    """The (strategy index, seed) `pairs` (default: every one) in turn, each through the stage loop."""
+    """The (strategy index, seed) `pairs` in turn, each through the stage loop."""
     all_results = []
-    for index, seed in pairs or [(i, s) for i in range(len(cfg.strategies)) for s in cfg.seeds]:
+    for index, seed in pairs:
         spec = cfg.strategies[index]
         lm.reset_to(["default"])
         strategy = build_strategy(spec, Env(lm, task, cfg, prepared), seed)

@@ -36,11 +36,9 @@ def cache_dir() -> Path:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with cost.part("writing"):
-        parallel.before_write()
-        if parallel.writes():
+    with cost.part("writing"), parallel.one_writer() as writes:
+        if writes:
             _write_bytes(Path(path), data)
-        parallel.after_write()
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -202,20 +200,18 @@ def load_state(path: str | Path, advice: str = "") -> Any:
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces `path` only if the block finishes without error (the
     block counts as `writing` in the cost profile: it writes the folder's files)."""
-    with cost.part("writing"):
-        yield from _atomic_directory(Path(path))
+    with cost.part("writing"), parallel.one_writer() as writes:
+        if writes:
+            yield from _atomic_directory(Path(path))
+        else:  # another process writes the folder; this one's copy is thrown away
+            scratch = Path(tempfile.mkdtemp(prefix="evolora-scratch-"))
+            try:
+                yield scratch
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _atomic_directory(path: Path) -> Iterator[Path]:
-    parallel.before_write()
-    if not parallel.writes():  # another process writes the folder; this one's copy is thrown away
-        scratch = Path(tempfile.mkdtemp(prefix="evolora-scratch-"))
-        try:
-            yield scratch
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        parallel.after_write()
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)  # left by a replacement killed between its two renames
@@ -233,7 +229,6 @@ def _atomic_directory(path: Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    parallel.after_write()
 
 
 def set_aside(path: str | Path) -> Path:
@@ -242,10 +237,9 @@ def set_aside(path: str | Path) -> Path:
 
     path = Path(path)
     target = path.with_name(f".{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    parallel.before_write()
-    if parallel.writes():
-        os.replace(path, target)
-    parallel.after_write()
+    with parallel.one_writer() as writes:
+        if writes:
+            os.replace(path, target)
     return target
 
 

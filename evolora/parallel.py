@@ -21,8 +21,8 @@ router's inputs, the shared-result store) is replicated: every process holds the
 the same steps.
 
 **One writer.** Only the main process writes: `io`'s writers return at once elsewhere, and every process
-waits before each write (`before_write`: nobody still reads the old state) and after it (`after_write`:
-everybody reads the new one). Locks,
+waits before each write (nobody still reads the old state) and after it (everybody reads the new one):
+`one_writer`. Locks,
 the log file, progress bars and tracking are the main process's; a lock is taken by the main process while
 the others wait for it (`barrier`). Every process thus takes the same decisions from the same files, which
 keeps the collective calls in step. Set-up (data, model downloads, semantic IDs, the bundle) runs in the
@@ -141,15 +141,14 @@ def writes() -> bool:
     return is_main()
 
 
-def before_write() -> None:
-    """Called by every writer before the main process writes: no process may still be deciding from the
-    files as they were (a slower one would otherwise see the new file and skip the write, and the
-    processes' collective calls would fall out of step)."""
+@contextlib.contextmanager
+def one_writer() -> Iterator[bool]:
+    """Around every write: yields whether this process writes (the main one). Every process waits before
+    it, so none is still deciding from the files as they were (a slower one would otherwise see the new
+    file, skip the write and fall out of step in the collective calls), and after it, so all read the new
+    file."""
     barrier()
-
-
-def after_write() -> None:
-    """Called by every writer after the main process wrote: the others wait for the file to be there."""
+    yield writes()
     barrier()
 
 

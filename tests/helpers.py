@@ -9,6 +9,16 @@ import numpy as np
 
 from evolora.config import ModelConfig, RunConfig, load_config
 
+# The example log shipped in tests/data (a CSV of uid, iid, ts, stars; items with a name), read as a table.
+EXAMPLE_DATA = Path(__file__).resolve().parent / "data"
+EXAMPLE_COLUMNS = "{user: uid, item: iid, time: ts, rating: stars, title: name}"
+EXAMPLE_TABLE = {
+    "data.format": "table",
+    "data.columns": EXAMPLE_COLUMNS,
+    "data.meta": str(EXAMPLE_DATA / "example_items.csv"),
+    "task.min_history": 1,
+}
+
 
 def write_sunny_rainy(
     folder: Path, n_users: int = 40, per_user: int = 24, n_items: int = 60, seed: int = 0

@@ -21,15 +21,11 @@ from evolora.errors import ConfigError, DataError
 from evolora.experiment import run_experiment
 from evolora.locks import LockedError
 from evolora.tasks.ctr import CtrTask
-from tests.helpers import tiny_config
+from tests.helpers import EXAMPLE_TABLE, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
-COLUMNS = "{user: uid, item: iid, time: ts, rating: stars, title: name}"
 SMALL = {
-    "data.format": "table",
-    "data.columns": COLUMNS,
-    "data.meta": str(HERE / "example_items.csv"),
-    "task.min_history": 1,
+    **EXAMPLE_TABLE,
     "train.epochs": 2,
     "train.samples_per_stage": 48,
     "train.lr": 0.02,

@@ -17,11 +17,11 @@ from evolora.data.samples import split_pools
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
 from tests.data.make_example import write_example
-from tests.helpers import tiny_config
+from tests.helpers import EXAMPLE_COLUMNS, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
 LOG, ITEMS = HERE / "example_log.csv", HERE / "example_items.csv"
-COLUMNS = "{user: uid, item: iid, time: ts, rating: stars, title: name}"
+COLUMNS = EXAMPLE_COLUMNS
 # As tests/test_loop.py's, plus every target with at least one earlier item: 600 rows make small stages.
 LEARN = {
     "train.lr": 0.03,

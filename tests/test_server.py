@@ -17,14 +17,11 @@ from evolora.deploy.server import ModelHolder, create_app
 from evolora.deploy.update import update_run
 from evolora.deploy.versions import Versions
 from evolora.experiment import run_experiment
-from tests.helpers import tiny_config
+from tests.helpers import EXAMPLE_TABLE, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
 SMALL = {
-    "data.format": "table",
-    "data.columns": "{user: uid, item: iid, time: ts, rating: stars, title: name}",
-    "data.meta": str(HERE / "example_items.csv"),
-    "task.min_history": 1,
+    **EXAMPLE_TABLE,
     "train.epochs": 1,
     "train.samples_per_stage": 32,
     "strategies": "[finetune]",

@@ -15,7 +15,7 @@ import pytest
 from evolora.deploy.update import update_run
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
-from tests.helpers import tiny_config
+from tests.helpers import EXAMPLE_TABLE, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
 
@@ -77,10 +77,7 @@ def test_runs_stages_epochs_adapters_and_gates_are_logged(mlflow: Recorder, tmp_
     log[:cut].write_csv(tmp_path / "base.csv")
     log[cut:].write_csv(tmp_path / "new.csv")
     over = {
-        "data.format": "table",
-        "data.columns": "{user: uid, item: iid, time: ts, rating: stars, title: name}",
-        "data.meta": str(HERE / "example_items.csv"),
-        "task.min_history": 1,
+        **EXAMPLE_TABLE,
         "train.epochs": 2,
         "train.samples_per_stage": 24,
         "strategies": "[frozen, finetune]",

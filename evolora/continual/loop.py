@@ -278,7 +278,7 @@ class StageLoop:
             "shared_key": shared_key,
             "reused_shared_result": reused,
             # the process that trained it (`worker i/N` under `evolora run --jobs N`); older records lack it
-            "trained_by": result.get("trained_by") if reused else result.get("trained_by", worker_label()),
+            "trained_by": result.get("trained_by", None if reused else worker_label()),
         }
 
     # ------------------------------------------------------------------ one stage
