@@ -272,6 +272,8 @@ def run_experiment(
     parallel.start(cfg.model.device)
     if parallel.active():
         cfg = _for_this_process(cfg)
+        if parallel.sharded():
+            _check_shardable(cfg)
         if jobs > 1:
             raise ConfigError(
                 f"--jobs {jobs} inside a {parallel.world_size()}-process launch: the launch already splits "
@@ -313,6 +315,20 @@ def _for_this_process(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"model": model, "threads": threads})
 
 
+def _check_shardable(cfg: RunConfig) -> None:
+    """FSDP shards an unquantized LLM backbone's decoder layers (`parallel.shard_layers`)."""
+    if is_conventional(cfg.model.name):
+        raise ConfigError(
+            f"FSDP launch for the conventional model {cfg.model.name}: it has no LLM layers to shard; "
+            "launch with DDP (configs/accelerate/ddp.yaml)"
+        )
+    if cfg.model.quantization != "none":
+        raise ConfigError(
+            f"FSDP launch with model.quantization: {cfg.model.quantization}: sharding a quantized base is "
+            "not built; launch QLoRA with DDP (configs/accelerate/ddp.yaml) or leave quantization none"
+        )
+
+
 def _cores_each(processes: int) -> int:
     """The CPU threads each of `processes` processes on this machine gets."""
     return max(1, (os.cpu_count() or 1) // processes)
@@ -342,6 +358,8 @@ def _run_locked(
             _check_data(root, environment["data_files"])
             lm, task = build_model_and_task(cfg, prepared)
             write_bundle(root, cfg, prepared)  # what `Recommender.load` needs, without the training data
+        if parallel.sharded():  # FSDP: after set-up, which runs in one process at a time
+            lm.shard()
         # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle
         environment["setup_cost"] = cost.stage_cost(cost.take(), time.perf_counter() - t0)
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.

@@ -1,5 +1,7 @@
 """Data parallelism under `accelerate launch`: one run's training and evaluation split over N processes.
 
+(Past 300 lines: DDP's and FSDP's arithmetic and the one-writer protocol are one mechanism, read together.)
+
 `accelerate launch --multi_gpu --num_processes N -m evolora run CONFIG` (or `--config_file` with one of
 `configs/accelerate/`) starts N copies of the same command, one per GPU (on a CPU-only machine the processes
 share the cores and talk through gloo). Every process runs the same experiment code on the same data and
@@ -28,10 +30,21 @@ the others wait for it (`barrier`). Every process thus takes the same decisions 
 keeps the collective calls in step. Set-up (data, model downloads, semantic IDs, the bundle) runs in the
 main process first while the others wait, then in the others, which find the caches filled (`main_first`).
 
-**Not built**: FSDP and DeepSpeed (the shards would need the model wrapped by accelerate; a launch that asks
-for them is refused), `--jobs` together with a multi-process launch, and LoRA dropout identical to one
-process (each process draws its own masks, seeded by stage, epoch and process: the same in distribution,
-not in value; the tests use dropout 0). `evolora update`, `recommend` and `serve` run in one process.
+**FSDP** (`configs/accelerate/fsdp.yaml`): the same, with every decoder layer's frozen weights cut into one
+shard per process (`shard_layers`, PyTorch's FSDP2 `fully_shard`) and gathered for each forward and backward
+of the layer; the LoRA factors stay whole and their gradients are summed as above. A gather needs every
+process, so under FSDP the processes run the same number of forward passes: predictions are not split
+(each process predicts every row), a process whose share of a micro-batch is empty runs an uncounted pass
+on one row with zero weight, and InfLoRA's statistics pad the shorter process with uncounted batches
+(`forwards_in_step`). The layers are wrapped by evolora, whatever wrap policy the file names; options
+that are not built (parameter offload, accelerate's activation checkpointing, hybrid sharding, a quantized
+base, a conventional model) are refused.
+
+**Not built**: DeepSpeed (refused: ZeRO-2 shards what is small for LoRA), `--jobs` together with a
+multi-process launch, CPU-RAM-efficient loading under FSDP (every process loads the whole backbone before
+keeping its shard), and LoRA dropout identical to one process (each process draws its own masks, seeded
+by stage, epoch and process: the same in distribution, not in value; the tests use dropout 0).
+`evolora update`, `recommend` and `serve` run in one process.
 """
 
 from __future__ import annotations
@@ -68,17 +81,106 @@ def start(device: str = "auto") -> None:
     """Join the launch's process group (once per process; nothing without a multi-process launch)."""
     if not launched() or _state["world"] > 1:
         return
-    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(flag, "false").lower() == "true":
-            raise ConfigError(
-                f"the accelerate launch asks for {name}, which evolora does not run yet: launch with DDP "
-                "(configs/accelerate/ddp.yaml, or --multi_gpu)"
-            )
+    if _flag("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError(
+            "the accelerate launch asks for DeepSpeed, which evolora does not run: its ZeRO-2 shards "
+            "optimiser states and gradients, a few MB for LoRA; launch with FSDP "
+            "(configs/accelerate/fsdp.yaml) to shard the frozen backbone, or DDP (configs/accelerate/ddp.yaml)"
+        )
+    fsdp = fsdp_settings()
     from accelerate import PartialState
 
     cpu = device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=cpu, timeout=TIMEOUT)
-    _state.update(world=state.num_processes, rank=state.process_index, device=state.device)
+    _state.update(world=state.num_processes, rank=state.process_index, device=state.device, fsdp=fsdp)
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() == "true"
+
+
+def fsdp_settings() -> dict[str, Any] | None:
+    """What an FSDP launch asks for (accelerate's FSDP_* variables), checked: None without FSDP, or
+    {"reshard_after_forward": bool} (FULL_SHARD: True; SHARD_GRAD_OP: False) when the layers are sharded.
+    NO_SHARD is plain data parallelism (None). Options that evolora does not implement are refused, not
+    ignored; CPU-RAM-efficient loading is warned about (it changes the loading peak only)."""
+    if not _flag("ACCELERATE_USE_FSDP"):
+        return None
+    value = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "").strip().lower()
+    if value in ("", "none"):
+        value = os.environ.get("FSDP_SHARDING_STRATEGY", "full_shard").strip().lower()
+    value = {"1": "full_shard", "2": "shard_grad_op", "3": "no_shard"}.get(value, value)
+    if value in ("true", "full_shard", "none"):
+        plan: dict[str, Any] | None = {"reshard_after_forward": True}
+    elif value in ("false", "shard_grad_op"):
+        plan = {"reshard_after_forward": False}
+    elif value == "no_shard":
+        plan = None
+    else:
+        raise ConfigError(
+            f"FSDP sharding {value!r}: evolora shards within one group of processes (FULL_SHARD or "
+            "SHARD_GRAD_OP; NO_SHARD runs as DDP); hybrid sharding across nodes is not built"
+        )
+    refused = {
+        "FSDP_OFFLOAD_PARAMS": "offloading parameters to the CPU is not built; "
+        "set fsdp_offload_params: false",
+        "FSDP_ACTIVATION_CHECKPOINTING": "set train.gradient_checkpointing: true in the run's config instead "
+        "(the same recomputation, recorded with the run), and fsdp_activation_checkpointing: false",
+    }
+    for name, why in refused.items():
+        if _flag(name):
+            raise ConfigError(f"the FSDP launch sets {name.lower()[5:]}: {why}")
+    if _flag("FSDP_CPU_RAM_EFFICIENT_LOADING") and os.environ.get("RANK", "0") == "0":
+        import logging
+
+        logging.getLogger("evolora").warning(
+            "fsdp_cpu_ram_efficient_loading is not built: every process loads the whole backbone, then "
+            "keeps its shard of the decoder layers"
+        )
+    return plan
+
+
+def sharded() -> bool:
+    """Whether this launch shards the backbone's decoder layers (FSDP)."""
+    return active() and _state.get("fsdp") is not None
+
+
+def shard_layers(layers: list[torch.nn.Module], keep: set[torch.nn.Parameter]) -> tuple[int, int]:
+    """FSDP: each of the frozen weights of `layers` is cut into one shard per process (PyTorch's
+    `fully_shard`, the FSDP2 that accelerate's FSDP plugin runs), gathered for each forward and backward of
+    its layer and freed after (FULL_SHARD; SHARD_GRAD_OP keeps it from the forward to the backward).
+    `keep` (LoRA factors, trainable rows) stays whole in every process: it is small, strategies read and
+    write it directly, and its gradients are summed as in DDP (`sum_gradients`); adapters added later are
+    not sharded either. Returns (bytes of layer weights this process holds, bytes of all of them)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    total = sum(p.numel() * p.element_size() for layer in layers for p in layer.parameters())
+    mesh = init_device_mesh(_state["device"].type, (world_size(),))
+    for layer in layers:
+        fully_shard(
+            layer,
+            mesh=mesh,
+            reshard_after_forward=_state["fsdp"]["reshard_after_forward"],
+            ignored_params={p for p in layer.parameters() if p in keep},
+        )
+    held = sum(
+        p.to_local().numel() * p.element_size() if hasattr(p, "to_local") else p.numel() * p.element_size()
+        for layer in layers
+        for p in layer.parameters()
+    )
+    return held, total
+
+
+def forwards_in_step(n: int) -> int:
+    """Under FSDP every process must run the same number of forward passes (each one gathers every
+    process's shards of the layers' weights): the most any process runs, given that this one runs n.
+    n otherwise."""
+    if not sharded():
+        return n
+    t = torch.tensor([float(n)], dtype=torch.float64)
+    all_reduce_sum([t], op="max")
+    return int(t.item())
 
 
 def end() -> None:
@@ -244,7 +346,9 @@ def split_rows(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(task: Any, lm: Any, rows: np.ndarray, *args: Any, **kwargs: Any) -> Any:
-        if not active() or getattr(_local, "inside", False) or len(rows) < world_size():
+        # Under FSDP every process predicts all the rows: the forward passes stay in step, which each
+        # layer's weight gathering needs, at the cost of one process's evaluation time.
+        if not active() or sharded() or getattr(_local, "inside", False) or len(rows) < world_size():
             return method(task, lm, rows, *args, **kwargs)
         _local.inside = True
         try:

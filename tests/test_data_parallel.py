@@ -1,7 +1,8 @@
 """`accelerate launch -m evolora run`: two CPU processes (gloo) give one process's parameters and metrics.
 
 One launch covers a strategy of each family: plain LoRA (finetune), PESO (anchor + KL), a cumulative one
-(SumLoRA), InfLoRA (input statistics reduced across processes) and RecLoRA (CRM, banks, gates, router).
+(SumLoRA), InfLoRA (input statistics reduced across processes) and RecLoRA (CRM, banks, gates, router);
+once with DDP and once with FSDP (the decoder layers' weights sharded between the two processes).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ OVER = {
     "task.history_len": 4,
     "task.retrieve_from": 8,
     "task.sample_history": 10,
-    "train.samples_per_stage": 30,  # batches of 8 that do not split evenly: shares of 4 + 3 and 2 + 1 rows
+    "train.samples_per_stage": 17,  # batches of 8, 8, 1: the last one's shares are 1 and 0 rows
     "train.grad_accum": 2,
-    "eval.batch_size": 8,  # InfLoRA's statistics: 64 rows in 8 batches, 4 per process
+    "eval.batch_size": 10,  # InfLoRA's statistics: 64 rows in 7 batches, 4 + 3 per process
     "strategies": f"[finetune, peso, sumlora, inflora, {RECLORA}]",
 }
 
@@ -50,17 +51,29 @@ def _tensors(run: Path, stage: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _launch(config: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _launch(config: Path, env: dict[str, str], engine: str) -> subprocess.CompletedProcess:
+    file = str(ACCELERATE / f"{engine}.yaml")
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE / "ddp.yaml"),
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", file,
         "--num_processes", "2", "--main_process_port", "0", "-m", "evolora", "run", str(config),
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 
-def test_two_processes_train_and_evaluate_as_one(sunny_dir: Path, tmp_path: Path) -> None:
-    one = run_experiment(tiny_config(sunny_dir, tmp_path / "one", **OVER))
-    cfg = tiny_config(sunny_dir, tmp_path / "two", **OVER)
+@pytest.fixture(scope="module")
+def one_process(sunny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:
+    out = tmp_path_factory.mktemp("one")
+    return out, run_experiment(tiny_config(sunny_dir, out, **OVER))
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_two_processes_train_and_evaluate_as_one(
+    engine: str, one_process: tuple[Path, list], sunny_dir: Path, tmp_path: Path
+) -> None:
+    one_dir, one = one_process
+    # FSDP with gradient checkpointing as big backbones run it: the same steps as one process without
+    ckpt = {"train.gradient_checkpointing": True} if engine == "fsdp" else {}
+    cfg = tiny_config(sunny_dir, tmp_path / "two", **OVER, **ckpt)
     config = tmp_path / "two.yaml"
     config.write_text(yaml.safe_dump(config_to_dict(cfg)))
     env = {
@@ -69,7 +82,7 @@ def test_two_processes_train_and_evaluate_as_one(sunny_dir: Path, tmp_path: Path
         "PYTHONFAULTHANDLER": "1",
         "PYTHONPATH": str(Path(__file__).parent.parent),
     }
-    done = _launch(config, env)
+    done = _launch(config, env, engine)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
     for res in one:
@@ -79,7 +92,7 @@ def test_two_processes_train_and_evaluate_as_one(sunny_dir: Path, tmp_path: Path
             for name, value in a["metrics"].items():
                 assert b["metrics"][name] == pytest.approx(value, abs=2e-4), (method, t, name)
         for stage in (1, 2, 3):
-            x = _tensors(tmp_path / "one" / "t" / method / "seed0", stage)
+            x = _tensors(one_dir / "t" / method / "seed0", stage)
             y = _tensors(tmp_path / "two" / "t" / method / "seed0", stage)
             assert x.keys() == y.keys() and (x or stage == 3), (method, stage)
             for k in x:
@@ -91,7 +104,7 @@ def test_two_processes_train_and_evaluate_as_one(sunny_dir: Path, tmp_path: Path
     def files(root: Path) -> set[str]:
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
-    assert files(tmp_path / "two" / "t") - {"report.md", "auc.png"} == files(tmp_path / "one" / "t")
+    assert files(tmp_path / "two" / "t") - {"report.md", "auc.png"} == files(one_dir / "t")
     trained_epochs = sum(
         sum(1 for h in job["history"] if h["epoch"] > 0)
         for res in one
@@ -102,16 +115,54 @@ def test_two_processes_train_and_evaluate_as_one(sunny_dir: Path, tmp_path: Path
     log = (tmp_path / "two" / "t" / "log.txt").read_text()
     assert len(re.findall(r"epoch \d+: train_loss", log)) == trained_epochs > 0
     assert "per-stage results" in done.stdout and done.stdout.count("per-stage results") == 1
+    held = re.findall(r"FSDP: this process holds ([\d.]+)% of the decoder layers' weights", log)
+    if engine == "fsdp":  # one process's share: half the frozen weights, and the LoRA factors whole
+        assert len(held) == 1 and 50 < float(held[0]) < 60, held
+    else:
+        assert not held
 
 
-def test_fsdp_and_deepspeed_launches_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deepspeed_and_fsdp_options_not_built_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     from evolora import parallel
     from evolora.errors import ConfigError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ConfigError, match="FSDP"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match=r"DeepSpeed.*fsdp\.yaml"):
         parallel.start("cpu")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert parallel.fsdp_settings() == {"reshard_after_forward": True}  # FULL_SHARD by default
+    keep, free = {"reshard_after_forward": False}, {"reshard_after_forward": True}
+    for value, plan in [("false", keep), ("SHARD_GRAD_OP", keep), ("NO_SHARD", None), ("true", free)]:
+        monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", value)
+        assert parallel.fsdp_settings() == plan, value
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "HYBRID_SHARD")
+    with pytest.raises(ConfigError, match="hybrid"):
+        parallel.fsdp_settings()
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "true")
+    refused = [("FSDP_OFFLOAD_PARAMS", "offload"), ("FSDP_ACTIVATION_CHECKPOINTING", "checkpointing")]
+    for name, match in refused:
+        monkeypatch.setenv(name, "true")
+        with pytest.raises(ConfigError, match=match):
+            parallel.fsdp_settings()
+        monkeypatch.setenv(name, "false")
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [({"model.name": "mf"}, "conventional model mf"), ({"model.quantization": "nf4"}, "quantization")],
+)
+def test_fsdp_refuses_what_it_cannot_shard(over: dict, match: str, tmp_path: Path) -> None:
+    from evolora.errors import ConfigError
+    from evolora.experiment import _check_shardable
+
+    cfg = tiny_config(tmp_path, tmp_path / "out")
+    ((name, value),) = over.items()
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={name.split(".")[1]: value})})
+    with pytest.raises(ConfigError, match=match):
+        _check_shardable(cfg)
 
 
 def test_other_commands_refuse_a_launch(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,6 +120,8 @@ class InfLora(CumulativeLora[InfLoraOptions]):
         # In a multi-process launch each process takes every N-th batch (summed below): the batches, and so
         # the padded positions the statistics include, stay those of one process.
         starts = list(range(0, len(rows), batch))[parallel.rank() :: parallel.world_size()]
+        # Under FSDP a process with one batch fewer runs one more, uncounted, to keep the others in step.
+        idle = parallel.forwards_in_step(len(starts)) - len(starts)
         try:
             with (
                 torch.no_grad(),
@@ -129,6 +131,11 @@ class InfLora(CumulativeLora[InfLoraOptions]):
                 for start in starts:
                     self.task.loss(self.lm, rows[start : start + batch])
                     bar.advance(len(rows[start : start + batch]))
+                if idle:  # hooks off (removing a handle twice is harmless): these rows are not counted
+                    for h in handles:
+                        h.remove()
+                    for _ in range(idle):
+                        self.task.loss(self.lm, rows[:1])
         finally:
             self.lm.model.train(was_training)
             for h in handles:

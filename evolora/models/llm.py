@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evolora import cost
+from evolora import cost, parallel
 from evolora.config import LoraConfig, ModelConfig
-from evolora.errors import DamagedFileError, EvoloraError
+from evolora.errors import ConfigError, DamagedFileError, EvoloraError
 from evolora.io import atomic_directory, load_tensors
 from evolora.models.kv_cache import cache_of, run_decoder
 from evolora.models.precision import autocast_dtype_of, resolve_device, resolve_precision, without_autocast
@@ -125,6 +125,25 @@ class LoraLM:
         lm.model.eval()
         lm.base.get_decoder().register_forward_pre_hook(_count_tokens, with_kwargs=True)
         return lm
+
+    def shard(self) -> None:
+        """Under an FSDP launch: cut the decoder layers' frozen weights into one shard per process
+        (`parallel.shard_layers`); LoRA factors and trainable token rows stay whole in every process."""
+        layers = getattr(self.base.get_decoder(), "layers", None)
+        if layers is None:
+            raise ConfigError(f"FSDP: {self.name} has no list of decoder layers to shard; launch with DDP")
+        keep = {
+            p
+            for n, p in self.model.named_parameters()
+            if p.requires_grad or "lora_" in n or "trainable_tokens" in n
+        }
+        held, total = parallel.shard_layers(list(layers), keep)
+        log.info(
+            "FSDP: this process holds %.1f%% of the decoder layers' weights (%.4g of %.4g MB)",
+            100 * held / total,
+            held / 2**20,
+            total / 2**20,
+        )
 
     @property
     def precision(self) -> str:

@@ -235,6 +235,8 @@ def _train_epoch(
             for b in group:
                 mine = b[parallel.share(len(b))]  # all of it in one process
                 if len(mine) == 0:
+                    if parallel.sharded():  # FSDP: the others' layers gather from this process too
+                        _scaled(task.loss(lm, b[:1]) * 0.0, scaler).backward()
                     continue
                 loss = task.loss(lm, mine) * (len(mine) / n_group)
                 _scaled(loss, scaler).backward()
