@@ -85,7 +85,8 @@ def start(device: str = "auto") -> None:
         raise ConfigError(
             "the accelerate launch asks for DeepSpeed, which evolora does not run: its ZeRO-2 shards "
             "optimiser states and gradients, a few MB for LoRA; launch with FSDP "
-            "(configs/accelerate/fsdp.yaml) to shard the frozen backbone, or DDP (configs/accelerate/ddp.yaml)"
+            "(configs/accelerate/fsdp.yaml) to shard the frozen backbone, "
+            "or with DDP (configs/accelerate/ddp.yaml)"
         )
     fsdp = fsdp_settings()
     from accelerate import PartialState
