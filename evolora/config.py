@@ -503,11 +503,29 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     """Evaluation. `max_samples`: evaluate a fixed-seed random subset of each evaluated stage (null: all);
-    the run record says when it did."""
+    the run record says when it did.
+
+    `stages` (the stage-by-stage matrix R[t][j], `evolora/eval/forgetting.py`): `next` evaluates a model
+    trained on stage t on the protocol's stage only (t+1 for next_stage, t for leave_last_out); `seen` also on
+    the test rows of every earlier stage; `all` on every stage, later ones included (forward transfer needs
+    them). Every strategy is judged on the same fixed-seed rows of each stage. Under next_stage a stage's
+    test pool is the whole stage, so with `seen`/`all` each stage's evaluation rows are held out of its
+    training and validation pools (no entry scores a row the model trained on; the training draws then
+    differ from a `next` run's): set `max_samples` so that they are a small part of each stage.
+    """
 
     max_samples: int | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
     seed: int = 0
+    stages: Literal["next", "seen", "all"] = "next"
+
+    @model_serializer(mode="wrap")
+    def _drop_default_stages(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Left out at its default, so experiments recorded before the key existed keep their key.
+        dumped = handler(self)
+        if self.stages == "next":
+            dumped.pop("stages", None)
+        return dumped
 
 
 class UpdateConfig(Section):

@@ -22,6 +22,7 @@ CRM = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
 CASES = {
     "sdlora": ("[sdlora]", {}),
     "lsat": ("[{name: lsat, long_stages: 1, grid: [0.0, 0.5, 1.0]}]", {}),
+    "matrix": ("[finetune]", {"eval.stages": "all"}),  # each matrix entry's predictions land on their own
     "reclora": (
         f"[{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 2}}]",
         {"task.history_len": 4, "task.retrieve_from": 8, "task.sample_history": 10},
@@ -109,6 +110,7 @@ def test_a_kill_between_any_two_writes_of_a_stage_loses_nothing(
     assert landed == [w for w in writes if w[0] != "results.json"]
     for got, want in zip(resumed["stages"], reference["stages"], strict=True):
         assert got["metrics"] == pytest.approx(want["metrics"], abs=1e-9), case
+        assert got.get("matrix") == want.get("matrix"), case
         timeless = [{k: v for k, v in s["strategy_info"].items() if "seconds" not in k} for s in (got, want)]
         assert timeless[0] == timeless[1], case
     expected = trained_tensors(run_dir_of(ref_cfg, reference["method"], 0))

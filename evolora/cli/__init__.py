@@ -188,7 +188,7 @@ def run(
     """Run an experiment: every strategy and seed of CONFIG, stage by stage; rerun to resume."""
     from evolora import parallel, progress
     from evolora.config import load_config
-    from evolora.eval.report import build_report, plot_metric
+    from evolora.eval.report import build_report, write_plots
     from evolora.experiment import run_experiment
     from evolora.io import atomic_write_text
     from evolora.tasks import task_spec
@@ -211,7 +211,7 @@ def run(
     root = Path(cfg.output_dir) / cfg.name
     report, groups = build_report([root])
     atomic_write_text(root / "report.md", report)
-    plot_metric(groups, metric_names[0], root / f"{metric_names[0]}.png")
+    write_plots(groups, metric_names[0], root)
     console.print(f"results: {root}/*/seed*/results.json; report: {root / 'report.md'}")
 
 
@@ -226,16 +226,16 @@ def report(
 ) -> None:
     """Compare runs: a markdown table of methods x stages and a PNG plot of the metric per stage."""
     from evolora.eval.metrics import metric_set
-    from evolora.eval.report import build_report, plot_metric
+    from evolora.eval.report import build_report, write_plots
     from evolora.io import atomic_write_text
 
     text, groups = build_report(run_dirs, metric)
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
     atomic_write_text(target / "report.md", text)
     first = (metric or [metric_set(groups[0].task).primary])[0]
-    plot_metric(groups, first, target / f"{first}.png")
+    plots = write_plots(groups, first, target)
     console.print(Markdown(text))
-    console.print(f"written: {target / 'report.md'}, {target / f'{first}.png'}")
+    console.print(f"written: {target / 'report.md'}, " + ", ".join(str(p) for p in plots))
 
 
 @data_app.command("fetch")

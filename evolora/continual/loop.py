@@ -11,6 +11,7 @@ stopped:
     stage-t/trained/                       all jobs + after_stage done: adapters/<name>/ (PEFT format),
                                            state.safetensors (the strategy's state), trained.json
     stage-t/predictions.npz                evaluation done
+    stage-t/predictions-stage-j.npz        matrix entry R[t][j] done (`eval.stages: seen | all`)
     stage-t/record.json                    the stage is finished
 
 A finished job and a trained stage are each one folder that lands in one rename, so a kill leaves either
@@ -43,8 +44,9 @@ import torch
 from evolora import cost, parallel
 from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob
 from evolora.continual.shared import SharedStore
-from evolora.data.samples import StagePools, draw, eval_stage_of, train_stages
+from evolora.data.samples import StagePools, eval_stage_of, evaluation_rows, matrix_stages, train_stages
 from evolora.errors import ConfigError, DamagedFileError
+from evolora.eval.forgetting import matrix_summary
 from evolora.io import (
     atomic_directory,
     atomic_write_json,
@@ -91,8 +93,10 @@ class StageLoop:
 
     def _eval_rows(self, t: int) -> tuple[np.ndarray, int]:
         e = eval_stage_of(t, self.cfg.protocol)
-        rows = self.pools[e].test
-        return draw(rows, self.cfg.eval.max_samples, self.cfg.eval.seed, e, salt=2), len(rows)
+        return self._test_rows(e), len(self.pools[e].test)
+
+    def _test_rows(self, stage: int) -> np.ndarray:
+        return evaluation_rows(self.pools, stage, self.cfg.eval.max_samples, self.cfg.eval.seed)
 
     @contextlib.contextmanager
     def _stage_files(self, t: int) -> Iterator[None]:
@@ -282,6 +286,33 @@ class StageLoop:
         }
 
     # ------------------------------------------------------------------ one stage
+    def _matrix(self, ctx: StageContext, metrics: dict[str, float]) -> tuple[dict[str, Any], int]:
+        """Row t of the stage-by-stage matrix: the model after stage t on the test rows of each stage of
+        `eval.stages` (the protocol's own stage is the ordinary evaluation). Predictions of a model that an
+        earlier stage or another run already scored on those rows come from the shared store. Returns the
+        entries' metrics by stage and how many were reused."""
+        n_stages = self.task.table.n_stages
+        entries: dict[str, Any] = {}
+        reused = 0
+        for j in matrix_stages(ctx.stage, self.cfg.protocol, n_stages, self.cfg.eval.stages):
+            if j == ctx.eval_stage:
+                entries[str(j)] = metrics
+                continue
+            rows = self._test_rows(j)
+            f = ctx.stage_dir / f"predictions-stage-{j}.npz"
+            if f.is_file():
+                with self._stage_files(ctx.stage):
+                    preds = self.task.load_predictions(load_npz(f))
+            else:
+                entry = StageContext(ctx.stage, j, ctx.pools, ctx.seed, ctx.stage_dir, rows)
+                preds, from_store = self._predict(entry)
+                reused += from_store
+                save_npz(
+                    f, {**self.task.save_predictions(preds), "rows": rows, "truth": self.task.truth(rows)}
+                )
+            entries[str(j)] = self.task.metrics(preds, rows)
+        return entries, reused
+
     def _predict(self, ctx: StageContext) -> tuple[np.ndarray, bool]:
         key = self.adapter_keys.get(MAIN)
         cache = None
@@ -329,8 +360,11 @@ class StageLoop:
                 "truth": self.task.truth(eval_rows),
             }
             save_npz(pred_file, arrays)
-        eval_seconds = time.perf_counter() - t0
-        record = self._record(ctx, preds, jobs_info, n_eval_total, eval_seconds, reused_preds)
+        record = self._record(ctx, preds, jobs_info, n_eval_total, 0.0, reused_preds)
+        if self.cfg.eval.stages != "next":
+            with cost.part("evaluation"):
+                record["matrix"], record["matrix_reused"] = self._matrix(ctx, record["metrics"])
+        record["eval_seconds"] = time.perf_counter() - t0
         now = time.perf_counter()
         record["cost"] = cost.stage_cost(cost.take(), now - self._clock)
         self._clock = now
@@ -421,6 +455,9 @@ class StageLoop:
                 vals = [r["metrics"][m] for r in records if not np.isnan(r["metrics"].get(m, np.nan))]
                 summary["mean"][m] = float(np.mean(vals)) if vals else float("nan")
             summary["train_seconds"] = float(sum(r["train_seconds"] for r in records))
+            if self.cfg.eval.stages != "next":
+                rows = {r["train_stage"]: r.get("matrix", {}) for r in records}
+                summary["matrix"] = matrix_summary(rows, self.cfg.protocol, self.task.metric_names)
             summary["cost"] = cost.add([r["cost"] for r in records if "cost" in r])
         return {
             **self.header,

@@ -11,7 +11,13 @@ from evolora.config import RunConfig
 from evolora.data.ids import IdSpace
 from evolora.data.loaders import load_dataset
 from evolora.data.negatives import add_sampled_negatives
-from evolora.data.samples import SampleTable, StagePools, build_samples, split_pools
+from evolora.data.samples import (
+    SampleTable,
+    StagePools,
+    build_samples,
+    hold_out_evaluation_rows,
+    split_pools,
+)
 from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages, num_stages_of
 from evolora.errors import ConfigError
@@ -61,6 +67,8 @@ def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) 
             )
         table = add_sampled_negatives(table, staged, cfg.data.negatives, cfg.data.negative_seed)
     pools = split_pools(table, cfg.protocol, cfg.train.valid_fraction)
+    if cfg.eval.stages != "next" and cfg.protocol == "next_stage":  # a stage's test pool is all of it
+        pools = hold_out_evaluation_rows(pools, cfg.eval.max_samples, cfg.eval.seed)
     for s, p in pools.items():
         log.info(
             "stage %d: %d samples (train pool %d, valid %d, test %d)",

@@ -175,6 +175,41 @@ def train_stages(protocol: str, n_stages: int) -> list[int]:
     return list(range(1, n_stages)) if protocol == "next_stage" else list(range(1, n_stages + 1))
 
 
+def evaluation_rows(
+    pools: dict[int, StagePools], stage: int, max_samples: int | None, seed: int
+) -> np.ndarray:
+    """A stage's evaluation rows: a fixed-seed draw of its test pool, the same for every strategy."""
+    return draw(pools[stage].test, max_samples, seed, stage, salt=2)
+
+
+def matrix_stages(train_stage: int, protocol: str, n_stages: int, which: str) -> list[int]:
+    """The stages whose test rows judge a model trained on `train_stage` in the stage-by-stage matrix:
+    none beyond the protocol's own (`next`), every one up to it (`seen`), or every stage (`all`)."""
+    if which == "next":
+        return []
+    last = eval_stage_of(train_stage, protocol) if which == "seen" else n_stages
+    return list(range(1, last + 1))
+
+
+def hold_out_evaluation_rows(
+    pools: dict[int, StagePools], max_samples: int | None, seed: int
+) -> dict[int, StagePools]:
+    """next_stage with a matrix (`eval.stages: seen | all`): each stage's evaluation rows leave its train and
+    valid pools, so that no matrix entry scores a row its model trained on or selected epochs with."""
+    out = {}
+    for s, p in pools.items():
+        held = evaluation_rows(pools, s, max_samples, seed)
+        train, valid = np.setdiff1d(p.train, held), np.setdiff1d(p.valid, held)
+        if len(train) == 0:
+            raise DataError(
+                f"stage {s}: eval.stages holds its {len(held)} evaluation rows out of training, which leaves "
+                f"no training rows (the stage has {len(p.test)}); set eval.max_samples to a small part of "
+                "each stage (e.g. 200)"
+            )
+        out[s] = StagePools(s, train, valid, p.test)
+    return out
+
+
 def draw(rows: np.ndarray, budget: int | None, seed: int, stage: int, salt: int) -> np.ndarray:
     """A reproducible subset without replacement, kept in time order.
 

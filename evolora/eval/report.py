@@ -22,6 +22,7 @@ import numpy as np
 
 from evolora.errors import DamagedFileError, EvoloraError
 from evolora.eval.costs import cost_table, cpu_time
+from evolora.eval.matrix_report import matrix_section, plot_matrices
 from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.io import load_npz, read_json
 
@@ -329,6 +330,7 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
             "new: first seen in this stage.\n"
         )
         out.append(kt)
+    out.extend(matrix_section(groups, metrics))
     times = ", ".join(f"{g.method} {g.train_seconds():.0f}s" for g in groups)
     out.append(f"\nTraining time per run (sum over stages, shared results counted in full): {times}.")
     costs = cost_table(groups)
@@ -350,6 +352,15 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def write_plots(groups: list[MethodRuns], metric: str, folder: Path) -> list[Path]:
+    """`<metric>.png` (the metric per stage) and, for runs with a matrix, `<metric>-matrix.png`."""
+    written = [folder / f"{metric}.png"]
+    plot_metric(groups, metric, written[0])
+    if plot_matrices(groups, metric, folder / f"{metric}-matrix.png"):
+        written.append(folder / f"{metric}-matrix.png")
+    return written
 
 
 def plot_metric(groups: list[MethodRuns], metric: str, path: Path) -> None:

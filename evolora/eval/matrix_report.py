@@ -1,0 +1,152 @@
+"""The stage-by-stage matrix in `evolora report`: a summary table per metric and a heatmap per method.
+
+Runs recorded with `eval.stages: seen | all` carry R[t][j] in each stage record (`matrix`); the summaries
+(average, BWT, forgetting, FWT, plasticity) are computed per run by `forgetting.summaries` and shown as the
+mean over seeds, ± the standard deviation across seeds where there are several.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from evolora.eval.forgetting import SUMMARIES, matrix_of, summaries
+from evolora.eval.metrics import lower_is_better
+
+
+class _Runs(Protocol):  # report.MethodRuns, without importing the report
+    method: str
+    runs: list[dict[str, Any]]
+
+
+def run_matrix(run: dict[str, Any], metric: str) -> dict[int, dict[int, float]]:
+    """R[t][j] of one run and metric ({} for a run recorded without a matrix)."""
+    rows = {s["train_stage"]: s["matrix"] for s in run["stages"] if "matrix" in s}
+    return matrix_of(rows, metric)
+
+
+def has_matrix(groups: list[Any]) -> bool:
+    return any("matrix" in s for g in groups for r in g.runs for s in r["stages"])
+
+
+SIGNED = ("bwt", "forgetting", "fwt")  # differences; average and plasticity are the metric itself
+
+
+def _cell(values: list[float | None], signed: bool) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "–"
+    mean = f"{np.mean(vals):+.4f}" if signed else f"{np.mean(vals):.4f}"
+    return mean if len(vals) == 1 else f"{mean} ± {np.std(vals):.4f} (n={len(vals)})"
+
+
+def summary_table(groups: list[_Runs], metric: str) -> str | None:
+    """Methods x summaries of one metric, over the runs (seeds) that recorded a matrix."""
+    higher = not lower_is_better(metric)
+    head = ["method", *SUMMARIES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        per_run = [summaries(m, higher) for r in g.runs if (m := run_matrix(r, metric))]
+        if per_run:
+            lines.append(
+                f"| {g.method} | "
+                + " | ".join(_cell([s[k] for s in per_run], k in SIGNED) for k in SUMMARIES)
+                + " |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+def matrix_section(groups: list[_Runs], metrics: list[str]) -> list[str]:
+    """The report's section on the matrix (nothing when no run recorded one)."""
+    if not has_matrix(groups):
+        return []
+    out = [
+        "\n### The stage-by-stage matrix: what each stage kept and gave\n\n"
+        "R[t][j]: trained through stage t, tested on stage j's fixed rows (heatmaps: "
+        f"`{metrics[0]}-matrix.png`). Definitions in `evolora/eval/forgetting.py`: average = the last "
+        "model over the stages it learned; BWT = its change on each earlier stage since that stage was "
+        "learned; forgetting = the drop from a stage's best; FWT = a stage not yet trained on, against "
+        "the stage-1 model; plasticity = each stage right after learning it, D1 left out. BWT and FWT "
+        "are signed so that > 0 is better and forgetting so that > 0 is worse, whichever way the metric "
+        "goes; average and plasticity are the metric itself. Mean over seeds (± sd where several)."
+    ]
+    for m in metrics:
+        table = summary_table(groups, m)
+        if table:
+            out.append(f"\n{m.upper()}:\n\n{table}")
+    return out
+
+
+def plot_matrices(groups: list[_Runs], metric: str, path: Path) -> bool:
+    """One heatmap per method (mean over seeds) on a common colour scale; False when no run has a matrix."""
+    means = {}
+    for g in groups:
+        cells: dict[tuple[int, int], list[float]] = {}
+        for r in g.runs:
+            for t, row in run_matrix(r, metric).items():
+                for j, v in row.items():
+                    if math.isfinite(v):
+                        cells.setdefault((t, j), []).append(v)
+        if cells:
+            means[g.method] = {k: float(np.mean(v)) for k, v in cells.items()}
+    if not means:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = sorted({t for m in means.values() for t, _ in m})
+    js = sorted({j for m in means.values() for _, j in m})
+    values = [v for m in means.values() for v in m.values()]
+    lo, hi = min(values), max(values)
+    cols = min(4, len(means))
+    rows = math.ceil(len(means) / cols)
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(2.6 * cols + 0.8, 2.3 * rows + 0.4),
+        dpi=120,
+        squeeze=False,
+        layout="constrained",
+    )
+    cmap = "viridis_r" if lower_is_better(metric) else "viridis"
+    image = None
+    for ax, (method, m) in zip(axes.flat, means.items(), strict=False):
+        grid = np.full((len(ts), len(js)), np.nan)
+        for (t, j), v in m.items():
+            grid[ts.index(t), js.index(j)] = v
+        image = ax.imshow(grid, vmin=lo, vmax=hi, cmap=cmap, aspect="auto")
+        for (a, b), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                light = (
+                    (v - lo) / (hi - lo or 1.0) > 0.6
+                    if cmap == "viridis"
+                    else (v - lo) / (hi - lo or 1.0) < 0.4
+                )
+                ax.text(
+                    b,
+                    a,
+                    f"{v:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="black" if light else "white",
+                )
+        ax.set_title(method, fontsize=8)
+        ax.set_xticks(range(len(js)), [f"D{j}" for j in js], fontsize=7)
+        ax.set_yticks(range(len(ts)), [f"t={t}" for t in ts], fontsize=7)
+    for ax in list(axes.flat)[len(means) :]:
+        ax.axis("off")
+    fig.suptitle(f"{metric.upper()}: trained through stage t (rows), tested on stage j (columns)", fontsize=9)
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return True

@@ -1,0 +1,138 @@
+"""The stage-by-stage matrix (`eval.stages`) on the tiny model; its summaries against hand-computed values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evolora.data.prepare import prepare_data
+from evolora.data.samples import evaluation_rows
+from evolora.errors import DataError
+from evolora.eval.forgetting import summaries
+from evolora.experiment import run_dir_of, run_experiment
+from tests.helpers import tiny_config
+
+LEARN = {"train.lr": 0.03, "train.schedule": "constant", "train.samples_per_stage": 48}
+
+
+def _results(cfg, method: str) -> dict:
+    return json.loads((run_dir_of(cfg, method, 0) / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def matrix_run(sunny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    cfg = tiny_config(sunny_dir, tmp_path_factory.mktemp("matrix"), **LEARN, **{"eval.stages": "all"})
+    run_experiment(cfg)
+    return cfg
+
+
+def test_matrix_shape_entries_and_reuse(matrix_run) -> None:
+    cfg = matrix_run
+    frozen, finetune = _results(cfg, "frozen"), _results(cfg, "finetune")
+    for res in (frozen, finetune):
+        assert [s["train_stage"] for s in res["stages"]] == [1, 2]
+        for s in res["stages"]:
+            assert list(s["matrix"]) == ["1", "2", "3"]  # `all`: every stage, the test-only last one too
+            assert s["matrix"][str(s["eval_stage"])] == s["metrics"]  # the ordinary next-stage evaluation
+            for j in (1, 2, 3):
+                saved = np.load(run_dir_of(cfg, res["method"], 0) / f"stage-{s['train_stage']}" / (
+                    "predictions.npz" if j == s["eval_stage"] else f"predictions-stage-{j}.npz"))  # fmt: skip
+                assert len(saved["rows"]) == 40
+    # Stage 1 is the shared job: finetune's first row is frozen's, read from the store, not predicted again.
+    assert finetune["stages"][0]["matrix"] == frozen["stages"][0]["matrix"]
+    assert finetune["stages"][0]["matrix_reused"] == 2
+    # frozen never changes its model: its second row is its first, every entry reused.
+    assert frozen["stages"][1]["matrix"] == frozen["stages"][0]["matrix"]
+    assert frozen["stages"][1]["matrix_reused"] == 2
+    # finetune trained on stage 2: its model changed, so its entries were predicted again.
+    assert finetune["stages"][1]["matrix_reused"] == 0
+    assert finetune["stages"][1]["matrix"]["1"] != frozen["stages"][1]["matrix"]["1"]
+
+    # The summaries of results.json are those of the recorded matrix.
+    for res in (frozen, finetune):
+        auc = {s["train_stage"]: {int(j): m["auc"] for j, m in s["matrix"].items()} for s in res["stages"]}
+        assert res["summary"]["matrix"]["metrics"]["auc"] == summaries(auc)
+        logloss = {
+            s["train_stage"]: {int(j): m["logloss"] for j, m in s["matrix"].items()} for s in res["stages"]
+        }
+        assert res["summary"]["matrix"]["metrics"]["logloss"] == summaries(logloss, higher_is_better=False)
+    stats = frozen["summary"]["matrix"]["metrics"]["auc"]
+    assert (
+        stats["bwt"] == 0.0 and stats["forgetting"] == 0.0 and stats["fwt"] == 0.0
+    )  # a model that never moves
+
+
+def test_test_rows_held_out_of_training_under_next_stage(matrix_run, sunny_dir: Path, tmp_path: Path) -> None:
+    cfg = matrix_run
+    pools = prepare_data(cfg).pools
+    plain = prepare_data(tiny_config(sunny_dir, tmp_path, **LEARN)).pools  # eval.stages: next
+    for s, p in pools.items():
+        held = evaluation_rows(pools, s, cfg.eval.max_samples, cfg.eval.seed)
+        assert len(held) == 40 and np.array_equal(held, evaluation_rows(plain, s, 40, cfg.eval.seed))
+        assert not np.intersect1d(held, p.train).size and not np.intersect1d(held, p.valid).size
+        assert len(p.train) + len(p.valid) + len(
+            np.intersect1d(held, np.r_[plain[s].train, plain[s].valid])
+        ) == (len(plain[s].train) + len(plain[s].valid))
+    with pytest.raises(DataError, match=r"eval\.max_samples"):
+        prepare_data(tiny_config(sunny_dir, tmp_path, **{"eval.stages": "seen", "eval.max_samples": "null"}))
+
+
+def test_diagonal_is_the_ordinary_evaluation_under_leave_last_out(sunny_dir: Path, tmp_path: Path) -> None:
+    # leave_last_out tests a model on its own stage: pools do not change, so a `seen` run's diagonal is a
+    # `next` run's metrics (a separate experiment, computed again).
+    common = {**LEARN, "protocol": "leave_last_out", "staging.n_stages": 3, "strategies": "[finetune]"}
+    seen = tiny_config(sunny_dir, tmp_path / "seen", **common, **{"eval.stages": "seen"})
+    plain = tiny_config(sunny_dir, tmp_path / "plain", **common)
+    (a,), (b,) = run_experiment(seen), run_experiment(plain)
+    assert [list(s["matrix"]) for s in a["stages"]] == [["1"], ["1", "2"], ["1", "2", "3"]]
+    for sa, sb in zip(a["stages"], b["stages"], strict=True):
+        assert sa["matrix"][str(sa["train_stage"])] == pytest.approx(sb["metrics"], abs=1e-6)
+        assert "matrix" not in sb
+    assert a["summary"]["matrix"]["metrics"]["auc"]["fwt"] is None  # `seen` has no entry of a later stage
+    assert "matrix" not in b["summary"]
+
+
+def test_summaries_by_hand() -> None:
+    r = {
+        1: {1: 0.80, 2: 0.60, 3: 0.50, 4: 0.55},
+        2: {1: 0.70, 2: 0.75, 3: 0.58, 4: 0.52},
+        3: {1: 0.65, 2: 0.72, 3: 0.78, 4: 0.60},
+    }
+    s = summaries(r)
+    assert s["average"] == pytest.approx((0.65 + 0.72 + 0.78) / 3)
+    assert s["bwt"] == pytest.approx(((0.65 - 0.80) + (0.72 - 0.75)) / 2)
+    # stage 1: best 0.80 (t=1) -> 0.65; stage 2: best 0.75 (t=2) -> 0.72
+    assert s["forgetting"] == pytest.approx(((0.80 - 0.65) + (0.75 - 0.72)) / 2)
+    # j = 3: R[2][3] - R[1][3]; j = 4: R[3][4] - R[1][4]
+    assert s["fwt"] == pytest.approx(((0.58 - 0.50) + (0.60 - 0.55)) / 2)
+    assert s["plasticity"] == pytest.approx((0.75 + 0.78) / 2)
+    # A lower-is-better metric: the same values read as losses flip every transfer's sign.
+    lo = summaries(r, higher_is_better=False)
+    assert lo["bwt"] == pytest.approx(-s["bwt"]) and lo["fwt"] == pytest.approx(-s["fwt"])
+    # as losses, stage 1 went from 0.80 and 0.70 to 0.65 (best drop -0.05), stage 2 from 0.75 to 0.72 (-0.03)
+    assert lo["forgetting"] == pytest.approx((-0.05 - 0.03) / 2)
+    # A NaN entry is left out; one stage gives no transfer.
+    assert summaries({1: {1: 0.7, 2: float("nan")}})["fwt"] is None
+    assert summaries({1: {1: 0.7}}) == {
+        "average": 0.7, "bwt": None, "forgetting": None, "fwt": None, "plasticity": None,
+    }  # fmt: skip
+
+
+def test_report_shows_summaries_and_draws_heatmaps(matrix_run, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    root = Path(matrix_run.output_dir) / matrix_run.name
+    result = CliRunner().invoke(app, ["report", str(root), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "report.md").read_text()
+    assert "stage-by-stage matrix" in text
+    finetune = _results(matrix_run, "finetune")["summary"]["matrix"]["metrics"]["auc"]
+    section = text.split("stage-by-stage matrix")[1].split("LOGLOSS:")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| finetune |"))
+    assert f"{finetune['bwt']:+.4f}" in row and f"| {finetune['plasticity']:.4f} |" in row
+    assert (tmp_path / "auc-matrix.png").stat().st_size > 10_000
