@@ -134,5 +134,28 @@ def test_report_shows_summaries_and_draws_heatmaps(matrix_run, tmp_path: Path) -
     finetune = _results(matrix_run, "finetune")["summary"]["matrix"]["metrics"]["auc"]
     section = text.split("stage-by-stage matrix")[1].split("LOGLOSS:")[0]
     row = next(line for line in section.splitlines() if line.startswith("| finetune |"))
-    assert f"{finetune['bwt']:+.4f}" in row and f"| {finetune['plasticity']:.4f} |" in row
+    assert f"| {finetune['bwt']:+.4f} [" in row and f"| {finetune['plasticity']:.4f} [" in row
+    # Intervals over row resamples: a model that never changes keeps exactly its own entries in every draw.
+    frozen_row = next(line for line in section.splitlines() if line.startswith("| frozen |"))
+    assert "| +0.0000 [+0.0000, +0.0000] | +0.0000 [+0.0000, +0.0000] |" in frozen_row
+    lo, hi = map(float, row.split("|")[3].split("[")[1].rstrip("] ").split(","))  # finetune's BWT
+    assert lo < hi
     assert (tmp_path / "auc-matrix.png").stat().st_size > 10_000
+
+
+def test_fourteen_methods_get_distinct_lines(tmp_path: Path) -> None:
+    from evolora.eval.report import MethodRuns, line_style, plot_metric
+
+    styles = [line_style(i) for i in range(40)]
+    assert len(set(styles)) == 40 and len({s[:2] for s in styles}) == 40  # colour + dash alone differ
+    groups = [
+        MethodRuns(
+            f"m{i}",
+            "d",
+            "ctr",
+            [{"stages": [{"eval_stage": t, "metrics": {"auc": 0.5 + i / 100}} for t in (2, 3)]}],
+        )
+        for i in range(14)
+    ]
+    plot_metric(groups, "auc", tmp_path / "auc.png")
+    assert (tmp_path / "auc.png").stat().st_size > 10_000

@@ -2,7 +2,10 @@
 
 Runs recorded with `eval.stages: seen | all` carry R[t][j] in each stage record (`matrix`); the summaries
 (average, BWT, forgetting, FWT, plasticity) are computed per run by `forgetting.summaries` and shown as the
-mean over seeds, ± the standard deviation across seeds where there are several.
+mean over seeds, ± the standard deviation across seeds where there are several, with a 95% bootstrap
+interval over the evaluated rows: each draw resamples the rows of every stage j once and scores every entry
+of column j (every t, every method, every seed) on that resample, so entries and methods stay paired, and
+recomputes the summaries (the seeds' mean). Rows, not training noise: seeds measure that.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from evolora.eval.forgetting import SUMMARIES, matrix_of, summaries
-from evolora.eval.metrics import lower_is_better
+from evolora.eval.metrics import lower_is_better, metric_set
+from evolora.io import load_npz
 
 
 class _Runs(Protocol):  # report.MethodRuns, without importing the report
     method: str
+    task: str
     runs: list[dict[str, Any]]
 
 
@@ -35,27 +40,79 @@ def has_matrix(groups: list[Any]) -> bool:
 SIGNED = ("bwt", "forgetting", "fwt")  # differences; average and plasticity are the metric itself
 
 
-def _cell(values: list[float | None], signed: bool) -> str:
+def _cell(values: list[float | None], signed: bool, interval: tuple[float, float] | None) -> str:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return "–"
-    mean = f"{np.mean(vals):+.4f}" if signed else f"{np.mean(vals):.4f}"
-    return mean if len(vals) == 1 else f"{mean} ± {np.std(vals):.4f} (n={len(vals)})"
+    fmt = "{:+.4f}" if signed else "{:.4f}"
+    out = fmt.format(np.mean(vals))
+    if len(vals) > 1:
+        out += f" ± {np.std(vals):.4f} (n={len(vals)})"
+    if interval is not None and all(math.isfinite(x) for x in interval):
+        out += " [" + ", ".join(fmt.format(x) for x in interval) + "]"
+    return out
 
 
-def summary_table(groups: list[_Runs], metric: str) -> str | None:
+def _entry_arrays(run: dict[str, Any]) -> dict[int, dict[int, dict[str, np.ndarray]]] | None:
+    """The stored predictions behind each matrix entry of a run ({t: {j: arrays}}), or None."""
+    if "_path" not in run:
+        return None
+    folder = Path(run["_path"]).parent
+    out: dict[int, dict[int, dict[str, np.ndarray]]] = {}
+    for s in run["stages"]:
+        t = s["train_stage"]
+        for j in map(int, s.get("matrix", {})):
+            name = "predictions.npz" if j == s["eval_stage"] else f"predictions-stage-{j}.npz"
+            f = folder / f"stage-{t}" / name
+            if not f.is_file():
+                return None
+            out.setdefault(t, {})[j] = load_npz(f, "Delete it and rerun the experiment to evaluate again.")
+    return out or None
+
+
+def bootstrap_intervals(
+    groups: list[_Runs], metric: str, draws: int = 1000, seed: int = 0
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per method, a 95% interval of each summary over row resamples (module docstring)."""
+    higher = not lower_is_better(metric)
+    runs = {g.method: [a for r in g.runs if (a := _entry_arrays(r))] for g in groups}
+    runs = {k: v for k, v in runs.items() if v}
+    if not runs:
+        return {}
+    on_arrays = metric_set(next(g.task for g in groups if g.method in runs)).on_arrays
+    sizes = {j: len(row[j]["rows"]) for v in runs.values() for a in v for row in a.values() for j in row}
+    rng = np.random.default_rng(seed)
+    values: dict[str, dict[str, list[float]]] = {m: {k: [] for k in SUMMARIES} for m in runs}
+    for _ in range(draws):
+        idx = {j: rng.integers(0, n, n) for j, n in sorted(sizes.items())}
+        for method, arrays in runs.items():
+            per_seed = [
+                summaries({t: {j: on_arrays(a[t][j], idx[j], metric) for j in a[t]} for t in a}, higher)
+                for a in arrays
+            ]
+            for k in SUMMARIES:
+                vals = [x[k] for x in per_seed if x[k] is not None]
+                values[method][k].append(float(np.nanmean(vals)) if vals else float("nan"))
+    return {
+        m: {k: tuple(np.nanpercentile(v, [2.5, 97.5])) for k, v in ks.items() if np.isfinite(v).any()}
+        for m, ks in values.items()
+    }
+
+
+def summary_table(groups: list[_Runs], metric: str, draws: int = 1000) -> str | None:
     """Methods x summaries of one metric, over the runs (seeds) that recorded a matrix."""
     higher = not lower_is_better(metric)
+    intervals = bootstrap_intervals(groups, metric, draws) if draws else {}
     head = ["method", *SUMMARIES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         per_run = [summaries(m, higher) for r in g.runs if (m := run_matrix(r, metric))]
         if per_run:
-            lines.append(
-                f"| {g.method} | "
-                + " | ".join(_cell([s[k] for s in per_run], k in SIGNED) for k in SUMMARIES)
-                + " |"
-            )
+            cells = [
+                _cell([s[k] for s in per_run], k in SIGNED, intervals.get(g.method, {}).get(k))
+                for k in SUMMARIES
+            ]
+            lines.append(f"| {g.method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else None
 
 
@@ -71,7 +128,9 @@ def matrix_section(groups: list[_Runs], metrics: list[str]) -> list[str]:
         "learned; forgetting = the drop from a stage's best; FWT = a stage not yet trained on, against "
         "the stage-1 model; plasticity = each stage right after learning it, D1 left out. BWT and FWT "
         "are signed so that > 0 is better and forgetting so that > 0 is worse, whichever way the metric "
-        "goes; average and plasticity are the metric itself. Mean over seeds (± sd where several)."
+        "goes; average and plasticity are the metric itself. Mean over seeds (± sd where several) and, "
+        "in brackets, a 95% interval over 1000 resamples of the evaluated rows, the same resamples for "
+        "every method (`evolora/eval/matrix_report.py`)."
     ]
     for m in metrics:
         table = summary_table(groups, m)

@@ -363,30 +363,41 @@ def write_plots(groups: list[MethodRuns], metric: str, folder: Path) -> list[Pat
     return written
 
 
+def line_style(i: int, n_colours: int = 10) -> tuple[int, str, str]:
+    """The i-th method's (colour index, line style, marker): past `n_colours` methods colours repeat, so the
+    line style changes with each round of them and the marker with each method."""
+    round_ = i // n_colours
+    return i % n_colours, ("-", "--", ":", "-.")[round_ % 4], ("o", "s", "^", "D", "v", "P")[(i + round_) % 6]
+
+
 def plot_metric(groups: list[MethodRuns], metric: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for g in groups:
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120)
+    colours = plt.get_cmap("tab10").colors
+    for i, g in enumerate(groups):
         vals = g.stage_values(metric)
         stages = sorted(vals)
         means = [np.mean(vals[s]) for s in stages]
-        ax.plot(stages, means, marker="o", label=g.method)
+        c, style, marker = line_style(i, len(colours))
+        colour = colours[c]
+        ax.plot(stages, means, marker=marker, linestyle=style, color=colour, label=g.method)
         if any(len(vals[s]) > 1 for s in stages):
             sd = [np.std(vals[s]) for s in stages]
-            ax.fill_between(stages, np.subtract(means, sd), np.add(means, sd), alpha=0.15)
+            ax.fill_between(stages, np.subtract(means, sd), np.add(means, sd), color=colour, alpha=0.12)
     ax.set_xlabel("evaluated stage")
     ax.set_ylabel(metric.upper())
     ax.set_xticks(sorted({s for g in groups for s in g.stage_values(metric)}))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # Many methods: the legend goes beside the axes, in two columns past 12.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if len(groups) > 12 else 1)
     ax.set_title(f"{metric.upper()} per stage")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, bbox_inches="tight")
     plt.close(fig)
     tmp.replace(path)
