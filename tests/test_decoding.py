@@ -105,6 +105,28 @@ def test_beam_search_scores_given_targets_on_its_cache(setup) -> None:
         np.testing.assert_allclose(ranked.target_logp, expected, atol=1e-4)
 
 
+def test_renormalised_target_logp_is_a_distribution_over_the_items(setup) -> None:
+    """Each step renormalised over the trie's continuations: the items' probabilities sum to one, each at
+    least its whole-vocabulary probability; the renormalised log-probability of an item is the sum of its
+    steps' log-softmax over the allowed tokens, computed here from a teacher-forced pass."""
+    lm, trie, seqs, prompts = setup
+    for p in prompts:
+        ranked = beam_search(lm, [p] * len(seqs), trie, beams=4, targets=seqs)
+        assert np.exp(ranked.target_logp_valid).sum() == pytest.approx(1.0, abs=1e-5)
+        assert (ranked.target_logp_valid >= ranked.target_logp - 1e-6).all()
+        assert np.exp(ranked.target_logp).sum() < 1.0  # mass on tokens that continue no item
+    # By hand for one item: the log-probability of each step among that step's valid tokens.
+    item = seqs[11]
+    steps = []
+    for k in range(len(item)):
+        allowed = trie.children(tuple(item[:k]))
+        cont = [[*item[:k], t] for t in allowed]
+        logps = sequence_logprob(lm, [prompts[0]] * len(cont), cont)
+        steps.append(logps[allowed.index(item[k])] - np.logaddexp.reduce(logps))
+    ranked = beam_search(lm, prompts[:1], trie, beams=4, targets=[item])
+    assert ranked.target_logp_valid[0] == pytest.approx(sum(steps), abs=1e-4)
+
+
 def test_levelwise_constraint_may_produce_non_items(setup) -> None:
     lm, trie, _, prompts = setup
     ranked = beam_search(lm, prompts, trie, beams=27, levelwise=True)

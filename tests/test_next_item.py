@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,8 +42,9 @@ def test_peso_blocks_with_shipped_ids(peso_dir: Path, tmp_path: Path) -> None:
         3,
     ]  # leave-last-out: each stage tests itself
     for s in finetune["stages"]:
-        assert set(s["metrics"]) == {"hit@5", "hit@10", "ndcg@5", "ndcg@10", "nll"}
-        assert s["metrics"]["nll"] > 0
+        assert set(s["metrics"]) == {"hit@5", "hit@10", "ndcg@5", "ndcg@10", "nll", "nll_valid", "log_items"}
+        assert s["metrics"]["nll"] > s["metrics"]["nll_valid"] > 0
+        assert s["metrics"]["log_items"] == pytest.approx(np.log(30))  # 30 items in the cycle data
         assert 0 <= s["metrics"]["ndcg@10"] <= s["metrics"]["hit@10"] <= 1
         assert s["metrics"]["hit@5"] <= s["metrics"]["hit@10"]
     ids = list((Path(cfg.output_dir) / "_shared" / "semantic_ids").glob("*.json"))
@@ -50,7 +52,6 @@ def test_peso_blocks_with_shipped_ids(peso_dir: Path, tmp_path: Path) -> None:
     index = json.loads(ids[0].read_text())
     assert index["7"] == ["<a_1>", "<b_1>", "<c_0>"]  # the shipped ID plus the uniqueness level
     preds = run_dir_of(cfg, "finetune", 0) / "stage-2" / "predictions.npz"
-    import numpy as np
 
     with np.load(preds) as z:
         assert z["items"].shape == (z["rows"].shape[0], 10) and (z["items"] >= 0).all()
@@ -62,6 +63,7 @@ def test_peso_blocks_with_shipped_ids(peso_dir: Path, tmp_path: Path) -> None:
         np.testing.assert_allclose(z["target_logp"][q], z["scores"][q, b], atol=1e-4)
         record = json.loads((preds.parent / "record.json").read_text())
         assert record["metrics"]["nll"] == pytest.approx(-z["target_logp"].mean())
+        assert record["metrics"]["nll_valid"] == pytest.approx(-z["target_logp_valid"].mean())
     from evolora.eval.report import build_report
 
     text, _ = build_report([Path(cfg.output_dir)])

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from evolora.eval.forgetting import SUMMARIES, matrix_of, summaries
-from evolora.eval.metrics import lower_is_better, metric_set
+from evolora.eval.metrics import is_reference, lower_is_better, metric_set
 from evolora.io import load_npz
 
 
@@ -132,7 +132,7 @@ def matrix_section(groups: list[_Runs], metrics: list[str]) -> list[str]:
         "in brackets, a 95% interval over 1000 resamples of the evaluated rows, the same resamples for "
         "every method (`evolora/eval/matrix_report.py`)."
     ]
-    for m in metrics:
+    for m in (m for m in metrics if not is_reference(m)):
         table = summary_table(groups, m)
         if table:
             out.append(f"\n{m.upper()}:\n\n{table}")

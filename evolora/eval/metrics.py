@@ -1,7 +1,11 @@
 """Every metric evolora reports, and each task's set of them.
 
 * CTR: AUC and LogLoss of P(like) against 0/1 labels.
-* Next-item: Hit@K and NDCG@K of a ranked list against the one true item, and `nll` = -log p(true item).
+* Next-item: Hit@K and NDCG@K of a ranked list against the one true item, `nll` = -log p(true item) over
+  the whole vocabulary (teacher forced: mass on token paths that are no item counts against it),
+  `nll_valid` = the same with each step renormalised over the trie's valid continuations (the model's
+  distribution over items), and `log_items` = log |items|, the `nll_valid` of a uniform guess over a
+  balanced trie (a reference, not a model's figure).
 
 A `MetricSet` says which metrics a task records, which one selects epochs and ensemble weights, which are
 better lower, and how to compute each from the arrays a run stores with its predictions (`predictions.npz`:
@@ -100,13 +104,16 @@ ArrayMetric = Callable[[dict[str, np.ndarray], Any, str], float]
 class MetricSet:
     """What a task measures. `names`: every metric it records; `primary`: the one that picks epochs and
     ensemble weights (higher is better); `lower_is_better`; `shown`: the columns of `evolora run`'s table;
-    `on_arrays(arrays, index, name)`: one metric from stored predictions (reports, bootstraps)."""
+    `on_arrays(arrays, index, name)`: one metric from stored predictions (reports, bootstraps); `references`:
+    figures of the evaluation set rather than of the model (a uniform guess), shown beside the metrics but
+    never compared or summarised."""
 
     names: tuple[str, ...]
     primary: str
     lower_is_better: frozenset[str]
     shown: tuple[str, ...]
     on_arrays: ArrayMetric
+    references: frozenset[str] = frozenset()
 
 
 def _ctr_on_arrays(arrays: dict[str, np.ndarray], index: Any, name: str) -> float:
@@ -115,19 +122,22 @@ def _ctr_on_arrays(arrays: dict[str, np.ndarray], index: Any, name: str) -> floa
 
 
 def _ranking_on_arrays(arrays: dict[str, np.ndarray], index: Any, name: str) -> float:
-    if name == "nll":
-        return float(-np.mean(arrays["target_logp"][index]))
+    if name in ("nll", "nll_valid"):
+        return float(-np.mean(arrays[{"nll": "target_logp", "nll_valid": "target_logp_valid"}[name]][index]))
+    if name == "log_items":
+        return float(arrays["log_items"])
     k = int(name.split("@")[1])
     return ranking_metrics(arrays["items"][index], arrays["truth"][index], ks=(k,))[name]
 
 
 CTR_METRICS = MetricSet(("auc", "logloss"), "auc", frozenset({"logloss"}), ("auc", "logloss"), _ctr_on_arrays)
 RANKING_METRICS = MetricSet(
-    ("hit@5", "hit@10", "ndcg@5", "ndcg@10", "nll"),
+    ("hit@5", "hit@10", "ndcg@5", "ndcg@10", "nll", "nll_valid", "log_items"),
     "ndcg@10",
-    frozenset({"nll"}),
-    ("hit@10", "ndcg@10", "nll"),
+    frozenset({"nll", "nll_valid", "log_items"}),
+    ("hit@10", "ndcg@10", "nll", "nll_valid"),
     _ranking_on_arrays,
+    frozenset({"log_items"}),
 )
 
 #: task name -> its metrics (filled by `evolora.tasks.registry.register_task`; the built-ins are here so
@@ -141,6 +151,11 @@ def metric_set(task: str) -> MetricSet:
             f"no metrics registered for task {task!r} (known: {', '.join(sorted(METRIC_SETS))})"
         )
     return METRIC_SETS[task]
+
+
+def is_reference(metric: str) -> bool:
+    """Whether `metric` describes the evaluation set (compared and summarised by no report)."""
+    return any(metric in m.references for m in METRIC_SETS.values())
 
 
 def lower_is_better(metric: str) -> bool:

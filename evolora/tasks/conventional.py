@@ -152,7 +152,7 @@ class ConventionalCtrTask(_ConventionalTask):
 class ConventionalNextItemTask(_ConventionalTask):
     name = "next_item"
     # A full ranking of known items, without the true item's likelihood (no `nll`).
-    metric_set = replace(RANKING_METRICS, names=RANKING_METRICS.names[:-1], shown=("hit@10", "ndcg@10"))
+    metric_set = replace(RANKING_METRICS, names=RANKING_METRICS.names[:4], shown=("hit@10", "ndcg@10"))
     default_select_by = "metric"  # a full ranking of a validation pool takes well under a second
 
     def __init__(self, cfg: NextItemTaskConfig, table: SampleTable, space: IdSpace, max_len: int) -> None:

@@ -64,13 +64,16 @@ class Ranked:
     scores: np.ndarray  # [n, k] float, -inf where fewer than k items were found
     # log p(true next item | prompt) per query, when the ranker scored it (the `nll` metric)
     target_logp: np.ndarray | None = None
+    # the same with each step's distribution renormalised over the trie's valid continuations (`nll_valid`)
+    target_logp_valid: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, sel: np.ndarray | slice) -> Ranked:
         t = None if self.target_logp is None else self.target_logp[sel]
-        return Ranked(self.items[sel], self.scores[sel], t)
+        v = None if self.target_logp_valid is None else self.target_logp_valid[sel]
+        return Ranked(self.items[sel], self.scores[sel], t, v)
 
 
 def union_candidates(predictions: list[Ranked]) -> list[list[int]]:
@@ -99,10 +102,13 @@ def mix_rankings(predictions: list[Ranked], weights: list[float], k: int) -> Ran
     )
     total = np.where(first.items >= 0, total, -np.inf)
     order = np.argsort(-total, axis=1, kind="stable")[:, :k]
-    target = None
+    target = valid = None
     if all(p.target_logp is not None for p in predictions):
         target = sum(w * p.target_logp for w, p in zip(weights, predictions, strict=True))
-    return Ranked(np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1), target)
+    if all(p.target_logp_valid is not None for p in predictions):
+        valid = sum(w * p.target_logp_valid for w, p in zip(weights, predictions, strict=True))
+    top_items, top_scores = np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1)
+    return Ranked(top_items, top_scores, target, valid)
 
 
 @torch.no_grad()
@@ -142,9 +148,11 @@ def beam_search(
         logits = lm.logits_from_hidden(out.last_hidden_state[:, -1])
     cache = cache_of(out)
     logp = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
-    target_logp = None
+    target_logp = target_valid = None
     if targets is not None:
-        target_logp = _teacher_forced(lm, decoder, cache, mask, positions[:, -1:] + 1, logp, targets)
+        target_logp, target_valid = _teacher_forced(
+            lm, decoder, cache, mask, positions[:, -1:] + 1, logp, targets, trie
+        )
 
     # Expand to beams: beam 0 carries the prompt, the others start dead so step 1 picks distinct tokens.
     vocab = logp.shape[-1]
@@ -209,7 +217,7 @@ def beam_search(
         for b in range(beams):
             if final[q, b] > -np.inf:
                 items[q, b] = trie.item(seqs[q][b])
-    return Ranked(items, final, target_logp)
+    return Ranked(items, final, target_logp, target_valid)
 
 
 def _teacher_forced(
@@ -220,12 +228,17 @@ def _teacher_forced(
     next_pos: torch.Tensor,
     first_logp: torch.Tensor,
     targets: list[list[int]],
-) -> np.ndarray:
-    """log p(target | prompt) for each prompt, continuing its KV cache; the cache is cropped back after."""
+    trie: ItemTrie,
+) -> tuple[np.ndarray, np.ndarray]:
+    """log p(target | prompt) for each prompt, continuing its KV cache (the cache is cropped back after):
+    over the whole vocabulary, and with each step renormalised over the trie's continuations of the
+    target's prefix (the model's distribution over items when decoding is constrained; exclusions left
+    aside)."""
     device = first_logp.device
     tokens, valid_ids = pad_token_lists(targets, 0, device=device)
     valid, depth = valid_ids.bool(), tokens.shape[1]
     total = first_logp.gather(1, tokens[:, :1])[:, 0] * valid[:, 0]
+    steps = [first_logp]  # [n, V] per step
     if depth > 1:
         # Padding after a shorter target sits behind its real tokens, so causal attention never reads it.
         with lm.autocast():
@@ -238,10 +251,18 @@ def _teacher_forced(
                 use_cache=True,
             )
             logits = lm.logits_from_hidden(out.last_hidden_state)  # [n, depth - 1, V]
-        rest = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+        rest_all = torch.log_softmax(logits.float(), dim=-1)
+        rest = rest_all.gather(-1, tokens[:, 1:, None])[..., 0]
         total = total + (rest * valid[:, 1:]).sum(dim=1)
+        steps += list(rest_all.unbind(1))
         cache.crop(-(depth - 1))  # negative: tokens to drop (the meaning every transformers version shares)
-    return total.cpu().numpy().astype(np.float64)
+    renormalised = np.zeros(len(targets))
+    for q, target in enumerate(targets):
+        for k, token in enumerate(target):
+            allowed = trie.children(tuple(target[:k]))
+            row = steps[k][q]
+            renormalised[q] += float(row[token] - torch.logsumexp(row[allowed], dim=0))
+    return total.cpu().numpy().astype(np.float64), renormalised
 
 
 @torch.no_grad()

@@ -151,7 +151,7 @@ class NextItemTask(Task):
         rows = np.asarray(rows, dtype=np.int64)
         items = np.full((len(rows), self.cfg.beams), -1, dtype=np.int64)
         scores = np.full((len(rows), self.cfg.beams), -np.inf)
-        target_logp = np.empty(len(rows))
+        target_logp, target_valid = np.empty(len(rows)), np.empty(len(rows))
         was_training = lm.model.training
         lm.model.eval()
         with progress_task(desc, total=len(rows)) as bar:
@@ -174,9 +174,10 @@ class NextItemTask(Task):
                 items[start : start + len(batch)] = ranked.items
                 scores[start : start + len(batch)] = ranked.scores
                 target_logp[start : start + len(batch)] = ranked.target_logp
+                target_valid[start : start + len(batch)] = ranked.target_logp_valid
                 bar.advance(len(batch))
         lm.model.train(was_training)
-        return Ranked(items, scores, target_logp)
+        return Ranked(items, scores, target_logp, target_valid)
 
     def _target_seqs(self, rows: np.ndarray) -> list[list[int]]:
         """The true next items' ID tokens. Their log-probability under the model gives `nll`: Hit@K is zero
@@ -190,6 +191,9 @@ class NextItemTask(Task):
         if predictions.target_logp is not None:
             # nats per item; lower is better
             out["nll"] = float(-np.mean(predictions.target_logp)) if len(rows) else float("nan")
+        if predictions.target_logp_valid is not None:
+            out["nll_valid"] = float(-np.mean(predictions.target_logp_valid)) if len(rows) else float("nan")
+            out["log_items"] = float(np.log(len(self.trie.items)))  # a uniform guess among the items
         return out
 
     # ------------------------------------------------------------------ ensembles
@@ -228,11 +232,15 @@ class NextItemTask(Task):
         out = {"items": predictions.items, "scores": predictions.scores}
         if predictions.target_logp is not None:
             out["target_logp"] = predictions.target_logp
+        if predictions.target_logp_valid is not None:
+            out["target_logp_valid"] = predictions.target_logp_valid
+            out["log_items"] = np.array(np.log(len(self.trie.items)))
         return out
 
     def load_predictions(self, arrays: Any) -> Ranked:
-        target = arrays.get("target_logp")
-        return Ranked(arrays["items"], arrays["scores"], target)
+        return Ranked(
+            arrays["items"], arrays["scores"], arrays.get("target_logp"), arrays.get("target_logp_valid")
+        )
 
 
 def build_next_item(
