@@ -167,13 +167,17 @@ class StagingConfig(Section):
     * `global`: one chronological split by `ratios` (RecLoRA's 8:1:1); `n_stages` is `len(ratios)`.
     * `preset`: the stages a pre-blocked dataset comes with (`data.format: peso`); `n_stages`, if set, must
       match them. The count comes from the data: use `evolora.data.num_stages_of` on the staged table.
+    * `single`: one stage holding every interaction (the last `last_n`, if set): with `protocol:
+      leave_last_out` the usual leave-one-out split by time (each user's last interaction the test, the one
+      before it validation, the rest training: RecBole's `split: {LS: valid_and_test}, order: TO`), for
+      holding models against figures published on that split. Not continual: one model, one evaluation.
     * `auto` (default): `preset` for a dataset that comes in stages, else `lsat` (a run records which).
 
     Interactions with the same timestamp always fall in the same stage, so training data never shares a
     timestamp with the data it is evaluated on.
     """
 
-    scheme: Literal["auto", "lsat", "peso", "global", "preset"] = "auto"
+    scheme: Literal["auto", "lsat", "peso", "global", "preset", "single"] = "auto"
     n_stages: int | None = Field(
         None, ge=2, description="default: 4 (lsat), 5 (peso), len(ratios) (global), the data's own (preset)"
     )
@@ -184,6 +188,8 @@ class StagingConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> StagingConfig:
+        if self.scheme == "single" and self.n_stages is not None:
+            raise ValueError("staging.scheme=single makes one stage: drop staging.n_stages")
         if self.scheme == "global":
             if len(self.ratios) < 2 or any(r <= 0 for r in self.ratios):
                 raise ValueError("staging.ratios needs at least two positive numbers")
@@ -198,6 +204,8 @@ class StagingConfig(Section):
     def num_stages(self) -> int:
         if self.scheme == "global":
             return len(self.ratios)
+        if self.scheme == "single":
+            return 1
         if self.n_stages is not None:
             return self.n_stages
         if self.scheme in ("preset", "auto"):
@@ -623,6 +631,11 @@ class RunConfig(Section):
             raise ValueError(f"strategies: labels must be unique, repeated: {sorted(dup)} (set `label`)")
         if not self.seeds:
             raise ValueError("seeds: give at least one")
+        if self.staging.scheme == "single" and self.protocol == "next_stage":
+            raise ValueError(
+                "staging.scheme=single has one stage and next_stage tests on the stage after it: set "
+                "protocol: leave_last_out (each user's last interaction is the test)"
+            )
         return self
 
 

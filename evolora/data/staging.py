@@ -147,10 +147,10 @@ def assign_stages(df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | Non
         return stage_preset(df, preset, cfg.n_stages)
     if preset is not None:
         log.info("staging %s: the dataset's own stages are ignored; staging by timestamp", cfg.scheme)
-    if cfg.scheme == "lsat":
+    if cfg.scheme in ("lsat", "single"):  # single: one LSAT period
         return stage_lsat(df, cfg.num_stages, cfg.last_n, cfg.by)
     if cfg.last_n is not None:
-        log.warning("staging.last_n only applies to the lsat scheme; ignored for %s", cfg.scheme)
+        log.warning("staging.last_n only applies to the lsat and single schemes; ignored for %s", cfg.scheme)
     if cfg.scheme == "peso":
         return stage_peso(df, cfg.num_stages, cfg.base_fraction)
     return stage_global(df, cfg.ratios)
