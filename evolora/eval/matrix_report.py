@@ -5,7 +5,8 @@ Runs recorded with `eval.stages: seen | all` carry R[t][j] in each stage record 
 mean over seeds, ± the standard deviation across seeds where there are several, with a 95% bootstrap
 interval over the evaluated rows: each draw resamples the rows of every stage j once and scores every entry
 of column j (every t, every method, every seed) on that resample, so entries and methods stay paired, and
-recomputes the summaries (the seeds' mean). Rows, not training noise: seeds measure that.
+recomputes the summaries (the seeds' mean); with several seeds each draw also resamples the seeds, so the
+interval covers training noise as well.
 """
 
 from __future__ import annotations
@@ -86,9 +87,10 @@ def bootstrap_intervals(
     for _ in range(draws):
         idx = {j: rng.integers(0, n, n) for j, n in sorted(sizes.items())}
         for method, arrays in runs.items():
+            chosen = rng.integers(0, len(arrays), len(arrays)) if len(arrays) > 1 else [0]
             per_seed = [
                 summaries({t: {j: on_arrays(a[t][j], idx[j], metric) for j in a[t]} for t in a}, higher)
-                for a in arrays
+                for a in (arrays[i] for i in chosen)
             ]
             for k in SUMMARIES:
                 vals = [x[k] for x in per_seed if x[k] is not None]
@@ -129,8 +131,8 @@ def matrix_section(groups: list[_Runs], metrics: list[str]) -> list[str]:
         "the stage-1 model; plasticity = each stage right after learning it, D1 left out. BWT and FWT "
         "are signed so that > 0 is better and forgetting so that > 0 is worse, whichever way the metric "
         "goes; average and plasticity are the metric itself. Mean over seeds (± sd where several) and, "
-        "in brackets, a 95% interval over 1000 resamples of the evaluated rows, the same resamples for "
-        "every method (`evolora/eval/matrix_report.py`)."
+        "in brackets, a 95% interval over 1000 resamples of the evaluated rows (the same for every "
+        "method) and, with several seeds, of the seeds (`evolora/eval/matrix_report.py`)."
     ]
     for m in (m for m in metrics if not is_reference(m)):
         table = summary_table(groups, m)

@@ -219,10 +219,14 @@ def paired_bootstrap(
     seed: int = 0,
     skip: int | None = None,
 ) -> str | None:
-    """Mean-over-stages (but `skip`) difference to the baseline with a 95% interval, resampling rows.
+    """Mean-over-stages (but `skip`) difference to the baseline with a 95% interval, resampling rows and
+    seeds.
 
     Every strategy is scored on the same rows, so rows are resampled jointly (paired) within each stage and
-    seed; seeds present in both runs are averaged. P(better) is the share of draws where the method wins.
+    seed; the seeds present in both runs are averaged, and with several of them each draw also resamples
+    the seeds (a two-level bootstrap: the interval covers training noise as well as which rows were
+    evaluated). P(better) is the share of draws where the method wins; `decided` says whether the interval
+    excludes zero.
     """
     base = next((g for g in groups if g.method == baseline), None)
     if base is None:
@@ -235,8 +239,8 @@ def paired_bootstrap(
     sign = -1.0 if lower_is_better(metric) else 1.0
     base_runs = {r["seed"]: _load_stage_arrays(r) for r in base.runs}
     lines = [
-        f"| method | Δ{metric.upper()} vs {baseline} | 95% interval | P(better) |",
-        "|---|---|---|---|",
+        f"| method | Δ{metric.upper()} vs {baseline} | 95% interval | P(better) | decided |",
+        "|---|---|---|---|---|",
     ]
     rng = np.random.default_rng(seed)
     for g in groups:
@@ -256,7 +260,7 @@ def paired_bootstrap(
             ):
                 pairs.append((mine, theirs, stages))
         if not pairs:
-            lines.append(f"| {g.method} | – | (no paired predictions) | – |")
+            lines.append(f"| {g.method} | – | (no paired predictions) | – | – |")
             continue
         diffs = np.empty(draws)
         point = np.mean([
@@ -264,7 +268,8 @@ def paired_bootstrap(
         ])  # fmt: skip
         for d in range(draws):
             per_seed = []
-            for m, b, st in pairs:
+            chosen = rng.integers(0, len(pairs), len(pairs)) if len(pairs) > 1 else [0]
+            for m, b, st in (pairs[i] for i in chosen):
                 vals = []
                 for s in st:
                     idx = rng.integers(0, len(m[s]["rows"]), len(m[s]["rows"]))
@@ -273,7 +278,8 @@ def paired_bootstrap(
             diffs[d] = np.mean(per_seed)
         lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
         better = float(np.mean(sign * diffs > 0))
-        lines.append(f"| {g.method} | {point:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {better:.2f} |")
+        decided = "yes" if lo > 0 or hi < 0 else "no"
+        lines.append(f"| {g.method} | {point:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {better:.2f} | {decided} |")
     return "\n".join(lines)
 
 
@@ -317,8 +323,8 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
         out.append(f"\n### Paired bootstrap: {metrics[0].upper()} difference to {BASELINE} (1000 draws)\n")
         out.append(
             "All methods are scored on the same evaluation rows; rows are resampled jointly within each "
-            "stage, so the interval reflects which users happened to be evaluated, not training noise "
-            "(seeds do that).\n"
+            "stage, so the interval reflects which users happened to be evaluated, and with several seeds "
+            "the seeds are resampled too (training noise). `decided`: the 95% interval excludes 0.\n"
         )
         out.append(boot)
     kt = kind_table(groups, metrics[0], skip)

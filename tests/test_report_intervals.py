@@ -1,0 +1,41 @@
+"""The report's paired bootstrap on stored predictions: rows and seeds resampled, `decided` when 0 is out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from evolora.eval.report import group_runs, paired_bootstrap
+from evolora.io import save_npz
+
+
+def _run(folder: Path, method: str, seed: int, scores: dict[int, np.ndarray], truth: np.ndarray) -> dict:
+    stages = []
+    for t, s in scores.items():
+        (folder / f"stage-{t}").mkdir(parents=True)
+        rows = np.arange(len(truth))
+        save_npz(folder / f"stage-{t}" / "predictions.npz", {"scores": s, "rows": rows, "truth": truth})
+        stages.append({"train_stage": t, "eval_stage": t + 1, "metrics": {"auc": 0.5}})
+    return {"method": method, "dataset": "d", "task": "ctr", "seed": seed, "stages": stages,
+            "_path": str(folder / "results.json")}  # fmt: skip
+
+
+def test_decided_only_when_the_interval_leaves_zero_out(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, 120).astype(float)
+    results = []
+    for seed in range(3):
+        noise = {t: rng.random(120) for t in (1, 2)}
+        base = {t: 0.2 * truth + noise[t] for t in (1, 2)}  # a weak model
+        strong = {t: truth + 0.3 * rng.random(120) for t in (1, 2)}  # nearly separates the classes
+        for method, scores in (("finetune", base), ("same", base), ("strong", strong)):
+            results.append(_run(tmp_path / method / f"seed{seed}", method, seed, scores, truth))
+    table = paired_bootstrap(group_runs(results), "auc", draws=300)
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"same", "strong"}
+    # Identical predictions: every draw's difference is 0, so nothing is decided.
+    assert "| +0.0000 | [+0.0000, +0.0000] | 0.00 | no |" in rows["same"]
+    cells = [c.strip() for c in rows["strong"].split("|")]
+    lo, hi = (float(x) for x in cells[3].strip("[]").split(","))
+    assert 0 < lo <= float(cells[2]) <= hi and cells[4] == "1.00" and cells[5] == "yes"
