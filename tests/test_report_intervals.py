@@ -1,4 +1,5 @@
-"""The report's paired bootstrap on stored predictions: rows and seeds resampled, `decided` when 0 is out."""
+"""The report: its paired bootstrap on stored predictions (rows and seeds resampled, `decided` when 0 is out)
+and what it says about the rows it compares."""
 
 from __future__ import annotations
 
@@ -39,3 +40,21 @@ def test_decided_only_when_the_interval_leaves_zero_out(tmp_path: Path) -> None:
     cells = [c.strip() for c in rows["strong"].split("|")]
     lo, hi = (float(x) for x in cells[3].strip("[]").split(","))
     assert 0 < lo <= float(cells[2]) <= hi and cells[4] == "1.00" and cells[5] == "yes"
+
+
+def test_llm_and_conventional_next_item_rows_say_their_candidates_differ(tmp_path: Path) -> None:
+    import json
+
+    from evolora.eval.report import build_report
+
+    metrics = {"hit@10": 0.1, "ndcg@10": 0.05}
+    for method, model in (("finetune", "tiny"), ("sasrec-finetune", "sasrec"), ("mf-frozen", "mf")):
+        stage = {"train_stage": 1, "eval_stage": 1, "n_eval": 5, "metrics": metrics}
+        run = {"method": method, "dataset": "d", "task": "next_item", "model": model, "seed": 0,
+               "complete": True, "stages": [stage]}  # fmt: skip
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "results.json").write_text(json.dumps(run))
+    text, _ = build_report([tmp_path])
+    assert "Candidates differ" in text
+    text, _ = build_report([tmp_path / "sasrec-finetune", tmp_path / "mf-frozen"])
+    assert "Candidates differ" not in text

@@ -311,6 +311,16 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
         )
     else:
         out.append("Means, `vs finetune` and bootstrap differences cover every evaluated stage.")
+    if "next_item" in tasks:
+        from evolora.models.conventional import is_conventional
+
+        kinds = {is_conventional(str(r.get("model", ""))) for r in results if r.get("task") == "next_item"}
+        if kinds == {True, False}:
+            out.append(
+                "Candidates differ: the LLM rows rank every item with a semantic ID (the trie covers the "
+                "whole catalogue, items of later stages included), the conventional rows every item seen up "
+                "to the evaluated stage; both rank the same true items of the same rows."
+            )
     incomplete = [g.method for g in groups if not all(r.get("complete") for r in g.runs)]
     if incomplete:
         out.append(f"Incomplete runs (not all stages finished): {', '.join(incomplete)}.")
