@@ -159,3 +159,19 @@ def test_fourteen_methods_get_distinct_lines(tmp_path: Path) -> None:
     ]
     plot_metric(groups, "auc", tmp_path / "auc.png")
     assert (tmp_path / "auc.png").stat().st_size > 10_000
+
+
+def test_run_prints_the_summaries(matrix_run, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+    from evolora.config import config_to_dict
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(matrix_run)))
+    result = CliRunner().invoke(app, ["run", str(config)])  # finished: prints its tables again
+    assert result.exit_code == 0, result.output
+    assert "stage-by-stage matrix" in result.output
+    bwt = _results(matrix_run, "finetune")["summary"]["matrix"]["metrics"]["auc"]["bwt"]
+    assert f"{bwt:+.4f}" in result.output

@@ -161,6 +161,24 @@ def stage_table(results: list[dict[str, Any]], metric_names: tuple[str, ...]) ->
     return table
 
 
+def matrix_summary_table(results: list[dict[str, Any]], metric: str) -> Table | None:
+    """Runs with the stage-by-stage matrix (`eval.stages: seen | all`): its summaries of `metric`."""
+    from evolora.eval.forgetting import SUMMARIES
+
+    rows = [
+        (r, r["summary"]["matrix"]["metrics"].get(metric, {})) for r in results if "matrix" in r["summary"]
+    ]
+    if not rows:
+        return None
+    table = Table(title=f"{metric} over the stage-by-stage matrix (definitions: evolora/eval/forgetting.py)")
+    for name in ("method", "seed", *SUMMARIES):
+        table.add_column(name, justify="left" if name == "method" else "right")
+    for r, values in rows:
+        cells = [f"{values[k]:+.4f}" if values.get(k) is not None else "–" for k in SUMMARIES]
+        table.add_row(r["method"], str(r["seed"]), *cells)
+    return table
+
+
 def stage_table_note(results: list[dict[str, Any]]) -> str:
     from evolora.eval.report import precision_line, shared_first_stage
 
@@ -208,6 +226,9 @@ def run(
     metric_names = task_spec(cfg.task.name).metrics.shown
     console.print(stage_table(results, metric_names))
     console.print(stage_table_note(results), soft_wrap=True, highlight=False)
+    matrix = matrix_summary_table(results, metric_names[0])
+    if matrix is not None:
+        console.print(matrix)
     root = Path(cfg.output_dir) / cfg.name
     report, groups = build_report([root])
     atomic_write_text(root / "report.md", report)
