@@ -286,7 +286,7 @@ class StageLoop:
         }
 
     # ------------------------------------------------------------------ one stage
-    def _matrix(self, ctx: StageContext, metrics: dict[str, float]) -> tuple[dict[str, Any], int]:
+    def _matrix(self, ctx: StageContext, preds: Any) -> tuple[dict[str, Any], int]:
         """Row t of the stage-by-stage matrix: the model after stage t on the test rows of each stage of
         `eval.stages` (the protocol's own stage is the ordinary evaluation). Predictions of a model that an
         earlier stage or another run already scored on those rows come from the shared store. Returns the
@@ -296,21 +296,20 @@ class StageLoop:
         reused = 0
         for j in matrix_stages(ctx.stage, self.cfg.protocol, n_stages, self.cfg.eval.stages):
             if j == ctx.eval_stage:
-                entries[str(j)] = metrics
+                entries[str(j)] = self.task.metrics(preds, ctx.eval_rows)
                 continue
             rows = self._test_rows(j)
             f = ctx.stage_dir / f"predictions-stage-{j}.npz"
             if f.is_file():
                 with self._stage_files(ctx.stage):
-                    preds = self.task.load_predictions(load_npz(f))
+                    entry_preds = self.task.load_predictions(load_npz(f))
             else:
                 entry = StageContext(ctx.stage, j, ctx.pools, ctx.seed, ctx.stage_dir, rows)
-                preds, from_store = self._predict(entry)
+                entry_preds, from_store = self._predict(entry)
                 reused += from_store
-                save_npz(
-                    f, {**self.task.save_predictions(preds), "rows": rows, "truth": self.task.truth(rows)}
-                )
-            entries[str(j)] = self.task.metrics(preds, rows)
+                arrays = {**self.task.save_predictions(entry_preds), "rows": rows}
+                save_npz(f, {**arrays, "truth": self.task.truth(rows)})
+            entries[str(j)] = self.task.metrics(entry_preds, rows)
         return entries, reused
 
     def _predict(self, ctx: StageContext) -> tuple[np.ndarray, bool]:
@@ -360,11 +359,14 @@ class StageLoop:
                 "truth": self.task.truth(eval_rows),
             }
             save_npz(pred_file, arrays)
-        record = self._record(ctx, preds, jobs_info, n_eval_total, 0.0, reused_preds)
+        matrix = None
         if self.cfg.eval.stages != "next":
             with cost.part("evaluation"):
-                record["matrix"], record["matrix_reused"] = self._matrix(ctx, record["metrics"])
-        record["eval_seconds"] = time.perf_counter() - t0
+                matrix = self._matrix(ctx, preds)
+        eval_seconds = time.perf_counter() - t0
+        record = self._record(ctx, preds, jobs_info, n_eval_total, eval_seconds, reused_preds)
+        if matrix is not None:
+            record["matrix"], record["matrix_reused"] = matrix
         now = time.perf_counter()
         record["cost"] = cost.stage_cost(cost.take(), now - self._clock)
         self._clock = now

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from evolora.eval.metrics import lower_is_better
+from evolora.eval.metrics import is_reference, lower_is_better
 
 SUMMARIES = ("average", "bwt", "forgetting", "fwt", "plasticity")
 
@@ -77,9 +77,10 @@ def matrix_summary(
     records: dict[int, dict[str, dict[str, float]]], protocol: str, metrics: list[str] | tuple[str, ...]
 ) -> dict[str, Any]:
     """results.json's `summary.matrix`: the summaries of every metric (R itself is in the stage records)."""
+    compared = [m for m in metrics if not is_reference(m)]
     return {
         "definitions": "evolora/eval/forgetting.py",
         "protocol": protocol,
         "last_stage": max(records) if records else None,
-        "metrics": {m: summaries(matrix_of(records, m), not lower_is_better(m)) for m in metrics},
+        "metrics": {m: summaries(matrix_of(records, m), not lower_is_better(m)) for m in compared},
     }
