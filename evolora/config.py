@@ -43,6 +43,17 @@ from evolora.errors import ConfigError
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    #: keys added after experiments were first recorded: left out of the dump while at their default, so an
+    #: experiment recorded before a key existed keeps its key (`experiment.context_of`)
+    added_keys: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _drop_added_keys_at_default(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped = handler(self)
+        for key in self.added_keys:
+            if key in dumped and getattr(self, key) == type(self).model_fields[key].default:
+                del dumped[key]
+        return dumped
 
 
 class KCore(Section):
@@ -95,9 +106,6 @@ class TableColumns(Section):
 
 # DataConfig keys that only mean something for `format: table`: left out of a dumped config at their
 # defaults, so experiments recorded before these keys existed keep their key.
-_TABLE_KEY_DEFAULTS: dict[str, Any] = {"columns": None, "time_unit": "s", "negatives": 1, "negative_seed": 0}
-
-
 class DataConfig(Section):
     """Where the interactions come from.
 
@@ -121,6 +129,7 @@ class DataConfig(Section):
     max_interactions: int | None = Field(
         None, gt=0, description="keep only the most recent N interactions (before staging)"
     )
+    added_keys = ("columns", "time_unit", "negatives", "negative_seed")
     columns: TableColumns | None = Field(None, description="`format: table`: the file's column names")
     time_unit: Literal["s", "ms"] = Field(
         "s", description="`format: table`: unit of numeric (epoch) times; ISO dates need none"
@@ -148,14 +157,6 @@ class DataConfig(Section):
         elif self.columns is not None or self.time_unit != "s":
             raise ValueError("data.columns and data.time_unit apply to data.format: table only")
         return self
-
-    @model_serializer(mode="wrap")
-    def _drop_default_table_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        dumped = handler(self)
-        for key, default in _TABLE_KEY_DEFAULTS.items():
-            if key in dumped and getattr(self, key) == default:
-                del dumped[key]
-        return dumped
 
 
 class StagingConfig(Section):
@@ -406,6 +407,7 @@ class ModelConfig(Section):
     revision: str | None = None
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed", "fp16"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    added_keys = ("quantization",)
     quantization: Literal["none", "nf4", "int8"] = Field(
         "none", description="QLoRA: load the frozen base in 4-bit NF4 or 8-bit (CUDA and bitsandbytes)"
     )
@@ -419,14 +421,6 @@ class ModelConfig(Section):
         if self.quantization != "none" and self.name in CONVENTIONAL_MODELS:
             raise ValueError(f"model.quantization applies to LLM backbones, not to {self.name}")
         return self
-
-    @model_serializer(mode="wrap")
-    def _drop_default_quantization(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Left out at its default, so experiments recorded before the key existed keep their key.
-        dumped = handler(self)
-        if self.quantization == "none":
-            dumped.pop("quantization", None)
-        return dumped
 
 
 class TrainConfig(Section):
@@ -473,6 +467,7 @@ class TrainConfig(Section):
     valid_fraction: float = Field(
         0.1, gt=0, lt=1, description="chronological tail of a stage used for validation"
     )
+    added_keys = ("gradient_checkpointing",)
     gradient_checkpointing: bool = Field(
         False, description="recompute layer activations in the backward pass (LLM backbones; less memory)"
     )
@@ -500,14 +495,6 @@ class TrainConfig(Section):
             return v[min(stage, len(v)) - 1]
         return v
 
-    @model_serializer(mode="wrap")
-    def _drop_default_checkpointing(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Left out at its default, so experiments recorded before the key existed keep their key.
-        dumped = handler(self)
-        if not self.gradient_checkpointing:
-            dumped.pop("gradient_checkpointing", None)
-        return dumped
-
 
 class EvalConfig(Section):
     """Evaluation. `max_samples`: evaluate a fixed-seed random subset of each evaluated stage (null: all);
@@ -525,15 +512,8 @@ class EvalConfig(Section):
     max_samples: int | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
     seed: int = 0
+    added_keys = ("stages",)
     stages: Literal["next", "seen", "all"] = "next"
-
-    @model_serializer(mode="wrap")
-    def _drop_default_stages(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Left out at its default, so experiments recorded before the key existed keep their key.
-        dumped = handler(self)
-        if self.stages == "next":
-            dumped.pop("stages", None)
-        return dumped
 
 
 class UpdateConfig(Section):
