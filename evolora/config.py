@@ -320,10 +320,14 @@ class NextItemTaskConfig(TaskSection):
     `beams`: width of the constrained beam search (and the length of the ranked list). `constraint`: `trie`
     (only real items) or `levelwise` (PESO's: any token seen at that position). `exclude_history`: never
     recommend an item already in the prompt (off, as in PESO). `logit_temperature`: PESO's code trains with
-    logits / 0.8; 1.0 is plain cross-entropy.
+    logits / 0.8; 1.0 is plain cross-entropy. `candidates`: the items a row is ranked among: `catalogue`
+    (every item with an ID, later stages' included: the LLM's default, its trie), `seen` (the items that
+    appeared in the row's stage or earlier: the conventional models' default); `auto` keeps each model's
+    default, set one of the two to hold LLM and conventional rows against each other on one candidate set.
     """
 
     reads_labels: ClassVar[bool] = False  # it learns the next item itself: no sampled negatives
+    added_keys = ("candidates",)
     name: Literal["next_item"] = "next_item"
     history_len: int = Field(20, ge=1)
     min_history: int | None = Field(0, ge=0)
@@ -334,6 +338,7 @@ class NextItemTaskConfig(TaskSection):
     exclude_history: bool = False
     logit_temperature: float = Field(1.0, gt=0)
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
+    candidates: Literal["auto", "catalogue", "seen"] = "auto"
 
     @field_validator("template")
     @classmethod

@@ -455,6 +455,7 @@ def _run_strategies(
             "precision": getattr(lm, "precision", "fp32"),
             "seed": seed,
             "protocol": cfg.protocol,
+            "candidates": task.candidate_set,  # what a ranking was chosen among (next-item)
             "n_stages": prepared.table.n_stages,
             "experiment": cfg.name,
             "context_key": context_key,

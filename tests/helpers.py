@@ -111,3 +111,26 @@ def write_peso_cycle(
     index = {str(i): [f"<a_{i // 6}>", f"<b_{i % 6}>"] for i in range(n_items)}
     (folder / f"{key}.index.epoch1_edim1_beta0.0.json").write_text(json.dumps(index))
     return folder
+
+
+def write_arrivals(folder: Path, n_users: int = 30, n_items: int = 40, per_user: int = 12) -> Path:
+    """ML-100K-format files where users arrive one after another and higher item ids become available later,
+    so later stages bring new users and new items. Titles say "Sunny" (rated 5) or "Rainy" (rated 1)."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for u in range(1, n_users + 1):
+        pool = np.arange(1, min(n_items, 8 + u) + 1)
+        items = rng.choice(pool, size=min(per_user, len(pool)), replace=False)
+        start = 880_000_000 + u * 100_000
+        times = start + np.sort(rng.choice(np.arange(0, 3_000_000, 60), size=len(items), replace=False))
+        for i, t in zip(items, times, strict=True):
+            lines.append(f"{u}\t{i}\t{5 if i % 2 == 0 else 1}\t{t}\n")
+    (folder / "u.data").write_text("".join(lines))
+    genres = "|".join(["0"] * 19)
+    rows = [
+        f"{i}|{'Sunny Day' if i % 2 == 0 else 'Rainy Night'} {i} (1995)|01-Jan-1995||http://x/{i}|{genres}\n"
+        for i in range(1, n_items + 1)
+    ]
+    (folder / "u.item").write_text("".join(rows), encoding="latin-1")
+    return folder

@@ -27,7 +27,7 @@ from evolora.experiment import (
 )
 from evolora.models.conventional.backbone import ConventionalBackbone
 from evolora.models.conventional.common import IdSpace
-from tests.helpers import tiny_config, write_peso_cycle
+from tests.helpers import tiny_config, write_arrivals, write_peso_cycle
 
 CTR_MODELS = ["mf", "gru4rec", "sasrec", "two_tower", "din"]
 RANKERS = ["mf", "gru4rec", "sasrec", "two_tower"]
@@ -48,29 +48,6 @@ NEXT_ITEM = {
     "staging.scheme": "preset",
     "staging.n_stages": "null",
 }
-
-
-def write_arrivals(folder: Path, n_users: int = 30, n_items: int = 40, per_user: int = 12) -> Path:
-    """ML-100K-format files where users arrive one after another and higher item ids become available later,
-    so later stages bring new users and new items. Titles say "Sunny" (rated 5) or "Rainy" (rated 1)."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for u in range(1, n_users + 1):
-        pool = np.arange(1, min(n_items, 8 + u) + 1)
-        items = rng.choice(pool, size=min(per_user, len(pool)), replace=False)
-        start = 880_000_000 + u * 100_000
-        times = start + np.sort(rng.choice(np.arange(0, 3_000_000, 60), size=len(items), replace=False))
-        for i, t in zip(items, times, strict=True):
-            lines.append(f"{u}\t{i}\t{5 if i % 2 == 0 else 1}\t{t}\n")
-    (folder / "u.data").write_text("".join(lines))
-    genres = "|".join(["0"] * 19)
-    rows = [
-        f"{i}|{'Sunny Day' if i % 2 == 0 else 'Rainy Night'} {i} (1995)|01-Jan-1995||http://x/{i}|{genres}\n"
-        for i in range(1, n_items + 1)
-    ]
-    (folder / "u.item").write_text("".join(rows), encoding="latin-1")
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -426,3 +403,9 @@ def test_labels_and_experiment_keys(sunny_dir: Path, tmp_path: Path) -> None:
     # LLM experiments keep their keys: the conventional section stays out of them, and vice versa.
     assert "conventional" not in context_of(llm)["model"] and "lora" in context_of(llm)["model"]
     assert "conventional" in context_of(conv)["model"] and "lora" not in context_of(conv)["model"]
+
+
+def test_conventional_rankers_refuse_the_whole_catalogue(cycle_dir: Path, tmp_path: Path) -> None:
+    cfg = config(cycle_dir, tmp_path, "gru4rec", **NEXT_ITEM, **{"task.candidates": "catalogue"})
+    with pytest.raises(ConfigError, match="candidates: seen"):
+        build(cfg)

@@ -181,3 +181,36 @@ def test_inflora_statistics_come_from_the_teacher_forced_training_sequences(
     x = torch.cat(seen)
     torch.testing.assert_close(covs[name], x.T @ x / len(x), atol=1e-6, rtol=1e-4)
     assert covs[name].dtype == torch.float64
+
+
+def test_candidates_seen_ranks_only_items_of_the_rows_stage_or_earlier(tmp_path: Path) -> None:
+    """`task.candidates: seen`: the LLM ranks among the items seen by the row's stage, as conventional models
+    do; `catalogue` (the default) among every item with an ID, later stages' included."""
+    from evolora.data.ids import IdSpace
+    from evolora.data.prepare import prepare_data
+    from tests.helpers import write_arrivals
+
+    data = write_arrivals(tmp_path / "arrivals")  # later users bring later (higher) item ids
+    ids = {"task.semantic_ids.levels": 2, "task.semantic_ids.codebook_size": 8, "task.semantic_ids.epochs": 5}
+    over = {**NEXT_ITEM, **ids, "protocol": "next_stage", "eval.max_samples": 12, "strategies": "[frozen]"}
+    results = {}
+    for candidates in ("catalogue", "seen"):
+        cfg = tiny_config(data, tmp_path / candidates, **over, **{"task.candidates": candidates})
+        (results[candidates],) = run_experiment(cfg)
+        assert results[candidates]["candidates"] == candidates
+    prepared = prepare_data(cfg)
+    space = IdSpace.from_staged(prepared.staged)
+    first = dict(zip(space.item_ids[1:], space.item_first_stage[1:].tolist(), strict=True))
+    index = json.loads(next((tmp_path / "seen" / "_shared" / "semantic_ids").glob("*.json")).read_text())
+    item_of = list(index)  # the task's item indices follow the ID file's order
+    for s in results["seen"]["stages"]:
+        with np.load(run_dir_of(cfg, "frozen", 0) / f"stage-{s['train_stage']}" / "predictions.npz") as z:
+            ranked = {item_of[i] for i in z["items"].ravel() if i >= 0}
+            truth = prepared.table.df["item_id"].to_numpy()[z["rows"]].tolist()
+            assert [item_of[i] for i in z["truth"]] == truth  # the index -> item mapping read right
+        assert ranked and max(first[i] for i in ranked) <= s["eval_stage"]
+        n_seen = sum(1 for i in index if first.get(i, 99) <= s["eval_stage"])
+        assert s["metrics"]["log_items"] == pytest.approx(np.log(n_seen))
+    later = [s for s in results["catalogue"]["stages"] if s["metrics"]["log_items"] > 0]
+    assert all(s["metrics"]["log_items"] == pytest.approx(np.log(len(index))) for s in later)
+    assert results["seen"]["stages"][0]["metrics"]["log_items"] < np.log(len(index))

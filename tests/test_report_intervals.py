@@ -58,3 +58,8 @@ def test_llm_and_conventional_next_item_rows_say_their_candidates_differ(tmp_pat
     assert "Candidates differ" in text
     text, _ = build_report([tmp_path / "sasrec-finetune", tmp_path / "mf-frozen"])
     assert "Candidates differ" not in text
+    # The LLM ranked among the seen items (`task.candidates: seen`): the rows are aligned.
+    run = json.loads((tmp_path / "finetune" / "results.json").read_text())
+    (tmp_path / "finetune" / "results.json").write_text(json.dumps({**run, "candidates": "seen"}))
+    text, _ = build_report([tmp_path])
+    assert "Candidates differ" not in text

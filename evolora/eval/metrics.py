@@ -125,7 +125,7 @@ def _ranking_on_arrays(arrays: dict[str, np.ndarray], index: Any, name: str) -> 
     if name in ("nll", "nll_valid"):
         return float(-np.mean(arrays[{"nll": "target_logp", "nll_valid": "target_logp_valid"}[name]][index]))
     if name == "log_items":
-        return float(arrays["log_items"])
+        return float(np.mean(arrays["log_candidates"][index]))
     k = int(name.split("@")[1])
     return ranking_metrics(arrays["items"][index], arrays["truth"][index], ks=(k,))[name]
 

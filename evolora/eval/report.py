@@ -314,12 +314,17 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
     if "next_item" in tasks:
         from evolora.models.conventional import is_conventional
 
-        kinds = {is_conventional(str(r.get("model", ""))) for r in results if r.get("task") == "next_item"}
-        if kinds == {True, False}:
+        ranked = [r for r in results if r.get("task") == "next_item"]
+        kinds = {is_conventional(str(r.get("model", ""))) for r in ranked}
+        # Runs recorded before `candidates` existed ranked the catalogue (LLM) or the seen items.
+        sets = {r.get("candidates") or ("seen" if is_conventional(str(r.get("model", ""))) else "catalogue")
+                for r in ranked}  # fmt: skip
+        if kinds == {True, False} and sets != {"seen"}:
             out.append(
                 "Candidates differ: the LLM rows rank every item with a semantic ID (the trie covers the "
                 "whole catalogue, items of later stages included), the conventional rows every item seen up "
-                "to the evaluated stage; both rank the same true items of the same rows."
+                "to the evaluated stage; both rank the same true items of the same rows "
+                "(`task.candidates: seen` ranks the LLM among the seen items too)."
             )
     incomplete = [g.method for g in groups if not all(r.get("complete") for r in g.runs)]
     if incomplete:

@@ -43,6 +43,8 @@ class Task(ABC):
     metric_set: ClassVar[MetricSet]
     #: what `train.select_by: auto` means for this task
     default_select_by: str = "metric"
+    #: a ranking task's candidate set (`task.candidates`: "catalogue" or "seen"); None for scoring tasks
+    candidate_set: str | None = None
 
     def __init__(self, table: SampleTable) -> None:
         self.table = table

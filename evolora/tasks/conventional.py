@@ -159,6 +159,12 @@ class ConventionalNextItemTask(_ConventionalTask):
         super().__init__(table, space, max_len, feedback=False)
         if cfg.beams < max(KS):
             raise ConfigError(f"task.beams={cfg.beams}: need at least {max(KS)} to report Hit@{max(KS)}")
+        if cfg.candidates == "catalogue":
+            raise ConfigError(
+                "task.candidates: catalogue is not built for conventional models (their item tables grow "
+                "with the stages); rank the LLM among the items seen so far instead (candidates: seen)"
+            )
+        self.candidate_set = "seen"
         self.cfg = cfg
         self.k = cfg.beams  # the length of the ranked list, as for the LLM task
         self.known = np.array([space.items_known(int(s)) for s in range(table.n_stages + 1)])

@@ -23,16 +23,18 @@ from evolora.models.tokens import pad_token_lists
 
 
 class ItemTrie:
-    """Prefix trie over the items' token-id sequences (all of one length)."""
+    """Prefix trie over the items' token-id sequences (all of one length); `indices`: the item index of each
+    sequence (default: its position), for a trie over a subset of the items."""
 
-    def __init__(self, sequences: list[list[int]]) -> None:
+    def __init__(self, sequences: list[list[int]], indices: list[int] | None = None) -> None:
         lengths = {len(s) for s in sequences}
         if len(lengths) != 1:
             raise ValueError(f"item ID sequences must share one length, got {sorted(lengths)}")
         self.depth = lengths.pop()
         self.root: dict = {}
         self.items: dict[tuple[int, ...], int] = {}
-        for index, seq in enumerate(sequences):
+        indices = list(range(len(sequences))) if indices is None else indices
+        for index, seq in zip(indices, sequences, strict=True):
             node = self.root
             for tok in seq:
                 node = node.setdefault(tok, {})
@@ -66,14 +68,23 @@ class Ranked:
     target_logp: np.ndarray | None = None
     # the same with each step's distribution renormalised over the trie's valid continuations (`nll_valid`)
     target_logp_valid: np.ndarray | None = None
+    # log of the number of candidate items of each query (`log_items`, a uniform guess's nll_valid)
+    log_candidates: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, sel: np.ndarray | slice) -> Ranked:
-        t = None if self.target_logp is None else self.target_logp[sel]
-        v = None if self.target_logp_valid is None else self.target_logp_valid[sel]
-        return Ranked(self.items[sel], self.scores[sel], t, v)
+        def part(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[sel]
+
+        return Ranked(
+            self.items[sel],
+            self.scores[sel],
+            part(self.target_logp),
+            part(self.target_logp_valid),
+            part(self.log_candidates),
+        )
 
 
 def union_candidates(predictions: list[Ranked]) -> list[list[int]]:
@@ -108,7 +119,7 @@ def mix_rankings(predictions: list[Ranked], weights: list[float], k: int) -> Ran
     if all(p.target_logp_valid is not None for p in predictions):
         valid = sum(w * p.target_logp_valid for w, p in zip(weights, predictions, strict=True))
     top_items, top_scores = np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1)
-    return Ranked(top_items, top_scores, target, valid)
+    return Ranked(top_items, top_scores, target, valid, first.log_candidates)
 
 
 @torch.no_grad()

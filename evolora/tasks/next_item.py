@@ -68,9 +68,16 @@ class NextItemTask(Task):
         table: SampleTable,
         item_tokens: dict[str, list[str]],
         tokenizer: Any,
+        item_first_stage: dict[str, int] | None = None,
     ) -> None:
         super().__init__(table)
         self.cfg = cfg
+        # `task.candidates`: the whole catalogue (the trie of every item), or the items seen by a row's stage
+        self.candidate_set = "seen" if cfg.candidates == "seen" else "catalogue"
+        if self.candidate_set == "seen" and item_first_stage is None:
+            raise ConfigError("task.candidates: seen needs the stage each item first appears in")
+        self.item_first_stage = item_first_stage or {}
+        self._tries: dict[int, ItemTrie] = {}
         self.tok = tokenizer
         if cfg.beams < max(KS):
             raise ConfigError(f"task.beams={cfg.beams}: need at least {max(KS)} to report Hit@{max(KS)}")
@@ -96,6 +103,7 @@ class NextItemTask(Task):
         if missing:
             raise DataError(f"{len(missing)} target items have no semantic ID (e.g. {sorted(missing)[:3]})")
         self.targets = np.array([self.index[i] for i in df["item_id"].to_list()], dtype=np.int64)
+        self.stages = df["stage"].to_numpy()
         self._hist = df["hist_items"].to_list()
         self._cache: dict[int, Encoded] = {}
 
@@ -105,7 +113,21 @@ class NextItemTask(Task):
 
     def for_table(self, table: SampleTable, **settings: Any) -> NextItemTask:
         cfg = self.cfg.model_copy(update=settings)
-        return NextItemTask(cfg, table, self.item_tokens, self.tok)
+        return NextItemTask(cfg, table, self.item_tokens, self.tok, self.item_first_stage)
+
+    def trie_for(self, stage: int) -> ItemTrie:
+        """The candidates of a row of `stage`: every item, or (`candidates: seen`) those first seen at
+        `stage` or before, as the conventional models rank them."""
+        if self.candidate_set == "catalogue":
+            return self.trie
+        if stage not in self._tries:
+            known = [
+                i
+                for i, item in enumerate(self.item_ids)
+                if self.item_first_stage.get(item, stage + 1) <= stage
+            ]
+            self._tries[stage] = ItemTrie([self.item_seqs[i] for i in known], known)
+        return self._tries[stage]
 
     # ------------------------------------------------------------------ encoding
     def _ids(self, text: str, special: bool) -> list[int]:
@@ -151,33 +173,35 @@ class NextItemTask(Task):
         rows = np.asarray(rows, dtype=np.int64)
         items = np.full((len(rows), self.cfg.beams), -1, dtype=np.int64)
         scores = np.full((len(rows), self.cfg.beams), -np.inf)
-        target_logp, target_valid = np.empty(len(rows)), np.empty(len(rows))
+        target_logp, target_valid, n_candidates = (np.empty(len(rows)) for _ in range(3))
         was_training = lm.model.training
         lm.model.eval()
         with progress_task(desc, total=len(rows)) as bar:
             for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                exclude = None
-                if self.cfg.exclude_history:
-                    k = self.cfg.history_len
-                    exclude = [{self.index[h] for h in self._hist[int(r)][-k:]} for r in batch]
-                ranked = beam_search(
-                    lm,
-                    self._prompts(batch),
-                    self.trie,
-                    beams=self.cfg.beams,
-                    prefix=self.prefix or None,
-                    levelwise=self.cfg.constraint == "levelwise",
-                    exclude=exclude,
-                    targets=self._target_seqs(batch),
-                )
-                items[start : start + len(batch)] = ranked.items
-                scores[start : start + len(batch)] = ranked.scores
-                target_logp[start : start + len(batch)] = ranked.target_logp
-                target_valid[start : start + len(batch)] = ranked.target_logp_valid
-                bar.advance(len(batch))
+                # One trie per batch: rows of different stages (`candidates: seen`) go in separate calls.
+                for stage in np.unique(self.stages[rows[start : start + batch_size]]):
+                    at = start + np.flatnonzero(self.stages[rows[start : start + batch_size]] == stage)
+                    batch, trie = rows[at], self.trie_for(int(stage))
+                    exclude = None
+                    if self.cfg.exclude_history:
+                        k = self.cfg.history_len
+                        exclude = [{self.index[h] for h in self._hist[int(r)][-k:]} for r in batch]
+                    ranked = beam_search(
+                        lm,
+                        self._prompts(batch),
+                        trie,
+                        beams=self.cfg.beams,
+                        prefix=self.prefix or None,
+                        levelwise=self.cfg.constraint == "levelwise",
+                        exclude=exclude,
+                        targets=self._target_seqs(batch),
+                    )
+                    items[at], scores[at] = ranked.items, ranked.scores
+                    target_logp[at], target_valid[at] = ranked.target_logp, ranked.target_logp_valid
+                    n_candidates[at] = len(trie.items)
+                bar.advance(len(rows[start : start + batch_size]))
         lm.model.train(was_training)
-        return Ranked(items, scores, target_logp, target_valid)
+        return Ranked(items, scores, target_logp, target_valid, np.log(n_candidates))
 
     def _target_seqs(self, rows: np.ndarray) -> list[list[int]]:
         """The true next items' ID tokens. Their log-probability under the model gives `nll`: Hit@K is zero
@@ -193,7 +217,8 @@ class NextItemTask(Task):
             out["nll"] = float(-np.mean(predictions.target_logp)) if len(rows) else float("nan")
         if predictions.target_logp_valid is not None:
             out["nll_valid"] = float(-np.mean(predictions.target_logp_valid)) if len(rows) else float("nan")
-            out["log_items"] = float(np.log(len(self.trie.items)))  # a uniform guess among the items
+        if predictions.log_candidates is not None:  # a uniform guess among the candidates
+            out["log_items"] = float(np.mean(predictions.log_candidates)) if len(rows) else float("nan")
         return out
 
     # ------------------------------------------------------------------ ensembles
@@ -230,16 +255,20 @@ class NextItemTask(Task):
 
     def save_predictions(self, predictions: Ranked) -> dict[str, np.ndarray]:
         out = {"items": predictions.items, "scores": predictions.scores}
-        if predictions.target_logp is not None:
-            out["target_logp"] = predictions.target_logp
-        if predictions.target_logp_valid is not None:
-            out["target_logp_valid"] = predictions.target_logp_valid
-            out["log_items"] = np.array(np.log(len(self.trie.items)))
-        return out
+        optional = {
+            "target_logp": predictions.target_logp,
+            "target_logp_valid": predictions.target_logp_valid,
+            "log_candidates": predictions.log_candidates,
+        }
+        return {**out, **{k: v for k, v in optional.items() if v is not None}}
 
     def load_predictions(self, arrays: Any) -> Ranked:
         return Ranked(
-            arrays["items"], arrays["scores"], arrays.get("target_logp"), arrays.get("target_logp_valid")
+            arrays["items"],
+            arrays["scores"],
+            arrays.get("target_logp"),
+            arrays.get("target_logp_valid"),
+            arrays.get("log_candidates"),
         )
 
 
@@ -253,4 +282,7 @@ def build_next_item(
     sids = semantic_ids_for(cfg, prepared.data, prepared.staged, pretrained)
     lm = LoraLM.from_config(cfg.model, new_tokens=sids.all_tokens(), pretrained=pretrained)
     item_tokens = {item: sids.tokens(item) for item in sids.item_ids}
-    return lm, NextItemTask(cast(NextItemTaskConfig, cfg.task), prepared.table, item_tokens, lm.tokenizer)
+    space = prepared.id_space()
+    first = dict(zip(space.item_ids[1:], space.item_first_stage[1:].tolist(), strict=True))
+    task = NextItemTask(cast(NextItemTaskConfig, cfg.task), prepared.table, item_tokens, lm.tokenizer, first)
+    return lm, task
