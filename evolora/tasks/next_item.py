@@ -178,10 +178,12 @@ class NextItemTask(Task):
         lm.model.eval()
         with progress_task(desc, total=len(rows)) as bar:
             for start in range(0, len(rows), batch_size):
-                # One trie per batch: rows of different stages (`candidates: seen`) go in separate calls.
-                for stage in np.unique(self.stages[rows[start : start + batch_size]]):
-                    at = start + np.flatnonzero(self.stages[rows[start : start + batch_size]] == stage)
-                    batch, trie = rows[at], self.trie_for(int(stage))
+                chunk = rows[start : start + batch_size]
+                # One trie per call: under `candidates: seen` rows of different stages go in separate calls.
+                keys = self.stages[chunk] if self.candidate_set == "seen" else np.zeros(len(chunk), np.int64)
+                for key in np.unique(keys):
+                    at = start + np.flatnonzero(keys == key)
+                    batch, trie = rows[at], self.trie_for(int(key))
                     exclude = None
                     if self.cfg.exclude_history:
                         k = self.cfg.history_len
@@ -199,7 +201,7 @@ class NextItemTask(Task):
                     items[at], scores[at] = ranked.items, ranked.scores
                     target_logp[at], target_valid[at] = ranked.target_logp, ranked.target_logp_valid
                     n_candidates[at] = len(trie.items)
-                bar.advance(len(rows[start : start + batch_size]))
+                bar.advance(len(chunk))
         lm.model.train(was_training)
         return Ranked(items, scores, target_logp, target_valid, np.log(n_candidates))
 
