@@ -91,6 +91,9 @@ def test_two_processes_train_and_evaluate_as_one(
         for t, (a, b) in enumerate(zip(res["stages"], two["stages"], strict=True), 1):
             for name, value in a["metrics"].items():
                 assert b["metrics"][name] == pytest.approx(value, abs=2e-4), (method, t, name)
+            for j, entry in a.get("matrix", {}).items():
+                for name, value in entry.items():
+                    assert b["matrix"][j][name] == pytest.approx(value, abs=2e-4), (method, t, j, name)
         for stage in (1, 2, 3):
             x = _tensors(one_dir / "t" / method / "seed0", stage)
             y = _tensors(tmp_path / "two" / "t" / method / "seed0", stage)
@@ -120,6 +123,29 @@ def test_two_processes_train_and_evaluate_as_one(
         assert len(held) == 1 and 50 < float(held[0]) < 60, held
     else:
         assert not held
+
+
+def test_the_stage_by_stage_matrix_under_a_launch(sunny_dir: Path, tmp_path: Path) -> None:
+    """eval.stages: all under DDP: every entry's rows split and gathered, written once, as in one process."""
+    over = {**OVER, "strategies": "[frozen, finetune]", "eval.stages": "all"}
+    (one, two), env = (tmp_path / "one", tmp_path / "two"), {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    expected = run_experiment(tiny_config(sunny_dir, one, **over))
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(sunny_dir, two, **over))))
+    done = _launch(config, {**env, "PYTHONPATH": str(Path(__file__).parent.parent)}, "ddp")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    for res in expected:
+        got = json.loads((two / "t" / res["method"] / "seed0" / "results.json").read_text())
+        for a, b in zip(res["stages"], got["stages"], strict=True):
+            assert a["matrix"].keys() == b["matrix"].keys() == {"1", "2", "3"}
+            for j, entry in a["matrix"].items():
+                assert b["matrix"][j] == pytest.approx(entry, abs=2e-4), (res["method"], j)
+            assert b["matrix_reused"] == a["matrix_reused"]
+
+    def entries(root: Path) -> set[str]:
+        return {str(p.relative_to(root)) for p in root.rglob("predictions-stage-*.npz")}
+
+    assert entries(two / "t") == entries(one / "t") != set()
 
 
 def test_deepspeed_and_fsdp_options_not_built_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
