@@ -174,7 +174,9 @@ def matrix_summary_table(results: list[dict[str, Any]], metric: str) -> Table | 
     for name in ("method", "seed", *SUMMARIES):
         table.add_column(name, justify="left" if name == "method" else "right")
     for r, values in rows:
-        cells = [f"{values[k]:+.4f}" if values.get(k) is not None else "–" for k in SUMMARIES]
+        # Transfers are signed; average and plasticity are the metric itself.
+        fmt = {k: "{:+.4f}" if k in ("bwt", "forgetting", "fwt") else "{:.4f}" for k in SUMMARIES}
+        cells = [fmt[k].format(values[k]) if values.get(k) is not None else "–" for k in SUMMARIES]
         table.add_row(r["method"], str(r["seed"]), *cells)
     return table
 
