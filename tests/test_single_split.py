@@ -57,6 +57,20 @@ def test_a_single_split_run_and_its_report(sunny_dir: Path, tmp_path: Path) -> N
     assert "| gru4rec-frozen |" in text and "leave D1 out" not in text
 
 
+def test_run_shows_only_the_metrics_a_ranker_records(sunny_dir: Path, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+    from evolora.config import config_to_dict
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(sunny_dir, tmp_path / "runs", **SINGLE))))
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "ndcg@10" in result.output and "nll" not in result.output  # a conventional model has no nll
+
+
 def test_single_split_needs_leave_last_out_and_no_stage_count(sunny_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="protocol: leave_last_out"):
         load_config(None, [f"data.source={sunny_dir}", "staging.scheme=single", "protocol=next_stage"])

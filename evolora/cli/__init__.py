@@ -225,7 +225,10 @@ def run(
     parallel.end()
     if not parallel.is_main():
         return
-    metric_names = task_spec(cfg.task.name).metrics.shown
+    recorded = {m for r in results for s in r["stages"] for m in s["metrics"]}
+    # The task's columns that these runs record (a conventional ranker has no nll)
+    shown = task_spec(cfg.task.name).metrics.shown
+    metric_names = tuple(m for m in shown if m in recorded) or shown
     console.print(stage_table(results, metric_names))
     console.print(stage_table_note(results), soft_wrap=True, highlight=False)
     matrix = matrix_summary_table(results, metric_names[0])
