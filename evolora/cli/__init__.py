@@ -163,7 +163,7 @@ def stage_table(results: list[dict[str, Any]], metric_names: tuple[str, ...]) ->
 
 def matrix_summary_table(results: list[dict[str, Any]], metric: str) -> Table | None:
     """Runs with the stage-by-stage matrix (`eval.stages: seen | all`): its summaries of `metric`."""
-    from evolora.eval.forgetting import SUMMARIES
+    from evolora.eval.forgetting import SIGNED, SUMMARIES
 
     rows = [
         (r, r["summary"]["matrix"]["metrics"].get(metric, {})) for r in results if "matrix" in r["summary"]
@@ -174,8 +174,7 @@ def matrix_summary_table(results: list[dict[str, Any]], metric: str) -> Table | 
     for name in ("method", "seed", *SUMMARIES):
         table.add_column(name, justify="left" if name == "method" else "right")
     for r, values in rows:
-        # Transfers are signed; average and plasticity are the metric itself.
-        fmt = {k: "{:+.4f}" if k in ("bwt", "forgetting", "fwt") else "{:.4f}" for k in SUMMARIES}
+        fmt = {k: "{:+.4f}" if k in SIGNED else "{:.4f}" for k in SUMMARIES}
         cells = [fmt[k].format(values[k]) if values.get(k) is not None else "–" for k in SUMMARIES]
         table.add_row(r["method"], str(r["seed"]), *cells)
     return table

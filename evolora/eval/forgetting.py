@@ -30,6 +30,7 @@ import numpy as np
 from evolora.eval.metrics import is_reference, lower_is_better
 
 SUMMARIES = ("average", "bwt", "forgetting", "fwt", "plasticity")
+SIGNED = ("bwt", "forgetting", "fwt")  # differences; average and plasticity are the metric itself
 
 
 def _mean(values: list[float]) -> float | None:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from evolora.eval.forgetting import SUMMARIES, matrix_of, summaries
+from evolora.eval.forgetting import SIGNED, SUMMARIES, matrix_of, summaries
 from evolora.eval.metrics import is_reference, lower_is_better, metric_set
 from evolora.io import load_npz
 
@@ -36,9 +36,6 @@ def run_matrix(run: dict[str, Any], metric: str) -> dict[int, dict[int, float]]:
 
 def has_matrix(groups: list[Any]) -> bool:
     return any("matrix" in s for g in groups for r in g.runs for s in r["stages"])
-
-
-SIGNED = ("bwt", "forgetting", "fwt")  # differences; average and plasticity are the metric itself
 
 
 def _cell(values: list[float | None], signed: bool, interval: tuple[float, float] | None) -> str:
