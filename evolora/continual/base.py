@@ -14,6 +14,7 @@ A strategy is a small class overriding only what differs from "one adapter, trai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Generic, Literal, TypeVar
@@ -128,6 +129,9 @@ class Strategy(Generic[OptionsT]):
         self.task = env.task
         self.cfg = env.cfg
         self.seed = seed
+        #: set by the stage loop (`StageLoop.stored_predictions`): scores of an adapter holding a shared
+        #: training result are computed once per row set for every run of the output folder
+        self.prediction_store: Callable[[str, np.ndarray, Callable[[], Any]], tuple[Any, bool]] | None = None
 
     # ------------------------------------------------------------------ helpers for subclasses
     def budgeted(
@@ -147,6 +151,18 @@ class Strategy(Generic[OptionsT]):
             draw(train, n, self.seed, t, salt=0),
             draw(valid, self.cfg.train.budget(t, valid=True), self.seed, t, salt=1),
         )
+
+    def adapter_predictions(self, adapter: str, rows: np.ndarray, desc: str) -> Any:
+        """The task's predictions of one adapter alone on `rows` (stored ones where the stage loop has them:
+        LSAT's adapters are shared training results, scored once for all its variants and `retrain`)."""
+
+        def compute() -> Any:
+            self.lm.activate(adapter, trainable=False)
+            return self.task.predict(self.lm, rows, self.cfg.eval.batch_size, desc=desc)
+
+        if self.prediction_store is None:
+            return compute()
+        return self.prediction_store(adapter, rows, compute)[0]
 
     def current_stage_job(self, ctx: StageContext, adapter: str = MAIN, init: str = "inherit") -> TrainJob:
         train, valid = self.budgeted(ctx, [ctx.stage])

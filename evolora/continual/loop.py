@@ -86,6 +86,7 @@ class StageLoop:
         self.header = header
         # Which shared job produced each adapter's current weights (None: not reproducible elsewhere).
         self.adapter_keys: dict[str, str | None] = {}
+        strategy.prediction_store = self.stored_predictions
 
     # ------------------------------------------------------------------ paths
     def stage_dir(self, t: int) -> Path:
@@ -313,19 +314,26 @@ class StageLoop:
         return entries, reused
 
     def _predict(self, ctx: StageContext) -> tuple[np.ndarray, bool]:
-        key = self.adapter_keys.get(MAIN)
-        cache = None
-        if self.s.plain_predict and key is not None and self.shared is not None:
-            cache = self.shared.predictions_file(key, ctx.eval_rows)
-            stored = self.shared.load_predictions(cache)
-            if stored is not None:
-                cost.saved(float(stored["seconds"]) if "seconds" in stored else 0.0)
-                return self.task.load_predictions(stored), True
+        if not self.s.plain_predict:  # the strategy reuses its adapters' stored scores itself
+            return self.s.predict(ctx, ctx.eval_rows), False
+        return self.stored_predictions(MAIN, ctx.eval_rows, lambda: self.s.predict(ctx, ctx.eval_rows))
+
+    def stored_predictions(self, adapter: str, rows: np.ndarray, compute: Any) -> tuple[Any, bool]:
+        """`compute()`, the predictions of `adapter` alone on `rows`; when the adapter holds a shared training
+        result that any run of the output folder scored on these rows before, the stored predictions
+        instead (True: they were reused). Strategies reach this through `Strategy.adapter_predictions`."""
+        key = self.adapter_keys.get(adapter)
+        if key is None or self.shared is None:
+            return compute(), False
+        cache = self.shared.predictions_file(key, rows)
+        stored = self.shared.load_predictions(cache)
+        if stored is not None:
+            cost.saved(float(stored["seconds"]) if "seconds" in stored else 0.0)
+            return self.task.load_predictions(stored), True
         t0 = time.perf_counter()
-        preds = self.s.predict(ctx, ctx.eval_rows)
-        if cache is not None:
-            seconds = np.array(time.perf_counter() - t0)  # what a later reuse saves
-            save_npz(cache, {**self.task.save_predictions(preds), "seconds": seconds})
+        preds = compute()
+        seconds = np.array(time.perf_counter() - t0)  # what a later reuse saves
+        save_npz(cache, {**self.task.save_predictions(preds), "seconds": seconds})
         return preds, False
 
     def train_stage(self, ctx: StageContext) -> list[dict[str, Any]]:

@@ -80,8 +80,10 @@ class Lsat(Strategy[LsatOptions]):
         return self.budgeted(ctx, [ctx.stage])[1]
 
     def _scores(self, adapter: str, rows: np.ndarray, desc: str) -> Any:
-        self.lm.activate(adapter, trainable=False)
-        return self.task.predict(self.lm, rows, self.cfg.eval.batch_size, desc=desc)
+        if adapter == FUSED:  # rebuilt for each weight: never a stored training result
+            self.lm.activate(adapter, trainable=False)
+            return self.task.predict(self.lm, rows, self.cfg.eval.batch_size, desc=desc)
+        return self.adapter_predictions(adapter, rows, desc)
 
     def _pair(self, rows: np.ndarray, desc: str) -> tuple[Any, Any]:
         """Long- and short-term predictions on a common footing: for ranking tasks, both adapters score
