@@ -26,7 +26,8 @@ from evolora import cost, parallel
 from evolora.config import LoraConfig, ModelConfig
 from evolora.errors import ConfigError, DamagedFileError, EvoloraError
 from evolora.io import atomic_directory, load_tensors
-from evolora.models.kv_cache import cache_of, run_decoder
+from evolora.models import token_rows
+from evolora.models.kv_cache import cache_of, repeat_rows, run_decoder
 from evolora.models.precision import autocast_dtype_of, resolve_device, resolve_precision, without_autocast
 from evolora.models.weights import is_quantized, load_base, target_modules_for
 
@@ -122,6 +123,7 @@ class LoraLM:
         lm = cls(peft_model, tok, device, autocast_dtype_of(dtype, mixed), lora, cfg.name, new_ids)
         lm._to_device()
         lm._adapters_to_fp32()
+        token_rows.install(lm.model)
         lm.model.eval()
         lm.base.get_decoder().register_forward_pre_hook(_count_tokens, with_kwargs=True)
         return lm
@@ -182,6 +184,7 @@ class LoraLM:
         self._to_device()
         self.model.train(self.model.training)  # new dropout layers start in training mode; follow the model
         self._adapters_to_fp32()
+        token_rows.install(self.model)
 
     def delete_adapter(self, name: str) -> None:
         self.model.delete_adapter(name)
@@ -371,7 +374,7 @@ class LoraLM:
             mask = torch.cat([attention_mask.new_ones(n, p), attention_mask], dim=1)
             return decoder(input_ids=full, attention_mask=mask, use_cache=False).last_hidden_state[:, p:]
         cache = cache_of(decoder(input_ids=prefix[None].to(input_ids.device), use_cache=True))
-        cache.batch_repeat_interleave(n)
+        repeat_rows(cache, n)
         mask = torch.cat([attention_mask.new_ones(n, p), attention_mask], dim=1)
         positions = torch.arange(p, p + width, device=input_ids.device).expand(n, width)
         out = run_decoder(

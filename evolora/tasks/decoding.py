@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evolora.models.kv_cache import cache_of, run_decoder
+from evolora.models.kv_cache import cache_of, repeat_rows, run_decoder
 from evolora.models.llm import LoraLM
 from evolora.models.tokens import pad_token_lists
 
@@ -149,7 +149,7 @@ def beam_search(
     cache = None
     if prefix:
         cache = cache_of(decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True))
-        cache.batch_repeat_interleave(n)
+        repeat_rows(cache, n)
         mask = torch.cat([mask.new_ones(n, p_len), mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, p_len:]
     with lm.autocast():
@@ -167,7 +167,7 @@ def beam_search(
 
     # Expand to beams: beam 0 carries the prompt, the others start dead so step 1 picks distinct tokens.
     vocab = logp.shape[-1]
-    cache.batch_repeat_interleave(beams)
+    repeat_rows(cache, beams)
     mask = mask.repeat_interleave(beams, dim=0)
     next_pos = positions[:, -1:].repeat_interleave(beams, dim=0) + 1
     logp = logp.repeat_interleave(beams, dim=0)

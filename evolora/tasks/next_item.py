@@ -174,15 +174,21 @@ class NextItemTask(Task):
         items = np.full((len(rows), self.cfg.beams), -1, dtype=np.int64)
         scores = np.full((len(rows), self.cfg.beams), -np.inf)
         target_logp, target_valid, n_candidates = (np.empty(len(rows)) for _ in range(3))
+        # Prompts of similar lengths share a batch (less left padding); results go back in row order.
+        order = np.argsort([len(self.encode(int(r)).body) for r in rows], kind="stable")
         was_training = lm.model.training
         lm.model.eval()
         with progress_task(desc, total=len(rows)) as bar:
             for start in range(0, len(rows), batch_size):
-                chunk = rows[start : start + batch_size]
+                chunk = order[start : start + batch_size]
                 # One trie per call: under `candidates: seen` rows of different stages go in separate calls.
-                keys = self.stages[chunk] if self.candidate_set == "seen" else np.zeros(len(chunk), np.int64)
+                keys = (
+                    self.stages[rows[chunk]]
+                    if self.candidate_set == "seen"
+                    else np.zeros(len(chunk), np.int64)
+                )
                 for key in np.unique(keys):
-                    at = start + np.flatnonzero(keys == key)
+                    at = chunk[keys == key]
                     batch, trie = rows[at], self.trie_for(int(key))
                     exclude = None
                     if self.cfg.exclude_history:
@@ -237,6 +243,9 @@ class NextItemTask(Task):
         target_logp = np.empty(len(rows))
         pairs = [(q, j, item) for q, cand in enumerate(candidates) for j, item in enumerate(cand)]
         pairs += [(q, -1, int(self.targets[int(r)])) for q, r in enumerate(rows)]
+        # Prompts of similar lengths share a batch (less padding); each value goes to its own cell.
+        lengths = [len(self.encode(int(r)).body) for r in rows]
+        pairs.sort(key=lambda pair: lengths[pair[0]])
         for start in range(0, len(pairs), batch_size * 4):
             chunk = pairs[start : start + batch_size * 4]
             prompts = [self.encode(int(rows[q])).body for q, _, _ in chunk]

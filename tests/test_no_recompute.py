@@ -1,0 +1,159 @@
+"""Work evolora no longer repeats changes no prediction (issue 16): every shortcut against the long way.
+
+* LSAT's adapters are shared training results: their scores on a row set are stored once for every run of
+  the output folder (the variants, `retrain`, finetune's stage 1) instead of recomputed per variant;
+* added-token rows (semantic IDs) at inference without PEFT's copy of the vocabulary matrix per pass;
+* a prompt's KV cache repeated for the beams by a broadcast copy instead of `repeat_interleave`;
+* next-item prompts batched by length.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from evolora.experiment import run_dir_of, run_experiment
+from evolora.models.llm import LoraLM
+from tests.helpers import tiny_config, tiny_model
+
+LSAT_FAMILY = [
+    "{name: lsat, label: lsat-en, long_stages: 1}",
+    "{name: lsat, label: lsat-full, long_mode: full}",
+    "{name: lsat, label: lsat-ta, long_stages: 1, inference: fusion, grid: [0.0, 0.5, 1.0]}",
+    "{name: retrain, label: retrain-first, budget: first}",
+]
+
+
+def _predictions(cfg, label: str, stages: int) -> list[np.ndarray]:
+    out = []
+    for t in range(1, stages + 1):
+        with np.load(run_dir_of(cfg, label, 0) / f"stage-{t}" / "predictions.npz") as z:
+            out.append(z["scores"].copy())
+    return out
+
+
+def test_lsat_variants_reuse_stored_adapter_scores_and_predict_as_alone(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """In one folder LSAT's variants score each shared adapter once (fewer passes); each gives exactly
+    the predictions and chosen weights it gives alone in a folder of its own."""
+    from evolora.tasks.ctr import CtrTask
+
+    real, rows_scored = CtrTask.predict, []
+
+    def counting(self, lm, rows, batch_size, desc="scoring"):
+        rows_scored.append(len(rows))
+        return real(self, lm, rows, batch_size, desc)
+
+    over = {"train.samples_per_stage": "[48, 16]", "train.epochs": 1}
+    family = f"[finetune, {', '.join(LSAT_FAMILY)}]"
+    together = tiny_config(sunny_dir, tmp_path / "together", strategies=family, **over)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(CtrTask, "predict", counting)
+        results = run_experiment(together)
+    shared_rows = sum(rows_scored)
+    alone_rows = 0
+    for spec, res in zip(LSAT_FAMILY, results[1:], strict=True):
+        label = res["method"]
+        cfg = tiny_config(sunny_dir, tmp_path / label, strategies=f"[{spec}]", **over)
+        rows_scored.clear()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(CtrTask, "predict", counting)
+            (alone,) = run_experiment(cfg)
+        alone_rows += sum(rows_scored)
+        for a, b in zip(_predictions(together, label, 2), _predictions(cfg, label, 2), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert [s["strategy_info"] for s in res["stages"]] == [s["strategy_info"] for s in alone["stages"]]
+    # finetune's passes count in the shared folder only, and still it scores fewer rows.
+    assert shared_rows < alone_rows
+
+
+# ------------------------------------------------------------------------------------- inference paths
+TOKENS = ["<a_0>", "<a_1>", "<a_2>", "<b_0>", "<b_1>", "<b_2>"]
+
+
+@pytest.fixture(scope="module")
+def id_lm() -> LoraLM:
+    lm = LoraLM.from_config(tiny_model(), new_tokens=TOKENS)
+    lm.add_adapter("other")
+    with torch.no_grad():
+        for name in ("default", "other"):
+            for _, _a, b in lm.lora_pairs(name):
+                b.normal_(0, 0.2)
+            for layer in lm.token_layers():
+                layer.trainable_tokens_delta[name].normal_(0, 1.0)
+    return lm
+
+
+def _peft_path(layer, x):
+    """PEFT's own forward of a trainable-token layer (the whole merged matrix)."""
+    return super(type(layer), layer).forward_adapters(x, layer.active_adapters)
+
+
+def test_added_token_rows_without_the_merged_matrix_give_peft_numbers_bit_for_bit(id_lm: LoraLM) -> None:
+    lm = id_lm
+    ids = torch.tensor([[1, 5, *lm.new_token_ids[:3], 7], [*lm.new_token_ids[3:], 2, 3, 4]])
+    layers = list(lm.token_layers())
+    embedding = next(m for m in layers if isinstance(m.base_layer, torch.nn.Embedding))
+    head = next(m for m in layers if isinstance(m.base_layer, torch.nn.Linear))
+    hidden = torch.randn(2, 6, head.base_layer.in_features)
+    for adapter in ("default", "other", "default"):  # switching adapters invalidates what is kept
+        lm.activate(adapter, trainable=False)
+        with torch.no_grad():
+            assert torch.equal(embedding(ids), _peft_path(embedding, ids))
+            assert torch.equal(head(hidden), _peft_path(head, hidden))
+    with torch.no_grad():  # rows written in place (an optimiser step, a loaded adapter) are seen
+        head.trainable_tokens_delta["default"].add_(0.5)
+        assert torch.equal(head(hidden), _peft_path(head, hidden))
+        assert torch.equal(embedding(ids), _peft_path(embedding, ids))
+    # With gradients PEFT's path runs: the rows get their gradients.
+    lm.activate("default", trainable=True)
+    embedding(ids).sum().backward()
+    grad = embedding.trainable_tokens_delta["default"].grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+    lm.activate("default", trainable=False)
+
+
+def test_kv_cache_repeated_by_broadcast_equals_repeat_interleave(id_lm: LoraLM) -> None:
+    from evolora.models.kv_cache import cache_of, repeat_rows
+
+    decoder = id_lm.base.get_decoder()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        ours, theirs = (cache_of(decoder(input_ids=ids, use_cache=True)) for _ in range(2))
+        repeat_rows(ours, 4)
+        theirs.batch_repeat_interleave(4)
+    for a, b in zip(ours.layers, theirs.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_next_item_predictions_do_not_depend_on_row_order_or_batch(tmp_path: Path) -> None:
+    """Prompts batched by length: any order and batch size gives every row the same ranking."""
+    from evolora.experiment import build_model_and_task, prepare_data
+    from tests.helpers import write_peso_cycle
+
+    folder = write_peso_cycle(tmp_path / "cycle")
+    sets = {
+        "task.name": "next_item",
+        "task.history_len": 8,
+        "task.template": "peso",
+        "protocol": "leave_last_out",
+        "staging.scheme": "preset",
+        "staging.n_stages": "null",
+    }
+    cfg = tiny_config(folder, tmp_path / "out", **sets)
+    prepared = prepare_data(cfg)
+    lm, task = build_model_and_task(cfg, prepared)
+    with torch.no_grad():
+        for _, _a, b in lm.lora_pairs():
+            b.normal_(0, 0.3)
+    rows = prepared.pools[2].test[:12]
+    one = task.predict(lm, rows, batch_size=1)
+    shuffled = np.random.default_rng(0).permutation(len(rows))
+    batched = task.predict(lm, rows[shuffled], batch_size=5)
+    np.testing.assert_array_equal(batched.items, one.items[shuffled])
+    np.testing.assert_allclose(batched.scores, one.scores[shuffled], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batched.target_logp, one.target_logp[shuffled], rtol=1e-5, atol=1e-5)
