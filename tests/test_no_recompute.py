@@ -157,3 +157,41 @@ def test_next_item_predictions_do_not_depend_on_row_order_or_batch(tmp_path: Pat
     np.testing.assert_array_equal(batched.items, one.items[shuffled])
     np.testing.assert_allclose(batched.scores, one.scores[shuffled], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(batched.target_logp, one.target_logp[shuffled], rtol=1e-5, atol=1e-5)
+
+
+def test_beams_on_one_prompt_cache_equal_replicated_caches(id_lm: LoraLM, monkeypatch) -> None:
+    """Beams read the prompt's one cache through a 4-D mask: the same rankings, scores and target
+    likelihoods as with the prompt's cache copied for every beam (any decoder's fallback)."""
+    from evolora.tasks import decoding
+
+    lm = id_lm
+    lm.activate("default", trainable=False)
+    level = {t: lm.tokenizer.convert_tokens_to_ids(t) for t in TOKENS}
+    items = [[level[f"<a_{i}>"], level[f"<b_{j}>"]] for i in range(3) for j in range(3) if (i, j) != (2, 2)]
+    trie = decoding.ItemTrie(items)
+    prompts = [lm.tokenizer(text)["input_ids"] for text in ("a user", "another user with a longer history")]
+    prefix = lm.tokenizer("Recommend.")["input_ids"]
+    kwargs = {"beams": 4, "prefix": prefix, "exclude": [{0}, set()], "targets": [items[3], items[5]]}
+    shared = decoding.beam_search(lm, prompts, trie, **kwargs)
+    monkeypatch.setattr(decoding, "_beams_share_the_prompt", lambda lm, columns: False)
+    replicated = decoding.beam_search(lm, prompts, trie, **kwargs)
+    np.testing.assert_array_equal(shared.items, replicated.items)
+    np.testing.assert_allclose(shared.scores, replicated.scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(shared.target_logp, replicated.target_logp, rtol=1e-6)
+    assert (shared.items[0] != 0).all()  # excluded
+
+
+def test_beams_fall_back_to_replicated_caches_where_a_mask_would_not_hold(id_lm: LoraLM) -> None:
+    from evolora.tasks.decoding import _beams_share_the_prompt
+
+    cfg = id_lm.base.config
+    assert _beams_share_the_prompt(id_lm, 50)
+    old_window, old_impl = getattr(cfg, "sliding_window", None), cfg._attn_implementation
+    try:
+        cfg.sliding_window = 32  # a window the search's columns pass
+        assert not _beams_share_the_prompt(id_lm, 50)
+        cfg.sliding_window = None
+        cfg._attn_implementation = "eager"  # adds the mask as numbers: a boolean one would be misread
+        assert not _beams_share_the_prompt(id_lm, 50)
+    finally:
+        cfg.sliding_window, cfg._attn_implementation = old_window, old_impl
