@@ -195,3 +195,60 @@ def test_beams_fall_back_to_replicated_caches_where_a_mask_would_not_hold(id_lm:
         assert not _beams_share_the_prompt(id_lm, 50)
     finally:
         cfg.sliding_window, cfg._attn_implementation = old_window, old_impl
+
+
+EVERY = [
+    "frozen",
+    "finetune",
+    "retrain",
+    "{name: peso, lam: 5.0}",
+    "{name: lsat, long_stages: 1}",
+    "{name: lsat, label: lsat-ta, long_stages: 1, inference: fusion, grid: [0.0, 1.0]}",
+    "{name: sumlora, past: all, init: inherit}",
+    "{name: sdlora, past: latest, init: fresh}",
+    "inflora",
+    "{name: olora, lam: 0.5}",
+]
+
+
+def test_every_strategy_ranks_as_by_the_long_way(tmp_path: Path, monkeypatch) -> None:
+    """A tiny next-item experiment with every strategy, run with the shortcuts (one prompt cache for the
+    beams, looked-up token rows, stored scores in one folder) and without them (copies per beam, PEFT's
+    merged matrix, each strategy in a folder of its own): the same rankings and scores at every stage."""
+    import evolora.models.token_rows as token_rows
+    from evolora.tasks import decoding
+    from tests.helpers import write_peso_cycle
+
+    folder = write_peso_cycle(tmp_path / "cycle")
+    sets = {
+        "task.name": "next_item",
+        "task.history_len": 8,
+        "task.template": "peso",
+        "protocol": "leave_last_out",
+        "staging.scheme": "preset",
+        "staging.n_stages": "null",
+        "train.samples_per_stage": 32,
+        "train.valid_samples": 8,
+        "train.epochs": 1,
+        "eval.max_samples": 12,
+        "eval.batch_size": 4,
+    }
+    fast_cfg = tiny_config(folder, tmp_path / "fast", strategies=f"[{', '.join(EVERY)}]", **sets)
+    fast = run_experiment(fast_cfg)
+    monkeypatch.setattr(decoding, "_beams_share_the_prompt", lambda lm, columns: False)
+    monkeypatch.setattr(token_rows, "install", lambda model: 0)
+    for spec, res in zip(EVERY, fast, strict=True):
+        label = res["method"]
+        cfg = tiny_config(folder, tmp_path / f"slow-{label}", strategies=f"[{spec}]", **sets)
+        run_experiment(cfg)
+        for t in (1, 2, 3):
+            stage = f"stage-{t}/predictions.npz"
+            with (
+                np.load(run_dir_of(fast_cfg, label, 0) / stage) as a,
+                np.load(run_dir_of(cfg, label, 0) / stage) as b,
+            ):
+                np.testing.assert_array_equal(a["items"], b["items"], err_msg=f"{label} {stage}")
+                finite = np.isfinite(b["scores"])
+                np.testing.assert_array_equal(np.isfinite(a["scores"]), finite)
+                np.testing.assert_allclose(a["scores"][finite], b["scores"][finite], rtol=1e-5, atol=1e-5)
+                np.testing.assert_allclose(a["target_logp"], b["target_logp"], rtol=1e-5, atol=1e-5)
