@@ -19,7 +19,7 @@ import numpy as np
 
 from evolora.eval.forgetting import SIGNED, SUMMARIES, matrix_of, summaries
 from evolora.eval.metrics import is_reference, lower_is_better, metric_set
-from evolora.io import load_npz
+from evolora.eval.stored import stored_predictions
 
 
 class _Runs(Protocol):  # report.MethodRuns, without importing the report
@@ -51,29 +51,12 @@ def _cell(values: list[float | None], signed: bool, interval: tuple[float, float
     return out
 
 
-def _entry_arrays(run: dict[str, Any]) -> dict[int, dict[int, dict[str, np.ndarray]]] | None:
-    """The stored predictions behind each matrix entry of a run ({t: {j: arrays}}), or None."""
-    if "_path" not in run:
-        return None
-    folder = Path(run["_path"]).parent
-    out: dict[int, dict[int, dict[str, np.ndarray]]] = {}
-    for s in run["stages"]:
-        t = s["train_stage"]
-        for j in map(int, s.get("matrix", {})):
-            name = "predictions.npz" if j == s["eval_stage"] else f"predictions-stage-{j}.npz"
-            f = folder / f"stage-{t}" / name
-            if not f.is_file():
-                return None
-            out.setdefault(t, {})[j] = load_npz(f, "Delete it and rerun the experiment to evaluate again.")
-    return out or None
-
-
 def bootstrap_intervals(
     groups: list[_Runs], metric: str, draws: int = 1000, seed: int = 0
 ) -> dict[str, dict[str, tuple[float, float]]]:
     """Per method, a 95% interval of each summary over row resamples (module docstring)."""
     higher = not lower_is_better(metric)
-    runs = {g.method: [a for r in g.runs if (a := _entry_arrays(r))] for g in groups}
+    runs = {g.method: [a for r in g.runs if (a := stored_predictions(r, matrix=True))] for g in groups}
     runs = {k: v for k, v in runs.items() if v}
     if not runs:
         return {}

@@ -24,7 +24,8 @@ from evolora.errors import DamagedFileError, EvoloraError
 from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.matrix_report import matrix_section, plot_matrices
 from evolora.eval.metrics import lower_is_better, metric_set
-from evolora.io import load_npz, read_json
+from evolora.eval.stored import stored_predictions
+from evolora.io import read_json
 
 BASELINE = "finetune"
 
@@ -199,16 +200,9 @@ def stage_sizes(groups: list[MethodRuns]) -> str:
 
 
 def _load_stage_arrays(run: dict[str, Any]) -> dict[int, dict[str, np.ndarray]] | None:
-    run_dir = Path(run["_path"]).parent
-    out: dict[int, dict[str, np.ndarray]] = {}
-    for s in run["stages"]:
-        f = run_dir / f"stage-{s['train_stage']}" / "predictions.npz"
-        if not f.is_file():
-            return None
-        out[s["eval_stage"]] = load_npz(f, "Delete it and rerun the experiment to evaluate that stage again.")
-    if any("truth" not in a for a in out.values()):
-        return None  # predictions of an evolora from before they carried the truth: nothing to pair
-    return out
+    """The protocol's evaluation of each stage, by evaluated stage."""
+    stored = stored_predictions(run)
+    return None if stored is None else {j: a for row in stored.values() for j, a in row.items()}
 
 
 def paired_bootstrap(
