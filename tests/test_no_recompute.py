@@ -17,7 +17,7 @@ import torch
 
 from evolora.experiment import run_dir_of, run_experiment
 from evolora.models.llm import LoraLM
-from tests.helpers import tiny_config, tiny_model
+from tests.helpers import tiny_config, tiny_model, write_peso_cycle
 
 LSAT_FAMILY = [
     "{name: lsat, label: lsat-en, long_stages: 1}",
@@ -72,6 +72,22 @@ def test_lsat_variants_reuse_stored_adapter_scores_and_predict_as_alone(
 
 
 # ------------------------------------------------------------------------------------- inference paths
+# PESO-format blocks where each user walks the items in a cycle (tests/helpers.write_peso_cycle)
+NEXT_ITEM_CYCLE = {
+    "task.name": "next_item",
+    "task.history_len": 8,
+    "task.template": "peso",
+    "protocol": "leave_last_out",
+    "staging.scheme": "preset",
+    "staging.n_stages": "null",
+}
+
+
+@pytest.fixture(scope="module")
+def cycle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_peso_cycle(tmp_path_factory.mktemp("cycle"))
+
+
 TOKENS = ["<a_0>", "<a_1>", "<a_2>", "<b_0>", "<b_1>", "<b_2>"]
 
 
@@ -130,21 +146,11 @@ def test_kv_cache_repeated_by_broadcast_equals_repeat_interleave(id_lm: LoraLM) 
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
-def test_next_item_predictions_do_not_depend_on_row_order_or_batch(tmp_path: Path) -> None:
+def test_next_item_predictions_do_not_depend_on_row_order_or_batch(cycle_dir: Path, tmp_path: Path) -> None:
     """Prompts batched by length: any order and batch size gives every row the same ranking."""
     from evolora.experiment import build_model_and_task, prepare_data
-    from tests.helpers import write_peso_cycle
 
-    folder = write_peso_cycle(tmp_path / "cycle")
-    sets = {
-        "task.name": "next_item",
-        "task.history_len": 8,
-        "task.template": "peso",
-        "protocol": "leave_last_out",
-        "staging.scheme": "preset",
-        "staging.n_stages": "null",
-    }
-    cfg = tiny_config(folder, tmp_path / "out", **sets)
+    cfg = tiny_config(cycle_dir, tmp_path / "out", **NEXT_ITEM_CYCLE)
     prepared = prepare_data(cfg)
     lm, task = build_model_and_task(cfg, prepared)
     with torch.no_grad():
@@ -211,35 +217,28 @@ EVERY = [
 ]
 
 
-def test_every_strategy_ranks_as_by_the_long_way(tmp_path: Path, monkeypatch) -> None:
+def test_every_strategy_ranks_as_by_the_long_way(cycle_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """A tiny next-item experiment with every strategy, run with the shortcuts (one prompt cache for the
     beams, looked-up token rows, stored scores in one folder) and without them (copies per beam, PEFT's
     merged matrix, each strategy in a folder of its own): the same rankings and scores at every stage."""
     import evolora.models.token_rows as token_rows
     from evolora.tasks import decoding
-    from tests.helpers import write_peso_cycle
 
-    folder = write_peso_cycle(tmp_path / "cycle")
     sets = {
-        "task.name": "next_item",
-        "task.history_len": 8,
-        "task.template": "peso",
-        "protocol": "leave_last_out",
-        "staging.scheme": "preset",
-        "staging.n_stages": "null",
+        **NEXT_ITEM_CYCLE,
         "train.samples_per_stage": 32,
         "train.valid_samples": 8,
         "train.epochs": 1,
         "eval.max_samples": 12,
         "eval.batch_size": 4,
     }
-    fast_cfg = tiny_config(folder, tmp_path / "fast", strategies=f"[{', '.join(EVERY)}]", **sets)
+    fast_cfg = tiny_config(cycle_dir, tmp_path / "fast", strategies=f"[{', '.join(EVERY)}]", **sets)
     fast = run_experiment(fast_cfg)
     monkeypatch.setattr(decoding, "_beams_share_the_prompt", lambda lm, columns: False)
     monkeypatch.setattr(token_rows, "install", lambda model: 0)
     for spec, res in zip(EVERY, fast, strict=True):
         label = res["method"]
-        cfg = tiny_config(folder, tmp_path / f"slow-{label}", strategies=f"[{spec}]", **sets)
+        cfg = tiny_config(cycle_dir, tmp_path / f"slow-{label}", strategies=f"[{spec}]", **sets)
         run_experiment(cfg)
         for t in (1, 2, 3):
             stage = f"stage-{t}/predictions.npz"

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -318,7 +318,9 @@ class StageLoop:
             return self.s.predict(ctx, ctx.eval_rows), False
         return self.stored_predictions(MAIN, ctx.eval_rows, lambda: self.s.predict(ctx, ctx.eval_rows))
 
-    def stored_predictions(self, adapter: str, rows: np.ndarray, compute: Any) -> tuple[Any, bool]:
+    def stored_predictions(
+        self, adapter: str, rows: np.ndarray, compute: Callable[[], Any]
+    ) -> tuple[Any, bool]:
         """`compute()`, the predictions of `adapter` alone on `rows`; when the adapter holds a shared training
         result that any run of the output folder scored on these rows before, the stored predictions
         instead (True: they were reused). Strategies reach this through `Strategy.adapter_predictions`."""
