@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_sunny_rainy
+from tests.helpers import write_peso_cycle, write_sunny_rainy
 
 
 @pytest.fixture(autouse=True)
@@ -18,3 +18,8 @@ def _offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def sunny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_sunny_rainy(tmp_path_factory.mktemp("sunny"))
+
+
+@pytest.fixture(scope="session")
+def cycle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_peso_cycle(tmp_path_factory.mktemp("cycle"))

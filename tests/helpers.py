@@ -113,6 +113,17 @@ def write_peso_cycle(
     return folder
 
 
+# The next-item task on `write_peso_cycle`'s folder: its blocks as stages, leave-last-out in each.
+NEXT_ITEM_CYCLE = {
+    "task.name": "next_item",
+    "task.history_len": 8,
+    "task.template": "peso",
+    "protocol": "leave_last_out",
+    "staging.scheme": "preset",
+    "staging.n_stages": "null",
+}
+
+
 def write_arrivals(folder: Path, n_users: int = 30, n_items: int = 40, per_user: int = 12) -> Path:
     """ML-100K-format files where users arrive one after another and higher item ids become available later,
     so later stages bring new users and new items. Titles say "Sunny" (rated 5) or "Rainy" (rated 1)."""

@@ -27,7 +27,7 @@ from evolora.experiment import (
 )
 from evolora.models.conventional.backbone import ConventionalBackbone
 from evolora.models.conventional.common import IdSpace
-from tests.helpers import tiny_config, write_arrivals, write_peso_cycle
+from tests.helpers import NEXT_ITEM_CYCLE, tiny_config, write_arrivals
 
 CTR_MODELS = ["mf", "gru4rec", "sasrec", "two_tower", "din"]
 RANKERS = ["mf", "gru4rec", "sasrec", "two_tower"]
@@ -40,24 +40,11 @@ SMALL = {
     "train.lr": 0.01,
     "eval.batch_size": 64,
 }
-NEXT_ITEM = {
-    "task.name": "next_item",
-    "task.history_len": 8,
-    "task.template": "peso",
-    "protocol": "leave_last_out",
-    "staging.scheme": "preset",
-    "staging.n_stages": "null",
-}
 
 
 @pytest.fixture(scope="module")
 def arrivals_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_arrivals(tmp_path_factory.mktemp("arrivals"))
-
-
-@pytest.fixture(scope="module")
-def cycle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_peso_cycle(tmp_path_factory.mktemp("cycle"))
 
 
 def config(data: Path, out: Path, model: str, **over: object) -> RunConfig:
@@ -107,7 +94,7 @@ def test_ctr_models_overfit(model: str, sunny_dir: Path, tmp_path: Path) -> None
 
 @pytest.mark.parametrize("model", RANKERS)
 def test_next_item_models_overfit(model: str, cycle_dir: Path, tmp_path: Path) -> None:
-    lm, task, prepared = build(config(cycle_dir, tmp_path, model, **NEXT_ITEM))
+    lm, task, prepared = build(config(cycle_dir, tmp_path, model, **NEXT_ITEM_CYCLE))
     task.before_stage(lm, 1)
     rows = prepared.pools[1].train
     fit(lm, task, rows, epochs=60)
@@ -193,7 +180,7 @@ def test_cold_items_are_scored_by_their_text(arrivals_dir: Path, tmp_path: Path)
 
 
 def test_exclude_history_never_recommends_a_history_item(cycle_dir: Path, tmp_path: Path) -> None:
-    over = {**NEXT_ITEM, "task.exclude_history": "true"}
+    over = {**NEXT_ITEM_CYCLE, "task.exclude_history": "true"}
     lm, task, prepared = build(config(cycle_dir, tmp_path, "gru4rec", **over))
     task.before_stage(lm, 1)
     fit(lm, task, prepared.pools[1].train, epochs=2)
@@ -337,7 +324,8 @@ def test_run_experiment_end_to_end(sunny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_next_item_run_with_mf(cycle_dir: Path, tmp_path: Path) -> None:
-    cfg = config(cycle_dir, tmp_path, "mf", **NEXT_ITEM, **{"train.epochs": 2, "strategies": "[retrain]"})
+    over = {"train.epochs": 2, "strategies": "[retrain]"}
+    cfg = config(cycle_dir, tmp_path, "mf", **NEXT_ITEM_CYCLE, **over)
     (result,) = run_experiment(cfg)
     assert result["method"] == "mf-retrain" and result["complete"]
     assert [s["eval_stage"] for s in result["stages"]] == [1, 2, 3]
@@ -406,6 +394,6 @@ def test_labels_and_experiment_keys(sunny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_conventional_rankers_refuse_the_whole_catalogue(cycle_dir: Path, tmp_path: Path) -> None:
-    cfg = config(cycle_dir, tmp_path, "gru4rec", **NEXT_ITEM, **{"task.candidates": "catalogue"})
+    cfg = config(cycle_dir, tmp_path, "gru4rec", **NEXT_ITEM_CYCLE, **{"task.candidates": "catalogue"})
     with pytest.raises(ConfigError, match="candidates: seen"):
         build(cfg)

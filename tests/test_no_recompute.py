@@ -17,7 +17,7 @@ import torch
 
 from evolora.experiment import run_dir_of, run_experiment
 from evolora.models.llm import LoraLM
-from tests.helpers import tiny_config, tiny_model, write_peso_cycle
+from tests.helpers import NEXT_ITEM_CYCLE, tiny_config, tiny_model
 
 LSAT_FAMILY = [
     "{name: lsat, label: lsat-en, long_stages: 1}",
@@ -72,22 +72,6 @@ def test_lsat_variants_reuse_stored_adapter_scores_and_predict_as_alone(
 
 
 # ------------------------------------------------------------------------------------- inference paths
-# PESO-format blocks where each user walks the items in a cycle (tests/helpers.write_peso_cycle)
-NEXT_ITEM_CYCLE = {
-    "task.name": "next_item",
-    "task.history_len": 8,
-    "task.template": "peso",
-    "protocol": "leave_last_out",
-    "staging.scheme": "preset",
-    "staging.n_stages": "null",
-}
-
-
-@pytest.fixture(scope="module")
-def cycle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_peso_cycle(tmp_path_factory.mktemp("cycle"))
-
-
 TOKENS = ["<a_0>", "<a_1>", "<a_2>", "<b_0>", "<b_1>", "<b_2>"]
 
 
