@@ -8,7 +8,9 @@ reach it, and the others wait and reuse it (`continual/loop.py`).
 
 Processes are started with `spawn` (no inherited threads or CUDA state). A worker that sees its parent
 gone stops at once, so killing `evolora run` (even with kill -9) leaves no orphan writing to the run; the
-rerun resumes as after any interruption. The first worker to fail stops the others; its error is raised in
+rerun resumes as after any interruption. A spawned process starts with Python's default warning filters
+and transformers' default logging, so each worker is given its parent's (what `evolora run` silenced stays
+silent in its workers' output). The first worker to fail stops the others; its error is raised in
 the parent (a user error as the same one-line message, anything else with the worker's traceback).
 """
 
@@ -21,6 +23,7 @@ import queue
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -59,11 +62,12 @@ def run_workers(target: Callable[..., None], per_worker: Sequence[tuple[Any, ...
     """Run `target(*args)` in one spawned process per entry of `per_worker` and wait for all of them."""
     ctx = mp.get_context("spawn")
     messages = ctx.Queue()
+    quiet = _output_settings()
     n = len(per_worker)
     procs = []
     for i, args in enumerate(per_worker):
         label = f"worker {i + 1}/{n}"
-        p = ctx.Process(target=_entry, args=(target, label, args, messages), name=label, daemon=False)
+        p = ctx.Process(target=_entry, args=(target, label, args, messages, quiet), name=label, daemon=False)
         p.start()
         procs.append((label, p))
     try:
@@ -116,8 +120,33 @@ def _stop(procs: list[tuple[str, Any]]) -> None:
         p.join(timeout=30)
 
 
-def _entry(target: Callable[..., None], label: str, args: tuple[Any, ...], messages: Any) -> None:
+def _output_settings() -> dict[str, Any]:
+    """What this process shows of its libraries' warnings and logs, for a worker to adopt."""
+    from transformers.utils import logging as hf_logging
+
+    # a filter on a warning class defined in a script could not be unpickled in the worker: left out
+    kept = [f for f in warnings.filters if getattr(f[2], "__module__", "") != "__main__"]
+    return {
+        "warnings": kept,
+        "hf_verbosity": hf_logging.get_verbosity(),
+        "hf_progress": hf_logging.is_progress_bar_enabled(),
+    }
+
+
+def _adopt_output_settings(settings: dict[str, Any]) -> None:
+    from transformers.utils import logging as hf_logging
+
+    warnings.filters[:] = settings["warnings"]
+    hf_logging.set_verbosity(settings["hf_verbosity"])
+    if not settings["hf_progress"]:
+        hf_logging.disable_progress_bar()
+
+
+def _entry(
+    target: Callable[..., None], label: str, args: tuple[Any, ...], messages: Any, quiet: dict[str, Any]
+) -> None:
     os.environ[WORKER_ENV] = label
+    _adopt_output_settings(quiet)
     _stop_with_parent()
     try:
         target(*args)

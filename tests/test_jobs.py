@@ -83,6 +83,17 @@ def _bug(_: int) -> None:
     raise ValueError("an unexpected state")
 
 
+def _warns_and_logs(out_file: str) -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.warn("deprecated in v6", FutureWarning, stacklevel=1)
+    bars = hf_logging.is_progress_bar_enabled()
+    Path(out_file).write_text(f"{len(seen)} {hf_logging.get_verbosity()} {bars}")
+
+
 def _sleep_forever(pid_file: str) -> None:
     Path(pid_file).write_text(str(os.getpid()))
     time.sleep(600)
@@ -93,6 +104,30 @@ def test_a_failing_worker_is_reported_in_the_parent() -> None:
         run_workers(_user_mistake, [(0,), (1,)])
     with pytest.raises(WorkerError, match=r"(?s)ValueError: an unexpected state"):
         run_workers(_bug, [(0,)])
+
+
+def test_workers_keep_the_parents_warning_filters_and_library_logging(tmp_path: Path) -> None:
+    """What `evolora run` silenced (FutureWarnings, transformers' progress bars) stays silent in workers."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    out = tmp_path / "seen.txt"
+    verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    try:
+        for action, level, bars, expected in [
+            ("ignore", hf_logging.ERROR, False, f"0 {hf_logging.ERROR} False"),
+            ("always", hf_logging.WARNING, True, f"1 {hf_logging.WARNING} True"),  # a parent that shows them
+        ]:
+            with warnings.catch_warnings():
+                warnings.simplefilter(action, category=FutureWarning)
+                hf_logging.set_verbosity(level)
+                (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+                run_workers(_warns_and_logs, [(str(out),)])
+            assert out.read_text() == expected
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
 
 
 def test_workers_stop_when_the_parent_is_killed(tmp_path: Path) -> None:
