@@ -161,6 +161,20 @@ def test_fourteen_methods_get_distinct_lines(tmp_path: Path) -> None:
     assert (tmp_path / "auc.png").stat().st_size > 10_000
 
 
+def test_sample_counts_come_from_the_most_finished_run() -> None:
+    """An unfinished run first in the table (sorted by name) must not hide the later stages' counts."""
+    from evolora.eval.report import MethodRuns, stage_sizes
+
+    def run(stages: range) -> dict:
+        return {"stages": [{"eval_stage": t, "n_eval": 100 + t, "metrics": {}} for t in stages]}
+
+    groups = [
+        MethodRuns("a-unfinished", "d", "ctr", [run(range(2, 3))]),
+        MethodRuns("b", "d", "ctr", [run(range(2, 5))]),
+    ]
+    assert stage_sizes(groups) == "D2: 102, D3: 103, D4: 104"
+
+
 def test_run_prints_the_summaries(matrix_run, tmp_path: Path) -> None:
     import yaml
     from typer.testing import CliRunner

@@ -185,8 +185,9 @@ def kind_table(groups: list[MethodRuns], metric: str, skip: int | None = None) -
 
 
 def stage_sizes(groups: list[MethodRuns]) -> str:
-    """Evaluated samples per stage (from the first run), so readers know how noisy each column is."""
-    r = groups[0].runs[0]
+    """Evaluated samples per stage (from the run with the most stages: a table may hold unfinished runs), so
+    readers know how noisy each column is."""
+    r = max((run for g in groups for run in g.runs), key=lambda run: len(run["stages"]))
     parts = []
     for s in r["stages"]:
         n = f"{s['n_eval']}"
