@@ -3,7 +3,8 @@ measured from 1,000 to 1,000,000 items; what grows with users and stages is comp
 
 Measured, each at 10^3, 10^4, 10^5 and 10^6 items (random unique semantic IDs of 4 levels x 256 codes, the
 shape RQ-VAE gives; one thread):
-* trie: build seconds, the Python heap it takes (tracemalloc), and the seconds of the constrained-decoding
+* trie: build seconds, the heap it takes (tracemalloc, which sees numpy's buffers too: the peak while
+  building, and what the built trie keeps), and the seconds of the constrained-decoding
   lookups for one batch (8 queries x 10 beams x 4 steps of `children`; median of 5 after a warm-up, which
   also absorbs the one full garbage collection that follows building a large trie), which depend on the
   branching, not on the number of items;
@@ -48,7 +49,7 @@ def trie_figures(n: int) -> dict[str, float]:
     t0 = time.perf_counter()
     trie = ItemTrie(seqs)
     build = time.perf_counter() - t0
-    _, peak = tracemalloc.get_traced_memory()
+    kept, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rng = np.random.default_rng(1)
     targets = [seqs[i] for i in rng.integers(0, n, 80)]  # 8 queries x 10 beams following real items
@@ -60,7 +61,12 @@ def trie_figures(n: int) -> dict[str, float]:
                 trie.children(tuple(seq[:k]))
         times.append(time.perf_counter() - t0)
     lookups = float(np.median(times[1:]))
-    return {"build_seconds": build, "heap_mb": peak / 2**20, "lookup_seconds_per_batch": lookups}
+    return {
+        "build_seconds": build,
+        "heap_mb": peak / 2**20,
+        "kept_mb": kept / 2**20,
+        "lookup_seconds_per_batch": lookups,
+    }
 
 
 def ranking_figures(n: int, repeats: int = 3) -> dict[str, float]:

@@ -54,6 +54,30 @@ def test_trie_knows_items_and_prefixes(setup) -> None:
         ItemTrie([[1, 2], [1, 2]])
 
 
+def test_trie_answers_as_a_brute_force_search_does() -> None:
+    """Children, items and misses of the flat trie against scanning every sequence, on random IDs with
+    shared prefixes, a subset's own item indices and tokens beyond int32."""
+    rng = np.random.default_rng(3)
+    seqs = [list(r) for r in {tuple(rng.integers(0, 4, size=4).tolist()) for _ in range(150)}]
+    seqs = [[t + 10 * i for i, t in enumerate(s)] for s in seqs]
+    indices = [int(i) for i in rng.permutation(1000)[: len(seqs)]]
+    trie = ItemTrie(seqs, indices)
+    assert len(trie) == len(seqs)
+    prefixes = {tuple(s[:k]) for s in seqs for k in range(5)} | {(0, 99), (3, 11, 22, 33, 44), (-1,)}
+    for p in prefixes:
+        expected = sorted({s[len(p)] for s in seqs if tuple(s[: len(p)]) == p and len(s) > len(p)})
+        assert sorted(trie.children(p)) == expected, p
+    for s, i in zip(seqs, indices, strict=True):
+        assert trie.item(tuple(s)) == i
+    assert trie.item((0, 10, 20)) == -1 and trie.item((99, 10, 20, 30)) == -1
+    big = ItemTrie([[2**40, 1], [2**40, 2], [5, 1]])
+    assert big.children((2**40,)) == [1, 2] and big.item((2**40, 2)) == 1
+    with pytest.raises(ValueError, match="items 4 and 9 share the ID"):
+        ItemTrie([[1, 2], [3, 4], [1, 2]], [9, 7, 4])
+    with pytest.raises(ValueError, match="2 ID sequences but 1 item indices"):
+        ItemTrie([[1, 2], [3, 4]], [0])
+
+
 def test_beam_search_is_exact_when_beams_cover_every_prefix(setup) -> None:
     lm, trie, seqs, prompts = setup
     exact = exhaustive(lm, prompts, seqs)

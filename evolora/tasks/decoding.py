@@ -24,38 +24,72 @@ from evolora.models.tokens import pad_token_lists
 
 class ItemTrie:
     """Prefix trie over the items' token-id sequences (all of one length); `indices`: the item index of each
-    sequence (default: its position), for a trie over a subset of the items."""
+    sequence (default: its position), for a trie over a subset of the items.
+
+    Stored flat rather than as nodes: the sequences sorted lexicographically, one integer column per ID
+    position. The items under a prefix are then one contiguous block, found by a binary search per token
+    of the prefix, and the prefix's children are the distinct tokens of the next column in that block. At
+    10^6 items of 4 tokens this is about 20 MB, where nested dicts took 455 MB (benchmarks/README.md); a
+    lookup costs microseconds, nothing beside a decoder pass.
+    """
 
     def __init__(self, sequences: list[list[int]], indices: list[int] | None = None) -> None:
         lengths = {len(s) for s in sequences}
         if len(lengths) != 1:
             raise ValueError(f"item ID sequences must share one length, got {sorted(lengths)}")
         self.depth = lengths.pop()
-        self.root: dict = {}
-        self.items: dict[tuple[int, ...], int] = {}
-        indices = list(range(len(sequences))) if indices is None else indices
-        for index, seq in zip(indices, sequences, strict=True):
-            node = self.root
-            for tok in seq:
-                node = node.setdefault(tok, {})
-            key = tuple(seq)
-            if key in self.items:
-                raise ValueError(f"items {self.items[key]} and {index} share the ID sequence {key}")
-            self.items[key] = index
-        self.levels = [sorted({s[i] for s in sequences}) for i in range(self.depth)]
-        self.sequences = sequences
+        codes = np.asarray(sequences, dtype=np.int64).reshape(len(sequences), self.depth)
+        index = np.arange(len(codes)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if len(index) != len(codes):
+            raise ValueError(f"{len(codes)} ID sequences but {len(index)} item indices")
+        if codes.size and codes.min() >= np.iinfo(np.int32).min and codes.max() <= np.iinfo(np.int32).max:
+            codes = codes.astype(np.int32)
+        order = np.lexsort(codes.T[::-1])  # first token the primary key
+        codes, self._index = codes[order], index[order]
+        twins = np.flatnonzero((codes[1:] == codes[:-1]).all(axis=1))
+        if len(twins):
+            a, b = sorted(int(self._index[k]) for k in (twins[0], twins[0] + 1))
+            raise ValueError(f"items {a} and {b} share the ID sequence {tuple(codes[twins[0]].tolist())}")
+        self._columns = np.ascontiguousarray(codes.T)  # [depth, items]
+        self._range = np.iinfo(codes.dtype)
+        self.levels = [np.unique(column).tolist() for column in self._columns]
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _block(self, prefix: tuple[int, ...]) -> tuple[int, int]:
+        """The rows [lo, hi) whose sequences start with `prefix` (empty when none do)."""
+        lo, hi = 0, len(self._index)
+        dtype = self._columns.dtype
+        for level, tok in enumerate(prefix):
+            if not self._range.min <= tok <= self._range.max:
+                return lo, lo
+            # inside the block the earlier tokens are fixed, so this column is sorted there; the token in
+            # the column's own type, or searchsorted would convert the whole block to compare
+            block, key = self._columns[level, lo:hi], dtype.type(tok)
+            lo, hi = lo + int(block.searchsorted(key, "left")), lo + int(block.searchsorted(key, "right"))
+            if lo == hi:
+                break
+        return lo, hi
 
     def children(self, prefix: tuple[int, ...]) -> list[int]:
-        node = self.root
-        for tok in prefix:
-            node = node.get(tok)
-            if node is None:
-                return []
-        return list(node)
+        """The tokens that may follow `prefix` ([] after a complete or unknown prefix)."""
+        if len(prefix) >= self.depth:
+            return []
+        if not prefix:
+            return list(self.levels[0])
+        lo, hi = self._block(prefix)
+        if lo == hi:
+            return []
+        block = self._columns[len(prefix), lo:hi]
+        return block[np.flatnonzero(np.r_[True, block[1:] != block[:-1]])].tolist()
 
     def item(self, seq: tuple[int, ...]) -> int:
         """Item index of a complete sequence, -1 for a sequence that is no item."""
-        return self.items.get(tuple(seq), -1)
+        if len(seq) != self.depth:
+            return -1
+        lo, hi = self._block(tuple(seq))
+        return int(self._index[lo]) if hi - lo == 1 else -1
 
 
 @dataclass

@@ -206,7 +206,7 @@ class NextItemTask(Task):
                     )
                     items[at], scores[at] = ranked.items, ranked.scores
                     target_logp[at], target_valid[at] = ranked.target_logp, ranked.target_logp_valid
-                    n_candidates[at] = len(trie.items)
+                    n_candidates[at] = len(trie)
                 bar.advance(len(chunk))
         lm.model.train(was_training)
         return Ranked(items, scores, target_logp, target_valid, np.log(n_candidates))
