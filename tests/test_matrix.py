@@ -141,6 +141,30 @@ def test_report_shows_summaries_and_draws_heatmaps(matrix_run, tmp_path: Path) -
     lo, hi = map(float, row.split("|")[3].split("[")[1].rstrip("] ").split(","))  # finetune's BWT
     assert lo < hi
     assert (tmp_path / "auc-matrix.png").stat().st_size > 10_000
+    # Each method against finetune: the difference of the recorded summaries, with a paired interval.
+    diff = text.split("AUC, difference to finetune:")[1].split("LOGLOSS")[0]
+    frozen_diff = next(line for line in diff.splitlines() if line.startswith("| frozen |"))
+    frozen = _results(matrix_run, "frozen")["summary"]["matrix"]["metrics"]["auc"]
+    assert f"{frozen['bwt'] - finetune['bwt']:+.4f}" in frozen_diff.split("|")[4]
+    assert not any(line.startswith("| finetune |") for line in diff.splitlines())
+
+
+def test_differences_are_paired_in_rows_and_seeds(matrix_run) -> None:
+    """A method with finetune's very predictions differs from it by exactly 0 in every resample, while its
+    own interval is as wide as finetune's: the rows (and seeds) drawn are shared."""
+    from dataclasses import replace
+
+    from evolora.eval.matrix_report import _Draws
+    from evolora.eval.report import find_results, group_runs
+
+    groups = group_runs(find_results([Path(matrix_run.output_dir) / matrix_run.name]))
+    finetune = next(g for g in groups if g.method == "finetune")
+    twin = replace(finetune, method="twin")
+    boot = _Draws([*groups, twin], "auc", draws=200, seed=0)
+    own = boot.interval("twin")
+    assert own == boot.interval("finetune") and own["average"][0] < own["average"][1]
+    assert all(iv == (0.0, 0.0) for iv in boot.difference("twin", "finetune").values())
+    assert boot.difference("frozen", "finetune")["average"] != (0.0, 0.0)
 
 
 def test_fourteen_methods_get_distinct_lines(tmp_path: Path) -> None:

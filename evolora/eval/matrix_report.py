@@ -6,12 +6,15 @@ mean over seeds, ± the standard deviation across seeds where there are several,
 interval over the evaluated rows: each draw resamples the rows of every stage j once and scores every entry
 of column j (every t, every method, every seed) on that resample, so entries and methods stay paired, and
 recomputes the summaries (the seeds' mean); with several seeds each draw also resamples the seeds, so the
-interval covers training noise as well.
+interval covers training noise as well. The same draws (rows and seeds) give each method's difference to
+the baseline (finetune) seed by seed, so those intervals are paired: what the two share (the stage-1
+adapter, the rows that happened to be drawn) cancels.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,54 +54,136 @@ def _cell(values: list[float | None], signed: bool, interval: tuple[float, float
     return out
 
 
-def bootstrap_intervals(
-    groups: list[_Runs], metric: str, draws: int = 1000, seed: int = 0
-) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per method, a 95% interval of each summary over row resamples (module docstring)."""
-    higher = not lower_is_better(metric)
-    runs = {g.method: [a for r in g.runs if (a := stored_predictions(r, matrix=True))] for g in groups}
-    runs = {k: v for k, v in runs.items() if v}
-    if not runs:
-        return {}
-    on_arrays = metric_set(next(g.task for g in groups if g.method in runs)).on_arrays
-    sizes = {j: len(row[j]["rows"]) for v in runs.values() for a in v for row in a.values() for j in row}
-    rng = np.random.default_rng(seed)
-    values: dict[str, dict[str, list[float]]] = {m: {k: [] for k in SUMMARIES} for m in runs}
-    for _ in range(draws):
-        idx = {j: rng.integers(0, n, n) for j, n in sorted(sizes.items())}
-        for method, arrays in runs.items():
-            chosen = rng.integers(0, len(arrays), len(arrays)) if len(arrays) > 1 else [0]
-            per_seed = [
-                summaries({t: {j: on_arrays(a[t][j], idx[j], metric) for j in a[t]} for t in a}, higher)
-                for a in (arrays[i] for i in chosen)
-            ]
-            for k in SUMMARIES:
-                vals = [x[k] for x in per_seed if x[k] is not None]
-                values[method][k].append(float(np.nanmean(vals)) if vals else float("nan"))
-    return {
-        m: {k: tuple(np.nanpercentile(v, [2.5, 97.5])) for k, v in ks.items() if np.isfinite(v).any()}
-        for m, ks in values.items()
-    }
+class _Draws:
+    """The summaries of every run on each bootstrap draw (module docstring): `values[method][seed]` is an
+    array [draws, summaries] (NaN where a summary is undefined), `chosen[d]` the seeds draw d averages
+    (the same for every method, so differences between methods are paired in seeds as well as rows)."""
+
+    def __init__(self, groups: list[_Runs], metric: str, draws: int, seed: int) -> None:
+        higher = not lower_is_better(metric)
+        runs = {
+            g.method: {r["seed"]: a for r in g.runs if (a := stored_predictions(r, matrix=True))}
+            for g in groups
+        }
+        self.runs = {m: v for m, v in runs.items() if v}
+        self.values: dict[str, dict[Any, np.ndarray]] = {}
+        if not self.runs:
+            return
+        on_arrays = metric_set(next(g.task for g in groups if g.method in self.runs)).on_arrays
+        sizes = {
+            j: len(row[j]["rows"])
+            for v in self.runs.values()
+            for a in v.values()
+            for row in a.values()
+            for j in row
+        }
+        seeds = sorted({s for v in self.runs.values() for s in v})
+        self.values = {
+            m: {s: np.full((draws, len(SUMMARIES)), np.nan) for s in v} for m, v in self.runs.items()
+        }
+        self.chosen: list[list[Any]] = []
+        rng = np.random.default_rng(seed)
+        for d in range(draws):
+            idx = {j: rng.integers(0, n, n) for j, n in sorted(sizes.items())}
+            picks = rng.integers(0, len(seeds), len(seeds)) if len(seeds) > 1 else [0]
+            self.chosen.append([seeds[i] for i in picks])
+            for method, by_seed in self.runs.items():
+                for s, a in by_seed.items():
+                    x = summaries(
+                        {t: {j: on_arrays(a[t][j], idx[j], metric) for j in a[t]} for t in a}, higher
+                    )
+                    self.values[method][s][d] = [np.nan if x[k] is None else x[k] for k in SUMMARIES]
+
+    def _interval(self, per_draw: list[np.ndarray]) -> dict[str, tuple[float, float]]:
+        stacked = np.array(per_draw)  # [draws, summaries]
+        return {
+            k: tuple(np.nanpercentile(stacked[:, i], [2.5, 97.5]))
+            for i, k in enumerate(SUMMARIES)
+            if np.isfinite(stacked[:, i]).any()
+        }
+
+    def _mean_over(self, seeds: list[Any], rows: list[np.ndarray]) -> np.ndarray:
+        if not seeds:
+            return np.full(len(SUMMARIES), np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a summary undefined on every seed stays NaN
+            return np.nanmean(rows, axis=0)
+
+    def interval(self, method: str) -> dict[str, tuple[float, float]]:
+        """A 95% interval of each summary of `method` (the mean over the drawn seeds it has)."""
+        own = self.values.get(method)
+        if not own:
+            return {}
+        per_draw = []
+        for d, drawn in enumerate(self.chosen):
+            seeds = [s for s in drawn if s in own]
+            per_draw.append(self._mean_over(seeds, [own[s][d] for s in seeds]))
+        return self._interval(per_draw)
+
+    def difference(self, method: str, baseline: str) -> dict[str, tuple[float, float]]:
+        """A 95% interval of each summary's difference method - baseline, seed by seed (seeds both have)."""
+        mine, theirs = self.values.get(method, {}), self.values.get(baseline, {})
+        both = set(mine) & set(theirs)
+        if not both:
+            return {}
+        per_draw = []
+        for d, drawn in enumerate(self.chosen):
+            seeds = [s for s in drawn if s in both]
+            per_draw.append(self._mean_over(seeds, [mine[s][d] - theirs[s][d] for s in seeds]))
+        return self._interval(per_draw)
 
 
-def summary_table(groups: list[_Runs], metric: str, draws: int = 1000) -> str | None:
-    """Methods x summaries of one metric, over the runs (seeds) that recorded a matrix."""
+def _per_seed(g: _Runs, metric: str) -> dict[Any, dict[str, float | None]]:
     higher = not lower_is_better(metric)
-    intervals = bootstrap_intervals(groups, metric, draws) if draws else {}
+    return {r["seed"]: summaries(m, higher) for r in g.runs if (m := run_matrix(r, metric))}
+
+
+def summary_table(groups: list[_Runs], metric: str, boot: _Draws | None = None) -> str | None:
+    """Methods x summaries of one metric, over the runs (seeds) that recorded a matrix; intervals from
+    `boot` (none without it)."""
     head = ["method", *SUMMARIES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        per_run = [summaries(m, higher) for r in g.runs if (m := run_matrix(r, metric))]
+        per_run = list(_per_seed(g, metric).values())
         if per_run:
-            cells = [
-                _cell([s[k] for s in per_run], k in SIGNED, intervals.get(g.method, {}).get(k))
-                for k in SUMMARIES
-            ]
+            intervals = boot.interval(g.method) if boot else {}
+            cells = [_cell([s[k] for s in per_run], k in SIGNED, intervals.get(k)) for k in SUMMARIES]
             lines.append(f"| {g.method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else None
 
 
-def matrix_section(groups: list[_Runs], metrics: list[str]) -> list[str]:
+def difference_table(groups: list[_Runs], metric: str, boot: _Draws, baseline: str) -> str | None:
+    """Each method's summaries minus the baseline's, seed by seed over the seeds both ran, with the paired
+    95% interval; bold where it excludes 0 (decided)."""
+    base = next((g for g in groups if g.method == baseline), None)
+    if base is None:
+        return None
+    theirs = _per_seed(base, metric)
+    head = ["method", "seeds", *(f"Δ{k}" for k in SUMMARIES)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        mine = _per_seed(g, metric)
+        both = sorted(set(mine) & set(theirs))
+        if g.method == baseline or not both:
+            continue
+        intervals = boot.difference(g.method, baseline)
+        cells = []
+        for k in SUMMARIES:
+            diffs = [
+                mine[s][k] - theirs[s][k] for s in both if mine[s][k] is not None and theirs[s][k] is not None
+            ]
+            iv = intervals.get(k)
+            if not diffs or iv is None:
+                cells.append("–")
+                continue
+            point = f"{np.mean(diffs):+.4f}"
+            decided = iv[0] > 0 or iv[1] < 0
+            cells.append((f"**{point}**" if decided else point) + f" [{iv[0]:+.4f}, {iv[1]:+.4f}]")
+        lines.append(f"| {g.method} | {len(both)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
+def matrix_section(groups: list[_Runs], metrics: list[str], baseline: str = "finetune") -> list[str]:
     """The report's section on the matrix (nothing when no run recorded one)."""
     if not has_matrix(groups):
         return []
@@ -112,12 +197,19 @@ def matrix_section(groups: list[_Runs], metrics: list[str]) -> list[str]:
         "are signed so that > 0 is better and forgetting so that > 0 is worse, whichever way the metric "
         "goes; average and plasticity are the metric itself. Mean over seeds (± sd where several) and, "
         "in brackets, a 95% interval over 1000 resamples of the evaluated rows (the same for every "
-        "method) and, with several seeds, of the seeds (`evolora/eval/matrix_report.py`)."
+        "method) and, with several seeds, of the seeds (`evolora/eval/matrix_report.py`). Then each "
+        f"method against `{baseline}`: the difference of each summary, seed by seed over the seeds both "
+        "ran, with the interval of the same resamples taken jointly for both (paired in rows and seeds); "
+        "**bold**: the interval excludes 0 (decided)."
     ]
     for m in (m for m in metrics if not is_reference(m)):
-        table = summary_table(groups, m)
+        boot = _Draws(groups, m, draws=1000, seed=0)
+        table = summary_table(groups, m, boot)
         if table:
             out.append(f"\n{m.upper()}:\n\n{table}")
+        diff = difference_table(groups, m, boot, baseline)
+        if diff:
+            out.append(f"\n{m.upper()}, difference to {baseline}:\n\n{diff}")
     return out
 
 

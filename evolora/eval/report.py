@@ -346,7 +346,7 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
             "new: first seen in this stage.\n"
         )
         out.append(kt)
-    out.extend(matrix_section(groups, metrics))
+    out.extend(matrix_section(groups, metrics, BASELINE))
     times = ", ".join(f"{g.method} {g.train_seconds():.0f}s" for g in groups)
     out.append(f"\nTraining time per run (sum over stages, shared results counted in full): {times}.")
     costs = cost_table(groups)
