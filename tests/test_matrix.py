@@ -154,7 +154,7 @@ def test_differences_are_paired_in_rows_and_seeds(matrix_run) -> None:
     own interval is as wide as finetune's: the rows (and seeds) drawn are shared."""
     from dataclasses import replace
 
-    from evolora.eval.matrix_report import _Draws
+    from evolora.eval.matrix_report import _Draws, difference_table
     from evolora.eval.report import find_results, group_runs
 
     groups = group_runs(find_results([Path(matrix_run.output_dir) / matrix_run.name]))
@@ -163,8 +163,13 @@ def test_differences_are_paired_in_rows_and_seeds(matrix_run) -> None:
     boot = _Draws([*groups, twin], "auc", draws=200, seed=0)
     own = boot.interval("twin")
     assert own == boot.interval("finetune") and own["average"][0] < own["average"][1]
-    assert all(iv == (0.0, 0.0) for iv in boot.difference("twin", "finetune").values())
-    assert boot.difference("frozen", "finetune")["average"] != (0.0, 0.0)
+    assert all(iv == (0.0, 0.0) for iv in boot.difference("twin", "finetune", {0}).values())
+    assert boot.difference("frozen", "finetune", {0})["average"] != (0.0, 0.0)
+    # A seed the twin has not finished is not compared: summaries at different last stages differ in kind.
+    unfinished = replace(twin, runs=[{**r, "stages": r["stages"][:1]} for r in twin.runs])
+    table = difference_table([finetune, twin], "auc", boot, "finetune")
+    assert table is not None and "| twin | 1 | +0.0000 [+0.0000, +0.0000] |" in table
+    assert difference_table([finetune, unfinished], "auc", boot, "finetune") is None
 
 
 def test_fourteen_methods_get_distinct_lines(tmp_path: Path) -> None:

@@ -120,10 +120,10 @@ class _Draws:
             per_draw.append(self._mean_over(seeds, [own[s][d] for s in seeds]))
         return self._interval(per_draw)
 
-    def difference(self, method: str, baseline: str) -> dict[str, tuple[float, float]]:
-        """A 95% interval of each summary's difference method - baseline, seed by seed (seeds both have)."""
+    def difference(self, method: str, baseline: str, seeds: set[Any]) -> dict[str, tuple[float, float]]:
+        """A 95% interval of each summary's difference method - baseline, seed by seed over `seeds`."""
         mine, theirs = self.values.get(method, {}), self.values.get(baseline, {})
-        both = set(mine) & set(theirs)
+        both = set(mine) & set(theirs) & seeds
         if not both:
             return {}
         per_draw = []
@@ -136,6 +136,15 @@ class _Draws:
 def _per_seed(g: _Runs, metric: str) -> dict[Any, dict[str, float | None]]:
     higher = not lower_is_better(metric)
     return {r["seed"]: summaries(m, higher) for r in g.runs if (m := run_matrix(r, metric))}
+
+
+def _last_trained(g: _Runs) -> dict[Any, int]:
+    """Per seed, the last stage whose matrix row the run recorded (an unfinished run stops early)."""
+    return {
+        r["seed"]: max(rows)
+        for r in g.runs
+        if (rows := [s["train_stage"] for s in r["stages"] if "matrix" in s])
+    }
 
 
 def summary_table(groups: list[_Runs], metric: str, boot: _Draws | None = None) -> str | None:
@@ -153,20 +162,21 @@ def summary_table(groups: list[_Runs], metric: str, boot: _Draws | None = None) 
 
 
 def difference_table(groups: list[_Runs], metric: str, boot: _Draws, baseline: str) -> str | None:
-    """Each method's summaries minus the baseline's, seed by seed over the seeds both ran, with the paired
-    95% interval; bold where it excludes 0 (decided)."""
+    """Each method's summaries minus the baseline's, seed by seed over the seeds both ran to the same last
+    stage, with the paired 95% interval; bold where it excludes 0 (decided)."""
     base = next((g for g in groups if g.method == baseline), None)
     if base is None:
         return None
-    theirs = _per_seed(base, metric)
+    theirs, their_last = _per_seed(base, metric), _last_trained(base)
     head = ["method", "seeds", *(f"Δ{k}" for k in SUMMARIES)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        mine = _per_seed(g, metric)
-        both = sorted(set(mine) & set(theirs))
+        mine, my_last = _per_seed(g, metric), _last_trained(g)
+        # summaries compare only at the same last stage: a seed one of the two has not finished waits
+        both = sorted(s for s in set(mine) & set(theirs) if my_last.get(s) == their_last.get(s))
         if g.method == baseline or not both:
             continue
-        intervals = boot.difference(g.method, baseline)
+        intervals = boot.difference(g.method, baseline, set(both))
         cells = []
         for k in SUMMARIES:
             diffs = [
@@ -199,8 +209,8 @@ def matrix_section(groups: list[_Runs], metrics: list[str], baseline: str = "fin
         "in brackets, a 95% interval over 1000 resamples of the evaluated rows (the same for every "
         "method) and, with several seeds, of the seeds (`evolora/eval/matrix_report.py`). Then each "
         f"method against `{baseline}`: the difference of each summary, seed by seed over the seeds both "
-        "ran, with the interval of the same resamples taken jointly for both (paired in rows and seeds); "
-        "**bold**: the interval excludes 0 (decided)."
+        "ran to the same last stage, with the interval of the same resamples taken jointly for both "
+        "(paired in rows and seeds); **bold**: the interval excludes 0 (decided)."
     ]
     for m in (m for m in metrics if not is_reference(m)):
         boot = _Draws(groups, m, draws=1000, seed=0)
