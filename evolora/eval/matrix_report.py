@@ -94,7 +94,20 @@ class _Draws:
                     )
                     self.values[method][s][d] = [np.nan if x[k] is None else x[k] for k in SUMMARIES]
 
-    def _interval(self, per_draw: list[np.ndarray]) -> dict[str, tuple[float, float]]:
+    def _over_draws(self, by_seed: dict[Any, np.ndarray]) -> dict[str, tuple[float, float]]:
+        """The 95% interval of each summary of per-seed values [draws, summaries]: on draw d the mean over
+        the seeds drawn that `by_seed` has (NaN where it has none, or a summary is undefined on all)."""
+        if not by_seed:
+            return {}
+        per_draw = []
+        for d, drawn in enumerate(self.chosen):
+            rows = [by_seed[s][d] for s in drawn if s in by_seed]
+            if not rows:
+                per_draw.append(np.full(len(SUMMARIES), np.nan))
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # undefined on every seed: stays NaN
+                per_draw.append(np.nanmean(rows, axis=0))
         stacked = np.array(per_draw)  # [draws, summaries]
         return {
             k: tuple(np.nanpercentile(stacked[:, i], [2.5, 97.5]))
@@ -102,35 +115,14 @@ class _Draws:
             if np.isfinite(stacked[:, i]).any()
         }
 
-    def _mean_over(self, seeds: list[Any], rows: list[np.ndarray]) -> np.ndarray:
-        if not seeds:
-            return np.full(len(SUMMARIES), np.nan)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a summary undefined on every seed stays NaN
-            return np.nanmean(rows, axis=0)
-
     def interval(self, method: str) -> dict[str, tuple[float, float]]:
         """A 95% interval of each summary of `method` (the mean over the drawn seeds it has)."""
-        own = self.values.get(method)
-        if not own:
-            return {}
-        per_draw = []
-        for d, drawn in enumerate(self.chosen):
-            seeds = [s for s in drawn if s in own]
-            per_draw.append(self._mean_over(seeds, [own[s][d] for s in seeds]))
-        return self._interval(per_draw)
+        return self._over_draws(self.values.get(method, {}))
 
     def difference(self, method: str, baseline: str, seeds: set[Any]) -> dict[str, tuple[float, float]]:
         """A 95% interval of each summary's difference method - baseline, seed by seed over `seeds`."""
         mine, theirs = self.values.get(method, {}), self.values.get(baseline, {})
-        both = set(mine) & set(theirs) & seeds
-        if not both:
-            return {}
-        per_draw = []
-        for d, drawn in enumerate(self.chosen):
-            seeds = [s for s in drawn if s in both]
-            per_draw.append(self._mean_over(seeds, [mine[s][d] - theirs[s][d] for s in seeds]))
-        return self._interval(per_draw)
+        return self._over_draws({s: mine[s] - theirs[s] for s in set(mine) & set(theirs) & seeds})
 
 
 def _per_seed(g: _Runs, metric: str) -> dict[Any, dict[str, float | None]]:
