@@ -115,7 +115,7 @@ def test_the_run_table_and_the_report_name_the_precision(sunny_dir: Path, tmp_pa
     )
     result = runner.invoke(app, ["run", str(config)])
     assert result.exit_code == 0, result.output
-    assert "precision: fp32 (every run); mean: D2 left out: every method shares it" in result.output
+    assert "precision: fp32 (every run); mean: D2 left out: shared within each experiment" in result.output
     text = (tmp_path / "runs" / "cli" / "report.md").read_text()
     assert "Precision: fp32 (every run)." in text and "leave D2 out" in text
     res = json.loads((tmp_path / "runs" / "cli" / "finetune" / "seed0" / "results.json").read_text())

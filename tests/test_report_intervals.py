@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evolora.eval.report import group_runs, paired_bootstrap
+from evolora.eval.report import group_runs, paired_bootstrap, shared_first_stage
 from evolora.io import save_npz
 
 
@@ -63,3 +63,20 @@ def test_llm_and_conventional_next_item_rows_say_their_candidates_differ(tmp_pat
     (tmp_path / "finetune" / "results.json").write_text(json.dumps({**run, "candidates": "seen"}))
     text, _ = build_report([tmp_path])
     assert "Candidates differ" not in text
+
+
+def _first_stage(method: str, seed: int, context: str, auc: float) -> dict:
+    stages = [{"eval_stage": 2, "metrics": {"auc": auc}}, {"eval_stage": 3, "metrics": {"auc": 0.6}}]
+    return {"method": method, "seed": seed, "context_key": context, "stages": stages}
+
+
+def test_first_stage_left_out_when_each_experiment_shares_it() -> None:
+    """An LLM experiment and a conventional one each share their own stage-1 model: D2 cannot tell the
+    methods of either apart, so it is left out for every row; a real difference inside one keeps it."""
+    llm = [_first_stage(m, s, "llm", 0.55 + s / 10) for m in ("finetune", "peso") for s in (0, 1)]
+    din = [_first_stage(m, s, "din", 0.75) for m in ("din-frozen", "din-finetune") for s in (0, 1)]
+    assert shared_first_stage(llm + din) == 2
+    assert shared_first_stage(llm + din[:1]) == 2  # a one-method experiment does not stop it
+    assert shared_first_stage([*din[:1], _first_stage("mf", 0, "mf", 0.7)]) is None  # nothing shared
+    broken = [*llm, _first_stage("lsat", 0, "llm", 0.99)]
+    assert shared_first_stage(broken + din) is None

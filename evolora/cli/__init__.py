@@ -184,7 +184,7 @@ def stage_table_note(results: list[dict[str, Any]]) -> str:
     from evolora.eval.report import precision_line, shared_first_stage
 
     skip = shared_first_stage(results)
-    over = "every evaluated stage" if skip is None else f"D{skip} left out: every method shares it"
+    over = "every evaluated stage" if skip is None else f"D{skip} left out: shared within each experiment"
     return f"precision: {precision_line(results)}; mean: {over}"
 
 

@@ -4,9 +4,10 @@ Input is any set of run folders; every `results.json` below them is read. Runs o
 the same dataset and task with different seeds are averaged, and the table says how many seeds went in
 (± is the standard deviation across seeds).
 
-When every method scores the same on the first evaluated stage (they all evaluate one shared stage-1
-adapter), that stage cannot tell them apart: means, "vs finetune" percentages and bootstrap differences are
-then taken over the later stages, and the report says so; otherwise they cover every evaluated stage.
+When the methods of each experiment score the same on the first evaluated stage (they all evaluate one
+shared stage-1 adapter, or one conventional model's stage-1 weights), that stage cannot tell them apart:
+means, "vs finetune" percentages and bootstrap differences are then taken over the later stages for every
+row, and the report says so; otherwise they cover every evaluated stage.
 """
 
 from __future__ import annotations
@@ -84,17 +85,27 @@ def _finite(v: Any) -> bool:
 
 
 def shared_first_stage(results: list[dict[str, Any]]) -> int | None:
-    """The first evaluated stage when at least two methods are compared and, seed by seed, every method
-    has the same metrics there (one shared stage-1 adapter): it cannot tell them apart. Else None."""
+    """The first evaluated stage when it cannot tell the compared methods apart: every experiment (runs
+    with one `context_key`: same data, model and training) that holds two or more methods scores them
+    the same there, seed by seed (one shared stage-1 adapter), and at least one experiment does. An
+    experiment with one method (a conventional model's run beside LLM strategies) does not stop it: its
+    rows are then averaged over the same later stages as the others. Else None."""
     if len({r["method"] for r in results}) < 2 or any(not r["stages"] for r in results):
         return None
     first = {r["stages"][0]["eval_stage"] for r in results}
     if len(first) != 1:
         return None
-    by_seed: dict[Any, set[str]] = defaultdict(set)
+    by_context: dict[Any, dict[Any, set[str]]] = defaultdict(lambda: defaultdict(set))
+    methods: dict[Any, set[str]] = defaultdict(set)
     for r in results:
-        by_seed[r["seed"]].add(json.dumps(r["stages"][0]["metrics"], sort_keys=True))
-    return first.pop() if all(len(v) == 1 for v in by_seed.values()) else None
+        key = r.get("context_key")
+        by_context[key][r["seed"]].add(json.dumps(r["stages"][0]["metrics"], sort_keys=True))
+        methods[key].add(r["method"])
+    compared = [key for key, m in methods.items() if len(m) >= 2]
+    if not compared:
+        return None
+    shared = all(len(v) == 1 for key in compared for v in by_context[key].values())
+    return first.pop() if shared else None
 
 
 def precision_line(results: list[dict[str, Any]]) -> str:
@@ -301,8 +312,8 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
     out.append(f"Precision: {precision_line(results)}.")
     if skip is not None:
         out.append(
-            f"Every method scores the same on D{skip} (one shared stage-1 adapter): means, `vs {BASELINE}` "
-            f"and bootstrap differences leave D{skip} out."
+            f"The methods of each experiment score the same on D{skip} (one shared stage-1 model): means, "
+            f"`vs {BASELINE}` and bootstrap differences leave D{skip} out."
         )
     else:
         out.append("Means, `vs finetune` and bootstrap differences cover every evaluated stage.")
