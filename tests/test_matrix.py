@@ -173,7 +173,8 @@ def test_differences_are_paired_in_rows_and_seeds(matrix_run) -> None:
 
 
 def test_fourteen_methods_get_distinct_lines(tmp_path: Path) -> None:
-    from evolora.eval.report import MethodRuns, line_style, plot_metric
+    from evolora.eval.plots import line_style, plot_metric
+    from evolora.eval.report import MethodRuns
 
     styles = [line_style(i) for i in range(40)]
     assert len(set(styles)) == 40 and len({s[:2] for s in styles}) == 40  # colour + dash alone differ

@@ -207,7 +207,8 @@ def run(
     """Run an experiment: every strategy and seed of CONFIG, stage by stage; rerun to resume."""
     from evolora import parallel, progress
     from evolora.config import load_config
-    from evolora.eval.report import build_report, write_plots
+    from evolora.eval.plots import write_plots
+    from evolora.eval.report import build_report
     from evolora.experiment import run_experiment
     from evolora.io import atomic_write_text
     from evolora.tasks import task_spec
@@ -251,7 +252,8 @@ def report(
 ) -> None:
     """Compare runs: a markdown table of methods x stages and a PNG plot of the metric per stage."""
     from evolora.eval.metrics import metric_set
-    from evolora.eval.report import build_report, write_plots
+    from evolora.eval.plots import write_plots
+    from evolora.eval.report import build_report
     from evolora.io import atomic_write_text
 
     text, groups = build_report(run_dirs, metric)

@@ -1,4 +1,4 @@
-"""Compare runs: markdown tables of methods x stages and a plot of a metric per stage.
+"""Compare runs: markdown tables of methods x stages (the plots are in `eval/plots.py`).
 
 Input is any set of run folders; every `results.json` below them is read. Runs of the same method (label) on
 the same dataset and task with different seeds are averaged, and the table says how many seeds went in
@@ -23,7 +23,7 @@ import numpy as np
 
 from evolora.errors import DamagedFileError, EvoloraError
 from evolora.eval.costs import cost_table, cpu_time
-from evolora.eval.matrix_report import matrix_section, plot_matrices
+from evolora.eval.matrix_report import matrix_section
 from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.eval.stored import stored_predictions
 from evolora.io import read_json
@@ -379,52 +379,3 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
-def write_plots(groups: list[MethodRuns], metric: str, folder: Path) -> list[Path]:
-    """`<metric>.png` (the metric per stage) and, for runs with a matrix, `<metric>-matrix.png`."""
-    written = [folder / f"{metric}.png"]
-    plot_metric(groups, metric, written[0])
-    if plot_matrices(groups, metric, folder / f"{metric}-matrix.png"):
-        written.append(folder / f"{metric}-matrix.png")
-    return written
-
-
-def line_style(i: int, n_colours: int = 10) -> tuple[int, str, str]:
-    """The i-th method's (colour index, line style, marker): past `n_colours` methods colours repeat, so the
-    line style changes with each round of them and the marker with each method."""
-    round_ = i // n_colours
-    return i % n_colours, ("-", "--", ":", "-.")[round_ % 4], ("o", "s", "^", "D", "v", "P")[(i + round_) % 6]
-
-
-def plot_metric(groups: list[MethodRuns], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120)
-    colours = plt.get_cmap("tab10").colors
-    for i, g in enumerate(groups):
-        vals = g.stage_values(metric)
-        stages = sorted(vals)
-        means = [np.mean(vals[s]) for s in stages]
-        c, style, marker = line_style(i, len(colours))
-        colour = colours[c]
-        ax.plot(stages, means, marker=marker, linestyle=style, color=colour, label=g.method)
-        if any(len(vals[s]) > 1 for s in stages):
-            sd = [np.std(vals[s]) for s in stages]
-            ax.fill_between(stages, np.subtract(means, sd), np.add(means, sd), color=colour, alpha=0.12)
-    ax.set_xlabel("evaluated stage")
-    ax.set_ylabel(metric.upper())
-    ax.set_xticks(sorted({s for g in groups for s in g.stage_values(metric)}))
-    ax.grid(alpha=0.3)
-    # Many methods: the legend goes beside the axes, in two columns past 12.
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if len(groups) > 12 else 1)
-    ax.set_title(f"{metric.upper()} per stage")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(path)
