@@ -358,11 +358,11 @@ class LoraConfig(Section):
 
 
 #: `model.name` values that select a conventional ID-based recommender instead of an LLM
-CONVENTIONAL_MODELS = ("mf", "gru4rec", "sasrec", "two_tower", "din")
+CONVENTIONAL_MODELS = ("pop", "mf", "gru4rec", "sasrec", "two_tower", "din")
 
 
 class ConventionalConfig(Section):
-    """Settings of the conventional recommenders (`model.name`: mf, gru4rec, sasrec, two_tower, din).
+    """Settings of the conventional recommenders (`model.name`: pop, mf, gru4rec, sasrec, two_tower, din).
 
     LLM runs ignore this section (and it stays out of their experiment key). Sizes are CPU-friendly defaults.
     """

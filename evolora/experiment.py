@@ -136,8 +136,8 @@ def run_environment(data: InteractionData) -> dict[str, Any]:
 def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM | ConventionalBackbone, Task]:
     """The backbone with its adapter and the task, as the task's registry entry builds them.
 
-    A conventional `model.name` (mf, gru4rec, sasrec, two_tower, din) gives a `ConventionalBackbone` over the
-    users and items of the staged data and the conventional version of the task, on the same samples.
+    A conventional `model.name` (pop, mf, gru4rec, sasrec, two_tower, din) gives a `ConventionalBackbone` over
+    the users and items of the staged data and the conventional version of the task, on the same samples.
     """
     spec = task_spec(cfg.task.name)
     if is_conventional(cfg.model.name):

@@ -107,6 +107,30 @@ def test_next_item_models_overfit(model: str, cycle_dir: Path, tmp_path: Path) -
         assert top1[with_history].mean() > 0.9
 
 
+def test_pop_ranks_items_by_how_often_they_were_the_next_item(arrivals_dir: Path, tmp_path: Path) -> None:
+    """Pop's softmax-trained biases order the items by training frequency, the same list for everyone."""
+    over = {"task.name": "next_item", "task.history_len": 6, "task.template": "peso"}
+    lm, task, prepared = build(config(arrivals_dir, tmp_path, "pop", **over))
+    task.before_stage(lm, 1)
+    rows = prepared.pools[1].train
+    lm.reset_adapter("default", seed=0)
+    lm.activate("default", trainable=True)
+    opt = torch.optim.Adam(lm.trainable_parameters(), lr=0.05)
+    lm.model.train()
+    for _ in range(400):  # whole-pool steps: minibatch noise would blur counts that differ by one
+        opt.zero_grad()
+        task.loss(lm, rows).backward()
+        opt.step()
+    lm.model.eval()
+    lm.activate("default", trainable=False)
+    counts = np.bincount(task.targets[rows])
+    ranked = task.predict(lm, prepared.pools[1].test, 128).items
+    assert (ranked == ranked[0]).all()  # one list for every user
+    top = ranked[0][: min(5, int((counts > 0).sum()))]
+    # The listed items' counts never increase down the list, and the first is the most frequent item.
+    assert counts[top[0]] == counts.max() and (np.diff(counts[top]) <= 0).all(), (top, counts[top])
+
+
 # --------------------------------------------------------------------------------------------- ranking
 
 
@@ -241,7 +265,7 @@ def test_growing_keeps_old_rows_and_seeds_new_ones(model: str, arrivals_dir: Pat
         assert torch.equal(v, after[k]), k
 
 
-@pytest.mark.parametrize("model", CTR_MODELS)
+@pytest.mark.parametrize("model", [*CTR_MODELS, "pop"])
 def test_reset_gives_the_same_weights_for_the_same_seed(model: str, sunny_dir: Path, tmp_path: Path) -> None:
     lm, task, prepared = build(config(sunny_dir, tmp_path, model, **{"model.conventional.item_text": "true"}))
     task.before_stage(lm, 1)

@@ -1,6 +1,6 @@
 """Conventional ID-based recommenders run through the same continual protocol as the LLM strategies.
 
-One file per model (`mf`, `gru4rec`, `sasrec`, `two_tower`, `din`), shared pieces in `common.py`, and
+One file per model (`pop`, `mf`, `gru4rec`, `sasrec`, `two_tower`, `din`), shared pieces in `common.py`, and
 `ConventionalBackbone` (backbone.py), which gives the stage loop the `Backbone` interface: the whole model
 is one adapter, `default`.
 """
@@ -13,10 +13,13 @@ from evolora.models.conventional.common import ConventionalModel, IdSpace, ItemT
 from evolora.models.conventional.din import DIN
 from evolora.models.conventional.gru4rec import GRU4Rec
 from evolora.models.conventional.mf import MF
+from evolora.models.conventional.pop import Pop
 from evolora.models.conventional.sasrec import SASRec
 from evolora.models.conventional.two_tower import TwoTower
 
-MODELS: dict[str, type[ConventionalModel]] = {cls.name: cls for cls in (MF, GRU4Rec, SASRec, TwoTower, DIN)}
+MODELS: dict[str, type[ConventionalModel]] = {
+    cls.name: cls for cls in (Pop, MF, GRU4Rec, SASRec, TwoTower, DIN)
+}
 assert tuple(MODELS) == CONVENTIONAL_MODELS
 
 #: strategies that need nothing but "train the whole model" (the others need LoRA internals)
@@ -67,6 +70,7 @@ __all__ = [
     "ConventionalModel",
     "GRU4Rec",
     "IdSpace",
+    "Pop",
     "SASRec",
     "TwoTower",
     "build_model",
