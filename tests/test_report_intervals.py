@@ -40,6 +40,10 @@ def test_decided_only_when_the_interval_leaves_zero_out(tmp_path: Path) -> None:
     cells = [c.strip() for c in rows["strong"].split("|")]
     lo, hi = (float(x) for x in cells[3].strip("[]").split(","))
     assert 0 < lo <= float(cells[2]) <= hi and cells[4] == "1.00" and cells[5] == "yes"
+    # A method's interval does not depend on which other methods are in the report.
+    alone = [r for r in results if r["method"] != "same"]
+    table_alone = paired_bootstrap(group_runs(alone), "auc", draws=300)
+    assert rows["strong"] in table_alone.splitlines()
 
 
 def test_llm_and_conventional_next_item_rows_say_their_candidates_differ(tmp_path: Path) -> None:

@@ -232,7 +232,8 @@ def paired_bootstrap(
     seed; the seeds present in both runs are averaged, and with several of them each draw also resamples
     the seeds (a two-level bootstrap: the interval covers training noise as well as which rows were
     evaluated). P(better) is the share of draws where the method wins; `decided` says whether the interval
-    excludes zero.
+    excludes zero. Every method's draws start from the same seed, so methods with the same seeds and rows
+    are resampled alike, and a method's interval does not depend on which others are in the report.
     """
     base = next((g for g in groups if g.method == baseline), None)
     if base is None:
@@ -248,10 +249,10 @@ def paired_bootstrap(
         f"| method | Δ{metric.upper()} vs {baseline} | 95% interval | P(better) | decided |",
         "|---|---|---|---|---|",
     ]
-    rng = np.random.default_rng(seed)
     for g in groups:
         if g.method == baseline:
             continue
+        rng = np.random.default_rng(seed)
         pairs = []
         for r in g.runs:
             mine, theirs = _load_stage_arrays(r), base_runs.get(r["seed"])
