@@ -5,6 +5,9 @@ PEFT's format and switched, plus the autocast context that `precision: bf16-mixe
 gradient checkpointing for training (`train.gradient_checkpointing`). Any causal LM family works: the LoRA
 targets and the pad token follow the family where the config and the tokenizer leave them open
 (`models/weights.py`); with `model.quantization` the base is a QLoRA one (bitsandbytes, CUDA).
+
+Past ~400 lines: `LoraLM` is one class, and every strategy and task reaches PEFT through it; split, its
+adapter bookkeeping and its forward passes would each need the other's private state.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ copies per beam where a shared cache cannot be masked: `_ReplicatedBeams`).
 
 `levelwise=True` gives PESO's looser constraint instead: at position i any token that is the i-th token of
 some item is allowed, so beams can end on combinations that are no item (they count as misses).
+
+Past ~400 lines: the teacher-forced scoring of the true item (`sequence_logprob`, with its renormalisation
+over the trie) walks the same trie on the same prompt cache as the search, and is checked against it.
 """
 
 from __future__ import annotations
