@@ -68,6 +68,12 @@ def test_peso_blocks_with_shipped_ids(peso_dir: Path, tmp_path: Path) -> None:
 
     text, _ = build_report([Path(cfg.output_dir)])
     assert "### NLL per evaluated stage (lower is better)" in text
+    # log |items| describes the rows, not a model: the report states it once and compares nothing.
+    assert "### LOG_ITEMS" not in text and "### NLL_VALID" in text
+    assert (
+        f"LOG_ITEMS (a reference of the evaluated rows, not a score: never compared): D1 {np.log(30):.4f}"
+        in text
+    )
     text, _ = build_report([Path(cfg.output_dir)], ["nll"])
     frozen_row = next(line for line in text.splitlines() if line.startswith("| frozen | ") and "[" in line)
     assert "no paired" not in frozen_row  # the bootstrap pairs the true-item likelihoods row by row

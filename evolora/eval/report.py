@@ -24,7 +24,7 @@ import numpy as np
 from evolora.errors import DamagedFileError, EvoloraError
 from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.matrix_report import matrix_section
-from evolora.eval.metrics import lower_is_better, metric_set
+from evolora.eval.metrics import is_reference, lower_is_better, metric_set
 from evolora.eval.stored import stored_predictions
 from evolora.io import read_json
 
@@ -183,6 +183,25 @@ def metric_table(groups: list[MethodRuns], metric: str, skip: int | None = None)
     return "\n".join(lines)
 
 
+def reference_line(groups: list[MethodRuns], metric: str) -> str:
+    """A reference figure of the evaluation set (e.g. `log_items`, the nll of a uniform guess) per stage: one
+    line for the methods that record it, one per group of methods where the values differ (candidate sets
+    differ, or a run is unfinished)."""
+    per_method = {}
+    for g in groups:
+        vals = g.stage_values(metric)
+        if vals:
+            per_method[g.method] = ", ".join(f"D{s} {np.mean(v):.4f}" for s, v in sorted(vals.items()))
+    by_line: dict[str, list[str]] = defaultdict(list)
+    for method, line in per_method.items():
+        by_line[line].append(method)
+    head = f"\n{metric.upper()} (a reference of the evaluated rows, not a score: never compared)"
+    if len(by_line) == 1:
+        line, methods = next(iter(by_line.items()))
+        return f"{head}: {line} ({', '.join(methods)})."
+    return head + ":\n\n" + "\n".join(f"- {', '.join(ms)}: {line}" for line, ms in by_line.items())
+
+
 def kind_table(groups: list[MethodRuns], metric: str, skip: int | None = None) -> str | None:
     kinds = [k for k in ("active", "dormant", "new") if any(k in g.kind_values(metric, skip) for g in groups)]
     if not kinds:
@@ -337,6 +356,9 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
     if incomplete:
         out.append(f"Incomplete runs (not all stages finished): {', '.join(incomplete)}.")
     for m in metrics:
+        if is_reference(m):
+            out.append(reference_line(groups, m))
+            continue
         arrow = "lower is better" if lower_is_better(m) else "higher is better"
         out.append(f"\n### {m.upper()} per evaluated stage ({arrow})\n")
         out.append(metric_table(groups, m, skip))
