@@ -84,3 +84,34 @@ def test_first_stage_left_out_when_each_experiment_shares_it() -> None:
     assert shared_first_stage([*din[:1], _first_stage("mf", 0, "mf", 0.7)]) is None  # nothing shared
     broken = [*llm, _first_stage("lsat", 0, "llm", 0.99)]
     assert shared_first_stage(broken + din) is None
+
+
+def test_differences_can_be_taken_against_another_method(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    from evolora.errors import EvoloraError
+    from evolora.eval.report import build_report
+
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 80).astype(float)
+    for seed in range(2):
+        weak = {t: 0.2 * truth + rng.random(80) for t in (1, 2)}
+        strong = {t: truth + 0.3 * rng.random(80) for t in (1, 2)}
+        for method, scores in (("gru4rec-finetune", strong), ("gru4rec-frozen", weak)):
+            run = _run(tmp_path / method / f"seed{seed}", method, seed, scores, truth)
+            run.pop("_path")
+            run["stages"] = [{**s, "n_eval": 80} for s in run["stages"]]
+            run["complete"] = True
+            (tmp_path / method / f"seed{seed}" / "results.json").write_text(json.dumps(run))
+    # No method is called finetune: without a baseline there is nothing to difference against.
+    text, _ = build_report([tmp_path])
+    assert "Paired bootstrap" not in text and "vs finetune" not in text
+    text, _ = build_report([tmp_path], baseline="gru4rec-finetune")
+    assert "difference to gru4rec-finetune" in text and "| vs gru4rec-finetune |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| gru4rec-frozen | -"))
+    cells = [c.strip() for c in row.split("|")]
+    assert float(cells[2]) < 0 and cells[4] == "0.00" and cells[5] == "yes"
+    with pytest.raises(EvoloraError, match="--baseline sasrec-finetune: no such method"):
+        build_report([tmp_path], baseline="sasrec-finetune")

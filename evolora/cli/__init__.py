@@ -249,6 +249,9 @@ def report(
     out: Annotated[
         Path | None, typer.Option(help="folder for report.md and the plot; default: the first run")
     ] = None,
+    baseline: Annotated[
+        str, typer.Option(help="the method every difference and interval is taken against")
+    ] = "finetune",
 ) -> None:
     """Compare runs: a markdown table of methods x stages and a PNG plot of the metric per stage."""
     from evolora.eval.metrics import metric_set
@@ -256,7 +259,7 @@ def report(
     from evolora.eval.report import build_report
     from evolora.io import atomic_write_text
 
-    text, groups = build_report(run_dirs, metric)
+    text, groups = build_report(run_dirs, metric, baseline)
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
     atomic_write_text(target / "report.md", text)
     first = (metric or [metric_set(groups[0].task).primary])[0]

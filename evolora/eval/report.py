@@ -22,13 +22,11 @@ from typing import Any
 import numpy as np
 
 from evolora.errors import DamagedFileError, EvoloraError
+from evolora.eval.bootstrap import BASELINE, paired_bootstrap
 from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.matrix_report import matrix_section
 from evolora.eval.metrics import is_reference, lower_is_better, metric_set
-from evolora.eval.stored import stored_predictions
 from evolora.io import read_json
-
-BASELINE = "finetune"
 
 
 @dataclass
@@ -156,16 +154,18 @@ def _fmt(vals: list[float], digits: int = 4) -> str:
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals):.{digits}f}"
 
 
-def metric_table(groups: list[MethodRuns], metric: str, skip: int | None = None) -> str:
+def metric_table(
+    groups: list[MethodRuns], metric: str, skip: int | None = None, baseline: str = BASELINE
+) -> str:
     """Methods x evaluated stages, with the mean over stages (but `skip`) and the relative gain vs
-    fine-tuning."""
+    the baseline method."""
     stages = sorted({s for g in groups for s in g.stage_values(metric)})
-    base = next((g for g in groups if g.method == BASELINE), None)
+    base = next((g for g in groups if g.method == baseline), None)
     base_vals = base.mean_values(metric, skip) if base else []
     base_mean = float(np.mean(base_vals)) if base_vals else None
     head = ["method", "seeds", *[f"D{s}" for s in stages], "mean"]
     if base_mean:
-        head.append(f"vs {BASELINE}")
+        head.append(f"vs {baseline}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         vals = g.stage_values(metric)
@@ -227,91 +227,18 @@ def stage_sizes(groups: list[MethodRuns]) -> str:
     return ", ".join(parts)
 
 
-# ------------------------------------------------------------------------------------------ paired bootstrap
-
-
-def _load_stage_arrays(run: dict[str, Any]) -> dict[int, dict[str, np.ndarray]] | None:
-    """The protocol's evaluation of each stage, by evaluated stage."""
-    stored = stored_predictions(run)
-    return None if stored is None else {j: a for row in stored.values() for j, a in row.items()}
-
-
-def paired_bootstrap(
-    groups: list[MethodRuns],
-    metric: str,
-    baseline: str = BASELINE,
-    draws: int = 1000,
-    seed: int = 0,
-    skip: int | None = None,
-) -> str | None:
-    """Mean-over-stages (but `skip`) difference to the baseline with a 95% interval, resampling rows and
-    seeds.
-
-    Every strategy is scored on the same rows, so rows are resampled jointly (paired) within each stage and
-    seed; the seeds present in both runs are averaged, and with several of them each draw also resamples
-    the seeds (a two-level bootstrap: the interval covers training noise as well as which rows were
-    evaluated). P(better) is the share of draws where the method wins; `decided` says whether the interval
-    excludes zero. Every method's draws start from the same seed, so methods with the same seeds and rows
-    are resampled alike, and a method's interval does not depend on which others are in the report.
-    """
-    base = next((g for g in groups if g.method == baseline), None)
-    if base is None:
-        return None
-    on_arrays = metric_set(base.task).on_arrays
-
-    def fn(arrays: dict[str, np.ndarray], idx: Any) -> float:
-        return on_arrays(arrays, idx, metric)
-
-    sign = -1.0 if lower_is_better(metric) else 1.0
-    base_runs = {r["seed"]: _load_stage_arrays(r) for r in base.runs}
-    lines = [
-        f"| method | Δ{metric.upper()} vs {baseline} | 95% interval | P(better) | decided |",
-        "|---|---|---|---|---|",
-    ]
-    for g in groups:
-        if g.method == baseline:
-            continue
-        rng = np.random.default_rng(seed)
-        pairs = []
-        for r in g.runs:
-            mine, theirs = _load_stage_arrays(r), base_runs.get(r["seed"])
-            if mine is None or theirs is None:
-                continue
-            stages = sorted((set(mine) & set(theirs)) - {skip})
-            needed = {"target_logp"} if metric == "nll" else set()
-            if (
-                stages
-                and all(np.array_equal(mine[s]["rows"], theirs[s]["rows"]) for s in stages)
-                and all(needed <= set(a[s]) for a in (mine, theirs) for s in stages)
-            ):
-                pairs.append((mine, theirs, stages))
-        if not pairs:
-            lines.append(f"| {g.method} | – | (no paired predictions) | – | – |")
-            continue
-        diffs = np.empty(draws)
-        point = np.mean([
-            np.mean([fn(m[s], slice(None)) - fn(b[s], slice(None)) for s in st]) for m, b, st in pairs
-        ])  # fmt: skip
-        for d in range(draws):
-            per_seed = []
-            chosen = rng.integers(0, len(pairs), len(pairs)) if len(pairs) > 1 else [0]
-            for m, b, st in (pairs[i] for i in chosen):
-                vals = []
-                for s in st:
-                    idx = rng.integers(0, len(m[s]["rows"]), len(m[s]["rows"]))
-                    vals.append(fn(m[s], idx) - fn(b[s], idx))
-                per_seed.append(np.nanmean(vals))
-            diffs[d] = np.mean(per_seed)
-        lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
-        better = float(np.mean(sign * diffs > 0))
-        decided = "yes" if lo > 0 or hi < 0 else "no"
-        lines.append(f"| {g.method} | {point:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {better:.2f} | {decided} |")
-    return "\n".join(lines)
-
-
-def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[str, list[MethodRuns]]:
+def build_report(
+    paths: list[Path], metrics: list[str] | None = None, baseline: str = BASELINE
+) -> tuple[str, list[MethodRuns]]:
+    """The report's markdown and the method groups it read. `baseline` is the method every difference is
+    taken against (`finetune` by default); naming one that is not among the runs is an error."""
     results = find_results(paths)
     groups = group_runs(results)
+    methods = [g.method for g in groups]
+    if baseline != BASELINE and baseline not in methods:
+        raise EvoloraError(
+            f"--baseline {baseline}: no such method in these runs; they have {', '.join(methods)}"
+        )
     tasks = {g.task for g in groups}
     recorded = {m for r in results for s in r["stages"] for m in s["metrics"]}
     if metrics is None:  # what the tasks show first, then the rest they record
@@ -330,13 +257,14 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
     out.append(f"Dataset: {', '.join(datasets)}; task: {', '.join(sorted(tasks))}.")
     out.append(f"Evaluated samples per stage: {stage_sizes(groups)}.")
     out.append(f"Precision: {precision_line(results)}.")
+    covered = f"means, `vs {baseline}` and bootstrap differences" if baseline in methods else "means"
     if skip is not None:
         out.append(
-            f"The methods of each experiment score the same on D{skip} (one shared stage-1 model): means, "
-            f"`vs {BASELINE}` and bootstrap differences leave D{skip} out."
+            f"The methods of each experiment score the same on D{skip} (one shared stage-1 model): "
+            f"{covered} leave D{skip} out."
         )
     else:
-        out.append("Means, `vs finetune` and bootstrap differences cover every evaluated stage.")
+        out.append(f"{covered[0].upper()}{covered[1:]} cover every evaluated stage.")
     if "next_item" in tasks:
         from evolora.models.conventional import is_conventional
 
@@ -361,10 +289,10 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
             continue
         arrow = "lower is better" if lower_is_better(m) else "higher is better"
         out.append(f"\n### {m.upper()} per evaluated stage ({arrow})\n")
-        out.append(metric_table(groups, m, skip))
-    boot = paired_bootstrap(groups, metrics[0], skip=skip)
+        out.append(metric_table(groups, m, skip, baseline))
+    boot = paired_bootstrap(groups, metrics[0], baseline=baseline, skip=skip)
     if boot:
-        out.append(f"\n### Paired bootstrap: {metrics[0].upper()} difference to {BASELINE} (1000 draws)\n")
+        out.append(f"\n### Paired bootstrap: {metrics[0].upper()} difference to {baseline} (1000 draws)\n")
         out.append(
             "All methods are scored on the same evaluation rows; rows are resampled jointly within each "
             "stage, so the interval reflects which users happened to be evaluated, and with several seeds "
@@ -380,7 +308,7 @@ def build_report(paths: list[Path], metrics: list[str] | None = None) -> tuple[s
             "new: first seen in this stage.\n"
         )
         out.append(kt)
-    out.extend(matrix_section(groups, metrics, BASELINE))
+    out.extend(matrix_section(groups, metrics, baseline))
     times = ", ".join(f"{g.method} {g.train_seconds():.0f}s" for g in groups)
     out.append(f"\nTraining time per run (sum over stages, shared results counted in full): {times}.")
     costs = cost_table(groups)

@@ -1,0 +1,95 @@
+"""The paired bootstrap behind the report's "difference to finetune" table: every method against one
+baseline method on the rows both scored, rows (and seeds, when there are several) resampled jointly."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from evolora.eval.metrics import lower_is_better, metric_set
+from evolora.eval.stored import stored_predictions
+
+if TYPE_CHECKING:
+    from evolora.eval.report import MethodRuns
+
+BASELINE = "finetune"  # the method differences are taken against unless the report names another
+
+
+def _load_stage_arrays(run: dict[str, Any]) -> dict[int, dict[str, np.ndarray]] | None:
+    """The protocol's evaluation of each stage, by evaluated stage."""
+    stored = stored_predictions(run)
+    return None if stored is None else {j: a for row in stored.values() for j, a in row.items()}
+
+
+def paired_bootstrap(
+    groups: list[MethodRuns],
+    metric: str,
+    baseline: str = BASELINE,
+    draws: int = 1000,
+    seed: int = 0,
+    skip: int | None = None,
+) -> str | None:
+    """Mean-over-stages (but `skip`) difference to the baseline with a 95% interval, resampling rows and
+    seeds.
+
+    Every strategy is scored on the same rows, so rows are resampled jointly (paired) within each stage and
+    seed; the seeds present in both runs are averaged, and with several of them each draw also resamples
+    the seeds (a two-level bootstrap: the interval covers training noise as well as which rows were
+    evaluated). P(better) is the share of draws where the method wins; `decided` says whether the interval
+    excludes zero. Every method's draws start from the same seed, so methods with the same seeds and rows
+    are resampled alike, and a method's interval does not depend on which others are in the report.
+    """
+    base = next((g for g in groups if g.method == baseline), None)
+    if base is None:
+        return None
+    on_arrays = metric_set(base.task).on_arrays
+
+    def fn(arrays: dict[str, np.ndarray], idx: Any) -> float:
+        return on_arrays(arrays, idx, metric)
+
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    base_runs = {r["seed"]: _load_stage_arrays(r) for r in base.runs}
+    lines = [
+        f"| method | Δ{metric.upper()} vs {baseline} | 95% interval | P(better) | decided |",
+        "|---|---|---|---|---|",
+    ]
+    for g in groups:
+        if g.method == baseline:
+            continue
+        rng = np.random.default_rng(seed)
+        pairs = []
+        for r in g.runs:
+            mine, theirs = _load_stage_arrays(r), base_runs.get(r["seed"])
+            if mine is None or theirs is None:
+                continue
+            stages = sorted((set(mine) & set(theirs)) - {skip})
+            needed = {"target_logp"} if metric == "nll" else set()
+            if (
+                stages
+                and all(np.array_equal(mine[s]["rows"], theirs[s]["rows"]) for s in stages)
+                and all(needed <= set(a[s]) for a in (mine, theirs) for s in stages)
+            ):
+                pairs.append((mine, theirs, stages))
+        if not pairs:
+            lines.append(f"| {g.method} | – | (no paired predictions) | – | – |")
+            continue
+        diffs = np.empty(draws)
+        point = np.mean([
+            np.mean([fn(m[s], slice(None)) - fn(b[s], slice(None)) for s in st]) for m, b, st in pairs
+        ])  # fmt: skip
+        for d in range(draws):
+            per_seed = []
+            chosen = rng.integers(0, len(pairs), len(pairs)) if len(pairs) > 1 else [0]
+            for m, b, st in (pairs[i] for i in chosen):
+                vals = []
+                for s in st:
+                    idx = rng.integers(0, len(m[s]["rows"]), len(m[s]["rows"]))
+                    vals.append(fn(m[s], idx) - fn(b[s], idx))
+                per_seed.append(np.nanmean(vals))
+            diffs[d] = np.mean(per_seed)
+        lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
+        better = float(np.mean(sign * diffs > 0))
+        decided = "yes" if lo > 0 or hi < 0 else "no"
+        lines.append(f"| {g.method} | {point:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {better:.2f} | {decided} |")
+    return "\n".join(lines)
