@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,15 @@ OVER = {"train.epochs": 4, "strategies": "[finetune, peso, inflora]"}
 
 
 def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path) -> None:
-    results = run_experiment(tiny_config(sunny_dir, tmp_path, **OVER))
+    # Once, late in a long suite (AVX2 lane), a 0.33 s pause landed in `other` of a 0.9 s stage and did not
+    # come back in isolation: most likely a garbage collection. Collections are kept out of the run so the
+    # coverage bound below measures the code, not the interpreter's housekeeping.
+    gc.collect()
+    gc.disable()
+    try:
+        results = run_experiment(tiny_config(sunny_dir, tmp_path, **OVER))
+    finally:
+        gc.enable()
     by = {r["method"]: r for r in results}
     for r in results:
         for stage in r["stages"]:
