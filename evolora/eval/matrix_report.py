@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from evolora.eval.bootstrap import BASELINE
 from evolora.eval.forgetting import SIGNED, SUMMARIES, matrix_of, summaries
 from evolora.eval.metrics import is_reference, lower_is_better, metric_set
 from evolora.eval.stored import stored_predictions
@@ -185,7 +186,7 @@ def difference_table(groups: list[_Runs], metric: str, boot: _Draws, baseline: s
     return "\n".join(lines) if len(lines) > 2 else None
 
 
-def matrix_section(groups: list[_Runs], metrics: list[str], baseline: str = "finetune") -> list[str]:
+def matrix_section(groups: list[_Runs], metrics: list[str], baseline: str = BASELINE) -> list[str]:
     """The report's section on the matrix (nothing when no run recorded one)."""
     if not has_matrix(groups):
         return []
