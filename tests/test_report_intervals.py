@@ -115,3 +115,6 @@ def test_differences_can_be_taken_against_another_method(tmp_path: Path) -> None
     assert float(cells[2]) < 0 and cells[4] == "0.00" and cells[5] == "yes"
     with pytest.raises(EvoloraError, match="--baseline sasrec-finetune: no such method"):
         build_report([tmp_path], baseline="sasrec-finetune")
+    # The default is lenient when no finetune ran, but naming it is a promise the runs must keep.
+    with pytest.raises(EvoloraError, match="--baseline finetune: no such method"):
+        build_report([tmp_path], baseline="finetune")

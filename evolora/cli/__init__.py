@@ -250,8 +250,11 @@ def report(
         Path | None, typer.Option(help="folder for report.md and the plot; default: the first run")
     ] = None,
     baseline: Annotated[
-        str, typer.Option(help="the method every difference and interval is taken against")
-    ] = "finetune",
+        str | None,
+        typer.Option(
+            help="the method every difference and interval is taken against; default: finetune, if run"
+        ),
+    ] = None,
 ) -> None:
     """Compare runs: a markdown table of methods x stages and a PNG plot of the metric per stage."""
     from evolora.eval.metrics import metric_set

@@ -228,14 +228,17 @@ def stage_sizes(groups: list[MethodRuns]) -> str:
 
 
 def build_report(
-    paths: list[Path], metrics: list[str] | None = None, baseline: str = BASELINE
+    paths: list[Path], metrics: list[str] | None = None, baseline: str | None = None
 ) -> tuple[str, list[MethodRuns]]:
     """The report's markdown and the method groups it read. `baseline` is the method every difference is
-    taken against (`finetune` by default); naming one that is not among the runs is an error."""
+    taken against; left out, it is `finetune` where the runs have one (and no differences otherwise).
+    Naming a method that is not among the runs, `finetune` included, is an error."""
     results = find_results(paths)
     groups = group_runs(results)
     methods = [g.method for g in groups]
-    if baseline != BASELINE and baseline not in methods:
+    named = baseline is not None
+    baseline = BASELINE if baseline is None else baseline
+    if named and baseline not in methods:
         raise EvoloraError(
             f"--baseline {baseline}: no such method in these runs; they have {', '.join(methods)}"
         )
