@@ -236,12 +236,11 @@ def build_report(
     results = find_results(paths)
     groups = group_runs(results)
     methods = [g.method for g in groups]
-    named = baseline is not None
-    baseline = BASELINE if baseline is None else baseline
-    if named and baseline not in methods:
+    if baseline is not None and baseline not in methods:
         raise EvoloraError(
             f"--baseline {baseline}: no such method in these runs; they have {', '.join(methods)}"
         )
+    baseline = baseline or BASELINE
     tasks = {g.task for g in groups}
     recorded = {m for r in results for s in r["stages"] for m in s["metrics"]}
     if metrics is None:  # what the tasks show first, then the rest they record
