@@ -205,9 +205,7 @@ class ConventionalNextItemTask(_ConventionalTask):
         return torch.log_softmax(scores, dim=1)
 
     def _top(self, scores: torch.Tensor) -> Ranked:
-        # A stable sort keeps equal scores in index order: ties go to the lower (older) item.
-        vals, idx = torch.sort(scores, dim=1, descending=True, stable=True)
-        vals, idx = vals[:, : self.k], idx[:, : self.k]
+        vals, idx = stable_top_k(scores, self.k)
         items = torch.where(torch.isfinite(vals), idx, torch.full_like(idx, -1))
         out_items = np.full((len(scores), self.k), -1, dtype=np.int64)
         out_scores = np.full((len(scores), self.k), -np.inf)
@@ -276,6 +274,35 @@ class ConventionalNextItemTask(_ConventionalTask):
 
     def load_predictions(self, arrays: Any) -> Ranked:
         return Ranked(arrays["items"], arrays["scores"])
+
+
+def stable_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `k` columns of a stable descending sort of each row (ties go to the lower index).
+
+    Equal to `torch.sort(scores, dim=1, descending=True, stable=True)` cut to `k` columns, without sorting
+    whole rows (a full sort of 39k items per user was most of a ranking's time): `topk` keeps a margin of
+    candidates, which are put in (score descending, index ascending) order. That is exact whenever the k-th
+    score is above the last kept one, since every item tied with the k-th is then among the kept; rows where
+    it is not (a tie running past the margin, fewer finite scores than the margin, NaN) are sorted in full.
+    """
+    n = scores.shape[1]
+    k = min(k, n)
+    keep = min(n, 2 * k + 32)
+    if keep == n or k == 0:
+        vals, idx = torch.sort(scores, dim=1, descending=True, stable=True)
+        return vals[:, :k], idx[:, :k]
+    vals, idx = torch.topk(scores, keep, dim=1)
+    idx, by_index = torch.sort(idx, dim=1)
+    vals, by_score = torch.sort(vals.gather(1, by_index), dim=1, descending=True, stable=True)
+    idx = idx.gather(1, by_score)
+    # NaN compares False, so a row holding one is sorted in full too.
+    redo = ~(vals[:, k - 1] > vals[:, -1]) | torch.isnan(vals).any(dim=1)
+    vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+    if bool(redo.any()):
+        rows = redo.nonzero().squeeze(1)
+        full_vals, full_idx = torch.sort(scores[rows], dim=1, descending=True, stable=True)
+        vals[rows], idx[rows] = full_vals[:, :k], full_idx[:, :k]
+    return vals, idx
 
 
 def build_conventional_ctr(cfg: RunConfig, prepared: Prepared, space: IdSpace) -> ConventionalCtrTask:
