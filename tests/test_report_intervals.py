@@ -118,3 +118,29 @@ def test_differences_can_be_taken_against_another_method(tmp_path: Path) -> None
     # The default is lenient when no finetune ran, but naming it is a promise the runs must keep.
     with pytest.raises(EvoloraError, match="--baseline finetune: no such method"):
         build_report([tmp_path], baseline="finetune")
+
+
+def _interval(table: str, method: str) -> tuple[float, float]:
+    line = next(row for row in table.splitlines()[2:] if row.split("|")[1].strip() == method)
+    lo, hi = (float(x) for x in line.split("|")[3].strip().strip("[]").split(","))
+    return lo, hi
+
+
+def test_seeds_that_agree_do_not_narrow_the_row_interval(tmp_path: Path) -> None:
+    # Three seeds whose predictions are identical carry no more information about the users than one:
+    # the same users are tested at every seed, so the interval must not shrink by sqrt(3).
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 200).astype(float)
+    base = {t: 0.3 * truth + rng.random(200) for t in (1, 2)}
+    other = {t: 0.5 * truth + rng.random(200) for t in (1, 2)}
+    widths = {}
+    for n_seeds in (1, 3):
+        results = []
+        for seed in range(n_seeds):
+            for method, scores in (("finetune", base), ("other", other)):
+                results.append(
+                    _run(tmp_path / f"n{n_seeds}" / method / f"seed{seed}", method, seed, scores, truth)
+                )
+        lo, hi = _interval(paired_bootstrap(group_runs(results), "auc", draws=600), "other")
+        widths[n_seeds] = hi - lo
+    assert 0.8 < widths[3] / widths[1] < 1.25, widths

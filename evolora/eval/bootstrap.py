@@ -1,5 +1,5 @@
 """The paired bootstrap behind the report's "difference to finetune" table: every method against one
-baseline method on the rows both scored, rows (and seeds, when there are several) resampled jointly."""
+baseline method on the rows both scored, rows (one resample shared by the seeds) and seeds resampled."""
 
 from __future__ import annotations
 
@@ -22,6 +22,16 @@ def _load_stage_arrays(run: dict[str, Any]) -> dict[int, dict[str, np.ndarray]] 
     return None if stored is None else {j: a for row in stored.values() for j, a in row.items()}
 
 
+def _common_rows(pairs: list[tuple[dict, dict, list[int]]]) -> dict[int, int]:
+    """The stages whose evaluated rows are the same (same order) in every seed's pair: stage -> row count."""
+    out = {}
+    for s in sorted(set().union(*(set(st) for _, _, st in pairs))):
+        rows = [m[s]["rows"] for m, _, st in pairs if s in st]
+        if len(rows) == len(pairs) and all(np.array_equal(rows[0], r) for r in rows[1:]):
+            out[s] = len(rows[0])
+    return out
+
+
 def paired_bootstrap(
     groups: list[MethodRuns],
     metric: str,
@@ -33,12 +43,16 @@ def paired_bootstrap(
     """Mean-over-stages (but `skip`) difference to the baseline with a 95% interval, resampling rows and
     seeds.
 
-    Every strategy is scored on the same rows, so rows are resampled jointly (paired) within each stage and
-    seed; the seeds present in both runs are averaged, and with several of them each draw also resamples
-    the seeds (a two-level bootstrap: the interval covers training noise as well as which rows were
-    evaluated). P(better) is the share of draws where the method wins; `decided` says whether the interval
-    excludes zero. Every method's draws start from the same seed, so methods with the same seeds and rows
-    are resampled alike, and a method's interval does not depend on which others are in the report.
+    Every strategy is scored on the same rows, so rows are resampled jointly (paired) within each stage; the
+    seeds present in both runs are averaged, and with several of them each draw also resamples the seeds
+    (a two-level bootstrap: the interval covers training noise as well as which rows were evaluated). The
+    seeds score the same rows (the evaluation draw has its own seed), so a draw's resample of a stage's rows
+    is shared by every seed, as in the matrix summaries' bootstrap; redrawing rows per seed, as this did
+    before 2026-12-01, counts the same users' luck as independent at every seed and narrows the interval.
+    Stages whose rows differ between seeds are resampled per seed. P(better) is the share of draws where
+    the method wins; `decided` says whether the interval excludes zero. Every method's draws start from
+    the same seed, so methods with the same seeds and rows are resampled alike, and a method's interval
+    does not depend on which others are in the report.
     """
     base = next((g for g in groups if g.method == baseline), None)
     if base is None:
@@ -78,13 +92,18 @@ def paired_bootstrap(
         point = np.mean([
             np.mean([fn(m[s], slice(None)) - fn(b[s], slice(None)) for s in st]) for m, b, st in pairs
         ])  # fmt: skip
+        common = _common_rows(pairs)
         for d in range(draws):
+            # One resample of a stage's rows serves every seed that scored the same rows: the users
+            # are the same at every seed, so redrawing them per seed would understate the interval.
+            shared = {s: rng.integers(0, n, n) for s, n in common.items()}
             per_seed = []
             chosen = rng.integers(0, len(pairs), len(pairs)) if len(pairs) > 1 else [0]
             for m, b, st in (pairs[i] for i in chosen):
                 vals = []
                 for s in st:
-                    idx = rng.integers(0, len(m[s]["rows"]), len(m[s]["rows"]))
+                    n = len(m[s]["rows"])
+                    idx = shared[s] if s in shared else rng.integers(0, n, n)
                     vals.append(fn(m[s], idx) - fn(b[s], idx))
                 per_seed.append(np.nanmean(vals))
             diffs[d] = np.mean(per_seed)
