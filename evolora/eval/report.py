@@ -297,8 +297,9 @@ def build_report(
         out.append(f"\n### Paired bootstrap: {metrics[0].upper()} difference to {baseline} (1000 draws)\n")
         out.append(
             "All methods are scored on the same evaluation rows; rows are resampled jointly within each "
-            "stage, so the interval reflects which users happened to be evaluated, and with several seeds "
-            "the seeds are resampled too (training noise). `decided`: the 95% interval excludes 0.\n"
+            "stage (one resample shared by every method and seed), so the interval reflects which users "
+            "happened to be evaluated, and with several seeds the seeds are resampled too (training noise). "
+            "`decided`: the 95% interval excludes 0.\n"
         )
         out.append(boot)
     kt = kind_table(groups, metrics[0], skip)
