@@ -32,6 +32,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_scaling.py
 	$(BIN)/python benchmarks/bench_ranking.py
+	$(BIN)/python benchmarks/bench_allocator.py
 
 # On a CUDA machine (a few minutes): CUDA tests, a bf16 quickstart, short benchmarks ->
 # benchmarks/results/gpu_check.json. Without a GPU it says so and exits 0.

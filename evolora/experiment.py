@@ -31,6 +31,7 @@ import yaml
 
 import evolora
 from evolora import cost, parallel
+from evolora.allocator import keep_freed_memory
 from evolora.bundle import write_bundle
 from evolora.config import DataConfig, RunConfig, StrategySpec, config_to_dict
 from evolora.continual import Env, build_strategy, check_strategy_specs
@@ -285,6 +286,7 @@ def run_experiment(
     if not is_conventional(cfg.model.name):
         check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
     set_threads(cfg.threads)
+    keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages
     cfg = resolve_config(cfg)
     root = Path(cfg.output_dir) / cfg.name
     lock = Path(cfg.output_dir) / f".{cfg.name}.lock"  # beside the folder: --overwrite deletes the folder
@@ -423,6 +425,7 @@ def _worker_main(
     for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     set_threads(threads)
+    keep_freed_memory()
     _run_locked(cfg, Path(root), context_key, None, [tuple(p) for p in pairs])
 
 

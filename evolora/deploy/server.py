@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from evolora.allocator import keep_freed_memory
 from evolora.api import Recommender, locate_run
 from evolora.deploy.versions import Versions
 from evolora.errors import EvoloraError
@@ -267,5 +268,6 @@ def serve(
 ) -> None:
     import uvicorn
 
+    keep_freed_memory()
     holder = ModelHolder(run_dir, method, seed)
     uvicorn.run(create_app(holder), host=host, port=port, log_level="warning")

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from evolora.allocator import keep_freed_memory
 from evolora.api import locate_run
 from evolora.bundle import write_bundle
 from evolora.config import RunConfig, StrategySpec, load_config
@@ -77,6 +78,7 @@ def update_run(
 
     `overrides`: `update.*` settings as `--set` takes them (`update.min_gain=0.0`).
     """
+    keep_freed_memory()
     seed_dir, root = locate_run(Path(run_dir), method, seed)
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
     cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *(overrides or [])]))
