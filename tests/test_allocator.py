@@ -17,9 +17,10 @@ from tests.helpers import tiny_config
 ROOT = Path(__file__).resolve().parent.parent
 
 # Makes, writes and frees a 48 MB tensor (above glibc's 32 MiB cap on its own mmap threshold, so by default
-# every one is a fresh mapping) ten times to settle, then ten times more, counting the minor page faults
-# those took. (Tuned, the heap grows during the first few: small objects made between two tensors split
-# the freed space until neighbouring holes merge.)
+# every one is a fresh mapping) twenty times to settle, then ten times more, counting the minor page faults of
+# each of those. Tuned, the heap may still grow during the first few: a small object made beside a freed
+# block splits its space until neighbouring holes merge; how long that takes varies with what else the
+# process allocates, so the test asks for most iterations to be free of faults, not all.
 PROBE = """
 import json, resource, torch
 from evolora.allocator import keep_freed_memory
@@ -30,12 +31,14 @@ def make_and_free():
     x = torch.empty(12_000_000)
     x.fill_(1.0)
     del x
-for _ in range(10):
+for _ in range(20):
     make_and_free()
-before = faults()
+per_iteration = []
 for _ in range(10):
+    before = faults()
     make_and_free()
-print(json.dumps({"applied": applied, "faults": faults() - before}))
+    per_iteration.append(faults() - before)
+print(json.dumps({"applied": applied, "faults": per_iteration}))
 """
 
 
@@ -56,8 +59,10 @@ def _glibc() -> bool:
 def test_freed_large_tensors_are_reused_not_faulted_in_again() -> None:
     default, tuned = _probe("0"), _probe("1")
     assert not default["applied"] and tuned["applied"]
-    # 10 x 48 MB: by default each is new pages (12k faults each at 4 KiB pages); tuned, reused memory.
-    assert tuned["faults"] * 4 < default["faults"], (default, tuned)
+    # By default each 48 MB tensor is new pages (about 12k faults at 4 KiB pages, 24 with 2 MiB huge pages);
+    # tuned, most of them reuse the memory of the one before, without a fault.
+    assert min(default["faults"]) >= 10, default
+    assert sum(f < 10 for f in tuned["faults"]) >= 6, tuned
 
 
 def test_runs_tune_the_allocator(sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
