@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +48,11 @@ def keep_freed_memory() -> bool:
     _applied = False
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    mallopt = _glibc_mallopt()
-    if mallopt is None:
+    if not is_glibc():
         return False
+    mallopt = ctypes.CDLL(None).mallopt  # the C library already loaded into this process
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
     ok = bool(mallopt(_M_MMAP_THRESHOLD, LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, LIMIT))
     if not ok:
         log.debug("mallopt refused the thresholds; the allocator is left as it is")
@@ -59,13 +60,9 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def _glibc_mallopt() -> Callable[[int, int], int] | None:
+def is_glibc() -> bool:
+    """Whether this process runs on glibc (musl has `mallopt` only as a stub that does nothing)."""
     try:
-        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, the C library's among them
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl has mallopt as a stub that does nothing)
-    except (OSError, AttributeError, TypeError):
-        return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return mallopt
+        return os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (ValueError, OSError):  # the name is unknown where the C library is not glibc (macOS)
+        return False

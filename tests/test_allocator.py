@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import evolora.experiment
+from evolora.allocator import is_glibc
 from evolora.experiment import run_experiment
 from tests.helpers import tiny_config
 
@@ -51,11 +52,7 @@ def _probe(setting: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _glibc() -> bool:
-    return sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
-
-
-@pytest.mark.skipif(not _glibc(), reason="the thresholds are glibc's")
+@pytest.mark.skipif(not is_glibc(), reason="the thresholds are glibc's")
 def test_freed_large_tensors_are_reused_not_faulted_in_again() -> None:
     default, tuned = _probe("0"), _probe("1")
     assert not default["applied"] and tuned["applied"]
