@@ -4,7 +4,7 @@ from evolora.data.digest import data_digest
 from evolora.data.fetch import fetch, registered_datasets
 from evolora.data.filters import kcore, keep_recent
 from evolora.data.formats.amazon import load_amazon_2018, load_amazon_2023
-from evolora.data.formats.movielens import load_movielens_1m, load_movielens_100k, load_movielens_100k_atomic
+from evolora.data.formats.movielens import load_movielens_1m, load_movielens_100k, load_movielens_atomic
 from evolora.data.formats.peso import load_peso_blocks
 from evolora.data.formats.table import load_table
 from evolora.data.loaders import detect_format, load_dataset
@@ -32,7 +32,7 @@ __all__ = [
     "load_dataset",
     "load_movielens_1m",
     "load_movielens_100k",
-    "load_movielens_100k_atomic",
+    "load_movielens_atomic",
     "load_peso_blocks",
     "load_table",
     "num_stages_of",

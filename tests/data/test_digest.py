@@ -20,7 +20,7 @@ from evolora.data import (
     load_dataset,
     load_movielens_1m,
     load_movielens_100k,
-    load_movielens_100k_atomic,
+    load_movielens_atomic,
     load_peso_blocks,
 )
 from evolora.errors import DataError
@@ -39,7 +39,7 @@ def test_every_loader_records_its_files_in_read_order(tmp_path: Path) -> None:
     a = write_ml100k(tmp_path / "a")
     assert load_movielens_100k(a).files == absolute(a / "u.data", a / "u.item")
     b = write_atomic(tmp_path / "b")
-    assert load_movielens_100k_atomic(b).files == absolute(b / "ml-100k.inter", b / "ml-100k.item")
+    assert load_movielens_atomic(b).files == absolute(b / "ml-100k.inter", b / "ml-100k.item")
     c = write_ml1m(tmp_path / "c")
     assert load_movielens_1m(c).files == absolute(c / "ratings.dat", c / "movies.dat")
     r = write_jsonl(

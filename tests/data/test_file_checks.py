@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datafiles import write_atomic, write_jsonl, write_ml100k
 
-from evolora.data import load_amazon_2018, load_movielens_1m, load_movielens_100k, load_movielens_100k_atomic
+from evolora.data import load_amazon_2018, load_movielens_1m, load_movielens_100k, load_movielens_atomic
 from evolora.errors import DataError
 
 # Real-looking MovieLens times (1997-98); the last row is the one the tests cut off.
@@ -20,7 +20,7 @@ TIMED = [
     ("2", "1", 2, 880606923),
     ("3", "3", 1, 876861799),
 ]
-LOADERS = {"ml-100k": load_movielens_100k, "atomic": load_movielens_100k_atomic, "ml-1m": load_movielens_1m}
+LOADERS = {"ml-100k": load_movielens_100k, "atomic": load_movielens_atomic, "ml-1m": load_movielens_1m}
 
 
 def ratings_file(kind: str, folder: Path) -> tuple[Path, int]:
@@ -160,16 +160,16 @@ def test_atomic_item_text_gets_replacement_characters(
     lines[2] = "2\tMisérables, Les\t1995\tDrama Musical\n".encode("latin-1")  # a latin-1 "é" in a UTF-8 file
     item_file.write_bytes(b"".join(lines))
     with caplog.at_level(logging.WARNING, logger="evolora.data"):
-        data = load_movielens_100k_atomic(folder)
+        data = load_movielens_atomic(folder)
     assert data.items["title"][1] == "Mis\ufffdrables, Les (1995)"
     assert "ml-100k.item: 1 lines have text fields that are not valid UTF-8 (first: line 3)" in caplog.text
 
     lines[2] = b"2\xe9\tMiserables\t1995\tDrama\n"
     item_file.write_bytes(b"".join(lines))
     with pytest.raises(DataError, match=r"ml-100k\.item line 3: item_id is not valid utf-8"):
-        load_movielens_100k_atomic(folder)
+        load_movielens_atomic(folder)
     write_atomic(folder)
     inter = folder / "ml-100k.inter"
     inter.write_bytes(inter.read_bytes().replace(b"\n3\t", b"\n3\xff\t"))
     with pytest.raises(DataError, match=r"ml-100k\.inter line 6: user_id is not valid utf-8"):
-        load_movielens_100k_atomic(folder)
+        load_movielens_atomic(folder)

@@ -18,7 +18,7 @@ from evolora.data import (
     load_dataset,
     load_movielens_1m,
     load_movielens_100k,
-    load_movielens_100k_atomic,
+    load_movielens_atomic,
 )
 from evolora.data.formats import FORMATS, Format
 from evolora.data.loaders import detect_format
@@ -61,23 +61,23 @@ def test_movielens_100k(tmp_path: Path) -> None:
 
 
 def test_movielens_100k_atomic(tmp_path: Path) -> None:
-    data = load_movielens_100k_atomic(write_atomic(tmp_path / "atomic"))
+    data = load_movielens_atomic(write_atomic(tmp_path / "atomic"))
     check_movielens(data)
     assert data.name == "ml-100k"
     # The .inter file itself works as the path too.
-    assert load_movielens_100k_atomic(tmp_path / "atomic" / "ml-100k.inter").interactions.height == 5
+    assert load_movielens_atomic(tmp_path / "atomic" / "ml-100k.inter").interactions.height == 5
 
 
 def test_both_ml100k_routes_agree(tmp_path: Path) -> None:
     a = load_movielens_100k(write_ml100k(tmp_path / "a"))
-    b = load_movielens_100k_atomic(write_atomic(tmp_path / "b"))
+    b = load_movielens_atomic(write_atomic(tmp_path / "b"))
     assert a.interactions.equals(b.interactions)
     assert a.items.select("item_id", "title", "genre").equals(b.items.select("item_id", "title", "genre"))
 
 
 def test_atomic_float_timestamp(tmp_path: Path) -> None:
     folder = write_atomic(tmp_path, ratings=[("1", "1", 4, "881250949.0"), ("2", "2", 5, " 881250950 ")])
-    assert load_movielens_100k_atomic(folder).interactions["timestamp"].to_list() == [881250949, 881250950]
+    assert load_movielens_atomic(folder).interactions["timestamp"].to_list() == [881250949, 881250950]
 
 
 def test_movielens_1m(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def test_missing_column(tmp_path: Path) -> None:
     folder = write_atomic(tmp_path)
     (folder / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\n1\t1\t5\n")
     with pytest.raises(DataError, match=r"ml-100k\.inter line 1: missing column 'timestamp'"):
-        load_movielens_100k_atomic(folder)
+        load_movielens_atomic(folder)
 
 
 def test_missing_json_field(tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_non_numeric_timestamp(tmp_path: Path) -> None:
 def test_non_numeric_timestamp_counts_header(tmp_path: Path) -> None:
     folder = write_atomic(tmp_path, ratings=[("1", "1", 4, 100), ("1", "2", 4, "1.5")])
     with pytest.raises(DataError, match=r"ml-100k\.inter line 3: timestamp '1\.5' is not a whole number"):
-        load_movielens_100k_atomic(folder)
+        load_movielens_atomic(folder)
 
 
 def test_non_numeric_rating(tmp_path: Path) -> None:
@@ -257,7 +257,7 @@ def test_empty_files(tmp_path: Path) -> None:
     folder = write_atomic(tmp_path / "b")
     (folder / "ml-100k.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
     with pytest.raises(DataError, match="no data rows after the header"):
-        load_movielens_100k_atomic(folder)
+        load_movielens_atomic(folder)
     meta = write_jsonl(tmp_path / "m.json", [{"asin": "A"}])
     with pytest.raises(DataError, match=r"r\.json: file is empty"):
         load_amazon_2018(write_jsonl(tmp_path / "r.json", ["", "  "]), meta)
@@ -365,7 +365,7 @@ def test_load_dataset_filters(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not REAL_ML100K.is_dir(), reason="shared ml-100k copy not present")
 def test_real_ml100k(monkeypatch: pytest.MonkeyPatch) -> None:
-    data = load_movielens_100k_atomic(REAL_ML100K)
+    data = load_movielens_atomic(REAL_ML100K)
     assert (data.n_users, data.n_items, data.interactions.height) == (943, 1682, 100000)
     titles = dict(zip(data.items["item_id"], data.items["title"], strict=True))
     assert titles["1"] == "Toy Story (1995)"

@@ -54,7 +54,7 @@ FORMATS: dict[str, SourceFormat] = {
     "ml-100k-atomic": SourceFormat(
         movielens.detect_atomic,
         movielens.resolve_atomic,
-        movielens.load_movielens_100k_atomic,
+        movielens.load_movielens_atomic,
         "*.inter (RecBole)",
     ),
     "ml-1m": SourceFormat(

