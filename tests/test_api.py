@@ -177,7 +177,20 @@ def test_the_recommend_command(ctr_run) -> None:
     )
     assert plain.exit_code == 0, plain.output
     assert json.loads(plain.output)["history"] == ["2", "3"]
+    # The JSON forms (for ids holding commas or colons) ask the same thing.
+    commas = runner.invoke(app, [*args[:4], "--history", "2:5,3:1", "--items", "4,6", "--json"])
+    as_json = runner.invoke(
+        app, [*args[:4], "--history", '[["2", 5], ["3", 1]]', "--items", '["4", "6"]', "--json"]
+    )
+    assert commas.exit_code == as_json.exit_code == 0, as_json.output
+    assert json.loads(commas.output) == json.loads(as_json.output)
     for bad, message in [
+        (
+            ["--method", "finetune", "--history", "[2]", "--items", "3"],
+            "neither an item id nor [item id, rating]",
+        ),
+        (["--method", "finetune", "--history", '["2", ', "--items", "3"], "not a valid JSON list"),
+        (["--method", "finetune", "--history", "2", "--items", "[4]"], "4 is not an item id"),
         (["--method", "finetune", "--items", "2"], "give --user or --history"),
         (["--method", "finetune", "--user", "nobody", "--items", "2"], "unknown user 'nobody'"),
         (["--method", "finetune", "--user", "1", "--items", "2", "-k", "0"], "-k 0"),
@@ -192,3 +205,18 @@ def test_the_recommend_command(ctr_run) -> None:
         result = runner.invoke(app, ["recommend", root, *bad])
         assert result.exit_code == 2 and message in result.output, (bad, result.output)
         assert "Traceback" not in result.output
+
+
+def test_history_ids_with_commas_and_colons() -> None:
+    from evolora.cli.trained import _parse_history, _parse_items
+
+    text = '["Godfather, The (1972)", ["Star Wars: Episode IV - A New Hope (1977)", 4]]'
+    assert _parse_history(text) == [
+        "Godfather, The (1972)",
+        ("Star Wars: Episode IV - A New Hope (1977)", 4.0),
+    ]
+    assert _parse_items('["Godfather, The (1972)", "Fargo (1996)"]') == [
+        "Godfather, The (1972)",
+        "Fargo (1996)",
+    ]
+    assert _parse_history("a:5, b:1") == [("a", 5.0), ("b", 1.0)]

