@@ -12,6 +12,11 @@ data (with the files' digests), model loading, item embeddings and RQ-VAE; anywh
 (checkpoints, adapters, records: `io.py`).
 Saved time is what reuse skipped: a shared training job or stored predictions, at the seconds they took
 when they were computed.
+
+Every part has two clocks: `seconds`, wall-clock time, and `cpu_seconds`, the CPU time of the whole process
+(every thread; `time.process_time`). Wall time is what a user waited; CPU time is what the work cost, and it
+stays the same when other programs share the cores or the process is paused (a run stopped with SIGSTOP for
+an hour adds an hour of wall time and no CPU time), so tables of runs made under load state CPU time.
 """
 
 from __future__ import annotations
@@ -45,25 +50,38 @@ def _ledger() -> dict[str, dict[str, float]]:
     return _local.ledger
 
 
+def _zero() -> dict[str, float]:
+    return {"seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "backward_tokens": 0}
+
+
 def _entry(name: str) -> dict[str, float]:
-    return _ledger().setdefault(name, {"seconds": 0.0, "tokens": 0, "backward_tokens": 0})
+    return _ledger().setdefault(name, _zero())
+
+
+def clock() -> tuple[float, float]:
+    """(wall-clock, process CPU) seconds now; differences of two readings give both clocks of a span."""
+    return time.perf_counter(), time.process_time()
 
 
 @contextmanager
 def part(name: str) -> Iterator[None]:
     """Count the block's time (and the tokens its forward passes read) under `name`."""
     _ledger()
-    frame = {"name": name, "inner": 0.0}
+    frame = {"name": name, "inner": 0.0, "inner_cpu": 0.0}
     _local.stack.append(frame)
-    t0 = time.perf_counter()
+    wall0, cpu0 = clock()
     try:
         yield
     finally:
-        elapsed = time.perf_counter() - t0
+        wall1, cpu1 = clock()
+        elapsed, elapsed_cpu = wall1 - wall0, cpu1 - cpu0
         _local.stack.pop()
-        _entry(name)["seconds"] += elapsed - frame["inner"]
+        entry = _entry(name)
+        entry["seconds"] += elapsed - frame["inner"]
+        entry["cpu_seconds"] += elapsed_cpu - frame["inner_cpu"]
         if _local.stack:
             _local.stack[-1]["inner"] += elapsed
+            _local.stack[-1]["inner_cpu"] += elapsed_cpu
 
 
 def count_tokens(tokens: int, backward: bool) -> None:
@@ -96,19 +114,29 @@ def take() -> dict[str, Any]:
 def _rounded(entry: dict[str, float]) -> dict[str, Any]:
     return {
         "seconds": round(entry["seconds"], 3),
+        "cpu_seconds": round(entry["cpu_seconds"], 3),
         "tokens": int(entry["tokens"]),
         "backward_tokens": int(entry["backward_tokens"]),
     }
 
 
-def stage_cost(taken: dict[str, Any], total_seconds: float) -> dict[str, Any]:
-    """A stage's cost record: its parts, `other` (the stage's time no part covers) and its total."""
+def stage_cost(taken: dict[str, Any], since: tuple[float, float]) -> dict[str, Any]:
+    """A stage's cost record from `take()` and the `clock()` reading at its start: its parts, `other` (the
+    stage's time no part covers) and its totals on both clocks."""
+    wall, cpu = clock()
+    total_seconds, total_cpu = wall - since[0], cpu - since[1]
     parts = dict(taken["parts"])
     covered = sum(p["seconds"] for k, p in parts.items() if k != "other")
-    other = parts.pop("other", {"seconds": 0.0, "tokens": 0, "backward_tokens": 0})
-    other = {**other, "seconds": round(max(0.0, total_seconds - covered), 3)}
+    covered_cpu = sum(p["cpu_seconds"] for k, p in parts.items() if k != "other")
+    other = parts.pop("other", _rounded(_zero()))
+    other = {
+        **other,
+        "seconds": round(max(0.0, total_seconds - covered), 3),
+        "cpu_seconds": round(max(0.0, total_cpu - covered_cpu), 3),
+    }
     return {
         "total_seconds": round(total_seconds, 3),
+        "total_cpu_seconds": round(total_cpu, 3),
         "parts": {**parts, "other": other},
         "saved_seconds": taken["saved_seconds"],
     }
@@ -119,14 +147,18 @@ def add(costs: list[dict[str, Any]]) -> dict[str, Any]:
     parts: dict[str, dict[str, float]] = {}
     for c in costs:
         for k, p in c.get("parts", {}).items():
-            e = parts.setdefault(k, {"seconds": 0.0, "tokens": 0, "backward_tokens": 0})
+            e = parts.setdefault(k, _zero())
             for f in e:
                 e[f] += p.get(f, 0)
-    return {
+    out = {
         "total_seconds": round(sum(c.get("total_seconds", 0.0) for c in costs), 3),
         "parts": {k: _rounded(v) for k, v in parts.items()},
         "saved_seconds": round(sum(c.get("saved_seconds", 0.0) for c in costs), 3),
     }
+    # Records written before CPU time was kept have none: a sum over some of them would be no total at all.
+    if all("total_cpu_seconds" in c for c in costs):
+        out["total_cpu_seconds"] = round(sum(c["total_cpu_seconds"] for c in costs), 3)
+    return out
 
 
 def timed(name: str) -> Any:

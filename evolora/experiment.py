@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -352,7 +351,7 @@ def _run_locked(
     setup = exclusive(root / ".setup.lock", "setting up", wait=True) if os.environ.get(WORKER_ENV) else None
     try:
         with setup or contextlib.nullcontext(), parallel.main_first():
-            t0 = time.perf_counter()
+            started = cost.clock()
             cost.take()
             with cost.part("data"):
                 prepared = prepare_data(cfg)
@@ -363,7 +362,7 @@ def _run_locked(
         if parallel.sharded():  # FSDP: after set-up, which runs in one process at a time
             lm.shard()
         # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle
-        environment["setup_cost"] = cost.stage_cost(cost.take(), time.perf_counter() - t0)
+        environment["setup_cost"] = cost.stage_cost(cost.take(), since=started)
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
         sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
         shared = SharedStore(cfg.shared_root, stable_hash(sample_context, 16))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from pathlib import Path
 
 import pytest
@@ -22,27 +23,52 @@ class FakeClock:
 
 
 def test_nested_parts_count_their_own_time_and_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = FakeClock()
+    clock, cpu = FakeClock(), FakeClock()  # the CPU clock runs at half the wall clock's pace, as under load
     monkeypatch.setattr(cost.time, "perf_counter", clock)
+    monkeypatch.setattr(cost.time, "process_time", cpu)
+
+    def tick(seconds: float) -> None:
+        clock.now += seconds
+        cpu.now += seconds / 2
+
     cost.take()
+    started = cost.clock()
     with cost.part("training"):
-        clock.now += 2.0
+        tick(2.0)
         cost.count_tokens(100, backward=True)
         with cost.part("validation"):
-            clock.now += 0.5
+            tick(0.5)
             cost.count_tokens(30, backward=False)
-        clock.now += 1.0
+        tick(1.0)
     cost.count_tokens(7, backward=False)  # outside any part
+    tick(0.5)
     cost.saved(4.0)
-    record = cost.stage_cost(cost.take(), total_seconds=4.0)
+    record = cost.stage_cost(cost.take(), since=started)
     parts = record["parts"]
-    assert parts["training"] == {"seconds": 3.0, "tokens": 100, "backward_tokens": 100}
-    assert parts["validation"] == {"seconds": 0.5, "tokens": 30, "backward_tokens": 0}
-    assert parts["other"] == {"seconds": 0.5, "tokens": 7, "backward_tokens": 0}
+    assert parts["training"] == {"seconds": 3.0, "cpu_seconds": 1.5, "tokens": 100, "backward_tokens": 100}
+    assert parts["validation"] == {"seconds": 0.5, "cpu_seconds": 0.25, "tokens": 30, "backward_tokens": 0}
+    assert parts["other"] == {"seconds": 0.5, "cpu_seconds": 0.25, "tokens": 7, "backward_tokens": 0}
     assert record["saved_seconds"] == 4.0 and record["total_seconds"] == 4.0
+    assert record["total_cpu_seconds"] == 2.0
     assert cost.take()["parts"] == {}  # taken: the next stage starts from nothing
     both = cost.add([record, record])
     assert both["parts"]["training"]["seconds"] == 6.0 and both["total_seconds"] == 8.0
+    assert both["total_cpu_seconds"] == 4.0
+    # A record from before CPU time was kept has no CPU total, so a sum with it has none either.
+    old = {k: v for k, v in record.items() if k != "total_cpu_seconds"}
+    assert "total_cpu_seconds" not in cost.add([record, old])
+
+
+def test_cpu_time_leaves_out_waiting() -> None:
+    """Wall-clock time counts a pause (here a sleep; a SIGSTOP or a busy machine alike), CPU time does not."""
+    cost.take()
+    started = cost.clock()
+    with cost.part("evaluation"):
+        time.sleep(0.3)
+    record = cost.stage_cost(cost.take(), since=started)
+    assert record["parts"]["evaluation"]["seconds"] >= 0.3
+    assert record["parts"]["evaluation"]["cpu_seconds"] < 0.1
+    assert record["total_cpu_seconds"] < 0.1 <= 0.3 <= record["total_seconds"]
 
 
 OVER = {"train.epochs": 4, "strategies": "[finetune, peso, inflora]"}
@@ -77,6 +103,11 @@ def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path
                 assert c["parts"]["other"]["seconds"] <= 0.05 * c["total_seconds"], c
         summary = r["summary"]["cost"]
         assert summary["total_seconds"] == pytest.approx(sum(s["cost"]["total_seconds"] for s in r["stages"]))
+        assert (
+            0
+            < summary["total_cpu_seconds"]
+            == pytest.approx(sum(s["cost"]["total_cpu_seconds"] for s in r["stages"]))
+        )
     assert by["inflora"]["stages"][1]["cost"]["parts"]["inflora_statistics"]["tokens"] > 0
     # PESO and InfLoRA reuse finetune's stage-1 job and its predictions: what they took is saved.
     first = by["finetune"]["stages"][0]
@@ -89,4 +120,4 @@ def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path
 
     report, _ = build_report([tmp_path / "t"])
     assert "### Where the time went" in report and "| inflora | 1 |" in report
-    assert "Time these runs took:" in report
+    assert "CPU time these runs took:" in report and "| CPU s |" in report

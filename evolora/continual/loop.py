@@ -377,9 +377,8 @@ class StageLoop:
         record = self._record(ctx, preds, jobs_info, n_eval_total, eval_seconds, reused_preds)
         if matrix is not None:
             record["matrix"], record["matrix_reused"] = matrix
-        now = time.perf_counter()
-        record["cost"] = cost.stage_cost(cost.take(), now - self._clock)
-        self._clock = now
+        record["cost"] = cost.stage_cost(cost.take(), since=self._clock)
+        self._clock = cost.clock()
         atomic_write_json(d / "record.json", record)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())
         log.info(
@@ -436,7 +435,7 @@ class StageLoop:
         done = [t for t in stages if (self.stage_dir(t) / "record.json").is_file()]
         todo = [t for t in stages if t not in done]
         cost.take()  # a stage's cost runs from here (its strategy's set-up included) to its record
-        self._clock = time.perf_counter()
+        self._clock = cost.clock()
         self.check_run()
         self.s.setup()
         if todo and todo[0] > 1:

@@ -1,7 +1,10 @@
 """The cost table of a report: where each method's time went, from the runs' recorded cost profiles.
 
 Reads `results.json` only (`summary.cost` and the set-up cost in the header, written by `continual/loop.py`
-and `experiment.py` through `cost.py`). Seconds are wall-clock seconds of the process that ran the work.
+and `experiment.py` through `cost.py`). Seconds are wall-clock seconds of the process that ran the work;
+CPU seconds are that process's CPU time (every thread), which load on the other cores and pauses do not
+change. Runs recorded before CPU time was kept show `n/a` there, and the total then falls back to
+wall-clock time, saying so.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def cost_table(groups: list[Any]) -> str | None:
     if all(t is None for _, _, t in rows):
         return None
     parts = [p for p in PARTS if p in SHOWN or p in used]
-    head = ["method", "runs", "total s", *[f"{p} s" for p in parts], "other s", "tokens (k)", "backward (k)"]
+    head = ["method", "runs", "total s", "CPU s", *[f"{p} s" for p in parts], "other s", "tokens (k)"]
+    head.append("backward (k)")
     head.append("saved s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, n, total in rows:
@@ -47,6 +51,7 @@ def cost_table(groups: list[Any]) -> str | None:
             return f"{x / n:.1f}"
 
         cells = [mean(total["total_seconds"])]
+        cells.append(mean(total["total_cpu_seconds"]) if "total_cpu_seconds" in total else "n/a")
         cells += [mean(per.get(p, {}).get("seconds", 0.0)) for p in parts]
         cells.append(mean(per.get("other", {}).get("seconds", 0.0)))
         cells.append(mean(sum(p["tokens"] for p in per.values()) / 1000))
@@ -56,9 +61,13 @@ def cost_table(groups: list[Any]) -> str | None:
     return "\n".join(lines)
 
 
-def cpu_time(groups: list[Any]) -> tuple[float, float]:
-    """(seconds the runs' stages took, seconds of set-up: loading, item embeddings, RQ-VAE) over all runs."""
+def cpu_time(groups: list[Any]) -> tuple[float, float, bool]:
+    """(seconds the runs' stages took, seconds of set-up: loading, item embeddings, RQ-VAE, and whether
+    those are CPU seconds) over all runs: CPU time where every run recorded it, else wall-clock time."""
     runs = [r for g in groups for r in g.runs]
-    stages = sum(r.get("summary", {}).get("cost", {}).get("total_seconds", 0.0) for r in runs)
-    setups = {_setup_key(r): r.get("setup_cost", {}).get("total_seconds", 0.0) for r in runs}
-    return stages, sum(setups.values())
+    costs = [r.get("summary", {}).get("cost", {}) for r in runs]
+    setup_costs = {_setup_key(r): r.get("setup_cost", {}) for r in runs}
+    on_cpu = all("total_cpu_seconds" in c for c in [*costs, *setup_costs.values()] if c)
+    key = "total_cpu_seconds" if on_cpu else "total_seconds"
+    stages = sum(c.get(key, 0.0) for c in costs)
+    return stages, sum(c.get(key, 0.0) for c in setup_costs.values()), on_cpu

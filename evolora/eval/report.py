@@ -316,17 +316,20 @@ def build_report(
     out.append(f"\nTraining time per run (sum over stages, shared results counted in full): {times}.")
     costs = cost_table(groups)
     if costs:
-        stages, setup = cpu_time(groups)
+        stages, setup, on_cpu = cpu_time(groups)
         out.append("\n### Where the time went (seconds per run, mean over seeds)\n")
         out.append(
             "Wall-clock seconds of each part of the stages (`other`: metrics, restoring adapters, strategy "
-            "set-up); tokens read by the LLM's forward passes and the share a backward pass followed; "
+            "set-up), and `CPU s`, the CPU time of the whole stages (every thread; unchanged by load or "
+            "pauses, `n/a` for runs recorded before it was kept); tokens read by the LLM's forward passes "
+            "and the share a backward pass followed; "
             "`saved`: what reused results (a shared stage-1 job, stored predictions) took when computed.\n"
         )
         out.append(costs)
         out.append(
-            f"\nTime these runs took: {_duration(stages + setup)} ({_duration(stages)} in stages, "
-            f"{_duration(setup)} setting up: data, models, item embeddings)."
+            f"\n{'CPU time' if on_cpu else 'Wall-clock time'} these runs took: {_duration(stages + setup)} "
+            f"({_duration(stages)} in stages, {_duration(setup)} setting up: data, models, item embeddings)"
+            + ("." if on_cpu else "; some runs were recorded before CPU time was kept.")
         )
     return "\n".join(out) + "\n", groups
 
