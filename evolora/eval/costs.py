@@ -37,9 +37,8 @@ def cost_table(groups: list[Any]) -> str | None:
     if all(t is None for _, _, t in rows):
         return None
     parts = [p for p in PARTS if p in SHOWN or p in used]
-    head = ["method", "runs", "total s", "CPU s", *[f"{p} s" for p in parts], "other s", "tokens (k)"]
-    head.append("backward (k)")
-    head.append("saved s")
+    head = ["method", "runs", "total s", "CPU s", *[f"{p} s" for p in parts]]
+    head += ["other s", "tokens (k)", "backward (k)", "saved s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, n, total in rows:
         if total is None:
