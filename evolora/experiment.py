@@ -46,7 +46,13 @@ from evolora.locks import exclusive
 from evolora.models.conventional import check_conventional, is_conventional
 from evolora.models.conventional.backbone import ConventionalBackbone
 from evolora.models.llm import LoraLM, set_threads
-from evolora.models.precision import check_machine, precision_name, resolve_device, resolve_precision
+from evolora.models.precision import (
+    check_machine,
+    machine,
+    precision_name,
+    resolve_device,
+    resolve_precision,
+)
 from evolora.models.weights import load_pretrained
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
@@ -123,6 +129,7 @@ def run_environment(data: InteractionData) -> dict[str, Any]:
 
     return {
         "evolora_version": evolora.__version__,
+        "machine": machine(),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

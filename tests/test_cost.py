@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from evolora import cost
-from evolora.eval.report import build_report
+from evolora.eval.report import build_report, machine_line
 from evolora.experiment import run_experiment
+from evolora.models.precision import machine
 from tests.helpers import tiny_config
 
 
@@ -118,6 +119,26 @@ def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path
     setup = results[0]["setup_cost"]["parts"]
     assert setup["model_loading"]["seconds"] > 0 and setup["data"]["seconds"] > 0
 
+    # The machine is recorded with the run and with every stage (a resumed run may change machine).
+    assert results[0]["machine"] == machine() and machine()
+    assert all(stage["machine"] == machine() for r in results for stage in r["stages"])
+
     report, _ = build_report([tmp_path / "t"])
+    assert f"Machine: {machine()} (every recorded stage)." in report
     assert "### Where the time went" in report and "| inflora | 1 |" in report
     assert "CPU time these runs took:" in report and "| CPU s |" in report
+
+
+def test_a_report_names_every_machine_its_stages_ran_on() -> None:
+    """A run resumed on another CPU rounds differently from there on: the report says where stages ran."""
+    resumed = {
+        "stages": [
+            {"machine": "CPU A (avx2)"},
+            {"machine": "CPU A (avx2)"},
+            {"machine": "CPU B (avx2, avx512f)"},
+        ]
+    }
+    line = machine_line([resumed, {"stages": [{"machine": "CPU A (avx2)"}]}])
+    assert line is not None
+    assert line.startswith("Machines: CPU A (avx2): 3 stages; CPU B (avx2, avx512f): 1 stage.")
+    assert machine_line([{"stages": [{"metrics": {}}]}]) is None  # runs from before machines were recorded

@@ -58,6 +58,7 @@ from evolora.io import (
     set_aside,
 )
 from evolora.locks import exclusive
+from evolora.models.precision import machine
 from evolora.train.trainer import TrainResult, train_adapter
 from evolora.workers import worker_label
 
@@ -423,6 +424,7 @@ class StageLoop:
             "train_seconds": float(sum(j["train_seconds"] for j in jobs)),
             "eval_seconds": eval_seconds,
             "reused_shared_predictions": reused_preds,
+            "machine": machine(),  # a resumed run's stages may have run on different machines
             "metrics": self.task.metrics(preds, rows),
             "by_user_kind": by_kind,
             "strategy_info": trained.get("stage_info", {}),

@@ -118,6 +118,25 @@ def precision_line(results: list[dict[str, Any]]) -> str:
     return "; ".join(f"{p}: {', '.join(m)}" for p, m in by_precision.items())
 
 
+def machine_line(results: list[dict[str, Any]]) -> str | None:
+    """Which machines computed the runs' stages (recorded per stage: a resumed run may change machine);
+    None when no run recorded one."""
+    stages: dict[str, int] = defaultdict(int)
+    for r in results:
+        for s in r.get("stages", []):
+            if "machine" in s:
+                stages[s["machine"]] += 1
+    if not stages:
+        return None
+    if len(stages) == 1:
+        return f"Machine: {next(iter(stages))} (every recorded stage)."
+    listed = "; ".join(f"{m}: {n} stage{'s' if n > 1 else ''}" for m, n in sorted(stages.items()))
+    return (
+        f"Machines: {listed}. The same fp32 run rounds differently on CPUs with other vector extensions, so "
+        "cells computed on different machines can differ slightly beyond what the seeds explain."
+    )
+
+
 def find_results(paths: list[Path]) -> list[dict[str, Any]]:
     found = []
     for p in paths:
@@ -259,6 +278,9 @@ def build_report(
     out.append(f"Dataset: {', '.join(datasets)}; task: {', '.join(sorted(tasks))}.")
     out.append(f"Evaluated samples per stage: {stage_sizes(groups)}.")
     out.append(f"Precision: {precision_line(results)}.")
+    machines = machine_line(results)
+    if machines:
+        out.append(machines)
     covered = f"means, `vs {baseline}` and bootstrap differences" if baseline in methods else "means"
     if skip is not None:
         out.append(

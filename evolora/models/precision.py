@@ -15,6 +15,7 @@ a GPU run's folder can be read on a laptop).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -62,6 +63,34 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in words or "amx_bf16" in words
+
+
+#: CPU extensions that decide which kernels run: vector width (and so the rounding of fp32 sums), native bf16
+_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def machine() -> str:
+    """The machine in a few words, e.g. "AMD EPYC 7B13 (avx2)" or "... + NVIDIA H200": recorded with each run
+    and each stage, because the same fp32 run rounds differently on CPUs with other vector extensions (a
+    run resumed on another machine continues correctly, but not bit for bit as it would have)."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = [f for f in _ISA_FLAGS if f in flags]
+    out = f"{name} ({', '.join(isa)})" if isa else name
+    if torch.cuda.is_available():
+        out += " + " + torch.cuda.get_device_name(0)
+    return out
 
 
 _warned_emulated_bf16 = False
