@@ -116,14 +116,9 @@ def measure(model: str, mode: str, precision: str, share_prefix: bool, samples: 
 
 def cpu_flags() -> list[str]:
     """The CPU's vector-instruction flags that decide kernel speed (Linux; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []
-    )
-    return sorted(f for f in flags if f.startswith(("avx", "amx", "fma")))
+    from evolora.models.precision import cpu_info
+
+    return sorted(f for f in cpu_info()[1] if f.startswith(("avx", "amx", "fma")))
 
 
 def matmul_peak(dtype_name: str, n: int = 1024, repeats: int = 7) -> float:

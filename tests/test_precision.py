@@ -44,6 +44,23 @@ def test_the_cpu_detection_can_be_forced(monkeypatch: pytest.MonkeyPatch, flag: 
         precision_mod.cpu_has_native_bf16()
 
 
+@pytest.mark.parametrize(
+    ("flags", "native", "described"),
+    [
+        ({"avx2", "fma"}, False, "Some CPU (avx2)"),
+        ({"avx2", "avx512f", "avx512_bf16"}, True, "Some CPU (avx2, avx512f, avx512_bf16)"),
+    ],
+)
+def test_one_reading_of_the_cpu_decides_precision_and_names_the_machine(
+    monkeypatch: pytest.MonkeyPatch, flags: set[str], native: bool, described: str
+) -> None:
+    monkeypatch.delenv(precision_mod.CPU_BF16_ENV, raising=False)
+    monkeypatch.setattr(precision_mod, "cpu_info", lambda: ("Some CPU", frozenset(flags)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision_mod.cpu_has_native_bf16() is native
+    assert precision_mod.machine.__wrapped__() == described
+
+
 def test_without_autocast_restores_full_precision_inside_autocast() -> None:
     a, b = torch.randn(8, 8), torch.randn(8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):

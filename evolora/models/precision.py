@@ -58,11 +58,8 @@ def cpu_has_native_bf16() -> bool:
         return forced == "1"
     if forced:
         raise EvoloraError(f"${CPU_BF16_ENV}={forced!r}: use 1 (native bf16) or 0 (none), or unset it")
-    try:
-        words = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in words or "amx_bf16" in words
+    flags = cpu_info()[1]
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 #: CPU extensions that decide which kernels run: vector width (and so the rounding of fp32 sums), native bf16
@@ -70,22 +67,30 @@ _ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 @functools.cache
-def machine() -> str:
-    """The machine in a few words, e.g. "AMD EPYC 7B13 (avx2)" or "... + NVIDIA H200": recorded with each run
-    and each stage, because the same fp32 run rounds differently on CPUs with other vector extensions (a
-    run resumed on another machine continues correctly, but not bit for bit as it would have)."""
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and feature flags, read once from /proc/cpuinfo (elsewhere: the platform's
+    processor name and no flags, so native bf16 is not assumed)."""
     import platform
 
-    name, flags = platform.processor() or platform.machine(), set()
+    name, flags = platform.processor() or platform.machine(), frozenset[str]()
     try:
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "model name" and value.strip():
                 name = value.strip()
             elif key.strip() == "flags":
-                flags = set(value.split())
+                flags = frozenset(value.split())
     except OSError:
         pass
+    return name, flags
+
+
+@functools.cache
+def machine() -> str:
+    """The machine in a few words, e.g. "AMD EPYC 7B13 (avx2)" or "... + NVIDIA H200": recorded with each run
+    and each stage, because the same fp32 run rounds differently on CPUs with other vector extensions (a
+    run resumed on another machine continues correctly, but not bit for bit as it would have)."""
+    name, flags = cpu_info()
     isa = [f for f in _ISA_FLAGS if f in flags]
     out = f"{name} ({', '.join(isa)})" if isa else name
     if torch.cuda.is_available():
