@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
 from evolora.config import ModelConfig, RunConfig, load_config
 
@@ -18,6 +19,36 @@ EXAMPLE_TABLE = {
     "data.meta": str(EXAMPLE_DATA / "example_items.csv"),
     "task.min_history": 1,
 }
+
+
+#: Every LoRA strategy of the suite (RecLoRA aside: it needs a CRM), with options that exercise its state.
+LORA_STRATEGIES: list[dict[str, Any]] = [
+    {"name": "frozen"},
+    {"name": "finetune"},
+    {"name": "retrain"},
+    {"name": "peso", "lam": 5.0},
+    {"name": "lsat", "long_stages": 1, "grid": [0.0, 0.5, 1.0]},
+    {"name": "lsat", "label": "lsat-ta", "inference": "fusion", "grid": [0.0, 0.5, 1.0]},
+    {"name": "sumlora", "init": "fresh"},
+    {"name": "sdlora"},
+    {"name": "inflora"},
+    {"name": "olora", "lam": 0.5},
+]
+
+
+def staged_frame(rows: list[tuple[str, str, float, int, int]]) -> pl.DataFrame:
+    """Interactions (user, item, rating, timestamp, stage) as the staged frame `build_samples` reads."""
+    return pl.DataFrame(
+        rows,
+        schema={
+            "user_id": pl.Utf8,
+            "item_id": pl.Utf8,
+            "rating": pl.Float64,
+            "timestamp": pl.Int64,
+            "stage": pl.Int32,
+        },
+        orient="row",
+    ).sort("timestamp")
 
 
 def write_sunny_rainy(

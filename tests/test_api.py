@@ -13,22 +13,10 @@ import evolora
 from evolora.errors import EvoloraError
 from evolora.experiment import prepare_data, run_dir_of, run_experiment
 from evolora.io import load_npz
-from tests.helpers import tiny_config, write_peso_cycle
+from tests.helpers import LORA_STRATEGIES, tiny_config, write_peso_cycle
 
 CRM = {"dim": 8, "mlp": [16], "max_len": 10, "dropout": 0.0}
-CTR_STRATEGIES = [
-    {"name": "frozen"},
-    {"name": "finetune"},
-    {"name": "retrain"},
-    {"name": "peso", "lam": 5.0},
-    {"name": "lsat", "long_stages": 1, "grid": [0.0, 0.5, 1.0]},
-    {"name": "lsat", "label": "lsat-ta", "inference": "fusion", "grid": [0.0, 0.5, 1.0]},
-    {"name": "sumlora", "init": "fresh"},
-    {"name": "sdlora"},
-    {"name": "inflora"},
-    {"name": "olora", "lam": 0.5},
-    {"name": "reclora", "n_meta": 3, "crm": CRM, "crm_epochs": 1},
-]
+CTR_STRATEGIES = [*LORA_STRATEGIES, {"name": "reclora", "n_meta": 3, "crm": CRM, "crm_epochs": 1}]
 SMALL = {"train.epochs": 1, "train.samples_per_stage": 24, "train.valid_samples": 16, "eval.max_samples": 24}
 
 

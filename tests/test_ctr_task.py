@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 
@@ -12,7 +11,7 @@ from evolora.data.samples import build_samples
 from evolora.errors import ConfigError
 from evolora.models.llm import LoraLM
 from evolora.tasks.ctr import TEMPLATES, CtrTask
-from tests.helpers import tiny_model
+from tests.helpers import staged_frame, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +31,7 @@ def table():
             rows.append(
                 (f"u{u}", f"i{(u + k) % 5}", float(1 + (u * 7 + k) % 5), 100 * k + u, 1 if k < 4 else 2)
             )
-    df = pl.DataFrame(
-        rows,
-        schema={
-            "user_id": pl.Utf8,
-            "item_id": pl.Utf8,
-            "rating": pl.Float64,
-            "timestamp": pl.Int64,
-            "stage": pl.Int32,
-        },
-        orient="row",
-    ).sort("timestamp")
-    return build_samples(df, 2, 3.0, history_len=3, min_history=2)
+    return build_samples(staged_frame(rows), 2, 3.0, history_len=3, min_history=2)
 
 
 TITLES = {

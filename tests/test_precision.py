@@ -16,21 +16,8 @@ import yaml
 from evolora.errors import EvoloraError
 from evolora.experiment import run_experiment
 from evolora.models import precision as precision_mod
-from tests.helpers import tiny_config
+from tests.helpers import LORA_STRATEGIES, tiny_config
 
-# Every LoRA strategy of the suite, with options that exercise its state.
-STRATEGIES = [
-    {"name": "frozen"},
-    {"name": "finetune"},
-    {"name": "retrain"},
-    {"name": "peso", "lam": 5.0},
-    {"name": "lsat", "long_stages": 1, "grid": [0.0, 0.5, 1.0]},
-    {"name": "lsat", "label": "lsat-ta", "inference": "fusion", "grid": [0.0, 0.5, 1.0]},
-    {"name": "sumlora", "init": "fresh"},
-    {"name": "sdlora"},
-    {"name": "inflora"},
-    {"name": "olora", "lam": 0.5},
-]
 LEARN = {"train.lr": 0.03, "train.schedule": "constant", "train.epochs": 3, "train.samples_per_stage": 96}
 
 
@@ -72,11 +59,11 @@ def test_without_autocast_restores_full_precision_inside_autocast() -> None:
 
 @pytest.mark.bf16
 def test_every_strategy_runs_and_learns_in_bf16_mixed(sunny_dir: Path, tmp_path: Path) -> None:
-    strategies = yaml.safe_dump(STRATEGIES, default_flow_style=True).strip().replace("\n", " ")
+    strategies = yaml.safe_dump(LORA_STRATEGIES, default_flow_style=True).strip().replace("\n", " ")
     bf16 = {"model.precision": "bf16-mixed"}
     cfg = tiny_config(sunny_dir, tmp_path, **LEARN, strategies=strategies, **bf16)
     results = run_experiment(cfg)
-    assert [r["method"] for r in results] == [s.get("label", s["name"]) for s in STRATEGIES]
+    assert [r["method"] for r in results] == [s.get("label", s["name"]) for s in LORA_STRATEGIES]
     for r in results:
         assert r["complete"] and r["precision"] == "bf16-mixed", r["method"]
         aucs = [s["metrics"]["auc"] for s in r["stages"]]

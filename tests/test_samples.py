@@ -11,20 +11,7 @@ from evolora.data import assign_stages, load_dataset
 from evolora.data.negatives import add_sampled_negatives
 from evolora.data.samples import SampleTable, build_samples, draw, eval_stage_of, split_pools, train_stages
 from evolora.errors import DataError
-
-
-def staged_frame(rows: list[tuple[str, str, float, int, int]]) -> pl.DataFrame:
-    return pl.DataFrame(
-        rows,
-        schema={
-            "user_id": pl.Utf8,
-            "item_id": pl.Utf8,
-            "rating": pl.Float64,
-            "timestamp": pl.Int64,
-            "stage": pl.Int32,
-        },
-        orient="row",
-    ).sort("timestamp")
+from tests.helpers import staged_frame
 
 
 def test_history_is_the_latest_items_across_stages() -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 from pathlib import Path
+
+import pytest
 
 REAL_ML100K = Path(__file__).resolve().parents[2] / "../shared/data/ml-100k"
 
@@ -75,3 +78,17 @@ def write_jsonl(path: Path, records: list, gz: bool = False) -> Path:
     else:
         path.write_text(text, encoding="utf-8")
     return path
+
+
+def count_hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files `evolora.data.digest` hashes from now on, in order (filled as they come)."""
+    digest_mod = importlib.import_module("evolora.data.digest")
+    hashed: list[str] = []
+    real = digest_mod.sha256_file
+
+    def counting(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(digest_mod, "sha256_file", counting)
+    return hashed

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from datafiles import write_atomic, write_jsonl, write_ml1m, write_ml100k
+from datafiles import count_hashes, write_atomic, write_jsonl, write_ml1m, write_ml100k
 from test_peso_blocks import KEY, write_peso
 
 from evolora.config import DataConfig
@@ -24,8 +23,6 @@ from evolora.data import (
     load_peso_blocks,
 )
 from evolora.errors import DataError
-
-digest_mod = importlib.import_module("evolora.data.digest")
 
 
 def sha(path: Path) -> str:
@@ -81,14 +78,7 @@ def test_digest_names_hashes_and_changes_with_content(tmp_path: Path) -> None:
 
 def test_digest_is_cached_per_file_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = load_movielens_100k(write_ml100k(tmp_path))
-    hashed: list[str] = []
-    real = digest_mod.sha256_file
-
-    def counting(path: Path) -> str:
-        hashed.append(Path(path).name)
-        return real(path)
-
-    monkeypatch.setattr(digest_mod, "sha256_file", counting)
+    hashed = count_hashes(monkeypatch)
     first = data_digest(data)
     assert data_digest(data) == first
     assert hashed == ["u.data", "u.item"]  # once each

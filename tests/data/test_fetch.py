@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from datafiles import write_atomic, write_ml100k
+from datafiles import count_hashes, write_atomic, write_ml100k
 
 from evolora.config import DataConfig
 from evolora.data import fetch, load_dataset, registered_datasets
@@ -285,15 +285,7 @@ def test_cache_check_hashes_each_file_once_per_process(
 ) -> None:
     use_zip(monkeypatch, make_zip(tmp_path))
     fetch("ml-100k")
-    digest_mod = importlib.import_module("evolora.data.digest")
-    hashed: list[str] = []
-    real = digest_mod.sha256_file
-
-    def counting(path: Path) -> str:
-        hashed.append(Path(path).name)
-        return real(path)
-
-    monkeypatch.setattr(digest_mod, "sha256_file", counting)
+    hashed = count_hashes(monkeypatch)
     for _ in range(3):
         fetch("ml-100k")
     assert sorted(hashed) == ["u.data", "u.item"]
