@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from record import write_record
 
 CDS_CONFIG = "configs/conventional-next-item-cds.yaml"
 
@@ -149,8 +149,6 @@ def main() -> None:
         print(json.dumps(child(args.child, args.samples, args.batch)))
         return
 
-    from bench_ctr import cpu_flags
-
     from evolora.config import load_config
 
     sizes = {"ctr": (24, 8), "next_item": (16, 8), "conventional": (1024, 256)}
@@ -188,15 +186,8 @@ def main() -> None:
         print(workload, json.dumps(entry, indent=1))
         if not entry["same_results"]:
             raise SystemExit(f"{workload}: the two allocators computed different results")
-    record["machine"] = {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch_threads": 1,
-        "cpu_flags": cpu_flags(),
-        "load_1min": os.getloadavg()[0],
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    record["machine"] = {"torch_threads": 1}  # each measurement runs in a one-thread subprocess
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,11 @@ whatever machine runs this.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from record import write_record
 
 CONFIGS = {
     "ctr": "configs/conventional-ctr-ml100k.yaml",
@@ -94,9 +92,11 @@ def main() -> None:
             results[task_name][name] = measure(model_cfg, prepared, rows_train, rows_eval, args.batch)
             print(f"measured: {task_name} {name}", flush=True)
 
-    machine = platform.processor() or platform.machine()
+    from evolora.models.precision import machine
+
     print(
-        f"\nConventional models on ML-100K, batch {args.batch}, {torch.get_num_threads()} threads, {machine}"
+        f"\nConventional models on ML-100K, batch {args.batch}, {torch.get_num_threads()} threads, "
+        f"{machine()}"
     )
     unit = {"ctr": "samples/s", "next_item": "users/s"}
     ratios: dict[str, dict[str, dict[str, float]]] = {}
@@ -113,21 +113,11 @@ def main() -> None:
     record = {
         "batch": args.batch,
         "sizes": sizes,
-        "torch_threads": torch.get_num_threads(),
         "eval_unit": unit,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
         "results": results,
         "ratios_vs_mf": ratios,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwritten: {out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

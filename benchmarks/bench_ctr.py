@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from record import write_record
 
 VARIANTS = {
     "baseline (full logits, fp32)": {"mode": "baseline", "precision": "fp32", "share_prefix": False},
@@ -112,13 +112,6 @@ def measure(model: str, mode: str, precision: str, share_prefix: bool, samples: 
         "mean_prompt_tokens": float(np.mean(lengths)),
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's vector-instruction flags that decide kernel speed (Linux; empty elsewhere)."""
-    from evolora.models.precision import cpu_info
-
-    return sorted(f for f in cpu_info()[1] if f.startswith(("avx", "amx", "fma")))
 
 
 def matmul_peak(dtype_name: str, n: int = 1024, repeats: int = 7) -> float:
@@ -300,8 +293,9 @@ def main() -> None:
         plain[precision] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"measured: interleaved against transformers + PEFT, {precision}", file=sys.stderr)
     base = rows[next(iter(VARIANTS))]
-    machine = platform.processor() or platform.machine()
-    print(f"\nCTR throughput, {args.model}, {args.samples} samples, batch {args.batch}, {machine}")
+    from evolora.models.precision import machine
+
+    print(f"\nCTR throughput, {args.model}, {args.samples} samples, batch {args.batch}, {machine()}")
     print(
         f"{'variant':42s} {'score/s':>8s} {'x base':>7s} {'train/s':>8s} {'x base':>7s} {'peak RSS MB':>12s}"
     )
@@ -319,17 +313,10 @@ def main() -> None:
             f"{r['evolora_fwd_bwd_gflops']:.1f} GFLOP/s = {r['score_fraction_of_peak']:.0%} / "
             f"{r['fwd_bwd_fraction_of_peak']:.0%} of the {r['matmul_peak_gflops']:.1f} GFLOP/s matmul peak"
         )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     record = {
         "model": args.model,
         "samples": args.samples,
         "batch": args.batch,
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "python": platform.python_version(),
-            "cpu_flags": cpu_flags(),
-        },
         "interleaved_vs_transformers_peft": plain,
         "variants": rows,
         "skipped": skipped,
@@ -342,8 +329,7 @@ def main() -> None:
             for name, r in rows.items()
         },
     }
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwritten: {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

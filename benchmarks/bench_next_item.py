@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import resource
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from record import write_record
 
 
 def main() -> None:
@@ -43,8 +42,6 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/next_item.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-
-    from bench_ctr import cpu_flags
 
     from evolora.config import load_config
     from evolora.experiment import build_model_and_task, prepare_data
@@ -127,12 +124,9 @@ def main() -> None:
         "top1_agreement": agree,
         "train_samples_per_s": train_rate,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "torch_threads": torch.get_num_threads(), "cpu_flags": cpu_flags()},
-    }  # fmt: skip
+    }
     print(json.dumps(record, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, record)
 
 
 @contextlib.contextmanager

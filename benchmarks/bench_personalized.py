@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from record import write_record
 
 VARIANTS = {
     "plain LoRA (PEFT)": {"mode": "plain"},
@@ -109,7 +109,6 @@ def main() -> None:
         "batch": args.batch,
         "length": args.length,
         "n_meta": args.n_meta,
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "variants": rows,
         "ratios_vs_plain": {
             name: {
@@ -119,9 +118,7 @@ def main() -> None:
             for name, r in rows.items()
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwritten: {args.out}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ path). Both give the same items and scores (checked); the record has users/s of 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from record import write_record
 
 CONFIG = "configs/conventional-next-item-cds.yaml"
 
@@ -40,8 +39,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/ranking.json")
     args = ap.parse_args()
-
-    from bench_ctr import cpu_flags
 
     import evolora.tasks.conventional as conventional
     from evolora.config import load_config
@@ -93,19 +90,9 @@ def main() -> None:
         "items_known": int(task.known[1]),
         "batch": args.batch,
         "repeats": args.repeats,
-        "torch_threads": torch.get_num_threads(),
-        "machine": {
-            "platform": platform.platform(),
-            "cpu_flags": cpu_flags(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
         "results": results,
     }
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"written: {path}")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from record import write_record
 
 SMALL = ["train.samples_per_stage=[16, 8]", "train.valid_samples=8", "train.epochs=1", "eval.max_samples=8"]
 
@@ -81,15 +79,10 @@ def main() -> None:
     result = {
         "benchmark": "recommend",
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
         **figures,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    write_record(args.out, result)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ Baseline: the smallest catalogue, so each figure is also a ratio to it (a straig
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import torch
+from record import write_record
 
 from evolora.tasks.decoding import ItemTrie
 
@@ -93,7 +92,6 @@ def main() -> None:
     base = rows[0]
     for row in rows:
         row["vs_smallest"] = {k: row[k] / base[k] for k in row if k != "items" and base.get(k)}
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     record = {
         "measured": rows,
         "computed": {
@@ -107,15 +105,8 @@ def main() -> None:
             "(quadratic in stages, less what is reused); cumulative strategies (SumLoRA, InfLoRA, O-LoRA, "
             "SD-LoRA) add one frozen adapter per stage, so their forward cost grows linearly with the stages",
         },
-        "threads": 1,
-        "load_average_1min": load,
-        "cpu": platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
     }
-    out = Path(__file__).parent / "results" / "scaling.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"written: {out}")
+    write_record(Path(__file__).parent / "results" / "scaling.json", record)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import socket
 import threading
 import time
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import torch
+from record import write_record
 
 LEVELS = {1: 8, 4: 4, 16: 2}  # clients: requests per client
 
@@ -98,13 +96,10 @@ def main() -> None:
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "request": "POST /score, 20 candidate items of a known user",
         "precision": holder.served.rec.strategy.lm.precision,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
         **figures,
     }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    write_record(args.out, result)
 
 
 if __name__ == "__main__":
