@@ -1,8 +1,10 @@
 """`accelerate launch -m evolora run`: two CPU processes (gloo) give one process's parameters and metrics.
 
 One launch covers a strategy of each family: plain LoRA (finetune), PESO (anchor + KL), a cumulative one
-(SumLoRA), InfLoRA (input statistics reduced across processes) and RecLoRA (CRM, banks, gates, router);
-once with DDP and once with FSDP (the decoder layers' weights sharded between the two processes).
+(SumLoRA), InfLoRA (input statistics reduced across processes) and RecLoRA (CRM, banks, gates, router),
+and `frozen` beside them; once with DDP and once with FSDP (the decoder layers' weights sharded between the
+two processes). Every stage is tested after every stage (`eval.stages: all`), so the matrix's entries,
+their rows split and gathered and the unchanged ones reused, are checked in the same launches.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from tests.helpers import tiny_config
 ACCELERATE = Path(__file__).parent.parent / "configs" / "accelerate"
 CRM = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
 RECLORA = f"{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 1, gate_dropout: 0.0}}"
-METHODS = ["finetune", "peso", "sumlora", "inflora", "reclora"]
 OVER = {
     "threads": 1,
     "model.lora.dropout": 0.0,  # dropout masks are drawn per process (parallel.py)
@@ -36,7 +37,8 @@ OVER = {
     "train.samples_per_stage": 17,  # batches of 8, 8, 1: the last one's shares are 1 and 0 rows
     "train.grad_accum": 2,
     "eval.batch_size": 10,  # InfLoRA's statistics: 64 rows in 7 batches, 4 + 3 per process
-    "strategies": f"[finetune, peso, sumlora, inflora, {RECLORA}]",
+    "eval.stages": "all",
+    "strategies": f"[frozen, finetune, peso, sumlora, inflora, {RECLORA}]",
 }
 
 
@@ -91,23 +93,28 @@ def test_two_processes_train_and_evaluate_as_one(
         for t, (a, b) in enumerate(zip(res["stages"], two["stages"], strict=True), 1):
             for name, value in a["metrics"].items():
                 assert b["metrics"][name] == pytest.approx(value, abs=2e-4), (method, t, name)
-            for j, entry in a.get("matrix", {}).items():
+            assert a["matrix"].keys() == b["matrix"].keys() == {"1", "2", "3"}, (method, t)
+            for j, entry in a["matrix"].items():
                 for name, value in entry.items():
                     assert b["matrix"][j][name] == pytest.approx(value, abs=2e-4), (method, t, j, name)
+            assert b["matrix_reused"] == a["matrix_reused"], (method, t)
         for stage in (1, 2, 3):
             x = _tensors(one_dir / "t" / method / "seed0", stage)
             y = _tensors(tmp_path / "two" / "t" / method / "seed0", stage)
-            assert x.keys() == y.keys() and (x or stage == 3), (method, stage)
+            assert x.keys() == y.keys() and (x or stage == 3 or method == "frozen"), (method, stage)
             for k in x:
+                # Two processes sum a batch's gradient in another order than one; Adam's normalised
+                # steps carry that rounding into the weights at about 1e-5 after a few steps.
+                where = f"{method} stage {stage} {k}"
                 torch.testing.assert_close(
-                    y[k], x[k], rtol=1e-4, atol=1e-5, msg=f"{method} stage {stage} {k}"
+                    y[k], x[k], rtol=1e-4, atol=5e-5, msg=lambda m, where=where: f"{where}: {m}"
                 )
 
     # One writer: the same files as one process, each epoch logged once.
     def files(root: Path) -> set[str]:
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
-    assert files(tmp_path / "two" / "t") - {"report.md", "auc.png"} == files(one_dir / "t")
+    assert files(tmp_path / "two" / "t") - {"report.md", "auc.png", "auc-matrix.png"} == files(one_dir / "t")
     trained_epochs = sum(
         sum(1 for h in job["history"] if h["epoch"] > 0)
         for res in one
@@ -123,29 +130,6 @@ def test_two_processes_train_and_evaluate_as_one(
         assert len(held) == 1 and 50 < float(held[0]) < 60, held
     else:
         assert not held
-
-
-def test_the_stage_by_stage_matrix_under_a_launch(sunny_dir: Path, tmp_path: Path) -> None:
-    """eval.stages: all under DDP: every entry's rows split and gathered, written once, as in one process."""
-    over = {**OVER, "strategies": "[frozen, finetune]", "eval.stages": "all"}
-    (one, two), env = (tmp_path / "one", tmp_path / "two"), {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    expected = run_experiment(tiny_config(sunny_dir, one, **over))
-    config = tmp_path / "two.yaml"
-    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(sunny_dir, two, **over))))
-    done = _launch(config, {**env, "PYTHONPATH": str(Path(__file__).parent.parent)}, "ddp")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    for res in expected:
-        got = json.loads((two / "t" / res["method"] / "seed0" / "results.json").read_text())
-        for a, b in zip(res["stages"], got["stages"], strict=True):
-            assert a["matrix"].keys() == b["matrix"].keys() == {"1", "2", "3"}
-            for j, entry in a["matrix"].items():
-                assert b["matrix"][j] == pytest.approx(entry, abs=2e-4), (res["method"], j)
-            assert b["matrix_reused"] == a["matrix_reused"]
-
-    def entries(root: Path) -> set[str]:
-        return {str(p.relative_to(root)) for p in root.rglob("predictions-stage-*.npz")}
-
-    assert entries(two / "t") == entries(one / "t") != set()
 
 
 def test_deepspeed_and_fsdp_options_not_built_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

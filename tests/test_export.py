@@ -29,34 +29,37 @@ CHILD = textwrap.dedent("""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    job = json.load(open(sys.argv[1]))
-    folder = job["export"]
+    def scores(job):
+        folder = job["export"]
+        tok = AutoTokenizer.from_pretrained(folder)
+        if job["merged"]:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(job["base"], dtype=torch.float32)
+            model.resize_token_embeddings(len(tok), mean_resizing=False)
+            if job["new_tokens"]:
+                rows = load_file(folder + "/adapter/new_embeddings.safetensors")
+                n = rows["input_embeddings"].shape[0]
+                with torch.no_grad():
+                    model.get_input_embeddings().weight[-n:] = rows["input_embeddings"]
+                    model.get_output_embeddings().weight[-n:] = rows["output_embeddings"]
+            model = PeftModel.from_pretrained(model, folder + "/adapter")
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for prompt, target in zip(job["prompts"], job["targets"]):
+                ids = torch.tensor([prompt + target])
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+                if job["task"] == "ctr":
+                    last = logp[len(prompt) - 1]
+                    out.append(float(torch.softmax(last[[job["yes"], job["no"]]], 0)[0]))
+                else:
+                    out.append(float(sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(target))))
+        return out
+
     assert "evolora" not in sys.modules
-    tok = AutoTokenizer.from_pretrained(folder)
-    if job["merged"]:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(job["base"], dtype=torch.float32)
-        model.resize_token_embeddings(len(tok), mean_resizing=False)
-        if job["new_tokens"]:
-            rows = load_file(folder + "/adapter/new_embeddings.safetensors")
-            n = rows["input_embeddings"].shape[0]
-            with torch.no_grad():
-                model.get_input_embeddings().weight[-n:] = rows["input_embeddings"]
-                model.get_output_embeddings().weight[-n:] = rows["output_embeddings"]
-        model = PeftModel.from_pretrained(model, folder + "/adapter")
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for prompt, target in zip(job["prompts"], job["targets"]):
-            ids = torch.tensor([prompt + target])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-            if job["task"] == "ctr":
-                last = logp[len(prompt) - 1]
-                out.append(float(torch.softmax(last[[job["yes"], job["no"]]], 0)[0]))
-            else:
-                out.append(float(sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(target))))
-    json.dump(out, open(sys.argv[2], "w"))
+    jobs = json.load(open(sys.argv[1]))
+    json.dump({key: scores(job) for key, job in jobs.items()}, open(sys.argv[2], "w"))
 """)
 
 
@@ -70,22 +73,22 @@ def base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def child_scores(tmp_path: Path, job: dict) -> np.ndarray:
-    (tmp_path / "job.json").write_text(json.dumps(job))
-    script = tmp_path / "child.py"
+def child_scores(folder: Path, jobs: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Each job's scores, computed in one fresh interpreter (its imports are most of the time)."""
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    script = folder / "child.py"
     script.write_text(CHILD)
     done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "job.json"), str(tmp_path / "out.json")],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [sys.executable, str(script), str(folder / "jobs.json"), str(folder / "out.json")],
+        capture_output=True, text=True, cwd=folder, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return np.array(json.loads((tmp_path / "out.json").read_text()))
+    return {key: np.array(v) for key, v in json.loads((folder / "out.json").read_text()).items()}
 
 
-def exported_scores(cfg, method: str, tmp_path: Path, merge: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(the child's scores of the last stage's evaluation rows from the export, the run's stored ones)."""
+def export_job(cfg, method: str, out: Path, merge: bool = False) -> tuple[dict, np.ndarray]:
+    """(the child's job: score the last stage's evaluation rows from the export `out`; the run's scores)."""
     root = Path(cfg.output_dir) / cfg.name
-    out = tmp_path / f"export-{method}-{merge}"
     args = ["export", str(root), "--method", method, "--out", str(out)] + (["--merge"] if merge else [])
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -105,35 +108,52 @@ def exported_scores(cfg, method: str, tmp_path: Path, merge: bool = False) -> tu
         "new_tokens": "new_tokens" in manifest, "prompts": prompts, "targets": targets,
         "yes": manifest["prompt"].get("yes_id"), "no": manifest["prompt"].get("no_id"),
     }  # fmt: skip
-    want = stored["scores"] if cfg.task.name == "ctr" else stored["target_logp"]
-    return child_scores(tmp_path, job), want
+    return job, stored["scores"] if cfg.task.name == "ctr" else stored["target_logp"]
 
 
-@pytest.mark.parametrize(("method", "merge"), [("finetune", False), ("sumlora", False), ("lsat-ta", True)])
-def test_ctr_exports_give_the_run_s_scores(
-    sunny_dir: Path, base_folder: Path, tmp_path: Path, method: str, merge: bool
-) -> None:
+CTR_EXPORTS = [("finetune", False), ("sumlora", False), ("lsat-ta", True)]
+
+
+@pytest.fixture(scope="module")
+def exports(
+    sunny_dir: Path, base_folder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[np.ndarray, np.ndarray, Path]]:
+    """export folder name -> (the child's scores from the export, the run's stored scores, the folder):
+    a CTR run of three strategies and a next-item run with new tokens, exported and scored at once."""
+    tmp = tmp_path_factory.mktemp("exports")
     strategies = "[finetune, {name: sumlora, init: fresh}, {name: lsat, label: lsat-ta, inference: fusion}]"
     over = {**SMALL, "model.name": str(base_folder), "strategies": strategies, "staging.n_stages": 4}
-    cfg = tiny_config(sunny_dir, tmp_path / "runs", **over)
-    run_experiment(cfg)
-    got, want = exported_scores(cfg, method, tmp_path, merge)
-    np.testing.assert_allclose(got, want, atol=1e-4)
-
-
-def test_a_next_item_export_carries_its_new_tokens(base_folder: Path, tmp_path: Path) -> None:
-    peso = write_peso_cycle(tmp_path / "cycle")
+    ctr = tiny_config(sunny_dir, tmp / "ctr", **over)
+    run_experiment(ctr)
+    peso = write_peso_cycle(tmp / "cycle")
     over = {
         **SMALL, "model.name": str(base_folder), "task.name": "next_item", "task.history_len": 8,
         "task.template": "peso", "protocol": "leave_last_out", "strategies": "[{name: sdlora, init: fresh}]",
     }  # fmt: skip
-    cfg = tiny_config(peso, tmp_path / "runs", **over)
-    run_experiment(cfg)
-    got, want = exported_scores(cfg, "sdlora", tmp_path)
+    next_item = tiny_config(peso, tmp / "next-item", **over)
+    run_experiment(next_item)
+    wanted = [(ctr, method, merge) for method, merge in CTR_EXPORTS] + [(next_item, "sdlora", False)]
+    jobs, want, folders = {}, {}, {}
+    for cfg, method, merge in wanted:
+        key = f"{cfg.task.name}-{method}-{merge}"
+        folders[key] = tmp / f"export-{key}"
+        jobs[key], want[key] = export_job(cfg, method, folders[key], merge)
+    got = child_scores(tmp, jobs)
+    return {key: (got[key], want[key], folders[key]) for key in jobs}
+
+
+@pytest.mark.parametrize(("method", "merge"), CTR_EXPORTS)
+def test_ctr_exports_give_the_run_s_scores(exports: dict, method: str, merge: bool) -> None:
+    got, want, _ = exports[f"ctr-{method}-{merge}"]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_a_next_item_export_carries_its_new_tokens(exports: dict) -> None:
+    got, want, folder = exports["next_item-sdlora-False"]
     np.testing.assert_allclose(got, want, atol=1e-3)
-    manifest = json.loads((tmp_path / "export-sdlora-False" / "evolora_export.json").read_text())
+    manifest = json.loads((folder / "evolora_export.json").read_text())
     assert manifest["adapters"]["default"]["rank"] == 8 * 3  # two banked stages and the current adapter
-    items = json.loads((tmp_path / "export-sdlora-False" / "items.json").read_text())
+    items = json.loads((folder / "items.json").read_text())
     assert items["7"] == "<a_1><b_1><c_0>"
 
 
