@@ -125,8 +125,8 @@ def main() -> None:
         "train_samples_per_s": train_rate,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    print(json.dumps(record, indent=2))
     write_record(args.out, record)
+    print(json.dumps(record, indent=2))  # with the machine block it added
 
 
 @contextlib.contextmanager

@@ -81,8 +81,8 @@ def main() -> None:
         "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
         **figures,
     }
-    print(json.dumps(result, indent=2))
     write_record(args.out, result)
+    print(json.dumps(result, indent=2))  # with the machine block it added
 
 
 if __name__ == "__main__":

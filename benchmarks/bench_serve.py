@@ -98,8 +98,8 @@ def main() -> None:
         "precision": holder.served.rec.strategy.lm.precision,
         **figures,
     }
-    print(json.dumps(result, indent=2))
     write_record(args.out, result)
+    print(json.dumps(result, indent=2))  # with the machine block it added
 
 
 if __name__ == "__main__":
