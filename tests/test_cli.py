@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -96,6 +97,18 @@ def test_data_info_shows_stages(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch
     assert result.exit_code == 0, result.output
     assert "interactions" in result.output and "new users" in result.output
     assert "1997-" in result.output or "1998-" in result.output
+    # The per-stage share of liked ratings, computed here from the same fixture for the three stages.
+    from evolora.config import load_config
+    from evolora.data import assign_stages, load_dataset
+    from evolora.experiment import resolve_config
+
+    cfg = resolve_config(load_config(None, [f"data.source={sunny_dir}", "staging.n_stages=3"]))
+    data = load_dataset(cfg.data)
+    staged = assign_stages(data.interactions, cfg.staging).filter(pl.col("stage") > 0)
+    shares = staged.group_by("stage").agg((pl.col("rating") > data.like_threshold).mean()).sort("stage")
+    assert "liked" in result.output
+    for share in shares["rating"]:
+        assert f"{share:.4f}" in result.output
 
 
 def test_report_bootstrap_compares_on_the_same_rows(sunny_dir: Path, tmp_path: Path) -> None:

@@ -162,7 +162,7 @@ def test_implicit_run_end_to_end(tmp_path: Path) -> None:
     assert result["complete"] and all(np.isfinite(aucs))
 
 
-def test_data_info_on_a_table(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_info_on_a_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from rich.console import Console
 
     monkeypatch.setattr("evolora.cli.console", Console(width=200))
@@ -180,5 +180,17 @@ def test_data_info_on_a_table(monkeypatch: pytest.MonkeyPatch) -> None:
     result = CliRunner().invoke(app, [*args, "--set", "staging.n_stages=3"])
     assert result.exit_code == 0, result.output
     assert "example_log" in result.output and "2024-01-01" in result.output
+    # Stage 1 holds the log's first 200 rows (README, Your own data): its share of stars above 3.
+    first = pl.read_csv(LOG).sort("ts", maintain_order=True).head(200)
+    assert "liked" in result.output and f"{(first['stars'] > 3).mean():.4f}" in result.output
+    # An implicit log has no ratings, so no liked share.
+    pl.read_csv(LOG).drop("stars").write_csv(tmp_path / "clicks.csv")
+    clicks = [tmp_path / "clicks.csv" if a == str(LOG) else a for a in args]
+    columns = "data.columns={user: uid, item: iid, time: ts, title: name}"
+    clicks = [str(a) if a != f"data.columns={COLUMNS}" else columns for a in clicks]
+    result = CliRunner().invoke(app, clicks)
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.output.splitlines() if "new users" in line)
+    assert "liked" not in header
     result = CliRunner().invoke(app, ["data", "info", str(LOG)])
     assert result.exit_code == 2 and "set data.format: table and data.columns" in result.output

@@ -318,18 +318,21 @@ def data_info(
         summary.add_row(k, str(v))
     console.print(summary)
     staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
-    stages = stage_table(staged)
+    stages = stage_table(staged, None if data.implicit else data.like_threshold)
     t = Table(title=f"stages ({cfg.staging.scheme}, {num_stages_of(staged)})")
     for col in stages.columns:
         t.add_column(col.replace("_timestamp", "").replace("_", " "), justify="right")
+    # Pre-blocked data (PESO's release) has only an order, no dates: its timestamps are synthetic.
+    synthetic = data.preset_stages is not None
     for row in stages.iter_rows(named=True):
-        # Pre-blocked data (PESO's release) has only an order, no dates: its timestamps are synthetic.
-        synthetic = data.preset_stages is not None
-        cells = [
-            ("n/a" if synthetic else _date(v)) if k.endswith("timestamp") else str(v) for k, v in row.items()
-        ]
-        t.add_row(*cells)
+        t.add_row(*(_stage_cell(k, v, synthetic) for k, v in row.items()))
     console.print(t)
+
+
+def _stage_cell(column: str, value: Any, synthetic_time: bool) -> str:
+    if column.endswith("timestamp"):
+        return "n/a" if synthetic_time else _date(value)
+    return f"{value:.4f}" if column == "liked" else str(value)
 
 
 def _date(ts: int | None) -> str:

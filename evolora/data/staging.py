@@ -163,9 +163,11 @@ def num_stages_of(df_staged: pl.DataFrame) -> int:
     return int(df_staged["stage"].max())  # type: ignore[arg-type]
 
 
-def stage_table(df: pl.DataFrame) -> pl.DataFrame:
-    """Per stage: interactions, users, new users, items, new items (new = first seen in that stage), and the
-    first and last timestamp. Stage 0 (history) is included when present."""
+def stage_table(df: pl.DataFrame, like_threshold: float | None = None) -> pl.DataFrame:
+    """Per stage: interactions, users, new users, items, new items (new = first seen in that stage), the
+    first and last timestamp and, given `like_threshold` (rated data), `liked`: the fraction of the stage's
+    ratings above it, i.e. the positive share of its CTR labels (a drift in it moves LogLoss, not AUC).
+    Stage 0 (history) is included when present."""
     first = [
         pl.col("stage").min().over("user_id").alias("_user_first"),
         pl.col("stage").min().over("item_id").alias("_item_first"),
@@ -183,6 +185,7 @@ def stage_table(df: pl.DataFrame) -> pl.DataFrame:
             new_items=pl.col("item_id").filter(new_item).n_unique(),
             first_timestamp=pl.col("timestamp").min(),
             last_timestamp=pl.col("timestamp").max(),
+            **({} if like_threshold is None else {"liked": (pl.col("rating") > like_threshold).mean()}),
         )
         .sort("stage")
     )

@@ -133,7 +133,7 @@ def test_stage_table() -> None:
         {
             "user_id": ["a", "b", "a", "c", "b"],
             "item_id": ["x", "y", "y", "z", "x"],
-            "rating": [1.0] * 5,
+            "rating": [1.0, 4.0, 5.0, 2.0, 3.5],
             "timestamp": [1, 2, 3, 4, 5],
             "stage": pl.Series([0, 1, 1, 2, 2], dtype=pl.Int32),
         }
@@ -144,6 +144,10 @@ def test_stage_table() -> None:
         "first_timestamp", "last_timestamp",
     ]  # fmt: skip
     assert table.rows() == [(0, 1, 1, 1, 1, 1, 1, 1), (1, 2, 2, 1, 1, 1, 2, 3), (2, 2, 2, 1, 2, 1, 4, 5)]
+    # With a threshold, each stage's share of ratings above it (TALLRec's label): 0/1, 2/2, 1/2.
+    liked = stage_table(df, like_threshold=3.0)
+    assert liked.columns == [*table.columns, "liked"]
+    assert liked["liked"].to_list() == [0.0, 1.0, 0.5]
 
 
 def test_kcore_cascades(caplog: pytest.LogCaptureFixture) -> None:
