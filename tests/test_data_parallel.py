@@ -104,10 +104,12 @@ def test_two_processes_train_and_evaluate_as_one(
             assert x.keys() == y.keys() and (x or stage == 3 or method == "frozen"), (method, stage)
             for k in x:
                 # Two processes sum a batch's gradient in another order than one; Adam's normalised
-                # steps carry that rounding into the weights at about 1e-5 after a few steps.
+                # steps carry that rounding into the weights at about 1e-5 after a few steps, and up to
+                # 7.4e-5 on an AVX512 CPU (sumlora's stage 2: one element whose gradient is near zero,
+                # where Adam's division by sqrt(v) magnifies the rounding most).
                 where = f"{method} stage {stage} {k}"
                 torch.testing.assert_close(
-                    y[k], x[k], rtol=1e-4, atol=5e-5, msg=lambda m, where=where: f"{where}: {m}"
+                    y[k], x[k], rtol=1e-4, atol=2e-4, msg=lambda m, where=where: f"{where}: {m}"
                 )
 
     # One writer: the same files as one process, each epoch logged once.
