@@ -41,10 +41,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             _write_bytes(Path(path), data)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (`os.umask` can only be read by
+    setting it, which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file private (0600) whatever the umask; a run folder is read by teammates and by
+        # a server running as another user, so the file gets the mode a plain open() would have given it.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -218,6 +236,7 @@ def _atomic_directory(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _plain_modes(tmp)
         if path.exists():
             # Two renames keep the window without any complete copy as short as possible (a folder cannot
             # replace a non-empty one in one rename). Every caller marks the folder as done in a file written
@@ -229,6 +248,18 @@ def _atomic_directory(path: Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain_modes(root: Path) -> None:
+    """Give a finished folder the modes plain writes under the umask give: mkdtemp makes the folder private
+    (0700), and some writers (safetensors' `save_file`) make private files (0600); see `_write_bytes`."""
+    mask = _umask()
+    root.chmod(0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name, mode in [*((d, 0o777) for d in dirs), *((f, 0o666) for f in files)]:
+            entry = os.path.join(folder, name)
+            if not os.path.islink(entry):  # a link has no mode of its own
+                os.chmod(entry, mode & ~mask)
 
 
 def set_aside(path: str | Path) -> Path:

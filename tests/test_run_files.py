@@ -264,3 +264,26 @@ def test_auto_precision_is_recorded_as_what_it_ran_in(
     monkeypatch.setenv("EVOLORA_CPU_BF16", "1")
     with pytest.raises(ConfigError, match=r"model\.precision: 'fp32' -> 'bf16-mixed'"):
         run_experiment(cfg)
+
+
+# ------------------------------------------------------------------------------------------ permissions
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_run_files_follow_the_umask(
+    sunny_dir: Path, tmp_path: Path, umask: int, file_mode: int, dir_mode: int
+) -> None:
+    # Atomic writes go through temporary files and folders, which are created private whatever the umask; a
+    # run read by teammates or by a server running as another user needs the modes a plain write gives.
+    previous = os.umask(umask)
+    try:
+        run_experiment(tiny_config(sunny_dir, tmp_path, **SMALL))
+    finally:
+        os.umask(previous)
+    run = tmp_path / "t"
+    paths = [run, *(p for p in run.rglob("*") if not p.is_symlink())]
+    assert any(p.suffix == ".json" for p in paths) and any(p.suffix == ".safetensors" for p in paths)
+    wrong = {
+        str(p.relative_to(run)): oct(p.stat().st_mode & 0o777)
+        for p in paths
+        if p.stat().st_mode & 0o777 != (dir_mode if p.is_dir() else file_mode)
+    }
+    assert not wrong
