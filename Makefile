@@ -9,6 +9,12 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 
+# Set-up skips byte-compiling (about 1.4 min saved); instead each process keeps what it compiles under the venv
+# for the next one, even where $PYTHONDONTWRITEBYTECODE is set: a test run starts about twenty Python
+# processes, each of which would otherwise compile torch and transformers again (~6 s of CPU each).
+export PYTHONDONTWRITEBYTECODE :=
+export PYTHONPYCACHEPREFIX ?= $(abspath $(VENV))/pycache
+
 .PHONY: quickstart test bench lint clean gpu-check
 
 $(BIN)/.installed: pyproject.toml
