@@ -110,8 +110,8 @@ def test_imports_only_go_down() -> None:
         if name in FRONT:
             continue
         for target in imports_of(path, set(mods)):
-            if target in FRONT or target == name:
-                continue
+            if target in FRONT or target == name or target not in mods:
+                continue  # not in mods: a namespace-only package, which imports nothing
             if row_of(target) < row_of(name):  # type: ignore[operator]
                 upward.append(f"{name} imports {target}")
     assert not upward, "imports up the code map:\n" + "\n".join(sorted(upward))
