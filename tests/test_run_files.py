@@ -267,7 +267,11 @@ def test_auto_precision_is_recorded_as_what_it_ran_in(
 
 
 # ------------------------------------------------------------------------------------------ permissions
-@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+@pytest.mark.parametrize(
+    ("umask", "file_mode", "dir_mode"),
+    [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)],
+    ids=["umask-022", "umask-077"],
+)
 def test_run_files_follow_the_umask(
     sunny_dir: Path, tmp_path: Path, umask: int, file_mode: int, dir_mode: int
 ) -> None:
