@@ -160,10 +160,20 @@ def test_full_ranking_matches_brute_force(model: str, arrivals_dir: Path, tmp_pa
         with torch.no_grad():
             s = lm.model.logits(batch).double().numpy()
         order = sorted(range(len(cands)), key=lambda j: (-s[j], cands[j]))
-        assert ranked.items[q].tolist() == cands[order][:10].tolist()
+        # The same top 10 as scoring one by one, up to the order of items whose scores differ by rounding
+        # alone (cold items tie exactly in one pass and by an ulp in the other on some CPUs' kernels).
+        listed = ranked.items[q].tolist()
+        assert len(set(listed)) == 10 and set(listed) <= set(cands.tolist())
+        np.testing.assert_allclose(s[np.asarray(listed) - 1], s[order][:10], rtol=0, atol=1e-4)
         logp = s - (s.max() + np.log(np.exp(s - s.max()).sum()))
         np.testing.assert_allclose(ranked.scores[q], logp[order][:10], atol=1e-4)
-        rank = 1 + cands[order].tolist().index(task.targets[row])
+        target = int(task.targets[row])
+        if target in listed:
+            rank = 1 + listed.index(target)
+        else:  # below the list, unless tied with its last item
+            assert s[target - 1] <= s[order][9] + 1e-4
+            rank = 1 + cands[order].tolist().index(target)
+            rank = max(rank, 11)
         for k in (5, 10):
             hits[k].append(float(rank <= k))
             gains[k].append(1.0 / math.log2(rank + 1) if rank <= k else 0.0)

@@ -103,14 +103,13 @@ def test_two_processes_train_and_evaluate_as_one(
             y = _tensors(tmp_path / "two" / "t" / method / "seed0", stage)
             assert x.keys() == y.keys() and (x or stage == 3 or method == "frozen"), (method, stage)
             for k in x:
-                # Two processes sum a batch's gradient in another order than one; Adam's normalised
-                # steps carry that rounding into the weights at about 1e-5 after a few steps, and up to
-                # 7.4e-5 on an AVX512 CPU (sumlora's stage 2: one element whose gradient is near zero,
-                # where Adam's division by sqrt(v) magnifies the rounding most).
-                where = f"{method} stage {stage} {k}"
-                torch.testing.assert_close(
-                    y[k], x[k], rtol=1e-4, atol=2e-4, msg=lambda m, where=where: f"{where}: {m}"
-                )
+                # Two processes sum a batch's gradient in another order than one, and Adam carries that
+                # rounding into the weights: ~1e-5 after a few steps, but up to 2.3e-4 (and CPU-dependent) on
+                # an element whose gradient is near zero, where dividing by sqrt(v) magnifies the rounding
+                # (sumlora's stage 2 has one). So the tensor is compared as a whole: a process whose share
+                # went missing moves every element by ~lr per step, 1e-2 and more.
+                diff = float((y[k] - x[k]).norm() / x[k].norm().clamp_min(1e-12))
+                assert diff < 1e-3, f"{method} stage {stage} {k}: relative difference {diff:.2e}"
 
     # One writer: the same files as one process, each epoch logged once.
     def files(root: Path) -> set[str]:
