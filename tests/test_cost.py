@@ -100,8 +100,9 @@ def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path
                     c["parts"]["validation"]["tokens"] > 0
                     and c["parts"]["validation"]["backward_tokens"] == 0
                 )
-                # The named parts cover the stage: what is left (files, metrics) is small.
-                assert c["parts"]["other"]["seconds"] <= 0.05 * c["total_seconds"], c
+                # The named parts cover the stage: what is left (files, metrics) is small. Its fixed ~0.02 s
+                # passed 5% of a 0.48 s stage on a fast CPU (AVX512), hence the allowance beside the ratio.
+                assert c["parts"]["other"]["seconds"] <= 0.05 * c["total_seconds"] + 0.03, c
         summary = r["summary"]["cost"]
         assert summary["total_seconds"] == pytest.approx(sum(s["cost"]["total_seconds"] for s in r["stages"]))
         assert (
