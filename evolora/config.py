@@ -70,9 +70,11 @@ class TableColumns(Section):
     a like), or from `label` (0/1, or true/false), or, with neither, every row is a positive (implicit
     feedback: CTR samples then get `data.negatives` sampled negatives). `title`, `genre`, `category`,
     `description`, `year` and `sid` are item fields: read from `data.meta` (whose item id column is the
-    `item` name) when it is given, else from the interaction file itself.
+    `item` name) when it is given, else from the interaction file itself. `stage`: a column of whole numbers
+    1..T giving each row's stage (the file's own stages: `staging.scheme: auto` uses them).
     """
 
+    added_keys = ("stage",)
     user: str
     item: str
     time: str
@@ -84,6 +86,7 @@ class TableColumns(Section):
     description: str | None = None
     year: str | None = None
     sid: str | None = None
+    stage: str | None = None
 
     ITEM_FIELDS: ClassVar[tuple[str, ...]] = ("title", "genre", "category", "description", "year", "sid")
 
@@ -166,8 +169,9 @@ class StagingConfig(Section):
       (`by: count`) or equal length in time (`by: time`); earlier interactions stay as history only.
     * `peso`: the first `base_fraction` of interactions is D1, the rest `n_stages - 1` equal-count blocks.
     * `global`: one chronological split by `ratios` (RecLoRA's 8:1:1); `n_stages` is `len(ratios)`.
-    * `preset`: the stages a pre-blocked dataset comes with (`data.format: peso`); `n_stages`, if set, must
-      match them. The count comes from the data: use `evolora.data.num_stages_of` on the staged table.
+    * `preset`: the stages a dataset comes with (`data.format: peso`, or a table's `data.columns.stage`);
+      `n_stages`, if set, must match them. The count comes from the data: use
+      `evolora.data.num_stages_of` on the staged table.
     * `single`: one stage holding every interaction (the last `last_n`, if set): with `protocol:
       leave_last_out` the usual leave-one-out split by time (each user's last interaction the test, the one
       before it validation, the rest training: RecBole's `split: {LS: valid_and_test}, order: TO`), for

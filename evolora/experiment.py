@@ -96,8 +96,9 @@ def context_of(cfg: RunConfig) -> dict[str, Any]:
 def resolve_config(cfg: RunConfig) -> RunConfig:
     """The config with `auto` settings that depend on the data or the machine made definite, so the
     experiment's key records what runs: `staging.scheme: auto` is `preset` for a dataset that comes in
-    stages (PESO's release), else `lsat`; `model.precision: auto` is what this machine runs (bf16-mixed on a
-    CPU with native bf16, fp32 on one without), so a folder is never resumed in another precision."""
+    stages (PESO's release, a table with a stage column), else `lsat`; `model.precision: auto` is what this
+    machine runs (bf16-mixed on a CPU with native bf16, fp32 on one without), so a folder is never resumed
+    in another precision."""
     if cfg.staging.scheme == "auto":
         scheme = "preset" if comes_in_stages(cfg.data) else "lsat"
         cfg = cfg.model_copy(update={"staging": cfg.staging.model_copy(update={"scheme": scheme})})
@@ -108,7 +109,10 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
 
 
 def comes_in_stages(data: DataConfig) -> bool:
-    """Whether the data source is a pre-blocked release with stages of its own."""
+    """Whether the data source comes with stages of its own: PESO's pre-blocked release, or a table whose
+    `data.columns.stage` names each row's stage."""
+    if data.format == "table":
+        return data.columns is not None and data.columns.stage is not None
     if data.format != "auto":
         return data.format == "peso"
     path = Path(data.source).expanduser()

@@ -81,6 +81,23 @@ def test_update_promote_rollback_and_update_again(batches: dict[str, Path], tmp_
     assert table.exit_code == 0 and "b2.csv" in table.output and "promoted: 2" in table.output
 
 
+def test_a_run_staged_by_its_own_column_takes_a_batch_without_one(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """The run's log names each row's stage; an update's batch is the next stage as a whole and needs no
+    stage column."""
+    base = pl.read_csv(batches["base"])
+    staged = base.with_columns(part=pl.Series([1 + 3 * i // base.height for i in range(base.height)]))
+    staged.write_csv(tmp_path / "staged.csv")
+    columns = "{user: uid, item: iid, time: ts, rating: stars, title: name, stage: part}"
+    sets = {**SMALL, "data.columns": columns, "staging.scheme": "preset"}
+    cfg = tiny_config(tmp_path / "staged.csv", tmp_path / "runs", **sets)
+    run_experiment(cfg)
+    outcome = update_run(Path(cfg.output_dir) / cfg.name, batches["b1"], overrides=["update.min_gain=-1.0"])
+    version = outcome.version
+    assert version.stage == 3 and version.data["accepted"] == pl.read_csv(batches["b1"]).height
+
+
 def test_a_candidate_below_the_margin_is_kept_not_promoted(batches: dict[str, Path], tmp_path: Path) -> None:
     _, root = run_base(batches, tmp_path / "runs")
     outcome = update_run(root, batches["b1"], overrides=["update.min_gain=1.0"])  # an impossible gain

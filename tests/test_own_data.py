@@ -1,8 +1,10 @@
 """A team's own log (`data.format: table`) end to end on the tiny model: the shipped example as CSV and as
-Parquet, explicit 0/1 labels, and implicit feedback with sampled negatives."""
+Parquet, explicit 0/1 labels, implicit feedback with sampled negatives, and a log that brings its own
+stages."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +196,34 @@ def test_data_info_on_a_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert "liked" not in header
     result = CliRunner().invoke(app, ["data", "info", str(LOG)])
     assert result.exit_code == 2 and "set data.format: table and data.columns" in result.output
+
+
+# ------------------------------------------------------------------------------------ the log's own stages
+
+
+def test_a_stage_column_stages_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Stages cut at release dates (two months each), not in equal counts: the run's stages are the file's."""
+    from rich.console import Console
+
+    monkeypatch.setattr("evolora.cli.console", Console(width=200))
+    log = pl.read_csv(LOG).with_columns(
+        release=(pl.col("ts").str.slice(5, 2).cast(pl.Int32) + 1) // 2  # Jan-Feb 1, Mar-Apr 2, May-Jun 3
+    )
+    log.write_csv(tmp_path / "log.csv")
+    columns = COLUMNS.replace("}", ", stage: release}")
+    sets = {"staging.scheme": "auto", "strategies": "[frozen]", "train.epochs": 1}
+    cfg = table_config(tmp_path / "log.csv", tmp_path / "runs", columns, **sets)
+    prepared = prepare_data(cfg)
+    per_file = log.group_by("release").len().sort("release")["len"].to_list()
+    per_stage = prepared.staged.group_by("stage").len().sort("stage")["len"].to_list()
+    assert per_stage == per_file and per_file != [200, 200, 200]  # not the equal-count cut
+    (result,) = run_experiment(cfg)
+    assert result["complete"] and [s["eval_stage"] for s in result["stages"]] == [2, 3]
+    # `auto` resolved to the file's stages, and each stage was judged on the file's stage's samples
+    recorded = json.loads((Path(cfg.output_dir) / cfg.name / "experiment.json").read_text())
+    assert recorded["context"]["staging"]["scheme"] == "preset"
+    assert [s["n_eval_total"] for s in result["stages"]] == [len(prepared.pools[t].test) for t in (2, 3)]
+    info = ["data", "info", str(tmp_path / "log.csv"), "--format", "table", "--meta", str(ITEMS)]
+    shown = CliRunner().invoke(app, [*info, "--set", f"data.columns={columns}"])
+    assert shown.exit_code == 0 and "stages (preset, 3)" in shown.output, shown.output
+    assert "2024-03-01" in shown.output  # the dates of a table's stages are real ones

@@ -322,8 +322,7 @@ def data_info(
     t = Table(title=f"stages ({cfg.staging.scheme}, {num_stages_of(staged)})")
     for col in stages.columns:
         t.add_column(col.replace("_timestamp", "").replace("_", " "), justify="right")
-    # Pre-blocked data (PESO's release) has only an order, no dates: its timestamps are synthetic.
-    synthetic = data.preset_stages is not None
+    synthetic = data.synthetic_time  # PESO's release has only an order, no dates
     for row in stages.iter_rows(named=True):
         t.add_row(*(_stage_cell(k, v, synthetic) for k, v in row.items()))
     console.print(t)

@@ -10,6 +10,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from evolora.data.readers import truncation_hint
@@ -85,7 +86,8 @@ def finish(
     `_line`. `strict` (curated MovieLens files): duplicate items and unknown items are errors. Otherwise
     (scraped Amazon files) duplicates keep their first record and unknown items get a fallback title.
     `rows_are` names the interactions in the log ("ratings", "reviews"); `unit` what `_line` counts ("line",
-    or "row" for a Parquet file).
+    or "row" for a Parquet file). A `_stage` column (whole numbers >= 1, a table's own stages) becomes the
+    data's `preset_stages`, sorted with the rows; it is part of what makes two rows exact duplicates.
     """
     inter = inter.with_columns(
         rating=numeric(inter, "rating", pl.Float64, inter_file),
@@ -131,9 +133,8 @@ def finish(
         )
         items = pl.concat([items, missing], how="diagonal_relaxed")
 
-    repeat = ~inter.select(
-        pl.struct("user_id", "item_id", "rating", "timestamp").is_first_distinct()
-    ).to_series()
+    key = ["user_id", "item_id", "rating", "timestamp", *(["_stage"] if "_stage" in inter.columns else [])]
+    repeat = ~inter.select(pl.struct(key).is_first_distinct()).to_series()
     if repeat.any():
         log.warning(
             "%s: %d exact duplicate %s removed (same user, item, rating and timestamp; first repeat on "
@@ -162,13 +163,16 @@ def finish(
     )
     # Keep only the optional columns this source fills, so downstream code can test for their presence.
     items = items.drop([c for c in ITEM_OPTIONAL if items[c].null_count() == items.height])
+    staged = "_stage" in inter.columns
+    ordered = sort_interactions(inter, keep=("_stage",) if staged else ())
     data = InteractionData(
         name=name,
-        interactions=sort_interactions(inter),
+        interactions=ordered.drop("_stage", strict=False),
         items=items,
         like_threshold=LIKE_THRESHOLD,
         source=str(source),
         files=absolute(inter_file, item_file),
+        preset_stages=ordered["_stage"].to_numpy().astype(np.int32) if staged else None,
     )
     return data.validate()
 

@@ -7,9 +7,9 @@
 * `items`: `item_id` (str, unique), `title` (str), and optional `category`, `genre`, `year`, `description`
   and `sid` (str, may be null; `sid` is a semantic ID such as "<a_51><b_218><c_33><d_0>").
 
-Pre-blocked sources (PESO's release) also carry `preset_stages`: the 1-based stage of each interaction, row
-by row with `interactions`. Anything that drops or reorders interactions must carry it along
-(`with_interactions` refuses a new table without it).
+Pre-blocked sources (PESO's release, a table with a stage column) also carry `preset_stages`: the 1-based
+stage of each interaction, row by row with `interactions`. Anything that drops or reorders interactions must
+carry it along (`with_interactions` refuses a new table without it).
 
 Every interaction's item is in `items`. Loaders build these tables and call `InteractionData.validate`, so
 everything downstream (staging, samples, models) can rely on the shape.
@@ -44,6 +44,8 @@ class InteractionData:
     `like_threshold`: an interaction counts as "liked" when `rating > like_threshold` (TALLRec's rule; 3 for
     5-star data). `source` says where the data came from, for the run record. `preset_stages` (int32, one per
     interaction, 1-based): the stages a pre-blocked source comes with; None for sources staged by time.
+    `synthetic_time`: the timestamps only order the rows (PESO's release has no dates), so they are not
+    shown as dates.
     `files`: the absolute paths of every file the loader read, in read order (`data_digest` hashes them).
     `implicit`: every interaction is a positive (a log of clicks or purchases, no rating or label): tasks that
     learn from labels get sampled negatives (`evolora.data.negatives`).
@@ -56,6 +58,7 @@ class InteractionData:
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
     preset_stages: np.ndarray | None = field(default=None, compare=False, repr=False)
+    synthetic_time: bool = False
     files: tuple[str, ...] = field(default=(), compare=False)
     implicit: bool = False
 
@@ -164,6 +167,9 @@ class InteractionData:
         }
 
 
-def sort_interactions(df: pl.DataFrame) -> pl.DataFrame:
-    """Chronological order; ties keep file order so results do not depend on the sort algorithm."""
-    return df.with_row_index("_row").sort(["timestamp", "_row"]).drop("_row").select(list(INTERACTION_SCHEMA))
+def sort_interactions(df: pl.DataFrame, keep: tuple[str, ...] = ()) -> pl.DataFrame:
+    """Chronological order; ties keep file order so results do not depend on the sort algorithm. `keep`:
+    columns besides the interaction schema to carry along (a loader's per-row stage), which order ties
+    before the file order does."""
+    ordered = df.with_row_index("_row").sort(["timestamp", *keep, "_row"])
+    return ordered.select(*INTERACTION_SCHEMA, *keep)

@@ -8,7 +8,9 @@ timestamps moves forward to the end of that group. So the last timestamp of stag
 the first timestamp of stage t+1, and a model never trains on data from the same instant it is tested on.
 A stage left empty by that rule (or by too little data) is an error, not a silently shorter run.
 
-Pre-blocked data (PESO's release) brings its own stages; `scheme: preset` uses them as they are.
+Pre-blocked data (PESO's release, or a table with a stage column) brings its own stages; `scheme: preset`
+uses them as they are. They must still follow one another in time (`InteractionData.validate`), but where
+a stage ends is the data's choice (a release date, a catalogue change), and equal timestamps may straddle it.
 """
 
 from __future__ import annotations
@@ -141,7 +143,8 @@ def assign_stages(df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | Non
     if cfg.scheme == "preset":
         if preset is None:
             raise DataError(
-                "staging.scheme=preset uses the stages a pre-blocked dataset comes with (data.format: peso), "
+                "staging.scheme=preset uses the stages a dataset comes with (data.format: peso, or a "
+                "table's data.columns.stage), "
                 "but none were given: pass the data's preset_stages, or pick lsat, peso or global"
             )
         return stage_preset(df, preset, cfg.n_stages)

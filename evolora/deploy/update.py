@@ -165,12 +165,13 @@ def _update(
 def _read_batch(cfg: RunConfig, data_file: Path) -> InteractionData:
     if not data_file.exists():
         raise DataError(f"{data_file}: no such file or folder")
-    # The run's loader and settings, on the new file alone: no k-core or recency cut of a batch.
-    settings = cfg.data.model_copy(
-        update={"source": str(data_file), "kcore": cfg.data.kcore.model_copy(update={"user": 0, "item": 0}),
-                "max_interactions": None}
-    )  # fmt: skip
-    return load_dataset(settings)
+    # The run's loader and settings, on the new file alone: no k-core or recency cut of a batch, and no
+    # stage column: the whole batch is the next stage.
+    settings = {"source": str(data_file), "kcore": cfg.data.kcore.model_copy(update={"user": 0, "item": 0}),
+              "max_interactions": None}  # fmt: skip
+    if cfg.data.columns is not None and cfg.data.columns.stage is not None:
+        settings["columns"] = cfg.data.columns.model_copy(update={"stage": None})
+    return load_dataset(cfg.data.model_copy(update=settings))
 
 
 def _history(

@@ -255,3 +255,88 @@ def test_table_keys_stay_out_of_other_configs() -> None:
     }  # fmt: skip
     dumped = load_config(None, ["data.negatives=3"]).model_dump()["data"]
     assert dumped["negatives"] == 3 and "negative_seed" not in dumped
+
+
+# ---------------------------------------------------------------------------------------- a stage column
+
+STAGED = TableColumns(user="uid", item="iid", time="ts", rating="stars", stage="part")
+# Row order is not time order; at time 3 the stage boundary splits two equal times (stage 2 first in the
+# file). The same interaction in another stage is not a duplicate.
+STAGED_LOG = (
+    "uid,iid,ts,stars,part\nu1,a,5,5,2\nu1,b,1,4,1\nu2,a,4,1,2.0\nu3,c,3,5,2\nu2,b,2,2,1\nu3,c,3,5, 1 \n"
+)
+
+
+def test_a_stage_column_gives_preset_stages(tmp_path: Path) -> None:
+    from evolora.config import StagingConfig
+    from evolora.data.staging import assign_stages, num_stages_of
+
+    data = load(write(tmp_path / "log.csv", STAGED_LOG), columns=STAGED)
+    file = pl.read_csv(tmp_path / "log.csv", schema_overrides={"part": pl.Utf8}, infer_schema=False)
+    file = file.with_columns(part=pl.col("part").str.strip_chars().cast(pl.Float64).cast(pl.Int32))
+    expected = file.sort(pl.col("ts").cast(pl.Int64), "part", maintain_order=True)["part"].to_list()
+    assert data.interactions["timestamp"].to_list() == [1, 2, 3, 3, 4, 5]
+    assert data.preset_stages is not None and data.preset_stages.tolist() == expected == [1, 1, 1, 2, 2, 2]
+    assert data.interactions.columns == ["user_id", "item_id", "rating", "timestamp"]
+    assert not data.synthetic_time
+    staged = assign_stages(data.interactions, StagingConfig(), data.preset_stages)  # auto -> preset
+    assert num_stages_of(staged) == 2 and staged["stage"].to_list() == expected
+    by_time = assign_stages(data.interactions, StagingConfig(scheme="lsat", n_stages=2), data.preset_stages)
+    assert by_time["stage"].to_list() != expected  # lsat ignores the column and cuts by time
+    with pytest.raises(DataError, match=r"staging\.n_stages=3 but the dataset comes with 2 stages"):
+        assign_stages(data.interactions, StagingConfig(scheme="preset", n_stages=3), data.preset_stages)
+
+
+def test_a_stage_column_survives_filters(tmp_path: Path) -> None:
+    """k-core and recency cuts drop rows: the stages of the rows kept stay theirs."""
+    write(tmp_path / "log.csv", STAGED_LOG)
+    cfg = DataConfig(
+        source=str(tmp_path / "log.csv"),
+        format="table",
+        columns=STAGED,
+        kcore={"user": 2, "item": 2},
+        max_interactions=5,
+    )
+    data = load_dataset(cfg)
+    kept = data.interactions.with_columns(stage=pl.Series(data.preset_stages))
+    file = pl.read_csv(tmp_path / "log.csv", infer_schema=False).select(
+        user_id="uid", item_id="iid", timestamp=pl.col("ts").cast(pl.Int64), stage=pl.col("part")
+    )
+    file = file.with_columns(stage=pl.col("stage").str.strip_chars().cast(pl.Float64).cast(pl.Int32))
+    assert 0 < kept.height < 6
+    assert kept.join(file, on=["user_id", "item_id", "timestamp", "stage"], how="semi").height == kept.height
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        ("u4,a,6,5,\n", r"log\.csv line 8: no stage \(column 'part' is empty\)"),
+        ("u4,a,6,5,0\n", r"log\.csv line 8: stage '0' \(column 'part'\) is not a whole number >= 1"),
+        ("u4,a,6,5,1.5\n", r"line 8: stage '1\.5' .* is not a whole number"),
+        ("u4,a,6,5,late\n", r"line 8: stage 'late' .* is not a whole number"),
+    ],
+)
+def test_bad_stage_values(tmp_path: Path, row: str, match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        load(write(tmp_path / "log.csv", STAGED_LOG + row), columns=STAGED)
+
+
+def test_stages_out_of_time_order_or_missing(tmp_path: Path) -> None:
+    with pytest.raises(
+        DataError,
+        match=r"log\.csv line 8: stage 1 \(column 'part'\) at 1970-01-01 00:00:06 is later than stage 2 at "
+        r"1970-01-01 00:00:05 \(line 2\): stages must follow one another in time",
+    ):
+        load(write(tmp_path / "log.csv", STAGED_LOG + "u4,a,6,5,1\n"), columns=STAGED)
+    with pytest.raises(DataError, match=r"preset stages \[2\] have no interactions"):
+        no_stage_2 = STAGED_LOG.replace(",2\n", ",3\n").replace(",2.0\n", ",3\n")
+        load(write(tmp_path / "log.csv", no_stage_2), columns=STAGED)
+    with pytest.raises(DataError, match=r"line 1 \(the header\): no column 'part'"):
+        load(write(tmp_path / "plain.csv", LOG), columns=STAGED)
+
+
+def test_the_stage_key_stays_out_of_unstaged_configs() -> None:
+    dumped = load_config(None, ["data.format=table", "data.columns={user: u, item: i, time: t}"]).model_dump()
+    assert "stage" not in dumped["data"]["columns"]
+    staged = ["data.format=table", "data.columns={user: u, item: i, time: t, stage: s}"]
+    assert load_config(None, staged).model_dump()["data"]["columns"]["stage"] == "s"

@@ -128,6 +128,7 @@ def load_peso_blocks(folder: str | Path, key: str | None = None) -> InteractionD
         like_threshold=0.0,
         source=str(folder),
         preset_stages=np.asarray(stages, dtype=np.int32),
+        synthetic_time=True,
         files=absolute(*(blocks[b] for b in range(len(blocks))), *indexes),
     )
     return data.validate()

@@ -8,6 +8,11 @@ JSON-lines file, with the columns named by `data.columns`, and optionally an ite
   with `label`, a 0/1 (or true/false) column is the like itself; with neither, every row is a positive
   (implicit feedback) and tasks that read labels get sampled negatives (`evolora.data.negatives`). Label and
   implicit data store the label as the rating (1.0 or 0.0) with a like threshold of 0.5.
+* Stages: with `stage`, a column of whole numbers 1..T, each row's stage is the file's own
+  (`staging.scheme: auto` or `preset` then uses them as they are: stages cut at release dates, say, or a
+  log already filtered into stages). Every stage from 1 to T must have rows, and stages must follow one
+  another in time: no row of stage t is later than a row of stage t+1 (equal times may be in either).
+  Without the column, staging cuts by time as usual.
 * Items: the item fields of `data.columns` (title, genre, category, description, year, sid) come from the
   items table, whose id column has the `item` name, or, without one, from the log (each item's first value).
   An item without a title (no title column, no record in the items table, an empty title) is called by its
@@ -25,6 +30,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from evolora.config import DataConfig, TableColumns
@@ -59,10 +65,14 @@ def load_table(
         wanted["rating"] = columns.rating
     if columns.label is not None:
         wanted["label"] = columns.label
+    if columns.stage is not None:
+        wanted["_stage"] = columns.stage
     fields = columns.item_fields()
     in_log = {} if meta_path is not None else fields
     rows = read_table(source, [*wanted.values(), *in_log.values()], text=in_log.values())
     inter = _interactions(rows, wanted, time_unit)
+    if columns.stage is not None:
+        _check_stage_order(rows, inter, columns.stage)
     if meta_path is not None:
         meta_rows = read_table(meta_path, [columns.item, *fields.values()], text=fields.values())
         records = _item_records(meta_rows, columns.item, fields)
@@ -105,6 +115,8 @@ def _interactions(rows: TableRows, wanted: dict[str, str], time_unit: str) -> pl
         out["rating"] = _labels(rows, df, wanted["label"])
     else:
         out["rating"] = pl.Series("rating", [1.0] * df.height, dtype=pl.Float64)
+    if "_stage" in wanted:
+        out["_stage"] = _stages(rows, df, wanted["_stage"])
     return pl.DataFrame({**out, "_line": df["_line"]})
 
 
@@ -195,6 +207,41 @@ def _ratings(rows: TableRows, df: pl.DataFrame, name: str) -> pl.Series:
             raise rows.error(line, f"no rating (column {name!r} is empty)")
         raise rows.error(line, f"rating {value!r} (column {name!r}) is not a number")
     return numbers.alias("rating")
+
+
+def _stages(rows: TableRows, df: pl.DataFrame, name: str) -> pl.Series:
+    raw = df["_stage"]
+    numbers = raw.str.strip_chars().cast(pl.Float64, strict=False) if raw.dtype == pl.Utf8 else raw
+    if not numbers.dtype.is_numeric():
+        raise rows.error(int(df["_line"][0]), f"column {name!r} holds {raw.dtype} values, not stages")
+    numbers = numbers.cast(pl.Float64)
+    whole = numbers.is_finite() & (numbers == numbers.floor()) & (numbers >= 1) & (numbers < 2**31)
+    bad = ~whole.fill_null(False)
+    if bad.any():
+        i = int(bad.arg_max())  # type: ignore[arg-type]
+        value, line = raw[i], int(df["_line"][i])
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise rows.error(line, f"no stage (column {name!r} is empty)")
+        raise rows.error(line, f"stage {value!r} (column {name!r}) is not a whole number >= 1")
+    return numbers.cast(pl.Int32).alias("_stage")
+
+
+def _check_stage_order(rows: TableRows, inter: pl.DataFrame, name: str) -> None:
+    """Stages follow one another in time: in time order (ties by stage), a stage never goes back."""
+    ordered = inter.select("timestamp", "_stage", "_line").sort(["timestamp", "_stage", "_line"])
+    stage = ordered["_stage"].to_numpy()
+    back = np.flatnonzero(stage[1:] < stage[:-1])
+    if back.size:
+        early, late = ordered.row(int(back[0])), ordered.row(int(back[0]) + 1)
+        raise rows.error(
+            late[2],
+            f"stage {late[1]} (column {name!r}) at {_when(late[0])} is later than stage {early[1]} at "
+            f"{_when(early[0])} ({rows.unit} {early[2]}): stages must follow one another in time",
+        )
+
+
+def _when(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _labels(rows: TableRows, df: pl.DataFrame, name: str) -> pl.Series:
