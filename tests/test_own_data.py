@@ -227,3 +227,10 @@ def test_a_stage_column_stages_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path
     shown = CliRunner().invoke(app, [*info, "--set", f"data.columns={columns}"])
     assert shown.exit_code == 0 and "stages (preset, 3)" in shown.output, shown.output
     assert "2024-03-01" in shown.output  # the dates of a table's stages are real ones
+    # `data info CONFIG.yaml` reads the config's data, as `evolora run CONFIG.yaml` does
+    config = tmp_path / "staged.yaml"
+    config.write_text(
+        f"data: {{source: {tmp_path / 'log.csv'}, format: table, meta: {ITEMS}, columns: {columns}}}\n"
+    )
+    from_config = CliRunner().invoke(app, ["data", "info", str(config)])
+    assert from_config.exit_code == 0 and "stages (preset, 3)" in from_config.output, from_config.output

@@ -289,7 +289,11 @@ def data_fetch(
 @_user_errors
 def data_info(
     source: Annotated[
-        str | None, typer.Argument(help="a dataset name or a path; default: the config's, else ml-100k")
+        str | None,
+        typer.Argument(
+            help="a dataset name or a path, or a config (.yaml) to read as --config; default: the config's, "
+            "else ml-100k"
+        ),
     ] = None,
     fmt: Annotated[
         str | None, typer.Option("--format", help="file format when SOURCE is a path; default: the config's")
@@ -308,6 +312,8 @@ def data_info(
     from evolora.experiment import resolve_config
 
     _setup_logging(False)
+    if source is not None and config is None and source.endswith((".yaml", ".yml")):
+        source, config = None, Path(source)  # `evolora data info CONFIG`: what `evolora run CONFIG` reads
     given = {"data.source": source, "data.format": fmt, "data.meta": meta}
     overrides = [f"{k}={v}" for k, v in given.items() if v is not None] + list(set_ or [])
     flags = {"data.source": "the SOURCE argument", "data.format": "--format", "data.meta": "--meta"}
