@@ -2,7 +2,7 @@
 each period keeping only the interactions with items of that stage's genre group, written as a table with
 a stage column (`data.columns.stage`) for `evolora run`.
 
-    python scripts/catalogue_stages.py ml-100k --out runs/data/ml100k-genres \\
+    python scripts/catalogue_stages.py ml-100k --out runs/data/ml100k-genres.csv \\
         --stage "Drama,Romance,War,Film-Noir,Documentary" \\
         --stage "Action,Adventure,Sci-Fi,Thriller,Horror,Crime,Mystery,Western" \\
         --stage "Comedy,Children's,Animation,Musical,Fantasy" \\
@@ -16,8 +16,9 @@ come back (stage 4 = stage 1's genres above), which makes the newest stage a tes
 
 The periods are the `lsat` scheme's (equal counts, ties kept together), so the stages follow one another in
 time as a stage column must. Rows of other items are left out, histories included: the log is the
-catalogue-shift world, not MovieLens with gaps. Writes `log.csv` (user, item, time, rating, stage) and
-`items.csv` (item, title, genre, year) under `--out` and prints each stage's rows, items and liked share.
+catalogue-shift world, not MovieLens with gaps. Writes the log to `--out` (user, item, time, rating, stage;
+its name is the dataset's name in run records) and the items beside it (`<name>-items.csv`: item, title,
+genre, year), and prints each stage's rows, users, items and liked share.
 """
 
 from __future__ import annotations
@@ -76,20 +77,27 @@ def _all_genres(items: pl.DataFrame) -> set[str]:
     return {g for text in genres for g in text.split(GENRE_SEPARATOR)}
 
 
+def items_file(log_file: Path) -> Path:
+    return log_file.with_name(f"{log_file.stem}-items.csv")
+
+
 def write(data: InteractionData, staged: pl.DataFrame, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """The log as `out` (a .csv file) and its items as `items_file(out)`."""
+    if out.suffix != ".csv":
+        raise DataError(f"{out}: --out names the log's .csv file")
+    out.parent.mkdir(parents=True, exist_ok=True)
     staged.select(user="user_id", item="item_id", time="timestamp", rating="rating", stage="stage").write_csv(
-        out / "log.csv"
+        out
     )
     fields = [c for c in ("title", "genre", "year") if c in data.items.columns]
     used = data.items.join(staged.select("item_id").unique(), on="item_id", how="semi")
-    used.select(pl.col("item_id").alias("item"), *fields).write_csv(out / "items.csv")
+    used.select(pl.col("item_id").alias("item"), *fields).write_csv(items_file(out))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a registered dataset (ml-100k, ml-1m) or a path evolora reads")
-    parser.add_argument("--out", type=Path, required=True, help="folder for log.csv and items.csv")
+    parser.add_argument("--out", type=Path, required=True, help="the log's .csv file (items beside it)")
     parser.add_argument(
         "--stage", action="append", required=True, help="one stage's genres, comma-separated (repeat)"
     )
@@ -104,7 +112,7 @@ def main() -> None:
         items=pl.col("item_id").n_unique(),
         liked=(pl.col("rating") > data.like_threshold).mean().round(4),
     )
-    print(f"{args.out / 'log.csv'}: {staged.height} of {data.interactions.height} interactions")
+    print(f"{args.out}: {staged.height} of {data.interactions.height} interactions")
     print(summary.sort("stage"))
 
 

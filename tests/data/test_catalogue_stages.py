@@ -58,12 +58,12 @@ def test_each_period_keeps_its_groups_items() -> None:
 def test_the_written_table_reads_back_with_its_stages(tmp_path: Path) -> None:
     data = toy()
     staged = catalogue.catalogue_stages(data, [DRAMA, COMEDY, DRAMA])
-    catalogue.write(data, staged, tmp_path)
+    catalogue.write(data, staged, tmp_path / "toy-genres.csv")
     columns = {"user": "user", "item": "item", "time": "time", "rating": "rating", "stage": "stage"}
     cfg = DataConfig(
-        source=str(tmp_path / "log.csv"),
+        source=str(tmp_path / "toy-genres.csv"),
         format="table",
-        meta=str(tmp_path / "items.csv"),
+        meta=str(tmp_path / "toy-genres-items.csv"),
         columns={**columns, "title": "title", "genre": "genre"},
     )
     read = load_dataset(cfg)
@@ -73,6 +73,9 @@ def test_the_written_table_reads_back_with_its_stages(tmp_path: Path) -> None:
         staged.select("user_id", "item_id", "timestamp")
     )
     assert sorted(read.items["item_id"]) == ["a", "b", "c"]  # only the items the log keeps
+    assert read.name == "toy-genres"
+    with pytest.raises(DataError, match=r"names the log's \.csv file"):
+        catalogue.write(data, staged, tmp_path / "folder")
 
 
 def test_errors() -> None:
