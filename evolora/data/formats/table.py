@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -194,36 +195,40 @@ def _python_iso(text: str) -> int | None:
 
 
 def _ratings(rows: TableRows, df: pl.DataFrame, name: str) -> pl.Series:
-    raw = df["rating"]
-    numbers = raw.str.strip_chars().cast(pl.Float64, strict=False) if raw.dtype == pl.Utf8 else raw
-    if not numbers.dtype.is_numeric():
-        raise rows.error(int(df["_line"][0]), f"column {name!r} holds {raw.dtype} values, not ratings")
-    numbers = numbers.cast(pl.Float64)
-    bad = (numbers.is_null() | ~numbers.is_finite()).fill_null(True)
-    if bad.any():
-        i = int(bad.arg_max())  # type: ignore[arg-type]
-        value, line = raw[i], int(df["_line"][i])
-        if value is None or (isinstance(value, str) and not value.strip()):
-            raise rows.error(line, f"no rating (column {name!r} is empty)")
-        raise rows.error(line, f"rating {value!r} (column {name!r}) is not a number")
-    return numbers.alias("rating")
+    return _numbers(rows, df["rating"], df["_line"], name, "rating", lambda x: x.is_finite(), "not a number")
 
 
 def _stages(rows: TableRows, df: pl.DataFrame, name: str) -> pl.Series:
-    raw = df["_stage"]
+    def whole(x: pl.Series) -> pl.Series:
+        return x.is_finite() & (x == x.floor()) & (x >= 1) & (x < 2**31)
+
+    stages = _numbers(rows, df["_stage"], df["_line"], name, "stage", whole, "not a whole number >= 1")
+    return stages.cast(pl.Int32).alias("_stage")
+
+
+def _numbers(
+    rows: TableRows,
+    raw: pl.Series,
+    lines: pl.Series,
+    name: str,
+    what: str,
+    valid: Callable[[pl.Series], pl.Series],
+    invalid: str,
+) -> pl.Series:
+    """`raw` (numbers, or text holding them) as Float64 named `what`; an error names the first line whose
+    value is empty or not `valid` (whose value "is `invalid`")."""
     numbers = raw.str.strip_chars().cast(pl.Float64, strict=False) if raw.dtype == pl.Utf8 else raw
     if not numbers.dtype.is_numeric():
-        raise rows.error(int(df["_line"][0]), f"column {name!r} holds {raw.dtype} values, not stages")
+        raise rows.error(int(lines[0]), f"column {name!r} holds {raw.dtype} values, not {what}s")
     numbers = numbers.cast(pl.Float64)
-    whole = numbers.is_finite() & (numbers == numbers.floor()) & (numbers >= 1) & (numbers < 2**31)
-    bad = ~whole.fill_null(False)
+    bad = ~valid(numbers).fill_null(False)
     if bad.any():
         i = int(bad.arg_max())  # type: ignore[arg-type]
-        value, line = raw[i], int(df["_line"][i])
+        value, line = raw[i], int(lines[i])
         if value is None or (isinstance(value, str) and not value.strip()):
-            raise rows.error(line, f"no stage (column {name!r} is empty)")
-        raise rows.error(line, f"stage {value!r} (column {name!r}) is not a whole number >= 1")
-    return numbers.cast(pl.Int32).alias("_stage")
+            raise rows.error(line, f"no {what} (column {name!r} is empty)")
+        raise rows.error(line, f"{what} {value!r} (column {name!r}) is {invalid}")
+    return numbers.alias(what)
 
 
 def _check_stage_order(rows: TableRows, inter: pl.DataFrame, name: str) -> None:
