@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ from evolora.models.weights import load_pretrained
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
 from evolora.tracking import Tracker, check_tracking, tracker_for
-from evolora.workers import WORKER_ENV, deal, devices_for, run_workers, worker_label
+from evolora.workers import WORKER_ENV, devices_for, run_workers, take, work_queue, worker_label
 
 __all__ = ["Prepared", "build_model_and_task", "prepare_data", "restore_run", "run_experiment"]
 
@@ -347,7 +348,7 @@ def _cores_each(processes: int) -> int:
 
 
 def _run_locked(
-    cfg: RunConfig, root: Path, context_key: str, on_stage: Any, pairs: list[tuple[int, int]]
+    cfg: RunConfig, root: Path, context_key: str, on_stage: Any, pairs: Iterable[tuple[int, int]]
 ) -> list[dict[str, Any]]:
     # The run's log is the main process's (the others of a launch compute the same steps)
     handler = (
@@ -395,18 +396,18 @@ def _who() -> str:
 def _run_in_workers(
     cfg: RunConfig, root: Path, context_key: str, pairs: list[tuple[int, int]], jobs: int
 ) -> list[dict[str, Any]]:
-    """The pairs dealt to `jobs` worker processes (the caller holds the experiment's lock throughout; each
-    worker loads its own data and model)."""
+    """The pairs run by `jobs` worker processes, each taking the next pair when it is free (the caller holds
+    the experiment's lock throughout; each worker loads its own data and model)."""
     devices = devices_for(cfg.model.device, jobs)
     threads = cfg.threads or _cores_each(jobs)
-    shares = deal(pairs, jobs)
-    for i, share in enumerate(shares):
-        names = ", ".join(f"{method_label(cfg, cfg.strategies[k])} (seed {seed})" for k, seed in share)
-        log.info("worker %d/%d (%s, %d threads): %s", i + 1, jobs, devices[i], threads, names)
+    names = ", ".join(f"{method_label(cfg, cfg.strategies[k])} (seed {seed})" for k, seed in pairs)
+    log.info(
+        "%d workers (%s, %d threads each) take these pairs in turn: %s", jobs, devices[0], threads, names
+    )
+    work = work_queue(pairs, jobs)
     data = cfg.model_dump(mode="json")
     run_workers(
-        _worker_main,
-        [(data, str(root), context_key, share, devices[i], threads) for i, share in enumerate(shares)],
+        _worker_main, [(data, str(root), context_key, work, devices[i], threads) for i in range(jobs)]
     )
     results = []
     for index, seed in pairs:
@@ -419,11 +420,12 @@ def _worker_main(
     cfg_data: dict[str, Any],
     root: str,
     context_key: str,
-    pairs: list[tuple[int, int]],
+    work: Any,
     device: str,
     threads: int,
 ) -> None:
-    """One worker of `--jobs N`: its own data, model and task, then its pairs (spawned: nothing inherited)."""
+    """One worker of `--jobs N`: its own data, model and task, then pairs from `work` until none is left
+    (spawned: nothing inherited)."""
     cfg = RunConfig.model_validate(cfg_data)
     model = cfg.model.model_copy(update={"device": device})
     cfg = cfg.model_copy(update={"model": model, "threads": threads})
@@ -436,7 +438,7 @@ def _worker_main(
         logging.getLogger(noisy).setLevel(logging.ERROR)
     set_threads(threads)
     keep_freed_memory()
-    _run_locked(cfg, Path(root), context_key, None, [tuple(p) for p in pairs])
+    _run_locked(cfg, Path(root), context_key, None, (tuple(p) for p in take(work)))
 
 
 def _run_strategies(
@@ -449,7 +451,7 @@ def _run_strategies(
     environment: dict[str, Any],
     tracker: Tracker,
     on_stage: Any,
-    pairs: list[tuple[int, int]],
+    pairs: Iterable[tuple[int, int]],
 ) -> list[dict[str, Any]]:
     """The (strategy index, seed) `pairs` in turn, each through the stage loop."""
     all_results = []

@@ -1,10 +1,13 @@
 """Worker processes: one experiment's (strategy, seed) pairs spread over N processes (`evolora run --jobs N`).
 
 This module only runs functions in processes; what a worker does is the caller's (`experiment.py`). Pairs
-are dealt out round-robin before the start, so which worker runs which pair is fixed by the config and
-visible in the log. Workers coordinate through the files they already use: a training job shared by
-several pairs (every strategy's stage 1) is trained under the shared store's lock by the first worker to
-reach it, and the others wait and reuse it (`continual/loop.py`).
+wait in one queue (`work_queue`) and each worker takes the next when it is free (`take`), so no core idles
+while work is left: pairs differ in cost (LSAT trains two adapters, a resumed pair may have one stage
+left, a finished one none), and a split fixed before the start left one worker running alone for as long
+as the longest share's excess. Each run's record says which worker ran it. Workers coordinate through
+the files they already use: a training job shared by several pairs (every strategy's stage 1) is trained
+under the shared store's lock by the first worker to reach it, and the others wait and reuse it
+(`continual/loop.py`).
 
 Processes are started with `spawn` (no inherited threads or CUDA state). A worker that sees its parent
 gone stops at once, so killing `evolora run` (even with kill -9) leaves no orphan writing to the run; the
@@ -24,7 +27,7 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from evolora.errors import EvoloraError
@@ -44,9 +47,20 @@ def worker_label() -> str:
     return os.environ.get(WORKER_ENV) or f"main (pid {os.getpid()})"
 
 
-def deal(items: Sequence[T], n: int) -> list[list[T]]:
-    """`items` dealt round-robin to `n` workers (some lists are empty when there are fewer items)."""
-    return [list(items[i::n]) for i in range(n)]
+def work_queue(items: Sequence[T], workers: int) -> Any:
+    """A queue for `workers` spawned processes holding `items` in order, then one end mark per worker."""
+    work = mp.get_context("spawn").Queue()
+    for item in items:
+        work.put(item)
+    for _ in range(workers):
+        work.put(None)  # items are never None
+    return work
+
+
+def take(work: Any) -> Iterator[Any]:
+    """The items this worker takes from a `work_queue`, one at a time as it asks, until its end mark."""
+    while (item := work.get()) is not None:
+        yield item
 
 
 def devices_for(device: str, jobs: int) -> list[str]:
