@@ -401,14 +401,11 @@ def _run_in_workers(
     devices = devices_for(cfg.model.device, jobs)
     threads = cfg.threads or _cores_each(jobs)
     names = ", ".join(f"{method_label(cfg, cfg.strategies[k])} (seed {seed})" for k, seed in pairs)
-    log.info(
-        "%d workers (%s, %d threads each) take these pairs in turn: %s", jobs, devices[0], threads, names
-    )
+    where = ", ".join(dict.fromkeys(devices))  # each device once, in order
+    log.info("%d workers (%s, %d threads each) take these pairs in turn: %s", jobs, where, threads, names)
     work = work_queue(pairs, jobs)
     data = cfg.model_dump(mode="json")
-    run_workers(
-        _worker_main, [(data, str(root), context_key, work, devices[i], threads) for i in range(jobs)]
-    )
+    run_workers(_worker_main, [(data, str(root), context_key, work, device, threads) for device in devices])
     results = []
     for index, seed in pairs:
         run_dir = run_dir_of(cfg, method_label(cfg, cfg.strategies[index]), seed)
