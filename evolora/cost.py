@@ -13,6 +13,11 @@ data (with the files' digests), model loading, item embeddings and RQ-VAE; anywh
 Saved time is what reuse skipped: a shared training job or stored predictions, at the seconds they took
 when they were computed.
 
+A resumed stage costs what all its sittings spent on work that was kept: a training job stores its parts
+with every epoch's checkpoint and with its finished record (`mark`/`since`), and a rerun adds them back
+(`carry`), to the parts and to the stage's totals (recorded apart as `earlier_sittings`). Work lost to the
+interruption (an epoch not yet checkpointed) is counted where it is redone, once.
+
 Every part has two clocks: `seconds`, wall-clock time, and `cpu_seconds`, the CPU time of the whole process
 (every thread; `time.process_time`). Wall time is what a user waited; CPU time is what the work cost, and it
 stays the same when other programs share the cores or the process is paused (a run stopped with SIGSTOP for
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,7 +51,7 @@ _local = threading.local()
 
 def _ledger() -> dict[str, dict[str, float]]:
     if not hasattr(_local, "ledger"):
-        _local.ledger, _local.stack, _local.saved = {}, [], 0.0
+        _local.ledger, _local.stack, _local.saved, _local.carried = {}, [], 0.0, [0.0, 0.0]
     return _local.ledger
 
 
@@ -100,14 +105,78 @@ def saved(seconds: float) -> None:
     _local.saved += float(seconds)
 
 
+def mark() -> dict[str, dict[str, float]]:
+    """The parts counted so far, copied: `since(mark())` is what was counted after this point."""
+    return {k: dict(v) for k, v in _ledger().items()}
+
+
+def since(earlier: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """What each part counted after the `mark` `earlier` (closed parts only; parts that counted nothing are
+    left out)."""
+    out = {}
+    for name, entry in _ledger().items():
+        before = earlier.get(name, _zero())
+        delta = {f: entry[f] - before.get(f, 0) for f in entry}
+        if any(delta.values()):
+            out[name] = _rounded(delta)
+    return out
+
+
+def carry(parts: dict[str, dict[str, Any]]) -> None:
+    """Count the parts an earlier sitting spent on work this one keeps (a checkpoint's epochs, a job
+    finished before its stage was recorded): they join the parts and the stage's totals."""
+    _ledger()
+    for name, p in parts.items():
+        entry = _entry(name)
+        for f in entry:
+            entry[f] += p.get(f, 0)
+        _local.carried[0] += p.get("seconds", 0.0)
+        _local.carried[1] += p.get("cpu_seconds", 0.0)
+
+
+def measured(compute: Callable[[], Any]) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """`compute()` as a span of the innermost open part (`other` outside any), and what it cost: its parts,
+    nested ones included."""
+    _ledger()
+    before = mark()
+    with part(_local.stack[-1]["name"] if _local.stack else "other"):
+        result = compute()
+    return result, since(before)
+
+
+def to_arrays(parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`parts` as two numeric arrays, to travel in an `.npz` beside the predictions they paid for."""
+    import numpy as np
+
+    fields = list(_zero())
+    return {
+        "cost_parts": np.array(list(parts), dtype=str),
+        "cost_values": np.array([[p.get(f, 0) for f in fields] for p in parts.values()], dtype=float).reshape(
+            len(parts), len(fields)
+        ),
+    }
+
+
+def from_arrays(arrays: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The parts `to_arrays` stored (none in files from before they were kept)."""
+    if "cost_parts" not in arrays:
+        return {}
+    fields = list(_zero())
+    return {
+        str(name): dict(zip(fields, map(float, row), strict=True))
+        for name, row in zip(arrays["cost_parts"], arrays["cost_values"], strict=True)
+    }
+
+
 def take() -> dict[str, Any]:
     """The parts counted since the last `take` (outside any open part), and start again."""
     ledger = _ledger()
     out = {
         "parts": {k: _rounded(v) for k, v in sorted(ledger.items())},
         "saved_seconds": round(_local.saved, 3),
+        "carried": tuple(_local.carried),
     }
-    _local.ledger, _local.saved = {}, 0.0
+    _local.ledger, _local.saved, _local.carried = {}, 0.0, [0.0, 0.0]
     return out
 
 
@@ -122,9 +191,10 @@ def _rounded(entry: dict[str, float]) -> dict[str, Any]:
 
 def stage_cost(taken: dict[str, Any], since: tuple[float, float]) -> dict[str, Any]:
     """A stage's cost record from `take()` and the `clock()` reading at its start: its parts, `other` (the
-    stage's time no part covers) and its totals on both clocks."""
+    stage's time no part covers) and its totals on both clocks, earlier sittings' carried parts included."""
     wall, cpu = clock()
-    total_seconds, total_cpu = wall - since[0], cpu - since[1]
+    earlier_wall, earlier_cpu = taken.get("carried", (0.0, 0.0))
+    total_seconds, total_cpu = wall - since[0] + earlier_wall, cpu - since[1] + earlier_cpu
     parts = dict(taken["parts"])
     covered = sum(p["seconds"] for k, p in parts.items() if k != "other")
     covered_cpu = sum(p["cpu_seconds"] for k, p in parts.items() if k != "other")
@@ -134,12 +204,15 @@ def stage_cost(taken: dict[str, Any], since: tuple[float, float]) -> dict[str, A
         "seconds": round(max(0.0, total_seconds - covered), 3),
         "cpu_seconds": round(max(0.0, total_cpu - covered_cpu), 3),
     }
-    return {
+    out = {
         "total_seconds": round(total_seconds, 3),
         "total_cpu_seconds": round(total_cpu, 3),
         "parts": {**parts, "other": other},
         "saved_seconds": taken["saved_seconds"],
     }
+    if earlier_wall or earlier_cpu:
+        out["earlier_sittings"] = {"seconds": round(earlier_wall, 3), "cpu_seconds": round(earlier_cpu, 3)}
+    return out
 
 
 def add(costs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -155,6 +228,11 @@ def add(costs: list[dict[str, Any]]) -> dict[str, Any]:
         "parts": {k: _rounded(v) for k, v in parts.items()},
         "saved_seconds": round(sum(c.get("saved_seconds", 0.0) for c in costs), 3),
     }
+    earlier = [c["earlier_sittings"] for c in costs if "earlier_sittings" in c]
+    if earlier:
+        out["earlier_sittings"] = {
+            f: round(sum(e[f] for e in earlier), 3) for f in ("seconds", "cpu_seconds")
+        }
     # Records written before CPU time was kept have none: a sum over some of them would be no total at all.
     if all("total_cpu_seconds" in c for c in costs):
         out["total_cpu_seconds"] = round(sum(c["total_cpu_seconds"] for c in costs), 3)

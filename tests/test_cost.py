@@ -60,6 +60,36 @@ def test_nested_parts_count_their_own_time_and_tokens(monkeypatch: pytest.Monkey
     assert "total_cpu_seconds" not in cost.add([record, old])
 
 
+def test_carried_parts_join_the_stage_and_its_totals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed job adds what its earlier sitting kept (`since` a `mark`, stored with its checkpoint)."""
+    clock, cpu = FakeClock(), FakeClock()
+    monkeypatch.setattr(cost.time, "perf_counter", clock)
+    monkeypatch.setattr(cost.time, "process_time", cpu)
+    cost.take()
+    before = cost.mark()
+    with cost.part("training"):  # an earlier sitting: one epoch, checkpointed
+        clock.now, cpu.now = clock.now + 3.0, cpu.now + 2.0
+        cost.count_tokens(50, backward=True)
+    kept = cost.since(before)
+    assert kept == {"training": {"seconds": 3.0, "cpu_seconds": 2.0, "tokens": 50, "backward_tokens": 50}}
+    cost.take()  # that sitting was killed; the rerun's stage starts from nothing
+
+    started = cost.clock()
+    cost.carry(kept)
+    with cost.part("training"):  # the rerun trains the second epoch
+        clock.now, cpu.now = clock.now + 1.0, cpu.now + 1.0
+        cost.count_tokens(50, backward=True)
+    clock.now += 0.5
+    record = cost.stage_cost(cost.take(), since=started)
+    training = {"seconds": 4.0, "cpu_seconds": 3.0, "tokens": 100, "backward_tokens": 100}
+    assert record["parts"]["training"] == training
+    assert record["parts"]["other"]["seconds"] == 0.5
+    assert record["total_seconds"] == 4.5 and record["total_cpu_seconds"] == 3.0
+    assert record["earlier_sittings"] == {"seconds": 3.0, "cpu_seconds": 2.0}
+    assert cost.add([record, record])["earlier_sittings"] == {"seconds": 6.0, "cpu_seconds": 4.0}
+    assert "earlier_sittings" not in cost.stage_cost(cost.take(), since=cost.clock())
+
+
 def test_cpu_time_leaves_out_waiting() -> None:
     """Wall-clock time counts a pause (here a sleep; a SIGSTOP or a busy machine alike), CPU time does not."""
     cost.take()

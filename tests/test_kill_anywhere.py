@@ -3,7 +3,7 @@
 Every file lands through `os.replace` (atomic writes and folders), so the test kills the run just before
 each of those in turn: attempt k lets one write land and dies before the next. The resumed run must give
 the same metrics and every trained tensor (adapters and strategy state, per stage) bit for bit, for the
-strategies that train state beyond the PEFT adapter.
+strategies that train state beyond the PEFT adapter, and count the training it kept once in the stage's cost.
 """
 
 from __future__ import annotations
@@ -113,6 +113,13 @@ def test_a_kill_between_any_two_writes_of_a_stage_loses_nothing(
         assert got.get("matrix") == want.get("matrix"), case
         timeless = [{k: v for k, v in s["strategy_info"].items() if "seconds" not in k} for s in (got, want)]
         assert timeless[0] == timeless[1], case
+        # The kept work is counted once, whichever sitting did it: epochs a checkpoint kept and jobs finished
+        # before the stage was recorded join the resumed stage's cost (tokens: the measure without a clock).
+        for part in ("training", "validation", "evaluation"):
+            counted = [s["cost"]["parts"].get(part, {}) for s in (got, want)]
+            assert [(c.get("tokens"), c.get("backward_tokens")) for c in counted] == [
+                (counted[1].get("tokens"), counted[1].get("backward_tokens"))
+            ] * 2, (case, part, got["train_stage"])
     expected = trained_tensors(run_dir_of(ref_cfg, reference["method"], 0))
     restored = trained_tensors(run)
     assert restored.keys() == expected.keys()

@@ -83,6 +83,7 @@ class StageLoop:
         self.seed = strategy.seed
         self.pools = pools
         self.run_dir = run_dir
+        self.run_id = "/".join(run_dir.parts[-3:])  # experiment/label/seedN: who trained a shared job
         self.shared = shared
         self.header = header
         # Which shared job produced each adapter's current weights (None: not reproducible elsewhere).
@@ -181,6 +182,7 @@ class StageLoop:
         if self._job_done(d, job):
             with self._stage_files(ctx.stage):
                 info = self._load_job_result(d, job)
+            self._count_earlier_job(info)
             if parallel.writes():
                 (d / "checkpoints" / f"{job.name}.safetensors").unlink(missing_ok=True)
             if not job.model:
@@ -198,18 +200,32 @@ class StageLoop:
         # Another process (another experiment, another strategy) may be training this very job: wait for it.
         with exclusive(shared.job_lock(key), f"shared training job {key[:8]}", wait=True):
             stored = shared.reuse_job(self.lm, key, job.adapter)
-            if stored is not None:
+            if stored is not None and stored.get("trained_for") == self.run_id:
+                # This run trained it in a sitting that ended before the job was recorded: no reuse.
+                cost.carry(stored.get("cost") or {})
+                info = self._job_info(job, stored, shared_key=key, reused=False)
+                log.info("stage %d, %s: trained in an earlier sitting (%s)", ctx.stage, job.name, key[:8])
+            elif stored is not None:
                 cost.saved(float(stored.get("train_seconds", 0.0)))
                 info = self._job_info(job, stored, shared_key=key, reused=True)
                 log.info("stage %d, %s: reused a shared training result (%s)", ctx.stage, job.name, key[:8])
             else:
-                record = {**self._train(ctx, job).to_dict(), "trained_by": worker_label()}
+                trainer = {"trained_by": worker_label(), "trained_for": self.run_id}
+                record = {**self._train(ctx, job).to_dict(), **trainer}
                 with atomic_directory(shared.job_dir(key)) as out:
                     self.lm.save_adapter(out / "adapter", job.adapter)
                     atomic_write_json(out / "result.json", record)
                 info = self._job_info(job, record, shared_key=key, reused=False)
         self._finish_job(ctx, job, info, key)
         return info
+
+    @staticmethod
+    def _count_earlier_job(info: dict[str, Any]) -> None:
+        """A job finished in an earlier sitting whose stage went unrecorded: its cost is this stage's."""
+        if info.get("reused_shared_result"):
+            cost.saved(float(info.get("train_seconds", 0.0)))
+        else:
+            cost.carry(info.get("cost") or {})
 
     def _train(self, ctx: StageContext, job: TrainJob) -> TrainResult:
         d = self.stage_dir(ctx.stage)
@@ -281,6 +297,7 @@ class StageLoop:
             "best_valid": result["best_value"],
             "train_seconds": result["train_seconds"],
             "history": result["history"],
+            "cost": result.get("cost", {}),  # what training it took, whoever trained it
             "shared_key": shared_key,
             "reused_shared_result": reused,
             # the process that trained it (`worker i/N` under `evolora run --jobs N`); older records lack it
@@ -301,18 +318,29 @@ class StageLoop:
                 entries[str(j)] = self.task.metrics(preds, ctx.eval_rows)
                 continue
             rows = self._test_rows(j)
+            entry = StageContext(ctx.stage, j, ctx.pools, ctx.seed, ctx.stage_dir, rows)
             f = ctx.stage_dir / f"predictions-stage-{j}.npz"
-            if f.is_file():
-                with self._stage_files(ctx.stage):
-                    entry_preds = self.task.load_predictions(load_npz(f))
-            else:
-                entry = StageContext(ctx.stage, j, ctx.pools, ctx.seed, ctx.stage_dir, rows)
-                entry_preds, from_store = self._predict(entry)
-                reused += from_store
-                arrays = {**self.task.save_predictions(entry_preds), "rows": rows}
-                save_npz(f, {**arrays, "truth": self.task.truth(rows)})
+            entry_preds, from_store = self._scored(f, entry)
+            reused += from_store
             entries[str(j)] = self.task.metrics(entry_preds, rows)
         return entries, reused
+
+    def _scored(self, f: Path, ctx: StageContext) -> tuple[Any, bool]:
+        """The predictions on `ctx.eval_rows` that an earlier sitting wrote to `f` (what they cost joins this
+        stage's), or computed now and written there with what they cost; True when they came from the shared
+        store."""
+        if f.is_file():
+            with self._stage_files(ctx.stage):
+                arrays = load_npz(f)
+            cost.carry(cost.from_arrays(arrays))
+            return self.task.load_predictions(arrays), False
+        before = cost.mark()
+        with cost.part("evaluation"):
+            preds, from_store = self._predict(ctx)
+        rows = ctx.eval_rows
+        arrays = {**self.task.save_predictions(preds), "rows": rows, "truth": self.task.truth(rows)}
+        save_npz(f, {**arrays, **cost.to_arrays(cost.since(before))})
+        return preds, from_store
 
     def _predict(self, ctx: StageContext) -> tuple[np.ndarray, bool]:
         if not self.s.plain_predict:  # the strategy reuses its adapters' stored scores itself
@@ -330,13 +358,17 @@ class StageLoop:
             return compute(), False
         cache = self.shared.predictions_file(key, rows)
         stored = self.shared.load_predictions(cache)
+        if stored is not None and str(stored.get("computed_for", "")) == self.run_id:
+            cost.carry(cost.from_arrays(stored))  # computed by this run in an earlier sitting: no reuse
+            return self.task.load_predictions(stored), False
         if stored is not None:
             cost.saved(float(stored["seconds"]) if "seconds" in stored else 0.0)
             return self.task.load_predictions(stored), True
         t0 = time.perf_counter()
-        preds = compute()
+        preds, spent = cost.measured(compute)
         seconds = np.array(time.perf_counter() - t0)  # what a later reuse saves
-        save_npz(cache, {**self.task.save_predictions(preds), "seconds": seconds})
+        who = {"computed_for": np.array(self.run_id), **cost.to_arrays(spent)}
+        save_npz(cache, {**self.task.save_predictions(preds), "seconds": seconds, **who})
         return preds, False
 
     def train_stage(self, ctx: StageContext) -> list[dict[str, Any]]:
@@ -344,7 +376,10 @@ class StageLoop:
         t = ctx.stage
         self.task.before_stage(self.lm, t)
         if is_trained(ctx.stage_dir):
-            return self.restore_state(t)
+            jobs_info = self.restore_state(t)
+            for info in jobs_info:
+                self._count_earlier_job(info)
+            return jobs_info
         jobs_info = [self._run_job(ctx, job) for job in self.s.plan(ctx)]
         self.s.after_stage(ctx)
         self._save_trained(t, jobs_info)
@@ -356,20 +391,7 @@ class StageLoop:
         ctx = StageContext(t, eval_stage_of(t, self.cfg.protocol), self.pools, self.seed, d, eval_rows)
         jobs_info = self.train_stage(ctx)
         t0 = time.perf_counter()
-        pred_file = d / "predictions.npz"
-        reused_preds = False
-        if pred_file.is_file():
-            with self._stage_files(t):
-                preds = self.task.load_predictions(load_npz(pred_file))
-        else:
-            with cost.part("evaluation"):
-                preds, reused_preds = self._predict(ctx)
-            arrays = {
-                **self.task.save_predictions(preds),
-                "rows": eval_rows,
-                "truth": self.task.truth(eval_rows),
-            }
-            save_npz(pred_file, arrays)
+        preds, reused_preds = self._scored(d / "predictions.npz", ctx)
         matrix = None
         if self.cfg.eval.stages != "next":
             with cost.part("evaluation"):

@@ -51,6 +51,7 @@ class TrainResult:
     best_value: float | None
     train_seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    cost: dict[str, dict] = field(default_factory=dict)  # the job's parts, earlier sittings' included
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,6 +108,7 @@ class _Progress:
     history: list[dict[str, float]] = field(default_factory=list)
     epoch: int = 0  # the last finished epoch
     elapsed: float = 0.0
+    cost: dict[str, dict] = field(default_factory=dict)  # parts spent up to `epoch` (`cost.since`)
 
     @property
     def stale(self) -> int:
@@ -140,10 +142,13 @@ def train_adapter(
     # Only an fp16 backbone says it needs loss scaling (`LoraLM.loss_scaling`).
     scaler = torch.amp.GradScaler(lm.device.type) if getattr(lm, "loss_scaling", False) else None
 
+    started = cost.mark()
     progress = (
         _resume(checkpoint, params, optimizer, scheduler, desc, scaler) if checkpoint is not None else None
     )
-    if progress is None:
+    if progress is not None:
+        cost.carry(progress.cost)  # the checkpointed epochs' time, spent in an earlier sitting
+    else:
         progress = _Progress(_snapshot(params))
         if use_valid and cfg.keep_start_if_better:
             t0 = time.perf_counter()
@@ -173,6 +178,7 @@ def train_adapter(
         progress.elapsed += record["seconds"]
         progress.history.append(record)
         progress.epoch = epoch
+        progress.cost = cost.since(started)
         log.info("%s epoch %d: %s", desc, epoch, _fmt(record))
         if checkpoint is not None:
             _save_checkpoint(checkpoint, params, optimizer, scheduler, progress, scaler)
@@ -181,7 +187,9 @@ def train_adapter(
     value = None if not use_valid or progress.best_value == -math.inf else float(progress.best_value)
     if value is not None and cfg.select_by == "loss":
         value = -value
-    return TrainResult(progress.epoch, progress.best_epoch, value, progress.elapsed, progress.history)
+    return TrainResult(
+        progress.epoch, progress.best_epoch, value, progress.elapsed, progress.history, cost.since(started)
+    )
 
 
 _warned_no_checkpointing = False
@@ -326,6 +334,7 @@ def _resume(
             scaler.load_state_dict(ck["scaler"])
         progress = _Progress(**{k: ck[k] for k in ("best_state", "best_value", "best_epoch", "history")})
         progress.epoch, progress.elapsed = ck["epoch"], ck["elapsed"]
+        progress.cost = ck.get("cost", {})  # checkpoints from before the cost was kept have none
         torch.set_rng_state(ck["torch_rng"])  # dropout continues exactly as without the interruption
     except (DamagedFileError, KeyError, TypeError, ValueError) as e:
         aside = set_aside(path)
@@ -357,6 +366,7 @@ def _save_checkpoint(
             "history": progress.history,
             "epoch": progress.epoch,
             "elapsed": progress.elapsed,
+            "cost": progress.cost,
             "torch_rng": torch.get_rng_state(),
         },
     )
