@@ -84,6 +84,7 @@ class StageLoop:
         self.pools = pools
         self.run_dir = run_dir
         self.run_id = "/".join(run_dir.parts[-3:])  # experiment/label/seedN: who trained a shared job
+        self._stage = 0  # the stage being run
         self.shared = shared
         self.header = header
         # Which shared job produced each adapter's current weights (None: not reproducible elsewhere).
@@ -358,7 +359,8 @@ class StageLoop:
             return compute(), False
         cache = self.shared.predictions_file(key, rows)
         stored = self.shared.load_predictions(cache)
-        if stored is not None and str(stored.get("computed_for", "")) == self.run_id:
+        here = f"{self.run_id}@stage-{self._stage}"  # this run's stage: a later stage's reuse is a real one
+        if stored is not None and str(stored.get("computed_for", "")) == here:
             cost.carry(cost.from_arrays(stored))  # computed by this run in an earlier sitting: no reuse
             return self.task.load_predictions(stored), False
         if stored is not None:
@@ -367,7 +369,7 @@ class StageLoop:
         t0 = time.perf_counter()
         preds, spent = cost.measured(compute)
         seconds = np.array(time.perf_counter() - t0)  # what a later reuse saves
-        who = {"computed_for": np.array(self.run_id), **cost.to_arrays(spent)}
+        who = {"computed_for": np.array(here), **cost.to_arrays(spent)}
         save_npz(cache, {**self.task.save_predictions(preds), "seconds": seconds, **who})
         return preds, False
 
@@ -387,6 +389,7 @@ class StageLoop:
 
     def run_stage(self, t: int) -> dict[str, Any]:
         d = self.stage_dir(t)
+        self._stage = t
         eval_rows, n_eval_total = self._eval_rows(t)
         ctx = StageContext(t, eval_stage_of(t, self.cfg.protocol), self.pools, self.seed, d, eval_rows)
         jobs_info = self.train_stage(ctx)
