@@ -134,12 +134,12 @@ def carry(parts: dict[str, dict[str, Any]]) -> None:
         _local.carried[1] += p.get("cpu_seconds", 0.0)
 
 
-def measured(compute: Callable[[], Any]) -> tuple[Any, dict[str, dict[str, Any]]]:
-    """`compute()` as a span of the innermost open part (`other` outside any), and what it cost: its parts,
-    nested ones included."""
+def measured(compute: Callable[[], Any], name: str | None = None) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """`compute()` as a span of part `name` (by default the innermost open part, `other` outside any), and
+    what it cost: its parts, nested ones included."""
     _ledger()
     before = mark()
-    with part(_local.stack[-1]["name"] if _local.stack else "other"):
+    with part(name or (_local.stack[-1]["name"] if _local.stack else "other")):
         result = compute()
     return result, since(before)
 

@@ -335,12 +335,10 @@ class StageLoop:
                 arrays = load_npz(f)
             cost.carry(cost.from_arrays(arrays))
             return self.task.load_predictions(arrays), False
-        before = cost.mark()
-        with cost.part("evaluation"):
-            preds, from_store = self._predict(ctx)
+        (preds, from_store), spent = cost.measured(lambda: self._predict(ctx), "evaluation")
         rows = ctx.eval_rows
         arrays = {**self.task.save_predictions(preds), "rows": rows, "truth": self.task.truth(rows)}
-        save_npz(f, {**arrays, **cost.to_arrays(cost.since(before))})
+        save_npz(f, {**arrays, **cost.to_arrays(spent)})
         return preds, from_store
 
     def _predict(self, ctx: StageContext) -> tuple[np.ndarray, bool]:
