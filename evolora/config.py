@@ -134,7 +134,7 @@ class DataConfig(Section):
     )
     added_keys = ("columns", "time_unit", "negatives", "negative_seed")
     columns: TableColumns | None = Field(None, description="`format: table`: the file's column names")
-    time_unit: Literal["s", "ms"] = Field(
+    time_unit: Literal["s", "ms", "us", "ns"] = Field(
         "s", description="`format: table`: unit of numeric (epoch) times; ISO dates need none"
     )
     negatives: int = Field(

@@ -84,6 +84,33 @@ def test_time_forms() -> None:
     ]  # fmt: skip
     assert epoch_seconds(pl.Series(["1709285400123"]), "ms").to_list() == [at_930]
     assert epoch_seconds(pl.Series([1709285400123]), "ms").to_list() == [at_930]
+    assert epoch_seconds(pl.Series([1709285400123456]), "us").to_list() == [at_930]
+    assert epoch_seconds(pl.Series(["1709285400123456789"]), "ns").to_list() == [at_930]
+
+
+def test_times_in_the_wrong_unit_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Epoch milliseconds read as seconds land in the year 56,000: an error naming the unit they look like,
+    # with the line, not a date that breaks later (calendar formatting) or a silent misreading.
+    millis = "uid,iid,ts,stars\nu1,a,1704067200000,5\nu2,b,1704189600000,1\n"
+    named = (
+        r"line 2: time '1704067200000' \(column 'ts'\) read as epoch seconds is in the year 55\d\d\d; "
+        r"it looks like epoch milliseconds: set data.time_unit: ms"
+    )
+    with pytest.raises(DataError, match=named):
+        load(write(tmp_path / "log.csv", millis))
+    with pytest.raises(DataError, match=r"looks like epoch nanoseconds: set data.time_unit: ns"):
+        load(write(tmp_path / "log.csv", millis.replace("000,", "000000000,")), unit="ms")
+    with pytest.raises(DataError, match=r"year -\d+, outside the calendar"):
+        load(write(tmp_path / "log.csv", LOG + "u3,a,-99999999999999,4\n"))
+    # The other way round, a unit too large puts every time in 1970: legal, so a warning names the unit.
+    data = load(write(tmp_path / "log.csv", millis), unit="ns")
+    assert data.interactions["timestamp"].max() < 3600
+    assert "every time in column 'ts' falls in 1970 as epoch nanoseconds; if they are epoch milliseconds, " \
+        "set data.time_unit: ms" in caplog.text  # fmt: skip
+    caplog.clear()
+    load(write(tmp_path / "log.csv", millis), unit="ms")
+    load(write(tmp_path / "log.csv", "uid,iid,ts,stars\nu1,a,1,5\nu2,b,2,1\n"), unit="ms")  # step numbers
+    assert "falls in 1970" not in caplog.text
 
 
 def test_tsv_gz_jsonl_and_parquet_read_alike(tmp_path: Path) -> None:

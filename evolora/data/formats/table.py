@@ -2,8 +2,10 @@
 JSON-lines file, with the columns named by `data.columns`, and optionally an items table (`data.meta`).
 
 * Ids: `user` and `item` values are read as text (an integer id 7 is "7"); a missing one is an error.
-* Times: epoch seconds (whole numbers; `data.time_unit: ms` for milliseconds), or ISO dates and datetimes
-  ("2024-03-01", "2024-03-01T09:30:00", with an offset or "Z"; naive ones are UTC). Stored as epoch seconds.
+* Times: epoch seconds (whole numbers; `data.time_unit: ms`, `us` or `ns` for milli-, micro- or
+  nanoseconds), or ISO dates and datetimes ("2024-03-01", "2024-03-01T09:30:00", with an offset or "Z";
+  naive ones are UTC). Stored as epoch seconds. A time past the year 9999 in the unit given is an error that
+  names the unit it looks like (epoch milliseconds read as seconds land tens of thousands of years ahead).
 * Labels: with `rating`, a like is rating > `data.like_threshold` (3 unless set, as for the other sources);
   with `label`, a 0/1 (or true/false) column is the like itself; with neither, every row is a positive
   (implicit feedback) and tasks that read labels get sampled negatives (`evolora.data.negatives`). Label and
@@ -138,20 +140,61 @@ def _times(rows: TableRows, df: pl.DataFrame, name: str, unit: str) -> pl.Series
         line = int(df["_line"][i])
         if value is None or (isinstance(value, str) and not value.strip()):
             raise rows.error(line, f"no time (column {name!r} is empty)")
-        epoch = "epoch milliseconds" if unit == "ms" else "epoch seconds"
         raise rows.error(
-            line, f"time {value!r} (column {name!r}) is neither {epoch} nor an ISO date or datetime"
+            line,
+            f"time {value!r} (column {name!r}) is neither {EPOCH_UNITS[unit][1]} nor an ISO date or datetime",
         )
+    outside = (seconds < _FIRST_SECOND) | (seconds > _LAST_SECOND)
+    if outside.any():
+        i = int(outside.arg_max())  # type: ignore[arg-type]
+        raise rows.error(int(df["_line"][i]), _outside_message(df["timestamp"][i], seconds[i], name, unit))
+    latest = seconds.max()
+    if unit != "s" and isinstance(latest, int) and 0 <= latest < _SECONDS_PER_YEAR:
+        fits = _unit_that_fits(latest * EPOCH_UNITS[unit][0], unit)
+        if fits:
+            log.warning(
+                "%s: every time in column %r falls in 1970 as %s; if they are %s, set data.time_unit: %s",
+                rows.path, name, EPOCH_UNITS[unit][1], EPOCH_UNITS[fits][1], fits,
+            )  # fmt: skip
     return seconds.alias("timestamp")
+
+
+#: data.time_unit -> (units per second, name)
+EPOCH_UNITS = {
+    "s": (1, "epoch seconds"),
+    "ms": (1_000, "epoch milliseconds"),
+    "us": (1_000_000, "epoch microseconds"),
+    "ns": (1_000_000_000, "epoch nanoseconds"),
+}
+# Calendar dates exist for the years 1..9999 (Python's datetime); a time outside them is a wrong unit.
+_FIRST_SECOND, _LAST_SECOND = -62_135_596_800, 253_402_300_799
+_SECONDS_PER_YEAR = 31_556_952  # the Gregorian mean
+
+
+def _outside_message(value: object, seconds: int, name: str, unit: str) -> str:
+    year = 1970 + seconds // _SECONDS_PER_YEAR
+    message = f"time {value!r} (column {name!r}) read as {EPOCH_UNITS[unit][1]} is in the year {year}"
+    fits = _unit_that_fits(seconds * EPOCH_UNITS[unit][0], unit)
+    if fits:
+        return f"{message}; it looks like {EPOCH_UNITS[fits][1]}: set data.time_unit: {fits}"
+    return f"{message}, outside the calendar (years 1-9999); data.time_unit: {', '.join(EPOCH_UNITS)}"
+
+
+def _unit_that_fits(raw: int, unlike: str) -> str | None:
+    """The unit other than `unlike` that reads the number `raw` as a time in 1971-2200, if one does."""
+    for unit, (per_second, _) in EPOCH_UNITS.items():
+        if unit != unlike and _SECONDS_PER_YEAR <= raw // per_second <= 230 * _SECONDS_PER_YEAR:
+            return unit
+    return None
 
 
 def epoch_seconds(values: pl.Series, unit: str = "s") -> pl.Series:
     """Times as whole epoch seconds (Int64); null where a value is missing or not a time.
 
-    Numbers (and numeric text) are epoch `unit`s (`s` or `ms`); text that is not a number is an ISO date or
-    datetime (naive ones are UTC); Parquet dates and datetimes are taken as they are.
+    Numbers (and numeric text) are epoch `unit`s (`s`, `ms`, `us` or `ns`); text that is not a number is an
+    ISO date or datetime (naive ones are UTC); Parquet dates and datetimes are taken as they are.
     """
-    per_second = 1000 if unit == "ms" else 1
+    per_second = EPOCH_UNITS[unit][0]
     dtype = values.dtype
     if dtype == pl.Date or isinstance(dtype, pl.Datetime):
         return values.cast(pl.Datetime("us")).dt.epoch("s") if dtype == pl.Date else values.dt.epoch("s")
