@@ -117,6 +117,14 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got.items, stored["items"])
     top = rec.recommend(user=rec.known_users[0], k=5)
     assert len(top) == 5
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    args = ["recommend", str(Path(conv.output_dir) / conv.name), "--user", rec.known_users[0]]
+    result = CliRunner().invoke(app, [*args, "--items", "1,2"])
+    assert result.exit_code == 2 and "--items ranks a CTR run's candidates" in result.output, result.output
+    assert CliRunner().invoke(app, [*args, "-k", "3"]).exit_code == 0
 
 
 def test_run_takes_overrides(sunny_dir: Path, tmp_path: Path) -> None:
@@ -184,7 +192,7 @@ def test_the_recommend_command(ctr_run) -> None:
         (["--method", "finetune", "--user", "1", "--items", "2", "-k", "0"], "-k 0"),
         (["--user", "1", "--items", "2"], "choose a method"),
         (["--method", "finetune", "--history", "2:x", "--items", "3"], "not item:rating"),
-        (["--method", "finetune", "--user", "1"], "ranks given candidates"),
+        (["--method", "finetune", "--user", "1"], "a CTR run ranks the items it is given: add --items"),
         (
             ["--method", "finetune", "--user", "1", "--items", "2", "--stage", "1", "--version", "0"],
             "not both",

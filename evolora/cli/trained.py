@@ -238,6 +238,14 @@ def recommend(
     if stage is not None and version is not None:
         raise EvoloraError("give --stage or --version, not both")
     rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version)
+    if rec.task_name == "ctr" and items is None:
+        raise EvoloraError(
+            "a CTR run ranks the items it is given: add --items (comma-separated or a JSON list)"
+        )
+    if rec.task_name != "ctr" and items is not None:
+        raise EvoloraError(
+            f"--items ranks a CTR run's candidates; this {rec.task_name} run generates its own"
+        )
     hist = None if history is None else _parse_history(history)
     candidates = None if items is None else _parse_items(items)
     top = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen, items=candidates)
