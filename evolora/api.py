@@ -359,7 +359,10 @@ def locate_run(path: Path, method: str | None, seed: int) -> tuple[Path, Path]:
     methods = sorted(p.name for p in path.iterdir() if (p / f"seed{seed}" / "results.json").is_file())
     if method is None:
         if len(methods) != 1:
-            raise ConfigError(f"{path}: choose a method with method=... (runs of seed {seed}: {methods})")
+            raise ConfigError(
+                f"{path}: choose a method (--method, or method= in Python) among the runs of seed {seed}: "
+                f"{methods}"
+            )
         method = methods[0]
     if method not in methods:
         raise ConfigError(f"{path}: no finished run of {method!r} with seed {seed} (there are: {methods})")
