@@ -32,7 +32,7 @@ import torch
 from evolora.api import Recommender
 from evolora.continual.base import PlainLora
 from evolora.errors import EvoloraError
-from evolora.io import atomic_directory
+from evolora.io import atomic_directory, check_replaceable
 from evolora.models.llm import LoraLM
 
 log = logging.getLogger("evolora")
@@ -72,6 +72,7 @@ def export_run(
     merge: bool = False,
 ) -> Path:
     """Write the model of `method` after `stage` into `out` (replaced atomically); returns `out`."""
+    out = check_replaceable(out, "evolora_export.json", "export")  # before the minutes of loading
     rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage)
     try:
         strategy = rec.strategy
@@ -87,7 +88,6 @@ def export_run(
             raise EvoloraError(
                 f"{rec.method} is an ensemble of {len(adapters)} adapters: export it without --merge"
             )
-        out = Path(out)
         with atomic_directory(out) as folder:
             lm.tokenizer.save_pretrained(folder)
             (folder / "items.json").write_text(json.dumps(_item_map(rec), indent=1, ensure_ascii=False))

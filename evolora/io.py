@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from evolora import cost, parallel
-from evolora.errors import DamagedFileError
+from evolora.errors import ConfigError, DamagedFileError
 
 
 def cache_dir() -> Path:
@@ -212,6 +212,21 @@ def load_state(path: str | Path, advice: str = "") -> Any:
         reason = f"not a readable evolora state file: {type(e).__name__}: {e}"
         raise DamagedFileError(path, _damaged(path, reason, advice)) from None
     return _decode(skeleton, tensors)
+
+
+def check_replaceable(path: str | Path, marker: str, what: str) -> Path:
+    """`path` resolved, if an output folder may be written there: absent, empty, or an earlier output
+    of the same kind (it holds `marker`). Anything else is refused, since writing replaces the whole folder:
+    `--out .` or a folder of other files would be lost."""
+    path = Path(path).expanduser().resolve()
+    if path.is_file():
+        raise ConfigError(f"{path} is a file; give a folder for {what}")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise ConfigError(
+            f"{path} holds other files (it is not an earlier {what}: no {marker}); writing replaces the "
+            "whole folder, so give a new or empty folder, or remove this one yourself"
+        )
+    return path
 
 
 @contextmanager

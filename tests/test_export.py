@@ -172,6 +172,13 @@ def test_strategies_without_one_adapter_say_what_to_do(sunny_dir: Path, tmp_path
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "e" / "evolora_export.json").read_text())
     assert set(manifest["adapters"]) == {"long", "short"} and sum(manifest["ensemble"].values()) == 1
+    # --out replaces a folder only when it is empty or an earlier export: never the run, nor a file.
+    again = CliRunner().invoke(app, ["export", root, "--method", "lsat", "--out", str(tmp_path / "e")])
+    assert again.exit_code == 0, again.output
+    for out, message in [(root, "holds other files"), (str(tmp_path / "e" / "README.md"), "is a file")]:
+        refused = CliRunner().invoke(app, ["export", root, "--method", "lsat", "--out", out])
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+    assert (Path(root) / "config.yaml").is_file() and (tmp_path / "e" / "README.md").is_file()
     result = CliRunner().invoke(
         app, ["export", root, "--method", "lsat", "--out", str(tmp_path / "m"), "--merge"]
     )

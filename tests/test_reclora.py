@@ -169,3 +169,8 @@ def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
 
     refused = CliRunner().invoke(app, ["export-user-adapter", str(run), "no-such-user"])
     assert refused.exit_code == 2 and "no sample of user" in refused.output
+    again = CliRunner().invoke(app, ["export-user-adapter", str(run), user, "--out", str(tmp_path / "cli")])
+    assert again.exit_code == 0, again.output  # an earlier adapter is replaced
+    refused = CliRunner().invoke(app, ["export-user-adapter", str(run), user, "--out", str(run)])
+    assert refused.exit_code == 2 and "holds other files" in refused.output  # the run is not replaced
+    assert (run / "results.json").is_file()

@@ -146,7 +146,9 @@ def serve(
 @_user_errors
 def export(
     run_dir: RunDir,
-    out: Annotated[Path, typer.Option(help="the folder to write (replaced if it exists)")],
+    out: Annotated[
+        Path, typer.Option(help="the folder to write: new, empty, or an earlier export (replaced)")
+    ],
     method: Method = None,
     seed: Seed = 0,
     stage: Stage = None,
@@ -172,7 +174,10 @@ def export_user_adapter(
     ] = None,
     item: Annotated[str | None, typer.Option(help="target item of the sample; default: the latest")] = None,
     out: Annotated[
-        Path | None, typer.Option(help="folder; default: <run>/stage-<t>/user-adapters/<user>")
+        Path | None,
+        typer.Option(
+            help="folder (new, empty, or an earlier adapter); default: <run>/stage-<t>/user-adapters/<user>"
+        ),
     ] = None,
 ) -> None:
     """RecLoRA: one user's personalized adapter as a plain PEFT LoRA that any PEFT model loads."""

@@ -158,8 +158,9 @@ class PersonalizedLoRA(nn.Module):
         """Save the adapter one gate input selects as a plain PEFT LoRA (rank r; `combine: factors` only)."""
         from safetensors.torch import save_file
 
-        from evolora.io import atomic_directory
+        from evolora.io import atomic_directory, check_replaceable
 
+        path = check_replaceable(path, "adapter_config.json", "user adapter")
         any_bank = next(iter(self.banks.values()))
         if any_bank.combine != "factors":
             raise ValueError("only `combine: factors` yields a rank-r LoRA per user")
