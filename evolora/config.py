@@ -543,12 +543,33 @@ class UpdateConfig(Section):
     metric: str | None = None
 
 
+def folder_name(value: str) -> str:
+    """`value`, checked to be one folder name: an experiment's `name` and a strategy's label are path
+    components of its run folders (and `--overwrite` deletes `output_dir/name`)."""
+    if (
+        not value.strip()
+        or value in (".", "..")
+        or any(c in value for c in "/\\\0")
+        or value.startswith((".", "_"))
+    ):
+        raise ValueError(
+            f"{value!r} is not a folder name: one path component, without '/' or '\\', not starting "
+            "with '.' or '_' (kept for evolora's own files, such as _shared)"
+        )
+    return value
+
+
 class StrategySpec(Section):
     """One continual strategy: `name` plus that strategy's own options (checked by the strategy)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str
     label: str | None = Field(None, description="name in reports; default: the strategy name")
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_folder(cls, v: str | None) -> str | None:
+        return v if v is None else folder_name(v)
 
     @property
     def options(self) -> dict[str, Any]:
@@ -601,6 +622,11 @@ class RunConfig(Section):
             raise ValueError(f"unknown task {v['name']!r}; available: {', '.join(sorted(TASK_CONFIGS))}")
         return kind.model_validate(v)
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder(cls, v: str) -> str:
+        return folder_name(v)
+
     @field_validator("strategies", mode="before")
     @classmethod
     def _names_to_specs(cls, v: Any) -> Any:
@@ -632,7 +658,7 @@ def _format_validation_error(err: ValidationError, where: str, origins: dict[str
     lines = [f"{where}: invalid configuration"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix to a validator's own message
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `evolora run --help` lists the sections)"
         # A value given on the command line is reported as the flag that gave it.

@@ -303,6 +303,11 @@ def run_experiment(
     lock = Path(cfg.output_dir) / f".{cfg.name}.lock"  # beside the folder: --overwrite deletes the folder
     with exclusive(lock, f"experiment {root}"):
         if overwrite and root.exists() and parallel.writes():
+            if any(root.iterdir()) and not (root / "config.yaml").is_file():
+                raise ConfigError(
+                    f"--overwrite: {root} is not an experiment folder (no config.yaml), so it is not "
+                    "deleted; choose another name or output_dir"
+                )
             shutil.rmtree(root)
         parallel.barrier()
         context_key = _check_experiment(root, cfg)

@@ -63,6 +63,9 @@ def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: P
         (["--set", "data.source=/no/such/folder"], "/no/such/folder"),
         (["--set", "model.lora.target_modules=[query]"], "not found in tiny"),
         (["--jobs", "0"], "--jobs 0"),
+        (["--set", "name=..", "--overwrite"], "name: '..' is not a folder name"),
+        (["--set", "name=_shared"], "name: '_shared' is not a folder name"),
+        (["--set", "strategies=[{name: finetune, label: a/b}]"], "strategies.0.label: 'a/b' is not a folder"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(
@@ -73,6 +76,16 @@ def test_user_mistakes_are_one_line_errors(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_overwrite_deletes_only_an_experiment_folder(sunny_dir: Path, tmp_path: Path) -> None:
+    # `name` is a folder under output_dir; --overwrite must not delete one that is not an experiment's.
+    (tmp_path / "runs" / "cli").mkdir(parents=True)
+    (tmp_path / "runs" / "cli" / "notes.txt").write_text("mine")
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen"])
+    result = runner.invoke(app, ["run", str(config), "--overwrite"])
+    assert result.exit_code == 2 and "not an experiment folder (no config.yaml)" in result.output
+    assert (tmp_path / "runs" / "cli" / "notes.txt").read_text() == "mine"
 
 
 def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
