@@ -133,3 +133,21 @@ def test_health_docs_and_size_limit(server) -> None:
     assert big.status_code == 413
     r = httpx.post(f"{url}/score", content=b"not json", headers=json_type)
     assert r.status_code == 422
+
+
+def test_an_address_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The run folder does not exist: the address is checked first, so the answer comes at once.
+        result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-run"), "--port", str(port)])
+    assert result.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in result.output, result.output
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-run"), "--port", "70000"])
+    assert result.exit_code == 2 and "a port is 1-65535" in result.output
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-run"), "--port", str(port)])
+    assert result.exit_code == 2 and "neither an experiment folder" in result.output  # the port is free again

@@ -134,10 +134,12 @@ def serve(
 ) -> None:
     """Serve the promoted version over HTTP (POST /score, /recommend; GET /health, /version, /docs),
     switching to a newly promoted one without dropping requests."""
+    from evolora.deploy.server import check_address
     from evolora.deploy.server import serve as serve_run
 
     _setup_logging(False)
     _quiet_libraries()
+    check_address(host, port)
     console.print(f"serving {run_dir} on http://{host}:{port} (OpenAPI: /docs); Ctrl-C stops")
     serve_run(run_dir, host=host, port=port, method=method, seed=seed)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -263,11 +264,31 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
     return app
 
 
+def check_address(host: str, port: int) -> None:
+    """Refuse an address the server could not listen on, before the model loads (uvicorn would say so
+    only after it)."""
+    if not 0 < port < 65536:
+        raise EvoloraError(f"--port {port}: a port is 1-65535")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise EvoloraError(f"--host {host}: {e.strerror}") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's socket
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise EvoloraError(
+                f"cannot listen on {host}:{port}: {e.strerror} (another server there? choose another --port)"
+            ) from None
+
+
 def serve(
     run_dir: Path, host: str = "127.0.0.1", port: int = 8000, method: str | None = None, seed: int = 0
 ) -> None:
     import uvicorn
 
+    check_address(host, port)
     keep_freed_memory()
     holder = ModelHolder(run_dir, method, seed)
     uvicorn.run(create_app(holder), host=host, port=port, log_level="warning")
