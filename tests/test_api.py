@@ -173,6 +173,15 @@ def test_the_recommend_command(ctr_run) -> None:
     )
     assert plain.exit_code == 0, plain.output
     assert json.loads(plain.output)["history"] == ["2", "3"]
+    # A candidate already in the history is left out, and the answer says which (not silently).
+    seen = runner.invoke(
+        app, ["recommend", root, "--method", "finetune", "--history", "2,3", "--items", "3,4"]
+    )
+    assert seen.exit_code == 0 and "left out, already in the history: 3 (--include-seen" in seen.output
+    kept = ["recommend", root, "--method", "finetune", "--history", "2,3", "--items", "3,4", "--json"]
+    answer = json.loads(runner.invoke(app, [*kept, "--include-seen"]).output)
+    assert {s["item"] for s in answer["items"]} == {"3", "4"} and answer["left_out_seen"] == []
+    assert json.loads(runner.invoke(app, kept).output)["left_out_seen"] == ["3"]
     # The JSON forms (for ids holding commas or colons) ask the same thing.
     commas = runner.invoke(app, [*args[:4], "--history", "2:5,3:1", "--items", "4,6", "--json"])
     as_json = runner.invoke(

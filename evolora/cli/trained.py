@@ -256,6 +256,9 @@ def recommend(
     hist = None if history is None else _parse_history(history)
     candidates = None if items is None else _parse_items(items)
     top = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen, items=candidates)
+    # Given candidates are all known (unknown ones are refused), so fewer than k back means some were seen.
+    asked = list(dict.fromkeys(candidates or []))
+    left_out = [i for i in asked if i not in {s.item for s in top}] if len(top) < min(k, len(asked)) else []
     if as_json:
         answer = {
             "run": str(run_dir),
@@ -268,6 +271,7 @@ def recommend(
             "history": None if hist is None else [h if isinstance(h, str) else h[0] for h in hist],
             "score": "P(like)" if rec.task_name == "ctr" else "log p(item | history)",
             "items": [s.to_dict() for s in top],
+            "left_out_seen": left_out,
         }
         console.print_json(json.dumps(answer))
         return
@@ -282,6 +286,10 @@ def recommend(
     for rank, s in enumerate(top, 1):
         table.add_row(str(rank), s.item, s.title or "", f"{s.score:.4f}")
     console.print(table)
+    if left_out:
+        console.print(
+            f"left out, already in the history: {', '.join(left_out)} (--include-seen ranks them too)"
+        )
 
 
 def _parse_history(text: str) -> list[str | tuple[str, float]]:
