@@ -144,3 +144,35 @@ def test_seeds_that_agree_do_not_narrow_the_row_interval(tmp_path: Path) -> None
         lo, hi = _interval(paired_bootstrap(group_runs(results), "auc", draws=600), "other")
         widths[n_seeds] = hi - lo
     assert 0.8 < widths[3] / widths[1] < 1.25, widths
+
+
+def test_runs_a_report_cannot_put_side_by_side_are_refused(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    from evolora.errors import EvoloraError
+    from evolora.eval.report import build_report
+
+    def write(experiment: str, method: str, seed: int, **fields: str) -> Path:
+        stage = {"train_stage": 1, "eval_stage": 2, "n_eval": 5, "metrics": {"auc": 0.6}}
+        run = {"method": method, "dataset": "d", "task": "ctr", "seed": seed, "stages": [stage], **fields}
+        folder = tmp_path / experiment / method / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(run))
+        return tmp_path / experiment
+
+    a = write("a", "finetune", 0)
+    write("a", "finetune", 1)
+    # An experiment named together with one of its runs: each file read once (not an extra seed).
+    text, _ = build_report([a, a / "finetune", a / "finetune" / "seed1" / "results.json"])
+    assert "| finetune | 2 |" in text
+    other_data = write("b", "frozen", 0, dataset="elsewhere")
+    with pytest.raises(EvoloraError, match=r"different datasets: d \(.*a\); elsewhere \(.*b\)"):
+        build_report([a, other_data])
+    other_task = write("c", "frozen", 0, task="next_item")
+    with pytest.raises(EvoloraError, match=r"different tasks: ctr .*; next_item .*one report per task"):
+        build_report([a, other_task])
+    twin = write("e", "finetune", 1)  # another experiment's finetune, seed 1 again
+    with pytest.raises(EvoloraError, match=r"two runs of finetune with seed 1: .*another `label`"):
+        build_report([a, twin])

@@ -147,6 +147,8 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
         else:
             raise EvoloraError(f"{p}: no such run folder")
         for f in files:
+            if any(Path(r["_path"]).resolve() == f.resolve() for r in found):
+                continue  # named twice (an experiment and one of its runs): read once
             r = read_json(f, "Rerun its experiment (the same command) to rebuild it from the stage records.")
             if not isinstance(r, dict) or not {"method", "stages", "seed"} <= set(r):
                 raise DamagedFileError(f, f"{f} is not an evolora results.json (no method, seed or stages).")
@@ -155,6 +157,34 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
     if not found:
         raise EvoloraError(f"no results.json under {', '.join(map(str, paths))}")
     return found
+
+
+def check_comparable(results: list[dict[str, Any]]) -> None:
+    """Refuse runs one report cannot put side by side: other data or another task (their stages and rows
+    are not the same), or two runs of one method and seed (the report would average them as two seeds)."""
+    for key, what in (("dataset", "datasets"), ("task", "tasks")):
+        where: dict[str, list[str]] = defaultdict(list)
+        for r in results:
+            where[str(r.get(key, "?"))].append(_experiment_of(r["_path"]))
+        if len(where) > 1:
+            listed = "; ".join(f"{v} ({', '.join(dict.fromkeys(p))})" for v, p in where.items())
+            raise EvoloraError(
+                f"these runs are on different {what}: {listed}. A report compares methods on the same "
+                f"stages and rows: make one report per {key}"
+            )
+    first: dict[tuple[str, int], str] = {}
+    for r in results:
+        other = first.setdefault((r["method"], r["seed"]), r["_path"])
+        if other != r["_path"]:
+            raise EvoloraError(
+                f"two runs of {r['method']} with seed {r['seed']}: {other} and {r['_path']}. A report "
+                "averages a method's seeds: report them apart, or give one strategy another `label`"
+            )
+
+
+def _experiment_of(results_path: str) -> str:
+    """runs/<name>/<label>/seed<k>/results.json -> runs/<name>"""
+    return str(Path(results_path).parent.parent.parent)
 
 
 def group_runs(results: list[dict[str, Any]]) -> list[MethodRuns]:
@@ -253,6 +283,7 @@ def build_report(
     taken against; left out, it is `finetune` where the runs have one (and no differences otherwise).
     Naming a method that is not among the runs, `finetune` included, is an error."""
     results = find_results(paths)
+    check_comparable(results)
     groups = group_runs(results)
     methods = [g.method for g in groups]
     if baseline is not None and baseline not in methods:
