@@ -2,7 +2,8 @@
 
 Input is any set of run folders; every `results.json` below them is read. Runs of the same method (label) on
 the same dataset and task with different seeds are averaged, and the table says how many seeds went in
-(± is the standard deviation across seeds).
+(± is the standard deviation across seeds). Runs on other data or of another task, and two runs of one
+method with one seed, are refused (`check_comparable`): no table can put them side by side.
 
 When the methods of each experiment score the same on the first evaluated stage (they all evaluate one
 shared stage-1 adapter, or one conventional model's stage-1 weights), that stage cannot tell them apart:
