@@ -132,3 +132,20 @@ def test_sampled_negatives_are_items_not_met_yet(caplog: pytest.LogCaptureFixtur
     # leave_last_out: v's positive and its negatives are all the test of stage 1 for v.
     pools = split_pools(SampleTable(df, 1, 3, 0.5), "leave_last_out")
     assert sorted(pools[1].test.tolist()) == [2, 3, 4, 5]
+
+
+def test_budgets_larger_than_a_pool_are_warned_about(
+    sunny_dir, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from evolora.data.prepare import prepare_data
+    from tests.helpers import tiny_config
+
+    big = {"train.samples_per_stage": 100_000, "train.valid_samples": 8, "eval.max_samples": "null"}
+    with caplog.at_level("WARNING", logger="evolora"):
+        prepared = prepare_data(tiny_config(sunny_dir, tmp_path, **big))
+    train = [f"stage {s}: {len(prepared.pools[s].train)} of 100000" for s in (1, 2)]  # stage 3 only tests
+    assert (
+        f"train.samples_per_stage asks for more samples than the train pool holds ({'; '.join(train)})"
+        in (caplog.text)
+    )
+    assert "valid_samples" not in caplog.text and "max_samples" not in caplog.text

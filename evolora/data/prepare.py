@@ -78,4 +78,28 @@ def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) 
             len(p.valid),
             len(p.test),
         )
+    _warn_small_pools(cfg, pools)
     return Prepared(data, staged, table, pools)
+
+
+def _warn_small_pools(cfg: RunConfig, pools: dict[int, StagePools]) -> None:
+    """Say where a budget asks for more samples than a stage holds: that stage then uses all it has."""
+    last = max(pools)
+    trained = [s for s in pools if s < last or cfg.protocol != "next_stage"]
+    evaluated = [s for s in pools if s > min(pools) or cfg.protocol != "next_stage"]
+    checks = [
+        ("train.samples_per_stage", trained, lambda s: cfg.train.budget(s), "train"),
+        ("train.valid_samples", trained, lambda s: cfg.train.budget(s, valid=True), "valid"),
+        ("eval.max_samples", evaluated, lambda s: cfg.eval.max_samples, "test"),
+    ]
+    for key, stages, budget, pool in checks:
+        short = [
+            f"stage {s}: {len(getattr(pools[s], pool))} of {budget(s)}"
+            for s in stages
+            if budget(s) is not None and len(getattr(pools[s], pool)) < budget(s)
+        ]
+        if short:
+            log.warning(
+                "%s asks for more samples than the %s pool holds (%s): those stages use all they have",
+                key, pool, "; ".join(short),
+            )  # fmt: skip
