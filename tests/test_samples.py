@@ -149,3 +149,14 @@ def test_budgets_larger_than_a_pool_are_warned_about(
         in (caplog.text)
     )
     assert "valid_samples" not in caplog.text and "max_samples" not in caplog.text
+
+
+def test_ctr_on_a_release_without_ratings_gets_negatives(tmp_path) -> None:
+    # PESO's release is implicit feedback: every interaction a like. CTR samples on it would all be
+    # positives (AUC undefined, a model that answers "yes" to everything) without sampled negatives.
+    from evolora.data.prepare import prepare_data
+    from tests.helpers import tiny_config, write_peso_cycle
+
+    cfg = tiny_config(write_peso_cycle(tmp_path / "cycle"), tmp_path, **{"staging.scheme": "preset"})
+    df = prepare_data(cfg).table.df
+    assert set(df["label"].to_list()) == {0, 1} and df["sampled"].sum() == (df["label"] == 0).sum()

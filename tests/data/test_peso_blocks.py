@@ -77,6 +77,7 @@ def test_tiny_blocks(tmp_path: Path) -> None:
     ]
     assert set(inter["rating"].to_list()) == {5.0}
     assert (inter["rating"] > data.like_threshold).all()
+    assert data.implicit  # a task reading labels (CTR) gets sampled negatives, not 100% likes
     assert data.preset_stages is not None and data.preset_stages.dtype == np.int32
     assert data.preset_stages.tolist() == [1, 1, 1, 1, 1, 2, 2, 2, 3, 3]
     assert data.n_preset_stages == 3

@@ -36,9 +36,10 @@ def load_peso_blocks(folder: str | Path, key: str | None = None) -> InteractionD
 
     * Interactions come from the `current_block` lists only; each `previous_block` must equal the user's
       earlier `current_block`s joined (the release satisfies this; anything else is another format).
-    * The release has neither ratings nor times. Every interaction is implicit feedback: rating 5.0 and
-      `like_threshold` 0.0, so every interaction is a like. Timestamps are synthetic,
-      `block * 10**9 + position in the block`, so they keep block order and each user's order.
+    * The release has neither ratings nor times. Every interaction is implicit feedback (`implicit`):
+      rating 5.0 and `like_threshold` 0.0, so every interaction is a like, and a task that reads labels
+      (CTR) gets sampled negatives (`data.negatives`), as for a table without ratings. Timestamps are
+      synthetic, `block * 10**9 + position in the block`, so they keep block order and each user's order.
     * `preset_stages` = block + 1 (`staging.scheme: preset` uses them).
     * Items: `title` "item <id>" (there are no titles), `sid` = the index tokens joined. Items in the index
       that nobody interacted with stay in the table: they are valid decoding targets.
@@ -126,6 +127,7 @@ def load_peso_blocks(folder: str | Path, key: str | None = None) -> InteractionD
         interactions=inter,
         items=table,
         like_threshold=0.0,
+        implicit=True,
         source=str(folder),
         preset_stages=np.asarray(stages, dtype=np.int32),
         synthetic_time=True,
