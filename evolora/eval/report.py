@@ -140,6 +140,7 @@ def machine_line(results: list[dict[str, Any]]) -> str | None:
 
 def find_results(paths: list[Path]) -> list[dict[str, Any]]:
     found = []
+    read: set[Path] = set()
     for p in paths:
         if p.is_file() and p.name == "results.json":
             files = [p]
@@ -148,8 +149,9 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
         else:
             raise EvoloraError(f"{p}: no such run folder")
         for f in files:
-            if any(Path(r["_path"]).resolve() == f.resolve() for r in found):
+            if f.resolve() in read:
                 continue  # named twice (an experiment and one of its runs): read once
+            read.add(f.resolve())
             r = read_json(f, "Rerun its experiment (the same command) to rebuild it from the stage records.")
             if not isinstance(r, dict) or not {"method", "stages", "seed"} <= set(r):
                 raise DamagedFileError(f, f"{f} is not an evolora results.json (no method, seed or stages).")
