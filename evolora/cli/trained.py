@@ -169,8 +169,10 @@ def export(
 @app.command("export-user-adapter")
 @_user_errors
 def export_user_adapter(
-    run_dir: Annotated[Path, typer.Argument(help="a reclora run: runs/<name>/<method>/seed<k>")],
+    run_dir: RunDir,
     user: Annotated[str, typer.Argument(help="user id as in the data")],
+    method: Method = None,
+    seed: Seed = 0,
     stage: Annotated[
         int | None, typer.Option(help="training stage whose adapters to use; default: last")
     ] = None,
@@ -183,12 +185,14 @@ def export_user_adapter(
     ] = None,
 ) -> None:
     """RecLoRA: one user's personalized adapter as a plain PEFT LoRA that any PEFT model loads."""
+    from evolora.api import locate_run
     from evolora.data.samples import eval_stage_of
     from evolora.errors import ConfigError
     from evolora.experiment import restore_run
 
     _setup_logging(False)
     _quiet_libraries()
+    run_dir, _ = locate_run(run_dir, method, seed)
     strategy, _, t = restore_run(run_dir, stage)
     try:
         if not hasattr(strategy, "export_for_user"):
