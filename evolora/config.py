@@ -23,7 +23,7 @@ file, the reference the README's configuration table summarises.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -596,7 +596,7 @@ class RunConfig(Section):
         "leave_last_out: each active user's last interaction of stage t is its test (PESO)",
     )
     strategies: list[StrategySpec] = Field(default_factory=lambda: [StrategySpec(name="finetune")])
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: all cores")
     tracking: Literal["none", "mlflow"] = Field(
         "none", description="mlflow: log runs, stages, epochs, adapters and update gates (evolora[mlflow])"
@@ -646,6 +646,9 @@ class RunConfig(Section):
             raise ValueError(f"strategies: labels must be unique, repeated: {sorted(dup)} (set `label`)")
         if not self.seeds:
             raise ValueError("seeds: give at least one")
+        if len(set(self.seeds)) < len(self.seeds):
+            repeated = sorted({x for x in self.seeds if self.seeds.count(x) > 1})
+            raise ValueError(f"seeds: each seed once (a seed repeated is the same run), repeated: {repeated}")
         if self.staging.scheme == "single" and self.protocol == "next_stage":
             raise ValueError(
                 "staging.scheme=single has one stage and next_stage tests on the stage after it: set "
