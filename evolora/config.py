@@ -142,7 +142,7 @@ class DataConfig(Section):
         ge=0,
         description="implicit feedback: sampled negatives per positive sample of a task reading labels",
     )
-    negative_seed: int = Field(0, description="seed of the sampled negatives")
+    negative_seed: int = Field(0, ge=0, description="seed of the sampled negatives")
 
     @model_validator(mode="after")
     def _check_table(self) -> DataConfig:
@@ -315,7 +315,7 @@ class SemanticIdConfig(Section):
     epochs: int = Field(300, ge=1, description="RQ-VAE training epochs")
     embedder: str = "backbone"
     text_fields: tuple[str, ...] = ("title", "genre", "category", "description")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class NextItemTaskConfig(TaskSection):
@@ -520,7 +520,7 @@ class EvalConfig(Section):
 
     max_samples: int | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     added_keys = ("stages",)
     stages: Literal["next", "seen", "all"] = "next"
 

@@ -67,6 +67,7 @@ def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: P
         (["--set", "name=_shared"], "name: '_shared' is not a folder name"),
         (["--set", "seeds=[0, 0]"], "seeds: each seed once"),
         (["--set", "seeds=[-1]"], "seeds.0: Input should be greater than or equal to 0"),
+        (["--set", "eval.seed=-1"], "eval.seed: Input should be greater than or equal to 0"),
         (["--set", "strategies=[{name: finetune, label: a/b}]"], "strategies.0.label: 'a/b' is not a folder"),
     ],
 )
