@@ -127,7 +127,9 @@ class DataConfig(Section):
     )
     kcore: KCore = KCore()
     like_threshold: float | None = Field(
-        None, description="rating > threshold is a like; default: the dataset's own (3 for 5-star data)"
+        None,
+        allow_inf_nan=False,
+        description="rating > threshold is a like; default: the dataset's own (3 for 5-star data)",
     )
     max_interactions: int | None = Field(
         None, gt=0, description="keep only the most recent N interactions (before staging)"
@@ -539,7 +541,9 @@ class UpdateConfig(Section):
     max_holdout: int | None = Field(
         400, gt=0, description="score a fixed-seed subset of this many held-out samples (null: all of them)"
     )
-    min_gain: float = Field(-0.01, description="promote when candidate - promoted >= min_gain")
+    min_gain: float = Field(
+        -0.01, allow_inf_nan=False, description="promote when candidate - promoted >= min_gain"
+    )
     metric: str | None = None
 
 
