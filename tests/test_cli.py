@@ -69,6 +69,7 @@ def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: P
         (["--set", "seeds=[-1]"], "seeds.0: Input should be greater than or equal to 0"),
         (["--set", "eval.seed=-1"], "eval.seed: Input should be greater than or equal to 0"),
         (["--set", "data.like_threshold=nan"], "data.like_threshold: Input should be a finite number"),
+        (["--set", "data.like_threshold=9"], "every sample is a dislike (rating > data.like_threshold 9"),
         (["--set", "strategies=[{name: finetune, label: a/b}]"], "strategies.0.label: 'a/b' is not a folder"),
     ],
 )

@@ -20,7 +20,7 @@ from evolora.data.samples import (
 )
 from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages, num_stages_of
-from evolora.errors import ConfigError
+from evolora.errors import ConfigError, DataError
 
 log = logging.getLogger("evolora")
 
@@ -79,7 +79,33 @@ def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) 
             len(p.test),
         )
     _warn_small_pools(cfg, pools)
+    if task.reads_labels:
+        _check_labels(table, data)
     return Prepared(data, staged, table, pools)
+
+
+def _check_labels(table: SampleTable, data: InteractionData) -> None:
+    """A task that learns labels needs likes and dislikes: refuse samples of one label, and say which stages
+    have one label only (AUC is undefined there)."""
+    df = table.df
+    if df.height == 0:
+        return
+    ratings = data.interactions["rating"]
+    threshold = (
+        f"rating > data.like_threshold {data.like_threshold:g}; ratings {ratings.min():g}-{ratings.max():g}"
+    )
+    if df["label"].n_unique() < 2:
+        kind = "like" if df["label"][0] else "dislike"
+        raise DataError(
+            f"{data.source}: every sample is a {kind} ({threshold}), so there is nothing to tell apart (AUC "
+            "is undefined): set data.like_threshold between the lowest and highest rating"
+        )
+    one_label = df.group_by("stage").agg(pl.col("label").n_unique().alias("n")).filter(pl.col("n") < 2)
+    if one_label.height:
+        stages = ", ".join(str(s) for s in sorted(one_label["stage"].to_list()))
+        log.warning(
+            "stage %s: every sample has the same label (%s): AUC there is undefined", stages, threshold
+        )
 
 
 def _warn_small_pools(cfg: RunConfig, pools: dict[int, StagePools]) -> None:
