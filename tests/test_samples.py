@@ -160,3 +160,18 @@ def test_ctr_on_a_release_without_ratings_gets_negatives(tmp_path) -> None:
     cfg = tiny_config(write_peso_cycle(tmp_path / "cycle"), tmp_path, **{"staging.scheme": "preset"})
     df = prepare_data(cfg).table.df
     assert set(df["label"].to_list()) == {0, 1} and df["sampled"].sum() == (df["label"] == 0).sum()
+
+
+def test_a_stage_of_one_label_is_warned_about(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    from evolora.data.prepare import prepare_data
+    from tests.helpers import EXAMPLE_DATA, EXAMPLE_TABLE, tiny_config
+
+    log = pl.read_csv(EXAMPLE_DATA / "example_log.csv")
+    first = log["ts"].sort()[len(log) // 3]
+    liked = log.with_columns(pl.when(pl.col("ts") < first).then(5).otherwise(pl.col("stars")).alias("stars"))
+    liked.write_csv(tmp_path / "log.csv")  # every rating of the first third (stage 1) is a like
+    with caplog.at_level("WARNING", logger="evolora"):
+        prepared = prepare_data(tiny_config(tmp_path / "log.csv", tmp_path / "runs", **EXAMPLE_TABLE))
+    labels = prepared.table.df.group_by("stage").agg(pl.col("label").n_unique()).sort("stage")
+    assert labels["label"].to_list() == [1, 2, 2]
+    assert "stage 1: every sample has the same label (rating > data.like_threshold 3" in caplog.text
