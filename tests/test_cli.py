@@ -105,6 +105,9 @@ def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
 def test_report_without_results_is_an_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "no results.json" in result.output
+    (tmp_path / "notes.md").write_text("mine")
+    result = runner.invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "notes.md")])
+    assert result.exit_code == 2 and "is a file; give a folder" in result.output
 
 
 def test_data_info_shows_stages(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

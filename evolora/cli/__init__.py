@@ -262,6 +262,8 @@ def report(
     from evolora.eval.report import build_report
     from evolora.io import atomic_write_text
 
+    if out is not None and out.exists() and not out.is_dir():
+        raise EvoloraError(f"--out {out} is a file; give a folder for report.md and the plots")
     text, groups = build_report(run_dirs, metric, baseline)
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
     atomic_write_text(target / "report.md", text)
