@@ -16,6 +16,7 @@ rating; or give `user=` and the user's history at the end of the stage is used.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,7 +214,7 @@ class Recommender:
         self, history: History = None, items: Iterable[str] = (), user: str | None = None
     ) -> list[Scored]:
         """P(like) of each item for this user or history (CTR runs), in the order given."""
-        return self.score_many([(history, list(items), user)])[0]
+        return self.score_many([(history, _item_list(items), user)])[0]
 
     def score_many(self, queries: list[tuple[History, list[str], str | None]]) -> list[list[Scored]]:
         """`score` for several (history, items, user) queries at once: one pass over all their samples."""
@@ -267,7 +268,7 @@ class Recommender:
             raise EvoloraError("a CTR run ranks given candidates: recommend(..., items=[...])")
         hist_items, hist_ratings = self._history(history, user)
         seen = set(hist_items) if exclude_seen else set()
-        candidates = [i for i in dict.fromkeys(items) if i not in seen]
+        candidates = [i for i in dict.fromkeys(_item_list(items)) if i not in seen]
         if not candidates:
             return []
         self._check_items(candidates, "items")
@@ -328,24 +329,53 @@ class Recommender:
         liked = self.like_threshold + 1.0  # an item given without a rating counts as liked
         if history is None:
             pairs: list[tuple[str, float]] = []
+        elif isinstance(history, str | bytes):
+            raise EvoloraError(
+                f"history: a list of item ids or (item, rating) pairs, not the string {history!r}"
+            )
         elif isinstance(history, Mapping):
-            pairs = [(str(i), float(r)) for i, r in history.items()]
+            pairs = [(str(i), _rating(r, i)) for i, r in history.items()]
         else:
-            pairs = [
-                (str(h[0]), float(h[1])) if isinstance(h, tuple | list) else (str(h), liked) for h in history
-            ]
+            pairs = [_history_entry(h, liked) for h in history]
         self._check_items([i for i, _ in pairs], "history")
         keep = self._task.table.history_len
         pairs = pairs[-keep:]
         return [i for i, _ in pairs], [r for _, r in pairs]
 
     def _check_items(self, items: list[str], what: str) -> None:
+        if isinstance(items, str | bytes):
+            raise EvoloraError(f"{what}: a list of item ids, not the string {items!r}")
         unknown = [i for i in items if i not in self._task.items]
         if unknown:
             raise EvoloraError(
                 f"{what}: {len(unknown)} unknown item(s) {unknown[:5]}: the run knows "
                 f"{len(self._task.items)} items (an item first seen after training cannot be read)"
             )
+
+
+def _item_list(items: Iterable[str]) -> list[str]:
+    if isinstance(items, str | bytes):  # a string is iterable: it would be read as one-letter item ids
+        raise EvoloraError(f"items: a list of item ids, not the string {items!r}")
+    return [str(i) for i in items]
+
+
+def _rating(value: Any, item: Any) -> float:
+    try:
+        rating = float(value)
+    except (TypeError, ValueError):
+        rating = math.nan
+    if not math.isfinite(rating):
+        raise EvoloraError(f"history: the rating of {item!r} is {value!r}, not a number")
+    return rating
+
+
+def _history_entry(entry: Any, liked: float) -> tuple[str, float]:
+    """One history entry: an item id (counted as liked) or an (item id, rating) pair."""
+    if isinstance(entry, tuple | list):
+        if len(entry) != 2:
+            raise EvoloraError(f"history: {entry!r} is neither an item id nor an (item id, rating) pair")
+        return str(entry[0]), _rating(entry[1], entry[0])
+    return str(entry), liked
 
 
 def locate_run(path: Path, method: str | None, seed: int) -> tuple[Path, Path]:

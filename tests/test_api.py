@@ -79,6 +79,22 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
         rec.score(user="no-such-user", items=["2"])
     with pytest.raises(EvoloraError, match="ranks given candidates"):
         rec.recommend(user=user)
+    # A string is iterable: it must not be read as one-letter item ids.
+    with pytest.raises(EvoloraError, match="items: a list of item ids, not the string '23'"):
+        rec.score(user=user, items="23")
+    with pytest.raises(EvoloraError, match="items: a list of item ids, not the string"):
+        rec.recommend(user=user, items="23")
+    with pytest.raises(EvoloraError, match=r"history: a list of item ids .* not the string '23'"):
+        rec.score("23", ["2"])
+    # A rating that is not a number, or an entry that is no pair, is an error naming it.
+    for history, named in [
+        ([("4", "five")], "the rating of '4' is 'five'"),
+        ([("4", float("nan"))], "the rating of '4' is nan"),
+        ({"4": None}, "the rating of '4' is None"),
+        ([("4", 5, 1)], r"\('4', 5, 1\) is neither an item id nor"),
+    ]:
+        with pytest.raises(EvoloraError, match=named):
+            rec.score(history, ["2"])
 
 
 def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
