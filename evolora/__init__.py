@@ -4,6 +4,7 @@
 gives a trained run's model for scores and recommendations (see `evolora/api.py`).
 """
 
+import importlib
 import logging
 from typing import Any
 
@@ -15,8 +16,7 @@ logging.getLogger("evolora").addHandler(logging.NullHandler())
 
 def __getattr__(name: str) -> Any:
     # The API pulls in torch and transformers: imported on first use, so `import evolora` stays light.
-    if name in __all__:
-        from evolora import api
-
-        return getattr(api, name)
+    if name in __all__ or name == "api":
+        api = importlib.import_module("evolora.api")
+        return api if name == "api" else getattr(api, name)
     raise AttributeError(f"module 'evolora' has no attribute {name!r}")

@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from evolora.bundle import bundle_dir, load_bundle, query_frame, write_bundle
-from evolora.config import RunConfig, StrategySpec, apply_overrides, load_config
+from evolora.config import RunConfig, StrategySpec, config_from_dict, load_config
 from evolora.continual import Env, Strategy, build_strategy
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop, is_trained
@@ -43,19 +43,24 @@ History = Iterable[str] | Iterable[tuple[str, float]] | Mapping[str, float] | No
 
 
 def run(
-    config: str | Path | RunConfig | None = None, jobs: int = 1, **overrides: Any
+    config: str | Path | RunConfig | Mapping[str, Any] | None = None, jobs: int = 1, **overrides: Any
 ) -> list[dict[str, Any]]:
-    """Run an experiment (a YAML path, a `RunConfig`, or None for the quickstart) and return each (strategy,
-    seed)'s results. Overrides are keys as `--set` takes them: `run(path, **{"train.epochs": 3})`, or
-    sections as mappings: `run(path, train={"epochs": 3})`. `jobs`: worker processes for the (strategy,
-    seed) pairs (`evolora run --jobs`)."""
+    """Run an experiment (a YAML path, a `RunConfig`, a mapping of sections as the YAML holds them, or None
+    for the quickstart) and return each (strategy, seed)'s results. Overrides are keys as `--set` takes
+    them: `run(path, **{"train.epochs": 3})`, or sections as mappings: `run(path, train={"epochs": 3})`.
+    `jobs`: worker processes for the (strategy, seed) pairs (`evolora run --jobs`)."""
     sets = [f"{key}={_yaml(value)}" for key, value in _flat(overrides)]
     if isinstance(config, RunConfig):
-        raw = apply_overrides(config.model_dump(mode="json"), sets)
-        cfg = RunConfig.model_validate(raw)
-    else:
+        cfg = config_from_dict(config.model_dump(mode="json"), sets, "run(config)", flag="")
+    elif isinstance(config, Mapping):
+        cfg = config_from_dict(dict(config), sets, "run(config)", flag="")
+    elif config is None or isinstance(config, str | Path):
         path = config if config is not None else Path(__file__).parent / "configs" / "quickstart.yaml"
-        cfg = load_config(path, sets)
+        cfg = load_config(path, sets, flag="")
+    else:
+        raise ConfigError(
+            f"run(config): a YAML path, a RunConfig or a mapping of sections, not {type(config).__name__}"
+        )
     return run_experiment(cfg, jobs=jobs)
 
 

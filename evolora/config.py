@@ -22,6 +22,7 @@ file, the reference the README's configuration table summarises.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -736,12 +737,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(
-    path: str | Path | None, overrides: list[str] | None = None, origins: dict[str, str] | None = None
+    path: str | Path | None,
+    overrides: list[str] | None = None,
+    origins: dict[str, str] | None = None,
+    flag: str = "--set",
 ) -> RunConfig:
     """Read and validate a YAML config; `None` gives the defaults. Raises `ConfigError` with every problem.
 
     `origins` maps a dotted key to the command-line flag that set it (e.g. `{"data.format": "--format"}`),
-    so an invalid value is reported as that flag's; other overrides are reported as `--set key=value`.
+    so an invalid value is reported as that flag's; other overrides as `<flag> key=value`.
     """
     raw: dict[str, Any] = {}
     where = "defaults"
@@ -759,10 +763,25 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         raw = loaded
-    raw = apply_overrides(raw, overrides or [])
     if path is None and overrides:
         where = "command line"
-    given = {o.split("=", 1)[0].strip(): f"--set {o}" for o in overrides or [] if "=" in o}
+    return config_from_dict(raw, overrides, where, origins, flag)
+
+
+def config_from_dict(
+    raw: dict[str, Any],
+    overrides: list[str] | None = None,
+    where: str = "config",
+    origins: dict[str, str] | None = None,
+    flag: str = "--set",
+) -> RunConfig:
+    """Validate a config given as a mapping of sections, after `key=value` overrides; `ConfigError` names
+    every problem under `where`, and an override's problem as `<flag> key=value` (`flag=""` for Python
+    callers)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping of sections, not {type(raw).__name__}")
+    raw = apply_overrides(copy.deepcopy(raw), overrides or [])
+    given = {o.split("=", 1)[0].strip(): f"{flag} {o}".strip() for o in overrides or [] if "=" in o}
     given.update(origins or {})
     try:
         return RunConfig.model_validate(raw)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import evolora
-from evolora.errors import EvoloraError
+from evolora.errors import ConfigError, EvoloraError
 from evolora.experiment import prepare_data, run_dir_of, run_experiment
 from evolora.io import load_npz
 from tests.helpers import LORA_STRATEGIES, tiny_config, write_peso_cycle
@@ -148,6 +148,15 @@ def test_run_takes_overrides(sunny_dir: Path, tmp_path: Path) -> None:
     results = evolora.run(cfg, train={"epochs": 1}, **{"strategies": ["frozen"], "name": "api-run"})
     assert [r["method"] for r in results] == ["frozen"] and results[0]["complete"]
     assert (tmp_path / "api-run" / "inference" / "bundle.json").is_file()
+    # A mapping of sections, as the YAML holds them, is a config too.
+    again = evolora.run(cfg.model_dump(mode="json"), name="api-run", strategies=["frozen"])
+    assert again[0]["summary"]["mean"] == results[0]["summary"]["mean"]
+    # Problems name the Python argument that caused them, not a command-line flag.
+    with pytest.raises(ConfigError, match=r"train.epochs: .*\(given by train.epochs=0\)"):
+        evolora.run(cfg, train={"epochs": 0})
+    with pytest.raises(ConfigError, match=r"run\(config\): a YAML path, a RunConfig or a mapping"):
+        evolora.run(["frozen"])
+    assert evolora.api.run is evolora.run  # `evolora.api` without importing it first
 
 
 def test_the_recommend_command(ctr_run) -> None:
