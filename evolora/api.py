@@ -392,6 +392,14 @@ def locate_run(path: Path, method: str | None, seed: int) -> tuple[Path, Path]:
             f"{path}: neither an experiment folder (config.yaml) nor a run folder (results.json)"
         )
     methods = sorted(p.name for p in path.iterdir() if (p / f"seed{seed}" / "results.json").is_file())
+    if not methods:
+        finished = sorted(
+            {int(r.parent.name[4:]) for r in path.glob("*/seed*/results.json") if r.parent.name[4:].isdigit()}
+        )
+        raise ConfigError(
+            f"{path}: no finished run with seed {seed} (--seed, or seed= in Python; "
+            + (f"finished seeds: {finished})" if finished else "no run has finished yet)")
+        )
     if method is None:
         if len(methods) != 1:
             raise ConfigError(

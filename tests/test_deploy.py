@@ -79,6 +79,14 @@ def test_update_promote_rollback_and_update_again(batches: dict[str, Path], tmp_
     assert again.already_applied and again.version.id == 2
     table = CliRunner().invoke(app, ["versions", str(root)])
     assert table.exit_code == 0 and "b2.csv" in table.output and "promoted: 2" in table.output
+    # promoting the promoted version again is said to change nothing, and writes nothing
+    same = CliRunner().invoke(app, ["rollback", str(root), "2"])
+    assert same.exit_code == 0 and "version 2 is the promoted one already" in same.output, same.output
+    assert len(Versions.open(root, "finetune", 0, 2).history) == 3
+    # a seed without a finished run is named with the seeds there are
+    other = CliRunner().invoke(app, ["versions", str(root), "--seed", "5"])
+    assert other.exit_code == 2 and "no finished run with seed 5" in other.output, other.output
+    assert "finished seeds: [0]" in other.output
 
 
 def test_a_run_staged_by_its_own_column_takes_a_batch_without_one(

@@ -108,8 +108,11 @@ def rollback(
     with exclusive(registry.folder / ".lock", f"updates of {registry.method} (seed {registry.seed})"):
         registry = _registry(run_dir, method, seed)
         before = registry.promoted
-        registry.rollback(version)
-    console.print(f"promoted: version {version} (was {before})")
+        changed = registry.rollback(version)
+    if changed:
+        console.print(f"promoted: version {version} (was {before})")
+    else:
+        console.print(f"version {version} is the promoted one already: nothing changed")
 
 
 def _registry(run_dir: Path, method: str | None, seed: int):

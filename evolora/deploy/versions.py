@@ -86,10 +86,14 @@ class Versions:
             self._promote(version.id, "update")
         self.save()
 
-    def rollback(self, version: int) -> None:
+    def rollback(self, version: int) -> bool:
+        """Promote `version` again; False (and nothing written) when it is the promoted one already."""
         self.get(version)
+        if version == self.promoted:
+            return False
         self._promote(version, "rollback")
         self.save()
+        return True
 
     def _promote(self, version: int, why: str) -> None:
         self.history.append({"promoted": version, "previous": self.promoted, "by": why, "at": _now()})
