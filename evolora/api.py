@@ -94,6 +94,14 @@ class Scored:
         return {"item": self.item, "score": self.score, "title": self.title}
 
 
+@dataclass(frozen=True)
+class Ranked:
+    """A CTR run's ranking of given candidates: the top items, and the candidates left out as seen."""
+
+    items: list[Scored]
+    left_out_seen: list[str]
+
+
 class Recommender:
     """A trained run's model after one stage, answering for any user or history."""
 
@@ -271,14 +279,38 @@ class Recommender:
             return self.recommend_many([(history, k, user)], exclude_seen)[0]
         if items is None:
             raise EvoloraError("a CTR run ranks given candidates: recommend(..., items=[...])")
-        hist_items, hist_ratings = self._history(history, user)
-        seen = set(hist_items) if exclude_seen else set()
-        candidates = [i for i in dict.fromkeys(_item_list(items)) if i not in seen]
-        if not candidates:
-            return []
-        self._check_items(candidates, "items")
-        scored = self._score_resolved([(user, hist_items, hist_ratings, candidates)])[0]
-        return sorted(scored, key=lambda s: -s.score)[:k]
+        return self.rank_many([(history, _item_list(items), k, user)], exclude_seen)[0].items
+
+    def rank_many(
+        self, queries: list[tuple[History, list[str], int, str | None]], exclude_seen: bool = True
+    ) -> list[Ranked]:
+        """`recommend` (CTR runs) for several (history, candidate items, k, user) queries in one pass: each
+        query's candidates by P(like), best first, duplicates once; with `exclude_seen`, candidates in the
+        history are left out and named in `left_out_seen`."""
+        if self.task_name != "ctr":
+            raise EvoloraError("a next-item run generates its recommendations: recommend_many")
+        resolved, spans = [], []
+        for history, items, k, user in queries:
+            hist_items, hist_ratings = self._history(history, user)
+            self._check_items(items, "items")
+            seen = set(hist_items) if exclude_seen else set()
+            asked = list(dict.fromkeys(items))
+            candidates = [i for i in asked if i not in seen]
+            spans.append((len(resolved), k, bool(candidates), [i for i in asked if i in seen]))
+            if candidates:
+                resolved.append((user, hist_items, hist_ratings, candidates))
+        scored = self._score_resolved(resolved) if resolved else []
+        return [
+            Ranked(sorted(scored[at], key=lambda s: -s.score)[:k] if any_left else [], left_out)
+            for at, k, any_left, left_out in spans
+        ]
+
+    def check(self, history: History = None, user: str | None = None, items: list[str] | None = None) -> None:
+        """Raise `EvoloraError` for what a query of `score`/`recommend` could not answer (an unknown user
+        or item, a malformed history), without computing anything."""
+        self._history(history, user)
+        if items is not None:
+            self._check_items(items, "items")
 
     def recommend_many(
         self, queries: list[tuple[History, int, str | None]], exclude_seen: bool = True

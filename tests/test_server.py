@@ -13,7 +13,8 @@ import polars as pl
 import pytest
 import uvicorn
 
-from evolora.deploy.server import ModelHolder, create_app
+from evolora.deploy.server import Batcher, ModelHolder, _Request, create_app
+from evolora.errors import EvoloraError
 from evolora.deploy.update import update_run
 from evolora.deploy.versions import Versions
 from evolora.experiment import run_experiment
@@ -113,7 +114,10 @@ def test_concurrent_clients_through_a_version_switch(server, deployed: Path) -> 
         ("/score", {"user": "user-01", "items": ["sku-001"] * 1001}, 422),  # oversized
         ("/score", {"user": "user-01", "items": "sku-001"}, 422),  # malformed
         ("/score", {"user": "user-01", "items": ["sku-001"], "path": "/etc/passwd"}, 422),  # unknown field
-        ("/recommend", {"user": "user-01", "k": 5}, 422),  # a CTR run scores, it does not generate
+        ("/recommend", {"user": "user-01", "k": 5}, 422),  # a CTR run ranks candidates: none given
+        ("/recommend", {"user": "user-01", "items": [], "k": 5}, 422),
+        ("/recommend", {"user": "user-01", "items": ["no-such-item"], "k": 5}, 404),
+        ("/score", {"history": [["sku-001", "five"]], "items": ["sku-001"]}, 422),  # a rating, not a number
     ],
 )
 def test_bad_requests_get_their_4xx(server, path: str, body: dict, status: int) -> None:
@@ -151,3 +155,36 @@ def test_an_address_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> 
     assert result.exit_code == 2 and "a port is 1-65535" in result.output
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-run"), "--port", str(port)])
     assert result.exit_code == 2 and "neither an experiment folder" in result.output  # the port is free again
+
+
+def test_a_ctr_run_ranks_given_candidates(server) -> None:
+    url, holder = server
+    rec = holder.served.rec
+    user = sorted(rec.known_users)[0]
+    seen = rec.history_of(user)[0][-1]
+    fresh = [i for i in ["sku-001", "sku-002", "sku-003", "sku-004"] if i not in rec.history_of(user)[0]]
+    body = {"user": user, "items": [*fresh, seen, fresh[0]], "k": 2}
+    r = httpx.post(f"{url}/recommend", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    # the best two of the unseen candidates, as /score ranks them; the seen one is named, not ranked
+    scores = httpx.post(f"{url}/score", json={"user": user, "items": fresh}, timeout=60).json()["items"]
+    best = sorted(scores, key=lambda s: -s["score"])[:2]
+    assert [s["item"] for s in answer["items"]] == [s["item"] for s in best]
+    assert answer["left_out_seen"] == [seen] and answer["version"] == 1
+
+
+def test_a_bad_request_fails_alone_not_its_batch(server) -> None:
+    """Requests that arrive together share one forward pass; one that cannot be answered must not take
+    the others down with it (nor hand them its error)."""
+    _, holder = server
+    user = sorted(holder.served.rec.known_users)[0]
+    batch = [
+        _Request("score", user, None, ["sku-001"], 0, None, None),
+        _Request("score", None, [("sku-001", float("nan"))], ["sku-002"], 0, None, None),
+        _Request("score", None, ["sku-003"], ["sku-002", "sku-004"], 0, None, None),
+    ]
+    good, bad, other = Batcher._answer(holder.served, batch)
+    assert isinstance(bad, EvoloraError) and "the rating of 'sku-001' is nan" in str(bad)
+    assert [s["item"] for s in good["items"]] == ["sku-001"]
+    assert [s["item"] for s in other["items"]] == ["sku-002", "sku-004"]

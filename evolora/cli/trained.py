@@ -262,10 +262,11 @@ def recommend(
         )
     hist = None if history is None else _parse_history(history)
     candidates = None if items is None else _parse_items(items)
-    top = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen, items=candidates)
-    # Given candidates are all known (unknown ones are refused), so fewer than k back means some were seen.
-    asked = list(dict.fromkeys(candidates or []))
-    left_out = [i for i in asked if i not in {s.item for s in top}] if len(top) < min(k, len(asked)) else []
+    if candidates is None:
+        top, left_out = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen), []
+    else:
+        ranked = rec.rank_many([(hist, candidates, k, user)], exclude_seen=not include_seen)[0]
+        top, left_out = ranked.items, ranked.left_out_seen
     if as_json:
         answer = {
             "run": str(run_dir),

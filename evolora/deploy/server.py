@@ -2,16 +2,19 @@
 
     POST /score      {"user": ..., "items": [...]} or {"history": [...], "items": [...]} -> P(like) per item
     POST /recommend  {"user": ..., "k": 10} or {"history": [...], "k": 10}       -> the top k items
+                     (CTR runs rank the candidates given as "items", leaving out items of the history)
     GET  /health     liveness and the version served
     GET  /version    the version served: id, stage, when, its gate
     GET  /docs       the OpenAPI schema, browsable
 
 One model serves at a time, from one worker thread: requests wait in a queue, and the worker answers all
 the requests that arrived while it was busy (up to `max_batch` samples) with one forward pass over their
-samples, so concurrent clients share batches. A watcher polls the run's versions: when another version is
-promoted (`evolora update`, `evolora rollback`, in any process), it loads that version beside the served
-one and swaps them between two batches; requests in flight finish on the version they started with, and
-every answer names its version. Requests only name users and items: nothing a client sends becomes a path.
+samples, so concurrent clients share batches; a request the model cannot answer (an unknown user or item,
+a malformed rating) fails alone, not the batch it arrived in. A watcher polls the run's versions: when
+another version is promoted (`evolora update`, `evolora rollback`, in any process), it loads that version
+beside the served one and swaps them between two batches; requests in flight finish on the version they
+started with, and every answer names its version. Requests only name users and items: nothing a client
+sends becomes a path.
 """
 
 from __future__ import annotations
@@ -128,7 +131,11 @@ class Batcher:
             try:
                 answers = await loop.run_in_executor(self.executor, self._answer, served, batch)
                 for req, answer in zip(batch, answers, strict=True):
-                    if not req.future.done():
+                    if req.future.done():
+                        continue
+                    if isinstance(answer, Exception):
+                        req.future.set_exception(answer)
+                    else:
                         req.future.set_result(answer)
             except Exception as e:
                 for req in batch:
@@ -140,20 +147,37 @@ class Batcher:
         return sum(len(r.items or ()) or 1 for r in batch)
 
     @staticmethod
-    def _answer(served: Served, batch: list[_Request]) -> list[dict[str, Any]]:
-        """Every request of the batch: score requests share one forward pass, recommend requests another."""
+    def _answer(served: Served, batch: list[_Request]) -> list[dict[str, Any] | EvoloraError]:
+        """Every request of the batch: score requests share one forward pass, recommend requests another.
+        A request that cannot be answered gets its own error; the others are answered."""
         rec = served.rec
-        out: dict[int, dict[str, Any]] = {}
-        scoring = [(i, r) for i, r in enumerate(batch) if r.kind == "score"]
+        out: dict[int, dict[str, Any] | EvoloraError] = {}
+        valid = []
+        for i, r in enumerate(batch):
+            try:
+                rec.check(r.history, r.user, r.items)
+                valid.append((i, r))
+            except EvoloraError as e:
+                out[i] = e
+        scoring = [(i, r) for i, r in valid if r.kind == "score"]
         if scoring:
             results = rec.score_many([(r.history, r.items or [], r.user) for _, r in scoring])
             for (i, _), scored in zip(scoring, results, strict=True):
                 out[i] = {"version": served.version, "items": [s.to_dict() for s in scored]}
-        ranking = [(i, r) for i, r in enumerate(batch) if r.kind == "recommend"]
+        ranking = [(i, r) for i, r in valid if r.kind == "recommend" and r.items is None]
         if ranking:
             results = rec.recommend_many([(r.history, r.k, r.user) for _, r in ranking])
             for (i, _), top in zip(ranking, results, strict=True):
                 out[i] = {"version": served.version, "items": [s.to_dict() for s in top]}
+        candidates = [(i, r) for i, r in valid if r.kind == "recommend" and r.items is not None]
+        if candidates:
+            results = rec.rank_many([(r.history, r.items or [], r.k, r.user) for _, r in candidates])
+            for (i, _), ranked in zip(candidates, results, strict=True):
+                out[i] = {
+                    "version": served.version,
+                    "items": [s.to_dict() for s in ranked.items],
+                    "left_out_seen": ranked.left_out_seen,
+                }
         return [out[i] for i in range(len(batch))]
 
 
@@ -177,6 +201,9 @@ class ScoreQuery(Query):
 
 class RecommendQuery(Query):
     k: int = Field(10, ge=1, le=MAX_K)
+    items: list[str] | None = Field(
+        None, min_length=1, max_length=MAX_ITEMS, description="the candidates to rank (CTR runs only)"
+    )
 
 
 def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
@@ -242,10 +269,14 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
 
     @app.post("/recommend")
     async def recommend(query: RecommendQuery) -> dict[str, Any]:
-        """The top k items for a user or a history (next-item runs)."""
-        if holder.served is not None and holder.served.rec.task_name == "ctr":
-            raise HTTPException(422, "this run scores given items (CTR): use /score")
-        return await ask("recommend", query, None, query.k)
+        """The top k items for a user or a history: generated (next-item runs), or the given candidate
+        `items` ranked by P(like), items of the history left out (CTR runs)."""
+        ctr = holder.served is not None and holder.served.rec.task_name == "ctr"
+        if ctr and query.items is None:
+            raise HTTPException(422, 'this run ranks given candidates (CTR): add "items"')
+        if not ctr and query.items is not None:
+            raise HTTPException(422, 'this run generates its recommendations (next-item): leave out "items"')
+        return await ask("recommend", query, query.items, query.k)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
