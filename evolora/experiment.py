@@ -42,7 +42,7 @@ from evolora.data.digest import data_digest
 from evolora.data.loaders import detect_format
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.errors import ConfigError, EvoloraError
-from evolora.io import atomic_write_json, atomic_write_text, read_json, stable_hash
+from evolora.io import atomic_write_json, atomic_write_text, check_writable_folder, read_json, stable_hash
 from evolora.locks import exclusive
 from evolora.models.conventional import check_conventional, is_conventional
 from evolora.models.conventional.backbone import ConventionalBackbone
@@ -300,6 +300,7 @@ def run_experiment(
     keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages
     cfg = resolve_config(cfg)
     root = Path(cfg.output_dir) / cfg.name
+    check_writable_folder(Path(cfg.output_dir), "output_dir")
     lock = Path(cfg.output_dir) / f".{cfg.name}.lock"  # beside the folder: --overwrite deletes the folder
     with exclusive(lock, f"experiment {root}"):
         if overwrite and root.exists() and parallel.writes():

@@ -214,6 +214,19 @@ def load_state(path: str | Path, advice: str = "") -> Any:
     return _decode(skeleton, tensors)
 
 
+def check_writable_folder(path: Path, what: str) -> None:
+    """Create the folder `path` (named `what` in errors) if it is missing; a file there, a folder that
+    cannot be created or one this user cannot write to is a `ConfigError`, before any work."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path}: a file is there, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: the folder cannot be created ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: this user cannot write there")
+
+
 def check_replaceable(path: str | Path, marker: str, what: str) -> Path:
     """`path` resolved, if an output folder may be written there: absent, empty, or an earlier output
     of the same kind (it holds `marker`). Anything else is refused, since writing replaces the whole folder:
@@ -226,6 +239,7 @@ def check_replaceable(path: str | Path, marker: str, what: str) -> Path:
             f"{path} holds other files (it is not an earlier {what}: no {marker}); writing replaces the "
             "whole folder, so give a new or empty folder, or remove this one yourself"
         )
+    check_writable_folder(path.parent, f"the folder of the {what}")
     return path
 
 

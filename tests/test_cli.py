@@ -110,6 +110,15 @@ def test_report_without_results_is_an_error(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "is a file; give a folder" in result.output
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line(sunny_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes.md").write_text("mine")
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
+    for output_dir, message in [("notes.md", "a file is there"), ("notes.md/runs", "cannot be created")]:
+        result = runner.invoke(app, ["run", str(config), "--set", f"output_dir={tmp_path / output_dir}"])
+        assert result.exit_code == 2 and f"output_dir {tmp_path / output_dir}: " in result.output
+        assert message in result.output and "Traceback" not in result.output, result.output
+
+
 def test_data_info_shows_stages(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rich.console import Console
 

@@ -175,7 +175,12 @@ def test_strategies_without_one_adapter_say_what_to_do(sunny_dir: Path, tmp_path
     # --out replaces a folder only when it is empty or an earlier export: never the run, nor a file.
     again = CliRunner().invoke(app, ["export", root, "--method", "lsat", "--out", str(tmp_path / "e")])
     assert again.exit_code == 0, again.output
-    for out, message in [(root, "holds other files"), (str(tmp_path / "e" / "README.md"), "is a file")]:
+    under_a_file = str(tmp_path / "e" / "README.md" / "x")
+    for out, message in [
+        (root, "holds other files"),
+        (str(tmp_path / "e" / "README.md"), "is a file"),
+        (under_a_file, "README.md: a file is there, not a folder"),
+    ]:
         refused = CliRunner().invoke(app, ["export", root, "--method", "lsat", "--out", out])
         assert refused.exit_code == 2 and message in refused.output, refused.output
     assert (Path(root) / "config.yaml").is_file() and (tmp_path / "e" / "README.md").is_file()

@@ -14,9 +14,9 @@ import pytest
 import uvicorn
 
 from evolora.deploy.server import Batcher, ModelHolder, _Request, create_app
-from evolora.errors import EvoloraError
 from evolora.deploy.update import update_run
 from evolora.deploy.versions import Versions
+from evolora.errors import EvoloraError
 from evolora.experiment import run_experiment
 from tests.helpers import EXAMPLE_TABLE, tiny_config
 

@@ -260,11 +260,13 @@ def report(
     from evolora.eval.metrics import metric_set
     from evolora.eval.plots import write_plots
     from evolora.eval.report import build_report
-    from evolora.io import atomic_write_text
+    from evolora.io import atomic_write_text, check_writable_folder
 
     if out is not None and out.exists() and not out.is_dir():
         raise EvoloraError(f"--out {out} is a file; give a folder for report.md and the plots")
     text, groups = build_report(run_dirs, metric, baseline)
+    if out is not None:
+        check_writable_folder(out, "--out")
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
     atomic_write_text(target / "report.md", text)
     first = (metric or [metric_set(groups[0].task).primary])[0]
