@@ -141,6 +141,33 @@ def test_data_info_shows_stages(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch
         assert f"{share:.4f}" in result.output
 
 
+def test_data_commands_show_progress_bars(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download or a large log takes a while: `data fetch` and `data info` show their bars."""
+    from evolora import progress
+
+    seen = []
+
+    def fake_fetch(name: str, force: bool = False) -> Path:
+        seen.append(progress._active is not None)
+        return tmp_path
+
+    monkeypatch.setattr("evolora.data.fetch", fake_fetch)
+    assert runner.invoke(app, ["data", "fetch", "ml-100k"]).exit_code == 0
+    import evolora.data as data_module
+
+    load = data_module.load_dataset
+
+    def watched_load(*args, **kwargs):
+        seen.append(progress._active is not None)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(data_module, "load_dataset", watched_load)
+    assert runner.invoke(app, ["data", "info", str(sunny_dir)]).exit_code == 0
+    assert seen == [True, True]
+
+
 def test_report_bootstrap_compares_on_the_same_rows(sunny_dir: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
     assert runner.invoke(app, ["run", str(config)]).exit_code == 0

@@ -282,10 +282,12 @@ def data_fetch(
     force: Annotated[bool, typer.Option(help="download again even if cached")] = False,
 ) -> None:
     """Download a dataset (checksum-verified) into the cache."""
+    from evolora import progress
     from evolora.data import fetch
 
     _setup_logging(False)
-    path = fetch(name, force=force)
+    with progress.display(err_console):  # the download's bar
+        path = fetch(name, force=force)
     console.print(f"{name}: {path}")
 
 
@@ -311,6 +313,7 @@ def data_info(
     ] = None,
 ) -> None:
     """Summarise a dataset and the stages its staging settings make."""
+    from evolora import progress
     from evolora.config import load_config
     from evolora.data import assign_stages, load_dataset, num_stages_of, stage_table
     from evolora.experiment import resolve_config
@@ -322,7 +325,8 @@ def data_info(
     overrides = [f"{k}={v}" for k, v in given.items() if v is not None] + list(set_ or [])
     flags = {"data.source": "the SOURCE argument", "data.format": "--format", "data.meta": "--meta"}
     cfg = resolve_config(load_config(config, overrides, flags))
-    data = load_dataset(cfg.data)
+    with progress.display(err_console):  # downloading and reading a large log take a while
+        data = load_dataset(cfg.data)
     summary = Table(title=f"{data.name}", show_header=False)
     for k, v in data.summary().items():
         summary.add_row(k, str(v))
