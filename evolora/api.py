@@ -325,7 +325,8 @@ class Recommender:
         widest = max(
             k + (len(h[0]) if exclude_seen else 0) for (_, k, _), h in zip(queries, histories, strict=True)
         )
-        beams = max(widest, getattr(self._task.cfg, "beams", widest))
+        # No more beams than items: each finished beam is a distinct item.
+        beams = min(max(widest, getattr(self._task.cfg, "beams", widest)), len(self._task.items))
         ranked = self.predict_samples(query_frame(rows), beams=beams, exclude_history=exclude_seen)
         ids = self._task.item_ids
         out = []

@@ -121,6 +121,9 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
         assert len(top) == 12 and len({s.item for s in top}) == 12
         assert not {"1", "2", "3"} & {s.item for s in top}  # seen items left out
         assert all(a.score >= b.score for a, b in itertools.pairwise(top))
+        # k past the catalogue: every item not in the history, once (the search is no wider than it)
+        everything = rec.recommend(["1", "2", "3"], k=10 * len(rec.known_items))
+        assert sorted(s.item for s in everything) == sorted(set(rec.known_items) - {"1", "2", "3"})
         with pytest.raises(EvoloraError, match="needs a CTR run"):
             rec.score(["1"], ["2"])
     conv = tiny_config(
