@@ -79,6 +79,15 @@ def test_update_promote_rollback_and_update_again(batches: dict[str, Path], tmp_
     assert again.already_applied and again.version.id == 2
     table = CliRunner().invoke(app, ["versions", str(root)])
     assert table.exit_code == 0 and "b2.csv" in table.output and "promoted: 2" in table.output
+    # for scripts: the outcome and the registry as JSON
+    outcome = CliRunner().invoke(app, ["update", str(root), "--data", str(batches["b2"]), "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    answer = json.loads(outcome.stdout)
+    assert answer["already_applied"] and answer["promoted"] and answer["id"] == 2
+    assert answer["gate"]["decision"] == v2.gate["decision"]
+    listed = json.loads(CliRunner().invoke(app, ["versions", str(root), "--json"]).stdout)
+    assert listed["promoted"] == 2 and [v["id"] for v in listed["versions"]] == [0, 1, 2]
+    assert [h["by"] for h in listed["history"]] == ["update", "rollback", "update"]
     # promoting the promoted version again is said to change nothing, and writes nothing
     same = CliRunner().invoke(app, ["rollback", str(root), "2"])
     assert same.exit_code == 0 and "version 2 is the promoted one already" in same.output, same.output

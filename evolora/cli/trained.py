@@ -4,6 +4,7 @@ keep it current (update, versions, rollback) and serve it (serve). Registered on
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -42,6 +43,9 @@ def update(
         list[str] | None, typer.Option("--set", "-s", help="gate settings, e.g. update.min_gain=0.0")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the outcome as JSON (for scripts: `promoted` says it)")
+    ] = False,
 ) -> None:
     """Train the next stage of the promoted version on new data; promote it if the gate says so."""
     from evolora import progress
@@ -56,6 +60,10 @@ def update(
         outcome = update_run(run_dir, data, method=method, seed=seed, overrides=set_ or [])
     v = outcome.version
     state = "promoted" if outcome.promoted else "not promoted"
+    if as_json:
+        answer = {"promoted": outcome.promoted, "already_applied": outcome.already_applied, **asdict(v)}
+        console.print_json(json.dumps(answer))
+        return
     if outcome.already_applied:
         console.print(f"{data} was applied before: version {v.id} ({state})")
         return
@@ -73,9 +81,20 @@ def versions(
     run_dir: RunDir,
     method: Method = None,
     seed: Seed = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """The versions of a deployed run: each update, its gate, and the promoted one."""
     registry = _registry(run_dir, method, seed)
+    if as_json:
+        answer = {
+            "method": registry.method,
+            "seed": registry.seed,
+            "promoted": registry.promoted,
+            "versions": [asdict(v) for v in registry.versions],
+            "history": registry.history,
+        }
+        console.print_json(json.dumps(answer))
+        return
     table = Table(
         title=f"versions of {registry.method} (seed {registry.seed}); promoted: {registry.promoted}"
     )
