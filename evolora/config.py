@@ -135,10 +135,13 @@ class DataConfig(Section):
     max_interactions: int | None = Field(
         None, gt=0, description="keep only the most recent N interactions (before staging)"
     )
-    added_keys = ("columns", "time_unit", "negatives", "negative_seed")
+    added_keys = ("columns", "time_unit", "separator", "negatives", "negative_seed")
     columns: TableColumns | None = Field(None, description="`format: table`: the file's column names")
     time_unit: Literal["s", "ms", "us", "ns"] = Field(
         "s", description="`format: table`: unit of numeric (epoch) times; ISO dates need none"
+    )
+    separator: str = Field(
+        ",", description="`format: table`: the field separator of .csv files, e.g. ';' (.tsv files use tabs)"
     )
     negatives: int = Field(
         1,
@@ -160,8 +163,15 @@ class DataConfig(Section):
                     "data.like_threshold applies to a rating column (data.columns.rating); this table's "
                     + ("labels are 0/1" if self.columns.label else "rows are all positives (implicit)")
                 )
-        elif self.columns is not None or self.time_unit != "s":
-            raise ValueError("data.columns and data.time_unit apply to data.format: table only")
+            if len(self.separator) != 1 or self.separator in '"\r\n' or self.separator.isalnum():
+                raise ValueError(
+                    f"data.separator {self.separator!r}: one character that is no letter, digit, quote or "
+                    "line break (e.g. ';' or '|')"
+                )
+        elif self.columns is not None or self.time_unit != "s" or self.separator != ",":
+            raise ValueError(
+                "data.columns, data.time_unit and data.separator apply to data.format: table only"
+            )
         return self
 
 

@@ -6,7 +6,8 @@ CSV/TSV/JSONL, the 1-based row number for Parquet. Errors name the file, that li
 
 CSV and TSV are parsed by polars; a pass of Python's csv module over the same text gives every record's line
 (quoted fields may span lines) and checks each record has as many fields as the header, which polars would
-otherwise pad or refuse without naming the line. Blank lines are skipped. TSV has no quoting: a field ends at
+otherwise pad or refuse without naming the line. Blank lines are skipped. A .csv file's fields are separated
+by `data.separator` (a comma unless set: ';' as spreadsheets write in many locales). TSV has no quoting: a field ends at
 the next tab or newline. The text-encoding policy is the one of `evolora.data.readers`: mapped text fields
 (`text`) that are not valid UTF-8 get U+FFFD and one counted warning; any other mapped column must be valid.
 """
@@ -57,9 +58,12 @@ def table_kind(path: Path) -> str | None:
     return None if kind is None or (gz and kind == "parquet") else kind
 
 
-def read_table(path: Path, columns: Iterable[str], text: Iterable[str] = ()) -> TableRows:
+def read_table(
+    path: Path, columns: Iterable[str], text: Iterable[str] = (), separator: str = ","
+) -> TableRows:
     """The named `columns` of a table file, all required to exist (see the module docstring). Columns in
-    `text` follow the text-encoding policy (replaced and counted); the others must be valid UTF-8."""
+    `text` follow the text-encoding policy (replaced and counted); the others must be valid UTF-8.
+    `separator` separates the fields of a .csv file (quoted fields as in CSV); .tsv files use tabs."""
     kind = table_kind(path)
     if kind is None:
         raise DataError(f"{path}: unknown table file type; data.format: table reads {TABLE_FILES}")
@@ -70,7 +74,7 @@ def read_table(path: Path, columns: Iterable[str], text: Iterable[str] = ()) -> 
         return _read_parquet(path, wanted)
     if kind == "jsonl":
         return _read_jsonl(path, wanted, text_columns)
-    return _read_delimited(path, "," if kind == "csv" else "\t", wanted, text_columns)
+    return _read_delimited(path, separator if kind == "csv" else "\t", wanted, text_columns, kind == "csv")
 
 
 def _missing_column(path: Path, where: str, column: str, present: list[str]) -> DataError:
@@ -91,7 +95,9 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read the file ({e})") from None
 
 
-def _read_delimited(path: Path, sep: str, wanted: list[str], text: frozenset[str]) -> TableRows:
+def _read_delimited(
+    path: Path, sep: str, wanted: list[str], text: frozenset[str], quoted: bool = True
+) -> TableRows:
     raw = _read_bytes(path)
     if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as spreadsheet programs write
         raw = raw[3:]
@@ -104,23 +110,29 @@ def _read_delimited(path: Path, sep: str, wanted: list[str], text: frozenset[str
         raise DataError(f"{path}: file is empty")
     # The number of the last line when it has no newline (see `TableRows.unterminated`).
     unterminated = None if decoded.endswith(("\n", "\r")) else decoded.count("\n") + 1
-    header, lines, blank = _record_lines(path, decoded, sep, unterminated)
+    header, lines, blank = _record_lines(path, decoded, sep, unterminated, quoted)
     if not lines or all(blank):
         raise DataError(f"{path}: no data rows after the header")
     for column in wanted:
         if column not in header:
-            raise _missing_column(path, " line 1 (the header)", column, header)
+            error = _missing_column(path, " line 1 (the header)", column, header)
+            other = [c for c in ";|\t," if c != sep and len(header) == 1 and c in header[0]]
+            if other and quoted:
+                error = DataError(
+                    f"{error}; its fields look separated by {other[0]!r}: set data.separator: {other[0]!r}"
+                )
+            raise error
     try:
         frame = pl.read_csv(
             raw,
             separator=sep,
-            quote_char='"' if sep == "," else None,
+            quote_char='"' if quoted else None,
             infer_schema=False,
             columns=wanted,
             raise_if_empty=False,
         )
     except Exception as e:  # polars refuses what Python's csv module accepted: name the file at least
-        raise DataError(f"{path}: cannot read the file as {'CSV' if sep == ',' else 'TSV'} ({e})") from None
+        raise DataError(f"{path}: cannot read the file as {'CSV' if quoted else 'TSV'} ({e})") from None
     if frame.height != len(lines):
         raise DataError(
             f"{path}: polars read {frame.height} records where Python's csv module finds {len(lines)}; "
@@ -134,12 +146,12 @@ def _read_delimited(path: Path, sep: str, wanted: list[str], text: frozenset[str
 
 
 def _record_lines(
-    path: Path, decoded: str, sep: str, unterminated: int | None
+    path: Path, decoded: str, sep: str, unterminated: int | None, quoted: bool = True
 ) -> tuple[list[str], list[int], list[bool]]:
     """The header's fields, and the start line and blankness of every record after it; a record whose field
     count differs from the header's raises naming its line."""
-    if sep == ",":
-        reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=",", quotechar='"', strict=True)
+    if quoted:
+        reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quotechar='"', strict=True)
     else:
         reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quoting=csv.QUOTE_NONE)
     lines: list[int] = []

@@ -268,11 +268,32 @@ def test_unknown_extension_and_auto_format(tmp_path: Path) -> None:
             "implicit",
         ),
         (["data.format=table", "data.columns={user: u, item: i, time: t}", "data.negatives=-1"], "negatives"),
+        (["data.format=table", "data.columns={user: u, item: i, time: t}", "data.separator=ab"], "one char"),
+        (["data.format=table", "data.columns={user: u, item: i, time: t}", "data.separator=x"], "no letter"),
+        (["data.separator=';'"], "data.separator apply to data.format: table only"),
     ],
 )
 def test_config_errors(sets: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config(None, sets)
+
+
+def test_a_csv_with_another_separator(tmp_path: Path) -> None:
+    """Spreadsheets in many locales write ';' between fields: data.separator reads them (quotes as in CSV),
+    and without it the error says which separator the header looks like."""
+    semi = LOG.replace(",", ";").replace("u2;b", 'u2;"b;2"')
+    path = write(tmp_path / "log.csv", semi)
+    with pytest.raises(DataError, match=r"line 1 \(the header\).*separated by ';': set data.separator: ';'"):
+        load(path)
+    data = load_table(path, None, RATED, separator=";")
+    assert data.interactions["item_id"].to_list() == ["a", "b;2", "b"]
+    assert data.interactions["rating"].to_list() == [5.0, 1.0, 4.0]
+    # the items table of a run is read with the same separator; a .tsv file always with tabs
+    items = write(tmp_path / "items.csv", ITEMS.replace(",", ";"))
+    named = load_table(write(tmp_path / "l2.csv", LOG.replace(",", ";")), items, COLUMNS, separator=";")
+    assert named.items["title"].to_list() == ["Apple Pie", "Bean Soup"]
+    tsv = load_table(write(tmp_path / "log.tsv", LOG.replace(",", "\t")), None, RATED, separator=";")
+    assert tsv.interactions.height == 3
 
 
 def test_table_keys_stay_out_of_other_configs() -> None:

@@ -1,6 +1,7 @@
 """A team's own interaction log (`data.format: table`): one row per interaction in a CSV, TSV, Parquet or
 JSON-lines file, with the columns named by `data.columns`, and optionally an items table (`data.meta`).
 
+* Files: a .csv file's fields are separated by `data.separator` (a comma unless set, e.g. ';').
 * Ids: `user` and `item` values are read as text (an integer id 7 is "7"); a missing one is an error.
 * Times: epoch seconds (whole numbers; `data.time_unit: ms`, `us` or `ns` for milli-, micro- or
   nanoseconds), or ISO dates and datetimes ("2024-03-01", "2024-03-01T09:30:00", with an offset or "Z";
@@ -58,7 +59,11 @@ _LABELS = {"1": 1.0, "1.0": 1.0, "true": 1.0, "0": 0.0, "0.0": 0.0, "false": 0.0
 
 
 def load_table(
-    source: str | Path, meta: str | Path | None, columns: TableColumns, time_unit: str = "s"
+    source: str | Path,
+    meta: str | Path | None,
+    columns: TableColumns,
+    time_unit: str = "s",
+    separator: str = ",",
 ) -> InteractionData:
     """The interactions of `source` and the items of `meta` (optional), read as the module docstring says."""
     source = Path(source)
@@ -72,12 +77,12 @@ def load_table(
         wanted["_stage"] = columns.stage
     fields = columns.item_fields()
     in_log = {} if meta_path is not None else fields
-    rows = read_table(source, [*wanted.values(), *in_log.values()], text=in_log.values())
+    rows = read_table(source, [*wanted.values(), *in_log.values()], in_log.values(), separator)
     inter = _interactions(rows, wanted, time_unit)
     if columns.stage is not None:
         _check_stage_order(rows, inter, columns.stage)
     if meta_path is not None:
-        meta_rows = read_table(meta_path, [columns.item, *fields.values()], text=fields.values())
+        meta_rows = read_table(meta_path, [columns.item, *fields.values()], fields.values(), separator)
         records = _item_records(meta_rows, columns.item, fields)
     else:
         records = _log_item_records(rows, inter, fields)
@@ -397,5 +402,6 @@ def resolve(path: Path, meta: str | None) -> tuple[Path, Path | None]:
 
 
 def options(cfg: DataConfig) -> dict[str, object]:
-    """The loader's settings from the config: the column names and the unit of epoch times."""
-    return {"columns": cfg.columns, "time_unit": cfg.time_unit}
+    """The loader's settings from the config: the column names, the unit of epoch times, the separator of
+    .csv files."""
+    return {"columns": cfg.columns, "time_unit": cfg.time_unit, "separator": cfg.separator}
