@@ -7,9 +7,10 @@ CSV/TSV/JSONL, the 1-based row number for Parquet. Errors name the file, that li
 CSV and TSV are parsed by polars; a pass of Python's csv module over the same text gives every record's line
 (quoted fields may span lines) and checks each record has as many fields as the header, which polars would
 otherwise pad or refuse without naming the line. Blank lines are skipped. A .csv file's fields are separated
-by `data.separator` (a comma unless set: ';' as spreadsheets write in many locales). TSV has no quoting: a field ends at
-the next tab or newline. The text-encoding policy is the one of `evolora.data.readers`: mapped text fields
-(`text`) that are not valid UTF-8 get U+FFFD and one counted warning; any other mapped column must be valid.
+by `data.separator` (a comma unless set: ';' as spreadsheets write in many locales). TSV has no quoting: a
+field ends at the next tab or newline. The text-encoding policy is the one of `evolora.data.readers`:
+mapped text fields (`text`) that are not valid UTF-8 get U+FFFD and one counted warning; any other mapped
+column must be valid.
 """
 
 from __future__ import annotations
