@@ -16,7 +16,6 @@ rating; or give `user=` and the user's history at the end of the stage is used.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +35,9 @@ from evolora.deploy.versions import Version, Versions
 from evolora.errors import ConfigError, EvoloraError
 from evolora.experiment import build_model_and_task, resolve_config, run_experiment
 from evolora.io import read_json
+from evolora.queries import History, history_entry, item_list, locate_run, rating_of
 
 log = logging.getLogger("evolora")
-
-History = Iterable[str] | Iterable[tuple[str, float]] | Mapping[str, float] | None
 
 
 def run(
@@ -227,7 +225,7 @@ class Recommender:
         self, history: History = None, items: Iterable[str] = (), user: str | None = None
     ) -> list[Scored]:
         """P(like) of each item for this user or history (CTR runs), in the order given."""
-        return self.score_many([(history, _item_list(items), user)])[0]
+        return self.score_many([(history, item_list(items), user)])[0]
 
     def score_many(self, queries: list[tuple[History, list[str], str | None]]) -> list[list[Scored]]:
         """`score` for several (history, items, user) queries at once: one pass over all their samples."""
@@ -279,7 +277,7 @@ class Recommender:
             return self.recommend_many([(history, k, user)], exclude_seen)[0]
         if items is None:
             raise EvoloraError("a CTR run ranks given candidates: recommend(..., items=[...])")
-        return self.rank_many([(history, _item_list(items), k, user)], exclude_seen)[0].items
+        return self.rank_many([(history, item_list(items), k, user)], exclude_seen)[0].items
 
     def rank_many(
         self, queries: list[tuple[History, list[str], int, str | None]], exclude_seen: bool = True
@@ -372,9 +370,9 @@ class Recommender:
                 f"history: a list of item ids or (item, rating) pairs, not the string {history!r}"
             )
         elif isinstance(history, Mapping):
-            pairs = [(str(i), _rating(r, i)) for i, r in history.items()]
+            pairs = [(str(i), rating_of(r, i)) for i, r in history.items()]
         else:
-            pairs = [_history_entry(h, liked) for h in history]
+            pairs = [history_entry(h, liked) for h in history]
         self._check_items([i for i, _ in pairs], "history")
         keep = self._task.table.history_len
         pairs = pairs[-keep:]
@@ -389,57 +387,3 @@ class Recommender:
                 f"{what}: {len(unknown)} unknown item(s) {unknown[:5]}: the run knows "
                 f"{len(self._task.items)} items (an item first seen after training cannot be read)"
             )
-
-
-def _item_list(items: Iterable[str]) -> list[str]:
-    if isinstance(items, str | bytes):  # a string is iterable: it would be read as one-letter item ids
-        raise EvoloraError(f"items: a list of item ids, not the string {items!r}")
-    return [str(i) for i in items]
-
-
-def _rating(value: Any, item: Any) -> float:
-    try:
-        rating = float(value)
-    except (TypeError, ValueError):
-        rating = math.nan
-    if not math.isfinite(rating):
-        raise EvoloraError(f"history: the rating of {item!r} is {value!r}, not a number")
-    return rating
-
-
-def _history_entry(entry: Any, liked: float) -> tuple[str, float]:
-    """One history entry: an item id (counted as liked) or an (item id, rating) pair."""
-    if isinstance(entry, tuple | list):
-        if len(entry) != 2:
-            raise EvoloraError(f"history: {entry!r} is neither an item id nor an (item id, rating) pair")
-        return str(entry[0]), _rating(entry[1], entry[0])
-    return str(entry), liked
-
-
-def locate_run(path: Path, method: str | None, seed: int) -> tuple[Path, Path]:
-    """(the run's seed folder, the experiment folder) from either of them."""
-    if (path / "results.json").is_file():
-        return path, path.parent.parent
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(
-            f"{path}: neither an experiment folder (config.yaml) nor a run folder (results.json)"
-        )
-    methods = sorted(p.name for p in path.iterdir() if (p / f"seed{seed}" / "results.json").is_file())
-    if not methods:
-        finished = sorted(
-            {int(r.parent.name[4:]) for r in path.glob("*/seed*/results.json") if r.parent.name[4:].isdigit()}
-        )
-        raise ConfigError(
-            f"{path}: no finished run with seed {seed} (--seed, or seed= in Python; "
-            + (f"finished seeds: {finished})" if finished else "no run has finished yet)")
-        )
-    if method is None:
-        if len(methods) != 1:
-            raise ConfigError(
-                f"{path}: choose a method (--method, or method= in Python) among the runs of seed {seed}: "
-                f"{methods}"
-            )
-        method = methods[0]
-    if method not in methods:
-        raise ConfigError(f"{path}: no finished run of {method!r} with seed {seed} (there are: {methods})")
-    return path / method / f"seed{seed}", path

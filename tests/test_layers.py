@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("api", "export"),
     ("deploy.versions",),  # the registry of a deployed run, which api's Recommender reads
     ("experiment", "tracking"),
-    ("bundle",),
+    ("bundle", "queries"),
     ("eval.report", "eval.plots", "eval.bootstrap", "eval.matrix_report", "eval.costs"),
     ("continual",),
     ("train",),

@@ -135,9 +135,9 @@ def rollback(
 
 
 def _registry(run_dir: Path, method: str | None, seed: int):
-    from evolora.api import locate_run
     from evolora.deploy.versions import Versions
     from evolora.io import read_json
+    from evolora.queries import locate_run
 
     seed_dir, root = locate_run(run_dir, method, seed)
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
@@ -207,10 +207,10 @@ def export_user_adapter(
     ] = None,
 ) -> None:
     """RecLoRA: one user's personalized adapter as a plain PEFT LoRA that any PEFT model loads."""
-    from evolora.api import locate_run
     from evolora.data.samples import eval_stage_of
     from evolora.errors import ConfigError
     from evolora.experiment import restore_run
+    from evolora.queries import locate_run
 
     _setup_logging(False)
     _quiet_libraries()

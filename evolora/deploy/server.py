@@ -32,10 +32,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evolora.allocator import keep_freed_memory
-from evolora.api import Recommender, locate_run
+from evolora.api import Recommender
 from evolora.deploy.versions import Versions
 from evolora.errors import EvoloraError
 from evolora.io import read_json
+from evolora.queries import locate_run
 
 log = logging.getLogger("evolora")
 

@@ -34,7 +34,6 @@ import numpy as np
 import polars as pl
 
 from evolora.allocator import keep_freed_memory
-from evolora.api import locate_run
 from evolora.bundle import write_bundle
 from evolora.config import RunConfig, StrategySpec, load_config
 from evolora.continual import Env, build_strategy
@@ -53,6 +52,7 @@ from evolora.experiment import build_model_and_task, resolve_config
 from evolora.io import atomic_write_bytes, atomic_write_json, load_npz, read_json, save_npz
 from evolora.locks import exclusive
 from evolora.models.precision import check_machine
+from evolora.queries import locate_run
 from evolora.tracking import check_tracking, tracker_for
 
 log = logging.getLogger("evolora")

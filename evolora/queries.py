@@ -1,0 +1,72 @@
+"""What a question to a trained run may hold, checked before any model work: where the run is (an
+experiment folder with a method and seed, or a run folder), the candidate items, and a history (item ids
+counted as liked, (item, rating) pairs, or a mapping item -> rating). Shared by the Python API, the CLI and
+the server, so each gives the same one-line error for the same mistake.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from evolora.errors import ConfigError, EvoloraError
+
+History = Iterable[str] | Iterable[tuple[str, float]] | Mapping[str, float] | None
+
+
+def item_list(items: Iterable[str]) -> list[str]:
+    """Candidate item ids as a list of strings; a string is refused (iterated, it would be one-letter ids)."""
+    if isinstance(items, str | bytes):
+        raise EvoloraError(f"items: a list of item ids, not the string {items!r}")
+    return [str(i) for i in items]
+
+
+def rating_of(value: Any, item: Any) -> float:
+    """A history entry's rating as a finite number, or an error naming the item."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise EvoloraError(f"history: the rating of {item!r} is {value!r}, not a number")
+    return number
+
+
+def history_entry(entry: Any, liked: float) -> tuple[str, float]:
+    """One history entry: an item id (counted as liked) or an (item id, rating) pair."""
+    if isinstance(entry, tuple | list):
+        if len(entry) != 2:
+            raise EvoloraError(f"history: {entry!r} is neither an item id nor an (item id, rating) pair")
+        return str(entry[0]), rating_of(entry[1], entry[0])
+    return str(entry), liked
+
+
+def locate_run(path: Path, method: str | None, seed: int) -> tuple[Path, Path]:
+    """(the run's seed folder, the experiment folder) from either of them."""
+    if (path / "results.json").is_file():
+        return path, path.parent.parent
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(
+            f"{path}: neither an experiment folder (config.yaml) nor a run folder (results.json)"
+        )
+    methods = sorted(p.name for p in path.iterdir() if (p / f"seed{seed}" / "results.json").is_file())
+    if not methods:
+        finished = sorted(
+            {int(r.parent.name[4:]) for r in path.glob("*/seed*/results.json") if r.parent.name[4:].isdigit()}
+        )
+        raise ConfigError(
+            f"{path}: no finished run with seed {seed} (--seed, or seed= in Python; "
+            + (f"finished seeds: {finished})" if finished else "no run has finished yet)")
+        )
+    if method is None:
+        if len(methods) != 1:
+            raise ConfigError(
+                f"{path}: choose a method (--method, or method= in Python) among the runs of seed {seed}: "
+                f"{methods}"
+            )
+        method = methods[0]
+    if method not in methods:
+        raise ConfigError(f"{path}: no finished run of {method!r} with seed {seed} (there are: {methods})")
+    return path / method / f"seed{seed}", path
