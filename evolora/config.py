@@ -23,6 +23,7 @@ file, the reference the README's configuration table summarises.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -165,8 +166,8 @@ class DataConfig(Section):
                 )
             if len(self.separator) != 1 or self.separator in '"\r\n' or self.separator.isalnum():
                 raise ValueError(
-                    f"data.separator {self.separator!r}: one character that is no letter, digit, quote or "
-                    "line break (e.g. ';' or '|')"
+                    f"data.separator: {self.separator!r} is not one character that is no letter, digit, "
+                    "quote or line break (e.g. ';' or '|')"
                 )
         elif self.columns is not None or self.time_unit != "s" or self.separator != ",":
             raise ValueError(
@@ -675,10 +676,15 @@ class RunConfig(Section):
 def _format_validation_error(err: ValidationError, where: str, origins: dict[str, str]) -> str:
     lines = [f"{where}: invalid configuration"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix to a validator's own message
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `evolora run --help` lists the sections)"
+        # A check across keys (a section's or the config's own validator) names its key first: "seeds: ..."
+        named = re.match(r"([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*): ", msg)
+        if named and (not loc or named.group(1).startswith(f"{loc}.")):
+            loc, msg = named.group(1), msg[named.end() :]
+        loc = loc or "(top level)"
         # A value given on the command line is reported as the flag that gave it.
         given = next((o for k, o in origins.items() if loc == k or loc.startswith(f"{k}.")), None)
         lines.append(f"  {loc}: {msg}" + (f" (given by {given})" if given else ""))

@@ -66,6 +66,7 @@ def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: P
         (["--set", "name=..", "--overwrite"], "name: '..' is not a folder name"),
         (["--set", "name=_shared"], "name: '_shared' is not a folder name"),
         (["--set", "seeds=[0, 0]"], "seeds: each seed once"),
+        (["--set", "seeds=[]"], "  seeds: give at least one (given by --set seeds=[])"),  # not "(top level)"
         (["--set", "seeds=[-1]"], "seeds.0: Input should be greater than or equal to 0"),
         (["--set", "eval.seed=-1"], "eval.seed: Input should be greater than or equal to 0"),
         (["--set", "data.like_threshold=nan"], "data.like_threshold: Input should be a finite number"),
