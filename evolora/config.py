@@ -136,7 +136,13 @@ class DataConfig(Section):
     max_interactions: int | None = Field(
         None, gt=0, description="keep only the most recent N interactions (before staging)"
     )
-    added_keys = ("columns", "time_unit", "separator", "negatives", "negative_seed")
+    min_rating: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="keep only interactions rated >= min_rating, first of the filters (RecBole's "
+        "`val_interval: {rating: '[3,inf)'}` is 3); rows below it are counted in the log",
+    )
+    added_keys = ("columns", "time_unit", "separator", "negatives", "negative_seed", "min_rating")
     columns: TableColumns | None = Field(None, description="`format: table`: the file's column names")
     time_unit: Literal["s", "ms", "us", "ns"] = Field(
         "s", description="`format: table`: unit of numeric (epoch) times; ISO dates need none"
@@ -158,6 +164,11 @@ class DataConfig(Section):
                 raise ValueError(
                     "data.format: table needs data.columns, at least {user: ..., item: ..., time: ...} "
                     "naming the file's columns"
+                )
+            if self.min_rating is not None and self.columns.rating is None:
+                raise ValueError(
+                    "data.min_rating: keeps interactions by their rating, and this table has no rating "
+                    "column (data.columns.rating)"
                 )
             if self.like_threshold is not None and self.columns.rating is None:
                 raise ValueError(
@@ -667,8 +678,9 @@ class RunConfig(Section):
             raise ValueError(f"seeds: each seed once (a seed repeated is the same run), repeated: {repeated}")
         if self.staging.scheme == "single" and self.protocol == "next_stage":
             raise ValueError(
-                "staging.scheme=single has one stage and next_stage tests on the stage after it: set "
-                "protocol: leave_last_out (each user's last interaction is the test)"
+                "protocol: next_stage tests on the stage after the last one trained, and staging.scheme "
+                "single makes one stage: set protocol: leave_last_out (each user's last interaction is the "
+                "test)"
             )
         return self
 

@@ -162,6 +162,20 @@ def test_old_rows_and_seen_rows_are_dropped_and_counted(batches: dict[str, Path]
     assert sum(v.data["dropped"].values()) == 5
 
 
+def test_a_batch_below_the_runs_min_rating_is_dropped_and_counted(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **{**SMALL, "data.min_rating": 2})
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    b1 = pl.read_csv(batches["b1"])
+    low = int((b1["stars"] < 2).sum())
+    assert low > 0
+    v = update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).version
+    assert v.data["dropped"] == {"rated below data.min_rating 2": low}
+    assert v.data["accepted"] == b1.height - low == v.data["rows_in_file"] - low
+
+
 def test_a_killed_update_resumes_to_the_same_version(
     batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,4 +1,4 @@
-"""Filters applied to interactions before staging: k-core and "keep the most recent N".
+"""Filters applied to interactions before staging: a minimum rating, "keep the most recent N" and the k-core.
 
 Both log what they remove, so a smaller dataset than expected can always be traced back to a filter.
 """
@@ -53,3 +53,15 @@ def keep_recent(interactions: pl.DataFrame, n: int) -> pl.DataFrame:
         return interactions
     log.info("keeping the most recent %d interactions: %d older ones removed", n, interactions.height - n)
     return interactions.tail(n)
+
+
+def min_rating(interactions: pl.DataFrame, threshold: float) -> pl.DataFrame:
+    """The interactions rated >= `threshold` (RecBole's `val_interval` on the rating); row order is kept."""
+    kept = interactions.filter(pl.col("rating") >= threshold)
+    log.info(
+        "data.min_rating %g removed %d of %d interactions (rated below it)",
+        threshold,
+        interactions.height - kept.height,
+        interactions.height,
+    )
+    return kept

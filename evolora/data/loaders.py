@@ -1,8 +1,8 @@
 """`load_dataset`: load `DataConfig.source` in its format, then apply the filters.
 
 The formats live in `evolora.data.formats` (one module per family, registered in `FORMATS`); this module
-picks one (`data.format`, or `detect_format`) and applies the like threshold, `max_interactions` and the
-k-core. The `load_*` readers of each format are exported by `evolora.data`.
+picks one (`data.format`, or `detect_format`) and applies the like threshold, `min_rating`,
+`max_interactions` and the k-core. The `load_*` readers of each format are exported by `evolora.data`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import polars as pl
 
 from evolora.config import DataConfig
 from evolora.data.fetch import fetch, registered_datasets
-from evolora.data.filters import kcore, keep_recent
+from evolora.data.filters import kcore, keep_recent, min_rating
 from evolora.data.formats import FORMATS, Format
 from evolora.data.schema import InteractionData
 from evolora.errors import DataError
@@ -26,7 +26,7 @@ log = logging.getLogger("evolora.data")
 
 def load_dataset(cfg: DataConfig) -> InteractionData:
     """Load `cfg.source` (a registered name, fetched and cached, or a path), then apply the like threshold,
-    `max_interactions` (most recent N) and the k-core, in that order."""
+    `min_rating`, `max_interactions` (most recent N) and the k-core, in that order."""
     path = Path(cfg.source).expanduser()
     name = None
     if not path.exists():
@@ -44,6 +44,20 @@ def load_dataset(cfg: DataConfig) -> InteractionData:
         data = replace(data, name=name)
     if cfg.like_threshold is not None:
         data = replace(data, like_threshold=cfg.like_threshold)
+    if cfg.min_rating is not None:
+        if data.implicit:
+            raise DataError(
+                f"{data.source}: data.min_rating keeps interactions by their rating, and this data has none "
+                "(implicit feedback: every row is a positive)"
+            )
+        threshold = cfg.min_rating
+        data = _filtered(
+            data,
+            lambda df: min_rating(df, threshold),
+            f"data.min_rating {threshold:g}: kept {{kept}} of {data.interactions.height}",
+        )
+        if data.interactions.height == 0:
+            raise DataError(f"{data.source}: no interaction is rated >= data.min_rating {threshold:g}")
     if cfg.max_interactions is not None and data.interactions.height > cfg.max_interactions:
         n = cfg.max_interactions
         data = _filtered(

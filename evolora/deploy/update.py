@@ -113,7 +113,7 @@ def _update(
     stage = parent.stage + 1
 
     original, existing, items = _history(cfg, root, registry, parent)
-    accepted, report = _accept(batch, existing, data_file)
+    accepted, report = _accept(batch, existing, data_file, cfg.data.min_rating)
     if cfg.task.name == "next_item":
         accepted = _with_semantic_ids(cfg, items, accepted, report)
     data, staged = _combined(original, existing, items, batch, accepted, stage)
@@ -167,8 +167,9 @@ def _read_batch(cfg: RunConfig, data_file: Path) -> InteractionData:
         raise DataError(f"{data_file}: no such file or folder")
     # The run's loader and settings, on the new file alone: no k-core or recency cut of a batch, and no
     # stage column: the whole batch is the next stage.
+    # `min_rating` is applied in `_accept`, so its rows are counted among the dropped ones.
     settings = {"source": str(data_file), "kcore": cfg.data.kcore.model_copy(update={"user": 0, "item": 0}),
-              "max_interactions": None}  # fmt: skip
+              "max_interactions": None, "min_rating": None}  # fmt: skip
     if cfg.data.columns is not None and cfg.data.columns.stage is not None:
         settings["columns"] = cfg.data.columns.model_copy(update={"stage": None})
     return load_dataset(cfg.data.model_copy(update=settings))
@@ -195,15 +196,21 @@ def _history(
     return data, pl.concat(parts, how="vertical_relaxed"), items
 
 
-def _accept(batch: InteractionData, existing: pl.DataFrame, data_file: Path) -> tuple[pl.DataFrame, dict]:
-    """The batch's rows that are new: not older than what was seen, not seen already."""
+def _accept(
+    batch: InteractionData, existing: pl.DataFrame, data_file: Path, lowest: float | None = None
+) -> tuple[pl.DataFrame, dict]:
+    """The batch's rows that are new: rated >= `lowest` (the run's `data.min_rating`), not older than what
+    was seen, not seen already."""
     rows = batch.interactions.select(_KEY)
+    low = rows["rating"] < lowest if lowest is not None else pl.Series([False] * rows.height)
     last = existing["timestamp"].max()
-    older = rows["timestamp"] < last
-    rows_new = rows.filter(~older)
+    older = (rows["timestamp"] < last) & ~low
+    rows_new = rows.filter(~older & ~low)
     seen = rows_new.join(existing.select(_KEY).unique(), on=_KEY, how="semi")
     kept = rows_new.join(existing.select(_KEY).unique(), on=_KEY, how="anti")
     dropped = {}
+    if low.sum():
+        dropped[f"rated below data.min_rating {lowest:g}"] = int(low.sum())
     if older.sum():
         dropped["older than the last stage's end"] = int(older.sum())
     if seen.height:

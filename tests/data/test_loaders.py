@@ -363,6 +363,20 @@ def test_load_dataset_filters(tmp_path: Path) -> None:
         load_dataset(DataConfig(source=folder, kcore={"user": 5}))
 
 
+def test_min_rating_comes_before_the_k_core(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """RecBole's ML-1M benchmark keeps ratings >= 3, then cuts a 10-core: the order matters (user 2 keeps
+    one rating, so a 2-core of users then drops it)."""
+    folder = str(write_ml100k(tmp_path))
+    with caplog.at_level(logging.INFO, logger="evolora.data"):
+        data = load_dataset(DataConfig(source=folder, min_rating=3))
+    assert sorted(data.interactions["rating"].to_list()) == [3.0, 4.0, 5.0]
+    assert "data.min_rating 3 removed 2 of 5 interactions" in caplog.text
+    cored = load_dataset(DataConfig(source=folder, min_rating=3, kcore={"user": 2}))
+    assert cored.interactions["user_id"].to_list() == ["1", "1"]
+    with pytest.raises(DataError, match=r"no interaction is rated >= data\.min_rating 6"):
+        load_dataset(DataConfig(source=folder, min_rating=6))
+
+
 @pytest.mark.skipif(not REAL_ML100K.is_dir(), reason="shared ml-100k copy not present")
 def test_real_ml100k(monkeypatch: pytest.MonkeyPatch) -> None:
     data = load_movielens_atomic(REAL_ML100K)
