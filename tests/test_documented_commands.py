@@ -1,4 +1,5 @@
-"""Every `evolora run configs/...` command the documentation prints loads and validates with its `--set`s.
+"""The documentation's commands work: every `evolora run configs/...` loads and validates with its `--set`s,
+and every `evolora SUBCOMMAND --option` names a command and an option that exist.
 
 A command in a results README or a config's comment is what a user copies to reproduce a table; a key renamed
 since it was written would otherwise fail only when someone runs it (and a typo after hours of earlier
@@ -138,3 +139,70 @@ def test_documented_run_command_validates(command: str) -> None:
         pytest.skip("a placeholder config (CONFIG.yaml, the user's own file)")
     assert (ROOT / config).is_file(), f"{config} is not shipped"
     load_config(ROOT / config, sets)
+
+
+def _cli_lines() -> list[tuple[str, str]]:
+    """Every `evolora SUBCOMMAND ...` the documentation shows: lines of code blocks and config comments that
+    start with it (a `;` starts another), and inline code spans."""
+    docs = [
+        *sorted(ROOT.glob("*.md")),
+        *sorted((ROOT / "docs").rglob("*.md")),
+        *sorted((ROOT / "configs").glob("*.yaml")),
+    ]
+    out = []
+    for path in docs:
+        parts = [
+            part.strip() for block in _blocks(path) for line in _joined(block) for part in line.split(";")
+        ]
+        if path.suffix == ".md":
+            parts += re.findall(r"`(evolora [^`]+)`", path.read_text(encoding="utf-8"))
+        out += [
+            (str(path.relative_to(ROOT)), part[len("evolora ") :])
+            for part in parts
+            if part.startswith("evolora ")
+        ]
+    return out
+
+
+def _words(text: str) -> list[str]:
+    """The words of one command, up to a pipe or redirect; `[...]` marks optional words in usage lines."""
+    try:
+        words = shlex.split(text, comments=True)
+    except ValueError:  # an unbalanced quote: whitespace words are enough for option names
+        words = text.split()
+    kept = []
+    for i, word in enumerate(words):
+        following = words[i + 1] if i + 1 < len(words) else ""
+        if word == "|" and following.startswith("-"):
+            continue  # a usage line's "--user U | --history A,B": either option
+        if word in ("|", "&&", ">", ">>", "2>&1"):
+            break
+        kept.append(word.strip("[]"))
+    return kept
+
+
+def test_documented_cli_commands_and_options_exist() -> None:
+    from typer.main import get_command
+
+    from evolora.cli import app
+
+    cli = get_command(app)
+    problems, checked = [], 0
+    for where, text in _cli_lines():
+        words = _words(text)
+        command = cli.commands.get(words[0]) if words else None  # type: ignore[attr-defined]
+        if command is None:
+            problems.append(f"{where}: no command `evolora {text}`")
+            continue
+        rest = words[1:]
+        if hasattr(command, "commands") and rest and rest[0] in command.commands:
+            command, rest = command.commands[rest[0]], rest[1:]
+        known = {"--help"} | {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        for word in rest:
+            option = word.split("=", 1)[0]
+            if re.fullmatch(r"--?[A-Za-z][A-Za-z0-9-]*", option):
+                checked += 1
+                if option not in known:
+                    problems.append(f"{where}: `evolora {words[0]}` has no option {option}")
+    assert checked >= 50
+    assert not problems, "\n".join(problems)
