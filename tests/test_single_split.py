@@ -33,8 +33,12 @@ SINGLE = {
 }
 
 
-def test_one_stage_each_users_last_interaction_is_the_test(sunny_dir: Path, tmp_path: Path) -> None:
-    prepared = prepare_data(tiny_config(sunny_dir, tmp_path, **SINGLE))
+def test_one_stage_each_users_last_interaction_is_the_test(
+    sunny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="evolora.data"):
+        prepared = prepare_data(tiny_config(sunny_dir, tmp_path, **SINGLE))
+    assert "staging single (count, 1 stage):" in caplog.text  # the scheme the user chose, not lsat's name
     assert list(prepared.pools) == [1]
     df = prepared.table.df
     assert set(df["stage"].unique().to_list()) == {1}  # every interaction with a history is a sample

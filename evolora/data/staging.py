@@ -33,6 +33,7 @@ def stage_lsat(
     n_stages: int,
     last_n: int | None = None,
     by: Literal["count", "time"] = "count",
+    scheme: str = "lsat",
 ) -> pl.DataFrame:
     """LSAT's periods (Shi et al., CIKM'24, arXiv 2312.15599): the last `last_n` interactions (all when None)
     form the window.
@@ -49,10 +50,12 @@ def stage_lsat(
     start = _tie_end(ts, n - min(last_n, n)) if last_n is not None else 0
     if start >= n:
         raise DataError(
-            f"staging lsat: the last {last_n} interactions all share their timestamp with earlier ones, and "
-            "interactions with one timestamp stay in one stage, so the window is empty; raise staging.last_n"
+            f"staging {scheme}: the last {last_n} interactions all share their timestamp with earlier ones, "
+            "and interactions with one timestamp stay in one stage, so the window is empty; "
+            "raise staging.last_n"
         )
-    label = f"lsat ({by}, {n_stages} stages)"
+    # `scheme` names the staging.scheme in messages: `single` is one LSAT period.
+    label = f"{scheme} ({by}, {n_stages} stage{'s' if n_stages != 1 else ''})"
     if by == "count":
         return _from_bounds(df, ts, _equal_count(ts, start, n, n_stages), label)
     if by != "time":
@@ -151,7 +154,7 @@ def assign_stages(df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | Non
     if preset is not None:
         log.info("staging %s: the dataset's own stages are ignored; staging by timestamp", cfg.scheme)
     if cfg.scheme in ("lsat", "single"):  # single: one LSAT period
-        return stage_lsat(df, cfg.num_stages, cfg.last_n, cfg.by)
+        return stage_lsat(df, cfg.num_stages, cfg.last_n, cfg.by, scheme=cfg.scheme)
     if cfg.last_n is not None:
         log.warning("staging.last_n only applies to the lsat and single schemes; ignored for %s", cfg.scheme)
     if cfg.scheme == "peso":
