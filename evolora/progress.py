@@ -37,6 +37,8 @@ def display(console: Console | None = None) -> Iterator[Progress]:
         TimeRemainingColumn(),
         console=console,
         transient=True,
+        # Off a terminal (a log file, CI) bars cannot redraw; a live area would only leave a blank line.
+        disable=console is not None and not (console.is_terminal or console.is_jupyter),
     )
     previous, _active = _active, progress
     try:

@@ -59,6 +59,10 @@ def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: P
         (["--set", "train.epoch=3"], "train.epoch: unknown key"),
         (["--set", "train.lr=-1"], "train.lr: Input should be greater than 0"),
         (["--set", "strategies=[nope]"], "unknown strategy 'nope'"),
+        (
+            ["--set", "strategies=[{name: peso, lamda: 2}]"],
+            "lamda: unknown option (check the spelling); peso's options: lam,",
+        ),
         (["--set", "staging.n_stages=900"], "stage"),
         (["--set", "data.source=/no/such/folder"], "/no/such/folder"),
         (["--set", "model.lora.target_modules=[query]"], "not found in tiny"),
@@ -82,6 +86,7 @@ def test_user_mistakes_are_one_line_errors(
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+    assert "\n\n" not in result.output  # off a terminal no progress area leaves a blank line
 
 
 def test_overwrite_deletes_only_an_experiment_folder(sunny_dir: Path, tmp_path: Path) -> None:

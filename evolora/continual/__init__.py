@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from evolora.config import StrategySpec
 from evolora.continual.base import Env, Strategy, StrategyOptions
@@ -31,8 +32,17 @@ def _resolve(spec: StrategySpec) -> tuple[type[Strategy], StrategyOptions]:
     try:
         return cls, cls.Options.model_validate(spec.options)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        problems = "; ".join(_problem(x, cls) for x in e.errors())
         raise ConfigError(f"strategy {spec.display!r}: {problems}") from None
+
+
+def _problem(error: ErrorDetails, cls: type[Strategy]) -> str:
+    where = ".".join(map(str, error["loc"]))
+    if error["type"] == "extra_forbidden":
+        # A misspelt option would otherwise read "Extra inputs are not permitted": say which ones exist.
+        options = ", ".join(k for k in cls.Options.model_fields if k not in ("name", "label")) or "none"
+        return f"{where}: unknown option (check the spelling); {cls.name}'s options: {options}"
+    return f"{where}: {error['msg']}"
 
 
 def build_strategy(spec: StrategySpec, env: Env, seed: int) -> Strategy:
