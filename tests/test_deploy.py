@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -54,8 +55,12 @@ def run_base(batches: dict[str, Path], out: Path):
 
 def test_update_promote_rollback_and_update_again(batches: dict[str, Path], tmp_path: Path) -> None:
     _, root = run_base(batches, tmp_path / "runs")
+    # version 0 dates from when the run trained its last stage (2024-01-02 here), not from the first look
+    os.utime(root / "finetune" / "seed0" / "stage-2" / "trained" / "trained.json", (1704153600, 1704153600))
+    assert Versions.open(root, "finetune", 0, 2).versions[0].created == "2024-01-02T00:00:00Z"
     forced = ["update.min_gain=-1.0"]  # promote whatever the held-out samples say
     first = update_run(root, batches["b1"], overrides=forced)
+    assert Versions.open(root, "finetune", 0, 2).versions[0].created == "2024-01-02T00:00:00Z"
     v1 = first.version
     assert first.promoted and (v1.id, v1.parent, v1.stage) == (1, 0, 3)
     assert v1.data["accepted"] == v1.data["rows_in_file"] > 0 and v1.gate["metric"] == "auc"

@@ -67,7 +67,10 @@ class Versions:
             reg.history = list(raw.get("history", []))
             return reg
         folder = f"{method}/seed{seed}/stage-{last_stage}"
-        reg.versions = [Version(0, None, last_stage, _now(), folder, {"source": "evolora run"})]
+        # Version 0 dates from when `evolora run` finished training its last stage, not from this call.
+        trained = reg.root / folder / "trained" / "trained.json"
+        created = _stamp(trained.stat().st_mtime) if trained.is_file() else _now()
+        reg.versions = [Version(0, None, last_stage, created, folder, {"source": "evolora run"})]
         return reg
 
     def get(self, version: int) -> Version:
@@ -114,3 +117,7 @@ class Versions:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _stamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
