@@ -249,3 +249,15 @@ def test_update_settings_are_checked(batches: dict[str, Path], tmp_path: Path) -
     assert json.loads((root / "experiment.json").read_text())["data_files"]["files"]
     with pytest.raises(DataError):
         update_run(root, tmp_path / "none.csv")
+
+
+def test_a_batch_a_packaged_loader_cannot_read_says_how_to_update(sunny_dir: Path, tmp_path: Path) -> None:
+    # A run on MovieLens's own files (u.data beside u.item) reads a batch as such files: a CSV of new rows
+    # cannot be guessed, and the error says how a run takes rows of one's own.
+    from evolora.deploy.update import _read_batch
+
+    cfg = tiny_config(sunny_dir, tmp_path / "runs")
+    batch = _write(tmp_path / "new.csv", "user,item,time,rating\n1,2,893286638,5\n")
+    with pytest.raises(DataError, match="is read as this run.s data") as caught:
+        _read_batch(cfg, batch)
+    assert "data.format: table" in str(caught.value) and "configs/deploy-ml100k.yaml" in str(caught.value)

@@ -172,7 +172,19 @@ def _read_batch(cfg: RunConfig, data_file: Path) -> InteractionData:
               "max_interactions": None, "min_rating": None}  # fmt: skip
     if cfg.data.columns is not None and cfg.data.columns.stage is not None:
         settings["columns"] = cfg.data.columns.model_copy(update={"stage": None})
-    return load_dataset(cfg.data.model_copy(update=settings))
+    try:
+        return load_dataset(cfg.data.model_copy(update=settings))
+    except DataError as e:
+        if cfg.data.format == "table":
+            raise
+        # A packaged dataset's loader reads its own files (MovieLens's u.data beside u.item, say), not a batch
+        # of rows: say how a run takes new rows, instead of leaving the user with a missing u.item.
+        raise DataError(
+            f"{e}\n  {data_file} is read as this run's data ({cfg.data.source}, data.format: "
+            f"{cfg.data.format}) was, so it must be in that dataset's own file layout. To update a run with "
+            "rows of your own, run it on a table (data.format: table, with data.columns): "
+            "examples/ml100k_as_csv.py writes ML-100K as one and configs/deploy-ml100k.yaml runs it"
+        ) from None
 
 
 def _history(
