@@ -111,6 +111,13 @@ def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
 def test_report_without_results_is_an_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "no results.json" in result.output
+    assert "started" not in result.output
+    # a run in its first stage (run.json, no results.json yet) is named as such
+    (tmp_path / "x" / "finetune" / "seed0").mkdir(parents=True)
+    (tmp_path / "x" / "finetune" / "seed0" / "run.json").write_text("{}")
+    result = runner.invoke(app, ["report", str(tmp_path / "x")])
+    assert result.exit_code == 2, result.output
+    assert f"started, no stage finished yet: {tmp_path / 'x' / 'finetune' / 'seed0'}" in result.output
     (tmp_path / "notes.md").write_text("mine")
     result = runner.invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "notes.md")])
     assert result.exit_code == 2 and "is a file; give a folder" in result.output

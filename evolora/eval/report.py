@@ -158,7 +158,10 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
             r["_path"] = str(f)
             found.append(r)
     if not found:
-        raise EvoloraError(f"no results.json under {', '.join(map(str, paths))}")
+        # A run writes results.json after its first stage: name the runs that have started but not got there.
+        started = sorted({f.parent for p in paths if p.is_dir() for f in p.rglob("run.json")})
+        pending = f"; started, no stage finished yet: {', '.join(map(str, started))}" if started else ""
+        raise EvoloraError(f"no results.json under {', '.join(map(str, paths))}{pending}")
     return found
 
 
