@@ -258,6 +258,6 @@ def test_a_batch_a_packaged_loader_cannot_read_says_how_to_update(sunny_dir: Pat
 
     cfg = tiny_config(sunny_dir, tmp_path / "runs")
     batch = _write(tmp_path / "new.csv", "user,item,time,rating\n1,2,893286638,5\n")
-    with pytest.raises(DataError, match="is read as this run.s data") as caught:
+    with pytest.raises(DataError, match="is read as this run's data") as caught:
         _read_batch(cfg, batch)
     assert "data.format: table" in str(caught.value) and "configs/deploy-ml100k.yaml" in str(caught.value)

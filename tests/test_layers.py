@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("deploy.versions",),  # the registry of a deployed run, which api's Recommender reads
     ("experiment", "tracking"),
     ("bundle", "queries"),
-    ("eval.report", "eval.plots", "eval.bootstrap", "eval.matrix_report", "eval.costs"),
+    ("eval.report", "eval.plots", "eval.bootstrap", "eval.matrix_report", "eval.costs", "eval.summary"),
     ("continual",),
     ("train",),
     ("tasks",),

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evolora.eval.report import group_runs, paired_bootstrap, shared_first_stage
+from evolora.eval.bootstrap import paired_bootstrap
+from evolora.eval.report import group_runs, shared_first_stage
 from evolora.io import save_npz
 
 

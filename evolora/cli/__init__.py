@@ -208,9 +208,9 @@ def run(
     from evolora import parallel, progress
     from evolora.config import load_config
     from evolora.eval.plots import write_plots
-    from evolora.eval.report import build_report
+    from evolora.eval.report import compose_report
     from evolora.experiment import run_experiment
-    from evolora.io import atomic_write_text
+    from evolora.io import atomic_write_json, atomic_write_text
     from evolora.tasks import task_spec
 
     _setup_logging(verbose)
@@ -235,9 +235,10 @@ def run(
     if matrix is not None:
         console.print(matrix)
     root = Path(cfg.output_dir) / cfg.name
-    report, groups = build_report([root])
-    atomic_write_text(root / "report.md", report)
-    write_plots(groups, metric_names[0], root)
+    report = compose_report([root])
+    atomic_write_text(root / "report.md", report.text)
+    atomic_write_json(root / "report.json", report.data)
+    write_plots(report.groups, metric_names[0], root)
     console.print(f"results: {root}/*/seed*/results.json; report: {root / 'report.md'}")
 
 
@@ -256,23 +257,25 @@ def report(
         ),
     ] = None,
 ) -> None:
-    """Compare runs: a markdown table of methods x stages and a PNG plot of the metric per stage."""
+    """Compare runs: a markdown table of methods x stages (report.md; its numbers in report.json) and a PNG
+    plot of the metric per stage."""
     from evolora.eval.metrics import metric_set
     from evolora.eval.plots import write_plots
-    from evolora.eval.report import build_report
-    from evolora.io import atomic_write_text, check_writable_folder
+    from evolora.eval.report import compose_report
+    from evolora.io import atomic_write_json, atomic_write_text, check_writable_folder
 
     if out is not None and out.exists() and not out.is_dir():
         raise EvoloraError(f"--out {out} is a file; give a folder for report.md and the plots")
-    text, groups = build_report(run_dirs, metric, baseline)
+    report = compose_report(run_dirs, metric, baseline)
     if out is not None:
         check_writable_folder(out, "--out")
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
-    atomic_write_text(target / "report.md", text)
-    first = (metric or [metric_set(groups[0].task).primary])[0]
-    plots = write_plots(groups, first, target)
-    console.print(Markdown(text))
-    console.print(f"written: {target / 'report.md'}, " + ", ".join(str(p) for p in plots))
+    atomic_write_text(target / "report.md", report.text)
+    atomic_write_json(target / "report.json", report.data)
+    first = (metric or [metric_set(report.groups[0].task).primary])[0]
+    plots = write_plots(report.groups, first, target)
+    console.print(Markdown(report.text))
+    console.print(f"written: {target / 'report.md'}, {target / 'report.json'}, " + ", ".join(map(str, plots)))
 
 
 @data_app.command("fetch")

@@ -1,5 +1,6 @@
 """The paired bootstrap behind the report's "difference to finetune" table: every method against one
-baseline method on the rows both scored, rows (one resample shared by the seeds) and seeds resampled."""
+baseline method on the rows both scored, rows (one resample shared by the seeds) and seeds resampled.
+`bootstrap_differences` gives the rows as data (report.json), `paired_bootstrap` as the markdown table."""
 
 from __future__ import annotations
 
@@ -40,8 +41,39 @@ def paired_bootstrap(
     seed: int = 0,
     skip: int | None = None,
 ) -> str | None:
+    """The markdown table of `bootstrap_differences` (None without the baseline among the groups)."""
+    rows = bootstrap_differences(groups, metric, baseline, draws, seed, skip)
+    return None if rows is None else difference_table(rows, metric, baseline)
+
+
+def difference_table(rows: list[dict[str, Any]], metric: str, baseline: str) -> str:
+    lines = [
+        f"| method | Δ{metric.upper()} vs {baseline} | 95% interval | P(better) | decided |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["difference"] is None:
+            lines.append(f"| {r['method']} | – | (no paired predictions) | – | – |")
+            continue
+        decided = "yes" if r["decided"] else "no"
+        lines.append(
+            f"| {r['method']} | {r['difference']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] "
+            f"| {r['p_better']:.2f} | {decided} |"
+        )
+    return "\n".join(lines)
+
+
+def bootstrap_differences(
+    groups: list[MethodRuns],
+    metric: str,
+    baseline: str = BASELINE,
+    draws: int = 1000,
+    seed: int = 0,
+    skip: int | None = None,
+) -> list[dict[str, Any]] | None:
     """Mean-over-stages (but `skip`) difference to the baseline with a 95% interval, resampling rows and
-    seeds.
+    seeds: one row per other method, `{method, difference, low, high, p_better, decided}` (`difference`
+    None where the two share no paired predictions); None without the baseline among the groups.
 
     Every strategy is scored on the same rows, so rows are resampled jointly (paired) within each stage; the
     seeds present in both runs are averaged, and with several of them each draw also resamples the seeds
@@ -64,10 +96,7 @@ def paired_bootstrap(
 
     sign = -1.0 if lower_is_better(metric) else 1.0
     base_runs = {r["seed"]: _load_stage_arrays(r) for r in base.runs}
-    lines = [
-        f"| method | Δ{metric.upper()} vs {baseline} | 95% interval | P(better) | decided |",
-        "|---|---|---|---|---|",
-    ]
+    rows: list[dict[str, Any]] = []
     for g in groups:
         if g.method == baseline:
             continue
@@ -86,7 +115,7 @@ def paired_bootstrap(
             ):
                 pairs.append((mine, theirs, stages))
         if not pairs:
-            lines.append(f"| {g.method} | – | (no paired predictions) | – | – |")
+            rows.append({"method": g.method, "difference": None})
             continue
         diffs = np.empty(draws)
         point = np.mean([
@@ -108,7 +137,8 @@ def paired_bootstrap(
                 per_seed.append(np.nanmean(vals))
             diffs[d] = np.mean(per_seed)
         lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
-        better = float(np.mean(sign * diffs > 0))
-        decided = "yes" if lo > 0 or hi < 0 else "no"
-        lines.append(f"| {g.method} | {point:+.4f} | [{lo:+.4f}, {hi:+.4f}] | {better:.2f} | {decided} |")
-    return "\n".join(lines)
+        rows.append({
+            "method": g.method, "difference": float(point), "low": float(lo), "high": float(hi),
+            "p_better": float(np.mean(sign * diffs > 0)), "decided": bool(lo > 0 or hi < 0),
+        })  # fmt: skip
+    return rows

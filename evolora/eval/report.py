@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 
 from evolora.errors import DamagedFileError, EvoloraError
-from evolora.eval.bootstrap import BASELINE, paired_bootstrap
+from evolora.eval.bootstrap import BASELINE, bootstrap_differences, difference_table
 from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.matrix_report import matrix_section
 from evolora.eval.metrics import is_reference, lower_is_better, metric_set
+from evolora.eval.summary import relative_gain, report_data
 from evolora.io import read_json
+
+DRAWS = 1000  # bootstrap draws of the report's difference table
 
 
 @dataclass
@@ -227,13 +230,7 @@ def metric_table(
         means = g.mean_values(metric, skip)
         row = [g.method, str(len(g.runs)), *[_fmt(vals.get(s, [])) for s in stages], _fmt(means)]
         if base_mean:
-            if means:
-                gain = (np.mean(means) - base_mean) / abs(base_mean) * 100
-                if lower_is_better(metric):
-                    gain = -gain
-                row.append(f"{gain + 0.0:+.2f}%")  # + 0.0 turns -0.0 into 0.0
-            else:
-                row.append("–")
+            row.append(f"{relative_gain(means, base_mean, metric):+.2f}%" if means else "–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -282,12 +279,27 @@ def stage_sizes(groups: list[MethodRuns]) -> str:
     return ", ".join(parts)
 
 
+@dataclass
+class Report:
+    text: str  # report.md
+    groups: list[MethodRuns]  # the runs read, by method
+    data: dict[str, Any]  # report.json (`eval/summary.py`)
+
+
 def build_report(
     paths: list[Path], metrics: list[str] | None = None, baseline: str | None = None
 ) -> tuple[str, list[MethodRuns]]:
-    """The report's markdown and the method groups it read. `baseline` is the method every difference is
-    taken against; left out, it is `finetune` where the runs have one (and no differences otherwise).
-    Naming a method that is not among the runs, `finetune` included, is an error."""
+    """The report's markdown and the method groups it read (`compose_report`, without report.json)."""
+    report = compose_report(paths, metrics, baseline)
+    return report.text, report.groups
+
+
+def compose_report(
+    paths: list[Path], metrics: list[str] | None = None, baseline: str | None = None
+) -> Report:
+    """The report of the runs under `paths`, as markdown and as data. `baseline` is the method every
+    difference is taken against; left out, it is `finetune` where the runs have one (and no differences
+    otherwise). Naming a method that is not among the runs, `finetune` included, is an error."""
     results = find_results(paths)
     check_comparable(results)
     groups = group_runs(results)
@@ -351,16 +363,16 @@ def build_report(
         arrow = "lower is better" if lower_is_better(m) else "higher is better"
         out.append(f"\n### {m.upper()} per evaluated stage ({arrow})\n")
         out.append(metric_table(groups, m, skip, baseline))
-    boot = paired_bootstrap(groups, metrics[0], baseline=baseline, skip=skip)
-    if boot:
-        out.append(f"\n### Paired bootstrap: {metrics[0].upper()} difference to {baseline} (1000 draws)\n")
+    differences = bootstrap_differences(groups, metrics[0], baseline=baseline, draws=DRAWS, skip=skip)
+    if differences is not None:
+        out.append(f"\n### Paired bootstrap: {metrics[0].upper()} difference to {baseline} ({DRAWS} draws)\n")
         out.append(
             "All methods are scored on the same evaluation rows; rows are resampled jointly within each "
             "stage (one resample shared by every method and seed), so the interval reflects which users "
             "happened to be evaluated, and with several seeds the seeds are resampled too (training noise). "
             "`decided`: the 95% interval excludes 0.\n"
         )
-        out.append(boot)
+        out.append(difference_table(differences, metrics[0], baseline))
     kt = kind_table(groups, metrics[0], skip)
     if kt:
         over = "stages" if skip is None else f"stages but D{skip}"
@@ -390,7 +402,8 @@ def build_report(
             f"({_duration(stages)} in stages, {_duration(setup)} setting up: data, models, item embeddings)"
             + ("." if on_cpu else "; some runs were recorded before CPU time was kept.")
         )
-    return "\n".join(out) + "\n", groups
+    data = report_data(groups, metrics, baseline, skip, differences, DRAWS)
+    return Report("\n".join(out) + "\n", groups, data)
 
 
 def _duration(seconds: float) -> str:
