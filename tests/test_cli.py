@@ -42,7 +42,8 @@ def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: P
         res = json.loads((tmp_path / "runs" / "cli" / method / "seed0" / "results.json").read_text())
         assert res["method"] == method and len(res["stages"]) == 2
     root = tmp_path / "runs" / "cli"
-    assert (root / "report.md").is_file() and (root / "auc.png").stat().st_size > 1000
+    assert (root / "report.md").is_file() and (root / "report.json").is_file()
+    assert (root / "auc.png").stat().st_size > 1000
 
     out = tmp_path / "rep"
     result = runner.invoke(app, ["report", str(root / "frozen"), str(root / "finetune"), "--out", str(out)])
