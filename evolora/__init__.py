@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Recommender", "run"]
+__all__ = ["Recommender", "report", "run"]
 
 logging.getLogger("evolora").addHandler(logging.NullHandler())
 

@@ -6,6 +6,7 @@
     rec.score(user="196", items=["242", "302"])            # CTR runs: P(like) per item
     rec.recommend(history=["242", "302"], k=10)            # next-item runs: top k items
     rec.recommend(user="196", items=["1", "2", "3"], k=2)  # CTR runs: the best of given candidates
+    evolora.report("runs/quickstart").data                 # the comparison's numbers (report.json)
 
 `Recommender.load` rebuilds exactly the model that produced a stage's results, for every strategy, from the
 run folder and the inference bundle saved with the experiment (`bundle.py`): the training data is not read
@@ -33,6 +34,7 @@ from evolora.data.prepare import Prepared, prepare_data
 from evolora.data.samples import SampleTable, eval_stage_of
 from evolora.deploy.versions import Version, Versions
 from evolora.errors import ConfigError, EvoloraError
+from evolora.eval.report import Report, compose_report
 from evolora.experiment import build_model_and_task, resolve_config, run_experiment
 from evolora.io import read_json
 from evolora.queries import History, history_entry, item_list, locate_run, rating_of
@@ -60,6 +62,15 @@ def run(
             f"run(config): a YAML path, a RunConfig or a mapping of sections, not {type(config).__name__}"
         )
     return run_experiment(cfg, jobs=jobs)
+
+
+def report(
+    paths: str | Path | Iterable[str | Path], metrics: list[str] | None = None, baseline: str | None = None
+) -> Report:
+    """Compare finished runs as `evolora report` does, without writing files: `.text` is report.md, `.data`
+    report.json (per metric, method and stage each seed's value, the bootstrap differences to `baseline`)."""
+    folders = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    return compose_report(folders, metrics, baseline)
 
 
 def _yaml(value: Any) -> str:

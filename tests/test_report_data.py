@@ -103,3 +103,14 @@ def test_report_command_writes_report_json(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "out" / "report.json").read_text(), parse_constant=no_nan)
     assert re.search(r"\| strong \| 3 \|", (tmp_path / "out" / "report.md").read_text())
     assert data["differences"]["methods"]["strong"]["decided"] is True
+
+
+def test_the_python_api_gives_the_same_report(tmp_path: Path) -> None:
+    import evolora
+
+    _write_runs(tmp_path)
+    same = compose_report([tmp_path])
+    for given in (str(tmp_path), tmp_path, [tmp_path / "finetune", tmp_path / "strong"]):
+        report = evolora.report(given)
+        assert report.data == same.data and report.text == same.text
+    assert "differences" not in evolora.report(tmp_path / "strong").data  # no baseline among the runs
