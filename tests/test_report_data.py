@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from evolora.cli import app
@@ -91,10 +92,22 @@ def test_report_data_matches_the_markdown_and_the_runs(tmp_path: Path) -> None:
     assert strong["low"] > 0 and strong["decided"]
 
 
-def test_report_command_writes_report_json(tmp_path: Path) -> None:
+def test_report_command_writes_report_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from evolora import progress
+    from evolora.eval import bootstrap
+
     _write_runs(tmp_path / "runs")
+    shown = []
+    difference = bootstrap._difference
+
+    def watched(*args, **kwargs):  # a bootstrap over many runs takes minutes: its bar is up
+        shown.append(progress._active is not None)
+        return difference(*args, **kwargs)
+
+    monkeypatch.setattr(bootstrap, "_difference", watched)
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
+    assert shown == [True]
     assert "report.json" in result.output
 
     def no_nan(name: str) -> None:

@@ -259,6 +259,7 @@ def report(
 ) -> None:
     """Compare runs: a markdown table of methods x stages (report.md; its numbers in report.json) and a PNG
     plot of the metric per stage."""
+    from evolora import progress
     from evolora.eval.metrics import metric_set
     from evolora.eval.plots import write_plots
     from evolora.eval.report import compose_report
@@ -266,7 +267,9 @@ def report(
 
     if out is not None and out.exists() and not out.is_dir():
         raise EvoloraError(f"--out {out} is a file; give a folder for report.md and the plots")
-    report = compose_report(run_dirs, metric, baseline)
+    _setup_logging(False, quiet=True)  # warnings only: the report is the answer
+    with progress.display(err_console):  # a bootstrap over many runs takes minutes
+        report = compose_report(run_dirs, metric, baseline)
     if out is not None:
         check_writable_folder(out, "--out")
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)

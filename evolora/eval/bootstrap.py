@@ -4,12 +4,14 @@ baseline method on the rows both scored, rows (one resample shared by the seeds)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.eval.stored import stored_predictions
+from evolora.progress import task as progress_task
 
 if TYPE_CHECKING:
     from evolora.eval.report import MethodRuns
@@ -97,48 +99,62 @@ def bootstrap_differences(
     sign = -1.0 if lower_is_better(metric) else 1.0
     base_runs = {r["seed"]: _load_stage_arrays(r) for r in base.runs}
     rows: list[dict[str, Any]] = []
-    for g in groups:
-        if g.method == baseline:
-            continue
-        rng = np.random.default_rng(seed)
-        pairs = []
-        for r in g.runs:
-            mine, theirs = _load_stage_arrays(r), base_runs.get(r["seed"])
-            if mine is None or theirs is None:
-                continue
-            stages = sorted((set(mine) & set(theirs)) - {skip})
-            needed = {"target_logp"} if metric == "nll" else set()
-            if (
-                stages
-                and all(np.array_equal(mine[s]["rows"], theirs[s]["rows"]) for s in stages)
-                and all(needed <= set(a[s]) for a in (mine, theirs) for s in stages)
-            ):
-                pairs.append((mine, theirs, stages))
-        if not pairs:
-            rows.append({"method": g.method, "difference": None})
-            continue
-        diffs = np.empty(draws)
-        point = np.mean([
-            np.mean([fn(m[s], slice(None)) - fn(b[s], slice(None)) for s in st]) for m, b, st in pairs
-        ])  # fmt: skip
-        common = _common_rows(pairs)
-        for d in range(draws):
-            # One resample of a stage's rows serves every seed that scored the same rows: the users
-            # are the same at every seed, so redrawing them per seed would understate the interval.
-            shared = {s: rng.integers(0, n, n) for s, n in common.items()}
-            per_seed = []
-            chosen = rng.integers(0, len(pairs), len(pairs)) if len(pairs) > 1 else [0]
-            for m, b, st in (pairs[i] for i in chosen):
-                vals = []
-                for s in st:
-                    n = len(m[s]["rows"])
-                    idx = shared[s] if s in shared else rng.integers(0, n, n)
-                    vals.append(fn(m[s], idx) - fn(b[s], idx))
-                per_seed.append(np.nanmean(vals))
-            diffs[d] = np.mean(per_seed)
-        lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
-        rows.append({
-            "method": g.method, "difference": float(point), "low": float(lo), "high": float(hi),
-            "p_better": float(np.mean(sign * diffs > 0)), "decided": bool(lo > 0 or hi < 0),
-        })  # fmt: skip
+    others = [g for g in groups if g.method != baseline]
+    with progress_task(f"bootstrap vs {baseline}", total=len(others)) as bar:
+        for g in others:
+            rows.append(_difference(g, base_runs, metric, fn, sign, draws, seed, skip))
+            bar.advance()
     return rows
+
+
+def _difference(
+    g: MethodRuns,
+    base_runs: dict[Any, Any],
+    metric: str,
+    fn: Callable[[dict[str, np.ndarray], Any], float],
+    sign: float,
+    draws: int,
+    seed: int,
+    skip: int | None,
+) -> dict[str, Any]:
+    """One method's row of `bootstrap_differences`."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for r in g.runs:
+        mine, theirs = _load_stage_arrays(r), base_runs.get(r["seed"])
+        if mine is None or theirs is None:
+            continue
+        stages = sorted((set(mine) & set(theirs)) - {skip})
+        needed = {"target_logp"} if metric == "nll" else set()
+        if (
+            stages
+            and all(np.array_equal(mine[s]["rows"], theirs[s]["rows"]) for s in stages)
+            and all(needed <= set(a[s]) for a in (mine, theirs) for s in stages)
+        ):
+            pairs.append((mine, theirs, stages))
+    if not pairs:
+        return {"method": g.method, "difference": None}
+    diffs = np.empty(draws)
+    point = np.mean([
+        np.mean([fn(m[s], slice(None)) - fn(b[s], slice(None)) for s in st]) for m, b, st in pairs
+    ])  # fmt: skip
+    common = _common_rows(pairs)
+    for d in range(draws):
+        # One resample of a stage's rows serves every seed that scored the same rows: the users
+        # are the same at every seed, so redrawing them per seed would understate the interval.
+        shared = {s: rng.integers(0, n, n) for s, n in common.items()}
+        per_seed = []
+        chosen = rng.integers(0, len(pairs), len(pairs)) if len(pairs) > 1 else [0]
+        for m, b, st in (pairs[i] for i in chosen):
+            vals = []
+            for s in st:
+                n = len(m[s]["rows"])
+                idx = shared[s] if s in shared else rng.integers(0, n, n)
+                vals.append(fn(m[s], idx) - fn(b[s], idx))
+            per_seed.append(np.nanmean(vals))
+        diffs[d] = np.mean(per_seed)
+    lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
+    return {
+        "method": g.method, "difference": float(point), "low": float(lo), "high": float(hi),
+        "p_better": float(np.mean(sign * diffs > 0)), "decided": bool(lo > 0 or hi < 0),
+    }  # fmt: skip

@@ -24,6 +24,7 @@ from evolora.eval.bootstrap import BASELINE
 from evolora.eval.forgetting import SIGNED, SUMMARIES, matrix_of, summaries
 from evolora.eval.metrics import is_reference, lower_is_better, metric_set
 from evolora.eval.stored import stored_predictions
+from evolora.progress import task as progress_task
 
 
 class _Runs(Protocol):  # report.MethodRuns, without importing the report
@@ -84,16 +85,18 @@ class _Draws:
         }
         self.chosen: list[list[Any]] = []
         rng = np.random.default_rng(seed)
-        for d in range(draws):
-            idx = {j: rng.integers(0, n, n) for j, n in sorted(sizes.items())}
-            picks = rng.integers(0, len(seeds), len(seeds)) if len(seeds) > 1 else [0]
-            self.chosen.append([seeds[i] for i in picks])
-            for method, by_seed in self.runs.items():
-                for s, a in by_seed.items():
-                    x = summaries(
-                        {t: {j: on_arrays(a[t][j], idx[j], metric) for j in a[t]} for t in a}, higher
-                    )
-                    self.values[method][s][d] = [np.nan if x[k] is None else x[k] for k in SUMMARIES]
+        with progress_task(f"matrix bootstrap ({metric})", total=draws) as bar:
+            for d in range(draws):
+                idx = {j: rng.integers(0, n, n) for j, n in sorted(sizes.items())}
+                picks = rng.integers(0, len(seeds), len(seeds)) if len(seeds) > 1 else [0]
+                self.chosen.append([seeds[i] for i in picks])
+                for method, by_seed in self.runs.items():
+                    for s, a in by_seed.items():
+                        x = summaries(
+                            {t: {j: on_arrays(a[t][j], idx[j], metric) for j in a[t]} for t in a}, higher
+                        )
+                        self.values[method][s][d] = [np.nan if x[k] is None else x[k] for k in SUMMARIES]
+                bar.advance()
 
     def _over_draws(self, by_seed: dict[Any, np.ndarray]) -> dict[str, tuple[float, float]]:
         """The 95% interval of each summary of per-seed values [draws, summaries]: on draw d the mean over
