@@ -90,3 +90,17 @@ def test_the_output_layer_runs_in_full_precision_under_bf16_mixed() -> None:
     assert both.dtype == full.dtype == torch.float32
     torch.testing.assert_close(both, hidden @ head[[3, 4]].T, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(full[:, [3, 4]], both, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(("load", "threads", "warned"), [(1.0, 2, True), (0.1, 2, False), (1.0, 1, False)])
+def test_threads_on_busy_cores_are_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, load: float, threads: int, warned: bool
+) -> None:
+    # Two torch threads on two cores while another process keeps one busy: each step waits for the slow one.
+    monkeypatch.setattr(precision_mod.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(precision_mod.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(precision_mod.torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(precision_mod.torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger="evolora.models"):
+        precision_mod.warn_if_cores_busy()
+    assert ("set threads: 1 (--set threads=1)" in caplog.text) is warned

@@ -31,7 +31,13 @@ from evolora.errors import ConfigError, DamagedFileError, EvoloraError
 from evolora.io import atomic_directory, load_tensors
 from evolora.models import token_rows
 from evolora.models.kv_cache import cache_of, repeat_rows, run_decoder
-from evolora.models.precision import autocast_dtype_of, resolve_device, resolve_precision, without_autocast
+from evolora.models.precision import (
+    autocast_dtype_of,
+    resolve_device,
+    resolve_precision,
+    warn_if_cores_busy,
+    without_autocast,
+)
 from evolora.models.weights import is_quantized, load_base, target_modules_for
 
 log = logging.getLogger("evolora.models")
@@ -432,3 +438,4 @@ def _count_tokens(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
+    warn_if_cores_busy()

@@ -10,6 +10,8 @@ whatever the run's precision.
 trainer. `model.quantization` (QLoRA through bitsandbytes) needs CUDA and bitsandbytes too; `check_machine`
 checks both when a run or an update starts, so it fails before any work (the config itself loads anywhere:
 a GPU run's folder can be read on a laptop).
+
+On a CPU, `warn_if_cores_busy` says when the run's torch threads share cores with other busy processes.
 """
 
 from __future__ import annotations
@@ -204,3 +206,22 @@ def without_autocast() -> Iterator[None]:
         if torch.cuda.is_available():
             stack.enter_context(torch.autocast("cuda", enabled=False))
         yield
+
+
+def warn_if_cores_busy() -> None:
+    """Warn when the torch threads outnumber the cores other processes leave free (the 1-minute load
+    average): torch's threads wait for each other at every operation, so one on a busy core holds back all
+    of them and a run can take several times as long. Silent on GPU machines and with one thread."""
+    threads = torch.get_num_threads()
+    if threads < 2 or torch.cuda.is_available() or not hasattr(os, "getloadavg"):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if load + threads > cores + 0.5:
+        free = max(1, round(cores - load))
+        log.warning(
+            "%d torch threads on %d cores while other work keeps about %.1f of them busy (load average): "
+            "threads on a busy core hold back the others at every step, which can make this run several "
+            "times slower; set threads: %d (--set threads=%d) or free the cores",
+            threads, cores, load, free, free,
+        )  # fmt: skip
