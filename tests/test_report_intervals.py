@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evolora.eval.bootstrap import paired_bootstrap
+from evolora.eval.bootstrap import bootstrap_differences, difference_table
 from evolora.eval.report import group_runs, shared_first_stage
 from evolora.io import save_npz
 
@@ -21,6 +21,11 @@ def _run(folder: Path, method: str, seed: int, scores: dict[int, np.ndarray], tr
         stages.append({"train_stage": t, "eval_stage": t + 1, "metrics": {"auc": 0.5}})
     return {"method": method, "dataset": "d", "task": "ctr", "seed": seed, "stages": stages,
             "_path": str(folder / "results.json")}  # fmt: skip
+
+
+def paired_bootstrap(groups: list, metric: str, draws: int) -> str:
+    """The report's difference table (markdown) against finetune."""
+    return difference_table(bootstrap_differences(groups, metric, draws=draws), metric, "finetune")
 
 
 def test_decided_only_when_the_interval_leaves_zero_out(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """The paired bootstrap behind the report's "difference to finetune" table: every method against one
 baseline method on the rows both scored, rows (one resample shared by the seeds) and seeds resampled.
-`bootstrap_differences` gives the rows as data (report.json), `paired_bootstrap` as the markdown table."""
+`bootstrap_differences` gives the rows as data (report.json), `difference_table` renders them (report.md)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from evolora.eval.stored import stored_predictions
 from evolora.progress import task as progress_task
 
 if TYPE_CHECKING:
-    from evolora.eval.report import MethodRuns
+    from evolora.eval.summary import MethodRuns
 
 BASELINE = "finetune"  # the method differences are taken against unless the report names another
 
@@ -33,19 +33,6 @@ def _common_rows(pairs: list[tuple[dict, dict, list[int]]]) -> dict[int, int]:
         if len(rows) == len(pairs) and all(np.array_equal(rows[0], r) for r in rows[1:]):
             out[s] = len(rows[0])
     return out
-
-
-def paired_bootstrap(
-    groups: list[MethodRuns],
-    metric: str,
-    baseline: str = BASELINE,
-    draws: int = 1000,
-    seed: int = 0,
-    skip: int | None = None,
-) -> str | None:
-    """The markdown table of `bootstrap_differences` (None without the baseline among the groups)."""
-    rows = bootstrap_differences(groups, metric, baseline, draws, seed, skip)
-    return None if rows is None else difference_table(rows, metric, baseline)
 
 
 def difference_table(rows: list[dict[str, Any]], metric: str, baseline: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 from evolora.eval.matrix_report import plot_matrices
 
 if TYPE_CHECKING:
-    from evolora.eval.report import MethodRuns
+    from evolora.eval.summary import MethodRuns
 
 
 def write_plots(groups: list[MethodRuns], metric: str, folder: Path) -> list[Path]:

@@ -14,9 +14,8 @@ row, and the report says so; otherwise they cover every evaluated stage.
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,63 +26,10 @@ from evolora.eval.bootstrap import BASELINE, bootstrap_differences, difference_t
 from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.matrix_report import matrix_section
 from evolora.eval.metrics import is_reference, lower_is_better, metric_set
-from evolora.eval.summary import relative_gain, report_data
+from evolora.eval.summary import MethodRuns, relative_gain, report_data
 from evolora.io import read_json
 
 DRAWS = 1000  # bootstrap draws of the report's difference table
-
-
-@dataclass
-class MethodRuns:
-    method: str
-    dataset: str
-    task: str
-    runs: list[dict[str, Any]] = field(default_factory=list)
-
-    def stage_values(self, metric: str) -> dict[int, list[float]]:
-        out: dict[int, list[float]] = defaultdict(list)
-        for r in self.runs:
-            for s in r["stages"]:
-                v = s["metrics"].get(metric)
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    out[s["eval_stage"]].append(float(v))
-        return dict(out)
-
-    def kind_values(self, metric: str, skip: int | None = None) -> dict[str, list[float]]:
-        """Per user kind: the mean over stages (but `skip`) of each run (one value per seed)."""
-        out: dict[str, list[float]] = defaultdict(list)
-        for r in self.runs:
-            per_kind: dict[str, list[float]] = defaultdict(list)
-            for s in r["stages"]:
-                if s["eval_stage"] == skip:
-                    continue
-                for kind, m in s.get("by_user_kind", {}).items():
-                    v = m.get(metric)
-                    if v is not None and not math.isnan(v):
-                        per_kind[kind].append(v)
-            for kind, vals in per_kind.items():
-                out[kind].append(float(np.mean(vals)))
-        return dict(out)
-
-    def mean_values(self, metric: str, skip: int | None = None) -> list[float]:
-        """Per run (seed): the metric's mean over its evaluated stages, leaving out stage `skip`."""
-        vals = []
-        for r in self.runs:
-            stage_vals = [
-                float(s["metrics"][metric])
-                for s in r["stages"]
-                if s["eval_stage"] != skip and _finite(s["metrics"].get(metric))
-            ]
-            if stage_vals:
-                vals.append(float(np.mean(stage_vals)))
-        return vals
-
-    def train_seconds(self) -> float:
-        return float(np.mean([r.get("summary", {}).get("train_seconds", 0.0) for r in self.runs]))
-
-
-def _finite(v: Any) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def shared_first_stage(results: list[dict[str, Any]]) -> int | None:

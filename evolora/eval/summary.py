@@ -1,4 +1,5 @@
-"""The report as data: `report.json`, written beside report.md, for scripts and figures of one's own.
+"""The runs of a report grouped by method (`MethodRuns`), and the report as data: `report.json`, written
+beside report.md, for scripts and figures of one's own.
 
 It holds the numbers of report.md's main tables, each seed's value kept: per metric and method the seeds,
 every evaluated stage's values (one per seed, in the order of `seeds`; null where a seed has none) with
@@ -12,16 +13,77 @@ results.json has them per seed.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from evolora.eval.metrics import is_reference, lower_is_better
 
-if TYPE_CHECKING:
-    from evolora.eval.report import MethodRuns
-
 FORMAT = 1  # bumped when a key changes meaning
+
+
+@dataclass
+class MethodRuns:
+    """One method's runs (its seeds) on one dataset and task: the rows of a report."""
+
+    method: str
+    dataset: str
+    task: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def seed_values(self, metric: str) -> dict[int, dict[Any, float]]:
+        """Per evaluated stage: each seed's value (a missing or NaN one left out)."""
+        out: dict[int, dict[Any, float]] = defaultdict(dict)
+        for i, r in enumerate(self.runs):
+            for s in r["stages"]:
+                v = s["metrics"].get(metric)
+                if _finite(v):  # results.json has a seed; a run built by hand without one is its own
+                    out[s["eval_stage"]][r.get("seed", i)] = float(v)
+        return dict(out)
+
+    def stage_values(self, metric: str) -> dict[int, list[float]]:
+        return {t: list(by_seed.values()) for t, by_seed in self.seed_values(metric).items()}
+
+    def kind_values(self, metric: str, skip: int | None = None) -> dict[str, list[float]]:
+        """Per user kind: the mean over stages (but `skip`) of each run (one value per seed)."""
+        out: dict[str, list[float]] = defaultdict(list)
+        for r in self.runs:
+            per_kind: dict[str, list[float]] = defaultdict(list)
+            for s in r["stages"]:
+                if s["eval_stage"] == skip:
+                    continue
+                for kind, m in s.get("by_user_kind", {}).items():
+                    v = m.get(metric)
+                    if v is not None and not math.isnan(v):
+                        per_kind[kind].append(v)
+            for kind, vals in per_kind.items():
+                out[kind].append(float(np.mean(vals)))
+        return dict(out)
+
+    def seed_means(self, metric: str, skip: int | None = None) -> dict[Any, float]:
+        """Per run (seed): the metric's mean over its evaluated stages, leaving out stage `skip`."""
+        vals = {}
+        for i, r in enumerate(self.runs):
+            stage_vals = [
+                float(s["metrics"][metric])
+                for s in r["stages"]
+                if s["eval_stage"] != skip and _finite(s["metrics"].get(metric))
+            ]
+            if stage_vals:
+                vals[r.get("seed", i)] = float(np.mean(stage_vals))
+        return vals
+
+    def mean_values(self, metric: str, skip: int | None = None) -> list[float]:
+        return list(self.seed_means(metric, skip).values())
+
+    def train_seconds(self) -> float:
+        return float(np.mean([r.get("summary", {}).get("train_seconds", 0.0) for r in self.runs]))
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 def relative_gain(means: list[float], base_mean: float, metric: str) -> float:
@@ -31,11 +93,8 @@ def relative_gain(means: list[float], base_mean: float, metric: str) -> float:
     return (-gain if lower_is_better(metric) else gain) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _spread(values: list[float | None]) -> dict[str, Any]:
+    values = [v if v is not None and math.isfinite(v) else None for v in values]  # JSON has no inf or NaN
     known = [v for v in values if v is not None]
     return {
         "values": values,
@@ -45,19 +104,16 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
 
 
 def _method(g: MethodRuns, metric: str, skip: int | None) -> dict[str, Any]:
-    seeds = [r["seed"] for r in g.runs]
-    by_stage: dict[int, dict[Any, float]] = {}
-    for r in g.runs:
-        for s in r["stages"]:
-            v = s["metrics"].get(metric)
-            if _finite(v):
-                by_stage.setdefault(s["eval_stage"], {})[r["seed"]] = float(v)
-    stages = [{"stage": t, **_spread([v.get(seed) for seed in seeds])} for t, v in sorted(by_stage.items())]
-    per_seed_mean = []
-    for seed in seeds:
-        vals = [vals[seed] for t, vals in by_stage.items() if t != skip and seed in vals]
-        per_seed_mean.append(float(np.mean(vals)) if vals else None)
-    return {"seeds": seeds, "stages": stages, "mean": _spread(per_seed_mean)}
+    seeds = [r.get("seed", i) for i, r in enumerate(g.runs)]
+    stages = [
+        {"stage": t, **_spread([v.get(seed) for seed in seeds])} for t, v in g.seed_values(metric).items()
+    ]
+    means = g.seed_means(metric, skip)
+    return {
+        "seeds": seeds,
+        "stages": sorted(stages, key=lambda x: x["stage"]),
+        "mean": _spread([means.get(s) for s in seeds]),
+    }
 
 
 def report_data(
