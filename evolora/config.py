@@ -434,16 +434,22 @@ class ModelConfig(Section):
     the regularisers stay fp32). On CPUs without native bf16, bf16 is emulated and many times slower.
     `fp16` (CUDA GPUs without bf16) keeps fp16 weights under fp16 autocast, with loss scaling in training.
     `quantization` (CUDA and bitsandbytes): QLoRA, the frozen base in 4-bit NF4 or 8-bit, the adapters in
-    fp32. Conventional models always run in fp32.
+    fp32. Conventional models always run in fp32. `merge_lora`: passes without gradients (evaluation,
+    validation, serving) run on the base weights with the LoRA update merged in, one product per projection
+    instead of three: next-item beam search 1.06x faster on a CPU, CTR scoring no faster, scores equal up to
+    fp32 rounding (`models/merged.py`); off by default so a table's figures stay reproducible to the digit.
     """
 
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     revision: str | None = None
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed", "fp16"] = "auto"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-    added_keys = ("quantization",)
+    added_keys = ("quantization", "merge_lora")
     quantization: Literal["none", "nf4", "int8"] = Field(
         "none", description="QLoRA: load the frozen base in 4-bit NF4 or 8-bit (CUDA and bitsandbytes)"
+    )
+    merge_lora: bool = Field(
+        False, description="evaluate with the LoRA update merged into fp32 base weights (faster decoding)"
     )
     lora: LoraConfig = LoraConfig()
     conventional: ConventionalConfig = ConventionalConfig()
@@ -454,6 +460,10 @@ class ModelConfig(Section):
         # (`models.precision.check_machine`), not here: a GPU run's config must still load on a laptop.
         if self.quantization != "none" and self.name in CONVENTIONAL_MODELS:
             raise ValueError(f"model.quantization applies to LLM backbones, not to {self.name}")
+        if self.merge_lora and self.name in CONVENTIONAL_MODELS:
+            raise ValueError(f"model.merge_lora applies to LLM backbones with LoRA, not to {self.name}")
+        if self.merge_lora and self.quantization != "none":
+            raise ValueError("model.merge_lora needs unquantized base weights (it merges into fp32 ones)")
         return self
 
 

@@ -203,8 +203,9 @@ EVERY = [
 
 def test_every_strategy_ranks_as_by_the_long_way(cycle_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """A tiny next-item experiment with every strategy, run with the shortcuts (one prompt cache for the
-    beams, looked-up token rows, stored scores in one folder) and without them (copies per beam, PEFT's
-    merged matrix, each strategy in a folder of its own): the same rankings and scores at every stage."""
+    beams, looked-up token rows, stored scores in one folder, `model.merge_lora`) and without them (copies
+    per beam, PEFT's merged matrix, the LoRA products, each strategy in a folder of its own): the same
+    rankings and scores at every stage."""
     import evolora.models.token_rows as token_rows
     from evolora.tasks import decoding
 
@@ -216,7 +217,8 @@ def test_every_strategy_ranks_as_by_the_long_way(cycle_dir: Path, tmp_path: Path
         "eval.max_samples": 12,
         "eval.batch_size": 4,
     }
-    fast_cfg = tiny_config(cycle_dir, tmp_path / "fast", strategies=f"[{', '.join(EVERY)}]", **sets)
+    fast_sets = {**sets, "model.merge_lora": "true"}
+    fast_cfg = tiny_config(cycle_dir, tmp_path / "fast", strategies=f"[{', '.join(EVERY)}]", **fast_sets)
     fast = run_experiment(fast_cfg)
     monkeypatch.setattr(decoding, "_beams_share_the_prompt", lambda lm, columns: False)
     monkeypatch.setattr(token_rows, "install", lambda model: 0)

@@ -88,6 +88,8 @@ class LoraLM:
     prefix_sharing: bool = True
     #: True inside `gradient_checkpointing()`: training passes recompute layer activations in the backward
     checkpointing: bool = False
+    #: `model.merge_lora`: gradient-free passes merge the LoRA update into the weights (`models/merged.py`)
+    merge_lora: bool = False
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -130,6 +132,7 @@ class LoraLM:
             torch.manual_seed(seed)
             peft_model = get_peft_model(base, _peft_config(lora, new_ids), adapter_name="default")
         lm = cls(peft_model, tok, device, autocast_dtype_of(dtype, mixed), lora, cfg.name, new_ids)
+        lm.merge_lora = cfg.merge_lora
         lm._to_device()
         lm._adapters_to_fp32()
         token_rows.install(lm.model)

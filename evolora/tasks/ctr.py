@@ -28,6 +28,7 @@ from evolora.data.samples import SampleTable
 from evolora.errors import EvoloraError
 from evolora.eval.metrics import CTR_METRICS
 from evolora.models.llm import LoraLM
+from evolora.models.merged import merged_lora
 from evolora.models.tokens import pad_token_lists
 from evolora.parallel import split_rows
 from evolora.progress import task as progress_task
@@ -249,7 +250,7 @@ class CtrTask(Task):
         scores = np.empty(len(rows), dtype=np.float64)
         was_training = lm.model.training
         lm.model.eval()
-        with progress_task(desc, total=len(rows)) as bar:
+        with progress_task(desc, total=len(rows)) as bar, merged_lora(lm):
             for start in range(0, len(rows), batch_size):
                 sel = order[start : start + batch_size]
                 logits = self.answer_logits(lm, rows[sel])

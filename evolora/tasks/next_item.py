@@ -24,6 +24,7 @@ from evolora.data.samples import SampleTable
 from evolora.errors import ConfigError, DataError
 from evolora.eval.metrics import KS, RANKING_METRICS, ranking_metrics
 from evolora.models.llm import LoraLM
+from evolora.models.merged import merged_lora
 from evolora.models.tokens import pad_token_lists
 from evolora.parallel import split_rows
 from evolora.progress import task as progress_task
@@ -178,7 +179,7 @@ class NextItemTask(Task):
         order = np.argsort([len(self.encode(int(r)).body) for r in rows], kind="stable")
         was_training = lm.model.training
         lm.model.eval()
-        with progress_task(desc, total=len(rows)) as bar:
+        with progress_task(desc, total=len(rows)) as bar, merged_lora(lm):
             for start in range(0, len(rows), batch_size):
                 chunk = order[start : start + batch_size]
                 # One trie per call: under `candidates: seen` rows of different stages go in separate calls.
@@ -246,16 +247,17 @@ class NextItemTask(Task):
         # Prompts of similar lengths share a batch (less padding); each value goes to its own cell.
         lengths = [len(self.encode(int(r)).body) for r in rows]
         pairs.sort(key=lambda pair: lengths[pair[0]])
-        for start in range(0, len(pairs), batch_size * 4):
-            chunk = pairs[start : start + batch_size * 4]
-            prompts = [self.encode(int(rows[q])).body for q, _, _ in chunk]
-            targets = [self.item_seqs[item] for _, _, item in chunk]
-            logp = sequence_logprob(lm, prompts, targets, prefix=self.prefix or None)
-            for (q, j, item), v in zip(chunk, logp, strict=True):
-                if j < 0:
-                    target_logp[q] = v
-                else:
-                    items[q, j], scores[q, j] = item, v
+        with merged_lora(lm):
+            for start in range(0, len(pairs), batch_size * 4):
+                chunk = pairs[start : start + batch_size * 4]
+                prompts = [self.encode(int(rows[q])).body for q, _, _ in chunk]
+                targets = [self.item_seqs[item] for _, _, item in chunk]
+                logp = sequence_logprob(lm, prompts, targets, prefix=self.prefix or None)
+                for (q, j, item), v in zip(chunk, logp, strict=True):
+                    if j < 0:
+                        target_logp[q] = v
+                    else:
+                        items[q, j], scores[q, j] = item, v
         return Ranked(items, scores, target_logp)
 
     def mix(self, predictions: list[Ranked], weights: list[float]) -> Ranked:
