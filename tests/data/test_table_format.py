@@ -12,8 +12,9 @@ import pytest
 
 from evolora.config import DataConfig, TableColumns, load_config
 from evolora.data import load_dataset
-from evolora.data.formats.table import epoch_seconds, load_table
+from evolora.data.formats.table import load_table
 from evolora.data.loaders import detect_format
+from evolora.data.times import epoch_seconds
 from evolora.errors import ConfigError, DataError
 
 COLUMNS = TableColumns(user="uid", item="iid", time="ts", rating="stars", title="name")

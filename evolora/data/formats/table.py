@@ -3,10 +3,11 @@ JSON-lines file, with the columns named by `data.columns`, and optionally an ite
 
 * Files: a .csv file's fields are separated by `data.separator` (a comma unless set, e.g. ';').
 * Ids: `user` and `item` values are read as text (an integer id 7 is "7"); a missing one is an error.
-* Times: epoch seconds (whole numbers; `data.time_unit: ms`, `us` or `ns` for milli-, micro- or
-  nanoseconds), or ISO dates and datetimes ("2024-03-01", "2024-03-01T09:30:00", with an offset or "Z";
-  naive ones are UTC). Stored as epoch seconds. A time past the year 9999 in the unit given is an error that
-  names the unit it looks like (epoch milliseconds read as seconds land tens of thousands of years ahead).
+* Times (`data/times.py`): epoch seconds (whole numbers; `data.time_unit: ms`, `us` or `ns` for milli-,
+  micro- or nanoseconds), or ISO dates and datetimes ("2024-03-01", "2024-03-01T09:30:00", with an offset
+  or "Z"; naive ones are UTC). Stored as epoch seconds. A time past the year 9999 in the unit given is an
+  error that names the unit it looks like (epoch milliseconds read as seconds land tens of thousands of
+  years ahead).
 * Labels: with `rating`, a like is rating > `data.like_threshold` (3 unless set, as for the other sources);
   with `label`, a 0/1 (or true/false) column is the like itself; with neither, every row is a positive
   (implicit feedback) and tasks that read labels get sampled negatives (`evolora.data.negatives`). Label and
@@ -28,7 +29,6 @@ Exact duplicate rows are removed with a counted warning, as for every source (`b
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -41,6 +41,15 @@ from evolora.config import DataConfig, TableColumns
 from evolora.data.build import LIKE_THRESHOLD, absolute, finish
 from evolora.data.schema import InteractionData
 from evolora.data.table_files import TABLE_FILES, TableRows, read_table, table_kind
+from evolora.data.times import (
+    EPOCH_UNITS,
+    FIRST_SECOND,
+    LAST_SECOND,
+    SECONDS_PER_YEAR,
+    epoch_seconds,
+    outside_message,
+    unit_that_fits,
+)
 from evolora.errors import DataError
 
 log = logging.getLogger("evolora.data")
@@ -48,13 +57,6 @@ log = logging.getLogger("evolora.data")
 #: the like threshold of label and implicit data, whose ratings are 1.0 (liked) or 0.0
 BINARY_THRESHOLD = 0.5
 
-_ISO_FORMATS = (
-    "%Y-%m-%d",
-    "%Y-%m-%dT%H:%M:%S%.f",
-    "%Y-%m-%d %H:%M:%S%.f",
-    "%Y-%m-%dT%H:%M:%S%.f%#z",
-    "%Y-%m-%d %H:%M:%S%.f%#z",
-)
 _LABELS = {"1": 1.0, "1.0": 1.0, "true": 1.0, "0": 0.0, "0.0": 0.0, "false": 0.0}
 
 
@@ -149,97 +151,19 @@ def _times(rows: TableRows, df: pl.DataFrame, name: str, unit: str) -> pl.Series
             line,
             f"time {value!r} (column {name!r}) is neither {EPOCH_UNITS[unit][1]} nor an ISO date or datetime",
         )
-    outside = (seconds < _FIRST_SECOND) | (seconds > _LAST_SECOND)
+    outside = (seconds < FIRST_SECOND) | (seconds > LAST_SECOND)
     if outside.any():
         i = int(outside.arg_max())  # type: ignore[arg-type]
-        raise rows.error(int(df["_line"][i]), _outside_message(df["timestamp"][i], seconds[i], name, unit))
+        raise rows.error(int(df["_line"][i]), outside_message(df["timestamp"][i], seconds[i], name, unit))
     latest = seconds.max()
-    if unit != "s" and isinstance(latest, int) and 0 <= latest < _SECONDS_PER_YEAR:
-        fits = _unit_that_fits(latest * EPOCH_UNITS[unit][0], unit)
+    if unit != "s" and isinstance(latest, int) and 0 <= latest < SECONDS_PER_YEAR:
+        fits = unit_that_fits(latest * EPOCH_UNITS[unit][0], unit)
         if fits:
             log.warning(
                 "%s: every time in column %r falls in 1970 as %s; if they are %s, set data.time_unit: %s",
                 rows.path, name, EPOCH_UNITS[unit][1], EPOCH_UNITS[fits][1], fits,
             )  # fmt: skip
     return seconds.alias("timestamp")
-
-
-#: data.time_unit -> (units per second, name)
-EPOCH_UNITS = {
-    "s": (1, "epoch seconds"),
-    "ms": (1_000, "epoch milliseconds"),
-    "us": (1_000_000, "epoch microseconds"),
-    "ns": (1_000_000_000, "epoch nanoseconds"),
-}
-# Calendar dates exist for the years 1..9999 (Python's datetime); a time outside them is a wrong unit.
-_FIRST_SECOND, _LAST_SECOND = -62_135_596_800, 253_402_300_799
-_SECONDS_PER_YEAR = 31_556_952  # the Gregorian mean
-
-
-def _outside_message(value: object, seconds: int, name: str, unit: str) -> str:
-    year = 1970 + seconds // _SECONDS_PER_YEAR
-    message = f"time {value!r} (column {name!r}) read as {EPOCH_UNITS[unit][1]} is in the year {year}"
-    fits = _unit_that_fits(seconds * EPOCH_UNITS[unit][0], unit)
-    if fits:
-        return f"{message}; it looks like {EPOCH_UNITS[fits][1]}: set data.time_unit: {fits}"
-    return f"{message}, outside the calendar (years 1-9999); data.time_unit: {', '.join(EPOCH_UNITS)}"
-
-
-def _unit_that_fits(raw: int, unlike: str) -> str | None:
-    """The unit other than `unlike` that reads the number `raw` as a time in 1971-2200, if one does."""
-    for unit, (per_second, _) in EPOCH_UNITS.items():
-        if unit != unlike and _SECONDS_PER_YEAR <= raw // per_second <= 230 * _SECONDS_PER_YEAR:
-            return unit
-    return None
-
-
-def epoch_seconds(values: pl.Series, unit: str = "s") -> pl.Series:
-    """Times as whole epoch seconds (Int64); null where a value is missing or not a time.
-
-    Numbers (and numeric text) are epoch `unit`s (`s`, `ms`, `us` or `ns`); text that is not a number is an
-    ISO date or datetime (naive ones are UTC); Parquet dates and datetimes are taken as they are.
-    """
-    per_second = EPOCH_UNITS[unit][0]
-    dtype = values.dtype
-    if dtype == pl.Date or isinstance(dtype, pl.Datetime):
-        return values.cast(pl.Datetime("us")).dt.epoch("s") if dtype == pl.Date else values.dt.epoch("s")
-    if dtype.is_integer():
-        return values.cast(pl.Int64) // per_second
-    if dtype.is_float():
-        return _whole_seconds(values.cast(pl.Float64), per_second)
-    if dtype != pl.Utf8:
-        return pl.Series(values.name, [None] * values.len(), dtype=pl.Int64)
-    text = values.str.strip_chars()
-    numeric = pl.select(
-        pl.coalesce(
-            text.cast(pl.Int64, strict=False) // per_second,
-            _whole_seconds(text.cast(pl.Float64, strict=False), per_second),
-        )
-    ).to_series()
-    iso = [text.str.to_datetime(f, strict=False, time_unit="us").dt.epoch("s") for f in _ISO_FORMATS]
-    seconds = pl.select(pl.coalesce(numeric, *iso)).to_series()
-    rest = text.filter(seconds.is_null() & text.is_not_null()).unique().to_list()
-    if rest:  # the ISO forms the fixed formats miss ("2024-03-01T09:30", "+0200" offsets): Python's parser
-        parsed = {v: s for v in rest if (s := _python_iso(v)) is not None}
-        if parsed:
-            found = text.replace_strict(parsed, default=None, return_dtype=pl.Int64)
-            seconds = pl.select(pl.coalesce(seconds, found)).to_series()
-    return seconds.alias(values.name)
-
-
-def _whole_seconds(numbers: pl.Series, per_second: int) -> pl.Series:
-    finite = numbers.is_finite().fill_null(False) & (numbers.abs() < 2**62)
-    return pl.select(pl.when(finite).then((numbers / per_second).floor()).cast(pl.Int64)).to_series()
-
-
-def _python_iso(text: str) -> int | None:
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return math.floor(moment.timestamp())
 
 
 def _ratings(rows: TableRows, df: pl.DataFrame, name: str) -> pl.Series:

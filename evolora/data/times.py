@@ -1,0 +1,98 @@
+"""Times of a team's own log as whole epoch seconds (`data.format: table`, `data.time_unit`).
+
+Numbers are epoch seconds, milliseconds, micro- or nanoseconds as `data.time_unit` says; text that is not a
+number is an ISO date or datetime (naive ones are UTC). A time outside the calendar (years 1-9999) in the unit
+given is a wrong unit, and the messages here name the unit it looks like.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+import polars as pl
+
+_ISO_FORMATS = (
+    "%Y-%m-%d",
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M:%S%.f%#z",
+    "%Y-%m-%d %H:%M:%S%.f%#z",
+)
+
+#: data.time_unit -> (units per second, name)
+EPOCH_UNITS = {
+    "s": (1, "epoch seconds"),
+    "ms": (1_000, "epoch milliseconds"),
+    "us": (1_000_000, "epoch microseconds"),
+    "ns": (1_000_000_000, "epoch nanoseconds"),
+}
+# Calendar dates exist for the years 1..9999 (Python's datetime); a time outside them is a wrong unit.
+FIRST_SECOND, LAST_SECOND = -62_135_596_800, 253_402_300_799
+SECONDS_PER_YEAR = 31_556_952  # the Gregorian mean
+
+
+def outside_message(value: object, seconds: int, name: str, unit: str) -> str:
+    year = 1970 + seconds // SECONDS_PER_YEAR
+    message = f"time {value!r} (column {name!r}) read as {EPOCH_UNITS[unit][1]} is in the year {year}"
+    fits = unit_that_fits(seconds * EPOCH_UNITS[unit][0], unit)
+    if fits:
+        return f"{message}; it looks like {EPOCH_UNITS[fits][1]}: set data.time_unit: {fits}"
+    return f"{message}, outside the calendar (years 1-9999); data.time_unit: {', '.join(EPOCH_UNITS)}"
+
+
+def unit_that_fits(raw: int, unlike: str) -> str | None:
+    """The unit other than `unlike` that reads the number `raw` as a time in 1971-2200, if one does."""
+    for unit, (per_second, _) in EPOCH_UNITS.items():
+        if unit != unlike and SECONDS_PER_YEAR <= raw // per_second <= 230 * SECONDS_PER_YEAR:
+            return unit
+    return None
+
+
+def epoch_seconds(values: pl.Series, unit: str = "s") -> pl.Series:
+    """Times as whole epoch seconds (Int64); null where a value is missing or not a time.
+
+    Numbers (and numeric text) are epoch `unit`s (`s`, `ms`, `us` or `ns`); text that is not a number is an
+    ISO date or datetime (naive ones are UTC); Parquet dates and datetimes are taken as they are.
+    """
+    per_second = EPOCH_UNITS[unit][0]
+    dtype = values.dtype
+    if dtype == pl.Date or isinstance(dtype, pl.Datetime):
+        return values.cast(pl.Datetime("us")).dt.epoch("s") if dtype == pl.Date else values.dt.epoch("s")
+    if dtype.is_integer():
+        return values.cast(pl.Int64) // per_second
+    if dtype.is_float():
+        return _whole_seconds(values.cast(pl.Float64), per_second)
+    if dtype != pl.Utf8:
+        return pl.Series(values.name, [None] * values.len(), dtype=pl.Int64)
+    text = values.str.strip_chars()
+    numeric = pl.select(
+        pl.coalesce(
+            text.cast(pl.Int64, strict=False) // per_second,
+            _whole_seconds(text.cast(pl.Float64, strict=False), per_second),
+        )
+    ).to_series()
+    iso = [text.str.to_datetime(f, strict=False, time_unit="us").dt.epoch("s") for f in _ISO_FORMATS]
+    seconds = pl.select(pl.coalesce(numeric, *iso)).to_series()
+    rest = text.filter(seconds.is_null() & text.is_not_null()).unique().to_list()
+    if rest:  # the ISO forms the fixed formats miss ("2024-03-01T09:30", "+0200" offsets): Python's parser
+        parsed = {v: s for v in rest if (s := _python_iso(v)) is not None}
+        if parsed:
+            found = text.replace_strict(parsed, default=None, return_dtype=pl.Int64)
+            seconds = pl.select(pl.coalesce(seconds, found)).to_series()
+    return seconds.alias(values.name)
+
+
+def _whole_seconds(numbers: pl.Series, per_second: int) -> pl.Series:
+    finite = numbers.is_finite().fill_null(False) & (numbers.abs() < 2**62)
+    return pl.select(pl.when(finite).then((numbers / per_second).floor()).cast(pl.Int64)).to_series()
+
+
+def _python_iso(text: str) -> int | None:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return math.floor(moment.timestamp())
