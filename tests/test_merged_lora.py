@@ -171,3 +171,14 @@ def test_a_layer_whose_lora_products_carry_a_hook_stays_unmerged(
     assert moved == set(pointers) - {name}
     torch.testing.assert_close(merged, plain, rtol=1e-5, atol=1e-5)
     assert "a hook changes what an adapter's products give" in caplog.text
+
+
+def test_sharded_weights_are_not_merged(trained: LoraLM, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """Under FSDP a weight is a DTensor holding this process's shard: a whole update cannot be added."""
+    monkeypatch.setattr(merged_module, "_said", set())
+    for _, layer in trained.lora_layers():
+        layer.get_base_layer().weight.to_local = lambda: None  # what marks a DTensor here
+    pointers = {n: w.data_ptr() for n, w in _weights(trained).items()}
+    with caplog.at_level(logging.WARNING, logger="evolora.models"), torch.no_grad(), merged_lora(trained):
+        assert {n: w.data_ptr() for n, w in _weights(trained).items()} == pointers
+    assert "sharded (FSDP) weights are not merged" in caplog.text

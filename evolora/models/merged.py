@@ -18,7 +18,7 @@ products themselves carry a hook (SD-LoRA scales the current adapter's output by
 unmerged. Memory: one copy of every adapted weight while the block runs (~0.4 GB for SmolLM2-135M).
 
 Weights stored in bf16 or fp16, or quantized, are not merged (the update would be rounded into 8 or 11 bits
-of mantissa): the block then runs as without the option, and says so once.
+of mantissa), nor sharded ones (FSDP): the block then runs as without the option, and says so once.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ def _mergeable(layer: Any, adapters: list[str]) -> str | None:
     base = layer.get_base_layer()
     if type(base) is not nn.Linear:
         return f"{type(base).__name__} layers are not merged"
+    if hasattr(base.weight, "to_local"):  # a DTensor: under FSDP each process holds a shard
+        return "sharded (FSDP) weights are not merged"
     if base.weight.dtype != torch.float32:
         return f"the base weights are {str(base.weight.dtype).removeprefix('torch.')}, not fp32"
     variants = getattr(layer, "lora_variant", {})
