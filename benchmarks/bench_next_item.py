@@ -105,6 +105,8 @@ def main() -> None:
     # adapter (B drawn at random, fixed seed: a fresh adapter's B = 0 would merge nothing), interleaved.
     merged_rate, unmerged_rate, merged_same, merged_diff = merged_comparison(lm, task, rows, args)
 
+    phases = phase_profile(lm, task, rows, args)
+
     # Training throughput of the next-item loss, for the record.
     lm.activate("default", trainable=True)
     lm.model.train()
@@ -135,6 +137,7 @@ def main() -> None:
         "merged_same_items": merged_same,
         "merged_max_score_difference": merged_diff,
         "top1_agreement": agree,
+        **phases,
         "train_samples_per_s": train_rate,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -163,6 +166,83 @@ def merged_comparison(lm: Any, task: Any, rows: np.ndarray, args: argparse.Names
     rates = [len(rows) / float(np.median(times[m])) for m in (True, False)]
     same = float(np.mean(np.all(a.items == b.items, axis=1)))
     return rates[0], rates[1], same, float(np.max(np.abs(a.scores - b.scores)[finite]))
+
+
+def phase_profile(lm: Any, task: Any, rows: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    """Where one search's time goes, and how far from a matmul peak measured here each pass runs.
+
+    Decoder passes are timed by phase: the prompt pass (the history, after the shared prefix), the decoding
+    steps (`beams` rows per user and step, each with the full-vocabulary output layer the log-softmax
+    needs) and the true item's teacher-forced tokens (`nll`); `rest` is the search's own bookkeeping (trie
+    look-ups, masks, top-k). FLOPs: 2·P per token through the decoder's linear layers (P) and 2·V·d per
+    row through the output layer (V x d); attention scores left out, so the fractions are lower bounds.
+    `ceiling_users_per_s` is what the search would give with the prompt and decoding passes at the peak and
+    the rest as measured: the most any faster kernel could give on this CPU.
+    """
+    from bench_ctr import matmul_peak
+
+    from evolora.tasks import decoding
+
+    spent = {"prompt": 0.0, "decode": 0.0, "target": 0.0}
+    tokens = {"prompt": 0, "decode": 0, "target": 0}
+    phase = ["prompt"]
+    run_decoder, advance, forced = (
+        decoding.run_decoder,
+        decoding._SharedPromptBeams.advance,
+        decoding._teacher_forced,
+    )
+
+    def timed_run(decoder, cache, **kw):  # type: ignore[no-untyped-def]
+        t0 = time.perf_counter()
+        out = run_decoder(decoder, cache, **kw)
+        spent[phase[0]] += time.perf_counter() - t0
+        mask = kw["attention_mask"]
+        new = kw["input_ids"]
+        real = int(mask[:, -new.shape[1] :].sum()) if mask.dim() == 2 else new.numel()
+        tokens[phase[0]] += real
+        return out
+
+    def in_phase(name: str, fn: Any) -> Any:
+        def wrapped(*a: Any, **kw: Any) -> Any:
+            phase[0] = name
+            try:
+                return fn(*a, **kw)
+            finally:
+                phase[0] = "prompt"
+
+        return wrapped
+
+    decoding.run_decoder = timed_run
+    decoding._SharedPromptBeams.advance = in_phase("decode", advance)
+    decoding._teacher_forced = in_phase("target", forced)
+    try:
+        t0 = time.perf_counter()
+        task.predict(lm, rows, args.batch)
+        total = time.perf_counter() - t0
+    finally:
+        decoding.run_decoder, decoding._SharedPromptBeams.advance = run_decoder, advance
+        decoding._teacher_forced = forced
+    decoder = lm.base.get_decoder()
+    linear = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
+    head = lm.base.get_output_embeddings().weight.numel()
+    flops = {
+        "prompt": 2 * linear * tokens["prompt"] + 2 * head * len(rows),
+        "decode": 2 * (linear + head) * tokens["decode"],
+    }
+    peak = matmul_peak("fp32")
+    rest = total - sum(spent.values())
+    at_peak = flops["prompt"] / peak + flops["decode"] / peak + spent["target"] + rest
+    return {
+        "matmul_peak_gflops": peak / 1e9,
+        **{f"{k}_seconds_share": v / total for k, v in spent.items()},
+        "rest_seconds_share": rest / total,
+        "prompt_tokens_per_user": tokens["prompt"] / len(rows),
+        "decode_rows_per_user": tokens["decode"] / len(rows),
+        "prompt_fraction_of_peak": flops["prompt"] / spent["prompt"] / peak,
+        "decode_fraction_of_peak": flops["decode"] / spent["decode"] / peak,
+        "ceiling_users_per_s": len(rows) / at_peak,
+        "profiled_users_per_s": len(rows) / total,
+    }
 
 
 @contextlib.contextmanager

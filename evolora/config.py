@@ -436,8 +436,8 @@ class ModelConfig(Section):
     `quantization` (CUDA and bitsandbytes): QLoRA, the frozen base in 4-bit NF4 or 8-bit, the adapters in
     fp32. Conventional models always run in fp32. `merge_lora`: passes without gradients (evaluation,
     validation, serving) run on the base weights with the LoRA update merged in, one product per projection
-    instead of three: next-item beam search 1.06x faster on a CPU, CTR scoring no faster, scores equal up to
-    fp32 rounding (`models/merged.py`); off by default so a table's figures stay reproducible to the digit.
+    instead of three: next-item beam search 1.03-1.06x faster on a CPU, CTR scoring no faster, scores equal
+    up to fp32 rounding (`models/merged.py`); off by default so a table's figures reproduce to the digit.
     """
 
     name: str = "HuggingFaceTB/SmolLM2-135M-Instruct"

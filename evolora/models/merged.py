@@ -2,12 +2,12 @@
 
 An adapted projection computes W x + s B (A x): three matrix products and two element-wise passes where
 one product, (W + s B A) x, gives the same values up to fp32 rounding. What that saves is small on a CPU:
-next-item beam search, whose decoding steps multiply a few dozen rows at a time, 1.06x users/s (SmolLM2-135M,
-all seven projections adapted, one thread, fp32; `benchmarks/bench_next_item.py`), and nothing measurable on
-CTR scoring, whose passes are long prompts where the LoRA products are ~2% of the work. Scores move by fp32
-rounding (up to ~1.4e-4 in an item's summed log-probability in that benchmark, the order by which batch
-composition already moves them), which is why it is an option, off by default: a table's figures stay
-reproducible to the last printed digit by the same code.
+next-item beam search, whose decoding steps multiply a few dozen rows at a time, 1.03-1.06x users/s
+(SmolLM2-135M, all seven projections adapted, one thread, fp32; `benchmarks/bench_next_item.py`), nothing
+measurable on CTR scoring, whose passes are long prompts where the LoRA products are ~2% of the work.
+Scores move by fp32 rounding (up to ~1.4e-4 in an item's summed log-probability in that benchmark, the
+order by which batch composition already moves them), which is why it is an option, off by default: a
+table's figures stay reproducible to the last printed digit by the same code.
 
 The base weights are never changed in place: a merged copy stands in for each weight while the block runs and
 the original tensor is put back after (W + dW - dW does not give W back bit for bit, and later stages train
