@@ -6,15 +6,18 @@ so both search the same space. evolora runs users in batches, shares the prompt'
 builds the constraint mask from the trie directly. Both run in this process on the same users; the script
 also reports how often the two agree on the top item (they should, up to ties).
 
-A third ratio times `model.merge_lora` (the LoRA update merged into the base weights for the search) against
-the LoRA products on the same users, with a random B standing in for a trained adapter, and says how many
-users it ranks the same and by how much the scores differ.
-
 A second ratio measures what evaluation no longer repeats, on the same users and model in this process:
 `long_way` is evolora's search with a copy of each prompt's keys and values per beam and PEFT's merged
 vocabulary matrix rebuilt for every pass (what it did before), against the default (one prompt cache for
 all beams through a 4-D mask, looked-up token rows). The two are timed interleaved, `--repeats` times each,
 medians reported, and must rank the same items.
+
+A third ratio times `model.merge_lora` (the LoRA update merged into the base weights for the search) against
+the LoRA products on the same users, with a random B standing in for a trained adapter, and says how many
+users it ranks the same and by how much the scores differ.
+
+Last, one search is timed by phase (`phase_profile`): where the time goes, the passes' FLOP/s against a
+matmul peak measured here, and the users/s the search would reach with its passes at that peak.
 
     python benchmarks/bench_next_item.py [--config configs/next-item-cds-peso.yaml] [--users 24]
         [--threads 1] [--precision fp32]

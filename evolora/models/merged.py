@@ -11,9 +11,9 @@ table's figures stay reproducible to the last printed digit by the same code.
 
 The base weights are never changed in place: a merged copy stands in for each weight while the block runs and
 the original tensor is put back after (W + dW - dW does not give W back bit for bit, and later stages train
-on top of W). Where an adapter's update is exactly zero (B = 0: a fresh adapter, `frozen`, RecLoRA's shared
-adapter) its products are skipped without a copy, bit for bit the same. Forward hooks on the layers (the
-cumulative strategies' banks, RecLoRA's personalized adapters) still add their terms; a layer whose LoRA
+on top of W). Where an adapter's update is exactly zero (B = 0: a fresh adapter before training, RecLoRA's
+shared adapter) its products are skipped without a copy, bit for bit the same. Forward hooks on the layers
+(the cumulative strategies' banks, RecLoRA's personalized adapters) still add their terms; a layer whose LoRA
 products themselves carry a hook (SD-LoRA scales the current adapter's output by a learnt magnitude) is left
 unmerged. Memory: one copy of every adapted weight while the block runs (~0.4 GB for SmolLM2-135M).
 
@@ -83,6 +83,7 @@ def merged_lora(lm: Any) -> Iterator[None]:
                 continue
             weight = layer.get_base_layer().weight
             original = weight.data
+            # an adapter with B = 0 adds exactly nothing: no copy, bit for bit the same
             deltas = [
                 layer.get_delta_weight(a) for a in adapters if torch.count_nonzero(layer.lora_B[a].weight)
             ]
