@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from evolora.models.llm import LoraLM
+
 log = logging.getLogger("evolora.models")
 _said: set[str] = set()
 
@@ -65,10 +67,10 @@ def _mergeable(layer: Any, adapters: list[str]) -> str | None:
 
 
 @contextlib.contextmanager
-def merged_lora(lm: Any) -> Iterator[None]:
+def merged_lora(lm: LoraLM) -> Iterator[None]:
     """Inside the block, the active adapters' updates are merged into the base weights (see the module's
     docstring); only when `lm.merge_lora` is set, the model is in eval mode and gradients are off."""
-    if not getattr(lm, "merge_lora", False) or lm.model.training or torch.is_grad_enabled():
+    if not lm.merge_lora or lm.model.training or torch.is_grad_enabled():
         yield
         return
     swapped: list[tuple[Any, nn.Parameter, torch.Tensor]] = []
