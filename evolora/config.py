@@ -317,7 +317,7 @@ class CtrTaskConfig(TaskSection):
     share_prefix: bool = Field(
         True,
         description="run the template's fixed instruction once per batch and reuse its keys/values "
-        "(same numbers, ~25% less compute with the tallrec template)",
+        "(same numbers; the tallrec template's ~65 of ~220 tokens, ~30% less compute)",
     )
 
     def history_kept(self) -> int:
