@@ -2,10 +2,9 @@
 
 On PESO's CDs & Vinyl release (`configs/conventional-next-item-cds.yaml`, 39,191 items), each conventional
 next-item model ranks the D1 validation users (8,494; the 31,650 items known at D1 scored, top 10 kept)
-through
-the task's own `predict`, twice per repeat, interleaved: once with the ranked list cut from a full stable
-descending sort of every row (the code before `stable_top_k`, kept here as the baseline) and once as the
-task does it now. The model is freshly initialised with every ID row marked trained, as after training (an
+through the task's own `predict`, twice per repeat, interleaved: once with the ranked list cut from a full
+stable descending sort of every row (the code before `stable_top_k`, kept here as the baseline) and once as
+the task does it now. The model is freshly initialised with every ID row marked trained, as after training (an
 untrained model scores every cold item alike, which would send every row down `stable_top_k`'s full-sort
 path). Both give the same items and scores (checked); the record has users/s of each and their ratio.
 
