@@ -184,6 +184,7 @@ def phase_profile(lm: Any, task: Any, rows: np.ndarray, args: argparse.Namespace
     """
     from bench_ctr import matmul_peak
 
+    from evolora.models.llm import pass_tokens
     from evolora.tasks import decoding
 
     spent = {"prompt": 0.0, "decode": 0.0, "target": 0.0}
@@ -199,10 +200,7 @@ def phase_profile(lm: Any, task: Any, rows: np.ndarray, args: argparse.Namespace
         t0 = time.perf_counter()
         out = run_decoder(decoder, cache, **kw)
         spent[phase[0]] += time.perf_counter() - t0
-        mask = kw["attention_mask"]
-        new = kw["input_ids"]
-        real = int(mask[:, -new.shape[1] :].sum()) if mask.dim() == 2 else new.numel()
-        tokens[phase[0]] += real
+        tokens[phase[0]] += pass_tokens(kw["input_ids"], kw["attention_mask"])
         return out
 
     def in_phase(name: str, fn: Any) -> Any:

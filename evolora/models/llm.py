@@ -427,15 +427,22 @@ class LoraLM:
         return logits
 
 
+def pass_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
+    """The tokens a decoder pass reads, padding excluded."""
+    # With a KV cache the mask also covers the cached positions: the last columns are this pass's tokens
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return int(attention_mask[:, -input_ids.shape[1] :].sum())
+    return input_ids.numel()
+
+
 def _count_tokens(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     """The run's cost profile (`cost.py`): tokens each decoder pass reads, padding excluded."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
         return
-    mask = kwargs.get("attention_mask")
-    # With a KV cache the mask also covers the cached positions: the last columns are this pass's tokens
-    n = int(mask[:, -ids.shape[1] :].sum()) if mask is not None and mask.dim() == 2 else ids.numel()
-    cost.count_tokens(n, backward=module.training and torch.is_grad_enabled())
+    cost.count_tokens(
+        pass_tokens(ids, kwargs.get("attention_mask")), backward=module.training and torch.is_grad_enabled()
+    )
 
 
 def set_threads(threads: int | None) -> None:
