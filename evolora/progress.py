@@ -28,6 +28,8 @@ _active: Progress | None = None
 def display(console: Console | None = None) -> Iterator[Progress]:
     """Show progress bars for everything run inside the block."""
     global _active
+    # Off a terminal (a log file, CI) bars cannot redraw; a live area would only leave a blank line.
+    off_terminal = console is not None and not (console.is_terminal or console.is_jupyter)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -37,13 +39,15 @@ def display(console: Console | None = None) -> Iterator[Progress]:
         TimeRemainingColumn(),
         console=console,
         transient=True,
-        # Off a terminal (a log file, CI) bars cannot redraw; a live area would only leave a blank line.
-        disable=console is not None and not (console.is_terminal or console.is_jupyter),
+        disable=off_terminal,
     )
     previous, _active = _active, progress
     try:
-        with progress:
+        if off_terminal:  # not started at all: rich before 14.3 ends even a disabled live area with a newline
             yield progress
+        else:
+            with progress:
+                yield progress
     finally:
         _active = previous
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,11 +54,19 @@ def _tensors(run: Path, stage: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _free_port() -> int:
+    # A port of our own rather than `--main_process_port 0`, which older accelerate (0.34) passes on as port 0
+    # (both processes then wait forever in the rendezvous).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch(config: Path, env: dict[str, str], engine: str) -> subprocess.CompletedProcess:
     file = str(ACCELERATE / f"{engine}.yaml")
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", file,
-        "--num_processes", "2", "--main_process_port", "0", "-m", "evolora", "run", str(config),
+        "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "evolora", "run", str(config),
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
