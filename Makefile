@@ -2,7 +2,7 @@
 #   make quickstart   set up .venv, then run the quickstart (ML-100K, SmolLM2-135M, frozen vs finetune)
 #   make test         set up .venv, then run the test suite
 # `make bench` runs the benchmarks. TORCH picks the PyTorch build: the default is the CPU wheel this project
-# is developed with; on a GPU machine use e.g. `make quickstart TORCH='torch>=2.4'` (or preinstall torch).
+# is developed with; on a GPU machine use e.g. `make quickstart TORCH='torch>=2.7'` (or preinstall torch).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,7 +15,7 @@ BIN    := $(VENV)/bin
 export PYTHONDONTWRITEBYTECODE :=
 export PYTHONPYCACHEPREFIX ?= $(abspath $(VENV))/pycache
 
-.PHONY: quickstart test bench lint clean gpu-check
+.PHONY: quickstart test test-lowest bench lint clean gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,8 +45,16 @@ bench: $(BIN)/.installed
 gpu-check: $(BIN)/.installed
 	$(BIN)/python scripts/gpu_check.py
 
+# The suite against the lowest versions pyproject.toml allows (.ci/lowest.txt), in a venv of its own: the
+# floors are versions it has passed on. torch 2.7 comes from PyPI, a CUDA build of a few GB that runs on CPUs.
+LOWEST ?= .venv-lowest
+test-lowest:
+	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check --no-compile -c .ci/lowest.txt -e ".[dev]"
+	$(LOWEST)/bin/python -m pytest -q
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LOWEST) *.egg-info .pytest_cache
