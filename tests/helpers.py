@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,13 @@ EXAMPLE_TABLE = {
     "data.meta": str(EXAMPLE_DATA / "example_items.csv"),
     "task.min_history": 1,
 }
+
+
+def free_port() -> int:
+    """A local TCP port free at the time of asking (for a server or an accelerate rendezvous in a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 #: Every LoRA strategy of the suite (RecLoRA aside: it needs a CRM), with options that exercise its state.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from safetensors.torch import load_file
 
 from evolora.config import config_to_dict
 from evolora.experiment import run_experiment
-from tests.helpers import tiny_config
+from tests.helpers import free_port, tiny_config
 
 ACCELERATE = Path(__file__).parent.parent / "configs" / "accelerate"
 CRM = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
@@ -54,19 +53,13 @@ def _tensors(run: Path, stage: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _free_port() -> int:
-    # A port of our own rather than `--main_process_port 0`, which older accelerate (0.34) passes on as port 0
-    # (both processes then wait forever in the rendezvous).
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(config: Path, env: dict[str, str], engine: str) -> subprocess.CompletedProcess:
     file = str(ACCELERATE / f"{engine}.yaml")
+    # A port of our own rather than `--main_process_port 0`, which older accelerate (0.34) passes on as port 0
+    # (both processes then wait forever in the rendezvous).
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", file,
-        "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "evolora", "run", str(config),
+        "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "evolora", "run", str(config),
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 

@@ -18,7 +18,7 @@ from evolora.deploy.update import update_run
 from evolora.deploy.versions import Versions
 from evolora.errors import EvoloraError
 from evolora.experiment import run_experiment
-from tests.helpers import EXAMPLE_TABLE, tiny_config
+from tests.helpers import EXAMPLE_TABLE, free_port, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
 SMALL = {
@@ -47,9 +47,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def server(deployed: Path):
     holder = ModelHolder(deployed, poll_seconds=0.1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     srv = uvicorn.Server(
         uvicorn.Config(create_app(holder, max_batch=64), host="127.0.0.1", port=port, log_level="warning")
     )
