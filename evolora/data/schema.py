@@ -18,7 +18,7 @@ everything downstream (staging, samples, models) can rely on the shape.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import polars as pl
@@ -61,6 +61,21 @@ class InteractionData:
     synthetic_time: bool = False
     files: tuple[str, ...] = field(default=(), compare=False)
     implicit: bool = False
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when every compared field is: tables by content (`DataFrame.equals`). Written out because
+        the generated method asks a frame's `==` for a truth value, which polars refuses (Python 3.13
+        compares field by field; earlier versions got away with it for the same frame object only)."""
+        if not isinstance(other, InteractionData):
+            return NotImplemented
+        for f in fields(self):
+            if not f.compare:
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            same = a.equals(b) if isinstance(a, pl.DataFrame) and isinstance(b, pl.DataFrame) else a == b
+            if not same:
+                return False
+        return True
 
     @property
     def n_users(self) -> int:
