@@ -203,6 +203,9 @@ class LoraLM:
 
     def reset_to(self, keep: list[str]) -> None:
         """Drop every adapter not in `keep` (a new strategy run starts from a clean model)."""
+        # Route to a kept adapter first: PEFT warns when the active adapter is deleted, and then picks the
+        # next one itself and makes it trainable (the call after the loop sets that right either way).
+        self.activate(keep[0], trainable=False)
         for name in self.adapters:
             if name not in keep:
                 self.delete_adapter(name)
