@@ -17,10 +17,15 @@ export PYTHONPYCACHEPREFIX ?= $(abspath $(VENV))/pycache
 
 .PHONY: quickstart test test-lowest bench lint clean gpu-check
 
-$(BIN)/.installed: pyproject.toml
+# CONSTRAINTS: a pip constraints file every install of the venv obeys (`test-lowest` uses it).
+CONSTRAINTS ?=
+PIP_INSTALL = $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile \
+	$(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e ".[dev]"
+	$(PIP_INSTALL) "$(TORCH)"
+	$(PIP_INSTALL) -e ".[dev]"
 	touch $@
 
 quickstart: $(BIN)/.installed
@@ -49,9 +54,7 @@ gpu-check: $(BIN)/.installed
 # floors are versions it has passed on. torch 2.7 comes from PyPI, a CUDA build of a few GB that runs on CPUs.
 LOWEST ?= .venv-lowest
 test-lowest:
-	test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
-	$(LOWEST)/bin/python -m pip install --quiet --disable-pip-version-check --no-compile -c .ci/lowest.txt -e ".[dev]"
-	$(LOWEST)/bin/python -m pytest -q
+	$(MAKE) test VENV=$(LOWEST) CONSTRAINTS=.ci/lowest.txt TORCH=torch
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
