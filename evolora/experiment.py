@@ -384,7 +384,7 @@ def _run_locked(
         # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
         sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
         shared = SharedStore(cfg.shared_root, stable_hash(sample_context, 16))
-        tracker = tracker_for(cfg) if parallel.is_main() else Tracker()
+        tracker = tracker_for(cfg, root) if parallel.is_main() else Tracker()
         with tracker.experiment(cfg):
             return _run_strategies(
                 cfg, prepared, lm, task, shared, context_key, environment, tracker, on_stage, pairs
@@ -491,7 +491,7 @@ def _run_strategies(
                 on_stage(results)
 
         try:
-            with tracker.run(label, seed, header):
+            with tracker.run(label, seed, header, run_dir):
                 all_results.append(loop.run(stage_done))
         finally:
             strategy.teardown()  # hooks a strategy put on the shared model go with it

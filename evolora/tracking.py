@@ -7,12 +7,20 @@ training stage), each epoch's training and validation numbers (step = epoch, pre
 job), and each stage's adapters as artifacts. An update logs its gate (both figures, the gain, the
 decision) as a run nested under the experiment.
 
+Reruns continue the MLflow runs they made before rather than opening new ones: the run ids, and which
+stages and gates each has logged, are kept per store in `<experiment>/tracking.json`. A resumed experiment
+logs into the same runs, and every command logs what its runs lack: a stage finished in a sitting that was
+stopped before logging it, every finished stage of an experiment that ran with `tracking: none` before, a
+gate whose update was stopped after its version was recorded. A run deleted from the store is made anew and
+given everything again. Parameters are logged when a run is made (MLflow refuses to change them later).
+
 `tracking: none` (the default) logs nothing and needs nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +28,11 @@ from typing import Any
 
 from evolora.config import RunConfig, config_to_dict
 from evolora.errors import ConfigError
+from evolora.io import atomic_write_json, read_json
 
 log = logging.getLogger("evolora")
+
+STATE_FILE = "tracking.json"
 
 
 def _mlflow() -> Any:
@@ -56,25 +67,65 @@ class Tracker:
         yield
 
     @contextlib.contextmanager
-    def run(self, label: str, seed: int, params: dict[str, Any]) -> Iterator[None]:
+    def run(self, label: str, seed: int, params: dict[str, Any], run_dir: Path) -> Iterator[None]:
         yield
 
     def stage(self, record: dict[str, Any], stage_dir: Path) -> None:
         pass
 
-    def gate(self, version: int, gate: dict[str, Any], data: dict[str, Any]) -> None:
+    def gate(self, method: str, seed: int, version: int, gate: dict[str, Any], data: dict[str, Any]) -> None:
         pass
+
+
+class _State:
+    """This store's part of `tracking.json`: {"experiment": id, "runs": {key: {"id", "stages"}}, "gates":
+    {key: [version, ...]}}. Each change is written at once, under a lock (an update may log while the
+    experiment still runs other strategies)."""
+
+    def __init__(self, root: Path, uri: str) -> None:
+        self.path = root / STATE_FILE
+        self.uri = uri
+
+    @contextlib.contextmanager
+    def change(self) -> Iterator[dict[str, Any]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.parent / f".{STATE_FILE}.lock", "a", encoding="utf-8") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            whole = self._read()
+            mine = whole.setdefault(self.uri, {})
+            mine.setdefault("runs", {})
+            mine.setdefault("gates", {})
+            yield mine
+            atomic_write_json(self.path, whole)
+
+    def get(self) -> dict[str, Any]:
+        return {"runs": {}, "gates": {}, **self._read().get(self.uri, {})}
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {}
+        return read_json(self.path, "Delete it: the MLflow runs are then made anew with everything logged.")
 
 
 class MlflowTracker(Tracker):
     """Logs to MLflow. A failure to reach the store stops the run before any work; a failure while logging
     a stage is a warning (the run's own record is the reference, MLflow a view of it)."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, root: Path) -> None:
         self.mlflow = _mlflow()
         out = Path(cfg.output_dir).resolve()
         self.uri = cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
         self.artifacts = (out / "mlartifacts").as_uri()
+        self.state = _State(Path(root), self.uri)
+        self.key: str | None = None  # the (strategy, seed) run open now
+
+    def _usable(self, run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        try:
+            return self.mlflow.get_run(run_id).info.lifecycle_stage == "active"
+        except Exception:  # not in this store
+            return False
 
     @contextlib.contextmanager
     def experiment(self, cfg: RunConfig) -> Iterator[None]:
@@ -85,24 +136,57 @@ class MlflowTracker(Tracker):
             self.mlflow.set_experiment(cfg.name)
         except Exception as e:
             raise ConfigError(f"tracking: cannot use MLflow at {self.uri}: {type(e).__name__}: {e}") from None
-        with self.mlflow.start_run(run_name=cfg.name):
+        run_id = self.state.get().get("experiment")
+        if self._usable(run_id):
+            with self.mlflow.start_run(run_id=run_id):
+                yield
+            return
+        with self.mlflow.start_run(run_name=cfg.name) as made:
+            with self.state.change() as state:
+                # Runs nested under a parent that is gone are not continued: one tree per experiment.
+                state.update(experiment=made.info.run_id, runs={}, gates={})
             params = _flat(config_to_dict(cfg))
             self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
             yield
 
     @contextlib.contextmanager
-    def run(self, label: str, seed: int, params: dict[str, Any]) -> Iterator[None]:
-        with self.mlflow.start_run(run_name=f"{label} seed {seed}", nested=True):
-            self.mlflow.log_params({k: str(v)[:500] for k, v in _flat(params).items()})
-            yield
+    def run(self, label: str, seed: int, params: dict[str, Any], run_dir: Path) -> Iterator[None]:
+        key = f"{label} seed {seed}"
+        kept = self.state.get()["runs"].get(key, {})
+        if self._usable(kept.get("id")):
+            started = self.mlflow.start_run(run_id=kept["id"], nested=True)
+        else:
+            started = self.mlflow.start_run(run_name=key, nested=True)
+        with started as active:
+            if active.info.run_id != kept.get("id"):
+                with self.state.change() as state:
+                    state["runs"][key] = {"id": active.info.run_id, "stages": []}
+                self.mlflow.log_params({k: str(v)[:500] for k, v in _flat(params).items()})
+            self.key = key
+            try:
+                # Stages finished in earlier sittings that this run has not logged
+                results = run_dir / "results.json"
+                if results.is_file():
+                    for record in read_json(results, "Rerun the experiment: it is rebuilt.")["stages"]:
+                        self.stage(record, run_dir / f"stage-{record['train_stage']}")
+                yield
+            finally:
+                self.key = None
 
     def stage(self, record: dict[str, Any], stage_dir: Path) -> None:
+        t = int(record["train_stage"])
+        if self.key is None or t in self.state.get()["runs"].get(self.key, {}).get("stages", []):
+            return
         try:
             self._stage(record, stage_dir)
         except Exception as e:
             log.warning(
-                "MLflow: stage %s not logged (%s: %s)", record.get("train_stage"), type(e).__name__, e
-            )
+                "MLflow: stage %s not logged (%s: %s); the next run of the experiment logs it",
+                t, type(e).__name__, e,
+            )  # fmt: skip
+            return
+        with self.state.change() as state:
+            state["runs"].setdefault(self.key, {}).setdefault("stages", []).append(t)
 
     def _stage(self, record: dict[str, Any], stage_dir: Path) -> None:
         t = int(record["train_stage"])
@@ -119,15 +203,29 @@ class MlflowTracker(Tracker):
         if adapters.is_dir():
             self.mlflow.log_artifacts(str(adapters), artifact_path=f"stage-{t}/adapters")
 
-    def gate(self, version: int, gate: dict[str, Any], data: dict[str, Any]) -> None:
-        with self.mlflow.start_run(run_name=f"update to version {version}", nested=True):
-            self.mlflow.log_params(
-                {"version": version, "file": data.get("file"), "accepted": data.get("accepted")}
-            )
-            for key in ("candidate", "promoted", "gain", "min_gain"):
-                self.mlflow.log_metric(f"gate.{key}", float(gate[key]))
-            self.mlflow.set_tags({"gate.decision": gate["decision"], "gate.metric": gate["metric"]})
+    def gate(self, method: str, seed: int, version: int, gate: dict[str, Any], data: dict[str, Any]) -> None:
+        key = f"{method} seed {seed}"
+        if version in self.state.get()["gates"].get(key, []):
+            return
+        try:
+            with self.mlflow.start_run(run_name=f"update to version {version}", nested=True):
+                self.mlflow.log_params(
+                    {"method": key, "version": version, "file": data.get("file"),
+                     "accepted": data.get("accepted")}
+                )  # fmt: skip
+                for name in ("candidate", "promoted", "gain", "min_gain"):
+                    self.mlflow.log_metric(f"gate.{name}", float(gate[name]))
+                self.mlflow.set_tags({"gate.decision": gate["decision"], "gate.metric": gate["metric"]})
+        except Exception as e:
+            log.warning(
+                "MLflow: the gate of version %d not logged (%s: %s); rerunning the update logs it",
+                version, type(e).__name__, e,
+            )  # fmt: skip
+            return
+        with self.state.change() as state:
+            state["gates"].setdefault(key, []).append(version)
 
 
-def tracker_for(cfg: RunConfig) -> Tracker:
-    return MlflowTracker(cfg) if cfg.tracking == "mlflow" else Tracker()
+def tracker_for(cfg: RunConfig, root: Path) -> Tracker:
+    """The tracker `cfg` asks for; `root` is the experiment's folder (where `tracking.json` is kept)."""
+    return MlflowTracker(cfg, root) if cfg.tracking == "mlflow" else Tracker()

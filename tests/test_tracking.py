@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.machinery
+import logging
 import sys
 import types
 from pathlib import Path
@@ -28,6 +29,9 @@ class Recorder(types.ModuleType):
         self.__spec__ = importlib.machinery.ModuleSpec("mlflow", None)  # libraries probe for mlflow
         self.calls: list[tuple] = []
         self.stack: list[str] = []
+        self.runs: dict[str, dict] = {}  # run id -> name, deleted, params
+        self.ids: list[str] = []  # the ids of the open runs, as `stack` holds their names
+        self.fail_in: str | None = None  # log_metric raises inside the run of this name
 
     def set_tracking_uri(self, uri: str) -> None:
         self.calls.append(("uri", uri))
@@ -42,18 +46,38 @@ class Recorder(types.ModuleType):
         self.calls.append(("created", name, artifact_location))
 
     @contextlib.contextmanager
-    def start_run(self, run_name: str, nested: bool = False):
+    def start_run(self, run_name: str | None = None, nested: bool = False, run_id: str | None = None):
         assert nested == bool(self.stack), "a run inside another must be nested"
-        self.stack.append(run_name)
+        if run_id is None:
+            run_id = f"id{len(self.runs)}"
+            self.runs[run_id] = {"name": run_name, "deleted": False, "params": {}}
+            self.calls.append(("made", run_name))
+        else:
+            assert not self.runs[run_id]["deleted"], "MLflow refuses to start a deleted run"
+            self.calls.append(("resumed", self.runs[run_id]["name"]))
+        self.stack.append(self.runs[run_id]["name"])
+        self.ids.append(run_id)
         try:
-            yield
+            yield types.SimpleNamespace(info=types.SimpleNamespace(run_id=run_id))
         finally:
             self.stack.pop()
+            self.ids.pop()
+
+    def get_run(self, run_id: str):
+        if run_id not in self.runs:
+            raise LookupError(f"Run with id={run_id} not found")
+        stage = "deleted" if self.runs[run_id]["deleted"] else "active"
+        return types.SimpleNamespace(info=types.SimpleNamespace(lifecycle_stage=stage))
 
     def log_params(self, params: dict) -> None:
+        kept = self.runs[self.ids[-1]]["params"]
+        assert all(kept.get(k, v) == v for k, v in params.items()), "MLflow refuses to change a parameter"
+        kept.update(params)
         self.calls.append(("params", tuple(self.stack), dict(params)))
 
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        if self.fail_in is not None and self.stack[-1] == self.fail_in:
+            raise ConnectionError("the tracking server went away")
         self.calls.append(("metric", tuple(self.stack), key, value, step))
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
@@ -110,3 +134,88 @@ def test_mlflow_missing_is_a_config_error_before_any_work(
     with pytest.raises(ConfigError, match=r"pip install 'evolora\[mlflow\]'"):
         run_experiment(cfg)
     assert not (tmp_path / cfg.name).exists()
+
+
+def _made(mlflow: Recorder) -> list[str]:
+    return [c[1] for c in mlflow.calls if c[0] == "made"]
+
+
+def _stage_metrics(mlflow: Recorder, run: str) -> set[tuple[str, int]]:
+    return {(c[2], c[4]) for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", run)}
+
+
+def test_reruns_continue_the_runs_they_made_and_log_what_those_lack(
+    mlflow: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    over = {
+        **EXAMPLE_TABLE,
+        "train.samples_per_stage": 24,
+        "strategies": "[frozen, finetune]",
+        "seeds": "[0]",
+    }
+    data, out = HERE / "example_log.csv", tmp_path / "runs"
+    run_experiment(tiny_config(data, out, **over))  # tracking: none
+    assert mlflow.calls == []
+
+    # Tracking turned on for the finished experiment: every finished stage is logged.
+    run_experiment(tiny_config(data, out, **over, tracking="mlflow"))
+    assert _made(mlflow) == ["t", "frozen seed 0", "finetune seed 0"]
+    for run in ("frozen seed 0", "finetune seed 0"):
+        assert {("auc", 1), ("auc", 2)} <= _stage_metrics(mlflow, run)
+    assert ("artifacts", ("t", "finetune seed 0"), "stage-2/adapters") in mlflow.calls
+
+    # The same command again: the same runs, nothing logged twice (parameters included).
+    mlflow.calls.clear()
+    run_experiment(tiny_config(data, out, **over, tracking="mlflow", threads=1))
+    assert _made(mlflow) == []
+    assert [c[1] for c in mlflow.calls if c[0] == "resumed"] == ["t", "frozen seed 0", "finetune seed 0"]
+    assert not [c for c in mlflow.calls if c[0] in ("metric", "params", "artifacts")]
+
+    # A new seed whose logging fails: the run goes on with a warning, and the next command logs its
+    # stages into the run it made.
+    mlflow.calls.clear()
+    mlflow.fail_in = "finetune seed 1"
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        run_experiment(tiny_config(data, out, **{**over, "seeds": "[0, 1]"}, tracking="mlflow"))
+    assert "MLflow: stage 1 not logged (ConnectionError" in caplog.text
+    assert _made(mlflow) == ["frozen seed 1", "finetune seed 1"]
+    assert _stage_metrics(mlflow, "finetune seed 1") == set()
+    mlflow.fail_in = None
+    mlflow.calls.clear()
+    run_experiment(tiny_config(data, out, **{**over, "seeds": "[0, 1]"}, tracking="mlflow"))
+    assert _made(mlflow) == []
+    assert {("auc", 1), ("auc", 2)} <= _stage_metrics(mlflow, "finetune seed 1")
+    assert _stage_metrics(mlflow, "frozen seed 1") == set()  # logged by the sitting before
+
+    # A run deleted from the store is made anew and given everything.
+    next(r for r in mlflow.runs.values() if r["name"] == "frozen seed 0")["deleted"] = True
+    mlflow.calls.clear()
+    run_experiment(tiny_config(data, out, **over, tracking="mlflow"))
+    assert _made(mlflow) == ["frozen seed 0"]
+    assert {("auc", 1), ("auc", 2)} <= _stage_metrics(mlflow, "frozen seed 0")
+
+
+def test_an_update_logs_its_gate_once_under_the_experiments_run(mlflow: Recorder, tmp_path: Path) -> None:
+    log = pl.read_csv(HERE / "example_log.csv").sort("ts")
+    cut = int(log.height * 0.8)
+    log[:cut].write_csv(tmp_path / "base.csv")
+    log[cut:].write_csv(tmp_path / "new.csv")
+    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
+    cfg = tiny_config(tmp_path / "base.csv", tmp_path / "runs", **over)
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    mlflow.calls.clear()
+    mlflow.fail_in = "update to version 1"  # the store fails after the version is recorded
+    update_run(root, tmp_path / "new.csv")
+    assert not [c for c in mlflow.calls if c[0] == "metric"]
+    mlflow.fail_in = None
+    mlflow.calls.clear()
+    outcome = update_run(root, tmp_path / "new.csv")  # the same command again
+    assert outcome.already_applied
+    assert [c[1] for c in mlflow.calls if c[0] in ("made", "resumed")] == ["t", "update to version 1"]
+    assert mlflow.calls[mlflow.calls.index(("made", "update to version 1")) - 1] == ("resumed", "t")
+    gate = {c[2] for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", "update to version 1")}
+    assert gate == {"gate.candidate", "gate.promoted", "gate.gain", "gate.min_gain"}
+    mlflow.calls.clear()
+    update_run(root, tmp_path / "new.csv")
+    assert not [c for c in mlflow.calls if c[0] in ("made", "metric")]

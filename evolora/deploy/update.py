@@ -108,6 +108,8 @@ def _update(
     for v in line:
         if v.data.get("sha256") == digest:
             log.info("%s was applied before: version %d", data_file, v.id)
+            if v.gate:  # logged already, unless the update was stopped before it could be
+                _track_gate(cfg, root, results, v)
             return UpdateOutcome(v, registry.promoted == v.id, already_applied=True)
     work = registry.folder / "work" / f"from-v{parent.id}-{digest[:12]}"
     stage = parent.stage + 1
@@ -155,10 +157,14 @@ def _update(
         promoted_at_creation=gate["promote"],
     )
     registry.add(version, promote=gate["promote"])
-    tracker = tracker_for(cfg)
-    with tracker.experiment(cfg):
-        tracker.gate(version.id, gate, version.data)
+    _track_gate(cfg, root, results, version)
     return UpdateOutcome(version, gate["promote"])
+
+
+def _track_gate(cfg: RunConfig, root: Path, results: dict[str, Any], version: Version) -> None:
+    tracker = tracker_for(cfg, root)
+    with tracker.experiment(cfg):
+        tracker.gate(results["method"], results["seed"], version.id, version.gate, version.data)
 
 
 # ------------------------------------------------------------------------------------------ the data
