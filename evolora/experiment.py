@@ -274,11 +274,6 @@ def run_experiment(
     """
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: give 1 or more worker processes")
-    if jobs > 1 and cfg.tracking != "none":
-        raise ConfigError(
-            f"tracking={cfg.tracking} with --jobs {jobs}: one tracking run per experiment needs one process; "
-            "run with --jobs 1, or log the finished results afterwards"
-        )
     if jobs > 1 and on_stage is not None:
         raise ValueError("on_stage callbacks run in the calling process: use jobs=1")
     parallel.start(cfg.model.device)
@@ -411,7 +406,10 @@ def _run_in_workers(
     log.info("%d workers (%s, %d threads each) take these pairs in turn: %s", jobs, where, threads, names)
     work = work_queue(pairs, jobs)
     data = cfg.model_dump(mode="json")
-    run_workers(_worker_main, [(data, str(root), context_key, work, device, threads) for device in devices])
+    with tracker_for(cfg, root).experiment(cfg):  # made here: every worker nests its runs under it
+        run_workers(
+            _worker_main, [(data, str(root), context_key, work, device, threads) for device in devices]
+        )
     results = []
     for index, seed in pairs:
         run_dir = run_dir_of(cfg, method_label(cfg, cfg.strategies[index]), seed)

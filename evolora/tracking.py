@@ -13,6 +13,8 @@ logs into the same runs, and every command logs what its runs lack: a stage fini
 stopped before logging it, every finished stage of an experiment that ran with `tracking: none` before, a
 gate whose update was stopped after its version was recorded. A run deleted from the store is made anew and
 given everything again. Parameters are logged when a run is made (MLflow refuses to change them later).
+Under `--jobs N` the experiment's run is made by the main process before the workers start, and each worker
+continues it and makes its own pairs' runs under it (changes to `tracking.json` are made under a lock).
 
 `tracking: none` (the default) logs nothing and needs nothing.
 """

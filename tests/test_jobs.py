@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -63,9 +64,31 @@ def test_jobs_settings_that_cannot_work_are_refused(sunny_dir: Path, tmp_path: P
     cfg = tiny_config(sunny_dir, tmp_path, **OVER)
     with pytest.raises(EvoloraError, match="--jobs 0"):
         run_experiment(cfg, jobs=0)
-    tracked = cfg.model_copy(update={"tracking": "mlflow"})
-    with pytest.raises(EvoloraError, match="tracking=mlflow with --jobs 2"):
-        run_experiment(tracked, jobs=2)
+
+
+def test_workers_log_their_runs_under_the_experiments_mlflow_run(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tracking: mlflow` with --jobs 2: the experiment's MLflow run is made before the workers start, and
+    each worker nests its (strategy, seed) runs under it (the stand-in records every process's calls)."""
+    calls = tmp_path / "mlflow-calls.jsonl"
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # so that the stand-in leaves with the test
+    monkeypatch.delitem(sys.modules, "mlflow")
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "fake_mlflow"))  # spawned workers get sys.path
+    monkeypatch.setenv("FAKE_MLFLOW_LOG", str(calls))
+    over = {**OVER, "seeds": "[0, 1]", "strategies": "[frozen, finetune]", "tracking": "mlflow"}
+    run_experiment(tiny_config(sunny_dir, tmp_path, **over), jobs=2)
+    records = [json.loads(line) for line in calls.read_text().splitlines()]
+    made = {r[3]: (r[0], r[2], r[4]) for r in records if r[1] == "made"}  # name -> pid, id, parent id
+    runs = {f"{m} seed {s}" for m in ("frozen", "finetune") for s in (0, 1)}
+    assert made.keys() == {"t", *runs}
+    main_pid, experiment_id, _ = made["t"]
+    assert main_pid == os.getpid()
+    for name in runs:
+        pid, run_id, parent = made[name]
+        assert pid != main_pid and parent == experiment_id
+        steps = {r[4] for r in records if r[1:4] == ["metric", run_id, "auc"]}
+        assert steps == {1, 2}, name
 
 
 def test_a_busy_worker_leaves_the_rest_to_the_free_one(tmp_path: Path) -> None:
