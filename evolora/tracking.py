@@ -210,9 +210,9 @@ class MlflowTracker(Tracker):
         if version in self.state.get()["gates"].get(key, []):
             return
         try:
-            with self.mlflow.start_run(run_name=f"update to version {version}", nested=True):
+            with self.mlflow.start_run(run_name=f"update of {key} to version {version}", nested=True):
                 self.mlflow.log_params(
-                    {"method": key, "version": version, "file": data.get("file"),
+                    {"run": key, "version": version, "file": data.get("file"),
                      "accepted": data.get("accepted")}
                 )  # fmt: skip
                 for name in ("candidate", "promoted", "gain", "min_gain"):

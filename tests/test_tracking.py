@@ -19,6 +19,7 @@ from evolora.experiment import run_experiment
 from tests.helpers import EXAMPLE_TABLE, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
+GATE_RUN = "update of finetune seed 0 to version 1"  # the run an update logs its gate in
 
 
 class Recorder(types.ModuleType):
@@ -121,7 +122,7 @@ def test_runs_stages_epochs_adapters_and_gates_are_logged(mlflow: Recorder, tmp_
     assert ("stage2.default.train_loss", 2) in stage_metrics  # per epoch, step = epoch
     assert ("artifacts", finetune, "stage-2/adapters") in mlflow.calls
     update_run(Path(cfg.output_dir) / cfg.name, tmp_path / "new.csv", method="finetune")
-    gate = [c for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", "update to version 1")]
+    gate = [c for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", GATE_RUN)]
     assert {c[2] for c in gate} == {"gate.candidate", "gate.promoted", "gate.gain", "gate.min_gain"}
     assert any(c[0] == "tags" and "gate.decision" in c[2] for c in mlflow.calls)
 
@@ -205,16 +206,17 @@ def test_an_update_logs_its_gate_once_under_the_experiments_run(mlflow: Recorder
     run_experiment(cfg)
     root = Path(cfg.output_dir) / cfg.name
     mlflow.calls.clear()
-    mlflow.fail_in = "update to version 1"  # the store fails after the version is recorded
+    mlflow.fail_in = GATE_RUN  # the store fails after the version is recorded
     update_run(root, tmp_path / "new.csv")
     assert not [c for c in mlflow.calls if c[0] == "metric"]
     mlflow.fail_in = None
     mlflow.calls.clear()
     outcome = update_run(root, tmp_path / "new.csv")  # the same command again
     assert outcome.already_applied
-    assert [c[1] for c in mlflow.calls if c[0] in ("made", "resumed")] == ["t", "update to version 1"]
-    assert mlflow.calls[mlflow.calls.index(("made", "update to version 1")) - 1] == ("resumed", "t")
-    gate = {c[2] for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", "update to version 1")}
+    assert [c[1] for c in mlflow.calls if c[0] in ("made", "resumed")] == ["t", GATE_RUN]
+    made_at = mlflow.calls.index(("made", GATE_RUN))
+    assert mlflow.calls[made_at - 1] == ("resumed", "t")  # nested under the experiment's run
+    gate = {c[2] for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", GATE_RUN)}
     assert gate == {"gate.candidate", "gate.promoted", "gate.gain", "gate.min_gain"}
     mlflow.calls.clear()
     update_run(root, tmp_path / "new.csv")
