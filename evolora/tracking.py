@@ -3,9 +3,10 @@
 `tracking: mlflow` (with `pip install 'evolora[mlflow]'`) logs to `tracking_uri` (default: a local SQLite
 store, `<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`): one MLflow run per experiment,
 and nested under it one per (strategy, seed) with the settings as parameters, each stage's metrics (step =
-training stage), each epoch's training and validation numbers (step = epoch, prefixed by the stage and
-job), and each stage's adapters as artifacts. An update logs its gate (both figures, the gain, the
-decision) as a run nested under the experiment.
+training stage), each stage's cost profile (`cost.<part>_seconds`, step = stage), each epoch's training
+and validation numbers (step = epoch, prefixed by the stage and job), and each stage's adapters as
+artifacts. An update logs its gate (both figures, the gain, the decision) as a run nested under the
+experiment.
 
 Reruns continue the MLflow runs they made before rather than opening new ones: the run ids, and which
 stages and gates each has logged, are kept per store in `<experiment>/tracking.json`. A resumed experiment
@@ -195,6 +196,11 @@ class MlflowTracker(Tracker):
         for name, value in record["metrics"].items():
             self.mlflow.log_metric(name, float(value), step=t)
         self.mlflow.log_metric("train_seconds", float(record["train_seconds"]), step=t)
+        cost = record.get("cost") or {}  # where the stage's time went (records before the profile lack it)
+        if "total_seconds" in cost:
+            self.mlflow.log_metric("cost.total_seconds", float(cost["total_seconds"]), step=t)
+        for part, spent in cost.get("parts", {}).items():
+            self.mlflow.log_metric(f"cost.{part}_seconds", float(spent["seconds"]), step=t)
         for job in record["jobs"]:
             for epoch in job["history"]:
                 for key, value in epoch.items():

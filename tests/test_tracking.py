@@ -120,6 +120,7 @@ def test_runs_stages_epochs_adapters_and_gates_are_logged(mlflow: Recorder, tmp_
     stage_metrics = [(c[2], c[4]) for c in mlflow.calls if c[0] == "metric" and c[1] == finetune]
     assert ("auc", 1) in stage_metrics and ("auc", 2) in stage_metrics
     assert ("stage2.default.train_loss", 2) in stage_metrics  # per epoch, step = epoch
+    assert {("cost.total_seconds", 2), ("cost.training_seconds", 2)} <= set(stage_metrics)
     assert ("artifacts", finetune, "stage-2/adapters") in mlflow.calls
     update_run(Path(cfg.output_dir) / cfg.name, tmp_path / "new.csv", method="finetune")
     gate = [c for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", GATE_RUN)]
