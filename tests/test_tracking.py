@@ -12,7 +12,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from typer.testing import CliRunner
 
+from evolora.cli import app
 from evolora.deploy.update import update_run
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
@@ -222,3 +224,32 @@ def test_an_update_logs_its_gate_once_under_the_experiments_run(mlflow: Recorder
     mlflow.calls.clear()
     update_run(root, tmp_path / "new.csv")
     assert not [c for c in mlflow.calls if c[0] in ("made", "metric")]
+
+
+def test_an_update_logs_where_it_is_told_or_not_at_all(
+    mlflow: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = pl.read_csv(HERE / "example_log.csv").sort("ts")
+    cut = int(log.height * 0.8)
+    log[:cut].write_csv(tmp_path / "base.csv")
+    log[cut:].write_csv(tmp_path / "new.csv")
+    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
+    cfg = tiny_config(tmp_path / "base.csv", tmp_path / "runs", **over)
+    run_experiment(cfg)
+    update = ["update", str(Path(cfg.output_dir) / cfg.name), "--data", str(tmp_path / "new.csv")]
+    mlflow.calls.clear()
+    elsewhere = f"sqlite:///{tmp_path / 'team.db'}"
+    result = CliRunner().invoke(
+        app, [*update, "--set", f"tracking_uri={elsewhere}", "--set", "update.min_gain=-1"]
+    )
+    assert result.exit_code == 0, result.output
+    assert ("uri", elsewhere) in mlflow.calls and ("made", GATE_RUN) in mlflow.calls
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # a serving machine without MLflow
+    new = tmp_path / "newer.csv"
+    log[cut:].with_columns(pl.col("ts").str.replace("2024", "2032")).write_csv(new)
+    update[3] = str(new)
+    result = CliRunner().invoke(app, update)
+    assert result.exit_code != 0 and "pip install 'evolora[mlflow]'" in result.output
+    result = CliRunner().invoke(app, [*update, "--set", "tracking=none"])
+    assert result.exit_code == 0 and "version 2" in result.output, result.output

@@ -40,7 +40,10 @@ def update(
     method: Method = None,
     seed: Seed = 0,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", "-s", help="gate settings, e.g. update.min_gain=0.0")
+        list[str] | None,
+        typer.Option(
+            "--set", "-s", help="gate settings, e.g. update.min_gain=0.0; tracking=none or tracking_uri=URI"
+        ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     as_json: Annotated[
@@ -53,9 +56,14 @@ def update(
 
     _setup_logging(verbose)
     _quiet_libraries()
-    bad = [s for s in set_ or [] if not s.startswith("update.")]
+    # The gate's settings and where it is logged; whatever fixes the run's numbers stays as the run had it.
+    allowed = ("update", "tracking", "tracking_uri")
+    bad = [s for s in set_ or [] if s.split("=", 1)[0].strip().split(".", 1)[0] not in allowed]
     if bad:
-        raise EvoloraError(f"--set {bad[0]}: an update takes update.* settings only (the run's are fixed)")
+        raise EvoloraError(
+            f"--set {bad[0]}: an update takes update.* settings only, and tracking or tracking_uri for where "
+            "its gate is logged (the run's other settings are fixed)"
+        )
     with progress.display(err_console):
         outcome = update_run(run_dir, data, method=method, seed=seed, overrides=set_ or [])
     v = outcome.version

@@ -76,7 +76,8 @@ def update_run(
 ) -> UpdateOutcome:
     """Train the next stage of a run's promoted version on `data_file` and gate it (see the module doc).
 
-    `overrides`: `update.*` settings as `--set` takes them (`update.min_gain=0.0`).
+    `overrides`: `update.*` settings as `--set` takes them (`update.min_gain=0.0`), or `tracking` and
+    `tracking_uri` (where the gate is logged).
     """
     keep_freed_memory()
     seed_dir, root = locate_run(Path(run_dir), method, seed)
