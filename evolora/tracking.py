@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,16 +180,11 @@ class MlflowTracker(Tracker):
         t = int(record["train_stage"])
         if self.key is None or t in self.state.get()["runs"].get(self.key, {}).get("stages", []):
             return
-        try:
-            self._stage(record, stage_dir)
-        except Exception as e:
-            log.warning(
-                "MLflow: stage %s not logged (%s: %s); the next run of the experiment logs it",
-                t, type(e).__name__, e,
-            )  # fmt: skip
-            return
-        with self.state.change() as state:
-            state["runs"].setdefault(self.key, {}).setdefault("stages", []).append(t)
+        if _logged(
+            f"stage {t}", "the next run of the experiment logs it", lambda: self._stage(record, stage_dir)
+        ):
+            with self.state.change() as state:
+                state["runs"].setdefault(self.key, {}).setdefault("stages", []).append(t)
 
     def _stage(self, record: dict[str, Any], stage_dir: Path) -> None:
         t = int(record["train_stage"])
@@ -215,23 +210,29 @@ class MlflowTracker(Tracker):
         key = f"{method} seed {seed}"
         if version in self.state.get()["gates"].get(key, []):
             return
-        try:
-            with self.mlflow.start_run(run_name=f"update of {key} to version {version}", nested=True):
-                self.mlflow.log_params(
-                    {"run": key, "version": version, "file": data.get("file"),
-                     "accepted": data.get("accepted")}
-                )  # fmt: skip
-                for name in ("candidate", "promoted", "gain", "min_gain"):
-                    self.mlflow.log_metric(f"gate.{name}", float(gate[name]))
-                self.mlflow.set_tags({"gate.decision": gate["decision"], "gate.metric": gate["metric"]})
-        except Exception as e:
-            log.warning(
-                "MLflow: the gate of version %d not logged (%s: %s); rerunning the update logs it",
-                version, type(e).__name__, e,
-            )  # fmt: skip
-            return
-        with self.state.change() as state:
-            state["gates"].setdefault(key, []).append(version)
+        if _logged(f"the gate of version {version}", "rerunning the update logs it",
+                   lambda: self._gate(key, version, gate, data)):  # fmt: skip
+            with self.state.change() as state:
+                state["gates"].setdefault(key, []).append(version)
+
+    def _gate(self, key: str, version: int, gate: dict[str, Any], data: dict[str, Any]) -> None:
+        with self.mlflow.start_run(run_name=f"update of {key} to version {version}", nested=True):
+            self.mlflow.log_params(
+                {"run": key, "version": version, "file": data.get("file"), "accepted": data.get("accepted")}
+            )
+            for name in ("candidate", "promoted", "gain", "min_gain"):
+                self.mlflow.log_metric(f"gate.{name}", float(gate[name]))
+            self.mlflow.set_tags({"gate.decision": gate["decision"], "gate.metric": gate["metric"]})
+
+
+def _logged(what: str, later: str, log_it: Callable[[], None]) -> bool:
+    """Run `log_it`; a failure is a warning (the run's own record is the reference, MLflow a view of it)."""
+    try:
+        log_it()
+    except Exception as e:
+        log.warning("MLflow: %s not logged (%s: %s); %s", what, type(e).__name__, e, later)
+        return False
+    return True
 
 
 def tracker_for(cfg: RunConfig, root: Path) -> Tracker:

@@ -199,7 +199,9 @@ def test_reruns_continue_the_runs_they_made_and_log_what_those_lack(
     assert {("auc", 1), ("auc", 2)} <= _stage_metrics(mlflow, "frozen seed 0")
 
 
-def test_an_update_logs_its_gate_once_under_the_experiments_run(mlflow: Recorder, tmp_path: Path) -> None:
+def _tracked_finetune_run(tmp_path: Path) -> tuple[Path, pl.DataFrame]:
+    """A finished run of finetune, tracked, on the first 80% of the example log; the rest is new.csv.
+    Returns the experiment folder and the new rows."""
     log = pl.read_csv(HERE / "example_log.csv").sort("ts")
     cut = int(log.height * 0.8)
     log[:cut].write_csv(tmp_path / "base.csv")
@@ -207,7 +209,11 @@ def test_an_update_logs_its_gate_once_under_the_experiments_run(mlflow: Recorder
     over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
     cfg = tiny_config(tmp_path / "base.csv", tmp_path / "runs", **over)
     run_experiment(cfg)
-    root = Path(cfg.output_dir) / cfg.name
+    return Path(cfg.output_dir) / cfg.name, log[cut:]
+
+
+def test_an_update_logs_its_gate_once_under_the_experiments_run(mlflow: Recorder, tmp_path: Path) -> None:
+    root, _ = _tracked_finetune_run(tmp_path)
     mlflow.calls.clear()
     mlflow.fail_in = GATE_RUN  # the store fails after the version is recorded
     update_run(root, tmp_path / "new.csv")
@@ -229,14 +235,8 @@ def test_an_update_logs_its_gate_once_under_the_experiments_run(mlflow: Recorder
 def test_an_update_logs_where_it_is_told_or_not_at_all(
     mlflow: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    log = pl.read_csv(HERE / "example_log.csv").sort("ts")
-    cut = int(log.height * 0.8)
-    log[:cut].write_csv(tmp_path / "base.csv")
-    log[cut:].write_csv(tmp_path / "new.csv")
-    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
-    cfg = tiny_config(tmp_path / "base.csv", tmp_path / "runs", **over)
-    run_experiment(cfg)
-    update = ["update", str(Path(cfg.output_dir) / cfg.name), "--data", str(tmp_path / "new.csv")]
+    root, new_rows = _tracked_finetune_run(tmp_path)
+    update = ["update", str(root), "--data", str(tmp_path / "new.csv")]
     mlflow.calls.clear()
     elsewhere = f"sqlite:///{tmp_path / 'team.db'}"
     result = CliRunner().invoke(
@@ -247,7 +247,7 @@ def test_an_update_logs_where_it_is_told_or_not_at_all(
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # a serving machine without MLflow
     new = tmp_path / "newer.csv"
-    log[cut:].with_columns(pl.col("ts").str.replace("2024", "2032")).write_csv(new)
+    new_rows.with_columns(pl.col("ts").str.replace("2024", "2032")).write_csv(new)
     update[3] = str(new)
     result = CliRunner().invoke(app, update)
     assert result.exit_code != 0 and "pip install 'evolora[mlflow]'" in result.output
