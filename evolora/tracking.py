@@ -130,6 +130,9 @@ class MlflowTracker(Tracker):
         except Exception:  # not in this store
             return False
 
+    def _log_params(self, params: dict[str, Any]) -> None:
+        self.mlflow.log_params({k: str(v)[:500] for k, v in _flat(params).items()})
+
     @contextlib.contextmanager
     def experiment(self, cfg: RunConfig) -> Iterator[None]:
         try:
@@ -148,13 +151,12 @@ class MlflowTracker(Tracker):
             with self.state.change() as state:
                 # Runs nested under a parent that is gone are not continued: one tree per experiment.
                 state.update(experiment=made.info.run_id, runs={}, gates={})
-            params = _flat(config_to_dict(cfg))
-            self.mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+            self._log_params(config_to_dict(cfg))
             yield
 
     @contextlib.contextmanager
     def run(self, label: str, seed: int, params: dict[str, Any], run_dir: Path) -> Iterator[None]:
-        key = f"{label} seed {seed}"
+        key = _run_key(label, seed)
         kept = self.state.get()["runs"].get(key, {})
         if self._usable(kept.get("id")):
             started = self.mlflow.start_run(run_id=kept["id"], nested=True)
@@ -164,7 +166,7 @@ class MlflowTracker(Tracker):
             if active.info.run_id != kept.get("id"):
                 with self.state.change() as state:
                     state["runs"][key] = {"id": active.info.run_id, "stages": []}
-                self.mlflow.log_params({k: str(v)[:500] for k, v in _flat(params).items()})
+                self._log_params(params)
             self.key = key
             try:
                 # Stages finished in earlier sittings that this run has not logged
@@ -207,7 +209,7 @@ class MlflowTracker(Tracker):
             self.mlflow.log_artifacts(str(adapters), artifact_path=f"stage-{t}/adapters")
 
     def gate(self, method: str, seed: int, version: int, gate: dict[str, Any], data: dict[str, Any]) -> None:
-        key = f"{method} seed {seed}"
+        key = _run_key(method, seed)
         if version in self.state.get()["gates"].get(key, []):
             return
         if _logged(f"the gate of version {version}", "rerunning the update logs it",
@@ -223,6 +225,11 @@ class MlflowTracker(Tracker):
             for name in ("candidate", "promoted", "gain", "min_gain"):
                 self.mlflow.log_metric(f"gate.{name}", float(gate[name]))
             self.mlflow.set_tags({"gate.decision": gate["decision"], "gate.metric": gate["metric"]})
+
+
+def _run_key(method: str, seed: int) -> str:
+    """A (strategy, seed) run's name in MLflow and its key in `tracking.json`."""
+    return f"{method} seed {seed}"
 
 
 def _logged(what: str, later: str, log_it: Callable[[], None]) -> bool:
