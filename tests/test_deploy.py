@@ -244,6 +244,8 @@ def test_update_settings_are_checked(batches: dict[str, Path], tmp_path: Path) -
         app, ["update", str(root), "--data", str(batches["b1"]), "--set", "train.lr=1"]
     )
     assert result.exit_code == 2 and "update.* settings only" in result.output
+    with pytest.raises(ConfigError, match=r"train\.lr=1: an update takes update\.\* settings only"):
+        update_run(root, batches["b1"], overrides=["train.lr=1"])  # the Python API checks them too
     with pytest.raises(ConfigError, match=r"update\.metric='nope'"):
         update_run(root, batches["b1"], overrides=["update.metric=nope"])
     assert json.loads((root / "experiment.json").read_text())["data_files"]["files"]

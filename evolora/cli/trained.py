@@ -56,14 +56,6 @@ def update(
 
     _setup_logging(verbose)
     _quiet_libraries()
-    # The gate's settings and where it is logged; whatever fixes the run's numbers stays as the run had it.
-    allowed = ("update", "tracking", "tracking_uri")
-    bad = [s for s in set_ or [] if s.split("=", 1)[0].strip().split(".", 1)[0] not in allowed]
-    if bad:
-        raise EvoloraError(
-            f"--set {bad[0]}: an update takes update.* settings only, and tracking or tracking_uri for where "
-            "its gate is logged (the run's other settings are fixed)"
-        )
     with progress.display(err_console):
         outcome = update_run(run_dir, data, method=method, seed=seed, overrides=set_ or [])
     v = outcome.version

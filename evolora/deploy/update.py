@@ -58,6 +58,7 @@ from evolora.tracking import check_tracking, tracker_for
 log = logging.getLogger("evolora")
 
 _KEY = ["user_id", "item_id", "rating", "timestamp"]
+_OVERRIDABLE = ("update", "tracking", "tracking_uri")  # the settings one update may change
 
 
 @dataclass
@@ -79,6 +80,13 @@ def update_run(
     `overrides`: `update.*` settings as `--set` takes them (`update.min_gain=0.0`), or `tracking` and
     `tracking_uri` (where the gate is logged).
     """
+    # The gate's settings and where it is logged; whatever fixes the run's numbers stays as the run had it.
+    bad = [s for s in overrides or [] if s.split("=", 1)[0].strip().split(".", 1)[0] not in _OVERRIDABLE]
+    if bad:
+        raise ConfigError(
+            f"{bad[0]}: an update takes update.* settings only, and tracking or tracking_uri for where "
+            "its gate is logged (the run's other settings are fixed)"
+        )
     keep_freed_memory()
     seed_dir, root = locate_run(Path(run_dir), method, seed)
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
