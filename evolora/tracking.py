@@ -1,12 +1,12 @@
 """Experiment tracking: optional MLflow logging of runs, stages, epochs, adapters and update gates.
 
 `tracking: mlflow` (with `pip install 'evolora[mlflow]'`) logs to `tracking_uri` (default: a local SQLite
-store, `<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`): one MLflow run per experiment,
-and nested under it one per (strategy, seed) with the settings as parameters, each stage's metrics (step =
-training stage), each stage's cost profile (`cost.<part>_seconds`, step = stage), each epoch's training
-and validation numbers (step = epoch, prefixed by the stage and job), and each stage's adapters as
-artifacts. An update logs its gate (both figures, the gain, the decision) as a run nested under the
-experiment.
+store, `<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`; with a tracking server, its own
+artifact store): one MLflow run per experiment, and nested under it one per (strategy, seed) with the
+settings as parameters, each stage's metrics (step = training stage), each stage's cost profile
+(`cost.<part>_seconds`, step = stage), each epoch's training and validation numbers (step = epoch, prefixed
+by the stage and job), and each stage's adapters as artifacts. An update logs its gate (both figures, the
+gain, the decision) as a run nested under the experiment.
 
 Reruns continue the MLflow runs they made before rather than opening new ones: the run ids, and which
 stages and gates each has logged, are kept per store in `<experiment>/tracking.json`. A resumed experiment
@@ -41,15 +41,30 @@ STATE_FILE = "tracking.json"
 def _mlflow() -> Any:
     try:
         import mlflow
-    except ImportError:
-        raise ConfigError("tracking: mlflow needs MLflow: pip install 'evolora[mlflow]'") from None
-    return mlflow
+    except ImportError as e:
+        if e.name == "mlflow":
+            raise ConfigError("tracking: mlflow needs MLflow: pip install 'evolora[mlflow]'") from None
+        broken = e
+    except Exception as e:  # an installed MLflow at odds with its environment fails in many ways
+        broken = e
+    else:
+        return mlflow
+    # Installed but not importable: "pip install" would not help, the missing piece does.
+    raise ConfigError(
+        f"tracking: MLflow is installed but cannot be imported here: {type(broken).__name__}: {broken}"
+    ) from None
 
 
 def check_tracking(cfg: RunConfig) -> None:
     """Fail before any work when the configured tracker cannot be used."""
     if cfg.tracking == "mlflow":
         _mlflow()
+
+
+def _served(uri: str) -> bool:
+    """Whether `uri` names an MLflow tracking server (which has an artifact store of its own)."""
+    scheme = uri.split(":", 1)[0].lower()
+    return scheme in ("http", "https") or scheme.startswith("databricks")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -118,7 +133,9 @@ class MlflowTracker(Tracker):
         self.mlflow = _mlflow()
         out = Path(cfg.output_dir).resolve()
         self.uri = cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
-        self.artifacts = (out / "mlartifacts").as_uri()
+        # A tracking server keeps artifacts in its own store, where everyone who reads the server finds
+        # them; a store without a server (SQLite, files, a database) has none, so they go next to the runs.
+        self.artifacts = None if _served(self.uri) else (out / "mlartifacts").as_uri()
         self.state = _State(Path(root), self.uri)
         self.key: str | None = None  # the (strategy, seed) run open now
 

@@ -18,6 +18,7 @@ from evolora.cli import app
 from evolora.deploy.update import update_run
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
+from evolora.tracking import MlflowTracker
 from tests.helpers import EXAMPLE_TABLE, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
@@ -130,6 +131,20 @@ def test_runs_stages_epochs_adapters_and_gates_are_logged(mlflow: Recorder, tmp_
     assert any(c[0] == "tags" and "gate.decision" in c[2] for c in mlflow.calls)
 
 
+@pytest.mark.parametrize(
+    ("uri", "local"),
+    [("http://team:5000", False), ("databricks", False), ("sqlite:///x.db", True), ("file:///m", True)],
+)
+def test_artifacts_go_to_a_servers_store_and_next_to_the_runs_otherwise(
+    mlflow: Recorder, sunny_dir: Path, tmp_path: Path, uri: str, local: bool
+) -> None:
+    cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri=uri)
+    with MlflowTracker(cfg, tmp_path / cfg.name).experiment(cfg):
+        pass
+    where = (tmp_path / "mlartifacts").resolve().as_uri() if local else None  # None: the server decides
+    assert ("created", cfg.name, where) in mlflow.calls
+
+
 def test_mlflow_missing_is_a_config_error_before_any_work(
     monkeypatch: pytest.MonkeyPatch, sunny_dir: Path, tmp_path: Path
 ) -> None:
@@ -138,6 +153,20 @@ def test_mlflow_missing_is_a_config_error_before_any_work(
     with pytest.raises(ConfigError, match=r"pip install 'evolora\[mlflow\]'"):
         run_experiment(cfg)
     assert not (tmp_path / cfg.name).exists()
+
+
+def test_an_mlflow_that_cannot_be_imported_says_why_not_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, sunny_dir: Path, tmp_path: Path
+) -> None:
+    # MLflow 2.10 on a recent setuptools: installed, but its own import of pkg_resources fails
+    fake = tmp_path / "site"
+    fake.mkdir()
+    (fake / "mlflow.py").write_text("import evolora_test_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(fake))
+    monkeypatch.delitem(sys.modules, "mlflow", raising=False)
+    cfg = tiny_config(sunny_dir, tmp_path / "runs", tracking="mlflow")
+    with pytest.raises(ConfigError, match=r"installed but cannot be imported.*evolora_test_missing_dep"):
+        run_experiment(cfg)
 
 
 def _made(mlflow: Recorder) -> list[str]:
