@@ -58,9 +58,8 @@ def numeric(
 
 def join_or_null(lists: pl.Expr, sep: str) -> pl.Expr:
     """Join a list column into one string; empty lists become null."""
-    cleaned = (
-        lists.list.eval(pl.element().str.strip_chars()).list.drop_nulls().list.filter(pl.element() != "")
-    )
+    stripped = pl.element().str.strip_chars()  # list.eval: polars 1.28 has no list.filter
+    cleaned = lists.list.eval(stripped.filter(stripped.is_not_null() & (stripped != "")))
     return pl.when(cleaned.list.len() > 0).then(cleaned.list.join(sep))
 
 

@@ -146,8 +146,9 @@ def split_leave_last_out(table: SampleTable) -> dict[int, StagePools]:
     # Position from the end among the real samples of (user, stage); rows are in time order. A sampled
     # negative follows its positive and takes its position, so the two land in the same pool.
     group = ["user_id", "stage"]
-    back = real.cast(pl.Int64).cum_sum(reverse=True).over(group)
-    df = df.select("_i", "stage", _back=pl.when(real).then(back).forward_fill().over(group))
+    # Two steps: polars 1.33 and 1.34 refuse a window expression inside another window's aggregation.
+    df = df.with_columns(_back=real.cast(pl.Int64).cum_sum(reverse=True).over(group))
+    df = df.select("_i", "stage", _back=pl.when(real).then(pl.col("_back")).forward_fill().over(group))
     pools: dict[int, StagePools] = {}
     for s in range(1, table.n_stages + 1):
         part = df.filter(pl.col("stage") == s)
