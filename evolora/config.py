@@ -639,7 +639,8 @@ class RunConfig(Section):
         "none", description="mlflow: log runs, stages, epochs, adapters and update gates (evolora[mlflow])"
     )
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; default: sqlite:///<output_dir>/mlflow.db"
+        None,
+        description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db",
     )
 
     @property

@@ -1,12 +1,12 @@
 """Experiment tracking: optional MLflow logging of runs, stages, epochs, adapters and update gates.
 
-`tracking: mlflow` (with `pip install 'evolora[mlflow]'`) logs to `tracking_uri` (default: a local SQLite
-store, `<output_dir>/mlflow.db`, artifacts in `<output_dir>/mlartifacts`; with a tracking server, its own
-artifact store): one MLflow run per experiment, and nested under it one per (strategy, seed) with the
-settings as parameters, each stage's metrics (step = training stage), each stage's cost profile
-(`cost.<part>_seconds`, step = stage), each epoch's training and validation numbers (step = epoch, prefixed
-by the stage and job), and each stage's adapters as artifacts. An update logs its gate (both figures, the
-gain, the decision) as a run nested under the experiment.
+`tracking: mlflow` (with `pip install 'evolora[mlflow]'`) logs to `tracking_uri` (unset:
+`$MLFLOW_TRACKING_URI`, else a local SQLite store, `<output_dir>/mlflow.db`, artifacts in
+`<output_dir>/mlartifacts`; with a tracking server, its own artifact store): one MLflow run per experiment,
+and nested under it one per (strategy, seed) with the settings as parameters, each stage's metrics (step =
+training stage), each stage's cost profile (`cost.<part>_seconds`, step = stage), each epoch's training and
+validation numbers (step = epoch, prefixed by the stage and job), and each stage's adapters as artifacts. An
+update logs its gate (both figures, the gain, the decision) as a run nested under the experiment.
 
 Reruns continue the MLflow runs they made before rather than opening new ones: the run ids, and which
 stages and gates each has logged, are kept per store in `<experiment>/tracking.json`. A resumed experiment
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from evolora.io import atomic_write_json, read_json
 log = logging.getLogger("evolora")
 
 STATE_FILE = "tracking.json"
+URI_ENV = "MLFLOW_TRACKING_URI"  # the store when `tracking_uri` is not set
 
 
 def _mlflow() -> Any:
@@ -132,7 +134,9 @@ class MlflowTracker(Tracker):
     def __init__(self, cfg: RunConfig, root: Path) -> None:
         self.mlflow = _mlflow()
         out = Path(cfg.output_dir).resolve()
-        self.uri = cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
+        # MLflow's own variable comes next, as in other tools that log to MLflow: a team that points every
+        # tool at its server with it should not find evolora's runs in a local file instead.
+        self.uri = cfg.tracking_uri or os.environ.get(URI_ENV) or f"sqlite:///{out / 'mlflow.db'}"
         # A tracking server keeps artifacts in its own store, where everyone who reads the server finds
         # them; a store without a server (SQLite, files, a database) has none, so they go next to the runs.
         self.artifacts = None if _served(self.uri) else (out / "mlartifacts").as_uri()

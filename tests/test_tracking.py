@@ -18,7 +18,7 @@ from evolora.cli import app
 from evolora.deploy.update import update_run
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
-from evolora.tracking import MlflowTracker
+from evolora.tracking import URI_ENV, MlflowTracker
 from tests.helpers import EXAMPLE_TABLE, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
@@ -96,6 +96,7 @@ class Recorder(types.ModuleType):
 def mlflow(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     recorder = Recorder()
     monkeypatch.setitem(sys.modules, "mlflow", recorder)
+    monkeypatch.delenv(URI_ENV, raising=False)  # the default store is tested, whatever this machine sets
     return recorder
 
 
@@ -153,6 +154,21 @@ def test_mlflow_missing_is_a_config_error_before_any_work(
     with pytest.raises(ConfigError, match=r"pip install 'evolora\[mlflow\]'"):
         run_experiment(cfg)
     assert not (tmp_path / cfg.name).exists()
+
+
+def test_mlflows_own_variable_names_the_store_unless_the_config_does(
+    mlflow: Recorder, sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(URI_ENV, "http://team:5000")
+    cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow")
+    with MlflowTracker(cfg, tmp_path / cfg.name).experiment(cfg):
+        pass
+    assert ("uri", "http://team:5000") in mlflow.calls and ("created", cfg.name, None) in mlflow.calls
+    mlflow.calls.clear()
+    cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri="sqlite:///mine.db")
+    with MlflowTracker(cfg, tmp_path / cfg.name).experiment(cfg):
+        pass
+    assert ("uri", "sqlite:///mine.db") in mlflow.calls
 
 
 def test_an_mlflow_that_cannot_be_imported_says_why_not_to_install_it(
