@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from evolora.cli import app
+from evolora.config import RunConfig
 from evolora.deploy.update import update_run
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
@@ -132,6 +133,12 @@ def test_runs_stages_epochs_adapters_and_gates_are_logged(mlflow: Recorder, tmp_
     assert any(c[0] == "tags" and "gate.decision" in c[2] for c in mlflow.calls)
 
 
+def _open_experiment(cfg: RunConfig, out: Path) -> None:
+    """What a run does with the store before any work: open (or make) the experiment and its run."""
+    with MlflowTracker(cfg, out / cfg.name).experiment(cfg):
+        pass
+
+
 @pytest.mark.parametrize(
     ("uri", "local"),
     [("http://team:5000", False), ("databricks", False), ("sqlite:///x.db", True), ("file:///m", True)],
@@ -140,8 +147,7 @@ def test_artifacts_go_to_a_servers_store_and_next_to_the_runs_otherwise(
     mlflow: Recorder, sunny_dir: Path, tmp_path: Path, uri: str, local: bool
 ) -> None:
     cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri=uri)
-    with MlflowTracker(cfg, tmp_path / cfg.name).experiment(cfg):
-        pass
+    _open_experiment(cfg, tmp_path)
     where = (tmp_path / "mlartifacts").resolve().as_uri() if local else None  # None: the server decides
     assert ("created", cfg.name, where) in mlflow.calls
 
@@ -161,13 +167,11 @@ def test_mlflows_own_variable_names_the_store_unless_the_config_does(
 ) -> None:
     monkeypatch.setenv(URI_ENV, "http://team:5000")
     cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow")
-    with MlflowTracker(cfg, tmp_path / cfg.name).experiment(cfg):
-        pass
+    _open_experiment(cfg, tmp_path)
     assert ("uri", "http://team:5000") in mlflow.calls and ("created", cfg.name, None) in mlflow.calls
     mlflow.calls.clear()
     cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri="sqlite:///mine.db")
-    with MlflowTracker(cfg, tmp_path / cfg.name).experiment(cfg):
-        pass
+    _open_experiment(cfg, tmp_path)
     assert ("uri", "sqlite:///mine.db") in mlflow.calls
 
 
