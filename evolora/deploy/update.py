@@ -35,7 +35,7 @@ import polars as pl
 
 from evolora.allocator import keep_freed_memory
 from evolora.bundle import write_bundle
-from evolora.config import RunConfig, StrategySpec, load_config
+from evolora.config import RunConfig, StrategySpec, load_config, parse_override
 from evolora.continual import Env, build_strategy
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
@@ -81,7 +81,7 @@ def update_run(
     `tracking_uri` (where the gate is logged).
     """
     # The gate's settings and where it is logged; whatever fixes the run's numbers stays as the run had it.
-    bad = [s for s in overrides or [] if s.split("=", 1)[0].strip().split(".", 1)[0] not in _OVERRIDABLE]
+    bad = [s for s in overrides or [] if parse_override(s)[0][0] not in _OVERRIDABLE]
     if bad:
         raise ConfigError(
             f"{bad[0]}: an update takes update.* settings only, and tracking or tracking_uri for where "
