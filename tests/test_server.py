@@ -133,6 +133,11 @@ def test_health_docs_and_size_limit(server) -> None:
     json_type = {"content-type": "application/json"}
     big = httpx.post(f"{url}/score", content=b"{" + b" " * (2 << 20) + b"}", headers=json_type)
     assert big.status_code == 413
+    chunks = (b" " * 65536 for _ in range(40))  # 2.5 MiB that never declare their length
+    chunked = httpx.post(f"{url}/score", content=chunks, headers=json_type)
+    assert chunked.status_code == 413, chunked.text
+    small = (part for part in [b'{"user": "user-01", ', b'"items": ["sku-001"]}'])
+    assert httpx.post(f"{url}/score", content=small, headers=json_type, timeout=60).status_code == 200
     r = httpx.post(f"{url}/score", content=b"not json", headers=json_type)
     assert r.status_code == 422
 
@@ -186,3 +191,52 @@ def test_a_bad_request_fails_alone_not_its_batch(server) -> None:
     assert isinstance(bad, EvoloraError) and "the rating of 'sku-001' is nan" in str(bad)
     assert [s["item"] for s in good["items"]] == ["sku-001"]
     assert [s["item"] for s in other["items"]] == ["sku-002", "sku-004"]
+
+
+def test_a_version_switch_tears_the_old_model_down_after_its_batch(deployed: Path) -> None:
+    """A version promoted while a batch computes is served from the next batch on; the old version is torn
+    down only once that batch is answered (its teardown changes the model the batch is computing on)."""
+    import asyncio
+
+    holder = ModelHolder(deployed, poll_seconds=0.05)
+    assert holder.served.version == 1
+    events: list[str] = []
+    holder.served.rec.strategy.teardown = lambda: events.append("teardown of 1")
+    computing, finish = threading.Event(), threading.Event()
+
+    def answer(served, batch):
+        computing.set()
+        assert finish.wait(60)
+        events.append(f"answered on {served.version}")
+        return [{"version": served.version} for _ in batch]
+
+    batcher = Batcher(holder)
+    batcher._answer = answer
+
+    async def one_request_through_a_switch() -> dict:
+        loop = asyncio.get_running_loop()
+        worker = asyncio.create_task(batcher.run())
+        future = loop.create_future()
+        await batcher.queue.put(_Request("score", "user-01", None, ["sku-001"], 0, future, loop))
+        assert await asyncio.to_thread(computing.wait, 60)
+        Versions.open(deployed, "finetune", 0, 2).rollback(0)  # promoted while the batch computes
+        watcher = threading.Thread(target=holder.watch, daemon=True)
+        watcher.start()
+        deadline = time.monotonic() + 60
+        while holder.served.version != 0:
+            assert time.monotonic() < deadline, "the watcher never switched versions"
+            await asyncio.sleep(0.05)
+        assert events == []  # switched, but the batch in flight still uses version 1 untouched
+        finish.set()
+        answered = await future
+        holder.stop()
+        worker.cancel()
+        return answered
+
+    try:
+        assert asyncio.run(one_request_through_a_switch()) == {"version": 1}
+        assert events == ["answered on 1", "teardown of 1"]
+    finally:
+        finish.set()
+        holder.stop()
+        Versions.open(deployed, "finetune", 0, 2).rollback(1)  # leave the fixture as it was

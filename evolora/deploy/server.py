@@ -13,7 +13,8 @@ samples, so concurrent clients share batches; a request the model cannot answer 
 a malformed rating) fails alone, not the batch it arrived in. A watcher polls the run's versions: when
 another version is promoted (`evolora update`, `evolora rollback`, in any process), it loads that version
 beside the served one and swaps them between two batches; requests in flight finish on the version they
-started with, and every answer names its version. Requests only name users and items: nothing a client
+started with (the old one is torn down only once its last batch is answered), and every answer names its
+version. Requests only name users and items: nothing a client
 sends becomes a path.
 """
 
@@ -51,6 +52,8 @@ class Served:
     rec: Recommender
     version: int
     info: dict[str, Any]
+    in_use: int = 0  # batches computing on it now
+    retired: bool = False  # another version is served: tear this one down once `in_use` falls to 0
 
 
 @dataclass
@@ -74,6 +77,7 @@ class ModelHolder:
     poll_seconds: float = 0.5
     served: Served | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         seed_dir, self.root = locate_run(Path(self.run_dir), self.method, self.seed)
@@ -96,15 +100,41 @@ class ModelHolder:
         log.info("serving version %d (stage %d), loaded in %.1f s", v.id, v.stage, time.perf_counter() - t0)
         return Served(rec, version, info)
 
+    def acquire(self) -> Served:
+        """The version to answer a batch with; `release` it when the batch is answered."""
+        with self._lock:
+            served = self.served
+            assert served is not None
+            served.in_use += 1
+            return served
+
+    def release(self, served: Served) -> None:
+        with self._lock:
+            served.in_use -= 1
+            done = served.retired and served.in_use == 0
+        if done:
+            served.rec.strategy.teardown()
+
+    def switch_to(self, version: int) -> None:
+        """Load `version` and serve it from the next batch on; the one it replaces is torn down after
+        the batches still computing on it (a teardown can change the shared model under them)."""
+        fresh = self._load(version)
+        with self._lock:
+            old, self.served = self.served, fresh
+            if old is None:
+                return
+            old.retired = True
+            idle = old.in_use == 0
+        if idle:
+            old.rec.strategy.teardown()
+
     def watch(self) -> None:
         """Poll for another promoted version and swap it in (run in a thread)."""
         while not self._stop.wait(self.poll_seconds):
             try:
                 promoted = self._promoted()
                 if self.served is not None and promoted != self.served.version:
-                    fresh = self._load(promoted)
-                    old, self.served = self.served, fresh  # one assignment: the next batch uses the new one
-                    old.rec.strategy.teardown()
+                    self.switch_to(promoted)
             except Exception as e:  # a half-written registry or a failed load: keep serving, retry later
                 log.warning("could not switch versions yet: %s", e)
 
@@ -127,10 +157,12 @@ class Batcher:
             batch = [await self.queue.get()]
             while not self.queue.empty() and self._rows(batch) < self.max_batch:
                 batch.append(self.queue.get_nowait())
-            served = self.holder.served
-            assert served is not None
+            served = self.holder.acquire()
             try:
-                answers = await loop.run_in_executor(self.executor, self._answer, served, batch)
+                try:
+                    answers = await loop.run_in_executor(self.executor, self._answer, served, batch)
+                finally:
+                    await loop.run_in_executor(self.executor, self.holder.release, served)
                 for req, answer in zip(batch, answers, strict=True):
                     if req.future.done():
                         continue
@@ -207,12 +239,52 @@ class RecommendQuery(Query):
     )
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before anything parses it, whether it
+    declares its length or arrives in chunks (which declare none)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        body, size, more = [], 0, True
+        while more:  # at most `limit` bytes are held: the body is read once, here, and replayed
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(body), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        from fastapi.responses import JSONResponse
+
+        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
 def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
     """The FastAPI application serving `holder`'s promoted version."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import JSONResponse
+    from fastapi import FastAPI, HTTPException
 
     batcher = Batcher(holder, max_batch)
 
@@ -229,12 +301,7 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
         title="evolora", description=f"{holder.method}, a deployed run of {holder.root}", lifespan=lifespan
     )
 
-    @app.middleware("http")
-    async def limit_size(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and int(size) > MAX_BODY_BYTES:
-            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
     def check(query: Query, items: list[str] | None) -> None:
         served = holder.served
