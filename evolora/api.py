@@ -37,7 +37,7 @@ from evolora.errors import ConfigError, EvoloraError
 from evolora.eval.report import Report, compose_report
 from evolora.experiment import build_model_and_task, resolve_config, run_experiment
 from evolora.io import read_json
-from evolora.queries import History, history_entry, item_list, locate_run, rating_of
+from evolora.queries import History, history_pairs, item_list, locate_run
 
 log = logging.getLogger("evolora")
 
@@ -142,6 +142,9 @@ class Recommender:
                 at_stage["user_id"], at_stage["items"], at_stage["ratings"], strict=True
             )
         }
+        # Every item a user rated up to the stage (bundles of older evolora runs keep only the history).
+        seen = at_stage["seen"] if "seen" in at_stage.columns else at_stage["items"]
+        self._seen = dict(zip(at_stage["user_id"], seen, strict=True))
         items = prepared.data.items
         self._titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
         self.like_threshold = prepared.data.like_threshold
@@ -247,7 +250,8 @@ class Recommender:
             if not items:
                 raise EvoloraError("score(): give at least one item to score")
             self._check_items(items, "items")
-            resolved.append((user, *self._history(history, user), items))
+            hist_items, hist_ratings, _ = self._history(history, user)
+            resolved.append((user, hist_items, hist_ratings, items))
         return self._score_resolved(resolved)
 
     def _score_resolved(
@@ -276,7 +280,8 @@ class Recommender:
 
         Next-item runs generate them (trie-constrained beam search with at least `k` beams for LLMs, a full
         ranking for conventional models); CTR runs rank the candidate `items` by P(like). `exclude_seen`
-        leaves out items of the history.
+        leaves out every item of the history given, or every item `user` rated up to the stage (the model
+        reads only the latest `task.history_len` of them).
         """
         if k < 1:
             raise EvoloraError(f"k={k}: ask for at least one item")
@@ -295,14 +300,14 @@ class Recommender:
     ) -> list[Ranked]:
         """`recommend` (CTR runs) for several (history, candidate items, k, user) queries in one pass: each
         query's candidates by P(like), best first, duplicates once; with `exclude_seen`, candidates in the
-        history are left out and named in `left_out_seen`."""
+        history (every item `user` rated up to the stage) are left out and named in `left_out_seen`."""
         if self.task_name != "ctr":
             raise EvoloraError("a next-item run generates its recommendations: recommend_many")
         resolved, spans = [], []
         for history, items, k, user in queries:
-            hist_items, hist_ratings = self._history(history, user)
+            hist_items, hist_ratings, seen = self._history(history, user)
             self._check_items(items, "items")
-            seen = set(hist_items) if exclude_seen else set()
+            seen = seen if exclude_seen else set()
             asked = list(dict.fromkeys(items))
             candidates = [i for i in asked if i not in seen]
             spans.append((len(resolved), k, bool(candidates), [i for i in asked if i in seen]))
@@ -329,26 +334,38 @@ class Recommender:
             raise EvoloraError("a CTR run ranks given candidates: score them")
         histories = [self._history(history, user) for history, _, user in queries]
         target = next(iter(self._task.items))  # any known item: generation ignores the target
-        rows = [self._row(user, target, *h) for (_, _, user), h in zip(queries, histories, strict=True)]
-        # Excluded items can end beams: search wider than k by the history's length.
-        widest = max(
-            k + (len(h[0]) if exclude_seen else 0) for (_, k, _), h in zip(queries, histories, strict=True)
-        )
-        # No more beams than items: each finished beam is a distinct item.
-        beams = min(max(widest, getattr(self._task.cfg, "beams", widest)), len(self._task.items))
-        ranked = self.predict_samples(query_frame(rows), beams=beams, exclude_history=exclude_seen)
-        ids = self._task.item_ids
-        out = []
-        for q, ((_, k, _), (hist_items, _)) in enumerate(zip(queries, histories, strict=True)):
-            top = [
-                Scored(ids[int(i)], float(s), self._titles.get(ids[int(i)]))
-                for i, s in zip(ranked.items[q], ranked.scores[q], strict=True)
-                if i >= 0 and np.isfinite(s)
-            ]
-            if exclude_seen:  # a conventional model sees only its latest `max_len` history items
-                top = [s for s in top if s.item not in set(hist_items)]
-            out.append(top[:k])
+        rows = [self._row(u, target, h, r) for (_, _, u), (h, r, _) in zip(queries, histories, strict=True)]
+        n_items = len(self._task.items)
+        # The search leaves out the history the model reads; older seen items (and for conventional models
+        # history past their `max_len`) are filtered after it and can take beams: search wider than k.
+        widths = [k + len(h) * exclude_seen for (_, k, _), (h, _, _) in zip(queries, histories, strict=True)]
+        out: list[list[Scored]] = [[] for _ in queries]
+        pending = list(range(len(queries)))
+        for attempt in range(2):
+            # No more beams than items: each finished beam is a distinct item.
+            widest = max(widths[q] for q in pending)
+            beams = min(max(widest, getattr(self._task.cfg, "beams", widest)), n_items)
+            frame = query_frame([rows[q] for q in pending])
+            ranked = self.predict_samples(frame, beams=beams, exclude_history=exclude_seen)
+            short = []
+            for at, q in enumerate(pending):
+                k, seen = queries[q][1], histories[q][2] if exclude_seen else set()
+                out[q] = [s for s in self._top(ranked, at) if s.item not in seen][:k]
+                if len(out[q]) < k and beams < n_items and attempt == 0:
+                    short.append(q)  # seen items took the beams: again, wide enough for all of them
+                    widths[q] = k + len(seen)
+            pending = short
+            if not pending:
+                break
         return out
+
+    def _top(self, ranked: Any, row: int) -> list[Scored]:
+        ids = self._task.item_ids
+        return [
+            Scored(ids[int(i)], float(s), self._titles.get(ids[int(i)]))
+            for i, s in zip(ranked.items[row], ranked.scores[row], strict=True)
+            if i >= 0 and np.isfinite(s)
+        ]
 
     @property
     def known_items(self) -> frozenset[str]:
@@ -368,26 +385,20 @@ class Recommender:
             "hist_ratings": hist_ratings,
         }
 
-    def _history(self, history: History, user: str | None) -> tuple[list[str], list[float]]:
+    def _history(self, history: History, user: str | None) -> tuple[list[str], list[float], set[str]]:
+        """(the history the model reads: the latest `task.history_len` items, their ratings; every item
+        of the history or that the user rated: what recommendations leave out)."""
         if user is not None and history is not None:
             raise EvoloraError("give a user or a history, not both")
         if user is not None:
-            return self.history_of(str(user))
-        liked = self.like_threshold + 1.0  # an item given without a rating counts as liked
-        if history is None:
-            pairs: list[tuple[str, float]] = []
-        elif isinstance(history, str | bytes):
-            raise EvoloraError(
-                f"history: a list of item ids or (item, rating) pairs, not the string {history!r}"
-            )
-        elif isinstance(history, Mapping):
-            pairs = [(str(i), rating_of(r, i)) for i, r in history.items()]
-        else:
-            pairs = [history_entry(h, liked) for h in history]
+            items, ratings = self.history_of(str(user))
+            return items, ratings, set(self._seen[str(user)])
+        # an item given without a rating counts as liked
+        pairs = history_pairs(history, self.like_threshold + 1.0)
         self._check_items([i for i, _ in pairs], "history")
-        keep = self._task.table.history_len
-        pairs = pairs[-keep:]
-        return [i for i, _ in pairs], [r for _, r in pairs]
+        seen = {i for i, _ in pairs}
+        pairs = pairs[-self._task.table.history_len :]
+        return [i for i, _ in pairs], [r for _, r in pairs], seen
 
     def _check_items(self, items: list[str], what: str) -> None:
         if isinstance(items, str | bytes):

@@ -4,7 +4,8 @@
         bundle.json          dataset name, like threshold, stages, the history a sample keeps
         items.parquet        the item table (ids, titles, text fields, semantic IDs where the data has them)
         histories.parquet    every user's latest interactions at the end of each stage (stage, user_id,
-                             items, ratings): what "recommend for user U" reads
+                             items, ratings), and every item they rated up to it (seen): what "recommend
+                             for user U" reads
         id_space.json        user and item indices (conventional models, RecLoRA's router)
         _shared/             the run's cached semantic IDs and item embeddings, as `RunConfig.shared_root`
                              lays them out, so the task builders find them with `output_dir` set here
@@ -38,17 +39,22 @@ def bundle_dir(root: Path) -> Path:
 
 
 def user_histories(staged: pl.DataFrame, n_stages: int, keep: int) -> pl.DataFrame:
-    """Per stage t and user: the user's latest `keep` interactions of stages <= t, oldest first."""
+    """Per stage t and user: the user's latest `keep` interactions of stages <= t, oldest first, and
+    `seen`, every item they rated in stages <= t (what a recommendation leaves out)."""
     ordered = staged.with_row_index("_row").sort(["user_id", "timestamp", "_row"])
     parts = []
     for t in range(1, n_stages + 1):
         parts.append(
             ordered.filter(pl.col("stage") <= t)
             .group_by("user_id", maintain_order=True)
-            .agg(items=pl.col("item_id").tail(keep), ratings=pl.col("rating").tail(keep))
+            .agg(
+                items=pl.col("item_id").tail(keep),
+                ratings=pl.col("rating").tail(keep),
+                seen=pl.col("item_id").unique(maintain_order=True),
+            )
             .with_columns(stage=pl.lit(t, dtype=pl.Int32))
         )
-    return pl.concat(parts).select("stage", "user_id", "items", "ratings")
+    return pl.concat(parts).select("stage", "user_id", "items", "ratings", "seen")
 
 
 def _write_parquet(path: Path, df: pl.DataFrame) -> None:

@@ -43,6 +43,19 @@ def history_entry(entry: Any, liked: float) -> tuple[str, float]:
     return str(entry), liked
 
 
+def history_pairs(history: History, liked: float) -> list[tuple[str, float]]:
+    """A history as (item id, rating) pairs, oldest first; ids given without a rating count as `liked`."""
+    if history is None:
+        return []
+    if isinstance(history, str | bytes):
+        raise EvoloraError(f"history: a list of item ids or (item, rating) pairs, not the string {history!r}")
+    if isinstance(history, Mapping):
+        return [(str(i), rating_of(r, i)) for i, r in history.items()]
+    if not isinstance(history, Iterable):
+        raise EvoloraError(f"history: a list of item ids or (item, rating) pairs, not {history!r}")
+    return [history_entry(h, liked) for h in history]
+
+
 def locate_run(path: Path, method: str | None, seed: int) -> tuple[Path, Path]:
     """(the run's seed folder, the experiment folder) from either of them."""
     if (path / "results.json").is_file():

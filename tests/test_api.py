@@ -6,6 +6,7 @@ import itertools
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import yaml
 
@@ -97,6 +98,28 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
             rec.score(history, ["2"])
 
 
+def test_recommendations_leave_out_every_item_rated_not_only_the_history_read(ctr_run) -> None:
+    """The model reads a user's latest `task.history_len` items; what they rated before is seen too."""
+    cfg, _ = ctr_run
+    rec = evolora.Recommender.load(Path(cfg.output_dir) / cfg.name, method="finetune")
+    staged = prepare_data(cfg).staged
+    rated = staged.filter(pl.col("stage") <= rec.stage).group_by("user_id").agg(pl.col("item_id").unique())
+    keep = rec._task.table.history_len
+    user, everything = next((u, set(i)) for u, i in rated.iter_rows() if len(set(i)) > keep)
+    read = set(rec.history_of(user)[0])
+    older = sorted(everything - read)
+    assert older and len(read) <= keep
+    fresh = sorted(rec.known_items - everything)[:2]
+    ranked = rec.rank_many([(None, [*older, *fresh], 5, user)])[0]
+    assert sorted(s.item for s in ranked.items) == fresh and ranked.left_out_seen == older
+    everyone = rec.recommend(user=user, items=[*older, *fresh], k=len(older) + 2, exclude_seen=False)
+    assert sorted(s.item for s in everyone) == sorted([*older, *fresh])
+    # A history given longer than the model reads: every item of it is seen.
+    history = sorted(rec.known_items)[: keep + 2]
+    ranked = rec.rank_many([(history, sorted(rec.known_items)[: keep + 4], 8, None)])[0]
+    assert ranked.left_out_seen == history and len(ranked.items) == 2
+
+
 def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
     peso = write_peso_cycle(tmp_path / "cycle")
     over = {
@@ -124,6 +147,11 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
         # k past the catalogue: every item not in the history, once (the search is no wider than it)
         everything = rec.recommend(["1", "2", "3"], k=10 * len(rec.known_items))
         assert sorted(s.item for s in everything) == sorted(set(rec.known_items) - {"1", "2", "3"})
+        # A history longer than the model reads (8): all of it is left out, however many items asked.
+        long = sorted(rec.known_items)[:10]
+        rest = rec.recommend(long, k=len(rec.known_items))
+        assert sorted(s.item for s in rest) == sorted(set(rec.known_items) - set(long))
+        assert len(rec.recommend(long, k=3)) == 3
         with pytest.raises(EvoloraError, match="needs a CTR run"):
             rec.score(["1"], ["2"])
     conv = tiny_config(
@@ -136,6 +164,9 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got.items, stored["items"])
     top = rec.recommend(user=rec.known_users[0], k=5)
     assert len(top) == 5
+    rated = set(prepare_data(conv).staged.filter(pl.col("user_id") == rec.known_users[0])["item_id"])
+    every = rec.recommend(user=rec.known_users[0], k=len(rec.known_items))
+    assert sorted(s.item for s in every) == sorted(set(rec.known_items) - rated)
     from typer.testing import CliRunner
 
     from evolora.cli import app
