@@ -16,7 +16,7 @@ from evolora.cli import app
 from evolora.config import RunConfig
 from evolora.data.prepare import prepare_data
 from evolora.data.samples import split_pools
-from evolora.errors import ConfigError
+from evolora.errors import ConfigError, DataError
 from evolora.experiment import run_experiment
 from tests.data.make_example import write_example
 from tests.helpers import EXAMPLE_COLUMNS, tiny_config
@@ -234,3 +234,15 @@ def test_a_stage_column_stages_the_run(monkeypatch: pytest.MonkeyPatch, tmp_path
     )
     from_config = CliRunner().invoke(app, ["data", "info", str(config)])
     assert from_config.exit_code == 0 and "stages (preset, 3)" in from_config.output, from_config.output
+
+
+def test_a_stage_column_of_one_stage_is_refused_before_training(tmp_path: Path) -> None:
+    """next_stage evaluates each stage's model on the next: one stage leaves nothing to evaluate (the run
+    trained, then its report failed on no evaluated stage)."""
+    pl.read_csv(LOG).with_columns(release=pl.lit(1)).write_csv(tmp_path / "log.csv")
+    columns = COLUMNS.replace("}", ", stage: release}")
+    sets = {"staging.scheme": "auto", "staging.n_stages": "null", "strategies": "[frozen]"}
+    cfg = table_config(tmp_path / "log.csv", tmp_path / "runs", columns, **sets)
+    with pytest.raises(DataError, match=r"comes with one stage, and protocol: next_stage .* at least 2"):
+        run_experiment(cfg)
+    assert not (tmp_path / "runs" / cfg.name / "frozen").exists()

@@ -182,3 +182,21 @@ def test_runs_a_report_cannot_put_side_by_side_are_refused(tmp_path: Path) -> No
     twin = write("e", "finetune", 1)  # another experiment's finetune, seed 1 again
     with pytest.raises(EvoloraError, match=r"two runs of finetune with seed 1: .*another `label`"):
         build_report([a, twin])
+
+
+def test_a_run_with_no_evaluated_stage_is_named_not_a_traceback(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    from evolora.errors import EvoloraError
+    from evolora.eval.report import build_report
+
+    stage = {"train_stage": 1, "eval_stage": 2, "n_eval": 5, "metrics": {"auc": 0.6}}
+    for method, stages in (("finetune", [stage]), ("frozen", [])):  # frozen: a one-stage next_stage run
+        run = {"method": method, "dataset": "d", "task": "ctr", "model": "tiny", "seed": 0,
+               "complete": True, "stages": stages}  # fmt: skip
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "results.json").write_text(json.dumps(run))
+    with pytest.raises(EvoloraError, match=r"frozen \(seed 0\) has no evaluated stage"):
+        build_report([tmp_path])

@@ -48,7 +48,15 @@ class Prepared:
 
 def prepare_data(cfg: RunConfig) -> Prepared:
     data = load_dataset(cfg.data)
-    return prepare_staged(cfg, data, assign_stages(data.interactions, cfg.staging, data.preset_stages))
+    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
+    if cfg.protocol == "next_stage" and num_stages_of(staged) < 2:
+        # The config cannot tell: a log's own stage column (or a dataset's release) brings one stage.
+        raise DataError(
+            f"{data.source}: the data comes with one stage, and protocol: next_stage trains on a stage and "
+            "evaluates on the next, so it needs at least 2: add stages to the data, stage it by time "
+            "(staging.scheme: lsat), or set protocol: leave_last_out"
+        )
+    return prepare_staged(cfg, data, staged)
 
 
 def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) -> Prepared:

@@ -247,6 +247,13 @@ def compose_report(
     difference is taken against; left out, it is `finetune` where the runs have one (and no differences
     otherwise). Naming a method that is not among the runs, `finetune` included, is an error."""
     results = find_results(paths)
+    empty = [r for r in results if not r["stages"]]
+    if empty:
+        r = empty[0]
+        raise EvoloraError(
+            f"{r['method']} (seed {r['seed']}) has no evaluated stage: a next_stage run needs at least 2 "
+            f"stages{'' if len(empty) == 1 else f' ({len(empty)} runs like it)'}; rerun it with more stages"
+        )
     check_comparable(results)
     groups = group_runs(results)
     methods = [g.method for g in groups]
