@@ -37,7 +37,7 @@ from evolora.errors import ConfigError, EvoloraError
 from evolora.eval.report import Report, compose_report
 from evolora.experiment import build_model_and_task, resolve_config, run_experiment
 from evolora.io import read_json
-from evolora.queries import History, history_pairs, item_list, locate_run
+from evolora.queries import History, count_of, history_pairs, item_list, locate_run, number_of
 
 log = logging.getLogger("evolora")
 
@@ -144,6 +144,12 @@ class Recommender:
         }
         # Every item a user rated up to the stage (bundles of older evolora runs keep only the history).
         seen = at_stage["seen"] if "seen" in at_stage.columns else at_stage["items"]
+        if "seen" not in at_stage.columns:
+            log.warning(
+                "this run's inference bundle predates seen items: only the latest %d items of a user are "
+                "left out of recommendations (delete its inference folder to rebuild it from the data)",
+                prepared.table.history_len,
+            )
         self._seen = dict(zip(at_stage["user_id"], seen, strict=True))
         items = prepared.data.items
         self._titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
@@ -165,6 +171,9 @@ class Recommender:
 
         `run_dir`: an experiment folder (`runs/<name>`) or one run's folder (`runs/<name>/<method>/seed<k>`).
         """
+        stage, version = number_of(stage, "stage"), number_of(version, "version")
+        if stage is not None and version is not None:
+            raise ConfigError("give a stage or a version, not both (a version names its stage)")
         seed_dir, root = locate_run(Path(run_dir), method, seed)
         results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
         cfg = resolve_config(load_config(root / "config.yaml"))
@@ -283,8 +292,7 @@ class Recommender:
         leaves out every item of the history given, or every item `user` rated up to the stage (the model
         reads only the latest `task.history_len` of them).
         """
-        if k < 1:
-            raise EvoloraError(f"k={k}: ask for at least one item")
+        k = count_of(k)
         if self.task_name != "ctr":
             if items is not None:
                 raise EvoloraError(
@@ -305,8 +313,11 @@ class Recommender:
             raise EvoloraError("a next-item run generates its recommendations: recommend_many")
         resolved, spans = [], []
         for history, items, k, user in queries:
+            k = count_of(k)
             hist_items, hist_ratings, seen = self._history(history, user)
             self._check_items(items, "items")
+            if not items:
+                raise EvoloraError("recommend(): give at least one candidate item to rank")
             seen = seen if exclude_seen else set()
             asked = list(dict.fromkeys(items))
             candidates = [i for i in asked if i not in seen]
@@ -332,6 +343,7 @@ class Recommender:
         """`recommend` (next-item runs) for several (history, k, user) queries in one pass."""
         if self.task_name == "ctr":
             raise EvoloraError("a CTR run ranks given candidates: score them")
+        queries = [(history, count_of(k), user) for history, k, user in queries]
         histories = [self._history(history, user) for history, _, user in queries]
         target = next(iter(self._task.items))  # any known item: generation ignores the target
         rows = [self._row(u, target, h, r) for (_, _, u), (h, r, _) in zip(queries, histories, strict=True)]

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from evolora.errors import ConfigError, EvoloraError
 
 History = Iterable[str] | Iterable[tuple[str, float]] | Mapping[str, float] | None
@@ -20,7 +22,23 @@ def item_list(items: Iterable[str]) -> list[str]:
     """Candidate item ids as a list of strings; a string is refused (iterated, it would be one-letter ids)."""
     if isinstance(items, str | bytes):
         raise EvoloraError(f"items: a list of item ids, not the string {items!r}")
+    if not isinstance(items, Iterable):
+        raise EvoloraError(f"items: a list of item ids, not {items!r}")
     return [str(i) for i in items]
+
+
+def count_of(k: Any) -> int:
+    """How many items to return: a whole number >= 1 (a float or a string is refused, not rounded)."""
+    if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
+        raise EvoloraError(f"k={k!r}: ask for a whole number of items, at least 1")
+    return int(k)
+
+
+def number_of(value: Any, what: str) -> int | None:
+    """A stage or version number as given to `Recommender.load` (None: the default)."""
+    if value is not None and (not isinstance(value, int | np.integer) or isinstance(value, bool)):
+        raise ConfigError(f"{what}={value!r}: a {what} number (an int)")
+    return None if value is None else int(value)
 
 
 def rating_of(value: Any, item: Any) -> float:

@@ -88,6 +88,23 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
     with pytest.raises(EvoloraError, match=r"history: a list of item ids .* not the string '23'"):
         rec.score("23", ["2"])
     # A rating that is not a number, or an entry that is no pair, is an error naming it.
+    # A wrong type is a one-line error naming the argument, not a TypeError from inside.
+    for ask, named in [
+        (lambda: rec.recommend(user=user, items=["2", "3"], k="2"), "k='2': ask for a whole number"),
+        (lambda: rec.recommend(user=user, items=["2", "3", "4"], k=2.5), "k=2.5: ask for a whole number"),
+        (lambda: rec.recommend(user=user, items=["2"], k=None), "k=None"),
+        (lambda: rec.rank_many([(None, ["2", "3"], -1, user)]), "k=-1"),  # it dropped the last item
+        (lambda: rec.score(user=user, items=None), "items: a list of item ids, not None"),
+        (lambda: rec.score(5, ["2"]), "history: a list of item ids or .* not 5"),
+        (lambda: rec.recommend(user=user, items=[], k=2), "give at least one candidate"),  # it gave []
+    ]:
+        with pytest.raises(EvoloraError, match=named):
+            ask()
+    root = Path(cfg.output_dir) / cfg.name
+    with pytest.raises(ConfigError, match="give a stage or a version, not both"):
+        evolora.Recommender.load(root, method="finetune", stage=1, version=0)  # stage was ignored
+    with pytest.raises(ConfigError, match="version='0': a version number"):
+        evolora.Recommender.load(root, method="finetune", version="0")
     for history, named in [
         ([("4", "five")], "the rating of '4' is 'five'"),
         ([("4", float("nan"))], "the rating of '4' is nan"),
@@ -265,6 +282,10 @@ def test_the_recommend_command(ctr_run) -> None:
             ["--method", "finetune", "--user", "1", "--items", "2", "--stage", "1", "--version", "0"],
             "not both",
         ),
+        *[
+            (["--method", "finetune", "--user", "1", "--items", empty], "no item ids in it")
+            for empty in ("", ",", "[]", " , ")
+        ],
     ]:
         result = runner.invoke(app, ["recommend", root, *bad])
         assert result.exit_code == 2 and message in result.output, (bad, result.output)

@@ -357,11 +357,14 @@ def _parse_history(text: str) -> list[str | tuple[str, float]]:
 def _parse_items(text: str) -> list[str]:
     """`a,b,c`, or a JSON list of ids (ids holding commas)."""
     if not _is_json_list(text):
-        return [i.strip() for i in text.split(",") if i.strip()]
-    entries = _json_list(text, "--items")
-    bad = [e for e in entries if not isinstance(e, str)]
-    if bad:
-        raise EvoloraError(f"--items: {json.dumps(bad[0])} is not an item id (a JSON string)")
+        entries = [i.strip() for i in text.split(",") if i.strip()]
+    else:
+        entries = _json_list(text, "--items")
+        bad = [e for e in entries if not isinstance(e, str)]
+        if bad:
+            raise EvoloraError(f"--items: {json.dumps(bad[0])} is not an item id (a JSON string)")
+    if not entries:
+        raise EvoloraError(f"--items {text!r}: no item ids in it; give the candidates to rank")
     return entries
 
 
