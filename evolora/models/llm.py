@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +129,9 @@ class LoraLM:
         targets, source = target_modules_for(base, cfg.lora.target_modules, default, cfg.name)
         lora = cfg.lora.model_copy(update={"target_modules": targets})
         log.info("LoRA adapts %s of %s (%s)", ", ".join(targets), cfg.name, source)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # PEFT reads a property transformers 5 deprecated: a warning no evolora user can act on
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
             torch.manual_seed(seed)
             peft_model = get_peft_model(base, _peft_config(lora, new_ids), adapter_name="default")
         lm = cls(peft_model, tok, device, autocast_dtype_of(dtype, mixed), lora, cfg.name, new_ids)
