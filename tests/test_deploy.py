@@ -248,6 +248,7 @@ def test_update_settings_are_checked(batches: dict[str, Path], tmp_path: Path) -
         update_run(root, batches["b1"], overrides=["train.lr=1"])  # the Python API checks them too
     with pytest.raises(ConfigError, match=r"update\.metric='nope'"):
         update_run(root, batches["b1"], overrides=["update.metric=nope"])
+    assert not list(root.glob("deploy/*/work/*"))  # refused before training a candidate
     assert json.loads((root / "experiment.json").read_text())["data_files"]["files"]
     with pytest.raises(DataError):
         update_run(root, tmp_path / "none.csv")

@@ -47,7 +47,7 @@ from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
 from evolora.data.staging import assign_stages
 from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DataError
-from evolora.eval.metrics import lower_is_better
+from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.experiment import build_model_and_task, resolve_config
 from evolora.io import atomic_write_bytes, atomic_write_json, load_npz, read_json, save_npz
 from evolora.locks import exclusive
@@ -92,6 +92,13 @@ def update_run(
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
     cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *(overrides or [])]))
     check_tracking(cfg)
+    names = metric_set(cfg.task.name).names
+    if (
+        cfg.update.metric is not None and cfg.update.metric not in names
+    ):  # before any training, not at the gate
+        raise ConfigError(
+            f"update.metric={cfg.update.metric!r}: the {cfg.task.name} task records {list(names)}"
+        )
     check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
     last = max(s["train_stage"] for s in results["stages"])
     method = results["method"]
