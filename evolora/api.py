@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,16 @@ from evolora.errors import ConfigError, EvoloraError
 from evolora.eval.report import Report, compose_report
 from evolora.experiment import build_model_and_task, resolve_config, run_experiment
 from evolora.io import read_json
-from evolora.queries import History, count_of, history_pairs, item_list, locate_run, number_of
+from evolora.queries import (
+    History,
+    Ranked,
+    Scored,
+    count_of,
+    history_pairs,
+    item_list,
+    locate_run,
+    number_of,
+)
 
 log = logging.getLogger("evolora")
 
@@ -89,26 +97,6 @@ def _flat(overrides: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any
         else:
             out.append((name, value))
     return out
-
-
-@dataclass(frozen=True)
-class Scored:
-    """One item and its score: P(like) for CTR runs, log p(item | history) for next-item runs."""
-
-    item: str
-    score: float
-    title: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"item": self.item, "score": self.score, "title": self.title}
-
-
-@dataclass(frozen=True)
-class Ranked:
-    """A CTR run's ranking of given candidates: the top items, and the candidates left out as seen."""
-
-    items: list[Scored]
-    left_out_seen: list[str]
 
 
 class Recommender:

@@ -1,13 +1,14 @@
 """What a question to a trained run may hold, checked before any model work: where the run is (an
 experiment folder with a method and seed, or a run folder), the candidate items, and a history (item ids
 counted as liked, (item, rating) pairs, or a mapping item -> rating). Shared by the Python API, the CLI and
-the server, so each gives the same one-line error for the same mistake.
+the server, so each gives the same one-line error for the same mistake; and the shapes of their answers.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,26 @@ import numpy as np
 from evolora.errors import ConfigError, EvoloraError
 
 History = Iterable[str] | Iterable[tuple[str, float]] | Mapping[str, float] | None
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One item and its score: P(like) for CTR runs, log p(item | history) for next-item runs."""
+
+    item: str
+    score: float
+    title: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"item": self.item, "score": self.score, "title": self.title}
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A CTR run's ranking of given candidates: the top items, and the candidates left out as seen."""
+
+    items: list[Scored]
+    left_out_seen: list[str]
 
 
 def item_list(items: Iterable[str]) -> list[str]:
