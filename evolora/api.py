@@ -219,6 +219,11 @@ class Recommender:
             )
         return self._histories[user]
 
+    def seen_by(self, user: str) -> set[str]:
+        """Every item a known user rated up to the stage: what recommendations leave out."""
+        self.history_of(user)  # an unknown user is an error
+        return set(self._seen[user])
+
     def predict_samples(self, samples: pl.DataFrame, **settings: Any) -> Any:
         """The strategy's predictions for sample rows shaped like a run's sample table (`user_id`,
         `item_id`, `hist_items`, `hist_ratings`, `stage`), exactly as evaluation computes them."""
@@ -391,8 +396,7 @@ class Recommender:
         if user is not None and history is not None:
             raise EvoloraError("give a user or a history, not both")
         if user is not None:
-            items, ratings = self.history_of(str(user))
-            return items, ratings, set(self._seen[str(user)])
+            return *self.history_of(str(user)), self.seen_by(str(user))
         # an item given without a rating counts as liked
         pairs = history_pairs(history, self.like_threshold + 1.0)
         self._check_items([i for i, _ in pairs], "history")

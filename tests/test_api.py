@@ -127,6 +127,7 @@ def test_recommendations_leave_out_every_item_rated_not_only_the_history_read(ct
     older = sorted(everything - read)
     assert older and len(read) <= keep
     fresh = sorted(rec.known_items - everything)[:2]
+    assert rec.seen_by(user) == everything
     ranked = rec.rank_many([(None, [*older, *fresh], 5, user)])[0]
     assert sorted(s.item for s in ranked.items) == fresh and ranked.left_out_seen == older
     everyone = rec.recommend(user=user, items=[*older, *fresh], k=len(older) + 2, exclude_seen=False)

@@ -165,7 +165,7 @@ def test_a_ctr_run_ranks_given_candidates(server) -> None:
     rec = holder.served.rec
     user = sorted(rec.known_users)[0]
     seen = rec.history_of(user)[0][-1]
-    fresh = [i for i in ["sku-001", "sku-002", "sku-003", "sku-004"] if i not in rec.history_of(user)[0]]
+    fresh = [i for i in ["sku-001", "sku-002", "sku-003", "sku-004"] if i not in rec.seen_by(user)]
     body = {"user": user, "items": [*fresh, seen, fresh[0]], "k": 2}
     r = httpx.post(f"{url}/recommend", json=body, timeout=60)
     assert r.status_code == 200, r.text
