@@ -79,6 +79,32 @@ def test_parquet_route(csv_run, tmp_path: Path) -> None:
     assert all(0.0 <= s["metrics"]["auc"] <= 1.0 for s in result["stages"])
 
 
+def test_list_and_record_cells_in_parquet_and_jsonl(tmp_path: Path) -> None:
+    """A text field's list (genres) reads as its entries joined; an id, time or rating column of lists or
+    records is a one-line error naming the column (polars failed to cast, or a record became an id)."""
+    items = pl.read_csv(ITEMS).with_columns(genre=pl.concat_list(pl.col("genre"), pl.lit("kit")))
+    items.write_parquet(tmp_path / "items.parquet")
+    items.write_ndjson(tmp_path / "items.jsonl")
+    columns = COLUMNS.replace("}", ", genre: genre}")
+    for meta in ("items.parquet", "items.jsonl"):
+        prepared = prepare_data(table_config(LOG, tmp_path / "runs", columns, meta=tmp_path / meta))
+        genres = dict(prepared.data.items.select("item_id", "genre").iter_rows())
+        assert genres["sku-001"] == "winter, kit" and genres["sku-002"] == "summer, kit"
+    log = pl.read_csv(LOG)
+    for column, nested in [
+        ("iid", pl.concat_list("iid")),  # an item id of lists
+        ("uid", pl.struct("uid")),  # a user id of records (it was read as "{'user-01'}")
+        ("ts", pl.concat_list("ts")),
+        ("stars", pl.concat_list("stars")),
+    ]:
+        log.with_columns(nested.alias(column)).write_parquet(tmp_path / "log.parquet")
+        cfg = table_config(tmp_path / "log.parquet", tmp_path / "runs")
+        with pytest.raises(
+            DataError, match=rf"log.parquet row 1: column '{column}' holds .* one value per row"
+        ):
+            prepare_data(cfg)
+
+
 def test_explicit_labels(tmp_path: Path) -> None:
     """A 0/1 column is the label itself: no threshold, no sampled negatives."""
     log = pl.read_csv(LOG).with_columns(clicked=(pl.col("stars") > 3).cast(pl.Int8)).drop("stars")

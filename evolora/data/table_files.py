@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,10 +73,34 @@ def read_table(
     wanted = list(dict.fromkeys(columns))
     text_columns = frozenset(text)
     if kind == "parquet":
-        return _read_parquet(path, wanted)
-    if kind == "jsonl":
-        return _read_jsonl(path, wanted, text_columns)
-    return _read_delimited(path, separator if kind == "csv" else "\t", wanted, text_columns, kind == "csv")
+        rows = _read_parquet(path, wanted)
+    elif kind == "jsonl":
+        rows = _read_jsonl(path, wanted, text_columns)
+    else:
+        return _read_delimited(
+            path, separator if kind == "csv" else "\t", wanted, text_columns, kind == "csv"
+        )
+    return _flatten_nested(rows, text_columns)
+
+
+def _flatten_nested(rows: TableRows, text: frozenset[str]) -> TableRows:
+    """Parquet and JSON lines can hold lists and records in a cell. A text field's list (genres) becomes
+    its entries joined by ", "; anywhere else one value per row is needed, and a nested column is named."""
+    frame = rows.frame
+    for name, dtype in frame.schema.items():
+        if not isinstance(dtype, pl.List | pl.Array | pl.Struct):
+            continue
+        if name in text and isinstance(dtype, pl.List | pl.Array) and not dtype.inner.is_nested():
+            entries = pl.col(name).cast(pl.List(dtype.inner)) if isinstance(dtype, pl.Array) else pl.col(name)
+            frame = frame.with_columns(entries.list.eval(pl.element().cast(pl.Utf8)).list.join(", "))
+            continue
+        first = frame.filter(pl.col(name).is_not_null())["_line"].first()
+        raise rows.error(
+            int(first if first is not None else 1),
+            f"column {name!r} holds {dtype} values (a list or record in each cell); it needs one value per "
+            "row" + (" (a text field may hold a list of strings)" if name in text else ""),
+        )
+    return TableRows(rows.path, frame, rows.unit, rows.unterminated)
 
 
 def _missing_column(path: Path, where: str, column: str, present: list[str]) -> DataError:
@@ -222,4 +247,23 @@ def _read_jsonl(path: Path, wanted: list[str], text: frozenset[str]) -> TableRow
     for column in wanted:
         if frame[column].null_count() == frame.height:
             raise DataError(f"{path}: no record has a field {column!r}")
+        if column in text:
+            frame = frame.with_columns(_joined_if_lists(frame[column]))
     return TableRows(path, frame, "line")
+
+
+def _joined_if_lists(values: pl.Series) -> pl.Series:
+    """A JSON-lines text field whose every value is a list of strings or numbers (read as its JSON text),
+    as the entries joined by ", " (the Parquet reading); any other field as it is. Decided per column, so a
+    title that merely looks like a list stays a title."""
+    given = values.drop_nulls()
+    if given.is_empty() or not given.str.starts_with("[").all():
+        return values
+    try:
+        lists = [None if v is None else json.loads(v) for v in values]
+    except json.JSONDecodeError:
+        return values
+    if not all(v is None or (isinstance(v, list) and all(isinstance(e, str | int | float) for e in v))
+               for v in lists):  # fmt: skip
+        return values
+    return pl.Series(values.name, [None if v is None else ", ".join(str(e) for e in v) for v in lists])
