@@ -136,8 +136,8 @@ def finish(
     repeat = ~inter.select(pl.struct(key).is_first_distinct()).to_series()
     if repeat.any():
         log.warning(
-            "%s: %d exact duplicate %s removed (same user, item, rating and timestamp; first repeat on "
-            "%s %d)",
+            "%s: %d exact duplicate %s removed (same user, item, rating and timestamp, times being whole "
+            "seconds; first repeat on %s %d)",
             *(inter_file, int(repeat.sum()), rows_are, unit, inter["_line"][repeat.arg_max()]),
         )
         inter = inter.filter(~repeat)

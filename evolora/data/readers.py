@@ -231,6 +231,8 @@ def read_jsonl(
                 numbers, lines = [], []
                 for line in chunk:
                     line_no += 1
+                    if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):  # a byte order mark, as in CSV
+                        line = line[3:]
                     if line.strip():
                         numbers.append(line_no)
                         lines.append(line if line.endswith(b"\n") else line + b"\n")

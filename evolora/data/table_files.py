@@ -157,13 +157,12 @@ def _read_delimited(
             columns=wanted,
             raise_if_empty=False,
         )
-    except Exception as e:  # polars refuses what Python's csv module accepted: name the file at least
-        raise DataError(f"{path}: cannot read the file as {'CSV' if quoted else 'TSV'} ({e})") from None
-    if frame.height != len(lines):
-        raise DataError(
-            f"{path}: polars read {frame.height} records where Python's csv module finds {len(lines)}; "
-            "check the file's quoting"
-        )
+    except Exception:
+        frame = None
+    if frame is None or frame.height != len(lines):
+        # What polars refuses or splits otherwise, Python's csv module read record by record (a bare quote
+        # inside a field, as in 12" Vinyl; lines ended by CR alone): take its reading, slower but whole.
+        frame = _python_records(decoded, sep, quoted, header, wanted)
     frame = frame.with_columns(_line=pl.Series(lines, dtype=pl.Int64)).filter(~pl.Series(blank))
     rows = TableRows(path, frame, "line", unterminated)
     if bad_bytes:
@@ -203,6 +202,25 @@ def _record_lines(
     except csv.Error as e:
         raise DataError(f"{path} line {start}: not valid CSV ({e})") from None
     return header or [], lines, blank
+
+
+def _python_records(
+    decoded: str, sep: str, quoted: bool, header: list[str], wanted: list[str]
+) -> pl.DataFrame:
+    """The `wanted` columns of every record after the header (blank ones as nulls), as `_record_lines`
+    parses them."""
+    if quoted:
+        reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quotechar='"', strict=True)
+    else:
+        reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quoting=csv.QUOTE_NONE)
+    at = [header.index(c) for c in wanted]
+    next(reader)
+    values: list[list[str | None]] = [[] for _ in wanted]
+    for fields in reader:
+        filled = len(fields) == len(header)
+        for column, i in zip(values, at, strict=True):
+            column.append(fields[i] if filled else None)
+    return pl.DataFrame(dict(zip(wanted, values, strict=True)), schema=dict.fromkeys(wanted, pl.Utf8))
 
 
 def _encoding_policy(rows: TableRows, wanted: list[str], text: frozenset[str]) -> None:

@@ -140,6 +140,34 @@ def test_tsv_gz_jsonl_and_parquet_read_alike(tmp_path: Path) -> None:
         assert load(tmp_path / name).interactions.equals(expected), name
 
 
+def test_what_spreadsheets_and_exports_write_reads_alike(tmp_path: Path) -> None:
+    """A quote inside an unquoted field (12" Vinyl), lines ended by CR alone (old Mac exports), and a JSON
+    lines file behind a byte order mark read as the plain file does (polars refused the first two without a
+    line, the third failed on line 1)."""
+    expected = load(write(tmp_path / "log.csv", LOG), write(tmp_path / "items.csv", ITEMS), COLUMNS)
+    inch = load(
+        write(tmp_path / "log.csv", LOG),
+        write(tmp_path / "inch.csv", ITEMS.replace("Apple Pie", '12" Apple Pie')),
+        COLUMNS,
+    )
+    assert inch.interactions.equals(expected.interactions)
+    assert inch.items["title"].to_list()[0] == '12" Apple Pie'
+    (tmp_path / "cr.csv").write_bytes(LOG.replace("\n", "\r").encode())
+    assert load(tmp_path / "cr.csv").interactions.equals(expected.interactions)
+    rows = [
+        dict(zip(["uid", "iid", "ts", "stars"], line.split(","), strict=True)) for line in LOG.split()[1:]
+    ]
+    text = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert load(tmp_path / "bom.jsonl").interactions.equals(
+        load(write(tmp_path / "log.jsonl", text)).interactions
+    )
+    # an error on a CR-ended file still names its line
+    (tmp_path / "bad.csv").write_bytes((LOG + "u3,c,not a time,5\n").replace("\n", "\r").encode())
+    with pytest.raises(DataError, match=r"bad.csv line 5: time 'not a time'"):
+        load(tmp_path / "bad.csv")
+
+
 def test_items_from_the_log_without_meta(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     text = "uid,iid,ts,stars,name\nu1,a,1,5,Apple Pie\nu2,a,2,4,Apple Tart\nu2,b,3,1,\n"
     with caplog.at_level(logging.WARNING, logger="evolora.data"):
