@@ -225,6 +225,10 @@ def check_writable_folder(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path}: the folder cannot be created ({e.strerror})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {path}: this user cannot write there")
+    try:  # a file system that refuses new entries whatever the modes say (/proc, a read-only mount, root)
+        os.rmdir(tempfile.mkdtemp(dir=path, prefix=".evolora-probe-"))
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: nothing can be written there ({e.strerror})") from None
 
 
 def check_replaceable(path: str | Path, marker: str, what: str) -> Path:

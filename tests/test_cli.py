@@ -131,6 +131,10 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(sunny_dir: Path, tmp_p
         result = runner.invoke(app, ["run", str(config), "--set", f"output_dir={tmp_path / output_dir}"])
         assert result.exit_code == 2 and f"output_dir {tmp_path / output_dir}: " in result.output
         assert message in result.output and "Traceback" not in result.output, result.output
+    # /proc takes no new folder even where its modes say so (as root): the export's folder is probed
+    result = runner.invoke(app, ["export", str(tmp_path / "runs"), "--out", "/proc/evolora-export"])
+    assert result.exit_code == 2 and "of the export /proc: " in result.output, result.output
+    assert "nothing can be written there" in result.output or "cannot write there" in result.output
 
 
 def test_data_info_shows_stages(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

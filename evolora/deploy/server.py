@@ -21,6 +21,7 @@ sends becomes a path.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import threading
@@ -377,9 +378,12 @@ def check_address(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as e:
-            raise EvoloraError(
-                f"cannot listen on {host}:{port}: {e.strerror} (another server there? choose another --port)"
-            ) from None
+            advice = {
+                errno.EADDRINUSE: "another server there? choose another --port",
+                errno.EADDRNOTAVAIL: "not an address of this machine: --host 127.0.0.1, or 0.0.0.0 for all",
+                errno.EACCES: "ports below 1024 need privileges: choose a --port above 1023",
+            }.get(e.errno or 0, "choose another --host or --port")
+            raise EvoloraError(f"cannot listen on {host}:{port}: {e.strerror} ({advice})") from None
 
 
 def serve(
