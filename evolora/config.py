@@ -362,7 +362,9 @@ class NextItemTaskConfig(TaskSection):
     min_history: int | None = Field(0, ge=0)
     sample_history: int | None = Field(None, ge=1, description="history kept per sample; default history_len")
     template: str = "peso"
-    beams: int = Field(10, ge=1)
+    # At least the longest cut-off of the ranking metrics (Hit@10: eval.metrics.KS), checked here so a
+    # narrower search is refused before the data is staged and the semantic IDs are trained.
+    beams: int = Field(10, ge=10, description="beam search width; at least 10 (Hit@10 is reported)")
     constraint: Literal["trie", "levelwise"] = "trie"
     exclude_history: bool = False
     logit_temperature: float = Field(1.0, gt=0)
