@@ -140,7 +140,7 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(sunny_dir: Path, tmp_p
 def test_a_narrow_beam_search_is_refused_with_the_config(sunny_dir: Path, tmp_path: Path) -> None:
     """Hit@10 needs 10 beams: said before the data is staged and the semantic IDs trained, not after."""
     config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
-    sets = ["task.name=next_item", "task.beams=5", "protocol=leave_last_out"]
+    sets = ["task.name=next_item", "task.template=peso", "task.beams=5", "protocol=leave_last_out"]
     result = runner.invoke(app, ["run", str(config), *[a for s in sets for a in ("--set", s)]])
     assert result.exit_code == 2 and "task.beams" in result.output, result.output
     assert "greater than or equal to 10" in result.output and not (tmp_path / "runs").exists()
