@@ -727,8 +727,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({e})") from None
+        raise ConfigError(f"--set {text!r}: value is not valid YAML ({_yaml_problem(e)})") from None
     return path, value
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A parser error in one line: what was expected and at which character of the value."""
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem is None:
+        return str(e).splitlines()[0]
+    return problem if mark is None else f"{problem} at character {mark.column + 1}"
 
 
 def _strategy_entry(entries: list[Any], name: str, text: str) -> dict[str, Any]:

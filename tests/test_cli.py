@@ -107,6 +107,14 @@ def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("train: [unclosed")
     result = runner.invoke(app, ["run", str(bad)])
     assert result.exit_code == 2 and "not valid YAML" in result.output
+    # a --set value's parser error is one line naming the character, not the parser's four
+    bad.write_text("train: {epochs: 1}")
+    result = runner.invoke(app, ["run", str(bad), "--set", "train.lr=[1, 2"])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert (
+        "value is not valid YAML (expected ',' or ']', but got '<stream end>' at character 6)"
+        in result.output
+    )
 
 
 def test_report_without_results_is_an_error(tmp_path: Path) -> None:
