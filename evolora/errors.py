@@ -16,6 +16,14 @@ class DataError(EvoloraError):
     """A data file is missing, malformed or inconsistent. The message names the file and row."""
 
 
+class EmptyStagesError(DataError):
+    """Stages that give no samples (no interaction has enough history before it); `stages` names them."""
+
+    def __init__(self, stages: list[int], message: str) -> None:
+        super().__init__(message)
+        self.stages = stages
+
+
 class ConfigError(EvoloraError):
     """A configuration value is invalid. The message names the key."""
 

@@ -161,10 +161,22 @@ def test_old_rows_and_seen_rows_are_dropped_and_counted(batches: dict[str, Path]
     _, root = run_base(batches, tmp_path / "runs")
     base, b1 = pl.read_csv(batches["base"]), pl.read_csv(batches["b1"])
     mixed = tmp_path / "mixed.csv"
-    pl.concat([base.tail(5), b1]).write_csv(mixed)  # 5 rows the run has seen
+    older = base.head(3).with_columns(stars=pl.col("stars") % 5 + 1)  # old times, ratings the run lacks
+    # 5 rows the run has seen (also older than its end: a batch sent again), 3 older ones, 2 repeated here
+    pl.concat([base.tail(5), older, b1, b1.head(2)]).write_csv(mixed)
     v = update_run(root, mixed, overrides=["update.min_gain=-1.0"]).version
-    assert v.data["rows_in_file"] == b1.height + 5 and v.data["accepted"] == b1.height
-    assert sum(v.data["dropped"].values()) == 5
+    assert v.data["rows_in_file"] == b1.height + 10 and v.data["accepted"] == b1.height
+    assert v.data["dropped"] == {
+        "repeated in the file": 2,
+        "already seen": 5,
+        "older than the last stage's end": 3,
+    }
+    # Rows of users the run never saw, one each: no history, no samples; the advice fits an update
+    strangers = tmp_path / "strangers.csv"
+    b2 = pl.read_csv(batches["b2"])
+    b2.with_columns(uid=pl.format("new-{}", pl.int_range(b2.height))).write_csv(strangers)
+    with pytest.raises(DataError, match=r"none of the .* new rows has 1 earlier interactions of its user"):
+        update_run(root, strangers, overrides=["update.min_gain=-1.0"])
 
 
 def test_a_batch_below_the_runs_min_rating_is_dropped_and_counted(

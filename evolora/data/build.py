@@ -134,6 +134,7 @@ def finish(
 
     key = ["user_id", "item_id", "rating", "timestamp", *(["_stage"] if "_stage" in inter.columns else [])]
     repeat = ~inter.select(pl.struct(key).is_first_distinct()).to_series()
+    duplicates = int(repeat.sum())
     if repeat.any():
         log.warning(
             "%s: %d exact duplicate %s removed (same user, item, rating and timestamp, times being whole "
@@ -172,6 +173,7 @@ def finish(
         source=str(source),
         files=absolute(inter_file, item_file),
         preset_stages=ordered["_stage"].to_numpy().astype(np.int32) if staged else None,
+        duplicates_removed=duplicates,
     )
     return data.validate()
 

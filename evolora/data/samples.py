@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from evolora.errors import DataError
+from evolora.errors import DataError, EmptyStagesError
 
 log = logging.getLogger("evolora.data")
 
@@ -114,9 +114,10 @@ def build_samples(
     present = set(out["stage"].unique().to_list())
     missing = [s for s in range(1, n_stages + 1) if s not in present]
     if missing:
-        raise DataError(
+        raise EmptyStagesError(
+            missing,
             f"stages {missing} have no samples with at least {min_history} history items; "
-            "use fewer stages, a longer window (staging.last_n) or a smaller task.min_history"
+            "use fewer stages, a longer window (staging.last_n) or a smaller task.min_history",
         )
     return SampleTable(out, n_stages, history_len, like_threshold)
 

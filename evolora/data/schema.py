@@ -48,7 +48,8 @@ class InteractionData:
     shown as dates.
     `files`: the absolute paths of every file the loader read, in read order (`data_digest` hashes them).
     `implicit`: every interaction is a positive (a log of clicks or purchases, no rating or label): tasks that
-    learn from labels get sampled negatives (`evolora.data.negatives`).
+    learn from labels get sampled negatives (`evolora.data.negatives`). `duplicates_removed`: exact repeats
+    of an interaction the loader dropped (an update counts them among the file's rows).
     """
 
     name: str
@@ -61,6 +62,7 @@ class InteractionData:
     synthetic_time: bool = False
     files: tuple[str, ...] = field(default=(), compare=False)
     implicit: bool = False
+    duplicates_removed: int = field(default=0, compare=False)
 
     def __eq__(self, other: object) -> bool:
         """Equal when every compared field is: tables by content (`DataFrame.equals`). Written out because

@@ -46,7 +46,7 @@ from evolora.data.samples import StagePools, draw
 from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
 from evolora.data.staging import assign_stages
 from evolora.deploy.versions import Version, Versions, _now
-from evolora.errors import ConfigError, DataError
+from evolora.errors import ConfigError, DataError, EmptyStagesError
 from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.experiment import build_model_and_task, resolve_config
 from evolora.io import atomic_write_bytes, atomic_write_json, load_npz, read_json, save_npz
@@ -135,7 +135,17 @@ def _update(
     if cfg.task.name == "next_item":
         accepted = _with_semantic_ids(cfg, items, accepted, report)
     data, staged = _combined(original, existing, items, batch, accepted, stage)
-    prepared = prepare_staged(cfg, data, staged)
+    try:
+        prepared = prepare_staged(cfg, data, staged)
+    except EmptyStagesError as e:
+        if e.stages != [stage]:
+            raise
+        # the run's staging advice does not apply: an update cannot change its settings
+        raise DataError(
+            f"{data_file}: none of the {accepted.height} new rows has {cfg.task.min_history_or_default()} "
+            "earlier interactions of its user (the run's task.min_history), so the new stage would have no "
+            "samples (all users new?): send the rows with rows of users the run knows, or with the next batch"
+        ) from None
     holdout = _hold_out(cfg, prepared, stage)
     log.info(
         "update of %s, version %d -> stage %d: %d rows accepted of %d (%s); %d samples, %d held out",
@@ -237,22 +247,26 @@ def _accept(
     was seen, not seen already."""
     rows = batch.interactions.select(_KEY)
     low = rows["rating"] < lowest if lowest is not None else pl.Series([False] * rows.height)
-    last = existing["timestamp"].max()
-    older = (rows["timestamp"] < last) & ~low
-    rows_new = rows.filter(~older & ~low)
-    seen = rows_new.join(existing.select(_KEY).unique(), on=_KEY, how="semi")
-    kept = rows_new.join(existing.select(_KEY).unique(), on=_KEY, how="anti")
+    # A row the run has (a batch sent again) is "already seen", though it is also older than the last stage.
+    seen = rows.select(pl.struct(_KEY).is_in(existing.select(pl.struct(_KEY)).to_series().implode()))
+    seen = seen.to_series() & ~low
+    older = (rows["timestamp"] < existing["timestamp"].max()) & ~low & ~seen
+    kept = rows.filter(~low & ~seen & ~older)
     dropped = {}
-    if low.sum():
-        dropped[f"rated below data.min_rating {lowest:g}"] = int(low.sum())
-    if older.sum():
-        dropped["older than the last stage's end"] = int(older.sum())
-    if seen.height:
-        dropped["already seen"] = seen.height
-    report = {"rows_in_file": rows.height, "accepted": kept.height, "dropped": dropped}
+    if batch.duplicates_removed:
+        dropped["repeated in the file"] = batch.duplicates_removed
+    for why, n in [
+        (f"rated below data.min_rating {lowest:g}" if lowest is not None else "", int(low.sum())),
+        ("already seen", int(seen.sum())),
+        ("older than the last stage's end", int(older.sum())),
+    ]:
+        if n:
+            dropped[why] = n
+    in_file = rows.height + batch.duplicates_removed
+    report = {"rows_in_file": in_file, "accepted": kept.height, "dropped": dropped}
     if kept.height == 0:
         raise DataError(
-            f"{data_file}: nothing new to learn from: {rows.height} rows, "
+            f"{data_file}: nothing new to learn from: {in_file} rows, "
             + ", ".join(f"{n} {why}" for why, n in dropped.items())
         )
     return kept, report
