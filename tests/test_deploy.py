@@ -258,8 +258,8 @@ def test_update_settings_are_checked(batches: dict[str, Path], tmp_path: Path) -
     assert result.exit_code == 2 and "update.* settings only" in result.output
     with pytest.raises(ConfigError, match=r"train\.lr=1: an update takes update\.\* settings only"):
         update_run(root, batches["b1"], overrides=["train.lr=1"])  # the Python API checks them too
-    with pytest.raises(ConfigError, match=r"update\.metric='nope'"):
-        update_run(root, batches["b1"], overrides=["update.metric=nope"])
+    with pytest.raises(ConfigError, match=r"update\.metric='nope'"):  # threads passes: it changes no number
+        update_run(root, batches["b1"], overrides=["threads=1", "update.metric=nope"])
     assert not list(root.glob("deploy/*/work/*"))  # refused before training a candidate
     assert json.loads((root / "experiment.json").read_text())["data_files"]["files"]
     with pytest.raises(DataError):

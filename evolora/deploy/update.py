@@ -51,6 +51,7 @@ from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.experiment import build_model_and_task, resolve_config
 from evolora.io import atomic_write_bytes, atomic_write_json, load_npz, read_json, save_npz
 from evolora.locks import exclusive
+from evolora.models.llm import set_threads
 from evolora.models.precision import check_machine
 from evolora.queries import locate_run
 from evolora.tracking import check_tracking, tracker_for
@@ -58,7 +59,9 @@ from evolora.tracking import check_tracking, tracker_for
 log = logging.getLogger("evolora")
 
 _KEY = ["user_id", "item_id", "rating", "timestamp"]
-_OVERRIDABLE = ("update", "tracking", "tracking_uri")  # the settings one update may change
+# The settings one update may change: none changes a number the run produced (threads: how fast, where
+# other work keeps cores busy; in floating point a sum's order may move the last bits, as between reruns).
+_OVERRIDABLE = ("update", "tracking", "tracking_uri", "threads")
 
 
 @dataclass
@@ -77,15 +80,15 @@ def update_run(
 ) -> UpdateOutcome:
     """Train the next stage of a run's promoted version on `data_file` and gate it (see the module doc).
 
-    `overrides`: `update.*` settings as `--set` takes them (`update.min_gain=0.0`), or `tracking` and
-    `tracking_uri` (where the gate is logged).
+    `overrides`: `update.*` settings as `--set` takes them (`update.min_gain=0.0`), `tracking` and
+    `tracking_uri` (where the gate is logged), or `threads`.
     """
     # The gate's settings and where it is logged; whatever fixes the run's numbers stays as the run had it.
     bad = [s for s in overrides or [] if parse_override(s)[0][0] not in _OVERRIDABLE]
     if bad:
         raise ConfigError(
-            f"{bad[0]}: an update takes update.* settings only, and tracking or tracking_uri for where "
-            "its gate is logged (the run's other settings are fixed)"
+            f"{bad[0]}: an update takes update.* settings only, tracking or tracking_uri for where its "
+            "gate is logged, and threads (the run's other settings are fixed)"
         )
     keep_freed_memory()
     seed_dir, root = locate_run(Path(run_dir), method, seed)
@@ -100,6 +103,7 @@ def update_run(
             f"update.metric={cfg.update.metric!r}: the {cfg.task.name} task records {list(names)}"
         )
     check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
+    set_threads(cfg.threads)
     last = max(s["train_stage"] for s in results["stages"])
     method = results["method"]
     registry = Versions.open(root, method, results["seed"], last)
