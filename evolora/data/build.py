@@ -142,6 +142,13 @@ def finish(
             *(inter_file, int(repeat.sum()), rows_are, unit, inter["_line"][repeat.arg_max()]),
         )
         inter = inter.filter(~repeat)
+    conflicting = inter.select(pl.struct([k for k in key if k != "rating"]).is_duplicated()).to_series()
+    if conflicting.any():
+        log.warning(
+            "%s: %d %s share their user, item and timestamp with another of a different rating (first on %s "
+            "%d); all are kept",
+            *(inter_file, int(conflicting.sum()), rows_are, unit, inter["_line"][conflicting.arg_max()]),
+        )
 
     # Titles: strip, unescape HTML entities, and name untitled items explicitly instead of dropping them.
     titles = items["title"].cast(pl.Utf8).str.strip_chars()

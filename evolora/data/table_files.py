@@ -140,6 +140,10 @@ def _read_delimited(
     if not lines or all(blank):
         raise DataError(f"{path}: no data rows after the header")
     for column in wanted:
+        if header.count(column) > 1:
+            raise DataError(
+                f"{path} line 1 (the header): column {column!r} is named {header.count(column)} times"
+            )
         if column not in header:
             error = _missing_column(path, " line 1 (the header)", column, header)
             other = [c for c in ";|\t," if c != sep and len(header) == 1 and c in header[0]]

@@ -112,7 +112,10 @@ def test_exact_duplicate_ratings_are_removed_and_logged(
     with caplog.at_level(logging.WARNING, logger="evolora.data"):
         data = LOADERS[kind](tmp_path)
     assert data.interactions.height == 6
-    logged = "1 exact duplicate ratings removed (same user, item, rating and timestamp; first repeat on line"
+    logged = (
+        "1 exact duplicate ratings removed (same user, item, rating and timestamp, times being whole "
+        "seconds; first repeat on line"
+    )
     assert f"{logged} {first + 5})" in caplog.text
 
 

@@ -168,6 +168,28 @@ def test_what_spreadsheets_and_exports_write_reads_alike(tmp_path: Path) -> None
         load(tmp_path / "bad.csv")
 
 
+def test_ids_stored_as_floats_conflicting_ratings_and_a_repeated_header(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whole-number ids saved as floats (pandas, a gap in the column) join ids saved as ints; rows that
+    differ only in rating are kept and counted; a header naming a wanted column twice is refused."""
+    log = {"uid": [1, 2, 1], "iid": [10, 20, 20], "ts": [100, 200, 300], "stars": [5, 1, 4]}
+    pl.DataFrame(log).write_parquet(tmp_path / "log.parquet")
+    items = pl.DataFrame({"iid": [10.0, 20.0], "name": ["Ten", "Twenty"]})
+    items.write_parquet(tmp_path / "items.parquet")
+    data = load(tmp_path / "log.parquet", tmp_path / "items.parquet", COLUMNS)
+    assert dict(zip(data.items["item_id"], data.items["title"], strict=True)) == {"10": "Ten", "20": "Twenty"}
+    pl.concat([items, pl.DataFrame({"iid": [None], "name": ["?"]})]).write_parquet(tmp_path / "gap.parquet")
+    with pytest.raises(DataError, match=r"gap\.parquet row 3: no item id"):  # a gap is still an error
+        load(tmp_path / "log.parquet", tmp_path / "gap.parquet", COLUMNS)
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        twice = load(write(tmp_path / "twice.csv", LOG + "u1,a,2024-01-01,3\n"))
+    assert twice.interactions.height == 4
+    assert "2 interactions share their user, item and timestamp with another of a different" in caplog.text
+    with pytest.raises(DataError, match=r"line 1 \(the header\): column 'iid' is named 2 times"):
+        load(write(tmp_path / "header.csv", "uid,iid,ts,stars,iid\nu1,a,1,5,b\n"))
+
+
 def test_items_from_the_log_without_meta(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     text = "uid,iid,ts,stars,name\nu1,a,1,5,Apple Pie\nu2,a,2,4,Apple Tart\nu2,b,3,1,\n"
     with caplog.at_level(logging.WARNING, logger="evolora.data"):

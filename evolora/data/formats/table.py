@@ -131,7 +131,12 @@ def _interactions(rows: TableRows, wanted: dict[str, str], time_unit: str) -> pl
 
 
 def _ids(rows: TableRows, df: pl.DataFrame, col: str, name: str, what: str) -> pl.Series:
-    ids = df[col].cast(pl.Utf8).str.strip_chars()
+    raw = df[col]
+    given = raw.drop_nulls()
+    if raw.dtype.is_float() and bool(((given == given.floor()) & (given.abs() < 2**53)).all()):
+        # Whole numbers stored as floats (a pandas column with a gap): 5.0 is id "5", as in an int column.
+        raw = raw.cast(pl.Int64)
+    ids = raw.cast(pl.Utf8).str.strip_chars()
     empty = (ids == "").fill_null(True)
     if empty.any():
         raise rows.error(int(df["_line"][empty.arg_max()]), f"no {what} (column {name!r} is empty)")
