@@ -200,3 +200,26 @@ def test_a_run_with_no_evaluated_stage_is_named_not_a_traceback(tmp_path: Path) 
         (tmp_path / method / "results.json").write_text(json.dumps(run))
     with pytest.raises(EvoloraError, match=r"frozen \(seed 0\) has no evaluated stage"):
         build_report([tmp_path])
+
+
+def test_a_stage_where_the_metric_is_undefined_keeps_its_column_and_is_named(tmp_path: Path) -> None:
+    """AUC is undefined on a stage whose samples share one label: its column stays (as "–") and the report
+    says the means leave it out, instead of dropping the column under "means cover every evaluated stage"."""
+    import json
+
+    from evolora.eval.report import build_report
+
+    for method, auc in (("finetune", 0.6), ("frozen", 0.55)):
+        stages = [
+            {"train_stage": 1, "eval_stage": 2, "n_eval": 5, "metrics": {"auc": auc}},
+            {"train_stage": 2, "eval_stage": 3, "n_eval": 5, "metrics": {"auc": None}},
+        ]
+        run = {"method": method, "dataset": "d", "task": "ctr", "model": "tiny", "seed": 0,
+               "complete": True, "stages": stages}  # fmt: skip
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "results.json").write_text(json.dumps(run))
+    text, _ = build_report([tmp_path])
+    table = text[text.index("### AUC per evaluated stage") :]
+    assert "| method | seeds | D2 | D3 | mean |" in table
+    assert "| frozen | 1 | 0.5500 | – | 0.5500 |" in table
+    assert "AUC is undefined on D3 for every method" in table

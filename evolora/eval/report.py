@@ -163,7 +163,9 @@ def metric_table(
 ) -> str:
     """Methods x evaluated stages, with the mean over stages (but `skip`) and the relative gain vs
     the baseline method."""
-    stages = sorted({s for g in groups for s in g.stage_values(metric)})
+    # Every evaluated stage is a column, one where the metric is undefined too (shown as "–"): a column
+    # that vanished would hide that the mean leaves it out.
+    stages = sorted({s["eval_stage"] for g in groups for r in g.runs for s in r["stages"]})
     base = next((g for g in groups if g.method == baseline), None)
     base_vals = base.mean_values(metric, skip) if base else []
     base_mean = float(np.mean(base_vals)) if base_vals else None
@@ -179,6 +181,12 @@ def metric_table(
             row.append(f"{relative_gain(means, base_mean, metric):+.2f}%" if means else "–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _undefined_stages(groups: list[MethodRuns], metric: str) -> list[int]:
+    """Evaluated stages where no run has a value of `metric`."""
+    evaluated = {s["eval_stage"] for g in groups for r in g.runs for s in r["stages"]}
+    return sorted(evaluated - {t for g in groups for t in g.stage_values(metric)})
 
 
 def reference_line(groups: list[MethodRuns], metric: str) -> str:
@@ -316,6 +324,13 @@ def compose_report(
         arrow = "lower is better" if lower_is_better(m) else "higher is better"
         out.append(f"\n### {m.upper()} per evaluated stage ({arrow})\n")
         out.append(metric_table(groups, m, skip, baseline))
+        undefined = _undefined_stages(groups, m)
+        if undefined:
+            listed = ", ".join(f"D{t}" for t in undefined)
+            out.append(
+                f"\n{m.upper()} is undefined on {listed} for every method (its samples share one label, or "
+                "none was evaluated): the means leave it out."
+            )
     differences = bootstrap_differences(groups, metrics[0], baseline=baseline, draws=DRAWS, skip=skip)
     if differences is not None:
         out.append(f"\n### Paired bootstrap: {metrics[0].upper()} difference to {baseline} ({DRAWS} draws)\n")
