@@ -254,7 +254,7 @@ def test_the_recommend_command(ctr_run) -> None:
     seen = runner.invoke(
         app, ["recommend", root, "--method", "finetune", "--history", "2,3", "--items", "3,4"]
     )
-    assert seen.exit_code == 0 and "left out, already in the history: 3 (--include-seen" in seen.output
+    assert seen.exit_code == 0 and "left out as seen (in the history): 3 (--include-seen" in seen.output
     kept = ["recommend", root, "--method", "finetune", "--history", "2,3", "--items", "3,4", "--json"]
     answer = json.loads(runner.invoke(app, [*kept, "--include-seen"]).output)
     assert {s["item"] for s in answer["items"]} == {"3", "4"} and answer["left_out_seen"] == []

@@ -315,7 +315,8 @@ def recommend(
     console.print(table)
     if left_out:
         console.print(
-            f"left out, already in the history: {', '.join(left_out)} (--include-seen ranks them too)"
+            f"left out as seen ({'rated by the user' if user is not None else 'in the history'}): "
+            f"{', '.join(left_out)} (--include-seen ranks them too)"
         )
 
 
