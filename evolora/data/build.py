@@ -135,11 +135,11 @@ def finish(
     key = ["user_id", "item_id", "rating", "timestamp", *(["_stage"] if "_stage" in inter.columns else [])]
     repeat = ~inter.select(pl.struct(key).is_first_distinct()).to_series()
     duplicates = int(repeat.sum())
-    if repeat.any():
+    if duplicates:
         log.warning(
             "%s: %d exact duplicate %s removed (same user, item, rating and timestamp, times being whole "
             "seconds; first repeat on %s %d)",
-            *(inter_file, int(repeat.sum()), rows_are, unit, inter["_line"][repeat.arg_max()]),
+            *(inter_file, duplicates, rows_are, unit, inter["_line"][repeat.arg_max()]),
         )
         inter = inter.filter(~repeat)
     conflicting = inter.select(pl.struct([k for k in key if k != "rating"]).is_duplicated()).to_series()

@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -174,15 +175,19 @@ def _read_delimited(
     return rows
 
 
+def _csv_reader(decoded: str, sep: str, quoted: bool) -> Any:
+    """Python's csv module over the text: quoted fields as in CSV, or none (TSV)."""
+    if quoted:
+        return csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quotechar='"', strict=True)
+    return csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quoting=csv.QUOTE_NONE)
+
+
 def _record_lines(
     path: Path, decoded: str, sep: str, unterminated: int | None, quoted: bool = True
 ) -> tuple[list[str], list[int], list[bool]]:
     """The header's fields, and the start line and blankness of every record after it; a record whose field
     count differs from the header's raises naming its line."""
-    if quoted:
-        reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quotechar='"', strict=True)
-    else:
-        reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quoting=csv.QUOTE_NONE)
+    reader = _csv_reader(decoded, sep, quoted)
     lines: list[int] = []
     blank: list[bool] = []
     header: list[str] | None = None
@@ -213,10 +218,7 @@ def _python_records(
 ) -> pl.DataFrame:
     """The `wanted` columns of every record after the header (blank ones as nulls), as `_record_lines`
     parses them."""
-    if quoted:
-        reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quotechar='"', strict=True)
-    else:
-        reader = csv.reader(io.StringIO(decoded, newline=""), delimiter=sep, quoting=csv.QUOTE_NONE)
+    reader = _csv_reader(decoded, sep, quoted)
     at = [header.index(c) for c in wanted]
     next(reader)
     values: list[list[str | None]] = [[] for _ in wanted]

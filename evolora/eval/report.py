@@ -165,7 +165,7 @@ def metric_table(
     the baseline method."""
     # Every evaluated stage is a column, one where the metric is undefined too (shown as "–"): a column
     # that vanished would hide that the mean leaves it out.
-    stages = sorted({s["eval_stage"] for g in groups for r in g.runs for s in r["stages"]})
+    stages = _evaluated_stages(groups)
     base = next((g for g in groups if g.method == baseline), None)
     base_vals = base.mean_values(metric, skip) if base else []
     base_mean = float(np.mean(base_vals)) if base_vals else None
@@ -183,10 +183,14 @@ def metric_table(
     return "\n".join(lines)
 
 
+def _evaluated_stages(groups: list[MethodRuns]) -> list[int]:
+    return sorted({s["eval_stage"] for g in groups for r in g.runs for s in r["stages"]})
+
+
 def _undefined_stages(groups: list[MethodRuns], metric: str) -> list[int]:
     """Evaluated stages where no run has a value of `metric`."""
-    evaluated = {s["eval_stage"] for g in groups for r in g.runs for s in r["stages"]}
-    return sorted(evaluated - {t for g in groups for t in g.stage_values(metric)})
+    defined = {t for g in groups for t in g.stage_values(metric)}
+    return [t for t in _evaluated_stages(groups) if t not in defined]
 
 
 def reference_line(groups: list[MethodRuns], metric: str) -> str:
