@@ -276,3 +276,44 @@ def test_a_batch_a_packaged_loader_cannot_read_says_how_to_update(sunny_dir: Pat
     with pytest.raises(DataError, match="is read as this run's data") as caught:
         _read_batch(cfg, batch)
     assert "data.format: table" in str(caught.value) and "configs/deploy-ml100k.yaml" in str(caught.value)
+
+
+def _with_a_new_item(batches: dict[str, Path], out: Path) -> Path:
+    """b1 plus six rows of an item no earlier row has, each by a user the run knows."""
+    b1 = pl.read_csv(batches["b1"])
+    users = b1["uid"].unique().sort()[:6]
+    new = pl.DataFrame({"uid": users, "iid": ["sku-new"] * 6, "ts": [b1["ts"].max()] * 6, "stars": [5] * 6})
+    pl.concat([b1, new]).write_csv(out)
+    return out
+
+
+NEXT_ITEM = {**SMALL, "task.name": "next_item", "task.template": "peso", "protocol": "leave_last_out"}
+
+
+def test_a_conventional_next_item_run_grows_its_item_table(batches: dict[str, Path], tmp_path: Path) -> None:
+    """A conventional model's ID tables grow with the data (no semantic IDs): a new item is learnt, and
+    the updated version can recommend it."""
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **{**NEXT_ITEM, "model.name": "sasrec"})
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    batch = _with_a_new_item(batches, tmp_path / "new.csv")
+    v = update_run(root, batch, overrides=["update.min_gain=-1.0"]).version
+    assert v.data["accepted"] == v.data["rows_in_file"] == pl.read_csv(batch).height and not v.data["dropped"]
+    rec = evolora.Recommender.load(root)
+    assert rec.version == 1 and "sku-new" in rec.known_items
+    raters = set(pl.read_csv(batch).filter(pl.col("iid") == "sku-new")["uid"])
+    other = next(u for u in rec.known_users if u not in raters)
+    everything = rec.recommend(user=other, k=len(rec.known_items))
+    assert "sku-new" in {s.item for s in everything}
+
+
+def test_an_llm_next_item_run_drops_rows_of_items_without_a_semantic_id(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **NEXT_ITEM)
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    batch = _with_a_new_item(batches, tmp_path / "new.csv")
+    v = update_run(root, batch, overrides=["update.min_gain=-1.0"]).version
+    assert v.data["dropped"] == {"items without a semantic ID": 6}
+    assert v.data["accepted"] == pl.read_csv(batches["b1"]).height

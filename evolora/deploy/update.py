@@ -17,8 +17,9 @@
 Everything an update writes lives in its own work folder and is resumable (the stage machinery of
 `continual/loop.py`); the version is recorded last, in one atomic write of versions.json, so `kill -9`
 anywhere leaves the promoted version as it was, and rerunning the same command continues. One update of a
-run at a time: a second is refused, naming the first. New items of a next-item run have no semantic ID
-(the vocabulary is fixed at stage 1): their rows are dropped and counted.
+run at a time: a second is refused, naming the first. New items of an LLM next-item run have no semantic ID
+(the vocabulary is fixed at stage 1): their rows are dropped and counted; a conventional model's ID tables
+grow, so it takes them.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.experiment import build_model_and_task, resolve_config
 from evolora.io import atomic_write_bytes, atomic_write_json, load_npz, read_json, save_npz
 from evolora.locks import exclusive
+from evolora.models.conventional import is_conventional
 from evolora.models.llm import set_threads
 from evolora.models.precision import check_machine
 from evolora.queries import locate_run
@@ -134,7 +136,7 @@ def _update(
 
     original, existing, items = _history(cfg, root, registry, parent)
     accepted, report = _accept(batch, existing, data_file, cfg.data.min_rating)
-    if cfg.task.name == "next_item":
+    if cfg.task.name == "next_item" and not is_conventional(cfg.model.name):
         accepted = _with_semantic_ids(cfg, items, accepted, report)
     data, staged = _combined(original, existing, items, batch, accepted, stage)
     try:
