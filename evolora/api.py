@@ -120,6 +120,7 @@ class Recommender:
         self.eval_stage = min(eval_stage_of(stage, cfg.protocol), prepared.table.n_stages)
         self.version = 0  # of a deployed run (0: as `evolora run` left it)
         self.method = method
+        self.seed = strategy.seed
         self.seed_dir = seed_dir
         self.task_name = cfg.task.name
         self._task = strategy.task  # the run's task; queries get copies of it over their own samples
@@ -149,7 +150,7 @@ class Recommender:
         cls,
         run_dir: str | Path,
         method: str | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         stage: int | None = None,
         version: int | None = None,
     ) -> Recommender:

@@ -67,7 +67,7 @@ def export_run(
     run_dir: str | Path,
     out: str | Path,
     method: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     stage: int | None = None,
     merge: bool = False,
 ) -> Path:

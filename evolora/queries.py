@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from evolora.errors import ConfigError, EvoloraError
+from evolora.io import read_json
 
 History = Iterable[str] | Iterable[tuple[str, float]] | Mapping[str, float] | None
 
@@ -95,10 +96,21 @@ def history_pairs(history: History, liked: float) -> list[tuple[str, float]]:
     return [history_entry(h, liked) for h in history]
 
 
-def locate_run(path: Path, method: str | None, seed: int) -> tuple[Path, Path]:
-    """(the run's seed folder, the experiment folder) from either of them."""
+def locate_run(path: Path, method: str | None, seed: int | None) -> tuple[Path, Path]:
+    """(the run's seed folder, the experiment folder) from either of them.
+
+    `seed`: None means 0 in an experiment folder, and the folder's own in a run folder; a method or seed
+    given with a run folder must be its own (a conflict is an error, not silently the folder's)."""
     if (path / "results.json").is_file():
+        own = read_json(path / "results.json", "Rerun its experiment: stage records rebuild it.")
+        for what, given, has in [("method", method, own.get("method")), ("seed", seed, own.get("seed"))]:
+            if given is not None and given != has:
+                raise ConfigError(
+                    f"{path} is the run of {own.get('method')!r} with seed {own.get('seed')}, not {what} "
+                    f"{given!r}: give its experiment folder {path.parent.parent} to choose another"
+                )
         return path, path.parent.parent
+    seed = 0 if seed is None else seed
     if not (path / "config.yaml").is_file():
         raise ConfigError(
             f"{path}: neither an experiment folder (config.yaml) nor a run folder (results.json)"

@@ -217,6 +217,37 @@ def test_a_killed_update_resumes_to_the_same_version(
     assert resumed.gate["promoted"] == reference.gate["promoted"]
 
 
+def test_an_update_resumed_with_other_holdout_settings_trains_its_own_candidate(
+    batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate's held-out samples depend on update.holdout_fraction and update.max_holdout: a killed update
+    rerun with other values must not reuse the first attempt's stored gate predictions."""
+    _, root = run_base(batches, tmp_path / "run")
+    real, calls = CtrTask.loss, {"n": 0}
+
+    def dying(self, lm, rows):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside the update's training, after the promoted version was scored
+            raise KeyboardInterrupt
+        return real(self, lm, rows)
+
+    monkeypatch.setattr(CtrTask, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"])
+    assert list(root.glob("deploy/finetune-seed0/work/*/gate/promoted.npz"))
+    monkeypatch.setattr(CtrTask, "loss", real)
+    v = update_run(root, batches["b1"], overrides=["update.min_gain=-1.0", "update.max_holdout=5"]).version
+    assert v.gate["holdout_samples"] == 5 and v.gate["max_holdout"] == 5 and v.gate["promote"]
+    # A finished update run again with other gate settings changes nothing, and says so.
+    again = update_run(root, batches["b1"], overrides=["update.min_gain=5"])
+    assert again.already_applied and again.version.id == v.id
+    assert again.ignored == [f"update.min_gain=5.0 (version {v.id} was gated with -1.0)"]
+    assert update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).ignored == []
+    args = ["update", str(root), "--data", str(batches["b1"]), "--set", "update.min_gain=5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "not applied: update.min_gain=5.0" in result.output, result.output
+
+
 def test_two_updates_at_once_are_refused(batches: dict[str, Path], tmp_path: Path) -> None:
     _, root = run_base(batches, tmp_path / "runs")
     lock = root / "deploy" / "finetune-seed0" / ".lock"
@@ -297,6 +328,8 @@ def test_a_conventional_next_item_run_grows_its_item_table(batches: dict[str, Pa
     run_experiment(cfg)
     root = Path(cfg.output_dir) / cfg.name
     batch = _with_a_new_item(batches, tmp_path / "new.csv")
+    with pytest.raises(ConfigError, match=r"update\.metric='log_items'"):  # a reference, not a model's figure
+        update_run(root, batch, overrides=["update.metric=log_items"])
     v = update_run(root, batch, overrides=["update.min_gain=-1.0"]).version
     assert v.data["accepted"] == v.data["rows_in_file"] == pl.read_csv(batch).height and not v.data["dropped"]
     rec = evolora.Recommender.load(root)
@@ -317,3 +350,32 @@ def test_an_llm_next_item_run_drops_rows_of_items_without_a_semantic_id(
     v = update_run(root, batch, overrides=["update.min_gain=-1.0"]).version
     assert v.data["dropped"] == {"items without a semantic ID": 6}
     assert v.data["accepted"] == pl.read_csv(batches["b1"]).height
+
+
+def test_a_run_folder_names_its_own_method_and_seed(batches: dict[str, Path], tmp_path: Path) -> None:
+    """Given one run's folder, a --method or --seed that is not its own is an error (it was ignored), and
+    what is reported and served is the folder's own seed."""
+    from evolora.deploy.server import ModelHolder
+
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **{**SMALL, "seeds": "[1]", "train.epochs": 1})
+    run_experiment(cfg)
+    run = Path(cfg.output_dir) / cfg.name / "finetune" / "seed1"
+    with pytest.raises(ConfigError, match=r"is the run of 'finetune' with seed 1, not seed 0"):
+        evolora.Recommender.load(run, seed=0)
+    with pytest.raises(ConfigError, match=r"not method 'frozen': give its experiment folder"):
+        update_run(run, batches["b1"], method="frozen")
+    assert evolora.Recommender.load(run, method="finetune", seed=1).seed == 1
+    for command in (
+        ["versions", str(run), "--seed", "0"],
+        ["export", str(run), "--out", str(tmp_path / "x"), "--seed", "2"],
+    ):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2 and "is the run of 'finetune' with seed 1" in result.output, (
+            result.output
+        )
+    args = ["recommend", str(run), "--history", "sku-001,sku-002", "--items", "sku-003,sku-004", "--json"]
+    answer = CliRunner().invoke(app, args)
+    assert answer.exit_code == 0 and json.loads(answer.stdout)["seed"] == 1, answer.output
+    holder = ModelHolder(run)  # it served seed 0's versions of this experiment
+    assert holder.seed == 1 and holder._registry().folder.name == "finetune-seed1"
+    holder.served.rec.strategy.teardown()

@@ -43,7 +43,9 @@ err_console = Console(stderr=True, soft_wrap=True)
 # Arguments several commands take about a trained run.
 RunDir = Annotated[Path, typer.Argument(help="an experiment folder (runs/<name>) or a run's folder")]
 Method = Annotated[str | None, typer.Option(help="the strategy's label (when there are several)")]
-Seed = Annotated[int, typer.Option(help="which seed's run")]
+Seed = Annotated[
+    int | None, typer.Option(help="which seed's run; default: 0, or a run folder's own", show_default=False)
+]
 Stage = Annotated[int | None, typer.Option(help="the model after this stage; default: the last")]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # evolora/configs

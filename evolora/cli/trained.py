@@ -38,7 +38,7 @@ def update(
     run_dir: RunDir,
     data: Annotated[Path, typer.Option(help="the new interactions, in a format the run's loader reads")],
     method: Method = None,
-    seed: Seed = 0,
+    seed: Seed = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -62,10 +62,17 @@ def update(
     state = "promoted" if outcome.promoted else "not promoted"
     if as_json:
         answer = {"promoted": outcome.promoted, "already_applied": outcome.already_applied, **asdict(v)}
-        console.print_json(json.dumps(answer))
+        console.print_json(json.dumps({**answer, "ignored": outcome.ignored}))
         return
     if outcome.already_applied:
         console.print(f"{data} was applied before: version {v.id} ({state})")
+        if outcome.ignored:
+            console.print(
+                f"not applied: {', '.join(outcome.ignored)}: a batch is gated once "
+                f"(`evolora rollback {run_dir} VERSION` promotes any version)",
+                highlight=False,
+                soft_wrap=True,
+            )
         return
     g = v.gate
     console.print(
@@ -80,7 +87,7 @@ def update(
 def versions(
     run_dir: RunDir,
     method: Method = None,
-    seed: Seed = 0,
+    seed: Seed = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """The versions of a deployed run: each update, its gate, and the promoted one."""
@@ -118,7 +125,7 @@ def rollback(
     run_dir: RunDir,
     version: Annotated[int, typer.Argument(help="the version to promote again")],
     method: Method = None,
-    seed: Seed = 0,
+    seed: Seed = None,
 ) -> None:
     """Make an earlier version the promoted one (served; the next update builds on it)."""
     from evolora.locks import exclusive
@@ -134,7 +141,7 @@ def rollback(
         console.print(f"version {version} is the promoted one already: nothing changed")
 
 
-def _registry(run_dir: Path, method: str | None, seed: int):
+def _registry(run_dir: Path, method: str | None, seed: int | None):
     from evolora.deploy.versions import Versions
     from evolora.io import read_json
     from evolora.queries import locate_run
@@ -152,7 +159,7 @@ def serve(
     host: Annotated[str, typer.Option(help="the address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="the port to listen on")] = 8000,
     method: Method = None,
-    seed: Seed = 0,
+    seed: Seed = None,
 ) -> None:
     """Serve the promoted version over HTTP (POST /score, /recommend; GET /health, /version, /docs),
     switching to a newly promoted one without dropping requests."""
@@ -174,7 +181,7 @@ def export(
         Path, typer.Option(help="the folder to write: new, empty, or an earlier export (replaced)")
     ],
     method: Method = None,
-    seed: Seed = 0,
+    seed: Seed = None,
     stage: Stage = None,
     merge: Annotated[bool, typer.Option(help="write the base model with the adapter merged in")] = False,
 ) -> None:
@@ -194,7 +201,7 @@ def export_user_adapter(
     run_dir: RunDir,
     user: Annotated[str, typer.Argument(help="user id as in the data")],
     method: Method = None,
-    seed: Seed = 0,
+    seed: Seed = None,
     stage: Annotated[
         int | None, typer.Option(help="training stage whose adapters to use; default: last")
     ] = None,
@@ -250,7 +257,7 @@ def recommend(
     ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="how many items to return")] = 10,
     method: Method = None,
-    seed: Seed = 0,
+    seed: Seed = None,
     stage: Stage = None,
     version: Annotated[
         int | None, typer.Option(help="a deployed run's version; default: the promoted one")
@@ -290,7 +297,7 @@ def recommend(
         answer = {
             "run": str(run_dir),
             "method": rec.method,
-            "seed": seed,
+            "seed": rec.seed,
             "version": rec.version,
             "stage": rec.stage,
             "task": rec.task_name,

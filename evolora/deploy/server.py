@@ -74,7 +74,7 @@ class ModelHolder:
 
     run_dir: Path
     method: str | None = None
-    seed: int = 0
+    seed: int | None = None  # None: 0, or a run folder's own
     poll_seconds: float = 0.5
     served: Served | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -83,7 +83,7 @@ class ModelHolder:
     def __post_init__(self) -> None:
         seed_dir, self.root = locate_run(Path(self.run_dir), self.method, self.seed)
         results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
-        self.method = results["method"]
+        self.method, self.seed = results["method"], results["seed"]
         self.last_stage = max(s["train_stage"] for s in results["stages"])
         self.served = self._load(self._promoted())
 
@@ -387,7 +387,11 @@ def check_address(host: str, port: int) -> None:
 
 
 def serve(
-    run_dir: Path, host: str = "127.0.0.1", port: int = 8000, method: str | None = None, seed: int = 0
+    run_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    method: str | None = None,
+    seed: int | None = None,
 ) -> None:
     import uvicorn
 

@@ -12,7 +12,9 @@
    strategies bank it, RecLoRA continues its banks and router, conventional models grow their ID tables),
    and the candidate is scored on the same samples.
 4. The gate promotes the candidate when its gain is at least `update.min_gain`; either way the candidate
-   is kept as a new version with both figures and the decision.
+   is kept as a new version with both figures and the decision. A batch is gated once: the same file
+   sent again answers with its version, and update.* settings given then are reported as not applied
+   (`evolora rollback` promotes any version).
 
 Everything an update writes lives in its own work folder and is resumable (the stage machinery of
 `continual/loop.py`); the version is recorded last, in one atomic write of versions.json, so `kill -9`
@@ -27,7 +29,7 @@ from __future__ import annotations
 import io
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +73,15 @@ class UpdateOutcome:
     version: Version
     promoted: bool
     already_applied: bool = False
+    # update.* settings given for a batch applied before: a batch is gated once, so they changed nothing
+    ignored: list[str] = field(default_factory=list)
 
 
 def update_run(
     run_dir: str | Path,
     data_file: str | Path,
     method: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     overrides: list[str] | None = None,
 ) -> UpdateOutcome:
     """Train the next stage of a run's promoted version on `data_file` and gate it (see the module doc).
@@ -97,10 +101,12 @@ def update_run(
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
     cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *(overrides or [])]))
     check_tracking(cfg)
-    names = metric_set(cfg.task.name).names  # checked before any training, not at the gate
+    metrics = metric_set(cfg.task.name)  # checked before any training, not at the gate
+    # a reference figure (log_items: the size of the candidate set) is the same for both versions
+    names = [n for n in metrics.names if n not in metrics.references]
     if cfg.update.metric is not None and cfg.update.metric not in names:
         raise ConfigError(
-            f"update.metric={cfg.update.metric!r}: the {cfg.task.name} task records {list(names)}"
+            f"update.metric={cfg.update.metric!r}: the {cfg.task.name} task's gate can compare {names}"
         )
     check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
     set_threads(cfg.threads)
@@ -109,11 +115,12 @@ def update_run(
     registry = Versions.open(root, method, results["seed"], last)
     with exclusive(registry.folder / ".lock", f"updates of {method} (seed {results['seed']}) in {root}"):
         registry = Versions.open(root, method, results["seed"], last)  # as the lock holder left it
-        return _update(cfg, root, results, registry, Path(data_file))
+        given = {parse_override(o)[0][-1] for o in overrides or [] if parse_override(o)[0][0] == "update"}
+        return _update(cfg, root, results, registry, Path(data_file), given)
 
 
 def _update(
-    cfg: RunConfig, root: Path, results: dict[str, Any], registry: Versions, data_file: Path
+    cfg: RunConfig, root: Path, results: dict[str, Any], registry: Versions, data_file: Path, given: set[str]
 ) -> UpdateOutcome:
     parent = registry.current
     batch = _read_batch(cfg, data_file)
@@ -130,8 +137,16 @@ def _update(
             log.info("%s was applied before: version %d", data_file, v.id)
             if v.gate:  # logged already, unless the update was stopped before it could be
                 _track_gate(cfg, root, results, v)
-            return UpdateOutcome(v, registry.promoted == v.id, already_applied=True)
-    work = registry.folder / "work" / f"from-v{parent.id}-{digest[:12]}"
+            ignored = [
+                f"update.{k}={getattr(cfg.update, k)} (version {v.id} was gated with {v.gate[k]})"
+                for k in sorted(given)
+                if k in v.gate and v.gate[k] != getattr(cfg.update, k)
+            ]
+            return UpdateOutcome(v, registry.promoted == v.id, already_applied=True, ignored=ignored)
+    # The held-out samples depend on these settings: another choice is another candidate, trained apart
+    # (a killed update resumed with other settings must not reuse the first one's gate predictions).
+    held = f"holdout{cfg.update.holdout_fraction:g}-{cfg.update.max_holdout or 'all'}"
+    work = registry.folder / "work" / f"from-v{parent.id}-{digest[:12]}-{held}"
     stage = parent.stage + 1
 
     original, existing, items = _history(cfg, root, registry, parent)
@@ -357,7 +372,8 @@ def _decide(cfg: RunConfig, task: Any, before: Any, after: Any, rows: np.ndarray
     return {
         "metric": metric, "candidate": candidate, "promoted": promoted, "gain": gain,
         "min_gain": cfg.update.min_gain, "holdout_samples": len(rows), "promote": promote,
-        "decision": decision,
+        "decision": decision, "holdout_fraction": cfg.update.holdout_fraction,
+        "max_holdout": cfg.update.max_holdout,
     }  # fmt: skip
 
 
