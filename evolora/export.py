@@ -4,6 +4,8 @@
         evolora_export.json        what the folder holds: method, stage, task, base model, how to prompt
         tokenizer files            the run's tokenizer, with the semantic-ID tokens of next-item runs
         items.json                 item id -> title (CTR prompts) or semantic ID (next-item)
+        item_vectors.safetensors   with task.retrieve_from: `vectors` [n_items, d], rows in the order of
+        item_vectors.json          this list of item ids (what a prompt's history is retrieved by)
         adapter/                   one plain PEFT LoRA (adapter_config.json, adapter_model.safetensors);
                                    or long/ and short/ for LSAT's ensemble, mixed by the weight in
                                    evolora_export.json
@@ -11,7 +13,10 @@
                                    rows of the added tokens: `input_embeddings` and `output_embeddings`
                                    [n_new, hidden], for token ids n_base.. (vLLM's LoRA format for an extra
                                    vocabulary; PEFT's own `trainable_tokens_delta` keys are not used)
-        README.md                  how to load it
+        README.md                  how to load it: code that runs with transformers and PEFT alone
+
+The manifest's `prompt` says how to rebuild a sample's prompt: the template, what fills each field, the
+history's length (and retrieval), the text cached apart and how it is tokenized, the answer's tokens.
 
 Every strategy says how it is one plain LoRA (`Strategy.plain_adapters`): a cumulative strategy's frozen
 past updates and its current adapter are concatenated into one adapter of rank (k + 1) r, LSAT-TA's fused
@@ -27,6 +32,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from evolora.api import Recommender
@@ -36,31 +42,6 @@ from evolora.io import atomic_directory, check_replaceable
 from evolora.models.llm import LoraLM
 
 log = logging.getLogger("evolora")
-
-_README = """# {method}, after stage {stage} ({task})
-
-Exported by evolora from `{run}`. Load it with transformers and PEFT alone:
-
-```python
-import torch
-from peft import PeftModel
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-tok = AutoTokenizer.from_pretrained("{out}")
-model = AutoModelForCausalLM.from_pretrained("{base}", torch_dtype=torch.float32)
-model.resize_token_embeddings(len(tok), mean_resizing=False)
-rows = "{out}/{adapter}/new_embeddings.safetensors"  # only when the run added tokens
-new = load_file(rows)
-with torch.no_grad():
-    n = new["input_embeddings"].shape[0]
-    model.get_input_embeddings().weight[-n:] = new["input_embeddings"]
-    model.get_output_embeddings().weight[-n:] = new["output_embeddings"]
-model = PeftModel.from_pretrained(model, "{out}/{adapter}")
-```
-
-{prompting}
-"""
 
 
 def export_run(
@@ -98,8 +79,11 @@ def export_run(
                     sub = folder / ("adapter" if len(adapters) == 1 else name)
                     _write_adapter(lm, rec.cfg.model.name, plain, sub)
             manifest = _manifest(rec, adapters, info, merge)
+            if manifest["prompt"].get("retrieve_from") is not None:
+                _write_item_vectors(rec.strategy.task.item_vectors, folder)  # type: ignore[attr-defined]
             (folder / "evolora_export.json").write_text(json.dumps(manifest, indent=2))
-            (folder / "README.md").write_text(_readme(rec, out, merge, adapters))
+            readme = _readme(rec, out, merge, adapters, bool(lm.new_token_ids))
+            (folder / "README.md").write_text(readme)
         log.info("exported %s (stage %d) to %s", rec.method, rec.stage, out)
         return out
     finally:
@@ -169,6 +153,16 @@ def _write_merged(lm: LoraLM, base_name: str, plain: PlainLora, folder: Path) ->
     base.save_pretrained(folder)
 
 
+def _write_item_vectors(vectors: dict[str, Any], folder: Path) -> None:
+    """What `task.retrieve_from` picks a prompt's history by: one row per item of item_vectors.json."""
+    from safetensors.torch import save_file
+
+    ids = list(vectors)
+    stacked = torch.tensor(np.stack([np.asarray(vectors[i], dtype=np.float32) for i in ids]))
+    save_file({"vectors": stacked}, str(folder / "item_vectors.safetensors"), metadata={"format": "pt"})
+    (folder / "item_vectors.json").write_text(json.dumps(ids, ensure_ascii=False))
+
+
 def _item_map(rec: Recommender) -> dict[str, Any]:
     task = rec.strategy.task
     if rec.task_name == "next_item":
@@ -191,34 +185,64 @@ def _manifest(rec: Recommender, adapters: dict[str, PlainLora], info: dict, merg
     lm = rec.strategy.lm
     if lm.new_token_ids:
         manifest["new_tokens"] = {"count": len(lm.new_token_ids), "first_id": min(lm.new_token_ids)}
+    manifest["prompt"] = task.prompt_recipe()
     if rec.task_name == "ctr":
-        manifest["prompt"] = {
-            "template": task.template,  # type: ignore[attr-defined]
-            "answer": "P(like) = softmax(logits[yes_id], logits[no_id])[0] at the last prompt token",
-            "yes_id": task.yes_id,  # type: ignore[attr-defined]
-            "no_id": task.no_id,  # type: ignore[attr-defined]
-            "like_threshold": rec.like_threshold,
-        }
-    else:
-        manifest["prompt"] = {
-            "template": task.template,  # type: ignore[attr-defined]
-            "answer": "the next item's semantic ID (items.json), then end of sequence",
-        }
+        manifest["prompt"]["like_threshold"] = rec.like_threshold
     return manifest
 
 
-def _readme(rec: Recommender, out: Path, merge: bool, adapters: dict[str, PlainLora]) -> str:
+def _readme(
+    rec: Recommender, out: Path, merge: bool, adapters: dict[str, PlainLora], new_tokens: bool
+) -> str:
+    """How to load the folder with transformers and PEFT alone (tests run this code)."""
+    head = f"# {rec.method}, after stage {rec.stage} ({rec.task_name})\n\n"
+    head += f"Exported by evolora from `{rec.seed_dir}`."
+    prompting = (
+        "How to prompt it: `evolora_export.json` (`prompt`: template, fields, tokenizing, answer) and "
+        "`items.json`."
+    )
     if merge:
         return (
-            f"# {rec.method}, after stage {rec.stage} ({rec.task_name})\n\nA merged model: "
-            f'`AutoModelForCausalLM.from_pretrained("{out}")` with `AutoTokenizer.from_pretrained("{out}")`.'
-            " How to prompt it: `evolora_export.json`.\n"
+            f"{head} A merged model, loaded with transformers alone:\n\n```python\nimport torch\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'tok = AutoTokenizer.from_pretrained("{out}")\n'
+            f'model = AutoModelForCausalLM.from_pretrained("{out}", dtype=torch.float32)\n'
+            f"```\n\n{prompting}\n"
         )
-    adapter = "adapter" if len(adapters) == 1 else next(iter(adapters))
-    prompting = "How to prompt it: `evolora_export.json` (template, answer tokens) and `items.json`."
-    if len(adapters) > 1:
-        prompting += " Two adapters: load each and mix their outputs with the weights in evolora_export.json."
-    return _README.format(
-        method=rec.method, stage=rec.stage, task=rec.task_name, run=rec.seed_dir, out=out,
-        base=rec.cfg.model.name, adapter=adapter, prompting=prompting,
-    )  # fmt: skip
+    names = list(adapters) if len(adapters) > 1 else ["adapter"]
+    lines = [
+        "import torch",
+        "from peft import PeftModel",
+        *(["from safetensors.torch import load_file"] if new_tokens else []),
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tok = AutoTokenizer.from_pretrained("{out}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{rec.cfg.model.name}", dtype=torch.float32)',
+        "model.resize_token_embeddings(len(tok), mean_resizing=False)",
+    ]
+    if new_tokens:  # the added tokens' trained rows
+        lines += [
+            f'new = load_file("{out}/{names[0]}/new_embeddings.safetensors")',
+            'n = new["input_embeddings"].shape[0]',
+            "with torch.no_grad():",
+            '    model.get_input_embeddings().weight[-n:] = new["input_embeddings"]',
+            '    model.get_output_embeddings().weight[-n:] = new["output_embeddings"]',
+        ]
+    if len(names) == 1:
+        lines.append(f'model = PeftModel.from_pretrained(model, "{out}/adapter")')
+    else:
+        lines.append(
+            f'model = PeftModel.from_pretrained(model, "{out}/{names[0]}", adapter_name="{names[0]}")'
+        )
+        lines += [f'model.load_adapter("{out}/{name}", adapter_name="{name}")' for name in names[1:]]
+        prompting += (
+            f" {len(names)} adapters: score with each (`model.set_adapter(name)`) and mix the outputs with"
+            " the weights of `ensemble` in evolora_export.json"
+            + (
+                " (each folder has its own added-token rows: load them before scoring)."
+                if new_tokens
+                else "."
+            )
+        )
+    code = "\n".join(lines)
+    return f"{head} Load it with transformers and PEFT alone:\n\n```python\n{code}\n```\n\n{prompting}\n"

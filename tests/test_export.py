@@ -21,41 +21,58 @@ from tests.helpers import tiny_config, write_peso_cycle
 
 SMALL = {"train.epochs": 1, "train.samples_per_stage": 24, "train.valid_samples": 16, "eval.max_samples": 12}
 
-# Runs in a fresh interpreter: transformers, peft, safetensors and torch only.
+# Runs in a fresh interpreter: transformers, peft, safetensors and torch only. It loads each export with the
+# code of the export's README, and builds each prompt from the manifest, items.json and the user's history.
 CHILD = textwrap.dedent("""
-    import json, sys
+    import json, re, sys
+    from pathlib import Path
     import torch
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(folder):
+        readme = (Path(folder) / "README.md").read_text()
+        space = {}
+        exec(re.search(r"```python\\n(.*?)```", readme, re.S).group(1), space)
+        return space["tok"], space["model"]
+
+    def prompt_ids(tok, recipe, titles, hist_items, hist_ratings, target):
+        n = recipe["history_len"]
+        hist_items, hist_ratings = hist_items[-n:], hist_ratings[-n:]
+        text = recipe["template"]
+        if "{history}" in recipe["fields"]:
+            text = text.replace("{history}", ", ".join(titles[i] for i in hist_items))
+        else:
+            like = recipe["like_threshold"]
+            pairs = list(zip(hist_items, hist_ratings))
+            text = (
+                text.replace("{preference}", ", ".join(f'"{titles[i]}"' for i, r in pairs if r > like))
+                .replace("{unpreference}", ", ".join(f'"{titles[i]}"' for i, r in pairs if r <= like))
+                .replace("{target}", titles[target])
+            )
+        head = recipe["shared_prefix"]
+        if not head:
+            return tok(text).input_ids
+        return tok(head).input_ids + tok(text[len(head):], add_special_tokens=False).input_ids
 
     def scores(job):
         folder = job["export"]
-        tok = AutoTokenizer.from_pretrained(folder)
-        if job["merged"]:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(job["base"], dtype=torch.float32)
-            model.resize_token_embeddings(len(tok), mean_resizing=False)
-            if job["new_tokens"]:
-                rows = load_file(folder + "/adapter/new_embeddings.safetensors")
-                n = rows["input_embeddings"].shape[0]
-                with torch.no_grad():
-                    model.get_input_embeddings().weight[-n:] = rows["input_embeddings"]
-                    model.get_output_embeddings().weight[-n:] = rows["output_embeddings"]
-            model = PeftModel.from_pretrained(model, folder + "/adapter")
+        manifest = json.loads((Path(folder) / "evolora_export.json").read_text())
+        recipe = manifest["prompt"]
+        titles = json.loads((Path(folder) / "items.json").read_text())
+        tok, model = load(folder)
         model.eval()
-        out = []
+        out, prompts = [], []
         with torch.no_grad():
-            for prompt, target in zip(job["prompts"], job["targets"]):
+            for (items, ratings, item), target in zip(job["samples"], job["targets"]):
+                prompt = prompt_ids(tok, recipe, titles, items, ratings, item)
+                prompts.append(prompt)
                 ids = torch.tensor([prompt + target])
                 logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-                if job["task"] == "ctr":
+                if manifest["task"] == "ctr":
                     last = logp[len(prompt) - 1]
-                    out.append(float(torch.softmax(last[[job["yes"], job["no"]]], 0)[0]))
+                    out.append(float(torch.softmax(last[[recipe["yes_id"], recipe["no_id"]]], 0)[0]))
                 else:
                     out.append(float(sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(target))))
-        return out
+        return {"scores": out, "prompts": prompts}
 
     assert "evolora" not in sys.modules
     jobs = json.load(open(sys.argv[1]))
@@ -73,8 +90,8 @@ def base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def child_scores(folder: Path, jobs: dict[str, dict]) -> dict[str, np.ndarray]:
-    """Each job's scores, computed in one fresh interpreter (its imports are most of the time)."""
+def child_scores(folder: Path, jobs: dict[str, dict]) -> dict[str, dict]:
+    """Each job's scores and prompts, computed in one fresh interpreter (its imports are most of the time)."""
     (folder / "jobs.json").write_text(json.dumps(jobs))
     script = folder / "child.py"
     script.write_text(CHILD)
@@ -83,11 +100,12 @@ def child_scores(folder: Path, jobs: dict[str, dict]) -> dict[str, np.ndarray]:
         capture_output=True, text=True, cwd=folder, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return {key: np.array(v) for key, v in json.loads((folder / "out.json").read_text()).items()}
+    return json.loads((folder / "out.json").read_text())
 
 
-def export_job(cfg, method: str, out: Path, merge: bool = False) -> tuple[dict, np.ndarray]:
-    """(the child's job: score the last stage's evaluation rows from the export `out`; the run's scores)."""
+def export_job(cfg, method: str, out: Path, merge: bool = False) -> tuple[dict, np.ndarray, list]:
+    """(the child's job: score the last stage's evaluation samples from the export `out`; the run's scores;
+    the run's prompts as token ids)."""
     root = Path(cfg.output_dir) / cfg.name
     args = ["export", str(root), "--method", method, "--out", str(out)] + (["--merge"] if merge else [])
     result = CliRunner().invoke(app, args)
@@ -98,17 +116,16 @@ def export_job(cfg, method: str, out: Path, merge: bool = False) -> tuple[dict, 
 
     prepared = prepare_data(cfg)
     _, task = build_model_and_task(cfg, prepared)
-    prompts, targets = [], []
+    samples, prompts, targets = [], [], []
     for row in stored["rows"]:
+        sample = prepared.table.df.row(int(row), named=True)
+        ratings = [float(r) for r in sample["hist_ratings"]] if "hist_ratings" in sample else []
+        samples.append((list(sample["hist_items"]), ratings, sample["item_id"]))
         enc = task.encode(int(row))
         prompts.append(task.prefix + enc.body)
         targets.append([] if cfg.task.name == "ctr" else enc.answer[:-1])  # the ID without the end token
-    job = {
-        "export": str(out), "base": cfg.model.name, "merged": merge, "task": cfg.task.name,
-        "new_tokens": "new_tokens" in manifest, "prompts": prompts, "targets": targets,
-        "yes": manifest["prompt"].get("yes_id"), "no": manifest["prompt"].get("no_id"),
-    }  # fmt: skip
-    return job, stored["scores"] if cfg.task.name == "ctr" else stored["target_logp"]
+    job = {"export": str(out), "samples": samples, "targets": targets}
+    return job, stored["scores"] if cfg.task.name == "ctr" else stored["target_logp"], prompts
 
 
 CTR_EXPORTS = [("finetune", False), ("sumlora", False), ("lsat-ta", True)]
@@ -133,19 +150,22 @@ def exports(
     next_item = tiny_config(peso, tmp / "next-item", **over)
     run_experiment(next_item)
     wanted = [(ctr, method, merge) for method, merge in CTR_EXPORTS] + [(next_item, "sdlora", False)]
-    jobs, want, folders = {}, {}, {}
+    jobs, want, folders, prompts = {}, {}, {}, {}
     for cfg, method, merge in wanted:
         key = f"{cfg.task.name}-{method}-{merge}"
         folders[key] = tmp / f"export-{key}"
-        jobs[key], want[key] = export_job(cfg, method, folders[key], merge)
+        jobs[key], want[key], prompts[key] = export_job(cfg, method, folders[key], merge)
     got = child_scores(tmp, jobs)
-    return {key: (got[key], want[key], folders[key]) for key in jobs}
+    for key in jobs:  # the prompts rebuilt from the manifest are the run's own, token for token
+        assert got[key]["prompts"] == prompts[key], key
+    return {key: (np.array(got[key]["scores"]), want[key], folders[key]) for key in jobs}
 
 
 @pytest.mark.parametrize(("method", "merge"), CTR_EXPORTS)
 def test_ctr_exports_give_the_run_s_scores(exports: dict, method: str, merge: bool) -> None:
-    got, want, _ = exports[f"ctr-{method}-{merge}"]
+    got, want, folder = exports[f"ctr-{method}-{merge}"]
     np.testing.assert_allclose(got, want, atol=1e-4)
+    assert "new_embeddings" not in (folder / "README.md").read_text()  # a CTR run adds no tokens
 
 
 def test_a_next_item_export_carries_its_new_tokens(exports: dict) -> None:
@@ -172,6 +192,14 @@ def test_strategies_without_one_adapter_say_what_to_do(sunny_dir: Path, tmp_path
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "e" / "evolora_export.json").read_text())
     assert set(manifest["adapters"]) == {"long", "short"} and sum(manifest["ensemble"].values()) == 1
+    assert 'model.load_adapter("' in (tmp_path / "e" / "README.md").read_text()
+    # the history is retrieved by item vectors (task.retrieve_from): they are exported, one row per item
+    assert manifest["prompt"]["retrieve_from"] == 8 and manifest["prompt"]["history_len"] == 4
+    from safetensors.torch import load_file
+
+    ids = json.loads((tmp_path / "e" / "item_vectors.json").read_text())
+    vectors = load_file(tmp_path / "e" / "item_vectors.safetensors")["vectors"]
+    assert vectors.shape[0] == len(ids) == len(json.loads((tmp_path / "e" / "items.json").read_text()))
     # --out replaces a folder only when it is empty or an earlier export: never the run, nor a file.
     again = CliRunner().invoke(app, ["export", root, "--method", "lsat", "--out", str(tmp_path / "e")])
     assert again.exit_code == 0, again.output

@@ -37,6 +37,13 @@ def load_template(spec: str, builtin: dict[str, str], fields: tuple[str, ...]) -
     return text
 
 
+#: How the LLM tasks tokenize a prompt's text (the part before the first per-sample line is cached apart).
+TOKENIZE_RULE = (
+    "ids = tok(shared_prefix).input_ids + tok(text[len(shared_prefix):], add_special_tokens=False).input_ids;"
+    " with an empty shared_prefix, ids = tok(text).input_ids"
+)
+
+
 class Task(ABC):
     name: str
     #: what the task measures (`eval/metrics.py`)
@@ -89,6 +96,10 @@ class Task(ABC):
         at inference. `settings` override task settings that only shape predictions (`beams`,
         `exclude_history`)."""
         raise NotImplementedError(f"the {self.name} task cannot score new samples")
+
+    def prompt_recipe(self) -> dict[str, Any]:
+        """How a sample's prompt is built, for readers without evolora (an export's manifest)."""
+        raise NotImplementedError(f"the {self.name} task has no prompt")
 
     def before_stage(self, lm: Any, stage: int) -> None:  # noqa: B027 - a hook; most tasks need nothing
         """Called before stage `stage` trains or is restored (conventional models grow their ID tables)."""

@@ -32,7 +32,7 @@ from evolora.models.merged import merged_lora
 from evolora.models.tokens import pad_token_lists
 from evolora.parallel import split_rows
 from evolora.progress import task as progress_task
-from evolora.tasks.base import Task, token_loss
+from evolora.tasks.base import TOKENIZE_RULE, Task, token_loss
 from evolora.tasks.base import load_template as base_load_template
 
 log = logging.getLogger("evolora.tasks")
@@ -155,6 +155,34 @@ class CtrTask(Task):
             .replace("{unpreference}", ", ".join(f'"{t}"' for t in disliked))
             .replace("{target}", self.titles[target])
         )
+
+    def prompt_recipe(self) -> dict[str, Any]:
+        retrieve = self.cfg.retrieve_from
+        return {
+            "template": self.template,
+            "fields": {
+                "{preference}": "the titles (items.json) of the history's items rated above like_threshold, "
+                'each in double quotes, joined by ", ", oldest first',
+                "{unpreference}": "the same for the history's items rated at or below like_threshold",
+                "{target}": "the candidate's title (items.json), as it is",
+            },
+            "history": f"the user's latest {self.cfg.history_len} rated items"
+            if retrieve is None
+            else f"the {self.cfg.history_len} items among the user's latest {retrieve} whose vectors "
+            "(item_vectors.safetensors) have the largest dot product with the candidate's (ties: the more "
+            "recent), in time order",
+            "history_len": self.cfg.history_len,
+            "retrieve_from": retrieve,
+            "like_threshold": self.table.like_threshold,
+            "max_length": self.cfg.max_length,
+            "too_long": "while the prompt's ids and the answer's (its tokens and end of sequence) exceed "
+            "max_length, the oldest history item is left out",
+            "shared_prefix": self.prefix_text,
+            "tokenize": TOKENIZE_RULE,
+            "answer": "P(like) = softmax(logits[yes_id], logits[no_id])[0] at the last prompt token",
+            "yes_id": self.yes_id,
+            "no_id": self.no_id,
+        }
 
     def encode(self, row: int) -> Encoded:
         enc = self._cache.get(row)

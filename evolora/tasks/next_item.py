@@ -28,7 +28,7 @@ from evolora.models.merged import merged_lora
 from evolora.models.tokens import pad_token_lists
 from evolora.parallel import split_rows
 from evolora.progress import task as progress_task
-from evolora.tasks.base import Task, token_loss
+from evolora.tasks.base import TOKENIZE_RULE, Task, token_loss
 from evolora.tasks.base import load_template as base_load_template
 from evolora.tasks.decoding import (
     ItemTrie,
@@ -136,6 +136,20 @@ class NextItemTask(Task):
 
     def render(self, history: list[str]) -> str:
         return self.template.replace("{history}", ", ".join(self.item_text[h] for h in history))
+
+    def prompt_recipe(self) -> dict[str, Any]:
+        return {
+            "template": self.template,
+            "fields": {
+                "{history}": f"the semantic IDs (items.json) of the user's latest {self.cfg.history_len} "
+                'items, joined by ", ", oldest first',
+            },
+            "history_len": self.cfg.history_len,
+            "shared_prefix": self.prefix_text,
+            "tokenize": TOKENIZE_RULE,
+            "answer": "the next item's semantic ID (items.json), then end of sequence: a beam search over "
+            f"the IDs of items.json ({self.cfg.beams} beams), one token per ID level",
+        }
 
     def encode(self, row: int) -> Encoded:
         enc = self._cache.get(row)
