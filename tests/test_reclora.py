@@ -177,3 +177,14 @@ def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
     refused = CliRunner().invoke(app, ["export-user-adapter", str(run), user, "--out", str(run)])
     assert refused.exit_code == 2 and "holds other files" in refused.output  # the run is not replaced
     assert (run / "results.json").is_file()
+
+
+def test_a_partial_crm_setting_keeps_reclora_s_other_defaults() -> None:
+    """`crm: {dim: 8}` changes the dimension only: dropout, history length and MLP stay RecLoRA's (0.1, 60,
+    256-256), not the generic conventional defaults (0.2, 50, 128-64)."""
+    from evolora.continual.reclora import RECLORA_CRM, RecLoraOptions
+
+    crm = RecLoraOptions.model_validate({"crm": {"dim": 8}}).crm
+    assert crm.dim == 8 and crm == RECLORA_CRM.model_copy(update={"dim": 8})
+    assert (crm.dropout, crm.max_len, crm.mlp) == (0.1, 60, (256, 256))
+    assert RecLoraOptions().crm == RECLORA_CRM

@@ -20,12 +20,13 @@ while the LLM trains; here the frozen CRM runs in eval mode, so its representati
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from evolora import cost
 from evolora.config import ConventionalConfig, ModelConfig, TrainConfig
@@ -35,6 +36,9 @@ from evolora.errors import ConfigError, EvoloraError
 from evolora.models.personalized import PersonalizedLoRA
 from evolora.tasks.base import Task
 
+# RecLoRA's CRM: DIN over a long ID history, as the paper's code sets it up.
+RECLORA_CRM = ConventionalConfig(max_len=60, mlp=(256, 256), dropout=0.1)
+
 
 class RecLoraOptions(StrategyOptions):
     n_meta: int = Field(8, ge=1, description="meta-LoRAs per projection (the code runs 8-16)")
@@ -43,7 +47,10 @@ class RecLoraOptions(StrategyOptions):
     gate_hidden: int = Field(60, ge=1)
     gate_dropout: float = Field(0.1, ge=0, lt=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    crm: ConventionalConfig = ConventionalConfig(max_len=60, mlp=(256, 256), dropout=0.1)
+    crm: ConventionalConfig = Field(
+        RECLORA_CRM,
+        description="the CRM's settings; those not given keep RecLoRA's (not model.conventional's)",
+    )
     crm_epochs: int = Field(3, ge=1)
     crm_lr: float = Field(1e-3, gt=0)
     crm_batch_size: int = Field(256, ge=1)
@@ -51,6 +58,14 @@ class RecLoraOptions(StrategyOptions):
         True, description="train the CRM on the whole stage pool (False: the LLM's samples)"
     )
     proximal: float = Field(0.0, ge=0, description="PESO's KL term on the bank factors across stages")
+
+    @field_validator("crm", mode="before")
+    @classmethod
+    def _crm_over_reclora_defaults(cls, value: Any) -> Any:
+        # A partial mapping ({dim: 8}) changes what it names; the rest stay RecLoRA's, not the generic ones.
+        if isinstance(value, Mapping):
+            return {**RECLORA_CRM.model_dump(), **value}
+        return value
 
 
 class RecLora(Strategy[RecLoraOptions]):
