@@ -45,6 +45,7 @@ from evolora.queries import (
     item_list,
     locate_run,
     number_of,
+    query_of,
 )
 
 log = logging.getLogger("evolora")
@@ -61,7 +62,7 @@ def run(
     if isinstance(config, RunConfig):
         cfg = config_from_dict(config.model_dump(mode="json"), sets, "run(config)", flag="")
     elif isinstance(config, Mapping):
-        cfg = config_from_dict(dict(config), sets, "run(config)", flag="")
+        cfg = config_from_dict(_plain(config), sets, "run(config)", flag="")
     elif config is None or isinstance(config, str | Path):
         path = config if config is not None else Path(__file__).parent / "configs" / "quickstart.yaml"
         cfg = load_config(path, sets, flag="")
@@ -73,30 +74,83 @@ def run(
 
 
 def report(
-    paths: str | Path | Iterable[str | Path], metrics: list[str] | None = None, baseline: str | None = None
+    paths: str | Path | Iterable[str | Path],
+    metrics: str | Iterable[str] | None = None,
+    baseline: str | None = None,
 ) -> Report:
     """Compare finished runs as `evolora report` does, without writing files: `.text` is report.md, `.data`
-    report.json (per metric, method and stage each seed's value, the bootstrap differences to `baseline`)."""
-    folders = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
-    return compose_report(folders, metrics, baseline)
+    report.json (per metric, method and stage each seed's value, the bootstrap differences to `baseline`).
+    `paths`: experiment or run folders; `metrics`: a metric or a list of them (default: the tasks')."""
+    folders = _list_of(paths, str | Path, "report(paths): a folder or a list of folders")
+    if not folders:
+        raise EvoloraError("report(paths): give at least one experiment or run folder")
+    names = None if metrics is None else _list_of(metrics, str, "report(metrics=...): a metric or a list")
+    if names == []:
+        raise EvoloraError("report(metrics=[]): name at least one metric, or leave metrics out")
+    if baseline is not None and not isinstance(baseline, str):
+        raise EvoloraError(f"report(baseline=...): a method's label, not {baseline!r}")
+    return compose_report([Path(p) for p in folders], names, baseline, options=("metrics=", "baseline="))
+
+
+def _list_of(value: Any, kind: Any, what: str) -> list[Any]:
+    """One value of `kind` or an iterable of them, as a list; anything else is `what`'s error."""
+    if isinstance(value, kind):
+        return [value]
+    items = list(value) if isinstance(value, Iterable) and not isinstance(value, str | bytes) else None
+    if items is None or not all(isinstance(v, kind) for v in items):
+        raise EvoloraError(f"{what}, not {value!r}")
+    return items
+
+
+def _plain(value: Any) -> Any:
+    """A value as YAML and the config read it: paths as strings, numpy numbers as Python ones, tuples and
+    other sequences as lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic | np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _yaml(value: Any) -> str:
     """A value as `--set` reads it (YAML)."""
     import yaml
 
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    try:
+        text = yaml.safe_dump(_plain(value), default_flow_style=True)
+    except yaml.YAMLError:
+        raise ConfigError(f"{value!r}: a setting is a number, a string, a list or a mapping") from None
+    return text.strip().removesuffix("...").strip()
 
 
-def _flat(overrides: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def _flat(overrides: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """`run`'s keyword overrides as `--set` keys: a section given as a mapping (`train={"epochs": 3}`)
+    sets each key it names; any other value, a mapping under a dotted key included
+    (`**{"data.columns": {...}}`), replaces the setting whole, as `--set` does."""
     out = []
     for key, value in overrides.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out += _flat(value, f"{name}.")
+        if isinstance(value, Mapping) and "." not in key and key in RunConfig.model_fields:
+            out += [(f"{key}.{k}", v) for k, v in value.items()]
         else:
-            out.append((name, value))
+            out.append((key, value))
     return out
+
+
+def _no_stage(seed_dir: Path, t: int, trained: list[int], registry: Versions, protocol: str) -> str:
+    """Why there is no model after stage `t`, and what to ask for instead."""
+    why = f"{seed_dir}: no model after stage {t}: the run trained stages {trained or 'none'}"
+    deployed = [v.id for v in registry.versions if v.stage == t and v.id > 0]
+    if deployed:
+        return (
+            f"{why}; stage {t} was trained by an update: ask for its version {deployed} (--version, version=)"
+        )
+    if trained and t == max(trained) + 1 and protocol == "next_stage":
+        return f"{why} (next_stage only evaluates the last stage; its data trains the next update's model)"
+    return why
 
 
 class Recommender:
@@ -173,7 +227,9 @@ class Recommender:
             if chosen.id > 0:
                 return cls._load_version(cfg, root, results, chosen)
         t = stage if stage is not None else max(trained, default=0)
-        if t not in trained or not is_trained(seed_dir / f"stage-{t}"):
+        if t not in trained:
+            raise ConfigError(_no_stage(seed_dir, t, trained, registry, cfg.protocol))
+        if not is_trained(seed_dir / f"stage-{t}"):
             raise ConfigError(f"{seed_dir}: stage {t} has not finished (finished: {trained or 'none'})")
         if not (bundle_dir(root) / "bundle.json").is_file():
             # A run of an older evolora: read the data once to save what inference needs.
@@ -249,7 +305,9 @@ class Recommender:
         if self.task_name != "ctr":
             raise EvoloraError(f"score() needs a CTR run; this is a {self.task_name} run: use recommend()")
         resolved = []
-        for history, items, user in queries:
+        for query in queries:
+            history, items, user = query_of(query, ("history", "items", "user"), "score_many")
+            items = item_list(items)
             if not items:
                 raise EvoloraError("score(): give at least one item to score")
             self._check_items(items, "items")
@@ -306,8 +364,9 @@ class Recommender:
         if self.task_name != "ctr":
             raise EvoloraError("a next-item run generates its recommendations: recommend_many")
         resolved, spans = [], []
-        for history, items, k, user in queries:
-            k = count_of(k)
+        for query in queries:
+            history, items, k, user = query_of(query, ("history", "items", "k", "user"), "rank_many")
+            k, items = count_of(k), item_list(items)
             hist_items, hist_ratings, seen = self._history(history, user)
             self._check_items(items, "items")
             if not items:
@@ -337,6 +396,7 @@ class Recommender:
         """`recommend` (next-item runs) for several (history, k, user) queries in one pass."""
         if self.task_name == "ctr":
             raise EvoloraError("a CTR run ranks given candidates: score them")
+        queries = [query_of(q, ("history", "k", "user"), "recommend_many") for q in queries]
         queries = [(history, count_of(k), user) for history, k, user in queries]
         histories = [self._history(history, user) for history, _, user in queries]
         target = next(iter(self._task.items))  # any known item: generation ignores the target

@@ -49,6 +49,13 @@ def item_list(items: Iterable[str]) -> list[str]:
     return [str(i) for i in items]
 
 
+def query_of(query: Any, parts: tuple[str, ...], method: str) -> tuple[Any, ...]:
+    """One query of a batch method (`score_many`, ...), checked to hold its parts."""
+    if not isinstance(query, tuple | list) or len(query) != len(parts):
+        raise EvoloraError(f"{method}: each query is a tuple ({', '.join(parts)}), not {query!r}")
+    return tuple(query)
+
+
 def count_of(k: Any) -> int:
     """How many items to return: a whole number >= 1 (a float or a string is refused, not rounded)."""
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
@@ -91,6 +98,8 @@ def history_pairs(history: History, liked: float) -> list[tuple[str, float]]:
         raise EvoloraError(f"history: a list of item ids or (item, rating) pairs, not the string {history!r}")
     if isinstance(history, Mapping):
         return [(str(i), rating_of(r, i)) for i, r in history.items()]
+    if isinstance(history, set | frozenset):
+        raise EvoloraError("history: a list, oldest first, not a set (a set has no order; the order counts)")
     if not isinstance(history, Iterable):
         raise EvoloraError(f"history: a list of item ids or (item, rating) pairs, not {history!r}")
     return [history_entry(h, liked) for h in history]

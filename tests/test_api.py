@@ -14,7 +14,7 @@ import evolora
 from evolora.errors import ConfigError, EvoloraError
 from evolora.experiment import prepare_data, run_dir_of, run_experiment
 from evolora.io import load_npz
-from tests.helpers import LORA_STRATEGIES, tiny_config, write_peso_cycle
+from tests.helpers import EXAMPLE_TABLE, LORA_STRATEGIES, tiny_config, write_peso_cycle
 
 CRM = {"dim": 8, "mlp": [16], "max_len": 10, "dropout": 0.0}
 CTR_STRATEGIES = [*LORA_STRATEGIES, {"name": "reclora", "n_meta": 3, "crm": CRM, "crm_epochs": 1}]
@@ -209,6 +209,68 @@ def test_run_takes_overrides(sunny_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"run\(config\): a YAML path, a RunConfig or a mapping"):
         evolora.run(["frozen"])
     assert evolora.api.run is evolora.run  # `evolora.api` without importing it first
+
+
+def test_run_reads_python_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paths, numpy numbers and tuples are settings as their plain values are; a mapping under a dotted
+    key replaces the setting whole, as --set does, while a section's mapping sets only its keys."""
+    built = []
+    monkeypatch.setattr("evolora.api.run_experiment", lambda cfg, jobs=1: built.append(cfg) or [])
+    cfg = tiny_config(Path(__file__).parent / "data" / "example_log.csv", tmp_path, **EXAMPLE_TABLE)
+    evolora.run(
+        cfg, output_dir=tmp_path / "out", train={"epochs": np.int64(3), "lr": np.float32(0.5)}, seeds=(1, 2)
+    )
+    got = built[-1]
+    assert got.output_dir == str(tmp_path / "out") and got.train.epochs == 3 and got.train.lr == 0.5
+    assert got.seeds == [1, 2] and got.train.batch_size == cfg.train.batch_size  # the rest as it was
+    evolora.run({**cfg.model_dump(mode="json"), "output_dir": tmp_path / "m"})
+    assert built[-1].output_dir == str(tmp_path / "m")
+    columns = {"user": "uid", "item": "iid", "time": "ts"}
+    for way in ({"data.columns": columns}, {"data": {"columns": columns}}):
+        evolora.run(cfg, **way)
+        assert built[-1].data.columns.rating is None and built[-1].data.columns.title is None, way
+    with pytest.raises(ConfigError, match="a setting is a number, a string, a list or a mapping"):
+        evolora.run(cfg, name=object())
+
+
+def test_report_arguments_are_checked(ctr_run) -> None:
+    cfg, _ = ctr_run
+    root = Path(cfg.output_dir) / cfg.name
+    assert list(evolora.report(root, metrics="auc").data["metrics"]) == ["auc"]  # not 'a', 'u', 'c'
+    for ask, named in [
+        (lambda: evolora.report([]), r"report\(paths\): give at least one"),
+        (lambda: evolora.report(5), r"report\(paths\): a folder or a list of folders, not 5"),
+        (lambda: evolora.report(root, metrics=[]), r"report\(metrics=\[\]\)"),
+        (lambda: evolora.report(root, metrics=["nope"]), "metrics=nope: not recorded by these runs"),
+        (lambda: evolora.report(root, baseline="nope"), "baseline=nope: no such method"),
+    ]:
+        with pytest.raises(EvoloraError, match=named):
+            ask()
+
+
+def test_queries_of_the_wrong_shape_are_one_line_errors(ctr_run) -> None:
+    cfg, _ = ctr_run
+    root = Path(cfg.output_dir) / cfg.name
+    rec = evolora.Recommender.load(root, method="finetune")
+    user = rec.known_users[0]
+    with pytest.raises(EvoloraError, match=r"score_many: each query is a tuple \(history, items, user\)"):
+        rec.score_many([(None, ["2"])])
+    with pytest.raises(EvoloraError, match=r"rank_many: each query is a tuple \(history, items, k, user\)"):
+        rec.rank_many([(None, ["2"], user)])
+    with pytest.raises(EvoloraError, match="not a set"):
+        rec.score({"4", "6"}, ["2"])
+    # item ids given as numbers are the same items as their strings
+    ranked = rec.rank_many([(None, [2, 3], 2, user)])[0]
+    assert sorted([*(s.item for s in ranked.items), *ranked.left_out_seen]) == ["2", "3"]
+    assert [s.item for s in rec.score_many([(None, [2], user)])[0]] == ["2"]
+    # stages without a model of the run say which it has
+    for stage in (0, -1, 3):
+        with pytest.raises(
+            ConfigError, match=rf"no model after stage {stage}: the run trained stages \[1, 2\]"
+        ):
+            evolora.Recommender.load(root, method="finetune", stage=stage)
+    with pytest.raises(ConfigError, match="next_stage only evaluates the last stage"):
+        evolora.Recommender.load(root, method="finetune", stage=3)
 
 
 def test_the_recommend_command(ctr_run) -> None:

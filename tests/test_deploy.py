@@ -71,6 +71,8 @@ def test_update_promote_rollback_and_update_again(batches: dict[str, Path], tmp_
     user = pl.read_csv(batches["b1"])["uid"][-1]
     assert rec.history_of(user)[0][-1] == pl.read_csv(batches["b1"]).filter(pl.col("uid") == user)["iid"][-1]
     assert evolora.Recommender.load(root, version=0).version == 0
+    with pytest.raises(ConfigError, match=r"stage 3 was trained by an update: ask for its version \[1\]"):
+        evolora.Recommender.load(root, stage=3)
 
     result = CliRunner().invoke(app, ["rollback", str(root), "0"])
     assert result.exit_code == 0, result.output

@@ -253,11 +253,15 @@ def build_report(
 
 
 def compose_report(
-    paths: list[Path], metrics: list[str] | None = None, baseline: str | None = None
+    paths: list[Path],
+    metrics: list[str] | None = None,
+    baseline: str | None = None,
+    options: tuple[str, str] = ("--metric ", "--baseline "),
 ) -> Report:
     """The report of the runs under `paths`, as markdown and as data. `baseline` is the method every
     difference is taken against; left out, it is `finetune` where the runs have one (and no differences
-    otherwise). Naming a method that is not among the runs, `finetune` included, is an error."""
+    otherwise). Naming a method that is not among the runs, `finetune` included, is an error. `options`:
+    how errors name the metric and baseline settings (the CLI's flags, or the Python API's arguments)."""
     results = find_results(paths)
     empty = [r for r in results if not r["stages"]]
     if empty:
@@ -271,7 +275,7 @@ def compose_report(
     methods = [g.method for g in groups]
     if baseline is not None and baseline not in methods:
         raise EvoloraError(
-            f"--baseline {baseline}: no such method in these runs; they have {', '.join(methods)}"
+            f"{options[1]}{baseline}: no such method in these runs; they have {', '.join(methods)}"
         )
     baseline = baseline or BASELINE
     tasks = {g.task for g in groups}
@@ -283,7 +287,7 @@ def compose_report(
     unknown = [m for m in metrics if m not in recorded]
     if unknown:
         raise EvoloraError(
-            f"--metric {', '.join(unknown)}: not recorded by these runs; "
+            f"{options[0]}{', '.join(unknown)}: not recorded by these runs; "
             f"they have {', '.join(sorted(recorded))}"
         )
     skip = shared_first_stage(results)
