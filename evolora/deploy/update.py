@@ -90,7 +90,8 @@ def update_run(
     `tracking_uri` (where the gate is logged), or `threads`.
     """
     # The gate's settings and where it is logged; whatever fixes the run's numbers stays as the run had it.
-    bad = [s for s in overrides or [] if parse_override(s)[0][0] not in _OVERRIDABLE]
+    keys = [parse_override(s)[0] for s in overrides or []]
+    bad = [s for s, key in zip(overrides or [], keys, strict=True) if key[0] not in _OVERRIDABLE]
     if bad:
         raise ConfigError(
             f"{bad[0]}: an update takes update.* settings only, tracking or tracking_uri for where its "
@@ -115,7 +116,7 @@ def update_run(
     registry = Versions.open(root, method, results["seed"], last)
     with exclusive(registry.folder / ".lock", f"updates of {method} (seed {results['seed']}) in {root}"):
         registry = Versions.open(root, method, results["seed"], last)  # as the lock holder left it
-        given = {parse_override(o)[0][-1] for o in overrides or [] if parse_override(o)[0][0] == "update"}
+        given = {key[-1] for key in keys if key[0] == "update"}
         return _update(cfg, root, results, registry, Path(data_file), given)
 
 
