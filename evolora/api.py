@@ -408,18 +408,22 @@ class Recommender:
         out: list[list[Scored]] = [[] for _ in queries]
         pending = list(range(len(queries)))
         for attempt in range(2):
-            # No more beams than items: each finished beam is a distinct item.
-            widest = max(widths[q] for q in pending)
-            beams = min(max(widest, getattr(self._task.cfg, "beams", widest)), n_items)
-            frame = query_frame([rows[q] for q in pending])
-            ranked = self.predict_samples(frame, beams=beams, exclude_history=exclude_seen)
+            # A query's beams depend on it alone (a wider search can find other items): queries of one
+            # width share a pass. No more beams than items: each finished beam is a distinct item.
+            groups: dict[int, list[int]] = {}
+            for q in pending:
+                beams = min(max(widths[q], getattr(self._task.cfg, "beams", widths[q])), n_items)
+                groups.setdefault(beams, []).append(q)
             short = []
-            for at, q in enumerate(pending):
-                k, seen = queries[q][1], histories[q][2] if exclude_seen else set()
-                out[q] = [s for s in self._top(ranked, at) if s.item not in seen][:k]
-                if len(out[q]) < k and beams < n_items and attempt == 0:
-                    short.append(q)  # seen items took the beams: again, wide enough for all of them
-                    widths[q] = k + len(seen)
+            for beams, group in sorted(groups.items()):
+                frame = query_frame([rows[q] for q in group])
+                ranked = self.predict_samples(frame, beams=beams, exclude_history=exclude_seen)
+                for at, q in enumerate(group):
+                    k, seen = queries[q][1], histories[q][2] if exclude_seen else set()
+                    out[q] = [s for s in self._top(ranked, at) if s.item not in seen][:k]
+                    if len(out[q]) < k and beams < n_items and attempt == 0:
+                        short.append(q)  # seen items took the beams: again, wide enough for all of them
+                        widths[q] = k + len(seen)
             pending = short
             if not pending:
                 break

@@ -170,6 +170,12 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
         rest = rec.recommend(long, k=len(rec.known_items))
         assert sorted(s.item for s in rest) == sorted(set(rec.known_items) - set(long))
         assert len(rec.recommend(long, k=3)) == 3
+        # An answer does not depend on the queries it is batched with (the server batches its clients'):
+        # each query's search is as wide as it needs, not as the widest beside it.
+        for user in rec.known_users[:4]:
+            alone = rec.recommend(user=user, k=12)
+            beside = rec.recommend_many([(None, 12, user), (["1", "2", "3"], 25, None)])[0]
+            assert [(s.item, s.score) for s in beside] == [(s.item, s.score) for s in alone], user
         with pytest.raises(EvoloraError, match="needs a CTR run"):
             rec.score(["1"], ["2"])
     conv = tiny_config(
