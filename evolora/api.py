@@ -32,7 +32,7 @@ from evolora.continual.loop import StageLoop, is_trained
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.data.samples import SampleTable, eval_stage_of
 from evolora.deploy.versions import Version, Versions
-from evolora.errors import ConfigError, EvoloraError
+from evolora.errors import ConfigError, EvoloraError, UnknownIdError
 from evolora.eval.report import Report, compose_report
 from evolora.experiment import build_model_and_task, resolve_config, run_experiment
 from evolora.io import read_json
@@ -270,7 +270,7 @@ class Recommender:
     def history_of(self, user: str) -> tuple[list[str], list[float]]:
         """A known user's latest interactions at the end of the stage (items, ratings), oldest first."""
         if user not in self._histories:
-            raise EvoloraError(
+            raise UnknownIdError(
                 f"unknown user {user!r}: the run knows {len(self._histories)} users up to stage "
                 f"{self.stage}; give their history instead"
             )
@@ -474,7 +474,7 @@ class Recommender:
             raise EvoloraError(f"{what}: a list of item ids, not the string {items!r}")
         unknown = [i for i in items if i not in self._task.items]
         if unknown:
-            raise EvoloraError(
+            raise UnknownIdError(
                 f"{what}: {len(unknown)} unknown item(s) {unknown[:5]}: the run knows "
                 f"{len(self._task.items)} items (an item first seen after training cannot be read)"
             )

@@ -24,6 +24,10 @@ class EmptyStagesError(DataError):
         self.stages = stages
 
 
+class UnknownIdError(EvoloraError):
+    """A query names a user or an item the model does not know (the server answers 404)."""
+
+
 class ConfigError(EvoloraError):
     """A configuration value is invalid. The message names the key."""
 

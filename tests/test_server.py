@@ -122,7 +122,43 @@ def test_bad_requests_get_their_4xx(server, path: str, body: dict, status: int) 
     url, _ = server
     r = httpx.post(f"{url}{path}", json=body, timeout=60)
     assert r.status_code == status, r.text
-    assert "detail" in r.json()
+    assert isinstance(r.json()["detail"], str)  # one message, not FastAPI's list of schema errors
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "message"),
+    [
+        ('{"history": [["sku-001"]], "items": ["sku-001"]}', True, "history[0]: give a list of item ids"),
+        ('{"user": "user-01", "items": ["sku-001"]}', False, "content-type: application/json"),
+        ('{"user": "user-01", "items": ["sku-001"], "path": "x"}', True, "unknown field 'path'"),
+        ('{"user": "user-01"}', True, "items: missing: give a list of 1 to 1000 item ids"),
+        ('{"items": ["sku-001"]}', True, "give `user` or `history`"),
+        ('{"user": "user-01", "items": ["sku-001"]', True, "the body is not valid JSON"),
+    ],
+)
+def test_a_body_that_does_not_fit_gets_one_plain_message(
+    server, body: str, headers: bool, message: str
+) -> None:
+    url, _ = server
+    r = httpx.post(
+        f"{url}/score",
+        content=body,
+        headers={"content-type": "application/json"} if headers else {},
+        timeout=60,
+    )
+    assert r.status_code == 422 and message in r.json()["detail"], r.text
+
+
+def test_an_id_the_answering_version_does_not_know_is_404(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request checked against one version and answered by the next (a switch in between) that does not
+    know its user is still a 404, not a 422."""
+    url, holder = server
+    from evolora.api import Recommender
+
+    known = set(holder.served.rec.known_users_set) | {"ghost"}
+    monkeypatch.setattr(Recommender, "known_users_set", property(lambda self: known))
+    r = httpx.post(f"{url}/score", json={"user": "ghost", "items": ["sku-001"]}, timeout=60)
+    assert r.status_code == 404 and "unknown user 'ghost'" in r.json()["detail"], r.text
 
 
 def test_health_docs_and_size_limit(server) -> None:

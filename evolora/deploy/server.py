@@ -31,21 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from evolora.allocator import keep_freed_memory
 from evolora.api import Recommender
+from evolora.deploy.requests import MAX_BODY_BYTES, Query, RecommendQuery, ScoreQuery, validation_message
 from evolora.deploy.versions import Versions
-from evolora.errors import EvoloraError
+from evolora.errors import EvoloraError, UnknownIdError
 from evolora.io import read_json
 from evolora.queries import locate_run
 
 log = logging.getLogger("evolora")
-
-MAX_ITEMS = 1000  # per request
-MAX_HISTORY = 1000
-MAX_K = 100
-MAX_BODY_BYTES = 1 << 20
 
 
 @dataclass
@@ -215,31 +209,6 @@ class Batcher:
         return [out[i] for i in range(len(batch))]
 
 
-class Query(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user: str | None = Field(None, description="a user the run knows: their history is used")
-    history: list[str | tuple[str, float]] | None = Field(
-        None, max_length=MAX_HISTORY, description="item ids (liked), or [item, rating] pairs"
-    )
-
-    @model_validator(mode="after")
-    def _one_of(self) -> Query:
-        if (self.user is None) == (self.history is None):
-            raise ValueError("give `user` or `history` (one of them; an empty history is [])")
-        return self
-
-
-class ScoreQuery(Query):
-    items: list[str] = Field(..., min_length=1, max_length=MAX_ITEMS)
-
-
-class RecommendQuery(Query):
-    k: int = Field(10, ge=1, le=MAX_K)
-    items: list[str] | None = Field(
-        None, min_length=1, max_length=MAX_ITEMS, description="the candidates to rank (CTR runs only)"
-    )
-
-
 class BodyLimit:
     """ASGI middleware: a request body over `limit` bytes gets 413 before anything parses it, whether it
     declares its length or arrives in chunks (which declare none)."""
@@ -286,6 +255,8 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, HTTPException
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
 
     batcher = Batcher(holder, max_batch)
 
@@ -303,6 +274,10 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
     )
 
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+
+    @app.exception_handler(RequestValidationError)
+    async def one_message(request: Any, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
 
     def check(query: Query, items: list[str] | None) -> None:
         served = holder.served
@@ -327,7 +302,8 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
         try:
             return await req.future
         except EvoloraError as e:
-            raise HTTPException(422, str(e)) from None
+            # An id the version that answered does not know (it may have changed since `check`): 404.
+            raise HTTPException(404 if isinstance(e, UnknownIdError) else 422, str(e)) from None
 
     @app.post("/score")
     async def score(query: ScoreQuery) -> dict[str, Any]:
