@@ -272,3 +272,41 @@ def test_a_stage_column_of_one_stage_is_refused_before_training(tmp_path: Path) 
     with pytest.raises(DataError, match=r"comes with one stage, and protocol: next_stage .* at least 2"):
         run_experiment(cfg)
     assert not (tmp_path / "runs" / cfg.name / "frozen").exists()
+
+
+def test_binary_parquet_columns_are_text_under_the_encoding_policy(tmp_path: Path) -> None:
+    """Strings some writers store as bytes: an id that is not UTF-8 is an error naming its row (it was a
+    traceback); a text field's bad bytes are replaced, as in CSV."""
+    log = pl.read_csv(LOG)
+    as_bytes = pl.col("uid").cast(pl.Binary)
+    log.with_columns(as_bytes).write_parquet(tmp_path / "ok.parquet")
+    assert prepare_data(table_config(tmp_path / "ok.parquet", tmp_path / "runs")).data.interactions.height > 0
+    bad = pl.Series("uid", [b"\xff\xfe", *log["uid"].cast(pl.Binary).to_list()[1:]], dtype=pl.Binary)
+    log.with_columns(bad).write_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet row 1: column 'uid' is not valid UTF-8"):
+        prepare_data(table_config(tmp_path / "bad.parquet", tmp_path / "runs"))
+
+
+def test_a_time_column_mixing_units_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Seconds and milliseconds in one column read as 1970 beside 2024 under either unit: an error naming
+    both lines (with data.time_unit: ms, as the error for the first millisecond value advises, it passed)."""
+    log = pl.read_csv(LOG).sort("ts")
+    seconds = pl.col("ts").str.to_datetime().dt.epoch("s")
+    mixed = log.with_columns(pl.when(pl.int_range(pl.len()) < 300).then(seconds).otherwise(seconds * 1000))
+    mixed.write_csv(tmp_path / "mixed.csv")
+    with pytest.raises(DataError, match=r"line 2: time .* reads as 1970-.* as 2024-.*mixes units"):
+        prepare_data(table_config(tmp_path / "mixed.csv", tmp_path / "runs", **{"data.time_unit": "ms"}))
+    # yyyymmdd numbers are no epoch: they load (as 1970), with a warning saying how to write them
+    log.with_columns(pl.col("ts").str.slice(0, 10).str.replace_all("-", "")).write_csv(tmp_path / "ymd.csv")
+    with caplog.at_level("WARNING", logger="evolora"):
+        prepare_data(table_config(tmp_path / "ymd.csv", tmp_path / "runs", **{"task.min_history": 0}))
+    assert "look like yyyymmdd dates" in caplog.text
+
+
+def test_upper_case_gz_is_decompressed(tmp_path: Path) -> None:
+    import gzip
+
+    log = pl.read_csv(LOG)
+    (tmp_path / "LOG.JSONL.GZ").write_bytes(gzip.compress(log.write_ndjson().encode()))
+    data = prepare_data(table_config(tmp_path / "LOG.JSONL.GZ", tmp_path / "runs")).data
+    assert data.interactions.height == log.height

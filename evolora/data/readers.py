@@ -199,7 +199,7 @@ CHUNK_BYTES = 64 << 20
 
 def open_binary(path: Path) -> IO[bytes]:
     require_file(path)
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
 def read_jsonl(
@@ -225,7 +225,7 @@ def read_jsonl(
     size = path.stat().st_size
     raw = open(path, "rb")  # noqa: SIM115 - closed below; its position measures progress
     try:
-        stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
+        stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
         with progress.task(f"reading {path.name}", total=size) as bar:
             while chunk := stream.readlines(CHUNK_BYTES):
                 numbers, lines = [], []

@@ -74,7 +74,7 @@ def read_table(
     wanted = list(dict.fromkeys(columns))
     text_columns = frozenset(text)
     if kind == "parquet":
-        rows = _read_parquet(path, wanted)
+        rows = _read_parquet(path, wanted, text_columns)
     elif kind == "jsonl":
         rows = _read_jsonl(path, wanted, text_columns)
     else:
@@ -247,7 +247,7 @@ def _encoding_policy(rows: TableRows, wanted: list[str], text: frozenset[str]) -
 # -------------------------------------------------------------------------------------- Parquet and JSONL
 
 
-def _read_parquet(path: Path, wanted: list[str]) -> TableRows:
+def _read_parquet(path: Path, wanted: list[str], text: frozenset[str]) -> TableRows:
     try:
         present = list(pl.read_parquet_schema(path))
     except Exception as e:
@@ -262,7 +262,28 @@ def _read_parquet(path: Path, wanted: list[str]) -> TableRows:
     if frame.height == 0:
         raise DataError(f"{path}: the file has no rows")
     frame = frame.with_columns(_line=pl.int_range(1, frame.height + 1, dtype=pl.Int64))
-    return TableRows(path, frame, "row")
+    return _decoded(TableRows(path, frame, "row"), text)
+
+
+def _decoded(rows: TableRows, text: frozenset[str]) -> TableRows:
+    """Binary columns (strings as some writers store them) as text under the encoding policy: bytes that
+    are not UTF-8 are replaced in a text field, and an error (naming the row) anywhere else."""
+    frame, replaced = rows.frame, []
+    for name, dtype in frame.schema.items():
+        if dtype != pl.Binary:
+            continue
+        values = []
+        for row, raw in zip(frame["_line"], frame[name], strict=True):
+            try:
+                values.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                if name not in text:
+                    raise rows.error(row, f"column {name!r} is not valid UTF-8") from None
+                replaced.append(row)
+                values.append(raw.decode("utf-8", "replace"))
+        frame = frame.with_columns(pl.Series(name, values, dtype=pl.Utf8))
+    warn_replaced_text(rows.path, sorted(set(replaced)))
+    return TableRows(rows.path, frame, rows.unit, rows.unterminated)
 
 
 def _read_jsonl(path: Path, wanted: list[str], text: frozenset[str]) -> TableRows:

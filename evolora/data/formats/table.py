@@ -160,8 +160,24 @@ def _times(rows: TableRows, df: pl.DataFrame, name: str, unit: str) -> pl.Series
     if outside.any():
         i = int(outside.arg_max())  # type: ignore[arg-type]
         raise rows.error(int(df["_line"][i]), outside_message(df["timestamp"][i], seconds[i], name, unit))
+    # Times in 1970 beside times decades later: one column holding two units (seconds and milliseconds,
+    # or yyyymmdd numbers among epoch seconds); no interaction log spans that.
+    early, late = seconds < SECONDS_PER_YEAR, seconds >= 20 * SECONDS_PER_YEAR
+    if early.any() and late.any():
+        i, j = int(early.arg_max()), int(late.arg_max())  # type: ignore[arg-type]
+        raise rows.error(
+            int(df["_line"][i]),
+            f"time {df['timestamp'][i]!r} (column {name!r}) reads as {_day(seconds[i])} but "
+            f"{df['timestamp'][j]!r} ({rows.unit} {df['_line'][j]}) as {_day(seconds[j])}: the column mixes "
+            f"units or formats; give every time in one (data.time_unit: {unit} reads {EPOCH_UNITS[unit][1]})",
+        )
     latest = seconds.max()
-    if unit != "s" and isinstance(latest, int) and 0 <= latest < SECONDS_PER_YEAR:
+    if unit == "s" and bool(df["timestamp"].cast(pl.Utf8).str.contains(r"^\s*(19|20)\d{6}\s*$").all()):
+        log.warning(
+            "%s: the times in column %r look like yyyymmdd dates (%s), read as epoch seconds (in 1970): "
+            "write them as ISO dates (2024-03-01)", rows.path, name, df["timestamp"][0],
+        )  # fmt: skip
+    elif unit != "s" and isinstance(latest, int) and 0 <= latest < SECONDS_PER_YEAR:
         fits = unit_that_fits(latest * EPOCH_UNITS[unit][0], unit)
         if fits:
             log.warning(
@@ -169,6 +185,10 @@ def _times(rows: TableRows, df: pl.DataFrame, name: str, unit: str) -> pl.Series
                 rows.path, name, EPOCH_UNITS[unit][1], EPOCH_UNITS[fits][1], fits,
             )  # fmt: skip
     return seconds.alias("timestamp")
+
+
+def _day(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d")
 
 
 def _ratings(rows: TableRows, df: pl.DataFrame, name: str) -> pl.Series:
