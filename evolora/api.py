@@ -127,16 +127,18 @@ def _yaml(value: Any) -> str:
     return text.strip().removesuffix("...").strip()
 
 
-def _flat(overrides: Mapping[str, Any]) -> list[tuple[str, Any]]:
-    """`run`'s keyword overrides as `--set` keys: a section given as a mapping (`train={"epochs": 3}`)
-    sets each key it names; any other value, a mapping under a dotted key included
-    (`**{"data.columns": {...}}`), replaces the setting whole, as `--set` does."""
+def _flat(overrides: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """`run`'s keyword overrides as `--set` keys. A section given as a mapping (`train={"epochs": 3}`,
+    `model={"lora": {"r": 4}}`) sets each key it names, at any depth, keeping the others; a value under a
+    dotted key replaces that setting whole, as `--set` does (`**{"data.columns": {...}}`: a new table's
+    columns)."""
     out = []
     for key, value in overrides.items():
-        if isinstance(value, Mapping) and "." not in key and key in RunConfig.model_fields:
-            out += [(f"{key}.{k}", v) for k, v in value.items()]
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and (prefix or "." not in key):
+            out += _flat(value, f"{name}.")
         else:
-            out.append((key, value))
+            out.append((name, value))
     return out
 
 

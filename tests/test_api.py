@@ -219,7 +219,7 @@ def test_run_takes_overrides(sunny_dir: Path, tmp_path: Path) -> None:
 
 def test_run_reads_python_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Paths, numpy numbers and tuples are settings as their plain values are; a mapping under a dotted
-    key replaces the setting whole, as --set does, while a section's mapping sets only its keys."""
+    key replaces the setting whole, as --set does, while a section's mapping sets only the keys it names."""
     built = []
     monkeypatch.setattr("evolora.api.run_experiment", lambda cfg, jobs=1: built.append(cfg) or [])
     cfg = tiny_config(Path(__file__).parent / "data" / "example_log.csv", tmp_path, **EXAMPLE_TABLE)
@@ -232,9 +232,12 @@ def test_run_reads_python_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     evolora.run({**cfg.model_dump(mode="json"), "output_dir": tmp_path / "m"})
     assert built[-1].output_dir == str(tmp_path / "m")
     columns = {"user": "uid", "item": "iid", "time": "ts"}
-    for way in ({"data.columns": columns}, {"data": {"columns": columns}}):
-        evolora.run(cfg, **way)
-        assert built[-1].data.columns.rating is None and built[-1].data.columns.title is None, way
+    evolora.run(cfg, **{"data.columns": columns})  # replaced whole, as --set data.columns={...} does
+    assert built[-1].data.columns.rating is None and built[-1].data.columns.title is None
+    evolora.run(cfg, data={"columns": {"user": "u"}}, model={"lora": {"r": 4}})  # merged, at any depth
+    got = built[-1]
+    assert got.data.columns.user == "u" and got.data.columns.rating == cfg.data.columns.rating
+    assert got.model.lora.r == 4 and got.model.lora.target_modules == cfg.model.lora.target_modules
     with pytest.raises(ConfigError, match="a setting is a number, a string, a list or a mapping"):
         evolora.run(cfg, name=object())
 
