@@ -297,6 +297,11 @@ def run_experiment(
     root = Path(cfg.output_dir) / cfg.name
     check_writable_folder(Path(cfg.output_dir), "output_dir")
     lock = Path(cfg.output_dir) / f".{cfg.name}.lock"  # beside the folder: --overwrite deletes the folder
+    # --overwrite moves the old experiment here and deletes it once the new one has finished: settings that
+    # fail (a misspelt column or model) before any stage is trained put it back as it was.
+    replaced = root.with_name(f".{root.name}.replaced")  # not a name an experiment can have
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root} is a file, not an experiment folder: choose another name or output_dir")
     with exclusive(lock, f"experiment {root}"):
         if overwrite and root.exists() and parallel.writes():
             if any(root.iterdir()) and not (root / "config.yaml").is_file():
@@ -304,13 +309,35 @@ def run_experiment(
                     f"--overwrite: {root} is not an experiment folder (no config.yaml), so it is not "
                     "deleted; choose another name or output_dir"
                 )
-            shutil.rmtree(root)
+            if replaced.exists():  # one an interrupted --overwrite left: replaced again
+                shutil.rmtree(replaced)
+            root.rename(replaced)
         parallel.barrier()
-        context_key = _check_experiment(root, cfg)
-        pairs = [(i, seed) for i in range(len(cfg.strategies)) for seed in cfg.seeds]
-        if jobs > 1 and len(pairs) > 1:
-            return _run_in_workers(cfg, root, context_key, pairs, min(jobs, len(pairs)))
-        return _run_locked(cfg, root, context_key, on_stage, pairs)
+        try:
+            context_key = _check_experiment(root, cfg)
+            pairs = [(i, seed) for i in range(len(cfg.strategies)) for seed in cfg.seeds]
+            if jobs > 1 and len(pairs) > 1:
+                results = _run_in_workers(cfg, root, context_key, pairs, min(jobs, len(pairs)))
+            else:
+                results = _run_locked(cfg, root, context_key, on_stage, pairs)
+        except BaseException:
+            if parallel.writes() and replaced.exists():
+                _restore_if_untrained(root, replaced)
+            raise
+        if parallel.writes() and replaced.exists():
+            shutil.rmtree(replaced)
+        return results
+
+
+def _restore_if_untrained(root: Path, replaced: Path) -> None:
+    """After a failed run: the experiment --overwrite replaced comes back unless the new one trained a
+    stage (then that one is kept, resumable, and the old one stays aside until it finishes)."""
+    if any(is_trained(stage) for stage in root.glob("*/seed*/stage-*")):
+        log.warning("%s replaced %s, which is kept aside until this one finishes", root, replaced)
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    replaced.rename(root)
+    log.warning("the new settings failed before training a stage: %s is as it was before --overwrite", root)
 
 
 def _for_this_process(cfg: RunConfig) -> RunConfig:

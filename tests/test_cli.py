@@ -100,6 +100,29 @@ def test_overwrite_deletes_only_an_experiment_folder(sunny_dir: Path, tmp_path: 
     assert (tmp_path / "runs" / "cli" / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_with_settings_that_fail_keeps_the_experiment(sunny_dir: Path, tmp_path: Path) -> None:
+    """--overwrite replaces the experiment only once the new settings work: a misspelt setting that fails
+    before any stage is trained leaves the finished experiment as it was (it was deleted first)."""
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen"])
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    root = tmp_path / "runs" / "cli"
+    before = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    result = runner.invoke(app, ["run", str(config), "--overwrite", "--set", "model.name=tinyy"])
+    assert result.exit_code == 2, result.output
+    assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before
+    assert not (tmp_path / "runs" / ".cli.replaced").exists()
+    result = runner.invoke(app, ["run", str(config), "--overwrite", "--set", "strategies=[finetune]"])
+    assert result.exit_code == 0, result.output
+    assert not (root / "frozen").exists() and (root / "finetune").is_dir()
+    assert not (tmp_path / "runs" / ".cli.replaced").exists()
+    # an experiment name that is a file: one line, with or without --overwrite
+    (tmp_path / "runs" / "afile").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["run", str(config), "--set", "name=afile", *extra])
+        assert result.exit_code == 2 and "is a file, not an experiment folder" in result.output, result.output
+    assert (tmp_path / "runs" / "afile").read_text() == "mine"
+
+
 def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2 and "config file not found" in result.output
@@ -107,6 +130,12 @@ def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("train: [unclosed")
     result = runner.invoke(app, ["run", str(bad)])
     assert result.exit_code == 2 and "not valid YAML" in result.output
+    bad.write_text("name: x\ntrain: {epochs: 1}\nname: y\n")  # plain YAML keeps the last silently
+    result = runner.invoke(app, ["run", str(bad)])
+    assert result.exit_code == 2 and "'name' is given twice (lines 1 and 3)" in result.output, result.output
+    bad.write_bytes(b"\xff\xfe name: x\n")
+    result = runner.invoke(app, ["run", str(bad)])
+    assert result.exit_code == 2 and "not UTF-8 text" in result.output and "Traceback" not in result.output
     # a --set value's parser error is one line naming the character, not the parser's four
     bad.write_text("train: {epochs: 1}")
     result = runner.invoke(app, ["run", str(bad), "--set", "train.lr=[1, 2"])
