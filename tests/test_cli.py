@@ -123,6 +123,26 @@ def test_overwrite_with_settings_that_fail_keeps_the_experiment(sunny_dir: Path,
     assert (tmp_path / "runs" / "afile").read_text() == "mine"
 
 
+def test_tables_off_a_terminal_are_not_cut_to_80_columns(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rich.console import Console
+
+    import evolora.cli as cli
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert cli.stdout_width() == 1000  # pytest's stdout is no terminal
+    monkeypatch.setattr(cli, "console", Console(soft_wrap=True, width=cli.stdout_width()))
+    config = write_config(
+        tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen"],
+        staging={"scheme": "lsat", "n_stages": 7},
+    )  # fmt: skip
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 0 and "…" not in result.output, result.output
+    monkeypatch.setenv("COLUMNS", "120")
+    assert cli.stdout_width() is None
+
+
 def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2 and "config file not found" in result.output

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,14 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect datasets.")
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=False, soft_wrap=True)  # off a terminal rich wraps at 80 columns: not in logs
+
+def stdout_width() -> int | None:
+    """Off a terminal (a pipe, a log, CI) rich fits tables to 80 columns, cutting figures to "0.…": there
+    they take the width they need. A terminal's width, or COLUMNS when set, still decides (None)."""
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 1000
+
+
+console = Console(stderr=False, soft_wrap=True, width=stdout_width())
 err_console = Console(stderr=True, soft_wrap=True)
 
 # Arguments several commands take about a trained run.
