@@ -867,5 +867,19 @@ def config_from_dict(
         raise ConfigError(_format_validation_error(e, where, given)) from None
 
 
+def config_changes(old: dict, new: dict, prefix: str = "") -> str:
+    """The settings that differ between two config dicts, as `key.sub: old -> new; ...`."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            sub = config_changes(a, b, f"{prefix}{k}.")
+            if sub:
+                out.append(sub)
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return "; ".join(out)
+
+
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")

@@ -33,7 +33,7 @@ import evolora
 from evolora import cost, parallel
 from evolora.allocator import keep_freed_memory
 from evolora.bundle import write_bundle
-from evolora.config import DataConfig, RunConfig, StrategySpec, config_to_dict
+from evolora.config import DataConfig, RunConfig, StrategySpec, config_changes, config_to_dict
 from evolora.continual import Env, build_strategy, check_strategy_specs
 from evolora.continual.loop import StageLoop, is_trained
 from evolora.continual.shared import SharedStore
@@ -182,7 +182,7 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
         if old.get("context_key") != key and _same_but_auto_precision(root, old.get("context", {}), context):
             log.info("%s: precision auto recorded as %s", root, context["model"]["precision"])
         elif old.get("context_key") != key:
-            diff = _diff(old.get("context", {}), context)
+            diff = config_changes(old.get("context", {}), context)
             if _has_work(root):
                 raise ConfigError(
                     f"{root} holds an experiment run with a different configuration ({diff}). "
@@ -235,19 +235,6 @@ def _check_data(root: Path, files: dict[str, Any]) -> None:
 def _has_work(root: Path) -> bool:
     """Whether any run under the experiment folder has started a stage (a checkpoint, a job, a record)."""
     return any(p.is_dir() for p in root.glob("*/seed*/stage-*"))
-
-
-def _diff(old: dict, new: dict, prefix: str = "") -> str:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            sub = _diff(a, b, f"{prefix}{k}.")
-            if sub:
-                out.append(sub)
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return "; ".join(out)
 
 
 def method_label(cfg: RunConfig, spec: StrategySpec) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
@@ -141,6 +142,34 @@ def test_tables_off_a_terminal_are_not_cut_to_80_columns(
     assert result.exit_code == 0 and "…" not in result.output, result.output
     monkeypatch.setenv("COLUMNS", "120")
     assert cli.stdout_width() is None
+
+
+def test_report_refuses_runs_that_are_not_the_same_setting_or_rows(sunny_dir: Path, tmp_path: Path) -> None:
+    """Experiments of one setting report together (their runs are a method's seeds); a method run with
+    other settings, or methods scored on other rows, are refused naming the difference (they were
+    averaged as seeds, or tabled side by side)."""
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen"])
+    for name, sets in [
+        ("a", []),
+        ("b", ["--set", "seeds=[1]"]),
+        ("c", ["--set", "seeds=[2]", "--set", "train.lr=0.05"]),
+        ("d", ["--set", "strategies=[{name: frozen, label: other}]", "--set", "eval.max_samples=12"]),
+    ]:
+        result = runner.invoke(app, ["run", str(config), "--set", f"name={name}", *sets])
+        assert result.exit_code == 0, result.output
+    runs = tmp_path / "runs"
+    together = runner.invoke(app, ["report", str(runs / "a"), str(runs / "b"), "--out", str(tmp_path / "r")])
+    assert together.exit_code == 0, together.output
+    frozen = json.loads((tmp_path / "r" / "report.json").read_text())["metrics"]["auc"]["methods"]["frozen"]
+    assert frozen["seeds"] == [0, 1]  # the two experiments' runs are its seeds
+    for other, message in [
+        ("c", r"frozen ran with other settings in .*a and .*c \(train.lr: 0.01 -> 0.05\)"),
+        ("d", r"D2 is evaluated on 24 of .* samples in .*a but 12 of"),
+    ]:
+        result = runner.invoke(
+            app, ["report", str(runs / "a"), str(runs / other), "--out", str(tmp_path / "x")]
+        )
+        assert result.exit_code == 2 and re.search(message, result.output.replace("\n", "")), result.output
 
 
 def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
@@ -313,3 +342,15 @@ def test_run_without_a_config_runs_the_quickstart(monkeypatch: pytest.MonkeyPatc
     result = runner.invoke(app, ["run"])
     assert "stopped before any work" in result.output, result.output
     assert seen["cfg"].name == yaml.safe_load(Path("configs/quickstart.yaml").read_text())["name"]
+
+
+def test_a_label_reused_for_another_strategy_says_so_first(sunny_dir: Path, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=[{"name": "peso", "label": "x"}]
+    )
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["run", str(config), "--set", "strategies=[{name: finetune, label: x}]"])
+    assert result.exit_code == 2, result.output
+    assert "with other options (strategy: 'peso' -> 'finetune'; lam:" in result.output.replace("\n", ""), (
+        result.output
+    )

@@ -155,7 +155,8 @@ def test_differences_are_paired_in_rows_and_seeds(matrix_run) -> None:
     from dataclasses import replace
 
     from evolora.eval.matrix_report import _Draws, difference_table
-    from evolora.eval.report import find_results, group_runs
+    from evolora.eval.report import group_runs
+    from evolora.eval.runs import find_results
 
     groups = group_runs(find_results([Path(matrix_run.output_dir) / matrix_run.name]))
     finetune = next(g for g in groups if g.method == "finetune")

@@ -77,6 +77,12 @@ def test_peso_blocks_with_shipped_ids(peso_dir: Path, tmp_path: Path) -> None:
     text, _ = build_report([Path(cfg.output_dir)], ["nll"])
     frozen_row = next(line for line in text.splitlines() if line.startswith("| frozen | ") and "[" in line)
     assert "no paired" not in frozen_row  # the bootstrap pairs the true-item likelihoods row by row
+    # The reference asked for first: the bootstrap and plots follow the first metric that scores models
+    from evolora.eval.report import compose_report
+
+    report = compose_report([Path(cfg.output_dir)], ["log_items", "nll"])
+    assert report.lead == "nll" and "Paired bootstrap: NLL difference" in report.text
+    assert "LOG_ITEMS difference" not in report.text and "LOG_ITEMS by user kind" not in report.text
 
 
 def test_rqvae_ids_from_titles_and_lsat_ensemble(sunny_dir: Path, tmp_path: Path) -> None:

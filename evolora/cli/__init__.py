@@ -270,7 +270,6 @@ def report(
     """Compare runs: a markdown table of methods x stages (report.md; its numbers in report.json) and a PNG
     plot of the metric per stage."""
     from evolora import progress
-    from evolora.eval.metrics import metric_set
     from evolora.eval.plots import write_plots
     from evolora.eval.report import compose_report
     from evolora.io import atomic_write_json, atomic_write_text, check_writable_folder
@@ -285,8 +284,7 @@ def report(
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
     atomic_write_text(target / "report.md", report.text)
     atomic_write_json(target / "report.json", report.data)
-    first = (metric or [metric_set(report.groups[0].task).primary])[0]
-    plots = write_plots(report.groups, first, target)
+    plots = write_plots(report.groups, report.lead, target)
     console.print(Markdown(report.text))
     console.print(f"written: {target / 'report.md'}, {target / 'report.json'}, " + ", ".join(map(str, plots)))
 

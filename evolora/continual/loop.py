@@ -129,16 +129,16 @@ class StageLoop:
             before = self._normalised_options(old.get("strategy"), old.get("options", {}))
             now = self._normalised_options(self.header.get("strategy"), options)
             if old.get("strategy") != self.header.get("strategy") or before != now:
-                changes = (
-                    "; ".join(
-                        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
-                        for k in sorted(set(before) | set(now))
-                        if before.get(k) != now.get(k)
-                    )
-                    or f"strategy: {old.get('strategy')!r} -> {self.header.get('strategy')!r}"
-                )
+                changes = [
+                    f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+                    for k in sorted(set(before) | set(now))
+                    if before.get(k) != now.get(k)
+                ]
+                if old.get("strategy") != self.header.get("strategy"):  # first: the options follow from it
+                    changes.insert(0, f"strategy: {old.get('strategy')!r} -> {self.header.get('strategy')!r}")
+                listed = "; ".join(changes)
                 raise ConfigError(
-                    f"{self.run_dir} was run as {old.get('strategy')!r} with other options ({changes}). Give "
+                    f"{self.run_dir} was run as {old.get('strategy')!r} with other options ({listed}). Give "
                     "this strategy another `label`, restore its options, or delete that folder to rerun it."
                 )
         if not marker.is_file():

@@ -193,10 +193,11 @@ def matrix_section(groups: list[_Runs], metrics: list[str], baseline: str = BASE
     """The report's section on the matrix (nothing when no run recorded one)."""
     if not has_matrix(groups):
         return []
+    lead = next((m for m in metrics if not is_reference(m)), metrics[0])  # the plots' metric
     out = [
         "\n### The stage-by-stage matrix: what each stage kept and gave\n\n"
         "R[t][j]: trained through stage t, tested on stage j's fixed rows (heatmaps: "
-        f"`{metrics[0]}-matrix.png`). Definitions in `evolora/eval/forgetting.py`: average = the last "
+        f"`{lead}-matrix.png`). Definitions in `evolora/eval/forgetting.py`: average = the last "
         "model over the stages it learned; BWT = its change on each earlier stage since that stage was "
         "learned; forgetting = the drop from a stage's best; FWT = a stage not yet trained on, against "
         "the stage-1 model; plasticity = each stage right after learning it, D1 left out. BWT and FWT "

@@ -3,7 +3,7 @@
 Input is any set of run folders; every `results.json` below them is read. Runs of the same method (label) on
 the same dataset and task with different seeds are averaged, and the table says how many seeds went in
 (± is the standard deviation across seeds). Runs on other data or of another task, and two runs of one
-method with one seed, are refused (`check_comparable`): no table can put them side by side.
+method with one seed, are refused (`eval/runs.py`): no table can put them side by side.
 
 When the methods of each experiment score the same on the first evaluated stage (they all evaluate one
 shared stage-1 adapter, or one conventional model's stage-1 weights), that stage cannot tell them apart:
@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from evolora.errors import DamagedFileError, EvoloraError
+from evolora.errors import EvoloraError
 from evolora.eval.bootstrap import BASELINE, bootstrap_differences, difference_table
 from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.matrix_report import matrix_section
 from evolora.eval.metrics import is_reference, lower_is_better, metric_set
+from evolora.eval.runs import check_comparable, find_results
 from evolora.eval.summary import MethodRuns, relative_gain, report_data
-from evolora.io import read_json
 
 DRAWS = 1000  # bootstrap draws of the report's difference table
 
@@ -85,61 +85,6 @@ def machine_line(results: list[dict[str, Any]]) -> str | None:
         f"Machines: {listed}. The same fp32 run rounds differently on CPUs with other vector extensions, so "
         "cells computed on different machines can differ slightly beyond what the seeds explain."
     )
-
-
-def find_results(paths: list[Path]) -> list[dict[str, Any]]:
-    found = []
-    read: set[Path] = set()
-    for p in paths:
-        if p.is_file() and p.name == "results.json":
-            files = [p]
-        elif p.is_dir():
-            files = sorted(p.rglob("results.json"))
-        else:
-            raise EvoloraError(f"{p}: no such run folder")
-        for f in files:
-            if f.resolve() in read:
-                continue  # named twice (an experiment and one of its runs): read once
-            read.add(f.resolve())
-            r = read_json(f, "Rerun its experiment (the same command) to rebuild it from the stage records.")
-            if not isinstance(r, dict) or not {"method", "stages", "seed"} <= set(r):
-                raise DamagedFileError(f, f"{f} is not an evolora results.json (no method, seed or stages).")
-            r["_path"] = str(f)
-            found.append(r)
-    if not found:
-        # A run writes results.json after its first stage: name the runs that have started but not got there.
-        started = sorted({f.parent for p in paths if p.is_dir() for f in p.rglob("run.json")})
-        pending = f"; started, no stage finished yet: {', '.join(map(str, started))}" if started else ""
-        raise EvoloraError(f"no results.json under {', '.join(map(str, paths))}{pending}")
-    return found
-
-
-def check_comparable(results: list[dict[str, Any]]) -> None:
-    """Refuse runs one report cannot put side by side: other data or another task (their stages and rows
-    are not the same), or two runs of one method and seed (the report would average them as two seeds)."""
-    for key, what in (("dataset", "datasets"), ("task", "tasks")):
-        where: dict[str, list[str]] = defaultdict(list)
-        for r in results:
-            where[str(r.get(key, "?"))].append(_experiment_of(r["_path"]))
-        if len(where) > 1:
-            listed = "; ".join(f"{v} ({', '.join(dict.fromkeys(p))})" for v, p in where.items())
-            raise EvoloraError(
-                f"these runs are on different {what}: {listed}. A report compares methods on the same "
-                f"stages and rows: make one report per {key}"
-            )
-    first: dict[tuple[str, int], str] = {}
-    for r in results:
-        other = first.setdefault((r["method"], r["seed"]), r["_path"])
-        if other != r["_path"]:
-            raise EvoloraError(
-                f"two runs of {r['method']} with seed {r['seed']}: {other} and {r['_path']}. A report "
-                "averages a method's seeds: report them apart, or give one strategy another `label`"
-            )
-
-
-def _experiment_of(results_path: str) -> str:
-    """runs/<name>/<label>/seed<k>/results.json -> runs/<name>"""
-    return str(Path(results_path).parent.parent.parent)
 
 
 def group_runs(results: list[dict[str, Any]]) -> list[MethodRuns]:
@@ -242,6 +187,7 @@ class Report:
     text: str  # report.md
     groups: list[MethodRuns]  # the runs read, by method
     data: dict[str, Any]  # report.json (`eval/summary.py`)
+    lead: str  # the metric of the bootstrap and the plots: the first asked for that is not a reference
 
 
 def build_report(
@@ -339,20 +285,25 @@ def compose_report(
                 f"\n{m.upper()} is undefined on {listed} for every method (its samples share one label, or "
                 "none was evaluated): the means leave it out."
             )
-    differences = bootstrap_differences(groups, metrics[0], baseline=baseline, draws=DRAWS, skip=skip)
-    if differences is not None:
-        out.append(f"\n### Paired bootstrap: {metrics[0].upper()} difference to {baseline} ({DRAWS} draws)\n")
+    # The bootstrap, the user-kind table and the plots follow the first metric that scores the models (a
+    # reference figure asked for first is the same for every method).
+    lead = next((m for m in metrics if not is_reference(m)), None)
+    differences = None
+    if lead is not None:
+        differences = bootstrap_differences(groups, lead, baseline=baseline, draws=DRAWS, skip=skip)
+    if differences is not None and lead is not None:
+        out.append(f"\n### Paired bootstrap: {lead.upper()} difference to {baseline} ({DRAWS} draws)\n")
         out.append(
             "All methods are scored on the same evaluation rows; rows are resampled jointly within each "
             "stage (one resample shared by every method and seed), so the interval reflects which users "
             "happened to be evaluated, and with several seeds the seeds are resampled too (training noise). "
             "`decided`: the 95% interval excludes 0.\n"
         )
-        out.append(difference_table(differences, metrics[0], baseline))
-    kt = kind_table(groups, metrics[0], skip)
+        out.append(difference_table(differences, lead, baseline))
+    kt = kind_table(groups, lead, skip) if lead is not None else None
     if kt:
         over = "stages" if skip is None else f"stages but D{skip}"
-        out.append(f"\n### {metrics[0].upper()} by user kind (mean over {over})\n")
+        out.append(f"\n### {lead.upper()} by user kind (mean over {over})\n")
         out.append(
             "active: also seen in the previous stage; dormant: seen before but not in the previous stage; "
             "new: first seen in this stage.\n"
@@ -379,7 +330,7 @@ def compose_report(
             + ("." if on_cpu else "; some runs were recorded before CPU time was kept.")
         )
     data = report_data(groups, metrics, baseline, skip, differences, DRAWS)
-    return Report("\n".join(out) + "\n", groups, data)
+    return Report("\n".join(out) + "\n", groups, data, lead or metrics[0])
 
 
 def _duration(seconds: float) -> str:

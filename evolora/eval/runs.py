@@ -1,0 +1,124 @@
+"""The runs a report reads (every `results.json` under the folders given), and what may stand side by side
+in one: the same data and task, every method scored on the same rows stage by stage, a method's runs of one
+setting (they are averaged as its seeds), and one run per method and seed."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from evolora.config import config_changes
+from evolora.errors import DamagedFileError, EvoloraError
+from evolora.io import read_json
+
+
+def find_results(paths: list[Path]) -> list[dict[str, Any]]:
+    found = []
+    read: set[Path] = set()
+    for p in paths:
+        if p.is_file() and p.name == "results.json":
+            files = [p]
+        elif p.is_dir():
+            files = sorted(p.rglob("results.json"))
+        else:
+            raise EvoloraError(f"{p}: no such run folder")
+        for f in files:
+            if f.resolve() in read:
+                continue  # named twice (an experiment and one of its runs): read once
+            read.add(f.resolve())
+            r = read_json(f, "Rerun its experiment (the same command) to rebuild it from the stage records.")
+            if not isinstance(r, dict) or not {"method", "stages", "seed"} <= set(r):
+                raise DamagedFileError(f, f"{f} is not an evolora results.json (no method, seed or stages).")
+            r["_path"] = str(f)
+            found.append(r)
+    if not found:
+        # A run writes results.json after its first stage: name the runs that have started but not got there.
+        started = sorted({f.parent for p in paths if p.is_dir() for f in p.rglob("run.json")})
+        pending = f"; started, no stage finished yet: {', '.join(map(str, started))}" if started else ""
+        raise EvoloraError(f"no results.json under {', '.join(map(str, paths))}{pending}")
+    return found
+
+
+def check_comparable(results: list[dict[str, Any]]) -> None:
+    """Refuse runs one report cannot put side by side: other data or another task (their stages and rows
+    are not the same), or two runs of one method and seed (the report would average them as two seeds)."""
+    for key, what in (("dataset", "datasets"), ("task", "tasks")):
+        where: dict[str, list[str]] = defaultdict(list)
+        for r in results:
+            where[str(r.get(key, "?"))].append(_experiment_of(r["_path"]))
+        if len(where) > 1:
+            listed = "; ".join(f"{v} ({', '.join(dict.fromkeys(p))})" for v, p in where.items())
+            raise EvoloraError(
+                f"these runs are on different {what}: {listed}. A report compares methods on the same "
+                f"stages and rows: make one report per {key}"
+            )
+    first: dict[tuple[str, int], str] = {}
+    for r in results:
+        other = first.setdefault((r["method"], r["seed"]), r["_path"])
+        if other != r["_path"]:
+            raise EvoloraError(
+                f"two runs of {r['method']} with seed {r['seed']}: {other} and {r['_path']}. A report "
+                "averages a method's seeds: report them apart, or give one strategy another `label`"
+            )
+    _check_same_rows(results)
+    _check_same_settings(results)
+
+
+def _check_same_rows(results: list[dict[str, Any]]) -> None:
+    """Every method must be scored on the same rows: the same data file and, stage by stage, as many
+    evaluated samples of as many (other staging or eval.max_samples change them)."""
+    digests = {
+        r["data_files"]["sha256"]: r["_path"] for r in results if r.get("data_files", {}).get("sha256")
+    }
+    if len(digests) > 1:
+        a, b = list(digests.values())[:2]
+        raise EvoloraError(
+            f"these runs read different data: {_experiment_of(a)} and {_experiment_of(b)}. A report "
+            "compares methods on the same rows: make one report per data"
+        )
+    seen: dict[tuple[int, int], tuple[tuple[Any, Any], str]] = {}
+    for r in results:
+        for s in r["stages"]:
+            size = (s.get("n_eval"), s.get("n_eval_total"))
+            first = seen.setdefault((s["train_stage"], s["eval_stage"]), (size, r["_path"]))
+            if first[0] != size:
+                raise EvoloraError(
+                    f"D{s['eval_stage']} is evaluated on {first[0][0]} of {first[0][1]} samples in "
+                    f"{_experiment_of(first[1])} but {size[0]} of {size[1]} in {_experiment_of(r['_path'])}: "
+                    "other staging or eval settings, so not the same rows. A report compares methods on the "
+                    "same rows: make one report per setting"
+                )
+
+
+def _check_same_settings(results: list[dict[str, Any]]) -> None:
+    """A method's runs are averaged as seeds of one setting: runs of one label from experiments of other
+    settings (train.lr, say) or other strategy options are refused, naming what differs."""
+    contexts: dict[str, dict | None] = {}
+    first: dict[str, tuple[dict[str, Any], str]] = {}
+    for r in results:
+        exp = _experiment_of(r["_path"])
+        if exp not in contexts:
+            path = Path(exp) / "experiment.json"
+            context = read_json(path, "Rerun its experiment.").get("context") if path.is_file() else None
+            if context is not None:  # the precision is the report's to state per run, not a setting
+                context = {
+                    **context,
+                    "model": {k: v for k, v in context["model"].items() if k != "precision"},
+                }
+            contexts[exp] = context
+        if contexts[exp] is None:  # an older evolora's folder
+            continue
+        mine = {**contexts[exp], "strategy": r.get("strategy"), "options": r.get("options", {})}
+        theirs, where = first.setdefault(r["method"], (mine, exp))
+        if theirs != mine:
+            changes = config_changes(theirs, mine)
+            raise EvoloraError(
+                f"{r['method']} ran with other settings in {where} and {exp} ({changes}). A report "
+                "averages a method's runs as seeds of one setting: give one of them another `label`"
+            )
+
+
+def _experiment_of(results_path: str) -> str:
+    """runs/<name>/<label>/seed<k>/results.json -> runs/<name>"""
+    return str(Path(results_path).parent.parent.parent)
