@@ -52,12 +52,18 @@ log = logging.getLogger("evolora")
 
 
 def run(
-    config: str | Path | RunConfig | Mapping[str, Any] | None = None, jobs: int = 1, **overrides: Any
+    config: str | Path | RunConfig | Mapping[str, Any] | None = None,
+    jobs: int = 1,
+    overwrite: bool = False,
+    **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Run an experiment (a YAML path, a `RunConfig`, a mapping of sections as the YAML holds them, or None
     for the quickstart) and return each (strategy, seed)'s results. Overrides are keys as `--set` takes
     them: `run(path, **{"train.epochs": 3})`, or sections as mappings: `run(path, train={"epochs": 3})`.
-    `jobs`: worker processes for the (strategy, seed) pairs (`evolora run --jobs`)."""
+    `jobs`: worker processes for the (strategy, seed) pairs (`evolora run --jobs`); `overwrite`: replace an
+    experiment of other settings in the same folder (`evolora run --overwrite`)."""
+    if not isinstance(jobs, int | np.integer) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"run(jobs={jobs!r}): give 1 or more worker processes")
     sets = [f"{key}={_yaml(value)}" for key, value in _flat(overrides)]
     if isinstance(config, RunConfig):
         cfg = config_from_dict(config.model_dump(mode="json"), sets, "run(config)", flag="")
@@ -70,7 +76,7 @@ def run(
         raise ConfigError(
             f"run(config): a YAML path, a RunConfig or a mapping of sections, not {type(config).__name__}"
         )
-    return run_experiment(cfg, jobs=jobs)
+    return run_experiment(cfg, overwrite=bool(overwrite), jobs=int(jobs))
 
 
 def report(

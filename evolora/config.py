@@ -716,18 +716,24 @@ def _format_validation_error(err: ValidationError, where: str, origins: dict[str
     return "\n".join(lines)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def _given(text: str, flag: str) -> str:
+    """How an error names an override: `--set 'a.b=1'` on the command line, `a.b=1` in Python (flag "")."""
+    return f"{flag} {text!r}" if flag else repr(text)
+
+
+def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], parsed value); the value is read as YAML."""
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
+        example = f"{flag} train.epochs=3" if flag else "train.epochs=3"
+        raise ConfigError(f"{_given(text, flag)}: expected key=value, e.g. {example}")
     key, raw = text.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise ConfigError(f"--set {text!r}: empty key")
+        raise ConfigError(f"{_given(text, flag)}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: value is not valid YAML ({_yaml_problem(e)})") from None
+        raise ConfigError(f"{_given(text, flag)}: value is not valid YAML ({_yaml_problem(e)})") from None
     return path, value
 
 
@@ -740,7 +746,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return problem if mark is None else f"{problem} at character {mark.column + 1}"
 
 
-def _strategy_entry(entries: list[Any], name: str, text: str) -> dict[str, Any]:
+def _strategy_entry(entries: list[Any], name: str, text: str, flag: str) -> dict[str, Any]:
     """The strategy called `name` (its label, else its name; or its position) in a `strategies` list, as a
     mapping that an override can change (a bare name becomes `{name: ...}`)."""
     labels = [e.get("label") or e.get("name") if isinstance(e, dict) else e for e in entries]
@@ -749,23 +755,23 @@ def _strategy_entry(entries: list[Any], name: str, text: str) -> dict[str, Any]:
     elif name.isdigit() and int(name) < len(entries):
         i = int(name)
     else:
-        raise ConfigError(f"--set {text!r}: no strategy labelled {name!r} (the config has {labels})")
+        raise ConfigError(f"{_given(text, flag)}: no strategy labelled {name!r} (the config has {labels})")
     if isinstance(entries[i], str):
         entries[i] = {"name": entries[i]}
     if not isinstance(entries[i], dict):
-        raise ConfigError(f"--set {text!r}: strategy {name!r} is not a mapping")
+        raise ConfigError(f"{_given(text, flag)}: strategy {name!r} is not a mapping")
     return entries[i]
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], flag: str = "--set") -> dict[str, Any]:
     """Apply `key=value` overrides in order. `strategies.<label>.<option>=value` sets one strategy's option
     (`<label>`: its label, else its name, or its position in the list)."""
     for text in overrides:
-        path, value = parse_override(text)
+        path, value = parse_override(text, flag)
         node: Any = raw
         for i, part in enumerate(path[:-1]):
             if isinstance(node, list) and path[i - 1 : i] == ["strategies"] and i == 1:
-                node = _strategy_entry(node, part, text)
+                node = _strategy_entry(node, part, text, flag)
                 continue
             child = node.get(part)
             if part == "strategies" and i == 0 and not isinstance(child, dict):
@@ -778,10 +784,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             elif child is None:
                 child = node[part] = {}
             if not isinstance(child, dict | list) or (isinstance(child, list) and part != "strategies"):
-                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+                raise ConfigError(f"{_given(text, flag)}: {part!r} is not a section")
             node = child
         if isinstance(node, list):
-            raise ConfigError(f"--set {text!r}: name a strategy and its option, e.g. strategies.peso.lam=50")
+            raise ConfigError(
+                f"{_given(text, flag)}: name a strategy and its option, e.g. strategies.peso.lam=50"
+            )
         node[path[-1]] = value
     return raw
 
@@ -858,7 +866,7 @@ def config_from_dict(
     callers)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: the top level must be a mapping of sections, not {type(raw).__name__}")
-    raw = apply_overrides(copy.deepcopy(raw), overrides or [])
+    raw = apply_overrides(copy.deepcopy(raw), overrides or [], flag)
     given = {o.split("=", 1)[0].strip(): f"{flag} {o}".strip() for o in overrides or [] if "=" in o}
     given.update(origins or {})
     try:

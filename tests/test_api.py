@@ -221,7 +221,10 @@ def test_run_reads_python_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     """Paths, numpy numbers and tuples are settings as their plain values are; a mapping under a dotted
     key replaces the setting whole, as --set does, while a section's mapping sets only the keys it names."""
     built = []
-    monkeypatch.setattr("evolora.api.run_experiment", lambda cfg, jobs=1: built.append(cfg) or [])
+    calls = []
+    monkeypatch.setattr(
+        "evolora.api.run_experiment", lambda cfg, **kw: built.append(cfg) or calls.append(kw) or []
+    )
     cfg = tiny_config(Path(__file__).parent / "data" / "example_log.csv", tmp_path, **EXAMPLE_TABLE)
     evolora.run(
         cfg, output_dir=tmp_path / "out", train={"epochs": np.int64(3), "lr": np.float32(0.5)}, seeds=(1, 2)
@@ -240,6 +243,16 @@ def test_run_reads_python_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert got.model.lora.r == 4 and got.model.lora.target_modules == cfg.model.lora.target_modules
     with pytest.raises(ConfigError, match="a setting is a number, a string, a list or a mapping"):
         evolora.run(cfg, name=object())
+    # errors name the Python argument, not a command-line flag; overwrite and jobs are run()'s own
+    for kwargs, named in [
+        ({"train.epochs.x": 1}, r"^'train.epochs.x=1': 'epochs' is not a section"),
+        ({"strategies.peso.lam": 5}, r"^'strategies.peso.lam=5': no strategy labelled 'peso'"),
+        ({"jobs": 0}, r"run\(jobs=0\): give 1 or more"),
+    ]:
+        with pytest.raises(ConfigError, match=named):
+            evolora.run(cfg, **kwargs)
+    evolora.run(cfg, overwrite=True, jobs=2)
+    assert calls[-1] == {"overwrite": True, "jobs": 2}
 
 
 def test_report_arguments_are_checked(ctr_run) -> None:
