@@ -175,3 +175,16 @@ def test_a_stage_of_one_label_is_warned_about(tmp_path, caplog: pytest.LogCaptur
     labels = prepared.table.df.group_by("stage").agg(pl.col("label").n_unique()).sort("stage")
     assert labels["label"].to_list() == [1, 2, 2]
     assert "stage 1: every sample has the same label (rating > data.like_threshold 3" in caplog.text
+
+
+def test_an_empty_stage_says_why(sunny_dir) -> None:
+    """Stage shares that leave a stage no rows say so; a tie of timestamps is named only when there is one."""
+    data = load_dataset(DataConfig(source=str(sunny_dir)))
+    n = data.interactions.height
+    distinct = data.interactions.with_columns(timestamp=pl.int_range(n, dtype=pl.Int64) + 1_700_000_000)
+    ratios = StagingConfig(scheme="global", ratios=[1 - 2 / n, 0.5 / n, 1.5 / n], n_stages=None)
+    with pytest.raises(DataError, match=r"stage 2 is empty: \d+ interactions are left from stage 2 on"):
+        assign_stages(distinct, ratios)
+    tied = data.interactions.with_columns(timestamp=pl.lit(1_700_000_000, dtype=pl.Int64))
+    with pytest.raises(DataError, match=rf"{n} interactions share timestamp 1700000000"):
+        assign_stages(tied, StagingConfig(scheme="lsat", n_stages=3))

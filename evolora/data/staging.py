@@ -236,6 +236,9 @@ def _from_bounds(df: pl.DataFrame, ts: np.ndarray, bounds: list[int], label: str
                 f"{size} interactions share timestamp {int(tie)}, and interactions with one timestamp always "
                 "stay in one stage"
             )
+            if size <= 1:  # no tie: the stages' shares leave it none (a base part of nearly everything)
+                rest = bounds[-1] - bounds[t - 1]
+                why = f"{rest} interactions are left from stage {t} on for {n_stages - t + 1} stages"
         raise DataError(f"staging {label}: stage {t} is empty: {why}. Use fewer stages")
     stage = np.zeros(len(ts), dtype=np.int32)
     for t in range(1, n_stages + 1):
