@@ -103,6 +103,13 @@ def test_list_and_record_cells_in_parquet_and_jsonl(tmp_path: Path) -> None:
             DataError, match=rf"log.parquet row 1: column '{column}' holds .* one value per row"
         ):
             prepare_data(cfg)
+        # JSON lines read every field as text: the list or record was an id of its JSON text
+        log.with_columns(nested.alias(column)).write_ndjson(tmp_path / "log.jsonl")
+        cfg = table_config(tmp_path / "log.jsonl", tmp_path / "runs")
+        with pytest.raises(
+            DataError, match=rf"log.jsonl line 1: field '{column}' holds a .* one value per row"
+        ):
+            prepare_data(cfg)
 
 
 def test_explicit_labels(tmp_path: Path) -> None:

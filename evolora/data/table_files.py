@@ -294,7 +294,28 @@ def _read_jsonl(path: Path, wanted: list[str], text: frozenset[str]) -> TableRow
             raise DataError(f"{path}: no record has a field {column!r}")
         if column in text:
             frame = frame.with_columns(_joined_if_lists(frame[column]))
-    return TableRows(path, frame, "line")
+    rows = TableRows(path, frame, "line")
+    for column in wanted:
+        if column not in text:
+            _refuse_nested(rows, column)
+    return rows
+
+
+def _refuse_nested(rows: TableRows, column: str) -> None:
+    """A JSON list or record in a field that needs one value (an id, a time, a rating) is read as its JSON
+    text; name its line, as Parquet's nested cells are named (`_flatten_nested`)."""
+    values = rows.frame[column]
+    maybe = values.str.strip_chars_start().str.contains(r"^[\[{]").fill_null(False)
+    for line, value in zip(rows.frame["_line"].filter(maybe), values.filter(maybe), strict=True):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(parsed, list | dict):
+            kind = "a list" if isinstance(parsed, list) else "a record"
+            raise rows.error(
+                int(line), f"field {column!r} holds {kind} ({value[:40]}); it needs one value per row"
+            )
 
 
 def _joined_if_lists(values: pl.Series) -> pl.Series:
