@@ -12,6 +12,9 @@
 run folder and the inference bundle saved with the experiment (`bundle.py`): the training data is not read
 again. A history is a list of item ids (each counted as liked), of (item, rating) pairs, or a mapping item ->
 rating; or give `user=` and the user's history at the end of the stage is used.
+
+(About 440 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
+best together; how a query is checked lives in `queries.py`, how overrides are read in `overrides.py`.)
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from evolora.errors import ConfigError, EvoloraError, UnknownIdError
 from evolora.eval.report import Report, compose_report
 from evolora.experiment import build_model_and_task, resolve_config, run_experiment
 from evolora.io import read_json
+from evolora.overrides import as_overrides, plain
 from evolora.queries import (
     History,
     Ranked,
@@ -43,6 +47,7 @@ from evolora.queries import (
     count_of,
     history_pairs,
     item_list,
+    list_of,
     locate_run,
     number_of,
     query_of,
@@ -64,11 +69,11 @@ def run(
     experiment of other settings in the same folder (`evolora run --overwrite`)."""
     if not isinstance(jobs, int | np.integer) or isinstance(jobs, bool) or jobs < 1:
         raise ConfigError(f"run(jobs={jobs!r}): give 1 or more worker processes")
-    sets = [f"{key}={_yaml(value)}" for key, value in _flat(overrides)]
+    sets = as_overrides(overrides)
     if isinstance(config, RunConfig):
         cfg = config_from_dict(config.model_dump(mode="json"), sets, "run(config)", flag="")
     elif isinstance(config, Mapping):
-        cfg = config_from_dict(_plain(config), sets, "run(config)", flag="")
+        cfg = config_from_dict(plain(config), sets, "run(config)", flag="")
     elif config is None or isinstance(config, str | Path):
         path = config if config is not None else Path(__file__).parent / "configs" / "quickstart.yaml"
         cfg = load_config(path, sets, flag="")
@@ -87,65 +92,15 @@ def report(
     """Compare finished runs as `evolora report` does, without writing files: `.text` is report.md, `.data`
     report.json (per metric, method and stage each seed's value, the bootstrap differences to `baseline`).
     `paths`: experiment or run folders; `metrics`: a metric or a list of them (default: the tasks')."""
-    folders = _list_of(paths, str | Path, "report(paths): a folder or a list of folders")
+    folders = list_of(paths, str | Path, "report(paths): a folder or a list of folders")
     if not folders:
         raise EvoloraError("report(paths): give at least one experiment or run folder")
-    names = None if metrics is None else _list_of(metrics, str, "report(metrics=...): a metric or a list")
+    names = None if metrics is None else list_of(metrics, str, "report(metrics=...): a metric or a list")
     if names == []:
         raise EvoloraError("report(metrics=[]): name at least one metric, or leave metrics out")
     if baseline is not None and not isinstance(baseline, str):
         raise EvoloraError(f"report(baseline=...): a method's label, not {baseline!r}")
     return compose_report([Path(p) for p in folders], names, baseline, options=("metrics=", "baseline="))
-
-
-def _list_of(value: Any, kind: Any, what: str) -> list[Any]:
-    """One value of `kind` or an iterable of them, as a list; anything else is `what`'s error."""
-    if isinstance(value, kind):
-        return [value]
-    items = list(value) if isinstance(value, Iterable) and not isinstance(value, str | bytes) else None
-    if items is None or not all(isinstance(v, kind) for v in items):
-        raise EvoloraError(f"{what}, not {value!r}")
-    return items
-
-
-def _plain(value: Any) -> Any:
-    """A value as YAML and the config read it: paths as strings, numpy numbers as Python ones, tuples and
-    other sequences as lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, np.generic | np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _yaml(value: Any) -> str:
-    """A value as `--set` reads it (YAML)."""
-    import yaml
-
-    try:
-        text = yaml.safe_dump(_plain(value), default_flow_style=True)
-    except yaml.YAMLError:
-        raise ConfigError(f"{value!r}: a setting is a number, a string, a list or a mapping") from None
-    return text.strip().removesuffix("...").strip()
-
-
-def _flat(overrides: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """`run`'s keyword overrides as `--set` keys. A section given as a mapping (`train={"epochs": 3}`,
-    `model={"lora": {"r": 4}}`) sets each key it names, at any depth, keeping the others; a value under a
-    dotted key replaces that setting whole, as `--set` does (`**{"data.columns": {...}}`: a new table's
-    columns)."""
-    out = []
-    for key, value in overrides.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and (prefix or "." not in key):
-            out += _flat(value, f"{name}.")
-        else:
-            out.append((name, value))
-    return out
 
 
 def _no_stage(seed_dir: Path, t: int, trained: list[int], registry: Versions, protocol: str) -> str:

@@ -49,6 +49,16 @@ def item_list(items: Iterable[str]) -> list[str]:
     return [str(i) for i in items]
 
 
+def list_of(value: Any, kind: Any, what: str) -> list[Any]:
+    """One value of `kind` or an iterable of them, as a list; anything else is `what`'s error."""
+    if isinstance(value, kind):
+        return [value]
+    items = list(value) if isinstance(value, Iterable) and not isinstance(value, str | bytes) else None
+    if items is None or not all(isinstance(v, kind) for v in items):
+        raise EvoloraError(f"{what}, not {value!r}")
+    return items
+
+
 def query_of(query: Any, parts: tuple[str, ...], method: str) -> tuple[Any, ...]:
     """One query of a batch method (`score_many`, ...), checked to hold its parts."""
     if not isinstance(query, tuple | list) or len(query) != len(parts):
