@@ -22,8 +22,16 @@ LAYERS: list[tuple[str, ...]] = [
     ("api", "export"),
     ("deploy.versions",),  # the registry of a deployed run, which api's Recommender reads
     ("experiment", "tracking"),
-    ("bundle", "queries"),
-    ("eval.report", "eval.plots", "eval.bootstrap", "eval.matrix_report", "eval.costs", "eval.summary"),
+    ("bundle", "queries", "overrides"),
+    (
+        "eval.report",
+        "eval.runs",
+        "eval.plots",
+        "eval.bootstrap",
+        "eval.matrix_report",
+        "eval.costs",
+        "eval.summary",
+    ),
     ("continual",),
     ("train",),
     ("tasks",),

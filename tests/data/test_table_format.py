@@ -239,7 +239,10 @@ def test_labels_and_implicit_feedback(tmp_path: Path) -> None:
         (LOG + "u3,a,,4\n", r"log\.csv line 5: no time \(column 'ts' is empty\)"),
         (LOG + ",a,5,4\n", r"log\.csv line 5: no user id \(column 'uid' is empty\)"),
         (LOG + "u3,,5,4\n", r"log\.csv line 5: no item id"),
-        (LOG + "u3,a,5,good\n", r"log\.csv line 5: rating 'good' \(column 'stars'\) is not a number"),
+        (
+            LOG + "u3,a,1704250000,good\n",
+            r"log\.csv line 5: rating 'good' \(column 'stars'\) is not a number",
+        ),
         (
             LOG + "u3,a,5\n",
             r"log\.csv line 5: expected 4 fields separated by ',' \(as in the header\), found 3",
