@@ -82,6 +82,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """What the experiment tells a tracker; this base class logs nothing."""
 
+    def open_store(self, cfg: RunConfig) -> None:
+        """Reach the store, or raise `ConfigError` (before work whose logging would fail)."""
+
     @contextlib.contextmanager
     def experiment(self, cfg: RunConfig) -> Iterator[None]:
         yield
@@ -154,8 +157,7 @@ class MlflowTracker(Tracker):
     def _log_params(self, params: dict[str, Any]) -> None:
         self.mlflow.log_params({k: str(v)[:500] for k, v in _flat(params).items()})
 
-    @contextlib.contextmanager
-    def experiment(self, cfg: RunConfig) -> Iterator[None]:
+    def open_store(self, cfg: RunConfig) -> None:
         try:
             self.mlflow.set_tracking_uri(self.uri)
             if self.mlflow.get_experiment_by_name(cfg.name) is None:
@@ -163,6 +165,10 @@ class MlflowTracker(Tracker):
             self.mlflow.set_experiment(cfg.name)
         except Exception as e:
             raise ConfigError(f"tracking: cannot use MLflow at {self.uri}: {type(e).__name__}: {e}") from None
+
+    @contextlib.contextmanager
+    def experiment(self, cfg: RunConfig) -> Iterator[None]:
+        self.open_store(cfg)
         run_id = self.state.get().get("experiment")
         if self._usable(run_id):
             with self.mlflow.start_run(run_id=run_id):
@@ -244,7 +250,8 @@ class MlflowTracker(Tracker):
                 {"run": key, "version": version, "file": data.get("file"), "accepted": data.get("accepted")}
             )
             for name in ("candidate", "promoted", "gain", "min_gain"):
-                self.mlflow.log_metric(f"gate.{name}", float(gate[name]))
+                if gate.get(name) is not None:  # null: the metric is undefined on the held-out samples
+                    self.mlflow.log_metric(f"gate.{name}", float(gate[name]))
             self.mlflow.set_tags({"gate.decision": gate["decision"], "gate.metric": gate["metric"]})
 
 

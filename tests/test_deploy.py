@@ -381,3 +381,26 @@ def test_a_run_folder_names_its_own_method_and_seed(batches: dict[str, Path], tm
     holder = ModelHolder(run)  # it served seed 0's versions of this experiment
     assert holder.seed == 1 and holder._registry().folder.name == "finetune-seed1"
     holder.served.rec.strategy.teardown()
+
+
+def test_a_gate_the_held_out_samples_cannot_judge_is_null_in_json(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """Every held-out sample liked: AUC is undefined. The version is kept, not promoted, and scripts get
+    null (standard JSON), not NaN."""
+    _, root = run_base(batches, tmp_path / "runs")
+    liked = tmp_path / "liked.csv"
+    pl.read_csv(batches["b1"]).with_columns(stars=pl.lit(5)).write_csv(liked)
+
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    result = CliRunner().invoke(app, ["update", str(root), "--data", str(liked), "--json"])
+    assert result.exit_code == 0, result.output
+    gate = strict(result.stdout)["gate"]
+    assert gate["candidate"] is None and gate["gain"] is None and not gate["promote"]
+    listed = CliRunner().invoke(app, ["versions", str(root), "--json"])
+    assert strict(listed.stdout)["versions"][1]["gate"]["promoted"] is None
+    strict((root / "deploy" / "finetune-seed0" / "versions.json").read_text())
+    table = CliRunner().invoke(app, ["versions", str(root)])
+    assert table.exit_code == 0 and "auc undefined vs undefined" in table.output, table.output

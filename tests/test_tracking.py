@@ -39,6 +39,8 @@ class Recorder(types.ModuleType):
         self.fail_in: str | None = None  # log_metric raises inside the run of this name
 
     def set_tracking_uri(self, uri: str) -> None:
+        if uri.startswith("foo:"):
+            raise ValueError(f"no store for {uri}")
         self.calls.append(("uri", uri))
 
     def set_experiment(self, name: str) -> None:
@@ -302,3 +304,15 @@ def test_an_update_logs_where_it_is_told_or_not_at_all(
     assert result.exit_code != 0 and "pip install 'evolora[mlflow]'" in result.output
     result = CliRunner().invoke(app, [*update, "--set", "tracking=none"])
     assert result.exit_code == 0 and "version 2" in result.output, result.output
+
+
+def test_an_update_whose_store_cannot_be_opened_stops_before_training(
+    mlflow: Recorder, tmp_path: Path
+) -> None:
+    """It trained, recorded and promoted the version, then failed on the store: scripts read a failure."""
+    root, _ = _tracked_finetune_run(tmp_path)
+    args = ["update", str(root), "--data", str(tmp_path / "new.csv"), "--set", "tracking_uri=foo://bar"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "cannot use MLflow at foo://bar" in result.output, result.output
+    assert not (root / "deploy" / "finetune-seed0" / "versions.json").exists()
+    assert not list(root.glob("deploy/*/work/*"))

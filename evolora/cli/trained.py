@@ -62,7 +62,7 @@ def update(
     state = "promoted" if outcome.promoted else "not promoted"
     if as_json:
         answer = {"promoted": outcome.promoted, "already_applied": outcome.already_applied, **asdict(v)}
-        console.print_json(json.dumps({**answer, "ignored": outcome.ignored}))
+        _print_json({**answer, "ignored": outcome.ignored})
         return
     if outcome.already_applied:
         console.print(f"{data} was applied before: version {v.id} ({state})")
@@ -76,8 +76,8 @@ def update(
         return
     g = v.gate
     console.print(
-        f"version {v.id} (stage {v.stage}, from version {v.parent}): {g['metric']} {g['candidate']:.4f} "
-        f"vs {g['promoted']:.4f} for the promoted version on {g['holdout_samples']} held-out samples: "
+        f"version {v.id} (stage {v.stage}, from version {v.parent}): {g['metric']} {_figure(g['candidate'])} "
+        f"vs {_figure(g['promoted'])} for the promoted version on {g['holdout_samples']} held-out samples: "
         f"{g['decision']}"
     )
 
@@ -100,7 +100,7 @@ def versions(
             "versions": [asdict(v) for v in registry.versions],
             "history": registry.history,
         }
-        console.print_json(json.dumps(answer))
+        _print_json(answer)
         return
     table = Table(
         title=f"versions of {registry.method} (seed {registry.seed}); promoted: {registry.promoted}"
@@ -109,7 +109,11 @@ def versions(
         table.add_column(col, justify="right" if col in ("version", "parent", "stage", "rows") else "left")
     for v in registry.versions:
         rows = f"{v.data['accepted']}/{v.data['rows_in_file']}" if "accepted" in v.data else ""
-        gate = f"{v.gate['metric']} {v.gate['candidate']:.4f} vs {v.gate['promoted']:.4f}" if v.gate else ""
+        gate = (
+            f"{v.gate['metric']} {_figure(v.gate['candidate'])} vs {_figure(v.gate['promoted'])}"
+            if v.gate
+            else ""
+        )
         table.add_row(
             str(v.id), "" if v.parent is None else str(v.parent), str(v.stage),
             v.created.replace("T", " ")[:16],
@@ -139,6 +143,24 @@ def rollback(
         console.print(f"promoted: version {version} (was {before})")
     else:
         console.print(f"version {version} is the promoted one already: nothing changed")
+
+
+def _print_json(answer: Any) -> None:
+    """Standard JSON for scripts: a NaN (an undefined figure of an older evolora's record) is null."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, float) and x != x:
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return [clean(v) for v in x] if isinstance(x, list | tuple) else x
+
+    console.print_json(json.dumps(clean(answer), allow_nan=False))
+
+
+def _figure(value: float | None) -> str:
+    """A gate's figure: undefined (null, or NaN in versions of older evolora) is 'undefined'."""
+    return "undefined" if value is None or value != value else f"{value:.4f}"
 
 
 def _registry(run_dir: Path, method: str | None, seed: int | None):
@@ -307,7 +329,7 @@ def recommend(
             "items": [s.to_dict() for s in top],
             "left_out_seen": left_out,
         }
-        console.print_json(json.dumps(answer))
+        _print_json(answer)
         return
     version = f"version {rec.version}, " if rec.version else ""
     table = Table(

@@ -102,6 +102,7 @@ def update_run(
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
     cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *(overrides or [])]))
     check_tracking(cfg)
+    tracker_for(cfg, root).open_store(cfg)  # a store that cannot be opened stops the update before training
     metrics = metric_set(cfg.task.name)  # checked before any training, not at the gate
     # a reference figure (log_items: the size of the candidate set) is the same for both versions
     names = [n for n in metrics.names if n not in metrics.references]
@@ -208,9 +209,13 @@ def _update(
 
 
 def _track_gate(cfg: RunConfig, root: Path, results: dict[str, Any], version: Version) -> None:
+    """Log the gate; the version is recorded already, so a store gone since the start is a warning."""
     tracker = tracker_for(cfg, root)
-    with tracker.experiment(cfg):
-        tracker.gate(results["method"], results["seed"], version.id, version.gate, version.data)
+    try:
+        with tracker.experiment(cfg):
+            tracker.gate(results["method"], results["seed"], version.id, version.gate, version.data)
+    except ConfigError as e:
+        log.warning("the gate of version %d is not logged (%s); rerunning the update logs it", version.id, e)
 
 
 # ------------------------------------------------------------------------------------------ the data
@@ -370,8 +375,12 @@ def _decide(cfg: RunConfig, task: Any, before: Any, after: Any, rows: np.ndarray
         )
     log.info("gate on %d held-out samples: %s %.4f (candidate) vs %.4f (promoted): %s",
              len(rows), metric, candidate, promoted, decision)  # fmt: skip
+
+    def figure(x: float) -> float | None:  # an undefined metric is null: JSON has no NaN
+        return None if math.isnan(x) else x
+
     return {
-        "metric": metric, "candidate": candidate, "promoted": promoted, "gain": gain,
+        "metric": metric, "candidate": figure(candidate), "promoted": figure(promoted), "gain": figure(gain),
         "min_gain": cfg.update.min_gain, "holdout_samples": len(rows), "promote": promote,
         "decision": decision, "holdout_fraction": cfg.update.holdout_fraction,
         "max_holdout": cfg.update.max_holdout,
