@@ -23,7 +23,9 @@ file, the reference the README's configuration table summarises.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -665,6 +667,11 @@ class RunConfig(Section):
     @field_validator("name")
     @classmethod
     def _name_is_a_folder(cls, v: str) -> str:
+        if v.lower() in ("mlartifacts", "mlruns", "mlflow.db"):
+            # MLflow keeps these beside the experiments in output_dir: --overwrite would delete them
+            raise ValueError(
+                f"{v!r} is where MLflow keeps every experiment's logs in output_dir: another name"
+            )
         return folder_name(v)
 
     @field_validator("strategies", mode="before")
@@ -698,13 +705,38 @@ class RunConfig(Section):
         return self
 
 
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    """What an unknown key's section takes (and the nearest spelling), or where every key is listed."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = [a for a in _leaves(field.annotation) if _is_section(a)] if field is not None else []
+        # The task section's keys depend on task.name: the README lists them
+        if len(inner) != 1 or part == "task":
+            return "unknown key (check the spelling; README.md's Configuration section lists every key)"
+        model = inner[0]
+    keys = sorted(model.model_fields)
+    near = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+    where = f"{'.'.join(map(str, loc[:-1]))} takes" if len(loc) > 1 else "the config takes"
+    return f"unknown key{f' (did you mean {near[0]!r}?)' if near else ''}; {where}: {', '.join(keys)}"
+
+
+def _leaves(annotation: Any) -> list[Any]:
+    args = typing.get_args(annotation)
+    return [leaf for a in args for leaf in _leaves(a)] if args else [annotation]
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
 def _format_validation_error(err: ValidationError, where: str, origins: dict[str, str]) -> str:
     lines = [f"{where}: invalid configuration"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")  # pydantic's prefix to a validator's own message
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `evolora run --help` lists the sections)"
+            msg = _unknown_key(e["loc"])
         # A check across keys (a section's or the config's own validator) names its key first: "seeds: ..."
         named = re.match(r"([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*): ", msg)
         if named and (not loc or named.group(1).startswith(f"{loc}.")):

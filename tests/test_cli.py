@@ -58,7 +58,12 @@ def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: P
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--set", "train.epoch=3"], "train.epoch: unknown key"),
+        (["--set", "train.epoch=3"], "train.epoch: unknown key (did you mean 'epochs'?); train takes: "),
+        (
+            ["--set", "task.nosuch=3"],
+            "task.nosuch: unknown key (check the spelling; README.md's Configuration",
+        ),
+        (["--set", "name=mlartifacts"], "name: 'mlartifacts' is where MLflow keeps every experiment's logs"),
         (["--set", "train.lr=-1"], "train.lr: Input should be greater than 0"),
         (["--set", "strategies=[nope]"], "unknown strategy 'nope'"),
         (
