@@ -19,8 +19,12 @@ from evolora.data import fetch, load_dataset
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", nargs="?", default="ml100k-csv")
-    ap.add_argument("--new-fraction", type=float, default=0.05)
+    ap.add_argument(
+        "--new-fraction", type=float, default=0.05, help="the latest share of ratings kept apart (0 < f < 1)"
+    )
     args = ap.parse_args()
+    if not 0 < args.new_fraction < 1:  # NaN fails this too
+        ap.error(f"--new-fraction {args.new_fraction}: give a share strictly between 0 and 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fetch("ml-100k")

@@ -24,6 +24,7 @@ genre, year), and prints each stage's rows, users, items and liked share.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -31,7 +32,7 @@ import polars as pl
 from evolora.config import DataConfig, StagingConfig
 from evolora.data import assign_stages, load_dataset
 from evolora.data.schema import InteractionData
-from evolora.errors import DataError
+from evolora.errors import DataError, EvoloraError
 
 GENRE_SEPARATOR = ", "
 
@@ -102,10 +103,18 @@ def main() -> None:
         "--stage", action="append", required=True, help="one stage's genres, comma-separated (repeat)"
     )
     args = parser.parse_args()
+    if args.out.suffix != ".csv":  # before the minutes of loading
+        parser.error(f"--out {args.out}: name the log's .csv file")
+    if len(args.stage) < 2:
+        parser.error("give at least two stages (--stage, repeated)")
     stages = [frozenset(g.strip() for g in s.split(",") if g.strip()) for s in args.stage]
-    data = load_dataset(DataConfig(source=args.source))
-    staged = catalogue_stages(data, stages)
-    write(data, staged, args.out)
+    try:
+        data = load_dataset(DataConfig(source=args.source))
+        staged = catalogue_stages(data, stages)
+        write(data, staged, args.out)
+    except EvoloraError as e:  # a user's mistake: one line, as the evolora command prints it
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     summary = staged.group_by("stage").agg(
         rows=pl.len(),
         users=pl.col("user_id").n_unique(),

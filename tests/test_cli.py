@@ -359,3 +359,35 @@ def test_a_label_reused_for_another_strategy_says_so_first(sunny_dir: Path, tmp_
     assert "with other options (strategy: 'peso' -> 'finetune'; lam:" in result.output.replace("\n", ""), (
         result.output
     )
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("examples/ml100k_as_csv.py", ["--new-fraction", "1.5"], "give a share strictly between 0 and 1"),
+        ("examples/ml100k_as_csv.py", ["--new-fraction", "nan"], "give a share strictly between 0 and 1"),
+        (
+            "scripts/catalogue_stages.py",
+            ["ml-100k", "--out", "x.txt", "--stage", "a", "--stage", "b"],
+            ".csv",
+        ),
+        ("scripts/catalogue_stages.py", ["ml-100k", "--out", "x.csv", "--stage", "Drama"], "at least two"),
+        (
+            "scripts/catalogue_stages.py",
+            ["nosuch", "--out", "x.csv", "--stage", "a", "--stage", "b"],
+            "nosuch",
+        ),
+    ],
+)
+def test_scripts_refuse_bad_arguments_in_one_line(
+    tmp_path: Path, script: str, args: list, message: str
+) -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(repo / script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
