@@ -223,3 +223,20 @@ def test_a_stage_where_the_metric_is_undefined_keeps_its_column_and_is_named(tmp
     assert "| method | seeds | D2 | D3 | mean |" in table
     assert "| frozen | 1 | 0.5500 | – | 0.5500 |" in table
     assert "AUC is undefined on D3 for every method" in table
+
+
+def test_draws_a_metric_cannot_judge_are_left_out_quietly(tmp_path: Path) -> None:
+    """Three rows: many resamples hold one label, where AUC is undefined; they are left out of the interval
+    without numpy's 'Mean of empty slice' warning on the user's stderr."""
+    import warnings
+
+    truth = np.array([0.0, 1.0, 1.0])
+    results = [
+        _run(tmp_path / m, m, 0, {1: s, 2: s}, truth)
+        for m, s in (("finetune", np.array([0.2, 0.6, 0.4])), ("other", np.array([0.1, 0.9, 0.8])))
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = bootstrap_differences(group_runs(results), "auc", draws=200)
+    other = next(r for r in rows if r["method"] == "other")
+    assert other["low"] <= other["difference"] <= other["high"] and 0 <= other["p_better"] <= 1

@@ -138,10 +138,15 @@ def _difference(
                 n = len(m[s]["rows"])
                 idx = shared[s] if s in shared else rng.integers(0, n, n)
                 vals.append(fn(m[s], idx) - fn(b[s], idx))
-            per_seed.append(np.nanmean(vals))
+            # A resample whose rows share one label leaves AUC undefined on every stage: that draw is
+            # left out (quietly: numpy would warn of an empty mean on stderr).
+            defined = [v for v in vals if not np.isnan(v)]
+            per_seed.append(np.mean(defined) if defined else np.nan)
         diffs[d] = np.mean(per_seed)
-    lo, hi = np.nanpercentile(diffs, [2.5, 97.5])
+    diffs = diffs[~np.isnan(diffs)]
+    lo, hi = np.percentile(diffs, [2.5, 97.5]) if len(diffs) else (np.nan, np.nan)
     return {
         "method": g.method, "difference": float(point), "low": float(lo), "high": float(hi),
-        "p_better": float(np.mean(sign * diffs > 0)), "decided": bool(lo > 0 or hi < 0),
+        "p_better": float(np.mean(sign * diffs > 0)) if len(diffs) else float("nan"),
+        "decided": bool(lo > 0 or hi < 0),
     }  # fmt: skip
