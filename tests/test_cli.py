@@ -359,6 +359,11 @@ def test_a_label_reused_for_another_strategy_says_so_first(sunny_dir: Path, tmp_
     assert "with other options (strategy: 'peso' -> 'finetune'; lam:" in result.output.replace("\n", ""), (
         result.output
     )
+    # a cumulative strategy refused before its set-up: the refusal, not an AttributeError from tearing down
+    sumlora = ["run", str(config), "--set", "name=cum", "--set", "strategies=[sumlora]"]
+    assert runner.invoke(app, sumlora).exit_code == 0
+    result = runner.invoke(app, [*sumlora, "--set", "strategies.sumlora.past=latest"])
+    assert result.exit_code == 2 and "was run as 'sumlora' with other options" in result.output, result.output
 
 
 @pytest.mark.parametrize(

@@ -85,4 +85,5 @@ class CumulativeLora(Strategy[CO], Generic[CO]):
         return {"past_adapters": self.bank.size}
 
     def teardown(self) -> None:
-        self.bank.remove()
+        if hasattr(self, "bank"):  # else setup never ran (a check before it refused the run)
+            self.bank.remove()

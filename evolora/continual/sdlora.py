@@ -84,5 +84,5 @@ class SdLora(CumulativeLora[CumulativeOptions]):
 
     def teardown(self) -> None:
         super().teardown()
-        for h in self._handles:
+        for h in getattr(self, "_handles", []):  # none when setup never ran
             h.remove()
