@@ -66,6 +66,11 @@ def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: P
         (["--set", "name=mlartifacts"], "name: 'mlartifacts' is where MLflow keeps every experiment's logs"),
         (["--set", "train.lr=-1"], "train.lr: Input should be greater than 0"),
         (["--set", "strategies=[nope]"], "unknown strategy 'nope'"),
+        (["--set", "strategies=[{name: lsat, grid: []}]"], "grid: List should have at least 1 item"),
+        (
+            ["--set", "strategies=[{name: lsat, grid: [-3.0, 0.5]}]"],
+            "grid.0: Input should be greater than or",
+        ),
         (
             ["--set", "strategies=[{name: peso, lamda: 2}]"],
             "lamda: unknown option (check the spelling); peso's options: lam,",

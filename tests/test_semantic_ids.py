@@ -176,3 +176,26 @@ def test_embed_texts_tiny_model() -> None:
     assert not np.allclose(batched[0], batched[3])
     with pytest.raises(ValueError, match="has no tokens"):
         embed_texts(model, tok, [""])
+
+
+def test_bad_semantic_ids_and_text_fields_of_the_data_are_one_line_errors(tmp_path: Path) -> None:
+    """IDs the data ships that do not parse, or of uneven depth, are the data's problem (a DataError naming
+    it, not a ValueError traceback); text fields the items lack would embed every item as 'item <id>'."""
+    from evolora.errors import ConfigError, DataError
+    from evolora.experiment import build_model_and_task, prepare_data
+    from tests.helpers import NEXT_ITEM_CYCLE, tiny_config, write_peso_cycle
+
+    folder = write_peso_cycle(tmp_path / "cycle")
+    index = next(folder.glob("*.index.*.json"))
+    ids = json.loads(index.read_text())
+    ids["0"] = ["<a_0>"]  # one level where the others have two
+    index.write_text(json.dumps(ids))
+    cfg = tiny_config(folder, tmp_path / "runs", **NEXT_ITEM_CYCLE)
+    with pytest.raises(DataError, match=r"semantic IDs .*different numbers of levels: \[1, 2\]"):
+        build_model_and_task(cfg, prepare_data(cfg))
+    cfg = tiny_config(
+        folder, tmp_path / "rq", **{**NEXT_ITEM_CYCLE, "task.semantic_ids.source": "rqvae",
+                                    "task.semantic_ids.text_fields": "[titel]"}
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"text_fields \['titel'\]: the items have none of these fields"):
+        build_model_and_task(cfg, prepare_data(cfg))

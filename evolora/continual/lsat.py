@@ -17,7 +17,7 @@ weights, so their training is shared with `retrain` and other runs through the l
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -41,7 +41,11 @@ class LsatOptions(StrategyOptions):
     )
     inference: Literal["ensemble", "fusion"] = "ensemble"
     fusion: Literal["delta", "factors"] = "delta"
-    grid: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(11)])
+    grid: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
+        min_length=1,
+        description="the long-term adapter's weights w to choose from (w * long + (1 - w) * short), 0..1",
+    )
 
 
 def choose_weight(long: Any, short: Any, grid: list[float], score: Any) -> tuple[float, dict[float, float]]:

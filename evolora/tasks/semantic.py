@@ -22,7 +22,7 @@ import polars as pl
 from evolora import cost
 from evolora.config import NextItemTaskConfig, RunConfig, SemanticIdConfig
 from evolora.data.schema import InteractionData
-from evolora.errors import ConfigError
+from evolora.errors import ConfigError, DataError
 from evolora.io import load_npz, save_npz, stable_hash
 from evolora.models.rqvae import assign_codes, train_rqvae
 from evolora.models.semantic_ids import SemanticIds, embed_texts, make_unique
@@ -38,7 +38,14 @@ def item_order(data: InteractionData, staged: pl.DataFrame) -> list[str]:
 
 
 def item_texts(data: InteractionData, items: list[str], fields: tuple[str, ...]) -> list[str]:
-    table = data.items.select(["item_id", *[f for f in fields if f in data.items.columns]])
+    """Each item's text: its `fields` joined, "item <id>" for an item with none of them filled."""
+    present = [f for f in fields if f in data.items.columns]
+    if not present:  # every text would be "item <id>": a misspelt field, not a choice
+        raise ConfigError(
+            f"text_fields {list(fields)}: the items have none of these fields (they have "
+            f"{[c for c in data.items.columns if c != 'item_id']})"
+        )
+    table = data.items.select(["item_id", *present])
     rows = {r["item_id"]: r for r in table.iter_rows(named=True)}
     texts = []
     for item in items:
@@ -128,7 +135,12 @@ def semantic_ids_for(
         if not has_own:
             raise ConfigError("task.semantic_ids.source=dataset but this dataset ships no semantic IDs")
         with_sid = data.items.filter(pl.col("sid").is_not_null())
-        raw = SemanticIds.from_strings(with_sid["item_id"].to_list(), with_sid["sid"].to_list())
+        try:
+            raw = SemanticIds.from_strings(with_sid["item_id"].to_list(), with_sid["sid"].to_list())
+        except ValueError as e:  # the data's own IDs: a problem of the file, named with its item
+            raise DataError(
+                f"{data.name}: the items' semantic IDs (data.columns.sid or the index): {e}"
+            ) from None
         row = {item: i for i, item in enumerate(raw.item_ids)}
         order = [i for i in item_order(data, staged) if i in row]
         codes = raw.codes[[row[i] for i in order]]

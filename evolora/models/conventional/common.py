@@ -31,6 +31,7 @@ from torch import nn
 
 from evolora.config import ConventionalConfig
 from evolora.data.ids import IdSpace
+from evolora.errors import ConfigError
 
 INIT_STD = 0.05  # ID and text embeddings start small, so dot products start near zero
 _TOKEN = re.compile(r"\w+")
@@ -50,6 +51,11 @@ def item_text_tokens(
     PESO release's `item <id>`) carry no text and are skipped. Buckets come from CRC32, stable across runs.
     """
     cols = [f for f in fields if f in items.columns]
+    if not cols:  # no item would get a text feature: a misspelt field, not a choice
+        raise ConfigError(
+            f"model.conventional.text_fields {list(fields)}: the items have none of these fields (they have "
+            f"{[c for c in items.columns if c != 'item_id']})"
+        )
     table = items.select("item_id", *cols)
     by_id = {r[0]: r[1:] for r in table.iter_rows()}
     rows: list[list[int]] = [[]]
