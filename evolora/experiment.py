@@ -103,6 +103,11 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     if cfg.staging.scheme == "auto":
         scheme = "preset" if comes_in_stages(cfg.data) else "lsat"
         cfg = cfg.model_copy(update={"staging": cfg.staging.model_copy(update={"scheme": scheme})})
+    # A next-item run's candidates given as the model's own default are `auto` (its experiment key is the
+    # same: an experiment run with auto is not refused when the default is then written out).
+    own = "seen" if is_conventional(cfg.model.name) else "catalogue"
+    if getattr(cfg.task, "candidates", None) == own:
+        cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"candidates": "auto"})})
     if cfg.model.precision == "auto" and not is_conventional(cfg.model.name):
         resolved = precision_name("auto", resolve_device(cfg.model.device))
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"precision": resolved})})
@@ -372,7 +377,11 @@ def _run_locked(
         else logging.NullHandler()
     )
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {_who()}%(name)s: %(message)s"))
-    logging.getLogger("evolora").addHandler(handler)
+    logger = logging.getLogger("evolora")
+    logger.addHandler(handler)
+    level = logger.level
+    if level == logging.NOTSET:  # the Python API: log.txt holds the whole log, as under the CLI
+        logger.setLevel(logging.INFO)
     # Workers of --jobs N set up one at a time: the first fetches data and fills the caches (item vectors,
     # semantic IDs) and the inference bundle, the others find them.
     setup = exclusive(root / ".setup.lock", "setting up", wait=True) if os.environ.get(WORKER_ENV) else None
@@ -399,7 +408,8 @@ def _run_locked(
                 cfg, prepared, lm, task, shared, context_key, environment, tracker, on_stage, pairs
             )
     finally:
-        logging.getLogger("evolora").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
         handler.close()
 
 

@@ -226,3 +226,14 @@ def test_candidates_seen_ranks_only_items_of_the_rows_stage_or_earlier(tmp_path:
     later = [s for s in results["catalogue"]["stages"] if s["metrics"]["log_items"] > 0]
     assert all(s["metrics"]["log_items"] == pytest.approx(np.log(len(index))) for s in later)
     assert results["seen"]["stages"][0]["metrics"]["log_items"] < np.log(len(index))
+
+
+def test_candidates_given_as_the_default_resume_the_run(peso_dir: Path, tmp_path: Path) -> None:
+    """An LLM's `auto` candidates are the catalogue: writing it out changes no number, so the experiment is
+    not refused as another configuration. A Python run's log.txt holds the whole log (INFO too)."""
+    over = {**NEXT_ITEM, "staging.scheme": "preset", "staging.n_stages": "null", "strategies": "[frozen]"}
+    first = run_experiment(tiny_config(peso_dir, tmp_path, **over))
+    again = run_experiment(tiny_config(peso_dir, tmp_path, **over, **{"task.candidates": "catalogue"}))
+    assert again[0]["stages"] == first[0]["stages"]
+    log_text = (tmp_path / "t" / "log.txt").read_text()
+    assert "INFO" in log_text and "running frozen (seed 0)" in log_text
