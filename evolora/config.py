@@ -921,5 +921,17 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> str:
     return "; ".join(out)
 
 
+def definite_candidates(context: dict[str, Any]) -> dict[str, Any]:
+    """A context with a next-item run's `task.candidates` made definite: `auto` (or absent) is the model's
+    own default (the catalogue for an LLM, the items seen so far for a conventional model), so writing the
+    default out changes no number and is the same experiment."""
+    task = context.get("task", {})
+    if task.get("name") != "next_item":
+        return context
+    own = "seen" if context.get("model", {}).get("name") in CONVENTIONAL_MODELS else "catalogue"
+    given = task.get("candidates")
+    return {**context, "task": {**task, "candidates": own if given in (None, "auto") else given}}
+
+
 def config_to_dict(cfg: BaseModel) -> dict[str, Any]:
     return cfg.model_dump(mode="json")

@@ -33,7 +33,14 @@ import evolora
 from evolora import cost, parallel
 from evolora.allocator import keep_freed_memory
 from evolora.bundle import write_bundle
-from evolora.config import DataConfig, RunConfig, StrategySpec, config_changes, config_to_dict
+from evolora.config import (
+    DataConfig,
+    RunConfig,
+    StrategySpec,
+    config_changes,
+    config_to_dict,
+    definite_candidates,
+)
 from evolora.continual import Env, build_strategy, check_strategy_specs
 from evolora.continual.loop import StageLoop, is_trained
 from evolora.continual.shared import SharedStore
@@ -103,11 +110,6 @@ def resolve_config(cfg: RunConfig) -> RunConfig:
     if cfg.staging.scheme == "auto":
         scheme = "preset" if comes_in_stages(cfg.data) else "lsat"
         cfg = cfg.model_copy(update={"staging": cfg.staging.model_copy(update={"scheme": scheme})})
-    # A next-item run's candidates given as the model's own default are `auto` (its experiment key is the
-    # same: an experiment run with auto is not refused when the default is then written out).
-    own = "seen" if is_conventional(cfg.model.name) else "catalogue"
-    if getattr(cfg.task, "candidates", None) == own:
-        cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"candidates": "auto"})})
     if cfg.model.precision == "auto" and not is_conventional(cfg.model.name):
         resolved = precision_name("auto", resolve_device(cfg.model.device))
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"precision": resolved})})
@@ -186,6 +188,10 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
         old = read_json(marker, "Delete it to accept the current settings (nothing is recomputed by that).")
         if old.get("context_key") != key and _same_but_auto_precision(root, old.get("context", {}), context):
             log.info("%s: precision auto recorded as %s", root, context["model"]["precision"])
+        elif old.get("context_key") != key and definite_candidates(
+            old.get("context", {})
+        ) == definite_candidates(context):
+            log.info("%s: task.candidates recorded as given (the model's own default)", root)
         elif old.get("context_key") != key:
             diff = config_changes(old.get("context", {}), context)
             if _has_work(root):
@@ -379,9 +385,14 @@ def _run_locked(
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {_who()}%(name)s: %(message)s"))
     logger = logging.getLogger("evolora")
     logger.addHandler(handler)
-    level = logger.level
-    if level == logging.NOTSET:  # the Python API: log.txt holds the whole log, as under the CLI
+    level, propagate = logger.level, logger.propagate
+    # The Python API leaves the logger unset: log.txt still holds the whole log, as under the CLI, while
+    # the script's own handlers (the root's) get what they got before, from the root's level up.
+    forward = _ToRoot(logging.getLogger().getEffectiveLevel())
+    if level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.addHandler(forward)
     # Workers of --jobs N set up one at a time: the first fetches data and fills the caches (item vectors,
     # semantic IDs) and the inference bundle, the others find them.
     setup = exclusive(root / ".setup.lock", "setting up", wait=True) if os.environ.get(WORKER_ENV) else None
@@ -409,8 +420,17 @@ def _run_locked(
             )
     finally:
         logger.removeHandler(handler)
+        logger.removeHandler(forward)
         logger.setLevel(level)
+        logger.propagate = propagate
         handler.close()
+
+
+class _ToRoot(logging.Handler):
+    """Records from `level` up, on to the root logger's handlers (what propagation gave them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
 
 
 def _who() -> str:

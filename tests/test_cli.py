@@ -161,7 +161,8 @@ def test_report_refuses_runs_that_are_not_the_same_setting_or_rows(sunny_dir: Pa
     config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen"])
     for name, sets in [
         ("a", []),
-        ("b", ["--set", "seeds=[1]"]),
+        # the same data spelt another way: not another setting (its digest says it is the same)
+        ("b", ["--set", "seeds=[1]", "--set", f"data.source={sunny_dir}/../{sunny_dir.name}"]),
         ("c", ["--set", "seeds=[2]", "--set", "train.lr=0.05"]),
         ("d", ["--set", "strategies=[{name: frozen, label: other}]", "--set", "eval.max_samples=12"]),
     ]:

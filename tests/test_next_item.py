@@ -228,12 +228,22 @@ def test_candidates_seen_ranks_only_items_of_the_rows_stage_or_earlier(tmp_path:
     assert results["seen"]["stages"][0]["metrics"]["log_items"] < np.log(len(index))
 
 
-def test_candidates_given_as_the_default_resume_the_run(peso_dir: Path, tmp_path: Path) -> None:
+def test_candidates_given_as_the_default_resume_the_run(
+    peso_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """An LLM's `auto` candidates are the catalogue: writing it out changes no number, so the experiment is
-    not refused as another configuration. A Python run's log.txt holds the whole log (INFO too)."""
+    not refused as another configuration, whichever way it was recorded first. A Python run's log.txt holds
+    the whole log (INFO too), while the script's own handlers get only what the root's level lets through."""
+    import logging
+
     over = {**NEXT_ITEM, "staging.scheme": "preset", "staging.n_stages": "null", "strategies": "[frozen]"}
     first = run_experiment(tiny_config(peso_dir, tmp_path, **over))
     again = run_experiment(tiny_config(peso_dir, tmp_path, **over, **{"task.candidates": "catalogue"}))
     assert again[0]["stages"] == first[0]["stages"]
+    back = run_experiment(tiny_config(peso_dir, tmp_path, **over))  # recorded as given, resumed as auto
+    assert back[0]["stages"] == first[0]["stages"]
     log_text = (tmp_path / "t" / "log.txt").read_text()
     assert "INFO" in log_text and "running frozen (seed 0)" in log_text
+    assert logging.getLogger().getEffectiveLevel() == logging.WARNING  # pytest's default, like a script's
+    assert not [r for r in caplog.records if r.name.startswith("evolora") and r.levelno < logging.WARNING]
+    assert logging.getLogger("evolora").level == logging.NOTSET and logging.getLogger("evolora").propagate

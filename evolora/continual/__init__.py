@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from evolora.config import StrategySpec
-from evolora.continual.base import Env, Strategy, StrategyOptions
+from evolora.continual.base import Env, Strategy, StrategyOptions, options_with_defaults
 from evolora.continual.finetune import Finetune
 from evolora.continual.frozen import Frozen
 from evolora.continual.inflora import InfLora
@@ -57,3 +59,10 @@ def check_strategy_specs(specs: list[StrategySpec]) -> None:
 
 
 __all__ = ["STRATEGIES", "Env", "Strategy", "build_strategy", "check_strategy_specs"]
+
+
+def normalised_options(strategy: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """A registered strategy's options with every default filled in (`options_with_defaults`); as written
+    for a strategy the registry does not know."""
+    cls = STRATEGIES.get(strategy) if isinstance(strategy, str) else None
+    return dict(options) if cls is None else options_with_defaults(cls, options)

@@ -244,3 +244,12 @@ class Strategy(Generic[OptionsT]):
 
     def teardown(self) -> None:
         """Undo what `setup` attached to the shared model (hooks), so the next run starts clean."""
+
+
+def options_with_defaults(cls: type[Strategy], options: dict[str, Any]) -> dict[str, Any]:
+    """A strategy's options with every default filled in, so `{lam: 2.0}` and `{}` compare equal for PESO;
+    as written when they no longer validate (options of an older evolora)."""
+    try:
+        return cls.Options.model_validate(options).model_dump(mode="json")
+    except Exception:
+        return dict(options)

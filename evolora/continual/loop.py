@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from evolora import cost, parallel
-from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob
+from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob, options_with_defaults
 from evolora.continual.shared import SharedStore
 from evolora.data.samples import StagePools, eval_stage_of, evaluation_rows, matrix_stages, train_stages
 from evolora.errors import ConfigError, DamagedFileError
@@ -148,10 +148,7 @@ class StageLoop:
         """Options with every default filled in, so `{lam: 2.0}` and `{}` compare equal for PESO."""
         if strategy != getattr(self.s, "name", None):
             return dict(options)
-        try:
-            return type(self.s).Options.model_validate(options).model_dump(mode="json")
-        except Exception:  # options of an older evolora that no longer validate: compare them as written
-            return dict(options)
+        return options_with_defaults(type(self.s), options)
 
     # ------------------------------------------------------------------ saving and restoring the chain
     def _save_trained(self, t: int, jobs: list[dict[str, Any]]) -> None:

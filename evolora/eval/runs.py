@@ -8,7 +8,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from evolora.config import config_changes
+from evolora.config import config_changes, definite_candidates
+from evolora.continual import normalised_options
 from evolora.errors import DamagedFileError, EvoloraError
 from evolora.io import read_json
 
@@ -101,15 +102,11 @@ def _check_same_settings(results: list[dict[str, Any]]) -> None:
         if exp not in contexts:
             path = Path(exp) / "experiment.json"
             context = read_json(path, "Rerun its experiment.").get("context") if path.is_file() else None
-            if context is not None:  # the precision is the report's to state per run, not a setting
-                context = {
-                    **context,
-                    "model": {k: v for k, v in context["model"].items() if k != "precision"},
-                }
-            contexts[exp] = context
+            contexts[exp] = None if context is None else _comparable(context)
         if contexts[exp] is None:  # an older evolora's folder
             continue
-        mine = {**contexts[exp], "strategy": r.get("strategy"), "options": r.get("options", {})}
+        options = normalised_options(r.get("strategy"), r.get("options", {}))
+        mine = {**contexts[exp], "strategy": r.get("strategy"), "options": options}
         theirs, where = first.setdefault(r["method"], (mine, exp))
         if theirs != mine:
             changes = config_changes(theirs, mine)
@@ -122,3 +119,13 @@ def _check_same_settings(results: list[dict[str, Any]]) -> None:
 def _experiment_of(results_path: str) -> str:
     """runs/<name>/<label>/seed<k>/results.json -> runs/<name>"""
     return str(Path(results_path).parent.parent.parent)
+
+
+def _comparable(context: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's settings as two runs of one setting share them: where the data files lie is not a
+    setting (their digest is checked apart), the precision is the report's to state per run, and next-item
+    candidates left `auto` are the model's default."""
+    context = definite_candidates(context)
+    data = {k: v for k, v in context.get("data", {}).items() if k not in ("source", "meta")}
+    model = {k: v for k, v in context.get("model", {}).items() if k != "precision"}
+    return {**context, "data": data, "model": model}
