@@ -307,9 +307,12 @@ def run_experiment(
                     f"--overwrite: {root} is not an experiment folder (no config.yaml), so it is not "
                     "deleted; choose another name or output_dir"
                 )
-            if replaced.exists():  # one an interrupted --overwrite left: replaced again
-                shutil.rmtree(replaced)
-            root.rename(replaced)
+            if replaced.exists():
+                # An --overwrite interrupted before: `replaced` is the experiment it replaces, `root` that
+                # attempt's unfinished work, which this one replaces in turn.
+                shutil.rmtree(root)
+            else:
+                root.rename(replaced)
         parallel.barrier()
         try:
             context_key = _check_experiment(root, cfg)

@@ -122,6 +122,23 @@ def test_overwrite_with_settings_that_fail_keeps_the_experiment(sunny_dir: Path,
     assert result.exit_code == 2, result.output
     assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before
     assert not (tmp_path / "runs" / ".cli.replaced").exists()
+    # An --overwrite killed before its first stage left the experiment aside and its attempt in place: a
+    # retry that fails too still puts the experiment back, and a report over output_dir reads it once.
+    aside = tmp_path / "runs" / ".cli.replaced"
+    root.rename(aside)
+    root.mkdir()
+    (root / "config.yaml").write_text("name: cli\n")
+    result = runner.invoke(app, ["run", str(config), "--overwrite", "--set", "model.name=tinyy"])
+    assert result.exit_code == 2, result.output
+    assert (
+        sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before and not aside.exists()
+    )
+    root.rename(aside)
+    root.mkdir()
+    report = runner.invoke(app, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")])
+    assert report.exit_code == 2 and "no results.json" in report.output, report.output  # not the aside one
+    root.rmdir()
+    aside.rename(root)
     result = runner.invoke(app, ["run", str(config), "--overwrite", "--set", "strategies=[finetune]"])
     assert result.exit_code == 0, result.output
     assert not (root / "frozen").exists() and (root / "finetune").is_dir()

@@ -21,7 +21,8 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
         if p.is_file() and p.name == "results.json":
             files = [p]
         elif p.is_dir():
-            files = sorted(p.rglob("results.json"))
+            # not in hidden folders: an experiment --overwrite has moved aside (`.name.replaced`)
+            files = sorted(f for f in p.rglob("results.json") if not _hidden(f.relative_to(p)))
         else:
             raise EvoloraError(f"{p}: no such run folder")
         for f in files:
@@ -129,3 +130,7 @@ def _comparable(context: dict[str, Any]) -> dict[str, Any]:
     data = {k: v for k, v in context.get("data", {}).items() if k not in ("source", "meta")}
     model = {k: v for k, v in context.get("model", {}).items() if k != "precision"}
     return {**context, "data": data, "model": model}
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
