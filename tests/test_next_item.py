@@ -236,6 +236,18 @@ def test_candidates_given_as_the_default_resume_the_run(
     the whole log (INFO too), while the script's own handlers get only what the root's level lets through."""
     import logging
 
+    logger = logging.getLogger("evolora")
+    before = logger.level
+    logger.setLevel(logging.NOTSET)  # as in a fresh script (an earlier CLI test may have set it)
+    try:
+        _candidates_and_log(peso_dir, tmp_path, caplog)
+    finally:
+        logger.setLevel(before)
+
+
+def _candidates_and_log(peso_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
     over = {**NEXT_ITEM, "staging.scheme": "preset", "staging.n_stages": "null", "strategies": "[frozen]"}
     first = run_experiment(tiny_config(peso_dir, tmp_path, **over))
     again = run_experiment(tiny_config(peso_dir, tmp_path, **over, **{"task.candidates": "catalogue"}))
