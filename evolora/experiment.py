@@ -186,12 +186,8 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
     marker = root / "experiment.json"
     if marker.is_file():
         old = read_json(marker, "Delete it to accept the current settings (nothing is recomputed by that).")
-        if old.get("context_key") != key and _same_but_auto_precision(root, old.get("context", {}), context):
-            log.info("%s: precision auto recorded as %s", root, context["model"]["precision"])
-        elif old.get("context_key") != key and definite_candidates(
-            old.get("context", {})
-        ) == definite_candidates(context):
-            log.info("%s: task.candidates recorded as given (the model's own default)", root)
+        if old.get("context_key") != key and _same_experiment(root, old.get("context", {}), context):
+            log.info("%s: settings recorded as auto are now written out (the same experiment)", root)
         elif old.get("context_key") != key:
             diff = config_changes(old.get("context", {}), context)
             if _has_work(root):
@@ -211,15 +207,18 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
     return key
 
 
-def _same_but_auto_precision(root: Path, old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """An experiment recorded before `precision: auto` was resolved in its key, whose runs all ran in the
-    precision `auto` means here: the same experiment."""
+def _same_experiment(root: Path, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Settings that differ only in how an `auto` was recorded: next-item candidates given as the model's
+    own default, or an experiment recorded before `precision: auto` was resolved in its key whose runs all
+    ran in the precision `auto` means here."""
+    old, new = definite_candidates(old), definite_candidates(new)
     precision = new.get("model", {}).get("precision")
-    if old.get("model", {}).get("precision") != "auto" or precision in (None, "auto"):
-        return False
-    recorded = {read_json(f).get("precision") for f in root.glob("*/seed*/results.json")}
-    patched = {**old, "model": {**old["model"], "precision": precision}}
-    return recorded <= {precision} and stable_hash(patched, 16) == stable_hash(new, 16)
+    if old.get("model", {}).get("precision") == "auto" and precision not in (None, "auto"):
+        recorded = {read_json(f).get("precision") for f in root.glob("*/seed*/results.json")}
+        if not recorded <= {precision}:
+            return False
+        old = {**old, "model": {**old["model"], "precision": precision}}
+    return stable_hash(old, 16) == stable_hash(new, 16)
 
 
 def _check_data(root: Path, files: dict[str, Any]) -> None:
