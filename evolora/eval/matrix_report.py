@@ -189,11 +189,10 @@ def difference_table(groups: list[_Runs], metric: str, boot: _Draws, baseline: s
     return "\n".join(lines) if len(lines) > 2 else None
 
 
-def matrix_section(groups: list[_Runs], metrics: list[str], baseline: str = BASELINE) -> list[str]:
-    """The report's section on the matrix (nothing when no run recorded one)."""
+def matrix_section(groups: list[_Runs], metrics: list[str], lead: str, baseline: str = BASELINE) -> list[str]:
+    """The report's section on the matrix (nothing when no run recorded one); `lead` is the plots' metric."""
     if not has_matrix(groups):
         return []
-    lead = next((m for m in metrics if not is_reference(m)), metrics[0])  # the plots' metric
     out = [
         "\n### The stage-by-stage matrix: what each stage kept and gave\n\n"
         "R[t][j]: trained through stage t, tested on stage j's fixed rows (heatmaps: "

@@ -288,10 +288,13 @@ def compose_report(
     # The bootstrap, the user-kind table and the plots follow the first metric that scores the models (a
     # reference figure asked for first is the same for every method).
     lead = next((m for m in metrics if not is_reference(m)), None)
-    differences = None
-    if lead is not None:
-        differences = bootstrap_differences(groups, lead, baseline=baseline, draws=DRAWS, skip=skip)
-    if differences is not None and lead is not None:
+    plotted = lead or metrics[0]
+    differences = (
+        None
+        if lead is None
+        else bootstrap_differences(groups, lead, baseline=baseline, draws=DRAWS, skip=skip)
+    )
+    if differences is not None:
         out.append(f"\n### Paired bootstrap: {lead.upper()} difference to {baseline} ({DRAWS} draws)\n")
         out.append(
             "All methods are scored on the same evaluation rows; rows are resampled jointly within each "
@@ -309,7 +312,7 @@ def compose_report(
             "new: first seen in this stage.\n"
         )
         out.append(kt)
-    out.extend(matrix_section(groups, metrics, baseline))
+    out.extend(matrix_section(groups, metrics, plotted, baseline))
     times = ", ".join(f"{g.method} {g.train_seconds():.0f}s" for g in groups)
     out.append(f"\nTraining time per run (sum over stages, shared results counted in full): {times}.")
     costs = cost_table(groups)
@@ -330,7 +333,7 @@ def compose_report(
             + ("." if on_cpu else "; some runs were recorded before CPU time was kept.")
         )
     data = report_data(groups, metrics, baseline, skip, differences, DRAWS)
-    return Report("\n".join(out) + "\n", groups, data, lead or metrics[0])
+    return Report("\n".join(out) + "\n", groups, data, plotted)
 
 
 def _duration(seconds: float) -> str:
