@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import polars as pl
 
-from evolora.errors import DataError
+from evolora.errors import ConfigError, DataError
 
 log = logging.getLogger("evolora.data")
 
@@ -190,3 +190,15 @@ def sort_interactions(df: pl.DataFrame, keep: tuple[str, ...] = ()) -> pl.DataFr
     before the file order does."""
     ordered = df.with_row_index("_row").sort(["timestamp", *keep, "_row"])
     return ordered.select(*INTERACTION_SCHEMA, *keep)
+
+
+def item_fields(items: pl.DataFrame, fields: tuple[str, ...], setting: str) -> list[str]:
+    """The `fields` the items table has, in order; none of them is a `ConfigError` naming `setting`: every
+    item's text would be empty (a misspelt field, not a choice)."""
+    present = [f for f in fields if f in items.columns]
+    if not present:
+        raise ConfigError(
+            f"{setting} {list(fields)}: the items have none of these fields (they have "
+            f"{[c for c in items.columns if c != 'item_id']})"
+        )
+    return present

@@ -21,7 +21,7 @@ import polars as pl
 
 from evolora import cost
 from evolora.config import NextItemTaskConfig, RunConfig, SemanticIdConfig
-from evolora.data.schema import InteractionData
+from evolora.data.schema import InteractionData, item_fields
 from evolora.errors import ConfigError, DataError
 from evolora.io import load_npz, save_npz, stable_hash
 from evolora.models.rqvae import assign_codes, train_rqvae
@@ -39,13 +39,7 @@ def item_order(data: InteractionData, staged: pl.DataFrame) -> list[str]:
 
 def item_texts(data: InteractionData, items: list[str], fields: tuple[str, ...]) -> list[str]:
     """Each item's text: its `fields` joined, "item <id>" for an item with none of them filled."""
-    present = [f for f in fields if f in data.items.columns]
-    if not present:  # every text would be "item <id>": a misspelt field, not a choice
-        raise ConfigError(
-            f"text_fields {list(fields)}: the items have none of these fields (they have "
-            f"{[c for c in data.items.columns if c != 'item_id']})"
-        )
-    table = data.items.select(["item_id", *present])
+    table = data.items.select(["item_id", *item_fields(data.items, fields, "text_fields")])
     rows = {r["item_id"]: r for r in table.iter_rows(named=True)}
     texts = []
     for item in items:

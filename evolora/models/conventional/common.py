@@ -31,7 +31,7 @@ from torch import nn
 
 from evolora.config import ConventionalConfig
 from evolora.data.ids import IdSpace
-from evolora.errors import ConfigError
+from evolora.data.schema import item_fields
 
 INIT_STD = 0.05  # ID and text embeddings start small, so dot products start near zero
 _TOKEN = re.compile(r"\w+")
@@ -50,12 +50,7 @@ def item_text_tokens(
     a title and the same word as a genre are different features. Titles that only repeat the item id (the
     PESO release's `item <id>`) carry no text and are skipped. Buckets come from CRC32, stable across runs.
     """
-    cols = [f for f in fields if f in items.columns]
-    if not cols:  # no item would get a text feature: a misspelt field, not a choice
-        raise ConfigError(
-            f"model.conventional.text_fields {list(fields)}: the items have none of these fields (they have "
-            f"{[c for c in items.columns if c != 'item_id']})"
-        )
+    cols = item_fields(items, fields, "model.conventional.text_fields")
     table = items.select("item_id", *cols)
     by_id = {r[0]: r[1:] for r in table.iter_rows()}
     rows: list[list[int]] = [[]]
