@@ -272,6 +272,11 @@ def _decoded(rows: TableRows, text: frozenset[str]) -> TableRows:
     for name, dtype in frame.schema.items():
         if dtype != pl.Binary:
             continue
+        try:  # valid UTF-8, as nearly always: one cast, no Python loop over the rows
+            frame = frame.with_columns(pl.col(name).cast(pl.Utf8))
+            continue
+        except pl.exceptions.ComputeError:
+            pass
         values = []
         for row, raw in zip(frame["_line"], frame[name], strict=True):
             try:
