@@ -17,6 +17,9 @@ given everything again. Parameters are logged when a run is made (MLflow refuses
 Under `--jobs N` the experiment's run is made by the main process before the workers start, and each worker
 continues it and makes its own pairs' runs under it (changes to `tracking.json` are made under a lock).
 
+A tracking server that does not accept a connection stops the command before any work, at once: MLflow's own
+client retries a refused connection for minutes without a word.
+
 `tracking: none` (the default) logs nothing and needs nothing.
 """
 
@@ -26,6 +29,8 @@ import contextlib
 import fcntl
 import logging
 import os
+import socket
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,12 +66,47 @@ def check_tracking(cfg: RunConfig) -> None:
     """Fail before any work when the configured tracker cannot be used."""
     if cfg.tracking == "mlflow":
         _mlflow()
+        _check_server_answers(store_uri(cfg))
+
+
+def store_uri(cfg: RunConfig) -> str:
+    """Where `tracking: mlflow` logs: `tracking_uri`, else `$MLFLOW_TRACKING_URI`, else a local SQLite."""
+    # MLflow's own variable comes next, as in other tools that log to MLflow: a team that points every
+    # tool at its server with it should not find evolora's runs in a local file instead.
+    return (
+        cfg.tracking_uri
+        or os.environ.get(URI_ENV)
+        or f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+    )
 
 
 def _served(uri: str) -> bool:
     """Whether `uri` names an MLflow tracking server (which has an artifact store of its own)."""
     scheme = uri.split(":", 1)[0].lower()
     return scheme in ("http", "https") or scheme.startswith("databricks")
+
+
+def _check_server_answers(uri: str, timeout: float = 10.0) -> None:
+    """Raise `ConfigError` at once when nothing listens at an http(s) tracking URI's host and port.
+
+    MLflow retries a refused connection with growing back-off for minutes before it fails, and says nothing
+    meanwhile; a server that is down or a wrong port is the usual cause. Only the connection is tried: the
+    server's answers (authentication, its API) are MLflow's to judge, after this."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() not in ("http", "https"):
+        return
+    try:
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError as e:  # a port that is not a number, or out of range
+        raise ConfigError(f"tracking: {uri} is not a usable server address: {e}") from None
+    try:
+        with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"tracking: no MLflow server answers at {uri} ({e.strerror or type(e).__name__}); start it "
+            "(`mlflow server --port N`) or give another tracking_uri / $MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -137,9 +177,7 @@ class MlflowTracker(Tracker):
     def __init__(self, cfg: RunConfig, root: Path) -> None:
         self.mlflow = _mlflow()
         out = Path(cfg.output_dir).resolve()
-        # MLflow's own variable comes next, as in other tools that log to MLflow: a team that points every
-        # tool at its server with it should not find evolora's runs in a local file instead.
-        self.uri = cfg.tracking_uri or os.environ.get(URI_ENV) or f"sqlite:///{out / 'mlflow.db'}"
+        self.uri = store_uri(cfg)
         # A tracking server keeps artifacts in its own store, where everyone who reads the server finds
         # them; a store without a server (SQLite, files, a database) has none, so they go next to the runs.
         self.artifacts = None if _served(self.uri) else (out / "mlartifacts").as_uri()

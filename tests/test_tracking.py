@@ -6,8 +6,11 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import logging
+import socket
 import sys
+import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -141,17 +144,41 @@ def _open_experiment(cfg: RunConfig, out: Path) -> None:
         pass
 
 
+@pytest.fixture
+def server() -> Iterator[str]:
+    """The address of something listening on a local port (a tracking server, as far as connecting goes)."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}"
+
+
 @pytest.mark.parametrize(
     ("uri", "local"),
-    [("http://team:5000", False), ("databricks", False), ("sqlite:///x.db", True), ("file:///m", True)],
+    [("server", False), ("databricks", False), ("sqlite:///x.db", True), ("file:///m", True)],
 )
 def test_artifacts_go_to_a_servers_store_and_next_to_the_runs_otherwise(
-    mlflow: Recorder, sunny_dir: Path, tmp_path: Path, uri: str, local: bool
+    mlflow: Recorder, sunny_dir: Path, tmp_path: Path, uri: str, local: bool, server: str
 ) -> None:
+    uri = server if uri == "server" else uri
     cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri=uri)
     _open_experiment(cfg, tmp_path)
     where = (tmp_path / "mlartifacts").resolve().as_uri() if local else None  # None: the server decides
     assert ("created", cfg.name, where) in mlflow.calls
+
+
+def test_a_server_that_does_not_answer_stops_the_run_at_once(
+    mlflow: Recorder, sunny_dir: Path, tmp_path: Path
+) -> None:
+    """MLflow itself retries a refused connection for minutes, silently."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        uri = f"http://127.0.0.1:{listening.getsockname()[1]}"  # closed below: nothing listens there
+    cfg = tiny_config(sunny_dir, tmp_path / "out", tracking="mlflow", tracking_uri=uri)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"no MLflow server answers at {uri} .*tracking_uri"):
+        run_experiment(cfg)
+    assert time.monotonic() - started < 10 and not mlflow.calls
+    assert not (tmp_path / "out" / cfg.name).exists()
+    with pytest.raises(ConfigError, match="not a usable server address"):
+        run_experiment(tiny_config(sunny_dir, tmp_path / "out", tracking="mlflow", tracking_uri="http://h:x"))
 
 
 def test_mlflow_missing_is_a_config_error_before_any_work(
@@ -165,12 +192,12 @@ def test_mlflow_missing_is_a_config_error_before_any_work(
 
 
 def test_mlflows_own_variable_names_the_store_unless_the_config_does(
-    mlflow: Recorder, sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    mlflow: Recorder, sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: str
 ) -> None:
-    monkeypatch.setenv(URI_ENV, "http://team:5000")
+    monkeypatch.setenv(URI_ENV, server)
     cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow")
     _open_experiment(cfg, tmp_path)
-    assert ("uri", "http://team:5000") in mlflow.calls and ("created", cfg.name, None) in mlflow.calls
+    assert ("uri", server) in mlflow.calls and ("created", cfg.name, None) in mlflow.calls
     mlflow.calls.clear()
     cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri="sqlite:///mine.db")
     _open_experiment(cfg, tmp_path)
