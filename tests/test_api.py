@@ -378,7 +378,7 @@ def test_the_recommend_command(ctr_run) -> None:
 
 
 def test_history_ids_with_commas_and_colons() -> None:
-    from evolora.cli.trained import _parse_history, _parse_items
+    from evolora.cli.recommend import _parse_history, _parse_items
 
     text = '["Godfather, The (1972)", ["Star Wars: Episode IV - A New Hope (1977)", 4]]'
     assert _parse_history(text) == [

@@ -369,7 +369,7 @@ def _date(ts: int | None) -> str:
 
 
 # The commands about trained runs (recommend, export, update, versions, rollback, serve) register themselves.
-from evolora.cli import trained  # noqa: E402, F401
+from evolora.cli import recommend, trained  # noqa: E402, F401
 
 
 def main() -> None:  # pragma: no cover - console entry

