@@ -44,7 +44,14 @@ import torch
 from evolora import cost, parallel
 from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob, options_with_defaults
 from evolora.continual.shared import SharedStore
-from evolora.data.samples import StagePools, eval_stage_of, evaluation_rows, matrix_stages, train_stages
+from evolora.data.samples import (
+    USER_KINDS,
+    StagePools,
+    eval_stage_of,
+    evaluation_rows,
+    matrix_stages,
+    train_stages,
+)
 from evolora.errors import ConfigError, DamagedFileError
 from evolora.eval.forgetting import matrix_summary
 from evolora.io import (
@@ -424,7 +431,7 @@ class StageLoop:
         rows = ctx.eval_rows
         kinds = self.task.table.df["user_kind"].to_numpy()[rows]
         by_kind = {}
-        for kind in ("active", "dormant", "new"):
+        for kind in USER_KINDS:
             sel = kinds == kind
             if sel.any():
                 by_kind[kind] = {"n": int(sel.sum()), **self.task.metrics(preds[sel], rows[sel])}

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -196,8 +195,3 @@ class PersonalizedLoRA(nn.Module):
 def _linear_of(module: nn.Module) -> nn.Module:
     """The plain Linear behind a module (PEFT wraps targeted projections in a LoRA layer)."""
     return getattr(module, "base_layer", module)
-
-
-def plain_lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """s * B A x for a shared LoRA (A: r x d_in, B: d_out x r), the reference the tests compare with."""
-    return F.linear(F.linear(x, a), b) * scaling
