@@ -238,8 +238,16 @@ def test_an_update_resumed_with_other_holdout_settings_trains_its_own_candidate(
         update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"])
     assert list(root.glob("deploy/finetune-seed0/work/*/gate/promoted.npz"))
     monkeypatch.setattr(CtrTask, "loss", real)
+    work = root / "deploy" / "finetune-seed0" / "work"
+    (first,) = work.iterdir()
+    older = work / first.name.rsplit("-", 2)[0]  # as an evolora before 2026-12-04 named it
+    other = work / "from-v0-0123456789ab-holdout0.1-all"  # another batch's update, killed: kept
+    for folder in (older, other):
+        (folder / "stage-4").mkdir(parents=True)
     v = update_run(root, batches["b1"], overrides=["update.min_gain=-1.0", "update.max_holdout=5"]).version
     assert v.gate["holdout_samples"] == 5 and v.gate["max_holdout"] == 5 and v.gate["promote"]
+    # The first attempt's work can never be used again (the batch is applied to v0): it is gone.
+    assert sorted(work.iterdir()) == sorted([(root / v.folder).parent, other])
     # A finished update run again with other gate settings changes nothing, and says so.
     again = update_run(root, batches["b1"], overrides=["update.min_gain=5"])
     assert again.already_applied and again.version.id == v.id

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,7 @@ def update_run(
 def _update(
     cfg: RunConfig, root: Path, results: dict[str, Any], registry: Versions, data_file: Path, given: set[str]
 ) -> UpdateOutcome:
+    _remove_superseded_work(registry)
     parent = registry.current
     batch = _read_batch(cfg, data_file)
     digest = data_digest(batch)["sha256"]
@@ -204,8 +206,32 @@ def _update(
         promoted_at_creation=gate["promote"],
     )
     registry.add(version, promote=gate["promote"])
+    _remove_superseded_work(registry)  # this batch's attempts with other gate settings
     _track_gate(cfg, root, results, version)
     return UpdateOutcome(version, gate["promote"])
+
+
+def _remove_superseded_work(registry: Versions) -> None:
+    """Delete the work folders no update can use again: those of a (parent version, batch) pair that a
+    recorded version answers (a rerun of that batch on that parent is told "applied before"), but its own.
+
+    They are left by updates killed and then rerun with other gate settings (the work folder's name holds
+    them) or by an evolora that named work folders otherwise; each holds a stage's adapters and checkpoints.
+    Called under the update lock; a removal cut short is finished by the next update."""
+    work = registry.folder / "work"
+    if not work.is_dir():
+        return
+    answered = {
+        (v.parent, str(v.data.get("sha256", ""))[:12]) for v in registry.versions if v.parent is not None
+    }
+    kept = {(registry.root / v.folder).parent.resolve() for v in registry.versions}
+    for folder in sorted(work.iterdir()):
+        parts = folder.name.split("-")  # from-v<parent>-<digest[:12]>[-<gate settings>]
+        if len(parts) < 3 or parts[0] != "from" or not parts[1][1:].isdigit() or folder.resolve() in kept:
+            continue
+        if (int(parts[1][1:]), parts[2]) in answered:
+            log.info("removing %s: an update of the same batch on the same version is recorded", folder)
+            shutil.rmtree(folder)
 
 
 def _track_gate(cfg: RunConfig, root: Path, results: dict[str, Any], version: Version) -> None:
