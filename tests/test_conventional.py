@@ -134,6 +134,26 @@ def test_pop_ranks_items_by_how_often_they_were_the_next_item(arrivals_dir: Path
 # --------------------------------------------------------------------------------------------- ranking
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (EVOLORA_TEST_CUDA=1)")
+@pytest.mark.parametrize("model", ["mf", "sasrec"])
+def test_cuda_full_ranking_with_cold_items_equals_the_cpus(
+    model: str, arrivals_dir: Path, tmp_path: Path
+) -> None:
+    """Evaluation mode gives the cold items one score by copying a column onto others: on CUDA that copy must
+    not read the tensor it writes."""
+    over = {"task.name": "next_item", "task.history_len": 6, "task.template": "peso"}
+    lm, task, prepared = build(config(arrivals_dir, tmp_path, model, **over))
+    task.before_stage(lm, 1)
+    fit(lm, task, prepared.pools[1].train[:80], epochs=5)  # a few items trained, most cold
+    on_gpu, gpu_task, _ = build(config(arrivals_dir, tmp_path, model, **over, **{"model.device": "cuda"}))
+    gpu_task.before_stage(on_gpu, 1)
+    on_gpu.model.load_state_dict(lm.model.state_dict())
+    rows = prepared.pools[2].test[:20]
+    assert bool(lm.model.items.cold(task.space.items_known(2))[1:].any())
+    cpu, gpu = task.predict(lm, rows, batch_size=5), gpu_task.predict(on_gpu, rows, batch_size=5)
+    np.testing.assert_array_equal(cpu.items, gpu.items)
+
+
 @pytest.mark.parametrize("model", ["mf", "sasrec", "two_tower"])
 def test_full_ranking_matches_brute_force(model: str, arrivals_dir: Path, tmp_path: Path) -> None:
     over = {"task.name": "next_item", "task.history_len": 6, "task.template": "peso"}

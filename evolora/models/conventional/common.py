@@ -346,7 +346,8 @@ class ConventionalModel(nn.Module):
             cold[0] = False
             if cold.any():
                 first = int(torch.nonzero(cold)[0])
-                scores[:, cold] = scores[:, first : first + 1]
+                # a copy: CUDA refuses a write whose source is a view of the written tensor
+                scores[:, cold] = scores[:, first : first + 1].clone()
         return scores
 
 
