@@ -47,13 +47,15 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/next_item.json")
+    ap.add_argument("--model", help="the backbone (default: the config's model.name)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from evolora.config import load_config
     from evolora.experiment import build_model_and_task, prepare_data
 
-    cfg = load_config(args.config, ["output_dir=runs", f"model.precision={args.precision}"])
+    sets = ["output_dir=runs", f"model.precision={args.precision}"]
+    cfg = load_config(args.config, sets + ([f"model.name={args.model}"] if args.model else []))
     prepared = prepare_data(cfg)
     lm, task = build_model_and_task(cfg, prepared)
     rng = np.random.default_rng(0)

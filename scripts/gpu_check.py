@@ -1,19 +1,21 @@
 """Check evolora on a CUDA GPU in a few minutes, unattended, and record what happened in one JSON file.
 
-    python scripts/gpu_check.py [--out benchmarks/results/gpu_check.json] [--budget 450]
+    python scripts/gpu_check.py [--out benchmarks/results/gpu_check.json] [--budget 450] [--model NAME]
 
 Without a CUDA GPU it says so and exits 0. With one it runs, each step under what is left of `--budget`
 seconds:
 
 1. the tests marked `cuda` (`pytest -m cuda`), when the suite has any;
-2. the tests that need CUDA (`tests/test_memory_options.py -k cuda`: fp16 with loss scaling, QLoRA);
+2. the tests that need CUDA (`EVOLORA_TEST_CUDA=1 pytest tests -k test_cuda_`: fp16 with loss scaling,
+   QLoRA, a conventional model's full ranking);
 3. the quickstart in bf16 with a larger budget (1024 samples at D1, 128 later), and its per-stage AUC;
 4. `benchmarks/bench_ctr.py` and `benchmarks/bench_next_item.py` with short settings.
 
 A failed step is recorded (exit status, the end of its output) and the next one runs; the JSON is rewritten
 after every step, so an interrupted check still leaves what it measured. The exit status is 0 when every
 step passed or was skipped, 1 otherwise. The steps need the quickstart's data and model (ML-100K and
-SmolLM2-135M-Instruct): on a machine without internet, point `$EVOLORA_CACHE` at a cache that has them.
+SmolLM2-135M-Instruct): on a machine without internet, point `$EVOLORA_CACHE` at a cache that has them, or
+give `--model` another model (a local folder), which the quickstart and both benchmarks then use.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class Check:
                 "status": "failed",
                 "error": f"timed out after {timeout:.0f}s",
                 "stdout": _text(e.stdout),
+                "stderr": _text(e.stderr),  # progress and log lines: how far it got
             }
         except OSError as e:
             entry = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
@@ -152,13 +155,14 @@ def marked_cuda_tests(check: Check) -> dict[str, Any]:
     return check.run("cuda_marked_tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda"], cap=150)
 
 
-def quickstart(check: Check, scratch: Path) -> dict[str, Any]:
+def quickstart(check: Check, scratch: Path, model: str | None) -> dict[str, Any]:
     """The quickstart in bf16 with a larger budget; per strategy, the AUC of every evaluated stage."""
     sets = [
         "train.samples_per_stage=[1024,128]",
         "name=gpu-quickstart",
         f"output_dir={scratch / 'runs'}",
         "model.precision=bf16",
+        *([f"model.name={model}"] if model else []),
     ]
     cmd = [*evolora_cli(), "run", "configs/quickstart.yaml", *[a for s in sets for a in ("--set", s)]]
     entry = check.run("quickstart", cmd, cap=240)
@@ -195,6 +199,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for all the steps together")
+    ap.add_argument("--model", help="the backbone of the quickstart and the benchmarks (default: theirs)")
     args = ap.parse_args()
 
     try:
@@ -208,16 +213,19 @@ def main() -> int:
 
     check = Check(Path(args.out), args.budget)
     check.record["environment"] = environment()
+    check.record["model"] = args.model or "each step's default"
     check.write()
     scratch = Path(tempfile.mkdtemp(prefix="evolora-gpu-check-"))
     try:
         check.store("cuda_marked_tests", marked_cuda_tests(check))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_memory_options.py", "-k", "cuda"]
-        check.store("cuda_tests", check.run("cuda_tests", cmd, cap=150))
-        check.store("quickstart", quickstart(check, scratch))
-        ctr_args = ["--samples", "32", "--batch", "8"]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests", "-k", "cuda_"]
+        cuda = {"EVOLORA_TEST_CUDA": "1"}  # the suite hides the GPU otherwise (tests/conftest.py)
+        check.store("cuda_tests", check.run("cuda_tests", cmd, cap=150, env=cuda))
+        check.store("quickstart", quickstart(check, scratch, args.model))
+        model_args = ["--model", args.model] if args.model else []
+        ctr_args = ["--samples", "32", "--batch", "8", *model_args]
         check.store("bench_ctr", benchmark(check, "bench_ctr", "benchmarks/bench_ctr.py", ctr_args, scratch))
-        next_args = ["--users", "8", "--batch", "8"]
+        next_args = ["--users", "8", "--batch", "8", *model_args]
         if not PESO_DATA.is_dir():  # PESO's CDs & Vinyl release is not here: ML-100K with RQ-VAE IDs
             next_args += ["--config", "configs/next-item-ml100k.yaml"]
         check.store(

@@ -1,6 +1,16 @@
-"""Every test runs offline with its own cache folder."""
+"""Every test runs offline with its own cache folder, and on the CPU.
+
+The suite's numbers, devices and timings are those of CI's CPUs, so a GPU is hidden from it (and from the
+commands it starts) unless `EVOLORA_TEST_CUDA=1`: the CUDA tests (`test_cuda_*`) need that, and
+`make gpu-check` sets it to run them.
+"""
 
 from __future__ import annotations
+
+import os
+
+if os.environ.get("EVOLORA_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
 
 from pathlib import Path
 

@@ -1,7 +1,7 @@
 """Memory options: gradient checkpointing, fp16 with loss scaling, QLoRA (quantization) and their checks.
 
-The CUDA tests (named `test_cuda_*`) run only where a CUDA GPU is (and, for QLoRA, bitsandbytes);
-`scripts/gpu_check.py` runs them there.
+The CUDA tests (named `test_cuda_*`) run only where a CUDA GPU is (and, for QLoRA, bitsandbytes), with
+`EVOLORA_TEST_CUDA=1` (the suite hides the GPU otherwise); `scripts/gpu_check.py` runs them there.
 """
 
 from __future__ import annotations
