@@ -9,7 +9,8 @@ seconds:
 2. the tests that need CUDA (`EVOLORA_TEST_CUDA=1 pytest tests -k test_cuda_`: fp16 with loss scaling,
    QLoRA, a conventional model's full ranking);
 3. the quickstart in bf16 with a larger budget (1024 samples at D1, 128 later), and its per-stage AUC;
-4. `benchmarks/bench_ctr.py` and `benchmarks/bench_next_item.py` with short settings.
+4. `benchmarks/profile_train_step.py`: a CTR training step timed and profiled on the GPU;
+5. `benchmarks/bench_ctr.py` and `benchmarks/bench_next_item.py` with short settings.
 
 A failed step is recorded (exit status, the end of its output) and the next one runs; the JSON is rewritten
 after every step, so an interrupted check still leaves what it measured. The exit status is 0 when every
@@ -223,6 +224,11 @@ def main() -> int:
         check.store("cuda_tests", check.run("cuda_tests", cmd, cap=150, env=cuda))
         check.store("quickstart", quickstart(check, scratch, args.model))
         model_args = ["--model", args.model] if args.model else []
+        profile = ["--steps", "10", *model_args]  # why a step takes what it takes (first GPU run: ~250 ms)
+        check.store(
+            "profile_train_step",
+            benchmark(check, "profile_train_step", "benchmarks/profile_train_step.py", profile, scratch),
+        )
         ctr_args = ["--samples", "32", "--batch", "8", *model_args]
         check.store("bench_ctr", benchmark(check, "bench_ctr", "benchmarks/bench_ctr.py", ctr_args, scratch))
         next_args = ["--users", "8", "--batch", "8", *model_args]
