@@ -49,6 +49,7 @@ from evolora.queries import (
     item_list,
     list_of,
     locate_run,
+    no_model_after,
     number_of,
     query_of,
 )
@@ -101,19 +102,6 @@ def report(
     if baseline is not None and not isinstance(baseline, str):
         raise EvoloraError(f"report(baseline=...): a method's label, not {baseline!r}")
     return compose_report([Path(p) for p in folders], names, baseline, options=("metrics=", "baseline="))
-
-
-def _no_stage(seed_dir: Path, t: int, trained: list[int], registry: Versions, protocol: str) -> str:
-    """Why there is no model after stage `t`, and what to ask for instead."""
-    why = f"{seed_dir}: no model after stage {t}: the run trained stages {trained or 'none'}"
-    deployed = [v.id for v in registry.versions if v.stage == t and v.id > 0]
-    if deployed:
-        return (
-            f"{why}; stage {t} was trained by an update: ask for its version {deployed} (--version, version=)"
-        )
-    if trained and t == max(trained) + 1 and protocol == "next_stage":
-        return f"{why} (next_stage only evaluates the last stage; its data trains the next update's model)"
-    return why
 
 
 class Recommender:
@@ -191,7 +179,10 @@ class Recommender:
                 return cls._load_version(cfg, root, results, chosen)
         t = stage if stage is not None else max(trained, default=0)
         if t not in trained:
-            raise ConfigError(_no_stage(seed_dir, t, trained, registry, cfg.protocol))
+            deployed = [v.id for v in registry.versions if v.stage == t and v.id > 0]
+            raise ConfigError(no_model_after(seed_dir, t, results, cfg.protocol, deployed))
+        if stage is None and not results.get("complete", True):
+            log.warning("%s has not finished its stages: this is its model after stage %d", seed_dir, t)
         if not is_trained(seed_dir / f"stage-{t}"):
             raise ConfigError(f"{seed_dir}: stage {t} has not finished (finished: {trained or 'none'})")
         if not (bundle_dir(root) / "bundle.json").is_file():

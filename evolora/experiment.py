@@ -62,6 +62,7 @@ from evolora.models.precision import (
     resolve_precision,
 )
 from evolora.models.weights import load_pretrained
+from evolora.queries import no_model_after
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
 from evolora.tracking import Tracker, check_tracking, tracker_for
@@ -567,7 +568,7 @@ def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared,
     trained = [s["train_stage"] for s in results["stages"]]
     t = stage if stage is not None else max(trained, default=0)
     if t not in trained or not is_trained(run_dir / f"stage-{t}"):
-        raise ConfigError(f"{run_dir}: stage {t} has not finished (finished: {trained or 'none'})")
+        raise ConfigError(no_model_after(run_dir, t, results, cfg.protocol))
     spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
     prepared = prepare_data(cfg)
     lm, task = build_model_and_task(cfg, prepared)

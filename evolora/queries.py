@@ -115,6 +115,31 @@ def history_pairs(history: History, liked: float) -> list[tuple[str, float]]:
     return [history_entry(h, liked) for h in history]
 
 
+def no_model_after(
+    seed_dir: Path, t: int, results: dict[str, Any], protocol: str, deployed: Iterable[int] = ()
+) -> str:
+    """Why a run (its `results.json`) has no model after stage `t`, and what to ask for instead; `deployed`:
+    the versions an update trained on stage `t`."""
+    from evolora.data.samples import train_stages
+
+    trained = [s["train_stage"] for s in results["stages"]]
+    why = f"{seed_dir}: no model after stage {t}: the run trained stages {trained or 'none'}"
+    if deployed := list(deployed):
+        return (
+            f"{why}; stage {t} was trained by an update: ask for its version {deployed} "
+            + "(--version, version=)"
+        )
+    planned = train_stages(protocol, int(results.get("n_stages", 0)))
+    if t in planned and not results.get("complete", True):
+        return (
+            f"{why} of {planned}: it has not finished (rerun its experiment to continue), or ask for a "
+            "trained stage"
+        )
+    if trained and t == max(trained) + 1 and protocol == "next_stage":
+        return f"{why} (next_stage only evaluates the last stage; its data trains the next update's model)"
+    return why
+
+
 def locate_run(path: Path, method: str | None, seed: int | None) -> tuple[Path, Path]:
     """(the run's seed folder, the experiment folder) from either of them.
 

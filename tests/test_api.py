@@ -295,6 +295,24 @@ def test_queries_of_the_wrong_shape_are_one_line_errors(ctr_run) -> None:
         evolora.Recommender.load(root, method="finetune", stage=3)
 
 
+def test_an_unfinished_run_says_so(ctr_run, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run stopped after stage 1 of [1, 2]: stage 2 is missing because the run has not finished."""
+    import json
+    import shutil
+
+    cfg, _ = ctr_run
+    root = tmp_path / cfg.name
+    shutil.copytree(Path(cfg.output_dir) / cfg.name, root)
+    path = root / "finetune" / "seed0" / "results.json"
+    results = json.loads(path.read_text())
+    path.write_text(json.dumps({**results, "stages": results["stages"][:1], "complete": False}))
+    with pytest.raises(ConfigError, match=r"trained stages \[1\] of \[1, 2\]: it has not finished"):
+        evolora.Recommender.load(root, method="finetune", stage=2)
+    with caplog.at_level("WARNING", logger="evolora"):
+        assert evolora.Recommender.load(root, method="finetune").stage == 1
+    assert "has not finished its stages: this is its model after stage 1" in caplog.text
+
+
 def test_the_recommend_command(ctr_run) -> None:
     import json
 
