@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from evolora.continual.base import PlainLora
 from evolora.errors import EvoloraError
 from evolora.io import atomic_directory, check_replaceable
 from evolora.models.llm import LoraLM
+from evolora.models.weights import cached_copy, load_pretrained
 
 log = logging.getLogger("evolora")
 
@@ -51,10 +53,12 @@ def export_run(
     seed: int | None = None,
     stage: int | None = None,
     merge: bool = False,
+    version: int | None = None,
 ) -> Path:
-    """Write the model of `method` after `stage` into `out` (replaced atomically); returns `out`."""
+    """Write the model of `method` after `stage` (or a deployed run's `version`; default: the promoted
+    version, else the last stage) into `out` (replaced atomically); returns `out`."""
     out = check_replaceable(out, "evolora_export.json", "export")  # before the minutes of loading
-    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage)
+    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version)
     try:
         strategy = rec.strategy
         lm = strategy.lm
@@ -72,17 +76,18 @@ def export_run(
         with atomic_directory(out) as folder:
             lm.tokenizer.save_pretrained(folder)
             (folder / "items.json").write_text(json.dumps(_item_map(rec), indent=1, ensure_ascii=False))
+            base = _Base.of(rec.cfg.model.name, rec.cfg.model.revision)
             if merge:
-                _write_merged(lm, rec.cfg.model.name, adapters["default"], folder)
+                _write_merged(lm, base, adapters["default"], folder)
             else:
                 for name, plain in adapters.items():
                     sub = folder / ("adapter" if len(adapters) == 1 else name)
-                    _write_adapter(lm, rec.cfg.model.name, plain, sub)
-            manifest = _manifest(rec, adapters, info, merge)
+                    _write_adapter(lm, base, plain, sub)
+            manifest = _manifest(rec, adapters, info, merge, base)
             if manifest["prompt"].get("retrieve_from") is not None:
                 _write_item_vectors(rec.strategy.task.item_vectors, folder)  # type: ignore[attr-defined]
             (folder / "evolora_export.json").write_text(json.dumps(manifest, indent=2))
-            readme = _readme(rec, out, merge, adapters, bool(lm.new_token_ids))
+            readme = _readme(rec, out, merge, adapters, bool(lm.new_token_ids), base)
             (folder / "README.md").write_text(readme)
         log.info("exported %s (stage %d) to %s", rec.method, rec.stage, out)
         return out
@@ -91,6 +96,27 @@ def export_run(
 
 
 # ------------------------------------------------------------------------------------------ writing
+@dataclass(frozen=True)
+class _Base:
+    """The base model an export builds on: what to load (`load`: a hub id or a folder) and at which
+    `revision`; `converted`: the load is evolora's copy converted from the default model's GGUF, whose
+    weights the run used and which are close to but not the hub's."""
+
+    name: str
+    revision: str | None
+    load: str
+    converted: bool
+
+    @classmethod
+    def of(cls, name: str, revision: str | None) -> _Base:
+        copy = cached_copy(name)
+        return cls(name, None if copy else revision, str(copy or name), copy is not None)
+
+    def code(self) -> str:
+        """The arguments of `from_pretrained` that load it."""
+        return repr(self.load) + (f", revision={self.revision!r}" if self.revision else "")
+
+
 def _token_rows(lm: LoraLM, adapter: str) -> dict[str, torch.Tensor] | None:
     """The added tokens' rows of one adapter: input embeddings, and output ones (the same when tied)."""
     if not lm.new_token_ids:
@@ -105,7 +131,7 @@ def _token_rows(lm: LoraLM, adapter: str) -> dict[str, torch.Tensor] | None:
     return {k: v.contiguous().clone() for k, v in rows.items()}
 
 
-def _write_adapter(lm: LoraLM, base: str, plain: PlainLora, folder: Path) -> None:
+def _write_adapter(lm: LoraLM, base: _Base, plain: PlainLora, folder: Path) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from safetensors.torch import save_file
 
@@ -118,7 +144,8 @@ def _write_adapter(lm: LoraLM, base: str, plain: PlainLora, folder: Path) -> Non
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=base,
+        base_model_name_or_path=base.load,
+        revision=base.revision,
     ).to_dict()
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, default=list))
     state = {}
@@ -131,12 +158,10 @@ def _write_adapter(lm: LoraLM, base: str, plain: PlainLora, folder: Path) -> Non
         save_file(rows, str(folder / "new_embeddings.safetensors"), metadata={"format": "pt"})
 
 
-def _write_merged(lm: LoraLM, base_name: str, plain: PlainLora, folder: Path) -> None:
-    """A fresh copy of the base model with the adapter's update added to its weights and the added tokens'
-    rows in its embeddings."""
-    from evolora.models.weights import load_pretrained
-
-    base, _ = load_pretrained(base_name, torch.float32)
+def _write_merged(lm: LoraLM, weights: _Base, plain: PlainLora, folder: Path) -> None:
+    """A fresh copy of the base model (the run's weights, at its revision) with the adapter's update added
+    to its weights and the added tokens' rows in its embeddings."""
+    base, _ = load_pretrained(weights.name, torch.float32, weights.revision)
     base.resize_token_embeddings(len(lm.tokenizer), mean_resizing=False)
     modules = dict(base.named_modules())
     with torch.no_grad():
@@ -170,7 +195,9 @@ def _item_map(rec: Recommender) -> dict[str, Any]:
     return dict(rec._titles)
 
 
-def _manifest(rec: Recommender, adapters: dict[str, PlainLora], info: dict, merge: bool) -> dict[str, Any]:
+def _manifest(
+    rec: Recommender, adapters: dict[str, PlainLora], info: dict, merge: bool, base: _Base
+) -> dict[str, Any]:
     task = rec.strategy.task
     manifest: dict[str, Any] = {
         "method": rec.method,
@@ -178,6 +205,8 @@ def _manifest(rec: Recommender, adapters: dict[str, PlainLora], info: dict, merg
         "stage": rec.stage,
         "task": rec.task_name,
         "base_model": rec.cfg.model.name,
+        "base_revision": base.revision,
+        "base_weights": base.load,  # the folder or hub id the run's base weights load from
         "merged": merge,
         "adapters": {name: {"rank": p.rank, "scaling": p.scaling} for name, p in adapters.items()},
         **info,
@@ -192,22 +221,33 @@ def _manifest(rec: Recommender, adapters: dict[str, PlainLora], info: dict, merg
 
 
 def _readme(
-    rec: Recommender, out: Path, merge: bool, adapters: dict[str, PlainLora], new_tokens: bool
+    rec: Recommender, out: Path, merge: bool, adapters: dict[str, PlainLora], new_tokens: bool, base: _Base
 ) -> str:
     """How to load the folder with transformers and PEFT alone (tests run this code)."""
     head = f"# {rec.method}, after stage {rec.stage} ({rec.task_name})\n\n"
-    head += f"Exported by evolora from `{rec.seed_dir}`."
+    head += f"Exported by evolora from `{rec.seed_dir.resolve()}`."
     prompting = (
         "How to prompt it: `evolora_export.json` (`prompt`: template, fields, tokenizing, answer) and "
         "`items.json`."
     )
+    folder = repr(str(out))  # a Python literal whatever the path holds
+
+    def inside(*parts: str) -> str:
+        return repr(str(out.joinpath(*parts)))
+
     if merge:
         return (
             f"{head} A merged model, loaded with transformers alone:\n\n```python\nimport torch\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f'tok = AutoTokenizer.from_pretrained("{out}")\n'
-            f'model = AutoModelForCausalLM.from_pretrained("{out}", dtype=torch.float32)\n'
+            f"tok = AutoTokenizer.from_pretrained({folder})\n"
+            f"model = AutoModelForCausalLM.from_pretrained({folder}, dtype=torch.float32)\n"
             f"```\n\n{prompting}\n"
+        )
+    if base.converted:
+        head += (
+            f" Its base weights are evolora's copy of {base.name}, converted from the model's GGUF file"
+            f" (`{base.load}`): close to, not the same as, the hub's, so the code loads that folder; export"
+            " with `--merge` for a folder that carries the weights."
         )
     names = list(adapters) if len(adapters) > 1 else ["adapter"]
     lines = [
@@ -216,25 +256,25 @@ def _readme(
         *(["from safetensors.torch import load_file"] if new_tokens else []),
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'tok = AutoTokenizer.from_pretrained("{out}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{rec.cfg.model.name}", dtype=torch.float32)',
+        f"tok = AutoTokenizer.from_pretrained({folder})",
+        f"model = AutoModelForCausalLM.from_pretrained({base.code()}, dtype=torch.float32)",
         "model.resize_token_embeddings(len(tok), mean_resizing=False)",
     ]
     if new_tokens:  # the added tokens' trained rows
         lines += [
-            f'new = load_file("{out}/{names[0]}/new_embeddings.safetensors")',
+            f"new = load_file({inside(names[0], 'new_embeddings.safetensors')})",
             'n = new["input_embeddings"].shape[0]',
             "with torch.no_grad():",
             '    model.get_input_embeddings().weight[-n:] = new["input_embeddings"]',
             '    model.get_output_embeddings().weight[-n:] = new["output_embeddings"]',
         ]
     if len(names) == 1:
-        lines.append(f'model = PeftModel.from_pretrained(model, "{out}/adapter")')
+        lines.append(f"model = PeftModel.from_pretrained(model, {inside('adapter')})")
     else:
         lines.append(
-            f'model = PeftModel.from_pretrained(model, "{out}/{names[0]}", adapter_name="{names[0]}")'
+            f"model = PeftModel.from_pretrained(model, {inside(names[0])}, adapter_name={names[0]!r})"
         )
-        lines += [f'model.load_adapter("{out}/{name}", adapter_name="{name}")' for name in names[1:]]
+        lines += [f"model.load_adapter({inside(name)}, adapter_name={name!r})" for name in names[1:]]
         prompting += (
             f" {len(names)} adapters: score with each (`model.set_adapter(name)`) and mix the outputs with"
             " the weights of `ensemble` in evolora_export.json"

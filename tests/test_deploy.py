@@ -73,6 +73,14 @@ def test_update_promote_rollback_and_update_again(batches: dict[str, Path], tmp_
     assert evolora.Recommender.load(root, version=0).version == 0
     with pytest.raises(ConfigError, match=r"stage 3 was trained by an update: ask for its version \[1\]"):
         evolora.Recommender.load(root, stage=3)
+    for version, stage in [(None, 3), (0, 2), (1, 3)]:  # export takes the version the message names
+        out = tmp_path / f"export-{version}"
+        args = ["export", str(root), "--out", str(out)] + (
+            [] if version is None else ["--version", str(version)]
+        )
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "evolora_export.json").read_text())["stage"] == stage
 
     result = CliRunner().invoke(app, ["rollback", str(root), "0"])
     assert result.exit_code == 0, result.output

@@ -4,6 +4,7 @@ evolora) and gives the run's own scores."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -192,7 +193,7 @@ def test_strategies_without_one_adapter_say_what_to_do(sunny_dir: Path, tmp_path
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "e" / "evolora_export.json").read_text())
     assert set(manifest["adapters"]) == {"long", "short"} and sum(manifest["ensemble"].values()) == 1
-    assert 'model.load_adapter("' in (tmp_path / "e" / "README.md").read_text()
+    assert "model.load_adapter('" in (tmp_path / "e" / "README.md").read_text()
     # the history is retrieved by item vectors (task.retrieve_from): they are exported, one row per item
     assert manifest["prompt"]["retrieve_from"] == 8 and manifest["prompt"]["history_len"] == 4
     from safetensors.torch import load_file
@@ -216,3 +217,58 @@ def test_strategies_without_one_adapter_say_what_to_do(sunny_dir: Path, tmp_path
         app, ["export", root, "--method", "lsat", "--out", str(tmp_path / "m"), "--merge"]
     )
     assert result.exit_code == 2 and "without --merge" in result.output
+
+
+def test_an_export_builds_on_the_runs_own_base_weights(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`model.revision` travels into the merge, the adapter's config and the README; a path with quotes
+    stays valid Python in the README."""
+    import huggingface_hub.constants
+    from safetensors.torch import load_file
+
+    from evolora.models.tiny import build_tiny
+
+    hub, main, other = tmp_path / "hub", "a" * 40, "b" * 40
+    repo = hub / "models--team--tiny"
+    for sha, seed in [(main, 0), (other, 1)]:  # the same model at two revisions, weights apart
+        model, tok = build_tiny("llama", seed=seed)
+        model.save_pretrained(repo / "snapshots" / sha)
+        tok.save_pretrained(repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(main)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    over = {**SMALL, "model.name": "team/tiny", "model.revision": other, "strategies": "[finetune]"}
+    cfg = tiny_config(sunny_dir, tmp_path / "runs", **over)
+    run_experiment(cfg)
+    root = str(Path(cfg.output_dir) / cfg.name)
+    merged, plain = tmp_path / "merged", tmp_path / 'my "quoted" export'
+    for args in (["--merge", "--out", str(merged)], ["--out", str(plain)]):
+        result = CliRunner().invoke(app, ["export", root, *args])
+        assert result.exit_code == 0, result.output
+    embed = "model.embed_tokens.weight"  # not adapted by LoRA: the base's own rows
+    want = load_file(repo / "snapshots" / other / "model.safetensors")[embed]
+    assert load_file(merged / "model.safetensors")[embed].equal(want)
+    config = json.loads((plain / "adapter" / "adapter_config.json").read_text())
+    assert config["revision"] == other and config["base_model_name_or_path"] == "team/tiny"
+    assert json.loads((plain / "evolora_export.json").read_text())["base_revision"] == other
+    code = re.search(r"```python\n(.*?)```", (plain / "README.md").read_text(), re.S).group(1)
+    compile(code, "README", "exec")  # the quoted path is a valid literal
+    assert f"from_pretrained('team/tiny', revision='{other}'," in code
+
+
+def test_the_default_models_converted_copy_is_the_base_an_export_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, a run of the default model trains on evolora's copy converted from its GGUF, not the hub's
+    weights: the export's README loads that folder."""
+    from evolora.export import _Base
+    from evolora.models.weights import DEFAULT_MODEL
+
+    monkeypatch.setenv("EVOLORA_CACHE", str(tmp_path))
+    assert _Base.of(DEFAULT_MODEL, "main") == _Base(DEFAULT_MODEL, "main", DEFAULT_MODEL, False)
+    copy = tmp_path / "models" / DEFAULT_MODEL.replace("/", "--")
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text("{}")
+    base = _Base.of(DEFAULT_MODEL, None)
+    assert base.converted and base.code() == repr(str(copy))

@@ -199,6 +199,9 @@ def export(
     method: Method = None,
     seed: Seed = None,
     stage: Stage = None,
+    version: Annotated[
+        int | None, typer.Option(help="a deployed run's version; default: the promoted one")
+    ] = None,
     merge: Annotated[bool, typer.Option(help="write the base model with the adapter merged in")] = False,
 ) -> None:
     """A trained run as a folder transformers + PEFT load without evolora (tokenizer, item map, one plain
@@ -207,7 +210,7 @@ def export(
 
     _setup_logging(False)
     _quiet_libraries()
-    target = export_run(run_dir, out, method=method, seed=seed, stage=stage, merge=merge)
+    target = export_run(run_dir, out, method=method, seed=seed, stage=stage, merge=merge, version=version)
     console.print(f"exported to {target} (see {target / 'README.md'})")
 
 

@@ -198,6 +198,15 @@ def is_tiny(name: str) -> bool:
     return name == "tiny" or name.startswith("tiny-")
 
 
+def cached_copy(name: str) -> Path | None:
+    """The folder of evolora's own copy of `name` when `load_pretrained` reads that one (the default model
+    converted from its GGUF file, whose weights are close to but not the hub's), else None."""
+    if is_tiny(name) or Path(name).expanduser().is_dir():
+        return None
+    cached = cache_dir() / "models" / _safe_name(name)
+    return cached if (cached / "config.json").is_file() else None
+
+
 def load_pretrained(
     name: str,
     dtype: torch.dtype,
@@ -219,7 +228,7 @@ def load_pretrained(
     if Path(name).expanduser().is_dir():
         return _load_hf(Path(name).expanduser(), dtype, model_kw=model_kw)
     cached = cache_dir() / "models" / _safe_name(name)
-    if (cached / "config.json").is_file():
+    if cached_copy(name) is not None:
         return _load_hf(cached, dtype, model_kw=model_kw)
     errors: list[str] = []
     # The hub's own cache works offline; try it before deciding the hub is out of reach.
