@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from evolora.errors import ConfigError
 from evolora.models.llm import LoraLM
 from evolora.models.personalized import MetaLoRABank, PersonalizedLoRA
 from tests.helpers import tiny_model
@@ -118,3 +119,14 @@ def test_missing_route_is_an_error_and_export_is_a_peft_lora(lm: LoraLM, tmp_pat
     user_model = PeftModel.from_pretrained(base, str(tmp_path / "user"))
     with torch.no_grad():
         torch.testing.assert_close(user_model(input_ids=IDS[:1]).logits, expected, atol=1e-5, rtol=1e-4)
+    p.export(z[0], tmp_path / "user")  # an earlier user adapter is replaced
+    # A folder of PEFT's own files (a run's trained adapter, say) is not a user adapter: refused, kept.
+    adapter = tmp_path / "trained-adapter"
+    user_model.save_pretrained(adapter)
+    assert (adapter / "adapter_config.json").is_file()
+    with pytest.raises(ConfigError, match="not an earlier user adapter"):
+        p.export(z[0], adapter)
+    for bank in p.banks.values():
+        bank.combine = "products"
+    with pytest.raises(ConfigError, match="only `combine: factors` gives each user one rank-r LoRA"):
+        p.export(z[0], tmp_path / "products")

@@ -236,11 +236,15 @@ def export_user_adapter(
     from evolora.data.samples import eval_stage_of
     from evolora.errors import ConfigError
     from evolora.experiment import restore_run
+    from evolora.io import check_replaceable
+    from evolora.models.personalized import USER_ADAPTER_MARKER
     from evolora.queries import locate_run
 
     _setup_logging(False)
     _quiet_libraries()
     run_dir, _ = locate_run(run_dir, method, seed)
+    if out is not None:  # before the model is loaded
+        check_replaceable(out, USER_ADAPTER_MARKER, "user adapter")
     strategy, _, t = restore_run(run_dir, stage)
     try:
         if not hasattr(strategy, "export_for_user"):

@@ -30,7 +30,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from evolora.errors import ConfigError
 from evolora.models.llm import LoraLM
+
+# what marks a folder as an exported user adapter (which a new export may replace)
+USER_ADAPTER_MARKER = "evolora_user_adapter.json"
 
 
 class MetaLoRABank(nn.Module):
@@ -159,10 +163,13 @@ class PersonalizedLoRA(nn.Module):
 
         from evolora.io import atomic_directory, check_replaceable
 
-        path = check_replaceable(path, "adapter_config.json", "user adapter")
         any_bank = next(iter(self.banks.values()))
         if any_bank.combine != "factors":
-            raise ValueError("only `combine: factors` yields a rank-r LoRA per user")
+            raise ConfigError(
+                "this run's meta-LoRAs are combined as `products`: only `combine: factors` gives each user "
+                "one rank-r LoRA to export"
+            )
+        path = check_replaceable(path, USER_ADAPTER_MARKER, "user adapter")
         state = {}
         modules = set()
         was_training = self.training
@@ -190,6 +197,10 @@ class PersonalizedLoRA(nn.Module):
         with atomic_directory(path) as out:
             save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
             (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            # Its own mark: a run's adapter folders hold adapter_config.json too, and are never replaced.
+            (out / USER_ADAPTER_MARKER).write_text(
+                json.dumps({"base_model": self.lm.name, "rank": config["r"]})
+            )
 
 
 def _linear_of(module: nn.Module) -> nn.Module:
