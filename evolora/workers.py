@@ -81,7 +81,9 @@ def run_workers(target: Callable[..., None], per_worker: Sequence[tuple[Any, ...
     procs = []
     for i, args in enumerate(per_worker):
         label = f"worker {i + 1}/{n}"
-        p = ctx.Process(target=_entry, args=(target, label, args, messages, quiet), name=label, daemon=False)
+        p = ctx.Process(
+            target=_entry, args=(target, label, args, messages, quiet, os.getpid()), name=label, daemon=False
+        )
         p.start()
         procs.append((label, p))
     try:
@@ -157,11 +159,16 @@ def _adopt_output_settings(settings: dict[str, Any]) -> None:
 
 
 def _entry(
-    target: Callable[..., None], label: str, args: tuple[Any, ...], messages: Any, quiet: dict[str, Any]
+    target: Callable[..., None],
+    label: str,
+    args: tuple[Any, ...],
+    messages: Any,
+    quiet: dict[str, Any],
+    parent: int,
 ) -> None:
+    _stop_with_parent(parent)
     os.environ[WORKER_ENV] = label
     _adopt_output_settings(quiet)
-    _stop_with_parent()
     try:
         target(*args)
     except EvoloraError as e:
@@ -173,9 +180,12 @@ def _entry(
     messages.put((label, "ok", ""))
 
 
-def _stop_with_parent() -> None:
-    """Exit as soon as the parent process is gone (its lock on the experiment went with it)."""
-    parent = os.getppid()
+def _stop_with_parent(parent: int) -> None:
+    """Exit as soon as the parent process (pid `parent`, passed from it) is gone: its lock on the experiment
+    went with it. The pid comes from the parent because a parent killed while this process was still
+    importing (a spawned process's start takes seconds) has already left it to another: then it exits here."""
+    if os.getppid() != parent:
+        os._exit(3)
 
     def watch() -> None:
         while True:

@@ -207,3 +207,19 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_a_worker_whose_parent_died_while_it_started_exits_at_once() -> None:
+    """A parent killed while its spawned workers still import leaves them to another parent before they can
+    look: the pid they check is the one the parent passed, so they exit instead of running on unlocked."""
+    code = (
+        "import os, sys, time\n"
+        "from evolora.workers import _stop_with_parent\n"
+        "_stop_with_parent(os.getppid() + 1)  # not the parent it has now: the one that started it is gone\n"
+        "time.sleep(3)\n"
+        "print('still running')\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and "still running" not in done.stdout, done.stdout + done.stderr
+    assert time.monotonic() - started < 30
