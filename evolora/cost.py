@@ -105,6 +105,13 @@ def saved(seconds: float) -> None:
     _local.saved += float(seconds)
 
 
+def saved_total() -> float:
+    """The seconds `saved` has counted since the last `take` (the difference of two readings is what the
+    work between them saved)."""
+    _ledger()
+    return float(_local.saved)
+
+
 def mark() -> dict[str, dict[str, float]]:
     """The parts counted so far, copied: `since(mark())` is what was counted after this point."""
     return {k: dict(v) for k, v in _ledger().items()}

@@ -125,3 +125,24 @@ def test_a_kill_between_any_two_writes_of_a_stage_loses_nothing(
     assert restored.keys() == expected.keys()
     for key, tensor in expected.items():
         assert torch.equal(restored[key], tensor), key
+
+
+def test_a_stage_recorded_in_a_later_sitting_keeps_its_reuse_bookkeeping(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """Killed after a stage's predictions landed but before its record: the record written on the rerun says
+    what an uninterrupted run's says, reused shared predictions and what they saved included."""
+    import json
+
+    over = {"strategies": "[finetune, peso]", "train.samples_per_stage": 24, "eval.stages": "all"}
+    cfg = tiny_config(sunny_dir, tmp_path / "run", **over)
+    run_experiment(cfg)
+    record = run_dir_of(cfg, "peso", 0) / "stage-1" / "record.json"
+    before = json.loads(record.read_text())
+    assert before["reused_shared_predictions"] and before["matrix_reused"] > 0  # finetune scored them first
+    record.unlink()  # as if the run died just before writing it
+    run_experiment(cfg)
+    after = json.loads(record.read_text())
+    for key in ("reused_shared_predictions", "matrix_reused"):
+        assert after[key] == before[key], key
+    assert after["cost"]["saved_seconds"] == pytest.approx(before["cost"]["saved_seconds"], abs=2e-3)

@@ -333,16 +333,20 @@ class StageLoop:
     def _scored(self, f: Path, ctx: StageContext) -> tuple[Any, bool]:
         """The predictions on `ctx.eval_rows` that an earlier sitting wrote to `f` (what they cost joins this
         stage's), or computed now and written there with what they cost; True when they came from the shared
-        store."""
+        store. Whether they did, and the seconds that saved, are kept in `f` too: a stage record written in a
+        later sitting (the run was killed in between) says what an uninterrupted run says."""
         if f.is_file():
             with self._stage_files(ctx.stage):
                 arrays = load_npz(f)
             cost.carry(cost.from_arrays(arrays))
-            return self.task.load_predictions(arrays), False
+            cost.saved(float(arrays.get("saved_seconds", 0.0)))
+            return self.task.load_predictions(arrays), bool(arrays.get("from_store", False))
+        before = cost.saved_total()
         (preds, from_store), spent = cost.measured(lambda: self._predict(ctx), "evaluation")
         rows = ctx.eval_rows
         arrays = {**self.task.save_predictions(preds), "rows": rows, "truth": self.task.truth(rows)}
-        save_npz(f, {**arrays, **cost.to_arrays(spent)})
+        reuse = {"from_store": np.array(from_store), "saved_seconds": np.array(cost.saved_total() - before)}
+        save_npz(f, {**arrays, **cost.to_arrays(spent), **reuse})
         return preds, from_store
 
     def _predict(self, ctx: StageContext) -> tuple[np.ndarray, bool]:
