@@ -49,7 +49,14 @@ from evolora.data.digest import data_digest
 from evolora.data.loaders import detect_format
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.errors import ConfigError, EvoloraError
-from evolora.io import atomic_write_json, atomic_write_text, check_writable_folder, read_json, stable_hash
+from evolora.io import (
+    atomic_write_json,
+    atomic_write_text,
+    check_writable_folder,
+    read_json,
+    remove_stale_temporaries,
+    stable_hash,
+)
 from evolora.locks import exclusive
 from evolora.models.conventional import check_conventional, is_conventional
 from evolora.models.conventional.backbone import ConventionalBackbone
@@ -313,6 +320,8 @@ def run_experiment(
                 shutil.rmtree(root)
             else:
                 root.rename(replaced)
+        if parallel.writes():  # what killed writes left (updates under deploy/ hold locks of their own)
+            remove_stale_temporaries(root, keep=("deploy",))
         parallel.barrier()
         try:
             context_key = _check_experiment(root, cfg)

@@ -262,6 +262,28 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
                 shutil.rmtree(scratch, ignore_errors=True)
 
 
+def remove_stale_temporaries(folder: Path, keep: tuple[str, ...] = ()) -> int:
+    """Delete the `.<name>.<random>.tmp` files and folders that atomic writes under `folder` left when they
+    were killed (a temporary copy of an adapter or a bundle each); how many. Only for a caller that holds the
+    lock keeping every other writer out of `folder`: a live write's temporary looks the same. `keep`: the
+    names of subfolders of `folder` that other locks guard, left alone."""
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    pending = [p for p in folder.iterdir() if p.name not in keep]
+    while pending:
+        entry = pending.pop()
+        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed += 1
+        elif entry.is_dir() and not entry.is_symlink():
+            pending.extend(entry.iterdir())
+    return removed
+
+
 def _atomic_directory(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")

@@ -252,10 +252,13 @@ def test_an_update_resumed_with_other_holdout_settings_trains_its_own_candidate(
     other = work / "from-v0-0123456789ab-holdout0.1-all"  # another batch's update, killed: kept
     for folder in (older, other):
         (folder / "stage-4").mkdir(parents=True)
+    (registry_folder := work.parent / ".versions.json.x1y2.tmp").write_text("{")  # a killed write's leftover
+    (first / ".gate.json.k3m4.tmp").write_text("{")
     v = update_run(root, batches["b1"], overrides=["update.min_gain=-1.0", "update.max_holdout=5"]).version
     assert v.gate["holdout_samples"] == 5 and v.gate["max_holdout"] == 5 and v.gate["promote"]
     # The first attempt's work can never be used again (the batch is applied to v0): it is gone.
     assert sorted(work.iterdir()) == sorted([(root / v.folder).parent, other])
+    assert not registry_folder.exists() and not list(work.rglob(".*.tmp"))
     # A finished update run again with other gate settings changes nothing, and says so.
     again = update_run(root, batches["b1"], overrides=["update.min_gain=5"])
     assert again.already_applied and again.version.id == v.id

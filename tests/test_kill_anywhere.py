@@ -146,3 +146,20 @@ def test_a_stage_recorded_in_a_later_sitting_keeps_its_reuse_bookkeeping(
     for key in ("reused_shared_predictions", "matrix_reused"):
         assert after[key] == before[key], key
     assert after["cost"]["saved_seconds"] == pytest.approx(before["cost"]["saved_seconds"], abs=2e-3)
+
+
+def test_a_rerun_clears_what_killed_writes_left(sunny_dir: Path, tmp_path: Path) -> None:
+    """Atomic writes go through hidden `.<name>.<random>.tmp` siblings; a kill leaves them behind (an adapter
+    or a bundle each), and the rerun, holding the experiment's lock, deletes them. An update's folder is
+    guarded by the update's lock, not the experiment's: left alone."""
+    cfg = tiny_config(sunny_dir, tmp_path / "run", **{"strategies": "[finetune]"})
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    stale = [root / "finetune" / "seed0" / "stage-1" / ".record.json.k2j4.tmp", root / ".inference.x81q.tmp"]
+    stale[0].write_text("{")
+    (stale[1] / "items").mkdir(parents=True)
+    updating = root / "deploy" / "finetune-seed0" / ".versions.json.p0v1.tmp"
+    updating.parent.mkdir(parents=True)
+    updating.write_text("{")
+    run_experiment(cfg)
+    assert not any(p.exists() for p in stale) and updating.is_file()

@@ -215,6 +215,7 @@ class StageLoop:
                 info = self._job_info(job, stored, shared_key=key, reused=True)
                 log.info("stage %d, %s: reused a shared training result (%s)", ctx.stage, job.name, key[:8])
             else:
+                shared.remove_stale_temporaries(key)  # of this job, killed while being written
                 trainer = {"trained_by": worker_label(), "trained_for": self.run_id}
                 record = {**self._train(ctx, job).to_dict(), **trainer}
                 with atomic_directory(shared.job_dir(key)) as out:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ class SharedStore:
 
     def job_lock(self, key: str) -> Path:
         return self.root / "jobs" / f".{key}.lock"
+
+    def remove_stale_temporaries(self, key: str) -> None:
+        """Delete what a killed write of job `key` left (call holding its lock: no one else writes it)."""
+        for tmp in (self.root / "jobs").glob(f".{key}.*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def reuse_job(self, lm: Any, key: str, adapter: str) -> dict[str, Any] | None:
         """Load a stored training result into `adapter` and return its record; None when there is none. A

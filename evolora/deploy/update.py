@@ -53,7 +53,14 @@ from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DataError, EmptyStagesError
 from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.experiment import build_model_and_task, resolve_config
-from evolora.io import atomic_write_bytes, atomic_write_json, load_npz, read_json, save_npz
+from evolora.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    load_npz,
+    read_json,
+    remove_stale_temporaries,
+    save_npz,
+)
 from evolora.locks import exclusive
 from evolora.models.conventional import is_conventional
 from evolora.models.llm import set_threads
@@ -126,6 +133,7 @@ def _update(
     cfg: RunConfig, root: Path, results: dict[str, Any], registry: Versions, data_file: Path, given: set[str]
 ) -> UpdateOutcome:
     _remove_superseded_work(registry)
+    remove_stale_temporaries(registry.folder)  # left by killed updates; this one holds the update lock
     parent = registry.current
     batch = _read_batch(cfg, data_file)
     digest = data_digest(batch)["sha256"]
