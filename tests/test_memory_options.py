@@ -252,10 +252,11 @@ def test_gpu_check_records_every_failed_step_and_goes_on(
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
-    commands = []
+    commands, envs = [], []
 
     def failing(cmd, **kw):
         commands.append(cmd)
+        envs.append(kw.get("env") or {})
         return subprocess.CompletedProcess(cmd, 2, "", "boom")
 
     monkeypatch.setattr(gpu_check.subprocess, "run", failing)
@@ -267,8 +268,19 @@ def test_gpu_check_records_every_failed_step_and_goes_on(
     record = json.loads(out.read_text())
     assert record["environment"] == {"device": "fake"} and record["passed"] is False
     steps = record["steps"]
-    assert list(steps) == ["cuda_marked_tests", "cuda_tests", "quickstart", "bench_ctr", "bench_next_item"]
+    names = [
+        "cuda_marked_tests",
+        "cuda_tests",
+        "quickstart",
+        "profile_train_step",
+        "bench_ctr",
+        "bench_next_item",
+    ]
+    assert list(steps) == names
     assert all(s["status"] == "failed" for s in steps.values())
     assert steps["quickstart"]["auc_per_stage"] == {} and steps["bench_ctr"]["stderr"] == "boom"
     quickstart = next(c for c in commands if "run" in c and "configs/quickstart.yaml" in c)
     assert "train.samples_per_stage=[1024,128]" in quickstart and "name=gpu-quickstart" in quickstart
+    # The suite hides a GPU unless told (tests/conftest.py): the CUDA tests' command is told.
+    cuda_tests = next(i for i, c in enumerate(commands) if "pytest" in c and "cuda_" in c)
+    assert envs[cuda_tests].get("EVOLORA_TEST_CUDA") == "1" and envs[0].get("EVOLORA_TEST_CUDA") is None
