@@ -147,6 +147,24 @@ def test_bad_records(tmp_path: Path) -> None:
         load_peso_blocks(folder)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # json.load would keep the second "u1" and lose the first one's block without a word
+        ('{"u1": {"previous_block": [], "current_block": ["10"]}, "u1": {"previous_block": [], '
+         '"current_block": ["11"]}}', "'u1' appears twice in one JSON object"),
+        ('{"": {"previous_block": [], "current_block": ["10"]}}', "an empty user id"),
+        ('{"u1": {"previous_block": [], "current_block": [true, "10"]}}', "current_block should be a list"),
+        ('{"u1": {"previous_block": [], "current_block": [" "]}}', "current_block should be a list"),
+    ],
+)  # fmt: skip
+def test_block_records_that_would_lose_or_invent_rows(tmp_path: Path, text: str, message: str) -> None:
+    folder = write_peso(tmp_path / "peso")
+    (folder / f"{KEY}.all.block_0.json").write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_peso_blocks(folder)
+
+
 def test_preset_staging(tmp_path: Path) -> None:
     data = load_peso_blocks(write_peso(tmp_path / "peso"))
     staged = assign_stages(data.interactions, StagingConfig(scheme="preset"), data.preset_stages)

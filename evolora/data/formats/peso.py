@@ -9,6 +9,7 @@ import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -138,18 +139,34 @@ def load_peso_blocks(folder: str | Path, key: str | None = None) -> InteractionD
 
 def _peso_block_records(path: Path) -> Iterator[tuple[str, list[str], list[str]]]:
     """(user, previous_block, current_block) per user, in file order, with ids as strings."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        # json.load keeps the last of repeated keys: a user given twice would lose a block of interactions.
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise DataError(
+                    f"{path}: {key!r} appears twice in one JSON object (each user, each field once)"
+                )
+            out[key] = value
+        return out
+
     try:
         with open(path, "rb") as f:
-            raw = json.load(f)
+            raw = json.load(f, object_pairs_hook=unique)
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read the JSON file ({e})"[:400]) from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected a JSON object of users, found {type(raw).__name__}")
     for user, record in raw.items():
+        if not user.strip():
+            raise DataError(f"{path}: an empty user id")
         lists = []
         for field in ("previous_block", "current_block"):
             value = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(value, list) or not all(isinstance(x, str | int) for x in value):
+            ids = value if isinstance(value, list) else [None]
+            # JSON true/false are not ids (Python would take them for ints); nor is empty text
+            if not all(isinstance(x, str | int) and not isinstance(x, bool) and str(x).strip() for x in ids):
                 raise DataError(
                     f"{path}: user {user!r}: {field} should be a list of item ids, found {value!r}"[:300]
                 )
