@@ -365,7 +365,12 @@ def _stage_cell(column: str, value: Any, synthetic_time: bool) -> str:
 def _date(ts: int | None) -> str:
     import datetime as dt
 
-    return "–" if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
+    if ts is None:
+        return "–"
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
+    except (OverflowError, OSError, ValueError):  # past the calendar: the loaders refuse such times
+        return "out of range"
 
 
 # The commands about trained runs (recommend, export, update, versions, rollback, serve) register themselves.

@@ -15,6 +15,7 @@ import polars as pl
 
 from evolora.data.readers import truncation_hint
 from evolora.data.schema import ITEM_OPTIONAL, InteractionData, sort_interactions
+from evolora.data.times import EPOCH_UNITS, LAST_SECOND, SECONDS_PER_YEAR, unit_that_fits
 from evolora.errors import DataError
 
 log = logging.getLogger("evolora.data")
@@ -68,6 +69,24 @@ def _unescape(text: str) -> str:
     return _ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
 
 
+def _check_calendar(inter: pl.DataFrame, path: Path, unit: str) -> None:
+    """A time past the year 9999 is not a time in the format's unit (epoch milliseconds read as seconds
+    land tens of thousands of years ahead); the format's reader does not know the calendar, this does."""
+    late = inter["timestamp"] > LAST_SECOND
+    if not late.any():
+        return
+    i = int(late.arg_max())  # type: ignore[arg-type]
+    value = int(inter["timestamp"][i])
+    year = 1970 + value // SECONDS_PER_YEAR
+    fits = unit_that_fits(value, "s")
+    hint = f"; it looks like {EPOCH_UNITS[fits][1]}" if fits else ""
+    many = f"; {int(late.sum())} {unit}s have such times" if late.sum() > 1 else ""
+    raise DataError(
+        f"{path} {unit} {inter['_line'][i]}: timestamp {value} (epoch seconds, as this format's times are "
+        f"read) is in the year {year}, past the calendar{hint}{many}"
+    )
+
+
 def finish(
     name: str,
     source: Path,
@@ -95,6 +114,7 @@ def finish(
         item_id=pl.col("item_id").cast(pl.Utf8).str.strip_chars(),
     )
     items = items.with_columns(pl.col("item_id").cast(pl.Utf8).str.strip_chars())
+    _check_calendar(inter, inter_file, unit)
     for df, col, path in (
         (inter, "user_id", inter_file),
         (inter, "item_id", inter_file),

@@ -299,6 +299,7 @@ def _parse_lines(
     """`_parse_chunk`'s careful path: one record at a time, applying the text-encoding policy."""
     cols: dict[str, list[Any]] = {k: [] for k in fields}
     replaced: list[int] = []
+    as_json: dict[str, list[int]] = {}  # text fields holding another JSON value: positions, written below
     for n, line in numbered:
         try:
             decoded, bad = line.decode("utf-8"), None
@@ -313,8 +314,20 @@ def _parse_lines(
                 raise DataError(f"{path} line {n}: field {not_text[0]!r} is not valid utf-8 ({bad})")
             replaced.append(n)
         for k, v in values.items():
+            if fields[k] == "str" and v is not None and not isinstance(v, str):
+                as_json.setdefault(k, []).append(len(cols[k]))
             cols[k].append(v)
+    for k, where in as_json.items():
+        for i, written in zip(where, _as_polars_text([cols[k][i] for i in where]), strict=True):
+            cols[k][i] = written
     return pl.DataFrame(cols, schema=schema), replaced
+
+
+def _as_polars_text(values: list[Any]) -> list[str]:
+    """JSON values (numbers, booleans, ...) as the text the fast path's polars writes for them in a text
+    column (1.0 as "1", 1e-7 as "0.0000001"): an id must read the same whichever path read its chunk."""
+    lines = b"\n".join(json.dumps({"v": v}).encode() for v in values)
+    return pl.read_ndjson(io.BytesIO(lines), schema={"v": pl.Utf8})["v"].to_list()
 
 
 def _has_replacement(value: Any) -> bool:
@@ -349,8 +362,8 @@ def coerce(value: Any, kind: str, path: Path, n: int, field: str) -> Any:
         if isinstance(value, list):
             return [x if isinstance(x, str) else json.dumps(x) for x in value if x is not None]
     elif kind == "str":
-        # As polars does: any other JSON value becomes its JSON text.
-        return value if isinstance(value, str) else json.dumps(value)
+        # Any other JSON value becomes text as polars writes it (`_parse_lines` converts them together).
+        return value
     elif isinstance(value, int | float | str) and not isinstance(value, bool):
         try:
             number = float(value)

@@ -389,3 +389,43 @@ def test_real_ml100k(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EVOLORA_DATA_MIRROR", str(REAL_ML100K.parent))
     fetched = load_dataset(DataConfig(source="ml-100k"))
     assert fetched.name == "ml-100k" and fetched.interactions.equals(data.interactions)
+
+
+def test_times_past_the_calendar_are_an_error_naming_the_line(tmp_path: Path) -> None:
+    """Epoch milliseconds in a format of epoch seconds land in the year 32971: the line is named, not used."""
+    folder = write_ml1m(tmp_path / "ml1m")
+    with open(folder / "ratings.dat", "a") as f:
+        f.write("3::1::4::978300500000\n")
+    with pytest.raises(DataError, match=r"ratings\.dat line 6: timestamp 978300500000 .* year 32971.*milli"):
+        load_dataset(DataConfig(source=str(folder)))
+
+
+def test_amazon_2023_times_in_seconds_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    reviews = [{"user_id": "U", "parent_asin": "P", "rating": 5.0, "timestamp": 1588687728}]
+    meta = [{"parent_asin": "P", "title": "Guitar"}]
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        load_amazon_2023(write_jsonl(tmp_path / "r.jsonl", reviews), write_jsonl(tmp_path / "m.jsonl", meta))
+    assert "every timestamp falls in 1970 as epoch milliseconds" in caplog.text
+
+
+def test_a_byte_order_mark_does_not_hide_the_amazon_format(tmp_path: Path) -> None:
+    r18 = [{"reviewerID": "U", "asin": "A", "overall": 1, "unixReviewTime": 1}]
+    path = write_jsonl(tmp_path / "d" / "Books.json", r18)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    write_jsonl(tmp_path / "d" / "meta_Books.json", [{"asin": "A"}])
+    assert detect_format(tmp_path / "d") == "amazon-2018"
+    assert load_dataset(DataConfig(source=str(tmp_path / "d"))).interactions.height == 1
+
+
+def test_number_ids_read_the_same_on_both_jsonl_paths(tmp_path: Path) -> None:
+    """A chunk polars cannot read (one python-literal line) is read line by line: its number ids must come
+    out as polars writes them, or one user becomes two across chunks."""
+    fields = {"user_id": "str", "parent_asin": "str", "rating": "num", "timestamp": "int"}
+    records = [{"user_id": u, "parent_asin": "P", "rating": 1, "timestamp": 5} for u in (1.0, 2.5, 1e-7, 10)]
+    fast = readers.read_jsonl(write_jsonl(tmp_path / "fast.jsonl", records), fields, ())
+    slow_records = [*records, "{'user_id': 'x', 'parent_asin': 'P', 'rating': 1, 'timestamp': 5}"]
+    slow = readers.read_jsonl(write_jsonl(tmp_path / "slow.jsonl", slow_records), fields, ())
+    # (what text a float becomes is polars' choice, "1" for 1.0 in polars 2: the two paths must agree)
+    assert slow["user_id"].to_list()[:-1] == fast["user_id"].to_list() and fast["user_id"][3] == "10"

@@ -7,6 +7,7 @@ release it is comes from the field names of the first review.
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,10 @@ import polars as pl
 from evolora.data.build import finish, join_or_null
 from evolora.data.readers import open_binary, parse_record, read_jsonl
 from evolora.data.schema import InteractionData
+from evolora.data.times import SECONDS_PER_YEAR
 from evolora.errors import DataError
+
+log = logging.getLogger("evolora.data")
 
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
 
@@ -61,6 +65,12 @@ def load_amazon_2023(reviews_path: str | Path, meta_path: str | Path) -> Interac
     reviews_path, meta_path = Path(reviews_path), Path(meta_path)
     fields = {"user_id": "str", "parent_asin": "str", "rating": "num", "timestamp": "int"}
     inter = read_jsonl(reviews_path, fields, required=tuple(fields))
+    latest = inter["timestamp"].max()
+    if isinstance(latest, int) and 0 <= latest < 1000 * SECONDS_PER_YEAR and latest >= SECONDS_PER_YEAR:
+        log.warning(
+            "%s: every timestamp falls in 1970 as epoch milliseconds (the 2023 release's unit); these look "
+            "like epoch seconds: multiply them by 1000 for the times to be right", reviews_path,
+        )  # fmt: skip
     inter = inter.rename({"parent_asin": "item_id"}).with_columns(pl.col("timestamp") // 1000)
     meta_fields = {
         "parent_asin": "str",
@@ -159,7 +169,8 @@ def version(path: Path) -> int:
         raise DataError(f"{path}: cannot read the file ({e})") from None
     if not first:
         raise DataError(f"{path}: file is empty")
-    record = parse_record(first.decode("utf-8", errors="replace"), path, n)
+    # A byte order mark opens some exported files; the reader skips it, so must this look at line 1.
+    record = parse_record(first.decode("utf-8", errors="replace").removeprefix("\ufeff"), path, n)
     if "reviewerID" in record or "unixReviewTime" in record:
         return 2018
     if "parent_asin" in record and "user_id" in record:
