@@ -44,7 +44,8 @@ base, a conventional model) are refused.
 multi-process launch, CPU-RAM-efficient loading under FSDP (every process loads the whole backbone before
 keeping its shard), and LoRA dropout identical to one process (each process draws its own masks, seeded
 by stage, epoch and process: the same in distribution, not in value; the tests use dropout 0).
-`evolora update`, `recommend` and `serve` run in one process.
+`evolora update`, `recommend` and `serve` run in one process. A process whose launcher is killed (kill -9
+on `accelerate launch` leaves its children running) exits within a second, as `--jobs` workers do.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -77,6 +79,22 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def stop_with_parent(parent: int) -> None:
+    """Exit as soon as the process `parent` is no longer this one's parent (it died: the lock on the
+    experiment that it or its tree held went with it), checking now and every second. The caller passes the
+    pid it was started by, not `os.getppid()` read late: a parent that died first has been replaced."""
+    if os.getppid() != parent:
+        os._exit(3)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def start(device: str = "auto") -> None:
     """Join the launch's process group (once per process; nothing without a multi-process launch)."""
     if not launched() or _state["world"] > 1:
@@ -94,6 +112,9 @@ def start(device: str = "auto") -> None:
     cpu = device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=cpu, timeout=TIMEOUT)
     _state.update(world=state.num_processes, rank=state.process_index, device=state.device, fsdp=fsdp)
+    # The launcher's agent is the parent: killed (kill -9 leaves its children running), this process goes
+    # too, as `--jobs` workers do, instead of running on beside a rerun.
+    stop_with_parent(os.getppid())
 
 
 def _flag(name: str) -> bool:

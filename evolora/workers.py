@@ -23,7 +23,6 @@ import logging
 import multiprocessing as mp
 import os
 import queue
-import threading
 import time
 import traceback
 import warnings
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from evolora.errors import EvoloraError
+from evolora.parallel import stop_with_parent
 
 log = logging.getLogger("evolora")
 
@@ -166,7 +166,7 @@ def _entry(
     quiet: dict[str, Any],
     parent: int,
 ) -> None:
-    _stop_with_parent(parent)
+    stop_with_parent(parent)  # passed from the parent: one killed while this process imported is gone
     os.environ[WORKER_ENV] = label
     _adopt_output_settings(quiet)
     try:
@@ -178,19 +178,3 @@ def _entry(
         messages.put((label, "crash", traceback.format_exc()))
         raise SystemExit(1) from None
     messages.put((label, "ok", ""))
-
-
-def _stop_with_parent(parent: int) -> None:
-    """Exit as soon as the parent process (pid `parent`, passed from it) is gone: its lock on the experiment
-    went with it. The pid comes from the parent because a parent killed while this process was still
-    importing (a spawned process's start takes seconds) has already left it to another: then it exits here."""
-    if os.getppid() != parent:
-        os._exit(3)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(3)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()

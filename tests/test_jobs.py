@@ -214,8 +214,8 @@ def test_a_worker_whose_parent_died_while_it_started_exits_at_once() -> None:
     look: the pid they check is the one the parent passed, so they exit instead of running on unlocked."""
     code = (
         "import os, sys, time\n"
-        "from evolora.workers import _stop_with_parent\n"
-        "_stop_with_parent(os.getppid() + 1)  # not the parent it has now: the one that started it is gone\n"
+        "from evolora.parallel import stop_with_parent\n"
+        "stop_with_parent(os.getppid() + 1)  # not the parent it has now: the one that started it is gone\n"
         "time.sleep(3)\n"
         "print('still running')\n"
     )
