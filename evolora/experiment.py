@@ -361,8 +361,8 @@ def _for_this_process(cfg: RunConfig) -> RunConfig:
         model = model.model_copy(update={"device": "cpu"})
     local = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size()))
     threads = cfg.threads or (_cores_each(local) if model.device == "cpu" else None)
-    if not parallel.is_main():  # one voice: the main process logs what every process does
-        logging.getLogger("evolora").setLevel(logging.WARNING)
+    if not parallel.is_main():  # one voice: the main process logs (and warns) what every process does
+        logging.getLogger("evolora").setLevel(logging.ERROR)
     return cfg.model_copy(update={"model": model, "threads": threads})
 
 

@@ -53,13 +53,14 @@ def _tensors(run: Path, stage: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _launch(config: Path, env: dict[str, str], engine: str) -> subprocess.CompletedProcess:
+def _launch(config: Path, env: dict[str, str], engine: str, *more: str) -> subprocess.CompletedProcess:
     file = str(ACCELERATE / f"{engine}.yaml")
     # A port of our own rather than `--main_process_port 0`, which older accelerate (0.34) passes on as port 0
     # (both processes then wait forever in the rendezvous).
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", file,
         "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "evolora", "run", str(config),
+        *more,
     ]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
@@ -129,11 +130,24 @@ def test_two_processes_train_and_evaluate_as_one(
     log = (tmp_path / "two" / "t" / "log.txt").read_text()
     assert len(re.findall(r"epoch \d+: train_loss", log)) == trained_epochs > 0
     assert "per-stage results" in done.stdout and done.stdout.count("per-stage results") == 1
+    # warnings too are the main process's: every process prepares the same data
+    assert (done.stdout + done.stderr).count("asks for more samples than the valid pool holds") == 1
     held = re.findall(r"FSDP: this process holds ([\d.]+)% of the decoder layers' weights", log)
     if engine == "fsdp":  # one process's share: half the frozen weights, and the LoRA factors whole
         assert len(held) == 1 and 50 < float(held[0]) < 60, held
     else:
         assert not held
+
+
+def test_a_mistake_under_a_launch_is_said_once(sunny_dir: Path, tmp_path: Path) -> None:
+    """Every process finds the same mistake; the launcher stops the others once the main one has said it."""
+    cfg = tiny_config(sunny_dir, tmp_path / "out")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    done = _launch(config, env, "ddp", "--jobs", "2")
+    said = done.stdout + done.stderr
+    assert done.returncode != 0 and said.count("error: --jobs 2 inside a 2-process launch") == 1, said[-3000:]
 
 
 def test_deepspeed_and_fsdp_options_not_built_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:

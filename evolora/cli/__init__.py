@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -103,6 +104,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 _one_process(fn.__name__)
             return fn(*args, **kwargs)
         except EvoloraError as e:
+            _after_the_main_process()
             # soft_wrap: a message stays one line in logs and CI (rich wraps at 80 columns off a terminal)
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -111,6 +113,16 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _after_the_main_process() -> None:
+    """In a launch's other processes, wait a moment before printing an error: a mistake in the settings
+    fails every process alike, and the launcher stops the others once the main one has said it, so it is said
+    once. An error of this process alone is printed after the wait."""
+    from evolora import parallel
+
+    if parallel.launched() and os.environ.get("RANK", "0") != "0":
+        time.sleep(3.0)
 
 
 def _one_process(command: str) -> None:
