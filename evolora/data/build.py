@@ -176,8 +176,15 @@ def finish(
         titles = pl.Series([_unescape(t) if t and "&" in t else t for t in titles], dtype=pl.Utf8)
     items = items.with_columns(title=titles)
     untitled = items["title"].is_null() | (items["title"] == "")
+    # items without a record at all were counted above already (their warning says what they are called)
+    recorded = ~items["item_id"].is_in(unknown["item_id"].implode())
+    if (untitled & recorded).any():
+        log.warning(
+            "%s: %d items have no title; they are called 'item <id>'",
+            item_file,
+            int((untitled & recorded).sum()),
+        )
     if untitled.any():
-        log.warning("%s: %d items have no title; they are called 'item <id>'", item_file, int(untitled.sum()))
         items = items.with_columns(
             title=pl.when(untitled).then(pl.lit("item ") + pl.col("item_id")).otherwise(pl.col("title"))
         )

@@ -238,6 +238,12 @@ def read_jsonl(
                         lines.append(line if line.endswith(b"\n") else line + b"\n")
                 if not lines:
                     continue
+                if not chunk[-1].endswith(b"\n") and numbers[-1] == line_no:
+                    # The file's last line has no newline: if it is no record either, the file was cut.
+                    try:
+                        parse_record(lines[-1], path, line_no)
+                    except DataError as e:
+                        raise DataError(f"{e}{truncation_hint(line_no, line_no)}") from None
                 df, chunk_replaced = _parse_chunk(path, numbers, lines, fields, schema, text_fields)
                 seen += df.height
                 for col in required:
