@@ -115,6 +115,14 @@ def finish(
     )
     items = items.with_columns(pl.col("item_id").cast(pl.Utf8).str.strip_chars())
     _check_calendar(inter, inter_file, unit)
+    if rows_are in ("ratings", "reviews"):  # the packaged sources' star ratings (a table may rate otherwise)
+        off = ~inter["rating"].is_between(1, 5)
+        if off.any():
+            i = int(off.arg_max())  # type: ignore[arg-type]
+            log.warning(
+                "%s: %d %s outside 1..5 stars (first on %s %d: %s); a like is a rating above 3",
+                *(inter_file, int(off.sum()), rows_are, unit, inter["_line"][i], inter["rating"][i]),
+            )
     for df, col, path in (
         (inter, "user_id", inter_file),
         (inter, "item_id", inter_file),

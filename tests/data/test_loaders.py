@@ -441,3 +441,14 @@ def test_a_jsonl_file_cut_short_says_so(tmp_path: Path) -> None:
         DataError, match=r"line 2: not a JSON object.*has no newline, so the file looks truncated"
     ):
         readers.read_jsonl(path, fields, ())
+
+
+def test_star_ratings_outside_one_to_five_are_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = write_ml1m(tmp_path / "ml1m")
+    with open(folder / "ratings.dat", "a") as f:
+        f.write("3::1::1e300::500\n3::2::-7::600\n")
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        load_dataset(DataConfig(source=str(folder)))
+    assert "2 ratings outside 1..5 stars (first on line 6: 1e+300)" in caplog.text
