@@ -56,6 +56,7 @@ Seed = Annotated[
     int | None, typer.Option(help="which seed's run; default: 0, or a run folder's own", show_default=False)
 ]
 Stage = Annotated[int | None, typer.Option(help="the model after this stage; default: the last")]
+Version = Annotated[int | None, typer.Option(help="a deployed run's version; default: the promoted one")]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # evolora/configs
 QUICKSTART = "quickstart.yaml"

@@ -14,6 +14,7 @@ from evolora.cli import (
     RunDir,
     Seed,
     Stage,
+    Version,
     _quiet_libraries,
     _setup_logging,
     _user_errors,
@@ -44,9 +45,7 @@ def recommend(
     method: Method = None,
     seed: Seed = None,
     stage: Stage = None,
-    version: Annotated[
-        int | None, typer.Option(help="a deployed run's version; default: the promoted one")
-    ] = None,
+    version: Version = None,
     include_seen: Annotated[bool, typer.Option(help="allow items of the history in the answer")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:

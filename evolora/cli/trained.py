@@ -17,6 +17,7 @@ from evolora.cli import (
     RunDir,
     Seed,
     Stage,
+    Version,
     _quiet_libraries,
     _setup_logging,
     _user_errors,
@@ -199,9 +200,7 @@ def export(
     method: Method = None,
     seed: Seed = None,
     stage: Stage = None,
-    version: Annotated[
-        int | None, typer.Option(help="a deployed run's version; default: the promoted one")
-    ] = None,
+    version: Version = None,
     merge: Annotated[bool, typer.Option(help="write the base model with the adapter merged in")] = False,
 ) -> None:
     """A trained run as a folder transformers + PEFT load without evolora (tokenizer, item map, one plain
