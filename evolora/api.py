@@ -31,7 +31,7 @@ from evolora.bundle import bundle_dir, load_bundle, query_frame, write_bundle
 from evolora.config import RunConfig, StrategySpec, config_from_dict, load_config
 from evolora.continual import Env, Strategy, build_strategy
 from evolora.continual.base import StageContext
-from evolora.continual.loop import StageLoop, is_trained
+from evolora.continual.loop import StageLoop
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.data.samples import SampleTable, eval_stage_of
 from evolora.deploy.versions import Version, Versions
@@ -49,9 +49,9 @@ from evolora.queries import (
     item_list,
     list_of,
     locate_run,
-    no_model_after,
     number_of,
     query_of,
+    trained_stage,
 )
 
 log = logging.getLogger("evolora")
@@ -177,14 +177,8 @@ class Recommender:
             chosen = registry.get(registry.promoted if version is None else version)
             if chosen.id > 0:
                 return cls._load_version(cfg, root, results, chosen)
-        t = stage if stage is not None else max(trained, default=0)
-        if t not in trained:
-            deployed = [v.id for v in registry.versions if v.stage == t and v.id > 0]
-            raise ConfigError(no_model_after(seed_dir, t, results, cfg.protocol, deployed))
-        if stage is None and not results.get("complete", True):
-            log.warning("%s has not finished its stages: this is its model after stage %d", seed_dir, t)
-        if not is_trained(seed_dir / f"stage-{t}"):
-            raise ConfigError(f"{seed_dir}: stage {t} has not finished (finished: {trained or 'none'})")
+        deployed = [v.id for v in registry.versions if v.stage == stage and v.id > 0]
+        t = trained_stage(seed_dir, results, stage, cfg.protocol, deployed)
         if not (bundle_dir(root) / "bundle.json").is_file():
             # A run of an older evolora: read the data once to save what inference needs.
             log.info("%s: saving what inference needs (the data is read once)", root)

@@ -69,7 +69,7 @@ from evolora.models.precision import (
     resolve_precision,
 )
 from evolora.models.weights import load_pretrained
-from evolora.queries import no_model_after
+from evolora.queries import trained_stage
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
 from evolora.tracking import Tracker, check_tracking, tracker_for
@@ -574,10 +574,7 @@ def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared,
     if not config.is_file():
         raise ConfigError(f"{config}: missing; the experiment's configuration is needed to rebuild the run")
     cfg = load_config(config)
-    trained = [s["train_stage"] for s in results["stages"]]
-    t = stage if stage is not None else max(trained, default=0)
-    if t not in trained or not is_trained(run_dir / f"stage-{t}"):
-        raise ConfigError(no_model_after(run_dir, t, results, cfg.protocol))
+    t = trained_stage(run_dir, results, stage, cfg.protocol)
     spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
     prepared = prepare_data(cfg)
     lm, task = build_model_and_task(cfg, prepared)

@@ -6,6 +6,7 @@ the server, so each gives the same one-line error for the same mistake; and the 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import numpy as np
 
 from evolora.errors import ConfigError, EvoloraError
 from evolora.io import read_json
+
+log = logging.getLogger("evolora")
 
 History = Iterable[str] | Iterable[tuple[str, float]] | Mapping[str, float] | None
 
@@ -113,6 +116,25 @@ def history_pairs(history: History, liked: float) -> list[tuple[str, float]]:
     if not isinstance(history, Iterable):
         raise EvoloraError(f"history: a list of item ids or (item, rating) pairs, not {history!r}")
     return [history_entry(h, liked) for h in history]
+
+
+def trained_stage(
+    seed_dir: Path, results: dict[str, Any], stage: int | None, protocol: str, deployed: Iterable[int] = ()
+) -> int:
+    """The stage whose model a question to a run (its `results.json`) reads: `stage`, or its last trained
+    one (with a warning when the run has not finished), checked to have a finished model. `deployed`: the
+    versions an update trained on `stage`, named when the run itself has no model after it."""
+    from evolora.continual.loop import is_trained
+
+    trained = [s["train_stage"] for s in results["stages"]]
+    t = stage if stage is not None else max(trained, default=0)
+    if t not in trained:
+        raise ConfigError(no_model_after(seed_dir, t, results, protocol, deployed))
+    if stage is None and not results.get("complete", True):
+        log.warning("%s has not finished its stages: this is its model after stage %d", seed_dir, t)
+    if not is_trained(seed_dir / f"stage-{t}"):
+        raise ConfigError(f"{seed_dir}: stage {t} has not finished (finished: {trained or 'none'})")
+    return t
 
 
 def no_model_after(
