@@ -376,14 +376,9 @@ def _stage_cell(column: str, value: Any, synthetic_time: bool) -> str:
 
 
 def _date(ts: int | None) -> str:
-    import datetime as dt
+    from evolora.data.times import day
 
-    if ts is None:
-        return "–"
-    try:
-        return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d")
-    except (OverflowError, OSError, ValueError):  # past the calendar: the loaders refuse such times
-        return "out of range"
+    return "–" if ts is None else day(ts)
 
 
 # The commands about trained runs (recommend, export, update, versions, rollback, serve) register themselves.

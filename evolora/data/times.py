@@ -32,6 +32,14 @@ FIRST_SECOND, LAST_SECOND = -62_135_596_800, 253_402_300_799
 SECONDS_PER_YEAR = 31_556_952  # the Gregorian mean
 
 
+def day(seconds: int) -> str:
+    """The UTC date of epoch `seconds` (2024-03-01), or "out of range" past the calendar."""
+    try:
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d")
+    except (OverflowError, OSError, ValueError):
+        return "out of range"
+
+
 def outside_message(value: object, seconds: int, name: str, unit: str) -> str:
     year = 1970 + seconds // SECONDS_PER_YEAR
     message = f"time {value!r} (column {name!r}) read as {EPOCH_UNITS[unit][1]} is in the year {year}"

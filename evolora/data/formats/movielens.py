@@ -18,7 +18,6 @@ Exact duplicate rows (same user, item, rating and timestamp) are removed with a 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
@@ -26,6 +25,7 @@ import polars as pl
 from evolora.data.build import finish, join_or_null, numeric
 from evolora.data.readers import TextRows, names_in, read_atomic, read_delimited
 from evolora.data.schema import InteractionData
+from evolora.data.times import day
 from evolora.errors import DataError
 
 # Column order of the 19 genre flags in GroupLens u.item (from its u.genre file).
@@ -157,16 +157,9 @@ def _check_timestamps(df: pl.DataFrame, rows: TextRows) -> None:
     how_many = f" ({lines.len()} lines have such timestamps)" if lines.len() > 1 else ""
     raise rows.error(
         line,
-        f"timestamp {value} ({_date(value)}) is more than {PLAUSIBLE_YEARS_BEFORE_MEDIAN} years before the "
-        f"file's median timestamp ({_date(median)}), so it is not a plausible rating time{how_many}",
+        f"timestamp {value} ({day(value)}) is more than {PLAUSIBLE_YEARS_BEFORE_MEDIAN} years before the "
+        f"file's median timestamp ({day(median)}), so it is not a plausible rating time{how_many}",
     )
-
-
-def _date(timestamp: int) -> str:
-    try:
-        return datetime.fromtimestamp(timestamp, UTC).date().isoformat()
-    except (OverflowError, OSError, ValueError):
-        return "out of range"
 
 
 # ------------------------------------------------------------------------------------------ registry hooks

@@ -46,6 +46,7 @@ from evolora.data.times import (
     FIRST_SECOND,
     LAST_SECOND,
     SECONDS_PER_YEAR,
+    day,
     epoch_seconds,
     outside_message,
     unit_that_fits,
@@ -167,8 +168,8 @@ def _times(rows: TableRows, df: pl.DataFrame, name: str, unit: str) -> pl.Series
         i, j = int(early.arg_max()), int(late.arg_max())  # type: ignore[arg-type]
         raise rows.error(
             int(df["_line"][i]),
-            f"time {df['timestamp'][i]!r} (column {name!r}) reads as {_day(seconds[i])} but "
-            f"{df['timestamp'][j]!r} ({rows.unit} {df['_line'][j]}) as {_day(seconds[j])}: the column mixes "
+            f"time {df['timestamp'][i]!r} (column {name!r}) reads as {day(seconds[i])} but "
+            f"{df['timestamp'][j]!r} ({rows.unit} {df['_line'][j]}) as {day(seconds[j])}: the column mixes "
             f"units or formats; give every time in one (data.time_unit: {unit} reads {EPOCH_UNITS[unit][1]})",
         )
     latest = seconds.max()
@@ -185,10 +186,6 @@ def _times(rows: TableRows, df: pl.DataFrame, name: str, unit: str) -> pl.Series
                 rows.path, name, EPOCH_UNITS[unit][1], EPOCH_UNITS[fits][1], fits,
             )  # fmt: skip
     return seconds.alias("timestamp")
-
-
-def _day(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d")
 
 
 def _ratings(rows: TableRows, df: pl.DataFrame, name: str) -> pl.Series:
