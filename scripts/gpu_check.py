@@ -224,7 +224,8 @@ def main() -> int:
         check.store("cuda_tests", check.run("cuda_tests", cmd, cap=150, env=cuda))
         check.store("quickstart", quickstart(check, scratch, args.model))
         model_args = ["--model", args.model] if args.model else []
-        profile = ["--steps", "10", *model_args]  # why a step takes what it takes (first GPU run: ~250 ms)
+        # the prefix's own pass, the prefix in every row and plain HF + PEFT, at two batch sizes
+        profile = ["--steps", "10", "--repeats", "2", "--batch", "8", "64", *model_args]
         check.store(
             "profile_train_step",
             benchmark(check, "profile_train_step", "benchmarks/profile_train_step.py", profile, scratch),

@@ -3,6 +3,8 @@
 #
 #   bash scripts/gpu_remote.sh prepare   # here: fill .gpu/ (git-ignored) with what the machine lacks
 #   bash scripts/gpu_remote.sh run       # there, from the repo root with .gpu/ carried: the check into $OUT
+#   bash scripts/gpu_remote.sh run benchmarks/profile_train_step.py --batch 8 32   # there: one script instead,
+#                                        # given the model (--model) and $OUT/<script name>.json (--out)
 #
 # What travels is limited to 64 MiB, so: polars 1.28.1 (one 35 MB wheel; 2.x adds a 54 MB runtime), pydantic,
 # peft and the serving packages as wheels, ML-100K from evolora's cache, and SmolLM2-135M's tokenizer and
@@ -47,7 +49,12 @@ torch.manual_seed(0)
 AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(".gpu/smollm2")).save_pretrained(".gpu/model")
 AutoTokenizer.from_pretrained(".gpu/smollm2").save_pretrained(".gpu/model")
 PY
-    $PY scripts/gpu_check.py --model "$PWD/.gpu/model" --budget "${BUDGET:-300}" --out "${OUT:-/tmp}/gpu_check.json" ;;
+    if [ $# -gt 1 ]; then
+        script=$2; shift 2
+        $PY "$script" --model "$PWD/.gpu/model" --out "${OUT:-/tmp}/$(basename "$script" .py).json" "$@"
+    else
+        $PY scripts/gpu_check.py --model "$PWD/.gpu/model" --budget "${BUDGET:-300}" --out "${OUT:-/tmp}/gpu_check.json"
+    fi ;;
 *)
     echo "usage: bash scripts/gpu_remote.sh prepare|run" >&2; exit 2 ;;
 esac

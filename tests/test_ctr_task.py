@@ -9,7 +9,7 @@ import torch
 from evolora.config import CtrTaskConfig, load_config
 from evolora.data.samples import build_samples
 from evolora.errors import ConfigError
-from evolora.models.llm import LoraLM
+from evolora.models.llm import LoraLM, splits_prefix
 from evolora.tasks.ctr import TEMPLATES, CtrTask
 from tests.helpers import staged_frame, tiny_model
 
@@ -78,6 +78,36 @@ def test_shared_prefix_gives_the_same_scores_and_gradients(table, lm) -> None:
         grads.append([a.grad.clone() for _, a, _ in lm.lora_pairs()])
     lm.activate("default", trainable=False)
     for g1, g2 in zip(*grads, strict=True):
+        torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_pass_and_prefix_in_every_row_give_the_same_scores_and_gradients(table, lm) -> None:
+    """The shared prefix runs as a pass of its own on a CPU and in front of every row on a GPU (where the
+    extra pass costs more kernel launches than it saves): the same numbers either way."""
+    task, rows = make(table, lm), np.arange(len(table))
+    passes: list[int] = []
+    hook = lm.base.get_decoder().register_forward_pre_hook(lambda module, args: passes.append(1))
+    figures = {}
+    try:
+        for separate in (True, False, None):
+            lm.separate_prefix_pass = separate
+            passes.clear()
+            scores = task.predict(lm, rows, 4)
+            calls = len(passes)
+            lm.activate("default", trainable=True)
+            lm.model.zero_grad()
+            task.loss(lm, rows[:5]).backward()
+            grads = [a.grad.clone() for _, a, _ in lm.lora_pairs()]
+            lm.activate("default", trainable=False)
+            figures[separate] = scores, calls, grads
+    finally:
+        lm.separate_prefix_pass = None
+        hook.remove()
+    assert figures[True][1] == 2 * figures[False][1] == 2 * -(-len(rows) // 4)
+    assert figures[None][1] == figures[True][1]  # a CPU: its own pass
+    assert splits_prefix(torch.device("cpu")) and not splits_prefix(torch.device("cuda"))
+    np.testing.assert_allclose(figures[True][0], figures[False][0], atol=1e-5)
+    for g1, g2 in zip(figures[True][2], figures[False][2], strict=True):
         torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-4)
 
 

@@ -87,6 +87,9 @@ class LoraLM:
     batch_hooks: list[Callable[[np.ndarray], None]] = field(default_factory=list)
     #: False while per-sample adapters are attached: a prefix run once cannot serve different adapters
     prefix_sharing: bool = True
+    #: a shared prefix runs as its own pass, its keys/values repeated over the batch (True), or in front of
+    #: every row (False); None: as `splits_prefix` decides for the device. The states are the same.
+    separate_prefix_pass: bool | None = None
     #: True inside `gradient_checkpointing()`: training passes recompute layer activations in the backward
     checkpointing: bool = False
     #: `model.merge_lora`: gradient-free passes merge the LoRA update into the weights (`models/merged.py`)
@@ -377,7 +380,8 @@ class LoraLM:
         `prefix` (1-D token ids) is a text every sequence of the batch starts with (the instruction of a
         prompt template). It is run once, its keys and values are repeated across the batch, and only the
         rest goes through the model per sample; gradients still flow through the prefix. The returned states
-        cover `input_ids` only.
+        cover `input_ids` only. Where that separate pass does not pay (a GPU: `splits_prefix`) or cannot be
+        used, the prefix runs in front of every sequence instead, at the same positions: the same states.
         """
         decoder = self.base.get_decoder()
         if prefix is None or len(prefix) == 0:
@@ -385,9 +389,11 @@ class LoraLM:
             return out.last_hidden_state
         n, width = input_ids.shape
         p = len(prefix)
-        if self.checkpointing and self.model.training and torch.is_grad_enabled():
-            # Checkpointed layers keep no KV cache (a recomputed layer would write it twice): the prefix runs
-            # in front of every sequence instead, at the same positions, giving the same states.
+        separate = self.separate_prefix_pass
+        if separate is None:
+            separate = splits_prefix(input_ids.device)
+        # Checkpointed layers keep no KV cache (a recomputed layer would write it twice).
+        if not separate or (self.checkpointing and self.model.training and torch.is_grad_enabled()):
             full = torch.cat([prefix.to(input_ids.device)[None].expand(n, p), input_ids], dim=1)
             mask = torch.cat([attention_mask.new_ones(n, p), attention_mask], dim=1)
             return decoder(input_ids=full, attention_mask=mask, use_cache=False).last_hidden_state[:, p:]
@@ -431,6 +437,16 @@ class LoraLM:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def splits_prefix(device: torch.device) -> bool:
+    """Whether a prefix shared by a batch's sequences runs as a pass of its own on `device` (the default of
+    `LoraLM.separate_prefix_pass`). On a CPU that pass saves the prefix's arithmetic in every row (~30% of a
+    TALLRec prompt). On a GPU the arithmetic is nearly free and a step of a small model is bound by the
+    kernels it launches, which the extra pass doubles: measured on an H200 (SmolLM2-135M, bf16, batch 8
+    to 64), a CTR training step took 1.7-2.6x and scoring 2.2-3.2x the time of the prefix in every row
+    (`benchmarks/profile_train_step.py`, README *Checking a GPU machine*)."""
+    return device.type == "cpu"
 
 
 def pass_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
