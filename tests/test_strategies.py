@@ -227,6 +227,37 @@ def test_orthogonality_loss_vanishes_for_orthogonal_subspaces() -> None:
     assert float(orthogonality_loss([(a_old, b)], a_new, b, include_b=True)) > 0
 
 
+def test_orthogonality_loss_forms_paper_squared_and_code_abs() -> None:
+    torch.manual_seed(0)
+    a_old, a_new = torch.randn(4, 32), torch.randn(4, 32)
+    b_old, b_new = torch.randn(16, 4), torch.randn(16, 4)
+    past = [(a_old, b_old)]
+    inner, outer = a_old @ a_new.T, b_old.T @ b_new
+    squared = orthogonality_loss(past, a_new, b_new, include_b=True)
+    absolute = orthogonality_loss(past, a_new, b_new, include_b=True, form="abs")
+    assert float(squared) == pytest.approx(float(inner.pow(2).sum() + outer.pow(2).sum()), rel=1e-5)
+    assert float(absolute) == pytest.approx(float(inner.abs().sum() + outer.abs().sum()), rel=1e-5)
+
+
+def test_olora_starts_each_stage_fresh_and_adds_the_code_l2_term(lm: LoraLM) -> None:
+    """The paper trains a new LoRA per task (fresh); the authors' code adds lambda_2 * sum ||P||_F over
+    the new LoRA's A and B, offered as `lam_l2`."""
+    from evolora.config import StrategySpec
+    from evolora.continual import Env, build_strategy
+
+    cfg = tiny_config(Path("."), Path("."))
+    env = Env(lm, None, cfg)  # type: ignore[arg-type]
+    default = build_strategy(StrategySpec(name="olora"), env, seed=0)
+    assert default.options.init == "fresh" and default.options.lam_l2 == 0
+    only_l2 = build_strategy(StrategySpec(name="olora", lam=0.0, lam_l2=0.25), env, seed=0)
+    only_l2.setup()
+    only_l2.bank.push()
+    assert only_l2.regularized(2) and not only_l2.regularized(1)
+    expected = 0.25 * sum(float(a.detach().norm() + b.detach().norm()) for _, a, b in lm.lora_pairs(MAIN))
+    assert float(only_l2.extra_loss(None).detach()) == pytest.approx(expected, rel=1e-5)  # type: ignore[arg-type,union-attr]
+    only_l2.bank.remove()
+
+
 def test_inflora_design_avoids_the_old_subspace() -> None:
     torch.manual_seed(0)
     d = 24

@@ -56,13 +56,19 @@ class ProximalRegularizer:
 
 
 def orthogonality_loss(
-    past: list[tuple[torch.Tensor, torch.Tensor]], a: torch.Tensor, b: torch.Tensor, include_b: bool
+    past: list[tuple[torch.Tensor, torch.Tensor]],
+    a: torch.Tensor,
+    b: torch.Tensor,
+    include_b: bool,
+    form: str = "squared",
 ) -> torch.Tensor:
-    """sum_i ||A_i A^T||_F^2 (+ ||B_i^T B||_F^2) for one module."""
+    """sum_i ||A_i A^T||_F^2 (+ ||B_i^T B||_F^2) for one module; `form="abs"`: the entries' absolute values
+    summed instead of their squares."""
+    size = {"squared": lambda m: m.pow(2).sum(), "abs": lambda m: m.abs().sum()}[form]
     total = a.new_zeros((), dtype=torch.float32)
     with without_autocast():
         for a_i, b_i in past:
-            total = total + (a_i.float() @ a.float().T).pow(2).sum()
+            total = total + size(a_i.float() @ a.float().T)
             if include_b:
-                total = total + (b_i.float().T @ b.float()).pow(2).sum()
+                total = total + size(b_i.float().T @ b.float())
     return total
