@@ -389,6 +389,23 @@ def test_a_label_reused_for_another_strategy_says_so_first(sunny_dir: Path, tmp_
     assert result.exit_code == 2 and "was run as 'sumlora' with other options" in result.output, result.output
 
 
+def test_a_run_recorded_before_a_default_changed_is_not_continued_under_the_new_one(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=[{"name": "olora", "label": "o"}]
+    )
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    marker = next((tmp_path / "runs").rglob("run.json"))
+    assert json.loads(marker.read_text())["with_defaults"]["init"] == "fresh"  # recorded with its defaults
+    marker.write_text(json.dumps({"strategy": "olora", "options": {}}))  # as recorded before 2026-12-04
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "init: 'inherit' -> 'fresh'" in result.output.replace("\n", ""), result.output
+    pinned = ["run", str(config), "--set", "strategies=[{name: olora, label: o, init: inherit}]"]
+    assert runner.invoke(app, pinned).exit_code == 0
+
+
 @pytest.mark.parametrize(
     ("script", "args", "message"),
     [

@@ -121,6 +121,9 @@ class Strategy(Generic[OptionsT]):
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: True when `predict` is the plain one (score with the main adapter), so predictions can be shared
     plain_predict: ClassVar[bool] = True
+    #: option defaults that have changed, as they were, for run folders recorded without their defaults
+    #: (before 2026-12-04): such a folder is refused rather than continued under the new default
+    former_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: OptionsT, env: Env, seed: int) -> None:
         self.options: OptionsT = options

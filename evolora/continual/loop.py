@@ -132,9 +132,9 @@ class StageLoop:
             old = read_json(marker, "Delete it to accept the current options for this run folder.")
         elif (self.run_dir / "results.json").is_file():  # a run folder from before run.json existed
             old = read_json(self.run_dir / "results.json", "Delete it: it is rebuilt from the stage records.")
+        now = self._normalised_options(self.header.get("strategy"), options)
         if old is not None:
-            before = self._normalised_options(old.get("strategy"), old.get("options", {}))
-            now = self._normalised_options(self.header.get("strategy"), options)
+            before = self._recorded_options(old)
             if old.get("strategy") != self.header.get("strategy") or before != now:
                 changes = [
                     f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
@@ -149,13 +149,25 @@ class StageLoop:
                     "this strategy another `label`, restore its options, or delete that folder to rerun it."
                 )
         if not marker.is_file():
-            atomic_write_json(marker, {"strategy": self.header.get("strategy"), "options": options})
+            header = {"strategy": self.header.get("strategy"), "options": options}
+            atomic_write_json(marker, {**header, "with_defaults": now})
 
     def _normalised_options(self, strategy: Any, options: dict[str, Any]) -> dict[str, Any]:
         """Options with every default filled in, so `{lam: 2.0}` and `{}` compare equal for PESO."""
         if strategy != getattr(self.s, "name", None):
             return dict(options)
         return options_with_defaults(type(self.s), options)
+
+    def _recorded_options(self, old: dict[str, Any]) -> dict[str, Any]:
+        """The options a run folder was made with, every default filled in as it was then: recorded with
+        them (`with_defaults`; an option added since takes its default, which keeps the old behaviour), or,
+        in a folder recorded without them, the strategy's `former_defaults` before today's."""
+        strategy = old.get("strategy")
+        if strategy != getattr(self.s, "name", None):
+            return dict(old.get("options", {}))
+        if "with_defaults" in old:
+            return {**options_with_defaults(type(self.s), {}), **old["with_defaults"]}
+        return self._normalised_options(strategy, {**self.s.former_defaults, **old.get("options", {})})
 
     # ------------------------------------------------------------------ saving and restoring the chain
     def _save_trained(self, t: int, jobs: list[dict[str, Any]]) -> None:

@@ -5,11 +5,13 @@
   `long_mode: full` it is retrained on all stages so far at every stage ("LSAT-EN (full)").
 * Inference, chosen on the newest stage's validation samples over `grid`:
   - `ensemble` (LSAT-EN, Eq. 3): alpha * P_long + (1 - alpha) * P_short, two forward passes per sample;
-  - `fusion` (LSAT-TA, Eq. 4): one adapter, lambda * long + (1 - lambda) * short, one forward pass. `fusion:
-    delta` interpolates the weight updates B·A, as the paper writes it (the fused adapter has rank 2r and
-    is exact); `fusion: factors` interpolates A and B separately, as the released code does (rank r; the
-    update then carries cross terms B_long·A_short). Rows of added tokens (next-item's semantic IDs) are
-    interpolated with the same weight.
+  - `fusion` (LSAT-TA, Eq. 4): one adapter, lambda * long + (1 - lambda) * short, one forward pass.
+    `fusion: factors` interpolates the LoRA parameters, A and B each, as Eq. 4 writes it (f(x; Phi,
+    lambda Theta_h + (1 - lambda) Theta_t), Theta the LoRA weights, after the task arithmetic of its ref.
+    [40]) and the released code does (rank r; the update then carries cross terms B_long·A_short).
+    `fusion: delta`, evolora's variant in neither, interpolates the weight updates B·A instead (an exact mix
+    of the two updates, rank 2r). Rows of added tokens (next-item's semantic IDs) are interpolated with the
+    same weight. (Until 2026-12-04 `delta` was the default, wrongly said to be the paper's.)
 
 The paper's grid is {0, 0.1, ..., 1}; the code's TA grid is {0.1, ..., 0.9}. Both adapters start from fresh
 weights, so their training is shared with `retrain` and other runs through the loop's shared store.
@@ -17,7 +19,7 @@ weights, so their training is shared with `retrain` and other runs through the l
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -40,7 +42,7 @@ class LsatOptions(StrategyOptions):
         None, gt=0, description="training samples of the long-term LoRA; default: the stage-1 budget"
     )
     inference: Literal["ensemble", "fusion"] = "ensemble"
-    fusion: Literal["delta", "factors"] = "delta"
+    fusion: Literal["factors", "delta"] = "factors"
     grid: list[Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=lambda: [round(0.1 * i, 1) for i in range(11)],
         min_length=1,
@@ -58,6 +60,7 @@ def choose_weight(long: Any, short: Any, grid: list[float], score: Any) -> tuple
 class Lsat(Strategy[LsatOptions]):
     name = "lsat"
     Options = LsatOptions
+    former_defaults: ClassVar[dict[str, Any]] = {"fusion": "delta"}  # until 2026-12-04
     plain_predict = False
 
     def setup(self) -> None:

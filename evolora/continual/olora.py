@@ -20,7 +20,7 @@ such term). Both terms apply from stage 2 on: stage 1 is the plain LoRA every st
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -49,6 +49,7 @@ class OLora(CumulativeLora[OLoraOptions]):
     name = "olora"
     Options = OLoraOptions
     normalize_past = False
+    former_defaults: ClassVar[dict[str, Any]] = {"init": "inherit"}  # until 2026-12-04
 
     def regularized(self, stage: int) -> bool:
         return stage > 1 and (self.options.lam > 0 or self.options.lam_l2 > 0)
