@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from evolora.eval.bootstrap import bootstrap_differences, difference_table
 from evolora.eval.report import group_runs, shared_first_stage
@@ -240,3 +241,59 @@ def test_draws_a_metric_cannot_judge_are_left_out_quietly(tmp_path: Path) -> Non
         rows = bootstrap_differences(group_runs(results), "auc", draws=200)
     other = next(r for r in rows if r["method"] == "other")
     assert other["low"] <= other["difference"] <= other["high"] and 0 <= other["p_better"] <= 1
+
+
+def test_a_stage_where_auc_is_undefined_leaves_the_point_difference_defined(tmp_path: Path) -> None:
+    """Stage 2's rows share one label: the difference is stage 1's, as the table's means leave stage 2 out."""
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 60).astype(float)
+    truth[:2] = [0.0, 1.0]
+    results = []
+    for method, weight in (("finetune", 0.3), ("strong", 1.0)):
+        folder = tmp_path / method / "seed0"
+        stages = []
+        for t, labels in ((1, truth), (2, np.ones(60))):
+            (folder / f"stage-{t}").mkdir(parents=True)
+            scores = weight * labels + rng.random(60)
+            save_npz(
+                folder / f"stage-{t}" / "predictions.npz",
+                {"scores": scores, "rows": np.arange(60), "truth": labels},
+            )
+            stages.append({"train_stage": t, "eval_stage": t + 1, "metrics": {"auc": 0.5}})
+        results.append({"method": method, "dataset": "d", "task": "ctr", "seed": 0, "stages": stages,
+                        "_path": str(folder / "results.json")})  # fmt: skip
+    from evolora.eval.metrics import auc
+
+    arrays = {
+        m: np.load(tmp_path / m / "seed0" / "stage-1" / "predictions.npz") for m in ("finetune", "strong")
+    }
+    expected = auc(truth, arrays["strong"]["scores"]) - auc(truth, arrays["finetune"]["scores"])
+    row = next(
+        r for r in bootstrap_differences(group_runs(results), "auc", draws=50) if r["method"] == "strong"
+    )
+    assert row["difference"] == pytest.approx(expected)
+    assert row["low"] <= row["difference"] <= row["high"]
+
+
+def test_a_metric_a_run_does_not_store_is_undefined_not_a_crash(tmp_path: Path) -> None:
+    """LSAT's next-item ensemble stores no target_logp_valid: nll_valid has no paired difference for it, and
+    the arrays give NaN (the forgetting matrix's bootstrap computes every metric from them)."""
+    from evolora.eval.metrics import RANKING_METRICS
+
+    results = []
+    for method in ("finetune", "lsat"):
+        folder = tmp_path / method / "seed0"
+        arrays = {"items": np.tile(np.arange(10), (8, 1)), "truth": np.arange(8), "rows": np.arange(8),
+                  "target_logp": -np.ones(8)}  # fmt: skip
+        if method == "finetune":
+            arrays["target_logp_valid"] = -np.ones(8)
+        (folder / "stage-1").mkdir(parents=True)
+        save_npz(folder / "stage-1" / "predictions.npz", arrays)
+        stages = [{"train_stage": 1, "eval_stage": 2, "metrics": {"nll": 1.0}}]
+        results.append({"method": method, "dataset": "d", "task": "next_item", "seed": 0, "stages": stages,
+                        "_path": str(folder / "results.json")})  # fmt: skip
+    rows = bootstrap_differences(group_runs(results), "nll_valid", draws=20)
+    assert rows == [{"method": "lsat", "difference": None}]
+    assert bootstrap_differences(group_runs(results), "nll", draws=20)[0]["difference"] == 0.0
+    lsat = dict(np.load(tmp_path / "lsat" / "seed0" / "stage-1" / "predictions.npz"))
+    assert np.isnan(RANKING_METRICS.on_arrays(lsat, slice(None), "nll_valid"))

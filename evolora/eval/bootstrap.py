@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from evolora.eval.metrics import lower_is_better, metric_set
+from evolora.eval.metrics import RANKING_ARRAY_OF, lower_is_better, metric_set
 from evolora.eval.stored import stored_predictions
 from evolora.progress import task as progress_task
 
@@ -112,7 +112,7 @@ def _difference(
         if mine is None or theirs is None:
             continue
         stages = sorted((set(mine) & set(theirs)) - {skip})
-        needed = {"target_logp"} if metric == "nll" else set()
+        needed = {RANKING_ARRAY_OF[metric]} if metric in RANKING_ARRAY_OF else set()
         if (
             stages
             and all(np.array_equal(mine[s]["rows"], theirs[s]["rows"]) for s in stages)
@@ -122,9 +122,11 @@ def _difference(
     if not pairs:
         return {"method": g.method, "difference": None}
     diffs = np.empty(draws)
-    point = np.mean([
-        np.mean([fn(m[s], slice(None)) - fn(b[s], slice(None)) for s in st]) for m, b, st in pairs
-    ])  # fmt: skip
+    # Stages where the metric is undefined (AUC on one label) are left out, as in the table's means.
+    per_pair = [
+        _defined_mean([fn(m[s], slice(None)) - fn(b[s], slice(None)) for s in st]) for m, b, st in pairs
+    ]
+    point = _defined_mean(per_pair)
     common = _common_rows(pairs)
     for d in range(draws):
         # One resample of a stage's rows serves every seed that scored the same rows: the users
@@ -140,8 +142,7 @@ def _difference(
                 vals.append(fn(m[s], idx) - fn(b[s], idx))
             # A resample whose rows share one label leaves AUC undefined on every stage: that draw is
             # left out (quietly: numpy would warn of an empty mean on stderr).
-            defined = [v for v in vals if not np.isnan(v)]
-            per_seed.append(np.mean(defined) if defined else np.nan)
+            per_seed.append(_defined_mean(vals))
         diffs[d] = np.mean(per_seed)
     diffs = diffs[~np.isnan(diffs)]
     lo, hi = np.percentile(diffs, [2.5, 97.5]) if len(diffs) else (np.nan, np.nan)
@@ -150,3 +151,9 @@ def _difference(
         "p_better": float(np.mean(sign * diffs > 0)) if len(diffs) else float("nan"),
         "decided": bool(lo > 0 or hi < 0),
     }  # fmt: skip
+
+
+def _defined_mean(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN when none is (without numpy's empty-mean warning)."""
+    defined = [v for v in values if not np.isnan(v)]
+    return float(np.mean(defined)) if defined else float("nan")

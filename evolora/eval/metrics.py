@@ -122,9 +122,16 @@ def _ctr_on_arrays(arrays: dict[str, np.ndarray], index: Any, name: str) -> floa
     return fn(arrays["truth"][index], arrays["scores"][index])
 
 
+#: the stored prediction array a ranking metric needs beyond the items and truth (runs without it, such as
+#: LSAT's ensemble for `nll_valid`, leave that metric undefined)
+RANKING_ARRAY_OF = {"nll": "target_logp", "nll_valid": "target_logp_valid"}
+
+
 def _ranking_on_arrays(arrays: dict[str, np.ndarray], index: Any, name: str) -> float:
-    if name in ("nll", "nll_valid"):
-        return float(-np.mean(arrays[{"nll": "target_logp", "nll_valid": "target_logp_valid"}[name]][index]))
+    if name in RANKING_ARRAY_OF:
+        if RANKING_ARRAY_OF[name] not in arrays:
+            return float("nan")
+        return float(-np.mean(arrays[RANKING_ARRAY_OF[name]][index]))
     if name == "log_items":
         return float(np.mean(arrays["log_candidates"][index]))
     k = int(name.split("@")[1])
