@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from evolora.models.llm import LoraLM
-from evolora.tasks.decoding import ItemTrie, Ranked, beam_search, sequence_logprob
+from evolora.tasks.decoding import ItemTrie, Ranked, beam_search, mix_rankings, sequence_logprob
 from evolora.tasks.next_item import ranking_metrics
 from tests.helpers import tiny_model
 
@@ -169,3 +169,23 @@ def test_ranking_metrics_by_hand() -> None:
     assert m["ndcg@3"] == pytest.approx((1.0 + 1 / math.log2(4)) / 3)
     r = Ranked(items, np.zeros_like(items, dtype=float))
     assert len(r[np.array([True, False, True])]) == 2
+
+
+def test_mixed_rankings_are_the_mixture_of_the_probabilities() -> None:
+    """LSAT's next-item ensemble: w * p_long + (1 - w) * p_short, so its nll is a likelihood (mixing the
+    log-probabilities gave -log(.9^.5 * .05^.5) = 1.55 nats here instead of -log(.475) = 0.74)."""
+    items = np.array([[0, 1, 2]])
+    long = Ranked(items, np.log([[0.9, 0.05, 0.05]]), np.log([0.9]))
+    short = Ranked(items, np.log([[0.05, 0.9, 0.05]]), np.log([0.05]))
+    mixed = mix_rankings([long, short], [0.5, 0.5], k=3)
+    assert mixed.target_logp is not None and float(mixed.target_logp[0]) == pytest.approx(math.log(0.475))
+    np.testing.assert_allclose(np.exp(mixed.scores[0]), [0.475, 0.475, 0.05])
+    assert list(mixed.items[0]) == [0, 1, 2]
+    leaning = mix_rankings([long, short], [0.25, 0.75], k=2)
+    assert list(leaning.items[0]) == [1, 0]
+    np.testing.assert_allclose(
+        np.exp(leaning.scores[0]), [0.25 * 0.05 + 0.75 * 0.9, 0.25 * 0.9 + 0.75 * 0.05]
+    )
+    alone = mix_rankings([long, short], [1.0, 0.0], k=3)  # weight 0: that member is left out, exactly
+    np.testing.assert_array_equal(alone.scores, long.scores)
+    np.testing.assert_array_equal(alone.target_logp, long.target_logp)

@@ -140,24 +140,35 @@ def union_candidates(predictions: list[Ranked]) -> list[list[int]]:
 
 
 def mix_rankings(predictions: list[Ranked], weights: list[float], k: int) -> Ranked:
-    """Weighted sum of log-probabilities over the same candidates, re-ranked; the top `k` kept."""
+    """The mixture sum_i w_i p_i of the rankings' item probabilities over the same candidates (as LSAT's
+    Eq. 3 mixes its two models' outputs), as log-probabilities, re-ranked; the top `k` kept. The true item's
+    log-probability is taken under the same mixture, so its `nll` is a likelihood. (Until 2026-12-04 the
+    log-probabilities themselves were mixed: a product of the models without its normaliser, whose `nll`
+    was no likelihood and lay above both of the proper mixtures'.)"""
     first = predictions[0]
     for p in predictions[1:]:
         if not np.array_equal(p.items, first.items):
             raise ValueError("mixing needs rankings rescored on the same candidates (see `rescore`)")
-    total = sum(
-        w * np.where(np.isfinite(p.scores), p.scores, -1e30)
-        for w, p in zip(weights, predictions, strict=True)
-    )
+    total = _mixture([p.scores for p in predictions], weights)
     total = np.where(first.items >= 0, total, -np.inf)
     order = np.argsort(-total, axis=1, kind="stable")[:, :k]
     target = valid = None
     if all(p.target_logp is not None for p in predictions):
-        target = sum(w * p.target_logp for w, p in zip(weights, predictions, strict=True))
+        target = _mixture([p.target_logp for p in predictions], weights)
     if all(p.target_logp_valid is not None for p in predictions):
-        valid = sum(w * p.target_logp_valid for w, p in zip(weights, predictions, strict=True))
+        valid = _mixture([p.target_logp_valid for p in predictions], weights)
     top_items, top_scores = np.take_along_axis(first.items, order, 1), np.take_along_axis(total, order, 1)
     return Ranked(top_items, top_scores, target, valid, first.log_candidates)
+
+
+def _mixture(logps: list[Any], weights: list[float]) -> np.ndarray:
+    """log sum_i w_i exp(logp_i), elementwise; members of weight 0 left out (log 0 would warn)."""
+    terms = [
+        np.log(w) + np.asarray(lp, dtype=np.float64) for w, lp in zip(weights, logps, strict=True) if w > 0
+    ]
+    if not terms:
+        raise ValueError("mixing needs a member of positive weight")
+    return np.logaddexp.reduce(np.stack(terms), axis=0)
 
 
 @torch.no_grad()
