@@ -297,3 +297,27 @@ def test_a_metric_a_run_does_not_store_is_undefined_not_a_crash(tmp_path: Path) 
     assert bootstrap_differences(group_runs(results), "nll", draws=20)[0]["difference"] == 0.0
     lsat = dict(np.load(tmp_path / "lsat" / "seed0" / "stage-1" / "predictions.npz"))
     assert np.isnan(RANKING_METRICS.on_arrays(lsat, slice(None), "nll_valid"))
+
+
+def test_experiments_scored_on_other_rows_of_the_same_count_are_refused(tmp_path: Path) -> None:
+    """Another eval.seed draws as many rows, not the same ones: the report names it instead of calling the
+    comparison paired ("All methods are scored on the same evaluation rows")."""
+    import json
+
+    from evolora.errors import EvoloraError
+    from evolora.eval.report import build_report
+
+    rng = np.random.default_rng(0)
+    for experiment, method, rows in (("a", "finetune", np.arange(40)), ("b", "frozen", np.arange(40) + 40)):
+        folder = tmp_path / experiment / method / "seed0"
+        (folder / "stage-1").mkdir(parents=True)
+        arrays = {"scores": rng.random(40), "rows": rows, "truth": rng.integers(0, 2, 40).astype(float)}
+        save_npz(folder / "stage-1" / "predictions.npz", arrays)
+        stage = {"train_stage": 1, "eval_stage": 2, "n_eval": 40, "n_eval_total": 80, "metrics": {"auc": 0.5}}
+        run = {"method": method, "dataset": "d", "task": "ctr", "model": "tiny", "seed": 0, "complete": True,
+               "stages": [stage]}  # fmt: skip
+        (folder / "results.json").write_text(json.dumps(run))
+    with pytest.raises(EvoloraError, match=r"D2 is evaluated on other samples in .*a than in .*b"):
+        build_report([tmp_path / "a", tmp_path / "b"])
+    text, _ = build_report([tmp_path / "a"])
+    assert "finetune" in text

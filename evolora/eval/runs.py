@@ -4,13 +4,17 @@ setting (they are averaged as its seeds), and one run per method and seed."""
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from evolora.config import config_changes, definite_candidates
 from evolora.continual import normalised_options
 from evolora.errors import DamagedFileError, EvoloraError
+from evolora.eval.stored import stored_predictions
 from evolora.io import read_json
 
 
@@ -91,6 +95,21 @@ def _check_same_rows(results: list[dict[str, Any]]) -> None:
                     "other staging or eval settings, so not the same rows. A report compares methods on the "
                     "same rows: make one report per setting"
                 )
+    # As many rows can still be other rows (another eval.seed): the stored predictions name them.
+    rows: dict[tuple[int, int], tuple[str, str]] = {}
+    for r in results:
+        for t, by_stage in (stored_predictions(r) or {}).items():
+            for j, arrays in by_stage.items():
+                if "rows" not in arrays:
+                    continue
+                digest = hashlib.sha256(np.asarray(arrays["rows"], dtype=np.int64).tobytes()).hexdigest()
+                first_digest, where = rows.setdefault((t, j), (digest, r["_path"]))
+                if first_digest != digest:
+                    raise EvoloraError(
+                        f"D{j} is evaluated on other samples in {_experiment_of(where)} than in "
+                        f"{_experiment_of(r['_path'])} (as many, not the same: another eval.seed or "
+                        "staging). A report compares methods on the same rows: make one report per setting"
+                    )
 
 
 def _check_same_settings(results: list[dict[str, Any]]) -> None:
