@@ -321,3 +321,27 @@ def test_experiments_scored_on_other_rows_of_the_same_count_are_refused(tmp_path
         build_report([tmp_path / "a", tmp_path / "b"])
     text, _ = build_report([tmp_path / "a"])
     assert "finetune" in text
+
+
+def test_a_mean_over_fewer_stages_says_so_and_a_zero_baseline_keeps_its_column(tmp_path: Path) -> None:
+    """LSAT's ensemble has no nll_valid after stage 1: its mean covers D2 only, and says so. A baseline
+    whose Hit@5 is 0 has no relative gain, shown as "–" instead of the column vanishing."""
+    import json
+
+    from evolora.eval.report import build_report
+
+    for method, valid in (("finetune", [9.0, 8.0]), ("lsat", [9.5, None])):
+        stages = [
+            {"train_stage": t, "eval_stage": t + 1, "n_eval": 5, "metrics": {"hit@5": 0.0, "nll_valid": v}}
+            for t, v in ((1, valid[0]), (2, valid[1]))
+        ]
+        run = {"method": method, "dataset": "d", "task": "next_item", "model": "tiny", "seed": 0,
+               "complete": True, "stages": stages}  # fmt: skip
+        (tmp_path / method).mkdir()
+        (tmp_path / method / "results.json").write_text(json.dumps(run))
+    text, _ = build_report([tmp_path], metrics=["nll_valid", "hit@5"])
+    assert "| lsat | 1 | 9.5000 | – | 9.5000 (D2 only) |" in text
+    assert "| finetune | 1 | 9.0000 | 8.0000 | 8.5000 |" in text
+    hits = text[text.index("HIT@5") :]
+    assert "| method | seeds | D2 | D3 | mean | vs finetune |" in hits
+    assert "| lsat | 1 | 0.0000 | 0.0000 | 0.0000 | – |" in hits

@@ -115,15 +115,21 @@ def metric_table(
     base_vals = base.mean_values(metric, skip) if base else []
     base_mean = float(np.mean(base_vals)) if base_vals else None
     head = ["method", "seeds", *[f"D{s}" for s in stages], "mean"]
-    if base_mean:
+    if base_mean is not None:
         head.append(f"vs {baseline}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    # A method without the metric on a stage others have it on (LSAT's nll_valid) averages fewer stages:
+    # its mean says which, rather than standing beside the others' as if alike.
+    averaged = {s for g in groups for s in g.stage_values(metric)} - {skip}
     for g in groups:
         vals = g.stage_values(metric)
         means = g.mean_values(metric, skip)
-        row = [g.method, str(len(g.runs)), *[_fmt(vals.get(s, [])) for s in stages], _fmt(means)]
-        if base_mean:
-            row.append(f"{relative_gain(means, base_mean, metric):+.2f}%" if means else "–")
+        mean = _fmt(means)
+        if means and (mine := set(vals) - {skip}) != averaged:
+            mean += " (" + ", ".join(f"D{s}" for s in sorted(mine)) + " only)"
+        row = [g.method, str(len(g.runs)), *[_fmt(vals.get(s, [])) for s in stages], mean]
+        if base_mean is not None:  # a baseline at 0 (Hit@5 often is) has no relative gain: "–"
+            row.append(f"{relative_gain(means, base_mean, metric):+.2f}%" if means and base_mean else "–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
