@@ -436,3 +436,19 @@ def test_scripts_refuse_bad_arguments_in_one_line(
     )
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_the_stage_table_shows_an_undefined_metric_as_a_dash() -> None:
+    from rich.console import Console
+
+    from evolora.cli import stage_table
+
+    stages = [
+        {"eval_stage": 2, "metrics": {"auc": 0.61}},
+        {"eval_stage": 3, "metrics": {"auc": float("nan")}},
+    ]
+    results = [{"method": "finetune", "seed": 0, "stages": stages, "summary": {"train_seconds": 3.0}}]
+    console = Console(width=120, record=True)
+    console.print(stage_table(results, ("auc",)))
+    text = console.export_text()
+    assert "nan" not in text and "0.6100" in text and "–" in text, text

@@ -165,10 +165,8 @@ def stage_table(results: list[dict[str, Any]], metric_names: tuple[str, ...]) ->
     for r in results:
         by_stage = {s["eval_stage"]: s for s in r["stages"]}
         for i, m in enumerate(metric_names):
-            cells = [
-                f"{by_stage[s]['metrics'][m]:.4f}" if m in by_stage.get(s, {}).get("metrics", {}) else "–"
-                for s in stages
-            ]
+            values = [by_stage.get(s, {}).get("metrics", {}).get(m) for s in stages]
+            cells = [f"{v:.4f}" if v is not None and v == v else "–" for v in values]  # v == v: not NaN
             kept = [by_stage[t]["metrics"].get(m) for t in stages if t != skip and t in by_stage]
             kept = [v for v in kept if v is not None and v == v]  # v == v: not NaN
             mean = sum(kept) / len(kept) if kept else None

@@ -2,7 +2,9 @@
 
 R[t][j] is a metric of the model after training stage t on the fixed test rows of stage j, the same rows for
 every strategy. With K the last trained stage and h = +1 for a metric where higher is better (-1 where lower
-is, LogLoss), every summary is oriented so that a larger value is better, except `forgetting`:
+is, LogLoss), the differences `bwt` and `fwt` are oriented so that a larger value is better and `forgetting`
+so that a larger value is worse; `average` and `plasticity` are the metric itself (lower is better for
+LogLoss):
 
     average     mean_{j=1..K} R[K][j]                   the final model on every stage it learned
     bwt         mean_{j=1..K-1} h (R[K][j] - R[j][j])   backward transfer (Lopez-Paz & Ranzato, NeurIPS'17):
