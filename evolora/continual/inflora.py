@@ -12,8 +12,12 @@ samples, prompt and answer, as the model sees them in training (padding position
 accumulated and decomposed in fp64 outside autocast, whatever the run's precision.
 
 Stage 1 is plain LoRA (shared with the other strategies); the interference-free design starts at stage 2.
-PESO's release has no InfLoRA; `init: inherit` here means B starts from the previous stage's B (A is always
-designed anew), `fresh` means B starts at zero as in InfLoRA.
+(The paper and the authors' code design A from the first task on.) PESO's release has no InfLoRA; `init:
+inherit` here means B starts from the previous stage's B (A is always designed anew), `fresh` means B starts
+at zero as in InfLoRA. The directions are ranked as the paper writes it, by the eigenvectors of P C P (P the
+projector off the old subspace, C the inputs' second moment); the authors' code takes the SVD of P C, which
+ranks by C^2 and scales A's rows by 1/sqrt(3), where here they are orthonormal (so B's steps act about
+sqrt(3) times more strongly at the same learning rate).
 """
 
 from __future__ import annotations

@@ -14,7 +14,10 @@
     same weight. (Until 2026-12-04 `delta` was the default, wrongly said to be the paper's.)
 
 The paper's grid is {0, 0.1, ..., 1}; the code's TA grid is {0.1, ..., 0.9}. Both adapters start from fresh
-weights, so their training is shared with `retrain` and other runs through the loop's shared store.
+weights, so their training is shared with `retrain` and other runs through the loop's shared store. Like
+`retrain`, the long-term LoRA draws its samples from the stages' training pools; the released code's also
+trains on the earlier stages' validation rows (the last 10% of each). `fusion` applies to `inference:
+fusion` only, `long_stages` to `long_mode: fixed` only.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ FUSED = "fused"
 
 class LsatOptions(StrategyOptions):
     long_stages: int = Field(
-        2, ge=1, description="m: the long-term LoRA learns stages 1..m, then stays fixed"
+        2, ge=1, description="m: the long-term LoRA learns stages 1..m, then stays fixed (paper: 10 of 20)"
     )
     long_mode: Literal["fixed", "full"] = "fixed"
     long_samples: int | None = Field(

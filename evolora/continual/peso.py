@@ -20,7 +20,9 @@ Options (paper vs released code, spec §4.2 and §8):
   fp32 rounding (~1e-7 on log-probabilities near -8) exceeds the term itself (~1e-9 per group for a 0.1%
   change), which leaves its logged value noise. The L2 variants, free of that cancellation, run in fp32.
 
-PESO's recipe also lowers the learning rate after stage 1 (0.1 x); set `train.lr_inherit` for that.
+PESO's recipe also lowers the learning rate after stage 1 (0.1 x); set `train.lr_inherit` for that. Its
+best epoch is chosen by a validation loss that includes the KL term; here, as for every strategy, by the
+task's validation metric or loss alone (`train.select_by`), which the term (~1e-9 per group) hardly moves.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from evolora.errors import ConfigError, EvoloraError
 from evolora.models.personalized import PersonalizedLoRA
 from evolora.tasks.base import Task
 
-# RecLoRA's CRM: DIN over a long ID history, as the paper's code sets it up.
+# RecLoRA's CRM: DIN over a long ID history of up to 60 items. The spec's DIN has three hidden layers of 256
+# (ReLU); evolora's DIN (models/conventional) has two, with PReLU, as its own DIN baseline: `crm.mlp` sets it.
 RECLORA_CRM = ConventionalConfig(max_len=60, mlp=(256, 256), dropout=0.1)
 
 

@@ -6,6 +6,12 @@ learnable magnitude too. Only the directions of past stages are frozen.
 
 PESO's released code rescales earlier adapters repeatedly in its `all` variant (spec §8.7); this
 implementation applies each stored direction once.
+
+Where this differs from the SD-LoRA paper: the paper normalises each past update as a product,
+B_i A_i / ||B_i A_i||_F, and writes the current component the same way; this (PESO's frame, and the SD-LoRA
+authors' code) divides by ||A_i||_F ||B_i||_F and leaves the current adapter unnormalised under its
+magnitude. The defaults are `past: all`, `init: inherit` (PESO's `sdlora_latest` is `past: latest`); the
+paper starts each task's LoRA afresh (`init: fresh`).
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ class SdLora(CumulativeLora[CumulativeOptions]):
     def plan(self, ctx: StageContext) -> list[TrainJob]:
         jobs = super().plan(ctx)
         if ctx.stage > 1:
-            # Fold the learned current magnitude into the weights being frozen, then start it again at 1.
+            # super().plan() has banked the adapter as a direction of magnitude 1. The adapter the new stage
+            # inherits keeps its learned magnitude folded into B, and its own magnitude starts again at 1.
             with torch.no_grad():
                 for name, _, b in self.lm.lora_pairs(MAIN):
                     b.mul_(self.current[name])
