@@ -174,7 +174,7 @@ def test_ensemble_weight_picks_the_best_validation_alpha() -> None:
 # ---------------------------------------------------------------------------------------------- cumulative
 def test_bank_adds_frozen_normalised_updates_and_never_trains_them(lm: LoraLM) -> None:
     ids = torch.tensor([[3, 50, 7, 90, 12]])
-    bank = AdapterBank(lm, MAIN, normalize=True, learnable=False)
+    bank = AdapterBank(lm, MAIN, normalize="factors", learnable=False)
     frozen = {n: (a.detach().clone(), b.detach().clone()) for n, a, b in lm.lora_pairs()}
     bank.push()
     layers = dict(lm.lora_layers())
@@ -208,8 +208,31 @@ def test_bank_adds_frozen_normalised_updates_and_never_trains_them(lm: LoraLM) -
         )
 
 
+def test_product_normalisation_gives_past_updates_of_norm_one(lm: LoraLM) -> None:
+    """SD-LoRA's paper: B_i A_i / ||B_i A_i||_F, the update itself a unit direction (the default of `sdlora`;
+    `factors`, A and B each of norm 1, as its code and PESO do, leaves the update's norm below 1)."""
+    from evolora.config import StrategySpec
+    from evolora.continual import Env, build_strategy
+
+    before = {n: (b @ a).detach() for n, a, b in lm.lora_pairs(MAIN)}
+    norms = {}
+    for mode in ("product", "factors"):
+        bank = AdapterBank(lm, MAIN, normalize=mode)
+        bank.push()
+        norms[mode] = [float((b @ a).norm()) for n in bank.banks for a, b in bank.past_factors(n)]
+        for n in bank.banks:  # the same direction, scaled
+            (a, b), *_ = bank.past_factors(n)
+            torch.testing.assert_close(b @ a, before[n] / before[n].norm() * (b @ a).norm())
+        bank.remove()
+    assert norms["product"] == pytest.approx([1.0] * len(norms["product"]), rel=1e-5)
+    assert max(norms["factors"]) < 0.99
+    cfg = tiny_config(Path("."), Path("."))
+    sdlora = build_strategy(StrategySpec(name="sdlora"), Env(lm, None, cfg), seed=0)  # type: ignore[arg-type]
+    assert sdlora.past_normalization() == "product"
+
+
 def test_learnable_magnitudes_get_gradients(lm: LoraLM) -> None:
-    bank = AdapterBank(lm, MAIN, normalize=True, learnable=True)
+    bank = AdapterBank(lm, MAIN, normalize="factors", learnable=True)
     bank.push()
     ids = torch.tensor([[3, 50, 7, 90, 12]])
     lm.model(input_ids=ids, labels=ids).loss.backward()

@@ -40,7 +40,11 @@ class CumulativeLora(Strategy[CO], Generic[CO]):
     learn_magnitudes: ClassVar[bool] = False
 
     def setup(self) -> None:
-        self.bank = AdapterBank(self.lm, MAIN, normalize=self.normalize_past, learnable=self.learn_magnitudes)
+        self.bank = AdapterBank(self.lm, MAIN, self.past_normalization(), learnable=self.learn_magnitudes)
+
+    def past_normalization(self) -> Literal["factors", "product"] | None:
+        """How the bank normalises past updates (`AdapterBank`): A and B each, or not at all."""
+        return "factors" if self.normalize_past else None
 
     def plan(self, ctx: StageContext) -> list[TrainJob]:
         if ctx.stage == 1:

@@ -7,27 +7,40 @@ learnable magnitude too. Only the directions of past stages are frozen.
 PESO's released code rescales earlier adapters repeatedly in its `all` variant (spec §8.7); this
 implementation applies each stored direction once.
 
-Where this differs from the SD-LoRA paper: the paper normalises each past update as a product,
-B_i A_i / ||B_i A_i||_F, and writes the current component the same way; this (PESO's frame, and the SD-LoRA
-authors' code) divides by ||A_i||_F ||B_i||_F and leaves the current adapter unnormalised under its
-magnitude. The defaults are `past: all`, `init: inherit` (PESO's `sdlora_latest` is `past: latest`); the
-paper starts each task's LoRA afresh (`init: fresh`).
+`normalize`: the paper normalises each past update as a product, B_i A_i / ||B_i A_i||_F (`product`, the
+default since 2026-12-04); PESO's frame and the SD-LoRA authors' code divide by ||A_i||_F ||B_i||_F instead
+(`factors`, which makes ||B^_i A^_i||_F at most 1 and varying with the update's shape). The paper writes the
+current component normalised too; like the authors' code, this leaves it unnormalised under its magnitude
+(a new adapter's B = 0 has no direction). The defaults are `past: all`, `init: inherit` (PESO's
+`sdlora_latest` is `past: latest`); the paper starts each task's LoRA afresh (`init: fresh`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from evolora.continual.base import MAIN, StageContext, TrainJob
 from evolora.continual.cumulative import CumulativeLora, CumulativeOptions
 
 
-class SdLora(CumulativeLora[CumulativeOptions]):
+class SdLoraOptions(CumulativeOptions):
+    normalize: Literal["product", "factors"] = Field(
+        "product", description="past directions: B_i A_i / ||B_i A_i|| (the paper) or A, B each (the code)"
+    )
+
+
+class SdLora(CumulativeLora[SdLoraOptions]):
     name = "sdlora"
+    Options = SdLoraOptions
     learn_magnitudes = True
+    former_defaults: ClassVar[dict[str, Any]] = {"normalize": "factors"}  # until 2026-12-04
+
+    def past_normalization(self) -> Literal["factors", "product"] | None:
+        return self.options.normalize
 
     def setup(self) -> None:
         super().setup()

@@ -5,10 +5,12 @@ For every adapted projection the bank holds the low-rank updates of earlier stag
     sum_i m_i * s * B_i (A_i x)
 
 to the layer's output, where s is the adapter's alpha / r scaling and m_i a magnitude (fixed at 1, or a
-learnable scalar per module and past stage, as SD-LoRA learns them). With `normalize`, A_i and B_i are
-stored divided by their Frobenius norms: the bank then keeps *directions* and the magnitudes set their size
-(SumLoRA and SD-LoRA as PESO's code defines them). All past updates of a module are applied with one pair of
-matrix products over their concatenation, so the cost does not grow with a Python loop over stages.
+learnable scalar per module and past stage, as SD-LoRA learns them). With `normalize`, the bank keeps
+*directions* and the magnitudes set their size: `factors` stores A_i and B_i each divided by its Frobenius
+norm (SumLoRA and SD-LoRA as PESO's code and SD-LoRA's code define them), `product` divides both by
+sqrt(||B_i A_i||_F), so the update B_i A_i itself has norm 1 (the SD-LoRA paper). All past updates of a
+module are applied with one pair of matrix products over their concatenation, so the cost does not grow
+with a Python loop over stages.
 
 The stored A_i and B_i are buffers, never parameters: nothing in the bank can be trained except the
 magnitudes, and only when asked.
@@ -16,7 +18,7 @@ magnitudes, and only when asked.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,13 @@ class _ModuleBank:
 class AdapterBank:
     """Past stages' LoRA updates of one adapter, frozen into forward hooks on its layers."""
 
-    def __init__(self, lm: LoraLM, adapter: str = "default", normalize: bool = True, learnable: bool = False):
+    def __init__(
+        self,
+        lm: LoraLM,
+        adapter: str = "default",
+        normalize: Literal["factors", "product"] | None = "factors",
+        learnable: bool = False,
+    ):
         self.lm = lm
         self.adapter = adapter
         self.normalize = normalize
@@ -92,9 +100,13 @@ class AdapterBank:
         with without_autocast():
             for name, a, b in self.lm.lora_pairs(self.adapter):
                 a, b = a.detach().float().clone(), b.detach().float().clone()
-                if self.normalize:
+                if self.normalize == "factors":
                     a = a / a.norm().clamp_min(1e-12)
                     b = b / b.norm().clamp_min(1e-12)
+                elif self.normalize == "product":
+                    # ||B A||_F^2 = sum((B^T B) * (A A^T)): r x r products, never the d_out x d_in update
+                    root = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt().sqrt().clamp_min(1e-12)
+                    a, b = a / root, b / root
                 self.banks[name].add(a, b, self.learnable)
         self.size += 1
 
