@@ -189,3 +189,22 @@ def test_mixed_rankings_are_the_mixture_of_the_probabilities() -> None:
     alone = mix_rankings([long, short], [1.0, 0.0], k=3)  # weight 0: that member is left out, exactly
     np.testing.assert_array_equal(alone.scores, long.scores)
     np.testing.assert_array_equal(alone.target_logp, long.target_logp)
+
+
+def test_excluded_items_never_swallow_a_beam(setup) -> None:
+    """A beam must not walk into a part of the trie that holds only excluded items: it would end on none,
+    and the search would return fewer than `beams` items although allowed ones remain."""
+    lm, trie, seqs, prompts = setup
+    greedy = int(beam_search(lm, prompts[:1], trie, beams=1).items[0, 0])
+    banned = {i for i, s in enumerate(seqs) if s[0] == seqs[greedy][0]}  # all of the greedy path's subtree
+    for beams in (1, 3):
+        found = beam_search(lm, prompts[:1], trie, beams=beams, exclude=[banned]).items[0].tolist()
+        assert -1 not in found and not banned & set(found), (beams, found)
+    # the trie's answer against scanning every sequence
+    for prefix in [(), (seqs[0][0],), tuple(seqs[3][:2]), tuple(seqs[greedy][:2])]:
+        expected = {
+            s[len(prefix)]
+            for i, s in enumerate(seqs)
+            if tuple(s[: len(prefix)]) == prefix and i not in banned
+        }
+        assert sorted(trie.children_leading_outside(prefix, banned)) == sorted(expected)

@@ -88,6 +88,22 @@ class ItemTrie:
         block = self._columns[len(prefix), lo:hi]
         return block[np.flatnonzero(np.r_[True, block[1:] != block[:-1]])].tolist()
 
+    def children_leading_outside(self, prefix: tuple[int, ...], exclude: set[int]) -> list[int]:
+        """The tokens that may follow `prefix` and still lead to an item not in `exclude` (a beam that takes
+        another would end on no item it may return)."""
+        if len(prefix) >= self.depth:
+            return []
+        lo, hi = self._block(prefix) if prefix else (0, len(self._index))
+        block = self._columns[len(prefix), lo:hi]
+        starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]])
+        ends = np.r_[starts[1:], len(block)]
+        out = []
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            # more items than excluded ones: some item under this token is allowed, without looking
+            if e - s > len(exclude) or any(int(i) not in exclude for i in self._index[lo + s : lo + e]):
+                out.append(int(block[s]))
+        return out
+
     def item(self, seq: tuple[int, ...]) -> int:
         """Item index of a complete sequence, -1 for a sequence that is no item."""
         if len(seq) != self.depth:
@@ -236,9 +252,10 @@ def beam_search(
                 if levelwise:
                     allowed[row, level_sets[step]] = 0.0
                     continue
-                nxt = trie.children(seqs[q][b])
-                if step == trie.depth - 1 and exclude and exclude[q]:
-                    nxt = [t for t in nxt if trie.item((*seqs[q][b], t)) not in exclude[q]]
+                if exclude and exclude[q]:  # at every level: a beam must not walk into excluded items only
+                    nxt = trie.children_leading_outside(seqs[q][b], exclude[q])
+                else:
+                    nxt = trie.children(seqs[q][b])
                 if nxt:
                     allowed[row, nxt] = 0.0
         total = (scores.reshape(-1, 1) + logp + allowed).reshape(n, beams * vocab)
