@@ -404,6 +404,18 @@ def test_a_run_recorded_before_a_default_changed_is_not_continued_under_the_new_
     assert "init: 'inherit' -> 'fresh'" in result.output.replace("\n", ""), result.output
     pinned = ["run", str(config), "--set", "strategies=[{name: olora, label: o, init: inherit}]"]
     assert runner.invoke(app, pinned).exit_code == 0
+    # LSAT's former fusion default mattered only for inference: fusion; an ensemble run carries on
+    ensemble = ["run", str(config), "--set", "name=en", "--set", "strategies=[{name: lsat, long_stages: 1}]"]
+    assert runner.invoke(app, ensemble).exit_code == 0
+    marker = next((tmp_path / "runs" / "en").rglob("run.json"))
+    marker.write_text(json.dumps({"strategy": "lsat", "options": {"long_stages": 1}}))
+    result = runner.invoke(app, ensemble)
+    assert result.exit_code == 0, result.output
+    fused = [*ensemble[:-1], "strategies=[{name: lsat, label: ta, long_stages: 1, inference: fusion}]"]
+    assert runner.invoke(app, fused).exit_code == 0
+    marker = next((tmp_path / "runs" / "en" / "ta").rglob("run.json"))
+    marker.write_text(json.dumps({"strategy": "lsat", "options": {"long_stages": 1, "inference": "fusion"}}))
+    assert "fusion: 'delta' -> 'factors'" in runner.invoke(app, fused).output.replace("\n", "")
 
 
 @pytest.mark.parametrize(

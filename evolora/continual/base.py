@@ -125,6 +125,12 @@ class Strategy(Generic[OptionsT]):
     #: (before 2026-12-04): such a folder is refused rather than continued under the new default
     former_defaults: ClassVar[dict[str, Any]] = {}
 
+    @classmethod
+    def as_recorded_before(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options of a run folder recorded without their defaults, with `former_defaults` where they
+        applied (a strategy whose former default mattered only in some settings narrows this)."""
+        return {**cls.former_defaults, **options}
+
     def __init__(self, options: OptionsT, env: Env, seed: int) -> None:
         self.options: OptionsT = options
         self.env = env

@@ -167,7 +167,7 @@ class StageLoop:
             return dict(old.get("options", {}))
         if "with_defaults" in old:
             return {**options_with_defaults(type(self.s), {}), **old["with_defaults"]}
-        return self._normalised_options(strategy, {**self.s.former_defaults, **old.get("options", {})})
+        return self._normalised_options(strategy, self.s.as_recorded_before(old.get("options", {})))
 
     # ------------------------------------------------------------------ saving and restoring the chain
     def _save_trained(self, t: int, jobs: list[dict[str, Any]]) -> None:

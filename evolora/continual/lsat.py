@@ -66,6 +66,12 @@ class Lsat(Strategy[LsatOptions]):
     former_defaults: ClassVar[dict[str, Any]] = {"fusion": "delta"}  # until 2026-12-04
     plain_predict = False
 
+    @classmethod
+    def as_recorded_before(cls, options: dict[str, Any]) -> dict[str, Any]:
+        if options.get("inference", "ensemble") != "fusion":  # the fusion default did not apply
+            return dict(options)
+        return super().as_recorded_before(options)
+
     def setup(self) -> None:
         self.o = self.options
         self.weight: float | None = None
