@@ -41,7 +41,7 @@ from evolora.config import (
     config_to_dict,
     definite_candidates,
 )
-from evolora.continual import Env, build_strategy, check_strategy_specs
+from evolora.continual import Env, build_strategy, check_strategy_specs, run_options
 from evolora.continual.loop import StageLoop, is_trained
 from evolora.continual.shared import SharedStore
 from evolora.data import InteractionData
@@ -575,7 +575,8 @@ def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared,
         raise ConfigError(f"{config}: missing; the experiment's configuration is needed to rebuild the run")
     cfg = load_config(config)
     t = trained_stage(run_dir, results, stage, cfg.protocol)
-    spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
+    # the options it ran with, defaults as they were then: a default changed since must not change it
+    spec = StrategySpec(name=results["strategy"], label=results["method"], **run_options(run_dir, results))
     prepared = prepare_data(cfg)
     lm, task = build_model_and_task(cfg, prepared)
     strategy = build_strategy(spec, Env(lm, task, cfg, prepared), results["seed"])

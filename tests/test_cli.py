@@ -416,6 +416,14 @@ def test_a_run_recorded_before_a_default_changed_is_not_continued_under_the_new_
     marker = next((tmp_path / "runs" / "en" / "ta").rglob("run.json"))
     marker.write_text(json.dumps({"strategy": "lsat", "options": {"long_stages": 1, "inference": "fusion"}}))
     assert "fusion: 'delta' -> 'factors'" in runner.invoke(app, fused).output.replace("\n", "")
+    # ... and what serves, exports or updates such a run rebuilds it as it ran: with the former default
+    from evolora.experiment import restore_run
+
+    strategy, _, _ = restore_run(marker.parent)
+    try:
+        assert strategy.options.fusion == "delta"
+    finally:
+        strategy.teardown()
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,6 +21,7 @@ from evolora.continual.retrain import Retrain
 from evolora.continual.sdlora import SdLora
 from evolora.continual.sumlora import SumLora
 from evolora.errors import ConfigError
+from evolora.io import read_json
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Frozen, Finetune, Retrain, Peso, Lsat, SumLora, SdLora, InfLora, OLora, RecLora)
@@ -59,6 +61,28 @@ def check_strategy_specs(specs: list[StrategySpec]) -> None:
 
 
 __all__ = ["STRATEGIES", "Env", "Strategy", "build_strategy", "check_strategy_specs"]
+
+
+def recorded_options(record: dict[str, Any]) -> dict[str, Any]:
+    """The options a run folder's record (its run.json, or a results.json from before run.json) says its
+    strategy ran with, every default filled in as it was then: the record's `with_defaults` (written from
+    2026-12-04 on; an option added since takes its default, which keeps the old behaviour), or the options
+    given with the defaults of before where they have changed since (`Strategy.as_recorded_before`)."""
+    cls = STRATEGIES.get(record.get("strategy"))  # type: ignore[arg-type]
+    options = record.get("options", {})
+    if cls is None:
+        return dict(options)
+    if "with_defaults" in record:
+        return {**options_with_defaults(cls, {}), **record["with_defaults"]}
+    return options_with_defaults(cls, cls.as_recorded_before(options))
+
+
+def run_options(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """`recorded_options` of a run folder whose results.json says `results`: what rebuilding its strategy
+    (to serve, export or update it) must pass, or a changed default would silently change the model."""
+    marker = run_dir / "run.json"
+    record = read_json(marker, "Delete it to accept the current options.") if marker.is_file() else results
+    return recorded_options(record)
 
 
 def normalised_options(strategy: Any, options: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from evolora import cost, parallel
+from evolora.continual import recorded_options
 from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob, options_with_defaults
 from evolora.continual.shared import SharedStore
 from evolora.data.samples import (
@@ -159,15 +160,11 @@ class StageLoop:
         return options_with_defaults(type(self.s), options)
 
     def _recorded_options(self, old: dict[str, Any]) -> dict[str, Any]:
-        """The options a run folder was made with, every default filled in as it was then: recorded with
-        them (`with_defaults`; an option added since takes its default, which keeps the old behaviour), or,
-        in a folder recorded without them, the strategy's `former_defaults` before today's."""
-        strategy = old.get("strategy")
-        if strategy != getattr(self.s, "name", None):
+        """The options the run folder was made with, defaults as they were then (`recorded_options`); as
+        written when it was another strategy's."""
+        if old.get("strategy") != getattr(self.s, "name", None):
             return dict(old.get("options", {}))
-        if "with_defaults" in old:
-            return {**options_with_defaults(type(self.s), {}), **old["with_defaults"]}
-        return self._normalised_options(strategy, self.s.as_recorded_before(old.get("options", {})))
+        return recorded_options(old)
 
     # ------------------------------------------------------------------ saving and restoring the chain
     def _save_trained(self, t: int, jobs: list[dict[str, Any]]) -> None:

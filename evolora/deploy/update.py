@@ -40,7 +40,7 @@ import polars as pl
 from evolora.allocator import keep_freed_memory
 from evolora.bundle import write_bundle
 from evolora.config import RunConfig, StrategySpec, load_config, parse_override
-from evolora.continual import Env, build_strategy
+from evolora.continual import Env, build_strategy, run_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
 from evolora.data.digest import data_digest
@@ -186,7 +186,9 @@ def _update(
     )  # fmt: skip
 
     lm, task = build_model_and_task(cfg, prepared)
-    spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
+    # the options it ran with, defaults as they were then: a default changed since must not change it
+    options = run_options(root / results["method"] / f"seed{results['seed']}", results)
+    spec = StrategySpec(name=results["strategy"], label=results["method"], **options)
     strategy = build_strategy(spec, Env(lm, task, cfg, prepared), results["seed"])
     try:
         strategy.setup()
