@@ -424,6 +424,15 @@ def test_a_run_recorded_before_a_default_changed_is_not_continued_under_the_new_
         assert strategy.options.fusion == "delta"
     finally:
         strategy.teardown()
+    # and a report does not average it with a run given the same options today as seeds of one setting
+    again = ["run", str(config), "--set", "name=ta2", "--set", "seeds=[1]", "--set", fused[-1]]
+    assert runner.invoke(app, again).exit_code == 0
+    runs = tmp_path / "runs"
+    result = runner.invoke(
+        app, ["report", str(runs / "en" / "ta"), str(runs / "ta2"), "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2, result.output
+    assert "fusion: 'delta' -> 'factors'" in result.output.replace("\n", ""), result.output
 
 
 @pytest.mark.parametrize(

@@ -83,10 +83,3 @@ def run_options(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     marker = run_dir / "run.json"
     record = read_json(marker, "Delete it to accept the current options.") if marker.is_file() else results
     return recorded_options(record)
-
-
-def normalised_options(strategy: Any, options: dict[str, Any]) -> dict[str, Any]:
-    """A registered strategy's options with every default filled in (`options_with_defaults`); as written
-    for a strategy the registry does not know."""
-    cls = STRATEGIES.get(strategy) if isinstance(strategy, str) else None
-    return dict(options) if cls is None else options_with_defaults(cls, options)
