@@ -195,7 +195,9 @@ class StagingConfig(Section):
     * `lsat`: the last `last_n` interactions (all when null) cut into `n_stages` periods of equal count
       (`by: count`) or equal length in time (`by: time`); earlier interactions stay as history only.
     * `peso`: the first `base_fraction` of interactions is D1, the rest `n_stages - 1` equal-count blocks.
-    * `global`: one chronological split by `ratios` (RecLoRA's 8:1:1); `n_stages` is `len(ratios)`.
+    * `global`: interactions cut once by time in `ratios` (default 8:1:1, RecLoRA's proportions), each part a
+      stage; `n_stages` is `len(ratios)`. RecLoRA trains on the 80% and tests on the last 10%; here the parts
+      are continual stages under `protocol`, and its cut is on interactions, not samples.
     * `preset`: the stages a dataset comes with (`data.format: peso`, or a table's `data.columns.stage`);
       `n_stages`, if set, must match them. The count comes from the data: use
       `evolora.data.num_stages_of` on the staged table.
@@ -205,8 +207,9 @@ class StagingConfig(Section):
       holding models against figures published on that split. Not continual: one model, one evaluation.
     * `auto` (default): `preset` for a dataset that comes in stages, else `lsat` (a run records which).
 
-    Interactions with the same timestamp always fall in the same stage, so training data never shares a
-    timestamp with the data it is evaluated on.
+    Interactions with the same timestamp always fall in the same stage, so no stage's training data shares
+    a timestamp with a later stage's. Within a stage, the cut between training and validation pools and
+    leave-last-out's last items follow time and then file order: tied timestamps may straddle them.
     """
 
     scheme: Literal["auto", "lsat", "peso", "global", "preset", "single"] = "auto"

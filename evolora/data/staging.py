@@ -38,9 +38,12 @@ def stage_lsat(
     """LSAT's periods (Shi et al., CIKM'24, arXiv 2312.15599): the last `last_n` interactions (all when None)
     form the window.
 
-    `by="count"` cuts the window into `n_stages` periods of equal count (their MovieLens-1M setup: 20 x
-    10,000); `by="time"` into `n_stages` bins of equal length in time (their Amazon-Book setup: 20 bins of
-    ~76 days). Interactions before the window are stage 0 (history only).
+    `by="count"` cuts the window into `n_stages` periods of equal interaction count (their MovieLens-1M
+    setup is 20 x 10,000 *samples*: they build samples first and cut those, so a period here holds a few
+    percent fewer samples, those whose user lacks `min_history` earlier interactions); `by="time"` into
+    `n_stages` bins of equal length in time, from the window's first interaction to its last (their
+    Amazon-Book setup: 20 bins of ~76 days over a fixed calendar window). Interactions before the window
+    are stage 0 (history only).
     """
     df = _sorted(df)
     ts = df["timestamp"].to_numpy()
@@ -90,9 +93,10 @@ def stage_peso(df: pl.DataFrame, n_stages: int = 5, base_fraction: float = 0.6) 
 
 
 def stage_global(df: pl.DataFrame, ratios: Sequence[float] = (0.8, 0.1, 0.1)) -> pl.DataFrame:
-    """RecLoRA's split (Zhu et al., "Lifelong Personalized Low-Rank Adaptation of Large Language Models for
-    Recommendation", KDD'24, arXiv 2408.03533): one split by global timestamp in `ratios` (8:1:1), giving
-    stages 1..len(ratios)."""
+    """One cut by global timestamp in `ratios` (8:1:1 by default, the proportions of RecLoRA's split: Zhu et
+    al., KDD'24, arXiv 2408.03533), giving stages 1..len(ratios). RecLoRA cuts its samples so and trains on
+    the first part, validates on the second, tests on the third; this cuts interactions, and the parts are
+    continual stages, so `protocol` decides what trains and what is tested."""
     if len(ratios) < 2 or any(r <= 0 for r in ratios):
         raise DataError(f"staging global: ratios must be at least two positive numbers, got {list(ratios)}")
     df = _sorted(df)
