@@ -232,16 +232,23 @@ def test_cold_items_are_scored_by_their_text(arrivals_dir: Path, tmp_path: Path)
     assert aucs["two_tower"] > 0.9 and abs(aucs["mf"] - 0.5) < 0.15, aucs
 
 
-def test_exclude_history_never_recommends_a_history_item(cycle_dir: Path, tmp_path: Path) -> None:
-    over = {**NEXT_ITEM_CYCLE, "task.exclude_history": "true"}
+@pytest.mark.parametrize("max_len", [50, 2])
+def test_exclude_history_never_recommends_a_history_item(
+    cycle_dir: Path, tmp_path: Path, max_len: int
+) -> None:
+    """The items left out are the prompt's (task.history_len), as for the LLM, also where the model reads
+    fewer (model.conventional.max_len)."""
+    over = {**NEXT_ITEM_CYCLE, "task.exclude_history": "true", "model.conventional.max_len": max_len}
     lm, task, prepared = build(config(cycle_dir, tmp_path, "gru4rec", **over))
     task.before_stage(lm, 1)
     fit(lm, task, prepared.pools[1].train, epochs=2)
     rows = prepared.pools[1].test
     ranked = task.predict(lm, rows, 16)
-    batch = task.batch(rows)
-    for q in range(len(rows)):
-        history = set(batch.hist[q].tolist()) - {0}
+    index = task.space.item_index()
+    hist = task.table.df["hist_items"]
+    assert max(len(task.batch(rows[q : q + 1]).hist[0]) for q in range(len(rows))) <= max_len
+    for q, r in enumerate(rows):
+        history = {index[i] for i in hist[int(r)].to_list()[-8:]}
         assert history and not history & set(ranked.items[q].tolist())
 
 

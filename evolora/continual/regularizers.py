@@ -7,6 +7,8 @@ for why), the others in fp32.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
@@ -60,7 +62,7 @@ def orthogonality_loss(
     a: torch.Tensor,
     b: torch.Tensor,
     include_b: bool,
-    form: str = "squared",
+    form: Literal["squared", "abs"] = "squared",
 ) -> torch.Tensor:
     """sum_i ||A_i A^T||_F^2 (+ ||B_i^T B||_F^2) for one module; `form="abs"`: the entries' absolute values
     summed instead of their squares."""

@@ -17,6 +17,7 @@ sample keeps), like/dislike flags of the history (CTR), and the sample's stage.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import Any, cast
 
@@ -188,8 +189,9 @@ class ConventionalNextItemTask(_ConventionalTask):
     def candidate_scores(self, lm: ConventionalBackbone, rows: np.ndarray) -> torch.Tensor:
         """[len(rows), n] log-softmax over each row's candidates (-inf elsewhere), n = the largest set.
 
-        A row's candidates are the items of stages <= its own stage (minus its history with
-        `exclude_history`); index 0 is never one.
+        A row's candidates are the items of stages <= its own stage (minus the latest `task.history_len`
+        items of its history with `exclude_history`, those the LLM's prompt holds and its ranking leaves
+        out, however many the model reads); index 0 is never one.
         """
         model = lm.model
         limits = torch.as_tensor(self.known[self.stages[np.asarray(rows, dtype=np.int64)]], device=lm.device)
@@ -199,10 +201,17 @@ class ConventionalNextItemTask(_ConventionalTask):
         cols = torch.arange(n, device=lm.device)
         outside = (cols[None, :] >= limits[:, None]) | (cols[None, :] == 0)
         if self.cfg.exclude_history:
-            outside = outside | torch.zeros_like(outside).scatter_(1, batch.hist.clamp(max=n - 1), True)
+            excluded = self._excluded[torch.from_numpy(np.asarray(rows, dtype=np.int64))].to(lm.device)
+            outside = outside | torch.zeros_like(outside).scatter_(1, excluded.clamp(max=n - 1), True)
             outside[:, 0] = True
         scores = scores.masked_fill(outside, -torch.inf)
         return torch.log_softmax(scores, dim=1)
+
+    @functools.cached_property
+    def _excluded(self) -> torch.Tensor:
+        """[samples, task.history_len] item indices `exclude_history` leaves out (0: none)."""
+        width = max(1, self.cfg.history_len)
+        return torch.from_numpy(history_matrix(self.table.df["hist_items"], width, self.space.item_index()))
 
     def _top(self, scores: torch.Tensor) -> Ranked:
         vals, idx = stable_top_k(scores, self.k)
