@@ -558,14 +558,22 @@ class EvalConfig(Section):
     them). Every strategy is judged on the same fixed-seed rows of each stage. Under next_stage a stage's
     test pool is the whole stage, so with `seen`/`all` each stage's evaluation rows are held out of its
     training and validation pools (no entry scores a row the model trained on; the training draws then
-    differ from a `next` run's): set `max_samples` so that they are a small part of each stage.
+    differ from a `next` run's): set `max_samples` so that they are a small part of each stage. A held-out
+    interaction still appears in the histories of its user's later rows (a CTR prompt lists it as liked or
+    disliked); `hold_out_histories` also drops those rows from training and validation, so no held-out
+    label reaches a model even as context.
     """
 
     max_samples: int | None = Field(None, gt=0)
     batch_size: int = Field(16, ge=1)
     seed: int = Field(0, ge=0)
-    added_keys = ("stages",)
+    added_keys = ("stages", "hold_out_histories")
     stages: Literal["next", "seen", "all"] = "next"
+    hold_out_histories: bool = Field(
+        False,
+        description="with stages seen/all: also drop training and validation rows whose history holds a "
+        "held-out evaluation row's interaction",
+    )
 
 
 class UpdateConfig(Section):

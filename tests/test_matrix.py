@@ -80,6 +80,37 @@ def test_test_rows_held_out_of_training_under_next_stage(matrix_run, sunny_dir: 
         prepare_data(tiny_config(sunny_dir, tmp_path, **{"eval.stages": "seen", "eval.max_samples": "null"}))
 
 
+def test_hold_out_histories_keeps_held_out_labels_out_of_training_prompts(
+    matrix_run, sunny_dir: Path, tmp_path: Path
+) -> None:
+    """A held-out row's interaction appears in the histories of its user's later rows; with
+    `eval.hold_out_histories` those rows leave training and validation too."""
+    from evolora.data.samples import rows_reading
+
+    for drop in (False, True):
+        cfg = tiny_config(
+            sunny_dir,
+            tmp_path / str(drop),
+            **LEARN,
+            **{"eval.stages": "all", "eval.hold_out_histories": drop},
+        )
+        prepared = prepare_data(cfg)
+        df = prepared.table.df
+        leaks = 0
+        for s, p in prepared.pools.items():
+            held = evaluation_rows(prepared.pools, s, cfg.eval.max_samples, cfg.eval.seed)
+            pairs = {(df["user_id"][int(h)], df["item_id"][int(h)]) for h in held}
+            for r in np.r_[p.train, p.valid]:
+                user, history = df["user_id"][int(r)], df["hist_items"][int(r)].to_list()
+                leaks += any((user, item) in pairs for item in history)
+            assert not rows_reading(prepared.table, held, np.r_[p.train, p.valid]).size or not drop
+        assert (leaks == 0) == drop, leaks
+    # a key added since experiments were recorded: at its default it leaves the experiment's key alone
+    from evolora.experiment import context_of
+
+    assert "hold_out_histories" not in context_of(matrix_run)["eval"]
+
+
 def test_diagonal_is_the_ordinary_evaluation_under_leave_last_out(sunny_dir: Path, tmp_path: Path) -> None:
     # leave_last_out tests a model on its own stage: pools do not change, so a `seen` run's diagonal is a
     # `next` run's metrics (a separate experiment, computed again).

@@ -76,7 +76,8 @@ def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) 
         table = add_sampled_negatives(table, staged, cfg.data.negatives, cfg.data.negative_seed)
     pools = split_pools(table, cfg.protocol, cfg.train.valid_fraction)
     if cfg.eval.stages != "next" and cfg.protocol == "next_stage":  # a stage's test pool is all of it
-        pools = hold_out_evaluation_rows(pools, cfg.eval.max_samples, cfg.eval.seed)
+        histories = table if cfg.eval.hold_out_histories else None
+        pools = hold_out_evaluation_rows(pools, cfg.eval.max_samples, cfg.eval.seed, histories)
     for s, p in pools.items():
         log.info(
             "stage %d: %d samples (train pool %d, valid %d, test %d)",

@@ -194,13 +194,21 @@ def matrix_stages(train_stage: int, protocol: str, n_stages: int, which: str) ->
 
 
 def hold_out_evaluation_rows(
-    pools: dict[int, StagePools], max_samples: int | None, seed: int
+    pools: dict[int, StagePools], max_samples: int | None, seed: int, histories: SampleTable | None = None
 ) -> dict[int, StagePools]:
     """next_stage with a matrix (`eval.stages: seen | all`): each stage's evaluation rows leave its train and
-    valid pools, so that no matrix entry scores a row its model trained on or selected epochs with."""
+    valid pools, so that no matrix entry scores a row its model trained on or selected epochs with. With
+    `histories` (the sample table: `eval.hold_out_histories`), so do the rows whose history holds a held-out
+    row's interaction, so that no held-out label reaches training even as context."""
     out = {}
     for s, p in pools.items():
         held = evaluation_rows(pools, s, max_samples, seed)
+        if histories is not None:
+            reading = rows_reading(histories, held, np.concatenate([p.train, p.valid]))
+            log.info(
+                "stage %d: %d training/validation rows read a held-out row in their history", s, len(reading)
+            )
+            held = np.union1d(held, reading)
         train, valid = np.setdiff1d(p.train, held), np.setdiff1d(p.valid, held)
         if len(train) == 0:
             raise DataError(
@@ -210,6 +218,26 @@ def hold_out_evaluation_rows(
             )
         out[s] = StagePools(s, train, valid, p.test)
     return out
+
+
+def rows_reading(table: SampleTable, held: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """The rows of `among` whose history holds the interaction of a `held` row: the same user and item, at
+    or after its time (a sampled negative is no interaction: nobody's history holds it)."""
+    df = table.df.with_row_index("row")
+    real = ~pl.col("sampled") if "sampled" in df.columns else pl.lit(True)
+    interactions = (
+        df[np.asarray(held, dtype=np.int64)]
+        .filter(real)
+        .select("user_id", pl.col("item_id").alias("read"), pl.col("timestamp").alias("held_at"))
+    )
+    readers = (
+        df[np.asarray(among, dtype=np.int64)]
+        .select("row", "user_id", "timestamp", pl.col("hist_items").alias("read"))
+        .explode("read")
+        .join(interactions, on=["user_id", "read"])
+        .filter(pl.col("timestamp") >= pl.col("held_at"))
+    )
+    return np.unique(readers["row"].to_numpy().astype(np.int64))
 
 
 def draw(rows: np.ndarray, budget: int | None, seed: int, stage: int, salt: int) -> np.ndarray:
