@@ -6,7 +6,9 @@ the log of how often item i was the next item in training, so the ranking is the
 frequency, the same list for every user (RecBole's `Pop` counts instead; a learned bias behaves the same
 under `finetune`: it follows the newest stages, and with weight decay 0 it keeps what it had for items that
 no longer occur). For CTR, b_i is the item's log-odds of being liked. A cold item (never a training target)
-gets the mean trained bias, so cold items tie and ties go to the older item.
+gets the mean trained bias, so cold items tie and ties go to the older item. So the ranking follows training
+frequency among the items that were targets; an item known but never a target ranks at the mean, above the
+rarest targets, where RecBole's counts put it last (its bias, pushed down as a softmax negative, is not used).
 """
 
 from __future__ import annotations
