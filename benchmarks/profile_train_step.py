@@ -16,6 +16,10 @@ of `--steps` steps (medians; the device synchronised around the clock, two warm-
 
 `default_way` says which of the first two a run uses on this device (`models.llm.splits_prefix`). For those
 two, `score_step_s` is the time of scoring the same batch (yes/no logits, no gradient), measured the same way.
+`trainer_step_s` is a step of evolora's own epoch loop (`train.trainer._train_epoch` over as many rows, in
+batches of the same size, without length grouping), alternated with the others: what the loop adds to the
+default way's bare step (reading the loss for the progress bar, clipping, the scheduler), which on a GPU
+includes a host-device synchronisation per step.
 
 Then each is profiled for a few steps with `torch.profiler`: the operations launched per step (on a GPU, the
 kernels; on a CPU, the aten operations) and the share of the step's wall time the device was busy
@@ -168,6 +172,17 @@ def main() -> None:
             "plain_hf_peft": plain_step,
         }
 
+    def trainer_epoch(rows: np.ndarray, batch: int) -> Callable[[int], None]:
+        from evolora.train.trainer import _train_epoch
+
+        tcfg = cfg.train.model_copy(update={"batch_size": batch, "grad_accum": 1, "group_by_length": False})
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+        def epoch(i: int) -> None:
+            _train_epoch(lm, task, params, rows, tcfg, 0, i, optimizer, scheduler, None, "profiling")
+
+        return epoch
+
     def scoring(batches: list[np.ndarray], separate: bool) -> Callable[[int], None]:
         def score(i: int) -> None:
             lm.separate_prefix_pass = separate
@@ -183,12 +198,15 @@ def main() -> None:
         batches = [pool[s : s + batch] for s in starts]
         steps = ways(batches)
         scores = {"prefix_pass": scoring(batches, True), "prefix_in_every_row": scoring(batches, False)}
+        epoch = trainer_epoch(np.concatenate(batches[: args.steps]), batch)
         times: dict[str, list[float]] = {name: [] for name in [*steps, *(f"score {n}" for n in scores)]}
+        times["trainer"] = []
         for _ in range(args.repeats):
             for name, fn in steps.items():
                 times[name].append(_timed(fn, args.steps, device))
             for name, fn in scores.items():
                 times[f"score {name}"].append(_timed(fn, args.steps, device))
+            times["trainer"].append(_timed(epoch, 1, device) / args.steps)  # one epoch = `steps` steps
         row: dict = {"batch": batch, "ways": {}}
         for name, fn in steps.items():
             seconds = statistics.median(times[name])
@@ -200,8 +218,9 @@ def main() -> None:
             }
             if name in scores:
                 row["ways"][name]["score_step_s"] = round(statistics.median(times[f"score {name}"]), 5)
-            if name == default_way and not top:
-                top = _top(events, device)
+            if name == default_way:
+                row["ways"][name]["trainer_step_s"] = round(statistics.median(times["trainer"]), 5)
+                top = top or _top(events, device)
         lm.separate_prefix_pass = None
         base = row["ways"]["plain_hf_peft"]["step_s"]
         for figures in row["ways"].values():
