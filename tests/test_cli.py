@@ -397,8 +397,8 @@ def test_a_run_recorded_before_a_default_changed_is_not_continued_under_the_new_
     )
     assert runner.invoke(app, ["run", str(config)]).exit_code == 0
     marker = next((tmp_path / "runs").rglob("run.json"))
-    assert json.loads(marker.read_text())["with_defaults"]["init"] == "fresh"  # recorded with its defaults
-    marker.write_text(json.dumps({"strategy": "olora", "options": {}}))  # as recorded before 2026-12-04
+    assert json.loads(marker.read_text())["options"]["init"] == "fresh"  # every option is recorded
+    marker.write_text(json.dumps({"strategy": "olora", "options": {}}))  # only the options given
     result = runner.invoke(app, ["run", str(config)])
     assert result.exit_code == 2, result.output
     assert "init: 'inherit' -> 'fresh'" in result.output.replace("\n", ""), result.output
@@ -422,6 +422,19 @@ def test_a_run_recorded_before_a_default_changed_is_not_continued_under_the_new_
     strategy, _, _ = restore_run(marker.parent)
     try:
         assert strategy.options.fusion == "delta"
+    finally:
+        strategy.teardown()
+    # SD-LoRA's runs from before `normalize` existed recorded every other option: they ran with `factors`
+    sd = ["run", str(config), "--set", "name=sd", "--set", "strategies=[sdlora]"]
+    assert runner.invoke(app, sd).exit_code == 0
+    marker = next((tmp_path / "runs" / "sd").rglob("run.json"))
+    recorded = json.loads(marker.read_text())
+    del recorded["options"]["normalize"]
+    marker.write_text(json.dumps(recorded))
+    assert "normalize: 'factors' -> 'product'" in runner.invoke(app, sd).output.replace("\n", "")
+    strategy, _, _ = restore_run(marker.parent)
+    try:
+        assert strategy.options.normalize == "factors" and strategy.past_normalization() == "factors"
     finally:
         strategy.teardown()
     # and a report does not average it with a run given the same options today as seeds of one setting

@@ -65,15 +65,13 @@ __all__ = ["STRATEGIES", "Env", "Strategy", "build_strategy", "check_strategy_sp
 
 def recorded_options(record: dict[str, Any]) -> dict[str, Any]:
     """The options a run folder's record (its run.json, or a results.json from before run.json) says its
-    strategy ran with, every default filled in as it was then: the record's `with_defaults` (written from
-    2026-12-04 on; an option added since takes its default, which keeps the old behaviour), or the options
-    given with the defaults of before where they have changed since (`Strategy.as_recorded_before`)."""
+    strategy ran with. A run records every option it had; one it lacks did not exist yet, and takes the value
+    that gives the behaviour of then (`Strategy.as_recorded_before`: SD-LoRA's `normalize` was `factors`
+    before it was an option), else today's default."""
     cls = STRATEGIES.get(record.get("strategy"))  # type: ignore[arg-type]
     options = record.get("options", {})
     if cls is None:
         return dict(options)
-    if "with_defaults" in record:
-        return {**options_with_defaults(cls, {}), **record["with_defaults"]}
     return options_with_defaults(cls, cls.as_recorded_before(options))
 
 

@@ -121,14 +121,15 @@ class Strategy(Generic[OptionsT]):
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: True when `predict` is the plain one (score with the main adapter), so predictions can be shared
     plain_predict: ClassVar[bool] = True
-    #: option defaults that have changed, as they were, for run folders recorded without their defaults
-    #: (before 2026-12-04): such a folder is refused rather than continued under the new default
+    #: for a run recorded without an option (it did not exist yet) or with only the options given: the value
+    #: that gives its behaviour of then, where today's default does not (a rerun of such a folder is then
+    #: refused, and serving, exporting or updating it rebuilds it as it ran)
     former_defaults: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def as_recorded_before(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """The options of a run folder recorded without their defaults, with `former_defaults` where they
-        applied (a strategy whose former default mattered only in some settings narrows this)."""
+        """Recorded `options` with `former_defaults` where the record lacks them and they applied (a strategy
+        whose former default mattered only in some settings narrows this)."""
         return {**cls.former_defaults, **options}
 
     def __init__(self, options: OptionsT, env: Env, seed: int) -> None:

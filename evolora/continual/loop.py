@@ -150,8 +150,7 @@ class StageLoop:
                     "this strategy another `label`, restore its options, or delete that folder to rerun it."
                 )
         if not marker.is_file():
-            header = {"strategy": self.header.get("strategy"), "options": options}
-            atomic_write_json(marker, {**header, "with_defaults": now})
+            atomic_write_json(marker, {"strategy": self.header.get("strategy"), "options": options})
 
     def _normalised_options(self, strategy: Any, options: dict[str, Any]) -> dict[str, Any]:
         """Options with every default filled in, so `{lam: 2.0}` and `{}` compare equal for PESO."""
