@@ -357,8 +357,10 @@ class NextItemTaskConfig(TaskSection):
     recommend an item already in the prompt (off, as in PESO). `logit_temperature`: PESO's code trains with
     logits / 0.8; 1.0 is plain cross-entropy. `candidates`: the items a row is ranked among: `catalogue`
     (every item with an ID, later stages' included: the LLM's default, its trie), `seen` (the items that
-    appeared in the row's stage or earlier: the conventional models' default); `auto` keeps each model's
-    default, set one of the two to hold LLM and conventional rows against each other on one candidate set.
+    appeared in the row's stage or earlier: the conventional models' default; an item whose first appearance
+    is a test target of that stage counts, as RecBole's full ranking counts every item of the data); `auto`
+    keeps each model's default, set one of the two to hold LLM and conventional rows against each other on
+    one candidate set.
     """
 
     reads_labels: ClassVar[bool] = False  # it learns the next item itself: no sampled negatives

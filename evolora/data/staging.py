@@ -81,7 +81,9 @@ def stage_lsat(
 
 def stage_peso(df: pl.DataFrame, n_stages: int = 5, base_fraction: float = 0.6) -> pl.DataFrame:
     """PESO's split (Yoo et al., ICLR'26, arXiv 2510.25093): the first `base_fraction` of interactions by time
-    is D1, the rest is cut into `n_stages - 1` equal-count blocks (their T = 5, 60% base)."""
+    is D1, the rest is cut into `n_stages - 1` equal-count blocks (their T = 5, 60% base). PESO's release
+    also keeps, per block, only users with at least 5 interactions in it (which is why its D1 holds ~70% of
+    what remains); this does not: `format: peso` reads the release's own blocks."""
     if n_stages < 2:
         raise DataError(f"staging peso: n_stages must be at least 2, got {n_stages}")
     df = _sorted(df)
