@@ -23,6 +23,7 @@ file, the reference the README's configuration table summarises.
 from __future__ import annotations
 
 import copy
+import datetime
 import difflib
 import re
 import typing
@@ -189,11 +190,25 @@ class DataConfig(Section):
         return self
 
 
+def _utc_seconds(text: str) -> int:
+    """An ISO date or date-time as epoch seconds; one without a zone is UTC."""
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an ISO date such as 2014-03-01 (or 2014-03-01T12:00)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return int(when.timestamp())
+
+
 class StagingConfig(Section):
     """How interactions are cut into stages by time.
 
     * `lsat`: the last `last_n` interactions (all when null) cut into `n_stages` periods of equal count
-      (`by: count`) or equal length in time (`by: time`); earlier interactions stay as history only.
+      (`by: count`) or equal length in time (`by: time`); earlier interactions stay as history only. With
+      `by: time`, `window: [start, end]` (UTC dates) fixes the bins' span to [start, end) instead of the
+      data's first to last interaction, as LSAT's Amazon-Book setup does (2014-03-01 to 2018-05-01, 20 bins):
+      earlier interactions stay as history, later ones are left out (the log counts them).
     * `peso`: the first `base_fraction` of interactions is D1, the rest `n_stages - 1` equal-count blocks.
     * `global`: interactions cut once by time in `ratios` (default 8:1:1, RecLoRA's proportions), each part a
       stage; `n_stages` is `len(ratios)`. RecLoRA trains on the 80% and tests on the last 10%; here the parts
@@ -220,11 +235,38 @@ class StagingConfig(Section):
     by: Literal["count", "time"] = "count"
     base_fraction: float = Field(0.6, gt=0.0, lt=1.0)
     ratios: tuple[float, ...] = (0.8, 0.1, 0.1)
+    added_keys = ("window",)
+    window: tuple[str, str] | None = Field(
+        None, description="lsat, by: time: the bins span [start, end), UTC dates such as '2014-03-01'"
+    )
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _dates_as_text(cls, v: Any) -> Any:
+        # YAML reads an unquoted 2014-03-01 as a date: take it as the text it was
+        if isinstance(v, list | tuple):
+            return [d.isoformat() if isinstance(d, datetime.date) else d for d in v]
+        return v
+
+    def window_seconds(self) -> tuple[int, int] | None:
+        """`window` as epoch seconds (a date without a zone is UTC)."""
+        if self.window is None:
+            return None
+        return tuple(_utc_seconds(d) for d in self.window)  # type: ignore[return-value]
 
     @model_validator(mode="after")
     def _check(self) -> StagingConfig:
         if self.scheme == "single" and self.n_stages is not None:
             raise ValueError("staging.scheme=single makes one stage: drop staging.n_stages")
+        if self.window is not None:
+            if self.scheme not in ("lsat", "auto") or self.by != "time" or self.last_n is not None:
+                raise ValueError(
+                    "staging.window fixes the time bins of scheme lsat with by: time (and no last_n): "
+                    f"here scheme {self.scheme}, by {self.by}, last_n {self.last_n}"
+                )
+            start, end = self.window_seconds()  # type: ignore[misc]
+            if start >= end:
+                raise ValueError(f"staging.window: {self.window[0]} is not before {self.window[1]}")
         if self.scheme == "global":
             if len(self.ratios) < 2 or any(r <= 0 for r in self.ratios):
                 raise ValueError("staging.ratios needs at least two positive numbers")

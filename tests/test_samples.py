@@ -188,3 +188,37 @@ def test_an_empty_stage_says_why(sunny_dir) -> None:
     tied = data.interactions.with_columns(timestamp=pl.lit(1_700_000_000, dtype=pl.Int64))
     with pytest.raises(DataError, match=rf"{n} interactions share timestamp 1700000000"):
         assign_stages(tied, StagingConfig(scheme="lsat", n_stages=3))
+
+
+def test_a_time_window_fixes_the_bins_as_lsat_amazon_setup_does(caplog) -> None:
+    """staging.window: [start, end) in equal time bins, whatever the data's first and last dates; earlier
+    interactions are history, later ones left out and counted."""
+    import logging
+
+    day = 86_400
+    start = 1_393_632_000  # 2014-03-01 UTC
+    times = [start - 5 * day, start, start + 9 * day, start + 10 * day, start + 19 * day, start + 20 * day]
+    rows = [("u", f"i{k}", 4.0, t, 0) for k, t in enumerate(times)]
+    df = staged_frame(rows).drop("stage")
+    cfg = StagingConfig(scheme="lsat", by="time", n_stages=2, window=("2014-03-01", "2014-03-21"))
+    with caplog.at_level(logging.INFO, logger="evolora.data"):
+        staged = assign_stages(df, cfg)
+    assert staged["stage"].to_list() == [0, 1, 1, 2, 2]  # the 20th day's interaction is past the end
+    assert "1 interactions at or after the window's end left out" in caplog.text
+    for bad, message in [
+        ({"by": "count"}, "by: time"),
+        ({"window": ("2014-03-21", "2014-03-01")}, "is not before"),
+        ({"window": ("March 2014", "2014-03-21")}, "not an ISO date"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            StagingConfig(**{"scheme": "lsat", "by": "time", "n_stages": 2, "window": cfg.window, **bad})
+    with pytest.raises(DataError, match="stage 2 is empty"):
+        assign_stages(df, cfg.model_copy(update={"window": ("2014-03-01", "2015-03-01")}))
+    # YAML reads an unquoted date as a date: the same window
+    import datetime
+
+    dates = [datetime.date(2014, 3, 1), datetime.date(2014, 3, 21)]
+    assert StagingConfig(scheme="lsat", by="time", n_stages=2, window=dates).window_seconds() == (
+        start,
+        start + 20 * day,
+    )

@@ -34,6 +34,7 @@ def stage_lsat(
     last_n: int | None = None,
     by: Literal["count", "time"] = "count",
     scheme: str = "lsat",
+    window: tuple[int, int] | None = None,
 ) -> pl.DataFrame:
     """LSAT's periods (Shi et al., CIKM'24, arXiv 2312.15599): the last `last_n` interactions (all when None)
     form the window.
@@ -42,12 +43,15 @@ def stage_lsat(
     setup is 20 x 10,000 *samples*: they build samples first and cut those, so a period here holds a few
     percent fewer samples, those whose user lacks `min_history` earlier interactions); `by="time"` into
     `n_stages` bins of equal length in time, from the window's first interaction to its last (their
-    Amazon-Book setup: 20 bins of ~76 days over a fixed calendar window). Interactions before the window
-    are stage 0 (history only).
+    Amazon-Book setup: 20 bins of ~76 days over a fixed calendar window, which `window` = (start, end) epoch
+    seconds sets: the bins then span [start, end), and interactions at or after `end` are left out, counted
+    in the log). Interactions before the window are stage 0 (history only).
     """
     df = _sorted(df)
     ts = df["timestamp"].to_numpy()
     n = len(ts)
+    if window is not None:
+        return _time_window(df, ts, n_stages, window, scheme)
     if last_n is not None and last_n > n:
         log.warning("staging.last_n=%d but there are only %d interactions: staging all of them", last_n, n)
     start = _tie_end(ts, n - min(last_n, n)) if last_n is not None else 0
@@ -150,6 +154,11 @@ def assign_stages(df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | Non
     if cfg.scheme == "auto":
         cfg = cfg.model_copy(update={"scheme": "preset" if preset is not None else "lsat"})
     if cfg.scheme == "preset":
+        if cfg.window is not None:
+            raise DataError(
+                "staging.window fixes lsat's time bins, but this data comes in stages of its own (scheme "
+                "preset): set staging.scheme: lsat to cut it by time instead, or drop the window"
+            )
         if preset is None:
             raise DataError(
                 "staging.scheme=preset uses the stages a dataset comes with (data.format: peso, or a "
@@ -160,7 +169,9 @@ def assign_stages(df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | Non
     if preset is not None:
         log.info("staging %s: the dataset's own stages are ignored; staging by timestamp", cfg.scheme)
     if cfg.scheme in ("lsat", "single"):  # single: one LSAT period
-        return stage_lsat(df, cfg.num_stages, cfg.last_n, cfg.by, scheme=cfg.scheme)
+        return stage_lsat(
+            df, cfg.num_stages, cfg.last_n, cfg.by, scheme=cfg.scheme, window=cfg.window_seconds()
+        )
     if cfg.last_n is not None:
         log.warning("staging.last_n only applies to the lsat and single schemes; ignored for %s", cfg.scheme)
     if cfg.scheme == "peso":
@@ -249,6 +260,31 @@ def _from_bounds(df: pl.DataFrame, ts: np.ndarray, bounds: list[int], label: str
     stage = np.zeros(len(ts), dtype=np.int32)
     for t in range(1, n_stages + 1):
         stage[bounds[t - 1] : bounds[t]] = t
+    return _finish(df, stage, n_stages, label)
+
+
+def _time_window(
+    df: pl.DataFrame, ts: np.ndarray, n_stages: int, window: tuple[int, int], scheme: str
+) -> pl.DataFrame:
+    """`stage_lsat` by time over a fixed window [start, end): `n_stages` bins of equal length."""
+    start, end = window
+    label = f"{scheme} (time, {n_stages} stages over [{start}, {end}))"
+    inside = int(np.searchsorted(ts, end, "left"))
+    if inside < len(ts):
+        log.info("staging %s: %d interactions at or after the window's end left out", label, len(ts) - inside)
+        df, ts = df[:inside], ts[:inside]
+    first = int(np.searchsorted(ts, start, "left"))
+    stage = np.zeros(len(ts), dtype=np.int32)
+    span = end - start
+    stage[first:] = (ts[first:] - start) * n_stages // span + 1  # bin k: [start + k*span/T, ...)
+    counts = np.bincount(stage, minlength=n_stages + 1)
+    empty = [t for t in range(1, n_stages + 1) if counts[t] == 0]
+    if empty:
+        raise DataError(
+            f"staging {label}: stage {empty[0]} is empty: no interaction falls in its part of the window "
+            f"({len(ts) - first} interactions fall inside it). Check staging.window against the data's "
+            "dates (evolora data info), or use fewer stages"
+        )
     return _finish(df, stage, n_stages, label)
 
 
