@@ -198,13 +198,16 @@ def hold_out_evaluation_rows(
 ) -> dict[int, StagePools]:
     """next_stage with a matrix (`eval.stages: seen | all`): each stage's evaluation rows leave its train and
     valid pools, so that no matrix entry scores a row its model trained on or selected epochs with. With
-    `histories` (the sample table: `eval.hold_out_histories`), so do the rows whose history holds a held-out
-    row's interaction, so that no held-out label reaches training even as context."""
+    `histories` (the sample table: `eval.hold_out_histories`), so do the rows whose history holds the
+    interaction of a held-out row of any stage (a model is scored on every earlier stage's rows too), so that
+    no held-out label reaches training even as context."""
+    held_by_stage = {s: evaluation_rows(pools, s, max_samples, seed) for s in pools}
+    every_held = np.concatenate(list(held_by_stage.values())) if held_by_stage else np.array([], np.int64)
     out = {}
     for s, p in pools.items():
-        held = evaluation_rows(pools, s, max_samples, seed)
+        held = held_by_stage[s]
         if histories is not None:
-            reading = rows_reading(histories, held, np.concatenate([p.train, p.valid]))
+            reading = rows_reading(histories, every_held, np.concatenate([p.train, p.valid]))
             log.info(
                 "stage %d: %d training/validation rows read a held-out row in their history", s, len(reading)
             )
