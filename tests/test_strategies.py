@@ -226,6 +226,13 @@ def test_product_normalisation_gives_past_updates_of_norm_one(lm: LoraLM) -> Non
         bank.remove()
     assert norms["product"] == pytest.approx([1.0] * len(norms["product"]), rel=1e-5)
     assert max(norms["factors"]) < 0.99
+    with torch.no_grad():  # an update that stayed zero has no direction: it is kept as zero, not blown up
+        for _, _, b in lm.lora_pairs(MAIN):
+            b.zero_()
+    bank = AdapterBank(lm, MAIN, normalize="product")
+    bank.push()
+    assert all(float(a.abs().max()) == 0.0 for n in bank.banks for a, _ in bank.past_factors(n))
+    bank.remove()
     cfg = tiny_config(Path("."), Path("."))
     sdlora = build_strategy(StrategySpec(name="sdlora"), Env(lm, None, cfg), seed=0)  # type: ignore[arg-type]
     assert sdlora.past_normalization() == "product"

@@ -105,8 +105,9 @@ class AdapterBank:
                     b = b / b.norm().clamp_min(1e-12)
                 elif self.normalize == "product":
                     # ||B A||_F^2 = sum((B^T B) * (A A^T)): r x r products, never the d_out x d_in update
-                    root = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt().sqrt().clamp_min(1e-12)
-                    a, b = a / root, b / root
+                    root = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt().sqrt()
+                    # a zero update has no direction: it stays zero (dividing would blow A up, inf in fp16)
+                    a, b = (a / root, b / root) if root > 1e-6 else (a * 0, b * 0)
                 self.banks[name].add(a, b, self.learnable)
         self.size += 1
 
