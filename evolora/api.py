@@ -29,7 +29,7 @@ import polars as pl
 
 from evolora.bundle import bundle_dir, load_bundle, query_frame, write_bundle
 from evolora.config import RunConfig, StrategySpec, config_from_dict, load_config
-from evolora.continual import Env, Strategy, build_strategy
+from evolora.continual import Env, Strategy, build_strategy, recorded_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
 from evolora.data.prepare import Prepared, prepare_data
@@ -201,7 +201,8 @@ class Recommender:
     ) -> Recommender:
         inference_cfg, prepared, histories = load_bundle(bundle_root, cfg)
         lm, task = build_model_and_task(inference_cfg, prepared)
-        spec = StrategySpec(name=results["strategy"], label=results["method"], **results.get("options", {}))
+        # the options it ran with (an option added since takes its value of then: recorded_options)
+        spec = StrategySpec(name=results["strategy"], label=results["method"], **recorded_options(results))
         strategy = build_strategy(spec, Env(lm, task, inference_cfg, prepared), results["seed"])
         strategy.setup()
         task.before_stage(lm, t)

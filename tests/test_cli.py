@@ -404,11 +404,14 @@ def test_a_run_recorded_before_a_default_changed_is_not_continued_under_the_new_
     assert "init: 'inherit' -> 'fresh'" in result.output.replace("\n", ""), result.output
     pinned = ["run", str(config), "--set", "strategies=[{name: olora, label: o, init: inherit}]"]
     assert runner.invoke(app, pinned).exit_code == 0
-    # LSAT's former fusion default mattered only for inference: fusion; an ensemble run carries on
+    # LSAT's runs recorded fusion: delta, its default then; it does not apply to an ensemble, which carries on
     ensemble = ["run", str(config), "--set", "name=en", "--set", "strategies=[{name: lsat, long_stages: 1}]"]
     assert runner.invoke(app, ensemble).exit_code == 0
     marker = next((tmp_path / "runs" / "en").rglob("run.json"))
-    marker.write_text(json.dumps({"strategy": "lsat", "options": {"long_stages": 1}}))
+    recorded = json.loads(marker.read_text())
+    assert recorded["options"]["fusion"] == "factors"
+    recorded["options"]["fusion"] = "delta"  # as a run recorded it before 2026-12-04
+    marker.write_text(json.dumps(recorded))
     result = runner.invoke(app, ensemble)
     assert result.exit_code == 0, result.output
     fused = [*ensemble[:-1], "strategies=[{name: lsat, label: ta, long_stages: 1, inference: fusion}]"]

@@ -75,6 +75,13 @@ def recorded_options(record: dict[str, Any]) -> dict[str, Any]:
     return options_with_defaults(cls, cls.as_recorded_before(options))
 
 
+def comparable_options(strategy: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` as two runs of `strategy` are compared: those that did not apply left out
+    (`Strategy.applicable`: LSAT's `fusion` in an ensemble)."""
+    cls = STRATEGIES.get(strategy) if isinstance(strategy, str) else None
+    return dict(options) if cls is None else cls.applicable(options)
+
+
 def run_options(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     """`recorded_options` of a run folder whose results.json says `results`: what rebuilding its strategy
     (to serve, export or update it) must pass, or a changed default would silently change the model."""

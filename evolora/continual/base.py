@@ -128,9 +128,14 @@ class Strategy(Generic[OptionsT]):
 
     @classmethod
     def as_recorded_before(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """Recorded `options` with `former_defaults` where the record lacks them and they applied (a strategy
-        whose former default mattered only in some settings narrows this)."""
+        """Recorded `options` with `former_defaults` where the record lacks them."""
         return {**cls.former_defaults, **options}
+
+    @classmethod
+    def applicable(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options that change what runs, given the others (all, but where a strategy says otherwise):
+        two runs that differ only in an option that did not apply ran alike."""
+        return dict(options)
 
     def __init__(self, options: OptionsT, env: Env, seed: int) -> None:
         self.options: OptionsT = options

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from evolora import cost, parallel
-from evolora.continual import recorded_options
+from evolora.continual import comparable_options, recorded_options
 from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob, options_with_defaults
 from evolora.continual.shared import SharedStore
 from evolora.data.samples import (
@@ -133,9 +133,11 @@ class StageLoop:
             old = read_json(marker, "Delete it to accept the current options for this run folder.")
         elif (self.run_dir / "results.json").is_file():  # a run folder from before run.json existed
             old = read_json(self.run_dir / "results.json", "Delete it: it is rebuilt from the stage records.")
-        now = self._normalised_options(self.header.get("strategy"), options)
+        now = comparable_options(
+            self.header.get("strategy"), self._normalised_options(self.header.get("strategy"), options)
+        )
         if old is not None:
-            before = self._recorded_options(old)
+            before = comparable_options(old.get("strategy"), self._recorded_options(old))
             if old.get("strategy") != self.header.get("strategy") or before != now:
                 changes = [
                     f"{k}: {before.get(k)!r} -> {now.get(k)!r}"

@@ -67,10 +67,14 @@ class Lsat(Strategy[LsatOptions]):
     plain_predict = False
 
     @classmethod
-    def as_recorded_before(cls, options: dict[str, Any]) -> dict[str, Any]:
-        if options.get("inference", "ensemble") != "fusion":  # the fusion default did not apply
-            return dict(options)
-        return super().as_recorded_before(options)
+    def applicable(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # `fusion` applies to inference: fusion only, `long_stages` to long_mode: fixed only
+        out = dict(options)
+        if out.get("inference", "ensemble") != "fusion":
+            out.pop("fusion", None)
+        if out.get("long_mode", "fixed") == "full":
+            out.pop("long_stages", None)
+        return out
 
     def setup(self) -> None:
         self.o = self.options
@@ -103,7 +107,7 @@ class Lsat(Strategy[LsatOptions]):
 
     def _pair(self, rows: np.ndarray, desc: str) -> tuple[Any, Any]:
         """Long- and short-term predictions on a common footing: for ranking tasks, both adapters score
-        the union of the items either one ranked (log-probabilities are what the ensemble mixes)."""
+        the union of the items either one ranked (the ensemble mixes their probabilities)."""
         long = self._scores(LONG, rows, f"{desc} (long-term)")
         short = self._scores(MAIN, rows, f"{desc} (short-term)")
         candidates = self.task.candidates([long, short])
@@ -204,7 +208,8 @@ class Lsat(Strategy[LsatOptions]):
             return {}
         return {
             "ensemble": {"long": self.weight, "short": 1 - self.weight},  # type: ignore[operator]
-            "mixes": "P(like)" if self.task.name == "ctr" else "log p(item | history)",
+            # the weighted mean of the two probabilities: P(like), or p(item | history) (mix_rankings)
+            "mixes": "P(like)" if self.task.name == "ctr" else "p(item | history)",
         }
 
     # ------------------------------------------------------------------ state

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from evolora.config import config_changes, definite_candidates
-from evolora.continual import run_options
+from evolora.continual import comparable_options, run_options
 from evolora.errors import DamagedFileError, EvoloraError
 from evolora.eval.stored import stored_predictions
 from evolora.io import read_json
@@ -126,7 +126,7 @@ def _check_same_settings(results: list[dict[str, Any]]) -> None:
         if contexts[exp] is None:  # an older evolora's folder
             continue
         # defaults as they were when it ran: two runs given the same options may not have run alike
-        options = run_options(Path(r["_path"]).parent, r)
+        options = comparable_options(r.get("strategy"), run_options(Path(r["_path"]).parent, r))
         mine = {**contexts[exp], "strategy": r.get("strategy"), "options": options}
         theirs, where = first.setdefault(r["method"], (mine, exp))
         if theirs != mine:
