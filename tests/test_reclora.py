@@ -164,7 +164,7 @@ def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
     base, tok = load_pretrained("tiny", torch.float32)
     plain = PeftModel.from_pretrained(base, str(tmp_path / "cli"))
     lm = LoraLM(plain, tok, torch.device("cpu"), None, cfg.model.lora, "tiny")
-    lm.prefix_sharing = False  # as RecLoRA scores, so both run the same arithmetic
+    lm.separate_prefix_pass = False  # as RecLoRA scores, so both run the same arithmetic
     assert strategy.task.predict(lm, np.array([row]), 1) == pytest.approx(expected, abs=1e-5)
 
     refused = CliRunner().invoke(app, ["export-user-adapter", str(run), "no-such-user"])

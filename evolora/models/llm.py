@@ -85,10 +85,9 @@ class LoraLM:
     new_token_ids: list[int] | None = None
     #: called with the sample rows of every batch before its forward pass (per-sample adapters route by them)
     batch_hooks: list[Callable[[np.ndarray], None]] = field(default_factory=list)
-    #: False while per-sample adapters are attached: a prefix run once cannot serve different adapters
-    prefix_sharing: bool = True
     #: a shared prefix runs as its own pass, its keys/values repeated over the batch (True), or in front of
-    #: every row (False); None: as `splits_prefix` decides for the device. The states are the same.
+    #: every row (False); None: as `splits_prefix` decides for the device. The states are the same. False
+    #: while per-sample adapters are attached: a prefix run once cannot serve different adapters.
     separate_prefix_pass: bool | None = None
     #: True inside `gradient_checkpointing()`: training passes recompute layer activations in the backward
     checkpointing: bool = False
@@ -319,17 +318,18 @@ class LoraLM:
     def attach_per_sample(self, name: str, module: nn.Module, route: Callable[[np.ndarray], None]) -> None:
         """Attach a per-sample adapter (RecLoRA's personalized banks): `module` joins the model (so train and
         eval modes reach its dropouts; PEFT never saves it), `route` hears every batch's sample rows before
-        its forward pass, and prompt prefixes are no longer shared (one prefix pass cannot serve different
-        adapters)."""
+        its forward pass, and a prompt prefix runs in front of every row (one prefix pass cannot serve
+        different adapters)."""
         self.model.add_module(name, module)
         self.batch_hooks.append(route)
-        self.prefix_sharing = False
+        self.separate_prefix_pass = False
 
     def detach_per_sample(self, name: str, route: Callable[[np.ndarray], None]) -> None:
         """Undo `attach_per_sample`."""
         del self.model._modules[name]
         self.batch_hooks.remove(route)
-        self.prefix_sharing = not self.batch_hooks
+        if not self.batch_hooks:
+            self.separate_prefix_pass = None
 
     def begin_batch(self, rows: np.ndarray) -> None:
         """Announce the sample rows of the next forward pass to whoever needs them (see `batch_hooks`)."""

@@ -244,7 +244,7 @@ class CtrTask(Task):
     # ------------------------------------------------------------------ training
     def loss(self, lm: LoraLM, rows: np.ndarray) -> torch.Tensor:
         # The whole-sequence loss needs the prefix's own states, so it never shares the prefix.
-        shared = self.cfg.loss == "answer" and bool(self.prefix) and lm.prefix_sharing
+        shared = self.cfg.loss == "answer" and bool(self.prefix)
         lm.begin_batch(rows)
         ids, mask, encs, seqs = self._batch(rows, with_answer=True, shared=shared)
         hidden = self._hidden(lm, ids, mask, shared)
@@ -258,7 +258,7 @@ class CtrTask(Task):
     @torch.no_grad()
     def answer_logits(self, lm: LoraLM, rows: np.ndarray) -> torch.Tensor:
         """[n, 2] logits of ("Yes", "No") at the answer position."""
-        shared = bool(self.prefix) and lm.prefix_sharing
+        shared = bool(self.prefix)
         lm.begin_batch(rows)
         ids, mask, _, seqs = self._batch(rows, with_answer=False, shared=shared)
         hidden = self._hidden(lm, ids, mask, shared)
