@@ -7,8 +7,9 @@
                              items, ratings), and every item they rated up to it (seen): what "recommend
                              for user U" reads
         id_space.json        user and item indices (conventional models, RecLoRA's router)
-        _shared/             the run's cached semantic IDs and item embeddings, as `RunConfig.shared_root`
-                             lays them out, so the task builders find them with `output_dir` set here
+        _shared/             the run's cached semantic IDs (with their quantizer) and item embeddings, as
+                             `RunConfig.shared_root` lays them out, so the task builders find them with
+                             `output_dir` set here
 
 `write_bundle` runs once per experiment, after the data is prepared and the model built (the caches exist
 then); `load_bundle` gives back the config and a `Prepared` that the task registry's builders accept.
@@ -29,7 +30,7 @@ from evolora.data.prepare import Prepared
 from evolora.data.samples import SampleTable
 from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
 from evolora.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
-from evolora.tasks.semantic import item_vectors_path, semantic_ids_path
+from evolora.tasks.semantic import item_vectors_path, quantizer_path, semantic_ids_path
 
 BUNDLE = "inference"
 
@@ -79,7 +80,8 @@ def write_bundle(root: Path, cfg: RunConfig, prepared: Prepared) -> Path:
         atomic_write_json(out / "id_space.json", prepared.id_space().to_json())
         cached = [item_vectors_path(cfg)]
         if cfg.task.name == "next_item":
-            cached.append(semantic_ids_path(cfg, prepared.data))
+            ids = semantic_ids_path(cfg, prepared.data)
+            cached += [ids, quantizer_path(ids)]
         for path in cached:
             if path.is_file():
                 target = out / "_shared" / path.relative_to(cfg.shared_root)

@@ -160,11 +160,25 @@ def run_environment(data: InteractionData) -> dict[str, Any]:
     }
 
 
-def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM | ConventionalBackbone, Task]:
+def load_backbone(cfg: RunConfig) -> tuple[Any, Any]:
+    """(model, tokenizer) of `cfg.model`, without adapters, in the run's precision on its device.
+
+    A QLoRA base is loaded quantized, once; item embeddings (semantic IDs) read it as it is."""
+    device = resolve_device(cfg.model.device)
+    dtype, _ = resolve_precision(cfg.model.precision, device)
+    m = cfg.model
+    with cost.part("model_loading"):
+        return load_pretrained(m.name, dtype, m.revision, m.quantization, device)
+
+
+def build_model_and_task(
+    cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, Any] | None = None
+) -> tuple[LoraLM | ConventionalBackbone, Task]:
     """The backbone with its adapter and the task, as the task's registry entry builds them.
 
     A conventional `model.name` (pop, mf, gru4rec, sasrec, two_tower, din) gives a `ConventionalBackbone` over
     the users and items of the staged data and the conventional version of the task, on the same samples.
+    `pretrained`: the backbone `load_backbone` gave, when the caller needed it before (loaded otherwise).
     """
     spec = task_spec(cfg.task.name)
     if is_conventional(cfg.model.name):
@@ -174,13 +188,7 @@ def build_model_and_task(cfg: RunConfig, prepared: Prepared) -> tuple[LoraLM | C
         space = prepared.id_space()
         backbone = ConventionalBackbone.from_config(cfg.model, space, prepared.data.items)
         return backbone, spec.build_conventional(cfg, prepared, space)
-    device = resolve_device(cfg.model.device)
-    dtype, _ = resolve_precision(cfg.model.precision, device)
-    m = cfg.model
-    # A QLoRA base is loaded quantized once, here; item embeddings (semantic IDs) read it as it is.
-    with cost.part("model_loading"):
-        pretrained = load_pretrained(m.name, dtype, m.revision, m.quantization, device)
-    return spec.build(cfg, prepared, pretrained)
+    return spec.build(cfg, prepared, pretrained or load_backbone(cfg))
 
 
 def _check_experiment(root: Path, cfg: RunConfig) -> str:

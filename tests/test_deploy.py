@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -361,16 +362,48 @@ def test_a_conventional_next_item_run_grows_its_item_table(batches: dict[str, Pa
     assert "sku-new" in {s.item for s in everything}
 
 
-def test_an_llm_next_item_run_drops_rows_of_items_without_a_semantic_id(
+def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
     batches: dict[str, Path], tmp_path: Path
 ) -> None:
+    """The batch's new item gets a semantic ID from the run's RQ-VAE, in tokens the model knows: its rows
+    train the candidate, the version can generate and read it, and the next update keeps its ID. The run's
+    own IDs (the experiment's cache, version 0's bundle) stay as they were."""
     cfg = tiny_config(batches["base"], tmp_path / "runs", **NEXT_ITEM)
     run_experiment(cfg)
     root = Path(cfg.output_dir) / cfg.name
+    shutil.copytree(tmp_path / "runs", tmp_path / "old")  # the same run, as an evolora before the quantizer
+    cache = Path(cfg.output_dir) / "_shared" / "semantic_ids"
+    (ids_file,) = cache.glob("*[0-9a-f].json")
+    before = ids_file.read_bytes()
     batch = _with_a_new_item(batches, tmp_path / "new.csv")
     v = update_run(root, batch, overrides=["update.min_gain=-1.0"]).version
-    assert v.data["dropped"] == {"items without a semantic ID": 6}
-    assert v.data["accepted"] == pl.read_csv(batches["b1"]).height
+    assert v.data["accepted"] == v.data["rows_in_file"] and not v.data["dropped"]
+    assert v.data["new items named"] == 1
+    assert ids_file.read_bytes() == before and "sku-new" not in json.loads(before)
+    assert json.loads(
+        (root / "inference" / "_shared" / "semantic_ids" / ids_file.name).read_text()
+    ) == json.loads(before)
+    rec = evolora.Recommender.load(root)
+    assert rec.version == 1 and "sku-new" in rec.known_items
+    old_ids, new_ids = json.loads(before), rec._task.item_tokens
+    assert all(new_ids[i] == t for i, t in old_ids.items())  # known items keep their IDs
+    known = {tok for toks in old_ids.values() for tok in toks}
+    assert set(new_ids["sku-new"]) <= known and new_ids["sku-new"] not in list(old_ids.values())
+    seq = rec._task.tok.convert_tokens_to_ids(new_ids["sku-new"])
+    assert seq[-1] in rec._task.trie.children(tuple(seq[:-1]))  # a path the beam search can take
+    assert rec.recommend(history=["sku-new"], k=3)  # read in a prompt
+    # the next update builds on version 1's IDs
+    v2 = update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"]).version
+    assert v2.parent == 1 and not v2.data["dropped"]
+    assert evolora.Recommender.load(root)._task.item_tokens["sku-new"] == new_ids["sku-new"]
+
+    # A run whose IDs were built before evolora kept the quantizer: rows of new items are dropped, and why.
+    old_root = tmp_path / "old" / cfg.name
+    for q in (tmp_path / "old").rglob("*.rqvae.safetensors"):
+        q.unlink()
+    v = update_run(old_root, batch, overrides=["update.min_gain=-1.0"]).version
+    why = "items without a semantic ID: the run's semantic IDs were built before evolora kept their quantizer"
+    assert v.data["dropped"] == {why: 6} and v.data["accepted"] == pl.read_csv(batches["b1"]).height
 
 
 def test_a_run_folder_names_its_own_method_and_seed(batches: dict[str, Path], tmp_path: Path) -> None:

@@ -81,6 +81,42 @@ def test_rqvae_is_deterministic(tmp_path: Path, clustered: tuple[np.ndarray, np.
     assert np.array_equal(assign_codes(RQVAE.load(tmp_path / "rq.pt"), x), assign_codes(a, x))
 
 
+def test_codes_within_allowed_ones_are_the_nearest_allowed(
+    trained: RQVAE, clustered: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """An update's new items take only codes the model has tokens for: with every code allowed the codes
+    are the plain ones; with some forbidden, each level takes the nearest allowed code of its residual."""
+    x = clustered[0]
+    plain = assign_codes(trained, x)
+    everything = [range(trained.codebook_size)] * trained.levels
+    assert np.array_equal(assign_codes(trained, x, allowed=everything), plain)
+    used_first = sorted(set(plain[:, 0].tolist()))
+    allowed = [set(used_first[: len(used_first) // 2]), set(range(16)), {0, 3}]
+    codes = assign_codes(trained, x, allowed=allowed)
+    assert set(codes[:, 0].tolist()) <= allowed[0] and set(codes[:, 2].tolist()) <= {0, 3}
+    kept = np.isin(plain[:, 0], list(allowed[0]))
+    assert np.array_equal(codes[kept, :2], plain[kept, :2])  # an allowed nearest code stays the choice
+    with torch.no_grad():  # the nearest allowed code at level 1, by hand
+        z = trained.encode(torch.as_tensor(x))
+        d = ((z[:, None, :] - trained.codebooks[0][None]) ** 2).sum(-1)
+        d[:, [c for c in range(trained.codebook_size) if c not in allowed[0]]] = float("inf")
+    assert np.array_equal(codes[:, 0], d.argmin(1).numpy())
+    with pytest.raises(ValueError, match="at least one allowed code"):
+        assign_codes(trained, x, allowed=[set(), {0}, {0}])
+
+
+def test_extend_within_the_numbers_a_model_knows() -> None:
+    sids = SemanticIds.from_codes(["i1", "i2", "i3"], np.array([[1, 2], [1, 2], [4, 4]]))  # suffixes 0, 1
+    grown = sids.extend(["n1", "n2", "n3", "n4"], np.array([[4, 4], [1, 2], [6, 6], [6, 6]]), max_suffix=1)
+    assert grown.item_ids == ["i1", "i2", "i3", "n1", "n3", "n4"]  # n2 would need <c_2>: left out
+    assert [grown.sid(i) for i in ("n1", "n3", "n4")] == [
+        "<a_4><b_4><c_1>",
+        "<a_6><b_6><c_0>",
+        "<a_6><b_6><c_1>",
+    ]
+    assert sids.extend(["n2"], np.array([[1, 2]]), max_suffix=1).item_ids == sids.item_ids
+
+
 def test_make_unique() -> None:
     codes = np.array([[1, 2], [1, 2], [3, 4], [1, 2], [3, 5], [3, 4]])
     unique, stats = make_unique(codes)

@@ -19,9 +19,9 @@
 Everything an update writes lives in its own work folder and is resumable (the stage machinery of
 `continual/loop.py`); the version is recorded last, in one atomic write of versions.json, so `kill -9`
 anywhere leaves the promoted version as it was, and rerunning the same command continues. One update of a
-run at a time: a second is refused, naming the first. New items of an LLM next-item run have no semantic ID
-(the vocabulary is fixed at stage 1): their rows are dropped and counted; a conventional model's ID tables
-grow, so it takes them.
+run at a time: a second is refused, naming the first. New items are learnt: a conventional model's ID tables
+grow, and an LLM next-item run names them with its own quantizer in tokens it knows (`new_items.py`);
+rows of items it cannot name are dropped and counted, with the reason.
 """
 
 from __future__ import annotations
@@ -47,12 +47,13 @@ from evolora.data.digest import data_digest
 from evolora.data.loaders import load_dataset
 from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
-from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
+from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages
+from evolora.deploy.new_items import name_new_items, parent_semantic_ids
 from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DataError, EmptyStagesError
 from evolora.eval.metrics import lower_is_better, metric_set
-from evolora.experiment import build_model_and_task, resolve_config
+from evolora.experiment import build_model_and_task, load_backbone, resolve_config
 from evolora.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -163,9 +164,16 @@ def _update(
 
     original, existing, items = _history(cfg, root, registry, parent)
     accepted, report = _accept(batch, existing, data_file, cfg.data.min_rating)
+    items = _with_batch_items(items, batch)
+    # An LLM next-item run names the batch's new items with its quantizer; the IDs the candidate is built
+    # and bundled with are the work folder's (`build_cfg`'s shared caches), never the experiment's.
+    build_cfg, pretrained = cfg, None
     if cfg.task.name == "next_item" and not is_conventional(cfg.model.name):
-        accepted = _with_semantic_ids(cfg, items, accepted, report)
-    data, staged = _combined(original, existing, items, batch, accepted, stage)
+        build_cfg = cfg.model_copy(update={"output_dir": str(work)})
+        pretrained = load_backbone(cfg)
+        parent_ids = parent_semantic_ids(cfg, root, parent, items)
+        accepted = name_new_items(build_cfg, parent_ids, items, accepted, report, pretrained)
+    data, staged = _combined(original, existing, items, accepted, stage)
     try:
         prepared = prepare_staged(cfg, data, staged)
     except EmptyStagesError as e:
@@ -185,7 +193,7 @@ def _update(
         len(prepared.table.stage_rows(stage)), len(holdout),
     )  # fmt: skip
 
-    lm, task = build_model_and_task(cfg, prepared)
+    lm, task = build_model_and_task(build_cfg, prepared, pretrained)
     # the options it ran with, defaults as they were then: a default changed since must not change it
     options = run_options(root / results["method"] / f"seed{results['seed']}", results)
     spec = StrategySpec(name=results["strategy"], label=results["method"], **options)
@@ -202,7 +210,7 @@ def _update(
     finally:
         strategy.teardown()
     gate = _decide(cfg, task, before, after, holdout)
-    write_bundle(work, cfg, prepared)
+    write_bundle(work, build_cfg, prepared)
     _write_parquet(work / "accepted.parquet", accepted.with_columns(stage=pl.lit(stage, dtype=pl.Int32)))
     atomic_write_json(work / "gate.json", gate)
     version = Version(
@@ -333,44 +341,22 @@ def _accept(
     return kept, report
 
 
-def _combined(
-    original: InteractionData,
-    existing: pl.DataFrame,
-    items: pl.DataFrame,
-    batch: InteractionData,
-    accepted: pl.DataFrame,
-    stage: int,
-) -> tuple[InteractionData, pl.DataFrame]:
+def _with_batch_items(items: pl.DataFrame, batch: InteractionData) -> pl.DataFrame:
+    """The items the parent version knows, then those of the batch's item table it does not."""
     new_items = batch.items.join(items.select("item_id"), on="item_id", how="anti")
-    all_items = pl.concat([items, new_items], how="diagonal_relaxed")
+    return pl.concat([items, new_items], how="diagonal_relaxed")
+
+
+def _combined(
+    original: InteractionData, existing: pl.DataFrame, items: pl.DataFrame, accepted: pl.DataFrame, stage: int
+) -> tuple[InteractionData, pl.DataFrame]:
     batch_rows = accepted.with_columns(stage=pl.lit(stage, dtype=existing["stage"].dtype))
     staged = pl.concat([existing, batch_rows], how="vertical_relaxed").sort("timestamp", maintain_order=True)
     interactions = staged.select(_KEY)
     data = InteractionData(
-        original.name, interactions, all_items, original.like_threshold, implicit=original.implicit
+        original.name, interactions, items, original.like_threshold, implicit=original.implicit
     )
     return data, staged
-
-
-def _with_semantic_ids(
-    cfg: RunConfig, items: pl.DataFrame, accepted: pl.DataFrame, report: dict
-) -> pl.DataFrame:
-    """Next-item runs cannot grow their vocabulary: rows of items without a semantic ID are dropped."""
-    from evolora.tasks.semantic import semantic_ids_path
-
-    empty = pl.DataFrame(schema=INTERACTION_SCHEMA)
-    path = semantic_ids_path(cfg, InteractionData("ids", empty, items))
-    known = list(read_json(path)) if path.is_file() else []
-    unknown = ~accepted["item_id"].is_in(known)
-    if unknown.any():
-        report["dropped"]["items without a semantic ID"] = int(unknown.sum())
-        report["accepted"] = int((~unknown).sum())
-    if unknown.all():
-        raise DataError(
-            "nothing new to learn from: every item of the batch is new, and a next-item run's semantic IDs "
-            "are fixed at stage 1"
-        )
-    return accepted.filter(~unknown)
 
 
 def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int) -> np.ndarray:

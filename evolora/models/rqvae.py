@@ -14,7 +14,7 @@ The pipeline: `semantic_ids.embed_texts` (mean-pooled LLM hidden states) -> `tra
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
@@ -302,16 +302,48 @@ def _bar(description: str, total: int, show: bool) -> Iterator[Bar]:
 
 
 @torch.no_grad()
-def assign_codes(model: RQVAE, embeddings: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Codes [n, levels] (int64): the nearest code at each level, as the trained model quantises."""
+def assign_codes(
+    model: RQVAE,
+    embeddings: np.ndarray,
+    batch_size: int = 4096,
+    allowed: Sequence[Collection[int]] | None = None,
+) -> np.ndarray:
+    """Codes [n, levels] (int64): the nearest code at each level, as the trained model quantises.
+
+    `allowed[level]`: the codes that level may take; the nearest allowed one is chosen and the next level
+    quantises what it leaves. A deployed model knows tokens only for the codes its items used, so the items
+    an update brings are encoded within those.
+    """
     was_training = model.training
     model.eval()
     device = model.codebooks.device
     x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
+    masks = None
+    if allowed is not None:
+        if len(allowed) != model.levels:
+            raise ValueError(f"allowed codes for {len(allowed)} levels; the quantizer has {model.levels}")
+        masks = torch.zeros(model.levels, model.codebook_size, dtype=torch.bool, device=device)
+        for level, codes in enumerate(allowed):
+            masks[level, [c for c in codes if 0 <= c < model.codebook_size]] = True
+        if not masks.any(1).all():
+            raise ValueError("every level needs at least one allowed code")
     with without_autocast():
         out = [
-            model.quantise(model.encode(x[i : i + batch_size].to(device)))[1].cpu()
+            _nearest_codes(model, model.encode(x[i : i + batch_size].to(device)), masks).cpu()
             for i in range(0, len(x), batch_size)
         ]
     model.train(was_training)
     return torch.cat(out).numpy().astype(np.int64) if out else np.zeros((0, model.levels), dtype=np.int64)
+
+
+def _nearest_codes(model: RQVAE, z: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    if masks is None:
+        return model.quantise(z)[1]
+    residual, codes = z, []
+    for level in range(model.levels):
+        book = model.codebooks[level]
+        dist = _sq_dist(residual.float(), book.float()).masked_fill(~masks[level], float("inf"))
+        idx = dist.argmin(1)
+        residual = residual - book[idx]
+        codes.append(idx)
+    return torch.stack(codes, 1)

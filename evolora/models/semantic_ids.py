@@ -148,12 +148,16 @@ class SemanticIds:
     def collisions(self) -> CollisionStats:
         return collision_stats(self.codes)
 
-    def extend(self, new_item_ids: Sequence[str], new_codes: np.ndarray) -> SemanticIds:
+    def extend(
+        self, new_item_ids: Sequence[str], new_codes: np.ndarray, max_suffix: int | None = None
+    ) -> SemanticIds:
         """A copy with items that arrived later, encoded with the fixed quantizer (`assign_codes`).
 
         `new_codes` with one level fewer than these IDs (these carry `make_unique`'s level): each new item
         takes the next free number in its group, counting the existing items with the same codes, so IDs stay
         unique and existing IDs never change. With as many levels as these IDs, they are taken as they are.
+        `max_suffix`: the largest number the last level may take (a trained model has tokens up to the
+        largest one its items use); an item whose group has none free is left out.
         """
         new_item_ids = [str(i) for i in new_item_ids]
         new_codes = np.asarray(new_codes, dtype=np.int64)
@@ -172,13 +176,18 @@ class SemanticIds:
         for row in self.codes:
             key = tuple(row[:-1].tolist())
             next_free[key] = max(next_free.get(key, 0), int(row[-1]) + 1)
-        suffix = []
-        for row in new_codes:
+        placed, suffix = [], []
+        for i, row in enumerate(new_codes):
             key = tuple(row.tolist())
-            suffix.append(next_free.get(key, 0))
-            next_free[key] = suffix[-1] + 1
-        extended = np.column_stack([new_codes, np.array(suffix, dtype=np.int64)])
-        return SemanticIds(self.item_ids + new_item_ids, np.vstack([self.codes, extended]))
+            number = next_free.get(key, 0)
+            if max_suffix is not None and number > max_suffix:
+                continue
+            placed.append(i)
+            suffix.append(number)
+            next_free[key] = number + 1
+        extended = np.column_stack([new_codes[placed], np.array(suffix, dtype=np.int64)])
+        added = [new_item_ids[i] for i in placed]
+        return SemanticIds(self.item_ids + added, np.vstack([self.codes, extended.reshape(-1, self.levels)]))
 
     def save(self, path: str | Path) -> None:
         """PESO's index layout, one JSON object on one line, written atomically."""

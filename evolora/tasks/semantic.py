@@ -7,12 +7,14 @@ their IDs do not depend on which items arrive later: the vocabulary is fixed fro
 tokenizer would be.
 
 IDs are cached under `<output_dir>/_shared/semantic_ids/`, keyed by everything they depend on, so every
-strategy and every rerun of an experiment uses the same IDs.
+strategy and every rerun of an experiment uses the same IDs. The RQ-VAE is kept beside them, so the items an
+update (`evolora update`) brings are encoded by the same quantizer (`add_new_items`).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,7 +26,7 @@ from evolora.config import NextItemTaskConfig, RunConfig, SemanticIdConfig
 from evolora.data.schema import InteractionData, item_fields
 from evolora.errors import ConfigError, DataError
 from evolora.io import load_npz, save_npz, stable_hash
-from evolora.models.rqvae import assign_codes, train_rqvae
+from evolora.models.rqvae import RQVAE, assign_codes, train_rqvae
 from evolora.models.semantic_ids import SemanticIds, embed_texts, make_unique
 
 log = logging.getLogger("evolora.tasks")
@@ -113,6 +115,11 @@ def semantic_ids_path(cfg: RunConfig, data: InteractionData) -> Path:
     return cfg.shared_root / "semantic_ids" / f"{key}.json"
 
 
+def quantizer_path(ids_path: Path) -> Path:
+    """The RQ-VAE that built the IDs at `ids_path`, beside them: an update encodes its new items with it."""
+    return ids_path.with_name(f"{ids_path.stem}.rqvae.safetensors")
+
+
 def semantic_ids_for(
     cfg: RunConfig, data: InteractionData, staged: pl.DataFrame, pretrained: tuple[Any, Any]
 ) -> SemanticIds:
@@ -161,9 +168,65 @@ def semantic_ids_for(
             )  # fmt: skip
         unique, stats = make_unique(assign_codes(quantizer, emb))
         sids = SemanticIds(order, unique)
+        quantizer.save(quantizer_path(path))  # before the IDs: their file says the build is complete
     log.info(
         "semantic IDs (%s): %d items, %d levels + 1 for %d collision groups (largest %d)",
         source, len(sids), unique.shape[1] - 1, stats.collision_groups, stats.max_group,
     )  # fmt: skip
     sids.save(path)
     return sids
+
+
+@dataclass(frozen=True)
+class NewItemIds:
+    """`SemanticIds` with an update's new items added, and what happened to those it could not name."""
+
+    sids: SemanticIds
+    added: list[str]
+    unnamed: dict[str, list[str]]  # why -> items
+
+
+def add_new_items(
+    cfg: RunConfig,
+    sids: SemanticIds,
+    quantizer: Path,
+    data: InteractionData,
+    items: list[str],
+    pretrained: tuple[Any, Any],
+) -> NewItemIds:
+    """`sids` with `items` (ones an update brings) encoded by `quantizer`, the RQ-VAE that built them
+    (`quantizer_path`), from the items' text in `data` (`task.semantic_ids.text_fields`), as the IDs of a
+    run's later stages are.
+
+    A trained model has token rows only for the codes its items use, so each level takes the nearest code
+    among those (`assign_codes(allowed=...)`), and the extra level a number up to the largest in use; the
+    IDs of known items never change. Items that cannot be named stay out, with the reason: IDs taken from
+    the dataset (no quantizer to encode with), IDs built before evolora kept the quantizer, or a group of
+    identical codes with no free number left.
+    """
+    sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
+    items = [i for i in dict.fromkeys(items) if i not in sids]
+    if not items:
+        return NewItemIds(sids, [], {})
+    if not quantizer.is_file():
+        from_dataset = sid_cfg.source == "dataset" or (sid_cfg.source == "auto" and _has_own_ids(data))
+        why = (
+            "the run's semantic IDs come with its dataset (no quantizer to encode new items)"
+            if from_dataset
+            else "the run's semantic IDs were built before evolora kept their quantizer"
+        )
+        return NewItemIds(sids, [], {why: items})
+    rqvae = RQVAE.load(quantizer)
+    if rqvae.levels != sids.levels - 1:
+        raise DataError(f"{quantizer}: a quantizer of {rqvae.levels} levels for IDs of {sids.levels}")
+    model, tok = _embedder(sid_cfg, pretrained)
+    log.info("semantic IDs: embedding %d new item texts", len(items))
+    with cost.part("item_embeddings"):
+        emb = embed_texts(model, tok, item_texts(data, items, sid_cfg.text_fields))
+    allowed = [set(np.unique(sids.codes[:, level]).tolist()) for level in range(rqvae.levels)]
+    codes = assign_codes(rqvae, emb, allowed=allowed)
+    extended = sids.extend(items, codes, max_suffix=int(sids.codes[:, -1].max()))
+    added = [i for i in items if i in extended]
+    left = [i for i in items if i not in extended]
+    unnamed = {"their codes' group has no free number the model has a token for": left} if left else {}
+    return NewItemIds(extended, added, unnamed)

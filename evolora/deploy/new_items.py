@@ -1,0 +1,88 @@
+"""Semantic IDs for the items an update brings to an LLM next-item run.
+
+A run's IDs are fixed at stage 1 as a deployed tokenizer would be, and its model has token rows only for the
+codes its items use. The items of an update's batch that the parent version cannot name are encoded by the
+run's own RQ-VAE (`tasks.semantic.add_new_items`), within those codes, and the grown IDs are written to the
+update's work folder, which the candidate is built from and its version's bundle copies; the experiment's
+cache and earlier versions' bundles are never changed. Rows of items that still have no ID are dropped and
+counted with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from evolora.bundle import bundle_dir
+from evolora.config import RunConfig
+from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
+from evolora.deploy.versions import Version
+from evolora.errors import DataError
+from evolora.io import atomic_write_bytes, atomic_write_json, read_json
+from evolora.models.semantic_ids import SemanticIds
+from evolora.tasks.semantic import add_new_items, quantizer_path, semantic_ids_path
+
+log = logging.getLogger("evolora")
+
+
+def parent_semantic_ids(cfg: RunConfig, root: Path, parent: Version, items: pl.DataFrame) -> Path:
+    """The semantic IDs the parent version was built with: its bundle's copy (version 0's bundle is the
+    run's; the experiment's cache where a run has none)."""
+    cached = semantic_ids_path(cfg, InteractionData("ids", pl.DataFrame(schema=INTERACTION_SCHEMA), items))
+    inside = cached.relative_to(cfg.shared_root)
+    bundle = bundle_dir(root if parent.parent is None else (root / parent.folder).parent)
+    for path in [bundle / "_shared" / inside, *([cached] if parent.parent is None else [])]:
+        if path.is_file():
+            return path
+    raise DataError(
+        f"the semantic IDs of version {parent.id} are missing ({bundle / '_shared' / inside}); "
+        f"rerun the experiment (evolora run) to rebuild them"
+    )
+
+
+def name_new_items(
+    cfg: RunConfig,
+    parent_ids: Path,
+    items: pl.DataFrame,
+    accepted: pl.DataFrame,
+    report: dict,
+    pretrained: tuple[Any, Any],
+) -> pl.DataFrame:
+    """Give the batch's new items semantic IDs (`add_new_items`: the run's quantizer, the tokens the model
+    knows) in `cfg`'s shared caches (the work folder's); rows of items still without one are dropped and
+    counted. The IDs are written once: a resumed update keeps those it gave."""
+    data = InteractionData("items", pl.DataFrame(schema=INTERACTION_SCHEMA), items)
+    ids = semantic_ids_path(cfg, data)
+    record = ids.with_name(f"{ids.stem}.new-items.json")
+    if not ids.is_file():
+        sids = SemanticIds.load(parent_ids)
+        quantizer = quantizer_path(parent_ids)
+        if quantizer.is_file():  # for the next update, through this version's bundle
+            ids.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(quantizer_path(ids), quantizer.read_bytes())
+        named = add_new_items(cfg, sids, quantizer, data, accepted["item_id"].to_list(), pretrained)
+        atomic_write_json(record, {"added": named.added, "unnamed": named.unnamed})
+        named.sids.save(ids)  # last: its file says the IDs are complete
+    sids = SemanticIds.load(ids)
+    given = read_json(record, "Delete the update's work folder and rerun it.")
+    if given["added"]:
+        log.info("semantic IDs for %d new items (the run's quantizer)", len(given["added"]))
+        report["new items named"] = len(given["added"])
+    unknown = ~accepted["item_id"].is_in(list(sids.item_ids))
+    if unknown.any():
+        missing = accepted.filter(unknown)["item_id"]
+        for why, group in given["unnamed"].items():
+            n = int(missing.is_in(group).sum())
+            if n:
+                report["dropped"][f"items without a semantic ID: {why}"] = n
+        report["accepted"] = int((~unknown).sum())
+    if unknown.all():
+        raise DataError(
+            "nothing new to learn from: no item of the batch has a semantic ID ("
+            + "; ".join(given["unnamed"])
+            + ")"
+        )
+    return accepted.filter(~unknown)
