@@ -212,12 +212,12 @@ def beam_search(
     decoder = lm.base.get_decoder()
     p_len = len(prefix) if prefix else 0
     cache = None
-    if prefix:
-        cache = cache_of(decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True))
-        repeat_rows(cache, n)
-        mask = torch.cat([mask.new_ones(n, p_len), mask], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, p_len:]
-    with lm.autocast():
+    positions = (torch.cat([mask.new_ones(n, p_len), mask], dim=1).cumsum(-1) - 1).clamp_min(0)[:, p_len:]
+    with lm.autocast():  # the prefix too: in the precision of every other pass (training's, scoring's)
+        if prefix:
+            cache = cache_of(decoder(input_ids=torch.tensor([prefix], device=device), use_cache=True))
+            repeat_rows(cache, n)
+            mask = torch.cat([mask.new_ones(n, p_len), mask], dim=1)
         out = run_decoder(
             decoder, cache, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True
         )
