@@ -99,11 +99,18 @@ def test_an_error_inside_the_block_puts_the_weights_back(trained: LoraLM) -> Non
     assert not any(m.merged for _, m in trained.lora_layers())
 
 
+@pytest.mark.parametrize(
+    ("precision", "message"),
+    [
+        ("bf16", "base weights are bfloat16, not fp32"),
+        ("bf16-mixed", "under bf16-mixed autocast would round"),
+    ],
+)
 def test_low_precision_weights_are_not_merged_and_it_is_said(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, precision: str, message: str
 ) -> None:
     monkeypatch.setattr(merged_module, "_said", set())  # said once per process
-    lm = LoraLM.from_config(tiny_model(merge_lora=True, precision="bf16"))
+    lm = LoraLM.from_config(tiny_model(merge_lora=True, precision=precision))
     with torch.no_grad():
         for _, _, b in lm.lora_pairs():
             b.normal_(0, 0.3)
@@ -111,7 +118,7 @@ def test_low_precision_weights_are_not_merged_and_it_is_said(
     pointers = {n: w.data_ptr() for n, w in _weights(lm).items()}
     with caplog.at_level(logging.WARNING, logger="evolora.models"), torch.no_grad(), merged_lora(lm):
         assert {n: w.data_ptr() for n, w in _weights(lm).items()} == pointers
-    assert "base weights are bfloat16, not fp32" in caplog.text
+    assert message in caplog.text
 
 
 @pytest.mark.parametrize(

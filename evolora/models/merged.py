@@ -18,7 +18,9 @@ products themselves carry a hook (SD-LoRA scales the current adapter's output by
 unmerged. Memory: one copy of every adapted weight while the block runs (~0.4 GB for SmolLM2-135M).
 
 Weights stored in bf16 or fp16, or quantized, are not merged (the update would be rounded into 8 or 11 bits
-of mantissa), nor sharded ones (FSDP): the block then runs as without the option, and says so once.
+of mantissa), nor weights a bf16/fp16-mixed model computes with (autocast would round W + dW to 16 bits as
+it passes: scores moved by ~1e-2 where fp32 moves them by ~1e-6), nor sharded ones (FSDP): the block then
+runs as without the option, and says so once.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ def merged_lora(lm: LoraLM) -> Iterator[None]:
     """Inside the block, the active adapters' updates are merged into the base weights (see the module's
     docstring); only when `lm.merge_lora` is set, the model is in eval mode and gradients are off."""
     if not lm.merge_lora or lm.model.training or torch.is_grad_enabled():
+        yield
+        return
+    if lm.autocast_dtype is not None:
+        _say_once(
+            f"model.merge_lora: under {lm.precision} autocast would round the merged weights to "
+            f"{str(lm.autocast_dtype).removeprefix('torch.')}, which the LoRA products unmerged are not; "
+            "evaluation runs them unmerged"
+        )
         yield
         return
     swapped: list[tuple[Any, nn.Parameter, torch.Tensor]] = []
