@@ -79,7 +79,9 @@ __all__ = ["Prepared", "build_model_and_task", "prepare_data", "restore_run", "r
 
 log = logging.getLogger("evolora")
 
-# Keys that do not change any number a run produces: they may differ between reruns of one experiment.
+# Keys that do not change any number a run produces: they may differ between reruns of one experiment. (In
+# fp32, up to float summation order; under bf16-mixed a batch size or thread count also moves where products
+# round to bf16, ~1e-2 in a P(like): noise of that precision, as between two machines, not a setting.)
 _NEUTRAL_KEYS = {
     ("name",),
     ("output_dir",),
@@ -283,7 +285,8 @@ def run_experiment(
 
     One process at a time per experiment folder: a second one is refused, naming the first. `jobs` > 1
     runs the (strategy, seed) pairs in that many worker processes (`evolora/workers.py`), one device each
-    where several GPUs are, the CPU threads split between them; the numbers are those of `jobs=1`.
+    where several GPUs are, the CPU threads split between them; the numbers are those of `jobs=1` (in fp32;
+    under bf16-mixed, up to bf16 rounding).
     """
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: give 1 or more worker processes")
