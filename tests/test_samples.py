@@ -29,6 +29,38 @@ def test_history_is_the_latest_items_across_stages() -> None:
     assert df["stage"].to_list() == [1, 1, 1, 2, 2]
 
 
+@pytest.mark.parametrize("history_len", [1, 4, 30])
+def test_histories_are_what_a_scan_of_each_users_log_gives(history_len: int) -> None:
+    """Every sample's history against a plain per-user scan, on a random log with tied timestamps (file
+    order breaks them), users of one to ~40 interactions and items met more than once."""
+    rng = np.random.default_rng(history_len)
+    n = 600
+    users = rng.choice([f"u{k}" for k in range(40)], size=n, p=np.r_[[0.2], np.full(39, 0.8 / 39)])
+    times = rng.integers(0, 50, size=n)  # many ties
+    rows = [
+        (str(u), f"i{int(rng.integers(25))}", float(rng.integers(1, 6)), int(t), int(t) // 17)
+        for u, t in zip(users, times, strict=True)
+    ]
+    table = build_samples(
+        staged_frame(rows), n_stages=2, like_threshold=3.0, history_len=history_len, min_history=0
+    )
+    by_user: dict[str, list[tuple[int, int, str, float, int]]] = {}
+    for row_no, (u, i, r, t, stage) in enumerate(rows):
+        by_user.setdefault(u, []).append((t, row_no, i, r, stage))
+    expected = []
+    for log in by_user.values():
+        log.sort()
+        for pos, (t, row_no, i, _, stage) in enumerate(log):
+            if stage >= 1:
+                before = log[max(0, pos - history_len) : pos]
+                expected.append(((t, row_no), i, [b[2] for b in before], [b[3] for b in before]))
+    expected.sort(key=lambda e: e[0])
+    df = table.df
+    assert df["item_id"].to_list() == [e[1] for e in expected]
+    assert df["hist_items"].to_list() == [e[2] for e in expected]
+    assert df["hist_ratings"].to_list() == [e[3] for e in expected]
+
+
 def test_min_history_skips_and_counts(caplog: pytest.LogCaptureFixture) -> None:
     rows = [("u", f"i{k}", 4.0, k, 1 if k < 4 else 2) for k in range(8)] + [("v", "i0", 4.0, 100, 2)]
     with caplog.at_level("INFO", logger="evolora.data"):
