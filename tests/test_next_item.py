@@ -187,7 +187,7 @@ def test_inflora_statistics_come_from_the_teacher_forced_training_sequences(
     )
     with torch.no_grad():
         for r in rows:
-            enc = task.encode(int(r))
+            enc = task.encode(r)  # a row index as numpy gives it
             lm.model(input_ids=torch.tensor([task.prefix + enc.body + enc.answer]))
     handle.remove()
     x = torch.cat(seen)
