@@ -47,7 +47,8 @@ from evolora.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no inf or NaN in any number: lr=.inf passed gt=0 and trained nothing; min_gain=.nan never promoted
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     #: keys added after experiments were first recorded: left out of the dump while at their default, so an
     #: experiment recorded before a key existed keeps its key (`experiment.context_of`)
     added_keys: ClassVar[tuple[str, ...]] = ()
@@ -823,6 +824,8 @@ def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{_given(text, flag)}: value is not valid YAML ({_yaml_problem(e)})") from None
+    except ValueError as e:  # YAML read a scalar it cannot build: 2024-13-01 (no such month), !!int abc
+        raise ConfigError(f"{_given(text, flag)}: value cannot be read ({e})") from None
     return path, value
 
 
@@ -923,6 +926,8 @@ def load_config(
     if path is not None:
         where = str(path)
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{path} is a folder; give a config file (YAML)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
@@ -933,6 +938,8 @@ def load_config(
             raise ConfigError(
                 f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
             ) from None
+        except ValueError as e:  # a scalar YAML cannot build: a date such as 2024-02-30
+            raise ConfigError(f"{path}: a value cannot be read: {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

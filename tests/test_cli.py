@@ -8,10 +8,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
 from evolora.cli import app
+from evolora.errors import ConfigError
 
 runner = CliRunner()
 
@@ -221,6 +223,45 @@ def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
         "value is not valid YAML (expected ',' or ']', but got '<stream end>' at character 6)"
         in result.output
     )
+
+
+def test_values_yaml_cannot_build_and_numbers_without_a_value_are_one_line_errors(tmp_path: Path) -> None:
+    """An impossible date or a failed YAML tag raised a traceback (PyYAML's ValueError, not a YAMLError);
+    lr=.inf passed gt=0 and trained nothing (every epoch NaN, the run 'finished')."""
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {epochs: 1}")
+    for value in ["staging.window=[2024-13-01, 2024-02-01]", "train.epochs=!!int abc"]:
+        result = runner.invoke(app, ["run", str(config), "--set", value])
+        assert result.exit_code == 2 and "value cannot be read" in result.output, result.output
+        assert "Traceback" not in result.output
+    dated = tmp_path / "d.yaml"
+    dated.write_text("name: x\nstaging:\n  window: [2024-02-30, 2024-03-01]\n")
+    for command in (["run", str(dated)], ["data", "info", str(dated)]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "a value cannot be read: day is out of range" in result.output, (
+            result.output
+        )
+    for value, key in [
+        ("train.lr=.inf", "train.lr"),
+        ("update.min_gain=.nan", "update.min_gain"),
+        ("strategies=[{name: peso, lam: .inf}]", "lam"),
+    ]:
+        result = runner.invoke(app, ["run", str(config), "--set", value])
+        assert result.exit_code == 2 and key in result.output and "finite" in result.output, result.output
+    result = runner.invoke(app, ["run", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder; give a config file" in result.output
+
+
+def test_a_model_folder_without_a_model_is_a_one_line_error(tmp_path: Path) -> None:
+    from evolora.models.weights import load_pretrained
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"is a folder with no config\.json"):
+        load_pretrained(str(tmp_path / "empty"), torch.float32)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="the folder's model or tokenizer cannot be loaded"):
+        load_pretrained(str(tmp_path / "broken"), torch.float32)
 
 
 def test_report_without_results_is_an_error(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ MAIN = "default"  # the adapter every strategy evaluates unless it says otherwis
 class StrategyOptions(BaseModel):
     """Options shared by all strategies; each strategy subclasses this with its own."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass
