@@ -72,6 +72,23 @@ def _load_hf(
     return model, tok
 
 
+def _load_folder(folder: Path, name: str, dtype: torch.dtype, model_kw: dict[str, Any] | None):
+    """A model saved with `save_pretrained` (model and tokenizer); a folder that holds none is a user's
+    mistake, said in one line (transformers' own errors there talk of tokenizer backends)."""
+    if not (folder / "config.json").is_file():
+        raise ConfigError(
+            f"model.name={name!r} is a folder with no config.json: give a folder a model was saved to "
+            "(save_pretrained, with its tokenizer) or a hub id"
+        )
+    try:
+        return _load_hf(folder, dtype, model_kw=model_kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"model.name={name!r}: the folder's model or tokenizer cannot be loaded: {first}"
+        ) from None
+
+
 def _quantized_load(quantization: str, dtype: torch.dtype, device: torch.device | None) -> dict[str, Any]:
     """from_pretrained arguments that load the base through bitsandbytes, computing in `dtype`."""
     from transformers import BitsAndBytesConfig
@@ -225,8 +242,9 @@ def load_pretrained(
         model_kw = _quantized_load(quantization, dtype, device)
     if is_tiny(name):
         return _tiny(name, dtype, model_kw)
-    if Path(name).expanduser().is_dir():
-        return _load_hf(Path(name).expanduser(), dtype, model_kw=model_kw)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return _load_folder(folder, name, dtype, model_kw)
     cached = cache_dir() / "models" / _safe_name(name)
     if cached_copy(name) is not None:
         return _load_hf(cached, dtype, model_kw=model_kw)
