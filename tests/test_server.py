@@ -194,6 +194,7 @@ def test_an_address_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> 
     assert result.exit_code == 2 and "a port is 1-65535" in result.output
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-run"), "--port", str(port)])
     assert result.exit_code == 2 and "neither an experiment folder" in result.output  # the port is free again
+    assert "serving" not in result.output  # said only for a run it can serve
     # an address of another machine: the advice is about the host, not the port
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-run"), "--host", "192.0.2.1"])
     assert result.exit_code == 2 and "not an address of this machine" in result.output, result.output

@@ -182,10 +182,12 @@ def serve(
     switching to a newly promoted one without dropping requests."""
     from evolora.deploy.server import check_address
     from evolora.deploy.server import serve as serve_run
+    from evolora.queries import locate_run
 
     _setup_logging(False)
     _quiet_libraries()
     check_address(host, port)
+    locate_run(Path(run_dir), method, seed)  # a folder that is not a run, or several methods: said first
     console.print(f"serving {run_dir} on http://{host}:{port} (OpenAPI: /docs); Ctrl-C stops")
     serve_run(run_dir, host=host, port=port, method=method, seed=seed)
 

@@ -163,7 +163,8 @@ def assign_stages(df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | Non
             raise DataError(
                 "staging.scheme=preset uses the stages a dataset comes with (data.format: peso, or a "
                 "table's data.columns.stage), "
-                "but none were given: pass the data's preset_stages, or pick lsat, peso or global"
+                "but this data has none: map data.columns.stage to a column of stage numbers (data.format: "
+                "table), read a PESO release (data.format: peso), or pick staging.scheme lsat, peso or global"
             )
         return stage_preset(df, preset, cfg.n_stages)
     if preset is not None:

@@ -179,7 +179,7 @@ def test_preset_staging(tmp_path: Path) -> None:
     ).height
     with pytest.raises(DataError, match="n_stages=4 but the dataset comes with 3 stages"):
         assign_stages(data.interactions, StagingConfig(scheme="preset", n_stages=4), data.preset_stages)
-    with pytest.raises(DataError, match=r"scheme=preset .* none were given"):
+    with pytest.raises(DataError, match=r"scheme=preset .* this data has none: map data\.columns\.stage"):
         assign_stages(data.interactions, StagingConfig(scheme="preset"))
     with pytest.raises(ConfigError, match="takes its number of stages from the data"):
         _ = StagingConfig(scheme="preset").num_stages
