@@ -199,6 +199,9 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--items", "1,2"])
     assert result.exit_code == 2 and "--items ranks a CTR run's candidates" in result.output, result.output
     assert CliRunner().invoke(app, [*args, "-k", "3"]).exit_code == 0
+    result = CliRunner().invoke(app, [*args, "-k", "500"])  # more than the catalogue: said, not silent
+    n = len(rec.known_items) - len(rated)
+    assert f"-k 500: {n} items are all this run can recommend here (items seen left out" in result.output
 
 
 def test_run_takes_overrides(sunny_dir: Path, tmp_path: Path) -> None:

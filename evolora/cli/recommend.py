@@ -104,6 +104,9 @@ def recommend(
     for rank, s in enumerate(top, 1):
         table.add_row(str(rank), s.item, s.title or "", f"{s.score:.4f}")
     console.print(table)
+    if candidates is None and len(top) < k:
+        seen = "" if include_seen else " (items seen left out: --include-seen adds them)"
+        console.print(f"-k {k}: {len(top)} items are all this run can recommend here{seen}")
     if left_out:
         console.print(
             f"left out as seen ({'rated by the user' if user is not None else 'in the history'}): "
