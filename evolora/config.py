@@ -824,8 +824,8 @@ def parse_override(text: str, flag: str = "--set") -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"{_given(text, flag)}: value is not valid YAML ({_yaml_problem(e)})") from None
-    except ValueError as e:  # YAML read a scalar it cannot build: 2024-13-01 (no such month), !!int abc
-        raise ConfigError(f"{_given(text, flag)}: value cannot be read ({e})") from None
+    except Exception as e:  # a scalar YAML cannot build: 2024-13-01 (no such month), !!int abc, !!bool x
+        raise ConfigError(f"{_given(text, flag)}: value cannot be read ({type(e).__name__}: {e})") from None
     return path, value
 
 
@@ -938,8 +938,8 @@ def load_config(
             raise ConfigError(
                 f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
             ) from None
-        except ValueError as e:  # a scalar YAML cannot build: a date such as 2024-02-30
-            raise ConfigError(f"{path}: a value cannot be read: {e}") from None
+        except Exception as e:  # a scalar YAML cannot build: a date such as 2024-02-30, !!bool maybe
+            raise ConfigError(f"{path}: a value cannot be read: {type(e).__name__}: {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
