@@ -61,6 +61,13 @@ def test_histories_are_what_a_scan_of_each_users_log_gives(history_len: int) -> 
     assert df["hist_ratings"].to_list() == [e[3] for e in expected]
 
 
+def test_a_log_of_one_row_has_one_sample_without_history() -> None:
+    """The degenerate log (polars 1.28, the floor, panics on a one-row rolling window)."""
+    table = build_samples(staged_frame([("u", "i", 5.0, 1, 1)]), 1, 3.0, history_len=4, min_history=0)
+    assert table.df["hist_items"].to_list() == [[]] and table.df["hist_ratings"].to_list() == [[]]
+    assert table.df.schema["hist_items"] == pl.List(pl.Utf8)
+
+
 def test_min_history_skips_and_counts(caplog: pytest.LogCaptureFixture) -> None:
     rows = [("u", f"i{k}", 4.0, k, 1 if k < 4 else 2) for k in range(8)] + [("v", "i0", 4.0, 100, 2)]
     with caplog.at_level("INFO", logger="evolora.data"):
