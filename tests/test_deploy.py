@@ -376,9 +376,17 @@ def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
     (ids_file,) = cache.glob("*[0-9a-f].json")
     before = ids_file.read_bytes()
     batch = _with_a_new_item(batches, tmp_path / "new.csv")
-    v = update_run(root, batch, overrides=["update.min_gain=-1.0"]).version
+    records = tmp_path / "new-items.csv"  # the new item's record, beside the batch: the run's files stay
+    records.write_text("iid,name,genre\nsku-new,Sunny Day Kit 99,summer\n")
+    with pytest.raises(DataError, match=r"--items .*no such file"):
+        update_run(root, batch, items_file=tmp_path / "none.csv")
+    v = update_run(root, batch, overrides=["update.min_gain=-1.0"], items_file=records).version
     assert v.data["accepted"] == v.data["rows_in_file"] and not v.data["dropped"]
     assert v.data["new items named"] == 1
+    bundled = pl.read_parquet(root / Path(v.folder).parent / "inference" / "items.parquet")
+    assert bundled.filter(pl.col("item_id") == "sku-new")["title"].to_list() == ["Sunny Day Kit 99"]
+    assert bundled.filter(pl.col("item_id") == "sku-001")["title"].to_list() == ["Rainy Night Kit 1"]
+    run_experiment(cfg)  # the experiment's data did not change: it still reruns (nothing left to do)
     assert ids_file.read_bytes() == before and "sku-new" not in json.loads(before)
     assert json.loads(
         (root / "inference" / "_shared" / "semantic_ids" / ids_file.name).read_text()

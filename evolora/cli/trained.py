@@ -32,6 +32,13 @@ from evolora.cli import (
 def update(
     run_dir: RunDir,
     data: Annotated[Path, typer.Option(help="the new interactions, in a format the run's loader reads")],
+    items: Annotated[
+        Path | None,
+        typer.Option(
+            help="records of the batch's new items (title, ...) laid out as the run's data.meta table; "
+            "known items keep theirs"
+        ),
+    ] = None,
     method: Method = None,
     seed: Seed = None,
     set_: Annotated[
@@ -52,7 +59,7 @@ def update(
     _setup_logging(verbose)
     _quiet_libraries()
     with progress.display(err_console):
-        outcome = update_run(run_dir, data, method=method, seed=seed, overrides=set_ or [])
+        outcome = update_run(run_dir, data, method=method, seed=seed, overrides=set_ or [], items_file=items)
     v = outcome.version
     state = "promoted" if outcome.promoted else "not promoted"
     if as_json:

@@ -1,4 +1,4 @@
-"""Semantic IDs for the items an update brings to an LLM next-item run.
+"""The items an update brings: their records (`--items`), and semantic IDs for an LLM next-item run.
 
 A run's IDs are fixed at stage 1 as a deployed tokenizer would be, and its model has token rows only for the
 codes its items use. The items of an update's batch that the parent version cannot name are encoded by the
@@ -86,3 +86,27 @@ def name_new_items(
             + ")"
         )
     return accepted.filter(~unknown)
+
+
+class WithoutRecordCount(logging.Filter):
+    """Drops the table loader's count of items without a record in `--items`: the items the run knows are
+    among them and keep their own records; `note_new_records` counts the new items without one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "have no record here" not in record.getMessage()
+
+
+def note_new_records(items: pl.DataFrame, known: pl.Series, accepted: pl.DataFrame, items_file: Path) -> None:
+    """Log how many of the batch's new items `--items` gave a record (a bare one is titled by its id)."""
+    arrived = items.filter(
+        ~pl.col("item_id").is_in(known.implode()) & pl.col("item_id").is_in(accepted["item_id"].implode())
+    )
+    bare = arrived.filter(pl.col("title") == pl.col("item_id")).height if "title" in arrived.columns else 0
+    log.info(
+        "--items %s: records of %d of the batch's %d new items",
+        items_file,
+        arrived.height - bare,
+        arrived.height,
+    )
+    if bare:
+        log.warning("%d new items have no record in %s; they are called by their id", bare, items_file)

@@ -22,6 +22,9 @@ anywhere leaves the promoted version as it was, and rerunning the same command c
 run at a time: a second is refused, naming the first. New items are learnt: a conventional model's ID tables
 grow, and an LLM next-item run names them with its own quantizer in tokens it knows (`new_items.py`);
 rows of items it cannot name are dropped and counted, with the reason.
+
+Past ~400 lines: the steps above read in order here, with the checks of the batch and of the held-out
+samples beside the flow they guard; what concerns the batch's new items is in `new_items.py`.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
 from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages
-from evolora.deploy.new_items import name_new_items, parent_semantic_ids
+from evolora.deploy.new_items import WithoutRecordCount, name_new_items, note_new_records, parent_semantic_ids
 from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DataError, EmptyStagesError
 from evolora.eval.metrics import lower_is_better, metric_set
@@ -92,11 +95,15 @@ def update_run(
     method: str | None = None,
     seed: int | None = None,
     overrides: list[str] | None = None,
+    items_file: str | Path | None = None,
 ) -> UpdateOutcome:
     """Train the next stage of a run's promoted version on `data_file` and gate it (see the module doc).
 
     `overrides`: `update.*` settings as `--set` takes them (`update.min_gain=0.0`), `tracking` and
-    `tracking_uri` (where the gate is logged), or `threads`.
+    `tracking_uri` (where the gate is logged), or `threads`. `items_file`: the records (title, genre, ...)
+    of the batch's new items, in the layout of the run's `data.meta` table, for a run that reads its item
+    fields from one; the run's own files stay as they were (an experiment refuses changed data). Records of
+    items the run knows are not read from it: a known item keeps its record.
     """
     # The gate's settings and where it is logged; whatever fixes the run's numbers stays as the run had it.
     keys = [parse_override(s)[0] for s in overrides or []]
@@ -127,16 +134,22 @@ def update_run(
     with exclusive(registry.folder / ".lock", f"updates of {method} (seed {results['seed']}) in {root}"):
         registry = Versions.open(root, method, results["seed"], last)  # as the lock holder left it
         given = {key[-1] for key in keys if key[0] == "update"}
-        return _update(cfg, root, results, registry, Path(data_file), given)
+        return _update(cfg, root, results, registry, Path(data_file), given, items_file)
 
 
 def _update(
-    cfg: RunConfig, root: Path, results: dict[str, Any], registry: Versions, data_file: Path, given: set[str]
+    cfg: RunConfig,
+    root: Path,
+    results: dict[str, Any],
+    registry: Versions,
+    data_file: Path,
+    given: set[str],
+    items_file: str | Path | None,
 ) -> UpdateOutcome:
     _remove_superseded_work(registry)
     remove_stale_temporaries(registry.folder)  # left by killed updates; this one holds the update lock
     parent = registry.current
-    batch = _read_batch(cfg, data_file)
+    batch = _read_batch(cfg, data_file, None if items_file is None else Path(items_file))
     digest = data_digest(batch)["sha256"]
     # Rerunning a finished update: the batch is in the promoted version's line, or a child of it (kept).
     line = []
@@ -164,7 +177,10 @@ def _update(
 
     original, existing, items = _history(cfg, root, registry, parent)
     accepted, report = _accept(batch, existing, data_file, cfg.data.min_rating)
+    known = items["item_id"]
     items = _with_batch_items(items, batch)
+    if items_file is not None:
+        note_new_records(items, known, accepted, items_file)
     # An LLM next-item run names the batch's new items with its quantizer; the IDs the candidate is built
     # and bundled with are the work folder's (`build_cfg`'s shared caches), never the experiment's.
     build_cfg, pretrained = cfg, None
@@ -263,9 +279,17 @@ def _track_gate(cfg: RunConfig, root: Path, results: dict[str, Any], version: Ve
 
 
 # ------------------------------------------------------------------------------------------ the data
-def _read_batch(cfg: RunConfig, data_file: Path) -> InteractionData:
+def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None) -> InteractionData:
     if not data_file.exists():
         raise DataError(f"{data_file}: no such file or folder")
+    if items_file is not None:
+        if cfg.data.columns is None or cfg.data.meta is None:
+            raise ConfigError(
+                f"--items {items_file}: this run reads no items table (data.meta of a table run); the "
+                "batch's rows carry their items' fields, if the run maps any (data.columns)"
+            )
+        if not items_file.is_file():
+            raise DataError(f"--items {items_file}: no such file")
     # The run's loader and settings, on the new file alone: no k-core or recency cut of a batch, and no
     # stage column: the whole batch is the next stage.
     # `min_rating` is applied in `_accept`, so its rows are counted among the dropped ones.
@@ -273,6 +297,12 @@ def _read_batch(cfg: RunConfig, data_file: Path) -> InteractionData:
               "max_interactions": None, "min_rating": None}  # fmt: skip
     if cfg.data.columns is not None and cfg.data.columns.stage is not None:
         settings["columns"] = cfg.data.columns.model_copy(update={"stage": None})
+    if items_file is not None:
+        settings["meta"] = str(items_file)
+    quiet = WithoutRecordCount() if items_file is not None else None
+    data_log = logging.getLogger("evolora.data")
+    if quiet is not None:
+        data_log.addFilter(quiet)
     try:
         return load_dataset(cfg.data.model_copy(update=settings))
     except DataError as e:
@@ -286,6 +316,9 @@ def _read_batch(cfg: RunConfig, data_file: Path) -> InteractionData:
             "rows of your own, run it on a table (data.format: table, with data.columns): "
             "examples/ml100k_as_csv.py writes ML-100K as one and configs/deploy-ml100k.yaml runs it"
         ) from None
+    finally:
+        if quiet is not None:
+            data_log.removeFilter(quiet)
 
 
 def _history(
