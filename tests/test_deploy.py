@@ -23,7 +23,7 @@ from evolora.errors import ConfigError, DataError
 from evolora.experiment import run_experiment
 from evolora.locks import LockedError
 from evolora.tasks.ctr import CtrTask
-from tests.helpers import EXAMPLE_TABLE, tiny_config
+from tests.helpers import EXAMPLE_DATA, EXAMPLE_TABLE, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
 SMALL = {
@@ -412,6 +412,50 @@ def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
     v = update_run(old_root, batch, overrides=["update.min_gain=-1.0"]).version
     why = "items without a semantic ID: the run's semantic IDs were built before evolora kept their quantizer"
     assert v.data["dropped"] == {why: 6} and v.data["accepted"] == pl.read_csv(batches["b1"]).height
+
+
+def test_a_run_whose_items_bring_their_ids_takes_a_new_items_own_id(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """IDs that come with the data (a sid field): a new item's own ID is taken where the model has a token
+    for each level; one with an unknown token, one that collides with an item's ID and one with no ID are
+    dropped and counted, each with its reason."""
+    items = pl.read_csv(EXAMPLE_DATA / "example_items.csv")
+    items = items.with_columns(sid=pl.Series([f"<a_{k // 6}><b_{k % 6}>" for k in range(items.height)]))
+    meta = tmp_path / "items.csv"
+    items.write_csv(meta)
+    columns = "{user: uid, item: iid, time: ts, rating: stars, title: name, sid: sid}"
+    cfg = tiny_config(
+        batches["base"], tmp_path / "runs", **{**NEXT_ITEM, "data.meta": meta, "data.columns": columns}
+    )
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    b1 = pl.read_csv(batches["b1"])
+    users = b1["uid"].unique().sort()[:2]
+    new = ["sku-fits", "sku-unknown-token", "sku-collides", "sku-no-id"]
+    rows = pl.DataFrame(
+        {"uid": [u for _ in new for u in users], "iid": [i for i in new for _ in users],
+         "ts": [b1["ts"].max()] * 2 * len(new), "stars": [5] * 2 * len(new)}
+    )  # fmt: skip
+    batch = tmp_path / "new.csv"
+    pl.concat([b1, rows]).write_csv(batch)
+    last = items.height - 1  # an unused pair of known tokens: a level's last code with another's unused
+    fits = f"<a_{last // 6}><b_5>" if last % 6 < 5 else "<a_0><b_0>"
+    records = tmp_path / "new-items.csv"
+    pl.DataFrame(
+        {"iid": new, "name": [f"New {i}" for i in new], "genre": ["summer"] * 4,
+         "sid": [fits, "<a_99><b_0>", "<a_0><b_0>", None]}
+    ).write_csv(records)  # fmt: skip
+    v = update_run(root, batch, overrides=["update.min_gain=-1.0"], items_file=records).version
+    assert v.data["new items named"] == 1
+    prefix = "items without a semantic ID: "
+    assert v.data["dropped"] == {
+        prefix + "no semantic ID in their record (the run's IDs come with its data)": 2,
+        prefix + "their semantic ID uses a token the model has no row for": 2,
+        prefix + "their codes' group has no free number the model has a token for": 2,
+    }
+    rec = evolora.Recommender.load(root)
+    assert "".join(rec._task.item_tokens["sku-fits"]) == fits + "<c_0>"
 
 
 def test_a_run_folder_names_its_own_method_and_seed(batches: dict[str, Path], tmp_path: Path) -> None:

@@ -375,8 +375,12 @@ def _accept(
 
 
 def _with_batch_items(items: pl.DataFrame, batch: InteractionData) -> pl.DataFrame:
-    """The items the parent version knows, then those of the batch's item table it does not."""
+    """The items the parent version knows, then those of the batch's item table it does not. Semantic IDs
+    in new records count only for a run whose items came with theirs (`source: auto` decides by them)."""
     new_items = batch.items.join(items.select("item_id"), on="item_id", how="anti")
+    run_has_ids = "sid" in items.columns and items["sid"].null_count() < items.height
+    if "sid" in new_items.columns and not run_has_ids:
+        new_items = new_items.drop("sid")
     return pl.concat([items, new_items], how="diagonal_relaxed")
 
 

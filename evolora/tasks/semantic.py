@@ -200,22 +200,21 @@ def add_new_items(
 
     A trained model has token rows only for the codes its items use, so each level takes the nearest code
     among those (`assign_codes(allowed=...)`), and the extra level a number up to the largest in use; the
-    IDs of known items never change. Items that cannot be named stay out, with the reason: IDs taken from
-    the dataset (no quantizer to encode with), IDs built before evolora kept the quantizer, or a group of
-    identical codes with no free number left.
+    IDs of known items never change. A run whose IDs come with its data takes the new items' own IDs
+    instead (`_given_ids`). Items that cannot be named stay out, with the reason: no ID in the record of a
+    run whose IDs come with its data, an ID with a token the model lacks, IDs built before evolora kept the
+    quantizer, or a group of identical codes with no free number left.
     """
     sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
     items = [i for i in dict.fromkeys(items) if i not in sids]
     if not items:
         return NewItemIds(sids, [], {})
+    if sid_cfg.source == "dataset" or (sid_cfg.source == "auto" and _has_own_ids(data)):
+        return _given_ids(sids, data, items)
     if not quantizer.is_file():
-        from_dataset = sid_cfg.source == "dataset" or (sid_cfg.source == "auto" and _has_own_ids(data))
-        why = (
-            "the run's semantic IDs come with its dataset (no quantizer to encode new items)"
-            if from_dataset
-            else "the run's semantic IDs were built before evolora kept their quantizer"
+        return NewItemIds(
+            sids, [], {"the run's semantic IDs were built before evolora kept their quantizer": items}
         )
-        return NewItemIds(sids, [], {why: items})
     rqvae = RQVAE.load(quantizer)
     if rqvae.levels != sids.levels - 1:
         raise DataError(f"{quantizer}: a quantizer of {rqvae.levels} levels for IDs of {sids.levels}")
@@ -225,8 +224,48 @@ def add_new_items(
         emb = embed_texts(model, tok, item_texts(data, items, sid_cfg.text_fields))
     allowed = [set(np.unique(sids.codes[:, level]).tolist()) for level in range(rqvae.levels)]
     codes = assign_codes(rqvae, emb, allowed=allowed)
+    return _extended(sids, items, codes, {})
+
+
+_NO_NUMBER = "their codes' group has no free number the model has a token for"
+
+
+def _extended(
+    sids: SemanticIds, items: list[str], codes: np.ndarray, unnamed: dict[str, list[str]]
+) -> NewItemIds:
     extended = sids.extend(items, codes, max_suffix=int(sids.codes[:, -1].max()))
-    added = [i for i in items if i in extended]
     left = [i for i in items if i not in extended]
-    unnamed = {"their codes' group has no free number the model has a token for": left} if left else {}
-    return NewItemIds(extended, added, unnamed)
+    if left:
+        unnamed = {**unnamed, _NO_NUMBER: left}
+    return NewItemIds(extended, [i for i in items if i in extended], unnamed)
+
+
+def _given_ids(sids: SemanticIds, data: InteractionData, items: list[str]) -> NewItemIds:
+    """New items named by their own IDs (the data's `sid` field, as the run's items are), where the model
+    has a token for every level of them; the level telling colliding items apart is added as for a run."""
+    table = data.items.filter(pl.col("item_id").is_in(items))
+    given = table.filter(pl.col("sid").is_not_null()) if "sid" in table.columns else table.clear()
+    try:
+        own = SemanticIds.from_strings(
+            given["item_id"].to_list(), given["sid"].to_list() if given.height else []
+        )
+    except ValueError as e:
+        raise DataError(f"the new items' semantic IDs (their sid field): {e}") from None
+    unnamed: dict[str, list[str]] = {}
+    missing = [i for i in items if i not in own]
+    if missing:
+        unnamed["no semantic ID in their record (the run's IDs come with its data)"] = missing
+    if not len(own):
+        return NewItemIds(sids, [], unnamed)
+    if own.levels != sids.levels - 1:
+        raise DataError(
+            f"the new items' semantic IDs have {own.levels} levels; the run's have {sids.levels - 1} (before "
+            "the level that tells colliding items apart)"
+        )
+    known = [set(np.unique(sids.codes[:, level]).tolist()) for level in range(own.levels)]
+    fits = np.array([all(c in known[level] for level, c in enumerate(row)) for row in own.codes.tolist()])
+    outside = [i for i, ok in zip(own.item_ids, fits, strict=True) if not ok]
+    if outside:
+        unnamed["their semantic ID uses a token the model has no row for"] = outside
+    inside = [i for i, ok in zip(own.item_ids, fits, strict=True) if ok]
+    return _extended(sids, inside, own.codes[fits], unnamed)
