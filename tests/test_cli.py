@@ -57,6 +57,19 @@ def test_run_prints_stage_table_and_report_compares(sunny_dir: Path, tmp_path: P
     assert (out / "auc.png").is_file()
 
 
+def test_a_run_whose_training_diverged_says_so_under_its_table(sunny_dir: Path, tmp_path: Path) -> None:
+    """Every epoch's loss NaN: the starting weights are kept, so the figures look like an untrained model's;
+    the end of the run names such jobs instead of leaving them to a log line per epoch."""
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["finetune"])
+    result = runner.invoke(app, ["run", str(config), "--set", "train.lr=1e30"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "diverged (the loss was not finite in every epoch" in text, result.output
+    assert "finetune seed 0 stage 1 (default), finetune seed 0 stage 2 (default)" in text
+    result = runner.invoke(app, ["run", str(config), "--overwrite"])  # a sane lr: nothing said
+    assert result.exit_code == 0 and "diverged" not in result.output, result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import sys
 import time
@@ -206,7 +207,26 @@ def stage_table_note(results: list[dict[str, Any]]) -> str:
 
     skip = shared_first_stage(results)
     over = "every evaluated stage" if skip is None else f"D{skip} left out: shared within each experiment"
-    return f"precision: {precision_line(results)}; mean: {over}"
+    note = f"precision: {precision_line(results)}; mean: {over}"
+    lost = diverged_jobs(results)
+    if lost:
+        note += (
+            f"\ndiverged (the loss was not finite in every epoch, so the starting weights were kept and the "
+            f"figures are those of an untrained adapter; lower train.lr): {', '.join(lost)}"
+        )
+    return note
+
+
+def diverged_jobs(results: list[dict[str, Any]]) -> list[str]:
+    """The training jobs of `results` whose every epoch ended with a non-finite training loss."""
+    lost = []
+    for r in results:
+        for s in r["stages"]:
+            for job in s.get("jobs", []):
+                losses = [h["train_loss"] for h in job.get("history", []) if "train_loss" in h]
+                if losses and not any(math.isfinite(x) for x in losses):
+                    lost.append(f"{r['method']} seed {r['seed']} stage {s['train_stage']} ({job['job']})")
+    return lost
 
 
 @app.command()

@@ -184,6 +184,12 @@ def train_adapter(
             _save_checkpoint(checkpoint, params, optimizer, scheduler, progress, scaler)
     _restore(params, progress.best_state)
     lm.model.eval()
+    losses = [h["train_loss"] for h in progress.history if "train_loss" in h]
+    if losses and not any(math.isfinite(x) for x in losses):
+        log.warning(
+            "%s: the training loss was not finite in every epoch (diverged); the %s weights are kept: lower "
+            "train.lr", desc, "starting" if progress.best_epoch == 0 else f"epoch-{progress.best_epoch}",
+        )  # fmt: skip
     value = None if not use_valid or progress.best_value == -math.inf else float(progress.best_value)
     if value is not None and cfg.select_by == "loss":
         value = -value
