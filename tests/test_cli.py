@@ -66,6 +66,8 @@ def test_a_run_whose_training_diverged_says_so_under_its_table(sunny_dir: Path, 
     text = " ".join(result.output.split())
     assert "diverged (the loss was not finite in every epoch" in text, result.output
     assert "finetune seed 0 stage 1 (default), finetune seed 0 stage 2 (default)" in text
+    report = (tmp_path / "runs" / "cli" / "report.md").read_text()
+    assert "**Diverged training**" in report and "finetune seed 0 stage 2 (default)" in report
     result = runner.invoke(app, ["run", str(config), "--overwrite"])  # a sane lr: nothing said
     assert result.exit_code == 0 and "diverged" not in result.output, result.output
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import sys
 import time
@@ -203,7 +202,7 @@ def matrix_summary_table(results: list[dict[str, Any]], metric: str) -> Table | 
 
 
 def stage_table_note(results: list[dict[str, Any]]) -> str:
-    from evolora.eval.report import precision_line, shared_first_stage
+    from evolora.eval.report import diverged_jobs, precision_line, shared_first_stage
 
     skip = shared_first_stage(results)
     over = "every evaluated stage" if skip is None else f"D{skip} left out: shared within each experiment"
@@ -215,18 +214,6 @@ def stage_table_note(results: list[dict[str, Any]]) -> str:
             f"figures are those of an untrained adapter; lower train.lr): {', '.join(lost)}"
         )
     return note
-
-
-def diverged_jobs(results: list[dict[str, Any]]) -> list[str]:
-    """The training jobs of `results` whose every epoch ended with a non-finite training loss."""
-    lost = []
-    for r in results:
-        for s in r["stages"]:
-            for job in s.get("jobs", []):
-                losses = [h["train_loss"] for h in job.get("history", []) if "train_loss" in h]
-                if losses and not any(math.isfinite(x) for x in losses):
-                    lost.append(f"{r['method']} seed {r['seed']} stage {s['train_stage']} ({job['job']})")
-    return lost
 
 
 @app.command()

@@ -14,6 +14,7 @@ row, and the report says so; otherwise they cover every evaluated stage.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,12 @@ def compose_report(
     machines = machine_line(results)
     if machines:
         out.append(machines)
+    lost = diverged_jobs(results)
+    if lost:
+        out.append(
+            "**Diverged training** (the loss was not finite in every epoch: the starting weights were kept, "
+            f"so these figures are an untrained adapter's): {', '.join(lost)}."
+        )
     covered = f"means, `vs {baseline}` and bootstrap differences" if baseline in methods else "means"
     if skip is not None:
         out.append(
@@ -344,3 +351,15 @@ def compose_report(
 
 def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def diverged_jobs(results: list[dict[str, Any]]) -> list[str]:
+    """The training jobs of `results` whose every epoch ended with a non-finite training loss."""
+    lost = []
+    for r in results:
+        for s in r["stages"]:
+            for job in s.get("jobs", []):
+                losses = [h["train_loss"] for h in job.get("history", []) if "train_loss" in h]
+                if losses and not any(math.isfinite(x) for x in losses):
+                    lost.append(f"{r['method']} seed {r['seed']} stage {s['train_stage']} ({job['job']})")
+    return lost
