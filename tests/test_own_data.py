@@ -317,3 +317,15 @@ def test_upper_case_gz_is_decompressed(tmp_path: Path) -> None:
     (tmp_path / "LOG.JSONL.GZ").write_bytes(gzip.compress(log.write_ndjson().encode()))
     data = prepare_data(table_config(tmp_path / "LOG.JSONL.GZ", tmp_path / "runs")).data
     assert data.interactions.height == log.height
+
+
+def test_an_items_table_without_a_mapped_title_calls_items_by_their_id(tmp_path: Path) -> None:
+    """No data.columns.title beside a data.meta whose records miss a logged item: the items are called by
+    their id (the title expression was a one-row literal beside the table: a polars ShapeError)."""
+    items = pl.read_csv(ITEMS)
+    (tmp_path / "items.csv").write_text(items[1:].write_csv())  # the first item has no record
+    columns = "{user: uid, item: iid, time: ts, rating: stars, genre: genre}"
+    cfg = table_config(LOG, tmp_path / "runs", columns=columns, meta=tmp_path / "items.csv")
+    data = prepare_data(cfg).data
+    assert data.items["title"].to_list() == data.items["item_id"].to_list()
+    assert data.items.height == items.height

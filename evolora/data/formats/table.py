@@ -311,14 +311,15 @@ def _items(
             *(meta, missing.height, inter["item_id"].n_unique(), source),
         )
     items = pl.concat([records, missing], how="diagonal_relaxed")
-    title = pl.col("title").str.strip_chars() if "title" in fields else pl.lit(None, dtype=pl.Utf8)
-    untitled = items.select(title.is_null() | (title == "")).to_series()
     if "title" not in fields:
         log.warning(
             "%s: no title column (data.columns.title): the %d items are called by their id",
             *(meta or source, items.height),
         )
-    elif (n := int(untitled.sum()) - (missing.height if meta is not None else 0)) > 0:
+        return items.with_columns(title=pl.col("item_id"))
+    title = pl.col("title").str.strip_chars()
+    untitled = items.select(title.is_null() | (title == "")).to_series()
+    if (n := int(untitled.sum()) - (missing.height if meta is not None else 0)) > 0:
         log.warning("%s: %d items have an empty title; they are called by their id", meta or source, n)
     return items.with_columns(title=pl.when(untitled).then(pl.col("item_id")).otherwise(title))
 
