@@ -387,6 +387,13 @@ def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
     assert bundled.filter(pl.col("item_id") == "sku-new")["title"].to_list() == ["Sunny Day Kit 99"]
     assert bundled.filter(pl.col("item_id") == "sku-001")["title"].to_list() == ["Rainy Night Kit 1"]
     run_experiment(cfg)  # the experiment's data did not change: it still reruns (nothing left to do)
+    # The batch is the rows' file: sent again with other records, or none, it was applied before.
+    other = tmp_path / "other-items.csv"
+    other.write_text("iid,name,genre\nsku-new,Another Name,winter\n")
+    again = update_run(root, batch, items_file=other)
+    assert again.already_applied and again.version.id == v.id
+    assert again.ignored == [f"--items {other} (version {v.id} was built with --items {records})"]
+    assert update_run(root, batch).already_applied
     assert ids_file.read_bytes() == before and "sku-new" not in json.loads(before)
     assert json.loads(
         (root / "inference" / "_shared" / "semantic_ids" / ids_file.name).read_text()

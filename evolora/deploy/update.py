@@ -29,6 +29,7 @@ samples beside the flow they guard; what concerns the batch's new items is in `n
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -46,7 +47,7 @@ from evolora.config import RunConfig, StrategySpec, load_config, parse_override
 from evolora.continual import Env, build_strategy, run_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
-from evolora.data.digest import data_digest
+from evolora.data.digest import data_digest, file_sha256
 from evolora.data.loaders import load_dataset
 from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
@@ -85,7 +86,8 @@ class UpdateOutcome:
     version: Version
     promoted: bool
     already_applied: bool = False
-    # update.* settings given for a batch applied before: a batch is gated once, so they changed nothing
+    # update.* settings (and --items) given for a batch applied before: a batch is gated once, so they
+    # changed nothing
     ignored: list[str] = field(default_factory=list)
 
 
@@ -149,8 +151,10 @@ def _update(
     _remove_superseded_work(registry)
     remove_stale_temporaries(registry.folder)  # left by killed updates; this one holds the update lock
     parent = registry.current
-    batch = _read_batch(cfg, data_file, None if items_file is None else Path(items_file))
-    digest = data_digest(batch)["sha256"]
+    items_file = None if items_file is None else Path(items_file)
+    batch = _read_batch(cfg, data_file, items_file)
+    digest = _batch_digest(cfg, batch, items_file)
+    records = None if items_file is None else {"file": str(items_file), "sha256": file_sha256(items_file)}
     # Rerunning a finished update: the batch is in the promoted version's line, or a child of it (kept).
     line = []
     v: Version | None = parent
@@ -168,6 +172,10 @@ def _update(
                 for k in sorted(given)
                 if k in v.gate and v.gate[k] != getattr(cfg.update, k)
             ]
+            built_with = v.data.get("items_file")
+            if records is not None and (built_with or {}).get("sha256") != records["sha256"]:
+                was = f"--items {built_with['file']}" if built_with else "no --items"
+                ignored.append(f"--items {items_file} (version {v.id} was built with {was})")
             return UpdateOutcome(v, registry.promoted == v.id, already_applied=True, ignored=ignored)
     # The held-out samples depend on these settings: another choice is another candidate, trained apart
     # (a killed update resumed with other settings must not reuse the first one's gate predictions).
@@ -235,7 +243,12 @@ def _update(
         stage=stage,
         created=_now(),
         folder=str((work / f"stage-{stage}").relative_to(root)),
-        data={"file": str(data_file), "sha256": digest, **report},
+        data={
+            "file": str(data_file),
+            "sha256": digest,
+            **({"items_file": records} if records else {}),
+            **report,
+        },
         gate=gate,
         promoted_at_creation=gate["promote"],
     )
@@ -279,7 +292,18 @@ def _track_gate(cfg: RunConfig, root: Path, results: dict[str, Any], version: Ve
 
 
 # ------------------------------------------------------------------------------------------ the data
-def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None) -> InteractionData:
+def _batch_digest(cfg: RunConfig, batch: InteractionData, items_file: Path | None) -> str | None:
+    """What identifies a batch: its files' digest as read without `--items` (the rows' file, and the run's
+    items table where it has one). Records of new items given another way make no other batch: a batch is
+    gated once."""
+    files = list(batch.files)
+    if items_file is not None and cfg.data.meta is not None:
+        given = str(items_file.resolve())
+        files = [str(Path(cfg.data.meta).expanduser().resolve()) if f == given else f for f in files]
+    return data_digest(dataclasses.replace(batch, files=tuple(files)))["sha256"]
+
+
+def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None) -> InteractionData:
     if not data_file.exists():
         raise DataError(f"{data_file}: no such file or folder")
     if items_file is not None:
