@@ -210,8 +210,8 @@ def stage_table_note(results: list[dict[str, Any]]) -> str:
     lost = diverged_jobs(results)
     if lost:
         note += (
-            f"\ndiverged (the loss was not finite in every epoch, so the starting weights were kept and the "
-            f"figures are those of an untrained adapter; lower train.lr): {', '.join(lost)}"
+            f"\ndiverged (the loss was not finite in every epoch, so the weights each job started from were "
+            f"kept and its figures are not those of a trained stage; lower train.lr): {', '.join(lost)}"
         )
     return note
 

@@ -255,8 +255,8 @@ def compose_report(
     lost = diverged_jobs(results)
     if lost:
         out.append(
-            "**Diverged training** (the loss was not finite in every epoch: the starting weights were kept, "
-            f"so these figures are an untrained adapter's): {', '.join(lost)}."
+            "**Diverged training** (the loss was not finite in every epoch: the weights the job started from "
+            f"were kept, so these figures are not those of a trained stage): {', '.join(lost)}."
         )
     covered = f"means, `vs {baseline}` and bootstrap differences" if baseline in methods else "means"
     if skip is not None:
@@ -354,12 +354,16 @@ def _duration(seconds: float) -> str:
 
 
 def diverged_jobs(results: list[dict[str, Any]]) -> list[str]:
-    """The training jobs of `results` whose every epoch ended with a non-finite training loss."""
+    """The training jobs of `results` whose every epoch ended with a non-finite training loss, per method (a
+    stage-1 job shared by several methods counts for each, and says so where it was reused)."""
     lost = []
     for r in results:
         for s in r["stages"]:
             for job in s.get("jobs", []):
                 losses = [h["train_loss"] for h in job.get("history", []) if "train_loss" in h]
                 if losses and not any(math.isfinite(x) for x in losses):
-                    lost.append(f"{r['method']} seed {r['seed']} stage {s['train_stage']} ({job['job']})")
+                    shared = ", trained once for several methods" if job.get("reused_shared_result") else ""
+                    lost.append(
+                        f"{r['method']} seed {r['seed']} stage {s['train_stage']} ({job['job']}{shared})"
+                    )
     return lost

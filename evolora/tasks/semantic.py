@@ -250,7 +250,7 @@ def _given_ids(sids: SemanticIds, data: InteractionData, items: list[str]) -> Ne
             given["item_id"].to_list(), given["sid"].to_list() if given.height else []
         )
     except ValueError as e:
-        raise DataError(f"the new items' semantic IDs (their sid field): {e}") from None
+        raise DataError(f"the new items' records (--items): their semantic IDs (sid field): {e}") from None
     unnamed: dict[str, list[str]] = {}
     missing = [i for i in items if i not in own]
     if missing:
@@ -259,8 +259,8 @@ def _given_ids(sids: SemanticIds, data: InteractionData, items: list[str]) -> Ne
         return NewItemIds(sids, [], unnamed)
     if own.levels != sids.levels - 1:
         raise DataError(
-            f"the new items' semantic IDs have {own.levels} levels; the run's have {sids.levels - 1} (before "
-            "the level that tells colliding items apart)"
+            f"the new items' records (--items): their semantic IDs have {own.levels} levels; the run's have "
+            f"{sids.levels - 1} (before the level that tells colliding items apart)"
         )
     known = [set(np.unique(sids.codes[:, level]).tolist()) for level in range(own.levels)]
     fits = np.array([all(c in known[level] for level, c in enumerate(row)) for row in own.codes.tolist()])
