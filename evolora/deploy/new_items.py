@@ -69,7 +69,7 @@ def name_new_items(
     sids = SemanticIds.load(ids)
     given = read_json(record, "Delete the update's work folder and rerun it.")
     if given["added"]:
-        log.info("semantic IDs for %d new items (the run's quantizer)", len(given["added"]))
+        log.info("semantic IDs for %d new items", len(given["added"]))
         report["new items named"] = len(given["added"])
     unknown = ~accepted["item_id"].is_in(list(sids.item_ids))
     if unknown.any():
