@@ -394,6 +394,10 @@ def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
     assert again.already_applied and again.version.id == v.id
     assert again.ignored == [f"--items {other} (version {v.id} was built with --items {records})"]
     assert update_run(root, batch).already_applied
+    shown = CliRunner().invoke(app, ["versions", str(root)], terminal_width=200).output.splitlines()
+    header = next(line for line in shown if "version" in line and "┃" in line).strip("┃").split("┃")
+    row = next(line for line in shown if "new.csv" in line).strip("│").split("│")
+    assert dict(zip([h.strip() for h in header], [c.strip() for c in row], strict=True))["new items"] == "1"
     assert ids_file.read_bytes() == before and "sku-new" not in json.loads(before)
     assert json.loads(
         (root / "inference" / "_shared" / "semantic_ids" / ids_file.name).read_text()

@@ -107,10 +107,14 @@ def versions(
     table = Table(
         title=f"versions of {registry.method} (seed {registry.seed}); promoted: {registry.promoted}"
     )
-    for col in ("version", "parent", "stage", "created", "data", "rows", "gate", "promoted"):
-        table.add_column(col, justify="right" if col in ("version", "parent", "stage", "rows") else "left")
+    named = any("new items named" in v.data for v in registry.versions)  # a column only where there are some
+    right = ["version", "parent", "stage", "rows", *(["new items"] if named else [])]
+    for col in ("version", "parent", "stage", "created", "data", *right[3:], "gate", "promoted"):
+        table.add_column(col, justify="right" if col in right else "left")
     for v in registry.versions:
-        rows = f"{v.data['accepted']}/{v.data['rows_in_file']}" if "accepted" in v.data else ""
+        rows = [f"{v.data['accepted']}/{v.data['rows_in_file']}" if "accepted" in v.data else ""]
+        if named:
+            rows.append(str(v.data.get("new items named", "")))
         gate = (
             f"{v.gate['metric']} {_figure(v.gate['candidate'])} vs {_figure(v.gate['promoted'])}"
             if v.gate
@@ -119,7 +123,7 @@ def versions(
         table.add_row(
             str(v.id), "" if v.parent is None else str(v.parent), str(v.stage),
             v.created.replace("T", " ")[:16],
-            Path(v.data.get("file", v.data.get("source", ""))).name, rows, gate,
+            Path(v.data.get("file", v.data.get("source", ""))).name, *rows, gate,
             "yes" if v.id == registry.promoted else "",
         )  # fmt: skip
     console.print(table)
