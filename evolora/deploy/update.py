@@ -71,6 +71,7 @@ from evolora.models.conventional import is_conventional
 from evolora.models.llm import set_threads
 from evolora.models.precision import check_machine
 from evolora.queries import locate_run
+from evolora.tasks.semantic import items_have_ids
 from evolora.tracking import check_tracking, tracker_for
 
 log = logging.getLogger("evolora")
@@ -402,8 +403,7 @@ def _with_batch_items(items: pl.DataFrame, batch: InteractionData) -> pl.DataFra
     """The items the parent version knows, then those of the batch's item table it does not. Semantic IDs
     in new records count only for a run whose items came with theirs (`source: auto` decides by them)."""
     new_items = batch.items.join(items.select("item_id"), on="item_id", how="anti")
-    run_has_ids = "sid" in items.columns and items["sid"].null_count() < items.height
-    if "sid" in new_items.columns and not run_has_ids:
+    if "sid" in new_items.columns and not items_have_ids(items):
         new_items = new_items.drop("sid")
     return pl.concat([items, new_items], how="diagonal_relaxed")
 

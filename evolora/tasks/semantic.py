@@ -98,8 +98,13 @@ def item_vectors_for(
     return dict(zip(items, vectors, strict=True))
 
 
+def items_have_ids(items: pl.DataFrame) -> bool:
+    """Whether an item table carries semantic IDs of its own (what `source: auto` decides by)."""
+    return "sid" in items.columns and items["sid"].null_count() < items.height
+
+
 def _has_own_ids(data: InteractionData) -> bool:
-    return "sid" in data.items.columns and data.items["sid"].null_count() < data.items.height
+    return items_have_ids(data.items)
 
 
 def semantic_ids_path(cfg: RunConfig, data: InteractionData) -> Path:
