@@ -156,8 +156,11 @@ class RQVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder((x - self.shift) / self.scale)
 
-    def quantise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(sum of the chosen codes [n, code_dim], codes [n, levels], quantisation loss)."""
+    def quantise(
+        self, z: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum of the chosen codes [n, code_dim], codes [n, levels], quantisation loss). `masks` [levels,
+        codebook_size]: the codes each level may take (`assign_codes(allowed=...)`); all when None."""
         if self.training and not bool(self.initialised):
             self.init_codebooks(z)
         residual, total = z, torch.zeros_like(z)
@@ -166,7 +169,8 @@ class RQVAE(nn.Module):
         for level in range(self.levels):
             book = self.codebooks[level]
             with torch.no_grad():
-                idx = _sq_dist(residual.float(), book.float()).argmin(1)
+                dist = _sq_dist(residual.float(), book.float())
+                idx = (dist if masks is None else dist.masked_fill(~masks[level], float("inf"))).argmin(1)
             e = book[idx]
             loss = loss + F.mse_loss(e, residual.detach()) + self.beta * F.mse_loss(residual, e.detach())
             if self.training:
@@ -329,21 +333,8 @@ def assign_codes(
             raise ValueError("every level needs at least one allowed code")
     with without_autocast():
         out = [
-            _nearest_codes(model, model.encode(x[i : i + batch_size].to(device)), masks).cpu()
+            model.quantise(model.encode(x[i : i + batch_size].to(device)), masks)[1].cpu()
             for i in range(0, len(x), batch_size)
         ]
     model.train(was_training)
     return torch.cat(out).numpy().astype(np.int64) if out else np.zeros((0, model.levels), dtype=np.int64)
-
-
-def _nearest_codes(model: RQVAE, z: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
-    if masks is None:
-        return model.quantise(z)[1]
-    residual, codes = z, []
-    for level in range(model.levels):
-        book = model.codebooks[level]
-        dist = _sq_dist(residual.float(), book.float()).masked_fill(~masks[level], float("inf"))
-        idx = dist.argmin(1)
-        residual = residual - book[idx]
-        codes.append(idx)
-    return torch.stack(codes, 1)
