@@ -137,13 +137,14 @@ class SemanticIds:
     def sid(self, item_id: str) -> str:
         return "".join(self.tokens(item_id))
 
+    def codes_in_use(self) -> list[list[int]]:
+        """Per level, the codes some item uses, ascending (a model built on these IDs has their tokens)."""
+        return [np.unique(self.codes[:, level]).tolist() for level in range(self.levels)]
+
     def all_tokens(self) -> list[str]:
         """Every token some item uses, ordered by level, then code (the new vocabulary for the LLM)."""
-        return [
-            f"<{LEVEL_LETTERS[level]}_{c}>"
-            for level in range(self.levels)
-            for c in np.unique(self.codes[:, level])
-        ]
+        used = self.codes_in_use()
+        return [f"<{LEVEL_LETTERS[level]}_{c}>" for level, codes in enumerate(used) for c in codes]
 
     def collisions(self) -> CollisionStats:
         return collision_stats(self.codes)

@@ -227,8 +227,7 @@ def add_new_items(
     log.info("semantic IDs: embedding %d new item texts", len(items))
     with cost.part("item_embeddings"):
         emb = embed_texts(model, tok, item_texts(data, items, sid_cfg.text_fields))
-    allowed = [set(np.unique(sids.codes[:, level]).tolist()) for level in range(rqvae.levels)]
-    codes = assign_codes(rqvae, emb, allowed=allowed)
+    codes = assign_codes(rqvae, emb, allowed=sids.codes_in_use()[: rqvae.levels])
     return _extended(sids, items, codes, {})
 
 
@@ -267,7 +266,7 @@ def _given_ids(sids: SemanticIds, data: InteractionData, items: list[str]) -> Ne
             f"the new items' records (--items): their semantic IDs have {own.levels} levels; the run's have "
             f"{sids.levels - 1} (before the level that tells colliding items apart)"
         )
-    known = [set(np.unique(sids.codes[:, level]).tolist()) for level in range(own.levels)]
+    known = [set(used) for used in sids.codes_in_use()[: own.levels]]
     fits = np.array([all(c in known[level] for level, c in enumerate(row)) for row in own.codes.tolist()])
     outside = [i for i, ok in zip(own.item_ids, fits, strict=True) if not ok]
     if outside:
