@@ -30,6 +30,12 @@ class NonFiniteScores(EvoloraError):
     """Scores hold NaN or infinite values: the model diverged; no metric is computed from them."""
 
 
+def diverged(history: list[dict[str, Any]]) -> bool:
+    """Whether every epoch of a training job's history (its records' `train_loss`) ended non-finite."""
+    losses = [h["train_loss"] for h in history if "train_loss" in h]
+    return bool(losses) and not any(np.isfinite(x) for x in losses)
+
+
 def _checked(labels: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=np.float64)

@@ -14,7 +14,6 @@ row, and the report says so; otherwise they cover every evaluated stage.
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from evolora.errors import EvoloraError
 from evolora.eval.bootstrap import BASELINE, bootstrap_differences, difference_table
 from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.matrix_report import matrix_section
-from evolora.eval.metrics import is_reference, lower_is_better, metric_set
+from evolora.eval.metrics import diverged, is_reference, lower_is_better, metric_set
 from evolora.eval.runs import check_comparable, find_results
 from evolora.eval.summary import MethodRuns, relative_gain, report_data
 
@@ -360,8 +359,7 @@ def diverged_jobs(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         for s in r["stages"]:
             for job in s.get("jobs", []):
-                losses = [h["train_loss"] for h in job.get("history", []) if "train_loss" in h]
-                if losses and not any(math.isfinite(x) for x in losses):
+                if diverged(job.get("history", [])):
                     shared = ", trained once for several methods" if job.get("reused_shared_result") else ""
                     lost.append(
                         f"{r['method']} seed {r['seed']} stage {s['train_stage']} ({job['job']}{shared})"

@@ -33,7 +33,7 @@ import torch
 from evolora import cost, parallel
 from evolora.config import TrainConfig
 from evolora.errors import DamagedFileError
-from evolora.eval.metrics import NonFiniteScores
+from evolora.eval.metrics import NonFiniteScores, diverged
 from evolora.io import load_state, save_state, set_aside
 from evolora.models.backbone import Backbone
 from evolora.progress import task as progress_task
@@ -184,8 +184,7 @@ def train_adapter(
             _save_checkpoint(checkpoint, params, optimizer, scheduler, progress, scaler)
     _restore(params, progress.best_state)
     lm.model.eval()
-    losses = [h["train_loss"] for h in progress.history if "train_loss" in h]
-    if losses and not any(math.isfinite(x) for x in losses):
+    if diverged(progress.history):
         log.warning(
             "%s: the training loss was not finite in every epoch (diverged); the %s weights are kept: lower "
             "train.lr", desc, "starting" if progress.best_epoch == 0 else f"epoch-{progress.best_epoch}",
