@@ -151,11 +151,14 @@ class NextItemTask(Task):
             f"the IDs of items.json ({self.cfg.beams} beams), one token per ID level",
         }
 
+    def _prompt_items(self, row: int) -> list[str]:
+        """The items a row's prompt lists: the latest `history_len` of its history, oldest first."""
+        return self._hist[int(row)].to_list()[-self.cfg.history_len :]
+
     def encode(self, row: int) -> Encoded:
         enc = self._cache.get(row)
         if enc is None:
-            history = self._hist[int(row)].to_list()[-self.cfg.history_len :]
-            text = self.render(history)
+            text = self.render(self._prompt_items(row))
             body = self._ids(text[len(self.prefix_text) :], special=not self.prefix)
             enc = Encoded(body, self.item_seqs[self.targets[row]] + self.eos)
             self._cache[row] = enc
@@ -207,8 +210,7 @@ class NextItemTask(Task):
                     batch, trie = rows[at], self.trie_for(int(key))
                     exclude = None
                     if self.cfg.exclude_history:
-                        k = self.cfg.history_len
-                        exclude = [{self.index[h] for h in self._hist[int(r)].to_list()[-k:]} for r in batch]
+                        exclude = [{self.index[h] for h in self._prompt_items(r)} for r in batch]
                     ranked = beam_search(
                         lm,
                         self._prompts(batch),
