@@ -31,10 +31,11 @@ def display(console: Console | None = None) -> Iterator[Progress]:
     # Off a terminal (a log file, CI) bars cannot redraw; a live area would only leave a blank line.
     off_terminal = console is not None and not (console.is_terminal or console.is_jupyter)
     progress = Progress(
-        TextColumn("[bold]{task.description}"),
+        # Descriptions name files and methods of the user's: shown as written, never read as markup.
+        TextColumn("{task.description}", style="bold", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
+        TextColumn("{task.fields[info]}", markup=False),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,

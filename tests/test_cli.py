@@ -554,3 +554,55 @@ def test_the_stage_table_shows_an_undefined_metric_as_a_dash() -> None:
     console.print(stage_table(results, ("auc",)))
     text = console.export_text()
     assert "nan" not in text and "0.6100" in text and "–" in text, text
+
+
+def test_titles_labels_and_paths_are_printed_as_written(tmp_path: Path) -> None:
+    """Users' text is not rich markup: a title with "[director's cut]" kept it, ":stars:" stayed text and a
+    "[/i]" in a title ended `evolora recommend` with a MarkupError."""
+    from tests.helpers import EXAMPLE_DATA
+
+    odd = ["Kit [director's cut]", "Kit :stars: edition", "Kit [/i] end", "[bold]Kit"]
+    items = pl.read_csv(EXAMPLE_DATA / "example_items.csv")
+    items = items.with_columns(pl.Series("name", [odd[i % len(odd)] for i in range(len(items))]))
+    folder = tmp_path / "data [v2]"
+    folder.mkdir()
+    items.write_csv(folder / "items.csv")
+    (folder / "log.csv").write_bytes((EXAMPLE_DATA / "example_log.csv").read_bytes())
+    sets = {
+        "name": "odd",
+        "output_dir": str(tmp_path / "runs"),
+        "data.source": str(folder / "log.csv"),
+        "data.format": "table",
+        "data.columns": "{user: uid, item: iid, time: ts, rating: stars, title: name}",
+        "data.meta": str(folder / "items.csv"),
+        "task.min_history": 1,
+        "model.name": "mf",
+        "strategies": "[{name: finetune, label: ':stars:[b]x'}]",
+    }
+    result = runner.invoke(app, ["run", *(f"--set={k}={v}" for k, v in sets.items())])
+    assert result.exit_code == 0, result.output
+    assert "│ :stars:[b]x │" in result.output
+    every = ",".join(items["iid"])
+    args = ["recommend", str(tmp_path / "runs" / "odd"), "--user", "user-01", "--items", every]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for title in odd:
+        assert title in result.output, title
+    result = runner.invoke(app, ["report", str(folder / "none :stars:")])
+    assert result.exit_code == 2 and "data [v2]/none :stars:" in result.output, result.output
+
+
+def test_progress_descriptions_are_shown_as_written() -> None:
+    import io
+
+    from rich.console import Console
+
+    from evolora import progress
+
+    out = io.StringIO()
+    shown = Console(file=out, force_terminal=True, width=120)
+    with progress.display(shown), progress.task("reading [/i] log :stars:.csv", total=2) as bar:
+        bar.info("[red]x")
+        bar.advance()
+        progress._active.refresh()
+    assert "reading [/i] log :stars:.csv" in out.getvalue() and "[red]x" in out.getvalue()

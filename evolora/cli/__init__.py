@@ -46,8 +46,10 @@ def stdout_width() -> int | None:
     return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 1000
 
 
-console = Console(stderr=False, soft_wrap=True, width=stdout_width())
-err_console = Console(stderr=True, soft_wrap=True)
+# Printed text is taken as written: item titles, labels and paths come from users' data, where rich's markup
+# ("[director's cut]" vanished, "[/i]" crashed) and emoji codes (":stars:") would rewrite or break them.
+console = Console(stderr=False, soft_wrap=True, width=stdout_width(), markup=False, emoji=False)
+err_console = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)
 
 # Arguments several commands take about a trained run.
 RunDir = Annotated[Path, typer.Argument(help="an experiment folder (runs/<name>) or a run's folder")]
@@ -107,10 +109,14 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except EvoloraError as e:
             _after_the_main_process()
             # soft_wrap: a message stays one line in logs and CI (rich wraps at 80 columns off a terminal)
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True, markup=True
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: rerun the same command to continue where it stopped")
+            err_console.print(
+                "[yellow]interrupted[/]: rerun the same command to continue where it stopped", markup=True
+            )
             raise typer.Exit(130) from None
 
     return wrapper
