@@ -462,6 +462,9 @@ class ConventionalConfig(Section):
     mlp: tuple[int, ...] = Field(
         (128, 64), description="hidden sizes of DIN's MLP; the last is the size of its user_representation"
     )
+    activation: Literal["prelu", "relu"] = Field(
+        "prelu", description="activation of DIN's MLP: prelu (the DIN paper's) or relu (RecLoRA's CRM)"
+    )
     item_text: bool | None = Field(
         None, description="add hashed bag-of-words text features to item embeddings; default: two_tower only"
     )
@@ -470,6 +473,7 @@ class ConventionalConfig(Section):
     )
     text_buckets: int = Field(16384, ge=16, description="hash buckets of the text features' word tokens")
     negatives: int = Field(4, ge=1, description="sampled negatives per positive of MF's BPR loss (next_item)")
+    added_keys = ("activation",)
 
     @field_validator("mlp")
     @classmethod

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from evolora.errors import ConfigError
 from evolora.experiment import run_dir_of, run_experiment
@@ -181,10 +183,56 @@ def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
 
 def test_a_partial_crm_setting_keeps_reclora_s_other_defaults() -> None:
     """`crm: {dim: 8}` changes the dimension only: dropout, history length and MLP stay RecLoRA's (0.1, 60,
-    256-256), not the generic conventional defaults (0.2, 50, 128-64)."""
+    256-256-256 with ReLU), not the generic conventional defaults (0.2, 50, 128-64 with PReLU)."""
     from evolora.continual.reclora import RECLORA_CRM, RecLoraOptions
 
     crm = RecLoraOptions.model_validate({"crm": {"dim": 8}}).crm
     assert crm.dim == 8 and crm == RECLORA_CRM.model_copy(update={"dim": 8})
-    assert (crm.dropout, crm.max_len, crm.mlp) == (0.1, 60, (256, 256))
+    assert (crm.dropout, crm.max_len, crm.mlp, crm.activation) == (0.1, 60, (256, 256, 256), "relu")
     assert RecLoraOptions().crm == RECLORA_CRM
+
+
+def test_the_crm_is_the_authors_din_and_runs_recorded_before_keep_theirs(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """The CRM's MLP is the authors' DIN (spec §4: three hidden layers of 256, ReLU); until 2026-12-04 it was
+    256-256 with PReLU. A run recorded then (no `activation`; or only the options given, no `crm`) is rebuilt
+    as it ran, and its rerun under today's default is refused, naming the CRM."""
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+    from evolora.config import ConventionalConfig
+    from evolora.continual import recorded_options
+    from evolora.continual.reclora import RecLoraOptions
+    from evolora.experiment import restore_run
+    from evolora.models.conventional.din import DIN
+
+    din = DIN(RecLoraOptions().crm, None)
+    hidden = [m for m in din.mlp if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in hidden] == [256, 256, 256]
+    assert {type(m) for m in din.mlp if not isinstance(m, torch.nn.Linear | torch.nn.Dropout)} == {
+        torch.nn.ReLU
+    }
+    assert any(isinstance(m, torch.nn.PReLU) for m in DIN(ConventionalConfig(), None).mlp)  # DIN's own
+    then = RecLoraOptions.model_validate(recorded_options({"strategy": "reclora", "options": {"n_meta": 3}}))
+    assert (then.crm.mlp, then.crm.activation) == ((256, 256), "prelu")
+
+    # A run of then: its CRM ran PReLU and its record has no `activation`.
+    then_crm = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0, activation: prelu}"
+    over = {**OVER, "strategies": f"[{{name: reclora, n_meta: 3, crm: {then_crm}, crm_epochs: 1}}]"}
+    cfg = tiny_config(sunny_dir, tmp_path, **over)
+    run_experiment(cfg)
+    run = run_dir_of(cfg, "reclora", 0)
+    record = json.loads((run / "run.json").read_text())
+    assert record["options"]["crm"].pop("activation") == "prelu"  # written out, even at DIN's default
+    (run / "run.json").write_text(json.dumps(record))
+    strategy, _, _ = restore_run(run)
+    try:
+        assert any(isinstance(m, torch.nn.PReLU) for m in strategy.crm.model.mlp)  # its weights loaded
+    finally:
+        strategy.teardown()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    today = f"strategies=[{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 1}}]"
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "c.yaml"), "--set", today])
+    assert result.exit_code == 2, result.output
+    assert "with other options (crm:" in result.output.replace("\n", ""), result.output

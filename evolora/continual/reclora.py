@@ -15,7 +15,10 @@ Paper vs released code (spec §2): `combine: factors` (code) aggregates A and B 
 adapter is a plain rank-r LoRA that can be exported (`export_user_adapter`); `combine: products` (the
 formula third-party summaries give) sums the meta-LoRAs' updates. The code keeps the CRM's dropout active
 while the LLM trains; here the frozen CRM runs in eval mode, so its representations are deterministic.
-`few2many: false` trains the CRM on the LLM's few samples only (the ablation).
+`few2many: false` trains the CRM on the LLM's few samples only (the ablation). The CRM's MLP is the
+authors' DIN for ML-1M (spec §4: three hidden layers of 256, ReLU; the paper gives no layers); until
+2026-12-04 it was 256-256 with PReLU (`crm: {mlp: [256, 256], activation: prelu}`), which the committed
+reclora-ml100k tables ran and runs recorded then keep.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from evolora import cost
 from evolora.config import ConventionalConfig, ModelConfig, TrainConfig
@@ -36,9 +39,11 @@ from evolora.errors import ConfigError, EvoloraError
 from evolora.models.personalized import PersonalizedLoRA
 from evolora.tasks.base import Task
 
-# RecLoRA's CRM: DIN over a long ID history of up to 60 items. The spec's DIN has three hidden layers of 256
-# (ReLU); evolora's DIN (models/conventional) has two, with PReLU, as its own DIN baseline: `crm.mlp` sets it.
-RECLORA_CRM = ConventionalConfig(max_len=60, mlp=(256, 256), dropout=0.1)
+# RecLoRA's CRM: DIN over a long ID history of up to 60 items, its MLP three hidden layers of 256 with ReLU,
+# as the authors' DIN for ML-1M (spec §4, `get_ctr_config`); evolora's DIN baseline keeps the paper's PReLU.
+RECLORA_CRM = ConventionalConfig(max_len=60, mlp=(256, 256, 256), dropout=0.1, activation="relu")
+# The CRM's MLP until 2026-12-04 (two layers, PReLU): what a run recorded without these keys ran with.
+FORMER_CRM = {"mlp": [256, 256], "activation": "prelu"}
 
 
 class RecLoraOptions(StrategyOptions):
@@ -68,11 +73,28 @@ class RecLoraOptions(StrategyOptions):
             return {**RECLORA_CRM.model_dump(), **value}
         return value
 
+    @model_serializer(mode="wrap")
+    def _crm_activation_written_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # The CRM's `activation` is recorded even at DIN's default (prelu, which a dump leaves out): a
+        # record without it is a run from before the key, whose CRM ran prelu (`RecLora.as_recorded_before`).
+        dumped = handler(self)
+        if isinstance(dumped.get("crm"), dict):
+            dumped["crm"]["activation"] = self.crm.activation
+        return dumped
+
 
 class RecLora(Strategy[RecLoraOptions]):
     name = "reclora"
     Options = RecLoraOptions
     plain_predict = False
+
+    @classmethod
+    def as_recorded_before(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # A record lacking crm (only the options given were recorded) or one of its MLP keys ran with the
+        # CRM of then, not today's default.
+        recorded = super().as_recorded_before(options)
+        crm = recorded.get("crm")
+        return {**recorded, "crm": {**FORMER_CRM, **(crm if isinstance(crm, Mapping) else {})}}
 
     def setup(self) -> None:
         from evolora.models.conventional.backbone import ConventionalBackbone

@@ -3,8 +3,9 @@
 Each history item e_j is weighted by an attention unit that sees the candidate e_t:
 w_j = MLP([e_j, e_t, e_j - e_t, e_j * e_t]) (unnormalised, as in the paper, so the weights keep the
 intensity of interest), and the interest vector sum_j w_j e_j, the user ID embedding and the candidate's
-embedding go through an MLP (PReLU, `model.conventional.mlp` hidden sizes) to a logit, plus the candidate's
-bias. History items carry like/dislike embeddings. Cold users and items are looked up as the mean trained
+embedding go through an MLP (`model.conventional.mlp` hidden sizes; PReLU as in the paper, or ReLU with
+`activation: relu`, as RecLoRA's CRM has it) to a logit, plus the candidate's bias. History items carry
+like/dislike embeddings. Cold users and items are looked up as the mean trained
 user and item vectors (plus text features with `item_text: true`).
 
 `user_representation(batch)` returns the MLP's last hidden layer, shape [batch, mlp[-1]] (64 by default):
@@ -22,6 +23,8 @@ from torch import nn
 from evolora.config import ConventionalConfig
 from evolora.models.conventional.common import Batch, ConventionalModel, IdTable, ItemText, mlp
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"prelu": nn.PReLU, "relu": nn.ReLU}
+
 
 class DIN(ConventionalModel):
     name = "din"
@@ -32,7 +35,7 @@ class DIN(ConventionalModel):
         d = cfg.dim
         self.users = IdTable("user", d)
         self.attention = nn.Sequential(nn.Linear(4 * d, d), nn.PReLU(), nn.Linear(d, 1))
-        self.mlp = mlp([3 * d, *cfg.mlp], cfg.dropout)
+        self.mlp = mlp([3 * d, *cfg.mlp], cfg.dropout, ACTIVATIONS[cfg.activation])
         self.out = nn.Linear(cfg.mlp[-1], 1)
 
     def interest(self, batch: Batch, target: torch.Tensor) -> torch.Tensor:
