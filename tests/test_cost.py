@@ -102,7 +102,7 @@ def test_cpu_time_leaves_out_waiting() -> None:
     assert record["total_cpu_seconds"] < 0.1 <= 0.3 <= record["total_seconds"]
 
 
-OVER = {"train.epochs": 4, "strategies": "[finetune, peso, inflora]"}
+OVER = {"train.epochs": 4, "strategies": "[finetune, peso, {name: inflora, first_stage: plain}]"}
 
 
 def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path) -> None:

@@ -464,3 +464,29 @@ def test_fusion_interpolates_the_token_rows_too(mode: str) -> None:
         strategy.build_fused(weight)
         torch.testing.assert_close(logits("fused"), logits(alone), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(logits(LONG), logits(MAIN), atol=1e-3)
+
+
+def test_inflora_designs_a_from_stage_one_and_plain_is_the_shared_lora(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """As the paper does from the first task on, InfLoRA's stage-1 A is the stage's top input directions
+    (orthonormal rows, frozen) and only B learns; `first_stage: plain` is the plain LoRA the other strategies
+    share at stage 1 (the default until 2026-12-04, which runs recorded then keep)."""
+    from evolora.continual import recorded_options
+    from evolora.experiment import restore_run
+
+    strategies = "[finetune, inflora, {name: inflora, label: inflora-plain, first_stage: plain}]"
+    cfg = tiny_config(sunny_dir, tmp_path, strategies=strategies, **{"train.epochs": 1})
+    finetune, designed, plain = run_experiment(cfg)
+    first = [r["stages"][0] for r in (finetune, designed, plain)]
+    assert first[2]["metrics"] == first[0]["metrics"] and first[2]["jobs"][0]["reused_shared_result"]
+    assert first[1]["metrics"] != first[0]["metrics"] and not first[1]["jobs"][0]["reused_shared_result"]
+    assert first[1]["cost"]["parts"]["inflora_statistics"]["tokens"] > 0
+    strategy, _, _ = restore_run(run_dir_of(cfg, "inflora", 0), stage=1)
+    try:
+        for _, a, b in strategy.lm.lora_pairs(MAIN):
+            torch.testing.assert_close(a.detach() @ a.detach().T, torch.eye(a.shape[0]), atol=1e-5, rtol=0)
+            assert float(b.detach().abs().max()) > 0  # A kept its design (orthonormal rows): only B learned
+    finally:
+        strategy.teardown()
+    assert recorded_options({"strategy": "inflora", "options": {}})["first_stage"] == "plain"

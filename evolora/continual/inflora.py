@@ -11,18 +11,23 @@ rule InfLoRA builds on). Input statistics come from teacher-forced forward passe
 samples, prompt and answer, as the model sees them in training (padding positions included); they are
 accumulated and decomposed in fp64 outside autocast, whatever the run's precision.
 
-Stage 1 is plain LoRA (shared with the other strategies); the interference-free design starts at stage 2.
-(The paper and the authors' code design A from the first task on.) PESO's release has no InfLoRA; `init:
-inherit` here means B starts from the previous stage's B (A is always designed anew), `fresh` means B starts
-at zero as in InfLoRA. The directions are ranked as the paper writes it, by the eigenvectors of P C P (P the
-projector off the old subspace, C the inputs' second moment); the authors' code takes the SVD of P C, which
-ranks by C^2 and scales A's rows by 1/sqrt(3), where here they are orthonormal (so B's steps act about
-sqrt(3) times more strongly at the same learning rate).
+At stage 1, as the paper and the authors' code do from the first task on, A is designed from the stage's
+inputs (no old subspace yet: their top-r principal directions) and only B learns (`first_stage: designed`).
+`first_stage: plain` trains a plain LoRA at stage 1 instead, shared with the other strategies, the
+interference-free design starting at stage 2: PESO's frame, where every method starts from one D1 adapter
+(PESO's release has no InfLoRA; evolora's default until 2026-12-04). `init: inherit` here means B starts
+from the previous stage's B (A is always designed anew), `fresh` means B starts at zero as in InfLoRA.
+
+The directions are ranked as the paper writes it, by the eigenvectors of P C P (P the projector off the old
+subspace, C the inputs' second moment); the authors' code takes the SVD of P C, which ranks by C^2 and
+scales A's rows by 1/sqrt(3), where here they are orthonormal (so B's steps act about sqrt(3) times more
+strongly at the same learning rate).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -37,6 +42,11 @@ from evolora.progress import task as progress_task
 
 class InfLoraOptions(CumulativeOptions):
     init: Literal["inherit", "fresh"] = "fresh"
+    first_stage: Literal["designed", "plain"] = Field(
+        "designed",
+        description="designed: A from stage 1's inputs, B trained (the paper); plain: a plain LoRA at "
+        "stage 1, shared with the other strategies (PESO's frame)",
+    )
     energy: float = Field(0.95, gt=0.0, lt=1.0, description="share of input energy the old subspace keeps")
     stats_samples: int | None = Field(
         64, gt=0, description="samples for input statistics; null: training set"
@@ -92,6 +102,7 @@ class InfLora(CumulativeLora[InfLoraOptions]):
     name = "inflora"
     Options = InfLoraOptions
     normalize_past = False
+    former_defaults: ClassVar[dict[str, Any]] = {"first_stage": "plain"}  # until 2026-12-04
 
     def setup(self) -> None:
         super().setup()
@@ -163,14 +174,23 @@ class InfLora(CumulativeLora[InfLoraOptions]):
         n = self.options.stats_samples
         return rows if n is None else rows[:n]
 
+    def designs_a(self, stage: int) -> bool:
+        return stage > 1 or self.options.first_stage == "designed"
+
+    def plan(self, ctx: StageContext) -> list[TrainJob]:
+        jobs = super().plan(ctx)
+        if ctx.stage == 1 and self.designs_a(1):  # a designed A is InfLoRA's own: never a shared result
+            jobs = [replace(job, shareable=False) for job in jobs]
+        return jobs
+
     def before_job(self, ctx: StageContext, job: TrainJob) -> None:
-        if ctx.stage == 1:
+        if not self.designs_a(ctx.stage):
             return
         covs = self.input_covariances(self._stats_rows(ctx))
         with torch.no_grad():
             for name, a, b in self.lm.lora_pairs(MAIN):
                 a.copy_(designed_a(self.basis[name], covs[name].to(a.device), a.shape[0]))
-                if self.options.init == "fresh":
+                if self.options.init == "fresh" or ctx.stage == 1:
                     b.zero_()
                 a.requires_grad_(False)  # only B learns
 
