@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from evolora.bundle import bundle_dir, load_bundle, query_frame, write_bundle
+from evolora.bundle import bundle_dir, bundle_is_current, load_bundle, query_frame, write_bundle
 from evolora.config import RunConfig, StrategySpec, config_from_dict, load_config
 from evolora.continual import Env, Strategy, build_strategy, recorded_options
 from evolora.continual.base import StageContext
@@ -179,13 +179,16 @@ class Recommender:
                 return cls._load_version(cfg, root, results, chosen)
         deployed = [v.id for v in registry.versions if v.stage == stage and v.id > 0]
         t = trained_stage(seed_dir, results, stage, cfg.protocol, deployed)
-        if not (bundle_dir(root) / "bundle.json").is_file():
-            # A run of an older evolora: read the data once to save what inference needs.
+        marker = root / "experiment.json"
+        key = read_json(marker).get("context_key") if marker.is_file() else None
+        if not bundle_is_current(bundle_dir(root), key, cfg.task.history_kept()):
+            # A run of an older evolora, or a bundle of settings its experiment no longer has: read the data
+            # once to save what inference needs.
             log.info("%s: saving what inference needs (the data is read once)", root)
             full = cfg.model_copy(update={"output_dir": str(root.parent)})
             prepared = prepare_data(full)
             build_model_and_task(full, prepared)  # fills the caches the bundle copies
-            write_bundle(root, full, prepared)
+            write_bundle(root, full, prepared, key)
         return cls._restore(cfg, root, results, t, seed_dir / f"stage-{t}", version=0)
 
     @classmethod

@@ -18,6 +18,7 @@ then); `load_bundle` gives back the config and a `Prepared` that the task regist
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from evolora.io import atomic_directory, atomic_write_bytes, atomic_write_json, 
 from evolora.tasks.semantic import item_vectors_path, quantizer_path, semantic_ids_path
 
 BUNDLE = "inference"
+log = logging.getLogger("evolora")
 
 
 def bundle_dir(root: Path) -> Path:
@@ -64,11 +66,27 @@ def _write_parquet(path: Path, df: pl.DataFrame) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_bundle(root: Path, cfg: RunConfig, prepared: Prepared) -> Path:
-    """Save what inference needs (once: an existing bundle of this experiment is kept)."""
+def bundle_is_current(folder: Path, key: str | None, history_len: int) -> bool:
+    """Whether the bundle in `folder` was made for the experiment of settings `key` (None: any), whose samples
+    keep `history_len` items. An experiment whose first attempt failed takes new settings and the bundle
+    that attempt wrote is stale; a bundle of an older evolora has no key, so its history length decides."""
+    if not (folder / "bundle.json").is_file():
+        return False
+    meta = read_json(folder / "bundle.json", "Delete the inference folder: it is rebuilt from the data.")
+    made_for = meta.get("context_key")
+    if made_for is not None:
+        return key is None or made_for == key
+    return meta.get("history_len") == history_len
+
+
+def write_bundle(root: Path, cfg: RunConfig, prepared: Prepared, key: str | None = None) -> Path:
+    """Save what inference needs (once: an existing bundle made for this experiment's settings `key` is
+    kept, one made for others is replaced)."""
     folder = bundle_dir(root)
-    if (folder / "bundle.json").is_file():
+    if bundle_is_current(folder, key, prepared.table.history_len):
         return folder
+    if (folder / "bundle.json").is_file():
+        log.info("%s was made for other settings of this experiment: written anew", folder)
     if prepared.staged is None:
         raise ValueError("a bundle is written from a run's prepared data")
     table = prepared.table
@@ -94,6 +112,7 @@ def write_bundle(root: Path, cfg: RunConfig, prepared: Prepared) -> Path:
                 "like_threshold": prepared.data.like_threshold,
                 "n_stages": table.n_stages,
                 "history_len": table.history_len,
+                **({"context_key": key} if key is not None else {}),
             },
         )
     return folder

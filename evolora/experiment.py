@@ -428,7 +428,7 @@ def _run_locked(
                 environment = run_environment(prepared.data)  # file digests included
             _check_data(root, environment["data_files"])
             lm, task = build_model_and_task(cfg, prepared)
-            write_bundle(root, cfg, prepared)  # what `Recommender.load` needs, without the training data
+            write_bundle(root, cfg, prepared, context_key)  # what `Recommender.load` needs
         if parallel.sharded():  # FSDP: after set-up, which runs in one process at a time
             lm.shard()
         # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle

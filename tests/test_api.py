@@ -411,3 +411,33 @@ def test_history_ids_with_commas_and_colons() -> None:
         "Fargo (1996)",
     ]
     assert _parse_history("a:5, b:1") == [("a", 5.0), ("b", 1.0)]
+
+
+def test_a_bundle_of_settings_the_experiment_no_longer_has_is_written_anew(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """An attempt that fails after writing the inference bundle (RecLoRA's history check) leaves the
+    experiment to new settings: the bundle is theirs, not the failed attempt's (recommendations read
+    3-item histories from a model trained on 6); a key-less bundle of an older evolora is rebuilt when its
+    history length is not the config's."""
+    import json
+
+    crm = "{dim: 8, mlp: [16], max_len: 10}"
+    failing = tiny_config(
+        sunny_dir, tmp_path, **{**SMALL, "task.history_len": 3}, strategies=f"[{{name: reclora, crm: {crm}}}]"
+    )
+    with pytest.raises(ConfigError, match="samples keep 3"):
+        run_experiment(failing)
+    root = Path(failing.output_dir) / failing.name
+    bundle = root / "inference" / "bundle.json"
+    assert json.loads(bundle.read_text())["history_len"] == 3
+    cfg = tiny_config(sunny_dir, tmp_path, **{**SMALL, "task.history_len": 6}, strategies="[finetune]")
+    run_experiment(cfg)
+    assert json.loads(bundle.read_text())["history_len"] == 6
+    rec = evolora.Recommender.load(root)
+    assert max(len(items) for items, _ in rec._histories.values()) == 6
+    old = {k: v for k, v in json.loads(bundle.read_text()).items() if k != "context_key"}
+    bundle.write_text(json.dumps({**old, "history_len": 3}))  # as an older evolora's stale bundle
+    rec = evolora.Recommender.load(root)
+    assert max(len(items) for items, _ in rec._histories.values()) == 6
+    assert json.loads(bundle.read_text())["history_len"] == 6
