@@ -116,6 +116,7 @@ class Recommender:
         stage: int,
         method: str,
         seed_dir: Path,
+        version: int = 0,
     ) -> None:
         self.strategy = strategy
         self.cfg = cfg
@@ -123,7 +124,7 @@ class Recommender:
         self.stage = stage
         # Past the data's last stage (a deployed version's newest), queries are asked as of that stage.
         self.eval_stage = min(eval_stage_of(stage, cfg.protocol), prepared.table.n_stages)
-        self.version = 0  # of a deployed run (0: as `evolora run` left it)
+        self.version = version  # of a deployed run (0: as `evolora run` left it)
         self.method = method
         self.seed = strategy.seed
         self.seed_dir = seed_dir
@@ -139,10 +140,17 @@ class Recommender:
         # Every item a user rated up to the stage (bundles of older evolora runs keep only the history).
         seen = at_stage["seen"] if "seen" in at_stage.columns else at_stage["items"]
         if "seen" not in at_stage.columns:
+            # Only the run's own bundle is rebuilt from the data; a version's holds the batches it applied.
+            rebuild = (
+                "delete its inference folder to rebuild it from the data"
+                if version == 0
+                else "an older evolora's update wrote it; the versions of later updates have them"
+            )
             log.warning(
                 "this run's inference bundle predates seen items: only the latest %d items of a user are "
-                "left out of recommendations (delete its inference folder to rebuild it from the data)",
+                "left out of recommendations (%s)",
                 prepared.table.history_len,
+                rebuild,
             )
         self._seen = dict(zip(at_stage["user_id"], seen, strict=True))
         items = prepared.data.items
@@ -210,9 +218,9 @@ class Recommender:
         strategy.setup()
         task.before_stage(lm, t)
         StageLoop(strategy, {}, stage_dir.parent, None, {}).restore_state(t, stage_dir=stage_dir)
-        rec = cls(strategy, inference_cfg, prepared, histories, t, results["method"], stage_dir.parent)
-        rec.version = version
-        return rec
+        return cls(
+            strategy, inference_cfg, prepared, histories, t, results["method"], stage_dir.parent, version
+        )
 
     # ------------------------------------------------------------------ asking
     @property

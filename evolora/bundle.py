@@ -30,6 +30,7 @@ from evolora.data.ids import IdSpace
 from evolora.data.prepare import Prepared
 from evolora.data.samples import SampleTable
 from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
+from evolora.errors import EvoloraError
 from evolora.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
 from evolora.tasks.semantic import item_vectors_path, quantizer_path, semantic_ids_path
 
@@ -123,6 +124,12 @@ def load_bundle(root: Path, cfg: RunConfig) -> tuple[RunConfig, Prepared, pl.Dat
     users' histories)."""
     folder = bundle_dir(root)
     advice = "Delete the inference folder and load the run again: it is rebuilt from the data."
+    if not (folder / "bundle.json").is_file():  # a run's own is rebuilt before this: a version's was deleted
+        raise EvoloraError(
+            f"{folder} is missing: what this version needs for inference (the data up to it) was deleted. "
+            "Load another version, or promote one with `evolora rollback RUN N` (`evolora versions` lists "
+            "them)"
+        )
     meta = read_json(folder / "bundle.json", advice)
     items = pl.read_parquet(folder / "items.parquet")
     empty = pl.DataFrame(schema=INTERACTION_SCHEMA)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -54,7 +55,9 @@ def run_base(batches: dict[str, Path], out: Path):
     return cfg, Path(cfg.output_dir) / cfg.name
 
 
-def test_update_promote_rollback_and_update_again(batches: dict[str, Path], tmp_path: Path) -> None:
+def test_update_promote_rollback_and_update_again(
+    batches: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _, root = run_base(batches, tmp_path / "runs")
     # version 0 dates from when the run trained its last stage (2024-01-02 here), not from the first look
     os.utime(root / "finetune" / "seed0" / "stage-2" / "trained" / "trained.json", (1704153600, 1704153600))
@@ -112,6 +115,17 @@ def test_update_promote_rollback_and_update_again(batches: dict[str, Path], tmp_
     other = CliRunner().invoke(app, ["versions", str(root), "--seed", "5"])
     assert other.exit_code == 2 and "no finished run with seed 5" in other.output, other.output
     assert "finished seeds: [0]" in other.output
+    # A version's bundle is not rebuilt from the run's data: an older one is said so, a deleted one named.
+    histories = (root / v2.folder).parent / "inference" / "histories.parquet"
+    pl.read_parquet(histories).drop("seen").write_parquet(histories)  # as an older evolora wrote it
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        assert evolora.Recommender.load(root, version=2).version == 2
+    assert "an older evolora's update wrote it" in caplog.text and "delete its inference" not in caplog.text
+    shutil.rmtree((root / v1.folder).parent / "inference")
+    ask = ["recommend", str(root), "--version", "1", "--user", str(user), "--items", "sku-001"]
+    gone = CliRunner().invoke(app, ask)
+    assert gone.exit_code == 2 and "inference is missing" in gone.output, gone.output
+    assert "evolora rollback RUN N" in gone.output
 
 
 def test_a_run_staged_by_its_own_column_takes_a_batch_without_one(
