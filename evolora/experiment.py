@@ -41,8 +41,8 @@ from evolora.config import (
     config_to_dict,
     definite_candidates,
 )
-from evolora.continual import Env, build_strategy, check_strategy_specs, run_options
-from evolora.continual.loop import StageLoop, is_trained
+from evolora.continual import Env, build_strategy, check_strategy_specs, resolved_options, run_options
+from evolora.continual.loop import StageLoop, is_trained, option_changes
 from evolora.continual.shared import SharedStore
 from evolora.data import InteractionData
 from evolora.data.digest import data_digest
@@ -336,6 +336,7 @@ def run_experiment(
         parallel.barrier()
         try:
             context_key = _check_experiment(root, cfg)
+            _check_runs(cfg)
             pairs = [(i, seed) for i in range(len(cfg.strategies)) for seed in cfg.seeds]
             if jobs > 1 and len(pairs) > 1:
                 results = _run_in_workers(cfg, root, context_key, pairs, min(jobs, len(pairs)))
@@ -348,6 +349,31 @@ def run_experiment(
         if parallel.writes() and replaced.exists():
             shutil.rmtree(replaced)
         return results
+
+
+def _check_runs(cfg: RunConfig) -> None:
+    """Every run folder the experiment continues was made with its strategy's options: all that were not are
+    refused at once, before any training (the stage loop checks each again as it starts)."""
+    found = []
+    for spec in cfg.strategies:
+        options = resolved_options(spec)
+        for seed in cfg.seeds:
+            changes = option_changes(run_dir_of(cfg, method_label(cfg, spec), seed), spec.name, options)
+            if changes is not None:
+                found.append(changes)
+    if len(found) == 1:
+        raise ConfigError(found[0].message())
+    if found:
+        folders: dict[tuple[str, str], list[str]] = {}  # the seeds of a label differ alike: listed once
+        for c in found:
+            folders.setdefault((c.changes, c.pin), []).append(str(c.run_dir))
+        listed = "; ".join(
+            f"{', '.join(f)} ({changes}; ran as {pin})" for (changes, pin), f in folders.items()
+        )
+        raise ConfigError(
+            f"run folders made with other options: {listed}. Where a default changed since, pin what they "
+            "ran with; or give those strategies other labels, or delete their folders to rerun them."
+        )
 
 
 def _restore_if_untrained(root: Path, replaced: Path) -> None:

@@ -606,3 +606,27 @@ def test_progress_descriptions_are_shown_as_written() -> None:
         bar.advance()
         progress._active.refresh()
     assert "reading [/i] log :stars:.csv" in out.getvalue() and "[red]x" in out.getvalue()
+
+
+def test_every_run_folder_of_other_options_is_named_before_anything_trains(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """Runs recorded before two defaults changed: one refusal names both (it took a rerun each), and a
+    strategy listed before them does not train first."""
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["olora", "sdlora"])
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    for label, option in (("olora", "init"), ("sdlora", "normalize")):
+        marker = tmp_path / "runs" / "cli" / label / "seed0" / "run.json"
+        recorded = json.loads(marker.read_text())
+        del recorded["options"][option]  # as recorded before the option's default changed
+        marker.write_text(json.dumps(recorded))
+    result = runner.invoke(
+        app, ["run", str(config), "--set", "strategies=[{name: finetune, label: new}, olora, sdlora]"]
+    )
+    said = result.output.replace("\n", "")
+    assert result.exit_code == 2, result.output
+    assert "olora/seed0 (init: 'inherit' -> 'fresh'; ran as {name: olora, init: inherit})" in said, said
+    assert (
+        "sdlora/seed0 (normalize: 'factors' -> 'product'; ran as {name: sdlora, normalize: factors})" in said
+    )
+    assert not (tmp_path / "runs" / "cli" / "new").exists()

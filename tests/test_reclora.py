@@ -235,4 +235,6 @@ def test_the_crm_is_the_authors_din_and_runs_recorded_before_keep_theirs(
     today = f"strategies=[{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 1}}]"
     result = CliRunner().invoke(app, ["run", str(tmp_path / "c.yaml"), "--set", today])
     assert result.exit_code == 2, result.output
-    assert "with other options (crm:" in result.output.replace("\n", ""), result.output
+    said = result.output.replace("\n", "")
+    assert "crm.activation: 'prelu' -> 'relu'" in said and "crm.mlp" not in said, result.output
+    assert "pin what it ran with ({name: reclora, crm: {activation: prelu}})" in said, result.output

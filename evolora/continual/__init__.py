@@ -54,6 +54,11 @@ def build_strategy(spec: StrategySpec, env: Env, seed: int) -> Strategy:
     return cls(options, env, seed)
 
 
+def resolved_options(spec: StrategySpec) -> dict[str, Any]:
+    """A strategy's options as its run records them (every default filled in)."""
+    return _resolve(spec)[1].model_dump(mode="json")
+
+
 def check_strategy_specs(specs: list[StrategySpec]) -> None:
     """Validate every strategy's options before any work starts."""
     for spec in specs:

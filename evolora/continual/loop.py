@@ -35,14 +35,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from evolora import cost, parallel
-from evolora.continual import comparable_options, recorded_options
+from evolora.config import config_changes
+from evolora.continual import STRATEGIES, comparable_options, recorded_options
 from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob, options_with_defaults
 from evolora.continual.shared import SharedStore
 from evolora.data.samples import (
@@ -71,6 +74,54 @@ from evolora.train.trainer import TrainResult, train_adapter
 from evolora.workers import worker_label
 
 log = logging.getLogger("evolora.continual")
+
+
+@dataclass
+class OptionChanges:
+    """How a run folder's recorded options differ from the ones it is run with now."""
+
+    run_dir: Path
+    was: Any  # the strategy it was run as
+    changes: str  # `key.sub: old -> new; ...`
+    pin: str  # the strategy's options as the folder ran them, where they differ (a YAML flow mapping)
+
+    def message(self) -> str:
+        return (
+            f"{self.run_dir} was run as {self.was!r} with other options ({self.changes}). Where a default "
+            f"changed since, pin what it ran with ({self.pin}); or give this strategy another `label`, or "
+            "delete that folder to rerun it."
+        )
+
+
+def option_changes(run_dir: Path, strategy: Any, options: dict[str, Any]) -> OptionChanges | None:
+    """None when `run_dir` is new or was made by `strategy` with `options` (defaults filled in, as they were
+    when it ran: `recorded_options`); else what differs, nested options by the keys that changed."""
+    marker = run_dir / "run.json"
+    if marker.is_file():
+        old = read_json(marker, "Delete it to accept the current options for this run folder.")
+    elif (run_dir / "results.json").is_file():  # a run folder from before run.json existed
+        old = read_json(run_dir / "results.json", "Delete it: it is rebuilt from the stage records.")
+    else:
+        return None
+    cls = STRATEGIES.get(strategy)
+    now = comparable_options(strategy, options if cls is None else options_with_defaults(cls, options))
+    same_strategy = old.get("strategy") == strategy
+    recorded = recorded_options(old) if same_strategy else dict(old.get("options", {}))
+    before = comparable_options(old.get("strategy"), recorded)
+    if same_strategy and before == now:
+        return None
+    changes = config_changes(before, now)
+    if not same_strategy:  # first: the options follow from it
+        changes = "; ".join(filter(None, [f"strategy: {old.get('strategy')!r} -> {strategy!r}", changes]))
+    pin: dict[str, Any] = {"name": old.get("strategy")}
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            pin[key] = {k: a.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+        elif a != b and key in before:
+            pin[key] = a
+    flow = yaml.safe_dump(pin, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    return OptionChanges(run_dir, old.get("strategy"), changes, flow)
 
 
 class StageLoop:
@@ -127,45 +178,12 @@ class StageLoop:
         """Refuse to continue a run folder made with other strategy options (the label is the same, so the
         experiment's settings cannot tell); record the options of a new run."""
         options = self.header.get("options", {})
+        changes = option_changes(self.run_dir, self.header.get("strategy"), options)
+        if changes is not None:
+            raise ConfigError(changes.message())
         marker = self.run_dir / "run.json"
-        old: dict[str, Any] | None = None
-        if marker.is_file():
-            old = read_json(marker, "Delete it to accept the current options for this run folder.")
-        elif (self.run_dir / "results.json").is_file():  # a run folder from before run.json existed
-            old = read_json(self.run_dir / "results.json", "Delete it: it is rebuilt from the stage records.")
-        now = comparable_options(
-            self.header.get("strategy"), self._normalised_options(self.header.get("strategy"), options)
-        )
-        if old is not None:
-            before = comparable_options(old.get("strategy"), self._recorded_options(old))
-            if old.get("strategy") != self.header.get("strategy") or before != now:
-                changes = [
-                    f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
-                    for k in sorted(set(before) | set(now))
-                    if before.get(k) != now.get(k)
-                ]
-                if old.get("strategy") != self.header.get("strategy"):  # first: the options follow from it
-                    changes.insert(0, f"strategy: {old.get('strategy')!r} -> {self.header.get('strategy')!r}")
-                listed = "; ".join(changes)
-                raise ConfigError(
-                    f"{self.run_dir} was run as {old.get('strategy')!r} with other options ({listed}). Give "
-                    "this strategy another `label`, restore its options, or delete that folder to rerun it."
-                )
         if not marker.is_file():
             atomic_write_json(marker, {"strategy": self.header.get("strategy"), "options": options})
-
-    def _normalised_options(self, strategy: Any, options: dict[str, Any]) -> dict[str, Any]:
-        """Options with every default filled in, so `{lam: 2.0}` and `{}` compare equal for PESO."""
-        if strategy != getattr(self.s, "name", None):
-            return dict(options)
-        return options_with_defaults(type(self.s), options)
-
-    def _recorded_options(self, old: dict[str, Any]) -> dict[str, Any]:
-        """The options the run folder was made with, defaults as they were then (`recorded_options`); as
-        written when it was another strategy's."""
-        if old.get("strategy") != getattr(self.s, "name", None):
-            return dict(old.get("options", {}))
-        return recorded_options(old)
 
     # ------------------------------------------------------------------ saving and restoring the chain
     def _save_trained(self, t: int, jobs: list[dict[str, Any]]) -> None:
