@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import time
 from pathlib import Path
 
@@ -173,3 +174,14 @@ def test_a_report_names_every_machine_its_stages_ran_on() -> None:
     assert line is not None
     assert line.startswith("Machines: CPU A (avx2): 3 stages; CPU B (avx2, avx512f): 1 stage.")
     assert machine_line([{"stages": [{"metrics": {}}]}]) is None  # runs from before machines were recorded
+
+
+def test_a_rerun_with_nothing_left_keeps_the_set_up_the_run_took(sunny_dir: Path, tmp_path: Path) -> None:
+    """Rerunning a finished experiment (to see its table again) set it up anew, and its cheaper set-up (the
+    caches made) replaced the first one in results.json and in the report's CPU time."""
+    cfg = tiny_config(sunny_dir, tmp_path, strategies="[finetune]", **{"train.epochs": 1})
+    (first,) = run_experiment(cfg)
+    (again,) = run_experiment(cfg)
+    assert again["setup_cost"] == first["setup_cost"] and first["setup_cost"]["total_seconds"] > 0
+    recorded = json.loads((tmp_path / "t" / "finetune" / "seed0" / "results.json").read_text())
+    assert recorded["setup_cost"] == first["setup_cost"]
