@@ -11,7 +11,8 @@ family:
 * `past`: `all` keeps every earlier stage in the bank; `latest` only the most recent one.
 * `init`: `inherit` starts the new adapter from the previous one's weights; `fresh` re-initialises it.
 
-Stage 1 is plain LoRA (nothing to accumulate yet), so it is shared with every other strategy.
+Stage 1 is plain LoRA (nothing to accumulate yet), so it is shared with every other strategy; InfLoRA
+designs its A from stage 1 on unless `first_stage: plain`.
 """
 
 from __future__ import annotations
