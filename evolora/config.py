@@ -745,11 +745,19 @@ class RunConfig(Section):
             return [{"name": s} if isinstance(s, str) else s for s in v]
         return v
 
+    def label_of(self, spec: StrategySpec) -> str:
+        """A strategy's name in results, reports and run folders: its `label`, else the strategy name,
+        prefixed with the model for conventional models (`sasrec-finetune`), so they share tables with LLM
+        runs."""
+        if spec.label:
+            return spec.label
+        return f"{self.model.name}-{spec.name}" if self.model.name in CONVENTIONAL_MODELS else spec.name
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if not self.strategies:
             raise ValueError("strategies: give at least one")
-        labels = [s.display for s in self.strategies]
+        labels = [self.label_of(s) for s in self.strategies]  # folders: din's `finetune` is din-finetune
         dup = {x for x in labels if labels.count(x) > 1}
         if dup:
             raise ValueError(f"strategies: labels must be unique, repeated: {sorted(dup)} (set `label`)")

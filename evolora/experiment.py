@@ -41,8 +41,15 @@ from evolora.config import (
     config_to_dict,
     definite_candidates,
 )
-from evolora.continual import Env, build_strategy, check_strategy_specs, resolved_options, run_options
-from evolora.continual.loop import StageLoop, is_trained, option_changes
+from evolora.continual import (
+    Env,
+    build_strategy,
+    check_strategy_specs,
+    option_changes,
+    resolved_options,
+    run_options,
+)
+from evolora.continual.loop import StageLoop, is_trained
 from evolora.continual.shared import SharedStore
 from evolora.data import InteractionData
 from evolora.data.digest import data_digest
@@ -266,11 +273,8 @@ def _has_work(root: Path) -> bool:
 
 
 def method_label(cfg: RunConfig, spec: StrategySpec) -> str:
-    """A strategy's name in results, reports and run folders: its `label`, else the strategy name, prefixed
-    with the model for conventional models (`sasrec-finetune`), so they share tables with LLM runs."""
-    if spec.label:
-        return spec.label
-    return f"{cfg.model.name}-{spec.name}" if is_conventional(cfg.model.name) else spec.name
+    """`RunConfig.label_of`: the strategy's name in results, reports and run folders."""
+    return cfg.label_of(spec)
 
 
 def run_dir_of(cfg: RunConfig, label: str, seed: int) -> Path:
@@ -368,7 +372,8 @@ def _check_runs(cfg: RunConfig) -> None:
         for c in found:
             folders.setdefault((c.changes, c.pin), []).append(str(c.run_dir))
         listed = "; ".join(
-            f"{', '.join(f)} ({changes}; ran as {pin})" for (changes, pin), f in folders.items()
+            f"{', '.join(f)} ({changes}{f'; ran as {pin}' if pin else ''})"
+            for (changes, pin), f in folders.items()
         )
         raise ConfigError(
             f"run folders made with other options: {listed}. Where a default changed since, pin what they "

@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from evolora.cli import app
+from evolora.config import load_config
 from evolora.errors import ConfigError
 
 runner = CliRunner()
@@ -630,3 +631,13 @@ def test_every_run_folder_of_other_options_is_named_before_anything_trains(
         "sdlora/seed0 (normalize: 'factors' -> 'product'; ran as {name: sdlora, normalize: factors})" in said
     )
     assert not (tmp_path / "runs" / "cli" / "new").exists()
+    swapped = runner.invoke(app, ["run", str(config), "--set", "strategies=[{name: frozen, label: olora}]"])
+    said = swapped.output.replace("\n", "")
+    assert "(strategy: 'olora' -> 'frozen'" in said and "pin" not in said, said  # nothing of its to pin
+
+
+def test_a_label_naming_a_conventional_strategy_s_folder_is_refused() -> None:
+    """din's `finetune` runs in the folder din-finetune: a strategy labelled so would share it."""
+    clash = ["model.name=din", "strategies=[finetune, {name: frozen, label: din-finetune}]"]
+    with pytest.raises(ConfigError, match=r"labels must be unique, repeated: \['din-finetune'\]"):
+        load_config(None, clash)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from evolora.config import StrategySpec
+from evolora.config import StrategySpec, config_changes
 from evolora.continual.base import Env, Strategy, StrategyOptions, options_with_defaults
 from evolora.continual.finetune import Finetune
 from evolora.continual.frozen import Frozen
@@ -93,3 +95,54 @@ def run_options(run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     marker = run_dir / "run.json"
     record = read_json(marker, "Delete it to accept the current options.") if marker.is_file() else results
     return recorded_options(record)
+
+
+@dataclass
+class OptionChanges:
+    """How a run folder's recorded options differ from the ones it is run with now."""
+
+    run_dir: Path
+    was: Any  # the strategy it was run as
+    changes: str  # `key.sub: old -> new; ...`
+    pin: str  # the options the folder ran with where they differ (YAML flow); "" when the strategy changed
+
+    def message(self) -> str:
+        said = f"{self.run_dir} was run as {self.was!r} with other options ({self.changes}). "
+        if self.pin:
+            said += f"Where a default changed since, pin what it ran with ({self.pin}); or give "
+        else:
+            said += "Give "
+        return said + "this strategy another `label`, or delete that folder to rerun it."
+
+
+def option_changes(run_dir: Path, strategy: Any, options: dict[str, Any]) -> OptionChanges | None:
+    """None when `run_dir` is new or was made by `strategy` with `options` (defaults filled in, as they were
+    when it ran: `recorded_options`); else what differs, nested options by the keys that changed."""
+    marker = run_dir / "run.json"
+    if marker.is_file():
+        old = read_json(marker, "Delete it to accept the current options for this run folder.")
+    elif (run_dir / "results.json").is_file():  # a run folder from before run.json existed
+        old = read_json(run_dir / "results.json", "Delete it: it is rebuilt from the stage records.")
+    else:
+        return None
+    cls = STRATEGIES.get(strategy)
+    now = comparable_options(strategy, options if cls is None else options_with_defaults(cls, options))
+    same_strategy = old.get("strategy") == strategy
+    recorded = recorded_options(old) if same_strategy else dict(old.get("options", {}))
+    before = comparable_options(old.get("strategy"), recorded)
+    if same_strategy and before == now:
+        return None
+    changes = config_changes(before, now)
+    if not same_strategy:  # first: the options follow from it; nothing to pin
+        changes = "; ".join(filter(None, [f"strategy: {old.get('strategy')!r} -> {strategy!r}", changes]))
+        return OptionChanges(run_dir, old.get("strategy"), changes, "")
+    # What to pin: the differing options as recorded, those that still exist (a removed one cannot be set)
+    pin: dict[str, Any] = {"name": strategy}
+    for key in sorted(set(before) & set(cls.Options.model_fields if cls is not None else now)):
+        a, b = before[key], now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            pin[key] = {k: a.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+        elif a != b:
+            pin[key] = a
+    flow = yaml.safe_dump(pin, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    return OptionChanges(run_dir, old.get("strategy"), changes, flow)

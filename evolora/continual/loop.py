@@ -35,18 +35,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from evolora import cost, parallel
-from evolora.config import config_changes
-from evolora.continual import STRATEGIES, comparable_options, recorded_options
-from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob, options_with_defaults
+from evolora.continual import option_changes
+from evolora.continual.base import MAIN, StageContext, Strategy, TrainJob
 from evolora.continual.shared import SharedStore
 from evolora.data.samples import (
     USER_KINDS,
@@ -74,54 +71,6 @@ from evolora.train.trainer import TrainResult, train_adapter
 from evolora.workers import worker_label
 
 log = logging.getLogger("evolora.continual")
-
-
-@dataclass
-class OptionChanges:
-    """How a run folder's recorded options differ from the ones it is run with now."""
-
-    run_dir: Path
-    was: Any  # the strategy it was run as
-    changes: str  # `key.sub: old -> new; ...`
-    pin: str  # the strategy's options as the folder ran them, where they differ (a YAML flow mapping)
-
-    def message(self) -> str:
-        return (
-            f"{self.run_dir} was run as {self.was!r} with other options ({self.changes}). Where a default "
-            f"changed since, pin what it ran with ({self.pin}); or give this strategy another `label`, or "
-            "delete that folder to rerun it."
-        )
-
-
-def option_changes(run_dir: Path, strategy: Any, options: dict[str, Any]) -> OptionChanges | None:
-    """None when `run_dir` is new or was made by `strategy` with `options` (defaults filled in, as they were
-    when it ran: `recorded_options`); else what differs, nested options by the keys that changed."""
-    marker = run_dir / "run.json"
-    if marker.is_file():
-        old = read_json(marker, "Delete it to accept the current options for this run folder.")
-    elif (run_dir / "results.json").is_file():  # a run folder from before run.json existed
-        old = read_json(run_dir / "results.json", "Delete it: it is rebuilt from the stage records.")
-    else:
-        return None
-    cls = STRATEGIES.get(strategy)
-    now = comparable_options(strategy, options if cls is None else options_with_defaults(cls, options))
-    same_strategy = old.get("strategy") == strategy
-    recorded = recorded_options(old) if same_strategy else dict(old.get("options", {}))
-    before = comparable_options(old.get("strategy"), recorded)
-    if same_strategy and before == now:
-        return None
-    changes = config_changes(before, now)
-    if not same_strategy:  # first: the options follow from it
-        changes = "; ".join(filter(None, [f"strategy: {old.get('strategy')!r} -> {strategy!r}", changes]))
-    pin: dict[str, Any] = {"name": old.get("strategy")}
-    for key in sorted(set(before) | set(now)):
-        a, b = before.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            pin[key] = {k: a.get(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-        elif a != b and key in before:
-            pin[key] = a
-    flow = yaml.safe_dump(pin, default_flow_style=True, sort_keys=False, width=10**6).strip()
-    return OptionChanges(run_dir, old.get("strategy"), changes, flow)
 
 
 class StageLoop:
@@ -513,10 +462,13 @@ class StageLoop:
                 on_stage(results)
         results = self.results()
         recorded = self.run_dir / "results.json"
-        if not todo and recorded.is_file():  # a rerun with nothing left: its set-up is not the run's cost
-            first = read_json(recorded, "Delete it: it is rebuilt from the stage records.").get("setup_cost")
-            if first is not None:
-                results["setup_cost"] = first
+        if not todo and recorded.is_file():
+            # A rerun with nothing left: its set-up is not the run's cost. The first one is kept with the
+            # process that paid it (a report counts one set-up per process). A resumed run records the set-up
+            # of its last sitting.
+            first = read_json(recorded, "Delete it: it is rebuilt from the stage records.")
+            if first.get("setup_cost") is not None:
+                results["setup_cost"], results["worker"] = first["setup_cost"], first.get("worker")
         atomic_write_json(recorded, results)
         return results
 
