@@ -193,10 +193,15 @@ class Recommender:
             # A run of an older evolora, or a bundle of settings its experiment no longer has: read the data
             # once to save what inference needs.
             log.info("%s: saving what inference needs (the data is read once)", root)
-            full = cfg.model_copy(update={"output_dir": str(root.parent)})
-            prepared = prepare_data(full)
-            build_model_and_task(full, prepared)  # fills the caches the bundle copies
-            write_bundle(root, full, prepared, key)
+            try:
+                full = cfg.model_copy(update={"output_dir": str(root.parent)})
+                prepared = prepare_data(full)
+                build_model_and_task(full, prepared)  # fills the caches the bundle copies
+                write_bundle(root, full, prepared, key)
+            except EvoloraError as e:
+                if not (bundle_dir(root) / "bundle.json").is_file():
+                    raise
+                log.warning("%s: its inference bundle is kept as is: the data cannot be read (%s)", root, e)
         return cls._restore(cfg, root, results, t, seed_dir / f"stage-{t}", version=0)
 
     @classmethod

@@ -70,14 +70,17 @@ def _write_parquet(path: Path, df: pl.DataFrame) -> None:
 def bundle_is_current(folder: Path, key: str | None, history_len: int) -> bool:
     """Whether the bundle in `folder` was made for the experiment of settings `key` (None: any), whose samples
     keep `history_len` items. An experiment whose first attempt failed takes new settings and the bundle
-    that attempt wrote is stale; a bundle of an older evolora has no key, so its history length decides."""
+    that attempt wrote is stale; a bundle of an older evolora has no key: its history length decides, and
+    one older still lacks the items each user rated (`seen`)."""
     if not (folder / "bundle.json").is_file():
         return False
     meta = read_json(folder / "bundle.json", "Delete the inference folder: it is rebuilt from the data.")
     made_for = meta.get("context_key")
     if made_for is not None:
         return key is None or made_for == key
-    return meta.get("history_len") == history_len
+    # Older still: without `seen` a recommendation leaves out only the history it shows.
+    seen = "seen" in pl.read_parquet_schema(folder / "histories.parquet")
+    return seen and meta.get("history_len") == history_len
 
 
 def write_bundle(root: Path, cfg: RunConfig, prepared: Prepared, key: str | None = None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -414,7 +415,7 @@ def test_history_ids_with_commas_and_colons() -> None:
 
 
 def test_a_bundle_of_settings_the_experiment_no_longer_has_is_written_anew(
-    sunny_dir: Path, tmp_path: Path
+    sunny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An attempt that fails after writing the inference bundle (RecLoRA's history check) leaves the
     experiment to new settings: the bundle is theirs, not the failed attempt's (recommendations read
@@ -441,3 +442,19 @@ def test_a_bundle_of_settings_the_experiment_no_longer_has_is_written_anew(
     rec = evolora.Recommender.load(root)
     assert max(len(items) for items, _ in rec._histories.values()) == 6
     assert json.loads(bundle.read_text())["history_len"] == 6
+    # older still: no items rated (`seen`), so recommendations showed rated items again; rebuilt too
+    histories = root / "inference" / "histories.parquet"
+    old = {k: v for k, v in json.loads(bundle.read_text()).items() if k != "context_key"}
+    bundle.write_text(json.dumps(old))
+    pl.read_parquet(histories).drop("seen").write_parquet(histories)
+    evolora.Recommender.load(root)
+    assert "seen" in pl.read_parquet(histories).columns
+    # ... unless its data cannot be read any more: then it serves as it is, and says so
+    bundle.write_text(json.dumps(old))
+    pl.read_parquet(histories).drop("seen").write_parquet(histories)
+    config = root / "config.yaml"
+    config.write_text(config.read_text().replace(str(sunny_dir), str(tmp_path / "gone")))
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        assert evolora.Recommender.load(root).known_users
+    assert "its inference bundle is kept as is: the data cannot be read" in caplog.text
+    assert "predates seen items" in caplog.text
