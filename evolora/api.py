@@ -142,7 +142,7 @@ class Recommender:
         if "seen" not in at_stage.columns:
             # Only the run's own bundle is rebuilt from the data; a version's holds the batches it applied.
             rebuild = (
-                "delete its inference folder to rebuild it from the data"
+                "its data could not be read to rebuild it"
                 if version == 0
                 else "an older evolora's update wrote it; the versions of later updates have them"
             )
