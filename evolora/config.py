@@ -672,6 +672,8 @@ class StrategySpec(Section):
     @field_validator("label")
     @classmethod
     def _label_is_a_folder(cls, v: str | None) -> str | None:
+        if v is not None and "|" in v:  # a label heads rows of report.md's tables, where '|' splits cells
+            raise ValueError(f"{v!r}: a label cannot hold '|' (it names rows of the report's tables)")
         return v if v is None else folder_name(v)
 
     @property

@@ -106,6 +106,7 @@ def test_a_run_whose_training_diverged_says_so_under_its_table(sunny_dir: Path, 
         (["--set", "data.like_threshold=nan"], "data.like_threshold: Input should be a finite number"),
         (["--set", "data.like_threshold=9"], "every sample is a dislike (rating > data.like_threshold 9"),
         (["--set", "strategies=[{name: finetune, label: a/b}]"], "strategies.0.label: 'a/b' is not a folder"),
+        (["--set", "strategies=[{name: finetune, label: a|b}]"], "strategies.0.label: 'a|b': a label cannot"),
     ],
 )
 def test_user_mistakes_are_one_line_errors(
