@@ -79,7 +79,8 @@ def bundle_is_current(folder: Path, key: str | None, history_len: int) -> bool:
     if made_for is not None:
         return key is None or made_for == key
     # Older still: without `seen` a recommendation leaves out only the history it shows.
-    seen = "seen" in pl.read_parquet_schema(folder / "histories.parquet")
+    histories = folder / "histories.parquet"
+    seen = histories.is_file() and "seen" in pl.read_parquet_schema(histories)
     return seen and meta.get("history_len") == history_len
 
 
