@@ -449,6 +449,10 @@ def test_a_bundle_of_settings_the_experiment_no_longer_has_is_written_anew(
     pl.read_parquet(histories).drop("seen").write_parquet(histories)
     evolora.Recommender.load(root)
     assert "seen" in pl.read_parquet(histories).columns
+    bundle.write_text(json.dumps(old))
+    histories.unlink()  # a bundle missing a file is rebuilt, not a FileNotFoundError
+    evolora.Recommender.load(root)
+    assert "seen" in pl.read_parquet(histories).columns
     # ... unless its data cannot be read any more: then it serves as it is, and says so
     bundle.write_text(json.dumps(old))
     pl.read_parquet(histories).drop("seen").write_parquet(histories)
@@ -457,4 +461,4 @@ def test_a_bundle_of_settings_the_experiment_no_longer_has_is_written_anew(
     with caplog.at_level(logging.WARNING, logger="evolora"):
         assert evolora.Recommender.load(root).known_users
     assert "its inference bundle is kept as is: the data cannot be read" in caplog.text
-    assert "predates seen items" in caplog.text
+    assert "predates seen items" in caplog.text and "its data could not be read to rebuild it" in caplog.text
