@@ -103,14 +103,18 @@ def items_have_ids(items: pl.DataFrame) -> bool:
     return "sid" in items.columns and items["sid"].null_count() < items.height
 
 
-def _has_own_ids(data: InteractionData) -> bool:
-    return items_have_ids(data.items)
+def _id_source(sid_cfg: SemanticIdConfig, data: InteractionData) -> str:
+    """Where a run's IDs come from: `dataset` (its items' own) or `rqvae`; `auto` is `dataset` where the
+    items carry IDs."""
+    if sid_cfg.source != "auto":
+        return sid_cfg.source
+    return "dataset" if items_have_ids(data.items) else "rqvae"
 
 
 def semantic_ids_path(cfg: RunConfig, data: InteractionData) -> Path:
     """Where a run's semantic IDs are cached (under `cfg.shared_root`), keyed by what they depend on."""
     sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
-    source = sid_cfg.source if sid_cfg.source != "auto" else ("dataset" if _has_own_ids(data) else "rqvae")
+    source = _id_source(sid_cfg, data)
     key = stable_hash(
         {"data": cfg.data.model_dump(mode="json"), "staging": cfg.staging.model_dump(mode="json"),
          "ids": sid_cfg.model_dump(mode="json"), "source": source,
@@ -130,15 +134,14 @@ def semantic_ids_for(
 ) -> SemanticIds:
     """The run's semantic IDs (cached). `pretrained`: the backbone (model, tokenizer), without adapters."""
     sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
-    has_own = _has_own_ids(data)
-    source = sid_cfg.source if sid_cfg.source != "auto" else ("dataset" if has_own else "rqvae")
+    source = _id_source(sid_cfg, data)
     path = semantic_ids_path(cfg, data)
     if path.is_file():
         sids = SemanticIds.load(path)
         log.info("semantic IDs: %d items, %d levels (cached %s)", len(sids), sids.levels, path.name)
         return sids
     if source == "dataset":
-        if not has_own:
+        if not items_have_ids(data.items):
             raise ConfigError("task.semantic_ids.source=dataset but this dataset ships no semantic IDs")
         with_sid = data.items.filter(pl.col("sid").is_not_null())
         try:
@@ -214,7 +217,7 @@ def add_new_items(
     items = [i for i in dict.fromkeys(items) if i not in sids]
     if not items:
         return NewItemIds(sids, [], {})
-    if sid_cfg.source == "dataset" or (sid_cfg.source == "auto" and _has_own_ids(data)):
+    if _id_source(sid_cfg, data) == "dataset":
         return _given_ids(sids, data, items)
     if not quantizer.is_file():
         return NewItemIds(
