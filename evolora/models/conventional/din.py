@@ -5,8 +5,8 @@ w_j = MLP([e_j, e_t, e_j - e_t, e_j * e_t]) (unnormalised, as in the paper, so t
 intensity of interest), and the interest vector sum_j w_j e_j, the user ID embedding and the candidate's
 embedding go through an MLP (`model.conventional.mlp` hidden sizes; PReLU as in the paper, or ReLU with
 `activation: relu`, as RecLoRA's CRM has it) to a logit, plus the candidate's bias. History items carry
-like/dislike embeddings. Cold users and items are looked up as the mean trained
-user and item vectors (plus text features with `item_text: true`).
+like/dislike embeddings. Cold users and items are looked up as the mean trained user and item vectors (plus
+text features with `item_text: true`).
 
 `user_representation(batch)` returns the MLP's last hidden layer, shape [batch, mlp[-1]] (64 by default):
 the target-aware summary of user, history and candidate that RecLoRA's gate reads.
