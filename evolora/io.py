@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -77,8 +78,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, *, strict: bool = False) -> None:
+    """`obj` as indented JSON, atomically. `strict`: standard JSON, every NaN or infinite float written as
+    null (`finite_json`), for the files users read with other tools; evolora's own records keep Python's
+    NaN, which its readers expect."""
+    text = json.dumps(finite_json(obj), indent=2, allow_nan=False) if strict else json.dumps(obj, indent=2)
+    atomic_write_text(path, text + "\n")
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None. Standard JSON has neither: Python writes
+    them as bare `NaN`/`Infinity`, which jq, JavaScript and most other JSON readers refuse; an undefined
+    metric (the AUC of a group with one class) is null instead."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def read_json(path: str | Path, advice: str = "") -> Any:

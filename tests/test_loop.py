@@ -121,3 +121,26 @@ def test_killed_mid_stage_resumes_without_redoing_work(
     assert resumed["complete"]
     for a, b in zip(resumed["stages"], reference["stages"], strict=True):
         assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-9)
+
+
+def test_undefined_metrics_are_null_in_results_json(sunny_dir: Path, tmp_path: Path) -> None:
+    """One evaluated row has one class: its AUC is undefined. results.json is standard JSON (null, not the
+    bare NaN that jq and JavaScript refuse), and the report reads it back, matrix included."""
+    from evolora.eval.report import compose_report
+
+    cfg = tiny_config(sunny_dir, tmp_path, **{"eval.max_samples": 1, "eval.stages": "all"})
+    results = run_experiment(cfg)
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"results.json holds {name}: not standard JSON")
+
+    for r in results:
+        text = (run_dir_of(cfg, r["method"], 0) / "results.json").read_text()
+        on_disk = json.loads(text, parse_constant=refuse)
+        assert all(s["metrics"]["auc"] is None for s in on_disk["stages"]), on_disk["stages"]
+        assert on_disk["summary"]["mean"]["auc"] is None
+        assert on_disk["summary"]["matrix"]["metrics"]["auc"]["average"] is None
+        assert on_disk["stages"][0]["matrix"]["2"]["auc"] is None
+    report = compose_report([tmp_path / cfg.name])
+    assert "| finetune | 1 | – | – | – |" in report.text
+    assert "| frozen | – | (undefined on every stage) | – | – |" in report.text and "nan" not in report.text

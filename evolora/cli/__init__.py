@@ -271,7 +271,7 @@ def run(
     root = Path(cfg.output_dir) / cfg.name
     report = compose_report([root])
     atomic_write_text(root / "report.md", report.text)
-    atomic_write_json(root / "report.json", report.data)
+    atomic_write_json(root / "report.json", report.data, strict=True)
     write_plots(report.groups, metric_names[0], root)
     console.print(f"results: {root}/*/seed*/results.json; report: {root / 'report.md'}")
 
@@ -307,7 +307,7 @@ def report(
         check_writable_folder(out, "--out")
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
     atomic_write_text(target / "report.md", report.text)
-    atomic_write_json(target / "report.json", report.data)
+    atomic_write_json(target / "report.json", report.data, strict=True)
     plots = write_plots(report.groups, report.lead, target)
     console.print(Markdown(report.text))
     console.print(f"written: {target / 'report.md'}, {target / 'report.json'}, " + ", ".join(map(str, plots)))

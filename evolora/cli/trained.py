@@ -25,6 +25,7 @@ from evolora.cli import (
     console,
     err_console,
 )
+from evolora.io import finite_json
 
 
 @app.command()
@@ -153,15 +154,7 @@ def rollback(
 
 def _print_json(answer: Any) -> None:
     """Standard JSON for scripts: a NaN (an undefined figure of an older evolora's record) is null."""
-
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and x != x:
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        return [clean(v) for v in x] if isinstance(x, list | tuple) else x
-
-    console.print_json(json.dumps(clean(answer), allow_nan=False))
+    console.print_json(json.dumps(finite_json(answer), allow_nan=False))
 
 
 def _figure(value: float | None) -> str:

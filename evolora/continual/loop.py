@@ -457,7 +457,7 @@ class StageLoop:
         for t in todo:
             self.run_stage(t)
             results = self.results()
-            atomic_write_json(self.run_dir / "results.json", results)
+            atomic_write_json(self.run_dir / "results.json", results, strict=True)
             if on_stage is not None:
                 on_stage(results)
         results = self.results()
@@ -469,7 +469,7 @@ class StageLoop:
             first = read_json(recorded, "Delete it: it is rebuilt from the stage records.")
             if first.get("setup_cost") is not None:
                 results["setup_cost"], results["worker"] = first["setup_cost"], first.get("worker")
-        atomic_write_json(recorded, results)
+        atomic_write_json(recorded, results, strict=True)
         return results
 
     def results(self) -> dict[str, Any]:

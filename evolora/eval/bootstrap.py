@@ -4,6 +4,7 @@ baseline method on the rows both scored, rows (one resample shared by the seeds)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,9 @@ def difference_table(rows: list[dict[str, Any]], metric: str, baseline: str) -> 
     for r in rows:
         if r["difference"] is None:
             lines.append(f"| {r['method']} | – | (no paired predictions) | – | – |")
+            continue
+        if math.isnan(r["difference"]):  # the metric is undefined on every stage (one label)
+            lines.append(f"| {r['method']} | – | (undefined on every stage) | – | – |")
             continue
         decided = "yes" if r["decided"] else "no"
         lines.append(

@@ -70,9 +70,11 @@ def summaries(matrix: dict[int, dict[int, float]], higher_is_better: bool = True
 
 
 def matrix_of(records: dict[int, dict[str, dict[str, float]]], metric: str) -> dict[int, dict[int, float]]:
-    """One metric's matrix from the stage records' `matrix` entries ({t: {"j": {metric: value}}})."""
+    """One metric's matrix from the stage records' `matrix` entries ({t: {"j": {metric: value}}}); an
+    undefined entry (null in results.json, NaN in a stage record) is NaN."""
     return {
-        t: {int(j): float(m[metric]) for j, m in row.items() if metric in m} for t, row in records.items()
+        t: {int(j): np.nan if m[metric] is None else float(m[metric]) for j, m in row.items() if metric in m}
+        for t, row in records.items()
     }
 
 

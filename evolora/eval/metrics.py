@@ -31,9 +31,10 @@ class NonFiniteScores(EvoloraError):
 
 
 def diverged(history: list[dict[str, Any]]) -> bool:
-    """Whether every epoch of a training job's history (its records' `train_loss`) ended non-finite."""
+    """Whether every epoch of a training job's history (its records' `train_loss`) ended non-finite (null in
+    results.json, NaN in evolora's own records)."""
     losses = [h["train_loss"] for h in history if "train_loss" in h]
-    return bool(losses) and not any(np.isfinite(x) for x in losses)
+    return bool(losses) and not any(x is not None and np.isfinite(x) for x in losses)
 
 
 def _checked(labels: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
