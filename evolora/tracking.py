@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import socket
 import urllib.parse
@@ -255,8 +256,8 @@ class MlflowTracker(Tracker):
 
     def _stage(self, record: dict[str, Any], stage_dir: Path) -> None:
         t = int(record["train_stage"])
-        for name, value in record["metrics"].items():
-            self.mlflow.log_metric(name, float(value), step=t)
+        for name, value in record["metrics"].items():  # undefined: null in results.json, NaN in MLflow
+            self.mlflow.log_metric(name, math.nan if value is None else float(value), step=t)
         self.mlflow.log_metric("train_seconds", float(record["train_seconds"]), step=t)
         cost = record.get("cost") or {}  # where the stage's time went (records before the profile lack it)
         if "total_seconds" in cost:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import logging
+import math
 import socket
 import sys
 import time
@@ -275,6 +276,21 @@ def test_reruns_continue_the_runs_they_made_and_log_what_those_lack(
     run_experiment(tiny_config(data, out, **over, tracking="mlflow"))
     assert _made(mlflow) == ["frozen seed 0"]
     assert {("auc", 1), ("auc", 2)} <= _stage_metrics(mlflow, "frozen seed 0")
+
+
+def test_stages_read_back_from_results_json_log_an_undefined_figure_as_nan(
+    mlflow: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One evaluated row: AUC is undefined, null in results.json. Tracking turned on afterwards logs the
+    finished stages from that file, AUC as NaN, instead of failing on the null (and never logging them)."""
+    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "eval.max_samples": 1}
+    data, out = HERE / "example_log.csv", tmp_path / "runs"
+    run_experiment(tiny_config(data, out, **over))
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        run_experiment(tiny_config(data, out, **over, tracking="mlflow"))
+    assert "not logged" not in caplog.text, caplog.text
+    auc = [c for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", "finetune seed 0") and c[2] == "auc"]
+    assert [c[4] for c in auc] == [1, 2] and all(math.isnan(c[3]) for c in auc), auc
 
 
 def _tracked_finetune_run(tmp_path: Path) -> tuple[Path, pl.DataFrame]:
