@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -490,3 +491,20 @@ def test_inflora_designs_a_from_stage_one_and_plain_is_the_shared_lora(
     finally:
         strategy.teardown()
     assert recorded_options({"strategy": "inflora", "options": {}})["first_stage"] == "plain"
+
+
+def test_the_options_to_pin_keep_a_labelled_folders_label(tmp_path: Path) -> None:
+    """A folder recorded before InfLoRA's `first_stage` existed ran `plain`: rerunning it under today's
+    default names the options to pin, with its label when it has one, so the entry pasted back keeps it."""
+    from evolora.continual import option_changes
+
+    for label, pin in [
+        ("inflora", "{name: inflora, first_stage: plain}"),
+        ("inflora-old", "{name: inflora, label: inflora-old, first_stage: plain}"),
+    ]:
+        run_dir = tmp_path / label / "seed0"
+        run_dir.mkdir(parents=True)
+        (run_dir / "run.json").write_text(json.dumps({"strategy": "inflora", "options": {}}))
+        changed = option_changes(run_dir, "inflora", {})
+        assert changed is not None and changed.pin == pin, changed
+        assert f"pin what it ran with ({pin})" in changed.message()

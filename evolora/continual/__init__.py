@@ -138,6 +138,8 @@ def option_changes(run_dir: Path, strategy: Any, options: dict[str, Any]) -> Opt
         return OptionChanges(run_dir, old.get("strategy"), changes, "")
     # What to pin: the differing options as recorded, those that still exist (a removed one cannot be set)
     pin: dict[str, Any] = {"name": strategy}
+    if run_dir.parent.name != strategy:  # runs/<name>/<label>/seed<k>: the pinned entry keeps its folder
+        pin["label"] = run_dir.parent.name
     for key in sorted(set(before) & set(cls.Options.model_fields if cls is not None else now)):
         a, b = before[key], now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
