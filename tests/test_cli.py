@@ -545,7 +545,7 @@ def test_scripts_refuse_bad_arguments_in_one_line(
 def test_the_stage_table_shows_an_undefined_metric_as_a_dash() -> None:
     from rich.console import Console
 
-    from evolora.cli import stage_table
+    from evolora.cli.tables import stage_table
 
     stages = [
         {"eval_stage": 2, "metrics": {"auc": 0.61}},
