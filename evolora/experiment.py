@@ -19,6 +19,7 @@ one sequence that rerun safety depends on; split, each part would need the other
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -224,7 +225,7 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
             log.info("%s: the earlier attempt produced nothing; its settings are replaced (%s)", root, diff)
     kept = {}
     if marker.is_file() and _has_work(root):  # the data digest of a continued experiment stays (_check_data)
-        kept = {k: v for k, v in read_json(marker).items() if k == "data_files"}
+        kept = {k: v for k, v in read_json(marker).items() if k in ("data_files", "template_sha256")}
     atomic_write_json(
         marker, {"context_key": key, "context": context, "evolora_version": evolora.__version__, **kept}
     )
@@ -244,6 +245,47 @@ def _same_experiment(root: Path, old: dict[str, Any], new: dict[str, Any]) -> bo
             return False
         old = {**old, "model": {**old["model"], "precision": precision}}
     return stable_hash(old, 16) == stable_hash(new, 16)
+
+
+def shared_store(
+    cfg: RunConfig, root: Path, data_files: dict[str, Any], template_sha256: str | None, continuing: bool
+) -> SharedStore:
+    """The output folder's store of shared jobs and predictions, keyed for this experiment: its settings but
+    `train` and `eval` (jobs are keyed by their exact rows and stage settings) and the contents of what it
+    read under paths, the data files and the task's prompt template (a file edited in place keeps its path
+    and setting). `continuing`: the experiment had started (and `_check_data` found its data unchanged), so
+    jobs an older evolora stored for it, keyed without the contents, are its own."""
+    sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
+    contents = {"data_sha256": data_files.get("sha256"), "template_sha256": template_sha256}
+    return SharedStore(
+        cfg.shared_root,
+        stable_hash({**sample_context, "contents": contents}, 16),
+        legacy_context_key=stable_hash(sample_context, 16),
+        experiment=root.name if continuing else None,
+    )
+
+
+def _check_template(root: Path, cfg: RunConfig, task: Task) -> str | None:
+    """The digest of the task's prompt template text (None for a task without one). Refuse to continue an
+    experiment whose template changed since it started (a file edited in place: same path, same settings,
+    other prompts); record the digest the first time."""
+    text = getattr(task, "template", None)
+    if text is None:
+        return None
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    marker = root / "experiment.json"
+    recorded = read_json(marker, "Delete it to accept the current settings.")
+    before = recorded.get("template_sha256")
+    if before is not None and before != digest and _has_work(root):
+        spec = getattr(cfg.task, "template", "")
+        raise ConfigError(
+            f"{root}: the prompt template (task.template: {spec}) changed since this experiment "
+            "started: its finished stages were trained and scored with the old text. Restore the file, "
+            "choose another `name`, or pass --overwrite to start again."
+        )
+    if before != digest:
+        atomic_write_json(marker, {**recorded, "template_sha256": digest})
+    return digest
 
 
 def _check_data(root: Path, files: dict[str, Any]) -> None:
@@ -457,16 +499,16 @@ def _run_locked(
             with cost.part("data"):
                 prepared = prepare_data(cfg)
                 environment = run_environment(prepared.data)  # file digests included
+            continuing = _has_work(root)  # before this sitting's first stage folder
             _check_data(root, environment["data_files"])
             lm, task = build_model_and_task(cfg, prepared)
+            template = _check_template(root, cfg, task)
             write_bundle(root, cfg, prepared, context_key)  # what `Recommender.load` needs
         if parallel.sharded():  # FSDP: after set-up, which runs in one process at a time
             lm.shard()
         # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle
         environment["setup_cost"] = cost.stage_cost(cost.take(), since=started)
-        # Jobs are keyed by their exact rows and stage settings, so `train` and `eval` stay out of this key.
-        sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
-        shared = SharedStore(cfg.shared_root, stable_hash(sample_context, 16))
+        shared = shared_store(cfg, root, environment["data_files"], template, continuing)
         tracker = tracker_for(cfg, root) if parallel.is_main() else Tracker()
         with tracker.experiment(cfg):
             return _run_strategies(

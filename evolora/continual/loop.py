@@ -178,10 +178,15 @@ class StageLoop:
             return info
 
         shared = self.shared
-        key = shared.job_key(job, self.seed, ctx.stage, self.cfg.train)
+        train = self.cfg.train
+        key = shared.job_key(job, self.seed, ctx.stage, train)
         # Another process (another experiment, another strategy) may be training this very job: wait for it.
         with exclusive(shared.job_lock(key), f"shared training job {key[:8]}", wait=True):
             stored = shared.reuse_job(self.lm, key, job.adapter)
+            if stored is None and (
+                legacy := shared.reuse_legacy_job(self.lm, job, self.seed, ctx.stage, train)
+            ):
+                key, stored = legacy  # stored under an older evolora's key, for this experiment
             if stored is not None and stored.get("trained_for") == self.run_id:
                 # This run trained it in a sitting that ended before the job was recorded: no reuse.
                 cost.carry(stored.get("cost") or {})

@@ -29,24 +29,52 @@ def rows_digest(rows: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
+#: training settings that act only through which rows a job gets (the rows are in the key by digest), or
+#: not at all (gradient checkpointing recomputes the same products): left out of a job's key, so that
+#: experiments differing in later stages' budgets share stage 1
+_ROW_ONLY_SETTINGS = ("samples_per_stage", "valid_samples", "valid_fraction", "gradient_checkpointing")
+
+
 @dataclass
 class SharedStore:
     """Content-addressed training results and predictions, shared by all experiments in an output folder.
 
-    A job's key covers everything its result depends on: data, staging, task and model settings
-    (`context_key`), the training settings of its stage, the seed, the stage and the exact sample rows. So
-    experiments that differ only in later stages (another `lr_inherit`, another strategy) reuse stage 1.
+    A job's key covers everything its result depends on: data, staging, task and model settings and the
+    contents of the files read, data and prompt template (`context_key`), the training settings of its
+    stage, the seed, the stage and the exact sample rows. So experiments that differ only in later stages
+    (another `lr_inherit`, another strategy, other budgets after stage 1) reuse stage 1, and an experiment
+    on edited data or another template file does not.
+
+    Keys of an older evolora left the files' contents and the budgets of other stages out
+    (`legacy_context_key`); its entries are still reused by the experiment that trained them
+    (`experiment`), whose data its record checks, and by no other.
     """
 
     root: Path
-    context_key: str  # hash of the settings that fix the samples and the model (everything but `train`)
+    context_key: str  # hash of the settings and input files that fix the samples and the model (not `train`)
+    legacy_context_key: str | None = None  # the same without the files' contents (keys before 2026-12-05)
+    experiment: str | None = None  # the experiment folder's name: whose legacy entries may be reused
 
     def job_key(self, job: TrainJob, seed: int, stage: int, train: TrainConfig) -> str:
         settings = train.for_job(job.init).model_dump(mode="json")
         settings.pop("lr_inherit", None)
+        for name in _ROW_ONLY_SETTINGS:
+            settings.pop(name, None)
+        return self._key(self.context_key, settings, job, seed, stage)
+
+    def legacy_job_key(self, job: TrainJob, seed: int, stage: int, train: TrainConfig) -> str | None:
+        """The key an older evolora gave this job (None without a legacy context)."""
+        if self.legacy_context_key is None:
+            return None
+        settings = train.for_job(job.init).model_dump(mode="json")
+        settings.pop("lr_inherit", None)
+        return self._key(self.legacy_context_key, settings, job, seed, stage)
+
+    @staticmethod
+    def _key(context: str, settings: dict[str, Any], job: TrainJob, seed: int, stage: int) -> str:
         return stable_hash(
             {
-                "ctx": self.context_key,
+                "ctx": context,
                 "train": settings,
                 "seed": seed,
                 "stage": stage,
@@ -55,6 +83,24 @@ class SharedStore:
             },
             length=20,
         )
+
+    def reuse_legacy_job(
+        self, lm: Any, job: TrainJob, seed: int, stage: int, train: TrainConfig
+    ) -> tuple[str, dict[str, Any]] | None:
+        """(its key, its record) of this job stored by an older evolora for a run of this experiment, loaded
+        into the job's adapter; None when there is none (one trained for another experiment may have read
+        other contents under the same paths: it is not reused)."""
+        key = self.legacy_job_key(job, seed, stage, train)
+        if key is None or self.experiment is None or not (self.job_dir(key) / "result.json").is_file():
+            return None
+        try:
+            record = read_json(self.job_dir(key) / "result.json")
+        except DamagedFileError:
+            return None
+        if str(record.get("trained_for", "")).split("/")[0] != self.experiment:
+            return None
+        stored = self.reuse_job(lm, key, job.adapter)
+        return None if stored is None else (key, stored)
 
     def job_dir(self, key: str) -> Path:
         return self.root / "jobs" / key

@@ -1,0 +1,102 @@
+"""What a result shared between experiments of one output folder (`runs/_shared`) is keyed by: the contents
+of the files an experiment reads, not their paths, and only the settings that change the job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evolora.continual.shared import SharedStore
+from evolora.errors import ConfigError
+from evolora.experiment import run_experiment
+from tests.helpers import tiny_config, write_sunny_rainy
+
+ONE = {"strategies": "[finetune]", "train.epochs": 1}
+
+
+def _first_job(result: dict) -> dict:
+    return result["stages"][0]["jobs"][0]
+
+
+def test_edited_data_or_template_under_the_same_path_is_trained_again(tmp_path: Path) -> None:
+    """A second experiment in the folder reuses the first one's stage 1 on the same files; after the data
+    file or the template file is edited in place (same path, same settings) it trains its own."""
+    data = write_sunny_rainy(tmp_path / "data")
+    template = tmp_path / "prompt.txt"
+    template.write_text(
+        "Liked: {preference}\nDisliked: {unpreference}\nWill the user like {target}?\nAnswer:",
+        encoding="utf-8",
+    )
+    out = tmp_path / "runs"
+
+    def run(name: str) -> dict:
+        return run_experiment(tiny_config(data, out, name=name, **ONE, **{"task.template": str(template)}))[0]
+
+    first = run("a")
+    assert not _first_job(first)["reused_shared_result"]
+    assert _first_job(run("b"))["reused_shared_result"]  # the same contents: shared
+
+    items = data / "u.item"
+    items.write_text(items.read_text(encoding="latin-1").replace("Sunny", "Cloudy"), encoding="latin-1")
+    retitled = run("c")
+    assert not _first_job(retitled)["reused_shared_result"]
+    assert retitled["stages"][0]["metrics"] != first["stages"][0]["metrics"]
+
+    template.write_text(template.read_text(encoding="utf-8").replace("Will", "Would"), encoding="utf-8")
+    assert not _first_job(run("d"))["reused_shared_result"]
+    assert _first_job(run("e"))["reused_shared_result"]  # the edited files, now stored
+
+
+def test_experiments_differing_in_later_budgets_share_stage_1(sunny_dir: Path, tmp_path: Path) -> None:
+    """The budgets pick rows, and a job's rows are in its key: another budget for stage 2 (or turning on
+    gradient checkpointing, which recomputes the same products) leaves stage 1 shared."""
+    base = {**ONE, "train.samples_per_stage": "[32, 16]", "train.valid_samples": "[16, 8]"}
+    first = run_experiment(tiny_config(sunny_dir, tmp_path, name="a", **base))[0]
+    later = {**base, "train.samples_per_stage": "[32, 8]", "train.valid_samples": "[16, 4]"}
+    other = run_experiment(tiny_config(sunny_dir, tmp_path, name="b", **later))[0]
+    assert (
+        _first_job(other)["reused_shared_result"]
+        and not other["stages"][1]["jobs"][0]["reused_shared_result"]
+    )
+    assert other["stages"][0]["metrics"] == first["stages"][0]["metrics"]
+    ckpt = run_experiment(
+        tiny_config(sunny_dir, tmp_path, name="c", **base, **{"train.gradient_checkpointing": True})
+    )
+    assert _first_job(ckpt[0])["reused_shared_result"]
+
+
+def test_jobs_an_older_evolora_stored_serve_only_the_experiment_that_trained_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys before 2026-12-05 left the files' contents out. An experiment continued after the upgrade still
+    reuses the jobs it stored then (its data unchanged: the experiment checks it); another experiment
+    does not, since under the same paths it may have read other contents."""
+    data = write_sunny_rainy(tmp_path / "data")
+    out = tmp_path / "runs"
+    with monkeypatch.context() as m:
+        m.setattr(SharedStore, "job_key", SharedStore.legacy_job_key)  # as an older evolora keyed them
+        run_experiment(tiny_config(data, out, name="old", strategies="[frozen]", **{"train.epochs": 1}))
+    jobs = sorted(p.name for p in (out / "_shared" / "jobs").iterdir() if p.is_dir())
+    assert len(jobs) == 1  # frozen's one training job, stage 1's
+
+    both = {**ONE, "strategies": "[frozen, finetune]"}
+    continued = run_experiment(tiny_config(data, out, name="old", **both))
+    finetune = continued[1]
+    assert _first_job(finetune)["reused_shared_result"] and _first_job(finetune)["shared_key"] in jobs
+    other = run_experiment(tiny_config(data, out, name="new", **ONE))[0]
+    assert not _first_job(other)["reused_shared_result"] and _first_job(other)["shared_key"] not in jobs
+    assert other["stages"][0]["metrics"] == finetune["stages"][0]["metrics"]  # the same data: same figures
+
+
+def test_an_experiment_whose_template_file_changed_is_not_continued(sunny_dir: Path, tmp_path: Path) -> None:
+    """As for its data: a template file edited in place would give the stages left other prompts than the
+    finished ones."""
+    template = tmp_path / "prompt.txt"
+    template.write_text("Liked: {preference}\nDisliked: {unpreference}\nThe user and {target}?\nAnswer:")
+    cfg = tiny_config(sunny_dir, tmp_path / "runs", **ONE, **{"task.template": str(template)})
+    run_experiment(cfg)
+    run_experiment(cfg)  # unchanged: nothing to do, no refusal
+    template.write_text(template.read_text().replace("The user", "This user"))
+    with pytest.raises(ConfigError, match=r"the prompt template \(task.template: .*prompt.txt\) changed"):
+        run_experiment(cfg)
