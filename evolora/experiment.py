@@ -76,7 +76,7 @@ from evolora.models.precision import (
     resolve_device,
     resolve_precision,
 )
-from evolora.models.weights import load_pretrained
+from evolora.models.weights import load_pretrained, weights_fingerprint
 from evolora.queries import trained_stage
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
@@ -247,16 +247,14 @@ def _same_experiment(root: Path, old: dict[str, Any], new: dict[str, Any]) -> bo
     return stable_hash(old, 16) == stable_hash(new, 16)
 
 
-def shared_store(
-    cfg: RunConfig, root: Path, data_files: dict[str, Any], template_sha256: str | None, continuing: bool
-) -> SharedStore:
+def shared_store(cfg: RunConfig, root: Path, contents: dict[str, Any], continuing: bool) -> SharedStore:
     """The output folder's store of shared jobs and predictions, keyed for this experiment: its settings but
-    `train` and `eval` (jobs are keyed by their exact rows and stage settings) and the contents of what it
-    read under paths, the data files and the task's prompt template (a file edited in place keeps its path
-    and setting). `continuing`: the experiment had started (and `_check_data` found its data unchanged), so
-    jobs an older evolora stored for it, keyed without the contents, are its own."""
+    `train` and `eval` (jobs are keyed by their exact rows and stage settings), and `contents`, what it read
+    under paths and names: the data files', the prompt template's and the model weights' digests (a file
+    edited in place, or other weights under one model name, keep the settings). `continuing`: the
+    experiment had started (and `_check_data` found its data unchanged), so jobs an older evolora stored for
+    it, keyed without the contents, are its own."""
     sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
-    contents = {"data_sha256": data_files.get("sha256"), "template_sha256": template_sha256}
     return SharedStore(
         cfg.shared_root,
         stable_hash({**sample_context, "contents": contents}, 16),
@@ -501,14 +499,17 @@ def _run_locked(
                 environment = run_environment(prepared.data)  # file digests included
             continuing = _has_work(root)  # before this sitting's first stage folder
             _check_data(root, environment["data_files"])
-            lm, task = build_model_and_task(cfg, prepared)
+            pretrained = None if is_conventional(cfg.model.name) else load_backbone(cfg)
+            weights = weights_fingerprint(pretrained[0]) if pretrained is not None else None
+            lm, task = build_model_and_task(cfg, prepared, pretrained)
             template = _check_template(root, cfg, task)
             write_bundle(root, cfg, prepared, context_key)  # what `Recommender.load` needs
         if parallel.sharded():  # FSDP: after set-up, which runs in one process at a time
             lm.shard()
         # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle
         environment["setup_cost"] = cost.stage_cost(cost.take(), since=started)
-        shared = shared_store(cfg, root, environment["data_files"], template, continuing)
+        contents = {"data_sha256": environment["data_files"]["sha256"], "template_sha256": template}
+        shared = shared_store(cfg, root, {**contents, "weights": weights}, continuing)
         tracker = tracker_for(cfg, root) if parallel.is_main() else Tracker()
         with tracker.experiment(cfg):
             return _run_strategies(

@@ -109,7 +109,7 @@ class _Base:
 
     @classmethod
     def of(cls, name: str, revision: str | None) -> _Base:
-        copy = cached_copy(name)
+        copy = cached_copy(name, revision)
         return cls(name, None if copy else revision, str(copy or name), copy is not None)
 
     def code(self) -> str:

@@ -272,3 +272,33 @@ def test_the_default_models_converted_copy_is_the_base_an_export_names(
     (copy / "config.json").write_text("{}")
     base = _Base.of(DEFAULT_MODEL, None)
     assert base.converted and base.code() == repr(str(copy))
+    # A revision asked for is the hub's: the copy (of no revision in particular) is neither loaded nor named.
+    assert _Base.of(DEFAULT_MODEL, "v2") == _Base(DEFAULT_MODEL, "v2", DEFAULT_MODEL, False)
+
+
+def test_a_revision_is_never_answered_by_the_converted_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With evolora's converted copy of the default model in the cache, `model.revision` set loads that
+    revision from the hub's cache (or the hub), and says so when neither has it, instead of the copy."""
+    import torch
+
+    from evolora.errors import EvoloraError
+    from evolora.models import weights as weights_mod
+
+    monkeypatch.setenv("EVOLORA_CACHE", str(tmp_path))
+    copy = tmp_path / "models" / weights_mod.DEFAULT_MODEL.replace("/", "--")
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text("{}")
+    loaded = []
+
+    def load_hf(source, dtype, revision=None, model_kw=None, local_files_only=False):
+        loaded.append((str(source), revision))
+        raise OSError("not in the hub's cache")
+
+    monkeypatch.setattr(weights_mod, "_load_hf", load_hf)
+    monkeypatch.setattr(weights_mod, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(weights_mod, "_convert_gguf_to_cache", lambda target: loaded.append(("gguf", None)))
+    with pytest.raises(EvoloraError, match="cannot load model"):
+        weights_mod.load_pretrained(weights_mod.DEFAULT_MODEL, torch.float32, revision="v2")
+    assert loaded == [(weights_mod.DEFAULT_MODEL, "v2")]

@@ -100,3 +100,31 @@ def test_an_experiment_whose_template_file_changed_is_not_continued(sunny_dir: P
     template.write_text(template.read_text().replace("The user", "This user"))
     with pytest.raises(ConfigError, match=r"the prompt template \(task.template: .*prompt.txt\) changed"):
         run_experiment(cfg)
+
+
+def test_other_weights_saved_under_the_same_model_folder_are_trained_again(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """`model.name` is a folder whose weights were saved again (another seed): the second experiment trains
+    its own stage 1 instead of loading an adapter trained on other weights; the same weights share it."""
+    from evolora.models.tiny import build_tiny
+    from evolora.models.weights import weights_fingerprint
+
+    folder = tmp_path / "model"
+
+    def save(seed: int) -> str:
+        model, tok = build_tiny(seed=seed)
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        return weights_fingerprint(model)
+
+    def run(name: str) -> dict:
+        cfg = tiny_config(sunny_dir, tmp_path / "runs", name=name, **ONE, **{"model.name": str(folder)})
+        return run_experiment(cfg)[0]
+
+    first = save(0)
+    assert not _first_job(run("a"))["reused_shared_result"]
+    assert _first_job(run("b"))["reused_shared_result"]
+    assert save(7) != first and save(0) == first  # a fingerprint of the weights, the same for the same ones
+    save(7)
+    assert not _first_job(run("c"))["reused_shared_result"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -215,10 +216,11 @@ def is_tiny(name: str) -> bool:
     return name == "tiny" or name.startswith("tiny-")
 
 
-def cached_copy(name: str) -> Path | None:
+def cached_copy(name: str, revision: str | None = None) -> Path | None:
     """The folder of evolora's own copy of `name` when `load_pretrained` reads that one (the default model
-    converted from its GGUF file, whose weights are close to but not the hub's), else None."""
-    if is_tiny(name) or Path(name).expanduser().is_dir():
+    converted from its GGUF file, whose weights are close to but not the hub's), else None. Never with a
+    `revision`: the copy is of no revision in particular, and the one asked for is read from the hub."""
+    if is_tiny(name) or Path(name).expanduser().is_dir() or revision is not None:
         return None
     cached = cache_dir() / "models" / _safe_name(name)
     return cached if (cached / "config.json").is_file() else None
@@ -246,7 +248,7 @@ def load_pretrained(
     if folder.is_dir():
         return _load_folder(folder, name, dtype, model_kw)
     cached = cache_dir() / "models" / _safe_name(name)
-    if cached_copy(name) is not None:
+    if cached_copy(name, revision) is not None:
         return _load_hf(cached, dtype, model_kw=model_kw)
     errors: list[str] = []
     # The hub's own cache works offline; try it before deciding the hub is out of reach.
@@ -261,7 +263,7 @@ def load_pretrained(
             errors.append(f"hub: {e}")
     else:
         errors.append("hub: huggingface.co unreachable")
-    if name == DEFAULT_MODEL:
+    if name == DEFAULT_MODEL and revision is None:  # the GGUF copy is no revision of the hub's
         _convert_gguf_to_cache(cached)
         return _load_hf(cached, dtype, model_kw=model_kw)
     raise EvoloraError(
@@ -269,6 +271,21 @@ def load_pretrained(
         f"({'; '.join(errors)}). Pass a local folder as model.name, or run once where huggingface.co "
         "is reachable."
     )
+
+
+def weights_fingerprint(model: nn.Module, per_tensor: int = 1024) -> str:
+    """A digest of a loaded model's weights that costs milliseconds at any size: each tensor of its state's
+    name, shape and dtype and `per_tensor` values at even strides through it. Two loads of the same weights
+    agree; other weights under the same name (a folder saved again, evolora's GGUF conversion against the
+    hub's files) differ nearly everywhere, so in the sample too."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].to("cpu").contiguous()
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes())  # raw bytes: numpy has no bf16
+    return digest.hexdigest()[:16]
 
 
 def is_quantized(model: nn.Module) -> bool:
