@@ -224,8 +224,10 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
                 )
             log.info("%s: the earlier attempt produced nothing; its settings are replaced (%s)", root, diff)
     kept = {}
-    if marker.is_file() and _has_work(root):  # the data digest of a continued experiment stays (_check_data)
-        kept = {k: v for k, v in read_json(marker).items() if k in ("data_files", "template_sha256")}
+    # A continued experiment keeps the digests of what it read (`_check_data`, `_check_inputs`).
+    if marker.is_file() and _has_work(root):
+        inputs = ("data_files", "template_sha256", "weights_fingerprint")
+        kept = {k: v for k, v in read_json(marker).items() if k in inputs}
     atomic_write_json(
         marker, {"context_key": key, "context": context, "evolora_version": evolora.__version__, **kept}
     )
@@ -263,27 +265,32 @@ def shared_store(cfg: RunConfig, root: Path, contents: dict[str, Any], continuin
     )
 
 
-def _check_template(root: Path, cfg: RunConfig, task: Task) -> str | None:
+def _check_inputs(root: Path, cfg: RunConfig, task: Task, weights: str | None) -> str | None:
     """The digest of the task's prompt template text (None for a task without one). Refuse to continue an
-    experiment whose template changed since it started (a file edited in place: same path, same settings,
-    other prompts); record the digest the first time."""
+    experiment whose template or model weights (`weights`: their fingerprint) changed since it started: a
+    file edited in place, or other weights under one `model.name`, keep the settings while the finished
+    stages were trained on the old ones. Record both the first time."""
     text = getattr(task, "template", None)
-    if text is None:
-        return None
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    digests = {
+        "template_sha256": None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "weights_fingerprint": weights,
+    }
+    what = {
+        "template_sha256": f"the prompt template (task.template: {getattr(cfg.task, 'template', '')})",
+        "weights_fingerprint": f"the weights of model.name={cfg.model.name}",
+    }
     marker = root / "experiment.json"
     recorded = read_json(marker, "Delete it to accept the current settings.")
-    before = recorded.get("template_sha256")
-    if before is not None and before != digest and _has_work(root):
-        spec = getattr(cfg.task, "template", "")
+    changed = [what[k] for k, v in digests.items() if recorded.get(k) not in (None, v)]
+    if changed and _has_work(root):
         raise ConfigError(
-            f"{root}: the prompt template (task.template: {spec}) changed since this experiment "
-            "started: its finished stages were trained and scored with the old text. Restore the file, "
-            "choose another `name`, or pass --overwrite to start again."
+            f"{root}: {' and '.join(changed)} changed since this experiment started: its finished stages "
+            "were trained and scored with the old ones. Restore them, choose another `name`, or pass "
+            "--overwrite to start again."
         )
-    if before != digest:
-        atomic_write_json(marker, {**recorded, "template_sha256": digest})
-    return digest
+    if any(recorded.get(k) != v for k, v in digests.items() if v is not None):
+        atomic_write_json(marker, {**recorded, **{k: v for k, v in digests.items() if v is not None}})
+    return digests["template_sha256"]
 
 
 def _check_data(root: Path, files: dict[str, Any]) -> None:
@@ -502,7 +509,7 @@ def _run_locked(
             pretrained = None if is_conventional(cfg.model.name) else load_backbone(cfg)
             weights = weights_fingerprint(pretrained[0]) if pretrained is not None else None
             lm, task = build_model_and_task(cfg, prepared, pretrained)
-            template = _check_template(root, cfg, task)
+            template = _check_inputs(root, cfg, task, weights)
             write_bundle(root, cfg, prepared, context_key)  # what `Recommender.load` needs
         if parallel.sharded():  # FSDP: after set-up, which runs in one process at a time
             lm.shard()

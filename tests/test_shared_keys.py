@@ -128,3 +128,6 @@ def test_other_weights_saved_under_the_same_model_folder_are_trained_again(
     assert save(7) != first and save(0) == first  # a fingerprint of the weights, the same for the same ones
     save(7)
     assert not _first_job(run("c"))["reused_shared_result"]
+    save(0)  # experiment c continued on other weights than its finished stage trained on: refused
+    with pytest.raises(ConfigError, match=r"the weights of model.name=.*model changed since"):
+        run("c")
