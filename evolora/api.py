@@ -32,6 +32,7 @@ from evolora.config import RunConfig, StrategySpec, config_from_dict, load_confi
 from evolora.continual import Env, Strategy, build_strategy, recorded_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
+from evolora.data.digest import data_digest
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.data.samples import SampleTable, eval_stage_of
 from evolora.deploy.versions import Version, Versions
@@ -188,20 +189,27 @@ class Recommender:
         deployed = [v.id for v in registry.versions if v.stage == stage and v.id > 0]
         t = trained_stage(seed_dir, results, stage, cfg.protocol, deployed)
         marker = root / "experiment.json"
-        key = read_json(marker).get("context_key") if marker.is_file() else None
-        if not bundle_is_current(bundle_dir(root), key, cfg.task.history_kept()):
+        recorded = read_json(marker) if marker.is_file() else {}
+        key, data_sha256 = recorded.get("context_key"), recorded.get("data_files", {}).get("sha256")
+        if not bundle_is_current(bundle_dir(root), key, cfg.task.history_kept(), data_sha256):
             # A run of an older evolora, or a bundle of settings its experiment no longer has: read the data
             # once to save what inference needs.
             log.info("%s: saving what inference needs (the data is read once)", root)
             try:
                 full = cfg.model_copy(update={"output_dir": str(root.parent)})
                 prepared = prepare_data(full)
+                now = data_digest(prepared.data)["sha256"]
+                if data_sha256 is not None and now != data_sha256:
+                    raise EvoloraError(
+                        f"{root}: its data files changed since the experiment ran, so what inference needs "
+                        "cannot be rebuilt from them; put back the files it ran on"
+                    )
                 build_model_and_task(full, prepared)  # fills the caches the bundle copies
-                write_bundle(root, full, prepared, key)
+                write_bundle(root, full, prepared, key, now)
             except EvoloraError as e:
                 if not (bundle_dir(root) / "bundle.json").is_file():
                     raise
-                log.warning("%s: its inference bundle is kept as is: the data cannot be read (%s)", root, e)
+                log.warning("%s: its inference bundle is kept as is: the data cannot be used (%s)", root, e)
         return cls._restore(cfg, root, results, t, seed_dir / f"stage-{t}", version=0)
 
     @classmethod

@@ -67,14 +67,20 @@ def _write_parquet(path: Path, df: pl.DataFrame) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def bundle_is_current(folder: Path, key: str | None, history_len: int) -> bool:
+def bundle_is_current(
+    folder: Path, key: str | None, history_len: int, data_sha256: str | None = None
+) -> bool:
     """Whether the bundle in `folder` was made for the experiment of settings `key` (None: any), whose samples
-    keep `history_len` items. An experiment whose first attempt failed takes new settings and the bundle
-    that attempt wrote is stale; a bundle of an older evolora has no key: its history length decides, and
-    one older still lacks the items each user rated (`seen`)."""
+    keep `history_len` items, from the data files of digest `data_sha256` (None: any). An experiment whose
+    first attempt failed takes new settings, or data changed before any stage ran, and the bundle that
+    attempt wrote is stale; a bundle of an older evolora has no key: its history length decides, and one
+    older still lacks the items each user rated (`seen`)."""
     if not (folder / "bundle.json").is_file():
         return False
     meta = read_json(folder / "bundle.json", "Delete the inference folder: it is rebuilt from the data.")
+    made_from = meta.get("data_sha256")
+    if data_sha256 is not None and made_from is not None and made_from != data_sha256:
+        return False
     made_for = meta.get("context_key")
     if made_for is not None:
         return key is None or made_for == key
@@ -84,14 +90,16 @@ def bundle_is_current(folder: Path, key: str | None, history_len: int) -> bool:
     return seen and meta.get("history_len") == history_len
 
 
-def write_bundle(root: Path, cfg: RunConfig, prepared: Prepared, key: str | None = None) -> Path:
-    """Save what inference needs (once: an existing bundle made for this experiment's settings `key` is
-    kept, one made for others is replaced)."""
+def write_bundle(
+    root: Path, cfg: RunConfig, prepared: Prepared, key: str | None = None, data_sha256: str | None = None
+) -> Path:
+    """Save what inference needs (once: an existing bundle made for this experiment's settings `key` from
+    the data of digest `data_sha256` is kept, one made for others or from other data is replaced)."""
     folder = bundle_dir(root)
-    if bundle_is_current(folder, key, prepared.table.history_len):
+    if bundle_is_current(folder, key, prepared.table.history_len, data_sha256):
         return folder
     if (folder / "bundle.json").is_file():
-        log.info("%s was made for other settings of this experiment: written anew", folder)
+        log.info("%s was made for other settings or data of this experiment: written anew", folder)
     if prepared.staged is None:
         raise ValueError("a bundle is written from a run's prepared data")
     table = prepared.table
@@ -118,6 +126,7 @@ def write_bundle(root: Path, cfg: RunConfig, prepared: Prepared, key: str | None
                 "n_stages": table.n_stages,
                 "history_len": table.history_len,
                 **({"context_key": key} if key is not None else {}),
+                **({"data_sha256": data_sha256} if data_sha256 is not None else {}),
             },
         )
     return folder

@@ -510,7 +510,8 @@ def _run_locked(
             weights = weights_fingerprint(pretrained[0]) if pretrained is not None else None
             lm, task = build_model_and_task(cfg, prepared, pretrained)
             template = _check_inputs(root, cfg, task, weights)
-            write_bundle(root, cfg, prepared, context_key)  # what `Recommender.load` needs
+            data_sha256 = environment["data_files"]["sha256"]
+            write_bundle(root, cfg, prepared, context_key, data_sha256)  # what `Recommender.load` needs
         if parallel.sharded():  # FSDP: after set-up, which runs in one process at a time
             lm.shard()
         # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle

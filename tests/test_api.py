@@ -460,5 +460,40 @@ def test_a_bundle_of_settings_the_experiment_no_longer_has_is_written_anew(
     config.write_text(config.read_text().replace(str(sunny_dir), str(tmp_path / "gone")))
     with caplog.at_level(logging.WARNING, logger="evolora"):
         assert evolora.Recommender.load(root).known_users
-    assert "its inference bundle is kept as is: the data cannot be read" in caplog.text
+    assert "its inference bundle is kept as is: the data cannot be used" in caplog.text
     assert "predates seen items" in caplog.text and "its data could not be read to rebuild it" in caplog.text
+
+
+def test_a_bundle_written_before_the_data_changed_is_written_anew(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed after the inference bundle was written but before any stage, an experiment takes data changed
+    in the meantime (nothing was cut from the old): the bundle is made again from the new data, not kept
+    with the old titles that `recommend` and `serve` would show. Loading a run whose data changed since
+    keeps its bundle and says why it cannot be rebuilt."""
+    import json
+    import shutil
+
+    from tests.helpers import write_sunny_rainy
+
+    data = write_sunny_rainy(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "runs", **SMALL, strategies="[finetune]")
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    for stage in root.glob("*/seed*"):
+        shutil.rmtree(stage)  # as if killed before any stage folder
+    items = data / "u.item"
+    items.write_text(items.read_text(encoding="latin-1").replace("Sunny", "Cloudy"), encoding="latin-1")
+    run_experiment(cfg)
+    titles = pl.read_parquet(root / "inference" / "items.parquet")["title"].to_list()
+    assert any(t.startswith("Cloudy") for t in titles) and not any(t.startswith("Sunny") for t in titles)
+
+    bundle = root / "inference" / "bundle.json"
+    bundle.write_text(json.dumps({**json.loads(bundle.read_text()), "data_sha256": "other data"}))
+    items.write_text(items.read_text(encoding="latin-1").replace("Cloudy", "Foggy"), encoding="latin-1")
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        assert evolora.Recommender.load(root).known_users
+    assert "its data files changed since the experiment ran" in caplog.text
+    assert not any(
+        t.startswith("Foggy") for t in pl.read_parquet(root / "inference" / "items.parquet")["title"]
+    )
