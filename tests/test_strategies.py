@@ -508,3 +508,19 @@ def test_the_options_to_pin_keep_a_labelled_folders_label(tmp_path: Path) -> Non
         changed = option_changes(run_dir, "inflora", {})
         assert changed is not None and changed.pin == pin, changed
         assert f"pin what it ran with ({pin})" in changed.message()
+
+
+def test_inflora_does_not_depend_on_the_evaluation_batch(sunny_dir: Path, tmp_path: Path) -> None:
+    """`eval.batch_size` is a setting that changes no number (an experiment rerun with another one goes on),
+    so InfLoRA's input statistics, whose padded sums depend on the rows per pass, take `stats_batch`."""
+    over = {"strategies": "[inflora]", "train.epochs": 1}
+    runs = [
+        run_experiment(tiny_config(sunny_dir, tmp_path / str(b), **over, **{"eval.batch_size": b}))[0]
+        for b in (16, 3)
+    ]
+    for a, b in zip(runs[0]["stages"], runs[1]["stages"], strict=True):
+        assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-6)
+    other = tiny_config(
+        sunny_dir, tmp_path / "other", **{**over, "strategies": "[{name: inflora, stats_batch: 3}]"}
+    )
+    assert run_experiment(other)[0]["stages"][1]["metrics"] != runs[0]["stages"][1]["metrics"]

@@ -8,8 +8,9 @@ lies in the old subspace unchanged, so it does not interfere with what earlier s
 The old subspace of each adapted layer is kept as an orthonormal basis U, grown after every stage with
 the directions needed to explain `energy` of that stage's input energy (the gradient-projection-memory
 rule InfLoRA builds on). Input statistics come from teacher-forced forward passes over the stage's training
-samples, prompt and answer, as the model sees them in training (padding positions included); they are
-accumulated and decomposed in fp64 outside autocast, whatever the run's precision.
+samples, prompt and answer, as the model sees them in training (padding positions included, the shared
+prompt prefix once per pass), in passes of `stats_batch` samples; they are accumulated and decomposed in
+fp64 outside autocast, whatever the run's precision.
 
 At stage 1, as the paper and the authors' code do from the first task on, A is designed from the stage's
 inputs (no old subspace yet: their top-r principal directions) and only B learns (`first_stage: designed`).
@@ -50,6 +51,13 @@ class InfLoraOptions(CumulativeOptions):
     energy: float = Field(0.95, gt=0.0, lt=1.0, description="share of input energy the old subspace keeps")
     stats_samples: int | None = Field(
         64, gt=0, description="samples for input statistics; null: training set"
+    )
+    stats_batch: int = Field(
+        16,
+        ge=1,
+        description="samples per forward pass of the input statistics (their sums include the padding and "
+        "count the shared prompt prefix once per pass, so they depend on it); eval.batch_size, whose default "
+        "16 is this one's, set it until 2026-12-05",
     )
 
 
@@ -131,7 +139,7 @@ class InfLora(CumulativeLora[InfLoraOptions]):
             handles.append(module.register_forward_hook(hook))
         was_training = self.lm.model.training
         self.lm.model.eval()  # no dropout: the statistics of the layers' actual inputs
-        batch = self.cfg.eval.batch_size
+        batch = self.options.stats_batch  # not eval.batch_size: a setting that changes no other number
         # In a multi-process launch each process takes every N-th batch (summed below): the batches, and so
         # the padded positions the statistics include, stay those of one process.
         starts = list(range(0, len(rows), batch))[parallel.rank() :: parallel.world_size()]
