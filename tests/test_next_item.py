@@ -167,11 +167,12 @@ def test_inflora_statistics_come_from_the_teacher_forced_training_sequences(
     from evolora.experiment import build_model_and_task, prepare_data, resolve_config
     from evolora.tasks.next_item import NextItemTask
 
-    over = {**NEXT_ITEM, "eval.batch_size": 1, "strategies": "[inflora]"}
+    over = {**NEXT_ITEM, "strategies": "[{name: inflora, stats_batch: 1}]"}
     cfg = resolve_config(tiny_config(peso_dir, tmp_path, **over))
     prepared = prepare_data(cfg)
     lm, task = build_model_and_task(cfg, prepared)
-    strategy = build_strategy(StrategySpec(name="inflora"), Env(lm, task, cfg, prepared), seed=0)
+    spec = StrategySpec(name="inflora", stats_batch=1)  # one sequence per pass: no padding
+    strategy = build_strategy(spec, Env(lm, task, cfg, prepared), seed=0)
     strategy.setup()
     rows = prepared.pools[1].train[:5]
 

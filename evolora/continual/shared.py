@@ -39,11 +39,12 @@ _ROW_ONLY_SETTINGS = ("samples_per_stage", "valid_samples", "valid_fraction", "g
 class SharedStore:
     """Content-addressed training results and predictions, shared by all experiments in an output folder.
 
-    A job's key covers everything its result depends on: data, staging, task and model settings and the
-    contents of the files read, data and prompt template (`context_key`), the training settings of its
-    stage, the seed, the stage and the exact sample rows. So experiments that differ only in later stages
-    (another `lr_inherit`, another strategy, other budgets after stage 1) reuse stage 1, and an experiment
-    on edited data or another template file does not.
+    A job's key covers everything its result depends on: data, staging, task and model settings and what
+    was read under paths and names, the data files' and the prompt template's contents and the model
+    weights' fingerprint (`context_key`), the training settings of its stage, the seed, the stage and the
+    exact sample rows. So experiments that differ only in later stages (another `lr_inherit`, another
+    strategy, other budgets after stage 1) reuse stage 1, and one on an edited file or other weights under
+    the same name does not.
 
     Keys of an older evolora left the files' contents and the budgets of other stages out
     (`legacy_context_key`); its entries are still reused by the experiment that trained them
@@ -51,8 +52,8 @@ class SharedStore:
     """
 
     root: Path
-    context_key: str  # hash of the settings and input files that fix the samples and the model (not `train`)
-    legacy_context_key: str | None = None  # the same without the files' contents (keys before 2026-12-05)
+    context_key: str  # hash of the settings and inputs that fix the samples and the model (not `train`)
+    legacy_context_key: str | None = None  # the same without the inputs' digests (keys before 2026-12-05)
     experiment: str | None = None  # the experiment folder's name: whose legacy entries may be reused
 
     def job_key(self, job: TrainJob, seed: int, stage: int, train: TrainConfig) -> str:
