@@ -36,9 +36,10 @@ OVER = {
     "task.sample_history": 10,
     "train.samples_per_stage": 17,  # batches of 8, 8, 1: the last one's shares are 1 and 0 rows
     "train.grad_accum": 2,
-    "eval.batch_size": 10,  # InfLoRA's statistics: 64 rows in 7 batches, 4 + 3 per process
+    "eval.batch_size": 10,
     "eval.stages": "all",
-    "strategies": f"[frozen, finetune, peso, sumlora, inflora, {RECLORA}]",
+    # InfLoRA's statistics: 64 rows in 7 passes of 10, 4 + 3 per process
+    "strategies": f"[frozen, finetune, peso, sumlora, {{name: inflora, stats_batch: 10}}, {RECLORA}]",
 }
 
 
