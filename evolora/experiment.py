@@ -51,7 +51,7 @@ from evolora.continual import (
     run_options,
 )
 from evolora.continual.loop import StageLoop, is_trained
-from evolora.continual.shared import SharedStore
+from evolora.continual.shared import SharedStore, recorded_shared_keys
 from evolora.data import InteractionData
 from evolora.data.digest import data_digest
 from evolora.data.loaders import detect_format
@@ -254,14 +254,15 @@ def shared_store(cfg: RunConfig, root: Path, contents: dict[str, Any], continuin
     `train` and `eval` (jobs are keyed by their exact rows and stage settings), and `contents`, what it read
     under paths and names: the data files', the prompt template's and the model weights' digests (a file
     edited in place, or other weights under one model name, keep the settings). `continuing`: the
-    experiment had started (and `_check_data` found its data unchanged), so jobs an older evolora stored for
-    it, keyed without the contents, are its own."""
+    experiment had work before this command (not new, not replaced by --overwrite), and its inputs were
+    checked unchanged, so jobs an older evolora stored for it, keyed without the digests, are its own."""
     sample_context = {k: v for k, v in context_of(cfg).items() if k not in ("train", "eval")}
     return SharedStore(
         cfg.shared_root,
         stable_hash({**sample_context, "contents": contents}, 16),
         legacy_context_key=stable_hash(sample_context, 16),
-        experiment=root.name if continuing else None,
+        own_keys=recorded_shared_keys(root) if continuing else frozenset(),
+        continuing=continuing,
     )
 
 
@@ -388,11 +389,12 @@ def run_experiment(
         try:
             context_key = _check_experiment(root, cfg)
             _check_runs(cfg)
+            continuing = _has_work(root)  # once, before any worker makes a stage folder
             pairs = [(i, seed) for i in range(len(cfg.strategies)) for seed in cfg.seeds]
             if jobs > 1 and len(pairs) > 1:
-                results = _run_in_workers(cfg, root, context_key, pairs, min(jobs, len(pairs)))
+                results = _run_in_workers(cfg, root, context_key, pairs, min(jobs, len(pairs)), continuing)
             else:
-                results = _run_locked(cfg, root, context_key, on_stage, pairs)
+                results = _run_locked(cfg, root, context_key, on_stage, pairs, continuing)
         except BaseException:
             if parallel.writes() and replaced.exists():
                 _restore_if_untrained(root, replaced)
@@ -475,7 +477,12 @@ def _cores_each(processes: int) -> int:
 
 
 def _run_locked(
-    cfg: RunConfig, root: Path, context_key: str, on_stage: Any, pairs: Iterable[tuple[int, int]]
+    cfg: RunConfig,
+    root: Path,
+    context_key: str,
+    on_stage: Any,
+    pairs: Iterable[tuple[int, int]],
+    continuing: bool,
 ) -> list[dict[str, Any]]:
     # The run's log is the main process's (the others of a launch compute the same steps)
     handler = (
@@ -504,7 +511,6 @@ def _run_locked(
             with cost.part("data"):
                 prepared = prepare_data(cfg)
                 environment = run_environment(prepared.data)  # file digests included
-            continuing = _has_work(root)  # before this sitting's first stage folder
             _check_data(root, environment["data_files"])
             pretrained = None if is_conventional(cfg.model.name) else load_backbone(cfg)
             weights = weights_fingerprint(pretrained[0]) if pretrained is not None else None
@@ -544,7 +550,7 @@ def _who() -> str:
 
 
 def _run_in_workers(
-    cfg: RunConfig, root: Path, context_key: str, pairs: list[tuple[int, int]], jobs: int
+    cfg: RunConfig, root: Path, context_key: str, pairs: list[tuple[int, int]], jobs: int, continuing: bool
 ) -> list[dict[str, Any]]:
     """The pairs run by `jobs` worker processes, each taking the next pair when it is free (the caller holds
     the experiment's lock throughout; each worker loads its own data and model)."""
@@ -557,7 +563,8 @@ def _run_in_workers(
     data = cfg.model_dump(mode="json")
     with tracker_for(cfg, root).experiment(cfg):  # made here: every worker nests its runs under it
         run_workers(
-            _worker_main, [(data, str(root), context_key, work, device, threads) for device in devices]
+            _worker_main,
+            [(data, str(root), context_key, work, device, threads, continuing) for device in devices],
         )
     results = []
     for index, seed in pairs:
@@ -573,6 +580,7 @@ def _worker_main(
     work: Any,
     device: str,
     threads: int,
+    continuing: bool,
 ) -> None:
     """One worker of `--jobs N`: its own data, model and task, then pairs from `work` until none is left
     (spawned: nothing inherited)."""
@@ -588,7 +596,7 @@ def _worker_main(
         logging.getLogger(noisy).setLevel(logging.ERROR)
     set_threads(threads)
     keep_freed_memory()
-    _run_locked(cfg, Path(root), context_key, None, (tuple(p) for p in take(work)))
+    _run_locked(cfg, Path(root), context_key, None, (tuple(p) for p in take(work)), continuing)
 
 
 def _run_strategies(

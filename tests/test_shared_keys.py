@@ -66,27 +66,63 @@ def test_experiments_differing_in_later_budgets_share_stage_1(sunny_dir: Path, t
     assert _first_job(ckpt[0])["reused_shared_result"]
 
 
-def test_jobs_an_older_evolora_stored_serve_only_the_experiment_that_trained_them(
+def _legacy_jobs(out: Path) -> set[str]:
+    return {p.name for p in (out / "_shared" / "jobs").iterdir() if p.is_dir()}
+
+
+def test_jobs_an_older_evolora_stored_serve_only_the_experiment_that_used_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Keys before 2026-12-05 left the files' contents out. An experiment continued after the upgrade still
-    reuses the jobs it stored then (its data unchanged: the experiment checks it); another experiment
-    does not, since under the same paths it may have read other contents."""
+    """Keys before 2026-12-05 left the inputs' digests out. An experiment continued after the upgrade still
+    reuses the jobs its stage records name, those it trained and those it took from a sibling experiment
+    then (its inputs unchanged: the experiment checks them); another experiment does not, since under the
+    same paths it may have read other contents."""
     data = write_sunny_rainy(tmp_path / "data")
     out = tmp_path / "runs"
     with monkeypatch.context() as m:
         m.setattr(SharedStore, "job_key", SharedStore.legacy_job_key)  # as an older evolora keyed them
         run_experiment(tiny_config(data, out, name="old", strategies="[frozen]", **{"train.epochs": 1}))
-    jobs = sorted(p.name for p in (out / "_shared" / "jobs").iterdir() if p.is_dir())
-    assert len(jobs) == 1  # frozen's one training job, stage 1's
+        sibling = run_experiment(tiny_config(data, out, name="sibling", **ONE))[0]  # frozen's stage 1, reused
+    jobs = _legacy_jobs(out)
+    assert len(jobs) == 1 and _first_job(sibling)["reused_shared_result"]  # stage 1, trained once
 
     both = {**ONE, "strategies": "[frozen, finetune]"}
-    continued = run_experiment(tiny_config(data, out, name="old", **both))
-    finetune = continued[1]
-    assert _first_job(finetune)["reused_shared_result"] and _first_job(finetune)["shared_key"] in jobs
+    for name in ("old", "sibling"):  # the one that trained it, and the one that reused it then
+        continued = run_experiment(tiny_config(data, out, name=name, **both))
+        for result in continued:
+            assert _first_job(result)["shared_key"] in jobs, (name, result["method"])
+    assert not (set(p.name for p in (out / "_shared" / "jobs").iterdir() if p.is_dir()) - jobs)  # none new
     other = run_experiment(tiny_config(data, out, name="new", **ONE))[0]
     assert not _first_job(other)["reused_shared_result"] and _first_job(other)["shared_key"] not in jobs
-    assert other["stages"][0]["metrics"] == finetune["stages"][0]["metrics"]  # the same data: same figures
+    assert other["stages"][0]["metrics"] == sibling["stages"][0]["metrics"]  # the same data: same figures
+
+
+def test_an_overwritten_experiment_never_reuses_what_it_stored_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--overwrite (what the data-changed refusal advises) starts the experiment afresh: jobs an older
+    evolora stored for its former self, from other data, are not its own, also in the second worker of
+    --jobs 2, which sets up once the first has made a stage folder (played here in one process)."""
+    from evolora import experiment
+
+    data = write_sunny_rainy(tmp_path / "data")
+    out = tmp_path / "runs"
+    over = {**ONE, "seeds": "[0, 1]"}
+    with monkeypatch.context() as m:
+        m.setattr(SharedStore, "job_key", SharedStore.legacy_job_key)
+        run_experiment(tiny_config(data, out, name="x", **over))
+    jobs = _legacy_jobs(out)
+    items = data / "u.item"
+    items.write_text(items.read_text(encoding="latin-1").replace("Sunny", "Cloudy"), encoding="latin-1")
+
+    def second_worker(cfg, root, context_key, pairs, workers, *decided):
+        (root / "finetune" / "seed0" / "stage-1").mkdir(parents=True)  # the first worker's
+        return experiment._run_locked(cfg, root, context_key, None, pairs, *decided)
+
+    monkeypatch.setattr(experiment, "_run_in_workers", second_worker)
+    again = run_experiment(tiny_config(data, out, name="x", **over), overwrite=True, jobs=2)
+    for result in again:
+        assert _first_job(result)["shared_key"] not in jobs, result["seed"]
 
 
 def test_an_experiment_whose_template_file_changed_is_not_continued(sunny_dir: Path, tmp_path: Path) -> None:

@@ -184,7 +184,7 @@ class StageLoop:
         with exclusive(shared.job_lock(key), f"shared training job {key[:8]}", wait=True):
             stored = shared.reuse_job(self.lm, key, job.adapter)
             if stored is None and (
-                legacy := shared.reuse_legacy_job(self.lm, job, self.seed, ctx.stage, train)
+                legacy := shared.reuse_legacy_job(self.lm, job, self.seed, ctx.stage, train, self.run_id)
             ):
                 key, stored = legacy  # stored under an older evolora's key, for this experiment
             if stored is not None and stored.get("trained_for") == self.run_id:

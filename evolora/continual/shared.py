@@ -25,6 +25,22 @@ from evolora.io import load_npz, read_json, set_aside, stable_hash
 log = logging.getLogger("evolora.continual")
 
 
+def recorded_shared_keys(experiment: Path) -> frozenset[str]:
+    """The shared keys the stage records of an experiment folder name (jobs it trained or reused)."""
+    keys = set()
+    for info in [
+        *experiment.glob("*/seed*/stage-*/jobs/*/info.json"),
+        *experiment.glob("*/seed*/stage-*/jobs/*.json"),
+    ]:
+        try:
+            key = read_json(info).get("shared_key")
+        except DamagedFileError:
+            continue
+        if key:
+            keys.add(key)
+    return frozenset(keys)
+
+
 def rows_digest(rows: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).hexdigest()[:16]
 
@@ -46,15 +62,18 @@ class SharedStore:
     strategy, other budgets after stage 1) reuse stage 1, and one on an edited file or other weights under
     the same name does not.
 
-    Keys of an older evolora left the files' contents and the budgets of other stages out
-    (`legacy_context_key`); its entries are still reused by the experiment that trained them
-    (`experiment`), whose data its record checks, and by no other.
+    Keys of an older evolora left the inputs' digests and the budgets of other stages out
+    (`legacy_context_key`). Its entries still serve the continued experiment that used them, whose inputs
+    its record checks: those its stage records name (`own_keys`: trained or reused by one of its runs) and
+    one a run trained in a sitting that ended before recording it (`continuing`); no other experiment,
+    which may have read other contents under the same paths, reuses them.
     """
 
     root: Path
     context_key: str  # hash of the settings and inputs that fix the samples and the model (not `train`)
     legacy_context_key: str | None = None  # the same without the inputs' digests (keys before 2026-12-05)
-    experiment: str | None = None  # the experiment folder's name: whose legacy entries may be reused
+    own_keys: frozenset[str] = frozenset()  # legacy keys this experiment's stage records name
+    continuing: bool = False  # the experiment had work before this sitting (not a new or overwritten one)
 
     def job_key(self, job: TrainJob, seed: int, stage: int, train: TrainConfig) -> str:
         settings = train.for_job(job.init).model_dump(mode="json")
@@ -86,20 +105,20 @@ class SharedStore:
         )
 
     def reuse_legacy_job(
-        self, lm: Any, job: TrainJob, seed: int, stage: int, train: TrainConfig
+        self, lm: Any, job: TrainJob, seed: int, stage: int, train: TrainConfig, run_id: str
     ) -> tuple[str, dict[str, Any]] | None:
-        """(its key, its record) of this job stored by an older evolora for a run of this experiment, loaded
-        into the job's adapter; None when there is none (one trained for another experiment may have read
-        other contents under the same paths: it is not reused)."""
+        """(its key, its record) of this job as an older evolora stored it for this experiment (class
+        docstring), loaded into the job's adapter; None when there is none."""
         key = self.legacy_job_key(job, seed, stage, train)
-        if key is None or self.experiment is None or not (self.job_dir(key) / "result.json").is_file():
+        if key is None or not self.continuing or not (self.job_dir(key) / "result.json").is_file():
             return None
-        try:
-            record = read_json(self.job_dir(key) / "result.json")
-        except DamagedFileError:
-            return None
-        if str(record.get("trained_for", "")).split("/")[0] != self.experiment:
-            return None
+        if key not in self.own_keys:
+            try:
+                record = read_json(self.job_dir(key) / "result.json")
+            except DamagedFileError:
+                return None
+            if record.get("trained_for") != run_id:
+                return None
         stored = self.reuse_job(lm, key, job.adapter)
         return None if stored is None else (key, stored)
 
