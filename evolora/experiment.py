@@ -61,6 +61,7 @@ from evolora.io import (
     atomic_write_json,
     atomic_write_text,
     check_writable_folder,
+    finite_json,
     read_json,
     remove_stale_temporaries,
     stable_hash,
@@ -653,7 +654,8 @@ def _run_strategies(
     shortened = getattr(task, "shortened", 0)
     if shortened:
         log.info("%d prompts were shortened to fit task.max_length", shortened)
-    return all_results
+    # As results.json holds them (an undefined figure None, not NaN), as a `--jobs N` run reads them back
+    return [finite_json(r) for r in all_results]
 
 
 def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared, int]:

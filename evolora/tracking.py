@@ -266,10 +266,11 @@ class MlflowTracker(Tracker):
             self.mlflow.log_metric(f"cost.{part}_seconds", float(spent["seconds"]), step=t)
         for job in record["jobs"]:
             for epoch in job["history"]:
-                for key, value in epoch.items():
-                    if key != "epoch" and isinstance(value, int | float):
+                for key, value in epoch.items():  # None: undefined (NaN, -inf) as results.json holds it
+                    if key != "epoch" and (value is None or isinstance(value, int | float)):
                         name = f"stage{t}.{job['job']}.{key}"
-                        self.mlflow.log_metric(name, float(value), step=int(epoch["epoch"]))
+                        number = math.nan if value is None else float(value)
+                        self.mlflow.log_metric(name, number, step=int(epoch["epoch"]))
         adapters = stage_dir / "trained" / "adapters"
         if adapters.is_dir():
             self.mlflow.log_artifacts(str(adapters), artifact_path=f"stage-{t}/adapters")

@@ -130,6 +130,7 @@ def test_undefined_metrics_are_null_in_results_json(sunny_dir: Path, tmp_path: P
 
     cfg = tiny_config(sunny_dir, tmp_path, **{"eval.max_samples": 1, "eval.stages": "all"})
     results = run_experiment(cfg)
+    assert results[0]["stages"][0]["metrics"]["auc"] is None  # as the file holds it, as with --jobs N
 
     def refuse(name: str) -> None:
         raise AssertionError(f"results.json holds {name}: not standard JSON")

@@ -283,7 +283,13 @@ def test_stages_read_back_from_results_json_log_an_undefined_figure_as_nan(
 ) -> None:
     """One evaluated row: AUC is undefined, null in results.json. Tracking turned on afterwards logs the
     finished stages from that file, AUC as NaN, instead of failing on the null (and never logging them)."""
-    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "eval.max_samples": 1}
+    over = {
+        **EXAMPLE_TABLE,
+        "train.samples_per_stage": 24,
+        "train.valid_samples": 1,  # validation's AUC undefined too: null in the epochs' history
+        "strategies": "[finetune]",
+        "eval.max_samples": 1,
+    }
     data, out = HERE / "example_log.csv", tmp_path / "runs"
     run_experiment(tiny_config(data, out, **over))
     with caplog.at_level(logging.WARNING, logger="evolora"):
@@ -291,6 +297,8 @@ def test_stages_read_back_from_results_json_log_an_undefined_figure_as_nan(
     assert "not logged" not in caplog.text, caplog.text
     auc = [c for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", "finetune seed 0") and c[2] == "auc"]
     assert [c[4] for c in auc] == [1, 2] and all(math.isnan(c[3]) for c in auc), auc
+    valid = [c for c in mlflow.calls if c[0] == "metric" and c[2] == "stage1.default.valid_auc"]
+    assert valid and all(math.isnan(c[3]) for c in valid), [c[2] for c in mlflow.calls if c[0] == "metric"]
 
 
 def _tracked_finetune_run(tmp_path: Path) -> tuple[Path, pl.DataFrame]:

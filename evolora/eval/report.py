@@ -28,6 +28,7 @@ from evolora.eval.matrix_report import matrix_section
 from evolora.eval.metrics import diverged, is_reference, lower_is_better, metric_set
 from evolora.eval.runs import check_comparable, find_results
 from evolora.eval.summary import MethodRuns, relative_gain, report_data
+from evolora.io import finite_json
 
 DRAWS = 1000  # bootstrap draws of the report's difference table
 
@@ -47,7 +48,8 @@ def shared_first_stage(results: list[dict[str, Any]]) -> int | None:
     methods: dict[Any, set[str]] = defaultdict(set)
     for r in results:
         key = r.get("context_key")
-        by_context[key][r["seed"]].add(json.dumps(r["stages"][0]["metrics"], sort_keys=True))
+        # finite_json: an undefined figure is NaN in memory and in older files, null in newer ones
+        by_context[key][r["seed"]].add(json.dumps(finite_json(r["stages"][0]["metrics"]), sort_keys=True))
         methods[key].add(r["method"])
     compared = [key for key, m in methods.items() if len(m) >= 2]
     if not compared:
