@@ -167,3 +167,21 @@ def test_other_weights_saved_under_the_same_model_folder_are_trained_again(
     save(0)  # experiment c continued on other weights than its finished stage trained on: refused
     with pytest.raises(ConfigError, match=r"the weights of model.name=.*model changed since"):
         run("c")
+
+
+def test_the_weights_fingerprint_reads_values_not_names() -> None:
+    """The same weights under other parameter names or with another buffer (what a library upgrade may
+    change) keep their fingerprint; a changed value it samples does not."""
+    import torch
+
+    from evolora.models.tiny import build_tiny
+    from evolora.models.weights import weights_fingerprint
+
+    model, _ = build_tiny(seed=0)
+    first = weights_fingerprint(model)
+    renamed = torch.nn.ModuleDict({"wrapped": model})
+    renamed.register_buffer("rotary_cache", torch.arange(5.0))
+    assert weights_fingerprint(renamed) == first
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1.0  # the first value is always sampled
+    assert weights_fingerprint(model) != first

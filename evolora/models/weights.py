@@ -274,18 +274,21 @@ def load_pretrained(
 
 
 def weights_fingerprint(model: nn.Module, per_tensor: int = 1024) -> str:
-    """A digest of a loaded model's weights that costs milliseconds at any size: each tensor of its state's
-    name, shape and dtype and `per_tensor` values at even strides through it. Two loads of the same weights
-    agree; other weights under the same name (a folder saved again, evolora's GGUF conversion against the
-    hub's files) differ nearly everywhere, so in the sample too."""
-    digest = hashlib.sha256()
+    """A digest of a loaded model's weights that costs milliseconds at any size: of each parameter its
+    shape, dtype and `per_tensor` values at even strides through it. Two loads of the same weights agree;
+    other weights under the same name (a folder saved again, evolora's GGUF conversion against the hub's
+    files) differ nearly everywhere, so in the sample too. Parameter names, their order, buffers and tied
+    copies are left out, so that a library that renames, reorders or unties them does not make the same
+    weights look new."""
+    parts = set()
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for tensor in model.parameters():
             flat = tensor.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // per_tensor)][:per_tensor].to("cpu").contiguous()
-            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
-            digest.update(sample.view(torch.uint8).numpy().tobytes())  # raw bytes: numpy has no bf16
-    return digest.hexdigest()[:16]
+            one = hashlib.sha256(f"{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+            one.update(sample.view(torch.uint8).numpy().tobytes())  # raw bytes: numpy has no bf16
+            parts.add(one.hexdigest())
+    return hashlib.sha256("".join(sorted(parts)).encode()).hexdigest()[:16]
 
 
 def is_quantized(model: nn.Module) -> bool:
