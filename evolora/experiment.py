@@ -390,7 +390,9 @@ def run_experiment(
         try:
             context_key = _check_experiment(root, cfg)
             _check_runs(cfg)
-            continuing = _has_work(root)  # once, before any worker makes a stage folder
+            # Once, before any worker makes a stage folder; under a launch, the main process's view for all
+            # (they must agree on what they reuse, and the others may look after it started a stage)
+            continuing = parallel.gather(_has_work(root))[0]
             pairs = [(i, seed) for i in range(len(cfg.strategies)) for seed in cfg.seeds]
             if jobs > 1 and len(pairs) > 1:
                 results = _run_in_workers(cfg, root, context_key, pairs, min(jobs, len(pairs)), continuing)
