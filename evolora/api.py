@@ -13,7 +13,7 @@ run folder and the inference bundle saved with the experiment (`bundle.py`): the
 again. A history is a list of item ids (each counted as liked), of (item, rating) pairs, or a mapping item ->
 rating; or give `user=` and the user's history at the end of the stage is used.
 
-(About 440 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
+(About 470 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
 best together; how a query is checked lives in `queries.py`, how overrides are read in `overrides.py`.)
 """
 
@@ -38,8 +38,10 @@ from evolora.data.samples import SampleTable, eval_stage_of
 from evolora.deploy.versions import Version, Versions
 from evolora.errors import ConfigError, EvoloraError, UnknownIdError
 from evolora.eval.report import Report, compose_report
-from evolora.experiment import build_model_and_task, resolve_config, run_experiment
+from evolora.experiment import build_model_and_task, load_backbone, resolve_config, run_experiment
 from evolora.io import read_json
+from evolora.models.conventional import is_conventional
+from evolora.models.weights import weights_fingerprint
 from evolora.overrides import as_overrides, plain
 from evolora.queries import (
     History,
@@ -181,15 +183,16 @@ class Recommender:
         results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
         cfg = resolve_config(load_config(root / "config.yaml"))
         trained = [s["train_stage"] for s in results["stages"]]
+        marker = root / "experiment.json"
+        recorded = read_json(marker) if marker.is_file() else {}
+        weights = recorded.get("weights_fingerprint")  # of the base its adapters were trained on
         registry = Versions.open(root, results["method"], results["seed"], max(trained, default=0))
         if version is not None or (stage is None and registry.file.is_file()):
             chosen = registry.get(registry.promoted if version is None else version)
             if chosen.id > 0:
-                return cls._load_version(cfg, root, results, chosen)
+                return cls._load_version(cfg, root, results, chosen, weights)
         deployed = [v.id for v in registry.versions if v.stage == stage and v.id > 0]
         t = trained_stage(seed_dir, results, stage, cfg.protocol, deployed)
-        marker = root / "experiment.json"
-        recorded = read_json(marker) if marker.is_file() else {}
         key, data_sha256 = recorded.get("context_key"), recorded.get("data_files", {}).get("sha256")
         if not bundle_is_current(bundle_dir(root), key, cfg.task.history_kept(), data_sha256):
             # A run of an older evolora, or a bundle of settings its experiment no longer has: read the data
@@ -210,21 +213,39 @@ class Recommender:
                 if not (bundle_dir(root) / "bundle.json").is_file():
                     raise
                 log.warning("%s: its inference bundle is kept as is: the data cannot be used (%s)", root, e)
-        return cls._restore(cfg, root, results, t, seed_dir / f"stage-{t}", version=0)
+        return cls._restore(cfg, root, results, t, seed_dir / f"stage-{t}", version=0, weights=weights)
 
     @classmethod
-    def _load_version(cls, cfg: RunConfig, root: Path, results: dict[str, Any], v: Version) -> Recommender:
+    def _load_version(
+        cls, cfg: RunConfig, root: Path, results: dict[str, Any], v: Version, weights: str | None = None
+    ) -> Recommender:
         """A version an update made: its stage folder and the bundle of the data up to it are in its work
         folder."""
         stage_dir = root / v.folder
-        return cls._restore(cfg, stage_dir.parent, results, v.stage, stage_dir, version=v.id)
+        return cls._restore(cfg, stage_dir.parent, results, v.stage, stage_dir, version=v.id, weights=weights)
 
     @classmethod
     def _restore(
-        cls, cfg: RunConfig, bundle_root: Path, results: dict[str, Any], t: int, stage_dir: Path, version: int
+        cls,
+        cfg: RunConfig,
+        bundle_root: Path,
+        results: dict[str, Any],
+        t: int,
+        stage_dir: Path,
+        version: int,
+        weights: str | None = None,
     ) -> Recommender:
         inference_cfg, prepared, histories = load_bundle(bundle_root, cfg)
-        lm, task = build_model_and_task(inference_cfg, prepared)
+        pretrained = None if is_conventional(cfg.model.name) else load_backbone(inference_cfg)
+        if pretrained is not None and weights is not None and weights_fingerprint(pretrained[0]) != weights:
+            # Served, not refused: a user may mean it; the figures of the run are not those of this model.
+            log.warning(
+                "%s: the weights loaded for model.name=%s are not those its adapters were trained on "
+                "(another folder's contents, the hub's weights instead of evolora's converted copy or the "
+                "reverse): its answers are not the run's; load the weights it ran on",
+                bundle_root, cfg.model.name,
+            )  # fmt: skip
+        lm, task = build_model_and_task(inference_cfg, prepared, pretrained)
         # the options it ran with (an option added since takes its value of then: recorded_options)
         spec = StrategySpec(name=results["strategy"], label=results["method"], **recorded_options(results))
         strategy = build_strategy(spec, Env(lm, task, inference_cfg, prepared), results["seed"])

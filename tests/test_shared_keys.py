@@ -185,3 +185,33 @@ def test_the_weights_fingerprint_reads_values_not_names() -> None:
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] += 1.0  # the first value is always sampled
     assert weights_fingerprint(model) != first
+
+
+def test_loading_a_run_on_other_weights_says_so(
+    sunny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`recommend`, `serve` and `export` (`Recommender.load`) on other weights than the run trained on (its
+    model folder saved again) still answer, and say that the answers are not the run's."""
+    import logging
+
+    import evolora
+    from evolora.models.tiny import build_tiny
+
+    folder = tmp_path / "model"
+
+    def save(seed: int) -> None:
+        model, tok = build_tiny(seed=seed)
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+
+    save(0)
+    cfg = tiny_config(sunny_dir, tmp_path / "runs", **ONE, **{"model.name": str(folder)})
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        evolora.Recommender.load(root)
+    assert "not those its adapters were trained on" not in caplog.text
+    save(7)
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        assert evolora.Recommender.load(root).known_users
+    assert "not those its adapters were trained on" in caplog.text
