@@ -70,6 +70,7 @@ from evolora.locks import exclusive
 from evolora.models.conventional import is_conventional
 from evolora.models.llm import set_threads
 from evolora.models.precision import check_machine
+from evolora.models.weights import weights_fingerprint
 from evolora.queries import locate_run
 from evolora.tasks.semantic import items_have_ids
 from evolora.tracking import check_tracking, tracker_for
@@ -218,6 +219,9 @@ def _update(
         len(prepared.table.stage_rows(stage)), len(holdout),
     )  # fmt: skip
 
+    if pretrained is None and not is_conventional(cfg.model.name):
+        pretrained = load_backbone(cfg)
+    _check_weights(root, cfg, pretrained)
     lm, task = build_model_and_task(build_cfg, prepared, pretrained)
     # the options it ran with, defaults as they were then: a default changed since must not change it
     options = run_options(root / results["method"] / f"seed{results['seed']}", results)
@@ -418,6 +422,19 @@ def _combined(
         original.name, interactions, items, original.like_threshold, implicit=original.implicit
     )
     return data, staged
+
+
+def _check_weights(root: Path, cfg: RunConfig, pretrained: tuple[Any, Any] | None) -> None:
+    """Refuse an update on other base weights than the run trained on (the fingerprint its experiment
+    recorded; experiments of an older evolora have none): its next stage would learn on other weights."""
+    marker = root / "experiment.json"
+    recorded = read_json(marker).get("weights_fingerprint") if marker.is_file() else None
+    if pretrained is not None and recorded is not None and weights_fingerprint(pretrained[0]) != recorded:
+        raise ConfigError(
+            f"{root}: the weights loaded for model.name={cfg.model.name} are not those the run trained on "
+            "(another folder's contents, the hub's weights instead of evolora's converted copy or the "
+            "reverse), so the next stage would learn on other weights: load the weights it ran on"
+        )
 
 
 def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int) -> np.ndarray:
