@@ -91,6 +91,17 @@ def write_sunny_rainy(
     return folder
 
 
+def save_tiny_model(folder: Path, seed: int) -> str:
+    """The tiny model of `seed` saved as a model folder (weights and tokenizer); its weights' fingerprint."""
+    from evolora.models.tiny import build_tiny
+    from evolora.models.weights import weights_fingerprint
+
+    model, tok = build_tiny(seed=seed)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return weights_fingerprint(model)
+
+
 def tiny_model(**fields: Any) -> ModelConfig:
     """The tiny model's config, in fp32 whatever the CPU (pass `precision=` to test another)."""
     return ModelConfig(**{"name": "tiny", "precision": "fp32", **fields})

@@ -538,21 +538,15 @@ def test_a_gate_the_held_out_samples_cannot_judge_is_null_in_json(
 def test_an_update_on_other_base_weights_is_refused(batches: dict[str, Path], tmp_path: Path) -> None:
     """The run's model folder saved again with other weights: an update would train the next stage on them,
     so it is refused before training (loading the run only warns: `test_shared_keys`)."""
-    from evolora.models.tiny import build_tiny
+    from tests.helpers import save_tiny_model
 
     folder = tmp_path / "model"
-
-    def save(seed: int) -> None:
-        model, tok = build_tiny(seed=seed)
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-
-    save(0)
+    save_tiny_model(folder, 0)
     cfg = tiny_config(batches["base"], tmp_path / "runs", **{**SMALL, "model.name": str(folder)})
     run_experiment(cfg)
     root = Path(cfg.output_dir) / cfg.name
-    save(7)
+    save_tiny_model(folder, 7)
     with pytest.raises(ConfigError, match="not those the run trained on"):
         update_run(root, batches["b1"])
-    save(0)
+    save_tiny_model(folder, 0)
     assert update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).promoted

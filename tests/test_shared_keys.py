@@ -10,7 +10,7 @@ import pytest
 from evolora.continual.shared import SharedStore
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
-from tests.helpers import tiny_config, write_sunny_rainy
+from tests.helpers import save_tiny_model, tiny_config, write_sunny_rainy
 
 ONE = {"strategies": "[finetune]", "train.epochs": 1}
 
@@ -143,16 +143,10 @@ def test_other_weights_saved_under_the_same_model_folder_are_trained_again(
 ) -> None:
     """`model.name` is a folder whose weights were saved again (another seed): the second experiment trains
     its own stage 1 instead of loading an adapter trained on other weights; the same weights share it."""
-    from evolora.models.tiny import build_tiny
-    from evolora.models.weights import weights_fingerprint
-
     folder = tmp_path / "model"
 
     def save(seed: int) -> str:
-        model, tok = build_tiny(seed=seed)
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-        return weights_fingerprint(model)
+        return save_tiny_model(folder, seed)
 
     def run(name: str) -> dict:
         cfg = tiny_config(sunny_dir, tmp_path / "runs", name=name, **ONE, **{"model.name": str(folder)})
@@ -195,23 +189,16 @@ def test_loading_a_run_on_other_weights_says_so(
     import logging
 
     import evolora
-    from evolora.models.tiny import build_tiny
 
     folder = tmp_path / "model"
-
-    def save(seed: int) -> None:
-        model, tok = build_tiny(seed=seed)
-        model.save_pretrained(folder)
-        tok.save_pretrained(folder)
-
-    save(0)
+    save_tiny_model(folder, 0)
     cfg = tiny_config(sunny_dir, tmp_path / "runs", **ONE, **{"model.name": str(folder)})
     run_experiment(cfg)
     root = Path(cfg.output_dir) / cfg.name
     with caplog.at_level(logging.WARNING, logger="evolora"):
         evolora.Recommender.load(root)
     assert "not those its adapters were trained on" not in caplog.text
-    save(7)
+    save_tiny_model(folder, 7)
     with caplog.at_level(logging.WARNING, logger="evolora"):
         assert evolora.Recommender.load(root).known_users
     assert "not those its adapters were trained on" in caplog.text
