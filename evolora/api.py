@@ -38,10 +38,15 @@ from evolora.data.samples import SampleTable, eval_stage_of
 from evolora.deploy.versions import Version, Versions
 from evolora.errors import ConfigError, EvoloraError, UnknownIdError
 from evolora.eval.report import Report, compose_report
-from evolora.experiment import build_model_and_task, load_backbone, resolve_config, run_experiment
+from evolora.experiment import (
+    build_model_and_task,
+    load_backbone,
+    other_weights,
+    resolve_config,
+    run_experiment,
+)
 from evolora.io import read_json
 from evolora.models.conventional import is_conventional
-from evolora.models.weights import weights_fingerprint
 from evolora.overrides import as_overrides, plain
 from evolora.queries import (
     History,
@@ -183,16 +188,15 @@ class Recommender:
         results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
         cfg = resolve_config(load_config(root / "config.yaml"))
         trained = [s["train_stage"] for s in results["stages"]]
-        marker = root / "experiment.json"
-        recorded = read_json(marker) if marker.is_file() else {}
-        weights = recorded.get("weights_fingerprint")  # of the base its adapters were trained on
         registry = Versions.open(root, results["method"], results["seed"], max(trained, default=0))
         if version is not None or (stage is None and registry.file.is_file()):
             chosen = registry.get(registry.promoted if version is None else version)
             if chosen.id > 0:
-                return cls._load_version(cfg, root, results, chosen, weights)
+                return cls._load_version(cfg, root, results, chosen)
         deployed = [v.id for v in registry.versions if v.stage == stage and v.id > 0]
         t = trained_stage(seed_dir, results, stage, cfg.protocol, deployed)
+        marker = root / "experiment.json"
+        recorded = read_json(marker) if marker.is_file() else {}
         key, data_sha256 = recorded.get("context_key"), recorded.get("data_files", {}).get("sha256")
         if not bundle_is_current(bundle_dir(root), key, cfg.task.history_kept(), data_sha256):
             # A run of an older evolora, or a bundle of settings its experiment no longer has: read the data
@@ -213,31 +217,29 @@ class Recommender:
                 if not (bundle_dir(root) / "bundle.json").is_file():
                     raise
                 log.warning("%s: its inference bundle is kept as is: the data cannot be used (%s)", root, e)
-        return cls._restore(cfg, root, results, t, seed_dir / f"stage-{t}", version=0, weights=weights)
+        return cls._restore(cfg, root, root, results, t, seed_dir / f"stage-{t}", version=0)
 
     @classmethod
-    def _load_version(
-        cls, cfg: RunConfig, root: Path, results: dict[str, Any], v: Version, weights: str | None = None
-    ) -> Recommender:
+    def _load_version(cls, cfg: RunConfig, root: Path, results: dict[str, Any], v: Version) -> Recommender:
         """A version an update made: its stage folder and the bundle of the data up to it are in its work
         folder."""
         stage_dir = root / v.folder
-        return cls._restore(cfg, stage_dir.parent, results, v.stage, stage_dir, version=v.id, weights=weights)
+        return cls._restore(cfg, root, stage_dir.parent, results, v.stage, stage_dir, version=v.id)
 
     @classmethod
     def _restore(
         cls,
         cfg: RunConfig,
+        root: Path,
         bundle_root: Path,
         results: dict[str, Any],
         t: int,
         stage_dir: Path,
         version: int,
-        weights: str | None = None,
     ) -> Recommender:
         inference_cfg, prepared, histories = load_bundle(bundle_root, cfg)
         pretrained = None if is_conventional(cfg.model.name) else load_backbone(inference_cfg)
-        if pretrained is not None and weights is not None and weights_fingerprint(pretrained[0]) != weights:
+        if other_weights(root, pretrained):
             # Served, not refused: a user may mean it; the figures of the run are not those of this model.
             log.warning(
                 "%s: the weights loaded for model.name=%s are not those its adapters were trained on "

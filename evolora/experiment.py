@@ -295,6 +295,14 @@ def _check_inputs(root: Path, cfg: RunConfig, task: Task, weights: str | None) -
     return digests["template_sha256"]
 
 
+def other_weights(root: Path, pretrained: tuple[Any, Any] | None) -> bool:
+    """Whether `pretrained` (a loaded backbone; None for a conventional model) holds other weights than the
+    experiment at `root` recorded when it started (`_check_inputs`; an older evolora recorded none)."""
+    marker = root / "experiment.json"
+    recorded = read_json(marker).get("weights_fingerprint") if marker.is_file() else None
+    return pretrained is not None and recorded is not None and weights_fingerprint(pretrained[0]) != recorded
+
+
 def _check_data(root: Path, files: dict[str, Any]) -> None:
     """Refuse to continue an experiment whose data files changed content since it started (its settings
     may be the same while its stages would not be); record the files' digest the first time."""
@@ -521,12 +529,12 @@ def _run_locked(
             template = _check_inputs(root, cfg, task, weights)
             data_sha256 = environment["data_files"]["sha256"]
             write_bundle(root, cfg, prepared, context_key, data_sha256)  # what `Recommender.load` needs
+            contents = {"data_sha256": data_sha256, "template_sha256": template, "weights": weights}
         if parallel.sharded():  # FSDP: after set-up, which runs in one process at a time
             lm.shard()
         # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle
         environment["setup_cost"] = cost.stage_cost(cost.take(), since=started)
-        contents = {"data_sha256": environment["data_files"]["sha256"], "template_sha256": template}
-        shared = shared_store(cfg, root, {**contents, "weights": weights}, continuing)
+        shared = shared_store(cfg, root, contents, continuing)
         tracker = tracker_for(cfg, root) if parallel.is_main() else Tracker()
         with tracker.experiment(cfg):
             return _run_strategies(

@@ -76,22 +76,22 @@ class SharedStore:
     continuing: bool = False  # the experiment had work before this sitting (not a new or overwritten one)
 
     def job_key(self, job: TrainJob, seed: int, stage: int, train: TrainConfig) -> str:
-        settings = train.for_job(job.init).model_dump(mode="json")
-        settings.pop("lr_inherit", None)
-        for name in _ROW_ONLY_SETTINGS:
-            settings.pop(name, None)
-        return self._key(self.context_key, settings, job, seed, stage)
+        return self._key(self.context_key, _ROW_ONLY_SETTINGS, job, seed, stage, train)
 
     def legacy_job_key(self, job: TrainJob, seed: int, stage: int, train: TrainConfig) -> str | None:
         """The key an older evolora gave this job (None without a legacy context)."""
         if self.legacy_context_key is None:
             return None
-        settings = train.for_job(job.init).model_dump(mode="json")
-        settings.pop("lr_inherit", None)
-        return self._key(self.legacy_context_key, settings, job, seed, stage)
+        return self._key(self.legacy_context_key, (), job, seed, stage, train)
 
     @staticmethod
-    def _key(context: str, settings: dict[str, Any], job: TrainJob, seed: int, stage: int) -> str:
+    def _key(
+        context: str, left_out: tuple[str, ...], job: TrainJob, seed: int, stage: int, train: TrainConfig
+    ) -> str:
+        """A job's key: its stage's training settings but `lr_inherit` (resolved) and `left_out`."""
+        settings = train.for_job(job.init).model_dump(mode="json")
+        for name in ("lr_inherit", *left_out):
+            settings.pop(name, None)
         return stable_hash(
             {
                 "ctx": context,

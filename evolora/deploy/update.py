@@ -57,7 +57,7 @@ from evolora.deploy.new_items import WithoutRecordCount, name_new_items, note_ne
 from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DataError, EmptyStagesError
 from evolora.eval.metrics import lower_is_better, metric_set
-from evolora.experiment import build_model_and_task, load_backbone, resolve_config
+from evolora.experiment import build_model_and_task, load_backbone, other_weights, resolve_config
 from evolora.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -70,7 +70,6 @@ from evolora.locks import exclusive
 from evolora.models.conventional import is_conventional
 from evolora.models.llm import set_threads
 from evolora.models.precision import check_machine
-from evolora.models.weights import weights_fingerprint
 from evolora.queries import locate_run
 from evolora.tasks.semantic import items_have_ids
 from evolora.tracking import check_tracking, tracker_for
@@ -191,12 +190,18 @@ def _update(
     items = _with_batch_items(items, batch)
     if items_file is not None:
         note_new_records(items, known, accepted, items_file)
+    pretrained = None if is_conventional(cfg.model.name) else load_backbone(cfg)
+    if other_weights(root, pretrained):  # (the fingerprint its experiment recorded)
+        raise ConfigError(
+            f"{root}: the weights loaded for model.name={cfg.model.name} are not those the run trained on "
+            "(another folder's contents, the hub's weights instead of evolora's converted copy or the "
+            "reverse), so the next stage would learn on other weights: load the weights it ran on"
+        )
     # An LLM next-item run names the batch's new items with its quantizer; the IDs the candidate is built
     # and bundled with are the work folder's (`build_cfg`'s shared caches), never the experiment's.
-    build_cfg, pretrained = cfg, None
-    if cfg.task.name == "next_item" and not is_conventional(cfg.model.name):
+    build_cfg = cfg
+    if cfg.task.name == "next_item" and pretrained is not None:
         build_cfg = cfg.model_copy(update={"output_dir": str(work)})
-        pretrained = load_backbone(cfg)
         parent_ids = parent_semantic_ids(cfg, root, parent, items)
         accepted = name_new_items(build_cfg, parent_ids, items, accepted, report, pretrained)
     data, staged = _combined(original, existing, items, accepted, stage)
@@ -219,9 +224,6 @@ def _update(
         len(prepared.table.stage_rows(stage)), len(holdout),
     )  # fmt: skip
 
-    if pretrained is None and not is_conventional(cfg.model.name):
-        pretrained = load_backbone(cfg)
-    _check_weights(root, cfg, pretrained)
     lm, task = build_model_and_task(build_cfg, prepared, pretrained)
     # the options it ran with, defaults as they were then: a default changed since must not change it
     options = run_options(root / results["method"] / f"seed{results['seed']}", results)
@@ -422,19 +424,6 @@ def _combined(
         original.name, interactions, items, original.like_threshold, implicit=original.implicit
     )
     return data, staged
-
-
-def _check_weights(root: Path, cfg: RunConfig, pretrained: tuple[Any, Any] | None) -> None:
-    """Refuse an update on other base weights than the run trained on (the fingerprint its experiment
-    recorded; experiments of an older evolora have none): its next stage would learn on other weights."""
-    marker = root / "experiment.json"
-    recorded = read_json(marker).get("weights_fingerprint") if marker.is_file() else None
-    if pretrained is not None and recorded is not None and weights_fingerprint(pretrained[0]) != recorded:
-        raise ConfigError(
-            f"{root}: the weights loaded for model.name={cfg.model.name} are not those the run trained on "
-            "(another folder's contents, the hub's weights instead of evolora's converted copy or the "
-            "reverse), so the next stage would learn on other weights: load the weights it ran on"
-        )
 
 
 def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int) -> np.ndarray:
