@@ -42,6 +42,7 @@ from evolora.experiment import (
     build_model_and_task,
     load_backbone,
     other_weights,
+    own_caches,
     resolve_config,
     run_experiment,
 )
@@ -211,6 +212,7 @@ class Recommender:
                         f"{root}: its data files changed since the experiment ran, so what inference needs "
                         "cannot be rebuilt from them; put back the files it ran on"
                     )
+                prepared.caches = own_caches(root, full, prepared.data)  # those its stages were trained on
                 build_model_and_task(full, prepared)  # fills the caches the bundle copies
                 write_bundle(root, full, prepared, key, now)
             except EvoloraError as e:

@@ -7,9 +7,9 @@
                              items, ratings), and every item they rated up to it (seen): what "recommend
                              for user U" reads
         id_space.json        user and item indices (conventional models, RecLoRA's router)
-        _shared/             the run's cached semantic IDs (with their quantizer) and item embeddings, as
-                             `RunConfig.shared_root` lays them out, so the task builders find them with
-                             `output_dir` set here
+        _shared/             the cached semantic IDs (with their quantizer) and item embeddings the run was
+                             built from, as `RunConfig.shared_root` lays them out; bundle.json names them
+                             (`caches`), and the task builders read them from there
 
 `write_bundle` runs once per experiment, after the data is prepared and the model built (the caches exist
 then); `load_bundle` gives back the config and a `Prepared` that the task registry's builders accept.
@@ -32,7 +32,11 @@ from evolora.data.samples import SampleTable
 from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
 from evolora.errors import EvoloraError
 from evolora.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
-from evolora.tasks.semantic import item_vectors_path, quantizer_path, semantic_ids_path
+from evolora.tasks.semantic import (
+    item_vectors_path_by_settings,
+    quantizer_path,
+    semantic_ids_path_by_settings,
+)
 
 BUNDLE = "inference"
 log = logging.getLogger("evolora")
@@ -68,18 +72,25 @@ def _write_parquet(path: Path, df: pl.DataFrame) -> None:
 
 
 def bundle_is_current(
-    folder: Path, key: str | None, history_len: int, data_sha256: str | None = None
+    folder: Path,
+    key: str | None,
+    history_len: int,
+    data_sha256: str | None = None,
+    caches: dict[str, str] | None = None,
 ) -> bool:
     """Whether the bundle in `folder` was made for the experiment of settings `key` (None: any), whose samples
-    keep `history_len` items, from the data files of digest `data_sha256` (None: any). An experiment whose
-    first attempt failed takes new settings, or data changed before any stage ran, and the bundle that
-    attempt wrote is stale; a bundle of an older evolora has no key: its history length decides, and one
-    older still lacks the items each user rated (`seen`)."""
+    keep `history_len` items, from the data files of digest `data_sha256` (None: any), with the cache files
+    `caches` (as bundle.json names them; None: any). An experiment whose first attempt failed takes new
+    settings, or data changed before any stage ran, or item caches built anew, and the bundle that attempt
+    wrote is stale; a bundle of an older evolora has no key: its history length decides, and one older
+    still lacks the items each user rated (`seen`)."""
     if not (folder / "bundle.json").is_file():
         return False
     meta = read_json(folder / "bundle.json", "Delete the inference folder: it is rebuilt from the data.")
     made_from = meta.get("data_sha256")
     if data_sha256 is not None and made_from is not None and made_from != data_sha256:
+        return False
+    if caches is not None and meta.get("caches") != caches:
         return False
     made_for = meta.get("context_key")
     if made_for is not None:
@@ -90,16 +101,27 @@ def bundle_is_current(
     return seen and meta.get("history_len") == history_len
 
 
+def _bundled(cfg: RunConfig, kind: str, path: Path) -> Path:
+    """Where a cache file goes in a bundle: where `cfg.shared_root` has it (one from elsewhere: by kind)."""
+    shared = path.relative_to(cfg.shared_root) if path.is_relative_to(cfg.shared_root) else None
+    return Path("_shared") / (shared or Path(kind) / path.name)
+
+
 def write_bundle(
     root: Path, cfg: RunConfig, prepared: Prepared, key: str | None = None, data_sha256: str | None = None
 ) -> Path:
     """Save what inference needs (once: an existing bundle made for this experiment's settings `key` from
-    the data of digest `data_sha256` is kept, one made for others or from other data is replaced)."""
+    the data of digest `data_sha256`, with the cache files the task was built from, is kept; one made for
+    others is replaced)."""
     folder = bundle_dir(root)
-    if bundle_is_current(folder, key, prepared.table.history_len, data_sha256):
+    inside = {kind: _bundled(cfg, kind, path) for kind, path in prepared.caches.items() if path.is_file()}
+    caches = {kind: where.as_posix() for kind, where in inside.items()}
+    if bundle_is_current(folder, key, prepared.table.history_len, data_sha256, caches):
         return folder
     if (folder / "bundle.json").is_file():
-        log.info("%s was made for other settings or data of this experiment: written anew", folder)
+        log.info(
+            "%s was made for other settings, data or item caches of this experiment: written anew", folder
+        )
     if prepared.staged is None:
         raise ValueError("a bundle is written from a run's prepared data")
     table = prepared.table
@@ -109,15 +131,13 @@ def write_bundle(
             out / "histories.parquet", user_histories(prepared.staged, table.n_stages, table.history_len)
         )
         atomic_write_json(out / "id_space.json", prepared.id_space().to_json())
-        cached = [item_vectors_path(cfg)]
-        if cfg.task.name == "next_item":
-            ids = semantic_ids_path(cfg, prepared.data)
-            cached += [ids, quantizer_path(ids)]
-        for path in cached:
-            if path.is_file():
-                target = out / "_shared" / path.relative_to(cfg.shared_root)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
+        for kind, where in inside.items():
+            source = prepared.caches[kind]
+            beside = [quantizer_path(source)] if kind == "semantic_ids" else []  # an update's encoder
+            for path, target in [(source, out / where), *[(q, out / where.parent / q.name) for q in beside]]:
+                if path.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
         atomic_write_json(
             out / "bundle.json",
             {
@@ -127,6 +147,7 @@ def write_bundle(
                 "history_len": table.history_len,
                 **({"context_key": key} if key is not None else {}),
                 **({"data_sha256": data_sha256} if data_sha256 is not None else {}),
+                "caches": caches,
             },
         )
     return folder
@@ -150,9 +171,16 @@ def load_bundle(root: Path, cfg: RunConfig) -> tuple[RunConfig, Prepared, pl.Dat
     table = SampleTable(query_frame([]), meta["n_stages"], meta["history_len"], data.like_threshold)
     space = IdSpace.from_json(read_json(folder / "id_space.json", advice))
     inference_cfg = cfg.model_copy(update={"output_dir": str(folder)})
+    if "caches" in meta:
+        caches = {kind: folder / inside for kind, inside in meta["caches"].items()}
+    else:  # an older evolora's bundle: its copies are named by the settings' key
+        caches = {"item_vectors": item_vectors_path_by_settings(inference_cfg)}
+        if cfg.task.name == "next_item":
+            caches["semantic_ids"] = semantic_ids_path_by_settings(inference_cfg, data)
+        caches = {kind: path for kind, path in caches.items() if path.is_file()}
     return (
         inference_cfg,
-        Prepared(data, None, table, {}, space),
+        Prepared(data, None, table, {}, space, caches),
         pl.read_parquet(folder / "histories.parquet"),
     )
 

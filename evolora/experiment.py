@@ -81,6 +81,7 @@ from evolora.models.weights import load_pretrained, weights_fingerprint
 from evolora.queries import trained_stage
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
+from evolora.tasks.semantic import item_vectors_path_by_settings, semantic_ids_path_by_settings
 from evolora.tracking import Tracker, check_tracking, tracker_for
 from evolora.workers import WORKER_ENV, devices_for, run_workers, take, work_queue, worker_label
 
@@ -227,7 +228,7 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
     kept = {}
     # A continued experiment keeps the digests of what it read (`_check_data`, `_check_inputs`).
     if marker.is_file() and _has_work(root):
-        inputs = ("data_files", "template_sha256", "weights_fingerprint")
+        inputs = ("data_files", "template_sha256", "weights_fingerprint", "caches")
         kept = {k: v for k, v in read_json(marker).items() if k in inputs}
     atomic_write_json(
         marker, {"context_key": key, "context": context, "evolora_version": evolora.__version__, **kept}
@@ -301,6 +302,39 @@ def other_weights(root: Path, pretrained: tuple[Any, Any] | None) -> bool:
     marker = root / "experiment.json"
     recorded = read_json(marker).get("weights_fingerprint") if marker.is_file() else None
     return pretrained is not None and recorded is not None and weights_fingerprint(pretrained[0]) != recorded
+
+
+def own_caches(root: Path, cfg: RunConfig, data: InteractionData) -> dict[str, Path]:
+    """The cache files (item embeddings, semantic IDs) the experiment at `root` was built from, those that
+    exist: as its experiment.json names them (`_record_caches`), else, for an experiment of an evolora
+    before 2026-12-05, where that kept them (keyed by settings). A continued experiment, and a trained run's
+    bundle rebuilt, read these rather than what the current data and weights would key: the finished
+    stages were trained on them."""
+    marker = root / "experiment.json"
+    recorded = read_json(marker).get("caches") if marker.is_file() else None
+    if recorded is not None:
+        paths = {kind: cfg.shared_root / inside for kind, inside in recorded.items()}
+    elif is_conventional(cfg.model.name):
+        paths = {}
+    elif cfg.task.name == "next_item":
+        paths = {"semantic_ids": semantic_ids_path_by_settings(cfg, data)}
+    else:
+        retrieves = getattr(cfg.task, "retrieve_from", None) is not None
+        paths = {"item_vectors": item_vectors_path_by_settings(cfg)} if retrieves else {}
+    return {kind: path for kind, path in paths.items() if path.is_file()}
+
+
+def _record_caches(root: Path, cfg: RunConfig, prepared: Prepared) -> None:
+    """Name in experiment.json the cache files the task was built from (relative to `cfg.shared_root`)."""
+    caches = {
+        kind: path.relative_to(cfg.shared_root).as_posix()
+        for kind, path in prepared.caches.items()
+        if path.is_relative_to(cfg.shared_root)
+    }
+    marker = root / "experiment.json"
+    recorded = read_json(marker, "Delete it to accept the current settings.")
+    if recorded.get("caches") != caches:
+        atomic_write_json(marker, {**recorded, "caches": caches})
 
 
 def _check_data(root: Path, files: dict[str, Any]) -> None:
@@ -525,8 +559,11 @@ def _run_locked(
             _check_data(root, environment["data_files"])
             pretrained = None if is_conventional(cfg.model.name) else load_backbone(cfg)
             weights = weights_fingerprint(pretrained[0]) if pretrained is not None else None
+            if continuing:  # (its data and weights are checked unchanged below, before any training)
+                prepared.caches = own_caches(root, cfg, prepared.data)
             lm, task = build_model_and_task(cfg, prepared, pretrained)
             template = _check_inputs(root, cfg, task, weights)
+            _record_caches(root, cfg, prepared)
             data_sha256 = environment["data_files"]["sha256"]
             write_bundle(root, cfg, prepared, context_key, data_sha256)  # what `Recommender.load` needs
             contents = {"data_sha256": data_sha256, "template_sha256": template, "weights": weights}

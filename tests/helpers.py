@@ -195,3 +195,27 @@ def write_arrivals(folder: Path, n_users: int = 30, n_items: int = 40, per_user:
     ]
     (folder / "u.item").write_text("".join(rows), encoding="latin-1")
     return folder
+
+
+def keep_caches_as_before_2026_12_05(cfg: RunConfig) -> Path:
+    """Lay out the next-item experiment `cfg` ran as an evolora before 2026-12-05 left it: its semantic IDs
+    and their quantizer, in the cache and in its bundle, named by the settings' key, and no record of their
+    names. Returns the IDs' file in the cache."""
+    import json
+
+    from evolora.data.loaders import load_dataset
+    from evolora.tasks.semantic import quantizer_path, semantic_ids_path_by_settings
+
+    root = Path(cfg.output_dir) / cfg.name
+    bundle = root / "inference"
+    for record in (root / "experiment.json", bundle / "bundle.json"):
+        meta = json.loads(record.read_text())
+        caches = meta.pop("caches")
+        record.write_text(json.dumps(meta))
+    inside = Path(caches["semantic_ids"]).relative_to("_shared")  # the bundle's record
+    legacy = semantic_ids_path_by_settings(cfg, load_dataset(cfg.data))
+    for shared in (cfg.shared_root, bundle / "_shared"):
+        now, then = shared / inside, shared / legacy.relative_to(cfg.shared_root)
+        now.rename(then)
+        quantizer_path(now).rename(quantizer_path(then))
+    return legacy

@@ -24,7 +24,7 @@ from evolora.errors import ConfigError, DataError
 from evolora.experiment import run_experiment
 from evolora.locks import LockedError
 from evolora.tasks.ctr import CtrTask
-from tests.helpers import EXAMPLE_DATA, EXAMPLE_TABLE, tiny_config
+from tests.helpers import EXAMPLE_DATA, EXAMPLE_TABLE, keep_caches_as_before_2026_12_05, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
 SMALL = {
@@ -437,6 +437,27 @@ def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
     v = update_run(old_root, batch, overrides=["update.min_gain=-1.0"]).version
     why = "items without a semantic ID: the run's semantic IDs were built before evolora kept their quantizer"
     assert v.data["dropped"] == {why: 6} and v.data["accepted"] == pl.read_csv(batches["b1"]).height
+
+
+def test_an_update_of_an_older_evolora_s_next_item_run_builds_on_its_semantic_ids(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """The run's IDs are named by the settings' key, as before 2026-12-05, and no record names them: the
+    update finds them in the run's bundle (altered here, so that reading them shows), and the version keeps
+    them for the known items and names the new one within them."""
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **NEXT_ITEM)
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    legacy = keep_caches_as_before_2026_12_05(cfg)
+    bundled = root / "inference" / "_shared" / legacy.relative_to(cfg.shared_root)
+    index = json.loads(bundled.read_text())
+    a, b = list(index)[:2]
+    index[a], index[b] = index[b], index[a]
+    bundled.write_text(json.dumps(index))
+    v = update_run(root, _with_a_new_item(batches, tmp_path / "new.csv"), overrides=["update.min_gain=-1.0"])
+    assert v.version.data["new items named"] == 1 and not v.version.data["dropped"]
+    tokens = evolora.Recommender.load(root)._task.item_tokens
+    assert {i: tokens[i] for i in index} == index and "sku-new" in tokens
 
 
 def test_a_run_whose_items_bring_their_ids_takes_a_new_items_own_id(

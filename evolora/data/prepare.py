@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import polars as pl
 
@@ -36,6 +37,9 @@ class Prepared:
     table: SampleTable
     pools: dict[int, StagePools]
     space: IdSpace | None = None
+    #: the cache files the task was built from, by kind ("item_vectors", "semantic_ids"): noted by the
+    #: task's builder, or given beforehand by what knows a run's own (its bundle, its continued experiment)
+    caches: dict[str, Path] = field(default_factory=dict)
 
     def id_space(self) -> IdSpace:
         """User and item indices of the staged data (what conventional models and RecLoRA's router read)."""

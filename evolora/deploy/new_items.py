@@ -21,24 +21,30 @@ from evolora.config import RunConfig
 from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
 from evolora.deploy.versions import Version
 from evolora.errors import DataError
+from evolora.experiment import own_caches
 from evolora.io import atomic_write_bytes, atomic_write_json, read_json
 from evolora.models.semantic_ids import SemanticIds
-from evolora.tasks.semantic import add_new_items, quantizer_path, semantic_ids_path
+from evolora.tasks.semantic import add_new_items, quantizer_path, semantic_ids_path_by_settings
 
 log = logging.getLogger("evolora")
 
 
 def parent_semantic_ids(cfg: RunConfig, root: Path, parent: Version, items: pl.DataFrame) -> Path:
-    """The semantic IDs the parent version was built with: its bundle's copy (version 0's bundle is the
-    run's; the experiment's cache where a run has none)."""
-    cached = semantic_ids_path(cfg, InteractionData("ids", pl.DataFrame(schema=INTERACTION_SCHEMA), items))
-    inside = cached.relative_to(cfg.shared_root)
+    """The semantic IDs the parent version was built with: those its bundle names (version 0's bundle is
+    the run's; where a run has none, those its experiment was built from)."""
+    data = InteractionData("ids", pl.DataFrame(schema=INTERACTION_SCHEMA), items)
     bundle = bundle_dir(root if parent.parent is None else (root / parent.folder).parent)
-    for path in [bundle / "_shared" / inside, *([cached] if parent.parent is None else [])]:
+    meta = read_json(bundle / "bundle.json") if (bundle / "bundle.json").is_file() else {}
+    if "semantic_ids" in meta.get("caches", {}):
+        inside = Path(meta["caches"]["semantic_ids"])
+    else:  # an older evolora's bundle, named by the settings' key
+        inside = "_shared" / semantic_ids_path_by_settings(cfg, data).relative_to(cfg.shared_root)
+    own = own_caches(root, cfg, data).get("semantic_ids") if parent.parent is None else None
+    for path in [bundle / inside, *([own] if own is not None else [])]:
         if path.is_file():
             return path
     raise DataError(
-        f"the semantic IDs of version {parent.id} are missing ({bundle / '_shared' / inside}); "
+        f"the semantic IDs of version {parent.id} are missing ({bundle / inside}); "
         f"rerun the experiment (evolora run) to rebuild them"
     )
 
@@ -50,12 +56,13 @@ def name_new_items(
     accepted: pl.DataFrame,
     report: dict,
     pretrained: tuple[Any, Any],
-) -> pl.DataFrame:
+) -> tuple[pl.DataFrame, Path]:
     """Give the batch's new items semantic IDs (`add_new_items`: the run's quantizer, the tokens the model
-    knows) in `cfg`'s shared caches (the work folder's); rows of items still without one are dropped and
-    counted. The IDs are written once: a resumed update keeps those it gave."""
+    knows) in `cfg`'s shared caches (the work folder's, its own: keyed by settings); rows of items still
+    without one are dropped and counted. The IDs are written once: a resumed update keeps those it gave.
+    Returns (the accepted rows kept, the IDs' file)."""
     data = InteractionData("items", pl.DataFrame(schema=INTERACTION_SCHEMA), items)
-    ids = semantic_ids_path(cfg, data)
+    ids = semantic_ids_path_by_settings(cfg, data)
     record = ids.with_name(f"{ids.stem}.new-items.json")
     if not ids.is_file():
         sids = SemanticIds.load(parent_ids)
@@ -85,7 +92,7 @@ def name_new_items(
             + "; ".join(given["unnamed"])
             + ")"
         )
-    return accepted.filter(~unknown)
+    return accepted.filter(~unknown), ids
 
 
 class WithoutRecordCount(logging.Filter):

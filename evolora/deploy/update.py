@@ -199,11 +199,13 @@ def _update(
         )
     # An LLM next-item run names the batch's new items with its quantizer; the IDs the candidate is built
     # and bundled with are the work folder's (`build_cfg`'s shared caches), never the experiment's.
-    build_cfg = cfg
+    build_cfg, caches = cfg, {}
     if cfg.task.name == "next_item" and pretrained is not None:
         build_cfg = cfg.model_copy(update={"output_dir": str(work)})
         parent_ids = parent_semantic_ids(cfg, root, parent, items)
-        accepted = name_new_items(build_cfg, parent_ids, items, accepted, report, pretrained)
+        accepted, caches["semantic_ids"] = name_new_items(
+            build_cfg, parent_ids, items, accepted, report, pretrained
+        )
     data, staged = _combined(original, existing, items, accepted, stage)
     try:
         prepared = prepare_staged(cfg, data, staged)
@@ -224,6 +226,7 @@ def _update(
         len(prepared.table.stage_rows(stage)), len(holdout),
     )  # fmt: skip
 
+    prepared.caches = caches
     lm, task = build_model_and_task(build_cfg, prepared, pretrained)
     # the options it ran with, defaults as they were then: a default changed since must not change it
     options = run_options(root / results["method"] / f"seed{results['seed']}", results)

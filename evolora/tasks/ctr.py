@@ -316,6 +316,6 @@ def build_ctr(cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, Any]) -
 
     vectors = None
     if cast(CtrTaskConfig, cfg.task).retrieve_from is not None:
-        vectors = item_vectors_for(cfg, prepared.data, pretrained)
+        vectors = item_vectors_for(cfg, prepared, pretrained)
     lm = LoraLM.from_config(cfg.model, pretrained=pretrained)
     return lm, ctr_task_for(cfg, prepared, lm.tokenizer, vectors)

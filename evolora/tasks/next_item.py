@@ -308,7 +308,7 @@ def build_next_item(
     backbone, then the task over them."""
     from evolora.tasks.semantic import semantic_ids_for
 
-    sids = semantic_ids_for(cfg, prepared.data, prepared.staged, pretrained)
+    sids = semantic_ids_for(cfg, prepared, pretrained)
     lm = LoraLM.from_config(cfg.model, new_tokens=sids.all_tokens(), pretrained=pretrained)
     item_tokens = {item: sids.tokens(item) for item in sids.item_ids}
     space = prepared.id_space()

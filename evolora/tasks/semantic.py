@@ -6,13 +6,18 @@ every item from that fixed quantizer -> one extra level where codes collide. Ite
 their IDs do not depend on which items arrive later: the vocabulary is fixed from D1 on, as a deployed
 tokenizer would be.
 
-IDs are cached under `<output_dir>/_shared/semantic_ids/`, keyed by everything they depend on, so every
-strategy and every rerun of an experiment uses the same IDs. The RQ-VAE is kept beside them, so the items an
-update (`evolora update`) brings are encoded by the same quantizer (`add_new_items`).
+IDs are cached under `<output_dir>/_shared/semantic_ids/`, keyed by what they are made of (the items' order,
+texts or given IDs, the stage-1 items, the settings, a fingerprint of the embedder's weights), so every
+strategy and every rerun of an experiment uses the same IDs, and an experiment on items edited in place, or
+on other weights, builds its own. The RQ-VAE is kept beside them, so the items an update (`evolora update`)
+brings are encoded by the same quantizer (`add_new_items`). The file a task was built from is noted in
+`Prepared.caches`, which is how a run's bundle, its updates and its continued experiment find it again
+(an older evolora keyed the caches by settings only: `*_by_settings`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +28,13 @@ import polars as pl
 
 from evolora import cost
 from evolora.config import NextItemTaskConfig, RunConfig, SemanticIdConfig
+from evolora.data.prepare import Prepared
 from evolora.data.schema import InteractionData, item_fields
 from evolora.errors import ConfigError, DataError
 from evolora.io import load_npz, save_npz, stable_hash
 from evolora.models.rqvae import RQVAE, assign_codes, train_rqvae
 from evolora.models.semantic_ids import SemanticIds, embed_texts, make_unique
+from evolora.models.weights import weights_fingerprint
 
 log = logging.getLogger("evolora.tasks")
 
@@ -65,26 +72,54 @@ def _embedder(cfg: SemanticIdConfig, pretrained: tuple[Any, Any]) -> tuple[Any, 
 RETRIEVAL_FIELDS = ("title", "genre", "category")
 
 
-def item_vectors_path(cfg: RunConfig, fields: tuple[str, ...] = RETRIEVAL_FIELDS) -> Path:
-    """Where a run's item embeddings are cached (under `cfg.shared_root`), keyed by what they depend on."""
+def item_vectors_path(
+    cfg: RunConfig,
+    data: InteractionData,
+    pretrained: tuple[Any, Any],
+    fields: tuple[str, ...] = RETRIEVAL_FIELDS,
+) -> Path:
+    """Where item embeddings are cached (under `cfg.shared_root`), keyed by what they are made of: every
+    item's text and the backbone (its name for the tokenizer, its weights' fingerprint)."""
+    items = data.items["item_id"].to_list()
+    key = stable_hash(
+        {"model": cfg.model.name, "weights": weights_fingerprint(pretrained[0]), "fields": fields,
+         "texts": _digest(zip(items, item_texts(data, items, fields), strict=True))},
+        16,
+    )  # fmt: skip
+    return cfg.shared_root / "item_vectors" / f"{key}.npz"
+
+
+def item_vectors_path_by_settings(cfg: RunConfig, fields: tuple[str, ...] = RETRIEVAL_FIELDS) -> Path:
+    """Where an evolora before 2026-12-05 cached them, keyed by the data and model settings only: found
+    for the runs it made (their bundles, their experiments continued)."""
     key = stable_hash(
         {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.name, "fields": fields}, 16
     )
     return cfg.shared_root / "item_vectors" / f"{key}.npz"
 
 
+def _digest(rows: Any) -> str:
+    """sha256 of rows of strings, one per line, fields tab-separated."""
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(("\t".join(map(str, row)) + "\n").encode("utf-8"))
+    return h.hexdigest()
+
+
 def item_vectors_for(
     cfg: RunConfig,
-    data: InteractionData,
+    prepared: Prepared,
     pretrained: tuple[Any, Any],
     fields: tuple[str, ...] = RETRIEVAL_FIELDS,
 ) -> dict[str, np.ndarray]:
-    """Unit-length text embeddings of every item (the backbone's mean-pooled hidden states), cached.
+    """Unit-length text embeddings of every item (the backbone's mean-pooled hidden states), cached: in the
+    file `prepared.caches` names (a trained run's own), else under `item_vectors_path`; noted there.
 
     Used by the CTR task's semantic history retrieval (ReLLa, RecLoRA), where cosine similarity to the
     target decides which history items the prompt shows.
     """
-    path = item_vectors_path(cfg, fields)
+    data = prepared.data
+    path = prepared.caches.get("item_vectors") or item_vectors_path(cfg, data, pretrained, fields)
     items = data.items["item_id"].to_list()
     stored = load_npz(path, "Delete it: the embeddings are computed again.") if path.is_file() else None
     if stored is not None and len(stored["vectors"]) == len(items):
@@ -95,6 +130,7 @@ def item_vectors_for(
             vectors = embed_texts(*pretrained, item_texts(data, items, fields))
         vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
         save_npz(path, {"vectors": vectors})
+    prepared.caches["item_vectors"] = path
     return dict(zip(items, vectors, strict=True))
 
 
@@ -111,8 +147,35 @@ def _id_source(sid_cfg: SemanticIdConfig, data: InteractionData) -> str:
     return "dataset" if items_have_ids(data.items) else "rqvae"
 
 
-def semantic_ids_path(cfg: RunConfig, data: InteractionData) -> Path:
-    """Where a run's semantic IDs are cached (under `cfg.shared_root`), keyed by what they depend on."""
+def semantic_ids_path(
+    cfg: RunConfig, data: InteractionData, staged: pl.DataFrame, pretrained: tuple[Any, Any]
+) -> Path:
+    """Where a run's semantic IDs are cached (under `cfg.shared_root`), keyed by what they are made of: the
+    ID settings, the items in order with their texts (or their own IDs), which are stage-1 items (the
+    RQ-VAE's fit), and the embedder (the backbone's weights' fingerprint, or another model's name)."""
+    sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
+    source = _id_source(sid_cfg, data)
+    order = item_order(data, staged)
+    first = set(staged.filter(pl.col("stage") <= 1)["item_id"].to_list())
+    if source == "dataset":
+        sid = data.items["sid"].to_list() if "sid" in data.items.columns else []  # none: refused on building
+        given = dict(zip(data.items["item_id"].to_list(), sid, strict=False))
+        rows: list[tuple[Any, ...]] = [(item, given.get(item)) for item in order]
+        embedder: Any = None
+    else:
+        texts = item_texts(data, order, sid_cfg.text_fields)
+        rows = [(item, item in first, text) for item, text in zip(order, texts, strict=True)]
+        embedder = sid_cfg.embedder
+        if embedder == "backbone":
+            embedder = {"model": cfg.model.name, "weights": weights_fingerprint(pretrained[0])}
+    what = {"ids": sid_cfg.model_dump(mode="json"), "source": source, "embedder": embedder}
+    key = stable_hash({**what, "items": _digest(rows)}, 16)
+    return cfg.shared_root / "semantic_ids" / f"{key}.json"
+
+
+def semantic_ids_path_by_settings(cfg: RunConfig, data: InteractionData) -> Path:
+    """Where an evolora before 2026-12-05 cached them, keyed by settings only (data, staging, IDs, model
+    name): found for the runs it made. An update's work folder, which is its own, keeps its IDs there too."""
     sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
     source = _id_source(sid_cfg, data)
     key = stable_hash(
@@ -129,17 +192,26 @@ def quantizer_path(ids_path: Path) -> Path:
     return ids_path.with_name(f"{ids_path.stem}.rqvae.safetensors")
 
 
-def semantic_ids_for(
-    cfg: RunConfig, data: InteractionData, staged: pl.DataFrame, pretrained: tuple[Any, Any]
-) -> SemanticIds:
-    """The run's semantic IDs (cached). `pretrained`: the backbone (model, tokenizer), without adapters."""
+def semantic_ids_for(cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, Any]) -> SemanticIds:
+    """The run's semantic IDs, cached: in the file `prepared.caches` names (a trained run's own), else under
+    `semantic_ids_path`; noted there. `pretrained`: the backbone (model, tokenizer), without adapters."""
     sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
+    data, staged = prepared.data, prepared.staged
     source = _id_source(sid_cfg, data)
-    path = semantic_ids_path(cfg, data)
-    if path.is_file():
+    path = prepared.caches.get("semantic_ids")
+    if path is None and staged is not None:
+        path = semantic_ids_path(cfg, data, staged, pretrained)
+    if path is not None and path.is_file():
+        prepared.caches["semantic_ids"] = path
         sids = SemanticIds.load(path)
         log.info("semantic IDs: %d items, %d levels (cached %s)", len(sids), sids.levels, path.name)
         return sids
+    if path is None or staged is None:  # a trained run's bundle without them: they cannot be rebuilt
+        raise DataError(
+            f"the semantic IDs this trained run was built with are missing from {cfg.shared_root.parent} "
+            "(a run's own inference folder, deleted, is rebuilt from its data on the next load)"
+        )
+    prepared.caches["semantic_ids"] = path
     if source == "dataset":
         if not items_have_ids(data.items):
             raise ConfigError("task.semantic_ids.source=dataset but this dataset ships no semantic IDs")
