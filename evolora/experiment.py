@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -571,6 +572,7 @@ def _run_locked(
             lm.shard()
         # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle
         environment["setup_cost"] = cost.stage_cost(cost.take(), since=started)
+        environment["setup_id"] = uuid.uuid4().hex[:12]  # this process's sitting: a report counts it once
         shared = shared_store(cfg, root, contents, continuing)
         tracker = tracker_for(cfg, root) if parallel.is_main() else Tracker()
         with tracker.experiment(cfg):

@@ -188,3 +188,31 @@ def test_a_rerun_with_nothing_left_keeps_the_set_up_the_run_took(sunny_dir: Path
     assert again["setup_cost"] == first["setup_cost"] and first["setup_cost"]["total_seconds"] > 0
     recorded = json.loads(path.read_text())
     assert recorded["setup_cost"] == first["setup_cost"] and recorded["worker"] == "worker 2/2"
+
+
+def test_a_resumed_run_counts_the_set_up_of_every_sitting(sunny_dir: Path, tmp_path: Path) -> None:
+    """Killed after its first stage and rerun, a run was set up twice: both set-ups are its cost, in
+    results.json and in the report's CPU time; two runs of one sitting share one set-up."""
+    from evolora.eval.costs import cpu_time
+
+    cfg = tiny_config(sunny_dir, tmp_path, strategies="[frozen, finetune]", **{"train.epochs": 1})
+
+    class Killed(Exception):
+        pass
+
+    def kill(results: dict) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        run_experiment(cfg, on_stage=kill)  # frozen's stage 1 finished, then the process died
+    path = tmp_path / "t" / "frozen" / "seed0" / "results.json"
+    first = json.loads(path.read_text())["setup_cost"]
+    frozen, finetune = run_experiment(cfg)
+    assert list(frozen["setups"].values()) == [first, frozen["setup_cost"]]
+    assert list(finetune["setups"]) == [finetune["setup_id"]] == [frozen["setup_id"]]
+    _, groups = build_report([tmp_path / "t"])
+    _, setup, on_cpu = cpu_time(groups)
+    key = "total_cpu_seconds" if on_cpu else "total_seconds"
+    assert setup == pytest.approx(first[key] + frozen["setup_cost"][key])
+    run_experiment(cfg)  # nothing left: the recorded set-ups stay
+    assert json.loads(path.read_text())["setups"] == frozen["setups"]

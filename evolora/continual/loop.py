@@ -97,6 +97,8 @@ class StageLoop:
         self.header = header
         # Which shared job produced each adapter's current weights (None: not reproducible elsewhere).
         self.adapter_keys: dict[str, str | None] = {}
+        # The set-ups of earlier sittings that finished stages of the run (`run` reads them): its cost too.
+        self._earlier_setups: dict[str, Any] = {}
         strategy.prediction_store = self.stored_predictions
 
     # ------------------------------------------------------------------ paths
@@ -450,6 +452,8 @@ class StageLoop:
         stages = train_stages(self.cfg.protocol, self.task.table.n_stages)
         done = [t for t in stages if (self.stage_dir(t) / "record.json").is_file()]
         todo = [t for t in stages if t not in done]
+        recorded = self.run_dir / "results.json"
+        self._earlier_setups = _setups_of(recorded) if todo else {}
         cost.take()  # a stage's cost runs from here (its strategy's set-up included) to its record
         self._clock = cost.clock()
         self.check_run()
@@ -466,14 +470,16 @@ class StageLoop:
             if on_stage is not None:
                 on_stage(results)
         results = self.results()
-        recorded = self.run_dir / "results.json"
         if not todo and recorded.is_file():
-            # A rerun with nothing left: its set-up is not the run's cost. The first one is kept with the
-            # process that paid it (a report counts one set-up per process). A resumed run records the set-up
-            # of its last sitting.
+            # A rerun with nothing left: its set-up is not the run's cost. The recorded ones are kept with
+            # the process that paid them (a report counts one set-up per process and sitting).
             first = read_json(recorded, "Delete it: it is rebuilt from the stage records.")
             if first.get("setup_cost") is not None:
-                results["setup_cost"], results["worker"] = first["setup_cost"], first.get("worker")
+                for key in ("setup_cost", "worker", "setup_id", "setups"):
+                    if key in first:
+                        results[key] = first[key]
+                    else:
+                        results.pop(key, None)
         atomic_write_json(recorded, results, strict=True)
         return results
 
@@ -494,8 +500,12 @@ class StageLoop:
                 rows = {r["train_stage"]: r.get("matrix", {}) for r in records}
                 summary["matrix"] = matrix_summary(rows, self.cfg.protocol, self.task.metric_names)
             summary["cost"] = cost.add([r["cost"] for r in records if "cost" in r])
+        setups = {}
+        if "setup_id" in self.header:  # every sitting that did work on the run: its set-up, by sitting
+            setups = {**self._earlier_setups, self.header["setup_id"]: self.header["setup_cost"]}
         return {
             **self.header,
+            **({"setups": setups} if setups else {}),
             "complete": len(records) == len(stages),
             "stages": records,
             "summary": summary,
@@ -507,6 +517,19 @@ def trained_folder(stage_dir: Path) -> Path:
     an older evolora."""
     unit = stage_dir / "trained"
     return unit if unit.is_dir() or not (stage_dir / "trained.json").is_file() else stage_dir
+
+
+def _setups_of(recorded: Path) -> dict[str, Any]:
+    """The set-up cost of each sitting that did work on a run, by sitting, as its results.json (written by
+    an earlier sitting, if any) records them; a file of an evolora that kept only the last sitting's gives
+    that one."""
+    if not recorded.is_file():
+        return {}
+    results = read_json(recorded, "Delete it: it is rebuilt from the stage records.")
+    if results.get("setups"):
+        return dict(results["setups"])
+    last = results.get("setup_cost")
+    return {f"earlier ({results.get('worker')})": last} if last else {}
 
 
 def is_trained(stage_dir: Path) -> bool:

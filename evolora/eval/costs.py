@@ -65,7 +65,12 @@ def cpu_time(groups: list[Any]) -> tuple[float, float, bool]:
     those are CPU seconds) over all runs: CPU time where every run recorded it, else wall-clock time."""
     runs = [r for g in groups for r in g.runs]
     costs = [r.get("summary", {}).get("cost", {}) for r in runs]
-    setup_costs = {_setup_key(r): r.get("setup_cost", {}) for r in runs}
+    setup_costs: dict[Any, Any] = {}
+    for r in runs:
+        if r.get("setups"):  # every sitting's, by sitting (a resumed run had several)
+            setup_costs.update(r["setups"])
+        else:  # an older evolora's record: the last sitting's, one per experiment and process
+            setup_costs[_setup_key(r)] = r.get("setup_cost", {})
     on_cpu = all("total_cpu_seconds" in c for c in [*costs, *setup_costs.values()] if c)
     key = "total_cpu_seconds" if on_cpu else "total_seconds"
     stages = sum(c.get(key, 0.0) for c in costs)
