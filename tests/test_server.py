@@ -16,7 +16,7 @@ import uvicorn
 from evolora.deploy.server import Batcher, ModelHolder, _Request, create_app
 from evolora.deploy.update import update_run
 from evolora.deploy.versions import Versions
-from evolora.errors import EvoloraError
+from evolora.errors import ConfigError, EvoloraError
 from evolora.experiment import run_experiment
 from tests.helpers import EXAMPLE_TABLE, free_port, tiny_config
 
@@ -116,6 +116,12 @@ def test_concurrent_clients_through_a_version_switch(server, deployed: Path) -> 
         ("/recommend", {"user": "user-01", "items": [], "k": 5}, 422),
         ("/recommend", {"user": "user-01", "items": ["no-such-item"], "k": 5}, 404),
         ("/score", {"history": [["sku-001", "five"]], "items": ["sku-001"]}, 422),  # a rating, not a number
+        # of the wrong type: refused, not converted (as the Python API refuses them)
+        ("/score", {"history": [["sku-001", "5"]], "items": ["sku-001"]}, 422),
+        ("/score", {"history": [["sku-001", True]], "items": ["sku-001"]}, 422),
+        ("/recommend", {"user": "user-01", "items": ["sku-001"], "k": True}, 422),
+        ("/recommend", {"user": "user-01", "items": ["sku-001"], "k": "2"}, 422),
+        ("/recommend", {"user": "user-01", "items": ["sku-001"], "k": 2.0}, 422),
     ],
 )
 def test_bad_requests_get_their_4xx(server, path: str, body: dict, status: int) -> None:
@@ -128,7 +134,7 @@ def test_bad_requests_get_their_4xx(server, path: str, body: dict, status: int) 
 @pytest.mark.parametrize(
     ("body", "headers", "message"),
     [
-        ('{"history": [["sku-001"]], "items": ["sku-001"]}', True, "history[0]: give a list of item ids"),
+        ('{"history": [["sku-001"]], "items": ["sku-001"]}', True, "history[0]: give a list of up to 1000"),
         ('{"user": "user-01", "items": ["sku-001"]}', False, "content-type: application/json"),
         ('{"user": "user-01", "items": ["sku-001"], "path": "x"}', True, "unknown field 'path'"),
         ('{"user": "user-01"}', True, "items: missing: give a list of 1 to 1000 item ids"),
@@ -280,3 +286,93 @@ def test_a_version_switch_tears_the_old_model_down_after_its_batch(deployed: Pat
         finish.set()
         holder.stop()
         Versions.open(deployed, "finetune", 0, 2).rollback(1)  # leave the fixture as it was
+
+
+def test_what_a_client_sent_is_not_echoed_at_any_length(server) -> None:
+    """A body that cannot be decoded at all is a one-line 422 like any malformed body; an unknown id is
+    quoted cut short; a history over the limit says the limit."""
+    url, _ = server
+    json_type = {"content-type": "application/json"}
+    for body in (b'{"user": "\xff\xfe", "items": ["sku-001"]}', b"[" * 100_000 + b"]" * 100_000):
+        r = httpx.post(f"{url}/score", content=body, headers=json_type, timeout=60)
+        assert r.status_code == 422 and "could not be read as JSON" in r.json()["detail"], r.text
+    long_id = "x" * 500_000
+    for body in ({"user": long_id, "items": ["sku-001"]}, {"user": "user-01", "items": [long_id, "y"]}):
+        r = httpx.post(f"{url}/score", json=body, timeout=60)
+        assert r.status_code == 404 and len(r.text) < 400 and "500000 characters" in r.text, r.text[:400]
+    r = httpx.post(f"{url}/score", json={"history": ["sku-001"] * 1001, "items": ["sku-001"]}, timeout=60)
+    assert r.status_code == 422 and "up to 1000 item ids" in r.json()["detail"], r.text
+
+
+def test_a_request_whose_client_went_away_is_not_computed(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvicorn keeps a handler running after its client disconnects: a request queued behind a long batch
+    by a client that gave up is dropped, not computed before the next client's."""
+    url, _ = server
+    computed: list[list[str]] = []
+    computing, finish = threading.Event(), threading.Event()
+
+    def answer(served, batch):
+        computed.append([item for r in batch for item in r.items])
+        computing.set()
+        assert finish.wait(60)
+        return [{"version": served.version, "items": []} for _ in batch]
+
+    monkeypatch.setattr(Batcher, "_answer", staticmethod(answer))
+    body = {"user": "user-01", "items": ["sku-001"]}
+    first = threading.Thread(target=lambda: httpx.post(f"{url}/score", json=body, timeout=60))
+    first.start()
+    assert computing.wait(60)  # the worker is busy with the first request
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{url}/score", json={**body, "items": ["sku-002"]}, timeout=0.5)  # gives up
+    time.sleep(1.0)  # the server notices the disconnect (it polls every 0.05 s)
+    finish.set()
+    first.join(60)
+    r = httpx.post(f"{url}/score", json={**body, "items": ["sku-003"]}, timeout=60)
+    assert r.status_code == 200 and computed == [["sku-001"], ["sku-003"]], computed
+
+
+def test_a_promoted_version_that_cannot_be_loaded_is_said_and_tried_again_later(deployed: Path) -> None:
+    """The served version keeps answering; /health says which version is promoted and why it is not
+    served; the load is not retried at every poll, but after `retry_seconds`."""
+    from fastapi.testclient import TestClient
+
+    holder = ModelHolder(deployed, poll_seconds=0.05)
+    loads: list[int] = []
+
+    def broken(version: int):
+        loads.append(version)
+        raise EvoloraError("its state.safetensors is missing")
+
+    holder._load = broken
+    registry = Versions.open(deployed, "finetune", 0, 2)
+    try:
+        registry.rollback(0)
+        holder.promoted = holder._promoted()
+        for _ in range(3):
+            holder.check_promoted()
+        assert loads == [0] and holder.served.version == 1
+        health = TestClient(create_app(holder)).get("/health").json()
+        assert health["version"] == 1 and health["promoted"] == 0
+        assert "version 0 could not be loaded: its state.safetensors is missing" in health["error"]
+        holder.retry_seconds = 0.0
+        holder.check_promoted()
+        assert loads == [0, 0]
+        del holder._load  # loadable again
+        holder.check_promoted()
+        assert holder.served.version == 0 and holder.switch_error is None
+        assert "error" not in TestClient(create_app(holder)).get("/health").json()
+    finally:
+        Versions.open(deployed, "finetune", 0, 2).rollback(1)  # leave the fixture as it was
+
+
+def test_a_version_whose_model_was_deleted_is_not_promoted(deployed: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(deployed, copy)
+    registry = Versions.open(copy, "finetune", 0, 2)
+    state = copy / registry.get(0).folder / "trained" / "state.safetensors"
+    state.unlink()
+    with pytest.raises(ConfigError, match=r"version 0 cannot be served: .*state.safetensors is missing"):
+        registry.rollback(0)
+    assert Versions.open(copy, "finetune", 0, 2).promoted == 1

@@ -1,12 +1,14 @@
-"""What a client of `evolora serve` may send: the request bodies, their limits, and one plain message for a
-body that does not fit them (FastAPI's default is a list of schema errors, several for one mistake)."""
+"""What a client of `evolora serve` may send: the request bodies, their limits (`BodyLimit`: the size, before
+anything parses a body), and one plain message for a body that does not fit them (FastAPI's default is a
+list of schema errors, several for one mistake)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
 
 MAX_ITEMS = 1000  # per request
 MAX_HISTORY = 1000
@@ -17,7 +19,8 @@ MAX_BODY_BYTES = 1 << 20
 class Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: str | None = Field(None, description="a user the run knows: their history is used")
-    history: list[str | tuple[str, float]] | None = Field(
+    # strict: a rating or k of another type (true, "5") is refused, not coerced, as the Python API does
+    history: list[str | tuple[str, StrictInt | StrictFloat]] | None = Field(
         None, max_length=MAX_HISTORY, description="item ids (liked), or [item, rating] pairs"
     )
 
@@ -33,7 +36,7 @@ class ScoreQuery(Query):
 
 
 class RecommendQuery(Query):
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: StrictInt = Field(10, ge=1, le=MAX_K)
     items: list[str] | None = Field(
         None, min_length=1, max_length=MAX_ITEMS, description="the candidates to rank (CTR runs only)"
     )
@@ -42,11 +45,24 @@ class RecommendQuery(Query):
 # What each field takes, for the message of a body that does not fit.
 _EXPECTED = {
     "user": "a user id (a string)",
-    "history": "a list of item ids (each counted as liked) or [item id, rating] pairs",
+    "history": f"a list of up to {MAX_HISTORY} item ids (each counted as liked) or [item id, rating] pairs",
     "items": f"a list of 1 to {MAX_ITEMS} item ids (strings)",
     "k": f"a whole number from 1 to {MAX_K}",
 }
 _EXAMPLE = '{"user": "196", "items": ["242", "302"]}'
+
+
+#: a body FastAPI could not decode at all (not UTF-8, JSON nested too deep, a number of thousands of digits)
+UNREADABLE_BODY = (
+    f"the body could not be read as JSON (not UTF-8, nested too deep, or too long a number); e.g. {_EXAMPLE}"
+)
+
+
+def shown_id(value: Any, limit: int = 60) -> str:
+    """An id a client sent, as an error message quotes it: cut to `limit` characters (a client's mistake
+    is not echoed back at any length)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]} ({len(str(value))} characters)"
 
 
 def validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
@@ -66,3 +82,55 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
     if field in _EXPECTED:
         return f"{where}: {'missing: ' if kind == 'missing' else ''}give {_EXPECTED[field]}"
     return f"{where}: {e['msg']}"
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before anything parses it, whether it
+    declares its length or arrives in chunks (which declare none)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        body, size, more = [], 0, True
+        while more:  # at most `limit` bytes are held: the body is read once, here, and replayed
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            body.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(body), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        from fastapi.responses import JSONResponse
+
+        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
+async def disconnected(request: Any, every: float = 0.05) -> None:
+    """Returns once the client of `request` has disconnected."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+
+
+def clipped(message: str, limit: int = 500) -> str:
+    """A message that may quote what a client sent, at a bounded length."""
+    return message if len(message) <= limit else message[: limit - 3] + "..."

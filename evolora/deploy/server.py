@@ -3,7 +3,7 @@
     POST /score      {"user": ..., "items": [...]} or {"history": [...], "items": [...]} -> P(like) per item
     POST /recommend  {"user": ..., "k": 10} or {"history": [...], "k": 10}       -> the top k items
                      (CTR runs rank the candidates given as "items", leaving out items of the history)
-    GET  /health     liveness and the version served
+    GET  /health     liveness, the version served and the one promoted (and why it is not served yet)
     GET  /version    the version served: id, stage, when, its gate
     GET  /docs       the OpenAPI schema, browsable
 
@@ -14,8 +14,9 @@ a malformed rating) fails alone, not the batch it arrived in. A watcher polls th
 another version is promoted (`evolora update`, `evolora rollback`, in any process), it loads that version
 beside the served one and swaps them between two batches; requests in flight finish on the version they
 started with (the old one is torn down only once its last batch is answered), and every answer names its
-version. Requests only name users and items: nothing a client
-sends becomes a path.
+version; a promoted version that fails to load leaves the served one answering, and is tried again after
+`retry_seconds`. A request whose client disconnects is cancelled and dropped from its batch. Requests only
+name users and items: nothing a client sends becomes a path.
 """
 
 from __future__ import annotations
@@ -31,9 +32,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from starlette.requests import Request  # (module level: FastAPI resolves the handlers' annotations here)
+
 from evolora.allocator import keep_freed_memory
 from evolora.api import Recommender
-from evolora.deploy.requests import MAX_BODY_BYTES, Query, RecommendQuery, ScoreQuery, validation_message
+from evolora.deploy.requests import (
+    MAX_BODY_BYTES,
+    UNREADABLE_BODY,
+    BodyLimit,
+    Query,
+    RecommendQuery,
+    ScoreQuery,
+    clipped,
+    disconnected,
+    shown_id,
+    validation_message,
+)
 from evolora.deploy.versions import Versions
 from evolora.errors import EvoloraError, UnknownIdError
 from evolora.io import read_json
@@ -70,7 +84,11 @@ class ModelHolder:
     method: str | None = None
     seed: int | None = None  # None: 0, or a run folder's own
     poll_seconds: float = 0.5
+    retry_seconds: float = 30.0  # before loading again a promoted version that failed to load
     served: Served | None = None
+    promoted: int | None = None  # as the registry says (`served` lags behind while it loads, or fails to)
+    switch_error: str | None = None  # why the promoted version is not the served one, if it failed to load
+    _failed: tuple[int, float] | None = None  # (version, when) of the last failed load
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -79,7 +97,8 @@ class ModelHolder:
         results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
         self.method, self.seed = results["method"], results["seed"]
         self.last_stage = max(s["train_stage"] for s in results["stages"])
-        self.served = self._load(self._promoted())
+        self.promoted = self._promoted()
+        self.served = self._load(self.promoted)
 
     def _registry(self) -> Versions:
         return Versions.open(self.root, self.method or "", self.seed, self.last_stage)
@@ -127,11 +146,34 @@ class ModelHolder:
         """Poll for another promoted version and swap it in (run in a thread)."""
         while not self._stop.wait(self.poll_seconds):
             try:
-                promoted = self._promoted()
-                if self.served is not None and promoted != self.served.version:
-                    self.switch_to(promoted)
-            except Exception as e:  # a half-written registry or a failed load: keep serving, retry later
-                log.warning("could not switch versions yet: %s", e)
+                self.promoted = self._promoted()
+            except Exception as e:  # a registry being replaced, or damaged: keep serving, read it again
+                log.warning("could not read the run's versions: %s", e)
+                continue
+            self.check_promoted()
+
+    def check_promoted(self) -> None:
+        """Swap in the promoted version if another one is served. One that fails to load is kept serving
+        the one before and said (`switch_error`, in /health), and tried again after `retry_seconds`: a
+        broken version is not loaded twice a second."""
+        wanted, served = self.promoted, self.served
+        if wanted is None or served is None or wanted == served.version:
+            self.switch_error, self._failed = None, None
+            return
+        failed = self._failed
+        if failed is not None and failed[0] == wanted and time.monotonic() - failed[1] < self.retry_seconds:
+            return
+        try:
+            self.switch_to(wanted)
+        except Exception as e:
+            self._failed = (wanted, time.monotonic())
+            self.switch_error = f"version {wanted} could not be loaded: {e}"
+            log.warning(
+                "%s; still serving version %d (tried again in %.0f s)",
+                self.switch_error, served.version, self.retry_seconds,
+            )  # fmt: skip
+            return
+        self.switch_error, self._failed = None, None
 
     def stop(self) -> None:
         self._stop.set()
@@ -152,6 +194,10 @@ class Batcher:
             batch = [await self.queue.get()]
             while not self.queue.empty() and self._rows(batch) < self.max_batch:
                 batch.append(self.queue.get_nowait())
+            # A request whose client went away is cancelled (`ask`): nobody reads it, nothing computes it.
+            batch = [req for req in batch if not req.future.done()]
+            if not batch:
+                continue
             served = self.holder.acquire()
             try:
                 try:
@@ -209,47 +255,6 @@ class Batcher:
         return [out[i] for i in range(len(batch))]
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes gets 413 before anything parses it, whether it
-    declares its length or arrives in chunks (which declare none)."""
-
-    def __init__(self, app: Any, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
-        body, size, more = [], 0, True
-        while more:  # at most `limit` bytes are held: the body is read once, here, and replayed
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return None
-            size += len(message.get("body", b""))
-            if size > self.limit:
-                return await self._refuse(scope, receive, send)
-            body.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": b"".join(body), "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        from fastapi.responses import JSONResponse
-
-        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
-        await response(scope, receive, send)
-
-
 def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
     """The FastAPI application serving `holder`'s promoted version."""
     from contextlib import asynccontextmanager
@@ -257,6 +262,7 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
     from fastapi import FastAPI, HTTPException
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     batcher = Batcher(holder, max_batch)
 
@@ -279,19 +285,29 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
     async def one_message(request: Any, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def unreadable(request: Any, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's 400 for a body it cannot decode at all; our own answers are 404 and 422
+        if exc.status_code == 400:
+            return JSONResponse({"detail": UNREADABLE_BODY}, status_code=422)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
     def check(query: Query, items: list[str] | None) -> None:
         served = holder.served
         assert served is not None
         rec = served.rec
         if query.user is not None and query.user not in rec.known_users_set:
-            raise HTTPException(404, f"unknown user {query.user!r}")
+            raise HTTPException(404, f"unknown user {shown_id(query.user)}")
         known = rec.known_items
         named = [h if isinstance(h, str) else h[0] for h in query.history or []] + (items or [])
         unknown = sorted({i for i in named if i not in known})
         if unknown:
-            raise HTTPException(404, f"unknown items: {unknown[:10]}")
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise HTTPException(404, f"unknown items: {', '.join(map(shown_id, unknown[:10]))}{more}")
 
-    async def ask(kind: str, query: Query, items: list[str] | None, k: int) -> dict[str, Any]:
+    async def ask(
+        request: Request, kind: str, query: Query, items: list[str] | None, k: int
+    ) -> dict[str, Any]:
         check(query, items)
         loop = asyncio.get_running_loop()
         history = (
@@ -299,21 +315,32 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
         )
         req = _Request(kind, query.user, history, items, k, loop.create_future(), loop)
         await batcher.queue.put(req)
+        # uvicorn does not cancel a handler whose client disconnected: watch for it, and cancel the request
+        # (unanswered, it is dropped from its batch), so that clients who gave up do not delay the others.
+        gone = asyncio.ensure_future(disconnected(request))
         try:
-            return await req.future
+            await asyncio.wait({req.future, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not req.future.done():
+            req.future.cancel()
+            raise HTTPException(499, "the client closed the request")  # (nobody reads this answer)
+        try:
+            return req.future.result()
         except EvoloraError as e:
             # An id the version that answered does not know (it may have changed since `check`): 404.
-            raise HTTPException(404 if isinstance(e, UnknownIdError) else 422, str(e)) from None
+            status = 404 if isinstance(e, UnknownIdError) else 422
+            raise HTTPException(status, clipped(str(e))) from None
 
     @app.post("/score")
-    async def score(query: ScoreQuery) -> dict[str, Any]:
+    async def score(query: ScoreQuery, request: Request) -> dict[str, Any]:
         """P(like) of each item for a user or a history (CTR runs)."""
         if holder.served is not None and holder.served.rec.task_name != "ctr":
             raise HTTPException(422, "this run recommends (next-item): use /recommend")
-        return await ask("score", query, query.items, 0)
+        return await ask(request, "score", query, query.items, 0)
 
     @app.post("/recommend")
-    async def recommend(query: RecommendQuery) -> dict[str, Any]:
+    async def recommend(query: RecommendQuery, request: Request) -> dict[str, Any]:
         """The top k items for a user or a history: generated (next-item runs), or the given candidate
         `items` ranked by P(like), items of the history left out (CTR runs)."""
         ctr = holder.served is not None and holder.served.rec.task_name == "ctr"
@@ -321,15 +348,19 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
             raise HTTPException(422, 'this run ranks given candidates (CTR): add "items"')
         if not ctr and query.items is not None:
             raise HTTPException(422, 'this run generates its recommendations (next-item): leave out "items"')
-        return await ask("recommend", query, query.items, query.k)
+        return await ask(request, "recommend", query, query.items, query.k)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
+        """Liveness, the version served and the one promoted: they differ while a newly promoted version
+        loads, or when it could not be loaded (`error` says why; the served one keeps answering)."""
         served = holder.served
         return {
             "status": "ok",
             "version": None if served is None else served.version,
+            "promoted": holder.promoted,
             "method": holder.method,
+            **({"error": holder.switch_error} if holder.switch_error else {}),
         }
 
     @app.get("/version")
@@ -368,10 +399,16 @@ def serve(
     port: int = 8000,
     method: str | None = None,
     seed: int | None = None,
+    threads: int | None = None,
 ) -> None:
+    """Serve the promoted version of a deployed run until stopped; `threads`: torch's CPU threads (None:
+    every core), which the model worker uses."""
+    import torch
     import uvicorn
 
     check_address(host, port)
+    if threads is not None:
+        torch.set_num_threads(threads)
     keep_freed_memory()
     holder = ModelHolder(run_dir, method, seed)
     uvicorn.run(create_app(holder), host=host, port=port, log_level="warning")

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from evolora.continual.loop import trained_folder
 from evolora.errors import ConfigError
 from evolora.io import atomic_write_json, read_json
 
@@ -90,13 +91,30 @@ class Versions:
         self.save()
 
     def rollback(self, version: int) -> bool:
-        """Promote `version` again; False (and nothing written) when it is the promoted one already."""
-        self.get(version)
+        """Promote `version` again; False (and nothing written) when it is the promoted one already. A
+        version whose model or inference bundle was deleted is refused: promoted, it could not be served."""
+        v = self.get(version)
         if version == self.promoted:
             return False
+        missing = [str(path) for path in self._model_files(v) if not path.is_file()]
+        if missing:
+            raise ConfigError(
+                f"version {version} cannot be served: {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} missing (deleted?); promote another version"
+            )
         self._promote(version, "rollback")
         self.save()
         return True
+
+    def _model_files(self, v: Version) -> list[Path]:
+        """What loading version `v` reads first: its stage's trained record and strategy state, and the
+        bundle of its data (a version an update made; version 0's is rebuilt from the run's data)."""
+        unit = trained_folder(self.root / v.folder)
+        state = unit / "state.safetensors"
+        if not state.is_file() and (unit / "state.pt").is_file():  # a run of an older evolora
+            state = unit / "state.pt"
+        bundle = [(self.root / v.folder).parent / "inference" / "bundle.json"] if v.parent is not None else []
+        return [unit / "trained.json", state, *bundle]
 
     def _promote(self, version: int, why: str) -> None:
         self.history.append({"promoted": version, "previous": self.promoted, "by": why, "at": _now()})
