@@ -456,8 +456,8 @@ class Recommender:
     def _history(self, history: History, user: str | None) -> tuple[list[str], list[float], set[str]]:
         """(the history the model reads: the latest `task.history_len` items, their ratings; every item
         of the history or that the user rated: what recommendations leave out)."""
-        if user is not None and history is not None:
-            raise EvoloraError("give a user or a history, not both")
+        if (user is None) == (history is None):
+            raise EvoloraError("give a user or a history (one of them; an empty history is [])")
         if user is not None:
             return *self.history_of(str(user)), self.seen_by(str(user))
         # an item given without a rating counts as liked

@@ -285,6 +285,12 @@ def test_queries_of_the_wrong_shape_are_one_line_errors(ctr_run) -> None:
         rec.rank_many([(None, ["2"], user)])
     with pytest.raises(EvoloraError, match="not a set"):
         rec.score({"4", "6"}, ["2"])
+    # neither a user nor a history is a mistake (as at the CLI and the server), not an empty history
+    with pytest.raises(
+        EvoloraError, match=r"give a user or a history \(one of them; an empty history is \[\]\)"
+    ):
+        rec.score(items=["2"])
+    assert [s.item for s in rec.score([], ["2"])] == ["2"]
     # item ids given as numbers are the same items as their strings
     ranked = rec.rank_many([(None, [2, 3], 2, user)])[0]
     assert sorted([*(s.item for s in ranked.items), *ranked.left_out_seen]) == ["2", "3"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import evolora
@@ -75,6 +76,25 @@ def test_update_promote_rollback_and_update_again(
     user = pl.read_csv(batches["b1"])["uid"][-1]
     assert rec.history_of(user)[0][-1] == pl.read_csv(batches["b1"]).filter(pl.col("uid") == user)["iid"][-1]
     assert evolora.Recommender.load(root, version=0).version == 0
+    threads = torch.get_num_threads()
+    ask = [
+        "recommend",
+        str(root),
+        "--version",
+        "0",
+        "--user",
+        str(user),
+        "--items",
+        "sku-001",
+        "--threads",
+        "1",
+    ]
+    try:
+        zero = CliRunner().invoke(app, ask)
+        assert zero.exit_code == 0 and "version 0, after stage 2" in zero.output, zero.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     with pytest.raises(ConfigError, match=r"stage 3 was trained by an update: ask for its version \[1\]"):
         evolora.Recommender.load(root, stage=3)
     for version, stage in [(None, 3), (0, 2), (1, 3)]:  # export takes the version the message names

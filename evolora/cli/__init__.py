@@ -59,6 +59,9 @@ Seed = Annotated[
 ]
 Stage = Annotated[int | None, typer.Option(help="the model after this stage; default: the last")]
 Version = Annotated[int | None, typer.Option(help="a deployed run's version; default: the promoted one")]
+Threads = Annotated[
+    int | None, typer.Option(min=1, help="torch CPU threads; default: every core", show_default=False)
+]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # evolora/configs
 QUICKSTART = "quickstart.yaml"

@@ -14,6 +14,7 @@ from evolora.cli import (
     RunDir,
     Seed,
     Stage,
+    Threads,
     Version,
     _quiet_libraries,
     _setup_logging,
@@ -48,6 +49,7 @@ def recommend(
     version: Version = None,
     include_seen: Annotated[bool, typer.Option(help="allow items of the history in the answer")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    threads: Threads = None,
 ) -> None:
     """What a trained run recommends: the top k items for a user or a history (next-item runs generate
     them; CTR runs rank the given --items by P(like))."""
@@ -61,6 +63,10 @@ def recommend(
         raise EvoloraError(f"-k {k}: ask for 1 to 1000 items")
     if stage is not None and version is not None:
         raise EvoloraError("give --stage or --version, not both")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version)
     if rec.task_name == "ctr" and items is None:
         raise EvoloraError(
@@ -93,7 +99,7 @@ def recommend(
         }
         _print_json(answer)
         return
-    version = f"version {rec.version}, " if rec.version else ""
+    version = f"version {rec.version}, " if rec.version is not None else ""
     table = Table(
         title=f"{rec.method}, {version}after stage {rec.stage}: top {len(top)} for {user or 'the history'}"
     )

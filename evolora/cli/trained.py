@@ -17,6 +17,7 @@ from evolora.cli import (
     RunDir,
     Seed,
     Stage,
+    Threads,
     Version,
     _quiet_libraries,
     _setup_logging,
@@ -181,6 +182,7 @@ def serve(
     port: Annotated[int, typer.Option(help="the port to listen on")] = 8000,
     method: Method = None,
     seed: Seed = None,
+    threads: Threads = None,
 ) -> None:
     """Serve the promoted version over HTTP (POST /score, /recommend; GET /health, /version, /docs),
     switching to a newly promoted one without dropping requests."""
@@ -193,7 +195,7 @@ def serve(
     check_address(host, port)
     locate_run(Path(run_dir), method, seed)  # a folder that is not a run, or several methods: said first
     console.print(f"serving {run_dir} on http://{host}:{port} (OpenAPI: /docs); Ctrl-C stops")
-    serve_run(run_dir, host=host, port=port, method=method, seed=seed)
+    serve_run(run_dir, host=host, port=port, method=method, seed=seed, threads=threads)
 
 
 @app.command("export")
