@@ -568,6 +568,10 @@ def _run_locked(
             data_sha256 = environment["data_files"]["sha256"]
             write_bundle(root, cfg, prepared, context_key, data_sha256)  # what `Recommender.load` needs
             contents = {"data_sha256": data_sha256, "template_sha256": template, "weights": weights}
+            if isinstance(getattr(lm, "trainable_token_indices", None), dict):
+                # An untied output layer's rows of added tokens train since 2026-12-05: jobs stored before
+                # left them at their initialisation, and are not another experiment's to reuse.
+                contents["token_rows"] = "input and output layers"
         if parallel.sharded():  # FSDP: after set-up, which runs in one process at a time
             lm.shard()
         # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle

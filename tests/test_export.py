@@ -302,3 +302,32 @@ def test_a_revision_is_never_answered_by_the_converted_copy(
     with pytest.raises(EvoloraError, match="cannot load model"):
         weights_mod.load_pretrained(weights_mod.DEFAULT_MODEL, torch.float32, revision="v2")
     assert loaded == [(weights_mod.DEFAULT_MODEL, "v2")]
+
+
+def test_an_untied_output_layer_trains_and_exports_the_new_tokens_rows(tmp_path: Path) -> None:
+    """A base whose output layer is not tied to its input embedding (Llama-3-8B's layout, not SmolLM2's):
+    the added tokens' output rows train with the adapter (left out, they stayed at their random
+    initialisation, and generation read those), and the export carries them, so transformers + PEFT alone
+    give the run's scores, with and without --merge."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "base"
+    model, tok = build_tiny_llama(tied=False)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    over = {
+        **SMALL, "model.name": str(folder), "task.name": "next_item", "task.history_len": 8,
+        "task.template": "peso", "protocol": "leave_last_out", "strategies": "[finetune]",
+    }  # fmt: skip
+    cfg = tiny_config(write_peso_cycle(tmp_path / "cycle"), tmp_path / "runs", **over)
+    run_experiment(cfg)
+    for saved in (run_dir_of(cfg, "finetune", 0) / "stage-3").rglob("adapter_model.safetensors"):
+        assert any("lm_head" in name and "trainable_tokens" in name for name in load_file(saved)), saved
+    jobs, want = {}, {}
+    for merge in (False, True):
+        jobs[str(merge)], want[str(merge)], _ = export_job(
+            cfg, "finetune", tmp_path / f"export-{merge}", merge
+        )
+    got = child_scores(tmp_path, jobs)
+    for key in jobs:
+        np.testing.assert_allclose(got[key]["scores"], want[key], atol=1e-3, err_msg=key)

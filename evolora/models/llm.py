@@ -46,7 +46,7 @@ log = logging.getLogger("evolora.models")
 # --------------------------------------------------------------------------------------------- LoRA
 
 
-def _peft_config(cfg: LoraConfig, token_ids: list[int] | None = None):
+def _peft_config(cfg: LoraConfig, token_rows: list[int] | dict[str, list[int]] | None = None):
     from peft import LoraConfig as PeftLoraConfig
 
     return PeftLoraConfig(
@@ -56,9 +56,20 @@ def _peft_config(cfg: LoraConfig, token_ids: list[int] | None = None):
         target_modules=list(cfg.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
-        # Rows of added tokens (semantic IDs) train with each adapter; PEFT follows a tied output layer.
-        trainable_token_indices=token_ids or None,
+        # Rows of added tokens (semantic IDs) train with each adapter (`_token_layers`).
+        trainable_token_indices=token_rows or None,
     )
+
+
+def _token_layers(base: nn.Module, token_ids: list[int]) -> list[int] | dict[str, list[int]]:
+    """Where the added tokens' rows train: the input embedding, whose rows a tied output layer shares (PEFT
+    follows it), and an untied output layer's own rows, which generating the tokens reads: left out, they
+    would stay at their random initialisation."""
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if head is None or head.weight is embedding.weight:
+        return token_ids
+    names = {id(module): name for name, module in base.named_modules()}
+    return {names[id(embedding)]: token_ids, names[id(head)]: token_ids}
 
 
 def _is_adapter_param(param_name: str, adapter: str) -> bool:
@@ -83,6 +94,9 @@ class LoraLM:
     lora: LoraConfig  # with the target modules actually adapted (a family's own where the default is absent)
     name: str
     new_token_ids: list[int] | None = None
+    #: PEFT's `trainable_token_indices` for each adapter: the added tokens' rows, in the layers that train
+    #: them (`_token_layers`; None: the input embedding's, which a tied output layer shares)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     #: called with the sample rows of every batch before its forward pass (per-sample adapters route by them)
     batch_hooks: list[Callable[[np.ndarray], None]] = field(default_factory=list)
     #: a shared prefix runs as its own pass, its keys/values repeated over the batch (True), or in front of
@@ -135,8 +149,9 @@ class LoraLM:
             # PEFT reads a property transformers 5 deprecated: a warning no evolora user can act on
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
             torch.manual_seed(seed)
-            peft_model = get_peft_model(base, _peft_config(lora, new_ids), adapter_name="default")
-        lm = cls(peft_model, tok, device, autocast_dtype_of(dtype, mixed), lora, cfg.name, new_ids)
+            rows = _token_layers(base, new_ids) if new_ids else None
+            peft_model = get_peft_model(base, _peft_config(lora, rows), adapter_name="default")
+        lm = cls(peft_model, tok, device, autocast_dtype_of(dtype, mixed), lora, cfg.name, new_ids, rows)
         lm.merge_lora = cfg.merge_lora
         lm._to_device()
         lm._adapters_to_fp32()
@@ -197,7 +212,9 @@ class LoraLM:
             raise ValueError(f"adapter {name!r} exists")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.model.add_adapter(name, _peft_config(lora or self.lora, self.new_token_ids))
+            self.model.add_adapter(
+                name, _peft_config(lora or self.lora, self.trainable_token_indices or self.new_token_ids)
+            )
         self._to_device()
         self.model.train(self.model.training)  # new dropout layers start in training mode; follow the model
         self._adapters_to_fp32()

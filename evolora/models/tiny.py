@@ -85,8 +85,11 @@ def build_tiny(
     layers: int = 2,
     heads: int = 4,
     seed: int = 0,
+    tied: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """(model, tokenizer): a randomly initialised causal LM of `family` with a few thousand parameters."""
+    """(model, tokenizer): a randomly initialised causal LM of `family` with a few thousand parameters;
+    `tied`: its output layer shares the input embedding's weights (SmolLM2's layout; larger models, e.g.
+    Llama-3-8B, have their own)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -111,7 +114,7 @@ def build_tiny(
         "pad_token_id": tok.pad_token_id,
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tied,
     }
     # Families whose default head size is not hidden / heads (Gemma's is 256).
     if "head_dim" in inspect.signature(config_class.__init__).parameters:
@@ -132,6 +135,7 @@ def build_tiny_llama(
     layers: int = 2,
     heads: int = 4,
     seed: int = 0,
+    tied: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """(model, tokenizer): a randomly initialised `LlamaForCausalLM` with a few thousand parameters."""
-    return build_tiny("llama", dtype, hidden, layers, heads, seed)
+    return build_tiny("llama", dtype, hidden, layers, heads, seed, tied)
