@@ -60,6 +60,12 @@ def export_run(
     out = check_replaceable(out, "evolora_export.json", "export")  # before the minutes of loading
     rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version)
     try:
+        base_folder = Path(rec.cfg.model.name).expanduser().resolve()
+        if base_folder.is_dir() and (out.resolve() == base_folder or out.resolve() in base_folder.parents):
+            raise EvoloraError(
+                f"--out {out} holds the run's base model ({rec.cfg.model.name}), which an export replaces "
+                "whole: choose another --out"
+            )
         strategy = rec.strategy
         lm = strategy.lm
         if not isinstance(lm, LoraLM):
@@ -110,7 +116,9 @@ class _Base:
     @classmethod
     def of(cls, name: str, revision: str | None) -> _Base:
         copy = cached_copy(name, revision)
-        return cls(name, None if copy else revision, str(copy or name), copy is not None)
+        folder = Path(name).expanduser()  # a local folder by its absolute path: the export is read elsewhere
+        load = str(copy or (folder.resolve() if folder.is_dir() else name))
+        return cls(name, None if copy else revision, load, copy is not None)
 
     def code(self) -> str:
         """The arguments of `from_pretrained` that load it."""

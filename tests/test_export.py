@@ -331,3 +331,28 @@ def test_an_untied_output_layer_trains_and_exports_the_new_tokens_rows(tmp_path:
     got = child_scores(tmp_path, jobs)
     for key in jobs:
         np.testing.assert_allclose(got[key]["scores"], want[key], atol=1e-3, err_msg=key)
+
+
+def test_a_local_base_is_named_by_its_absolute_path_and_never_replaced(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run on `model.name: base`, a folder relative to where it ran: the export names the folder's
+    absolute path, so its README loads it from anywhere. `--out` at that folder (an earlier merged export
+    another run trained on, so its mark would let it be replaced) is refused: the export would delete it."""
+    monkeypatch.chdir(tmp_path)
+    model, tok = build_tiny_llama()
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "evolora_export.json").write_text("{}")  # an earlier export, merged
+    cfg = tiny_config(
+        sunny_dir, tmp_path / "runs", **{**SMALL, "model.name": "base", "strategies": "[finetune]"}
+    )
+    run_experiment(cfg)
+    root = str(Path(cfg.output_dir) / cfg.name)
+    result = CliRunner().invoke(app, ["export", root, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    refused = CliRunner().invoke(app, ["export", root, "--out", "base"])
+    assert refused.exit_code == 2 and "holds the run's base model" in refused.output, refused.output
+    assert (tmp_path / "base" / "model.safetensors").is_file()

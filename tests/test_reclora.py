@@ -120,6 +120,11 @@ def test_export_gives_the_user_adapter(sunny_dir: Path, tmp_path: Path) -> None:
     lm.model.eval()
     expected = task.predict(lm, rows, 1)
     strategy.export_user_adapter(row, tmp_path / "user")
+    # the base it names is the run's at its revision (PEFT's loaders read `revision`)
+    strategy.personal.export(strategy.z[row], tmp_path / "pinned", revision="v1.0")
+    pinned = json.loads((tmp_path / "pinned" / "adapter_config.json").read_text())
+    assert pinned["base_model_name_or_path"] == "tiny" and pinned["revision"] == "v1.0"
+    assert "revision" not in json.loads((tmp_path / "user" / "adapter_config.json").read_text())
     strategy.teardown()
     base, _ = load_pretrained("tiny", torch.float32)
     from evolora.models.llm import LoraLM
@@ -179,6 +184,17 @@ def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
     refused = CliRunner().invoke(app, ["export-user-adapter", str(run), user, "--out", str(run)])
     assert refused.exit_code == 2 and "holds other files" in refused.output  # the run is not replaced
     assert (run / "results.json").is_file()
+    # Deployed, with an update's version promoted: the default (the run's last stage) would be another
+    # model than the one served, so a stage is asked for.
+    from evolora.deploy.versions import Version, Versions
+
+    registry = Versions.open(tmp_path / "t", "reclora", 0, 2)
+    registry.add(Version(1, 0, 3, "2026-12-05T00:00:00Z", "deploy/x/stage-3"), promote=True)
+    refused = CliRunner().invoke(app, ["export-user-adapter", str(run), user])
+    assert refused.exit_code == 2 and "version 1 (stage 3) is promoted" in refused.output, refused.output
+    assert "pass --stage (its last is 2)" in refused.output
+    staged = ["export-user-adapter", str(run), user, "--stage", "2", "--out", str(tmp_path / "cli")]
+    assert CliRunner().invoke(app, staged).exit_code == 0
 
 
 def test_a_partial_crm_setting_keeps_reclora_s_other_defaults() -> None:

@@ -249,7 +249,15 @@ def export_user_adapter(
 
     _setup_logging(False)
     _quiet_libraries()
+    registry = _registry(run_dir, method, seed)
     run_dir, _ = locate_run(run_dir, method, seed)
+    if stage is None and registry.promoted != 0:  # the default would silently be another model
+        promoted = registry.current
+        raise ConfigError(
+            f"{run_dir} is deployed: version {promoted.id} (stage {promoted.stage}) is promoted, and "
+            f"export-user-adapter reads the run's own stages only: pass --stage (its last is "
+            f"{registry.get(0).stage}) to export one of them"
+        )
     if out is not None:  # before the model is loaded
         check_replaceable(out, USER_ADAPTER_MARKER, "user adapter")
     strategy, _, t = restore_run(run_dir, stage)

@@ -251,7 +251,7 @@ class RecLora(Strategy[RecLoraOptions]):
     def export_user_adapter(self, row: int, path: str | Path) -> None:
         """One sample's personalized adapter (its user, history and target) as a plain PEFT LoRA."""
         assert self.z is not None
-        self.personal.export(self.z[row], path)
+        self.personal.export(self.z[row], path, self.cfg.model.revision)
 
     def export_for_user(self, user: str, path: str | Path, until_stage: int, item: str | None = None) -> int:
         """Export `user`'s adapter for their latest sample up to `until_stage` (with `item`: the latest

@@ -32,6 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from evolora.errors import ConfigError
 from evolora.models.llm import LoraLM
+from evolora.models.weights import cached_copy
 
 # what marks a folder as an exported user adapter (which a new export may replace)
 USER_ADAPTER_MARKER = "evolora_user_adapter.json"
@@ -157,8 +158,10 @@ class PersonalizedLoRA(nn.Module):
             h.remove()
         self._handles.clear()
 
-    def export(self, z: torch.Tensor, path: str | Path) -> None:
-        """Save the adapter one gate input selects as a plain PEFT LoRA (rank r; `combine: factors` only)."""
+    def export(self, z: torch.Tensor, path: str | Path, revision: str | None = None) -> None:
+        """Save the adapter one gate input selects as a plain PEFT LoRA (rank r; `combine: factors` only),
+        on the base the run loaded: `lm.name` at `revision`, or evolora's converted copy where it read that,
+        a local folder by its absolute path."""
         from safetensors.torch import save_file
 
         from evolora.io import atomic_directory, check_replaceable
@@ -182,10 +185,14 @@ class PersonalizedLoRA(nn.Module):
                 state[f"base_model.model.{name}.lora_A.weight"] = a_u[0].float().cpu().contiguous()
                 state[f"base_model.model.{name}.lora_B.weight"] = b_u[0].float().cpu().contiguous()
         self.train(was_training)
+        copy = cached_copy(self.lm.name, revision)
+        folder = Path(self.lm.name).expanduser()
+        base = str(copy or (folder.resolve() if folder.is_dir() else self.lm.name))
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": self.lm.name,
+            "base_model_name_or_path": base,
+            **({"revision": revision} if revision and copy is None else {}),
             "r": any_bank.rank,
             "lora_alpha": any_bank.scaling * any_bank.rank,
             "lora_dropout": 0.0,
@@ -198,9 +205,7 @@ class PersonalizedLoRA(nn.Module):
             save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
             (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
             # Its own mark: a run's adapter folders hold adapter_config.json too, and are never replaced.
-            (out / USER_ADAPTER_MARKER).write_text(
-                json.dumps({"base_model": self.lm.name, "rank": config["r"]})
-            )
+            (out / USER_ADAPTER_MARKER).write_text(json.dumps({"base_model": base, "rank": config["r"]}))
 
 
 def _linear_of(module: nn.Module) -> nn.Module:
