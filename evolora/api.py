@@ -126,8 +126,10 @@ class Recommender:
         method: str,
         seed_dir: Path,
         version: int = 0,
+        precision: str | None = None,
     ) -> None:
         self.strategy = strategy
+        self.precision = precision  # the one the run trained in, as it recorded it
         self.cfg = cfg
         self.prepared = prepared
         self.stage = stage
@@ -257,8 +259,9 @@ class Recommender:
         task.before_stage(lm, t)
         StageLoop(strategy, {}, stage_dir.parent, None, {}).restore_state(t, stage_dir=stage_dir)
         return cls(
-            strategy, inference_cfg, prepared, histories, t, results["method"], stage_dir.parent, version
-        )
+            strategy, inference_cfg, prepared, histories, t, results["method"], stage_dir.parent, version,
+            results.get("precision"),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ asking
     @property

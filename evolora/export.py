@@ -211,7 +211,10 @@ def _manifest(
         "method": rec.method,
         "strategy": rec.strategy.name,
         "stage": rec.stage,
+        "version": rec.version,  # a deployed run's version (0: the run as `evolora run` left it)
         "task": rec.task_name,
+        # what the run trained and scored in; the README loads fp32 (a bf16 run's scores then differ ~1e-4)
+        "precision": rec.precision,
         "base_model": rec.cfg.model.name,
         "base_revision": base.revision,
         "base_weights": base.load,  # the folder or hub id the run's base weights load from

@@ -104,7 +104,8 @@ def test_update_promote_rollback_and_update_again(
         )
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
-        assert json.loads((out / "evolora_export.json").read_text())["stage"] == stage
+        manifest = json.loads((out / "evolora_export.json").read_text())
+        assert manifest["stage"] == stage and manifest["version"] == (1 if version is None else version)
 
     result = CliRunner().invoke(app, ["rollback", str(root), "0"])
     assert result.exit_code == 0, result.output

@@ -174,6 +174,9 @@ def test_a_next_item_export_carries_its_new_tokens(exports: dict) -> None:
     np.testing.assert_allclose(got, want, atol=1e-3)
     manifest = json.loads((folder / "evolora_export.json").read_text())
     assert manifest["adapters"]["default"]["rank"] == 8 * 3  # two banked stages and the current adapter
+    assert manifest["version"] == 0 and manifest["precision"] == "fp32"  # what the run trained in
+    search = {"beams": 10, "constraint": "trie", "exclude_history": False, "candidates": "catalogue"}
+    assert manifest["prompt"]["search"] == search and "is not scored" in manifest["prompt"]["answer"]
     items = json.loads((folder / "items.json").read_text())
     assert items["7"] == "<a_1><b_1><c_0>"
 

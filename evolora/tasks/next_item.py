@@ -147,8 +147,21 @@ class NextItemTask(Task):
             "history_len": self.cfg.history_len,
             "shared_prefix": self.prefix_text,
             "tokenize": TOKENIZE_RULE,
-            "answer": "the next item's semantic ID (items.json), then end of sequence: a beam search over "
-            f"the IDs of items.json ({self.cfg.beams} beams), one token per ID level",
+            "answer": "the next item's semantic ID (items.json), one token per ID level, ranked by the sum "
+            "of its tokens' log-probabilities (the end-of-sequence token the model learnt after it is not "
+            f"scored): a beam search ({self.cfg.beams} beams) over {_SEARCHED[self.cfg.constraint]}"
+            + (", items of the prompt's history left out" if self.cfg.exclude_history else "")
+            + (
+                ", among the items that appeared up to the row's stage"
+                if self.candidate_set == "seen"
+                else ""
+            ),
+            "search": {
+                "beams": self.cfg.beams,
+                "constraint": self.cfg.constraint,
+                "exclude_history": self.cfg.exclude_history,
+                "candidates": self.candidate_set,
+            },
         }
 
     def _prompt_items(self, row: int) -> list[str]:
@@ -299,6 +312,13 @@ class NextItemTask(Task):
             arrays.get("target_logp_valid"),
             arrays.get("log_candidates"),
         )
+
+
+#: what the beam search may generate, by `task.constraint` (for an export's manifest)
+_SEARCHED = {
+    "trie": "the IDs of items.json (a prefix tree of them: only real items)",
+    "levelwise": "any token seen at each ID level in items.json (PESO's constraint; not only real items)",
+}
 
 
 def build_next_item(
