@@ -714,9 +714,10 @@ def _run_strategies(
 def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared, int]:
     """A finished run's strategy as it stood after training stage `stage` (default: its last stage).
 
-    Rebuilds the experiment's data, backbone and task from `config.yaml` two folders up, the strategy from
-    the run's own record, then loads the adapters and state the loop saved. Returns (strategy, prepared
-    data, stage); the caller calls `strategy.teardown()` when done.
+    Rebuilds the experiment's data, backbone and task from `config.yaml` two folders up (on the item
+    caches the experiment was built from, `own_caches`; its output folder where it is now), the strategy
+    from the run's own record, then loads the adapters and state the loop saved. Returns (strategy,
+    prepared data, stage); the caller calls `strategy.teardown()` when done.
     """
     from evolora.config import load_config
 
@@ -729,11 +730,13 @@ def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared,
     config = run_dir.parent.parent / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"{config}: missing; the experiment's configuration is needed to rebuild the run")
-    cfg = load_config(config)
+    root = run_dir.parent.parent
+    cfg = load_config(config).model_copy(update={"output_dir": str(root.parent)})  # (a moved folder)
     t = trained_stage(run_dir, results, stage, cfg.protocol)
     # the options it ran with, defaults as they were then: a default changed since must not change it
     spec = StrategySpec(name=results["strategy"], label=results["method"], **run_options(run_dir, results))
     prepared = prepare_data(cfg)
+    prepared.caches = own_caches(root, cfg, prepared.data)  # those its stages were trained on
     lm, task = build_model_and_task(cfg, prepared)
     strategy = build_strategy(spec, Env(lm, task, cfg, prepared), results["seed"])
     strategy.setup()

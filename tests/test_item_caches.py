@@ -13,7 +13,7 @@ import pytest
 
 import evolora
 from evolora.errors import DataError
-from evolora.experiment import run_experiment
+from evolora.experiment import restore_run, run_experiment
 from tests.helpers import keep_caches_as_before_2026_12_05, save_tiny_model, tiny_config, write_sunny_rainy
 
 NEXT_ITEM = {
@@ -86,8 +86,7 @@ def test_semantic_ids_on_other_weights_under_one_model_name_are_built_again(tmp_
 
 
 def test_item_embeddings_of_items_edited_in_place_are_computed_again(tmp_path: Path) -> None:
-    """The CTR history retrieval's item embeddings, likewise; an update that brings new items keeps the
-    run's own file as it was."""
+    """The CTR history retrieval's item embeddings, likewise."""
     data = write_sunny_rainy(tmp_path / "data")
     out = tmp_path / "runs"
     run_experiment(tiny_config(data, out, name="a", **RETRIEVAL))
@@ -132,6 +131,10 @@ def test_a_run_of_an_older_evolora_keeps_the_semantic_ids_it_was_built_with(tmp_
     assert set((out / "_shared" / "semantic_ids").iterdir()) == files
     recorded = json.loads((root / "experiment.json").read_text())["caches"]
     assert recorded == {"semantic_ids": legacy.relative_to(cfg.shared_root).as_posix()}
+    strategy, _, _ = restore_run(root / "frozen" / "seed0")  # (what export-user-adapter reads)
+    strategy.teardown()
+    assert strategy.task.item_tokens == swapped
+    assert set((out / "_shared" / "semantic_ids").iterdir()) == files
     shutil.rmtree(root / "inference")  # rebuilt from the data, with the IDs the experiment names
     assert _item_tokens(root) == swapped
     run_experiment(tiny_config(data, out, name="new", **NEXT_ITEM))
