@@ -246,6 +246,19 @@ def add(costs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def setups_of(results: dict[str, Any]) -> dict[str, Any]:
+    """A run's set-up costs by sitting (`setups`, as results.json records them). A file of an evolora before
+    2026-12-05 kept only its last sitting's, one per experiment and process: keyed by those, so that the
+    runs of that process name it alike and a report counts it once."""
+    if results.get("setups"):
+        return dict(results["setups"])
+    last = results.get("setup_cost")
+    if not last:
+        return {}
+    who = (results.get("experiment"), results.get("context_key"), results.get("worker"))
+    return {"earlier: {} {} {}".format(*who): last}
+
+
 def timed(name: str) -> Any:
     """`part(name)` around every call of the decorated function."""
     import functools

@@ -216,3 +216,20 @@ def test_a_resumed_run_counts_the_set_up_of_every_sitting(sunny_dir: Path, tmp_p
     assert setup == pytest.approx(first[key] + frozen["setup_cost"][key])
     run_experiment(cfg)  # nothing left: the recorded set-ups stay
     assert json.loads(path.read_text())["setups"] == frozen["setups"]
+
+
+def test_an_older_sitting_is_counted_once_whichever_run_records_it() -> None:
+    """An evolora before 2026-12-05 kept one set-up per run, its last sitting's. Two runs of such a process,
+    one finished then and one resumed now (which names that sitting among its own), count it once; another
+    experiment's process with the same worker label is another set-up."""
+    from types import SimpleNamespace
+
+    from evolora.eval.costs import cpu_time
+
+    spent = {"total_seconds": 4.0, "total_cpu_seconds": 3.0}
+    old = {"experiment": "x", "context_key": "k", "worker": "worker 1/2", "setup_cost": spent}
+    now = {"total_seconds": 2.0, "total_cpu_seconds": 2.0}
+    resumed = {**old, "setup_id": "abc", "setup_cost": now, "setups": {**cost.setups_of(old), "abc": now}}
+    assert cpu_time([SimpleNamespace(runs=[old, resumed])])[1:] == (3.0 + 2.0, True)
+    other = {**old, "experiment": "y"}
+    assert cpu_time([SimpleNamespace(runs=[old, other])])[1:] == (6.0, True)

@@ -521,15 +521,10 @@ def trained_folder(stage_dir: Path) -> Path:
 
 def _setups_of(recorded: Path) -> dict[str, Any]:
     """The set-up cost of each sitting that did work on a run, by sitting, as its results.json (written by
-    an earlier sitting, if any) records them; a file of an evolora that kept only the last sitting's gives
-    that one."""
+    an earlier sitting, if any) records them (`cost.setups_of`)."""
     if not recorded.is_file():
         return {}
-    results = read_json(recorded, "Delete it: it is rebuilt from the stage records.")
-    if results.get("setups"):
-        return dict(results["setups"])
-    last = results.get("setup_cost")
-    return {f"earlier ({results.get('worker')})": last} if last else {}
+    return cost.setups_of(read_json(recorded, "Delete it: it is rebuilt from the stage records."))
 
 
 def is_trained(stage_dir: Path) -> bool:

@@ -11,15 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from evolora.cost import PARTS, add
+from evolora.cost import PARTS, add, setups_of
 
 #: parts always shown, whatever the runs recorded
 SHOWN = ("training", "validation", "evaluation")
-
-
-def _setup_key(run: dict[str, Any]) -> tuple[Any, ...]:
-    """One set-up per experiment folder and process: runs of one process share the model it loaded."""
-    return (run.get("experiment"), run.get("context_key"), run.get("worker"))
 
 
 def cost_table(groups: list[Any]) -> str | None:
@@ -65,12 +60,9 @@ def cpu_time(groups: list[Any]) -> tuple[float, float, bool]:
     those are CPU seconds) over all runs: CPU time where every run recorded it, else wall-clock time."""
     runs = [r for g in groups for r in g.runs]
     costs = [r.get("summary", {}).get("cost", {}) for r in runs]
-    setup_costs: dict[Any, Any] = {}
-    for r in runs:
-        if r.get("setups"):  # every sitting's, by sitting (a resumed run had several)
-            setup_costs.update(r["setups"])
-        else:  # an older evolora's record: the last sitting's, one per experiment and process
-            setup_costs[_setup_key(r)] = r.get("setup_cost", {})
+    setup_costs: dict[str, Any] = {}
+    for r in runs:  # every sitting's, once: the runs of one process share the model it loaded
+        setup_costs.update(setups_of(r))
     on_cpu = all("total_cpu_seconds" in c for c in [*costs, *setup_costs.values()] if c)
     key = "total_cpu_seconds" if on_cpu else "total_seconds"
     stages = sum(c.get(key, 0.0) for c in costs)
