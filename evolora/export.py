@@ -37,11 +37,13 @@ import numpy as np
 import torch
 
 from evolora.api import Recommender
+from evolora.config import load_config
 from evolora.continual.base import PlainLora
 from evolora.errors import EvoloraError
 from evolora.io import atomic_directory, check_replaceable
 from evolora.models.llm import LoraLM
 from evolora.models.weights import cached_copy, load_pretrained
+from evolora.queries import locate_run
 
 log = logging.getLogger("evolora")
 
@@ -58,14 +60,16 @@ def export_run(
     """Write the model of `method` after `stage` (or a deployed run's `version`; default: the promoted
     version, else the last stage) into `out` (replaced atomically); returns `out`."""
     out = check_replaceable(out, "evolora_export.json", "export")  # before the minutes of loading
+    _, root = locate_run(Path(run_dir), method, seed)
+    base_model = load_config(root / "config.yaml").model.name
+    base_folder = Path(base_model).expanduser().resolve()
+    if base_folder.is_dir() and (out.resolve() == base_folder or out.resolve() in base_folder.parents):
+        raise EvoloraError(
+            f"--out {out} holds the run's base model ({base_model}), which an export replaces whole: choose "
+            "another --out"
+        )
     rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version)
     try:
-        base_folder = Path(rec.cfg.model.name).expanduser().resolve()
-        if base_folder.is_dir() and (out.resolve() == base_folder or out.resolve() in base_folder.parents):
-            raise EvoloraError(
-                f"--out {out} holds the run's base model ({rec.cfg.model.name}), which an export replaces "
-                "whole: choose another --out"
-            )
         strategy = rec.strategy
         lm = strategy.lm
         if not isinstance(lm, LoraLM):

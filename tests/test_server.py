@@ -302,6 +302,10 @@ def test_what_a_client_sent_is_not_echoed_at_any_length(server) -> None:
         assert r.status_code == 404 and len(r.text) < 400 and "500000 characters" in r.text, r.text[:400]
     r = httpx.post(f"{url}/score", json={"history": ["sku-001"] * 1001, "items": ["sku-001"]}, timeout=60)
     assert r.status_code == 422 and "up to 1000 item ids" in r.json()["detail"], r.text
+    r = httpx.post(
+        f"{url}/score", json={"user": "user-01", "items": ["sku-001"], "z" * 100_000: 1}, timeout=60
+    )
+    assert r.status_code == 422 and len(r.text) < 400 and "unknown field" in r.text, r.text[:400]
 
 
 def test_a_request_whose_client_went_away_is_not_computed(server, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,8 @@ MAX_BODY_BYTES = 1 << 20
 class Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: str | None = Field(None, description="a user the run knows: their history is used")
-    # strict: a rating or k of another type (true, "5") is refused, not coerced, as the Python API does
+    # strict: a rating or k of another type (true, "5") is refused, not coerced (the Python API refuses
+    # such a k; a rating there is anything float() reads)
     history: list[str | tuple[str, StrictInt | StrictFloat]] | None = Field(
         None, max_length=MAX_HISTORY, description="item ids (liked), or [item, rating] pairs"
     )
@@ -77,7 +78,7 @@ def validation_message(errors: Sequence[Mapping[str, Any]]) -> str:
         return f"send a JSON object with the header content-type: application/json, e.g. {_EXAMPLE}"
     field = str(loc[0])
     if kind == "extra_forbidden":
-        return f"unknown field {field!r}: a query has user or history, and items or k"
+        return f"unknown field {shown_id(field)}: a query has user or history, and items or k"
     where = field + "".join(f"[{p}]" for p in loc[1:] if isinstance(p, int))
     if field in _EXPECTED:
         return f"{where}: {'missing: ' if kind == 'missing' else ''}give {_EXPECTED[field]}"

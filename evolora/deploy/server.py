@@ -10,13 +10,13 @@
 One model serves at a time, from one worker thread: requests wait in a queue, and the worker answers all
 the requests that arrived while it was busy (up to `max_batch` samples) with one forward pass over their
 samples, so concurrent clients share batches; a request the model cannot answer (an unknown user or item,
-a malformed rating) fails alone, not the batch it arrived in. A watcher polls the run's versions: when
-another version is promoted (`evolora update`, `evolora rollback`, in any process), it loads that version
-beside the served one and swaps them between two batches; requests in flight finish on the version they
-started with (the old one is torn down only once its last batch is answered), and every answer names its
-version; a promoted version that fails to load leaves the served one answering, and is tried again after
-`retry_seconds`. A request whose client disconnects is cancelled and dropped from its batch. Requests only
-name users and items: nothing a client sends becomes a path.
+a malformed rating) fails alone, not the batch it arrived in. A watcher (`holder.py`) polls the run's
+versions: when another version is promoted (`evolora update`, `evolora rollback`, in any process), it
+loads that version beside the served one and swaps them between two batches; requests in flight finish on
+the version they started with (the old one is torn down only once its last batch is answered), and every
+answer names its version; a promoted version that fails to load leaves the served one answering, and is
+tried again after `retry_seconds`. A request whose client disconnects is cancelled and dropped from its
+batch. Requests only name users and items: nothing a client sends becomes a path.
 """
 
 from __future__ import annotations
@@ -26,16 +26,15 @@ import errno
 import logging
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request  # (module level: FastAPI resolves the handlers' annotations here)
 
 from evolora.allocator import keep_freed_memory
-from evolora.api import Recommender
+from evolora.deploy.holder import ModelHolder, Served
 from evolora.deploy.requests import (
     MAX_BODY_BYTES,
     UNREADABLE_BODY,
@@ -48,21 +47,9 @@ from evolora.deploy.requests import (
     shown_id,
     validation_message,
 )
-from evolora.deploy.versions import Versions
 from evolora.errors import EvoloraError, UnknownIdError
-from evolora.io import read_json
-from evolora.queries import locate_run
 
 log = logging.getLogger("evolora")
-
-
-@dataclass
-class Served:
-    rec: Recommender
-    version: int
-    info: dict[str, Any]
-    in_use: int = 0  # batches computing on it now
-    retired: bool = False  # another version is served: tear this one down once `in_use` falls to 0
 
 
 @dataclass
@@ -74,109 +61,6 @@ class _Request:
     k: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-
-
-@dataclass
-class ModelHolder:
-    """The version being served, and the watcher that swaps in a newly promoted one."""
-
-    run_dir: Path
-    method: str | None = None
-    seed: int | None = None  # None: 0, or a run folder's own
-    poll_seconds: float = 0.5
-    retry_seconds: float = 30.0  # before loading again a promoted version that failed to load
-    served: Served | None = None
-    promoted: int | None = None  # as the registry says (`served` lags behind while it loads, or fails to)
-    switch_error: str | None = None  # why the promoted version is not the served one, if it failed to load
-    _failed: tuple[int, float] | None = None  # (version, when) of the last failed load
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        seed_dir, self.root = locate_run(Path(self.run_dir), self.method, self.seed)
-        results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
-        self.method, self.seed = results["method"], results["seed"]
-        self.last_stage = max(s["train_stage"] for s in results["stages"])
-        self.promoted = self._promoted()
-        self.served = self._load(self.promoted)
-
-    def _registry(self) -> Versions:
-        return Versions.open(self.root, self.method or "", self.seed, self.last_stage)
-
-    def _promoted(self) -> int:
-        return self._registry().promoted
-
-    def _load(self, version: int) -> Served:
-        t0 = time.perf_counter()
-        rec = Recommender.load(self.root, method=self.method, seed=self.seed, version=version)
-        v = self._registry().get(version)
-        info = {"version": v.id, "stage": v.stage, "created": v.created, "parent": v.parent, "gate": v.gate}
-        log.info("serving version %d (stage %d), loaded in %.1f s", v.id, v.stage, time.perf_counter() - t0)
-        return Served(rec, version, info)
-
-    def acquire(self) -> Served:
-        """The version to answer a batch with; `release` it when the batch is answered."""
-        with self._lock:
-            served = self.served
-            assert served is not None
-            served.in_use += 1
-            return served
-
-    def release(self, served: Served) -> None:
-        with self._lock:
-            served.in_use -= 1
-            done = served.retired and served.in_use == 0
-        if done:
-            served.rec.strategy.teardown()
-
-    def switch_to(self, version: int) -> None:
-        """Load `version` and serve it from the next batch on; the one it replaces is torn down after
-        the batches still computing on it (a teardown can change the shared model under them)."""
-        fresh = self._load(version)
-        with self._lock:
-            old, self.served = self.served, fresh
-            if old is None:
-                return
-            old.retired = True
-            idle = old.in_use == 0
-        if idle:
-            old.rec.strategy.teardown()
-
-    def watch(self) -> None:
-        """Poll for another promoted version and swap it in (run in a thread)."""
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.promoted = self._promoted()
-            except Exception as e:  # a registry being replaced, or damaged: keep serving, read it again
-                log.warning("could not read the run's versions: %s", e)
-                continue
-            self.check_promoted()
-
-    def check_promoted(self) -> None:
-        """Swap in the promoted version if another one is served. One that fails to load is kept serving
-        the one before and said (`switch_error`, in /health), and tried again after `retry_seconds`: a
-        broken version is not loaded twice a second."""
-        wanted, served = self.promoted, self.served
-        if wanted is None or served is None or wanted == served.version:
-            self.switch_error, self._failed = None, None
-            return
-        failed = self._failed
-        if failed is not None and failed[0] == wanted and time.monotonic() - failed[1] < self.retry_seconds:
-            return
-        try:
-            self.switch_to(wanted)
-        except Exception as e:
-            self._failed = (wanted, time.monotonic())
-            self.switch_error = f"version {wanted} could not be loaded: {e}"
-            log.warning(
-                "%s; still serving version %d (tried again in %.0f s)",
-                self.switch_error, served.version, self.retry_seconds,
-            )  # fmt: skip
-            return
-        self.switch_error, self._failed = None, None
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 class Batcher:

@@ -10,8 +10,9 @@ Without gradients (evaluation, scoring, serving) the layers here compute the sam
 
 * input embedding: the frozen rows are looked up as usual and the added tokens' positions take the
   adapter's rows (a gather of the same values PEFT's merged matrix holds);
-* output layer (tied to the embedding): the merged matrix is built once and kept while neither the frozen
-  weight nor the adapter's rows change (checked by their version counters), then one `F.linear` as PEFT's.
+* output layer (tied to the embedding, or an untied one with its own rows): the merged matrix is built once
+  and kept while neither the frozen weight nor the adapter's rows change (checked by their version
+  counters), then one `F.linear` as PEFT's.
 
 With gradients (training) PEFT's own path runs unchanged, so training is untouched.
 """
