@@ -30,6 +30,7 @@ import fcntl
 import logging
 import math
 import os
+import re
 import socket
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -246,18 +247,31 @@ class MlflowTracker(Tracker):
 
     def stage(self, record: dict[str, Any], stage_dir: Path) -> None:
         t = int(record["train_stage"])
-        if self.key is None or t in self.state.get()["runs"].get(self.key, {}).get("stages", []):
+        logged = self.state.get()["runs"].get(self.key, {}) if self.key is not None else {}
+        if self.key is None or t in logged.get("stages", []):
             return
+        # A stage's figures and its adapters are noted apart: figures logged before a failed upload (or a
+        # kill during it) are not logged a second time by the next run.
+        key = self.key
+        if t not in logged.get("figures", []):
+            if not _logged(
+                f"stage {t}", "the next run of the experiment logs it", lambda: self._figures(record)
+            ):
+                return
+            with self.state.change() as state:
+                state["runs"].setdefault(key, {}).setdefault("figures", []).append(t)
         if _logged(
-            f"stage {t}", "the next run of the experiment logs it", lambda: self._stage(record, stage_dir)
+            f"stage {t}'s adapters",
+            "the next run of the experiment logs them",
+            lambda: self._adapters(t, stage_dir),
         ):
             with self.state.change() as state:
-                state["runs"].setdefault(self.key, {}).setdefault("stages", []).append(t)
+                state["runs"].setdefault(key, {}).setdefault("stages", []).append(t)
 
-    def _stage(self, record: dict[str, Any], stage_dir: Path) -> None:
+    def _figures(self, record: dict[str, Any]) -> None:
         t = int(record["train_stage"])
         for name, value in record["metrics"].items():  # undefined: null in results.json, NaN in MLflow
-            self.mlflow.log_metric(name, math.nan if value is None else float(value), step=t)
+            self.mlflow.log_metric(metric_name(name), math.nan if value is None else float(value), step=t)
         self.mlflow.log_metric("train_seconds", float(record["train_seconds"]), step=t)
         cost = record.get("cost") or {}  # where the stage's time went (records before the profile lack it)
         if "total_seconds" in cost:
@@ -268,9 +282,11 @@ class MlflowTracker(Tracker):
             for epoch in job["history"]:
                 for key, value in epoch.items():  # None: undefined (NaN, -inf) as results.json holds it
                     if key != "epoch" and (value is None or isinstance(value, int | float)):
-                        name = f"stage{t}.{job['job']}.{key}"
+                        name = metric_name(f"stage{t}.{job['job']}.{key}")
                         number = math.nan if value is None else float(value)
                         self.mlflow.log_metric(name, number, step=int(epoch["epoch"]))
+
+    def _adapters(self, t: int, stage_dir: Path) -> None:
         adapters = stage_dir / "trained" / "adapters"
         if adapters.is_dir():
             self.mlflow.log_artifacts(str(adapters), artifact_path=f"stage-{t}/adapters")
@@ -293,6 +309,11 @@ class MlflowTracker(Tracker):
                 if gate.get(name) is not None:  # null: the metric is undefined on the held-out samples
                     self.mlflow.log_metric(f"gate.{name}", float(gate[name]))
             self.mlflow.set_tags({"gate.decision": gate["decision"], "gate.metric": gate["metric"]})
+
+
+def metric_name(name: str) -> str:
+    """A figure's name as MLflow takes it (letters, digits and `_-. :/` only): `hit@10` is `hit_at_10`."""
+    return re.sub(r"[^\w\-. :/]", "_", name.replace("@", "_at_"))
 
 
 def _run_key(method: str, seed: int) -> str:

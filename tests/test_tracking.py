@@ -7,6 +7,7 @@ import contextlib
 import importlib.machinery
 import logging
 import math
+import re
 import socket
 import sys
 import time
@@ -41,6 +42,7 @@ class Recorder(types.ModuleType):
         self.runs: dict[str, dict] = {}  # run id -> name, deleted, params
         self.ids: list[str] = []  # the ids of the open runs, as `stack` holds their names
         self.fail_in: str | None = None  # log_metric raises inside the run of this name
+        self.fail_artifacts = 0  # so many log_artifacts calls raise, the next ones work
 
     def set_tracking_uri(self, uri: str) -> None:
         if uri.startswith("foo:"):
@@ -89,10 +91,15 @@ class Recorder(types.ModuleType):
     def log_metric(self, key: str, value: float, step: int | None = None) -> None:
         if self.fail_in is not None and self.stack[-1] == self.fail_in:
             raise ConnectionError("the tracking server went away")
+        if not re.fullmatch(r"[\w\-. :/]*", key):  # as MLflow refuses it
+            raise ValueError(f"Invalid value \"{key}\" for parameter 'name' supplied")
         self.calls.append(("metric", tuple(self.stack), key, value, step))
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         assert Path(local_dir).is_dir()
+        if self.fail_artifacts:
+            self.fail_artifacts -= 1
+            raise ConnectionError("the upload broke off")
         self.calls.append(("artifacts", tuple(self.stack), artifact_path))
 
     def set_tags(self, tags: dict) -> None:
@@ -367,3 +374,35 @@ def test_an_update_whose_store_cannot_be_opened_stops_before_training(
     assert result.exit_code == 2 and "cannot use MLflow at foo://bar" in result.output, result.output
     assert not (root / "deploy" / "finetune-seed0" / "versions.json").exists()
     assert not list(root.glob("deploy/*/work/*"))
+
+
+def test_next_item_figures_are_logged_under_names_mlflow_takes(mlflow: Recorder, tmp_path: Path) -> None:
+    """MLflow refuses `@` in a name: `hit@10` is logged as `hit_at_10` (every stage failed to log before)."""
+    from tests.helpers import write_peso_cycle
+
+    over = {
+        "task.name": "next_item", "task.history_len": 8, "task.template": "peso",
+        "protocol": "leave_last_out", "train.epochs": 1, "train.samples_per_stage": 24,
+        "eval.max_samples": 8, "strategies": "[finetune]", "tracking": "mlflow",
+    }  # fmt: skip
+    cfg = tiny_config(write_peso_cycle(tmp_path / "cycle"), tmp_path / "runs", **over)
+    run_experiment(cfg)
+    logged = {(c[2], c[4]) for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", "finetune seed 0")}
+    assert {("hit_at_10", 1), ("ndcg_at_5", 3), ("nll", 2)} <= logged
+    assert ("artifacts", ("t", "finetune seed 0"), "stage-3/adapters") in mlflow.calls
+
+
+def test_a_stage_whose_upload_failed_logs_its_figures_once(
+    mlflow: Recorder, sunny_dir: Path, tmp_path: Path
+) -> None:
+    """The adapters' upload broke off after the stage's figures were logged: the next run uploads them,
+    and does not log the figures a second time."""
+    cfg = tiny_config(sunny_dir, tmp_path, strategies="[finetune]", tracking="mlflow", **{"train.epochs": 1})
+    mlflow.fail_artifacts = 1
+    run_experiment(cfg)
+    run_experiment(cfg)
+    run = ("t", "finetune seed 0")
+    auc = [c[4] for c in mlflow.calls if c[0] == "metric" and c[1] == run and c[2] == "auc"]
+    assert sorted(auc) == [1, 2]  # each stage once
+    uploads = [c[2] for c in mlflow.calls if c[0] == "artifacts" and c[1] == run]
+    assert sorted(uploads) == ["stage-1/adapters", "stage-2/adapters"]

@@ -99,9 +99,10 @@ def recommend(
         }
         _print_json(answer)
         return
-    version = f"version {rec.version}, " if rec.version is not None else ""
+    # a deployed version by its number, version 0 too when asked for by it (a run never updated has no other)
+    shown = f"version {rec.version}, " if rec.version or version is not None else ""
     table = Table(
-        title=f"{rec.method}, {version}after stage {rec.stage}: top {len(top)} for {user or 'the history'}"
+        title=f"{rec.method}, {shown}after stage {rec.stage}: top {len(top)} for {user or 'the history'}"
     )
     table.add_column("rank", justify="right")
     table.add_column("item")

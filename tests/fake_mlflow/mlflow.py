@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -71,6 +72,8 @@ def log_params(params: dict[str, Any]) -> None:
 
 
 def log_metric(key: str, value: float, step: int | None = None) -> None:
+    if not re.fullmatch(r"[\w\-. :/]*", key):  # as MLflow refuses it
+        raise ValueError(f"Invalid value \"{key}\" for parameter 'name' supplied")
     _write("metric", _open[-1], key, step)
 
 
