@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from evolora.bundle import bundle_dir, bundle_is_current, load_bundle, query_frame, write_bundle
+from evolora.bundle import (
+    QUERY_DEFAULTS,
+    bundle_dir,
+    bundle_is_current,
+    load_bundle,
+    query_frame,
+    write_bundle,
+)
 from evolora.config import RunConfig, StrategySpec, config_from_dict, load_config
 from evolora.continual import Env, Strategy, build_strategy, recorded_options
 from evolora.continual.base import StageContext
@@ -91,7 +98,9 @@ def run(
         raise ConfigError(
             f"run(config): a YAML path, a RunConfig or a mapping of sections, not {type(config).__name__}"
         )
-    return run_experiment(cfg, overwrite=bool(overwrite), jobs=int(jobs))
+    if not isinstance(overwrite, bool):  # overwrite="false" must not delete an experiment
+        raise ConfigError(f"run(overwrite={overwrite!r}): True or False")
+    return run_experiment(cfg, overwrite=overwrite, jobs=int(jobs))
 
 
 def report(
@@ -270,6 +279,9 @@ class Recommender:
 
     def history_of(self, user: str) -> tuple[list[str], list[float]]:
         """A known user's latest interactions at the end of the stage (items, ratings), oldest first."""
+        if not isinstance(user, str | int) or isinstance(user, bool):
+            raise EvoloraError(f"user: an id (a string), not {user!r}")
+        user = str(user)  # ids given as numbers are the same users as their strings, as in queries
         if user not in self._histories:
             raise UnknownIdError(
                 f"unknown user {user!r}: the run knows {len(self._histories)} users up to stage "
@@ -280,11 +292,31 @@ class Recommender:
     def seen_by(self, user: str) -> set[str]:
         """Every item a known user rated up to the stage: what recommendations leave out."""
         self.history_of(user)  # an unknown user is an error
-        return set(self._seen[user])
+        return set(self._seen[str(user)])
 
     def predict_samples(self, samples: pl.DataFrame, **settings: Any) -> Any:
         """The strategy's predictions for sample rows shaped like a run's sample table (`user_id`,
-        `item_id`, `hist_items`, `hist_ratings`, `stage`), exactly as evaluation computes them."""
+        `item_id`, `hist_items`, `hist_ratings`, `stage`; the table's other columns, e.g. `label`, may be
+        left out), exactly as evaluation computes them."""
+        if not isinstance(samples, pl.DataFrame):
+            raise EvoloraError(
+                f"predict_samples: a polars DataFrame of sample rows, not {type(samples).__name__}"
+            )
+        needed = ["user_id", "item_id", "hist_items", "hist_ratings", "stage"]
+        missing = [c for c in needed if c not in samples.columns]
+        if missing:
+            raise EvoloraError(f"predict_samples: the samples lack the column(s) {missing}")
+        for column, values in (
+            ("item_id", samples["item_id"]),
+            ("hist_items", samples["hist_items"].explode()),
+        ):
+            self._check_items([str(v) for v in values.drop_nulls().to_list()], column)
+        schema = query_frame([]).schema  # the sample table's other columns, where not given: a query's
+        samples = samples.with_columns(
+            pl.lit(value, schema[c]).alias(c)
+            for c, value in QUERY_DEFAULTS.items()
+            if c not in samples.columns
+        )
         table = SampleTable(
             samples, self._task.table.n_stages, self._task.table.history_len, self.like_threshold
         )
@@ -389,7 +421,7 @@ class Recommender:
         or item, a malformed history), without computing anything."""
         self._history(history, user)
         if items is not None:
-            self._check_items(items, "items")
+            self._check_items(item_list(items), "items")  # ids given as numbers: their strings, as queries
 
     def recommend_many(
         self, queries: list[tuple[History, int, str | None]], exclude_seen: bool = True
@@ -473,9 +505,10 @@ class Recommender:
     def _check_items(self, items: list[str], what: str) -> None:
         if isinstance(items, str | bytes):
             raise EvoloraError(f"{what}: a list of item ids, not the string {items!r}")
-        unknown = [i for i in items if i not in self._task.items]
+        known = self._task.items  # (a set built on each access)
+        unknown = [i for i in items if i not in known]
         if unknown:
             raise UnknownIdError(
                 f"{what}: {len(unknown)} unknown item(s) {unknown[:5]}: the run knows "
-                f"{len(self._task.items)} items (an item first seen after training cannot be read)"
+                f"{len(known)} items (an item first seen after training cannot be read)"
             )

@@ -199,8 +199,14 @@ def query_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
         "user_kind": pl.Utf8,
         "sampled": pl.Boolean,
     }
-    full = [
-        {"rating": 0.0, "label": 0, "timestamp": 0, "user_kind": "active", "sampled": False, **r}
-        for r in rows
-    ]
-    return pl.DataFrame(full, schema=schema)
+    return pl.DataFrame([{**QUERY_DEFAULTS, **r} for r in rows], schema=schema)
+
+
+#: what a query's sample row holds besides its user, target, history and stage (no label: it is asked)
+QUERY_DEFAULTS: dict[str, Any] = {
+    "rating": 0.0,
+    "label": 0,
+    "timestamp": 0,
+    "user_kind": "active",
+    "sampled": False,
+}

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import evolora
-from evolora.errors import ConfigError, EvoloraError
+from evolora.errors import ConfigError, EvoloraError, UnknownIdError
 from evolora.experiment import prepare_data, run_dir_of, run_experiment
 from evolora.io import load_npz
 from tests.helpers import EXAMPLE_TABLE, LORA_STRATEGIES, tiny_config, write_peso_cycle
@@ -285,6 +285,29 @@ def test_queries_of_the_wrong_shape_are_one_line_errors(ctr_run) -> None:
         rec.rank_many([(None, ["2"], user)])
     with pytest.raises(EvoloraError, match="not a set"):
         rec.score({"4", "6"}, ["2"])
+    # ids given as numbers are their strings everywhere a query takes them
+    assert rec.history_of(int(user)) == rec.history_of(user)  # (the data's user ids are numbers)
+    rec.check(user=user, items=[2])
+    with pytest.raises(EvoloraError, match=r"user: an id \(a string\), not \['1'\]"):
+        rec.history_of(["1"])
+    # predict_samples takes the columns its docstring names (the sample table's others, e.g. label, filled)
+    hist = rec.history_of(user)
+    frame = pl.DataFrame(
+        {"user_id": [user], "item_id": ["2"], "hist_items": [hist[0]], "hist_ratings": [hist[1]],
+         "stage": [rec.eval_stage]},
+        schema_overrides={"stage": pl.Int32},
+    )  # fmt: skip
+    assert np.asarray(rec.predict_samples(frame)) == pytest.approx(
+        [rec.score(user=user, items=["2"])[0].score]
+    )
+    with pytest.raises(EvoloraError, match=r"lack the column\(s\) \['hist_ratings'\]"):
+        rec.predict_samples(frame.drop("hist_ratings"))
+    with pytest.raises(UnknownIdError, match="item_id: 1 unknown item"):
+        rec.predict_samples(frame.with_columns(item_id=pl.lit("zzz")))
+    with pytest.raises(EvoloraError, match="a polars DataFrame"):
+        rec.predict_samples(frame.to_dict())
+    with pytest.raises(ConfigError, match=r"run\(overwrite='false'\): True or False"):
+        evolora.run(cfg, overwrite="false")
     # neither a user nor a history is a mistake (as at the CLI and the server), not an empty history
     with pytest.raises(
         EvoloraError, match=r"give a user or a history \(one of them; an empty history is \[\]\)"
