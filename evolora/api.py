@@ -60,6 +60,7 @@ from evolora.queries import (
     History,
     Ranked,
     Scored,
+    batch_of,
     count_of,
     history_pairs,
     item_list,
@@ -193,7 +194,10 @@ class Recommender:
 
         `run_dir`: an experiment folder (`runs/<name>`) or one run's folder (`runs/<name>/<method>/seed<k>`).
         """
+        if not isinstance(run_dir, str | Path):
+            raise ConfigError(f"run_dir: a run's folder (a path), not {run_dir!r}")
         stage, version = number_of(stage, "stage"), number_of(version, "version")
+        seed = number_of(seed, "seed")  # seed="0" refused for an experiment folder as for a run's
         if stage is not None and version is not None:
             raise ConfigError("give a stage or a version, not both (a version names its stage)")
         seed_dir, root = locate_run(Path(run_dir), method, seed)
@@ -338,7 +342,7 @@ class Recommender:
         if self.task_name != "ctr":
             raise EvoloraError(f"score() needs a CTR run; this is a {self.task_name} run: use recommend()")
         resolved = []
-        for query in queries:
+        for query in batch_of(queries, "score_many"):
             history, items, user = query_of(query, ("history", "items", "user"), "score_many")
             items = item_list(items)
             if not items:
@@ -397,7 +401,7 @@ class Recommender:
         if self.task_name != "ctr":
             raise EvoloraError("a next-item run generates its recommendations: recommend_many")
         resolved, spans = [], []
-        for query in queries:
+        for query in batch_of(queries, "rank_many"):
             history, items, k, user = query_of(query, ("history", "items", "k", "user"), "rank_many")
             k, items = count_of(k), item_list(items)
             hist_items, hist_ratings, seen = self._history(history, user)
@@ -429,7 +433,10 @@ class Recommender:
         """`recommend` (next-item runs) for several (history, k, user) queries in one pass."""
         if self.task_name == "ctr":
             raise EvoloraError("a CTR run ranks given candidates: score them")
-        queries = [query_of(q, ("history", "k", "user"), "recommend_many") for q in queries]
+        queries = [
+            query_of(q, ("history", "k", "user"), "recommend_many")
+            for q in batch_of(queries, "recommend_many")
+        ]
         queries = [(history, count_of(k), user) for history, k, user in queries]
         histories = [self._history(history, user) for history, _, user in queries]
         target = next(iter(self._task.items))  # any known item: generation ignores the target

@@ -62,6 +62,13 @@ def list_of(value: Any, kind: Any, what: str) -> list[Any]:
     return items
 
 
+def batch_of(queries: Any, method: str) -> list[Any]:
+    """The queries of a batch method (`score_many`, ...): a list (or other iterable) of them."""
+    if not isinstance(queries, Iterable) or isinstance(queries, str | bytes | Mapping):
+        raise EvoloraError(f"{method}: a list of queries (tuples), not {queries!r}"[:300])
+    return list(queries)
+
+
 def query_of(query: Any, parts: tuple[str, ...], method: str) -> tuple[Any, ...]:
     """One query of a batch method (`score_many`, ...), checked to hold its parts."""
     if not isinstance(query, tuple | list) or len(query) != len(parts):

@@ -308,6 +308,13 @@ def test_queries_of_the_wrong_shape_are_one_line_errors(ctr_run) -> None:
         rec.predict_samples(frame.to_dict())
     with pytest.raises(ConfigError, match=r"run\(overwrite='false'\): True or False"):
         evolora.run(cfg, overwrite="false")
+    for batch in (rec.score_many, rec.rank_many):
+        with pytest.raises(EvoloraError, match=r"_many: a list of queries \(tuples\), not None"):
+            batch(None)
+    with pytest.raises(ConfigError, match=r"run_dir: a run's folder \(a path\), not None"):
+        evolora.Recommender.load(None)
+    with pytest.raises(ConfigError, match=r"seed='0': a seed number"):
+        evolora.Recommender.load(root, method="finetune", seed="0")
     # neither a user nor a history is a mistake (as at the CLI and the server), not an empty history
     with pytest.raises(
         EvoloraError, match=r"give a user or a history \(one of them; an empty history is \[\]\)"
