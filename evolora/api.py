@@ -13,7 +13,7 @@ run folder and the inference bundle saved with the experiment (`bundle.py`): the
 again. A history is a list of item ids (each counted as liked), of (item, rating) pairs, or a mapping item ->
 rating; or give `user=` and the user's history at the end of the stage is used.
 
-(About 470 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
+(About 530 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
 best together; how a query is checked lives in `queries.py`, how overrides are read in `overrides.py`.)
 """
 
@@ -379,7 +379,8 @@ class Recommender:
         Next-item runs generate them (trie-constrained beam search with at least `k` beams for LLMs, a full
         ranking for conventional models); CTR runs rank the candidate `items` by P(like). `exclude_seen`
         leaves out every item of the history given, or every item `user` rated up to the stage (the model
-        reads only the latest `task.history_len` of them).
+        reads only the latest `task.history_len` of them); candidates left out so are logged (`rank_many`
+        names them).
         """
         k = count_of(k)
         if self.task_name != "ctr":
@@ -390,7 +391,13 @@ class Recommender:
             return self.recommend_many([(history, k, user)], exclude_seen)[0]
         if items is None:
             raise EvoloraError("a CTR run ranks given candidates: recommend(..., items=[...])")
-        return self.rank_many([(history, item_list(items), k, user)], exclude_seen)[0].items
+        ranked = self.rank_many([(history, item_list(items), k, user)], exclude_seen)[0]
+        if ranked.left_out_seen:  # said, not silent: every candidate may be one of them
+            log.info(
+                "recommend: %d of the candidates left out as seen (%s); exclude_seen=False ranks them too",
+                len(ranked.left_out_seen), ", ".join(ranked.left_out_seen[:10]),
+            )  # fmt: skip
+        return ranked.items
 
     def rank_many(
         self, queries: list[tuple[History, list[str], int, str | None]], exclude_seen: bool = True

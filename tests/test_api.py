@@ -533,3 +533,14 @@ def test_a_bundle_written_before_the_data_changed_is_written_anew(
     assert not any(
         t.startswith("Foggy") for t in pl.read_parquet(root / "inference" / "items.parquet")["title"]
     )
+
+
+def test_candidates_left_out_as_seen_are_said(ctr_run, caplog: pytest.LogCaptureFixture) -> None:
+    """recommend(items=...) with every candidate one the user rated returns none, and says why."""
+    cfg, _ = ctr_run
+    rec = evolora.Recommender.load(Path(cfg.output_dir) / cfg.name, method="finetune")
+    user = rec.known_users[0]
+    seen = sorted(rec.seen_by(user))[:2]
+    with caplog.at_level(logging.INFO, logger="evolora"):
+        assert rec.recommend(user=user, items=seen, k=3) == []
+    assert f"2 of the candidates left out as seen ({', '.join(seen)})" in caplog.text
