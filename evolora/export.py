@@ -42,7 +42,7 @@ from evolora.continual.base import PlainLora
 from evolora.errors import EvoloraError
 from evolora.io import atomic_directory, check_replaceable
 from evolora.models.llm import LoraLM
-from evolora.models.weights import cached_copy, load_pretrained
+from evolora.models.weights import base_to_load, cached_copy, load_pretrained
 from evolora.queries import locate_run
 
 log = logging.getLogger("evolora")
@@ -119,10 +119,8 @@ class _Base:
 
     @classmethod
     def of(cls, name: str, revision: str | None) -> _Base:
-        copy = cached_copy(name, revision)
-        folder = Path(name).expanduser()  # a local folder by its absolute path: the export is read elsewhere
-        load = str(copy or (folder.resolve() if folder.is_dir() else name))
-        return cls(name, None if copy else revision, load, copy is not None)
+        load, at = base_to_load(name, revision)
+        return cls(name, at, load, cached_copy(name, revision) is not None)
 
     def code(self) -> str:
         """The arguments of `from_pretrained` that load it."""

@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from evolora.errors import ConfigError
 from evolora.models.llm import LoraLM
-from evolora.models.weights import cached_copy
+from evolora.models.weights import base_to_load
 
 # what marks a folder as an exported user adapter (which a new export may replace)
 USER_ADAPTER_MARKER = "evolora_user_adapter.json"
@@ -185,14 +185,12 @@ class PersonalizedLoRA(nn.Module):
                 state[f"base_model.model.{name}.lora_A.weight"] = a_u[0].float().cpu().contiguous()
                 state[f"base_model.model.{name}.lora_B.weight"] = b_u[0].float().cpu().contiguous()
         self.train(was_training)
-        copy = cached_copy(self.lm.name, revision)
-        folder = Path(self.lm.name).expanduser()
-        base = str(copy or (folder.resolve() if folder.is_dir() else self.lm.name))
+        base, revision = base_to_load(self.lm.name, revision)
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base,
-            **({"revision": revision} if revision and copy is None else {}),
+            **({"revision": revision} if revision else {}),
             "r": any_bank.rank,
             "lora_alpha": any_bank.scaling * any_bank.rank,
             "lora_dropout": 0.0,

@@ -226,6 +226,17 @@ def cached_copy(name: str, revision: str | None = None) -> Path | None:
     return cached if (cached / "config.json").is_file() else None
 
 
+def base_to_load(name: str, revision: str | None) -> tuple[str, str | None]:
+    """What a folder made from a run (an export, a user adapter) names as its base, so that `from_pretrained`
+    loads the weights the run loaded: (evolora's converted copy's folder, or a local folder's absolute path,
+    or the hub id; the revision, None for the converted copy, which has none)."""
+    copy = cached_copy(name, revision)
+    if copy is not None:
+        return str(copy), None
+    folder = Path(name).expanduser()  # by its absolute path: the folder made is read from elsewhere
+    return (str(folder.resolve()) if folder.is_dir() else name), revision
+
+
 def load_pretrained(
     name: str,
     dtype: torch.dtype,
