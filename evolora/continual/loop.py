@@ -531,17 +531,23 @@ def is_trained(stage_dir: Path) -> bool:
     return (trained_folder(stage_dir) / "trained.json").is_file()
 
 
-def _read_stage_state(unit: Path) -> dict[str, Any]:
-    """A stage's strategy state: `state.safetensors`, or the `state.pt` of an older evolora read with
-    `weights_only=True` (tensors and plain values only: a pickle that would run code is refused)."""
+def stage_state_file(unit: Path) -> Path:
+    """Where a stage's strategy state is: `state.safetensors`, or the `state.pt` of an older evolora."""
     current, legacy = unit / "state.safetensors", unit / "state.pt"
-    if current.is_file() or not legacy.is_file():
-        if not current.is_file():
-            raise DamagedFileError(current, f"{current} is missing (the stage's strategy state).")
-        return load_state(current)
+    return legacy if legacy.is_file() and not current.is_file() else current
+
+
+def _read_stage_state(unit: Path) -> dict[str, Any]:
+    """A stage's strategy state (`stage_state_file`); an older evolora's `state.pt` is read with
+    `weights_only=True` (tensors and plain values only: a pickle that would run code is refused)."""
+    path = stage_state_file(unit)
+    if path.suffix != ".pt":
+        if not path.is_file():
+            raise DamagedFileError(path, f"{path} is missing (the stage's strategy state).")
+        return load_state(path)
     try:
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the safe unpickler refuses anything but tensors and plain values
         raise DamagedFileError(
-            legacy, f"{legacy} cannot be read safely (an older pickle format; refused: {type(e).__name__})."
+            path, f"{path} cannot be read safely (an older pickle format; refused: {type(e).__name__})."
         ) from None

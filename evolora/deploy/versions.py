@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from evolora.continual.loop import trained_folder
+from evolora.continual.loop import stage_state_file, trained_folder
 from evolora.errors import ConfigError
 from evolora.io import atomic_write_json, read_json
 
@@ -110,11 +110,8 @@ class Versions:
         """What loading version `v` reads first: its stage's trained record and strategy state, and the
         bundle of its data (a version an update made; version 0's is rebuilt from the run's data)."""
         unit = trained_folder(self.root / v.folder)
-        state = unit / "state.safetensors"
-        if not state.is_file() and (unit / "state.pt").is_file():  # a run of an older evolora
-            state = unit / "state.pt"
         bundle = [(self.root / v.folder).parent / "inference" / "bundle.json"] if v.parent is not None else []
-        return [unit / "trained.json", state, *bundle]
+        return [unit / "trained.json", stage_state_file(unit), *bundle]
 
     def _promote(self, version: int, why: str) -> None:
         self.history.append({"promoted": version, "previous": self.promoted, "by": why, "at": _now()})
