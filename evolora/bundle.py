@@ -32,11 +32,7 @@ from evolora.data.samples import SampleTable
 from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
 from evolora.errors import EvoloraError
 from evolora.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
-from evolora.tasks.semantic import (
-    item_vectors_path_by_settings,
-    quantizer_path,
-    semantic_ids_path_by_settings,
-)
+from evolora.tasks.semantic import caches_by_settings, quantizer_path
 
 BUNDLE = "inference"
 log = logging.getLogger("evolora")
@@ -174,10 +170,7 @@ def load_bundle(root: Path, cfg: RunConfig) -> tuple[RunConfig, Prepared, pl.Dat
     if "caches" in meta:
         caches = {kind: folder / inside for kind, inside in meta["caches"].items()}
     else:  # an older evolora's bundle: its copies are named by the settings' key
-        caches = {"item_vectors": item_vectors_path_by_settings(inference_cfg)}
-        if cfg.task.name == "next_item":
-            caches["semantic_ids"] = semantic_ids_path_by_settings(inference_cfg, data)
-        caches = {kind: path for kind, path in caches.items() if path.is_file()}
+        caches = caches_by_settings(inference_cfg, data)
     return (
         inference_cfg,
         Prepared(data, None, table, {}, space, caches),

@@ -82,7 +82,7 @@ from evolora.models.weights import load_pretrained, weights_fingerprint
 from evolora.queries import trained_stage
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
-from evolora.tasks.semantic import item_vectors_path_by_settings, semantic_ids_path_by_settings
+from evolora.tasks.semantic import caches_by_settings
 from evolora.tracking import Tracker, check_tracking, tracker_for
 from evolora.workers import WORKER_ENV, devices_for, run_workers, take, work_queue, worker_label
 
@@ -313,15 +313,9 @@ def own_caches(root: Path, cfg: RunConfig, data: InteractionData) -> dict[str, P
     stages were trained on them."""
     marker = root / "experiment.json"
     recorded = read_json(marker).get("caches") if marker.is_file() else None
-    if recorded is not None:
-        paths = {kind: cfg.shared_root / inside for kind, inside in recorded.items()}
-    elif is_conventional(cfg.model.name):
-        paths = {}
-    elif cfg.task.name == "next_item":
-        paths = {"semantic_ids": semantic_ids_path_by_settings(cfg, data)}
-    else:
-        retrieves = getattr(cfg.task, "retrieve_from", None) is not None
-        paths = {"item_vectors": item_vectors_path_by_settings(cfg)} if retrieves else {}
+    if recorded is None:
+        return caches_by_settings(cfg, data)
+    paths = {kind: cfg.shared_root / inside for kind, inside in recorded.items()}
     return {kind: path for kind, path in paths.items() if path.is_file()}
 
 

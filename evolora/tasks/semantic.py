@@ -32,6 +32,7 @@ from evolora.data.prepare import Prepared
 from evolora.data.schema import InteractionData, item_fields
 from evolora.errors import ConfigError, DataError
 from evolora.io import load_npz, save_npz, stable_hash
+from evolora.models.conventional import is_conventional
 from evolora.models.rqvae import RQVAE, assign_codes, train_rqvae
 from evolora.models.semantic_ids import SemanticIds, embed_texts, make_unique
 from evolora.models.weights import weights_fingerprint
@@ -187,6 +188,22 @@ def semantic_ids_path_by_settings(cfg: RunConfig, data: InteractionData) -> Path
     return cfg.shared_root / "semantic_ids" / f"{key}.json"
 
 
+def caches_by_settings(cfg: RunConfig, data: InteractionData) -> dict[str, Path]:
+    """The cache files an evolora before 2026-12-05 kept for a run of `cfg` (keyed by settings, under
+    `cfg.shared_root`), those that exist: an LLM next-item run's semantic IDs, or the item embeddings of a
+    CTR run that retrieves its history by them. Its runs (their bundles, their experiments continued) read
+    these."""
+    if is_conventional(cfg.model.name):
+        return {}
+    if cfg.task.name == "next_item":
+        paths = {"semantic_ids": semantic_ids_path_by_settings(cfg, data)}
+    elif getattr(cfg.task, "retrieve_from", None) is not None:
+        paths = {"item_vectors": item_vectors_path_by_settings(cfg)}
+    else:
+        paths = {}
+    return {kind: path for kind, path in paths.items() if path.is_file()}
+
+
 def quantizer_path(ids_path: Path) -> Path:
     """The RQ-VAE that built the IDs at `ids_path`, beside them: an update encodes its new items with it."""
     return ids_path.with_name(f"{ids_path.stem}.rqvae.safetensors")
@@ -201,17 +218,17 @@ def semantic_ids_for(cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, 
     path = prepared.caches.get("semantic_ids")
     if path is None and staged is not None:
         path = semantic_ids_path(cfg, data, staged, pretrained)
-    if path is not None and path.is_file():
-        prepared.caches["semantic_ids"] = path
-        sids = SemanticIds.load(path)
-        log.info("semantic IDs: %d items, %d levels (cached %s)", len(sids), sids.levels, path.name)
-        return sids
-    if path is None or staged is None:  # a trained run's bundle without them: they cannot be rebuilt
+    if path is None or (staged is None and not path.is_file()):  # a trained run's bundle without them
         raise DataError(
             f"the semantic IDs this trained run was built with are missing from {cfg.shared_root.parent} "
             "(a run's own inference folder, deleted, is rebuilt from its data on the next load)"
         )
     prepared.caches["semantic_ids"] = path
+    if path.is_file():
+        sids = SemanticIds.load(path)
+        log.info("semantic IDs: %d items, %d levels (cached %s)", len(sids), sids.levels, path.name)
+        return sids
+    assert staged is not None  # (checked above: IDs are built from the staged data)
     if source == "dataset":
         if not items_have_ids(data.items):
             raise ConfigError("task.semantic_ids.source=dataset but this dataset ships no semantic IDs")
