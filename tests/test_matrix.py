@@ -254,3 +254,19 @@ def test_run_prints_the_summaries(matrix_run, tmp_path: Path) -> None:
     assert "stage-by-stage matrix" in result.output
     bwt = _results(matrix_run, "finetune")["summary"]["matrix"]["metrics"]["auc"]["bwt"]
     assert f"{bwt:+.4f}" in result.output
+
+
+def test_a_seed_that_stopped_earlier_stays_out_of_the_summary_table(matrix_run) -> None:
+    """A seed recorded through stage 1 of 2 beside one through stage 2: its `average` is over fewer stages,
+    so the summary table (like the difference table) leaves it out and names it."""
+    from evolora.eval.matrix_report import matrix_section, summary_table
+    from evolora.eval.report import MethodRuns
+
+    run = _results(matrix_run, "finetune")
+    early = {**run, "seed": 1, "complete": False, "stages": run["stages"][:1]}
+    groups = [MethodRuns("finetune", "d", "ctr", [run, early])]
+    table = summary_table(groups, "auc")
+    row = next(line for line in table.splitlines() if line.startswith("| finetune |"))
+    assert f"| {run['summary']['matrix']['metrics']['auc']['average']:.4f} |" in row and "(n=2)" not in row
+    section = "\n".join(matrix_section(groups, ["auc"], "auc"))
+    assert "finetune seed 1 (through stage 1 of 2)" in section

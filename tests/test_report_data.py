@@ -127,3 +127,86 @@ def test_the_python_api_gives_the_same_report(tmp_path: Path) -> None:
         report = evolora.report(given)
         assert report.data == same.data and report.text == same.text
     assert "differences" not in evolora.report(tmp_path / "strong").data  # no baseline among the runs
+
+
+def _edit_runs(root: Path, edit) -> None:
+    """Rewrite every results.json below `root` through `edit(run) -> run`."""
+    for path in root.rglob("results.json"):
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def test_an_unfinished_seed_is_averaged_over_the_stages_every_seed_has(tmp_path: Path) -> None:
+    """A seed stopped after D2 beside seeds through D3: averaging it over D2 alone and the others over both
+    made a mean of unlike means (the helper's kill gave -3% vs finetune for a method equal to it)."""
+    recorded = _write_runs(tmp_path)
+    unfinished = tmp_path / "strong" / "seed2" / "results.json"
+    run = json.loads(unfinished.read_text())
+    unfinished.write_text(json.dumps({**run, "complete": False, "stages": run["stages"][:1]}))
+    report = compose_report([tmp_path])
+    strong = report.data["metrics"]["auc"]["methods"]["strong"]
+    assert strong["averaged_stages"] == [2]
+    assert np.allclose(strong["mean"]["values"], [recorded[("strong", s)][2] for s in range(3)])
+    assert report.data["metrics"]["auc"]["methods"]["finetune"]["averaged_stages"] == [2, 3]
+    cells = _row(report.text, "### AUC per evaluated stage", "strong")
+    assert cells[3].endswith(" (n=2)") and "(n=" not in cells[2]  # D3 holds two of the three seeds
+    assert cells[4].endswith("(D2 only)")
+    assert "(n=" not in _row(report.text, "### AUC per evaluated stage", "finetune")[3]
+    # The user-kind means follow the same stages.
+    from evolora.eval.summary import MethodRuns
+
+    group = MethodRuns("m", "d", "ctr", [
+        {"seed": 0, "stages": [{"eval_stage": t, "metrics": {}, "by_user_kind": {"new": {"auc": t}}}
+                               for t in (2, 3)]},
+        {"seed": 1, "stages": [{"eval_stage": 2, "metrics": {}, "by_user_kind": {"new": {"auc": 5}}}]},
+    ])  # fmt: skip
+    assert group.kind_values("auc") == {"new": [2.0, 5.0]}
+
+
+def test_the_bootstrap_names_its_metric_and_skips_an_undefined_one(tmp_path: Path) -> None:
+    _write_runs(tmp_path)
+    _edit_runs(tmp_path, lambda r: {**r, "stages": [
+        {**s, "metrics": {**s["metrics"], "log_items": 4.0}} for s in r["stages"]]})  # fmt: skip
+    # a reference figure asked for first: the bootstrap is of the first that scores, and says so
+    report = compose_report([tmp_path], ["log_items", "auc", "auc"])
+    assert report.lead == "auc" and report.data["differences"]["metric"] == "auc"
+    assert report.text.count("### AUC per evaluated stage") == 1  # asked twice, shown once
+    # AUC undefined on every stage (rows of one label): LogLoss leads the bootstrap and the plot
+    _edit_runs(tmp_path, lambda r: {**r, "stages": [
+        {**s, "metrics": {**s["metrics"], "auc": None}} for s in r["stages"]]})  # fmt: skip
+    report = compose_report([tmp_path])
+    assert report.lead == "logloss" and report.data["differences"]["metric"] == "logloss"
+    assert "### Paired bootstrap: LOGLOSS difference to finetune" in report.text
+
+
+def test_one_evaluated_stage_shared_by_every_method_is_said_plainly(tmp_path: Path) -> None:
+    for method in ("finetune", "frozen"):
+        folder = tmp_path / method / "seed0"
+        (folder / "stage-1").mkdir(parents=True)
+        arrays = {"scores": np.linspace(0, 1, 8), "rows": np.arange(8), "truth": np.arange(8) % 2}
+        save_npz(folder / "stage-1" / "predictions.npz", arrays)
+        stage = {"train_stage": 1, "eval_stage": 2, "n_eval": 8, "metrics": {"auc": 0.5, "logloss": 0.7}}
+        run = {"method": method, "dataset": "d", "task": "ctr", "seed": 0, "complete": True}
+        run["stages"] = [stage]
+        (folder / "results.json").write_text(json.dumps(run))
+    report = compose_report([tmp_path])
+    assert "the only evaluated stage: nothing tells them apart" in report.text
+    assert "(no paired predictions)" not in report.text and "differences" not in report.data
+
+
+def test_an_out_folder_that_cannot_be_written_stops_the_report_before_its_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from evolora.eval import report as report_mod
+
+    _write_runs(tmp_path / "runs")
+    composed = []
+    real = report_mod.compose_report
+    monkeypatch.setattr(report_mod, "compose_report", lambda *a, **k: composed.append(1) or real(*a, **k))
+    (tmp_path / "file").write_text("x")
+    below_a_file = str(tmp_path / "file" / "r")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", below_a_file])
+    assert result.exit_code == 2 and "cannot be created" in result.output and composed == []
+    # a report that cannot be composed leaves no empty --out folder behind
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--metric", "nope", "--out",
+                                      str(tmp_path / "new")])  # fmt: skip
+    assert result.exit_code == 2 and composed == [1] and not (tmp_path / "new").exists()

@@ -199,14 +199,15 @@ def run(
     metric_names = tuple(m for m in shown if m in recorded) or shown
     console.print(stage_table(results, metric_names))
     console.print(stage_table_note(results), soft_wrap=True, highlight=False)
-    matrix = matrix_summary_table(results, metric_names[0])
-    if matrix is not None:
-        console.print(matrix)
     root = Path(cfg.output_dir) / cfg.name
     report = compose_report([root])
+    # the report's lead metric: the first the task shows that these runs define (AUC on one label is not)
+    matrix = matrix_summary_table(results, report.lead)
+    if matrix is not None:
+        console.print(matrix)
     atomic_write_text(root / "report.md", report.text)
     atomic_write_json(root / "report.json", report.data, strict=True)
-    write_plots(report.groups, metric_names[0], root)
+    write_plots(report.groups, report.lead, root)
     console.print(f"results: {root}/*/seed*/results.json; report: {root / 'report.md'}")
 
 
@@ -234,11 +235,17 @@ def report(
 
     if out is not None and out.exists() and not out.is_dir():
         raise EvoloraError(f"--out {out} is a file; give a folder for report.md and the plots")
-    _setup_logging(False, quiet=True)  # warnings only: the report is the answer
-    with progress.display(err_console):  # a bootstrap over many runs takes minutes
-        report = compose_report(run_dirs, metric, baseline)
-    if out is not None:
+    made = out is not None and not out.exists()
+    if out is not None:  # before minutes of bootstrap
         check_writable_folder(out, "--out")
+    _setup_logging(False, quiet=True)  # warnings only: the report is the answer
+    try:
+        with progress.display(err_console):  # a bootstrap over many runs takes minutes
+            report = compose_report(run_dirs, metric, baseline)
+    except BaseException:
+        if made and out is not None and not any(out.iterdir()):
+            out.rmdir()  # the folder made for a report that could not be composed
+        raise
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
     atomic_write_text(target / "report.md", report.text)
     atomic_write_json(target / "report.json", report.data, strict=True)

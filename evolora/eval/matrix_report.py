@@ -119,9 +119,10 @@ class _Draws:
             if np.isfinite(stacked[:, i]).any()
         }
 
-    def interval(self, method: str) -> dict[str, tuple[float, float]]:
-        """A 95% interval of each summary of `method` (the mean over the drawn seeds it has)."""
-        return self._over_draws(self.values.get(method, {}))
+    def interval(self, method: str, seeds: set[Any] | None = None) -> dict[str, tuple[float, float]]:
+        """A 95% interval of each summary of `method` (the mean over the drawn seeds it has, of `seeds`)."""
+        mine = self.values.get(method, {})
+        return self._over_draws({s: v for s, v in mine.items() if seeds is None or s in seeds})
 
     def difference(self, method: str, baseline: str, seeds: set[Any]) -> dict[str, tuple[float, float]]:
         """A 95% interval of each summary's difference method - baseline, seed by seed over `seeds`."""
@@ -143,15 +144,33 @@ def _last_trained(g: _Runs) -> dict[Any, int]:
     }
 
 
+def _furthest(g: _Runs) -> set[Any]:
+    """The seeds that recorded the method's furthest matrix row: summaries of a seed that stopped earlier
+    cover fewer stages (its `average` is over stages 1..t of its own t) and are not averaged with them."""
+    last = _last_trained(g)
+    return {s for s, t in last.items() if t == max(last.values())}
+
+
+def unfinished_matrix_seeds(groups: list[_Runs]) -> list[str]:
+    """'method seed s (through stage t of T)' for each seed the summary table leaves out (`_furthest`)."""
+    out = []
+    for g in groups:
+        last = _last_trained(g)
+        most = max(last.values(), default=0)
+        out += [f"{g.method} seed {s} (through stage {t} of {most})" for s, t in last.items() if t < most]
+    return out
+
+
 def summary_table(groups: list[_Runs], metric: str, boot: _Draws | None = None) -> str | None:
-    """Methods x summaries of one metric, over the runs (seeds) that recorded a matrix; intervals from
-    `boot` (none without it)."""
+    """Methods x summaries of one metric, over the seeds that recorded a matrix up to the method's furthest
+    stage (`_furthest`); intervals from `boot` (none without it)."""
     head = ["method", *SUMMARIES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        per_run = list(_per_seed(g, metric).values())
+        seeds = _furthest(g)
+        per_run = [v for s, v in _per_seed(g, metric).items() if s in seeds]
         if per_run:
-            intervals = boot.interval(g.method) if boot else {}
+            intervals = boot.interval(g.method, seeds) if boot else {}
             cells = [_cell([s[k] for s in per_run], k in SIGNED, intervals.get(k)) for k in SUMMARIES]
             lines.append(f"| {g.method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) if len(lines) > 2 else None
@@ -208,6 +227,13 @@ def matrix_section(groups: list[_Runs], metrics: list[str], lead: str, baseline:
         "ran to the same last stage, with the interval of the same resamples taken jointly for both "
         "(paired in rows and seeds); **bold**: the interval excludes 0 (decided)."
     ]
+    unfinished = unfinished_matrix_seeds(groups)
+    if unfinished:
+        out.append(
+            "\nLeft out of the summaries until they finish (their summaries would cover fewer stages): "
+            + ", ".join(unfinished)
+            + "."
+        )
     for m in (m for m in metrics if not is_reference(m)):
         boot = _Draws(groups, m, draws=1000, seed=0)
         table = summary_table(groups, m, boot)

@@ -42,6 +42,7 @@ def plot_metric(groups: list[MethodRuns], metric: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120)
     colours = plt.get_cmap("tab10").colors
+    hollow = False
     for i, g in enumerate(groups):
         vals = g.stage_values(metric)
         stages = sorted(vals)
@@ -52,6 +53,12 @@ def plot_metric(groups: list[MethodRuns], metric: str, path: Path) -> None:
         if any(len(vals[s]) > 1 for s in stages):
             sd = [np.std(vals[s]) for s in stages]
             ax.fill_between(stages, np.subtract(means, sd), np.add(means, sd), color=colour, alpha=0.12)
+        # A point of fewer seeds than the method ran (one unfinished) is not the others' kind of mean.
+        fewer = [(s, m) for s, m in zip(stages, means, strict=True) if len(vals[s]) < len(g.runs)]
+        if fewer:
+            xs, ys = zip(*fewer, strict=True)
+            ax.plot(xs, ys, marker=marker, linestyle="none", color=colour, markerfacecolor="white")
+            hollow = True
     ax.set_xlabel("evaluated stage")
     ax.set_ylabel(metric.upper())
     ax.set_xticks(sorted({s for g in groups for s in g.stage_values(metric)}))
@@ -59,6 +66,8 @@ def plot_metric(groups: list[MethodRuns], metric: str, path: Path) -> None:
     # Many methods: the legend goes beside the axes, in two columns past 12.
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=2 if len(groups) > 12 else 1)
     ax.set_title(f"{metric.upper()} per stage")
+    if hollow:
+        fig.text(0.01, 0.005, "hollow marker: a mean of fewer seeds than the method ran", fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")

@@ -2,8 +2,10 @@
 
 Input is any set of run folders; every `results.json` below them is read. Runs of the same method (label) on
 the same dataset and task with different seeds are averaged, and the table says how many seeds went in
-(± is the standard deviation across seeds). Runs on other data or of another task, and two runs of one
-method with one seed, are refused (`eval/runs.py`): no table can put them side by side.
+(± is the standard deviation across seeds). A method's mean over stages covers the stages every one of
+its seeds evaluated (an unfinished seed's missing stages are not averaged for the others either), and a
+cell that holds fewer seeds than its row says how many (n=k). Runs on other data or of another task, and
+two runs of one method with one seed, are refused (`eval/runs.py`): no table can put them side by side.
 
 When the methods of each experiment score the same on the first evaluated stage (they all evaluate one
 shared stage-1 adapter, or one conventional model's stage-1 weights), that stage cannot tell them apart:
@@ -120,20 +122,28 @@ def metric_table(
     if base_mean is not None:
         head.append(f"vs {baseline}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    # A method without the metric on a stage others have it on (LSAT's nll_valid) averages fewer stages:
-    # its mean says which, rather than standing beside the others' as if alike.
+    # A method without the metric on a stage others have it on (LSAT's nll_valid), or with a seed that has
+    # not finished, averages fewer stages: its mean says which, rather than standing beside the others' as
+    # if alike; a cell with fewer seeds than its row says how many it holds.
     averaged = {s for g in groups for s in g.stage_values(metric)} - {skip}
     for g in groups:
         vals = g.stage_values(metric)
         means = g.mean_values(metric, skip)
         mean = _fmt(means)
-        if means and (mine := set(vals) - {skip}) != averaged:
+        if means and (mine := set(vals) & g.averaged_stages(skip)) != averaged:
             mean += " (" + ", ".join(f"D{s}" for s in sorted(mine)) + " only)"
-        row = [g.method, str(len(g.runs)), *[_fmt(vals.get(s, [])) for s in stages], mean]
+        cells = [_fmt(vals.get(s, [])) + _fewer(vals.get(s, []), len(g.runs)) for s in stages]
+        row = [g.method, str(len(g.runs)), *cells, mean]
         if base_mean is not None:  # a baseline at 0 (Hit@5 often is) has no relative gain: "–"
             row.append(f"{relative_gain(means, base_mean, metric):+.2f}%" if means and base_mean else "–")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _fewer(vals: list[float], seeds: int) -> str:
+    """The note for a cell that holds k values in a row of more seeds (one unfinished, or undefined there):
+    " (n=k)"."""
+    return f" (n={len(vals)})" if 0 < len(vals) < seeds else ""
 
 
 def _evaluated_stages(groups: list[MethodRuns]) -> list[int]:
@@ -238,6 +248,7 @@ def compose_report(
         sets = [metric_set(t) for t in sorted(tasks)]
         ordered = [m for ms in sets for m in ms.shown] + [m for ms in sets for m in ms.names]
         metrics = [m for m in dict.fromkeys(ordered) if m in recorded]
+    metrics = list(dict.fromkeys(metrics))  # a metric asked for twice is one table
     unknown = [m for m in metrics if m not in recorded]
     if unknown:
         raise EvoloraError(
@@ -260,7 +271,13 @@ def compose_report(
             f"were kept, so these figures are not those of a trained stage): {', '.join(lost)}."
         )
     covered = f"means, `vs {baseline}` and bootstrap differences" if baseline in methods else "means"
-    if skip is not None:
+    nothing_left = skip is not None and _evaluated_stages(groups) == [skip]
+    if nothing_left:
+        out.append(
+            f"The methods score the same on D{skip} (one shared stage-1 model), the only evaluated stage: "
+            "nothing tells them apart, so there are no means or differences (run more stages)."
+        )
+    elif skip is not None:
         out.append(
             f"The methods of each experiment score the same on D{skip} (one shared stage-1 model): "
             f"{covered} leave D{skip} out."
@@ -300,12 +317,15 @@ def compose_report(
                 "none was evaluated): the means leave it out."
             )
     # The bootstrap, the user-kind table and the plots follow the first metric that scores the models (a
-    # reference figure asked for first is the same for every method).
-    lead = next((m for m in metrics if not is_reference(m)), None)
+    # reference figure asked for first is the same for every method) and is defined on some stage (AUC on
+    # rows of one label is not: its interval and plot would be empty beside a defined LogLoss).
+    scoring = [m for m in metrics if not is_reference(m)]
+    defined = [m for m in scoring if any(g.stage_values(m) for g in groups)]
+    lead = (defined or scoring or [None])[0]
     plotted = lead or metrics[0]
     differences = (
         None
-        if lead is None
+        if lead is None or nothing_left
         else bootstrap_differences(groups, lead, baseline=baseline, draws=DRAWS, skip=skip)
     )
     if differences is not None:
@@ -346,7 +366,7 @@ def compose_report(
             f"({_duration(stages)} in stages, {_duration(setup)} setting up: data, models, item embeddings)"
             + ("." if on_cpu else "; some runs were recorded before CPU time was kept.")
         )
-    data = report_data(groups, metrics, baseline, skip, differences, DRAWS)
+    data = report_data(groups, metrics, baseline, skip, differences, DRAWS, lead)
     return Report("\n".join(out) + "\n", groups, data, plotted)
 
 

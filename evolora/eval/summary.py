@@ -4,7 +4,8 @@ beside report.md, for scripts and figures of one's own.
 It holds the numbers of report.md's main tables, each seed's value kept: per metric and method the seeds,
 every evaluated stage's values (one per seed, in the order of `seeds`; null where a seed has none) with
 their mean and standard deviation over seeds (the population one, as the tables' ±), the mean over stages
-(but a shared first stage, `left_out_stage`) and its relative gain over the baseline in percent (positive
+(`averaged_stages`: those every seed of the method evaluated, but a shared first stage, `left_out_stage`)
+and its relative gain over the baseline in percent (positive
 is better, as the tables' `vs` column), and the paired bootstrap differences to the baseline with their 95%
 intervals. The forgetting matrix, the user kinds and the cost table stay in report.md; each run's
 results.json has them per seed.
@@ -46,13 +47,21 @@ class MethodRuns:
     def stage_values(self, metric: str) -> dict[int, list[float]]:
         return {t: list(by_seed.values()) for t, by_seed in self.seed_values(metric).items()}
 
+    def averaged_stages(self, skip: int | None = None) -> set[int]:
+        """The evaluated stages a mean over stages covers: those every seed recorded (an unfinished seed
+        would otherwise be averaged over fewer stages than the others, unlike them), but `skip`."""
+        recorded = [{s["eval_stage"] for s in r["stages"]} for r in self.runs]
+        return set.intersection(*recorded) - {skip} if recorded else set()
+
     def kind_values(self, metric: str, skip: int | None = None) -> dict[str, list[float]]:
-        """Per user kind: the mean over stages (but `skip`) of each run (one value per seed)."""
+        """Per user kind: the mean over the averaged stages (`averaged_stages`) of each run (one value per
+        seed)."""
         out: dict[str, list[float]] = defaultdict(list)
+        averaged = self.averaged_stages(skip)
         for r in self.runs:
             per_kind: dict[str, list[float]] = defaultdict(list)
             for s in r["stages"]:
-                if s["eval_stage"] == skip:
+                if s["eval_stage"] not in averaged:
                     continue
                 for kind, m in s.get("by_user_kind", {}).items():
                     v = m.get(metric)
@@ -63,13 +72,15 @@ class MethodRuns:
         return dict(out)
 
     def seed_means(self, metric: str, skip: int | None = None) -> dict[Any, float]:
-        """Per run (seed): the metric's mean over its evaluated stages, leaving out stage `skip`."""
+        """Per run (seed): the metric's mean over the averaged stages (`averaged_stages`) where it is
+        defined."""
         vals = {}
+        averaged = self.averaged_stages(skip)
         for i, r in enumerate(self.runs):
             stage_vals = [
                 float(s["metrics"][metric])
                 for s in r["stages"]
-                if s["eval_stage"] != skip and _finite(s["metrics"].get(metric))
+                if s["eval_stage"] in averaged and _finite(s["metrics"].get(metric))
             ]
             if stage_vals:
                 vals[r.get("seed", i)] = float(np.mean(stage_vals))
@@ -113,6 +124,7 @@ def _method(g: MethodRuns, metric: str, skip: int | None) -> dict[str, Any]:
         "seeds": seeds,
         "stages": sorted(stages, key=lambda x: x["stage"]),
         "mean": _spread([means.get(s) for s in seeds]),
+        "averaged_stages": sorted(g.averaged_stages(skip)),
     }
 
 
@@ -123,9 +135,10 @@ def report_data(
     skip: int | None,
     differences: list[dict[str, Any]] | None,
     draws: int,
+    lead: str | None,
 ) -> dict[str, Any]:
     """report.json's content: see the module doc. `differences`: `bootstrap_differences`'s rows for the
-    first metric (None without the baseline)."""
+    metric `lead` (None without the baseline)."""
     methods = [g.method for g in groups]
     has_baseline = baseline in methods
     out: dict[str, Any] = {
@@ -153,7 +166,7 @@ def report_data(
         out["metrics"][metric] = entry
     if differences is not None:
         out["differences"] = {
-            "metric": metrics[0],
+            "metric": lead,
             "baseline": baseline,
             "draws": draws,
             "interval": 0.95,
