@@ -557,7 +557,8 @@ class TrainConfig(Section):
     )
     select_by: Literal["auto", "metric", "loss", "last"] = Field(
         "auto",
-        description="metric: the task's validation metric (AUC for ctr, NDCG@10 for next_item); "
+        description="metric: the task's validation metric (AUC for ctr, NDCG@10 for next_item; where it is "
+        "undefined on the validation rows, e.g. AUC on one label, the validation loss); "
         "loss: validation loss; auto: metric for ctr, loss for next_item (beam search every epoch is costly)",
     )
     patience: int | None = Field(None, ge=1)

@@ -1,4 +1,5 @@
-"""Train one adapter on one stage's samples, keeping the best epoch on validation.
+"""Train one adapter on one stage's samples, keeping the best epoch on validation (by the validation loss
+where the metric is undefined on the validation rows: `_validate`).
 
 The loop is deliberately plain (AdamW, optional warmup and decay, gradient clipping, micro-batch
 accumulation); a strategy changes training only through the parameters it hands in and the extra loss term
@@ -76,15 +77,11 @@ def _schedule(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 def _validate(
     lm: Backbone, task: Task, rows: np.ndarray, cfg: TrainConfig, batch_size: int
 ) -> dict[str, float]:
-    """Validation numbers for epoch selection; larger `score` is better whatever `select_by` is."""
+    """Validation numbers for epoch selection; larger `score` is better whatever `select_by` is. Where the
+    metric is undefined on the rows (AUC on one label, every epoch alike), the validation loss scores the
+    epochs: else none would beat the starting weights, kept without a word."""
     if cfg.select_by == "loss":
-        lm.model.eval()
-        losses = []
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start : start + batch_size]
-                losses.append(float(task.loss(lm, batch)) * len(batch))
-        value = sum(losses) / len(rows)
+        value = _valid_loss(lm, task, rows, batch_size)
         return {"valid_loss": value, "score": -value if math.isfinite(value) else -math.inf}
     try:
         metrics = task.metrics(task.predict(lm, rows, batch_size, desc="validating"), rows)
@@ -94,8 +91,24 @@ def _validate(
         return {f"valid_{task.primary_metric}": math.nan, "score": -math.inf}
     value = metrics[task.primary_metric]
     out = {f"valid_{k}": v for k, v in metrics.items()}
-    out["score"] = value if not math.isnan(value) else -math.inf
+    if math.isnan(value):
+        loss = _valid_loss(lm, task, rows, batch_size)
+        out["valid_loss"] = loss
+        out["score"] = -loss if math.isfinite(loss) else -math.inf
+    else:
+        out["score"] = value
     return out
+
+
+def _valid_loss(lm: Backbone, task: Task, rows: np.ndarray, batch_size: int) -> float:
+    """The task's training loss on the validation rows (mean per sample), without gradients."""
+    lm.model.eval()
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            losses.append(float(task.loss(lm, batch)) * len(batch))
+    return sum(losses) / len(rows)
 
 
 @dataclass
@@ -158,6 +171,7 @@ def train_adapter(
             progress.best_value = v["score"]
             progress.history.append({"epoch": 0, **v})
 
+    warned = False  # that the validation metric is undefined (once a job)
     for epoch in range(progress.epoch + 1, cfg.epochs + 1):
         if cfg.patience is not None and progress.stale >= cfg.patience:
             break
@@ -169,6 +183,12 @@ def train_adapter(
         if use_valid:
             with cost.part("validation"):
                 record.update(_validate(lm, task, valid_rows, cfg, eval_batch_size))
+            if cfg.select_by != "loss" and "valid_loss" in record and not warned:
+                warned = True
+                log.warning(
+                    "%s: validation %s is undefined on its %d rows (one label?): epochs are chosen by the "
+                    "validation loss", desc, task.primary_metric, len(valid_rows),
+                )  # fmt: skip
             if record["score"] > progress.best_value:
                 progress.best_value, progress.best_epoch = record["score"], epoch
                 progress.best_state = _snapshot(params)
@@ -192,6 +212,8 @@ def train_adapter(
     value = None if not use_valid or progress.best_value == -math.inf else float(progress.best_value)
     if value is not None and cfg.select_by == "loss":
         value = -value
+    elif any("valid_loss" in h for h in progress.history):  # the metric was undefined: it has no best value
+        value = None
     return TrainResult(
         progress.epoch, progress.best_epoch, value, progress.elapsed, progress.history, cost.since(started)
     )
