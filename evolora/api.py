@@ -61,6 +61,7 @@ from evolora.queries import (
     Ranked,
     Scored,
     batch_of,
+    checked_samples,
     count_of,
     history_pairs,
     item_list,
@@ -315,6 +316,8 @@ class Recommender:
             ("hist_items", samples["hist_items"].explode()),
         ):
             self._check_items([str(v) for v in values.drop_nulls().to_list()], column)
+        # a conventional model's IDs (the LLM reads no user id)
+        samples = checked_samples(samples, self._task.table.n_stages, getattr(self._task, "space", None))
         schema = query_frame([]).schema  # the sample table's other columns, where not given: a query's
         samples = samples.with_columns(
             pl.lit(value, schema[c]).alias(c)

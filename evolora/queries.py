@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 
+from evolora.data.ids import IdSpace
 from evolora.errors import ConfigError, EvoloraError
 from evolora.io import read_json
 
@@ -207,3 +209,24 @@ def locate_run(path: Path, method: str | None, seed: int | None) -> tuple[Path, 
     if method not in methods:
         raise ConfigError(f"{path}: no finished run of {method!r} with seed {seed} (there are: {methods})")
     return path / method / f"seed{seed}", path
+
+
+def checked_samples(samples: pl.DataFrame, n_stages: int, space: IdSpace | None) -> pl.DataFrame:
+    """`Recommender.predict_samples`'s rows, their stages checked (1..n_stages) and, for a model with user
+    IDs (`space`), users it does not know made its cold user, as a query with a history and no user."""
+    stages = samples["stage"]
+    if not stages.dtype.is_integer() or stages.null_count():
+        raise EvoloraError(f"predict_samples: `stage` holds whole numbers 1..{n_stages}, not {stages.dtype}")
+    outside = sorted(set(stages.filter((stages < 1) | (stages > n_stages)).to_list()))
+    if outside:
+        raise EvoloraError(
+            f"predict_samples: stage {outside[0]} is not one of the run's stages 1..{n_stages}"
+        )
+    if space is None:
+        return samples
+    users = pl.col("user_id").cast(pl.Utf8)
+    known = samples.select(users.is_in(list(space.user_index())))["user_id"]
+    if known.all():
+        return samples
+    log.info("predict_samples: %d rows of users the run does not know, scored as new users", (~known).sum())
+    return samples.with_columns(pl.when(known).then(users).otherwise(pl.lit("")).alias("user_id"))

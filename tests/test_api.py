@@ -187,6 +187,14 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
     stored = load_npz(run_dir_of(conv, "sasrec-finetune", 0) / "stage-3" / "predictions.npz")
     got = rec.predict_samples(samples_of(conv, 3, stored["rows"]))
     np.testing.assert_array_equal(got.items, stored["items"])
+    # users the model has no row for are its cold user, as a query's history without a user; stages are
+    # the run's (a traceback of polars or numpy before)
+    some = samples_of(conv, 3, stored["rows"][:4])
+    ghosts = rec.predict_samples(some.with_columns(user_id=pl.lit("ghost")))
+    cold = rec.predict_samples(some.with_columns(user_id=pl.lit("")))
+    np.testing.assert_array_equal(ghosts.items, cold.items)
+    with pytest.raises(EvoloraError, match=r"stage 9 is not one of the run's stages 1\.\.3"):
+        rec.predict_samples(some.with_columns(stage=pl.lit(9)))
     top = rec.recommend(user=rec.known_users[0], k=5)
     assert len(top) == 5
     rated = set(prepare_data(conv).staged.filter(pl.col("user_id") == rec.known_users[0])["item_id"])

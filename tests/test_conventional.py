@@ -252,6 +252,28 @@ def test_exclude_history_never_recommends_a_history_item(
         assert history and not history & set(ranked.items[q].tolist())
 
 
+def test_a_history_item_past_the_candidates_leaves_every_candidate_in(
+    arrivals_dir: Path, tmp_path: Path
+) -> None:
+    """A query asked of an earlier stage may hold an item of a later one (beyond the row's candidates): it
+    was clamped onto the last candidate, which then vanished from the ranking without a word."""
+    over = {
+        "task.name": "next_item",
+        "task.history_len": 6,
+        "task.template": "peso",
+        "task.exclude_history": "true",
+    }
+    lm, task, _ = build(config(arrivals_dir, tmp_path, "sasrec", **over))
+    task.before_stage(lm, 1)
+    row = int(np.flatnonzero(task.stages == 1)[0])
+    n = int(task.known[1])
+    assert task.space.n_items + 1 > n  # later stages bring items stage 1 does not know
+    before = torch.isfinite(task.candidate_scores(lm, np.array([row])))[0]
+    task._excluded[row, 0] = task.space.n_items  # the newest item, of a later stage
+    after = torch.isfinite(task.candidate_scores(lm, np.array([row])))[0]
+    assert after[n - 1] == before[n - 1] and torch.equal(after, before)
+
+
 # --------------------------------------------------------------------------------------------- ID tables
 
 

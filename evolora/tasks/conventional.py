@@ -202,7 +202,10 @@ class ConventionalNextItemTask(_ConventionalTask):
         outside = (cols[None, :] >= limits[:, None]) | (cols[None, :] == 0)
         if self.cfg.exclude_history:
             excluded = self._excluded[torch.from_numpy(np.asarray(rows, dtype=np.int64))].to(lm.device)
-            outside = outside | torch.zeros_like(outside).scatter_(1, excluded.clamp(max=n - 1), True)
+            # An item past the candidates (a query at an earlier stage may hold a later item) excludes
+            # nothing: it goes to column 0, never a candidate, not onto the last candidate.
+            excluded = excluded.masked_fill(excluded >= n, 0)
+            outside = outside | torch.zeros_like(outside).scatter_(1, excluded, True)
             outside[:, 0] = True
         scores = scores.masked_fill(outside, -torch.inf)
         return torch.log_softmax(scores, dim=1)
