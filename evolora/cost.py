@@ -222,6 +222,28 @@ def stage_cost(taken: dict[str, Any], since: tuple[float, float]) -> dict[str, A
     return out
 
 
+def of_processes(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cost record (`stage_cost`) for the processes of a launch, each one's record given in process
+    order: CPU seconds and tokens summed over them (the work each did: under DDP each read its share of the
+    rows), wall-clock seconds and saved seconds the main process's (they ran side by side), and `processes`,
+    how many there were. One record: itself."""
+    if len(records) == 1:
+        return records[0]
+    main = records[0]
+    names = dict.fromkeys(k for r in records for k in r["parts"])
+    parts = {}
+    for name in names:
+        entry = dict(main["parts"].get(name, {**_rounded(_zero())}))
+        for f in ("cpu_seconds", "tokens", "backward_tokens"):
+            total = sum(r["parts"].get(name, {}).get(f, 0) for r in records)
+            entry[f] = round(total, 3) if f == "cpu_seconds" else int(total)
+        parts[name] = entry
+    out = {**main, "parts": parts, "processes": len(records)}
+    if all("total_cpu_seconds" in r for r in records):
+        out["total_cpu_seconds"] = round(sum(r["total_cpu_seconds"] for r in records), 3)
+    return out
+
+
 def add(costs: list[dict[str, Any]]) -> dict[str, Any]:
     """Several cost records summed (a run's summary from its stages)."""
     parts: dict[str, dict[str, float]] = {}

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
+import json
 import logging
 import os
 import shutil
@@ -431,8 +433,10 @@ def run_experiment(
             # (they must agree on what they reuse, and the others may look after it started a stage)
             continuing = parallel.gather(_has_work(root))[0]
             pairs = [(i, seed) for i in range(len(cfg.strategies)) for seed in cfg.seeds]
-            if jobs > 1 and len(pairs) > 1:
-                results = _run_in_workers(cfg, root, context_key, pairs, min(jobs, len(pairs)), continuing)
+            # A worker sets up (data, model) before its first pair: one per pair left to train, no more.
+            left = [p for p in pairs if not _finished(cfg, *p)]
+            if jobs > 1 and len(left) > 1:
+                results = _run_in_workers(cfg, root, context_key, pairs, min(jobs, len(left)), continuing)
             else:
                 results = _run_locked(cfg, root, context_key, on_stage, pairs, continuing)
         except BaseException:
@@ -442,6 +446,15 @@ def run_experiment(
         if parallel.writes() and replaced.exists():
             shutil.rmtree(replaced)
         return results
+
+
+def _finished(cfg: RunConfig, index: int, seed: int) -> bool:
+    """Whether the run of strategy `index` and `seed` recorded every stage (its results.json says so)."""
+    path = run_dir_of(cfg, method_label(cfg, cfg.strategies[index]), seed) / "results.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _check_runs(cfg: RunConfig) -> None:
@@ -568,8 +581,10 @@ def _run_locked(
                 contents["token_rows"] = "input and output layers"
         if parallel.sharded():  # FSDP: after set-up, which runs in one process at a time
             lm.shard()
-        # Once per experiment (per process): the data, the model, item embeddings, RQ-VAE, the bundle
-        environment["setup_cost"] = cost.stage_cost(cost.take(), since=started)
+        # Once per experiment (per process; a launch's processes together): the data, the model, item
+        # embeddings, RQ-VAE, the bundle
+        setup_cost = cost.stage_cost(cost.take(), since=started)
+        environment["setup_cost"] = cost.of_processes(parallel.gather(setup_cost))
         environment["setup_id"] = uuid.uuid4().hex[:12]  # this process's sitting: a report counts it once
         shared = shared_store(cfg, root, contents, continuing)
         tracker = tracker_for(cfg, root) if parallel.is_main() else Tracker()
@@ -607,7 +622,9 @@ def _run_in_workers(
     names = ", ".join(f"{method_label(cfg, cfg.strategies[k])} (seed {seed})" for k, seed in pairs)
     where = ", ".join(dict.fromkeys(devices))  # each device once, in order
     log.info("%d workers (%s, %d threads each) take these pairs in turn: %s", jobs, where, threads, names)
-    work = work_queue(pairs, jobs)
+    # Pairs left to train first, so each worker's first pair is work; the finished ones are looked at after
+    # (their record rewritten, a stage tracking missed logged), as a run of one process does.
+    work = work_queue(sorted(pairs, key=lambda p: _finished(cfg, *p)), jobs)
     data = cfg.model_dump(mode="json")
     with tracker_for(cfg, root).experiment(cfg):  # made here: every worker nests its runs under it
         run_workers(
@@ -644,7 +661,10 @@ def _worker_main(
         logging.getLogger(noisy).setLevel(logging.ERROR)
     set_threads(threads)
     keep_freed_memory()
-    _run_locked(cfg, Path(root), context_key, None, (tuple(p) for p in take(work)), continuing)
+    pairs = (tuple(p) for p in take(work))
+    first = next(pairs, None)  # before the set-up: a worker left without a pair loads nothing
+    if first is not None:
+        _run_locked(cfg, Path(root), context_key, None, itertools.chain([first], pairs), continuing)
 
 
 def _run_strategies(

@@ -31,10 +31,13 @@ class LockedError(EvoloraError):
 
 
 def _holder() -> dict[str, object]:
+    program = Path(sys.argv[0]).name if sys.argv else "?"
+    if program == "__main__.py":  # `python -m evolora` (as `accelerate launch -m evolora` starts it)
+        program = "python -m evolora"
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "?",
+        "command": " ".join([program, *sys.argv[1:]]),
         "since": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
 

@@ -23,6 +23,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 import traceback
 import warnings
@@ -96,7 +97,21 @@ def run_workers(target: Callable[..., None], per_worker: Sequence[tuple[Any, ...
         label, kind, text = failure
         if kind == "user":
             raise EvoloraError(f"{label}: {text}")
+        if kind == "gone":  # no traceback to show: what happened to it, in one line
+            raise EvoloraError(f"{label} {text}; rerun the same command to continue where it stopped")
         raise WorkerError(f"{label} failed:\n{text}")
+
+
+def _gone(exitcode: int) -> str:
+    """How a worker that never reported ended: a signal (kill, the out-of-memory killer) or an exit code."""
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = "an unknown signal"
+        hint = " (out of memory? the kernel's OOM killer sends it)" if -exitcode == signal.SIGKILL else ""
+        return f"was killed by signal {-exitcode}, {name}{hint}"
+    return f"exited with code {exitcode} before finishing"
 
 
 def _wait(procs: list[tuple[str, Any]], messages: Any) -> tuple[str, str, str] | None:
@@ -122,7 +137,7 @@ def _wait(procs: list[tuple[str, Any]], messages: Any) -> tuple[str, str, str] |
                     except queue.Empty:
                         pass
                     if label not in reported:
-                        return label, "crash", f"exited with code {p.exitcode} before finishing"
+                        return label, "gone", _gone(p.exitcode)
     for _, p in procs:
         p.join()
     return None

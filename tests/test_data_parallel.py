@@ -133,6 +133,17 @@ def test_two_processes_train_and_evaluate_as_one(
     assert "per-stage results" in done.stdout and done.stdout.count("per-stage results") == 1
     # warnings too are the main process's: every process prepares the same data
     assert (done.stdout + done.stderr).count("asks for more samples than the valid pool holds") == 1
+    # The cost records add up both processes' work: under DDP each read its share of every batch and of the
+    # evaluated rows, so the tokens are one process's (FSDP evaluates every row in both processes).
+    for res in one:
+        two = json.loads((tmp_path / "two" / "t" / res["method"] / "seed0" / "results.json").read_text())
+        assert two["setup_cost"]["processes"] == 2
+        for a, b in zip(res["stages"], two["stages"], strict=True):
+            assert b["cost"]["processes"] == 2 and "processes" not in a["cost"]
+            if engine == "ddp":
+                tokens = {k: (p["tokens"], p["backward_tokens"]) for k, p in a["cost"]["parts"].items()}
+                assert {k: (p["tokens"], p["backward_tokens"]) for k, p in b["cost"]["parts"].items()
+                        if p["tokens"]} == {k: v for k, v in tokens.items() if v[0]}  # fmt: skip
     held = re.findall(r"FSDP: this process holds ([\d.]+)% of the decoder layers' weights", log)
     if engine == "fsdp":  # one process's share: half the frozen weights, and the LoRA factors whole
         assert len(held) == 1 and 50 < float(held[0]) < 60, held
@@ -201,4 +212,25 @@ def test_other_commands_refuse_a_launch(sunny_dir: Path, monkeypatch: pytest.Mon
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = CliRunner().invoke(app, ["data", "info", str(sunny_dir)])
-    assert result.exit_code == 2 and "runs in one process" in result.output
+    assert result.exit_code == 2 and "`evolora data info` runs in one process" in result.output
+    result = CliRunner().invoke(app, ["export-user-adapter", str(sunny_dir), "u1"])
+    assert result.exit_code == 2 and "`evolora export-user-adapter` runs in one process" in result.output
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_ctrl_c_under_a_launch_is_said_once(
+    rank: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from evolora import config
+    from evolora.cli import app
+
+    def interrupted(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)  # Ctrl-C reaches every process of the launch
+    monkeypatch.setattr(config, "load_config", interrupted)
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "c.yaml")])
+    assert result.exit_code == 130 and result.output.count("interrupted") == (rank == "0")

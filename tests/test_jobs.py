@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,9 @@ def _adapters(run_dir: Path, stage: int) -> dict[str, torch.Tensor]:
     }
 
 
-def test_two_workers_train_the_shared_job_once_and_match_one_process(sunny_dir: Path, tmp_path: Path) -> None:
+def test_two_workers_train_the_shared_job_once_and_match_one_process(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     parallel = run_experiment(tiny_config(sunny_dir, tmp_path / "two", **OVER), jobs=2)
     serial = run_experiment(tiny_config(sunny_dir, tmp_path / "one", **OVER), jobs=1)
     assert [r["method"] for r in parallel] == [r["method"] for r in serial] == ["frozen", "finetune", "peso"]
@@ -55,9 +58,25 @@ def test_two_workers_train_the_shared_job_once_and_match_one_process(sunny_dir: 
             for k in a:
                 assert torch.equal(a[k], b[k]), (p["method"], stage, k)
 
-    # A rerun with workers redoes nothing.
-    again = run_experiment(tiny_config(sunny_dir, tmp_path / "two", **OVER), jobs=2)
-    assert [r["stages"] for r in again] == [r["stages"] for r in parallel]
+    # A rerun with workers redoes nothing, and starts no worker to find that out (each would set up: load
+    # the data and the model); one pair left is one process's work, two are two workers'.
+    from evolora import experiment
+
+    started, real = [], experiment._run_in_workers
+    monkeypatch.setattr(experiment, "_run_in_workers", lambda *a: started.append(a[4]) or real(*a))
+    again = run_experiment(tiny_config(sunny_dir, tmp_path / "two", **OVER), jobs=3)
+    assert [r["stages"] for r in again] == [r["stages"] for r in parallel] and started == []
+    shutil.rmtree(tmp_path / "two" / "t" / "peso")
+    again = run_experiment(tiny_config(sunny_dir, tmp_path / "two", **OVER), jobs=3)
+    assert started == [] and [r["metrics"] for r in again[2]["stages"]] == [
+        r["metrics"] for r in parallel[2]["stages"]
+    ]
+    shutil.rmtree(tmp_path / "two" / "t" / "peso")
+    shutil.rmtree(tmp_path / "two" / "t" / "finetune")
+    again = run_experiment(tiny_config(sunny_dir, tmp_path / "two", **OVER), jobs=3)
+    assert started == [2] and [r["stages"][1]["metrics"] for r in again] == [
+        r["stages"][1]["metrics"] for r in parallel
+    ]
 
 
 def test_jobs_settings_that_cannot_work_are_refused(sunny_dir: Path, tmp_path: Path) -> None:
@@ -145,11 +164,18 @@ def _sleep_forever(pid_file: str) -> None:
     time.sleep(600)
 
 
+def _killed(_: int) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def test_a_failing_worker_is_reported_in_the_parent() -> None:
     with pytest.raises(EvoloraError, match=r"worker \d/2: no such item 'x'"):
         run_workers(_user_mistake, [(0,), (1,)])
     with pytest.raises(WorkerError, match=r"(?s)ValueError: an unexpected state"):
         run_workers(_bug, [(0,)])
+    # killed (kill -9, the OOM killer): no traceback to show, one line that says what happened
+    with pytest.raises(EvoloraError, match=r"^worker 1/1 was killed by signal 9, SIGKILL .*rerun the same"):
+        run_workers(_killed, [(0,)])
 
 
 def test_workers_keep_the_parents_warning_filters_and_library_logging(tmp_path: Path) -> None:

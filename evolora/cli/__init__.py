@@ -107,7 +107,7 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             if fn.__name__ != "run":
-                _one_process(fn.__name__)
+                _one_process(_command_name(fn.__name__))
             return fn(*args, **kwargs)
         except EvoloraError as e:
             _after_the_main_process()
@@ -117,22 +117,37 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print(
-                "[yellow]interrupted[/]: rerun the same command to continue where it stopped", markup=True
-            )
+            if not _other_process():  # Ctrl-C reaches every process of a launch: said once
+                err_console.print(
+                    "[yellow]interrupted[/]: rerun the same command to continue where it stopped", markup=True
+                )
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _command_name(function: str) -> str:
+    """The command as typed ("evolora data info"), not the function behind it (`data_info`)."""
+    for group, words in ((app, "evolora"), (data_app, "evolora data")):
+        for command in group.registered_commands:
+            if command.callback is not None and command.callback.__name__ == function:
+                return f"{words} {command.name or function.replace('_', '-')}"
+    return f"evolora {function}"
 
 
 def _after_the_main_process() -> None:
     """In a launch's other processes, wait a moment before printing an error: a mistake in the settings
     fails every process alike, and the launcher stops the others once the main one has said it, so it is said
     once. An error of this process alone is printed after the wait."""
+    if _other_process():
+        time.sleep(3.0)
+
+
+def _other_process() -> bool:
+    """Whether this is one of a launch's processes other than the main one."""
     from evolora import parallel
 
-    if parallel.launched() and os.environ.get("RANK", "0") != "0":
-        time.sleep(3.0)
+    return parallel.launched() and os.environ.get("RANK", "0") != "0"
 
 
 def _one_process(command: str) -> None:
@@ -141,7 +156,7 @@ def _one_process(command: str) -> None:
     from evolora import parallel
 
     if parallel.launched():
-        raise EvoloraError(f"`evolora {command}` runs in one process: start it without accelerate launch")
+        raise EvoloraError(f"`{command}` runs in one process: start it without accelerate launch")
 
 
 def _quiet_libraries() -> None:

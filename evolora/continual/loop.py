@@ -394,7 +394,8 @@ class StageLoop:
         record = self._record(ctx, preds, jobs_info, n_eval_total, eval_seconds, reused_preds)
         if matrix is not None:
             record["matrix"], record["matrix_reused"] = matrix
-        record["cost"] = cost.stage_cost(cost.take(), since=self._clock)
+        # under a launch: the work of every process (each read its share of the rows)
+        record["cost"] = cost.of_processes(parallel.gather(cost.stage_cost(cost.take(), since=self._clock)))
         self._clock = cost.clock()
         atomic_write_json(d / "record.json", record)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())
