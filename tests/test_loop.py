@@ -144,4 +144,7 @@ def test_undefined_metrics_are_null_in_results_json(sunny_dir: Path, tmp_path: P
         assert on_disk["stages"][0]["matrix"]["2"]["auc"] is None
     report = compose_report([tmp_path / cfg.name])
     assert "| finetune | 1 | – | – | – |" in report.text
-    assert "| frozen | – | (undefined on every stage) | – | – |" in report.text and "nan" not in report.text
+    # AUC is undefined everywhere: the bootstrap (and the plot) take LogLoss, defined on every stage
+    assert report.lead == "logloss" and "### Paired bootstrap: LOGLOSS" in report.text
+    only_auc = compose_report([tmp_path / cfg.name], ["auc"])
+    assert "| frozen | – | (undefined on every stage) | – | – |" in only_auc.text and "nan" not in only_auc.text
