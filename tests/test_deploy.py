@@ -149,6 +149,43 @@ def test_update_promote_rollback_and_update_again(
     assert "evolora rollback RUN N" in gone.output
 
 
+def test_the_gate_holds_out_the_batchs_newest_samples_and_the_candidate_learns_the_rest(
+    batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A next_stage run's first update adds the batch to the stage the run only evaluated (D3 here): the
+    tail of that whole stage was the batch and more, so the candidate trained on none of the new data."""
+    import math
+
+    import numpy as np
+
+    from evolora.deploy import update as update_mod
+
+    _, root = run_base(batches, tmp_path / "runs")
+    seen: dict = {}
+    real = update_mod._hold_out
+
+    def spy(cfg, prepared, stage, *rest):
+        seen.update(prepared=prepared, stage=stage)
+        return real(cfg, prepared, stage, *rest)
+
+    monkeypatch.setattr(update_mod, "_hold_out", spy)
+    update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"])
+    table, pools = seen["prepared"].table, seen["prepared"].pools[seen["stage"]]
+    keys = ["user_id", "item_id"]
+    new = set(pl.read_csv(batches["b1"]).select("uid", "iid").iter_rows())
+    assert not new & set(pl.read_csv(batches["base"]).select("uid", "iid").iter_rows())  # no pair rated twice
+
+    def from_batch(rows: np.ndarray) -> list[bool]:
+        return [row in new for row in table.df[rows].select(keys).iter_rows()]
+
+    n_batch = sum(from_batch(table.stage_rows(seen["stage"])))
+    learnt = np.concatenate([pools.train, pools.valid])
+    assert all(from_batch(pools.test)) and len(pools.test) == math.ceil(0.2 * n_batch)
+    assert sum(from_batch(learnt)) == n_batch - len(pools.test) > 0  # the rest of the batch is learnt
+    assert not all(from_batch(learnt))  # beside the stage's own samples
+    assert table.df["timestamp"][pools.test].min() >= table.df["timestamp"][learnt].max()
+
+
 def test_a_run_staged_by_its_own_column_takes_a_batch_without_one(
     batches: dict[str, Path], tmp_path: Path
 ) -> None:

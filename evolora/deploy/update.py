@@ -5,8 +5,9 @@
    duplicates of seen rows are dropped and counted; bad values stop the update with the loader's error; a
    batch with nothing left is refused. Nothing changes until the update has finished.
 2. The accepted rows become stage T+1 after the promoted version's stage T (the run's data, plus the rows
-   of the versions it was built from, staged as they were). Its samples' chronological tail
-   (`update.holdout_fraction`) is held out for the gate; the rest is the stage's train/valid pool.
+   of the versions it was built from, staged as they were). The chronological tail of the batch's samples
+   (`update.holdout_fraction` of them) is held out for the gate; the rest of the stage is its train/valid
+   pool (a `next_stage` run's first update: the stage it only evaluated, and the rest of the batch).
 3. The promoted version is scored on the held-out samples, then the run's strategy trains stage T+1 from
    the promoted version's state (PESO anchors on it, LSAT trains a new short-term adapter, cumulative
    strategies bank it, RecLoRA continues its banks and router, conventional models grow their ID tables),
@@ -180,7 +181,9 @@ def _update(
             return UpdateOutcome(v, registry.promoted == v.id, already_applied=True, ignored=ignored)
     # The held-out samples depend on these settings: another choice is another candidate, trained apart
     # (a killed update resumed with other settings must not reuse the first one's gate predictions).
-    held = f"holdout{cfg.update.holdout_fraction:g}-{cfg.update.max_holdout or 'all'}"
+    # ("batch": the tail of the batch's samples since 2026-12-05, of the whole stage before: a candidate
+    # killed under the earlier rule is not continued under this one)
+    held = f"batchholdout{cfg.update.holdout_fraction:g}-{cfg.update.max_holdout or 'all'}"
     work = registry.folder / "work" / f"from-v{parent.id}-{digest[:12]}-{held}"
     stage = parent.stage + 1
 
@@ -218,7 +221,7 @@ def _update(
             "earlier interactions of its user (the run's task.min_history), so the new stage would have no "
             "samples (all users new?): send the rows with rows of users the run knows, or with the next batch"
         ) from None
-    holdout = _hold_out(cfg, prepared, stage)
+    holdout = _hold_out(cfg, prepared, stage, accepted)
     log.info(
         "update of %s, version %d -> stage %d: %d rows accepted of %d (%s); %d samples, %d held out",
         registry.method, parent.id, stage, accepted.height, report["rows_in_file"],
@@ -429,15 +432,22 @@ def _combined(
     return data, staged
 
 
-def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int) -> np.ndarray:
-    """The stage's chronological tail, for the gate; the pool keeps the rest as train and valid."""
+def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int, accepted: pl.DataFrame) -> np.ndarray:
+    """The chronological tail of the batch's samples (`update.holdout_fraction` of them), for the gate; the
+    pool keeps the rest of the stage as train and valid. A `next_stage` run's first update adds the batch to
+    the stage it only evaluated: a tail of the whole stage would hold out the batch entirely (it is the
+    newest), and the candidate would learn nothing of it."""
     rows = prepared.table.stage_rows(stage)
-    n_hold = max(1, math.ceil(cfg.update.holdout_fraction * len(rows)))
-    if len(rows) - n_hold < 2:
+    keys = ["user_id", "item_id", "timestamp"]
+    samples = prepared.table.df[rows].select(keys).with_row_index("_at")
+    batch = rows[samples.join(accepted.select(keys).unique(), on=keys, how="semi")["_at"].to_numpy()]
+    n_hold = max(1, math.ceil(cfg.update.holdout_fraction * len(batch)))
+    if len(batch) - n_hold < 2:
         raise DataError(
-            f"the batch gives {len(rows)} samples: too few to train on and hold {n_hold} out for the gate"
+            f"the batch gives {len(batch)} samples: too few to train on and hold {n_hold} out for the gate"
         )
-    rest, hold = rows[:-n_hold], rows[-n_hold:]
+    hold = batch[-n_hold:]
+    rest = np.setdiff1d(rows, hold)  # sorted: the stage's order, which is chronological
     n_valid = max(1, round(cfg.train.valid_fraction * len(rest)))
     prepared.pools[stage] = StagePools(stage, rest[:-n_valid], rest[-n_valid:], hold)
     return draw(hold, cfg.update.max_holdout, cfg.eval.seed, stage, salt=3)
