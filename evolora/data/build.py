@@ -177,6 +177,16 @@ def finish(
             "%d); all are kept",
             *(inter_file, int(conflicting.sum()), rows_are, unit, inter["_line"][conflicting.arg_max()]),
         )
+    # A user who rated an item again later: kept (both are real interactions), said, since the later one's
+    # history then holds the earlier (a CTR prompt lists the item itself, with its earlier rating).
+    again = inter.select(pl.col("timestamp").n_unique().over("user_id", "item_id") > 1).to_series()
+    if again.any():
+        log.warning(
+            "%s: %d (user, item) pairs are rated at more than one time (%d %s, first on %s %d); all are "
+            "kept: a later rating's history holds the earlier one",
+            *(inter_file, inter.filter(again).select("user_id", "item_id").n_unique(), int(again.sum())),
+            *(rows_are, unit, inter["_line"][again.arg_max()]),
+        )
 
     # Titles: strip, unescape HTML entities, and name untitled items explicitly instead of dropping them.
     titles = items["title"].cast(pl.Utf8).str.strip_chars()

@@ -218,6 +218,15 @@ def test_duplicates_are_removed_with_a_count(tmp_path: Path, caplog: pytest.LogC
     assert "1 exact duplicate interactions removed" in caplog.text and "line 5" in caplog.text
 
 
+def test_an_item_rated_again_later_is_kept_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Both ratings are real interactions, but the later one's history holds the earlier: said, not silent."""
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        data = load(write(tmp_path / "log.csv", LOG + "u1,a,2024-02-01,2\n"))
+    assert data.interactions.height == 4
+    said = "1 (user, item) pairs are rated at more than one time (2 interactions, first on line 2)"
+    assert said in caplog.text
+
+
 def test_labels_and_implicit_feedback(tmp_path: Path) -> None:
     text = "uid,iid,ts,clicked\nu1,a,1,1\nu1,b,2,0\nu2,a,3,true\nu2,b,4,False\n"
     data = load(write(tmp_path / "log.csv", text), columns=LABELLED)
