@@ -611,8 +611,9 @@ class EvalConfig(Section):
     training and validation pools (no entry scores a row the model trained on; the training draws then
     differ from a `next` run's): set `max_samples` so that they are a small part of each stage. A held-out
     interaction still appears in the histories of its user's later rows (a CTR prompt lists it as liked or
-    disliked); `hold_out_histories` also drops those rows from training and validation, so no held-out
-    label reaches a model even as context.
+    disliked), under either protocol; `hold_out_histories` also drops those rows from training and
+    validation, so no held-out label reaches a model even as context (under leave_last_out since
+    2026-12-05: before, the setting was ignored there).
     """
 
     max_samples: int | None = Field(None, gt=0)

@@ -82,6 +82,10 @@ def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) 
     if cfg.eval.stages != "next" and cfg.protocol == "next_stage":  # a stage's test pool is all of it
         histories = table if cfg.eval.hold_out_histories else None
         pools = hold_out_evaluation_rows(pools, cfg.eval.max_samples, cfg.eval.seed, histories)
+    elif cfg.eval.stages != "next" and cfg.eval.hold_out_histories:
+        # leave_last_out keeps test rows out of training already; a user's later rows still read them (the
+        # newest history item of their next stage's rows is the last stage's test interaction)
+        pools = hold_out_evaluation_rows(pools, cfg.eval.max_samples, cfg.eval.seed, table)
     for s, p in pools.items():
         log.info(
             "stage %d: %d samples (train pool %d, valid %d, test %d)",
