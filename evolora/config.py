@@ -380,7 +380,9 @@ class SemanticIdConfig(Section):
     `source`: `dataset` uses the IDs shipped with the data (PESO's index); `rqvae` builds them: item text ->
     embeddings (`embedder`: the backbone's mean-pooled hidden states, or another HF model by id or path) ->
     residual quantisation with `levels` codebooks of `codebook_size` codes, trained on the items of stage 1
-    only and then fixed (later items are encoded with it). `auto`: `dataset` when the data has IDs.
+    only and then fixed (later items are encoded with it); where stage 1 has fewer items than
+    `codebook_size`, it is fitted on every item's text, later stages' included, with a warning (lower
+    `codebook_size` to keep it to stage 1). `auto`: `dataset` when the data has IDs.
     Colliding codes always get one more level that tells the items apart.
     """
 

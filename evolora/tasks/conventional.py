@@ -6,7 +6,8 @@ sample keeps), like/dislike flags of the history (CTR), and the sample's stage.
 
 * `ConventionalCtrTask`: BCE on the label; P(like) = sigmoid(logit); AUC and LogLoss exactly as `CtrTask`.
 * `ConventionalNextItemTask`: full ranking over every item that appeared in any stage <= the sample's
-  stage (what a deployed system knows then; no sampled negatives in evaluation). Training is a full softmax
+  stage (items first rated later within that stage count too, as for a system that knows the stage's
+  catalogue; no sampled negatives in evaluation). Training is a full softmax
   over the items known at the training stage, except MF, which trains with BPR and sampled negatives. The
   ranked list (`Ranked`, item indices of the model's `IdSpace`, scores = log-softmax over the candidates)
   is scored by `ranking_metrics` against the target's index in the same space, so Hit@K and NDCG@K mean
