@@ -310,10 +310,17 @@ class TaskSection(Section):
     """
 
     reads_labels: ClassVar[bool] = True
+    added_keys = ("history_ties",)
     name: str
     history_len: int = Field(10, ge=1)
     min_history: int | None = Field(None, ge=0, description="default: history_len")
     sample_history: int | None = Field(None, ge=1, description="history kept per sample")
+    history_ties: Literal["log_order", "exclude"] = Field(
+        "log_order",
+        description="interactions of the user at the target's very time: log_order counts those earlier in "
+        "the log as before it (RecBole's and the papers' code's order; ML-100K rates many films in one "
+        "second, Amazon's times are days); exclude keeps a history to strictly earlier times",
+    )
 
     def history_kept(self) -> int:
         """How many earlier interactions a sample keeps (the prompt's and any longer reader's)."""
@@ -410,7 +417,7 @@ class NextItemTaskConfig(TaskSection):
     """
 
     reads_labels: ClassVar[bool] = False  # it learns the next item itself: no sampled negatives
-    added_keys = ("candidates",)
+    added_keys = (*TaskSection.added_keys, "candidates")
     name: Literal["next_item"] = "next_item"
     history_len: int = Field(20, ge=1)
     min_history: int | None = Field(0, ge=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -30,9 +32,11 @@ def test_history_is_the_latest_items_across_stages() -> None:
 
 
 @pytest.mark.parametrize("history_len", [1, 4, 30])
-def test_histories_are_what_a_scan_of_each_users_log_gives(history_len: int) -> None:
+@pytest.mark.parametrize("same_time", ["log_order", "exclude"])
+def test_histories_are_what_a_scan_of_each_users_log_gives(history_len: int, same_time: str) -> None:
     """Every sample's history against a plain per-user scan, on a random log with tied timestamps (file
-    order breaks them), users of one to ~40 interactions and items met more than once."""
+    order breaks them, or `exclude` leaves a user's same-time interactions out of each other's histories),
+    users of one to ~40 interactions and items met more than once."""
     rng = np.random.default_rng(history_len)
     n = 600
     users = rng.choice([f"u{k}" for k in range(40)], size=n, p=np.r_[[0.2], np.full(39, 0.8 / 39)])
@@ -42,8 +46,9 @@ def test_histories_are_what_a_scan_of_each_users_log_gives(history_len: int) -> 
         for u, t in zip(users, times, strict=True)
     ]
     table = build_samples(
-        staged_frame(rows), n_stages=2, like_threshold=3.0, history_len=history_len, min_history=0
-    )
+        staged_frame(rows), n_stages=2, like_threshold=3.0, history_len=history_len, min_history=0,
+        same_time=same_time,
+    )  # fmt: skip
     by_user: dict[str, list[tuple[int, int, str, float, int]]] = {}
     for row_no, (u, i, r, t, stage) in enumerate(rows):
         by_user.setdefault(u, []).append((t, row_no, i, r, stage))
@@ -52,7 +57,7 @@ def test_histories_are_what_a_scan_of_each_users_log_gives(history_len: int) -> 
         log.sort()
         for pos, (t, row_no, i, _, stage) in enumerate(log):
             if stage >= 1:
-                before = log[max(0, pos - history_len) : pos]
+                before = [b for b in log[:pos] if same_time == "log_order" or b[0] < t][-history_len:]
                 expected.append(((t, row_no), i, [b[2] for b in before], [b[3] for b in before]))
     expected.sort(key=lambda e: e[0])
     df = table.df
@@ -261,3 +266,34 @@ def test_a_time_window_fixes_the_bins_as_lsat_amazon_setup_does(caplog) -> None:
         start,
         start + 20 * day,
     )
+
+
+def test_same_time_interactions_are_no_history_for_each_other_when_excluded() -> None:
+    """ML-100K rates many films in one second: in log order each is history for the next; excluded, none is
+    (and `min_history` counts only strictly earlier interactions)."""
+    rows = [("u", f"i{k}", 5.0, 100, 1) for k in range(3)] + [("u", "i3", 1.0, 200, 1)]
+    in_order = build_samples(staged_frame(rows), 1, 3.0, history_len=5, min_history=1)
+    assert in_order.df["hist_items"].to_list() == [["i0"], ["i0", "i1"], ["i0", "i1", "i2"]]
+    apart = build_samples(staged_frame(rows), 1, 3.0, history_len=5, min_history=1, same_time="exclude")
+    assert apart.df["item_id"].to_list() == ["i3"] and apart.df["hist_items"].to_list() == [
+        ["i0", "i1", "i2"]
+    ]
+
+
+def test_the_history_ties_setting_reaches_the_samples_and_leaves_older_keys_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from evolora.data import prepare
+    from evolora.experiment import context_of
+    from tests.helpers import tiny_config, write_sunny_rainy
+
+    data = write_sunny_rainy(tmp_path / "data")
+    plain = tiny_config(data, tmp_path / "a")
+    apart = tiny_config(data, tmp_path / "b", **{"task.history_ties": "exclude"})
+    assert "history_ties" not in context_of(plain)["task"]  # experiments recorded before keep their key
+    assert context_of(apart)["task"]["history_ties"] == "exclude"
+    asked = []
+    real = prepare.build_samples
+    monkeypatch.setattr(prepare, "build_samples", lambda *a: asked.append(a[-1]) or real(*a))
+    prepare.prepare_data(plain), prepare.prepare_data(apart)
+    assert asked == ["log_order", "exclude"]

@@ -66,9 +66,8 @@ def prepare_data(cfg: RunConfig) -> Prepared:
 def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) -> Prepared:
     """Samples and pools of interactions already cut into stages (a run's, or a run's plus updates)."""
     task = cfg.task
-    table = build_samples(
-        staged, num_stages_of(staged), data.like_threshold, task.history_kept(), task.min_history_or_default()
-    )
+    kept, least = task.history_kept(), task.min_history_or_default()
+    table = build_samples(staged, num_stages_of(staged), data.like_threshold, kept, least, task.history_ties)
     if data.implicit and task.reads_labels:
         # Every real sample of implicit feedback is a positive: a task that learns labels needs negatives.
         if cfg.data.negatives == 0:

@@ -61,13 +61,23 @@ def build_samples(
     like_threshold: float,
     history_len: int,
     min_history: int,
+    same_time: str = "log_order",
 ) -> SampleTable:
-    """Samples for every staged interaction (stage >= 1) whose user has >= `min_history` earlier ones."""
+    """Samples for every staged interaction (stage >= 1) whose user has >= `min_history` earlier ones.
+
+    Earlier: in time, and among interactions of the user at the same time, in the log's order
+    (`same_time="log_order"`, as RecBole and the papers' code sort); with `same_time="exclude"` only strictly
+    earlier times, so none of a user's same-second ratings is history for another (`task.history_ties`).
+    """
     df = (
         staged.with_row_index("_row")
         .sort(["user_id", "timestamp", "_row"])
         .with_columns(_pos=pl.int_range(pl.len()).over("user_id").cast(pl.Int64))
     )
+    # The position a sample's history ends before: its own, or that of its user's first interaction at its
+    # time, which leaves the others of that time out.
+    before = pl.col("_pos").min().over("user_id", "timestamp") if same_time == "exclude" else pl.col("_pos")
+    df = df.with_columns(_before=before)
     # A sample's history: its user's `history_len` interactions before it (positions pos - history_len ..
     # pos - 1), one rolling window per user. A shift per position partitioned the table 2 x history_len
     # times: 6x slower on a 1M-row log at history_len 10, and worse the longer the history.
@@ -79,7 +89,8 @@ def build_samples(
             closed="right",
             group_by="user_id",
         ).agg(hist_items=pl.col("item_id"), hist_ratings=pl.col("rating"))
-        df = df.join(windows, on=["user_id", "_pos"], how="left", maintain_order="left")
+        windows = windows.rename({"_pos": "_before"})
+        df = df.join(windows, on=["user_id", "_before"], how="left", maintain_order="left")
     else:  # one row has no history (and polars 1.28 panics on a one-row rolling window)
         df = df.with_columns(
             hist_items=pl.concat_list("item_id").list.head(0),
@@ -101,8 +112,8 @@ def build_samples(
         .otherwise(pl.lit("dormant"))
     )
     targets = df.filter(pl.col("stage") >= 1)
-    short = targets.filter(pl.col("_pos") < min_history).height
-    out = targets.filter(pl.col("_pos") >= min_history)
+    short = targets.filter(pl.col("_before") < min_history).height
+    out = targets.filter(pl.col("_before") >= min_history)
     if short:
         log.info(
             "%d of %d staged interactions have fewer than %d earlier interactions and are history only",
