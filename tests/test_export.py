@@ -194,6 +194,16 @@ def test_strategies_without_one_adapter_say_what_to_do(sunny_dir: Path, tmp_path
     assert result.exit_code == 2 and "export-user-adapter" in result.output
     result = CliRunner().invoke(app, ["export", root, "--method", "lsat", "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
+    # a run without per-user adapters is told so before its data and model are loaded
+    from evolora import experiment
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the run was restored")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment, "restore_run", no_loading)
+        result = CliRunner().invoke(app, ["export-user-adapter", root, "u1", "--method", "lsat"])
+    assert result.exit_code == 2 and "a lsat run has no per-user adapters (reclora has)" in result.output
     manifest = json.loads((tmp_path / "e" / "evolora_export.json").read_text())
     assert set(manifest["adapters"]) == {"long", "short"} and sum(manifest["ensemble"].values()) == 1
     assert "model.load_adapter('" in (tmp_path / "e" / "README.md").read_text()

@@ -240,10 +240,11 @@ def export_user_adapter(
     ] = None,
 ) -> None:
     """RecLoRA: one user's personalized adapter as a plain PEFT LoRA that any PEFT model loads."""
+    from evolora.continual import STRATEGIES
     from evolora.data.samples import eval_stage_of
     from evolora.errors import ConfigError
     from evolora.experiment import restore_run
-    from evolora.io import check_replaceable
+    from evolora.io import check_replaceable, read_json
     from evolora.models.personalized import USER_ADAPTER_MARKER
     from evolora.queries import locate_run
 
@@ -251,6 +252,9 @@ def export_user_adapter(
     _quiet_libraries()
     registry = _registry(run_dir, method, seed)
     run_dir, _ = locate_run(run_dir, method, seed)
+    strategy_name = read_json(run_dir / "results.json")["strategy"]
+    if not hasattr(STRATEGIES.get(strategy_name), "export_for_user"):  # before the data and model load
+        raise ConfigError(f"{run_dir}: a {strategy_name} run has no per-user adapters (reclora has)")
     if stage is None and registry.promoted != 0:  # the default would silently be another model
         promoted = registry.current
         raise ConfigError(
@@ -262,8 +266,6 @@ def export_user_adapter(
         check_replaceable(out, USER_ADAPTER_MARKER, "user adapter")
     strategy, _, t = restore_run(run_dir, stage)
     try:
-        if not hasattr(strategy, "export_for_user"):
-            raise ConfigError(f"{run_dir}: a {strategy.name} run has no per-user adapters (reclora has)")
         target = out or run_dir / f"stage-{t}" / "user-adapters" / (
             user if item is None else f"{user}-{item}"
         )
