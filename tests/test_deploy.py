@@ -186,6 +186,33 @@ def test_the_gate_holds_out_the_batchs_newest_samples_and_the_candidate_learns_t
     assert table.df["timestamp"][pools.test].min() >= table.df["timestamp"][learnt].max()
 
 
+def test_on_implicit_data_the_gate_holds_out_positives_with_their_negatives(
+    batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every row of implicit feedback is a positive, and CTR samples get sampled negatives: a held-out
+    sample keeps its negative (a gate of positives alone has no AUC and never promotes)."""
+    import numpy as np
+
+    from evolora.deploy import update as update_mod
+
+    implicit = {**SMALL, "data.columns": "{user: uid, item: iid, time: ts, title: name}", "data.negatives": 1}
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **implicit)
+    run_experiment(cfg)
+    seen: dict = {}
+    real = update_mod._hold_out
+
+    def spy(cfg, prepared, stage, *rest):
+        drawn = real(cfg, prepared, stage, *rest)
+        seen["pools"], seen["table"] = prepared.pools[stage], prepared.table
+        return drawn
+
+    monkeypatch.setattr(update_mod, "_hold_out", spy)
+    v = update_run(Path(cfg.output_dir) / cfg.name, batches["b1"], overrides=["update.min_gain=-1.0"]).version
+    labels = seen["table"].labels(seen["pools"].test)
+    assert np.bincount(labels).tolist() == [len(labels) // 2] * 2  # one negative per held-out positive
+    assert v.gate["candidate"] is not None and v.gate["promote"]
+
+
 def test_a_run_staged_by_its_own_column_takes_a_batch_without_one(
     batches: dict[str, Path], tmp_path: Path
 ) -> None:

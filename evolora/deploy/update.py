@@ -439,14 +439,20 @@ def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int, accepted: pl.DataF
     newest), and the candidate would learn nothing of it."""
     rows = prepared.table.stage_rows(stage)
     keys = ["user_id", "item_id", "timestamp"]
-    samples = prepared.table.df[rows].select(keys).with_row_index("_at")
-    batch = rows[samples.join(accepted.select(keys).unique(), on=keys, how="semi")["_at"].to_numpy()]
+    df = prepared.table.df[rows]
+    real = ~df["sampled"].to_numpy() if "sampled" in df.columns else np.ones(len(rows), dtype=bool)
+    # A sampled negative (implicit data) follows its positive: the two are one sample, held out together.
+    sample_of = np.cumsum(real) - 1
+    matched = df.select(keys).with_row_index("_at").join(accepted.select(keys).unique(), on=keys, how="semi")
+    in_batch = np.zeros(len(rows), dtype=bool)
+    in_batch[matched["_at"].to_numpy()] = True
+    batch = np.unique(sample_of[in_batch & real])  # the batch's samples, in time order
     n_hold = max(1, math.ceil(cfg.update.holdout_fraction * len(batch)))
     if len(batch) - n_hold < 2:
         raise DataError(
             f"the batch gives {len(batch)} samples: too few to train on and hold {n_hold} out for the gate"
         )
-    hold = batch[-n_hold:]
+    hold = rows[np.isin(sample_of, batch[-n_hold:])]
     rest = np.setdiff1d(rows, hold)  # sorted: the stage's order, which is chronological
     n_valid = max(1, round(cfg.train.valid_fraction * len(rest)))
     prepared.pools[stage] = StagePools(stage, rest[:-n_valid], rest[-n_valid:], hold)
