@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -135,31 +136,43 @@ def _edit_runs(root: Path, edit) -> None:
         path.write_text(json.dumps(edit(json.loads(path.read_text()))))
 
 
-def test_an_unfinished_seed_is_averaged_over_the_stages_every_seed_has(tmp_path: Path) -> None:
+def test_a_seed_still_running_is_left_out_of_its_methods_mean_and_named(tmp_path: Path) -> None:
     """A seed stopped after D2 beside seeds through D3: averaging it over D2 alone and the others over both
-    made a mean of unlike means (the helper's kill gave -3% vs finetune for a method equal to it)."""
+    made a mean of unlike means (the helper's kill gave -3% vs finetune for a method equal to it). The mean,
+    the gain and the bootstrap take the finished seeds; the per-stage cells keep every seed's value."""
     recorded = _write_runs(tmp_path)
     unfinished = tmp_path / "strong" / "seed2" / "results.json"
     run = json.loads(unfinished.read_text())
     unfinished.write_text(json.dumps({**run, "complete": False, "stages": run["stages"][:1]}))
     report = compose_report([tmp_path])
+    assert report.data["format"] == 2
     strong = report.data["metrics"]["auc"]["methods"]["strong"]
-    assert strong["averaged_stages"] == [2]
-    assert np.allclose(strong["mean"]["values"], [recorded[("strong", s)][2] for s in range(3)])
-    assert report.data["metrics"]["auc"]["methods"]["finetune"]["averaged_stages"] == [2, 3]
+    assert strong["averaged_stages"] == [2, 3]
+    finished = [np.mean(list(recorded[("strong", s)].values())) for s in range(2)]
+    assert np.allclose(strong["mean"]["values"][:2], finished) and strong["mean"]["values"][2] is None
     cells = _row(report.text, "### AUC per evaluated stage", "strong")
     assert cells[3].endswith(" (n=2)") and "(n=" not in cells[2]  # D3 holds two of the three seeds
-    assert cells[4].endswith("(D2 only)")
+    assert cells[4].endswith(" (n=2)") and "only" not in cells[4]
     assert "(n=" not in _row(report.text, "### AUC per evaluated stage", "finetune")[3]
-    # The user-kind means follow the same stages.
+    assert "left out of its means and differences until they catch up" in report.text
+    assert "strong seed 2 (D2 of D2..D3)" in report.text
+    # the bootstrap takes the same two seeds as the table's means: as if the third were not there
+    shutil.rmtree(tmp_path / "strong" / "seed2")
+    without = compose_report([tmp_path]).data["differences"]["methods"]["strong"]
+    assert report.data["differences"]["methods"]["strong"] == without
+    # A seed that has recorded only a shared first stage does not empty its method's mean (an experiment in
+    # progress), and the user-kind means take the finished seeds.
     from evolora.eval.summary import MethodRuns
 
-    group = MethodRuns("m", "d", "ctr", [
-        {"seed": 0, "stages": [{"eval_stage": t, "metrics": {}, "by_user_kind": {"new": {"auc": t}}}
-                               for t in (2, 3)]},
-        {"seed": 1, "stages": [{"eval_stage": 2, "metrics": {}, "by_user_kind": {"new": {"auc": 5}}}]},
-    ])  # fmt: skip
-    assert group.kind_values("auc") == {"new": [2.0, 5.0]}
+    def seed(n: int, stages: tuple[int, ...]) -> dict:
+        records = [{"eval_stage": t, "metrics": {"auc": t / 10}} for t in stages]
+        kinds = [{"by_user_kind": {"new": {"auc": r["eval_stage"]}}} for r in records]
+        return {"seed": n, "stages": [{**r, **k} for r, k in zip(records, kinds, strict=True)]}
+
+    group = MethodRuns("m", "d", "ctr", [seed(0, (2, 3, 4)), seed(1, (2, 3, 4)), seed(2, (2,))])
+    assert group.seed_means("auc", skip=2) == pytest.approx({0: 0.35, 1: 0.35})
+    assert group.kind_values("auc", skip=2) == {"new": [3.5, 3.5]}
+    assert group.unfinished_seeds() == ["seed 2 (D2 of D2..D4)"]
 
 
 def test_the_bootstrap_names_its_metric_and_skips_an_undefined_one(tmp_path: Path) -> None:

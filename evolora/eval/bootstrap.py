@@ -88,7 +88,7 @@ def bootstrap_differences(
         return on_arrays(arrays, idx, metric)
 
     sign = -1.0 if lower_is_better(metric) else 1.0
-    base_runs = {r["seed"]: _load_stage_arrays(r) for r in base.runs}
+    base_runs = {r["seed"]: _load_stage_arrays(r) for r in base.finished_runs()}  # as the table's means
     rows: list[dict[str, Any]] = []
     others = [g for g in groups if g.method != baseline]
     with progress_task(f"bootstrap vs {baseline}", total=len(others)) as bar:
@@ -111,7 +111,7 @@ def _difference(
     """One method's row of `bootstrap_differences`."""
     rng = np.random.default_rng(seed)
     pairs = []
-    for r in g.runs:
+    for r in g.finished_runs():
         mine, theirs = _load_stage_arrays(r), base_runs.get(r["seed"])
         if mine is None or theirs is None:
             continue

@@ -144,30 +144,37 @@ def _last_trained(g: _Runs) -> dict[Any, int]:
     }
 
 
-def _furthest(g: _Runs) -> set[Any]:
-    """The seeds that recorded the method's furthest matrix row: summaries of a seed that stopped earlier
-    cover fewer stages (its `average` is over stages 1..t of its own t) and are not averaged with them."""
-    last = _last_trained(g)
-    return {s for s, t in last.items() if t == max(last.values())}
+def _furthest_stage(groups: list[_Runs]) -> int:
+    """The last matrix row any run of the report recorded."""
+    return max((t for g in groups for t in _last_trained(g).values()), default=0)
+
+
+def _furthest(g: _Runs, most: int) -> set[Any]:
+    """The seeds of `g` that recorded matrix row `most` (`_furthest_stage`): summaries of a seed that stopped
+    earlier cover fewer stages (its `average` is over stages 1..t of its own t) and are not averaged with
+    them, nor set beside other methods' rows."""
+    return {s for s, t in _last_trained(g).items() if t == most}
 
 
 def unfinished_matrix_seeds(groups: list[_Runs]) -> list[str]:
     """'method seed s (through stage t of T)' for each seed the summary table leaves out (`_furthest`)."""
-    out = []
-    for g in groups:
-        last = _last_trained(g)
-        most = max(last.values(), default=0)
-        out += [f"{g.method} seed {s} (through stage {t} of {most})" for s, t in last.items() if t < most]
-    return out
+    most = _furthest_stage(groups)
+    return [
+        f"{g.method} seed {s} (through stage {t} of {most})"
+        for g in groups
+        for s, t in _last_trained(g).items()
+        if t < most
+    ]
 
 
 def summary_table(groups: list[_Runs], metric: str, boot: _Draws | None = None) -> str | None:
-    """Methods x summaries of one metric, over the seeds that recorded a matrix up to the method's furthest
+    """Methods x summaries of one metric, over the seeds that recorded a matrix up to the report's furthest
     stage (`_furthest`); intervals from `boot` (none without it)."""
     head = ["method", *SUMMARIES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    most = _furthest_stage(groups)
     for g in groups:
-        seeds = _furthest(g)
+        seeds = _furthest(g, most)
         per_run = [v for s, v in _per_seed(g, metric).items() if s in seeds]
         if per_run:
             intervals = boot.interval(g.method, seeds) if boot else {}

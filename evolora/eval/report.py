@@ -2,9 +2,10 @@
 
 Input is any set of run folders; every `results.json` below them is read. Runs of the same method (label) on
 the same dataset and task with different seeds are averaged, and the table says how many seeds went in
-(± is the standard deviation across seeds). A method's mean over stages covers the stages every one of
-its seeds evaluated (an unfinished seed's missing stages are not averaged for the others either), and a
-cell that holds fewer seeds than its row says how many (n=k). Runs on other data or of another task, and
+(± is the standard deviation across seeds). A method's mean over stages, its `vs` gain and its bootstrap
+difference are over the seeds that evaluated every stage any of its seeds did (one still running would be
+averaged over fewer stages: it is named, and its stages are in the per-stage cells), and a cell that holds
+fewer seeds than its row says how many (n=k). Runs on other data or of another task, and
 two runs of one method with one seed, are refused (`eval/runs.py`): no table can put them side by side.
 
 When the methods of each experiment score the same on the first evaluated stage (they all evaluate one
@@ -122,15 +123,16 @@ def metric_table(
     if base_mean is not None:
         head.append(f"vs {baseline}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    # A method without the metric on a stage others have it on (LSAT's nll_valid), or with a seed that has
-    # not finished, averages fewer stages: its mean says which, rather than standing beside the others' as
+    # A method without the metric on a stage others have it on (LSAT's nll_valid), or whose seeds have all
+    # stopped early, averages fewer stages: its mean says which, rather than standing beside the others' as
     # if alike; a cell with fewer seeds than its row says how many it holds.
     averaged = {s for g in groups for s in g.stage_values(metric)} - {skip}
     for g in groups:
         vals = g.stage_values(metric)
-        means = g.mean_values(metric, skip)
-        mean = _fmt(means)
-        if means and (mine := set(vals) & g.averaged_stages(skip)) != averaged:
+        means = g.mean_values(metric, skip)  # of its finished seeds: "(n=k)" where some are still running
+        mean = _fmt(means) + _fewer(means, len(g.runs))
+        finished = MethodRuns(g.method, g.dataset, g.task, g.finished_runs())
+        if means and (mine := set(finished.stage_values(metric)) - {skip}) != averaged:
             mean += " (" + ", ".join(f"D{s}" for s in sorted(mine)) + " only)"
         cells = [_fmt(vals.get(s, [])) + _fewer(vals.get(s, []), len(g.runs)) for s in stages]
         row = [g.method, str(len(g.runs)), *cells, mean]
@@ -302,6 +304,12 @@ def compose_report(
     incomplete = [g.method for g in groups if not all(r.get("complete") for r in g.runs)]
     if incomplete:
         out.append(f"Incomplete runs (not all stages finished): {', '.join(incomplete)}.")
+    behind = [f"{g.method} {seed}" for g in groups for seed in g.unfinished_seeds()]
+    if behind:
+        out.append(
+            "Seeds behind their method's others, left out of its means and differences until they catch up "
+            f"(their stages are in the per-stage cells): {', '.join(behind)}."
+        )
     for m in metrics:
         if is_reference(m):
             out.append(reference_line(groups, m))

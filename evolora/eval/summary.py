@@ -4,8 +4,9 @@ beside report.md, for scripts and figures of one's own.
 It holds the numbers of report.md's main tables, each seed's value kept: per metric and method the seeds,
 every evaluated stage's values (one per seed, in the order of `seeds`; null where a seed has none) with
 their mean and standard deviation over seeds (the population one, as the tables' ±), the mean over stages
-(`averaged_stages`: those every seed of the method evaluated, but a shared first stage, `left_out_stage`)
-and its relative gain over the baseline in percent (positive
+of each seed that finished every stage its method's seeds evaluated (null for one still running: format
+2; format 1 averaged such a seed over its own fewer stages), over `averaged_stages` (but a shared first
+stage, `left_out_stage`), and its relative gain over the baseline in percent (positive
 is better, as the tables' `vs` column), and the paired bootstrap differences to the baseline with their 95%
 intervals. The forgetting matrix, the user kinds and the cost table stay in report.md; each run's
 results.json has them per seed.
@@ -22,7 +23,7 @@ import numpy as np
 
 from evolora.eval.metrics import is_reference, lower_is_better
 
-FORMAT = 1  # bumped when a key changes meaning
+FORMAT = 2  # bumped when a key changes meaning (2: a mean over stages is over finished seeds only)
 
 
 @dataclass
@@ -48,20 +49,34 @@ class MethodRuns:
         return {t: list(by_seed.values()) for t, by_seed in self.seed_values(metric).items()}
 
     def averaged_stages(self, skip: int | None = None) -> set[int]:
-        """The evaluated stages a mean over stages covers: those every seed recorded (an unfinished seed
-        would otherwise be averaged over fewer stages than the others, unlike them), but `skip`."""
-        recorded = [{s["eval_stage"] for s in r["stages"]} for r in self.runs]
-        return set.intersection(*recorded) - {skip} if recorded else set()
+        """The evaluated stages a mean over stages covers: every one a seed of the method recorded, but
+        `skip`."""
+        return {s["eval_stage"] for r in self.runs for s in r["stages"]} - {skip}
+
+    def finished_runs(self) -> list[dict[str, Any]]:
+        """The runs (seeds) that recorded every stage any seed of the method did: means over stages and the
+        bootstrap take these (a seed still running, averaged over fewer stages, would be a mean of another
+        kind); the others are `unfinished_seeds`."""
+        every = self.averaged_stages()
+        return [r for r in self.runs if {s["eval_stage"] for s in r["stages"]} >= every]
+
+    def unfinished_seeds(self) -> list[str]:
+        """'seed s (D2..D3 of D2..D4)' for each seed `finished_runs` leaves out."""
+        every = sorted(self.averaged_stages())
+        finished = [id(r) for r in self.finished_runs()]
+        return [
+            f"seed {r.get('seed', i)} ({_span([s['eval_stage'] for s in r['stages']])} of {_span(every)})"
+            for i, r in enumerate(self.runs)
+            if id(r) not in finished
+        ]
 
     def kind_values(self, metric: str, skip: int | None = None) -> dict[str, list[float]]:
-        """Per user kind: the mean over the averaged stages (`averaged_stages`) of each run (one value per
-        seed)."""
+        """Per user kind: the mean over stages (but `skip`) of each finished run (one value per seed)."""
         out: dict[str, list[float]] = defaultdict(list)
-        averaged = self.averaged_stages(skip)
-        for r in self.runs:
+        for r in self.finished_runs():
             per_kind: dict[str, list[float]] = defaultdict(list)
             for s in r["stages"]:
-                if s["eval_stage"] not in averaged:
+                if s["eval_stage"] == skip:
                     continue
                 for kind, m in s.get("by_user_kind", {}).items():
                     v = m.get(metric)
@@ -72,17 +87,17 @@ class MethodRuns:
         return dict(out)
 
     def seed_means(self, metric: str, skip: int | None = None) -> dict[Any, float]:
-        """Per run (seed): the metric's mean over the averaged stages (`averaged_stages`) where it is
-        defined."""
+        """Per finished run (seed, `finished_runs`): the metric's mean over its evaluated stages where it is
+        defined, leaving out stage `skip`."""
         vals = {}
-        averaged = self.averaged_stages(skip)
+        finished = [id(r) for r in self.finished_runs()]
         for i, r in enumerate(self.runs):
             stage_vals = [
                 float(s["metrics"][metric])
                 for s in r["stages"]
-                if s["eval_stage"] in averaged and _finite(s["metrics"].get(metric))
+                if s["eval_stage"] != skip and _finite(s["metrics"].get(metric))
             ]
-            if stage_vals:
+            if stage_vals and id(r) in finished:
                 vals[r.get("seed", i)] = float(np.mean(stage_vals))
         return vals
 
@@ -91,6 +106,10 @@ class MethodRuns:
 
     def train_seconds(self) -> float:
         return float(np.mean([r.get("summary", {}).get("train_seconds", 0.0) for r in self.runs]))
+
+
+def _span(stages: list[int]) -> str:
+    return f"D{min(stages)}..D{max(stages)}" if len(stages) > 1 else f"D{stages[0]}" if stages else "none"
 
 
 def _finite(v: Any) -> bool:
