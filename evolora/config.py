@@ -63,7 +63,10 @@ class Section(BaseModel):
 
 
 class KCore(Section):
-    """Iteratively drop users with fewer than `user` and items with fewer than `item` interactions."""
+    """Iteratively drop users with fewer than `user` and items with fewer than `item` interactions.
+
+    Counted over the whole log, later stages included (as a k-cored dataset usually is): which users and
+    items exist then depends on interactions a stage's model has not seen yet."""
 
     user: int = Field(0, ge=0)
     item: int = Field(0, ge=0)
@@ -567,7 +570,8 @@ class TrainConfig(Section):
     select_by: Literal["auto", "metric", "loss", "last"] = Field(
         "auto",
         description="metric: the task's validation metric (AUC for ctr, NDCG@10 for next_item; where it is "
-        "undefined on the validation rows, e.g. AUC on one label, the validation loss); "
+        "undefined on the validation rows, e.g. AUC on one label, the validation loss, since 2026-12-05: a "
+        "shared job stored before kept its starting weights there, and is still reused); "
         "loss: validation loss; auto: metric for ctr, loss for next_item (beam search every epoch is costly)",
     )
     patience: int | None = Field(None, ge=1)

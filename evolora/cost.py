@@ -241,6 +241,11 @@ def of_processes(records: list[dict[str, Any]]) -> dict[str, Any]:
     out = {**main, "parts": parts, "processes": len(records)}
     if all("total_cpu_seconds" in r for r in records):
         out["total_cpu_seconds"] = round(sum(r["total_cpu_seconds"] for r in records), 3)
+    earlier = [r["earlier_sittings"] for r in records if "earlier_sittings" in r]
+    if earlier:  # what each process carried in, added as its CPU seconds are
+        carried_cpu = round(sum(e.get("cpu_seconds", 0.0) for e in earlier), 3)
+        wall = main.get("earlier_sittings", {}).get("seconds", 0.0)
+        out["earlier_sittings"] = {"seconds": wall, "cpu_seconds": carried_cpu}
     return out
 
 

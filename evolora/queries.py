@@ -215,8 +215,10 @@ def checked_samples(samples: pl.DataFrame, n_stages: int, space: IdSpace | None)
     """`Recommender.predict_samples`'s rows, their stages checked (1..n_stages) and, for a model with user
     IDs (`space`), users it does not know made its cold user, as a query with a history and no user."""
     stages = samples["stage"]
-    if not stages.dtype.is_integer() or stages.null_count():
+    if not stages.dtype.is_integer():
         raise EvoloraError(f"predict_samples: `stage` holds whole numbers 1..{n_stages}, not {stages.dtype}")
+    if stages.null_count():
+        raise EvoloraError(f"predict_samples: `stage` has {stages.null_count()} missing values")
     outside = sorted(set(stages.filter((stages < 1) | (stages > n_stages)).to_list()))
     if outside:
         raise EvoloraError(

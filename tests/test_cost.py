@@ -233,3 +233,33 @@ def test_an_older_sitting_is_counted_once_whichever_run_records_it() -> None:
     assert cpu_time([SimpleNamespace(runs=[old, resumed])])[1:] == (3.0 + 2.0, True)
     other = {**old, "experiment": "y"}
     assert cpu_time([SimpleNamespace(runs=[old, other])])[1:] == (6.0, True)
+
+
+def test_a_launchs_processes_add_up_to_one_record() -> None:
+    """CPU seconds and tokens are every process's work added; wall-clock seconds the main process's."""
+    from evolora.cost import of_processes
+
+    def record(cpu: float, tokens: int, extra: dict) -> dict:
+        part = {"seconds": 10.0, "cpu_seconds": cpu, "tokens": tokens, "backward_tokens": tokens // 2}
+        earlier = {"seconds": 5.0, "cpu_seconds": cpu}
+        totals = {"total_seconds": 12.0, "total_cpu_seconds": cpu + 1, "saved_seconds": 3.0}
+        return {**totals, "parts": {"training": part, **extra}, "earlier_sittings": earlier}
+
+    main = record(8.0, 100, {})
+    other = record(
+        6.0, 80, {"evaluation": {"seconds": 1.0, "cpu_seconds": 1.0, "tokens": 7, "backward_tokens": 0}}
+    )
+    both = of_processes([main, other])
+    assert both["processes"] == 2 and both["total_seconds"] == 12.0 and both["saved_seconds"] == 3.0
+    assert both["total_cpu_seconds"] == 16.0 and both["earlier_sittings"] == {
+        "seconds": 5.0,
+        "cpu_seconds": 14.0,
+    }
+    assert both["parts"]["training"] == {
+        "seconds": 10.0,
+        "cpu_seconds": 14.0,
+        "tokens": 180,
+        "backward_tokens": 90,
+    }
+    assert both["parts"]["evaluation"]["tokens"] == 7 and both["parts"]["evaluation"]["seconds"] == 0.0
+    assert of_processes([main]) is main

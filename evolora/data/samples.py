@@ -237,9 +237,10 @@ def hold_out_evaluation_rows(
         train, valid = np.setdiff1d(p.train, held), np.setdiff1d(p.valid, held)
         if len(train) == 0:
             raise DataError(
-                f"stage {s}: eval.stages holds its {len(held)} evaluation rows out of training, which leaves "
-                f"no training rows (the stage has {len(p.test)}); set eval.max_samples to a small part of "
-                "each stage (e.g. 200)"
+                f"stage {s}: eval.stages holds {len(held)} rows out of training (its evaluation rows, and "
+                "with eval.hold_out_histories the rows that read one), which leaves no training rows (the "
+                f"stage's test pool has {len(p.test)}); set eval.max_samples to a small part of each stage "
+                "(e.g. 200)"
             )
         out[s] = StagePools(s, train, valid, p.test)
     return out

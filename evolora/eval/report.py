@@ -207,7 +207,8 @@ class Report:
     text: str  # report.md
     groups: list[MethodRuns]  # the runs read, by method
     data: dict[str, Any]  # report.json (`eval/summary.py`)
-    lead: str  # the metric of the bootstrap and the plots: the first asked for that is not a reference
+    lead: str  # the metric of the bootstrap and the plots: the first asked for that scores (not a
+    # reference) and is defined on some stage
 
 
 def build_report(

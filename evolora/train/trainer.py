@@ -16,6 +16,8 @@ the processes, and the gradients are summed before the step, so the steps are th
 Resumable: after every epoch the parameters, optimiser, schedule, best state and history are written to
 `checkpoint` atomically (safetensors + JSON, no pickle); a rerun with the same arguments continues after the
 last finished epoch. A damaged checkpoint is set aside with a warning and the job starts again.
+
+Past ~400 lines: one job's loop (resume, epochs, validation, selection, checkpoints) reads in order here.
 """
 
 from __future__ import annotations
