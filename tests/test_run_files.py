@@ -160,8 +160,8 @@ def test_a_planted_pickle_never_runs(sunny_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DamagedFileError, match=r"state\.pt cannot be read safely") as err:
         run_experiment(cfg)
     assert "Delete" in str(err.value) and "stage-1" in str(err.value)
-    result = runner.invoke(app, ["export-user-adapter", str(run), "1", "--stage", "1"])
-    assert result.exit_code == 2 and "state.pt" in result.output
+    result = runner.invoke(app, ["export", str(run), "--stage", "1", "--out", str(tmp_path / "export")])
+    assert result.exit_code == 2 and "state.pt" in result.output and not marker.exists()
     # A checkpoint in the old pickle format is set aside unread; the job trains from its start.
     for stage in ("stage-1", "stage-2"):
         shutil.rmtree(run / stage, ignore_errors=True)
