@@ -646,9 +646,10 @@ class UpdateConfig(Section):
 
     The batch's chronological tail (`holdout_fraction`) is held out; the candidate (the promoted version
     trained on the rest) and the promoted version are both scored on it (on `max_holdout` of its samples,
-    drawn with a fixed seed, when it has more) with `metric` (default: the task's
-    primary metric), and the candidate is promoted only when its gain is at least `min_gain` (negative: it
-    may be worse by up to that margin; gains count in the metric's better direction).
+    drawn with a fixed seed, when it has more; on implicit data each with its sampled negatives) with
+    `metric` (default: the task's primary metric), and the candidate is promoted only when its gain is at
+    least `min_gain` (negative: it may be worse by up to that margin; gains count in the metric's better
+    direction).
     """
 
     holdout_fraction: float = Field(0.2, gt=0, lt=1)

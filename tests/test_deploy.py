@@ -203,14 +203,22 @@ def test_on_implicit_data_the_gate_holds_out_positives_with_their_negatives(
 
     def spy(cfg, prepared, stage, *rest):
         drawn = real(cfg, prepared, stage, *rest)
-        seen["pools"], seen["table"] = prepared.pools[stage], prepared.table
+        seen["pools"], seen["table"], seen["drawn"] = prepared.pools[stage], prepared.table, drawn
         return drawn
 
     monkeypatch.setattr(update_mod, "_hold_out", spy)
-    v = update_run(Path(cfg.output_dir) / cfg.name, batches["b1"], overrides=["update.min_gain=-1.0"]).version
+    forced = ["update.min_gain=-1.0", "update.max_holdout=5"]  # fewer than held out: a draw of them
+    v = update_run(Path(cfg.output_dir) / cfg.name, batches["b1"], overrides=forced).version
     labels = seen["table"].labels(seen["pools"].test)
     assert np.bincount(labels).tolist() == [len(labels) // 2] * 2  # one negative per held-out positive
-    assert v.gate["candidate"] is not None and v.gate["promote"]
+    drawn = seen["drawn"]  # five samples, each with its negative (a draw of rows split the pairs)
+    assert len(drawn) == 10 and np.bincount(seen["table"].labels(drawn)).tolist() == [5, 5]
+    df = seen["table"].df[drawn]
+    assert (
+        df["sampled"].to_list() == [False, True] * 5
+        and df["user_id"][0::2].to_list() == df["user_id"][1::2].to_list()
+    )
+    assert v.gate["candidate"] is not None and v.gate["promote"] and v.gate["holdout_samples"] == 10
 
 
 def test_a_run_staged_by_its_own_column_takes_a_batch_without_one(

@@ -223,3 +223,24 @@ def test_an_out_folder_that_cannot_be_written_stops_the_report_before_its_work(
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--metric", "nope", "--out",
                                       str(tmp_path / "new")])  # fmt: skip
     assert result.exit_code == 2 and composed == [1] and not (tmp_path / "new").exists()
+
+
+def test_a_method_whose_seeds_all_stopped_early_is_compared_on_its_own_stages() -> None:
+    """Equal to the baseline wherever both have a value, but through D3 of D4: its gain was taken against the
+    baseline's D2..D4 mean (-5.26% for no difference); the time of a finished run is a finished seed's."""
+    from evolora.eval.report import metric_table
+    from evolora.eval.summary import MethodRuns
+
+    values = {2: 0.6, 3: 0.6, 4: 0.7}
+
+    def run(seed: int, stages: tuple[int, ...], seconds: float) -> dict:
+        records = [{"eval_stage": t, "metrics": {"auc": values[t]}} for t in stages]
+        return {"seed": seed, "stages": records, "summary": {"train_seconds": seconds}}
+
+    base = MethodRuns("finetune", "d", "ctr", [run(0, (2, 3, 4), 30.0), run(1, (2, 3), 20.0)])
+    early = MethodRuns("x", "d", "ctr", [run(0, (2, 3), 20.0), run(1, (2, 3), 20.0)])
+    table = metric_table([base, early], "auc", None, "finetune")
+    row = next(line for line in table.splitlines() if line.startswith("| x |"))
+    assert "(D2, D3 only; vs: the same stages)" in row and row.endswith("| +0.00% |")
+    assert early.gain_over(base, "auc") == 0.0 and base.gain_over(base, "auc") == 0.0
+    assert base.train_seconds() == 30.0  # seed 1, still running, has spent less

@@ -456,7 +456,9 @@ def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int, accepted: pl.DataF
     rest = np.setdiff1d(rows, hold)  # sorted: the stage's order, which is chronological
     n_valid = max(1, round(cfg.train.valid_fraction * len(rest)))
     prepared.pools[stage] = StagePools(stage, rest[:-n_valid], rest[-n_valid:], hold)
-    return draw(hold, cfg.update.max_holdout, cfg.eval.seed, stage, salt=3)
+    # `max_holdout` of the held-out samples, each with its negatives (for explicit data, the draw of rows)
+    chosen = draw(batch[-n_hold:], cfg.update.max_holdout, cfg.eval.seed, stage, salt=3)
+    return rows[np.isin(sample_of, chosen)]
 
 
 # ------------------------------------------------------------------------------------------ the gate

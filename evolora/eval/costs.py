@@ -22,9 +22,10 @@ def cost_table(groups: list[Any]) -> str | None:
     rows = []
     used: set[str] = set()
     for g in groups:
-        profiled = [r for r in g.runs if "cost" in r.get("summary", {})]
+        # per finished run: a seed still running has spent less (`MethodRuns.finished_runs`)
+        profiled = [r for r in g.finished_runs() if "cost" in r.get("summary", {})]
         if not profiled:
-            rows.append((g.method, len(g.runs), None))
+            rows.append((g.method, len(g.finished_runs()), None))
             continue
         total = add([r["summary"]["cost"] for r in profiled])
         used |= {k for k, p in total["parts"].items() if p["seconds"] > 0}

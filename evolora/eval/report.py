@@ -30,7 +30,7 @@ from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.matrix_report import matrix_section
 from evolora.eval.metrics import diverged, is_reference, lower_is_better, metric_set
 from evolora.eval.runs import check_comparable, find_results
-from evolora.eval.summary import MethodRuns, relative_gain, report_data
+from evolora.eval.summary import MethodRuns, report_data
 from evolora.io import finite_json
 
 DRAWS = 1000  # bootstrap draws of the report's difference table
@@ -117,10 +117,8 @@ def metric_table(
     # that vanished would hide that the mean leaves it out.
     stages = _evaluated_stages(groups)
     base = next((g for g in groups if g.method == baseline), None)
-    base_vals = base.mean_values(metric, skip) if base else []
-    base_mean = float(np.mean(base_vals)) if base_vals else None
     head = ["method", "seeds", *[f"D{s}" for s in stages], "mean"]
-    if base_mean is not None:
+    if base is not None and base.mean_values(metric, skip):
         head.append(f"vs {baseline}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     # A method without the metric on a stage others have it on (LSAT's nll_valid), or whose seeds have all
@@ -131,13 +129,13 @@ def metric_table(
         vals = g.stage_values(metric)
         means = g.mean_values(metric, skip)  # of its finished seeds: "(n=k)" where some are still running
         mean = _fmt(means) + _fewer(means, len(g.runs))
-        finished = MethodRuns(g.method, g.dataset, g.task, g.finished_runs())
-        if means and (mine := set(finished.stage_values(metric)) - {skip}) != averaged:
-            mean += " (" + ", ".join(f"D{s}" for s in sorted(mine)) + " only)"
+        if means and (mine := g.mean_stages(metric, skip)) != averaged:
+            mean += " (" + ", ".join(f"D{s}" for s in sorted(mine)) + " only; vs: the same stages)"
         cells = [_fmt(vals.get(s, [])) + _fewer(vals.get(s, []), len(g.runs)) for s in stages]
         row = [g.method, str(len(g.runs)), *cells, mean]
-        if base_mean is not None:  # a baseline at 0 (Hit@5 often is) has no relative gain: "–"
-            row.append(f"{relative_gain(means, base_mean, metric):+.2f}%" if means and base_mean else "–")
+        if len(head) > len(row):  # a baseline at 0 (Hit@5 often is) has no relative gain: "–"
+            gain = g.gain_over(base, metric, skip) if base is not None else None
+            row.append("–" if gain is None else f"{gain:+.2f}%")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -183,9 +181,14 @@ def kind_table(groups: list[MethodRuns], metric: str, skip: int | None = None) -
         return None
     head = ["method", *[f"{k} users" for k in kinds]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    every = {s for g in groups for s in g.averaged_stages(skip)}
     for g in groups:
         kv = g.kind_values(metric, skip)
-        lines.append("| " + " | ".join([g.method, *[_fmt(kv.get(k, [])) for k in kinds]]) + " |")
+        mine = {s["eval_stage"] for r in g.finished_runs() for s in r["stages"]} - {skip}
+        name = g.method + (
+            "" if mine == every else " (" + ", ".join(f"D{s}" for s in sorted(mine)) + " only)"
+        )
+        lines.append("| " + " | ".join([name, *[_fmt(kv.get(k, [])) for k in kinds]]) + " |")
     return "\n".join(lines)
 
 

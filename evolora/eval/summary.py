@@ -86,26 +86,49 @@ class MethodRuns:
                 out[kind].append(float(np.mean(vals)))
         return dict(out)
 
-    def seed_means(self, metric: str, skip: int | None = None) -> dict[Any, float]:
+    def seed_means(
+        self, metric: str, skip: int | None = None, stages: set[int] | None = None
+    ) -> dict[Any, float]:
         """Per finished run (seed, `finished_runs`): the metric's mean over its evaluated stages where it is
-        defined, leaving out stage `skip`."""
+        defined, leaving out stage `skip` (and, given `stages`, any other: a gain compares like stages)."""
         vals = {}
         finished = [id(r) for r in self.finished_runs()]
         for i, r in enumerate(self.runs):
             stage_vals = [
                 float(s["metrics"][metric])
                 for s in r["stages"]
-                if s["eval_stage"] != skip and _finite(s["metrics"].get(metric))
+                if s["eval_stage"] != skip
+                and (stages is None or s["eval_stage"] in stages)
+                and _finite(s["metrics"].get(metric))
             ]
             if stage_vals and id(r) in finished:
                 vals[r.get("seed", i)] = float(np.mean(stage_vals))
         return vals
 
-    def mean_values(self, metric: str, skip: int | None = None) -> list[float]:
-        return list(self.seed_means(metric, skip).values())
+    def mean_values(
+        self, metric: str, skip: int | None = None, stages: set[int] | None = None
+    ) -> list[float]:
+        return list(self.seed_means(metric, skip, stages).values())
+
+    def mean_stages(self, metric: str, skip: int | None = None) -> set[int]:
+        """The stages its mean of `metric` covers: where a finished seed has a value, but `skip`."""
+        finished = MethodRuns(self.method, self.dataset, self.task, self.finished_runs())
+        return set(finished.stage_values(metric)) - {skip}
+
+    def gain_over(self, base: MethodRuns, metric: str, skip: int | None = None) -> float | None:
+        """The relative gain (`relative_gain`) of its mean over the baseline's on the same stages (those its
+        own mean covers: a method whose seeds all stopped early, or LSAT's nll_valid, is not set against the
+        baseline's later stages); None where either has no value there or the baseline's mean is 0."""
+        stages = self.mean_stages(metric, skip)
+        mine, theirs = self.mean_values(metric, skip), base.mean_values(metric, skip, stages)
+        if not mine or not theirs or not float(np.mean(theirs)):
+            return None
+        return relative_gain(mine, float(np.mean(theirs)), metric)
 
     def train_seconds(self) -> float:
-        return float(np.mean([r.get("summary", {}).get("train_seconds", 0.0) for r in self.runs]))
+        """Training seconds of a finished run (the mean over finished seeds: one still running has fewer)."""
+        runs = self.finished_runs()
+        return float(np.mean([r.get("summary", {}).get("train_seconds", 0.0) for r in runs]))
 
 
 def _span(stages: list[int]) -> str:
@@ -143,7 +166,7 @@ def _method(g: MethodRuns, metric: str, skip: int | None) -> dict[str, Any]:
         "seeds": seeds,
         "stages": sorted(stages, key=lambda x: x["stage"]),
         "mean": _spread([means.get(s) for s in seeds]),
-        "averaged_stages": sorted(g.averaged_stages(skip)),
+        "averaged_stages": sorted(g.mean_stages(metric, skip)),
     }
 
 
@@ -175,12 +198,10 @@ def report_data(
             "reference": is_reference(metric),  # a figure of the evaluated rows (log_items), not a score
         }
         per = {g.method: _method(g, metric, skip) for g in groups}
-        base = per.get(baseline, {}).get("mean", {}).get("mean")
+        base = next((g for g in groups if g.method == baseline), None)
         for g in groups:
-            mean = per[g.method]["mean"]
-            known = [v for v in mean["values"] if v is not None]
-            usable = has_baseline and not is_reference(metric) and base and known
-            per[g.method]["vs_baseline_percent"] = relative_gain(known, base, metric) if usable else None
+            usable = base is not None and not is_reference(metric)
+            per[g.method]["vs_baseline_percent"] = g.gain_over(base, metric, skip) if usable else None
         entry["methods"] = per
         out["metrics"][metric] = entry
     if differences is not None:
