@@ -11,7 +11,8 @@ Two protocols turn samples into pools:
 * `next_stage` (LSAT, Shi et al. CIKM'24): stage t's samples in time order, the first 90% train and the last
   10% validation; the test pool of stage t is all of stage t, and a model trained on t is tested on t+1.
 * `leave_last_out` (PESO, Yoo et al. ICLR'26): within stage t, each user's last sample is the test, the one
-  before it validation, the rest train; a model trained on t is tested on t.
+  before it validation, the rest train; a model trained on t is tested on t. "Last" is by time, and among a
+  user's interactions of the same time by the log's order (ML-100K rates many films in one second).
 """
 
 from __future__ import annotations
