@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 
 from evolora.config import ModelConfig, RunConfig, load_config
+from evolora.data.samples import SampleTable, build_samples
 
 # The example log shipped in tests/data (a CSV of uid, iid, ts, stars; items with a name), read as a table.
 EXAMPLE_DATA = Path(__file__).resolve().parent / "data"
@@ -57,6 +58,17 @@ def staged_frame(rows: list[tuple[str, str, float, int, int]]) -> pl.DataFrame:
         },
         orient="row",
     ).sort("timestamp")
+
+
+def four_users_table() -> SampleTable:
+    """24 ratings of 4 users on 5 items in 2 stages, as samples of 3 history items (at least 2): a CTR table
+    small enough to train a tiny model on in seconds."""
+    rows = [
+        (f"u{u}", f"i{(u + k) % 5}", float(1 + (u * 7 + k) % 5), 100 * k + u, 1 if k < 4 else 2)
+        for u in range(4)
+        for k in range(6)
+    ]
+    return build_samples(staged_frame(rows), 2, 3.0, history_len=3, min_history=2)
 
 
 def write_sunny_rainy(

@@ -14,19 +14,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 
 from evolora.config import CtrTaskConfig, TrainConfig, config_to_dict, load_config
-from evolora.data.samples import build_samples
 from evolora.errors import ConfigError
 from evolora.models import precision as precision_mod
 from evolora.models import weights as weights_mod
 from evolora.models.llm import LoraLM
 from evolora.tasks.ctr import CtrTask
 from evolora.train.trainer import train_adapter
-from tests.helpers import tiny_model
+from tests.helpers import four_users_table, tiny_model
 
 CUDA = torch.cuda.is_available()
 # Checkpointed training runs a shared prompt prefix once per sequence instead of once per batch: the same
@@ -37,20 +35,7 @@ BITSANDBYTES = importlib.util.find_spec("bitsandbytes") is not None
 
 @pytest.fixture(scope="module")
 def table():
-    rows = [
-        (f"u{u}", f"i{(u + k) % 5}", float(1 + (u * 7 + k) % 5), 100 * k + u, 1 if k < 4 else 2)
-        for u in range(4)
-        for k in range(6)
-    ]
-    schema = {
-        "user_id": pl.Utf8,
-        "item_id": pl.Utf8,
-        "rating": pl.Float64,
-        "timestamp": pl.Int64,
-        "stage": pl.Int32,
-    }
-    df = pl.DataFrame(rows, schema=schema, orient="row").sort("timestamp")
-    return build_samples(df, 2, 3.0, history_len=3, min_history=2)
+    return four_users_table()
 
 
 TITLES = {

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 
 from evolora.config import CtrTaskConfig, TrainConfig
-from evolora.data.samples import build_samples
 from evolora.models.llm import LoraLM
 from evolora.tasks.ctr import CtrTask
 from evolora.train.trainer import train_adapter
-from tests.helpers import tiny_model
+from tests.helpers import four_users_table, tiny_model
 
 
 @pytest.fixture(scope="module")
 def table():
-    rows = [
-        (f"u{u}", f"i{(u + k) % 5}", float(1 + (u * 7 + k) % 5), 100 * k + u, 1 if k < 4 else 2)
-        for u in range(4)
-        for k in range(6)
-    ]
-    schema = {"user_id": pl.Utf8, "item_id": pl.Utf8, "rating": pl.Float64, "timestamp": pl.Int64}
-    df = pl.DataFrame(rows, schema={**schema, "stage": pl.Int32}, orient="row").sort("timestamp")
-    return build_samples(df, 2, 3.0, history_len=3, min_history=2)
+    return four_users_table()
 
 
 @pytest.mark.parametrize("keep_start", [False, True])
