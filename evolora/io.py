@@ -256,6 +256,8 @@ def check_replaceable(path: str | Path, marker: str, what: str) -> Path:
     path = Path(path).expanduser().resolve()
     if path.is_file():
         raise ConfigError(f"{path} is a file; give a folder for {what}")
+    if path.exists() and not path.is_dir():  # a device, a pipe, a socket: moved aside, it would be lost
+        raise ConfigError(f"{path} is not a folder (a device, pipe or socket); give a folder for {what}")
     if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
         raise ConfigError(
             f"{path} holds other files (it is not an earlier {what}: no {marker}); writing replaces the "
@@ -303,6 +305,8 @@ def remove_stale_temporaries(folder: Path, keep: tuple[str, ...] = ()) -> int:
 
 
 def _atomic_directory(path: Path) -> Iterator[Path]:
+    if path.exists() and not path.is_dir():  # a file, device or pipe is no earlier folder to replace
+        raise ConfigError(f"{path} exists and is not a folder: nothing is written over it")
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.with_name(f".{path.name}.old")
     shutil.rmtree(old, ignore_errors=True)  # left by a replacement killed between its two renames

@@ -4,6 +4,7 @@ evolora) and gives the run's own scores."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -218,14 +219,17 @@ def test_strategies_without_one_adapter_say_what_to_do(sunny_dir: Path, tmp_path
     again = CliRunner().invoke(app, ["export", root, "--method", "lsat", "--out", str(tmp_path / "e")])
     assert again.exit_code == 0, again.output
     under_a_file = str(tmp_path / "e" / "README.md" / "x")
+    os.mkfifo(pipe := tmp_path / "pipe")  # (a pipe was moved aside and the export hung on removing it)
     for out, message in [
         (root, "holds other files"),
         (str(tmp_path / "e" / "README.md"), "is a file"),
         (under_a_file, "README.md: a file is there, not a folder"),
+        (str(pipe), "is not a folder (a device, pipe or socket)"),
     ]:
         refused = CliRunner().invoke(app, ["export", root, "--method", "lsat", "--out", out])
         assert refused.exit_code == 2 and message in refused.output, refused.output
     assert (Path(root) / "config.yaml").is_file() and (tmp_path / "e" / "README.md").is_file()
+    assert pipe.is_fifo()
     result = CliRunner().invoke(
         app, ["export", root, "--method", "lsat", "--out", str(tmp_path / "m"), "--merge"]
     )

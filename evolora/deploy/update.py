@@ -348,7 +348,7 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
         # A packaged dataset's loader reads its own files (MovieLens's u.data beside u.item, say), not a batch
         # of rows: say how a run takes new rows, instead of leaving the user with a missing u.item.
         raise DataError(
-            f"{e}\n  {data_file} is read as this run's data ({cfg.data.source}, data.format: "
+            f"{e}; {data_file} is read as this run's data ({cfg.data.source}, data.format: "
             f"{cfg.data.format}) was, so it must be in that dataset's own file layout. To update a run with "
             "rows of your own, run it on a table (data.format: table, with data.columns): "
             "examples/ml100k_as_csv.py writes ML-100K as one and configs/deploy-ml100k.yaml runs it"
