@@ -436,6 +436,7 @@ def test_a_batch_a_packaged_loader_cannot_read_says_how_to_update(sunny_dir: Pat
     with pytest.raises(DataError, match="is read as this run's data") as caught:
         _read_batch(cfg, batch)
     assert "data.format: table" in str(caught.value) and "configs/deploy-ml100k.yaml" in str(caught.value)
+    assert "\n" not in str(caught.value)  # one line, as every user mistake
 
 
 def _with_a_new_item(batches: dict[str, Path], out: Path) -> Path:
