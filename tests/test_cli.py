@@ -642,3 +642,18 @@ def test_a_label_naming_a_conventional_strategy_s_folder_is_refused() -> None:
     clash = ["model.name=din", "strategies=[finetune, {name: frozen, label: din-finetune}]"]
     with pytest.raises(ConfigError, match=r"labels must be unique, repeated: \['din-finetune'\]"):
         load_config(None, clash)
+
+
+def test_ctrl_c_offers_to_continue_only_what_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run or an update continues where it stopped; a query, a server, a report have nothing to continue."""
+    from evolora import api, config
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api.Recommender, "load", interrupted)
+    monkeypatch.setattr(config, "load_config", interrupted)
+    asked = CliRunner().invoke(app, ["recommend", str(tmp_path), "--user", "1", "--items", "2"])
+    assert asked.exit_code == 130 and "interrupted" in asked.output and "continue" not in asked.output
+    ran = CliRunner().invoke(app, ["run", str(tmp_path / "c.yaml")])
+    assert ran.exit_code == 130 and "rerun the same command to continue" in ran.output

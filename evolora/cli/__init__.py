@@ -57,7 +57,10 @@ Method = Annotated[str | None, typer.Option(help="the strategy's label (when the
 Seed = Annotated[
     int | None, typer.Option(help="which seed's run; default: 0, or a run folder's own", show_default=False)
 ]
-Stage = Annotated[int | None, typer.Option(help="the model after this stage; default: the last")]
+Stage = Annotated[
+    int | None,
+    typer.Option(help="the model after this stage; default: the last (a deployed run: its promoted version)"),
+]
 Version = Annotated[int | None, typer.Option(help="a deployed run's version; default: the promoted one")]
 Threads = Annotated[
     int | None, typer.Option(min=1, help="torch CPU threads; default: every core", show_default=False)
@@ -118,9 +121,10 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             if not _other_process():  # Ctrl-C reaches every process of a launch: said once
-                err_console.print(
-                    "[yellow]interrupted[/]: rerun the same command to continue where it stopped", markup=True
-                )
+                # only work that is kept can be continued (a server, a query, a report start over)
+                resumable = ": rerun the same command to continue where it stopped" if fn.__name__ in (
+                    "run", "update") else ""  # fmt: skip
+                err_console.print(f"[yellow]interrupted[/]{resumable}", markup=True)
             raise typer.Exit(130) from None
 
     return wrapper
