@@ -452,12 +452,13 @@ def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int, accepted: pl.DataF
         raise DataError(
             f"the batch gives {len(batch)} samples: too few to train on and hold {n_hold} out for the gate"
         )
-    hold = rows[np.isin(sample_of, batch[-n_hold:])]
+    held = batch[-n_hold:]
+    hold = rows[np.isin(sample_of, held)]
     rest = np.setdiff1d(rows, hold)  # sorted: the stage's order, which is chronological
     n_valid = max(1, round(cfg.train.valid_fraction * len(rest)))
     prepared.pools[stage] = StagePools(stage, rest[:-n_valid], rest[-n_valid:], hold)
     # `max_holdout` of the held-out samples, each with its negatives (for explicit data, the draw of rows)
-    chosen = draw(batch[-n_hold:], cfg.update.max_holdout, cfg.eval.seed, stage, salt=3)
+    chosen = draw(held, cfg.update.max_holdout, cfg.eval.seed, stage, salt=3)
     return rows[np.isin(sample_of, chosen)]
 
 

@@ -184,7 +184,7 @@ def kind_table(groups: list[MethodRuns], metric: str, skip: int | None = None) -
     every = {s for g in groups for s in g.averaged_stages(skip)}
     for g in groups:
         kv = g.kind_values(metric, skip)
-        mine = {s["eval_stage"] for r in g.finished_runs() for s in r["stages"]} - {skip}
+        mine = g.averaged_stages(skip)  # (its finished seeds have every one of them)
         name = g.method + (
             "" if mine == every else " (" + ", ".join(f"D{s}" for s in sorted(mine)) + " only)"
         )

@@ -63,7 +63,7 @@ class MethodRuns:
     def unfinished_seeds(self) -> list[str]:
         """'seed s (D2..D3 of D2..D4)' for each seed `finished_runs` leaves out."""
         every = sorted(self.averaged_stages())
-        finished = [id(r) for r in self.finished_runs()]
+        finished = {id(r) for r in self.finished_runs()}
         return [
             f"seed {r.get('seed', i)} ({_span([s['eval_stage'] for s in r['stages']])} of {_span(every)})"
             for i, r in enumerate(self.runs)
@@ -92,8 +92,10 @@ class MethodRuns:
         """Per finished run (seed, `finished_runs`): the metric's mean over its evaluated stages where it is
         defined, leaving out stage `skip` (and, given `stages`, any other: a gain compares like stages)."""
         vals = {}
-        finished = [id(r) for r in self.finished_runs()]
-        for i, r in enumerate(self.runs):
+        finished = {id(r) for r in self.finished_runs()}
+        for i, r in enumerate(self.runs):  # (a run built by hand without a seed is its own: its position)
+            if id(r) not in finished:
+                continue
             stage_vals = [
                 float(s["metrics"][metric])
                 for s in r["stages"]
@@ -101,7 +103,7 @@ class MethodRuns:
                 and (stages is None or s["eval_stage"] in stages)
                 and _finite(s["metrics"].get(metric))
             ]
-            if stage_vals and id(r) in finished:
+            if stage_vals:
                 vals[r.get("seed", i)] = float(np.mean(stage_vals))
         return vals
 
