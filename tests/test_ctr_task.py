@@ -131,6 +131,18 @@ def test_score_is_softmax_of_yes_no_logits_at_answer_position(table, lm) -> None
     assert task.predict(lm, np.array([row]), 1)[0] == pytest.approx(expected, abs=1e-5)
 
 
+def test_confident_scores_keep_their_order(table, lm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Yes-No gaps of 18-34 logits stay distinct below 1 (float32 rounded them all to 1.0: tied in AUC)."""
+    task = make(table, lm, share_prefix=False)
+    gaps = torch.tensor([18.0, 30.0, 24.0, 34.0])
+    monkeypatch.setattr(
+        task, "answer_logits", lambda _lm, rows: torch.stack([gaps[rows], torch.zeros(len(rows))], 1)
+    )
+    scores = task.predict(lm, np.arange(4), batch_size=4)
+    assert np.all(scores < 1.0)
+    assert list(np.argsort(scores)) == [0, 2, 1, 3]
+
+
 def test_answer_loss_only_counts_answer_tokens(table, lm) -> None:
     task = make(table, lm, share_prefix=False)
     rows = np.array([0, 1])

@@ -282,7 +282,8 @@ class CtrTask(Task):
             for start in range(0, len(rows), batch_size):
                 sel = order[start : start + batch_size]
                 logits = self.answer_logits(lm, rows[sel])
-                scores[sel] = torch.softmax(logits, dim=-1)[:, 0].cpu().numpy()
+                # In float64: in float32 every gap past ~17 logits rounds P(like) to 1.0, tying the rows.
+                scores[sel] = torch.softmax(logits.double(), dim=-1)[:, 0].cpu().numpy()
                 bar.advance(len(sel))
         lm.model.train(was_training)
         return scores
