@@ -91,10 +91,13 @@ def truncation_hint(line: int, unterminated: int | None) -> str:
 
 
 def text_lines(path: Path, encoding: str) -> Iterator[TextLine]:
-    """Each non-blank line of a text file."""
+    """Each non-blank line of a text file, without a UTF-8 byte order mark at its start (a file saved by a
+    spreadsheet or editor; read as latin-1 it would become part of the first user's or item's id)."""
     require_file(path)
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             bad = None
             try:
                 text = raw.decode(encoding)

@@ -86,6 +86,22 @@ def test_movielens_1m(tmp_path: Path) -> None:
     assert data.name == "ml-1m"
 
 
+@pytest.mark.parametrize(
+    ("write", "load", "files"),
+    [
+        (write_ml100k, load_movielens_100k, ["u.data", "u.item"]),
+        (write_ml1m, load_movielens_1m, ["ratings.dat", "movies.dat"]),
+        (write_atomic, load_movielens_atomic, ["ml-100k.inter", "ml-100k.item"]),
+    ],
+)
+def test_byte_order_marks_are_not_part_of_an_id(tmp_path: Path, write, load, files) -> None:
+    """A BOM read as latin-1 made the first user a new one ('\xef\xbb\xbf2'), or the first item unknown."""
+    folder = write(tmp_path)
+    for name in files:
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + (folder / name).read_bytes())
+    check_movielens(load(folder))
+
+
 def test_amazon_2018(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     reviews = [
         {
