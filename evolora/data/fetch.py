@@ -188,7 +188,7 @@ def _from_mirror(name: str, spec: Dataset, dest: Path) -> dict[str, Any] | None:
             raise DataError(f"{folder}: the mirror folder for {name} is empty")
         names = {p.name for p in files}
         if spec.layouts and not any(names >= set(layout) for layout in spec.layouts):
-            # Cached as it is, a partial copy would pass every later check (SOURCE.json lists what was copied).
+            # Cached, a partial copy would pass every later check (SOURCE.json lists what was copied).
             wanted = " or ".join(" + ".join(layout) for layout in spec.layouts)
             raise DataError(f"{folder}: the mirror folder for {name} is incomplete: it needs {wanted}")
         for p in files:
