@@ -188,6 +188,20 @@ def test_amazon_2023(tmp_path: Path) -> None:
     assert items["P2"]["category"] == "Musical Instruments" and items["P2"]["description"] is None
 
 
+def test_amazon_2023_timestamps_in_two_units_are_refused(tmp_path: Path) -> None:
+    reviews = [
+        {"rating": 5.0, "parent_asin": "P1", "user_id": "U1", "timestamp": 1588687728923},
+        {"rating": 4.0, "parent_asin": "P1", "user_id": "U2", "timestamp": 1588687729},  # seconds
+    ]
+    meta = [{"parent_asin": "P1", "title": "Guitar"}]
+    with pytest.raises(
+        DataError,
+        match=r"r\.jsonl line 2: timestamp 1588687729 is 1970-01-19 .* line 1's 1588687728923 is "
+        r"2020-05-05: the file mixes seconds and milliseconds",
+    ):
+        load_amazon_2023(write_jsonl(tmp_path / "r.jsonl", reviews), write_jsonl(tmp_path / "m.jsonl", meta))
+
+
 def test_jsonl_chunks_keep_line_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks: the polars path, the line-by-line path and the error all count lines across chunks."""
     monkeypatch.setattr(readers, "CHUNK_BYTES", 200)

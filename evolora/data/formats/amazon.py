@@ -17,7 +17,7 @@ import polars as pl
 from evolora.data.build import finish, join_or_null
 from evolora.data.readers import open_binary, parse_record, read_jsonl
 from evolora.data.schema import InteractionData
-from evolora.data.times import SECONDS_PER_YEAR
+from evolora.data.times import SECONDS_PER_YEAR, day
 from evolora.errors import DataError
 
 log = logging.getLogger("evolora.data")
@@ -71,6 +71,7 @@ def load_amazon_2023(reviews_path: str | Path, meta_path: str | Path) -> Interac
             "%s: every timestamp falls in 1970 as epoch milliseconds (the 2023 release's unit); these look "
             "like epoch seconds: multiply them by 1000 for the times to be right", reviews_path,
         )  # fmt: skip
+    _refuse_mixed_units(reviews_path, inter)
     inter = inter.rename({"parent_asin": "item_id"}).with_columns(pl.col("timestamp") // 1000)
     meta_fields = {
         "parent_asin": "str",
@@ -90,6 +91,21 @@ def load_amazon_2023(reviews_path: str | Path, meta_path: str | Path) -> Interac
         description=join_or_null(pl.col("description"), " "),
     )
     return _finish_reviews(reviews_path, inter, items, meta_path)
+
+
+def _refuse_mixed_units(path: Path, inter: pl.DataFrame) -> None:
+    """Times in 1970 beside times decades later, as milliseconds: some reviews' timestamps in seconds (an
+    edited or merged file); no review log spans that, and staging by time would put those reviews first."""
+    ms = inter["timestamp"]
+    early, late = ms < 1000 * SECONDS_PER_YEAR, ms >= 20_000 * SECONDS_PER_YEAR
+    if early.any() and late.any():
+        i, j = int(early.arg_max()), int(late.arg_max())  # type: ignore[arg-type]
+        raise DataError(
+            f"{path} line {inter['_line'][i]}: timestamp {ms[i]} is {day(ms[i] // 1000)} in epoch "
+            f"milliseconds (the 2023 release's unit) but line {inter['_line'][j]}'s {ms[j]} is "
+            f"{day(ms[j] // 1000)}: the file mixes seconds and milliseconds; give every timestamp in "
+            "milliseconds"
+        )
 
 
 def _finish_reviews(
