@@ -381,6 +381,34 @@ def test_load_dataset_paths(tmp_path: Path) -> None:
         load_dataset(DataConfig(source=str(tmp_path / "f")))
 
 
+def test_amazon_folder_with_data_meta(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data.meta file in the folder was counted as a second reviews file too; `~` was not expanded."""
+    r23 = [{"user_id": "U", "parent_asin": "A", "rating": 1, "timestamp": 1000}]
+    write_jsonl(tmp_path / "e" / "reviews.jsonl", r23)
+    write_jsonl(tmp_path / "e" / "items.jsonl", [{"parent_asin": "A", "title": "a"}])
+    data = load_dataset(DataConfig(source=str(tmp_path / "e"), meta=str(tmp_path / "e" / "items.jsonl")))
+    assert data.items["title"].to_list() == ["a"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = load_dataset(DataConfig(source=str(tmp_path / "e"), meta="~/e/items.jsonl"))
+    assert data.items["title"].to_list() == ["a"]
+
+
+def test_a_folder_of_json_that_is_no_amazon_release_says_how_to_load_it(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "log" / "events.jsonl", [{"who": "u1", "what": "i1", "when": 5}])
+    with pytest.raises(DataError, match=r"unknown JSON format .* set data\.format: table"):
+        load_dataset(DataConfig(source=str(tmp_path / "log")))
+
+
+def test_the_metadata_hint_names_an_option_that_exists(tmp_path: Path) -> None:
+    rpath = write_jsonl(
+        tmp_path / "Books.jsonl", [{"user_id": "U", "parent_asin": "A", "rating": 1, "timestamp": 1}]
+    )
+    with pytest.raises(
+        DataError, match=r"set data\.meta \(`--set data\.meta=FILE`; --meta in `evolora data info`\)"
+    ):
+        load_dataset(DataConfig(source=str(rpath)))
+
+
 def test_load_dataset_filters(tmp_path: Path) -> None:
     folder = str(write_ml100k(tmp_path))
     data = load_dataset(DataConfig(source=folder, like_threshold=4.0, max_interactions=3))

@@ -140,6 +140,14 @@ def test_keys_and_missing_blocks(tmp_path: Path) -> None:
         load_peso_blocks(tmp_path)
 
 
+def test_a_folder_without_block_0_is_named_under_auto(tmp_path: Path) -> None:
+    """It was passed to the Amazon loader, which asked for a metadata file."""
+    folder = write_peso(tmp_path / "peso")
+    (folder / f"{KEY}.all.block_0.json").unlink()
+    with pytest.raises(DataError, match=r"block_0\.json is missing"):
+        load_dataset(DataConfig(source=str(folder)))
+
+
 def test_bad_records(tmp_path: Path) -> None:
     folder = write_peso(tmp_path / "peso")
     (folder / f"{KEY}.all.block_1.json").write_text(json.dumps({"u1": {"current_block": "14"}}))

@@ -142,13 +142,18 @@ def resolve(path: Path, meta: str | None) -> tuple[Path, Path]:
     """(reviews file, metadata file) from `data.source` and `data.meta`."""
     if not path.is_dir():
         if meta is None:
-            raise DataError(f"{path}: Amazon reviews need their metadata file: set data.meta (or --meta)")
+            raise DataError(
+                f"{path}: Amazon reviews need their metadata file: set data.meta (`--set data.meta=FILE`; "
+                "--meta in `evolora data info`)"
+            )
         return path, Path(meta).expanduser()
     files = sorted(p for p in path.iterdir() if p.name.lower().endswith(JSON_SUFFIXES))
     metas = [p for p in files if p.name.lower().startswith("meta")]
-    reviews = [p for p in files if p not in metas]
     if meta is not None:
-        metas = [Path(meta)]
+        metas = [Path(meta).expanduser()]
+    # A data.meta file inside the folder is the metadata, not a second reviews file.
+    given = {p.resolve() for p in metas}
+    reviews = [p for p in files if not p.name.lower().startswith("meta") and p.resolve() not in given]
     if len(reviews) != 1 or len(metas) != 1:
         raise DataError(
             f"{path}: cannot tell which files to load. Expected one reviews file and one metadata file "
@@ -165,7 +170,19 @@ def detects(release: int) -> Callable[[Path, str | None], bool]:
     def detect(path: Path, meta: str | None) -> bool:
         if not _json_files_present(path):
             return False
-        return version(resolve(path, meta)[0] if path.is_dir() else path) == release
+        if not path.is_dir():
+            return version(path) == release
+        try:
+            reviews = resolve(path, meta)[0]
+        except DataError:
+            # Files that are no Amazon reviews at all (a log of one's own) get `version`'s message, which
+            # says how to load them; Amazon files that do not pair up get `resolve`'s.
+            names = sorted(p for p in path.iterdir() if p.name.lower().endswith(JSON_SUFFIXES))
+            first = next((p for p in names if not p.name.lower().startswith("meta")), None)
+            if first is not None:
+                version(first)
+            raise
+        return version(reviews) == release
 
     return detect
 

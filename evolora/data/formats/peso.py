@@ -197,11 +197,8 @@ def _peso_index(path: Path) -> pl.DataFrame:
 
 
 def detect(path: Path, meta: str | None) -> bool:
-    """Block files, and for a folder the first block among them (a lone later block is not a dataset)."""
-    names = names_in(path)
-    return any(BLOCK_FILE.match(n) for n in names) and (
-        path.is_file() or any(n.endswith(".all.block_0.json") for n in names)
-    )
+    """Block files (a folder without its block 0 is still PESO's: the loader then names what is missing)."""
+    return any(BLOCK_FILE.match(n) for n in names_in(path))
 
 
 def resolve(path: Path, meta: str | None) -> tuple[Path]:
