@@ -145,6 +145,18 @@ def finish(
         log.warning("%s: %d repeated records of already-seen items ignored (first kept)", item_file, repeated)
         items = kept
 
+    # Duplicates go first, so that the count of reviews of unknown items is of the reviews kept.
+    key = ["user_id", "item_id", "rating", "timestamp", *(["_stage"] if "_stage" in inter.columns else [])]
+    repeat = ~inter.select(pl.struct(key).is_first_distinct()).to_series()
+    duplicates = int(repeat.sum())
+    if duplicates:
+        log.warning(
+            "%s: %d exact duplicate %s removed (same user, item, rating and timestamp, times being whole "
+            "seconds; first repeat on %s %d)",
+            *(inter_file, duplicates, rows_are, unit, inter["_line"][repeat.arg_max()]),
+        )
+        inter = inter.filter(~repeat)
+
     unknown = inter.join(items.select("item_id"), on="item_id", how="anti")
     if unknown.height:
         if strict:
@@ -159,17 +171,6 @@ def finish(
             *(inter_file, missing.height, unknown.height, item_file),
         )
         items = pl.concat([items, missing], how="diagonal_relaxed")
-
-    key = ["user_id", "item_id", "rating", "timestamp", *(["_stage"] if "_stage" in inter.columns else [])]
-    repeat = ~inter.select(pl.struct(key).is_first_distinct()).to_series()
-    duplicates = int(repeat.sum())
-    if duplicates:
-        log.warning(
-            "%s: %d exact duplicate %s removed (same user, item, rating and timestamp, times being whole "
-            "seconds; first repeat on %s %d)",
-            *(inter_file, duplicates, rows_are, unit, inter["_line"][repeat.arg_max()]),
-        )
-        inter = inter.filter(~repeat)
     conflicting = inter.select(pl.struct([k for k in key if k != "rating"]).is_duplicated()).to_series()
     if conflicting.any():
         log.warning(

@@ -202,6 +202,18 @@ def test_amazon_2023_timestamps_in_two_units_are_refused(tmp_path: Path) -> None
         load_amazon_2023(write_jsonl(tmp_path / "r.jsonl", reviews), write_jsonl(tmp_path / "m.jsonl", meta))
 
 
+def test_reviews_of_unknown_items_are_counted_once_duplicates_are_gone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    review = {"rating": 5.0, "parent_asin": "Z", "user_id": "U1", "timestamp": 1588687728923}
+    meta = [{"parent_asin": "P1", "title": "Guitar"}]
+    data = load_amazon_2023(
+        write_jsonl(tmp_path / "r.jsonl", [review, review]), write_jsonl(tmp_path / "m.jsonl", meta)
+    )
+    assert data.interactions.height == 1
+    assert "1 reviewed items (1 reviews) have no record" in caplog.text
+
+
 def test_jsonl_chunks_keep_line_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks: the polars path, the line-by-line path and the error all count lines across chunks."""
     monkeypatch.setattr(readers, "CHUNK_BYTES", 200)
