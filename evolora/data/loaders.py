@@ -39,6 +39,8 @@ def load_dataset(cfg: DataConfig) -> InteractionData:
     # A fetched folder holds whichever files its route brought (GroupLens or RecBole), so always detect.
     fmt = detect_format(path, cfg.meta) if name or cfg.format == "auto" else cfg.format
     spec = FORMATS[fmt]
+    if cfg.meta is not None and not spec.reads_meta:
+        log.warning("data.meta (%s) is not read: %s data takes its items from its own files", cfg.meta, fmt)
     data = spec.load(*spec.resolve(path, cfg.meta), **(spec.options(cfg) if spec.options else {}))
     if name:
         data = replace(data, name=name)

@@ -214,6 +214,17 @@ def test_reviews_of_unknown_items_are_counted_once_duplicates_are_gone(
     assert "1 reviewed items (1 reviews) have no record" in caplog.text
 
 
+def test_a_format_naming_the_other_amazon_release_says_so(tmp_path: Path) -> None:
+    r18 = write_jsonl(
+        tmp_path / "Books.json", [{"reviewerID": "U", "asin": "A", "overall": 1, "unixReviewTime": 1}]
+    )
+    meta = write_jsonl(tmp_path / "meta_Books.json", [{"asin": "A"}])
+    with pytest.raises(
+        DataError, match=r"these are Amazon 2018 reviews, not 2023's; set data\.format: amazon-2018"
+    ):
+        load_dataset(DataConfig(source=str(r18), meta=str(meta), format="amazon-2023"))
+
+
 def test_jsonl_chunks_keep_line_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks: the polars path, the line-by-line path and the error all count lines across chunks."""
     monkeypatch.setattr(readers, "CHUNK_BYTES", 200)
@@ -419,6 +430,15 @@ def test_the_metadata_hint_names_an_option_that_exists(tmp_path: Path) -> None:
         DataError, match=r"set data\.meta \(`--set data\.meta=FILE`; --meta in `evolora data info`\)"
     ):
         load_dataset(DataConfig(source=str(rpath)))
+
+
+def test_data_meta_beside_a_format_that_reads_none_is_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = str(write_ml100k(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        check_movielens(load_dataset(DataConfig(source=folder, meta="items.csv")))
+    assert "data.meta (items.csv) is not read: ml-100k data takes its items from its own files" in caplog.text
 
 
 def test_load_dataset_filters(tmp_path: Path) -> None:

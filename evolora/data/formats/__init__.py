@@ -25,6 +25,7 @@ class SourceFormat:
     `DataError` when the files are clearly of its family but unusable. `resolve(path, meta)`: the loader's
     positional arguments. `expects`: what its files look like, for "cannot detect" messages. `options(cfg)`:
     the loader's keyword arguments from the data settings, for formats that have settings of their own.
+    `reads_meta`: whether `data.meta` names one of its files (elsewhere it is ignored, with a warning).
     """
 
     detect: Callable[[Path, str | None], bool]
@@ -32,6 +33,7 @@ class SourceFormat:
     load: Callable[..., InteractionData]
     expects: str
     options: Callable[[DataConfig], dict[str, Any]] | None = None
+    reads_meta: bool = False
 
 
 Format = Literal["ml-100k", "ml-100k-atomic", "ml-1m", "amazon-2018", "amazon-2023", "peso", "table"]
@@ -64,13 +66,18 @@ FORMATS: dict[str, SourceFormat] = {
         movielens.load_movielens_1m,
         "ratings.dat (MovieLens-1M)",
     ),
-    "amazon-2018": SourceFormat(amazon.detects(2018), amazon.resolve, amazon.load_amazon_2018, _AMAZON),
-    "amazon-2023": SourceFormat(amazon.detects(2023), amazon.resolve, amazon.load_amazon_2023, _AMAZON),
+    "amazon-2018": SourceFormat(
+        amazon.detects(2018), amazon.resolve, amazon.load_amazon_2018, _AMAZON, reads_meta=True
+    ),
+    "amazon-2023": SourceFormat(
+        amazon.detects(2023), amazon.resolve, amazon.load_amazon_2023, _AMAZON, reads_meta=True
+    ),
     "table": SourceFormat(
         table.detect,
         table.resolve,
         table.load_table,
         "a table of your own (.csv, .tsv, .parquet, .jsonl) with data.format: table",
         table.options,
+        reads_meta=True,
     ),
 }

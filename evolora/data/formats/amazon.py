@@ -36,6 +36,7 @@ def load_amazon_2018(reviews_path: str | Path, meta_path: str | Path) -> Interac
     missing from the metadata keep their reviews under the title "item <asin>". Each is logged with a count.
     """
     reviews_path, meta_path = Path(reviews_path), Path(meta_path)
+    _refuse_other_release(reviews_path, 2018)
     fields = {"reviewerID": "str", "asin": "str", "overall": "num", "unixReviewTime": "int"}
     inter = read_jsonl(reviews_path, fields, required=tuple(fields)).rename(
         {"reviewerID": "user_id", "asin": "item_id", "overall": "rating", "unixReviewTime": "timestamp"}
@@ -63,6 +64,7 @@ def load_amazon_2023(reviews_path: str | Path, meta_path: str | Path) -> Interac
     items missing from the metadata are handled as in `load_amazon_2018`.
     """
     reviews_path, meta_path = Path(reviews_path), Path(meta_path)
+    _refuse_other_release(reviews_path, 2023)
     fields = {"user_id": "str", "parent_asin": "str", "rating": "num", "timestamp": "int"}
     inter = read_jsonl(reviews_path, fields, required=tuple(fields))
     latest = inter["timestamp"].max()
@@ -91,6 +93,19 @@ def load_amazon_2023(reviews_path: str | Path, meta_path: str | Path) -> Interac
         description=join_or_null(pl.col("description"), " "),
     )
     return _finish_reviews(reviews_path, inter, items, meta_path)
+
+
+def _refuse_other_release(path: Path, release: int) -> None:
+    """A `data.format` naming the other release gets that said, not a missing field on line 1."""
+    try:
+        found = version(path)
+    except DataError:
+        return  # not clearly either release: the reader's own line-by-line errors say more
+    if found != release:
+        raise DataError(
+            f"{path}: these are Amazon {found} reviews, not {release}'s; set data.format: amazon-{found} "
+            "(or auto)"
+        )
 
 
 def _refuse_mixed_units(path: Path, inter: pl.DataFrame) -> None:
