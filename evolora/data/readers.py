@@ -44,6 +44,24 @@ def require_file(path: Path) -> None:
         raise DataError(f"{path}: file not found" + (" (it is a folder)" if path.is_dir() else ""))
 
 
+def published_or_utf8(path: Path, published: str) -> str:
+    """The encoding to read a small text file in: its `published` one (GroupLens' latin-1), unless the file
+    was re-saved as UTF-8. Its accented letters are then valid multi-byte UTF-8, which latin-1 text with
+    accents almost never is; read as latin-1 they would become "MisÃ©rables"."""
+    require_file(path)
+    raw = path.read_bytes()
+    if raw.isascii():
+        return published
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return published
+    log.info(
+        "%s: read as UTF-8 (its published encoding is %s; this copy was re-saved as UTF-8)", path, published
+    )
+    return "utf-8"
+
+
 def names_in(path: Path) -> set[str]:
     """The file names a format is recognised by: a folder's entries, or the file's own name."""
     return {p.name for p in path.iterdir()} if path.is_dir() else {path.name}

@@ -102,6 +102,17 @@ def test_byte_order_marks_are_not_part_of_an_id(tmp_path: Path, write, load, fil
     check_movielens(load(folder))
 
 
+@pytest.mark.parametrize(
+    ("write", "load", "name"),
+    [(write_ml100k, load_movielens_100k, "u.item"), (write_ml1m, load_movielens_1m, "movies.dat")],
+)
+def test_movie_titles_resaved_as_utf8_keep_their_letters(tmp_path: Path, write, load, name) -> None:
+    folder = write(tmp_path)
+    path = folder / name
+    path.write_bytes(path.read_bytes().decode("latin-1").encode("utf-8"))
+    check_movielens(load(folder))  # "Misérables", not "MisÃ©rables"
+
+
 def test_amazon_2018(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     reviews = [
         {

@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from evolora.data.build import finish, join_or_null, numeric
-from evolora.data.readers import TextRows, names_in, read_atomic, read_delimited
+from evolora.data.readers import TextRows, names_in, published_or_utf8, read_atomic, read_delimited
 from evolora.data.schema import InteractionData
 from evolora.data.times import day
 from evolora.errors import DataError
@@ -42,13 +42,13 @@ _YEAR_IN_TITLE = r"\((\d{4})\)(?:\s*\([^)]*\))?\s*$"  # "Toy Story (1995)", also
 
 def load_movielens_100k(folder: str | Path) -> InteractionData:
     """GroupLens MovieLens-100K: `u.data` (user, item, rating, timestamp; tab-separated) and `u.item`
-    (pipe-separated, latin-1: id, "Toy Story (1995)", release date, video date, URL, 19 genre flags)."""
+    (pipe-separated, latin-1 or a UTF-8 copy: id, "Toy Story (1995)", release date, video date, URL, 19 genre
+    flags)."""
     folder = Path(folder)
     inter_file, item_file = folder / "u.data", folder / "u.item"
     inter = _ratings(read_delimited(inter_file, "\t", RATING_COLUMNS, "latin-1"))
-    raw = read_delimited(
-        item_file, "|", ["item_id", "title", "date", "video_date", "url", *ML100K_GENRES], "latin-1"
-    ).frame
+    columns = ["item_id", "title", "date", "video_date", "url", *ML100K_GENRES]
+    raw = read_delimited(item_file, "|", columns, published_or_utf8(item_file, "latin-1")).frame
     flags = [pl.when(pl.col(g).str.strip_chars() == "1").then(pl.lit(g)) for g in ML100K_GENRES]
     items = raw.select(
         "item_id",
@@ -114,11 +114,14 @@ def load_movielens_atomic(path: str | Path) -> InteractionData:
 
 def load_movielens_1m(folder: str | Path) -> InteractionData:
     """GroupLens MovieLens-1M: `ratings.dat` (UserID::MovieID::Rating::Timestamp) and `movies.dat`
-    (MovieID::Title::Genres, latin-1; genres `A|B` become "A, B", the year comes from the title)."""
+    (MovieID::Title::Genres, latin-1 or a UTF-8 copy; genres `A|B` become "A, B", the year comes from the
+    title)."""
     folder = Path(folder)
     inter_file, item_file = folder / "ratings.dat", folder / "movies.dat"
     inter = _ratings(read_delimited(inter_file, "::", RATING_COLUMNS, "latin-1"))
-    raw = read_delimited(item_file, "::", ["item_id", "title", "genres"], "latin-1").frame
+    raw = read_delimited(
+        item_file, "::", ["item_id", "title", "genres"], published_or_utf8(item_file, "latin-1")
+    ).frame
     items = raw.select(
         "item_id",
         "title",
