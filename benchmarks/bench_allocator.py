@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from record import write_record
+from record import description, write_record
 
 CDS_CONFIG = "configs/conventional-next-item-cds.yaml"
 
@@ -137,7 +137,7 @@ def _run_child(workload: str, tuned: bool, samples: int, batch: int) -> dict[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--workloads", nargs="+", default=["ctr", "next_item", "conventional"])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results/allocator.json")

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import torch
-from record import write_record
+from record import description, write_record
 
 CONFIGS = {
     "ctr": "configs/conventional-ctr-ml100k.yaml",
@@ -60,7 +60,7 @@ def measure(cfg, prepared, rows_train: np.ndarray, rows_eval: np.ndarray, batch:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--train-samples", type=int, default=4096)
     ap.add_argument("--eval-samples", type=int, default=1024, help="CTR samples; next-item users are capped")
     ap.add_argument("--batch", type=int, default=256)

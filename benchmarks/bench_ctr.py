@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from record import write_record
+from record import description, write_record
 
 VARIANTS = {
     "baseline (full logits, fp32)": {"mode": "baseline", "precision": "fp32", "share_prefix": False},
@@ -137,10 +137,12 @@ def interleaved(model: str, precision: str, samples: int, batch: int, repeats: i
     loss over the answer tokens), alternating A, B, A, B so load drifts hit both; medians and achieved
     FLOP/s as a fraction of a matmul peak measured here.
 
-    FLOPs counted: 2·P·T for a forward pass and 2·P·T more for the backward pass through the frozen base
-    (activation gradients only; LoRA's weight gradients are negligible), where T is the real (non-padding)
-    tokens of the batch and P the parameters every token multiplies (the decoder's linear layers; the
-    output layer for the positions that get logits). Attention scores are left out (under 10% at ~200
+    FLOPs counted (P the decoder's linear-layer parameters, d its width, V the vocabulary): scoring
+    2·P·T + 2·2·d·n (the two answer rows of the output layer for each of n prompts); fwd+bwd
+    4·P·(T + A) + 4·V·d·A, a forward and a backward pass (activation gradients only through the frozen base;
+    LoRA's weight gradients are negligible) over the T prompt tokens and A answer tokens, with full-vocabulary
+    logits at the answer tokens. T counts the real (non-padding) tokens as computed: the shared instruction
+    prefix once per batch, each row's own tokens once. Attention scores are left out (under 10% at ~200
     tokens and this model's width), so the fraction is a lower bound.
     """
     import numpy as np
@@ -217,7 +219,10 @@ def interleaved(model: str, precision: str, samples: int, batch: int, repeats: i
     cfg_m = lm.base.config
     decoder = lm.base.get_decoder()
     linear = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
-    tokens = sum(len(task.prefix) + len(task.encode(int(r)).body) for r in rows)
+    # The shared instruction prefix is computed once per batch (`task.prefix` is empty where it is not split
+    # off), the plain loop's per row: counted as computed, not as read.
+    batches = -(-len(rows) // batch)
+    tokens = batches * len(task.prefix) + sum(len(task.encode(int(r)).body) for r in rows)
     answer_tokens = sum(len(task.encode(int(r)).answer) for r in rows)
     vocab_rows = cfg_m.vocab_size * cfg_m.hidden_size
     # evolora computes 2 output rows per scored prompt; fwd+bwd adds the answer tokens, full-vocab at them
@@ -245,7 +250,7 @@ def interleaved(model: str, precision: str, samples: int, batch: int, repeats: i
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     ap.add_argument("--samples", type=int, default=48)
     ap.add_argument("--batch", type=int, default=8)

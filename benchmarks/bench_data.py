@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from record import write_record
+from record import description, write_record
 
 SIZES = [100_000, 1_000_000, 3_000_000]
 
@@ -103,7 +103,7 @@ def measure_one(n: int) -> dict[str, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--sizes", nargs="+", type=float, default=SIZES)
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # a worker: one size, JSON to stdout
     args = ap.parse_args()

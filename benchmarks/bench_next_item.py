@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from record import write_record
+from record import description, write_record
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--config", default="configs/next-item-cds-peso.yaml")
     ap.add_argument("--users", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8)
@@ -176,11 +176,12 @@ def merged_comparison(lm: Any, task: Any, rows: np.ndarray, args: argparse.Names
 def phase_profile(lm: Any, task: Any, rows: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
     """Where one search's time goes, and how far from a matmul peak measured here each pass runs.
 
-    Decoder passes are timed by phase: the prompt pass (the history, after the shared prefix), the decoding
-    steps (`beams` rows per user and step, each with the full-vocabulary output layer the log-softmax
-    needs) and the true item's teacher-forced tokens (`nll`); `rest` is the search's own bookkeeping (trie
-    look-ups, masks, top-k). FLOPs: 2·P per token through the decoder's linear layers (P) and 2·V·d per
-    row through the output layer (V x d); attention scores left out, so the fractions are lower bounds.
+    Decoder passes and the output layer after them are timed by phase: the prompt pass (the history, after
+    the shared prefix), the decoding steps (`beams` rows per user and step, each with the full-vocabulary
+    output layer the log-softmax needs) and the true item's teacher-forced tokens (`nll`); `rest` is the
+    search's own bookkeeping (trie look-ups, masks, log-softmax, top-k). FLOPs: 2·P per token through the
+    decoder's linear layers (P) and 2·V·d per row through the output layer (V x d); attention scores left
+    out, so the fractions are lower bounds.
     `ceiling_users_per_s` is what the search would give with the prompt and decoding passes at the peak and
     the rest as measured: the most any faster kernel could give on this CPU.
     """
@@ -215,6 +216,15 @@ def phase_profile(lm: Any, task: Any, rows: np.ndarray, args: argparse.Namespace
 
         return wrapped
 
+    logits_from_hidden = lm.logits_from_hidden
+
+    def timed_head(*a: Any, **kw: Any) -> Any:  # the output layer's time goes to the phase its FLOPs do
+        t0 = time.perf_counter()
+        out = logits_from_hidden(*a, **kw)
+        spent[phase[0]] += time.perf_counter() - t0
+        return out
+
+    lm.logits_from_hidden = timed_head
     decoding.run_decoder = timed_run
     decoding._SharedPromptBeams.advance = in_phase("decode", advance)
     decoding._teacher_forced = in_phase("target", forced)
@@ -225,6 +235,7 @@ def phase_profile(lm: Any, task: Any, rows: np.ndarray, args: argparse.Namespace
     finally:
         decoding.run_decoder, decoding._SharedPromptBeams.advance = run_decoder, advance
         decoding._teacher_forced = forced
+        del lm.logits_from_hidden  # the instance attribute; the class's method shows through again
     decoder = lm.base.get_decoder()
     linear = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
     head = lm.base.get_output_embeddings().weight.numel()

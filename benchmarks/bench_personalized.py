@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from record import write_record
+from record import description, write_record
 
 VARIANTS = {
     "plain LoRA (PEFT)": {"mode": "plain"},
@@ -62,7 +62,7 @@ def measure(model: str, mode: str, n_meta: int, steps: int, batch: int, length: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
     ap.add_argument("--n-meta", type=int, default=8)
     ap.add_argument("--steps", type=int, default=6)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from record import write_record
+from record import description, write_record
 
 CONFIG = "configs/conventional-next-item-cds.yaml"
 
@@ -31,7 +31,7 @@ def full_sort(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--models", nargs="+", default=["sasrec", "gru4rec", "mf", "two_tower"])
     ap.add_argument("--users", type=int, default=None, help="default: every D1 validation user")
     ap.add_argument("--batch", type=int, default=256)

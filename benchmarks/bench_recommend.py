@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from record import write_record
+from record import description, write_record
 
 SMALL = ["train.samples_per_stage=[16, 8]", "train.valid_samples=8", "train.epochs=1", "eval.max_samples=8"]
 
@@ -38,7 +38,7 @@ def timed(fn) -> tuple[float, object]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--users", type=int, default=20)
     ap.add_argument("--runs", default=str(Path.home() / ".cache" / "evolora" / "bench-runs"))
     ap.add_argument("--out", default="benchmarks/results/recommend.json")

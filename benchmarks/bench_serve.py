@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from record import write_record
+from record import description, write_record
 
 LEVELS = {1: 8, 4: 4, 16: 2}  # clients: requests per client
 
@@ -70,7 +70,7 @@ def load(url: str, users: list[str], items: list[str], clients: int, per_client:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--runs", default=str(Path.home() / ".cache" / "evolora" / "bench-runs"))
     ap.add_argument("--out", default="benchmarks/results/serve.json")
     args = ap.parse_args()

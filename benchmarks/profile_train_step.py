@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from record import write_record
+from record import description, write_record
 
 
 def _timed(fn: Callable[[int], None], steps: int, device: torch.device) -> float:
@@ -103,7 +103,7 @@ def _top(events: list, device: torch.device, n: int = 25) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--config", default="configs/quickstart.yaml")
     ap.add_argument("--model", help="the backbone (default: the config's model.name)")
     ap.add_argument("--precision", default="auto")

@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
+def description(doc: str | None) -> str:
+    """A script's --help description: its docstring's first paragraph, on one line."""
+    return " ".join((doc or "").split("\n\n")[0].split())
+
+
 def cpu_flags() -> list[str]:
     """The CPU's vector-instruction flags that decide kernel speed (Linux; empty elsewhere)."""
     from evolora.models.precision import cpu_info

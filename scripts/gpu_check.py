@@ -197,7 +197,7 @@ def benchmark(check: Check, name: str, script: str, args: list[str], scratch: Pa
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for all the steps together")
     ap.add_argument("--model", help="the backbone of the quickstart and the benchmarks (default: theirs)")
