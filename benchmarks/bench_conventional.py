@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--train-samples", type=int, default=4096)
     ap.add_argument("--eval-samples", type=int, default=1024, help="CTR samples; next-item users are capped")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--out", default="benchmarks/results/conventional.json")
     args = ap.parse_args()
 
@@ -72,8 +72,7 @@ def main() -> None:
     from evolora.experiment import prepare_data
     from evolora.models.conventional import MODELS
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     results: dict[str, dict[str, dict[str, float]]] = {}
     sizes: dict[str, dict[str, int]] = {}
     for task_name, path in CONFIGS.items():

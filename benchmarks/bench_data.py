@@ -105,6 +105,7 @@ def measure_one(n: int) -> dict[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--sizes", nargs="+", type=float, default=SIZES)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data.json"))
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # a worker: one size, JSON to stdout
     args = ap.parse_args()
     if args.one is not None:
@@ -129,9 +130,9 @@ def main() -> None:
         "benchmark": "data preparation of an own log (table format), one thread",
         "settings": "4 lsat stages, CTR samples with history_len 10, min_history 1",
         "sizes": rows,
-        "machine": {"polars_threads": 1},
+        "machine": {"polars_threads": 1, "torch_threads": 1},  # the workers' (set in measure_one)
     }
-    write_record(Path(__file__).parent / "results" / "data.json", record)
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ def measure(model: str, mode: str, n_meta: int, steps: int, batch: int, length: 
     from evolora.models.personalized import PersonalizedLoRA
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     lm = LoraLM.from_config(ModelConfig(name=model, precision="fp32"))
     ids = torch.randint(0, lm.base.config.vocab_size, (batch, length))
     if mode == "plain":
@@ -55,7 +57,7 @@ def measure(model: str, mode: str, n_meta: int, steps: int, batch: int, length: 
         opt.step()
         times.append(time.perf_counter() - t0)
     return {
-        "step_seconds": sorted(times[1:])[len(times[1:]) // 2],  # median, after a warm-up step
+        "step_seconds": statistics.median(times[1:]),  # after a warm-up step
         "trainable_parameters": sum(p.numel() for p in params),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -51,6 +51,9 @@ def write_record(path: str | Path, record: dict[str, Any]) -> Path:
     record["machine"] = {**machine_record(), **record.get("machine", {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    # Whole or not at all: a benchmark stopped while writing leaves the record before it.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
     print(f"written: {path}")
     return path
