@@ -4,9 +4,12 @@ without batching requests across clients.
 The CTR run of `bench_recommend.py` (SmolLM2-135M on ML-100K; trained there if missing) is served in this
 process on loopback. Each request scores 20 candidate items for a random known user. "batched": the server's
 worker answers every request queued while it was busy in one forward pass (up to 256 samples); "one by
-one": each request alone (max_batch = 1).
+one": each request alone (max_batch = 1). Both servers run side by side and take turns at each level
+(batched, one by one, batched, ...), so load drifts hit both; figures are medians over the repeats. With
+one client nothing can be batched: its ratio is the null that the other levels' ratios are read against.
 
-    python benchmarks/bench_serve.py [--runs ~/.cache/evolora/bench-runs]
+    python benchmarks/bench_serve.py [--runs ~/.cache/evolora/bench-runs] [--clients 1 4 16]
+        [--requests 16] [--repeats 3] [--out benchmarks/results/serve.json]
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 from record import description, write_record
-
-LEVELS = {1: 8, 4: 4, 16: 2}  # clients: requests per client
 
 
 def start(app) -> tuple[str, object, threading.Thread]:
@@ -72,6 +73,11 @@ def load(url: str, users: list[str], items: list[str], clients: int, per_client:
 def main() -> None:
     ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--runs", default=str(Path.home() / ".cache" / "evolora" / "bench-runs"))
+    ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16], help="concurrency levels")
+    ap.add_argument(
+        "--requests", type=int, default=16, help="requests per level and turn (split over clients)"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="turns of each server at each level")
     ap.add_argument("--out", default="benchmarks/results/serve.json")
     args = ap.parse_args()
 
@@ -83,12 +89,29 @@ def main() -> None:
     holder = ModelHolder(root, method="finetune")
     users = sorted(holder.served.rec.known_users)
     items = sorted(holder.served.rec.known_items)
-    figures: dict[str, list[dict]] = {}
-    for mode, max_batch in (("batched", 256), ("one_by_one", 1)):
-        url, server, thread = start(create_app(holder, max_batch=max_batch))
+    modes = {"batched": 256, "one_by_one": 1}
+    servers = {mode: start(create_app(holder, max_batch=b)) for mode, b in modes.items()}
+    for url, _, _ in servers.values():
         load(url, users, items, 1, 1)  # warm-up
-        figures[mode] = [load(url, users, items, c, n) for c, n in LEVELS.items()]
-        print(mode, figures[mode])
+    figures: dict[str, list[dict]] = {mode: [] for mode in modes}
+    for clients in args.clients:
+        per_client = max(1, args.requests // clients)
+        turns: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for _ in range(args.repeats):
+            for mode, (url, _, _) in servers.items():
+                turns[mode].append(load(url, users, items, clients, per_client))
+        for mode, runs in turns.items():
+            row = {"clients": clients, "requests": runs[0]["requests"], "repeats": len(runs)}
+            for key in ("requests_per_s", "p50_s", "p99_s"):
+                row[key] = round(float(np.median([r[key] for r in runs])), 3)
+            figures[mode].append(row)
+        gain = figures["batched"][-1]["requests_per_s"] / figures["one_by_one"][-1]["requests_per_s"]
+        print(
+            f"{clients} clients: batched {gain:.2f}x one by one",
+            figures["batched"][-1],
+            figures["one_by_one"][-1],
+        )
+    for _, server, thread in servers.values():
         server.should_exit = True
         thread.join()
     result = {
@@ -97,6 +120,10 @@ def main() -> None:
         "request": "POST /score, 20 candidate items of a known user",
         "precision": holder.served.rec.strategy.lm.precision,
         **figures,
+        "batched_vs_one_by_one": {
+            str(b["clients"]): round(b["requests_per_s"] / o["requests_per_s"], 3)
+            for b, o in zip(figures["batched"], figures["one_by_one"], strict=True)
+        },
     }
     write_record(args.out, result)
     print(json.dumps(result, indent=2))  # with the machine block it added
