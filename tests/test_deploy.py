@@ -410,6 +410,26 @@ def test_changed_data_under_an_existing_run_is_refused(batches: dict[str, Path],
         run_experiment(cfg)
 
 
+def test_an_update_of_a_run_whose_data_changed_is_refused(batches: dict[str, Path], tmp_path: Path) -> None:
+    """Rows appended to the run's own file went into past stages, ungated and in no version's record."""
+    _, root = run_base(batches, tmp_path / "runs")
+    with batches["base"].open("a") as f:
+        f.write(batches["b1"].read_text().splitlines()[1] + "\n")
+    with pytest.raises(DataError, match=r"its data files changed since the experiment ran \(base\.csv\)"):
+        update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"])
+    assert not list(root.glob("deploy/*/work/*"))
+
+
+def test_an_earlier_versions_missing_table_is_named(batches: dict[str, Path], tmp_path: Path) -> None:
+    _, root = run_base(batches, tmp_path / "runs")
+    v1 = update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).version
+    (root / v1.folder).parent.joinpath("accepted.parquet").unlink()
+    result = CliRunner().invoke(app, ["update", str(root), "--data", str(batches["b2"])])
+    assert result.exit_code == 2, result.output
+    assert "version 1's accepted.parquet is missing or damaged" in result.output
+    assert "roll back to a version before 1" in result.output and "Traceback" not in result.output
+
+
 def test_update_settings_are_checked(batches: dict[str, Path], tmp_path: Path) -> None:
     _, root = run_base(batches, tmp_path / "runs")
     result = CliRunner().invoke(

@@ -56,7 +56,7 @@ from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages
 from evolora.deploy.new_items import WithoutRecordCount, name_new_items, note_new_records, parent_semantic_ids
 from evolora.deploy.versions import Version, Versions, _now
-from evolora.errors import ConfigError, DataError, EmptyStagesError
+from evolora.errors import ConfigError, DamagedFileError, DataError, EmptyStagesError
 from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.experiment import build_model_and_task, load_backbone, other_weights, resolve_config
 from evolora.io import (
@@ -363,6 +363,18 @@ def _history(
 ) -> tuple[InteractionData, pl.DataFrame, pl.DataFrame]:
     """(the run's data, the staged interactions the parent version was trained on, the items it knows)."""
     data = load_dataset(cfg.data)
+    marker = root / "experiment.json"
+    recorded = (read_json(marker) if marker.is_file() else {}).get("data_files") or {}
+    now = data_digest(data)
+    if recorded.get("sha256") is not None and now["sha256"] != recorded["sha256"]:
+        # Restaged, the edited files would put rows no version was trained on into past stages, ungated.
+        before, after = recorded.get("files", {}), now["files"]
+        changed = sorted(n for n in set(before) | set(after) if before.get(n) != after.get(n))
+        raise DataError(
+            f"{root}: its data files changed since the experiment ran ({', '.join(changed)}), and an update "
+            "rebuilds what each version was trained on from them: put back the files it ran on, and send new "
+            "rows with --data"
+        )
     staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
     parts, items = [staged.select([*_KEY, "stage"])], data.items
     chain = []
@@ -372,11 +384,25 @@ def _history(
         v = registry.get(v.parent)
     for version in reversed(chain):
         work = (root / version.folder).parent
-        parts.append(pl.read_parquet(work / "accepted.parquet").select([*_KEY, "stage"]))
-        later = pl.read_parquet(work / "inference" / "items.parquet")
+        parts.append(_read_version_table(work / "accepted.parquet", version, parent).select([*_KEY, "stage"]))
+        later = _read_version_table(work / "inference" / "items.parquet", version, parent)
         items = pl.concat([items, later], how="diagonal_relaxed")
         items = items.unique("item_id", keep="first", maintain_order=True)
     return data, pl.concat(parts, how="vertical_relaxed"), items
+
+
+def _read_version_table(path: Path, version: Version, parent: Version) -> pl.DataFrame:
+    """A table an earlier update wrote, which the promoted version builds on; one line if it is gone."""
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DamagedFileError(
+            path,
+            f"{path}: version {version.id}'s {path.name} is missing or damaged ({first}), and the promoted "
+            f"version {parent.id} builds on it: restore the file, or roll back to a version before "
+            f"{version.id} (`evolora rollback`)",
+        ) from None
 
 
 def _accept(
