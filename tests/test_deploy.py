@@ -292,8 +292,15 @@ def test_old_rows_and_seen_rows_are_dropped_and_counted(batches: dict[str, Path]
     # Rows of users the run never saw, one each: no history, no samples; the advice fits an update
     strangers = tmp_path / "strangers.csv"
     b2 = pl.read_csv(batches["b2"])
-    b2.with_columns(uid=pl.format("new-{}", pl.int_range(b2.height))).write_csv(strangers)
-    with pytest.raises(DataError, match=r"none of the .* new rows has 1 earlier interactions of its user"):
+    # (with 5 rows the run has seen: the refusal says what the file lost before it gave no samples)
+    pl.concat([base.tail(5), b2.with_columns(uid=pl.format("new-{}", pl.int_range(b2.height)))]).write_csv(
+        strangers
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"none of the {b2.height} new rows \(kept of the file's {b2.height + 5}; dropped: already "
+        r"seen 5\) has 1 earlier interactions of its user",
+    ):
         update_run(root, strangers, overrides=["update.min_gain=-1.0"])
 
 

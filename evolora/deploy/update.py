@@ -217,11 +217,12 @@ def _update(
             raise
         # the run's staging advice does not apply: an update cannot change its settings
         raise DataError(
-            f"{data_file}: none of the {accepted.height} new rows has {cfg.task.min_history_or_default()} "
-            "earlier interactions of its user (the run's task.min_history), so the new stage would have no "
-            "samples (all users new?): send the rows with rows of users the run knows, or with the next batch"
+            f"{data_file}: none of the {accepted.height} new rows{_dropped_note(report)} has "
+            f"{cfg.task.min_history_or_default()} earlier interactions of its user (the run's "
+            "task.min_history), so the new stage would have no samples (all users new?): send the rows with "
+            "rows of users the run knows, or with the next batch"
         ) from None
-    holdout = _hold_out(cfg, prepared, stage, accepted)
+    holdout = _hold_out(cfg, prepared, stage, accepted, _dropped_note(report))
     log.info(
         "update of %s, version %d -> stage %d: %d rows accepted of %d (%s); %d samples, %d held out",
         registry.method, parent.id, stage, accepted.height, report["rows_in_file"],
@@ -458,7 +459,18 @@ def _combined(
     return data, staged
 
 
-def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int, accepted: pl.DataFrame) -> np.ndarray:
+def _dropped_note(report: dict[str, Any]) -> str:
+    """What the batch lost before it could give samples, for a refusal that the loss may explain."""
+    dropped = report["dropped"]
+    if not dropped:
+        return ""
+    reasons = ", ".join(f"{why} {n}" for why, n in dropped.items())
+    return f" (kept of the file's {report['rows_in_file']}; dropped: {reasons})"
+
+
+def _hold_out(
+    cfg: RunConfig, prepared: Prepared, stage: int, accepted: pl.DataFrame, dropped: str = ""
+) -> np.ndarray:
     """The chronological tail of the batch's samples (`update.holdout_fraction` of them), for the gate; the
     pool keeps the rest of the stage as train and valid. A `next_stage` run's first update adds the batch to
     the stage it only evaluated: a tail of the whole stage would hold out the batch entirely (it is the
@@ -476,7 +488,8 @@ def _hold_out(cfg: RunConfig, prepared: Prepared, stage: int, accepted: pl.DataF
     n_hold = max(1, math.ceil(cfg.update.holdout_fraction * len(batch)))
     if len(batch) - n_hold < 2:
         raise DataError(
-            f"the batch gives {len(batch)} samples: too few to train on and hold {n_hold} out for the gate"
+            f"the batch's {accepted.height} new rows{dropped} give {len(batch)} samples: too few to train on "
+            f"and hold {n_hold} out for the gate"
         )
     held = batch[-n_hold:]
     hold = rows[np.isin(sample_of, held)]
