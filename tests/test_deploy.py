@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -184,6 +185,20 @@ def test_the_gate_holds_out_the_batchs_newest_samples_and_the_candidate_learns_t
     assert sum(from_batch(learnt)) == n_batch - len(pools.test) > 0  # the rest of the batch is learnt
     assert not all(from_batch(learnt))  # beside the stage's own samples
     assert table.df["timestamp"][pools.test].min() >= table.df["timestamp"][learnt].max()
+
+
+def test_the_new_stages_pools_are_reported_as_the_gate_builds_them(
+    batches: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The new stage's pools were logged (and warned about) as the protocol cuts them, before the update
+    replaced them with its own: a train pool of 0 could be said of a job that trained."""
+    _, root = run_base(batches, tmp_path / "runs")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="evolora"):
+        update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"])
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if m.startswith("stage 3:") or "(stage 3:" in m or "; stage 3:" in m], said
+    assert [m for m in said if re.search(r"stage 3: .* samples: train pool \d+, valid \d+, \d+ held out", m)]
 
 
 def test_on_implicit_data_the_gate_holds_out_positives_with_their_negatives(

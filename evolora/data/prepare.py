@@ -63,8 +63,11 @@ def prepare_data(cfg: RunConfig) -> Prepared:
     return prepare_staged(cfg, data, staged)
 
 
-def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) -> Prepared:
-    """Samples and pools of interactions already cut into stages (a run's, or a run's plus updates)."""
+def prepare_staged(
+    cfg: RunConfig, data: InteractionData, staged: pl.DataFrame, rebuilt: frozenset[int] = frozenset()
+) -> Prepared:
+    """Samples and pools of interactions already cut into stages (a run's, or a run's plus updates).
+    `rebuilt`: stages whose pools the caller replaces (an update's new stage): their pools go unreported."""
     task = cfg.task
     kept, least = task.history_kept(), task.min_history_or_default()
     table = build_samples(staged, num_stages_of(staged), data.like_threshold, kept, least, task.history_ties)
@@ -86,6 +89,8 @@ def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) 
         # newest history item of their next stage's rows is the last stage's test interaction)
         pools = hold_out_evaluation_rows(pools, cfg.eval.max_samples, cfg.eval.seed, table)
     for s, p in pools.items():
+        if s in rebuilt:
+            continue
         log.info(
             "stage %d: %d samples (train pool %d, valid %d, test %d)",
             s,
@@ -94,7 +99,7 @@ def prepare_staged(cfg: RunConfig, data: InteractionData, staged: pl.DataFrame) 
             len(p.valid),
             len(p.test),
         )
-    _warn_small_pools(cfg, pools)
+    _warn_small_pools(cfg, pools, rebuilt)
     if task.reads_labels:
         _check_labels(table, data)
     return Prepared(data, staged, table, pools)
@@ -124,11 +129,11 @@ def _check_labels(table: SampleTable, data: InteractionData) -> None:
         )
 
 
-def _warn_small_pools(cfg: RunConfig, pools: dict[int, StagePools]) -> None:
+def _warn_small_pools(cfg: RunConfig, pools: dict[int, StagePools], rebuilt: frozenset[int]) -> None:
     """Say where a budget asks for more samples than a stage holds: that stage then uses all it has."""
     last = max(pools)
-    trained = [s for s in pools if s < last or cfg.protocol != "next_stage"]
-    evaluated = [s for s in pools if s > min(pools) or cfg.protocol != "next_stage"]
+    trained = [s for s in pools if (s < last or cfg.protocol != "next_stage") and s not in rebuilt]
+    evaluated = [s for s in pools if (s > min(pools) or cfg.protocol != "next_stage") and s not in rebuilt]
     checks = [
         ("train.samples_per_stage", trained, lambda s: cfg.train.budget(s), "train"),
         ("train.valid_samples", trained, lambda s: cfg.train.budget(s, valid=True), "valid"),

@@ -211,7 +211,9 @@ def _update(
         )
     data, staged = _combined(original, existing, items, accepted, stage)
     try:
-        prepared = prepare_staged(cfg, data, staged)
+        prepared = prepare_staged(
+            cfg, data, staged, rebuilt=frozenset({stage})
+        )  # `_hold_out` builds its pools
     except EmptyStagesError as e:
         if e.stages != [stage]:
             raise
@@ -223,11 +225,13 @@ def _update(
             "rows of users the run knows, or with the next batch"
         ) from None
     holdout = _hold_out(cfg, prepared, stage, accepted, _dropped_note(report))
+    pools = prepared.pools[stage]
     log.info(
-        "update of %s, version %d -> stage %d: %d rows accepted of %d (%s); %d samples, %d held out",
+        "update of %s, version %d -> stage %d: %d rows accepted of %d (%s); %d samples: train pool %d, "
+        "valid %d, %d held out for the gate",
         registry.method, parent.id, stage, accepted.height, report["rows_in_file"],
         ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none dropped",
-        len(prepared.table.stage_rows(stage)), len(holdout),
+        len(prepared.table.stage_rows(stage)), len(pools.train), len(pools.valid), len(holdout),
     )  # fmt: skip
 
     prepared.caches = caches
