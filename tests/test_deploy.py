@@ -452,6 +452,20 @@ def test_an_earlier_versions_missing_table_is_named(batches: dict[str, Path], tm
     assert "roll back to a version before 1" in result.output and "Traceback" not in result.output
 
 
+def test_a_batch_in_another_time_unit_gets_advice_an_update_can_follow(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """The loader said "set data.time_unit: ms", a run setting `update` refuses to change."""
+    _, root = run_base(batches, tmp_path / "runs")
+    b1 = pl.read_csv(batches["b1"])
+    in_ms = tmp_path / "b1-ms.csv"
+    b1.with_columns(ts=pl.col("ts").str.to_datetime().dt.epoch("ms")).write_csv(in_ms)
+    result = CliRunner().invoke(app, ["update", str(root), "--data", str(in_ms)])
+    assert result.exit_code == 2, result.output
+    assert "this run reads data.time_unit: s, so write the batch's times in it" in result.output
+    assert "set data.time_unit" not in result.output
+
+
 def test_update_settings_are_checked(batches: dict[str, Path], tmp_path: Path) -> None:
     _, root = run_base(batches, tmp_path / "runs")
     result = CliRunner().invoke(

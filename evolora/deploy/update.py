@@ -34,6 +34,7 @@ import dataclasses
 import io
 import logging
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,7 +350,15 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
         return load_dataset(cfg.data.model_copy(update=settings))
     except DataError as e:
         if cfg.data.format == "table":
-            raise
+            # The loader's advice to set another time unit is a run setting an update cannot change.
+            advice = (
+                f"this run reads data.time_unit: {cfg.data.time_unit}, so write the batch's times in it "
+                "(or as ISO dates: 2024-03-01T12:00:00)"
+            )
+            said = re.sub(r"set data\.time_unit: \w+", advice, str(e))
+            if said == str(e):
+                raise
+            raise DataError(said) from None
         # A packaged dataset's loader reads its own files (MovieLens's u.data beside u.item, say), not a batch
         # of rows: say how a run takes new rows, instead of leaving the user with a missing u.item.
         raise DataError(
