@@ -63,6 +63,7 @@ from evolora.queries import (
     batch_of,
     checked_samples,
     count_of,
+    flag_of,
     history_pairs,
     item_list,
     list_of,
@@ -410,6 +411,7 @@ class Recommender:
         history (every item `user` rated up to the stage) are left out and named in `left_out_seen`."""
         if self.task_name != "ctr":
             raise EvoloraError("a next-item run generates its recommendations: recommend_many")
+        exclude_seen = flag_of(exclude_seen, "exclude_seen")
         resolved, spans = [], []
         for query in batch_of(queries, "rank_many"):
             history, items, k, user = query_of(query, ("history", "items", "k", "user"), "rank_many")
@@ -443,6 +445,7 @@ class Recommender:
         """`recommend` (next-item runs) for several (history, k, user) queries in one pass."""
         if self.task_name == "ctr":
             raise EvoloraError("a CTR run ranks given candidates: score them")
+        exclude_seen = flag_of(exclude_seen, "exclude_seen")
         queries = [
             query_of(q, ("history", "k", "user"), "recommend_many")
             for q in batch_of(queries, "recommend_many")

@@ -85,6 +85,13 @@ def count_of(k: Any) -> int:
     return int(k)
 
 
+def flag_of(value: Any, what: str) -> bool:
+    """A yes/no option: True or False (a string such as "false" is truthy, so it is refused, not read)."""
+    if not isinstance(value, bool | np.bool_):
+        raise EvoloraError(f"{what}={value!r}: True or False")
+    return bool(value)
+
+
 def number_of(value: Any, what: str) -> int | None:
     """A stage or version number as given to `Recommender.load` (None: the default)."""
     if value is not None and (not isinstance(value, int | np.integer) or isinstance(value, bool)):

@@ -197,6 +197,9 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
         rec.predict_samples(some.with_columns(stage=pl.lit(9)))
     top = rec.recommend(user=rec.known_users[0], k=5)
     assert len(top) == 5
+    for flag in ("no", None):  # a TypeError of `k + len(h) * "no"` before
+        with pytest.raises(EvoloraError, match=rf"exclude_seen={flag!r}: True or False"):
+            rec.recommend(user=rec.known_users[0], k=5, exclude_seen=flag)
     rated = set(prepare_data(conv).staged.filter(pl.col("user_id") == rec.known_users[0])["item_id"])
     every = rec.recommend(user=rec.known_users[0], k=len(rec.known_items))
     assert sorted(s.item for s in every) == sorted(set(rec.known_items) - rated)
@@ -314,6 +317,8 @@ def test_queries_of_the_wrong_shape_are_one_line_errors(ctr_run) -> None:
         rec.predict_samples(frame.with_columns(item_id=pl.lit("zzz")))
     with pytest.raises(EvoloraError, match="a polars DataFrame"):
         rec.predict_samples(frame.to_dict())
+    with pytest.raises(EvoloraError, match=r"exclude_seen='false': True or False"):  # truthy: read as True
+        rec.recommend(user=user, items=["2"], exclude_seen="false")
     with pytest.raises(ConfigError, match=r"run\(overwrite='false'\): True or False"):
         evolora.run(cfg, overwrite="false")
     for batch in (rec.score_many, rec.rank_many):
