@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from record import description, write_record
+from record import description, refuse_partial_record, write_record
 
 CDS_CONFIG = "configs/conventional-next-item-cds.yaml"
 
@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None, help="rows scored; as many trained (x3 for SASRec)")
     ap.add_argument("--batch", type=int, default=None)
     args = ap.parse_args()
+    refuse_partial_record(ap, args, "--workloads")
     if args.child:
         print(json.dumps(child(args.child, args.samples, args.batch)))
         return

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from record import description, write_record
+from record import description, refuse_partial_record, write_record
 
 CONFIG = "configs/conventional-next-item-cds.yaml"
 
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/ranking.json")
     args = ap.parse_args()
+    refuse_partial_record(ap, args, "--models")
 
     import evolora.tasks.conventional as conventional
     from evolora.config import load_config

@@ -6,6 +6,7 @@ something else shared the cores, so a figure without them cannot be compared wit
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -17,6 +18,14 @@ from typing import Any
 def description(doc: str | None) -> str:
     """A script's --help description: its docstring's first paragraph, on one line."""
     return " ".join((doc or "").split("\n\n")[0].split())
+
+
+def refuse_partial_record(ap: argparse.ArgumentParser, args: argparse.Namespace, option: str) -> None:
+    """A run of some of a benchmark's parts (`option` narrowed) would replace the record of all of them in
+    results/: it has to be written elsewhere."""
+    name = option.lstrip("-").replace("-", "_")
+    if getattr(args, name) != ap.get_default(name) and args.out == ap.get_default("out"):
+        ap.error(f"{option} picks a subset: pass --out too (the record in {args.out} holds them all)")
 
 
 def cpu_flags() -> list[str]:
