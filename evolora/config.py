@@ -563,7 +563,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     schedule: Literal["constant", "linear", "cosine"] = "linear"
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(
+        1.0, ge=0, description="clip the gradient's norm to this; 0 or null: no clipping"
+    )
     group_by_length: bool = Field(
         True, description="batch training samples of similar length together (less padding), as TALLRec does"
     )
@@ -572,7 +574,8 @@ class TrainConfig(Section):
         description="metric: the task's validation metric (AUC for ctr, NDCG@10 for next_item; where it is "
         "undefined on the validation rows, e.g. AUC on one label, the validation loss, since 2026-12-05: a "
         "shared job stored before kept its starting weights there, and is still reused); "
-        "loss: validation loss; auto: metric for ctr, loss for next_item (beam search every epoch is costly)",
+        "loss: validation loss; auto: metric for ctr and for conventional models, loss for LLM next_item "
+        "(beam search every epoch is costly)",
     )
     patience: int | None = Field(None, ge=1)
     keep_start_if_better: bool = Field(
@@ -581,7 +584,11 @@ class TrainConfig(Section):
         "(LSAT's code does this when fine-tuning)",
     )
     valid_fraction: float = Field(
-        0.1, gt=0, lt=1, description="chronological tail of a stage used for validation"
+        0.1,
+        gt=0,
+        lt=1,
+        description="chronological tail of a stage used for validation (next_stage; leave_last_out validates "
+        "on each user's second-to-last interaction)",
     )
     added_keys = ("gradient_checkpointing",)
     gradient_checkpointing: bool = Field(

@@ -319,6 +319,14 @@ def test_a_narrow_beam_search_is_refused_with_the_config(sunny_dir: Path, tmp_pa
     assert "greater than or equal to 10" in result.output and not (tmp_path / "runs").exists()
 
 
+def test_a_negative_gradient_clip_is_refused(sunny_dir: Path, tmp_path: Path) -> None:
+    """clip_grad_norm_ with a negative norm flips every gradient: refused, where 0 (no clipping) is fine."""
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
+    result = runner.invoke(app, ["run", str(config), "--set", "train.max_grad_norm=-1"])
+    assert result.exit_code == 2 and "train.max_grad_norm" in result.output, result.output
+    assert "greater than or equal to 0" in result.output and not (tmp_path / "runs").exists()
+
+
 def test_data_info_shows_stages(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from rich.console import Console
 

@@ -181,7 +181,13 @@ def run(
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="override a key, e.g. --set train.epochs=3")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="delete an existing run of the same name first")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="start again: an existing experiment of the same name is moved aside, deleted when the new "
+            "one finishes, and put back if the new one fails to start"
+        ),
+    ] = False,
     jobs: Annotated[
         int,
         typer.Option(

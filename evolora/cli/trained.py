@@ -46,7 +46,9 @@ def update(
     set_: Annotated[
         list[str] | None,
         typer.Option(
-            "--set", "-s", help="gate settings, e.g. update.min_gain=0.0; tracking=none or tracking_uri=URI"
+            "--set",
+            "-s",
+            help="gate settings, e.g. update.min_gain=0.0; threads=N; tracking=none or tracking_uri=URI",
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
