@@ -195,6 +195,17 @@ def test_budgets_larger_than_a_pool_are_warned_about(
     assert "valid_samples" not in caplog.text and "max_samples" not in caplog.text
 
 
+def test_hold_out_histories_with_stages_next_is_said_to_change_nothing(
+    sunny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from evolora.data.prepare import prepare_data
+    from tests.helpers import tiny_config
+
+    with caplog.at_level("WARNING", logger="evolora"):
+        prepare_data(tiny_config(sunny_dir, tmp_path, **{"eval.hold_out_histories": True}))
+    assert "eval.hold_out_histories is for eval.stages seen or all" in caplog.text
+
+
 def test_ctr_on_a_release_without_ratings_gets_negatives(tmp_path) -> None:
     # PESO's release is implicit feedback: every interaction a like. CTR samples on it would all be
     # positives (AUC undefined, a model that answers "yes" to everything) without sampled negatives.

@@ -88,6 +88,11 @@ def prepare_staged(
         # leave_last_out keeps test rows out of training already; a user's later rows still read them (the
         # newest history item of their next stage's rows is the last stage's test interaction)
         pools = hold_out_evaluation_rows(pools, cfg.eval.max_samples, cfg.eval.seed, table)
+    elif cfg.eval.hold_out_histories:
+        log.warning(
+            "eval.hold_out_histories is for eval.stages seen or all; with next no model is tested on a stage "
+            "whose rows it could have read as history, so it changes nothing"
+        )
     for s, p in pools.items():
         if s in rebuilt:
             continue
