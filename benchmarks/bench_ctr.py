@@ -142,7 +142,8 @@ def interleaved(model: str, precision: str, samples: int, batch: int, repeats: i
     4·P·(T + A) + 4·V·d·A, a forward and a backward pass (activation gradients only through the frozen base;
     LoRA's weight gradients are negligible) over the T prompt tokens and A answer tokens, with full-vocabulary
     logits at the answer tokens. T counts the real (non-padding) tokens as computed: the shared instruction
-    prefix once per batch, each row's own tokens once. Attention scores are left out (under 10% at ~200
+    prefix once per batch where it runs as a pass of its own (a CPU), in every row elsewhere, and each row's
+    own tokens once. Attention scores are left out (under 10% at ~200
     tokens and this model's width), so the fraction is a lower bound.
     """
     import numpy as np
@@ -150,7 +151,7 @@ def interleaved(model: str, precision: str, samples: int, batch: int, repeats: i
 
     from evolora.config import CtrTaskConfig, ModelConfig, load_config
     from evolora.experiment import prepare_data
-    from evolora.models.llm import LoraLM
+    from evolora.models.llm import LoraLM, splits_prefix
     from evolora.tasks.ctr import ctr_task_for
 
     torch.set_num_threads(1)
@@ -219,10 +220,11 @@ def interleaved(model: str, precision: str, samples: int, batch: int, repeats: i
     cfg_m = lm.base.config
     decoder = lm.base.get_decoder()
     linear = sum(m.weight.numel() for m in decoder.modules() if isinstance(m, torch.nn.Linear))
-    # The shared instruction prefix is computed once per batch (`task.prefix` is empty where it is not split
-    # off), the plain loop's per row: counted as computed, not as read.
-    batches = -(-len(rows) // batch)
-    tokens = batches * len(task.prefix) + sum(len(task.encode(int(r)).body) for r in rows)
+    # The shared instruction prefix is computed once per batch where it is a pass of its own (a CPU), in
+    # every row elsewhere (as the plain loop computes it): counted as computed, not as read.
+    separate = lm.separate_prefix_pass if lm.separate_prefix_pass is not None else splits_prefix(lm.device)
+    prefix_passes = -(-len(rows) // batch) if separate else len(rows)
+    tokens = prefix_passes * len(task.prefix) + sum(len(task.encode(int(r)).body) for r in rows)
     answer_tokens = sum(len(task.encode(int(r)).answer) for r in rows)
     vocab_rows = cfg_m.vocab_size * cfg_m.hidden_size
     # evolora computes 2 output rows per scored prompt; fwd+bwd adds the answer tokens, full-vocab at them
