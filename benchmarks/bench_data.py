@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from record import description, write_record
+from record import description, refuse_partial_record, write_record
 
 SIZES = [100_000, 1_000_000, 3_000_000]
 
@@ -108,6 +108,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "data.json"))
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)  # a worker: one size, JSON to stdout
     args = ap.parse_args()
+    refuse_partial_record(ap, args, "--sizes")
     if args.one is not None:
         print(json.dumps(measure_one(int(args.one))))
         return

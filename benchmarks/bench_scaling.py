@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from record import description, write_record
+from record import description, refuse_partial_record, write_record
 
 from evolora.tasks.decoding import ItemTrie
 
@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=SIZES, help="catalogue sizes (items)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scaling.json"))
     args = ap.parse_args()
+    refuse_partial_record(ap, args, "--sizes")
     torch.set_num_threads(1)
     rows = []
     for n in args.sizes:

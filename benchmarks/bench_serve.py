@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from record import description, write_record
+from record import description, refuse_partial_record, write_record
 
 
 def start(app) -> tuple[str, object, threading.Thread]:
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="turns of each server at each level")
     ap.add_argument("--out", default="benchmarks/results/serve.json")
     args = ap.parse_args()
+    refuse_partial_record(ap, args, "--clients")
 
     from bench_recommend import train
 

@@ -24,7 +24,8 @@ def refuse_partial_record(ap: argparse.ArgumentParser, args: argparse.Namespace,
     """A run of some of a benchmark's parts (`option` narrowed) would replace the record of all of them in
     results/: it has to be written elsewhere."""
     name = option.lstrip("-").replace("-", "_")
-    if getattr(args, name) != ap.get_default(name) and args.out == ap.get_default("out"):
+    given, default = getattr(args, name), ap.get_default(name)
+    if sorted(given) != sorted(default) and args.out == ap.get_default("out"):
         ap.error(f"{option} picks a subset: pass --out too (the record in {args.out} holds them all)")
 
 

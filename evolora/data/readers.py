@@ -126,8 +126,8 @@ def text_lines(path: Path, encoding: str) -> Iterator[TextLine]:
 
 
 def read_delimited(path: Path, sep: str, columns: list[str], encoding: str) -> TextRows:
-    """A headerless delimited file with exactly `len(columns)` fields a line. All fields must decode (the
-    callers read latin-1, where every byte does)."""
+    """A headerless delimited file with exactly `len(columns)` fields a line, in an `encoding` that decodes
+    the whole file (latin-1, where every byte does, or UTF-8 where `published_or_utf8` found it does)."""
     cols: list[list[str]] = [[] for _ in columns]
     lines: list[int] = []
     unterminated = None

@@ -193,7 +193,10 @@ def detects(release: int) -> Callable[[Path, str | None], bool]:
             # Files that are no Amazon reviews at all (a log of one's own) get `version`'s message, which
             # says how to load them; Amazon files that do not pair up get `resolve`'s.
             names = sorted(p for p in path.iterdir() if p.name.lower().endswith(JSON_SUFFIXES))
-            first = next((p for p in names if not p.name.lower().startswith("meta")), None)
+            given = Path(meta).expanduser().resolve() if meta is not None else None
+            first = next(
+                (p for p in names if not p.name.lower().startswith("meta") and p.resolve() != given), None
+            )
             if first is not None:
                 version(first)
             raise
