@@ -229,10 +229,11 @@ def _update(
     pools = prepared.pools[stage]
     log.info(
         "update of %s, version %d -> stage %d: %d rows accepted of %d (%s); %d samples: train pool %d, "
-        "valid %d, %d held out for the gate",
+        "valid %d, held out %d (the gate judges on %d of them)",
         registry.method, parent.id, stage, accepted.height, report["rows_in_file"],
         ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none dropped",
-        len(prepared.table.stage_rows(stage)), len(pools.train), len(pools.valid), len(holdout),
+        len(prepared.table.stage_rows(stage)), len(pools.train), len(pools.valid), len(pools.test),
+        len(holdout),
     )  # fmt: skip
 
     prepared.caches = caches
