@@ -435,10 +435,19 @@ def test_changed_data_under_an_existing_run_is_refused(batches: dict[str, Path],
 
 def test_an_update_of_a_run_whose_data_changed_is_refused(batches: dict[str, Path], tmp_path: Path) -> None:
     """Rows appended to the run's own file went into past stages, ungated and in no version's record."""
-    _, root = run_base(batches, tmp_path / "runs")
+    items = tmp_path / "items.csv"
+    shutil.copy(EXAMPLE_DATA / "example_items.csv", items)
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **{**SMALL, "data.meta": str(items)})
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    original = items.read_bytes()
+    items.write_bytes(original + b"sku-new,A new record,Jazz\n")
+    with pytest.raises(DataError, match=r"\(items\.csv, read from .*base\.csv\).* with --items FILE"):
+        update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"])
+    items.write_bytes(original)
     with batches["base"].open("a") as f:
         f.write(batches["b1"].read_text().splitlines()[1] + "\n")
-    with pytest.raises(DataError, match=r"its data files changed since the experiment ran \(base\.csv\)"):
+    with pytest.raises(DataError, match=r"its data files changed since the experiment ran \(base\.csv, read"):
         update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"])
     assert not list(root.glob("deploy/*/work/*"))
 

@@ -381,14 +381,19 @@ def _history(
     marker = root / "experiment.json"
     recorded = (read_json(marker) if marker.is_file() else {}).get("data_files") or {}
     now = data_digest(data)
-    if recorded.get("sha256") is not None and now["sha256"] != recorded["sha256"]:
+    # A registered dataset's files are checked against pinned checksums when fetched; only their names
+    # differ by the route they came by (GroupLens' own, or RecBole's copy), so only a path is compared.
+    registered = not Path(cfg.data.source).expanduser().exists()
+    if not registered and recorded.get("sha256") is not None and now["sha256"] != recorded["sha256"]:
         # Restaged, the edited files would put rows no version was trained on into past stages, ungated.
         before, after = recorded.get("files", {}), now["files"]
         changed = sorted(n for n in set(before) | set(after) if before.get(n) != after.get(n))
+        meta = Path(cfg.data.meta).name if cfg.data.meta else None
+        items = f" (new items' records go in with --items FILE, not into {meta})" if meta in changed else ""
         raise DataError(
-            f"{root}: its data files changed since the experiment ran ({', '.join(changed)}), and an update "
-            "rebuilds what each version was trained on from them: put back the files it ran on, and send new "
-            "rows with --data"
+            f"{root}: its data files changed since the experiment ran ({', '.join(changed)}, read from "
+            f"{Path(cfg.data.source).expanduser().resolve()}), and an update rebuilds what each version was "
+            f"trained on from them: put back the files it ran on, and send new rows with --data{items}"
         )
     staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
     parts, items = [staged.select([*_KEY, "stage"])], data.items
