@@ -476,6 +476,18 @@ def test_a_batch_in_another_time_unit_gets_advice_an_update_can_follow(
     assert "set data.time_unit" not in result.output
 
 
+def test_a_batch_a_run_in_milliseconds_reads_in_1970_is_refused(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """Epoch seconds read as milliseconds: every row was dropped as older than the run's stages."""
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **{**SMALL, "data.time_unit": "ms"})  # ISO times
+    run_experiment(cfg)
+    in_s = tmp_path / "b1-s.csv"
+    pl.read_csv(batches["b1"]).with_columns(ts=pl.col("ts").str.to_datetime().dt.epoch("s")).write_csv(in_s)
+    with pytest.raises(DataError, match=r"every time falls in 1970 .*: this run reads data\.time_unit: ms"):
+        update_run(Path(cfg.output_dir) / cfg.name, in_s)
+
+
 def test_update_settings_are_checked(batches: dict[str, Path], tmp_path: Path) -> None:
     _, root = run_base(batches, tmp_path / "runs")
     result = CliRunner().invoke(

@@ -55,6 +55,7 @@ from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
 from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages
+from evolora.data.times import SECONDS_PER_YEAR
 from evolora.deploy.new_items import WithoutRecordCount, name_new_items, note_new_records, parent_semantic_ids
 from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DamagedFileError, DataError, EmptyStagesError
@@ -347,16 +348,16 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
     data_log = logging.getLogger("evolora.data")
     if quiet is not None:
         data_log.addFilter(quiet)
+    # The loader's advice to set another time unit is a run setting an update cannot change.
+    advice = (
+        f"this run reads data.time_unit: {cfg.data.time_unit}, so write the batch's times in it (or as ISO "
+        "dates: 2024-03-01T12:00:00)"
+    )
     try:
-        return load_dataset(cfg.data.model_copy(update=settings))
+        batch = load_dataset(cfg.data.model_copy(update=settings))
     except DataError as e:
         if cfg.data.format == "table":
-            # The loader's advice to set another time unit is a run setting an update cannot change.
-            advice = (
-                f"this run reads data.time_unit: {cfg.data.time_unit}, so write the batch's times in it "
-                "(or as ISO dates: 2024-03-01T12:00:00)"
-            )
-            said = re.sub(r"set data\.time_unit: \w+", advice, str(e))
+            said = re.sub(r"(set )?data\.time_unit: [\w, ]+$|set data\.time_unit: \w+", advice, str(e))
             if said == str(e):
                 raise
             raise DataError(said) from None
@@ -371,6 +372,11 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
     finally:
         if quiet is not None:
             data_log.removeFilter(quiet)
+    latest = batch.interactions["timestamp"].max()
+    if cfg.data.format == "table" and isinstance(latest, int) and latest < SECONDS_PER_YEAR:
+        # Every row would be dropped as older than the run's stages, for a unit the batch was written in.
+        raise DataError(f"{data_file}: every time falls in 1970 as the run's unit reads them: {advice}")
+    return batch
 
 
 def _history(
