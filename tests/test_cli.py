@@ -349,6 +349,28 @@ def test_data_info_shows_stages(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch
         assert f"{share:.4f}" in result.output
 
 
+def test_data_info_shows_single_and_times_where_stages_share_a_day(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`single` was refused for the protocol data info never uses; a boundary inside one day showed the
+    same date on both sides, which read as an overlap."""
+    from rich.console import Console
+
+    monkeypatch.setattr("evolora.cli.console", Console(width=200))
+    single = runner.invoke(app, ["data", "info", str(sunny_dir), "--set", "staging.scheme=single"])
+    assert single.exit_code == 0 and "stages (single, 1)" in single.output, single.output
+    tied = tmp_path / "one-day.csv"
+    rows = ["u,i,t,r"] + [
+        f"u{k % 5},i{k % 7},2024-03-01T{k // 60:02d}:{k % 60:02d}:00,{1 + k % 5}" for k in range(120)
+    ]
+    tied.write_text("\n".join(rows) + "\n")
+    columns = "data.columns={user: u, item: i, time: t, rating: r}"
+    args = ["data", "info", str(tied), "--format", "table", "--set", columns, "--set", "staging.n_stages=3"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2024-03-01 00:39:00" in result.output and "2024-03-01 00:40:00" in result.output
+
+
 def test_data_commands_show_progress_bars(
     sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -326,7 +326,9 @@ def data_info(
     if source is not None and config is None and source.endswith((".yaml", ".yml")):
         source, config = None, Path(source)  # `evolora data info CONFIG`: what `evolora run CONFIG` reads
     given = {"data.source": source, "data.format": fmt, "data.meta": meta}
-    overrides = [f"{k}={v}" for k, v in given.items() if v is not None] + list(set_ or [])
+    # data info stages and trains nothing: the protocol does not apply (`single` is refused with next_stage)
+    overrides = ["protocol=leave_last_out"] + [f"{k}={v}" for k, v in given.items() if v is not None]
+    overrides += list(set_ or [])
     flags = {"data.source": "the SOURCE argument", "data.format": "--format", "data.meta": "--meta"}
     cfg = resolve_config(load_config(config, overrides, flags))
     with progress.display(err_console):  # downloading and reading a large log take a while
@@ -335,27 +337,39 @@ def data_info(
     for k, v in data.summary().items():
         summary.add_row(k, str(v))
     console.print(summary)
-    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
+    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages, data.synthetic_time)
     stages = stage_table(staged, None if data.implicit else data.like_threshold)
     t = Table(title=f"stages ({cfg.staging.scheme}, {num_stages_of(staged)})")
     for col in stages.columns:
         t.add_column(col.replace("_timestamp", "").replace("_", " "), justify="right")
     synthetic = data.synthetic_time  # PESO's release has only an order, no dates
+    # Where a stage ends on the day the next begins, days alone look like an overlap: show the times.
+    ends, starts = stages["last_timestamp"].to_list()[:-1], stages["first_timestamp"].to_list()[1:]
+    precise = any(_date(a) == _date(b) for a, b in zip(ends, starts, strict=True))
     for row in stages.iter_rows(named=True):
-        t.add_row(*(_stage_cell(k, v, synthetic) for k, v in row.items()))
+        t.add_row(*(_stage_cell(k, v, synthetic, precise) for k, v in row.items()))
     console.print(t)
 
 
-def _stage_cell(column: str, value: Any, synthetic_time: bool) -> str:
+def _stage_cell(column: str, value: Any, synthetic_time: bool, precise: bool) -> str:
     if column.endswith("timestamp"):
-        return "n/a" if synthetic_time else _date(value)
+        return "n/a" if synthetic_time else _date(value, precise)
     return f"{value:.4f}" if column == "liked" else str(value)
 
 
-def _date(ts: int | None) -> str:
+def _date(ts: int | None, precise: bool = False) -> str:
+    from datetime import UTC, datetime
+
     from evolora.data.times import day
 
-    return "–" if ts is None else day(ts)
+    if ts is None:
+        return "–"
+    if precise:
+        try:
+            return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        except (OverflowError, OSError, ValueError):
+            pass
+    return day(ts)
 
 
 # The commands about trained runs (recommend, export, update, versions, rollback, serve) register themselves.

@@ -52,7 +52,7 @@ class Prepared:
 
 def prepare_data(cfg: RunConfig) -> Prepared:
     data = load_dataset(cfg.data)
-    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
+    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages, data.synthetic_time)
     if cfg.protocol == "next_stage" and num_stages_of(staged) < 2:
         # The config cannot tell: a log's own stage column (or a dataset's release) brings one stage.
         raise DataError(

@@ -139,8 +139,9 @@ def build_samples(
     if missing:
         raise EmptyStagesError(
             missing,
-            f"stages {missing} have no samples with at least {min_history} history items; "
-            "use fewer stages, a longer window (staging.last_n) or a smaller task.min_history",
+            f"stages {missing} have no samples with at least {min_history} history items; use a smaller "
+            "task.min_history, or fewer stages (staging.n_stages; a dataset's own stages are fixed) or a "
+            "longer window (staging.last_n, scheme lsat)",
         )
     return SampleTable(out, n_stages, history_len, like_threshold)
 

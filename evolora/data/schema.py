@@ -151,20 +151,7 @@ class InteractionData:
                 f"{where}: {stages.size} preset stages for {self.interactions.height} interactions "
                 "(loader bug: they must align row by row)"
             )
-        if not np.issubdtype(stages.dtype, np.integer) or stages.min() < 1:
-            raise DataError(f"{where}: preset stages must be whole numbers >= 1, found {stages.min()!r}")
-        # Time-sorted rows must have non-decreasing stages, or a stage would train on data after its test.
-        back = np.flatnonzero(np.diff(stages) < 0)
-        if back.size:
-            i = int(back[0]) + 1
-            raise DataError(
-                f"{where}: preset stages go back in time: interaction {i} (timestamp "
-                f"{self.interactions['timestamp'][i]}) is in stage {stages[i]}, after one in stage "
-                f"{stages[i - 1]}"
-            )
-        missing = sorted(set(range(1, int(stages.max()) + 1)) - set(np.unique(stages).tolist()))
-        if missing:
-            raise DataError(f"{where}: preset stages {missing} have no interactions")
+        check_preset_stages(stages, self.interactions["timestamp"], where)
 
     def summary(self) -> dict[str, object]:
         ts = self.interactions["timestamp"]
@@ -202,3 +189,20 @@ def item_fields(items: pl.DataFrame, fields: tuple[str, ...], setting: str) -> l
             f"{[c for c in items.columns if c != 'item_id']})"
         )
     return present
+
+
+def check_preset_stages(stages: np.ndarray, timestamps: pl.Series, where: str) -> None:
+    """Stages a dataset comes with, row by row with its time-sorted `timestamps`: whole numbers from 1, none
+    missing, and never lower than an earlier row's (a stage would train on data after its test)."""
+    if not np.issubdtype(stages.dtype, np.integer) or stages.min() < 1:
+        raise DataError(f"{where}: preset stages must be whole numbers >= 1, found {stages.min()!r}")
+    back = np.flatnonzero(np.diff(stages) < 0)
+    if back.size:
+        i = int(back[0]) + 1
+        raise DataError(
+            f"{where}: preset stages go back in time: interaction {i} (timestamp {timestamps[i]}) is in "
+            f"stage {stages[i]}, after one in stage {stages[i - 1]}"
+        )
+    missing = sorted(set(range(1, int(stages.max()) + 1)) - set(np.unique(stages).tolist()))
+    if missing:
+        raise DataError(f"{where}: preset stages {missing} have no interactions")

@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 
 from evolora.config import StagingConfig
+from evolora.data.schema import check_preset_stages
 from evolora.errors import DataError
 
 log = logging.getLogger("evolora.data")
@@ -130,29 +131,52 @@ def stage_preset(df: pl.DataFrame, preset: np.ndarray, n_stages: int | None = No
     if not df["timestamp"].is_sorted():  # sort rows and stages together, so they stay aligned
         df = df.with_columns(_preset=pl.Series(stage)).sort("timestamp", maintain_order=True)
         stage, df = df["_preset"].to_numpy(), df.drop("_preset")
+    if np.issubdtype(stage.dtype, np.floating) and np.all(stage == np.round(stage)):
+        stage = stage.astype(np.int64)  # 2.0 is stage 2; 1.5 is refused below, never truncated
+    check_preset_stages(stage, df["timestamp"], "staging preset")
     stage = stage.astype(np.int32)
-    if stage.min() < 1:
-        raise DataError(f"staging preset: stages must be >= 1, found {int(stage.min())}")
     total = int(stage.max())
     if n_stages is not None and n_stages != total:
         raise DataError(
             f"staging preset: staging.n_stages={n_stages} but the dataset comes with {total} stages; drop "
             "staging.n_stages"
         )
-    empty = [t for t, c in enumerate(np.bincount(stage, minlength=total + 1)) if t and not c]
-    if empty:
-        raise DataError(f"staging preset: stages {empty} have no interactions (filtered away?)")
     return _finish(df, stage, total, f"preset ({total} stages)")
 
 
-def assign_stages(df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | None = None) -> pl.DataFrame:
+# The settings each scheme reads; another one set beside it is said to be ignored.
+_SCHEME_READS = {
+    "lsat": {"n_stages", "last_n", "by", "window"},
+    "single": {"last_n"},
+    "peso": {"n_stages", "base_fraction"},
+    "global": {"ratios", "n_stages"},
+    "preset": {"n_stages", "window"},  # (a window is refused below, with a way out)
+}
+
+
+def assign_stages(
+    df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | None = None, synthetic_time: bool = False
+) -> pl.DataFrame:
     """Stage the interactions with the scheme named in `cfg` (see `StagingConfig`).
 
     `preset`: the dataset's own stages (`InteractionData.preset_stages`), which `scheme: preset` needs. The
     other schemes ignore it and stage by timestamp as usual; `auto` uses it when there is one, else `lsat`.
+    `synthetic_time`: the timestamps only order the rows (`InteractionData.synthetic_time`), so bins of
+    time and a window of dates are refused.
     """
     if cfg.scheme == "auto":
         cfg = cfg.model_copy(update={"scheme": "preset" if preset is not None else "lsat"})
+    ignored = sorted(
+        k for k in cfg.model_fields_set - _SCHEME_READS[cfg.scheme] - {"scheme"}
+        if getattr(cfg, k) != type(cfg).model_fields[k].default
+    )  # fmt: skip
+    if ignored:
+        log.warning("staging.%s: not read by the %s scheme; ignored", ", staging.".join(ignored), cfg.scheme)
+    if synthetic_time and cfg.scheme in ("lsat", "single") and (cfg.by == "time" or cfg.window is not None):
+        raise DataError(
+            "staging.by: time and staging.window cut by dates, and this data's timestamps only order its "
+            "rows (PESO's release has no dates): stage it by count (by: count) or by its own stages (preset)"
+        )
     if cfg.scheme == "preset":
         if cfg.window is not None:
             raise DataError(
@@ -173,8 +197,6 @@ def assign_stages(df: pl.DataFrame, cfg: StagingConfig, preset: np.ndarray | Non
         return stage_lsat(
             df, cfg.num_stages, cfg.last_n, cfg.by, scheme=cfg.scheme, window=cfg.window_seconds()
         )
-    if cfg.last_n is not None:
-        log.warning("staging.last_n only applies to the lsat and single schemes; ignored for %s", cfg.scheme)
     if cfg.scheme == "peso":
         return stage_peso(df, cfg.num_stages, cfg.base_fraction)
     return stage_global(df, cfg.ratios)
@@ -255,8 +277,13 @@ def _from_bounds(df: pl.DataFrame, ts: np.ndarray, bounds: list[int], label: str
                 "stay in one stage"
             )
             if size <= 1:  # no tie: the stages' shares leave it none (a base part of nearly everything)
-                rest = bounds[-1] - bounds[t - 1]
-                why = f"{rest} interactions are left from stage {t} on for {n_stages - t + 1} stages"
+                share = (
+                    "its part of staging.ratios" if label.startswith("global") else "staging.base_fraction"
+                )
+                raise DataError(
+                    f"staging {label}: stage {t} is empty: its share of the {window} interactions rounds to "
+                    f"none; give it a larger share ({share}) or use fewer stages"
+                )
         raise DataError(f"staging {label}: stage {t} is empty: {why}. Use fewer stages")
     stage = np.zeros(len(ts), dtype=np.int32)
     for t in range(1, n_stages + 1):

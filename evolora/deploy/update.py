@@ -401,7 +401,7 @@ def _history(
             f"{Path(cfg.data.source).expanduser().resolve()}), and an update rebuilds what each version was "
             f"trained on from them: put back the files it ran on, and send new rows with --data{items}"
         )
-    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages)
+    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages, data.synthetic_time)
     parts, items = [staged.select([*_KEY, "stage"])], data.items
     chain = []
     v: Version | None = parent

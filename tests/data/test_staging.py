@@ -105,6 +105,37 @@ def test_assign_stages_dispatch(tied: pl.DataFrame, caplog: pytest.LogCaptureFix
     assert staged["stage"].max() == 3 and (staged["stage"] == 0).sum() >= 900
 
 
+def test_settings_a_scheme_does_not_read_are_said(
+    tied: pl.DataFrame, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        assign_stages(tied, StagingConfig(scheme="peso", by="time", ratios=(0.5, 0.5)))
+        assert "staging.by, staging.ratios: not read by the peso scheme; ignored" in caplog.text
+        caplog.clear()
+        assign_stages(
+            tied, StagingConfig(scheme="lsat", by="count", n_stages=3)
+        )  # defaults and its own: quiet
+        assert not caplog.text
+
+
+def test_dates_are_refused_on_data_that_only_orders_its_rows(tied: pl.DataFrame) -> None:
+    with pytest.raises(DataError, match=r"timestamps only order its rows"):
+        assign_stages(tied, StagingConfig(scheme="lsat", by="time"), synthetic_time=True)
+    assert assign_stages(tied, StagingConfig(scheme="lsat"), synthetic_time=True)["stage"].max() == 4
+
+
+def test_preset_stages_given_directly_are_checked() -> None:
+    """Through the loaders they were; passed to assign_stages, 1.9 became stage 1 and a later stage 1 row
+    after a stage 2 row was taken."""
+    df = interactions([1, 2, 3, 4])
+    preset = StagingConfig(scheme="preset")
+    with pytest.raises(DataError, match="whole numbers"):
+        assign_stages(df, preset, np.array([1.0, 1.9, 2.0, 2.5]))
+    with pytest.raises(DataError, match="go back in time"):
+        assign_stages(df, preset, np.array([2, 2, 1, 1]))
+    assert assign_stages(df, preset, np.array([1.0, 1.0, 2.0, 2.0]))["stage"].to_list() == [1, 1, 2, 2]
+
+
 def test_ties_are_never_split() -> None:
     # Equal-count cuts would fall at 2 and 4, both inside tie groups; they move to the groups' ends.
     staged = stage_lsat(interactions([1, 1, 1, 2, 2, 3]), 3)
