@@ -440,6 +440,16 @@ class NextItemTaskConfig(TaskSection):
     def _template(cls, v: str) -> str:
         return _check_template(v, ("peso",))
 
+    @model_validator(mode="after")
+    def _exclusion_needs_the_trie(self) -> NextItemTaskConfig:
+        # levelwise decoding does not know which token sequences are items, so it cannot leave any out
+        if self.exclude_history and self.constraint == "levelwise":
+            raise ValueError(
+                "task.exclude_history leaves the history's items out of the trie's search: it needs "
+                "task.constraint: trie (levelwise decoding would return them)"
+            )
+        return self
+
 
 register_task_config(CtrTaskConfig)
 register_task_config(NextItemTaskConfig)

@@ -319,6 +319,21 @@ def test_a_narrow_beam_search_is_refused_with_the_config(sunny_dir: Path, tmp_pa
     assert "greater than or equal to 10" in result.output and not (tmp_path / "runs").exists()
 
 
+def test_excluding_the_history_under_levelwise_decoding_is_refused(sunny_dir: Path, tmp_path: Path) -> None:
+    """levelwise decoding returned the excluded items (it skipped the exclusion), while the run's prompt
+    recipe said they were left out."""
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
+    sets = [
+        "task.name=next_item",
+        "task.template=peso",
+        "task.constraint=levelwise",
+        "task.exclude_history=true",
+    ]
+    result = runner.invoke(app, ["run", str(config), *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 2 and "task.exclude_history" in result.output, result.output
+    assert "needs task.constraint: trie" in result.output and not (tmp_path / "runs").exists()
+
+
 def test_a_negative_gradient_clip_is_refused(sunny_dir: Path, tmp_path: Path) -> None:
     """clip_grad_norm_ with a negative norm flips every gradient: refused, where 0 (no clipping) is fine."""
     config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")

@@ -168,6 +168,17 @@ def test_renormalised_target_logp_is_a_distribution_over_the_items(setup) -> Non
     assert ranked.target_logp_valid[0] == pytest.approx(sum(steps), abs=1e-4)
 
 
+def test_a_target_outside_the_trie_has_no_renormalised_logp(setup) -> None:
+    """It was renormalised over the trie's continuations of its prefix: a finite number that meant nothing."""
+    lm, trie, seqs, prompts = setup
+    items = [list(c) for c in itertools.product(*LEVELS)]
+    outside = lm.tokenizer.convert_tokens_to_ids(items[25])  # one of the 2 combinations that are no item
+    assert trie.item(tuple(outside)) < 0
+    ranked = beam_search(lm, prompts, trie, beams=4, targets=[outside, seqs[3]])
+    assert np.isnan(ranked.target_logp_valid[0]) and np.isfinite(ranked.target_logp_valid[1])
+    assert np.isfinite(ranked.target_logp).all()
+
+
 def test_levelwise_constraint_may_produce_non_items(setup) -> None:
     lm, trie, _, prompts = setup
     ranked = beam_search(lm, prompts, trie, beams=27, levelwise=True)

@@ -412,6 +412,9 @@ def _teacher_forced(
         cache.crop(-(depth - 1))  # negative: tokens to drop (the meaning every transformers version shares)
     renormalised = np.zeros(len(targets))
     for q, target in enumerate(targets):
+        if trie.item(tuple(target)) < 0:  # not a candidate: its share among them is undefined
+            renormalised[q] = np.nan
+            continue
         for k, token in enumerate(target):
             allowed = trie.children(tuple(target[:k]))
             row = steps[k][q]
