@@ -488,6 +488,24 @@ def test_a_batch_a_run_in_milliseconds_reads_in_1970_is_refused(
         update_run(Path(cfg.output_dir) / cfg.name, in_s)
 
 
+def test_a_run_whose_times_are_in_1970_takes_a_batch_in_1970(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """Small integers as times (a log of its own clock) are the run's unit too: only a batch in 1970 beside a
+    run decades later is refused as written in another unit."""
+    small = {}
+    for name in ("base", "b1"):
+        small[name] = tmp_path / f"{name}-small.csv"
+        frame = pl.read_csv(batches[name]).with_columns(
+            ts=pl.col("ts").str.to_datetime().dt.epoch("s") - 1_704_000_000
+        )
+        frame.write_csv(small[name])
+    cfg = tiny_config(small["base"], tmp_path / "runs", **SMALL)
+    run_experiment(cfg)
+    outcome = update_run(Path(cfg.output_dir) / cfg.name, small["b1"], overrides=["update.min_gain=-1.0"])
+    assert outcome.version.data["accepted"] == pl.read_csv(small["b1"]).height
+
+
 def test_update_settings_are_checked(batches: dict[str, Path], tmp_path: Path) -> None:
     _, root = run_base(batches, tmp_path / "runs")
     result = CliRunner().invoke(

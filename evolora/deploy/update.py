@@ -190,6 +190,7 @@ def _update(
     stage = parent.stage + 1
 
     original, existing, items = _history(cfg, root, registry, parent)
+    _refuse_a_batch_in_1970(cfg, data_file, batch, existing)
     accepted, report = _accept(batch, existing, data_file, cfg.data.min_rating)
     known = items["item_id"]
     items = _with_batch_items(items, batch)
@@ -348,16 +349,13 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
     data_log = logging.getLogger("evolora.data")
     if quiet is not None:
         data_log.addFilter(quiet)
-    # The loader's advice to set another time unit is a run setting an update cannot change.
-    advice = (
-        f"this run reads data.time_unit: {cfg.data.time_unit}, so write the batch's times in it (or as ISO "
-        "dates: 2024-03-01T12:00:00)"
-    )
     try:
         batch = load_dataset(cfg.data.model_copy(update=settings))
     except DataError as e:
         if cfg.data.format == "table":
-            said = re.sub(r"(set )?data\.time_unit: [\w, ]+$|set data\.time_unit: \w+", advice, str(e))
+            said = re.sub(
+                r"(set )?data\.time_unit: [\w, ]+$|set data\.time_unit: \w+", _unit_advice(cfg), str(e)
+            )
             if said == str(e):
                 raise
             raise DataError(said) from None
@@ -372,11 +370,28 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
     finally:
         if quiet is not None:
             data_log.removeFilter(quiet)
-    latest = batch.interactions["timestamp"].max()
-    if cfg.data.format == "table" and isinstance(latest, int) and latest < SECONDS_PER_YEAR:
-        # Every row would be dropped as older than the run's stages, for a unit the batch was written in.
-        raise DataError(f"{data_file}: every time falls in 1970 as the run's unit reads them: {advice}")
     return batch
+
+
+def _unit_advice(cfg: RunConfig) -> str:
+    """The loader's advice to set another time unit is a run setting an update cannot change: this instead."""
+    return (
+        f"this run reads data.time_unit: {cfg.data.time_unit}, so write the batch's times in it (or as ISO "
+        "dates: 2024-03-01T12:00:00)"
+    )
+
+
+def _refuse_a_batch_in_1970(
+    cfg: RunConfig, data_file: Path, batch: InteractionData, existing: pl.DataFrame
+) -> None:
+    """A batch whose times the run's unit reads in 1970, where the run's are decades later: written in another
+    unit; every row would be dropped as older than the run's stages."""
+    latest, run_latest = batch.interactions["timestamp"].max(), existing["timestamp"].max()
+    in_1970 = isinstance(latest, int) and latest < SECONDS_PER_YEAR
+    if in_1970 and isinstance(run_latest, int) and run_latest >= 20 * SECONDS_PER_YEAR:
+        raise DataError(
+            f"{data_file}: every time falls in 1970 as the run's unit reads them: {_unit_advice(cfg)}"
+        )
 
 
 def _history(
