@@ -446,7 +446,8 @@ class NextItemTaskConfig(TaskSection):
         if self.exclude_history and self.constraint == "levelwise":
             raise ValueError(
                 "task.exclude_history leaves the history's items out of the trie's search: it needs "
-                "task.constraint: trie (levelwise decoding would return them)"
+                "task.constraint: trie (levelwise decoding returned them; a run recorded with both before "
+                "2026-12-05 has to be rerun)"
             )
         return self
 

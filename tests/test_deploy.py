@@ -477,15 +477,19 @@ def test_a_batch_in_another_time_unit_gets_advice_an_update_can_follow(
 
 
 def test_a_batch_a_run_in_milliseconds_reads_in_1970_is_refused(
-    batches: dict[str, Path], tmp_path: Path
+    batches: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Epoch seconds read as milliseconds: every row was dropped as older than the run's stages."""
     cfg = tiny_config(batches["base"], tmp_path / "runs", **{**SMALL, "data.time_unit": "ms"})  # ISO times
     run_experiment(cfg)
     in_s = tmp_path / "b1-s.csv"
     pl.read_csv(batches["b1"]).with_columns(ts=pl.col("ts").str.to_datetime().dt.epoch("s")).write_csv(in_s)
-    with pytest.raises(DataError, match=r"every time falls in 1970 .*: this run reads data\.time_unit: ms"):
+    with (
+        caplog.at_level(logging.WARNING, logger="evolora"),
+        pytest.raises(DataError, match=r"every time falls in 1970 .*: this run reads data\.time_unit: ms"),
+    ):
         update_run(Path(cfg.output_dir) / cfg.name, in_s)
+    assert "set data.time_unit" not in caplog.text  # the loader's advice, which an update cannot follow
 
 
 def test_a_run_whose_times_are_in_1970_takes_a_batch_in_1970(

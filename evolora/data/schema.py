@@ -194,9 +194,11 @@ def item_fields(items: pl.DataFrame, fields: tuple[str, ...], setting: str) -> l
 def check_preset_stages(stages: np.ndarray, timestamps: pl.Series, where: str) -> None:
     """Stages a dataset comes with, row by row with its time-sorted `timestamps`: whole numbers from 1, none
     missing, and never lower than an earlier row's (a stage would train on data after its test)."""
-    if not np.issubdtype(stages.dtype, np.integer) or stages.min() < 1:
-        raise DataError(f"{where}: preset stages must be whole numbers >= 1, found {stages.min()!r}")
-    back = np.flatnonzero(np.diff(stages) < 0)
+    if not np.issubdtype(stages.dtype, np.integer):
+        raise DataError(f"{where}: preset stages must be whole numbers >= 1, not {stages.dtype} values")
+    if stages.min() < 1:
+        raise DataError(f"{where}: preset stages must be whole numbers >= 1, found {int(stages.min())}")
+    back = np.flatnonzero(np.diff(stages.astype(np.int64)) < 0)  # (unsigned ints would wrap around)
     if back.size:
         i = int(back[0]) + 1
         raise DataError(

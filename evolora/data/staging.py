@@ -131,8 +131,13 @@ def stage_preset(df: pl.DataFrame, preset: np.ndarray, n_stages: int | None = No
     if not df["timestamp"].is_sorted():  # sort rows and stages together, so they stay aligned
         df = df.with_columns(_preset=pl.Series(stage)).sort("timestamp", maintain_order=True)
         stage, df = df["_preset"].to_numpy(), df.drop("_preset")
-    if np.issubdtype(stage.dtype, np.floating) and np.all(stage == np.round(stage)):
-        stage = stage.astype(np.int64)  # 2.0 is stage 2; 1.5 is refused below, never truncated
+    if np.issubdtype(stage.dtype, np.floating):  # 2.0 is stage 2; 1.9 is refused, never truncated
+        whole = stage == np.round(stage)
+        if not whole.all():
+            raise DataError(
+                f"staging preset: stages must be whole numbers, found {float(stage[~whole][0]):g}"
+            )
+        stage = stage.astype(np.int64)
     check_preset_stages(stage, df["timestamp"], "staging preset")
     stage = stage.astype(np.int32)
     total = int(stage.max())
@@ -172,7 +177,7 @@ def assign_stages(
     )  # fmt: skip
     if ignored:
         log.warning("staging.%s: not read by the %s scheme; ignored", ", staging.".join(ignored), cfg.scheme)
-    if synthetic_time and cfg.scheme in ("lsat", "single") and (cfg.by == "time" or cfg.window is not None):
+    if synthetic_time and cfg.scheme == "lsat" and (cfg.by == "time" or cfg.window is not None):
         raise DataError(
             "staging.by: time and staging.window cut by dates, and this data's timestamps only order its "
             "rows (PESO's release has no dates): stage it by count (by: count) or by its own stages (preset)"
@@ -277,12 +282,13 @@ def _from_bounds(df: pl.DataFrame, ts: np.ndarray, bounds: list[int], label: str
                 "stay in one stage"
             )
             if size <= 1:  # no tie: the stages' shares leave it none (a base part of nearly everything)
-                share = (
-                    "its part of staging.ratios" if label.startswith("global") else "staging.base_fraction"
-                )
+                if label.startswith("global"):
+                    share = "a larger part of staging.ratios"
+                else:  # peso: stage 1 is the base, the others share what it leaves
+                    share = f"{'a larger' if t == 1 else 'a smaller'} staging.base_fraction"
                 raise DataError(
                     f"staging {label}: stage {t} is empty: its share of the {window} interactions rounds to "
-                    f"none; give it a larger share ({share}) or use fewer stages"
+                    f"none; give it {share}, or use fewer stages"
                 )
         raise DataError(f"staging {label}: stage {t} is empty: {why}. Use fewer stages")
     stage = np.zeros(len(ts), dtype=np.int32)

@@ -345,10 +345,10 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
         settings["columns"] = cfg.data.columns.model_copy(update={"stage": None})
     if items_file is not None:
         settings["meta"] = str(items_file)
-    quiet = WithoutRecordCount() if items_file is not None else None
+    quiet = [WithoutUnitAdvice(), *([WithoutRecordCount()] if items_file is not None else [])]
     data_log = logging.getLogger("evolora.data")
-    if quiet is not None:
-        data_log.addFilter(quiet)
+    for f in quiet:
+        data_log.addFilter(f)
     try:
         batch = load_dataset(cfg.data.model_copy(update=settings))
     except DataError as e:
@@ -368,9 +368,17 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
             "examples/ml100k_as_csv.py writes ML-100K as one and configs/deploy-ml100k.yaml runs it"
         ) from None
     finally:
-        if quiet is not None:
-            data_log.removeFilter(quiet)
+        for f in quiet:
+            data_log.removeFilter(f)
     return batch
+
+
+class WithoutUnitAdvice(logging.Filter):
+    """Drops the table loader's advice to set another `data.time_unit` while a batch is read: a run setting an
+    update cannot change (`_refuse_a_batch_in_1970` says what to do instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "set data.time_unit" not in record.getMessage()
 
 
 def _unit_advice(cfg: RunConfig) -> str:

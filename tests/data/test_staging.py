@@ -122,6 +122,15 @@ def test_dates_are_refused_on_data_that_only_orders_its_rows(tied: pl.DataFrame)
     with pytest.raises(DataError, match=r"timestamps only order its rows"):
         assign_stages(tied, StagingConfig(scheme="lsat", by="time"), synthetic_time=True)
     assert assign_stages(tied, StagingConfig(scheme="lsat"), synthetic_time=True)["stage"].max() == 4
+    # single reads no `by` (it is said to be ignored), so it is not refused for one either
+    single = StagingConfig(scheme="single", by="time")
+    assert assign_stages(tied, single, synthetic_time=True)["stage"].max() == 1
+
+
+def test_an_empty_peso_stage_says_which_way_to_move_the_base() -> None:
+    df = interactions(list(range(20)))
+    with pytest.raises(DataError, match=r"stage 2 is empty: .*give it a smaller staging\.base_fraction"):
+        assign_stages(df, StagingConfig(scheme="peso", base_fraction=0.9))
 
 
 def test_preset_stages_given_directly_are_checked() -> None:
@@ -129,10 +138,11 @@ def test_preset_stages_given_directly_are_checked() -> None:
     after a stage 2 row was taken."""
     df = interactions([1, 2, 3, 4])
     preset = StagingConfig(scheme="preset")
-    with pytest.raises(DataError, match="whole numbers"):
+    with pytest.raises(DataError, match=r"whole numbers, found 1\.9"):
         assign_stages(df, preset, np.array([1.0, 1.9, 2.0, 2.5]))
-    with pytest.raises(DataError, match="go back in time"):
-        assign_stages(df, preset, np.array([2, 2, 1, 1]))
+    for dtype in (np.int64, np.uint8):  # (unsigned differences wrap around instead of going below 0)
+        with pytest.raises(DataError, match="go back in time"):
+            assign_stages(df, preset, np.array([2, 2, 1, 1], dtype=dtype))
     assert assign_stages(df, preset, np.array([1.0, 1.0, 2.0, 2.0]))["stage"].to_list() == [1, 1, 2, 2]
 
 
