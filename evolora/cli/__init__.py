@@ -358,18 +358,9 @@ def _stage_cell(column: str, value: Any, synthetic_time: bool, precise: bool) ->
 
 
 def _date(ts: int | None, precise: bool = False) -> str:
-    from datetime import UTC, datetime
-
     from evolora.data.times import day
 
-    if ts is None:
-        return "–"
-    if precise:
-        try:
-            return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        except (OverflowError, OSError, ValueError):
-            pass
-    return day(ts)
+    return "–" if ts is None else day(ts, with_time=precise)
 
 
 # The commands about trained runs (recommend, export, update, versions, rollback, serve) register themselves.

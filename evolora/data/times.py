@@ -32,10 +32,11 @@ FIRST_SECOND, LAST_SECOND = -62_135_596_800, 253_402_300_799
 SECONDS_PER_YEAR = 31_556_952  # the Gregorian mean
 
 
-def day(seconds: int) -> str:
-    """The UTC date of epoch `seconds` (2024-03-01), or "out of range" past the calendar."""
+def day(seconds: int, with_time: bool = False) -> str:
+    """The UTC date of epoch `seconds` (2024-03-01; `with_time`: 2024-03-01 12:00:00), or "out of range"
+    past the calendar."""
     try:
-        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d")
+        return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S" if with_time else "%Y-%m-%d")
     except (OverflowError, OSError, ValueError):
         return "out of range"
 
