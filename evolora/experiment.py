@@ -56,7 +56,7 @@ from evolora.continual import (
 from evolora.continual.loop import StageLoop, is_trained
 from evolora.continual.shared import SharedStore, recorded_shared_keys
 from evolora.data import InteractionData
-from evolora.data.digest import data_digest
+from evolora.data.digest import changed_files, data_digest
 from evolora.data.loaders import detect_format
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.errors import ConfigError, EvoloraError
@@ -341,11 +341,7 @@ def _check_data(root: Path, files: dict[str, Any]) -> None:
     recorded = read_json(marker, "Delete it to accept the current settings.")
     before = recorded.get("data_files")
     if before is not None and before.get("sha256") != files.get("sha256") and _has_work(root):
-        changed = sorted(
-            name
-            for name in set(before.get("files", {})) | set(files.get("files", {}))
-            if before.get("files", {}).get(name) != files.get("files", {}).get(name)
-        )
+        changed = changed_files(before, files)
         raise ConfigError(
             f"{root}: the data changed since this experiment started ({', '.join(changed) or 'its files'}): "
             "its finished stages were cut from the old content. Choose another `name`, pass --overwrite to "

@@ -26,6 +26,12 @@ def file_sha256(path: str | Path) -> str:
     return _SHA256_CACHE[key]
 
 
+def changed_files(before: dict, after: dict) -> list[str]:
+    """The file names whose sha256 differs between two `data_digest`s (or that only one of them has)."""
+    old, new = before.get("files", {}), after.get("files", {})
+    return sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+
+
 def data_digest(data: InteractionData) -> dict[str, object]:
     """`{"sha256": ..., "files": {name: sha256, ...}}` over `data.files`, in read order.
 

@@ -49,7 +49,7 @@ from evolora.config import RunConfig, StrategySpec, load_config, parse_override
 from evolora.continual import Env, build_strategy, run_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
-from evolora.data.digest import data_digest, file_sha256
+from evolora.data.digest import changed_files, data_digest, file_sha256
 from evolora.data.loaders import load_dataset
 from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
@@ -213,21 +213,21 @@ def _update(
             build_cfg, parent_ids, items, accepted, report, pretrained
         )
     data, staged = _combined(original, existing, items, accepted, stage)
+    dropped = _dropped_note(report)
     try:
-        prepared = prepare_staged(
-            cfg, data, staged, rebuilt=frozenset({stage})
-        )  # `_hold_out` builds its pools
+        # `_hold_out` builds the new stage's pools
+        prepared = prepare_staged(cfg, data, staged, rebuilt=frozenset({stage}))
     except EmptyStagesError as e:
         if e.stages != [stage]:
             raise
         # the run's staging advice does not apply: an update cannot change its settings
         raise DataError(
-            f"{data_file}: none of the {accepted.height} new rows{_dropped_note(report)} has "
+            f"{data_file}: none of the {accepted.height} new rows{dropped} has "
             f"{cfg.task.min_history_or_default()} earlier interactions of its user (the run's "
             "task.min_history), so the new stage would have no samples (all users new?): send the rows with "
             "rows of users the run knows, or with the next batch"
         ) from None
-    holdout = _hold_out(cfg, prepared, stage, accepted, _dropped_note(report))
+    holdout = _hold_out(cfg, prepared, stage, accepted, dropped)
     pools = prepared.pools[stage]
     log.info(
         "update of %s, version %d -> stage %d: %d rows accepted of %d (%s); %d samples: train pool %d, "
@@ -409,20 +409,19 @@ def _history(
     data = load_dataset(cfg.data)
     marker = root / "experiment.json"
     recorded = (read_json(marker) if marker.is_file() else {}).get("data_files") or {}
-    now = data_digest(data)
     # A registered dataset's files are checked against pinned checksums when fetched; only their names
     # differ by the route they came by (GroupLens' own, or RecBole's copy), so only a path is compared.
     registered = not Path(cfg.data.source).expanduser().exists()
-    if not registered and recorded.get("sha256") is not None and now["sha256"] != recorded["sha256"]:
+    now = None if registered or recorded.get("sha256") is None else data_digest(data)
+    if now is not None and now["sha256"] != recorded["sha256"]:
         # Restaged, the edited files would put rows no version was trained on into past stages, ungated.
-        before, after = recorded.get("files", {}), now["files"]
-        changed = sorted(n for n in set(before) | set(after) if before.get(n) != after.get(n))
+        changed = changed_files(recorded, now)
         meta = Path(cfg.data.meta).name if cfg.data.meta else None
-        items = f" (new items' records go in with --items FILE, not into {meta})" if meta in changed else ""
+        hint = f" (new items' records go in with --items FILE, not into {meta})" if meta in changed else ""
         raise DataError(
             f"{root}: its data files changed since the experiment ran ({', '.join(changed)}, read from "
             f"{Path(cfg.data.source).expanduser().resolve()}), and an update rebuilds what each version was "
-            f"trained on from them: put back the files it ran on, and send new rows with --data{items}"
+            f"trained on from them: put back the files it ran on, and send new rows with --data{hint}"
         )
     staged = assign_stages(data.interactions, cfg.staging, data.preset_stages, data.synthetic_time)
     parts, items = [staged.select([*_KEY, "stage"])], data.items
