@@ -16,7 +16,7 @@ a stage ends is the data's choice (a release date, a catalogue change), and equa
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -96,7 +96,11 @@ def stage_peso(df: pl.DataFrame, n_stages: int = 5, base_fraction: float = 0.6) 
     n = len(ts)
     base = _tie_end(ts, round(base_fraction * n))
     bounds = [0, *_equal_count(ts, base, n, n_stages - 1)]
-    return _from_bounds(df, ts, bounds, f"peso ({base_fraction:g} base, {n_stages} stages)")
+
+    def advice(t: int) -> str:  # stage 1 is the base; the others share what it leaves
+        return f"{'a larger' if t == 1 else 'a smaller'} staging.base_fraction"
+
+    return _from_bounds(df, ts, bounds, f"peso ({base_fraction:g} base, {n_stages} stages)", advice)
 
 
 def stage_global(df: pl.DataFrame, ratios: Sequence[float] = (0.8, 0.1, 0.1)) -> pl.DataFrame:
@@ -114,7 +118,8 @@ def stage_global(df: pl.DataFrame, ratios: Sequence[float] = (0.8, 0.1, 0.1)) ->
         acc += r
         bounds.append(max(_tie_end(ts, round(n * acc / total)), bounds[-1]))
     bounds.append(n)
-    return _from_bounds(df, ts, bounds, f"global ({':'.join(f'{r:g}' for r in ratios)})")
+    label = f"global ({':'.join(f'{r:g}' for r in ratios)})"
+    return _from_bounds(df, ts, bounds, label, lambda t: "a larger part of staging.ratios")
 
 
 def stage_preset(df: pl.DataFrame, preset: np.ndarray, n_stages: int | None = None) -> pl.DataFrame:
@@ -264,8 +269,15 @@ def _equal_count(ts: np.ndarray, start: int, end: int, parts: int) -> list[int]:
     return [*bounds, end]
 
 
-def _from_bounds(df: pl.DataFrame, ts: np.ndarray, bounds: list[int], label: str) -> pl.DataFrame:
-    """Stage t = rows [bounds[t-1], bounds[t]); rows before bounds[0] are stage 0."""
+def _from_bounds(
+    df: pl.DataFrame,
+    ts: np.ndarray,
+    bounds: list[int],
+    label: str,
+    share: Callable[[int], str] | None = None,
+) -> pl.DataFrame:
+    """Stage t = rows [bounds[t-1], bounds[t]); rows before bounds[0] are stage 0. `share(t)`: the change to
+    the scheme's shares that gives an empty stage t rows (peso, global), for the error."""
     n_stages = len(bounds) - 1
     for t in range(1, n_stages + 1):
         if bounds[t] > bounds[t - 1]:
@@ -281,14 +293,10 @@ def _from_bounds(df: pl.DataFrame, ts: np.ndarray, bounds: list[int], label: str
                 f"{size} interactions share timestamp {int(tie)}, and interactions with one timestamp always "
                 "stay in one stage"
             )
-            if size <= 1:  # no tie: the stages' shares leave it none (a base part of nearly everything)
-                if label.startswith("global"):
-                    share = "a larger part of staging.ratios"
-                else:  # peso: stage 1 is the base, the others share what it leaves
-                    share = f"{'a larger' if t == 1 else 'a smaller'} staging.base_fraction"
+            if size <= 1 and share is not None:  # no tie: the stages' shares leave it none
                 raise DataError(
                     f"staging {label}: stage {t} is empty: its share of the {window} interactions rounds to "
-                    f"none; give it {share}, or use fewer stages"
+                    f"none; give it {share(t)}, or use fewer stages"
                 )
         raise DataError(f"staging {label}: stage {t} is empty: {why}. Use fewer stages")
     stage = np.zeros(len(ts), dtype=np.int32)
