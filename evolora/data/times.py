@@ -8,6 +8,9 @@ given is a wrong unit, and the messages here name the unit it looks like.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
 import polars as pl
@@ -32,6 +35,33 @@ FIRST_SECOND, LAST_SECOND = -62_135_596_800, 253_402_300_799
 SECONDS_PER_YEAR = 31_556_952  # the Gregorian mean
 
 
+# Set while an update reads a batch: the run's data.time_unit is fixed then, so advice to set another one
+# would be advice the user cannot follow; the messages say to write the times in the run's unit instead.
+_UNIT_FIXED: ContextVar[bool] = ContextVar("evolora_time_unit_fixed", default=False)
+
+
+@contextmanager
+def time_unit_fixed() -> Iterator[None]:
+    """Within it, messages about a time in the wrong unit advise writing it in the unit given, not setting
+    another `data.time_unit` (a new batch of a run: the run's unit cannot change)."""
+    token = _UNIT_FIXED.set(True)
+    try:
+        yield
+    finally:
+        _UNIT_FIXED.reset(token)
+
+
+def unit_is_fixed() -> bool:
+    return _UNIT_FIXED.get()
+
+
+def fixed_unit_advice(unit: str) -> str:
+    return (
+        f"this run reads data.time_unit: {unit}, so write the batch's times in it (or as ISO dates: "
+        "2024-03-01T12:00:00)"
+    )
+
+
 def day(seconds: int, with_time: bool = False) -> str:
     """The UTC date of epoch `seconds` (2024-03-01; `with_time`: 2024-03-01 12:00:00), or "out of range"
     past the calendar."""
@@ -45,6 +75,9 @@ def outside_message(value: object, seconds: int, name: str, unit: str) -> str:
     year = 1970 + seconds // SECONDS_PER_YEAR
     message = f"time {value!r} (column {name!r}) read as {EPOCH_UNITS[unit][1]} is in the year {year}"
     fits = unit_that_fits(seconds * EPOCH_UNITS[unit][0], unit)
+    if unit_is_fixed():
+        looks = f"; it looks like {EPOCH_UNITS[fits][1]}" if fits else ", outside the calendar (years 1-9999)"
+        return f"{message}{looks}: {fixed_unit_advice(unit)}"
     if fits:
         return f"{message}; it looks like {EPOCH_UNITS[fits][1]}: set data.time_unit: {fits}"
     return f"{message}, outside the calendar (years 1-9999); data.time_unit: {', '.join(EPOCH_UNITS)}"

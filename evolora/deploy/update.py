@@ -34,7 +34,6 @@ import dataclasses
 import io
 import logging
 import math
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,7 @@ from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
 from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages
-from evolora.data.times import SECONDS_PER_YEAR
+from evolora.data.times import SECONDS_PER_YEAR, fixed_unit_advice, time_unit_fixed
 from evolora.deploy.new_items import WithoutRecordCount, name_new_items, note_new_records, parent_semantic_ids
 from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DamagedFileError, DataError, EmptyStagesError
@@ -345,20 +344,16 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
         settings["columns"] = cfg.data.columns.model_copy(update={"stage": None})
     if items_file is not None:
         settings["meta"] = str(items_file)
-    quiet = [WithoutUnitAdvice(), *([WithoutRecordCount()] if items_file is not None else [])]
+    quiet = [WithoutRecordCount()] if items_file is not None else []
     data_log = logging.getLogger("evolora.data")
     for f in quiet:
         data_log.addFilter(f)
     try:
-        batch = load_dataset(cfg.data.model_copy(update=settings))
+        with time_unit_fixed():  # the run's data.time_unit: the loader's advice says to write times in it
+            batch = load_dataset(cfg.data.model_copy(update=settings))
     except DataError as e:
         if cfg.data.format == "table":
-            said = re.sub(
-                r"(set )?data\.time_unit: [\w, ]+$|set data\.time_unit: \w+", _unit_advice(cfg), str(e)
-            )
-            if said == str(e):
-                raise
-            raise DataError(said) from None
+            raise
         # A packaged dataset's loader reads its own files (MovieLens's u.data beside u.item, say), not a batch
         # of rows: say how a run takes new rows, instead of leaving the user with a missing u.item.
         raise DataError(
@@ -373,22 +368,6 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
     return batch
 
 
-class WithoutUnitAdvice(logging.Filter):
-    """Drops the table loader's advice to set another `data.time_unit` while a batch is read: a run setting an
-    update cannot change (`_refuse_a_batch_in_1970` says what to do instead)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "set data.time_unit" not in record.getMessage()
-
-
-def _unit_advice(cfg: RunConfig) -> str:
-    """The loader's advice to set another time unit is a run setting an update cannot change: this instead."""
-    return (
-        f"this run reads data.time_unit: {cfg.data.time_unit}, so write the batch's times in it (or as ISO "
-        "dates: 2024-03-01T12:00:00)"
-    )
-
-
 def _refuse_a_batch_in_1970(
     cfg: RunConfig, data_file: Path, batch: InteractionData, existing: pl.DataFrame
 ) -> None:
@@ -398,7 +377,8 @@ def _refuse_a_batch_in_1970(
     in_1970 = isinstance(latest, int) and latest < SECONDS_PER_YEAR
     if in_1970 and isinstance(run_latest, int) and run_latest >= 20 * SECONDS_PER_YEAR:
         raise DataError(
-            f"{data_file}: every time falls in 1970 as the run's unit reads them: {_unit_advice(cfg)}"
+            f"{data_file}: every time falls in 1970 as the run's unit reads them: "
+            f"{fixed_unit_advice(cfg.data.time_unit)}"
         )
 
 
