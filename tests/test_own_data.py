@@ -322,8 +322,9 @@ def test_a_time_in_another_unit_gets_advice_the_reader_can_follow(tmp_path: Path
         prepare_data(cfg)
     with time_unit_fixed(), pytest.raises(DataError) as refused:
         prepare_data(cfg)
-    assert "it looks like epoch milliseconds: this run reads data.time_unit: s, so write" in str(refused.value)
-    assert "set data.time_unit" not in str(refused.value)
+    said = str(refused.value)
+    assert "it looks like epoch milliseconds: this run reads data.time_unit: s, so write" in said
+    assert "set data.time_unit" not in said
     with pytest.raises(DataError, match=r"set data\.time_unit: ms$"):
         prepare_data(cfg)
 
