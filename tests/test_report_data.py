@@ -145,14 +145,15 @@ def test_a_seed_still_running_is_left_out_of_its_methods_mean_and_named(tmp_path
     run = json.loads(unfinished.read_text())
     unfinished.write_text(json.dumps({**run, "complete": False, "stages": run["stages"][:1]}))
     report = compose_report([tmp_path])
-    assert report.data["format"] == 2
+    assert report.data["format"] == 3
     strong = report.data["metrics"]["auc"]["methods"]["strong"]
     assert strong["averaged_stages"] == [2, 3]
     finished = [np.mean(list(recorded[("strong", s)].values())) for s in range(2)]
     assert np.allclose(strong["mean"]["values"][:2], finished) and strong["mean"]["values"][2] is None
     cells = _row(report.text, "### AUC per evaluated stage", "strong")
     assert cells[3].endswith(" (n=2)") and "(n=" not in cells[2]  # D3 holds two of the three seeds
-    assert cells[4].endswith(" (n=2)") and "only" not in cells[4]
+    assert cells[4].endswith(" (n=2) (vs on seeds 0, 1, both finished)") and "only" not in cells[4]
+    assert strong["vs_baseline_over"] == {"stages": [2, 3], "seeds": [0, 1]}
     assert "(n=" not in _row(report.text, "### AUC per evaluated stage", "finetune")[3]
     assert "left out of its means and differences until they catch up" in report.text
     assert "strong seed 2 (D2 of D2..D3)" in report.text
@@ -241,6 +242,34 @@ def test_a_method_whose_seeds_all_stopped_early_is_compared_on_its_own_stages() 
     early = MethodRuns("x", "d", "ctr", [run(0, (2, 3), 20.0), run(1, (2, 3), 20.0)])
     table = metric_table([base, early], "auc", None, "finetune")
     row = next(line for line in table.splitlines() if line.startswith("| x |"))
-    assert "(D2, D3 only; vs: the same stages)" in row and row.endswith("| +0.00% |")
+    assert "(D2, D3 only; vs on D2, D3; vs on seed 0, both finished)" in row and row.endswith("| +0.00% |")
     assert early.gain_over(base, "auc") == 0.0 and base.gain_over(base, "auc") == 0.0
     assert base.train_seconds() == 30.0  # seed 1, still running, has spent less
+
+
+def test_a_gain_compares_the_stages_and_seeds_both_finished() -> None:
+    """A method equal to the baseline seed by seed gains 0: when the baseline's seeds all stopped after D2
+    (its D2 was set against the method's D2..D3 mean: -28% in an audit) and when the two finished other
+    seeds (the method's seed 0 against the baseline's mean over seeds 0..2: +6%)."""
+    from evolora.eval.report import metric_table
+    from evolora.eval.summary import MethodRuns, relative_gain
+
+    def run(seed: int, values: dict[int, float]) -> dict:
+        return {"seed": seed, "stages": [{"eval_stage": t, "metrics": {"auc": v}} for t, v in values.items()]}
+
+    early_base = MethodRuns("finetune", "d", "ctr", [run(0, {2: 0.6}), run(1, {2: 0.7})])
+    later = MethodRuns("x", "d", "ctr", [run(0, {2: 0.6, 3: 0.9}), run(1, {2: 0.7, 3: 0.9})])
+    assert later.gain_over(early_base, "auc") == 0.0
+    row = next(r for r in metric_table([early_base, later], "auc").splitlines() if r.startswith("| x |"))
+    assert "(vs on D2)" in row and row.endswith("| +0.00% |")
+
+    base = MethodRuns("finetune", "d", "ctr", [run(s, {2: 0.6 + s / 10, 3: 0.5}) for s in range(3)])
+    behind = MethodRuns("x", "d", "ctr", [run(0, {2: 0.6, 3: 0.5}), run(1, {2: 0.7})])
+    assert behind.gain_over(base, "auc") == 0.0
+    row = next(r for r in metric_table([base, behind], "auc").splitlines() if r.startswith("| x |"))
+    assert "(n=1) (vs on seed 0, both finished)" in row and row.endswith("| +0.00% |")
+    # no finished seed in common: each side's own seeds, said so
+    other = MethodRuns("y", "d", "ctr", [run(5, {2: 0.6, 3: 0.5})])
+    assert other.gain_over(base, "auc") == relative_gain([0.55], 0.6, "auc")
+    row = next(r for r in metric_table([base, other], "auc").splitlines() if r.startswith("| y |"))
+    assert "(vs unpaired: no finished seed in common)" in row

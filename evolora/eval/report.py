@@ -118,7 +118,8 @@ def metric_table(
     stages = _evaluated_stages(groups)
     base = next((g for g in groups if g.method == baseline), None)
     head = ["method", "seeds", *[f"D{s}" for s in stages], "mean"]
-    if base is not None and base.mean_values(metric, skip):
+    with_gain = base is not None and bool(base.mean_values(metric, skip))
+    if with_gain:
         head.append(f"vs {baseline}")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     # A method without the metric on a stage others have it on (LSAT's nll_valid), or whose seeds have all
@@ -129,15 +130,41 @@ def metric_table(
         vals = g.stage_values(metric)
         means = g.mean_values(metric, skip)  # of its finished seeds: "(n=k)" where some are still running
         mean = _fmt(means) + _fewer(means, len(g.runs))
+        notes = []
         if means and (mine := g.mean_stages(metric, skip)) != averaged:
-            mean += " (" + ", ".join(f"D{s}" for s in sorted(mine)) + " only; vs: the same stages)"
+            notes.append(_stage_list(mine) + " only")
+        if means and with_gain:
+            notes.extend(_gain_notes(g, base, metric, skip, averaged))
+        mean += f" ({'; '.join(notes)})" if notes else ""
         cells = [_fmt(vals.get(s, [])) + _fewer(vals.get(s, []), len(g.runs)) for s in stages]
         row = [g.method, str(len(g.runs)), *cells, mean]
-        if len(head) > len(row):  # a baseline at 0 (Hit@5 often is) has no relative gain: "–"
-            gain = g.gain_over(base, metric, skip) if base is not None else None
+        if with_gain:  # a baseline at 0 (Hit@5 often is) has no relative gain: "–"
+            gain = g.gain_over(base, metric, skip)
             row.append("–" if gain is None else f"{gain:+.2f}%")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _stage_list(stages: set[int]) -> str:
+    return ", ".join(f"D{s}" for s in sorted(stages))
+
+
+def _gain_notes(
+    g: MethodRuns, base: MethodRuns, metric: str, skip: int | None, averaged: set[int]
+) -> list[str]:
+    """What the `vs` cell compares where it is not both rows' means over the table's stages (`gain_basis`):
+    fewer stages (the row's or the baseline's stopped early, or lack the metric), or the seeds both
+    finished."""
+    stages, seeds = g.gain_basis(base, metric, skip)
+    notes = []
+    if stages and stages != averaged:
+        notes.append(f"vs on {_stage_list(stages)}")
+    mine, theirs = set(g.seed_means(metric, skip)), set(base.seed_means(metric, skip, stages))
+    if seeds and not mine == theirs == set(seeds):
+        notes.append(f"vs on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, both finished")
+    elif not seeds and mine and theirs:
+        notes.append("vs unpaired: no finished seed in common")
+    return notes
 
 
 def _fewer(vals: list[float], seeds: int) -> str:

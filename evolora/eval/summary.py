@@ -6,10 +6,11 @@ every evaluated stage's values (one per seed, in the order of `seeds`; null wher
 their mean and standard deviation over seeds (the population one, as the tables' ±), the mean over stages
 of each seed that finished every stage its method's seeds evaluated (null for one still running: format
 2; format 1 averaged such a seed over its own fewer stages), over `averaged_stages` (but a shared first
-stage, `left_out_stage`), and its relative gain over the baseline in percent (positive
-is better, as the tables' `vs` column), and the paired bootstrap differences to the baseline with their 95%
-intervals. The forgetting matrix, the user kinds and the cost table stay in report.md; each run's
-results.json has them per seed.
+stage, `left_out_stage`), and its relative gain over the baseline in percent (positive is better, as the
+tables' `vs` column) over the stages and the finished seeds both have (`vs_baseline_over`; its seeds empty
+where none is common, each side's own then; format 2 took each side's own seeds and the method's stages),
+and the paired bootstrap differences to the baseline with their 95% intervals. The forgetting matrix, the
+user kinds and the cost table stay in report.md; each run's results.json has them per seed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import numpy as np
 
 from evolora.eval.metrics import is_reference, lower_is_better
 
-FORMAT = 2  # bumped when a key changes meaning (2: a mean over stages is over finished seeds only)
+# bumped when a key changes meaning (2: a mean over stages is over finished seeds only; 3: the gain over the
+# baseline is over the stages and finished seeds both have, `vs_baseline_over`)
+FORMAT = 3
 
 
 @dataclass
@@ -117,15 +120,28 @@ class MethodRuns:
         finished = MethodRuns(self.method, self.dataset, self.task, self.finished_runs())
         return set(finished.stage_values(metric)) - {skip}
 
+    def gain_basis(
+        self, base: MethodRuns, metric: str, skip: int | None = None
+    ) -> tuple[set[int], list[Any]]:
+        """What a gain over `base` compares: the stages both means cover (a method whose seeds all stopped
+        early, LSAT's nll_valid, or a baseline that stopped early is not set against stages the other
+        lacks), and the finished seeds both have there, paired as the bootstrap pairs them (so a method
+        equal to the baseline seed by seed gains 0 whichever seeds are still running); with no seed in
+        common, each side's own (an empty list)."""
+        stages = self.mean_stages(metric, skip) & base.mean_stages(metric, skip)
+        theirs = base.seed_means(metric, skip, stages)
+        return stages, [s for s in self.seed_means(metric, skip, stages) if s in theirs]
+
     def gain_over(self, base: MethodRuns, metric: str, skip: int | None = None) -> float | None:
-        """The relative gain (`relative_gain`) of its mean over the baseline's on the same stages (those its
-        own mean covers: a method whose seeds all stopped early, or LSAT's nll_valid, is not set against the
-        baseline's later stages); None where either has no value there or the baseline's mean is 0."""
-        stages = self.mean_stages(metric, skip)
-        mine, theirs = self.mean_values(metric, skip), base.mean_values(metric, skip, stages)
-        if not mine or not theirs or not float(np.mean(theirs)):
+        """The relative gain (`relative_gain`) of its mean over the baseline's on `gain_basis`'s stages and
+        seeds; None where either has no value there or the baseline's mean is 0."""
+        stages, seeds = self.gain_basis(base, metric, skip)
+        mine, theirs = self.seed_means(metric, skip, stages), base.seed_means(metric, skip, stages)
+        if seeds:
+            mine, theirs = {s: mine[s] for s in seeds}, {s: theirs[s] for s in seeds}
+        if not mine or not theirs or not float(np.mean(list(theirs.values()))):
             return None
-        return relative_gain(mine, float(np.mean(theirs)), metric)
+        return relative_gain(list(mine.values()), float(np.mean(list(theirs.values()))), metric)
 
     def train_seconds(self) -> float:
         """Training seconds of a finished run (the mean over finished seeds: one still running has fewer)."""
@@ -204,6 +220,9 @@ def report_data(
         for g in groups:
             usable = base is not None and not is_reference(metric)
             per[g.method]["vs_baseline_percent"] = g.gain_over(base, metric, skip) if usable else None
+            if usable:
+                stages, seeds = g.gain_basis(base, metric, skip)
+                per[g.method]["vs_baseline_over"] = {"stages": sorted(stages), "seeds": seeds}
         entry["methods"] = per
         out["metrics"][metric] = entry
     if differences is not None:
