@@ -272,3 +272,28 @@ def test_a_seed_that_stopped_earlier_stays_out_of_the_summary_table(matrix_run) 
     assert f"| {run['summary']['matrix']['metrics']['auc']['average']:.4f} |" in row and "(n=2)" not in row
     section = "\n".join(matrix_section(groups, ["auc"], "auc"))
     assert "finetune seed 1 (through stage 1 of 2)" in section
+
+
+def test_seeds_stopped_at_the_same_earlier_stage_stay_out_of_differences_and_heatmaps(matrix_run) -> None:
+    """Seed 1 of both methods through stage 1 of 2: the difference table paired it (the summaries of one
+    stage averaged with seed 0's of two, beside a summary table that left it out), and the heatmap averaged
+    its row t=1 with seed 0's while row t=2 held seed 0 alone."""
+    from dataclasses import replace
+
+    from evolora.eval.matrix_report import _Draws, difference_table, heatmap_cells
+    from evolora.eval.report import group_runs
+    from evolora.eval.runs import find_results
+
+    groups = group_runs(find_results([Path(matrix_run.output_dir) / matrix_run.name]))
+    finetune = next(g for g in groups if g.method == "finetune")
+    early = {**finetune.runs[0], "seed": 1, "complete": False, "stages": finetune.runs[0]["stages"][:1]}
+    shifted = [{j: {**m, "auc": m["auc"] + 0.1} for j, m in s["matrix"].items()} for s in early["stages"]]
+    early["stages"] = [{**s, "matrix": m} for s, m in zip(early["stages"], shifted, strict=True)]
+    base = replace(finetune, runs=[finetune.runs[0], early])
+    twin = replace(base, method="twin")
+    boot = _Draws([base, twin], "auc", draws=50, seed=0)
+    table = difference_table([base, twin], "auc", boot, "finetune")
+    assert table is not None and "| twin | 1 |" in table
+    means, titles = heatmap_cells([base], "auc")
+    alone, _ = heatmap_cells([replace(finetune, runs=[finetune.runs[0]])], "auc")
+    assert means["finetune"] == alone["finetune"] and titles["finetune"] == "finetune (1 of 2 seeds)"

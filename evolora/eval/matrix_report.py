@@ -184,18 +184,21 @@ def summary_table(groups: list[_Runs], metric: str, boot: _Draws | None = None) 
 
 
 def difference_table(groups: list[_Runs], metric: str, boot: _Draws, baseline: str) -> str | None:
-    """Each method's summaries minus the baseline's, seed by seed over the seeds both ran to the same last
-    stage, with the paired 95% interval; bold where it excludes 0 (decided)."""
+    """Each method's summaries minus the baseline's, seed by seed over the seeds both ran to the report's
+    furthest stage (`_furthest`, as the summary table), with the paired 95% interval; bold where it excludes
+    0 (decided)."""
     base = next((g for g in groups if g.method == baseline), None)
     if base is None:
         return None
-    theirs, their_last = _per_seed(base, metric), _last_trained(base)
+    most = _furthest_stage(groups)
+    theirs, their_seeds = _per_seed(base, metric), _furthest(base, most)
     head = ["method", "seeds", *(f"Δ{k}" for k in SUMMARIES)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        mine, my_last = _per_seed(g, metric), _last_trained(g)
-        # summaries compare only at the same last stage: a seed one of the two has not finished waits
-        both = sorted(s for s in set(mine) & set(theirs) if my_last.get(s) == their_last.get(s))
+        mine = _per_seed(g, metric)
+        # A seed one of the two has not finished waits: its summaries cover fewer stages, and the summary
+        # table beside this one leaves it out (two seeds stopped at the same earlier stage were paired here).
+        both = sorted(set(mine) & set(theirs) & _furthest(g, most) & their_seeds)
         if g.method == baseline or not both:
             continue
         intervals = boot.difference(g.method, baseline, set(both))
@@ -231,7 +234,7 @@ def matrix_section(groups: list[_Runs], metrics: list[str], lead: str, baseline:
         "in brackets, a 95% interval over 1000 resamples of the evaluated rows (the same for every "
         "method) and, with several seeds, of the seeds (`evolora/eval/matrix_report.py`). Then each "
         f"method against `{baseline}`: the difference of each summary, seed by seed over the seeds both "
-        "ran to the same last stage, with the interval of the same resamples taken jointly for both "
+        "ran to the last stage, with the interval of the same resamples taken jointly for both "
         "(paired in rows and seeds); **bold**: the interval excludes 0 (decided)."
     ]
     unfinished = unfinished_matrix_seeds(groups)
@@ -252,18 +255,33 @@ def matrix_section(groups: list[_Runs], metrics: list[str], lead: str, baseline:
     return out
 
 
-def plot_matrices(groups: list[_Runs], metric: str, path: Path) -> bool:
-    """One heatmap per method (mean over seeds) on a common colour scale; False when no run has a matrix."""
-    means = {}
+def heatmap_cells(groups: list[_Runs], metric: str) -> tuple[dict[str, dict], dict[str, str]]:
+    """Per method, each matrix cell's mean over the seeds that reached its last row (a seed still running
+    would make its upper rows means of more seeds than its lower ones), and its plot title (which says so
+    where seeds are left out)."""
+    means, titles = {}, {}
     for g in groups:
+        last = _last_trained(g)
+        seeds = _furthest(g, max(last.values(), default=0))
         cells: dict[tuple[int, int], list[float]] = {}
         for r in g.runs:
+            if r["seed"] not in seeds:
+                continue
             for t, row in run_matrix(r, metric).items():
                 for j, v in row.items():
                     if math.isfinite(v):
                         cells.setdefault((t, j), []).append(v)
         if cells:
             means[g.method] = {k: float(np.mean(v)) for k, v in cells.items()}
+            behind = len(last) - len(seeds)
+            titles[g.method] = g.method + (f" ({len(seeds)} of {len(last)} seeds)" if behind else "")
+    return means, titles
+
+
+def plot_matrices(groups: list[_Runs], metric: str, path: Path) -> bool:
+    """One heatmap per method (`heatmap_cells`) on a common colour scale; False when no run has a
+    matrix."""
+    means, titles = heatmap_cells(groups, metric)
     if not means:
         return False
     import matplotlib
@@ -308,7 +326,7 @@ def plot_matrices(groups: list[_Runs], metric: str, path: Path) -> bool:
                     fontsize=6,
                     color="black" if light else "white",
                 )
-        ax.set_title(method, fontsize=8)
+        ax.set_title(titles[method], fontsize=8)
         ax.set_xticks(range(len(js)), [f"D{j}" for j in js], fontsize=7)
         ax.set_yticks(range(len(ts)), [f"t={t}" for t in ts], fontsize=7)
     for ax in list(axes.flat)[len(means) :]:
