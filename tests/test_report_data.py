@@ -136,6 +136,19 @@ def _edit_runs(root: Path, edit) -> None:
         path.write_text(json.dumps(edit(json.loads(path.read_text()))))
 
 
+def test_a_run_started_without_a_stage_recorded_is_named(tmp_path: Path) -> None:
+    """A method (or seed) whose runs have a run.json but no results.json yet vanished from the report
+    without a word; the report names it (a folder an --overwrite moved aside stays out)."""
+    _write_runs(tmp_path)
+    started = ("peso", "seed0"), ("strong", "seed3"), (".x.replaced", "a")
+    for folder in (tmp_path.joinpath(*parts) for parts in started):
+        folder.mkdir(parents=True)
+        (folder / "run.json").write_text(json.dumps({"strategy": "peso", "options": {}}))
+    text = compose_report([tmp_path]).text
+    assert "no stage recorded yet (not in the tables until one is): peso seed0, strong seed3." in text
+    assert "| strong | 3 |" in text
+
+
 def test_a_seed_still_running_is_left_out_of_its_methods_mean_and_named(tmp_path: Path) -> None:
     """A seed stopped after D2 beside seeds through D3: averaging it over D2 alone and the others over both
     made a mean of unlike means (the helper's kill gave -3% vs finetune for a method equal to it). The mean,

@@ -29,7 +29,7 @@ from evolora.eval.bootstrap import BASELINE, bootstrap_differences, difference_t
 from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.matrix_report import matrix_section
 from evolora.eval.metrics import diverged, is_reference, lower_is_better, metric_set
-from evolora.eval.runs import check_comparable, find_results
+from evolora.eval.runs import check_comparable, find_results, started_without_results
 from evolora.eval.summary import MethodRuns, report_data
 from evolora.io import finite_json
 
@@ -335,6 +335,10 @@ def compose_report(
     incomplete = [g.method for g in groups if not all(r.get("complete") for r in g.runs)]
     if incomplete:
         out.append(f"Incomplete runs (not all stages finished): {', '.join(incomplete)}.")
+    waiting = started_without_results(paths)
+    if waiting:
+        listed = ", ".join(f"{d.parent.name} {d.name}" for d in waiting)
+        out.append(f"Started, no stage recorded yet (not in the tables until one is): {listed}.")
     behind = [f"{g.method} {seed}" for g in groups for seed in g.unfinished_seeds()]
     if behind:
         out.append(

@@ -39,11 +39,22 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
             r["_path"] = str(f)
             found.append(r)
     if not found:
-        # A run writes results.json after its first stage: name the runs that have started but not got there.
-        started = sorted({f.parent for p in paths if p.is_dir() for f in p.rglob("run.json")})
+        started = started_without_results(paths)
         pending = f"; started, no stage finished yet: {', '.join(map(str, started))}" if started else ""
         raise EvoloraError(f"no results.json under {', '.join(map(str, paths))}{pending}")
     return found
+
+
+def started_without_results(paths: list[Path]) -> list[Path]:
+    """The run folders under `paths` a run has started (its run.json) that hold no results.json yet: a run
+    writes it after its first stage, so a report would leave such a method or seed out without a word."""
+    return sorted(
+        f.parent
+        for p in paths
+        if p.is_dir()
+        for f in p.rglob("run.json")
+        if not _hidden(f.relative_to(p)) and not (f.parent / "results.json").is_file()
+    )
 
 
 def check_comparable(results: list[dict[str, Any]]) -> None:
