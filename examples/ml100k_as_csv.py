@@ -26,13 +26,17 @@ def main() -> None:
     if not 0 < args.new_fraction < 1:  # NaN fails this too
         ap.error(f"--new-fraction {args.new_fraction}: give a share strictly between 0 and 1")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        ap.error(f"{out}: a file is there, not a folder")
     fetch("ml-100k")
     data = load_dataset(DataConfig(source="ml-100k"))
     ratings = data.interactions.sort("timestamp", maintain_order=True).rename(
         {"user_id": "user", "item_id": "movie", "timestamp": "time"}
     )
     cut = int(ratings.height * (1 - args.new_fraction))
+    if not 0 < cut < ratings.height:  # a share so near 0 or 1 that one file would hold no rating
+        ap.error(f"--new-fraction {args.new_fraction}: leaves no rating in one of the two files")
+    out.mkdir(parents=True, exist_ok=True)
     ratings[:cut].write_csv(out / "ratings.csv")
     ratings[cut:].write_csv(out / "new-ratings.csv")
     columns = [c for c in ("item_id", "title", "genre") if c in data.items.columns]

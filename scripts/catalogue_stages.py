@@ -73,6 +73,12 @@ def catalogue_stages(data: InteractionData, stages: list[frozenset[str]]) -> pl.
     return kept
 
 
+def _shared_genres(stages: list[frozenset[str]]) -> set[str]:
+    """Genres in more than one distinct group."""
+    distinct = list(dict.fromkeys(stages))
+    return {g for i, a in enumerate(distinct) for b in distinct[i + 1 :] for g in a & b}
+
+
 def _all_genres(items: pl.DataFrame) -> set[str]:
     genres = items["genre"].drop_nulls().to_list() if "genre" in items.columns else []
     return {g for text in genres for g in text.split(GENRE_SEPARATOR)}
@@ -97,7 +103,11 @@ def write(data: InteractionData, staged: pl.DataFrame, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a registered dataset (ml-100k, ml-1m) or a path evolora reads")
+    parser.add_argument(
+        "source",
+        help="a registered dataset (ml-100k, ml-1m) or a MovieLens or Amazon file or folder (a table log "
+        "needs data.columns, which this script does not take)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="the log's .csv file (items beside it)")
     parser.add_argument(
         "--stage", action="append", required=True, help="one stage's genres, comma-separated (repeat)"
@@ -108,6 +118,14 @@ def main() -> None:
     if len(args.stage) < 2:
         parser.error("give at least two stages (--stage, repeated)")
     stages = [frozenset(g.strip() for g in s.split(",") if g.strip()) for s in args.stage]
+    if not all(stages):
+        parser.error(f"--stage {args.stage[stages.index(frozenset())]!r}: give at least one genre")
+    shared = _shared_genres(stages)
+    if shared:  # an item of a genre in two groups is in neither: one group would lose it silently
+        parser.error(
+            f"the genres {', '.join(sorted(shared))} are in two different stages' groups; an item of one "
+            "would belong to neither: give each genre to one group (a group may repeat as a whole)"
+        )
     try:
         data = load_dataset(DataConfig(source=args.source))
         staged = catalogue_stages(data, stages)

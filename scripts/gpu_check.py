@@ -6,8 +6,8 @@ Without a CUDA GPU it says so and exits 0. With one it runs, each step under wha
 seconds:
 
 1. the tests marked `cuda` (`pytest -m cuda`), when the suite has any;
-2. the tests that need CUDA (`EVOLORA_TEST_CUDA=1 pytest tests -k test_cuda_`: fp16 with loss scaling,
-   QLoRA, a conventional model's full ranking);
+2. the tests that need CUDA (`EVOLORA_TEST_CUDA=1 pytest tests -k cuda_`: fp16 with loss scaling,
+   QLoRA, a conventional model's full ranking; the filter takes a CPU test or two whose names say cuda);
 3. the quickstart in bf16 with a larger budget (1024 samples at D1, 128 later), and its per-stage AUC;
 4. `benchmarks/profile_train_step.py`: a CTR training step timed and profiled on the GPU;
 5. `benchmarks/bench_ctr.py` and `benchmarks/bench_next_item.py` with short settings.
@@ -133,6 +133,10 @@ def evolora_cli() -> list[str]:
     return [sys.executable, "-c", "import sys; from evolora.cli import app; sys.argv[0] = 'evolora'; app()"]
 
 
+# The suite hides the GPU from its tests unless this is set (tests/conftest.py).
+_SEE_THE_GPU = {"EVOLORA_TEST_CUDA": "1"}
+
+
 def marked_cuda_tests(check: Check) -> dict[str, Any]:
     """`pytest -m cuda`, only when some test carries the marker."""
     try:
@@ -153,7 +157,8 @@ def marked_cuda_tests(check: Check) -> dict[str, Any]:
             "returncode": collect.returncode,
             "stderr": collect.stdout + collect.stderr,
         }
-    return check.run("cuda_marked_tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda"], cap=150)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda"]
+    return check.run("cuda_marked_tests", cmd, cap=150, env=_SEE_THE_GPU)
 
 
 def quickstart(check: Check, scratch: Path, model: str | None) -> dict[str, Any]:
@@ -220,8 +225,7 @@ def main() -> int:
     try:
         check.store("cuda_marked_tests", marked_cuda_tests(check))
         cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests", "-k", "cuda_"]
-        cuda = {"EVOLORA_TEST_CUDA": "1"}  # the suite hides the GPU otherwise (tests/conftest.py)
-        check.store("cuda_tests", check.run("cuda_tests", cmd, cap=150, env=cuda))
+        check.store("cuda_tests", check.run("cuda_tests", cmd, cap=150, env=_SEE_THE_GPU))
         check.store("quickstart", quickstart(check, scratch, args.model))
         model_args = ["--model", args.model] if args.model else []
         # the prefix's own pass, the prefix in every row and plain HF + PEFT, at two batch sizes

@@ -3,6 +3,7 @@
 #
 #   bash scripts/gpu_remote.sh prepare   # here: fill .gpu/ (git-ignored) with what the machine lacks
 #   bash scripts/gpu_remote.sh run       # there, from the repo root with .gpu/ carried: the check into $OUT
+#                                        # (with CPython 3.12 there, as the wheels prepare fetches)
 #   bash scripts/gpu_remote.sh run benchmarks/profile_train_step.py --batch 8 32   # there: one script instead,
 #                                        # given the model (--model) and $OUT/<script name>.json (--out)
 #
@@ -15,7 +16,6 @@ PY=${PYTHON:-python3}
 case "${1:-}" in
 prepare)
     rm -rf .gpu && mkdir -p .gpu/whl .gpu/smollm2 .gpu/cache/data
-    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     for spec in polars==1.28.1 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection \
         peft==0.21.2 gguf fastapi starlette uvicorn annotated-doc; do
         $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -39,6 +39,11 @@ for make in (AutoTokenizer, AutoConfig):
 PY
     du -sh .gpu ;;
 run)
+    # prepare downloads CPython 3.12 wheels (pydantic-core is compiled): another Python cannot install them
+    if ! $PY -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))'; then
+        echo "gpu_remote.sh run: .gpu/whl holds CPython 3.12 wheels; $PY is $($PY -V 2>&1): set PYTHON=python3.12" >&2
+        exit 2
+    fi
     export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD EVOLORA_CACHE=$PWD/.gpu/cache
@@ -56,5 +61,5 @@ PY
         $PY scripts/gpu_check.py --model "$PWD/.gpu/model" --budget "${BUDGET:-300}" --out "${OUT:-/tmp}/gpu_check.json"
     fi ;;
 *)
-    echo "usage: bash scripts/gpu_remote.sh prepare|run" >&2; exit 2 ;;
+    echo "usage: bash scripts/gpu_remote.sh prepare | run [SCRIPT ARGS...]" >&2; exit 2 ;;
 esac

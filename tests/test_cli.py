@@ -568,6 +568,16 @@ def test_a_run_recorded_before_a_default_changed_is_not_continued_under_the_new_
         ("scripts/catalogue_stages.py", ["ml-100k", "--out", "x.csv", "--stage", "Drama"], "at least two"),
         (
             "scripts/catalogue_stages.py",
+            ["ml-100k", "--out", "x.csv", "--stage", "Drama", "--stage", " , "],
+            "--stage ' , ': give at least one genre",
+        ),
+        (
+            "scripts/catalogue_stages.py",
+            ["ml-100k", "--out", "x.csv", "--stage", "Drama", "--stage", "Drama,Comedy", "--stage", "Drama"],
+            "the genres Drama are in two different stages' groups",
+        ),
+        (
+            "scripts/catalogue_stages.py",
             ["nosuch", "--out", "x.csv", "--stage", "a", "--stage", "b"],
             "nosuch",
         ),
@@ -585,6 +595,21 @@ def test_scripts_refuse_bad_arguments_in_one_line(
     )
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_the_csv_example_refuses_a_share_that_leaves_a_file_empty(tmp_path: Path) -> None:
+    """--new-fraction 1e-17 passed the (0, 1) check and wrote a header-only new-ratings.csv."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "ml100k_as_csv.py"
+    for share in ("1e-17", "0.99999"):
+        done = subprocess.run(
+            [sys.executable, str(script), "out", "--new-fraction", share],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 2 and "leaves no rating in one of the two files" in done.stderr, done.stderr
+        assert not (tmp_path / "out").exists()
 
 
 def test_the_stage_table_shows_an_undefined_metric_as_a_dash() -> None:
