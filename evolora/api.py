@@ -20,6 +20,7 @@ best together; how a query is checked lives in `queries.py`, how overrides are r
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -383,8 +384,8 @@ class Recommender:
         Next-item runs generate them (trie-constrained beam search with at least `k` beams for LLMs, a full
         ranking for conventional models); CTR runs rank the candidate `items` by P(like). `exclude_seen`
         leaves out every item of the history given, or every item `user` rated up to the stage (the model
-        reads only the latest `task.history_len` of them); candidates left out so are logged (`rank_many`
-        names them).
+        reads only the latest `task.history_len` of them); candidates left out so are logged at INFO on the
+        `evolora` logger (`rank_many` returns them), and a `UserWarning` says so when none is left.
         """
         k = count_of(k)
         if self.task_name != "ctr":
@@ -397,10 +398,13 @@ class Recommender:
             raise EvoloraError("a CTR run ranks given candidates: recommend(..., items=[...])")
         ranked = self.rank_many([(history, item_list(items), k, user)], exclude_seen)[0]
         if ranked.left_out_seen:  # said, not silent: every candidate may be one of them
-            log.info(
-                "recommend: %d of the candidates left out as seen (%s); exclude_seen=False ranks them too",
-                len(ranked.left_out_seen), ", ".join(ranked.left_out_seen[:10]),
-            )  # fmt: skip
+            said = (
+                f"recommend: {len(ranked.left_out_seen)} of the candidates left out as seen "
+                f"({', '.join(ranked.left_out_seen[:10])}); exclude_seen=False ranks them too"
+            )
+            log.info(said)
+            if not ranked.items:  # an empty answer a caller without logging set up would not understand
+                warnings.warn(said, UserWarning, stacklevel=2)
         return ranked.items
 
     def rank_many(

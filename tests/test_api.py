@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -554,6 +555,10 @@ def test_candidates_left_out_as_seen_are_said(ctr_run, caplog: pytest.LogCapture
     rec = evolora.Recommender.load(Path(cfg.output_dir) / cfg.name, method="finetune")
     user = rec.known_users[0]
     seen = sorted(rec.seen_by(user))[:2]
-    with caplog.at_level(logging.INFO, logger="evolora"):
-        assert rec.recommend(user=user, items=seen, k=3) == []
+    with caplog.at_level(logging.INFO, logger="evolora"), pytest.warns(UserWarning, match="left out as seen"):
+        assert rec.recommend(user=user, items=seen, k=3) == []  # the warning: seen without logging set up
     assert f"2 of the candidates left out as seen ({', '.join(seen)})" in caplog.text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # some left: the answer is not empty, the log says the rest
+        fresh = next(i for i in rec.known_items if i not in rec.seen_by(user))
+        assert [s.item for s in rec.recommend(user=user, items=[*seen, fresh], k=3)] == [fresh]
