@@ -141,6 +141,17 @@ def carry(parts: dict[str, dict[str, Any]]) -> None:
         _local.carried[1] += p.get("cpu_seconds", 0.0)
 
 
+def added(*records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Parts (as `since` gives them) summed part by part."""
+    out: dict[str, dict[str, float]] = {}
+    for parts in records:
+        for name, p in parts.items():
+            entry = out.setdefault(name, _zero())
+            for f in entry:
+                entry[f] += p.get(f, 0)
+    return {name: _rounded(entry) for name, entry in out.items()}
+
+
 def measured(compute: Callable[[], Any], name: str | None = None) -> tuple[Any, dict[str, dict[str, Any]]]:
     """`compute()` as a span of part `name` (by default the innermost open part, `other` outside any), and
     what it cost: its parts, nested ones included."""

@@ -130,9 +130,10 @@ def save_npz(path: str | Path, arrays: dict[str, Any]) -> None:
 
     import numpy as np
 
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_bytes(path, buf.getvalue())
+    with cost.part("writing"):  # encoding copies every array: a file's cost, not the caller's
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+        atomic_write_bytes(path, buf.getvalue())
 
 
 def load_npz(path: str | Path, advice: str = "") -> dict[str, Any]:
@@ -211,10 +212,11 @@ def save_state(path: str | Path, state: Any) -> None:
     atomically."""
     from safetensors.torch import save
 
-    tensors: dict[str, Any] = {}
-    skeleton = _encode(state, tensors)
-    blob = save(tensors, metadata={"format": "pt", _STATE_KEY: json.dumps(skeleton)})
-    atomic_write_bytes(path, blob)
+    with cost.part("writing"):  # serialising copies every tensor: a checkpoint's cost, not training's
+        tensors: dict[str, Any] = {}
+        skeleton = _encode(state, tensors)
+        blob = save(tensors, metadata={"format": "pt", _STATE_KEY: json.dumps(skeleton)})
+        atomic_write_bytes(path, blob)
 
 
 def load_state(path: str | Path, advice: str = "") -> Any:

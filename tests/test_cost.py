@@ -161,6 +161,44 @@ def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path
     assert "CPU time these runs took:" in report and "| CPU s |" in report
 
 
+def test_a_job_shared_within_a_run_is_counted_once(sunny_dir: Path, tmp_path: Path) -> None:
+    """LSAT's long and default adapters are one job at stage 1: the second found the first in the shared store
+    marked as this run's, took it for an earlier sitting's and counted its cost again (twice the tokens, an
+    earlier sitting that never was)."""
+    over = {"train.epochs": 2, "strategies": "[{name: lsat, long_stages: 1, grid: [0.0, 0.5, 1.0]}]"}
+    (run,) = run_experiment(tiny_config(sunny_dir, tmp_path, **over))
+    first = run["stages"][0]
+    trained, reused = first["jobs"]
+    assert trained["shared_key"] == reused["shared_key"] and reused["reused_shared_result"]
+    assert first["cost"]["parts"]["training"]["tokens"] == trained["cost"]["training"]["tokens"] > 0
+    assert "earlier_sittings" not in first["cost"] and first["cost"]["saved_seconds"] > 0
+
+
+def test_serialising_a_file_counts_as_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """save_state encoded (copied) every tensor before its `writing` part began: a conventional model's
+    per-epoch checkpoint put 13-19% of a small stage in `other`."""
+    import numpy as np
+
+    from evolora import io
+
+    cost.take()
+
+    def slow(encode):
+        def inner(*args, **kwargs):
+            time.sleep(0.05)
+            return encode(*args, **kwargs)
+
+        return inner
+
+    monkeypatch.setattr(io, "_encode", slow(io._encode))
+    monkeypatch.setattr(np, "savez", slow(np.savez))
+    with cost.part("training"):
+        io.save_state(tmp_path / "s.safetensors", {"w": np.zeros(3)})
+        io.save_npz(tmp_path / "p.npz", {"scores": np.zeros(3)})
+    parts = cost.take()["parts"]
+    assert parts["writing"]["seconds"] >= 0.1 and parts["training"]["seconds"] < 0.05
+
+
 def test_a_report_names_every_machine_its_stages_ran_on() -> None:
     """A run resumed on another CPU rounds differently from there on: the report says where stages ran."""
     resumed = {

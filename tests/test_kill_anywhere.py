@@ -21,6 +21,7 @@ from tests.helpers import tiny_config
 CRM = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
 CASES = {
     "sdlora": ("[sdlora]", {}),
+    "inflora": ("[inflora]", {}),  # its statistics before a job and after a stage
     "lsat": ("[{name: lsat, long_stages: 1, grid: [0.0, 0.5, 1.0]}]", {}),
     "matrix": ("[finetune]", {"eval.stages": "all"}),  # each matrix entry's predictions land on their own
     "reclora": (
@@ -115,7 +116,7 @@ def test_a_kill_between_any_two_writes_of_a_stage_loses_nothing(
         assert timeless[0] == timeless[1], case
         # The kept work is counted once, whichever sitting did it: epochs a checkpoint kept and jobs finished
         # before the stage was recorded join the resumed stage's cost (tokens: the measure without a clock).
-        for part in ("training", "validation", "evaluation"):
+        for part in ("training", "validation", "evaluation", "lsat_search", "inflora_statistics"):
             counted = [s["cost"]["parts"].get(part, {}) for s in (got, want)]
             assert [(c.get("tokens"), c.get("backward_tokens")) for c in counted] == [
                 (counted[1].get("tokens"), counted[1].get("backward_tokens"))

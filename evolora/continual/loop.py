@@ -97,6 +97,10 @@ class StageLoop:
         self.header = header
         # Which shared job produced each adapter's current weights (None: not reproducible elsewhere).
         self.adapter_keys: dict[str, str | None] = {}
+        # Shared jobs whose cost this sitting has counted (trained, or carried from an earlier sitting): a
+        # second job of the run with the same key (LSAT's long and default at stage 1) reused it.
+        self._counted_jobs: set[str] = set()
+        self._after_stage_cost: dict[str, Any] = {}  # of the stage `restore_state` read
         # The set-ups of earlier sittings that finished stages of the run (`run` reads them): its cost too.
         self._earlier_setups: dict[str, Any] = {}
         strategy.prediction_store = self.stored_predictions
@@ -137,15 +141,16 @@ class StageLoop:
             atomic_write_json(marker, {"strategy": self.header.get("strategy"), "options": options})
 
     # ------------------------------------------------------------------ saving and restoring the chain
-    def _save_trained(self, t: int, jobs: list[dict[str, Any]]) -> None:
-        """The stage's adapters, strategy state and job records, as one folder."""
+    def _save_trained(self, t: int, jobs: list[dict[str, Any]], after_stage_cost: dict[str, Any]) -> None:
+        """The stage's adapters, strategy state, job records and what `after_stage` cost, as one folder."""
         with atomic_directory(self.stage_dir(t) / "trained") as out:
             for name in self.s.adapters_to_save():
                 self.lm.save_adapter(out / "adapters" / name, name)
             save_state(
                 out / "state.safetensors", {"strategy": self.s.state(), "adapter_keys": self.adapter_keys}
             )
-            atomic_write_json(out / "trained.json", {"jobs": jobs, "stage_info": self.s.stage_info()})
+            record = {"jobs": jobs, "stage_info": self.s.stage_info(), "after_stage_cost": after_stage_cost}
+            atomic_write_json(out / "trained.json", record)
 
     def restore_state(self, t: int, stage_dir: Path | None = None) -> list[dict[str, Any]]:
         """Load what stage t trained (adapters, strategy state) from this run's stage folder, or from
@@ -158,6 +163,7 @@ class StageLoop:
             trained = read_json(unit / "trained.json")
         self.s.load_state(state["strategy"])
         self.adapter_keys = dict(state["adapter_keys"])
+        self._after_stage_cost = trained.get("after_stage_cost") or {}  # none in records before 2026-12-05
         return trained["jobs"]
 
     # ------------------------------------------------------------------ one job
@@ -189,7 +195,11 @@ class StageLoop:
                 legacy := shared.reuse_legacy_job(self.lm, job, self.seed, ctx.stage, train, self.run_id)
             ):
                 key, stored = legacy  # stored under an older evolora's key, for this experiment
-            if stored is not None and stored.get("trained_for") == self.run_id:
+            if (
+                stored is not None
+                and stored.get("trained_for") == self.run_id
+                and key not in self._counted_jobs
+            ):
                 # This run trained it in a sitting that ended before the job was recorded: no reuse.
                 cost.carry(stored.get("cost") or {})
                 info = self._job_info(job, stored, shared_key=key, reused=False)
@@ -206,16 +216,20 @@ class StageLoop:
                     self.lm.save_adapter(out / "adapter", job.adapter)
                     atomic_write_json(out / "result.json", record)
                 info = self._job_info(job, record, shared_key=key, reused=False)
+        self._counted_jobs.add(key)
         self._finish_job(ctx, job, info, key)
         return info
 
-    @staticmethod
-    def _count_earlier_job(info: dict[str, Any]) -> None:
-        """A job finished in an earlier sitting whose stage went unrecorded: its cost is this stage's."""
-        if info.get("reused_shared_result"):
+    def _count_earlier_job(self, info: dict[str, Any]) -> None:
+        """A job finished in an earlier sitting whose stage went unrecorded: its cost is this stage's (once
+        per shared job: records from before 2026-12-05 have LSAT's second stage-1 job as trained too)."""
+        key = info.get("shared_key")
+        if info.get("reused_shared_result") or key in self._counted_jobs:
             cost.saved(float(info.get("train_seconds", 0.0)))
         else:
             cost.carry(info.get("cost") or {})
+        if key is not None:
+            self._counted_jobs.add(key)
 
     def _train(self, ctx: StageContext, job: TrainJob) -> TrainResult:
         d = self.stage_dir(ctx.stage)
@@ -227,7 +241,8 @@ class StageLoop:
         if job.init == "fresh":
             backbone.reset_adapter(job.adapter, seed=self.seed * 1000 + ctx.stage, tokens=job.reset_tokens)
         backbone.activate(job.adapter, trainable=True)
-        self.s.before_job(ctx, job)
+        # InfLoRA's statistics for the new A: part of the job, so a rerun that keeps the job counts them
+        _, before = cost.measured(lambda: self.s.before_job(ctx, job))
         torch.manual_seed(self.seed * 1000 + ctx.stage)  # dropout masks
         result = train_adapter(
             backbone,
@@ -243,6 +258,7 @@ class StageLoop:
             desc=f"stage {ctx.stage} {job.name}",
         )
         backbone.activate(job.adapter, trainable=False)
+        result.cost = cost.added(before, result.cost)
         return result
 
     def _finish_job(self, ctx: StageContext, job: TrainJob, info: dict, key: str | None) -> None:
@@ -372,10 +388,11 @@ class StageLoop:
             jobs_info = self.restore_state(t)
             for info in jobs_info:
                 self._count_earlier_job(info)
+            cost.carry(self._after_stage_cost)  # LSAT's search, InfLoRA's statistics: kept, so counted
             return jobs_info
         jobs_info = [self._run_job(ctx, job) for job in self.s.plan(ctx)]
-        self.s.after_stage(ctx)
-        self._save_trained(t, jobs_info)
+        _, after = cost.measured(lambda: self.s.after_stage(ctx))
+        self._save_trained(t, jobs_info, after)
         return jobs_info
 
     def run_stage(self, t: int) -> dict[str, Any]:

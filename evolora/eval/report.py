@@ -419,13 +419,13 @@ def _duration(seconds: float) -> str:
 
 def diverged_jobs(results: list[dict[str, Any]]) -> list[str]:
     """The training jobs of `results` whose every epoch ended with a non-finite training loss, per method (a
-    stage-1 job shared by several methods counts for each, and says so where it was reused)."""
+    job shared by several methods or jobs counts for each, and says so where it was reused)."""
     lost = []
     for r in results:
         for s in r["stages"]:
             for job in s.get("jobs", []):
                 if diverged(job.get("history", [])):
-                    shared = ", trained once for several methods" if job.get("reused_shared_result") else ""
+                    shared = ", trained once and shared" if job.get("reused_shared_result") else ""
                     lost.append(
                         f"{r['method']} seed {r['seed']} stage {s['train_stage']} ({job['job']}{shared})"
                     )
