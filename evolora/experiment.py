@@ -72,7 +72,7 @@ from evolora.io import (
 from evolora.locks import exclusive
 from evolora.models.conventional import check_conventional, is_conventional
 from evolora.models.conventional.backbone import ConventionalBackbone
-from evolora.models.llm import LoraLM, set_threads
+from evolora.models.llm import LoraLM, count_tokens_of, set_threads
 from evolora.models.precision import (
     check_machine,
     machine,
@@ -183,7 +183,9 @@ def load_backbone(cfg: RunConfig) -> tuple[Any, Any]:
     dtype, _ = resolve_precision(cfg.model.precision, device)
     m = cfg.model
     with cost.part("model_loading"):
-        return load_pretrained(m.name, dtype, m.revision, m.quantization, device)
+        model, tokenizer = load_pretrained(m.name, dtype, m.revision, m.quantization, device)
+    count_tokens_of(model)  # the item embeddings' passes read it before any adapter is added
+    return model, tokenizer
 
 
 def build_model_and_task(

@@ -99,6 +99,9 @@ def test_rqvae_ids_from_titles_and_lsat_ensemble(sunny_dir: Path, tmp_path: Path
     assert all(s["metrics"]["nll"] > 0 for s in lsat["stages"])  # the ensemble mixes the true item's too
     index = json.loads(next((Path(cfg.output_dir) / "_shared" / "semantic_ids").glob("*.json")).read_text())
     assert len(index) == 60 and len({"".join(v) for v in index.values()}) == 60  # every item, all unique
+    # the titles' passes through the decoder are counted (they were 0: the counter came with the adapter)
+    embedded = lsat["setup_cost"]["parts"]["item_embeddings"]
+    assert embedded["tokens"] > 60 and embedded["backward_tokens"] == 0
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,7 @@ class LoraLM:
         lm._adapters_to_fp32()
         token_rows.install(lm.model)
         lm.model.eval()
-        lm.base.get_decoder().register_forward_pre_hook(_count_tokens, with_kwargs=True)
+        count_tokens_of(lm.base)
         return lm
 
     def shard(self) -> None:
@@ -472,6 +472,15 @@ def pass_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
     if attention_mask is not None and attention_mask.dim() == 2:
         return int(attention_mask[:, -input_ids.shape[1] :].sum())
     return input_ids.numel()
+
+
+def count_tokens_of(model: nn.Module) -> None:
+    """Count every pass through `model`'s decoder in the run's cost profile, from now on (once however often
+    it is asked: the item embeddings read the loaded model before its LoRA wrapping asks again)."""
+    decoder = model.get_decoder()
+    if not getattr(decoder, "_evolora_counts_tokens", False):
+        decoder.register_forward_pre_hook(_count_tokens, with_kwargs=True)
+        decoder._evolora_counts_tokens = True
 
 
 def _count_tokens(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
