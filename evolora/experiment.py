@@ -158,9 +158,7 @@ def comes_in_stages(data: DataConfig) -> bool:
 def run_environment(data: InteractionData) -> dict[str, Any]:
     """What a run's numbers also depend on beyond its config: software versions and the data files read."""
     import platform
-
-    import peft
-    import transformers
+    from importlib.metadata import version
 
     return {
         "evolora_version": evolora.__version__,
@@ -168,8 +166,9 @@ def run_environment(data: InteractionData) -> dict[str, Any]:
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
+            # read from the installed packages: importing them here took seconds, billed as the data's
+            "transformers": version("transformers"),
+            "peft": version("peft"),
         },
         "data_files": data_digest(data),
     }

@@ -199,6 +199,25 @@ def test_serialising_a_file_counts_as_writing(tmp_path: Path, monkeypatch: pytes
     assert parts["writing"]["seconds"] >= 0.1 and parts["training"]["seconds"] < 0.05
 
 
+def test_the_data_part_imports_no_library(sunny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's environment (inside the `data` part) imported transformers and PEFT for their versions:
+    seconds of imports billed as reading the data. The installed packages' metadata says the same."""
+    import sys
+
+    from evolora.data.loaders import load_dataset
+    from evolora.experiment import run_environment
+
+    data = load_dataset(tiny_config(sunny_dir, sunny_dir / "runs").data)
+    for name in ("peft", "transformers"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of either fails
+    versions = run_environment(data)["versions"]
+    monkeypatch.undo()
+    import peft
+    import transformers
+
+    assert (versions["peft"], versions["transformers"]) == (peft.__version__, transformers.__version__)
+
+
 def test_a_report_names_every_machine_its_stages_ran_on() -> None:
     """A run resumed on another CPU rounds differently from there on: the report says where stages ran."""
     resumed = {
