@@ -54,7 +54,7 @@ from evolora.continual import (
     run_options,
 )
 from evolora.continual.loop import StageLoop, is_trained
-from evolora.continual.shared import SharedStore, recorded_shared_keys
+from evolora.continual.shared import SharedStore, recorded_shared_keys, remove_stale_shared_temporaries
 from evolora.data import InteractionData
 from evolora.data.digest import changed_files, data_digest
 from evolora.data.loaders import detect_format
@@ -422,6 +422,7 @@ def run_experiment(
                 root.rename(replaced)
         if parallel.writes():  # what killed writes left (updates under deploy/ hold locks of their own)
             remove_stale_temporaries(root, keep=("deploy",))
+            remove_stale_shared_temporaries(cfg.shared_root)
         parallel.barrier()
         try:
             context_key = _check_experiment(root, cfg)

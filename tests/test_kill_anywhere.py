@@ -9,6 +9,7 @@ strategies that train state beyond the PEFT adapter, and count the training it k
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -162,5 +163,14 @@ def test_a_rerun_clears_what_killed_writes_left(sunny_dir: Path, tmp_path: Path)
     updating = root / "deploy" / "finetune-seed0" / ".versions.json.p0v1.tmp"
     updating.parent.mkdir(parents=True)
     updating.write_text("{")
+    # in _shared, which other experiments write without this one's lock: a temporary nothing has written to
+    # for a minute is a killed write's, a fresh one may be a live write's
+    shared = Path(cfg.output_dir) / "_shared"
+    dead, live = shared / "predictions" / ".a1.npz.x1.tmp", shared / "item_vectors" / ".b2.npz.y2.tmp"
+    for tmp in (dead, live):
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(b"PK")
+    os.utime(dead, (time.time() - 3600, time.time() - 3600))
     run_experiment(cfg)
     assert not any(p.exists() for p in stale) and updating.is_file()
+    assert not dead.exists() and live.is_file()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,32 @@ from evolora.errors import DamagedFileError
 from evolora.io import load_npz, read_json, set_aside, stable_hash
 
 log = logging.getLogger("evolora.continual")
+
+
+#: A killed single-file write's temporary is stale once nothing has written to it for this long: a live one
+#: (bytes prepared in memory, then written at once) is modified within seconds.
+STALE_AFTER_SECONDS = 60.0
+
+
+def remove_stale_shared_temporaries(root: Path, older_than: float = STALE_AFTER_SECONDS) -> int:
+    """Delete the `.<name>.<random>.tmp` files killed writes left under `root` (`_shared/`: predictions,
+    item vectors, semantic IDs), those not written to for `older_than` seconds; how many. Other experiments
+    write there without this one's lock, so age tells a dead write from a live one; `jobs/` is left to the
+    job locks (`SharedStore.remove_stale_temporaries`)."""
+    if not root.is_dir():
+        return 0
+    now, removed = time.time(), 0
+    for sub in root.iterdir():
+        if sub.name == "jobs" or not sub.is_dir():
+            continue
+        for tmp in sub.rglob(".*.tmp"):
+            try:
+                if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime > older_than:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                continue
+    return removed
 
 
 def recorded_shared_keys(experiment: Path) -> frozenset[str]:
