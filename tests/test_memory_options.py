@@ -269,3 +269,38 @@ def test_gpu_check_records_every_failed_step_and_goes_on(
     # The suite hides a GPU unless told (tests/conftest.py): the CUDA tests' command is told.
     cuda_tests = next(i for i, c in enumerate(commands) if "pytest" in c and "cuda_" in c)
     assert envs[cuda_tests].get("EVOLORA_TEST_CUDA") == "1" and envs[0].get("EVOLORA_TEST_CUDA") is None
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_training_resumed_from_a_checkpoint_ends_where_an_uninterrupted_one_does(
+    table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU the LoRA dropout masks come from the GPU's generator: a checkpoint that kept only the CPU's
+    state resumed epoch 2 with epoch 1's masks."""
+    lm = LoraLM.from_config(tiny_model(precision="fp32", device="cuda"))
+    rows = np.arange(len(table))
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.01, select_by="last")
+
+    def train(checkpoint: Path | None) -> list[torch.Tensor]:
+        lm.reset_adapter(seed=1)
+        torch.manual_seed(0)
+        lm.activate("default", trainable=True)
+        params = lm.trainable_parameters()
+        train_adapter(lm, ctr_task(table, lm), params, rows, rows[:0], cfg, seed=0, checkpoint=checkpoint)
+        return [p.detach().clone() for p in params]
+
+    whole = train(None)
+    real_loss, calls = CtrTask.loss, {"n": 0}
+
+    def dying(self, lm, batch_rows):
+        calls["n"] += 1
+        if calls["n"] > -(-len(rows) // 4):  # the first batch of epoch 2, after epoch 1's checkpoint
+            raise KeyboardInterrupt
+        return real_loss(self, lm, batch_rows)
+
+    monkeypatch.setattr(CtrTask, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "job.safetensors")
+    monkeypatch.setattr(CtrTask, "loss", real_loss)
+    resumed = train(tmp_path / "job.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(whole, resumed, strict=True))

@@ -365,6 +365,8 @@ def _resume(
         progress.epoch, progress.elapsed = ck["epoch"], ck["elapsed"]
         progress.cost = ck.get("cost", {})  # checkpoints from before the cost was kept have none
         torch.set_rng_state(ck["torch_rng"])  # dropout continues exactly as without the interruption
+        if "cuda_rng" in ck and params[0].device.type == "cuda":  # on a GPU, its generator draws the masks
+            torch.cuda.set_rng_state(ck["cuda_rng"], params[0].device)
     except (DamagedFileError, KeyError, TypeError, ValueError) as e:
         aside = set_aside(path)
         log.warning("%s: checkpoint unusable (%s); moved to %s, training restarts", desc, e, aside.name)
@@ -381,11 +383,13 @@ def _save_checkpoint(
     progress: _Progress,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    scaling = {"scaler": scaler.state_dict()} if scaler is not None else {}
+    extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+    if params and params[0].device.type == "cuda":  # a GPU's dropout masks come from its own generator
+        extra["cuda_rng"] = torch.cuda.get_rng_state(params[0].device)
     save_state(
         path,
         {
-            **scaling,
+            **extra,
             "params": _snapshot(params),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
