@@ -108,6 +108,12 @@ def truncation_hint(line: int, unterminated: int | None) -> str:
     return f"; line {line} is the file's last and has no newline, so the file looks truncated"
 
 
+def without_bom(first_line: bytes) -> bytes:
+    """A file's first line (or whole content) without a UTF-8 byte order mark, which spreadsheets and some
+    editors and exporters write: read on, it would become part of the first id or field name."""
+    return first_line.removeprefix(b"\xef\xbb\xbf")
+
+
 def text_lines(path: Path, encoding: str) -> Iterator[TextLine]:
     """Each non-blank line of a text file, without a UTF-8 byte order mark at its start (a file saved by a
     spreadsheet or editor; read as latin-1 it would become part of the first user's or item's id)."""
@@ -115,7 +121,7 @@ def text_lines(path: Path, encoding: str) -> Iterator[TextLine]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if n == 1:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
+                raw = without_bom(raw)
             bad = None
             try:
                 text = raw.decode(encoding)
@@ -252,8 +258,8 @@ def read_jsonl(
                 numbers, lines = [], []
                 for line in chunk:
                     line_no += 1
-                    if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):  # a byte order mark, as in CSV
-                        line = line[3:]
+                    if line_no == 1:
+                        line = without_bom(line)
                     if line.strip():
                         numbers.append(line_no)
                         lines.append(line if line.endswith(b"\n") else line + b"\n")

@@ -27,7 +27,7 @@ from typing import Any
 
 import polars as pl
 
-from evolora.data.readers import read_jsonl, require_file, truncation_hint, warn_replaced_text
+from evolora.data.readers import read_jsonl, require_file, truncation_hint, warn_replaced_text, without_bom
 from evolora.errors import DataError
 
 _REPLACEMENT = "\ufffd"
@@ -125,9 +125,7 @@ def _read_bytes(path: Path) -> bytes:
 def _read_delimited(
     path: Path, sep: str, wanted: list[str], text: frozenset[str], quoted: bool = True
 ) -> TableRows:
-    raw = _read_bytes(path)
-    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as spreadsheet programs write
-        raw = raw[3:]
+    raw = without_bom(_read_bytes(path))
     try:
         decoded, bad_bytes = raw.decode("utf-8"), False
     except UnicodeDecodeError:

@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from evolora.data.build import finish, join_or_null
-from evolora.data.readers import open_binary, parse_record, read_jsonl
+from evolora.data.readers import open_binary, parse_record, read_jsonl, without_bom
 from evolora.data.schema import InteractionData
 from evolora.data.times import SECONDS_PER_YEAR, day
 from evolora.errors import DataError
@@ -221,7 +221,7 @@ def version(path: Path) -> int:
     if not first:
         raise DataError(f"{path}: file is empty")
     # A byte order mark opens some exported files; the reader skips it, so must this look at line 1.
-    record = parse_record(first.decode("utf-8", errors="replace").removeprefix("\ufeff"), path, n)
+    record = parse_record(without_bom(first).decode("utf-8", errors="replace"), path, n)
     if "reviewerID" in record or "unixReviewTime" in record:
         return 2018
     if "parent_asin" in record and "user_id" in record:
