@@ -92,6 +92,22 @@ def test_the_output_layer_runs_in_full_precision_under_bf16_mixed() -> None:
     torch.testing.assert_close(full[:, [3, 4]], both, rtol=1e-6, atol=1e-5)
 
 
+def test_the_yes_no_logits_are_fp32_under_bf16() -> None:
+    """precision: bf16 (what `auto` picks on a GPU): the two rows were multiplied in bf16 and the product
+    rounded (0.06-0.125 apart for logits of 10-30), tying P(like) of distinct hidden states."""
+    from evolora.models.llm import LoraLM
+    from tests.helpers import tiny_model
+
+    lm = LoraLM.from_config(tiny_model(precision="bf16"))
+    head = lm.base.get_output_embeddings().weight
+    assert head.dtype == torch.bfloat16
+    hidden = (torch.randn(200, lm.base.config.hidden_size) * 30).to(torch.bfloat16)
+    both = lm.logits_from_hidden(hidden, token_ids=[3, 4])
+    exact = hidden.double() @ head[[3, 4]].double().T
+    torch.testing.assert_close(both.double(), exact, rtol=1e-5, atol=1e-4)
+    assert len(set((both[:, 0] - both[:, 1]).tolist())) == 200
+
+
 @pytest.mark.parametrize(("load", "threads", "warned"), [(1.0, 2, True), (0.1, 2, False), (1.0, 1, False)])
 def test_threads_on_busy_cores_are_warned_about(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, load: float, threads: int, warned: bool

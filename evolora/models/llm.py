@@ -431,19 +431,20 @@ class LoraLM:
     def logits_from_hidden(self, hidden: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
         """Logits (fp32) for selected hidden states, applying the model's own output scaling.
 
-        With `token_ids`, only those vocabulary rows are computed (scoring needs two of ~50k). The output
-        layer runs outside autocast, in its weights' dtype: under bf16-mixed, bf16 logits (~0.1 apart near
-        10) would tie many yes/no scores and item rankings.
+        With `token_ids`, only those vocabulary rows are computed (scoring needs two of ~50k), in fp32
+        whatever the weights' dtype. The output layer runs outside autocast, in its weights' dtype: under
+        bf16-mixed, bf16 logits (~0.1 apart near 10) would tie many yes/no scores and item rankings (under
+        bf16 the full vocabulary's logits still are bf16: an fp32 copy of the layer per pass would cost more
+        than the pass).
         """
         head = self.base.get_output_embeddings()
         with without_autocast():
-            hidden = hidden.to(next(head.parameters()).dtype)
             if token_ids is not None and isinstance(head, nn.Linear):
                 rows = torch.tensor(token_ids, device=hidden.device)
-                bias = head.bias[rows] if head.bias is not None else None
-                logits = F.linear(hidden, head.weight[rows], bias).float()
+                bias = head.bias[rows].float() if head.bias is not None else None
+                logits = F.linear(hidden.float(), head.weight[rows].float(), bias)
             else:
-                logits = head(hidden).float()
+                logits = head(hidden.to(next(head.parameters()).dtype)).float()
                 if token_ids is not None:
                     logits = logits[..., token_ids]
         cfg = self.base.config
