@@ -377,7 +377,8 @@ class CtrTaskConfig(TaskSection):
         description="tokenize the template's fixed instruction apart and, on a CPU, run it once per batch "
         "and reuse its keys/values (same numbers in fp32, bf16 rounding apart under bf16-mixed; the tallrec "
         "template's ~65 of ~220 tokens, ~30% less "
-        "compute; on a GPU it runs in every row, which is faster there: models.llm.splits_prefix)",
+        "compute; on a GPU it runs in every row, which is faster there: models.llm.splits_prefix; a "
+        "tokenizer that reads the rest otherwise alone runs prompts whole: tasks.base.prefix_splits_cleanly)",
     )
 
     def history_kept(self) -> int:

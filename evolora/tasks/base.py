@@ -44,6 +44,18 @@ TOKENIZE_RULE = (
 )
 
 
+def prefix_splits_cleanly(tokenizer: Any, prefix_text: str, rest: str) -> bool:
+    """Whether `tokenizer` reads `prefix_text + rest` as the prefix's tokens followed by `rest`'s own, so a
+    prompt can run its shared prefix apart (`TOKENIZE_RULE`) with the same tokens as whole. Byte-level BPE
+    (GPT-2's, SmolLM2's) does at a line break; a SentencePiece-style tokenizer that marks a word start at
+    the beginning of every text it is given ("▁": Llama-2's, Mistral's) adds a token there."""
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return ids(prefix_text + rest) == ids(prefix_text) + ids(rest)
+
+
 class Task(ABC):
     name: str
     #: what the task measures (`eval/metrics.py`)

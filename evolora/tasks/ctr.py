@@ -32,10 +32,15 @@ from evolora.models.merged import merged_lora
 from evolora.models.tokens import pad_token_lists
 from evolora.parallel import split_rows
 from evolora.progress import task as progress_task
-from evolora.tasks.base import TOKENIZE_RULE, Task, token_loss
+from evolora.tasks.base import TOKENIZE_RULE, Task, prefix_splits_cleanly, token_loss
 from evolora.tasks.base import load_template as base_load_template
 
 log = logging.getLogger("evolora.tasks")
+
+_UNSPLIT = (
+    "this tokenizer reads the text after the prompt's shared prefix otherwise when it stands alone (a "
+    "word-start mark): every prompt runs whole (task.share_prefix has no effect)"
+)
 
 TEMPLATES = {
     # LSAT's version of the TALLRec prompt (TALLRec's own first line ends in a stray lint comment).
@@ -97,6 +102,11 @@ class CtrTask(Task):
         self.item_kind = cfg.item_kind or item_kind
         self.template = load_template(cfg.template).replace("{item_kind}", self.item_kind)
         self.prefix_text = self._shared_prefix(self.template) if cfg.share_prefix else ""
+        if self.prefix_text and not prefix_splits_cleanly(
+            self.tok, self.prefix_text, self.template[len(self.prefix_text) :]
+        ):
+            log.info(_UNSPLIT)
+            self.prefix_text = ""
         self.prefix = self._ids(self.prefix_text, special=True) if self.prefix_text else []
         self.answer_ids = [self._ids(a, special=False) for a in ANSWERS]
         self.yes_id, self.no_id = self.answer_ids[0][0], self.answer_ids[1][0]

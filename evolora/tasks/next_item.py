@@ -28,7 +28,7 @@ from evolora.models.merged import merged_lora
 from evolora.models.tokens import pad_token_lists
 from evolora.parallel import split_rows
 from evolora.progress import task as progress_task
-from evolora.tasks.base import TOKENIZE_RULE, Task, token_loss
+from evolora.tasks.base import TOKENIZE_RULE, Task, prefix_splits_cleanly, token_loss
 from evolora.tasks.base import load_template as base_load_template
 from evolora.tasks.decoding import (
     ItemTrie,
@@ -95,7 +95,9 @@ class NextItemTask(Task):
         self.item_seqs = seqs
         self.template = load_template(cfg.template)
         cut = self.template.rfind("\n", 0, self.template.index("{history}")) + 1
-        self.prefix_text = self.template[:cut]
+        # the prompt runs whole where the tokenizer reads the rest otherwise alone (`prefix_splits_cleanly`)
+        cleanly = prefix_splits_cleanly(self.tok, self.template[:cut], self.template[cut:])
+        self.prefix_text = self.template[:cut] if cleanly else ""
         self.prefix = self._ids(self.prefix_text, special=True) if self.prefix_text else []
         self.eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
