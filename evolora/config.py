@@ -556,8 +556,10 @@ class TrainConfig(Section):
     a list gives one value per stage and its last value repeats; null uses the whole pool.
     `valid_samples`: the same for the validation pool. The best epoch by `select_by` on validation is kept;
     training stops after `patience` epochs without improvement. `grad_accum` micro-batches of `batch_size`
-    make one optimiser step. `gradient_checkpointing` recomputes the LLM's layer activations in the backward
-    pass instead of keeping them: the same gradients with far less activation memory, ~30% more compute.
+    make one optimiser step: the step of one batch of `batch_size` x `grad_accum` rows (the same rows, up to
+    summation order; with `task.loss: prompt` each micro-batch's mean weighs by its rows, not its tokens).
+    `gradient_checkpointing` recomputes the LLM's layer activations in the backward pass instead of keeping
+    them: the same gradients without LoRA dropout, with far less activation memory, ~30% more compute.
     """
 
     samples_per_stage: int | list[int] | None = 256

@@ -263,10 +263,12 @@ def _train_epoch(
         torch.manual_seed(int(np.random.default_rng([seed, epoch, parallel.rank()]).integers(2**31)))
     order = rng.permutation(train_rows)
     task_sum, extra_sum, n_steps, seen = 0.0, 0.0, 0, 0
-    micro = _batches(order, cfg.batch_size, rng, task if cfg.group_by_length else None)
+    # A step's rows are drawn as one batch of batch_size x grad_accum, then cut into micro-batches: the
+    # step a larger batch would take, its rows grouped by length as that batch's would be.
+    steps = _batches(order, cfg.batch_size * cfg.grad_accum, rng, task if cfg.group_by_length else None)
     with progress_task(f"{desc} epoch {epoch}/{cfg.epochs}", total=len(order)) as bar:
-        for i in range(0, len(micro), cfg.grad_accum):
-            group = micro[i : i + cfg.grad_accum]
+        for step in steps:
+            group = [step[j : j + cfg.batch_size] for j in range(0, len(step), cfg.batch_size)]
             optimizer.zero_grad(set_to_none=True)
             n_group = sum(len(b) for b in group)
             for b in group:
