@@ -22,12 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from evolora.errors import EvoloraError
 from evolora.eval.bootstrap import BASELINE, bootstrap_differences, difference_table
 from evolora.eval.costs import cost_table, cpu_time
 from evolora.eval.matrix_report import matrix_section
+from evolora.eval.metric_tables import (
+    evaluated_stages,
+    kind_table,
+    metric_table,
+    reference_line,
+    stage_sizes,
+    undefined_stages,
+)
 from evolora.eval.metrics import diverged, is_reference, lower_is_better, metric_set
 from evolora.eval.runs import check_comparable, find_results, started_without_results
 from evolora.eval.summary import MethodRuns, report_data
@@ -98,138 +104,6 @@ def group_runs(results: list[dict[str, Any]]) -> list[MethodRuns]:
         key = (r["method"], r.get("dataset", "?"), r.get("task", "?"))
         groups.setdefault(key, MethodRuns(*key)).runs.append(r)
     return list(groups.values())
-
-
-def _fmt(vals: list[float], digits: int = 4) -> str:
-    if not vals:
-        return "–"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{np.mean(vals):.{digits}f} ± {np.std(vals):.{digits}f}"
-
-
-def metric_table(
-    groups: list[MethodRuns], metric: str, skip: int | None = None, baseline: str = BASELINE
-) -> str:
-    """Methods x evaluated stages, with the mean over stages (but `skip`) and the relative gain vs
-    the baseline method."""
-    # Every evaluated stage is a column, one where the metric is undefined too (shown as "–"): a column
-    # that vanished would hide that the mean leaves it out.
-    stages = _evaluated_stages(groups)
-    base = next((g for g in groups if g.method == baseline), None)
-    head = ["method", "seeds", *[f"D{s}" for s in stages], "mean"]
-    with_gain = base is not None and bool(base.mean_values(metric, skip))
-    if with_gain:
-        head.append(f"vs {baseline}")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    # A method without the metric on a stage others have it on (LSAT's nll_valid), or whose seeds have all
-    # stopped early, averages fewer stages: its mean says which, rather than standing beside the others' as
-    # if alike; a cell with fewer seeds than its row says how many it holds.
-    averaged = {s for g in groups for s in g.stage_values(metric)} - {skip}
-    for g in groups:
-        vals = g.stage_values(metric)
-        means = g.mean_values(metric, skip)  # of its finished seeds: "(n=k)" where some are still running
-        mean = _fmt(means) + _fewer(means, len(g.runs))
-        notes = []
-        if means and (mine := g.mean_stages(metric, skip)) != averaged:
-            notes.append(_stage_list(mine) + " only")
-        if means and with_gain:
-            notes.extend(_gain_notes(g, base, metric, skip, averaged))
-        mean += f" ({'; '.join(notes)})" if notes else ""
-        cells = [_fmt(vals.get(s, [])) + _fewer(vals.get(s, []), len(g.runs)) for s in stages]
-        row = [g.method, str(len(g.runs)), *cells, mean]
-        if with_gain:  # a baseline at 0 (Hit@5 often is) has no relative gain: "–"
-            gain = g.gain_over(base, metric, skip)
-            row.append("–" if gain is None else f"{gain:+.2f}%")
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def _stage_list(stages: set[int]) -> str:
-    return ", ".join(f"D{s}" for s in sorted(stages))
-
-
-def _gain_notes(
-    g: MethodRuns, base: MethodRuns, metric: str, skip: int | None, averaged: set[int]
-) -> list[str]:
-    """What the `vs` cell compares where it is not both rows' means over the table's stages (`gain_basis`):
-    fewer stages (the row's or the baseline's stopped early, or lack the metric), or the seeds both
-    finished."""
-    stages, seeds = g.gain_basis(base, metric, skip)
-    notes = []
-    if stages and stages != averaged:
-        notes.append(f"vs on {_stage_list(stages)}")
-    mine, theirs = set(g.seed_means(metric, skip)), set(base.seed_means(metric, skip, stages))
-    if seeds and not mine == theirs == set(seeds):
-        notes.append(f"vs on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, both finished")
-    elif not seeds and mine and theirs:
-        notes.append("vs unpaired: no finished seed in common")
-    return notes
-
-
-def _fewer(vals: list[float], seeds: int) -> str:
-    """The note for a cell that holds k values in a row of more seeds (one unfinished, or undefined there):
-    " (n=k)"."""
-    return f" (n={len(vals)})" if 0 < len(vals) < seeds else ""
-
-
-def _evaluated_stages(groups: list[MethodRuns]) -> list[int]:
-    return sorted({s["eval_stage"] for g in groups for r in g.runs for s in r["stages"]})
-
-
-def _undefined_stages(groups: list[MethodRuns], metric: str) -> list[int]:
-    """Evaluated stages where no run has a value of `metric`."""
-    defined = {t for g in groups for t in g.stage_values(metric)}
-    return [t for t in _evaluated_stages(groups) if t not in defined]
-
-
-def reference_line(groups: list[MethodRuns], metric: str) -> str:
-    """A reference figure of the evaluation set (e.g. `log_items`, the nll of a uniform guess) per stage: one
-    line for the methods that record it, one per group of methods where the values differ (candidate sets
-    differ, or a run is unfinished)."""
-    per_method = {}
-    for g in groups:
-        vals = g.stage_values(metric)
-        if vals:
-            per_method[g.method] = ", ".join(f"D{s} {np.mean(v):.4f}" for s, v in sorted(vals.items()))
-    by_line: dict[str, list[str]] = defaultdict(list)
-    for method, line in per_method.items():
-        by_line[line].append(method)
-    head = f"\n{metric.upper()} (a reference of the evaluated rows, not a score: never compared)"
-    if len(by_line) == 1:
-        line, methods = next(iter(by_line.items()))
-        return f"{head}: {line} ({', '.join(methods)})."
-    return head + ":\n\n" + "\n".join(f"- {', '.join(ms)}: {line}" for line, ms in by_line.items())
-
-
-def kind_table(groups: list[MethodRuns], metric: str, skip: int | None = None) -> str | None:
-    kinds = [k for k in ("active", "dormant", "new") if any(k in g.kind_values(metric, skip) for g in groups)]
-    if not kinds:
-        return None
-    head = ["method", *[f"{k} users" for k in kinds]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    every = {s for g in groups for s in g.averaged_stages(skip)}
-    for g in groups:
-        kv = g.kind_values(metric, skip)
-        mine = g.averaged_stages(skip)  # (its finished seeds have every one of them)
-        name = g.method + (
-            "" if mine == every else " (" + ", ".join(f"D{s}" for s in sorted(mine)) + " only)"
-        )
-        lines.append("| " + " | ".join([name, *[_fmt(kv.get(k, [])) for k in kinds]]) + " |")
-    return "\n".join(lines)
-
-
-def stage_sizes(groups: list[MethodRuns]) -> str:
-    """Evaluated samples per stage (from the run with the most stages: a table may hold unfinished runs), so
-    readers know how noisy each column is."""
-    r = max((run for g in groups for run in g.runs), key=lambda run: len(run["stages"]))
-    parts = []
-    for s in r["stages"]:
-        n = f"{s['n_eval']}"
-        if s.get("eval_subsampled"):
-            n += f" of {s['n_eval_total']}"
-        parts.append(f"D{s['eval_stage']}: {n}")
-    return ", ".join(parts)
 
 
 @dataclass
@@ -304,7 +178,7 @@ def compose_report(
             f"were kept, so these figures are not those of a trained stage): {', '.join(lost)}."
         )
     covered = f"means, `vs {baseline}` and bootstrap differences" if baseline in methods else "means"
-    nothing_left = skip is not None and _evaluated_stages(groups) == [skip]
+    nothing_left = skip is not None and evaluated_stages(groups) == [skip]
     if nothing_left:
         out.append(
             f"The methods score the same on D{skip} (one shared stage-1 model), the only evaluated stage: "
@@ -352,7 +226,7 @@ def compose_report(
         arrow = "lower is better" if lower_is_better(m) else "higher is better"
         out.append(f"\n### {m.upper()} per evaluated stage ({arrow})\n")
         out.append(metric_table(groups, m, skip, baseline))
-        undefined = _undefined_stages(groups, m)
+        undefined = undefined_stages(groups, m)
         if undefined:
             listed = ", ".join(f"D{t}" for t in undefined)
             out.append(
