@@ -56,6 +56,7 @@ from evolora.experiment import (
 )
 from evolora.io import read_json
 from evolora.models.conventional import is_conventional
+from evolora.models.precision import fp16_unavailable
 from evolora.overrides import as_overrides, plain
 from evolora.queries import (
     History,
@@ -124,6 +125,19 @@ def report(
     if baseline is not None and not isinstance(baseline, str):
         raise EvoloraError(f"report(baseline=...): a method's label, not {baseline!r}")
     return compose_report([Path(p) for p in folders], names, baseline, options=("metrics=", "baseline="))
+
+
+def _answerable_here(cfg: RunConfig) -> RunConfig:
+    """A run trained in fp16 (a CUDA GPU without bf16) answers in fp32 on a machine without a CUDA GPU,
+    where fp16 cannot run: its adapters are fp32 either way; its answers differ from the run's in the last
+    digits, and a warning says so."""
+    if cfg.model.precision != "fp16" or fp16_unavailable(cfg.model.device) is None:
+        return cfg
+    log.warning(
+        "this run trained in fp16 on a CUDA GPU; without one here it answers in fp32 (its figures may differ "
+        "from the run's in the last digits)"
+    )
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"precision": "fp32"})})
 
 
 class Recommender:
@@ -258,6 +272,7 @@ class Recommender:
         version: int,
     ) -> Recommender:
         inference_cfg, prepared, histories = load_bundle(bundle_root, cfg)
+        inference_cfg = _answerable_here(inference_cfg)
         pretrained = None if is_conventional(cfg.model.name) else load_backbone(inference_cfg)
         if other_weights(root, pretrained):
             # Served, not refused: a user may mean it; the figures of the run are not those of this model.

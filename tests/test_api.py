@@ -562,3 +562,24 @@ def test_candidates_left_out_as_seen_are_said(ctr_run, caplog: pytest.LogCapture
         warnings.simplefilter("error")  # some left: the answer is not empty, the log says the rest
         fresh = next(i for i in rec.known_items if i not in rec.seen_by(user))
         assert [s.item for s in rec.recommend(user=user, items=[*seen, fresh], k=3)] == [fresh]
+
+
+def test_a_run_trained_in_fp16_answers_in_fp32_without_a_gpu(
+    ctr_run, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run trained on a CUDA GPU in fp16, loaded on a CPU: fp16 cannot run here and recommend has no
+    precision to set, so it was refused ("model.device is cpu ... use fp32"); it answers in fp32 instead."""
+    import shutil
+
+    cfg, _ = ctr_run
+    root = tmp_path / cfg.name
+    shutil.copytree(Path(cfg.output_dir) / cfg.name, root)
+    config = root / "config.yaml"
+    config.write_text(config.read_text().replace("precision: fp32", "precision: fp16"))
+    expected = evolora.Recommender.load(Path(cfg.output_dir) / cfg.name, method="finetune")
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        rec = evolora.Recommender.load(root, method="finetune")
+    assert "trained in fp16 on a CUDA GPU; without one here it answers in fp32" in caplog.text
+    user = rec.known_users[0]
+    items = sorted(rec.known_items)[:3]
+    assert rec.score(user=user, items=items) == expected.score(user=user, items=items)
