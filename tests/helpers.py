@@ -231,3 +231,23 @@ def keep_caches_as_before_2026_12_05(cfg: RunConfig) -> Path:
         now.rename(then)
         quantizer_path(now).rename(quantizer_path(then))
     return legacy
+
+
+def sentencepiece_like_tokenizer() -> Any:
+    """A BPE tokenizer that marks a word start ("▁") before every text it is given, as Llama-2's and
+    Mistral's SentencePiece tokenizers do, trained in code on the tiny tokenizer's corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from evolora.models.tiny import _CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    chars = sorted(set("".join(_CORPUS)) | set('"?:.,\n()'))
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], initial_alphabet=chars,
+        show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator([*_CORPUS, "Yes. No. " * 8] * 4, trainer=trainer)  # "▁Yes" and "▁No" merge
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

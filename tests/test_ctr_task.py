@@ -193,22 +193,10 @@ def test_template_file_and_errors(tmp_path, table, lm) -> None:
 def test_a_tokenizer_that_marks_each_texts_start_runs_the_prompt_whole(table) -> None:
     """A SentencePiece-style tokenizer ("▁" before every text it is given, as Llama-2's and Mistral's) read
     the text after the shared prefix with a token the whole prompt does not have: the prompt runs whole."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from evolora.models.tiny import _CORPUS
     from evolora.tasks.base import prefix_splits_cleanly
+    from tests.helpers import sentencepiece_like_tokenizer
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    chars = sorted(set("".join(_CORPUS)) | set('"?:.\n()'))
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<pad>", "<s>", "</s>"], initial_alphabet=chars,
-        show_progress=False,
-    )  # fmt: skip
-    tok.train_from_iterator([*_CORPUS, "Yes. No. " * 8] * 4, trainer=trainer)  # "▁Yes" and "▁No" merge
-    sp = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    sp = sentencepiece_like_tokenizer()
     task = CtrTask(CtrTaskConfig(), table, TITLES, sp, item_kind="movie")
     assert not prefix_splits_cleanly(sp, task._shared_prefix(task.template), "User Preference:")
     assert task.prefix == [] and task.prefix_text == ""

@@ -263,3 +263,25 @@ def _candidates_and_log(peso_dir: Path, tmp_path: Path, caplog: pytest.LogCaptur
     assert logging.getLogger().getEffectiveLevel() == logging.WARNING  # pytest's default, like a script's
     assert not [r for r in caplog.records if r.name.startswith("evolora") and r.levelno < logging.WARNING]
     assert logging.getLogger("evolora").level == logging.NOTSET and logging.getLogger("evolora").propagate
+
+
+def test_a_tokenizer_that_marks_each_texts_start_runs_the_prompt_whole() -> None:
+    """As for CTR (test_ctr_task.py): a SentencePiece-style tokenizer reads the text after PESO's fixed
+    instruction with a word-start token the whole prompt lacks, so the prompt is not split there."""
+    from evolora.config import NextItemTaskConfig
+    from evolora.data.samples import build_samples
+    from evolora.tasks.next_item import NextItemTask
+    from tests.helpers import sentencepiece_like_tokenizer, staged_frame
+
+    rows = [
+        (f"u{u}", f"i{(u + k) % 5}", 4.0, 100 * k + u, 1 if k < 4 else 2) for u in range(4) for k in range(6)
+    ]
+    table = build_samples(staged_frame(rows), 2, 3.0, history_len=3, min_history=2)
+    sp = sentencepiece_like_tokenizer()
+    codes = {f"i{k}": [f"<a_{k}>", f"<b_{k % 2}>"] for k in range(5)}
+    sp.add_tokens(sorted({t for toks in codes.values() for t in toks}))
+    task = NextItemTask(NextItemTaskConfig(history_len=3), table, codes, sp)
+    assert task.prefix == [] and task.prefix_text == ""
+    for row in range(3):
+        text = task.render(task._prompt_items(row))
+        assert task.encode(row).body == list(sp(text)["input_ids"])
