@@ -31,7 +31,7 @@ from evolora.errors import ConfigError, DamagedFileError
 def cache_dir() -> Path:
     """Where downloads and converted models live: `$EVOLORA_CACHE`, else `~/.cache/evolora`."""
     root = os.environ.get("EVOLORA_CACHE")
-    path = Path(root) if root else Path.home() / ".cache" / "evolora"
+    path = Path(root).expanduser() if root else Path.home() / ".cache" / "evolora"  # "~/x" is not ./~/x
     path.mkdir(parents=True, exist_ok=True)
     return path
 

