@@ -309,3 +309,13 @@ def test_cache_check_hashes_each_file_once_per_process(
     for _ in range(3):
         fetch("ml-100k")
     assert sorted(hashed) == ["u.data", "u.item"]
+
+
+def test_the_cache_folder_expands_a_home_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EVOLORA_CACHE='~/evc' made a folder named '~' in the working directory."""
+    from evolora.io import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EVOLORA_CACHE", "~/evc")
+    monkeypatch.chdir(tmp_path)
+    assert cache_dir() == tmp_path / "home" / "evc" and not (tmp_path / "~").exists()
