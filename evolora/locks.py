@@ -52,13 +52,14 @@ def describe_holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(path: str | Path, what: str, wait: bool = False) -> Iterator[None]:
+def exclusive(path: str | Path, what: str, wait: bool = False, every_process: bool = False) -> Iterator[None]:
     """Hold an exclusive lock on `path` for the block.
 
     Held by another process: raise `LockedError` naming the holder, or with `wait` log who it is and block
-    until it is released. In a multi-process launch the main process takes it and the others wait for that.
+    until it is released. In a multi-process launch the main process takes it and the others wait for that;
+    with `every_process` each takes it in turn, as unrelated processes do (a shared cache's fill).
     """
-    if not parallel.writes():
+    if not every_process and not parallel.writes():
         parallel.barrier()
         yield
         return
@@ -83,7 +84,8 @@ def exclusive(path: str | Path, what: str, wait: bool = False) -> Iterator[None]
         f.truncate()
         f.write(json.dumps(_holder()))
         f.flush()
-        parallel.barrier()
+        if not every_process:
+            parallel.barrier()
         yield
     finally:
         with contextlib.suppress(OSError):

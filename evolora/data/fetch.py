@@ -41,6 +41,7 @@ from evolora import progress
 from evolora.data.digest import file_sha256
 from evolora.errors import DataError
 from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
+from evolora.locks import exclusive
 
 log = logging.getLogger("evolora.data")
 
@@ -126,6 +127,13 @@ def fetch(name: str, force: bool = False) -> Path:
     if spec is None:
         raise DataError(f"unknown dataset {name!r}; registered: {', '.join(registered_datasets())}")
     target = cache_dir() / "data" / name
+    # One process fills the cache at a time; the others wait and find its copy (two writers replaced each
+    # other's folder: "Directory not empty").
+    with exclusive(target.with_name(f".{name}.lock"), f"fetching {name}", wait=True, every_process=True):
+        return _fetch_or_reuse(name, spec, target, force)
+
+
+def _fetch_or_reuse(name: str, spec: Dataset, target: Path, force: bool) -> Path:
     if (target / "SOURCE.json").is_file() and not force:
         damage = _cache_damage(target)
         if damage is None:
@@ -143,7 +151,10 @@ def fetch(name: str, force: bool = False) -> Path:
 
 
 def _fetch_into(name: str, spec: Dataset, target: Path) -> Path:
-    """Fetch into a temporary sibling of `target` that replaces it only once complete."""
+    """Fetch into a temporary sibling of `target` that replaces it only once complete (holding the fetch's
+    lock: the temporaries a killed fetch left beside it are removed first)."""
+    for stale in target.parent.glob(f".{name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     with atomic_directory(target) as tmp:
         record = _from_mirror(name, spec, tmp) or _from_network(name, spec, tmp)
         files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
