@@ -373,3 +373,26 @@ def test_a_local_base_is_named_by_its_absolute_path_and_never_replaced(
     refused = CliRunner().invoke(app, ["export", root, "--out", "base"])
     assert refused.exit_code == 2 and "holds the run's base model" in refused.output, refused.output
     assert (tmp_path / "base" / "model.safetensors").is_file()
+
+
+def test_a_damaged_converted_copy_is_converted_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The converted default model counted as valid while its config.json existed: a truncated
+    model.safetensors gave a safetensors traceback, bytes changed in place loaded silently."""
+    import os
+
+    from evolora.models import weights as weights_mod
+
+    monkeypatch.setenv("EVOLORA_CACHE", str(tmp_path))
+    copy = tmp_path / "models" / weights_mod.DEFAULT_MODEL.replace("/", "--")
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text("{}")
+    (copy / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    files = {f.name: weights_mod._file_record(f) for f in copy.iterdir()}
+    (copy / "EVOLORA_SOURCE.json").write_text(json.dumps({"files": files}))
+    assert weights_mod.cached_copy(weights_mod.DEFAULT_MODEL) == copy
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert weights_mod.cached_copy(weights_mod.DEFAULT_MODEL) is None  # truncated: by its size
+    weights.write_bytes(bytes(reversed(range(256))) * 64)
+    os.utime(weights, ns=(files["model.safetensors"]["mtime_ns"] + 10**9,) * 2)
+    assert weights_mod.cached_copy(weights_mod.DEFAULT_MODEL) is None  # rewritten in place: by its sha256

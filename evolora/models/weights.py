@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -37,6 +38,7 @@ from torch import nn
 
 from evolora.errors import ConfigError, EvoloraError
 from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
+from evolora.locks import exclusive
 from evolora.models.precision import quantization_unavailable
 
 log = logging.getLogger("evolora.models")
@@ -195,8 +197,41 @@ def _convert_gguf_to_cache(target: Path) -> None:
             tok.save_pretrained(out)
             atomic_write_json(
                 out / "EVOLORA_SOURCE.json",
-                {"model": DEFAULT_MODEL, "route": "pypi-wheel-gguf", **_SMOLLM2_WHEEL},
+                {
+                    "model": DEFAULT_MODEL,
+                    "route": "pypi-wheel-gguf",
+                    **_SMOLLM2_WHEEL,
+                    "files": {f.name: _file_record(f) for f in sorted(out.iterdir()) if f.is_file()},
+                },
             )
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def _copy_damage(folder: Path) -> str | None:
+    """What is wrong with the converted copy in `folder` (None: nothing found). Each file's size is checked,
+    and its sha256 where it was modified since the conversion (a file rewritten in place); a copy made before
+    the files were recorded is taken as it is."""
+    try:
+        files = json.loads((folder / "EVOLORA_SOURCE.json").read_text(encoding="utf-8")).get("files", {})
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError):
+        return "EVOLORA_SOURCE.json is unreadable"
+    for name, want in files.items():
+        path = folder / name
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"{name} is missing"
+        if stat.st_size != want["size"]:
+            return f"{name} has {stat.st_size} bytes, not the {want['size']} it was written with"
+        if stat.st_mtime_ns != want["mtime_ns"] and sha256_file(path) != want["sha256"]:
+            return f"{name} changed since it was written (sha256)"
+    return None
 
 
 def _hub_reachable() -> bool:
@@ -223,7 +258,13 @@ def cached_copy(name: str, revision: str | None = None) -> Path | None:
     if is_tiny(name) or Path(name).expanduser().is_dir() or revision is not None:
         return None
     cached = cache_dir() / "models" / _safe_name(name)
-    return cached if (cached / "config.json").is_file() else None
+    if not (cached / "config.json").is_file():
+        return None
+    damage = _copy_damage(cached)
+    if damage is not None:
+        log.warning("%s: %s; the model is converted again", cached, damage)
+        return None
+    return cached
 
 
 def base_to_load(name: str, revision: str | None) -> tuple[str, str | None]:
@@ -275,7 +316,12 @@ def load_pretrained(
     else:
         errors.append("hub: huggingface.co unreachable")
     if name == DEFAULT_MODEL and revision is None:  # the GGUF copy is no revision of the hub's
-        _convert_gguf_to_cache(cached)
+        # one process converts at a time; one that waited finds the copy made meanwhile
+        with exclusive(cached.with_name(f".{cached.name}.lock"), f"converting {name}", True, True):
+            if cached_copy(name, revision) is None:
+                for stale in cached.parent.glob(f".{cached.name}.*.tmp"):  # a killed conversion's
+                    shutil.rmtree(stale, ignore_errors=True)
+                _convert_gguf_to_cache(cached)
         return _load_hf(cached, dtype, model_kw=model_kw)
     raise EvoloraError(
         f"cannot load model {name!r}: not a folder, not in the cache, and the hub failed "
