@@ -13,6 +13,7 @@ In a multi-process launch only the main process writes, and every process waits 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -341,6 +342,16 @@ def _plain_modes(root: Path) -> None:
                 os.chmod(entry, mode & ~mask)
 
 
+def atomic_write_png(figure: Any, path: str | Path, **savefig: Any) -> None:
+    """A matplotlib figure as a PNG file, atomically through a temporary of its own (two report writers at
+    once shared one fixed temporary name and one of them crashed)."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", **savefig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def set_aside(path: str | Path) -> Path:
     """Rename a damaged file or folder to a hidden sibling (kept for inspection) and return the new path."""
     import time
@@ -349,7 +360,8 @@ def set_aside(path: str | Path) -> Path:
     target = path.with_name(f".{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     with parallel.one_writer() as writes:
         if writes:
-            os.replace(path, target)
+            with contextlib.suppress(FileNotFoundError):  # another process set it aside first
+                os.replace(path, target)
     return target
 
 

@@ -291,3 +291,33 @@ def test_run_files_follow_the_umask(
         if p.stat().st_mode & 0o777 != (dir_mode if p.is_dir() else file_mode)
     }
     assert not wrong
+
+
+def test_a_file_another_process_set_aside_first_is_no_error(tmp_path: Path) -> None:
+    """Two runs found one damaged shared file at once: the second's rename raised FileNotFoundError (a
+    traceback) after the first had moved it."""
+    from evolora.io import set_aside
+
+    damaged = tmp_path / "p.npz"
+    damaged.write_bytes(b"garbage")
+    first = set_aside(damaged)
+    assert first.is_file() and not damaged.exists()
+    set_aside(damaged)  # already gone: nothing to do, no error
+    assert first.read_bytes() == b"garbage"
+
+
+def test_plots_are_written_through_temporaries_of_their_own(tmp_path: Path) -> None:
+    """Two report writers at once shared the fixed temporary `.auc.png.tmp.png`; one crashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evolora.io import atomic_write_png
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    (tmp_path / ".auc.png.tmp.png").mkdir()  # where the fixed temporary went: in the way now
+    atomic_write_png(fig, tmp_path / "auc.png")
+    plt.close(fig)
+    assert (tmp_path / "auc.png").read_bytes()[:4] == b"\x89PNG"

@@ -24,6 +24,7 @@ from evolora.eval.bootstrap import BASELINE
 from evolora.eval.forgetting import SIGNED, SUMMARIES, matrix_of, summaries
 from evolora.eval.metrics import is_reference, lower_is_better, metric_set
 from evolora.eval.stored import stored_predictions
+from evolora.io import atomic_write_png
 from evolora.progress import task as progress_task
 
 
@@ -335,8 +336,6 @@ def plot_matrices(groups: list[_Runs], metric: str, path: Path) -> bool:
     if image is not None:
         fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    atomic_write_png(fig, path)
     plt.close(fig)
-    tmp.replace(path)
     return True

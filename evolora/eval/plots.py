@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from evolora.eval.matrix_report import plot_matrices
+from evolora.io import atomic_write_png
 
 if TYPE_CHECKING:
     from evolora.eval.summary import MethodRuns
@@ -70,7 +71,5 @@ def plot_metric(groups: list[MethodRuns], metric: str, path: Path) -> None:
         fig.text(0.01, 0.005, "hollow marker: a mean of fewer seeds than the method ran", fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, bbox_inches="tight")
+    atomic_write_png(fig, path, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
