@@ -9,7 +9,8 @@ with gradients while the model trains). Conventional models count no tokens.
 Parts used by evolora (`PARTS`): training passes, validation between epochs, evaluation of a stage, LSAT's
 weight search, InfLoRA's input statistics, RecLoRA's router inputs; in the set-up, reading and staging the
 data (with the files' digests), model loading, item embeddings and RQ-VAE; anywhere, writing files
-(checkpoints, adapters, records: `io.py`).
+(checkpoints, adapters, records: `io.py`); waiting for another process that trains a shared job (its
+training is then `saved`, at the seconds it took that process).
 Saved time is what reuse skipped: a shared training job or stored predictions, at the seconds they took
 when they were computed.
 
@@ -44,6 +45,7 @@ PARTS = (
     "item_embeddings",
     "rqvae",
     "writing",
+    "waiting",
 )
 
 _local = threading.local()

@@ -320,3 +320,24 @@ def test_a_launchs_processes_add_up_to_one_record() -> None:
     }
     assert both["parts"]["evaluation"]["tokens"] == 7 and both["parts"]["evaluation"]["seconds"] == 0.0
     assert of_processes([main]) is main
+
+
+def test_waiting_for_a_shared_job_is_a_part_of_its_own(sunny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A run waiting on the lock of a job another process trains had that wait in `other`."""
+    import contextlib
+
+    from evolora.continual import loop
+
+    real = loop.exclusive
+
+    @contextlib.contextmanager
+    def slow_lock(*args, **kwargs):
+        time.sleep(0.3)  # another process held it this long
+        with real(*args, **kwargs):
+            yield
+
+    monkeypatch.setattr(loop, "exclusive", slow_lock)
+    over = {"train.epochs": 1, "strategies": "[finetune]"}
+    (run,) = run_experiment(tiny_config(sunny_dir, tmp_path, **over))
+    parts = run["stages"][0]["cost"]["parts"]
+    assert parts["waiting"]["seconds"] >= 0.3 and parts["other"]["seconds"] < 0.3

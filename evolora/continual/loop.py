@@ -188,8 +188,12 @@ class StageLoop:
         shared = self.shared
         train = self.cfg.train
         key = shared.job_key(job, self.seed, ctx.stage, train)
-        # Another process (another experiment, another strategy) may be training this very job: wait for it.
-        with exclusive(shared.job_lock(key), f"shared training job {key[:8]}", wait=True):
+        # Another process (another experiment, another strategy) may be training this very job: wait for it
+        # (the wait is a part of its own: time spent neither training nor saved).
+        with contextlib.ExitStack() as held:
+            with cost.part("waiting"):
+                lock = exclusive(shared.job_lock(key), f"shared training job {key[:8]}", wait=True)
+                held.enter_context(lock)
             stored = shared.reuse_job(self.lm, key, job.adapter)
             if stored is None and (
                 legacy := shared.reuse_legacy_job(self.lm, job, self.seed, ctx.stage, train, self.run_id)
