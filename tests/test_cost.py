@@ -330,10 +330,13 @@ def test_waiting_for_a_shared_job_is_a_part_of_its_own(sunny_dir: Path, tmp_path
 
     real = loop.exclusive
 
+    taken = []
+
     @contextlib.contextmanager
-    def slow_lock(*args, **kwargs):
+    def slow_lock(path, *args, **kwargs):
+        taken.append(Path(path).parent.name)
         time.sleep(0.3)  # another process held it this long
-        with real(*args, **kwargs):
+        with real(path, *args, **kwargs):
             yield
 
     monkeypatch.setattr(loop, "exclusive", slow_lock)
@@ -341,3 +344,5 @@ def test_waiting_for_a_shared_job_is_a_part_of_its_own(sunny_dir: Path, tmp_path
     (run,) = run_experiment(tiny_config(sunny_dir, tmp_path, **over))
     parts = run["stages"][0]["cost"]["parts"]
     assert parts["waiting"]["seconds"] >= 0.3 and parts["other"]["seconds"] < 0.3
+    # the shared adapter's predictions too: runs scoring it at once scored it once each
+    assert taken[:2] == ["jobs", "predictions"]

@@ -188,12 +188,8 @@ class StageLoop:
         shared = self.shared
         train = self.cfg.train
         key = shared.job_key(job, self.seed, ctx.stage, train)
-        # Another process (another experiment, another strategy) may be training this very job: wait for it
-        # (the wait is a part of its own: time spent neither training nor saved).
-        with contextlib.ExitStack() as held:
-            with cost.part("waiting"):
-                lock = exclusive(shared.job_lock(key), f"shared training job {key[:8]}", wait=True)
-                held.enter_context(lock)
+        # Another process (another experiment, another strategy) may be training this very job: wait for it.
+        with _waited_for(shared.job_lock(key), f"shared training job {key[:8]}"):
             stored = shared.reuse_job(self.lm, key, job.adapter)
             if stored is None and (
                 legacy := shared.reuse_legacy_job(self.lm, job, self.seed, ctx.stage, train, self.run_id)
@@ -369,20 +365,22 @@ class StageLoop:
         if key is None or self.shared is None:
             return compute(), False
         cache = self.shared.predictions_file(key, rows)
-        stored = self.shared.load_predictions(cache)
-        here = f"{self.run_id}@stage-{self._stage}"  # this run's stage: a later stage's reuse is a real one
-        if stored is not None and str(stored.get("computed_for", "")) == here:
-            cost.carry(cost.from_arrays(stored))  # computed by this run in an earlier sitting: no reuse
-            return self.task.load_predictions(stored), False
-        if stored is not None:
-            cost.saved(float(stored["seconds"]) if "seconds" in stored else 0.0)
-            return self.task.load_predictions(stored), True
-        t0 = time.perf_counter()
-        preds, spent = cost.measured(compute)
-        seconds = np.array(time.perf_counter() - t0)  # what a later reuse saves
-        who = {"computed_for": np.array(here), **cost.to_arrays(spent)}
-        save_npz(cache, {**self.task.save_predictions(preds), "seconds": seconds, **who})
-        return preds, False
+        # Runs that reach the same shared adapter at once score it once: the others wait and reuse.
+        with _waited_for(cache.with_name(f".{cache.stem}.lock"), f"shared predictions {cache.stem[:8]}"):
+            stored = self.shared.load_predictions(cache)
+            here = f"{self.run_id}@stage-{self._stage}"  # this run's stage: a later stage's reuse is real
+            if stored is not None and str(stored.get("computed_for", "")) == here:
+                cost.carry(cost.from_arrays(stored))  # computed by this run in an earlier sitting: no reuse
+                return self.task.load_predictions(stored), False
+            if stored is not None:
+                cost.saved(float(stored["seconds"]) if "seconds" in stored else 0.0)
+                return self.task.load_predictions(stored), True
+            t0 = time.perf_counter()
+            preds, spent = cost.measured(compute)
+            seconds = np.array(time.perf_counter() - t0)  # what a later reuse saves
+            who = {"computed_for": np.array(here), **cost.to_arrays(spent)}
+            save_npz(cache, {**self.task.save_predictions(preds), "seconds": seconds, **who})
+            return preds, False
 
     def train_stage(self, ctx: StageContext) -> list[dict[str, Any]]:
         """Train stage `ctx.stage` (or restore it, when it was trained before); its jobs' records."""
@@ -547,6 +545,16 @@ def _setups_of(recorded: Path) -> dict[str, Any]:
     if not recorded.is_file():
         return {}
     return cost.setups_of(read_json(recorded, "Delete it: it is rebuilt from the stage records."))
+
+
+@contextlib.contextmanager
+def _waited_for(lock: Path, what: str) -> Iterator[None]:
+    """Hold `lock` for the block, waiting while another process holds it; the wait is a cost part of its
+    own (`waiting`: time spent neither computing nor saved)."""
+    with contextlib.ExitStack() as held:
+        with cost.part("waiting"):
+            held.enter_context(exclusive(lock, what, wait=True))
+        yield
 
 
 def is_trained(stage_dir: Path) -> bool:
