@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
         "eval.bootstrap",
         "eval.matrix_report",
         "eval.costs",
+        "eval.metric_tables",
         "eval.summary",
     ),
     ("continual",),

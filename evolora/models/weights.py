@@ -264,7 +264,7 @@ def cached_copy(name: str, revision: str | None = None) -> Path | None:
         return None
     damage = _copy_damage(cached)
     if damage is not None:
-        log.warning("%s: %s; the model is converted again", cached, damage)
+        log.warning("%s: %s; not used (made again from the GGUF if the hub is unreachable)", cached, damage)
         return None
     return cached
 
@@ -319,7 +319,8 @@ def load_pretrained(
         errors.append("hub: huggingface.co unreachable")
     if name == DEFAULT_MODEL and revision is None:  # the GGUF copy is no revision of the hub's
         # one process converts at a time; one that waited finds the copy made meanwhile
-        with exclusive(cached.with_name(f".{cached.name}.lock"), f"converting {name}", True, True):
+        lock = cached.with_name(f".{cached.name}.lock")
+        with exclusive(lock, f"converting {name}", wait=True, every_process=True):
             if cached_copy(name, revision) is None:
                 for stale in cached.parent.glob(f".{cached.name}.*.tmp"):  # a killed conversion's
                     shutil.rmtree(stale, ignore_errors=True)
