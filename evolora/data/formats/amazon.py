@@ -162,13 +162,7 @@ def resolve(path: Path, meta: str | None) -> tuple[Path, Path]:
                 "--meta in `evolora data info`)"
             )
         return path, Path(meta).expanduser()
-    files = sorted(p for p in path.iterdir() if p.name.lower().endswith(JSON_SUFFIXES))
-    metas = [p for p in files if p.name.lower().startswith("meta")]
-    if meta is not None:
-        metas = [Path(meta).expanduser()]
-    # A data.meta file inside the folder is the metadata, not a second reviews file.
-    given = {p.resolve() for p in metas}
-    reviews = [p for p in files if not p.name.lower().startswith("meta") and p.resolve() not in given]
+    reviews, metas = _folder_files(path, meta)
     if len(reviews) != 1 or len(metas) != 1:
         raise DataError(
             f"{path}: cannot tell which files to load. Expected one reviews file and one metadata file "
@@ -177,6 +171,18 @@ def resolve(path: Path, meta: str | None) -> tuple[Path, Path]:
             "the metadata file"
         )
     return reviews[0], metas[0]
+
+
+def _folder_files(folder: Path, meta: str | None) -> tuple[list[Path], list[Path]]:
+    """(the reviews files, the metadata files) a folder holds: its JSON files named meta* are metadata, or
+    `meta` alone when given (a data.meta file inside the folder is the metadata, not a second reviews
+    file)."""
+    files = sorted(p for p in folder.iterdir() if p.name.lower().endswith(JSON_SUFFIXES))
+    metas = [p for p in files if p.name.lower().startswith("meta")]
+    if meta is not None:
+        metas = [Path(meta).expanduser()]
+    given = {p.resolve() for p in metas}
+    return [p for p in files if not p.name.lower().startswith("meta") and p.resolve() not in given], metas
 
 
 def detects(release: int) -> Callable[[Path, str | None], bool]:
@@ -192,13 +198,9 @@ def detects(release: int) -> Callable[[Path, str | None], bool]:
         except DataError:
             # Files that are no Amazon reviews at all (a log of one's own) get `version`'s message, which
             # says how to load them; Amazon files that do not pair up get `resolve`'s.
-            names = sorted(p for p in path.iterdir() if p.name.lower().endswith(JSON_SUFFIXES))
-            given = Path(meta).expanduser().resolve() if meta is not None else None
-            first = next(
-                (p for p in names if not p.name.lower().startswith("meta") and p.resolve() != given), None
-            )
-            if first is not None:
-                version(first)
+            reviews = _folder_files(path, meta)[0]
+            if reviews:
+                version(reviews[0])
             raise
         return version(reviews) == release
 
