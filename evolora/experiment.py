@@ -57,7 +57,7 @@ from evolora.continual.loop import StageLoop, is_trained
 from evolora.continual.shared import SharedStore, recorded_shared_keys, remove_stale_shared_temporaries
 from evolora.data import InteractionData
 from evolora.data.digest import changed_files, data_digest
-from evolora.data.loaders import detect_format
+from evolora.data.loaders import detect_format, names_a_dataset
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.errors import ConfigError, EvoloraError
 from evolora.io import (
@@ -146,11 +146,10 @@ def comes_in_stages(data: DataConfig) -> bool:
         return data.columns is not None and data.columns.stage is not None
     if data.format != "auto":
         return data.format == "peso"
-    path = Path(data.source).expanduser()
-    if not path.exists():
-        return False  # a registered dataset name: none of them comes in stages
+    if names_a_dataset(data.source):
+        return False  # none of the registered datasets comes in stages
     try:
-        return detect_format(path) == "peso"
+        return detect_format(Path(data.source).expanduser()) == "peso"
     except EvoloraError:
         return False  # the loader reports the problem with the data itself
 

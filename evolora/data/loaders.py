@@ -24,12 +24,18 @@ from evolora.errors import DataError
 log = logging.getLogger("evolora.data")
 
 
+def names_a_dataset(source: str) -> bool:
+    """Whether `data.source` names a registered dataset (fetched into the cache, its files checksum-pinned)
+    rather than a path: it is no existing path (an unknown name is an error when it is loaded)."""
+    return not Path(source).expanduser().exists()
+
+
 def load_dataset(cfg: DataConfig) -> InteractionData:
     """Load `cfg.source` (a registered name, fetched and cached, or a path), then apply the like threshold,
     `min_rating`, `max_interactions` (most recent N) and the k-core, in that order."""
     path = Path(cfg.source).expanduser()
     name = None
-    if not path.exists():
+    if names_a_dataset(cfg.source):
         if cfg.source not in registered_datasets():
             raise DataError(
                 f"data.source: {cfg.source!r} is neither an existing path nor a registered dataset "

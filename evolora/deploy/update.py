@@ -49,7 +49,7 @@ from evolora.continual import Env, build_strategy, run_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
 from evolora.data.digest import changed_files, data_digest, file_sha256
-from evolora.data.loaders import load_dataset
+from evolora.data.loaders import load_dataset, names_a_dataset
 from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
 from evolora.data.schema import InteractionData
@@ -391,8 +391,7 @@ def _history(
     recorded = (read_json(marker) if marker.is_file() else {}).get("data_files") or {}
     # A registered dataset's files are checked against pinned checksums when fetched; only their names
     # differ by the route they came by (GroupLens' own, or RecBole's copy), so only a path is compared.
-    registered = not Path(cfg.data.source).expanduser().exists()
-    now = None if registered or recorded.get("sha256") is None else data_digest(data)
+    now = None if names_a_dataset(cfg.data.source) or recorded.get("sha256") is None else data_digest(data)
     if now is not None and now["sha256"] != recorded["sha256"]:
         # Restaged, the edited files would put rows no version was trained on into past stages, ungated.
         changed = changed_files(recorded, now)
