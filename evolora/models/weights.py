@@ -336,7 +336,9 @@ def load_pretrained(
     )
 
 
-def _load_converted(cached: Path, dtype: torch.dtype, model_kw: dict[str, Any] | None) -> tuple[nn.Module, Any]:
+def _load_converted(
+    cached: Path, dtype: torch.dtype, model_kw: dict[str, Any] | None
+) -> tuple[nn.Module, Any]:
     """The default model from evolora's copy converted from its GGUF, converting it first where it is missing
     or damaged: one process converts at a time, and one that waited finds the copy made meanwhile."""
     lock = cached.with_name(f".{cached.name}.lock")
