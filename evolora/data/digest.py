@@ -1,4 +1,5 @@
-"""Content digests of data files: `data_digest` for the run record, `file_sha256` for it and the fetch cache.
+"""Content digests of files: `data_digest` for the run record, `file_sha256` for it and the caches, and
+`file_record` / `file_damage`, how the dataset cache and the converted default model check their files.
 
 Hashes are cached in-process by (absolute path, size, mtime_ns): a file is hashed once per process unless it
 changes on disk, so checking the same files again (every `fetch`, every run record) costs a `stat` each.
@@ -7,7 +8,9 @@ changes on disk, so checking the same files again (every `fetch`, every run reco
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from evolora.data.schema import InteractionData
 from evolora.errors import DataError
@@ -24,6 +27,30 @@ def file_sha256(path: str | Path) -> str:
     if key not in _SHA256_CACHE:
         _SHA256_CACHE[key] = sha256_file(path)
     return _SHA256_CACHE[key]
+
+
+def file_record(path: str | Path) -> dict[str, Any]:
+    """A file's size, mtime and sha256: what `file_damage` checks it against later."""
+    stat = Path(path).stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
+
+
+def file_damage(path: Path, record: Any) -> str | None:
+    """What is wrong with the file at `path` against its `file_record` (None: nothing found): missing, of
+    another size, or of another sha256. The sha256 is computed only when the file's mtime is not the recorded
+    one (a file rewritten in place), so a large file is not hashed on every use. A record without a size or
+    an mtime (written by an older evolora) has those checks skipped."""
+    if not isinstance(record, Mapping) or not isinstance(record.get("sha256"), str):
+        return "has an unreadable record"
+    try:
+        stat = path.stat()
+        if record.get("size") is not None and stat.st_size != record["size"]:
+            return f"has {stat.st_size} bytes, not the {record['size']} recorded"
+        if stat.st_mtime_ns != record.get("mtime_ns") and file_sha256(path) != record["sha256"]:
+            return f"does not match its recorded sha256 {record['sha256']}"
+    except OSError as e:
+        return f"is missing or unreadable ({e.strerror or e})"
+    return None
 
 
 def changed_files(before: dict, after: dict) -> list[str]:

@@ -2,9 +2,9 @@
 
 `fetch(name)` returns a folder the loaders read as it is. The folder appears only after every checksum
 matched (it is built in a temporary sibling and renamed), and its `SOURCE.json` records where the files came
-from and their sha256 and size. A cached folder is reused without touching the network, after checking each
-recorded file's size and sha256 (hashed once per process while the file is unchanged on disk, see
-`evolora.data.digest`); a damaged or missing file is logged and the folder fetched again. Routes, in order:
+from and their sha256, size and mtime. A cached folder is reused without touching the network, after checking
+each recorded file's size, and its sha256 where its mtime moved (`evolora.data.digest.file_damage`); a
+damaged or missing file is logged and the folder fetched again. Routes, in order:
 
 * mirror: when `EVOLORA_DATA_MIRROR` is set, `$EVOLORA_DATA_MIRROR/<archive>` (e.g. `ml-100k.zip`, verified
   like a download) or `$EVOLORA_DATA_MIRROR/<name>/` (a folder of unpacked files, copied; files with a known
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from evolora import progress
-from evolora.data.digest import file_sha256
+from evolora.data.digest import file_damage, file_record
 from evolora.errors import DataError
 from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
 from evolora.locks import exclusive
@@ -159,8 +159,10 @@ def _fetch_into(name: str, spec: Dataset, target: Path) -> Path:
     with atomic_directory(target) as tmp:
         record = _from_mirror(name, spec, tmp) or _from_network(name, spec, tmp)
         files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
-        record["files"] = {p.name: sha256_file(p) for p in files}
-        record["sizes"] = {p.name: p.stat().st_size for p in files}
+        kept = {p.name: file_record(p) for p in files}
+        record["files"] = {name: r["sha256"] for name, r in kept.items()}
+        record["sizes"] = {name: r["size"] for name, r in kept.items()}
+        record["mtimes_ns"] = {name: r["mtime_ns"] for name, r in kept.items()}
         record["fetched"] = datetime.now(UTC).isoformat(timespec="seconds")
         atomic_write_json(tmp / "SOURCE.json", {"name": name, **record})
     log.info("%s: cached in %s (route: %s)", name, target, record["route"])
@@ -169,25 +171,27 @@ def _fetch_into(name: str, spec: Dataset, target: Path) -> Path:
 
 def _cache_damage(folder: Path) -> tuple[Path, str] | None:
     """(file, what is wrong) for the first cached file that differs from `SOURCE.json`; None if all match.
-    Caches written before sizes were recorded are checked by sha256 only."""
+    Caches written before sizes or mtimes were recorded go without those checks (and are hashed)."""
     source = folder / "SOURCE.json"
     try:
         record = json.loads(source.read_bytes())
-        files, sizes = record["files"], record.get("sizes", {})
-        if not isinstance(files, dict) or not files or not isinstance(sizes, dict):
+        files, sizes, mtimes = record["files"], record.get("sizes", {}), record.get("mtimes_ns", {})
+        if (
+            not isinstance(files, dict)
+            or not files
+            or not isinstance(sizes, dict)
+            or not isinstance(mtimes, dict)
+        ):
             raise ValueError("no files recorded")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return source, f"is unreadable ({e})"
-    for file_name, expected in files.items():
+    for file_name, sha256 in files.items():
         path = folder / file_name
-        try:
-            size = path.stat().st_size
-            if file_name in sizes and size != sizes[file_name]:
-                return path, f"has {size} bytes instead of {sizes[file_name]}"
-            if file_sha256(path) != expected:
-                return path, f"does not match its recorded sha256 {expected}"
-        except OSError as e:
-            return path, f"is missing or unreadable ({e.strerror or e})"
+        problem = file_damage(
+            path, {"sha256": sha256, "size": sizes.get(file_name), "mtime_ns": mtimes.get(file_name)}
+        )
+        if problem is not None:
+            return path, problem
     return None
 
 

@@ -20,10 +20,10 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from evolora.data.digest import file_damage, file_record
 from evolora.data.fetch import pip_error
 from evolora.errors import EvoloraError
 from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
@@ -130,29 +130,20 @@ def convert_gguf_to_cache(target: Path) -> None:
             )
 
 
-def file_record(path: Path) -> dict[str, Any]:
-    stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path)}
-
-
 def copy_damage(folder: Path) -> str | None:
-    """What is wrong with the converted copy in `folder` (None: nothing found). Each file's size is checked,
-    and its sha256 where it was modified since the conversion (a file rewritten in place); a copy made before
-    the files were recorded is taken as it is."""
+    """What is wrong with the converted copy in `folder` (None: nothing found): each file against its
+    `file_record` (its sha256 only where it was modified since the conversion); a copy made before the files
+    were recorded is taken as it is."""
     try:
         files = json.loads((folder / "EVOLORA_SOURCE.json").read_text(encoding="utf-8")).get("files", {})
+        if not isinstance(files, dict):
+            raise ValueError("files is not a mapping")
     except FileNotFoundError:
         return None
     except (OSError, ValueError, AttributeError):
         return "EVOLORA_SOURCE.json is unreadable"
-    for name, want in files.items():
-        path = folder / name
-        try:
-            stat = path.stat()
-        except OSError:
-            return f"{name} is missing"
-        if stat.st_size != want["size"]:
-            return f"{name} has {stat.st_size} bytes, not the {want['size']} it was written with"
-        if stat.st_mtime_ns != want["mtime_ns"] and sha256_file(path) != want["sha256"]:
-            return f"{name} changed since it was written (sha256)"
+    for name, record in files.items():
+        problem = file_damage(folder / name, record)
+        if problem is not None:
+            return f"{name} {problem}"
     return None

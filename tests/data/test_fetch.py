@@ -334,20 +334,34 @@ def test_damaged_cache_that_cannot_be_fetched_again(tmp_path: Path, monkeypatch:
     (folder / "u.data").write_bytes(b"1\t1\t5\t1\n")
     with pytest.raises(
         DataError,
-        match=r"u\.data: has \d+ bytes instead of \d+ in the cached copy of ml-100k, and fetching it again "
-        r"failed: could not download",
+        match=r"u\.data: has \d+ bytes, not the \d+ recorded in the cached copy of ml-100k, and fetching it "
+        r"again failed: could not download",
     ):
         fetch("ml-100k")
     with pytest.raises(DataError, match="fetching it again failed"):
         load_dataset(DataConfig(source="ml-100k"))
 
 
-def test_cache_check_hashes_each_file_once_per_process(
+def test_cache_check_hashes_a_file_only_where_its_mtime_moved(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Reusing the cache hashes no file while each has its recorded size and mtime; one touched is hashed
+    (once per process); a cache from before mtimes were recorded is hashed once per process."""
     use_zip(monkeypatch, make_zip(tmp_path))
-    fetch("ml-100k")
+    folder = fetch("ml-100k")
     hashed = count_hashes(monkeypatch)
+    for _ in range(3):
+        fetch("ml-100k")
+    assert hashed == []
+    os.utime(folder / "u.item")
+    for _ in range(3):
+        fetch("ml-100k")
+    assert hashed == ["u.item"]
+    record = json.loads((folder / "SOURCE.json").read_text())
+    del record["mtimes_ns"]
+    (folder / "SOURCE.json").write_text(json.dumps(record))
+    importlib.import_module("evolora.data.digest")._SHA256_CACHE.clear()  # as in a new process
+    hashed.clear()
     for _ in range(3):
         fetch("ml-100k")
     assert sorted(hashed) == ["u.data", "u.item"]
