@@ -392,7 +392,7 @@ def run_experiment(
             )
     check_strategy_specs(cfg.strategies)
     check_conventional(cfg)
-    check_tracking(cfg)
+    check_tracking(cfg, open_store=parallel.is_main())  # one process of a launch opens the store
     if not is_conventional(cfg.model.name):
         check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
     set_threads(cfg.threads)

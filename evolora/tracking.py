@@ -12,28 +12,39 @@ Reruns continue the MLflow runs they made before rather than opening new ones: t
 stages and gates each has logged, are kept per store in `<experiment>/tracking.json`. A resumed experiment
 logs into the same runs, and every command logs what its runs lack: a stage finished in a sitting that was
 stopped before logging it, every finished stage of an experiment that ran with `tracking: none` before, a
-gate whose update was stopped after its version was recorded. A run deleted from the store is made anew and
-given everything again. Parameters are logged when a run is made (MLflow refuses to change them later).
-Under `--jobs N` the experiment's run is made by the main process before the workers start, and each worker
-continues it and makes its own pairs' runs under it (changes to `tracking.json` are made under a lock).
+gate whose update was stopped after its version was recorded, parameters that could not be logged. A run
+deleted from the store (or missing from it) is made anew and given everything again; any other failure to
+ask the store about a run is not taken for its absence. Parameters are logged when a run is made (MLflow
+refuses to change them later). Each stage's figures go in one batch (MLflow writes a batch whole), so a
+failure while logging them leaves none to be logged twice. Under `--jobs N` the experiment's run is made by
+the main process before the workers start, and each worker continues it and makes its own pairs' runs under
+it (changes to `tracking.json` are made under a lock).
 
-A tracking server that does not accept a connection stops the command before any work, at once: MLflow's own
-client retries a refused connection for minutes without a word.
+A missing MLflow, a tracking server that does not accept a connection, or a store MLflow cannot open stops
+the command before any work (MLflow's own client retries a refused connection for minutes without a word).
+A store that fails later is a warning: the run's own record is the reference, MLflow a view of it. Where
+starting or ending a run fails, nothing more is logged in that sitting (each call would wait through
+MLflow's retries), and the next command logs what is missing.
 
 `tracking: none` (the default) logs nothing and needs nothing.
+
+Past ~400 lines: what is continued, what is logged again and what a failure stops are one set of rules
+about one store, kept together.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import math
 import os
 import re
 import socket
+import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +75,25 @@ def _mlflow() -> Any:
     ) from None
 
 
-def check_tracking(cfg: RunConfig) -> None:
-    """Fail before any work when the configured tracker cannot be used."""
+def check_tracking(cfg: RunConfig, open_store: bool = True) -> None:
+    """Fail before any work when the configured tracker cannot be used: MLflow missing, a server that does
+    not answer, and (with `open_store`: one process of a launch opens it) a store MLflow cannot open."""
     if cfg.tracking == "mlflow":
         _mlflow()
         _check_server_answers(store_uri(cfg))
+        if open_store:
+            MlflowTracker(cfg, Path(cfg.output_dir) / cfg.name).open_store(cfg)
 
 
 def store_uri(cfg: RunConfig) -> str:
     """Where `tracking: mlflow` logs: `tracking_uri`, else `$MLFLOW_TRACKING_URI`, else a local SQLite."""
     # MLflow's own variable comes next, as in other tools that log to MLflow: a team that points every
     # tool at its server with it should not find evolora's runs in a local file instead.
-    return (
-        cfg.tracking_uri
-        or os.environ.get(URI_ENV)
-        or f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
-    )
+    return cfg.tracking_uri or os.environ.get(URI_ENV) or _default_store(cfg)
+
+
+def _default_store(cfg: RunConfig) -> str:
+    return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
 def _served(uri: str) -> bool:
@@ -173,8 +187,8 @@ class _State:
 
 
 class MlflowTracker(Tracker):
-    """Logs to MLflow. A failure to reach the store stops the run before any work; a failure while logging
-    a stage is a warning (the run's own record is the reference, MLflow a view of it)."""
+    """Logs to MLflow. A failure to reach the store stops the run before any work; a failure later is a
+    warning (the run's own record is the reference, MLflow a view of it)."""
 
     def __init__(self, cfg: RunConfig, root: Path) -> None:
         self.mlflow = _mlflow()
@@ -185,77 +199,80 @@ class MlflowTracker(Tracker):
         self.artifacts = None if _served(self.uri) else (out / "mlartifacts").as_uri()
         self.state = _State(Path(root), self.uri)
         self.key: str | None = None  # the (strategy, seed) run open now
-
-    def _usable(self, run_id: str | None) -> bool:
-        if not run_id:
-            return False
-        try:
-            return self.mlflow.get_run(run_id).info.lifecycle_stage == "active"
-        except Exception:  # not in this store
-            return False
-
-    def _log_params(self, params: dict[str, Any]) -> None:
-        self.mlflow.log_params({k: str(v)[:500] for k, v in _flat(params).items()})
+        self.run_id: str | None = None  # and its id
+        self.down: str | None = None  # why the store failed in this sitting: nothing more is logged
 
     def open_store(self, cfg: RunConfig) -> None:
         try:
+            if self.artifacts is not None and self.uri == _default_store(cfg):
+                Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # where the SQLite file goes
             self.mlflow.set_tracking_uri(self.uri)
             if self.mlflow.get_experiment_by_name(cfg.name) is None:
                 self.mlflow.create_experiment(cfg.name, artifact_location=self.artifacts)
             self.mlflow.set_experiment(cfg.name)
         except Exception as e:
-            raise ConfigError(f"tracking: cannot use MLflow at {self.uri}: {type(e).__name__}: {e}") from None
+            raise self._unusable(e) from None
 
     @contextlib.contextmanager
     def experiment(self, cfg: RunConfig) -> Iterator[None]:
         self.open_store(cfg)
-        run_id = self.state.get().get("experiment")
-        if self._usable(run_id):
-            with self.mlflow.start_run(run_id=run_id):
-                yield
-            return
-        with self.mlflow.start_run(run_name=cfg.name) as made:
-            with self.state.change() as state:
-                # Runs nested under a parent that is gone are not continued: one tree per experiment.
-                state.update(experiment=made.info.run_id, runs={}, gates={})
-            self._log_params(config_to_dict(cfg))
+        kept = self.state.get()
+        try:
+            made = self._gone(kept.get("experiment"))
+        except Exception as e:
+            raise self._unusable(e) from None
+        start = {"run_name": cfg.name} if made else {"run_id": kept["experiment"]}
+        with self._active("the experiment's run", required=True, **start) as active:
+            if made:
+                with self.state.change() as state:
+                    # Runs nested under a parent that is gone are not continued: one tree per experiment.
+                    state.update(experiment=active.info.run_id, runs={}, gates={}, gate_runs={})
+                    state.pop("params_missing", None)
+            self._params(None, made, kept, active.info.run_id, config_to_dict(cfg))
             yield
 
     @contextlib.contextmanager
     def run(self, label: str, seed: int, params: dict[str, Any], run_dir: Path) -> Iterator[None]:
         key = _run_key(label, seed)
         kept = self.state.get()["runs"].get(key, {})
-        if self._usable(kept.get("id")):
-            started = self.mlflow.start_run(run_id=kept["id"], nested=True)
-        else:
-            started = self.mlflow.start_run(run_name=key, nested=True)
-        with started as active:
-            if active.info.run_id != kept.get("id"):
-                with self.state.change() as state:
-                    state["runs"][key] = {"id": active.info.run_id, "stages": []}
-                self._log_params(params)
-            self.key = key
+        start: dict[str, Any] = {}
+        if self.down is None:
+            try:
+                start = {"run_name": key} if self._gone(kept.get("id")) else {"run_id": kept["id"]}
+            except Exception as e:
+                self._went_down(f"looking up the run of {key}", e)
+        with self._active(f"the run of {key}", **({"nested": True, **start} if start else {})) as active:
+            if active is not None:
+                made = active.info.run_id != kept.get("id")
+                if made:
+                    with self.state.change() as state:
+                        state["runs"][key] = {"id": active.info.run_id, "stages": []}
+                self._params(key, made, kept, active.info.run_id, params)
+                self.key, self.run_id = key, active.info.run_id
             try:
                 # Stages finished in earlier sittings that this run has not logged
                 results = run_dir / "results.json"
-                if results.is_file():
+                if active is not None and results.is_file():
                     for record in read_json(results, "Rerun the experiment: it is rebuilt.")["stages"]:
                         self.stage(record, run_dir / f"stage-{record['train_stage']}")
                 yield
             finally:
-                self.key = None
+                self.key = self.run_id = None
 
     def stage(self, record: dict[str, Any], stage_dir: Path) -> None:
         t = int(record["train_stage"])
-        logged = self.state.get()["runs"].get(self.key, {}) if self.key is not None else {}
-        if self.key is None or t in logged.get("stages", []):
+        key, run_id = self.key, self.run_id
+        if key is None or run_id is None or self.down is not None:
+            return
+        logged = self.state.get()["runs"].get(key, {})
+        if t in logged.get("stages", []):
             return
         # A stage's figures and its adapters are noted apart: figures logged before a failed upload (or a
         # kill during it) are not logged a second time by the next run.
-        key = self.key
         if t not in logged.get("figures", []):
+            figures = _figures(record)
             if not _logged(
-                f"stage {t}", "the next run of the experiment logs it", lambda: self._figures(record)
+                f"stage {t}", "the next run of the experiment logs it", lambda: self._batch(run_id, figures)
             ):
                 return
             with self.state.change() as state:
@@ -268,24 +285,6 @@ class MlflowTracker(Tracker):
             with self.state.change() as state:
                 state["runs"].setdefault(key, {}).setdefault("stages", []).append(t)
 
-    def _figures(self, record: dict[str, Any]) -> None:
-        t = int(record["train_stage"])
-        for name, value in record["metrics"].items():  # undefined: null in results.json, NaN in MLflow
-            self.mlflow.log_metric(metric_name(name), math.nan if value is None else float(value), step=t)
-        self.mlflow.log_metric("train_seconds", float(record["train_seconds"]), step=t)
-        cost = record.get("cost") or {}  # where the stage's time went (records before the profile lack it)
-        if "total_seconds" in cost:
-            self.mlflow.log_metric("cost.total_seconds", float(cost["total_seconds"]), step=t)
-        for part, spent in cost.get("parts", {}).items():
-            self.mlflow.log_metric(f"cost.{part}_seconds", float(spent["seconds"]), step=t)
-        for job in record["jobs"]:
-            for epoch in job["history"]:
-                for key, value in epoch.items():  # None: undefined (NaN, -inf) as results.json holds it
-                    if key != "epoch" and (value is None or isinstance(value, int | float)):
-                        name = metric_name(f"stage{t}.{job['job']}.{key}")
-                        number = math.nan if value is None else float(value)
-                        self.mlflow.log_metric(name, number, step=int(epoch["epoch"]))
-
     def _adapters(self, t: int, stage_dir: Path) -> None:
         adapters = stage_dir / "trained" / "adapters"
         if adapters.is_dir():
@@ -293,7 +292,7 @@ class MlflowTracker(Tracker):
 
     def gate(self, method: str, seed: int, version: int, gate: dict[str, Any], data: dict[str, Any]) -> None:
         key = _run_key(method, seed)
-        if version in self.state.get()["gates"].get(key, []):
+        if self.down is not None or version in self.state.get()["gates"].get(key, []):
             return
         if _logged(f"the gate of version {version}", "rerunning the update logs it",
                    lambda: self._gate(key, version, gate, data)):  # fmt: skip
@@ -301,19 +300,149 @@ class MlflowTracker(Tracker):
                 state["gates"].setdefault(key, []).append(version)
 
     def _gate(self, key: str, version: int, gate: dict[str, Any], data: dict[str, Any]) -> None:
-        with self.mlflow.start_run(run_name=f"update of {key} to version {version}", nested=True):
-            self.mlflow.log_params(
-                {"run": key, "version": version, "file": data.get("file"), "accepted": data.get("accepted")}
-            )
-            for name in ("candidate", "promoted", "gain", "min_gain"):
-                if gate.get(name) is not None:  # null: the metric is undefined on the held-out samples
-                    self.mlflow.log_metric(f"gate.{name}", float(gate[name]))
-            self.mlflow.set_tags({"gate.decision": gate["decision"], "gate.metric": gate["metric"]})
+        """The gate's run, made once: its id is kept before anything is logged in it, so a retry after a
+        failure logs into it rather than making another; its figures, parameters and tags go in one batch."""
+        name = f"update of {key} to version {version}"
+        made = self.state.get().get("gate_runs", {}).get(name)
+        start = {"run_name": name} if self._gone(made) else {"run_id": made}
+        with self._active(f"the run of {name}", nested=True, **start) as active:
+            if active is None:
+                raise ConnectionError(self.down)
+            if active.info.run_id != made:
+                with self.state.change() as state:
+                    state.setdefault("gate_runs", {})[name] = active.info.run_id
+            figures = [(f"gate.{n}", float(gate[n]), 0) for n in ("candidate", "promoted", "gain", "min_gain")
+                       if gate.get(n) is not None]  # fmt: skip  # null: undefined on the held-out samples
+            params = {
+                "run": key,
+                "version": version,
+                "file": data.get("file"),
+                "accepted": data.get("accepted"),
+            }
+            tags = {"gate.decision": gate["decision"], "gate.metric": gate["metric"]}
+            self._batch(active.info.run_id, figures, params, tags)
+
+    # ------------------------------------------------------------------ the store's answers
+    def _unusable(self, e: Exception) -> ConfigError:
+        return ConfigError(f"tracking: cannot use MLflow at {self.uri}: {type(e).__name__}: {e}")
+
+    def _gone(self, run_id: str | None) -> bool:
+        """Whether run `run_id` is missing from the store or deleted (a new one is made). Any other failure
+        to ask raises: a store that does not answer says nothing about the run."""
+        if not run_id:
+            return True
+        try:
+            return self.mlflow.get_run(run_id).info.lifecycle_stage != "active"
+        except Exception as e:
+            if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                return True
+            raise
+
+    @contextlib.contextmanager
+    def _active(self, what: str, required: bool = False, **start: Any) -> Iterator[Any]:
+        """The run `start_run(**start)` opens, ended on leaving as its body ended (FINISHED, KILLED, FAILED).
+        Where the store fails to start it (or failed before in this sitting): `ConfigError` if `required`,
+        else None, and nothing more is logged in this sitting."""
+        active = None
+        if self.down is None and start:
+            try:
+                active = self.mlflow.start_run(**start)
+            except Exception as e:
+                if required:
+                    raise self._unusable(e) from None
+                self._went_down(f"starting {what}", e)
+        status = "FINISHED"
+        try:
+            yield active
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            if active is not None:
+                try:
+                    self.mlflow.end_run(status)
+                except Exception as e:
+                    self._went_down(f"ending {what}", e)
+
+    def _went_down(self, what: str, e: Exception) -> None:
+        self.down = f"{type(e).__name__}: {e}"
+        log.warning(
+            "MLflow: %s failed (%s); nothing more is logged in this sitting, the next command logs what is "
+            "missing",
+            what,
+            self.down,
+        )
+
+    def _batch(
+        self,
+        run_id: str,
+        metrics: Sequence[tuple[str, float, int]] = (),
+        params: dict[str, Any] | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> None:
+        """Log to `run_id` in one `log_batch` (MLflow stores a batch whole): `metrics` as (name, value,
+        step), `params` (flattened) and `tags` as mappings, all named as MLflow takes names."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        self.mlflow.MlflowClient().log_batch(
+            run_id,
+            metrics=[Metric(metric_name(k), v, now, step) for k, v, step in metrics],
+            params=[Param(metric_name(k), str(v)[:500]) for k, v in _flat(params or {}).items()],
+            tags=[RunTag(metric_name(k), str(v)) for k, v in (tags or {}).items()],
+        )
+
+    def _params(self, key: str | None, made: bool, kept: dict[str, Any], run_id: str, params: dict) -> None:
+        """A run's parameters, logged when it is made, or later where that failed (MLflow refuses to change
+        them, so they are not logged again); `key` None: the experiment's run."""
+        if not made and not kept.get("params_missing"):
+            return
+        logged = _logged(
+            "the parameters", "the next command logs them", lambda: self._batch(run_id, params=params)
+        )
+        if logged == made:  # logged as the run was made, or still missing: nothing to note
+            return
+        with self.state.change() as state:
+            mine = state["runs"].setdefault(key, {}) if key is not None else state
+            if logged:
+                mine.pop("params_missing", None)
+            else:
+                mine["params_missing"] = True
+
+
+def _figures(record: dict[str, Any]) -> list[tuple[str, float, int]]:
+    """A stage record's figures as (name, value, step): its metrics, seconds and cost parts at step = stage,
+    each epoch's numbers at step = epoch (prefixed by the stage and job). Undefined (null in results.json):
+    NaN."""
+    t = int(record["train_stage"])
+    out = [(k, math.nan if v is None else float(v), t) for k, v in record["metrics"].items()]
+    out.append(("train_seconds", float(record["train_seconds"]), t))
+    cost = record.get("cost") or {}  # where the stage's time went (records before the profile lack it)
+    if "total_seconds" in cost:
+        out.append(("cost.total_seconds", float(cost["total_seconds"]), t))
+    out += [
+        (f"cost.{part}_seconds", float(spent["seconds"]), t) for part, spent in cost.get("parts", {}).items()
+    ]
+    for job in record["jobs"]:
+        for epoch in job["history"]:
+            for key, value in epoch.items():
+                if key != "epoch" and (value is None or isinstance(value, int | float)):
+                    number = math.nan if value is None else float(value)
+                    out.append((f"stage{t}.{job['job']}.{key}", number, int(epoch["epoch"])))
+    return out
 
 
 def metric_name(name: str) -> str:
-    """A figure's name as MLflow takes it (letters, digits and `_-. :/` only): `hit@10` is `hit_at_10`."""
-    return re.sub(r"[^\w\-. :/]", "_", name.replace("@", "_at_"))
+    """A name as MLflow takes it for a figure, parameter or tag: letters, digits and `_-. /` only (`hit@10` is
+    `hit_at_10`, a data file `ratings (2024).csv` is `ratings _2024_.csv`; MLflow 2 refuses `:`), at most 250
+    characters (a longer one keeps its start and a hash of the whole)."""
+    name = re.sub(r"[^\w\-. /]", "_", name.replace("@", "_at_"))
+    if len(name) > 250:
+        name = f"{name[:237]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return name
 
 
 def _run_key(method: str, seed: int) -> str:

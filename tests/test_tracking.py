@@ -3,7 +3,6 @@ real one is an optional extra, `pip install 'evolora[mlflow]'`)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.machinery
 import logging
 import math
@@ -24,11 +23,24 @@ from evolora.config import RunConfig
 from evolora.deploy.update import update_run
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
-from evolora.tracking import URI_ENV, MlflowTracker
+from evolora.tracking import URI_ENV, MlflowTracker, metric_name
 from tests.helpers import EXAMPLE_TABLE, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
 GATE_RUN = "update of finetune seed 0 to version 1"  # the run an update logs its gate in
+
+
+class NotFound(Exception):
+    error_code = "RESOURCE_DOES_NOT_EXIST"  # as MLflow's exception for a run not in the store
+
+
+def entities() -> types.ModuleType:
+    """`mlflow.entities`: the records a batch is made of."""
+    module = types.ModuleType("mlflow.entities")
+    module.Metric = lambda key, value, timestamp, step: types.SimpleNamespace(key=key, value=value, step=step)
+    module.Param = lambda key, value: types.SimpleNamespace(key=key, value=value)
+    module.RunTag = lambda key, value: types.SimpleNamespace(key=key, value=value)
+    return module
 
 
 class Recorder(types.ModuleType):
@@ -41,8 +53,11 @@ class Recorder(types.ModuleType):
         self.stack: list[str] = []
         self.runs: dict[str, dict] = {}  # run id -> name, deleted, params
         self.ids: list[str] = []  # the ids of the open runs, as `stack` holds their names
-        self.fail_in: str | None = None  # log_metric raises inside the run of this name
+        self.fail_in: str | None = None  # a batch of figures logged in the run of this name raises
         self.fail_artifacts = 0  # so many log_artifacts calls raise, the next ones work
+        self.fail_start: set[str] = set()  # starting a run of these names raises
+        self.fail_lookup: set[str] = set()  # asking for a run of these names raises (not "not found")
+        self.fail_params = 0  # so many batches of parameters raise, the next ones work
 
     def set_tracking_uri(self, uri: str) -> None:
         if uri.startswith("foo:"):
@@ -58,9 +73,10 @@ class Recorder(types.ModuleType):
     def create_experiment(self, name: str, artifact_location: str) -> None:
         self.calls.append(("created", name, artifact_location))
 
-    @contextlib.contextmanager
     def start_run(self, run_name: str | None = None, nested: bool = False, run_id: str | None = None):
         assert nested == bool(self.stack), "a run inside another must be nested"
+        if (run_name or self.runs.get(run_id, {}).get("name")) in self.fail_start:
+            raise ConnectionError("the tracking server went away")
         if run_id is None:
             run_id = f"id{len(self.runs)}"
             self.runs[run_id] = {"name": run_name, "deleted": False, "params": {}}
@@ -70,30 +86,56 @@ class Recorder(types.ModuleType):
             self.calls.append(("resumed", self.runs[run_id]["name"]))
         self.stack.append(self.runs[run_id]["name"])
         self.ids.append(run_id)
-        try:
-            yield types.SimpleNamespace(info=types.SimpleNamespace(run_id=run_id))
-        finally:
-            self.stack.pop()
-            self.ids.pop()
+        recorder = self
+
+        class ActiveRun:  # as MLflow's: started already, ended by `end_run` or on leaving a `with`
+            info = types.SimpleNamespace(run_id=run_id)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, kind, *_):
+                recorder.end_run("FINISHED" if kind is None else "FAILED")
+
+        return ActiveRun()
+
+    def end_run(self, status: str = "FINISHED") -> None:
+        self.runs[self.ids[-1]]["status"] = status
+        self.stack.pop()
+        self.ids.pop()
 
     def get_run(self, run_id: str):
         if run_id not in self.runs:
-            raise LookupError(f"Run with id={run_id} not found")
+            raise NotFound(f"Run with id={run_id} not found")
+        if self.runs[run_id]["name"] in self.fail_lookup:
+            raise ConnectionError("read timed out")
         stage = "deleted" if self.runs[run_id]["deleted"] else "active"
         return types.SimpleNamespace(info=types.SimpleNamespace(lifecycle_stage=stage))
 
-    def log_params(self, params: dict) -> None:
-        kept = self.runs[self.ids[-1]]["params"]
-        assert all(kept.get(k, v) == v for k, v in params.items()), "MLflow refuses to change a parameter"
-        kept.update(params)
-        self.calls.append(("params", tuple(self.stack), dict(params)))
+    def MlflowClient(self):
+        return types.SimpleNamespace(log_batch=self.log_batch)
 
-    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
-        if self.fail_in is not None and self.stack[-1] == self.fail_in:
+    def log_batch(self, run_id: str, metrics=(), params=(), tags=()) -> None:
+        """Checked and refused whole, as MLflow writes a batch."""
+        assert run_id == self.ids[-1], "logged into the run open now"
+        if self.fail_in is not None and self.stack[-1] == self.fail_in and metrics:
             raise ConnectionError("the tracking server went away")
-        if not re.fullmatch(r"[\w\-. :/]*", key):  # as MLflow refuses it
-            raise ValueError(f"Invalid value \"{key}\" for parameter 'name' supplied")
-        self.calls.append(("metric", tuple(self.stack), key, value, step))
+        if self.fail_params and params:
+            self.fail_params -= 1
+            raise ConnectionError("the tracking server went away")
+        for name in [m.key for m in metrics] + [p.key for p in params] + [t.key for t in tags]:
+            if not re.fullmatch(r"[\w\-. /]{1,250}", name):  # as MLflow 2.10 refuses it
+                raise ValueError(f"Invalid value \"{name}\" for parameter 'name' supplied")
+        kept = self.runs[run_id]["params"]
+        changed = [p.key for p in params if kept.get(p.key, p.value) != p.value]
+        assert not changed, f"MLflow refuses to change a parameter: {changed}"
+        if params:
+            kept.update({p.key: p.value for p in params})
+            self.calls.append(("params", tuple(self.stack), {p.key: p.value for p in params}))
+        for m in metrics:
+            self.calls.append(("metric", tuple(self.stack), m.key, m.value, m.step))
+        if tags:
+            self.calls.append(("tags", tuple(self.stack), {t.key: t.value for t in tags}))
 
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
         assert Path(local_dir).is_dir()
@@ -102,14 +144,12 @@ class Recorder(types.ModuleType):
             raise ConnectionError("the upload broke off")
         self.calls.append(("artifacts", tuple(self.stack), artifact_path))
 
-    def set_tags(self, tags: dict) -> None:
-        self.calls.append(("tags", tuple(self.stack), dict(tags)))
-
 
 @pytest.fixture
 def mlflow(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     recorder = Recorder()
     monkeypatch.setitem(sys.modules, "mlflow", recorder)
+    monkeypatch.setitem(sys.modules, "mlflow.entities", entities())
     monkeypatch.delenv(URI_ENV, raising=False)  # the default store is tested, whatever this machine sets
     return recorder
 
@@ -326,14 +366,16 @@ def test_an_update_logs_its_gate_once_under_the_experiments_run(mlflow: Recorder
     mlflow.calls.clear()
     mlflow.fail_in = GATE_RUN  # the store fails after the version is recorded
     update_run(root, tmp_path / "new.csv")
-    assert not [c for c in mlflow.calls if c[0] == "metric"]
+    assert not [c for c in mlflow.calls if c[0] in ("metric", "params", "tags")]  # a batch fails whole
+    assert ("made", GATE_RUN) in mlflow.calls
     mlflow.fail_in = None
     mlflow.calls.clear()
     outcome = update_run(root, tmp_path / "new.csv")  # the same command again
     assert outcome.already_applied
-    assert [c[1] for c in mlflow.calls if c[0] in ("made", "resumed")] == ["t", GATE_RUN]
-    made_at = mlflow.calls.index(("made", GATE_RUN))
-    assert mlflow.calls[made_at - 1] == ("resumed", "t")  # nested under the experiment's run
+    # the gate's run made before is logged into, not made a second time (a failed twin stayed in MLflow)
+    started = [c for c in mlflow.calls if c[0] in ("made", "resumed")]
+    assert started == [("resumed", "t"), ("resumed", GATE_RUN)]
+    assert [r["name"] for r in mlflow.runs.values()].count(GATE_RUN) == 1
     gate = {c[2] for c in mlflow.calls if c[0] == "metric" and c[1] == ("t", GATE_RUN)}
     assert gate == {"gate.candidate", "gate.promoted", "gate.gain", "gate.min_gain"}
     mlflow.calls.clear()
@@ -406,3 +448,102 @@ def test_a_stage_whose_upload_failed_logs_its_figures_once(
     assert sorted(auc) == [1, 2]  # each stage once
     uploads = [c[2] for c in mlflow.calls if c[0] == "artifacts" and c[1] == run]
     assert sorted(uploads) == ["stage-1/adapters", "stage-2/adapters"]
+
+
+def test_names_mlflow_refuses_are_put_in_its_form() -> None:
+    assert metric_name("hit@10") == "hit_at_10"
+    assert metric_name("recall:10") == "recall_10"  # MLflow 2.10, the extra's floor, refuses ':'
+    assert metric_name("data_files.files.ratings (2024).csv") == "data_files.files.ratings _2024_.csv"
+    long = metric_name("data_files.files." + "/very/deep" * 40 + "/log.csv")
+    assert len(long) == 250 and long != metric_name("data_files.files." + "/very/deep" * 41 + "/log.csv")
+
+
+def test_a_data_file_whose_name_mlflow_refuses_does_not_stop_the_run_or_its_parameters(
+    mlflow: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data files' names are parameter keys: "ratings (2024).csv" stopped the run with a traceback,
+    and the rerun, continuing the run made, never logged its parameters."""
+    data = tmp_path / "ratings (2024).csv"
+    data.write_bytes((HERE / "example_log.csv").read_bytes())
+    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        run_experiment(tiny_config(data, tmp_path / "runs", **over))
+    assert "not logged" not in caplog.text, caplog.text
+    params = [c[2] for c in mlflow.calls if c[0] == "params" and c[1] == ("t", "finetune seed 0")]
+    assert len(params) == 1 and "data_files.files.ratings _2024_.csv" in params[0]
+
+
+def test_parameters_that_could_not_be_logged_are_logged_by_the_next_command(
+    mlflow: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
+    cfg = tiny_config(HERE / "example_log.csv", tmp_path / "runs", **over)
+    mlflow.fail_params = 2  # the experiment's and the pair's
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        run_experiment(cfg)
+    assert "MLflow: the parameters not logged (ConnectionError" in caplog.text
+    assert not [c for c in mlflow.calls if c[0] == "params"]
+    assert {("auc", 1), ("auc", 2)} <= _stage_metrics(mlflow, "finetune seed 0")  # the rest was logged
+    mlflow.calls.clear()
+    run_experiment(cfg)
+    assert _made(mlflow) == []
+    assert [c[1] for c in mlflow.calls if c[0] == "params"] == [("t",), ("t", "finetune seed 0")]
+    mlflow.calls.clear()
+    run_experiment(cfg)
+    assert not [c for c in mlflow.calls if c[0] in ("params", "metric")]
+
+
+def test_a_store_that_fails_during_the_experiment_leaves_its_training_going(
+    mlflow: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Starting a pair's run failed with a traceback that stopped the experiment. Now: a warning, nothing
+    more logged in that sitting (each call would wait through MLflow's retries), every pair trained, and
+    the next command logs what is missing, once."""
+    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[frozen, finetune]"}
+    over["tracking"] = "mlflow"
+    cfg = tiny_config(HERE / "example_log.csv", tmp_path / "runs", **over)
+    mlflow.fail_start = {"frozen seed 0"}
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        results = run_experiment(cfg)
+    assert "MLflow: starting the run of frozen seed 0 failed (ConnectionError" in caplog.text
+    assert [len(r["stages"]) for r in results] == [2, 2]
+    assert _made(mlflow) == ["t"] and not [c for c in mlflow.calls if c[0] == "metric"]
+    assert mlflow.runs["id0"]["status"] == "FINISHED"
+    mlflow.fail_start = set()
+    mlflow.calls.clear()
+    run_experiment(cfg)
+    assert _made(mlflow) == ["frozen seed 0", "finetune seed 0"]
+    logged = [(c[1], c[2], c[4]) for c in mlflow.calls if c[0] == "metric"]
+    assert len(logged) == len(set(logged)) and ("t", "finetune seed 0") in {c[0] for c in logged}
+
+
+def test_a_store_that_cannot_say_whether_a_run_exists_gets_no_second_tree(
+    mlflow: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any failure to look a run up was taken for its absence: a transient error on a rerun made a whole
+    second tree of runs and logged everything again."""
+    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
+    cfg = tiny_config(HERE / "example_log.csv", tmp_path / "runs", **over)
+    run_experiment(cfg)
+    mlflow.calls.clear()
+    mlflow.fail_lookup = {"t"}
+    with pytest.raises(ConfigError, match=r"cannot use MLflow at .*read timed out"):
+        run_experiment(cfg)  # the experiment's run: before any work
+    mlflow.fail_lookup = {"finetune seed 0"}
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        run_experiment(cfg)  # a pair's run: a warning, the work goes on
+    assert (
+        "MLflow: looking up the run of finetune seed 0 failed (ConnectionError: read timed out)"
+        in caplog.text
+    )
+    assert _made(mlflow) == [] and not [c for c in mlflow.calls if c[0] in ("params", "metric")]
+
+
+def test_a_store_mlflow_cannot_open_stops_a_run_before_any_work(
+    mlflow: Recorder, sunny_dir: Path, tmp_path: Path
+) -> None:
+    """It was opened only once the data and the model were prepared and the bundle written."""
+    cfg = tiny_config(sunny_dir, tmp_path / "out", tracking="mlflow", tracking_uri="foo:bar")
+    with pytest.raises(ConfigError, match="cannot use MLflow at foo:bar: ValueError: no store for foo:bar"):
+        run_experiment(cfg)
+    assert not (tmp_path / "out" / cfg.name).exists()

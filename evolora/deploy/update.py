@@ -122,8 +122,7 @@ def update_run(
     seed_dir, root = locate_run(Path(run_dir), method, seed)
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
     cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *(overrides or [])]))
-    check_tracking(cfg)
-    tracker_for(cfg, root).open_store(cfg)  # a store that cannot be opened stops the update before training
+    check_tracking(cfg)  # a store that cannot be opened stops the update before training
     metrics = metric_set(cfg.task.name)  # checked before any training, not at the gate
     # a reference figure (log_items: the size of the candidate set) is the same for both versions
     names = [n for n in metrics.names if n not in metrics.references]

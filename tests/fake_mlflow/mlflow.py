@@ -3,12 +3,12 @@ line each, so that calls made in worker processes can be checked (tests put this
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
+import sys
+import types
 import uuid
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -45,8 +45,22 @@ def set_experiment(name: str) -> None:
     pass
 
 
-@contextlib.contextmanager
-def start_run(run_name: str | None = None, nested: bool = False, run_id: str | None = None) -> Iterator[Any]:
+class _NotFound(Exception):
+    error_code = "RESOURCE_DOES_NOT_EXIST"  # as MLflow's exception for a run not in the store
+
+
+class _ActiveRun:  # as MLflow's: started already, ended by `end_run` or on leaving a `with`
+    def __init__(self, run_id: str) -> None:
+        self.info = SimpleNamespace(run_id=run_id)
+
+    def __enter__(self) -> _ActiveRun:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        end_run("FINISHED" if kind is None else "FAILED")
+
+
+def start_run(run_name: str | None = None, nested: bool = False, run_id: str | None = None) -> _ActiveRun:
     assert nested == bool(_open), "a run inside another must be nested"
     if run_id is None:
         run_id = uuid.uuid4().hex
@@ -55,31 +69,43 @@ def start_run(run_name: str | None = None, nested: bool = False, run_id: str | N
         get_run(run_id)
         _write("resumed", run_id)
     _open.append(run_id)
-    try:
-        yield SimpleNamespace(info=SimpleNamespace(run_id=run_id))
-    finally:
-        _open.pop()
+    return _ActiveRun(run_id)
+
+
+def end_run(status: str = "FINISHED") -> None:
+    _open.pop()
 
 
 def get_run(run_id: str) -> Any:
     if not any(r[1:3] == ["made", run_id] for r in _records()):
-        raise LookupError(f"Run with id={run_id} not found")
+        raise _NotFound(f"Run with id={run_id} not found")
     return SimpleNamespace(info=SimpleNamespace(lifecycle_stage="active"))
 
 
-def log_params(params: dict[str, Any]) -> None:
-    _write("params", _open[-1])
+def MlflowClient() -> Any:
+    return SimpleNamespace(log_batch=_log_batch)
 
 
-def log_metric(key: str, value: float, step: int | None = None) -> None:
-    if not re.fullmatch(r"[\w\-. :/]*", key):  # as MLflow refuses it
-        raise ValueError(f"Invalid value \"{key}\" for parameter 'name' supplied")
-    _write("metric", _open[-1], key, step)
+def _log_batch(run_id: str, metrics: Any = (), params: Any = (), tags: Any = ()) -> None:
+    assert run_id == _open[-1], "logged into the run open now"
+    for name in [m.key for m in metrics] + [p.key for p in params] + [t.key for t in tags]:
+        if not re.fullmatch(r"[\w\-. /]{1,250}", name):  # as MLflow refuses it
+            raise ValueError(f"Invalid value \"{name}\" for parameter 'name' supplied")
+    if params:
+        _write("params", run_id)
+    for m in metrics:
+        _write("metric", run_id, m.key, m.step)
+    if tags:
+        _write("tags", run_id)
 
 
 def log_artifacts(local_dir: str, artifact_path: str | None = None) -> None:
     _write("artifacts", _open[-1], artifact_path)
 
 
-def set_tags(tags: dict[str, Any]) -> None:
-    _write("tags", _open[-1])
+# `from mlflow.entities import Metric, Param, RunTag`: the records a batch is made of
+entities = types.ModuleType("mlflow.entities")
+entities.Metric = lambda key, value, timestamp, step: SimpleNamespace(key=key, value=value, step=step)
+entities.Param = lambda key, value: SimpleNamespace(key=key, value=value)
+entities.RunTag = lambda key, value: SimpleNamespace(key=key, value=value)
+sys.modules["mlflow.entities"] = entities
