@@ -399,7 +399,7 @@ def test_a_damaged_converted_copy_is_converted_again(tmp_path: Path, monkeypatch
     os.utime(weights, ns=(files["model.safetensors"]["mtime_ns"] + 10**9,) * 2)
     assert weights_mod.cached_copy(weights_mod.DEFAULT_MODEL) is None  # rewritten in place: by its sha256
     (copy / "EVOLORA_SOURCE.json").write_text(json.dumps({"files": {"model.safetensors": 16384}}))
-    assert weights_mod.cached_copy(weights_mod.DEFAULT_MODEL) is None  # a record of another shape: not trusted
+    assert weights_mod.cached_copy(weights_mod.DEFAULT_MODEL) is None  # a record of another shape: untrusted
 
 
 def test_a_damaged_converted_copy_is_made_again_before_the_hub_is_asked(
