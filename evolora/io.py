@@ -66,12 +66,21 @@ def _write_bytes(path: Path, data: bytes) -> None:
         # a server running as another user, so the file gets the mode a plain open() would have given it.
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                # Closing flushes what is left: a full disk would raise a second time over the first error.
+                with contextlib.suppress(OSError):
+                    f.close()
+                raise
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        # A folder made read-only meanwhile cannot lose the temporary: the write's own error is the one to
+        # tell (the next run removes stale temporaries)
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -727,3 +727,82 @@ def test_ctrl_c_offers_to_continue_only_what_is_kept(tmp_path: Path, monkeypatch
     assert asked.exit_code == 130 and "interrupted" in asked.output and "continue" not in asked.output
     ran = CliRunner().invoke(app, ["run", str(tmp_path / "c.yaml")])
     assert ran.exit_code == 130 and "rerun the same command to continue" in ran.output
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_continues(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operating-system error (a full disk, a folder made read-only) ended in a 70-200 line traceback."""
+    import errno
+
+    from evolora import io
+
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["finetune"])
+    real = io._write_bytes
+    writes = {"results.json": 0}
+
+    def full_after_the_first_stage(path: Path, data: bytes) -> None:
+        if path.name == "results.json":
+            writes["results.json"] += 1
+            if writes["results.json"] > 1:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(io, "_write_bytes", full_after_the_first_stage)
+    result = runner.invoke(app, ["run", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert re.search(
+        r"error: \S+/results\.json: No space left on device; nothing finished is lost: rerun the same "
+        r"command to continue",
+        result.output,
+    ), result.output
+    monkeypatch.setattr(io, "_write_bytes", real)
+    again = runner.invoke(app, ["run", str(config)])
+    assert again.exit_code == 0, again.output
+    res = json.loads((tmp_path / "runs" / "cli" / "finetune" / "seed0" / "results.json").read_text())
+    assert len(res["stages"]) == 2
+
+
+def test_a_write_that_fails_is_told_once_and_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush failed, then closing flushed again: two chained tracebacks for one full disk."""
+    import errno
+    import os
+
+    from evolora import io
+
+    class FullDisk:
+        """A buffered file on a full disk: writes are kept, every flush fails, closing flushes again."""
+
+        def __init__(self, fd: int, mode: str) -> None:
+            self.fd, self.pending, self.closed = fd, False, False
+
+        def write(self, data: bytes) -> None:
+            self.pending = True
+
+        def flush(self) -> None:
+            if self.pending:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        def fileno(self) -> int:
+            return self.fd
+
+        def close(self) -> None:
+            if not self.closed:
+                self.closed = True
+                os.close(self.fd)
+                self.flush()
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.close()
+
+    monkeypatch.setattr(os, "fdopen", FullDisk)
+    with pytest.raises(OSError, match="No space left") as failed:
+        io.atomic_write_bytes(tmp_path / "f.json", b"x" * (1 << 16))
+    assert failed.value.__context__ is None
+    assert list(tmp_path.iterdir()) == []

@@ -119,6 +119,18 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True, markup=True
             )
             raise typer.Exit(2) from None
+        except OSError as e:
+            # The machine's answer (a full disk, a folder made read-only, a file gone): one line, as for a
+            # user mistake; -v adds the traceback. What was finished is kept (every write is atomic).
+            _after_the_main_process()
+            logging.getLogger("evolora").debug("where it failed", exc_info=True)
+            resumable = "; nothing finished is lost: rerun the same command to continue" if fn.__name__ in (
+                "run", "update") else ""  # fmt: skip
+            err_console.print(
+                f"[bold red]error:[/] {escape(os_error_text(e))}{resumable}",
+                highlight=False, soft_wrap=True, markup=True,
+            )  # fmt: skip
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if not _other_process():  # Ctrl-C reaches every process of a launch: said once
                 # only work that is kept can be continued (a server, a query, a report start over)
@@ -128,6 +140,15 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def os_error_text(e: OSError) -> str:
+    """An operating-system error in one line: the path (both of a rename) and the system's reason."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return reason
+    paths = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    return f"{paths}: {reason}"
 
 
 def _command_name(function: str) -> str:
