@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -535,11 +536,7 @@ def _run_locked(
     continuing: bool,
 ) -> list[dict[str, Any]]:
     # The run's log is the main process's (the others of a launch compute the same steps)
-    handler = (
-        logging.FileHandler(root / "log.txt", encoding="utf-8")
-        if parallel.writes()
-        else logging.NullHandler()
-    )
+    handler = _RunLog(root / "log.txt") if parallel.writes() else logging.NullHandler()
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {_who()}%(name)s: %(message)s"))
     logger = logging.getLogger("evolora")
     logger.addHandler(handler)
@@ -589,12 +586,55 @@ def _run_locked(
             return _run_strategies(
                 cfg, prepared, lm, task, shared, context_key, environment, tracker, on_stage, pairs
             )
+    except BaseException as e:
+        if isinstance(handler, _RunLog):
+            handler.stopped(e)
+        raise
     finally:
         logger.removeHandler(handler)
         logger.removeHandler(forward)
         logger.setLevel(level)
         logger.propagate = propagate
         handler.close()
+
+
+class _RunLog(logging.FileHandler):
+    """The run's log.txt. It also says why a run stopped (the terminal alone showed it). A write that fails
+    (a full disk, a file-size limit) is said once on stderr and the file left for the rest of the sitting:
+    logging's own answer was a traceback for every message."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, encoding="utf-8")
+        self.failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            reason = sys.exc_info()[1]
+            sys.stderr.write(
+                f"evolora: {self.baseFilename} cannot be written ({reason}); this sitting's log goes on "
+                "here only\n"
+            )
+
+    def close(self) -> None:
+        try:
+            super().close()  # flushes: the full disk answers again
+        except OSError as e:
+            self.handleError(logging.makeLogRecord({"msg": str(e)}))
+
+    def stopped(self, e: BaseException) -> None:
+        # A user's mistake or the machine's answer in its line; anything else with its traceback
+        told = isinstance(e, EvoloraError | OSError | KeyboardInterrupt)
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        record = logging.LogRecord(
+            "evolora", logging.ERROR, __file__, 0, "stopped: %s", (reason,),
+            None if told else (type(e), e, e.__traceback__),
+        )  # fmt: skip
+        self.handle(record)
 
 
 class _ToRoot(logging.Handler):

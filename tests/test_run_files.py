@@ -321,3 +321,44 @@ def test_plots_are_written_through_temporaries_of_their_own(tmp_path: Path) -> N
     atomic_write_png(fig, tmp_path / "auc.png")
     plt.close(fig)
     assert (tmp_path / "auc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_log_txt_says_why_a_run_stopped(sunny_dir: Path, tmp_path: Path) -> None:
+    """The error that stopped a run was shown on the terminal only; log.txt ended without a word. A user's
+    mistake is one line there, anything else comes with its traceback."""
+    cfg = tiny_config(sunny_dir, tmp_path, strategies="[finetune]")
+
+    def refuse(results: dict) -> None:
+        raise ConfigError("the settings say no")
+
+    with pytest.raises(ConfigError):
+        run_experiment(cfg, on_stage=refuse)
+    log = (tmp_path / cfg.name / "log.txt").read_text()
+    assert log.rstrip().endswith("ERROR evolora: stopped: ConfigError: the settings say no"), log[-300:]
+
+    def broken(results: dict) -> None:
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError):
+        run_experiment(cfg, on_stage=broken)
+    log = (tmp_path / cfg.name / "log.txt").read_text()
+    assert "stopped: RuntimeError: a bug\nTraceback" in log and 'raise RuntimeError("a bug")' in log
+
+
+def test_a_log_txt_that_cannot_be_written_is_said_once(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    """A full disk or a file-size limit on log.txt printed logging's 45-line error for every message."""
+    import errno
+    import logging
+
+    def full(self: logging.StreamHandler) -> None:
+        if getattr(self, "baseFilename", "").endswith("log.txt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logging.StreamHandler, "flush", full)
+    cfg = tiny_config(sunny_dir, tmp_path, strategies="[finetune]")
+    assert len(run_experiment(cfg)[0]["stages"]) == 2
+    err = capfd.readouterr().err
+    assert err.count("log.txt cannot be written ([Errno 28] No space left on device)") == 1, err
+    assert "Logging error" not in err
