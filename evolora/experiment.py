@@ -404,7 +404,14 @@ def run_experiment(
     lock = Path(cfg.output_dir) / f".{cfg.name}.lock"  # beside the folder: --overwrite deletes the folder
     # --overwrite moves the old experiment here and deletes it once the new one has finished: settings that
     # fail (a misspelt column or model) before any stage is trained put it back as it was.
-    replaced = root.with_name(f".{root.name}.replaced")  # not a name an experiment can have
+    if root.is_symlink() and not root.exists():
+        raise ConfigError(
+            f"{root} links to {os.readlink(root)}, which does not exist: make that folder, or remove the link"
+        )
+    # A linked experiment folder (on another disk) is moved aside and made again where the link points, so the
+    # link stays good (moved aside itself, the link could not be deleted at the end: "rmtree on a symlink").
+    real = root.resolve() if root.is_symlink() else root
+    replaced = real.with_name(f".{real.name}.replaced")  # not a name an experiment can have
     if root.exists() and not root.is_dir():
         raise ConfigError(f"{root} is a file, not an experiment folder: choose another name or output_dir")
     with exclusive(lock, f"experiment {root}"):
@@ -417,9 +424,11 @@ def run_experiment(
             if replaced.exists():
                 # An --overwrite interrupted before: `replaced` is the experiment it replaces, `root` that
                 # attempt's unfinished work, which this one replaces in turn.
-                shutil.rmtree(root)
+                shutil.rmtree(real)
             else:
-                root.rename(replaced)
+                real.rename(replaced)
+            if real is not root:
+                real.mkdir()
         if parallel.writes():  # what killed writes left (updates under deploy/ hold locks of their own)
             remove_stale_temporaries(root, keep=("deploy",))
             remove_stale_shared_temporaries(cfg.shared_root)
@@ -439,7 +448,7 @@ def run_experiment(
                 results = _run_locked(cfg, root, context_key, on_stage, pairs, continuing)
         except BaseException:
             if parallel.writes() and replaced.exists():
-                _restore_if_untrained(root, replaced)
+                _restore_if_untrained(real, replaced)
             raise
         if parallel.writes() and replaced.exists():
             shutil.rmtree(replaced)

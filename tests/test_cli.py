@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import polars as pl
@@ -806,3 +807,30 @@ def test_a_write_that_fails_is_told_once_and_leaves_no_temporary(
         io.atomic_write_bytes(tmp_path / "f.json", b"x" * (1 << 16))
     assert failed.value.__context__ is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_of_a_linked_experiment_folder(sunny_dir: Path, tmp_path: Path) -> None:
+    """runs/cli links to a folder on another disk: --overwrite moved the link aside, trained, then failed
+    ("Cannot call rmtree on a symbolic link") at the end of every later run. Now the folder it points to is
+    replaced, and the link stays. A link to nothing is one line."""
+    elsewhere = tmp_path / "disk" / "cli"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "cli").symlink_to(elsewhere)
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen"])
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    (elsewhere / "frozen" / "seed0" / "mine.txt").write_text("old")
+    result = runner.invoke(app, ["run", str(config), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "cli").is_symlink() and (elsewhere / "report.md").is_file()
+    assert not (elsewhere / "frozen" / "seed0" / "mine.txt").exists()
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["cli"]  # the old one deleted
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+
+    shutil.rmtree(elsewhere)
+    dangling = runner.invoke(app, ["run", str(config)])
+    assert (
+        dangling.exit_code == 2
+        and "links to" in dangling.output
+        and "which does not exist" in dangling.output
+    )
