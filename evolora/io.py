@@ -33,7 +33,13 @@ def cache_dir() -> Path:
     """Where downloads and converted models live: `$EVOLORA_CACHE`, else `~/.cache/evolora`."""
     root = os.environ.get("EVOLORA_CACHE")
     path = Path(root).expanduser() if root else Path.home() / ".cache" / "evolora"  # "~/x" is not ./~/x
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        named = f"EVOLORA_CACHE={root}" if root else f"the cache folder {path}"
+        raise ConfigError(
+            f"{named} cannot be made ({e.strerror or e}): set EVOLORA_CACHE to a folder you can write"
+        ) from None
     return path
 
 

@@ -128,6 +128,8 @@ def fetch(name: str, force: bool = False) -> Path:
     if spec is None:
         raise DataError(f"unknown dataset {name!r}; registered: {', '.join(registered_datasets())}")
     target = cache_dir() / "data" / name
+    if not force and target.parent.is_dir() and not os.access(target.parent, os.W_OK):
+        return _read_only_copy(name, target)
     # One process fills the cache at a time; the others wait and find its copy (two writers replaced each
     # other's folder: "Directory not empty").
     with exclusive(target.with_name(f".{name}.lock"), f"fetching {name}", wait=True, every_process=True):
@@ -149,6 +151,19 @@ def _fetch_or_reuse(name: str, spec: Dataset, target: Path, force: bool) -> Path
                 f"{damaged_file}: {problem} in the cached copy of {name}, and fetching it again failed: {e}"
             ) from None
     return _fetch_into(name, spec, target)
+
+
+def _read_only_copy(name: str, target: Path) -> Path:
+    """A cache this process cannot write (a team's shared copy, a read-only mount) is read as it is, without
+    the fetch's lock, where its copy is whole; it cannot be fetched into."""
+    damage = _cache_damage(target) if (target / "SOURCE.json").is_file() else (target, "is not there")
+    if damage is None:
+        log.info("%s: using the cached copy in %s (read-only)", name, target)
+        return target
+    raise DataError(
+        f"{damage[0]} {damage[1]}, and {name} cannot be fetched into {target.parent}: it is not writable; "
+        "set EVOLORA_CACHE to a folder you can write"
+    )
 
 
 def _fetch_into(name: str, spec: Dataset, target: Path) -> Path:

@@ -418,3 +418,33 @@ def test_pip_failures_are_told_in_one_line() -> None:
     said = pip_error(subprocess.CompletedProcess([], 1, "", stderr))
     assert said == "ERROR: No matching distribution found for recbole==1.2.1"
     assert pip_error(subprocess.CompletedProcess([], 1, "", "")) == "no output"
+
+
+def test_a_cache_this_process_cannot_write_is_read_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A complete cache made read-only (a team's shared copy) failed on creating the fetch's lock file,
+    though nothing needed writing."""
+    use_zip(monkeypatch, make_zip(tmp_path))
+    folder = fetch("ml-100k")
+
+    def no_lock(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied", str(folder.with_name(".ml-100k.lock")))
+
+    monkeypatch.setattr(fetch_mod, "exclusive", no_lock)
+    monkeypatch.setattr(fetch_mod.os, "access", lambda path, mode: False)  # as for a user without rights
+    assert fetch("ml-100k") == folder
+    (folder / "u.data").write_bytes(b"1\t1\t5\t1\n")
+    with pytest.raises(DataError, match=r"u\.data has \d+ bytes, .*cannot be fetched into .*not writable"):
+        fetch("ml-100k")
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from evolora.errors import ConfigError
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("EVOLORA_CACHE", str(tmp_path / "a-file"))
+    with pytest.raises(ConfigError, match=r"EVOLORA_CACHE=.*a-file cannot be made \(File exists\)"):
+        fetch("ml-100k")
