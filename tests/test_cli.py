@@ -834,3 +834,19 @@ def test_overwrite_of_a_linked_experiment_folder(sunny_dir: Path, tmp_path: Path
         and "links to" in dangling.output
         and "which does not exist" in dangling.output
     )
+
+
+def test_off_a_terminal_long_work_is_told_in_log_lines(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off a terminal (CI, nohup) the bars are off, and a long stage was silent until it ended; each bar
+    still running after EVOLORA_PROGRESS_EVERY seconds is told as a line. Never on a terminal, never at 0."""
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["finetune"])
+    monkeypatch.setenv("EVOLORA_PROGRESS_EVERY", "0.000001")
+    told = runner.invoke(app, ["run", str(config)])
+    assert told.exit_code == 0, told.output
+    lines = re.findall(r"^INFO (.+): (\d+)/(\d+) \((\d+)%\), \d+m\d\ds so far", told.output, re.MULTILINE)
+    assert lines and all(int(done) <= int(total) for _, done, total, _ in lines), told.output
+    monkeypatch.setenv("EVOLORA_PROGRESS_EVERY", "0")
+    quiet = runner.invoke(app, ["run", str(config), "--overwrite"])
+    assert quiet.exit_code == 0 and " so far" not in quiet.output
