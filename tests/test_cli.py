@@ -850,3 +850,15 @@ def test_off_a_terminal_long_work_is_told_in_log_lines(
     monkeypatch.setenv("EVOLORA_PROGRESS_EVERY", "0")
     quiet = runner.invoke(app, ["run", str(config), "--overwrite"])
     assert quiet.exit_code == 0 and " so far" not in quiet.output
+
+
+def test_quiet_shows_warnings_and_results_and_log_txt_keeps_everything(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["finetune"])
+    result = runner.invoke(app, ["run", str(config), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "INFO" not in result.output and "WARNING" in result.output and "per-stage results" in result.output
+    assert "INFO evolora: running finetune (seed 0)" in (tmp_path / "runs" / "cli" / "log.txt").read_text()
+    both = runner.invoke(app, ["run", str(config), "-q", "-v"])
+    assert both.exit_code == 2 and "not both" in both.output

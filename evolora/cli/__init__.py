@@ -98,9 +98,9 @@ def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     root = logging.getLogger("evolora")
     root.handlers = [h for h in root.handlers if not isinstance(h, RichHandler | _PlainHandler)]
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(min(level, logging.INFO))  # a run's log.txt holds INFO whatever the terminal shows
     for noisy in ("transformers", "peft", "accelerate", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -215,7 +215,10 @@ def run(
             "--jobs", "-j", help="worker processes for the (strategy, seed) pairs (one GPU each, if several)"
         ),
     ] = 1,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="debug lines, tracebacks, the libraries' own warnings")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and the results only")] = False,
 ) -> None:
     """Run an experiment: every strategy and seed of CONFIG, stage by stage; rerun to resume."""
     from evolora import parallel, progress
@@ -227,14 +230,18 @@ def run(
     from evolora.io import atomic_write_json, atomic_write_text
     from evolora.tasks import task_spec
 
-    _setup_logging(verbose)
-    _quiet_libraries()
+    if verbose and quiet:
+        raise EvoloraError("give --verbose or --quiet, not both")
+    _setup_logging(verbose, quiet=quiet)
+    if not verbose:
+        _quiet_libraries()
     if config is None:
         config = CONFIG_DIR / QUICKSTART
         console.print(f"no config given: running the quickstart ({config})")
     cfg = load_config(config, set_ or [])
     parallel.start(cfg.model.device)  # under `accelerate launch`: the main process alone shows and writes
-    with progress.display(err_console) if parallel.is_main() else contextlib.nullcontext():
+    shows = parallel.is_main() and not quiet
+    with progress.display(err_console) if shows else contextlib.nullcontext():
         results = run_experiment(cfg, overwrite=overwrite, jobs=jobs)
     parallel.end()
     if not parallel.is_main():
