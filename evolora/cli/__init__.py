@@ -250,17 +250,18 @@ def run(
     # The task's columns that these runs record (a conventional ranker has no nll)
     shown = task_spec(cfg.task.name).metrics.shown
     metric_names = tuple(m for m in shown if m in recorded) or shown
-    console.print(stage_table(results, metric_names))
-    console.print(stage_table_note(results), soft_wrap=True, highlight=False)
     root = Path(cfg.output_dir) / cfg.name
     report = compose_report([root])
+    # Written before anything is printed: a closed stdout (`| head`) must not cost the report
+    atomic_write_text(root / "report.md", report.text)
+    atomic_write_json(root / "report.json", report.data, strict=True)
+    write_plots(report.groups, report.lead, root)
+    console.print(stage_table(results, metric_names))
+    console.print(stage_table_note(results), soft_wrap=True, highlight=False)
     # the report's lead metric: the first the task shows that these runs define (AUC on one label is not)
     matrix = matrix_summary_table(results, report.lead)
     if matrix is not None:
         console.print(matrix)
-    atomic_write_text(root / "report.md", report.text)
-    atomic_write_json(root / "report.json", report.data, strict=True)
-    write_plots(report.groups, report.lead, root)
     console.print(f"results: {root}/*/seed*/results.json; report: {root / 'report.md'}")
 
 
