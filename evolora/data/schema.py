@@ -3,7 +3,7 @@
 `InteractionData` holds two polars tables:
 
 * `interactions`: `user_id` (str), `item_id` (str), `rating` (f64), `timestamp` (i64, unix seconds), sorted
-  by (`timestamp`, `user_id`) with ties kept in file order;
+  by `timestamp`, with ties kept in file order;
 * `items`: `item_id` (str, unique), `title` (str), and optional `category`, `genre`, `year`, `description`
   and `sid` (str, may be null; `sid` is a semantic ID such as "<a_51><b_218><c_33><d_0>").
 

@@ -8,6 +8,7 @@ given is a wrong unit, and the messages here name the unit it looks like.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -73,6 +74,8 @@ def day(seconds: int, with_time: bool = False) -> str:
 
 def outside_message(value: object, seconds: int, name: str, unit: str) -> str:
     year = 1970 + seconds // SECONDS_PER_YEAR
+    if not is_epoch_number(value):  # an ISO time or a date says its own year: no unit reads it otherwise
+        return f"time {value!r} (column {name!r}) is outside the calendar evolora reads (years 1-9999 UTC)"
     message = f"time {value!r} (column {name!r}) read as {EPOCH_UNITS[unit][1]} is in the year {year}"
     fits = unit_that_fits(seconds * EPOCH_UNITS[unit][0], unit)
     if unit_is_fixed():
@@ -81,6 +84,26 @@ def outside_message(value: object, seconds: int, name: str, unit: str) -> str:
     if fits:
         return f"{message}; it looks like {EPOCH_UNITS[fits][1]}: set data.time_unit: {fits}"
     return f"{message}, outside the calendar (years 1-9999); data.time_unit: {', '.join(EPOCH_UNITS)}"
+
+
+_NUMBER = r"^\s*[+-]?\d+(\.\d*)?([eE][+-]?\d+)?\s*$"
+
+
+def is_epoch_number(value: object) -> bool:
+    """Whether a time value is an epoch number (a number, or text that is one), which `data.time_unit` reads;
+    ISO text and dates are not."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) or (isinstance(value, str) and re.match(_NUMBER, value) is not None)
+
+
+def epoch_numbers(values: pl.Series) -> pl.Series:
+    """`is_epoch_number` of each value of a time column (False where null)."""
+    if values.dtype.is_numeric():
+        return values.is_not_null()
+    if values.dtype == pl.Utf8:
+        return values.str.contains(_NUMBER).fill_null(False)
+    return pl.Series(values.name, [False] * values.len(), dtype=pl.Boolean)
 
 
 def unit_that_fits(raw: int, unlike: str) -> str | None:
@@ -98,11 +121,15 @@ def epoch_seconds(values: pl.Series, unit: str = "s") -> pl.Series:
     ISO date or datetime (naive ones are UTC); Parquet dates and datetimes are taken as they are.
     """
     per_second = EPOCH_UNITS[unit][0]
+    if isinstance(values.dtype, pl.Categorical | pl.Enum):  # pandas' `category` written to Parquet
+        values = values.cast(pl.Utf8)
+    elif isinstance(values.dtype, pl.Decimal):
+        values = values.cast(pl.Float64)
     dtype = values.dtype
     if dtype == pl.Date or isinstance(dtype, pl.Datetime):
         return values.cast(pl.Datetime("us")).dt.epoch("s") if dtype == pl.Date else values.dt.epoch("s")
-    if dtype.is_integer():
-        return values.cast(pl.Int64) // per_second
+    if dtype.is_integer():  # an unsigned number past Int64 (a -1 sentinel written unsigned) is no time
+        return values.cast(pl.Int64, strict=False) // per_second
     if dtype.is_float():
         return _whole_seconds(values.cast(pl.Float64), per_second)
     if dtype != pl.Utf8:

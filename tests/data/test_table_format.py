@@ -452,3 +452,36 @@ def test_the_stage_key_stays_out_of_unstaged_configs() -> None:
     assert "stage" not in dumped["data"]["columns"]
     staged = ["data.format=table", "data.columns={user: u, item: i, time: t, stage: s}"]
     assert load_config(None, staged).model_dump()["data"]["columns"]["stage"] == "s"
+
+
+def test_iso_times_that_span_1970_and_parquet_times_of_other_types(tmp_path: Path) -> None:
+    """ISO dates from 1969 to 1991 were refused as a column mixing units (a check meant for epoch numbers);
+    a Parquet time column of pandas' `category` type (or Enum, Decimal) was refused as no time; an unsigned
+    -1 sentinel gave a traceback; a time past the calendar written in ISO got epoch-unit advice."""
+    old = "uid,iid,ts,stars\nu1,a,1969-07-20,5\nu2,b,1975-01-01,1\nu1,b,1985-01-01,4\nu2,a,1991-06-01,3\n"
+    data = load(write(tmp_path / "old.csv", old))
+    assert data.interactions["timestamp"].to_list() == [-14256000, 157766400, 473385600, 675734400]
+    mixed = "uid,iid,ts,stars\nu1,a,20240101,5\nu2,b,2024-01-02,1\n"  # yyyymmdd read as 1970, beside 2024
+    with pytest.raises(DataError, match=r"line 2: .*mixes units"):
+        load(write(tmp_path / "mixed.csv", mixed))
+
+    times = ["2024-03-01T12:00:00", "2024-03-02T12:00:00"]
+    frame = pl.DataFrame({"uid": ["u1", "u2"], "iid": ["a", "b"], "stars": [5, 1]})
+    for dtype in (pl.Categorical, pl.Enum(times)):
+        frame.with_columns(ts=pl.Series(times, dtype=dtype)).write_parquet(tmp_path / "t.parquet")
+        assert load(tmp_path / "t.parquet").interactions["timestamp"].to_list() == [1709294400, 1709380800]
+    frame.with_columns(ts=pl.Series([1709294400, 1709380800], dtype=pl.Decimal(12, 0))).write_parquet(
+        tmp_path / "d.parquet"
+    )
+    assert load(tmp_path / "d.parquet").interactions["timestamp"].to_list() == [1709294400, 1709380800]
+    frame.with_columns(ts=pl.Series([1709294400, 2**64 - 1], dtype=pl.UInt64)).write_parquet(
+        tmp_path / "u.parquet"
+    )
+    with pytest.raises(DataError, match=r"row 2: time 18446744073709551615 \(column 'ts'\) is neither"):
+        load(tmp_path / "u.parquet")
+
+    late = "uid,iid,ts,stars\nu1,a,2024-01-01,5\nu2,b,9999-12-31T23:30:00-01:00,1\n"
+    with pytest.raises(
+        DataError, match=r"line 3: .* is outside the calendar evolora reads \(years 1-9999 UTC\)$"
+    ):
+        load(write(tmp_path / "late.csv", late))

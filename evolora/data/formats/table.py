@@ -47,6 +47,7 @@ from evolora.data.times import (
     LAST_SECOND,
     SECONDS_PER_YEAR,
     day,
+    epoch_numbers,
     epoch_seconds,
     outside_message,
     unit_is_fixed,
@@ -162,9 +163,11 @@ def _times(rows: TableRows, df: pl.DataFrame, name: str, unit: str) -> pl.Series
     if outside.any():
         i = int(outside.arg_max())  # type: ignore[arg-type]
         raise rows.error(int(df["_line"][i]), outside_message(df["timestamp"][i], seconds[i], name, unit))
-    # Times in 1970 beside times decades later: one column holding two units (seconds and milliseconds,
-    # or yyyymmdd numbers among epoch seconds); no interaction log spans that.
-    early, late = seconds < SECONDS_PER_YEAR, seconds >= 20 * SECONDS_PER_YEAR
+    # Epoch numbers in 1970 beside times decades later: one column holding two units (seconds and
+    # milliseconds, or yyyymmdd numbers among epoch seconds); no log of numbers spans that. An ISO time or a
+    # date says its own year (a log may well run from 1969 to 1991).
+    numbers = epoch_numbers(df["timestamp"])
+    early, late = (seconds < SECONDS_PER_YEAR) & numbers, seconds >= 20 * SECONDS_PER_YEAR
     if early.any() and late.any():
         i, j = int(early.arg_max()), int(late.arg_max())  # type: ignore[arg-type]
         raise rows.error(
