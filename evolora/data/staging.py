@@ -261,6 +261,21 @@ def _tie_end(ts: np.ndarray, cut: int) -> int:
     return cut
 
 
+def _back_where_forward_empties(ts: np.ndarray, bounds: list[int]) -> list[int]:
+    """A cut moved forward past a group of equal timestamps can swallow every row of the next stage (a tie
+    group at the end of the log): that cut goes back to the group's start instead, where the stage before it
+    keeps rows. Cuts that leave every stage rows are not moved, so staging that worked before is unchanged."""
+    bounds = list(bounds)
+    for t in range(1, len(bounds) - 1):
+        cut = bounds[t]
+        if bounds[t + 1] > cut or cut == 0:
+            continue
+        start = int(np.searchsorted(ts, ts[cut - 1], side="left"))  # the tie group holding row cut - 1
+        if cut - start > 1 and start > bounds[t - 1]:  # (no tie: the shares left it none, said as such)
+            bounds[t] = start
+    return bounds
+
+
 def _equal_count(ts: np.ndarray, start: int, end: int, parts: int) -> list[int]:
     """Bounds [start, c1, .., end] cutting rows [start, end) into `parts` equal-count runs, ties unsplit."""
     bounds = [start]
@@ -279,6 +294,7 @@ def _from_bounds(
     """Stage t = rows [bounds[t-1], bounds[t]); rows before bounds[0] are stage 0. `share(t)`: the change to
     the scheme's shares that gives an empty stage t rows (peso, global), for the error."""
     n_stages = len(bounds) - 1
+    bounds = _back_where_forward_empties(ts, bounds)
     for t in range(1, n_stages + 1):
         if bounds[t] > bounds[t - 1]:
             continue
@@ -298,7 +314,8 @@ def _from_bounds(
                     f"staging {label}: stage {t} is empty: its share of the {window} interactions rounds to "
                     f"none; give it {share(t)}, or use fewer stages"
                 )
-        raise DataError(f"staging {label}: stage {t} is empty: {why}. Use fewer stages")
+        fewer = "Use fewer stages" if n_stages > 2 else "The log needs more distinct times to cut into stages"
+        raise DataError(f"staging {label}: stage {t} is empty: {why}. {fewer}")
     stage = np.zeros(len(ts), dtype=np.int32)
     for t in range(1, n_stages + 1):
         stage[bounds[t - 1] : bounds[t]] = t

@@ -152,6 +152,23 @@ def test_ties_are_never_split() -> None:
     assert staged["stage"].to_list() == [1, 1, 1, 2, 2, 3]
 
 
+def test_a_tie_group_at_the_end_is_a_stage_of_its_own() -> None:
+    """Cuts move forward past a group of equal timestamps; at the end of the log that swallowed the last
+    stage ("stage 2 is empty ... Use fewer stages", with 2 the fewest). The cut now goes back instead."""
+    times = [1, 2, 3, 4, 5, 5, 5, 5, 5, 5]
+    assert stage_lsat(interactions(times), 2)["stage"].to_list() == [1] * 4 + [2] * 6
+    assert stage_lsat(interactions([1, 1, 1, 2, 2, 3]), 3)["stage"].to_list() == [
+        1,
+        1,
+        1,
+        2,
+        2,
+        3,
+    ]  # as before
+    with pytest.raises(DataError, match=r"6 interactions share timestamp 5.*needs more distinct times"):
+        stage_lsat(interactions([5] * 6), 2)
+
+
 def test_empty_stage_errors() -> None:
     with pytest.raises(DataError, match=r"stage 2 is empty: 6 interactions share timestamp 5.*fewer stages"):
         stage_lsat(interactions([5] * 6), 3)
