@@ -497,6 +497,21 @@ def test_a_batch_in_another_time_unit_gets_advice_an_update_can_follow(
     assert "set data.time_unit" not in result.output
 
 
+def test_a_batch_dated_after_today_is_refused(batches: dict[str, Path], tmp_path: Path) -> None:
+    """One row dated 2099 was accepted and became the last stage's end: every later batch was then dropped
+    as older, until a rollback."""
+    _, root = run_base(batches, tmp_path / "runs")
+    b1 = pl.read_csv(batches["b1"])
+    ahead = tmp_path / "b1-ahead.csv"
+    b1.with_columns(pl.when(pl.int_range(pl.len()) == 3).then(pl.lit("2099-01-01T00:00:00")).otherwise("ts")
+                    .alias("ts")).write_csv(ahead)  # fmt: skip
+    with pytest.raises(
+        DataError, match=r"1 of \d+ rows are dated after today \(the latest 2099-01-01 00:00:00"
+    ):
+        update_run(root, ahead, overrides=["update.min_gain=-1.0"])
+    assert update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).version.id == 1
+
+
 def test_a_batch_a_run_in_milliseconds_reads_in_1970_is_refused(
     batches: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

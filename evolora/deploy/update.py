@@ -35,6 +35,7 @@ import io
 import logging
 import math
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
 from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages
-from evolora.data.times import SECONDS_PER_YEAR, fixed_unit_advice, time_unit_fixed
+from evolora.data.times import SECONDS_PER_YEAR, day, fixed_unit_advice, time_unit_fixed
 from evolora.deploy.new_items import WithoutRecordCount, name_new_items, note_new_records, parent_semantic_ids
 from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DamagedFileError, DataError, EmptyStagesError
@@ -80,6 +81,7 @@ from evolora.tracking import check_tracking, tracker_for
 log = logging.getLogger("evolora")
 
 _KEY = ["user_id", "item_id", "rating", "timestamp"]
+_CLOCK_SLACK_S = 86_400  # a batch from a machine whose clock runs ahead, or from another time zone
 # The settings one update may change: none changes a number the run produced (threads: how fast, where
 # other work keeps cores busy; in floating point a sum's order may move the last bits, as between reruns).
 _OVERRIDABLE = ("update", "tracking", "tracking_uri", "threads")
@@ -448,6 +450,15 @@ def _accept(
     """The batch's rows that are new: rated >= `lowest` (the run's `data.min_rating`), not older than what
     was seen, not seen already."""
     rows = batch.interactions.select(_KEY)
+    # A row dated after today is a clock or unit error; accepted, it would be the last stage's end, and every
+    # later batch would be dropped as older until a rollback.
+    future = rows.filter(pl.col("timestamp") > time.time() + _CLOCK_SLACK_S)
+    if future.height:
+        raise DataError(
+            f"{data_file}: {future.height} of {rows.height} rows are dated after today (the latest "
+            f"{day(int(future['timestamp'].max()), with_time=True)} UTC): fix their times (a clock or unit "
+            "error) or leave them out; accepted, they would make every later batch older than the last stage"
+        )
     low = rows["rating"] < lowest if lowest is not None else pl.Series([False] * rows.height)
     # A row the run has (a batch sent again) is "already seen", though it is also older than the last stage.
     seen = rows.select(pl.struct(_KEY).is_in(existing.select(pl.struct(_KEY)).to_series().implode()))
