@@ -17,9 +17,10 @@ lives, not what it holds); the cost is that the process keeps the memory of its 
 exits, which a training or serving process reaches again at its next step anyway. The peak RSS stayed
 within 4% (lower, in fact, in all three of the benchmark's workloads).
 
-Called by `evolora run` (and each `--jobs` worker), `evolora update` and `evolora serve`; a library user can
-call it too. `EVOLORA_KEEP_FREED_MEMORY=0` leaves the allocator as it is. Where the C library is not glibc
-(musl, macOS) there is no such call and nothing is done.
+Called by the commands `evolora run` (and each `--jobs` worker), `evolora update` and `evolora serve`, which
+own their process; not by the Python API (`run`, `update_run`), which leaves the caller's allocator alone: a
+library user who wants the speed calls it. `EVOLORA_KEEP_FREED_MEMORY=0` leaves the allocator as it is.
+Where the C library is not glibc (musl, macOS) there is no such call and nothing is done.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ run folder and the inference bundle saved with the experiment (`bundle.py`): the
 again. A history is a list of item ids (each counted as liked), of (item, rating) pairs, or a mapping item ->
 rating; or give `user=` and the user's history at the end of the stage is used.
 
+In a notebook or a service: `run` leaves the process's torch threads and random state as they were, and one
+experiment or update runs at a time per process (a second from another thread is refused); a `Recommender`
+may be asked from several threads, which take turns.
+
 (About 530 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
 best together; how a query is checked lives in `queries.py`, how overrides are read in `overrides.py`.)
 """
@@ -20,6 +24,7 @@ best together; how a query is checked lives in `queries.py`, how overrides are r
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -156,6 +161,7 @@ class Recommender:
         precision: str | None = None,
     ) -> None:
         self.strategy = strategy
+        self._one_query = threading.Lock()
         self.precision = precision  # the one the run trained in, as it recorded it
         self.cfg = cfg
         self.prepared = prepared
@@ -345,11 +351,14 @@ class Recommender:
             samples, self._task.table.n_stages, self._task.table.history_len, self.like_threshold
         )
         query = self._task.for_table(table, **settings)
-        self.strategy.use_task(query)
         ctx = StageContext(
             self.stage, self.eval_stage, {}, self.strategy.seed, self.seed_dir / f"stage-{self.stage}"
         )
-        return self.strategy.predict(ctx, np.arange(len(table)))
+        # The strategy holds one task at a time: queries from several threads take turns (swapped in
+        # between, one query's rows were scored against another's table).
+        with self._one_query:
+            self.strategy.use_task(query)
+            return self.strategy.predict(ctx, np.arange(len(table)))
 
     def score(
         self, history: History = None, items: Iterable[str] = (), user: str | None = None

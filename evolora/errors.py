@@ -1,11 +1,29 @@
-"""User-facing errors.
+"""User-facing errors, and warnings said once per run.
 
 Anything a user can cause (a bad file, a bad config value, a missing dataset) raises `EvoloraError` with a
 message that says what is wrong and where. The CLI prints these without a traceback; programming errors keep
-their traceback.
+their traceback. `warn_once` says a warning once per experiment (every run's log.txt holds it, however many
+run in one process).
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
+
+_said: set[str] = set()
+
+
+def warn_once(logger: logging.Logger, key: str, message: str, *args: Any) -> None:
+    """`logger.warning(message, *args)` the first time `key` comes up since `forget_warnings()`."""
+    if key not in _said:
+        _said.add(key)
+        logger.warning(message, *args)
+
+
+def forget_warnings() -> None:
+    """A new experiment starts: each once-per-run warning is said again in it."""
+    _said.clear()
 
 
 class EvoloraError(Exception):

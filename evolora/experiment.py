@@ -26,8 +26,9 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ from evolora.data import InteractionData
 from evolora.data.digest import changed_files, data_digest
 from evolora.data.loaders import detect_format, names_a_dataset
 from evolora.data.prepare import Prepared, prepare_data
-from evolora.errors import ConfigError, EvoloraError
+from evolora.errors import ConfigError, EvoloraError, forget_warnings
 from evolora.io import (
     atomic_write_json,
     atomic_write_text,
@@ -376,7 +377,42 @@ def run_experiment(
     runs the (strategy, seed) pairs in that many worker processes (`evolora/workers.py`), one device each
     where several GPUs are, the CPU threads split between them; the numbers are those of `jobs=1` (in fp32;
     under bf16-mixed, up to bf16 rounding).
+
+    In a process that does other things (a notebook, a service), an experiment leaves the caller's torch
+    thread count and random state as they were, and one runs at a time: a second started from another
+    thread meanwhile is refused (they would share the process's threads, random state and logger).
     """
+    with training_in_this_process():
+        return _run_experiment(cfg, overwrite, on_stage, jobs)
+
+
+_training = threading.Lock()
+
+
+@contextlib.contextmanager
+def training_in_this_process() -> Iterator[None]:
+    """Around an experiment or an update: the caller's torch thread count and random state are put back after
+    it, and a second one started meanwhile from another thread is refused (they would share the process's
+    threads, random state and logger)."""
+    if not _training.acquire(blocking=False):
+        raise ConfigError(
+            "another experiment or update runs in this process (from another thread): run them one after "
+            "another, or in separate processes (`jobs`, or one command each)"
+        )
+    threads = torch.get_num_threads()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        _training.release()
+
+
+def _run_experiment(cfg: RunConfig, overwrite: bool, on_stage: Any, jobs: int) -> list[dict[str, Any]]:
+    forget_warnings()  # each experiment's log.txt says its own
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs}: give 1 or more worker processes")
     if jobs > 1 and on_stage is not None:
@@ -397,7 +433,6 @@ def run_experiment(
     if not is_conventional(cfg.model.name):
         check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
     set_threads(cfg.threads)
-    keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages
     cfg = resolve_config(cfg)
     root = Path(cfg.output_dir) / cfg.name
     check_writable_folder(Path(cfg.output_dir), "output_dir")

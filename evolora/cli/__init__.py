@@ -222,6 +222,7 @@ def run(
 ) -> None:
     """Run an experiment: every strategy and seed of CONFIG, stage by stage; rerun to resume."""
     from evolora import parallel, progress
+    from evolora.allocator import keep_freed_memory
     from evolora.cli.tables import matrix_summary_table, stage_table, stage_table_note
     from evolora.config import load_config
     from evolora.eval.plots import write_plots
@@ -240,6 +241,7 @@ def run(
         console.print(f"no config given: running the quickstart ({config})")
     cfg = load_config(config, set_ or [])
     parallel.start(cfg.model.device)  # under `accelerate launch`: the main process alone shows and writes
+    keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages
     shows = parallel.is_main() and not quiet
     with progress.display(err_console) if shows else contextlib.nullcontext():
         results = run_experiment(cfg, overwrite=overwrite, jobs=jobs)

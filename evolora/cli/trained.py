@@ -58,10 +58,12 @@ def update(
 ) -> None:
     """Train the next stage of the promoted version on new data; promote it if the gate says so."""
     from evolora import progress
+    from evolora.allocator import keep_freed_memory
     from evolora.deploy.update import update_run
 
     _setup_logging(verbose)
     _quiet_libraries()
+    keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages
     with progress.display(err_console):
         outcome = update_run(run_dir, data, method=method, seed=seed, overrides=set_ or [], items_file=items)
     v = outcome.version

@@ -1,8 +1,9 @@
 """Content digests of files: `data_digest` for the run record, `file_sha256` for it and the caches, and
 `file_record` / `file_damage`, how the dataset cache and the converted default model check their files.
 
-Hashes are cached in-process by (absolute path, size, mtime_ns): a file is hashed once per process unless it
-changes on disk, so checking the same files again (every `fetch`, every run record) costs a `stat` each.
+Hashes are cached in-process by (absolute path, size, mtime_ns, ctime_ns, inode): a file is hashed once per
+process unless it changes on disk, so checking the same files again (every `fetch`, every run record) costs
+a `stat` each.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from evolora.data.schema import InteractionData
 from evolora.errors import DataError
 from evolora.io import sha256_file
 
-_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA256_CACHE: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file's content, cached by (path, size, mtime_ns). Raises `OSError` if unreadable."""
+    """The sha256 of a file's content, cached by (path, size, mtime_ns, ctime_ns, inode): a file replaced by
+    one of the same size and mtime (`cp -p`, `rsync -t`, `tar x` keep the mtime) has another inode or ctime,
+    which no tool sets back. Raises `OSError` if unreadable."""
     path = Path(path).resolve()
     stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     if key not in _SHA256_CACHE:
         _SHA256_CACHE[key] = sha256_file(path)
     return _SHA256_CACHE[key]

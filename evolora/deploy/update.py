@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from evolora.allocator import keep_freed_memory
 from evolora.bundle import write_bundle
 from evolora.config import RunConfig, StrategySpec, load_config, parse_override
 from evolora.continual import Env, build_strategy, run_options
@@ -61,7 +60,13 @@ from evolora.deploy.new_items import WithoutRecordCount, name_new_items, note_ne
 from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DamagedFileError, DataError, EmptyStagesError
 from evolora.eval.metrics import lower_is_better, metric_set
-from evolora.experiment import build_model_and_task, load_backbone, other_weights, resolve_config
+from evolora.experiment import (
+    build_model_and_task,
+    load_backbone,
+    other_weights,
+    resolve_config,
+    training_in_this_process,
+)
 from evolora.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -121,7 +126,6 @@ def update_run(
             f"{bad[0]}: an update takes update.* settings only, tracking or tracking_uri for where its "
             "gate is logged, and threads (the run's other settings are fixed)"
         )
-    keep_freed_memory()
     seed_dir, root = locate_run(Path(run_dir), method, seed)
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
     cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *(overrides or [])]))
@@ -134,11 +138,14 @@ def update_run(
             f"update.metric={cfg.update.metric!r}: the {cfg.task.name} task's gate can compare {names}"
         )
     check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
-    set_threads(cfg.threads)
     last = max(s["train_stage"] for s in results["stages"])
     method = results["method"]
     registry = Versions.open(root, method, results["seed"], last)
-    with exclusive(registry.folder / ".lock", f"updates of {method} (seed {results['seed']}) in {root}"):
+    with (
+        training_in_this_process(),  # the caller's threads and random state are put back after it
+        exclusive(registry.folder / ".lock", f"updates of {method} (seed {results['seed']}) in {root}"),
+    ):
+        set_threads(cfg.threads)
         registry = Versions.open(root, method, results["seed"], last)  # as the lock holder left it
         given = {key[-1] for key in keys if key[0] == "update"}
         return _update(cfg, root, results, registry, Path(data_file), given, items_file)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from evolora.errors import ConfigError, EvoloraError
+from evolora.errors import ConfigError, EvoloraError, warn_once
 
 log = logging.getLogger("evolora.models")
 
@@ -100,9 +100,6 @@ def machine() -> str:
     return out
 
 
-_warned_emulated_bf16 = False
-
-
 def _cuda_problem(device: str) -> str | None:
     """Why `model.device` does not name a CUDA device on this machine (None: it does)."""
     if device != "auto" and not device.startswith("cuda"):
@@ -157,7 +154,6 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
     `auto`: bf16 weights on a GPU that supports them; on a CPU, bf16-mixed where the CPU has native bf16
     and fp32 elsewhere. `fp16` (CUDA only): fp16 weights under fp16 autocast.
     """
-    global _warned_emulated_bf16
     if precision == "fp16":
         problem = fp16_unavailable(str(device))
         if problem:
@@ -169,9 +165,10 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype
         else:
             precision = "bf16-mixed" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     emulated = precision in ("bf16", "bf16-mixed") and device.type == "cpu" and not cpu_has_native_bf16()
-    if emulated and not _warned_emulated_bf16:
-        _warned_emulated_bf16 = True
-        log.warning(
+    if emulated:
+        warn_once(
+            log,
+            "emulated bf16",
             "model.precision=%s on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 products are "
             "emulated and run many times slower than fp32; use precision: auto or fp32",
             precision,

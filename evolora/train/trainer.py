@@ -35,7 +35,7 @@ import torch
 
 from evolora import cost, parallel
 from evolora.config import TrainConfig
-from evolora.errors import DamagedFileError
+from evolora.errors import DamagedFileError, warn_once
 from evolora.eval.metrics import NonFiniteScores, diverged
 from evolora.io import load_state, save_state, set_aside
 from evolora.models.backbone import Backbone
@@ -221,18 +221,15 @@ def train_adapter(
     )
 
 
-_warned_no_checkpointing = False
-
-
 @contextlib.contextmanager
 def _checkpointing(lm: Backbone, enabled: bool) -> Iterator[None]:
     """`train.gradient_checkpointing` around an epoch's training passes (validation keeps its caches)."""
-    global _warned_no_checkpointing
     switch = getattr(lm, "gradient_checkpointing", None)
     if not enabled or switch is None:
-        if enabled and not _warned_no_checkpointing:
-            _warned_no_checkpointing = True
-            log.warning(
+        if enabled:
+            warn_once(
+                log,
+                "no checkpointing",
                 "train.gradient_checkpointing applies to LLM backbones; %s trains without it",
                 type(lm).__name__,
             )
