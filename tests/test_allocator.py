@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import evolora.allocator
 import evolora.experiment
 from evolora.allocator import is_glibc
 from evolora.experiment import run_experiment
@@ -62,8 +63,24 @@ def test_freed_large_tensors_are_reused_not_faulted_in_again() -> None:
     assert sum(f < 10 for f in tuned["faults"]) >= 6, tuned
 
 
-def test_runs_tune_the_allocator(sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_run_command_tunes_the_allocator_and_the_python_api_does_not(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command owns its process; the Python API runs in the caller's, which it leaves as it was."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+    from evolora.config import config_to_dict
+
     calls = []
+    monkeypatch.setattr(evolora.allocator, "keep_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setattr(evolora.experiment, "keep_freed_memory", lambda: calls.append(1) or True)
-    run_experiment(tiny_config(sunny_dir, tmp_path, **{"seeds": "[0]", "strategies": "[frozen]"}))
-    assert calls
+    cfg = tiny_config(sunny_dir, tmp_path, **{"seeds": "[0]", "strategies": "[frozen]"})
+    run_experiment(cfg)
+    assert calls == []
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    result = CliRunner().invoke(app, ["run", str(config)])
+    assert result.exit_code == 0, result.output
+    assert calls == [1]
