@@ -398,7 +398,7 @@ def test_an_update_logs_where_it_is_told_or_not_at_all(
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # a serving machine without MLflow
     new = tmp_path / "newer.csv"
-    new_rows.with_columns(pl.col("ts").str.replace("2024", "2032")).write_csv(new)
+    new_rows.with_columns(pl.col("ts").str.replace("2024", "2025")).write_csv(new)  # later, not future
     update[3] = str(new)
     result = CliRunner().invoke(app, update)
     assert result.exit_code != 0 and "pip install 'evolora[mlflow]'" in result.output
