@@ -58,7 +58,7 @@ from evolora.continual import (
 from evolora.continual.loop import StageLoop, is_trained
 from evolora.continual.shared import SharedStore, recorded_shared_keys, remove_stale_shared_temporaries
 from evolora.data import InteractionData
-from evolora.data.digest import changed_files, data_digest
+from evolora.data.digest import changed_files, data_digest, file_sha256
 from evolora.data.loaders import detect_format, names_a_dataset
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.errors import ConfigError, EvoloraError, forget_warnings
@@ -221,6 +221,11 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
         old = read_json(marker, "Delete it to accept the current settings (nothing is recomputed by that).")
         if old.get("context_key") != key and _same_experiment(root, old.get("context", {}), context):
             log.info("%s: settings recorded as auto are now written out (the same experiment)", root)
+        elif old.get("context_key") != key and _data_moved(
+            old.get("context", {}), context, old.get("data_files")
+        ):
+            diff = config_changes(old.get("context", {}), context)
+            log.info("%s: the data files moved, with the contents it recorded (%s): continued", root, diff)
         elif old.get("context_key") != key:
             diff = config_changes(old.get("context", {}), context)
             if _has_work(root):
@@ -254,6 +259,33 @@ def _same_experiment(root: Path, old: dict[str, Any], new: dict[str, Any]) -> bo
             return False
         old = {**old, "model": {**old["model"], "precision": precision}}
     return stable_hash(old, 16) == stable_hash(new, 16)
+
+
+def _data_moved(old: dict[str, Any], new: dict[str, Any], recorded: dict[str, Any] | None) -> bool:
+    """Settings that differ only in where the data files are (`data.source`, `data.meta`: a run folder copied
+    to another machine, its data to another path), where the files the experiment recorded are found by name
+    with the sha256s it recorded: the same data, moved."""
+    places = ("source", "meta")
+    if not recorded or not isinstance(recorded.get("files"), dict) or not recorded["files"]:
+        return False
+
+    def elsewhere(context: dict[str, Any]) -> str:
+        data = {k: v for k, v in context.get("data", {}).items() if k not in places}
+        return stable_hash({**context, "data": data}, 16)
+
+    if elsewhere(old) != elsewhere(new):
+        return False
+    found: dict[str, Path] = {}
+    for place in (new.get("data", {}).get(k) for k in places):
+        path = Path(place).expanduser() if isinstance(place, str) else None
+        if path is not None and path.is_file():
+            found[path.name] = path
+        elif path is not None and path.is_dir():
+            found.update({f.name: f for f in path.iterdir() if f.is_file()})
+    try:
+        return all(n in found and file_sha256(found[n]) == sha for n, sha in recorded["files"].items())
+    except OSError:
+        return False
 
 
 def shared_store(cfg: RunConfig, root: Path, contents: dict[str, Any], continuing: bool) -> SharedStore:
@@ -366,6 +398,24 @@ def method_label(cfg: RunConfig, spec: StrategySpec) -> str:
 def run_dir_of(cfg: RunConfig, label: str, seed: int) -> Path:
     """The folder of one run; `label` is its `method_label`."""
     return Path(cfg.output_dir) / cfg.name / label / f"seed{seed}"
+
+
+def where_its_config_lies(config: str | Path, cfg: RunConfig) -> RunConfig:
+    """`cfg` read from `config`; where that file is the `config.yaml` of an experiment folder that is not the
+    one its `output_dir` and `name` name (the folder was moved or copied), the folder it lies in, with a
+    warning: rerunning a copy's own config trained everything again at the old place."""
+    folder = Path(config).expanduser().resolve().parent
+    if Path(config).name != "config.yaml" or not (folder / "experiment.json").is_file():
+        return cfg
+    named = (Path(cfg.output_dir).expanduser() / cfg.name).resolve()
+    if named == folder or folder.name != cfg.name:
+        return cfg
+    log.warning(
+        "%s is the config of the experiment in %s, which it names %s (moved or copied since): continuing "
+        "it where the config lies (--set output_dir=... chooses another place)",
+        config, folder, named,
+    )  # fmt: skip
+    return cfg.model_copy(update={"output_dir": str(folder.parent)})
 
 
 def run_experiment(

@@ -862,3 +862,18 @@ def test_quiet_shows_warnings_and_results_and_log_txt_keeps_everything(
     assert "INFO evolora: running finetune (seed 0)" in (tmp_path / "runs" / "cli" / "log.txt").read_text()
     both = runner.invoke(app, ["run", str(config), "-q", "-v"])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def test_rerunning_a_moved_experiments_own_config_continues_it_where_it_lies(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """config.yaml records the absolute output_dir: rerunning a moved copy's own config trained everything
+    again at the old place, and left the copy as it was."""
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen"])
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    again = runner.invoke(app, ["run", str(tmp_path / "moved" / "cli" / "config.yaml")])
+    assert again.exit_code == 0, again.output
+    assert "continuing it where the config lies" in again.output
+    assert not (tmp_path / "runs").exists()
+    assert " epoch " not in again.output and "evaluated on stage" not in again.output  # nothing redone

@@ -473,6 +473,35 @@ def test_an_update_on_another_copy_of_a_registered_dataset_is_refused_where_copi
     assert update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"]).version.id == 1
 
 
+def test_a_run_whose_data_moved_is_continued_and_updated_with_the_new_path(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """A run folder copied to another machine, its data to another path: continuing it was refused as a
+    changed setting (data.source), and `update`, which rebuilds past stages from the run's own files, took
+    no setting to say where they are now. Both take the new path where the files have the recorded
+    sha256s; other contents are refused as before."""
+    cfg, root = run_base(batches, tmp_path / "runs")
+    moved = tmp_path / "elsewhere" / "base.csv"
+    moved.parent.mkdir()
+    batches["base"].rename(moved)
+    with pytest.raises(
+        DataError, match=r"not where it ran \(data\.source=.*base\.csv\).*--set data\.source=PATH"
+    ):
+        update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"])
+    version = update_run(
+        root, batches["b1"], overrides=["update.min_gain=-1.0", f"data.source={moved}"]
+    ).version
+    assert version.id == 1
+    again = run_experiment(
+        cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(moved)})})
+    )
+    assert [len(r["stages"]) for r in again] == [2]
+    with moved.open("a") as f:  # other contents at the new path: refused
+        f.write(batches["b2"].read_text().splitlines()[1] + "\n")
+    with pytest.raises(DataError, match="its data files changed since the experiment ran"):
+        update_run(root, batches["b2"], overrides=["update.min_gain=-1.0", f"data.source={moved}"])
+
+
 def test_an_earlier_versions_missing_table_is_named(batches: dict[str, Path], tmp_path: Path) -> None:
     _, root = run_base(batches, tmp_path / "runs")
     v1 = update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).version

@@ -227,7 +227,7 @@ def run(
     from evolora.config import load_config
     from evolora.eval.plots import write_plots
     from evolora.eval.report import compose_report
-    from evolora.experiment import run_experiment
+    from evolora.experiment import run_experiment, where_its_config_lies
     from evolora.io import atomic_write_json, atomic_write_text
     from evolora.tasks import task_spec
 
@@ -240,6 +240,8 @@ def run(
         config = CONFIG_DIR / QUICKSTART
         console.print(f"no config given: running the quickstart ({config})")
     cfg = load_config(config, set_ or [])
+    if not any(s.split("=", 1)[0].strip() == "output_dir" for s in set_ or []):
+        cfg = where_its_config_lies(config, cfg)
     parallel.start(cfg.model.device)  # under `accelerate launch`: the main process alone shows and writes
     keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages
     shows = parallel.is_main() and not quiet

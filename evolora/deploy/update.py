@@ -49,7 +49,7 @@ from evolora.continual import Env, build_strategy, run_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
 from evolora.data.digest import changed_files, data_digest, file_sha256
-from evolora.data.fetch import MIRROR_ENV, copies_agree
+from evolora.data.fetch import MIRROR_ENV, copies_agree, registered_datasets
 from evolora.data.loaders import load_dataset, names_a_dataset
 from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
@@ -90,6 +90,9 @@ _CLOCK_SLACK_S = 86_400  # a batch from a machine whose clock runs ahead, or fro
 # The settings one update may change: none changes a number the run produced (threads: how fast, where
 # other work keeps cores busy; in floating point a sum's order may move the last bits, as between reruns).
 _OVERRIDABLE = ("update", "tracking", "tracking_uri", "threads")
+# Where the run's own data files are now (a run folder copied to another machine): their contents are checked
+# against the sha256s the experiment recorded before any stage is rebuilt from them.
+_DATA_PLACES = (("data", "source"), ("data", "meta"))
 
 
 @dataclass
@@ -120,11 +123,15 @@ def update_run(
     """
     # The gate's settings and where it is logged; whatever fixes the run's numbers stays as the run had it.
     keys = [parse_override(s)[0] for s in overrides or []]
-    bad = [s for s, key in zip(overrides or [], keys, strict=True) if key[0] not in _OVERRIDABLE]
+    bad = [
+        s for s, key in zip(overrides or [], keys, strict=True)
+        if key[0] not in _OVERRIDABLE and tuple(key[:2]) not in _DATA_PLACES
+    ]  # fmt: skip
     if bad:
         raise ConfigError(
             f"{bad[0]}: an update takes update.* settings only, tracking or tracking_uri for where its "
-            "gate is logged, and threads (the run's other settings are fixed)"
+            "gate is logged, threads, and data.source / data.meta where the run's own files are now (the "
+            "run's other settings are fixed)"
         )
     seed_dir, root = locate_run(Path(run_dir), method, seed)
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
@@ -395,6 +402,16 @@ def _history(
     cfg: RunConfig, root: Path, registry: Versions, parent: Version
 ) -> tuple[InteractionData, pl.DataFrame, pl.DataFrame]:
     """(the run's data, the staged interactions the parent version was trained on, the items it knows)."""
+    gone = [
+        f"data.{k}={v}" for k, v in (("source", cfg.data.source), ("meta", cfg.data.meta))
+        if v and not Path(v).expanduser().exists() and not (k == "source" and v in registered_datasets())
+    ]  # fmt: skip
+    if gone:
+        raise DataError(
+            f"{root}: the run's own data is not where it ran ({', '.join(gone)}), and an update rebuilds the "
+            "stages each version trained on from it: give where it is now with --set data.source=PATH "
+            "(data.meta=PATH for its item file); the files' contents are checked against the run's record"
+        )
     data = load_dataset(cfg.data)
     marker = root / "experiment.json"
     recorded = (read_json(marker) if marker.is_file() else {}).get("data_files") or {}
