@@ -149,7 +149,11 @@ def trained_stage(
     if stage is None and not results.get("complete", True):
         log.warning("%s has not finished its stages: this is its model after stage %d", seed_dir, t)
     if not is_trained(seed_dir / f"stage-{t}"):
-        raise ConfigError(f"{seed_dir}: stage {t} has not finished (finished: {trained or 'none'})")
+        # results.json records it, but its trained files are gone (a folder copied in part, or deleted)
+        raise ConfigError(
+            f"{seed_dir}: stage {t}'s trained model is missing or incomplete (stage-{t}/trained), though "
+            f"results.json records the stage; rerun its experiment (`evolora run`) to train it again"
+        )
     return t
 
 

@@ -127,3 +127,23 @@ def test_each_experiment_in_a_process_logs_its_own_warnings(sunny_dir: Path, tmp
         over = {**SMALL, "name": name, "model.name": "mf", "strategies": "[finetune]"}
         run_experiment(tiny_config(sunny_dir, tmp_path, **over, **{"train.gradient_checkpointing": "true"}))
         assert warned in (tmp_path / name / "log.txt").read_text(), name
+
+
+def test_a_copy_missing_a_stages_files_says_to_rerun_the_experiment(sunny_dir: Path, tmp_path: Path) -> None:
+    """`recommend` on a folder copied in part said "rerun the same command: stage 2 is redone" (a query
+    redoes nothing), and, with the stage gone, "stage 2 has not finished (finished: [1, 2])"."""
+    import shutil
+
+    from evolora.experiment import run_dir_of
+
+    cfg = tiny_config(sunny_dir, tmp_path, **{**SMALL, "strategies": "[finetune]"})
+    run_experiment(cfg)
+    root, stage = Path(cfg.output_dir) / cfg.name, run_dir_of(cfg, "finetune", 0) / "stage-2"
+    shutil.rmtree(stage / "trained" / "adapters")
+    with pytest.raises(evolora.errors.EvoloraError, match=r"rerun its experiment \(`evolora run`\)"):
+        evolora.Recommender.load(root, method="finetune")
+    shutil.rmtree(stage)
+    with pytest.raises(
+        ConfigError, match=r"stage 2's trained model is missing or incomplete .*`evolora run`"
+    ):
+        evolora.Recommender.load(root, method="finetune")

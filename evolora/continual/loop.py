@@ -124,8 +124,8 @@ class StageLoop:
         except DamagedFileError as e:
             raise DamagedFileError(
                 e.path,
-                f"{e} Delete {self.stage_dir(t)} and rerun the same command: stage {t} is redone, earlier "
-                "stages are kept.",
+                f"{e} Delete {self.stage_dir(t)} and rerun its experiment (`evolora run`): stage {t} is "
+                "redone, earlier stages are kept.",
             ) from None
 
     # ------------------------------------------------------------------ the run's identity
