@@ -61,8 +61,15 @@ def test_update_promote_rollback_and_update_again(
     batches: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, root = run_base(batches, tmp_path / "runs")
-    # version 0 dates from when the run trained its last stage (2024-01-02 here), not from the first look
-    os.utime(root / "finetune" / "seed0" / "stage-2" / "trained" / "trained.json", (1704153600, 1704153600))
+    # version 0 dates from when the run trained its last stage (2024-01-02 here), not from the first look, as
+    # trained.json records it (a copy without -p gives the file the copy's mtime); an older run's: its mtime
+    trained = root / "finetune" / "seed0" / "stage-2" / "trained" / "trained.json"
+    record = json.loads(trained.read_text())
+    assert record["trained_at"].endswith("Z")
+    trained.write_text(json.dumps({k: v for k, v in record.items() if k != "trained_at"}))
+    os.utime(trained, (1704153600, 1704153600))
+    assert Versions.open(root, "finetune", 0, 2).versions[0].created == "2024-01-02T00:00:00Z"
+    trained.write_text(json.dumps({**record, "trained_at": "2024-01-02T00:00:00Z"}))  # copied: mtime now
     assert Versions.open(root, "finetune", 0, 2).versions[0].created == "2024-01-02T00:00:00Z"
     forced = ["update.min_gain=-1.0"]  # promote whatever the held-out samples say
     first = update_run(root, batches["b1"], overrides=forced)

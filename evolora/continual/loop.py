@@ -35,6 +35,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,8 @@ class StageLoop:
                 out / "state.safetensors", {"strategy": self.s.state(), "adapter_keys": self.adapter_keys}
             )
             record = {"jobs": jobs, "stage_info": self.s.stage_info(), "after_stage_cost": after_stage_cost}
+            # when, for a deployed run's version 0: a copy (`cp -r`) gives the file the copy's mtime
+            record["trained_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             atomic_write_json(out / "trained.json", record)
 
     def restore_state(self, t: int, stage_dir: Path | None = None) -> list[dict[str, Any]]:

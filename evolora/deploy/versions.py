@@ -68,9 +68,10 @@ class Versions:
             reg.history = list(raw.get("history", []))
             return reg
         folder = f"{method}/seed{seed}/stage-{last_stage}"
-        # Version 0 dates from when `evolora run` finished training its last stage, not from this call.
+        # Version 0 dates from when `evolora run` finished training its last stage, not from this call: as
+        # recorded (a copy without -p gives the file the copy's mtime), or the file's mtime for older runs.
         trained = reg.root / folder / "trained" / "trained.json"
-        created = _stamp(trained.stat().st_mtime) if trained.is_file() else _now()
+        created = _trained_at(trained) if trained.is_file() else _now()
         reg.versions = [Version(0, None, last_stage, created, folder, {"source": "evolora run"})]
         return reg
 
@@ -132,6 +133,11 @@ class Versions:
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _trained_at(trained: Path) -> str:
+    at = read_json(trained, "Rerun its experiment: the stage is trained again.").get("trained_at")
+    return at if isinstance(at, str) else _stamp(trained.stat().st_mtime)
 
 
 def _stamp(seconds: float) -> str:
