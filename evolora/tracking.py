@@ -56,6 +56,7 @@ log = logging.getLogger("evolora")
 
 STATE_FILE = "tracking.json"
 URI_ENV = "MLFLOW_TRACKING_URI"  # the store when `tracking_uri` is not set
+DEFAULT_STORE_KEY = "output_dir/mlflow.db"  # tracking.json's key of the store next to the runs
 
 
 def _mlflow() -> Any:
@@ -161,9 +162,10 @@ class _State:
     {key: [version, ...]}}. Each change is written at once, under a lock (an update may log while the
     experiment still runs other strategies)."""
 
-    def __init__(self, root: Path, uri: str) -> None:
+    def __init__(self, root: Path, uri: str, legacy: str | None = None) -> None:
         self.path = root / STATE_FILE
         self.uri = uri
+        self.legacy = legacy  # the key an older evolora gave this store
 
     @contextlib.contextmanager
     def change(self) -> Iterator[dict[str, Any]]:
@@ -171,6 +173,8 @@ class _State:
         with open(self.path.parent / f".{STATE_FILE}.lock", "a", encoding="utf-8") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             whole = self._read()
+            if self.uri not in whole and self.legacy in whole:
+                whole[self.uri] = whole.pop(self.legacy)
             mine = whole.setdefault(self.uri, {})
             mine.setdefault("runs", {})
             mine.setdefault("gates", {})
@@ -178,7 +182,8 @@ class _State:
             atomic_write_json(self.path, whole)
 
     def get(self) -> dict[str, Any]:
-        return {"runs": {}, "gates": {}, **self._read().get(self.uri, {})}
+        whole = self._read()
+        return {"runs": {}, "gates": {}, **whole.get(self.uri, whole.get(self.legacy, {}))}
 
     def _read(self) -> dict[str, Any]:
         if not self.path.is_file():
@@ -197,7 +202,11 @@ class MlflowTracker(Tracker):
         # A tracking server keeps artifacts in its own store, where everyone who reads the server finds
         # them; a store without a server (SQLite, files, a database) has none, so they go next to the runs.
         self.artifacts = None if _served(self.uri) else (out / "mlartifacts").as_uri()
-        self.state = _State(Path(root), self.uri)
+        # The store next to the runs is keyed by where it lies relative to them, so a runs folder moved or
+        # copied with its mlflow.db continues its MLflow runs (keyed by its absolute path, it made new ones).
+        default = self.uri == _default_store(cfg)
+        key = DEFAULT_STORE_KEY if default else self.uri
+        self.state = _State(Path(root), key, legacy=self.uri if default else None)
         self.key: str | None = None  # the (strategy, seed) run open now
         self.run_id: str | None = None  # and its id
         self.down: str | None = None  # why the store failed in this sitting: nothing more is logged

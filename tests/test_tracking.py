@@ -547,3 +547,27 @@ def test_a_store_mlflow_cannot_open_stops_a_run_before_any_work(
     with pytest.raises(ConfigError, match="cannot use MLflow at foo:bar: ValueError: no store for foo:bar"):
         run_experiment(cfg)
     assert not (tmp_path / "out" / cfg.name).exists()
+
+
+def test_a_runs_folder_moved_with_its_store_continues_its_mlflow_runs(
+    mlflow: Recorder, tmp_path: Path
+) -> None:
+    """tracking.json keyed the store next to the runs by its absolute path: a runs folder moved or copied
+    (with its mlflow.db) made a second tree of runs and logged everything again. A tracking.json written by
+    an older evolora (keyed so) is still read where the folder did not move."""
+    import json
+
+    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
+    run_experiment(tiny_config(HERE / "example_log.csv", tmp_path / "runs", **over))
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    mlflow.calls.clear()
+    run_experiment(tiny_config(HERE / "example_log.csv", tmp_path / "moved", **over))
+    assert _made(mlflow) == [] and not [c for c in mlflow.calls if c[0] in ("params", "metric")]
+
+    state = tmp_path / "moved" / "t" / "tracking.json"
+    kept = json.loads(state.read_text())
+    legacy = f"sqlite:///{(tmp_path / 'moved').resolve() / 'mlflow.db'}"
+    state.write_text(json.dumps({legacy: kept["output_dir/mlflow.db"]}))
+    mlflow.calls.clear()
+    run_experiment(tiny_config(HERE / "example_log.csv", tmp_path / "moved", **over))
+    assert _made(mlflow) == []
