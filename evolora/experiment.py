@@ -221,11 +221,11 @@ def _check_experiment(root: Path, cfg: RunConfig) -> str:
         old = read_json(marker, "Delete it to accept the current settings (nothing is recomputed by that).")
         if old.get("context_key") != key and _same_experiment(root, old.get("context", {}), context):
             log.info("%s: settings recorded as auto are now written out (the same experiment)", root)
-        elif old.get("context_key") != key and _data_moved(
-            old.get("context", {}), context, old.get("data_files")
-        ):
+        elif old.get("context_key") != key and _inputs_moved(old.get("context", {}), context, old):
             diff = config_changes(old.get("context", {}), context)
-            log.info("%s: the data files moved, with the contents it recorded (%s): continued", root, diff)
+            log.info(
+                "%s: its input files moved (%s): continued where their contents are as recorded", root, diff
+            )
         elif old.get("context_key") != key:
             diff = config_changes(old.get("context", {}), context)
             if _has_work(root):
@@ -261,31 +261,51 @@ def _same_experiment(root: Path, old: dict[str, Any], new: dict[str, Any]) -> bo
     return stable_hash(old, 16) == stable_hash(new, 16)
 
 
-def _data_moved(old: dict[str, Any], new: dict[str, Any], recorded: dict[str, Any] | None) -> bool:
-    """Settings that differ only in where the data files are (`data.source`, `data.meta`: a run folder copied
-    to another machine, its data to another path), where the files the experiment recorded are found by name
-    with the sha256s it recorded: the same data, moved."""
-    places = ("source", "meta")
-    if not recorded or not isinstance(recorded.get("files"), dict) or not recorded["files"]:
-        return False
+def _inputs_moved(old: dict[str, Any], new: dict[str, Any], recorded: dict[str, Any]) -> bool:
+    """Settings that differ only in where the experiment's input files are (a run folder copied to another
+    machine, its files to other paths): `data.source` / `data.meta` where the files the experiment recorded
+    are found there by name with the sha256s it recorded; `model.name` and `task.template` where the new
+    path exists and the experiment recorded the weights' fingerprint / the template's digest, which
+    `_check_inputs` compares once they are loaded. The same inputs, moved."""
+    places = {("data", "source"), ("data", "meta"), ("model", "name"), ("task", "template")}
+
+    def at(context: dict[str, Any], section: str, key: str) -> Any:
+        return context.get(section, {}).get(key)
 
     def elsewhere(context: dict[str, Any]) -> str:
-        data = {k: v for k, v in context.get("data", {}).items() if k not in places}
-        return stable_hash({**context, "data": data}, 16)
+        shown = {k: dict(v) if isinstance(v, dict) else v for k, v in context.items()}
+        for section, key in places:
+            if isinstance(shown.get(section), dict):
+                shown[section].pop(key, None)
+        return stable_hash(shown, 16)
 
-    if elsewhere(old) != elsewhere(new):
+    moved = {(s, k) for s, k in places if at(old, s, k) != at(new, s, k)}
+    if not moved or elsewhere(old) != elsewhere(new):
         return False
-    found: dict[str, Path] = {}
-    for place in (new.get("data", {}).get(k) for k in places):
-        path = Path(place).expanduser() if isinstance(place, str) else None
-        if path is not None and path.is_file():
-            found[path.name] = path
-        elif path is not None and path.is_dir():
-            found.update({f.name: f for f in path.iterdir() if f.is_file()})
-    try:
-        return all(n in found and file_sha256(found[n]) == sha for n, sha in recorded["files"].items())
-    except OSError:
-        return False
+    checked_later = (("model", "name", "weights_fingerprint"), ("task", "template", "template_sha256"))
+    for section, key, digest in checked_later:
+        path = at(new, section, key)
+        if (section, key) in moved and not (
+            isinstance(path, str) and Path(path).expanduser().exists() and recorded.get(digest)
+        ):
+            return False
+    if moved & {("data", "source"), ("data", "meta")}:
+        files = (recorded.get("data_files") or {}).get("files")
+        if not isinstance(files, dict) or not files:
+            return False
+        found: dict[str, Path] = {}
+        for key in ("source", "meta"):
+            place = at(new, "data", key)
+            path = Path(place).expanduser() if isinstance(place, str) else None
+            if path is not None and path.is_file():
+                found[path.name] = path
+            elif path is not None and path.is_dir():
+                found.update({f.name: f for f in path.iterdir() if f.is_file()})
+        try:
+            return all(n in found and file_sha256(found[n]) == sha for n, sha in files.items())
+        except OSError:
+            return False
+    return True
 
 
 def shared_store(cfg: RunConfig, root: Path, contents: dict[str, Any], continuing: bool) -> SharedStore:

@@ -362,3 +362,34 @@ def test_a_log_txt_that_cannot_be_written_is_said_once(
     err = capfd.readouterr().err
     assert err.count("log.txt cannot be written ([Errno 28] No space left on device)") == 1, err
     assert "Logging error" not in err
+
+
+def test_a_model_folder_moved_with_the_same_weights_continues_the_experiment(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """`model.name` a local folder, copied elsewhere with the run: continuing was refused as a changed
+    setting. The weights are compared instead (their fingerprint): the same continue, others are refused."""
+    import torch
+
+    from evolora.models.tiny import build_tiny_llama
+
+    model, tok = build_tiny_llama()
+    for name in ("base_a", "base_b"):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    over = {"strategies": "[finetune]", "model.name": str(tmp_path / "base_a")}
+    run_experiment(tiny_config(sunny_dir, tmp_path / "runs", **over))
+    results = run_experiment(
+        tiny_config(sunny_dir, tmp_path / "runs", **{**over, "model.name": str(tmp_path / "base_b")})
+    )
+    assert [len(r["stages"]) for r in results] == [2]
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(tmp_path / "base_c")
+    tok.save_pretrained(tmp_path / "base_c")
+    with pytest.raises(
+        ConfigError, match=r"the weights of model\.name=.*base_c changed since this experiment"
+    ):
+        run_experiment(
+            tiny_config(sunny_dir, tmp_path / "runs", **{**over, "model.name": str(tmp_path / "base_c")})
+        )
