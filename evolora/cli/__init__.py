@@ -10,6 +10,9 @@ evolora export RUN_DIR --out DIR [--merge]   a trained run for transformers + PE
 evolora export-user-adapter RUN_DIR USER      RecLoRA: one user's adapter as a plain PEFT LoRA
 evolora data fetch NAME                       download and cache a dataset
 evolora data info SOURCE                      what a dataset holds and how it stages
+
+(A little past 400 lines: the set-up every command shares, its logging and one-line errors, sits with the
+commands that use it first; the trained run's commands are in trained.py and recommend.py.)
 """
 
 from __future__ import annotations
