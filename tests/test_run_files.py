@@ -371,6 +371,7 @@ def test_a_model_folder_moved_with_the_same_weights_continues_the_experiment(
     setting. The weights are compared instead (their fingerprint): the same continue, others are refused."""
     import torch
 
+    import evolora
     from evolora.models.tiny import build_tiny_llama
 
     model, tok = build_tiny_llama()
@@ -383,6 +384,8 @@ def test_a_model_folder_moved_with_the_same_weights_continues_the_experiment(
         tiny_config(sunny_dir, tmp_path / "runs", **{**over, "model.name": str(tmp_path / "base_b")})
     )
     assert [len(r["stages"]) for r in results] == [2]
+    shutil.rmtree(tmp_path / "base_a")  # config.yaml names the new folder: a query loads it from there
+    assert evolora.Recommender.load(tmp_path / "runs" / "t", method="finetune").score([], items=["2"])
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     model.save_pretrained(tmp_path / "base_c")
