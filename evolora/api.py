@@ -105,8 +105,7 @@ def run(
     elif config is None or isinstance(config, str | Path):
         path = config if config is not None else Path(__file__).parent / "configs" / "quickstart.yaml"
         cfg = load_config(path, sets, flag="")
-        if not any(s.split("=", 1)[0].strip() == "output_dir" for s in sets):
-            cfg = where_its_config_lies(path, cfg)
+        cfg = where_its_config_lies(path, cfg, sets)
     else:
         raise ConfigError(
             f"run(config): a YAML path, a RunConfig or a mapping of sections, not {type(config).__name__}"

@@ -420,11 +420,14 @@ def run_dir_of(cfg: RunConfig, label: str, seed: int) -> Path:
     return Path(cfg.output_dir) / cfg.name / label / f"seed{seed}"
 
 
-def where_its_config_lies(config: str | Path, cfg: RunConfig) -> RunConfig:
-    """`cfg` read from `config`; where that file is the `config.yaml` of an experiment folder that is not the
-    one its `output_dir` and `name` name (the folder was moved or copied), the folder it lies in, with a
-    warning: rerunning a copy's own config trained everything again at the old place."""
+def where_its_config_lies(config: str | Path, cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """`cfg` read from `config` with `overrides` (`--set` strings); where that file is the `config.yaml` of an
+    experiment folder that is not the one its `output_dir` and `name` name (the folder was moved or copied),
+    and no override names output_dir, the folder it lies in, with a warning: rerunning a copy's own config
+    trained everything again at the old place."""
     folder = Path(config).expanduser().resolve().parent
+    if any(s.split("=", 1)[0].strip() == "output_dir" for s in overrides):
+        return cfg
     if Path(config).name != "config.yaml" or not (folder / "experiment.json").is_file():
         return cfg
     named = (Path(cfg.output_dir).expanduser() / cfg.name).resolve()

@@ -243,8 +243,7 @@ def run(
         config = CONFIG_DIR / QUICKSTART
         console.print(f"no config given: running the quickstart ({config})")
     cfg = load_config(config, set_ or [])
-    if not any(s.split("=", 1)[0].strip() == "output_dir" for s in set_ or []):
-        cfg = where_its_config_lies(config, cfg)
+    cfg = where_its_config_lies(config, cfg, set_ or [])
     parallel.start(cfg.model.device)  # under `accelerate launch`: the main process alone shows and writes
     keep_freed_memory()  # large tensors reuse freed memory instead of faulting in fresh pages
     shows = parallel.is_main() and not quiet
