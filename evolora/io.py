@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -300,18 +301,29 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
                 shutil.rmtree(scratch, ignore_errors=True)
 
 
-def remove_stale_temporaries(folder: Path, keep: tuple[str, ...] = ()) -> int:
+def remove_stale_temporaries(
+    folder: Path, keep: tuple[str, ...] = (), older_than: float | None = None
+) -> int:
     """Delete the `.<name>.<random>.tmp` files and folders that atomic writes under `folder` left when they
     were killed (a temporary copy of an adapter or a bundle each); how many. Only for a caller that holds the
     lock keeping every other writer out of `folder`: a live write's temporary looks the same. `keep`: the
-    names of subfolders of `folder` that other locks guard, left alone."""
+    names of subfolders of `folder` that other locks guard, left alone. `older_than`: for a folder others
+    write to without that lock, only temporary files nothing has written to for so many seconds (a live
+    single-file write is modified within seconds; a folder's age tells nothing, so those are left)."""
     if not folder.is_dir():
         return 0
-    removed = 0
+    removed, now = 0, time.time()
     pending = [p for p in folder.iterdir() if p.name not in keep]
     while pending:
         entry = pending.pop()
-        if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+        if entry.name.startswith(".") and entry.name.endswith(".tmp") and older_than is not None:
+            try:
+                if entry.is_file() and not entry.is_symlink() and now - entry.stat().st_mtime > older_than:
+                    entry.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                pass
+        elif entry.name.startswith(".") and entry.name.endswith(".tmp"):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -369,8 +381,6 @@ def atomic_write_png(figure: Any, path: str | Path, **savefig: Any) -> None:
 
 def set_aside(path: str | Path) -> Path:
     """Rename a damaged file or folder to a hidden sibling (kept for inspection) and return the new path."""
-    import time
-
     path = Path(path)
     target = path.with_name(f".{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     with parallel.one_writer() as writes:

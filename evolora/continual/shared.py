@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 from evolora.config import TrainConfig
 from evolora.continual.base import TrainJob
 from evolora.errors import DamagedFileError
-from evolora.io import load_npz, read_json, set_aside, stable_hash
+from evolora.io import load_npz, read_json, remove_stale_temporaries, set_aside, stable_hash
 
 log = logging.getLogger("evolora.continual")
 
@@ -36,20 +35,7 @@ def remove_stale_shared_temporaries(root: Path, older_than: float = STALE_AFTER_
     item vectors, semantic IDs), those not written to for `older_than` seconds; how many. Other experiments
     write there without this one's lock, so age tells a dead write from a live one; `jobs/` is left to the
     job locks (`SharedStore.remove_stale_temporaries`)."""
-    if not root.is_dir():
-        return 0
-    now, removed = time.time(), 0
-    for sub in root.iterdir():
-        if sub.name == "jobs" or not sub.is_dir():
-            continue
-        for tmp in sub.rglob(".*.tmp"):
-            try:
-                if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime > older_than:
-                    tmp.unlink()
-                    removed += 1
-            except FileNotFoundError:  # its writer renamed or removed it meanwhile
-                continue
-    return removed
+    return remove_stale_temporaries(root, keep=("jobs",), older_than=older_than)
 
 
 def recorded_shared_keys(experiment: Path) -> frozenset[str]:
