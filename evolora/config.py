@@ -406,12 +406,19 @@ class SemanticIdConfig(Section):
     seed: int = Field(0, ge=0)
 
 
+#: the strings pydantic reads as a bool
+_BOOL_WORDS = frozenset({"0", "off", "f", "false", "n", "no", "1", "on", "t", "true", "y", "yes"})
+
+
 class NextItemTaskConfig(TaskSection):
     """Generative next-item recommendation: the history as semantic IDs in, the next item's ID out.
 
     `beams`: width of the constrained beam search (and the length of the ranked list). `constraint`: `trie`
-    (only real items) or `levelwise` (PESO's: any token seen at that position). `exclude_history`: never
-    recommend an item already in the prompt (off, as in PESO). `logit_temperature`: PESO's code trains with
+    (only real items) or `levelwise` (PESO's: any token seen at that position). `exclude_history`: `true`
+    never ranks an item of the prompt (the latest `history_len`), `rated` none the user rated before the row
+    (stage 0 included: what a served recommendation leaves out, and how general recommenders are usually
+    ranked, RecBole's full ranking of MF for one), `false` (PESO's) leaves every candidate in; conventional
+    models leave out the same items. `logit_temperature`: PESO's code trains with
     logits / 0.8; 1.0 is plain cross-entropy. `candidates`: the items a row is ranked among: `catalogue`
     (every item with an ID, later stages' included: the LLM's default, its trie), `seen` (the items that
     appeared in the row's stage or earlier: the conventional models' default; an item whose first appearance
@@ -431,7 +438,7 @@ class NextItemTaskConfig(TaskSection):
     # narrower search is refused before the data is staged and the semantic IDs are trained.
     beams: int = Field(10, ge=10, description="beam search width; at least 10 (Hit@10 is reported)")
     constraint: Literal["trie", "levelwise"] = "trie"
-    exclude_history: bool = False
+    exclude_history: bool | Literal["rated"] = False
     logit_temperature: float = Field(1.0, gt=0)
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
     candidates: Literal["auto", "catalogue", "seen"] = "auto"
@@ -441,12 +448,20 @@ class NextItemTaskConfig(TaskSection):
     def _template(cls, v: str) -> str:
         return _check_template(v, ("peso",))
 
+    @field_validator("exclude_history", mode="before")
+    @classmethod
+    def _exclude_history(cls, v: Any) -> Any:
+        # one line naming the three values, rather than a failed bool and a failed literal
+        if not isinstance(v, str) or v == "rated" or v.lower() in _BOOL_WORDS:
+            return v
+        raise ValueError(f"give true (the prompt's items), rated (every item rated before) or false: {v!r}")
+
     @model_validator(mode="after")
     def _exclusion_needs_the_trie(self) -> NextItemTaskConfig:
         # levelwise decoding does not know which token sequences are items, so it cannot leave any out
         if self.exclude_history and self.constraint == "levelwise":
             raise ValueError(
-                "task.exclude_history leaves the history's items out of the trie's search: it needs "
+                "task.exclude_history leaves items out of the trie's search: it needs "
                 "task.constraint: trie (levelwise decoding returned them; a run recorded with both before "
                 "2026-12-05 has to be rerun)"
             )

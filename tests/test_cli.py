@@ -335,6 +335,19 @@ def test_excluding_the_history_under_levelwise_decoding_is_refused(sunny_dir: Pa
     assert "needs task.constraint: trie" in result.output and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("value", ["ratd", "all"])
+def test_an_unknown_exclude_history_names_the_three_values(
+    value: str, sunny_dir: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")
+    sets = ["task.name=next_item", "task.template=peso", f"task.exclude_history={value}"]
+    result = runner.invoke(app, ["run", str(config), *[a for s in sets for a in ("--set", s)]])
+    assert result.exit_code == 2, result.output
+    said = f"give true (the prompt's items), rated (every item rated before) or false: '{value}'"
+    assert said in result.output
+    assert "literal" not in result.output and not (tmp_path / "runs").exists()
+
+
 def test_a_negative_gradient_clip_is_refused(sunny_dir: Path, tmp_path: Path) -> None:
     """clip_grad_norm_ with a negative norm flips every gradient: refused, where 0 (no clipping) is fine."""
     config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs")

@@ -252,6 +252,28 @@ def test_exclude_history_never_recommends_a_history_item(
         assert history and not history & set(ranked.items[q].tolist())
 
 
+def test_exclude_history_rated_leaves_out_every_item_the_user_rated_before(
+    cycle_dir: Path, tmp_path: Path
+) -> None:
+    """`rated`: the items of the user's whole history before the row (stage 0's too, not only the prompt's
+    `task.history_len`) are out of the ranking, every other candidate in, as a served recommendation
+    leaves out what the user rated."""
+    over = {**NEXT_ITEM_CYCLE, "task.exclude_history": "rated", "task.history_len": 2}
+    lm, task, prepared = build(config(cycle_dir, tmp_path, "mf", **over))
+    task.before_stage(lm, 1)
+    rows = prepared.pools[1].test
+    scores = task.candidate_scores(lm, rows)
+    index = task.space.item_index()
+    rated = task.table.rated_before(rows)
+    assert max(len(set(r)) for r in rated) > 2  # more than the prompt holds
+    n = scores.shape[1]
+    for q, items in enumerate(rated):
+        out = {index[i] for i in items} | {0}
+        finite = set(torch.isfinite(scores[q]).nonzero().squeeze(1).tolist())
+        assert finite == set(range(int(task.known[task.stages[rows[q]]]))) - out
+        assert finite and max(finite) < n
+
+
 def test_a_history_item_past_the_candidates_leaves_every_candidate_in(
     arrivals_dir: Path, tmp_path: Path
 ) -> None:

@@ -232,6 +232,32 @@ def test_candidates_seen_ranks_only_items_of_the_rows_stage_or_earlier(tmp_path:
     assert results["seen"]["stages"][0]["metrics"]["log_items"] < np.log(len(index))
 
 
+def test_exclude_history_rated_never_ranks_an_item_the_user_rated_before(
+    peso_dir: Path, tmp_path: Path
+) -> None:
+    """`task.exclude_history: rated`: the beam search leaves out the user's whole history before the row,
+    not only the prompt's `history_len` items (here 2), as a served recommendation does."""
+    from evolora.data.prepare import prepare_data
+
+    over = {**NEXT_ITEM, "task.history_len": 2, "staging.scheme": "preset", "staging.n_stages": "null"}
+    over.update({"task.exclude_history": "rated", "strategies": "[frozen]"})
+    cfg = tiny_config(peso_dir, tmp_path, **over)
+    (result,) = run_experiment(cfg)
+    table = prepare_data(cfg).table
+    index = json.loads(next((tmp_path / "_shared" / "semantic_ids").glob("*.json")).read_text())
+    item_of = list(index)
+    longer = 0
+    for s in result["stages"]:
+        with np.load(run_dir_of(cfg, "frozen", 0) / f"stage-{s['train_stage']}" / "predictions.npz") as z:
+            rated = table.rated_before(z["rows"])
+            for items, before in zip(z["items"], rated, strict=True):
+                ranked = {item_of[i] for i in items if i >= 0}
+                assert not ranked & set(before)
+                assert len(ranked) == min(10, len(index) - len(set(before)))  # all the others, as fit
+                longer += len(set(before)) > 2
+    assert longer  # rows whose rated items outnumber the prompt's
+
+
 def test_candidates_given_as_the_default_resume_the_run(
     peso_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

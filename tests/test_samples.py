@@ -57,13 +57,19 @@ def test_histories_are_what_a_scan_of_each_users_log_gives(history_len: int, sam
         log.sort()
         for pos, (t, row_no, i, _, stage) in enumerate(log):
             if stage >= 1:
-                before = [b for b in log[:pos] if same_time == "log_order" or b[0] < t][-history_len:]
-                expected.append(((t, row_no), i, [b[2] for b in before], [b[3] for b in before]))
+                every = [b for b in log[:pos] if same_time == "log_order" or b[0] < t]
+                before = every[-history_len:]
+                items = [b[2] for b in before]
+                expected.append(((t, row_no), i, items, [b[3] for b in before], [b[2] for b in every]))
     expected.sort(key=lambda e: e[0])
     df = table.df
     assert df["item_id"].to_list() == [e[1] for e in expected]
     assert df["hist_items"].to_list() == [e[2] for e in expected]
     assert df["hist_ratings"].to_list() == [e[3] for e in expected]
+    # what `task.exclude_history: rated` leaves out: the same scan without the history_len cut
+    assert table.rated_before(np.arange(df.height)) == [e[4] for e in expected]
+    shuffled = np.random.default_rng(0).permutation(df.height)
+    assert table.rated_before(shuffled) == [expected[r][4] for r in shuffled]
 
 
 def test_a_log_of_one_row_has_one_sample_without_history() -> None:

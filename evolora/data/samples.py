@@ -17,6 +17,7 @@ Two protocols turn samples into pools:
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -38,13 +39,18 @@ class SampleTable:
     (list[str], oldest first), `hist_ratings` (list[f64]), `user_kind` (relative to the sample's stage:
     `active` = the user also had interactions in the previous stage, `dormant` = earlier interactions but
     none in the previous stage, `new` = none before this stage), `sampled` (True for a sampled negative of
-    implicit feedback, which follows its positive: `evolora.data.negatives`; False for every real sample).
+    implicit feedback, which follows its positive: `evolora.data.negatives`; False for every real sample),
+    and, in a table built from a log, `n_before` (how many of the user's interactions precede the sample's
+    history end: the count `rated_before` reads).
     """
 
     df: pl.DataFrame
     n_stages: int
     history_len: int
     like_threshold: float
+    #: each user's items in sample order (`user_id`, `items`), every stage's: what `rated_before` slices;
+    #: None for a table of queries, whose histories are all that is known of them
+    user_items: pl.DataFrame | None = None
 
     def __len__(self) -> int:
         return self.df.height
@@ -54,6 +60,24 @@ class SampleTable:
 
     def labels(self, rows: np.ndarray) -> np.ndarray:
         return self.df["label"].to_numpy()[rows]
+
+    def rated_before(self, rows: np.ndarray) -> list[list[str]]:
+        """Every item each row's user rated before it, oldest first, the history-only stage 0 included:
+        its history without the `history_len` cut (earlier in time, and among equal times as its history
+        counts them, `task.history_ties`). What `task.exclude_history: rated` leaves out of a ranking, as a
+        served recommendation leaves out what the user rated. A table of queries gives each row's history."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.user_items is None or "n_before" not in self.df.columns:
+            return [list(h) for h in self.df["hist_items"].gather(rows).to_list()]
+        users = self.df["user_id"].gather(rows).to_list()
+        counts = self.df["n_before"].gather(rows).to_list()
+        return [self._sequences[u][:n] for u, n in zip(users, counts, strict=True)]
+
+    @functools.cached_property
+    def _sequences(self) -> dict[str, list[str]]:
+        assert self.user_items is not None
+        users, items = self.user_items["user_id"].to_list(), self.user_items["items"].to_list()
+        return dict(zip(users, items, strict=True))
 
 
 def build_samples(
@@ -75,6 +99,8 @@ def build_samples(
         .sort(["user_id", "timestamp", "_row"])
         .with_columns(_pos=pl.int_range(pl.len()).over("user_id").cast(pl.Int64))
     )
+    # in `_pos` order (the sort above), so a sample's earlier items are its user's first `_before`
+    user_items = df.group_by("user_id", maintain_order=True).agg(items=pl.col("item_id"))
     # The position a sample's history ends before: its own, or that of its user's first interaction at its
     # time, which leaves the others of that time out.
     before = pl.col("_pos").min().over("user_id", "timestamp") if same_time == "exclude" else pl.col("_pos")
@@ -133,6 +159,7 @@ def build_samples(
         "hist_ratings",
         "user_kind",
         sampled=pl.lit(False),
+        n_before=pl.col("_before").cast(pl.Int64),
     )
     present = set(out["stage"].unique().to_list())
     missing = [s for s in range(1, n_stages + 1) if s not in present]
@@ -143,7 +170,7 @@ def build_samples(
             "task.min_history, or fewer stages (staging.n_stages; a dataset's own stages are fixed) or a "
             "longer window (staging.last_n, scheme lsat)",
         )
-    return SampleTable(out, n_stages, history_len, like_threshold)
+    return SampleTable(out, n_stages, history_len, like_threshold, user_items)
 
 
 @dataclass(frozen=True)

@@ -190,9 +190,10 @@ class ConventionalNextItemTask(_ConventionalTask):
     def candidate_scores(self, lm: ConventionalBackbone, rows: np.ndarray) -> torch.Tensor:
         """[len(rows), n] log-softmax over each row's candidates (-inf elsewhere), n = the largest set.
 
-        A row's candidates are the items of stages <= its own stage (minus the latest `task.history_len`
-        items of its history with `exclude_history`, those the LLM's prompt holds and its ranking leaves
-        out, however many the model reads); index 0 is never one.
+        A row's candidates are the items of stages <= its own stage, minus those the LLM's ranking leaves
+        out under `exclude_history` (`true`: the latest `task.history_len` items of its history, those the
+        prompt holds, however many the model reads; `rated`: every item the user rated before the row);
+        index 0 is never one.
         """
         model = lm.model
         limits = torch.as_tensor(self.known[self.stages[np.asarray(rows, dtype=np.int64)]], device=lm.device)
@@ -202,7 +203,7 @@ class ConventionalNextItemTask(_ConventionalTask):
         cols = torch.arange(n, device=lm.device)
         outside = (cols[None, :] >= limits[:, None]) | (cols[None, :] == 0)
         if self.cfg.exclude_history:
-            excluded = self._excluded[torch.from_numpy(np.asarray(rows, dtype=np.int64))].to(lm.device)
+            excluded = self._excluded_of(np.asarray(rows, dtype=np.int64)).to(lm.device)
             # An item past the candidates (a query at an earlier stage may hold a later item) excludes
             # nothing: it goes to column 0, never a candidate, not onto the last candidate.
             excluded = excluded.masked_fill(excluded >= n, 0)
@@ -210,6 +211,20 @@ class ConventionalNextItemTask(_ConventionalTask):
             outside[:, 0] = True
         scores = scores.masked_fill(outside, -torch.inf)
         return torch.log_softmax(scores, dim=1)
+
+    def _excluded_of(self, rows: np.ndarray) -> torch.Tensor:
+        """[len(rows), width] item indices `exclude_history` leaves out of each row's ranking (0: none)."""
+        if self.cfg.exclude_history != "rated":
+            return self._excluded[torch.from_numpy(rows)]
+        lists = self.table.rated_before(rows)
+        out = np.zeros((len(rows), max(1, max(map(len, lists), default=0))), dtype=np.int64)
+        for q, items in enumerate(lists):
+            out[q, : len(items)] = [self._item_index.get(i, 0) for i in items]
+        return torch.from_numpy(out)
+
+    @functools.cached_property
+    def _item_index(self) -> dict[str, int]:
+        return self.space.item_index()
 
     @functools.cached_property
     def _excluded(self) -> torch.Tensor:

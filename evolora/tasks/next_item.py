@@ -152,7 +152,7 @@ class NextItemTask(Task):
             "answer": "the next item's semantic ID (items.json), one token per ID level, ranked by the sum "
             "of its tokens' log-probabilities (the end-of-sequence token the model learnt after it is not "
             f"scored): a beam search ({self.cfg.beams} beams) over {_SEARCHED[self.cfg.constraint]}"
-            + (", items of the prompt's history left out" if self.cfg.exclude_history else "")
+            + _LEFT_OUT[self.cfg.exclude_history]
             + (
                 ", among the items that appeared up to the row's stage"
                 if self.candidate_set == "seen"
@@ -223,9 +223,7 @@ class NextItemTask(Task):
                 for key in np.unique(keys):
                     at = chunk[keys == key]
                     batch, trie = rows[at], self.trie_for(int(key))
-                    exclude = None
-                    if self.cfg.exclude_history:
-                        exclude = [{self.index[h] for h in self._prompt_items(r)} for r in batch]
+                    exclude = self._left_out(batch)
                     ranked = beam_search(
                         lm,
                         self._prompts(batch),
@@ -242,6 +240,16 @@ class NextItemTask(Task):
                 bar.advance(len(chunk))
         lm.model.train(was_training)
         return Ranked(items, scores, target_logp, target_valid, np.log(n_candidates))
+
+    def _left_out(self, rows: np.ndarray) -> list[set[int]] | None:
+        """Per row, the item indices `exclude_history` keeps out of its search (None: it keeps none)."""
+        if not self.cfg.exclude_history:
+            return None
+        if self.cfg.exclude_history == "rated":
+            lists = self.table.rated_before(rows)
+        else:
+            lists = [self._prompt_items(int(r)) for r in rows]
+        return [{self.index[h] for h in items if h in self.index} for items in lists]
 
     def _target_seqs(self, rows: np.ndarray) -> list[list[int]]:
         """The true next items' ID tokens. Their log-probability under the model gives `nll`: Hit@K is zero
@@ -317,6 +325,13 @@ class NextItemTask(Task):
 
 
 #: what the beam search may generate, by `task.constraint` (for an export's manifest)
+#: what the prompt recipe says `exclude_history` leaves out of the search, by its value
+_LEFT_OUT: dict[bool | str, str] = {
+    False: "",
+    True: ", items of the prompt's history left out",
+    "rated": ", every item the user rated before the row left out (its whole history, not only the prompt's)",
+}
+
 _SEARCHED = {
     "trie": "the IDs of items.json (a prefix tree of them: only real items)",
     "levelwise": "any token seen at each ID level in items.json (PESO's constraint; not only real items)",
