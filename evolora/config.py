@@ -512,7 +512,13 @@ class ConventionalConfig(Section):
     )
     text_buckets: int = Field(16384, ge=16, description="hash buckets of the text features' word tokens")
     negatives: int = Field(4, ge=1, description="sampled negatives per positive of MF's BPR loss (next_item)")
-    added_keys = ("activation",)
+    negatives_from: Literal["known", "unrated"] = Field(
+        "known",
+        description="where MF's BPR negatives are drawn: `known`, uniformly over the items known at the "
+        "training stage (a draw may be an item the user rated); `unrated`, among those the user had not "
+        "rated by the row (its earlier items and the target), as the BPR paper and RecBole draw them",
+    )
+    added_keys = ("activation", "negatives_from")
 
     @field_validator("mlp")
     @classmethod

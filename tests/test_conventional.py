@@ -274,6 +274,42 @@ def test_exclude_history_rated_leaves_out_every_item_the_user_rated_before(
         assert finite and max(finite) < n
 
 
+@pytest.mark.parametrize("negatives_from", ["known", "unrated"])
+def test_bpr_negatives_unrated_are_never_an_item_the_user_rated(
+    negatives_from: str, cycle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MF's BPR negatives: `known` draws over every known item (on this 30-item log, often one the user
+    rated by the row, or the target itself); `unrated` never does, as the BPR paper and RecBole draw."""
+    over = {
+        **NEXT_ITEM_CYCLE,
+        "model.conventional.negatives_from": negatives_from,
+        "model.conventional.negatives": 16,
+    }
+    lm, task, prepared = build(config(cycle_dir, tmp_path, "mf", **over))
+    task.before_stage(lm, 1)
+    rows = prepared.pools[1].train
+    drawn: list[torch.Tensor] = []
+    score_items = lm.model.score_items
+
+    def spy(batch, items: torch.Tensor) -> torch.Tensor:
+        drawn.append(items[:, 1:].clone())
+        return score_items(batch, items)
+
+    monkeypatch.setattr(lm.model, "score_items", spy)
+    torch.manual_seed(0)
+    assert torch.isfinite(task.loss(lm, rows))
+    index = task.space.item_index()
+    n = lm.model.items.ids.size
+    rated = [{index[i] for i in r} | {int(task.targets[row])} for r, row in zip(
+        task.table.rated_before(rows), rows, strict=True)]  # fmt: skip
+    hits = sum(len(set(d.tolist()) & taken) for d, taken in zip(drawn[0], rated, strict=True))
+    assert ((drawn[0] >= 1) & (drawn[0] < n)).all()
+    if negatives_from == "unrated":
+        assert hits == 0 and max(len(r) for r in rated) < n - 1
+    else:
+        assert hits > 0
+
+
 def test_a_history_item_past_the_candidates_leaves_every_candidate_in(
     arrivals_dir: Path, tmp_path: Path
 ) -> None:

@@ -180,11 +180,32 @@ class ConventionalNextItemTask(_ConventionalTask):
         n = model.items.ids.size  # the items known at the training stage
         if model.next_item_loss == "bpr":
             neg = torch.randint(1, max(2, n), (len(rows), model.cfg.negatives), device=lm.device)
+            if model.cfg.negatives_from == "unrated":
+                neg = self._redraw_rated(neg, np.asarray(rows, dtype=np.int64), n)
             scores = model.score_items(batch, torch.cat([batch.target.unsqueeze(1), neg], dim=1))
             return -F.logsigmoid(scores[:, :1] - scores[:, 1:]).mean()
         logits = model.rank_logits(batch, n)
         logits = logits.index_fill(1, logits.new_zeros(1, dtype=torch.long), -torch.inf)  # index 0: no item
         return F.cross_entropy(logits, batch.target)
+
+    def _redraw_rated(self, neg: torch.Tensor, rows: np.ndarray, n: int, rounds: int = 50) -> torch.Tensor:
+        """`neg` with each draw that is an item the row's user rated by the row (earlier, or its target)
+        drawn again, uniformly over the other known items (`negatives_from: unrated`). A user who rated
+        nearly every known item may keep a rated draw after `rounds` redraws (none when every item is)."""
+        rated = [
+            [self._item_index.get(i, 0) for i in items] + [int(self.targets[r])]
+            for items, r in zip(self.table.rated_before(rows), rows, strict=True)
+        ]
+        table = np.zeros((len(rows), max(map(len, rated))), dtype=np.int64)
+        for q, items in enumerate(rated):
+            table[q, : len(items)] = items
+        taken = torch.from_numpy(table).to(neg.device)
+        for _ in range(rounds):
+            hit = (neg.unsqueeze(2) == taken.unsqueeze(1)).any(2)
+            if not bool(hit.any()):
+                break
+            neg = torch.where(hit, torch.randint_like(neg, 1, max(2, n)), neg)
+        return neg
 
     # ------------------------------------------------------------------ ranking
     def candidate_scores(self, lm: ConventionalBackbone, rows: np.ndarray) -> torch.Tensor:
