@@ -424,11 +424,15 @@ class NextItemTaskConfig(TaskSection):
     appeared in the row's stage or earlier: the conventional models' default; an item whose first appearance
     is a test target of that stage counts, as RecBole's full ranking counts every item of the data); `auto`
     keeps each model's default, set one of the two to hold LLM and conventional rows against each other on
-    one candidate set.
+    one candidate set. `ties`: how a conventional model's full ranking orders items of equal score (cold
+    items all score alike): `first`, the item that appeared first (older, so often more popular: a model
+    scoring every item alike gets Hit@10 well above a random ranking's), or `random`, a fixed random order
+    of the items (a seeded permutation per candidate count, so batches and reruns agree); the LLM's beam
+    scores do not tie.
     """
 
     reads_labels: ClassVar[bool] = False  # it learns the next item itself: no sampled negatives
-    added_keys = (*TaskSection.added_keys, "candidates")
+    added_keys = (*TaskSection.added_keys, "candidates", "ties")
     name: Literal["next_item"] = "next_item"
     history_len: int = Field(20, ge=1)
     min_history: int | None = Field(0, ge=0)
@@ -442,6 +446,7 @@ class NextItemTaskConfig(TaskSection):
     logit_temperature: float = Field(1.0, gt=0)
     semantic_ids: SemanticIdConfig = SemanticIdConfig()
     candidates: Literal["auto", "catalogue", "seen"] = "auto"
+    ties: Literal["first", "random"] = "first"
 
     @field_validator("template")
     @classmethod

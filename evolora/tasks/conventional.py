@@ -11,7 +11,8 @@ sample keeps), like/dislike flags of the history (CTR), and the sample's stage.
   over the items known at the training stage, except MF, which trains with BPR and sampled negatives. The
   ranked list (`Ranked`, item indices of the model's `IdSpace`, scores = log-softmax over the candidates)
   is scored by `ranking_metrics` against the target's index in the same space, so Hit@K and NDCG@K mean
-  exactly what they mean for `NextItemTask`. Ties go to the lower index.
+  exactly what they mean for `NextItemTask`. Ties go to the lower index (`task.ties: random`: a fixed
+  random order).
 
 `before_stage` grows the model's ID tables to the ids of stages <= t.
 """
@@ -130,6 +131,12 @@ class ConventionalCtrTask(_ConventionalTask):
             model.observe(batch)
         labels = torch.as_tensor(self._labels[np.asarray(rows, dtype=np.int64)], dtype=torch.float32)
         return F.binary_cross_entropy_with_logits(model.logits(batch), labels.to(lm.device))
+
+    @functools.cache  # noqa: B019 - one permutation per candidate count, for the task's life
+    def _tie_order(self, n: int) -> torch.Tensor:
+        """`task.ties: random`: the order equal scores rank in, a permutation of the `n` columns seeded by
+        `n` alone (every batch and every rerun of a stage's rows agree; index 0, never a candidate, too)."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(n))
 
     @split_rows
     @torch.no_grad()
@@ -254,7 +261,12 @@ class ConventionalNextItemTask(_ConventionalTask):
         return torch.from_numpy(history_matrix(self.table.df["hist_items"], width, self.space.item_index()))
 
     def _top(self, scores: torch.Tensor) -> Ranked:
-        vals, idx = stable_top_k(scores, self.k)
+        if self.cfg.ties == "random":
+            order = self._tie_order(scores.shape[1]).to(scores.device)
+            vals, at = stable_top_k(scores[:, order], self.k)
+            idx = order[at]
+        else:
+            vals, idx = stable_top_k(scores, self.k)
         items = torch.where(torch.isfinite(vals), idx, torch.full_like(idx, -1))
         out_items = np.full((len(scores), self.k), -1, dtype=np.int64)
         out_scores = np.full((len(scores), self.k), -np.inf)
@@ -262,6 +274,12 @@ class ConventionalNextItemTask(_ConventionalTask):
         out_items[:, :width] = items.cpu().numpy()
         out_scores[:, :width] = vals.double().cpu().numpy()
         return Ranked(out_items, out_scores)
+
+    @functools.cache  # noqa: B019 - one permutation per candidate count, for the task's life
+    def _tie_order(self, n: int) -> torch.Tensor:
+        """`task.ties: random`: the order equal scores rank in, a permutation of the `n` columns seeded by
+        `n` alone (every batch and every rerun of a stage's rows agree; index 0, never a candidate, too)."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(n))
 
     @split_rows
     @torch.no_grad()
