@@ -48,9 +48,9 @@ class SampleTable:
     n_stages: int
     history_len: int
     like_threshold: float
-    #: each user's items in sample order (`user_id`, `items`), every stage's: what `rated_before` slices;
-    #: None for a table of queries, whose histories are all that is known of them
-    user_items: pl.DataFrame | None = None
+    #: the staged interactions the samples were built from (a reference, not a copy), which `rated_before`
+    #: reads; None for a table of queries, whose histories are all that is known of them
+    log: pl.DataFrame | None = None
 
     def __len__(self) -> int:
         return self.df.height
@@ -67,17 +67,23 @@ class SampleTable:
         counts them, `task.history_ties`). What `task.exclude_history: rated` leaves out of a ranking, as a
         served recommendation leaves out what the user rated. A table of queries gives each row's history."""
         rows = np.asarray(rows, dtype=np.int64)
-        if self.user_items is None or "n_before" not in self.df.columns:
+        if self.log is None or "n_before" not in self.df.columns:
             return [list(h) for h in self.df["hist_items"].gather(rows).to_list()]
-        users = self.df["user_id"].gather(rows).to_list()
-        counts = self.df["n_before"].gather(rows).to_list()
-        return [self._sequences[u][:n] for u, n in zip(users, counts, strict=True)]
+        asked = self.df.select("user_id", "n_before")[rows]
+        joined = asked.join(self._user_items, on="user_id", how="left", maintain_order="left")
+        return joined.select(pl.col("items").list.head(pl.col("n_before"))).to_series().to_list()
 
     @functools.cached_property
-    def _sequences(self) -> dict[str, list[str]]:
-        assert self.user_items is not None
-        users, items = self.user_items["user_id"].to_list(), self.user_items["items"].to_list()
-        return dict(zip(users, items, strict=True))
+    def _user_items(self) -> pl.DataFrame:
+        """Each user's items in the order samples count them (`build_samples`' sort), every stage's; built
+        on first use, as only some tasks read them."""
+        assert self.log is not None
+        return (
+            self.log.with_row_index("_row")
+            .sort(["user_id", "timestamp", "_row"])
+            .group_by("user_id", maintain_order=True)
+            .agg(items=pl.col("item_id"))
+        )
 
 
 def build_samples(
@@ -99,8 +105,6 @@ def build_samples(
         .sort(["user_id", "timestamp", "_row"])
         .with_columns(_pos=pl.int_range(pl.len()).over("user_id").cast(pl.Int64))
     )
-    # in `_pos` order (the sort above), so a sample's earlier items are its user's first `_before`
-    user_items = df.group_by("user_id", maintain_order=True).agg(items=pl.col("item_id"))
     # The position a sample's history ends before: its own, or that of its user's first interaction at its
     # time, which leaves the others of that time out.
     before = pl.col("_pos").min().over("user_id", "timestamp") if same_time == "exclude" else pl.col("_pos")
@@ -170,7 +174,7 @@ def build_samples(
             "task.min_history, or fewer stages (staging.n_stages; a dataset's own stages are fixed) or a "
             "longer window (staging.last_n, scheme lsat)",
         )
-    return SampleTable(out, n_stages, history_len, like_threshold, user_items)
+    return SampleTable(out, n_stages, history_len, like_threshold, staged)
 
 
 @dataclass(frozen=True)
