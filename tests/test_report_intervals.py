@@ -180,6 +180,15 @@ def test_runs_a_report_cannot_put_side_by_side_are_refused(tmp_path: Path) -> No
     other_task = write("c", "frozen", 0, task="next_item")
     with pytest.raises(EvoloraError, match=r"different tasks: ctr .*; next_item .*one report per task"):
         build_report([a, other_task])
+    # next_stage tests a stage's predecessor on all of it, leave_last_out the stage on its users' last rows
+    next_stage = write("f", "frozen", 0, protocol="next_stage")
+    last_out = write("g", "peso", 0, protocol="leave_last_out")
+    with pytest.raises(
+        EvoloraError, match=r"different protocols: next_stage .*; leave_last_out .*per protocol"
+    ):
+        build_report([next_stage, last_out])
+    text, _ = build_report([a, next_stage])  # a run recorded before the protocol was: not refused for it
+    assert "| frozen |" in text
     twin = write("e", "finetune", 1)  # another experiment's finetune, seed 1 again
     with pytest.raises(EvoloraError, match=r"two runs of finetune with seed 1: .*another `label`"):
         build_report([a, twin])
@@ -321,6 +330,39 @@ def test_experiments_scored_on_other_rows_of_the_same_count_are_refused(tmp_path
         build_report([tmp_path / "a", tmp_path / "b"])
     text, _ = build_report([tmp_path / "a"])
     assert "finetune" in text
+
+
+def test_ctr_experiments_whose_rows_carry_other_labels_are_refused(tmp_path: Path) -> None:
+    """The same rows judged against other labels (another data.like_threshold) were paired by the bootstrap,
+    which called a difference of ground truths decided."""
+    import json
+
+    from evolora.errors import EvoloraError
+    from evolora.eval.report import build_report
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 2, 40)
+    for experiment, method, labels in (
+        ("a", "finetune", truth),
+        ("b", "frozen", 1 - truth),
+        ("c", "peso", truth),
+    ):
+        folder = tmp_path / experiment / method / "seed0"
+        (folder / "stage-1").mkdir(parents=True)
+        # the same labels in another dtype (an ID model's, say) are the same labels
+        labels = labels.astype(np.int8 if experiment == "c" else float)
+        save_npz(folder / "stage-1" / "predictions.npz", {"scores": rng.random(40), "rows": np.arange(40),
+                                                          "truth": labels})  # fmt: skip
+        stage = {"train_stage": 1, "eval_stage": 2, "n_eval": 40, "n_eval_total": 80, "metrics": {"auc": 0.5}}
+        run = {"method": method, "dataset": "d", "task": "ctr", "model": "tiny", "seed": 0, "complete": True,
+               "stages": [stage]}  # fmt: skip
+        (folder / "results.json").write_text(json.dumps(run))
+    with pytest.raises(
+        EvoloraError, match=r"D2's samples carry other labels in .*a than in .*b .*like_thresh"
+    ):
+        build_report([tmp_path / "a", tmp_path / "b"])
+    text, _ = build_report([tmp_path / "a", tmp_path / "c"])
+    assert "| peso |" in text
 
 
 def test_a_mean_over_fewer_stages_says_so_and_a_zero_baseline_keeps_its_column(tmp_path: Path) -> None:

@@ -58,12 +58,15 @@ def started_without_results(paths: list[Path]) -> list[Path]:
 
 
 def check_comparable(results: list[dict[str, Any]]) -> None:
-    """Refuse runs one report cannot put side by side: other data or another task (their stages and rows
-    are not the same), or two runs of one method and seed (the report would average them as two seeds)."""
-    for key, what in (("dataset", "datasets"), ("task", "tasks")):
+    """Refuse runs one report cannot put side by side: other data, another task or another protocol (their
+    stages and rows are not the same: under `next_stage` a stage's column is a model of the stage before
+    tested on all of it, under `leave_last_out` one of the stage tested on its users' last rows), or two runs
+    of one method and seed (the report would average them as two seeds)."""
+    for key, what in (("dataset", "datasets"), ("task", "tasks"), ("protocol", "protocols")):
         where: dict[str, list[str]] = defaultdict(list)
         for r in results:
-            where[str(r.get(key, "?"))].append(_experiment_of(r["_path"]))
+            if key in r or key != "protocol":  # runs recorded before 2026-11-23 do not say their protocol
+                where[str(r.get(key, "?"))].append(_experiment_of(r["_path"]))
         if len(where) > 1:
             listed = "; ".join(f"{v} ({', '.join(dict.fromkeys(p))})" for v, p in where.items())
             raise EvoloraError(
@@ -106,8 +109,11 @@ def _check_same_rows(results: list[dict[str, Any]]) -> None:
                     "other staging or eval settings, so not the same rows. A report compares methods on the "
                     "same rows: make one report per setting"
                 )
-    # As many rows can still be other rows (another eval.seed): the stored predictions name them.
+    # As many rows can still be other rows (another eval.seed): the stored predictions name them. The same
+    # CTR rows can still carry other labels (another data.like_threshold, other sampled negatives): their
+    # truth is compared too. (A next-item truth is an item index, numbered apart by LLM and ID models.)
     rows: dict[tuple[int, int], tuple[str, str]] = {}
+    labels: dict[tuple[int, int], tuple[str, str]] = {}
     for r in results:
         for t, by_stage in (stored_predictions(r) or {}).items():
             for j, arrays in by_stage.items():
@@ -120,6 +126,18 @@ def _check_same_rows(results: list[dict[str, Any]]) -> None:
                         f"D{j} is evaluated on other samples in {_experiment_of(where)} than in "
                         f"{_experiment_of(r['_path'])} (as many, not the same: another eval.seed or "
                         "staging). A report compares methods on the same rows: make one report per setting"
+                    )
+                if r.get("task") != "ctr" or "truth" not in arrays:
+                    continue
+                truth = np.asarray(arrays["truth"], dtype=np.float64)
+                digest = hashlib.sha256(truth.tobytes()).hexdigest()
+                first_digest, where = labels.setdefault((t, j), (digest, r["_path"]))
+                if first_digest != digest:
+                    raise EvoloraError(
+                        f"D{j}'s samples carry other labels in {_experiment_of(where)} than in "
+                        f"{_experiment_of(r['_path'])} (the same rows: another data.like_threshold, or other "
+                        "sampled negatives). A report compares methods against the same labels: make one "
+                        "report per setting"
                     )
 
 
