@@ -76,6 +76,48 @@ def test_llm_and_conventional_next_item_rows_say_their_candidates_differ(tmp_pat
     assert "Candidates differ" not in text
 
 
+def test_next_item_runs_ranking_among_other_candidates_say_so(tmp_path: Path) -> None:
+    """Two LLM experiments, one ranking the catalogue, one the seen items: their nll and Hit@K are over other
+    sets (only an LLM against a conventional model was said before); so are other items left out
+    (task.exclude_history) and conventional ties ordered otherwise (task.ties)."""
+    import json
+
+    from evolora.eval.report import build_report
+
+    def write(experiment: str, method: str, model: str, candidates: str, **task: object) -> Path:
+        stage = {"train_stage": 1, "eval_stage": 1, "n_eval": 5, "metrics": {"hit@10": 0.1, "ndcg@10": 0.05}}
+        run = {"method": method, "dataset": "d", "task": "next_item", "model": model, "seed": 0,
+               "complete": True, "stages": [stage], "candidates": candidates}  # fmt: skip
+        folder = tmp_path / experiment / method / "seed0"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(run))
+        context = {"task": {"name": "next_item", **task}}
+        (tmp_path / experiment / "experiment.json").write_text(json.dumps({"context": context}))
+        return tmp_path / experiment
+
+    cat = write("cat", "finetune", "tiny", "catalogue")
+    seen = write("seen", "finetune-seen", "tiny", "seen")
+    text, _ = build_report([cat, seen])
+    assert (
+        "Candidates differ: every item with a semantic ID: finetune; the items seen by the evaluated stage: "
+        "finetune-seen; the same true items of the same rows, ranked among other sets." in text
+    )
+    rated = write("rated", "mf-finetune", "mf", "seen", exclude_history="rated", ties="random")
+    plain = write("plain", "sasrec-finetune", "sasrec", "seen")
+    text, _ = build_report([seen, rated, plain])
+    assert "Candidates differ" not in text
+    assert (
+        "Items left out of the rankings differ (task.exclude_history): none: finetune-seen, sasrec-finetune; "
+        "every item the user rated before: mf-finetune." in text
+    )
+    assert (
+        "Equal scores are ordered otherwise (task.ties): in a fixed random order: mf-finetune; to the item "
+        "seen first: sasrec-finetune." in text
+    )
+    text, _ = build_report([seen, plain])
+    assert "Candidates differ" not in text and " differ (task." not in text and "(task.ties)" not in text
+
+
 def _first_stage(method: str, seed: int, context: str, auc: float) -> dict:
     stages = [{"eval_stage": 2, "metrics": {"auc": auc}}, {"eval_stage": 3, "metrics": {"auc": 0.6}}]
     return {"method": method, "seed": seed, "context_key": context, "stages": stages}

@@ -35,7 +35,7 @@ from evolora.eval.metric_tables import (
     undefined_stages,
 )
 from evolora.eval.metrics import diverged, is_reference, lower_is_better, metric_set
-from evolora.eval.runs import check_comparable, find_results, started_without_results
+from evolora.eval.runs import check_comparable, find_results, ranking_notes, started_without_results
 from evolora.eval.summary import MethodRuns, report_data
 from evolora.io import finite_json
 
@@ -191,21 +191,7 @@ def compose_report(
         )
     else:
         out.append(f"{covered[0].upper()}{covered[1:]} cover every evaluated stage.")
-    if "next_item" in tasks:
-        from evolora.models.conventional import is_conventional
-
-        ranked = [r for r in results if r.get("task") == "next_item"]
-        kinds = {is_conventional(str(r.get("model", ""))) for r in ranked}
-        # Runs recorded before `candidates` existed ranked the catalogue (LLM) or the seen items.
-        sets = {r.get("candidates") or ("seen" if is_conventional(str(r.get("model", ""))) else "catalogue")
-                for r in ranked}  # fmt: skip
-        if kinds == {True, False} and sets != {"seen"}:
-            out.append(
-                "Candidates differ: the LLM rows rank every item with a semantic ID (the trie covers the "
-                "whole catalogue, items of later stages included), the conventional rows every item seen up "
-                "to the evaluated stage; both rank the same true items of the same rows "
-                "(`task.candidates: seen` ranks the LLM among the seen items too)."
-            )
+    out.extend(ranking_notes(results))
     incomplete = [g.method for g in groups if not all(r.get("complete") for r in g.runs)]
     if incomplete:
         out.append(f"Incomplete runs (not all stages finished): {', '.join(incomplete)}.")

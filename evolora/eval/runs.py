@@ -181,5 +181,70 @@ def _comparable(context: dict[str, Any]) -> dict[str, Any]:
     return {**context, "data": data, "model": model}
 
 
+def ranking_notes(results: list[dict[str, Any]]) -> list[str]:
+    """What a report says when next-item runs rank among other candidates: the whole catalogue or the items
+    seen by the stage (`candidates`), other items of the user left out (`task.exclude_history`), or a
+    conventional model's equal scores ordered otherwise (`task.ties`). Their rows and true items are the
+    same, their Hit@K (and `nll`) are over other sets."""
+    from evolora.models.conventional import is_conventional
+
+    ranked = [r for r in results if r.get("task") == "next_item"]
+    contexts: dict[str, dict[str, Any] | None] = {}
+    candidates: dict[str, list[str]] = defaultdict(list)
+    left_out: dict[str, list[str]] = defaultdict(list)
+    ties: dict[str, list[str]] = defaultdict(list)
+    for r in ranked:
+        exp = _experiment_of(r["_path"]) if "_path" in r else ""
+        if exp not in contexts:
+            path = Path(exp) / "experiment.json"
+            context = (
+                read_json(path, "Rerun its experiment.").get("context") if exp and path.is_file() else None
+            )
+            contexts[exp] = None if context is None else context.get("task", {})
+        task = contexts[exp]
+        conventional = is_conventional(str(r.get("model", "")))
+        # Runs recorded before `candidates` existed ranked the catalogue (LLM) or the seen items.
+        chosen = r.get("candidates") or ("seen" if conventional else "catalogue")
+        candidates[chosen].append(r["method"])
+        if task is None:  # an older evolora's folder, without its settings: nothing to say
+            continue
+        left_out[str(task.get("exclude_history", False)).lower()].append(r["method"])
+        if conventional:
+            ties[task.get("ties", "first")].append(r["method"])
+    notes = []
+    kinds = {is_conventional(str(r.get("model", ""))) for r in ranked}
+    if kinds == {True, False} and set(candidates) != {"seen"}:
+        notes.append(
+            "Candidates differ: the LLM rows rank every item with a semantic ID (the trie covers the "
+            "whole catalogue, items of later stages included), the conventional rows every item seen up "
+            "to the evaluated stage; both rank the same true items of the same rows "
+            "(`task.candidates: seen` ranks the LLM among the seen items too)."
+        )
+    elif len(candidates) > 1:
+        named = {
+            "catalogue": "every item with a semantic ID",
+            "seen": "the items seen by the evaluated stage",
+        }
+        notes.append(
+            f"Candidates differ: {_grouped(candidates, named)}; the same true items of the same rows, ranked "
+            "among other sets."
+        )
+    if len(left_out) > 1:
+        named = {"false": "none", "true": "the prompt's items", "rated": "every item the user rated before"}
+        notes.append(
+            f"Items left out of the rankings differ (task.exclude_history): {_grouped(left_out, named)}."
+        )
+    if len(ties) > 1:
+        named = {"first": "to the item seen first", "random": "in a fixed random order"}
+        notes.append(f"Equal scores are ordered otherwise (task.ties): {_grouped(ties, named)}.")
+    return notes
+
+
+def _grouped(methods_by: dict[str, list[str]], named: dict[str, str]) -> str:
+    return "; ".join(
+        f"{named.get(k, k)}: {', '.join(dict.fromkeys(methods))}" for k, methods in methods_by.items()
+    )
+
+
 def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
