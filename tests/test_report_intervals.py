@@ -216,6 +216,7 @@ def test_runs_a_report_cannot_put_side_by_side_are_refused(tmp_path: Path) -> No
     # An experiment named together with one of its runs: each file read once (not an extra seed).
     text, _ = build_report([a, a / "finetune", a / "finetune" / "seed1" / "results.json"])
     assert "| finetune | 2 |" in text
+    assert "their mean ± their standard deviation (the population one, ddof=0" in text
     other_data = write("b", "frozen", 0, dataset="elsewhere")
     with pytest.raises(EvoloraError, match=r"different datasets: d \(.*a\); elsewhere \(.*b\)"):
         build_report([a, other_data])

@@ -168,6 +168,11 @@ def compose_report(
     out.append(f"Dataset: {', '.join(datasets)}; task: {', '.join(sorted(tasks))}.")
     out.append(f"Evaluated samples per stage: {stage_sizes(groups)}.")
     out.append(f"Precision: {precision_line(results)}.")
+    if any(len({r["seed"] for r in g.runs}) > 1 for g in groups):
+        out.append(
+            "A cell of several seeds is their mean ± their standard deviation (the population one, ddof=0: "
+            "with 3 seeds 0.82 of the sample one)."
+        )
     machines = machine_line(results)
     if machines:
         out.append(machines)
@@ -235,9 +240,9 @@ def compose_report(
         out.append(f"\n### Paired bootstrap: {lead.upper()} difference to {baseline} ({DRAWS} draws)\n")
         out.append(
             "All methods are scored on the same evaluation rows; rows are resampled jointly within each "
-            "stage (one resample shared by every method and seed), so the interval reflects which users "
-            "happened to be evaluated, and with several seeds the seeds are resampled too (training noise). "
-            "`decided`: the 95% interval excludes 0.\n"
+            "stage (one resample shared by every method and seed), so the interval reflects which rows "
+            "(users' interactions) happened to be evaluated, and with several seeds the seeds are resampled "
+            "too (training noise). `decided`: the 95% interval excludes 0.\n"
         )
         out.append(difference_table(differences, lead, baseline))
     kt = kind_table(groups, lead, skip) if lead is not None else None
