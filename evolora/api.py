@@ -176,7 +176,9 @@ class Recommender:
         self.seed_dir = seed_dir
         self.task_name = cfg.task.name
         self._task = strategy.task  # the run's task; queries get copies of it over their own samples
-        at_stage = histories.filter(pl.col("stage") == stage)
+        # Users, their histories and what they rated as of that stage too: a next_stage run's last stage is
+        # data it read (and tested on) though no model trained on it.
+        at_stage = histories.filter(pl.col("stage") == self.eval_stage)
         self._histories = {
             u: (list(items), list(ratings))
             for u, items, ratings in zip(
@@ -315,7 +317,7 @@ class Recommender:
         if user not in self._histories:
             raise UnknownIdError(
                 f"unknown user {user!r}: the run knows {len(self._histories)} users up to stage "
-                f"{self.stage}; give their history instead"
+                f"{self.eval_stage}; give their history instead"
             )
         return self._histories[user]
 

@@ -122,9 +122,14 @@ def test_recommendations_leave_out_every_item_rated_not_only_the_history_read(ct
     cfg, _ = ctr_run
     rec = evolora.Recommender.load(Path(cfg.output_dir) / cfg.name, method="finetune")
     staged = prepare_data(cfg).staged
-    rated = staged.filter(pl.col("stage") <= rec.stage).group_by("user_id").agg(pl.col("item_id").unique())
+    # next_stage: the last stage is data the run read (and tested on), though no model trained on it
+    assert rec.eval_stage == rec.stage + 1 == staged["stage"].max()
+    last = set(staged.filter(pl.col("stage") == rec.eval_stage)["user_id"].to_list())
+    rated = (
+        staged.filter(pl.col("stage") <= rec.eval_stage).group_by("user_id").agg(pl.col("item_id").unique())
+    )
     keep = rec._task.table.history_len
-    user, everything = next((u, set(i)) for u, i in rated.iter_rows() if len(set(i)) > keep)
+    user, everything = next((u, set(i)) for u, i in rated.iter_rows() if len(set(i)) > keep and u in last)
     read = set(rec.history_of(user)[0])
     older = sorted(everything - read)
     assert older and len(read) <= keep
