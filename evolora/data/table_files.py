@@ -145,12 +145,7 @@ def _read_delimited(
             )
         if column not in header:
             error = _missing_column(path, " line 1 (the header)", column, header)
-            other = [c for c in ";|\t," if c != sep and len(header) == 1 and c in header[0]]
-            if other and quoted:
-                error = DataError(
-                    f"{error}; its fields look separated by {other[0]!r}: set data.separator: {other[0]!r}"
-                )
-            raise error
+            raise DataError(f"{error}{_separator_hint(header, sep, quoted)}")
     try:
         frame = pl.read_csv(
             raw,
@@ -199,9 +194,12 @@ def _record_lines(
                 header = fields
             else:
                 if not is_blank and len(fields) != len(header):
+                    # a header of one field that holds another separator: the file is separated by that one
+                    # (a ';' file whose row holds a quoted comma came here before the header's check)
                     raise DataError(
                         f"{path} line {start}: expected {len(header)} fields separated by {sep!r} (as in the "
-                        f"header), found {len(fields)}" + truncation_hint(start, unterminated)
+                        f"header), found {len(fields)}"
+                        + (_separator_hint(header, sep, quoted) or truncation_hint(start, unterminated))
                     )
                 lines.append(start)
                 blank.append(is_blank)
@@ -209,6 +207,14 @@ def _record_lines(
     except csv.Error as e:
         raise DataError(f"{path} line {start}: not valid CSV ({e})") from None
     return header or [], lines, blank
+
+
+def _separator_hint(header: list[str], sep: str, quoted: bool) -> str:
+    """'; its fields look separated by X: set data.separator: X' for a header of one field holding X."""
+    other = [c for c in ";|\t," if c != sep and len(header) == 1 and c in header[0]]
+    if not other or not quoted:
+        return ""
+    return f"; its fields look separated by {other[0]!r}: set data.separator: {other[0]!r}"
 
 
 def _python_records(

@@ -349,6 +349,12 @@ def test_a_csv_with_another_separator(tmp_path: Path) -> None:
     path = write(tmp_path / "log.csv", semi)
     with pytest.raises(DataError, match=r"line 1 \(the header\).*separated by ';': set data.separator: ';'"):
         load(path)
+    # a quoted comma in a row (a decimal comma, a name) split it before the header's check said the above
+    comma = write(tmp_path / "comma.csv", semi.replace('"b;2"', '"b,2"'))
+    with pytest.raises(
+        DataError, match=r"line 3: expected 1 fields .*separated by ';': set data.separator: ';'"
+    ):
+        load(comma)
     data = load_table(path, None, RATED, separator=";")
     assert data.interactions["item_id"].to_list() == ["a", "b;2", "b"]
     assert data.interactions["rating"].to_list() == [5.0, 1.0, 4.0]
