@@ -70,6 +70,12 @@ def test_histories_are_what_a_scan_of_each_users_log_gives(history_len: int, sam
     assert table.rated_before(np.arange(df.height)) == [e[4] for e in expected]
     shuffled = np.random.default_rng(0).permutation(df.height)
     assert table.rated_before(shuffled) == [expected[r][4] for r in shuffled]
+    mapping = {f"i{k}": k + 1 for k in range(20)}  # i20..i24 have no index: 0
+    index = table.rated_before_index(mapping)
+    assert index is not None
+    flat, start, count = index
+    for r, e in enumerate(expected):
+        assert flat[start[r] : start[r] + count[r]].tolist() == [mapping.get(i, 0) for i in e[4]]
 
 
 def test_a_log_of_one_row_has_one_sample_without_history() -> None:

@@ -73,6 +73,19 @@ class SampleTable:
         joined = asked.join(self._user_items, on="user_id", how="left", maintain_order="left")
         return joined.select(pl.col("items").list.head(pl.col("n_before"))).to_series().to_list()
 
+    def rated_before_index(self, mapping: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """`rated_before` of every row at once, as indices: (flat, start, count), row r's items mapped by
+        `mapping` (0 for an item it lacks) being flat[start[r] : start[r] + count[r]]. One int64 per
+        interaction, for tasks that slice it per batch; None for a table of queries."""
+        if self.log is None or "n_before" not in self.df.columns:
+            return None
+        users = self._user_items
+        lengths = users["items"].list.len().to_numpy().astype(np.int64)
+        flat = users["items"].explode().replace_strict(mapping, default=0, return_dtype=pl.Int64).to_numpy()
+        position = users.select("user_id", _u=pl.int_range(pl.len()))
+        at = self.df.select("user_id").join(position, on="user_id", how="left", maintain_order="left")["_u"]
+        return flat, (np.cumsum(lengths) - lengths)[at.to_numpy()], self.df["n_before"].to_numpy()
+
     @functools.cached_property
     def _user_items(self) -> pl.DataFrame:
         """Each user's items in the order samples count them (`build_samples`' sort), every stage's; built

@@ -199,13 +199,11 @@ class ConventionalNextItemTask(_ConventionalTask):
         """`neg` with each draw that is an item the row's user rated by the row (earlier, or its target)
         drawn again, uniformly over the other known items (`negatives_from: unrated`). A user who rated
         nearly every known item may keep a rated draw after `rounds` redraws (none when every item is)."""
-        rated = [
-            [self._item_index.get(i, 0) for i in items] + [int(self.targets[r])]
-            for items, r in zip(self.table.rated_before(rows), rows, strict=True)
-        ]
-        table = np.zeros((len(rows), max(map(len, rated))), dtype=np.int64)
+        rated = self._rated_indices(rows)
+        table = np.zeros((len(rows), 1 + max(map(len, rated))), dtype=np.int64)
+        table[:, 0] = self.targets[rows]
         for q, items in enumerate(rated):
-            table[q, : len(items)] = items
+            table[q, 1 : 1 + len(items)] = items
         taken = torch.from_numpy(table).to(neg.device)
         for _ in range(rounds):
             hit = (neg.unsqueeze(2) == taken.unsqueeze(1)).any(2)
@@ -244,11 +242,23 @@ class ConventionalNextItemTask(_ConventionalTask):
         """[len(rows), width] item indices `exclude_history` leaves out of each row's ranking (0: none)."""
         if self.cfg.exclude_history != "rated":
             return self._excluded[torch.from_numpy(rows)]
-        lists = self.table.rated_before(rows)
+        lists = self._rated_indices(rows)
         out = np.zeros((len(rows), max(1, max(map(len, lists), default=0))), dtype=np.int64)
         for q, items in enumerate(lists):
-            out[q, : len(items)] = [self._item_index.get(i, 0) for i in items]
+            out[q, : len(items)] = items
         return torch.from_numpy(out)
+
+    def _rated_indices(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Item indices of `SampleTable.rated_before` (0 for an item without one), per row."""
+        if self._rated is None:  # a table of queries: their histories
+            return [np.array([self._item_index.get(i, 0) for i in h], dtype=np.int64)
+                    for h in self.table.rated_before(rows)]  # fmt: skip
+        flat, start, count = self._rated
+        return [flat[start[r] : start[r] + count[r]] for r in rows]
+
+    @functools.cached_property
+    def _rated(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        return self.table.rated_before_index(self._item_index)
 
     @functools.cached_property
     def _item_index(self) -> dict[str, int]:
