@@ -184,9 +184,9 @@ def _fetch_into(name: str, spec: Dataset, target: Path) -> Path:
         record = _from_mirror(name, spec, tmp) or _from_network(name, spec, tmp)
         files = [p for p in sorted(tmp.iterdir()) if p.is_file()]
         kept = {p.name: file_record(p) for p in files}
-        record["files"] = {name: r["sha256"] for name, r in kept.items()}
-        record["sizes"] = {name: r["size"] for name, r in kept.items()}
-        record["mtimes_ns"] = {name: r["mtime_ns"] for name, r in kept.items()}
+        record["files"] = {file: r["sha256"] for file, r in kept.items()}
+        record["sizes"] = {file: r["size"] for file, r in kept.items()}
+        record["mtimes_ns"] = {file: r["mtime_ns"] for file, r in kept.items()}
         record["fetched"] = datetime.now(UTC).isoformat(timespec="seconds")
         atomic_write_json(tmp / "SOURCE.json", {"name": name, **record})
     log.info("%s: cached in %s (route: %s)", name, target, record["route"])
