@@ -132,12 +132,6 @@ class ConventionalCtrTask(_ConventionalTask):
         labels = torch.as_tensor(self._labels[np.asarray(rows, dtype=np.int64)], dtype=torch.float32)
         return F.binary_cross_entropy_with_logits(model.logits(batch), labels.to(lm.device))
 
-    @functools.cache  # noqa: B019 - one permutation per candidate count, for the task's life
-    def _tie_order(self, n: int) -> torch.Tensor:
-        """`task.ties: random`: the order equal scores rank in, a permutation of the `n` columns seeded by
-        `n` alone (every batch and every rerun of a stage's rows agree; index 0, never a candidate, too)."""
-        return torch.randperm(n, generator=torch.Generator().manual_seed(n))
-
     @split_rows
     @torch.no_grad()
     def predict(

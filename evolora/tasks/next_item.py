@@ -324,7 +324,6 @@ class NextItemTask(Task):
         )
 
 
-#: what the beam search may generate, by `task.constraint` (for an export's manifest)
 #: what the prompt recipe says `exclude_history` leaves out of the search, by its value
 _LEFT_OUT: dict[bool | str, str] = {
     False: "",
@@ -332,6 +331,7 @@ _LEFT_OUT: dict[bool | str, str] = {
     "rated": ", every item the user rated before the row left out (its whole history, not only the prompt's)",
 }
 
+#: what the beam search may generate, by `task.constraint` (for an export's manifest)
 _SEARCHED = {
     "trie": "the IDs of items.json (a prefix tree of them: only real items)",
     "levelwise": "any token seen at each ID level in items.json (PESO's constraint; not only real items)",
