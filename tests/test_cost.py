@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from evolora import cost
@@ -273,6 +274,38 @@ def test_a_resumed_run_counts_the_set_up_of_every_sitting(sunny_dir: Path, tmp_p
     assert setup == pytest.approx(first[key] + frozen["setup_cost"][key])
     run_experiment(cfg)  # nothing left: the recorded set-ups stay
     assert json.loads(path.read_text())["setups"] == frozen["setups"]
+
+
+def test_a_conventional_set_up_pays_what_its_first_optimiser_imports(sunny_dir: Path, tmp_path: Path) -> None:
+    """An ID model loads no library at set-up, so the first optimiser of a process imported torch._dynamo
+    (~3 CPU s) inside stage 1 of the first run: a frozen model's stage cost more than finetune's."""
+    cfg = tiny_config(
+        sunny_dir, tmp_path, strategies="[frozen]", **{"model.name": "sasrec", "train.epochs": 1}
+    )
+    (frozen,) = run_experiment(cfg)
+    assert "model_loading" in frozen["setup_cost"]["parts"]
+
+
+def test_a_stage_recorded_in_a_later_sitting_counts_the_evaluation_of_the_first(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """Killed after its predictions were written and before its record, a stage's rerun read them back:
+    their cost was carried into the stage's parts, but `eval_seconds` was the rerun's reading of the file."""
+    over = {"train.epochs": 1, "eval.max_samples": 40}
+    cfg = tiny_config(sunny_dir, tmp_path, strategies="[finetune]", **over)
+    (first,) = run_experiment(cfg)
+    stage_dir = tmp_path / "t" / "finetune" / "seed0" / "stage-1"
+    (stage_dir / "record.json").unlink()  # the state a kill leaves between the two writes
+    (tmp_path / "t" / "finetune" / "seed0" / "results.json").unlink()
+    with np.load(stage_dir / "predictions.npz") as z:
+        spent = cost.from_arrays(dict(z))
+    (again,) = run_experiment(cfg)
+    record = again["stages"][0]
+    assert spent["evaluation"]["seconds"] > 0
+    assert record["eval_seconds"] >= spent["evaluation"]["seconds"]
+    assert record["cost"]["parts"]["evaluation"]["seconds"] == pytest.approx(
+        first["stages"][0]["cost"]["parts"]["evaluation"]["seconds"], rel=0.5
+    )
 
 
 def test_an_older_sitting_is_counted_once_whichever_run_records_it() -> None:

@@ -104,6 +104,8 @@ class StageLoop:
         self._after_stage_cost: dict[str, Any] = {}  # of the stage `restore_state` read
         # The set-ups of earlier sittings that finished stages of the run (`run` reads them): its cost too.
         self._earlier_setups: dict[str, Any] = {}
+        # Seconds earlier sittings spent on the predictions a stage reads back (its `eval_seconds` has them)
+        self._earlier_evaluation = 0.0
         strategy.prediction_store = self.stored_predictions
 
     # ------------------------------------------------------------------ paths
@@ -342,7 +344,9 @@ class StageLoop:
         if f.is_file():
             with self._stage_files(ctx.stage):
                 arrays = load_npz(f)
-            cost.carry(cost.from_arrays(arrays))
+            earlier = cost.from_arrays(arrays)
+            self._earlier_evaluation += sum(p["seconds"] for p in earlier.values())
+            cost.carry(earlier)
             cost.saved(float(arrays.get("saved_seconds", 0.0)))
             return self.task.load_predictions(arrays), bool(arrays.get("from_store", False))
         before = cost.saved_total()
@@ -406,13 +410,13 @@ class StageLoop:
         eval_rows, n_eval_total = self._eval_rows(t)
         ctx = StageContext(t, eval_stage_of(t, self.cfg.protocol), self.pools, self.seed, d, eval_rows)
         jobs_info = self.train_stage(ctx)
-        t0 = time.perf_counter()
+        t0, self._earlier_evaluation = time.perf_counter(), 0.0
         preds, reused_preds = self._scored(d / "predictions.npz", ctx)
         matrix = None
         if self.cfg.eval.stages != "next":
             with cost.part("evaluation"):
                 matrix = self._matrix(ctx, preds)
-        eval_seconds = time.perf_counter() - t0
+        eval_seconds = time.perf_counter() - t0 + self._earlier_evaluation
         record = self._record(ctx, preds, jobs_info, n_eval_total, eval_seconds, reused_preds)
         if matrix is not None:
             record["matrix"], record["matrix_reused"] = matrix
