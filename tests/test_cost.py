@@ -143,6 +143,14 @@ def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path
             == pytest.approx(sum(s["cost"]["total_cpu_seconds"] for s in r["stages"]))
         )
     assert by["inflora"]["stages"][1]["cost"]["parts"]["inflora_statistics"]["tokens"] > 0
+    # Validation per epoch: the epochs' own figures add up to the stage's part (finetune: one job a stage)
+    for stage in by["finetune"]["stages"]:
+        (job,) = stage["jobs"]
+        validation = stage["cost"]["parts"]["validation"]
+        epochs = [h for h in job["history"] if "valid_tokens" in h]
+        assert len(epochs) == len(job["history"]) == 4
+        assert sum(h["valid_tokens"] for h in epochs) == validation["tokens"] > 0
+        assert sum(h["valid_seconds"] for h in epochs) == pytest.approx(validation["seconds"], abs=0.01)
     # PESO and InfLoRA reuse finetune's stage-1 job and its predictions: what they took is saved.
     first = by["finetune"]["stages"][0]
     trained, evaluated = first["jobs"][0]["train_seconds"], first["cost"]["parts"]["evaluation"]["seconds"]

@@ -102,6 +102,17 @@ def _validate(
     return out
 
 
+def _validated(
+    lm: Backbone, task: Task, rows: np.ndarray, cfg: TrainConfig, batch_size: int
+) -> dict[str, float]:
+    """`_validate` as a `validation` part, with what this epoch's validation took (`valid_seconds`, wall
+    clock, and `valid_tokens`; the stage's part adds up every epoch's)."""
+    record, spent = cost.measured(lambda: _validate(lm, task, rows, cfg, batch_size), "validation")
+    record["valid_seconds"] = round(sum(p["seconds"] for p in spent.values()), 3)
+    record["valid_tokens"] = int(sum(p["tokens"] for p in spent.values()))
+    return record
+
+
 def _valid_loss(lm: Backbone, task: Task, rows: np.ndarray, batch_size: int) -> float:
     """The task's training loss on the validation rows (mean per sample), without gradients."""
     lm.model.eval()
@@ -167,8 +178,7 @@ def train_adapter(
         progress = _Progress(_snapshot(params))
         if use_valid and cfg.keep_start_if_better:
             t0 = time.perf_counter()
-            with cost.part("validation"):
-                v = _validate(lm, task, valid_rows, cfg, eval_batch_size)
+            v = _validated(lm, task, valid_rows, cfg, eval_batch_size)
             progress.elapsed += time.perf_counter() - t0
             progress.best_value = v["score"]
             progress.history.append({"epoch": 0, **v})
@@ -183,8 +193,7 @@ def train_adapter(
                 lm, task, params, train_rows, cfg, seed, epoch, optimizer, scheduler, extra_loss, desc, scaler
             )
         if use_valid:
-            with cost.part("validation"):
-                record.update(_validate(lm, task, valid_rows, cfg, eval_batch_size))
+            record.update(_validated(lm, task, valid_rows, cfg, eval_batch_size))
             if cfg.select_by != "loss" and "valid_loss" in record and not warned:
                 warned = True
                 log.warning(
