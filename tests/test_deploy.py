@@ -363,6 +363,13 @@ def test_a_killed_update_resumes_to_the_same_version(
     resumed = update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).version
     assert resumed.gate["candidate"] == reference.gate["candidate"]
     assert resumed.gate["promoted"] == reference.gate["promoted"]
+    # What the update took: the gate's scoring and the training kept from the first sitting, counted once
+    # (tokens: the measure without a clock)
+    for part in ("training", "evaluation"):
+        tokens = [v.cost["parts"][part]["tokens"] for v in (resumed, reference)]
+        assert tokens[0] == tokens[1] > 0, part
+    assert reference.cost["total_cpu_seconds"] > 0
+    assert Versions.open(root, "finetune", 0, 2).get(1).cost == resumed.cost  # recorded with the version
 
 
 def test_an_update_resumed_with_other_holdout_settings_trains_its_own_candidate(

@@ -114,13 +114,23 @@ def versions(
         title=f"versions of {registry.method} (seed {registry.seed}); promoted: {registry.promoted}"
     )
     named = any("new items named" in v.data for v in registry.versions)  # a column only where there are some
-    right = ["version", "parent", "stage", "rows", *(["new items"] if named else [])]
+    costed = any("total_cpu_seconds" in v.cost for v in registry.versions)  # updates since 2026-12-05
+    right = [
+        "version",
+        "parent",
+        "stage",
+        "rows",
+        *(["new items"] if named else []),
+        *(["CPU s"] if costed else []),
+    ]
     for col in ("version", "parent", "stage", "created", "data", *right[3:], "gate", "promoted"):
         table.add_column(col, justify="right" if col in right else "left")
     for v in registry.versions:
         rows = [f"{v.data['accepted']}/{v.data['rows_in_file']}" if "accepted" in v.data else ""]
         if named:
             rows.append(str(v.data.get("new items named", "")))
+        if costed:  # what the update took (the run's stages record version 0's)
+            rows.append(f"{v.cost['total_cpu_seconds']:.0f}" if "total_cpu_seconds" in v.cost else "")
         gate = (
             f"{v.gate['metric']} {_figure(v.gate['candidate'])} vs {_figure(v.gate['promoted'])}"
             if v.gate

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from evolora import cost
 from evolora.bundle import write_bundle
 from evolora.config import RunConfig, StrategySpec, load_config, parse_override
 from evolora.continual import Env, build_strategy, run_options
@@ -167,6 +168,8 @@ def _update(
     given: set[str],
     items_file: str | Path | None,
 ) -> UpdateOutcome:
+    started = cost.clock()  # what the update takes, set-up to gate, is the version's `cost`
+    cost.take()
     _remove_superseded_work(registry)
     remove_stale_temporaries(registry.folder)  # left by killed updates; this one holds the update lock
     parent = registry.current
@@ -288,6 +291,8 @@ def _update(
         },
         gate=gate,
         promoted_at_creation=gate["promote"],
+        # earlier sittings' kept work (epochs, a finished job, the gate's scores) is carried in: counted once
+        cost=cost.stage_cost(cost.take(), since=started),
     )
     registry.add(version, promote=gate["promote"])
     _remove_superseded_work(registry)  # this batch's attempts with other gate settings
@@ -574,10 +579,14 @@ def _hold_out(
 
 # ------------------------------------------------------------------------------------------ the gate
 def _gate_predictions(loop: StageLoop, ctx: StageContext, path: Path) -> Any:
+    """A version's scores of the held-out samples, stored with what they cost (a resumed update counts
+    them once)."""
     if path.is_file():
-        return loop.task.load_predictions(load_npz(path))
-    preds = loop.s.predict(ctx, ctx.eval_rows)
-    save_npz(path, loop.task.save_predictions(preds))
+        arrays = load_npz(path)
+        cost.carry(cost.from_arrays(arrays))
+        return loop.task.load_predictions(arrays)
+    preds, spent = cost.measured(lambda: loop.s.predict(ctx, ctx.eval_rows), "evaluation")
+    save_npz(path, {**loop.task.save_predictions(preds), **cost.to_arrays(spent)})
     return preds
 
 

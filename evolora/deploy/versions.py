@@ -36,6 +36,9 @@ class Version:
     data: dict[str, Any] = field(default_factory=dict)  # file, sha256, row counts of the update
     gate: dict[str, Any] = field(default_factory=dict)  # metric, both figures, the decision
     promoted_at_creation: bool = True
+    #: what the update took, as a stage's `cost` (parts: data, model loading, training, the gate's
+    #: evaluation, ...); empty for version 0 (the run's stages record theirs) and updates before 2026-12-05
+    cost: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
