@@ -733,6 +733,31 @@ def test_an_update_of_an_older_evolora_s_next_item_run_builds_on_its_semantic_id
     assert {i: tokens[i] for i in index} == index and "sku-new" in tokens
 
 
+def test_a_peso_format_run_takes_its_release_with_a_new_block(tmp_path: Path) -> None:
+    """PESO's release has no dates: its loader orders rows by block (10^9 s apart, so the third block is in
+    2065). Every batch was refused as dated after today; the release with a block more is taken, its
+    earlier blocks dropped as seen."""
+    import json as json_
+
+    from tests.helpers import NEXT_ITEM_CYCLE, write_peso_cycle
+
+    run_data = write_peso_cycle(tmp_path / "peso")
+    small = {
+        "train.epochs": 1,
+        "train.samples_per_stage": 32,
+        "eval.max_samples": 12,
+        "strategies": "[finetune]",
+    }
+    cfg = tiny_config(run_data, tmp_path / "runs", **{**NEXT_ITEM_CYCLE, **small})
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    batch = write_peso_cycle(tmp_path / "peso4", n_blocks=4)  # the same three blocks, and a fourth
+    fourth = json_.loads(next(batch.glob("*.block_3.json")).read_text())
+    v = update_run(root, batch, overrides=["update.min_gain=-1.0"]).version
+    assert v.stage == 4 and v.data["accepted"] == sum(len(u["current_block"]) for u in fourth.values())
+    assert v.data["dropped"] == {"already seen": v.data["rows_in_file"] - v.data["accepted"]}
+
+
 def test_a_run_whose_items_bring_their_ids_takes_a_new_items_own_id(
     batches: dict[str, Path], tmp_path: Path
 ) -> None:
