@@ -639,6 +639,13 @@ def test_a_conventional_next_item_run_grows_its_item_table(batches: dict[str, Pa
     batch = _with_a_new_item(batches, tmp_path / "new.csv")
     with pytest.raises(ConfigError, match=r"update\.metric='log_items'"):  # a reference, not a model's figure
         update_run(root, batch, overrides=["update.metric=log_items"])
+    # an ID model's ranking has no likelihood: refused before any work (it was a KeyError after training),
+    # and the refusal names only what the run scores
+    compare = r"can compare \['hit@5', 'hit@10', 'ndcg@5', 'ndcg@10'\]$"
+    for metric in ("nll", "nll_valid"):
+        with pytest.raises(ConfigError, match=rf"update\.metric='{metric}'.*{compare}"):
+            update_run(root, batch, overrides=[f"update.metric={metric}"])
+    assert not (root / "deploy").exists() or not list((root / "deploy").rglob("candidate.npz"))
     v = update_run(root, batch, overrides=["update.min_gain=-1.0"]).version
     assert v.data["accepted"] == v.data["rows_in_file"] == pl.read_csv(batch).height and not v.data["dropped"]
     rec = evolora.Recommender.load(root)

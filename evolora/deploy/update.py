@@ -139,8 +139,11 @@ def update_run(
     cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *(overrides or [])]))
     check_tracking(cfg)  # a store that cannot be opened stops the update before training
     metrics = metric_set(cfg.task.name)  # checked before any training, not at the gate
-    # a reference figure (log_items: the size of the candidate set) is the same for both versions
-    names = [n for n in metrics.names if n not in metrics.references]
+    # What this run's model scores (a conventional ranker has no nll, LSAT's next-item ensemble no nll_valid):
+    # the figures its stages recorded. A reference (log_items: the size of the candidate set) is the same
+    # for both versions.
+    recorded = {k for s in results["stages"] for k in s.get("metrics", {})}
+    names = [n for n in metrics.names if n not in metrics.references and n in recorded]
     if cfg.update.metric is not None and cfg.update.metric not in names:
         raise ConfigError(
             f"update.metric={cfg.update.metric!r}: the {cfg.task.name} task's gate can compare {names}"
