@@ -427,7 +427,7 @@ class NextItemTaskConfig(TaskSection):
     one candidate set. `ties`: how a conventional model's full ranking orders items of equal score (cold
     items all score alike): `first`, the item that appeared first (older, so often more popular: a model
     scoring every item alike gets Hit@10 well above a random ranking's), or `random`, a fixed random order
-    of the items (a seeded permutation per candidate count, so batches and reruns agree); the LLM's beam
+    of the items (a seeded random key per item, so batches, reruns and later versions agree); the LLM's beam
     scores do not tie.
     """
 

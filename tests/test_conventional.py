@@ -312,26 +312,33 @@ def test_bpr_negatives_unrated_are_never_an_item_the_user_rated(
 
 @pytest.mark.parametrize("ties", ["first", "random"])
 def test_ties_rank_a_constant_scorer_by_index_or_by_a_fixed_random_order(
-    ties: str, cycle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ties: str, arrivals_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Equal scores (cold items, an untrained model) go to the lowest index, the item that appeared first,
-    or, with `task.ties: random`, a seeded random order that batching and reruns do not change."""
-    lm, task, prepared = build(config(cycle_dir, tmp_path, "pop", **NEXT_ITEM_CYCLE, **{"task.ties": ties}))
-    task.before_stage(lm, 1)
+    or, with `task.ties: random`, a seeded random order that batching, rows of other stages in the batch and
+    reruns do not change."""
+    over = {"task.name": "next_item", "task.history_len": 6, "task.template": "peso", "task.ties": ties}
+    lm, task, prepared = build(config(arrivals_dir, tmp_path, "pop", **over))
+    task.before_stage(lm, 3)
     monkeypatch.setattr(lm.model, "rank_logits", lambda batch, n: torch.zeros(len(batch.target), n))
-    rows = prepared.pools[1].test
+    rows = prepared.pools[2].test
     ranked = task.predict(lm, rows, 64)
     assert (ranked.items == ranked.items[:1]).all()  # one stage's rows: one candidate set, one order
     top = ranked.items[0].tolist()
-    n = int(task.known[1])
+    n = int(task.known[2])
     assert len(top) == 10 and set(top) <= set(range(1, n))
     if ties == "first":
         assert top == list(range(1, 11))
-    else:
-        assert top != list(range(1, 11)) and top != sorted(top)
-        assert (task.predict(lm, rows, 1).items == ranked.items).all()
-        again = build(config(cycle_dir, tmp_path, "pop", **NEXT_ITEM_CYCLE, **{"task.ties": ties}))[1]
-        assert again.predict(lm, rows, 7).items.tolist() == ranked.items.tolist()
+        return
+    assert top != list(range(1, 11)) and top != sorted(top)
+    assert (task.predict(lm, rows, 1).items == ranked.items).all()
+    again = build(config(arrivals_dir, tmp_path, "pop", **over))[1]
+    assert again.predict(lm, rows, 7).items.tolist() == ranked.items.tolist()
+    # batched with a row of a later stage (more candidates, so more columns): the same order of ties
+    later = prepared.pools[3].test[:1]
+    assert int(task.known[3]) > n
+    mixed = task.predict(lm, np.concatenate([rows[:1], later]), 64)
+    assert mixed.items[0].tolist() == top
 
 
 def test_a_history_item_past_the_candidates_leaves_every_candidate_in(

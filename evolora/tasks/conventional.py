@@ -279,11 +279,14 @@ class ConventionalNextItemTask(_ConventionalTask):
         out_scores[:, :width] = vals.double().cpu().numpy()
         return Ranked(out_items, out_scores)
 
-    @functools.cache  # noqa: B019 - one permutation per candidate count, for the task's life
+    @functools.cache  # noqa: B019 - one order per column count, for the task's life
     def _tie_order(self, n: int) -> torch.Tensor:
-        """`task.ties: random`: the order equal scores rank in, a permutation of the `n` columns seeded by
-        `n` alone (every batch and every rerun of a stage's rows agree; index 0, never a candidate, too)."""
-        return torch.randperm(n, generator=torch.Generator().manual_seed(n))
+        """`task.ties: random`: the order equal scores rank in, the `n` columns sorted by a random key each,
+        drawn from one seeded stream (column i's key is the stream's i-th number whatever `n` is). So any two
+        items tie-break alike in every batch (a batch of rows of several stages has more columns), every
+        version with more items and every rerun."""
+        keys = np.random.default_rng(0).random(n)
+        return torch.from_numpy(np.argsort(keys, kind="stable"))
 
     @split_rows
     @torch.no_grad()
