@@ -170,6 +170,8 @@ def test_an_id_the_answering_version_does_not_know_is_404(server, monkeypatch: p
 def test_health_docs_and_size_limit(server) -> None:
     url, _ = server
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    # load balancers and monitors probe with HEAD too (it was a 405)
+    assert httpx.head(f"{url}/health").status_code == httpx.head(f"{url}/version").status_code == 200
     assert httpx.get(f"{url}/docs").status_code == 200
     assert "/score" in httpx.get(f"{url}/openapi.json").json()["paths"]
     json_type = {"content-type": "application/json"}
@@ -204,6 +206,51 @@ def test_an_address_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> 
     # an address of another machine: the advice is about the host, not the port
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "no-run"), "--host", "192.0.2.1"])
     assert result.exit_code == 2 and "not an address of this machine" in result.output, result.output
+
+
+def test_max_batch_one_answers_every_request_alone(deployed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batched with other clients' requests, an answer moved by rounding (the batch's padded shape):
+    `--max-batch 1` scores every request in a pass of its own, the same to the last digit as sent alone."""
+    import asyncio
+
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+    from evolora.deploy import server as server_module
+    from evolora.deploy.server import Batcher, _Request
+
+    given: dict[str, object] = {}
+    monkeypatch.setattr(server_module, "serve", lambda run_dir, **kw: given.update(kw))
+    result = CliRunner().invoke(app, ["serve", str(deployed), "--port", str(free_port()), "--max-batch", "1"])
+    assert result.exit_code == 0 and given["max_batch"] == 1, result.output
+    result = CliRunner().invoke(app, ["serve", str(deployed), "--max-batch", "0"])
+    assert result.exit_code == 2 and "--max-batch" in result.output
+
+    holder = ModelHolder(deployed)
+    batches: list[int] = []
+    answer = Batcher._answer
+    monkeypatch.setattr(
+        Batcher, "_answer", staticmethod(lambda served, b: (batches.append(len(b)), answer(served, b))[1])
+    )
+
+    async def three_at_once() -> list[object]:
+        batcher = Batcher(holder, max_batch=1)
+        worker = asyncio.create_task(batcher.run())
+        loop = asyncio.get_running_loop()
+        asks = [
+            _Request("score", None, ["sku-001"] * n, ["sku-002", "sku-003"], 0, loop.create_future(), loop)
+            for n in (1, 12, 3)
+        ]
+        for req in asks:
+            await batcher.queue.put(req)
+        answers = [await req.future for req in asks]
+        worker.cancel()
+        return answers
+
+    answers = asyncio.run(three_at_once())
+    assert batches == [1, 1, 1]
+    alone = holder.served.rec.score_many([(["sku-001"] * 12, ["sku-002", "sku-003"], None)])[0]
+    assert [s["score"] for s in answers[1]["items"]] == [s.score for s in alone]
 
 
 def test_a_ctr_run_ranks_given_candidates(server) -> None:
@@ -367,6 +414,34 @@ def test_a_promoted_version_that_cannot_be_loaded_is_said_and_tried_again_later(
         assert "error" not in TestClient(create_app(holder)).get("/health").json()
     finally:
         Versions.open(deployed, "finetune", 0, 2).rollback(1)  # leave the fixture as it was
+
+
+def test_a_registry_gone_while_serving_keeps_the_served_version(deployed: Path, tmp_path: Path) -> None:
+    """versions.json moved away (or the run folder with it) read as "version 0 promoted": the server rolled
+    itself back to a version nobody promoted. It keeps the served one, says why in /health, and goes on
+    when the file is back."""
+    from fastapi.testclient import TestClient
+
+    holder = ModelHolder(deployed, poll_seconds=0.05)
+    loads: list[int] = []
+    holder._load = lambda version: loads.append(version)  # type: ignore[method-assign]
+    registry = holder._registry().file
+    aside = tmp_path / "versions.json"
+    registry.rename(aside)
+    try:
+        for _ in range(3):
+            holder.poll()
+        assert loads == [] and holder.served.version == holder.promoted == 1
+        health = TestClient(create_app(holder)).get("/health").json()
+        assert health["version"] == health["promoted"] == 1
+        assert (
+            "the run's versions cannot be read" in health["error"]
+            and "versions.json is missing" in health["error"]
+        )
+    finally:
+        aside.rename(registry)
+    holder.poll()
+    assert loads == [] and holder.switch_error is None
 
 
 def test_a_version_whose_model_was_deleted_is_not_promoted(deployed: Path, tmp_path: Path) -> None:

@@ -197,9 +197,17 @@ def serve(
     method: Method = None,
     seed: Seed = None,
     threads: Threads = None,
+    max_batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="samples one forward pass takes across concurrent clients; 1: every request alone, its "
+            "answer the same to the last digit whatever the traffic (batched, rounding moves scores)",
+        ),
+    ] = 256,
 ) -> None:
-    """Serve the promoted version over HTTP (POST /score, /recommend; GET /health, /version, /docs),
-    switching to a newly promoted one without dropping requests."""
+    """Serve the promoted version over HTTP (POST /score, /recommend; GET /health, /version,
+    /openapi.json), switching to a newly promoted one without dropping requests."""
     from evolora.deploy.server import check_address
     from evolora.deploy.server import serve as serve_run
     from evolora.queries import locate_run
@@ -208,8 +216,8 @@ def serve(
     _quiet_libraries()
     check_address(host, port)
     locate_run(Path(run_dir), method, seed)  # a folder that is not a run, or several methods: said first
-    console.print(f"serving {run_dir} on http://{host}:{port} (OpenAPI: /docs); Ctrl-C stops")
-    serve_run(run_dir, host=host, port=port, method=method, seed=seed, threads=threads)
+    console.print(f"serving {run_dir} on http://{host}:{port} (OpenAPI: /openapi.json); Ctrl-C stops")
+    serve_run(run_dir, host=host, port=port, method=method, seed=seed, threads=threads, max_batch=max_batch)
 
 
 @app.command("export")

@@ -42,6 +42,8 @@ class ModelHolder:
     promoted: int | None = None  # as the registry says (`served` lags behind while it loads, or fails to)
     switch_error: str | None = None  # why the promoted version is not the served one, if it failed to load
     _failed: tuple[int, float] | None = None  # (version, when) of the last failed load
+    _registered: bool = False  # the run has had a versions.json: from then on its absence is no "version 0"
+    _unreadable: str | None = None  # why the registry cannot be read now (said once, until it can)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -57,7 +59,12 @@ class ModelHolder:
         return Versions.open(self.root, self.method or "", self.seed, self.last_stage)
 
     def _promoted(self) -> int:
-        return self._registry().promoted
+        registry = self._registry()
+        if not registry.file.is_file() and self._registered:
+            # moved, being restored, the run folder gone: `Versions.open` would say "version 0, promoted"
+            raise FileNotFoundError(f"{registry.file} is missing")
+        self._registered = self._registered or registry.file.is_file()
+        return registry.promoted
 
     def _load(self, version: int) -> Served:
         t0 = time.perf_counter()
@@ -98,12 +105,24 @@ class ModelHolder:
     def watch(self) -> None:
         """Poll for another promoted version and swap it in (run in a thread)."""
         while not self._stop.wait(self.poll_seconds):
-            try:
-                self.promoted = self._promoted()
-            except Exception as e:  # a registry being replaced, or damaged: keep serving, read it again
-                log.warning("could not read the run's versions: %s", e)
-                continue
-            self.check_promoted()
+            self.poll()
+
+    def poll(self) -> None:
+        """Read which version is promoted and swap it in if another is served. A registry being replaced,
+        damaged or gone keeps the served version answering (said once, and in /health) until it reads."""
+        try:
+            self.promoted = self._promoted()
+        except Exception as e:
+            if str(e) != self._unreadable:  # not twice a second
+                served = self.served.version if self.served is not None else None
+                log.warning("could not read the run's versions (%s): still serving version %s", e, served)
+                self._unreadable = str(e)
+                self.switch_error = f"the run's versions cannot be read: {e}"
+            return
+        if self._unreadable is not None:
+            log.info("the run's versions can be read again")
+            self._unreadable = self.switch_error = None
+        self.check_promoted()
 
     def check_promoted(self) -> None:
         """Swap in the promoted version if another one is served. One that fails to load is kept serving

@@ -5,14 +5,15 @@
                      (CTR runs rank the candidates given as "items", leaving out items of the history)
     GET  /health     liveness, the version served and the one promoted (and why it is not served yet)
     GET  /version    the version served: id, stage, when, its gate
-    GET  /docs       the OpenAPI schema, browsable
+    GET  /openapi.json  the OpenAPI schema (GET /docs: a browser view of it, whose scripts come from a CDN)
 
 One model serves at a time, from one worker thread: requests wait in a queue, and the worker answers all
 the requests that arrived while it was busy (up to `max_batch` samples) with one forward pass over their
-samples, so concurrent clients share batches; a request the model cannot answer (an unknown user or item,
-a malformed rating) fails alone, not the batch it arrived in. A watcher (`holder.py`) polls the run's
-versions: when another version is promoted (`evolora update`, `evolora rollback`, in any process), it
-loads that version beside the served one and swaps them between two batches; requests in flight finish on
+samples, so concurrent clients share batches (a batch's padded shape moves scores by rounding: `max_batch`
+1 answers each request alone, the same whatever the traffic); a request the model cannot answer (an unknown
+user or item, a malformed rating) fails alone, not the batch it arrived in. A watcher (`holder.py`) polls
+the run's versions: when another version is promoted (`evolora update`, `evolora rollback`, in any process),
+it loads that version beside the served one and swaps them between two batches; requests in flight finish on
 the version they started with (the old one is torn down only once its last batch is answered), and every
 answer names its version; a promoted version that fails to load leaves the served one answering, and is
 tried again after `retry_seconds`. A request whose client disconnects is cancelled and dropped from its
@@ -252,6 +253,10 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
         served = holder.served
         return {"method": holder.method, "seed": holder.seed, **(served.info if served else {})}
 
+    # HEAD as well as GET: load balancers and monitors probe with either (RFC 9110); the schema lists GET
+    for path, answer in (("/health", health), ("/version", version)):
+        app.add_api_route(path, answer, methods=["HEAD"], include_in_schema=False)
+
     return app
 
 
@@ -284,9 +289,11 @@ def serve(
     method: str | None = None,
     seed: int | None = None,
     threads: int | None = None,
+    max_batch: int = 256,
 ) -> None:
     """Serve the promoted version of a deployed run until stopped; `threads`: torch's CPU threads (None:
-    every core), which the model worker uses."""
+    every core), which the model worker uses; `max_batch`: the samples one forward pass takes across
+    clients (1: every request alone)."""
     import torch
     import uvicorn
 
@@ -295,4 +302,4 @@ def serve(
         torch.set_num_threads(threads)
     keep_freed_memory()
     holder = ModelHolder(run_dir, method, seed)
-    uvicorn.run(create_app(holder), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(holder, max_batch), host=host, port=port, log_level="warning")
