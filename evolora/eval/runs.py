@@ -119,26 +119,39 @@ def _check_same_rows(results: list[dict[str, Any]]) -> None:
             for j, arrays in by_stage.items():
                 if "rows" not in arrays:
                     continue
-                digest = hashlib.sha256(np.asarray(arrays["rows"], dtype=np.int64).tobytes()).hexdigest()
-                first_digest, where = rows.setdefault((t, j), (digest, r["_path"]))
-                if first_digest != digest:
-                    raise EvoloraError(
-                        f"D{j} is evaluated on other samples in {_experiment_of(where)} than in "
-                        f"{_experiment_of(r['_path'])} (as many, not the same: another eval.seed or "
-                        "staging). A report compares methods on the same rows: make one report per setting"
-                    )
-                if r.get("task") != "ctr" or "truth" not in arrays:
-                    continue
-                truth = np.asarray(arrays["truth"], dtype=np.float64)
-                digest = hashlib.sha256(truth.tobytes()).hexdigest()
-                first_digest, where = labels.setdefault((t, j), (digest, r["_path"]))
-                if first_digest != digest:
-                    raise EvoloraError(
-                        f"D{j}'s samples carry other labels in {_experiment_of(where)} than in "
-                        f"{_experiment_of(r['_path'])} (the same rows: another data.like_threshold, or other "
-                        "sampled negatives). A report compares methods against the same labels: make one "
-                        "report per setting"
-                    )
+                _refuse_other(rows, (t, j), arrays["rows"], np.int64, r["_path"], _OTHER_ROWS)
+                if r.get("task") == "ctr" and "truth" in arrays:
+                    # as numbers: an ID model's int8 labels are an LLM's float ones
+                    _refuse_other(labels, (t, j), arrays["truth"], np.float64, r["_path"], _OTHER_LABELS)
+
+
+_OTHER_ROWS = (
+    "D{stage} is evaluated on other samples in {first} than in {here} (as many, not the same: another "
+    "eval.seed or staging). A report compares methods on the same rows: make one report per setting"
+)
+_OTHER_LABELS = (
+    "D{stage}'s samples carry other labels in {first} than in {here} (the same rows: another "
+    "data.like_threshold, or other sampled negatives). A report compares methods against the same labels: "
+    "make one report per setting"
+)
+
+
+def _refuse_other(
+    seen: dict[tuple[int, int], tuple[str, str]],
+    key: tuple[int, int],
+    values: Any,
+    dtype: Any,
+    path: str,
+    message: str,
+) -> None:
+    """Raise `message` ({stage}: the evaluated one; {first}, {here}: the two experiments) when `values` are
+    not those the first run to record `key` (training stage, evaluated stage) had."""
+    digest = hashlib.sha256(np.asarray(values, dtype=dtype).tobytes()).hexdigest()
+    first, where = seen.setdefault(key, (digest, path))
+    if first != digest:
+        raise EvoloraError(
+            message.format(stage=key[1], first=_experiment_of(where), here=_experiment_of(path))
+        )
 
 
 def _check_same_settings(results: list[dict[str, Any]]) -> None:
