@@ -225,6 +225,9 @@ def test_max_batch_one_answers_every_request_alone(deployed: Path, monkeypatch: 
     assert result.exit_code == 0 and given["max_batch"] == 1, result.output
     result = CliRunner().invoke(app, ["serve", str(deployed), "--max-batch", "0"])
     assert result.exit_code == 2 and "--max-batch" in result.output
+    port = free_port()
+    result = CliRunner().invoke(app, ["serve", str(deployed), "--host", "::1", "--port", str(port)])
+    assert result.exit_code == 0 and f"http://[::1]:{port}" in result.output, result.output  # a URL's form
 
     holder = ModelHolder(deployed)
     batches: list[int] = []

@@ -216,7 +216,8 @@ def serve(
     _quiet_libraries()
     check_address(host, port)
     locate_run(Path(run_dir), method, seed)  # a folder that is not a run, or several methods: said first
-    console.print(f"serving {run_dir} on http://{host}:{port} (OpenAPI: /openapi.json); Ctrl-C stops")
+    shown = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets in a URL
+    console.print(f"serving {run_dir} on http://{shown}:{port} (OpenAPI: /openapi.json); Ctrl-C stops")
     serve_run(run_dir, host=host, port=port, method=method, seed=seed, threads=threads, max_batch=max_batch)
 
 
