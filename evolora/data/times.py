@@ -97,8 +97,19 @@ def is_epoch_number(value: object) -> bool:
     return isinstance(value, int | float) or (isinstance(value, str) and re.match(_NUMBER, value) is not None)
 
 
+def _as_read(values: pl.Series) -> pl.Series:
+    """A time column in the type its values are read as: pandas' `category` written to Parquet (Categorical,
+    Enum) as text, Decimal as floats."""
+    if isinstance(values.dtype, pl.Categorical | pl.Enum):
+        return values.cast(pl.Utf8)
+    if isinstance(values.dtype, pl.Decimal):
+        return values.cast(pl.Float64)
+    return values
+
+
 def epoch_numbers(values: pl.Series) -> pl.Series:
     """`is_epoch_number` of each value of a time column (False where null)."""
+    values = _as_read(values)
     if values.dtype.is_numeric():
         return values.is_not_null()
     if values.dtype == pl.Utf8:
@@ -121,10 +132,7 @@ def epoch_seconds(values: pl.Series, unit: str = "s") -> pl.Series:
     ISO date or datetime (naive ones are UTC); Parquet dates and datetimes are taken as they are.
     """
     per_second = EPOCH_UNITS[unit][0]
-    if isinstance(values.dtype, pl.Categorical | pl.Enum):  # pandas' `category` written to Parquet
-        values = values.cast(pl.Utf8)
-    elif isinstance(values.dtype, pl.Decimal):
-        values = values.cast(pl.Float64)
+    values = _as_read(values)
     dtype = values.dtype
     if dtype == pl.Date or isinstance(dtype, pl.Datetime):
         return values.cast(pl.Datetime("us")).dt.epoch("s") if dtype == pl.Date else values.dt.epoch("s")

@@ -476,6 +476,12 @@ def test_iso_times_that_span_1970_and_parquet_times_of_other_types(tmp_path: Pat
     for dtype in (pl.Categorical, pl.Enum(times)):
         frame.with_columns(ts=pl.Series(times, dtype=dtype)).write_parquet(tmp_path / "t.parquet")
         assert load(tmp_path / "t.parquet").interactions["timestamp"].to_list() == [1709294400, 1709380800]
+    # numbers as category text are numbers: one beside another unit is refused as in a CSV
+    frame.with_columns(ts=pl.Series(["20240101", "1704153600"], dtype=pl.Categorical)).write_parquet(
+        tmp_path / "c.parquet"
+    )
+    with pytest.raises(DataError, match=r"mixes units"):
+        load(tmp_path / "c.parquet")
     frame.with_columns(ts=pl.Series([1709294400, 1709380800], dtype=pl.Decimal(12, 0))).write_parquet(
         tmp_path / "d.parquet"
     )
