@@ -46,6 +46,7 @@ from evolora.config import (
     config_changes,
     config_to_dict,
     definite_candidates,
+    parse_override,
 )
 from evolora.continual import (
     Env,
@@ -434,7 +435,7 @@ def where_its_config_lies(config: str | Path, cfg: RunConfig, overrides: list[st
     and no override names output_dir, the folder it lies in, with a warning: rerunning a copy's own config
     trained everything again at the old place."""
     folder = Path(config).expanduser().resolve().parent
-    if any(s.split("=", 1)[0].strip() == "output_dir" for s in overrides):
+    if any(parse_override(s)[0] == ["output_dir"] for s in overrides):
         return cfg
     if Path(config).name != "config.yaml" or not (folder / "experiment.json").is_file():
         return cfg

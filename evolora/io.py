@@ -316,21 +316,22 @@ def remove_stale_temporaries(
     pending = [p for p in folder.iterdir() if p.name not in keep]
     while pending:
         entry = pending.pop()
-        if entry.name.startswith(".") and entry.name.endswith(".tmp") and older_than is not None:
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            if entry.is_dir() and not entry.is_symlink():
+                pending.extend(entry.iterdir())
+        elif older_than is not None:
             try:
                 if entry.is_file() and not entry.is_symlink() and now - entry.stat().st_mtime > older_than:
                     entry.unlink()
                     removed += 1
             except FileNotFoundError:  # its writer renamed or removed it meanwhile
                 pass
-        elif entry.name.startswith(".") and entry.name.endswith(".tmp"):
+        else:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
             removed += 1
-        elif entry.is_dir() and not entry.is_symlink():
-            pending.extend(entry.iterdir())
     return removed
 
 

@@ -60,10 +60,11 @@ class ModelHolder:
 
     def _promoted(self) -> int:
         registry = self._registry()
-        if not registry.file.is_file() and self._registered:
-            # moved, being restored, the run folder gone: `Versions.open` would say "version 0, promoted"
-            raise FileNotFoundError(f"{registry.file} is missing")
-        self._registered = self._registered or registry.file.is_file()
+        if not registry.file.is_file():
+            if self._registered:  # moved, being restored, the run folder gone: not "version 0, promoted"
+                raise FileNotFoundError(f"{registry.file} is missing")
+        else:
+            self._registered = True
         return registry.promoted
 
     def _load(self, version: int) -> Served:
