@@ -67,7 +67,7 @@ class SampleTable:
         counts them, `task.history_ties`). What `task.exclude_history: rated` leaves out of a ranking, as a
         served recommendation leaves out what the user rated. A table of queries gives each row's history."""
         rows = np.asarray(rows, dtype=np.int64)
-        if self.log is None or "n_before" not in self.df.columns:
+        if not self._from_log:
             return [list(h) for h in self.df["hist_items"].gather(rows).to_list()]
         asked = self.df.select("user_id", "n_before")[rows]
         joined = asked.join(self._user_items, on="user_id", how="left", maintain_order="left")
@@ -77,7 +77,7 @@ class SampleTable:
         """`rated_before` of every row at once, as indices: (flat, start, count), row r's items mapped by
         `mapping` (0 for an item it lacks) being flat[start[r] : start[r] + count[r]]. One int64 per
         interaction, for tasks that slice it per batch; None for a table of queries."""
-        if self.log is None or "n_before" not in self.df.columns:
+        if not self._from_log:
             return None
         users = self._user_items
         lengths = users["items"].list.len().to_numpy().astype(np.int64)
@@ -85,6 +85,11 @@ class SampleTable:
         position = users.select("user_id", _u=pl.int_range(pl.len()))
         at = self.df.select("user_id").join(position, on="user_id", how="left", maintain_order="left")["_u"]
         return flat, (np.cumsum(lengths) - lengths)[at.to_numpy()], self.df["n_before"].to_numpy()
+
+    @property
+    def _from_log(self) -> bool:
+        """Built from a log (not queries): its rows count their user's earlier items."""
+        return self.log is not None and "n_before" in self.df.columns
 
     @functools.cached_property
     def _user_items(self) -> pl.DataFrame:

@@ -193,11 +193,7 @@ class ConventionalNextItemTask(_ConventionalTask):
         """`neg` with each draw that is an item the row's user rated by the row (earlier, or its target)
         drawn again, uniformly over the other known items (`negatives_from: unrated`). A user who rated
         nearly every known item may keep a rated draw after `rounds` redraws (none when every item is)."""
-        rated = self._rated_indices(rows)
-        table = np.zeros((len(rows), 1 + max(map(len, rated))), dtype=np.int64)
-        table[:, 0] = self.targets[rows]
-        for q, items in enumerate(rated):
-            table[q, 1 : 1 + len(items)] = items
+        table = np.concatenate([self.targets[rows, None], _padded(self._rated_indices(rows))], axis=1)
         taken = torch.from_numpy(table).to(neg.device)
         for _ in range(rounds):
             hit = (neg.unsqueeze(2) == taken.unsqueeze(1)).any(2)
@@ -236,11 +232,7 @@ class ConventionalNextItemTask(_ConventionalTask):
         """[len(rows), width] item indices `exclude_history` leaves out of each row's ranking (0: none)."""
         if self.cfg.exclude_history != "rated":
             return self._excluded[torch.from_numpy(rows)]
-        lists = self._rated_indices(rows)
-        out = np.zeros((len(rows), max(1, max(map(len, lists), default=0))), dtype=np.int64)
-        for q, items in enumerate(lists):
-            out[q, : len(items)] = items
-        return torch.from_numpy(out)
+        return torch.from_numpy(_padded(self._rated_indices(rows)))
 
     def _rated_indices(self, rows: np.ndarray) -> list[np.ndarray]:
         """Item indices of `SampleTable.rated_before` (0 for an item without one), per row."""
@@ -262,7 +254,7 @@ class ConventionalNextItemTask(_ConventionalTask):
     def _excluded(self) -> torch.Tensor:
         """[samples, task.history_len] item indices `exclude_history` leaves out (0: none)."""
         width = max(1, self.cfg.history_len)
-        return torch.from_numpy(history_matrix(self.table.df["hist_items"], width, self.space.item_index()))
+        return torch.from_numpy(history_matrix(self.table.df["hist_items"], width, self._item_index))
 
     def _top(self, scores: torch.Tensor) -> Ranked:
         if self.cfg.ties == "random":
@@ -348,6 +340,14 @@ class ConventionalNextItemTask(_ConventionalTask):
 
     def load_predictions(self, arrays: Any) -> Ranked:
         return Ranked(arrays["items"], arrays["scores"])
+
+
+def _padded(lists: list[np.ndarray]) -> np.ndarray:
+    """[len(lists), longest (at least 1)] int64, each list from the left and 0 (no item) after it."""
+    out = np.zeros((len(lists), max(1, max(map(len, lists), default=0))), dtype=np.int64)
+    for q, items in enumerate(lists):
+        out[q, : len(items)] = items
+    return out
 
 
 def stable_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
