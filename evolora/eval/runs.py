@@ -162,8 +162,7 @@ def _check_same_settings(results: list[dict[str, Any]]) -> None:
     for r in results:
         exp = _experiment_of(r["_path"])
         if exp not in contexts:
-            path = Path(exp) / "experiment.json"
-            context = read_json(path, "Rerun its experiment.").get("context") if path.is_file() else None
+            context = _recorded_context(exp)
             contexts[exp] = None if context is None else _comparable(context)
         if contexts[exp] is None:  # an older evolora's folder
             continue
@@ -177,6 +176,12 @@ def _check_same_settings(results: list[dict[str, Any]]) -> None:
                 f"{r['method']} ran with other settings in {where} and {exp} ({changes}). A report "
                 "averages a method's runs as seeds of one setting: give one of them another `label`"
             )
+
+
+def _recorded_context(experiment: str) -> dict[str, Any] | None:
+    """The settings an experiment folder recorded (experiment.json's context); None for an older evolora's."""
+    path = Path(experiment) / "experiment.json"
+    return read_json(path, "Rerun its experiment.").get("context") if path.is_file() else None
 
 
 def _experiment_of(results_path: str) -> str:
@@ -209,10 +214,7 @@ def ranking_notes(results: list[dict[str, Any]]) -> list[str]:
     for r in ranked:
         exp = _experiment_of(r["_path"]) if "_path" in r else ""
         if exp not in contexts:
-            path = Path(exp) / "experiment.json"
-            context = (
-                read_json(path, "Rerun its experiment.").get("context") if exp and path.is_file() else None
-            )
+            context = _recorded_context(exp) if exp else None
             contexts[exp] = None if context is None else context.get("task", {})
         task = contexts[exp]
         conventional = is_conventional(str(r.get("model", "")))
