@@ -329,7 +329,8 @@ class Recommender:
     def predict_samples(self, samples: pl.DataFrame, **settings: Any) -> Any:
         """The strategy's predictions for sample rows shaped like a run's sample table (`user_id`,
         `item_id`, `hist_items`, `hist_ratings`, `stage`; the table's other columns, e.g. `label`, may be
-        left out), exactly as evaluation computes them."""
+        left out), exactly as evaluation computes them. A `rated` column (list of item ids) names every item
+        a row's user rated: what `exclude_history="rated"` keeps out of a ranking (else its history)."""
         if not isinstance(samples, pl.DataFrame):
             raise EvoloraError(
                 f"predict_samples: a polars DataFrame of sample rows, not {type(samples).__name__}"
@@ -485,33 +486,26 @@ class Recommender:
         queries = [(history, count_of(k), user) for history, k, user in queries]
         histories = [self._history(history, user) for history, _, user in queries]
         target = next(iter(self._task.items))  # any known item: generation ignores the target
-        rows = [self._row(u, target, h, r) for (_, _, u), (h, r, _) in zip(queries, histories, strict=True)]
+        # Every seen item is kept out of the search itself (`exclude_history: rated` over the query's
+        # `rated` items), not filtered after it: k beams suffice however long the history, and a query's
+        # answer is the one evaluation under `exclude_history: rated` would give it.
+        rows = [
+            {**self._row(u, target, h, r), "rated": sorted(seen) if exclude_seen else []}
+            for (_, _, u), (h, r, seen) in zip(queries, histories, strict=True)
+        ]
         n_items = len(self._task.items)
-        # The search leaves out the history the model reads; older seen items (and for conventional models
-        # history past their `max_len`) are filtered after it and can take beams: search wider than k.
-        widths = [k + len(h) * exclude_seen for (_, k, _), (h, _, _) in zip(queries, histories, strict=True)]
+        # A query's beams depend on it alone (a wider search can find other items): queries of one width
+        # share a pass. No more beams than items: each finished beam is a distinct item.
+        groups: dict[int, list[int]] = {}
+        for q, (_, k, _) in enumerate(queries):
+            groups.setdefault(min(max(k, getattr(self._task.cfg, "beams", k)), n_items), []).append(q)
         out: list[list[Scored]] = [[] for _ in queries]
-        pending = list(range(len(queries)))
-        for attempt in range(2):
-            # A query's beams depend on it alone (a wider search can find other items): queries of one
-            # width share a pass. No more beams than items: each finished beam is a distinct item.
-            groups: dict[int, list[int]] = {}
-            for q in pending:
-                beams = min(max(widths[q], getattr(self._task.cfg, "beams", widths[q])), n_items)
-                groups.setdefault(beams, []).append(q)
-            short = []
-            for beams, group in sorted(groups.items()):
-                frame = query_frame([rows[q] for q in group])
-                ranked = self.predict_samples(frame, beams=beams, exclude_history=exclude_seen)
-                for at, q in enumerate(group):
-                    k, seen = queries[q][1], histories[q][2] if exclude_seen else set()
-                    out[q] = [s for s in self._top(ranked, at) if s.item not in seen][:k]
-                    if len(out[q]) < k and beams < n_items and attempt == 0:
-                        short.append(q)  # seen items took the beams: again, wide enough for all of them
-                        widths[q] = k + len(seen)
-            pending = short
-            if not pending:
-                break
+        for beams, group in sorted(groups.items()):
+            frame = query_frame([rows[q] for q in group])
+            exclude = "rated" if exclude_seen else False
+            ranked = self.predict_samples(frame, beams=beams, exclude_history=exclude)
+            for at, q in enumerate(group):
+                out[q] = self._top(ranked, at)[: queries[q][1]]
         return out
 
     def _top(self, ranked: Any, row: int) -> list[Scored]:

@@ -192,6 +192,8 @@ def query_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
         "user_kind": pl.Utf8,
         "sampled": pl.Boolean,
     }
+    if rows and "rated" in rows[0]:  # every item a query's user rated, which `exclude_history: rated` reads
+        schema["rated"] = pl.List(pl.Utf8)
     return pl.DataFrame([{**QUERY_DEFAULTS, **r} for r in rows], schema=schema)
 
 

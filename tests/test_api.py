@@ -145,6 +145,23 @@ def test_recommendations_leave_out_every_item_rated_not_only_the_history_read(ct
     assert ranked.left_out_seen == history and len(ranked.items) == 2
 
 
+def _beams_searched(rec: evolora.Recommender, history: list[str], k: int) -> list[int]:
+    """The beam widths of the searches `rec.recommend(history, k=k)` makes (k items answered)."""
+    searched: list[int] = []
+    predict = rec.predict_samples
+    rec.predict_samples = lambda frame, **settings: (
+        searched.append(settings["beams"])
+        or predict(  # type: ignore[method-assign]
+            frame, **settings
+        )
+    )
+    try:
+        assert len(rec.recommend(history, k=k)) == k
+    finally:
+        del rec.predict_samples
+    return searched
+
+
 def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
     peso = write_peso_cycle(tmp_path / "cycle")
     over = {
@@ -177,6 +194,9 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
         rest = rec.recommend(long, k=len(rec.known_items))
         assert sorted(s.item for s in rest) == sorted(set(rec.known_items) - set(long))
         assert len(rec.recommend(long, k=3)) == 3
+        # The seen items are kept out of the search, not filtered after it: k beams (or the run's), however
+        # long the history (k + 10 beams before, and a second search where seen items took them).
+        assert _beams_searched(rec, long, k=3) == [max(3, cfg.task.beams)]
         # An answer does not depend on the queries it is batched with (the server batches its clients'):
         # each query's search is as wide as it needs, not as the widest beside it.
         for user in rec.known_users[:4]:

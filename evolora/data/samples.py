@@ -41,7 +41,8 @@ class SampleTable:
     none in the previous stage, `new` = none before this stage), `sampled` (True for a sampled negative of
     implicit feedback, which follows its positive: `evolora.data.negatives`; False for every real sample),
     and, in a table built from a log, `n_before` (how many of the user's interactions precede the sample's
-    history end: the count `rated_before` reads).
+    history end: the count `rated_before` reads). A table of queries may hold `rated` (list[str]: every item
+    its user rated, which `rated_before` gives instead of the history).
     """
 
     df: pl.DataFrame
@@ -65,10 +66,12 @@ class SampleTable:
         """Every item each row's user rated before it, oldest first, the history-only stage 0 included:
         its history without the `history_len` cut (earlier in time, and among equal times as its history
         counts them, `task.history_ties`). What `task.exclude_history: rated` leaves out of a ranking, as a
-        served recommendation leaves out what the user rated. A table of queries gives each row's history."""
+        served recommendation leaves out what the user rated. A table of queries gives each row's `rated`
+        items, or without them its history."""
         rows = np.asarray(rows, dtype=np.int64)
         if not self._from_log:
-            return [list(h) for h in self.df["hist_items"].gather(rows).to_list()]
+            column = "rated" if "rated" in self.df.columns else "hist_items"
+            return [list(h) for h in self.df[column].gather(rows).to_list()]
         asked = self.df.select("user_id", "n_before")[rows]
         joined = asked.join(self._user_items, on="user_id", how="left", maintain_order="left")
         return joined.select(pl.col("items").list.head(pl.col("n_before"))).to_series().to_list()
