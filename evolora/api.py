@@ -53,15 +53,15 @@ from evolora.errors import ConfigError, EvoloraError, UnknownIdError
 from evolora.eval.report import Report, compose_report
 from evolora.experiment import (
     build_model_and_task,
-    load_backbone,
     other_weights,
     own_caches,
     resolve_config,
     run_experiment,
+    trained_backbone,
     where_its_config_lies,
+    with_model_at,
 )
 from evolora.io import read_json
-from evolora.models.conventional import is_conventional
 from evolora.models.precision import fp16_unavailable
 from evolora.overrides import as_overrides, plain
 from evolora.queries import (
@@ -214,12 +214,15 @@ class Recommender:
         seed: int | None = None,
         stage: int | None = None,
         version: int | None = None,
+        model: str | Path | None = None,
     ) -> Recommender:
         """The model of `method` (seed `seed`) as it stood after training `stage`, or a deployed run's
         `version` (see `evolora update`). Default: the promoted version of a deployed run, else the run's
         last stage.
 
         `run_dir`: an experiment folder (`runs/<name>`) or one run's folder (`runs/<name>/<method>/seed<k>`).
+        `model`: where the run's base LLM lies now, if not at its `model.name` (a run folder copied to
+        another machine); weights other than those it trained on are loaded with a warning.
         """
         if not isinstance(run_dir, str | Path):
             raise ConfigError(f"run_dir: a run's folder (a path), not {run_dir!r}")
@@ -229,7 +232,7 @@ class Recommender:
             raise ConfigError("give a stage or a version, not both (a version names its stage)")
         seed_dir, root = locate_run(Path(run_dir), method, seed)
         results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
-        cfg = resolve_config(load_config(root / "config.yaml"))
+        cfg = with_model_at(resolve_config(load_config(root / "config.yaml")), model)
         trained = [s["train_stage"] for s in results["stages"]]
         registry = Versions.open(root, results["method"], results["seed"], max(trained, default=0))
         if version is not None or (stage is None and registry.file.is_file()):
@@ -283,7 +286,7 @@ class Recommender:
     ) -> Recommender:
         inference_cfg, prepared, histories = load_bundle(bundle_root, cfg)
         inference_cfg = _answerable_here(inference_cfg)
-        pretrained = None if is_conventional(cfg.model.name) else load_backbone(inference_cfg)
+        pretrained = trained_backbone(inference_cfg, "--model PATH names it (model= in Python)")
         if other_weights(root, pretrained):
             # Served, not refused: a user may mean it; the figures of the run are not those of this model.
             log.warning(

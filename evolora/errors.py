@@ -46,6 +46,10 @@ class UnknownIdError(EvoloraError):
     """A query names a user or an item the model does not know (the server answers 404)."""
 
 
+class ModelNotFoundError(EvoloraError):
+    """The base model named cannot be found: not a folder, not in a cache, and the hub cannot give it."""
+
+
 class ConfigError(EvoloraError):
     """A configuration value is invalid. The message names the key."""
 

@@ -62,7 +62,7 @@ from evolora.data import InteractionData
 from evolora.data.digest import changed_files, data_digest, file_sha256
 from evolora.data.loaders import detect_format, names_a_dataset
 from evolora.data.prepare import Prepared, prepare_data
-from evolora.errors import ConfigError, EvoloraError, forget_warnings
+from evolora.errors import ConfigError, EvoloraError, ModelNotFoundError, forget_warnings
 from evolora.io import (
     atomic_write_json,
     atomic_write_text,
@@ -360,6 +360,36 @@ def _check_inputs(root: Path, cfg: RunConfig, task: Task, weights: str | None) -
     if any(recorded.get(k) != v for k, v in digests.items() if v is not None):
         atomic_write_json(marker, {**recorded, **{k: v for k, v in digests.items() if v is not None}})
     return digests["template_sha256"]
+
+
+def with_model_at(cfg: RunConfig, model: str | Path | None) -> RunConfig:
+    """`cfg` with its LLM's base weights read from `model` (a folder or a hub name) instead of `model.name`:
+    a trained run answered or updated where its base model lies elsewhere (a run folder copied to a serving
+    machine). None keeps `model.name`. Whether they are the weights it ran on is told once they are loaded
+    (`other_weights`, from the fingerprint the experiment recorded)."""
+    if model is None:
+        return cfg
+    if is_conventional(cfg.model.name):
+        raise ConfigError(f"model={model}: a {cfg.model.name} run has no base model to load from elsewhere")
+    name = str(model).strip()
+    if not name:
+        raise ConfigError("model: a folder or a hub name, not an empty string")
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"model={model}: a file; the base model is a folder (config.json and its weights)")
+    name = str(path.resolve()) if path.is_dir() else name
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": name})})
+
+
+def trained_backbone(cfg: RunConfig, name_it: str) -> tuple[Any, Any] | None:
+    """`load_backbone` for a trained run (None for a conventional model); where its base model cannot be
+    found, the error says how to name where it lies now (`name_it`: the option that does)."""
+    if is_conventional(cfg.model.name):
+        return None
+    try:
+        return load_backbone(cfg)
+    except ModelNotFoundError as e:
+        raise ModelNotFoundError(f"{e} A trained run whose base model lies elsewhere now: {name_it}.") from e
 
 
 def other_weights(root: Path, pretrained: tuple[Any, Any] | None) -> bool:
@@ -890,8 +920,11 @@ def _run_strategies(
     return [finite_json(r) for r in all_results]
 
 
-def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared, int]:
-    """A finished run's strategy as it stood after training stage `stage` (default: its last stage).
+def restore_run(
+    run_dir: Path, stage: int | None = None, model: str | Path | None = None
+) -> tuple[Any, Prepared, int]:
+    """A finished run's strategy as it stood after training stage `stage` (default: its last stage), its
+    base model read from `model` where given (`with_model_at`).
 
     Rebuilds the experiment's data, backbone and task from `config.yaml` two folders up (on the item
     caches the experiment was built from, `own_caches`; its output folder where it is now), the strategy
@@ -911,12 +944,19 @@ def restore_run(run_dir: Path, stage: int | None = None) -> tuple[Any, Prepared,
         raise ConfigError(f"{config}: missing; the experiment's configuration is needed to rebuild the run")
     root = run_dir.parent.parent
     cfg = load_config(config).model_copy(update={"output_dir": str(root.parent)})  # (a moved folder)
+    cfg = with_model_at(cfg, model)
     t = trained_stage(run_dir, results, stage, cfg.protocol)
     # the options it ran with, defaults as they were then: a default changed since must not change it
     spec = StrategySpec(name=results["strategy"], label=results["method"], **run_options(run_dir, results))
     prepared = prepare_data(cfg)
     prepared.caches = own_caches(root, cfg, prepared.data)  # those its stages were trained on
-    lm, task = build_model_and_task(cfg, prepared)
+    pretrained = trained_backbone(cfg, "--model PATH names it (model= in Python)")
+    if other_weights(root, pretrained):
+        log.warning(
+            "%s: the weights loaded for model.name=%s are not those its adapters were trained on", root,
+            cfg.model.name,
+        )  # fmt: skip
+    lm, task = build_model_and_task(cfg, prepared, pretrained)
     strategy = build_strategy(spec, Env(lm, task, cfg, prepared), results["seed"])
     strategy.setup()
     loop = StageLoop(strategy, prepared.pools, run_dir, None, {})

@@ -56,19 +56,21 @@ def export_run(
     stage: int | None = None,
     merge: bool = False,
     version: int | None = None,
+    model: str | Path | None = None,
 ) -> Path:
     """Write the model of `method` after `stage` (or a deployed run's `version`; default: the promoted
-    version, else the last stage) into `out` (replaced atomically); returns `out`."""
+    version, else the last stage) into `out` (replaced atomically); returns `out`. `model`: where the run's
+    base model lies now, if not at its `model.name` (`Recommender.load`)."""
     out = check_replaceable(out, "evolora_export.json", "export")  # before the minutes of loading
     _, root = locate_run(Path(run_dir), method, seed)
-    base_model = load_config(root / "config.yaml").model.name
+    base_model = str(model) if model is not None else load_config(root / "config.yaml").model.name
     base_folder = Path(base_model).expanduser().resolve()
     if base_folder.is_dir() and (out.resolve() == base_folder or out.resolve() in base_folder.parents):
         raise EvoloraError(
             f"--out {out} holds the run's base model ({base_model}), which an export replaces whole: choose "
             "another --out"
         )
-    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version)
+    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version, model=model)
     try:
         strategy = rec.strategy
         lm = strategy.lm

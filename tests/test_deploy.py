@@ -861,6 +861,51 @@ def test_a_gate_the_held_out_samples_cannot_judge_is_null_in_json(
     assert table.exit_code == 0 and "auc undefined vs undefined" in table.output, table.output
 
 
+def test_a_run_whose_base_model_moved_answers_updates_and_exports_from_where_it_lies_now(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """A run copied to a serving machine finds its base model at another place: `--model` (recommend, serve,
+    export, export-user-adapter), `model=` (Python) and an update's `--set model.name` name it, the weights'
+    fingerprint checked. Before, only `evolora run` could be told, and the error said to set model.name."""
+    from evolora.deploy.holder import ModelHolder
+    from evolora.errors import ModelNotFoundError
+    from evolora.experiment import with_model_at
+    from tests.helpers import save_tiny_model
+
+    folder, moved = tmp_path / "model", tmp_path / "elsewhere"
+    save_tiny_model(folder, 0)
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **{**SMALL, "model.name": str(folder)})
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    rec = evolora.Recommender.load(root)
+    user = rec.known_users[0]
+    items = sorted(rec.known_items)[:4]
+    before = [(s.item, s.score) for s in rec.score(user=user, items=items)]
+    folder.rename(moved)
+    with pytest.raises(ModelNotFoundError, match="--model PATH names it"):
+        evolora.Recommender.load(root)
+    answered = evolora.Recommender.load(root, model=moved).score(user=user, items=items)
+    assert [(s.item, s.score) for s in answered] == before
+    shown = CliRunner().invoke(app, ["recommend", str(root), "--user", user, "--items", ",".join(items)])
+    assert shown.exit_code == 2 and "--model PATH names it" in shown.output, shown.output
+    args = ["recommend", str(root), "--user", user, "--items", ",".join(items), "--model", str(moved)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert ModelHolder(root, model=moved).served.rec.score(user=user, items=items) == answered
+    out = tmp_path / "export"
+    exported = CliRunner().invoke(app, ["export", str(root), "--out", str(out), "--model", str(moved)])
+    assert exported.exit_code == 0 and (out / "evolora_export.json").is_file(), exported.output
+    with pytest.raises(ModelNotFoundError, match=r"--set model\.name=PATH names it"):
+        update_run(root, batches["b1"])
+    with pytest.raises(ConfigError, match=r"model\.name\.x=1: an update takes"):
+        update_run(root, batches["b1"], overrides=["model.name.x=1"])
+    update = update_run(root, batches["b1"], overrides=[f"model.name={moved}", "update.min_gain=-1.0"])
+    assert update.promoted
+    with pytest.raises(ConfigError, match="a mf run has no base model"):
+        with_model_at(tiny_config(batches["base"], tmp_path / "conv", **{"model.name": "mf"}), moved)
+    with pytest.raises(ConfigError, match="a file; the base model is a folder"):
+        with_model_at(cfg, moved / "config.json")
+
+
 def test_an_update_on_other_base_weights_is_refused(batches: dict[str, Path], tmp_path: Path) -> None:
     """The run's model folder saved again with other weights: an update would train the next stage on them,
     so it is refused before training (loading the run only warns: `test_shared_keys`)."""

@@ -65,6 +65,14 @@ Stage = Annotated[
     typer.Option(help="the model after this stage; default: the last (a deployed run: its promoted version)"),
 ]
 Version = Annotated[int | None, typer.Option(help="a deployed run's version; default: the promoted one")]
+BaseModel = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="where the run's base LLM lies now, if not at its model.name (a run copied to another machine)",
+        show_default=False,
+    ),
+]
 Threads = Annotated[
     int | None, typer.Option(min=1, help="torch CPU threads; default: every core", show_default=False)
 ]

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from evolora.cli import (
+    BaseModel,
     Method,
     RunDir,
     Seed,
@@ -50,6 +51,7 @@ def recommend(
     include_seen: Annotated[bool, typer.Option(help="allow items of the history in the answer")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     threads: Threads = None,
+    model: BaseModel = None,
 ) -> None:
     """What a trained run recommends: the top k items for a user or a history (next-item runs generate
     them; CTR runs rank the given --items by P(like))."""
@@ -67,7 +69,7 @@ def recommend(
         import torch
 
         torch.set_num_threads(threads)
-    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version)
+    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version, model=model)
     if rec.task_name == "ctr" and items is None:
         raise EvoloraError(
             "a CTR run ranks the items it is given: add --items (comma-separated or a JSON list)"

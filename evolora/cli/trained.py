@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from evolora.cli import (
+    BaseModel,
     Method,
     RunDir,
     Seed,
@@ -205,6 +206,7 @@ def serve(
             "answer the same to the last digit whatever the traffic (batched, rounding moves scores)",
         ),
     ] = 256,
+    model: BaseModel = None,
 ) -> None:
     """Serve the promoted version over HTTP (POST /score, /recommend; GET /health, /version,
     /openapi.json), switching to a newly promoted one without dropping requests."""
@@ -218,7 +220,10 @@ def serve(
     locate_run(Path(run_dir), method, seed)  # a folder that is not a run, or several methods: said first
     shown = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets in a URL
     console.print(f"serving {run_dir} on http://{shown}:{port} (OpenAPI: /openapi.json); Ctrl-C stops")
-    serve_run(run_dir, host=host, port=port, method=method, seed=seed, threads=threads, max_batch=max_batch)
+    serve_run(
+        run_dir, host=host, port=port, method=method, seed=seed, threads=threads, max_batch=max_batch,
+        model=model,
+    )  # fmt: skip
 
 
 @app.command("export")
@@ -233,6 +238,7 @@ def export(
     stage: Stage = None,
     version: Version = None,
     merge: Annotated[bool, typer.Option(help="write the base model with the adapter merged in")] = False,
+    model: BaseModel = None,
 ) -> None:
     """A trained run as a folder transformers + PEFT load without evolora (tokenizer, item map, one plain
     LoRA adapter with the added tokens' rows), or with --merge a full merged model."""
@@ -240,7 +246,9 @@ def export(
 
     _setup_logging(False)
     _quiet_libraries()
-    target = export_run(run_dir, out, method=method, seed=seed, stage=stage, merge=merge, version=version)
+    target = export_run(
+        run_dir, out, method=method, seed=seed, stage=stage, merge=merge, version=version, model=model
+    )
     console.print(f"exported to {target} (see {target / 'README.md'})")
 
 
@@ -261,6 +269,7 @@ def export_user_adapter(
             help="folder (new, empty, or an earlier adapter); default: <run>/stage-<t>/user-adapters/<user>"
         ),
     ] = None,
+    model: BaseModel = None,
 ) -> None:
     """RecLoRA: one user's personalized adapter as a plain PEFT LoRA that any PEFT model loads."""
     from evolora.continual import STRATEGIES
@@ -287,7 +296,7 @@ def export_user_adapter(
         )
     if out is not None:  # before the model is loaded
         check_replaceable(out, USER_ADAPTER_MARKER, "user adapter")
-    strategy, _, t = restore_run(run_dir, stage)
+    strategy, _, t = restore_run(run_dir, stage, model)
     try:
         target = out or run_dir / f"stage-{t}" / "user-adapters" / (
             user if item is None else f"{user}-{item}"

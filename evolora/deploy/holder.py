@@ -36,6 +36,7 @@ class ModelHolder:
     run_dir: Path
     method: str | None = None
     seed: int | None = None  # None: 0, or a run folder's own
+    model: str | Path | None = None  # where the run's base model lies now (None: its model.name)
     poll_seconds: float = 0.5
     retry_seconds: float = 30.0  # before loading again a promoted version that failed to load
     served: Served | None = None
@@ -69,7 +70,9 @@ class ModelHolder:
 
     def _load(self, version: int) -> Served:
         t0 = time.perf_counter()
-        rec = Recommender.load(self.root, method=self.method, seed=self.seed, version=version)
+        rec = Recommender.load(
+            self.root, method=self.method, seed=self.seed, version=version, model=self.model
+        )
         v = self._registry().get(version)
         info = {"version": v.id, "stage": v.stage, "created": v.created, "parent": v.parent, "gate": v.gate}
         log.info("serving version %d (stage %d), loaded in %.1f s", v.id, v.stage, time.perf_counter() - t0)

@@ -290,10 +290,12 @@ def serve(
     seed: int | None = None,
     threads: int | None = None,
     max_batch: int = 256,
+    model: str | Path | None = None,
 ) -> None:
     """Serve the promoted version of a deployed run until stopped; `threads`: torch's CPU threads (None:
     every core), which the model worker uses; `max_batch`: the samples one forward pass takes across
-    clients (1: every request alone)."""
+    clients (1: every request alone); `model`: where the run's base model lies now, if not at its
+    `model.name`."""
     import torch
     import uvicorn
 
@@ -301,5 +303,5 @@ def serve(
     if threads is not None:
         torch.set_num_threads(threads)
     keep_freed_memory()
-    holder = ModelHolder(run_dir, method, seed)
+    holder = ModelHolder(run_dir, method, seed, model=model)
     uvicorn.run(create_app(holder, max_batch), host=host, port=port, log_level="warning")

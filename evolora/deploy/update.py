@@ -63,10 +63,11 @@ from evolora.errors import ConfigError, DamagedFileError, DataError, EmptyStages
 from evolora.eval.metrics import lower_is_better, metric_set
 from evolora.experiment import (
     build_model_and_task,
-    load_backbone,
     other_weights,
     resolve_config,
+    trained_backbone,
     training_in_this_process,
+    with_model_at,
 )
 from evolora.io import (
     atomic_write_bytes,
@@ -77,7 +78,6 @@ from evolora.io import (
     save_npz,
 )
 from evolora.locks import exclusive
-from evolora.models.conventional import is_conventional
 from evolora.models.llm import set_threads
 from evolora.models.precision import check_machine
 from evolora.queries import locate_run
@@ -94,6 +94,7 @@ _OVERRIDABLE = ("update", "tracking", "tracking_uri", "threads")
 # Where the run's own data files are now (a run folder copied to another machine): their contents are checked
 # against the sha256s the experiment recorded before any stage is rebuilt from them.
 _DATA_PLACES = (("data", "source"), ("data", "meta"))
+_MODEL_PLACE = ("model", "name")
 
 
 @dataclass
@@ -117,26 +118,32 @@ def update_run(
     """Train the next stage of a run's promoted version on `data_file` and gate it (see the module doc).
 
     `overrides`: `update.*` settings as `--set` takes them (`update.min_gain=0.0`), `tracking` and
-    `tracking_uri` (where the gate is logged), or `threads`. `items_file`: the records (title, genre, ...)
-    of the batch's new items, in the layout of the run's `data.meta` table, for a run that reads its item
-    fields from one; the run's own files stay as they were (an experiment refuses changed data). Records of
-    items the run knows are not read from it: a known item keeps its record.
+    `tracking_uri` (where the gate is logged), `threads`, and where the run's inputs lie now (`data.source`,
+    `data.meta`: their contents checked; `model.name`: the weights' fingerprint checked). `items_file`: the
+    records (title, genre, ...) of the batch's new items, in the layout of the run's `data.meta` table, for a
+    run that reads its item fields from one; the run's own files stay as they were (an experiment refuses
+    changed data). Records of items the run knows are not read from it: a known item keeps its record.
     """
     # The gate's settings and where it is logged; whatever fixes the run's numbers stays as the run had it.
     keys = [parse_override(s)[0] for s in overrides or []]
     bad = [
         s for s, key in zip(overrides or [], keys, strict=True)
-        if key[0] not in _OVERRIDABLE and tuple(key[:2]) not in _DATA_PLACES
+        if key[0] not in _OVERRIDABLE and tuple(key[:2]) not in _DATA_PLACES and tuple(key) != _MODEL_PLACE
     ]  # fmt: skip
     if bad:
         raise ConfigError(
             f"{bad[0]}: an update takes update.* settings only, tracking or tracking_uri for where its "
-            "gate is logged, threads, and data.source / data.meta where the run's own files are now (the "
-            "run's other settings are fixed)"
+            "gate is logged, threads, and data.source / data.meta / model.name where the run's own files "
+            "are now (the run's other settings are fixed)"
         )
+    # The base model elsewhere (`with_model_at`: refused for a conventional run, whose model.name names it)
+    pairs = list(zip(overrides or [], keys, strict=True))
+    moved_model = [parse_override(s)[1] for s, key in pairs if tuple(key) == _MODEL_PLACE]
+    overrides = [s for s, key in pairs if tuple(key) != _MODEL_PLACE]
     seed_dir, root = locate_run(Path(run_dir), method, seed)
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
-    cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *(overrides or [])]))
+    cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *overrides]))
+    cfg = with_model_at(cfg, str(moved_model[-1] or "") if moved_model else None)
     check_tracking(cfg)  # a store that cannot be opened stops the update before training
     metrics = metric_set(cfg.task.name)  # checked before any training, not at the gate
     # What this run's model scores (a conventional ranker has no nll, LSAT's next-item ensemble no nll_valid):
@@ -217,7 +224,7 @@ def _update(
     items = _with_batch_items(items, batch)
     if items_file is not None:
         note_new_records(items, known, accepted, items_file)
-    pretrained = None if is_conventional(cfg.model.name) else load_backbone(cfg)
+    pretrained = trained_backbone(cfg, "--set model.name=PATH names it")
     if other_weights(root, pretrained):  # (the fingerprint its experiment recorded)
         raise ConfigError(
             f"{root}: the weights loaded for model.name={cfg.model.name} are not those the run trained on "

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evolora.errors import ConfigError, EvoloraError
+from evolora.errors import ConfigError, EvoloraError, ModelNotFoundError
 from evolora.locks import exclusive
 from evolora.models import converted
 from evolora.models.converted import DEFAULT_MODEL, copy_folder
@@ -197,7 +197,7 @@ def load_pretrained(
         errors.append("hub: huggingface.co unreachable")
     if converts and not damaged_copy:
         return _load_converted(cached, dtype, model_kw)
-    raise EvoloraError(
+    raise ModelNotFoundError(
         f"cannot load model {name!r}: not a folder, not in the cache, and the hub failed "
         f"({'; '.join(errors)}). Pass a local folder as model.name, or run once where huggingface.co "
         "is reachable."
