@@ -149,7 +149,9 @@ def epoch_seconds(values: pl.Series, unit: str = "s") -> pl.Series:
             _whole_seconds(text.cast(pl.Float64, strict=False), per_second),
         )
     ).to_series()
-    iso = [text.str.to_datetime(f, strict=False, time_unit="us").dt.epoch("s") for f in _ISO_FORMATS]
+    # ISO 8601's four-digit year first: polars' %Y also reads "02-01-24" (a day-month-year) as the year 2
+    dated = pl.select(pl.when(text.str.contains(r"^\d{4}-")).then(text)).to_series()
+    iso = [dated.str.to_datetime(f, strict=False, time_unit="us").dt.epoch("s") for f in _ISO_FORMATS]
     seconds = pl.select(pl.coalesce(numeric, *iso)).to_series()
     rest = text.filter(seconds.is_null() & text.is_not_null()).unique().to_list()
     if rest:  # the ISO forms the fixed formats miss ("2024-03-01T09:30", "+0200" offsets): Python's parser

@@ -245,6 +245,8 @@ def test_labels_and_implicit_feedback(tmp_path: Path) -> None:
     [
         ("uid,iid,stars\nu1,a,5\n", r"log\.csv line 1 \(the header\): no column 'ts'"),
         (LOG + "u3,a,yesterday,4\n", r"log\.csv line 5: time 'yesterday' \(column 'ts'\) is neither epoch"),
+        # day-month-year, which polars' %Y read as the year 2 (dates of the years 1-99 AD, out of order)
+        (LOG + "u3,a,02-01-24,4\n", r"log\.csv line 5: time '02-01-24' \(column 'ts'\) is neither epoch"),
         (LOG + "u3,a,,4\n", r"log\.csv line 5: no time \(column 'ts' is empty\)"),
         (LOG + ",a,5,4\n", r"log\.csv line 5: no user id \(column 'uid' is empty\)"),
         (LOG + "u3,,5,4\n", r"log\.csv line 5: no item id"),
