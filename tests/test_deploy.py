@@ -861,6 +861,27 @@ def test_a_gate_the_held_out_samples_cannot_judge_is_null_in_json(
     assert table.exit_code == 0 and "auc undefined vs undefined" in table.output, table.output
 
 
+def test_an_update_of_an_unfinished_run_is_refused(batches: dict[str, Path], tmp_path: Path) -> None:
+    """A run stopped after stage 1 (or still training): the update trained "stage 2" on D2 and the batch,
+    leaving out D3's interactions, older than the batch, with no count of them, and promoted it."""
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **SMALL)
+
+    class Stopped(Exception):
+        pass
+
+    def stop(results: dict) -> None:
+        raise Stopped
+
+    with pytest.raises(Stopped):
+        run_experiment(cfg, on_stage=stop)
+    root = Path(cfg.output_dir) / cfg.name
+    with pytest.raises(ConfigError, match=r"has not finished its stages \(trained: \[1\]\).*finish the run"):
+        update_run(root, batches["b1"])
+    assert not (root / "deploy").exists()
+    run_experiment(cfg)
+    assert update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).promoted
+
+
 def test_a_run_whose_base_model_moved_answers_updates_and_exports_from_where_it_lies_now(
     batches: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -142,6 +142,12 @@ def update_run(
     overrides = [s for s, key in pairs if tuple(key) != _MODEL_PLACE]
     seed_dir, root = locate_run(Path(run_dir), method, seed)
     results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+    if results.get("complete") is False:  # still training, or stopped: its next stage is the run's own
+        trained = [s["train_stage"] for s in results["stages"]]
+        raise ConfigError(
+            f"{seed_dir} has not finished its stages (trained: {trained or 'none'}): an update trains the "
+            "stage after a run's last, so finish the run first (rerun `evolora run` on its config)"
+        )
     cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *overrides]))
     cfg = with_model_at(cfg, str(moved_model[-1] or "") if moved_model else None)
     check_tracking(cfg)  # a store that cannot be opened stops the update before training
