@@ -182,6 +182,10 @@ def test_ids_stored_as_floats_conflicting_ratings_and_a_repeated_header(
     pl.concat([items, pl.DataFrame({"iid": [None], "name": ["?"]})]).write_parquet(tmp_path / "gap.parquet")
     with pytest.raises(DataError, match=r"gap\.parquet row 3: no item id"):  # a gap is still an error
         load(tmp_path / "log.parquet", tmp_path / "gap.parquet", COLUMNS)
+    # A NaN is a gap too (it was the user "NaN", and the others "1.0", "2.0", which no items table matched)
+    pl.DataFrame({**log, "uid": [1.0, float("nan"), 1.0]}).write_parquet(tmp_path / "nan.parquet")
+    with pytest.raises(DataError, match=r"nan\.parquet row 2: no user id"):
+        load(tmp_path / "nan.parquet", tmp_path / "items.parquet", COLUMNS)
     with caplog.at_level(logging.WARNING, logger="evolora.data"):
         twice = load(write(tmp_path / "twice.csv", LOG + "u1,a,2024-01-01,3\n"))
     assert twice.interactions.height == 4

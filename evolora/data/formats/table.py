@@ -135,6 +135,8 @@ def _interactions(rows: TableRows, wanted: dict[str, str], time_unit: str) -> pl
 
 def _ids(rows: TableRows, df: pl.DataFrame, col: str, name: str, what: str) -> pl.Series:
     raw = df[col]
+    if raw.dtype.is_float():  # a NaN id is a missing one (pandas writes gaps so), not the id "NaN"
+        raw = raw.fill_nan(None)
     given = raw.drop_nulls()
     if raw.dtype.is_float() and bool(((given == given.floor()) & (given.abs() < 2**53)).all()):
         # Whole numbers stored as floats (a pandas column with a gap): 5.0 is id "5", as in an int column.
