@@ -78,6 +78,7 @@ from evolora.queries import (
     locate_run,
     number_of,
     query_of,
+    read_results,
     trained_stage,
 )
 
@@ -231,7 +232,7 @@ class Recommender:
         if stage is not None and version is not None:
             raise ConfigError("give a stage or a version, not both (a version names its stage)")
         seed_dir, root = locate_run(Path(run_dir), method, seed)
-        results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+        results = read_results(seed_dir)
         cfg = with_model_at(resolve_config(load_config(root / "config.yaml")), model)
         trained = [s["train_stage"] for s in results["stages"]]
         registry = Versions.open(root, results["method"], results["seed"], max(trained, default=0))

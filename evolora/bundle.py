@@ -31,7 +31,7 @@ from evolora.data.prepare import Prepared
 from evolora.data.samples import SampleTable
 from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
 from evolora.errors import EvoloraError
-from evolora.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
+from evolora.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json, read_table
 from evolora.tasks.semantic import caches_by_settings, quantizer_path
 
 BUNDLE = "inference"
@@ -93,7 +93,10 @@ def bundle_is_current(
         return key is None or made_for == key
     # Older still: without `seen` a recommendation leaves out only the history it shows.
     histories = folder / "histories.parquet"
-    seen = histories.is_file() and "seen" in pl.read_parquet_schema(histories)
+    try:
+        seen = "seen" in pl.read_parquet_schema(histories)
+    except (OSError, pl.exceptions.PolarsError):  # gone or damaged: made again
+        return False
     return seen and meta.get("history_len") == history_len
 
 
@@ -161,7 +164,7 @@ def load_bundle(root: Path, cfg: RunConfig) -> tuple[RunConfig, Prepared, pl.Dat
             "them)"
         )
     meta = read_json(folder / "bundle.json", advice)
-    items = pl.read_parquet(folder / "items.parquet")
+    items = read_table(folder / "items.parquet", advice)
     empty = pl.DataFrame(schema=INTERACTION_SCHEMA)
     data = InteractionData(meta["dataset"], empty, items, like_threshold=float(meta["like_threshold"]))
     table = SampleTable(query_frame([]), meta["n_stages"], meta["history_len"], data.like_threshold)
@@ -174,7 +177,7 @@ def load_bundle(root: Path, cfg: RunConfig) -> tuple[RunConfig, Prepared, pl.Dat
     return (
         inference_cfg,
         Prepared(data, None, table, {}, space, caches),
-        pl.read_parquet(folder / "histories.parquet"),
+        read_table(folder / "histories.parquet", advice),
     )
 
 

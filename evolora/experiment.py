@@ -84,7 +84,7 @@ from evolora.models.precision import (
     resolve_precision,
 )
 from evolora.models.weights import load_pretrained, weights_fingerprint
-from evolora.queries import trained_stage
+from evolora.queries import read_results, trained_stage
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
 from evolora.tasks.semantic import caches_by_settings
@@ -938,7 +938,7 @@ def restore_run(
         raise ConfigError(
             f"{run_dir}: not a run folder (no results.json; expected runs/<name>/<method>/seed<k>)"
         )
-    results = read_json(run_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+    results = read_results(run_dir)
     config = run_dir.parent.parent / "config.yaml"
     if not config.is_file():
         raise ConfigError(f"{config}: missing; the experiment's configuration is needed to rebuild the run")

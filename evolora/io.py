@@ -125,6 +125,17 @@ def read_json(path: str | Path, advice: str = "") -> Any:
         raise DamagedFileError(path, _damaged(path, f"not valid JSON: {e}", advice)) from None
 
 
+def read_table(path: str | Path, advice: str = "") -> Any:
+    """A Parquet file as a polars DataFrame; a damaged or missing one raises `DamagedFileError` naming it."""
+    import polars as pl
+
+    try:
+        return pl.read_parquet(path)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DamagedFileError(path, _damaged(path, first, advice)) from None
+
+
 def _damaged(path: str | Path, reason: str, advice: str) -> str:
     return f"{path} is damaged or truncated ({reason}). {advice}".strip()
 

@@ -17,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from evolora.data.ids import IdSpace
-from evolora.errors import ConfigError, EvoloraError
+from evolora.errors import ConfigError, DamagedFileError, EvoloraError
 from evolora.io import read_json
 
 log = logging.getLogger("evolora")
@@ -182,13 +182,32 @@ def no_model_after(
     return why
 
 
+def read_results(seed_dir: Path) -> dict[str, Any]:
+    """A run's `results.json`; one that is damaged, or not a run's record (no method, seed or stages), raises
+    `DamagedFileError` naming it."""
+    path = Path(seed_dir) / "results.json"
+    results = read_json(path, "Rerun its experiment: stage records rebuild it.")
+    if (
+        not isinstance(results, dict)
+        or not {"method", "seed", "stages"} <= set(results)
+        or not isinstance(results["stages"], list)
+        or not all(isinstance(s, dict) and "train_stage" in s for s in results["stages"])
+    ):
+        raise DamagedFileError(
+            path,
+            f"{path} is not an evolora results.json (no method, seed or stages): rerun its experiment, whose "
+            "stage records rebuild it",
+        )
+    return results
+
+
 def locate_run(path: Path, method: str | None, seed: int | None) -> tuple[Path, Path]:
     """(the run's seed folder, the experiment folder) from either of them.
 
     `seed`: None means 0 in an experiment folder, and the folder's own in a run folder; a method or seed
     given with a run folder must be its own (a conflict is an error, not silently the folder's)."""
     if (path / "results.json").is_file():
-        own = read_json(path / "results.json", "Rerun its experiment: stage records rebuild it.")
+        own = read_results(path)
         for what, given, has in [("method", method, own.get("method")), ("seed", seed, own.get("seed"))]:
             if given is not None and given != has:
                 raise ConfigError(

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import evolora
+from evolora.deploy.update import update_run
 from evolora.errors import ConfigError, EvoloraError, UnknownIdError
 from evolora.experiment import prepare_data, run_dir_of, run_experiment
 from evolora.io import load_npz
@@ -390,6 +391,34 @@ def test_an_unfinished_run_says_so(ctr_run, tmp_path: Path, caplog: pytest.LogCa
     with caplog.at_level("WARNING", logger="evolora"):
         assert evolora.Recommender.load(root, method="finetune").stage == 1
     assert "has not finished its stages: this is its model after stage 1" in caplog.text
+
+
+def test_damaged_run_files_are_named_not_a_traceback(ctr_run, tmp_path: Path) -> None:
+    """A truncated inference table (a polars ComputeError's traceback before) and a results.json that is
+    JSON but not a run's record (a KeyError) are one-line errors naming the file."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+    from evolora.errors import DamagedFileError
+
+    cfg, _ = ctr_run
+    root = tmp_path / cfg.name
+    shutil.copytree(Path(cfg.output_dir) / cfg.name, root)
+    table = root / "inference" / "histories.parquet"
+    table.write_bytes(table.read_bytes()[:100])
+    with pytest.raises(DamagedFileError, match=r"histories\.parquet is damaged or truncated .*Delete the"):
+        evolora.Recommender.load(root, method="finetune")
+    args = ["recommend", str(root), "--method", "finetune", "--history", "1", "--items", "2"]
+    shown = CliRunner().invoke(app, args)
+    assert shown.exit_code == 2 and "histories.parquet is damaged" in shown.output, shown.output
+    results = root / "finetune" / "seed0" / "results.json"
+    results.write_text('{"x": 1}')
+    with pytest.raises(DamagedFileError, match=r"results\.json is not an evolora results\.json"):
+        evolora.Recommender.load(root, method="finetune")
+    with pytest.raises(DamagedFileError, match=r"results\.json is not an evolora results\.json"):
+        update_run(root, results, method="finetune")
 
 
 def test_the_recommend_command(ctr_run) -> None:

@@ -180,11 +180,10 @@ def _figure(value: float | None) -> str:
 
 def _registry(run_dir: Path, method: str | None, seed: int | None):
     from evolora.deploy.versions import Versions
-    from evolora.io import read_json
-    from evolora.queries import locate_run
+    from evolora.queries import locate_run, read_results
 
     seed_dir, root = locate_run(run_dir, method, seed)
-    results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+    results = read_results(seed_dir)
     last = max((s["train_stage"] for s in results["stages"]), default=0)
     return Versions.open(root, results["method"], results["seed"], last)
 
@@ -276,15 +275,15 @@ def export_user_adapter(
     from evolora.data.samples import eval_stage_of
     from evolora.errors import ConfigError
     from evolora.experiment import restore_run
-    from evolora.io import check_replaceable, read_json
+    from evolora.io import check_replaceable
     from evolora.models.personalized import USER_ADAPTER_MARKER
-    from evolora.queries import locate_run
+    from evolora.queries import locate_run, read_results
 
     _setup_logging(False)
     _quiet_libraries()
     registry = _registry(run_dir, method, seed)
     run_dir, _ = locate_run(run_dir, method, seed)
-    strategy_name = read_json(run_dir / "results.json")["strategy"]
+    strategy_name = read_results(run_dir).get("strategy")
     if not hasattr(STRATEGIES.get(strategy_name), "export_for_user"):  # before the data and model load
         raise ConfigError(f"{run_dir}: a {strategy_name} run has no per-user adapters (reclora has)")
     if stage is None and registry.promoted != 0:  # the default would silently be another model

@@ -14,8 +14,7 @@ from typing import Any
 
 from evolora.api import Recommender
 from evolora.deploy.versions import Versions
-from evolora.io import read_json
-from evolora.queries import locate_run
+from evolora.queries import locate_run, read_results
 
 log = logging.getLogger("evolora")
 
@@ -50,7 +49,7 @@ class ModelHolder:
 
     def __post_init__(self) -> None:
         seed_dir, self.root = locate_run(Path(self.run_dir), self.method, self.seed)
-        results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+        results = read_results(seed_dir)
         self.method, self.seed = results["method"], results["seed"]
         self.last_stage = max(s["train_stage"] for s in results["stages"])
         self.promoted = self._promoted()

@@ -80,7 +80,7 @@ from evolora.io import (
 from evolora.locks import exclusive
 from evolora.models.llm import set_threads
 from evolora.models.precision import check_machine
-from evolora.queries import locate_run
+from evolora.queries import locate_run, read_results
 from evolora.tasks.semantic import items_have_ids
 from evolora.tracking import check_tracking, tracker_for
 
@@ -141,7 +141,7 @@ def update_run(
     moved_model = [parse_override(s)[1] for s, key in pairs if tuple(key) == _MODEL_PLACE]
     overrides = [s for s, key in pairs if tuple(key) != _MODEL_PLACE]
     seed_dir, root = locate_run(Path(run_dir), method, seed)
-    results = read_json(seed_dir / "results.json", "Rerun its experiment: stage records rebuild it.")
+    results = read_results(seed_dir)
     if results.get("complete") is False:  # still training, or stopped: its next stage is the run's own
         trained = [s["train_stage"] for s in results["stages"]]
         raise ConfigError(
