@@ -38,6 +38,7 @@ from pydantic import (
     SerializeAsAny,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -53,6 +54,17 @@ class Section(BaseModel):
     #: experiment recorded before a key existed keeps its key (`experiment.context_of`)
     added_keys: ClassVar[tuple[str, ...]] = ()
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_true_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """true/false where a number is wanted is refused: pydantic's lax mode read `epochs: true` as 1."""
+        given = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) for v in given) and not _admits_bool(
+            cls.model_fields[info.field_name].annotation
+        ):
+            raise ValueError("a number, not true/false")
+        return value
+
     @model_serializer(mode="wrap")
     def _drop_added_keys_at_default(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         dumped = handler(self)
@@ -60,6 +72,19 @@ class Section(BaseModel):
             if key in dumped and getattr(self, key) == type(self).model_fields[key].default:
                 del dumped[key]
         return dumped
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """Whether a field's type takes true/false anywhere in it (a flag, `bool | Literal[...]`, Any), or takes
+    no number at all (other types refuse a bool on their own)."""
+    parts, seen = [annotation], []
+    while parts:
+        part = parts.pop()
+        if part is bool or part is Any:
+            return True
+        seen.append(part)
+        parts.extend(typing.get_args(part))
+    return not any(p in (int, float) for p in seen)
 
 
 class KCore(Section):

@@ -541,6 +541,13 @@ def _run_experiment(cfg: RunConfig, overwrite: bool, on_stage: Any, jobs: int) -
             )
     check_strategy_specs(cfg.strategies)
     check_conventional(cfg)
+    if cfg.train.select_by == "last":  # said, not silent: these read the validation that `last` skips
+        unread = [k for k in ("patience", "keep_start_if_better") if getattr(cfg.train, k)]
+        if unread:
+            log.warning(
+                "train.%s: not read with train.select_by: last (no validation); ignored",
+                ", train.".join(unread),
+            )
     check_tracking(cfg, open_store=parallel.is_main())  # one process of a launch opens the store
     if not is_conventional(cfg.model.name):
         check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)

@@ -271,6 +271,38 @@ def test_values_yaml_cannot_build_and_numbers_without_a_value_are_one_line_error
     assert result.exit_code == 2 and "is a folder; give a config file" in result.output
 
 
+def test_true_or_false_for_a_number_is_refused(tmp_path: Path) -> None:
+    """pydantic's lax mode read `epochs: true` as 1 epoch and `seeds: [true]` as seed 1, silently; the
+    flags and the settings that take true beside other values keep taking it."""
+    for value, key in [
+        ("train.epochs=true", "train.epochs"),
+        ("seeds=[0, true]", "seeds"),
+        ("threads=true", "threads"),
+        ("train.samples_per_stage=[8, false]", "train.samples_per_stage"),
+        ("model.lora.r=false", "model.lora.r"),
+        ("train.lr=true", "train.lr"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"{key}: a number, not true/false \(given by --set"):
+            load_config(None, [value])
+    flags = ["train.gradient_checkpointing=true", "task.name=next_item", "task.exclude_history=true"]
+    assert load_config(None, flags).task.exclude_history is True
+
+
+def test_settings_that_select_by_last_does_not_read_are_said(
+    sunny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`select_by: last` skips validation, so patience and keep_start_if_better never acted: silently."""
+    from evolora.experiment import run_experiment
+    from tests.helpers import tiny_config
+
+    over = {"train.select_by": "last", "train.patience": 1, "train.keep_start_if_better": "true"}
+    cfg = tiny_config(sunny_dir, tmp_path, strategies="[finetune]", **{**over, "train.epochs": 1})
+    with caplog.at_level("WARNING", logger="evolora"):
+        run_experiment(cfg)
+    said = "train.patience, train.keep_start_if_better: not read with train.select_by: last (no validation)"
+    assert said in caplog.text
+
+
 def test_a_model_folder_without_a_model_is_a_one_line_error(tmp_path: Path) -> None:
     from evolora.models.weights import load_pretrained
 
