@@ -46,6 +46,7 @@ from evolora.config import (
     config_changes,
     config_to_dict,
     definite_candidates,
+    folder_name,
     parse_override,
 )
 from evolora.continual import (
@@ -461,23 +462,28 @@ def run_dir_of(cfg: RunConfig, label: str, seed: int) -> Path:
 
 def where_its_config_lies(config: str | Path, cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """`cfg` read from `config` with `overrides` (`--set` strings); where that file is the `config.yaml` of an
-    experiment folder that is not the one its `output_dir` and `name` name (the folder was moved or copied),
-    and no override names output_dir, the folder it lies in, with a warning: rerunning a copy's own config
-    trained everything again at the old place."""
+    experiment folder that is not the one its `output_dir` and `name` name (the folder was moved, copied or
+    renamed), and no override names output_dir or name, the folder it lies in, with a warning: rerunning a
+    copy's own config trained everything again at the old place. (`name` is no part of an experiment's key.)
+    """
     folder = Path(config).expanduser().resolve().parent
-    if any(parse_override(s)[0] == ["output_dir"] for s in overrides):
+    if any(parse_override(s)[0] in (["output_dir"], ["name"]) for s in overrides):
         return cfg
     if Path(config).name != "config.yaml" or not (folder / "experiment.json").is_file():
         return cfg
     named = (Path(cfg.output_dir).expanduser() / cfg.name).resolve()
-    if named == folder or folder.name != cfg.name:
+    if named == folder:
+        return cfg
+    try:
+        name = folder_name(folder.name)
+    except ValueError:  # renamed to what no experiment may be named (".x"): left to the checks of a run
         return cfg
     log.warning(
-        "%s is the config of the experiment in %s, which it names %s (moved or copied since): continuing "
-        "it where the config lies (--set output_dir=... chooses another place)",
+        "%s is the config of the experiment in %s, which it names %s (moved, copied or renamed since): "
+        "continuing it where the config lies (--set output_dir=... name=... chooses another place)",
         config, folder, named,
     )  # fmt: skip
-    return cfg.model_copy(update={"output_dir": str(folder.parent)})
+    return cfg.model_copy(update={"output_dir": str(folder.parent), "name": name})
 
 
 def run_experiment(

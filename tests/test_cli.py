@@ -922,3 +922,9 @@ def test_rerunning_a_moved_experiments_own_config_continues_it_where_it_lies(
     assert "continuing it where the config lies" in again.output
     assert not (tmp_path / "runs").exists()
     assert " epoch " not in again.output and "evaluated on stage" not in again.output  # nothing redone
+    # Renamed too: it made the experiment again under its old name beside the renamed one
+    (tmp_path / "moved" / "cli").rename(tmp_path / "moved" / "renamed")
+    again = runner.invoke(app, ["run", str(tmp_path / "moved" / "renamed" / "config.yaml")])
+    assert again.exit_code == 0 and "continuing it where the config lies" in again.output, again.output
+    assert not (tmp_path / "moved" / "cli").exists()
+    assert " epoch " not in again.output and "evaluated on stage" not in again.output
