@@ -6,7 +6,8 @@ CSV/TSV/JSONL, the 1-based row number for Parquet. Errors name the file, that li
 
 CSV and TSV are parsed by polars; a pass of Python's csv module over the same text gives every record's line
 (quoted fields may span lines) and checks each record has as many fields as the header, which polars would
-otherwise pad or refuse without naming the line. Blank lines are skipped. A .csv file's fields are separated
+otherwise pad or refuse without naming the line. Blank lines are skipped, and rows whose every field is
+empty (",,,") too, with a counted warning. A .csv file's fields are separated
 by `data.separator` (a comma unless set: ';' as spreadsheets write in many locales). TSV has no quoting: a
 field ends at the next tab or newline. The text-encoding policy is the one of `evolora.data.readers`:
 mapped text fields (`text`) that are not valid UTF-8 get U+FFFD and one counted warning; any other mapped
@@ -19,6 +20,7 @@ import csv
 import gzip
 import io
 import json
+import logging
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ import polars as pl
 
 from evolora.data.readers import read_jsonl, require_file, truncation_hint, warn_replaced_text, without_bom
 from evolora.errors import DataError
+
+log = logging.getLogger("evolora.data")
 
 _REPLACEMENT = "\ufffd"
 
@@ -183,6 +187,7 @@ def _record_lines(
     reader = _csv_reader(decoded, sep, quoted)
     lines: list[int] = []
     blank: list[bool] = []
+    empty_rows: list[int] = []
     header: list[str] | None = None
     start = 1
     try:
@@ -203,9 +208,14 @@ def _record_lines(
                     )
                 lines.append(start)
                 blank.append(is_blank)
+                if is_blank and len(fields) > 1:
+                    empty_rows.append(start)
             start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path} line {start}: not valid CSV ({e})") from None
+    if empty_rows:  # a spreadsheet's ",,,": a row with no value, skipped as a blank line is, and counted
+        n, first = len(empty_rows), empty_rows[0]
+        log.warning("%s: %d rows with every field empty skipped (first on line %d)", path, n, first)
     return header or [], lines, blank
 
 

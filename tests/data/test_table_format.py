@@ -187,7 +187,9 @@ def test_ids_stored_as_floats_conflicting_ratings_and_a_repeated_header(
     with pytest.raises(DataError, match=r"nan\.parquet row 2: no user id"):
         load(tmp_path / "nan.parquet", tmp_path / "items.parquet", COLUMNS)
     with caplog.at_level(logging.WARNING, logger="evolora.data"):
-        twice = load(write(tmp_path / "twice.csv", LOG + "u1,a,2024-01-01,3\n"))
+        twice = load(write(tmp_path / "twice.csv", LOG + "u1,a,2024-01-01,3\n,,,\n\n , , , \n"))
+    # a spreadsheet's empty rows are skipped as blank lines are, and said (an empty line is no row)
+    assert "twice.csv: 2 rows with every field empty skipped (first on line 6)" in caplog.text
     assert twice.interactions.height == 4
     assert "2 interactions share their user, item and timestamp with another of a different" in caplog.text
     with pytest.raises(DataError, match=r"line 1 \(the header\): column 'iid' is named 2 times"):
