@@ -12,7 +12,7 @@ data (with the files' digests), model loading, item embeddings and RQ-VAE; anywh
 (checkpoints, adapters, records: `io.py`); waiting for another process that trains a shared job (its
 training is then `saved`, at the seconds it took that process).
 Saved time is what reuse skipped: a shared training job or stored predictions, at the seconds they took
-when they were computed.
+when they were computed, on both clocks (`saved_seconds`, `saved_cpu_seconds`).
 
 A resumed stage costs what all its sittings spent on work that was kept: a training job stores its parts
 with every epoch's checkpoint and with its finished record (`mark`/`since`), and a rerun adds them back
@@ -53,7 +53,7 @@ _local = threading.local()
 
 def _ledger() -> dict[str, dict[str, float]]:
     if not hasattr(_local, "ledger"):
-        _local.ledger, _local.stack, _local.saved, _local.carried = {}, [], 0.0, [0.0, 0.0]
+        _local.ledger, _local.stack, _local.saved, _local.carried = {}, [], [0.0, 0.0], [0.0, 0.0]
     return _local.ledger
 
 
@@ -101,17 +101,24 @@ def count_tokens(tokens: int, backward: bool) -> None:
         entry["backward_tokens"] += tokens
 
 
-def saved(seconds: float) -> None:
-    """Seconds a reuse skipped (a shared job's training, stored predictions)."""
+def saved(seconds: float, cpu_seconds: float = 0.0) -> None:
+    """Seconds a reuse skipped (a shared job's training, stored predictions), wall-clock and CPU (0 where the
+    reused work was recorded before its CPU time was kept)."""
     _ledger()
-    _local.saved += float(seconds)
+    _local.saved[0] += float(seconds)
+    _local.saved[1] += float(cpu_seconds)
 
 
-def saved_total() -> float:
-    """The seconds `saved` has counted since the last `take` (the difference of two readings is what the
-    work between them saved)."""
+def saved_total() -> tuple[float, float]:
+    """The (wall-clock, CPU) seconds `saved` has counted since the last `take` (the difference of two
+    readings is what the work between them saved)."""
     _ledger()
-    return float(_local.saved)
+    return float(_local.saved[0]), float(_local.saved[1])
+
+
+def cpu_of(parts: dict[str, dict[str, Any]]) -> float:
+    """The CPU seconds of recorded parts (as `since` gives them), all added."""
+    return float(sum(p.get("cpu_seconds", 0.0) for p in parts.values()))
 
 
 def mark() -> dict[str, dict[str, float]]:
@@ -193,10 +200,11 @@ def take() -> dict[str, Any]:
     ledger = _ledger()
     out = {
         "parts": {k: _rounded(v) for k, v in sorted(ledger.items())},
-        "saved_seconds": round(_local.saved, 3),
+        "saved_seconds": round(_local.saved[0], 3),
+        "saved_cpu_seconds": round(_local.saved[1], 3),
         "carried": tuple(_local.carried),
     }
-    _local.ledger, _local.saved, _local.carried = {}, 0.0, [0.0, 0.0]
+    _local.ledger, _local.saved, _local.carried = {}, [0.0, 0.0], [0.0, 0.0]
     return out
 
 
@@ -229,6 +237,7 @@ def stage_cost(taken: dict[str, Any], since: tuple[float, float]) -> dict[str, A
         "total_cpu_seconds": round(total_cpu, 3),
         "parts": {**parts, "other": other},
         "saved_seconds": taken["saved_seconds"],
+        "saved_cpu_seconds": taken["saved_cpu_seconds"],
     }
     if earlier_wall or earlier_cpu:
         out["earlier_sittings"] = {"seconds": round(earlier_wall, 3), "cpu_seconds": round(earlier_cpu, 3)}
@@ -238,7 +247,8 @@ def stage_cost(taken: dict[str, Any], since: tuple[float, float]) -> dict[str, A
 def of_processes(records: list[dict[str, Any]]) -> dict[str, Any]:
     """One cost record (`stage_cost`) for the processes of a launch, each one's record given in process
     order: CPU seconds and tokens summed over them (the work each did: under DDP each read its share of the
-    rows), wall-clock seconds and saved seconds the main process's (they ran side by side), and `processes`,
+    rows), wall-clock seconds and saved seconds (both clocks: each process reused the same work) the main
+    process's (they ran side by side), and `processes`,
     how many there were. One record: itself."""
     if len(records) == 1:
         return records[0]
@@ -281,8 +291,9 @@ def add(costs: list[dict[str, Any]]) -> dict[str, Any]:
             f: round(sum(e[f] for e in earlier), 3) for f in ("seconds", "cpu_seconds")
         }
     # Records written before CPU time was kept have none: a sum over some of them would be no total at all.
-    if all("total_cpu_seconds" in c for c in costs):
-        out["total_cpu_seconds"] = round(sum(c["total_cpu_seconds"] for c in costs), 3)
+    for key in ("total_cpu_seconds", "saved_cpu_seconds"):
+        if all(key in c for c in costs):
+            out[key] = round(sum(c[key] for c in costs), 3)
     return out
 
 

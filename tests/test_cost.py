@@ -45,21 +45,22 @@ def test_nested_parts_count_their_own_time_and_tokens(monkeypatch: pytest.Monkey
         tick(1.0)
     cost.count_tokens(7, backward=False)  # outside any part
     tick(0.5)
-    cost.saved(4.0)
+    cost.saved(4.0, 3.5)
     record = cost.stage_cost(cost.take(), since=started)
     parts = record["parts"]
     assert parts["training"] == {"seconds": 3.0, "cpu_seconds": 1.5, "tokens": 100, "backward_tokens": 100}
     assert parts["validation"] == {"seconds": 0.5, "cpu_seconds": 0.25, "tokens": 30, "backward_tokens": 0}
     assert parts["other"] == {"seconds": 0.5, "cpu_seconds": 0.25, "tokens": 7, "backward_tokens": 0}
-    assert record["saved_seconds"] == 4.0 and record["total_seconds"] == 4.0
+    assert record["saved_seconds"] == 4.0 and record["saved_cpu_seconds"] == 3.5
+    assert record["total_seconds"] == 4.0
     assert record["total_cpu_seconds"] == 2.0
     assert cost.take()["parts"] == {}  # taken: the next stage starts from nothing
     both = cost.add([record, record])
     assert both["parts"]["training"]["seconds"] == 6.0 and both["total_seconds"] == 8.0
-    assert both["total_cpu_seconds"] == 4.0
+    assert both["total_cpu_seconds"] == 4.0 and both["saved_cpu_seconds"] == 7.0
     # A record from before CPU time was kept has no CPU total, so a sum with it has none either.
-    old = {k: v for k, v in record.items() if k != "total_cpu_seconds"}
-    assert "total_cpu_seconds" not in cost.add([record, old])
+    old = {k: v for k, v in record.items() if k not in ("total_cpu_seconds", "saved_cpu_seconds")}
+    assert not {"total_cpu_seconds", "saved_cpu_seconds"} & set(cost.add([record, old]))
 
 
 def test_carried_parts_join_the_stage_and_its_totals(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,8 +155,13 @@ def test_every_stage_records_where_its_time_went(sunny_dir: Path, tmp_path: Path
     # PESO and InfLoRA reuse finetune's stage-1 job and its predictions: what they took is saved.
     first = by["finetune"]["stages"][0]
     trained, evaluated = first["jobs"][0]["train_seconds"], first["cost"]["parts"]["evaluation"]["seconds"]
+    spent = cost.cpu_of(first["jobs"][0]["cost"])
+    evaluated_cpu = first["cost"]["parts"]["evaluation"]["cpu_seconds"]
     for method in ("peso", "inflora"):
         assert trained < by[method]["stages"][0]["cost"]["saved_seconds"] <= trained + evaluated + 0.01
+        # on the CPU clock too: what finetune's job and its evaluation cost it
+        saved_cpu = by[method]["stages"][0]["cost"]["saved_cpu_seconds"]
+        assert 0 < spent < saved_cpu <= spent + evaluated_cpu + 0.01
         assert "training" not in by[method]["stages"][0]["cost"]["parts"]
     setup = results[0]["setup_cost"]["parts"]
     assert setup["model_loading"]["seconds"] > 0 and setup["data"]["seconds"] > 0

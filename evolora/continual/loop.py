@@ -210,7 +210,7 @@ class StageLoop:
                 info = self._job_info(job, stored, shared_key=key, reused=False)
                 log.info("stage %d, %s: trained in an earlier sitting (%s)", ctx.stage, job.name, key[:8])
             elif stored is not None:
-                cost.saved(float(stored.get("train_seconds", 0.0)))
+                cost.saved(float(stored.get("train_seconds", 0.0)), cost.cpu_of(stored.get("cost") or {}))
                 info = self._job_info(job, stored, shared_key=key, reused=True)
                 log.info("stage %d, %s: reused a shared training result (%s)", ctx.stage, job.name, key[:8])
             else:
@@ -230,7 +230,7 @@ class StageLoop:
         per shared job: records from before 2026-12-05 have LSAT's second stage-1 job as trained too)."""
         key = info.get("shared_key")
         if info.get("reused_shared_result") or key in self._counted_jobs:
-            cost.saved(float(info.get("train_seconds", 0.0)))
+            cost.saved(float(info.get("train_seconds", 0.0)), cost.cpu_of(info.get("cost") or {}))
         else:
             cost.carry(info.get("cost") or {})
         if key is not None:
@@ -347,13 +347,18 @@ class StageLoop:
             earlier = cost.from_arrays(arrays)
             self._earlier_evaluation += sum(p["seconds"] for p in earlier.values())
             cost.carry(earlier)
-            cost.saved(float(arrays.get("saved_seconds", 0.0)))
+            cost.saved(float(arrays.get("saved_seconds", 0.0)), float(arrays.get("saved_cpu_seconds", 0.0)))
             return self.task.load_predictions(arrays), bool(arrays.get("from_store", False))
         before = cost.saved_total()
         (preds, from_store), spent = cost.measured(lambda: self._predict(ctx), "evaluation")
         rows = ctx.eval_rows
         arrays = {**self.task.save_predictions(preds), "rows": rows, "truth": self.task.truth(rows)}
-        reuse = {"from_store": np.array(from_store), "saved_seconds": np.array(cost.saved_total() - before)}
+        wall, cpu = (now - then for now, then in zip(cost.saved_total(), before, strict=True))
+        reuse = {
+            "from_store": np.array(from_store),
+            "saved_seconds": np.array(wall),
+            "saved_cpu_seconds": np.array(cpu),
+        }
         save_npz(f, {**arrays, **cost.to_arrays(spent), **reuse})
         return preds, from_store
 
@@ -380,7 +385,7 @@ class StageLoop:
                 cost.carry(cost.from_arrays(stored))  # computed by this run in an earlier sitting: no reuse
                 return self.task.load_predictions(stored), False
             if stored is not None:
-                cost.saved(float(stored["seconds"]) if "seconds" in stored else 0.0)
+                cost.saved(float(stored.get("seconds", 0.0)), cost.cpu_of(cost.from_arrays(stored)))
                 return self.task.load_predictions(stored), True
             t0 = time.perf_counter()
             preds, spent = cost.measured(compute)

@@ -3,8 +3,8 @@
 Reads `results.json` only (`summary.cost` and the set-up cost in the header, written by `continual/loop.py`
 and `experiment.py` through `cost.py`). Seconds are wall-clock seconds of the process that ran the work;
 CPU seconds are that process's CPU time (every thread), which load on the other cores and pauses do not
-change. Runs recorded before CPU time was kept show `n/a` there, and the total then falls back to
-wall-clock time, saying so.
+change. Runs recorded before CPU time was kept show `n/a` there (before 2026-12-05 for the time reuse
+saved), and the total then falls back to wall-clock time, saying so.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def cost_table(groups: list[Any]) -> str | None:
         return None
     parts = [p for p in PARTS if p in SHOWN or p in used]
     head = ["method", "runs", "total s", "CPU s", *[f"{p} s" for p in parts]]
-    head += ["other s", "tokens (k)", "backward (k)", "saved s"]
+    head += ["other s", "tokens (k)", "backward (k)", "saved s", "saved CPU s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, n, total in rows:
         if total is None:
@@ -52,6 +52,7 @@ def cost_table(groups: list[Any]) -> str | None:
         cells.append(mean(sum(p["tokens"] for p in per.values()) / 1000))
         cells.append(mean(sum(p["backward_tokens"] for p in per.values()) / 1000))
         cells.append(mean(total["saved_seconds"]))
+        cells.append(mean(total["saved_cpu_seconds"]) if "saved_cpu_seconds" in total else "n/a")
         lines.append(f"| {method} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
