@@ -583,12 +583,16 @@ def _run_experiment(cfg: RunConfig, overwrite: bool, on_stage: Any, jobs: int) -
                 )
             if replaced.exists():
                 # An --overwrite interrupted before: `replaced` is the experiment it replaces, `root` that
-                # attempt's unfinished work, which this one replaces in turn.
-                shutil.rmtree(real)
+                # attempt's unfinished work, continued by the same command (kill it anywhere, rerun it:
+                # nothing finished is redone) and replaced in turn by one of other settings.
+                if not _same_settings(real, cfg):
+                    shutil.rmtree(real)
+                else:
+                    log.info("%s: continuing the --overwrite attempt that was interrupted", root)
             else:
                 real.rename(replaced)
             if real is not root:
-                real.mkdir()
+                real.mkdir(exist_ok=True)
         if parallel.writes():  # what killed writes left (updates under deploy/ hold locks of their own)
             remove_stale_temporaries(root, keep=("deploy",))
             remove_stale_shared_temporaries(cfg.shared_root)
@@ -648,6 +652,21 @@ def _check_runs(cfg: RunConfig) -> None:
             f"run folders made with other options: {listed}. Where a default changed since, pin what they "
             "ran with; or give those strategies other labels, or delete their folders to rerun them."
         )
+
+
+def _same_settings(root: Path, cfg: RunConfig) -> bool:
+    """Whether the experiment folder `root` was made by the same command as `cfg`: its config.yaml holds every
+    setting of `cfg` (strategies and seeds too, which its key leaves out), CPU threads aside."""
+    try:
+        recorded = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # gone or damaged: nothing to continue
+        return False
+    now = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if not isinstance(recorded, dict):
+        return False
+    return {k: v for k, v in recorded.items() if k != "threads"} == {
+        k: v for k, v in now.items() if k != "threads"
+    }
 
 
 def _restore_if_untrained(root: Path, replaced: Path) -> None:

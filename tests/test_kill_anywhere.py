@@ -175,3 +175,37 @@ def test_a_rerun_clears_what_killed_writes_left(sunny_dir: Path, tmp_path: Path)
     run_experiment(cfg)
     assert not any(p.exists() for p in stale) and updating.is_file()
     assert not dead.exists() and live.is_file()
+
+
+def test_an_interrupted_overwrite_rerun_as_is_redoes_nothing_it_finished(
+    sunny_dir: Path, tmp_path: Path
+) -> None:
+    """`run --overwrite` killed after a stage, then the same command again: the rerun deleted that attempt's
+    finished work (the experiment it replaces was aside) and trained it again. A rerun with other settings
+    (strategies too, which an experiment's key leaves out) still replaces the attempt."""
+    first = tiny_config(sunny_dir, tmp_path, strategies="[frozen]", **{"train.epochs": 1})
+    run_experiment(first)
+    again = tiny_config(sunny_dir, tmp_path, strategies="[finetune]", **{"train.epochs": 1})
+
+    class Killed(Exception):
+        pass
+
+    def kill(results: dict) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        run_experiment(again, overwrite=True, on_stage=kill)
+    root = tmp_path / again.name
+    trained = run_dir_of(again, "finetune", 0) / "stage-1" / "trained" / "trained.json"
+    stamp = trained.stat().st_mtime_ns
+    assert (tmp_path / f".{again.name}.replaced" / "frozen").is_dir()  # the experiment it replaces, aside
+    (finished,) = run_experiment(again, overwrite=True)
+    assert finished["complete"] and trained.stat().st_mtime_ns == stamp  # stage 1 kept, not trained again
+    assert not (tmp_path / f".{again.name}.replaced").exists() and not (root / "frozen").exists()
+    # other settings: the interrupted attempt is replaced
+    with pytest.raises(Killed):
+        run_experiment(first, overwrite=True, on_stage=kill)
+    other = tiny_config(sunny_dir, tmp_path, strategies="[finetune]", **{"train.epochs": 1})
+    run_experiment(other, overwrite=True)
+    assert not (root / "frozen").exists() and not (tmp_path / f".{again.name}.replaced").exists()
+    assert trained.stat().st_mtime_ns != stamp
