@@ -40,7 +40,8 @@ from evolora.api import Recommender
 from evolora.config import load_config
 from evolora.continual.base import PlainLora
 from evolora.errors import EvoloraError
-from evolora.io import atomic_directory, check_replaceable
+from evolora.io import atomic_directory, check_replaceable, remove_killed_copies
+from evolora.locks import exclusive
 from evolora.models.llm import LoraLM
 from evolora.models.weights import base_to_load, cached_copy, load_pretrained
 from evolora.queries import locate_run
@@ -85,22 +86,26 @@ def export_run(
             raise EvoloraError(
                 f"{rec.method} is an ensemble of {len(adapters)} adapters: export it without --merge"
             )
-        with atomic_directory(out) as folder:
-            lm.tokenizer.save_pretrained(folder)
-            (folder / "items.json").write_text(json.dumps(_item_map(rec), indent=1, ensure_ascii=False))
-            base = _Base.of(rec.cfg.model.name, rec.cfg.model.revision)
-            if merge:
-                _write_merged(lm, base, adapters["default"], folder)
-            else:
-                for name, plain in adapters.items():
-                    sub = folder / ("adapter" if len(adapters) == 1 else name)
-                    _write_adapter(lm, base, plain, sub)
-            manifest = _manifest(rec, adapters, info, merge, base)
-            if manifest["prompt"].get("retrieve_from") is not None:
-                _write_item_vectors(rec.strategy.task.item_vectors, folder)  # type: ignore[attr-defined]
-            (folder / "evolora_export.json").write_text(json.dumps(manifest, indent=2))
-            readme = _readme(rec, out, merge, adapters, bool(lm.new_token_ids), base)
-            (folder / "README.md").write_text(readme)
+        # One export to a folder at a time; what a killed one left beside it goes first.
+        with exclusive(out.parent / f".{out.name}.lock", f"export to {out}"):
+            if remove_killed_copies(out):
+                log.info("%s: removed the copies an earlier export, killed, left beside it", out)
+            with atomic_directory(out) as folder:
+                lm.tokenizer.save_pretrained(folder)
+                (folder / "items.json").write_text(json.dumps(_item_map(rec), indent=1, ensure_ascii=False))
+                base = _Base.of(rec.cfg.model.name, rec.cfg.model.revision)
+                if merge:
+                    _write_merged(lm, base, adapters["default"], folder)
+                else:
+                    for name, plain in adapters.items():
+                        sub = folder / ("adapter" if len(adapters) == 1 else name)
+                        _write_adapter(lm, base, plain, sub)
+                manifest = _manifest(rec, adapters, info, merge, base)
+                if manifest["prompt"].get("retrieve_from") is not None:
+                    _write_item_vectors(rec.strategy.task.item_vectors, folder)  # type: ignore[attr-defined]
+                (folder / "evolora_export.json").write_text(json.dumps(manifest, indent=2))
+                readme = _readme(rec, out, merge, adapters, bool(lm.new_token_ids), base)
+                (folder / "README.md").write_text(readme)
         log.info("exported %s (stage %d) to %s", rec.method, rec.stage, out)
         return out
     finally:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -343,6 +344,26 @@ def remove_stale_temporaries(
             else:
                 entry.unlink(missing_ok=True)
             removed += 1
+    return removed
+
+
+def remove_killed_copies(path: Path) -> int:
+    """What `atomic_directory(path)` left when killed, beside `path`: its temporary copies, deleted (each a
+    whole folder: an export with --merge, a full model), and, where the kill fell between its two renames,
+    the earlier folder set aside, put back; how many copies were deleted. Only for a caller holding a lock
+    that keeps every other writer of `path` out: a live write's temporary looks the same."""
+    if not path.parent.is_dir():
+        return 0
+    # mkdtemp's names: the prefix, 8 random characters, the suffix (a folder "exp.v2" is another's)
+    mine = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    removed = 0
+    for entry in path.parent.iterdir():
+        if mine.fullmatch(entry.name) and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            removed += 1
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not old.is_symlink() and not path.exists():
+        old.rename(path)
     return removed
 
 

@@ -355,6 +355,8 @@ def test_an_untied_output_layer_trains_and_exports_the_new_tokens_rows(tmp_path:
 def test_a_local_base_is_named_by_its_absolute_path_and_never_replaced(
     sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from evolora.io import remove_killed_copies
+
     """A run on `model.name: base`, a folder relative to where it ran: the export names the folder's
     absolute path, so its README loads it from anywhere. `--out` at that folder (an earlier merged export
     another run trained on, so its mark would let it be replaced) is refused: the export would delete it."""
@@ -372,6 +374,19 @@ def test_a_local_base_is_named_by_its_absolute_path_and_never_replaced(
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+    # Exports killed before their last rename left whole temporary copies that nothing removed; one killed
+    # between its two renames, no export but the earlier one set aside. Another folder's are left alone.
+    for name in (".out.k3j2h1g0.tmp", ".out.v2.k3j2h1g0.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "out").rename(tmp_path / ".out.old")
+    assert (
+        remove_killed_copies(tmp_path / "out") == 1 and (tmp_path / "out" / "evolora_export.json").is_file()
+    )
+    assert not (tmp_path / ".out.old").exists() and (tmp_path / ".out.v2.k3j2h1g0.tmp").is_dir()
+    (tmp_path / ".out.abcd1234.tmp").mkdir()
+    result = CliRunner().invoke(app, ["export", root, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and not (tmp_path / ".out.abcd1234.tmp").exists(), result.output
     refused = CliRunner().invoke(app, ["export", root, "--out", "base"])
     assert refused.exit_code == 2 and "holds the run's base model" in refused.output, refused.output
     assert (tmp_path / "base" / "model.safetensors").is_file()
