@@ -14,7 +14,7 @@ from evolora import cost
 from evolora.eval.report import build_report, machine_line
 from evolora.experiment import run_experiment
 from evolora.models.precision import machine
-from tests.helpers import tiny_config
+from tests.helpers import Killed, kill_after_stage, tiny_config
 
 
 class FakeClock:
@@ -268,15 +268,8 @@ def test_a_resumed_run_counts_the_set_up_of_every_sitting(sunny_dir: Path, tmp_p
     from evolora.eval.costs import cpu_time
 
     cfg = tiny_config(sunny_dir, tmp_path, strategies="[frozen, finetune]", **{"train.epochs": 1})
-
-    class Killed(Exception):
-        pass
-
-    def kill(results: dict) -> None:
-        raise Killed
-
     with pytest.raises(Killed):
-        run_experiment(cfg, on_stage=kill)  # frozen's stage 1 finished, then the process died
+        run_experiment(cfg, on_stage=kill_after_stage)  # frozen's stage 1 finished, then the process died
     path = tmp_path / "t" / "frozen" / "seed0" / "results.json"
     first = json.loads(path.read_text())["setup_cost"]
     frozen, finetune = run_experiment(cfg)

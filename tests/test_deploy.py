@@ -26,7 +26,14 @@ from evolora.errors import ConfigError, DataError
 from evolora.experiment import run_experiment
 from evolora.locks import LockedError
 from evolora.tasks.ctr import CtrTask
-from tests.helpers import EXAMPLE_DATA, EXAMPLE_TABLE, keep_caches_as_before_2026_12_05, tiny_config
+from tests.helpers import (
+    EXAMPLE_DATA,
+    EXAMPLE_TABLE,
+    Killed,
+    keep_caches_as_before_2026_12_05,
+    kill_after_stage,
+    tiny_config,
+)
 
 HERE = Path(__file__).resolve().parent / "data"
 SMALL = {
@@ -865,15 +872,8 @@ def test_an_update_of_an_unfinished_run_is_refused(batches: dict[str, Path], tmp
     """A run stopped after stage 1 (or still training): the update trained "stage 2" on D2 and the batch,
     leaving out D3's interactions, older than the batch, with no count of them, and promoted it."""
     cfg = tiny_config(batches["base"], tmp_path / "runs", **SMALL)
-
-    class Stopped(Exception):
-        pass
-
-    def stop(results: dict) -> None:
-        raise Stopped
-
-    with pytest.raises(Stopped):
-        run_experiment(cfg, on_stage=stop)
+    with pytest.raises(Killed):
+        run_experiment(cfg, on_stage=kill_after_stage)
     root = Path(cfg.output_dir) / cfg.name
     with pytest.raises(ConfigError, match=r"has not finished its stages \(trained: \[1\]\).*finish the run"):
         update_run(root, batches["b1"])

@@ -17,7 +17,7 @@ import torch
 
 from evolora.experiment import run_dir_of, run_experiment
 from evolora.io import load_state, load_tensors
-from tests.helpers import tiny_config
+from tests.helpers import Killed, kill_after_stage, tiny_config
 
 CRM = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
 CASES = {
@@ -30,10 +30,6 @@ CASES = {
         {"task.history_len": 4, "task.retrieve_from": 8, "task.sample_history": 10},
     ),
 }
-
-
-class Killed(BaseException):
-    """A `kill -9`: nothing in evolora catches it."""
 
 
 def trained_tensors(run: Path) -> dict[str, torch.Tensor]:
@@ -186,15 +182,8 @@ def test_an_interrupted_overwrite_rerun_as_is_redoes_nothing_it_finished(
     first = tiny_config(sunny_dir, tmp_path, strategies="[frozen]", **{"train.epochs": 1})
     run_experiment(first)
     again = tiny_config(sunny_dir, tmp_path, strategies="[finetune]", **{"train.epochs": 1})
-
-    class Killed(Exception):
-        pass
-
-    def kill(results: dict) -> None:
-        raise Killed
-
     with pytest.raises(Killed):
-        run_experiment(again, overwrite=True, on_stage=kill)
+        run_experiment(again, overwrite=True, on_stage=kill_after_stage)
     root = tmp_path / again.name
     trained = run_dir_of(again, "finetune", 0) / "stage-1" / "trained" / "trained.json"
     stamp = trained.stat().st_mtime_ns
@@ -204,7 +193,7 @@ def test_an_interrupted_overwrite_rerun_as_is_redoes_nothing_it_finished(
     assert not (tmp_path / f".{again.name}.replaced").exists() and not (root / "frozen").exists()
     # other settings: the interrupted attempt is replaced
     with pytest.raises(Killed):
-        run_experiment(first, overwrite=True, on_stage=kill)
+        run_experiment(first, overwrite=True, on_stage=kill_after_stage)
     other = tiny_config(sunny_dir, tmp_path, strategies="[finetune]", **{"train.epochs": 1})
     run_experiment(other, overwrite=True)
     assert not (root / "frozen").exists() and not (tmp_path / f".{again.name}.replaced").exists()
