@@ -302,7 +302,8 @@ class Recommender:
         strategy = build_strategy(spec, Env(lm, task, inference_cfg, prepared), results["seed"])
         strategy.setup()
         task.before_stage(lm, t)
-        StageLoop(strategy, {}, stage_dir.parent, None, {}).restore_state(t, stage_dir=stage_dir)
+        loop = StageLoop(strategy, {}, stage_dir.parent, None, {})
+        loop.restore_state(t, stage_dir=stage_dir, deployed=version > 0)
         return cls(
             strategy, inference_cfg, prepared, histories, t, results["method"], stage_dir.parent, version,
             results.get("precision"),

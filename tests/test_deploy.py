@@ -162,6 +162,20 @@ def test_update_promote_rollback_and_update_again(
     gone = CliRunner().invoke(app, ask)
     assert gone.exit_code == 2 and "inference is missing" in gone.output, gone.output
     assert "evolora rollback RUN N" in gone.output
+    # A version whose adapter weights were deleted is refused by rollback (it was promoted, and could not be
+    # served); loading it says to promote another version, not to rerun the experiment (which never makes
+    # an update's version again).
+    weights = root / v2.folder / "trained" / "adapters" / "default" / "adapter_model.safetensors"
+    weights.unlink()
+    assert CliRunner().invoke(app, ["rollback", str(root), "0"]).exit_code == 0
+    refused = CliRunner().invoke(app, ["rollback", str(root), "2"])
+    assert refused.exit_code == 2 and "version 2 cannot be served" in refused.output, refused.output
+    assert "adapters/default/*.safetensors is missing" in refused.output
+    assert Versions.open(root, "finetune", 0, 2).promoted == 0
+    ask = ["recommend", str(root), "--version", "2", "--user", str(user), "--items", "sku-001"]
+    loaded = CliRunner().invoke(app, ask)
+    assert loaded.exit_code == 2 and "promote another version" in loaded.output, loaded.output
+    assert "rerun its experiment" not in loaded.output
 
 
 def test_the_gate_holds_out_the_batchs_newest_samples_and_the_candidate_learns_the_rest(

@@ -120,16 +120,23 @@ class StageLoop:
         return evaluation_rows(self.pools, stage, self.cfg.eval.max_samples, self.cfg.eval.seed)
 
     @contextlib.contextmanager
-    def _stage_files(self, t: int) -> Iterator[None]:
-        """Files of stage t that cannot be read back stop the run with what to do about them."""
+    def _stage_files(self, t: int, deployed: bool = False) -> Iterator[None]:
+        """Files of stage t that cannot be read back stop the run with what to do about them (`deployed`:
+        they are a version an update trained, which no rerun of the experiment makes again)."""
         try:
             yield
         except DamagedFileError as e:
-            raise DamagedFileError(
-                e.path,
-                f"{e} Delete {self.stage_dir(t)} and rerun its experiment (`evolora run`): stage {t} is "
-                "redone, earlier stages are kept.",
-            ) from None
+            if deployed:
+                advice = (
+                    "It is a version an update trained, which cannot be made again: promote another version "
+                    "(`evolora versions` lists them, `evolora rollback RUN N` promotes one)."
+                )
+            else:
+                advice = (
+                    f"Delete {self.stage_dir(t)} and rerun its experiment (`evolora run`): stage {t} is "
+                    "redone, earlier stages are kept."
+                )
+            raise DamagedFileError(e.path, f"{e} {advice}") from None
 
     # ------------------------------------------------------------------ the run's identity
     def check_run(self) -> None:
@@ -157,11 +164,14 @@ class StageLoop:
             record["trained_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             atomic_write_json(out / "trained.json", record)
 
-    def restore_state(self, t: int, stage_dir: Path | None = None) -> list[dict[str, Any]]:
+    def restore_state(
+        self, t: int, stage_dir: Path | None = None, deployed: bool = False
+    ) -> list[dict[str, Any]]:
         """Load what stage t trained (adapters, strategy state) from this run's stage folder, or from
-        `stage_dir` (another run's: a deployed model's version); its jobs' records."""
+        `stage_dir` (another run's: a deployed model's version, `deployed` where an update trained it);
+        its jobs' records."""
         unit = trained_folder(stage_dir or self.stage_dir(t))
-        with self._stage_files(t):
+        with self._stage_files(t, deployed):
             for name in self.s.adapters_to_save():
                 self.lm.load_adapter(unit / "adapters" / name, name)
             state = _read_stage_state(unit)

@@ -282,7 +282,7 @@ def _update(
         strategy.setup()
         loop = StageLoop(strategy, prepared.pools, work, None, {"method": registry.method})
         task.before_stage(lm, parent.stage)
-        loop.restore_state(parent.stage, stage_dir=root / parent.folder)
+        loop.restore_state(parent.stage, stage_dir=root / parent.folder, deployed=parent.id > 0)
         ctx = StageContext(stage, stage, prepared.pools, strategy.seed, work / f"stage-{stage}", holdout)
         before = _gate_predictions(loop, ctx, work / "gate" / "promoted.npz")
         loop.train_stage(ctx)

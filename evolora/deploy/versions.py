@@ -101,6 +101,13 @@ class Versions:
         if version == self.promoted:
             return False
         missing = [str(path) for path in self._model_files(v) if not path.is_file()]
+        unit = trained_folder(self.root / v.folder)
+        # each adapter folder it saved holds its weights (PEFT's file, a conventional model's)
+        missing += [
+            f"{a}/*.safetensors"
+            for a in sorted((unit / "adapters").glob("*"))
+            if a.is_dir() and not any(a.glob("*.safetensors"))
+        ]
         if missing:
             raise ConfigError(
                 f"version {version} cannot be served: {', '.join(missing)} "
