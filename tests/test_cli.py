@@ -271,6 +271,12 @@ def test_values_yaml_cannot_build_and_numbers_without_a_value_are_one_line_error
     assert result.exit_code == 2 and "is a folder; give a config file" in result.output
 
 
+def test_a_negative_version_to_roll_back_to_is_read_as_a_number(tmp_path: Path) -> None:
+    """`evolora rollback RUN -1` was refused as "No such option: -1"."""
+    result = runner.invoke(app, ["rollback", str(tmp_path), "-1"])
+    assert result.exit_code == 2 and "greater than or equal to 0" in result.output, result.output
+
+
 def test_true_or_false_for_a_number_is_refused(tmp_path: Path) -> None:
     """pydantic's lax mode read `epochs: true` as 1 epoch and `seeds: [true]` as seed 1, silently; the
     flags and the settings that take true beside other values keep taking it."""

@@ -146,11 +146,12 @@ def versions(
     console.print(table)
 
 
-@app.command()
+# A negative version is read as a number, not as an unknown option ("No such option: -1")
+@app.command(context_settings={"ignore_unknown_options": True})
 @_user_errors
 def rollback(
     run_dir: RunDir,
-    version: Annotated[int, typer.Argument(help="the version to promote again")],
+    version: Annotated[int, typer.Argument(min=0, help="the version to promote again")],
     method: Method = None,
     seed: Seed = None,
 ) -> None:
