@@ -176,11 +176,13 @@ def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
 
     refused = CliRunner().invoke(app, ["export-user-adapter", str(run), "no-such-user"])
     assert refused.exit_code == 2 and "no sample of user" in refused.output
-    # The experiment folder works as for the other commands; an earlier adapter is replaced.
+    # The experiment folder works as for the other commands; an earlier adapter is replaced, and what a killed
+    # export left beside it (a temporary copy) goes.
+    (tmp_path / ".cli.k3j2h1g0.tmp").mkdir()
     again = CliRunner().invoke(
         app, ["export-user-adapter", str(run.parent.parent), user, "--out", str(tmp_path / "cli")]
     )
-    assert again.exit_code == 0, again.output
+    assert again.exit_code == 0 and not (tmp_path / ".cli.k3j2h1g0.tmp").exists(), again.output
     refused = CliRunner().invoke(app, ["export-user-adapter", str(run), user, "--out", str(run)])
     assert refused.exit_code == 2 and "holds other files" in refused.output  # the run is not replaced
     assert (run / "results.json").is_file()

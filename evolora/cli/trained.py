@@ -276,7 +276,8 @@ def export_user_adapter(
     from evolora.data.samples import eval_stage_of
     from evolora.errors import ConfigError
     from evolora.experiment import restore_run
-    from evolora.io import check_replaceable
+    from evolora.io import check_replaceable, remove_killed_copies
+    from evolora.locks import exclusive
     from evolora.models.personalized import USER_ADAPTER_MARKER
     from evolora.queries import locate_run, read_results
 
@@ -301,7 +302,10 @@ def export_user_adapter(
         target = out or run_dir / f"stage-{t}" / "user-adapters" / (
             user if item is None else f"{user}-{item}"
         )
-        row = strategy.export_for_user(user, target, eval_stage_of(t, strategy.cfg.protocol), item)
+        # one writer of the folder at a time; what a killed export left beside it goes first
+        with exclusive(target.parent / f".{target.name}.lock", f"export to {target}"):
+            remove_killed_copies(target)
+            row = strategy.export_for_user(user, target, eval_stage_of(t, strategy.cfg.protocol), item)
     finally:
         strategy.teardown()
     sample = strategy.task.table.df.row(row, named=True)
