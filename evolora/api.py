@@ -62,6 +62,7 @@ from evolora.experiment import (
     with_model_at,
 )
 from evolora.io import read_json
+from evolora.models.conventional import is_conventional
 from evolora.models.precision import fp16_unavailable
 from evolora.overrides import as_overrides, plain
 from evolora.queries import (
@@ -493,24 +494,31 @@ class Recommender:
         target = next(iter(self._task.items))  # any known item: generation ignores the target
         # Every seen item is kept out of the search itself (`exclude_history: rated` over the query's
         # `rated` items), not filtered after it: k beams suffice however long the history, and a query's
-        # answer is the one evaluation under `exclude_history: rated` would give it.
+        # answer is the one evaluation under `exclude_history: rated` would give it. A levelwise search
+        # walks levels, not the trie, and excludes nothing: it searches k + |seen| wide and filters after.
+        levelwise = not is_conventional(self.cfg.model.name) and self._task.cfg.constraint == "levelwise"
+        in_search = exclude_seen and not levelwise
         rows = [
-            {**self._row(u, target, h, r), "rated": sorted(seen) if exclude_seen else []}
+            {**self._row(u, target, h, r), "rated": sorted(seen) if in_search else []}
             for (_, _, u), (h, r, seen) in zip(queries, histories, strict=True)
         ]
         n_items = len(self._task.items)
+        widths = [
+            k + len(seen) * (exclude_seen and levelwise)
+            for (_, k, _), (_, _, seen) in zip(queries, histories, strict=True)
+        ]
         # A query's beams depend on it alone (a wider search can find other items): queries of one width
         # share a pass. No more beams than items: each finished beam is a distinct item.
         groups: dict[int, list[int]] = {}
-        for q, (_, k, _) in enumerate(queries):
-            groups.setdefault(min(max(k, getattr(self._task.cfg, "beams", k)), n_items), []).append(q)
+        for q, width in enumerate(widths):
+            groups.setdefault(min(max(width, getattr(self._task.cfg, "beams", width)), n_items), []).append(q)
         out: list[list[Scored]] = [[] for _ in queries]
         for beams, group in sorted(groups.items()):
             frame = query_frame([rows[q] for q in group])
-            exclude = "rated" if exclude_seen else False
-            ranked = self.predict_samples(frame, beams=beams, exclude_history=exclude)
+            ranked = self.predict_samples(frame, beams=beams, exclude_history="rated" if in_search else False)
             for at, q in enumerate(group):
-                out[q] = self._top(ranked, at)[: queries[q][1]]
+                seen = histories[q][2] if exclude_seen else set()
+                out[q] = [s for s in self._top(ranked, at) if s.item not in seen][: queries[q][1]]
         return out
 
     def _top(self, ranked: Any, row: int) -> list[Scored]:

@@ -243,6 +243,22 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
     assert f"-k 500: {n} items are all this run can recommend here (items seen left out" in result.output
 
 
+def test_a_levelwise_run_recommends_no_seen_item(tmp_path: Path) -> None:
+    """A levelwise search keeps nothing out (it walks the ID levels, not the trie): seen items are filtered
+    after a search k + |seen| wide. Kept out of the search alone, every item of the history came back."""
+    over = {
+        **SMALL, "task.name": "next_item", "task.history_len": 8, "task.template": "peso",
+        "task.constraint": "levelwise", "protocol": "leave_last_out", "strategies": "[finetune]",
+    }  # fmt: skip
+    cfg = tiny_config(write_peso_cycle(tmp_path / "cycle"), tmp_path / "llm", **over)
+    run_experiment(cfg)
+    rec = evolora.Recommender.load(Path(cfg.output_dir) / cfg.name)
+    history = sorted(rec.known_items)[:10]
+    assert not set(history) & {s.item for s in rec.recommend(history, k=12)}
+    for user in rec.known_users[:3]:
+        assert not rec.seen_by(user) & {s.item for s in rec.recommend(user=user, k=10)}, user
+
+
 def test_run_takes_overrides(sunny_dir: Path, tmp_path: Path) -> None:
     cfg = tiny_config(sunny_dir, tmp_path, **SMALL)
     results = evolora.run(cfg, train={"epochs": 1}, **{"strategies": ["frozen"], "name": "api-run"})
