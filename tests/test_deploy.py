@@ -171,6 +171,9 @@ def test_update_promote_rollback_and_update_again(
     refused = CliRunner().invoke(app, ["rollback", str(root), "2"])
     assert refused.exit_code == 2 and "version 2 cannot be served" in refused.output, refused.output
     assert "adapters/default/*.safetensors is missing" in refused.output
+    shutil.rmtree(weights.parent)  # the adapter's folder gone too: its trained.json names it
+    refused = CliRunner().invoke(app, ["rollback", str(root), "2"])
+    assert "adapters/default/*.safetensors is missing" in refused.output, refused.output
     assert Versions.open(root, "finetune", 0, 2).promoted == 0
     ask = ["recommend", str(root), "--version", "2", "--user", str(user), "--items", "sku-001"]
     loaded = CliRunner().invoke(app, ask)

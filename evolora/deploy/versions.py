@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evolora.continual.loop import stage_state_file, trained_folder
-from evolora.errors import ConfigError
+from evolora.errors import ConfigError, DamagedFileError
 from evolora.io import atomic_write_json, read_json
 
 log = logging.getLogger("evolora")
@@ -101,13 +101,8 @@ class Versions:
         if version == self.promoted:
             return False
         missing = [str(path) for path in self._model_files(v) if not path.is_file()]
-        unit = trained_folder(self.root / v.folder)
-        # each adapter folder it saved holds its weights (PEFT's file, a conventional model's)
-        missing += [
-            f"{a}/*.safetensors"
-            for a in sorted((unit / "adapters").glob("*"))
-            if a.is_dir() and not any(a.glob("*.safetensors"))
-        ]
+        if not missing:
+            missing = self._missing_adapters(trained_folder(self.root / v.folder))
         if missing:
             raise ConfigError(
                 f"version {version} cannot be served: {', '.join(missing)} "
@@ -116,6 +111,19 @@ class Versions:
         self._promote(version, "rollback")
         self.save()
         return True
+
+    @staticmethod
+    def _missing_adapters(unit: Path) -> list[str]:
+        """The adapters a stage saved (its trained.json names them; an older one's: the folders there) whose
+        weights are gone (PEFT's file, a conventional model's: some `.safetensors` in each folder)."""
+        try:
+            named = read_json(unit / "trained.json").get("adapters")
+        except DamagedFileError as e:
+            return [f"{e.path} (damaged)"]
+        folders = [unit / "adapters" / n for n in named] if isinstance(named, list) else [
+            a for a in sorted((unit / "adapters").glob("*")) if a.is_dir()
+        ]  # fmt: skip
+        return [f"{a}/*.safetensors" for a in folders if not any(a.glob("*.safetensors"))]
 
     def _model_files(self, v: Version) -> list[Path]:
         """What loading version `v` reads first: its stage's trained record and strategy state, and the
