@@ -476,8 +476,12 @@ def where_its_config_lies(config: str | Path, cfg: RunConfig, overrides: list[st
         return cfg
     try:
         name = folder_name(folder.name)
-    except ValueError:  # renamed to what no experiment may be named (".x"): left to the checks of a run
-        return cfg
+    except ValueError:  # renamed to what no experiment may be named ("_old", ".bak"): said, not silent
+        raise ConfigError(
+            f"{config} is the config of the experiment in {folder}, which it names {named}; {folder.name!r} "
+            "is no experiment name (not starting with '.' or '_'): rename the folder, or choose the place "
+            "with --set output_dir=... name=..."
+        ) from None
     log.warning(
         "%s is the config of the experiment in %s, which it names %s (moved, copied or renamed since): "
         "continuing it where the config lies (--set output_dir=... name=... chooses another place)",

@@ -934,3 +934,8 @@ def test_rerunning_a_moved_experiments_own_config_continues_it_where_it_lies(
     assert again.exit_code == 0 and "continuing it where the config lies" in again.output, again.output
     assert not (tmp_path / "moved" / "cli").exists()
     assert " epoch " not in again.output and "evaluated on stage" not in again.output
+    # renamed to no experiment's name: said (it trained at the old place, silently)
+    (tmp_path / "moved" / "renamed").rename(tmp_path / "moved" / "_old")
+    refused = runner.invoke(app, ["run", str(tmp_path / "moved" / "_old" / "config.yaml")])
+    assert refused.exit_code == 2 and "'_old' is no experiment name" in refused.output, refused.output
+    assert not (tmp_path / "moved" / "renamed").exists()
