@@ -97,6 +97,19 @@ def _default_store(cfg: RunConfig) -> str:
     return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
+def _place(location: str) -> Path | str:
+    """An artifact location as a local folder where it names one (a `file:` URI or a path, which MLflow may
+    store written either way), else the URI as it is."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(location)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path)).resolve()
+    if not parsed.scheme and Path(location).is_absolute():
+        return Path(location).resolve()
+    return location
+
+
 def _served(uri: str) -> bool:
     """Whether `uri` names an MLflow tracking server (which has an artifact store of its own)."""
     scheme = uri.split(":", 1)[0].lower()
@@ -210,17 +223,35 @@ class MlflowTracker(Tracker):
         self.key: str | None = None  # the (strategy, seed) run open now
         self.run_id: str | None = None  # and its id
         self.down: str | None = None  # why the store failed in this sitting: nothing more is logged
+        self.artifacts_elsewhere: str | None = None  # the moved store's artifact place (adapters not logged)
 
     def open_store(self, cfg: RunConfig) -> None:
         try:
             if self.artifacts is not None and self.uri == _default_store(cfg):
                 Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # where the SQLite file goes
             self.mlflow.set_tracking_uri(self.uri)
-            if self.mlflow.get_experiment_by_name(cfg.name) is None:
+            experiment = self.mlflow.get_experiment_by_name(cfg.name)
+            if experiment is None:
                 self.mlflow.create_experiment(cfg.name, artifact_location=self.artifacts)
+            elif self.artifacts is not None and self.uri == _default_store(cfg):
+                self._check_artifact_place(getattr(experiment, "artifact_location", None))
             self.mlflow.set_experiment(cfg.name)
         except Exception as e:
             raise self._unusable(e) from None
+
+    def _check_artifact_place(self, recorded: str | None) -> None:
+        """The store next to the runs keeps the artifact place its experiment was made with: moved or copied
+        with the runs, that is the old folder's, and MLflow cannot change it. Adapters are then not logged
+        (they would land in the old folder, or in the copy it was made from); figures still are."""
+        if recorded is None or self.artifacts is None or _place(recorded) == _place(self.artifacts):
+            return
+        self.artifacts_elsewhere = recorded
+        log.warning(
+            "the MLflow store next to the runs was moved or copied with them: its experiment keeps its "
+            "artifacts at %s (MLflow cannot change that), so stage adapters are not logged as MLflow "
+            "artifacts from here (they are in the run folders); figures and parameters are",
+            recorded,
+        )
 
     @contextlib.contextmanager
     def experiment(self, cfg: RunConfig) -> Iterator[None]:
@@ -296,7 +327,7 @@ class MlflowTracker(Tracker):
 
     def _adapters(self, t: int, stage_dir: Path) -> None:
         adapters = stage_dir / "trained" / "adapters"
-        if adapters.is_dir():
+        if adapters.is_dir() and self.artifacts_elsewhere is None:
             self.mlflow.log_artifacts(str(adapters), artifact_path=f"stage-{t}/adapters")
 
     def gate(self, method: str, seed: int, version: int, gate: dict[str, Any], data: dict[str, Any]) -> None:

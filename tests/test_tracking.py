@@ -67,8 +67,9 @@ class Recorder(types.ModuleType):
     def set_experiment(self, name: str) -> None:
         self.calls.append(("experiment", name))
 
-    def get_experiment_by_name(self, name: str) -> None:
-        return None
+    def get_experiment_by_name(self, name: str) -> types.SimpleNamespace | None:
+        made = [c for c in self.calls if c[0] == "created" and c[1] == name]
+        return types.SimpleNamespace(artifact_location=made[0][2]) if made else None
 
     def create_experiment(self, name: str, artifact_location: str) -> None:
         self.calls.append(("created", name, artifact_location))
@@ -547,6 +548,30 @@ def test_a_store_mlflow_cannot_open_stops_a_run_before_any_work(
     with pytest.raises(ConfigError, match="cannot use MLflow at foo:bar: ValueError: no store for foo:bar"):
         run_experiment(cfg)
     assert not (tmp_path / "out" / cfg.name).exists()
+
+
+def test_a_moved_store_logs_no_adapters_into_the_old_folders_artifacts(
+    mlflow: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MLflow keeps the artifact place an experiment was made with: a runs folder moved with its mlflow.db
+    logged the next stages' adapters into the old folder's mlartifacts (made again there, or into the copy's
+    original). They are left out, said once; figures are still logged."""
+    from tests.helpers import Killed, kill_after_stage
+
+    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
+    with pytest.raises(Killed):
+        run_experiment(
+            tiny_config(HERE / "example_log.csv", tmp_path / "runs", **over), on_stage=kill_after_stage
+        )
+    assert [c for c in mlflow.calls if c[0] == "artifacts"]  # stage 1's, where the store was made
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    mlflow.calls = [c for c in mlflow.calls if c[0] == "created"]  # the store's experiment, as it was made
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        run_experiment(tiny_config(HERE / "example_log.csv", tmp_path / "moved", **over))
+    assert not [c for c in mlflow.calls if c[0] == "artifacts"]
+    assert [c for c in mlflow.calls if c[0] == "metric" and c[2].startswith("stage2")], mlflow.calls
+    assert "its experiment keeps its artifacts at file://" in caplog.text
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_runs_folder_moved_with_its_store_continues_its_mlflow_runs(
