@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from evolora.config import RunConfig, config_to_dict
-from evolora.errors import ConfigError
+from evolora.errors import ConfigError, warn_once
 from evolora.io import atomic_write_json, read_json
 
 log = logging.getLogger("evolora")
@@ -246,7 +246,9 @@ class MlflowTracker(Tracker):
         if recorded is None or self.artifacts is None or _place(recorded) == _place(self.artifacts):
             return
         self.artifacts_elsewhere = recorded
-        log.warning(
+        warn_once(
+            log,
+            "mlflow artifacts elsewhere",
             "the MLflow store next to the runs was moved or copied with them: its experiment keeps its "
             "artifacts at %s (MLflow cannot change that), so stage adapters are not logged as MLflow "
             "artifacts from here (they are in the run folders); figures and parameters are",
