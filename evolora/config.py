@@ -940,6 +940,18 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return problem if mark is None else f"{problem} at character {mark.column + 1}"
 
 
+def _yaml_file_problem(e: yaml.YAMLError) -> str:
+    """A parser error of a file in one line: where (line and column), what, and what it was parsing."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem is None or mark is None:
+        return " ".join(str(e).split())
+    out = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and start is not None:
+        out += f" ({context} from line {start.line + 1}, column {start.column + 1})"
+    return out
+
+
 def _strategy_entry(entries: list[Any], name: str, text: str, flag: str) -> dict[str, Any]:
     """The strategy called `name` (its label, else its name; or its position) in a `strategies` list, as a
     mapping that an override can change (a bare name becomes `{name: ...}`)."""
@@ -1035,7 +1047,7 @@ def load_config(
         try:
             loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_file_problem(e)}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(
                 f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8"
