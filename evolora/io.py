@@ -130,6 +130,8 @@ def read_table(path: str | Path, advice: str = "") -> Any:
     """A Parquet file as a polars DataFrame; a damaged or missing one raises `DamagedFileError` naming it."""
     import polars as pl
 
+    if not Path(path).is_file():
+        raise DamagedFileError(path, f"{path} is missing. {advice}".strip())
     try:
         return pl.read_parquet(path)
     except (OSError, pl.exceptions.PolarsError) as e:

@@ -429,6 +429,9 @@ def test_damaged_run_files_are_named_not_a_traceback(ctr_run, tmp_path: Path) ->
     args = ["recommend", str(root), "--method", "finetune", "--history", "1", "--items", "2"]
     shown = CliRunner().invoke(app, args)
     assert shown.exit_code == 2 and "histories.parquet is damaged" in shown.output, shown.output
+    table.unlink()  # gone: said so, not "damaged or truncated (No such file ...)"
+    with pytest.raises(DamagedFileError, match=r"histories\.parquet is missing\. Delete the inference"):
+        evolora.Recommender.load(root, method="finetune")
     results = root / "finetune" / "seed0" / "results.json"
     results.write_text('{"x": 1}')
     with pytest.raises(DamagedFileError, match=r"results\.json is not an evolora results\.json"):
