@@ -52,12 +52,11 @@ from evolora.deploy.versions import Version, Versions
 from evolora.errors import ConfigError, EvoloraError, UnknownIdError
 from evolora.eval.report import Report, compose_report
 from evolora.experiment import (
+    answering_backbone,
     build_model_and_task,
-    other_weights,
     own_caches,
     resolve_config,
     run_experiment,
-    trained_backbone,
     where_its_config_lies,
     with_model_at,
 )
@@ -288,15 +287,7 @@ class Recommender:
     ) -> Recommender:
         inference_cfg, prepared, histories = load_bundle(bundle_root, cfg)
         inference_cfg = _answerable_here(inference_cfg)
-        pretrained = trained_backbone(inference_cfg, "--model PATH names it (model= in Python)")
-        if other_weights(root, pretrained):
-            # Served, not refused: a user may mean it; the figures of the run are not those of this model.
-            log.warning(
-                "%s: the weights loaded for model.name=%s are not those its adapters were trained on "
-                "(another folder's contents, the hub's weights instead of evolora's converted copy or the "
-                "reverse): its answers are not the run's; load the weights it ran on",
-                bundle_root, cfg.model.name,
-            )  # fmt: skip
+        pretrained = answering_backbone(inference_cfg, root, bundle_root)
         lm, task = build_model_and_task(inference_cfg, prepared, pretrained)
         # the options it ran with (an option added since takes its value of then: recorded_options)
         spec = StrategySpec(name=results["strategy"], label=results["method"], **recorded_options(results))

@@ -393,6 +393,21 @@ def trained_backbone(cfg: RunConfig, name_it: str) -> tuple[Any, Any] | None:
         raise ModelNotFoundError(f"{e} A trained run whose base model lies elsewhere now: {name_it}.") from e
 
 
+def answering_backbone(cfg: RunConfig, root: Path, where: Path) -> tuple[Any, Any] | None:
+    """`trained_backbone` for answering with a trained run's adapters (`Recommender`, a user adapter's
+    export): weights other than those the experiment at `root` recorded are loaded with a warning naming
+    `where` (served, not refused: a user may mean it; the figures of the run are not those of this model)."""
+    pretrained = trained_backbone(cfg, "--model PATH names it (model= in Python)")
+    if other_weights(root, pretrained):
+        log.warning(
+            "%s: the weights loaded for model.name=%s are not those its adapters were trained on (another "
+            "folder's contents, the hub's weights instead of evolora's converted copy or the reverse): its "
+            "answers are not the run's; load the weights it ran on",
+            where, cfg.model.name,
+        )  # fmt: skip
+    return pretrained
+
+
 def other_weights(root: Path, pretrained: tuple[Any, Any] | None) -> bool:
     """Whether `pretrained` (a loaded backbone; None for a conventional model) holds other weights than the
     experiment at `root` recorded when it started (`_check_inputs`; an older evolora recorded none)."""
@@ -986,13 +1001,7 @@ def restore_run(
     spec = StrategySpec(name=results["strategy"], label=results["method"], **run_options(run_dir, results))
     prepared = prepare_data(cfg)
     prepared.caches = own_caches(root, cfg, prepared.data)  # those its stages were trained on
-    pretrained = trained_backbone(cfg, "--model PATH names it (model= in Python)")
-    if other_weights(root, pretrained):
-        log.warning(
-            "%s: the weights loaded for model.name=%s are not those its adapters were trained on", root,
-            cfg.model.name,
-        )  # fmt: skip
-    lm, task = build_model_and_task(cfg, prepared, pretrained)
+    lm, task = build_model_and_task(cfg, prepared, answering_backbone(cfg, root, root))
     strategy = build_strategy(spec, Env(lm, task, cfg, prepared), results["seed"])
     strategy.setup()
     loop = StageLoop(strategy, prepared.pools, run_dir, None, {})
