@@ -40,8 +40,8 @@ from evolora.api import Recommender
 from evolora.config import load_config
 from evolora.continual.base import PlainLora
 from evolora.errors import EvoloraError
-from evolora.io import atomic_directory, check_replaceable, remove_killed_copies
-from evolora.locks import exclusive
+from evolora.io import atomic_directory, check_replaceable
+from evolora.locks import sole_writer
 from evolora.models.llm import LoraLM
 from evolora.models.weights import base_to_load, cached_copy, load_pretrained
 from evolora.queries import locate_run
@@ -87,8 +87,8 @@ def export_run(
                 f"{rec.method} is an ensemble of {len(adapters)} adapters: export it without --merge"
             )
         # One export to a folder at a time; what a killed one left beside it goes first.
-        with exclusive(out.parent / f".{out.name}.lock", f"export to {out}"):
-            if remove_killed_copies(out):
+        with sole_writer(out, f"export to {out}") as removed:
+            if removed:
                 log.info("%s: removed the copies an earlier export, killed, left beside it", out)
             with atomic_directory(out) as folder:
                 lm.tokenizer.save_pretrained(folder)

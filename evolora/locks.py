@@ -22,6 +22,7 @@ from typing import IO
 
 from evolora import parallel
 from evolora.errors import EvoloraError
+from evolora.io import remove_killed_copies
 
 log = logging.getLogger("evolora")
 
@@ -91,3 +92,11 @@ def exclusive(path: str | Path, what: str, wait: bool = False, every_process: bo
         with contextlib.suppress(OSError):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         f.close()
+
+
+@contextlib.contextmanager
+def sole_writer(folder: Path, what: str) -> Iterator[int]:
+    """Hold the lock beside `folder` (one writer of it at a time: an export's folder) and first remove what
+    writes of it that were killed left there (`io.remove_killed_copies`); yields how many copies went."""
+    with exclusive(folder.parent / f".{folder.name}.lock", what):
+        yield remove_killed_copies(folder)

@@ -276,8 +276,8 @@ def export_user_adapter(
     from evolora.data.samples import eval_stage_of
     from evolora.errors import ConfigError
     from evolora.experiment import restore_run
-    from evolora.io import check_replaceable, remove_killed_copies
-    from evolora.locks import exclusive
+    from evolora.io import check_replaceable
+    from evolora.locks import sole_writer
     from evolora.models.personalized import USER_ADAPTER_MARKER
     from evolora.queries import locate_run, read_results
 
@@ -303,8 +303,7 @@ def export_user_adapter(
             user if item is None else f"{user}-{item}"
         )
         # one writer of the folder at a time; what a killed export left beside it goes first
-        with exclusive(target.parent / f".{target.name}.lock", f"export to {target}"):
-            remove_killed_copies(target)
+        with sole_writer(target, f"export to {target}"):
             row = strategy.export_for_user(user, target, eval_stage_of(t, strategy.cfg.protocol), item)
     finally:
         strategy.teardown()
