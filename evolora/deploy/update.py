@@ -125,9 +125,9 @@ def update_run(
     changed data). Records of items the run knows are not read from it: a known item keeps its record.
     """
     # The gate's settings and where it is logged; whatever fixes the run's numbers stays as the run had it.
-    keys = [parse_override(s)[0] for s in overrides or []]
+    parsed = [(s, *parse_override(s)) for s in overrides or []]  # (text, key, value)
     bad = [
-        s for s, key in zip(overrides or [], keys, strict=True)
+        s for s, key, _ in parsed
         if key[0] not in _OVERRIDABLE and tuple(key[:2]) not in _DATA_PLACES and tuple(key) != _MODEL_PLACE
     ]  # fmt: skip
     if bad:
@@ -137,9 +137,8 @@ def update_run(
             "are now (the run's other settings are fixed)"
         )
     # The base model elsewhere (`with_model_at`: refused for a conventional run, whose model.name names it)
-    pairs = list(zip(overrides or [], keys, strict=True))
-    moved_model = [parse_override(s)[1] for s, key in pairs if tuple(key) == _MODEL_PLACE]
-    overrides = [s for s, key in pairs if tuple(key) != _MODEL_PLACE]
+    moved_model = [value for _, key, value in parsed if tuple(key) == _MODEL_PLACE]
+    overrides = [s for s, key, _ in parsed if tuple(key) != _MODEL_PLACE]
     seed_dir, root = locate_run(Path(run_dir), method, seed)
     results = read_results(seed_dir)
     if results.get("complete") is False:  # still training, or stopped: its next stage is the run's own
@@ -171,7 +170,7 @@ def update_run(
     ):
         set_threads(cfg.threads)
         registry = Versions.open(root, method, results["seed"], last)  # as the lock holder left it
-        given = {key[-1] for key in keys if key[0] == "update"}
+        given = {key[-1] for _, key, _ in parsed if key[0] == "update"}
         return _update(cfg, root, results, registry, Path(data_file), given, items_file)
 
 
