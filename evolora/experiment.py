@@ -680,12 +680,12 @@ def _same_settings(root: Path, cfg: RunConfig) -> bool:
         recorded = yaml.safe_load((root / "config.yaml").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):  # gone or damaged: nothing to continue
         return False
-    now = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     if not isinstance(recorded, dict):
         return False
-    return {k: v for k, v in recorded.items() if k != "threads"} == {
-        k: v for k, v in now.items() if k != "threads"
-    }
+    now = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    for settings in (recorded, now):
+        settings.pop("threads", None)
+    return recorded == now
 
 
 def _restore_if_untrained(root: Path, replaced: Path) -> None:

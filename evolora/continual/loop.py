@@ -160,9 +160,8 @@ class StageLoop:
                 out / "state.safetensors", {"strategy": self.s.state(), "adapter_keys": self.adapter_keys}
             )
             record = {"jobs": jobs, "stage_info": self.s.stage_info(), "after_stage_cost": after_stage_cost}
-            record["adapters"] = list(
-                self.s.adapters_to_save()
-            )  # what loading it reads (`Versions.rollback`)
+            # what loading it reads, which `Versions.rollback` checks are there
+            record["adapters"] = list(self.s.adapters_to_save())
             # when, for a deployed run's version 0: a copy (`cp -r`) gives the file the copy's mtime
             record["trained_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             atomic_write_json(out / "trained.json", record)
