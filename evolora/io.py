@@ -363,18 +363,26 @@ def remove_killed_copies(path: Path) -> int:
         if mine.fullmatch(entry.name) and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
             removed += 1
+    _put_back_set_aside(path)
+    return removed
+
+
+def _put_back_set_aside(path: Path) -> None:
+    """A replacement of `path` killed between its two renames left no `path`, and the earlier folder aside as
+    `.<name>.old`: that complete copy is put back (either the old folder or the new one, never neither);
+    beside a `path` that exists, it is what a finished replacement did not get to delete."""
     old = path.with_name(f".{path.name}.old")
     if old.is_dir() and not old.is_symlink() and not path.exists():
         old.rename(path)
-    return removed
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _atomic_directory(path: Path) -> Iterator[Path]:
     if path.exists() and not path.is_dir():  # a file, device or pipe is no earlier folder to replace
         raise ConfigError(f"{path} exists and is not a folder: nothing is written over it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _put_back_set_aside(path)
     old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)  # left by a replacement killed between its two renames
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp

@@ -396,3 +396,22 @@ def test_a_model_folder_moved_with_the_same_weights_continues_the_experiment(
         run_experiment(
             tiny_config(sunny_dir, tmp_path / "runs", **{**over, "model.name": str(tmp_path / "base_c")})
         )
+
+
+def test_a_folder_replacement_killed_between_its_renames_leaves_the_old_folder(tmp_path: Path) -> None:
+    """A replacement killed after setting the earlier folder aside and before renaming the new one in left
+    neither at the path, and the next write to it deleted the one complete copy before writing: a failed
+    write then left nothing. The earlier folder is put back first (either the old folder or the new one)."""
+    from evolora.io import atomic_directory
+
+    target = tmp_path / "trained"
+    target.mkdir()
+    (target / "state.json").write_text("old")
+    target.rename(tmp_path / ".trained.old")  # the kill: the first rename done, not the second
+    with pytest.raises(RuntimeError), atomic_directory(target) as out:
+        (out / "state.json").write_text("new, unfinished")
+        raise RuntimeError("the write fails")
+    assert (target / "state.json").read_text() == "old" and not (tmp_path / ".trained.old").exists()
+    with atomic_directory(target) as out:
+        (out / "state.json").write_text("new")
+    assert (target / "state.json").read_text() == "new"
