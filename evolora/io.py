@@ -1,7 +1,10 @@
 """Atomic file writes, safe reads, checksums and the cache directory.
 
 Every file a run writes goes through these helpers: a write lands in a temporary sibling and is renamed into
-place, so a run killed at any instant leaves either the old file or the new one, never half of one.
+place, so a run killed at any instant leaves either the old file or the new one, never half of one. So does a
+power cut: what is renamed into place is flushed to the disk first (each file of a folder included, whoever
+wrote it), and the folder holding the rename after it, so the rename itself lasts (`_sync_tree`,
+`_sync_folder`).
 
 Reading never executes code from a file: JSON, npz without pickles, and `save_state`/`load_state` for
 anything holding tensors (safetensors with a JSON skeleton, no pickle). A file that cannot be read back
@@ -84,6 +87,7 @@ def _write_bytes(path: Path, data: bytes) -> None:
                     f.close()
                 raise
         os.replace(tmp, path)
+        _sync_folder(path.parent)
     except BaseException:
         # A folder made read-only meanwhile cannot lose the temporary: the write's own error is the one to
         # tell (the next run removes stale temporaries)
@@ -374,6 +378,7 @@ def _put_back_set_aside(path: Path) -> None:
     old = path.with_name(f".{path.name}.old")
     if old.is_dir() and not old.is_symlink() and not path.exists():
         old.rename(path)
+        _sync_folder(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -387,15 +392,18 @@ def _atomic_directory(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         _plain_modes(tmp)
+        _sync_tree(tmp)
         if path.exists():
             # Two renames keep the window without any complete copy as short as possible (a folder cannot
             # replace a non-empty one in one rename). Every caller marks the folder as done in a file written
             # after it, so a kill inside the window only means the folder is written again.
             os.replace(path, old)
             os.replace(tmp, path)
+            _sync_folder(path.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+            _sync_folder(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -410,6 +418,37 @@ def _plain_modes(root: Path) -> None:
             entry = os.path.join(folder, name)
             if not os.path.islink(entry):  # a link has no mode of its own
                 os.chmod(entry, mode & ~mask)
+
+
+def _sync_tree(root: Path) -> None:
+    """Flush every file and folder under `root` to the disk before it is renamed into place: its writers
+    (safetensors, polars, tokenizers) only close their files, which leaves the data in the page cache, so a
+    power cut after the rename could leave the new names with empty or partial contents."""
+    for folder, _, files in os.walk(root, topdown=False):
+        for name in files:
+            entry = os.path.join(folder, name)
+            if not os.path.islink(entry):
+                fd = os.open(entry, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _sync_folder(Path(folder))
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush `folder`'s entries (the names made, renamed or removed in it) to the disk: a rename lasts
+    through a power cut only once the folder holding it is synced."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # a system that cannot open folders (Windows) has no such flush to ask for
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder: nothing more can be asked of them
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_png(figure: Any, path: str | Path, **savefig: Any) -> None:

@@ -415,3 +415,48 @@ def test_a_folder_replacement_killed_between_its_renames_leaves_the_old_folder(t
     with atomic_directory(target) as out:
         (out / "state.json").write_text("new")
     assert (target / "state.json").read_text() == "new"
+
+
+def test_what_is_renamed_into_place_is_on_the_disk_first_and_its_rename_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A power cut can lose what only the page cache holds: files written inside a folder replacement
+    (safetensors, polars) were never flushed, and no rename's folder was, so a deployed version could come
+    back as empty files or as the version before. Every file and folder is flushed before its rename, and
+    the folder holding the rename after it."""
+    from evolora.io import atomic_directory, atomic_write_json
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        events.append(("rename", str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+
+    target = tmp_path / "version-2"
+    for _ in range(2):  # a new folder, then one replacing it
+        events.clear()
+        with atomic_directory(target) as out:
+            (out / "adapter").mkdir()
+            (out / "adapter" / "weights.bin").write_bytes(b"w")  # a plain write: closed, not flushed
+            tmp = str(out)
+        renames = [i for i, (kind, path) in enumerate(events) if kind == "rename" and path == str(target)]
+        assert len(renames) == 1
+        before, after = events[: renames[0]], events[renames[0] + 1 :]
+        for flushed in (f"{tmp}/adapter/weights.bin", f"{tmp}/adapter", tmp):
+            assert ("sync", flushed) in before
+        assert ("sync", str(tmp_path)) in after
+    assert (target / "adapter" / "weights.bin").read_bytes() == b"w"
+
+    events.clear()
+    atomic_write_json(tmp_path / "versions.json", {"promoted": 2})
+    (rename,) = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert events[rename - 1][0] == "sync" and events[rename - 1][1].startswith(f"{tmp_path}/.versions.json.")
+    assert events[rename + 1 :] == [("sync", str(tmp_path))]
