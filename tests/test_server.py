@@ -208,6 +208,39 @@ def test_an_address_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> 
     assert result.exit_code == 2 and "not an address of this machine" in result.output, result.output
 
 
+def test_the_port_is_held_while_the_model_loads(deployed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The address was probed and let go before the model loaded, and uvicorn bound it only after: a second
+    server started meanwhile got the port, and this one then failed with uvicorn's error. The socket checked
+    is the one served on."""
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+    from evolora.deploy import server as server_module
+
+    port, seen = free_port(), {}
+
+    def loading(*args, **kwargs) -> ModelHolder:
+        with socket.socket() as second:
+            second.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                second.bind(("127.0.0.1", port))
+                seen["second server"] = "bound"
+            except OSError:
+                seen["second server"] = "refused"
+        return ModelHolder(*args, **kwargs)
+
+    def run(self: uvicorn.Server, sockets: list[socket.socket] | None = None) -> None:
+        seen["served on"] = [s.getsockname()[1] for s in sockets or []]
+
+    monkeypatch.setattr(server_module, "ModelHolder", loading)
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    result = CliRunner().invoke(app, ["serve", str(deployed), "--port", str(port)])
+    assert result.exit_code == 0, result.output
+    assert seen == {"second server": "refused", "served on": [port]}
+    with socket.socket() as after:  # let go once serving ends
+        after.bind(("127.0.0.1", port))
+
+
 def test_max_batch_one_answers_every_request_alone(deployed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Batched with other clients' requests, an answer moved by rounding (the batch's padded shape):
     `--max-batch 1` scores every request in a pass of its own, the same to the last digit as sent alone."""

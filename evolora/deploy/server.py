@@ -260,26 +260,30 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
     return app
 
 
-def check_address(host: str, port: int) -> None:
-    """Refuse an address the server could not listen on, before the model loads (uvicorn would say so
-    only after it)."""
+def listen_on(host: str, port: int) -> socket.socket:
+    """A socket listening on `host:port`, or an `EvoloraError` saying why there is none. Taken before the
+    model loads (uvicorn would tell a taken port only after it) and held until uvicorn serves on it, so no
+    other process can take the port meanwhile (a second server started during the load is refused)."""
     if not 0 < port < 65536:
         raise EvoloraError(f"--port {port}: a port is 1-65535")
     try:
         family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
         raise EvoloraError(f"--host {host}: {e.strerror}") from None
-    with socket.socket(family, kind) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's socket
-        try:
-            probe.bind(address)
-        except OSError as e:
-            advice = {
-                errno.EADDRINUSE: "another server there? choose another --port",
-                errno.EADDRNOTAVAIL: "not an address of this machine: --host 127.0.0.1, or 0.0.0.0 for all",
-                errno.EACCES: "ports below 1024 need privileges: choose a --port above 1023",
-            }.get(e.errno or 0, "choose another --host or --port")
-            raise EvoloraError(f"cannot listen on {host}:{port}: {e.strerror} ({advice})") from None
+    listener = socket.socket(family, kind)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own socket
+        listener.bind(address)
+        listener.listen(2048)  # uvicorn's backlog
+    except OSError as e:
+        listener.close()
+        advice = {
+            errno.EADDRINUSE: "another server there? choose another --port",
+            errno.EADDRNOTAVAIL: "not an address of this machine: --host 127.0.0.1, or 0.0.0.0 for all",
+            errno.EACCES: "ports below 1024 need privileges: choose a --port above 1023",
+        }.get(e.errno or 0, "choose another --host or --port")
+        raise EvoloraError(f"cannot listen on {host}:{port}: {e.strerror} ({advice})") from None
+    return listener
 
 
 def serve(
@@ -291,17 +295,20 @@ def serve(
     threads: int | None = None,
     max_batch: int = 256,
     model: str | Path | None = None,
+    listener: socket.socket | None = None,
 ) -> None:
     """Serve the promoted version of a deployed run until stopped; `threads`: torch's CPU threads (None:
     every core), which the model worker uses; `max_batch`: the samples one forward pass takes across
     clients (1: every request alone); `model`: where the run's base model lies now, if not at its
-    `model.name`."""
+    `model.name`; `listener`: the socket `listen_on(host, port)` gave, if the caller took it already."""
     import torch
     import uvicorn
 
-    check_address(host, port)
-    if threads is not None:
-        torch.set_num_threads(threads)
-    keep_freed_memory()
-    holder = ModelHolder(run_dir, method, seed, model=model)
-    uvicorn.run(create_app(holder, max_batch), host=host, port=port, log_level="warning")
+    with listener or listen_on(host, port) as listening:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        keep_freed_memory()
+        holder = ModelHolder(run_dir, method, seed, model=model)
+        app = create_app(holder, max_batch)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+        uvicorn.Server(config).run(sockets=[listening])
