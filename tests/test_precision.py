@@ -108,15 +108,66 @@ def test_the_yes_no_logits_are_fp32_under_bf16() -> None:
     assert len(set((both[:, 0] - both[:, 1]).tolist())) == 200
 
 
-@pytest.mark.parametrize(("load", "threads", "warned"), [(1.0, 2, True), (0.1, 2, False), (1.0, 1, False)])
+@pytest.mark.parametrize(
+    ("load", "now", "threads", "warned"),
+    [
+        (1.0, 1.0, 2, True),
+        (0.1, 0.1, 2, False),
+        (1.0, 1.0, 1, False),
+        (2.3, 0.0, 2, False),
+        (0.1, 1.0, 2, False),
+    ],
+)
 def test_threads_on_busy_cores_are_warned_about(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, load: float, threads: int, warned: bool
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    load: float,
+    now: float,
+    threads: int,
+    warned: bool,
 ) -> None:
     # Two torch threads on two cores while another process keeps one busy: each step waits for the slow one.
+    # Busy for the last minute only (the command before just ended: a load average of 2.3 after a run) is
+    # no reason, nor is a moment's burst.
     monkeypatch.setattr(precision_mod.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(precision_mod, "cores_busy_elsewhere", lambda: now)
     monkeypatch.setattr(precision_mod.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(precision_mod.torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(precision_mod.torch.cuda, "is_available", lambda: False)
     with caplog.at_level("WARNING", logger="evolora.models"):
         precision_mod.warn_if_cores_busy()
     assert ("set threads: 1 (--set threads=1)" in caplog.text) is warned
+
+
+def test_cores_busy_elsewhere_counts_other_processes_not_this_one() -> None:
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    if not Path("/proc/stat").is_file():
+        pytest.skip("reads /proc/stat (Linux)")
+    quiet = precision_mod.cores_busy_elsewhere(window=0.5, reuse_for=0)
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()  # this process's own work: not counted
+    try:
+        own = precision_mod.cores_busy_elsewhere(window=0.5, reuse_for=0)
+    finally:
+        stop.set()
+        spinner.join()
+    other = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        busy = precision_mod.cores_busy_elsewhere(window=0.5, reuse_for=0)
+    finally:
+        other.kill()
+        other.wait()
+    assert quiet is not None and own is not None and busy is not None
+    assert own < quiet + 0.5  # a core's worth of this process's own spinning was not counted
+    assert busy > quiet + 0.5  # another process's core was

@@ -21,6 +21,7 @@ import functools
 import importlib.util
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,6 +196,43 @@ def precision_name(precision: str, device: torch.device) -> str:
     return "bf16-mixed" if mixed else "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
+_BUSY_SAMPLE: dict[str, float] = {}  # the last measurement: runs started within a minute share it
+
+
+def cores_busy_elsewhere(window: float = 0.25, reuse_for: float = 60.0) -> float | None:
+    """How many of this process's cores other processes keep busy now: the busy time of those CPUs in
+    /proc/stat over `window` seconds, less this process's own; None where /proc/stat cannot be read (not
+    Linux). A measurement is reused for `reuse_for` seconds, so many runs in one process pay it once."""
+    taken = _BUSY_SAMPLE.get("at")
+    if taken is not None and time.monotonic() - taken < reuse_for:
+        return _BUSY_SAMPLE["busy"]
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        busy0, own0, start = _busy_ticks(cpus), os.times(), time.monotonic()
+        time.sleep(window)
+        busy1, own1, end = _busy_ticks(cpus), os.times(), time.monotonic()
+    except (OSError, ValueError):
+        return None
+    own = (own1.user + own1.system) - (own0.user + own0.system)
+    busy = max(0.0, ((busy1 - busy0) / os.sysconf("SC_CLK_TCK") - own) / (end - start))
+    _BUSY_SAMPLE.update(at=end, busy=busy)
+    return busy
+
+
+def _busy_ticks(cpus: set[int] | None) -> int:
+    """Clock ticks the CPUs in `cpus` (all: None) spent on anything but idling or waiting for I/O."""
+    ticks = 0
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            if cpus is None or int(name[3:]) in cpus:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+                ticks += user + nice + system + irq + softirq + steal
+    return ticks
+
+
 @contextlib.contextmanager
 def without_autocast() -> Iterator[None]:
     """Run the block in the tensors' own dtypes even inside a bf16 autocast region (CPU and CUDA)."""
@@ -206,18 +244,23 @@ def without_autocast() -> Iterator[None]:
 
 
 def warn_if_cores_busy() -> None:
-    """Warn when the torch threads outnumber the cores other processes leave free (the 1-minute load
-    average): torch's threads wait for each other at every operation, so one on a busy core holds back all
-    of them and a run can take several times as long. Silent on GPU machines and with one thread."""
+    """Warn when the torch threads outnumber the cores other processes leave free: torch's threads wait for
+    each other at every operation, so one on a busy core holds back all of them and a run can take several
+    times as long. Busy means busy for the last minute (the load average) and still busy now
+    (`cores_busy_elsewhere`): the load average alone counts work that just ended (the command before, or
+    this process's own data preparation). Silent on GPU machines and with one thread."""
     threads = torch.get_num_threads()
     if threads < 2 or torch.cuda.is_available() or not hasattr(os, "getloadavg"):
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     load = os.getloadavg()[0]
     if load + threads > cores + 0.5:
+        now = cores_busy_elsewhere()
+        load = load if now is None else min(load, now)
+    if load + threads > cores + 0.5:
         free = max(1, round(cores - load))
         log.warning(
-            "%d torch threads on %d cores while other work keeps about %.1f of them busy (load average): "
+            "%d torch threads on %d cores while other work keeps about %.1f of them busy: "
             "threads on a busy core hold back the others at every step, which can make this run several "
             "times slower; set threads: %d (--set threads=%d) or free the cores",
             threads, cores, load, free, free,
