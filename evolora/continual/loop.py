@@ -442,10 +442,12 @@ class StageLoop:
         self._clock = cost.clock()
         atomic_write_json(d / "record.json", record)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in record["metrics"].items())
+        # `frozen` (and any stage a strategy plans no job for) keeps what earlier stages trained
+        trained = f"trained on stage {t}" if jobs_info else f"stage {t} kept the weights (nothing trained)"
         log.info(
-            "%s: trained on stage %d, evaluated on stage %d: %s (%d samples)",
+            "%s: %s, evaluated on stage %d: %s (%d samples)",
             self.header.get("method", "?"),
-            t,
+            trained,
             ctx.eval_stage,
             shown,
             len(eval_rows),
