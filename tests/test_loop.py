@@ -43,6 +43,9 @@ def test_results_json_schema_and_learning(finished) -> None:
     assert frozen["stages"][0]["metrics"]["auc"] > 0.8
     # frozen trains once; finetune reuses that first stage and trains again on stage 2.
     assert frozen["stages"][1]["trained"] is False and finetune["stages"][1]["trained"] is True
+    logged = (Path(cfg.output_dir) / cfg.name / "log.txt").read_text()  # said so, not "trained on stage 2"
+    assert "frozen: stage 2 kept the weights (nothing trained), evaluated on stage 3" in logged
+    assert "finetune: trained on stage 2, evaluated on stage 3" in logged
     assert finetune["stages"][0]["jobs"][0]["reused_shared_result"] is True
     assert finetune["stages"][0]["metrics"] == frozen["stages"][0]["metrics"]
 
