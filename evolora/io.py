@@ -12,6 +12,9 @@ raises `DamagedFileError` naming it.
 
 In a multi-process launch only the main process writes, and every process waits until the write is done
 (`parallel.py`), so all of them read the same files afterwards.
+
+Past ~400 lines: every way a file reaches or leaves a run folder is here, so the two promises above (a kill
+or a power cut leaves a whole file, a read runs no code) are checked in one module.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ numbers column-wise by polars. JSON-lines files are read in chunks of ~64 MB: po
 a chunk polars rejects is parsed again line by line, which finds the bad line for the error message and also
 accepts the python-literal lines (`{'asin': ...}`) of some Amazon 2018 metadata files. So several-GB files
 stream through with only the kept columns in memory.
+
+A little past 400 lines: the text and JSON-lines readers share their error reporting (file, line, cut-off
+last line) and their handling of text that is not UTF-8.
 """
 
 from __future__ import annotations
