@@ -681,7 +681,7 @@ def test_a_conventional_next_item_run_grows_its_item_table(batches: dict[str, Pa
 
 
 def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
-    batches: dict[str, Path], tmp_path: Path
+    batches: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The batch's new item gets a semantic ID from the run's RQ-VAE, in tokens the model knows: its rows
     train the candidate, the version can generate and read it, and the next update keeps its ID. The run's
@@ -738,9 +738,16 @@ def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
     old_root = tmp_path / "old" / cfg.name
     for q in (tmp_path / "old").rglob("*.rqvae.safetensors"):
         q.unlink()
-    v = update_run(old_root, batch, overrides=["update.min_gain=-1.0"]).version
+    with caplog.at_level("WARNING", logger="evolora"):
+        v = update_run(old_root, batch, overrides=["update.min_gain=-1.0"]).version
     why = "items without a semantic ID: the run's semantic IDs were built before evolora kept their quantizer"
     assert v.data["dropped"] == {why: 6} and v.data["accepted"] == pl.read_csv(batches["b1"]).height
+    # without --items the new item is called by its id, all the LLM would read of it: said
+    assert "1 of the batch's 1 new items have no record (--items FILE gives" in caplog.text
+    # ... and, left without an ID, it is not the version's item: the next batch, with its record, names it
+    # (recorded, titled by its id, it was known from then on and its record ignored)
+    bundled = pl.read_parquet(old_root / Path(v.folder).parent / "inference" / "items.parquet")
+    assert "sku-new" not in bundled["item_id"].to_list() and "sku-001" in bundled["item_id"].to_list()
 
 
 def test_an_update_of_an_older_evolora_s_next_item_run_builds_on_its_semantic_ids(

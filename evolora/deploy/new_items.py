@@ -103,17 +103,27 @@ class WithoutRecordCount(logging.Filter):
         return "have no record here" not in record.getMessage()
 
 
-def note_new_records(items: pl.DataFrame, known: pl.Series, accepted: pl.DataFrame, items_file: Path) -> None:
-    """Log how many of the batch's new items `--items` gave a record (a bare one is titled by its id)."""
+def note_new_records(
+    items: pl.DataFrame, known: pl.Series, accepted: pl.DataFrame, items_file: Path | None, llm: bool
+) -> None:
+    """Log how many of the batch's new items have a record (from `--items`, or the batch's own columns);
+    a bare one is titled by its id, which is all an LLM reads of it (`llm`), so that is a warning there."""
     arrived = items.filter(
         ~pl.col("item_id").is_in(known.implode()) & pl.col("item_id").is_in(accepted["item_id"].implode())
     )
     bare = arrived.filter(pl.col("title") == pl.col("item_id")).height if "title" in arrived.columns else 0
-    log.info(
-        "--items %s: records of %d of the batch's %d new items",
-        items_file,
-        arrived.height - bare,
-        arrived.height,
-    )
-    if bare:
-        log.warning("%d new items have no record in %s; they are called by their id", bare, items_file)
+    if items_file is not None:
+        log.info(
+            "--items %s: records of %d of the batch's %d new items",
+            items_file,
+            arrived.height - bare,
+            arrived.height,
+        )
+    if not bare:
+        return
+    where = f"in {items_file}" if items_file is not None else "(--items FILE gives the new items' records)"
+    said = f"{bare} of the batch's {arrived.height} new items have no record {where}: called by their id"
+    if llm:  # the model reads an item by its text: an id tells it nothing (and names a semantic ID badly)
+        log.warning("%s, the only text the model reads of them", said)
+    else:
+        log.info(said)

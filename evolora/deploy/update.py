@@ -78,6 +78,7 @@ from evolora.io import (
     save_npz,
 )
 from evolora.locks import exclusive
+from evolora.models.conventional import is_conventional
 from evolora.models.llm import set_threads
 from evolora.models.precision import check_machine
 from evolora.queries import locate_run, read_results
@@ -227,8 +228,7 @@ def _update(
     accepted, report = _accept(batch, existing, data_file, cfg.data.min_rating)
     known = items["item_id"]
     items = _with_batch_items(items, batch)
-    if items_file is not None:
-        note_new_records(items, known, accepted, items_file)
+    note_new_records(items, known, accepted, items_file, llm=not is_conventional(cfg.model.name))
     pretrained = trained_backbone(cfg, "--set model.name=PATH names it")
     if other_weights(root, pretrained):  # (the fingerprint its experiment recorded)
         raise ConfigError(
@@ -244,6 +244,11 @@ def _update(
         parent_ids = parent_semantic_ids(cfg, root, parent, items)
         accepted, caches["semantic_ids"] = name_new_items(
             build_cfg, parent_ids, items, accepted, report, pretrained
+        )
+        # A new item left without an ID is not the version's: recorded (titled by its id where it came
+        # without a record), the next batch would find it known and never name it from the record it brings.
+        items = items.filter(
+            pl.col("item_id").is_in(known.implode()) | pl.col("item_id").is_in(accepted["item_id"].implode())
         )
     data, staged = _combined(original, existing, items, accepted, stage)
     dropped = _dropped_note(report)
