@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evolora.models.rqvae import RQVAE, assign_codes, kmeans, train_rqvae
+from evolora.models.rqvae import RQVAE, assign_codes, kmeans, last_level_ranking, train_rqvae
 from evolora.models.semantic_ids import SemanticIds, collision_stats, embed_texts, make_unique
 from evolora.models.tiny import build_tiny_llama
 
@@ -115,6 +115,40 @@ def test_extend_within_the_numbers_a_model_knows() -> None:
         "<a_6><b_6><c_1>",
     ]
     assert sids.extend(["n2"], np.array([[1, 2]]), max_suffix=1).item_ids == sids.item_ids
+
+
+def test_a_full_group_sends_a_new_item_to_the_nearest_last_code_with_a_free_number() -> None:
+    """An update's item whose group of identical codes had used every number the model has a token for
+    was dropped, and so were its rows in every later batch (its codes are fixed by its text): it takes the
+    next of its last level's codes, nearest first, whose group has a free number."""
+    sids = SemanticIds.from_codes(["i1", "i2", "i3"], np.array([[1, 2], [1, 2], [1, 4]]))  # suffixes 0, 1; 0
+    choices = np.array([[2, 4, 3], [2, 4, 3], [2, 4, 3]])  # nearest first, the item's own code first
+    grown = sids.extend(["n1", "n2", "n3"], np.array([[1, 2]] * 3), max_suffix=1, last_choices=choices)
+    assert [grown.sid(i) for i in ("n1", "n2", "n3")] == [
+        "<a_1><b_4><c_1>",
+        "<a_1><b_3><c_0>",
+        "<a_1><b_3><c_1>",
+    ]
+    full = grown.extend(["n4"], np.array([[1, 2]]), max_suffix=1, last_choices=choices[:1])
+    assert full.item_ids == grown.item_ids  # every group full: left out, as without choices
+    assert sids.extend(["n1"], np.array([[1, 2]]), max_suffix=1).item_ids == sids.item_ids
+
+
+def test_last_level_ranking_orders_the_allowed_last_codes_by_distance(
+    trained: RQVAE, clustered: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x = clustered[0]
+    allowed = [range(trained.codebook_size)] * (trained.levels - 1) + [{0, 3, 5, 9}]
+    codes = assign_codes(trained, x, allowed=allowed)
+    ranked = last_level_ranking(trained, x, codes, allowed[-1])
+    assert ranked.shape == (len(x), 4) and np.array_equal(ranked[:, 0], codes[:, -1])  # its own code first
+    assert all(sorted(row) == [0, 3, 5, 9] for row in ranked.tolist())  # the allowed codes, each once
+    with torch.no_grad():  # the last level's residual, by hand
+        residual = trained.encode(torch.as_tensor(x))
+        for level in range(trained.levels - 1):
+            residual = residual - trained.codebooks[level][torch.as_tensor(codes[:, level])]
+        d = ((residual[:, None, :] - trained.codebooks[-1][None]) ** 2).sum(-1).numpy()
+    assert np.all(np.diff(np.take_along_axis(d, ranked, 1), axis=1) >= -1e-5)  # nearest first (rounding)
 
 
 def test_make_unique() -> None:

@@ -338,3 +338,30 @@ def assign_codes(
         ]
     model.train(was_training)
     return torch.cat(out).numpy().astype(np.int64) if out else np.zeros((0, model.levels), dtype=np.int64)
+
+
+def last_level_ranking(
+    model: RQVAE, embeddings: np.ndarray, codes: np.ndarray, allowed: Collection[int] | None = None
+) -> np.ndarray:
+    """For each embedding quantised as `codes` (`assign_codes`), the last level's codes nearest first [n,
+    k]: those in `allowed` only (k of them), or all. The first is the item's own last code; the others are
+    where it goes when that group of identical codes has no free number (`SemanticIds.extend`)."""
+    was_training = model.training
+    model.eval()
+    device = model.codebooks.device
+    x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32, device=device)
+    chosen = torch.as_tensor(np.asarray(codes), dtype=torch.long, device=device)
+    with without_autocast(), torch.no_grad():
+        residual = model.encode(x)
+        for level in range(model.levels - 1):  # what the last level quantises, subtracted as `quantise` does
+            residual = residual - model.codebooks[level][chosen[:, level]]
+        dist = _sq_dist(residual.float(), model.codebooks[-1].float())
+        if allowed is not None:
+            keep = torch.zeros(model.codebook_size, dtype=torch.bool, device=device)
+            keep[[c for c in allowed if 0 <= c < model.codebook_size]] = True
+            dist = dist.masked_fill(~keep, float("inf"))
+        order = torch.sort(dist, dim=1, stable=True).indices[
+            :, : int(keep.sum()) if allowed is not None else None
+        ]
+    model.train(was_training)
+    return order.cpu().numpy().astype(np.int64)

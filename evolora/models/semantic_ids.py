@@ -150,7 +150,11 @@ class SemanticIds:
         return collision_stats(self.codes)
 
     def extend(
-        self, new_item_ids: Sequence[str], new_codes: np.ndarray, max_suffix: int | None = None
+        self,
+        new_item_ids: Sequence[str],
+        new_codes: np.ndarray,
+        max_suffix: int | None = None,
+        last_choices: np.ndarray | None = None,
     ) -> SemanticIds:
         """A copy with items that arrived later, encoded with the fixed quantizer (`assign_codes`).
 
@@ -158,7 +162,9 @@ class SemanticIds:
         takes the next free number in its group, counting the existing items with the same codes, so IDs stay
         unique and existing IDs never change. With as many levels as these IDs, they are taken as they are.
         `max_suffix`: the largest number the last level may take (a trained model has tokens up to the
-        largest one its items use); an item whose group has none free is left out.
+        largest one its items use); an item whose group has none free takes the next of `last_choices[i]`
+        (codes of the quantizer's last level, nearest first: `rqvae.last_level_ranking`) whose group has
+        one, and is left out where none has (or without `last_choices`).
         """
         new_item_ids = [str(i) for i in new_item_ids]
         new_codes = np.asarray(new_codes, dtype=np.int64)
@@ -177,18 +183,23 @@ class SemanticIds:
         for row in self.codes:
             key = tuple(row[:-1].tolist())
             next_free[key] = max(next_free.get(key, 0), int(row[-1]) + 1)
-        placed, suffix = [], []
-        for i, row in enumerate(new_codes):
-            key = tuple(row.tolist())
-            number = next_free.get(key, 0)
-            if max_suffix is not None and number > max_suffix:
-                continue
-            placed.append(i)
-            suffix.append(number)
-            next_free[key] = number + 1
-        extended = np.column_stack([new_codes[placed], np.array(suffix, dtype=np.int64)])
-        added = [new_item_ids[i] for i in placed]
-        return SemanticIds(self.item_ids + added, np.vstack([self.codes, extended.reshape(-1, self.levels)]))
+        added, rows = [], []
+        for i, row in enumerate(new_codes.tolist()):
+            lasts = (
+                [row[-1]]
+                if last_choices is None
+                else [row[-1], *(c for c in last_choices[i] if c != row[-1])]
+            )
+            for last in lasts:
+                key = (*row[:-1], int(last))
+                number = next_free.get(key, 0)
+                if max_suffix is None or number <= max_suffix:
+                    added.append(new_item_ids[i])
+                    rows.append([*key, number])
+                    next_free[key] = number + 1
+                    break
+        extended = np.array(rows, dtype=np.int64).reshape(-1, self.levels)
+        return SemanticIds(self.item_ids + added, np.vstack([self.codes, extended]))
 
     def save(self, path: str | Path) -> None:
         """PESO's index layout, one JSON object on one line, written atomically."""

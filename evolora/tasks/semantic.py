@@ -33,7 +33,7 @@ from evolora.data.schema import InteractionData, item_fields
 from evolora.errors import ConfigError, DataError
 from evolora.io import load_npz, save_npz, stable_hash
 from evolora.models.conventional import is_conventional
-from evolora.models.rqvae import RQVAE, assign_codes, train_rqvae
+from evolora.models.rqvae import RQVAE, assign_codes, last_level_ranking, train_rqvae
 from evolora.models.semantic_ids import SemanticIds, embed_texts, make_unique
 from evolora.models.weights import weights_fingerprint
 
@@ -298,9 +298,11 @@ def add_new_items(
     A trained model has token rows only for the codes its items use, so each level takes the nearest code
     among those (`assign_codes(allowed=...)`), and the extra level a number up to the largest in use; the
     IDs of known items never change. A run whose IDs come with its data takes the new items' own IDs
-    instead (`_given_ids`). Items that cannot be named stay out, with the reason: no ID in the record of a
-    run whose IDs come with its data, an ID with a token the model lacks, IDs built before evolora kept the
-    quantizer, or a group of identical codes with no free number left.
+    instead (`_given_ids`). Where the group of identical codes an item falls in has no free number left,
+    it takes the nearest other code of the quantizer's last level whose group has one (`last_level_ranking`;
+    an item the earlier levels place alike, told apart last). Items that cannot be named stay out, with the
+    reason: no ID in the record of a run whose IDs come with its data, an ID with a token the model lacks,
+    IDs built before evolora kept the quantizer, or no free number in any such group.
     """
     sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
     items = [i for i in dict.fromkeys(items) if i not in sids]
@@ -319,20 +321,29 @@ def add_new_items(
     log.info("semantic IDs: embedding %d new item texts", len(items))
     with cost.part("item_embeddings"):
         emb = embed_texts(model, tok, item_texts(data, items, sid_cfg.text_fields))
-    codes = assign_codes(rqvae, emb, allowed=sids.codes_in_use()[: rqvae.levels])
-    return _extended(sids, items, codes, {})
+    allowed = sids.codes_in_use()[: rqvae.levels]
+    codes = assign_codes(rqvae, emb, allowed=allowed)
+    return _extended(sids, items, codes, {}, last_level_ranking(rqvae, emb, codes, allowed[-1]))
 
 
 _NO_NUMBER = "their codes' group has no free number the model has a token for"
+_NO_NUMBER_NEAR = (
+    "neither their codes' group nor one with another of the last level's codes has a free number the model "
+    "has a token for"
+)
 
 
 def _extended(
-    sids: SemanticIds, items: list[str], codes: np.ndarray, unnamed: dict[str, list[str]]
+    sids: SemanticIds,
+    items: list[str],
+    codes: np.ndarray,
+    unnamed: dict[str, list[str]],
+    last_choices: np.ndarray | None = None,
 ) -> NewItemIds:
-    extended = sids.extend(items, codes, max_suffix=int(sids.codes[:, -1].max()))
+    extended = sids.extend(items, codes, max_suffix=int(sids.codes[:, -1].max()), last_choices=last_choices)
     left = [i for i in items if i not in extended]
     if left:
-        unnamed = {**unnamed, _NO_NUMBER: left}
+        unnamed = {**unnamed, _NO_NUMBER if last_choices is None else _NO_NUMBER_NEAR: left}
     return NewItemIds(extended, [i for i in items if i in extended], unnamed)
 
 
