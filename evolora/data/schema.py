@@ -154,9 +154,11 @@ class InteractionData:
         check_preset_stages(stages, self.interactions["timestamp"], where)
 
     def summary(self) -> dict[str, object]:
+        """What `evolora data info` prints about the whole log; the like threshold and the liked share only
+        where there are ratings or labels (every row of an implicit log is a positive)."""
         ts = self.interactions["timestamp"]
         liked = (self.interactions["rating"] > self.like_threshold).mean()
-        return {
+        summary = {
             "name": self.name,
             "source": self.source,
             "users": self.n_users,
@@ -169,6 +171,9 @@ class InteractionData:
             "liked_fraction": round(float(liked), 4),  # type: ignore[arg-type]
             "implicit": self.implicit,
         }
+        if self.implicit:
+            del summary["like_threshold"], summary["liked_fraction"]
+        return summary
 
 
 def sort_interactions(df: pl.DataFrame, keep: tuple[str, ...] = ()) -> pl.DataFrame:

@@ -241,6 +241,7 @@ def test_labels_and_implicit_feedback(tmp_path: Path) -> None:
     implicit = load(tmp_path / "log.csv", columns=TableColumns(user="uid", item="iid", time="ts"))
     assert implicit.implicit and implicit.interactions["rating"].to_list() == [1.0] * 4
     assert implicit.summary()["implicit"] is True
+    assert "liked_fraction" not in implicit.summary() and "like_threshold" not in implicit.summary()  # all 1
 
 
 # ------------------------------------------------------------------------------------------------ errors
