@@ -129,6 +129,8 @@ def test_bad_requests_get_their_4xx(server, path: str, body: dict, status: int) 
     r = httpx.post(f"{url}{path}", json=body, timeout=60)
     assert r.status_code == status, r.text
     assert isinstance(r.json()["detail"], str)  # one message, not FastAPI's list of schema errors
+    if body.get("user") == "nobody":  # with the advice the CLI and the Python API give
+        assert r.json()["detail"] == "unknown user 'nobody': send their \"history\" instead"
 
 
 @pytest.mark.parametrize(

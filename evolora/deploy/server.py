@@ -182,7 +182,8 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
         assert served is not None
         rec = served.rec
         if query.user is not None and query.user not in rec.known_users_set:
-            raise HTTPException(404, f"unknown user {shown_id(query.user)}")
+            # (a user first seen after the version's data: what the CLI and the API advise too)
+            raise HTTPException(404, f'unknown user {shown_id(query.user)}: send their "history" instead')
         known = rec.known_items
         named = [h if isinstance(h, str) else h[0] for h in query.history or []] + (items or [])
         unknown = sorted({i for i in named if i not in known})
