@@ -243,6 +243,35 @@ def test_the_port_is_held_while_the_model_loads(deployed: Path, monkeypatch: pyt
         after.bind(("127.0.0.1", port))
 
 
+def test_a_host_name_of_two_addresses_is_listened_on_at_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--host localhost` where the name is 127.0.0.1 and ::1 (Debian's and macOS's /etc/hosts): uvicorn
+    listens on both, and so must the sockets taken before the model loads (the first alone refused IPv4
+    clients). Each family has its own socket (IPv6 only on the IPv6 one), as asyncio binds them."""
+    from evolora.deploy.server import listening_on
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    port, real = free_port(), socket.getaddrinfo
+
+    def both(host, *args, **kwargs):  # the name resolves to both loopbacks
+        if host != "dual.test":
+            return real(host, *args, **kwargs)
+        return [*real("127.0.0.1", *args, **kwargs), *real("::1", *args, **kwargs)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    with listening_on("dual.test", port) as listeners:
+        assert sorted(s.family for s in listeners) == [socket.AF_INET, socket.AF_INET6]
+        six = next(s for s in listeners if s.family == socket.AF_INET6)
+        assert six.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        for address in ("127.0.0.1", "::1"):
+            with socket.create_connection((address, port), timeout=5):
+                pass  # accepted into the backlog: both addresses listen
+    assert all(s.fileno() == -1 for s in listeners)  # closed when the block ends
+
+
 def test_max_batch_one_answers_every_request_alone(deployed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Batched with other clients' requests, an answer moved by rounding (the batch's padded shape):
     `--max-batch 1` scores every request in a pass of its own, the same to the last digit as sent alone."""

@@ -210,19 +210,19 @@ def serve(
 ) -> None:
     """Serve the promoted version over HTTP (POST /score, /recommend; GET /health, /version,
     /openapi.json), switching to a newly promoted one without dropping requests."""
-    from evolora.deploy.server import listen_on
+    from evolora.deploy.server import listening_on
     from evolora.deploy.server import serve as serve_run
     from evolora.queries import locate_run
 
     _setup_logging(False)
     _quiet_libraries()
-    with listen_on(host, port) as listener:  # held from here on: no other process takes the port meanwhile
+    with listening_on(host, port) as listeners:  # held from here on: no other process takes the port
         locate_run(Path(run_dir), method, seed)  # a folder that is not a run, or several methods: said first
         shown = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets in a URL
         console.print(f"serving {run_dir} on http://{shown}:{port} (OpenAPI: /openapi.json); Ctrl-C stops")
         serve_run(
             run_dir, host=host, port=port, method=method, seed=seed, threads=threads, max_batch=max_batch,
-            model=model, listener=listener,
+            model=model, listeners=listeners,
         )  # fmt: skip
 
 

@@ -23,10 +23,12 @@ batch. Requests only name users and items: nothing a client sends becomes a path
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,30 +263,52 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
     return app
 
 
-def listen_on(host: str, port: int) -> socket.socket:
-    """A socket listening on `host:port`, or an `EvoloraError` saying why there is none. Taken before the
-    model loads (uvicorn would tell a taken port only after it) and held until uvicorn serves on it, so no
-    other process can take the port meanwhile (a second server started during the load is refused)."""
+@contextlib.contextmanager
+def listening_on(host: str, port: int) -> Iterator[list[socket.socket]]:
+    """Sockets listening on `host:port`, one for each address the host name has (as uvicorn's own, through
+    asyncio: `localhost` may be 127.0.0.1 and ::1), or an `EvoloraError` saying why there is none. Taken
+    before the model loads (uvicorn would tell a taken port only after it) and held until uvicorn serves on
+    them, so no other process can take the port meanwhile (a second server started during the load is
+    refused; a client that connects during it waits for the load). Closed when the block ends."""
     if not 0 < port < 65536:
         raise EvoloraError(f"--port {port}: a port is 1-65535")
     try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise EvoloraError(f"--host {host}: {e.strerror}") from None
-    listener = socket.socket(family, kind)
+    listeners: list[socket.socket] = []
     try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own socket
-        listener.bind(address)
-        listener.listen(2048)  # uvicorn's backlog
-    except OSError as e:
-        listener.close()
-        advice = {
-            errno.EADDRINUSE: "another server there? choose another --port",
-            errno.EADDRNOTAVAIL: "not an address of this machine: --host 127.0.0.1, or 0.0.0.0 for all",
-            errno.EACCES: "ports below 1024 need privileges: choose a --port above 1023",
-        }.get(e.errno or 0, "choose another --host or --port")
-        raise EvoloraError(f"cannot listen on {host}:{port}: {e.strerror} ({advice})") from None
-    return listener
+        unavailable = None
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            listener = socket.socket(family, kind, proto)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # IPv6 alone: the host's IPv4 address has its own socket
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                listener.bind(address)
+                listener.listen(2048)  # uvicorn's backlog
+            except OSError as e:
+                listener.close()
+                if e.errno != errno.EADDRNOTAVAIL:
+                    raise EvoloraError(_cannot_listen(host, port, e)) from None
+                unavailable = e  # a family this machine has no address of (asyncio passes it over too)
+                continue
+            listeners.append(listener)
+        if not listeners:
+            raise EvoloraError(_cannot_listen(host, port, unavailable or OSError(errno.EADDRNOTAVAIL, "")))
+        yield listeners
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
+def _cannot_listen(host: str, port: int, e: OSError) -> str:
+    advice = {
+        errno.EADDRINUSE: "another server there? choose another --port",
+        errno.EADDRNOTAVAIL: "not an address of this machine: --host 127.0.0.1, or 0.0.0.0 for all",
+        errno.EACCES: "ports below 1024 need privileges: choose a --port above 1023",
+    }.get(e.errno or 0, "choose another --host or --port")
+    return f"cannot listen on {host}:{port}: {e.strerror} ({advice})"
 
 
 def serve(
@@ -296,20 +320,22 @@ def serve(
     threads: int | None = None,
     max_batch: int = 256,
     model: str | Path | None = None,
-    listener: socket.socket | None = None,
+    listeners: list[socket.socket] | None = None,
 ) -> None:
     """Serve the promoted version of a deployed run until stopped; `threads`: torch's CPU threads (None:
     every core), which the model worker uses; `max_batch`: the samples one forward pass takes across
     clients (1: every request alone); `model`: where the run's base model lies now, if not at its
-    `model.name`; `listener`: the socket `listen_on(host, port)` gave, if the caller took it already."""
+    `model.name`; `listeners`: the sockets of `listening_on(host, port)`, if the caller took them first."""
     import torch
     import uvicorn
 
-    with listener or listen_on(host, port) as listening:
+    with contextlib.ExitStack() as stack:
+        if listeners is None:
+            listeners = stack.enter_context(listening_on(host, port))
         if threads is not None:
             torch.set_num_threads(threads)
         keep_freed_memory()
         holder = ModelHolder(run_dir, method, seed, model=model)
         app = create_app(holder, max_batch)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning")
-        uvicorn.Server(config).run(sockets=[listening])
+        uvicorn.Server(config).run(sockets=listeners)
