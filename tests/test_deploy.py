@@ -729,10 +729,29 @@ def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
     seq = rec._task.tok.convert_tokens_to_ids(new_ids["sku-new"])
     assert seq[-1] in rec._task.trie.children(tuple(seq[:-1]))  # a path the beam search can take
     assert rec.recommend(history=["sku-new"], k=3)  # read in a prompt
-    # the next update builds on version 1's IDs
-    v2 = update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"]).version
+    # the next update builds on version 1's IDs; its --items also brings the record of an item whose rows
+    # come later: kept, the batch that brings them names it from that record, without a word of warning
+    ahead = tmp_path / "ahead-items.csv"
+    ahead.write_text("iid,name,genre\nsku-ahead,Rainy Morning Kit 7,winter\n")
+    v2 = update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"], items_file=ahead).version
     assert v2.parent == 1 and not v2.data["dropped"]
     assert evolora.Recommender.load(root)._task.item_tokens["sku-new"] == new_ids["sku-new"]
+    b2 = pl.read_csv(batches["b2"])
+    later = tmp_path / "later.csv"
+    pl.DataFrame(
+        {
+            "uid": b2["uid"].unique().sort()[:6],
+            "iid": ["sku-ahead"] * 6,
+            "ts": [b2["ts"].max()] * 6,
+            "stars": [5] * 6,
+        }
+    ).write_csv(later)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="evolora"):
+        v3 = update_run(root, later, overrides=["update.min_gain=-1.0"]).version
+    assert v3.data["new items named"] == 1 and "have no record" not in caplog.text
+    bundled = pl.read_parquet(root / Path(v3.folder).parent / "inference" / "items.parquet")
+    assert bundled.filter(pl.col("item_id") == "sku-ahead")["title"].to_list() == ["Rainy Morning Kit 7"]
 
     # A run whose IDs were built before evolora kept the quantizer: rows of new items are dropped, and why.
     old_root = tmp_path / "old" / cfg.name

@@ -96,8 +96,9 @@ def name_new_items(
 
 
 class WithoutRecordCount(logging.Filter):
-    """Drops the table loader's count of items without a record in `--items`: the items the run knows are
-    among them and keep their own records; `note_new_records` counts the new items without one."""
+    """Drops the table loader's count of a batch's items without a record in `--items` (or the run's own
+    `data.meta`): the items the run knows are among them and keep their own records; `note_new_records`
+    counts the new items without one."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "have no record here" not in record.getMessage()

@@ -242,14 +242,11 @@ def _update(
     if cfg.task.name == "next_item" and pretrained is not None:
         build_cfg = cfg.model_copy(update={"output_dir": str(work)})
         parent_ids = parent_semantic_ids(cfg, root, parent, items)
+        offered = accepted["item_id"].unique()
         accepted, caches["semantic_ids"] = name_new_items(
             build_cfg, parent_ids, items, accepted, report, pretrained
         )
-        # A new item left without an ID is not the version's: recorded (titled by its id where it came
-        # without a record), the next batch would find it known and never name it from the record it brings.
-        items = items.filter(
-            pl.col("item_id").is_in(known.implode()) | pl.col("item_id").is_in(accepted["item_id"].implode())
-        )
+        items = _without_unnamed(items, known, offered, accepted["item_id"])
     data, staged = _combined(original, existing, items, accepted, stage)
     dropped = _dropped_note(report)
     try:
@@ -385,7 +382,9 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
         settings["columns"] = cfg.data.columns.model_copy(update={"stage": None})
     if items_file is not None:
         settings["meta"] = str(items_file)
-    quiet = [WithoutRecordCount()] if items_file is not None else []
+    # the loader's count of items without a record here takes in those the run knows (and the records
+    # earlier versions took): `note_new_records` counts the new ones
+    quiet = [WithoutRecordCount()]
     data_log = logging.getLogger("evolora.data")
     for f in quiet:
         data_log.addFilter(f)
@@ -543,6 +542,19 @@ def _with_batch_items(items: pl.DataFrame, batch: InteractionData) -> pl.DataFra
     if "sid" in new_items.columns and not items_have_ids(items):
         new_items = new_items.drop("sid")
     return pl.concat([items, new_items], how="diagonal_relaxed")
+
+
+def _without_unnamed(
+    items: pl.DataFrame, known: pl.Series, offered: pl.Series, named: pl.Series
+) -> pl.DataFrame:
+    """The items of a next-item version: a new item the batch's rows brought (`offered`) that got no ID,
+    and a new item known only by its id (no record, no row), are not its own. Recorded, the next batch
+    would find them known, keep that record and never name them from the record it brings. A new item's
+    record sent ahead of its rows stays (the batch that brings them names it from it)."""
+    new = ~pl.col("item_id").is_in(known.implode())
+    unnamed = pl.col("item_id").is_in(offered.filter(~offered.is_in(named.implode())).implode())
+    bare = pl.col("title") == pl.col("item_id") if "title" in items.columns else pl.lit(True)
+    return items.filter(~(new & (unnamed | (bare & ~pl.col("item_id").is_in(named.implode())))))
 
 
 def _combined(
