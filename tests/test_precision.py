@@ -7,6 +7,7 @@ code) and check that each runs and learns.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,9 @@ def test_cores_busy_elsewhere_counts_other_processes_not_this_one() -> None:
     if not Path("/proc/stat").is_file():
         pytest.skip("reads /proc/stat (Linux)")
     quiet = precision_mod.cores_busy_elsewhere(window=0.5, reuse_for=0)
+    assert quiet is not None
+    if quiet > len(os.sched_getaffinity(0)) - 1.5:  # no core left for a busy process to show on
+        pytest.skip(f"the machine is busy already ({quiet:.1f} cores)")
     stop = threading.Event()
 
     def spin() -> None:
@@ -168,6 +172,6 @@ def test_cores_busy_elsewhere_counts_other_processes_not_this_one() -> None:
     finally:
         other.kill()
         other.wait()
-    assert quiet is not None and own is not None and busy is not None
+    assert own is not None and busy is not None
     assert own < quiet + 0.5  # a core's worth of this process's own spinning was not counted
     assert busy > quiet + 0.5  # another process's core was
