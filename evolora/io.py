@@ -73,7 +73,7 @@ def _umask() -> int:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folders(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp creates the file private (0600) whatever the umask; a run folder is read by teammates and by
@@ -388,7 +388,7 @@ def _put_back_set_aside(path: Path) -> None:
 def _atomic_directory(path: Path) -> Iterator[Path]:
     if path.exists() and not path.is_dir():  # a file, device or pipe is no earlier folder to replace
         raise ConfigError(f"{path} exists and is not a folder: nothing is written over it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_folders(path.parent)
     _put_back_set_aside(path)
     old = path.with_name(f".{path.name}.old")
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -437,6 +437,18 @@ def _sync_tree(root: Path) -> None:
                 finally:
                     os.close(fd)
         _sync_folder(Path(folder))
+
+
+def _make_folders(folder: Path) -> None:
+    """`folder` and its missing parents, each flushed into its own parent as it is made: a new folder the
+    disk does not hold yet would take everything renamed into it along at a power cut."""
+    missing = []
+    while not folder.is_dir() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(exist_ok=True)  # (another process may make it meanwhile)
+        _sync_folder(made.parent)
 
 
 def _sync_folder(folder: Path) -> None:

@@ -460,3 +460,7 @@ def test_what_is_renamed_into_place_is_on_the_disk_first_and_its_rename_after(
     (rename,) = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
     assert events[rename - 1][0] == "sync" and events[rename - 1][1].startswith(f"{tmp_path}/.versions.json.")
     assert events[rename + 1 :] == [("sync", str(tmp_path))]
+
+    events.clear()  # folders made on the way are flushed into their parents, before anything lands in them
+    atomic_write_json(tmp_path / "deploy" / "finetune-seed0" / "versions.json", {"promoted": 0})
+    assert events[:2] == [("sync", str(tmp_path)), ("sync", str(tmp_path / "deploy"))]
