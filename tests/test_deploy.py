@@ -985,3 +985,20 @@ def test_an_update_on_other_base_weights_is_refused(batches: dict[str, Path], tm
         update_run(root, batches["b1"])
     save_tiny_model(folder, 0)
     assert update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).promoted
+
+
+def test_a_gain_of_exactly_min_gain_is_promoted() -> None:
+    """auc 0.52 against 0.53 with min_gain -0.01 was kept ("gain -0.0100 < min_gain -0.0100"): the
+    difference is -0.010000000000000009 in floating point. The README promises promotion unless worse by
+    more than min_gain."""
+    from types import SimpleNamespace
+
+    from evolora.config import UpdateConfig
+    from evolora.deploy.update import _decide
+
+    figures = {"before": 0.53, "after": 0.52}
+    task = SimpleNamespace(primary_metric="auc", metrics=lambda preds, rows: {"auc": figures[preds]})
+    cfg = SimpleNamespace(update=UpdateConfig(min_gain=-0.01))
+    assert _decide(cfg, task, "before", "after", [0, 1, 2, 3])["promote"]
+    figures["after"] = 0.5199
+    assert not _decide(cfg, task, "before", "after", [0, 1, 2, 3])["promote"]

@@ -633,7 +633,8 @@ def _decide(cfg: RunConfig, task: Any, before: Any, after: Any, rows: np.ndarray
     if math.isnan(gain):
         decision, promote = "kept: the held-out samples cannot judge (the metric is undefined on them)", False
     else:
-        promote = gain >= cfg.update.min_gain
+        # a gain of exactly min_gain passes: 0.52 - 0.53 is -0.010000000000000009 in floating point
+        promote = gain >= cfg.update.min_gain - 1e-9
         decision = ("promoted" if promote else "kept, not promoted") + (
             f": gain {gain:+.4f} {'>=' if promote else '<'} min_gain {cfg.update.min_gain:+.4f}"
         )
