@@ -23,7 +23,7 @@ import json
 import logging
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class TableRows:
     unit: str  # "line" (text files) or "row" (Parquet)
     # The last line's number when it has no newline: a file cut off in a copy or download ends that way.
     unterminated: int | None = None
+    columns: tuple[str, ...] = ()  # every column the file has (a text or Parquet file's; JSON lines: none)
 
     def error(self, line: int, problem: str) -> DataError:
         hint = truncation_hint(line, self.unterminated) if self.unit == "line" else ""
@@ -105,7 +106,7 @@ def _flatten_nested(rows: TableRows, text: frozenset[str]) -> TableRows:
             f"column {name!r} holds {dtype} values (a list or record in each cell); it needs one value per "
             "row" + (" (a text field may hold a list of strings)" if name in text else ""),
         )
-    return TableRows(rows.path, frame, rows.unit, rows.unterminated)
+    return replace(rows, frame=frame)
 
 
 def _missing_column(path: Path, where: str, column: str, present: list[str]) -> DataError:
@@ -166,7 +167,7 @@ def _read_delimited(
         # inside a field, as in 12" Vinyl; lines ended by CR alone): take its reading, slower but whole.
         frame = _python_records(decoded, sep, quoted, header, wanted)
     frame = frame.with_columns(_line=pl.Series(lines, dtype=pl.Int64)).filter(~pl.Series(blank))
-    rows = TableRows(path, frame, "line", unterminated)
+    rows = TableRows(path, frame, "line", unterminated, tuple(header))
     if bad_bytes:
         _encoding_policy(rows, wanted, text)
     return rows
@@ -276,7 +277,7 @@ def _read_parquet(path: Path, wanted: list[str], text: frozenset[str]) -> TableR
     if frame.height == 0:
         raise DataError(f"{path}: the file has no rows")
     frame = frame.with_columns(_line=pl.int_range(1, frame.height + 1, dtype=pl.Int64))
-    return _decoded(TableRows(path, frame, "row"), text)
+    return _decoded(TableRows(path, frame, "row", columns=tuple(present)), text)
 
 
 def _decoded(rows: TableRows, text: frozenset[str]) -> TableRows:
@@ -302,7 +303,7 @@ def _decoded(rows: TableRows, text: frozenset[str]) -> TableRows:
                 values.append(raw.decode("utf-8", "replace"))
         frame = frame.with_columns(pl.Series(name, values, dtype=pl.Utf8))
     warn_replaced_text(rows.path, sorted(set(replaced)))
-    return TableRows(rows.path, frame, rows.unit, rows.unterminated)
+    return replace(rows, frame=frame)
 
 
 def _read_jsonl(path: Path, wanted: list[str], text: frozenset[str]) -> TableRows:

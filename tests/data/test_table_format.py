@@ -233,12 +233,15 @@ def test_an_item_rated_again_later_is_kept_and_said(tmp_path: Path, caplog: pyte
     assert said in caplog.text
 
 
-def test_labels_and_implicit_feedback(tmp_path: Path) -> None:
+def test_labels_and_implicit_feedback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     text = "uid,iid,ts,clicked\nu1,a,1,1\nu1,b,2,0\nu2,a,3,true\nu2,b,4,False\n"
     data = load(write(tmp_path / "log.csv", text), columns=LABELLED)
     assert data.interactions["rating"].to_list() == [1.0, 0.0, 1.0, 0.0]
     assert data.like_threshold == 0.5 and not data.implicit
-    implicit = load(tmp_path / "log.csv", columns=TableColumns(user="uid", item="iid", time="ts"))
+    with caplog.at_level("WARNING", logger="evolora.data"):
+        implicit = load(tmp_path / "log.csv", columns=TableColumns(user="uid", item="iid", time="ts"))
+    # read as clicks, its 0 labels are positives: said, naming the column left unread
+    assert "column(s) 'clicked' not read: data.columns names no rating or label" in caplog.text
     assert implicit.implicit and implicit.interactions["rating"].to_list() == [1.0] * 4
     assert implicit.summary()["implicit"] is True
     assert "liked_fraction" not in implicit.summary() and "like_threshold" not in implicit.summary()  # all 1

@@ -60,6 +60,9 @@ log = logging.getLogger("evolora.data")
 #: the like threshold of label and implicit data, whose ratings are 1.0 (liked) or 0.0
 BINARY_THRESHOLD = 0.5
 
+#: column names that hold what a run without data.columns.rating or .label would not read
+_RATING_OR_LABEL = {"rating", "ratings", "label", "labels", "stars", "clicked", "liked"}
+
 _LABELS = {"1": 1.0, "1.0": 1.0, "true": 1.0, "0": 0.0, "0.0": 0.0, "false": 0.0}
 
 
@@ -107,6 +110,14 @@ def load_table(
     threshold = LIKE_THRESHOLD if columns.rating is not None else BINARY_THRESHOLD
     if implicit:
         log.info("%s: no rating or label column: every row is a positive (implicit feedback)", source)
+        unread = [c for c in rows.columns if c.strip().lower() in _RATING_OR_LABEL]
+        if unread:  # a 0 label or a 1-star rating read as a click would be a positive
+            log.warning(
+                "%s: column(s) %s not read: data.columns names no rating or label, so every row counts "
+                "as a positive, a 0 label or a low rating too; leave such rows out of the file, or map the "
+                "column (data.columns: {rating: ...} or {label: ...}; a run's, not an update's) unless meant",
+                source, ", ".join(map(repr, unread)),
+            )  # fmt: skip
     files = absolute(source, meta_path) if meta_path is not None else absolute(source)
     return replace(data, like_threshold=threshold, implicit=implicit, files=files)
 
