@@ -642,6 +642,23 @@ def test_a_batch_a_packaged_loader_cannot_read_says_how_to_update(sunny_dir: Pat
     assert "\n" not in str(caught.value)  # one line, as every user mistake
 
 
+def test_a_batch_in_another_separator_is_told_to_use_the_run_s(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """The loader's advice, set data.separator, is refused by an update (its settings are the run's): the
+    batch is to be written with the run's separator."""
+    from evolora.deploy.update import _read_batch
+
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **SMALL)
+    batch = tmp_path / "semicolons.csv"
+    batch.write_text(pl.read_csv(batches["b1"]).write_csv(separator=";"))
+    with pytest.raises(DataError) as caught:
+        _read_batch(cfg, batch)
+    said = str(caught.value)
+    assert "this run reads data.separator: ',', so write the batch's fields separated by it (not ';')" in said
+    assert "set data.separator" not in said and "\n" not in said
+
+
 def _with_a_new_item(batches: dict[str, Path], out: Path) -> Path:
     """b1 plus six rows of an item no earlier row has, each by a user the run knows."""
     b1 = pl.read_csv(batches["b1"])

@@ -393,6 +393,12 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
             batch = load_dataset(cfg.data.model_copy(update=settings))
     except DataError as e:
         if cfg.data.format == "table":
+            said, hint, other = str(e).partition("set data.separator: ")
+            if hint:  # the run's separator is fixed: the batch is written with it
+                raise DataError(
+                    f"{said}this run reads data.separator: {cfg.data.separator!r}, so write the batch's "
+                    f"fields separated by it (not {other})"
+                ) from None
             raise
         # A packaged dataset's loader reads its own files (MovieLens's u.data beside u.item, say), not a batch
         # of rows: say how a run takes new rows, instead of leaving the user with a missing u.item.
