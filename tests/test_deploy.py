@@ -234,7 +234,10 @@ def test_the_new_stages_pools_are_reported_as_the_gate_builds_them(
 
 
 def test_on_implicit_data_the_gate_holds_out_positives_with_their_negatives(
-    batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    batches: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Every row of implicit feedback is a positive, and CTR samples get sampled negatives: a held-out
     sample keeps its negative (a gate of positives alone has no AUC and never promotes)."""
@@ -255,7 +258,10 @@ def test_on_implicit_data_the_gate_holds_out_positives_with_their_negatives(
 
     monkeypatch.setattr(update_mod, "_hold_out", spy)
     forced = ["update.min_gain=-1.0", "update.max_holdout=5"]  # fewer than held out: a draw of them
-    v = update_run(Path(cfg.output_dir) / cfg.name, batches["b1"], overrides=forced).version
+    with caplog.at_level("INFO", logger="evolora"):
+        v = update_run(Path(cfg.output_dir) / cfg.name, batches["b1"], overrides=forced).version
+    # the counts are rows, a sample with its negative (10 judged for max_holdout 5): said so
+    assert "samples (each with its sampled negatives): train pool" in caplog.text
     labels = seen["table"].labels(seen["pools"].test)
     assert np.bincount(labels).tolist() == [len(labels) // 2] * 2  # one negative per held-out positive
     drawn = seen["drawn"]  # five samples, each with its negative (a draw of rows split the pairs)

@@ -264,12 +264,17 @@ def _update(
         ) from None
     holdout = _hold_out(cfg, prepared, stage, accepted, dropped)
     pools = prepared.pools[stage]
+    table = prepared.table.df
+    # implicit data: each sample counted with its sampled negatives (update.max_holdout counts samples alone)
+    negatives = (
+        " (each with its sampled negatives)" if "sampled" in table.columns and table["sampled"].any() else ""
+    )
     log.info(
-        "update of %s, version %d -> stage %d: %d rows accepted of %d (%s); %d samples: train pool %d, "
+        "update of %s, version %d -> stage %d: %d rows accepted of %d (%s); %d samples%s: train pool %d, "
         "valid %d, held out %d (the gate judges on %d of them)",
         registry.method, parent.id, stage, accepted.height, report["rows_in_file"],
         ", ".join(f"{k} {v}" for k, v in report["dropped"].items()) or "none dropped",
-        len(prepared.table.stage_rows(stage)), len(pools.train), len(pools.valid), len(pools.test),
+        len(prepared.table.stage_rows(stage)), negatives, len(pools.train), len(pools.valid), len(pools.test),
         len(holdout),
     )  # fmt: skip
 
