@@ -313,14 +313,14 @@ def test_a_time_column_mixing_units_is_refused(tmp_path: Path, caplog: pytest.Lo
 def test_a_time_in_another_unit_gets_advice_the_reader_can_follow(tmp_path: Path) -> None:
     """Milliseconds read as seconds: a run is told to set data.time_unit; an update's batch, whose unit is
     the run's and cannot change, is told to write its times in that unit (and only inside the context)."""
-    from evolora.data.times import time_unit_fixed
+    from evolora.data.times import settings_fixed
 
     log = pl.read_csv(LOG).with_columns(pl.col("ts").str.to_datetime().dt.epoch("ms"))
     log.write_csv(tmp_path / "ms.csv")
     cfg = table_config(tmp_path / "ms.csv", tmp_path / "runs")
     with pytest.raises(DataError, match=r"it looks like epoch milliseconds: set data\.time_unit: ms$"):
         prepare_data(cfg)
-    with time_unit_fixed(), pytest.raises(DataError) as refused:
+    with settings_fixed(), pytest.raises(DataError) as refused:
         prepare_data(cfg)
     said = str(refused.value)
     assert "it looks like epoch milliseconds: this run reads data.time_unit: s, so write" in said

@@ -30,6 +30,7 @@ from typing import Any
 import polars as pl
 
 from evolora.data.readers import read_jsonl, require_file, truncation_hint, warn_replaced_text, without_bom
+from evolora.data.times import settings_are_fixed
 from evolora.errors import DataError
 
 log = logging.getLogger("evolora.data")
@@ -225,6 +226,11 @@ def _separator_hint(header: list[str], sep: str, quoted: bool) -> str:
     other = [c for c in ";|\t," if c != sep and len(header) == 1 and c in header[0]]
     if not other or not quoted:
         return ""
+    if settings_are_fixed():  # an update's batch: the run's separator stays
+        return (
+            f"; its fields look separated by {other[0]!r}: this run reads data.separator: {sep!r}, so write "
+            f"the batch's fields separated by it (not {other[0]!r})"
+        )
     return f"; its fields look separated by {other[0]!r}: set data.separator: {other[0]!r}"
 
 

@@ -36,24 +36,25 @@ FIRST_SECOND, LAST_SECOND = -62_135_596_800, 253_402_300_799
 SECONDS_PER_YEAR = 31_556_952  # the Gregorian mean
 
 
-# Set while an update reads a batch: the run's data.time_unit is fixed then, so advice to set another one
-# would be advice the user cannot follow; the messages say to write the times in the run's unit instead.
-_UNIT_FIXED: ContextVar[bool] = ContextVar("evolora_time_unit_fixed", default=False)
+# Set while an update reads a batch: the run's data settings (time unit, separator) are fixed then, so advice
+# to set another one would be advice the user cannot follow; the messages say to write the file in them.
+_SETTINGS_FIXED: ContextVar[bool] = ContextVar("evolora_data_settings_fixed", default=False)
 
 
 @contextmanager
-def time_unit_fixed() -> Iterator[None]:
-    """Within it, messages about a time in the wrong unit advise writing it in the unit given, not setting
-    another `data.time_unit` (a new batch of a run: the run's unit cannot change)."""
-    token = _UNIT_FIXED.set(True)
+def settings_fixed() -> Iterator[None]:
+    """Within it, messages about a file's times in the wrong unit or fields in the wrong separator advise
+    writing it in the run's unit or separator, not setting another `data.time_unit` or `data.separator` (a
+    new batch of a run: the run's settings cannot change)."""
+    token = _SETTINGS_FIXED.set(True)
     try:
         yield
     finally:
-        _UNIT_FIXED.reset(token)
+        _SETTINGS_FIXED.reset(token)
 
 
-def unit_is_fixed() -> bool:
-    return _UNIT_FIXED.get()
+def settings_are_fixed() -> bool:
+    return _SETTINGS_FIXED.get()
 
 
 def fixed_unit_advice(unit: str) -> str:
@@ -78,7 +79,7 @@ def outside_message(value: object, seconds: int, name: str, unit: str) -> str:
         return f"time {value!r} (column {name!r}) is outside the calendar evolora reads (years 1-9999 UTC)"
     message = f"time {value!r} (column {name!r}) read as {EPOCH_UNITS[unit][1]} is in the year {year}"
     fits = unit_that_fits(seconds * EPOCH_UNITS[unit][0], unit)
-    if unit_is_fixed():
+    if settings_are_fixed():
         looks = f"; it looks like {EPOCH_UNITS[fits][1]}" if fits else ", outside the calendar (years 1-9999)"
         return f"{message}{looks}: {fixed_unit_advice(unit)}"
     if fits:

@@ -56,7 +56,7 @@ from evolora.data.prepare import Prepared, prepare_staged
 from evolora.data.samples import StagePools, draw
 from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages
-from evolora.data.times import SECONDS_PER_YEAR, day, fixed_unit_advice, time_unit_fixed
+from evolora.data.times import SECONDS_PER_YEAR, day, fixed_unit_advice, settings_fixed
 from evolora.deploy.new_items import WithoutRecordCount, name_new_items, note_new_records, parent_semantic_ids
 from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DamagedFileError, DataError, EmptyStagesError
@@ -394,16 +394,10 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
     for f in quiet:
         data_log.addFilter(f)
     try:
-        with time_unit_fixed():  # the run's data.time_unit: the loader's advice says to write times in it
+        with settings_fixed():  # the run's time unit and separator: the loader's advice says to write in them
             batch = load_dataset(cfg.data.model_copy(update=settings))
     except DataError as e:
         if cfg.data.format == "table":
-            said, hint, other = str(e).partition("set data.separator: ")
-            if hint:  # the run's separator is fixed: the batch is written with it
-                raise DataError(
-                    f"{said}this run reads data.separator: {cfg.data.separator!r}, so write the batch's "
-                    f"fields separated by it (not {other})"
-                ) from None
             raise
         # A packaged dataset's loader reads its own files (MovieLens's u.data beside u.item, say), not a batch
         # of rows: say how a run takes new rows, instead of leaving the user with a missing u.item.

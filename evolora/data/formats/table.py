@@ -50,7 +50,7 @@ from evolora.data.times import (
     epoch_numbers,
     epoch_seconds,
     outside_message,
-    unit_is_fixed,
+    settings_are_fixed,
     unit_that_fits,
 )
 from evolora.errors import DataError
@@ -195,7 +195,12 @@ def _times(rows: TableRows, df: pl.DataFrame, name: str, unit: str) -> pl.Series
             "%s: the times in column %r look like yyyymmdd dates (%s), read as epoch seconds (in 1970): "
             "write them as ISO dates (2024-03-01)", rows.path, name, df["timestamp"][0],
         )  # fmt: skip
-    elif unit != "s" and not unit_is_fixed() and isinstance(latest, int) and 0 <= latest < SECONDS_PER_YEAR:
+    elif (
+        unit != "s"
+        and not settings_are_fixed()
+        and isinstance(latest, int)
+        and 0 <= latest < SECONDS_PER_YEAR
+    ):
         fits = unit_that_fits(latest * EPOCH_UNITS[unit][0], unit)
         if fits:
             log.warning(
