@@ -511,6 +511,45 @@ def test_a_registry_gone_while_serving_keeps_the_served_version(deployed: Path, 
     assert loads == [] and holder.switch_error is None
 
 
+def test_a_poll_reads_the_registry_only_when_it_changed(deployed: Path, monkeypatch) -> None:
+    """A server polls twice a second for months: an unchanged versions.json is not read and parsed again
+    each time. A promotion (the file replaced) and an edit in place are both seen at the next poll."""
+    import json
+
+    import evolora.deploy.holder as holder_module
+
+    holder = ModelHolder(deployed, poll_seconds=0.05)
+    holder._load = lambda version: holder_module.Served(holder.served.rec, version, {})  # type: ignore
+    reads: list[int] = []
+    real_open = Versions.open
+
+    def counted_open(*args, **kwargs):
+        reads.append(1)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(holder_module.Versions, "open", counted_open)
+    for _ in range(5):
+        holder.poll()
+    assert reads == [] and holder.promoted == 1
+    try:
+        Versions.open(deployed, "finetune", 0, 2).rollback(0)  # replaces the file
+        holder.poll()
+        assert holder.promoted == 0 and holder.served.version == 0
+        reads.clear()
+        holder.poll()
+        assert reads == []
+        file = holder._registry().file
+        raw = json.loads(file.read_text())
+        raw["promoted"] = 1
+        with open(file, "r+") as f:  # an edit in place: same inode, another size or time
+            f.write(json.dumps(raw, indent=2))
+            f.truncate()
+        holder.poll()
+        assert holder.promoted == 1 and holder.served.version == 1
+    finally:
+        Versions.open(deployed, "finetune", 0, 2).rollback(1)
+
+
 def test_a_version_whose_model_was_deleted_is_not_promoted(deployed: Path, tmp_path: Path) -> None:
     import shutil
 

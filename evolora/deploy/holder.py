@@ -44,6 +44,7 @@ class ModelHolder:
     _failed: tuple[int, float] | None = None  # (version, when) of the last failed load
     _registered: bool = False  # the run has had a versions.json: from then on its absence is no "version 0"
     _unreadable: str | None = None  # why the registry cannot be read now (said once, until it can)
+    _read_as: tuple[int, ...] | None = None  # the registry file's identity when last read (see `_promoted`)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -59,13 +60,23 @@ class ModelHolder:
         return Versions.open(self.root, self.method or "", self.seed, self.last_stage)
 
     def _promoted(self) -> int:
-        registry = self._registry()
-        if not registry.file.is_file():
+        """The promoted version. The registry is parsed again only when its file changed: every write
+        replaces it (a new inode) and an edit in place changes its size or time, so a poll of an unchanged
+        registry costs one `stat` rather than a read and a parse twice a second."""
+        file = Versions(self.root, self.method or "", self.seed or 0).file
+        try:
+            st = file.stat()
+        except FileNotFoundError:
             if self._registered:  # moved, being restored, the run folder gone: not "version 0, promoted"
-                raise FileNotFoundError(f"{registry.file} is missing")
-        else:
-            self._registered = True
-        return registry.promoted
+                raise FileNotFoundError(f"{file} is missing") from None
+            self._read_as = None
+            return self._registry().promoted  # never updated: version 0
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if identity == self._read_as and self.promoted is not None:
+            return self.promoted
+        promoted = self._registry().promoted
+        self._registered, self._read_as = True, identity
+        return promoted
 
     def _load(self, version: int) -> Served:
         t0 = time.perf_counter()
