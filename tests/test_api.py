@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -238,6 +239,9 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--items", "1,2"])
     assert result.exit_code == 2 and "--items ranks a CTR run's candidates" in result.output, result.output
     assert CliRunner().invoke(app, [*args, "-k", "3"]).exit_code == 0
+    # No `left_out_seen: []` claiming nothing was left out: the seen items never entered the search.
+    answer = json.loads(CliRunner().invoke(app, [*args, "-k", "3", "--json"]).output)
+    assert len(answer["items"]) == 3 and "left_out_seen" not in answer
     result = CliRunner().invoke(app, [*args, "-k", "500"])  # more than the catalogue: said, not silent
     n = len(rec.known_items) - len(rated)
     assert f"-k 500: {n} items are all this run can recommend here (items seen left out" in result.output
@@ -393,7 +397,6 @@ def test_queries_of_the_wrong_shape_are_one_line_errors(ctr_run) -> None:
 
 def test_an_unfinished_run_says_so(ctr_run, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A run stopped after stage 1 of [1, 2]: stage 2 is missing because the run has not finished."""
-    import json
     import shutil
 
     cfg, _ = ctr_run
@@ -441,7 +444,6 @@ def test_damaged_run_files_are_named_not_a_traceback(ctr_run, tmp_path: Path) ->
 
 
 def test_the_recommend_command(ctr_run) -> None:
-    import json
 
     from typer.testing import CliRunner
 
@@ -544,7 +546,6 @@ def test_a_bundle_of_settings_the_experiment_no_longer_has_is_written_anew(
     experiment to new settings: the bundle is theirs, not the failed attempt's (recommendations read
     3-item histories from a model trained on 6); a key-less bundle of an older evolora is rebuilt when its
     history length is not the config's."""
-    import json
 
     crm = "{dim: 8, mlp: [16], max_len: 10}"
     failing = tiny_config(
@@ -594,7 +595,6 @@ def test_a_bundle_written_before_the_data_changed_is_written_anew(
     in the meantime (nothing was cut from the old): the bundle is made again from the new data, not kept
     with the old titles that `recommend` and `serve` would show. Loading a run whose data changed since
     keeps its bundle and says why it cannot be rebuilt."""
-    import json
     import shutil
 
     from tests.helpers import write_sunny_rainy

@@ -97,8 +97,9 @@ def recommend(
             "history": None if hist is None else [h if isinstance(h, str) else h[0] for h in hist],
             "score": "P(like)" if rec.task_name == "ctr" else "log p(item | history)",
             "items": [s.to_dict() for s in top],
-            "left_out_seen": left_out,
         }
+        if candidates is not None:  # as the server answers: a generated list leaves seen items out of its
+            answer["left_out_seen"] = left_out  # search, and has no given candidates to name
         _print_json(answer)
         return
     # a deployed version by its number, version 0 too when asked for by it (a run never updated has no other)
