@@ -63,6 +63,8 @@ def _launch(config: Path, env: dict[str, str], engine: str, *more: str) -> subpr
         "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "evolora", "run", str(config),
         *more,
     ]  # fmt: skip
+    # torch's launcher leaves a torchelastic_* folder in the temporary folder: in the test's, not in /tmp
+    env = {**env, "TMPDIR": str(config.parent)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
 
 
