@@ -17,7 +17,7 @@ In a notebook or a service: `run` leaves the process's torch threads and random 
 experiment or update runs at a time per process (a second from another thread is refused); a `Recommender`
 may be asked from several threads, which take turns.
 
-(About 530 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
+(About 580 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
 best together; how a query is checked lives in `queries.py`, how overrides are read in `overrides.py`.)
 """
 
@@ -83,6 +83,10 @@ from evolora.queries import (
 )
 
 log = logging.getLogger("evolora")
+#: The widest beam search a next-item LLM run's recommendation takes, as beams x vocabulary: every step holds
+#: about four such tables of float32 scores, 4 GB at this bound (SmolLM2's 49k tokens: up to 5,086 beams; a
+#: whole 39k-item catalogue, unbounded, would hold about 31 GB).
+MAX_BEAM_SCORES = 250_000_000
 
 
 def run(
@@ -502,7 +506,15 @@ class Recommender:
         # share a pass. No more beams than items: each finished beam is a distinct item.
         groups: dict[int, list[int]] = {}
         for q, width in enumerate(widths):
-            groups.setdefault(min(max(width, getattr(self._task.cfg, "beams", width)), n_items), []).append(q)
+            beams = min(max(width, getattr(self._task.cfg, "beams", width)), n_items)
+            if not is_conventional(self.cfg.model.name) and beams * self._vocabulary() > MAX_BEAM_SCORES:
+                widened = f" and the {width - queries[q][1]} items seen" if width > queries[q][1] else ""
+                raise EvoloraError(
+                    f"k={queries[q][1]}: an LLM run searches as many beams as items asked{widened}, here "
+                    f"{beams}; this model's {self._vocabulary()} tokens allow "
+                    f"{MAX_BEAM_SCORES // self._vocabulary()} (each step holds beams x vocabulary scores)"
+                )
+            groups.setdefault(beams, []).append(q)
         out: list[list[Scored]] = [[] for _ in queries]
         for beams, group in sorted(groups.items()):
             frame = query_frame([rows[q] for q in group])
@@ -511,6 +523,10 @@ class Recommender:
                 seen = histories[q][2] if exclude_seen else set()
                 out[q] = [s for s in self._top(ranked, at) if s.item not in seen][: queries[q][1]]
         return out
+
+    def _vocabulary(self) -> int:
+        """The rows of the LLM's output layer: the width of every beam's scores."""
+        return int(self.strategy.lm.base.get_output_embeddings().weight.shape[0])
 
     def _top(self, ranked: Any, row: int) -> list[Scored]:
         ids = self._task.item_ids

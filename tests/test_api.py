@@ -207,6 +207,16 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
             assert [(s.item, s.score) for s in beside] == [(s.item, s.score) for s in alone], user
         with pytest.raises(EvoloraError, match="needs a CTR run"):
             rec.score(["1"], ["2"])
+        # A search too wide for memory is refused with what allows it (unbounded, a whole 39k-item
+        # catalogue asked of SmolLM2 would hold about 31 GB of scores).
+        vocabulary = rec._vocabulary()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(evolora.api, "MAX_BEAM_SCORES", cfg.task.beams * vocabulary)
+            assert len(rec.recommend(["1"], k=cfg.task.beams)) == cfg.task.beams
+            asked = cfg.task.beams + 1
+            allowed = rf"here {asked}; this model's {vocabulary} tokens allow {cfg.task.beams} "
+            with pytest.raises(EvoloraError, match=rf"k={asked}: .*{allowed}"):
+                rec.recommend(["1"], k=asked)
     conv = tiny_config(
         peso, tmp_path / "conv", **{**over, "model.name": "sasrec", "strategies": "[finetune]"}
     )
@@ -487,6 +497,8 @@ def test_the_recommend_command(ctr_run) -> None:
     )
     assert seen.exit_code == 0 and "left out as seen (in the history): 3 (--include-seen" in seen.output
     kept = ["recommend", root, "--method", "finetune", "--history", "2,3", "--items", "3,4", "--json"]
+    # -k past the candidates ranks them all (a CTR ranking costs nothing per k; refused past 1000 before)
+    assert len(json.loads(runner.invoke(app, [*kept, "-k", "5000"]).output)["items"]) == 1
     answer = json.loads(runner.invoke(app, [*kept, "--include-seen"]).output)
     assert {s["item"] for s in answer["items"]} == {"3", "4"} and answer["left_out_seen"] == []
     assert json.loads(runner.invoke(app, kept).output)["left_out_seen"] == ["3"]

@@ -61,8 +61,8 @@ def recommend(
     _quiet_libraries()
     if (user is None) == (history is None):
         raise EvoloraError("give --user or --history (one of them)")
-    if k < 1 or k > 1000:
-        raise EvoloraError(f"-k {k}: ask for 1 to 1000 items")
+    if k < 1:
+        raise EvoloraError(f"-k {k}: ask for at least 1 item")
     if stage is not None and version is not None:
         raise EvoloraError("give --stage or --version, not both")
     if threads is not None:
