@@ -594,12 +594,17 @@ def _run_experiment(cfg: RunConfig, overwrite: bool, on_stage: Any, jobs: int) -
     if root.exists() and not root.is_dir():
         raise ConfigError(f"{root} is a file, not an experiment folder: choose another name or output_dir")
     with exclusive(lock, f"experiment {root}"):
+        # Every experiment writes experiment.json first: a folder holding other files without it is someone
+        # else's (a config.yaml is no sign: it is a common name), neither deleted nor written among.
+        foreign = _foreign_entries(real)
+        if foreign:
+            holds = f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
+            what = f"{root} is not an experiment folder (no experiment.json; it holds {holds})"
+            fate = ", so it is not deleted" if overwrite else ": a run would write its files among them"
+            raise ConfigError(
+                f"{'--overwrite: ' if overwrite else ''}{what}{fate}; choose another name or output_dir"
+            )
         if overwrite and root.exists() and parallel.writes():
-            if any(root.iterdir()) and not (root / "config.yaml").is_file():
-                raise ConfigError(
-                    f"--overwrite: {root} is not an experiment folder (no config.yaml), so it is not "
-                    "deleted; choose another name or output_dir"
-                )
             if replaced.exists():
                 # An --overwrite interrupted before: `replaced` is the experiment it replaces, `root` that
                 # attempt's unfinished work, continued by the same command (kill it anywhere, rerun it:
@@ -636,6 +641,15 @@ def _run_experiment(cfg: RunConfig, overwrite: bool, on_stage: Any, jobs: int) -
         if parallel.writes() and replaced.exists():
             shutil.rmtree(replaced)
         return results
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """The names in `folder` that show it is not an experiment's: none for an experiment (it has
+    experiment.json), a folder not there or empty, or one holding only what killed writes left."""
+    if not folder.is_dir() or (folder / "experiment.json").is_file():
+        return []
+    left_by_writes = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    return sorted(p.name for p in folder.iterdir() if p not in left_by_writes)
 
 
 def _finished(cfg: RunConfig, index: int, seed: int) -> bool:

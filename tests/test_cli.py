@@ -122,13 +122,28 @@ def test_user_mistakes_are_one_line_errors(
 
 
 def test_overwrite_deletes_only_an_experiment_folder(sunny_dir: Path, tmp_path: Path) -> None:
-    # `name` is a folder under output_dir; --overwrite must not delete one that is not an experiment's.
-    (tmp_path / "runs" / "cli").mkdir(parents=True)
-    (tmp_path / "runs" / "cli" / "notes.txt").write_text("mine")
+    """`name` is a folder under output_dir: one that is not an experiment's is neither deleted by
+    --overwrite nor written among by a plain run. A config.yaml in it is no sign of an experiment (it was:
+    --overwrite deleted a project folder holding one, and a plain run replaced its files)."""
+    folder = tmp_path / "runs" / "cli"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "config.yaml").write_text("name: mine\n")
     config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen"])
-    result = runner.invoke(app, ["run", str(config), "--overwrite"])
-    assert result.exit_code == 2 and "not an experiment folder (no config.yaml)" in result.output
-    assert (tmp_path / "runs" / "cli" / "notes.txt").read_text() == "mine"
+    for flags, fate in ((["--overwrite"], "so it is not deleted"), ([], "a run would write its files among")):
+        result = runner.invoke(app, ["run", str(config), *flags])
+        assert result.exit_code == 2, result.output
+        said = " ".join(result.output.split())
+        assert "not an experiment folder (no experiment.json; it holds config.yaml, notes.txt)" in said, said
+        assert fate in said
+        assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "notes.txt"]
+        assert (folder / "config.yaml").read_text() == "name: mine\n"
+    # An empty folder, or one holding only what killed writes left, is an experiment's to start.
+    (folder / "notes.txt").unlink()
+    (folder / "config.yaml").unlink()
+    (folder / ".bundle.x1.tmp").mkdir()
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    assert (folder / "experiment.json").is_file() and not (folder / ".bundle.x1.tmp").exists()
 
 
 def test_overwrite_with_settings_that_fail_keeps_the_experiment(sunny_dir: Path, tmp_path: Path) -> None:
@@ -147,6 +162,7 @@ def test_overwrite_with_settings_that_fail_keeps_the_experiment(sunny_dir: Path,
     aside = tmp_path / "runs" / ".cli.replaced"
     root.rename(aside)
     root.mkdir()
+    (root / "experiment.json").write_text('{"context_key": "other"}')  # an attempt writes it first
     (root / "config.yaml").write_text("name: cli\n")
     result = runner.invoke(app, ["run", str(config), "--overwrite", "--set", "model.name=tinyy"])
     assert result.exit_code == 2, result.output
