@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,11 +101,11 @@ def number_of(value: Any, what: str) -> int | None:
 
 
 def rating_of(value: Any, item: Any) -> float:
-    """A history entry's rating as a finite number, or an error naming the item."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
+    """A history entry's rating as a finite number, or an error naming the item. A number only, as the CLI
+    and the server take it: `True` would be read as the rating 1 (a dislike), and a string is a mistake
+    somewhere upstream, not a rating to convert."""
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    number = float(value) if is_number else math.nan
     if not math.isfinite(number):
         raise EvoloraError(f"history: the rating of {item!r} is {value!r}, not a number")
     return number

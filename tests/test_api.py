@@ -114,9 +114,14 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
         ([("4", float("nan"))], "the rating of '4' is nan"),
         ({"4": None}, "the rating of '4' is None"),
         ([("4", 5, 1)], r"\('4', 5, 1\) is neither an item id nor"),
+        # read as numbers before: True as the rating 1 (a dislike), "5" as 5 (the CLI and server refuse both)
+        ([("4", True)], "the rating of '4' is True, not a number"),
+        ([("4", "5")], "the rating of '4' is '5', not a number"),
     ]:
         with pytest.raises(EvoloraError, match=named):
             rec.score(history, ["2"])
+    for rating in (4, 4.0, np.int64(4), np.float32(4.0)):  # numbers of any kind are ratings
+        assert rec.score([("4", rating)], ["2"])[0].score == rec.score([("4", 4)], ["2"])[0].score
 
 
 def test_recommendations_leave_out_every_item_rated_not_only_the_history_read(ctr_run) -> None:
