@@ -311,6 +311,10 @@ def test_a_candidate_below_the_margin_is_kept_not_promoted(batches: dict[str, Pa
             "line 2",
         ),
         (lambda b, d: _write(d / "bad_cols.csv", "user,item,when\nu,i,2024-07-01\n"), "uid"),
+        (  # the run's items written another way: taken as new before, and the version promoted
+            lambda b, d: _upper_items(b["b1"], d / "upper.csv"),
+            "new item ids are the run's written another way ('SKU-0",
+        ),
     ],
 )
 def test_a_bad_update_file_changes_nothing(batches: dict[str, Path], tmp_path: Path, make, message) -> None:
@@ -321,6 +325,29 @@ def test_a_bad_update_file_changes_nothing(batches: dict[str, Path], tmp_path: P
     assert "Traceback" not in result.output
     assert not (root / "deploy" / "finetune-seed0" / "versions.json").exists()
     assert sorted(p.name for p in root.rglob("*")) == [*before] or not list((root / "deploy").rglob("*.json"))
+
+
+def _upper_items(batch: Path, path: Path) -> Path:
+    pl.read_csv(batch).with_columns(pl.col("iid").str.to_uppercase()).write_csv(path)
+    return path
+
+
+def test_ids_written_another_way_are_found(caplog: pytest.LogCaptureFixture) -> None:
+    """Most new ids the run's own under another spelling: an error; a few: a warning naming them."""
+    from evolora.deploy.new_items import id_form, refuse_ids_written_otherwise
+
+    written = pl.Series(["001", "1", "+7", "7.0", " B00X ", "b00x", "12a", "0", "000", "1.5"])
+    forms = pl.DataFrame({"id": written}).select(id_form(pl.col("id")))["id"].to_list()
+    assert forms == ["1", "1", "7", "7", "b00x", "b00x", "12a", "0", "0", "1.5"]
+    existing = pl.DataFrame({"user_id": ["u1", "u2", "u3"], "item_id": ["001", "002", "003"]})
+    mostly = pl.DataFrame({"user_id": ["u1", "u2"], "item_id": ["1", "2"]})
+    with pytest.raises(DataError, match=r"2 of the batch's 2 new item ids .*'1' for '001', '2' for '002'"):
+        refuse_ids_written_otherwise(Path("b.csv"), mostly, existing)
+    few = pl.DataFrame({"user_id": ["U1", "u8", "u9"], "item_id": ["003", "004", "005"]})
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        refuse_ids_written_otherwise(Path("b.csv"), few, existing)
+    said = "1 of the batch's 3 new user ids are the run's written another way ('U1' for 'u1': leading"
+    assert said in caplog.text and "taken as new, as they differ" in caplog.text
 
 
 def _write(path: Path, text: str) -> Path:

@@ -1,4 +1,5 @@
-"""The items an update brings: their records (`--items`), and semantic IDs for an LLM next-item run.
+"""The items an update brings: their records (`--items`), and semantic IDs for an LLM next-item run; and
+new ids that are the run's own written another way (a batch exported with numbers for text ids).
 
 A run's IDs are fixed at stage 1 as a deployed tokenizer would be, and its model has token rows only for the
 codes its items use. The items of an update's batch that the parent version cannot name are encoded by the
@@ -93,6 +94,42 @@ def name_new_items(
             + ")"
         )
     return accepted.filter(~unknown), ids
+
+
+def id_form(ids: pl.Expr) -> pl.Expr:
+    """How an id reads however it was written: a number without its sign, leading zeros or `.0`, and any
+    other id in lower case, without surrounding spaces."""
+    plain = ids.str.strip_chars().str.to_lowercase()
+    return plain.str.replace(r"^[+-]?0*([0-9]+?)(?:\.0*)?$", "${1}")
+
+
+def refuse_ids_written_otherwise(data_file: Path, accepted: pl.DataFrame, existing: pl.DataFrame) -> None:
+    """A batch whose new users or items are mostly the run's own under another spelling ('1' for '001', 7
+    for '7.0', 'b00x' for 'B00X'): an export that wrote the ids otherwise. Taken as new, the update learns
+    from nobody's history and the run holds every item twice; so at least half such ids is an error, and
+    fewer a warning naming them."""
+    for column, what in (("item_id", "item"), ("user_id", "user")):
+        known = existing.select(pl.col(column).unique())
+        new = accepted.select(pl.col(column).unique()).join(known, on=column, how="anti")
+        if new.height == 0:
+            continue
+        forms = known.select(pl.col(column).alias("run_id"), id_form(pl.col(column)).alias("form"))
+        alike = (
+            new.with_columns(form=id_form(pl.col(column)))
+            .join(forms.unique("form", keep="first"), on="form")
+            .sort(column)
+        )
+        if alike.height == 0:
+            continue
+        shown = ", ".join(f"{n!r} for {k!r}" for n, k in alike.select(column, "run_id").head(3).iter_rows())
+        said = (
+            f"{data_file}: {alike.height} of the batch's {new.height} new {what} ids are the run's written "
+            f"another way ({shown}{', ...' if alike.height > 3 else ''}: leading zeros, numbers for text, "
+            "another case)"
+        )
+        if 2 * alike.height >= new.height:
+            raise DataError(f"{said}; write them as the run's data does")
+        log.warning("%s; taken as new, as they differ", said)
 
 
 class WithoutRecordCount(logging.Filter):

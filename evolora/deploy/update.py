@@ -57,7 +57,13 @@ from evolora.data.samples import StagePools, draw
 from evolora.data.schema import InteractionData
 from evolora.data.staging import assign_stages
 from evolora.data.times import SECONDS_PER_YEAR, day, fixed_unit_advice, settings_fixed
-from evolora.deploy.new_items import WithoutRecordCount, name_new_items, note_new_records, parent_semantic_ids
+from evolora.deploy.new_items import (
+    WithoutRecordCount,
+    name_new_items,
+    note_new_records,
+    parent_semantic_ids,
+    refuse_ids_written_otherwise,
+)
 from evolora.deploy.versions import Version, Versions, _now
 from evolora.errors import ConfigError, DamagedFileError, DataError, EmptyStagesError
 from evolora.eval.metrics import lower_is_better, metric_set
@@ -226,6 +232,7 @@ def _update(
     original, existing, items = _history(cfg, root, registry, parent)
     _refuse_a_batch_in_1970(cfg, data_file, batch, existing)
     accepted, report = _accept(batch, existing, data_file, cfg.data.min_rating)
+    refuse_ids_written_otherwise(data_file, accepted, existing)
     known = items["item_id"]
     items = _with_batch_items(items, batch)
     note_new_records(items, known, accepted, items_file, llm=not is_conventional(cfg.model.name))
