@@ -516,6 +516,12 @@ def test_an_update_of_a_run_whose_data_changed_is_refused(batches: dict[str, Pat
     with pytest.raises(DataError, match=r"\(items\.csv, read from .*base\.csv\).* with --items FILE"):
         update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"])
     items.write_bytes(original)
+    # The item file moved (a run folder copied elsewhere): how to say where it is now, not a bare
+    # "items.csv: file not found" from reading the batch with it
+    items.rename(tmp_path / "items-moved.csv")
+    with pytest.raises(DataError, match=r"not where it ran \(data\.meta=.*items\.csv\).*data\.meta=PATH"):
+        update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"])
+    (tmp_path / "items-moved.csv").rename(items)
     with batches["base"].open("a") as f:
         f.write(batches["b1"].read_text().splitlines()[1] + "\n")
     with pytest.raises(DataError, match=r"its data files changed since the experiment ran \(base\.csv, read"):

@@ -196,6 +196,8 @@ def _update(
     remove_stale_temporaries(registry.folder)  # left by killed updates; this one holds the update lock
     parent = registry.current
     items_file = None if items_file is None else Path(items_file)
+    if items_file is None:  # the batch is read with the run's item file (its records of the run's items)
+        _refuse_moved_data(cfg, root, ("meta",))
     batch = _read_batch(cfg, data_file, items_file)
     digest = _batch_digest(cfg, batch, items_file)
     records = None if items_file is None else {"file": str(items_file), "sha256": file_sha256(items_file)}
@@ -434,13 +436,12 @@ def _refuse_a_batch_in_1970(
         )
 
 
-def _history(
-    cfg: RunConfig, root: Path, registry: Versions, parent: Version
-) -> tuple[InteractionData, pl.DataFrame, pl.DataFrame]:
-    """(the run's data, the staged interactions the parent version was trained on, the items it knows)."""
+def _refuse_moved_data(cfg: RunConfig, root: Path, settings: tuple[str, ...]) -> None:
+    """The run's data files named by `settings` (data.source, data.meta) where it ran, or an error saying
+    how to give where they are now (a run folder copied to another machine)."""
     gone = [
-        f"data.{k}={v}" for k, v in (("source", cfg.data.source), ("meta", cfg.data.meta))
-        if v and not Path(v).expanduser().exists() and not (k == "source" and v in registered_datasets())
+        f"data.{k}={v}" for k in settings if (v := getattr(cfg.data, k))
+        and not Path(v).expanduser().exists() and not (k == "source" and v in registered_datasets())
     ]  # fmt: skip
     if gone:
         raise DataError(
@@ -448,6 +449,13 @@ def _history(
             "stages each version trained on from it: give where it is now with --set data.source=PATH "
             "(data.meta=PATH for its item file); the files' contents are checked against the run's record"
         )
+
+
+def _history(
+    cfg: RunConfig, root: Path, registry: Versions, parent: Version
+) -> tuple[InteractionData, pl.DataFrame, pl.DataFrame]:
+    """(the run's data, the staged interactions the parent version was trained on, the items it knows)."""
+    _refuse_moved_data(cfg, root, ("source", "meta"))
     data = load_dataset(cfg.data)
     marker = root / "experiment.json"
     recorded = (read_json(marker) if marker.is_file() else {}).get("data_files") or {}
