@@ -19,6 +19,7 @@ import polars as pl
 
 from evolora.data.ids import IdSpace
 from evolora.errors import ConfigError, DamagedFileError, EvoloraError
+from evolora.eval.runs import NOT_A_RECORD, is_results_record
 from evolora.io import read_json
 
 log = logging.getLogger("evolora")
@@ -188,16 +189,9 @@ def read_results(seed_dir: Path) -> dict[str, Any]:
     `DamagedFileError` naming it."""
     path = Path(seed_dir) / "results.json"
     results = read_json(path, "Rerun its experiment: stage records rebuild it.")
-    if (
-        not isinstance(results, dict)
-        or not {"method", "seed", "stages"} <= set(results)
-        or not isinstance(results["stages"], list)
-        or not all(isinstance(s, dict) and "train_stage" in s for s in results["stages"])
-    ):
+    if not is_results_record(results):
         raise DamagedFileError(
-            path,
-            f"{path} is not an evolora results.json (no method, seed or stages): rerun its experiment, whose "
-            "stage records rebuild it",
+            path, f"{path} is {NOT_A_RECORD}: rerun its experiment, whose stage records rebuild it"
         )
     return results
 

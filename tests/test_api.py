@@ -451,11 +451,31 @@ def test_damaged_run_files_are_named_not_a_traceback(ctr_run, tmp_path: Path) ->
     with pytest.raises(DamagedFileError, match=r"histories\.parquet is missing\. Delete the inference"):
         evolora.Recommender.load(root, method="finetune")
     results = root / "finetune" / "seed0" / "results.json"
+    recorded = results.read_text()
     results.write_text('{"x": 1}')
     with pytest.raises(DamagedFileError, match=r"results\.json is not an evolora results\.json"):
         evolora.Recommender.load(root, method="finetune")
     with pytest.raises(DamagedFileError, match=r"results\.json is not an evolora results\.json"):
         update_run(root, results, method="finetune")
+    # a stage record without its eval stage: a KeyError in `evolora report` before
+    results.write_text(json.dumps({"method": "finetune", "seed": 0, "stages": [{"train_stage": 1}]}))
+    shown = CliRunner().invoke(app, ["report", str(root), "--out", str(tmp_path / "report")])
+    assert shown.exit_code == 2, shown.output
+    assert "a stage without its train_stage, eval_stage" in shown.output, shown.output
+    # versions.json of another shape: a TypeError in every command reading it, or an empty list
+    results.write_text(recorded)
+    registry = root / "deploy" / "finetune-seed0" / "versions.json"
+    registry.parent.mkdir(parents=True)
+    for text, problem in [
+        ("[]", "a JSON list, not an object"),
+        ('{"versions": {}, "promoted": 0}', "'versions' is not a list of versions"),
+        ('{"versions": [{"id": 0}], "promoted": 0}', "a version of other fields: ['id']"),
+    ]:
+        registry.write_text(text)
+        shown = CliRunner().invoke(app, ["versions", str(root), "--method", "finetune"])
+        assert shown.exit_code == 2, shown.output
+        said = " ".join(shown.output.split())
+        assert f"versions.json is damaged ({problem}). It is rewritten" in said, said
 
 
 def test_the_recommend_command(ctr_run) -> None:

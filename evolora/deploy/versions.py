@@ -14,7 +14,8 @@ parent is the version promoted when it started; the gate decides whether it beco
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,11 @@ class Versions:
         """The registry of a run; a run never updated has version 0 only (its last trained stage)."""
         reg = cls(Path(root), method, seed)
         if reg.file.is_file():
-            raw = read_json(reg.file, "It is rewritten from nothing only by hand: restore it from a backup.")
+            advice = "It is rewritten from nothing only by hand: restore it from a backup."
+            raw = read_json(reg.file, advice)
+            problem = _registry_problem(raw)
+            if problem is not None:  # valid JSON of another shape (edited by hand, another program's file)
+                raise DamagedFileError(reg.file, f"{reg.file} is damaged ({problem}). {advice}")
             reg.versions = [Version(**v) for v in raw["versions"]]
             reg.promoted = int(raw["promoted"])
             reg.history = list(raw.get("history", []))
@@ -147,6 +152,27 @@ class Versions:
                 "history": self.history,
             },
         )
+
+
+def _registry_problem(raw: Any) -> str | None:
+    """What keeps `raw` (a parsed versions.json) from being a registry, or None."""
+    if not isinstance(raw, dict):
+        return f"a JSON {type(raw).__name__}, not an object"
+    listed = raw.get("versions")
+    if not isinstance(listed, list) or not listed or not all(isinstance(v, dict) for v in listed):
+        return "'versions' is not a list of versions"
+    fields = {f.name for f in dataclass_fields(Version)}
+    needed = {f.name for f in dataclass_fields(Version) if f.default is f.default_factory is MISSING}
+    for v in listed:
+        if set(v) - fields or needed - set(v) or not isinstance(v.get("id"), int):
+            return f"a version of other fields: {sorted(v)}"
+    ids = [v["id"] for v in listed]
+    promoted = raw.get("promoted")
+    if not isinstance(promoted, int) or isinstance(promoted, bool) or promoted not in ids:
+        return f"promoted {promoted!r} is not one of its versions {ids}"
+    if not isinstance(raw.get("history", []), list):
+        return "'history' is not a list"
+    return None
 
 
 def _now() -> str:

@@ -17,6 +17,27 @@ from evolora.errors import DamagedFileError, EvoloraError
 from evolora.eval.stored import stored_predictions
 from evolora.io import read_json
 
+NOT_A_RECORD = (
+    "not an evolora results.json (no method, seed or stages, or a stage without its train_stage, "
+    "eval_stage or metrics)"
+)
+
+
+def is_results_record(results: Any) -> bool:
+    """Whether parsed JSON has what every reader of a run's results.json takes from it."""
+    return (
+        isinstance(results, dict)
+        and {"method", "seed", "stages"} <= set(results)
+        and isinstance(results["stages"], list)
+        and all(
+            isinstance(s, dict)
+            and isinstance(s.get("train_stage"), int)
+            and isinstance(s.get("eval_stage"), int)
+            and isinstance(s.get("metrics"), dict)
+            for s in results["stages"]
+        )
+    )
+
 
 def find_results(paths: list[Path]) -> list[dict[str, Any]]:
     found = []
@@ -34,8 +55,8 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
                 continue  # named twice (an experiment and one of its runs): read once
             read.add(f.resolve())
             r = read_json(f, "Rerun its experiment (the same command) to rebuild it from the stage records.")
-            if not isinstance(r, dict) or not {"method", "stages", "seed"} <= set(r):
-                raise DamagedFileError(f, f"{f} is not an evolora results.json (no method, seed or stages).")
+            if not is_results_record(r):
+                raise DamagedFileError(f, f"{f} is {NOT_A_RECORD}: rerun its experiment (the same command)")
             r["_path"] = str(f)
             found.append(r)
     if not found:
