@@ -23,6 +23,7 @@ best together; how a query is checked lives in `queries.py`, how overrides are r
 
 from __future__ import annotations
 
+import difflib
 import logging
 import threading
 import warnings
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from pydantic import ValidationError
 
 from evolora.bundle import (
     QUERY_DEFAULTS,
@@ -331,7 +333,29 @@ class Recommender:
         """The strategy's predictions for sample rows shaped like a run's sample table (`user_id`,
         `item_id`, `hist_items`, `hist_ratings`, `stage`; the table's other columns, e.g. `label`, may be
         left out), exactly as evaluation computes them. A `rated` column (list of item ids) names every item
-        a row's user rated: what `exclude_history="rated"` keeps out of a ranking (else its history)."""
+        a row's user rated: what `exclude_history="rated"` keeps out of a ranking (else its history).
+
+        `settings`: keys of the run's task section for this call only (e.g. `beams=20`,
+        `exclude_history="rated"`), checked as the config checks them."""
+        task_cfg = self._task.cfg
+        keys = sorted(type(task_cfg).model_fields)
+        for key in settings:
+            if key not in keys:
+                close = difflib.get_close_matches(key, keys, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                raise EvoloraError(
+                    f"predict_samples: {key} is no setting of the {task_cfg.name} task ({hint}it takes "
+                    f"{', '.join(keys)})"
+                )
+        try:
+            type(task_cfg).model_validate({**task_cfg.model_dump(), **settings})
+        except ValidationError as e:
+            problem = e.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"])
+            raise EvoloraError(f"predict_samples: {where}={problem['input']!r}: {problem['msg']}") from None
+        return self._predict(samples, settings)
+
+    def _predict(self, samples: pl.DataFrame, settings: dict[str, Any]) -> Any:
         if not isinstance(samples, pl.DataFrame):
             raise EvoloraError(
                 f"predict_samples: a polars DataFrame of sample rows, not {type(samples).__name__}"
@@ -340,13 +364,13 @@ class Recommender:
         missing = [c for c in needed if c not in samples.columns]
         if missing:
             raise EvoloraError(f"predict_samples: the samples lack the column(s) {missing}")
+        # its shape, its stages, a conventional model's user IDs (the LLM reads no user id)
+        samples = checked_samples(samples, self._task.table.n_stages, getattr(self._task, "space", None))
         for column, values in (
             ("item_id", samples["item_id"]),
             ("hist_items", samples["hist_items"].explode()),
         ):
-            self._check_items([str(v) for v in values.drop_nulls().to_list()], column)
-        # a conventional model's IDs (the LLM reads no user id)
-        samples = checked_samples(samples, self._task.table.n_stages, getattr(self._task, "space", None))
+            self._check_items(values.drop_nulls().to_list(), column)
         schema = query_frame([]).schema  # the sample table's other columns, where not given: a query's
         samples = samples.with_columns(
             pl.lit(value, schema[c]).alias(c)
@@ -395,7 +419,7 @@ class Recommender:
         for user, hist_items, hist_ratings, items in queries:
             spans.append((len(rows), items))
             rows += [self._row(user, item, hist_items, hist_ratings) for item in items]
-        scores = np.asarray(self.predict_samples(query_frame(rows)), dtype=np.float64)
+        scores = np.asarray(self._predict(query_frame(rows), {}), dtype=np.float64)
         return [
             [Scored(i, float(p), self._titles.get(i)) for i, p in zip(items, scores[start:], strict=False)]
             for start, items in spans
@@ -518,7 +542,9 @@ class Recommender:
         out: list[list[Scored]] = [[] for _ in queries]
         for beams, group in sorted(groups.items()):
             frame = query_frame([rows[q] for q in group])
-            ranked = self.predict_samples(frame, beams=beams, exclude_history="rated" if in_search else False)
+            ranked = self._predict(
+                frame, {"beams": beams, "exclude_history": "rated" if in_search else False}
+            )
             for at, q in enumerate(group):
                 seen = histories[q][2] if exclude_seen else set()
                 out[q] = [s for s in self._top(ranked, at) if s.item not in seen][: queries[q][1]]

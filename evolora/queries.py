@@ -236,9 +236,38 @@ def locate_run(path: Path, method: str | None, seed: int | None) -> tuple[Path, 
     return path / method / f"seed{seed}", path
 
 
+def sample_shape(samples: pl.DataFrame) -> pl.DataFrame:
+    """Sample rows whose columns hold what the tasks read: an item id per row, a list of item ids and a list
+    of as many ratings (numbers) per row; ids given as numbers become their strings, as in queries."""
+    for column in ("hist_items", "hist_ratings"):
+        dtype = samples[column].dtype
+        if not isinstance(dtype, pl.List):
+            raise EvoloraError(f"predict_samples: `{column}` holds a list per row, not {dtype}")
+    if not samples["hist_ratings"].dtype.inner.is_numeric():  # type: ignore[union-attr]
+        raise EvoloraError(
+            f"predict_samples: `hist_ratings` holds lists of numbers, not {samples['hist_ratings'].dtype}"
+        )
+    for column in ("item_id", "hist_items", "hist_ratings"):
+        values = samples[column]
+        nulls = values.is_null() if column == "item_id" else values.is_null() | values.list.contains(None)
+        if nulls.any():
+            row = int(nulls.arg_true()[0])
+            raise EvoloraError(f"predict_samples: `{column}` of row {row} is or holds a missing value")
+    uneven = samples["hist_items"].list.len() != samples["hist_ratings"].list.len()
+    if uneven.any():
+        row = int(uneven.arg_true()[0])
+        raise EvoloraError(
+            f"predict_samples: row {row} has {samples['hist_items'][row].len()} hist_items and "
+            f"{samples['hist_ratings'][row].len()} hist_ratings: one rating per history item"
+        )
+    return samples.with_columns(pl.col("item_id").cast(pl.Utf8), pl.col("hist_items").cast(pl.List(pl.Utf8)))
+
+
 def checked_samples(samples: pl.DataFrame, n_stages: int, space: IdSpace | None) -> pl.DataFrame:
-    """`Recommender.predict_samples`'s rows, their stages checked (1..n_stages) and, for a model with user
-    IDs (`space`), users it does not know made its cold user, as a query with a history and no user."""
+    """`Recommender.predict_samples`'s rows, their shape checked (item ids and lists of them as text, ratings
+    as numbers, one per history item), their stages checked (1..n_stages) and, for a model with user IDs
+    (`space`), users it does not know made its cold user, as a query with a history and no user."""
+    samples = sample_shape(samples)
     stages = samples["stage"]
     if not stages.dtype.is_integer():
         raise EvoloraError(f"predict_samples: `stage` holds whole numbers 1..{n_stages}, not {stages.dtype}")

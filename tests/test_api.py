@@ -155,17 +155,17 @@ def test_recommendations_leave_out_every_item_rated_not_only_the_history_read(ct
 def _beams_searched(rec: evolora.Recommender, history: list[str], k: int) -> list[int]:
     """The beam widths of the searches `rec.recommend(history, k=k)` makes (k items answered)."""
     searched: list[int] = []
-    predict = rec.predict_samples
-    rec.predict_samples = lambda frame, **settings: (
+    predict = rec._predict
+
+    def counted(frame: pl.DataFrame, settings: dict) -> object:
         searched.append(settings["beams"])
-        or predict(  # type: ignore[method-assign]
-            frame, **settings
-        )
-    )
+        return predict(frame, settings)
+
+    rec._predict = counted  # type: ignore[method-assign]
     try:
         assert len(rec.recommend(history, k=k)) == k
     finally:
-        del rec.predict_samples
+        del rec._predict
     return searched
 
 
@@ -379,6 +379,27 @@ def test_queries_of_the_wrong_shape_are_one_line_errors(ctr_run) -> None:
         rec.predict_samples(frame.with_columns(item_id=pl.lit("zzz")))
     with pytest.raises(EvoloraError, match="a polars DataFrame"):
         rec.predict_samples(frame.to_dict())
+    # Columns of another shape, and settings that are no task keys or of the wrong type, are one-line
+    # errors (a TypeError, a KeyError or a zip error from inside before, or silently ignored).
+    for shaped, named in [
+        (frame.with_columns(hist_items=pl.lit("2")), "`hist_items` holds a list per row, not String"),
+        (frame.with_columns(hist_ratings=pl.lit(["5"])), "`hist_ratings` holds lists of numbers"),
+        (frame.with_columns(hist_ratings=pl.lit([5.0, 1.0])), r"row 0 has \d+ hist_items and 2 hist_ratings"),
+        (frame.with_columns(item_id=pl.lit(None, pl.Utf8)), "`item_id` of row 0 is or holds a missing"),
+    ]:
+        with pytest.raises(EvoloraError, match=named):
+            rec.predict_samples(shaped)
+    for settings, named in [
+        (
+            {"max_lenght": 20},
+            r"max_lenght is no setting of the ctr task \(did you mean max_length\? it takes",
+        ),
+        ({"max_length": "long"}, "max_length='long': Input should be a valid integer"),
+    ]:
+        with pytest.raises(EvoloraError, match=named):
+            rec.predict_samples(frame, **settings)
+    numbered = frame.with_columns(item_id=pl.lit(2), hist_items=pl.col("hist_items").cast(pl.List(pl.Int64)))
+    assert np.asarray(rec.predict_samples(numbered)) == pytest.approx(np.asarray(rec.predict_samples(frame)))
     with pytest.raises(EvoloraError, match=r"exclude_seen='false': True or False"):  # truthy: read as True
         rec.recommend(user=user, items=["2"], exclude_seen="false")
     with pytest.raises(ConfigError, match=r"run\(overwrite='false'\): True or False"):
