@@ -741,11 +741,12 @@ def folder_name(value: str) -> str:
         not value.strip()
         or value in (".", "..")
         or any(c in value for c in "/\\\0")
+        or any(ord(c) < 32 or ord(c) == 127 for c in value)  # a newline in a folder name breaks scripts
         or value.startswith((".", "_"))
     ):
         raise ValueError(
-            f"{value!r} is not a folder name: one path component, without '/' or '\\', not starting "
-            "with '.' or '_' (kept for evolora's own files, such as _shared)"
+            f"{value!r} is not a folder name: one path component, without '/', '\\' or control "
+            "characters, not starting with '.' or '_' (kept for evolora's own files, such as _shared)"
         )
     return value
 

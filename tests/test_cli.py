@@ -100,6 +100,7 @@ def test_a_run_whose_training_diverged_says_so_under_its_table(sunny_dir: Path, 
         (["--jobs", "0"], "--jobs 0"),
         (["--set", "name=..", "--overwrite"], "name: '..' is not a folder name"),
         (["--set", "name=_shared"], "name: '_shared' is not a folder name"),
+        (["--set", 'name="a\\nb"'], r"name: 'a\nb' is not a folder name"),  # a folder with a newline
         (["--set", "seeds=[0, 0]"], "seeds: each seed once"),
         (["--set", "seeds=[]"], "  seeds: give at least one (given by --set seeds=[])"),  # not "(top level)"
         (["--set", "seeds=[-1]"], "seeds.0: Input should be greater than or equal to 0"),

@@ -336,6 +336,10 @@ def test_upper_case_gz_is_decompressed(tmp_path: Path) -> None:
     (tmp_path / "LOG.JSONL.GZ").write_bytes(gzip.compress(log.write_ndjson().encode()))
     data = prepare_data(table_config(tmp_path / "LOG.JSONL.GZ", tmp_path / "runs")).data
     assert data.interactions.height == log.height
+    # gzip under a plain .csv name (its separator was guessed from the compressed bytes: "set data.separator")
+    (tmp_path / "log.csv").write_bytes(gzip.compress(LOG.read_bytes()))
+    data = prepare_data(table_config(tmp_path / "log.csv", tmp_path / "runs2")).data
+    assert data.interactions.height == log.height
 
 
 def test_an_items_table_without_a_mapped_title_calls_items_by_their_id(tmp_path: Path) -> None:

@@ -119,13 +119,19 @@ def _missing_column(path: Path, where: str, column: str, present: list[str]) -> 
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed where it is gzip: by its name, or by its first bytes (a gzip file
+    named .csv read as text had its separator guessed from compressed bytes)."""
     try:
         if path.name.lower().endswith(".gz"):
             with gzip.open(path, "rb") as f:
                 return f.read()
-        return path.read_bytes()
+        raw = path.read_bytes()
+        return gzip.decompress(raw) if raw.startswith(_GZIP_MAGIC) else raw
     except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz, an unreadable file
         raise DataError(f"{path}: cannot read the file ({e})") from None
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _read_delimited(
