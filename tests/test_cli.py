@@ -803,6 +803,30 @@ def test_ctrl_c_offers_to_continue_only_what_is_kept(tmp_path: Path, monkeypatch
     assert ran.exit_code == 130 and "rerun the same command to continue" in ran.output
 
 
+def test_ctrl_c_while_the_command_starts_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The first seconds of every command import torch and transformers, before the CLI's own Ctrl-C
+    handling: a 20-36 line KeyboardInterrupt traceback there, exit -2. The `evolora` command and
+    `python -m evolora` enter through `evolora.__main__`, which says it in one line."""
+    import builtins
+    import tomllib
+
+    import evolora.__main__ as entry
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["evolora"] == "evolora.__main__:main"
+    real_import = builtins.__import__
+
+    def importing(name: str, *args: object, **kwargs: object) -> object:
+        if name == "evolora.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", importing)
+    with pytest.raises(SystemExit) as stopped:
+        entry.main()
+    assert stopped.value.code == 130 and capsys.readouterr().err == "interrupted (nothing had started)\n"
+
+
 def test_a_full_disk_is_one_line_and_the_rerun_continues(
     sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
