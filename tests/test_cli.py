@@ -147,6 +147,34 @@ def test_overwrite_deletes_only_an_experiment_folder(sunny_dir: Path, tmp_path: 
     assert (folder / "experiment.json").is_file() and not (folder / ".bundle.x1.tmp").exists()
 
 
+def test_an_overwrite_killed_between_its_first_two_files_is_continued(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the new experiment.json and before config.yaml: the rerun of the same command was
+    refused for good ("not an experiment folder (no config.yaml)"), the old experiment hidden aside."""
+    import evolora.experiment as experiment
+
+    config = write_config(tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen"])
+    assert runner.invoke(app, ["run", str(config)]).exit_code == 0
+    real_write = experiment.atomic_write_text
+
+    def killed_at_config(path: Path, text: str) -> None:
+        if Path(path).name == "config.yaml":
+            raise KeyboardInterrupt  # as SIGKILL: nothing after it runs (below, not even the restore)
+        real_write(path, text)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(experiment, "atomic_write_text", killed_at_config)
+        patch.setattr(experiment, "_restore_if_untrained", lambda *args: None)
+        args = ["run", str(config), "--overwrite", "--set", "train.lr=0.02"]
+        assert runner.invoke(app, args).exit_code == 130
+    root, aside = tmp_path / "runs" / "cli", tmp_path / "runs" / ".cli.replaced"
+    assert sorted(p.name for p in root.iterdir()) == ["experiment.json"] and aside.is_dir()
+    rerun = runner.invoke(app, args)
+    assert rerun.exit_code == 0, rerun.output
+    assert not aside.exists() and (root / "config.yaml").is_file() and (root / "frozen").is_dir()
+
+
 def test_overwrite_with_settings_that_fail_keeps_the_experiment(sunny_dir: Path, tmp_path: Path) -> None:
     """--overwrite replaces the experiment only once the new settings work: a misspelt setting that fails
     before any stage is trained leaves the finished experiment as it was (it was deleted first)."""
