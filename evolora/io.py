@@ -357,10 +357,11 @@ def remove_stale_temporaries(
 
 
 def remove_killed_copies(path: Path) -> int:
-    """What `atomic_directory(path)` left when killed, beside `path`: its temporary copies, deleted (each a
-    whole folder: an export with --merge, a full model), and, where the kill fell between its two renames,
-    the earlier folder set aside, put back; how many copies were deleted. Only for a caller holding a lock
-    that keeps every other writer of `path` out: a live write's temporary looks the same."""
+    """What an atomic write of `path` left beside it when killed: its temporary copies, deleted (a file's, or
+    a whole folder of `atomic_directory`: an export with --merge, a full model), and, where the kill fell
+    between a folder's two renames, the earlier folder set aside, put back; how many copies were deleted.
+    Only for a caller holding a lock that keeps every other writer of `path` out: a live write's temporary
+    looks the same."""
     if not path.parent.is_dir():
         return 0
     # mkdtemp's names: the prefix, 8 random characters, the suffix (a folder "exp.v2" is another's)

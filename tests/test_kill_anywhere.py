@@ -173,6 +173,20 @@ def test_a_rerun_clears_what_killed_writes_left(sunny_dir: Path, tmp_path: Path)
     assert not dead.exists() and live.is_file()
 
 
+def test_shared_predictions_written_again_clear_their_killed_copy(sunny_dir: Path, tmp_path: Path) -> None:
+    """A kill while shared predictions were written left their temporary copy, which the rerun (at once, so
+    under the age rule for `_shared`) kept for good; the run that writes them again, holding their lock,
+    deletes it."""
+    cfg = tiny_config(sunny_dir, tmp_path / "run", **{"strategies": "[finetune]"})
+    run_experiment(cfg)
+    stored = sorted((Path(cfg.output_dir) / "_shared" / "predictions").glob("*.npz"))
+    assert stored
+    killed = stored[0].with_name(f".{stored[0].name}.k1ll3d00.tmp")
+    stored[0].rename(killed)  # as if killed while writing it
+    run_experiment(cfg.model_copy(update={"name": "again"}))  # the same adapters: scored again here
+    assert stored[0].is_file() and not killed.exists()
+
+
 def test_an_interrupted_overwrite_rerun_as_is_redoes_nothing_it_finished(
     sunny_dir: Path, tmp_path: Path
 ) -> None:

@@ -62,6 +62,7 @@ from evolora.io import (
     load_npz,
     load_state,
     read_json,
+    remove_killed_copies,
     save_npz,
     save_state,
     set_aside,
@@ -399,6 +400,8 @@ class StageLoop:
             if stored is not None:
                 cost.saved(float(stored.get("seconds", 0.0)), cost.cpu_of(cost.from_arrays(stored)))
                 return self.task.load_predictions(stored), True
+            # a killed sitting's half-written copy (the age rule for `_shared` would keep it a minute)
+            remove_killed_copies(cache)
             t0 = time.perf_counter()
             preds, spent = cost.measured(compute)
             seconds = np.array(time.perf_counter() - t0)  # what a later reuse saves
