@@ -69,6 +69,7 @@ from evolora.io import (
     atomic_write_text,
     check_writable_folder,
     finite_json,
+    other_entries,
     read_json,
     remove_stale_temporaries,
     stable_hash,
@@ -595,9 +596,10 @@ def _run_experiment(cfg: RunConfig, overwrite: bool, on_stage: Any, jobs: int) -
         raise ConfigError(f"{root} is a file, not an experiment folder: choose another name or output_dir")
     with exclusive(lock, f"experiment {root}"):
         # Every experiment writes experiment.json first: a folder holding other files without it is someone
-        # else's (a config.yaml is no sign: it is a common name), neither deleted nor written among.
-        foreign = _foreign_entries(real)
-        if foreign:
+        # else's (a config.yaml is no sign: it is a common name), neither deleted nor written among. (The
+        # main process decides: the others would look while it moves the folder aside.)
+        foreign = other_entries(real, "experiment.json") if parallel.writes() else []
+        if foreign and not _experiment_without_its_marker(real):
             holds = f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
             what = f"{root} is not an experiment folder (no experiment.json; it holds {holds})"
             fate = ", so it is not deleted" if overwrite else ": a run would write its files among them"
@@ -643,13 +645,10 @@ def _run_experiment(cfg: RunConfig, overwrite: bool, on_stage: Any, jobs: int) -
         return results
 
 
-def _foreign_entries(folder: Path) -> list[str]:
-    """The names in `folder` that show it is not an experiment's: none for an experiment (it has
-    experiment.json), a folder not there or empty, or one holding only what killed writes left."""
-    if not folder.is_dir() or (folder / "experiment.json").is_file():
-        return []
-    left_by_writes = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
-    return sorted(p.name for p in folder.iterdir() if p not in left_by_writes)
+def _experiment_without_its_marker(folder: Path) -> bool:
+    """An experiment whose experiment.json was deleted, as a damaged one's error advises: its config.yaml
+    beside the run folders evolora made (each with its run.json from its start)."""
+    return (folder / "config.yaml").is_file() and any(folder.glob("*/seed*/run.json"))
 
 
 def _finished(cfg: RunConfig, index: int, seed: int) -> bool:

@@ -289,6 +289,24 @@ def check_writable_folder(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path}: nothing can be written there ({e.strerror})") from None
 
 
+#: what a folder holds without being anyone's work: file browsers' and version control's placeholders
+_PLACEHOLDERS = frozenset({".DS_Store", ".gitkeep", "Thumbs.db", "desktop.ini"})
+
+
+def other_entries(folder: Path, marker: str) -> list[str]:
+    """The names in `folder` showing it is not an output of the kind `marker` marks (a file every such
+    output holds): none where it holds the marker or is not a folder, and none for what killed atomic
+    writes left or placeholders (.gitkeep, .DS_Store)."""
+    try:
+        if not folder.is_dir() or (folder / marker).is_file():
+            return []
+        names = [p.name for p in folder.iterdir()]
+    except FileNotFoundError:  # gone meanwhile (moved aside by the process replacing it)
+        return []
+    left_by_writes = [n for n in names if n.startswith(".") and n.endswith(".tmp")]
+    return sorted(n for n in names if n not in left_by_writes and n not in _PLACEHOLDERS)
+
+
 def check_replaceable(path: str | Path, marker: str, what: str) -> Path:
     """`path` resolved, if an output folder may be written there: absent, empty, or an earlier output
     of the same kind (it holds `marker`). Anything else is refused, since writing replaces the whole folder:
@@ -298,7 +316,7 @@ def check_replaceable(path: str | Path, marker: str, what: str) -> Path:
         raise ConfigError(f"{path} is a file; give a folder for {what}")
     if path.exists() and not path.is_dir():  # a device, a pipe, a socket: moved aside, it would be lost
         raise ConfigError(f"{path} is not a folder (a device, pipe or socket); give a folder for {what}")
-    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+    if other_entries(path, marker):
         raise ConfigError(
             f"{path} holds other files (it is not an earlier {what}: no {marker}); writing replaces the "
             "whole folder, so give a new or empty folder, or remove this one yourself"

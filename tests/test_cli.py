@@ -139,12 +139,17 @@ def test_overwrite_deletes_only_an_experiment_folder(sunny_dir: Path, tmp_path: 
         assert fate in said
         assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "notes.txt"]
         assert (folder / "config.yaml").read_text() == "name: mine\n"
-    # An empty folder, or one holding only what killed writes left, is an experiment's to start.
+    # An empty folder, or one holding only what killed writes left and placeholders, is an experiment's
     (folder / "notes.txt").unlink()
     (folder / "config.yaml").unlink()
     (folder / ".bundle.x1.tmp").mkdir()
+    (folder / ".gitkeep").write_text("")
     assert runner.invoke(app, ["run", str(config)]).exit_code == 0
     assert (folder / "experiment.json").is_file() and not (folder / ".bundle.x1.tmp").exists()
+    # An experiment whose experiment.json was deleted, as a damaged one's error advises, is continued
+    (folder / "experiment.json").unlink()
+    again = runner.invoke(app, ["run", str(config)])
+    assert again.exit_code == 0 and (folder / "experiment.json").is_file(), again.output
 
 
 def test_an_overwrite_killed_between_its_first_two_files_is_continued(
