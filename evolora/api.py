@@ -17,7 +17,7 @@ In a notebook or a service: `run` leaves the process's torch threads and random 
 experiment or update runs at a time per process (a second from another thread is refused); a `Recommender`
 may be asked from several threads, which take turns.
 
-(About 580 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
+(About 610 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
 best together; how a query is checked lives in `queries.py`, how overrides are read in `overrides.py`.)
 """
 
@@ -85,9 +85,10 @@ from evolora.queries import (
 )
 
 log = logging.getLogger("evolora")
-#: The widest beam search a next-item LLM run's recommendation takes, as beams x vocabulary: every step holds
-#: about four such tables of float32 scores, 4 GB at this bound (SmolLM2's 49k tokens: up to 5,086 beams; a
-#: whole 39k-item catalogue, unbounded, would hold about 31 GB).
+#: The widest beam search a next-item LLM run's recommendation takes, as queries x beams x vocabulary in one
+#: pass: every step holds about four such tables of float32 scores, 4 GB at this bound (SmolLM2's 49k tokens:
+#: one query of up to 5,086 beams; a whole 39k-item catalogue, unbounded, would hold about 31 GB). Queries
+#: of one width are searched together as far as the bound allows.
 MAX_BEAM_SCORES = 250_000_000
 
 
@@ -348,12 +349,13 @@ class Recommender:
                     f"{', '.join(keys)})"
                 )
         try:
-            type(task_cfg).model_validate({**task_cfg.model_dump(), **settings})
+            checked = type(task_cfg).model_validate({**task_cfg.model_dump(), **settings})
         except ValidationError as e:
             problem = e.errors()[0]
             where = ".".join(str(p) for p in problem["loc"])
             raise EvoloraError(f"predict_samples: {where}={problem['input']!r}: {problem['msg']}") from None
-        return self._predict(samples, settings)
+        # the values as the config reads them ("false" is False, "20" is 20), not as given
+        return self._predict(samples, {key: getattr(checked, key) for key in settings})
 
     def _predict(self, samples: pl.DataFrame, settings: dict[str, Any]) -> Any:
         if not isinstance(samples, pl.DataFrame):
@@ -541,13 +543,18 @@ class Recommender:
             groups.setdefault(beams, []).append(q)
         out: list[list[Scored]] = [[] for _ in queries]
         for beams, group in sorted(groups.items()):
-            frame = query_frame([rows[q] for q in group])
-            ranked = self._predict(
-                frame, {"beams": beams, "exclude_history": "rated" if in_search else False}
-            )
-            for at, q in enumerate(group):
-                seen = histories[q][2] if exclude_seen else set()
-                out[q] = [s for s in self._top(ranked, at) if s.item not in seen][: queries[q][1]]
+            # A pass holds every query's beams at once: as many queries as keep within the bound.
+            per_pass = len(group)
+            if not is_conventional(self.cfg.model.name):
+                per_pass = max(1, MAX_BEAM_SCORES // (beams * self._vocabulary()))
+            for start in range(0, len(group), per_pass):
+                part = group[start : start + per_pass]
+                frame = query_frame([rows[q] for q in part])
+                settings = {"beams": beams, "exclude_history": "rated" if in_search else False}
+                ranked = self._predict(frame, settings)
+                for at, q in enumerate(part):
+                    seen = histories[q][2] if exclude_seen else set()
+                    out[q] = [s for s in self._top(ranked, at) if s.item not in seen][: queries[q][1]]
         return out
 
     def _vocabulary(self) -> int:

@@ -243,6 +243,8 @@ def sample_shape(samples: pl.DataFrame) -> pl.DataFrame:
         dtype = samples[column].dtype
         if not isinstance(dtype, pl.List):
             raise EvoloraError(f"predict_samples: `{column}` holds a list per row, not {dtype}")
+    if samples["hist_ratings"].dtype == pl.List(pl.Null):  # every history empty (a batch of new users)
+        samples = samples.with_columns(pl.col("hist_ratings").cast(pl.List(pl.Float64)))
     if not samples["hist_ratings"].dtype.inner.is_numeric():  # type: ignore[union-attr]
         raise EvoloraError(
             f"predict_samples: `hist_ratings` holds lists of numbers, not {samples['hist_ratings'].dtype}"
@@ -253,6 +255,10 @@ def sample_shape(samples: pl.DataFrame) -> pl.DataFrame:
         if nulls.any():
             row = int(nulls.arg_true()[0])
             raise EvoloraError(f"predict_samples: `{column}` of row {row} is or holds a missing value")
+    ratings = samples["hist_ratings"].explode().drop_nulls().cast(pl.Float64)
+    if not ratings.is_finite().all():
+        bad = ratings.filter(~ratings.is_finite())[0]
+        raise EvoloraError(f"predict_samples: `hist_ratings` holds {bad}, not a rating")
     uneven = samples["hist_items"].list.len() != samples["hist_ratings"].list.len()
     if uneven.any():
         row = int(uneven.arg_true()[0])

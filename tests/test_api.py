@@ -152,6 +152,23 @@ def test_recommendations_leave_out_every_item_rated_not_only_the_history_read(ct
     assert ranked.left_out_seen == history and len(ranked.items) == 2
 
 
+def _beams_searched_many(rec: evolora.Recommender, queries: list) -> tuple[list[int], list]:
+    """The beam widths of the passes `rec.recommend_many(queries)` makes, and its answers."""
+    searched: list[int] = []
+    predict = rec._predict
+
+    def counted(frame: pl.DataFrame, settings: dict) -> object:
+        searched.append(settings["beams"])
+        return predict(frame, settings)
+
+    rec._predict = counted  # type: ignore[method-assign]
+    try:
+        answers = rec.recommend_many(queries)
+    finally:
+        del rec._predict
+    return searched, answers
+
+
 def _beams_searched(rec: evolora.Recommender, history: list[str], k: int) -> list[int]:
     """The beam widths of the searches `rec.recommend(history, k=k)` makes (k items answered)."""
     searched: list[int] = []
@@ -212,6 +229,7 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
             assert [(s.item, s.score) for s in beside] == [(s.item, s.score) for s in alone], user
         with pytest.raises(EvoloraError, match="needs a CTR run"):
             rec.score(["1"], ["2"])
+        unbounded = rec.recommend_many([(["1"], cfg.task.beams, None), (["2", "3"], cfg.task.beams, None)])
         # A search too wide for memory is refused with what allows it (unbounded, a whole 39k-item
         # catalogue asked of SmolLM2 would hold about 31 GB of scores).
         vocabulary = rec._vocabulary()
@@ -222,6 +240,13 @@ def test_next_item_and_conventional_runs_recommend(tmp_path: Path) -> None:
             allowed = rf"here {asked}; this model's {vocabulary} tokens allow {cfg.task.beams} "
             with pytest.raises(EvoloraError, match=rf"k={asked}: .*{allowed}"):
                 rec.recommend(["1"], k=asked)
+            # queries searched together hold all their beams at once: one a pass here, the same answers
+            asked_many = [(["1"], cfg.task.beams, None), (["2", "3"], cfg.task.beams, None)]
+            passes = _beams_searched_many(rec, asked_many)
+            assert passes[0] == [cfg.task.beams, cfg.task.beams]
+            for apart, together in zip(passes[1], unbounded, strict=True):  # (other batch shapes: rounding)
+                assert [s.item for s in apart] == [s.item for s in together]
+                assert [s.score for s in apart] == pytest.approx([s.score for s in together], abs=1e-4)
     conv = tiny_config(
         peso, tmp_path / "conv", **{**over, "model.name": "sasrec", "strategies": "[finetune]"}
     )
@@ -386,6 +411,7 @@ def test_queries_of_the_wrong_shape_are_one_line_errors(ctr_run) -> None:
         (frame.with_columns(hist_ratings=pl.lit(["5"])), "`hist_ratings` holds lists of numbers"),
         (frame.with_columns(hist_ratings=pl.lit([5.0, 1.0])), r"row 0 has \d+ hist_items and 2 hist_ratings"),
         (frame.with_columns(item_id=pl.lit(None, pl.Utf8)), "`item_id` of row 0 is or holds a missing"),
+        (frame.with_columns(hist_items=pl.lit(["2"]), hist_ratings=pl.lit([float("nan")])), "holds nan"),
     ]:
         with pytest.raises(EvoloraError, match=named):
             rec.predict_samples(shaped)
@@ -398,6 +424,14 @@ def test_queries_of_the_wrong_shape_are_one_line_errors(ctr_run) -> None:
     ]:
         with pytest.raises(EvoloraError, match=named):
             rec.predict_samples(frame, **settings)
+    passed: list[dict] = []
+    with pytest.MonkeyPatch.context() as patch:  # the values as the config reads them go on, not as given
+        patch.setattr(rec, "_predict", lambda frame, settings: passed.append(settings))
+        rec.predict_samples(frame, max_length="64", share_prefix="false")
+    assert passed == [{"max_length": 64, "share_prefix": False}]
+    # every history empty: lists of nulls, as polars types them (refused as "not numbers" at first)
+    empty = frame.with_columns(hist_items=pl.lit([], pl.List(pl.Utf8)), hist_ratings=pl.Series([[]]))
+    assert len(rec.predict_samples(empty)) == 1
     numbered = frame.with_columns(item_id=pl.lit(2), hist_items=pl.col("hist_items").cast(pl.List(pl.Int64)))
     assert np.asarray(rec.predict_samples(numbered)) == pytest.approx(np.asarray(rec.predict_samples(frame)))
     with pytest.raises(EvoloraError, match=r"exclude_seen='false': True or False"):  # truthy: read as True

@@ -19,8 +19,7 @@ MAX_BODY_BYTES = 1 << 20
 class Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: str | None = Field(None, description="a user the run knows: their history is used")
-    # strict: a rating or k of another type (true, "5") is refused, not coerced (the Python API refuses
-    # such a k; a rating there is anything float() reads)
+    # strict: a rating or k of another type (true, "5") is refused, not coerced, as the Python API does
     history: list[str | tuple[str, StrictInt | StrictFloat]] | None = Field(
         None, max_length=MAX_HISTORY, description="item ids (liked), or [item, rating] pairs"
     )
