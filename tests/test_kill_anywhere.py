@@ -183,6 +183,7 @@ def test_shared_predictions_written_again_clear_their_killed_copy(sunny_dir: Pat
     assert stored
     killed = stored[0].with_name(f".{stored[0].name}.k1ll3d00.tmp")
     stored[0].rename(killed)  # as if killed while writing it
+    os.utime(killed)  # just now: the age rule for `_shared` keeps it
     run_experiment(cfg.model_copy(update={"name": "again"}))  # the same adapters: scored again here
     assert stored[0].is_file() and not killed.exists()
 

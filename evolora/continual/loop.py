@@ -400,8 +400,10 @@ class StageLoop:
             if stored is not None:
                 cost.saved(float(stored.get("seconds", 0.0)), cost.cpu_of(cost.from_arrays(stored)))
                 return self.task.load_predictions(stored), True
-            # a killed sitting's half-written copy (the age rule for `_shared` would keep it a minute)
-            remove_killed_copies(cache)
+            # a killed sitting's half-written copy (the age rule for `_shared` would keep it a minute); the
+            # lock is the main process's: another process of a launch leaves the files to it
+            if parallel.writes():
+                remove_killed_copies(cache)
             t0 = time.perf_counter()
             preds, spent = cost.measured(compute)
             seconds = np.array(time.perf_counter() - t0)  # what a later reuse saves

@@ -162,7 +162,9 @@ def _registry_problem(raw: Any) -> str | None:
     if not isinstance(listed, list) or not listed or not all(isinstance(v, dict) for v in listed):
         return "'versions' is not a list of versions"
     fields = {f.name for f in dataclass_fields(Version)}
-    needed = {f.name for f in dataclass_fields(Version) if f.default is f.default_factory is MISSING}
+    needed = {
+        f.name for f in dataclass_fields(Version) if f.default is MISSING and f.default_factory is MISSING
+    }
     for v in listed:
         if set(v) - fields or needed - set(v) or not isinstance(v.get("id"), int):
             return f"a version of other fields: {sorted(v)}"
