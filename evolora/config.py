@@ -732,6 +732,11 @@ class UpdateConfig(Section):
         -0.01, allow_inf_nan=False, description="promote when candidate - promoted >= min_gain"
     )
     metric: str | None = None
+    lookalike_ids: Literal["refuse", "new"] = Field(
+        "refuse",
+        description="a batch whose new user or item ids are mostly the run's own written another way "
+        "('1' for '001', another case): refuse it, or take them as new ids (each named in a warning)",
+    )
 
 
 def folder_name(value: str) -> str:

@@ -336,13 +336,18 @@ def test_ids_written_another_way_are_found(caplog: pytest.LogCaptureFixture) -> 
     """Most new ids the run's own under another spelling: an error; a few: a warning naming them."""
     from evolora.deploy.new_items import id_form, refuse_ids_written_otherwise
 
-    written = pl.Series(["001", "1", "+7", "7.0", " B00X ", "b00x", "12a", "0", "000", "1.5"])
+    written = pl.Series(["001", "1", "-7", "7.0", " B00X ", "b00x", "12a", "0", "000", "1.5"])
     forms = pl.DataFrame({"id": written}).select(id_form(pl.col("id")))["id"].to_list()
-    assert forms == ["1", "1", "7", "7", "b00x", "b00x", "12a", "0", "0", "1.5"]
-    existing = pl.DataFrame({"user_id": ["u1", "u2", "u3"], "item_id": ["001", "002", "003"]})
-    mostly = pl.DataFrame({"user_id": ["u1", "u2"], "item_id": ["1", "2"]})
-    with pytest.raises(DataError, match=r"2 of the batch's 2 new item ids .*'1' for '001', '2' for '002'"):
+    assert forms == ["1", "1", "-7", "7", "b00x", "b00x", "12a", "0", "0", "1.5"]
+    existing = pl.DataFrame(
+        {"user_id": [f"u{i}" for i in range(1, 7)], "item_id": [f"00{i}" for i in range(1, 7)]}
+    )
+    mostly = pl.DataFrame({"user_id": ["u1"] * 6, "item_id": [str(i) for i in range(1, 7)]})
+    with pytest.raises(DataError, match=r"6 of the batch's 6 new item ids .*'1' for '001', '2' for '002'"):
         refuse_ids_written_otherwise(Path("b.csv"), mostly, existing)
+    refuse_ids_written_otherwise(Path("b.csv"), mostly, existing, take_as_new=True)  # said, taken as new
+    # a few are said, not refused: one new "U1" beside a "u1" may be another person
+    assert refuse_ids_written_otherwise(Path("b.csv"), mostly.head(4), existing) is None
     few = pl.DataFrame({"user_id": ["U1", "u8", "u9"], "item_id": ["003", "004", "005"]})
     with caplog.at_level(logging.WARNING, logger="evolora"):
         refuse_ids_written_otherwise(Path("b.csv"), few, existing)

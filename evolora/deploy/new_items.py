@@ -97,17 +97,24 @@ def name_new_items(
 
 
 def id_form(ids: pl.Expr) -> pl.Expr:
-    """How an id reads however it was written: a number without its sign, leading zeros or `.0`, and any
-    other id in lower case, without surrounding spaces."""
+    """How an id reads however it was written: a number without its leading zeros or `.0`, and any other id
+    in lower case, without surrounding spaces."""
     plain = ids.str.strip_chars().str.to_lowercase()
-    return plain.str.replace(r"^[+-]?0*([0-9]+?)(?:\.0*)?$", "${1}")
+    return plain.str.replace(r"^0*([0-9]+?)(?:\.0*)?$", "${1}")
 
 
-def refuse_ids_written_otherwise(data_file: Path, accepted: pl.DataFrame, existing: pl.DataFrame) -> None:
+#: lookalikes fewer than this are said, never refused: one new "John" beside a "john" may be another person
+MIN_LOOKALIKES_REFUSED = 5
+
+
+def refuse_ids_written_otherwise(
+    data_file: Path, accepted: pl.DataFrame, existing: pl.DataFrame, take_as_new: bool = False
+) -> None:
     """A batch whose new users or items are mostly the run's own under another spelling ('1' for '001', 7
     for '7.0', 'b00x' for 'B00X'): an export that wrote the ids otherwise. Taken as new, the update learns
-    from nobody's history and the run holds every item twice; so at least half such ids is an error, and
-    fewer a warning naming them."""
+    from nobody's history and the run holds every item twice; so at least half such ids (and at least
+    `MIN_LOOKALIKES_REFUSED`) is an error unless `take_as_new` (`update.lookalike_ids: new`), and fewer a
+    warning naming them."""
     for column, what in (("item_id", "item"), ("user_id", "user")):
         known = existing.select(pl.col(column).unique())
         new = accepted.select(pl.col(column).unique()).join(known, on=column, how="anti")
@@ -127,8 +134,11 @@ def refuse_ids_written_otherwise(data_file: Path, accepted: pl.DataFrame, existi
             f"another way ({shown}{', ...' if alike.height > 3 else ''}: leading zeros, numbers for text, "
             "another case)"
         )
-        if 2 * alike.height >= new.height:
-            raise DataError(f"{said}; write them as the run's data does")
+        if 2 * alike.height >= new.height and alike.height >= MIN_LOOKALIKES_REFUSED and not take_as_new:
+            raise DataError(
+                f"{said}; write them as the run's data does (or, if they are other {what}s, "
+                "--set update.lookalike_ids=new)"
+            )
         log.warning("%s; taken as new, as they differ", said)
 
 

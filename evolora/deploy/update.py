@@ -234,7 +234,7 @@ def _update(
     original, existing, items = _history(cfg, root, registry, parent)
     _refuse_a_batch_in_1970(cfg, data_file, batch, existing)
     accepted, report = _accept(batch, existing, data_file, cfg.data.min_rating)
-    refuse_ids_written_otherwise(data_file, accepted, existing)
+    refuse_ids_written_otherwise(data_file, accepted, existing, cfg.update.lookalike_ids == "new")
     known = items["item_id"]
     items = _with_batch_items(items, batch)
     note_new_records(items, known, accepted, items_file, llm=not is_conventional(cfg.model.name))
