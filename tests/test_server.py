@@ -546,6 +546,11 @@ def test_a_poll_reads_the_registry_only_when_it_changed(deployed: Path, monkeypa
             f.truncate()
         holder.poll()
         assert holder.promoted == 1 and holder.served.version == 1
+        # an edit the file's identity cannot show (same size, same tick) is read within REREAD_SECONDS
+        reads.clear()
+        holder._read_at -= holder_module.REREAD_SECONDS
+        holder.poll()
+        assert reads == [1]
     finally:
         Versions.open(deployed, "finetune", 0, 2).rollback(1)
 

@@ -17,6 +17,8 @@ from evolora.deploy.versions import Versions
 from evolora.queries import locate_run, read_results
 
 log = logging.getLogger("evolora")
+#: how long a registry whose file looks unchanged is trusted before it is read again anyway
+REREAD_SECONDS = 30.0
 
 
 @dataclass
@@ -45,6 +47,7 @@ class ModelHolder:
     _registered: bool = False  # the run has had a versions.json: from then on its absence is no "version 0"
     _unreadable: str | None = None  # why the registry cannot be read now (said once, until it can)
     _read_as: tuple[int, ...] | None = None  # the registry file's identity when last read (see `_promoted`)
+    _read_at: float = 0.0  # when (monotonic) it was last read
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -60,9 +63,10 @@ class ModelHolder:
         return Versions.open(self.root, self.method or "", self.seed, self.last_stage)
 
     def _promoted(self) -> int:
-        """The promoted version. The registry is parsed again only when its file changed: every write
-        replaces it (a new inode) and an edit in place changes its size or time, so a poll of an unchanged
-        registry costs one `stat` rather than a read and a parse twice a second."""
+        """The promoted version. The registry is parsed again when its file changed, and at least every
+        `REREAD_SECONDS`: each write of evolora's replaces it, longer, and an edit in place changes its
+        size or time, except one of the same size within a clock tick (and a reused inode), which that
+        re-read catches. A poll of an unchanged registry mostly costs one `stat`, not a read and a parse."""
         file = Versions(self.root, self.method or "", self.seed or 0).file
         try:
             st = file.stat()
@@ -72,10 +76,11 @@ class ModelHolder:
             self._read_as = None
             return self._registry().promoted  # never updated: version 0
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if identity == self._read_as and self.promoted is not None:
+        fresh = time.monotonic() - self._read_at < REREAD_SECONDS
+        if identity == self._read_as and self.promoted is not None and fresh:
             return self.promoted
         promoted = self._registry().promoted
-        self._registered, self._read_as = True, identity
+        self._registered, self._read_as, self._read_at = True, identity, time.monotonic()
         return promoted
 
     def _load(self, version: int) -> Served:
