@@ -340,6 +340,9 @@ def test_upper_case_gz_is_decompressed(tmp_path: Path) -> None:
     (tmp_path / "log.csv").write_bytes(gzip.compress(LOG.read_bytes()))
     data = prepare_data(table_config(tmp_path / "log.csv", tmp_path / "runs2")).data
     assert data.interactions.height == log.height
+    (tmp_path / "log.jsonl").write_bytes(gzip.compress(log.write_ndjson().encode()))  # and JSON lines
+    data = prepare_data(table_config(tmp_path / "log.jsonl", tmp_path / "runs3")).data
+    assert data.interactions.height == log.height
 
 
 def test_an_items_table_without_a_mapped_title_calls_items_by_their_id(tmp_path: Path) -> None:

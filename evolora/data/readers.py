@@ -227,9 +227,18 @@ _POLARS_TYPES: dict[str, pl.DataType] = {
 CHUNK_BYTES = 64 << 20
 
 
+def is_gzip(path: Path) -> bool:
+    """Whether `path` is gzip-compressed: by its name, or by its first bytes (a gzip file under a plain
+    name, log.csv or log.jsonl, was read as text)."""
+    if path.name.lower().endswith(".gz"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
 def open_binary(path: Path) -> IO[bytes]:
     require_file(path)
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
 
 
 def read_jsonl(
@@ -255,7 +264,7 @@ def read_jsonl(
     size = path.stat().st_size
     raw = open(path, "rb")  # noqa: SIM115 - closed below; its position measures progress
     try:
-        stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
+        stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if is_gzip(path) else raw
         with progress.task(f"reading {path.name}", total=size) as bar:
             while chunk := stream.readlines(CHUNK_BYTES):
                 numbers, lines = [], []

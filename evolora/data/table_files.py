@@ -29,7 +29,14 @@ from typing import Any
 
 import polars as pl
 
-from evolora.data.readers import read_jsonl, require_file, truncation_hint, warn_replaced_text, without_bom
+from evolora.data.readers import (
+    is_gzip,
+    read_jsonl,
+    require_file,
+    truncation_hint,
+    warn_replaced_text,
+    without_bom,
+)
 from evolora.data.times import settings_are_fixed
 from evolora.errors import DataError
 
@@ -119,19 +126,15 @@ def _missing_column(path: Path, where: str, column: str, present: list[str]) -> 
 
 
 def _read_bytes(path: Path) -> bytes:
-    """The file's bytes, decompressed where it is gzip: by its name, or by its first bytes (a gzip file
-    named .csv read as text had its separator guessed from compressed bytes)."""
+    """The file's bytes, decompressed where it is gzip (a gzip file named .csv read as text had its
+    separator guessed from compressed bytes)."""
     try:
-        if path.name.lower().endswith(".gz"):
+        if is_gzip(path):
             with gzip.open(path, "rb") as f:
                 return f.read()
-        raw = path.read_bytes()
-        return gzip.decompress(raw) if raw.startswith(_GZIP_MAGIC) else raw
+        return path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:  # a truncated or corrupt .gz, an unreadable file
         raise DataError(f"{path}: cannot read the file ({e})") from None
-
-
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _read_delimited(
