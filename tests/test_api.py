@@ -171,18 +171,8 @@ def _beams_searched_many(rec: evolora.Recommender, queries: list) -> tuple[list[
 
 def _beams_searched(rec: evolora.Recommender, history: list[str], k: int) -> list[int]:
     """The beam widths of the searches `rec.recommend(history, k=k)` makes (k items answered)."""
-    searched: list[int] = []
-    predict = rec._predict
-
-    def counted(frame: pl.DataFrame, settings: dict) -> object:
-        searched.append(settings["beams"])
-        return predict(frame, settings)
-
-    rec._predict = counted  # type: ignore[method-assign]
-    try:
-        assert len(rec.recommend(history, k=k)) == k
-    finally:
-        del rec._predict
+    searched, (answer,) = _beams_searched_many(rec, [(history, k, None)])
+    assert len(answer) == k
     return searched
 
 
