@@ -280,13 +280,18 @@ def _readme(
         f"model = AutoModelForCausalLM.from_pretrained({base.code()}, dtype=torch.float32)",
         "model.resize_token_embeddings(len(tok), mean_resizing=False)",
     ]
-    if new_tokens:  # the added tokens' trained rows
+    rows = {name: inside(name, "new_embeddings.safetensors") for name in names}
+    if new_tokens:  # the added tokens' trained rows (each adapter of several has its own: see `use`)
         lines += [
-            f"new = load_file({inside(names[0], 'new_embeddings.safetensors')})",
-            'n = new["input_embeddings"].shape[0]',
-            "with torch.no_grad():",
-            '    model.get_input_embeddings().weight[-n:] = new["input_embeddings"]',
-            '    model.get_output_embeddings().weight[-n:] = new["output_embeddings"]',
+            "",
+            "def load_token_rows(file):",
+            "    new = load_file(file)",
+            '    n = new["input_embeddings"].shape[0]',
+            "    with torch.no_grad():",
+            '        model.get_input_embeddings().weight[-n:] = new["input_embeddings"]',
+            '        model.get_output_embeddings().weight[-n:] = new["output_embeddings"]',
+            "",
+            f"load_token_rows({rows[names[0]]})",
         ]
     if len(names) == 1:
         lines.append(f"model = PeftModel.from_pretrained(model, {inside('adapter')})")
@@ -295,14 +300,19 @@ def _readme(
             f"model = PeftModel.from_pretrained(model, {inside(names[0])}, adapter_name={names[0]!r})"
         )
         lines += [f"model.load_adapter({inside(name)}, adapter_name={name!r})" for name in names[1:]]
+        if new_tokens:
+            rows_literal = ", ".join(f"{name!r}: {rows[name]}" for name in names)
+            lines += [
+                "",
+                "def use(name):  # an adapter with its own added-token rows",
+                f"    load_token_rows({{{rows_literal}}}[name])",
+                "    model.set_adapter(name)",
+            ]
         prompting += (
-            f" {len(names)} adapters: score with each (`model.set_adapter(name)`) and mix the outputs with"
-            " the weights of `ensemble` in evolora_export.json"
-            + (
-                " (each folder has its own added-token rows: load them before scoring)."
-                if new_tokens
-                else "."
-            )
+            f" {len(names)} adapters: score with each (`"
+            + ("use(name)" if new_tokens else "model.set_adapter(name)")
+            + "`) and mix the outputs with the weights of `ensemble` in evolora_export.json"
+            + (", `use` loading each adapter's own added-token rows." if new_tokens else ".")
         )
     code = "\n".join(lines)
     return f"{head} Load it with transformers and PEFT alone:\n\n```python\n{code}\n```\n\n{prompting}\n"

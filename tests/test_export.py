@@ -352,6 +352,37 @@ def test_an_untied_output_layer_trains_and_exports_the_new_tokens_rows(tmp_path:
         np.testing.assert_allclose(got[key]["scores"], want[key], atol=1e-3, err_msg=key)
 
 
+def test_an_ensemble_s_readme_loads_each_adapter_s_own_token_rows(base_folder: Path, tmp_path: Path) -> None:
+    """LSAT's two adapters of a next-item run each train their own added-token rows; the README's code
+    loaded the first's only, so the other adapter scored with the wrong rows (log-probabilities 0.61 off).
+    Its `use(name)` loads the adapter's own rows and sets it."""
+    import torch
+    from safetensors.torch import load_file
+
+    over = {
+        **SMALL, "model.name": str(base_folder), "task.name": "next_item", "task.history_len": 8,
+        "task.template": "peso", "protocol": "leave_last_out",
+        "strategies": "[{name: lsat, long_stages: 1, grid: [0.0, 1.0]}]",
+    }  # fmt: skip
+    cfg = tiny_config(write_peso_cycle(tmp_path / "cycle"), tmp_path / "runs", **over)
+    run_experiment(cfg)
+    out = tmp_path / "export"
+    root = str(Path(cfg.output_dir) / cfg.name)
+    result = CliRunner().invoke(app, ["export", root, "--method", "lsat", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    space: dict = {}
+    exec(re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1), space)
+    names = list(json.loads((out / "evolora_export.json").read_text())["adapters"])
+    rows = {name: load_file(out / name / "new_embeddings.safetensors") for name in names}
+    assert not torch.equal(rows[names[0]]["input_embeddings"], rows[names[1]]["input_embeddings"])
+    model = space["model"]
+    for name in reversed(names):
+        space["use"](name)
+        n = rows[name]["input_embeddings"].shape[0]
+        assert model.active_adapter == name
+        assert torch.equal(model.get_input_embeddings().weight[-n:], rows[name]["input_embeddings"]), name
+
+
 def test_a_local_base_is_named_by_its_absolute_path_and_never_replaced(
     sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
