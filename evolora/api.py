@@ -23,7 +23,6 @@ best together; how a query is checked lives in `queries.py`, how overrides are r
 
 from __future__ import annotations
 
-import difflib
 import logging
 import threading
 import warnings
@@ -43,7 +42,7 @@ from evolora.bundle import (
     query_frame,
     write_bundle,
 )
-from evolora.config import RunConfig, StrategySpec, config_from_dict, load_config
+from evolora.config import RunConfig, StrategySpec, config_from_dict, load_config, nearest_key
 from evolora.continual import Env, Strategy, build_strategy, recorded_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
@@ -339,11 +338,10 @@ class Recommender:
         `settings`: keys of the run's task section for this call only (e.g. `beams=20`,
         `exclude_history="rated"`), checked as the config checks them."""
         task_cfg = self._task.cfg
-        keys = sorted(type(task_cfg).model_fields)
         for key in settings:
-            if key not in keys:
-                close = difflib.get_close_matches(key, keys, n=1)
-                hint = f"did you mean {close[0]}? " if close else ""
+            if key not in type(task_cfg).model_fields:
+                near, keys = nearest_key(type(task_cfg), key)
+                hint = f"did you mean {near}? " if near else ""
                 raise EvoloraError(
                     f"predict_samples: {key} is no setting of the {task_cfg.name} task ({hint}it takes "
                     f"{', '.join(keys)})"
@@ -530,23 +528,22 @@ class Recommender:
         ]
         # A query's beams depend on it alone (a wider search can find other items): queries of one width
         # share a pass. No more beams than items: each finished beam is a distinct item.
+        vocabulary = None if is_conventional(self.cfg.model.name) else self._vocabulary()  # (LLM: bounded)
         groups: dict[int, list[int]] = {}
         for q, width in enumerate(widths):
             beams = min(max(width, getattr(self._task.cfg, "beams", width)), n_items)
-            if not is_conventional(self.cfg.model.name) and beams * self._vocabulary() > MAX_BEAM_SCORES:
+            if vocabulary is not None and beams * vocabulary > MAX_BEAM_SCORES:
                 widened = f" and the {width - queries[q][1]} items seen" if width > queries[q][1] else ""
                 raise EvoloraError(
                     f"k={queries[q][1]}: an LLM run searches as many beams as items asked{widened}, here "
-                    f"{beams}; this model's {self._vocabulary()} tokens allow "
-                    f"{MAX_BEAM_SCORES // self._vocabulary()} (each step holds beams x vocabulary scores)"
+                    f"{beams}; this model's {vocabulary} tokens allow {MAX_BEAM_SCORES // vocabulary} (each "
+                    "step holds beams x vocabulary scores)"
                 )
             groups.setdefault(beams, []).append(q)
         out: list[list[Scored]] = [[] for _ in queries]
         for beams, group in sorted(groups.items()):
             # A pass holds every query's beams at once: as many queries as keep within the bound.
-            per_pass = len(group)
-            if not is_conventional(self.cfg.model.name):
-                per_pass = max(1, MAX_BEAM_SCORES // (beams * self._vocabulary()))
+            per_pass = len(group) if vocabulary is None else max(1, MAX_BEAM_SCORES // (beams * vocabulary))
             for start in range(0, len(group), per_pass):
                 part = group[start : start + per_pass]
                 frame = query_frame([rows[q] for q in part])

@@ -881,10 +881,17 @@ def _unknown_key(loc: tuple[Any, ...]) -> str:
         if len(inner) != 1 or part == "task":
             return "unknown key (check the spelling; README.md's Configuration section lists every key)"
         model = inner[0]
-    keys = sorted(model.model_fields)
-    near = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+    near, keys = nearest_key(model, str(loc[-1]))
     where = f"{'.'.join(map(str, loc[:-1]))} takes" if len(loc) > 1 else "the config takes"
-    return f"unknown key{f' (did you mean {near[0]!r}?)' if near else ''}; {where}: {', '.join(keys)}"
+    return f"unknown key{f' (did you mean {near!r}?)' if near else ''}; {where}: {', '.join(keys)}"
+
+
+def nearest_key(section: type[BaseModel], key: str) -> tuple[str | None, list[str]]:
+    """For a `key` that `section` does not take: its nearest spelling among the keys (None: none near),
+    and every key, sorted."""
+    keys = sorted(section.model_fields)
+    near = difflib.get_close_matches(key, keys, n=1)
+    return (near[0] if near else None), keys
 
 
 def _leaves(annotation: Any) -> list[Any]:
