@@ -236,6 +236,55 @@ def test_strategies_without_one_adapter_say_what_to_do(sunny_dir: Path, tmp_path
     assert result.exit_code == 2 and "without --merge" in result.output
 
 
+def test_a_reclora_user_adapter_scores_its_sample_with_transformers_and_peft_alone(
+    sunny_dir: Path, base_folder: Path, tmp_path: Path
+) -> None:
+    """`export-user-adapter` writes the sample it was made for, its prompt and the run's score beside the
+    adapter; the folder's README code, run where evolora is never imported, gives that score."""
+    crm = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
+    over = {
+        **SMALL, "model.name": str(base_folder), "task.sample_history": 10,
+        "strategies": f"[{{name: reclora, n_meta: 2, crm: {crm}, crm_epochs: 1}}]",
+    }  # fmt: skip
+    cfg = tiny_config(sunny_dir, tmp_path / "runs", **over)
+    run_experiment(cfg)
+    run = run_dir_of(cfg, "reclora", 0)
+    last = max(int(p.name.split("-")[1]) for p in run.glob("stage-*"))
+    stored = load_npz(run / f"stage-{last}" / "predictions.npz")
+    sample = prepare_data(cfg).table.df.row(int(stored["rows"][-1]), named=True)
+    user, item = str(sample["user_id"]), str(sample["item_id"])
+    out = tmp_path / "user adapter"
+    args = ["export-user-adapter", str(run), user, "--item", item, "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    about = json.loads((out / "evolora_user_adapter.json").read_text())
+    assert about["sample"] == {"user": user, "item": item, "stage": sample["stage"], "label": sample["label"]}
+    assert (about["stage"], about["seed"], about["method"]) == (last, 0, "reclora")
+    assert about["precision"] == "fp32"
+    # the run's own score of the sample (the last stage's stored prediction for it)
+    assert about["p_like"] == pytest.approx(float(stored["scores"][-1]), abs=1e-6)
+    assert f"P(like) {about['p_like']:.4f}" in " ".join(result.output.split())
+    script = tmp_path / "readme.py"
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    check = "assert 'evolora' not in sys.modules\nprint(json.dumps([p_like, about['p_like']]))\n"
+    script.write_text(f"import sys\n{code}\n{check}")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got, recorded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == pytest.approx(recorded, abs=1e-5)
+    assert (out / "tokenizer_config.json").is_file()
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_folder)
+
+
+def test_a_user_adapter_s_default_folder_is_one_folder_whatever_the_id() -> None:
+    from evolora.export_user import folder_name
+
+    assert folder_name("u1") == "u1" and folder_name("Zoë 李") == "Zoë 李"
+    assert folder_name("a/b") == "a%2Fb" and folder_name("..") == "%2E." and folder_name("50%") == "50%25"
+    assert folder_name("a\\b\n") == "a%5Cb%0A"
+
+
 def test_an_export_builds_on_the_runs_own_base_weights(
     sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -19,7 +19,7 @@ PACKAGE = Path(evolora.__file__).resolve().parent
 LAYERS: list[tuple[str, ...]] = [
     ("cli",),
     ("deploy",),
-    ("api", "export"),
+    ("api", "export", "export_user"),
     ("deploy.versions",),  # the registry of a deployed run, which api's Recommender reads
     ("experiment", "tracking"),
     ("bundle", "queries", "overrides"),

@@ -266,49 +266,22 @@ def export_user_adapter(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="folder (new, empty, or an earlier adapter); default: <run>/stage-<t>/user-adapters/<user>"
+            help="folder (new, empty, or an earlier adapter); default: <run>/stage-<t>/user-adapters/<user> "
+            "(a / or % in the id written %2F, %25)"
         ),
     ] = None,
     model: BaseModel = None,
 ) -> None:
-    """RecLoRA: one user's personalized adapter as a plain PEFT LoRA that any PEFT model loads."""
-    from evolora.continual import STRATEGIES
-    from evolora.data.samples import eval_stage_of
-    from evolora.errors import ConfigError
-    from evolora.experiment import restore_run
-    from evolora.io import check_replaceable
-    from evolora.locks import sole_writer
-    from evolora.models.personalized import USER_ADAPTER_MARKER
-    from evolora.queries import locate_run, read_results
+    """RecLoRA: one user's personalized adapter as a plain PEFT LoRA that any PEFT model loads, with the
+    sample's prompt, the run's score of it and a README that scores it with transformers and PEFT alone."""
+    from evolora.export_user import export_user_adapter as export
 
     _setup_logging(False)
     _quiet_libraries()
-    registry = _registry(run_dir, method, seed)
-    run_dir, _ = locate_run(run_dir, method, seed)
-    strategy_name = read_results(run_dir).get("strategy")
-    if not hasattr(STRATEGIES.get(strategy_name), "export_for_user"):  # before the data and model load
-        raise ConfigError(f"{run_dir}: a {strategy_name} run has no per-user adapters (reclora has)")
-    if stage is None and registry.promoted != 0:  # the default would silently be another model
-        promoted = registry.current
-        raise ConfigError(
-            f"{run_dir} is deployed: version {promoted.id} (stage {promoted.stage}) is promoted, and "
-            f"export-user-adapter reads the run's own stages only: pass --stage (its last is "
-            f"{registry.get(0).stage}) to export one of them"
-        )
-    if out is not None:  # before the model is loaded
-        check_replaceable(out, USER_ADAPTER_MARKER, "user adapter")
-    strategy, _, t = restore_run(run_dir, stage, model)
-    try:
-        target = out or run_dir / f"stage-{t}" / "user-adapters" / (
-            user if item is None else f"{user}-{item}"
-        )
-        # one writer of the folder at a time; what a killed export left beside it goes first
-        with sole_writer(target, f"export to {target}"):
-            row = strategy.export_for_user(user, target, eval_stage_of(t, strategy.cfg.protocol), item)
-    finally:
-        strategy.teardown()
-    sample = strategy.task.table.df.row(row, named=True)
+    target, record = export(run_dir, user, out, method, seed, stage, item, model)
+    sample = record["sample"]
     console.print(
-        f"user {user}, sample {row} (stage {sample['stage']}, target item {sample['item_id']}): "
-        f"adapter of stage {t} written to {target}"
+        f"user {sample['user']}, sample of stage {sample['stage']} with target item {sample['item']} "
+        f"(P(like) {record['p_like']:.4f}): adapter of stage {record['stage']} written to {target} (see "
+        f"{target / 'README.md'})"
     )

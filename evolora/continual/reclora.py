@@ -254,8 +254,14 @@ class RecLora(Strategy[RecLoraOptions]):
         self.personal.export(self.z[row], path, self.cfg.model.revision)
 
     def export_for_user(self, user: str, path: str | Path, until_stage: int, item: str | None = None) -> int:
-        """Export `user`'s adapter for their latest sample up to `until_stage` (with `item`: the latest
-        sample whose target is `item`) and return that sample's row.
+        """Export `user`'s adapter for the sample `user_row` picks and return that sample's row."""
+        row = self.user_row(user, until_stage, item)
+        self.export_user_adapter(row, path)
+        return row
+
+    def user_row(self, user: str, until_stage: int, item: str | None = None) -> int:
+        """The row of `user`'s latest sample up to `until_stage` (with `item`: the latest sample whose target
+        is `item`).
 
         The router reads the target too (DIN's attention is target-aware), so an adapter belongs to a
         (user, history, target) triple; the latest sample is the one the user was last scored on.
@@ -268,9 +274,7 @@ class RecLora(Strategy[RecLoraOptions]):
         if not len(rows):
             what = f"user {user!r}" + (f" with target item {item!r}" if item is not None else "")
             raise ConfigError(f"no sample of {what} up to stage {until_stage}")
-        row = int(rows[-1])
-        self.export_user_adapter(row, path)
-        return row
+        return int(rows[-1])
 
     def teardown(self) -> None:
         if not hasattr(self, "personal"):  # setup stopped early

@@ -20,6 +20,7 @@ the code: A_k Kaiming-uniform, B_k zero, so training starts from the base model.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,21 +159,36 @@ class PersonalizedLoRA(nn.Module):
             h.remove()
         self._handles.clear()
 
-    def export(self, z: torch.Tensor, path: str | Path, revision: str | None = None) -> None:
-        """Save the adapter one gate input selects as a plain PEFT LoRA (rank r; `combine: factors` only),
-        on the base the run loaded: `lm.name` at `revision`, or evolora's converted copy where it read that,
-        a local folder by its absolute path."""
-        from safetensors.torch import save_file
-
-        from evolora.io import atomic_directory, check_replaceable
-
-        any_bank = next(iter(self.banks.values()))
-        if any_bank.combine != "factors":
+    def check_exportable(self) -> None:
+        """Refuse a bank whose per-sample update is no single LoRA (`combine: products`)."""
+        if next(iter(self.banks.values())).combine != "factors":
             raise ConfigError(
                 "this run's meta-LoRAs are combined as `products`: only `combine: factors` gives each user "
                 "one rank-r LoRA to export"
             )
+
+    def export(self, z: torch.Tensor, path: str | Path, revision: str | None = None) -> None:
+        """Save the adapter one gate input selects as a plain PEFT LoRA into `path` (replaced atomically;
+        `evolora export-user-adapter` writes the whole folder, with the sample's prompt and a README)."""
+        from evolora.io import atomic_directory, check_replaceable
+
+        self.check_exportable()
         path = check_replaceable(path, USER_ADAPTER_MARKER, "user adapter")
+        with atomic_directory(path) as out:
+            config = self.write_adapter(z, out, revision)
+            # Its own mark: a run's adapter folders hold adapter_config.json too, and are never replaced.
+            (out / USER_ADAPTER_MARKER).write_text(
+                json.dumps({"base_model": config["base_model_name_or_path"], "rank": config["r"]})
+            )
+
+    def write_adapter(self, z: torch.Tensor, folder: Path, revision: str | None = None) -> dict[str, Any]:
+        """Write the adapter one gate input selects as a plain PEFT LoRA (rank r; `combine: factors` only)
+        into `folder` and return its config: on the base the run loaded, `lm.name` at `revision`, or
+        evolora's converted copy where it read that, a local folder by its absolute path."""
+        from safetensors.torch import save_file
+
+        self.check_exportable()
+        any_bank = next(iter(self.banks.values()))
         state = {}
         modules = set()
         was_training = self.training
@@ -197,13 +213,9 @@ class PersonalizedLoRA(nn.Module):
             "target_modules": sorted(modules),
             "bias": "none",
         }
-        import json
-
-        with atomic_directory(path) as out:
-            save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-            (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-            # Its own mark: a run's adapter folders hold adapter_config.json too, and are never replaced.
-            (out / USER_ADAPTER_MARKER).write_text(json.dumps({"base_model": base, "rank": config["r"]}))
+        save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        return config
 
 
 def _linear_of(module: nn.Module) -> nn.Module:

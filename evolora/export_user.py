@@ -1,0 +1,179 @@
+"""`evolora export-user-adapter`: one RecLoRA sample's personalized adapter as a folder that transformers
+and PEFT use without evolora.
+
+    <out>/
+        adapter_config.json        one plain rank-r PEFT LoRA (`combine: factors`), on the run's base
+        adapter_model.safetensors
+        tokenizer files            the run's tokenizer
+        evolora_user_adapter.json  what it is: the run, method, seed and stage; the sample (user, target item,
+                                   the stage it is in, its label); the sample's prompt as text and as the
+                                   ids the run scored, the answer tokens; and the run's P(like) for it
+        README.md                  code that scores the sample with transformers and PEFT alone
+
+RecLoRA's router reads the user's history and the target item, so an adapter belongs to one sample: the folder
+scores that prompt, and another candidate needs its own export (`--item`). The README loads the base in fp32;
+the P(like) recorded is the run's, in the precision it ran in (`precision`), so a bf16-mixed run's differs in
+the last digits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evolora.errors import ConfigError
+from evolora.io import atomic_directory, check_replaceable
+from evolora.locks import sole_writer
+from evolora.models.personalized import USER_ADAPTER_MARKER
+from evolora.models.weights import base_to_load, cached_copy
+
+log = logging.getLogger("evolora")
+
+
+def export_user_adapter(
+    run_dir: str | Path,
+    user: str,
+    out: str | Path | None = None,
+    method: str | None = None,
+    seed: int | None = None,
+    stage: int | None = None,
+    item: str | None = None,
+    model: str | Path | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Write the adapter of `user`'s latest sample judged after training `stage` (default: the run's last),
+    or of their latest sample whose target is `item`, into `out` (default:
+    `<run>/stage-<t>/user-adapters/<user>[-<item>]`; replaced atomically). Returns the folder and what its
+    `evolora_user_adapter.json` records. `model`: where the run's base model lies now (`Recommender.load`)."""
+    from evolora.continual import STRATEGIES
+    from evolora.continual.base import StageContext
+    from evolora.data.samples import eval_stage_of
+    from evolora.deploy.versions import Versions
+    from evolora.experiment import restore_run
+    from evolora.queries import locate_run, read_results
+
+    seed_dir, root = locate_run(Path(run_dir), method, seed)
+    results = read_results(seed_dir)
+    strategy_name = results.get("strategy")
+    if not hasattr(STRATEGIES.get(strategy_name), "user_row"):  # before the data and model load
+        raise ConfigError(f"{seed_dir}: a {strategy_name} run has no per-user adapters (reclora has)")
+    last = max((s["train_stage"] for s in results["stages"]), default=0)
+    registry = Versions.open(root, results["method"], results["seed"], last)
+    if stage is None and registry.promoted != 0:  # the default would silently be another model
+        promoted = registry.current
+        raise ConfigError(
+            f"{seed_dir} is deployed: version {promoted.id} (stage {promoted.stage}) is promoted, and "
+            f"export-user-adapter reads the run's own stages only: pass --stage (its last is {last}) to "
+            "export one of them"
+        )
+    if out is not None:  # before the model is loaded
+        out = check_replaceable(out, USER_ADAPTER_MARKER, "user adapter")
+    strategy, prepared, t = restore_run(seed_dir, stage, model)
+    try:
+        strategy.personal.check_exportable()
+        judged = eval_stage_of(t, strategy.cfg.protocol)
+        row = strategy.user_row(user, judged, item)
+        name = folder_name(user if item is None else f"{user}-{item}")
+        target = out or check_replaceable(
+            seed_dir / f"stage-{t}" / "user-adapters" / name, USER_ADAPTER_MARKER, "user adapter"
+        )
+        ctx = StageContext(t, judged, prepared.pools, results["seed"], seed_dir / f"stage-{t}")
+        p_like = float(strategy.predict(ctx, np.array([row]))[0])  # the run's own score of the sample
+        record = _record(strategy, seed_dir, results, t, row, p_like)
+        # one writer of the folder at a time; what a killed export left beside it goes first
+        with sole_writer(target, f"export to {target}"), atomic_directory(target) as folder:
+            strategy.personal.write_adapter(strategy.z[row], folder, strategy.cfg.model.revision)
+            strategy.lm.tokenizer.save_pretrained(folder)
+            (folder / USER_ADAPTER_MARKER).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+            (folder / "README.md").write_text(_readme(record, target))
+    finally:
+        strategy.teardown()
+    log.info("exported user %s's adapter (sample %d, stage %d) to %s", user, row, t, target)
+    return target, record
+
+
+def folder_name(name: str) -> str:
+    """`name` as one folder name: path separators, `%`, control characters and a leading dot written as %XX
+    (an id like `a/b` or `..` must not reach another folder)."""
+    out = "".join(f"%{ord(c):02X}" if c in "%/\\" or ord(c) < 32 or ord(c) == 127 else c for c in name)
+    return "%2E" + out[1:] if out.startswith(".") else out
+
+
+def _record(strategy: Any, seed_dir: Path, results: dict, t: int, row: int, p_like: float) -> dict[str, Any]:
+    task, cfg = strategy.task, strategy.cfg
+    sample = task.table.df.row(row, named=True)
+    ids = list(task.prefix) + list(task.encode(row).body)
+    weights, revision = base_to_load(cfg.model.name, cfg.model.revision)
+    return {
+        "run": str(seed_dir.resolve()),
+        "method": results["method"],
+        "strategy": results["strategy"],
+        "seed": results["seed"],
+        "stage": t,  # the training stage whose banks, gates and router made the adapter
+        "precision": results.get("precision"),
+        "base_model": cfg.model.name,
+        "base_revision": revision,
+        "base_weights": weights,  # the folder or hub id the run's base weights load from
+        "converted_base": cached_copy(cfg.model.name, cfg.model.revision) is not None,
+        "rank": cfg.model.lora.r,
+        "sample": {
+            "user": str(sample["user_id"]),
+            "item": str(sample["item_id"]),
+            "stage": int(sample["stage"]),
+            "label": int(sample["label"]),
+        },
+        "prompt": {
+            "text": task.tok.decode(ids),
+            "input_ids": ids,
+            "yes_id": task.yes_id,
+            "no_id": task.no_id,
+            "answer": "P(like) = softmax(logits[yes_id], logits[no_id])[0] at the last prompt token",
+        },
+        "p_like": p_like,
+    }
+
+
+def _readme(record: dict[str, Any], folder: Path) -> str:
+    """How to score the sample with transformers and PEFT alone (a test runs this code)."""
+    sample = record["sample"]
+    head = (
+        f"# RecLoRA adapter of user {sample['user']} for item {sample['item']}\n\n"
+        f"Exported by evolora from `{record['run']}` ({record['method']}, seed {record['seed']}, after stage "
+        f"{record['stage']}). RecLoRA's router reads the user's history and the target item, so this adapter "
+        "belongs to one sample: the prompt in `evolora_user_adapter.json`. Another item needs its own export "
+        "(`evolora export-user-adapter RUN USER --item ITEM`)."
+    )
+    if record["converted_base"]:
+        head += (
+            f" Its base weights are evolora's copy of {record['base_model']}, converted from the model's "
+            f"GGUF file (`{record['base_weights']}`): close to, not the same as, the hub's."
+        )
+    code = "\n".join(
+        [
+            "import json",
+            "from pathlib import Path",
+            "",
+            "import torch",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f"folder = Path({str(folder.resolve())!r})  # this folder",
+            'about = json.loads((folder / "evolora_user_adapter.json").read_text())',
+            "model = AutoModelForCausalLM.from_pretrained(",
+            '    about["base_weights"], revision=about["base_revision"], dtype=torch.float32',
+            ")",
+            "model = PeftModel.from_pretrained(model, folder).eval()",
+            'prompt = about["prompt"]',
+            "with torch.no_grad():",
+            '    last = model(input_ids=torch.tensor([prompt["input_ids"]])).logits[0, -1].float()',
+            'p_like = torch.softmax(last[[prompt["yes_id"], prompt["no_id"]]], 0)[0].item()',
+        ]
+    )
+    own = f"{record['p_like']:.6f}, in {record['precision']}"
+    return (
+        f"{head}\n\n```python\n{code}\n```\n\n`p_like` is the probability that the user likes the item; "
+        f'the run\'s own is `about["p_like"]` ({own}; this code runs fp32).\n'
+    )
