@@ -4,6 +4,9 @@
         evolora_export.json        what the folder holds: method, stage, task, base model, how to prompt
         tokenizer files            the run's tokenizer, with the semantic-ID tokens of next-item runs
         items.json                 item id -> title (CTR prompts) or semantic ID (next-item)
+        item_stages.json           next-item runs with `task.candidates: seen`: item id -> the stage it first
+                                   appears in (a row of stage s ranks the items of stages <= s; an item
+                                   not listed is never ranked)
         item_vectors.safetensors   with task.retrieve_from: `vectors` [n_items, d], rows in the order of
         item_vectors.json          this list of item ids (what a prompt's history is retrieved by)
         adapter/                   one plain PEFT LoRA (adapter_config.json, adapter_model.safetensors);
@@ -93,6 +96,9 @@ def export_run(
             with atomic_directory(out) as folder:
                 lm.tokenizer.save_pretrained(folder)
                 (folder / "items.json").write_text(json.dumps(_item_map(rec), indent=1, ensure_ascii=False))
+                stages = _item_stages(rec)
+                if stages is not None:
+                    (folder / "item_stages.json").write_text(json.dumps(stages, ensure_ascii=False))
                 base = _Base.of(rec.cfg.model.name, rec.cfg.model.revision)
                 if merge:
                     _write_merged(lm, base, adapters["default"], folder)
@@ -212,6 +218,15 @@ def _item_map(rec: Recommender) -> dict[str, Any]:
     return dict(rec._titles)
 
 
+def _item_stages(rec: Recommender) -> dict[str, int] | None:
+    """Where a next-item run ranks only the items seen by a row's stage: each item's first stage."""
+    task = rec.strategy.task
+    if getattr(task, "candidate_set", None) != "seen":
+        return None
+    first = task.item_first_stage  # type: ignore[attr-defined]
+    return {item: int(first[item]) for item in task.item_ids if item in first}  # type: ignore[attr-defined]
+
+
 def _manifest(
     rec: Recommender, adapters: dict[str, PlainLora], info: dict, merge: bool, base: _Base
 ) -> dict[str, Any]:
@@ -219,6 +234,7 @@ def _manifest(
     manifest: dict[str, Any] = {
         "method": rec.method,
         "strategy": rec.strategy.name,
+        "seed": rec.seed,
         "stage": rec.stage,
         "version": rec.version,  # a deployed run's version (0: the run as `evolora run` left it)
         "task": rec.task_name,
@@ -250,17 +266,18 @@ def _readme(
         "How to prompt it: `evolora_export.json` (`prompt`: template, fields, tokenizing, answer) and "
         "`items.json`."
     )
-    folder = repr(str(out))  # a Python literal whatever the path holds
+    folder = repr(str(out.resolve()))  # a Python literal whatever the path holds
 
     def inside(*parts: str) -> str:
-        return repr(str(out.joinpath(*parts)))
+        return " / ".join(["folder", *map(repr, parts)])
 
     if merge:
         return (
             f"{head} A merged model, loaded with transformers alone:\n\n```python\nimport torch\n"
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"tok = AutoTokenizer.from_pretrained({folder})\n"
-            f"model = AutoModelForCausalLM.from_pretrained({folder}, dtype=torch.float32)\n"
+            f"folder = {folder}  # this folder\n"
+            "tok = AutoTokenizer.from_pretrained(folder)\n"
+            "model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)\n"
             f"```\n\n{prompting}\n"
         )
     if base.converted:
@@ -271,12 +288,15 @@ def _readme(
         )
     names = list(adapters) if len(adapters) > 1 else ["adapter"]
     lines = [
+        "from pathlib import Path",
+        "",
         "import torch",
         "from peft import PeftModel",
         *(["from safetensors.torch import load_file"] if new_tokens else []),
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f"tok = AutoTokenizer.from_pretrained({folder})",
+        f"folder = Path({folder})  # this folder",
+        "tok = AutoTokenizer.from_pretrained(folder)",
         f"model = AutoModelForCausalLM.from_pretrained({base.code()}, dtype=torch.float32)",
         "model.resize_token_embeddings(len(tok), mean_resizing=False)",
     ]

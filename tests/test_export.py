@@ -176,6 +176,7 @@ def test_a_next_item_export_carries_its_new_tokens(exports: dict) -> None:
     manifest = json.loads((folder / "evolora_export.json").read_text())
     assert manifest["adapters"]["default"]["rank"] == 8 * 3  # two banked stages and the current adapter
     assert manifest["version"] == 0 and manifest["precision"] == "fp32"  # what the run trained in
+    assert manifest["seed"] == 0 and not (folder / "item_stages.json").exists()  # every item is a candidate
     search = {"beams": 10, "constraint": "trie", "exclude_history": False, "candidates": "catalogue"}
     assert manifest["prompt"]["search"] == search and "is not scored" in manifest["prompt"]["answer"]
     items = json.loads((folder / "items.json").read_text())
@@ -207,7 +208,7 @@ def test_strategies_without_one_adapter_say_what_to_do(sunny_dir: Path, tmp_path
     assert result.exit_code == 2 and "a lsat run has no per-user adapters (reclora has)" in result.output
     manifest = json.loads((tmp_path / "e" / "evolora_export.json").read_text())
     assert set(manifest["adapters"]) == {"long", "short"} and sum(manifest["ensemble"].values()) == 1
-    assert "model.load_adapter('" in (tmp_path / "e" / "README.md").read_text()
+    assert "model.load_adapter(folder / '" in (tmp_path / "e" / "README.md").read_text()
     # the history is retrieved by item vectors (task.retrieve_from): they are exported, one row per item
     assert manifest["prompt"]["retrieve_from"] == 8 and manifest["prompt"]["history_len"] == 4
     from safetensors.torch import load_file

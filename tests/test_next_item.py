@@ -230,6 +230,14 @@ def test_candidates_seen_ranks_only_items_of_the_rows_stage_or_earlier(tmp_path:
     later = [s for s in results["catalogue"]["stages"] if s["metrics"]["log_items"] > 0]
     assert all(s["metrics"]["log_items"] == pytest.approx(np.log(len(index))) for s in later)
     assert results["seen"]["stages"][0]["metrics"]["log_items"] < np.log(len(index))
+    # An export says which items a row of each stage ranks: each item's first stage beside its ID.
+    from evolora.export import export_run
+
+    out = export_run(tmp_path / "seen" / cfg.name, tmp_path / "export")
+    stages = json.loads((out / "item_stages.json").read_text())
+    assert stages == {i: first[i] for i in index if i in first} and len(stages) < len(index)
+    manifest = json.loads((out / "evolora_export.json").read_text())
+    assert manifest["seed"] == 0 and "item_stages.json" in manifest["prompt"]["answer"]
 
 
 def test_exclude_history_rated_never_ranks_an_item_the_user_rated_before(

@@ -154,7 +154,7 @@ class NextItemTask(Task):
             f"scored): a beam search ({self.cfg.beams} beams) over {_SEARCHED[self.cfg.constraint]}"
             + _LEFT_OUT[self.cfg.exclude_history]
             + (
-                ", among the items that appeared up to the row's stage"
+                ", among the items that appeared up to the row's stage (item_stages.json: each item's first)"
                 if self.candidate_set == "seen"
                 else ""
             ),
