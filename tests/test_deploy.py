@@ -336,9 +336,9 @@ def test_ids_written_another_way_are_found(caplog: pytest.LogCaptureFixture) -> 
     """Most new ids the run's own under another spelling: an error; a few: a warning naming them."""
     from evolora.deploy.new_items import id_form, refuse_ids_written_otherwise
 
-    written = pl.Series(["001", "1", "-7", "7.0", " B00X ", "b00x", "12a", "0", "000", "1.5"])
+    written = pl.Series(["001", "1", "-7", "7.0", " B00X ", "b00x", "12a", "0", "000", "1.5", "Zoe\u0308"])
     forms = pl.DataFrame({"id": written}).select(id_form(pl.col("id")))["id"].to_list()
-    assert forms == ["1", "1", "-7", "7", "b00x", "b00x", "12a", "0", "0", "1.5"]
+    assert forms == ["1", "1", "-7", "7", "b00x", "b00x", "12a", "0", "0", "1.5", "zo\u00eb"]
     existing = pl.DataFrame(
         {"user_id": [f"u{i}" for i in range(1, 7)], "item_id": [f"00{i}" for i in range(1, 7)]}
     )

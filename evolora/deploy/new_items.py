@@ -98,8 +98,9 @@ def name_new_items(
 
 def id_form(ids: pl.Expr) -> pl.Expr:
     """How an id reads however it was written: a number without its leading zeros or `.0`, and any other id
-    in lower case, without surrounding spaces."""
-    plain = ids.str.strip_chars().str.to_lowercase()
+    in lower case, without surrounding spaces, its accents composed (Unicode NFC: a macOS file name's "é" is
+    "e" and a combining accent)."""
+    plain = ids.str.strip_chars().str.normalize("NFC").str.to_lowercase()
     return plain.str.replace(r"^0*([0-9]+?)(?:\.0*)?$", "${1}")
 
 
@@ -132,7 +133,7 @@ def refuse_ids_written_otherwise(
         said = (
             f"{data_file}: {alike.height} of the batch's {new.height} new {what} ids are the run's written "
             f"another way ({shown}{', ...' if alike.height > 3 else ''}: leading zeros, numbers for text, "
-            "another case)"
+            "another case or accent form)"
         )
         if 2 * alike.height >= new.height and alike.height >= MIN_LOOKALIKES_REFUSED and not take_as_new:
             raise DataError(
