@@ -142,6 +142,8 @@ def test_bad_requests_get_their_4xx(server, path: str, body: dict, status: int) 
         ('{"user": "user-01"}', True, "items: missing: give a list of 1 to 1000 item ids"),
         ('{"items": ["sku-001"]}', True, "give `user` or `history`"),
         ('{"user": "user-01", "items": ["sku-001"]', True, "the body is not valid JSON"),
+        # a parser keeps the last of two: the answer would be for a user the client may not have meant
+        ('{"user": "user-01", "items": ["sku-001"], "user": "user-02"}', True, "names 'user' twice"),
     ],
 )
 def test_a_body_that_does_not_fit_gets_one_plain_message(

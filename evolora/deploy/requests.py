@@ -5,6 +5,7 @@ list of schema errors, several for one mistake)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,6 +57,23 @@ _EXAMPLE = '{"user": "196", "items": ["242", "302"]}'
 UNREADABLE_BODY = (
     f"the body could not be read as JSON (not UTF-8, nested too deep, or too long a number); e.g. {_EXAMPLE}"
 )
+
+
+def repeated_field(body: bytes) -> str | None:
+    """A field a JSON body names twice, if any: JSON parsers keep the last silently, so `{"user": "a",
+    "user": "b"}` would be answered for b, whatever the client meant."""
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in items]
+        repeated.extend(name for i, name in enumerate(names) if name in names[:i])
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except ValueError:  # (FastAPI has read it already: an unreadable body was answered before)
+        return None
+    return repeated[0] if repeated else None
 
 
 def shown_id(value: Any, limit: int = 60) -> str:

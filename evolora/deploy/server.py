@@ -47,6 +47,7 @@ from evolora.deploy.requests import (
     ScoreQuery,
     clipped,
     disconnected,
+    repeated_field,
     shown_id,
     validation_message,
 )
@@ -196,6 +197,9 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
     async def ask(
         request: Request, kind: str, query: Query, items: list[str] | None, k: int
     ) -> dict[str, Any]:
+        twice = repeated_field(await request.body())  # (the body FastAPI read, kept by the request)
+        if twice is not None:
+            raise HTTPException(422, f"the body names {shown_id(twice)} twice: send each field once")
         check(query, items)
         loop = asyncio.get_running_loop()
         history = (
