@@ -47,6 +47,7 @@ from evolora.continual import Env, Strategy, build_strategy, recorded_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
 from evolora.data.digest import data_digest
+from evolora.data.ids import id_text
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.data.samples import SampleTable, eval_stage_of
 from evolora.deploy.versions import Version, Versions
@@ -316,7 +317,8 @@ class Recommender:
         """A known user's latest interactions at the end of the stage (items, ratings), oldest first."""
         if not isinstance(user, str | int) or isinstance(user, bool):
             raise EvoloraError(f"user: an id (a string), not {user!r}")
-        user = str(user)  # ids given as numbers are the same users as their strings, as in queries
+        # ids given as numbers are the same users as their strings, and without spaces at their ends
+        user = id_text(user)
         if user not in self._histories:
             raise UnknownIdError(
                 f"unknown user {user!r}: the run knows {len(self._histories)} users up to stage "
@@ -327,7 +329,7 @@ class Recommender:
     def seen_by(self, user: str) -> set[str]:
         """Every item a known user rated up to the stage: what recommendations leave out."""
         self.history_of(user)  # an unknown user is an error
-        return set(self._seen[str(user)])
+        return set(self._seen[id_text(user)])
 
     def predict_samples(self, samples: pl.DataFrame, **settings: Any) -> Any:
         """The strategy's predictions for sample rows shaped like a run's sample table (`user_id`,

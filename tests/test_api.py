@@ -122,6 +122,17 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
             rec.score(history, ["2"])
     for rating in (4, 4.0, np.int64(4), np.float32(4.0)):  # numbers of any kind are ratings
         assert rec.score([("4", rating)], ["2"])[0].score == rec.score([("4", 4)], ["2"])[0].score
+    # Ids copied from a data file with spaces at their ends are the run's (the file's ids are read without)
+    padded = rec.score(user=f" {user}\t", items=["2 ", "\u00a03"])
+    assert [(s.item, s.score) for s in padded] == [(s.item, s.score) for s in scored]
+    assert rec.history_of(f"{user} ") == (items, ratings) and rec.seen_by(f"{user} ") == rec.seen_by(user)
+    assert rec.score({"4 ": 5}, ["2"]) == rec.score({"4": 5}, ["2"])
+    assert rec.score([(" 4", 5)], ["2"]) == rec.score([("4", 5)], ["2"]) == rec.score([" 4"], ["2"])
+    frame = samples_of(cfg, 1, np.arange(3))
+    spaced = frame.with_columns(
+        pl.col("item_id") + " ", pl.col("hist_items").list.eval(pl.lit(" ") + pl.element())
+    )
+    np.testing.assert_array_equal(rec.predict_samples(spaced), rec.predict_samples(frame))
 
 
 def test_recommendations_leave_out_every_item_rated_not_only_the_history_read(ctr_run) -> None:

@@ -294,6 +294,28 @@ def test_binary_parquet_columns_are_text_under_the_encoding_policy(tmp_path: Pat
         prepare_data(table_config(tmp_path / "bad.parquet", tmp_path / "runs"))
 
 
+def test_ids_apart_only_by_spaces_at_their_ends_are_said_to_become_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ids are read without spaces at their ends: where that makes two ids of the file one ("u1" and "u1 "),
+    a warning says so; spaces alone (every id padded alike) are no news."""
+    log = pl.read_csv(LOG)
+    first = log["uid"][0]
+    log.with_columns(pl.col("uid") + " ").write_csv(tmp_path / "padded.csv")
+    with caplog.at_level("WARNING", logger="evolora"):
+        padded = prepare_data(table_config(tmp_path / "padded.csv", tmp_path / "runs"))
+    assert "spaces at their ends" not in caplog.text
+    assert first in padded.data.interactions["user_id"].to_list()
+    some = pl.int_range(pl.len()) % 2 == 0
+    log.with_columns(pl.when(some).then(pl.col("uid") + " ").otherwise(pl.col("uid"))).write_csv(
+        tmp_path / "mixed.csv"
+    )
+    with caplog.at_level("WARNING", logger="evolora"):
+        mixed = prepare_data(table_config(tmp_path / "mixed.csv", tmp_path / "runs"))
+    assert "user ids differ from others only by spaces at their ends" in caplog.text
+    assert mixed.data.interactions["user_id"].n_unique() == log["uid"].n_unique()
+
+
 def test_a_time_column_mixing_units_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Seconds and milliseconds in one column read as 1970 beside 2024 under either unit: an error naming
     both lines (with data.time_unit: ms, as the error for the first millisecond value advises, it passed)."""

@@ -159,6 +159,18 @@ def test_a_body_that_does_not_fit_gets_one_plain_message(
     assert r.status_code == 422 and message in r.json()["detail"], r.text
 
 
+def test_ids_with_spaces_at_their_ends_are_the_run_s(server) -> None:
+    """A data file's ids are read without spaces at their ends; a request naming one with them (copied from
+    the file) is answered for the run's id, as the Python API answers it."""
+    url, _ = server
+    plain = httpx.post(f"{url}/score", json={"user": "user-01", "items": ["sku-001"]}, timeout=60).json()
+    padded = httpx.post(f"{url}/score", json={"user": "user-01 ", "items": [" sku-001"]}, timeout=60)
+    assert padded.status_code == 200, padded.text
+    assert padded.json()["items"] == plain["items"]
+    given = {"history": [["sku-001 ", 5]], "items": ["sku-001"]}
+    assert httpx.post(f"{url}/score", json=given, timeout=60).status_code == 200
+
+
 def test_an_id_the_answering_version_does_not_know_is_404(server, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request checked against one version and answered by the next (a switch in between) that does not
     know its user is still a 404, not a 422."""

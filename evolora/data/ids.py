@@ -13,6 +13,20 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+#: the spaces a loaded id loses at its ends (Unicode's White_Space, which polars' `str.strip_chars` strips;
+#: Python's `str.strip` would also strip the separators \x1c-\x1f, which stay in a loaded id)
+ID_SPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
+
+
+def id_text(value: Any) -> str:
+    """An id as a run holds it: its text without spaces at its ends, as data files are read, so that an id
+    copied from the file with them (`"bob "`) names the run's `"bob"`."""
+    return str(value).strip(ID_SPACE)
+
 
 @dataclass(frozen=True)
 class IdSpace:

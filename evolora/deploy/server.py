@@ -37,6 +37,7 @@ from typing import Any
 from starlette.requests import Request  # (module level: FastAPI resolves the handlers' annotations here)
 
 from evolora.allocator import keep_freed_memory
+from evolora.data.ids import id_text
 from evolora.deploy.holder import ModelHolder, Served
 from evolora.deploy.requests import (
     MAX_BODY_BYTES,
@@ -184,12 +185,13 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
         served = holder.served
         assert served is not None
         rec = served.rec
-        if query.user is not None and query.user not in rec.known_users_set:
+        # ids as the run holds them (`id_text`): an id copied from the data file with its spaces is the run's
+        if query.user is not None and id_text(query.user) not in rec.known_users_set:
             # (a user first seen after the version's data: what the CLI and the API advise too)
             raise HTTPException(404, f'unknown user {shown_id(query.user)}: send their "history" instead')
         known = rec.known_items
         named = [h if isinstance(h, str) else h[0] for h in query.history or []] + (items or [])
-        unknown = sorted({i for i in named if i not in known})
+        unknown = sorted({i for i in named if id_text(i) not in known})
         if unknown:
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
             raise HTTPException(404, f"unknown items: {', '.join(map(shown_id, unknown[:10]))}{more}")

@@ -152,7 +152,17 @@ def _ids(rows: TableRows, df: pl.DataFrame, col: str, name: str, what: str) -> p
     if raw.dtype.is_float() and bool(((given == given.floor()) & (given.abs() < 2**53)).all()):
         # Whole numbers stored as floats (a pandas column with a gap): 5.0 is id "5", as in an int column.
         raw = raw.cast(pl.Int64)
-    ids = raw.cast(pl.Utf8).str.strip_chars()
+    written = raw.cast(pl.Utf8)
+    ids = written.str.strip_chars()  # (queries name an id with or without them: `ids.id_text`)
+    merged = written.n_unique() - ids.n_unique()
+    if merged:  # "bob" and "bob " were two ids in the file: said, as they become one
+        forms = pl.DataFrame({"written": written, "id": ids}).drop_nulls().unique(maintain_order=True)
+        example = forms.filter(pl.len().over("id") > 1)["written"].head(2).to_list()
+        log.warning(
+            "%s: %d %ss differ from others only by spaces at their ends (e.g. %s) and are read as one: ids "
+            "are read without such spaces; if they are different %ss, tell them apart otherwise",
+            rows.path, merged, what, " and ".join(map(repr, example)), what,
+        )  # fmt: skip
     empty = (ids == "").fill_null(True)
     if empty.any():
         raise rows.error(int(df["_line"][empty.arg_max()]), f"no {what} (column {name!r} is empty)")
