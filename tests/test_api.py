@@ -595,7 +595,19 @@ def test_the_recommend_command(ctr_run) -> None:
             ["--method", "finetune", "--history", "[2]", "--items", "3"],
             "neither an item id nor [item id, rating]",
         ),
-        (["--method", "finetune", "--history", '["2", ', "--items", "3"], "not a valid JSON list"),
+        (
+            ["--method", "finetune", "--history", '["2", ', "--items", "3"],
+            "read as a JSON list, and this is none",
+        ),
+        # an id of the comma form that starts with "[" is read as JSON: told how to give it
+        (
+            ["--method", "finetune", "--user", "1", "--items", "[NEW] mug,2"],
+            """an id that starts with [ goes in a JSON list, e.g. --items '["[NEW] mug", "2"]'""",
+        ),
+        (
+            ["--method", "finetune", "--history", "[NEW] mug:5,2", "--items", "2"],
+            """e.g. --history '[["[NEW] mug", 5.0], "2"]'""",
+        ),
         (["--method", "finetune", "--history", "2", "--items", "[4]"], "4 is not an item id"),
         (["--method", "finetune", "--items", "2"], "give --user or --history"),
         (["--method", "finetune", "--user", "nobody", "--items", "2"], "unknown user 'nobody'"),

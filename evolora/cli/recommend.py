@@ -177,11 +177,29 @@ def _is_json_list(text: str) -> bool:
     return text.lstrip().startswith("[")
 
 
+def _as_json(part: str, option: str) -> Any:
+    """One entry of the comma form as its JSON list would hold it: an id, or --history's [id, rating]."""
+    item, colon, rating = part.strip().rpartition(":")
+    if option == "--history" and colon:
+        try:
+            return [item, float(rating)]
+        except ValueError:
+            pass
+    return part.strip()
+
+
 def _json_list(text: str, option: str) -> list[Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise EvoloraError(f"{option}: not a valid JSON list ({e.msg} at character {e.pos})") from None
+        # (an id of the comma form starting with "[", "[NEW] mug", is read as JSON too: say how to give it)
+        example = json.dumps(
+            [_as_json(p, option) for p in text.split(",") if p.strip()][:2], ensure_ascii=False
+        )
+        raise EvoloraError(
+            f"{option}: text starting with [ is read as a JSON list, and this is none ({e.msg} at character "
+            f"{e.pos}); an id that starts with [ goes in a JSON list, e.g. {option} '{example}'"
+        ) from None
     if not isinstance(value, list):
         raise EvoloraError(f"{option}: a JSON list was expected")
     return value
