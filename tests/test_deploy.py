@@ -756,10 +756,13 @@ def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
     before = ids_file.read_bytes()
     batch = _with_a_new_item(batches, tmp_path / "new.csv")
     records = tmp_path / "new-items.csv"  # the new item's record, beside the batch: the run's files stay
-    records.write_text("iid,name,genre\nsku-new,Sunny Day Kit 99,summer\n")
+    # (with a record of an item the run knows: said to be left unread, the item keeps its own)
+    records.write_text("iid,name,genre\nsku-new,Sunny Day Kit 99,summer\nsku-001,Renamed Kit,winter\n")
     with pytest.raises(DataError, match=r"--items .*no such file"):
         update_run(root, batch, items_file=tmp_path / "none.csv")
-    v = update_run(root, batch, overrides=["update.min_gain=-1.0"], items_file=records).version
+    with caplog.at_level("INFO", logger="evolora"):
+        v = update_run(root, batch, overrides=["update.min_gain=-1.0"], items_file=records).version
+    assert "1 records of items the run knows are not read (e.g. 'sku-001')" in caplog.text
     assert v.data["accepted"] == v.data["rows_in_file"] and not v.data["dropped"]
     assert v.data["new items named"] == 1
     bundled = pl.read_parquet(root / Path(v.folder).parent / "inference" / "items.parquet")

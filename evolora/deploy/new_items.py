@@ -152,6 +152,20 @@ class WithoutRecordCount(logging.Filter):
         return "have no record here" not in record.getMessage()
 
 
+def note_records_of_known_items(given: pl.DataFrame, known: pl.Series, items_file: Path) -> None:
+    """Say that `--items` records (`given`, as the batch's loader read them) of items the run knows are left
+    unread: a known item keeps the record its versions were trained with, and a corrected title among them
+    would otherwise be dropped without a word. (The loader's bare records, titled by their id, are none.)"""
+    bare = pl.col("title") == pl.col("item_id") if "title" in given.columns else pl.lit(False)
+    of_known = given.filter(pl.col("item_id").is_in(known.implode()) & ~bare)["item_id"]
+    if of_known.len():
+        log.info(
+            "--items %s: %d records of items the run knows are not read (e.g. %r): an item keeps the record "
+            "its versions were trained with",
+            items_file, of_known.len(), of_known[0],
+        )  # fmt: skip
+
+
 def note_new_records(
     items: pl.DataFrame, known: pl.Series, accepted: pl.DataFrame, items_file: Path | None, llm: bool
 ) -> None:

@@ -61,6 +61,7 @@ from evolora.deploy.new_items import (
     WithoutRecordCount,
     name_new_items,
     note_new_records,
+    note_records_of_known_items,
     parent_semantic_ids,
     refuse_ids_written_otherwise,
 )
@@ -236,6 +237,8 @@ def _update(
     accepted, report = _accept(batch, existing, data_file, cfg.data.min_rating)
     refuse_ids_written_otherwise(data_file, accepted, existing, cfg.update.lookalike_ids == "new")
     known = items["item_id"]
+    if items_file is not None:
+        note_records_of_known_items(batch.items, known, items_file)
     items = _with_batch_items(items, batch)
     note_new_records(items, known, accepted, items_file, llm=not is_conventional(cfg.model.name))
     pretrained = trained_backbone(cfg, "--set model.name=PATH names it")
