@@ -47,7 +47,7 @@ from evolora.continual import Env, Strategy, build_strategy, recorded_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
 from evolora.data.digest import data_digest
-from evolora.data.ids import id_text
+from evolora.data.ids import accents_apart, id_text
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.data.samples import SampleTable, eval_stage_of
 from evolora.deploy.versions import Version, Versions
@@ -322,7 +322,7 @@ class Recommender:
         if user not in self._histories:
             raise UnknownIdError(
                 f"unknown user {user!r}: the run knows {len(self._histories)} users up to stage "
-                f"{self.eval_stage}; give their history instead"
+                f"{self.eval_stage}; give their history instead{accents_apart([user], self._histories)}"
             )
         return self._histories[user]
 
@@ -607,6 +607,6 @@ class Recommender:
         unknown = [i for i in items if i not in known]
         if unknown:
             raise UnknownIdError(
-                f"{what}: {len(unknown)} unknown item(s) {unknown[:5]}: the run knows "
-                f"{len(known)} items (an item first seen after training cannot be read)"
+                f"{what}: {len(unknown)} unknown item(s) {unknown[:5]}: the run knows {len(known)} items (an "
+                f"item first seen after training cannot be read){accents_apart(unknown, known)}"
             )

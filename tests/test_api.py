@@ -133,6 +133,10 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
         pl.col("item_id") + " ", pl.col("hist_items").list.eval(pl.lit(" ") + pl.element())
     )
     np.testing.assert_array_equal(rec.predict_samples(spaced), rec.predict_samples(frame))
+    # an id whose accents are encoded otherwise (NFD for the run's NFC) looks the same: the error says so
+    rec._histories["Zo\u00eb"] = rec._histories[user]
+    with pytest.raises(EvoloraError, match="'Zoe\u0308' is the run's 'Zo\u00eb' with its accents encoded"):
+        rec.history_of("Zoe\u0308")
 
 
 def test_recommendations_leave_out_every_item_rated_not_only_the_history_read(ctr_run) -> None:

@@ -171,6 +171,22 @@ def test_ids_with_spaces_at_their_ends_are_the_run_s(server) -> None:
     assert httpx.post(f"{url}/score", json=given, timeout=60).status_code == 200
 
 
+def test_an_id_whose_accents_are_encoded_otherwise_is_named(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown id that is a known one with its accents encoded otherwise (NFD for NFC) looks the same on
+    screen: the 404 says what it is."""
+    from evolora.api import Recommender
+    from evolora.data.ids import accents_apart
+
+    url, holder = server
+    known = set(holder.served.rec.known_users_set) | {"Zo\u00eb"}
+    monkeypatch.setattr(Recommender, "known_users_set", property(lambda self: known))
+    r = httpx.post(f"{url}/score", json={"user": "Zoe\u0308", "items": ["sku-001"]}, timeout=60)
+    assert r.status_code == 404 and "'Zoe\u0308' is the run's 'Zo\u00eb'" in r.json()["detail"], r.text
+    assert "accents encoded otherwise" in r.json()["detail"]
+    assert accents_apart(["Zoe\u0308", "nobody", "Zo\u00eb"], {"Zo\u00eb"}).count("is the run's") == 1
+    assert accents_apart(["Ren\u00e9"], {"Zo\u00eb"}) == accents_apart(["bob"], {"bob "}) == ""
+
+
 def test_an_id_the_answering_version_does_not_know_is_404(server, monkeypatch: pytest.MonkeyPatch) -> None:
     """A request checked against one version and answered by the next (a switch in between) that does not
     know its user is still a 404, not a 422."""

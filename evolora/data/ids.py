@@ -7,6 +7,8 @@ trained model can be used without reading the training data again.
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,22 @@ ID_SPACE = (
     + "".join(map(chr, range(0x2000, 0x200B)))
     + "\u2028\u2029\u202f\u205f\u3000"
 )
+
+
+def accents_apart(asked: Iterable[str], known: Container[str]) -> str:
+    """For an error about unknown ids: those of `asked` that are a run's id but for how their accents are
+    encoded (Unicode NFC or NFD: "é" as one character, or as "e" and a combining mark, as macOS file names
+    write it), which look the same on screen; "" when there are none. A look-up per id, not a scan."""
+    shown = []
+    for a in asked:
+        forms = {unicodedata.normalize(form, a) for form in ("NFC", "NFD")} - {a}
+        shown += [f"{a!r} is the run's {k!r}" for k in sorted(forms) if k in known]
+    if not shown:
+        return ""
+    return (
+        f" ({', '.join(shown[:3])} with its accents encoded otherwise, Unicode NFC or NFD: the two look "
+        "alike; send ids as the run's data writes them)"
+    )
 
 
 def id_text(value: Any) -> str:
