@@ -1,12 +1,17 @@
 # Two commands do everything on a fresh machine:
 #   make quickstart   set up .venv, then run the quickstart (ML-100K, SmolLM2-135M, frozen vs finetune)
 #   make test         set up .venv, then run the test suite
-# `make bench` runs the benchmarks. TORCH picks the PyTorch build: the default is the CPU wheel this project
-# is developed with; on a GPU machine use e.g. `make quickstart TORCH='torch>=2.7'` (or preinstall torch).
+# `make bench` runs the benchmarks. TORCH picks the PyTorch version: the default is the one this project is
+# developed with; on a GPU machine use e.g. `make quickstart TORCH='torch>=2.7'` (or preinstall torch).
+# PyPI's Linux wheel of it is a CUDA build of a few GB (it runs on CPUs too): TORCH_INDEX adds an index to
+# take it from, e.g. `make quickstart TORCH_INDEX=https://download.pytorch.org/whl/cpu` for the CPU-only one.
+# ARGS: more arguments for the quickstart's `evolora run`, e.g. `make quickstart ARGS='--set threads=1'`.
 
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
+ARGS   ?=
 BIN    := $(VENV)/bin
 
 # Set-up skips byte-compiling (about 1.4 min saved); instead each process keeps what it compiles under the venv
@@ -24,12 +29,12 @@ PIP_INSTALL = $(BIN)/python -m pip install --quiet --disable-pip-version-check -
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) "$(TORCH)"
+	$(PIP_INSTALL) "$(TORCH)" $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)")
 	$(PIP_INSTALL) -e ".[dev]"
 	touch $@
 
 quickstart: $(BIN)/.installed
-	$(BIN)/evolora run
+	$(BIN)/evolora run $(ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
