@@ -47,7 +47,7 @@ from evolora.continual import Env, Strategy, build_strategy, recorded_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
 from evolora.data.digest import data_digest
-from evolora.data.ids import accents_apart, id_text
+from evolora.data.ids import accents_apart, known_form, known_forms
 from evolora.data.prepare import Prepared, prepare_data
 from evolora.data.samples import SampleTable, eval_stage_of
 from evolora.deploy.versions import Version, Versions
@@ -315,21 +315,24 @@ class Recommender:
 
     def history_of(self, user: str) -> tuple[list[str], list[float]]:
         """A known user's latest interactions at the end of the stage (items, ratings), oldest first."""
-        if not isinstance(user, str | int) or isinstance(user, bool):
-            raise EvoloraError(f"user: an id (a string), not {user!r}")
-        # ids given as numbers are the same users as their strings, and without spaces at their ends
-        user = id_text(user)
-        if user not in self._histories:
-            raise UnknownIdError(
-                f"unknown user {user!r}: the run knows {len(self._histories)} users up to stage "
-                f"{self.eval_stage}; give their history instead{accents_apart([user], self._histories)}"
-            )
-        return self._histories[user]
+        return self._histories[self._user_id(user)]
 
     def seen_by(self, user: str) -> set[str]:
         """Every item a known user rated up to the stage: what recommendations leave out."""
-        self.history_of(user)  # an unknown user is an error
-        return set(self._seen[id_text(user)])
+        return set(self._seen[self._user_id(user)])
+
+    def _user_id(self, user: Any) -> str:
+        """A known user's id as the run holds it (`known_form`: an id given as a number is its string, one
+        copied with spaces at its ends the run's); an unknown user is an error."""
+        if not isinstance(user, str | int) or isinstance(user, bool):
+            raise EvoloraError(f"user: an id (a string), not {user!r}")
+        known = known_form(user, self._histories)
+        if known not in self._histories:
+            raise UnknownIdError(
+                f"unknown user {str(user)!r}: the run knows {len(self._histories)} users up to stage "
+                f"{self.eval_stage}; give their history instead{accents_apart([known], self._histories)}"
+            )
+        return known
 
     def predict_samples(self, samples: pl.DataFrame, **settings: Any) -> Any:
         """The strategy's predictions for sample rows shaped like a run's sample table (`user_id`,
@@ -368,6 +371,11 @@ class Recommender:
             raise EvoloraError(f"predict_samples: the samples lack the column(s) {missing}")
         # its shape, its stages, a conventional model's user IDs (the LLM reads no user id)
         samples = checked_samples(samples, self._task.table.n_stages, getattr(self._task, "space", None))
+        known = self._task.items
+        samples = samples.with_columns(  # ids as the run knows them (`known_form`)
+            known_forms(pl.col("item_id"), known),
+            pl.col("hist_items").list.eval(known_forms(pl.element(), known)),
+        )
         for column, values in (
             ("item_id", samples["item_id"]),
             ("hist_items", samples["hist_items"].explode()),
@@ -408,8 +416,9 @@ class Recommender:
             items = item_list(items)
             if not items:
                 raise EvoloraError("score(): give at least one item to score")
-            self._check_items(items, "items")
+            items = self._check_items(items, "items")
             hist_items, hist_ratings, _ = self._history(history, user)
+            user = None if user is None else self._user_id(user)
             resolved.append((user, hist_items, hist_ratings, items))
         return self._score_resolved(resolved)
 
@@ -477,7 +486,8 @@ class Recommender:
             history, items, k, user = query_of(query, ("history", "items", "k", "user"), "rank_many")
             k, items = count_of(k), item_list(items)
             hist_items, hist_ratings, seen = self._history(history, user)
-            self._check_items(items, "items")
+            user = None if user is None else self._user_id(user)
+            items = self._check_items(items, "items")
             if not items:
                 raise EvoloraError("recommend(): give at least one candidate item to rank")
             seen = seen if exclude_seen else set()
@@ -512,6 +522,9 @@ class Recommender:
         ]
         queries = [(history, count_of(k), user) for history, k, user in queries]
         histories = [self._history(history, user) for history, _, user in queries]
+        queries = [
+            (history, k, None if user is None else self._user_id(user)) for history, k, user in queries
+        ]
         target = next(iter(self._task.items))  # any known item: generation ignores the target
         # Every seen item is kept out of the search itself (`exclude_history: rated` over the query's
         # `rated` items), not filtered after it: k beams suffice however long the history, and a query's
@@ -595,18 +608,23 @@ class Recommender:
             return *self.history_of(str(user)), self.seen_by(str(user))
         # an item given without a rating counts as liked
         pairs = history_pairs(history, self.like_threshold + 1.0)
-        self._check_items([i for i, _ in pairs], "history")
+        ids = self._check_items([i for i, _ in pairs], "history")
+        pairs = [(i, r) for i, (_, r) in zip(ids, pairs, strict=True)]
         seen = {i for i, _ in pairs}
         pairs = pairs[-self._task.table.history_len :]
         return [i for i, _ in pairs], [r for _, r in pairs], seen
 
-    def _check_items(self, items: list[str], what: str) -> None:
+    def _check_items(self, items: list[str], what: str) -> list[str]:
+        """`items` as the run knows them (`known_form`); an unknown one is an error naming it."""
         if isinstance(items, str | bytes):
             raise EvoloraError(f"{what}: a list of item ids, not the string {items!r}")
         known = self._task.items  # (a set built on each access)
-        unknown = [i for i in items if i not in known]
+        as_known = [known_form(i, known) for i in items]
+        unknown = [i for i, k in zip(items, as_known, strict=True) if k not in known]
         if unknown:
+            apart = accents_apart([known_form(i, known) for i in unknown], known)
             raise UnknownIdError(
                 f"{what}: {len(unknown)} unknown item(s) {unknown[:5]}: the run knows {len(known)} items (an "
-                f"item first seen after training cannot be read){accents_apart(unknown, known)}"
+                f"item first seen after training cannot be read){apart}"
             )
+        return as_known

@@ -76,6 +76,8 @@ def export_user_adapter(
         strategy.personal.check_exportable()
         judged = eval_stage_of(t, strategy.cfg.protocol)
         row = strategy.user_row(user, judged, item)
+        sample = strategy.task.table.df.row(row, named=True)  # its ids as the run writes them
+        user, item = str(sample["user_id"]), None if item is None else str(sample["item_id"])
         name = folder_name(user if item is None else f"{user}-{item}")
         target = out or check_replaceable(
             seed_dir / f"stage-{t}" / "user-adapters" / name, USER_ADAPTER_MARKER, "user adapter"
@@ -84,11 +86,13 @@ def export_user_adapter(
         p_like = float(strategy.predict(ctx, np.array([row]))[0])  # the run's own score of the sample
         record = _record(strategy, seed_dir, results, t, row, p_like)
         # one writer of the folder at a time; what a killed export left beside it goes first
-        with sole_writer(target, f"export to {target}"), atomic_directory(target) as folder:
-            strategy.personal.write_adapter(strategy.z[row], folder, strategy.cfg.model.revision)
-            strategy.lm.tokenizer.save_pretrained(folder)
-            (folder / USER_ADAPTER_MARKER).write_text(json.dumps(record, indent=2, ensure_ascii=False))
-            (folder / "README.md").write_text(_readme(record, target))
+        with sole_writer(target, f"export to {target}"):
+            check_replaceable(target, USER_ADAPTER_MARKER, "user adapter")  # (again, under the lock)
+            with atomic_directory(target) as folder:
+                strategy.personal.write_adapter(strategy.z[row], folder, strategy.cfg.model.revision)
+                strategy.lm.tokenizer.save_pretrained(folder)
+                (folder / USER_ADAPTER_MARKER).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+                (folder / "README.md").write_text(_readme(record, target))
     finally:
         strategy.teardown()
     log.info("exported user %s's adapter (sample %d, stage %d) to %s", user, row, t, target)

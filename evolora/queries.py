@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from evolora.data.ids import IdSpace, id_text
+from evolora.data.ids import IdSpace, known_forms
 from evolora.errors import ConfigError, DamagedFileError, EvoloraError
 from evolora.eval.runs import NOT_A_RECORD, is_results_record
 from evolora.io import read_json
@@ -53,7 +53,7 @@ def item_list(items: Iterable[str]) -> list[str]:
         raise EvoloraError(f"items: a list of item ids, not the string {items!r}")
     if not isinstance(items, Iterable):
         raise EvoloraError(f"items: a list of item ids, not {items!r}")
-    return [id_text(i) for i in items]
+    return [str(i) for i in items]
 
 
 def list_of(value: Any, kind: Any, what: str) -> list[Any]:
@@ -117,8 +117,8 @@ def history_entry(entry: Any, liked: float) -> tuple[str, float]:
     if isinstance(entry, tuple | list):
         if len(entry) != 2:
             raise EvoloraError(f"history: {entry!r} is neither an item id nor an (item id, rating) pair")
-        return id_text(entry[0]), rating_of(entry[1], entry[0])
-    return id_text(entry), liked
+        return str(entry[0]), rating_of(entry[1], entry[0])
+    return str(entry), liked
 
 
 def history_pairs(history: History, liked: float) -> list[tuple[str, float]]:
@@ -128,7 +128,7 @@ def history_pairs(history: History, liked: float) -> list[tuple[str, float]]:
     if isinstance(history, str | bytes):
         raise EvoloraError(f"history: a list of item ids or (item, rating) pairs, not the string {history!r}")
     if isinstance(history, Mapping):
-        return [(id_text(i), rating_of(r, i)) for i, r in history.items()]
+        return [(str(i), rating_of(r, i)) for i, r in history.items()]
     if isinstance(history, set | frozenset):
         raise EvoloraError("history: a list, oldest first, not a set (a set has no order; the order counts)")
     if not isinstance(history, Iterable):
@@ -266,11 +266,7 @@ def sample_shape(samples: pl.DataFrame) -> pl.DataFrame:
             f"predict_samples: row {row} has {samples['hist_items'][row].len()} hist_items and "
             f"{samples['hist_ratings'][row].len()} hist_ratings: one rating per history item"
         )
-    # ids as a run holds them (`id_text`): without spaces at their ends
-    return samples.with_columns(
-        pl.col("item_id").cast(pl.Utf8).str.strip_chars(),
-        pl.col("hist_items").cast(pl.List(pl.Utf8)).list.eval(pl.element().str.strip_chars()),
-    )
+    return samples.with_columns(pl.col("item_id").cast(pl.Utf8), pl.col("hist_items").cast(pl.List(pl.Utf8)))
 
 
 def checked_samples(samples: pl.DataFrame, n_stages: int, space: IdSpace | None) -> pl.DataFrame:
@@ -290,8 +286,10 @@ def checked_samples(samples: pl.DataFrame, n_stages: int, space: IdSpace | None)
         )
     if space is None:
         return samples
-    users = pl.col("user_id").cast(pl.Utf8).str.strip_chars()
-    known = samples.select(users.is_in(list(space.user_index())))["user_id"]
+    index = space.user_index()
+    samples = samples.with_columns(known_forms(pl.col("user_id").cast(pl.Utf8), index).alias("user_id"))
+    users = pl.col("user_id")
+    known = samples.select(users.is_in(list(index)))["user_id"]
     if known.all():
         return samples
     log.info("predict_samples: %d rows of users the run does not know, scored as new users", (~known).sum())

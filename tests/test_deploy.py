@@ -762,7 +762,8 @@ def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
         update_run(root, batch, items_file=tmp_path / "none.csv")
     with caplog.at_level("INFO", logger="evolora"):
         v = update_run(root, batch, overrides=["update.min_gain=-1.0"], items_file=records).version
-    assert "1 records of items the run knows are not read (e.g. 'sku-001')" in caplog.text
+    said = "the records of 1 item the run knows differ from the run's (e.g. 'sku-001': title 'Renamed Kit'"
+    assert said in caplog.text and "here, 'Rainy Night Kit 1' in the run) and are not read" in caplog.text
     assert v.data["accepted"] == v.data["rows_in_file"] and not v.data["dropped"]
     assert v.data["new items named"] == 1
     bundled = pl.read_parquet(root / Path(v.folder).parent / "inference" / "items.parquet")

@@ -255,7 +255,8 @@ def test_a_reclora_user_adapter_scores_its_sample_with_transformers_and_peft_alo
     sample = prepare_data(cfg).table.df.row(int(stored["rows"][-1]), named=True)
     user, item = str(sample["user_id"]), str(sample["item_id"])
     out = tmp_path / "user adapter"
-    args = ["export-user-adapter", str(run), user, "--item", item, "--out", str(out)]
+    # (ids copied with spaces at their ends name the run's)
+    args = ["export-user-adapter", str(run), f"{user} ", "--item", f" {item}", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     about = json.loads((out / "evolora_user_adapter.json").read_text())

@@ -314,6 +314,16 @@ def test_ids_apart_only_by_spaces_at_their_ends_are_said_to_become_one(
         mixed = prepare_data(table_config(tmp_path / "mixed.csv", tmp_path / "runs"))
     assert "user ids differ from others only by spaces at their ends" in caplog.text
     assert mixed.data.interactions["user_id"].n_unique() == log["uid"].n_unique()
+    assert f"(e.g. '{log['uid'][0]} ' and '{log['uid'][0]}')" in caplog.text  # two forms of one id
+    # a query's id is the run's as given where the run has it so (a loader that keeps spaces), else stripped
+    from evolora.data.ids import known_form
+
+    assert (
+        known_form(" 0 ", {" 0 "}) == " 0 "
+        and known_form(" 0 ", {"0"}) == "0"
+        and known_form(7, {"7"}) == "7"
+    )
+    assert known_form("a\x1f ", {"a\x1f"}) == "a\x1f"  # (not a space: kept, as the loader keeps it)
 
 
 def test_a_time_column_mixing_units_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -4,6 +4,9 @@ command-line forms of histories and candidate lists. Registered on `evolora.cli.
 from __future__ import annotations
 
 import json
+import math
+import re
+import shlex
 from typing import Annotated, Any
 
 import typer
@@ -24,6 +27,7 @@ from evolora.cli import (
     console,
 )
 from evolora.cli.trained import _print_json
+from evolora.data.ids import id_text
 from evolora.errors import EvoloraError
 
 
@@ -144,7 +148,7 @@ def _parse_history(text: str) -> list[str | tuple[str, float]]:
                 what = json.dumps(entry)
                 raise EvoloraError(f"--history: {what} is neither an item id nor [item id, rating]")
         return out
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = [id_text(p) for p in text.split(",") if id_text(p)]
     if not any(":" in p for p in parts):
         return list(parts)
     pairs: list[str | tuple[str, float]] = []
@@ -162,7 +166,7 @@ def _parse_history(text: str) -> list[str | tuple[str, float]]:
 def _parse_items(text: str) -> list[str]:
     """`a,b,c`, or a JSON list of ids (ids holding commas)."""
     if not _is_json_list(text):
-        entries = [i.strip() for i in text.split(",") if i.strip()]
+        entries = [id_text(i) for i in text.split(",") if id_text(i)]
     else:
         entries = _json_list(text, "--items")
         bad = [e for e in entries if not isinstance(e, str)]
@@ -179,27 +183,29 @@ def _is_json_list(text: str) -> bool:
 
 def _as_json(part: str, option: str) -> Any:
     """One entry of the comma form as its JSON list would hold it: an id, or --history's [id, rating]."""
-    item, colon, rating = part.strip().rpartition(":")
+    item, colon, rating = id_text(part).rpartition(":")
     if option == "--history" and colon:
         try:
-            return [item, float(rating)]
+            number = float(rating)
         except ValueError:
-            pass
-    return part.strip()
+            number = math.nan
+        if math.isfinite(number):
+            return [item, number]
+    return id_text(part)
 
 
 def _json_list(text: str, option: str) -> list[Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        # (an id of the comma form starting with "[", "[NEW] mug", is read as JSON too: say how to give it)
-        example = json.dumps(
-            [_as_json(p, option) for p in text.split(",") if p.strip()][:2], ensure_ascii=False
-        )
-        raise EvoloraError(
-            f"{option}: text starting with [ is read as a JSON list, and this is none ({e.msg} at character "
-            f"{e.pos}); an id that starts with [ goes in a JSON list, e.g. {option} '{example}'"
-        ) from None
+        said = f"{option}: text starting with [ is read as a JSON list, and this is none ({e.msg} at "
+        said += f"character {e.pos})"
+        if re.match(r"\[\s*[\[\]{\"0-9-]", text.lstrip()):  # JSON gone wrong: where is said
+            raise EvoloraError(said) from None
+        # an id of the comma form that starts with "[" ("[NEW] mug"): the JSON list that gives it
+        parts = [_as_json(p, option) for p in text.split(",") if id_text(p)]
+        example = shlex.quote(json.dumps(parts[:2], ensure_ascii=False))
+        raise EvoloraError(f"{said}; an id that starts with [ goes in one, e.g. {option} {example}") from None
     if not isinstance(value, list):
         raise EvoloraError(f"{option}: a JSON list was expected")
     return value

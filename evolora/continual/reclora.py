@@ -35,6 +35,7 @@ from evolora import cost
 from evolora.config import ConventionalConfig, ModelConfig, TrainConfig
 from evolora.continual.base import MAIN, PlainLora, StageContext, Strategy, StrategyOptions, TrainJob
 from evolora.continual.regularizers import ProximalRegularizer
+from evolora.data.ids import known_form
 from evolora.errors import ConfigError, EvoloraError
 from evolora.models.personalized import PersonalizedLoRA
 from evolora.tasks.base import Task
@@ -249,7 +250,9 @@ class RecLora(Strategy[RecLoraOptions]):
         return dict(self.info)
 
     def export_user_adapter(self, row: int, path: str | Path) -> None:
-        """One sample's personalized adapter (its user, history and target) as a plain PEFT LoRA."""
+        """One sample's personalized adapter (its user, history and target) as a plain PEFT LoRA, alone:
+        `evolora.export_user.export_user_adapter` (the CLI's) writes it with the sample, its prompt, the run's
+        score and a README."""
         assert self.z is not None
         self.personal.export(self.z[row], path, self.cfg.model.revision)
 
@@ -267,9 +270,12 @@ class RecLora(Strategy[RecLoraOptions]):
         (user, history, target) triple; the latest sample is the one the user was last scored on.
         """
         df = self.task.table.df
-        mask = (df["user_id"].cast(str) == str(user)) & (df["stage"] <= until_stage)
+        # the ids as the run knows them (`known_form`: one copied with spaces at its ends is the run's)
+        user = known_form(user, set(df["user_id"].cast(str).unique()))
+        mask = (df["user_id"].cast(str) == user) & (df["stage"] <= until_stage)
         if item is not None:
-            mask = mask & (df["item_id"].cast(str) == str(item))
+            item = known_form(item, set(df["item_id"].cast(str).unique()))
+            mask = mask & (df["item_id"].cast(str) == item)
         rows = np.flatnonzero(mask.to_numpy())
         if not len(rows):
             what = f"user {user!r}" + (f" with target item {item!r}" if item is not None else "")

@@ -41,9 +41,21 @@ def accents_apart(asked: Iterable[str], known: Container[str]) -> str:
 
 
 def id_text(value: Any) -> str:
-    """An id as a run holds it: its text without spaces at its ends, as data files are read, so that an id
-    copied from the file with them (`"bob "`) names the run's `"bob"`."""
+    """An id's text without spaces at its ends, as a table file's ids are read."""
     return str(value).strip(ID_SPACE)
+
+
+def known_form(value: Any, known: Container[str]) -> str:
+    """An id of a query as the run knows it: as given where the run has it so (a loader that keeps spaces:
+    PESO's blocks), else without spaces at its ends (`id_text`), so that an id copied from a table file with
+    them (`"bob "`) names the run's `"bob"`. An unknown id comes back stripped."""
+    text = str(value)
+    return text if text in known else id_text(text)
+
+
+def known_forms(ids: pl.Expr, known: Iterable[str]) -> pl.Expr:
+    """`known_form` of a column of ids (text)."""
+    return pl.when(ids.is_in(list(known))).then(ids).otherwise(ids.str.strip_chars())
 
 
 @dataclass(frozen=True)

@@ -152,17 +152,27 @@ class WithoutRecordCount(logging.Filter):
         return "have no record here" not in record.getMessage()
 
 
-def note_records_of_known_items(given: pl.DataFrame, known: pl.Series, items_file: Path) -> None:
-    """Say that `--items` records (`given`, as the batch's loader read them) of items the run knows are left
-    unread: a known item keeps the record its versions were trained with, and a corrected title among them
-    would otherwise be dropped without a word. (The loader's bare records, titled by their id, are none.)"""
-    bare = pl.col("title") == pl.col("item_id") if "title" in given.columns else pl.lit(False)
-    of_known = given.filter(pl.col("item_id").is_in(known.implode()) & ~bare)["item_id"]
-    if of_known.len():
-        log.info(
-            "--items %s: %d records of items the run knows are not read (e.g. %r): an item keeps the record "
-            "its versions were trained with",
-            items_file, of_known.len(), of_known[0],
+def note_records_of_known_items(given: pl.DataFrame, items: pl.DataFrame, items_file: Path) -> None:
+    """Say which `--items` records (`given`, as the batch's loader read them) of items the run knows differ
+    from the run's own (`items`): they are not read, as a known item keeps the record its versions were
+    trained with, and a corrected title would otherwise be dropped without a word. Records equal to the
+    run's (a whole catalogue sent again) and the loader's bare ones (titled by their id) say nothing."""
+    fields = [c for c in given.columns if c in items.columns and c != "item_id"]
+    if not fields:
+        return
+    run = items.select("item_id", *(pl.col(c).alias(f"{c}_run") for c in fields))
+    both = given.select("item_id", *fields).join(run, on="item_id")
+    if "title" in fields:
+        both = both.filter(pl.col("title") != pl.col("item_id"))
+    differ = both.filter(pl.any_horizontal(pl.col(c).ne_missing(pl.col(f"{c}_run")) for c in fields))
+    if differ.height:
+        first = differ.row(0, named=True)
+        field = next(c for c in fields if first[c] != first[f"{c}_run"])
+        n = differ.height
+        log.warning(
+            "--items %s: the records of %d item%s the run knows differ from the run's (e.g. %r: %s %r here, "
+            "%r in the run) and are not read: an item keeps the record its versions were trained with",
+            items_file, n, "s" if n > 1 else "", first["item_id"], field, first[field], first[f"{field}_run"],
         )  # fmt: skip
 
 

@@ -65,8 +65,11 @@ def repeated_field(body: bytes) -> str | None:
     repeated: list[str] = []
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        names = [name for name, _ in items]
-        repeated.extend(name for i, name in enumerate(names) if name in names[:i])
+        names: set[str] = set()
+        for name, _ in items:
+            if name in names and not repeated:
+                repeated.append(name)
+            names.add(name)
         return dict(items)
 
     try:

@@ -37,7 +37,7 @@ from typing import Any
 from starlette.requests import Request  # (module level: FastAPI resolves the handlers' annotations here)
 
 from evolora.allocator import keep_freed_memory
-from evolora.data.ids import accents_apart, id_text
+from evolora.data.ids import accents_apart, known_form
 from evolora.deploy.holder import ModelHolder, Served
 from evolora.deploy.requests import (
     MAX_BODY_BYTES,
@@ -185,19 +185,20 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
         served = holder.served
         assert served is not None
         rec = served.rec
-        # ids as the run holds them (`id_text`): an id copied from the data file with its spaces is the run's
-        if query.user is not None and id_text(query.user) not in rec.known_users_set:
+        # ids as the run knows them (`known_form`): one copied from a table file with its spaces is the run's
+        users = rec.known_users_set
+        if query.user is not None and known_form(query.user, users) not in users:
             # (a user first seen after the version's data: what the CLI and the API advise too)
-            apart = accents_apart([id_text(query.user)], rec.known_users_set)
+            apart = accents_apart([known_form(query.user, users)], users)
             raise HTTPException(
                 404, clipped(f'unknown user {shown_id(query.user)}: send their "history" instead{apart}')
             )
         known = rec.known_items
         named = [h if isinstance(h, str) else h[0] for h in query.history or []] + (items or [])
-        unknown = sorted({i for i in named if id_text(i) not in known})
+        unknown = sorted({i for i in named if known_form(i, known) not in known})
         if unknown:
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-            apart = accents_apart([id_text(i) for i in unknown], known)
+            apart = accents_apart([known_form(i, known) for i in unknown], known)
             raise HTTPException(
                 404, clipped(f"unknown items: {', '.join(map(shown_id, unknown[:10]))}{more}{apart}")
             )

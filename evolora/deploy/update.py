@@ -238,7 +238,7 @@ def _update(
     refuse_ids_written_otherwise(data_file, accepted, existing, cfg.update.lookalike_ids == "new")
     known = items["item_id"]
     if items_file is not None:
-        note_records_of_known_items(batch.items, known, items_file)
+        note_records_of_known_items(batch.items, items, items_file)
     items = _with_batch_items(items, batch)
     note_new_records(items, known, accepted, items_file, llm=not is_conventional(cfg.model.name))
     pretrained = trained_backbone(cfg, "--set model.name=PATH names it")

@@ -157,7 +157,8 @@ def _ids(rows: TableRows, df: pl.DataFrame, col: str, name: str, what: str) -> p
     merged = written.n_unique() - ids.n_unique()
     if merged:  # "bob" and "bob " were two ids in the file: said, as they become one
         forms = pl.DataFrame({"written": written, "id": ids}).drop_nulls().unique(maintain_order=True)
-        example = forms.filter(pl.len().over("id") > 1)["written"].head(2).to_list()
+        alike = forms.filter(pl.len().over("id") > 1)
+        example = alike.filter(pl.col("id") == alike["id"][0])["written"].head(2).to_list()
         log.warning(
             "%s: %d %ss differ from others only by spaces at their ends (e.g. %s) and are read as one: ids "
             "are read without such spaces; if they are different %ss, tell them apart otherwise",
