@@ -22,6 +22,7 @@ from evolora.models.tiny import build_tiny_llama
 from tests.helpers import tiny_config, write_peso_cycle
 
 SMALL = {"train.epochs": 1, "train.samples_per_stage": 24, "train.valid_samples": 16, "eval.max_samples": 12}
+RECLORA = "{name: reclora, n_meta: 2, crm: {dim: 8, mlp: [16], max_len: 10, dropout: 0.0}, crm_epochs: 1}"
 
 # Runs in a fresh interpreter: transformers, peft, safetensors and torch only. It loads each export with the
 # code of the export's README, and builds each prompt from the manifest, items.json and the user's history.
@@ -184,10 +185,9 @@ def test_a_next_item_export_carries_its_new_tokens(exports: dict) -> None:
 
 
 def test_strategies_without_one_adapter_say_what_to_do(sunny_dir: Path, tmp_path: Path) -> None:
-    crm = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
     over = {
         **SMALL, "task.history_len": 4, "task.retrieve_from": 8, "task.sample_history": 10,
-        "strategies": f"[{{name: reclora, n_meta: 2, crm: {crm}, crm_epochs: 1}}, lsat]",
+        "strategies": f"[{RECLORA}, lsat]",
     }  # fmt: skip
     cfg = tiny_config(sunny_dir, tmp_path / "runs", **over)
     run_experiment(cfg)
@@ -242,11 +242,7 @@ def test_a_reclora_user_adapter_scores_its_sample_with_transformers_and_peft_alo
 ) -> None:
     """`export-user-adapter` writes the sample it was made for, its prompt and the run's score beside the
     adapter; the folder's README code, run where evolora is never imported, gives that score."""
-    crm = "{dim: 8, mlp: [16], max_len: 10, dropout: 0.0}"
-    over = {
-        **SMALL, "model.name": str(base_folder), "task.sample_history": 10,
-        "strategies": f"[{{name: reclora, n_meta: 2, crm: {crm}, crm_epochs: 1}}]",
-    }  # fmt: skip
+    over = {**SMALL, "model.name": str(base_folder), "task.sample_history": 10, "strategies": f"[{RECLORA}]"}
     cfg = tiny_config(sunny_dir, tmp_path / "runs", **over)
     run_experiment(cfg)
     run = run_dir_of(cfg, "reclora", 0)
