@@ -418,7 +418,7 @@ class Recommender:
                 raise EvoloraError("score(): give at least one item to score")
             items = self._check_items(items, "items")
             hist_items, hist_ratings, _ = self._history(history, user)
-            user = None if user is None else self._user_id(user)
+            user = None if user is None else self._user_id(str(user))
             resolved.append((user, hist_items, hist_ratings, items))
         return self._score_resolved(resolved)
 
@@ -486,7 +486,7 @@ class Recommender:
             history, items, k, user = query_of(query, ("history", "items", "k", "user"), "rank_many")
             k, items = count_of(k), item_list(items)
             hist_items, hist_ratings, seen = self._history(history, user)
-            user = None if user is None else self._user_id(user)
+            user = None if user is None else self._user_id(str(user))
             items = self._check_items(items, "items")
             if not items:
                 raise EvoloraError("recommend(): give at least one candidate item to rank")
@@ -523,7 +523,7 @@ class Recommender:
         queries = [(history, count_of(k), user) for history, k, user in queries]
         histories = [self._history(history, user) for history, _, user in queries]
         queries = [
-            (history, k, None if user is None else self._user_id(user)) for history, k, user in queries
+            (history, k, None if user is None else self._user_id(str(user))) for history, k, user in queries
         ]
         target = next(iter(self._task.items))  # any known item: generation ignores the target
         # Every seen item is kept out of the search itself (`exclude_history: rated` over the query's

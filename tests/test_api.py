@@ -123,6 +123,7 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
     for rating in (4, 4.0, np.int64(4), np.float32(4.0)):  # numbers of any kind are ratings
         assert rec.score([("4", rating)], ["2"])[0].score == rec.score([("4", 4)], ["2"])[0].score
     # Ids copied from a data file with spaces at their ends are the run's (the file's ids are read without)
+    assert rec.score(user=np.int64(int(user)), items=[2, 3]) == scored  # ids as numbers: their strings
     padded = rec.score(user=f" {user}\t", items=["2 ", "\u00a03"])
     assert [(s.item, s.score) for s in padded] == [(s.item, s.score) for s in scored]
     assert rec.history_of(f"{user} ") == (items, ratings) and rec.seen_by(f"{user} ") == rec.seen_by(user)
