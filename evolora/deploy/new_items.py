@@ -157,7 +157,12 @@ def note_records_of_known_items(given: pl.DataFrame, items: pl.DataFrame, items_
     from the run's own (`items`): they are not read, as a known item keeps the record its versions were
     trained with, and a corrected title would otherwise be dropped without a word. Records equal to the
     run's (a whole catalogue sent again) and the loader's bare ones (titled by their id) say nothing."""
-    fields = [c for c in given.columns if c in items.columns and c != "item_id"]
+    # (fields of one type only: a column the loader typed otherwise this time is not a corrected record)
+    fields = [
+        c
+        for c in given.columns
+        if c in items.columns and c != "item_id" and given.schema[c] == items.schema[c]
+    ]
     if not fields:
         return
     run = items.select("item_id", *(pl.col(c).alias(f"{c}_run") for c in fields))
