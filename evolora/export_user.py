@@ -69,6 +69,14 @@ def export_user_adapter(
             f"export-user-adapter reads the run's own stages only: pass --stage (its last is {last}) to "
             "export one of them"
         )
+    by_update = [
+        v.id for v in registry.versions if v.id and v.stage == stage and stage is not None and stage > last
+    ]
+    if by_update:  # (restore_run would say the run never trained it)
+        raise ConfigError(
+            f"stage {stage} was trained by an update (version {by_update[0]}): export-user-adapter reads the "
+            f"run's own stages only (its last is {last})"
+        )
     if out is not None:  # before the model is loaded
         out = check_replaceable(out, USER_ADAPTER_MARKER, "user adapter")
     strategy, prepared, t = restore_run(seed_dir, stage, model)

@@ -197,6 +197,17 @@ def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
     assert "pass --stage (its last is 2)" in refused.output
     staged = ["export-user-adapter", str(run), user, "--stage", "2", "--out", str(tmp_path / "cli")]
     assert CliRunner().invoke(app, staged).exit_code == 0
+    # the update's stage is no stage of the run's own: said so (it said the run never trained it)
+    refused = CliRunner().invoke(app, ["export-user-adapter", str(run), user, "--stage", "3"])
+    assert refused.exit_code == 2 and "stage 3 was trained by an update (version 1)" in refused.output
+    # with `combine: products` there is no per-user LoRA either: `export` does not send the user there
+    from types import SimpleNamespace
+
+    from evolora.continual.reclora import RecLora
+    from evolora.errors import EvoloraError
+
+    with pytest.raises(EvoloraError, match="neither `export` nor `export-user-adapter`"):
+        RecLora.plain_adapters(SimpleNamespace(o=SimpleNamespace(combine="products")))  # type: ignore[arg-type]
 
 
 def test_a_partial_crm_setting_keeps_reclora_s_other_defaults() -> None:

@@ -223,6 +223,11 @@ class RecLora(Strategy[RecLoraOptions]):
             self.personal.load_state_dict({k.removeprefix("personal."): v for k, v in state.items()})
 
     def plain_adapters(self) -> dict[str, PlainLora]:
+        if self.o.combine != "factors":  # no per-user LoRA either: say so, not advise what refuses too
+            raise EvoloraError(
+                "reclora's adapter differs per sample, and with `combine: products` a sample's is no single "
+                "LoRA: neither `export` nor `export-user-adapter` can write it (`combine: factors` can)"
+            )
         raise EvoloraError(
             "reclora's adapter differs per sample (its router reads the user and the target): export one "
             "user's with `evolora export-user-adapter RUN_DIR USER`"
