@@ -605,7 +605,8 @@ class Recommender:
         if (user is None) == (history is None):
             raise EvoloraError("give a user or a history (one of them; an empty history is [])")
         if user is not None:
-            return *self.history_of(str(user)), self.seen_by(str(user))
+            known = self._user_id(str(user))
+            return *self._histories[known], set(self._seen[known])
         # an item given without a rating counts as liked
         pairs = history_pairs(history, self.like_threshold + 1.0)
         ids = self._check_items([i for i, _ in pairs], "history")
@@ -622,7 +623,7 @@ class Recommender:
         as_known = [known_form(i, known) for i in items]
         unknown = [i for i, k in zip(items, as_known, strict=True) if k not in known]
         if unknown:
-            apart = accents_apart([known_form(i, known) for i in unknown], known)
+            apart = accents_apart([k for k in as_known if k not in known], known)
             raise UnknownIdError(
                 f"{what}: {len(unknown)} unknown item(s) {unknown[:5]}: the run knows {len(known)} items (an "
                 f"item first seen after training cannot be read){apart}"

@@ -99,7 +99,7 @@ def export_run(
                 stages = _item_stages(rec)
                 if stages is not None:
                     (folder / "item_stages.json").write_text(json.dumps(stages, ensure_ascii=False))
-                base = _Base.of(rec.cfg.model.name, rec.cfg.model.revision)
+                base = BaseWeights.of(rec.cfg.model.name, rec.cfg.model.revision)
                 if merge:
                     _write_merged(lm, base, adapters["default"], folder)
                 else:
@@ -120,7 +120,7 @@ def export_run(
 
 # ------------------------------------------------------------------------------------------ writing
 @dataclass(frozen=True)
-class _Base:
+class BaseWeights:
     """The base model an export builds on: what to load (`load`: a hub id or a folder) and at which
     `revision`; `converted`: the load is evolora's copy converted from the default model's GGUF, whose
     weights the run used and which are close to but not the hub's."""
@@ -131,13 +131,22 @@ class _Base:
     converted: bool
 
     @classmethod
-    def of(cls, name: str, revision: str | None) -> _Base:
+    def of(cls, name: str, revision: str | None) -> BaseWeights:
         load, at = base_to_load(name, revision)
         return cls(name, at, load, cached_copy(name, revision) is not None)
 
     def code(self) -> str:
         """The arguments of `from_pretrained` that load it."""
         return repr(self.load) + (f", revision={self.revision!r}" if self.revision else "")
+
+    def provenance(self) -> str:
+        """What a README says of converted weights (no full stop: a README goes on after it); "" else."""
+        if not self.converted:
+            return ""
+        return (
+            f" Its base weights are evolora's copy of {self.name}, converted from the model's GGUF file"
+            f" (`{self.load}`): close to, not the same as, the hub's"
+        )
 
 
 def _token_rows(lm: LoraLM, adapter: str) -> dict[str, torch.Tensor] | None:
@@ -154,7 +163,7 @@ def _token_rows(lm: LoraLM, adapter: str) -> dict[str, torch.Tensor] | None:
     return {k: v.contiguous().clone() for k, v in rows.items()}
 
 
-def _write_adapter(lm: LoraLM, base: _Base, plain: PlainLora, folder: Path) -> None:
+def _write_adapter(lm: LoraLM, base: BaseWeights, plain: PlainLora, folder: Path) -> None:
     from peft import LoraConfig as PeftLoraConfig
     from safetensors.torch import save_file
 
@@ -181,7 +190,7 @@ def _write_adapter(lm: LoraLM, base: _Base, plain: PlainLora, folder: Path) -> N
         save_file(rows, str(folder / "new_embeddings.safetensors"), metadata={"format": "pt"})
 
 
-def _write_merged(lm: LoraLM, weights: _Base, plain: PlainLora, folder: Path) -> None:
+def _write_merged(lm: LoraLM, weights: BaseWeights, plain: PlainLora, folder: Path) -> None:
     """A fresh copy of the base model (the run's weights, at its revision) with the adapter's update added
     to its weights and the added tokens' rows in its embeddings."""
     base, _ = load_pretrained(weights.name, torch.float32, weights.revision)
@@ -228,7 +237,7 @@ def _item_stages(rec: Recommender) -> dict[str, int] | None:
 
 
 def _manifest(
-    rec: Recommender, adapters: dict[str, PlainLora], info: dict, merge: bool, base: _Base
+    rec: Recommender, adapters: dict[str, PlainLora], info: dict, merge: bool, base: BaseWeights
 ) -> dict[str, Any]:
     task = rec.strategy.task
     manifest: dict[str, Any] = {
@@ -257,7 +266,12 @@ def _manifest(
 
 
 def _readme(
-    rec: Recommender, out: Path, merge: bool, adapters: dict[str, PlainLora], new_tokens: bool, base: _Base
+    rec: Recommender,
+    out: Path,
+    merge: bool,
+    adapters: dict[str, PlainLora],
+    new_tokens: bool,
+    base: BaseWeights,
 ) -> str:
     """How to load the folder with transformers and PEFT alone (tests run this code)."""
     head = f"# {rec.method}, after stage {rec.stage} ({rec.task_name})\n\n"
@@ -282,9 +296,8 @@ def _readme(
         )
     if base.converted:
         head += (
-            f" Its base weights are evolora's copy of {base.name}, converted from the model's GGUF file"
-            f" (`{base.load}`): close to, not the same as, the hub's, so the code loads that folder; export"
-            " with `--merge` for a folder that carries the weights."
+            f"{base.provenance()}, so the code loads that folder; export with `--merge` for a folder that "
+            "carries the weights."
         )
     names = list(adapters) if len(adapters) > 1 else ["adapter"]
     lines = [

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from evolora.errors import ConfigError
+from evolora.export import BaseWeights
 from evolora.io import atomic_directory, check_replaceable
 from evolora.locks import sole_writer
 from evolora.models.personalized import USER_ADAPTER_MARKER
-from evolora.models.weights import base_to_load, cached_copy
 
 log = logging.getLogger("evolora")
 
@@ -92,7 +92,8 @@ def export_user_adapter(
         )
         ctx = StageContext(t, judged, prepared.pools, results["seed"], seed_dir / f"stage-{t}")
         p_like = float(strategy.predict(ctx, np.array([row]))[0])  # the run's own score of the sample
-        record = _record(strategy, seed_dir, results, t, row, p_like)
+        base = BaseWeights.of(strategy.cfg.model.name, strategy.cfg.model.revision)
+        record = _record(strategy, seed_dir, results, t, row, p_like, base)
         # one writer of the folder at a time; what a killed export left beside it goes first
         with sole_writer(target, f"export to {target}"):
             check_replaceable(target, USER_ADAPTER_MARKER, "user adapter")  # (again, under the lock)
@@ -100,7 +101,7 @@ def export_user_adapter(
                 strategy.personal.write_adapter(strategy.z[row], folder, strategy.cfg.model.revision)
                 strategy.lm.tokenizer.save_pretrained(folder)
                 (folder / USER_ADAPTER_MARKER).write_text(json.dumps(record, indent=2, ensure_ascii=False))
-                (folder / "README.md").write_text(_readme(record, target))
+                (folder / "README.md").write_text(_readme(record, target, base))
     finally:
         strategy.teardown()
     log.info("exported user %s's adapter (sample %d, stage %d) to %s", user, row, t, target)
@@ -114,11 +115,12 @@ def folder_name(name: str) -> str:
     return "%2E" + out[1:] if out.startswith(".") else out
 
 
-def _record(strategy: Any, seed_dir: Path, results: dict, t: int, row: int, p_like: float) -> dict[str, Any]:
+def _record(
+    strategy: Any, seed_dir: Path, results: dict, t: int, row: int, p_like: float, base: BaseWeights
+) -> dict[str, Any]:
     task, cfg = strategy.task, strategy.cfg
     sample = task.table.df.row(row, named=True)
     ids = list(task.prefix) + list(task.encode(row).body)
-    weights, revision = base_to_load(cfg.model.name, cfg.model.revision)
     return {
         "run": str(seed_dir.resolve()),
         "method": results["method"],
@@ -127,9 +129,9 @@ def _record(strategy: Any, seed_dir: Path, results: dict, t: int, row: int, p_li
         "stage": t,  # the training stage whose banks, gates and router made the adapter
         "precision": results.get("precision"),
         "base_model": cfg.model.name,
-        "base_revision": revision,
-        "base_weights": weights,  # the folder or hub id the run's base weights load from
-        "converted_base": cached_copy(cfg.model.name, cfg.model.revision) is not None,
+        "base_revision": base.revision,
+        "base_weights": base.load,  # the folder or hub id the run's base weights load from
+        "converted_base": base.converted,
         "rank": cfg.model.lora.r,
         "sample": {
             "user": str(sample["user_id"]),
@@ -148,7 +150,7 @@ def _record(strategy: Any, seed_dir: Path, results: dict, t: int, row: int, p_li
     }
 
 
-def _readme(record: dict[str, Any], folder: Path) -> str:
+def _readme(record: dict[str, Any], folder: Path, base: BaseWeights) -> str:
     """How to score the sample with transformers and PEFT alone (a test runs this code)."""
     sample = record["sample"]
     head = (
@@ -158,11 +160,8 @@ def _readme(record: dict[str, Any], folder: Path) -> str:
         "belongs to one sample: the prompt in `evolora_user_adapter.json`. Another item needs its own export "
         "(`evolora export-user-adapter RUN USER --item ITEM`)."
     )
-    if record["converted_base"]:
-        head += (
-            f" Its base weights are evolora's copy of {record['base_model']}, converted from the model's "
-            f"GGUF file (`{record['base_weights']}`): close to, not the same as, the hub's."
-        )
+    if base.converted:
+        head += f"{base.provenance()}."
     code = "\n".join(
         [
             "import json",

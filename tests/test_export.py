@@ -326,18 +326,18 @@ def test_the_default_models_converted_copy_is_the_base_an_export_names(
 ) -> None:
     """Offline, a run of the default model trains on evolora's copy converted from its GGUF, not the hub's
     weights: the export's README loads that folder."""
-    from evolora.export import _Base
+    from evolora.export import BaseWeights
     from evolora.models.weights import DEFAULT_MODEL
 
     monkeypatch.setenv("EVOLORA_CACHE", str(tmp_path))
-    assert _Base.of(DEFAULT_MODEL, "main") == _Base(DEFAULT_MODEL, "main", DEFAULT_MODEL, False)
+    assert BaseWeights.of(DEFAULT_MODEL, "main") == BaseWeights(DEFAULT_MODEL, "main", DEFAULT_MODEL, False)
     copy = tmp_path / "models" / DEFAULT_MODEL.replace("/", "--")
     copy.mkdir(parents=True)
     (copy / "config.json").write_text("{}")
-    base = _Base.of(DEFAULT_MODEL, None)
+    base = BaseWeights.of(DEFAULT_MODEL, None)
     assert base.converted and base.code() == repr(str(copy))
     # A revision asked for is the hub's: the copy (of no revision in particular) is neither loaded nor named.
-    assert _Base.of(DEFAULT_MODEL, "v2") == _Base(DEFAULT_MODEL, "v2", DEFAULT_MODEL, False)
+    assert BaseWeights.of(DEFAULT_MODEL, "v2") == BaseWeights(DEFAULT_MODEL, "v2", DEFAULT_MODEL, False)
 
 
 def test_a_revision_is_never_answered_by_the_converted_copy(

@@ -187,18 +187,20 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
         rec = served.rec
         # ids as the run knows them (`known_form`): one copied from a table file with its spaces is the run's
         users = rec.known_users_set
-        if query.user is not None and known_form(query.user, users) not in users:
+        user = None if query.user is None else known_form(query.user, users)
+        if user is not None and user not in users:
             # (a user first seen after the version's data: what the CLI and the API advise too)
-            apart = accents_apart([known_form(query.user, users)], users)
+            apart = accents_apart([user], users)
             raise HTTPException(
                 404, clipped(f'unknown user {shown_id(query.user)}: send their "history" instead{apart}')
             )
         known = rec.known_items
         named = [h if isinstance(h, str) else h[0] for h in query.history or []] + (items or [])
-        unknown = sorted({i for i in named if known_form(i, known) not in known})
+        as_known = {i: known_form(i, known) for i in named}
+        unknown = sorted(i for i, k in as_known.items() if k not in known)
         if unknown:
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-            apart = accents_apart([known_form(i, known) for i in unknown], known)
+            apart = accents_apart([as_known[i] for i in unknown], known)
             raise HTTPException(
                 404, clipped(f"unknown items: {', '.join(map(shown_id, unknown[:10]))}{more}{apart}")
             )

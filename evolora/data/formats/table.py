@@ -153,7 +153,7 @@ def _ids(rows: TableRows, df: pl.DataFrame, col: str, name: str, what: str) -> p
         # Whole numbers stored as floats (a pandas column with a gap): 5.0 is id "5", as in an int column.
         raw = raw.cast(pl.Int64)
     written = raw.cast(pl.Utf8)
-    ids = written.str.strip_chars()  # (queries name an id with or without them: `ids.id_text`)
+    ids = written.str.strip_chars()  # (queries name an id with or without them: `ids.known_form`)
     merged = written.n_unique() - ids.n_unique()
     if merged:  # "bob" and "bob " were two ids in the file: said, as they become one
         forms = pl.DataFrame({"written": written, "id": ids}).drop_nulls().unique(maintain_order=True)
