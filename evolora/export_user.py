@@ -14,6 +14,12 @@ RecLoRA's router reads the user's history and the target item, so an adapter bel
 scores that prompt, and another candidate needs its own export (`--item`). The README loads the base in fp32;
 the P(like) recorded is the run's, in the precision it ran in (`precision`), so a bf16-mixed run's differs in
 the last digits.
+
+Two kinds of sample. From the run's own stages (`--stage`, or a run never updated): the user's latest sample
+of the run's data judged after that stage, with its label. From a deployed run's version (`--version`, or the
+promoted one of a run an update changed, as `export` and `recommend` default to it): the query that version
+answers for the user and an `--item`, the user's history as of its newest data in the prompt, no label; the
+P(like) is what `recommend` gives for it.
 """
 
 from __future__ import annotations
@@ -43,10 +49,13 @@ def export_user_adapter(
     stage: int | None = None,
     item: str | None = None,
     model: str | Path | None = None,
+    version: int | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Write the adapter of `user`'s latest sample judged after training `stage` (default: the run's last),
     or of their latest sample whose target is `item`, into `out` (default:
-    `<run>/stage-<t>/user-adapters/<user>[-<item>]`; replaced atomically). Returns the folder and what its
+    `<run>/stage-<t>/user-adapters/<user>[-<item>]`; replaced atomically); or, from a deployed run's
+    `version` (default: the promoted one, where an update's is), the adapter it answers `user` and `item`
+    with (`<version's stage folder>/user-adapters/<user>-<item>`). Returns the folder and what its
     `evolora_user_adapter.json` records. `model`: where the run's base model lies now (`Recommender.load`)."""
     from evolora.continual import STRATEGIES
     from evolora.continual.base import StageContext
@@ -62,20 +71,22 @@ def export_user_adapter(
         raise ConfigError(f"{seed_dir}: a {strategy_name} run has no per-user adapters (reclora has)")
     last = max((s["train_stage"] for s in results["stages"]), default=0)
     registry = Versions.open(root, results["method"], results["seed"], last)
-    if stage is None and registry.promoted != 0:  # the default would silently be another model
-        promoted = registry.current
-        raise ConfigError(
-            f"{seed_dir} is deployed: version {promoted.id} (stage {promoted.stage}) is promoted, and "
-            f"export-user-adapter reads the run's own stages only: pass --stage (its last is {last}) to "
-            "export one of them"
-        )
+    if stage is not None and version is not None:
+        raise ConfigError("give a stage or a version, not both (a version names its stage)")
+    if stage is None and version is None and registry.promoted != 0:
+        version = registry.promoted  # the model served, as `export` and `recommend` default to
+    if version is not None:
+        chosen = registry.get(version)
+        if chosen.id > 0:
+            return _export_version_query(seed_dir, results, chosen, last, user, item, out, model)
+        stage = chosen.stage  # version 0: the run as `evolora run` left it
     by_update = [
         v.id for v in registry.versions if v.id and v.stage == stage and stage is not None and stage > last
     ]
     if by_update:  # (restore_run would say the run never trained it)
         raise ConfigError(
-            f"stage {stage} was trained by an update (version {by_update[0]}): export-user-adapter reads the "
-            f"run's own stages only (its last is {last})"
+            f"stage {stage} was trained by an update: give its version (--version {by_update[-1]}; "
+            f"`evolora versions` lists them); --stage names the run's own stages (its last is {last})"
         )
     if out is not None:  # before the model is loaded
         out = check_replaceable(out, USER_ADAPTER_MARKER, "user adapter")
@@ -92,20 +103,73 @@ def export_user_adapter(
         )
         ctx = StageContext(t, judged, prepared.pools, results["seed"], seed_dir / f"stage-{t}")
         p_like = float(strategy.predict(ctx, np.array([row]))[0])  # the run's own score of the sample
+        the_sample = {
+            "user": user,
+            "item": str(sample["item_id"]),
+            "stage": int(sample["stage"]),
+            "label": int(sample["label"]),
+        }
         base = BaseWeights.of(strategy.cfg.model.name, strategy.cfg.model.revision)
-        record = _record(strategy, seed_dir, results, t, row, p_like, base)
-        # one writer of the folder at a time; what a killed export left beside it goes first
-        with sole_writer(target, f"export to {target}"):
-            check_replaceable(target, USER_ADAPTER_MARKER, "user adapter")  # (again, under the lock)
-            with atomic_directory(target) as folder:
-                strategy.personal.write_adapter(strategy.z[row], folder, strategy.cfg.model.revision)
-                strategy.lm.tokenizer.save_pretrained(folder)
-                (folder / USER_ADAPTER_MARKER).write_text(json.dumps(record, indent=2, ensure_ascii=False))
-                (folder / "README.md").write_text(_readme(record, target, base))
+        record = _record(strategy, seed_dir, results, t, None, row, the_sample, p_like, base)
+        _write(target, strategy, row, record, base)
     finally:
         strategy.teardown()
     log.info("exported user %s's adapter (sample %d, stage %d) to %s", user, row, t, target)
     return target, record
+
+
+def _export_version_query(
+    seed_dir: Path,
+    results: dict[str, Any],
+    version: Any,
+    last: int,
+    user: str,
+    item: str | None,
+    out: str | Path | None,
+    model: str | Path | None,
+) -> tuple[Path, dict[str, Any]]:
+    """The adapter deployed version `version` answers `user` and `item` with, as `recommend` asks it: the
+    user's history as of the version's newest data, the item as target."""
+    from evolora.api import Recommender
+
+    if item is None:  # the version's own data has no sample to default to: its batches trained it
+        raise ConfigError(
+            f"version {version.id} (stage {version.stage}) answers a user and an item with an adapter of "
+            f"their own: pass --item (or --stage, up to {last}, for a sample of the run's own stages)"
+        )
+    if out is not None:  # before the model is loaded
+        out = check_replaceable(out, USER_ADAPTER_MARKER, "user adapter")
+    rec = Recommender.load(seed_dir, version=version.id, model=model)
+    strategy = rec.strategy
+    try:
+        strategy.personal.check_exportable()
+        scored = rec.score(user=user, items=[item])[0]  # leaves the query's one row as the strategy's task
+        user, item = rec._user_id(str(user)), scored.item  # as the run writes them
+        target = out or check_replaceable(
+            seed_dir.parent.parent / version.folder / "user-adapters" / folder_name(f"{user}-{item}"),
+            USER_ADAPTER_MARKER,
+            "user adapter",
+        )
+        query = {"user": user, "item": item, "stage": rec.eval_stage, "label": None}
+        base = BaseWeights.of(strategy.cfg.model.name, strategy.cfg.model.revision)
+        record = _record(strategy, seed_dir, results, version.stage, version.id, 0, query, scored.score, base)
+        _write(target, strategy, 0, record, base)
+    finally:
+        strategy.teardown()
+    log.info("exported user %s's adapter for item %s (version %d) to %s", user, item, version.id, target)
+    return target, record
+
+
+def _write(target: Path, strategy: Any, row: int, record: dict[str, Any], base: BaseWeights) -> None:
+    """The folder: the adapter of the task's sample `row`, the tokenizer, the record and the README."""
+    # one writer of the folder at a time; what a killed export left beside it goes first
+    with sole_writer(target, f"export to {target}"):
+        check_replaceable(target, USER_ADAPTER_MARKER, "user adapter")  # (again, under the lock)
+        with atomic_directory(target) as folder:
+            strategy.personal.write_adapter(strategy.z[row], folder, strategy.cfg.model.revision)
+            strategy.lm.tokenizer.save_pretrained(folder)
+            (folder / USER_ADAPTER_MARKER).write_text(json.dumps(record, indent=2, ensure_ascii=False))
+            (folder / "README.md").write_text(_readme(record, target, base))
 
 
 def folder_name(name: str) -> str:
@@ -116,10 +180,17 @@ def folder_name(name: str) -> str:
 
 
 def _record(
-    strategy: Any, seed_dir: Path, results: dict, t: int, row: int, p_like: float, base: BaseWeights
+    strategy: Any,
+    seed_dir: Path,
+    results: dict,
+    t: int,
+    version: int | None,
+    row: int,
+    sample: dict[str, Any],
+    p_like: float,
+    base: BaseWeights,
 ) -> dict[str, Any]:
     task, cfg = strategy.task, strategy.cfg
-    sample = task.table.df.row(row, named=True)
     ids = list(task.prefix) + list(task.encode(row).body)
     return {
         "run": str(seed_dir.resolve()),
@@ -127,18 +198,14 @@ def _record(
         "strategy": results["strategy"],
         "seed": results["seed"],
         "stage": t,  # the training stage whose banks, gates and router made the adapter
+        "version": version,  # the deployed version that trained it (None: a stage of the run's own)
         "precision": results.get("precision"),
         "base_model": cfg.model.name,
         "base_revision": base.revision,
         "base_weights": base.load,  # the folder or hub id the run's base weights load from
         "converted_base": base.converted,
         "rank": cfg.model.lora.r,
-        "sample": {
-            "user": str(sample["user_id"]),
-            "item": str(sample["item_id"]),
-            "stage": int(sample["stage"]),
-            "label": int(sample["label"]),
-        },
+        "sample": sample,  # user, item, the stage it is in, its label (None: a query has none)
         "prompt": {
             "text": task.tok.decode(ids),
             "input_ids": ids,
@@ -152,13 +219,16 @@ def _record(
 
 def _readme(record: dict[str, Any], folder: Path, base: BaseWeights) -> str:
     """How to score the sample with transformers and PEFT alone (a test runs this code)."""
-    sample = record["sample"]
+    sample, version = record["sample"], record["version"]
+    trained = (
+        f"after stage {record['stage']}" if version is None else f"version {version}, stage {record['stage']}"
+    )
     head = (
         f"# RecLoRA adapter of user {sample['user']} for item {sample['item']}\n\n"
-        f"Exported by evolora from `{record['run']}` ({record['method']}, seed {record['seed']}, after stage "
-        f"{record['stage']}). RecLoRA's router reads the user's history and the target item, so this adapter "
-        "belongs to one sample: the prompt in `evolora_user_adapter.json`. Another item needs its own export "
-        "(`evolora export-user-adapter RUN USER --item ITEM`)."
+        f"Exported by evolora from `{record['run']}` ({record['method']}, seed {record['seed']}, {trained}). "
+        "RecLoRA's router reads the user's history and the target item, so this adapter belongs to one "
+        "sample: the prompt in `evolora_user_adapter.json`. Another item needs its own export (`evolora "
+        f"export-user-adapter RUN USER --item ITEM{'' if version is None else f' --version {version}'}`)."
     )
     if base.converted:
         head += f"{base.provenance()}."

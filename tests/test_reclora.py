@@ -186,20 +186,22 @@ def test_a_finished_run_restores_and_exports_a_user_adapter_from_the_cli(
     refused = CliRunner().invoke(app, ["export-user-adapter", str(run), user, "--out", str(run)])
     assert refused.exit_code == 2 and "holds other files" in refused.output  # the run is not replaced
     assert (run / "results.json").is_file()
-    # Deployed, with an update's version promoted: the default (the run's last stage) would be another
-    # model than the one served, so a stage is asked for.
+    # Deployed, with an update's version promoted: the default is the version served, whose adapter answers
+    # a query (test_a_deployed_version_exports_...), so an item is asked for; --stage names the run's own.
     from evolora.deploy.versions import Version, Versions
 
     registry = Versions.open(tmp_path / "t", "reclora", 0, 2)
     registry.add(Version(1, 0, 3, "2026-12-05T00:00:00Z", "deploy/x/stage-3"), promote=True)
     refused = CliRunner().invoke(app, ["export-user-adapter", str(run), user])
-    assert refused.exit_code == 2 and "version 1 (stage 3) is promoted" in refused.output, refused.output
-    assert "pass --stage (its last is 2)" in refused.output
+    assert refused.exit_code == 2 and "version 1 (stage 3) answers a user and an item" in refused.output
+    assert "pass --item (or --stage, up to 2," in refused.output, refused.output
     staged = ["export-user-adapter", str(run), user, "--stage", "2", "--out", str(tmp_path / "cli")]
     assert CliRunner().invoke(app, staged).exit_code == 0
-    # the update's stage is no stage of the run's own: said so (it said the run never trained it)
+    # the update's stage is no stage of the run's own: its version is named (it said the run never trained it)
     refused = CliRunner().invoke(app, ["export-user-adapter", str(run), user, "--stage", "3"])
-    assert refused.exit_code == 2 and "stage 3 was trained by an update (version 1)" in refused.output
+    assert refused.exit_code == 2 and "stage 3 was trained by an update: give its version (--version 1" in (
+        refused.output
+    )
     # with `combine: products` there is no per-user LoRA either: `export` does not send the user there
     from types import SimpleNamespace
 
@@ -267,3 +269,70 @@ def test_the_crm_is_the_authors_din_and_runs_recorded_before_keep_theirs(
     said = result.output.replace("\n", "")
     assert "crm.activation: 'prelu' -> 'relu'" in said and "crm.mlp" not in said, result.output
     assert "pin what it ran with ({name: reclora, crm: {activation: prelu}})" in said, result.output
+
+
+def test_a_deployed_version_exports_the_adapter_it_answers_a_query_with(tmp_path: Path) -> None:
+    """After an update, the served model is the version's: export-user-adapter exports its adapter for a
+    (user, item) query, whose prompt the adapter scores with transformers + PEFT alone to what `score`
+    answers; --stage still names the run's own stages."""
+    import polars as pl
+    from peft import PeftModel
+    from typer.testing import CliRunner
+
+    from evolora.api import Recommender
+    from evolora.cli import app
+    from evolora.deploy.update import update_run
+    from evolora.models.weights import load_pretrained
+    from tests.helpers import EXAMPLE_DATA, EXAMPLE_TABLE
+
+    log = pl.read_csv(EXAMPLE_DATA / "example_log.csv").sort("ts")
+    cut = int(log.height * 0.8)
+    log[:cut].write_csv(tmp_path / "base.csv")
+    log[cut:].write_csv(tmp_path / "batch.csv")
+    over = {
+        **EXAMPLE_TABLE,
+        **OVER,
+        "train.samples_per_stage": 32,
+        "model.precision": "fp32",
+        "strategies": f"[{{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 1}}]",
+    }
+    cfg = tiny_config(tmp_path / "base.csv", tmp_path / "runs", **over)
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    version = update_run(root, tmp_path / "batch.csv", overrides=["update.min_gain=-1.0"]).version
+    assert version.id == 1 and version.stage == 3  # the run trained stages 1-2
+
+    rec = Recommender.load(root)
+    user = rec.known_users[0]
+    item = sorted(rec.known_items - rec.seen_by(user))[0]
+    answered = rec.score(user=user, items=[item])[0].score
+    rec.strategy.teardown()
+
+    # Deployed with version 1 promoted: it is the default, and a query needs its item.
+    refused = CliRunner().invoke(app, ["export-user-adapter", str(root), user])
+    assert refused.exit_code == 2 and "version 1 (stage 3) answers a user and an item" in refused.output
+    assert "pass --item" in refused.output, refused.output
+    result = CliRunner().invoke(app, ["export-user-adapter", str(root), f" {user} ", "--item", item])
+    assert result.exit_code == 0 and "adapter of version 1 (stage 3)" in result.output, result.output
+    folder = root / version.folder / "user-adapters" / f"{user}-{item}"
+    about = json.loads((folder / "evolora_user_adapter.json").read_text())
+    assert about["version"] == 1 and about["stage"] == 3 and about["sample"]["label"] is None
+    assert (about["sample"]["user"], about["sample"]["item"]) == (user, item)
+    assert about["p_like"] == pytest.approx(answered, abs=1e-9)
+    # the adapter alone, on the base, scores the query's prompt as the served version answers it
+    base, _ = load_pretrained("tiny", torch.float32)
+    model = PeftModel.from_pretrained(base, str(folder)).eval()
+    with torch.no_grad():
+        last = model(input_ids=torch.tensor([about["prompt"]["input_ids"]])).logits[0, -1].float()
+    prompt = about["prompt"]
+    p_like = torch.softmax(last[[prompt["yes_id"], prompt["no_id"]]], 0)[0].item()
+    assert p_like == pytest.approx(answered, abs=1e-5)
+    assert "--version 1" in (folder / "README.md").read_text()
+
+    # the update's stage is named by its version; the run's own stages as before
+    refused = CliRunner().invoke(app, ["export-user-adapter", str(root), user, "--stage", "3"])
+    assert refused.exit_code == 2 and "give its version (--version 1" in refused.output, refused.output
+    both = ["export-user-adapter", str(root), user, "--stage", "2", "--version", "1"]
+    assert "not both" in CliRunner().invoke(app, both).output
+    own = CliRunner().invoke(app, ["export-user-adapter", str(root), user, "--version", "0"])
+    assert own.exit_code == 0 and "adapter of stage 2 written" in own.output, own.output

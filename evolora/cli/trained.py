@@ -262,7 +262,14 @@ def export_user_adapter(
     stage: Annotated[
         int | None, typer.Option(help="training stage whose adapters to use; default: last")
     ] = None,
-    item: Annotated[str | None, typer.Option(help="target item of the sample; default: the latest")] = None,
+    item: Annotated[
+        str | None,
+        typer.Option(help="target item of the sample (default: the latest); of a version's query: needed"),
+    ] = None,
+    version: Annotated[
+        int | None,
+        typer.Option(help="a deployed run's version: the adapter it answers USER and --item with"),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -273,15 +280,22 @@ def export_user_adapter(
     model: BaseModel = None,
 ) -> None:
     """RecLoRA: one user's personalized adapter as a plain PEFT LoRA that any PEFT model loads, with the
-    sample's prompt, the run's score of it and a README that scores it with transformers and PEFT alone."""
+    sample's prompt, the run's score of it and a README that scores it with transformers and PEFT alone.
+    A deployed run whose promoted version an update made exports that version's, for a query of USER and
+    --item (as `recommend` answers it); --stage picks a stage of the run's own."""
     from evolora.export_user import export_user_adapter as export
 
     _setup_logging(False)
     _quiet_libraries()
-    target, record = export(run_dir, user, out, method, seed, stage, item, model)
+    target, record = export(run_dir, user, out, method, seed, stage, item, model, version)
     sample = record["sample"]
+    if record["version"] is None:
+        what = f"sample of stage {sample['stage']} with target item {sample['item']}"
+        whose = f"stage {record['stage']}"
+    else:
+        what = f"query for item {sample['item']} with their history as of stage {sample['stage']}"
+        whose = f"version {record['version']} (stage {record['stage']})"
     console.print(
-        f"user {sample['user']}, sample of stage {sample['stage']} with target item {sample['item']} "
-        f"(P(like) {record['p_like']:.4f}): adapter of stage {record['stage']} written to {target} (see "
-        f"{target / 'README.md'})"
+        f"user {sample['user']}, {what} (P(like) {record['p_like']:.4f}): adapter of {whose} written to "
+        f"{target} (see {target / 'README.md'})"
     )
