@@ -241,8 +241,7 @@ class Recommender:
         seed_dir, root = locate_run(Path(run_dir), method, seed)
         results = read_results(seed_dir)
         cfg = with_model_at(resolve_config(load_config(root / "config.yaml")), model)
-        trained = [s["train_stage"] for s in results["stages"]]
-        registry = Versions.open(root, results["method"], results["seed"], max(trained, default=0))
+        registry = Versions.of_run(root, results)
         if version is not None or (stage is None and registry.file.is_file()):
             chosen = registry.get(registry.promoted if version is None else version)
             if chosen.id > 0:

@@ -60,7 +60,7 @@ def export_user_adapter(
     from evolora.continual import STRATEGIES
     from evolora.continual.base import StageContext
     from evolora.data.samples import eval_stage_of
-    from evolora.deploy.versions import Versions
+    from evolora.deploy.versions import Versions, last_trained_stage
     from evolora.experiment import restore_run
     from evolora.queries import locate_run, read_results
 
@@ -69,8 +69,8 @@ def export_user_adapter(
     strategy_name = results.get("strategy")
     if not hasattr(STRATEGIES.get(strategy_name), "user_row"):  # before the data and model load
         raise ConfigError(f"{seed_dir}: a {strategy_name} run has no per-user adapters (reclora has)")
-    last = max((s["train_stage"] for s in results["stages"]), default=0)
-    registry = Versions.open(root, results["method"], results["seed"], last)
+    last = last_trained_stage(results)
+    registry = Versions.of_run(root, results)
     if stage is not None and version is not None:
         raise ConfigError("give a stage or a version, not both (a version names its stage)")
     if stage is None and version is None and registry.promoted != 0:

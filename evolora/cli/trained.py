@@ -185,8 +185,7 @@ def _registry(run_dir: Path, method: str | None, seed: int | None):
 
     seed_dir, root = locate_run(run_dir, method, seed)
     results = read_results(seed_dir)
-    last = max((s["train_stage"] for s in results["stages"]), default=0)
-    return Versions.open(root, results["method"], results["seed"], last)
+    return Versions.of_run(root, results)
 
 
 @app.command()

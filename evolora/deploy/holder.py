@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from evolora.api import Recommender
-from evolora.deploy.versions import Versions
+from evolora.deploy.versions import Versions, last_trained_stage
 from evolora.queries import locate_run, read_results
 
 log = logging.getLogger("evolora")
@@ -55,7 +55,7 @@ class ModelHolder:
         seed_dir, self.root = locate_run(Path(self.run_dir), self.method, self.seed)
         results = read_results(seed_dir)
         self.method, self.seed = results["method"], results["seed"]
-        self.last_stage = max(s["train_stage"] for s in results["stages"])
+        self.last_stage = last_trained_stage(results)
         self.promoted = self._promoted()
         self.served = self._load(self.promoted)
 

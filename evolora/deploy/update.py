@@ -169,15 +169,14 @@ def update_run(
             f"update.metric={cfg.update.metric!r}: the {cfg.task.name} task's gate can compare {names}"
         )
     check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
-    last = max(s["train_stage"] for s in results["stages"])
     method = results["method"]
-    registry = Versions.open(root, method, results["seed"], last)
+    registry = Versions.of_run(root, results)
     with (
         training_in_this_process(),  # the caller's threads and random state are put back after it
         exclusive(registry.folder / ".lock", f"updates of {method} (seed {results['seed']}) in {root}"),
     ):
         set_threads(cfg.threads)
-        registry = Versions.open(root, method, results["seed"], last)  # as the lock holder left it
+        registry = Versions.of_run(root, results)  # as the lock holder left it
         given = {key[-1] for _, key, _ in parsed if key[0] == "update"}
         return _update(cfg, root, results, registry, Path(data_file), given, items_file)
 

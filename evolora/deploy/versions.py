@@ -83,6 +83,11 @@ class Versions:
         reg.versions = [Version(0, None, last_stage, created, folder, {"source": "evolora run"})]
         return reg
 
+    @classmethod
+    def of_run(cls, root: Path, results: dict[str, Any]) -> Versions:
+        """The registry of the run whose `results.json` is `results`, in experiment folder `root`."""
+        return cls.open(root, results["method"], results["seed"], last_trained_stage(results))
+
     def get(self, version: int) -> Version:
         for v in self.versions:
             if v.id == version:
@@ -188,3 +193,8 @@ def _trained_at(trained: Path) -> str:
 
 def _stamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def last_trained_stage(results: dict[str, Any]) -> int:
+    """The last stage a run's `results.json` records as trained (0: none yet)."""
+    return max((s["train_stage"] for s in results["stages"]), default=0)
