@@ -42,7 +42,15 @@ from evolora.bundle import (
     query_frame,
     write_bundle,
 )
-from evolora.config import RunConfig, StrategySpec, config_from_dict, load_config, nearest_key
+from evolora.config import (
+    QUICKSTART,
+    RunConfig,
+    StrategySpec,
+    config_from_dict,
+    load_config,
+    nearest_key,
+    shipped_config,
+)
 from evolora.continual import Env, Strategy, build_strategy, recorded_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
@@ -111,7 +119,7 @@ def run(
     elif isinstance(config, Mapping):
         cfg = config_from_dict(plain(config), sets, "run(config)", flag="")
     elif config is None or isinstance(config, str | Path):
-        path = config if config is not None else Path(__file__).parent / "configs" / "quickstart.yaml"
+        path = QUICKSTART if config is None else shipped_config(config) or config
         cfg = load_config(path, sets, flag="")
         cfg = where_its_config_lies(path, cfg, sets)
     else:

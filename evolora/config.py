@@ -1037,6 +1037,29 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # the repository's configs/, installed too
+QUICKSTART = SHIPPED_CONFIGS / "quickstart.yaml"
+
+
+def shipped_config(path: str | Path) -> Path | None:
+    """The config evolora ships under the name `path` (`deploy-ml100k` or `deploy-ml100k.yaml`), where
+    `path` is a bare name that names no file here: an installed evolora has no configs/ folder beside it."""
+    p = Path(path)
+    if p.exists() or p.parent != Path(".") or not p.name.strip("."):
+        return None
+    found = SHIPPED_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
+    return found if found.is_file() else None
+
+
+def _not_found_hint(path: Path) -> str:
+    """What to give for a config file that is not there: a shipped config of its name, or their names."""
+    names = sorted(f.stem for f in SHIPPED_CONFIGS.glob("*.yaml"))
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if stem in names and path.parent != Path("."):
+        return f" (evolora ships a config of that name: give `{stem}` alone to run it)"
+    return f" (evolora's shipped configs, given by name: {', '.join(names)})" if names else ""
+
+
 def load_config(
     path: str | Path | None,
     overrides: list[str] | None = None,
@@ -1056,7 +1079,7 @@ def load_config(
         if p.is_dir():
             raise ConfigError(f"{path} is a folder; give a config file (YAML)")
         if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}{_not_found_hint(p)}")
         try:
             loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
         except yaml.YAMLError as e:

@@ -733,12 +733,13 @@ def _check_shardable(cfg: RunConfig) -> None:
     if is_conventional(cfg.model.name):
         raise ConfigError(
             f"FSDP launch for the conventional model {cfg.model.name}: it has no LLM layers to shard; "
-            "launch with DDP (configs/accelerate/ddp.yaml)"
+            f"launch with DDP ({parallel.ACCELERATE_CONFIGS / 'ddp.yaml'})"
         )
     if cfg.model.quantization != "none":
         raise ConfigError(
             f"FSDP launch with model.quantization: {cfg.model.quantization}: sharding a quantized base is "
-            "not built; launch QLoRA with DDP (configs/accelerate/ddp.yaml) or leave quantization none"
+            f"not built; launch QLoRA with DDP ({parallel.ACCELERATE_CONFIGS / 'ddp.yaml'}) or leave "
+            "quantization none"
         )
 
 

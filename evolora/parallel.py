@@ -56,6 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -69,6 +70,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 # RQ-VAE) or another experiment holding a shared job's lock can take long; a crashed process ends the
 # launch sooner (torchrun stops the others).
 TIMEOUT = timedelta(hours=6)
+
+#: accelerate's launch configs, ddp.yaml and fsdp.yaml: the repository's configs/accelerate, installed with
+#: evolora (errors name them where they lie, also outside a checkout)
+ACCELERATE_CONFIGS = Path(__file__).resolve().parent / "configs" / "accelerate"
 
 _state: dict[str, Any] = {"world": 1, "rank": 0}
 _local = threading.local()  # `solo` (inside main_first) and `inside` (a split prediction in progress)
@@ -103,8 +108,8 @@ def start(device: str = "auto") -> None:
         raise ConfigError(
             "the accelerate launch asks for DeepSpeed, which evolora does not run: its ZeRO-2 shards "
             "optimiser states and gradients, a few MB for LoRA; launch with FSDP "
-            "(configs/accelerate/fsdp.yaml) to shard the frozen backbone, "
-            "or with DDP (configs/accelerate/ddp.yaml)"
+            f"({ACCELERATE_CONFIGS / 'fsdp.yaml'}) to shard the frozen backbone, "
+            f"or with DDP ({ACCELERATE_CONFIGS / 'ddp.yaml'})"
         )
     fsdp = fsdp_settings()
     from accelerate import PartialState

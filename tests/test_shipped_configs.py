@@ -20,3 +20,48 @@ def test_there_are_configs() -> None:
 def test_shipped_config_loads(path: Path) -> None:
     cfg = load_config(str(path), [])
     assert cfg.name and cfg.strategies and cfg.seeds
+
+
+def test_every_shipped_config_is_package_data() -> None:
+    """An installed evolora (a wheel, an sdist) holds the configs only as package data: pyproject's patterns
+    must name every file of evolora/configs (a config added in a new folder would be left out silently)."""
+    import fnmatch
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = root / "evolora"
+    files = [f.relative_to(package).as_posix() for f in (package / "configs").rglob("*") if f.is_file()]
+    assert len(files) >= len(CONFIGS) + 2  # the accelerate configs too
+    left_out = [f for f in files if not any(fnmatch.fnmatchcase(f, p) for p in patterns["evolora"])]
+    assert not left_out, f"not installed with evolora: {left_out}"
+    from evolora.parallel import ACCELERATE_CONFIGS  # where errors send a launch
+
+    assert (ACCELERATE_CONFIGS / "ddp.yaml").is_file() and (ACCELERATE_CONFIGS / "fsdp.yaml").is_file()
+
+
+def test_a_shipped_config_is_run_by_its_name_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+    from evolora.config import SHIPPED_CONFIGS, shipped_config
+    from evolora.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here, as for an installed evolora
+    assert shipped_config("deploy-ml100k") == shipped_config("deploy-ml100k.yaml")
+    assert shipped_config("deploy-ml100k") == SHIPPED_CONFIGS / "deploy-ml100k.yaml"
+    assert shipped_config("configs/deploy-ml100k.yaml") is None  # a path is the user's, as given
+    (tmp_path / "deploy-ml100k.yaml").write_text("name: mine\n")
+    assert shipped_config("deploy-ml100k.yaml") is None  # a file of that name here is theirs
+    # A path to where the README's configs/ would be says to give the name; a name of none lists them.
+    with pytest.raises(ConfigError, match=r"ships a config of that name: give `quickstart` alone"):
+        load_config("configs/quickstart.yaml")
+    with pytest.raises(ConfigError, match=r"shipped configs, given by name: .*deploy-ml100k.*quickstart"):
+        load_config("quickstrat")
+    # `evolora run NAME`: the shipped file (a bad override shows which file it read, before any training)
+    result = CliRunner().invoke(app, ["run", "single-split-ml100k", "--set", "train.epochs=0"])
+    assert result.exit_code == 2, result.output
+    assert "running evolora's shipped config single-split-ml100k" in result.output
+    assert "train.epochs" in result.output and not (tmp_path / "runs").exists()

@@ -77,9 +77,6 @@ Threads = Annotated[
     int | None, typer.Option(min=1, help="torch CPU threads; default: every core", show_default=False)
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # evolora/configs
-QUICKSTART = "quickstart.yaml"
-
 
 class _PlainHandler(logging.StreamHandler):
     """One line per message, never wrapped: what logs and CI captures want (stderr is not a terminal).
@@ -209,7 +206,12 @@ def _quiet_libraries() -> None:
 @app.command()
 @_user_errors
 def run(
-    config: Annotated[Path | None, typer.Argument(help="YAML config; default: the quickstart")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Argument(
+            help="YAML config, or a shipped config's name (deploy-ml100k); default: the quickstart"
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", "-s", help="override a key, e.g. --set train.epochs=3")
     ] = None,
@@ -235,7 +237,7 @@ def run(
     from evolora import parallel, progress
     from evolora.allocator import keep_freed_memory
     from evolora.cli.tables import matrix_summary_table, stage_table, stage_table_note
-    from evolora.config import load_config
+    from evolora.config import QUICKSTART, load_config, shipped_config
     from evolora.eval.plots import write_plots
     from evolora.eval.report import compose_report
     from evolora.experiment import run_experiment, where_its_config_lies
@@ -248,8 +250,11 @@ def run(
     if not verbose:
         _quiet_libraries()
     if config is None:
-        config = CONFIG_DIR / QUICKSTART
+        config = QUICKSTART
         console.print(f"no config given: running the quickstart ({config})")
+    elif (shipped := shipped_config(config)) is not None:
+        console.print(f"running evolora's shipped config {config} ({shipped})")
+        config = shipped
     cfg = load_config(config, set_ or [])
     cfg = where_its_config_lies(config, cfg, set_ or [])
     parallel.start(cfg.model.device)  # under `accelerate launch`: the main process alone shows and writes
