@@ -161,7 +161,10 @@ def test_quantization_needs_cuda_and_bitsandbytes(monkeypatch: pytest.MonkeyPatc
         load_config(None, ["model.quantization=nf4", "model.name=mf"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(precision_mod, "bitsandbytes_installed", lambda: False)
-    with pytest.raises(ConfigError, match="bitsandbytes package is not installed"):
+    # the extra pyproject declares (tests/test_shipped_configs.py checks it is there)
+    with pytest.raises(
+        ConfigError, match=r"bitsandbytes package is not installed \(pip install 'evolora\[qlora\]'\)"
+    ):
         machine_check(["model.quantization=int8"])
     with pytest.raises(ConfigError, match=r"model.device is cpu"):
         machine_check(["model.quantization=nf4", "model.device=cpu"])

@@ -65,3 +65,19 @@ def test_a_shipped_config_is_run_by_its_name_from_anywhere(
     assert result.exit_code == 2, result.output
     assert "running evolora's shipped config single-split-ml100k" in result.output
     assert "train.epochs" in result.output and not (tmp_path / "runs").exists()
+
+
+def test_the_extras_errors_name_are_declared_and_the_version_is_printed() -> None:
+    import subprocess
+    import sys
+    import tomllib
+
+    import evolora
+
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["qlora"] == ["bitsandbytes"] and extras["mlflow"][0].startswith("mlflow")
+    done = subprocess.run(
+        [sys.executable, "-m", "evolora", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout == f"evolora {evolora.__version__}\n", done

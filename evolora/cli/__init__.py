@@ -43,6 +43,24 @@ data_app = typer.Typer(no_args_is_help=True, help="Fetch and inspect datasets.")
 app.add_typer(data_app, name="data")
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from evolora import __version__
+
+        print(f"evolora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print evolora's version"),
+    ] = False,
+) -> None:
+    """Continual LoRA adaptation of LLM recommenders."""
+
+
 def stdout_width() -> int | None:
     """Off a terminal (a pipe, a log, CI) rich fits tables to 80 columns, cutting figures to "0.…": there
     they take the width they need. A terminal's width, or COLUMNS when set, still decides (None)."""

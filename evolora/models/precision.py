@@ -131,7 +131,7 @@ def quantization_unavailable(quantization: str, device: str) -> str | None:
         return None
     problem = _cuda_problem(device)
     if problem is None and not bitsandbytes_installed():
-        problem = "the bitsandbytes package is not installed (pip install bitsandbytes)"
+        problem = "the bitsandbytes package is not installed (pip install 'evolora[qlora]')"
     if problem is None:
         return None
     return (
