@@ -322,13 +322,13 @@ class Recommender:
 
     def history_of(self, user: str) -> tuple[list[str], list[float]]:
         """A known user's latest interactions at the end of the stage (items, ratings), oldest first."""
-        return self._histories[self._user_id(user)]
+        return self._histories[self.user_id(user)]
 
     def seen_by(self, user: str) -> set[str]:
         """Every item a known user rated up to the stage: what recommendations leave out."""
-        return set(self._seen[self._user_id(user)])
+        return set(self._seen[self.user_id(user)])
 
-    def _user_id(self, user: Any) -> str:
+    def user_id(self, user: Any) -> str:
         """A known user's id as the run holds it (`known_form`: an id given as a number is its string, one
         copied with spaces at its ends the run's); an unknown user is an error."""
         if not isinstance(user, str | int) or isinstance(user, bool):
@@ -425,7 +425,7 @@ class Recommender:
                 raise EvoloraError("score(): give at least one item to score")
             items = self._check_items(items, "items")
             hist_items, hist_ratings, _ = self._history(history, user)
-            user = None if user is None else self._user_id(str(user))
+            user = None if user is None else self.user_id(str(user))
             resolved.append((user, hist_items, hist_ratings, items))
         return self._score_resolved(resolved)
 
@@ -493,7 +493,7 @@ class Recommender:
             history, items, k, user = query_of(query, ("history", "items", "k", "user"), "rank_many")
             k, items = count_of(k), item_list(items)
             hist_items, hist_ratings, seen = self._history(history, user)
-            user = None if user is None else self._user_id(str(user))
+            user = None if user is None else self.user_id(str(user))
             items = self._check_items(items, "items")
             if not items:
                 raise EvoloraError("recommend(): give at least one candidate item to rank")
@@ -530,7 +530,7 @@ class Recommender:
         queries = [(history, count_of(k), user) for history, k, user in queries]
         histories = [self._history(history, user) for history, _, user in queries]
         queries = [
-            (history, k, None if user is None else self._user_id(str(user))) for history, k, user in queries
+            (history, k, None if user is None else self.user_id(str(user))) for history, k, user in queries
         ]
         target = next(iter(self._task.items))  # any known item: generation ignores the target
         # Every seen item is kept out of the search itself (`exclude_history: rated` over the query's
@@ -612,7 +612,7 @@ class Recommender:
         if (user is None) == (history is None):
             raise EvoloraError("give a user or a history (one of them; an empty history is [])")
         if user is not None:
-            known = self._user_id(str(user))
+            known = self.user_id(str(user))
             return *self._histories[known], set(self._seen[known])
         # an item given without a rating counts as liked
         pairs = history_pairs(history, self.like_threshold + 1.0)

@@ -144,7 +144,7 @@ def _export_version_query(
     try:
         strategy.personal.check_exportable()
         scored = rec.score(user=user, items=[item])[0]  # leaves the query's one row as the strategy's task
-        user, item = rec._user_id(str(user)), scored.item  # as the run writes them
+        user, item = rec.user_id(str(user)), scored.item  # as the run writes them
         target = out or check_replaceable(
             seed_dir.parent.parent / version.folder / "user-adapters" / folder_name(f"{user}-{item}"),
             USER_ADAPTER_MARKER,

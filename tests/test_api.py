@@ -572,6 +572,9 @@ def test_the_recommend_command(ctr_run) -> None:
     assert answer["user"] == "1" and answer["score"] == "P(like)"
     assert len(answer["items"]) == 2 and set(answer["items"][0]) == {"item", "score", "title"}
     assert answer["items"][0]["score"] >= answer["items"][1]["score"]
+    # a user id copied with spaces at its ends is answered, and echoed as the run holds it
+    padded = json.loads(runner.invoke(app, [*args[:5], " 1 ", *args[6:]]).output)
+    assert padded["user"] == "1" and padded["items"] == answer["items"]
     table = runner.invoke(
         app, ["recommend", root, "--method", "finetune", "--history", "2:5,3:1", "--items", "4,6"]
     )

@@ -97,7 +97,7 @@ def recommend(
             "version": rec.version,
             "stage": rec.stage,
             "task": rec.task_name,
-            "user": user,
+            "user": None if user is None else rec.user_id(user),  # as the run holds it (not padded)
             "history": None if hist is None else [h if isinstance(h, str) else h[0] for h in hist],
             "score": "P(like)" if rec.task_name == "ctr" else "log p(item | history)",
             "items": [s.to_dict() for s in top],
