@@ -488,7 +488,7 @@ class StageLoop:
             "n_eval_total": n_eval_total,
             "eval_subsampled": len(rows) < n_eval_total,
             "trained": bool(jobs),
-            "train_seconds": float(sum(j["train_seconds"] for j in jobs)),
+            "train_seconds": training_seconds(jobs),
             "eval_seconds": eval_seconds,
             "reused_shared_predictions": reused_preds,
             "machine": machine(),  # a resumed run's stages may have run on different machines
@@ -590,6 +590,13 @@ def _waited_for(lock: Path, what: str) -> Iterator[None]:
 
 def is_trained(stage_dir: Path) -> bool:
     return (trained_folder(stage_dir) / "trained.json").is_file()
+
+
+def training_seconds(jobs: list[dict[str, Any]]) -> float:
+    """What producing a stage's model took: its jobs' training seconds, whoever trained them, a job that
+    several of its adapters share (LSAT's two at its first stage: one key) counted once."""
+    by_job = {job.get("shared_key") or i: float(job["train_seconds"]) for i, job in enumerate(jobs)}
+    return float(sum(by_job.values()))
 
 
 def stage_state_file(unit: Path) -> Path:
