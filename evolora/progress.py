@@ -4,14 +4,18 @@ Library code wraps its loops in `task(...)`; the CLI opens one `display()` aroun
 single live area. Without a display (library use, tests) the wrappers do nothing, so evolora never writes to
 the terminal unless asked to.
 
-Off a terminal (a log file, CI, nohup) bars cannot redraw: each one still running after a minute is told as
-a log line once a minute (`EVOLORA_PROGRESS_EVERY` seconds; 0: never), so a long run's log shows it moving.
+Off a terminal (a log file, CI, nohup) bars cannot redraw: whenever the log has said nothing for a minute
+(`EVOLORA_PROGRESS_EVERY` seconds; 0: never), each bar then running is told as a log line, so a long run's
+log shows it moving. A thread watches the silence, not the bars' steps: a chain of bars shorter than a
+minute each, or one step longer than that, would otherwise leave the log silent for minutes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +25,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    Task,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
@@ -28,7 +33,6 @@ from rich.progress import (
 )
 
 _active: Progress | None = None
-_told_every: float | None = None  # off a terminal: seconds between a bar's log lines (None: on a terminal)
 EVERY_ENV = "EVOLORA_PROGRESS_EVERY"
 
 
@@ -50,17 +54,55 @@ def display(console: Console | None = None) -> Iterator[Progress]:
         transient=True,
         disable=off_terminal,
     )
-    global _told_every
     previous, _active = _active, progress
-    told_before, _told_every = _told_every, (_every() if off_terminal else None)
+    every = _every() if off_terminal else None
     try:
         if off_terminal:  # not started at all: rich before 14.3 ends even a disabled live area with a newline
-            yield progress
+            with _Heartbeat(progress, every) if every is not None else contextlib.nullcontext():
+                yield progress
         else:
             with progress:
                 yield progress
     finally:
-        _active, _told_every = previous, told_before
+        _active = previous
+
+
+class _Heartbeat(logging.Handler):
+    """Off a terminal: once the `evolora` log has been silent for `every` seconds, each running bar of
+    `progress` is told as a line (which ends the silence). A handler on that logger, so any line counts."""
+
+    def __init__(self, progress: Progress, every: float) -> None:
+        super().__init__()
+        self.progress, self.every = progress, every
+        self.last_line = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="evolora-progress", daemon=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last_line = time.monotonic()
+
+    def __enter__(self) -> _Heartbeat:
+        logging.getLogger("evolora").addHandler(self)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        logging.getLogger("evolora").removeHandler(self)
+
+    def _watch(self) -> None:
+        pause = min(1.0, max(self.every / 4, 0.05))  # (tests ask for lines every few milliseconds)
+        while not self._stop.wait(pause):
+            if time.monotonic() - self.last_line < self.every:
+                continue
+            # Read under the display's lock: a bar advanced meanwhile would change the samples its speed
+            # is read from. Told outside it.
+            with self.progress._lock:
+                lines = [_told(running) for running in self.progress.tasks]
+            for line in lines:
+                logging.getLogger("evolora").info("%s", line)
+            self.last_line = time.monotonic()  # (with no bar running, the next is told a full period on)
 
 
 def _every() -> float | None:
@@ -72,30 +114,23 @@ def _every() -> float | None:
     return every if every > 0 else None
 
 
+def _told(task: Task) -> str:
+    """A bar as a log line: what it counts, how far, how long so far and (once known) how long left."""
+    done = f"{task.completed:.0f}" + (f"/{task.total:.0f} ({task.percentage:.0f}%)" if task.total else "")
+    left = f", about {_duration(task.time_remaining)} left" if task.time_remaining else ""
+    info = f" ({task.fields['info']})" if task.fields.get("info") else ""  # e.g. the running loss
+    return f"{task.description}: {done}, {_duration(task.elapsed or 0.0)} so far{left}{info}"
+
+
 class Bar:
     """One bar; `advance` and `info` are no-ops when no display is active."""
 
-    def __init__(self, progress: Progress | None, task_id: TaskID | None, every: float | None = None) -> None:
+    def __init__(self, progress: Progress | None, task_id: TaskID | None) -> None:
         self._p, self._id = progress, task_id
-        self._every = every
-        self._next = time.monotonic() + every if every is not None else None
 
     def advance(self, n: float = 1) -> None:
         if self._p is not None and self._id is not None:
             self._p.advance(self._id, n)
-            if self._next is not None and time.monotonic() >= self._next:
-                self._tell()
-
-    def _tell(self) -> None:
-        """The bar as a log line: what it counts, how far, how long so far and (once known) how long left."""
-        task = next(t for t in self._p.tasks if t.id == self._id)
-        done = f"{task.completed:.0f}" + (f"/{task.total:.0f} ({task.percentage:.0f}%)" if task.total else "")
-        left = f", about {_duration(task.time_remaining)} left" if task.time_remaining else ""
-        info = f" ({task.fields['info']})" if task.fields.get("info") else ""  # e.g. the running loss
-        logging.getLogger("evolora").info(
-            "%s: %s, %s so far%s%s", task.description, done, _duration(task.elapsed or 0.0), left, info
-        )
-        self._next = time.monotonic() + self._every
 
     def info(self, text: str) -> None:
         if self._p is not None and self._id is not None:
@@ -115,7 +150,7 @@ def task(description: str, total: float | None) -> Iterator[Bar]:
         return
     task_id = progress.add_task(description, total=total, info="")
     try:
-        yield Bar(progress, task_id, _told_every)
+        yield Bar(progress, task_id)
     finally:
         progress.remove_task(task_id)
 

@@ -982,6 +982,36 @@ def test_off_a_terminal_long_work_is_told_in_log_lines(
     assert quiet.exit_code == 0 and " so far" not in quiet.output
 
 
+def test_off_a_terminal_a_silent_log_is_told_whichever_bars_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line came only when a bar advanced past its own minute: one step longer than that (a long first
+    batch) was told after it ended, and a chain of shorter bars (statistics, then an epoch, then scoring)
+    never, a minute and more of silence in CI logs. Now the log's silence is watched."""
+    import io
+    import logging
+    import time
+
+    from rich.console import Console
+
+    from evolora import progress
+
+    monkeypatch.setenv(progress.EVERY_ENV, "0.2")
+    console = Console(file=io.StringIO(), force_terminal=False)
+    with caplog.at_level(logging.INFO, logger="evolora"), progress.display(console):
+        with progress.task("long step", 2) as bar:
+            time.sleep(0.7)  # told while the step runs, before its bar moves
+            bar.advance()
+        for i in range(10):
+            with progress.task(f"short {i}", 1) as bar:
+                time.sleep(0.1)
+                bar.advance()
+    told = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("long step: 0/2 (0%), 0m00s so far") for line in told), told
+    assert any(line.startswith("short ") for line in told), told
+    assert not console.file.getvalue()  # (the log lines, not a live area)
+
+
 def test_quiet_shows_warnings_and_results_and_log_txt_keeps_everything(
     sunny_dir: Path, tmp_path: Path
 ) -> None:
