@@ -565,7 +565,7 @@ def _run_experiment(cfg: RunConfig, overwrite: bool, on_stage: Any, jobs: int) -
                 f"--jobs {jobs} inside a {parallel.world_size()}-process launch: the launch already splits "
                 "the work; use one or the other"
             )
-    check_strategy_specs(cfg.strategies)
+    check_strategy_specs(cfg.strategies, cfg)
     check_conventional(cfg)
     if cfg.train.select_by == "last":  # said, not silent: these read the validation that `last` skips
         unread = [k for k in ("patience", "keep_start_if_better") if getattr(cfg.train, k)]

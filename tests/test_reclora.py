@@ -92,9 +92,16 @@ def test_reclora_resumes_identically(sunny_dir: Path, tmp_path: Path, monkeypatc
 
 
 def test_reclora_needs_a_long_enough_history_and_ctr(sunny_dir: Path, tmp_path: Path) -> None:
-    bad = {**OVER, "task.sample_history": 4}
-    with pytest.raises(ConfigError, match="sample_history"):
+    """Refused before any work: listed after other strategies, the mistake came at reclora's set-up, after
+    they had all run (minutes to hours)."""
+    first = f"[finetune, {{name: reclora, n_meta: 3, crm: {CRM}, crm_epochs: 2}}]"
+    bad = {**OVER, "task.sample_history": 4, "strategies": first}
+    with pytest.raises(ConfigError, match=r"samples keep 8: set task\.sample_history: 10"):
         run_experiment(tiny_config(sunny_dir, tmp_path, **bad))
+    assert not list(tmp_path.glob("**/finetune/seed0/stage-*"))
+    with pytest.raises(ConfigError, match="reclora works on the ctr task"):
+        next_item = {"task.name": "next_item", "task.template": "peso", "strategies": first}
+        run_experiment(tiny_config(sunny_dir, tmp_path, **next_item))
 
 
 def test_export_gives_the_user_adapter(sunny_dir: Path, tmp_path: Path) -> None:

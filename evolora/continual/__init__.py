@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from evolora.config import StrategySpec, config_changes
+from evolora.config import RunConfig, StrategySpec, config_changes
 from evolora.continual.base import Env, Strategy, StrategyOptions, options_with_defaults
 from evolora.continual.finetune import Finetune
 from evolora.continual.frozen import Frozen
@@ -61,10 +61,13 @@ def resolved_options(spec: StrategySpec) -> dict[str, Any]:
     return _resolve(spec)[1].model_dump(mode="json")
 
 
-def check_strategy_specs(specs: list[StrategySpec]) -> None:
-    """Validate every strategy's options before any work starts."""
+def check_strategy_specs(specs: list[StrategySpec], cfg: RunConfig | None = None) -> None:
+    """Validate every strategy's options, and with `cfg` the settings they need of it, before any work
+    starts."""
     for spec in specs:
-        _resolve(spec)
+        cls, options = _resolve(spec)
+        if cfg is not None:
+            cls.check_config(options, cfg)
 
 
 __all__ = ["STRATEGIES", "Env", "Strategy", "build_strategy", "check_strategy_specs"]

@@ -132,6 +132,11 @@ class Strategy(Generic[OptionsT]):
         return {**cls.former_defaults, **options}
 
     @classmethod
+    def check_config(cls, options: Any, cfg: RunConfig) -> None:
+        """Refuse settings elsewhere in `cfg` this strategy cannot run with (a `ConfigError`), before any
+        work starts: found at its set-up, the mistake came after every strategy listed before it had run."""
+
+    @classmethod
     def applicable(cls, options: dict[str, Any]) -> dict[str, Any]:
         """The options that change what runs, given the others (all, but where a strategy says otherwise):
         two runs that differ only in an option that did not apply ran alike."""

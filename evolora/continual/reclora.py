@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from evolora import cost
-from evolora.config import ConventionalConfig, ModelConfig, TrainConfig
+from evolora.config import ConventionalConfig, ModelConfig, RunConfig, TrainConfig
 from evolora.continual.base import MAIN, PlainLora, StageContext, Strategy, StrategyOptions, TrainJob
 from evolora.continual.regularizers import ProximalRegularizer
 from evolora.data.ids import known_form
@@ -97,22 +97,26 @@ class RecLora(Strategy[RecLoraOptions]):
         crm = recorded.get("crm")
         return {**recorded, "crm": {**FORMER_CRM, **(crm if isinstance(crm, Mapping) else {})}}
 
+    @classmethod
+    def check_config(cls, options: Any, cfg: RunConfig) -> None:
+        if cfg.task.name != "ctr":
+            raise ConfigError("reclora works on the ctr task (its gate reads a click model)")
+        keep = cfg.task.history_kept()  # what every sample keeps (its table's history_len)
+        if keep < options.crm.max_len:
+            raise ConfigError(
+                f"reclora's CRM reads {options.crm.max_len} history items but samples keep {keep}: set "
+                f"task.sample_history: {options.crm.max_len}"
+            )
+
     def setup(self) -> None:
         from evolora.models.conventional.backbone import ConventionalBackbone
         from evolora.tasks.conventional import ConventionalCtrTask
 
         o = self.o = self.options
-        if self.cfg.task.name != "ctr":
-            raise ConfigError("reclora works on the ctr task (its gate reads a click model)")
+        self.check_config(o, self.cfg)
         prepared = self.env.prepared
         if prepared is None:
             raise ConfigError("reclora needs the experiment's data (run it through `evolora run`)")
-        keep = self.task.table.history_len
-        if keep < o.crm.max_len:
-            raise ConfigError(
-                f"reclora's CRM reads {o.crm.max_len} history items but samples keep {keep}: set "
-                f"task.sample_history: {o.crm.max_len}"
-            )
         space = prepared.id_space()
         crm_model = ModelConfig(name="din", device=self.cfg.model.device, conventional=o.crm)
         self.crm = ConventionalBackbone.from_config(crm_model, space, prepared.data.items, seed=self.seed)
