@@ -12,7 +12,11 @@ strategy and every rerun of an experiment uses the same IDs, and an experiment o
 on other weights, builds its own. The RQ-VAE is kept beside them, so the items an update (`evolora update`)
 brings are encoded by the same quantizer (`add_new_items`). The file a task was built from is noted in
 `Prepared.caches`, which is how a run's bundle, its updates and its continued experiment find it again
-(an older evolora keyed the caches by settings only: `*_by_settings`).
+(an older evolora keyed the caches by settings only: `*_by_settings`). While IDs are built, the item
+embeddings wait beside them (`embeddings_path`), so a build stopped in the RQ-VAE does not embed again.
+
+(A little past 400 lines: the retrieval vectors, the IDs and an update's new items share the keys and
+caches above; split, each part would import the others'.)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from evolora import cost
 from evolora.config import NextItemTaskConfig, RunConfig, SemanticIdConfig
 from evolora.data.prepare import Prepared
 from evolora.data.schema import InteractionData, item_fields
-from evolora.errors import ConfigError, DataError
+from evolora.errors import ConfigError, DamagedFileError, DataError
 from evolora.io import load_npz, save_npz, stable_hash
 from evolora.models.conventional import is_conventional
 from evolora.models.rqvae import RQVAE, assign_codes, last_level_ranking, train_rqvae
@@ -246,10 +250,7 @@ def semantic_ids_for(cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, 
         sids = SemanticIds(order, unique)
     else:
         order = item_order(data, staged)
-        model, tok = _embedder(sid_cfg, pretrained)
-        log.info("semantic IDs: embedding %d item texts", len(order))
-        with cost.part("item_embeddings"):
-            emb = embed_texts(model, tok, item_texts(data, order, sid_cfg.text_fields))
+        emb = _item_embeddings(sid_cfg, data, order, pretrained, embeddings_path(path))
         first = set(staged.filter(pl.col("stage") <= 1)["item_id"].to_list())
         fit = np.array([i in first for i in order])
         if fit.sum() < sid_cfg.codebook_size:
@@ -271,7 +272,39 @@ def semantic_ids_for(cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, 
         source, len(sids), unique.shape[1] - 1, stats.collision_groups, stats.max_group,
     )  # fmt: skip
     sids.save(path)
+    embeddings_path(path).unlink(missing_ok=True)  # kept only for a build stopped before its end
     return sids
+
+
+def embeddings_path(ids_path: Path) -> Path:
+    """The item embeddings of IDs being built at `ids_path`, kept until they are: a build stopped during
+    the RQ-VAE (Ctrl-C, a kill) takes them up again rather than embed every item text again."""
+    return ids_path.with_name(f"{ids_path.stem}.embeddings.npz")
+
+
+def _item_embeddings(
+    sid_cfg: SemanticIdConfig,
+    data: InteractionData,
+    order: list[str],
+    pretrained: tuple[Any, Any],
+    path: Path,
+) -> np.ndarray:
+    """The embeddings of the items' texts in `order`: those a stopped build left at `path` (keyed as the IDs
+    are: the same items, texts and embedder), else computed and kept there."""
+    if path.is_file():
+        try:
+            kept = load_npz(path)["vectors"]
+        except (DamagedFileError, KeyError):
+            kept = None  # computed again below, and written over
+        if kept is not None and kept.shape[0] == len(order):
+            log.info("semantic IDs: the %d item embeddings of a build stopped before its end", len(order))
+            return kept
+    model, tok = _embedder(sid_cfg, pretrained)
+    log.info("semantic IDs: embedding %d item texts", len(order))
+    with cost.part("item_embeddings"):
+        emb = embed_texts(model, tok, item_texts(data, order, sid_cfg.text_fields))
+    save_npz(path, {"vectors": emb})
+    return emb
 
 
 @dataclass(frozen=True)
