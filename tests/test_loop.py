@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,9 @@ def test_adapters_saved_per_stage_in_peft_format(finished) -> None:
     assert (Path(cfg.output_dir) / cfg.name / "config.yaml").is_file()
 
 
-def test_rerun_does_nothing_again(finished, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_rerun_does_nothing_again(
+    finished, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg, results = finished
 
     def boom(*a, **k):
@@ -66,8 +69,12 @@ def test_rerun_does_nothing_again(finished, monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(CtrTask, "loss", boom)
     monkeypatch.setattr(CtrTask, "predict", boom)
-    again = run_experiment(cfg)
+    with caplog.at_level(logging.INFO, logger="evolora"):
+        again = run_experiment(cfg)
     assert [r["stages"] for r in again] == [r["stages"] for r in results]
+    # said per run, not "running finetune (seed 0)" alone, as if it trained again
+    told = [r.getMessage() for r in caplog.records]
+    assert told.count("every stage already finished (1, 2): nothing to run") == len(results), told
 
 
 def test_changed_config_is_refused(finished) -> None:

@@ -509,6 +509,8 @@ class StageLoop:
         self._clock = cost.clock()
         self.check_run()
         self.s.setup()
+        if not todo:  # said: "running <method>" alone reads as if it trained again
+            log.info("every stage already finished (%s): nothing to run", ", ".join(map(str, done)))
         if todo and todo[0] > 1:
             # The chain continues from the last finished stage's saved adapters and state.
             self.task.before_stage(self.lm, todo[0] - 1)
