@@ -106,9 +106,10 @@ def run(
     overwrite: bool = False,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
-    """Run an experiment (a YAML path, a `RunConfig`, a mapping of sections as the YAML holds them, or None
-    for the quickstart) and return each (strategy, seed)'s results. Overrides are keys as `--set` takes
-    them: `run(path, **{"train.epochs": 3})`, or sections as mappings: `run(path, train={"epochs": 3})`.
+    """Run an experiment (a YAML path, the name of a config evolora ships such as "forgetting-ctr-ml100k", a
+    `RunConfig`, a mapping of sections as the YAML holds them, or None for the quickstart) and return each
+    (strategy, seed)'s results. Overrides are keys as `--set` takes them: `run(path, **{"train.epochs": 3})`,
+    or sections as mappings: `run(path, train={"epochs": 3})`.
     `jobs`: worker processes for the (strategy, seed) pairs (`evolora run --jobs`); `overwrite`: replace an
     experiment of other settings in the same folder (`evolora run --overwrite`)."""
     if not isinstance(jobs, int | np.integer) or isinstance(jobs, bool) or jobs < 1:
@@ -119,7 +120,10 @@ def run(
     elif isinstance(config, Mapping):
         cfg = config_from_dict(plain(config), sets, "run(config)", flag="")
     elif config is None or isinstance(config, str | Path):
-        path = QUICKSTART if config is None else shipped_config(config) or config
+        shipped = None if config is None else shipped_config(config)
+        if shipped is not None:
+            log.info("running evolora's shipped config %s (%s)", config, shipped)
+        path = QUICKSTART if config is None else shipped or config
         cfg = load_config(path, sets, flag="")
         cfg = where_its_config_lies(path, cfg, sets)
     else:

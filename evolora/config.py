@@ -1042,19 +1042,30 @@ QUICKSTART = SHIPPED_CONFIGS / "quickstart.yaml"
 
 
 def shipped_config(path: str | Path) -> Path | None:
-    """The config evolora ships under the name `path` (`deploy-ml100k` or `deploy-ml100k.yaml`), where
-    `path` is a bare name that names no file here: an installed evolora has no configs/ folder beside it."""
-    p = Path(path)
-    if p.exists() or p.parent != Path(".") or not p.name.strip("."):
+    """The config evolora ships under the name `path` (`forgetting-ctr-ml100k` or `...ml100k.yaml`), where
+    `path` is a bare name (no folder, not even `./`) and nothing here has it, nor it with `.yaml` or `.yml`:
+    the user's own file always wins. An installed evolora has no configs/ folder beside it."""
+    text, p = str(path), Path(path)
+    if "/" in text or "\\" in text or not p.name.strip(".") or _here(p) is not None:
         return None
     found = SHIPPED_CONFIGS / (p.name if p.suffix in (".yaml", ".yml") else f"{p.name}.yaml")
     return found if found.is_file() else None
+
+
+def _here(p: Path) -> Path | None:
+    """What the current folder holds under the name `p`, or it with a YAML suffix."""
+    return next(
+        (c for c in (p, p.with_name(f"{p.name}.yaml"), p.with_name(f"{p.name}.yml")) if c.exists()), None
+    )
 
 
 def _not_found_hint(path: Path) -> str:
     """What to give for a config file that is not there: a shipped config of its name, or their names."""
     names = sorted(f.stem for f in SHIPPED_CONFIGS.glob("*.yaml"))
     stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    own = _here(path) if path.parent == Path(".") and path.name.strip(".") else None
+    if own is not None and own != path:  # `name` given for the file ./name.yaml
+        return f" (did you mean {own}?)"
     if stem in names and path.parent != Path("."):
         return f" (evolora ships a config of that name: give `{stem}` alone to run it)"
     return f" (evolora's shipped configs, given by name: {', '.join(names)})" if names else ""

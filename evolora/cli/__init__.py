@@ -227,7 +227,7 @@ def run(
     config: Annotated[
         Path | None,
         typer.Argument(
-            help="YAML config, or a shipped config's name (deploy-ml100k); default: the quickstart"
+            help="YAML config, or a shipped config's name (forgetting-ctr-ml100k); default: the quickstart"
         ),
     ] = None,
     set_: Annotated[
