@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from evolora.data.ids import known_form
 from evolora.errors import ConfigError
 from evolora.export import BaseWeights
 from evolora.io import atomic_directory, check_replaceable
@@ -97,10 +98,7 @@ def export_user_adapter(
         row = strategy.user_row(user, judged, item)
         sample = strategy.task.table.df.row(row, named=True)  # its ids as the run writes them
         user, item = str(sample["user_id"]), None if item is None else str(sample["item_id"])
-        name = folder_name(user if item is None else f"{user}-{item}")
-        target = out or check_replaceable(
-            seed_dir / f"stage-{t}" / "user-adapters" / name, USER_ADAPTER_MARKER, "user adapter"
-        )
+        target = out or _default_folder(seed_dir / f"stage-{t}", user, item)
         ctx = StageContext(t, judged, prepared.pools, results["seed"], seed_dir / f"stage-{t}")
         p_like = float(strategy.predict(ctx, np.array([row]))[0])  # the run's own score of the sample
         the_sample = {
@@ -143,13 +141,17 @@ def _export_version_query(
     strategy = rec.strategy
     try:
         strategy.personal.check_exportable()
+        known = rec.known_users_set
+        if (
+            known_form(str(user), known) not in known
+        ):  # (`score` would advise a history, which this takes not)
+            raise ConfigError(
+                f"unknown user {user!r}: version {version.id} knows {len(known)} users up to stage "
+                f"{rec.eval_stage}, and exports the adapter of one of them"
+            )
         scored = rec.score(user=user, items=[item])[0]  # leaves the query's one row as the strategy's task
         user, item = rec.user_id(str(user)), scored.item  # as the run writes them
-        target = out or check_replaceable(
-            seed_dir.parent.parent / version.folder / "user-adapters" / folder_name(f"{user}-{item}"),
-            USER_ADAPTER_MARKER,
-            "user adapter",
-        )
+        target = out or _default_folder(seed_dir.parent.parent / version.folder, user, item)
         query = {"user": user, "item": item, "stage": rec.eval_stage, "label": None}
         base = BaseWeights.of(strategy.cfg.model.name, strategy.cfg.model.revision)
         record = _record(strategy, seed_dir, results, version.stage, version.id, 0, query, scored.score, base)
@@ -170,6 +172,26 @@ def _write(target: Path, strategy: Any, row: int, record: dict[str, Any], base: 
             strategy.lm.tokenizer.save_pretrained(folder)
             (folder / USER_ADAPTER_MARKER).write_text(json.dumps(record, indent=2, ensure_ascii=False))
             (folder / "README.md").write_text(_readme(record, target, base))
+
+
+def _default_folder(stage_folder: Path, user: str, item: str | None) -> Path:
+    """`<stage_folder>/user-adapters/<user>[-<item>]`, unless it holds the adapter of another user (or item):
+    ids with a `-` name some pairs alike (user `a` with item `sku-1`, user `a-sku` with item `1`), and one
+    export must not replace the other's."""
+    name = folder_name(user if item is None else f"{user}-{item}")
+    target = check_replaceable(stage_folder / "user-adapters" / name, USER_ADAPTER_MARKER, "user adapter")
+    try:
+        earlier = json.loads((target / USER_ADAPTER_MARKER).read_text(encoding="utf-8"))["sample"]
+        named = (earlier["user"], earlier["item"] if item is not None else None)
+    except (OSError, ValueError, KeyError, TypeError):  # none, or damaged: replaced as an earlier export
+        return target
+    if named != (user, item):
+        whose = f"user {named[0]!r}" + ("" if item is None else f" and item {named[1]!r}")
+        raise ConfigError(
+            f"{target} holds the adapter of {whose}, whose ids name the same folder: give --out to write "
+            "this one elsewhere"
+        )
+    return target
 
 
 def folder_name(name: str) -> str:

@@ -335,6 +335,16 @@ def test_a_deployed_version_exports_the_adapter_it_answers_a_query_with(tmp_path
     p_like = torch.softmax(last[[prompt["yes_id"], prompt["no_id"]]], 0)[0].item()
     assert p_like == pytest.approx(answered, abs=1e-5)
     assert "--version 1" in (folder / "README.md").read_text()
+    # another (user, item) whose ids name the same folder is not replaced by it
+    about["sample"] = {**about["sample"], "user": f"{user}-x", "item": "y"}
+    (folder / "evolora_user_adapter.json").write_text(json.dumps(about))
+    refused = CliRunner().invoke(app, ["export-user-adapter", str(root), user, "--item", item])
+    assert refused.exit_code == 2 and f"holds the adapter of user '{user}-x' and item 'y'" in refused.output
+    # an unknown user is told as such (not advised a history, which this command takes not)
+    refused = CliRunner().invoke(app, ["export-user-adapter", str(root), "nobody", "--item", item])
+    assert refused.exit_code == 2 and "unknown user 'nobody': version 1 knows" in refused.output, (
+        refused.output
+    )
 
     # the update's stage is named by its version; the run's own stages as before
     refused = CliRunner().invoke(app, ["export-user-adapter", str(root), user, "--stage", "3"])

@@ -259,7 +259,11 @@ def export_user_adapter(
     method: Method = None,
     seed: Seed = None,
     stage: Annotated[
-        int | None, typer.Option(help="training stage whose adapters to use; default: last")
+        int | None,
+        typer.Option(
+            help="training stage whose adapters to use; default: the last (a run an update changed: its "
+            "promoted version's, see --version)"
+        ),
     ] = None,
     item: Annotated[
         str | None,
@@ -272,8 +276,8 @@ def export_user_adapter(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="folder (new, empty, or an earlier adapter); default: <run>/stage-<t>/user-adapters/<user> "
-            "(a / or % in the id written %2F, %25)"
+            help="folder (new, empty, or an earlier adapter); default: <run>/stage-<t>/user-adapters/<user>"
+            "[-<item>], a version's in its stage folder (a / or % in an id written %2F, %25)"
         ),
     ] = None,
     model: BaseModel = None,
