@@ -109,7 +109,8 @@ def test_semantic_ids_stopped_during_the_rqvae_keep_their_item_embeddings(
     sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C during the RQ-VAE lost the item embeddings (kept in memory only): the rerun embedded every item
-    text again (42 s on ML-100K, minutes for a 39k-item catalogue). The same IDs come out either way."""
+    text again (42 s on ML-100K, minutes for a 39k-item catalogue), also with the RQ-VAE's settings changed
+    after stopping a slow one. The same IDs come out either way."""
     from evolora.tasks import semantic
 
     over = {
@@ -135,12 +136,13 @@ def test_semantic_ids_stopped_during_the_rqvae_keep_their_item_embeddings(
     real_embed = semantic.embed_texts
     monkeypatch.setattr(semantic, "embed_texts", embed)
     monkeypatch.setattr(semantic, "train_rqvae", stopped)
-    cfg = tiny_config(sunny_dir, tmp_path / "stopped", **over)
+    slow = tiny_config(sunny_dir, tmp_path / "stopped", **{**over, "task.semantic_ids.epochs": 50})
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg)
+        run_experiment(slow)
     assert embedded == [1]
     monkeypatch.setattr(semantic, "train_rqvae", trained)
-    run_experiment(cfg)
+    cfg = tiny_config(sunny_dir, tmp_path / "stopped", **over)  # fewer epochs: other IDs, same embeddings
+    run_experiment(cfg, overwrite=True)
     assert embedded == [1]  # taken up, not embedded again
     folder = Path(cfg.output_dir) / "_shared" / "semantic_ids"
     assert (folder / expected.name).read_text() == expected.read_text()

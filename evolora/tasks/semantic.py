@@ -170,12 +170,33 @@ def semantic_ids_path(
     else:
         texts = item_texts(data, order, sid_cfg.text_fields)
         rows = [(item, item in first, text) for item, text in zip(order, texts, strict=True)]
-        embedder = sid_cfg.embedder
-        if embedder == "backbone":
-            embedder = {"model": cfg.model.name, "weights": weights_fingerprint(pretrained[0])}
+        embedder = _embedder_key(cfg, sid_cfg, pretrained)
     what = {"ids": sid_cfg.model_dump(mode="json"), "source": source, "embedder": embedder}
     key = stable_hash({**what, "items": _digest(rows)}, 16)
     return cfg.shared_root / "semantic_ids" / f"{key}.json"
+
+
+def _embedder_key(cfg: RunConfig, sid_cfg: SemanticIdConfig, pretrained: tuple[Any, Any]) -> Any:
+    """What names the model that embeds item texts: another model's name, or the backbone's name and a
+    fingerprint of its weights."""
+    if sid_cfg.embedder != "backbone":
+        return sid_cfg.embedder
+    return {"model": cfg.model.name, "weights": weights_fingerprint(pretrained[0])}
+
+
+def embeddings_path(cfg: RunConfig, order: list[str], texts: list[str], pretrained: tuple[Any, Any]) -> Path:
+    """Where item embeddings wait while semantic IDs are built (a build stopped in the RQ-VAE takes them up
+    again), keyed by what they are made of alone: the items' texts in order and the embedder, not the
+    RQ-VAE's settings, which a user changes after stopping a slow one."""
+    sid_cfg: SemanticIdConfig = cast(NextItemTaskConfig, cfg.task).semantic_ids
+    key = stable_hash(
+        {
+            "embedder": _embedder_key(cfg, sid_cfg, pretrained),
+            "items": _digest(zip(order, texts, strict=True)),
+        },
+        16,
+    )
+    return cfg.shared_root / "semantic_ids" / f"{key}.embeddings.npz"
 
 
 def semantic_ids_path_by_settings(cfg: RunConfig, data: InteractionData) -> Path:
@@ -233,6 +254,7 @@ def semantic_ids_for(cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, 
         log.info("semantic IDs: %d items, %d levels (cached %s)", len(sids), sids.levels, path.name)
         return sids
     assert staged is not None  # (checked above: IDs are built from the staged data)
+    waiting = None  # the item embeddings of a build in progress (`embeddings_path`)
     if source == "dataset":
         if not items_have_ids(data.items):
             raise ConfigError("task.semantic_ids.source=dataset but this dataset ships no semantic IDs")
@@ -250,7 +272,9 @@ def semantic_ids_for(cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, 
         sids = SemanticIds(order, unique)
     else:
         order = item_order(data, staged)
-        emb = _item_embeddings(sid_cfg, data, order, pretrained, embeddings_path(path))
+        texts = item_texts(data, order, sid_cfg.text_fields)
+        waiting = embeddings_path(cfg, order, texts, pretrained)
+        emb = _item_embeddings(sid_cfg, texts, pretrained, waiting)
         first = set(staged.filter(pl.col("stage") <= 1)["item_id"].to_list())
         fit = np.array([i in first for i in order])
         if fit.sum() < sid_cfg.codebook_size:
@@ -272,37 +296,28 @@ def semantic_ids_for(cfg: RunConfig, prepared: Prepared, pretrained: tuple[Any, 
         source, len(sids), unique.shape[1] - 1, stats.collision_groups, stats.max_group,
     )  # fmt: skip
     sids.save(path)
-    embeddings_path(path).unlink(missing_ok=True)  # kept only for a build stopped before its end
+    if waiting is not None:
+        waiting.unlink(missing_ok=True)  # kept only for a build stopped before its end
     return sids
 
 
-def embeddings_path(ids_path: Path) -> Path:
-    """The item embeddings of IDs being built at `ids_path`, kept until they are: a build stopped during
-    the RQ-VAE (Ctrl-C, a kill) takes them up again rather than embed every item text again."""
-    return ids_path.with_name(f"{ids_path.stem}.embeddings.npz")
-
-
 def _item_embeddings(
-    sid_cfg: SemanticIdConfig,
-    data: InteractionData,
-    order: list[str],
-    pretrained: tuple[Any, Any],
-    path: Path,
+    sid_cfg: SemanticIdConfig, texts: list[str], pretrained: tuple[Any, Any], path: Path
 ) -> np.ndarray:
-    """The embeddings of the items' texts in `order`: those a stopped build left at `path` (keyed as the IDs
-    are: the same items, texts and embedder), else computed and kept there."""
+    """The embeddings of `texts`: those a stopped build left at `path` (`embeddings_path`), else computed and
+    kept there until the IDs are written."""
     if path.is_file():
         try:
             kept = load_npz(path)["vectors"]
         except (DamagedFileError, KeyError):
             kept = None  # computed again below, and written over
-        if kept is not None and kept.shape[0] == len(order):
-            log.info("semantic IDs: the %d item embeddings of a build stopped before its end", len(order))
+        if kept is not None and kept.shape[0] == len(texts):
+            log.info("semantic IDs: the %d item embeddings of a build stopped before its end", len(texts))
             return kept
     model, tok = _embedder(sid_cfg, pretrained)
-    log.info("semantic IDs: embedding %d item texts", len(order))
+    log.info("semantic IDs: embedding %d item texts", len(texts))
     with cost.part("item_embeddings"):
-        emb = embed_texts(model, tok, item_texts(data, order, sid_cfg.text_fields))
+        emb = embed_texts(model, tok, texts)
     save_npz(path, {"vectors": emb})
     return emb
 
