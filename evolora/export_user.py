@@ -61,9 +61,9 @@ def export_user_adapter(
     from evolora.continual import STRATEGIES
     from evolora.continual.base import StageContext
     from evolora.data.samples import eval_stage_of
-    from evolora.deploy.versions import Versions, last_trained_stage
+    from evolora.deploy.versions import Versions
     from evolora.experiment import restore_run
-    from evolora.queries import locate_run, read_results
+    from evolora.queries import last_trained_stage, locate_run, read_results
 
     seed_dir, root = locate_run(Path(run_dir), method, seed)
     results = read_results(seed_dir)

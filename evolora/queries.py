@@ -145,7 +145,7 @@ def trained_stage(
     from evolora.continual.loop import is_trained
 
     trained = [s["train_stage"] for s in results["stages"]]
-    t = stage if stage is not None else max(trained, default=0)
+    t = stage if stage is not None else last_trained_stage(results)
     if t not in trained:
         raise ConfigError(no_model_after(seed_dir, t, results, protocol, deployed))
     if stage is None and not results.get("complete", True):
@@ -157,6 +157,11 @@ def trained_stage(
             f"results.json records the stage; rerun its experiment (`evolora run`) to train it again"
         )
     return t
+
+
+def last_trained_stage(results: dict[str, Any]) -> int:
+    """The last stage a run's `results.json` records as trained (0: none yet)."""
+    return max((s["train_stage"] for s in results["stages"]), default=0)
 
 
 def no_model_after(

@@ -187,9 +187,8 @@ def test_a_job_shared_within_a_run_is_counted_once(sunny_dir: Path, tmp_path: Pa
     assert trained["shared_key"] == reused["shared_key"] and reused["reused_shared_result"]
     assert first["cost"]["parts"]["training"]["tokens"] == trained["cost"]["training"]["tokens"] > 0
     assert "earlier_sittings" not in first["cost"] and first["cost"]["saved_seconds"] > 0
-    # producing the stage's model took the one training (it was summed per adapter: twice); the summary too
+    # producing the stage's model took the one training (it was summed per adapter: twice)
     assert first["train_seconds"] == trained["train_seconds"] > 0
-    assert run["summary"]["train_seconds"] == pytest.approx(sum(s["train_seconds"] for s in run["stages"]))
 
 
 def test_serialising_a_file_counts_as_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -256,7 +256,7 @@ def run(
     from evolora.allocator import keep_freed_memory
     from evolora.cli.tables import matrix_summary_table, stage_table, stage_table_note
     from evolora.config import QUICKSTART, load_config, shipped_config
-    from evolora.eval.costs import cpu_time
+    from evolora.eval.costs import time_taken
     from evolora.eval.plots import write_plots
     from evolora.eval.report import compose_report
     from evolora.experiment import run_experiment, where_its_config_lies
@@ -300,14 +300,9 @@ def run(
     matrix = matrix_summary_table(results, report.lead)
     if matrix is not None:
         console.print(matrix)
-    stages, setup, on_cpu = cpu_time(report.groups)
-    if stages + setup > 0:  # the whole, not training alone (`train s`); the parts are in report.md
-        console.print(
-            f"{'CPU' if on_cpu else 'wall-clock'} time: {(stages + setup) / 60:.1f} min "
-            f"({stages / 60:.1f} in stages, {setup / 60:.1f} setting up: data, models, item embeddings); "
-            "where it went: report.md",
-            highlight=False,
-        )
+    taken = time_taken(report.groups)  # the whole, not training alone (`train s`); its parts: report.md
+    if taken is not None:
+        console.print(taken, highlight=False, soft_wrap=True)
     console.print(f"results: {root}/*/seed*/results.json; report: {root / 'report.md'}")
 
 

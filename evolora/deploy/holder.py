@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from evolora.api import Recommender
-from evolora.deploy.versions import Versions, last_trained_stage
-from evolora.queries import locate_run, read_results
+from evolora.deploy.versions import Versions
+from evolora.queries import last_trained_stage, locate_run, read_results
 
 log = logging.getLogger("evolora")
 #: how long a registry whose file looks unchanged is trusted before it is read again anyway

@@ -23,6 +23,7 @@ from typing import Any
 from evolora.continual.loop import stage_state_file, trained_folder
 from evolora.errors import ConfigError, DamagedFileError
 from evolora.io import atomic_write_json, read_json
+from evolora.queries import last_trained_stage
 
 log = logging.getLogger("evolora")
 
@@ -193,8 +194,3 @@ def _trained_at(trained: Path) -> str:
 
 def _stamp(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def last_trained_stage(results: dict[str, Any]) -> int:
-    """The last stage a run's `results.json` records as trained (0: none yet)."""
-    return max((s["train_stage"] for s in results["stages"]), default=0)

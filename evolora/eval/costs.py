@@ -69,3 +69,20 @@ def cpu_time(groups: list[Any]) -> tuple[float, float, bool]:
     key = "total_cpu_seconds" if on_cpu else "total_seconds"
     stages = sum(c.get(key, 0.0) for c in costs)
     return stages, sum(c.get(key, 0.0) for c in setup_costs.values()), on_cpu
+
+
+def time_taken(groups: list[Any]) -> str | None:
+    """The sentence report.md ends its cost section with, and `evolora run` its output: what the runs took in
+    all (CPU time where every run recorded it), in stages and setting up; None if no run has a profile."""
+    if cost_table(groups) is None:
+        return None
+    stages, setup, on_cpu = cpu_time(groups)
+    return (
+        f"{'CPU time' if on_cpu else 'Wall-clock time'} these runs took: {_duration(stages + setup)} "
+        f"({_duration(stages)} in stages, {_duration(setup)} setting up: data, models, item embeddings)"
+        + ("." if on_cpu else "; some runs were recorded before CPU time was kept.")
+    )
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"

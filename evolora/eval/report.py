@@ -24,7 +24,7 @@ from typing import Any
 
 from evolora.errors import EvoloraError
 from evolora.eval.bootstrap import BASELINE, bootstrap_differences, difference_table
-from evolora.eval.costs import cost_table, cpu_time
+from evolora.eval.costs import cost_table, time_taken
 from evolora.eval.matrix_report import matrix_section
 from evolora.eval.metric_tables import (
     evaluated_stages,
@@ -259,7 +259,6 @@ def compose_report(
     out.append(f"\nTraining time per run (sum over stages, shared results counted in full): {times}.")
     costs = cost_table(groups)
     if costs:
-        stages, setup, on_cpu = cpu_time(groups)
         out.append("\n### Where the time went (seconds per run, mean over seeds)\n")
         out.append(
             "Wall-clock seconds of each part of the stages (`other`: metrics, restoring adapters, strategy "
@@ -269,17 +268,9 @@ def compose_report(
             "`saved`: what reused results (a shared stage-1 job, stored predictions) took when computed.\n"
         )
         out.append(costs)
-        out.append(
-            f"\n{'CPU time' if on_cpu else 'Wall-clock time'} these runs took: {_duration(stages + setup)} "
-            f"({_duration(stages)} in stages, {_duration(setup)} setting up: data, models, item embeddings)"
-            + ("." if on_cpu else "; some runs were recorded before CPU time was kept.")
-        )
+        out.append(f"\n{time_taken(groups)}")
     data = report_data(groups, metrics, baseline, skip, differences, DRAWS, lead)
     return Report("\n".join(out) + "\n", groups, data, plotted)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def diverged_jobs(results: list[dict[str, Any]]) -> list[str]:
