@@ -33,6 +33,7 @@ from rich.progress import (
 )
 
 _active: Progress | None = None
+_open: list[Progress] = []  # every display open, outermost first (a heartbeat tells all their bars)
 EVERY_ENV = "EVOLORA_PROGRESS_EVERY"
 
 
@@ -55,25 +56,31 @@ def display(console: Console | None = None) -> Iterator[Progress]:
         disable=off_terminal,
     )
     previous, _active = _active, progress
+    _open.append(progress)
     every = _every() if off_terminal else None
     try:
         if off_terminal:  # not started at all: rich before 14.3 ends even a disabled live area with a newline
-            with _Heartbeat(progress, every) if every is not None else contextlib.nullcontext():
+            # one heartbeat a process (a display inside another: the outer's tells its bars too)
+            beat = _Heartbeat(every) if every is not None and _Heartbeat.running is None else None
+            with beat if beat is not None else contextlib.nullcontext():
                 yield progress
         else:
             with progress:
                 yield progress
     finally:
         _active = previous
+        _open.remove(progress)
 
 
 class _Heartbeat(logging.Handler):
-    """Off a terminal: once the `evolora` log has been silent for `every` seconds, each running bar of
-    `progress` is told as a line (which ends the silence). A handler on that logger, so any line counts."""
+    """Off a terminal: once the `evolora` log has been silent for `every` seconds, each running bar of the
+    open displays is told as a line (which ends the silence). A handler on that logger: any line counts."""
 
-    def __init__(self, progress: Progress, every: float) -> None:
+    running: _Heartbeat | None = None  # the process's one
+
+    def __init__(self, every: float) -> None:
         super().__init__()
-        self.progress, self.every = progress, every
+        self.every = every
         self.last_line = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="evolora-progress", daemon=True)
@@ -82,14 +89,17 @@ class _Heartbeat(logging.Handler):
         self.last_line = time.monotonic()
 
     def __enter__(self) -> _Heartbeat:
+        _Heartbeat.running = self
         logging.getLogger("evolora").addHandler(self)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # Undone before the wait: a second Ctrl-C during it must not leave the handler on the logger.
         self._stop.set()
-        self._thread.join()
         logging.getLogger("evolora").removeHandler(self)
+        _Heartbeat.running = None
+        self._thread.join()
 
     def _watch(self) -> None:
         pause = min(1.0, max(self.every / 4, 0.05))  # (tests ask for lines every few milliseconds)
@@ -98,8 +108,10 @@ class _Heartbeat(logging.Handler):
                 continue
             # Read under the display's lock: a bar advanced meanwhile would change the samples its speed
             # is read from. Told outside it.
-            with self.progress._lock:
-                lines = [_told(running) for running in self.progress.tasks]
+            lines = []
+            for progress in list(_open):
+                with progress._lock:
+                    lines += [_told(running) for running in progress.tasks]
             for line in lines:
                 logging.getLogger("evolora").info("%s", line)
             self.last_line = time.monotonic()  # (with no bar running, the next is told a full period on)

@@ -1015,6 +1015,20 @@ def test_off_a_terminal_a_silent_log_is_told_whichever_bars_run(
     assert any(line.startswith("long step: 0/2 (0%), 0m00s so far") for line in told), told
     assert any(line.startswith("short ") for line in told), told
     assert not console.file.getvalue()  # (the log lines, not a live area)
+    # A display inside another: one heartbeat, telling both one's bars at each silence (two took turns, each
+    # resetting the other's clock); none left on the logger after.
+    caplog.clear()
+    with (
+        caplog.at_level(logging.INFO, logger="evolora"),
+        progress.display(console),
+        progress.task("outer", 2),
+        progress.display(console),
+        progress.task("inner", 3),
+    ):
+        time.sleep(0.9)
+    told = [r.getMessage().split(":")[0] for r in caplog.records]
+    assert len(told) >= 4 and told == ["outer", "inner"] * (len(told) // 2), told
+    assert not [h for h in logging.getLogger("evolora").handlers if isinstance(h, progress._Heartbeat)]
 
 
 def test_quiet_shows_warnings_and_results_and_log_txt_keeps_everything(
