@@ -3,7 +3,8 @@
 Every module of the package is placed in one row of `LAYERS` (top to bottom, as the README's "Code map"
 lists them); a module may import its own row and the rows below it, never a row above. Imports inside
 functions count (a lazy import is still a dependency); imports under `if TYPE_CHECKING:` do not (they never
-run). A new module fails `test_every_module_has_a_row` until it is given a row, here and in the README.
+run). A module takes the row of the longest entry naming it or its package; a new top-level module or package
+fails `test_every_module_has_a_row` until it is given a row, here and in the README.
 """
 
 from __future__ import annotations
