@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from profile_train_step import ctr_training
 from record import description, write_record
 
 _sdpa = F.scaled_dot_product_attention
@@ -66,22 +67,13 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/attention.json")
     args = ap.parse_args()
 
-    from evolora.config import load_config
-    from evolora.experiment import build_model_and_task, prepare_data
     from evolora.models.precision import cpu_has_native_bf16
 
     if not cpu_has_native_bf16():
         raise SystemExit("profile_attention measures bf16-mixed, which needs a CPU with native bf16 here")
     torch.set_num_threads(1)
-    cfg = load_config(args.config, ["output_dir=runs", "model.precision=bf16-mixed", "threads=1"])
-    if cfg.task.name != "ctr":
-        raise SystemExit(f"profile_attention measures the CTR task; the config's task is {cfg.task.name}")
-    prepared = prepare_data(cfg)
-    lm, task = build_model_and_task(cfg, prepared)
-    task.before_stage(lm, 1)
-    lm.activate("default", trainable=True)
-    lm.model.train()
-    params = [p for p in lm.trainable_parameters() if p.requires_grad]
+    sets = ["output_dir=runs", "model.precision=bf16-mixed", "threads=1"]
+    cfg, prepared, lm, task, params = ctr_training(args.config, sets, "profile_attention")
     rows = np.asarray(prepared.pools[1].train[: args.batch])
 
     def step() -> float:

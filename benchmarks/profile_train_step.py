@@ -37,6 +37,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,6 +103,24 @@ def _top(events: list, device: torch.device, n: int = 25) -> list[dict]:
     ]
 
 
+def ctr_training(config: str, sets: list[str], script: str) -> tuple[Any, Any, Any, Any, list]:
+    """(config, prepared data, model, task, trainable parameters) of a CTR config, its default adapter made
+    trainable at stage 1 in train mode: the set-up of a training step's profile (here and in
+    profile_attention.py)."""
+    from evolora.config import load_config
+    from evolora.experiment import build_model_and_task, prepare_data
+
+    cfg = load_config(config, sets)
+    if cfg.task.name != "ctr":
+        raise SystemExit(f"{script} measures the CTR task; the config's task is {cfg.task.name}")
+    prepared = prepare_data(cfg)
+    lm, task = build_model_and_task(cfg, prepared)
+    task.before_stage(lm, 1)
+    lm.activate("default", trainable=True)
+    lm.model.train()
+    return cfg, prepared, lm, task, [p for p in lm.trainable_parameters() if p.requires_grad]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=description(__doc__))
     ap.add_argument("--config", default="configs/quickstart.yaml")
@@ -114,21 +133,12 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/profile_train_step.json")
     args = ap.parse_args()
 
-    from evolora.config import load_config
-    from evolora.experiment import build_model_and_task, prepare_data
     from evolora.models.llm import splits_prefix
     from evolora.models.precision import precision_name
 
     sets = ["output_dir=runs", f"model.precision={args.precision}", *args.sets]
-    cfg = load_config(args.config, sets + ([f"model.name={args.model}"] if args.model else []))
-    if cfg.task.name != "ctr":
-        raise SystemExit(f"profile_train_step measures the CTR task; the config's task is {cfg.task.name}")
-    prepared = prepare_data(cfg)
-    lm, task = build_model_and_task(cfg, prepared)
-    task.before_stage(lm, 1)
-    lm.activate("default", trainable=True)
-    lm.model.train()
-    params = [p for p in lm.trainable_parameters() if p.requires_grad]
+    sets += [f"model.name={args.model}"] if args.model else []
+    cfg, prepared, lm, task, params = ctr_training(args.config, sets, "profile_train_step")
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     pool = np.asarray(prepared.pools[1].train)
     device = lm.device

@@ -23,6 +23,16 @@ EXAMPLE_TABLE = {
 }
 
 
+def split_example_log(folder: Path, at: float = 0.8) -> pl.DataFrame:
+    """The example log cut by time: its first `at` as `folder`/base.csv (a run's data), the rest as
+    `folder`/new.csv (an update's batch), which is returned."""
+    log = pl.read_csv(EXAMPLE_DATA / "example_log.csv").sort("ts")
+    cut = int(log.height * at)
+    log[:cut].write_csv(folder / "base.csv")
+    log[cut:].write_csv(folder / "new.csv")
+    return log[cut:]
+
+
 def free_port() -> int:
     """A local TCP port free at the time of asking (for a server or an accelerate rendezvous in a test)."""
     with socket.socket() as s:

@@ -664,16 +664,18 @@ def test_history_ids_with_commas_and_colons() -> None:
 def test_a_bundle_of_settings_the_experiment_no_longer_has_is_written_anew(
     sunny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An attempt that fails after writing the inference bundle (RecLoRA's history check) leaves the
+    """An attempt that fails after writing the inference bundle (a strategy's set-up, say) leaves the
     experiment to new settings: the bundle is theirs, not the failed attempt's (recommendations read
     3-item histories from a model trained on 6); a key-less bundle of an older evolora is rebuilt when its
     history length is not the config's."""
+    from evolora.continual.loop import StageLoop
 
-    crm = "{dim: 8, mlp: [16], max_len: 10}"
-    failing = tiny_config(
-        sunny_dir, tmp_path, **{**SMALL, "task.history_len": 3}, strategies=f"[{{name: reclora, crm: {crm}}}]"
-    )
-    with pytest.raises(ConfigError, match="samples keep 3"):
+    def fails(*args: object, **kwargs: object) -> None:
+        raise ConfigError("a failure after the bundle was written")
+
+    failing = tiny_config(sunny_dir, tmp_path, **{**SMALL, "task.history_len": 3}, strategies="[finetune]")
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(ConfigError, match="after the bundle"):
+        patch.setattr(StageLoop, "run", fails)
         run_experiment(failing)
     root = Path(failing.output_dir) / failing.name
     bundle = root / "inference" / "bundle.json"

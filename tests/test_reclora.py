@@ -282,7 +282,6 @@ def test_a_deployed_version_exports_the_adapter_it_answers_a_query_with(tmp_path
     """After an update, the served model is the version's: export-user-adapter exports its adapter for a
     (user, item) query, whose prompt the adapter scores with transformers + PEFT alone to what `score`
     answers; --stage still names the run's own stages."""
-    import polars as pl
     from peft import PeftModel
     from typer.testing import CliRunner
 
@@ -290,12 +289,9 @@ def test_a_deployed_version_exports_the_adapter_it_answers_a_query_with(tmp_path
     from evolora.cli import app
     from evolora.deploy.update import update_run
     from evolora.models.weights import load_pretrained
-    from tests.helpers import EXAMPLE_DATA, EXAMPLE_TABLE
+    from tests.helpers import EXAMPLE_TABLE, split_example_log
 
-    log = pl.read_csv(EXAMPLE_DATA / "example_log.csv").sort("ts")
-    cut = int(log.height * 0.8)
-    log[:cut].write_csv(tmp_path / "base.csv")
-    log[cut:].write_csv(tmp_path / "batch.csv")
+    split_example_log(tmp_path)
     over = {
         **EXAMPLE_TABLE,
         **OVER,
@@ -306,7 +302,7 @@ def test_a_deployed_version_exports_the_adapter_it_answers_a_query_with(tmp_path
     cfg = tiny_config(tmp_path / "base.csv", tmp_path / "runs", **over)
     run_experiment(cfg)
     root = Path(cfg.output_dir) / cfg.name
-    version = update_run(root, tmp_path / "batch.csv", overrides=["update.min_gain=-1.0"]).version
+    version = update_run(root, tmp_path / "new.csv", overrides=["update.min_gain=-1.0"]).version
     assert version.id == 1 and version.stage == 3  # the run trained stages 1-2
 
     rec = Recommender.load(root)

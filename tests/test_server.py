@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import polars as pl
 import pytest
 import uvicorn
 
@@ -18,9 +17,8 @@ from evolora.deploy.update import update_run
 from evolora.deploy.versions import Versions
 from evolora.errors import ConfigError, EvoloraError
 from evolora.experiment import run_experiment
-from tests.helpers import EXAMPLE_TABLE, free_port, tiny_config
+from tests.helpers import EXAMPLE_TABLE, free_port, split_example_log, tiny_config
 
-HERE = Path(__file__).resolve().parent / "data"
 SMALL = {
     **EXAMPLE_TABLE,
     "train.epochs": 1,
@@ -33,10 +31,7 @@ SMALL = {
 def deployed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run with two versions: 0 (the run) and 1 (an update, promoted)."""
     tmp = tmp_path_factory.mktemp("served")
-    log = pl.read_csv(HERE / "example_log.csv").sort("ts")
-    cut = int(log.height * 0.8)
-    log[:cut].write_csv(tmp / "base.csv")
-    log[cut:].write_csv(tmp / "new.csv")
+    split_example_log(tmp)
     cfg = tiny_config(tmp / "base.csv", tmp / "runs", **SMALL)
     run_experiment(cfg)
     root = Path(cfg.output_dir) / cfg.name

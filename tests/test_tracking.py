@@ -24,7 +24,7 @@ from evolora.deploy.update import update_run
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
 from evolora.tracking import URI_ENV, MlflowTracker, metric_name
-from tests.helpers import EXAMPLE_TABLE, tiny_config
+from tests.helpers import EXAMPLE_TABLE, split_example_log, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
 GATE_RUN = "update of finetune seed 0 to version 1"  # the run an update logs its gate in
@@ -156,10 +156,7 @@ def mlflow(monkeypatch: pytest.MonkeyPatch) -> Recorder:
 
 
 def test_runs_stages_epochs_adapters_and_gates_are_logged(mlflow: Recorder, tmp_path: Path) -> None:
-    log = pl.read_csv(HERE / "example_log.csv").sort("ts")
-    cut = int(log.height * 0.8)
-    log[:cut].write_csv(tmp_path / "base.csv")
-    log[cut:].write_csv(tmp_path / "new.csv")
+    split_example_log(tmp_path)
     over = {
         **EXAMPLE_TABLE,
         "train.epochs": 2,
@@ -352,14 +349,11 @@ def test_stages_read_back_from_results_json_log_an_undefined_figure_as_nan(
 def _tracked_finetune_run(tmp_path: Path) -> tuple[Path, pl.DataFrame]:
     """A finished run of finetune, tracked, on the first 80% of the example log; the rest is new.csv.
     Returns the experiment folder and the new rows."""
-    log = pl.read_csv(HERE / "example_log.csv").sort("ts")
-    cut = int(log.height * 0.8)
-    log[:cut].write_csv(tmp_path / "base.csv")
-    log[cut:].write_csv(tmp_path / "new.csv")
+    new = split_example_log(tmp_path)
     over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
     cfg = tiny_config(tmp_path / "base.csv", tmp_path / "runs", **over)
     run_experiment(cfg)
-    return Path(cfg.output_dir) / cfg.name, log[cut:]
+    return Path(cfg.output_dir) / cfg.name, new
 
 
 def test_an_update_logs_its_gate_once_under_the_experiments_run(mlflow: Recorder, tmp_path: Path) -> None:
