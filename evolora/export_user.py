@@ -142,9 +142,8 @@ def _export_version_query(
     try:
         strategy.personal.check_exportable()
         known = rec.known_users_set
-        if (
-            known_form(str(user), known) not in known
-        ):  # (`score` would advise a history, which this takes not)
+        # (said here: `score` would advise giving a history, which this command takes not)
+        if known_form(str(user), known) not in known:
             raise ConfigError(
                 f"unknown user {user!r}: version {version.id} knows {len(known)} users up to stage "
                 f"{rec.eval_stage}, and exports the adapter of one of them"
