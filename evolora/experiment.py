@@ -86,6 +86,7 @@ from evolora.models.precision import (
     resolve_precision,
 )
 from evolora.models.weights import load_pretrained, weights_fingerprint
+from evolora.progress import task as progress_task
 from evolora.queries import read_results, trained_stage
 from evolora.tasks import task_spec
 from evolora.tasks.base import Task
@@ -776,7 +777,7 @@ def _run_locked(
         with setup or contextlib.nullcontext(), parallel.main_first():
             started = cost.clock()
             cost.take()
-            with cost.part("data"):
+            with cost.part("data"), progress_task("reading and staging the data", None):
                 prepared = prepare_data(cfg)
                 environment = run_environment(prepared.data)  # file digests included
             _check_data(root, environment["data_files"])

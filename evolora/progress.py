@@ -129,9 +129,10 @@ def _every() -> float | None:
 def _told(task: Task) -> str:
     """A bar as a log line: what it counts, how far, how long so far and (once known) how long left."""
     done = f"{task.completed:.0f}" + (f"/{task.total:.0f} ({task.percentage:.0f}%)" if task.total else "")
+    done = "" if task.total is None and not task.completed else f"{done}, "  # (a bar without steps: time)
     left = f", about {_duration(task.time_remaining)} left" if task.time_remaining else ""
     info = f" ({task.fields['info']})" if task.fields.get("info") else ""  # e.g. the running loss
-    return f"{task.description}: {done}, {_duration(task.elapsed or 0.0)} so far{left}{info}"
+    return f"{task.description}: {done}{_duration(task.elapsed or 0.0)} so far{left}{info}"
 
 
 class Bar:

@@ -1011,9 +1011,12 @@ def test_off_a_terminal_a_silent_log_is_told_whichever_bars_run(
             with progress.task(f"short {i}", 1) as bar:
                 time.sleep(0.1)
                 bar.advance()
+        with progress.task("reading the data", None):  # a step without steps (data, a model's conversion)
+            time.sleep(0.5)
     told = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("long step: 0/2 (0%), 0m00s so far") for line in told), told
     assert any(line.startswith("short ") for line in told), told
+    assert "reading the data: 0m00s so far" in told, told
     assert not console.file.getvalue()  # (the log lines, not a live area)
     # A display inside another: one heartbeat, telling both one's bars at each silence (two took turns, each
     # resetting the other's clock); none left on the logger after.

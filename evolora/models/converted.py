@@ -27,6 +27,7 @@ from evolora.data.digest import file_damage, file_record
 from evolora.data.fetch import pip_error
 from evolora.errors import EvoloraError
 from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
+from evolora.progress import task as progress_task
 
 log = logging.getLogger("evolora.models")
 
@@ -107,7 +108,11 @@ def convert_gguf_to_cache(target: Path) -> None:
     """Dequantize the GGUF to fp32 and save it as a normal HF folder, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp, _quiet_gguf_progress():
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        _quiet_gguf_progress(),
+        progress_task("converting the default model (once)", None),  # a bar without steps: time shown
+    ):
         gguf = download_smollm2_gguf(Path(tmp))
         log.info("dequantizing the GGUF to fp32 (once; cached in %s)", target)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
