@@ -428,8 +428,7 @@ class Recommender:
             if not items:
                 raise EvoloraError("score(): give at least one item to score")
             items = self._check_items(items, "items")
-            hist_items, hist_ratings, _ = self._history(history, user)
-            user = None if user is None else self.user_id(str(user))
+            user, hist_items, hist_ratings, _ = self._history(history, user)
             resolved.append((user, hist_items, hist_ratings, items))
         return self._score_resolved(resolved)
 
@@ -496,8 +495,7 @@ class Recommender:
         for query in batch_of(queries, "rank_many"):
             history, items, k, user = query_of(query, ("history", "items", "k", "user"), "rank_many")
             k, items = count_of(k), item_list(items)
-            hist_items, hist_ratings, seen = self._history(history, user)
-            user = None if user is None else self.user_id(str(user))
+            user, hist_items, hist_ratings, seen = self._history(history, user)
             items = self._check_items(items, "items")
             if not items:
                 raise EvoloraError("recommend(): give at least one candidate item to rank")
@@ -532,10 +530,9 @@ class Recommender:
             for q in batch_of(queries, "recommend_many")
         ]
         queries = [(history, count_of(k), user) for history, k, user in queries]
-        histories = [self._history(history, user) for history, _, user in queries]
-        queries = [
-            (history, k, None if user is None else self.user_id(str(user))) for history, k, user in queries
-        ]
+        histories = [
+            self._history(history, user) for history, _, user in queries
+        ]  # (user, items, ratings, seen)
         target = next(iter(self._task.items))  # any known item: generation ignores the target
         # Every seen item is kept out of the search itself (`exclude_history: rated` over the query's
         # `rated` items), not filtered after it: k beams suffice however long the history, and a query's
@@ -545,12 +542,12 @@ class Recommender:
         in_search = exclude_seen and not levelwise
         rows = [
             {**self._row(u, target, h, r), "rated": sorted(seen) if in_search else []}
-            for (_, _, u), (h, r, seen) in zip(queries, histories, strict=True)
+            for u, h, r, seen in histories
         ]
         n_items = len(self._task.items)
         widths = [
             k + len(seen) * (exclude_seen and levelwise)
-            for (_, k, _), (_, _, seen) in zip(queries, histories, strict=True)
+            for (_, k, _), (_, _, _, seen) in zip(queries, histories, strict=True)
         ]
         # A query's beams depend on it alone (a wider search can find other items): queries of one width
         # share a pass. No more beams than items: each finished beam is a distinct item.
@@ -576,7 +573,7 @@ class Recommender:
                 settings = {"beams": beams, "exclude_history": "rated" if in_search else False}
                 ranked = self._predict(frame, settings)
                 for at, q in enumerate(part):
-                    seen = histories[q][2] if exclude_seen else set()
+                    seen = histories[q][3] if exclude_seen else set()
                     out[q] = [s for s in self._top(ranked, at) if s.item not in seen][: queries[q][1]]
         return out
 
@@ -610,21 +607,24 @@ class Recommender:
             "hist_ratings": hist_ratings,
         }
 
-    def _history(self, history: History, user: str | None) -> tuple[list[str], list[float], set[str]]:
-        """(the history the model reads: the latest `task.history_len` items, their ratings; every item
-        of the history or that the user rated: what recommendations leave out)."""
+    def _history(
+        self, history: History, user: str | None
+    ) -> tuple[str | None, list[str], list[float], set[str]]:
+        """(the user as the run holds it, None for a history; the history the model reads: the latest
+        `task.history_len` items, their ratings; every item of the history or that the user rated: what
+        recommendations leave out)."""
         if (user is None) == (history is None):
             raise EvoloraError("give a user or a history (one of them; an empty history is [])")
         if user is not None:
             known = self.user_id(str(user))
-            return *self._histories[known], set(self._seen[known])
+            return known, *self._histories[known], set(self._seen[known])
         # an item given without a rating counts as liked
         pairs = history_pairs(history, self.like_threshold + 1.0)
         ids = self._check_items([i for i, _ in pairs], "history")
         pairs = [(i, r) for i, (_, r) in zip(ids, pairs, strict=True)]
         seen = {i for i, _ in pairs}
         pairs = pairs[-self._task.table.history_len :]
-        return [i for i, _ in pairs], [r for _, r in pairs], seen
+        return None, [i for i, _ in pairs], [r for _, r in pairs], seen
 
     def _check_items(self, items: list[str], what: str) -> list[str]:
         """`items` as the run knows them (`known_form`); an unknown one is an error naming it."""

@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from evolora.data.ids import known_form
-from evolora.errors import ConfigError
+from evolora.errors import ConfigError, UnknownIdError
 from evolora.export import BaseWeights
 from evolora.io import atomic_directory, check_replaceable
 from evolora.locks import sole_writer
@@ -141,15 +140,15 @@ def _export_version_query(
     strategy = rec.strategy
     try:
         strategy.personal.check_exportable()
-        known = rec.known_users_set
-        # (said here: `score` would advise giving a history, which this command takes not)
-        if known_form(str(user), known) not in known:
+        try:
+            user = rec.user_id(str(user))  # as the run writes it
+        except UnknownIdError:  # (its message advises giving a history, which this command takes not)
             raise ConfigError(
-                f"unknown user {user!r}: version {version.id} knows {len(known)} users up to stage "
-                f"{rec.eval_stage}, and exports the adapter of one of them"
-            )
+                f"unknown user {user!r}: version {version.id} knows {len(rec.known_users_set)} users up to "
+                f"stage {rec.eval_stage}, and exports the adapter of one of them"
+            ) from None
         scored = rec.score(user=user, items=[item])[0]  # leaves the query's one row as the strategy's task
-        user, item = rec.user_id(str(user)), scored.item  # as the run writes them
+        item = scored.item  # as the run writes it
         target = out or _default_folder(seed_dir.parent.parent / version.folder, user, item)
         query = {"user": user, "item": item, "stage": rec.eval_stage, "label": None}
         base = BaseWeights.of(strategy.cfg.model.name, strategy.cfg.model.revision)
