@@ -23,7 +23,7 @@ def cost_table(groups: list[Any]) -> str | None:
     used: set[str] = set()
     for g in groups:
         # per finished run: a seed still running has spent less (`MethodRuns.finished_runs`)
-        profiled = [r for r in g.finished_runs() if "cost" in r.get("summary", {})]
+        profiled = _profiled(g)
         if not profiled:
             rows.append((g.method, len(g.finished_runs()), None))
             continue
@@ -74,7 +74,7 @@ def cpu_time(groups: list[Any]) -> tuple[float, float, bool]:
 def time_taken(groups: list[Any]) -> str | None:
     """The sentence report.md ends its cost section with, and `evolora run` its output: what the runs took in
     all (CPU time where every run recorded it), in stages and setting up; None if no run has a profile."""
-    if cost_table(groups) is None:
+    if not any(_profiled(g) for g in groups):  # (as `cost_table` has no rows)
         return None
     stages, setup, on_cpu = cpu_time(groups)
     return (
@@ -82,6 +82,11 @@ def time_taken(groups: list[Any]) -> str | None:
         f"({_duration(stages)} in stages, {_duration(setup)} setting up: data, models, item embeddings)"
         + ("." if on_cpu else "; some runs were recorded before CPU time was kept.")
     )
+
+
+def _profiled(group: Any) -> list[dict[str, Any]]:
+    """A method's finished runs that recorded where their time went."""
+    return [r for r in group.finished_runs() if "cost" in r.get("summary", {})]
 
 
 def _duration(seconds: float) -> str:
