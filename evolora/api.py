@@ -74,6 +74,7 @@ from evolora.io import read_json
 from evolora.models.conventional import is_conventional
 from evolora.models.precision import fp16_unavailable
 from evolora.overrides import as_overrides, plain
+from evolora.progress import task as progress_task
 from evolora.queries import (
     History,
     Ranked,
@@ -303,17 +304,22 @@ class Recommender:
         stage_dir: Path,
         version: int,
     ) -> Recommender:
-        inference_cfg, prepared, histories = load_bundle(bundle_root, cfg)
-        inference_cfg = _answerable_here(inference_cfg)
-        pretrained = answering_backbone(inference_cfg, root, bundle_root)
-        lm, task = build_model_and_task(inference_cfg, prepared, pretrained)
-        # the options it ran with (an option added since takes its value of then: recorded_options)
-        spec = StrategySpec(name=results["strategy"], label=results["method"], **recorded_options(results))
-        strategy = build_strategy(spec, Env(lm, task, inference_cfg, prepared), results["seed"])
-        strategy.setup()
-        task.before_stage(lm, t)
-        loop = StageLoop(strategy, {}, stage_dir.parent, None, {})
-        loop.restore_state(t, stage_dir=stage_dir, deployed=version > 0)
+        which = f"version {version}" if version else f"stage {t}"
+        # seconds of reading weights and bundle (about 10 s for SmolLM2): a bar without steps where shown
+        with progress_task(f"loading {results['method']} ({which})", None):
+            inference_cfg, prepared, histories = load_bundle(bundle_root, cfg)
+            inference_cfg = _answerable_here(inference_cfg)
+            pretrained = answering_backbone(inference_cfg, root, bundle_root)
+            lm, task = build_model_and_task(inference_cfg, prepared, pretrained)
+            # the options it ran with (an option added since takes its value of then: recorded_options)
+            spec = StrategySpec(
+                name=results["strategy"], label=results["method"], **recorded_options(results)
+            )
+            strategy = build_strategy(spec, Env(lm, task, inference_cfg, prepared), results["seed"])
+            strategy.setup()
+            task.before_stage(lm, t)
+            loop = StageLoop(strategy, {}, stage_dir.parent, None, {})
+            loop.restore_state(t, stage_dir=stage_dir, deployed=version > 0)
         return cls(
             strategy, inference_cfg, prepared, histories, t, results["method"], stage_dir.parent, version,
             results.get("precision"),
@@ -403,7 +409,12 @@ class Recommender:
         )
         query = self._task.for_table(table, **settings)
         ctx = StageContext(
-            self.stage, self.eval_stage, {}, self.strategy.seed, self.seed_dir / f"stage-{self.stage}"
+            self.stage,
+            self.eval_stage,
+            {},
+            self.strategy.seed,
+            self.seed_dir / f"stage-{self.stage}",
+            asked="scoring" if self.task_name == "ctr" else "recommending",
         )
         # The strategy holds one task at a time: queries from several threads take turns (swapped in
         # between, one query's rows were scored against another's table).

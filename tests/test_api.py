@@ -646,6 +646,31 @@ def test_the_recommend_command(ctr_run) -> None:
         assert "Traceback" not in result.output
 
 
+def test_the_recommend_command_shows_its_loading_and_scoring(ctr_run, monkeypatch) -> None:
+    """Loading a run takes seconds (about 10 for SmolLM2) and scoring candidates seconds each: `recommend`
+    shows a bar for each on stderr (it said nothing before its answer)."""
+    from rich.progress import Progress
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    shown = []
+    add_task = Progress.add_task
+
+    def watched(self, description, *args, **kwargs):
+        shown.append(description)
+        return add_task(self, description, *args, **kwargs)
+
+    monkeypatch.setattr(Progress, "add_task", watched)
+    cfg, _ = ctr_run
+    root = str(Path(cfg.output_dir) / cfg.name)
+    args = ["recommend", root, "--method", "finetune", "--user", "1", "--items", "2,3,4", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["method"] == "finetune"  # the bars keep off the JSON on stdout
+    assert shown[0] == "loading finetune (stage 2)" and shown[1:] == ["scoring"], shown
+
+
 def test_history_ids_with_commas_and_colons() -> None:
     from evolora.cli.recommend import _parse_history, _parse_items
 

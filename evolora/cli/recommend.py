@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from evolora import progress
 from evolora.cli import (
     BaseModel,
     Method,
@@ -25,6 +26,7 @@ from evolora.cli import (
     _user_errors,
     app,
     console,
+    err_console,
 )
 from evolora.cli.trained import _print_json
 from evolora.data.ids import id_text
@@ -73,22 +75,24 @@ def recommend(
         import torch
 
         torch.set_num_threads(threads)
-    rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version, model=model)
-    if rec.task_name == "ctr" and items is None:
-        raise EvoloraError(
-            "a CTR run ranks the items it is given: add --items (comma-separated or a JSON list)"
-        )
-    if rec.task_name != "ctr" and items is not None:
-        raise EvoloraError(
-            f"--items ranks a CTR run's candidates; this {rec.task_name} run generates its own"
-        )
     hist = None if history is None else _parse_history(history)
     candidates = None if items is None else _parse_items(items)
-    if candidates is None:
-        top, left_out = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen), []
-    else:
-        ranked = rec.rank_many([(hist, candidates, k, user)], exclude_seen=not include_seen)[0]
-        top, left_out = ranked.items, ranked.left_out_seen
+    # loading (seconds) and scoring many candidates or generating (seconds each) show bars on stderr
+    with progress.display(err_console):
+        rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version, model=model)
+        if rec.task_name == "ctr" and candidates is None:
+            raise EvoloraError(
+                "a CTR run ranks the items it is given: add --items (comma-separated or a JSON list)"
+            )
+        if rec.task_name != "ctr" and candidates is not None:
+            raise EvoloraError(
+                f"--items ranks a CTR run's candidates; this {rec.task_name} run generates its own"
+            )
+        if candidates is None:
+            top, left_out = rec.recommend(hist, k=k, user=user, exclude_seen=not include_seen), []
+        else:
+            ranked = rec.rank_many([(hist, candidates, k, user)], exclude_seen=not include_seen)[0]
+            top, left_out = ranked.items, ranked.left_out_seen
     if as_json:
         answer = {
             "run": str(run_dir),

@@ -78,6 +78,12 @@ class StageContext:
     seed: int
     stage_dir: Path
     eval_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    asked: str = ""  # what `predict` answers when not the stage's evaluation (a bar's words): a query's
+
+    @property
+    def predicting(self) -> str:
+        """What a bar over `predict` says it does."""
+        return self.asked or f"evaluating stage {self.eval_stage}"
 
 
 @dataclass
@@ -231,9 +237,7 @@ class Strategy(Generic[OptionsT]):
     def predict(self, ctx: StageContext, rows: np.ndarray) -> Any:
         """Predictions for evaluation rows. Default: the task's scores under the main adapter."""
         self.lm.activate(MAIN, trainable=False)
-        return self.task.predict(
-            self.lm, rows, self.cfg.eval.batch_size, desc=f"evaluating stage {ctx.eval_stage}"
-        )
+        return self.task.predict(self.lm, rows, self.cfg.eval.batch_size, desc=ctx.predicting)
 
     def plain_adapters(self) -> dict[str, PlainLora]:
         """The strategy's model as plain LoRA adapters (export). Default: the main adapter as it is."""

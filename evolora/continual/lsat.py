@@ -183,7 +183,7 @@ class Lsat(Strategy[LsatOptions]):
 
     def predict(self, ctx: StageContext, rows: np.ndarray) -> Any:
         assert self.weight is not None, "after_stage chooses the weight first"
-        desc = f"evaluating stage {ctx.eval_stage}"
+        desc = ctx.predicting
         if self.identical:
             return self._scores(MAIN, rows, desc)
         if self.o.inference == "fusion":
