@@ -670,8 +670,6 @@ def test_a_run_recorded_before_a_default_changed_is_not_continued_under_the_new_
 @pytest.mark.parametrize(
     ("script", "args", "message"),
     [
-        ("examples/ml100k_as_csv.py", ["--new-fraction", "1.5"], "give a share strictly between 0 and 1"),
-        ("examples/ml100k_as_csv.py", ["--new-fraction", "nan"], "give a share strictly between 0 and 1"),
         (
             "scripts/catalogue_stages.py",
             ["ml-100k", "--out", "x.txt", "--stage", "a", "--stage", "b"],
@@ -709,19 +707,66 @@ def test_scripts_refuse_bad_arguments_in_one_line(
     assert not list(tmp_path.iterdir())  # nothing written
 
 
-def test_the_csv_example_refuses_a_share_that_leaves_a_file_empty(tmp_path: Path) -> None:
-    """--new-fraction 1e-17 passed the (0, 1) check and wrote a header-only new-ratings.csv."""
-    import subprocess
-    import sys
+def test_data_to_csv_writes_a_table_that_reads_back_as_the_source(sunny_dir: Path, tmp_path: Path) -> None:
+    """`evolora data to-csv` (the deploy walk-through's first step, which installed users could not take: it
+    was a script of the repository's): the files it writes, read with the settings it prints, are the
+    source's rows, the latest share apart as a batch; a rerun keeps them, other contents are refused."""
+    from evolora.config import DataConfig
+    from evolora.data import load_dataset
 
-    script = Path(__file__).resolve().parent.parent / "examples" / "ml100k_as_csv.py"
-    for share in ("1e-17", "0.99999"):
-        done = subprocess.run(
-            [sys.executable, str(script), "out", "--new-fraction", share],
-            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 2 and "leaves no rating in one of the two files" in done.stderr, done.stderr
-        assert not (tmp_path / "out").exists()
+    out = tmp_path / "csv"
+    result = runner.invoke(app, ["data", "to-csv", str(sunny_dir), str(out), "--new-fraction", "0.25"])
+    assert result.exit_code == 0, result.output
+    settings = yaml.safe_load(result.output[result.output.index("data:") :])["data"]
+    source = load_dataset(DataConfig(source=str(sunny_dir)))
+    assert settings["like_threshold"] == source.like_threshold and settings["format"] == "table"
+    run_part = load_dataset(DataConfig(**settings))
+    batch = load_dataset(DataConfig(**{**settings, "source": str(out / "new-interactions.csv")}))
+    cut = source.interactions.height - round(source.interactions.height * 0.25)
+    assert (
+        run_part.interactions.height == cut and batch.interactions.height == source.interactions.height - cut
+    )
+    for part, rows in ((run_part, source.interactions[:cut]), (batch, source.interactions[cut:])):
+        assert part.interactions.select(rows.columns).equals(rows)
+    titles = dict(zip(source.items["item_id"], source.items["title"], strict=True))
+    assert (
+        dict(zip(run_part.items["item_id"], run_part.items["title"], strict=True)).items() <= titles.items()
+    )
+    # A rerun (after a kill, say) keeps what is there; files of other rows are refused, nothing replaced.
+    again = runner.invoke(app, ["data", "to-csv", str(sunny_dir), str(out), "--new-fraction", "0.25"])
+    assert again.exit_code == 0 and again.output.count("(already there)") == 3, again.output
+    before = (out / "interactions.csv").read_bytes()
+    other = runner.invoke(app, ["data", "to-csv", str(sunny_dir), str(out), "--new-fraction", "0.5"])
+    assert (
+        other.exit_code == 2
+        and "interactions.csv, new-interactions.csv there hold another table"
+        in " ".join(other.output.split())
+    ), other.output
+    assert (out / "interactions.csv").read_bytes() == before
+    replaced = ["data", "to-csv", str(sunny_dir), str(out), "--new-fraction", "0.5", "--overwrite"]
+    assert runner.invoke(app, replaced).exit_code == 0 and (out / "interactions.csv").read_bytes() != before
+    # Without a cut, a batch of an earlier one beside the files would be taken for this data's.
+    alone = runner.invoke(app, ["data", "to-csv", str(sunny_dir), str(out), "--overwrite"])
+    assert alone.exit_code == 2 and "a batch of an earlier cut is there" in alone.output, alone.output
+
+
+@pytest.mark.parametrize("share", ["1.5", "-0.1", "nan", "1e-17", "0.99999"])
+def test_data_to_csv_refuses_a_share_in_one_line(sunny_dir: Path, tmp_path: Path, share: str) -> None:
+    """A share outside [0, 1), or one so near 0 or 1 that a file would hold no row, is refused with nothing
+    written (1e-17 passed the example script's check and wrote a header-only batch)."""
+    result = runner.invoke(
+        app, ["data", "to-csv", str(sunny_dir), str(tmp_path / "out"), "--new-fraction", share]
+    )
+    said = " ".join(result.output.split())
+    assert result.exit_code == 2 and "\nerror:" in f"\n{result.output}" and "Traceback" not in said, said
+    assert "kept apart, 0 <= f < 1" in said or "leaves no row in one of the two files" in said, said
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_to_csv_refuses_a_source_without_dates(cycle_dir: Path, tmp_path: Path) -> None:
+    """PESO's release orders its rows by made-up times in blocks: written as dates they would mislead."""
+    result = runner.invoke(app, ["data", "to-csv", str(cycle_dir), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "its times only order the rows" in result.output, result.output
 
 
 def test_the_stage_table_shows_an_undefined_metric_as_a_dash() -> None:

@@ -10,9 +10,10 @@ evolora export RUN_DIR --out DIR [--merge]   a trained run for transformers + PE
 evolora export-user-adapter RUN_DIR USER      RecLoRA: one user's adapter as a plain PEFT LoRA
 evolora data fetch NAME                       download and cache a dataset
 evolora data info SOURCE                      what a dataset holds and how it stages
+evolora data to-csv SOURCE OUT_DIR            a dataset as CSV files of an own log (and a batch of new rows)
 
-(A little past 400 lines: the set-up every command shares, its logging and one-line errors, sits with the
-commands that use it first; the trained run's commands are in trained.py and recommend.py.)
+The set-up every command shares (its logging and one-line errors) sits here with `run` and `report`; the
+data commands are in data.py, the trained run's in trained.py and recommend.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markdown import Markdown
 from rich.markup import escape
-from rich.table import Table
 
 from evolora.errors import EvoloraError
 
@@ -349,92 +349,9 @@ def report(
     console.print(f"written: {target / 'report.md'}, {target / 'report.json'}, " + ", ".join(map(str, plots)))
 
 
-@data_app.command("fetch")
-@_user_errors
-def data_fetch(
-    name: Annotated[str, typer.Argument(help="dataset name, e.g. ml-100k")],
-    force: Annotated[bool, typer.Option(help="download again even if cached")] = False,
-) -> None:
-    """Download a dataset (checksum-verified) into the cache."""
-    from evolora import progress
-    from evolora.data import fetch
-
-    _setup_logging(False)
-    with progress.display(err_console):  # the download's bar
-        path = fetch(name, force=force)
-    console.print(f"{name}: {path}")
-
-
-@data_app.command("info")
-@_user_errors
-def data_info(
-    source: Annotated[
-        str | None,
-        typer.Argument(
-            help="a dataset name or a path, or a config (.yaml) to read as --config; default: the config's, "
-            "else ml-100k"
-        ),
-    ] = None,
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="file format when SOURCE is a path; default: the config's")
-    ] = None,
-    meta: Annotated[str | None, typer.Option(help="Amazon metadata file, or a table's items table")] = None,
-    config: Annotated[
-        Path | None, typer.Option(help="take data and staging settings from this config")
-    ] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", "-s", help="override, e.g. staging.n_stages=5")
-    ] = None,
-) -> None:
-    """Summarise a dataset and the stages its staging settings make."""
-    from evolora import progress
-    from evolora.config import load_config
-    from evolora.data import assign_stages, load_dataset, num_stages_of, stage_table
-    from evolora.experiment import resolve_config
-
-    _setup_logging(False)
-    if source is not None and config is None and source.endswith((".yaml", ".yml")):
-        source, config = None, Path(source)  # `evolora data info CONFIG`: what `evolora run CONFIG` reads
-    given = {"data.source": source, "data.format": fmt, "data.meta": meta}
-    # data info stages and trains nothing: the protocol does not apply (`single` is refused with next_stage)
-    overrides = ["protocol=leave_last_out"] + [f"{k}={v}" for k, v in given.items() if v is not None]
-    overrides += list(set_ or [])
-    flags = {"data.source": "the SOURCE argument", "data.format": "--format", "data.meta": "--meta"}
-    cfg = resolve_config(load_config(config, overrides, flags))
-    with progress.display(err_console):  # downloading and reading a large log take a while
-        data = load_dataset(cfg.data)
-    summary = Table(title=f"{data.name}", show_header=False)
-    for k, v in data.summary().items():
-        summary.add_row(k, str(v))
-    console.print(summary)
-    staged = assign_stages(data.interactions, cfg.staging, data.preset_stages, data.synthetic_time)
-    stages = stage_table(staged, None if data.implicit else data.like_threshold)
-    t = Table(title=f"stages ({cfg.staging.scheme}, {num_stages_of(staged)})")
-    for col in stages.columns:
-        t.add_column(col.replace("_timestamp", "").replace("_", " "), justify="right")
-    synthetic = data.synthetic_time  # PESO's release has only an order, no dates
-    # Where a stage ends on the day the next begins, days alone look like an overlap: show the times.
-    ends, starts = stages["last_timestamp"].to_list()[:-1], stages["first_timestamp"].to_list()[1:]
-    precise = any(_date(a) == _date(b) for a, b in zip(ends, starts, strict=True))
-    for row in stages.iter_rows(named=True):
-        t.add_row(*(_stage_cell(k, v, synthetic, precise) for k, v in row.items()))
-    console.print(t)
-
-
-def _stage_cell(column: str, value: Any, synthetic_time: bool, precise: bool) -> str:
-    if column.endswith("timestamp"):
-        return "n/a" if synthetic_time else _date(value, precise)
-    return f"{value:.4f}" if column == "liked" else str(value)
-
-
-def _date(ts: int | None, precise: bool = False) -> str:
-    from evolora.data.times import day
-
-    return "–" if ts is None else day(ts, with_time=precise)
-
-
-# The commands about trained runs (recommend, export, update, versions, rollback, serve) register themselves.
-from evolora.cli import recommend, trained  # noqa: E402, F401
+# The data commands and those about trained runs (recommend, export, update, versions, rollback, serve)
+# register themselves.
+from evolora.cli import data, recommend, trained  # noqa: E402, F401
 
 
 def main() -> None:  # pragma: no cover - console entry

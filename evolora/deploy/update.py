@@ -416,7 +416,7 @@ def _read_batch(cfg: RunConfig, data_file: Path, items_file: Path | None = None)
             f"{e}; {data_file} is read as this run's data ({cfg.data.source}, data.format: "
             f"{cfg.data.format}) was, so it must be in that dataset's own file layout. To update a run with "
             "rows of your own, run it on a table (data.format: table, with data.columns): "
-            "examples/ml100k_as_csv.py writes ML-100K as one and configs/deploy-ml100k.yaml runs it"
+            "`evolora data to-csv` writes a dataset as one and configs/deploy-ml100k.yaml runs ML-100K so"
         ) from None
     finally:
         for f in quiet:
