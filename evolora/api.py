@@ -225,6 +225,9 @@ class Recommender:
         items = prepared.data.items
         self._titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
         self.like_threshold = prepared.data.like_threshold
+        # the lowest and highest rating of the users' histories: what a query's ratings are checked against
+        given = histories["ratings"].explode().drop_nulls()
+        self.rating_scale = (float(given.min()), float(given.max())) if len(given) else None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -630,7 +633,7 @@ class Recommender:
             known = self.user_id(str(user))
             return known, *self._histories[known], set(self._seen[known])
         # an item given without a rating counts as liked
-        pairs = history_pairs(history, self.like_threshold + 1.0)
+        pairs = history_pairs(history, self.like_threshold + 1.0, self.rating_scale)
         ids = self._check_items([i for i, _ in pairs], "history")
         pairs = [(i, r) for i, (_, r) in zip(ids, pairs, strict=True)]
         seen = {i for i, _ in pairs}

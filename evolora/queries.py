@@ -101,39 +101,50 @@ def number_of(value: Any, what: str) -> int | None:
     return None if value is None else int(value)
 
 
-def rating_of(value: Any, item: Any) -> float:
+def rating_of(value: Any, item: Any, scale: tuple[float, float] | None = None) -> float:
     """A history entry's rating as a finite number, or an error naming the item. A number only, as the CLI
     and the server take it: `True` would be read as the rating 1 (a dislike), and a string is a mistake
-    somewhere upstream, not a rating to convert."""
+    somewhere upstream, not a rating to convert. `scale`: the lowest and highest rating of the run's data;
+    one outside it is an error, since a prompt reads a rating only as above or below the like threshold:
+    a 1 meaning "liked" (a 0/1 flag) asked of 5-star data would be a dislike without a word."""
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
     number = float(value) if is_number else math.nan
     if not math.isfinite(number):
         raise EvoloraError(f"history: the rating of {item!r} is {value!r}, not a number")
+    if scale is not None and scale[0] < scale[1] and not scale[0] <= number <= scale[1]:
+        lo, hi = scale
+        raise EvoloraError(
+            f"history: the rating of {item!r} is {value!r}, outside the run's ratings, {lo:g} to {hi:g} (the "
+            "lowest and highest in its data); give one on that scale, or the item id alone for a like"
+        )
     return number
 
 
-def history_entry(entry: Any, liked: float) -> tuple[str, float]:
+def history_entry(entry: Any, liked: float, scale: tuple[float, float] | None = None) -> tuple[str, float]:
     """One history entry: an item id (counted as liked) or an (item id, rating) pair."""
     if isinstance(entry, tuple | list):
         if len(entry) != 2:
             raise EvoloraError(f"history: {entry!r} is neither an item id nor an (item id, rating) pair")
-        return str(entry[0]), rating_of(entry[1], entry[0])
+        return str(entry[0]), rating_of(entry[1], entry[0], scale)
     return str(entry), liked
 
 
-def history_pairs(history: History, liked: float) -> list[tuple[str, float]]:
-    """A history as (item id, rating) pairs, oldest first; ids given without a rating count as `liked`."""
+def history_pairs(
+    history: History, liked: float, scale: tuple[float, float] | None = None
+) -> list[tuple[str, float]]:
+    """A history as (item id, rating) pairs, oldest first; ids given without a rating count as `liked`.
+    Ratings given must lie in `scale` (the run's lowest and highest; None: any number)."""
     if history is None:
         return []
     if isinstance(history, str | bytes):
         raise EvoloraError(f"history: a list of item ids or (item, rating) pairs, not the string {history!r}")
     if isinstance(history, Mapping):
-        return [(str(i), rating_of(r, i)) for i, r in history.items()]
+        return [(str(i), rating_of(r, i, scale)) for i, r in history.items()]
     if isinstance(history, set | frozenset):
         raise EvoloraError("history: a list, oldest first, not a set (a set has no order; the order counts)")
     if not isinstance(history, Iterable):
         raise EvoloraError(f"history: a list of item ids or (item, rating) pairs, not {history!r}")
-    return [history_entry(h, liked) for h in history]
+    return [history_entry(h, liked, scale) for h in history]
 
 
 def trained_stage(

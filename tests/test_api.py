@@ -76,6 +76,19 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
     assert [s.score for s in same] == [s.score for s in scored]
     # An empty history works; plain ids count as liked.
     assert len(rec.score([], ["2"])) == 1 and len(rec.score(["4", "6"], ["2"])) == 1
+    # A rating off the run's scale is refused: the prompt reads only above or below the like threshold, so a
+    # 0/1 flag's 1 ("liked") asked of 1-5 data was a dislike without a word (its own ratings all pass).
+    low, high = rec.rating_scale
+    own = [r for _, ratings in rec._histories.values() for r in ratings]
+    assert low <= min(own) < max(own) <= high
+    for off in (low - 0.5, high + 5):
+        with pytest.raises(
+            EvoloraError, match=rf"rating of '2' is {off}, outside the run's ratings, {low:g} to {high:g}"
+        ):
+            rec.score([("2", off)], ["3"])
+        with pytest.raises(EvoloraError, match="outside the run's ratings"):
+            rec.score({"2": off}, ["3"])
+    assert len(rec.score([("2", low), ("4", high)], ["3"])) == 1
     top = rec.recommend(user=user, items=["2", "3", "4", "5"], k=2)
     assert len(top) == 2 and top[0].score >= top[1].score
     with pytest.raises(EvoloraError, match=r"unknown item\(s\) \['nope'\]"):
