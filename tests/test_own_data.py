@@ -112,6 +112,26 @@ def test_list_and_record_cells_in_parquet_and_jsonl(tmp_path: Path) -> None:
             prepare_data(cfg)
 
 
+def test_json_lines_with_nan_and_infinity(tmp_path: Path) -> None:
+    """Python's JSON (pandas' to_json of a missing value too) writes NaN and Infinity: a NaN genre is a gap,
+    a NaN or infinite rating a one-line error naming the line (a polars traceback before)."""
+    items = pl.read_csv(ITEMS)
+    lines = [json.dumps(r) for r in items.to_dicts()]
+    lines[1] = json.dumps({**items.row(1, named=True), "genre": float("nan")})
+    (tmp_path / "items.jsonl").write_text("\n".join(lines) + "\n")
+    columns = COLUMNS.replace("}", ", genre: genre}")
+    prepared = prepare_data(table_config(LOG, tmp_path / "runs", columns, meta=tmp_path / "items.jsonl"))
+    genres = dict(prepared.data.items.select("item_id", "genre").iter_rows())
+    assert genres["sku-001"] == "winter" and genres["sku-002"] is None
+    log = pl.read_csv(LOG).to_dicts()
+    for value, said in ((float("nan"), "no rating"), (float("inf"), "rating 'Infinity'")):
+        rows = [json.dumps(r) for r in log]
+        rows[2] = json.dumps({**log[2], "stars": value})
+        (tmp_path / "log.jsonl").write_text("\n".join(rows) + "\n")
+        with pytest.raises(DataError, match=f"log.jsonl line 3: {said}"):
+            prepare_data(table_config(tmp_path / "log.jsonl", tmp_path / "runs"))
+
+
 def test_explicit_labels(tmp_path: Path) -> None:
     """A 0/1 column is the label itself: no threshold, no sampled negatives."""
     log = pl.read_csv(LOG).with_columns(clicked=(pl.col("stars") > 3).cast(pl.Int8)).drop("stars")

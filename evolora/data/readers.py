@@ -26,6 +26,7 @@ import gzip
 import io
 import json
 import logging
+import math
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -407,6 +408,10 @@ def coerce(value: Any, kind: str, path: Path, n: int, field: str) -> Any:
         if isinstance(value, list):
             return [x if isinstance(x, str) else json.dumps(x) for x in value if x is not None]
     elif kind == "str":
+        if isinstance(value, float) and not math.isfinite(value):
+            # Python's JSON writes NaN (pandas' missing value) and Infinity, which polars refuses to read
+            # back: NaN is a gap, Infinity its own text (a rating's check names it)
+            return None if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
         # Any other JSON value becomes text as polars writes it (`_parse_lines` converts them together).
         return value
     elif isinstance(value, int | float | str) and not isinstance(value, bool):
