@@ -132,6 +132,67 @@ def test_json_lines_with_nan_and_infinity(tmp_path: Path) -> None:
             prepare_data(table_config(tmp_path / "log.jsonl", tmp_path / "runs"))
 
 
+def test_ids_written_as_numbers_two_ways_or_past_float_precision(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """'18' beside '18.0' in one file is one number written two ways (part of a column exported as floats):
+    read as two users, and said (nothing was). Ids stored as floats past 2^53 have lost digits (30 users read
+    as one): an error. A float column with a fractional id still writes its whole ones as "5", not "5.0"."""
+    log = pl.read_csv(LOG).with_columns(user=(pl.col("uid").rank("dense") + 17).cast(pl.Int64))
+    mixed = log.with_columns(
+        pl.when(pl.int_range(pl.len()) % 2 == 0)
+        .then(pl.col("user").cast(pl.Utf8) + ".0")
+        .otherwise(pl.col("user").cast(pl.Utf8))
+        .alias("uid")
+    )
+    mixed.drop("user").write_csv(tmp_path / "mixed.csv")
+    with caplog.at_level("WARNING", logger="evolora"):
+        data = prepare_data(table_config(tmp_path / "mixed.csv", tmp_path / "runs")).data
+    users = log["user"].n_unique()
+    assert data.interactions["user_id"].n_unique() == 2 * users  # as written: two ids each
+    assert f"{users} user ids are numbers written two ways in the file (e.g. '18' and '18.0')" in caplog.text
+    big = log.with_columns(uid=(pl.col("user") + 1_790_000_000_000_000_000).cast(pl.Float64)).drop("user")
+    big.write_parquet(tmp_path / "big.parquet")
+    with pytest.raises(
+        DataError, match=r"big.parquet row 1: column 'uid' holds ids stored as floating-point"
+    ):
+        prepare_data(table_config(tmp_path / "big.parquet", tmp_path / "runs"))
+    halves = log.with_columns(
+        uid=pl.when(pl.col("user") == 18).then(pl.lit(18.5)).otherwise(pl.col("user").cast(pl.Float64))
+    ).drop("user")
+    halves.write_parquet(tmp_path / "halves.parquet")
+    ids = set(
+        prepare_data(table_config(tmp_path / "halves.parquet", tmp_path / "runs")).data.interactions[
+            "user_id"
+        ]
+    )
+    assert "18.5" in ids and "19" in ids and "19.0" not in ids
+
+
+def test_files_an_export_gets_wrong_are_said_so(tmp_path: Path) -> None:
+    """Each read as text before, with advice that did not help: a UTF-16 export ('expected 4 fields ...
+    truncated'), a Parquet file named .csv (a separator), an items table with another separator than the
+    log's (its advice and the log's went round in a loop). Ratings stored as a category (pandas') read."""
+    text = LOG.read_text()
+    (tmp_path / "utf16.csv").write_bytes(text.encode("utf-16"))
+    with pytest.raises(DataError, match=r"utf16.csv: the file is UTF-16 text .*save it as UTF-8"):
+        prepare_data(table_config(tmp_path / "utf16.csv", tmp_path / "runs"))
+    pl.read_csv(LOG).write_parquet(tmp_path / "parquet.csv")
+    with pytest.raises(DataError, match=r"parquet\.csv: the file is a Parquet file: name it \.parquet"):
+        prepare_data(table_config(tmp_path / "parquet.csv", tmp_path / "runs"))
+    pl.read_csv(ITEMS).write_csv(tmp_path / "items.csv", separator=";")
+    with pytest.raises(
+        DataError, match=r"set data.separator: ';' \(data.separator reads the log example_log.csv too"
+    ):
+        prepare_data(table_config(LOG, tmp_path / "runs", meta=tmp_path / "items.csv"))
+    log = pl.read_csv(LOG)
+    log.with_columns(pl.col("stars").cast(pl.Utf8).cast(pl.Categorical)).write_parquet(
+        tmp_path / "cat.parquet"
+    )
+    data = prepare_data(table_config(tmp_path / "cat.parquet", tmp_path / "runs")).data
+    assert sorted(data.interactions["rating"].unique()) == sorted(log["stars"].cast(pl.Float64).unique())
+
+
 def test_explicit_labels(tmp_path: Path) -> None:
     """A 0/1 column is the label itself: no threshold, no sampled negatives."""
     log = pl.read_csv(LOG).with_columns(clicked=(pl.col("stars") > 3).cast(pl.Int8)).drop("stars")

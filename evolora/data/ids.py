@@ -53,6 +53,19 @@ def known_form(value: Any, known: Container[str]) -> str:
     return text if text in known else id_text(text)
 
 
+def number_form(ids: pl.Expr) -> pl.Expr:
+    """A whole number's id without its leading zeros or `.0` ("007" and "7.0" read "7"); any other id as
+    it is."""
+    return ids.str.replace(r"^0*([0-9]+?)(?:\.0*)?$", "${1}")
+
+
+def id_form(ids: pl.Expr) -> pl.Expr:
+    """How an id reads however it was written: a number without its leading zeros or `.0`, and any other id
+    in lower case, without surrounding spaces, its accents composed (Unicode NFC: a macOS file name's "é" is
+    "e" and a combining accent)."""
+    return number_form(ids.str.strip_chars().str.normalize("NFC").str.to_lowercase())
+
+
 def known_forms(ids: pl.Expr, known: Iterable[str]) -> pl.Expr:
     """`known_form` of a column of ids (text)."""
     return pl.when(ids.is_in(list(known))).then(ids).otherwise(ids.str.strip_chars())

@@ -137,10 +137,28 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: cannot read the file ({e})") from None
 
 
+# What a delimited file's first bytes say when it is no UTF-8 text: read as text, each reads as a field count
+# or a separator gone wrong somewhere down the file.
+_NOT_UTF8 = {
+    b"\xff\xfe": "UTF-16 text (a spreadsheet's 'Unicode text' export): save it as UTF-8 (CSV UTF-8)",
+    b"\xfe\xff": "UTF-16 text: save it as UTF-8",
+    b"PAR1": "a Parquet file: name it .parquet",
+    b"PK\x03\x04": "a zip archive (an .xlsx workbook is one): export the sheet as CSV, or unzip the file",
+}
+
+
+def _check_text_file(path: Path, raw: bytes) -> bytes:
+    for start, what in _NOT_UTF8.items():
+        if raw.startswith(start):
+            raise DataError(f"{path}: the file is {what}")
+    return raw
+
+
 def _read_delimited(
     path: Path, sep: str, wanted: list[str], text: frozenset[str], quoted: bool = True
 ) -> TableRows:
-    raw = without_bom(_read_bytes(path))
+    raw = _check_text_file(path, _read_bytes(path))
+    raw = without_bom(raw)
     try:
         decoded, bad_bytes = raw.decode("utf-8"), False
     except UnicodeDecodeError:

@@ -19,6 +19,7 @@ import polars as pl
 
 from evolora.bundle import bundle_dir
 from evolora.config import RunConfig
+from evolora.data.ids import id_form
 from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
 from evolora.deploy.versions import Version
 from evolora.errors import DataError
@@ -94,14 +95,6 @@ def name_new_items(
             + ")"
         )
     return accepted.filter(~unknown), ids
-
-
-def id_form(ids: pl.Expr) -> pl.Expr:
-    """How an id reads however it was written: a number without its leading zeros or `.0`, and any other id
-    in lower case, without surrounding spaces, its accents composed (Unicode NFC: a macOS file name's "é" is
-    "e" and a combining accent)."""
-    plain = ids.str.strip_chars().str.normalize("NFC").str.to_lowercase()
-    return plain.str.replace(r"^0*([0-9]+?)(?:\.0*)?$", "${1}")
 
 
 #: lookalikes fewer than this are said, never refused: one new "John" beside a "john" may be another person

@@ -29,7 +29,7 @@ Exact duplicate rows are removed with a counted warning, as for every source (`b
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,7 @@ import polars as pl
 
 from evolora.config import DataConfig, TableColumns
 from evolora.data.build import LIKE_THRESHOLD, absolute, finish
+from evolora.data.ids import number_form
 from evolora.data.schema import InteractionData
 from evolora.data.table_files import TABLE_FILES, TableRows, read_table, table_kind
 from evolora.data.times import (
@@ -90,7 +91,8 @@ def load_table(
     if columns.stage is not None:
         _check_stage_order(rows, inter, columns.stage)
     if meta_path is not None:
-        meta_rows = read_table(meta_path, [columns.item, *fields.values()], fields.values(), separator)
+        item_columns = [columns.item, *fields.values()]
+        meta_rows = _read_items(meta_path, source, item_columns, fields.values(), separator)
         records = _item_records(meta_rows, columns.item, fields)
     else:
         records = _log_item_records(rows, inter, fields)
@@ -144,15 +146,24 @@ def _interactions(rows: TableRows, wanted: dict[str, str], time_unit: str) -> pl
     return pl.DataFrame({**out, "_line": df["_line"]})
 
 
+def _read_items(
+    path: Path, log_path: Path, columns: list[str], text: Iterable[str], separator: str
+) -> TableRows:
+    """The items table's rows. Its separator advice says that one setting reads the log too: alone, each
+    file's advice would undo the other's."""
+    try:
+        return read_table(path, columns, text, separator)
+    except DataError as e:
+        if "data.separator" not in str(e) or table_kind(path) != "csv" or table_kind(log_path) != "csv":
+            raise
+        raise DataError(
+            f"{e} (data.separator reads the log {log_path.name} too: write the log and its items table with "
+            "one separator)"
+        ) from None
+
+
 def _ids(rows: TableRows, df: pl.DataFrame, col: str, name: str, what: str) -> pl.Series:
-    raw = df[col]
-    if raw.dtype.is_float():  # a NaN id is a missing one (pandas writes gaps so), not the id "NaN"
-        raw = raw.fill_nan(None)
-    given = raw.drop_nulls()
-    if raw.dtype.is_float() and bool(((given == given.floor()) & (given.abs() < 2**53)).all()):
-        # Whole numbers stored as floats (a pandas column with a gap): 5.0 is id "5", as in an int column.
-        raw = raw.cast(pl.Int64)
-    written = raw.cast(pl.Utf8)
+    written = _float_ids(rows, df, col, name) if df[col].dtype.is_float() else df[col].cast(pl.Utf8)
     ids = written.str.strip_chars()  # (queries name an id with or without them: `ids.known_form`)
     merged = written.n_unique() - ids.n_unique()
     if merged:  # "bob" and "bob " were two ids in the file: said, as they become one
@@ -167,7 +178,45 @@ def _ids(rows: TableRows, df: pl.DataFrame, col: str, name: str, what: str) -> p
     empty = (ids == "").fill_null(True)
     if empty.any():
         raise rows.error(int(df["_line"][empty.arg_max()]), f"no {what} (column {name!r} is empty)")
+    _say_numbers_written_two_ways(rows, ids, what)
     return ids
+
+
+def _float_ids(rows: TableRows, df: pl.DataFrame, col: str, name: str) -> pl.Series:
+    """Ids stored as floats (a pandas column of ints with a gap) as text: a whole number as an int column
+    writes it (5.0 is id "5", beside fractional ones too); a NaN is a missing id (pandas writes gaps so),
+    not the id "NaN". Past 2^53 a float has lost the id's last digits, so ids that differed may be one: an
+    error."""
+    raw = df[col].fill_nan(None)
+    lost = (raw.abs() >= 2**53) & raw.is_finite()
+    if lost.fill_null(False).any():
+        i = int(lost.fill_null(False).arg_max())  # type: ignore[arg-type]
+        raise rows.error(
+            int(df["_line"][i]),
+            f"column {name!r} holds ids stored as floating-point numbers past 2^53 ({raw[i]:.6g}), whose "
+            "last digits are lost, so different ids may read as one: write the column as integers or text",
+        )
+    whole = raw == raw.floor()
+    as_int = raw.cast(pl.Int64, strict=False).cast(pl.Utf8)
+    return pl.select(pl.when(whole).then(as_int).otherwise(raw.cast(pl.Utf8))).to_series().alias(col)
+
+
+def _say_numbers_written_two_ways(rows: TableRows, ids: pl.Series, what: str) -> None:
+    """'18' beside '18.0' or '007' beside '7' in one column: one number written two ways (an export that
+    turned part of a column into floats, or padded some), read as two ids, so said."""
+    numbers = ids.unique().drop_nulls()
+    numbers = numbers.filter(numbers.str.contains(r"^[0-9]+(?:\.0*)?$"))
+    if numbers.len() < 2:
+        return
+    forms = pl.DataFrame({"written": numbers}).with_columns(form=number_form(pl.col("written")))
+    alike = forms.filter(pl.len().over("form") > 1).sort("form", "written")
+    if alike.height:
+        example = alike.filter(pl.col("form") == alike["form"][0])["written"].head(2).to_list()
+        log.warning(
+            "%s: %d %ss are numbers written two ways in the file (e.g. %s), read as different %ss: if they "
+            "are one, write each id one way",
+            rows.path, alike["form"].n_unique(), what, " and ".join(map(repr, example)), what,
+        )  # fmt: skip
 
 
 def _times(rows: TableRows, df: pl.DataFrame, name: str, unit: str) -> pl.Series:
@@ -244,6 +293,8 @@ def _numbers(
 ) -> pl.Series:
     """`raw` (numbers, or text holding them) as Float64 named `what`; an error names the first line whose
     value is empty or not `valid` (whose value "is `invalid`")."""
+    if isinstance(raw.dtype, pl.Categorical | pl.Enum):  # pandas' `category` of "1".."5"
+        raw = raw.cast(pl.Utf8)
     numbers = raw.str.strip_chars().cast(pl.Float64, strict=False) if raw.dtype == pl.Utf8 else raw
     if not numbers.dtype.is_numeric():
         raise rows.error(int(lines[0]), f"column {name!r} holds {raw.dtype} values, not {what}s")
