@@ -161,6 +161,13 @@ def test_ids_written_as_numbers_two_ways_or_past_float_precision(
         uid=pl.when(pl.col("user") == 18).then(pl.lit(18.5)).otherwise(pl.col("user").cast(pl.Float64))
     ).drop("user")
     halves.write_parquet(tmp_path / "halves.parquet")
+    # pandas' astype(str) of a missing id is 'nan': one user of that name, said
+    gaps = log.with_columns(uid=pl.when(pl.int_range(pl.len()) < 3).then(pl.lit("nan")).otherwise("uid"))
+    gaps.write_csv(tmp_path / "gaps.csv")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="evolora"):
+        prepare_data(table_config(tmp_path / "gaps.csv", tmp_path / "runs"))
+    assert "gaps.csv: 3 rows have the user id 'nan' (how pandas" in caplog.text
     ids = set(
         prepare_data(table_config(tmp_path / "halves.parquet", tmp_path / "runs")).data.interactions[
             "user_id"

@@ -179,7 +179,19 @@ def _ids(rows: TableRows, df: pl.DataFrame, col: str, name: str, what: str) -> p
     if empty.any():
         raise rows.error(int(df["_line"][empty.arg_max()]), f"no {what} (column {name!r} is empty)")
     _say_numbers_written_two_ways(rows, ids, what)
+    gaps = ids.is_in(list(MISSING_AS_TEXT))
+    if gaps.any():
+        word = ids.filter(gaps)[0]
+        log.warning(
+            "%s: %d rows have the %s %r (how pandas and others write a missing value as text), read as one "
+            "%s of that name: if their ids are missing, leave those rows out",
+            rows.path, int(gaps.sum()), what, word, what.removesuffix(" id"),
+        )  # fmt: skip
     return ids
+
+
+#: a missing value written as text by pandas (`astype(str)` of NaN or None), R or a database export
+MISSING_AS_TEXT = frozenset({"nan", "NaN", "None", "null", "NULL", "<NA>", "NA", "N/A"})
 
 
 def _float_ids(rows: TableRows, df: pl.DataFrame, col: str, name: str) -> pl.Series:
