@@ -218,6 +218,33 @@ def test_the_gate_holds_out_the_batchs_newest_samples_and_the_candidate_learns_t
     assert table.df["timestamp"][pools.test].min() >= table.df["timestamp"][learnt].max()
 
 
+def test_the_gates_bars_say_whose_held_out_scores_they_count(
+    batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate's two passes over the held-out samples said "evaluating stage 3", as a run's evaluation."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from evolora import progress
+
+    _, root = run_base(batches, tmp_path / "runs")
+    shown: list[str] = []
+    add_task = Progress.add_task
+    monkeypatch.setattr(
+        Progress, "add_task", lambda self, d, *a, **k: shown.append(d) or add_task(self, d, *a, **k)
+    )
+    with progress.display(Console(file=io.StringIO())):
+        update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"])
+    gate = [d for d in shown if d.startswith("gate")]
+    assert gate == [
+        "gate: the promoted version on the held-out samples",
+        "gate: the candidate on the held-out samples",
+    ]
+    assert not [d for d in shown if d.startswith("evaluating")], shown
+
+
 def test_the_new_stages_pools_are_reported_as_the_gate_builds_them(
     batches: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -301,9 +301,9 @@ def _update(
         task.before_stage(lm, parent.stage)
         loop.restore_state(parent.stage, stage_dir=root / parent.folder, deployed=parent.id > 0)
         ctx = StageContext(stage, stage, prepared.pools, strategy.seed, work / f"stage-{stage}", holdout)
-        before = _gate_predictions(loop, ctx, work / "gate" / "promoted.npz")
+        before = _gate_predictions(loop, ctx, work / "gate" / "promoted.npz", "the promoted version")
         loop.train_stage(ctx)
-        after = _gate_predictions(loop, ctx, work / "gate" / "candidate.npz")
+        after = _gate_predictions(loop, ctx, work / "gate" / "candidate.npz", "the candidate")
     finally:
         strategy.teardown()
     gate = _decide(cfg, task, before, after, holdout)
@@ -634,13 +634,14 @@ def _hold_out(
 
 
 # ------------------------------------------------------------------------------------------ the gate
-def _gate_predictions(loop: StageLoop, ctx: StageContext, path: Path) -> Any:
-    """A version's scores of the held-out samples, stored with what they cost (a resumed update counts
-    them once)."""
+def _gate_predictions(loop: StageLoop, ctx: StageContext, path: Path, who: str) -> Any:
+    """A version's (`who`'s) scores of the held-out samples, stored with what they cost (a resumed update
+    counts them once)."""
     if path.is_file():
         arrays = load_npz(path)
         cost.carry(cost.from_arrays(arrays))
         return loop.task.load_predictions(arrays)
+    ctx = dataclasses.replace(ctx, asked=f"gate: {who} on the held-out samples")  # (a bar's words)
     preds, spent = cost.measured(lambda: loop.s.predict(ctx, ctx.eval_rows), "evaluation")
     save_npz(path, {**loop.task.save_predictions(preds), **cost.to_arrays(spent)})
     return preds
