@@ -461,6 +461,41 @@ def test_a_killed_update_resumes_to_the_same_version(
     assert Versions.open(root, "finetune", 0, 2).get(1).cost == resumed.cost  # recorded with the version
 
 
+def test_an_update_resumed_with_another_items_file_trains_its_own_candidate(
+    batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new items' records (--items) are not in the batch's digest: a killed update rerun with another
+    file finished the first one's candidate, its gate scores taken under the first file's titles, and
+    recorded the second (an audit's 0.8125 where either file alone gave 1.0)."""
+    batch = _with_a_new_item(batches, tmp_path / "new.csv")
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_text("iid,name,genre\nsku-new,Sunny Beach Kit 400,summer\n")
+    second.write_text("iid,name,genre\nsku-new,Rainy Storm Kit 400,winter\n")
+    _, ref_root = run_base(batches, tmp_path / "ref")
+    reference = update_run(ref_root, batch, overrides=["update.min_gain=-1.0"], items_file=second).version
+    _, root = run_base(batches, tmp_path / "run")
+    real, calls = CtrTask.loss, {"n": 0}
+
+    def dying(self, lm, rows):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside the update's training, after the promoted version was scored
+            raise KeyboardInterrupt
+        return real(self, lm, rows)
+
+    monkeypatch.setattr(CtrTask, "loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        update_run(root, batch, overrides=["update.min_gain=-1.0"], items_file=first)
+    monkeypatch.setattr(CtrTask, "loss", real)
+    v = update_run(root, batch, overrides=["update.min_gain=-1.0"], items_file=second).version
+    assert (v.gate["promoted"], v.gate["candidate"]) == (
+        reference.gate["promoted"],
+        reference.gate["candidate"],
+    )
+    assert v.data["items_file"]["file"] == str(second)
+    work = root / "deploy" / "finetune-seed0" / "work"
+    assert list(work.iterdir()) == [(root / v.folder).parent]  # the first file's attempt: removed
+
+
 def test_an_update_resumed_with_other_holdout_settings_trains_its_own_candidate(
     batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

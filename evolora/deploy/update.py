@@ -228,6 +228,9 @@ def _update(
     # ("batch": the tail of the batch's samples since 2026-12-05, of the whole stage before: a candidate
     # killed under the earlier rule is not continued under this one)
     held = f"batchholdout{cfg.update.holdout_fraction:g}-{cfg.update.max_holdout or 'all'}"
+    # So do the new items' records (--items, not in the batch's digest: the prompts, IDs and bundle take
+    # them), so a killed update rerun with another file does not finish the first one's candidate.
+    held += f"-items{records['sha256'][:12]}" if records is not None else ""
     work = registry.folder / "work" / f"from-v{parent.id}-{digest[:12]}-{held}"
     stage = parent.stage + 1
 
