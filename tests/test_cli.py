@@ -332,9 +332,10 @@ def test_values_yaml_cannot_build_and_numbers_without_a_value_are_one_line_error
 
 
 def test_a_negative_version_to_roll_back_to_is_read_as_a_number(tmp_path: Path) -> None:
-    """`evolora rollback RUN -1` was refused as "No such option: -1"."""
+    """`evolora rollback RUN -1` was refused as "No such option: -1", then in typer's usage box."""
     result = runner.invoke(app, ["rollback", str(tmp_path), "-1"])
-    assert result.exit_code == 2 and "greater than or equal to 0" in result.output, result.output
+    said = "error: version -1: versions are numbered from 0 (`evolora versions` lists them)\n"
+    assert result.exit_code == 2 and result.output == said, result.output
 
 
 def test_true_or_false_for_a_number_is_refused(tmp_path: Path) -> None:

@@ -492,6 +492,17 @@ def test_an_update_resumed_with_another_items_file_trains_its_own_candidate(
         reference.gate["candidate"],
     )
     assert v.data["items_file"]["file"] == str(second)
+    # `evolora versions` shows what each version learnt that its parent did not know (CTR runs too)
+    b1 = pl.read_csv(batches["b1"])
+    base = pl.read_csv(batches["base"])
+    new_users = b1.filter(~pl.col("uid").is_in(base["uid"].implode()))["uid"].n_unique()
+    new_items = b1.filter(~pl.col("iid").is_in(base["iid"].implode()))["iid"].n_unique() + 1  # and sku-new
+    assert (v.data["new users"], v.data["new items"]) == (new_users, new_items)
+    shown = CliRunner().invoke(app, ["versions", str(root)], terminal_width=200).output.splitlines()
+    header = next(line for line in shown if "version" in line and "┃" in line).strip("┃").split("┃")
+    row = next(line for line in shown if "new.csv" in line).strip("│").split("│")
+    cells = dict(zip([h.strip() for h in header], [c.strip() for c in row], strict=True))
+    assert (cells["new users"], cells["new items"]) == (str(new_users), str(new_items))
     work = root / "deploy" / "finetune-seed0" / "work"
     assert list(work.iterdir()) == [(root / v.folder).parent]  # the first file's attempt: removed
 

@@ -27,6 +27,7 @@ from evolora.cli import (
     console,
     err_console,
 )
+from evolora.errors import EvoloraError
 from evolora.io import finite_json
 
 
@@ -114,22 +115,24 @@ def versions(
     table = Table(
         title=f"versions of {registry.method} (seed {registry.seed}); promoted: {registry.promoted}"
     )
-    named = any("new items named" in v.data for v in registry.versions)  # a column only where there are some
+    # columns only where versions record them (updates since 2026-12-06; next-item IDs named since 12-04)
+    grown = any("new users" in v.data or "new items named" in v.data for v in registry.versions)
     costed = any("total_cpu_seconds" in v.cost for v in registry.versions)  # updates since 2026-12-05
     right = [
         "version",
         "parent",
         "stage",
         "rows",
-        *(["new items"] if named else []),
+        *(["new users", "new items"] if grown else []),
         *(["CPU s"] if costed else []),
     ]
     for col in ("version", "parent", "stage", "created", "data", *right[3:], "gate", "promoted"):
         table.add_column(col, justify="right" if col in right else "left")
     for v in registry.versions:
         rows = [f"{v.data['accepted']}/{v.data['rows_in_file']}" if "accepted" in v.data else ""]
-        if named:
-            rows.append(str(v.data.get("new items named", "")))
+        if grown:
+            rows.append(str(v.data.get("new users", "")))
+            rows.append(str(v.data.get("new items", v.data.get("new items named", ""))))
         if costed:  # what the update took (the run's stages record version 0's)
             rows.append(f"{v.cost['total_cpu_seconds']:.0f}" if "total_cpu_seconds" in v.cost else "")
         gate = (
@@ -151,13 +154,15 @@ def versions(
 @_user_errors
 def rollback(
     run_dir: RunDir,
-    version: Annotated[int, typer.Argument(min=0, help="the version to promote again")],
+    version: Annotated[int, typer.Argument(help="the version to promote again")],
     method: Method = None,
     seed: Seed = None,
 ) -> None:
     """Make an earlier version the promoted one (served; the next update builds on it)."""
     from evolora.locks import exclusive
 
+    if version < 0:  # one line, where typer's own bound drew its usage box
+        raise EvoloraError(f"version {version}: versions are numbered from 0 (`evolora versions` lists them)")
     registry = _registry(run_dir, method, seed)
     with exclusive(registry.folder / ".lock", f"updates of {registry.method} (seed {registry.seed})"):
         registry = _registry(run_dir, method, seed)

@@ -261,6 +261,10 @@ def _update(
             build_cfg, parent_ids, items, accepted, report, pretrained
         )
         items = _without_unnamed(items, known, offered, accepted["item_id"])
+    # users and items no earlier row has (`evolora versions` shows them; an item's record sent ahead of its
+    # rows is not a rated item yet)
+    for column, key in (("user_id", "new users"), ("item_id", "new items")):
+        report[key] = int(accepted[column].unique().is_in(existing[column].unique().implode()).not_().sum())
     data, staged = _combined(original, existing, items, accepted, stage)
     dropped = _dropped_note(report)
     try:
