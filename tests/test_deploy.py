@@ -430,25 +430,39 @@ def test_a_batch_below_the_runs_min_rating_is_dropped_and_counted(
     assert v.data["accepted"] == b1.height - low == v.data["rows_in_file"] - low
 
 
+def _killed_in_training(monkeypatch: pytest.MonkeyPatch, root: Path, batch: Path, **given) -> None:
+    """An update (min_gain -1) stopped by Ctrl-C inside its training, after the gate scored the promoted
+    version."""
+    real, calls = CtrTask.loss, {"n": 0}
+
+    def dying(self, lm, rows):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, lm, rows)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(CtrTask, "loss", dying)
+        with pytest.raises(KeyboardInterrupt):
+            update_run(root, batch, overrides=["update.min_gain=-1.0"], **given)
+
+
+def _versions_row(root: Path, data_file: str) -> dict[str, str]:
+    """`evolora versions` table's row of the version made from `data_file`, by column."""
+    shown = CliRunner().invoke(app, ["versions", str(root)], terminal_width=200).output.splitlines()
+    header = next(line for line in shown if "version" in line and "┃" in line).strip("┃").split("┃")
+    row = next(line for line in shown if data_file in line).strip("│").split("│")
+    return dict(zip([h.strip() for h in header], [c.strip() for c in row], strict=True))
+
+
 def test_a_killed_update_resumes_to_the_same_version(
     batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, ref_root = run_base(batches, tmp_path / "ref")
     reference = update_run(ref_root, batches["b1"], overrides=["update.min_gain=-1.0"]).version
     _, root = run_base(batches, tmp_path / "run")
-    real, calls = CtrTask.loss, {"n": 0}
-
-    def dying(self, lm, rows):
-        calls["n"] += 1
-        if calls["n"] == 5:  # inside the update's training
-            raise KeyboardInterrupt
-        return real(self, lm, rows)
-
-    monkeypatch.setattr(CtrTask, "loss", dying)
-    with pytest.raises(KeyboardInterrupt):
-        update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"])
+    _killed_in_training(monkeypatch, root, batches["b1"])
     assert not (root / "deploy" / "finetune-seed0" / "versions.json").exists()  # v0 still the one served
-    monkeypatch.setattr(CtrTask, "loss", real)
     resumed = update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"]).version
     assert resumed.gate["candidate"] == reference.gate["candidate"]
     assert resumed.gate["promoted"] == reference.gate["promoted"]
@@ -474,18 +488,7 @@ def test_an_update_resumed_with_another_items_file_trains_its_own_candidate(
     _, ref_root = run_base(batches, tmp_path / "ref")
     reference = update_run(ref_root, batch, overrides=["update.min_gain=-1.0"], items_file=second).version
     _, root = run_base(batches, tmp_path / "run")
-    real, calls = CtrTask.loss, {"n": 0}
-
-    def dying(self, lm, rows):
-        calls["n"] += 1
-        if calls["n"] == 5:  # inside the update's training, after the promoted version was scored
-            raise KeyboardInterrupt
-        return real(self, lm, rows)
-
-    monkeypatch.setattr(CtrTask, "loss", dying)
-    with pytest.raises(KeyboardInterrupt):
-        update_run(root, batch, overrides=["update.min_gain=-1.0"], items_file=first)
-    monkeypatch.setattr(CtrTask, "loss", real)
+    _killed_in_training(monkeypatch, root, batch, items_file=first)
     v = update_run(root, batch, overrides=["update.min_gain=-1.0"], items_file=second).version
     assert (v.gate["promoted"], v.gate["candidate"]) == (
         reference.gate["promoted"],
@@ -498,10 +501,7 @@ def test_an_update_resumed_with_another_items_file_trains_its_own_candidate(
     new_users = b1.filter(~pl.col("uid").is_in(base["uid"].implode()))["uid"].n_unique()
     new_items = b1.filter(~pl.col("iid").is_in(base["iid"].implode()))["iid"].n_unique() + 1  # and sku-new
     assert (v.data["new users"], v.data["new items"]) == (new_users, new_items)
-    shown = CliRunner().invoke(app, ["versions", str(root)], terminal_width=200).output.splitlines()
-    header = next(line for line in shown if "version" in line and "┃" in line).strip("┃").split("┃")
-    row = next(line for line in shown if "new.csv" in line).strip("│").split("│")
-    cells = dict(zip([h.strip() for h in header], [c.strip() for c in row], strict=True))
+    cells = _versions_row(root, "new.csv")
     assert (cells["new users"], cells["new items"]) == (str(new_users), str(new_items))
     work = root / "deploy" / "finetune-seed0" / "work"
     assert list(work.iterdir()) == [(root / v.folder).parent]  # the first file's attempt: removed
@@ -513,19 +513,8 @@ def test_an_update_resumed_with_other_holdout_settings_trains_its_own_candidate(
     """The gate's held-out samples depend on update.holdout_fraction and update.max_holdout: a killed update
     rerun with other values must not reuse the first attempt's stored gate predictions."""
     _, root = run_base(batches, tmp_path / "run")
-    real, calls = CtrTask.loss, {"n": 0}
-
-    def dying(self, lm, rows):
-        calls["n"] += 1
-        if calls["n"] == 5:  # inside the update's training, after the promoted version was scored
-            raise KeyboardInterrupt
-        return real(self, lm, rows)
-
-    monkeypatch.setattr(CtrTask, "loss", dying)
-    with pytest.raises(KeyboardInterrupt):
-        update_run(root, batches["b1"], overrides=["update.min_gain=-1.0"])
+    _killed_in_training(monkeypatch, root, batches["b1"])
     assert list(root.glob("deploy/finetune-seed0/work/*/gate/promoted.npz"))
-    monkeypatch.setattr(CtrTask, "loss", real)
     work = root / "deploy" / "finetune-seed0" / "work"
     (first,) = work.iterdir()
     older = work / first.name.rsplit("-", 2)[0]  # as an evolora before 2026-12-04 named it
@@ -850,10 +839,7 @@ def test_an_llm_next_item_run_names_new_items_with_its_quantizer(
     assert again.already_applied and again.version.id == v.id
     assert again.ignored == [f"--items {other} (version {v.id} was built with --items {records})"]
     assert update_run(root, batch).already_applied
-    shown = CliRunner().invoke(app, ["versions", str(root)], terminal_width=200).output.splitlines()
-    header = next(line for line in shown if "version" in line and "┃" in line).strip("┃").split("┃")
-    row = next(line for line in shown if "new.csv" in line).strip("│").split("│")
-    assert dict(zip([h.strip() for h in header], [c.strip() for c in row], strict=True))["new items"] == "1"
+    assert _versions_row(root, "new.csv")["new items"] == "1"
     assert ids_file.read_bytes() == before and "sku-new" not in json.loads(before)
     assert json.loads(
         (root / "inference" / "_shared" / "semantic_ids" / ids_file.name).read_text()
