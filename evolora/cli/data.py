@@ -108,8 +108,10 @@ def data_to_csv(
     set_: Sets = None,
     overwrite: Annotated[bool, typer.Option(help="replace files of other rows in OUT_DIR")] = False,
 ) -> None:
-    """A dataset as a team's own log would be: interactions.csv, items.csv and, with --new-fraction, the
-    latest rows apart in new-interactions.csv; prints the data settings that read them."""
+    """Write a dataset as a team's own log would be: CSV files, the latest rows apart as a batch.
+
+    interactions.csv, items.csv and, with --new-fraction, the latest rows in new-interactions.csv (for
+    `evolora update`); prints the data settings that read them back."""
     import yaml
 
     from evolora.data.as_table import check_new_fraction, write_as_table
