@@ -36,6 +36,7 @@ from evolora.export import BaseWeights
 from evolora.io import atomic_directory, check_replaceable
 from evolora.locks import sole_writer
 from evolora.models.personalized import USER_ADAPTER_MARKER
+from evolora.progress import task as progress_task
 
 log = logging.getLogger("evolora")
 
@@ -90,7 +91,8 @@ def export_user_adapter(
         )
     if out is not None:  # before the model is loaded
         out = check_replaceable(out, USER_ADAPTER_MARKER, "user adapter")
-    strategy, prepared, t = restore_run(seed_dir, stage, model)
+    with progress_task(f"loading {results['method']} (its data and model)", None):  # seconds
+        strategy, prepared, t = restore_run(seed_dir, stage, model)
     try:
         strategy.personal.check_exportable()
         judged = eval_stage_of(t, strategy.cfg.protocol)
@@ -98,7 +100,9 @@ def export_user_adapter(
         sample = strategy.task.table.df.row(row, named=True)  # its ids as the run writes them
         user, item = str(sample["user_id"]), None if item is None else str(sample["item_id"])
         target = out or _default_folder(seed_dir / f"stage-{t}", user, item)
-        ctx = StageContext(t, judged, prepared.pools, results["seed"], seed_dir / f"stage-{t}")
+        ctx = StageContext(
+            t, judged, prepared.pools, results["seed"], seed_dir / f"stage-{t}", asked="scoring the sample"
+        )
         p_like = float(strategy.predict(ctx, np.array([row]))[0])  # the run's own score of the sample
         the_sample = {
             "user": user,

@@ -659,7 +659,7 @@ def test_the_recommend_command(ctr_run) -> None:
         assert "Traceback" not in result.output
 
 
-def test_the_recommend_command_shows_its_loading_and_scoring(ctr_run, monkeypatch) -> None:
+def test_the_recommend_command_shows_its_loading_and_scoring(ctr_run, monkeypatch, tmp_path: Path) -> None:
     """Loading a run takes seconds (about 10 for SmolLM2) and scoring candidates seconds each: `recommend`
     shows a bar for each on stderr (it said nothing before its answer)."""
     from rich.progress import Progress
@@ -682,6 +682,21 @@ def test_the_recommend_command_shows_its_loading_and_scoring(ctr_run, monkeypatc
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["method"] == "finetune"  # the bars keep off the JSON on stdout
     assert shown[0] == "loading finetune (stage 2)" and shown[1:] == ["scoring"], shown
+    # export and export-user-adapter load the run too (a merged model's writing takes longer still)
+    for args, loaded in (
+        (
+            ["export", root, "--method", "finetune", "--out", str(tmp_path / "e")],
+            "loading finetune (stage 2)",
+        ),
+        (
+            ["export-user-adapter", root, "1", "--method", "reclora", "--out", str(tmp_path / "u")],
+            "loading reclora",
+        ),
+    ):
+        shown.clear()
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert any(d.startswith(loaded) for d in shown), (args[0], shown)
 
 
 def test_history_ids_with_commas_and_colons() -> None:

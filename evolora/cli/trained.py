@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from evolora import progress
 from evolora.cli import (
     BaseModel,
     Method,
@@ -59,7 +60,6 @@ def update(
     ] = False,
 ) -> None:
     """Train the next stage of the promoted version on new data; promote it if the gate says so."""
-    from evolora import progress
     from evolora.allocator import keep_freed_memory
     from evolora.deploy.update import update_run
 
@@ -250,9 +250,10 @@ def export(
 
     _setup_logging(False)
     _quiet_libraries()
-    target = export_run(
-        run_dir, out, method=method, seed=seed, stage=stage, merge=merge, version=version, model=model
-    )
+    with progress.display(err_console):  # loading the run takes seconds (a bar without steps)
+        target = export_run(
+            run_dir, out, method=method, seed=seed, stage=stage, merge=merge, version=version, model=model
+        )
     console.print(f"exported to {target} (see {target / 'README.md'})")
 
 
@@ -295,7 +296,8 @@ def export_user_adapter(
 
     _setup_logging(False)
     _quiet_libraries()
-    target, record = export(run_dir, user, out, method, seed, stage, item, model, version)
+    with progress.display(err_console):  # loading the run takes seconds (a bar without steps)
+        target, record = export(run_dir, user, out, method, seed, stage, item, model, version)
     sample = record["sample"]
     if record["version"] is None:
         what = f"sample of stage {sample['stage']} with target item {sample['item']}"
