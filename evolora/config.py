@@ -166,10 +166,7 @@ class DataConfig(Section):
         description="rating > threshold is a like; default: the dataset's own (3 for 5-star data)",
     )
     max_interactions: int | None = Field(
-        None,
-        gt=0,
-        description="keep only the most recent N interactions (before staging; a group of equal times at the "
-        "cut is kept whole)",
+        None, gt=0, description="keep only the most recent N interactions (before staging)"
     )
     min_rating: float | None = Field(
         None,

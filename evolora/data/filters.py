@@ -48,19 +48,11 @@ def kcore(interactions: pl.DataFrame, user_min: int, item_min: int) -> pl.DataFr
 
 
 def keep_recent(interactions: pl.DataFrame, n: int) -> pl.DataFrame:
-    """The last `n` interactions of a time-sorted table (all of them when there are fewer), and every other
-    at the time of the oldest kept: which rows of one second fell on each side of the cut was the file's
-    order, not time's, so a group of equal times is kept whole (a few more than `n`, said)."""
+    """The last `n` interactions of a time-sorted table (all of them when there are fewer)."""
     if interactions.height <= n:
         return interactions
-    cut = interactions["timestamp"][interactions.height - n]
-    kept = interactions.filter(pl.col("timestamp") >= cut)
-    more = f" ({kept.height - n} more at the oldest time kept, a group kept whole)" if kept.height > n else ""
-    log.info(
-        "keeping the most recent %d interactions%s: %d older ones removed",
-        n, more, interactions.height - kept.height,
-    )  # fmt: skip
-    return kept
+    log.info("keeping the most recent %d interactions: %d older ones removed", n, interactions.height - n)
+    return interactions.tail(n)
 
 
 def min_rating(interactions: pl.DataFrame, threshold: float) -> pl.DataFrame:

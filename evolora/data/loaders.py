@@ -71,8 +71,7 @@ def load_dataset(cfg: DataConfig) -> InteractionData:
         data = _filtered(
             data,
             lambda df: keep_recent(df, n),
-            f"data.max_interactions {n}: kept the most recent {{kept}} of {data.interactions.height} "
-            "interactions (a group of equal times at the cut whole)",
+            f"kept the most recent {n} of {data.interactions.height} interactions",
         )
     if cfg.kcore.user > 1 or cfg.kcore.item > 1:
         before = data.interactions.height
