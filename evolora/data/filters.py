@@ -48,7 +48,10 @@ def kcore(interactions: pl.DataFrame, user_min: int, item_min: int) -> pl.DataFr
 
 
 def keep_recent(interactions: pl.DataFrame, n: int) -> pl.DataFrame:
-    """The last `n` interactions of a time-sorted table (all of them when there are fewer)."""
+    """The last `n` interactions of a time-sorted table (all of them when there are fewer). Of a group of
+    equal times at the cut, those later in the file are kept: exactly `n` rows, where keeping the group
+    whole would overshoot by any amount (a log of dates alone) and changing the rule would change the rows
+    of runs made with it."""
     if interactions.height <= n:
         return interactions
     log.info("keeping the most recent %d interactions: %d older ones removed", n, interactions.height - n)
