@@ -137,7 +137,8 @@ def test_ids_written_as_numbers_two_ways_or_past_float_precision(
 ) -> None:
     """'18' beside '18.0' in one file is one number written two ways (part of a column exported as floats):
     read as two users, and said (nothing was). Ids stored as floats past 2^53 have lost digits (30 users read
-    as one): an error. A float column with a fractional id still writes its whole ones as "5", not "5.0"."""
+    as one, float32's past 2^24 too), and so are infinite ones (read as an empty id). A float column with a
+    fractional id reads its whole ones as "5.0", as it always did (runs made on such files keep their ids)."""
     log = pl.read_csv(LOG).with_columns(user=(pl.col("uid").rank("dense") + 17).cast(pl.Int64))
     mixed = log.with_columns(
         pl.when(pl.int_range(pl.len()) % 2 == 0)
@@ -157,6 +158,20 @@ def test_ids_written_as_numbers_two_ways_or_past_float_precision(
         DataError, match=r"big.parquet row 1: column 'uid' holds ids stored as floating-point"
     ):
         prepare_data(table_config(tmp_path / "big.parquet", tmp_path / "runs"))
+    small = log.with_columns(uid=(pl.col("user") + 2**24).cast(pl.Float32)).drop("user")
+    small.write_parquet(tmp_path / "f32.parquet")
+    with pytest.raises(
+        DataError, match=r"column 'uid' holds ids stored as floating-point numbers past 2\^24"
+    ):
+        prepare_data(table_config(tmp_path / "f32.parquet", tmp_path / "runs"))
+    endless = log.with_columns(
+        uid=pl.when(pl.int_range(pl.len()) == 4).then(float("inf")).otherwise(pl.col("user").cast(pl.Float64))
+    ).drop("user")
+    endless.write_parquet(tmp_path / "inf.parquet")
+    with pytest.raises(
+        DataError, match=r"inf.parquet row 5: column 'uid' holds an infinite number, not an id"
+    ):
+        prepare_data(table_config(tmp_path / "inf.parquet", tmp_path / "runs"))
     halves = log.with_columns(
         uid=pl.when(pl.col("user") == 18).then(pl.lit(18.5)).otherwise(pl.col("user").cast(pl.Float64))
     ).drop("user")
@@ -173,7 +188,7 @@ def test_ids_written_as_numbers_two_ways_or_past_float_precision(
             "user_id"
         ]
     )
-    assert "18.5" in ids and "19" in ids and "19.0" not in ids
+    assert "18.5" in ids and "19.0" in ids and "19" not in ids
 
 
 def test_files_an_export_gets_wrong_are_said_so(tmp_path: Path) -> None:

@@ -195,22 +195,25 @@ MISSING_AS_TEXT = frozenset({"nan", "NaN", "None", "null", "NULL", "<NA>", "NA",
 
 
 def _float_ids(rows: TableRows, df: pl.DataFrame, col: str, name: str) -> pl.Series:
-    """Ids stored as floats (a pandas column of ints with a gap) as text: a whole number as an int column
-    writes it (5.0 is id "5", beside fractional ones too); a NaN is a missing id (pandas writes gaps so),
-    not the id "NaN". Past 2^53 a float has lost the id's last digits, so ids that differed may be one: an
-    error."""
+    """Ids stored as floats (a pandas column of ints with a gap) as text: whole numbers as an int column
+    writes them (5.0 is id "5"; beside a fractional id the column is read as floats, "5.0", as it always
+    was: runs made on such files keep their ids); a NaN is a missing id (pandas writes gaps so), not the id
+    "NaN", and an infinite one an error. Past 2^53 (2^24 in float32) a float has lost the id's last digits,
+    so ids that differed may be one: an error."""
     raw = df[col].fill_nan(None)
-    lost = (raw.abs() >= 2**53) & raw.is_finite()
-    if lost.fill_null(False).any():
-        i = int(lost.fill_null(False).arg_max())  # type: ignore[arg-type]
-        raise rows.error(
-            int(df["_line"][i]),
-            f"column {name!r} holds ids stored as floating-point numbers past 2^53 ({raw[i]:.6g}), whose "
-            "last digits are lost, so different ids may read as one: write the column as integers or text",
-        )
-    whole = raw == raw.floor()
-    as_int = raw.cast(pl.Int64, strict=False).cast(pl.Utf8)
-    return pl.select(pl.when(whole).then(as_int).otherwise(raw.cast(pl.Utf8))).to_series().alias(col)
+    digits = 24 if raw.dtype == pl.Float32 else 53
+    for bad, said in (
+        (raw.is_infinite(), "holds an infinite number, not an id"),
+        (raw.abs() >= 2**digits, f"holds ids stored as floating-point numbers past 2^{digits}, whose last "
+         "digits are lost, so different ids may read as one: write the column as integers or text"),
+    ):  # fmt: skip
+        if bad.fill_null(False).any():
+            i = int(bad.fill_null(False).arg_max())  # type: ignore[arg-type]
+            raise rows.error(int(df["_line"][i]), f"column {name!r} {said} ({raw[i]:.6g})")
+    given = raw.drop_nulls()
+    if bool((given == given.floor()).all()):
+        return raw.cast(pl.Int64).cast(pl.Utf8)
+    return raw.cast(pl.Utf8)
 
 
 def _say_numbers_written_two_ways(rows: TableRows, ids: pl.Series, what: str) -> None:
