@@ -149,16 +149,17 @@ def _interactions(rows: TableRows, wanted: dict[str, str], time_unit: str) -> pl
 def _read_items(
     path: Path, log_path: Path, columns: list[str], text: Iterable[str], separator: str
 ) -> TableRows:
-    """The items table's rows. Its separator advice says that one setting reads the log too: alone, each
-    file's advice would undo the other's."""
+    """The items table's rows. Its separator advice is to write it as the log is (the log read already):
+    one setting reads both, so advising another for this file would undo the log's."""
     try:
         return read_table(path, columns, text, separator)
     except DataError as e:
-        if "data.separator" not in str(e) or table_kind(path) != "csv" or table_kind(log_path) != "csv":
+        said, hint, _ = str(e).partition(": set data.separator: ")
+        if not hint or table_kind(path) != "csv" or table_kind(log_path) != "csv":
             raise
         raise DataError(
-            f"{e} (data.separator reads the log {log_path.name} too: write the log and its items table with "
-            "one separator)"
+            f"{said}, while data.separator {separator!r} reads the log {log_path.name}: one setting reads "
+            f"both files, so write the items table with {separator!r} as the log is"
         ) from None
 
 
