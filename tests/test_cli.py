@@ -746,9 +746,14 @@ def test_data_to_csv_writes_a_table_that_reads_back_as_the_source(sunny_dir: Pat
     assert (out / "interactions.csv").read_bytes() == before
     replaced = ["data", "to-csv", str(sunny_dir), str(out), "--new-fraction", "0.5", "--overwrite"]
     assert runner.invoke(app, replaced).exit_code == 0 and (out / "interactions.csv").read_bytes() != before
-    # Without a cut, a batch of an earlier one beside the files would be taken for this data's.
-    alone = runner.invoke(app, ["data", "to-csv", str(sunny_dir), str(out), "--overwrite"])
+    # Without a cut, a batch of an earlier one beside the files would be taken for this data's: refused,
+    # or removed with --overwrite (which replaces the other files too).
+    alone = runner.invoke(app, ["data", "to-csv", str(sunny_dir), str(out)])
     assert alone.exit_code == 2 and "a batch of an earlier cut is there" in alone.output, alone.output
+    assert (out / "new-interactions.csv").is_file()
+    whole = runner.invoke(app, ["data", "to-csv", str(sunny_dir), str(out), "--overwrite"])
+    assert whole.exit_code == 0 and not (out / "new-interactions.csv").exists(), whole.output
+    assert pl.read_csv(out / "interactions.csv").height == source.interactions.height
 
 
 @pytest.mark.parametrize("share", ["1.5", "-0.1", "nan", "1e-17", "0.99999"])

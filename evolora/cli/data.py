@@ -106,7 +106,10 @@ def data_to_csv(
     meta: Meta = None,
     config: FromConfig = None,
     set_: Sets = None,
-    overwrite: Annotated[bool, typer.Option(help="replace files of other rows in OUT_DIR")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(help="replace files of other rows in OUT_DIR (and remove a batch of an earlier cut)"),
+    ] = False,
 ) -> None:
     """Write a dataset as a team's own log would be: CSV files, the latest rows apart as a batch.
 

@@ -16,6 +16,7 @@ refused unless `overwrite`, before any file is written.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,19 +107,22 @@ def write_as_table(
     """Write `data` into `folder` as `interactions.csv` (and `new-interactions.csv`) and `items.csv`."""
     folder = Path(folder).expanduser()
     frames = table_frames(data, new_fraction)
-    if new_fraction == 0 and (folder / NEW_INTERACTIONS).exists():
-        # a batch of an earlier cut beside files without it would be taken for this data's
+    # a batch of an earlier cut beside files without one would be taken for this data's: replaced by none
+    stale = new_fraction == 0 and (folder / NEW_INTERACTIONS).exists()
+    if stale and not overwrite:
         raise DataError(
-            f"{folder / NEW_INTERACTIONS}: a batch of an earlier cut is there; remove it, or write these "
-            "files into another folder"
+            f"{folder / NEW_INTERACTIONS}: a batch of an earlier cut is there; write these files into "
+            "another folder, or overwrite (--overwrite removes it)"
         )
     check_writable_folder(folder, "the table's folder")
-    texts = {name: frame.write_csv().encode() for name, frame in frames.items()}
-    kept, other = [], []
-    for name, text in texts.items():
+    kept, other, texts = [], [], {}
+    for name, frame in frames.items():
+        buffer = io.BytesIO()  # the file's bytes once (a str and its encoding were two copies)
+        frame.write_csv(buffer)
+        texts[name] = text = buffer.getvalue()
         target = folder / name
         if target.exists():
-            same = target.is_file() and target.stat().st_size == len(text) and target.read_bytes() == text
+            same = target.is_file() and target.stat().st_size == len(text) and _same_bytes(target, text)
             (kept if same else other).append(name)
     if other and not overwrite:
         raise DataError(
@@ -128,5 +132,16 @@ def write_as_table(
     for name, text in texts.items():
         if name not in kept:
             atomic_write_bytes(folder / name, text)
+    if stale:
+        (folder / NEW_INTERACTIONS).unlink(missing_ok=True)
     rows = {name: frame.height for name, frame in frames.items()}
     return WrittenTable(folder, rows, tuple(kept), table_settings(data, folder))
+
+
+def _same_bytes(path: Path, text: bytes, chunk: int = 1 << 20) -> bool:
+    """Whether the file holds `text`, read a chunk at a time (not a second whole copy in memory)."""
+    with open(path, "rb") as f:
+        for start in range(0, len(text), chunk):
+            if f.read(chunk) != text[start : start + chunk]:
+                return False
+        return f.read(1) == b""
