@@ -38,6 +38,7 @@ from evolora.bundle import (
     QUERY_DEFAULTS,
     bundle_dir,
     bundle_is_current,
+    bundled_rating_range,
     load_bundle,
     query_frame,
     write_bundle,
@@ -182,6 +183,7 @@ class Recommender:
         seed_dir: Path,
         version: int = 0,
         precision: str | None = None,
+        rating_scale: tuple[float, float] | None = None,
     ) -> None:
         self.strategy = strategy
         self._one_query = threading.Lock()
@@ -225,9 +227,8 @@ class Recommender:
         items = prepared.data.items
         self._titles = dict(zip(items["item_id"].to_list(), items["title"].to_list(), strict=True))
         self.like_threshold = prepared.data.like_threshold
-        # the lowest and highest rating of the users' histories: what a query's ratings are checked against
-        given = histories["ratings"].explode().drop_nulls()
-        self.rating_scale = (float(given.min()), float(given.max())) if len(given) else None
+        # the lowest and highest rating of the run's data: a query's ratings are checked against them
+        self.rating_scale = rating_scale
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -325,7 +326,7 @@ class Recommender:
             loop.restore_state(t, stage_dir=stage_dir, deployed=version > 0)
         return cls(
             strategy, inference_cfg, prepared, histories, t, results["method"], stage_dir.parent, version,
-            results.get("precision"),
+            results.get("precision"), bundled_rating_range(bundle_root),
         )  # fmt: skip
 
     # ------------------------------------------------------------------ asking

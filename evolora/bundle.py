@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,7 @@ def write_bundle(
             {
                 "dataset": prepared.data.name,
                 "like_threshold": prepared.data.like_threshold,
+                "ratings": rating_range(prepared.data.interactions["rating"], cfg.data.min_rating),
                 "n_stages": table.n_stages,
                 "history_len": table.history_len,
                 **({"context_key": key} if key is not None else {}),
@@ -150,6 +152,26 @@ def write_bundle(
             },
         )
     return folder
+
+
+def rating_range(ratings: pl.Series, min_rating: float | None) -> list[float | None] | None:
+    """[lowest, highest] rating of the run's data: the scale a query's ratings are checked against. Where
+    `data.min_rating` left the rows below it out, their ratings are still on the scale: no lowest (None).
+    None for data without ratings."""
+    given = ratings.drop_nulls()
+    if given.is_empty():
+        return None
+    return [None if min_rating is not None else float(given.min()), float(given.max())]
+
+
+def bundled_rating_range(root: Path) -> tuple[float, float] | None:
+    """The bundle's `rating_range` (lowest -inf where none), None where a bundle of an evolora before
+    2026-12-06 recorded none."""
+    recorded = read_json(bundle_dir(root) / "bundle.json").get("ratings")
+    if not recorded:
+        return None
+    low, high = recorded
+    return (-math.inf if low is None else float(low), float(high))
 
 
 def load_bundle(root: Path, cfg: RunConfig) -> tuple[RunConfig, Prepared, pl.DataFrame]:

@@ -104,18 +104,20 @@ def number_of(value: Any, what: str) -> int | None:
 def rating_of(value: Any, item: Any, scale: tuple[float, float] | None = None) -> float:
     """A history entry's rating as a finite number, or an error naming the item. A number only, as the CLI
     and the server take it: `True` would be read as the rating 1 (a dislike), and a string is a mistake
-    somewhere upstream, not a rating to convert. `scale`: the lowest and highest rating of the run's data;
-    one outside it is an error, since a prompt reads a rating only as above or below the like threshold:
-    a 1 meaning "liked" (a 0/1 flag) asked of 5-star data would be a dislike without a word."""
+    somewhere upstream, not a rating to convert. `scale`: the lowest and highest rating of the run's data
+    (lowest -inf where `data.min_rating` left the rows below it out); one outside it is an error: a prompt
+    reads a rating only as above or below the like threshold, so a rating of another scale (0/1 flags, ten
+    stars) would be misread without a word."""
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
     number = float(value) if is_number else math.nan
     if not math.isfinite(number):
         raise EvoloraError(f"history: the rating of {item!r} is {value!r}, not a number")
     if scale is not None and scale[0] < scale[1] and not scale[0] <= number <= scale[1]:
         lo, hi = scale
+        span = f"at most {hi:g}" if lo == -math.inf else f"{lo:g} to {hi:g}"
         raise EvoloraError(
-            f"history: the rating of {item!r} is {value!r}, outside the run's ratings, {lo:g} to {hi:g} (the "
-            "lowest and highest in its data); give one on that scale, or the item id alone for a like"
+            f"history: the rating of {item!r} is {value!r}, outside the run's ratings, {span} (the lowest "
+            "and highest in its data); give one on that scale, or the item id alone for a like"
         )
     return number
 

@@ -79,8 +79,8 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
     # A rating off the run's scale is refused: the prompt reads only above or below the like threshold, so a
     # 0/1 flag's 1 ("liked") asked of 1-5 data was a dislike without a word (its own ratings all pass).
     low, high = rec.rating_scale
-    own = [r for _, ratings in rec._histories.values() for r in ratings]
-    assert low <= min(own) < max(own) <= high
+    rated = pl.read_csv(Path(cfg.data.source) / "u.data", separator="\t", has_header=False)[:, 2]
+    assert (low, high) == (rated.min(), rated.max())  # the data's, not only what histories keep
     for off in (low - 0.5, high + 5):
         with pytest.raises(
             EvoloraError, match=rf"rating of '2' is {off}, outside the run's ratings, {low:g} to {high:g}"
@@ -697,6 +697,22 @@ def test_the_recommend_command_shows_its_loading_and_scoring(ctr_run, monkeypatc
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         assert any(d.startswith(loaded) for d in shown), (args[0], shown)
+
+
+def test_the_rating_scale_a_query_is_checked_against() -> None:
+    """The run's lowest and highest rating; where data.min_rating left the rows below it out, their
+    ratings are still on the scale (a 1 of 5-star data is a dislike, as update drops such rows): no lowest.
+    Data without ratings, or of one value (implicit feedback), checks none."""
+    from evolora.bundle import rating_range
+    from evolora.queries import history_pairs
+
+    ratings = pl.Series([2.0, 5.0, 3.0, None])
+    assert rating_range(ratings, None) == [2.0, 5.0] and rating_range(ratings, 2.0) == [None, 5.0]
+    assert rating_range(pl.Series([None], dtype=pl.Float64), None) is None
+    assert history_pairs([("a", 1), "b"], 4.0, (-np.inf, 5.0)) == [("a", 1.0), ("b", 4.0)]
+    with pytest.raises(EvoloraError, match=r"rating of 'a' is 6, outside the run's ratings, at most 5"):
+        history_pairs([("a", 6)], 4.0, (-np.inf, 5.0))
+    assert history_pairs({"a": 0, "b": 7}, 2.0, (1.0, 1.0)) == [("a", 0.0), ("b", 7.0)]
 
 
 def test_history_ids_with_commas_and_colons() -> None:
