@@ -165,8 +165,8 @@ def rating_range(ratings: pl.Series, min_rating: float | None) -> list[float | N
 
 
 def bundled_rating_range(root: Path) -> tuple[float, float] | None:
-    """The bundle's `rating_range` (lowest -inf where none), None where a bundle of an evolora before
-    2026-12-06 recorded none."""
+    """The bundle's `rating_range` (lowest -inf where none), None where a bundle of an earlier evolora
+    recorded none."""
     recorded = read_json(bundle_dir(root) / "bundle.json").get("ratings")
     if not recorded:
         return None
