@@ -78,7 +78,7 @@ class StageContext:
     seed: int
     stage_dir: Path
     eval_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
-    asked: str = ""  # what `predict` answers when not the stage's evaluation (a bar's words): a query's
+    asked: str = ""  # what `predict` answers, when not the stage's evaluation (a bar's words: "scoring")
 
     @property
     def predicting(self) -> str:
