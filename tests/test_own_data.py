@@ -219,6 +219,27 @@ def test_files_an_export_gets_wrong_are_said_so(tmp_path: Path) -> None:
     assert sorted(data.interactions["rating"].unique()) == sorted(log["stars"].cast(pl.Float64).unique())
 
 
+def test_a_tsv_quoted_as_csv_and_a_json_array_are_said_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A .tsv written with CSV's quoting (pandas' to_csv(sep='\\t') of a title holding a quote) kept the
+    quotes in the title without a word; a JSON array in a .jsonl file was 'expected a JSON object'."""
+    log = pl.read_csv(LOG)
+    titles = pl.read_csv(ITEMS).with_columns(
+        name=pl.when(pl.col("iid") == "sku-002").then(pl.lit('"12"" Vinyl"')).otherwise("name")
+    )
+    lines = ["iid\tname"] + [f"{i}\t{n}" for i, n in titles.select("iid", "name").iter_rows()]
+    (tmp_path / "items.tsv").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING", logger="evolora"):
+        data = prepare_data(table_config(LOG, tmp_path / "runs", meta=tmp_path / "items.tsv")).data
+    said = "items.tsv: column 'name': 1 value is wrapped in double quotes as CSV writes them (line 3"
+    assert said in caplog.text and "a .tsv file has no quoting" in caplog.text
+    assert dict(data.items.select("item_id", "title").iter_rows())["sku-002"] == '"12"" Vinyl"'  # as written
+    (tmp_path / "log.jsonl").write_text(json.dumps(log.to_dicts()) + "\n")
+    with pytest.raises(DataError, match=r"log.jsonl line 1: .*looks like one JSON array"):
+        prepare_data(table_config(tmp_path / "log.jsonl", tmp_path / "runs"))
+
+
 def test_explicit_labels(tmp_path: Path) -> None:
     """A 0/1 column is the label itself: no threshold, no sampled negatives."""
     log = pl.read_csv(LOG).with_columns(clicked=(pl.col("stars") > 3).cast(pl.Int8)).drop("stars")

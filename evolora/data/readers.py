@@ -392,10 +392,25 @@ def parse_record(line: str | bytes, path: Path, n: int) -> dict[str, Any]:
         try:
             record = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            raise DataError(f"{path} line {n}: not a JSON object: {line[:80]!r}") from None
+            raise DataError(
+                f"{path} line {n}: not a JSON object: {line[:80]!r}{_array_hint(line, n)}"
+            ) from None
     if not isinstance(record, dict):
-        raise DataError(f"{path} line {n}: expected a JSON object, found {type(record).__name__}")
+        said = f"{path} line {n}: expected a JSON object, found {type(record).__name__}"
+        raise DataError(said + _array_hint(line, n))
     return record
+
+
+def _array_hint(line: str | bytes, n: int) -> str:
+    """A file opening with `[` is one JSON array (pandas' to_json(orient='records') without lines=True), not
+    JSON lines."""
+    text = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
+    if n != 1 or not text.lstrip().startswith("["):
+        return ""
+    return (
+        "; the file looks like one JSON array, and JSON lines hold one object per line: write it so (pandas: "
+        "to_json(orient='records', lines=True))"
+    )
 
 
 def coerce(value: Any, kind: str, path: Path, n: int, field: str) -> Any:

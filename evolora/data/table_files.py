@@ -196,9 +196,30 @@ def _read_delimited(
         frame = _python_records(decoded, sep, quoted, header, wanted)
     frame = frame.with_columns(_line=pl.Series(lines, dtype=pl.Int64)).filter(~pl.Series(blank))
     rows = TableRows(path, frame, "line", unterminated, tuple(header))
+    if not quoted:
+        _say_csv_quotes(rows, text)
     if bad_bytes:
         _encoding_policy(rows, wanted, text)
     return rows
+
+
+def _say_csv_quotes(rows: TableRows, text: frozenset[str]) -> None:
+    """TSV has no quoting, so a text field written as CSV quotes it ('"12"" Vinyl"': Python's csv module and
+    pandas' to_csv with sep='\\t' do, for a field holding a quote) keeps the quotes in the title: read as
+    written, and said."""
+    for column in sorted(text & set(rows.frame.columns)):
+        # a doubled quote inside the wrapping ones: CSV's escape (a title merely in quotes may be one)
+        quoted = rows.frame[column].str.contains(r'^".*"".*"$')
+        if quoted.any():
+            first = int(rows.frame["_line"][int(quoted.arg_max())])  # type: ignore[arg-type]
+            n = int(quoted.sum())
+            log.warning(
+                "%s: column %r: %d %s wrapped in double quotes as CSV writes them (line %d: %s); a .tsv "
+                "file has no quoting, so they are read with their quotes: write the file without quoting "
+                "(pandas: quoting=csv.QUOTE_NONE), or as .csv",
+                rows.path, column, n, "value is" if n == 1 else "values are", first,
+                rows.frame[column][int(quoted.arg_max())],
+            )  # fmt: skip
 
 
 def _csv_reader(decoded: str, sep: str, quoted: bool) -> Any:
