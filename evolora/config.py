@@ -197,10 +197,10 @@ class DataConfig(Section):
                     "data.format: table needs data.columns, at least {user: ..., item: ..., time: ...} "
                     "naming the file's columns"
                 )
-            if self.min_rating is not None and self.columns.rating is None:
+            if self.min_rating is not None and self.columns.rating is None and self.columns.label is None:
                 raise ValueError(
-                    "data.min_rating: keeps interactions by their rating, and this table has no rating "
-                    "column (data.columns.rating)"
+                    "data.min_rating: keeps interactions by their rating (or 0/1 label), and this table has "
+                    "neither (data.columns.rating, data.columns.label)"
                 )
             if self.like_threshold is not None and self.columns.rating is None:
                 raise ValueError(

@@ -702,7 +702,7 @@ def test_the_recommend_command_shows_its_loading_and_scoring(ctr_run, monkeypatc
 def test_the_rating_scale_a_query_is_checked_against() -> None:
     """The run's lowest and highest rating; where data.min_rating left the rows below it out, their
     ratings are still on the scale (a 1 of 5-star data is a dislike, as update drops such rows): no lowest.
-    Data without ratings, or of one value (implicit feedback), checks none."""
+    Data without ratings checks none; of one value (implicit feedback), ids alone are asked."""
     from evolora.bundle import rating_range
     from evolora.queries import history_pairs
 
@@ -712,7 +712,11 @@ def test_the_rating_scale_a_query_is_checked_against() -> None:
     assert history_pairs([("a", 1), "b"], 4.0, (-np.inf, 5.0)) == [("a", 1.0), ("b", 4.0)]
     with pytest.raises(EvoloraError, match=r"rating of 'a' is 6, outside the run's ratings, at most 5"):
         history_pairs([("a", 6)], 4.0, (-np.inf, 5.0))
-    assert history_pairs({"a": 0, "b": 7}, 2.0, (1.0, 1.0)) == [("a", 0.0), ("b", 7.0)]
+    # implicit feedback (every rating one value): ids alone; a rating other than that value was read as a
+    # dislike the model never saw
+    assert history_pairs(["a", ("b", 1)], 2.0, (1.0, 1.0)) == [("a", 2.0), ("b", 1.0)]
+    with pytest.raises(EvoloraError, match=r"rating of 'a' is 0, and this run's data has no ratings"):
+        history_pairs({"a": 0}, 2.0, (1.0, 1.0))
 
 
 def test_history_ids_with_commas_and_colons() -> None:

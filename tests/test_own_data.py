@@ -255,6 +255,30 @@ def test_explicit_labels(tmp_path: Path) -> None:
     assert joined.height == df.height and (joined["label"] == joined["clicked"]).all()
 
 
+def test_a_label_column_of_one_value_and_a_next_item_run_on_labels(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A label column of 1s alone was told to set data.like_threshold, which a label column refuses; a
+    next-item run took the rows labelled 0 (shown, not chosen) as interactions without a word, and
+    data.min_rating, the way to keep the 1s, was refused for a table without a rating column."""
+    log = pl.read_csv(LOG).with_columns(clicked=(pl.col("stars") > 3).cast(pl.Int8)).drop("stars")
+    log.with_columns(clicked=pl.lit(1)).write_csv(tmp_path / "ones.csv")
+    columns = "{user: uid, item: iid, time: ts, label: clicked, title: name}"
+    with pytest.raises(
+        DataError, match=r"every sample is a like \(the label column 'clicked'\).*holds both 0 and 1"
+    ):
+        prepare_data(table_config(tmp_path / "ones.csv", tmp_path / "runs", columns))
+    log.write_csv(tmp_path / "log.csv")
+    next_item = {"task.name": "next_item", "task.template": "peso", "protocol": "leave_last_out"}
+    with caplog.at_level("WARNING", logger="evolora"):
+        every = prepare_data(table_config(tmp_path / "log.csv", tmp_path / "runs", columns, **next_item))
+    assert "run reads every row as an interaction, those labelled 0 in 'clicked' too" in caplog.text
+    kept = prepare_data(
+        table_config(tmp_path / "log.csv", tmp_path / "runs", columns, **next_item, **{"data.min_rating": 1})
+    )
+    assert kept.data.interactions.height == int(log["clicked"].sum()) < every.data.interactions.height
+
+
 # ------------------------------------------------------------------------------------ implicit feedback
 
 

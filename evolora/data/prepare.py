@@ -105,26 +105,42 @@ def prepare_staged(
             len(p.test),
         )
     _warn_small_pools(cfg, pools, rebuilt)
+    labels = cfg.data.columns.label if cfg.data.format == "table" and cfg.data.columns else None
     if task.reads_labels:
-        _check_labels(table, data)
+        _check_labels(table, data, labels)
+    elif labels is not None and cfg.data.min_rating is None and (data.interactions["rating"] < 1).any():
+        log.warning(
+            "%s: a %s run reads every row as an interaction, those labelled 0 in %r too (shown, not chosen); "
+            "data.min_rating: 1 keeps the rows labelled 1 only",
+            data.source, task.name, labels,
+        )  # fmt: skip
     return Prepared(data, staged, table, pools)
 
 
-def _check_labels(table: SampleTable, data: InteractionData) -> None:
+def _check_labels(table: SampleTable, data: InteractionData, label_column: str | None = None) -> None:
     """A task that learns labels needs likes and dislikes: refuse samples of one label, and say which stages
-    have one label only (AUC is undefined there)."""
+    have one label only (AUC is undefined there). `label_column`: a table's 0/1 column the labels come from
+    (no threshold to set then)."""
     df = table.df
     if df.height == 0:
         return
     ratings = data.interactions["rating"]
     threshold = (
         f"rating > data.like_threshold {data.like_threshold:g}; ratings {ratings.min():g}-{ratings.max():g}"
+        if label_column is None
+        else f"the label column {label_column!r}"
     )
     if df["label"].n_unique() < 2:
         kind = "like" if df["label"][0] else "dislike"
+        advice = (
+            "set data.like_threshold between the lowest and highest rating"
+            if label_column is None
+            else f"give a log whose {label_column!r} holds both 0 and 1, or leave data.columns.label out to "
+            "read every row as a positive (implicit feedback, with sampled negatives)"
+        )
         raise DataError(
             f"{data.source}: every sample is a {kind} ({threshold}), so there is nothing to tell apart (AUC "
-            "is undefined): set data.like_threshold between the lowest and highest rating"
+            f"is undefined): {advice}"
         )
     one_label = df.group_by("stage").agg(pl.col("label").n_unique().alias("n")).filter(pl.col("n") < 2)
     if one_label.height:
