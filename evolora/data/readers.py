@@ -424,8 +424,8 @@ def coerce(value: Any, kind: str, path: Path, n: int, field: str) -> Any:
             return [x if isinstance(x, str) else json.dumps(x) for x in value if x is not None]
     elif kind == "str":
         if isinstance(value, float) and not math.isfinite(value):
-            # Python's JSON writes NaN (pandas' missing value) and Infinity, which polars refuses to read
-            # back: NaN is a gap, Infinity its own text (a rating's check names it)
+            # Python's json.dumps writes a float NaN (a gap in a float column) and Infinity as such, which
+            # polars refuses to read back: NaN is a gap, Infinity its own text (a rating's check names it)
             return None if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
         # Any other JSON value becomes text as polars writes it (`_parse_lines` converts them together).
         return value
