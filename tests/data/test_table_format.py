@@ -346,7 +346,7 @@ def test_unknown_extension_and_auto_format(tmp_path: Path) -> None:
         (["data.format=table", "data.columns={user: u, item: i, time: t}", "data.separator=ab"], "one char"),
         (["data.format=table", "data.columns={user: u, item: i, time: t}", "data.separator=x"], "no letter"),
         (["data.separator=';'"], "data.separator apply to data.format: table only"),
-        (["data.format=table", "data.columns={user: u, item: i, time: t}", "data.min_rating=3"], "no rating"),
+        (["data.format=table", "data.columns={user: u, item: i, time: t}", "data.min_rating=3"], "neither"),
     ],
 )
 def test_config_errors(sets: list[str], match: str) -> None:
