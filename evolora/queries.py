@@ -112,14 +112,13 @@ def rating_of(value: Any, item: Any, scale: tuple[float, float] | None = None) -
     number = float(value) if is_number else math.nan
     if not math.isfinite(number):
         raise EvoloraError(f"history: the rating of {item!r} is {value!r}, not a number")
-    if scale is not None and scale[0] == scale[1] and number != scale[0]:
-        # implicit feedback: every interaction a positive, and a model that never read a dislike
-        raise EvoloraError(
-            f"history: the rating of {item!r} is {value!r}, and this run's data has no ratings (every "
-            "interaction is a positive, implicit feedback): give the item ids alone"
-        )
-    if scale is not None and scale[0] < scale[1] and not scale[0] <= number <= scale[1]:
+    if scale is not None and not scale[0] <= number <= scale[1]:
         lo, hi = scale
+        if lo == hi:  # implicit feedback: every interaction a positive, and a model that never read a dislike
+            raise EvoloraError(
+                f"history: the rating of {item!r} is {value!r}, and this run's data has no ratings (every "
+                "interaction is a positive, implicit feedback): give the item ids alone"
+            )
         span = f"at most {hi:g}" if lo == -math.inf else f"{lo:g} to {hi:g}"
         raise EvoloraError(
             f"history: the rating of {item!r} is {value!r}, outside the run's ratings, {span} (the lowest "
