@@ -16,6 +16,7 @@ refused unless `overwrite`, before any file is written.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import polars as pl
 
 from evolora.data.schema import ITEM_OPTIONAL, InteractionData
 from evolora.errors import DataError
-from evolora.io import atomic_write_bytes, check_writable_folder
+from evolora.io import atomic_write_bytes, check_writable_folder, sha256_file
 
 INTERACTIONS, NEW_INTERACTIONS, ITEMS = "interactions.csv", "new-interactions.csv", "items.csv"
 # the item fields a table reads (`sid`, a semantic ID another run made, is not the log's own)
@@ -82,14 +83,10 @@ def table_frames(data: InteractionData, new_fraction: float) -> dict[str, pl.Dat
     return frames
 
 
-def table_settings(data: InteractionData, folder: Path) -> dict[str, object]:
-    """The `data:` section of a config reading the written files as `data.format: table`."""
-    columns = {"user": "user", "item": "item", "time": "time"}
-    if not data.implicit:
-        columns["rating"] = "rating"
-    if data.preset_stages is not None:
-        columns["stage"] = "stage"
-    columns |= {f: f for f in _ITEM_FIELDS if f in data.items.columns}
+def table_settings(data: InteractionData, frames: dict[str, pl.DataFrame], folder: Path) -> dict[str, object]:
+    """The `data:` section of a config reading the written files as `data.format: table`: each file's
+    column is named as the setting it fills (`table_frames` writes them so)."""
+    columns = {c: c for c in (*frames[INTERACTIONS].columns, *frames[ITEMS].columns)}
     settings: dict[str, object] = {
         "source": str(folder / INTERACTIONS),
         "format": "table",
@@ -122,7 +119,8 @@ def write_as_table(
         texts[name] = text = buffer.getvalue()
         target = folder / name
         if target.exists():
-            same = target.is_file() and target.stat().st_size == len(text) and _same_bytes(target, text)
+            same = target.is_file() and target.stat().st_size == len(text)
+            same = same and sha256_file(target) == hashlib.sha256(text).hexdigest()
             (kept if same else other).append(name)
     if other and not overwrite:
         raise DataError(
@@ -135,13 +133,4 @@ def write_as_table(
     if stale:
         (folder / NEW_INTERACTIONS).unlink(missing_ok=True)
     rows = {name: frame.height for name, frame in frames.items()}
-    return WrittenTable(folder, rows, tuple(kept), table_settings(data, folder))
-
-
-def _same_bytes(path: Path, text: bytes, chunk: int = 1 << 20) -> bool:
-    """Whether the file holds `text`, read a chunk at a time (not a second whole copy in memory)."""
-    with open(path, "rb") as f:
-        for start in range(0, len(text), chunk):
-            if f.read(chunk) != text[start : start + chunk]:
-                return False
-        return f.read(1) == b""
+    return WrittenTable(folder, rows, tuple(kept), table_settings(data, frames, folder))
