@@ -75,11 +75,17 @@ def table_kind(path: Path) -> str | None:
 
 
 def read_table(
-    path: Path, columns: Iterable[str], text: Iterable[str] = (), separator: str = ","
+    path: Path,
+    columns: Iterable[str],
+    text: Iterable[str] = (),
+    separator: str = ",",
+    log_file: Path | None = None,
 ) -> TableRows:
     """The named `columns` of a table file, all required to exist (see the module docstring). Columns in
     `text` follow the text-encoding policy (replaced and counted); the others must be valid UTF-8.
-    `separator` separates the fields of a .csv file (quoted fields as in CSV); .tsv files use tabs."""
+    `separator` separates the fields of a .csv file (quoted fields as in CSV); .tsv files use tabs.
+    `log_file`: the .csv log that `separator` reads too, for an items table beside it (separator advice
+    then names the log's separator, not another setting that would undo the log's)."""
     kind = table_kind(path)
     if kind is None:
         raise DataError(f"{path}: unknown table file type; data.format: table reads {TABLE_FILES}")
@@ -92,7 +98,7 @@ def read_table(
         rows = _read_jsonl(path, wanted, text_columns)
     else:
         return _read_delimited(
-            path, separator if kind == "csv" else "\t", wanted, text_columns, kind == "csv"
+            path, separator if kind == "csv" else "\t", wanted, text_columns, kind == "csv", log_file
         )
     return _flatten_nested(rows, text_columns)
 
@@ -155,7 +161,12 @@ def _check_text_file(path: Path, raw: bytes) -> bytes:
 
 
 def _read_delimited(
-    path: Path, sep: str, wanted: list[str], text: frozenset[str], quoted: bool = True
+    path: Path,
+    sep: str,
+    wanted: list[str],
+    text: frozenset[str],
+    quoted: bool = True,
+    log_file: Path | None = None,
 ) -> TableRows:
     raw = _check_text_file(path, _read_bytes(path))
     raw = without_bom(raw)
@@ -168,7 +179,7 @@ def _read_delimited(
         raise DataError(f"{path}: file is empty")
     # The number of the last line when it has no newline (see `TableRows.unterminated`).
     unterminated = None if decoded.endswith(("\n", "\r")) else decoded.count("\n") + 1
-    header, lines, blank = _record_lines(path, decoded, sep, unterminated, quoted)
+    header, lines, blank = _record_lines(path, decoded, sep, unterminated, quoted, log_file)
     if not lines or all(blank):
         raise DataError(f"{path}: no data rows after the header")
     for column in wanted:
@@ -178,7 +189,7 @@ def _read_delimited(
             )
         if column not in header:
             error = _missing_column(path, " line 1 (the header)", column, header)
-            raise DataError(f"{error}{_separator_hint(header, sep, quoted)}")
+            raise DataError(f"{error}{_separator_hint(header, sep, quoted, log_file)}")
     try:
         frame = pl.read_csv(
             raw,
@@ -230,7 +241,12 @@ def _csv_reader(decoded: str, sep: str, quoted: bool) -> Any:
 
 
 def _record_lines(
-    path: Path, decoded: str, sep: str, unterminated: int | None, quoted: bool = True
+    path: Path,
+    decoded: str,
+    sep: str,
+    unterminated: int | None,
+    quoted: bool = True,
+    log_file: Path | None = None,
 ) -> tuple[list[str], list[int], list[bool]]:
     """The header's fields, and the start line and blankness of every record after it; a record whose field
     count differs from the header's raises naming its line."""
@@ -254,7 +270,10 @@ def _record_lines(
                     raise DataError(
                         f"{path} line {start}: expected {len(header)} fields separated by {sep!r} (as in the "
                         f"header), found {len(fields)}"
-                        + (_separator_hint(header, sep, quoted) or truncation_hint(start, unterminated))
+                        + (
+                            _separator_hint(header, sep, quoted, log_file)
+                            or truncation_hint(start, unterminated)
+                        )
                     )
                 lines.append(start)
                 blank.append(is_blank)
@@ -269,8 +288,10 @@ def _record_lines(
     return header or [], lines, blank
 
 
-def _separator_hint(header: list[str], sep: str, quoted: bool) -> str:
-    """'; its fields look separated by X: set data.separator: X' for a header of one field holding X."""
+def _separator_hint(header: list[str], sep: str, quoted: bool, log_file: Path | None = None) -> str:
+    """'; its fields look separated by X: set data.separator: X' for a header of one field holding X; where
+    the separator cannot change (an update's batch, or an items table beside the `log_file` it reads),
+    to write the file with it."""
     other = [c for c in ";|\t," if c != sep and len(header) == 1 and c in header[0]]
     if not other or not quoted:
         return ""
@@ -278,6 +299,12 @@ def _separator_hint(header: list[str], sep: str, quoted: bool) -> str:
         return (
             f"; its fields look separated by {other[0]!r}: this run reads data.separator: {sep!r}, so write "
             f"the batch's fields separated by it (not {other[0]!r})"
+        )
+    if log_file is not None:  # one setting reads both files: advice for this one would undo the log's
+        return (
+            f"; its fields look separated by {other[0]!r}, while data.separator {sep!r} reads the log "
+            f"{log_file.name}: one setting reads both files, so write the items table with {sep!r} as the "
+            "log is"
         )
     return f"; its fields look separated by {other[0]!r}: set data.separator: {other[0]!r}"
 

@@ -29,7 +29,7 @@ Exact duplicate rows are removed with a counted warning, as for every source (`b
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -91,8 +91,9 @@ def load_table(
     if columns.stage is not None:
         _check_stage_order(rows, inter, columns.stage)
     if meta_path is not None:
+        log_file = source if table_kind(source) == "csv" else None  # whose separator the items table shares
         item_columns = [columns.item, *fields.values()]
-        meta_rows = _read_items(meta_path, source, item_columns, fields.values(), separator)
+        meta_rows = read_table(meta_path, item_columns, fields.values(), separator, log_file)
         records = _item_records(meta_rows, columns.item, fields)
     else:
         records = _log_item_records(rows, inter, fields)
@@ -144,23 +145,6 @@ def _interactions(rows: TableRows, wanted: dict[str, str], time_unit: str) -> pl
     if "_stage" in wanted:
         out["_stage"] = _stages(rows, df, wanted["_stage"])
     return pl.DataFrame({**out, "_line": df["_line"]})
-
-
-def _read_items(
-    path: Path, log_path: Path, columns: list[str], text: Iterable[str], separator: str
-) -> TableRows:
-    """The items table's rows. Its separator advice is to write it as the log is (the log read already):
-    one setting reads both, so advising another for this file would undo the log's."""
-    try:
-        return read_table(path, columns, text, separator)
-    except DataError as e:
-        said, hint, _ = str(e).partition(": set data.separator: ")
-        if not hint or table_kind(path) != "csv" or table_kind(log_path) != "csv":
-            raise
-        raise DataError(
-            f"{said}, while data.separator {separator!r} reads the log {log_path.name}: one setting reads "
-            f"both files, so write the items table with {separator!r} as the log is"
-        ) from None
 
 
 def _ids(rows: TableRows, df: pl.DataFrame, col: str, name: str, what: str) -> pl.Series:
