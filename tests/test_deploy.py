@@ -301,6 +301,38 @@ def test_on_implicit_data_the_gate_holds_out_positives_with_their_negatives(
     assert v.gate["candidate"] is not None and v.gate["promote"] and v.gate["holdout_samples"] == 10
 
 
+def test_an_update_on_implicit_data_keeps_the_negatives_drawn_before(
+    batches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's samples (and an earlier batch's) keep their sampled negatives when a batch comes: the
+    candidate trains and the gate judges among the run's own samples, not redrawn ones (one stream over the
+    whole table gave many of them another negative item)."""
+    from evolora.data.prepare import prepare_data
+    from evolora.deploy import update as update_mod
+
+    implicit = {**SMALL, "data.columns": "{user: uid, item: iid, time: ts, title: name}", "data.negatives": 2}
+    cfg = tiny_config(batches["base"], tmp_path / "runs", **implicit)
+    run_experiment(cfg)
+    tables = []
+    real = update_mod._hold_out
+
+    def spy(cfg, prepared, *rest):
+        tables.append(prepared.table.df)
+        return real(cfg, prepared, *rest)
+
+    monkeypatch.setattr(update_mod, "_hold_out", spy)
+    root = Path(cfg.output_dir) / cfg.name
+    for name in ("b1", "b2"):
+        update_run(root, batches[name], overrides=["update.min_gain=-1.0"])
+    own = prepare_data(cfg).table.df
+    after_b1, after_b2 = tables
+    assert after_b1.height > own.height and after_b2.height > after_b1.height
+    assert after_b1.head(own.height).equals(own)  # the run's samples, each with its negatives, as they were
+    assert after_b2.head(after_b1.height).equals(after_b1)  # and the first batch's
+    new = after_b1.slice(own.height)
+    assert new["sampled"].sum() == 2 * (~new["sampled"]).sum()  # the batch's samples got theirs
+
+
 def test_a_run_staged_by_its_own_column_takes_a_batch_without_one(
     batches: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -9,12 +9,14 @@ follows its positive in the table (so splits keep the two together). Histories c
 only: a negative is never in anyone's history. Draws without replacement within a sample; a user who had
 interacted with nearly every item known by then gets fewer (counted in the log). Deterministic: one
 generator seeded by `seed`, vectorised over all samples (rejection rounds, then an exact draw for the few
-samples still short).
+samples still short); the rows of each update's batch draw from a generator of their own, so a batch leaves
+the earlier samples' negatives as they were.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -25,14 +27,68 @@ from evolora.data.samples import SampleTable
 log = logging.getLogger("evolora.data")
 
 _ROUNDS = 64  # rejection rounds before the exact draw takes the remaining slots
+_ROW_KEY = ["user_id", "item_id", "rating", "timestamp"]  # what tells an update's rows from the log's
 
 
-def add_sampled_negatives(table: SampleTable, staged: pl.DataFrame, n: int, seed: int) -> SampleTable:
+def add_sampled_negatives(
+    table: SampleTable, staged: pl.DataFrame, n: int, seed: int, batches: Sequence[pl.DataFrame] = ()
+) -> SampleTable:
     """`table` with `n` sampled negatives after each real sample (see the module docstring). `staged`: the
-    interactions the samples were built from (every stage, history-only stage 0 included)."""
+    interactions the samples were built from (every stage, history-only stage 0 included).
+
+    `batches`: rows updates added to the log (`evolora update`; each batch's rows, oldest batch first, all
+    in `staged`). The samples of the log's own rows draw as a run on that log alone draws, from `seed`'s
+    stream over the log alone; batch k's samples from a stream of their own (`[seed, k]`) over the log up to
+    that batch. So a run's negatives, and each earlier batch's, stay what they were when the next batch
+    comes: one stream over every sample would hand many of them other negatives."""
     df = table.df
     if n <= 0 or df.height == 0:
         return table
+    sample_origin, log_origin = _origins(df, batches), _origins(staged, batches)
+    rows, slots, picked, wanted = [], [], [], np.zeros(df.height, dtype=np.int64)
+    for k in range(len(batches) + 1):
+        mine = np.flatnonzero(sample_origin == k)
+        if not mine.size:
+            continue
+        if not batches:  # the whole table: the frames as they are
+            samples, log_rows = df, staged
+        else:
+            samples, log_rows = df[mine], staged.filter(pl.Series(log_origin <= k))
+        rng = np.random.default_rng(seed if k == 0 else [seed, k])
+        chosen, item_ids, wanted[mine] = _draw(samples, log_rows, n, rng)
+        r, slot = np.nonzero(chosen >= 0)
+        rows.append(mine[r])
+        slots.append(slot)
+        picked.append(item_ids[chosen[r, slot]])
+    out = _with_negatives(df, np.concatenate(rows), np.concatenate(slots), np.concatenate(picked), n)
+    short = int((wanted < n).sum())
+    log.info(
+        "sampled negatives: %d for %d implicit-feedback samples (%d per sample, seed %d)%s",
+        out.height - df.height,
+        df.height,
+        n,
+        seed,
+        f"; {short} samples got fewer (their user had met nearly every item known by then)" if short else "",
+    )
+    return replace(table, df=out)
+
+
+def _origins(frame: pl.DataFrame, batches: Sequence[pl.DataFrame]) -> np.ndarray:
+    """Which part of the log each row of `frame` (samples or interactions) is: 0 the log's own, k the k-th
+    batch (a batch's rows are new: no two parts share a row)."""
+    origin = np.zeros(frame.height, dtype=np.int64)
+    for k, batch in enumerate(batches, 1):
+        keys = batch.select([pl.col(c).cast(frame.schema[c]) for c in _ROW_KEY])
+        hit = frame.select(pl.struct(_ROW_KEY).is_in(keys.select(pl.struct(_ROW_KEY)).to_series().implode()))
+        origin[hit.to_series().to_numpy()] = k
+    return origin
+
+
+def _draw(
+    df: pl.DataFrame, staged: pl.DataFrame, n: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Negative item codes [samples, n] (-1: none left) drawn for the samples `df` among the items of
+    `staged`, the item id of each code, and how many each sample wanted."""
     inter = staged.with_row_index("_row").sort(["timestamp", "_row"])
     # Items numbered by first appearance: the items known at time t are codes 0 .. known(t) - 1.
     first = inter.group_by("item_id", maintain_order=True).agg(pl.col("timestamp").first())
@@ -47,7 +103,6 @@ def add_sampled_negatives(table: SampleTable, staged: pl.DataFrame, n: int, seed
     known = np.searchsorted(first_seen, times, side="right")
     wanted = np.minimum(known - consumed.count(sample_users, times), n)
 
-    rng = np.random.default_rng(seed)
     chosen = np.full((df.height, n), -1, dtype=np.int64)
     for slot in range(n):
         todo = np.flatnonzero(wanted > slot)
@@ -64,18 +119,7 @@ def add_sampled_negatives(table: SampleTable, staged: pl.DataFrame, n: int, seed
             had = consumed.had(np.full(codes.size, sample_users[row]), codes, np.full(codes.size, times[row]))
             left = np.setdiff1d(codes[~had], chosen[row, :slot])
             chosen[row, slot] = rng.choice(left) if left.size else -1
-
-    out = _with_negatives(df, chosen, item_ids)
-    short = int((wanted < n).sum())
-    log.info(
-        "sampled negatives: %d for %d implicit-feedback samples (%d per sample, seed %d)%s",
-        int((chosen >= 0).sum()),
-        df.height,
-        n,
-        seed,
-        f"; {short} samples got fewer (their user had met nearly every item known by then)" if short else "",
-    )
-    return replace(table, df=out)
+    return chosen, item_ids, wanted
 
 
 @dataclass(frozen=True)
@@ -118,12 +162,13 @@ class _Consumed:
         return np.searchsorted(ordered, query, side="right") - np.searchsorted(ordered, users * width)
 
 
-def _with_negatives(df: pl.DataFrame, chosen: np.ndarray, item_ids: np.ndarray) -> pl.DataFrame:
-    """The samples with each one's negatives right after it."""
-    n = chosen.shape[1]
-    rows, slots = np.nonzero(chosen >= 0)
+def _with_negatives(
+    df: pl.DataFrame, rows: np.ndarray, slots: np.ndarray, item_ids: np.ndarray, n: int
+) -> pl.DataFrame:
+    """The samples with each one's negatives right after it: sample `rows[j]`'s negative in slot `slots[j]`
+    is item `item_ids[j]`."""
     negatives = df[rows].with_columns(
-        item_id=pl.Series(item_ids[chosen[rows, slots]], dtype=pl.Utf8),
+        item_id=pl.Series(item_ids, dtype=pl.Utf8),
         rating=pl.lit(0.0),
         label=pl.lit(0, dtype=df["label"].dtype),
         sampled=pl.lit(True),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,10 +65,16 @@ def prepare_data(cfg: RunConfig) -> Prepared:
 
 
 def prepare_staged(
-    cfg: RunConfig, data: InteractionData, staged: pl.DataFrame, rebuilt: frozenset[int] = frozenset()
+    cfg: RunConfig,
+    data: InteractionData,
+    staged: pl.DataFrame,
+    rebuilt: frozenset[int] = frozenset(),
+    batches: Sequence[pl.DataFrame] = (),
 ) -> Prepared:
     """Samples and pools of interactions already cut into stages (a run's, or a run's plus updates).
-    `rebuilt`: stages whose pools the caller replaces (an update's new stage): their pools go unreported."""
+    `rebuilt`: stages whose pools the caller replaces (an update's new stage): their pools go unreported.
+    `batches`: the rows each update added to the run's log, oldest first (implicit feedback: each draws its
+    own sampled negatives, leaving the run's and the earlier batches' as they were)."""
     task = cfg.task
     kept, least = task.history_kept(), task.min_history_or_default()
     table = build_samples(staged, num_stages_of(staged), data.like_threshold, kept, least, task.history_ties)
@@ -79,7 +86,7 @@ def prepare_staged(
                 f"data.negatives is 0, so the {task.name} task would have no negative samples; set "
                 "data.negatives >= 1"
             )
-        table = add_sampled_negatives(table, staged, cfg.data.negatives, cfg.data.negative_seed)
+        table = add_sampled_negatives(table, staged, cfg.data.negatives, cfg.data.negative_seed, batches)
     pools = split_pools(table, cfg.protocol, cfg.train.valid_fraction)
     if cfg.eval.stages != "next" and cfg.protocol == "next_stage":  # a stage's test pool is all of it
         histories = table if cfg.eval.hold_out_histories else None

@@ -231,10 +231,13 @@ def _update(
     # So do the new items' records (--items, not in the batch's digest: the prompts, IDs and bundle take
     # them), so a killed update rerun with another file does not finish the first one's candidate.
     held += f"-items{records['sha256'][:12]}" if records is not None else ""
+    # And the sampled negatives of implicit data: drawn apart for each batch since 2026-12-06, over the whole
+    # table before (an attempt killed under that rule held out other negatives: not continued)
+    held += "-negperbatch" if batch.implicit else ""
     work = registry.folder / "work" / f"from-v{parent.id}-{digest[:12]}-{held}"
     stage = parent.stage + 1
 
-    original, existing, items = _history(cfg, root, registry, parent)
+    original, existing, items, earlier_batches = _history(cfg, root, registry, parent)
     _refuse_a_batch_in_1970(cfg, data_file, batch, existing)
     accepted, report = _accept(batch, existing, data_file, cfg.data.min_rating)
     refuse_ids_written_otherwise(data_file, accepted, existing, cfg.update.lookalike_ids == "new")
@@ -269,7 +272,8 @@ def _update(
     dropped = _dropped_note(report)
     try:
         # `_hold_out` builds the new stage's pools
-        prepared = prepare_staged(cfg, data, staged, rebuilt=frozenset({stage}))
+        batches = [*earlier_batches, accepted]
+        prepared = prepare_staged(cfg, data, staged, rebuilt=frozenset({stage}), batches=batches)
     except EmptyStagesError as e:
         if e.stages != [stage]:
             raise
@@ -462,8 +466,9 @@ def _refuse_moved_data(cfg: RunConfig, root: Path, settings: tuple[str, ...]) ->
 
 def _history(
     cfg: RunConfig, root: Path, registry: Versions, parent: Version
-) -> tuple[InteractionData, pl.DataFrame, pl.DataFrame]:
-    """(the run's data, the staged interactions the parent version was trained on, the items it knows)."""
+) -> tuple[InteractionData, pl.DataFrame, pl.DataFrame, list[pl.DataFrame]]:
+    """(the run's data, the staged interactions the parent version was trained on, the items it knows,
+    the rows each update on its line added, oldest first)."""
     _refuse_moved_data(cfg, root, ("source", "meta"))
     data = load_dataset(cfg.data)
     marker = root / "experiment.json"
@@ -504,7 +509,7 @@ def _history(
         later = _read_version_table(work / "inference" / "items.parquet", version, parent)
         items = pl.concat([items, later], how="diagonal_relaxed")
         items = items.unique("item_id", keep="first", maintain_order=True)
-    return data, pl.concat(parts, how="vertical_relaxed"), items
+    return data, pl.concat(parts, how="vertical_relaxed"), items, parts[1:]
 
 
 def _read_version_table(path: Path, version: Version, parent: Version) -> pl.DataFrame:
