@@ -686,7 +686,8 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     """Evaluation. `max_samples`: evaluate a fixed-seed random subset of each evaluated stage (null: all);
-    the run record says when it did.
+    the run record says when it did. It draws sample rows: on implicit data a sampled negative is drawn apart
+    from its positive (`update.max_holdout` counts a positive with its negatives as one).
 
     `stages` (the stage-by-stage matrix R[t][j], `evolora/eval/forgetting.py`): `next` evaluates a model
     trained on stage t on the protocol's stage only (t+1 for next_stage, t for leave_last_out); `seen` also on
