@@ -360,16 +360,21 @@ def pip_download(requirement: str, dest: Path) -> Path:
             except OSError as e:
                 raise DataError(f"pip download {requirement} failed: {e}") from None
             written, moved = 0, time.monotonic()
-            while proc.poll() is None:
-                # a slow download goes on while bytes arrive; a stalled one ends
-                if (now := _bytes_under(downloads)) != written:
-                    written, moved = now, time.monotonic()
-                elif time.monotonic() - moved > PIP_STALL_S:
+            try:
+                while proc.poll() is None:
+                    # a slow download goes on while bytes arrive; a stalled one ends
+                    if (now := _bytes_under(downloads)) != written:
+                        written, moved = now, time.monotonic()
+                    elif time.monotonic() - moved > PIP_STALL_S:
+                        raise DataError(
+                            f"pip download {requirement} failed: nothing arrived for {PIP_STALL_S} s"
+                        )
+                    bar.info(f"{written / 1e6:.1f} MB")
+                    time.sleep(0.5)
+            finally:  # stalled, or interrupted (Ctrl-C): pip goes too
+                if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-                    raise DataError(f"pip download {requirement} failed: nothing arrived for {PIP_STALL_S} s")
-                bar.info(f"{written / 1e6:.1f} MB")
-                time.sleep(0.5)
             out.seek(0)
             err.seek(0)
             done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
