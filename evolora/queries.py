@@ -101,13 +101,23 @@ def number_of(value: Any, what: str) -> int | None:
     return None if value is None else int(value)
 
 
-def rating_of(value: Any, item: Any, scale: tuple[float, float] | None = None) -> float:
+def rating_of(
+    value: Any, item: Any, scale: tuple[float, float] | None = None, labels: str | None = None
+) -> float:
     """A history entry's rating as a finite number, or an error naming the item. A number only, as the CLI
     and the server take it: `True` would be read as the rating 1 (a dislike), and a string is a mistake
     somewhere upstream, not a rating to convert. `scale`: the lowest and highest rating of the run's data
     (lowest -inf where `data.min_rating` left the rows below it out); one outside it is an error: a prompt
     reads a rating only as above or below the like threshold, so a rating of another scale (0/1 flags, ten
-    stars) would be misread without a word."""
+    stars) would be misread without a word. `labels`: the run's 0/1 label column (`data.columns.label`):
+    then a rating is a label, 0 or 1, or true or false as the column may hold them."""
+    if labels is not None:
+        if isinstance(value, bool | np.bool_) or (isinstance(value, numbers.Real) and value in (0, 1)):
+            return float(value)
+        raise EvoloraError(
+            f"history: the rating of {item!r} is {value!r}, and this run's data has labels ({labels!r}): "
+            "give 0 or 1 (false or true), or the item id alone for a like"
+        )
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
     number = float(value) if is_number else math.nan
     if not math.isfinite(number):
@@ -127,31 +137,34 @@ def rating_of(value: Any, item: Any, scale: tuple[float, float] | None = None) -
     return number
 
 
-def history_entry(entry: Any, liked: float, scale: tuple[float, float] | None = None) -> tuple[str, float]:
+def history_entry(
+    entry: Any, liked: float, scale: tuple[float, float] | None = None, labels: str | None = None
+) -> tuple[str, float]:
     """One history entry: an item id (counted as liked) or an (item id, rating) pair."""
     if isinstance(entry, tuple | list):
         if len(entry) != 2:
             raise EvoloraError(f"history: {entry!r} is neither an item id nor an (item id, rating) pair")
-        return str(entry[0]), rating_of(entry[1], entry[0], scale)
+        return str(entry[0]), rating_of(entry[1], entry[0], scale, labels)
     return str(entry), liked
 
 
 def history_pairs(
-    history: History, liked: float, scale: tuple[float, float] | None = None
+    history: History, liked: float, scale: tuple[float, float] | None = None, labels: str | None = None
 ) -> list[tuple[str, float]]:
     """A history as (item id, rating) pairs, oldest first; ids given without a rating count as `liked`.
-    Ratings given must lie in `scale` (the run's lowest and highest; None: any number)."""
+    Ratings given must lie in `scale` (the run's lowest and highest; None: any number), or be labels where
+    the run's data has a label column (`labels`, its name; see `rating_of`)."""
     if history is None:
         return []
     if isinstance(history, str | bytes):
         raise EvoloraError(f"history: a list of item ids or (item, rating) pairs, not the string {history!r}")
     if isinstance(history, Mapping):
-        return [(str(i), rating_of(r, i, scale)) for i, r in history.items()]
+        return [(str(i), rating_of(r, i, scale, labels)) for i, r in history.items()]
     if isinstance(history, set | frozenset):
         raise EvoloraError("history: a list, oldest first, not a set (a set has no order; the order counts)")
     if not isinstance(history, Iterable):
         raise EvoloraError(f"history: a list of item ids or (item, rating) pairs, not {history!r}")
-    return [history_entry(h, liked, scale) for h in history]
+    return [history_entry(h, liked, scale, labels) for h in history]
 
 
 def trained_stage(

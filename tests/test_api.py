@@ -717,10 +717,23 @@ def test_the_rating_scale_a_query_is_checked_against() -> None:
     assert history_pairs(["a", ("b", 1)], 2.0, (1.0, 1.0)) == [("a", 2.0), ("b", 1.0)]
     with pytest.raises(EvoloraError, match=r"rating of 'a' is 0, and this run's data has no ratings"):
         history_pairs({"a": 0}, 2.0, (1.0, 1.0))
+    # a 0/1 label column: a rating is a label, true/false as the column may hold them; 0.3 was read as a
+    # dislike, true refused as no number
+    labels = history_pairs([("a", True), ("b", 0), ("c", np.False_), "d"], 1.5, (0.0, 1.0), "clicked")
+    assert labels == [("a", 1.0), ("b", 0.0), ("c", 0.0), ("d", 1.5)]
+    for off in (0.3, 5, "1", None):
+        with pytest.raises(EvoloraError, match=r"this run's data has labels \('clicked'\): give 0 or 1"):
+            history_pairs([("a", off)], 1.5, (0.0, 1.0), "clicked")
+    with pytest.raises(EvoloraError, match="the rating of 'a' is True, not a number"):  # not a label run
+        history_pairs([("a", True)], 4.0, (1.0, 5.0))
 
 
 def test_history_ids_with_commas_and_colons() -> None:
     from evolora.cli.recommend import _parse_history, _parse_items
+
+    # labels as the file may hold them (a label run takes them, any other refuses them as no number)
+    assert _parse_history("a:true,b:False") == [("a", True), ("b", False)]
+    assert _parse_history('[["a", true], ["b", 0]]') == [("a", True), ("b", 0.0)]
 
     text = '["Godfather, The (1972)", ["Star Wars: Episode IV - A New Hope (1977)", 4]]'
     assert _parse_history(text) == [

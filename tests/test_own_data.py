@@ -279,6 +279,29 @@ def test_a_label_column_of_one_value_and_a_next_item_run_on_labels(
     assert kept.data.interactions.height == int(log["clicked"].sum()) < every.data.interactions.height
 
 
+def test_a_label_run_takes_labels_in_a_query(tmp_path: Path) -> None:
+    """A history's ratings for a run on a 0/1 label column are labels: 0 or 1, or true/false as the column
+    may hold them (true was refused as no number, 0.3 read as a dislike without a word)."""
+    import evolora
+    from evolora.errors import EvoloraError
+
+    log = pl.read_csv(LOG).with_columns(clicked=(pl.col("stars") > 3).cast(pl.Int8)).drop("stars")
+    log.write_csv(tmp_path / "log.csv")
+    columns = "{user: uid, item: iid, time: ts, label: clicked, title: name}"
+    cfg = table_config(tmp_path / "log.csv", tmp_path / "runs", columns, strategies="[frozen]")
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    rec = evolora.Recommender.load(root)
+    a, b, c = log["iid"].unique(maintain_order=True).head(3).to_list()
+    as_labels = rec.score([(a, True), (b, False)], [c])
+    assert as_labels == rec.score([(a, 1), (b, 0)], [c])
+    with pytest.raises(EvoloraError, match=r"this run's data has labels \('clicked'\): give 0 or 1"):
+        rec.score([(a, 0.3)], [c])
+    said = CliRunner().invoke(app, ["recommend", str(root), "--history", f"{a}:true,{b}:false", "--items", c])
+    assert said.exit_code == 0, said.output
+    assert f"{as_labels[0].score:.4f}" in said.output
+
+
 # ------------------------------------------------------------------------------------ implicit feedback
 
 

@@ -144,10 +144,10 @@ def _parse_history(text: str) -> list[str | tuple[str, float]]:
                 isinstance(entry, list)
                 and len(entry) == 2
                 and isinstance(entry[0], str)
-                and isinstance(entry[1], int | float)
-                and not isinstance(entry[1], bool)
+                and type(entry[1]) in (bool, int, float)
             ):
-                out.append((entry[0], float(entry[1])))
+                # true/false stay labels: a run whose data has a label column takes them, another refuses
+                out.append((entry[0], entry[1] if type(entry[1]) is bool else float(entry[1])))
             else:
                 what = json.dumps(entry)
                 raise EvoloraError(f"--history: {what} is neither an item id nor [item id, rating]")
@@ -158,6 +158,9 @@ def _parse_history(text: str) -> list[str | tuple[str, float]]:
     pairs: list[str | tuple[str, float]] = []
     for p in parts:
         item, _, rating = p.partition(":")
+        if rating.strip().lower() in ("true", "false"):  # a label (see above)
+            pairs.append((item, rating.strip().lower() == "true"))
+            continue
         try:
             pairs.append((item, float(rating)))
         except ValueError:

@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 MAX_ITEMS = 1000  # per request
 MAX_HISTORY = 1000
@@ -20,8 +20,9 @@ MAX_BODY_BYTES = 1 << 20
 class Query(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user: str | None = Field(None, description="a user the run knows: their history is used")
-    # strict: a rating or k of another type (true, "5") is refused, not coerced, as the Python API does
-    history: list[str | tuple[str, StrictInt | StrictFloat]] | None = Field(
+    # strict: a rating or k of another type ("5") is refused, not coerced, as the Python API does (true and
+    # false: labels, which a run whose data has a label column takes and any other refuses)
+    history: list[str | tuple[str, StrictBool | StrictInt | StrictFloat]] | None = Field(
         None, max_length=MAX_HISTORY, description="item ids (liked), or [item, rating] pairs"
     )
 
