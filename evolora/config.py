@@ -27,6 +27,7 @@ import datetime
 import difflib
 import re
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -47,12 +48,8 @@ from pydantic import (
 from evolora.errors import ConfigError
 
 
-class Section(BaseModel):
-    # no inf or NaN in any number: lr=.inf passed gt=0 and trained nothing; min_gain=.nan never promoted
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    #: keys added after experiments were first recorded: left out of the dump while at their default, so an
-    #: experiment recorded before a key existed keeps its key (`experiment.context_of`)
-    added_keys: ClassVar[tuple[str, ...]] = ()
+class NoBoolForNumbers(BaseModel):
+    """Settings whose numbers refuse true/false (config sections, strategy options)."""
 
     @field_validator("*", mode="before")
     @classmethod
@@ -64,6 +61,14 @@ class Section(BaseModel):
         ):
             raise ValueError("a number, not true/false")
         return value
+
+
+class Section(NoBoolForNumbers):
+    # no inf or NaN in any number: lr=.inf passed gt=0 and trained nothing; min_gain=.nan never promoted
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    #: keys added after experiments were first recorded: left out of the dump while at their default, so an
+    #: experiment recorded before a key existed keeps its key (`experiment.context_of`)
+    added_keys: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
     def _drop_added_keys_at_default(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -874,17 +879,25 @@ class RunConfig(Section):
 
 def _unknown_key(loc: tuple[Any, ...]) -> str:
     """What an unknown key's section takes (and the nearest spelling), or where every key is listed."""
-    model: Any = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        inner = [a for a in _leaves(field.annotation) if _is_section(a)] if field is not None else []
-        # The task section's keys depend on task.name: the README lists them
-        if len(inner) != 1 or part == "task":
-            return "unknown key (check the spelling; README.md's Configuration section lists every key)"
-        model = inner[0]
+    model = section_at(RunConfig, loc[:-1])
+    # The task section's keys depend on task.name: the README lists them
+    if model is None or "task" in loc[:-1]:
+        return "unknown key (check the spelling; README.md's Configuration section lists every key)"
     near, keys = nearest_key(model, str(loc[-1]))
     where = f"{'.'.join(map(str, loc[:-1]))} takes" if len(loc) > 1 else "the config takes"
     return f"unknown key{f' (did you mean {near!r}?)' if near else ''}; {where}: {', '.join(keys)}"
+
+
+def section_at(model: type[BaseModel], path: Sequence[Any]) -> type[BaseModel] | None:
+    """The group of settings that the keys `path` name inside `model` (`model` for none); None where they
+    name no one group."""
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = [a for a in _leaves(field.annotation) if _is_section(a)] if field is not None else []
+        if len(inner) != 1:
+            return None
+        model = inner[0]
+    return model
 
 
 def nearest_key(section: type[BaseModel], key: str) -> tuple[str | None, list[str]]:

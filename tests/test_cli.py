@@ -97,8 +97,18 @@ def test_a_run_whose_training_diverged_says_so_under_its_table(sunny_dir: Path, 
         ),
         (
             ["--set", "strategies=[{name: peso, lamda: 2}]"],
-            "lamda: unknown option (check the spelling); peso's options: lam,",
+            "lamda: unknown option (did you mean 'lam'?); peso's options: lam,",
         ),
+        (["--set", "strategies=[{name: peso, xyz: 2}]"], "xyz: unknown option (check the spelling); peso's"),
+        # a nested group's own keys (they were the strategy's), and a validator's words without pydantic's
+        (
+            ["--set", "strategies=[{name: reclora, crm: {dimm: 8}}]"],
+            "crm.dimm: unknown option (did you mean 'dim'?); reclora's crm options: ",
+        ),
+        (["--set", "strategies=[{name: reclora, crm: {mlp: [0]}}]"], "crm.mlp: give at least one positive"),
+        # true where a number is wanted: refused as in the config (lam: true ran with lam 1)
+        (["--set", "strategies=[{name: peso, lam: true}]"], "lam: a number, not true/false"),
+        (["--set", "strategies=[{name: inflora, stats_samples: true}]"], "stats_samples: a number, not"),
         (["--set", "staging.n_stages=900"], "stage"),
         (["--set", "data.source=/no/such/folder"], "/no/such/folder"),
         (["--set", "model.lora.target_modules=[query]"], "not found in tiny"),

@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from evolora.config import RunConfig, StrategySpec, config_changes
+from evolora.config import RunConfig, StrategySpec, config_changes, nearest_key, section_at
 from evolora.continual.base import Env, Strategy, StrategyOptions, options_with_defaults
 from evolora.continual.finetune import Finetune
 from evolora.continual.frozen import Frozen
@@ -45,10 +45,18 @@ def _resolve(spec: StrategySpec) -> tuple[type[Strategy], StrategyOptions]:
 def _problem(error: ErrorDetails, cls: type[Strategy]) -> str:
     where = ".".join(map(str, error["loc"]))
     if error["type"] == "extra_forbidden":
-        # A misspelt option would otherwise read "Extra inputs are not permitted": say which ones exist.
-        options = ", ".join(k for k in cls.Options.model_fields if k not in ("name", "label")) or "none"
-        return f"{where}: unknown option (check the spelling); {cls.name}'s options: {options}"
-    return f"{where}: {error['msg']}"
+        # A misspelt option would otherwise read "Extra inputs are not permitted": say which ones exist,
+        # those of the nested group it is in (RecLoRA's crm) where it is in one.
+        group = error["loc"][:-1]
+        model = section_at(cls.Options, group) or cls.Options
+        near, keys = nearest_key(model, str(error["loc"][-1]))
+        keys = [k for k in keys if k not in ("name", "label")]
+        whose = f"{cls.name}'s {'.'.join(map(str, group))}" if model is not cls.Options else f"{cls.name}'s"
+        return (
+            f"{where}: unknown option{f' (did you mean {near!r}?)' if near else ' (check the spelling)'}; "
+            f"{whose} options: {', '.join(keys) or 'none'}"
+        )
+    return f"{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
 def build_strategy(spec: StrategySpec, env: Env, seed: int) -> Strategy:

@@ -21,9 +21,9 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
-from evolora.config import RunConfig, TrainConfig
+from evolora.config import NoBoolForNumbers, RunConfig, TrainConfig
 from evolora.data.prepare import Prepared
 from evolora.data.samples import StagePools, draw
 from evolora.models.llm import LoraLM
@@ -32,8 +32,9 @@ from evolora.tasks.base import Task
 MAIN = "default"  # the adapter every strategy evaluates unless it says otherwise
 
 
-class StrategyOptions(BaseModel):
-    """Options shared by all strategies; each strategy subclasses this with its own."""
+class StrategyOptions(NoBoolForNumbers):
+    """Options shared by all strategies; each strategy subclasses this with its own (true/false where a
+    number is wanted is refused, as in the config: `lam: true` ran with lam 1)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
