@@ -155,6 +155,26 @@ def test_fused_adapter_equals_manual_merge(lm: LoraLM, mode: str) -> None:
         torch.testing.assert_close(out, merged, atol=1e-5, rtol=1e-4)
 
 
+def test_options_the_others_leave_unread_are_said(caplog: pytest.LogCaptureFixture) -> None:
+    """LSAT's fusion is read only with inference: fusion, its long_stages only with long_mode: fixed: given
+    otherwise they ran without a word."""
+    from evolora.config import StrategySpec
+    from evolora.continual import check_strategy_specs
+
+    specs = [
+        StrategySpec(name="lsat", fusion="delta"),
+        StrategySpec(name="lsat", label="full", long_mode="full", long_stages=7),
+        StrategySpec(name="lsat", label="ta", inference="fusion", fusion="delta", long_stages=2),
+    ]
+    with caplog.at_level("WARNING", logger="evolora"):
+        check_strategy_specs(specs)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "strategy 'lsat': fusion is read only with inference: fusion; ignored",
+        "strategy 'full': long_stages is read only with long_mode: fixed; ignored",
+    ]
+
+
 def test_ensemble_weight_picks_the_best_validation_alpha() -> None:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 400)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from evolora.continual.sdlora import SdLora
 from evolora.continual.sumlora import SumLora
 from evolora.errors import ConfigError
 from evolora.io import read_json
+
+log = logging.getLogger("evolora.continual")
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls for cls in (Frozen, Finetune, Retrain, Peso, Lsat, SumLora, SdLora, InfLora, OLora, RecLora)
@@ -76,6 +79,8 @@ def check_strategy_specs(specs: list[StrategySpec], cfg: RunConfig | None = None
         cls, options = _resolve(spec)
         if cfg is not None:
             cls.check_config(options, cfg)
+        for option, reader in cls.unread(spec.options).items():
+            log.warning("strategy %r: %s is read only with %s; ignored", spec.display, option, reader)
 
 
 __all__ = ["STRATEGIES", "Env", "Strategy", "build_strategy", "check_strategy_specs"]

@@ -144,10 +144,17 @@ class Strategy(Generic[OptionsT]):
         work starts: found at its set-up, the mistake came after every strategy listed before it had run."""
 
     @classmethod
+    def unread(cls, options: dict[str, Any]) -> dict[str, str]:
+        """Options among `options` that the others leave unread (none, but where a strategy says otherwise),
+        each with the option that would read it."""
+        return {}
+
+    @classmethod
     def applicable(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """The options that change what runs, given the others (all, but where a strategy says otherwise):
-        two runs that differ only in an option that did not apply ran alike."""
-        return dict(options)
+        """The options that change what runs, given the others: two runs that differ only in an option that
+        did not apply (`unread`) ran alike."""
+        unread = cls.unread(options)
+        return {k: v for k, v in options.items() if k not in unread}
 
     def __init__(self, options: OptionsT, env: Env, seed: int) -> None:
         self.options: OptionsT = options

@@ -67,13 +67,13 @@ class Lsat(Strategy[LsatOptions]):
     plain_predict = False
 
     @classmethod
-    def applicable(cls, options: dict[str, Any]) -> dict[str, Any]:
+    def unread(cls, options: dict[str, Any]) -> dict[str, str]:
         # `fusion` applies to inference: fusion only, `long_stages` to long_mode: fixed only
-        out = dict(options)
-        if out.get("inference", "ensemble") != "fusion":
-            out.pop("fusion", None)
-        if out.get("long_mode", "fixed") == "full":
-            out.pop("long_stages", None)
+        out = {}
+        if "fusion" in options and options.get("inference", "ensemble") != "fusion":
+            out["fusion"] = "inference: fusion"
+        if "long_stages" in options and options.get("long_mode", "fixed") == "full":
+            out["long_stages"] = "long_mode: fixed"
         return out
 
     def setup(self) -> None:
