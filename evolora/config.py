@@ -931,6 +931,14 @@ def _format_validation_error(err: ValidationError, where: str, origins: dict[str
         loc = loc or "(top level)"
         # A value given on the command line is reported as the flag that gave it.
         given = next((o for k, o in origins.items() if loc == k or loc.startswith(f"{k}.")), None)
+        value = e.get("input")
+        if e["type"] == "string_type" and isinstance(value, bool | int | float | datetime.date):
+            # YAML reads 2024-12-01 as a date, 2024 as a number, yes as true, where a text was meant
+            kind = "true/false" if isinstance(value, bool) else "a number"
+            kind = "a date" if isinstance(value, datetime.date) else kind
+            msg += (
+                f' (YAML reads the value as {kind}: put it in quotes, {loc}: "..." or --set \'{loc}="..."\')'
+            )
         lines.append(f"  {loc}: {msg}" + (f" (given by {given})" if given else ""))
     return "\n".join(lines)
 

@@ -497,11 +497,11 @@ def where_its_config_lies(config: str | Path, cfg: RunConfig, overrides: list[st
         raise ConfigError(
             f"{config} is the config of the experiment in {folder}, which it names {named}; {folder.name!r} "
             "is no experiment name (not starting with '.' or '_'): rename the folder, or choose the place "
-            "with --set output_dir=... name=..."
+            "with --set output_dir=... --set name=..."
         ) from None
     log.warning(
         "%s is the config of the experiment in %s, which it names %s (moved, copied or renamed since): "
-        "continuing it where the config lies (--set output_dir=... name=... chooses another place)",
+        "continuing it where the config lies (--set output_dir=... --set name=... chooses another place)",
         config, folder, named,
     )  # fmt: skip
     return cfg.model_copy(update={"output_dir": str(folder.parent), "name": name})

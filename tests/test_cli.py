@@ -115,6 +115,15 @@ def test_a_run_whose_training_diverged_says_so_under_its_table(sunny_dir: Path, 
         (["--jobs", "0"], "--jobs 0"),
         (["--set", "name=..", "--overwrite"], "name: '..' is not a folder name"),
         (["--set", "name=_shared"], "name: '_shared' is not a folder name"),
+        # a text YAML reads as a date, a number or true: told to quote it
+        (
+            ["--set", "name=2024-12-01"],
+            "name: Input should be a valid string (YAML reads the value as a date: put",
+        ),
+        (
+            ["--set", "name=yes"],
+            '(YAML reads the value as true/false: put it in quotes, name: "..." or --set',
+        ),
         (["--set", 'name="a\\nb"'], r"name: 'a\nb' is not a folder name"),  # a folder with a newline
         (["--set", "seeds=[0, 0]"], "seeds: each seed once"),
         (["--set", "seeds=[]"], "  seeds: give at least one (given by --set seeds=[])"),  # not "(top level)"
