@@ -265,7 +265,9 @@ def test_tables_off_a_terminal_are_not_cut_to_80_columns(
     assert cli.stdout_width() is None
 
 
-def test_report_refuses_runs_that_are_not_the_same_setting_or_rows(sunny_dir: Path, tmp_path: Path) -> None:
+def test_report_refuses_runs_that_are_not_the_same_setting_or_rows(
+    sunny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Experiments of one setting report together (their runs are a method's seeds); a method run with
     other settings, or methods scored on other rows, are refused naming the difference (they were
     averaged as seeds, or tabled side by side)."""
@@ -292,6 +294,12 @@ def test_report_refuses_runs_that_are_not_the_same_setting_or_rows(sunny_dir: Pa
             app, ["report", str(runs / "a"), str(runs / other), "--out", str(tmp_path / "x")]
         )
         assert result.exit_code == 2 and re.search(message, result.output.replace("\n", "")), result.output
+    # a run folder given by a short relative path (three parents up was ".", no experiment: not checked)
+    monkeypatch.chdir(runs / "c" / "frozen")
+    result = runner.invoke(app, ["report", "seed2", str(runs / "a"), "--out", str(tmp_path / "y")])
+    said = result.output.replace("\n", "")
+    assert result.exit_code == 2, result.output
+    assert f"frozen ran with other settings in {runs / 'c'} and {runs / 'a'} (train.lr: 0.05 -> 0.01)" in said
 
 
 def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:

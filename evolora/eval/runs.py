@@ -5,6 +5,7 @@ setting (they are averaged as its seeds), and one run per method and seed."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -206,8 +207,11 @@ def _recorded_context(experiment: str) -> dict[str, Any] | None:
 
 
 def _experiment_of(results_path: str) -> str:
-    """runs/<name>/<label>/seed<k>/results.json -> runs/<name>"""
-    return str(Path(results_path).parent.parent.parent)
+    """runs/<name>/<label>/seed<k>/results.json -> runs/<name>: from the path made absolute (`seed7` given
+    from inside its label's folder has `.` three parents up, no experiment; its settings went unchecked),
+    shown relative to the working folder where it lies inside it."""
+    folder = Path(os.path.normpath(Path(results_path).absolute())).parent.parent.parent
+    return str(folder.relative_to(Path.cwd())) if folder.is_relative_to(Path.cwd()) else str(folder)
 
 
 def _comparable(context: dict[str, Any]) -> dict[str, Any]:
