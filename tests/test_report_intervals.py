@@ -133,6 +133,10 @@ def test_first_stage_left_out_when_each_experiment_shares_it() -> None:
     assert shared_first_stage([*din[:1], _first_stage("mf", 0, "mf", 0.7)]) is None  # nothing shared
     broken = [*llm, _first_stage("lsat", 0, "llm", 0.99)]
     assert shared_first_stage(broken + din) is None
+    # two experiments of one setting (one context_key), each of one method on its own seed: no seed scored
+    # two methods, so nothing says they share D2 (they were said to, and D2 left out of their means)
+    apart = [_first_stage("finetune", 7, "same", 0.81), _first_stage("frozen", 8, "same", 0.93)]
+    assert shared_first_stage(apart) is None
 
 
 def test_differences_can_be_taken_against_another_method(tmp_path: Path) -> None:

@@ -43,28 +43,29 @@ DRAWS = 1000  # bootstrap draws of the report's difference table
 
 
 def shared_first_stage(results: list[dict[str, Any]]) -> int | None:
-    """The first evaluated stage when it cannot tell the compared methods apart: every experiment (runs
-    with one `context_key`: same data, model and training) that holds two or more methods scores them
-    the same there, seed by seed (one shared stage-1 adapter), and at least one experiment does. An
-    experiment with one method (a conventional model's run beside LLM strategies) does not stop it: its
-    rows are then averaged over the same later stages as the others. Else None."""
+    """The first evaluated stage when it cannot tell the compared methods apart: every seed of an
+    experiment (runs with one `context_key`: same data, model and training) that scored two or more methods
+    scores them the same there (one shared stage-1 adapter), and at least one seed did. An experiment with
+    one method (a conventional model's run beside LLM strategies) does not stop it: its rows are then
+    averaged over the same later stages as the others. Else None."""
     if len({r["method"] for r in results}) < 2 or any(not r["stages"] for r in results):
         return None
     first = {r["stages"][0]["eval_stage"] for r in results}
     if len(first) != 1:
         return None
-    by_context: dict[Any, dict[Any, set[str]]] = defaultdict(lambda: defaultdict(set))
-    methods: dict[Any, set[str]] = defaultdict(set)
+    # figures and methods of each (experiment, seed): only a seed that scored two methods or more shows that
+    # they share the stage (two experiments of one setting, each of one method, have one context_key)
+    figures: dict[tuple[Any, Any], set[str]] = defaultdict(set)
+    methods: dict[tuple[Any, Any], set[str]] = defaultdict(set)
     for r in results:
-        key = r.get("context_key")
+        at = (r.get("context_key"), r["seed"])
         # finite_json: an undefined figure is NaN in memory and in older files, null in newer ones
-        by_context[key][r["seed"]].add(json.dumps(finite_json(r["stages"][0]["metrics"]), sort_keys=True))
-        methods[key].add(r["method"])
-    compared = [key for key, m in methods.items() if len(m) >= 2]
+        figures[at].add(json.dumps(finite_json(r["stages"][0]["metrics"]), sort_keys=True))
+        methods[at].add(r["method"])
+    compared = [at for at, m in methods.items() if len(m) >= 2]
     if not compared:
         return None
-    shared = all(len(v) == 1 for key in compared for v in by_context[key].values())
-    return first.pop() if shared else None
+    return first.pop() if all(len(figures[at]) == 1 for at in compared) else None
 
 
 def precision_line(results: list[dict[str, Any]]) -> str:
