@@ -203,6 +203,13 @@ def test_the_bootstrap_names_its_metric_and_skips_an_undefined_one(tmp_path: Pat
     report = compose_report([tmp_path])
     assert report.lead == "logloss" and report.data["differences"]["metric"] == "logloss"
     assert "### Paired bootstrap: LOGLOSS difference to finetune" in report.text
+    # the undefined stages are in report.json as null, not left out (a script could not tell them from
+    # stages never evaluated)
+    auc = report.data["metrics"]["auc"]["methods"]["finetune"]
+    assert [(s["stage"], s["values"], s["mean"]) for s in auc["stages"]] == [
+        (2, [None] * 3, None),
+        (3, [None] * 3, None),
+    ]
 
 
 def test_one_evaluated_stage_shared_by_every_method_is_said_plainly(tmp_path: Path) -> None:

@@ -176,8 +176,10 @@ def _spread(values: list[float | None]) -> dict[str, Any]:
 
 def _method(g: MethodRuns, metric: str, skip: int | None) -> dict[str, Any]:
     seeds = [r.get("seed", i) for i, r in enumerate(g.runs)]
+    values = g.seed_values(metric)
+    # every evaluated stage, a figure undefined in every seed (AUC of one label) as null, not left out
     stages = [
-        {"stage": t, **_spread([v.get(seed) for seed in seeds])} for t, v in g.seed_values(metric).items()
+        {"stage": t, **_spread([values.get(t, {}).get(seed) for seed in seeds])} for t in g.averaged_stages()
     ]
     means = g.seed_means(metric, skip)
     return {
