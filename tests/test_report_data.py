@@ -119,6 +119,28 @@ def test_report_command_writes_report_json(tmp_path: Path, monkeypatch: pytest.M
     assert data["differences"]["methods"]["strong"]["decided"] is True
 
 
+def test_a_report_folder_keeps_no_earlier_plot_and_a_failed_one_no_folder(tmp_path: Path) -> None:
+    """A plot an earlier report wrote and this one does not (a matrix of other runs) stood beside a
+    report.md without it; a report that could not be composed left the parents --out made."""
+    _write_runs(tmp_path / "runs")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    listed = json.loads((out / "report.json").read_text())
+    assert listed["plots"] == ["auc.png"]
+    # as an earlier report of matrix runs would have left it; a file of the user's stays
+    (out / "report.json").write_text(json.dumps({**listed, "plots": ["auc.png", "auc-matrix.png"]}))
+    (out / "auc-matrix.png").write_bytes(b"png")
+    (out / "mine.png").write_bytes(b"png")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["auc.png", "mine.png", "report.json", "report.md"]
+    (tmp_path / "empty").mkdir()
+    nested = tmp_path / "x" / "y" / "z"
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "empty"), "--out", str(nested)])
+    assert result.exit_code == 2 and not (tmp_path / "x").exists(), result.output
+
+
 def test_the_python_api_gives_the_same_report(tmp_path: Path) -> None:
     import evolora
 

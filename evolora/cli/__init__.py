@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,6 +35,9 @@ from rich.markdown import Markdown
 from rich.markup import escape
 
 from evolora.errors import EvoloraError
+
+if TYPE_CHECKING:
+    from evolora.eval.report import Report
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Continual LoRA adaptation of LLM recommenders."
@@ -257,10 +260,8 @@ def run(
     from evolora.cli.tables import matrix_summary_table, stage_table, stage_table_note
     from evolora.config import QUICKSTART, load_config, shipped_config
     from evolora.eval.costs import time_taken
-    from evolora.eval.plots import write_plots
     from evolora.eval.report import compose_report
     from evolora.experiment import run_experiment, where_its_config_lies
-    from evolora.io import atomic_write_json, atomic_write_text
     from evolora.tasks import task_spec
 
     if verbose and quiet:
@@ -291,9 +292,7 @@ def run(
     root = Path(cfg.output_dir) / cfg.name
     report = compose_report([root])
     # Written before anything is printed: a closed stdout (`| head`) must not cost the report
-    atomic_write_text(root / "report.md", report.text)
-    atomic_write_json(root / "report.json", report.data, strict=True)
-    write_plots(report.groups, report.lead, root)
+    write_report(report, root)
     console.print(stage_table(results, metric_names))
     console.print(stage_table_note(results), soft_wrap=True, highlight=False)
     # the report's lead metric: the first the task shows that these runs define (AUC on one label is not)
@@ -304,6 +303,21 @@ def run(
     if taken is not None:
         console.print(taken, highlight=False, soft_wrap=True)
     console.print(f"results: {root}/*/seed*/results.json; report: {root / 'report.md'}")
+
+
+def write_report(report: Report, folder: Path) -> list[Path]:
+    """report.md, report.json (listing the plots) and the plots into `folder`; an earlier report's plot that
+    this one does not write again (a matrix of other runs) is removed. Returns the plots."""
+    from evolora.eval.plots import earlier_plots, write_plots
+    from evolora.io import atomic_write_json, atomic_write_text
+
+    earlier = earlier_plots(folder)
+    atomic_write_text(folder / "report.md", report.text)
+    plots = write_plots(report.groups, report.lead, folder)
+    atomic_write_json(folder / "report.json", {**report.data, "plots": [p.name for p in plots]}, strict=True)
+    for name in earlier - {p.name for p in plots}:
+        (folder / name).unlink(missing_ok=True)
+    return plots
 
 
 @app.command()
@@ -324,13 +338,13 @@ def report(
     """Compare runs: a markdown table of methods x stages (report.md; its numbers in report.json) and a PNG
     plot of the metric per stage."""
     from evolora import progress
-    from evolora.eval.plots import write_plots
     from evolora.eval.report import compose_report
-    from evolora.io import atomic_write_json, atomic_write_text, check_writable_folder
+    from evolora.io import check_writable_folder
 
     if out is not None and out.exists() and not out.is_dir():
         raise EvoloraError(f"--out {out} is a file; give a folder for report.md and the plots")
-    made = out is not None and not out.exists()
+    # the folders made for a report that could not be composed go again, --out's parents made with it too
+    made = [] if out is None else [f for f in (out, *out.parents) if not f.exists()]
     if out is not None:  # before minutes of bootstrap
         check_writable_folder(out, "--out")
     _setup_logging(False, quiet=True)  # warnings only: the report is the answer
@@ -338,13 +352,12 @@ def report(
         with progress.display(err_console):  # a bootstrap over many runs takes minutes
             report = compose_report(run_dirs, metric, baseline)
     except BaseException:
-        if made and out is not None and not any(out.iterdir()):
-            out.rmdir()  # the folder made for a report that could not be composed
+        for folder in made:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     target = out or (run_dirs[0] if run_dirs[0].is_dir() else run_dirs[0].parent)
-    atomic_write_text(target / "report.md", report.text)
-    atomic_write_json(target / "report.json", report.data, strict=True)
-    plots = write_plots(report.groups, report.lead, target)
+    plots = write_report(report, target)
     console.print(Markdown(report.text))
     console.print(f"written: {target / 'report.md'}, {target / 'report.json'}, " + ", ".join(map(str, plots)))
 

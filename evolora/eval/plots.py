@@ -7,6 +7,7 @@ its own marker, and the legend goes beside the axes, so 14+ lines stay apart.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,22 @@ def write_plots(groups: list[MethodRuns], metric: str, folder: Path) -> list[Pat
     if plot_matrices(groups, metric, folder / f"{metric}-matrix.png"):
         written.append(folder / f"{metric}-matrix.png")
     return written
+
+
+def earlier_plots(folder: Path) -> set[str]:
+    """The plots an earlier report in `folder` wrote, as its report.json lists them (none before the list
+    was kept, 2026-12-06): a new report removes those it does not write again, or a matrix of the earlier
+    runs would stand beside a report without one."""
+    try:
+        listed = json.loads((folder / "report.json").read_text()).get("plots", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    # names alone, and only plots: nothing else is removed whatever the file holds
+    return (
+        {n for n in listed if isinstance(n, str) and Path(n).name == n and n.endswith(".png")}
+        if isinstance(listed, list)
+        else set()
+    )
 
 
 def line_style(i: int, n_colours: int = 10) -> tuple[int, str, str]:
