@@ -249,6 +249,26 @@ def test_one_evaluated_stage_shared_by_every_method_is_said_plainly(tmp_path: Pa
     assert "(no paired predictions)" not in report.text and "differences" not in report.data
 
 
+def test_a_baseline_with_the_shared_stage_alone_is_said_so_in_the_bootstrap(tmp_path: Path) -> None:
+    """finetune stopped after its first stage, which every method shares (left out): its bootstrap row
+    said "no paired predictions" though both had them."""
+    _write_runs(tmp_path)
+    first = {"auc": 0.7, "logloss": 0.6}
+
+    def edit(run: dict) -> dict:
+        stages = [{**run["stages"][0], "metrics": first}, *run["stages"][1:]]
+        return {**run, "stages": stages[:1] if run["method"] == "finetune" else stages}
+
+    _edit_runs(tmp_path, edit)
+    for seed in range(3):  # the same scores on the shared stage
+        shutil.copy(
+            tmp_path / "finetune" / f"seed{seed}" / "stage-1" / "predictions.npz",
+            tmp_path / "strong" / f"seed{seed}" / "stage-1" / "predictions.npz",
+        )
+    report = compose_report([tmp_path])
+    assert "| strong | – | (no stage but D2, which every method shares) | – | – |" in report.text
+
+
 def test_an_out_folder_that_cannot_be_written_stops_the_report_before_its_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -43,7 +43,7 @@ def difference_table(rows: list[dict[str, Any]], metric: str, baseline: str) -> 
     ]
     for r in rows:
         if r["difference"] is None:
-            lines.append(f"| {r['method']} | – | (no paired predictions) | – | – |")
+            lines.append(f"| {r['method']} | – | ({r.get('why', 'no paired predictions')}) | – | – |")
             continue
         if math.isnan(r["difference"]):  # the metric is undefined on every stage (one label)
             lines.append(f"| {r['method']} | – | (undefined on every stage) | – | – |")
@@ -110,12 +110,13 @@ def _difference(
 ) -> dict[str, Any]:
     """One method's row of `bootstrap_differences`."""
     rng = np.random.default_rng(seed)
-    pairs = []
+    pairs, only_skipped = [], False
     for r in g.finished_runs():
         mine, theirs = _load_stage_arrays(r), base_runs.get(r["seed"])
         if mine is None or theirs is None:
             continue
         stages = sorted((set(mine) & set(theirs)) - {skip})
+        only_skipped |= not stages and skip in set(mine) & set(theirs)
         needed = {RANKING_ARRAY_OF[metric]} if metric in RANKING_ARRAY_OF else set()
         if (
             stages
@@ -123,8 +124,9 @@ def _difference(
             and all(needed <= set(a[s]) for a in (mine, theirs) for s in stages)
         ):
             pairs.append((mine, theirs, stages))
-    if not pairs:
-        return {"method": g.method, "difference": None}
+    if not pairs:  # (a stage shared by every method alone, left out, is no pair: said so)
+        why = f"no stage but D{skip}, which every method shares" if only_skipped else "no paired predictions"
+        return {"method": g.method, "difference": None, "why": why}
     diffs = np.empty(draws)
     # Stages where the metric is undefined (AUC on one label) are left out, as in the table's means.
     per_pair = [
