@@ -90,4 +90,7 @@ def _profiled(group: Any) -> list[dict[str, Any]]:
 
 
 def _duration(seconds: float) -> str:
+    # seconds under a minute: tenths of a minute made a total of 0.1 min from parts of 0.0 min
+    if seconds < 60:
+        return f"{seconds:.0f} s"
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
