@@ -390,6 +390,11 @@ def test_report_arguments_are_checked(ctr_run) -> None:
         (lambda: evolora.report(root, metrics=[]), r"report\(metrics=\[\]\)"),
         (lambda: evolora.report(root, metrics=["nope"]), "metrics=nope: not recorded by these runs"),
         (lambda: evolora.report(root, baseline="nope"), "baseline=nope: no such method"),
+        (
+            lambda: evolora.report(root / "config.yaml"),
+            "config.yaml: a file, not a run folder",
+        ),  # was 'no such'
+        (lambda: evolora.report(root / "nothing"), "nothing: no such run folder"),
     ]:
         with pytest.raises(EvoloraError, match=named):
             ask()

@@ -49,6 +49,8 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
         elif p.is_dir():
             # not in hidden folders: an experiment --overwrite has moved aside (`.name.replaced`)
             files = sorted(f for f in p.rglob("results.json") if not _hidden(f.relative_to(p)))
+        elif p.exists():
+            raise EvoloraError(f"{p}: a file, not a run folder (give the folder, or its results.json)")
         else:
             raise EvoloraError(f"{p}: no such run folder")
         for f in files:
