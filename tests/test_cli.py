@@ -308,6 +308,27 @@ def test_report_refuses_runs_that_are_not_the_same_setting_or_rows(
     assert f"frozen ran with other settings in {runs / 'c'} and {runs / 'a'} (train.lr: 0.05 -> 0.01)" in said
 
 
+def test_a_report_names_the_configured_runs_not_started(sunny_dir: Path, tmp_path: Path) -> None:
+    """A run killed before a method or a seed started (no run.json): the report left it out without a word."""
+    config = write_config(
+        tmp_path / "c.yaml", sunny_dir, tmp_path / "runs", strategies=["frozen", "finetune"]
+    )
+    result = runner.invoke(app, ["run", str(config), "--set", "seeds=[0, 1]"])
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "runs" / "cli"
+    shutil.rmtree(root / "finetune" / "seed1")  # as if killed before it started
+    result = runner.invoke(app, ["report", str(root), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "Not started yet (in the experiment's config, not in the tables): finetune seed 1." in text
+    shutil.rmtree(root / "frozen")
+    text = runner.invoke(app, ["report", str(root), "--out", str(tmp_path / "r")]).output
+    assert (
+        "Not started yet (in the experiment's config, not in the tables): frozen seeds 0, 1; finetune seed 1."
+        in text.replace("\n", " ")
+    )
+
+
 def test_missing_config_and_bad_yaml(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", str(tmp_path / "none.yaml")])
     assert result.exit_code == 2 and "config file not found" in result.output

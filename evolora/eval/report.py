@@ -35,7 +35,13 @@ from evolora.eval.metric_tables import (
     undefined_stages,
 )
 from evolora.eval.metrics import diverged, is_reference, lower_is_better, metric_set
-from evolora.eval.runs import check_comparable, find_results, ranking_notes, started_without_results
+from evolora.eval.runs import (
+    check_comparable,
+    find_results,
+    not_started,
+    ranking_notes,
+    started_without_results,
+)
 from evolora.eval.summary import MethodRuns, report_data
 from evolora.io import finite_json
 
@@ -205,6 +211,11 @@ def compose_report(
     if waiting:
         listed = ", ".join(f"{d.parent.name} {d.name}" for d in waiting)
         out.append(f"Started, no stage recorded yet (not in the tables until one is): {listed}.")
+    unstarted = not_started(results)
+    if unstarted:
+        out.append(
+            f"Not started yet (in the experiment's config, not in the tables): {'; '.join(unstarted)}."
+        )
     behind = [f"{g.method} {seed}" for g in groups for seed in g.unfinished_seeds()]
     if behind:
         out.append(

@@ -69,6 +69,30 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
     return found
 
 
+def not_started(results: list[dict[str, Any]]) -> list[str]:
+    """The runs (method and seed) the experiments of `results` were configured with (their config.yaml) that
+    have not started: no run.json yet. A report would leave them out without a word. An experiment whose
+    config cannot be read (an older evolora's, edited by hand) names none."""
+    import yaml
+
+    from evolora.config import RunConfig
+
+    missing = []
+    for exp in sorted({Path(_experiment_of(r["_path"])) for r in results}):
+        if not (exp / "experiment.json").is_file():
+            continue
+        try:
+            cfg = RunConfig.model_validate(yaml.safe_load((exp / "config.yaml").read_text()))
+        except (OSError, ValueError, TypeError, yaml.YAMLError, EvoloraError):
+            continue
+        for spec in cfg.strategies:
+            label = cfg.label_of(spec)
+            seeds = [s for s in cfg.seeds if not (exp / label / f"seed{s}" / "run.json").is_file()]
+            if seeds:
+                missing.append(f"{label} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+    return missing
+
+
 def started_without_results(paths: list[Path]) -> list[Path]:
     """The run folders under `paths` a run has started (its run.json) that hold no results.json yet: a run
     writes it after its first stage, so a report would leave such a method or seed out without a word."""
