@@ -349,7 +349,7 @@ def test_a_metric_a_run_does_not_store_is_undefined_not_a_crash(tmp_path: Path) 
         results.append({"method": method, "dataset": "d", "task": "next_item", "seed": 0, "stages": stages,
                         "_path": str(folder / "results.json")})  # fmt: skip
     rows = bootstrap_differences(group_runs(results), "nll_valid", draws=20)
-    assert rows == [{"method": "lsat", "difference": None}]
+    assert rows == [{"method": "lsat", "difference": None, "why": "no paired predictions"}]
     assert bootstrap_differences(group_runs(results), "nll", draws=20)[0]["difference"] == 0.0
     lsat = dict(np.load(tmp_path / "lsat" / "seed0" / "stage-1" / "predictions.npz"))
     assert np.isnan(RANKING_METRICS.on_arrays(lsat, slice(None), "nll_valid"))
