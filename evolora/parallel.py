@@ -51,6 +51,7 @@ on `accelerate launch` leaves its children running) exits within a second, as `-
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -102,6 +103,12 @@ def stop_with_parent(parent: int) -> None:
 
 def start(device: str = "auto") -> None:
     """Join the launch's process group (once per process; nothing without a multi-process launch)."""
+    if not launched() and _simple_launch_of_several() and not _state.get("told_simple"):
+        _state["told_simple"] = True  # (the command and the experiment both start: said once)
+        logging.getLogger("evolora").warning(
+            "accelerate launch --cpu started one process, whatever --num_processes says (its simple "
+            "launcher): leave out --cpu (a machine without a GPU runs the processes on its CPUs)"
+        )
     if not launched() or _state["world"] > 1:
         return
     if _flag("ACCELERATE_USE_DEEPSPEED"):
@@ -120,6 +127,18 @@ def start(device: str = "auto") -> None:
     # The launcher's agent is the parent: killed (kill -9 leaves its children running), this process goes
     # too, as `--jobs` workers do, instead of running on beside a rerun.
     stop_with_parent(os.getppid())
+
+
+def _simple_launch_of_several() -> bool:
+    """Whether `accelerate launch --cpu --num_processes N` (N > 1) started this process: its simple launcher
+    runs the one process it was given, setting the rendezvous address of N as if it were several (no MPI
+    launcher, which gives each of its processes a rank, behind it)."""
+    mpi = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+    return (
+        "ACCELERATE_USE_CPU" in os.environ
+        and "MASTER_PORT" in os.environ
+        and not any(v in os.environ for v in mpi)
+    )
 
 
 def _flag(name: str) -> bool:

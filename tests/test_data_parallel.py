@@ -192,6 +192,28 @@ def test_deepspeed_and_fsdp_options_not_built_are_refused(monkeypatch: pytest.Mo
         monkeypatch.setenv(name, "false")
 
 
+def test_a_cpu_launch_of_one_process_for_several_is_said(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`accelerate launch --cpu --num_processes 2` runs accelerate's simple launcher: one process, which ran
+    as a plain run without a word (README advised that form)."""
+    from evolora import parallel
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setitem(parallel._state, "told_simple", False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_PORT", "29500")  # set by the simple launcher for --num_processes > 1 only
+    with caplog.at_level("WARNING", logger="evolora"):
+        parallel.start("cpu")
+        parallel.start("cpu")  # the command and the experiment: said once
+    assert caplog.text.count("accelerate launch --cpu started one process, whatever --num_processes") == 1
+    caplog.clear()
+    monkeypatch.setitem(parallel._state, "told_simple", False)
+    monkeypatch.delenv("MASTER_PORT")  # --num_processes 1: nothing to say
+    parallel.start("cpu")
+    assert "started one process" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("over", "match"),
     [({"model.name": "mf"}, "conventional model mf"), ({"model.quantization": "nf4"}, "quantization")],
