@@ -28,6 +28,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -403,8 +404,14 @@ def _bytes_under(folder: Path) -> int:
 
 def pip_error(proc: subprocess.CompletedProcess) -> str:
     """pip's own reason on one line: its last `ERROR:` line (its retries' warnings and tracebacks left out),
-    else its last line."""
+    else its last line; where its retries say the index could not be reached, that (pip then ends with "no
+    matching distribution", which reads as if the version were gone from PyPI)."""
     lines = [line.strip() for line in (proc.stderr or proc.stdout or "").splitlines() if line.strip()]
+    retries = [line for line in lines if line.startswith("WARNING: Retrying")]
+    if retries:
+        cause = re.search(r"Failed to establish a new connection: [^'\")]+", retries[-1])
+        cause = cause or re.search(r"[A-Za-z]+Error", retries[-1])
+        return f"the package index could not be reached ({cause[0] if cause else retries[-1][:200]})"
     errors = [line for line in lines if line.startswith("ERROR:")]
     return (errors or lines or ["no output"])[-1][:300]
 

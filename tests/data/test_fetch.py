@@ -474,6 +474,16 @@ def test_pip_failures_are_told_in_one_line() -> None:
         "ERROR: No matching distribution found for recbole==1.2.1\n"
     )
     said = pip_error(subprocess.CompletedProcess([], 1, "", stderr))
+    # pip's retries say PyPI was unreachable; its last line read as if the version were gone
+    assert said == "the package index could not be reached (NewConnectionError)"
+    offline = stderr.replace("'NewConnectionError'", "'NewConnectionError('<x>: Failed to establish a new "
+                             "connection: [Errno -3] Temporary failure in name resolution')'")  # fmt: skip
+    assert pip_error(subprocess.CompletedProcess([], 1, "", offline)) == (
+        "the package index could not be reached (Failed to establish a new connection: [Errno -3] Temporary "
+        "failure in name resolution)"
+    )
+    gone = "\n".join(stderr.splitlines()[2:])  # reached, and no such version
+    said = pip_error(subprocess.CompletedProcess([], 1, "", gone))
     assert said == "ERROR: No matching distribution found for recbole==1.2.1"
     assert pip_error(subprocess.CompletedProcess([], 1, "", "")) == "no output"
 
