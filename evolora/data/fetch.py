@@ -247,7 +247,10 @@ def _from_mirror(name: str, spec: Dataset, dest: Path) -> dict[str, Any] | None:
                 _check_lines(p, spec.file_lines[p.name])
             shutil.copyfile(p, dest / p.name)
         return {"route": "mirror", "path": str(folder)}
-    log.info("%s: %s has neither %s nor %s/; fetching from the network", name, root, spec.archive, name)
+    log.warning(
+        "%s: $%s=%s holds neither %s nor a folder %s/ with its files (README, Offline); fetching from the "
+        "network", name, MIRROR_ENV, root, spec.archive, name,
+    )  # fmt: skip
     return None
 
 

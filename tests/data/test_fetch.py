@@ -276,6 +276,23 @@ def test_mirror_folder_and_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert json.loads((fetch("ml-100k", force=True) / "SOURCE.json").read_text())["path"].endswith(".zip")
 
 
+def test_a_mirror_without_the_dataset_is_warned_about(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The mirror pointed at the files themselves (not at a folder holding ml-100k/ or ml-100k.zip) was
+    skipped with an info line: the run went on to the network as if no mirror were set."""
+    mirror = tmp_path / "mirror"
+    write_atomic(mirror)  # ml-100k.inter and .item in the mirror itself
+    monkeypatch.setenv("EVOLORA_DATA_MIRROR", str(mirror))
+    use_zip(monkeypatch, make_zip(tmp_path))
+    with caplog.at_level("WARNING", logger="evolora"):
+        fetch("ml-100k")
+    assert (
+        f"$EVOLORA_DATA_MIRROR={mirror} holds neither ml-100k.zip nor a folder ml-100k/ with its"
+        in caplog.text
+    )
+
+
 def test_incomplete_mirror_folder_is_refused_not_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
