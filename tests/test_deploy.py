@@ -333,6 +333,23 @@ def test_an_update_on_implicit_data_keeps_the_negatives_drawn_before(
     assert new["sampled"].sum() == 2 * (~new["sampled"]).sum()  # the batch's samples got theirs
 
 
+def test_an_update_this_machine_cannot_run_says_where_it_can(
+    batches: dict[str, Path], tmp_path: Path
+) -> None:
+    """A run trained in fp16 (on a CUDA GPU) updated on a CPU was told to use fp32, which an update's
+    settings cannot change (it takes update.* only)."""
+    import yaml
+
+    _, root = run_base(batches, tmp_path / "runs")
+    config = yaml.safe_load((root / "config.yaml").read_text())
+    config["model"]["precision"] = "fp16"  # as a GPU run's folder copied to this machine says
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(
+        ConfigError, match="an update keeps its settings: update it on a machine with a CUDA GPU"
+    ):
+        update_run(root, batches["b1"])
+
+
 def test_a_run_staged_by_its_own_column_takes_a_batch_without_one(
     batches: dict[str, Path], tmp_path: Path
 ) -> None:

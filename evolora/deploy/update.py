@@ -87,7 +87,7 @@ from evolora.io import (
 from evolora.locks import exclusive
 from evolora.models.conventional import is_conventional
 from evolora.models.llm import set_threads
-from evolora.models.precision import check_machine
+from evolora.models.precision import ON_A_GPU, check_machine
 from evolora.queries import locate_run, read_results
 from evolora.tasks.semantic import items_have_ids
 from evolora.tracking import check_tracking, tracker_for
@@ -168,7 +168,7 @@ def update_run(
         raise ConfigError(
             f"update.metric={cfg.update.metric!r}: the {cfg.task.name} task's gate can compare {names}"
         )
-    check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device)
+    check_machine(cfg.model.precision, cfg.model.quantization, cfg.model.device, ON_A_GPU)
     method = results["method"]
     registry = Versions.of_run(root, results)
     with (

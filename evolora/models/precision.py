@@ -110,14 +110,20 @@ def _cuda_problem(device: str) -> str | None:
     return None
 
 
-def fp16_unavailable(device: str) -> str | None:
-    """Why `precision: fp16` cannot run on `device` here, as a message for the user (None: it can)."""
+#: the advice where a run's settings cannot change (an update continues the run as it was trained)
+ON_A_GPU = "the run was trained so, and an update keeps its settings: update it on a machine with a CUDA GPU"
+
+
+def fp16_unavailable(device: str, advice: str | None = None) -> str | None:
+    """Why `precision: fp16` cannot run on `device` here, as a message for the user (None: it can);
+    `advice` replaces the settings to use instead where they cannot change (`ON_A_GPU`)."""
     problem = _cuda_problem(device)
     if problem is None:
         return None
     return (
         f"model.precision=fp16 (fp16 autocast with loss scaling) is for CUDA GPUs without bf16, and "
-        f"{problem}: fp16 autocast gains nothing on a CPU. Use fp32, or bf16-mixed on a CPU with native bf16"
+        f"{problem}: fp16 autocast gains nothing on a CPU. "
+        + (advice or "Use fp32, or bf16-mixed on a CPU with native bf16")
     )
 
 
@@ -125,8 +131,9 @@ def bitsandbytes_installed() -> bool:
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
-def quantization_unavailable(quantization: str, device: str) -> str | None:
-    """Why `model.quantization` (QLoRA) cannot run on `device` here, as a message (None: it can)."""
+def quantization_unavailable(quantization: str, device: str, advice: str | None = None) -> str | None:
+    """Why `model.quantization` (QLoRA) cannot run on `device` here, as a message (None: it can); `advice`
+    as `fp16_unavailable`'s."""
     if quantization == "none":
         return None
     problem = _cuda_problem(device)
@@ -136,15 +143,16 @@ def quantization_unavailable(quantization: str, device: str) -> str | None:
         return None
     return (
         f"model.quantization={quantization} (QLoRA through bitsandbytes) needs a CUDA GPU and the "
-        f"bitsandbytes package, and {problem}. Use model.quantization: none here"
+        f"bitsandbytes package, and {problem}. " + (advice or "Use model.quantization: none here")
     )
 
 
-def check_machine(precision: str, quantization: str, device: str) -> None:
-    """A ConfigError when this machine cannot run `model.precision` / `model.quantization` on `device`."""
-    problem = quantization_unavailable(quantization, device)
+def check_machine(precision: str, quantization: str, device: str, advice: str | None = None) -> None:
+    """A ConfigError when this machine cannot run `model.precision` / `model.quantization` on `device`;
+    `advice` replaces the settings to use instead where they cannot change (`ON_A_GPU`)."""
+    problem = quantization_unavailable(quantization, device, advice)
     if problem is None and precision == "fp16":
-        problem = fp16_unavailable(device)
+        problem = fp16_unavailable(device, advice)
     if problem:
         raise ConfigError(problem)
 
