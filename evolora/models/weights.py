@@ -197,10 +197,17 @@ def load_pretrained(
         errors.append("hub: huggingface.co unreachable")
     if converts and not damaged_copy:
         return _load_converted(cached, dtype, model_kw)
+    # evolora's copy of the default model is of no revision: with one asked for, only the hub has it
+    revised = (
+        f" (evolora's offline copy of {name} is of no revision in particular, so model.revision="
+        f"{revision} rules it out: leave model.revision out to use it)"
+        if name == DEFAULT_MODEL and revision is not None
+        else ""
+    )
     raise ModelNotFoundError(
         f"cannot load model {name!r}: not a folder, not in the cache, and the hub failed "
-        f"({'; '.join(errors)}). Pass a local folder as model.name, or run once where huggingface.co "
-        "is reachable."
+        f"({'; '.join(errors)}){revised}. Pass a local folder as model.name, or run once where "
+        "huggingface.co is reachable."
     )
 
 
