@@ -321,6 +321,10 @@ def test_a_report_names_the_configured_runs_not_started(sunny_dir: Path, tmp_pat
     assert result.exit_code == 0, result.output
     text = (tmp_path / "r" / "report.md").read_text()
     assert "Not started yet (in the experiment's config, not in the tables): finetune seed 1." in text
+    # a run of an evolora before run.json (2026-11-30) holds its results.json: started
+    (root / "frozen" / "seed0" / "run.json").unlink()
+    runner.invoke(app, ["report", str(root), "--out", str(tmp_path / "r")])
+    assert "in the tables): finetune seed 1." in (tmp_path / "r" / "report.md").read_text()
     shutil.rmtree(root / "frozen")
     text = runner.invoke(app, ["report", str(root), "--out", str(tmp_path / "r")]).output
     assert (

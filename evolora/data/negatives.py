@@ -54,6 +54,8 @@ def add_sampled_negatives(
             samples, log_rows = df, staged
         else:
             samples, log_rows = df[mine], staged.filter(pl.Series(log_origin <= k))
+        # (each batch's draw is made again by every later update: its time grows with the batches of a line,
+        # ~2 s for 20 batches on a 200k-row log; the draws could be kept with the versions if lines grow long)
         rng = np.random.default_rng(seed if k == 0 else [seed, k])
         chosen, item_ids, wanted[mine] = _draw(samples, log_rows, n, rng)
         r, slot = np.nonzero(chosen >= 0)

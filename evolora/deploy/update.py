@@ -233,7 +233,7 @@ def _update(
     held += f"-items{records['sha256'][:12]}" if records is not None else ""
     # And the sampled negatives of implicit data: drawn apart for each batch since 2026-12-06, over the whole
     # table before (an attempt killed under that rule held out other negatives: not continued)
-    held += "-negperbatch" if batch.implicit else ""
+    held += "-negperbatch" if batch.implicit and cfg.task.reads_labels else ""
     work = registry.folder / "work" / f"from-v{parent.id}-{digest[:12]}-{held}"
     stage = parent.stage + 1
 

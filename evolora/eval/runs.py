@@ -71,8 +71,8 @@ def find_results(paths: list[Path]) -> list[dict[str, Any]]:
 
 def not_started(results: list[dict[str, Any]]) -> list[str]:
     """The runs (method and seed) the experiments of `results` were configured with (their config.yaml) that
-    have not started: no run.json yet. A report would leave them out without a word. An experiment whose
-    config cannot be read (an older evolora's, edited by hand) names none."""
+    have not started: no run.json (nor results.json) yet. A report would leave them out without a word. An
+    experiment whose config cannot be read (an older evolora's, edited by hand) names none."""
     import yaml
 
     from evolora.config import RunConfig
@@ -87,10 +87,15 @@ def not_started(results: list[dict[str, Any]]) -> list[str]:
             continue
         for spec in cfg.strategies:
             label = cfg.label_of(spec)
-            seeds = [s for s in cfg.seeds if not (exp / label / f"seed{s}" / "run.json").is_file()]
+            # (a run of an evolora before run.json, 2026-11-30, has its results.json)
+            seeds = [s for s in cfg.seeds if not _started(exp / label / f"seed{s}")]
             if seeds:
                 missing.append(f"{label} seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
     return missing
+
+
+def _started(run: Path) -> bool:
+    return (run / "run.json").is_file() or (run / "results.json").is_file()
 
 
 def started_without_results(paths: list[Path]) -> list[Path]:
