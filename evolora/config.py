@@ -936,9 +936,10 @@ def _format_validation_error(err: ValidationError, where: str, origins: dict[str
             # YAML reads 2024-12-01 as a date, 2024 as a number, yes as true, where a text was meant
             kind = "true/false" if isinstance(value, bool) else "a number"
             kind = "a date" if isinstance(value, datetime.date) else kind
-            msg += (
-                f' (YAML reads the value as {kind}: put it in quotes, {loc}: "..." or --set \'{loc}="..."\')'
-            )
+            # an element of a list (strategies.0.label) is no key --set takes: quote it where it stands
+            keyed = all(isinstance(part, str) for part in e["loc"])
+            where = f'{loc}: "..." or --set \'{loc}="..."\'' if keyed else '"..." in its list'
+            msg += f" (YAML reads the value as {kind}: put it in quotes, {where})"
         lines.append(f"  {loc}: {msg}" + (f" (given by {given})" if given else ""))
     return "\n".join(lines)
 

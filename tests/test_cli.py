@@ -130,6 +130,11 @@ def test_a_run_whose_training_diverged_says_so_under_its_table(sunny_dir: Path, 
             ["--set", "name=yes"],
             '(YAML reads the value as true/false: put it in quotes, name: "..." or --set',
         ),
+        (
+            ["--set", "strategies=[{name: lsat, label: 2024}]"],
+            "strategies.0.label: Input should be a valid string (YAML reads the value as a number: put it in "
+            'quotes, "..." in its list)',
+        ),
         (["--set", 'name="a\\nb"'], r"name: 'a\nb' is not a folder name"),  # a folder with a newline
         (["--set", "seeds=[0, 0]"], "seeds: each seed once"),
         (["--set", "seeds=[]"], "  seeds: give at least one (given by --set seeds=[])"),  # not "(top level)"

@@ -129,12 +129,15 @@ def test_a_report_folder_keeps_no_earlier_plot_and_a_failed_one_no_folder(tmp_pa
     listed = json.loads((out / "report.json").read_text())
     assert listed["plots"] == ["auc.png"]
     # as an earlier report of matrix runs would have left it; a file of the user's stays
-    (out / "report.json").write_text(json.dumps({**listed, "plots": ["auc.png", "auc-matrix.png"]}))
-    (out / "auc-matrix.png").write_bytes(b"png")
-    (out / "mine.png").write_bytes(b"png")
+    # (another metric's plot, from a report --metric logloss into the folder, stays)
+    earlier = ["auc.png", "auc-matrix.png", "logloss.png"]
+    (out / "report.json").write_text(json.dumps({**listed, "plots": earlier}))
+    for name in ("auc-matrix.png", "logloss.png", "mine.png"):
+        (out / name).write_bytes(b"png")
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["auc.png", "mine.png", "report.json", "report.md"]
+    kept = ["auc.png", "logloss.png", "mine.png", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == kept
     (tmp_path / "empty").mkdir()
     nested = tmp_path / "x" / "y" / "z"
     result = CliRunner().invoke(app, ["report", str(tmp_path / "empty"), "--out", str(nested)])

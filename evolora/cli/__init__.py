@@ -306,12 +306,13 @@ def run(
 
 
 def write_report(report: Report, folder: Path) -> list[Path]:
-    """report.md, report.json (listing the plots) and the plots into `folder`; an earlier report's plot that
-    this one does not write again (a matrix of other runs) is removed. Returns the plots."""
+    """report.md, report.json (listing the plots) and the plots into `folder`; an earlier report's plot of
+    the same metric that this one does not write again (a matrix of other runs) is removed. Returns the
+    plots."""
     from evolora.eval.plots import earlier_plots, write_plots
     from evolora.io import atomic_write_json, atomic_write_text
 
-    earlier = earlier_plots(folder)
+    earlier = earlier_plots(folder, report.lead)
     atomic_write_text(folder / "report.md", report.text)
     plots = write_plots(report.groups, report.lead, folder)
     atomic_write_json(folder / "report.json", {**report.data, "plots": [p.name for p in plots]}, strict=True)

@@ -29,20 +29,18 @@ def write_plots(groups: list[MethodRuns], metric: str, folder: Path) -> list[Pat
     return written
 
 
-def earlier_plots(folder: Path) -> set[str]:
-    """The plots an earlier report in `folder` wrote, as its report.json lists them (none before the list
-    was kept, 2026-12-06): a new report removes those it does not write again, or a matrix of the earlier
-    runs would stand beside a report without one."""
+def earlier_plots(folder: Path, metric: str) -> set[str]:
+    """The plots of `metric` an earlier report in `folder` wrote, as its report.json lists them (none before
+    the list was kept, 2026-12-06): a new report of the metric removes those it does not write again, or a
+    matrix of the earlier runs would stand beside a report without one (another metric's plots stay: a
+    folder may collect several)."""
     try:
         listed = json.loads((folder / "report.json").read_text()).get("plots", [])
     except (OSError, ValueError, AttributeError):
         return set()
-    # names alone, and only plots: nothing else is removed whatever the file holds
-    return (
-        {n for n in listed if isinstance(n, str) and Path(n).name == n and n.endswith(".png")}
-        if isinstance(listed, list)
-        else set()
-    )
+    # names alone, and only this metric's plots: nothing else is removed whatever the file holds
+    mine = {f"{metric}.png", f"{metric}-matrix.png"}
+    return {n for n in listed if n in mine} if isinstance(listed, list) else set()
 
 
 def line_style(i: int, n_colours: int = 10) -> tuple[int, str, str]:
