@@ -23,7 +23,9 @@ class Query(BaseModel):
     # strict: a rating or k of another type ("5") is refused, not coerced, as the Python API does (true and
     # false: labels, which a run whose data has a label column takes and any other refuses)
     history: list[str | tuple[str, StrictBool | StrictInt | StrictFloat]] | None = Field(
-        None, max_length=MAX_HISTORY, description="item ids (liked), or [item, rating] pairs"
+        None,
+        max_length=MAX_HISTORY,
+        description="item ids (liked), or [item, rating] pairs (on a 0/1 label column: 0, 1, true or false)",
     )
 
     @model_validator(mode="after")
