@@ -331,6 +331,10 @@ def test_an_update_on_implicit_data_keeps_the_negatives_drawn_before(
     assert after_b2.head(after_b1.height).equals(after_b1)  # and the first batch's
     new = after_b1.slice(own.height)
     assert new["sampled"].sum() == 2 * (~new["sampled"]).sum()  # the batch's samples got theirs
+    # rolled back to the run, then b2 alone: the run's samples keep theirs on the new line too
+    assert CliRunner().invoke(app, ["rollback", str(root), "0"]).exit_code == 0
+    update_run(root, batches["b2"], overrides=["update.min_gain=-1.0"])
+    assert tables[-1].head(own.height).equals(own) and tables[-1].height > own.height
 
 
 def test_an_update_this_machine_cannot_run_says_where_it_can(
