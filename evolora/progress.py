@@ -35,6 +35,7 @@ from rich.progress import (
 _active: Progress | None = None
 _open: list[Progress] = []  # every display open, outermost first (a heartbeat tells all their bars)
 EVERY_ENV = "EVOLORA_PROGRESS_EVERY"
+SPEED_WINDOW_S = 600.0  # the seconds of advances the time remaining is estimated from
 
 
 @contextmanager
@@ -54,6 +55,9 @@ def display(console: Console | None = None) -> Iterator[Progress]:
         console=console,
         transient=True,
         disable=off_terminal,
+        # rich estimates the speed over the last 30 s: a step slower than that (an epoch of SmolLM2 on busy
+        # cores) left one sample in the window, so no time remaining was shown for the whole epoch
+        speed_estimate_period=SPEED_WINDOW_S,
     )
     previous, _active = _active, progress
     _open.append(progress)

@@ -906,6 +906,25 @@ def test_progress_descriptions_are_shown_as_written() -> None:
     assert "reading [/i] log :stars:.csv" in out.getvalue() and "[red]x" in out.getvalue()
 
 
+def test_a_bar_of_slow_steps_shows_the_time_remaining() -> None:
+    """Steps over 30 s apart (an epoch of SmolLM2 on busy cores) left rich one sample in its speed window:
+    no time remaining for the whole epoch."""
+    import io
+
+    from rich.console import Console
+
+    from evolora import progress
+
+    clock = [0.0]
+    shown = Console(file=io.StringIO(), force_terminal=True, width=120, get_time=lambda: clock[0])
+    with progress.display(shown), progress.task("training epoch 1/2", total=32) as bar:
+        for _ in range(3):
+            clock[0] += 45.0  # one step
+            bar.advance()
+        task = progress._active.tasks[0]
+        assert task.time_remaining == pytest.approx(29 * 45.0)
+
+
 def test_every_run_folder_of_other_options_is_named_before_anything_trains(
     sunny_dir: Path, tmp_path: Path
 ) -> None:
