@@ -591,3 +591,31 @@ def test_a_version_whose_model_was_deleted_is_not_promoted(deployed: Path, tmp_p
     with pytest.raises(ConfigError, match=r"version 0 cannot be served: .*state.safetensors is missing"):
         registry.rollback(0)
     assert Versions.open(copy, "finetune", 0, 2).promoted == 1
+
+
+def test_a_label_run_takes_labels_in_a_request(tmp_path: Path) -> None:
+    """A run on a 0/1 label column: [item, true] is the label 1 as [item, 1] is; 0.3 is refused naming the
+    column (a rating run refuses true: `test_bad_requests_get_their_4xx`)."""
+    import polars as pl
+    from fastapi.testclient import TestClient
+
+    from tests.helpers import EXAMPLE_DATA
+
+    log = pl.read_csv(EXAMPLE_DATA / "example_log.csv")
+    log.with_columns(clicked=(pl.col("stars") > 3).cast(pl.Int8)).drop("stars").write_csv(
+        tmp_path / "log.csv"
+    )
+    columns = "{user: uid, item: iid, time: ts, label: clicked, title: name}"
+    cfg = tiny_config(tmp_path / "log.csv", tmp_path / "runs", **{**SMALL, "data.columns": columns})
+    run_experiment(cfg)
+    holder = ModelHolder(Path(cfg.output_dir) / cfg.name, poll_seconds=60)
+    with TestClient(create_app(holder)) as client:
+        scores = []
+        for first, second in ((True, False), (1, 0), (1.0, 0.0)):
+            body = {"history": [["sku-001", first], ["sku-002", second]], "items": ["sku-003"]}
+            r = client.post("/score", json=body)
+            assert r.status_code == 200, r.text
+            scores.append(r.json()["items"])
+        assert scores[0] == scores[1] == scores[2]
+        r = client.post("/score", json={"history": [["sku-001", 0.3]], "items": ["sku-003"]})
+        assert r.status_code == 422 and "this run's data has labels ('clicked')" in r.json()["detail"], r.text
