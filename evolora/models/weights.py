@@ -168,9 +168,12 @@ def load_pretrained(
         return _tiny(name, dtype, model_kw)
     folder = Path(name).expanduser()
     if folder.is_dir():
+        log.info("model %s: the folder %s", name, folder.resolve())
         return _load_folder(folder, name, dtype, model_kw)
     cached = copy_folder(name)
+    # which weights a run trains on is said: evolora's copy of the default model differs from the hub's
     if cached_copy(name, revision) is not None:
+        log.info("model %s: evolora's copy in %s", name, cached)
         return _load_hf(cached, dtype, model_kw=model_kw)
     errors: list[str] = []
     converts = name == DEFAULT_MODEL and revision is None  # the GGUF copy is no revision of the hub's
@@ -185,12 +188,16 @@ def load_pretrained(
             errors.append(f"converting again: {e}")
     # The hub's own cache works offline; try it before deciding the hub is out of reach.
     try:
-        return _load_hf(name, dtype, revision=revision, model_kw=model_kw, local_files_only=True)
+        loaded = _load_hf(name, dtype, revision=revision, model_kw=model_kw, local_files_only=True)
+        log.info("model %s: the Hugging Face hub's cache", name)
+        return loaded
     except Exception as e:
         errors.append(f"local hub cache: {type(e).__name__}")
     if _hub_reachable():
         try:
-            return _load_hf(name, dtype, revision=revision, model_kw=model_kw)
+            loaded = _load_hf(name, dtype, revision=revision, model_kw=model_kw)
+            log.info("model %s: downloaded from the Hugging Face hub", name)
+            return loaded
         except Exception as e:
             errors.append(f"hub: {e}")
     else:
@@ -222,6 +229,7 @@ def _load_converted(
             for stale in cached.parent.glob(f".{cached.name}.*.tmp"):  # a killed conversion's
                 shutil.rmtree(stale, ignore_errors=True)
             converted.convert_gguf_to_cache(cached)
+    log.info("model %s: evolora's copy in %s (from the PyPI wheel's GGUF)", DEFAULT_MODEL, cached)
     return _load_hf(cached, dtype, model_kw=model_kw)
 
 
