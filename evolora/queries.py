@@ -118,7 +118,12 @@ def rating_of(
             f"history: the rating of {item!r} is {value!r}, and this run's data has labels ({labels!r}): "
             "give 0 or 1 (false or true), or the item id alone for a like"
         )
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    if isinstance(value, bool | np.bool_):
+        raise EvoloraError(
+            f"history: the rating of {item!r} is {value!r}, a label, which only a run on a 0/1 label column "
+            "takes: give a number on this run's scale, or the item id alone for a like"
+        )
+    is_number = isinstance(value, numbers.Real)
     number = float(value) if is_number else math.nan
     if not math.isfinite(number):
         raise EvoloraError(f"history: the rating of {item!r} is {value!r}, not a number")

@@ -128,7 +128,7 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
         ({"4": None}, "the rating of '4' is None"),
         ([("4", 5, 1)], r"\('4', 5, 1\) is neither an item id nor"),
         # read as numbers before: True as the rating 1 (a dislike), "5" as 5 (the CLI and server refuse both)
-        ([("4", True)], "the rating of '4' is True, not a number"),
+        ([("4", True)], "the rating of '4' is True, a label, which only a run on a 0/1 label column takes"),
         ([("4", "5")], "the rating of '4' is '5', not a number"),
     ]:
         with pytest.raises(EvoloraError, match=named):
@@ -729,7 +729,7 @@ def test_the_rating_scale_a_query_is_checked_against() -> None:
     for off in (0.3, 5, "1", None):
         with pytest.raises(EvoloraError, match=r"this run's data has labels \('clicked'\): give 0 or 1"):
             history_pairs([("a", off)], 1.5, (0.0, 1.0), "clicked")
-    with pytest.raises(EvoloraError, match="the rating of 'a' is True, not a number"):  # not a label run
+    with pytest.raises(EvoloraError, match="the rating of 'a' is True, a label, which only a run on a 0/1"):
         history_pairs([("a", True)], 4.0, (1.0, 5.0))
 
 
