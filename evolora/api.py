@@ -229,9 +229,6 @@ class Recommender:
         self.like_threshold = prepared.data.like_threshold
         # the lowest and highest rating of the run's data: a query's ratings are checked against them
         self.rating_scale = rating_scale
-        # a 0/1 label column: a query's ratings are labels
-        columns = cfg.data.columns if cfg.data.format == "table" else None
-        self._label_column = columns.label if columns is not None else None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -637,7 +634,9 @@ class Recommender:
             known = self.user_id(str(user))
             return known, *self._histories[known], set(self._seen[known])
         # an item given without a rating counts as liked
-        pairs = history_pairs(history, self.like_threshold + 1.0, self.rating_scale, self._label_column)
+        pairs = history_pairs(
+            history, self.like_threshold + 1.0, self.rating_scale, self.cfg.data.label_column
+        )
         ids = self._check_items([i for i, _ in pairs], "history")
         pairs = [(i, r) for i, (_, r) in zip(ids, pairs, strict=True)]
         seen = {i for i, _ in pairs}

@@ -194,6 +194,11 @@ class DataConfig(Section):
     )
     negative_seed: int = Field(0, ge=0, description="seed of the sampled negatives")
 
+    @property
+    def label_column(self) -> str | None:
+        """The table's 0/1 label column (`columns.label`), None for other data: its ratings are labels."""
+        return self.columns.label if self.format == "table" and self.columns is not None else None
+
     @model_validator(mode="after")
     def _check_table(self) -> DataConfig:
         if self.format == "table":

@@ -112,7 +112,7 @@ def prepare_staged(
             len(p.test),
         )
     _warn_small_pools(cfg, pools, rebuilt)
-    labels = cfg.data.columns.label if cfg.data.format == "table" and cfg.data.columns else None
+    labels = cfg.data.label_column
     if task.reads_labels:
         _check_labels(table, data, labels)
     elif labels is not None and cfg.data.min_rating is None and (data.interactions["rating"] < 1).any():
