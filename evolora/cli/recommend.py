@@ -158,8 +158,8 @@ def _parse_history(text: str) -> list[str | tuple[str, float]]:
     pairs: list[str | tuple[str, float]] = []
     for p in parts:
         item, _, rating = p.partition(":")
-        if rating.strip().lower() in ("true", "false"):  # a label (see above)
-            pairs.append((item, rating.strip().lower() == "true"))
+        if (word := rating.strip().lower()) in ("true", "false"):  # a label (see above)
+            pairs.append((item, word == "true"))
             continue
         try:
             pairs.append((item, float(rating)))

@@ -327,20 +327,21 @@ def _parse_chunk(
     chunk is read again one record at a time, which applies the text-encoding policy and names the bad
     line in any error.
     """
-    df = _fast(lines, schema)
-    if df is not None:
-        return df.with_columns(_line=pl.Series(numbers, dtype=pl.Int64)), []
-    # Python's json.dumps writes NaN and Infinity, which polars refuses: only the lines holding them take
-    # the careful path (a chunk of such lines one at a time was ~8x slower), unless the rest fails too
-    odd = np.array([b"NaN" in line or b"Infinity" in line for line in lines], dtype=bool)
-    rest = _fast([line for line, o in zip(lines, odd, strict=True) if not o], schema) if odd.any() else None
-    if rest is None:
-        df, replaced = _parse_lines(path, zip(numbers, lines, strict=True), fields, schema, text)
-        return df.with_columns(_line=pl.Series(numbers, dtype=pl.Int64)), replaced
-    where = np.flatnonzero(odd)
-    careful, replaced = _parse_lines(path, ((numbers[i], lines[i]) for i in where), fields, schema, text)
-    order = np.concatenate([np.flatnonzero(~odd), where]).argsort(kind="stable")
-    df = pl.concat([rest, careful])[order]
+    df, replaced = _fast(lines, schema), []
+    if df is None:
+        # Python's json.dumps writes NaN and Infinity, which polars refuses: only the lines holding them
+        # take the careful path (a chunk of such lines one at a time was ~8x slower), unless the rest fails
+        odd = np.array([b"NaN" in line or b"Infinity" in line for line in lines], dtype=bool)
+        rest = _fast([ln for ln, o in zip(lines, odd, strict=True) if not o], schema) if odd.any() else None
+        if rest is None:
+            df, replaced = _parse_lines(path, zip(numbers, lines, strict=True), fields, schema, text)
+        else:
+            where = np.flatnonzero(odd)
+            careful, replaced = _parse_lines(
+                path, ((numbers[i], lines[i]) for i in where), fields, schema, text
+            )
+            order = np.concatenate([np.flatnonzero(~odd), where]).argsort(kind="stable")
+            df = pl.concat([rest, careful])[order]
     return df.with_columns(_line=pl.Series(numbers, dtype=pl.Int64)), replaced
 
 
