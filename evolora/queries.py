@@ -104,13 +104,14 @@ def number_of(value: Any, what: str) -> int | None:
 def rating_of(
     value: Any, item: Any, scale: tuple[float, float] | None = None, labels: str | None = None
 ) -> float:
-    """A history entry's rating as a finite number, or an error naming the item. A number only, as the CLI
-    and the server take it: `True` would be read as the rating 1 (a dislike), and a string is a mistake
-    somewhere upstream, not a rating to convert. `scale`: the lowest and highest rating of the run's data
-    (lowest -inf where `data.min_rating` left the rows below it out); one outside it is an error: a prompt
-    reads a rating only as above or below the like threshold, so a rating of another scale (0/1 flags, ten
-    stars) would be misread without a word. `labels`: the run's 0/1 label column (`data.columns.label`):
-    then a rating is a label, 0 or 1, or true or false as the column may hold them."""
+    """A history entry's rating as a finite number, or an error naming the item. A number only, but for a
+    label run's true/false (below): read as a number, `True` would be the rating 1 (a dislike on a 5-star
+    scale), and a string is a mistake somewhere upstream, not a rating to convert. `scale`: the lowest and
+    highest rating of the run's data (lowest -inf where `data.min_rating` left the rows below it out); one
+    outside it is an error: a prompt reads a rating only as above or below the like threshold, so a rating of
+    another scale (0/1 flags, ten stars) would be misread without a word. `labels`: the run's 0/1 label
+    column (`data.columns.label`): then a rating is a label, 0 or 1, or true or false as the column may hold
+    them."""
     if labels is not None:
         if isinstance(value, bool | np.bool_) or (isinstance(value, numbers.Real) and value in (0, 1)):
             return float(value)
