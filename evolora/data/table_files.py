@@ -12,6 +12,8 @@ by `data.separator` (a comma unless set: ';' as spreadsheets write in many local
 field ends at the next tab or newline. The text-encoding policy is the one of `evolora.data.readers`:
 mapped text fields (`text`) that are not valid UTF-8 get U+FFFD and one counted warning; any other mapped
 column must be valid.
+
+(A little past 400 lines: the four formats share the line-numbering and encoding rules, kept in one place.)
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ JSON-lines file, with the columns named by `data.columns`, and optionally an ite
 
 Every error names the file, the line (CSV/TSV/JSONL; the header is line 1) or row (Parquet), and the problem.
 Exact duplicate rows are removed with a counted warning, as for every source (`build.finish`).
+
+(A little past 400 lines: every check of a column above names the file and line the same way, and reads
+best beside the others.)
 """
 
 from __future__ import annotations
