@@ -84,6 +84,12 @@ def check_tracking(cfg: RunConfig, open_store: bool = True) -> None:
         _check_server_answers(store_uri(cfg))
         if open_store:
             MlflowTracker(cfg, Path(cfg.output_dir) / cfg.name).open_store(cfg)
+    elif cfg.tracking_uri:  # said, not silent: a store given without `tracking: mlflow` gets nothing
+        log.warning(
+            "tracking_uri %s is not used with tracking: none: nothing is logged (--set tracking=mlflow logs "
+            "there)",
+            shown_uri(cfg.tracking_uri),
+        )
 
 
 def store_uri(cfg: RunConfig) -> str:
@@ -91,6 +97,13 @@ def store_uri(cfg: RunConfig) -> str:
     # MLflow's own variable comes next, as in other tools that log to MLflow: a team that points every
     # tool at its server with it should not find evolora's runs in a local file instead.
     return cfg.tracking_uri or os.environ.get(URI_ENV) or _default_store(cfg)
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` with its password (`scheme://user:password@host`) replaced by ***: as messages, parameters and
+    tracking.json show it (MLFLOW_TRACKING_PASSWORD keeps it out of the config altogether)."""
+    password = urllib.parse.urlsplit(uri).password
+    return uri if not password else uri.replace(f":{password}@", ":***@", 1)
 
 
 def _default_store(cfg: RunConfig) -> str:
@@ -128,14 +141,14 @@ def _check_server_answers(uri: str, timeout: float = 10.0) -> None:
     try:
         port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     except ValueError as e:  # a port that is not a number, or out of range
-        raise ConfigError(f"tracking: {uri} is not a usable server address: {e}") from None
+        raise ConfigError(f"tracking: {shown_uri(uri)} is not a usable server address: {e}") from None
     try:
         with socket.create_connection((parts.hostname or "localhost", port), timeout=timeout):
             pass
     except OSError as e:
         raise ConfigError(
-            f"tracking: no MLflow server answers at {uri} ({e.strerror or type(e).__name__}); start it "
-            "(`mlflow server --port N`) or give another tracking_uri / $MLFLOW_TRACKING_URI"
+            f"tracking: no MLflow server answers at {shown_uri(uri)} ({e.strerror or type(e).__name__}); "
+            "start it (`mlflow server --port N`) or give another tracking_uri / $MLFLOW_TRACKING_URI"
         ) from None
 
 
@@ -218,8 +231,9 @@ class MlflowTracker(Tracker):
         # The store next to the runs is keyed by where it lies relative to them, so a runs folder moved or
         # copied with its mlflow.db continues its MLflow runs (keyed by its absolute path, it made new ones).
         default = self.uri == _default_store(cfg)
-        key = DEFAULT_STORE_KEY if default else self.uri
-        self.state = _State(Path(root), key, legacy=self.uri if default else None)
+        key = DEFAULT_STORE_KEY if default else shown_uri(self.uri)
+        # Keyed before by the path or the whole URI (a password included): continued under the new key.
+        self.state = _State(Path(root), key, legacy=self.uri if key != self.uri else None)
         self.key: str | None = None  # the (strategy, seed) run open now
         self.run_id: str | None = None  # and its id
         self.down: str | None = None  # why the store failed in this sitting: nothing more is logged
@@ -270,7 +284,10 @@ class MlflowTracker(Tracker):
                     # Runs nested under a parent that is gone are not continued: one tree per experiment.
                     state.update(experiment=active.info.run_id, runs={}, gates={}, gate_runs={})
                     state.pop("params_missing", None)
-            self._params(None, made, kept, active.info.run_id, config_to_dict(cfg))
+            settings = config_to_dict(cfg)
+            if cfg.tracking_uri:
+                settings["tracking_uri"] = shown_uri(cfg.tracking_uri)
+            self._params(None, made, kept, active.info.run_id, settings)
             yield
 
     @contextlib.contextmanager
@@ -366,7 +383,9 @@ class MlflowTracker(Tracker):
 
     # ------------------------------------------------------------------ the store's answers
     def _unusable(self, e: Exception) -> ConfigError:
-        return ConfigError(f"tracking: cannot use MLflow at {self.uri}: {type(e).__name__}: {e}")
+        shown = shown_uri(self.uri)
+        why = str(e).replace(self.uri, shown)
+        return ConfigError(f"tracking: cannot use MLflow at {shown}: {type(e).__name__}: {why}")
 
     def _gone(self, run_id: str | None) -> bool:
         """Whether run `run_id` is missing from the store or deleted (a new one is made). Any other failure
@@ -433,7 +452,7 @@ class MlflowTracker(Tracker):
         self.mlflow.MlflowClient().log_batch(
             run_id,
             metrics=[Metric(metric_name(k), v, now, step) for k, v, step in metrics],
-            params=[Param(metric_name(k), str(v)[:500]) for k, v in _flat(params or {}).items()],
+            params=[Param(metric_name(k), _param_value(k, v)) for k, v in _flat(params or {}).items()],
             tags=[RunTag(metric_name(k), str(v)) for k, v in (tags or {}).items()],
         )
 
@@ -475,6 +494,27 @@ def _figures(record: dict[str, Any]) -> list[tuple[str, float, int]]:
                     number = math.nan if value is None else float(value)
                     out.append((f"stage{t}.{job['job']}.{key}", number, int(epoch["epoch"])))
     return out
+
+
+PARAM_LIMIT = 6000  # MLflow's longest parameter value since 2.3 (2.10, the extra's floor, included)
+
+
+def _param_value(name: str, value: Any) -> str:
+    """`value` as MLflow stores a parameter: its text, cut to MLflow's limit with a warning naming it (a
+    strategies list with many options can pass it; the whole value is in the experiment's config.yaml)."""
+    text = str(value)
+    if len(text) <= PARAM_LIMIT:
+        return text
+    warn_once(
+        log,
+        f"mlflow-param-cut-{name}",
+        "MLflow: parameter %s is %d characters, past MLflow's %d: logged cut short (config.yaml holds "
+        "it whole)",
+        name,
+        len(text),
+        PARAM_LIMIT,
+    )
+    return text[:PARAM_LIMIT]
 
 
 def metric_name(name: str) -> str:

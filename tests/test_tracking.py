@@ -23,7 +23,8 @@ from evolora.config import RunConfig
 from evolora.deploy.update import update_run
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
-from evolora.tracking import URI_ENV, MlflowTracker, metric_name
+from evolora import tracking
+from evolora.tracking import URI_ENV, MlflowTracker, check_tracking, metric_name
 from tests.helpers import EXAMPLE_TABLE, split_example_log, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
@@ -590,3 +591,48 @@ def test_a_runs_folder_moved_with_its_store_continues_its_mlflow_runs(
     mlflow.calls.clear()
     run_experiment(tiny_config(HERE / "example_log.csv", tmp_path / "moved", **over))
     assert _made(mlflow) == []
+
+
+def test_a_long_parameter_is_logged_whole_up_to_mlflows_limit(
+    mlflow: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Parameters were cut to 500 characters without a word (MLflow takes 6000 since 2.3): a deep data
+    path lost its file name, a comparison's strategies list its second half."""
+    deep = tmp_path / ("d" * 200) / ("e" * 200) / ("f" * 200)
+    deep.mkdir(parents=True)
+    (deep / "log.csv").write_bytes((HERE / "example_log.csv").read_bytes())
+    over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
+    run_experiment(tiny_config(deep / "log.csv", tmp_path / "runs", **over))
+    params = [c[2] for c in mlflow.calls if c[0] == "params" and c[1] == ("t",)][0]
+    assert params["data.source"] == str(deep / "log.csv")
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        kept = tracking._param_value("strategies", "x" * (tracking.PARAM_LIMIT + 5))
+    assert kept == "x" * tracking.PARAM_LIMIT
+    assert f"parameter strategies is {tracking.PARAM_LIMIT + 5} characters" in caplog.text
+
+
+def test_a_password_in_the_store_address_is_shown_as_stars(
+    mlflow: Recorder, sunny_dir: Path, tmp_path: Path, server: str
+) -> None:
+    """It was printed in errors, logged as the tracking_uri parameter and kept in tracking.json."""
+    uri = server.replace("http://", "http://ann:s3cret@")
+    cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri=uri)
+    _open_experiment(cfg, tmp_path)
+    assert ("uri", uri) in mlflow.calls  # MLflow itself gets the password
+    params = [c[2] for c in mlflow.calls if c[0] == "params"][0]
+    assert params["tracking_uri"] == server.replace("http://", "http://ann:***@")
+    assert "s3cret" not in (tmp_path / cfg.name / "tracking.json").read_text()
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        closed = f"http://ann:s3cret@127.0.0.1:{listening.getsockname()[1]}"
+    with pytest.raises(ConfigError, match=r"answers at http://ann:\*\*\*@127") as refused:
+        check_tracking(tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri=closed))
+    assert "s3cret" not in str(refused.value)
+
+
+def test_a_store_given_without_tracking_on_is_said_to_be_unused(
+    sunny_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config(sunny_dir, tmp_path, tracking_uri="sqlite:///mine.db")
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        check_tracking(cfg)
+    assert "tracking_uri sqlite:///mine.db is not used with tracking: none: nothing is logged" in caplog.text
