@@ -69,20 +69,22 @@ def _unescape(text: str) -> str:
     return _ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
 
 
-def _check_calendar(inter: pl.DataFrame, path: Path, unit: str) -> None:
+def check_calendar(inter: pl.DataFrame, path: Path, unit: str, time_unit: str = "s") -> None:
     """A time past the year 9999 is not a time in the format's unit (epoch milliseconds read as seconds
-    land tens of thousands of years ahead); the format's reader does not know the calendar, this does."""
-    late = inter["timestamp"] > LAST_SECOND
+    land tens of thousands of years ahead); the format's reader does not know the calendar, this does.
+    `unit` names a row ("line", "row"); `time_unit` is the unit the `timestamp` column is in as read."""
+    per_second, unit_name = EPOCH_UNITS[time_unit]
+    late = inter["timestamp"] > LAST_SECOND * per_second
     if not late.any():
         return
     i = int(late.arg_max())  # type: ignore[arg-type]
     value = int(inter["timestamp"][i])
-    year = 1970 + value // SECONDS_PER_YEAR
-    fits = unit_that_fits(value, "s")
+    year = 1970 + value // per_second // SECONDS_PER_YEAR
+    fits = unit_that_fits(value, time_unit)
     hint = f"; it looks like {EPOCH_UNITS[fits][1]}" if fits else ""
     many = f"; {int(late.sum())} {unit}s have such times" if late.sum() > 1 else ""
     raise DataError(
-        f"{path} {unit} {inter['_line'][i]}: timestamp {value} (epoch seconds, as this format's times are "
+        f"{path} {unit} {inter['_line'][i]}: timestamp {value} ({unit_name}, as this format's times are "
         f"read) is in the year {year}, past the calendar{hint}{many}"
     )
 
@@ -114,7 +116,7 @@ def finish(
         item_id=pl.col("item_id").cast(pl.Utf8).str.strip_chars(),
     )
     items = items.with_columns(pl.col("item_id").cast(pl.Utf8).str.strip_chars())
-    _check_calendar(inter, inter_file, unit)
+    check_calendar(inter, inter_file, unit)
     if rows_are in ("ratings", "reviews"):  # the packaged sources' star ratings (a table may rate otherwise)
         off = ~inter["rating"].is_between(1, 5)
         if off.any():

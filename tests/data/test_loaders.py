@@ -511,6 +511,22 @@ def test_amazon_2023_times_in_seconds_are_warned_about(
     assert "every timestamp falls in 1970 as epoch milliseconds" in caplog.text
 
 
+def test_amazon_2023_times_past_the_calendar_are_named_as_the_file_has_them(tmp_path: Path) -> None:
+    """The error showed the time divided by 1000 and called it epoch seconds, then advised milliseconds:
+    the unit the file was already read in."""
+    reviews = [
+        {"user_id": "U", "parent_asin": "P", "rating": 5.0, "timestamp": 1588687728000},
+        {"user_id": "V", "parent_asin": "P", "rating": 4.0, "timestamp": 1600000100000123},
+    ]
+    meta = [{"parent_asin": "P", "title": "Guitar"}]
+    with pytest.raises(DataError) as refused:
+        load_amazon_2023(write_jsonl(tmp_path / "r.jsonl", reviews), write_jsonl(tmp_path / "m.jsonl", meta))
+    assert (
+        "r.jsonl line 2: timestamp 1600000100000123 (epoch milliseconds, as this format's times are read) is "
+        "in the year 52671, past the calendar; it looks like epoch microseconds"
+    ) in str(refused.value)
+
+
 def test_a_byte_order_mark_does_not_hide_the_amazon_format(tmp_path: Path) -> None:
     r18 = [{"reviewerID": "U", "asin": "A", "overall": 1, "unixReviewTime": 1}]
     path = write_jsonl(tmp_path / "d" / "Books.json", r18)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
-from evolora.data.build import finish, join_or_null
+from evolora.data.build import check_calendar, finish, join_or_null
 from evolora.data.readers import open_binary, parse_record, read_jsonl, without_bom
 from evolora.data.schema import InteractionData
 from evolora.data.times import SECONDS_PER_YEAR, day
@@ -74,6 +74,7 @@ def load_amazon_2023(reviews_path: str | Path, meta_path: str | Path) -> Interac
             "like epoch seconds: multiply them by 1000 for the times to be right", reviews_path,
         )  # fmt: skip
     _refuse_mixed_units(reviews_path, inter)
+    check_calendar(inter, reviews_path, "line", "ms")  # on the file's own numbers, before they become seconds
     inter = inter.rename({"parent_asin": "item_id"}).with_columns(pl.col("timestamp") // 1000)
     meta_fields = {
         "parent_asin": "str",
