@@ -136,6 +136,11 @@ def fetch(name: str, force: bool = False) -> Path:
     if spec is None:
         raise DataError(f"unknown dataset {name!r}; registered: {', '.join(registered_datasets())}")
     target = cache_dir() / "data" / name
+    if target.parent.exists() and not target.parent.is_dir():  # the lock's folder could not be made
+        raise DataError(
+            f"{target.parent} exists and is not a folder: the cache keeps its datasets there; move it away "
+            "(or set EVOLORA_CACHE to another folder)"
+        )
     if not force and target.parent.is_dir() and not os.access(target.parent, os.W_OK):
         return _read_only_copy(name, target)
     # One process fills the cache at a time; the others wait and find its copy (two writers replaced each

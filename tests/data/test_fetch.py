@@ -534,3 +534,12 @@ def test_a_cache_folder_that_cannot_be_made_is_one_line(
     monkeypatch.setenv("EVOLORA_CACHE", str(tmp_path / "a-file"))
     with pytest.raises(ConfigError, match=r"EVOLORA_CACHE=.*a-file cannot be made \(File exists\)"):
         fetch("ml-100k")
+
+
+def test_a_file_where_the_caches_datasets_go_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was "<cache>/data: File exists", from the fetch lock's folder."""
+    monkeypatch.setenv("EVOLORA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "data").write_text("")
+    with pytest.raises(DataError, match=r"cache/data exists and is not a folder: the cache keeps its datasets"):
+        fetch("ml-100k")
