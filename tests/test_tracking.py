@@ -18,12 +18,12 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
+from evolora import tracking
 from evolora.cli import app
 from evolora.config import RunConfig
 from evolora.deploy.update import update_run
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
-from evolora import tracking
 from evolora.tracking import URI_ENV, MlflowTracker, check_tracking, metric_name
 from tests.helpers import EXAMPLE_TABLE, split_example_log, tiny_config
 
@@ -603,7 +603,7 @@ def test_a_long_parameter_is_logged_whole_up_to_mlflows_limit(
     (deep / "log.csv").write_bytes((HERE / "example_log.csv").read_bytes())
     over = {**EXAMPLE_TABLE, "train.samples_per_stage": 24, "strategies": "[finetune]", "tracking": "mlflow"}
     run_experiment(tiny_config(deep / "log.csv", tmp_path / "runs", **over))
-    params = [c[2] for c in mlflow.calls if c[0] == "params" and c[1] == ("t",)][0]
+    params = next(c[2] for c in mlflow.calls if c[0] == "params" and c[1] == ("t",))
     assert params["data.source"] == str(deep / "log.csv")
     with caplog.at_level(logging.WARNING, logger="evolora"):
         kept = tracking._param_value("strategies", "x" * (tracking.PARAM_LIMIT + 5))
@@ -619,7 +619,7 @@ def test_a_password_in_the_store_address_is_shown_as_stars(
     cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri=uri)
     _open_experiment(cfg, tmp_path)
     assert ("uri", uri) in mlflow.calls  # MLflow itself gets the password
-    params = [c[2] for c in mlflow.calls if c[0] == "params"][0]
+    params = next(c[2] for c in mlflow.calls if c[0] == "params")
     assert params["tracking_uri"] == server.replace("http://", "http://ann:***@")
     assert "s3cret" not in (tmp_path / cfg.name / "tracking.json").read_text()
     with socket.create_server(("127.0.0.1", 0)) as listening:

@@ -43,7 +43,15 @@ def load_dataset(cfg: DataConfig) -> InteractionData:
             )
         name, path = cfg.source, fetch(cfg.source)
     # A fetched folder holds whichever files its route brought (GroupLens or RecBole), so always detect.
-    fmt = detect_format(path, cfg.meta) if name or cfg.format == "auto" else cfg.format
+    try:
+        fmt = detect_format(path, cfg.meta) if name or cfg.format == "auto" else cfg.format
+    except DataError as e:
+        if name is None and cfg.source in registered_datasets():  # the path shadows the dataset
+            raise DataError(
+                f"{e} (the path {cfg.source} here is read, not the registered dataset of that name: move it, "
+                "or run from another folder)"
+            ) from None
+        raise
     spec = FORMATS[fmt]
     if cfg.meta is not None and not spec.reads_meta:
         log.warning("data.meta (%s) is not read: %s data takes its items from its own files", cfg.meta, fmt)

@@ -536,10 +536,12 @@ def test_a_cache_folder_that_cannot_be_made_is_one_line(
         fetch("ml-100k")
 
 
-def test_a_file_where_the_caches_datasets_go_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_where_the_caches_datasets_go_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """It was "<cache>/data: File exists", from the fetch lock's folder."""
     monkeypatch.setenv("EVOLORA_CACHE", str(tmp_path / "cache"))
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "data").write_text("")
-    with pytest.raises(DataError, match=r"cache/data exists and is not a folder: the cache keeps its datasets"):
+    with pytest.raises(DataError, match=r"cache/data exists and is not a folder: the cache keeps its"):
         fetch("ml-100k")

@@ -569,3 +569,14 @@ def test_star_ratings_outside_one_to_five_are_warned_about(
     with caplog.at_level(logging.WARNING, logger="evolora.data"):
         load_dataset(DataConfig(source=str(folder)))
     assert "2 ratings outside 1..5 stars (first on line 6: 1e+300)" in caplog.text
+
+
+def test_a_folder_named_as_a_registered_dataset_says_it_is_read_instead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`evolora data to-csv ml-100k ml-100k` makes such a folder; the error did not say why the dataset
+    was not used."""
+    (tmp_path / "ml-100k").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"no data files found.*\(the path ml-100k here is read, not the"):
+        load_dataset(DataConfig(source="ml-100k"))
