@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,17 @@ def test_tiny_blocks(tmp_path: Path) -> None:
     sid = dict(zip(items["item_id"], items["sid"], strict=True))
     assert sid["10"] == "<a_1><b_2><c_3><d_0>" and sid["99"] == "<a_9><b_9><c_9><d_9>"
     assert dict(zip(items["item_id"], items["title"], strict=True))["13"] == "item 13"
+
+
+def test_an_item_a_user_has_again_is_kept_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As the other formats say it (README's Data); PESO's loader said nothing. u1 has 10 and 11 twice."""
+    with caplog.at_level(logging.WARNING, logger="evolora.data"):
+        data = load_peso_blocks(write_peso(tmp_path / "peso"))
+    assert data.interactions.height == 10
+    assert (
+        f"{KEY}.all.block_0.json: 2 (user, item) pairs occur more than once (4 interactions, first: user "
+        "'u1', item '10'); all are kept"
+    ) in caplog.text
 
 
 def test_without_index_and_unindexed_items(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
