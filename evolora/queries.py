@@ -125,7 +125,12 @@ def rating_of(
             "takes: give a number on this run's scale, or the item id alone for a like"
         )
     is_number = isinstance(value, numbers.Real)
-    number = float(value) if is_number else math.nan
+    try:
+        number = float(value) if is_number else math.nan
+    except OverflowError:  # a whole number past a float's range (JSON numbers are unbounded)
+        raise EvoloraError(
+            f"history: the rating of {item!r} is a whole number of {len(str(value))} digits, not a rating"
+        ) from None
     if not math.isfinite(number):
         raise EvoloraError(f"history: the rating of {item!r} is {value!r}, not a number")
     if scale is not None and not scale[0] <= number <= scale[1]:

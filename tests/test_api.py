@@ -130,6 +130,7 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
         # read as numbers before: True as the rating 1 (a dislike), "5" as 5 (the CLI and server refuse both)
         ([("4", True)], "the rating of '4' is True, a label, which only a run on a 0/1 label column takes"),
         ([("4", "5")], "the rating of '4' is '5', not a number"),
+        ([("4", 10**400)], "the rating of '4' is a whole number of 401 digits, not a rating"),  # OverflowError
     ]:
         with pytest.raises(EvoloraError, match=named):
             rec.score(history, ["2"])

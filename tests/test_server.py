@@ -111,6 +111,7 @@ def test_concurrent_clients_through_a_version_switch(server, deployed: Path) -> 
         ("/recommend", {"user": "user-01", "items": [], "k": 5}, 422),
         ("/recommend", {"user": "user-01", "items": ["no-such-item"], "k": 5}, 404),
         ("/score", {"history": [["sku-001", "five"]], "items": ["sku-001"]}, 422),  # a rating, not a number
+        ("/score", {"history": [["sku-001", 10**400]], "items": ["sku-001"]}, 422),  # past a float: was 500
         # of the wrong type: refused, not converted (as the Python API refuses them)
         ("/score", {"history": [["sku-001", "5"]], "items": ["sku-001"]}, 422),
         ("/score", {"history": [["sku-001", True]], "items": ["sku-001"]}, 422),
@@ -375,6 +376,31 @@ def test_a_bad_request_fails_alone_not_its_batch(server) -> None:
     good, bad, other = Batcher._answer(holder.served, batch)
     assert isinstance(bad, EvoloraError) and "the rating of 'sku-001' is nan" in str(bad)
     assert [s["item"] for s in good["items"]] == ["sku-001"]
+    assert [s["item"] for s in other["items"]] == ["sku-002", "sku-004"]
+
+
+def test_a_request_that_fails_in_the_shared_pass_fails_alone(server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure past `check` (a rating too large for a float, a next-item search too wide for the model)
+    was set on every request of the batch: each got a 500, or the other client's message."""
+    _, holder = server
+    rec = holder.served.rec
+    score_many = rec.score_many
+
+    def failing(queries, *args, **kwargs):
+        if any(history == ["sku-009"] for history, _, _ in queries):
+            raise RuntimeError("this query alone cannot be scored")
+        return score_many(queries, *args, **kwargs)
+
+    monkeypatch.setattr(rec, "score_many", failing)
+    batch = [
+        _Request("score", None, ["sku-001"], ["sku-002"], 0, None, None),
+        _Request("score", None, ["sku-009"], ["sku-002"], 0, None, None),
+        _Request("score", None, ["sku-003"], ["sku-002", "sku-004"], 0, None, None),
+    ]
+    good, bad, other = Batcher._answer(holder.served, batch)
+    assert isinstance(bad, RuntimeError) and str(bad) == "this query alone cannot be scored"
+    alone = score_many([(["sku-001"], ["sku-002"], None)])[0]
+    assert [s["score"] for s in good["items"]] == [s.score for s in alone]
     assert [s["item"] for s in other["items"]] == ["sku-002", "sku-004"]
 
 

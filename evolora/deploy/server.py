@@ -110,11 +110,11 @@ class Batcher:
         return sum(len(r.items or ()) or 1 for r in batch)
 
     @staticmethod
-    def _answer(served: Served, batch: list[_Request]) -> list[dict[str, Any] | EvoloraError]:
+    def _answer(served: Served, batch: list[_Request]) -> list[dict[str, Any] | Exception]:
         """Every request of the batch: score requests share one forward pass, recommend requests another.
         A request that cannot be answered gets its own error; the others are answered."""
         rec = served.rec
-        out: dict[int, dict[str, Any] | EvoloraError] = {}
+        out: dict[int, dict[str, Any] | Exception] = {}
         valid = []
         for i, r in enumerate(batch):
             try:
@@ -122,26 +122,51 @@ class Batcher:
                 valid.append((i, r))
             except EvoloraError as e:
                 out[i] = e
-        scoring = [(i, r) for i, r in valid if r.kind == "score"]
-        if scoring:
-            results = rec.score_many([(r.history, r.items or [], r.user) for _, r in scoring])
-            for (i, _), scored in zip(scoring, results, strict=True):
-                out[i] = {"version": served.version, "items": [s.to_dict() for s in scored]}
-        ranking = [(i, r) for i, r in valid if r.kind == "recommend" and r.items is None]
-        if ranking:
-            results = rec.recommend_many([(r.history, r.k, r.user) for _, r in ranking])
-            for (i, _), top in zip(ranking, results, strict=True):
-                out[i] = {"version": served.version, "items": [s.to_dict() for s in top]}
-        candidates = [(i, r) for i, r in valid if r.kind == "recommend" and r.items is not None]
-        if candidates:
-            results = rec.rank_many([(r.history, r.items or [], r.k, r.user) for _, r in candidates])
-            for (i, _), ranked in zip(candidates, results, strict=True):
-                out[i] = {
+
+        def scores(group: list[_Request]) -> list[dict[str, Any]]:
+            results = rec.score_many([(r.history, r.items or [], r.user) for r in group])
+            return [{"version": served.version, "items": [s.to_dict() for s in one]} for one in results]
+
+        def generated(group: list[_Request]) -> list[dict[str, Any]]:
+            results = rec.recommend_many([(r.history, r.k, r.user) for r in group])
+            return [{"version": served.version, "items": [s.to_dict() for s in top]} for top in results]
+
+        def ranked(group: list[_Request]) -> list[dict[str, Any]]:
+            results = rec.rank_many([(r.history, r.items or [], r.k, r.user) for r in group])
+            return [
+                {
                     "version": served.version,
-                    "items": [s.to_dict() for s in ranked.items],
-                    "left_out_seen": ranked.left_out_seen,
+                    "items": [s.to_dict() for s in one.items],
+                    "left_out_seen": one.left_out_seen,
                 }
+                for one in results
+            ]
+
+        for kind, answer in (("score", scores), ("generate", generated), ("rank", ranked)):
+            group = [(i, r) for i, r in valid if _kind(r) == kind]
+            if group:
+                results = _each_alone_on_failure(answer, [r for _, r in group])
+                out.update((i, result) for (i, _), result in zip(group, results, strict=True))
         return [out[i] for i in range(len(batch))]
+
+
+def _kind(request: _Request) -> str:
+    """The pass a request shares: scoring, generating (next-item) or ranking given candidates (CTR)."""
+    if request.kind == "score":
+        return "score"
+    return "generate" if request.items is None else "rank"
+
+
+def _each_alone_on_failure(answer: Any, group: list[_Request]) -> list[dict[str, Any] | Exception]:
+    """`answer(group)`, or, where the shared pass fails, each request answered alone: a request that
+    passed `check` and still cannot be answered (a search too wide for the model, a value the checks did not
+    foresee) fails alone, with its own error, and never hands it to the others."""
+    try:
+        return answer(group)
+    except Exception as e:
+        if len(group) == 1:
+            return [e]
+        return [one for r in group for one in _each_alone_on_failure(answer, [r])]
 
 
 def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
