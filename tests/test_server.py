@@ -201,7 +201,17 @@ def test_health_docs_and_size_limit(server) -> None:
     # load balancers and monitors probe with HEAD too (it was a 405)
     assert httpx.head(f"{url}/health").status_code == httpx.head(f"{url}/version").status_code == 200
     assert httpx.get(f"{url}/docs").status_code == 200
-    assert "/score" in httpx.get(f"{url}/openapi.json").json()["paths"]
+    schema = httpx.get(f"{url}/openapi.json").json()
+    # The schema says what the errors are: one line in "detail" (it listed FastAPI's list of schema errors)
+    for path in ("/score", "/recommend"):
+        answers = schema["paths"][path]["post"]["responses"]
+        assert set(answers) == {"200", "404", "413", "422"}
+        assert all(
+            answers[code]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Problem"}
+            for code in ("404", "413", "422")
+        )
+    assert schema["components"]["schemas"]["Problem"]["properties"]["detail"]["type"] == "string"
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
     json_type = {"content-type": "application/json"}
     big = httpx.post(f"{url}/score", content=b"{" + b" " * (2 << 20) + b"}", headers=json_type)
     assert big.status_code == 413
@@ -402,6 +412,27 @@ def test_a_request_that_fails_in_the_shared_pass_fails_alone(server, monkeypatch
     alone = score_many([(["sku-001"], ["sku-002"], None)])[0]
     assert [s["score"] for s in good["items"]] == [s.score for s in alone]
     assert [s["item"] for s in other["items"]] == ["sku-002", "sku-004"]
+
+
+def test_the_wrong_endpoint_is_said_before_the_body_is_judged(
+    server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A next-item run's /score without items was told to add items, then to use /recommend; its
+    /recommend with empty items to give some, then to leave them out. (A CTR run stands in for one.)"""
+    url, holder = server
+    monkeypatch.setattr(holder.served.rec, "task_name", "next_item")
+    for path, body, told in [
+        ("/score", {"user": "user-01"}, "this run recommends (next-item): use /recommend"),
+        (
+            "/score",
+            {"user": "user-01", "items": ["sku-001"]},
+            "this run recommends (next-item): use /recommend",
+        ),
+        ("/recommend", {"user": "user-01", "items": [], "k": 3}, 'leave out "items"'),
+        ("/recommend", {"user": "user-01", "k": 0}, "k: "),  # the right endpoint: the body's fault
+    ]:
+        r = httpx.post(f"{url}{path}", json=body, timeout=60)
+        assert r.status_code == 422 and told in r.json()["detail"], (path, body, r.text)
 
 
 def test_a_version_switch_tears_the_old_model_down_after_its_batch(deployed: Path) -> None:

@@ -46,6 +46,23 @@ class RecommendQuery(Query):
     )
 
 
+class Problem(BaseModel):
+    """Every 4xx answer's body: one line saying what is wrong (not FastAPI's list of schema errors)."""
+
+    detail: str
+
+
+#: the error answers of /score and /recommend, as the OpenAPI schema lists them
+ERROR_ANSWERS: dict[int | str, dict[str, Any]] = {
+    404: {"model": Problem, "description": "an unknown user or item, named"},
+    413: {"model": Problem, "description": f"a body over {MAX_BODY_BYTES} bytes"},
+    422: {
+        "model": Problem,
+        "description": "a body that does not fit (the field named), or a query the run cannot answer",
+    },
+}
+
+
 # What each field takes, for the message of a body that does not fit.
 _EXPECTED = {
     "user": "a user id (a string)",

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import socket
 import threading
@@ -40,6 +41,7 @@ from evolora.allocator import keep_freed_memory
 from evolora.data.ids import accents_apart, known_form
 from evolora.deploy.holder import ModelHolder, Served
 from evolora.deploy.requests import (
+    ERROR_ANSWERS,
     MAX_BODY_BYTES,
     UNREADABLE_BODY,
     BodyLimit,
@@ -195,9 +197,30 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
 
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
 
+    def wrong_endpoint(path: str, items_given: bool) -> str | None:
+        """Why this run does not answer `path` as asked (an endpoint or `items` of the other task), if so."""
+        served = holder.served
+        if served is None:
+            return None
+        ctr = served.rec.task_name == "ctr"
+        if path == "/score" and not ctr:
+            return "this run recommends (next-item): use /recommend"
+        if path == "/recommend" and ctr and not items_given:
+            return 'this run ranks given candidates (CTR): add "items"'
+        if path == "/recommend" and not ctr and items_given:
+            return 'this run generates its recommendations (next-item): leave out "items"'
+        return None
+
     @app.exception_handler(RequestValidationError)
-    async def one_message(request: Any, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": validation_message(exc.errors())}, status_code=422)
+    async def one_message(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # The endpoint comes before the body: a next-item run's /score is told to use /recommend, not
+        # to fix a field it will then be told to leave out.
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, RecursionError):  # (what FastAPI decoded, this decodes too: for certainty)
+            body = None
+        wrong = wrong_endpoint(request.url.path, isinstance(body, dict) and "items" in body)
+        return JSONResponse({"detail": wrong or validation_message(exc.errors())}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def unreadable(request: Any, exc: StarletteHTTPException) -> JSONResponse:
@@ -260,22 +283,19 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
             status = 404 if isinstance(e, UnknownIdError) else 422
             raise HTTPException(status, clipped(str(e))) from None
 
-    @app.post("/score")
+    @app.post("/score", responses=ERROR_ANSWERS)
     async def score(query: ScoreQuery, request: Request) -> dict[str, Any]:
         """P(like) of each item for a user or a history (CTR runs)."""
-        if holder.served is not None and holder.served.rec.task_name != "ctr":
-            raise HTTPException(422, "this run recommends (next-item): use /recommend")
+        if wrong := wrong_endpoint("/score", True):
+            raise HTTPException(422, wrong)
         return await ask(request, "score", query, query.items, 0)
 
-    @app.post("/recommend")
+    @app.post("/recommend", responses=ERROR_ANSWERS)
     async def recommend(query: RecommendQuery, request: Request) -> dict[str, Any]:
         """The top k items for a user or a history: generated (next-item runs), or the given candidate
         `items` ranked by P(like), items of the history left out (CTR runs)."""
-        ctr = holder.served is not None and holder.served.rec.task_name == "ctr"
-        if ctr and query.items is None:
-            raise HTTPException(422, 'this run ranks given candidates (CTR): add "items"')
-        if not ctr and query.items is not None:
-            raise HTTPException(422, 'this run generates its recommendations (next-item): leave out "items"')
+        if wrong := wrong_endpoint("/recommend", query.items is not None):
+            raise HTTPException(422, wrong)
         return await ask(request, "recommend", query, query.items, query.k)
 
     @app.get("/health")
