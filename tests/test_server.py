@@ -246,6 +246,20 @@ def test_an_address_in_use_is_refused_before_the_model_loads(tmp_path: Path) -> 
     assert result.exit_code == 2 and "not an address of this machine" in result.output, result.output
 
 
+def test_serving_is_said_once_the_model_is_loaded(deployed: Path, tmp_path: Path) -> None:
+    """ "serving ... Ctrl-C stops" came before the load, and then the load's error."""
+    from typer.testing import CliRunner
+
+    from evolora.cli import app
+
+    missing = tmp_path / "no-model"
+    result = CliRunner().invoke(
+        app, ["serve", str(deployed), "--port", str(free_port()), "--model", str(missing)]
+    )
+    assert result.exit_code == 2 and "loading" in result.output, result.output
+    assert "Ctrl-C stops" not in result.output  # (the folder's name holds "serving")
+
+
 def test_the_port_is_held_while_the_model_loads(deployed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The address was probed and let go before the model loaded, and uvicorn bound it only after: a second
     server started meanwhile got the port, and this one then failed with uvicorn's error. The socket checked

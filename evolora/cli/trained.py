@@ -223,10 +223,13 @@ def serve(
     with listening_on(host, port) as listeners:  # held from here on: no other process takes the port
         locate_run(Path(run_dir), method, seed)  # a folder that is not a run, or several methods: said first
         shown = f"[{host}]" if ":" in host else host  # an IPv6 address goes in brackets in a URL
-        console.print(f"serving {run_dir} on http://{shown}:{port} (OpenAPI: /openapi.json); Ctrl-C stops")
+        console.print(f"loading {run_dir}; http://{shown}:{port} answers once it is loaded")
         serve_run(
             run_dir, host=host, port=port, method=method, seed=seed, threads=threads, max_batch=max_batch,
             model=model, listeners=listeners,
+            ready=lambda: console.print(
+                f"serving {run_dir} on http://{shown}:{port} (OpenAPI: /openapi.json); Ctrl-C stops"
+            ),
         )  # fmt: skip
 
 

@@ -29,7 +29,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -381,11 +381,13 @@ def serve(
     max_batch: int = 256,
     model: str | Path | None = None,
     listeners: list[socket.socket] | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve the promoted version of a deployed run until stopped; `threads`: torch's CPU threads (None:
     every core), which the model worker uses; `max_batch`: the samples one forward pass takes across
     clients (1: every request alone); `model`: where the run's base model lies now, if not at its
-    `model.name`; `listeners`: the sockets of `listening_on(host, port)`, if the caller took them first."""
+    `model.name`; `listeners`: the sockets of `listening_on(host, port)`, if the caller took them first;
+    `ready`: called once the model is loaded, before the first request is answered."""
     import torch
     import uvicorn
 
@@ -397,5 +399,7 @@ def serve(
         keep_freed_memory()
         holder = ModelHolder(run_dir, method, seed, model=model)
         app = create_app(holder, max_batch)
+        if ready is not None:
+            ready()
         config = uvicorn.Config(app, host=host, port=port, log_level="warning")
         uvicorn.Server(config).run(sockets=listeners)
