@@ -39,8 +39,10 @@ from evolora.bundle import (
     bundle_dir,
     bundle_is_current,
     bundled_rating_range,
+    check_template,
     load_bundle,
     query_frame,
+    run_config,
     write_bundle,
 )
 from evolora.config import (
@@ -257,7 +259,7 @@ class Recommender:
             raise ConfigError("give a stage or a version, not both (a version names its stage)")
         seed_dir, root = locate_run(Path(run_dir), method, seed)
         results = read_results(seed_dir)
-        cfg = with_model_at(resolve_config(load_config(root / "config.yaml")), model)
+        cfg = with_model_at(resolve_config(run_config(root)), model)
         registry = Versions.of_run(root, results)
         if version is not None or (stage is None and registry.file.is_file()):
             chosen = registry.get(registry.promoted if version is None else version)
@@ -315,6 +317,7 @@ class Recommender:
             inference_cfg = _answerable_here(inference_cfg)
             pretrained = answering_backbone(inference_cfg, root, bundle_root)
             lm, task = build_model_and_task(inference_cfg, prepared, pretrained)
+            check_template(root, task)
             # the options it ran with (an option added since takes its value of then: recorded_options)
             spec = StrategySpec(
                 name=results["strategy"], label=results["method"], **recorded_options(results)

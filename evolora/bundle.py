@@ -11,12 +11,18 @@
                              built from, as `RunConfig.shared_root` lays them out; bundle.json names them
                              (`caches`), and the task builders read them from there
 
+A prompt template file the run read (`task.template: my.txt`) is kept beside them, as
+`runs/<name>/template.txt` (`keep_template`): `run_config` reads the experiment's config with it, so
+inference, exports and updates use the text the run trained with, wherever the file went or however it was
+edited since.
+
 `write_bundle` runs once per experiment, after the data is prepared and the model built (the caches exist
 then); `load_bundle` gives back the config and a `Prepared` that the task registry's builders accept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -26,17 +32,66 @@ from typing import Any
 
 import polars as pl
 
-from evolora.config import RunConfig
+from evolora.config import RunConfig, load_config
 from evolora.data.ids import IdSpace
 from evolora.data.prepare import Prepared
 from evolora.data.samples import SampleTable
 from evolora.data.schema import INTERACTION_SCHEMA, InteractionData
 from evolora.errors import EvoloraError
-from evolora.io import atomic_directory, atomic_write_bytes, atomic_write_json, read_json, read_table
+from evolora.io import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    read_table,
+)
+from evolora.overrides import as_overrides
 from evolora.tasks.semantic import caches_by_settings, quantizer_path
 
 BUNDLE = "inference"
+TEMPLATE_COPY = "template.txt"  # in the experiment folder: the text of the template file the run read
 log = logging.getLogger("evolora")
+
+
+def template_file(cfg: RunConfig) -> Path | None:
+    """The prompt template file `task.template` names; None for a built-in template or a task without one."""
+    spec = getattr(cfg.task, "template", None)
+    if spec is None or spec in getattr(cfg.task, "builtin_templates", ()):
+        return None
+    return Path(spec).expanduser()
+
+
+def keep_template(root: Path, cfg: RunConfig, text: str | None) -> None:
+    """Keep `text`, the template file's text the run's task read, in the experiment folder (a built-in
+    template keeps none: a copy an earlier setting left is removed)."""
+    copy = Path(root) / TEMPLATE_COPY
+    if text is None or template_file(cfg) is None:
+        copy.unlink(missing_ok=True)
+    elif not copy.is_file() or copy.read_text(encoding="utf-8") != text:
+        atomic_write_text(copy, text)
+
+
+def run_config(root: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The experiment's `config.yaml` (with `overrides`), its template file read from the run's own copy
+    where it kept one: the file itself may have been edited, moved or left on another machine since."""
+    copy = Path(root) / TEMPLATE_COPY
+    own = as_overrides({"task.template": copy.resolve()}) if copy.is_file() else []
+    return load_config(Path(root) / "config.yaml", [*own, *(overrides or [])])
+
+
+def check_template(root: Path, task: Any) -> None:
+    """Refuse a prompt template whose text is not the one the experiment recorded (a run of an evolora
+    before `template.txt`, whose file was edited since): its models were trained on the old text."""
+    text = getattr(task, "template", None)
+    marker = Path(root) / "experiment.json"
+    recorded = read_json(marker).get("template_sha256") if marker.is_file() else None
+    if text is None or recorded is None or hashlib.sha256(text.encode("utf-8")).hexdigest() == recorded:
+        return
+    raise EvoloraError(
+        f"{root}: the prompt template (task.template) changed since the experiment ran: its models were "
+        "trained with the old text; put the file back as it was"
+    )
 
 
 def bundle_dir(root: Path) -> Path:

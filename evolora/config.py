@@ -398,6 +398,7 @@ class CtrTaskConfig(TaskSection):
         "default: the latest history_len items",
     )
     template: str = "tallrec"
+    builtin_templates: ClassVar[tuple[str, ...]] = ("tallrec", "compact")
     item_kind: str | None = Field(None, description="word used in the prompt; default from the dataset")
     loss: Literal["answer", "prompt"] = "answer"
     max_length: int = Field(512, ge=16, description="longer prompts lose their oldest history items")
@@ -405,7 +406,7 @@ class CtrTaskConfig(TaskSection):
     @field_validator("template")
     @classmethod
     def _template(cls, v: str) -> str:
-        return _check_template(v, ("tallrec", "compact"))
+        return _check_template(v, cls.builtin_templates)
 
     share_prefix: bool = Field(
         True,
@@ -473,6 +474,7 @@ class NextItemTaskConfig(TaskSection):
     min_history: int | None = Field(0, ge=0)
     sample_history: int | None = Field(None, ge=1, description="history kept per sample; default history_len")
     template: str = "peso"
+    builtin_templates: ClassVar[tuple[str, ...]] = ("peso",)
     # At least the longest cut-off of the ranking metrics (Hit@10: eval.metrics.KS), checked here so a
     # narrower search is refused before the data is staged and the semantic IDs are trained.
     beams: int = Field(10, ge=10, description="beam search width; at least 10 (Hit@10 is reported)")
@@ -486,7 +488,7 @@ class NextItemTaskConfig(TaskSection):
     @field_validator("template")
     @classmethod
     def _template(cls, v: str) -> str:
-        return _check_template(v, ("peso",))
+        return _check_template(v, cls.builtin_templates)
 
     @field_validator("exclude_history", mode="before")
     @classmethod

@@ -38,7 +38,7 @@ import yaml
 import evolora
 from evolora import cost, parallel
 from evolora.allocator import keep_freed_memory
-from evolora.bundle import write_bundle
+from evolora.bundle import keep_template, write_bundle
 from evolora.config import (
     DataConfig,
     RunConfig,
@@ -789,6 +789,7 @@ def _run_locked(
                 prepared.caches = own_caches(root, cfg, prepared.data)
             lm, task = build_model_and_task(cfg, prepared, pretrained)
             template = _check_inputs(root, cfg, task, weights)
+            keep_template(root, cfg, getattr(task, "template", None))  # what inference and updates read
             _record_caches(root, cfg, prepared)
             data_sha256 = environment["data_files"]["sha256"]
             write_bundle(root, cfg, prepared, context_key, data_sha256)  # what `Recommender.load` needs

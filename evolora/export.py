@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from evolora.api import Recommender
-from evolora.config import load_config
+from evolora.bundle import run_config
 from evolora.continual.base import PlainLora
 from evolora.errors import EvoloraError
 from evolora.io import atomic_directory, check_replaceable
@@ -67,7 +67,7 @@ def export_run(
     base model lies now, if not at its `model.name` (`Recommender.load`)."""
     out = check_replaceable(out, "evolora_export.json", "export")  # before the minutes of loading
     _, root = locate_run(Path(run_dir), method, seed)
-    base_model = str(model) if model is not None else load_config(root / "config.yaml").model.name
+    base_model = str(model) if model is not None else run_config(root).model.name
     base_folder = Path(base_model).expanduser().resolve()
     if base_folder.is_dir() and (out.resolve() == base_folder or out.resolve() in base_folder.parents):
         raise EvoloraError(

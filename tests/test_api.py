@@ -130,7 +130,8 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
         # read as numbers before: True as the rating 1 (a dislike), "5" as 5 (the CLI and server refuse both)
         ([("4", True)], "the rating of '4' is True, a label, which only a run on a 0/1 label column takes"),
         ([("4", "5")], "the rating of '4' is '5', not a number"),
-        ([("4", 10**400)], "the rating of '4' is a whole number of 401 digits, not a rating"),  # OverflowError
+        # past a float's range: it raised OverflowError
+        ([("4", 10**400)], "the rating of '4' is a whole number of 401 digits, not a rating"),
     ]:
         with pytest.raises(EvoloraError, match=named):
             rec.score(history, ["2"])
@@ -872,3 +873,33 @@ def test_a_run_trained_in_fp16_answers_in_fp32_without_a_gpu(
     user = rec.known_users[0]
     items = sorted(rec.known_items)[:3]
     assert rec.score(user=user, items=items) == expected.score(user=user, items=items)
+
+
+def test_a_run_answers_with_the_template_text_it_trained_with(sunny_dir: Path, tmp_path: Path) -> None:
+    """A template file (`task.template: a path`) was read again at every load, update and export: edited
+    since the run, the answers and the export's prompt changed without a word; moved or deleted, the run
+    could not be loaded at all."""
+    from evolora.export import export_run
+
+    template = tmp_path / "prompt.txt"
+    text = "Liked: {preference}\nDisliked: {unpreference}\nWill the user like {target}?\nAnswer:"
+    template.write_text(text, encoding="utf-8")
+    over = {**SMALL, "strategies": "[finetune]", "task.template": str(template)}
+    cfg = tiny_config(sunny_dir, tmp_path / "runs", **over)
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    assert (root / "template.txt").read_text(encoding="utf-8") == text
+    rec = evolora.Recommender.load(root)
+    user, items = sorted(rec.known_users)[0], sorted(rec.known_items)[:3]
+    before = [s.score for s in rec.score(user=user, items=items)]
+    edited = text.replace("Will the user like", "Does this user love")
+    template.write_text(edited, encoding="utf-8")
+    assert [s.score for s in evolora.Recommender.load(root).score(user=user, items=items)] == before
+    template.unlink()  # moved, or left on the machine that trained it
+    manifest = json.loads((export_run(root, tmp_path / "export") / "evolora_export.json").read_text())
+    assert manifest["prompt"]["template"] == text
+    # A run of an evolora before template.txt, whose file was edited since: refused, not answered otherwise
+    (root / "template.txt").unlink()
+    template.write_text(edited, encoding="utf-8")
+    with pytest.raises(EvoloraError, match=r"the prompt template .* changed since the experiment ran"):
+        evolora.Recommender.load(root)

@@ -44,8 +44,8 @@ import numpy as np
 import polars as pl
 
 from evolora import cost
-from evolora.bundle import write_bundle
-from evolora.config import RunConfig, StrategySpec, load_config, parse_override
+from evolora.bundle import check_template, run_config, write_bundle
+from evolora.config import RunConfig, StrategySpec, parse_override
 from evolora.continual import Env, build_strategy, run_options
 from evolora.continual.base import StageContext
 from evolora.continual.loop import StageLoop
@@ -155,7 +155,7 @@ def update_run(
             f"{seed_dir} has not finished its stages (trained: {trained or 'none'}): an update trains the "
             "stage after a run's last, so finish the run first (rerun `evolora run` on its config)"
         )
-    cfg = resolve_config(load_config(root / "config.yaml", [f"output_dir={root.parent}", *overrides]))
+    cfg = resolve_config(run_config(root, [f"output_dir={root.parent}", *overrides]))
     cfg = with_model_at(cfg, str(moved_model[-1] or "") if moved_model else None)
     check_tracking(cfg)  # a store that cannot be opened stops the update before training
     metrics = metric_set(cfg.task.name)  # checked before any training, not at the gate
@@ -302,6 +302,7 @@ def _update(
 
     prepared.caches = caches
     lm, task = build_model_and_task(build_cfg, prepared, pretrained)
+    check_template(root, task)
     # the options it ran with, defaults as they were then: a default changed since must not change it
     options = run_options(root / results["method"] / f"seed{results['seed']}", results)
     spec = StrategySpec(name=results["strategy"], label=results["method"], **options)
