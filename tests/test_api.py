@@ -752,6 +752,9 @@ def test_history_ids_with_commas_and_colons() -> None:
         "Fargo (1996)",
     ]
     assert _parse_history("a:5, b:1") == [("a", 5.0), ("b", 1.0)]
+    # an id alone beside item:rating is a like, as in the JSON form (it was "'b' is not item:rating")
+    assert _parse_history("a:5,b") == _parse_history('[["a", 5], "b"]') == [("a", 5.0), "b"]
+    assert _parse_history("b,a:5") == ["b", ("a", 5.0)]
 
 
 def test_a_bundle_of_settings_the_experiment_no_longer_has_is_written_anew(

