@@ -906,3 +906,24 @@ def test_a_run_answers_with_the_template_text_it_trained_with(sunny_dir: Path, t
     template.write_text(edited, encoding="utf-8")
     with pytest.raises(EvoloraError, match=r"the prompt template .* changed since the experiment ran"):
         evolora.Recommender.load(root)
+
+
+def test_a_run_folder_outside_its_experiment_is_refused(ctr_run, tmp_path: Path) -> None:
+    """A run folder is read with its experiment's config.yaml and bundle two levels up: copied out alone,
+    the error was "config file not found" naming shipped configs; under another experiment's folder it
+    answered from that one's config and data."""
+    import shutil
+
+    cfg, _ = ctr_run
+    root = Path(cfg.output_dir) / cfg.name
+    alone = tmp_path / "copy" / "seed0"
+    shutil.copytree(root / "finetune" / "seed0", alone)
+    with pytest.raises(ConfigError, match=r"seed0 is a run folder outside its experiment: .*finetune/seed0"):
+        evolora.Recommender.load(alone)
+    other = tmp_path / "other"
+    shutil.copytree(root, other, ignore=shutil.ignore_patterns("stage-*", "inference"))
+    marker = json.loads((other / "experiment.json").read_text())
+    marker["data_files"]["sha256"] = "0" * 64  # another experiment's data
+    (other / "experiment.json").write_text(json.dumps(marker))
+    with pytest.raises(ConfigError, match=r"was not run by the experiment in .*other: it ran on other data"):
+        evolora.Recommender.load(other / "finetune" / "seed0")
