@@ -543,15 +543,19 @@ def test_resume_after_training_finished_but_before_the_job_was_recorded(
 
 def test_lora_strategies_and_din_ranking_are_refused(sunny_dir: Path, tmp_path: Path) -> None:
     cfg = config(sunny_dir, tmp_path, "sasrec", strategies="[finetune, {name: peso, lam: 1.0}]")
-    with pytest.raises(ConfigError, match=r"peso.*sasrec"):
+    named = (
+        r"'peso' \(peso\) needs LoRA adapters .* 'sasrec'; conventional models run frozen, finetune, retrain"
+    )
+    with pytest.raises(ConfigError, match=named):
         run_experiment(cfg)
     assert not (tmp_path / cfg.name).exists()  # refused before any work
     with pytest.raises(ConfigError, match="din"):
         run_experiment(
             config(sunny_dir, tmp_path, "din", **{"task.name": "next_item", "task.template": "peso"})
         )
-    with pytest.raises(ConfigError, match="heads"):
-        run_experiment(config(sunny_dir, tmp_path, "sasrec", **{"model.conventional.heads": 3}))
+    with pytest.raises(ConfigError, match=r"heads=3 must divide model\.conventional\.dim"):
+        run_experiment(config(sunny_dir, tmp_path / "heads", "sasrec", **{"model.conventional.heads": 3}))
+    assert not (tmp_path / "heads").exists()  # refused before any work
 
 
 def test_labels_and_experiment_keys(sunny_dir: Path, tmp_path: Path) -> None:

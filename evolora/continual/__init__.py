@@ -25,6 +25,7 @@ from evolora.continual.sdlora import SdLora
 from evolora.continual.sumlora import SumLora
 from evolora.errors import ConfigError
 from evolora.io import read_json
+from evolora.models.conventional import is_conventional
 
 log = logging.getLogger("evolora.continual")
 
@@ -78,6 +79,12 @@ def check_strategy_specs(specs: list[StrategySpec], cfg: RunConfig | None = None
     for spec in specs:
         cls, options = _resolve(spec)
         if cfg is not None:
+            if cls.needs_lora and is_conventional(cfg.model.name):
+                plain = ", ".join(name for name, c in STRATEGIES.items() if not c.needs_lora)
+                raise ConfigError(
+                    f"strategy {spec.display!r} ({spec.name}) needs LoRA adapters and cannot run with the "
+                    f"conventional model {cfg.model.name!r}; conventional models run {plain}"
+                )
             cls.check_config(options, cfg)
         for option, reader in cls.unread(spec.options).items():
             log.warning("strategy %r: %s is read only with %s; ignored", spec.display, option, reader)

@@ -128,6 +128,9 @@ class Strategy(Generic[OptionsT]):
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: True when `predict` is the plain one (score with the main adapter), so predictions can be shared
     plain_predict: ClassVar[bool] = True
+    #: False for a strategy that only trains the whole model (a conventional model runs it); True: it
+    #: needs LoRA adapters (banks, merges, per-adapter outputs)
+    needs_lora: ClassVar[bool] = True
     #: for a run recorded without an option (it did not exist yet) or with only the options given: the value
     #: that gives its behaviour of then, where today's default does not (a rerun of such a folder is then
     #: refused, and serving, exporting or updating it rebuilds it as it ran)

@@ -11,3 +11,4 @@ from evolora.continual.base import Strategy, StrategyOptions
 
 class Finetune(Strategy[StrategyOptions]):
     name = "finetune"
+    needs_lora = False

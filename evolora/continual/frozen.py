@@ -10,6 +10,7 @@ from evolora.continual.base import StageContext, Strategy, StrategyOptions, Trai
 
 class Frozen(Strategy[StrategyOptions]):
     name = "frozen"
+    needs_lora = False
 
     def plan(self, ctx: StageContext) -> list[TrainJob]:
         return [self.current_stage_job(ctx, init="fresh")] if ctx.stage == 1 else []

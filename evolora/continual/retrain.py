@@ -25,6 +25,7 @@ class RetrainOptions(StrategyOptions):
 
 class Retrain(Strategy[RetrainOptions]):
     name = "retrain"
+    needs_lora = False
     Options = RetrainOptions
 
     def plan(self, ctx: StageContext) -> list[TrainJob]:

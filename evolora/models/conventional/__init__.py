@@ -22,9 +22,6 @@ MODELS: dict[str, type[ConventionalModel]] = {
 }
 assert tuple(MODELS) == CONVENTIONAL_MODELS
 
-#: strategies that need nothing but "train the whole model" (the others need LoRA internals)
-STRATEGIES = ("frozen", "finetune", "retrain")
-
 
 def is_conventional(name: str) -> bool:
     return name in MODELS
@@ -43,17 +40,7 @@ def check_conventional(cfg: RunConfig) -> None:
     name = cfg.model.name
     if not is_conventional(name):
         return
-    for spec in cfg.strategies:
-        if spec.name not in STRATEGIES:
-            raise ConfigError(
-                f"strategy {spec.display!r} ({spec.name}) needs LoRA adapters and cannot run with the "
-                f"conventional model {name!r}; conventional models run {', '.join(STRATEGIES)}"
-            )
-    conv = cfg.model.conventional
-    if name == "sasrec" and conv.dim % conv.heads:
-        raise ConfigError(
-            f"model.conventional.heads={conv.heads} must divide model.conventional.dim={conv.dim}"
-        )
+    MODELS[name].check(cfg.model.conventional)
     if cfg.task.name == "next_item" and not MODELS[name].ranking:
         ranking = ", ".join(n for n, cls in MODELS.items() if cls.ranking)
         raise ConfigError(

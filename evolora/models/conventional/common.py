@@ -252,6 +252,10 @@ class ConventionalModel(nn.Module):
     #: text features on by default
     default_text: ClassVar[bool] = False
 
+    @classmethod
+    def check(cls, cfg: ConventionalConfig) -> None:
+        """Refuse settings this model cannot be built with (`ConfigError`), before any work starts."""
+
     def __init__(self, cfg: ConventionalConfig, text: ItemText | None) -> None:
         super().__init__()
         self.cfg = cfg

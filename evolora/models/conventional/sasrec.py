@@ -43,12 +43,16 @@ class Block(nn.Module):
 class SASRec(ConventionalModel):
     name = "sasrec"
 
-    def __init__(self, cfg: ConventionalConfig, text: ItemText | None) -> None:
-        super().__init__(cfg, text)
+    @classmethod
+    def check(cls, cfg: ConventionalConfig) -> None:
         if cfg.dim % cfg.heads:
             raise ConfigError(
                 f"model.conventional.heads={cfg.heads} must divide model.conventional.dim={cfg.dim}"
             )
+
+    def __init__(self, cfg: ConventionalConfig, text: ItemText | None) -> None:
+        super().__init__(cfg, text)
+        self.check(cfg)
         self.positions = nn.Parameter(torch.zeros(cfg.max_len, cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.dropout) for _ in range(cfg.layers or 2))
         self.ln = nn.LayerNorm(cfg.dim)
