@@ -95,6 +95,7 @@ from evolora.queries import (
     read_results,
     trained_stage,
 )
+from evolora.tasks import task_spec
 
 log = logging.getLogger("evolora")
 #: The widest beam search a next-item LLM run's recommendation takes, as queries x beams x vocabulary in one
@@ -200,6 +201,10 @@ class Recommender:
         self.seed = strategy.seed
         self.seed_dir = seed_dir
         self.task_name = cfg.task.name
+        answers = task_spec(cfg.task.name)
+        #: True: this run scores the items it is given (CTR); False: it generates its own top k (next-item)
+        self.scores_given = answers.scores_given
+        self.score_name, self.score_column = answers.score_name, answers.score_column
         self._task = strategy.task  # the run's task; queries get copies of it over their own samples
         # Users, their histories and what they rated as of that stage too: a next_stage run's last stage is
         # data it read (and tested on) though no model trained on it.
@@ -421,7 +426,7 @@ class Recommender:
             {},
             self.strategy.seed,
             self.seed_dir / f"stage-{self.stage}",
-            asked="scoring" if self.task_name == "ctr" else "recommending",
+            asked="scoring" if self.scores_given else "recommending",
         )
         # The strategy holds one task at a time: queries from several threads take turns (swapped in
         # between, one query's rows were scored against another's table).
@@ -437,7 +442,7 @@ class Recommender:
 
     def score_many(self, queries: list[tuple[History, list[str], str | None]]) -> list[list[Scored]]:
         """`score` for several (history, items, user) queries at once: one pass over all their samples."""
-        if self.task_name != "ctr":
+        if not self.scores_given:
             raise EvoloraError(f"score() needs a CTR run; this is a {self.task_name} run: use recommend()")
         resolved = []
         for query in batch_of(queries, "score_many"):
@@ -481,7 +486,7 @@ class Recommender:
         `evolora` logger (`rank_many` returns them), and a `UserWarning` says so when none is left.
         """
         k = count_of(k)
-        if self.task_name != "ctr":
+        if not self.scores_given:
             if items is not None:
                 raise EvoloraError(
                     "recommend(items=...) ranks a CTR run's candidates; a next-item run generates"
@@ -506,7 +511,7 @@ class Recommender:
         """`recommend` (CTR runs) for several (history, candidate items, k, user) queries in one pass: each
         query's candidates by P(like), best first, duplicates once; with `exclude_seen`, candidates in the
         history (every item `user` rated up to the stage) are left out and named in `left_out_seen`."""
-        if self.task_name != "ctr":
+        if not self.scores_given:
             raise EvoloraError("a next-item run generates its recommendations: recommend_many")
         exclude_seen = flag_of(exclude_seen, "exclude_seen")
         resolved, spans = [], []
@@ -540,7 +545,7 @@ class Recommender:
         self, queries: list[tuple[History, int, str | None]], exclude_seen: bool = True
     ) -> list[list[Scored]]:
         """`recommend` (next-item runs) for several (history, k, user) queries in one pass."""
-        if self.task_name == "ctr":
+        if self.scores_given:
             raise EvoloraError("a CTR run ranks given candidates: score them")
         exclude_seen = flag_of(exclude_seen, "exclude_seen")
         queries = [

@@ -434,7 +434,7 @@ def test_the_wrong_endpoint_is_said_before_the_body_is_judged(
     """A next-item run's /score without items was told to add items, then to use /recommend; its
     /recommend with empty items to give some, then to leave them out. (A CTR run stands in for one.)"""
     url, holder = server
-    monkeypatch.setattr(holder.served.rec, "task_name", "next_item")
+    monkeypatch.setattr(holder.served.rec, "scores_given", False)
     for path, body, told in [
         ("/score", {"user": "user-01"}, "this run recommends (next-item): use /recommend"),
         (

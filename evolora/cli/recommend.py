@@ -80,11 +80,11 @@ def recommend(
     # loading (seconds) and scoring many candidates or generating (seconds each) show bars on stderr
     with progress.display(err_console):
         rec = Recommender.load(run_dir, method=method, seed=seed, stage=stage, version=version, model=model)
-        if rec.task_name == "ctr" and candidates is None:
+        if rec.scores_given and candidates is None:
             raise EvoloraError(
                 "a CTR run ranks the items it is given: add --items (comma-separated or a JSON list)"
             )
-        if rec.task_name != "ctr" and candidates is not None:
+        if not rec.scores_given and candidates is not None:
             raise EvoloraError(
                 f"--items ranks a CTR run's candidates; this {rec.task_name} run generates its own"
             )
@@ -103,7 +103,7 @@ def recommend(
             "task": rec.task_name,
             "user": None if user is None else rec.user_id(user),  # as the run holds it (not padded)
             "history": None if hist is None else [h if isinstance(h, str) else h[0] for h in hist],
-            "score": "P(like)" if rec.task_name == "ctr" else "log p(item | history)",
+            "score": rec.score_name,
             "items": [s.to_dict() for s in top],
         }
         if candidates is not None:  # as the server answers: a generated list leaves seen items out of its
@@ -118,7 +118,7 @@ def recommend(
     table.add_column("rank", justify="right")
     table.add_column("item")
     table.add_column("title")
-    table.add_column("P(like)" if rec.task_name == "ctr" else "log p", justify="right")
+    table.add_column(rec.score_column, justify="right")
     for rank, s in enumerate(top, 1):
         table.add_row(str(rank), s.item, s.title or "", f"{s.score:.4f}")
     console.print(table)

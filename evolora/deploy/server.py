@@ -202,7 +202,7 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
         served = holder.served
         if served is None:
             return None
-        ctr = served.rec.task_name == "ctr"
+        ctr = served.rec.scores_given
         if path == "/score" and not ctr:
             return "this run recommends (next-item): use /recommend"
         if path == "/recommend" and ctr and not items_given:

@@ -10,7 +10,16 @@ from evolora.tasks.registry import TASKS, TaskSpec, register_task, task_spec
 
 register_task(TaskSpec("ctr", CtrTaskConfig, CTR_METRICS, build_ctr, build_conventional_ctr))
 register_task(
-    TaskSpec("next_item", NextItemTaskConfig, RANKING_METRICS, build_next_item, build_conventional_next_item)
+    TaskSpec(
+        "next_item",
+        NextItemTaskConfig,
+        RANKING_METRICS,
+        build_next_item,
+        build_conventional_next_item,
+        scores_given=False,
+        score_name="log p(item | history)",
+        score_column="log p",
+    )
 )
 
 __all__ = ["TASKS", "TaskSpec", "register_task", "task_spec"]

@@ -37,6 +37,12 @@ class TaskSpec:
     metrics: MetricSet
     build: LlmBuilder
     build_conventional: ConventionalBuilder | None = None
+    #: how a trained run answers (`Recommender`, `recommend`, the server): True, it scores the items it is
+    #: given (`score`, candidates ranked by score); False, it generates its own top k
+    scores_given: bool = True
+    #: what its answers' scores are, in full (JSON answers) and as a table's column
+    score_name: str = "P(like)"
+    score_column: str = "P(like)"
 
 
 TASKS: dict[str, TaskSpec] = {}
