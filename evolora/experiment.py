@@ -38,7 +38,7 @@ import yaml
 import evolora
 from evolora import cost, parallel
 from evolora.allocator import keep_freed_memory
-from evolora.bundle import keep_template, write_bundle
+from evolora.bundle import check_template, keep_template, run_config, write_bundle
 from evolora.config import (
     DataConfig,
     RunConfig,
@@ -998,8 +998,6 @@ def restore_run(
     from the run's own record, then loads the adapters and state the loop saved. Returns (strategy,
     prepared data, stage); the caller calls `strategy.teardown()` when done.
     """
-    from evolora.config import load_config
-
     run_dir = Path(run_dir)
     if not (run_dir / "results.json").is_file():
         raise ConfigError(
@@ -1010,7 +1008,7 @@ def restore_run(
     if not config.is_file():
         raise ConfigError(f"{config}: missing; the experiment's configuration is needed to rebuild the run")
     root = run_dir.parent.parent
-    cfg = load_config(config).model_copy(update={"output_dir": str(root.parent)})  # (a moved folder)
+    cfg = run_config(root).model_copy(update={"output_dir": str(root.parent)})  # (a moved folder)
     cfg = with_model_at(cfg, model)
     t = trained_stage(run_dir, results, stage, cfg.protocol)
     # the options it ran with, defaults as they were then: a default changed since must not change it
@@ -1018,6 +1016,7 @@ def restore_run(
     prepared = prepare_data(cfg)
     prepared.caches = own_caches(root, cfg, prepared.data)  # those its stages were trained on
     lm, task = build_model_and_task(cfg, prepared, answering_backbone(cfg, root, root))
+    check_template(root, task)
     strategy = build_strategy(spec, Env(lm, task, cfg, prepared), results["seed"])
     strategy.setup()
     loop = StageLoop(strategy, prepared.pools, run_dir, None, {})

@@ -901,6 +901,11 @@ def test_a_run_answers_with_the_template_text_it_trained_with(sunny_dir: Path, t
     template.unlink()  # moved, or left on the machine that trained it
     manifest = json.loads((export_run(root, tmp_path / "export") / "evolora_export.json").read_text())
     assert manifest["prompt"]["template"] == text
+    from evolora.experiment import restore_run  # (export-user-adapter's: the run rebuilt from its data)
+
+    strategy, _, _ = restore_run(root / "finetune" / "seed0")
+    assert strategy.task.template == text
+    strategy.teardown()
     # A run of an evolora before template.txt, whose file was edited since: refused, not answered otherwise
     (root / "template.txt").unlink()
     template.write_text(edited, encoding="utf-8")
