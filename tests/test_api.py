@@ -16,7 +16,7 @@ import yaml
 import evolora
 from evolora.deploy.update import update_run
 from evolora.errors import ConfigError, EvoloraError, UnknownIdError
-from evolora.experiment import prepare_data, run_dir_of, run_experiment
+from evolora.experiment import prepare_data, restore_run, run_dir_of, run_experiment
 from evolora.io import load_npz
 from tests.helpers import EXAMPLE_TABLE, LORA_STRATEGIES, tiny_config, write_peso_cycle
 
@@ -901,9 +901,7 @@ def test_a_run_answers_with_the_template_text_it_trained_with(sunny_dir: Path, t
     template.unlink()  # moved, or left on the machine that trained it
     manifest = json.loads((export_run(root, tmp_path / "export") / "evolora_export.json").read_text())
     assert manifest["prompt"]["template"] == text
-    from evolora.experiment import restore_run  # (export-user-adapter's: the run rebuilt from its data)
-
-    strategy, _, _ = restore_run(root / "finetune" / "seed0")
+    strategy, _, _ = restore_run(root / "finetune" / "seed0")  # export-user-adapter's: rebuilt from its data
     assert strategy.task.template == text
     strategy.teardown()
     # A run of an evolora before template.txt, whose file was edited since: refused, not answered otherwise
