@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,29 +244,29 @@ def read_results(seed_dir: Path) -> dict[str, Any]:
     return results
 
 
-def _check_in_its_experiment(run: Path, own: dict[str, Any]) -> None:
-    """A run folder is read with its experiment's (config.yaml, the inference bundle) two levels up: one
-    copied out of it read a wrong config.yaml, or another experiment's (answering from that one's data)."""
-    root = run.resolve().parent.parent
-    marker = root / "experiment.json"
+def _check_in_its_experiment(run: Path, own: dict[str, Any]) -> Path:
+    """The experiment folder of the run folder `run` (absolute; a linked run folder is its link's place):
+    a run is read with its experiment's config.yaml and inference bundle two levels up, so one copied out
+    of it, or under another experiment, is refused (it read a wrong config.yaml, or answered from another
+    experiment's data)."""
+    run = Path(os.path.abspath(run))  # "." or "../seed0" given: the folder's own parents (links kept)
+    root = run.parent.parent
     where = f"{own.get('method')}/seed{own.get('seed')}"
-    if (
-        not (root / "config.yaml").is_file()
-        or not marker.is_file()
-        or run.resolve().parent.name != own.get("method")
-    ):
+    if not (root / "config.yaml").is_file() or run.parent.name != own.get("method"):
         raise ConfigError(
             f"{run} is a run folder outside its experiment: a run is read with its experiment folder "
-            f"(runs/<name>, holding config.yaml and experiment.json, with this run at {where}); copy or give "
-            "the whole experiment folder"
+            f"(runs/<name>, holding config.yaml, with this run at {where}); copy or give the whole "
+            "experiment folder"
         )
+    marker = root / "experiment.json"  # (deleted, it is made again by the next run: nothing to compare)
     ran_on = (own.get("data_files") or {}).get("sha256")
-    has = (read_json(marker).get("data_files") or {}).get("sha256")
+    has = (read_json(marker).get("data_files") or {}).get("sha256") if marker.is_file() else None
     if ran_on and has and ran_on != has:
         raise ConfigError(
             f"{run} was not run by the experiment in {root}: it ran on other data (the experiment's data "
             f"files differ); give the experiment folder it came from, with this run at {where}"
         )
+    return root
 
 
 def locate_run(path: Path, method: str | None, seed: int | None) -> tuple[Path, Path]:
@@ -281,8 +282,7 @@ def locate_run(path: Path, method: str | None, seed: int | None) -> tuple[Path, 
                     f"{path} is the run of {own.get('method')!r} with seed {own.get('seed')}, not {what} "
                     f"{given!r}: give its experiment folder {path.parent.parent} to choose another"
                 )
-        _check_in_its_experiment(path, own)
-        return path, path.parent.parent
+        return path, _check_in_its_experiment(path, own)
     seed = 0 if seed is None else seed
     if not (path / "config.yaml").is_file():
         raise ConfigError(

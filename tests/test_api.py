@@ -18,6 +18,7 @@ from evolora.deploy.update import update_run
 from evolora.errors import ConfigError, EvoloraError, UnknownIdError
 from evolora.experiment import prepare_data, restore_run, run_dir_of, run_experiment
 from evolora.io import load_npz
+from evolora.queries import locate_run
 from tests.helpers import EXAMPLE_TABLE, LORA_STRATEGIES, tiny_config, write_peso_cycle
 
 CRM = {"dim": 8, "mlp": [16], "max_len": 10, "dropout": 0.0}
@@ -930,3 +931,17 @@ def test_a_run_folder_outside_its_experiment_is_refused(ctr_run, tmp_path: Path)
     (other / "experiment.json").write_text(json.dumps(marker))
     with pytest.raises(ConfigError, match=r"was not run by the experiment in .*other: it ran on other data"):
         evolora.Recommender.load(other / "finetune" / "seed0")
+    # Legitimate layouts stay readable (review): a run folder that is a link to another disk, one given as
+    # "." or "../seed0" from inside, and an experiment whose experiment.json was deleted (as advised)
+    linked = tmp_path / "linked"
+    shutil.copytree(root, linked, ignore=shutil.ignore_patterns("finetune"))
+    (linked / "finetune").mkdir()
+    shutil.copytree(root / "finetune" / "seed0", tmp_path / "disk" / "seed0")  # a place of no experiment
+    (linked / "finetune" / "seed0").symlink_to(tmp_path / "disk" / "seed0")
+    assert locate_run(linked / "finetune" / "seed0", None, None)[1] == linked
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root / "finetune" / "seed0")
+        assert locate_run(Path("."), None, None)[1] == root.absolute()
+        assert locate_run(Path("../seed0"), None, None)[1] == root.absolute()
+    (linked / "experiment.json").unlink()
+    assert locate_run(linked / "finetune" / "seed0", None, None)[1] == linked
