@@ -17,7 +17,7 @@ In a notebook or a service: `run` leaves the process's torch threads and random 
 experiment or update runs at a time per process (a second from another thread is refused); a `Recommender`
 may be asked from several threads, which take turns.
 
-(About 610 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
+(About 670 lines: `Recommender`'s loading, its single and batched queries and their shared checks read
 best together; how a query is checked lives in `queries.py`, how overrides are read in `overrides.py`.)
 """
 

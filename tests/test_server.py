@@ -444,6 +444,7 @@ def test_the_wrong_endpoint_is_said_before_the_body_is_judged(
         ),
         ("/recommend", {"user": "user-01", "items": [], "k": 3}, 'leave out "items"'),
         ("/recommend", {"user": "user-01", "k": 0}, "k: "),  # the right endpoint: the body's fault
+        ("/recommend", {"user": "user-01", "items": None, "k": 0}, "k: "),  # null: no items (review)
     ]:
         r = httpx.post(f"{url}{path}", json=body, timeout=60)
         assert r.status_code == 422 and told in r.json()["detail"], (path, body, r.text)

@@ -18,6 +18,9 @@ the version they started with (the old one is torn down only once its last batch
 answer names its version; a promoted version that fails to load leaves the served one answering, and is
 tried again after `retry_seconds`. A request whose client disconnects is cancelled and dropped from its
 batch. Requests only name users and items: nothing a client sends becomes a path.
+
+(A little past 400 lines: the batcher, the endpoints and the sockets taken before the load are one serving
+mechanism, read together; what a client may send is apart, in `requests.py`.)
 """
 
 from __future__ import annotations
@@ -219,7 +222,7 @@ def create_app(holder: ModelHolder, max_batch: int = 256) -> Any:
             body = json.loads(await request.body())
         except (ValueError, RecursionError):  # (what FastAPI decoded, this decodes too: for certainty)
             body = None
-        wrong = wrong_endpoint(request.url.path, isinstance(body, dict) and "items" in body)
+        wrong = wrong_endpoint(request.url.path, isinstance(body, dict) and body.get("items") is not None)
         return JSONResponse({"detail": wrong or validation_message(exc.errors())}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
