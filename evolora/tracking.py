@@ -99,11 +99,19 @@ def store_uri(cfg: RunConfig) -> str:
     return cfg.tracking_uri or os.environ.get(URI_ENV) or _default_store(cfg)
 
 
+_CREDENTIALS = re.compile(r"(://[^/@:\s]*:)([^/@\s]+)@")  # scheme://user:password@host
+
+
 def shown_uri(uri: str) -> str:
     """`uri` with its password (`scheme://user:password@host`) replaced by ***: as messages, parameters and
     tracking.json show it (MLFLOW_TRACKING_PASSWORD keeps it out of the config altogether)."""
-    password = urllib.parse.urlsplit(uri).password
-    return uri if not password else uri.replace(f":{password}@", ":***@", 1)
+    return _CREDENTIALS.sub(r"\1***@", uri)
+
+
+def scrubbed(text: str, uri: str) -> str:
+    """`text` (an error MLflow raised, which may quote the store's address) with `uri`'s password as ***."""
+    found = _CREDENTIALS.search(uri)
+    return text if found is None else text.replace(f":{found.group(2)}@", ":***@")
 
 
 def _default_store(cfg: RunConfig) -> str:
@@ -207,6 +215,15 @@ class _State:
             yield mine
             atomic_write_json(self.path, whole)
 
+    def migrate(self) -> None:
+        """Move the store's part from the key an older evolora gave it (a password in it included) to its
+        own key now, rather than at the next change (a finished experiment may log nothing again)."""
+        if self.legacy is not None and self.path.is_file():
+            whole = self._read()
+            if self.legacy in whole and self.uri not in whole:
+                with self.change():
+                    pass
+
     def get(self) -> dict[str, Any]:
         whole = self._read()
         return {"runs": {}, "gates": {}, **whole.get(self.uri, whole.get(self.legacy, {}))}
@@ -234,6 +251,7 @@ class MlflowTracker(Tracker):
         key = DEFAULT_STORE_KEY if default else shown_uri(self.uri)
         # Keyed before by the path or the whole URI (a password included): continued under the new key.
         self.state = _State(Path(root), key, legacy=self.uri if key != self.uri else None)
+        self.state.migrate()
         self.key: str | None = None  # the (strategy, seed) run open now
         self.run_id: str | None = None  # and its id
         self.down: str | None = None  # why the store failed in this sitting: nothing more is logged
@@ -330,13 +348,13 @@ class MlflowTracker(Tracker):
         # kill during it) are not logged a second time by the next run.
         if t not in logged.get("figures", []):
             figures = _figures(record)
-            if not _logged(
+            if not self._logged(
                 f"stage {t}", "the next run of the experiment logs it", lambda: self._batch(run_id, figures)
             ):
                 return
             with self.state.change() as state:
                 state["runs"].setdefault(key, {}).setdefault("figures", []).append(t)
-        if _logged(
+        if self._logged(
             f"stage {t}'s adapters",
             "the next run of the experiment logs them",
             lambda: self._adapters(t, stage_dir),
@@ -353,7 +371,7 @@ class MlflowTracker(Tracker):
         key = _run_key(method, seed)
         if self.down is not None or version in self.state.get()["gates"].get(key, []):
             return
-        if _logged(f"the gate of version {version}", "rerunning the update logs it",
+        if self._logged(f"the gate of version {version}", "rerunning the update logs it",
                    lambda: self._gate(key, version, gate, data)):  # fmt: skip
             with self.state.change() as state:
                 state["gates"].setdefault(key, []).append(version)
@@ -384,7 +402,7 @@ class MlflowTracker(Tracker):
     # ------------------------------------------------------------------ the store's answers
     def _unusable(self, e: Exception) -> ConfigError:
         shown = shown_uri(self.uri)
-        why = str(e).replace(self.uri, shown)
+        why = scrubbed(str(e), self.uri)
         return ConfigError(f"tracking: cannot use MLflow at {shown}: {type(e).__name__}: {why}")
 
     def _gone(self, run_id: str | None) -> bool:
@@ -428,8 +446,19 @@ class MlflowTracker(Tracker):
                 except Exception as e:
                     self._went_down(f"ending {what}", e)
 
+    def _logged(self, what: str, later: str, log_it: Callable[[], None]) -> bool:
+        """Run `log_it`; a failure is a warning (the run's own record is the reference, MLflow a view of
+        it)."""
+        try:
+            log_it()
+        except Exception as e:
+            why = scrubbed(str(e), self.uri)
+            log.warning("MLflow: %s not logged (%s: %s); %s", what, type(e).__name__, why, later)
+            return False
+        return True
+
     def _went_down(self, what: str, e: Exception) -> None:
-        self.down = f"{type(e).__name__}: {e}"
+        self.down = f"{type(e).__name__}: {scrubbed(str(e), self.uri)}"
         log.warning(
             "MLflow: %s failed (%s); nothing more is logged in this sitting, the next command logs what is "
             "missing",
@@ -461,7 +490,7 @@ class MlflowTracker(Tracker):
         them, so they are not logged again); `key` None: the experiment's run."""
         if not made and not kept.get("params_missing"):
             return
-        logged = _logged(
+        logged = self._logged(
             "the parameters", "the next command logs them", lambda: self._batch(run_id, params=params)
         )
         if logged == made:  # logged as the run was made, or still missing: nothing to note
@@ -496,7 +525,7 @@ def _figures(record: dict[str, Any]) -> list[tuple[str, float, int]]:
     return out
 
 
-PARAM_LIMIT = 6000  # MLflow's longest parameter value since 2.3 (2.10, the extra's floor, included)
+PARAM_LIMIT = 6000  # MLflow's longest parameter value since 2.8 (2.10, the extra's floor, included)
 
 
 def _param_value(name: str, value: Any) -> str:
@@ -530,16 +559,6 @@ def metric_name(name: str) -> str:
 def _run_key(method: str, seed: int) -> str:
     """A (strategy, seed) run's name in MLflow and its key in `tracking.json`."""
     return f"{method} seed {seed}"
-
-
-def _logged(what: str, later: str, log_it: Callable[[], None]) -> bool:
-    """Run `log_it`; a failure is a warning (the run's own record is the reference, MLflow a view of it)."""
-    try:
-        log_it()
-    except Exception as e:
-        log.warning("MLflow: %s not logged (%s: %s); %s", what, type(e).__name__, e, later)
-        return False
-    return True
 
 
 def tracker_for(cfg: RunConfig, root: Path) -> Tracker:

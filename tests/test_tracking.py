@@ -4,6 +4,7 @@ real one is an optional extra, `pip install 'evolora[mlflow]'`)."""
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import logging
 import math
 import re
@@ -24,7 +25,7 @@ from evolora.config import RunConfig
 from evolora.deploy.update import update_run
 from evolora.errors import ConfigError
 from evolora.experiment import run_experiment
-from evolora.tracking import URI_ENV, MlflowTracker, check_tracking, metric_name
+from evolora.tracking import URI_ENV, MlflowTracker, check_tracking, metric_name, shown_uri
 from tests.helpers import EXAMPLE_TABLE, split_example_log, tiny_config
 
 HERE = Path(__file__).resolve().parent / "data"
@@ -596,7 +597,7 @@ def test_a_runs_folder_moved_with_its_store_continues_its_mlflow_runs(
 def test_a_long_parameter_is_logged_whole_up_to_mlflows_limit(
     mlflow: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Parameters were cut to 500 characters without a word (MLflow takes 6000 since 2.3): a deep data
+    """Parameters were cut to 500 characters without a word (MLflow takes 6000 since 2.8): a deep data
     path lost its file name, a comparison's strategies list its second half."""
     deep = tmp_path / ("d" * 200) / ("e" * 200) / ("f" * 200)
     deep.mkdir(parents=True)
@@ -627,6 +628,29 @@ def test_a_password_in_the_store_address_is_shown_as_stars(
     with pytest.raises(ConfigError, match=r"answers at http://ann:\*\*\*@127") as refused:
         check_tracking(tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri=closed))
     assert "s3cret" not in str(refused.value)
+
+
+def test_a_password_is_kept_out_of_warnings_and_an_older_tracking_json(
+    mlflow: Recorder, sunny_dir: Path, tmp_path: Path, server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review: MLflow's errors quote the store's address (its REST client names the URL), and the warnings
+    of a failure later printed them whole; a tracking.json of before kept the key with the password until
+    a later change; a malformed address raised from the masking itself."""
+    uri = server.replace("http://", "http://ann:s3cret@")
+    cfg = tiny_config(sunny_dir, tmp_path, tracking="mlflow", tracking_uri=uri)
+    (tmp_path / cfg.name).mkdir()
+    (tmp_path / cfg.name / "tracking.json").write_text(json.dumps({uri: {"runs": {}, "gates": {}}}))
+    tracker = MlflowTracker(cfg, tmp_path / cfg.name)
+    assert "s3cret" not in (tmp_path / cfg.name / "tracking.json").read_text()
+
+    def refuses(*args: object, **kwargs: object) -> None:
+        raise ConnectionError(f"API request to {uri}/api/2.0/mlflow/runs/log-batch failed")
+
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        assert not tracker._logged("the parameters", "later", refuses)
+    assert "API request to http://ann:***@127" in caplog.text and "s3cret" not in caplog.text
+    assert shown_uri("http://[oops/x") == "http://[oops/x"  # (urlsplit raised ValueError on it)
+    check_tracking(tiny_config(sunny_dir, tmp_path, tracking_uri="http://[oops/x"))  # a warning, no error
 
 
 def test_a_store_given_without_tracking_on_is_said_to_be_unused(
