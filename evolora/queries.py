@@ -130,7 +130,7 @@ def rating_of(
         number = float(value) if is_number else math.nan
     except OverflowError:  # a whole number past a float's range (JSON numbers are unbounded)
         raise EvoloraError(
-            f"history: the rating of {item!r} is a whole number of {len(str(value))} digits, not a rating"
+            f"history: the rating of {item!r} is a number past a float's range, not a rating"
         ) from None
     if not math.isfinite(number):
         raise EvoloraError(f"history: the rating of {item!r} is {value!r}, not a number")

@@ -132,7 +132,7 @@ def test_score_and_recommend_for_users_and_histories(ctr_run) -> None:
         ([("4", True)], "the rating of '4' is True, a label, which only a run on a 0/1 label column takes"),
         ([("4", "5")], "the rating of '4' is '5', not a number"),
         # past a float's range: it raised OverflowError
-        ([("4", 10**400)], "the rating of '4' is a whole number of 401 digits, not a rating"),
+        ([("4", 10**400)], "the rating of '4' is a number past a float's range, not a rating"),
     ]:
         with pytest.raises(EvoloraError, match=named):
             rec.score(history, ["2"])
