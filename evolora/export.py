@@ -95,8 +95,10 @@ def export_run(
                 log.info("%s: removed the copies an earlier export, killed, left beside it", out)
             with atomic_directory(out) as folder:
                 lm.tokenizer.save_pretrained(folder)
-                (folder / "items.json").write_text(json.dumps(_item_map(rec), indent=1, ensure_ascii=False))
-                stages = _item_stages(rec)
+                task = rec.strategy.task
+                items = task.export_item_map(rec._titles)
+                (folder / "items.json").write_text(json.dumps(items, indent=1, ensure_ascii=False))
+                stages = task.export_item_stages()
                 if stages is not None:
                     (folder / "item_stages.json").write_text(json.dumps(stages, ensure_ascii=False))
                 base = BaseWeights.of(rec.cfg.model.name, rec.cfg.model.revision)
@@ -107,8 +109,9 @@ def export_run(
                         sub = folder / ("adapter" if len(adapters) == 1 else name)
                         _write_adapter(lm, base, plain, sub)
                 manifest = _manifest(rec, adapters, info, merge, base)
-                if manifest["prompt"].get("retrieve_from") is not None:
-                    _write_item_vectors(rec.strategy.task.item_vectors, folder)  # type: ignore[attr-defined]
+                vectors = task.export_item_vectors()
+                if vectors is not None:
+                    _write_item_vectors(vectors, folder)
                 (folder / "evolora_export.json").write_text(json.dumps(manifest, indent=2))
                 readme = _readme(rec, out, merge, adapters, bool(lm.new_token_ids), base)
                 (folder / "README.md").write_text(readme)
@@ -218,22 +221,6 @@ def _write_item_vectors(vectors: dict[str, Any], folder: Path) -> None:
     stacked = torch.tensor(np.stack([np.asarray(vectors[i], dtype=np.float32) for i in ids]))
     save_file({"vectors": stacked}, str(folder / "item_vectors.safetensors"), metadata={"format": "pt"})
     (folder / "item_vectors.json").write_text(json.dumps(ids, ensure_ascii=False))
-
-
-def _item_map(rec: Recommender) -> dict[str, Any]:
-    task = rec.strategy.task
-    if rec.task_name == "next_item":
-        return {item: "".join(tokens) for item, tokens in task.item_tokens.items()}  # type: ignore[attr-defined]
-    return dict(rec._titles)
-
-
-def _item_stages(rec: Recommender) -> dict[str, int] | None:
-    """Where a next-item run ranks only the items seen by a row's stage: each item's first stage."""
-    task = rec.strategy.task
-    if getattr(task, "candidate_set", None) != "seen":
-        return None
-    first = task.item_first_stage  # type: ignore[attr-defined]
-    return {item: int(first[item]) for item in task.item_ids if item in first}  # type: ignore[attr-defined]
 
 
 def _manifest(

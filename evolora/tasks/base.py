@@ -113,6 +113,20 @@ class Task(ABC):
         """How a sample's prompt is built, for readers without evolora (an export's manifest)."""
         raise NotImplementedError(f"the {self.name} task has no prompt")
 
+    # What an export writes beside the model (`evolora.export`), where the task reads or answers in it.
+    def export_item_map(self, titles: dict[str, str]) -> dict[str, Any]:
+        """items.json: what stands for each item in this task's prompts and answers (here its title)."""
+        return dict(titles)
+
+    def export_item_stages(self) -> dict[str, int] | None:
+        """item_stages.json, where the task ranks only the items seen by a row's stage: each one's first."""
+        return None
+
+    def export_item_vectors(self) -> dict[str, Any] | None:
+        """The item vectors a prompt's history is picked by, where the task picks it so (an export writes
+        them as item_vectors.safetensors)."""
+        return None
+
     def before_stage(self, lm: Any, stage: int) -> None:  # noqa: B027 - a hook; most tasks need nothing
         """Called before stage `stage` trains or is restored (conventional models grow their ID tables)."""
 

@@ -166,6 +166,9 @@ class CtrTask(Task):
             .replace("{target}", self.titles[target])
         )
 
+    def export_item_vectors(self) -> dict[str, Any] | None:
+        return None if self.cfg.retrieve_from is None else self.item_vectors
+
     def prompt_recipe(self) -> dict[str, Any]:
         retrieve = self.cfg.retrieve_from
         return {

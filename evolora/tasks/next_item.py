@@ -139,6 +139,16 @@ class NextItemTask(Task):
     def render(self, history: list[str]) -> str:
         return self.template.replace("{history}", ", ".join(self.item_text[h] for h in history))
 
+    def export_item_map(self, titles: dict[str, str]) -> dict[str, Any]:
+        """Each item's semantic ID, the text of its tokens (what prompts hold and answers are)."""
+        return {item: "".join(tokens) for item, tokens in self.item_tokens.items()}
+
+    def export_item_stages(self) -> dict[str, int] | None:
+        if self.candidate_set != "seen":
+            return None
+        first = self.item_first_stage
+        return {item: int(first[item]) for item in self.item_ids if item in first}
+
     def prompt_recipe(self) -> dict[str, Any]:
         return {
             "template": self.template,
