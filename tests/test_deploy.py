@@ -589,6 +589,10 @@ def test_an_update_resumed_with_other_holdout_settings_trains_its_own_candidate(
     args = ["update", str(root), "--data", str(batches["b1"]), "--set", "update.min_gain=5"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "not applied: update.min_gain=5.0" in result.output, result.output
+    mapping = update_run(root, batches["b1"], overrides=["update={min_gain: 5}"])  # (it said nothing)
+    assert mapping.ignored == [f"update.min_gain=5.0 (version {v.id} was gated with -1.0)"]
+    with pytest.raises(ConfigError, match=r"seed='0': a seed number"):  # (on a run folder: "not seed '0'")
+        update_run(root / "finetune" / "seed0", batches["b1"], seed="0")
 
 
 def test_two_updates_at_once_are_refused(batches: dict[str, Path], tmp_path: Path) -> None:

@@ -663,6 +663,15 @@ def test_a_version_whose_model_was_deleted_is_not_promoted(deployed: Path, tmp_p
     with pytest.raises(ConfigError, match=r"version 0 cannot be served: .*state.safetensors is missing"):
         registry.rollback(0)
     assert Versions.open(copy, "finetune", 0, 2).promoted == 1
+    # An update's inference files are not rebuilt: one of them gone, its version cannot be promoted (only
+    # bundle.json was checked; histories.parquet gone, the rollback took and every query failed)
+    other = tmp_path / "other"
+    shutil.copytree(deployed, other)
+    registry = Versions.open(other, "finetune", 0, 2)
+    assert registry.rollback(0)
+    ((other / registry.get(1).folder).parent / "inference" / "histories.parquet").unlink()
+    with pytest.raises(ConfigError, match=r"version 1 cannot be served: .*histories.parquet is missing"):
+        registry.rollback(1)
 
 
 def test_a_label_run_takes_labels_in_a_request(tmp_path: Path) -> None:

@@ -88,7 +88,7 @@ from evolora.locks import exclusive
 from evolora.models.conventional import is_conventional
 from evolora.models.llm import set_threads
 from evolora.models.precision import ON_A_GPU, check_machine
-from evolora.queries import locate_run, read_results
+from evolora.queries import locate_run, number_of, read_results
 from evolora.tasks.semantic import items_have_ids
 from evolora.tracking import check_tracking, tracker_for
 
@@ -147,7 +147,7 @@ def update_run(
     # The base model elsewhere (`with_model_at`: refused for a conventional run, whose model.name names it)
     moved_model = [value for _, key, value in parsed if tuple(key) == _MODEL_PLACE]
     overrides = [s for s, key, _ in parsed if tuple(key) != _MODEL_PLACE]
-    seed_dir, root = locate_run(Path(run_dir), method, seed)
+    seed_dir, root = locate_run(Path(run_dir), method, number_of(seed, "seed"))  # seed="0" refused alike
     results = read_results(seed_dir)
     if results.get("complete") is False:  # still training, or stopped: its next stage is the run's own
         trained = [s["train_stage"] for s in results["stages"]]
@@ -177,7 +177,13 @@ def update_run(
     ):
         set_threads(cfg.threads)
         registry = Versions.of_run(root, results)  # as the lock holder left it
-        given = {key[-1] for _, key, _ in parsed if key[0] == "update"}
+        # (`update={min_gain: 5}` names its keys in the mapping)
+        given = {
+            name
+            for _, key, value in parsed
+            if key[0] == "update"
+            for name in (value if len(key) == 1 and isinstance(value, dict) else [key[-1]])
+        }
         return _update(cfg, root, results, registry, Path(data_file), given, items_file)
 
 

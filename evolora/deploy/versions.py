@@ -140,7 +140,10 @@ class Versions:
         """What loading version `v` reads first: its stage's trained record and strategy state, and the
         bundle of its data (a version an update made; version 0's is rebuilt from the run's data)."""
         unit = trained_folder(self.root / v.folder)
-        bundle = [(self.root / v.folder).parent / "inference" / "bundle.json"] if v.parent is not None else []
+        inference = (self.root / v.folder).parent / "inference"
+        # (every file of the bundle: an update's is not rebuilt, so one of them gone makes it unloadable)
+        parts = ("bundle.json", "items.parquet", "histories.parquet", "id_space.json")
+        bundle = [inference / part for part in parts] if v.parent is not None else []
         return [unit / "trained.json", stage_state_file(unit), *bundle]
 
     def _promote(self, version: int, why: str) -> None:
