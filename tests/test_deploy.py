@@ -1183,3 +1183,26 @@ def test_a_gain_of_exactly_min_gain_is_promoted() -> None:
     assert _decide(cfg, task, "before", "after", [0, 1, 2, 3])["promote"]
     figures["after"] = 0.5199
     assert not _decide(cfg, task, "before", "after", [0, 1, 2, 3])["promote"]
+
+
+def test_a_batch_row_rerating_a_row_of_the_run_at_its_moment_is_said(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Same user, item and second as a row the run holds, another rating: accepted without a word, where a
+    file's own such rows are said (audit)."""
+    from evolora.data.schema import InteractionData
+    from evolora.deploy.update import _accept
+
+    schema = {"user_id": pl.Utf8, "item_id": pl.Utf8, "rating": pl.Float64, "timestamp": pl.Int64}
+    existing = pl.DataFrame(
+        {"user_id": ["u1"], "item_id": ["i1"], "rating": [1.0], "timestamp": [1000]}, schema
+    )
+    rows = {"user_id": ["u1", "u2"], "item_id": ["i1", "i2"], "rating": [5.0, 4.0], "timestamp": [1000, 2000]}
+    items = pl.DataFrame({"item_id": ["i1", "i2"], "title": ["one", "two"]})
+    batch = InteractionData("batch", pl.DataFrame(rows, schema), items)
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        kept, report = _accept(batch, existing, Path("b.csv"))
+    assert kept.height == 2 and report["accepted"] == 2
+    assert "b.csv: 1 rows share their user, item and timestamp with a row of the run of another rating" in (
+        caplog.text
+    )

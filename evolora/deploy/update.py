@@ -556,6 +556,15 @@ def _accept(
     seen = seen.to_series() & ~low
     older = (rows["timestamp"] < existing["timestamp"].max()) & ~low & ~seen
     kept = rows.filter(~low & ~seen & ~older)
+    # Kept, as a file's own rows of one moment and two ratings are, but said: the run holds the other rating
+    moment = ["user_id", "item_id", "timestamp"]
+    rerated = kept.join(existing.select(moment).unique(), on=moment, how="semi")
+    if rerated.height:
+        log.warning(
+            "%s: %d rows share their user, item and timestamp with a row of the run of another rating "
+            "(first: user %r, item %r); all are kept",
+            *(data_file, rerated.height, rerated["user_id"][0], rerated["item_id"][0]),
+        )
     dropped = {}
     if batch.duplicates_removed:
         dropped["repeated in the file"] = batch.duplicates_removed
