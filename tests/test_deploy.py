@@ -1206,3 +1206,29 @@ def test_a_batch_row_rerating_a_row_of_the_run_at_its_moment_is_said(
     assert "b.csv: 1 rows share their user, item and timestamp with a row of the run of another rating" in (
         caplog.text
     )
+
+
+def test_a_batch_renaming_a_known_item_in_its_rows_is_said(
+    batches: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run whose items' fields come from its own rows (no data.meta): a batch row with another title for
+    a known item was dropped without a word, where `--items` says so (audit)."""
+    titles = pl.read_csv(HERE / "example_items.csv")
+    for name in ("base", "b1"):
+        log = pl.read_csv(batches[name]).join(titles.select("iid", "name"), on="iid", how="left")
+        if name == "b1":
+            log = log.with_columns(
+                name=pl.when(pl.col("iid") == "sku-007").then(pl.lit("CHANGED")).otherwise("name")
+            )
+        log.write_csv(tmp_path / f"{name}-titled.csv")
+    cfg = tiny_config(tmp_path / "base-titled.csv", tmp_path / "runs", **{**SMALL, "data.meta": "null"})
+    run_experiment(cfg)
+    root = Path(cfg.output_dir) / cfg.name
+    with caplog.at_level(logging.WARNING, logger="evolora"):
+        v = update_run(root, tmp_path / "b1-titled.csv", overrides=["update.min_gain=-1.0"]).version
+    assert (
+        "b1-titled.csv's rows: the records of 1 item the run knows differ from the run's (e.g. 'sku-007'"
+        in (caplog.text)
+    )
+    bundled = pl.read_parquet(root / Path(v.folder).parent / "inference" / "items.parquet")
+    assert bundled.filter(pl.col("item_id") == "sku-007")["title"].to_list() != ["CHANGED"]

@@ -145,8 +145,9 @@ class WithoutRecordCount(logging.Filter):
         return "have no record here" not in record.getMessage()
 
 
-def note_records_of_known_items(given: pl.DataFrame, items: pl.DataFrame, items_file: Path) -> None:
-    """Say which `--items` records (`given`, as the batch's loader read them) of items the run knows differ
+def note_records_of_known_items(given: pl.DataFrame, items: pl.DataFrame, source: str) -> None:
+    """Say which records (`given`, as the batch's loader read them from `source`: `--items FILE`, or the
+    batch's own rows where the run's items come from its rows) of items the run knows differ
     from the run's own (`items`): they are not read, as a known item keeps the record its versions were
     trained with, and a corrected title would otherwise be dropped without a word. Records equal to the
     run's (a whole catalogue sent again) and the loader's bare ones (titled by their id) say nothing."""
@@ -168,9 +169,9 @@ def note_records_of_known_items(given: pl.DataFrame, items: pl.DataFrame, items_
         field = next(c for c in fields if first[c] != first[f"{c}_run"])
         n = differ.height
         log.warning(
-            "--items %s: the records of %d item%s the run knows differ from the run's (e.g. %r: %s %r here, "
+            "%s: the records of %d item%s the run knows differ from the run's (e.g. %r: %s %r here, "
             "%r in the run) and are not read: an item keeps the record its versions were trained with",
-            items_file, n, "s" if n > 1 else "", first["item_id"], field, first[field], first[f"{field}_run"],
+            source, n, "s" if n > 1 else "", first["item_id"], field, first[field], first[f"{field}_run"],
         )  # fmt: skip
 
 

@@ -249,7 +249,9 @@ def _update(
     refuse_ids_written_otherwise(data_file, accepted, existing, cfg.update.lookalike_ids == "new")
     known = items["item_id"]
     if items_file is not None:
-        note_records_of_known_items(batch.items, items, items_file)
+        note_records_of_known_items(batch.items, items, f"--items {items_file}")
+    elif cfg.data.format == "table" and cfg.data.meta is None:  # the items' fields come from the rows
+        note_records_of_known_items(batch.items, items, f"{data_file}'s rows")
     items = _with_batch_items(items, batch)
     note_new_records(items, known, accepted, items_file, llm=not is_conventional(cfg.model.name))
     pretrained = trained_backbone(cfg, "--set model.name=PATH names it")
