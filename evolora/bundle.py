@@ -54,19 +54,17 @@ TEMPLATE_COPY = "template.txt"  # in the experiment folder: the text of the temp
 log = logging.getLogger("evolora")
 
 
-def template_file(cfg: RunConfig) -> Path | None:
-    """The prompt template file `task.template` names; None for a built-in template or a task without one."""
+def _reads_a_template_file(cfg: RunConfig) -> bool:
+    """Whether `task.template` names a file (not a built-in template; some tasks have none)."""
     spec = getattr(cfg.task, "template", None)
-    if spec is None or spec in getattr(cfg.task, "builtin_templates", ()):
-        return None
-    return Path(spec).expanduser()
+    return spec is not None and spec not in getattr(cfg.task, "builtin_templates", ())
 
 
 def keep_template(root: Path, cfg: RunConfig, text: str | None) -> None:
     """Keep `text`, the template file's text the run's task read, in the experiment folder (a built-in
     template keeps none: a copy an earlier setting left is removed)."""
     copy = Path(root) / TEMPLATE_COPY
-    if text is None or template_file(cfg) is None:
+    if text is None or not _reads_a_template_file(cfg):
         copy.unlink(missing_ok=True)
     elif not copy.is_file() or copy.read_text(encoding="utf-8") != text:
         atomic_write_text(copy, text)

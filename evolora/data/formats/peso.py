@@ -102,7 +102,7 @@ def load_peso_blocks(folder: str | Path, key: str | None = None) -> InteractionD
         {"user_id": users, "item_id": items, "rating": [5.0] * len(users), "timestamp": timestamps},
         schema={"user_id": pl.Utf8, "item_id": pl.Utf8, "rating": pl.Float64, "timestamp": pl.Int64},
     )
-    _say_repeats(inter, [blocks[s - 1] for s in stages])
+    _say_repeats(inter, blocks, stages)
 
     table = pl.DataFrame({"item_id": inter["item_id"].unique(maintain_order=True)})
     indexes = sorted(
@@ -138,17 +138,19 @@ def load_peso_blocks(folder: str | Path, key: str | None = None) -> InteractionD
     return data.validate()
 
 
-def _say_repeats(inter: pl.DataFrame, files: list[Path]) -> None:
+def _say_repeats(inter: pl.DataFrame, blocks: dict[int, Path], stages: list[int]) -> None:
     """A user's item listed again (in a later block or the same one) is kept, as the other formats keep a
-    rating at another time, and said: the later one's history then holds the earlier. `files[i]` is row i's
-    block file."""
+    rating at another time, and said: the later one's history then holds the earlier. Row i comes from
+    block file `blocks[stages[i] - 1]`."""
     again = inter.select(pl.len().over("user_id", "item_id") > 1).to_series()
     if again.any():
         i = int(again.arg_max())  # type: ignore[arg-type]
         log.warning(
             "%s: %d (user, item) pairs occur more than once (%d interactions, first: user %r, item %r); all "
             "are kept: a later one's history holds the earlier",
-            *(files[i], inter.filter(again).select("user_id", "item_id").n_unique(), int(again.sum())),
+            blocks[stages[i] - 1],
+            inter.filter(again).select("user_id", "item_id").n_unique(),
+            int(again.sum()),
             *(inter["user_id"][i], inter["item_id"][i]),
         )
 
